@@ -1,0 +1,57 @@
+//! Criterion benches: fused loss + gradient vs the copy floor and the float64 reference, at the
+//! course's shape and at a small LLM-like shape. Throughput is bytes moved by a fused pass:
+//! logits read once + gradient written once.
+//!
+//! `cargo bench --bench loss` (all of it) or `cargo bench --bench loss -- course` (one group).
+//! Set `FWL_BENCH_REFERENCE=0` to skip the (slow) reference.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use fused_weighted_loss::measure::{copy_floor, median, CopyBuffers};
+use fused_weighted_loss::reference::reference;
+use fused_weighted_loss::{bf16, synthetic, Grad, Logit, LossSpec, Shape, Tokens};
+use std::time::Duration;
+
+fn group<L: Logit>(c: &mut Criterion, name: &str, shape: Shape, with_reference: bool) {
+    let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
+    let ids = synthetic::ids::<i64>(2, shape.rows(), shape.vocab());
+    let spec = LossSpec::builder().keywords([0, 1, 2]).build().unwrap();
+    let mut grad = vec![L::default(); shape.logits_len()];
+    let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
+
+    let floor = median(&copy_floor(bytes / 2, 2, 10));
+    eprintln!(
+        "{name}: shape {shape} {} on {} threads ({}): copy floor {:.2} ms ({:.1} GB/s) for {:.0} MB read+written",
+        L::DTYPE,
+        rayon::current_num_threads(),
+        fused_weighted_loss::cpu_simd_level(),
+        floor * 1e3,
+        bytes as f64 / floor / 1e9,
+        bytes as f64 / 1e6
+    );
+
+    let mut g = c.benchmark_group(name);
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    g.bench_function(BenchmarkId::new("fused", L::DTYPE), |b| {
+        b.iter(|| spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad)).unwrap())
+    });
+    let mut copy = CopyBuffers::new(bytes / 2);
+    g.bench_function(BenchmarkId::new("copy_floor", L::DTYPE), |b| b.iter(|| copy.copy()));
+    if with_reference && std::env::var("FWL_BENCH_REFERENCE").as_deref() != Ok("0") {
+        g.measurement_time(Duration::from_secs(20));
+        g.bench_function(BenchmarkId::new("reference_f64", L::DTYPE), |b| {
+            b.iter(|| reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap())
+        });
+    }
+    g.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    // the course's shape: B=32, T=128, V=50000 (GPT-2-sized vocabulary), f32
+    group::<f32>(c, "course_32x128x50000", Shape::new(32, 128, 50_000).unwrap(), true);
+    // a small LLM-like step: 2048 tokens, V=128256, bf16
+    group::<bf16>(c, "llm_4x512x128256", Shape::new(4, 512, 128_256).unwrap(), false);
+}
+
+criterion_group!(loss, benches);
+criterion_main!(loss);

@@ -1,0 +1,191 @@
+//! Element types: logits (`f32`, `f16`, `bf16`) and token ids (`i32`, `i64`, `u32`).
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use std::fmt;
+use std::str::FromStr;
+
+/// Precision of logits or gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE single precision.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The short name used by the CLI and in JSON output (`f32`, `f16`, `bf16`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(DType::F32),
+            "f16" | "float16" | "half" => Ok(DType::F16),
+            "bf16" | "bfloat16" => Ok(DType::BF16),
+            other => Err(format!("unknown dtype '{other}' (expected f32, f16 or bf16)")),
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for i32 {}
+    impl Sealed for i64 {}
+    impl Sealed for u32 {}
+}
+
+/// A logits (and gradient) element type: `f32`, [`half::f16`] or [`half::bf16`].
+///
+/// All arithmetic is done in `f32`; narrower types are widened on load and rounded to nearest
+/// even on store. The trait is sealed.
+pub trait Logit: Copy + Default + Send + Sync + PartialEq + fmt::Debug + 'static + sealed::Sealed {
+    /// The runtime tag of this type.
+    const DTYPE: DType;
+    /// Widen one value.
+    fn to_f32(self) -> f32;
+    /// Round one value from `f32`.
+    fn from_f32(x: f32) -> Self;
+    /// Widen `src` into `dst` (equal lengths), vectorised where the CPU allows.
+    #[doc(hidden)]
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// Round `src` into `dst` (equal lengths), vectorised where the CPU allows.
+    #[doc(hidden)]
+    fn narrow(src: &[f32], dst: &mut [Self]);
+    /// The slice itself when `Self` is `f32` (no copy needed), `None` otherwise.
+    #[doc(hidden)]
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// The slice itself when `Self` is `f32`, `None` otherwise.
+    #[doc(hidden)]
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
+}
+
+impl Logit for f32 {
+    const DTYPE: DType = DType::F32;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    #[inline(always)]
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
+    }
+}
+
+macro_rules! half_logit {
+    ($t:ty, $tag:expr) => {
+        impl Logit for $t {
+            const DTYPE: DType = $tag;
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            #[inline(always)]
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            #[inline]
+            fn widen(src: &[Self], dst: &mut [f32]) {
+                src.convert_to_f32_slice(dst);
+            }
+            #[inline]
+            fn narrow(src: &[f32], dst: &mut [Self]) {
+                dst.convert_from_f32_slice(src);
+            }
+            #[inline(always)]
+            fn as_f32(_: &[Self]) -> Option<&[f32]> {
+                None
+            }
+            #[inline(always)]
+            fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+                None
+            }
+        }
+    };
+}
+half_logit!(f16, DType::F16);
+half_logit!(bf16, DType::BF16);
+
+/// A token id element type: `i32`, `i64` or `u32`. The trait is sealed.
+pub trait TokenId: Copy + Send + Sync + fmt::Debug + 'static + sealed::Sealed {
+    /// The id as a signed 64-bit integer.
+    fn to_i64(self) -> i64;
+    /// An index below [`MAX_VOCAB`](crate::MAX_VOCAB) as this type (it always fits).
+    #[doc(hidden)]
+    fn from_index(i: u32) -> Self;
+}
+
+impl TokenId for i32 {
+    #[inline(always)]
+    fn from_index(i: u32) -> Self {
+        i as i32
+    }
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+impl TokenId for i64 {
+    #[inline(always)]
+    fn from_index(i: u32) -> Self {
+        i as i64
+    }
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self
+    }
+}
+impl TokenId for u32 {
+    #[inline(always)]
+    fn from_index(i: u32) -> Self {
+        i
+    }
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}

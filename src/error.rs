@@ -1,0 +1,151 @@
+//! The crate's error type. Every bad input reachable from the public API ends here, never in a panic.
+
+use crate::spec::{Backend, Shape};
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when computing the loss.
+///
+/// The enum is `#[non_exhaustive]`: new backends may add variants.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The logits do not have rank 3 (`[batch, seq, vocab]`).
+    #[error("logits must have rank 3 [batch, seq, vocab], got rank {rank} {dims:?}")]
+    LogitsRank {
+        /// The rank that was given.
+        rank: usize,
+        /// The dimensions that were given.
+        dims: Vec<usize>,
+    },
+    /// Ids or labels do not have rank 2 (`[batch, seq]`).
+    #[error("{what} must have rank 2 [batch, seq], got rank {rank} {dims:?}")]
+    TokensRank {
+        /// `"ids"` or `"labels"`.
+        what: &'static str,
+        /// The rank that was given.
+        rank: usize,
+        /// The dimensions that were given.
+        dims: Vec<usize>,
+    },
+    /// Two inputs disagree on a dimension.
+    #[error("shape mismatch: {what} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// Which input disagrees.
+        what: &'static str,
+        /// The shape implied by the logits.
+        expected: Vec<usize>,
+        /// The shape that was given.
+        got: Vec<usize>,
+    },
+    /// `batch == 0`.
+    #[error("batch size is 0")]
+    EmptyBatch,
+    /// `seq < 2`: no position has a next-token target.
+    #[error("sequence length is {seq}; at least 2 is needed (position t predicts id t+1)")]
+    SequenceTooShort {
+        /// The sequence length that was given.
+        seq: usize,
+    },
+    /// `vocab == 0`.
+    #[error("vocabulary size is 0")]
+    EmptyVocab,
+    /// `vocab` is larger than the kernels index within a row.
+    #[error("vocabulary size {vocab} exceeds the supported maximum {max}")]
+    VocabTooLarge {
+        /// The vocabulary size that was given.
+        vocab: usize,
+        /// The largest supported vocabulary size.
+        max: usize,
+    },
+    /// `batch * seq * vocab` does not fit in `usize`.
+    #[error("batch * seq * vocab overflows the address space")]
+    SizeOverflow,
+    /// A flat buffer has the wrong number of elements for the shape.
+    #[error("{what} has {got} elements, expected {expected} for shape {shape}")]
+    LengthMismatch {
+        /// Which buffer.
+        what: &'static str,
+        /// Elements the shape implies.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+        /// The shape the call was made with.
+        shape: Shape,
+    },
+    /// An id (or a label that is not `ignore_index`) lies outside `[0, vocab)`.
+    #[error("{what}[{batch}, {position}] = {value} is outside [0, {vocab})")]
+    IdOutOfRange {
+        /// `"ids"` or `"labels"`.
+        what: &'static str,
+        /// Sample index.
+        batch: usize,
+        /// Position in the sample.
+        position: usize,
+        /// The offending value.
+        value: i64,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// A keyword id lies outside `[0, vocab)`.
+    #[error("keyword id {id} is outside [0, {vocab})")]
+    KeywordOutOfRange {
+        /// The offending keyword id.
+        id: i64,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// `alpha` is negative, NaN or infinite.
+    #[error("alpha must be finite and >= 0, got {0}")]
+    InvalidAlpha(f64),
+    /// A keyword weight is negative, NaN or infinite.
+    #[error("weight of keyword {id} must be finite and >= 0, got {weight}")]
+    InvalidKeywordWeight {
+        /// The keyword id.
+        id: i64,
+        /// The offending weight.
+        weight: f64,
+    },
+    /// The upstream gradient scale is NaN or infinite.
+    #[error("gradient scale must be finite, got {0}")]
+    InvalidGradScale(f64),
+    /// The gradient buffer has the wrong length.
+    #[error("gradient buffer has {got} elements, expected {expected}")]
+    GradLength {
+        /// `batch * seq * vocab`.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+    },
+    /// With [`LossSpecBuilder::check_finite`](crate::LossSpecBuilder::check_finite), a position
+    /// produced a non-finite loss (a NaN or `+inf` logit, or a `-inf` target logit).
+    #[error("non-finite loss {value} at sample {batch}, position {position}")]
+    NonFinite {
+        /// Sample index.
+        batch: usize,
+        /// Position whose logits row gave the non-finite loss.
+        position: usize,
+        /// The loss value (NaN or ±inf).
+        value: f64,
+    },
+    /// The requested backend cannot run here (not compiled in, no driver, no device).
+    #[error("backend {backend} is not available: {reason}")]
+    BackendUnavailable {
+        /// The backend that was asked for.
+        backend: Backend,
+        /// Why it cannot run.
+        reason: String,
+    },
+    /// The CUDA driver reported an error.
+    #[error("CUDA error while {context}: {message}")]
+    Cuda {
+        /// What the crate was doing.
+        context: &'static str,
+        /// The driver's message.
+        message: String,
+    },
+    /// A candle tensor had an unsupported dtype, layout or device.
+    #[error("unsupported tensor: {0}")]
+    Unsupported(String),
+}

@@ -1,0 +1,154 @@
+//! # fused-weighted-loss
+//!
+//! The keyword-weighted causal language-model loss (the Hugging Face course's
+//! `keytoken_weighted_loss`) and its gradient, computed in one pass over the logits.
+//!
+//! For logits `[B, T, V]` and ids `[B, T]`, row `(b, t)` of the logits predicts `labels[b, t+1]`
+//! (the labels default to the ids). Each sample's loss is the mean of its per-token
+//! cross-entropies; its weight is `alpha * (1 + sum_k weight_k * count(ids[b, :] == keyword_k))`;
+//! the batch loss is `mean_b(loss_b * w_b)`. The gradient w.r.t. every logit has the closed form
+//! `w_b / (B * N_b) * (softmax - onehot(label))`, so loss and gradient come out of one read of the
+//! logits and one write of the gradient.
+//!
+//! ```
+//! use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
+//!
+//! let (b, t, v) = (2, 4, 10);
+//! let shape = Shape::new(b, t, v)?;
+//! let logits: Vec<f32> = (0..b * t * v).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+//! let ids: Vec<i64> = vec![1, 3, 3, 7, 2, 9, 0, 3];
+//! let spec = LossSpec::builder().keywords([3]).build()?;
+//!
+//! let mut grad = vec![0f32; shape.logits_len()];
+//! let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad))?;
+//! assert_eq!(out.weights, vec![3.0, 2.0]); // 1 + two 3s, 1 + one 3
+//!
+//! // the float64 oracle agrees
+//! let r = fused_weighted_loss::reference::reference(&spec, shape, &logits, Tokens::new(&ids))?;
+//! assert!((out.loss - r.loss).abs() <= 1e-6 * r.loss.abs());
+//! assert!(fused_weighted_loss::reference::rel_err(&grad, &r.grad) <= 1e-5);
+//! # Ok::<(), fused_weighted_loss::Error>(())
+//! ```
+//!
+//! Defaults reproduce the course function exactly; [`LossSpecBuilder`] has the extensions
+//! (labels with `ignore_index`, [`RowMean`], [`Reduction`], per-keyword weights, an upstream
+//! gradient scale, a finiteness check, the backend).
+
+#![deny(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod cpu;
+mod dtype;
+mod error;
+pub mod measure;
+pub mod reference;
+mod spec;
+pub mod synthetic;
+
+pub use dtype::{DType, Logit, TokenId};
+pub use error::{Error, Result};
+pub use half::{bf16, f16};
+pub use spec::{Backend, Keyword, LossOutput, LossSpec, LossSpecBuilder, Reduction, RowMean, Shape, Tokens, MAX_VOCAB};
+
+/// Where the gradient goes.
+#[derive(Debug)]
+pub enum Grad<'a, L: Logit> {
+    /// Loss only: the logits are read once and nothing is written.
+    Skip,
+    /// Into a caller buffer of the logits' dtype, `B * T * V` elements.
+    Into(&'a mut [L]),
+    /// Into a caller `f32` buffer, `B * T * V` elements (whatever the logits' dtype).
+    IntoF32(&'a mut [f32]),
+}
+
+impl<L: Logit> Grad<'_, L> {
+    fn len(&self) -> Option<usize> {
+        match self {
+            Grad::Skip => None,
+            Grad::Into(g) => Some(g.len()),
+            Grad::IntoF32(g) => Some(g.len()),
+        }
+    }
+}
+
+/// The CPU instruction set the fused CPU backend uses on this machine (chosen at run time).
+pub fn cpu_simd_level() -> &'static str {
+    cpu::simd::Kernels::detect().name
+}
+
+/// Whether the CUDA backend can run here, and why not.
+pub fn cuda_status() -> std::result::Result<(), String> {
+    Err("this build has no `cuda` feature".into())
+}
+
+/// Resolves `Auto` and checks that the requested backend can run.
+fn resolve_backend(requested: Backend) -> Result<Backend> {
+    match (requested, cuda_status()) {
+        (Backend::Cpu, _) | (Backend::Auto, Err(_)) => Ok(Backend::Cpu),
+        (Backend::Cuda | Backend::Auto, Ok(())) => Ok(Backend::Cuda),
+        (Backend::Cuda, Err(reason)) => Err(Error::BackendUnavailable { backend: Backend::Cuda, reason }),
+    }
+}
+
+impl LossSpec {
+    /// Computes the loss and, unless `grad` is [`Grad::Skip`], its gradient w.r.t. the logits.
+    ///
+    /// `logits` is `[B, T, V]` row-major, `tokens` holds ids (and optional labels) `[B, T]`.
+    /// Every input is validated before any work starts; on error nothing has been written. The
+    /// exception is [`Error::NonFinite`] (with `check_finite`), found after the gradient is
+    /// written.
+    pub fn loss_and_grad<L: Logit, I: TokenId>(
+        &self,
+        shape: Shape,
+        logits: &[L],
+        tokens: Tokens<'_, I>,
+        grad: Grad<'_, L>,
+    ) -> Result<LossOutput> {
+        spec::check_len("logits", logits.len(), shape.logits_len(), shape)?;
+        if let Some(got) = grad.len() {
+            if got != shape.logits_len() {
+                return Err(Error::GradLength { expected: shape.logits_len(), got });
+            }
+        }
+        let plan = self.plan(shape, &tokens)?;
+        let backend = resolve_backend(self.backend)?;
+        let row_loss = match grad {
+            Grad::Skip => cpu::run::<L, f32>(&plan, logits, None),
+            Grad::Into(g) => cpu::run::<L, L>(&plan, logits, Some(g)),
+            Grad::IntoF32(g) => cpu::run::<L, f32>(&plan, logits, Some(g)),
+        };
+        plan.finish(&row_loss, self.check_finite, backend)
+    }
+
+    /// Computes the loss and writes the gradient over the logits (no gradient buffer needed;
+    /// extra memory is `O(B * T)`).
+    ///
+    /// ```
+    /// use fused_weighted_loss::{LossSpec, Shape, Tokens};
+    /// let shape = Shape::new(1, 2, 3)?;
+    /// let mut logits = [0.0f32, 0.0, 0.0, 1.0, 2.0, 3.0];
+    /// let out = LossSpec::default().loss_and_grad_in_place(shape, &mut logits, Tokens::new(&[0i32, 2]))?;
+    /// assert!((out.loss - 3f64.ln()).abs() < 1e-6);
+    /// // row 0 predicts id 2: softmax = 1/3 each, minus one at the target
+    /// assert!((logits[2] - (1.0 / 3.0 - 1.0)).abs() < 1e-6);
+    /// assert_eq!(&logits[3..], &[0.0, 0.0, 0.0]); // the last position has no target
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn loss_and_grad_in_place<L: Logit, I: TokenId>(
+        &self,
+        shape: Shape,
+        logits: &mut [L],
+        tokens: Tokens<'_, I>,
+    ) -> Result<LossOutput> {
+        spec::check_len("logits", logits.len(), shape.logits_len(), shape)?;
+        let plan = self.plan(shape, &tokens)?;
+        let backend = resolve_backend(self.backend)?;
+        let row_loss = cpu::run_in_place(&plan, logits);
+        plan.finish(&row_loss, self.check_finite, backend)
+    }
+}
+
+/// The README's Rust examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

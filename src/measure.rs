@@ -1,0 +1,72 @@
+//! Timing helpers shared by the CLI's `bench` and the criterion benches: medians and the
+//! memory-copy floor that a fused pass is measured against.
+
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Median of a sample (NaN for an empty one).
+pub fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Minimum of a sample (NaN for an empty one).
+pub fn min(xs: &[f64]) -> f64 {
+    xs.iter().copied().fold(f64::NAN, f64::min)
+}
+
+/// Runs `f` `warmup` times, then `iters` times, and returns each timed run in seconds.
+pub fn time_runs(warmup: usize, iters: usize, mut f: impl FnMut()) -> Vec<f64> {
+    for _ in 0..warmup {
+        f();
+    }
+    (0..iters)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+/// Two filled (non-zero) buffers of equal size and a parallel `memcpy` between them: the
+/// reference point for a pass that reads the logits once and writes the gradient once.
+pub struct CopyBuffers {
+    src: Vec<u8>,
+    dst: Vec<u8>,
+    chunk: usize,
+}
+
+impl CopyBuffers {
+    /// Allocates and fills `bytes` to read and `bytes` to write.
+    pub fn new(bytes: usize) -> Self {
+        let src: Vec<u8> = (0..bytes).map(|i| (i.wrapping_mul(31) >> 3) as u8 | 1).collect();
+        let dst = vec![1u8; bytes];
+        let chunk = bytes.div_ceil(rayon::current_num_threads().max(1) * 4).max(4096);
+        CopyBuffers { src, dst, chunk }
+    }
+
+    /// One copy, split across the current rayon pool.
+    pub fn copy(&mut self) {
+        let chunk = self.chunk;
+        self.dst.par_chunks_mut(chunk).zip(self.src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        std::hint::black_box(&self.dst);
+    }
+}
+
+/// The copy floor: seconds per run (one entry per timed run) to read `bytes` and write `bytes`
+/// with [`CopyBuffers::copy`]. A fused pass that reads the logits once and writes the gradient
+/// once cannot beat this by much; `fused time / floor time` is the "× floor" figure.
+pub fn copy_floor(bytes: usize, warmup: usize, iters: usize) -> Vec<f64> {
+    let mut b = CopyBuffers::new(bytes);
+    time_runs(warmup, iters, || b.copy())
+}

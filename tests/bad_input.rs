@@ -1,0 +1,112 @@
+//! Every bad input gets its typed error, before anything is written, and never a panic.
+
+use fused_weighted_loss::{Backend, Error, Grad, LossSpec, Shape, Tokens};
+
+fn ok_inputs() -> (Shape, Vec<f32>, Vec<i64>) {
+    let shape = Shape::new(2, 3, 5).unwrap();
+    let logits = fused_weighted_loss::synthetic::logits::<f32>(1, 30, 1.0);
+    (shape, logits, vec![0, 1, 2, 3, 4, 0])
+}
+
+#[test]
+fn shapes() {
+    assert_eq!(Shape::new(0, 3, 5), Err(Error::EmptyBatch));
+    assert_eq!(Shape::new(2, 1, 5), Err(Error::SequenceTooShort { seq: 1 }));
+    assert_eq!(Shape::new(2, 0, 5), Err(Error::SequenceTooShort { seq: 0 }));
+    assert_eq!(Shape::new(2, 3, 0), Err(Error::EmptyVocab));
+    assert!(matches!(Shape::new(1, 2, 1 << 31), Err(Error::VocabTooLarge { .. })));
+    assert_eq!(Shape::new(usize::MAX / 2, 4, 1000), Err(Error::SizeOverflow));
+    assert!(matches!(Shape::from_dims(&[2, 3], &[2, 3]), Err(Error::LogitsRank { rank: 2, .. })));
+    assert!(matches!(Shape::from_dims(&[2, 3, 5, 1], &[2, 3]), Err(Error::LogitsRank { rank: 4, .. })));
+    assert!(matches!(Shape::from_dims(&[2, 3, 5], &[6]), Err(Error::TokensRank { what: "ids", rank: 1, .. })));
+    assert!(matches!(Shape::from_dims(&[2, 3, 5], &[3, 3]), Err(Error::ShapeMismatch { what: "ids", .. })));
+}
+
+#[test]
+fn lengths() {
+    let (shape, logits, ids) = ok_inputs();
+    let spec = LossSpec::default();
+    let e = spec.loss_and_grad(shape, &logits[..29], Tokens::new(&ids), Grad::Skip).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { what: "logits", expected: 30, got: 29, .. }), "{e}");
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids[..5]), Grad::Skip).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { what: "ids", .. }), "{e}");
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_labels(&ids[..4]), Grad::Skip).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { what: "labels", .. }), "{e}");
+    let mut g = vec![7f32; 31];
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g)).unwrap_err();
+    assert_eq!(e, Error::GradLength { expected: 30, got: 31 });
+    assert!(g.iter().all(|&x| x == 7.0), "nothing written on error");
+    let mut g = vec![7f32; 29];
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap_err();
+    assert_eq!(e, Error::GradLength { expected: 30, got: 29 });
+    let mut l = logits.clone();
+    let e = spec.loss_and_grad_in_place(shape, &mut l[..20], Tokens::new(&ids)).unwrap_err();
+    assert!(matches!(e, Error::LengthMismatch { what: "logits", .. }), "{e}");
+}
+
+#[test]
+fn ids_and_labels_out_of_range() {
+    let (shape, logits, mut ids) = ok_inputs();
+    let spec = LossSpec::default();
+    ids[4] = 5;
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
+    assert_eq!(e, Error::IdOutOfRange { what: "ids", batch: 1, position: 1, value: 5, vocab: 5 });
+    ids[4] = -1;
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
+    assert!(matches!(e, Error::IdOutOfRange { what: "ids", value: -1, .. }), "{e}");
+    // -100 is fine in labels, not in ids
+    ids[4] = -100;
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
+    assert!(matches!(e, Error::IdOutOfRange { what: "ids", value: -100, .. }), "{e}");
+    let ids = vec![0i64, 1, 2, 3, 4, 0];
+    let labels = vec![-100i64, 1, 2, 3, 9, -100];
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_labels(&labels), Grad::Skip).unwrap_err();
+    assert_eq!(e, Error::IdOutOfRange { what: "labels", batch: 1, position: 1, value: 9, vocab: 5 });
+    let labels = vec![-100i64, 1, 2, 3, -7, -100];
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_labels(&labels), Grad::Skip).unwrap_err();
+    assert!(matches!(e, Error::IdOutOfRange { what: "labels", value: -7, .. }), "{e}");
+    let idsu = vec![0u32, 1, 2, 3, u32::MAX, 0];
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&idsu), Grad::Skip).unwrap_err();
+    assert!(matches!(e, Error::IdOutOfRange { value: 4294967295, .. }), "{e}");
+}
+
+#[test]
+fn keywords_alpha_weights_scale() {
+    let (shape, logits, ids) = ok_inputs();
+    let spec = LossSpec::builder().keywords([2, 5]).build().unwrap();
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
+    assert_eq!(e, Error::KeywordOutOfRange { id: 5, vocab: 5 });
+    let spec = LossSpec::builder().keywords([-3]).build().unwrap();
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
+    assert_eq!(e, Error::KeywordOutOfRange { id: -3, vocab: 5 });
+    for a in [-1.0, f64::NAN, f64::INFINITY] {
+        assert!(matches!(LossSpec::builder().alpha(a).build(), Err(Error::InvalidAlpha(_))));
+    }
+    for w in [-0.5, f64::NAN, f64::NEG_INFINITY] {
+        let e = LossSpec::builder().weighted_keywords([(1, 1.0), (2, w)]).build().unwrap_err();
+        assert!(matches!(e, Error::InvalidKeywordWeight { id: 2, .. }), "{e}");
+    }
+    assert!(matches!(LossSpec::builder().grad_scale(f64::NAN).build(), Err(Error::InvalidGradScale(_))));
+}
+
+#[test]
+fn cuda_backend_unavailable_is_an_error() {
+    if fused_weighted_loss::cuda_status().is_ok() {
+        eprintln!("skipped: CUDA is available here");
+        return;
+    }
+    let (shape, logits, ids) = ok_inputs();
+    let spec = LossSpec::builder().backend(Backend::Cuda).build().unwrap();
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
+    assert!(matches!(e, Error::BackendUnavailable { backend: Backend::Cuda, .. }), "{e}");
+    let auto = LossSpec::default().loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+    assert_eq!(auto.backend, Backend::Cpu);
+}
+
+#[test]
+fn errors_display_one_line() {
+    let (shape, logits, ids) = ok_inputs();
+    let e = LossSpec::default().loss_and_grad(shape, &logits[1..], Tokens::new(&ids), Grad::Skip).unwrap_err();
+    let msg = e.to_string();
+    assert!(!msg.contains('\n') && msg.contains("logits") && msg.contains("30"), "{msg}");
+}

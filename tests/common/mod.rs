@@ -1,0 +1,78 @@
+//! Shared test helpers: run every output mode of the fused path and compare with the reference.
+#![allow(dead_code)]
+
+use fused_weighted_loss::reference::{reference, rel_err, ReferenceOutput};
+use fused_weighted_loss::{DType, Grad, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens};
+
+/// Tolerances from the project's standard: f32 inputs 1e-5; f16/bf16 1.5e-2 on the gradient
+/// (it is rounded to the input dtype) and 1e-4 on the loss.
+pub fn tolerances(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F32 => (1e-5, 1e-5),
+        _ => (1.5e-2, 1e-4),
+    }
+}
+
+/// Relative error of a scalar (absolute when the reference is 0); NaN when either is NaN.
+pub fn rel(a: f64, b: f64) -> f64 {
+    if b == 0.0 {
+        a.abs()
+    } else {
+        (a - b).abs() / b.abs()
+    }
+}
+
+/// Asserts the non-gradient outputs agree with the reference.
+pub fn assert_outputs(out: &LossOutput, r: &ReferenceOutput, loss_tol: f64, what: &str) {
+    let e = rel(out.loss, r.loss);
+    assert!(e <= loss_tol, "{what}: loss {} vs reference {} (rel err {e:e})", out.loss, r.loss);
+    let e = rel_err(&out.per_sample_loss, &r.per_sample_loss);
+    assert!(e <= loss_tol, "{what}: per-sample loss rel err {e:e}");
+    // weights are sums of keyword weights: exact for integer weights, summation order otherwise
+    let e = rel_err(&out.weights, &r.weights);
+    assert!(e <= 1e-12, "{what}: weights {:?} vs {:?}", out.weights, r.weights);
+    assert_eq!(out.valid_tokens, r.valid_tokens, "{what}: valid tokens");
+}
+
+/// Runs loss-only, gradient into `L`, gradient into `f32` and in place; checks each against
+/// the reference; returns the reference and the f32 gradient.
+pub fn check_all_modes<L: Logit, I: TokenId>(
+    spec: &LossSpec,
+    shape: Shape,
+    logits: &[L],
+    tokens: Tokens<'_, I>,
+) -> (ReferenceOutput, Vec<f32>) {
+    let (grad_tol, loss_tol) = tolerances(L::DTYPE);
+    let r = reference(spec, shape, logits, tokens).expect("reference");
+    assert!(r.loss.is_finite(), "test data must give a finite reference loss");
+
+    let out = spec.loss_and_grad(shape, logits, tokens, Grad::Skip).expect("loss only");
+    assert_outputs(&out, &r, loss_tol, "loss only");
+
+    let mut g32 = vec![f32::NAN; shape.logits_len()];
+    let out = spec.loss_and_grad(shape, logits, tokens, Grad::IntoF32(&mut g32)).expect("grad f32");
+    assert_outputs(&out, &r, loss_tol, "grad f32");
+    // An f32 gradient from narrower logits is computed in f32 from the same values: f32 bound.
+    let e = rel_err(&g32, &r.grad);
+    assert!(e <= 1e-5, "grad f32: rel err {e:e}");
+
+    let mut gl = vec![L::from_f32(f32::NAN); shape.logits_len()];
+    let out = spec.loss_and_grad(shape, logits, tokens, Grad::Into(&mut gl)).expect("grad L");
+    assert_outputs(&out, &r, loss_tol, "grad same dtype");
+    let gl32: Vec<f32> = gl.iter().map(|x| x.to_f32()).collect();
+    let e = rel_err(&gl32, &r.grad);
+    assert!(e <= grad_tol, "grad {}: rel err {e:e}", L::DTYPE);
+
+    let mut inplace = logits.to_vec();
+    let out = spec.loss_and_grad_in_place(shape, &mut inplace, tokens).expect("in place");
+    assert_outputs(&out, &r, loss_tol, "in place");
+    assert_eq!(inplace, gl, "in-place gradient equals the same-dtype gradient bit for bit");
+    (r, g32)
+}
+
+/// Random inputs for a shape: logits uniform in [-scale, scale), ids uniform in [0, V).
+pub fn random_inputs<L: Logit>(seed: u64, shape: Shape, scale: f32) -> (Vec<L>, Vec<i64>) {
+    let logits = fused_weighted_loss::synthetic::logits::<L>(seed, shape.logits_len(), scale);
+    let ids = fused_weighted_loss::synthetic::ids::<i64>(seed, shape.rows(), shape.vocab());
+    (logits, ids)
+}

@@ -1,0 +1,63 @@
+//! Bit-identical results across runs and across thread counts.
+
+use fused_weighted_loss::{bf16, Grad, Logit, LossOutput, LossSpec, Shape, Tokens};
+
+fn run_in_pool<L: Logit>(
+    threads: usize,
+    shape: Shape,
+    logits: &[L],
+    ids: &[i64],
+    spec: &LossSpec,
+) -> (LossOutput, Vec<L>) {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| {
+        let mut g = vec![L::default(); shape.logits_len()];
+        let out = spec.loss_and_grad(shape, logits, Tokens::new(ids), Grad::Into(&mut g)).unwrap();
+        (out, g)
+    })
+}
+
+fn bits<L: Logit>(g: &[L]) -> Vec<u32> {
+    g.iter().map(|x| x.to_f32().to_bits()).collect()
+}
+
+fn check<L: Logit>(shape: Shape, seed: u64) {
+    let logits = fused_weighted_loss::synthetic::logits::<L>(seed, shape.logits_len(), 5.0);
+    let ids = fused_weighted_loss::synthetic::ids::<i64>(seed, shape.rows(), shape.vocab());
+    let spec = LossSpec::builder().keywords([ids[0], ids[1]]).build().unwrap();
+    let (a, ga) = run_in_pool(1, shape, &logits, &ids, &spec);
+    for threads in [2, 3, 8] {
+        let (b, gb) = run_in_pool(threads, shape, &logits, &ids, &spec);
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "loss differs with {threads} threads");
+        assert_eq!(a, b);
+        assert!(bits(&ga) == bits(&gb), "gradient differs with {threads} threads");
+    }
+    let (c, gc) = run_in_pool(8, shape, &logits, &ids, &spec);
+    assert_eq!(a, c);
+    assert!(bits(&ga) == bits(&gc), "gradient differs between runs");
+}
+
+#[test]
+fn bitwise_across_threads_f32() {
+    check::<f32>(Shape::new(5, 33, 5003).unwrap(), 1);
+}
+
+#[test]
+fn bitwise_across_threads_bf16() {
+    check::<bf16>(Shape::new(3, 17, 20_000).unwrap(), 2);
+}
+
+#[test]
+fn bitwise_in_place_across_threads() {
+    let shape = Shape::new(4, 9, 3001).unwrap();
+    let logits = fused_weighted_loss::synthetic::logits::<f32>(3, shape.logits_len(), 5.0);
+    let ids = fused_weighted_loss::synthetic::ids::<i32>(3, shape.rows(), shape.vocab());
+    let run = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut l = logits.clone();
+        let out =
+            pool.install(|| LossSpec::default().loss_and_grad_in_place(shape, &mut l, Tokens::new(&ids)).unwrap());
+        (out, bits(&l))
+    };
+    assert_eq!(run(1), run(7));
+}

@@ -1,0 +1,64 @@
+//! B·T·V > 2^31: 64-bit offsets end to end (bf16, in place, 5.4 GB). Checked against float64
+//! recomputed here row by row, on a sample of gradient entries including those past 2^31.
+
+use fused_weighted_loss::reference::rel_err;
+use fused_weighted_loss::{bf16, LossSpec, Shape, Tokens};
+use rayon::prelude::*;
+
+/// Logit `i`, recomputable without storing a copy.
+fn value(i: usize) -> bf16 {
+    let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    bf16::from_f32(((z >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0)
+}
+
+#[test]
+#[cfg_attr(debug_assertions, ignore = "5.4 GB; run with --release")]
+fn more_than_2_pow_31_elements() {
+    let (b, t, v) = (1usize, 5usize, (1usize << 29) + 1);
+    let shape = Shape::new(b, t, v).unwrap();
+    assert!(shape.logits_len() > 1 << 31);
+    let mut logits: Vec<bf16> = Vec::new();
+    if logits.try_reserve_exact(shape.logits_len()).is_err() {
+        panic!("cannot allocate {} bytes for the >2^31 test", shape.logits_len() * 2);
+    }
+    (0..shape.logits_len()).into_par_iter().map(value).collect_into_vec(&mut logits);
+    let ids: Vec<i64> = vec![3, v as i64 - 1, 0, 12345, v as i64 - 2];
+    let spec = LossSpec::builder().keywords([3]).build().unwrap();
+    let out = spec.loss_and_grad_in_place(shape, &mut logits, Tokens::new(&ids)).unwrap();
+
+    let coef = 2.0 / (t - 1) as f64; // weight 1 + one hit, mean over T-1 positions, B = 1
+    let mut losses = Vec::new();
+    for p in 0..t - 1 {
+        let base = p * v;
+        let y = ids[p + 1] as usize;
+        let m = (0..v).into_par_iter().map(|j| value(base + j).to_f64()).reduce(|| f64::NEG_INFINITY, f64::max);
+        let s: f64 = (0..v).into_par_iter().map(|j| (value(base + j).to_f64() - m).exp()).sum();
+        let lse = m + s.ln();
+        losses.push(lse - value(base + y).to_f64());
+        // sampled gradient entries: a stride across the row, the target, and the row's end
+        let mut js: Vec<usize> = (0..v).step_by(4099).collect();
+        js.extend([y, v - 1, v - 2]);
+        let want: Vec<f64> = js
+            .iter()
+            .map(|&j| coef * ((value(base + j).to_f64() - lse).exp() - if j == y { 1.0 } else { 0.0 }))
+            .collect();
+        let got: Vec<f64> = js.iter().map(|&j| logits[base + j].to_f64()).collect();
+        let e = rel_err(&got, &want);
+        assert!(e <= 1.5e-2, "row {p}: gradient rel err {e:e}");
+        let e = ((got[got.len() - 3] - want[want.len() - 3]) / want[want.len() - 3]).abs();
+        assert!(e <= 1e-2, "row {p}: target gradient {} vs {}", got[got.len() - 3], want[want.len() - 3]);
+    }
+    let per_sample = losses.iter().sum::<f64>() / (t - 1) as f64;
+    assert!(
+        ((out.per_sample_loss[0] - per_sample) / per_sample).abs() <= 1e-4,
+        "{} vs {per_sample}",
+        out.per_sample_loss[0]
+    );
+    assert!(((out.loss - 2.0 * per_sample) / (2.0 * per_sample)).abs() <= 1e-4);
+    // the last position (entirely past 2^31) has no target: zero gradient
+    let last = (t - 1) * v;
+    assert!(last > 1 << 31);
+    assert!(logits[last..].par_iter().all(|g| g.to_f32() == 0.0));
+}

@@ -1,0 +1,269 @@
+//! The fused CPU path against the float64 reference: random shapes, every dtype and option,
+//! and the numerical edge cases.
+
+mod common;
+
+use common::{check_all_modes, random_inputs, rel};
+use fused_weighted_loss::reference::reference;
+use fused_weighted_loss::{bf16, f16, Grad, LossSpec, Reduction, RowMean, Shape, Tokens};
+use proptest::prelude::*;
+
+fn spec_strategy() -> impl Strategy<Value = LossSpec> {
+    (
+        prop::collection::vec((0i64..40, prop_oneof![Just(1.0), 0.0f64..3.0]), 0..5),
+        prop_oneof![Just(1.0), 0.0f64..4.0],
+        prop_oneof![Just(RowMean::AllPositions), Just(RowMean::ValidTokens)],
+        prop_oneof![Just(Reduction::Mean), Just(Reduction::WeightedMean), Just(Reduction::Sum)],
+        prop_oneof![Just(1.0), -2.0f64..2.0],
+    )
+        .prop_map(|(kw, alpha, row_mean, reduction, grad_scale)| {
+            LossSpec::builder()
+                .weighted_keywords(kw)
+                .alpha(alpha)
+                .row_mean(row_mean)
+                .reduction(reduction)
+                .grad_scale(grad_scale)
+                .build()
+                .unwrap()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_shapes_f32(b in 1usize..5, t in 2usize..7, v in 1usize..5000, seed in any::<u64>(),
+                         scale in prop_oneof![Just(1.0f32), 0.01f32..30.0], spec in spec_strategy(),
+                         ignore_every in 0usize..4) {
+        let shape = Shape::new(b, t, v).unwrap();
+        let (logits, mut ids) = random_inputs::<f32>(seed, shape, scale);
+        // keywords must be in range: fold them into the vocabulary
+        let kw: Vec<(i64, f64)> = spec.keywords().iter().map(|k| (k.id % v as i64, k.weight)).collect();
+        let spec = spec.to_builder().weighted_keywords(kw).build().unwrap();
+        // plant some keywords so weights vary
+        for (i, id) in ids.iter_mut().enumerate() {
+            if let Some(k) = spec.keywords().get(i % 7) { if i % 3 == 0 { *id = k.id; } }
+        }
+        if ignore_every == 0 {
+            check_all_modes(&spec, shape, &logits, Tokens::new(&ids));
+        } else {
+            let labels: Vec<i64> = ids.iter().enumerate()
+                .map(|(i, &y)| if i % (ignore_every + 1) == 0 { -100 } else { y }).collect();
+            check_all_modes(&spec, shape, &logits, Tokens::new(&ids).with_labels(&labels));
+        }
+    }
+
+    #[test]
+    fn random_shapes_half(b in 1usize..4, t in 2usize..5, v in 1usize..3000, seed in any::<u64>(),
+                          spec in spec_strategy()) {
+        let shape = Shape::new(b, t, v).unwrap();
+        let spec = spec.to_builder().keywords([0i64]).build().unwrap();
+        let (logits, ids) = random_inputs::<f16>(seed, shape, 4.0);
+        check_all_modes(&spec, shape, &logits, Tokens::new(&ids));
+        let (logits, ids) = random_inputs::<bf16>(seed, shape, 4.0);
+        check_all_modes(&spec, shape, &logits, Tokens::new(&ids));
+    }
+}
+
+#[test]
+fn course_shape_slice() {
+    // the course's vocabulary with a short sequence, and its keyword-heavy weighting
+    let shape = Shape::new(3, 5, 50_000).unwrap();
+    let (logits, mut ids) = random_inputs::<f32>(7, shape, 3.0);
+    ids[0] = 17;
+    ids[1] = 17;
+    ids[7] = 40;
+    let spec = LossSpec::builder().keywords([3, 17, 40]).build().unwrap();
+    let (r, _) = check_all_modes(&spec, shape, &logits, Tokens::new(&ids));
+    assert_eq!(r.weights[0], 3.0);
+    assert_eq!(r.weights[1], 2.0);
+}
+
+#[test]
+fn vocab_of_one() {
+    // every softmax is 1 and every loss 0; the gradient is exactly zero
+    let shape = Shape::new(2, 3, 1).unwrap();
+    let logits = [0.5f32, -2.0, 3.0, 1.0, 0.0, -7.0];
+    let ids = [0i32; 6];
+    let mut g = vec![1f32; 6];
+    let out = LossSpec::default().loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap();
+    assert_eq!(out.loss, 0.0);
+    assert!(g.iter().all(|&x| x == 0.0), "{g:?}");
+}
+
+#[test]
+fn shortest_sequence_and_odd_vocab() {
+    for v in [2usize, 3, 15, 17, 31, 33, 2047, 2049, 4097] {
+        let shape = Shape::new(2, 2, v).unwrap();
+        let (logits, ids) = random_inputs::<f32>(v as u64, shape, 2.0);
+        check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+    }
+}
+
+#[test]
+fn large_vocab_256000() {
+    let shape = Shape::new(2, 3, 256_000).unwrap();
+    let (logits, ids) = random_inputs::<f32>(11, shape, 4.0);
+    check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+    let (logits, ids) = random_inputs::<bf16>(11, shape, 4.0);
+    check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+}
+
+#[test]
+fn huge_logits() {
+    // ±3e3: exp overflows without the max shift and underflows to 0 for most entries
+    let shape = Shape::new(2, 4, 1000).unwrap();
+    let (logits, ids) = random_inputs::<f32>(3, shape, 3000.0);
+    check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+}
+
+#[test]
+fn large_common_offset() {
+    // 1e4 + noise: the loss must come from differences, not from 1e4-sized sums
+    let shape = Shape::new(2, 4, 3000).unwrap();
+    let (noise, ids) = random_inputs::<f32>(5, shape, 2.0);
+    let logits: Vec<f32> = noise.iter().map(|x| 1e4 + x).collect();
+    let (r, _) = check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+    assert!(r.loss > 1.0 && r.loss < 20.0);
+}
+
+#[test]
+fn masked_vocab_with_neg_inf() {
+    // -inf on non-target entries (the usual vocabulary mask) is fine, even a whole leading chunk
+    let shape = Shape::new(2, 3, 5000).unwrap();
+    let (mut logits, ids) = random_inputs::<f32>(9, shape, 2.0);
+    let v = shape.vocab();
+    for r in 0..shape.rows() {
+        let target = if (r % 3) < 2 { ids[r + 1] as usize } else { usize::MAX };
+        for j in 0..v {
+            if (j < 2500 || j % 3 == 0) && j != target {
+                logits[r * v + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let spec = LossSpec::builder().check_finite(true).build().unwrap();
+    let (_, g) = check_all_modes(&spec, shape, &logits, Tokens::new(&ids));
+    for (z, g) in logits.iter().zip(&g) {
+        if *z == f32::NEG_INFINITY {
+            assert_eq!(*g, 0.0, "masked entries get exactly zero gradient");
+        }
+    }
+}
+
+#[test]
+fn ignore_index_both_row_means() {
+    let shape = Shape::new(3, 6, 700).unwrap();
+    let (logits, ids) = random_inputs::<f32>(13, shape, 2.0);
+    let mut labels = ids.clone();
+    for i in [1usize, 2, 4, 9, 14, 15] {
+        labels[i] = -100;
+    }
+    for row_mean in [RowMean::AllPositions, RowMean::ValidTokens] {
+        for reduction in [Reduction::Mean, Reduction::WeightedMean, Reduction::Sum] {
+            let spec =
+                LossSpec::builder().keywords([ids[0], ids[3]]).row_mean(row_mean).reduction(reduction).build().unwrap();
+            let (r, _) = check_all_modes(&spec, shape, &logits, Tokens::new(&ids).with_labels(&labels));
+            assert_eq!(r.valid_tokens, vec![2, 4, 3]);
+        }
+    }
+}
+
+#[test]
+fn custom_ignore_index_on_ids() {
+    // ignore_index applies to the labels, which default to the ids (e.g. a padding id)
+    let shape = Shape::new(2, 5, 50).unwrap();
+    let (logits, mut ids) = random_inputs::<f32>(17, shape, 2.0);
+    ids[3] = 0;
+    ids[4] = 0;
+    let spec = LossSpec::builder().ignore_index(0).row_mean(RowMean::ValidTokens).build().unwrap();
+    let (r, _) = check_all_modes(&spec, shape, &logits, Tokens::new(&ids));
+    assert!(r.valid_tokens[0] <= 2);
+}
+
+#[test]
+fn all_ignored_sample() {
+    let shape = Shape::new(2, 4, 100).unwrap();
+    let (logits, ids) = random_inputs::<f32>(19, shape, 2.0);
+    let mut labels = ids.clone();
+    labels[..4].fill(-100);
+    for row_mean in [RowMean::AllPositions, RowMean::ValidTokens] {
+        let spec = LossSpec::builder().row_mean(row_mean).build().unwrap();
+        let mut g = vec![f32::NAN; shape.logits_len()];
+        let out =
+            spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_labels(&labels), Grad::IntoF32(&mut g)).unwrap();
+        assert_eq!(out.per_sample_loss[0], 0.0);
+        assert_eq!(out.valid_tokens[0], 0);
+        assert!(out.loss.is_finite());
+        assert!(g[..4 * 100].iter().all(|&x| x == 0.0));
+        check_all_modes(&spec, shape, &logits, Tokens::new(&ids).with_labels(&labels));
+    }
+}
+
+#[test]
+fn duplicate_and_empty_keywords() {
+    let shape = Shape::new(2, 4, 30).unwrap();
+    let (logits, _) = random_inputs::<f32>(23, shape, 2.0);
+    let ids = [5i64, 5, 1, 2, 3, 4, 5, 6];
+    let dup = LossSpec::builder().keywords([5, 5]).build().unwrap();
+    let (r, _) = check_all_modes(&dup, shape, &logits, Tokens::new(&ids));
+    assert_eq!(r.weights, vec![1.0 + 4.0, 1.0 + 2.0], "a repeated keyword counts twice");
+    let (r, _) = check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+    assert_eq!(r.weights, vec![1.0, 1.0]);
+}
+
+#[test]
+fn all_id_types_agree() {
+    let shape = Shape::new(2, 3, 40).unwrap();
+    let (logits, ids) = random_inputs::<f32>(29, shape, 2.0);
+    let spec = LossSpec::builder().keywords([ids[2]]).build().unwrap();
+    let a = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+    let ids32: Vec<i32> = ids.iter().map(|&x| x as i32).collect();
+    let idsu: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    assert_eq!(a, spec.loss_and_grad(shape, &logits, Tokens::new(&ids32), Grad::Skip).unwrap());
+    assert_eq!(a, spec.loss_and_grad(shape, &logits, Tokens::new(&idsu), Grad::Skip).unwrap());
+}
+
+#[test]
+fn non_finite_logits_propagate_like_pytorch() {
+    let shape = Shape::new(1, 3, 4).unwrap();
+    let ids = [0i64, 1, 2];
+    // -inf at a target: +inf loss, finite gradient
+    let logits = [0.0f32, f32::NEG_INFINITY, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+    let mut g = vec![0f32; 12];
+    let out = LossSpec::default().loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap();
+    assert_eq!(out.loss, f64::INFINITY);
+    assert!(g.iter().all(|x| x.is_finite()));
+    let r = reference(&LossSpec::default(), shape, &logits, Tokens::new(&ids)).unwrap();
+    assert_eq!(r.loss, f64::INFINITY);
+    // NaN anywhere in a row with a target: NaN loss
+    let mut logits = [0.5f32; 12];
+    logits[6] = f32::NAN;
+    let out = LossSpec::default().loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap();
+    assert!(out.loss.is_nan());
+    assert!(g[4..8].iter().all(|x| x.is_nan()));
+    // +inf: NaN loss, as log_softmax gives
+    logits[6] = f32::INFINITY;
+    let out = LossSpec::default().loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+    assert!(out.loss.is_nan());
+    let r = reference(&LossSpec::default(), shape, &logits, Tokens::new(&ids)).unwrap();
+    assert!(r.loss.is_nan());
+    // the check turns them into errors that name the position
+    let spec = LossSpec::builder().check_finite(true).build().unwrap();
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
+    assert!(matches!(e, fused_weighted_loss::Error::NonFinite { batch: 0, position: 1, .. }), "{e}");
+}
+
+#[test]
+fn upstream_scale_scales_gradient_only() {
+    let shape = Shape::new(2, 3, 64).unwrap();
+    let (logits, ids) = random_inputs::<f32>(31, shape, 2.0);
+    let mut g1 = vec![0f32; shape.logits_len()];
+    let mut g2 = vec![0f32; shape.logits_len()];
+    let a = LossSpec::default().loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g1)).unwrap();
+    let s = LossSpec::builder().grad_scale(0.25).build().unwrap();
+    let b = s.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g2)).unwrap();
+    assert_eq!(a.loss, b.loss);
+    for (x, y) in g1.iter().zip(&g2) {
+        assert!(rel(*y as f64, 0.25 * *x as f64) <= 1e-6 || (*x == 0.0 && *y == 0.0));
+    }
+}
