@@ -6,7 +6,7 @@
 //! Set `FWL_BENCH_REFERENCE=0` to skip the (slow) reference.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fused_weighted_loss::measure::{copy_floor, median, CopyBuffers};
+use fused_weighted_loss::measure::{median, time_paired, CopyBuffers};
 use fused_weighted_loss::reference::reference;
 use fused_weighted_loss::{bf16, synthetic, Grad, Logit, LossSpec, Shape, Tokens};
 use std::time::Duration;
@@ -18,15 +18,26 @@ fn group<L: Logit>(c: &mut Criterion, name: &str, shape: Shape, with_reference: 
     let mut grad = vec![L::default(); shape.logits_len()];
     let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
 
-    let floor = median(&copy_floor(bytes / 2, 2, 10));
+    // the copy floor, timed alternately with the fused pass so machine drift hits both alike
+    let mut copy = CopyBuffers::new(bytes / 2);
+    let (fused, floor) = time_paired(
+        2,
+        10,
+        || drop(spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad)).unwrap()),
+        || copy.copy(),
+    );
+    let (fused, floor) = (median(&fused), median(&floor));
     eprintln!(
-        "{name}: shape {shape} {} on {} threads ({}): copy floor {:.2} ms ({:.1} GB/s) for {:.0} MB read+written",
+        "{name}: shape {shape} {} on {} threads ({}): fused {:.2} ms, copy floor {:.2} ms ({:.1} GB/s) for {:.0} MB \
+         read+written: {:.2}x floor",
         L::DTYPE,
         rayon::current_num_threads(),
         fused_weighted_loss::cpu_simd_level(),
+        fused * 1e3,
         floor * 1e3,
         bytes as f64 / floor / 1e9,
-        bytes as f64 / 1e6
+        bytes as f64 / 1e6,
+        fused / floor
     );
 
     let mut g = c.benchmark_group(name);
@@ -35,7 +46,6 @@ fn group<L: Logit>(c: &mut Criterion, name: &str, shape: Shape, with_reference: 
     g.bench_function(BenchmarkId::new("fused", L::DTYPE), |b| {
         b.iter(|| spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad)).unwrap())
     });
-    let mut copy = CopyBuffers::new(bytes / 2);
     g.bench_function(BenchmarkId::new("copy_floor", L::DTYPE), |b| b.iter(|| copy.copy()));
     if with_reference && std::env::var("FWL_BENCH_REFERENCE").as_deref() != Ok("0") {
         g.measurement_time(Duration::from_secs(20));

@@ -80,6 +80,12 @@ pub trait Logit: Copy + Default + Send + Sync + PartialEq + fmt::Debug + 'static
     /// Round `src` into `dst` (equal lengths), vectorised where the CPU allows.
     #[doc(hidden)]
     fn narrow(src: &[f32], dst: &mut [Self]);
+    /// The raw bits of a 16-bit type (converted by the crate's own vector code), `None` for f32.
+    #[doc(hidden)]
+    fn as_bits(s: &[Self]) -> Option<&[u16]>;
+    /// The raw bits of a 16-bit type, `None` for f32.
+    #[doc(hidden)]
+    fn as_bits_mut(s: &mut [Self]) -> Option<&mut [u16]>;
     /// The slice itself when `Self` is `f32` (no copy needed), `None` otherwise.
     #[doc(hidden)]
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
@@ -105,6 +111,14 @@ impl Logit for f32 {
     #[inline]
     fn narrow(src: &[f32], dst: &mut [Self]) {
         dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn as_bits(_: &[Self]) -> Option<&[u16]> {
+        None
+    }
+    #[inline(always)]
+    fn as_bits_mut(_: &mut [Self]) -> Option<&mut [u16]> {
+        None
     }
     #[inline(always)]
     fn as_f32(s: &[Self]) -> Option<&[f32]> {
@@ -135,6 +149,14 @@ macro_rules! half_logit {
             #[inline]
             fn narrow(src: &[f32], dst: &mut [Self]) {
                 dst.convert_from_f32_slice(src);
+            }
+            #[inline(always)]
+            fn as_bits(s: &[Self]) -> Option<&[u16]> {
+                Some(s.reinterpret_cast())
+            }
+            #[inline(always)]
+            fn as_bits_mut(s: &mut [Self]) -> Option<&mut [u16]> {
+                Some(s.reinterpret_cast_mut())
             }
             #[inline(always)]
             fn as_f32(_: &[Self]) -> Option<&[f32]> {

@@ -48,7 +48,9 @@ pub mod synthetic;
 pub use dtype::{DType, Logit, TokenId};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
-pub use spec::{Backend, Keyword, LossOutput, LossSpec, LossSpecBuilder, Reduction, RowMean, Shape, Tokens, MAX_VOCAB};
+pub use spec::{
+    Backend, CpuSimd, Keyword, LossOutput, LossSpec, LossSpecBuilder, Reduction, RowMean, Shape, Tokens, MAX_VOCAB,
+};
 
 /// Where the gradient goes.
 #[derive(Debug)]
@@ -71,9 +73,22 @@ impl<L: Logit> Grad<'_, L> {
     }
 }
 
-/// The CPU instruction set the fused CPU backend uses on this machine (chosen at run time).
-pub fn cpu_simd_level() -> &'static str {
-    cpu::simd::Kernels::detect().name
+/// The CPU instruction set [`CpuSimd::Auto`] picks on this machine (chosen at run time).
+pub fn cpu_simd_level() -> CpuSimd {
+    cpu::simd::Kernels::select(CpuSimd::Auto).map_or(CpuSimd::Portable, |k| k.level)
+}
+
+/// Whether this CPU runs the given instruction-set level.
+pub fn cpu_simd_supported(level: CpuSimd) -> bool {
+    cpu::simd::supported(level)
+}
+
+/// The CPU kernels the spec asks for.
+fn cpu_kernels(level: CpuSimd) -> Result<cpu::simd::Kernels> {
+    cpu::simd::Kernels::select(level).ok_or_else(|| Error::BackendUnavailable {
+        backend: Backend::Cpu,
+        reason: format!("this CPU does not support the {level} instruction set"),
+    })
 }
 
 /// Whether the CUDA backend can run here, and why not.
@@ -112,10 +127,11 @@ impl LossSpec {
         }
         let plan = self.plan(shape, &tokens)?;
         let backend = resolve_backend(self.backend)?;
+        let k = cpu_kernels(self.cpu_simd)?;
         let row_loss = match grad {
-            Grad::Skip => cpu::run::<L, f32>(&plan, logits, None),
-            Grad::Into(g) => cpu::run::<L, L>(&plan, logits, Some(g)),
-            Grad::IntoF32(g) => cpu::run::<L, f32>(&plan, logits, Some(g)),
+            Grad::Skip => cpu::run::<L, f32>(&k, &plan, logits, None),
+            Grad::Into(g) => cpu::run::<L, L>(&k, &plan, logits, Some(g)),
+            Grad::IntoF32(g) => cpu::run::<L, f32>(&k, &plan, logits, Some(g)),
         };
         plan.finish(&row_loss, self.check_finite, backend)
     }
@@ -143,7 +159,8 @@ impl LossSpec {
         spec::check_len("logits", logits.len(), shape.logits_len(), shape)?;
         let plan = self.plan(shape, &tokens)?;
         let backend = resolve_backend(self.backend)?;
-        let row_loss = cpu::run_in_place(&plan, logits);
+        let k = cpu_kernels(self.cpu_simd)?;
+        let row_loss = cpu::run_in_place(&k, &plan, logits);
         plan.finish(&row_loss, self.check_finite, backend)
     }
 }

@@ -38,6 +38,25 @@ pub fn time_runs(warmup: usize, iters: usize, mut f: impl FnMut()) -> Vec<f64> {
         .collect()
 }
 
+/// Times `a` and `b` alternately (`a`, `b`, `a`, `b`, ...), so that drifts of the machine (other
+/// tenants, clocks) hit both alike; returns each one's timed runs in seconds.
+pub fn time_paired(warmup: usize, iters: usize, mut a: impl FnMut(), mut b: impl FnMut()) -> (Vec<f64>, Vec<f64>) {
+    for _ in 0..warmup {
+        a();
+        b();
+    }
+    let (mut ta, mut tb) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+    for _ in 0..iters {
+        let t = Instant::now();
+        a();
+        ta.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        b();
+        tb.push(t.elapsed().as_secs_f64());
+    }
+    (ta, tb)
+}
+
 /// Two filled (non-zero) buffers of equal size and a parallel `memcpy` between them: the
 /// reference point for a pass that reads the logits once and writes the gradient once.
 pub struct CopyBuffers {

@@ -196,6 +196,48 @@ impl FromStr for Reduction {
     }
 }
 
+/// The instruction set of the CPU backend.
+///
+/// `Auto` takes the best this CPU has. Results are bit-identical across runs and thread counts at
+/// any level, and across machines at the same level; `Portable` runs everywhere, so it gives the
+/// same bits on every CPU (at some cost in speed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CpuSimd {
+    /// The best level this CPU supports.
+    #[default]
+    Auto,
+    /// x86-64 AVX-512 (F, BW, VL, DQ) with FMA.
+    Avx512,
+    /// x86-64 AVX2 with FMA and F16C.
+    Avx2,
+    /// The build target's baseline vector unit (SSE2 on x86-64, NEON on aarch64), no FMA.
+    Portable,
+}
+
+impl fmt::Display for CpuSimd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CpuSimd::Auto => "auto",
+            CpuSimd::Avx512 => "avx512",
+            CpuSimd::Avx2 => "avx2",
+            CpuSimd::Portable => "portable",
+        })
+    }
+}
+
+impl FromStr for CpuSimd {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(CpuSimd::Auto),
+            "avx512" | "avx-512" => Ok(CpuSimd::Avx512),
+            "avx2" => Ok(CpuSimd::Avx2),
+            "portable" | "scalar" => Ok(CpuSimd::Portable),
+            other => Err(format!("unknown SIMD level '{other}' (expected auto, avx512, avx2 or portable)")),
+        }
+    }
+}
+
 /// One keyword id and the weight each of its occurrences adds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Keyword {
@@ -228,6 +270,7 @@ pub struct LossSpec {
     pub(crate) grad_scale: f64,
     pub(crate) check_finite: bool,
     pub(crate) backend: Backend,
+    pub(crate) cpu_simd: CpuSimd,
 }
 
 impl Default for LossSpec {
@@ -241,6 +284,7 @@ impl Default for LossSpec {
             grad_scale: 1.0,
             check_finite: false,
             backend: Backend::Auto,
+            cpu_simd: CpuSimd::Auto,
         }
     }
 }
@@ -285,6 +329,10 @@ impl LossSpec {
     /// The requested backend.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+    /// The requested CPU instruction set.
+    pub fn cpu_simd(&self) -> CpuSimd {
+        self.cpu_simd
     }
 }
 
@@ -341,6 +389,12 @@ impl LossSpecBuilder {
     /// The backend (default [`Backend::Auto`]).
     pub fn backend(mut self, backend: Backend) -> Self {
         self.spec.backend = backend;
+        self
+    }
+    /// The CPU backend's instruction set (default [`CpuSimd::Auto`]). A level this CPU lacks is
+    /// an [`Error::BackendUnavailable`] when the CPU backend runs.
+    pub fn cpu_simd(mut self, level: CpuSimd) -> Self {
+        self.spec.cpu_simd = level;
         self
     }
     /// Validates the options.

@@ -43,6 +43,12 @@ fn bitwise_across_threads_f32() {
 }
 
 #[test]
+fn bitwise_across_threads_streamed() {
+    // large enough for streaming stores (whose use depends on each buffer's alignment)
+    check::<f32>(Shape::new(2, 41, 100_003).unwrap(), 4);
+}
+
+#[test]
 fn bitwise_across_threads_bf16() {
     check::<bf16>(Shape::new(3, 17, 20_000).unwrap(), 2);
 }

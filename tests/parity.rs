@@ -110,6 +110,44 @@ fn large_vocab_256000() {
 }
 
 #[test]
+fn streamed_gradients_with_odd_rows() {
+    // gradients of 32 MiB and more are written with streaming stores on their aligned body;
+    // an odd vocabulary puts every row at a different alignment
+    let shape = Shape::new(2, 41, 100_003).unwrap();
+    let (logits, ids) = random_inputs::<f32>(37, shape, 4.0);
+    check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+    let shape = Shape::new(2, 84, 100_003).unwrap();
+    let (logits, ids) = random_inputs::<bf16>(39, shape, 4.0);
+    check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+    let (logits, ids) = random_inputs::<f16>(41, shape, 4.0);
+    let mut labels = ids.clone();
+    labels[5..60].fill(-100); // rows without a target are streamed zeros
+    check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids).with_labels(&labels));
+}
+
+#[test]
+fn rows_longer_than_the_scratch_row() {
+    // beyond 2^22 elements a row's exponentials are recomputed instead of kept
+    let shape = Shape::new(1, 2, (1 << 22) + 5).unwrap();
+    let (logits, ids) = random_inputs::<f32>(47, shape, 4.0);
+    check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+    let (logits, ids) = random_inputs::<bf16>(47, shape, 4.0);
+    check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+}
+
+#[test]
+fn reference_moves_within_a_row() {
+    // a chunk whose maximum is far above the row's first chunk forces the reference up
+    let shape = Shape::new(2, 3, 20_000).unwrap();
+    let (mut logits, ids) = random_inputs::<f32>(43, shape, 1.0);
+    for r in 0..shape.rows() {
+        logits[r * 20_000 + 9_000 + r] = 40.0 + r as f32;
+        logits[r * 20_000 + 15_000] = 70.0;
+    }
+    check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
+}
+
+#[test]
 fn huge_logits() {
     // ±3e3: exp overflows without the max shift and underflows to 0 for most entries
     let shape = Shape::new(2, 4, 1000).unwrap();

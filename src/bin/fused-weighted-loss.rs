@@ -3,10 +3,10 @@
 //! Any bad input, file or flag exits with code 2 and one line on stderr, nothing on stdout.
 
 use clap::{Args, Parser, Subcommand};
-use fused_weighted_loss::measure::{copy_floor, median, min, time_runs};
+use fused_weighted_loss::measure::{median, min, time_paired, time_runs, CopyBuffers};
 use fused_weighted_loss::reference::reference;
 use fused_weighted_loss::{
-    bf16, f16, synthetic, Backend, DType, Grad, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape, Tokens,
+    bf16, f16, synthetic, Backend, CpuSimd, DType, Grad, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape, Tokens,
 };
 use serde_json::json;
 use std::fs::File;
@@ -92,6 +92,9 @@ struct BenchArgs {
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// CPU instruction set: auto, avx512, avx2 or portable.
+    #[arg(long, default_value = "auto")]
+    simd: CpuSimd,
     /// Timed runs of the float64 reference (0 skips it).
     #[arg(long, default_value_t = 2)]
     reference_iters: usize,
@@ -318,13 +321,20 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
         return Err(Failure(format!("bench produced a non-finite loss {}", out.loss)));
     }
     let backend = out.backend;
-    let fused = time_runs(a.warmup, a.iters.max(1), || {
-        let r = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad));
-        std::hint::black_box(r).ok();
-    });
     let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
-    let fused = Timing::of(&fused);
-    let floor = Timing::of(&copy_floor(bytes / 2, 1, a.iters.max(1)));
+    // fused pass and copy floor alternate, so machine drift affects both alike
+    let mut copy = CopyBuffers::new(bytes / 2);
+    let (fused, floor) = time_paired(
+        a.warmup,
+        a.iters.max(1),
+        || {
+            let r = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad));
+            std::hint::black_box(r).ok();
+        },
+        || copy.copy(),
+    );
+    drop(copy);
+    let (fused, floor) = (Timing::of(&fused), Timing::of(&floor));
     let reference = (a.reference_iters > 0).then(|| {
         let runs = time_runs(0, a.reference_iters, || {
             let _ = std::hint::black_box(reference(spec, shape, &logits, Tokens::new(&ids)));
@@ -333,7 +343,11 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
     });
     let gbps = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
     let threads = rayon::current_num_threads();
-    let simd = fused_weighted_loss::cpu_simd_level();
+    let simd = match spec.cpu_simd() {
+        CpuSimd::Auto => fused_weighted_loss::cpu_simd_level(),
+        level => level,
+    }
+    .to_string();
     if a.json {
         return Ok(json!({
             "median_ms": fused.median_ms,
@@ -380,7 +394,7 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
 
 fn bench(a: BenchArgs) -> CliResult<String> {
     let shape = parse_shape(&a.shape)?;
-    let spec = LossSpec::builder().keywords([0, 1, 2]).backend(a.backend).build()?;
+    let spec = LossSpec::builder().keywords([0, 1, 2]).backend(a.backend).cpu_simd(a.simd).build()?;
     let run = || match a.dtype {
         DType::F32 => bench_typed::<f32>(&a, shape, &spec),
         DType::F16 => bench_typed::<f16>(&a, shape, &spec),

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use fused_weighted_loss::reference::{reference, rel_err, ReferenceOutput};
-use fused_weighted_loss::{DType, Grad, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens};
+use fused_weighted_loss::{CpuSimd, DType, Grad, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens};
 
 /// Tolerances from the project's standard: f32 inputs 1e-5; f16/bf16 1.5e-2 on the gradient
 /// (it is rounded to the input dtype) and 1e-4 on the loss.
@@ -34,40 +34,67 @@ pub fn assert_outputs(out: &LossOutput, r: &ReferenceOutput, loss_tol: f64, what
     assert_eq!(out.valid_tokens, r.valid_tokens, "{what}: valid tokens");
 }
 
-/// Runs loss-only, gradient into `L`, gradient into `f32` and in place; checks each against
-/// the reference; returns the reference and the f32 gradient.
+/// The CPU instruction sets this machine runs (always including `Portable`).
+pub fn cpu_levels() -> Vec<CpuSimd> {
+    [CpuSimd::Avx512, CpuSimd::Avx2, CpuSimd::Portable]
+        .into_iter()
+        .filter(|&l| fused_weighted_loss::cpu_simd_supported(l))
+        .collect()
+}
+
+/// Runs [`check_modes`] at every CPU instruction set this machine has; returns the reference
+/// and the f32 gradient of the last level.
 pub fn check_all_modes<L: Logit, I: TokenId>(
     spec: &LossSpec,
     shape: Shape,
     logits: &[L],
     tokens: Tokens<'_, I>,
 ) -> (ReferenceOutput, Vec<f32>) {
-    let (grad_tol, loss_tol) = tolerances(L::DTYPE);
     let r = reference(spec, shape, logits, tokens).expect("reference");
     assert!(r.loss.is_finite(), "test data must give a finite reference loss");
+    let mut g = Vec::new();
+    for level in cpu_levels() {
+        let spec = spec.to_builder().cpu_simd(level).build().unwrap();
+        g = check_modes(&spec, shape, logits, tokens, &r);
+    }
+    (r, g)
+}
+
+/// Runs loss-only, gradient into `L`, gradient into `f32` and in place; checks each against
+/// the reference; returns the f32 gradient.
+pub fn check_modes<L: Logit, I: TokenId>(
+    spec: &LossSpec,
+    shape: Shape,
+    logits: &[L],
+    tokens: Tokens<'_, I>,
+    r: &ReferenceOutput,
+) -> Vec<f32> {
+    let (grad_tol, loss_tol) = tolerances(L::DTYPE);
+    let level = spec.cpu_simd();
 
     let out = spec.loss_and_grad(shape, logits, tokens, Grad::Skip).expect("loss only");
-    assert_outputs(&out, &r, loss_tol, "loss only");
+    assert_outputs(&out, r, loss_tol, &format!("{level}: loss only"));
 
     let mut g32 = vec![f32::NAN; shape.logits_len()];
     let out = spec.loss_and_grad(shape, logits, tokens, Grad::IntoF32(&mut g32)).expect("grad f32");
-    assert_outputs(&out, &r, loss_tol, "grad f32");
+    assert_outputs(&out, r, loss_tol, &format!("{level}: grad f32"));
     // An f32 gradient from narrower logits is computed in f32 from the same values: f32 bound.
     let e = rel_err(&g32, &r.grad);
-    assert!(e <= 1e-5, "grad f32: rel err {e:e}");
+    assert!(e <= 1e-5, "{level}: grad f32: rel err {e:e}");
 
     let mut gl = vec![L::from_f32(f32::NAN); shape.logits_len()];
     let out = spec.loss_and_grad(shape, logits, tokens, Grad::Into(&mut gl)).expect("grad L");
-    assert_outputs(&out, &r, loss_tol, "grad same dtype");
+    assert_outputs(&out, r, loss_tol, &format!("{level}: grad same dtype"));
     let gl32: Vec<f32> = gl.iter().map(|x| x.to_f32()).collect();
     let e = rel_err(&gl32, &r.grad);
-    assert!(e <= grad_tol, "grad {}: rel err {e:e}", L::DTYPE);
+    assert!(e <= grad_tol, "{level}: grad {}: rel err {e:e}", L::DTYPE);
 
     let mut inplace = logits.to_vec();
     let out = spec.loss_and_grad_in_place(shape, &mut inplace, tokens).expect("in place");
-    assert_outputs(&out, &r, loss_tol, "in place");
-    assert_eq!(inplace, gl, "in-place gradient equals the same-dtype gradient bit for bit");
-    (r, g32)
+    assert_outputs(&out, r, loss_tol, &format!("{level}: in place"));
+    let same = inplace.iter().zip(&gl).all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits());
+    assert!(same, "{level}: in-place gradient equals the same-dtype gradient bit for bit");
+    g32
 }
 
 /// Random inputs for a shape: logits uniform in [-scale, scale), ids uniform in [0, V).
