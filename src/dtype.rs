@@ -54,6 +54,16 @@ impl FromStr for DType {
 }
 
 mod sealed {
+    /// With the `cuda` feature every element type can live in device memory.
+    #[cfg(feature = "cuda")]
+    pub trait Device: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+    #[cfg(feature = "cuda")]
+    impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> Device for T {}
+    #[cfg(not(feature = "cuda"))]
+    pub trait Device {}
+    #[cfg(not(feature = "cuda"))]
+    impl<T> Device for T {}
+
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
@@ -67,7 +77,9 @@ mod sealed {
 ///
 /// All arithmetic is done in `f32`; narrower types are widened on load and rounded to nearest
 /// even on store. The trait is sealed.
-pub trait Logit: Copy + Default + Send + Sync + PartialEq + fmt::Debug + 'static + sealed::Sealed {
+pub trait Logit:
+    Copy + Default + Send + Sync + PartialEq + fmt::Debug + 'static + sealed::Sealed + sealed::Device
+{
     /// The runtime tag of this type.
     const DTYPE: DType;
     /// Widen one value.
@@ -173,7 +185,10 @@ half_logit!(f16, DType::F16);
 half_logit!(bf16, DType::BF16);
 
 /// A token id element type: `i32`, `i64` or `u32`. The trait is sealed.
-pub trait TokenId: Copy + Send + Sync + fmt::Debug + 'static + sealed::Sealed {
+pub trait TokenId: Copy + Send + Sync + fmt::Debug + 'static + sealed::Sealed + sealed::Device {
+    /// The kernel-name suffix of this type (`i32`, `i64`, `u32`).
+    #[doc(hidden)]
+    const NAME: &'static str;
     /// The id as a signed 64-bit integer.
     fn to_i64(self) -> i64;
     /// An index below [`MAX_VOCAB`](crate::MAX_VOCAB) as this type (it always fits).
@@ -182,6 +197,7 @@ pub trait TokenId: Copy + Send + Sync + fmt::Debug + 'static + sealed::Sealed {
 }
 
 impl TokenId for i32 {
+    const NAME: &'static str = "i32";
     #[inline(always)]
     fn from_index(i: u32) -> Self {
         i as i32
@@ -192,6 +208,7 @@ impl TokenId for i32 {
     }
 }
 impl TokenId for i64 {
+    const NAME: &'static str = "i64";
     #[inline(always)]
     fn from_index(i: u32) -> Self {
         i as i64
@@ -202,6 +219,7 @@ impl TokenId for i64 {
     }
 }
 impl TokenId for u32 {
+    const NAME: &'static str = "u32";
     #[inline(always)]
     fn from_index(i: u32) -> Self {
         i

@@ -38,6 +38,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dtype;
 mod error;
 pub mod measure;
@@ -91,13 +93,18 @@ fn cpu_kernels(level: CpuSimd) -> Result<cpu::simd::Kernels> {
     })
 }
 
-/// Whether the CUDA backend can run here, and why not.
+/// Whether the CUDA backend can run here (built with `cuda`, a driver, a device), and why not.
+/// Never panics, also on machines with no CUDA at all.
 pub fn cuda_status() -> std::result::Result<(), String> {
+    #[cfg(feature = "cuda")]
+    return cuda::status();
+    #[cfg(not(feature = "cuda"))]
     Err("this build has no `cuda` feature".into())
 }
 
-/// Resolves `Auto` and checks that the requested backend can run.
-fn resolve_backend(requested: Backend) -> Result<Backend> {
+/// Resolves [`Backend::Auto`] (CUDA when usable, else the CPU) and checks that the requested
+/// backend can run here.
+pub fn resolve_backend(requested: Backend) -> Result<Backend> {
     match (requested, cuda_status()) {
         (Backend::Cpu, _) | (Backend::Auto, Err(_)) => Ok(Backend::Cpu),
         (Backend::Cuda | Backend::Auto, Ok(())) => Ok(Backend::Cuda),
@@ -127,6 +134,10 @@ impl LossSpec {
         }
         let plan = self.plan(shape, &tokens)?;
         let backend = resolve_backend(self.backend)?;
+        #[cfg(feature = "cuda")]
+        if backend == Backend::Cuda {
+            return cuda::run_host(self, shape, logits, tokens, grad);
+        }
         let k = cpu_kernels(self.cpu_simd)?;
         let row_loss = match grad {
             Grad::Skip => cpu::run::<L, f32>(&k, &plan, logits, None),
@@ -159,6 +170,10 @@ impl LossSpec {
         spec::check_len("logits", logits.len(), shape.logits_len(), shape)?;
         let plan = self.plan(shape, &tokens)?;
         let backend = resolve_backend(self.backend)?;
+        #[cfg(feature = "cuda")]
+        if backend == Backend::Cuda {
+            return cuda::run_host_in_place(self, shape, logits, tokens);
+        }
         let k = cpu_kernels(self.cpu_simd)?;
         let row_loss = cpu::run_in_place(&k, &plan, logits);
         plan.finish(&row_loss, self.check_finite, backend)

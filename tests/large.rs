@@ -1,21 +1,15 @@
 //! B·T·V > 2^31: 64-bit offsets end to end (bf16, in place, 5.4 GB). Checked against float64
 //! recomputed here row by row, on a sample of gradient entries including those past 2^31.
 
+mod common;
+
+use common::hashed_logit as value;
 use fused_weighted_loss::reference::rel_err;
-use fused_weighted_loss::{bf16, LossSpec, Shape, Tokens};
+use fused_weighted_loss::{bf16, Backend, LossOutput, LossSpec, Shape, Tokens};
 use rayon::prelude::*;
 
-/// Logit `i`, recomputable without storing a copy.
-fn value(i: usize) -> bf16 {
-    let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    bf16::from_f32(((z >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0)
-}
-
-#[test]
-#[cfg_attr(debug_assertions, ignore = "5.4 GB; run with --release")]
-fn more_than_2_pow_31_elements() {
+/// Builds the >2^31-element problem, runs `compute` on it (in place) and checks the result.
+fn more_than_2_pow_31(compute: impl FnOnce(&LossSpec, Shape, &mut [bf16], &[i64]) -> LossOutput) {
     let (b, t, v) = (1usize, 5usize, (1usize << 29) + 1);
     let shape = Shape::new(b, t, v).unwrap();
     assert!(shape.logits_len() > 1 << 31);
@@ -26,7 +20,7 @@ fn more_than_2_pow_31_elements() {
     (0..shape.logits_len()).into_par_iter().map(value).collect_into_vec(&mut logits);
     let ids: Vec<i64> = vec![3, v as i64 - 1, 0, 12345, v as i64 - 2];
     let spec = LossSpec::builder().keywords([3]).build().unwrap();
-    let out = spec.loss_and_grad_in_place(shape, &mut logits, Tokens::new(&ids)).unwrap();
+    let out = compute(&spec, shape, &mut logits, &ids);
 
     let coef = 2.0 / (t - 1) as f64; // weight 1 + one hit, mean over T-1 positions, B = 1
     let mut losses = Vec::new();
@@ -61,4 +55,25 @@ fn more_than_2_pow_31_elements() {
     let last = (t - 1) * v;
     assert!(last > 1 << 31);
     assert!(logits[last..].par_iter().all(|g| g.to_f32() == 0.0));
+}
+
+#[test]
+#[cfg_attr(debug_assertions, ignore = "5.4 GB; run with --release")]
+fn more_than_2_pow_31_elements_cpu() {
+    more_than_2_pow_31(|spec, shape, logits, ids| {
+        let spec = spec.to_builder().backend(Backend::Cpu).build().unwrap();
+        spec.loss_and_grad_in_place(shape, logits, Tokens::new(ids)).unwrap()
+    });
+}
+
+#[test]
+#[cfg_attr(debug_assertions, ignore = "5.4 GB; run with --release")]
+fn more_than_2_pow_31_elements_cuda() {
+    if !common::gpu_or_skip("more_than_2_pow_31_elements_cuda") {
+        return;
+    }
+    more_than_2_pow_31(|spec, shape, logits, ids| {
+        let spec = spec.to_builder().backend(Backend::Cuda).build().unwrap();
+        spec.loss_and_grad_in_place(shape, logits, Tokens::new(ids)).unwrap()
+    });
 }

@@ -311,7 +311,62 @@ impl Timing {
     }
 }
 
+/// `bench` on the GPU: device buffers, CUDA events, a device copy as the floor.
+#[cfg(feature = "cuda")]
+fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<String> {
+    let r = fused_weighted_loss::cuda::bench_device::<L>(spec, shape, a.warmup, a.iters.max(1))?;
+    if !r.loss.is_finite() {
+        return Err(Failure(format!("bench produced a non-finite loss {}", r.loss)));
+    }
+    let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
+    let (fused, floor) = (
+        Timing { median_ms: median(&r.fused_ms), min_ms: min(&r.fused_ms) },
+        Timing { median_ms: median(&r.copy_ms), min_ms: min(&r.copy_ms) },
+    );
+    let gbps = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
+    if a.json {
+        return Ok(json!({
+            "median_ms": fused.median_ms,
+            "min_ms": fused.min_ms,
+            "gbps": gbps(fused.median_ms),
+            "backend": "cuda",
+            "device": r.device,
+            "dtype": L::DTYPE.name(),
+            "shape": [shape.batch(), shape.seq(), shape.vocab()],
+            "threads": 0,
+            "bytes": bytes,
+            "iters": a.iters.max(1),
+            "floor_median_ms": floor.median_ms,
+            "floor_gbps": gbps(floor.median_ms),
+            "x_floor": fused.median_ms / floor.median_ms,
+            "loss": r.loss,
+        })
+        .to_string());
+    }
+    let mut s = format!(
+        "shape {shape}  dtype {}  backend cuda  device {}  bytes moved {:.1} MB\n",
+        L::DTYPE,
+        r.device,
+        bytes as f64 / 1e6
+    );
+    s += &format!("{:<26}{:>12}{:>12}{:>10}{:>10}\n", "", "median ms", "min ms", "GB/s", "x floor");
+    for (name, t) in [("fused loss+grad", &fused), ("device copy (read+write)", &floor)] {
+        s += &format!(
+            "{name:<26}{:>12.3}{:>12.3}{:>10.1}{:>10.2}\n",
+            t.median_ms,
+            t.min_ms,
+            gbps(t.median_ms),
+            t.median_ms / floor.median_ms
+        );
+    }
+    Ok(s.trim_end().to_string())
+}
+
 fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<String> {
+    if fused_weighted_loss::resolve_backend(spec.backend())? == Backend::Cuda {
+        #[cfg(feature = "cuda")]
+        return bench_cuda::<L>(a, shape, spec);
+    }
     let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
     let ids = synthetic::ids::<i64>(2, shape.rows(), shape.vocab());
     let mut grad = vec![L::default(); shape.logits_len()];

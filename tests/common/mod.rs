@@ -60,6 +60,43 @@ pub fn check_all_modes<L: Logit, I: TokenId>(
     (r, g)
 }
 
+/// Whether a CUDA GPU can be used; without one the caller skips, saying so, unless
+/// `FWL_REQUIRE_CUDA=1`, in which case the test fails.
+pub fn gpu_or_skip(test: &str) -> bool {
+    match fused_weighted_loss::cuda_status() {
+        Ok(()) => true,
+        Err(why) => {
+            if std::env::var("FWL_REQUIRE_CUDA").as_deref() == Ok("1") {
+                panic!("{test}: FWL_REQUIRE_CUDA=1 but CUDA is not usable: {why}");
+            }
+            eprintln!("{test}: skipped, no CUDA GPU ({why})");
+            false
+        }
+    }
+}
+
+/// [`check_modes`] through the CUDA backend (host buffers, uploaded and downloaded).
+pub fn check_cuda<L: Logit, I: TokenId>(
+    spec: &LossSpec,
+    shape: Shape,
+    logits: &[L],
+    tokens: Tokens<'_, I>,
+) -> (ReferenceOutput, Vec<f32>) {
+    let r = reference(spec, shape, logits, tokens).expect("reference");
+    assert!(r.loss.is_finite(), "test data must give a finite reference loss");
+    let spec = spec.to_builder().backend(fused_weighted_loss::Backend::Cuda).build().unwrap();
+    let g = check_modes(&spec, shape, logits, tokens, &r);
+    (r, g)
+}
+
+/// Logit `i` of the >2^31-element tests, recomputable without storing a copy.
+pub fn hashed_logit(i: usize) -> fused_weighted_loss::bf16 {
+    let mut z = (i as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    fused_weighted_loss::bf16::from_f32(((z >> 40) as f32 / (1u64 << 24) as f32) * 8.0 - 4.0)
+}
+
 /// Runs loss-only, gradient into `L`, gradient into `f32` and in place; checks each against
 /// the reference; returns the f32 gradient.
 pub fn check_modes<L: Logit, I: TokenId>(
@@ -70,7 +107,10 @@ pub fn check_modes<L: Logit, I: TokenId>(
     r: &ReferenceOutput,
 ) -> Vec<f32> {
     let (grad_tol, loss_tol) = tolerances(L::DTYPE);
-    let level = spec.cpu_simd();
+    let level = match spec.backend() {
+        fused_weighted_loss::Backend::Cuda => "cuda".to_string(),
+        _ => spec.cpu_simd().to_string(),
+    };
 
     let out = spec.loss_and_grad(shape, logits, tokens, Grad::Skip).expect("loss only");
     assert_outputs(&out, r, loss_tol, &format!("{level}: loss only"));

@@ -1,0 +1,95 @@
+/*
+ * The one definition of what a kernel launch receives. nvcc compiles it into the kernels;
+ * build.rs runs bindgen on it to produce the Rust structs, so the two sides cannot drift.
+ * Plain C: pointers are device addresses; every kernel takes one of these structs by value.
+ */
+#ifndef FWL_PARAMS_H
+#define FWL_PARAMS_H
+
+#include <stdint.h>
+
+/* Keywords travel inside the launch parameters (no upload, no host sync). */
+#define FWL_MAX_KEYWORDS 64
+
+/* RowMean */
+#define FWL_ROW_MEAN_ALL 0
+#define FWL_ROW_MEAN_VALID 1
+
+/* Reduction */
+#define FWL_REDUCE_MEAN 0
+#define FWL_REDUCE_WEIGHTED_MEAN 1
+#define FWL_REDUCE_SUM 2
+
+/* FwlStatus.flags */
+#define FWL_STATUS_BAD_ID 1u
+#define FWL_STATUS_BAD_LABEL 2u
+#define FWL_STATUS_NON_FINITE 4u
+
+/* What the kernels found that the host reports as errors when it reads the results. Indexes
+ * are flat `b * T + t`; -1 when nothing was found. */
+typedef struct FwlStatus {
+    uint32_t flags;
+    uint32_t reserved;
+    int64_t bad_id_index;
+    int64_t bad_id_value;
+    int64_t bad_label_index;
+    int64_t bad_label_value;
+    int64_t non_finite_row;
+} FwlStatus;
+
+/* Plan kernel (one block): validates the tokens, works out targets, weights and per-sample
+ * gradient coefficients. */
+typedef struct FwlPlanParams {
+    const void *ids;          /* [B*T] int32, int64 or uint32 (by kernel) */
+    const void *labels;       /* [B*T] same type, or NULL: the ids */
+    int64_t batch;
+    int64_t seq;
+    int64_t vocab;
+    int64_t ignore_index;
+    int32_t row_mean;         /* FWL_ROW_MEAN_* */
+    int32_t reduction;        /* FWL_REDUCE_* */
+    int32_t num_keywords;
+    int32_t reserved;
+    int64_t keyword_ids[FWL_MAX_KEYWORDS];
+    double keyword_weights[FWL_MAX_KEYWORDS];
+    double alpha;
+    double grad_scale;            /* used when grad_scale_ptr is NULL */
+    const float *grad_scale_ptr;  /* device scalar (upstream gradient), or NULL */
+    int32_t *targets;         /* out [B*T]: target id, or -1 for none */
+    double *weights;          /* out [B] */
+    uint32_t *valid;          /* out [B] non-ignored targets */
+    double *row_div;          /* out [B] divisor of the sum of per-token losses (0: none) */
+    double *reduce;           /* out [B] d loss / d loss_b */
+    float *coef;              /* out [B] grad_scale * reduce / row_div */
+    FwlStatus *status;        /* out */
+} FwlPlanParams;
+
+/* Rows kernel (grid-stride over rows): statistics, loss and gradient of each logits row. */
+typedef struct FwlRowParams {
+    const void *logits;       /* [rows * vocab] */
+    void *grad;               /* [rows * vocab], NULL for loss only; may equal logits (in place) */
+    const int32_t *targets;   /* [rows] */
+    const float *coef;        /* [rows / seq] */
+    float *row_loss;          /* out [rows] */
+    int64_t rows;
+    int64_t seq;
+    int64_t vocab;
+    int64_t smem_vectors;     /* 16-byte vectors of a row kept in dynamic shared memory */
+    int32_t vector_stores;    /* 1 when grad and logits share their alignment mod 16 */
+    int32_t reserved;
+} FwlRowParams;
+
+/* Finish kernel (one block): per-sample means and the batch loss, in a fixed order. */
+typedef struct FwlFinishParams {
+    const float *row_loss;    /* [B*T] */
+    const int32_t *targets;   /* [B*T] */
+    const double *row_div;    /* [B] */
+    const double *reduce;     /* [B] */
+    double *per_sample;       /* out [B] */
+    double *loss;             /* out [1] */
+    FwlStatus *status;        /* out: non_finite_row */
+    int64_t batch;
+    int64_t seq;
+} FwlFinishParams;
+
+#endif

@@ -1,0 +1,367 @@
+// Keyword-weighted causal LM loss and its gradient: three launches per call, no float atomics.
+//
+//   fwl_plan_*    one block: validate ids/labels, targets, keyword weights, per-sample
+//                 coefficients (depends only on the tokens, so it runs before the logits are read)
+//   fwl_rows_*    grid-stride over rows, one block per row at a time: pass 1 reads the row once
+//                 (16-byte vector loads) for its max / sum-exp (online softmax, f32), keeping as
+//                 much of the row as fits in shared memory; pass 2 writes the gradient from shared
+//                 memory (and, for the part of a long row that did not fit, from L2)
+//   fwl_finish    one block: per-sample means and the batch loss in a fixed order
+//
+// Every reduction has a fixed shape (warp butterflies, then warp 0), so reruns are bit-identical.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "params.h"
+
+#define FWL_THREADS 1024
+
+// ---- element types -------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// 16 bytes of elements, loaded and stored as one vector.
+template <typename T> struct __align__(16) Vec16 {
+    static constexpr int N = 16 / sizeof(T);
+    T v[N];
+};
+
+template <typename T> __device__ __forceinline__ Vec16<T> load16(const T *p) {
+    Vec16<T> r;
+    *reinterpret_cast<uint4 *>(r.v) = *reinterpret_cast<const uint4 *>(p);
+    return r;
+}
+
+template <typename T> __device__ __forceinline__ void store16(T *p, const Vec16<T> &r) {
+    *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(r.v);
+}
+
+// ---- online softmax statistics -------------------------------------------------------------
+
+// (max, sum of exp(z - max)); NaN logits are skipped by fmaxf and reach the sum instead.
+struct MS {
+    float m;
+    float s;
+};
+
+__device__ __forceinline__ MS ms_merge(MS a, MS b) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return MS{m, a.s + b.s};  // all -inf so far: sums are 0 (or NaN)
+    return MS{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+// Statistics of n values (n <= 8).
+__device__ __forceinline__ MS ms_of(const float *v, int n) {
+    float m = -INFINITY;
+    for (int i = 0; i < n; ++i) m = fmaxf(m, v[i]);
+    const float shift = m == -INFINITY ? 0.f : m;
+    float s = 0.f;
+    for (int i = 0; i < n; ++i) s += __expf(v[i] - shift);
+    return MS{m, s};
+}
+
+__device__ __forceinline__ MS warp_merge(MS a) {
+    for (int o = 16; o > 0; o >>= 1) {
+        MS b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
+        a = ms_merge(a, b);
+    }
+    return a;
+}
+
+// Merges every thread's statistics; all threads get the block's.
+__device__ __forceinline__ MS block_merge(MS a, MS *red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    a = warp_merge(a);
+    __syncthreads();  // red may still be read from the previous row
+    if (lane == 0) red[warp] = a;
+    __syncthreads();
+    MS r = lane < nwarps ? red[lane] : MS{-INFINITY, 0.f};
+    r = warp_merge(r);
+    return r;
+}
+
+template <typename T> __device__ __forceinline__ T warp_sum(T x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// ---- plan ----------------------------------------------------------------------------------
+
+template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int64_t B = p.batch, T = p.seq, V = p.vocab;
+    const I *ids = static_cast<const I *>(p.ids);
+    const I *labels = p.labels ? static_cast<const I *>(p.labels) : ids;
+    __shared__ int64_t kw[FWL_MAX_KEYWORDS];
+    __shared__ double kww[FWL_MAX_KEYWORDS];
+    __shared__ int64_t bad[4][32];  // per warp: id index, id value, label index, label value
+    __shared__ double part[32];
+    for (int k = threadIdx.x; k < p.num_keywords; k += blockDim.x) {
+        kw[k] = p.keyword_ids[k];
+        kww[k] = p.keyword_weights[k];
+    }
+    __syncthreads();
+
+    int64_t bad_id = INT64_MAX, bad_id_v = 0, bad_lab = INT64_MAX, bad_lab_v = 0;
+    // one warp per sample: lanes stride over positions, then a fixed butterfly
+    for (int64_t b = warp; b < B; b += nwarps) {
+        double hits = 0.0;
+        uint32_t valid = 0;
+        for (int64_t t = lane; t < T; t += 32) {
+            const int64_t i = b * T + t;
+            const int64_t id = static_cast<int64_t>(ids[i]);
+            if ((id < 0 || id >= V) && i < bad_id) {
+                bad_id = i;
+                bad_id_v = id;
+            }
+            for (int k = 0; k < p.num_keywords; ++k)
+                if (id == kw[k]) hits += kww[k];
+            const int64_t lab = static_cast<int64_t>(labels[i]);
+            if (lab != p.ignore_index && (lab < 0 || lab >= V) && i < bad_lab) {
+                bad_lab = i;
+                bad_lab_v = lab;
+            }
+            int32_t target = -1;
+            if (t + 1 < T) {
+                const int64_t y = static_cast<int64_t>(labels[i + 1]);
+                if (y != p.ignore_index && y >= 0 && y < V) {
+                    target = static_cast<int32_t>(y);
+                    ++valid;
+                }
+            }
+            p.targets[i] = target;
+        }
+        hits = warp_sum(hits);
+        valid = warp_sum(valid);
+        if (lane == 0) {
+            p.weights[b] = p.alpha * (1.0 + hits);
+            p.valid[b] = valid;
+            p.row_div[b] = p.row_mean == FWL_ROW_MEAN_ALL ? static_cast<double>(T - 1) : static_cast<double>(valid);
+        }
+    }
+    // first bad id and label over the block (minimum flat index)
+    for (int o = 16; o > 0; o >>= 1) {
+        const int64_t oi = __shfl_xor_sync(0xffffffffu, bad_id, o), ov = __shfl_xor_sync(0xffffffffu, bad_id_v, o);
+        if (oi < bad_id) { bad_id = oi; bad_id_v = ov; }
+        const int64_t li = __shfl_xor_sync(0xffffffffu, bad_lab, o), lv = __shfl_xor_sync(0xffffffffu, bad_lab_v, o);
+        if (li < bad_lab) { bad_lab = li; bad_lab_v = lv; }
+    }
+    if (lane == 0) {
+        bad[0][warp] = bad_id;
+        bad[1][warp] = bad_id_v;
+        bad[2][warp] = bad_lab;
+        bad[3][warp] = bad_lab_v;
+    }
+    __syncthreads();  // also makes this block's weights/row_div writes visible to all its threads
+
+    // the reduction's denominator: B, sum of weights (fixed order), or 1
+    double denom = 1.0;
+    if (p.reduction == FWL_REDUCE_MEAN) {
+        denom = static_cast<double>(B);
+    } else if (p.reduction == FWL_REDUCE_WEIGHTED_MEAN) {
+        double w = 0.0;
+        for (int64_t b = threadIdx.x; b < B; b += blockDim.x) w += p.weights[b];
+        w = warp_sum(w);
+        if (lane == 0) part[warp] = w;
+        __syncthreads();
+        double total = lane < nwarps ? part[lane] : 0.0;
+        denom = warp_sum(total);
+    }
+    const double scale = p.grad_scale_ptr ? static_cast<double>(*p.grad_scale_ptr) : p.grad_scale;
+    for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+        const double r = denom > 0.0 ? p.weights[b] / denom : 0.0;
+        const double d = p.row_div[b];
+        p.reduce[b] = r;
+        p.coef[b] = d > 0.0 ? static_cast<float>(scale * r / d) : 0.f;
+    }
+    if (threadIdx.x == 0) {
+        FwlStatus st;
+        st.flags = 0;
+        st.reserved = 0;
+        st.bad_id_index = -1;
+        st.bad_id_value = 0;
+        st.bad_label_index = -1;
+        st.bad_label_value = 0;
+        for (int w = 0; w < nwarps; ++w) {
+            if (bad[0][w] != INT64_MAX && (st.bad_id_index < 0 || bad[0][w] < st.bad_id_index)) {
+                st.bad_id_index = bad[0][w];
+                st.bad_id_value = bad[1][w];
+            }
+            if (bad[2][w] != INT64_MAX && (st.bad_label_index < 0 || bad[2][w] < st.bad_label_index)) {
+                st.bad_label_index = bad[2][w];
+                st.bad_label_value = bad[3][w];
+            }
+        }
+        if (st.bad_id_index >= 0) st.flags |= FWL_STATUS_BAD_ID;
+        if (st.bad_label_index >= 0) st.flags |= FWL_STATUS_BAD_LABEL;
+        st.non_finite_row = -1;
+        *p.status = st;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_plan_i32(FwlPlanParams p) { plan_impl<int32_t>(p); }
+extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_plan_i64(FwlPlanParams p) { plan_impl<int64_t>(p); }
+extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_plan_u32(FwlPlanParams p) { plan_impl<uint32_t>(p); }
+
+// ---- rows ----------------------------------------------------------------------------------
+
+// The gradient of `n` consecutive elements starting at element `j` of a row.
+template <typename G>
+__device__ __forceinline__ void grad_scalar(G *g, const float *v, int n, int64_t j, int32_t y, float mx, float scale,
+                                            float coef, float inv_s) {
+    for (int i = 0; i < n; ++i) {
+        const float e = __expf(v[i] - mx);
+        g[i] = from_f32<G>(j + i == y ? coef * (e * inv_s - 1.f) : e * scale);
+    }
+}
+
+template <typename L, typename G> __device__ void rows_impl(const FwlRowParams &p) {
+    constexpr int N = Vec16<L>::N;
+    extern __shared__ __align__(16) unsigned char fwl_smem[];
+    Vec16<L> *cache = reinterpret_cast<Vec16<L> *>(fwl_smem);
+    __shared__ MS red[32];
+    __shared__ float target_logit;
+    const int64_t V = p.vocab;
+
+    for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+        const L *x = static_cast<const L *>(p.logits) + row * V;
+        G *g = p.grad ? static_cast<G *>(p.grad) + row * V : nullptr;
+        const int32_t y = p.targets[row];  // the same for the whole block: uniform branches
+        if (y < 0) {
+            if (g)
+                for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = from_f32<G>(0.f);
+            if (threadIdx.x == 0) p.row_loss[row] = 0.f;
+            continue;
+        }
+        if (threadIdx.x == 0) target_logit = to_f32(x[y]);  // read before any write (in place)
+
+        // split: unaligned head, 16-byte vectors, tail
+        const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) / sizeof(L);
+        const int64_t head = min(V, mis ? N - mis : 0);
+        const int64_t nvec = (V - head) / N;
+        const int64_t tail0 = head + nvec * N;
+        const int64_t cached = min(nvec, p.smem_vectors);
+
+        // pass 1: statistics, keeping the first `cached` vectors in shared memory
+        MS acc{-INFINITY, 0.f};
+        if (threadIdx.x < head) {
+            const float v = to_f32(x[threadIdx.x]);
+            acc = ms_merge(acc, ms_of(&v, 1));
+        }
+        for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
+            const Vec16<L> r = load16(x + head + k * N);
+            if (k < cached) cache[k] = r;
+            float v[N];
+            for (int i = 0; i < N; ++i) v[i] = to_f32(r.v[i]);
+            acc = ms_merge(acc, ms_of(v, N));
+        }
+        if (tail0 + threadIdx.x < V) {
+            const float v = to_f32(x[tail0 + threadIdx.x]);
+            acc = ms_merge(acc, ms_of(&v, 1));
+        }
+        const MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
+        const float coef = p.coef[row / p.seq];
+        const float inv_s = 1.f / st.s;
+        const float scale = coef * inv_s;
+        if (threadIdx.x == 0) p.row_loss[row] = (st.m - target_logit) + logf(st.s);
+        if (!g) continue;
+
+        // pass 2: gradient, each thread writing exactly what it read
+        if (threadIdx.x < head) {
+            const float v = to_f32(x[threadIdx.x]);
+            grad_scalar(g + threadIdx.x, &v, 1, threadIdx.x, y, st.m, scale, coef, inv_s);
+        }
+        for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
+            const int64_t j = head + k * N;
+            const Vec16<L> r = k < cached ? cache[k] : load16(x + j);
+            float v[N];
+            for (int i = 0; i < N; ++i) v[i] = to_f32(r.v[i]);
+            if (sizeof(G) == sizeof(L) && p.vector_stores) {
+                Vec16<G> o;
+                for (int i = 0; i < N; ++i) {
+                    const float e = __expf(v[i] - st.m);
+                    o.v[i] = from_f32<G>(j + i == y ? coef * (e * inv_s - 1.f) : e * scale);
+                }
+                store16(g + j, o);
+            } else {
+                grad_scalar(g + j, v, N, j, y, st.m, scale, coef, inv_s);
+            }
+        }
+        if (tail0 + threadIdx.x < V) {
+            const int64_t j = tail0 + threadIdx.x;
+            const float v = to_f32(x[j]);
+            grad_scalar(g + j, &v, 1, j, y, st.m, scale, coef, inv_s);
+        }
+        // the next row's pass 1 overwrites the cache: wait until every thread is done with it
+        __syncthreads();
+    }
+}
+
+#define FWL_ROWS(name, L, G)                                                                    \
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams p) { rows_impl<L, G>(p); }
+
+FWL_ROWS(fwl_rows_f32_f32, float, float)
+FWL_ROWS(fwl_rows_f16_f16, __half, __half)
+FWL_ROWS(fwl_rows_f16_f32, __half, float)
+FWL_ROWS(fwl_rows_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+FWL_ROWS(fwl_rows_bf16_f32, __nv_bfloat16, float)
+
+// ---- finish --------------------------------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_finish(FwlFinishParams p) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int64_t B = p.batch, T = p.seq;
+    __shared__ double part[32];
+    __shared__ int64_t nonfinite[32];
+    int64_t first_bad = INT64_MAX;
+    for (int64_t b = warp; b < B; b += nwarps) {
+        double sum = 0.0;
+        for (int64_t t = lane; t < T; t += 32) {
+            const int64_t i = b * T + t;
+            if (p.targets[i] < 0) continue;
+            const float l = p.row_loss[i];
+            if (!isfinite(l) && i < first_bad) first_bad = i;
+            sum += static_cast<double>(l);
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) p.per_sample[b] = p.row_div[b] > 0.0 ? sum / p.row_div[b] : 0.0;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const int64_t other = __shfl_xor_sync(0xffffffffu, first_bad, o);
+        first_bad = other < first_bad ? other : first_bad;
+    }
+    if (lane == 0) nonfinite[warp] = first_bad;
+    __syncthreads();  // per_sample written by this block is now visible to all its threads
+    double total = 0.0;
+    for (int64_t b = threadIdx.x; b < B; b += blockDim.x) total += p.per_sample[b] * p.reduce[b];
+    total = warp_sum(total);
+    if (lane == 0) part[warp] = total;
+    __syncthreads();
+    if (warp == 0) {
+        double t = lane < nwarps ? part[lane] : 0.0;
+        t = warp_sum(t);
+        int64_t nf = lane < nwarps ? nonfinite[lane] : INT64_MAX;
+        for (int o = 16; o > 0; o >>= 1) {
+            const int64_t other = __shfl_xor_sync(0xffffffffu, nf, o);
+            nf = other < nf ? other : nf;
+        }
+        if (lane == 0) {
+            *p.loss = t;
+            if (nf != INT64_MAX) {
+                p.status->flags |= FWL_STATUS_NON_FINITE;
+                p.status->non_finite_row = nf;
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# GPU validation in two steps.
+#
+#   bash scripts/gpu-check.sh prepare   # here (no GPU needed): builds release test and bench
+#                                       # binaries with --features cuda and collects them, and the
+#                                       # Liger-Kernel wheel, in gpu-bundle/ (git-ignored, < 64 MiB)
+#   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, gpu-bundle/ carried:
+#                                       # GPU parity with FWL_REQUIRE_CUDA=1, compute-sanitizer memcheck
+#                                       # and racecheck on a small case, then one bench table (printed
+#                                       # last): this crate, the course function in torch eager and under
+#                                       # torch.compile, Liger-Kernel's cross-entropy + the weighting, and
+#                                       # the device copy bandwidth, all in the same call. About 5-8 min.
+#
+# The run step needs nvidia-smi, python3 with torch (and triton for Liger); compute-sanitizer is
+# used when present. It exits non-zero if any check failed, after printing everything.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bundle=gpu-bundle
+
+prepare() {
+  set -e
+  eval "$(bash scripts/install-cuda-toolchain.sh --env)"
+  rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
+  cargo build --release --features cli,cuda --bin fused-weighted-loss
+  cp target/release/fused-weighted-loss "$bundle/bin/"
+  cargo test --release --features cli,cuda --test gpu --test large --no-run --message-format=json \
+    | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    exe = m.get("executable")
+    if m.get("reason") == "compiler-artifact" and exe and m["target"]["kind"] == ["test"]:
+        shutil.copy(exe, sys.argv[1] + "/bin/test-" + m["target"]["name"])
+' "$bundle"
+  strip "$bundle"/bin/*
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$bundle/wheels" liger-kernel
+  ls -l "$bundle/bin" "$bundle/wheels"
+  du -sh "$bundle"
+}
+
+run() {
+  local fail=0 start=$SECONDS
+  step() { echo; echo "== $* ($((SECONDS - start)) s)"; }
+  step "device"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || fail=1
+  export FWL_REQUIRE_CUDA=1
+  step "GPU parity (FWL_REQUIRE_CUDA=1)"
+  "$bundle/bin/test-gpu" --test-threads=1 || fail=1
+  "$bundle/bin/test-large" --exact more_than_2_pow_31_elements_cuda || fail=1
+
+  local cs
+  cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)
+  small=(bench --backend cuda --shape 2x9x5003 --iters 1 --warmup 0 --reference-iters 0)
+  if [ -n "$cs" ]; then
+    for tool in memcheck racecheck; do
+      for dt in bf16 f32; do
+        step "compute-sanitizer --tool $tool, $dt"
+        "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype "$dt" || fail=1
+      done
+    done
+  else
+    step "compute-sanitizer: not found, skipped"
+  fi
+
+  step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy"
+  local liger
+  liger=$(ls "$bundle"/wheels/liger_kernel-*.whl 2>/dev/null | head -1)
+  PYTHONUNBUFFERED=1 python3 benches/compare_torch.py --device cuda --bin "$bundle/bin/fused-weighted-loss" \
+    --shapes 32x128x50000:f32,32x128x50000:bf16,8x1024x128256:bf16 --iters 20 --compile-budget-s 330 \
+    ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-bench.json" || fail=1
+  echo "gpu-check finished in $((SECONDS - start)) s, $([ $fail = 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED')"
+  return $fail
+}
+
+case "${1:-}" in
+  prepare) prepare ;;
+  run) run ;;
+  *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+esac

@@ -1,0 +1,696 @@
+//! The CUDA backend (feature `cuda`): the caller's device buffers and stream, three launches per
+//! call, no host synchronisation until the caller asks for results on the host.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use fused_weighted_loss::cuda::{cudarc::driver::CudaContext, CudaLoss, DeviceInputs};
+//! use fused_weighted_loss::{bf16, LossSpec, Shape};
+//!
+//! let ctx = CudaContext::new(0)?;
+//! let stream = ctx.default_stream();
+//! let shape = Shape::new(8, 1024, 128_256)?;
+//! let logits = stream.alloc_zeros::<bf16>(shape.logits_len())?; // your model's output
+//! let ids = stream.alloc_zeros::<i64>(shape.rows())?;
+//! let mut grad = stream.alloc_zeros::<bf16>(shape.logits_len())?;
+//!
+//! let loss = CudaLoss::new(&ctx)?;
+//! let spec = LossSpec::builder().keywords([3, 17]).build()?;
+//! let ids = ids.as_view();
+//! let out = loss.loss_and_grad(&spec, shape, &stream, &logits.as_view(), &DeviceInputs::new(&ids), &mut grad.as_view_mut())?;
+//! // everything so far is queued on `stream`; this synchronises and checks the ids:
+//! let host = out.to_host(&stream)?;
+//! println!("loss {}", host.loss);
+//! # Ok(()) }
+//! ```
+//!
+//! Ids and labels live on the device, so their range is checked there: an id or label outside
+//! `[0, V)` is treated as "no target" by the kernels (never read out of bounds) and reported as
+//! [`Error::IdOutOfRange`] by [`DeviceLossOutput::to_host`] or [`DeviceLossOutput::check`].
+
+mod params {
+    #![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, missing_docs)]
+    #![allow(clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/params.rs"));
+}
+
+pub use cudarc;
+
+use crate::dtype::{DType, Logit, TokenId};
+use crate::error::{Error, Result};
+use crate::spec::{check_len, LossOutput, LossSpec, Reduction, RowMean, Shape, Tokens};
+use crate::{Backend, Grad};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use params::{FwlFinishParams, FwlPlanParams, FwlRowParams, FwlStatus};
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+/// The kernels, compiled by build.rs (SASS for sm_80/86/89/90, PTX for compute_80).
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/weighted_loss.fatbin"));
+
+/// Threads per block of every kernel (`FWL_THREADS` in the .cu file).
+const THREADS: u32 = 1024;
+
+/// Most keywords one launch carries (`FWL_MAX_KEYWORDS`).
+pub const MAX_KEYWORDS: usize = params::FWL_MAX_KEYWORDS as usize;
+
+// SAFETY: bindgen's #[repr(C)] copies of kernels/params.h, plain data (device addresses and
+// numbers) that the kernels take by value; their layout is the C layout nvcc uses.
+unsafe impl DeviceRepr for FwlPlanParams {}
+unsafe impl DeviceRepr for FwlRowParams {}
+unsafe impl DeviceRepr for FwlFinishParams {}
+unsafe impl DeviceRepr for FwlStatus {}
+// SAFETY: integers only; all zeros is a valid value.
+unsafe impl ValidAsZeroBits for FwlStatus {}
+
+/// Maps a driver error to [`Error::Cuda`] with what the crate was doing.
+fn drv(context: &'static str) -> impl FnOnce(DriverError) -> Error {
+    move |e| Error::Cuda { context, message: e.to_string() }
+}
+
+/// A zeroed device buffer of `n` elements, ordered on `stream`.
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
+    stream.alloc_zeros::<T>(n).map_err(drv("allocating device memory"))
+}
+
+/// Whether a CUDA driver and at least one device are present (checked once per process,
+/// without touching cudarc until the driver library is known to load).
+pub(crate) fn status() -> std::result::Result<(), String> {
+    static STATUS: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    STATUS
+        .get_or_init(|| {
+            let present = ["libcuda.so.1", "libcuda.so", "nvcuda.dll"].iter().any(|name| {
+                // SAFETY: loads the CUDA driver library, as cudarc itself would; its
+                // initialisers are the driver's own.
+                unsafe { libloading::Library::new(name) }.is_ok()
+            });
+            if !present {
+                return Err("no CUDA driver (libcuda) on this machine".into());
+            }
+            match CudaContext::device_count() {
+                Ok(n) if n > 0 => Ok(()),
+                Ok(_) => Err("the CUDA driver reports no device".into()),
+                Err(e) => Err(format!("the CUDA driver did not initialise: {e}")),
+            }
+        })
+        .clone()
+}
+
+/// The loaded kernels of one context.
+struct Module {
+    plan_i32: CudaFunction,
+    plan_i64: CudaFunction,
+    plan_u32: CudaFunction,
+    rows: [(DType, DType, CudaFunction); 5],
+    finish: CudaFunction,
+    num_sms: u32,
+    /// Dynamic shared memory a rows block may use (bytes, multiple of 16).
+    smem_max: usize,
+}
+
+impl Module {
+    fn load(ctx: &Arc<CudaContext>) -> Result<Module> {
+        let module =
+            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec())).map_err(drv("loading the kernels"))?;
+        let f = |name: &str| module.load_function(name).map_err(drv("finding a kernel"));
+        let num_sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv("querying the device"))?;
+        let optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(drv("querying the device"))?;
+        let rows = [
+            (DType::F32, DType::F32, f("fwl_rows_f32_f32")?),
+            (DType::F16, DType::F16, f("fwl_rows_f16_f16")?),
+            (DType::F16, DType::F32, f("fwl_rows_f16_f32")?),
+            (DType::BF16, DType::BF16, f("fwl_rows_bf16_bf16")?),
+            (DType::BF16, DType::F32, f("fwl_rows_bf16_f32")?),
+        ];
+        let mut smem_max = usize::MAX;
+        for (_, _, func) in &rows {
+            let fixed = func
+                .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .map_err(drv("querying a kernel"))?;
+            let dynamic = ((optin - fixed).max(0) as usize) / 16 * 16;
+            func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)
+                .map_err(drv("configuring a kernel"))?;
+            smem_max = smem_max.min(dynamic);
+        }
+        Ok(Module {
+            plan_i32: f("fwl_plan_i32")?,
+            plan_i64: f("fwl_plan_i64")?,
+            plan_u32: f("fwl_plan_u32")?,
+            rows,
+            finish: f("fwl_finish")?,
+            num_sms: num_sms.max(1) as u32,
+            smem_max,
+        })
+    }
+
+    /// The module of `ctx`, loaded once per context and shared while anyone holds it.
+    fn of(ctx: &Arc<CudaContext>) -> Result<Arc<Module>> {
+        static CACHE: Mutex<Vec<(usize, Weak<Module>)>> = Mutex::new(Vec::new());
+        let key = ctx.cu_ctx() as usize;
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|(_, m)| m.strong_count() > 0);
+        if let Some(m) = cache.iter().find(|(k, _)| *k == key).and_then(|(_, m)| m.upgrade()) {
+            return Ok(m);
+        }
+        let m = Arc::new(Module::load(ctx)?);
+        cache.push((key, Arc::downgrade(&m)));
+        Ok(m)
+    }
+
+    fn plan_fn<I: TokenId>(&self) -> &CudaFunction {
+        match I::NAME {
+            "i32" => &self.plan_i32,
+            "u32" => &self.plan_u32,
+            _ => &self.plan_i64,
+        }
+    }
+
+    fn rows_fn(&self, l: DType, g: DType) -> Option<&CudaFunction> {
+        self.rows.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f)
+    }
+}
+
+/// The per-call token inputs on the device: ids `[B, T]`, optional labels `[B, T]` and an
+/// optional device scalar for the upstream gradient (instead of the spec's host value).
+#[derive(Debug)]
+pub struct DeviceInputs<'a, I: TokenId> {
+    ids: &'a CudaView<'a, I>,
+    labels: Option<&'a CudaView<'a, I>>,
+    grad_scale: Option<&'a CudaView<'a, f32>>,
+}
+
+impl<'a, I: TokenId> DeviceInputs<'a, I> {
+    /// Ids only: the labels are the ids.
+    pub fn new(ids: &'a CudaView<'a, I>) -> Self {
+        DeviceInputs { ids, labels: None, grad_scale: None }
+    }
+    /// Separate labels (values in `[0, V)` or `ignore_index`).
+    pub fn with_labels(self, labels: &'a CudaView<'a, I>) -> Self {
+        DeviceInputs { labels: Some(labels), ..self }
+    }
+    /// Reads the upstream gradient scale from this one-element device buffer (no host sync),
+    /// instead of [`LossSpec::grad_scale`].
+    pub fn with_grad_scale(self, scale: &'a CudaView<'a, f32>) -> Self {
+        DeviceInputs { grad_scale: Some(scale), ..self }
+    }
+}
+
+/// Results left on the device; [`to_host`](Self::to_host) brings them back (and synchronises).
+#[derive(Debug)]
+pub struct DeviceLossOutput {
+    /// The batch loss, one `f64`.
+    pub loss: CudaSlice<f64>,
+    /// Each sample's mean per-token loss, `[B]`.
+    pub per_sample_loss: CudaSlice<f64>,
+    /// Each sample's weight, `[B]`.
+    pub weights: CudaSlice<f64>,
+    /// Each sample's number of non-ignored targets, `[B]`.
+    pub valid_tokens: CudaSlice<u32>,
+    /// Each position's cross-entropy (0 where there is no target), `[B * T]`.
+    pub row_loss: CudaSlice<f32>,
+    status: CudaSlice<FwlStatus>,
+    shape: Shape,
+    check_finite: bool,
+}
+
+impl DeviceLossOutput {
+    /// Waits for the call's work on `stream` and reports what the kernels found: ids or labels
+    /// outside the vocabulary, and (with `check_finite`) a non-finite loss.
+    pub fn check(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let mut st = [FwlStatus::default()];
+        stream.memcpy_dtoh(&self.status, &mut st).map_err(drv("reading the status"))?;
+        stream.synchronize().map_err(drv("synchronising"))?;
+        let st = st[0];
+        let t = self.shape.seq() as i64;
+        let at = |what, i: i64, value| Error::IdOutOfRange {
+            what,
+            batch: (i / t) as usize,
+            position: (i % t) as usize,
+            value,
+            vocab: self.shape.vocab(),
+        };
+        if st.flags & params::FWL_STATUS_BAD_ID != 0 {
+            return Err(at("ids", st.bad_id_index, st.bad_id_value));
+        }
+        if st.flags & params::FWL_STATUS_BAD_LABEL != 0 {
+            return Err(at("labels", st.bad_label_index, st.bad_label_value));
+        }
+        if self.check_finite && st.flags & params::FWL_STATUS_NON_FINITE != 0 {
+            let i = st.non_finite_row;
+            let mut v = [0f32];
+            stream.memcpy_dtoh(&self.row_loss.slice(i as usize..i as usize + 1), &mut v).map_err(drv("reading"))?;
+            stream.synchronize().map_err(drv("synchronising"))?;
+            return Err(Error::NonFinite { batch: (i / t) as usize, position: (i % t) as usize, value: v[0] as f64 });
+        }
+        Ok(())
+    }
+
+    /// Copies the results to the host (synchronising `stream`) after [`check`](Self::check).
+    pub fn to_host(&self, stream: &Arc<CudaStream>) -> Result<LossOutput> {
+        self.check(stream)?;
+        let copy = |e| Error::Cuda { context: "copying results to the host", message: DriverError::to_string(&e) };
+        let loss = stream.clone_dtoh(&self.loss).map_err(copy)?;
+        let per_sample_loss = stream.clone_dtoh(&self.per_sample_loss).map_err(copy)?;
+        let weights = stream.clone_dtoh(&self.weights).map_err(copy)?;
+        let valid: Vec<u32> = stream.clone_dtoh(&self.valid_tokens).map_err(copy)?;
+        stream.synchronize().map_err(drv("synchronising"))?;
+        Ok(LossOutput {
+            loss: loss[0],
+            per_sample_loss,
+            weights,
+            valid_tokens: valid.into_iter().map(u64::from).collect(),
+            backend: Backend::Cuda,
+        })
+    }
+}
+
+/// The fused loss on one CUDA context. Cheap to clone; the kernels are loaded once per context
+/// and unloaded when the last `CudaLoss` of that context is dropped.
+#[derive(Clone)]
+pub struct CudaLoss {
+    ctx: Arc<CudaContext>,
+    module: Arc<Module>,
+}
+
+impl std::fmt::Debug for CudaLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaLoss").field("ordinal", &self.ctx.ordinal()).finish()
+    }
+}
+
+/// Device addresses of one call (0 for absent), held while the launches are queued.
+struct Ptrs {
+    logits: u64,
+    grad: u64,
+    ids: u64,
+    labels: u64,
+    scale: u64,
+}
+
+impl CudaLoss {
+    /// Loads (or reuses) the kernels on `ctx`.
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<CudaLoss> {
+        Ok(CudaLoss { ctx: ctx.clone(), module: Module::of(ctx)? })
+    }
+
+    /// The context the kernels are loaded on.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The loss only: the logits are read once, nothing is written to them.
+    pub fn loss<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        logits: &CudaView<'_, L>,
+        inputs: &DeviceInputs<'_, I>,
+    ) -> Result<DeviceLossOutput> {
+        self.validate(spec, shape, logits.len(), inputs, None)?;
+        let (l, _gl) = logits.device_ptr(stream);
+        self.with_inputs(stream, inputs, l, 0, |s, p| self.launch::<L, L, I>(spec, shape, s, p))
+    }
+
+    /// Loss and gradient, the gradient into `grad` (the logits' dtype, `B * T * V` elements).
+    pub fn loss_and_grad<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        logits: &CudaView<'_, L>,
+        inputs: &DeviceInputs<'_, I>,
+        grad: &mut CudaViewMut<'_, L>,
+    ) -> Result<DeviceLossOutput> {
+        self.validate(spec, shape, logits.len(), inputs, Some(grad.len()))?;
+        let (l, _gl) = logits.device_ptr(stream);
+        let (g, _gg) = grad.device_ptr_mut(stream);
+        self.with_inputs(stream, inputs, l, g, |s, p| self.launch::<L, L, I>(spec, shape, s, p))
+    }
+
+    /// Loss and gradient, the gradient into an `f32` buffer whatever the logits' dtype.
+    pub fn loss_and_grad_f32<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        logits: &CudaView<'_, L>,
+        inputs: &DeviceInputs<'_, I>,
+        grad: &mut CudaViewMut<'_, f32>,
+    ) -> Result<DeviceLossOutput> {
+        self.validate(spec, shape, logits.len(), inputs, Some(grad.len()))?;
+        let (l, _gl) = logits.device_ptr(stream);
+        let (g, _gg) = grad.device_ptr_mut(stream);
+        self.with_inputs(stream, inputs, l, g, |s, p| self.launch::<L, f32, I>(spec, shape, s, p))
+    }
+
+    /// Loss and gradient, the gradient written over the logits.
+    pub fn loss_and_grad_in_place<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        logits: &mut CudaViewMut<'_, L>,
+        inputs: &DeviceInputs<'_, I>,
+    ) -> Result<DeviceLossOutput> {
+        self.validate(spec, shape, logits.len(), inputs, None)?;
+        let (l, _gl) = logits.device_ptr_mut(stream);
+        self.with_inputs(stream, inputs, l, l, |s, p| self.launch::<L, L, I>(spec, shape, s, p))
+    }
+
+    /// Everything that can be checked without reading device memory.
+    fn validate<I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        logits_len: usize,
+        inputs: &DeviceInputs<'_, I>,
+        grad_len: Option<usize>,
+    ) -> Result<()> {
+        check_len("logits", logits_len, shape.logits_len(), shape)?;
+        if let Some(got) = grad_len {
+            if got != shape.logits_len() {
+                return Err(Error::GradLength { expected: shape.logits_len(), got });
+            }
+        }
+        check_len("ids", inputs.ids.len(), shape.rows(), shape)?;
+        if let Some(labels) = inputs.labels {
+            check_len("labels", labels.len(), shape.rows(), shape)?;
+        }
+        if let Some(s) = inputs.grad_scale {
+            check_len("grad_scale", s.len(), 1, shape)?;
+        }
+        if spec.keywords.len() > MAX_KEYWORDS {
+            return Err(Error::Unsupported(format!(
+                "the CUDA backend takes at most {MAX_KEYWORDS} keywords, got {}",
+                spec.keywords.len()
+            )));
+        }
+        for k in &spec.keywords {
+            if !(0..shape.vocab() as i64).contains(&k.id) {
+                return Err(Error::KeywordOutOfRange { id: k.id, vocab: shape.vocab() });
+            }
+        }
+        if shape.vocab() > i32::MAX as usize || shape.batch() > u32::MAX as usize {
+            return Err(Error::Unsupported("shape too large for the CUDA kernels".into()));
+        }
+        Ok(())
+    }
+
+    /// Takes the device addresses of the token inputs and runs `f` while they are held.
+    fn with_inputs<I: TokenId>(
+        &self,
+        stream: &Arc<CudaStream>,
+        inputs: &DeviceInputs<'_, I>,
+        logits: u64,
+        grad: u64,
+        f: impl FnOnce(&Arc<CudaStream>, &Ptrs) -> Result<DeviceLossOutput>,
+    ) -> Result<DeviceLossOutput> {
+        let (ids, _gi) = inputs.ids.device_ptr(stream);
+        let labels = inputs.labels.map(|l| l.device_ptr(stream));
+        let scale = inputs.grad_scale.map(|s| s.device_ptr(stream));
+        let ptrs = Ptrs {
+            logits,
+            grad,
+            ids,
+            labels: labels.as_ref().map_or(0, |l| l.0),
+            scale: scale.as_ref().map_or(0, |s| s.0),
+        };
+        f(stream, &ptrs)
+    }
+
+    /// Queues plan, rows and finish on `stream`.
+    fn launch<L: Logit, G: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+    ) -> Result<DeviceLossOutput> {
+        let m = &self.module;
+        let (b, rows) = (shape.batch(), shape.rows());
+        let mut targets = zeros::<i32>(stream, rows)?;
+        let mut weights = zeros::<f64>(stream, b)?;
+        let mut valid = zeros::<u32>(stream, b)?;
+        let mut row_div = zeros::<f64>(stream, b)?;
+        let mut reduce = zeros::<f64>(stream, b)?;
+        let mut coef = zeros::<f32>(stream, b)?;
+        let mut status = zeros::<FwlStatus>(stream, 1)?;
+        let mut row_loss = zeros::<f32>(stream, rows)?;
+        let mut per_sample = zeros::<f64>(stream, b)?;
+        let mut loss = zeros::<f64>(stream, 1)?;
+
+        // plan: one block
+        {
+            let (t, _g1) = targets.device_ptr_mut(stream);
+            let (w, _g2) = weights.device_ptr_mut(stream);
+            let (v, _g3) = valid.device_ptr_mut(stream);
+            let (d, _g4) = row_div.device_ptr_mut(stream);
+            let (r, _g5) = reduce.device_ptr_mut(stream);
+            let (c, _g6) = coef.device_ptr_mut(stream);
+            let (s, _g7) = status.device_ptr_mut(stream);
+            let mut pp = FwlPlanParams {
+                ids: p.ids as *const c_void,
+                labels: p.labels as *const c_void,
+                batch: b as i64,
+                seq: shape.seq() as i64,
+                vocab: shape.vocab() as i64,
+                ignore_index: spec.ignore_index,
+                row_mean: match spec.row_mean {
+                    RowMean::AllPositions => params::FWL_ROW_MEAN_ALL as i32,
+                    RowMean::ValidTokens => params::FWL_ROW_MEAN_VALID as i32,
+                },
+                reduction: match spec.reduction {
+                    Reduction::Mean => params::FWL_REDUCE_MEAN as i32,
+                    Reduction::WeightedMean => params::FWL_REDUCE_WEIGHTED_MEAN as i32,
+                    Reduction::Sum => params::FWL_REDUCE_SUM as i32,
+                },
+                num_keywords: spec.keywords.len() as i32,
+                alpha: spec.alpha,
+                grad_scale: spec.grad_scale,
+                grad_scale_ptr: p.scale as *const f32,
+                targets: t as *mut i32,
+                weights: w as *mut f64,
+                valid: v as *mut u32,
+                row_div: d as *mut f64,
+                reduce: r as *mut f64,
+                coef: c as *mut f32,
+                status: s as *mut FwlStatus,
+                ..Default::default()
+            };
+            for (i, k) in spec.keywords.iter().enumerate() {
+                pp.keyword_ids[i] = k.id;
+                pp.keyword_weights[i] = k.weight;
+            }
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the parameters match fwl_plan_*'s; every pointer is a live device buffer of
+            // the length the kernel indexes (B*T ids/labels/targets, B per-sample arrays, 1 status).
+            unsafe { stream.launch_builder(m.plan_fn::<I>()).arg(&pp).launch(cfg) }.map_err(drv("launching plan"))?;
+        }
+
+        // rows: grid-stride, as many resident blocks as the shared memory allows
+        {
+            let func = m.rows_fn(L::DTYPE, G::DTYPE).ok_or_else(|| {
+                Error::Unsupported(format!("no CUDA kernel for {} logits with a {} gradient", L::DTYPE, G::DTYPE))
+            })?;
+            let row_bytes = shape.vocab() * L::DTYPE.size();
+            let smem_vectors = if p.grad != 0 { row_bytes.div_ceil(16).min(m.smem_max / 16) } else { 0 };
+            let smem = smem_vectors * 16;
+            let per_sm = func
+                .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
+                .map_err(drv("querying occupancy"))?
+                .max(1);
+            let grid = (m.num_sms as usize * per_sm as usize).min(rows).max(1) as u32;
+            let (t, _g1) = targets.device_ptr(stream);
+            let (c, _g2) = coef.device_ptr(stream);
+            let (rl, _g3) = row_loss.device_ptr_mut(stream);
+            let rp = FwlRowParams {
+                logits: p.logits as *const c_void,
+                grad: p.grad as *mut c_void,
+                targets: t as *const i32,
+                coef: c as *const f32,
+                row_loss: rl as *mut f32,
+                rows: rows as i64,
+                seq: shape.seq() as i64,
+                vocab: shape.vocab() as i64,
+                smem_vectors: smem_vectors as i64,
+                vector_stores: (L::DTYPE.size() == G::DTYPE.size() && p.grad % 16 == p.logits % 16) as i32,
+                reserved: 0,
+            };
+            let cfg =
+                LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+            // SAFETY: the parameters match fwl_rows_<L>_<G>'s; logits and grad (when not 0) hold
+            // rows * vocab elements of L and G, targets and row_loss `rows`, coef `B`; the
+            // dynamic shared memory requested is what smem_vectors covers and at most the
+            // maximum set on the function at load.
+            unsafe { stream.launch_builder(func).arg(&rp).launch(cfg) }.map_err(drv("launching rows"))?;
+        }
+
+        // finish: one block
+        {
+            let (rl, _g1) = row_loss.device_ptr(stream);
+            let (t, _g2) = targets.device_ptr(stream);
+            let (d, _g3) = row_div.device_ptr(stream);
+            let (r, _g4) = reduce.device_ptr(stream);
+            let (ps, _g5) = per_sample.device_ptr_mut(stream);
+            let (l, _g6) = loss.device_ptr_mut(stream);
+            let (s, _g7) = status.device_ptr_mut(stream);
+            let fp = FwlFinishParams {
+                row_loss: rl as *const f32,
+                targets: t as *const i32,
+                row_div: d as *const f64,
+                reduce: r as *const f64,
+                per_sample: ps as *mut f64,
+                loss: l as *mut f64,
+                status: s as *mut FwlStatus,
+                batch: b as i64,
+                seq: shape.seq() as i64,
+            };
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the parameters match fwl_finish's; buffers as allocated above.
+            unsafe { stream.launch_builder(&m.finish).arg(&fp).launch(cfg) }.map_err(drv("launching finish"))?;
+        }
+
+        Ok(DeviceLossOutput {
+            loss,
+            per_sample_loss: per_sample,
+            weights,
+            valid_tokens: valid,
+            row_loss,
+            status,
+            shape,
+            check_finite: spec.check_finite,
+        })
+    }
+}
+
+/// The context and kernels used for host-memory calls with [`Backend::Cuda`] (device 0).
+fn host_device() -> Result<&'static (Arc<CudaContext>, CudaLoss)> {
+    static HOST: OnceLock<std::result::Result<(Arc<CudaContext>, CudaLoss), Error>> = OnceLock::new();
+    HOST.get_or_init(|| {
+        status().map_err(|reason| Error::BackendUnavailable { backend: Backend::Cuda, reason })?;
+        let ctx = CudaContext::new(0).map_err(drv("creating a context on device 0"))?;
+        let loss = CudaLoss::new(&ctx)?;
+        Ok((ctx, loss))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// Host slices through the GPU: upload, run, download (the host API with `Backend::Cuda`).
+pub(crate) fn run_host<L: Logit, I: TokenId>(
+    spec: &LossSpec,
+    shape: Shape,
+    logits: &[L],
+    tokens: Tokens<'_, I>,
+    grad: Grad<'_, L>,
+) -> Result<LossOutput> {
+    let (ctx, loss) = host_device()?;
+    let stream = ctx.default_stream();
+    let up = drv("copying inputs to the device");
+    let d_logits = stream.clone_htod(logits).map_err(up)?;
+    let d_ids = stream.clone_htod(tokens.ids).map_err(drv("copying inputs to the device"))?;
+    let d_labels = tokens.labels.map(|l| stream.clone_htod(l)).transpose().map_err(drv("copying inputs"))?;
+    let (ids_view, labels_view) = (d_ids.as_view(), d_labels.as_ref().map(|l| l.as_view()));
+    let mut inputs = DeviceInputs::new(&ids_view);
+    if let Some(l) = labels_view.as_ref() {
+        inputs = inputs.with_labels(l);
+    }
+    let down = drv("copying the gradient to the host");
+    let out = match grad {
+        Grad::Skip => loss.loss(spec, shape, &stream, &d_logits.as_view(), &inputs)?,
+        Grad::Into(g) => {
+            let mut d_grad = zeros::<L>(&stream, shape.logits_len())?;
+            let out =
+                loss.loss_and_grad(spec, shape, &stream, &d_logits.as_view(), &inputs, &mut d_grad.as_view_mut())?;
+            stream.memcpy_dtoh(&d_grad, g).map_err(down)?;
+            out
+        }
+        Grad::IntoF32(g) => {
+            let mut d_grad = zeros::<f32>(&stream, shape.logits_len())?;
+            let out =
+                loss.loss_and_grad_f32(spec, shape, &stream, &d_logits.as_view(), &inputs, &mut d_grad.as_view_mut())?;
+            stream.memcpy_dtoh(&d_grad, g).map_err(down)?;
+            out
+        }
+    };
+    out.to_host(&stream)
+}
+
+/// [`run_host`] in place: the gradient comes back over the host logits.
+pub(crate) fn run_host_in_place<L: Logit, I: TokenId>(
+    spec: &LossSpec,
+    shape: Shape,
+    logits: &mut [L],
+    tokens: Tokens<'_, I>,
+) -> Result<LossOutput> {
+    let (ctx, loss) = host_device()?;
+    let stream = ctx.default_stream();
+    let mut d_logits = stream.clone_htod(logits).map_err(drv("copying inputs to the device"))?;
+    let d_ids = stream.clone_htod(tokens.ids).map_err(drv("copying inputs to the device"))?;
+    let d_labels = tokens.labels.map(|l| stream.clone_htod(l)).transpose().map_err(drv("copying inputs"))?;
+    let (ids_view, labels_view) = (d_ids.as_view(), d_labels.as_ref().map(|l| l.as_view()));
+    let mut inputs = DeviceInputs::new(&ids_view);
+    if let Some(l) = labels_view.as_ref() {
+        inputs = inputs.with_labels(l);
+    }
+    let out = loss.loss_and_grad_in_place(spec, shape, &stream, &mut d_logits.as_view_mut(), &inputs)?;
+    stream.memcpy_dtoh(&d_logits, logits).map_err(drv("copying the gradient to the host"))?;
+    out.to_host(&stream)
+}
+
+/// Device timings of one shape (CLI `bench --backend cuda`, scripts/gpu-check.sh).
+#[derive(Debug, Clone)]
+pub struct DeviceBench {
+    /// The device's name.
+    pub device: String,
+    /// Milliseconds of each timed fused call (CUDA events around the three launches).
+    pub fused_ms: Vec<f64>,
+    /// Milliseconds of each timed device-to-device copy of the same bytes (the copy floor).
+    pub copy_ms: Vec<f64>,
+    /// The loss of the last call (a sanity value).
+    pub loss: f64,
+}
+
+/// Times loss + gradient (into the logits' dtype) on random device data of `shape`, alternating
+/// with a device copy of the same byte count, after `warmup` untimed rounds.
+pub fn bench_device<L: Logit>(spec: &LossSpec, shape: Shape, warmup: usize, iters: usize) -> Result<DeviceBench> {
+    let (ctx, loss) = host_device()?;
+    let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
+    let logits: Vec<L> = crate::synthetic::logits(1, shape.logits_len(), 4.0);
+    let ids: Vec<i64> = crate::synthetic::ids(2, shape.rows(), shape.vocab());
+    let d_logits = stream.clone_htod(&logits).map_err(drv("copying inputs to the device"))?;
+    drop(logits);
+    let d_ids = stream.clone_htod(&ids).map_err(drv("copying inputs to the device"))?;
+    let mut d_grad = zeros::<L>(&stream, shape.logits_len())?;
+    // the copy floor moves the same bytes: logits read once, gradient written once
+    let mut copy_dst = zeros::<L>(&stream, shape.logits_len())?;
+    let ids_view = d_ids.as_view();
+    let inputs = DeviceInputs::new(&ids_view);
+    let timed = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
+    let (mut fused_ms, mut copy_ms, mut last) = (Vec::new(), Vec::new(), None);
+    for i in 0..warmup + iters {
+        let a = timed()?;
+        let out = loss.loss_and_grad(spec, shape, &stream, &d_logits.as_view(), &inputs, &mut d_grad.as_view_mut())?;
+        let b = timed()?;
+        stream.memcpy_dtod(&d_logits, &mut copy_dst).map_err(drv("copying on the device"))?;
+        let c = timed()?;
+        if i >= warmup {
+            fused_ms.push(a.elapsed_ms(&b).map_err(drv("timing"))? as f64);
+            copy_ms.push(b.elapsed_ms(&c).map_err(drv("timing"))? as f64);
+        }
+        last = Some(out);
+    }
+    let host = match last {
+        Some(out) => out.to_host(&stream)?,
+        None => return Err(Error::Unsupported("bench needs at least one iteration".into())),
+    };
+    Ok(DeviceBench { device: ctx.name().map_err(drv("querying the device"))?, fused_ms, copy_ms, loss: host.loss })
+}

@@ -1,0 +1,208 @@
+//! GPU parity: the same bodies as the CPU parity tests, through the CUDA backend, against the
+//! float64 reference; plus the device API (caller's buffers and stream, device grad scale,
+//! errors found on the device). Without a GPU every test prints that it skipped; with
+//! `FWL_REQUIRE_CUDA=1` and no GPU every test fails.
+
+mod common;
+
+use common::{check_cuda, gpu_or_skip, random_inputs};
+use fused_weighted_loss::{bf16, f16, LossSpec, Reduction, RowMean, Shape, Tokens};
+
+#[test]
+fn gpu_random_shapes_all_dtypes() {
+    if !gpu_or_skip("gpu_random_shapes_all_dtypes") {
+        return;
+    }
+    let shapes = [(1, 2, 1), (2, 3, 7), (3, 5, 33), (2, 17, 1000), (4, 9, 4097), (2, 4, 50_000), (1, 3, 50_257)];
+    for (i, &(b, t, v)) in shapes.iter().enumerate() {
+        let shape = Shape::new(b, t, v).unwrap();
+        let seed = 100 + i as u64;
+        let spec = LossSpec::builder().keywords([0i64, (v as i64 - 1) / 2]).build().unwrap();
+        let (l, ids) = random_inputs::<f32>(seed, shape, 4.0);
+        check_cuda(&spec, shape, &l, Tokens::new(&ids));
+        let (l, ids) = random_inputs::<bf16>(seed, shape, 4.0);
+        check_cuda(&spec, shape, &l, Tokens::new(&ids));
+        let (l, ids) = random_inputs::<f16>(seed, shape, 4.0);
+        check_cuda(&spec, shape, &l, Tokens::new(&ids));
+    }
+}
+
+#[test]
+fn gpu_vocab_256000_and_odd_alignments() {
+    if !gpu_or_skip("gpu_vocab_256000_and_odd_alignments") {
+        return;
+    }
+    // 256000 does not fit in shared memory as f32: the tail of each row is re-read
+    let shape = Shape::new(2, 3, 256_000).unwrap();
+    let (l, ids) = random_inputs::<f32>(7, shape, 4.0);
+    check_cuda(&LossSpec::default(), shape, &l, Tokens::new(&ids));
+    let (l, ids) = random_inputs::<bf16>(7, shape, 4.0);
+    check_cuda(&LossSpec::default(), shape, &l, Tokens::new(&ids));
+    // odd vocabularies put rows at every alignment (unaligned heads and tails)
+    for v in [3usize, 5, 9, 31, 2049, 128_257] {
+        let shape = Shape::new(2, 3, v).unwrap();
+        let (l, ids) = random_inputs::<bf16>(v as u64, shape, 2.0);
+        check_cuda(&LossSpec::default(), shape, &l, Tokens::new(&ids));
+    }
+}
+
+#[test]
+fn gpu_ignore_index_row_means_reductions() {
+    if !gpu_or_skip("gpu_ignore_index_row_means_reductions") {
+        return;
+    }
+    let shape = Shape::new(3, 6, 700).unwrap();
+    let (l, ids) = random_inputs::<f32>(13, shape, 2.0);
+    let mut labels = ids.clone();
+    for i in [1usize, 2, 4, 9, 14, 15] {
+        labels[i] = -100;
+    }
+    labels[12..18].fill(-100); // an all-ignored sample
+    for row_mean in [RowMean::AllPositions, RowMean::ValidTokens] {
+        for reduction in [Reduction::Mean, Reduction::WeightedMean, Reduction::Sum] {
+            let spec = LossSpec::builder()
+                .keywords([ids[0], ids[0], ids[3]])
+                .row_mean(row_mean)
+                .reduction(reduction)
+                .grad_scale(0.5)
+                .build()
+                .unwrap();
+            check_cuda(&spec, shape, &l, Tokens::new(&ids).with_labels(&labels));
+        }
+    }
+}
+
+#[test]
+fn gpu_numerical_edges() {
+    if !gpu_or_skip("gpu_numerical_edges") {
+        return;
+    }
+    let shape = Shape::new(2, 4, 3000).unwrap();
+    let (l, ids) = random_inputs::<f32>(3, shape, 3000.0);
+    check_cuda(&LossSpec::default(), shape, &l, Tokens::new(&ids));
+    let (noise, ids) = random_inputs::<f32>(5, shape, 2.0);
+    let l: Vec<f32> = noise.iter().map(|x| 1e4 + x).collect();
+    check_cuda(&LossSpec::default(), shape, &l, Tokens::new(&ids));
+    let (mut l, ids) = random_inputs::<f32>(9, shape, 2.0);
+    for r in 0..shape.rows() {
+        let target = if r % 4 < 3 { ids[r + 1] as usize } else { usize::MAX };
+        for j in 0..3000 {
+            if (j < 1500 || j % 3 == 0) && j != target {
+                l[r * 3000 + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let (_, g) = check_cuda(&LossSpec::builder().check_finite(true).build().unwrap(), shape, &l, Tokens::new(&ids));
+    assert!(l.iter().zip(&g).all(|(z, g)| *z != f32::NEG_INFINITY || *g == 0.0));
+}
+
+#[test]
+fn gpu_agrees_with_cpu_and_is_deterministic() {
+    if !gpu_or_skip("gpu_agrees_with_cpu_and_is_deterministic") {
+        return;
+    }
+    let shape = Shape::new(4, 33, 50_000).unwrap();
+    let (l, ids) = random_inputs::<bf16>(21, shape, 4.0);
+    let run = |backend| {
+        let spec = LossSpec::builder().keywords([ids[5]]).backend(backend).build().unwrap();
+        let mut g = vec![0f32; shape.logits_len()];
+        let out = spec.loss_and_grad(shape, &l, Tokens::new(&ids), fused_weighted_loss::Grad::IntoF32(&mut g)).unwrap();
+        (out, g)
+    };
+    let (a, ga) = run(fused_weighted_loss::Backend::Cuda);
+    let (b, gb) = run(fused_weighted_loss::Backend::Cuda);
+    assert_eq!(a, b, "reruns on the GPU are bit-identical");
+    assert!(ga.iter().zip(&gb).all(|(x, y)| x.to_bits() == y.to_bits()));
+    let (c, gc) = run(fused_weighted_loss::Backend::Cpu);
+    assert!(common::rel(a.loss, c.loss) <= 1e-5);
+    assert!(fused_weighted_loss::reference::rel_err(&ga, &gc) <= 1e-5);
+}
+
+#[cfg(feature = "cuda")]
+mod device_api {
+    use super::*;
+    use fused_weighted_loss::cuda::cudarc::driver::CudaContext;
+    use fused_weighted_loss::cuda::{CudaLoss, DeviceInputs};
+    use fused_weighted_loss::reference::{reference, rel_err};
+    use fused_weighted_loss::Error;
+
+    #[test]
+    fn gpu_device_buffers_stream_and_device_grad_scale() {
+        if !gpu_or_skip("gpu_device_buffers_stream_and_device_grad_scale") {
+            return;
+        }
+        let ctx = CudaContext::new(0).unwrap();
+        let stream = ctx.new_stream().unwrap();
+        let loss = CudaLoss::new(&ctx).unwrap();
+        let shape = Shape::new(3, 7, 5003).unwrap();
+        let (l, ids) = random_inputs::<bf16>(31, shape, 3.0);
+        let spec = LossSpec::builder().keywords([ids[2]]).grad_scale(123.0).build().unwrap();
+        let d_l = stream.clone_htod(&l).unwrap();
+        let d_ids = stream.clone_htod(&ids).unwrap();
+        let d_scale = stream.clone_htod(&[0.25f32]).unwrap();
+        let mut d_g = stream.alloc_zeros::<f32>(shape.logits_len()).unwrap();
+        let (ids_v, scale_v) = (d_ids.as_view(), d_scale.as_view());
+        let inputs = DeviceInputs::new(&ids_v).with_grad_scale(&scale_v);
+        let out =
+            loss.loss_and_grad_f32(&spec, shape, &stream, &d_l.as_view(), &inputs, &mut d_g.as_view_mut()).unwrap();
+        let host = out.to_host(&stream).unwrap();
+        let g = stream.clone_dtoh(&d_g).unwrap();
+        stream.synchronize().unwrap();
+        // the device scalar (0.25) replaces the spec's 123
+        let r = reference(&spec.to_builder().grad_scale(0.25).build().unwrap(), shape, &l, Tokens::new(&ids)).unwrap();
+        assert!(common::rel(host.loss, r.loss) <= 1e-4);
+        assert!(rel_err(&g, &r.grad) <= 1e-5);
+        // row losses stay on the device too
+        let rows = stream.clone_dtoh(&out.row_loss).unwrap();
+        assert_eq!(rows.len(), shape.rows());
+        assert!(rows.iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn gpu_errors_found_on_the_device() {
+        if !gpu_or_skip("gpu_errors_found_on_the_device") {
+            return;
+        }
+        let ctx = CudaContext::new(0).unwrap();
+        let stream = ctx.default_stream();
+        let loss = CudaLoss::new(&ctx).unwrap();
+        let shape = Shape::new(2, 4, 10).unwrap();
+        let (l, mut ids) = random_inputs::<f32>(1, shape, 1.0);
+        ids[6] = 10;
+        let d_l = stream.clone_htod(&l).unwrap();
+        let d_ids = stream.clone_htod(&ids).unwrap();
+        let ids_v = d_ids.as_view();
+        let out = loss.loss(&LossSpec::default(), shape, &stream, &d_l.as_view(), &DeviceInputs::new(&ids_v)).unwrap();
+        let e = out.to_host(&stream).unwrap_err();
+        assert_eq!(e, Error::IdOutOfRange { what: "ids", batch: 1, position: 2, value: 10, vocab: 10 });
+        // checks that need no device memory fail before any launch
+        let mut g = stream.alloc_zeros::<f32>(7).unwrap();
+        let e = loss
+            .loss_and_grad(
+                &LossSpec::default(),
+                shape,
+                &stream,
+                &d_l.as_view(),
+                &DeviceInputs::new(&ids_v),
+                &mut g.as_view_mut(),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::GradLength { expected: 80, got: 7 }), "{e}");
+        let many = LossSpec::builder().keywords(0..65i64).build().unwrap();
+        let shape_big = Shape::new(2, 4, 100).unwrap();
+        let d_big = stream.alloc_zeros::<f32>(800).unwrap();
+        let e = loss.loss(&many, shape_big, &stream, &d_big.as_view(), &DeviceInputs::new(&ids_v)).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+        // NaN with check_finite: reported with its position
+        let mut bad = l.clone();
+        bad[13] = f32::NAN;
+        let d_bad = stream.clone_htod(&bad).unwrap();
+        let ok_ids: Vec<i64> = ids.iter().map(|&x| x % 10).collect();
+        let d_ok = stream.clone_htod(&ok_ids).unwrap();
+        let ok_v = d_ok.as_view();
+        let spec = LossSpec::builder().check_finite(true).build().unwrap();
+        let out = loss.loss(&spec, shape, &stream, &d_bad.as_view(), &DeviceInputs::new(&ok_v)).unwrap();
+        let e = out.to_host(&stream).unwrap_err();
+        assert!(matches!(e, Error::NonFinite { batch: 0, position: 1, .. }), "{e}");
+    }
+}
