@@ -8,6 +8,9 @@
 
 #include <stdint.h>
 
+/* Threads per block of every kernel. */
+#define FWL_THREADS 1024
+
 /* Keywords travel inside the launch parameters (no upload, no host sync). */
 #define FWL_MAX_KEYWORDS 64
 
@@ -87,9 +90,18 @@ typedef struct FwlFinishParams {
     const double *reduce;     /* [B] */
     double *per_sample;       /* out [B] */
     double *loss;             /* out [1] */
+    float *loss_f32;          /* out [1], the same rounded to f32 (for frameworks' f32 scalars) */
     FwlStatus *status;        /* out: non_finite_row */
     int64_t batch;
     int64_t seq;
 } FwlFinishParams;
+
+/* Scale kernel: grad *= *scale (an upstream gradient on the device); returns at once when the
+ * scale is exactly 1, so the common case costs no pass over the gradient. */
+typedef struct FwlScaleParams {
+    void *grad;               /* [n] */
+    const float *scale;       /* [1] */
+    int64_t n;
+} FwlScaleParams;
 
 #endif

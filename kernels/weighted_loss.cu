@@ -16,8 +16,6 @@
 
 #include "params.h"
 
-#define FWL_THREADS 1024
-
 // ---- element types -------------------------------------------------------------------------
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -61,14 +59,17 @@ __device__ __forceinline__ MS ms_merge(MS a, MS b) {
     return MS{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
 }
 
-// Statistics of n values (n <= 8).
-__device__ __forceinline__ MS ms_of(const float *v, int n) {
-    float m = -INFINITY;
-    for (int i = 0; i < n; ++i) m = fmaxf(m, v[i]);
-    const float shift = m == -INFINITY ? 0.f : m;
-    float s = 0.f;
-    for (int i = 0; i < n; ++i) s += __expf(v[i] - shift);
-    return MS{m, s};
+// Folds n values (n <= 8) into a thread's running statistics: one exponential per value, and
+// one more only when the running maximum grows.
+__device__ __forceinline__ void ms_push(MS &a, const float *v, int n) {
+    float lm = -INFINITY;
+    for (int i = 0; i < n; ++i) lm = fmaxf(lm, v[i]);
+    if (lm > a.m) {  // exp(-inf - lm) = 0 keeps an empty or NaN sum as it is
+        a.s *= __expf(a.m - lm);
+        a.m = lm;
+    }
+    const float shift = a.m == -INFINITY ? 0.f : a.m;  // all -inf so far: -inf adds 0, NaN adds NaN
+    for (int i = 0; i < n; ++i) a.s += __expf(v[i] - shift);
 }
 
 __device__ __forceinline__ MS warp_merge(MS a) {
@@ -79,7 +80,8 @@ __device__ __forceinline__ MS warp_merge(MS a) {
     return a;
 }
 
-// Merges every thread's statistics; all threads get the block's.
+// Merges every thread's statistics; all threads get the same bits (lane 0's: a butterfly's
+// partners may round differently, since the merge is not commutative to the last bit).
 __device__ __forceinline__ MS block_merge(MS a, MS *red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     a = warp_merge(a);
@@ -88,7 +90,7 @@ __device__ __forceinline__ MS block_merge(MS a, MS *red) {
     __syncthreads();
     MS r = lane < nwarps ? red[lane] : MS{-INFINITY, 0.f};
     r = warp_merge(r);
-    return r;
+    return MS{__shfl_sync(0xffffffffu, r.m, 0), __shfl_sync(0xffffffffu, r.s, 0)};
 }
 
 template <typename T> __device__ __forceinline__ T warp_sum(T x) {
@@ -257,18 +259,18 @@ template <typename L, typename G> __device__ void rows_impl(const FwlRowParams &
         MS acc{-INFINITY, 0.f};
         if (threadIdx.x < head) {
             const float v = to_f32(x[threadIdx.x]);
-            acc = ms_merge(acc, ms_of(&v, 1));
+            ms_push(acc, &v, 1);
         }
         for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
             const Vec16<L> r = load16(x + head + k * N);
             if (k < cached) cache[k] = r;
             float v[N];
             for (int i = 0; i < N; ++i) v[i] = to_f32(r.v[i]);
-            acc = ms_merge(acc, ms_of(v, N));
+            ms_push(acc, v, N);
         }
         if (tail0 + threadIdx.x < V) {
             const float v = to_f32(x[tail0 + threadIdx.x]);
-            acc = ms_merge(acc, ms_of(&v, 1));
+            ms_push(acc, &v, 1);
         }
         const MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
         const float coef = p.coef[row / p.seq];
@@ -287,16 +289,19 @@ template <typename L, typename G> __device__ void rows_impl(const FwlRowParams &
             const Vec16<L> r = k < cached ? cache[k] : load16(x + j);
             float v[N];
             for (int i = 0; i < N; ++i) v[i] = to_f32(r.v[i]);
-            if (sizeof(G) == sizeof(L) && p.vector_stores) {
-                Vec16<G> o;
-                for (int i = 0; i < N; ++i) {
-                    const float e = __expf(v[i] - st.m);
-                    o.v[i] = from_f32<G>(j + i == y ? coef * (e * inv_s - 1.f) : e * scale);
+            bool done = false;
+            if constexpr (sizeof(G) == sizeof(L)) {
+                if (p.vector_stores) {
+                    Vec16<G> o;
+                    for (int i = 0; i < N; ++i) {
+                        const float e = __expf(v[i] - st.m);
+                        o.v[i] = from_f32<G>(j + i == y ? coef * (e * inv_s - 1.f) : e * scale);
+                    }
+                    store16(g + j, o);
+                    done = true;
                 }
-                store16(g + j, o);
-            } else {
-                grad_scalar(g + j, v, N, j, y, st.m, scale, coef, inv_s);
             }
+            if (!done) grad_scalar(g + j, v, N, j, y, st.m, scale, coef, inv_s);
         }
         if (tail0 + threadIdx.x < V) {
             const int64_t j = tail0 + threadIdx.x;
@@ -358,6 +363,7 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_finish(FwlFinishPa
         }
         if (lane == 0) {
             *p.loss = t;
+            if (p.loss_f32) *p.loss_f32 = static_cast<float>(t);
             if (nf != INT64_MAX) {
                 p.status->flags |= FWL_STATUS_NON_FINITE;
                 p.status->non_finite_row = nf;
@@ -365,3 +371,18 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_finish(FwlFinishPa
         }
     }
 }
+
+// ---- scale ---------------------------------------------------------------------------------
+
+template <typename G> __device__ void scale_impl(const FwlScaleParams &p) {
+    const float s = *p.scale;
+    if (s == 1.f) return;  // the usual upstream gradient: nothing to do
+    G *g = static_cast<G *>(p.grad);
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+        g[i] = from_f32<G>(to_f32(g[i]) * s);
+}
+
+extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_scale_f32(FwlScaleParams p) { scale_impl<float>(p); }
+extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_scale_f16(FwlScaleParams p) { scale_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_scale_bf16(FwlScaleParams p) { scale_impl<__nv_bfloat16>(p); }

@@ -37,6 +37,8 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -102,6 +104,16 @@ pub fn cuda_status() -> std::result::Result<(), String> {
     Err("this build has no `cuda` feature".into())
 }
 
+/// The backend a call with this spec runs on: [`Backend::Auto`] is CUDA when usable (and the
+/// spec within its limits: at most 64 keywords), else the CPU.
+fn backend_for(spec: &LossSpec) -> Result<Backend> {
+    #[cfg(feature = "cuda")]
+    if spec.backend == Backend::Auto && spec.keywords.len() > cuda::MAX_KEYWORDS {
+        return Ok(Backend::Cpu);
+    }
+    resolve_backend(spec.backend)
+}
+
 /// Resolves [`Backend::Auto`] (CUDA when usable, else the CPU) and checks that the requested
 /// backend can run here.
 pub fn resolve_backend(requested: Backend) -> Result<Backend> {
@@ -133,7 +145,7 @@ impl LossSpec {
             }
         }
         let plan = self.plan(shape, &tokens)?;
-        let backend = resolve_backend(self.backend)?;
+        let backend = backend_for(self)?;
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
             return cuda::run_host(self, shape, logits, tokens, grad);
@@ -169,7 +181,7 @@ impl LossSpec {
     ) -> Result<LossOutput> {
         spec::check_len("logits", logits.len(), shape.logits_len(), shape)?;
         let plan = self.plan(shape, &tokens)?;
-        let backend = resolve_backend(self.backend)?;
+        let backend = backend_for(self)?;
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
             return cuda::run_host_in_place(self, shape, logits, tokens);

@@ -42,17 +42,17 @@ use crate::{Backend, Grad};
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
-    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DriverError, LaunchConfig, PushKernelArg,
 };
-use params::{FwlFinishParams, FwlPlanParams, FwlRowParams, FwlStatus};
+use params::{FwlFinishParams, FwlPlanParams, FwlRowParams, FwlScaleParams, FwlStatus};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// The kernels, compiled by build.rs (SASS for sm_80/86/89/90, PTX for compute_80).
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/weighted_loss.fatbin"));
 
-/// Threads per block of every kernel (`FWL_THREADS` in the .cu file).
-const THREADS: u32 = 1024;
+/// Threads per block of every kernel.
+const THREADS: u32 = params::FWL_THREADS;
 
 /// Most keywords one launch carries (`FWL_MAX_KEYWORDS`).
 pub const MAX_KEYWORDS: usize = params::FWL_MAX_KEYWORDS as usize;
@@ -62,18 +62,20 @@ pub const MAX_KEYWORDS: usize = params::FWL_MAX_KEYWORDS as usize;
 unsafe impl DeviceRepr for FwlPlanParams {}
 unsafe impl DeviceRepr for FwlRowParams {}
 unsafe impl DeviceRepr for FwlFinishParams {}
+unsafe impl DeviceRepr for FwlScaleParams {}
 unsafe impl DeviceRepr for FwlStatus {}
-// SAFETY: integers only; all zeros is a valid value.
-unsafe impl ValidAsZeroBits for FwlStatus {}
 
 /// Maps a driver error to [`Error::Cuda`] with what the crate was doing.
 fn drv(context: &'static str) -> impl FnOnce(DriverError) -> Error {
     move |e| Error::Cuda { context, message: e.to_string() }
 }
 
-/// A zeroed device buffer of `n` elements, ordered on `stream`.
-fn zeros<T: DeviceRepr + ValidAsZeroBits>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
-    stream.alloc_zeros::<T>(n).map_err(drv("allocating device memory"))
+/// A device buffer of `n` elements for a kernel output, ordered on `stream` and left
+/// uninitialised: every caller passes it to a launch that writes all of it before anything reads
+/// it (see each use).
+fn output<T: DeviceRepr>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: see above; the memory is only ever read after the kernel that fills it.
+    unsafe { stream.alloc::<T>(n) }.map_err(drv("allocating device memory"))
 }
 
 /// Whether a CUDA driver and at least one device are present (checked once per process,
@@ -106,8 +108,10 @@ struct Module {
     plan_u32: CudaFunction,
     rows: [(DType, DType, CudaFunction); 5],
     finish: CudaFunction,
+    scale: [(DType, CudaFunction); 3],
     num_sms: u32,
-    /// Dynamic shared memory a rows block may use (bytes, multiple of 16).
+    /// Dynamic shared memory a rows block may use (bytes, multiple of 16), sized for two
+    /// resident blocks per multiprocessor.
     smem_max: usize,
 }
 
@@ -122,6 +126,9 @@ impl Module {
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(drv("querying the device"))?;
+        let per_sm = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .map_err(drv("querying the device"))?;
         let rows = [
             (DType::F32, DType::F32, f("fwl_rows_f32_f32")?),
             (DType::F16, DType::F16, f("fwl_rows_f16_f16")?),
@@ -134,7 +141,11 @@ impl Module {
             let fixed = func
                 .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
                 .map_err(drv("querying a kernel"))?;
-            let dynamic = ((optin - fixed).max(0) as usize) / 16 * 16;
+            // room for two resident blocks per multiprocessor (the driver keeps 1 KiB per block),
+            // so that one block's gradient writes overlap the other's reads; a row longer than
+            // that re-reads its remainder, from L2
+            let two_per_sm = per_sm / 2 - fixed - 1024;
+            let dynamic = (optin - fixed).min(two_per_sm).max(0) as usize / 16 * 16;
             func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)
                 .map_err(drv("configuring a kernel"))?;
             smem_max = smem_max.min(dynamic);
@@ -145,6 +156,11 @@ impl Module {
             plan_u32: f("fwl_plan_u32")?,
             rows,
             finish: f("fwl_finish")?,
+            scale: [
+                (DType::F32, f("fwl_scale_f32")?),
+                (DType::F16, f("fwl_scale_f16")?),
+                (DType::BF16, f("fwl_scale_bf16")?),
+            ],
             num_sms: num_sms.max(1) as u32,
             smem_max,
         })
@@ -213,6 +229,8 @@ pub struct DeviceLossOutput {
     pub weights: CudaSlice<f64>,
     /// Each sample's number of non-ignored targets, `[B]`.
     pub valid_tokens: CudaSlice<u32>,
+    /// The batch loss rounded to `f32`, one element (what frameworks' scalar losses hold).
+    pub loss_f32: CudaSlice<f32>,
     /// Each position's cross-entropy (0 where there is no target), `[B * T]`.
     pub row_loss: CudaSlice<f32>,
     status: CudaSlice<FwlStatus>,
@@ -436,16 +454,19 @@ impl CudaLoss {
     ) -> Result<DeviceLossOutput> {
         let m = &self.module;
         let (b, rows) = (shape.batch(), shape.rows());
-        let mut targets = zeros::<i32>(stream, rows)?;
-        let mut weights = zeros::<f64>(stream, b)?;
-        let mut valid = zeros::<u32>(stream, b)?;
-        let mut row_div = zeros::<f64>(stream, b)?;
-        let mut reduce = zeros::<f64>(stream, b)?;
-        let mut coef = zeros::<f32>(stream, b)?;
-        let mut status = zeros::<FwlStatus>(stream, 1)?;
-        let mut row_loss = zeros::<f32>(stream, rows)?;
-        let mut per_sample = zeros::<f64>(stream, b)?;
-        let mut loss = zeros::<f64>(stream, 1)?;
+        // plan writes targets (all B*T), the per-sample arrays (all B) and the status; rows
+        // writes every row loss; finish writes per_sample, loss and loss_f32
+        let mut targets = output::<i32>(stream, rows)?;
+        let mut weights = output::<f64>(stream, b)?;
+        let mut valid = output::<u32>(stream, b)?;
+        let mut row_div = output::<f64>(stream, b)?;
+        let mut reduce = output::<f64>(stream, b)?;
+        let mut coef = output::<f32>(stream, b)?;
+        let mut status = output::<FwlStatus>(stream, 1)?;
+        let mut row_loss = output::<f32>(stream, rows)?;
+        let mut per_sample = output::<f64>(stream, b)?;
+        let mut loss = output::<f64>(stream, 1)?;
+        let mut loss_f32 = output::<f32>(stream, 1)?;
 
         // plan: one block
         {
@@ -541,6 +562,7 @@ impl CudaLoss {
             let (r, _g4) = reduce.device_ptr(stream);
             let (ps, _g5) = per_sample.device_ptr_mut(stream);
             let (l, _g6) = loss.device_ptr_mut(stream);
+            let (l32, _g8) = loss_f32.device_ptr_mut(stream);
             let (s, _g7) = status.device_ptr_mut(stream);
             let fp = FwlFinishParams {
                 row_loss: rl as *const f32,
@@ -549,6 +571,7 @@ impl CudaLoss {
                 reduce: r as *const f64,
                 per_sample: ps as *mut f64,
                 loss: l as *mut f64,
+                loss_f32: l32 as *mut f32,
                 status: s as *mut FwlStatus,
                 batch: b as i64,
                 seq: shape.seq() as i64,
@@ -560,6 +583,7 @@ impl CudaLoss {
 
         Ok(DeviceLossOutput {
             loss,
+            loss_f32,
             per_sample_loss: per_sample,
             weights,
             valid_tokens: valid,
@@ -569,6 +593,41 @@ impl CudaLoss {
             check_finite: spec.check_finite,
         })
     }
+}
+
+impl CudaLoss {
+    /// `grad *= scale[0]` on `stream`, where `scale` is a device scalar (an upstream gradient);
+    /// when it is exactly 1 the kernel returns at once, so the usual case costs no pass over the
+    /// gradient and no host synchronisation.
+    pub fn scale_by_device_scalar<G: Logit>(
+        &self,
+        stream: &Arc<CudaStream>,
+        grad: &mut CudaViewMut<'_, G>,
+        scale: &CudaView<'_, f32>,
+    ) -> Result<()> {
+        if scale.len() != 1 {
+            return Err(Error::Unsupported(format!("the scale must be one element, got {}", scale.len())));
+        }
+        let func = self.module.scale.iter().find(|(d, _)| *d == G::DTYPE).map(|(_, f)| f);
+        let func = func.ok_or_else(|| Error::Unsupported(format!("no scale kernel for {}", G::DTYPE)))?;
+        let n = grad.len();
+        let (g, _gg) = grad.device_ptr_mut(stream);
+        let (s, _gs) = scale.device_ptr(stream);
+        let sp = FwlScaleParams { grad: g as *mut c_void, scale: s as *const f32, n: n as i64 };
+        let grid = (n.div_ceil(THREADS as usize)).clamp(1, self.module.num_sms as usize * 4) as u32;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the parameters match fwl_scale_<G>'s; grad holds n elements of G, scale one f32.
+        unsafe { stream.launch_builder(func).arg(&sp).launch(cfg) }.map_err(drv("launching scale"))?;
+        Ok(())
+    }
+}
+
+/// A device buffer for a gradient, left uninitialised: the rows kernel writes every element
+/// (each row with a target in full, each row without one with zeros), so zeroing it first would
+/// only add a pass over `B * T * V` elements.
+pub(crate) fn grad_buffer<G: Logit>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<G>> {
+    // SAFETY: the memory is written in full by the launch it is passed to before anyone reads it.
+    unsafe { stream.alloc::<G>(n) }.map_err(drv("allocating device memory"))
 }
 
 /// The context and kernels used for host-memory calls with [`Backend::Cuda`] (device 0).
@@ -607,14 +666,14 @@ pub(crate) fn run_host<L: Logit, I: TokenId>(
     let out = match grad {
         Grad::Skip => loss.loss(spec, shape, &stream, &d_logits.as_view(), &inputs)?,
         Grad::Into(g) => {
-            let mut d_grad = zeros::<L>(&stream, shape.logits_len())?;
+            let mut d_grad = grad_buffer::<L>(&stream, shape.logits_len())?;
             let out =
                 loss.loss_and_grad(spec, shape, &stream, &d_logits.as_view(), &inputs, &mut d_grad.as_view_mut())?;
             stream.memcpy_dtoh(&d_grad, g).map_err(down)?;
             out
         }
         Grad::IntoF32(g) => {
-            let mut d_grad = zeros::<f32>(&stream, shape.logits_len())?;
+            let mut d_grad = grad_buffer::<f32>(&stream, shape.logits_len())?;
             let out =
                 loss.loss_and_grad_f32(spec, shape, &stream, &d_logits.as_view(), &inputs, &mut d_grad.as_view_mut())?;
             stream.memcpy_dtoh(&d_grad, g).map_err(down)?;
@@ -669,9 +728,9 @@ pub fn bench_device<L: Logit>(spec: &LossSpec, shape: Shape, warmup: usize, iter
     let d_logits = stream.clone_htod(&logits).map_err(drv("copying inputs to the device"))?;
     drop(logits);
     let d_ids = stream.clone_htod(&ids).map_err(drv("copying inputs to the device"))?;
-    let mut d_grad = zeros::<L>(&stream, shape.logits_len())?;
+    let mut d_grad = grad_buffer::<L>(&stream, shape.logits_len())?;
     // the copy floor moves the same bytes: logits read once, gradient written once
-    let mut copy_dst = zeros::<L>(&stream, shape.logits_len())?;
+    let mut copy_dst = grad_buffer::<L>(&stream, shape.logits_len())?;
     let ids_view = d_ids.as_view();
     let inputs = DeviceInputs::new(&ids_view);
     let timed = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));

@@ -1,0 +1,415 @@
+//! The course's story end to end, in Rust: train a small BPE tokenizer and a tiny causal LM on
+//! real Python source, twice from one command (keyword-weighted and unweighted, same seed, data
+//! and steps), and compare next-token accuracy on keyword targets vs all targets on held-out
+//! files.
+//!
+//! ```sh
+//! cargo run --release --features train-example --example train_code_lm            # CPU
+//! cargo run --release --features train-example,candle-cuda --example train_code_lm # GPU if present
+//! ```
+//!
+//! Default corpus: the Python standard library that `python3` reports (`--corpus DIR` to choose).
+//! Keywords: the course's `plt`, `pd`, `sk`, `fit`, `predict` and their space-prefixed forms,
+//! whichever the trained tokenizer holds as single tokens (`--keywords` to choose others).
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use clap::Parser;
+use fused_weighted_loss::candle::weighted_loss;
+use fused_weighted_loss::synthetic::Rng;
+use fused_weighted_loss::LossSpec;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::time::Instant;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, NormalizerWrapper, PostProcessorWrapper, TokenizerBuilder};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Keyword-weighted vs unweighted training of a tiny code LM (the course's example)")]
+struct Args {
+    /// Folder of Python files; repeat to mix several (default: the standard library of `python3`).
+    #[arg(long)]
+    corpus: Vec<PathBuf>,
+    /// Bytes of source to read at most (files in sorted order).
+    #[arg(long, default_value_t = 6_000_000)]
+    max_bytes: usize,
+    /// BPE vocabulary size.
+    #[arg(long, default_value_t = 4096)]
+    vocab: usize,
+    /// Training steps per run.
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    seq: usize,
+    /// Model width.
+    #[arg(long, default_value_t = 128)]
+    dim: usize,
+    /// Transformer layers.
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f64,
+    /// The loss weighting's alpha.
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    /// Keyword strings (comma-separated; those that are single tokens are used).
+    #[arg(long, value_delimiter = ',', default_value = "plt,pd,sk,fit,predict")]
+    keywords: Vec<String>,
+    /// Use only the keywords the BPE learned as single tokens (by default they are added).
+    #[arg(long)]
+    learned_keywords_only: bool,
+    /// Seed for initialisation and batch order (both runs use it).
+    #[arg(long, default_value_t = 17)]
+    seed: u64,
+}
+
+/// Python files under `dirs`, in a seeded random order, up to `max_bytes` of source.
+fn python_files(dirs: &[PathBuf], max_bytes: usize, seed: u64) -> Res<Vec<PathBuf>> {
+    let mut all = Vec::new();
+    let mut stack = dirs.to_vec();
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if p.is_dir() && !name.starts_with('.') && name != "site-packages" && name != "__pycache__" {
+                stack.push(p);
+            } else if name.ends_with(".py") {
+                all.push(p);
+            }
+        }
+    }
+    all.sort();
+    let mut rng = Rng::new(seed);
+    for i in (1..all.len()).rev() {
+        all.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let (mut out, mut total) = (Vec::new(), 0usize);
+    for p in all {
+        let len = std::fs::metadata(&p).map(|m| m.len() as usize).unwrap_or(0);
+        if len == 0 || len > 400_000 {
+            continue;
+        }
+        if total + len > max_bytes {
+            break;
+        }
+        total += len;
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(format!("no Python files under {dirs:?}").into());
+    }
+    Ok(out)
+}
+
+fn default_corpus() -> Res<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"])
+        .output()
+        .map_err(|e| format!("running python3 to find its standard library: {e} (pass --corpus DIR)"))?;
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// One pre-norm transformer block with causal self-attention.
+struct Block {
+    ln1: candle_nn::LayerNorm,
+    qkv: candle_nn::Linear,
+    proj: candle_nn::Linear,
+    ln2: candle_nn::LayerNorm,
+    up: candle_nn::Linear,
+    down: candle_nn::Linear,
+    heads: usize,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, dim: usize, heads: usize) -> candle_core::Result<Self> {
+        Ok(Block {
+            ln1: candle_nn::layer_norm(dim, 1e-5, vb.pp("ln1"))?,
+            qkv: candle_nn::linear(dim, 3 * dim, vb.pp("qkv"))?,
+            proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
+            ln2: candle_nn::layer_norm(dim, 1e-5, vb.pp("ln2"))?,
+            up: candle_nn::linear(dim, 4 * dim, vb.pp("up"))?,
+            down: candle_nn::linear(4 * dim, dim, vb.pp("down"))?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let dh = d / self.heads;
+        let qkv = self.qkv.forward(&self.ln1.forward(x)?)?.reshape((b, t, 3, self.heads, dh))?;
+        let q = qkv.i((.., .., 0))?.transpose(1, 2)?.contiguous()?;
+        let k = qkv.i((.., .., 1))?.transpose(1, 2)?.contiguous()?;
+        let v = qkv.i((.., .., 2))?.transpose(1, 2)?.contiguous()?;
+        let att = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?.broadcast_add(mask)?;
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        let x = (x + self.proj.forward(&y)?)?;
+        let h = self.down.forward(&self.up.forward(&self.ln2.forward(&x)?)?.gelu()?)?;
+        x + h
+    }
+}
+
+/// A tiny GPT: token + position embeddings, blocks, final norm, LM head.
+struct Model {
+    tok: candle_nn::Embedding,
+    pos: candle_nn::Embedding,
+    blocks: Vec<Block>,
+    ln: candle_nn::LayerNorm,
+    head: candle_nn::Linear,
+    mask: Tensor,
+}
+
+impl Model {
+    fn new(vb: VarBuilder, a: &Args, vocab: usize, device: &Device) -> candle_core::Result<Self> {
+        let blocks =
+            (0..a.layers).map(|i| Block::new(vb.pp(format!("block{i}")), a.dim, a.heads)).collect::<Result<_, _>>()?;
+        let t = a.seq;
+        let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+        Ok(Model {
+            tok: candle_nn::embedding(vocab, a.dim, vb.pp("tok"))?,
+            pos: candle_nn::embedding(t, a.dim, vb.pp("pos"))?,
+            blocks,
+            ln: candle_nn::layer_norm(a.dim, 1e-5, vb.pp("ln"))?,
+            head: candle_nn::linear(a.dim, vocab, vb.pp("head"))?,
+            mask: Tensor::from_vec(mask, (t, t), device)?,
+        })
+    }
+
+    /// Logits `[B, T, V]` for ids `[B, T]`.
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, t as u32, ids.device())?;
+        let mut x = self.tok.forward(ids)?.broadcast_add(&self.pos.forward(&positions)?)?;
+        for b in &self.blocks {
+            x = b.forward(&x, &self.mask)?;
+        }
+        self.head.forward(&self.ln.forward(&x)?)
+    }
+}
+
+/// `n` windows of `len` tokens from `stream`, at positions drawn from `rng`.
+fn windows(stream: &[u32], n: usize, len: usize, rng: &mut Rng) -> Vec<u32> {
+    let mut out = Vec::with_capacity(n * len);
+    for _ in 0..n {
+        let start = rng.below((stream.len() - len) as u64) as usize;
+        out.extend_from_slice(&stream[start..start + len]);
+    }
+    out
+}
+
+/// What one training run reports.
+struct RunReport {
+    name: &'static str,
+    curve: Vec<(usize, f64)>,
+    tokens_per_s: f64,
+    ms_per_step: f64,
+    acc_all: f64,
+    acc_kw: Option<f64>,
+    kw_targets: usize,
+}
+
+/// Initial weights shared by both runs (candle's CPU initialisers take no seed, so the first
+/// model's random initialisation is copied into the second).
+type Init = std::collections::HashMap<String, Tensor>;
+
+#[allow(clippy::too_many_arguments)]
+fn train(
+    name: &'static str,
+    a: &Args,
+    spec: &LossSpec,
+    train_ids: &[u32],
+    heldout: &[u32],
+    vocab: usize,
+    keywords: &[u32],
+    device: &Device,
+    init: &mut Init,
+) -> Res<RunReport> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = Model::new(vb, a, vocab, device)?;
+    for (k, v) in varmap.data().lock().map_err(|_| "poisoned VarMap")?.iter() {
+        match init.get(k) {
+            Some(t) => v.set(t)?,
+            None => drop(init.insert(k.clone(), v.as_tensor().copy()?)),
+        }
+    }
+    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: a.lr, weight_decay: 0.01, ..Default::default() })?;
+    let mut rng = Rng::new(a.seed);
+    let bar = ProgressBar::new(a.steps as u64);
+    bar.set_style(ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {msg}")?.progress_chars("=> "));
+    bar.set_prefix(name);
+    let (mut curve, mut window) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    for step in 1..=a.steps {
+        let batch = windows(train_ids, a.batch, a.seq, &mut rng);
+        let ids = Tensor::from_vec(batch, (a.batch, a.seq), device)?;
+        let logits = model.forward(&ids)?;
+        let loss = weighted_loss(&logits, &ids, None, spec)?;
+        opt.backward_step(&loss)?;
+        window.push(loss.to_scalar::<f32>()? as f64);
+        if step % 25 == 0 || step == a.steps {
+            let mean = window.iter().sum::<f64>() / window.len() as f64;
+            curve.push((step, mean));
+            bar.set_message(format!("loss {mean:.3}"));
+            window.clear();
+        }
+        bar.inc(1);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+
+    // held-out next-token accuracy, on all targets and on keyword targets
+    let (mut hit, mut n, mut kw_hit, mut kw_n) = (0usize, 0usize, 0usize, 0usize);
+    let per = a.batch;
+    for chunk in heldout.chunks(per * a.seq).filter(|c| c.len() == per * a.seq) {
+        let ids = Tensor::from_vec(chunk.to_vec(), (per, a.seq), device)?;
+        let pred: Vec<u32> = model.forward(&ids)?.argmax(D::Minus1)?.flatten_all()?.to_vec1()?;
+        for s in 0..per {
+            for t in 0..a.seq - 1 {
+                let (p, y) = (pred[s * a.seq + t], chunk[s * a.seq + t + 1]);
+                n += 1;
+                hit += (p == y) as usize;
+                if keywords.contains(&y) {
+                    kw_n += 1;
+                    kw_hit += (p == y) as usize;
+                }
+            }
+        }
+    }
+    Ok(RunReport {
+        name,
+        curve,
+        tokens_per_s: (a.steps * a.batch * a.seq) as f64 / secs,
+        ms_per_step: secs * 1e3 / a.steps as f64,
+        acc_all: hit as f64 / n.max(1) as f64,
+        acc_kw: (kw_n > 0).then(|| kw_hit as f64 / kw_n as f64),
+        kw_targets: kw_n,
+    })
+}
+
+fn main() -> Res<()> {
+    let a = Args::parse();
+    let corpus = if a.corpus.is_empty() { vec![default_corpus()?] } else { a.corpus.clone() };
+    let files = python_files(&corpus, a.max_bytes, a.seed)?;
+    // every 10th file is held out
+    let (heldout_files, train_files): (Vec<_>, Vec<_>) = files.iter().enumerate().partition(|(i, _)| i % 10 == 9);
+    let train_files: Vec<String> = train_files.into_iter().map(|(_, p)| p.to_string_lossy().into_owned()).collect();
+    let heldout_files: Vec<PathBuf> = heldout_files.into_iter().map(|(_, p)| p.clone()).collect();
+
+    // a byte-level BPE tokenizer trained on the training files
+    let t0 = Instant::now();
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(a.vocab)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut tokenizer = TokenizerBuilder::<BPE, NormalizerWrapper, ByteLevel, PostProcessorWrapper, ByteLevel>::new()
+        .with_model(BPE::default())
+        .with_normalizer(None)
+        .with_pre_tokenizer(Some(ByteLevel::default()))
+        .with_post_processor(None)
+        .with_decoder(Some(ByteLevel::default()))
+        .build()?;
+    tokenizer.train_from_files(&mut trainer, train_files.clone())?;
+    // The course's tokenizer (trained on data-science code) holds its keywords as single tokens;
+    // one trained on a corpus where they are rare would not, so they are added as whole-word
+    // tokens (`--learned-keywords-only` keeps only those the BPE learned by itself).
+    if !a.learned_keywords_only {
+        let added: Vec<AddedToken> =
+            a.keywords.iter().map(|k| AddedToken::from(k.clone(), false).single_word(true)).collect();
+        tokenizer.add_tokens(added)?;
+    }
+    let vocab = tokenizer.get_vocab_size(true);
+    let eot = tokenizer.token_to_id("<|endoftext|>").unwrap_or(0);
+    let encode = |paths: &mut dyn Iterator<Item = PathBuf>| -> Res<Vec<u32>> {
+        let mut ids = Vec::new();
+        for p in paths {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            ids.extend(tokenizer.encode(text, false)?.get_ids());
+            ids.push(eot);
+        }
+        Ok(ids)
+    };
+    let train_ids = encode(&mut train_files.iter().map(PathBuf::from))?;
+    let heldout_ids = encode(&mut heldout_files.iter().cloned())?;
+    let tokenizer_secs = t0.elapsed().as_secs_f64();
+
+    // the course's keywords, bare and space-prefixed (byte-level BPE writes a space as 'Ġ')
+    let mut keywords: Vec<(String, u32)> = Vec::new();
+    for k in &a.keywords {
+        for form in [k.clone(), format!("Ġ{k}")] {
+            if let Some(id) = tokenizer.token_to_id(&form) {
+                keywords.push((form.replace('Ġ', "␣"), id));
+            }
+        }
+    }
+    let kw_ids: Vec<u32> = keywords.iter().map(|(_, id)| *id).collect();
+    let count = |ids: &[u32], k: u32| ids.iter().filter(|&&x| x == k).count();
+
+    let device = Device::cuda_if_available(0)?;
+    println!(
+        "corpus {} ({} files: {} train, {} held out; {} + {} tokens), BPE vocab {vocab} trained in {tokenizer_secs:.1} s",
+        corpus.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(" + "),
+        files.len(),
+        train_files.len(),
+        heldout_files.len(),
+        train_ids.len(),
+        heldout_ids.len()
+    );
+    println!(
+        "keywords as single tokens: {}",
+        if keywords.is_empty() {
+            "none (the weighted run equals the unweighted one)".to_string()
+        } else {
+            keywords
+                .iter()
+                .map(|(s, id)| {
+                    format!("{s} (id {id}: {} in train, {} held out)", count(&train_ids, *id), count(&heldout_ids, *id))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    println!(
+        "model: {} layers, width {}, {} heads; batch {}x{}; {} steps; device {:?}",
+        a.layers, a.dim, a.heads, a.batch, a.seq, a.steps, device
+    );
+
+    let weighted = LossSpec::builder().keywords(kw_ids.iter().map(|&k| k as i64)).alpha(a.alpha).build()?;
+    let plain = LossSpec::builder().alpha(a.alpha).build()?;
+    let mut init = Init::new();
+    let runs = [
+        train("weighted", &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
+        train("unweighted", &a, &plain, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
+    ];
+
+    println!();
+    let steps: Vec<String> = runs[0].curve.iter().map(|(s, _)| format!("{s:>7}")).collect();
+    println!("{:<12}{}", "loss @ step", steps.join(""));
+    for r in &runs {
+        let vals: Vec<String> = r.curve.iter().map(|(_, l)| format!("{l:>7.3}")).collect();
+        println!("{:<12}{}", r.name, vals.join(""));
+    }
+    println!();
+    println!("{:<12}{:>12}{:>10}{:>16}{:>20}", "run", "tokens/s", "ms/step", "acc (all)", "acc (keyword)");
+    for r in &runs {
+        let kw = r.acc_kw.map_or("n/a".to_string(), |x| format!("{:.3} of {}", x, r.kw_targets));
+        println!("{:<12}{:>12.0}{:>10.1}{:>16.3}{:>20}", r.name, r.tokens_per_s, r.ms_per_step, r.acc_all, kw);
+    }
+    println!("(weighted: loss weights samples by 1 + keyword count; unweighted: plain mean; same seed, data, steps)");
+    Ok(())
+}

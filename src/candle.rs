@@ -1,0 +1,386 @@
+//! candle integration (feature `candle`; `candle-cuda` adds candle's CUDA backend).
+//!
+//! [`weighted_loss`] is the loss as a candle custom op with a backward, so `loss.backward()`
+//! gives the logits' gradient through candle's autograd:
+//!
+//! ```
+//! # fn main() -> candle_core::Result<()> {
+//! use candle_core::{Device, Tensor, Var};
+//! use fused_weighted_loss::{candle::weighted_loss, LossSpec};
+//!
+//! let logits = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, 11), &Device::Cpu)?)?;
+//! let ids = Tensor::new(&[[1u32, 4, 4, 0, 9], [2, 3, 4, 5, 6]], &Device::Cpu)?;
+//! let spec = LossSpec::builder().keywords([4]).build().map_err(candle_core::Error::wrap)?;
+//!
+//! let loss = weighted_loss(logits.as_tensor(), &ids, None, &spec)?;
+//! let grads = loss.backward()?;
+//! let g = grads.get(&logits).expect("the logits' gradient");
+//! assert_eq!(g.dims(), &[2, 5, 11]);
+//! # Ok(()) }
+//! ```
+//!
+//! **One pass, and what it costs.** The forward computes the loss *and* the gradient in one fused
+//! pass (CPU storage: this crate's CPU backend; CUDA storage: its kernels on candle's device and
+//! stream, no copy to the host) and keeps the gradient until the backward, which then does no
+//! work on the logits: it hands the gradient over, multiplied by the upstream gradient only when
+//! that is not exactly 1 (on CUDA a device-side check, no host synchronisation). The cost is
+//! memory: one gradient, `B·T·V` elements of the logits' dtype, lives from the forward until the
+//! backward (or until the loss tensor is dropped). When the logits do not track gradients (no
+//! `Var` upstream) the forward computes the loss only and keeps nothing.
+//!
+//! Inputs: logits `[B, T, V]` f32, f16 or bf16; ids (and labels) `[B, T]` u32, i64 or i32, all
+//! contiguous. The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
+//! would need a host synchronisation); they are treated as positions without a target.
+
+use crate::dtype::{Logit, TokenId};
+use crate::{Backend, Grad, LossSpec, Shape, Tokens};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Device, Layout, Tensor};
+use std::sync::Mutex;
+
+/// The keyword-weighted loss of `logits` `[B, T, V]` for `ids` `[B, T]` (and optional `labels`),
+/// as an f32 scalar tensor whose backward gives the logits' gradient.
+pub fn weighted_loss(
+    logits: &Tensor,
+    ids: &Tensor,
+    labels: Option<&Tensor>,
+    spec: &LossSpec,
+) -> candle_core::Result<Tensor> {
+    let shape = Shape::from_dims(logits.dims(), ids.dims()).map_err(candle_core::Error::wrap)?;
+    if let Some(l) = labels {
+        shape.check_token_dims("labels", l.dims()).map_err(candle_core::Error::wrap)?;
+        if l.dtype() != ids.dtype() {
+            return Err(candle_core::Error::msg(format!(
+                "labels must have the ids' dtype ({:?}), got {:?}",
+                ids.dtype(),
+                l.dtype()
+            )));
+        }
+    }
+    let op = WeightedLossOp { spec: spec.clone(), shape, want_grad: logits.track_op(), stash: Mutex::new(None) };
+    match labels {
+        Some(labels) => logits.apply_op3(ids, labels, op),
+        None => logits.apply_op2(ids, op),
+    }
+}
+
+/// The custom op: one per call, holding the gradient between forward and backward.
+struct WeightedLossOp {
+    spec: LossSpec,
+    shape: Shape,
+    want_grad: bool,
+    stash: Mutex<Option<Stash>>,
+}
+
+/// The gradient the forward produced, waiting for the backward.
+enum Stash {
+    Cpu(Tensor),
+    #[cfg(feature = "candle-cuda")]
+    Cuda(cuda::DeviceGrad),
+}
+
+fn wrap(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+/// A contiguous storage's elements.
+fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) if b <= v.len() => Ok(&v[a..b]),
+        _ => Err(candle_core::Error::msg(format!("weighted_loss: {what} must be contiguous"))),
+    }
+}
+
+impl WeightedLossOp {
+    fn cpu_typed<L: Logit + candle_core::WithDType, I: TokenId>(
+        &self,
+        logits: &[L],
+        ids: &[I],
+        labels: Option<&[I]>,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let spec = self.spec.to_builder().backend(Backend::Cpu).build().map_err(wrap)?;
+        let tokens = match labels {
+            Some(l) => Tokens::new(ids).with_labels(l),
+            None => Tokens::new(ids),
+        };
+        let out = if self.want_grad {
+            let mut g = vec![L::default(); self.shape.logits_len()];
+            let out = spec.loss_and_grad(self.shape, logits, tokens, Grad::Into(&mut g)).map_err(wrap)?;
+            let dims = (self.shape.batch(), self.shape.seq(), self.shape.vocab());
+            *self.stash.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Stash::Cpu(Tensor::from_vec(g, dims, &Device::Cpu)?));
+            out
+        } else {
+            spec.loss_and_grad(self.shape, logits, tokens, Grad::Skip).map_err(wrap)?
+        };
+        Ok((CpuStorage::F32(vec![out.loss as f32]), candle_core::Shape::from(())))
+    }
+
+    fn cpu(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        macro_rules! with_ids {
+            ($logits:expr) => {
+                match (s2, s3) {
+                    (CpuStorage::U32(i), None) => self.cpu_typed($logits, contiguous(i, l2, "ids")?, None),
+                    (CpuStorage::I64(i), None) => self.cpu_typed($logits, contiguous(i, l2, "ids")?, None),
+                    (CpuStorage::I32(i), None) => self.cpu_typed($logits, contiguous(i, l2, "ids")?, None),
+                    (CpuStorage::U32(i), Some((CpuStorage::U32(y), l3))) => {
+                        self.cpu_typed($logits, contiguous(i, l2, "ids")?, Some(contiguous(y, l3, "labels")?))
+                    }
+                    (CpuStorage::I64(i), Some((CpuStorage::I64(y), l3))) => {
+                        self.cpu_typed($logits, contiguous(i, l2, "ids")?, Some(contiguous(y, l3, "labels")?))
+                    }
+                    (CpuStorage::I32(i), Some((CpuStorage::I32(y), l3))) => {
+                        self.cpu_typed($logits, contiguous(i, l2, "ids")?, Some(contiguous(y, l3, "labels")?))
+                    }
+                    _ => Err(candle_core::Error::msg("weighted_loss: ids and labels must be u32, i64 or i32, alike")),
+                }
+            };
+        }
+        match s1 {
+            CpuStorage::F32(v) => with_ids!(contiguous(v, l1, "logits")?),
+            CpuStorage::F16(v) => with_ids!(contiguous(v, l1, "logits")?),
+            CpuStorage::BF16(v) => with_ids!(contiguous(v, l1, "logits")?),
+            other => Err(candle_core::Error::msg(format!(
+                "weighted_loss: logits must be f32, f16 or bf16, got {:?}",
+                other.dtype()
+            ))),
+        }
+    }
+
+    fn bwd(&self, grad_res: &Tensor) -> candle_core::Result<Tensor> {
+        let stash = self.stash.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match stash {
+            Some(Stash::Cpu(g)) => {
+                // the upstream gradient of the scalar loss; 1 unless the loss was scaled
+                let s = grad_res.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                if s == 1.0 {
+                    Ok(g)
+                } else {
+                    g.affine(s, 0.0)
+                }
+            }
+            #[cfg(feature = "candle-cuda")]
+            Some(Stash::Cuda(g)) => g.into_tensor(grad_res),
+            None => Err(candle_core::Error::msg(
+                "weighted_loss: no gradient kept (the backward already ran, or the logits did not track gradients)",
+            )),
+        }
+    }
+}
+
+impl CustomOp2 for WeightedLossOp {
+    fn name(&self) -> &'static str {
+        "fused-weighted-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        self.cpu(s1, l1, s2, l2, None)
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        cuda::forward(self, s1, l1, s2, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.bwd(grad_res)?), None))
+    }
+}
+
+impl CustomOp3 for WeightedLossOp {
+    fn name(&self) -> &'static str {
+        "fused-weighted-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        self.cpu(s1, l1, s2, l2, Some((s3, l3)))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        cuda::forward(self, s1, l1, s2, l2, Some((s3, l3)))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.bwd(grad_res)?), None, None))
+    }
+}
+
+#[cfg(feature = "candle-cuda")]
+mod cuda {
+    //! The CUDA half: this crate's kernels on candle's device and stream.
+    use super::*;
+    use crate::cuda::cudarc::driver::{CudaSlice, CudaView};
+    use crate::cuda::{grad_buffer, CudaLoss, DeviceInputs};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, Storage};
+
+    /// A gradient on the device, with what it takes to become a tensor.
+    pub(super) struct DeviceGrad {
+        slice: GradSlice,
+        device: CudaDevice,
+        loss: CudaLoss,
+        dims: (usize, usize, usize),
+    }
+
+    enum GradSlice {
+        F32(CudaSlice<f32>),
+        F16(CudaSlice<half::f16>),
+        BF16(CudaSlice<half::bf16>),
+    }
+
+    impl DeviceGrad {
+        /// Scales by the upstream gradient (a device scalar; no work when it is 1) and wraps the
+        /// buffer as a tensor without copying it.
+        pub(super) fn into_tensor(self, grad_res: &Tensor) -> candle_core::Result<Tensor> {
+            let stream = self.device.cuda_stream();
+            let scale = grad_res.to_dtype(candle_core::DType::F32)?.contiguous()?;
+            let (st, layout) = scale.storage_and_layout();
+            let Storage::Cuda(cs) = &*st else {
+                return Err(candle_core::Error::msg("weighted_loss: the upstream gradient is not on the GPU"));
+            };
+            let s = cs.as_cuda_slice::<f32>()?;
+            let s = s.slice(layout.start_offset()..layout.start_offset() + 1);
+            let storage = match self.slice {
+                GradSlice::F32(mut g) => {
+                    self.loss.scale_by_device_scalar(&stream, &mut g.as_view_mut(), &s).map_err(wrap)?;
+                    CudaStorage::wrap_cuda_slice(g, self.device.clone())
+                }
+                GradSlice::F16(mut g) => {
+                    self.loss.scale_by_device_scalar(&stream, &mut g.as_view_mut(), &s).map_err(wrap)?;
+                    CudaStorage::wrap_cuda_slice(g, self.device.clone())
+                }
+                GradSlice::BF16(mut g) => {
+                    self.loss.scale_by_device_scalar(&stream, &mut g.as_view_mut(), &s).map_err(wrap)?;
+                    CudaStorage::wrap_cuda_slice(g, self.device.clone())
+                }
+            };
+            drop(st);
+            Ok(Tensor::from_storage(Storage::Cuda(storage), self.dims, BackpropOp::none(), false))
+        }
+    }
+
+    fn view<'a, T>(s: &'a CudaSlice<T>, layout: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
+        match layout.contiguous_offsets() {
+            Some((a, b)) if b <= s.len() => Ok(s.slice(a..b)),
+            _ => Err(candle_core::Error::msg(format!("weighted_loss: {what} must be contiguous"))),
+        }
+    }
+
+    fn run<L: Logit, I: TokenId>(
+        op: &WeightedLossOp,
+        dev: &CudaDevice,
+        logits: &CudaView<'_, L>,
+        ids: &CudaView<'_, I>,
+        labels: Option<&CudaView<'_, I>>,
+        keep: impl FnOnce(CudaSlice<L>) -> GradSlice,
+    ) -> candle_core::Result<CudaStorage> {
+        let stream = dev.cuda_stream();
+        let loss = CudaLoss::new(stream.context()).map_err(wrap)?;
+        let mut inputs = DeviceInputs::new(ids);
+        if let Some(l) = labels {
+            inputs = inputs.with_labels(l);
+        }
+        let out = if op.want_grad {
+            let mut g = grad_buffer::<L>(&stream, op.shape.logits_len()).map_err(wrap)?;
+            let out =
+                loss.loss_and_grad(&op.spec, op.shape, &stream, logits, &inputs, &mut g.as_view_mut()).map_err(wrap)?;
+            let dims = (op.shape.batch(), op.shape.seq(), op.shape.vocab());
+            *op.stash.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Stash::Cuda(DeviceGrad { slice: keep(g), device: dev.clone(), loss, dims }));
+            out
+        } else {
+            loss.loss(&op.spec, op.shape, &stream, logits, &inputs).map_err(wrap)?
+        };
+        Ok(CudaStorage::wrap_cuda_slice(out.loss_f32, dev.clone()))
+    }
+
+    pub(super) fn forward(
+        op: &WeightedLossOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: Option<(&CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        let dev = s1.device();
+        macro_rules! with_ids {
+            ($logits:expr, $keep:expr) => {
+                match (&s2.slice, s3.map(|(s, l)| (&s.slice, l))) {
+                    (CudaStorageSlice::U32(i), None) => run(op, dev, &$logits, &view(i, l2, "ids")?, None, $keep),
+                    (CudaStorageSlice::I64(i), None) => run(op, dev, &$logits, &view(i, l2, "ids")?, None, $keep),
+                    (CudaStorageSlice::I32(i), None) => run(op, dev, &$logits, &view(i, l2, "ids")?, None, $keep),
+                    (CudaStorageSlice::U32(i), Some((CudaStorageSlice::U32(y), l3))) => {
+                        run(op, dev, &$logits, &view(i, l2, "ids")?, Some(&view(y, l3, "labels")?), $keep)
+                    }
+                    (CudaStorageSlice::I64(i), Some((CudaStorageSlice::I64(y), l3))) => {
+                        run(op, dev, &$logits, &view(i, l2, "ids")?, Some(&view(y, l3, "labels")?), $keep)
+                    }
+                    (CudaStorageSlice::I32(i), Some((CudaStorageSlice::I32(y), l3))) => {
+                        run(op, dev, &$logits, &view(i, l2, "ids")?, Some(&view(y, l3, "labels")?), $keep)
+                    }
+                    _ => Err(candle_core::Error::msg("weighted_loss: ids and labels must be u32, i64 or i32, alike")),
+                }
+            };
+        }
+        let storage = match &s1.slice {
+            CudaStorageSlice::F32(v) => with_ids!(view(v, l1, "logits")?, GradSlice::F32),
+            CudaStorageSlice::F16(v) => with_ids!(view(v, l1, "logits")?, GradSlice::F16),
+            CudaStorageSlice::BF16(v) => with_ids!(view(v, l1, "logits")?, GradSlice::BF16),
+            _ => Err(candle_core::Error::msg(format!(
+                "weighted_loss: logits must be f32, f16 or bf16, got {:?}",
+                s1.dtype()
+            ))),
+        }?;
+        Ok((storage, candle_core::Shape::from(())))
+    }
+}

@@ -1,0 +1,129 @@
+//! The candle custom op: its loss and, through `backward()`, its gradient equal the crate's own
+//! API and the float64 reference, on CPU tensors (and on CUDA tensors with `candle-cuda` and a
+//! GPU; those skip without one, and fail with `FWL_REQUIRE_CUDA=1`).
+#![cfg(feature = "candle")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{random_inputs, rel};
+use fused_weighted_loss::candle::weighted_loss;
+use fused_weighted_loss::reference::{reference, rel_err};
+use fused_weighted_loss::{bf16, Grad, Logit, LossSpec, RowMean, Shape, Tokens};
+
+/// Runs the op on `device` with logits of dtype `L`; checks loss and gradient against the
+/// reference and the crate's API; `scale` multiplies the loss before `backward()`.
+fn check<L: Logit + candle_core::WithDType>(device: &Device, shape: Shape, spec: &LossSpec, labels: bool, scale: f64) {
+    let (logits, ids) = random_inputs::<L>(7, shape, 3.0);
+    let ids_u32: Vec<u32> = ids.iter().map(|&x| x as u32).collect();
+    let mut lab = ids_u32.clone();
+    lab[1] = 0;
+    let lab_i64: Vec<i64> = lab.iter().map(|&x| x as i64).collect();
+    let mut lab_i64 = lab_i64;
+    lab_i64[2] = -100;
+    let dims = (shape.batch(), shape.seq(), shape.vocab());
+    let t_logits = Var::from_tensor(&Tensor::from_vec(logits.clone(), dims, device).unwrap()).unwrap();
+    let (loss, r, api) = if labels {
+        let t_ids = Tensor::from_vec(ids.clone(), (shape.batch(), shape.seq()), device).unwrap();
+        let t_lab = Tensor::from_vec(lab_i64.clone(), (shape.batch(), shape.seq()), device).unwrap();
+        let loss = weighted_loss(t_logits.as_tensor(), &t_ids, Some(&t_lab), spec).unwrap();
+        let tokens = Tokens::new(&ids).with_labels(&lab_i64);
+        (
+            loss,
+            reference(spec, shape, &logits, tokens).unwrap(),
+            spec.loss_and_grad(shape, &logits, tokens, Grad::Skip).unwrap(),
+        )
+    } else {
+        let t_ids = Tensor::from_vec(ids_u32.clone(), (shape.batch(), shape.seq()), device).unwrap();
+        let loss = weighted_loss(t_logits.as_tensor(), &t_ids, None, spec).unwrap();
+        let tokens = Tokens::new(&ids_u32);
+        (
+            loss,
+            reference(spec, shape, &logits, tokens).unwrap(),
+            spec.loss_and_grad(shape, &logits, tokens, Grad::Skip).unwrap(),
+        )
+    };
+    assert_eq!(loss.dims(), &[] as &[usize]);
+    assert_eq!(loss.dtype(), DType::F32);
+    let l = loss.to_scalar::<f32>().unwrap() as f64;
+    let tol = if <L as Logit>::DTYPE == fused_weighted_loss::DType::F32 { 1e-5 } else { 1e-4 };
+    assert!(rel(l, r.loss) <= tol, "loss {l} vs reference {}", r.loss);
+    assert!(rel(l, api.loss) <= 1e-6, "loss {l} vs the crate's API {}", api.loss);
+    let scaled = if scale == 1.0 { loss } else { (loss * scale).unwrap() };
+    let grads = scaled.backward().unwrap();
+    let g = grads.get(&t_logits).expect("gradient of the logits");
+    assert_eq!(g.dims(), &[shape.batch(), shape.seq(), shape.vocab()]);
+    assert_eq!(g.dtype(), t_logits.dtype());
+    let g: Vec<f32> = g.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let want: Vec<f64> = r.grad.iter().map(|x| x * scale).collect();
+    let e = rel_err(&g, &want);
+    let gtol = if <L as Logit>::DTYPE == fused_weighted_loss::DType::F32 { 1e-5 } else { 1.5e-2 };
+    assert!(e <= gtol, "gradient rel err {e:e} ({:?} labels={labels} scale={scale})", <L as Logit>::DTYPE);
+}
+
+fn cases(device: &Device) {
+    let shape = Shape::new(3, 7, 1031).unwrap();
+    let spec = LossSpec::builder().keywords([5i64, 17, 17]).build().unwrap();
+    check::<f32>(device, shape, &spec, false, 1.0);
+    check::<f32>(device, shape, &spec, true, 1.0);
+    check::<f32>(device, shape, &spec, false, 0.25);
+    check::<bf16>(device, shape, &spec, false, 1.0);
+    check::<fused_weighted_loss::f16>(device, shape, &spec, true, 2.0);
+    let valid = LossSpec::builder().row_mean(RowMean::ValidTokens).build().unwrap();
+    check::<f32>(device, shape, &valid, true, 1.0);
+}
+
+#[test]
+fn candle_cpu_loss_and_backward() {
+    cases(&Device::Cpu);
+}
+
+#[test]
+fn candle_loss_without_tracked_logits_keeps_no_gradient() {
+    let shape = Shape::new(2, 3, 50).unwrap();
+    let (logits, ids) = random_inputs::<f32>(3, shape, 1.0);
+    let t = Tensor::from_vec(logits.clone(), (2, 3, 50), &Device::Cpu).unwrap();
+    let i = Tensor::from_vec(ids.clone(), (2, 3), &Device::Cpu).unwrap();
+    let loss = weighted_loss(&t, &i, None, &LossSpec::default()).unwrap();
+    let r = reference(&LossSpec::default(), shape, &logits, Tokens::new(&ids)).unwrap();
+    assert!(rel(loss.to_scalar::<f32>().unwrap() as f64, r.loss) <= 1e-5);
+    assert!(!loss.track_op());
+}
+
+#[test]
+fn candle_bad_inputs_are_errors() {
+    let dev = Device::Cpu;
+    let logits = Tensor::zeros((2, 3, 5), DType::F32, &dev).unwrap().affine(1.0, 0.5).unwrap();
+    let ids = Tensor::new(&[[0u32, 1, 2], [3, 4, 0]], &dev).unwrap();
+    let spec = LossSpec::default();
+    let flat = logits.flatten_all().unwrap();
+    assert!(weighted_loss(&flat, &ids, None, &spec).is_err(), "rank 1 logits");
+    let short = Tensor::new(&[[0u32, 1], [3, 4]], &dev).unwrap();
+    assert!(weighted_loss(&logits, &short, None, &spec).is_err(), "shape mismatch");
+    let bad = Tensor::new(&[[0u32, 1, 9], [3, 4, 0]], &dev).unwrap();
+    let e = weighted_loss(&logits, &bad, None, &spec).unwrap_err().to_string();
+    assert!(e.contains("outside [0, 5)"), "{e}");
+    let f64_logits = logits.to_dtype(DType::F64).unwrap();
+    assert!(weighted_loss(&f64_logits, &ids, None, &spec).is_err(), "f64 logits");
+    let float_ids = ids.to_dtype(DType::F32).unwrap();
+    assert!(weighted_loss(&logits, &float_ids, None, &spec).is_err(), "float ids");
+    let lab_i64 = ids.to_dtype(DType::I64).unwrap();
+    assert!(weighted_loss(&logits, &ids, Some(&lab_i64), &spec).is_err(), "labels of another dtype");
+    let strided = Tensor::zeros((2, 5, 3), DType::F32, &dev).unwrap().transpose(1, 2).unwrap();
+    assert!(weighted_loss(&strided, &ids, None, &spec).is_err(), "non-contiguous logits");
+}
+
+#[test]
+fn candle_cuda_loss_and_backward() {
+    if !common::gpu_or_skip("candle_cuda_loss_and_backward") {
+        return;
+    }
+    if !cfg!(feature = "candle-cuda") {
+        if std::env::var("FWL_REQUIRE_CUDA").as_deref() == Ok("1") {
+            panic!("candle_cuda_loss_and_backward: FWL_REQUIRE_CUDA=1 but built without `candle-cuda`");
+        }
+        eprintln!("candle_cuda_loss_and_backward: skipped, built without the `candle-cuda` feature");
+        return;
+    }
+    cases(&Device::new_cuda(0).unwrap());
+}
