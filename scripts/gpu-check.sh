@@ -62,13 +62,14 @@ run() {
     step "compute-sanitizer: not found, skipped"
   fi
 
-  step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy"
+  echo
+  echo "== checks $([ $fail = 0 ] && echo 'passed' || echo 'FAILED (see above)') in $((SECONDS - start)) s"
+  step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy (table last)"
   local liger
   liger=$(ls "$bundle"/wheels/liger_kernel-*.whl 2>/dev/null | head -1)
   PYTHONUNBUFFERED=1 python3 benches/compare_torch.py --device cuda --bin "$bundle/bin/fused-weighted-loss" \
     --shapes 32x128x50000:f32,32x128x50000:bf16,8x1024x128256:bf16 --iters 20 --compile-budget-s 330 \
     ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-bench.json" || fail=1
-  echo "gpu-check finished in $((SECONDS - start)) s, $([ $fail = 0 ] && echo 'all checks passed' || echo 'SOME CHECKS FAILED')"
   return $fail
 }
 

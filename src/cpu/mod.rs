@@ -217,21 +217,21 @@ fn stats_pass<L: Logit>(
             Some(e) => &mut e.exps[c * CHUNK..],
             None => &mut s.tmp[..],
         };
-        let (mut sum, top) = match (L::as_bits(chunk), st.shift == f32::NEG_INFINITY) {
-            // 16-bit input with a reference: widened in registers as the exponentials are taken
-            (Some(bits), false) => k.exp_sum_max_bits(L::DTYPE == DType::BF16, bits, st.shift, out, pf),
-            (_, false) => k.exp_sum_max(load(k, chunk, &mut s.buf), st.shift, out, pf),
-            (_, true) => {
-                // no finite reference yet: take this chunk's maximum first
-                let x = load(k, chunk, &mut s.buf);
-                st.raise(k.max(x));
-                k.exp_sum_max(x, st.exp_shift(), out, pf)
-            }
+        if st.shift == f32::NEG_INFINITY {
+            // no finite reference yet: take this chunk's maximum first
+            st.raise(k.max(load(k, chunk, &mut s.buf)));
+        }
+        // 16-bit input is widened in registers as the exponentials are taken (and gets the
+        // short polynomial, matched to its precision)
+        let exp_sum_max = |shift, out: &mut [f32], pf, buf: &mut [f32]| match L::as_bits(chunk) {
+            Some(bits) => k.exp_sum_max_bits(L::DTYPE == DType::BF16, bits, shift, out, pf),
+            None => k.exp_sum_max(load(k, chunk, buf), shift, out, pf),
         };
+        let (mut sum, top) = exp_sum_max(st.exp_shift(), &mut *out, pf, &mut s.buf);
         if top > st.shift + MARGIN {
             // a much larger maximum (or +inf): move the reference and redo the chunk
             st.raise(top);
-            sum = k.exp_sum_max(load(k, chunk, &mut s.buf), st.exp_shift(), out, Ahead::NONE).0;
+            sum = exp_sum_max(st.exp_shift(), &mut *out, Ahead::NONE, &mut s.buf).0;
         }
         st.sum_exp += sum as f64;
         if let Some(e) = keep.as_deref_mut().filter(|e| e.kept()) {
