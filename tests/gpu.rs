@@ -143,8 +143,7 @@ mod device_api {
         let mut d_g = stream.alloc_zeros::<f32>(shape.logits_len()).unwrap();
         let (ids_v, scale_v) = (d_ids.as_view(), d_scale.as_view());
         let inputs = DeviceInputs::new(&ids_v).with_grad_scale(&scale_v);
-        let out =
-            loss.loss_and_grad_f32(&spec, shape, &stream, &d_l.as_view(), &inputs, &mut d_g.as_view_mut()).unwrap();
+        let out = loss.loss_and_grad(&spec, shape, &stream, &d_l.as_view(), &inputs, &mut d_g.as_view_mut()).unwrap();
         let host = out.to_host(&stream).unwrap();
         let g = stream.clone_dtoh(&d_g).unwrap();
         stream.synchronize().unwrap();

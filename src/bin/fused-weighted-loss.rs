@@ -306,63 +306,103 @@ struct Timing {
 }
 
 impl Timing {
+    /// From runs in seconds.
     fn of(runs: &[f64]) -> Timing {
         Timing { median_ms: median(runs) * 1e3, min_ms: min(runs) * 1e3 }
+    }
+    /// From runs in milliseconds.
+    #[cfg(feature = "cuda")]
+    fn of_ms(runs: &[f64]) -> Timing {
+        Timing { median_ms: median(runs), min_ms: min(runs) }
+    }
+}
+
+/// What `bench` measured, rendered as a table or one JSON object.
+struct BenchReport {
+    shape: Shape,
+    dtype: DType,
+    iters: usize,
+    /// `backend`, then what describes it (`simd` and `threads`, or `device`), in print order.
+    about: Vec<(&'static str, serde_json::Value)>,
+    fused: Timing,
+    floor: Timing,
+    floor_name: &'static str,
+    reference: Option<Timing>,
+    loss: f64,
+}
+
+impl BenchReport {
+    fn render(&self, as_json: bool) -> String {
+        let bytes = self.shape.fused_bytes(self.dtype, self.dtype);
+        let gbps = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
+        if as_json {
+            let mut j = json!({
+                "median_ms": self.fused.median_ms,
+                "min_ms": self.fused.min_ms,
+                "gbps": gbps(self.fused.median_ms),
+                "dtype": self.dtype.name(),
+                "shape": [self.shape.batch(), self.shape.seq(), self.shape.vocab()],
+                "threads": 0,
+                "bytes": bytes,
+                "iters": self.iters,
+                "floor_median_ms": self.floor.median_ms,
+                "floor_gbps": gbps(self.floor.median_ms),
+                "x_floor": self.fused.median_ms / self.floor.median_ms,
+                "reference_median_ms": self.reference.as_ref().map(|r| r.median_ms),
+                "reference_min_ms": self.reference.as_ref().map(|r| r.min_ms),
+                "loss": self.loss,
+            });
+            for (k, v) in &self.about {
+                j[*k] = v.clone();
+            }
+            return j.to_string();
+        }
+        let about: Vec<String> = self
+            .about
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v.as_str().map_or(v.to_string(), str::to_string)))
+            .collect();
+        let mut s = format!(
+            "shape {}  dtype {}  {}  bytes moved {:.1} MB\n",
+            self.shape,
+            self.dtype,
+            about.join("  "),
+            bytes as f64 / 1e6
+        );
+        s += &format!("{:<26}{:>12}{:>12}{:>10}{:>10}\n", "", "median ms", "min ms", "GB/s", "x floor");
+        let rows = [("fused loss+grad", Some(&self.fused)), (self.floor_name, Some(&self.floor))];
+        for (name, t) in rows.into_iter().chain([("reference (f64, 1 thread)", self.reference.as_ref())]) {
+            let Some(t) = t else { continue };
+            s += &format!(
+                "{name:<26}{:>12.3}{:>12.3}{:>10.1}{:>10.2}\n",
+                t.median_ms,
+                t.min_ms,
+                gbps(t.median_ms),
+                t.median_ms / self.floor.median_ms
+            );
+        }
+        s.trim_end().to_string()
     }
 }
 
 /// `bench` on the GPU: device buffers, CUDA events, a device copy as the floor.
 #[cfg(feature = "cuda")]
-fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<String> {
+fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<BenchReport> {
     let r = fused_weighted_loss::cuda::bench_device::<L>(spec, shape, a.warmup, a.iters.max(1))?;
-    if !r.loss.is_finite() {
-        return Err(Failure(format!("bench produced a non-finite loss {}", r.loss)));
-    }
-    let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
-    let (fused, floor) = (
-        Timing { median_ms: median(&r.fused_ms), min_ms: min(&r.fused_ms) },
-        Timing { median_ms: median(&r.copy_ms), min_ms: min(&r.copy_ms) },
-    );
-    let gbps = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
-    if a.json {
-        return Ok(json!({
-            "median_ms": fused.median_ms,
-            "min_ms": fused.min_ms,
-            "gbps": gbps(fused.median_ms),
-            "backend": "cuda",
-            "device": r.device,
-            "dtype": L::DTYPE.name(),
-            "shape": [shape.batch(), shape.seq(), shape.vocab()],
-            "threads": 0,
-            "bytes": bytes,
-            "iters": a.iters.max(1),
-            "floor_median_ms": floor.median_ms,
-            "floor_gbps": gbps(floor.median_ms),
-            "x_floor": fused.median_ms / floor.median_ms,
-            "loss": r.loss,
-        })
-        .to_string());
-    }
-    let mut s = format!(
-        "shape {shape}  dtype {}  backend cuda  device {}  bytes moved {:.1} MB\n",
-        L::DTYPE,
-        r.device,
-        bytes as f64 / 1e6
-    );
-    s += &format!("{:<26}{:>12}{:>12}{:>10}{:>10}\n", "", "median ms", "min ms", "GB/s", "x floor");
-    for (name, t) in [("fused loss+grad", &fused), ("device copy (read+write)", &floor)] {
-        s += &format!(
-            "{name:<26}{:>12.3}{:>12.3}{:>10.1}{:>10.2}\n",
-            t.median_ms,
-            t.min_ms,
-            gbps(t.median_ms),
-            t.median_ms / floor.median_ms
-        );
-    }
-    Ok(s.trim_end().to_string())
+    Ok(BenchReport {
+        shape,
+        dtype: L::DTYPE,
+        iters: a.iters.max(1),
+        about: vec![("backend", json!("cuda")), ("device", json!(r.device))],
+        fused: Timing::of_ms(&r.fused_ms),
+        floor: Timing::of_ms(&r.copy_ms),
+        floor_name: "device copy (read+write)",
+        reference: None,
+        loss: r.loss,
+    })
 }
 
-fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<String> {
+fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<BenchReport> {
     if fused_weighted_loss::resolve_backend(spec.backend())? == Backend::Cuda {
         #[cfg(feature = "cuda")]
         return bench_cuda::<L>(a, shape, spec);
@@ -370,15 +410,10 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
     let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
     let ids = synthetic::ids::<i64>(2, shape.rows(), shape.vocab());
     let mut grad = vec![L::default(); shape.logits_len()];
-    // one checked run first: bad options fail here, and a bench of a broken kernel is worthless
+    // one checked run first: bad options fail here
     let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad))?;
-    if !out.loss.is_finite() {
-        return Err(Failure(format!("bench produced a non-finite loss {}", out.loss)));
-    }
-    let backend = out.backend;
-    let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
     // fused pass and copy floor alternate, so machine drift affects both alike
-    let mut copy = CopyBuffers::new(bytes / 2);
+    let mut copy = CopyBuffers::new(shape.fused_bytes(L::DTYPE, L::DTYPE) / 2);
     let (fused, floor) = time_paired(
         a.warmup,
         a.iters.max(1),
@@ -389,71 +424,46 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
         || copy.copy(),
     );
     drop(copy);
-    let (fused, floor) = (Timing::of(&fused), Timing::of(&floor));
     let reference = (a.reference_iters > 0).then(|| {
-        let runs = time_runs(0, a.reference_iters, || {
+        Timing::of(&time_runs(0, a.reference_iters, || {
             let _ = std::hint::black_box(reference(spec, shape, &logits, Tokens::new(&ids)));
-        });
-        Timing::of(&runs)
+        }))
     });
-    let gbps = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
-    let threads = rayon::current_num_threads();
     let simd = match spec.cpu_simd() {
         CpuSimd::Auto => fused_weighted_loss::cpu_simd_level(),
         level => level,
-    }
-    .to_string();
-    if a.json {
-        return Ok(json!({
-            "median_ms": fused.median_ms,
-            "min_ms": fused.min_ms,
-            "gbps": gbps(fused.median_ms),
-            "backend": backend.to_string(),
-            "dtype": L::DTYPE.name(),
-            "shape": [shape.batch(), shape.seq(), shape.vocab()],
-            "threads": threads,
-            "simd": simd,
-            "bytes": bytes,
-            "iters": a.iters.max(1),
-            "floor_median_ms": floor.median_ms,
-            "floor_gbps": gbps(floor.median_ms),
-            "x_floor": fused.median_ms / floor.median_ms,
-            "reference_median_ms": reference.as_ref().map(|r| r.median_ms),
-            "reference_min_ms": reference.as_ref().map(|r| r.min_ms),
-            "loss": out.loss,
-        })
-        .to_string());
-    }
-    let mut s = format!(
-        "shape {shape}  dtype {}  backend {backend}  simd {simd}  threads {threads}  bytes moved {:.1} MB\n",
-        L::DTYPE,
-        bytes as f64 / 1e6
-    );
-    s += &format!("{:<26}{:>12}{:>12}{:>10}{:>10}\n", "", "median ms", "min ms", "GB/s", "x floor");
-    let mut row = |name: &str, t: &Timing| {
-        s += &format!(
-            "{name:<26}{:>12.3}{:>12.3}{:>10.1}{:>10.2}\n",
-            t.median_ms,
-            t.min_ms,
-            gbps(t.median_ms),
-            t.median_ms / floor.median_ms
-        );
     };
-    row("fused loss+grad", &fused);
-    row("copy floor (read+write)", &floor);
-    if let Some(r) = &reference {
-        row("reference (f64, 1 thread)", r);
-    }
-    Ok(s.trim_end().to_string())
+    Ok(BenchReport {
+        shape,
+        dtype: L::DTYPE,
+        iters: a.iters.max(1),
+        about: vec![
+            ("backend", json!(out.backend.to_string())),
+            ("simd", json!(simd.to_string())),
+            ("threads", json!(rayon::current_num_threads())),
+        ],
+        fused: Timing::of(&fused),
+        floor: Timing::of(&floor),
+        floor_name: "copy floor (read+write)",
+        reference,
+        loss: out.loss,
+    })
 }
 
 fn bench(a: BenchArgs) -> CliResult<String> {
     let shape = parse_shape(&a.shape)?;
     let spec = LossSpec::builder().keywords([0, 1, 2]).backend(a.backend).cpu_simd(a.simd).build()?;
-    let run = || match a.dtype {
-        DType::F32 => bench_typed::<f32>(&a, shape, &spec),
-        DType::F16 => bench_typed::<f16>(&a, shape, &spec),
-        DType::BF16 => bench_typed::<bf16>(&a, shape, &spec),
+    let run = || -> CliResult<String> {
+        let report = match a.dtype {
+            DType::F32 => bench_typed::<f32>(&a, shape, &spec)?,
+            DType::F16 => bench_typed::<f16>(&a, shape, &spec)?,
+            DType::BF16 => bench_typed::<bf16>(&a, shape, &spec)?,
+        };
+        // a bench of a broken kernel is worthless
+        if !report.loss.is_finite() {
+            return Err(Failure(format!("bench produced a non-finite loss {}", report.loss)));
+        }
+        Ok(report.render(a.json))
     };
     match a.threads {
         Some(0) => Err(Failure("--threads must be at least 1".into())),

@@ -337,36 +337,21 @@ impl CudaLoss {
         self.with_inputs(stream, inputs, l, 0, |s, p| self.launch::<L, L, I>(spec, shape, s, p))
     }
 
-    /// Loss and gradient, the gradient into `grad` (the logits' dtype, `B * T * V` elements).
-    pub fn loss_and_grad<L: Logit, I: TokenId>(
+    /// Loss and gradient, the gradient into `grad` (`B * T * V` elements), whose dtype `G` is
+    /// the logits' own or `f32` (another pairing is [`Error::Unsupported`]).
+    pub fn loss_and_grad<L: Logit, G: Logit, I: TokenId>(
         &self,
         spec: &LossSpec,
         shape: Shape,
         stream: &Arc<CudaStream>,
         logits: &CudaView<'_, L>,
         inputs: &DeviceInputs<'_, I>,
-        grad: &mut CudaViewMut<'_, L>,
+        grad: &mut CudaViewMut<'_, G>,
     ) -> Result<DeviceLossOutput> {
         self.validate(spec, shape, logits.len(), inputs, Some(grad.len()))?;
         let (l, _gl) = logits.device_ptr(stream);
         let (g, _gg) = grad.device_ptr_mut(stream);
-        self.with_inputs(stream, inputs, l, g, |s, p| self.launch::<L, L, I>(spec, shape, s, p))
-    }
-
-    /// Loss and gradient, the gradient into an `f32` buffer whatever the logits' dtype.
-    pub fn loss_and_grad_f32<L: Logit, I: TokenId>(
-        &self,
-        spec: &LossSpec,
-        shape: Shape,
-        stream: &Arc<CudaStream>,
-        logits: &CudaView<'_, L>,
-        inputs: &DeviceInputs<'_, I>,
-        grad: &mut CudaViewMut<'_, f32>,
-    ) -> Result<DeviceLossOutput> {
-        self.validate(spec, shape, logits.len(), inputs, Some(grad.len()))?;
-        let (l, _gl) = logits.device_ptr(stream);
-        let (g, _gg) = grad.device_ptr_mut(stream);
-        self.with_inputs(stream, inputs, l, g, |s, p| self.launch::<L, f32, I>(spec, shape, s, p))
+        self.with_inputs(stream, inputs, l, g, |s, p| self.launch::<L, G, I>(spec, shape, s, p))
     }
 
     /// Loss and gradient, the gradient written over the logits.
@@ -643,6 +628,45 @@ fn host_device() -> Result<&'static (Arc<CudaContext>, CudaLoss)> {
     .map_err(Clone::clone)
 }
 
+/// Host token inputs copied to the device.
+struct Uploaded<I: TokenId> {
+    ids: CudaSlice<I>,
+    labels: Option<CudaSlice<I>>,
+}
+
+impl<I: TokenId> Uploaded<I> {
+    fn new(stream: &Arc<CudaStream>, tokens: &Tokens<'_, I>) -> Result<Self> {
+        let up = |t: &[I]| stream.clone_htod(t).map_err(drv("copying inputs to the device"));
+        Ok(Uploaded { ids: up(tokens.ids)?, labels: tokens.labels.map(up).transpose()? })
+    }
+
+    /// Runs `f` with the uploaded tokens as [`DeviceInputs`].
+    fn with<R>(&self, f: impl FnOnce(&DeviceInputs<'_, I>) -> R) -> R {
+        let (ids, labels) = (self.ids.as_view(), self.labels.as_ref().map(|l| l.as_view()));
+        let mut inputs = DeviceInputs::new(&ids);
+        if let Some(l) = labels.as_ref() {
+            inputs = inputs.with_labels(l);
+        }
+        f(&inputs)
+    }
+}
+
+/// Loss and gradient on the device, the gradient copied into the host buffer `g`.
+fn grad_to_host<L: Logit, G: Logit, I: TokenId>(
+    loss: &CudaLoss,
+    spec: &LossSpec,
+    shape: Shape,
+    stream: &Arc<CudaStream>,
+    logits: &CudaSlice<L>,
+    inputs: &DeviceInputs<'_, I>,
+    g: &mut [G],
+) -> Result<DeviceLossOutput> {
+    let mut d_grad = grad_buffer::<G>(stream, shape.logits_len())?;
+    let out = loss.loss_and_grad(spec, shape, stream, &logits.as_view(), inputs, &mut d_grad.as_view_mut())?;
+    stream.memcpy_dtoh(&d_grad, g).map_err(drv("copying the gradient to the host"))?;
+    Ok(out)
+}
+
 /// Host slices through the GPU: upload, run, download (the host API with `Backend::Cuda`).
 pub(crate) fn run_host<L: Logit, I: TokenId>(
     spec: &LossSpec,
@@ -653,33 +677,12 @@ pub(crate) fn run_host<L: Logit, I: TokenId>(
 ) -> Result<LossOutput> {
     let (ctx, loss) = host_device()?;
     let stream = ctx.default_stream();
-    let up = drv("copying inputs to the device");
-    let d_logits = stream.clone_htod(logits).map_err(up)?;
-    let d_ids = stream.clone_htod(tokens.ids).map_err(drv("copying inputs to the device"))?;
-    let d_labels = tokens.labels.map(|l| stream.clone_htod(l)).transpose().map_err(drv("copying inputs"))?;
-    let (ids_view, labels_view) = (d_ids.as_view(), d_labels.as_ref().map(|l| l.as_view()));
-    let mut inputs = DeviceInputs::new(&ids_view);
-    if let Some(l) = labels_view.as_ref() {
-        inputs = inputs.with_labels(l);
-    }
-    let down = drv("copying the gradient to the host");
-    let out = match grad {
-        Grad::Skip => loss.loss(spec, shape, &stream, &d_logits.as_view(), &inputs)?,
-        Grad::Into(g) => {
-            let mut d_grad = grad_buffer::<L>(&stream, shape.logits_len())?;
-            let out =
-                loss.loss_and_grad(spec, shape, &stream, &d_logits.as_view(), &inputs, &mut d_grad.as_view_mut())?;
-            stream.memcpy_dtoh(&d_grad, g).map_err(down)?;
-            out
-        }
-        Grad::IntoF32(g) => {
-            let mut d_grad = grad_buffer::<f32>(&stream, shape.logits_len())?;
-            let out =
-                loss.loss_and_grad_f32(spec, shape, &stream, &d_logits.as_view(), &inputs, &mut d_grad.as_view_mut())?;
-            stream.memcpy_dtoh(&d_grad, g).map_err(down)?;
-            out
-        }
-    };
+    let d_logits = stream.clone_htod(logits).map_err(drv("copying inputs to the device"))?;
+    let out = Uploaded::new(&stream, &tokens)?.with(|inputs| match grad {
+        Grad::Skip => loss.loss(spec, shape, &stream, &d_logits.as_view(), inputs),
+        Grad::Into(g) => grad_to_host(loss, spec, shape, &stream, &d_logits, inputs, g),
+        Grad::IntoF32(g) => grad_to_host(loss, spec, shape, &stream, &d_logits, inputs, g),
+    })?;
     out.to_host(&stream)
 }
 
@@ -693,14 +696,8 @@ pub(crate) fn run_host_in_place<L: Logit, I: TokenId>(
     let (ctx, loss) = host_device()?;
     let stream = ctx.default_stream();
     let mut d_logits = stream.clone_htod(logits).map_err(drv("copying inputs to the device"))?;
-    let d_ids = stream.clone_htod(tokens.ids).map_err(drv("copying inputs to the device"))?;
-    let d_labels = tokens.labels.map(|l| stream.clone_htod(l)).transpose().map_err(drv("copying inputs"))?;
-    let (ids_view, labels_view) = (d_ids.as_view(), d_labels.as_ref().map(|l| l.as_view()));
-    let mut inputs = DeviceInputs::new(&ids_view);
-    if let Some(l) = labels_view.as_ref() {
-        inputs = inputs.with_labels(l);
-    }
-    let out = loss.loss_and_grad_in_place(spec, shape, &stream, &mut d_logits.as_view_mut(), &inputs)?;
+    let out = Uploaded::new(&stream, &tokens)?
+        .with(|inputs| loss.loss_and_grad_in_place(spec, shape, &stream, &mut d_logits.as_view_mut(), inputs))?;
     stream.memcpy_dtoh(&d_logits, logits).map_err(drv("copying the gradient to the host"))?;
     out.to_host(&stream)
 }

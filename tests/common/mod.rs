@@ -50,13 +50,25 @@ pub fn check_all_modes<L: Logit, I: TokenId>(
     logits: &[L],
     tokens: Tokens<'_, I>,
 ) -> (ReferenceOutput, Vec<f32>) {
+    let specs = cpu_levels().into_iter().map(|level| spec.to_builder().cpu_simd(level).build().unwrap());
+    check_specs(spec, shape, logits, tokens, specs)
+}
+
+/// Runs [`check_modes`] for each of `specs` (variants of `spec` that change where it runs).
+fn check_specs<L: Logit, I: TokenId>(
+    spec: &LossSpec,
+    shape: Shape,
+    logits: &[L],
+    tokens: Tokens<'_, I>,
+    specs: impl IntoIterator<Item = LossSpec>,
+) -> (ReferenceOutput, Vec<f32>) {
     let r = reference(spec, shape, logits, tokens).expect("reference");
     assert!(r.loss.is_finite(), "test data must give a finite reference loss");
     let mut g = Vec::new();
-    for level in cpu_levels() {
-        let spec = spec.to_builder().cpu_simd(level).build().unwrap();
-        g = check_modes(&spec, shape, logits, tokens, &r);
+    for s in specs {
+        g = check_modes(&s, shape, logits, tokens, &r);
     }
+    assert!(!g.is_empty(), "at least one configuration ran");
     (r, g)
 }
 
@@ -82,11 +94,8 @@ pub fn check_cuda<L: Logit, I: TokenId>(
     logits: &[L],
     tokens: Tokens<'_, I>,
 ) -> (ReferenceOutput, Vec<f32>) {
-    let r = reference(spec, shape, logits, tokens).expect("reference");
-    assert!(r.loss.is_finite(), "test data must give a finite reference loss");
-    let spec = spec.to_builder().backend(fused_weighted_loss::Backend::Cuda).build().unwrap();
-    let g = check_modes(&spec, shape, logits, tokens, &r);
-    (r, g)
+    let cuda = spec.to_builder().backend(fused_weighted_loss::Backend::Cuda).build().unwrap();
+    check_specs(spec, shape, logits, tokens, [cuda])
 }
 
 /// Logit `i` of the >2^31-element tests, recomputable without storing a copy.
