@@ -15,11 +15,11 @@ fn group<L: Logit>(c: &mut Criterion, name: &str, shape: Shape, with_reference: 
     let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
     let ids = synthetic::ids::<i64>(2, shape.rows(), shape.vocab());
     let spec = LossSpec::builder().keywords([0, 1, 2]).build().unwrap();
-    let mut grad = vec![L::default(); shape.logits_len()];
+    let mut grad = L::zeroed(shape.logits_len());
     let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
 
     // the copy floor, timed alternately with the fused pass so machine drift hits both alike
-    let mut copy = CopyBuffers::new(bytes / 2);
+    let mut copy = CopyBuffers::new(bytes / 2).expect("memory for the copy floor");
     let (fused, floor) = time_paired(
         2,
         10,

@@ -33,7 +33,7 @@ struct Args {
     /// Folder of Python files; repeat to mix several (default: the standard library of `python3`).
     #[arg(long)]
     corpus: Vec<PathBuf>,
-    /// Bytes of source to read at most (files in sorted order).
+    /// Bytes of source to read at most (files in a seeded random order).
     #[arg(long, default_value_t = 6_000_000)]
     max_bytes: usize,
     /// BPE vocabulary size.
@@ -346,6 +346,16 @@ fn main() -> Res<()> {
     };
     let train_ids = encode(&mut train_files.iter().map(PathBuf::from))?;
     let heldout_ids = encode(&mut heldout_files.iter().cloned())?;
+    if train_ids.len() <= a.seq || heldout_ids.len() < a.batch * a.seq {
+        return Err(format!(
+            "the corpus is too small for --seq {} and --batch {}: {} training and {} held-out tokens",
+            a.seq,
+            a.batch,
+            train_ids.len(),
+            heldout_ids.len()
+        )
+        .into());
+    }
     let tokenizer_secs = t0.elapsed().as_secs_f64();
 
     // the course's keywords, bare and space-prefixed (byte-level BPE writes a space as 'Ġ')

@@ -104,7 +104,7 @@ impl WeightedLossOp {
             None => Tokens::new(ids),
         };
         let out = if self.want_grad {
-            let mut g = vec![L::default(); self.shape.logits_len()];
+            let mut g = L::zeroed(self.shape.logits_len());
             let out = spec.loss_and_grad(self.shape, logits, tokens, Grad::Into(&mut g)).map_err(wrap)?;
             let dims = (self.shape.batch(), self.shape.seq(), self.shape.vocab());
             *self.stash.lock().unwrap_or_else(|e| e.into_inner()) =

@@ -1,6 +1,7 @@
 //! Element types: logits (`f32`, `f16`, `bf16`) and token ids (`i32`, `i64`, `u32`).
 
 use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 use std::fmt;
 use std::str::FromStr;
@@ -86,12 +87,9 @@ pub trait Logit:
     fn to_f32(self) -> f32;
     /// Round one value from `f32`.
     fn from_f32(x: f32) -> Self;
-    /// Widen `src` into `dst` (equal lengths), vectorised where the CPU allows.
-    #[doc(hidden)]
-    fn widen(src: &[Self], dst: &mut [f32]);
-    /// Round `src` into `dst` (equal lengths), vectorised where the CPU allows.
-    #[doc(hidden)]
-    fn narrow(src: &[f32], dst: &mut [Self]);
+    /// `n` zeros from the allocator's zeroed memory: no fill pass (pages are touched when
+    /// first written), unlike `vec![Self::default(); n]` for the 16-bit types.
+    fn zeroed(n: usize) -> Vec<Self>;
     /// The raw bits of a 16-bit type (converted by the crate's own vector code), `None` for f32.
     #[doc(hidden)]
     fn as_bits(s: &[Self]) -> Option<&[u16]>;
@@ -116,13 +114,8 @@ impl Logit for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
-    #[inline]
-    fn widen(src: &[Self], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
-    }
-    #[inline]
-    fn narrow(src: &[f32], dst: &mut [Self]) {
-        dst.copy_from_slice(src);
+    fn zeroed(n: usize) -> Vec<Self> {
+        vec![0.0; n]
     }
     #[inline(always)]
     fn as_bits(_: &[Self]) -> Option<&[u16]> {
@@ -154,13 +147,9 @@ macro_rules! half_logit {
             fn from_f32(x: f32) -> Self {
                 <$t>::from_f32(x)
             }
-            #[inline]
-            fn widen(src: &[Self], dst: &mut [f32]) {
-                src.convert_to_f32_slice(dst);
-            }
-            #[inline]
-            fn narrow(src: &[f32], dst: &mut [Self]) {
-                dst.convert_from_f32_slice(src);
+            fn zeroed(n: usize) -> Vec<Self> {
+                // bits 0 are +0.0; a vector of integer zeros comes from zeroed memory
+                vec![0u16; n].reinterpret_into()
             }
             #[inline(always)]
             fn as_bits(s: &[Self]) -> Option<&[u16]> {

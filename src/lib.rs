@@ -104,23 +104,22 @@ pub fn cuda_status() -> std::result::Result<(), String> {
     Err("this build has no `cuda` feature".into())
 }
 
-/// The backend a call with this spec runs on: [`Backend::Auto`] is CUDA when usable (and the
-/// spec within its limits: at most 64 keywords), else the CPU.
-fn backend_for(spec: &LossSpec) -> Result<Backend> {
-    #[cfg(feature = "cuda")]
-    if spec.backend == Backend::Auto && spec.keywords.len() > cuda::MAX_KEYWORDS {
-        return Ok(Backend::Cpu);
-    }
-    resolve_backend(spec.backend)
-}
-
-/// Resolves [`Backend::Auto`] (CUDA when usable, else the CPU) and checks that the requested
-/// backend can run here.
-pub fn resolve_backend(requested: Backend) -> Result<Backend> {
-    match (requested, cuda_status()) {
-        (Backend::Cpu, _) | (Backend::Auto, Err(_)) => Ok(Backend::Cpu),
-        (Backend::Cuda | Backend::Auto, Ok(())) => Ok(Backend::Cuda),
-        (Backend::Cuda, Err(reason)) => Err(Error::BackendUnavailable { backend: Backend::Cuda, reason }),
+impl LossSpec {
+    /// The backend a call with this spec runs on here: [`Backend::Cpu`] as asked;
+    /// [`Backend::Cuda`] if usable, else [`Error::BackendUnavailable`]; [`Backend::Auto`] is CUDA
+    /// when usable and the spec is within the kernels' limits (at most 64 keywords), else the CPU.
+    /// Only `Auto` and `Cuda` probe for a driver (once per process).
+    pub fn resolved_backend(&self) -> Result<Backend> {
+        match self.backend {
+            Backend::Cpu => Ok(Backend::Cpu),
+            #[cfg(feature = "cuda")]
+            Backend::Auto if self.keywords.len() > cuda::MAX_KEYWORDS => Ok(Backend::Cpu),
+            Backend::Auto => Ok(if cuda_status().is_ok() { Backend::Cuda } else { Backend::Cpu }),
+            Backend::Cuda => match cuda_status() {
+                Ok(()) => Ok(Backend::Cuda),
+                Err(reason) => Err(Error::BackendUnavailable { backend: Backend::Cuda, reason }),
+            },
+        }
     }
 }
 
@@ -144,12 +143,13 @@ impl LossSpec {
                 return Err(Error::GradLength { expected: shape.logits_len(), got });
             }
         }
-        let plan = self.plan(shape, &tokens)?;
-        let backend = backend_for(self)?;
+        let backend = self.resolved_backend()?;
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
+            spec::validate_tokens(self, shape, &tokens)?;
             return cuda::run_host(self, shape, logits, tokens, grad);
         }
+        let plan = self.plan(shape, &tokens)?;
         let k = cpu_kernels(self.cpu_simd)?;
         let row_loss = match grad {
             Grad::Skip => cpu::run::<L, f32>(&k, &plan, logits, None),
@@ -180,12 +180,13 @@ impl LossSpec {
         tokens: Tokens<'_, I>,
     ) -> Result<LossOutput> {
         spec::check_len("logits", logits.len(), shape.logits_len(), shape)?;
-        let plan = self.plan(shape, &tokens)?;
-        let backend = backend_for(self)?;
+        let backend = self.resolved_backend()?;
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
+            spec::validate_tokens(self, shape, &tokens)?;
             return cuda::run_host_in_place(self, shape, logits, tokens);
         }
+        let plan = self.plan(shape, &tokens)?;
         let k = cpu_kernels(self.cpu_simd)?;
         let row_loss = cpu::run_in_place(&k, &plan, logits);
         plan.finish(&row_loss, self.check_finite, backend)

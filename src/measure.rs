@@ -1,5 +1,5 @@
-//! Timing helpers shared by the CLI's `bench` and the criterion benches: medians and the
-//! memory-copy floor that a fused pass is measured against.
+//! Timing helpers shared by the CLI's `bench` and the criterion benches: medians, paired timing
+//! and the memory-copy floor that a fused pass is measured against.
 
 use rayon::prelude::*;
 use std::time::Instant;
@@ -66,12 +66,15 @@ pub struct CopyBuffers {
 }
 
 impl CopyBuffers {
-    /// Allocates and fills `bytes` to read and `bytes` to write.
-    pub fn new(bytes: usize) -> Self {
-        let src: Vec<u8> = (0..bytes).map(|i| (i.wrapping_mul(31) >> 3) as u8 | 1).collect();
-        let dst = vec![1u8; bytes];
+    /// Allocates and fills `bytes` to read and `bytes` to write; `None` if they cannot be had.
+    pub fn new(bytes: usize) -> Option<Self> {
+        let (mut src, mut dst): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
+        src.try_reserve_exact(bytes).ok()?;
+        dst.try_reserve_exact(bytes).ok()?;
+        src.extend((0..bytes).map(|i| (i.wrapping_mul(31) >> 3) as u8 | 1));
+        dst.resize(bytes, 1);
         let chunk = bytes.div_ceil(rayon::current_num_threads().max(1) * 4).max(4096);
-        CopyBuffers { src, dst, chunk }
+        Some(CopyBuffers { src, dst, chunk })
     }
 
     /// One copy, split across the current rayon pool.
@@ -80,12 +83,4 @@ impl CopyBuffers {
         self.dst.par_chunks_mut(chunk).zip(self.src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
         std::hint::black_box(&self.dst);
     }
-}
-
-/// The copy floor: seconds per run (one entry per timed run) to read `bytes` and write `bytes`
-/// with [`CopyBuffers::copy`]. A fused pass that reads the logits once and writes the gradient
-/// once cannot beat this by much; `fused time / floor time` is the "× floor" figure.
-pub fn copy_floor(bytes: usize, warmup: usize, iters: usize) -> Vec<f64> {
-    let mut b = CopyBuffers::new(bytes);
-    time_runs(warmup, iters, || b.copy())
 }

@@ -94,9 +94,10 @@ impl Shape {
     pub const fn logits_len(&self) -> usize {
         self.batch * self.seq * self.vocab
     }
-    /// Bytes a fused pass moves: the logits read once plus the gradient written once.
+    /// Bytes a fused pass moves: the logits read once plus the gradient written once
+    /// (`usize::MAX` if that does not fit).
     pub const fn fused_bytes(&self, logits: crate::DType, grad: crate::DType) -> usize {
-        self.logits_len() * (logits.size() + grad.size())
+        self.logits_len().saturating_mul(logits.size() + grad.size())
     }
 }
 
@@ -142,7 +143,8 @@ pub enum Reduction {
 /// Where the computation runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Backend {
-    /// CUDA when the crate is built with `cuda` and a device is present, the CPU otherwise.
+    /// CUDA when the crate is built with `cuda`, a device is present and the spec is within the
+    /// kernels' limits (at most 64 keywords); the CPU otherwise.
     #[default]
     Auto,
     /// The fused CPU implementation (always available).
@@ -498,6 +500,34 @@ pub(crate) struct Plan {
     pub coef: Vec<f32>,
 }
 
+/// Keywords merged by id (a repeated id's weights add up) and sorted, so that counting the hits
+/// of a sample is one pass over its ids whatever the number of keywords.
+struct KeywordTable(Vec<(i64, f64)>);
+
+impl KeywordTable {
+    fn new(keywords: &[Keyword]) -> Self {
+        let mut v: Vec<(i64, f64)> = keywords.iter().map(|k| (k.id, k.weight)).collect();
+        v.sort_by_key(|&(id, _)| id);
+        v.dedup_by(|b, a| {
+            let same = a.0 == b.0;
+            if same {
+                a.1 += b.1;
+            }
+            same
+        });
+        KeywordTable(v)
+    }
+
+    /// What one occurrence of `id` adds to the hit count (0 for a non-keyword).
+    #[inline]
+    fn weight(&self, id: i64) -> f64 {
+        match self.0.binary_search_by_key(&id, |&(k, _)| k) {
+            Ok(i) => self.0[i].1,
+            Err(_) => 0.0,
+        }
+    }
+}
+
 /// Checks a buffer's length against what the shape implies.
 pub(crate) fn check_len(what: &'static str, got: usize, expected: usize, shape: Shape) -> Result<()> {
     if got != expected {
@@ -543,6 +573,7 @@ impl LossSpec {
         validate_tokens(self, shape, tokens)?;
         let (b, t) = (shape.batch, shape.seq);
         let labels = tokens.labels.unwrap_or(tokens.ids);
+        let table = KeywordTable::new(&self.keywords);
         let mut targets = vec![NO_TARGET; shape.rows()];
         let mut valid = vec![0u64; b];
         let mut weights = vec![0f64; b];
@@ -555,12 +586,7 @@ impl LossSpec {
                     valid[s] += 1;
                 }
             }
-            let ids = &tokens.ids[s * t..(s + 1) * t];
-            let hits: f64 = self
-                .keywords
-                .iter()
-                .map(|k| k.weight * ids.iter().filter(|id| id.to_i64() == k.id).count() as f64)
-                .sum();
+            let hits: f64 = tokens.ids[s * t..(s + 1) * t].iter().map(|id| table.weight(id.to_i64())).sum();
             weights[s] = self.alpha * (1.0 + hits);
         }
         let row_div: Vec<f64> = valid

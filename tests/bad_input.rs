@@ -35,7 +35,16 @@ fn lengths() {
     let mut g = vec![7f32; 31];
     let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g)).unwrap_err();
     assert_eq!(e, Error::GradLength { expected: 30, got: 31 });
+    // a buffer of the right length is left untouched when another input is bad
+    let mut g = vec![7f32; 30];
+    let mut bad = ids.clone();
+    bad[5] = 99;
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&bad), Grad::Into(&mut g)).unwrap_err();
+    assert!(matches!(e, Error::IdOutOfRange { value: 99, .. }), "{e}");
     assert!(g.iter().all(|&x| x == 7.0), "nothing written on error");
+    let mut l = logits.clone();
+    assert!(spec.loss_and_grad_in_place(shape, &mut l, Tokens::new(&bad)).is_err());
+    assert_eq!(l, logits, "in place: the logits are untouched on error");
     let mut g = vec![7f32; 29];
     let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap_err();
     assert_eq!(e, Error::GradLength { expected: 30, got: 29 });

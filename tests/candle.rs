@@ -79,7 +79,7 @@ fn candle_cpu_loss_and_backward() {
 }
 
 #[test]
-fn candle_loss_without_tracked_logits_keeps_no_gradient() {
+fn candle_loss_without_tracked_logits_has_no_backward() {
     let shape = Shape::new(2, 3, 50).unwrap();
     let (logits, ids) = random_inputs::<f32>(3, shape, 1.0);
     let t = Tensor::from_vec(logits.clone(), (2, 3, 50), &Device::Cpu).unwrap();

@@ -181,6 +181,7 @@ fn bad_inputs_exit_2_with_one_line() {
     assert_usage_error(&["bench", "--shape", "0x128x10"], "batch size is 0");
     assert_usage_error(&["bench", "--shape", "2x1x10"], "sequence length");
     assert_usage_error(&["bench", "--shape", "2x2x10", "--threads", "0"], "threads");
+    assert_usage_error(&["bench", "--shape", "1000000x1000000x1000000"], "memory");
     if fused_weighted_loss::cuda_status().is_err() {
         assert_usage_error(&["eval", "--logits", l, "--inputs", i, "--backend", "cuda"], "not available");
         assert_usage_error(&["bench", "--shape", "2x2x10", "--backend", "cuda"], "not available");

@@ -44,8 +44,11 @@ fn bitwise_across_threads_f32() {
 
 #[test]
 fn bitwise_across_threads_streamed() {
-    // large enough for streaming stores (whose use depends on each buffer's alignment)
-    check::<f32>(Shape::new(2, 41, 100_003).unwrap(), 4);
+    // large enough for streaming stores (gradients of 32 MiB and more), whose use depends on
+    // each buffer's alignment
+    let shape = Shape::new(2, 42, 100_003).unwrap();
+    assert!(shape.logits_len() * 4 > 32 << 20);
+    check::<f32>(shape, 4);
 }
 
 #[test]

@@ -112,8 +112,9 @@ fn large_vocab_256000() {
 #[test]
 fn streamed_gradients_with_odd_rows() {
     // gradients of 32 MiB and more are written with streaming stores on their aligned body;
-    // an odd vocabulary puts every row at a different alignment
-    let shape = Shape::new(2, 41, 100_003).unwrap();
+    // an odd vocabulary puts every row at a different alignment (2*42*100003*4 B > 32 MiB)
+    let shape = Shape::new(2, 42, 100_003).unwrap();
+    assert!(shape.fused_bytes(fused_weighted_loss::DType::F32, fused_weighted_loss::DType::F32) / 2 > 32 << 20);
     let (logits, ids) = random_inputs::<f32>(37, shape, 4.0);
     check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
     let shape = Shape::new(2, 84, 100_003).unwrap();

@@ -222,8 +222,16 @@ fn eval_typed<L: Logit>(
         Some(path) => {
             // create the file first so an unwritable path fails before the work
             let file = File::create(path).map_err(|e| format!("grad-out {}: {e}", path.display()))?;
-            let mut g = vec![0f32; shape.logits_len()];
-            let out = spec.loss_and_grad(shape, logits, tokens, Grad::IntoF32(&mut g))?;
+            let mut g = f32::zeroed(shape.logits_len());
+            let out = match spec.loss_and_grad(shape, logits, tokens, Grad::IntoF32(&mut g)) {
+                Ok(out) => out,
+                Err(e) => {
+                    // leave no empty file behind
+                    drop(file);
+                    let _ = std::fs::remove_file(path);
+                    return Err(e.into());
+                }
+            };
             write_f32_npy(file, &[shape.batch(), shape.seq(), shape.vocab()], &g)
                 .map_err(|e| format!("grad-out {}: {e}", path.display()))?;
             Ok(out)
@@ -342,7 +350,7 @@ impl BenchReport {
                 "gbps": gbps(self.fused.median_ms),
                 "dtype": self.dtype.name(),
                 "shape": [self.shape.batch(), self.shape.seq(), self.shape.vocab()],
-                "threads": 0,
+                "threads": null,
                 "bytes": bytes,
                 "iters": self.iters,
                 "floor_median_ms": self.floor.median_ms,
@@ -403,17 +411,22 @@ fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResu
 }
 
 fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<BenchReport> {
-    if fused_weighted_loss::resolve_backend(spec.backend())? == Backend::Cuda {
+    if spec.resolved_backend()? == Backend::Cuda {
         #[cfg(feature = "cuda")]
         return bench_cuda::<L>(a, shape, spec);
     }
+    // logits, gradient and the two copy buffers: fail cleanly if they cannot be had
+    let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
+    if Vec::<u8>::new().try_reserve_exact(bytes.saturating_mul(2)).is_err() {
+        return Err(Failure(format!("shape {shape} needs {:.1} GB of memory for bench", bytes as f64 * 2e-9)));
+    }
     let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
     let ids = synthetic::ids::<i64>(2, shape.rows(), shape.vocab());
-    let mut grad = vec![L::default(); shape.logits_len()];
+    let mut grad = L::zeroed(shape.logits_len());
     // one checked run first: bad options fail here
     let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad))?;
     // fused pass and copy floor alternate, so machine drift affects both alike
-    let mut copy = CopyBuffers::new(shape.fused_bytes(L::DTYPE, L::DTYPE) / 2);
+    let mut copy = CopyBuffers::new(bytes / 2).ok_or_else(|| Failure("no memory for the copy floor".into()))?;
     let (fused, floor) = time_paired(
         a.warmup,
         a.iters.max(1),

@@ -13,9 +13,10 @@
 //! and a fixed 16-lane summation order, which the portable-SIMD crates do not expose; lane
 //! arrays plus one `#[target_feature]` instantiation per level keep most code to one body.
 //!
-//! Every level sums in the same 16-lane order; levels differ in FMA and in the AVX-512 `exp`, so
-//! results are bit-identical for a given level on any machine (whatever the thread count or
-//! buffer alignment), and [`CpuSimd::Portable`] gives the same bits on every CPU.
+//! Each level sums in a fixed order (16 lanes; 16-bit input on the lane-code levels in blocks of
+//! 256 first); levels differ in that, in FMA and in the AVX-512 `exp`, so results are
+//! bit-identical for a given level on any machine (whatever the thread count or buffer
+//! alignment), and [`CpuSimd::Portable`] gives the same bits on every CPU.
 //!
 //! # `exp` and its error bound
 //!
@@ -180,47 +181,52 @@ fn exp_sum_max_bits_body<const FMA: bool>(
     for (b, (xs, os)) in x.chunks(256).zip(out.chunks_mut(256)).enumerate() {
         let w = &mut buf[..xs.len()];
         widen(xs, w);
-        let (s, t) = exp_sum_max_body::<FMA, true>(w, shift, os, ahead.skip(b * 16));
+        let (s, t) = exp_sum_max_body::<FMA, true>(w, shift, os, ahead.skip(b * 256 / LANES));
         sum += s;
         top = if t > top { t } else { top };
     }
     (sum, top)
 }
 
-/// Memory to prefetch while computing: one 64-byte line per 16-lane step, spread through the
-/// loop so that the loads are in flight while the arithmetic runs (a burst of prefetches at
-/// once overflows the miss queues and is dropped).
+/// Memory to prefetch while computing, spread through the loop so that the loads are in flight
+/// while the arithmetic runs (a burst of prefetches at once overflows the miss queues and is
+/// dropped): step `j` of a 16-lane loop over the same element type asks for the line holding
+/// step `j`'s elements of the region, once per 64-byte line.
 #[derive(Clone, Copy)]
 pub(crate) struct Ahead {
     start: *const u8,
-    lines: usize,
+    bytes: usize,
+    /// Bytes of the region per 16-lane step (16 elements of the input's type).
+    step: usize,
 }
 
 impl Ahead {
     /// Nothing to prefetch.
-    pub const NONE: Ahead = Ahead { start: std::ptr::null(), lines: 0 };
+    pub const NONE: Ahead = Ahead { start: std::ptr::null(), bytes: 0, step: 64 };
 
     /// The memory of `data` (never dereferenced: prefetching has no architectural effect).
     pub fn of<T>(data: &[T]) -> Ahead {
-        Ahead { start: data.as_ptr().cast(), lines: std::mem::size_of_val(data) / 64 }
+        Ahead { start: data.as_ptr().cast(), bytes: std::mem::size_of_val(data), step: 16 * std::mem::size_of::<T>() }
     }
 
-    /// The same region, the first `lines` lines dropped.
+    /// The same region from step `steps` on.
     #[inline(always)]
-    fn skip(self, lines: usize) -> Ahead {
-        Ahead { start: self.start.wrapping_add(lines * 64), lines: self.lines.saturating_sub(lines) }
+    fn skip(self, steps: usize) -> Ahead {
+        let off = (steps * self.step).min(self.bytes);
+        Ahead { start: self.start.wrapping_add(off), bytes: self.bytes - off, step: self.step }
     }
 
     #[inline(always)]
     fn line(self, j: usize) {
+        let off = j * self.step;
         #[cfg(target_arch = "x86_64")]
-        if j < self.lines {
+        if off < self.bytes && off.is_multiple_of(64) {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
             // SAFETY: prefetching never faults, whatever the address; SSE is x86-64 baseline.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.start.wrapping_add(j * 64).cast()) };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.start.wrapping_add(off).cast()) };
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = j;
+        let _ = off;
     }
 }
 
@@ -285,7 +291,7 @@ fn widen_f16_body(src: &[u16], dst: &mut [f32]) {
 // ---- one instantiation per level ------------------------------------------------------------
 
 macro_rules! level {
-    ($name:ident, $fma:literal $(, $feat:literal)?) => {
+    ($name:ident $(, $feat:literal)?) => {
         mod $name {
             use super::*;
             $(#[target_feature(enable = $feat)])?
@@ -296,14 +302,20 @@ macro_rules! level {
             pub(super) unsafe fn widen_bf16(src: &[u16], dst: &mut [f32]) {
                 widen_bf16_body(src, dst)
             }
-            // AVX-512 has its own (`x86::exp_sum_max_*512`)
+        }
+    };
+}
+
+/// The lane-code `exp` loops of a level (AVX-512 has its own, `x86::exp_sum_max_*512`).
+macro_rules! lane_exp {
+    ($name:ident, $fma:literal $(, $feat:literal)?) => {
+        mod $name {
+            use super::*;
             $(#[target_feature(enable = $feat)])?
-            #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
             pub(super) unsafe fn exp_sum_max(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
                 exp_sum_max_body::<$fma, false>(x, shift, out, ahead)
             }
             $(#[target_feature(enable = $feat)])?
-            #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
             pub(super) unsafe fn exp_sum_max_bf16(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
                 exp_sum_max_bits_body::<$fma>(x, widen_bf16_body, shift, out, ahead)
             }
@@ -311,11 +323,14 @@ macro_rules! level {
     };
 }
 
-level!(portable, false);
+level!(portable);
+lane_exp!(portable_exp, false);
 #[cfg(target_arch = "x86_64")]
-level!(avx2, true, "avx2,fma,f16c");
+level!(avx2, "avx2,fma,f16c");
 #[cfg(target_arch = "x86_64")]
-level!(avx512, true, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
+lane_exp!(avx2_exp, true, "avx2,fma,f16c");
+#[cfg(target_arch = "x86_64")]
+level!(avx512, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
 
 /// The portable stores (no streaming; f16 through `half`).
 mod portable_store {
@@ -346,13 +361,11 @@ mod x86 {
 
     const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
 
-    /// `(head, body)`: elements before `out` reaches `align` bytes, then whole `block`s after.
-    /// Without streaming everything is "head" (the lane-code body handles it).
+    /// `(head, body)`: the elements before the vector body, then the body's length in whole
+    /// `block`s. Streaming stores need `align`-byte alignment, so the head runs up to it; plain
+    /// stores take any address, so there is no head.
     fn split<T>(out: &[T], n: usize, align: usize, block: usize, stream: bool) -> (usize, usize) {
-        if !stream {
-            return (n, 0);
-        }
-        let head = out.as_ptr().align_offset(align).min(n);
+        let head = if stream { out.as_ptr().align_offset(align).min(n) } else { 0 };
         (head, (n - head) / block * block)
     }
 
@@ -500,8 +513,16 @@ mod x86 {
         scale_body(&x[..head], f, &mut out[..head]);
         let fv = _mm512_set1_ps(f);
         for i in (head..head + body).step_by(16) {
-            // SAFETY: i + 16 <= head + body <= n, within both slices; out + i is 64-byte aligned.
-            unsafe { _mm512_stream_ps(out.as_mut_ptr().add(i), _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv)) };
+            // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming, out + i is
+            // 64-byte aligned.
+            unsafe {
+                let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv);
+                if stream {
+                    _mm512_stream_ps(out.as_mut_ptr().add(i), v);
+                } else {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(i), v);
+                }
+            }
         }
         scale_body(&x[head + body..n], f, &mut out[head + body..n]);
     }
@@ -513,12 +534,17 @@ mod x86 {
         scale_bf16_body(&x[..head], f, &mut out[..head]);
         let fv = _mm512_set1_ps(f);
         for i in (head..head + body).step_by(32) {
-            // SAFETY: i + 32 <= head + body <= n, within both slices; out + i is 64-byte aligned.
+            // SAFETY: i + 32 <= head + body <= n, within both slices; when streaming, out + i is
+            // 64-byte aligned.
             unsafe {
                 let lo = bf16x16(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv));
                 let hi = bf16x16(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv));
                 let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                _mm512_stream_si512(out.as_mut_ptr().add(i).cast(), v);
+                if stream {
+                    _mm512_stream_si512(out.as_mut_ptr().add(i).cast(), v);
+                } else {
+                    _mm512_storeu_si512(out.as_mut_ptr().add(i).cast(), v);
+                }
             }
         }
         scale_bf16_body(&x[head + body..n], f, &mut out[head + body..n]);
@@ -528,7 +554,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
     pub(super) unsafe fn scale_bf16_512bf(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
         let n = x.len().min(out.len());
-        let (head, body) = if stream { split(out, n, 64, 32, true) } else { (0, n / 32 * 32) };
+        let (head, body) = split(out, n, 64, 32, stream);
         scale_bf16_body(&x[..head], f, &mut out[..head]);
         let fv = _mm512_set1_ps(f);
         for i in (head..head + body).step_by(32) {
@@ -551,7 +577,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     pub(super) unsafe fn scale_f16_512(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
         let n = x.len().min(out.len());
-        let (head, body) = if stream { split(out, n, 64, 32, true) } else { (0, n / 32 * 32) };
+        let (head, body) = split(out, n, 64, 32, stream);
         scale_f16_body(&x[..head], f, &mut out[..head]);
         let fv = _mm512_set1_ps(f);
         for i in (head..head + body).step_by(32) {
@@ -592,8 +618,16 @@ mod x86 {
         scale_body(&x[..head], f, &mut out[..head]);
         let fv = _mm256_set1_ps(f);
         for i in (head..head + body).step_by(8) {
-            // SAFETY: i + 8 <= head + body <= n, within both slices; out + i is 32-byte aligned.
-            unsafe { _mm256_stream_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv)) };
+            // SAFETY: i + 8 <= head + body <= n, within both slices; when streaming, out + i is
+            // 32-byte aligned.
+            unsafe {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv);
+                if stream {
+                    _mm256_stream_ps(out.as_mut_ptr().add(i), v);
+                } else {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
+                }
+            }
         }
         scale_body(&x[head + body..n], f, &mut out[head + body..n]);
     }
@@ -605,13 +639,18 @@ mod x86 {
         scale_bf16_body(&x[..head], f, &mut out[..head]);
         let fv = _mm256_set1_ps(f);
         for i in (head..head + body).step_by(16) {
-            // SAFETY: i + 16 <= head + body <= n, within both slices; out + i is 32-byte aligned.
+            // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming, out + i is
+            // 32-byte aligned.
             unsafe {
                 let lo = bf16x8(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv));
                 let hi = bf16x8(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8)), fv));
                 // packus interleaves 128-bit halves: put them back in order
                 let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi));
-                _mm256_stream_si256(out.as_mut_ptr().add(i).cast(), v);
+                if stream {
+                    _mm256_stream_si256(out.as_mut_ptr().add(i).cast(), v);
+                } else {
+                    _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), v);
+                }
             }
         }
         scale_bf16_body(&x[head + body..n], f, &mut out[head + body..n]);
@@ -620,7 +659,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn scale_f16_256(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
         let n = x.len().min(out.len());
-        let (head, body) = if stream { split(out, n, 32, 16, true) } else { (0, n / 16 * 16) };
+        let (head, body) = split(out, n, 32, 16, stream);
         scale_f16_body(&x[..head], f, &mut out[..head]);
         let fv = _mm256_set1_ps(f);
         for i in (head..head + body).step_by(16) {
@@ -718,8 +757,8 @@ impl Kernels {
         let portable = Kernels {
             level: CpuSimd::Portable,
             max: portable::max,
-            exp_sum_max: portable::exp_sum_max,
-            exp_sum_max_bf16: portable::exp_sum_max_bf16,
+            exp_sum_max: portable_exp::exp_sum_max,
+            exp_sum_max_bf16: portable_exp::exp_sum_max_bf16,
             exp_sum_max_f16: portable_store::exp_sum_max_f16,
             widen_bf16: portable::widen_bf16,
             widen_f16: portable_store::widen_f16,
@@ -738,8 +777,8 @@ impl Kernels {
             CpuSimd::Avx2 => Some(Kernels {
                 level,
                 max: avx2::max,
-                exp_sum_max: avx2::exp_sum_max,
-                exp_sum_max_bf16: avx2::exp_sum_max_bf16,
+                exp_sum_max: avx2_exp::exp_sum_max,
+                exp_sum_max_bf16: avx2_exp::exp_sum_max_bf16,
                 exp_sum_max_f16: x86::exp_sum_max_f16_256,
                 widen_bf16: avx2::widen_bf16,
                 widen_f16: x86::widen_f16_256,
