@@ -68,7 +68,7 @@ run() {
   local liger
   liger=$(ls "$bundle"/wheels/liger_kernel-*.whl 2>/dev/null | head -1)
   PYTHONUNBUFFERED=1 python3 benches/compare_torch.py --device cuda --bin "$bundle/bin/fused-weighted-loss" \
-    --shapes 32x128x50000:f32,32x128x50000:bf16,8x1024x128256:bf16 --iters 20 --compile-budget-s 330 \
+    --shapes 32x128x50000:f32,32x128x50000:bf16,8x1024x128256:bf16 --iters 20 --compile-budget-s 200 \
     ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-bench.json" || fail=1
   return $fail
 }
