@@ -101,6 +101,17 @@ pub(crate) fn status() -> std::result::Result<(), String> {
         .clone()
 }
 
+/// Threads per rows block and resident rows blocks per multiprocessor: 1024 and 2 unless
+/// `FWL_CUDA_ROW_THREADS` (256, 512 or 1024) and `FWL_CUDA_BLOCKS_PER_SM` (1 to 8, at most 2048
+/// threads per multiprocessor) say otherwise — tuning knobs, read when a context loads the
+/// kernels.
+fn row_launch_shape() -> (u32, u32) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    let threads = var("FWL_CUDA_ROW_THREADS").filter(|t| [256, 512, 1024].contains(t)).unwrap_or(THREADS);
+    let blocks = var("FWL_CUDA_BLOCKS_PER_SM").filter(|b| (1..=8).contains(b) && b * threads <= 2048).unwrap_or(2);
+    (threads, blocks)
+}
+
 /// The loaded kernels of one context.
 struct Module {
     plan_i32: CudaFunction,
@@ -110,9 +121,11 @@ struct Module {
     finish: CudaFunction,
     scale: [(DType, CudaFunction); 3],
     num_sms: u32,
-    /// Dynamic shared memory a rows block may use (bytes, multiple of 16), sized for two
-    /// resident blocks per multiprocessor.
+    /// Dynamic shared memory a rows block may use (bytes, multiple of 16), sized for the
+    /// resident blocks per multiprocessor of [`row_launch_shape`].
     smem_max: usize,
+    /// Threads per rows block.
+    row_threads: u32,
 }
 
 impl Module {
@@ -136,16 +149,17 @@ impl Module {
             (DType::BF16, DType::BF16, f("fwl_rows_bf16_bf16")?),
             (DType::BF16, DType::F32, f("fwl_rows_bf16_f32")?),
         ];
+        let (row_threads, blocks_per_sm) = row_launch_shape();
         let mut smem_max = usize::MAX;
         for (_, _, func) in &rows {
             let fixed = func
                 .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
                 .map_err(drv("querying a kernel"))?;
-            // room for two resident blocks per multiprocessor (the driver keeps 1 KiB per block),
-            // so that one block's gradient writes overlap the other's reads; a row longer than
-            // that re-reads its remainder, from L2
-            let two_per_sm = per_sm / 2 - fixed - 1024;
-            let dynamic = (optin - fixed).min(two_per_sm).max(0) as usize / 16 * 16;
+            // room for `blocks_per_sm` resident blocks per multiprocessor (the driver keeps 1 KiB
+            // per block), so that one block's gradient writes overlap another's reads; a row
+            // longer than that re-reads its remainder, from L2
+            let share = per_sm / blocks_per_sm as i32 - fixed - 1024;
+            let dynamic = (optin - fixed).min(share).max(0) as usize / 16 * 16;
             func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)
                 .map_err(drv("configuring a kernel"))?;
             smem_max = smem_max.min(dynamic);
@@ -163,6 +177,7 @@ impl Module {
             ],
             num_sms: num_sms.max(1) as u32,
             smem_max,
+            row_threads,
         })
     }
 
@@ -510,7 +525,7 @@ impl CudaLoss {
             let smem_vectors = if p.grad != 0 { row_bytes.div_ceil(16).min(m.smem_max / 16) } else { 0 };
             let smem = smem_vectors * 16;
             let per_sm = func
-                .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)
+                .occupancy_max_active_blocks_per_multiprocessor(m.row_threads, smem, None)
                 .map_err(drv("querying occupancy"))?
                 .max(1);
             let grid = (m.num_sms as usize * per_sm as usize).min(rows).max(1) as u32;
