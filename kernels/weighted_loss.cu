@@ -5,13 +5,17 @@
 //   fwl_rows_*    grid-stride over rows, one block per row at a time: pass 1 reads the row once
 //                 (16-byte vector loads) for its max / sum-exp (online softmax, f32), keeping as
 //                 much of the row as fits in shared memory; pass 2 writes the gradient from shared
-//                 memory (and, for the part of a long row that did not fit, from L2)
+//                 memory (and, for the part of a long row that did not fit, from L2).
+//                 Tuning variants (FWL_CUDA_ROW_UNROLL, FWL_CUDA_ROW_CLUSTER): 2 or 4 loads in
+//                 flight per thread (the same bits), and on sm_90 a cluster of 2 or 4 blocks per
+//                 row, each keeping its slice of the row in shared memory
 //   fwl_finish    one block: per-sample means and the batch loss in a fixed order
 //
 // Every reduction has a fixed shape (warp butterflies, then warp 0), so reruns are bit-identical.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <stdint.h>
 
 #include "params.h"
@@ -222,88 +226,157 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_plan_u32(FwlPlanPa
 template <typename G>
 __device__ __forceinline__ void grad_scalar(G *g, const float *v, int n, int64_t j, int32_t y, float mx, float scale,
                                             float coef, float inv_s) {
+    const int t = y >= j && y < j + n ? static_cast<int>(y - j) : -1;  // the target's slot, if here
     for (int i = 0; i < n; ++i) {
         const float e = __expf(v[i] - mx);
-        g[i] = from_f32<G>(j + i == y ? coef * (e * inv_s - 1.f) : e * scale);
+        g[i] = from_f32<G>(i == t ? coef * (e * inv_s - 1.f) : e * scale);
     }
 }
 
-template <typename L, typename G> __device__ void rows_impl(const FwlRowParams &p) {
+// Thread-block clusters (sm_90 and later): the C blocks of a cluster share one row, each keeping
+// its own slice in shared memory, and exchange their statistics through distributed shared memory.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FWL_HAS_CLUSTERS 1
+#define FWL_CLUSTER_DIMS(c) __cluster_dims__(c, 1, 1)
+#else
+#define FWL_HAS_CLUSTERS 0
+#define FWL_CLUSTER_DIMS(c)
+#endif
+
+// U: 16-byte loads each thread keeps in flight (1, 2 or 4). C: blocks per row (1, or a cluster
+// of 2 or 4). For a given block size the statistics, loss and gradient are the same bits for
+// every U; C > 1 splits the row and so merges its statistics in a different (fixed) order.
+template <typename L, typename G, int U, int C> __device__ void rows_impl(const FwlRowParams &p) {
     constexpr int N = Vec16<L>::N;
     extern __shared__ __align__(16) unsigned char fwl_smem[];
     Vec16<L> *cache = reinterpret_cast<Vec16<L> *>(fwl_smem);
     __shared__ MS red[32];
     __shared__ float target_logit;
+#if FWL_HAS_CLUSTERS
+    __shared__ MS slice_stats[2];  // this block's statistics of the current row, by row parity
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    const unsigned rank = C > 1 ? cluster.block_rank() : 0;
+#else
+    static_assert(C == 1, "clusters need sm_90");
+    const unsigned rank = 0;
+#endif
     const int64_t V = p.vocab;
 
-    for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+#if FWL_HAS_CLUSTERS
+    int parity = 0;
+#endif
+    for (int64_t row = blockIdx.x / C; row < p.rows; row += gridDim.x / C) {
         const L *x = static_cast<const L *>(p.logits) + row * V;
         G *g = p.grad ? static_cast<G *>(p.grad) + row * V : nullptr;
-        const int32_t y = p.targets[row];  // the same for the whole block: uniform branches
+        const int32_t y = p.targets[row];  // the same for the whole cluster: uniform branches
         if (y < 0) {
             if (g)
-                for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = from_f32<G>(0.f);
-            if (threadIdx.x == 0) p.row_loss[row] = 0.f;
+                for (int64_t j = rank * blockDim.x + threadIdx.x; j < V; j += static_cast<int64_t>(C) * blockDim.x)
+                    g[j] = from_f32<G>(0.f);
+            if (rank == 0 && threadIdx.x == 0) p.row_loss[row] = 0.f;
             continue;
         }
-        if (threadIdx.x == 0) target_logit = to_f32(x[y]);  // read before any write (in place)
+        // read before any write (in place): in a cluster, other blocks write only after the
+        // cluster barrier below
+        if (rank == 0 && threadIdx.x == 0) target_logit = to_f32(x[y]);
 
-        // split: unaligned head, 16-byte vectors, tail
+        // split: unaligned head, 16-byte vectors, tail; block `rank` owns vectors [k_lo, k_hi)
+        // and block 0 also the head and tail
         const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) / sizeof(L);
         const int64_t head = min(V, mis ? N - mis : 0);
         const int64_t nvec = (V - head) / N;
         const int64_t tail0 = head + nvec * N;
-        const int64_t cached = min(nvec, p.smem_vectors);
+        const int64_t per_block = (nvec + C - 1) / C;
+        const int64_t k_lo = min(nvec, rank * per_block), k_hi = min(nvec, k_lo + per_block);
+        const int64_t cached = k_lo + min(k_hi - k_lo, p.smem_vectors);  // vectors below this are cached
+        const bool edges = rank == 0;
 
-        // pass 1: statistics, keeping the first `cached` vectors in shared memory
+        // pass 1: statistics, keeping the vectors below `cached` in shared memory. U loads in
+        // flight per thread; each thread still folds its vectors in the order k, k + blockDim.x,
+        // ..., so the statistics do not depend on U
         MS acc{-INFINITY, 0.f};
-        if (threadIdx.x < head) {
+        if (edges && threadIdx.x < head) {
             const float v = to_f32(x[threadIdx.x]);
             ms_push(acc, &v, 1);
         }
-        for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-            const Vec16<L> r = load16(x + head + k * N);
-            if (k < cached) cache[k] = r;
-            float v[N];
-            for (int i = 0; i < N; ++i) v[i] = to_f32(r.v[i]);
-            ms_push(acc, v, N);
+        for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
+            Vec16<L> r[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+                if (k < k_hi) r[u] = load16(x + head + k * N);
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+                if (k < k_hi) {
+                    if (k < cached) cache[k - k_lo] = r[u];
+                    float v[N];
+                    for (int i = 0; i < N; ++i) v[i] = to_f32(r[u].v[i]);
+                    ms_push(acc, v, N);
+                }
+            }
         }
-        if (tail0 + threadIdx.x < V) {
+        if (edges && tail0 + threadIdx.x < V) {
             const float v = to_f32(x[tail0 + threadIdx.x]);
             ms_push(acc, &v, 1);
         }
-        const MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
+        MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
+#if FWL_HAS_CLUSTERS
+        if constexpr (C > 1) {
+            // every block merges the C slices in rank order, so all get the same bits; the
+            // buffers alternate by row so that a fast block's next row cannot overwrite what
+            // a slower one is still reading (the next row's barrier orders them)
+            if (threadIdx.x == 0) slice_stats[parity] = st;
+            cluster.sync();
+            MS all = *cluster.map_shared_rank(&slice_stats[parity], 0);
+            for (int r = 1; r < C; ++r) all = ms_merge(all, *cluster.map_shared_rank(&slice_stats[parity], r));
+            st = all;
+            parity ^= 1;
+        }
+#endif
         const float coef = p.coef[row / p.seq];
         const float inv_s = 1.f / st.s;
         const float scale = coef * inv_s;
-        if (threadIdx.x == 0) p.row_loss[row] = (st.m - target_logit) + logf(st.s);
+        if (rank == 0 && threadIdx.x == 0) p.row_loss[row] = (st.m - target_logit) + logf(st.s);
         if (!g) continue;
 
         // pass 2: gradient, each thread writing exactly what it read
-        if (threadIdx.x < head) {
+        if (edges && threadIdx.x < head) {
             const float v = to_f32(x[threadIdx.x]);
             grad_scalar(g + threadIdx.x, &v, 1, threadIdx.x, y, st.m, scale, coef, inv_s);
         }
-        for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-            const int64_t j = head + k * N;
-            const Vec16<L> r = k < cached ? cache[k] : load16(x + j);
-            float v[N];
-            for (int i = 0; i < N; ++i) v[i] = to_f32(r.v[i]);
-            bool done = false;
-            if constexpr (sizeof(G) == sizeof(L)) {
-                if (p.vector_stores) {
-                    Vec16<G> o;
-                    for (int i = 0; i < N; ++i) {
-                        const float e = __expf(v[i] - st.m);
-                        o.v[i] = from_f32<G>(j + i == y ? coef * (e * inv_s - 1.f) : e * scale);
-                    }
-                    store16(g + j, o);
-                    done = true;
-                }
+        for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
+            Vec16<L> r[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {  // all U reads before any write (in place: own vectors only)
+                const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+                if (k < k_hi) r[u] = k < cached ? cache[k - k_lo] : load16(x + head + k * N);
             }
-            if (!done) grad_scalar(g + j, v, N, j, y, st.m, scale, coef, inv_s);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+                if (k >= k_hi) continue;
+                const int64_t j = head + k * N;
+                float v[N];
+                for (int i = 0; i < N; ++i) v[i] = to_f32(r[u].v[i]);
+                bool done = false;
+                if constexpr (sizeof(G) == sizeof(L)) {
+                    if (p.vector_stores) {
+                        const int t = y >= j && y < j + N ? static_cast<int>(y - j) : -1;
+                        Vec16<G> o;
+                        for (int i = 0; i < N; ++i) {
+                            const float e = __expf(v[i] - st.m);
+                            o.v[i] = from_f32<G>(i == t ? coef * (e * inv_s - 1.f) : e * scale);
+                        }
+                        store16(g + j, o);
+                        done = true;
+                    }
+                }
+                if (!done) grad_scalar(g + j, v, N, j, y, st.m, scale, coef, inv_s);
+            }
         }
-        if (tail0 + threadIdx.x < V) {
+        if (edges && tail0 + threadIdx.x < V) {
             const int64_t j = tail0 + threadIdx.x;
             const float v = to_f32(x[j]);
             grad_scalar(g + j, &v, 1, j, y, st.m, scale, coef, inv_s);
@@ -311,16 +384,40 @@ template <typename L, typename G> __device__ void rows_impl(const FwlRowParams &
         // the next row's pass 1 overwrites the cache: wait until every thread is done with it
         __syncthreads();
     }
+#if FWL_HAS_CLUSTERS
+    // a block's shared memory must outlive its partners' last reads of it
+    if constexpr (C > 1) cluster.sync();
+#endif
 }
 
-#define FWL_ROWS(name, L, G)                                                                    \
-    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams p) { rows_impl<L, G>(p); }
+// One rows kernel per (logits, gradient) pair and loads in flight: fwl_rows_* (1), fwl_rows2_*,
+// fwl_rows4_*; and the cluster kernels fwl_rows<U>c<C>_* for U = 1, 2 and C = 2, 4, empty below
+// sm_90 (the host reads their required cluster width, 0 there, and does not launch them).
+#define FWL_ROWS_ONE(name, L, G, U)                                                             \
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams p) { rows_impl<L, G, U, 1>(p); }
+#if FWL_HAS_CLUSTERS
+#define FWL_ROWS_CLUSTER(name, L, G, U, C)                                                      \
+    extern "C" __global__ void FWL_CLUSTER_DIMS(C) __launch_bounds__(FWL_THREADS) name(FwlRowParams p) { \
+        rows_impl<L, G, U, C>(p);                                                               \
+    }
+#else
+#define FWL_ROWS_CLUSTER(name, L, G, U, C)                                                      \
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams) {}
+#endif
+#define FWL_ROWS(suffix, L, G)                                                                  \
+    FWL_ROWS_ONE(fwl_rows_##suffix, L, G, 1)                                                    \
+    FWL_ROWS_ONE(fwl_rows2_##suffix, L, G, 2)                                                   \
+    FWL_ROWS_ONE(fwl_rows4_##suffix, L, G, 4)                                                   \
+    FWL_ROWS_CLUSTER(fwl_rowsc2_##suffix, L, G, 1, 2)                                           \
+    FWL_ROWS_CLUSTER(fwl_rows2c2_##suffix, L, G, 2, 2)                                          \
+    FWL_ROWS_CLUSTER(fwl_rowsc4_##suffix, L, G, 1, 4)                                           \
+    FWL_ROWS_CLUSTER(fwl_rows2c4_##suffix, L, G, 2, 4)
 
-FWL_ROWS(fwl_rows_f32_f32, float, float)
-FWL_ROWS(fwl_rows_f16_f16, __half, __half)
-FWL_ROWS(fwl_rows_f16_f32, __half, float)
-FWL_ROWS(fwl_rows_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
-FWL_ROWS(fwl_rows_bf16_f32, __nv_bfloat16, float)
+FWL_ROWS(f32_f32, float, float)
+FWL_ROWS(f16_f16, __half, __half)
+FWL_ROWS(f16_f32, __half, float)
+FWL_ROWS(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+FWL_ROWS(bf16_f32, __nv_bfloat16, float)
 
 // ---- finish --------------------------------------------------------------------------------
 

@@ -6,7 +6,9 @@
 #                                       # Liger-Kernel wheel, in gpu-bundle/ (git-ignored, < 64 MiB)
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, gpu-bundle/ carried:
 #                                       # GPU parity with FWL_REQUIRE_CUDA=1, compute-sanitizer memcheck
-#                                       # and racecheck on a small case, then one bench table (printed
+#                                       # and racecheck on a small case, the same for the rows kernel's
+#                                       # tuning variants, a sweep of its launch configurations
+#                                       # (benches/sweep_cuda.py), then one bench table (printed
 #                                       # last): this crate, the course function in torch eager and under
 #                                       # torch.compile, Liger-Kernel's cross-entropy + the weighting, and
 #                                       # the device copy bandwidth, all in the same call. About 5-8 min.
@@ -48,6 +50,15 @@ run() {
   "$bundle/bin/test-gpu" --test-threads=1 || fail=1
   "$bundle/bin/test-large" --exact more_than_2_pow_31_elements_cuda || fail=1
 
+  # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests
+  local variant
+  for variant in "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_UNROLL=4" \
+                 "FWL_CUDA_ROW_THREADS=512 FWL_CUDA_BLOCKS_PER_SM=3 FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_ROW_CLUSTER=4" \
+                 "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_CLUSTER=2"; do
+    step "GPU parity with $variant"
+    env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
+  done
+
   local cs
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)
   small=(bench --backend cuda --shape 2x9x5003 --iters 1 --warmup 0 --reference-iters 0)
@@ -57,10 +68,17 @@ run() {
         step "compute-sanitizer --tool $tool, $dt"
         "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype "$dt" || fail=1
       done
+      step "compute-sanitizer --tool $tool, bf16, cluster of 2, 2 loads in flight"
+      FWL_CUDA_ROW_CLUSTER=2 FWL_CUDA_ROW_UNROLL=2 \
+        "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype bf16 || fail=1
     done
   else
     step "compute-sanitizer: not found, skipped"
   fi
+
+  step "rows kernel launch sweep (tuning knobs; each configuration in its own process)"
+  python3 benches/sweep_cuda.py --bin "$bundle/bin/fused-weighted-loss" --budget-s 150 \
+    --json "${OUT:-/tmp}/gpu-sweep.json" || fail=1
 
   echo
   echo "== checks $([ $fail = 0 ] && echo 'passed' || echo 'FAILED (see above)') in $((SECONDS - start)) s"

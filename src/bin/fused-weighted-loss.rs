@@ -401,7 +401,7 @@ fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResu
         shape,
         dtype: L::DTYPE,
         iters: a.iters.max(1),
-        about: vec![("backend", json!("cuda")), ("device", json!(r.device))],
+        about: vec![("backend", json!("cuda")), ("device", json!(r.device)), ("row_launch", json!(r.row_launch))],
         fused: Timing::of_ms(&r.fused_ms),
         floor: Timing::of_ms(&r.copy_ms),
         floor_name: "device copy (read+write)",

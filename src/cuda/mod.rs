@@ -101,15 +101,44 @@ pub(crate) fn status() -> std::result::Result<(), String> {
         .clone()
 }
 
-/// Threads per rows block and resident rows blocks per multiprocessor: 1024 and 2 unless
-/// `FWL_CUDA_ROW_THREADS` (256, 512 or 1024) and `FWL_CUDA_BLOCKS_PER_SM` (1 to 8, at most 2048
-/// threads per multiprocessor) say otherwise — tuning knobs, read when a context loads the
-/// kernels.
-fn row_launch_shape() -> (u32, u32) {
-    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
-    let threads = var("FWL_CUDA_ROW_THREADS").filter(|t| [256, 512, 1024].contains(t)).unwrap_or(THREADS);
-    let blocks = var("FWL_CUDA_BLOCKS_PER_SM").filter(|b| (1..=8).contains(b) && b * threads <= 2048).unwrap_or(2);
-    (threads, blocks)
+/// How the rows kernel is launched: threads per block, resident blocks per multiprocessor, loads
+/// in flight per thread and blocks per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RowLaunch {
+    threads: u32,
+    blocks_per_sm: u32,
+    unroll: u32,
+    /// 1, or the size of the thread-block cluster that shares a row (sm_90 and later).
+    cluster: u32,
+}
+
+impl RowLaunch {
+    /// 1024 threads, 2 blocks per multiprocessor, 1 load in flight, one block per row (the
+    /// configuration measured on hardware), unless the tuning knobs say otherwise:
+    /// `FWL_CUDA_ROW_THREADS` (256, 512 or 1024), `FWL_CUDA_BLOCKS_PER_SM` (1 to 8, at most 2048
+    /// threads per multiprocessor), `FWL_CUDA_ROW_UNROLL` (1, 2 or 4) and `FWL_CUDA_ROW_CLUSTER`
+    /// (1, 2 or 4; with an unroll of 1 or 2). A value outside those sets is ignored. Read when a
+    /// context loads the kernels.
+    fn from_env() -> RowLaunch {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    fn from_vars(get: impl Fn(&str) -> Option<String>) -> RowLaunch {
+        let var = |name: &str| get(name).and_then(|v| v.trim().parse::<u32>().ok());
+        let threads = var("FWL_CUDA_ROW_THREADS").filter(|t| [256, 512, 1024].contains(t)).unwrap_or(THREADS);
+        let blocks_per_sm =
+            var("FWL_CUDA_BLOCKS_PER_SM").filter(|b| (1..=8).contains(b) && b * threads <= 2048).unwrap_or(2);
+        let unroll = var("FWL_CUDA_ROW_UNROLL").filter(|u| [1, 2, 4].contains(u)).unwrap_or(1);
+        let cluster = var("FWL_CUDA_ROW_CLUSTER").filter(|c| [1, 2, 4].contains(c) && unroll <= 2).unwrap_or(1);
+        RowLaunch { threads, blocks_per_sm, unroll, cluster }
+    }
+
+    /// The rows kernel for `l` logits and a `g` gradient in this configuration.
+    fn kernel_name(&self, l: DType, g: DType) -> String {
+        let unroll = if self.unroll > 1 { self.unroll.to_string() } else { String::new() };
+        let cluster = if self.cluster > 1 { format!("c{}", self.cluster) } else { String::new() };
+        format!("fwl_rows{unroll}{cluster}_{}_{}", l.name(), g.name())
+    }
 }
 
 /// The loaded kernels of one context.
@@ -122,14 +151,18 @@ struct Module {
     scale: [(DType, CudaFunction); 3],
     num_sms: u32,
     /// Dynamic shared memory a rows block may use (bytes, multiple of 16), sized for the
-    /// resident blocks per multiprocessor of [`row_launch_shape`].
+    /// resident blocks per multiprocessor of [`RowLaunch`].
     smem_max: usize,
-    /// Threads per rows block.
-    row_threads: u32,
+    /// How the rows kernel is launched (threads per block: `launch.threads`).
+    launch: RowLaunch,
 }
 
 impl Module {
     fn load(ctx: &Arc<CudaContext>) -> Result<Module> {
+        Self::load_with(ctx, RowLaunch::from_env())
+    }
+
+    fn load_with(ctx: &Arc<CudaContext>, mut launch: RowLaunch) -> Result<Module> {
         let module =
             ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec())).map_err(drv("loading the kernels"))?;
         let f = |name: &str| module.load_function(name).map_err(drv("finding a kernel"));
@@ -142,14 +175,26 @@ impl Module {
         let per_sm = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
             .map_err(drv("querying the device"))?;
+        if launch.cluster > 1 {
+            // the cluster kernels are empty where the device runs code built below sm_90 (an
+            // older device, or a newer one that compiles the embedded PTX): they carry no
+            // cluster width there (or a driver cannot say), and one block per row is used instead
+            let probe = f(&launch.kernel_name(DType::F32, DType::F32))?;
+            let width =
+                probe.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH).unwrap_or(0);
+            if width != launch.cluster as i32 {
+                launch.cluster = 1;
+            }
+        }
+        let row = |l: DType, g: DType| f(&launch.kernel_name(l, g)).map(|func| (l, g, func));
         let rows = [
-            (DType::F32, DType::F32, f("fwl_rows_f32_f32")?),
-            (DType::F16, DType::F16, f("fwl_rows_f16_f16")?),
-            (DType::F16, DType::F32, f("fwl_rows_f16_f32")?),
-            (DType::BF16, DType::BF16, f("fwl_rows_bf16_bf16")?),
-            (DType::BF16, DType::F32, f("fwl_rows_bf16_f32")?),
+            row(DType::F32, DType::F32)?,
+            row(DType::F16, DType::F16)?,
+            row(DType::F16, DType::F32)?,
+            row(DType::BF16, DType::BF16)?,
+            row(DType::BF16, DType::F32)?,
         ];
-        let (row_threads, blocks_per_sm) = row_launch_shape();
+        let blocks_per_sm = launch.blocks_per_sm;
         let mut smem_max = usize::MAX;
         for (_, _, func) in &rows {
             let fixed = func
@@ -164,6 +209,20 @@ impl Module {
                 .map_err(drv("configuring a kernel"))?;
             smem_max = smem_max.min(dynamic);
         }
+        if launch.cluster > 1 {
+            // a cluster whose blocks cannot all be resident at once would never launch
+            let stream = ctx.default_stream();
+            for (_, _, func) in &rows {
+                let probe = LaunchConfig {
+                    grid_dim: (num_sms.max(1) as u32 * launch.cluster, 1, 1),
+                    block_dim: (launch.threads, 1, 1),
+                    shared_mem_bytes: smem_max as u32,
+                };
+                if func.occupancy_max_active_clusters(probe, &stream).unwrap_or(0) == 0 {
+                    return Self::load_with(ctx, RowLaunch { cluster: 1, ..launch });
+                }
+            }
+        }
         Ok(Module {
             plan_i32: f("fwl_plan_i32")?,
             plan_i64: f("fwl_plan_i64")?,
@@ -177,7 +236,7 @@ impl Module {
             ],
             num_sms: num_sms.max(1) as u32,
             smem_max,
-            row_threads,
+            launch,
         })
     }
 
@@ -521,14 +580,28 @@ impl CudaLoss {
             let func = m.rows_fn(L::DTYPE, G::DTYPE).ok_or_else(|| {
                 Error::Unsupported(format!("no CUDA kernel for {} logits with a {} gradient", L::DTYPE, G::DTYPE))
             })?;
-            let row_bytes = shape.vocab() * L::DTYPE.size();
-            let smem_vectors = if p.grad != 0 { row_bytes.div_ceil(16).min(m.smem_max / 16) } else { 0 };
+            // each of the `cluster` blocks of a row keeps its slice of the row
+            let cluster = m.launch.cluster as usize;
+            let slice_vectors = (shape.vocab() * L::DTYPE.size()).div_ceil(16).div_ceil(cluster);
+            let smem_vectors = if p.grad != 0 { slice_vectors.min(m.smem_max / 16) } else { 0 };
             let smem = smem_vectors * 16;
-            let per_sm = func
-                .occupancy_max_active_blocks_per_multiprocessor(m.row_threads, smem, None)
-                .map_err(drv("querying occupancy"))?
-                .max(1);
-            let grid = (m.num_sms as usize * per_sm as usize).min(rows).max(1) as u32;
+            let block = (m.launch.threads, 1, 1);
+            let grid = if cluster > 1 {
+                let probe = LaunchConfig {
+                    grid_dim: (m.num_sms * m.launch.cluster, 1, 1),
+                    block_dim: block,
+                    shared_mem_bytes: smem as u32,
+                };
+                let clusters =
+                    func.occupancy_max_active_clusters(probe, stream).map_err(drv("querying occupancy"))?.max(1);
+                (clusters as usize).min(rows).max(1) * cluster
+            } else {
+                let per_sm = func
+                    .occupancy_max_active_blocks_per_multiprocessor(m.launch.threads, smem, None)
+                    .map_err(drv("querying occupancy"))?
+                    .max(1);
+                (m.num_sms as usize * per_sm as usize).min(rows).max(1)
+            } as u32;
             let (t, _g1) = targets.device_ptr(stream);
             let (c, _g2) = coef.device_ptr(stream);
             let (rl, _g3) = row_loss.device_ptr_mut(stream);
@@ -545,12 +618,11 @@ impl CudaLoss {
                 vector_stores: (L::DTYPE.size() == G::DTYPE.size() && p.grad % 16 == p.logits % 16) as i32,
                 reserved: 0,
             };
-            let cfg =
-                LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
-            // SAFETY: the parameters match fwl_rows_<L>_<G>'s; logits and grad (when not 0) hold
+            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: block, shared_mem_bytes: smem as u32 };
+            // SAFETY: the parameters match fwl_rows*_<L>_<G>'s; logits and grad (when not 0) hold
             // rows * vocab elements of L and G, targets and row_loss `rows`, coef `B`; the
             // dynamic shared memory requested is what smem_vectors covers and at most the
-            // maximum set on the function at load.
+            // maximum set on the function at load; the grid is a whole number of clusters.
             unsafe { stream.launch_builder(func).arg(&rp).launch(cfg) }.map_err(drv("launching rows"))?;
         }
 
@@ -728,6 +800,9 @@ pub struct DeviceBench {
     pub copy_ms: Vec<f64>,
     /// The loss of the last call (a sanity value).
     pub loss: f64,
+    /// The rows kernel's launch: threads per block, resident blocks per multiprocessor, loads in
+    /// flight per thread and blocks per row (see the `FWL_CUDA_*` tuning knobs in the README).
+    pub row_launch: [u32; 4],
 }
 
 /// Times loss + gradient (into the logits' dtype) on random device data of `shape`, alternating
@@ -763,5 +838,66 @@ pub fn bench_device<L: Logit>(spec: &LossSpec, shape: Shape, warmup: usize, iter
         Some(out) => out.to_host(&stream)?,
         None => return Err(Error::Unsupported("bench needs at least one iteration".into())),
     };
-    Ok(DeviceBench { device: ctx.name().map_err(drv("querying the device"))?, fused_ms, copy_ms, loss: host.loss })
+    let l = loss.module.launch;
+    Ok(DeviceBench {
+        device: ctx.name().map_err(drv("querying the device"))?,
+        fused_ms,
+        copy_ms,
+        loss: host.loss,
+        row_launch: [l.threads, l.blocks_per_sm, l.unroll, l.cluster],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch(vars: &[(&str, &str)]) -> RowLaunch {
+        RowLaunch::from_vars(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn row_launch_defaults_and_knobs() {
+        let default = RowLaunch { threads: 1024, blocks_per_sm: 2, unroll: 1, cluster: 1 };
+        assert_eq!(launch(&[]), default);
+        let tuned =
+            launch(&[("FWL_CUDA_ROW_THREADS", "512"), ("FWL_CUDA_BLOCKS_PER_SM", "3"), ("FWL_CUDA_ROW_UNROLL", "4")]);
+        assert_eq!(tuned, RowLaunch { threads: 512, blocks_per_sm: 3, unroll: 4, cluster: 1 });
+        let clustered = launch(&[("FWL_CUDA_ROW_UNROLL", "2"), ("FWL_CUDA_ROW_CLUSTER", "4")]);
+        assert_eq!(clustered, RowLaunch { unroll: 2, cluster: 4, ..default });
+        // clusters come with an unroll of 1 or 2 only
+        assert_eq!(launch(&[("FWL_CUDA_ROW_UNROLL", "4"), ("FWL_CUDA_ROW_CLUSTER", "2")]).cluster, 1);
+        // out of range or unparsable values fall back to the defaults
+        let bad =
+            launch(&[("FWL_CUDA_ROW_THREADS", "300"), ("FWL_CUDA_BLOCKS_PER_SM", "x"), ("FWL_CUDA_ROW_UNROLL", "3")]);
+        assert_eq!(bad, default);
+        assert_eq!(launch(&[("FWL_CUDA_ROW_CLUSTER", "3")]), default);
+        // more than 2048 threads per multiprocessor is refused
+        assert_eq!(launch(&[("FWL_CUDA_BLOCKS_PER_SM", "4")]).blocks_per_sm, 2);
+        assert_eq!(launch(&[("FWL_CUDA_ROW_THREADS", "256"), ("FWL_CUDA_BLOCKS_PER_SM", "8")]).blocks_per_sm, 8);
+    }
+
+    #[test]
+    fn every_configured_rows_kernel_is_in_the_fatbin() {
+        let contains = |name: &str| {
+            FATBIN.windows(name.len() + 1).any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0)
+        };
+        let configs = [("1", "1"), ("2", "1"), ("4", "1"), ("1", "2"), ("2", "2"), ("1", "4"), ("2", "4")];
+        for (unroll, cluster) in configs {
+            let l = launch(&[("FWL_CUDA_ROW_UNROLL", unroll), ("FWL_CUDA_ROW_CLUSTER", cluster)]);
+            assert_eq!((l.unroll, l.cluster), (unroll.parse().unwrap(), cluster.parse().unwrap()));
+            for (a, b) in [
+                (DType::F32, DType::F32),
+                (DType::F16, DType::F16),
+                (DType::F16, DType::F32),
+                (DType::BF16, DType::BF16),
+                (DType::BF16, DType::F32),
+            ] {
+                let name = l.kernel_name(a, b);
+                assert!(contains(&name), "{name} is missing from the embedded kernels");
+            }
+        }
+        assert!(!contains("fwl_rows4_f32_bf16"), "the search must be able to fail");
+        assert!(!contains("fwl_rows4c2_f32_f32"));
+    }
 }
