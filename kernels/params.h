@@ -27,6 +27,7 @@
 #define FWL_STATUS_BAD_ID 1u
 #define FWL_STATUS_BAD_LABEL 2u
 #define FWL_STATUS_NON_FINITE 4u
+#define FWL_STATUS_BAD_TOKEN_WEIGHT 8u
 
 /* What the kernels found that the host reports as errors when it reads the results. Indexes
  * are flat `b * T + t`; -1 when nothing was found. */
@@ -38,6 +39,9 @@ typedef struct FwlStatus {
     int64_t bad_label_index;
     int64_t bad_label_value;
     int64_t non_finite_row;
+    int64_t bad_weight_index;
+    float bad_weight_value;
+    uint32_t reserved2;
 } FwlStatus;
 
 /* Plan kernel (one block): validates the tokens, works out targets, weights and per-sample
@@ -58,6 +62,7 @@ typedef struct FwlPlanParams {
     double alpha;
     double grad_scale;            /* used when grad_scale_ptr is NULL */
     const float *grad_scale_ptr;  /* device scalar (upstream gradient), or NULL */
+    const float *token_weights;   /* [B*T] per-token weights (checked finite), or NULL */
     int32_t *targets;         /* out [B*T]: target id, or -1 for none */
     double *weights;          /* out [B] */
     uint32_t *valid;          /* out [B] non-ignored targets */
@@ -73,23 +78,31 @@ typedef struct FwlRowParams {
     void *grad;               /* [rows * vocab], NULL for loss only; may equal logits (in place) */
     const int32_t *targets;   /* [rows] */
     const float *coef;        /* [rows / seq] */
-    float *row_loss;          /* out [rows] */
+    const float *token_weights; /* [rows]: row r is weighted by token_weights[r + 1]; or NULL */
+    double *row_loss;         /* out [rows], in double so that finite logits give a finite loss */
+    double *row_z;            /* out [rows]: the z-loss part of each row's loss, or NULL */
     int64_t rows;
     int64_t seq;
     int64_t vocab;
     int64_t smem_vectors;     /* 16-byte vectors of a row kept in dynamic shared memory */
     int32_t vector_stores;    /* 1 when grad and logits share their alignment mod 16 */
-    int32_t reserved;
+    float softcap;            /* c of c * tanh(z / c), or 0: off */
+    double z_loss;            /* z-loss coefficient (0: off) */
+    double smoothing;         /* label smoothing epsilon (0: off) */
 } FwlRowParams;
 
 /* Finish kernel (one block): per-sample means and the batch loss, in a fixed order. */
 typedef struct FwlFinishParams {
-    const float *row_loss;    /* [B*T] */
+    const double *row_loss;   /* [B*T] */
+    const double *row_z;      /* [B*T] z-loss parts, or NULL */
+    const float *token_weights; /* [B*T] as in FwlRowParams, or NULL */
     const int32_t *targets;   /* [B*T] */
     const double *row_div;    /* [B] */
     const double *reduce;     /* [B] */
     double *per_sample;       /* out [B] */
+    double *per_sample_z;     /* out [B] (with row_z) */
     double *loss;             /* out [1] */
+    double *z_loss;           /* out [1]: the z-loss part of the loss (0 without row_z) */
     float *loss_f32;          /* out [1], the same rounded to f32 (for frameworks' f32 scalars) */
     FwlStatus *status;        /* out: non_finite_row */
     int64_t batch;

@@ -11,6 +11,11 @@
 //                 row, each keeping its slice of the row in shared memory
 //   fwl_finish    one block: per-sample means and the batch loss in a fixed order
 //
+// The options ride on the same passes, as uniform branches: soft-capping maps each logit to
+// c * tanh(z / c) as it is read (both passes), the sum of the logits comes with the statistics
+// (label smoothing), z-loss and token weights change per-row factors only. Every option off
+// computes the plain loss.
+//
 // Every reduction has a fixed shape (warp butterflies, then warp 0), so reruns are bit-identical.
 
 #include <cuda_bf16.h>
@@ -51,16 +56,18 @@ template <typename T> __device__ __forceinline__ void store16(T *p, const Vec16<
 
 // ---- online softmax statistics -------------------------------------------------------------
 
-// (max, sum of exp(z - max)); NaN logits are skipped by fmaxf and reach the sum instead.
+// (max, sum of exp(z - max), sum of z); NaN logits are skipped by fmaxf and reach the sums.
+// The sum of z serves label smoothing only.
 struct MS {
     float m;
     float s;
+    float z;
 };
 
 __device__ __forceinline__ MS ms_merge(MS a, MS b) {
     const float m = fmaxf(a.m, b.m);
-    if (m == -INFINITY) return MS{m, a.s + b.s};  // all -inf so far: sums are 0 (or NaN)
-    return MS{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+    if (m == -INFINITY) return MS{m, a.s + b.s, a.z + b.z};  // all -inf so far: sums are 0 (or NaN)
+    return MS{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m), a.z + b.z};
 }
 
 // Folds n values (n <= 8) into a thread's running statistics: one exponential per value, and
@@ -73,12 +80,16 @@ __device__ __forceinline__ void ms_push(MS &a, const float *v, int n) {
         a.m = lm;
     }
     const float shift = a.m == -INFINITY ? 0.f : a.m;  // all -inf so far: -inf adds 0, NaN adds NaN
-    for (int i = 0; i < n; ++i) a.s += __expf(v[i] - shift);
+    for (int i = 0; i < n; ++i) {
+        a.s += __expf(v[i] - shift);
+        a.z += v[i];
+    }
 }
 
 __device__ __forceinline__ MS warp_merge(MS a) {
     for (int o = 16; o > 0; o >>= 1) {
-        MS b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
+        MS b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o),
+             __shfl_xor_sync(0xffffffffu, a.z, o)};
         a = ms_merge(a, b);
     }
     return a;
@@ -92,9 +103,9 @@ __device__ __forceinline__ MS block_merge(MS a, MS *red) {
     __syncthreads();  // red may still be read from the previous row
     if (lane == 0) red[warp] = a;
     __syncthreads();
-    MS r = lane < nwarps ? red[lane] : MS{-INFINITY, 0.f};
+    MS r = lane < nwarps ? red[lane] : MS{-INFINITY, 0.f, 0.f};
     r = warp_merge(r);
-    return MS{__shfl_sync(0xffffffffu, r.m, 0), __shfl_sync(0xffffffffu, r.s, 0)};
+    return MS{__shfl_sync(0xffffffffu, r.m, 0), __shfl_sync(0xffffffffu, r.s, 0), __shfl_sync(0xffffffffu, r.z, 0)};
 }
 
 template <typename T> __device__ __forceinline__ T warp_sum(T x) {
@@ -111,7 +122,7 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
     const I *labels = p.labels ? static_cast<const I *>(p.labels) : ids;
     __shared__ int64_t kw[FWL_MAX_KEYWORDS];
     __shared__ double kww[FWL_MAX_KEYWORDS];
-    __shared__ int64_t bad[4][32];  // per warp: id index, id value, label index, label value
+    __shared__ int64_t bad[5][32];  // per warp: id index, id value, label index, label value, weight index
     __shared__ double part[32];
     for (int k = threadIdx.x; k < p.num_keywords; k += blockDim.x) {
         kw[k] = p.keyword_ids[k];
@@ -119,7 +130,7 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
     }
     __syncthreads();
 
-    int64_t bad_id = INT64_MAX, bad_id_v = 0, bad_lab = INT64_MAX, bad_lab_v = 0;
+    int64_t bad_id = INT64_MAX, bad_id_v = 0, bad_lab = INT64_MAX, bad_lab_v = 0, bad_w = INT64_MAX;
     // one warp per sample: lanes stride over positions, then a fixed butterfly
     for (int64_t b = warp; b < B; b += nwarps) {
         double hits = 0.0;
@@ -138,6 +149,7 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
                 bad_lab = i;
                 bad_lab_v = lab;
             }
+            if (p.token_weights && !isfinite(p.token_weights[i]) && i < bad_w) bad_w = i;
             int32_t target = -1;
             if (t + 1 < T) {
                 const int64_t y = static_cast<int64_t>(labels[i + 1]);
@@ -162,12 +174,15 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
         if (oi < bad_id) { bad_id = oi; bad_id_v = ov; }
         const int64_t li = __shfl_xor_sync(0xffffffffu, bad_lab, o), lv = __shfl_xor_sync(0xffffffffu, bad_lab_v, o);
         if (li < bad_lab) { bad_lab = li; bad_lab_v = lv; }
+        const int64_t wi = __shfl_xor_sync(0xffffffffu, bad_w, o);
+        if (wi < bad_w) bad_w = wi;
     }
     if (lane == 0) {
         bad[0][warp] = bad_id;
         bad[1][warp] = bad_id_v;
         bad[2][warp] = bad_lab;
         bad[3][warp] = bad_lab_v;
+        bad[4][warp] = bad_w;
     }
     __syncthreads();  // also makes this block's weights/row_div writes visible to all its threads
 
@@ -199,7 +214,12 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
         st.bad_id_value = 0;
         st.bad_label_index = -1;
         st.bad_label_value = 0;
+        st.bad_weight_index = -1;
+        st.bad_weight_value = 0.f;
+        st.reserved2 = 0;
         for (int w = 0; w < nwarps; ++w) {
+            if (bad[4][w] != INT64_MAX && (st.bad_weight_index < 0 || bad[4][w] < st.bad_weight_index))
+                st.bad_weight_index = bad[4][w];
             if (bad[0][w] != INT64_MAX && (st.bad_id_index < 0 || bad[0][w] < st.bad_id_index)) {
                 st.bad_id_index = bad[0][w];
                 st.bad_id_value = bad[1][w];
@@ -211,6 +231,10 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
         }
         if (st.bad_id_index >= 0) st.flags |= FWL_STATUS_BAD_ID;
         if (st.bad_label_index >= 0) st.flags |= FWL_STATUS_BAD_LABEL;
+        if (st.bad_weight_index >= 0) {
+            st.flags |= FWL_STATUS_BAD_TOKEN_WEIGHT;
+            st.bad_weight_value = p.token_weights[st.bad_weight_index];
+        }
         st.non_finite_row = -1;
         *p.status = st;
     }
@@ -222,15 +246,36 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_plan_u32(FwlPlanPa
 
 // ---- rows ----------------------------------------------------------------------------------
 
+// A logit as the loss sees it: c * tanh(z / c) with soft-capping (cap > 0), else z.
+__device__ __forceinline__ float capped(float z, float cap, float inv_cap) {
+    return cap > 0.f ? cap * tanhf(z * inv_cap) : z;
+}
+
+// What a row's gradient entries follow from, once its statistics are known:
+//   non-target: (e * scale - koff) * s,  target: coef * (e * inv_s * a - toff) * s
+// with e = exp(z - mx), scale = coef * a * inv_s, a = 1 + 2 z_loss lse, koff = coef * eps / V,
+// toff = (1 - eps) + eps / V and s = 1 - tanh^2(z / c) (1 without soft-capping). With every
+// option off (a = 1, koff = 0, toff = 1, s = 1) this is coef * (softmax - onehot).
+struct RowGrad {
+    float mx, scale, coef, inv_s, a, koff, toff, cap, inv_cap;
+};
+
+__device__ __forceinline__ float elem_grad(float z, bool is_target, const RowGrad &r) {
+    float s = 1.f;
+    if (r.cap > 0.f) {
+        const float t = tanhf(z * r.inv_cap);
+        z = r.cap * t;
+        s = fmaf(-t, t, 1.f);
+    }
+    const float e = __expf(z - r.mx);
+    return is_target ? r.coef * (e * r.inv_s * r.a - r.toff) * s : (e * r.scale - r.koff) * s;
+}
+
 // The gradient of `n` consecutive elements starting at element `j` of a row.
 template <typename G>
-__device__ __forceinline__ void grad_scalar(G *g, const float *v, int n, int64_t j, int32_t y, float mx, float scale,
-                                            float coef, float inv_s) {
+__device__ __forceinline__ void grad_scalar(G *g, const float *v, int n, int64_t j, int32_t y, const RowGrad &r) {
     const int t = y >= j && y < j + n ? static_cast<int>(y - j) : -1;  // the target's slot, if here
-    for (int i = 0; i < n; ++i) {
-        const float e = __expf(v[i] - mx);
-        g[i] = from_f32<G>(i == t ? coef * (e * inv_s - 1.f) : e * scale);
-    }
+    for (int i = 0; i < n; ++i) g[i] = from_f32<G>(elem_grad(v[i], i == t, r));
 }
 
 // Thread-block clusters (sm_90 and later): the C blocks of a cluster share one row, each keeping
@@ -273,7 +318,10 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
             if (g)
                 for (int64_t j = rank * blockDim.x + threadIdx.x; j < V; j += static_cast<int64_t>(C) * blockDim.x)
                     g[j] = from_f32<G>(0.f);
-            if (rank == 0 && threadIdx.x == 0) p.row_loss[row] = 0.f;
+            if (rank == 0 && threadIdx.x == 0) {
+                p.row_loss[row] = 0.0;
+                if (p.row_z) p.row_z[row] = 0.0;
+            }
             continue;
         }
         // read before any write (in place): in a cluster, other blocks write only after the
@@ -294,9 +342,10 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
         // pass 1: statistics, keeping the vectors below `cached` in shared memory. U loads in
         // flight per thread; each thread still folds its vectors in the order k, k + blockDim.x,
         // ..., so the statistics do not depend on U
-        MS acc{-INFINITY, 0.f};
+        const float cap = p.softcap, inv_cap = cap > 0.f ? 1.f / cap : 0.f;
+        MS acc{-INFINITY, 0.f, 0.f};
         if (edges && threadIdx.x < head) {
-            const float v = to_f32(x[threadIdx.x]);
+            const float v = capped(to_f32(x[threadIdx.x]), cap, inv_cap);
             ms_push(acc, &v, 1);
         }
         for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
@@ -312,13 +361,13 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
                 if (k < k_hi) {
                     if (k < cached) cache[k - k_lo] = r[u];
                     float v[N];
-                    for (int i = 0; i < N; ++i) v[i] = to_f32(r[u].v[i]);
+                    for (int i = 0; i < N; ++i) v[i] = capped(to_f32(r[u].v[i]), cap, inv_cap);
                     ms_push(acc, v, N);
                 }
             }
         }
         if (edges && tail0 + threadIdx.x < V) {
-            const float v = to_f32(x[tail0 + threadIdx.x]);
+            const float v = capped(to_f32(x[tail0 + threadIdx.x]), cap, inv_cap);
             ms_push(acc, &v, 1);
         }
         MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
@@ -335,16 +384,34 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
             parity ^= 1;
         }
 #endif
-        const float coef = p.coef[row / p.seq];
-        const float inv_s = 1.f / st.s;
-        const float scale = coef * inv_s;
-        if (rank == 0 && threadIdx.x == 0) p.row_loss[row] = (st.m - target_logit) + logf(st.s);
+        // the row's loss in double: z_max - z[target] can exceed the float range; the options'
+        // terms as RowGrad describes
+        const float coef = p.coef[row / p.seq] * (p.token_weights ? p.token_weights[row + 1] : 1.f);
+        const double eps = p.smoothing, lse = static_cast<double>(st.m) + log(static_cast<double>(st.s));
+        if (rank == 0 && threadIdx.x == 0) {
+            const double tl = cap > 0.f ? cap * tanh(static_cast<double>(target_logit) / cap) : target_logit;
+            double l = (static_cast<double>(st.m) - tl) + log(static_cast<double>(st.s));
+            if (eps != 0.0) l = (1.0 - eps) * l + eps * (lse - static_cast<double>(st.z) / static_cast<double>(V));
+            const double zl = p.z_loss * lse * lse;
+            p.row_loss[row] = p.z_loss != 0.0 ? l + zl : l;
+            if (p.row_z) p.row_z[row] = zl;
+        }
         if (!g) continue;
+        RowGrad rg;
+        rg.mx = st.m;
+        rg.coef = coef;
+        rg.inv_s = 1.f / st.s;
+        rg.a = p.z_loss != 0.0 ? static_cast<float>(1.0 + 2.0 * p.z_loss * lse) : 1.f;
+        rg.scale = coef * rg.a * rg.inv_s;
+        rg.koff = static_cast<float>(static_cast<double>(coef) * eps / static_cast<double>(V));
+        rg.toff = eps != 0.0 ? static_cast<float>((1.0 - eps) + eps / static_cast<double>(V)) : 1.f;
+        rg.cap = cap;
+        rg.inv_cap = inv_cap;
 
         // pass 2: gradient, each thread writing exactly what it read
         if (edges && threadIdx.x < head) {
             const float v = to_f32(x[threadIdx.x]);
-            grad_scalar(g + threadIdx.x, &v, 1, threadIdx.x, y, st.m, scale, coef, inv_s);
+            grad_scalar(g + threadIdx.x, &v, 1, threadIdx.x, y, rg);
         }
         for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
             Vec16<L> r[U];
@@ -365,21 +432,18 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
                     if (p.vector_stores) {
                         const int t = y >= j && y < j + N ? static_cast<int>(y - j) : -1;
                         Vec16<G> o;
-                        for (int i = 0; i < N; ++i) {
-                            const float e = __expf(v[i] - st.m);
-                            o.v[i] = from_f32<G>(i == t ? coef * (e * inv_s - 1.f) : e * scale);
-                        }
+                        for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(elem_grad(v[i], i == t, rg));
                         store16(g + j, o);
                         done = true;
                     }
                 }
-                if (!done) grad_scalar(g + j, v, N, j, y, st.m, scale, coef, inv_s);
+                if (!done) grad_scalar(g + j, v, N, j, y, rg);
             }
         }
         if (edges && tail0 + threadIdx.x < V) {
             const int64_t j = tail0 + threadIdx.x;
             const float v = to_f32(x[j]);
-            grad_scalar(g + j, &v, 1, j, y, st.m, scale, coef, inv_s);
+            grad_scalar(g + j, &v, 1, j, y, rg);
         }
         // the next row's pass 1 overwrites the cache: wait until every thread is done with it
         __syncthreads();
@@ -425,19 +489,27 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_finish(FwlFinishPa
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     const int64_t B = p.batch, T = p.seq;
     __shared__ double part[32];
+    __shared__ double part_z[32];
     __shared__ int64_t nonfinite[32];
     int64_t first_bad = INT64_MAX;
     for (int64_t b = warp; b < B; b += nwarps) {
-        double sum = 0.0;
+        double sum = 0.0, zsum = 0.0;
         for (int64_t t = lane; t < T; t += 32) {
             const int64_t i = b * T + t;
             if (p.targets[i] < 0) continue;
-            const float l = p.row_loss[i];
+            const double l = p.row_loss[i];
             if (!isfinite(l) && i < first_bad) first_bad = i;
-            sum += static_cast<double>(l);
+            const double w = p.token_weights ? static_cast<double>(p.token_weights[i + 1]) : 1.0;
+            sum += w * l;
+            if (p.row_z) zsum += w * p.row_z[i];
         }
         sum = warp_sum(sum);
-        if (lane == 0) p.per_sample[b] = p.row_div[b] > 0.0 ? sum / p.row_div[b] : 0.0;
+        zsum = warp_sum(zsum);
+        if (lane == 0) {
+            const double d = p.row_div[b];
+            p.per_sample[b] = d > 0.0 ? sum / d : 0.0;
+            if (p.row_z) p.per_sample_z[b] = d > 0.0 ? zsum / d : 0.0;
+        }
     }
     for (int o = 16; o > 0; o >>= 1) {
         const int64_t other = __shfl_xor_sync(0xffffffffu, first_bad, o);
@@ -445,14 +517,23 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_finish(FwlFinishPa
     }
     if (lane == 0) nonfinite[warp] = first_bad;
     __syncthreads();  // per_sample written by this block is now visible to all its threads
-    double total = 0.0;
-    for (int64_t b = threadIdx.x; b < B; b += blockDim.x) total += p.per_sample[b] * p.reduce[b];
+    double total = 0.0, total_z = 0.0;
+    for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
+        total += p.per_sample[b] * p.reduce[b];
+        if (p.row_z) total_z += p.per_sample_z[b] * p.reduce[b];
+    }
     total = warp_sum(total);
-    if (lane == 0) part[warp] = total;
+    total_z = warp_sum(total_z);
+    if (lane == 0) {
+        part[warp] = total;
+        part_z[warp] = total_z;
+    }
     __syncthreads();
     if (warp == 0) {
         double t = lane < nwarps ? part[lane] : 0.0;
         t = warp_sum(t);
+        double tz = lane < nwarps ? part_z[lane] : 0.0;
+        tz = warp_sum(tz);
         int64_t nf = lane < nwarps ? nonfinite[lane] : INT64_MAX;
         for (int o = 16; o > 0; o >>= 1) {
             const int64_t other = __shfl_xor_sync(0xffffffffu, nf, o);
@@ -460,6 +541,7 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_finish(FwlFinishPa
         }
         if (lane == 0) {
             *p.loss = t;
+            *p.z_loss = tz;
             if (p.loss_f32) *p.loss_f32 = static_cast<float>(t);
             if (nf != INT64_MAX) {
                 p.status->flags |= FWL_STATUS_NON_FINITE;

@@ -29,7 +29,9 @@
 //! `Var` upstream) the forward computes the loss only and keeps nothing.
 //!
 //! Inputs: logits `[B, T, V]` f32, f16 or bf16; ids (and labels) `[B, T]` u32, i64 or i32, all
-//! contiguous. The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
+//! contiguous; optional per-token weights `[B, T]` f32 ([`weighted_loss_with_token_weights`]).
+//! The spec's options (z-loss, label smoothing, soft-capping) apply as they do on the host API.
+//! The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
 //! would need a host synchronisation); they are treated as positions without a target.
 
 use crate::dtype::{Logit, TokenId};
@@ -46,7 +48,39 @@ pub fn weighted_loss(
     labels: Option<&Tensor>,
     spec: &LossSpec,
 ) -> candle_core::Result<Tensor> {
+    weighted_loss_with_token_weights(logits, ids, labels, None, spec)
+}
+
+/// [`weighted_loss`] with per-token weights `[B, T]` (f32, on the logits' device, aligned with
+/// the labels as in [`Tokens::with_token_weights`]); they take no gradient.
+///
+/// ```
+/// # fn main() -> candle_core::Result<()> {
+/// use candle_core::{Device, Tensor, Var};
+/// use fused_weighted_loss::{candle::weighted_loss_with_token_weights, LossSpec};
+///
+/// let logits = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 4, 7), &Device::Cpu)?)?;
+/// let ids = Tensor::new(&[[1u32, 4, 4, 0]], &Device::Cpu)?;
+/// let w = Tensor::new(&[[0f32, 1.0, 0.5, 2.0]], &Device::Cpu)?;
+/// let spec = LossSpec::builder().label_smoothing(0.1).build().map_err(candle_core::Error::wrap)?;
+/// let loss = weighted_loss_with_token_weights(logits.as_tensor(), &ids, None, Some(&w), &spec)?;
+/// assert!(loss.to_scalar::<f32>()? > 0.0);
+/// # Ok(()) }
+/// ```
+pub fn weighted_loss_with_token_weights(
+    logits: &Tensor,
+    ids: &Tensor,
+    labels: Option<&Tensor>,
+    token_weights: Option<&Tensor>,
+    spec: &LossSpec,
+) -> candle_core::Result<Tensor> {
     let shape = Shape::from_dims(logits.dims(), ids.dims()).map_err(candle_core::Error::wrap)?;
+    if let Some(w) = token_weights {
+        shape.check_token_dims("token_weights", w.dims()).map_err(candle_core::Error::wrap)?;
+        if w.dtype() != candle_core::DType::F32 || !w.device().same_device(logits.device()) {
+            return Err(candle_core::Error::msg("token_weights must be f32 on the logits' device"));
+        }
+    }
     if let Some(l) = labels {
         shape.check_token_dims("labels", l.dims()).map_err(candle_core::Error::wrap)?;
         if l.dtype() != ids.dtype() {
@@ -57,7 +91,13 @@ pub fn weighted_loss(
             )));
         }
     }
-    let op = WeightedLossOp { spec: spec.clone(), shape, want_grad: logits.track_op(), stash: Mutex::new(None) };
+    let op = WeightedLossOp {
+        spec: spec.clone(),
+        shape,
+        want_grad: logits.track_op(),
+        token_weights: token_weights.map(|w| w.detach()),
+        stash: Mutex::new(None),
+    };
     match labels {
         Some(labels) => logits.apply_op3(ids, labels, op),
         None => logits.apply_op2(ids, op),
@@ -69,6 +109,8 @@ struct WeightedLossOp {
     spec: LossSpec,
     shape: Shape,
     want_grad: bool,
+    /// Per-token weights `[B, T]` f32, read inside the forward (they take no gradient).
+    token_weights: Option<Tensor>,
     stash: Mutex<Option<Stash>>,
 }
 
@@ -99,10 +141,19 @@ impl WeightedLossOp {
         labels: Option<&[I]>,
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
         let spec = self.spec.to_builder().backend(Backend::Cpu).build().map_err(wrap)?;
-        let tokens = match labels {
+        let mut tokens = match labels {
             Some(l) => Tokens::new(ids).with_labels(l),
             None => Tokens::new(ids),
         };
+        let weights = self.token_weights.as_ref().map(|w| w.storage_and_layout());
+        if let Some((st, layout)) = weights.as_ref() {
+            match &**st {
+                candle_core::Storage::Cpu(CpuStorage::F32(v)) => {
+                    tokens = tokens.with_token_weights(contiguous(v, layout, "token_weights")?)
+                }
+                _ => return Err(candle_core::Error::msg("weighted_loss: token_weights must be f32 on the CPU")),
+            }
+        }
         let out = if self.want_grad {
             let mut g = L::zeroed(self.shape.logits_len());
             let out = spec.loss_and_grad(self.shape, logits, tokens, Grad::Into(&mut g)).map_err(wrap)?;
@@ -329,6 +380,19 @@ mod cuda {
         let mut inputs = DeviceInputs::new(ids);
         if let Some(l) = labels {
             inputs = inputs.with_labels(l);
+        }
+        let weights = op.token_weights.as_ref().map(|w| w.storage_and_layout());
+        let weights_view = match weights.as_ref() {
+            Some((st, layout)) => match &**st {
+                Storage::Cuda(CudaStorage { slice: CudaStorageSlice::F32(w), .. }) => {
+                    Some(view(w, layout, "token_weights")?)
+                }
+                _ => return Err(candle_core::Error::msg("weighted_loss: token_weights must be f32 on the GPU")),
+            },
+            None => None,
+        };
+        if let Some(w) = weights_view.as_ref() {
+            inputs = inputs.with_token_weights(w);
         }
         let out = if op.want_grad {
             let mut g = grad_buffer::<L>(&stream, op.shape.logits_len()).map_err(wrap)?;

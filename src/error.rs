@@ -107,6 +107,34 @@ pub enum Error {
         /// The offending weight.
         weight: f64,
     },
+    /// A loss option (z-loss coefficient, label smoothing, soft-cap) is outside its range.
+    #[error("{name} must be {expected}, got {value}")]
+    InvalidOption {
+        /// The option's builder method.
+        name: &'static str,
+        /// The offending value.
+        value: f64,
+        /// The accepted range, in words.
+        expected: &'static str,
+    },
+    /// A per-token weight is NaN or infinite.
+    #[error("token_weights[{batch}, {position}] = {value} is not finite")]
+    InvalidTokenWeight {
+        /// Sample index.
+        batch: usize,
+        /// Position (aligned with the labels: it weights the loss of predicting this position).
+        position: usize,
+        /// The offending weight.
+        value: f32,
+    },
+    /// The per-token loss buffer has the wrong length.
+    #[error("per-token loss buffer has {got} elements, expected {expected} (batch * (seq - 1))")]
+    TokenLossLength {
+        /// `batch * (seq - 1)`.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+    },
     /// The upstream gradient scale is NaN or infinite.
     #[error("gradient scale must be finite, got {0}")]
     InvalidGradScale(f64),

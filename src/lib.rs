@@ -126,10 +126,10 @@ impl LossSpec {
 impl LossSpec {
     /// Computes the loss and, unless `grad` is [`Grad::Skip`], its gradient w.r.t. the logits.
     ///
-    /// `logits` is `[B, T, V]` row-major, `tokens` holds ids (and optional labels) `[B, T]`.
-    /// Every input is validated before any work starts; on error nothing has been written. The
-    /// exception is [`Error::NonFinite`] (with `check_finite`), found after the gradient is
-    /// written.
+    /// `logits` is `[B, T, V]` row-major, `tokens` holds ids (and optional labels and token
+    /// weights) `[B, T]`. Every input is validated before any work starts; on error nothing has
+    /// been written. The exception is [`Error::NonFinite`] (with `check_finite`), found after the
+    /// gradient is written.
     pub fn loss_and_grad<L: Logit, I: TokenId>(
         &self,
         shape: Shape,
@@ -137,26 +137,65 @@ impl LossSpec {
         tokens: Tokens<'_, I>,
         grad: Grad<'_, L>,
     ) -> Result<LossOutput> {
+        self.run(shape, logits, tokens, grad, None)
+    }
+
+    /// [`loss_and_grad`](Self::loss_and_grad), also writing each position's loss into
+    /// `token_loss`, `[B, T - 1]` row-major (the course function's per-token intermediate, what
+    /// `reduction="none"` returns): the loss of row `(b, t)` predicting `labels[b, t + 1]`, with
+    /// smoothing and z-loss, before token and sample weights; 0 where the label is ignored.
+    ///
+    /// ```
+    /// use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
+    /// let shape = Shape::new(1, 3, 2)?;
+    /// let logits = [0.0f32, 0.0, 1.0, -1.0, 5.0, 5.0];
+    /// let mut per_token = [0f32; 2];
+    /// let out = LossSpec::default().loss_and_grad_per_token(
+    ///     shape, &logits, Tokens::new(&[0i64, 1, 0]), Grad::Skip, &mut per_token)?;
+    /// assert!((per_token[0] as f64 - 2f64.ln()).abs() < 1e-6); // uniform row
+    /// assert!((out.loss - (per_token[0] + per_token[1]) as f64 / 2.0).abs() < 1e-6);
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn loss_and_grad_per_token<L: Logit, I: TokenId>(
+        &self,
+        shape: Shape,
+        logits: &[L],
+        tokens: Tokens<'_, I>,
+        grad: Grad<'_, L>,
+        token_loss: &mut [f32],
+    ) -> Result<LossOutput> {
+        self.run(shape, logits, tokens, grad, Some(token_loss))
+    }
+
+    fn run<L: Logit, I: TokenId>(
+        &self,
+        shape: Shape,
+        logits: &[L],
+        tokens: Tokens<'_, I>,
+        grad: Grad<'_, L>,
+        token_loss: Option<&mut [f32]>,
+    ) -> Result<LossOutput> {
         spec::check_len("logits", logits.len(), shape.logits_len(), shape)?;
         if let Some(got) = grad.len() {
             if got != shape.logits_len() {
                 return Err(Error::GradLength { expected: shape.logits_len(), got });
             }
         }
+        check_token_loss(shape, token_loss.as_deref())?;
         let backend = self.resolved_backend()?;
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
             spec::validate_tokens(self, shape, &tokens)?;
-            return cuda::run_host(self, shape, logits, tokens, grad);
+            return cuda::run_host(self, shape, logits, tokens, grad, token_loss);
         }
         let plan = self.plan(shape, &tokens)?;
         let k = cpu_kernels(self.cpu_simd)?;
-        let row_loss = match grad {
+        let rows = match grad {
             Grad::Skip => cpu::run::<L, f32>(&k, &plan, logits, None),
             Grad::Into(g) => cpu::run::<L, L>(&k, &plan, logits, Some(g)),
             Grad::IntoF32(g) => cpu::run::<L, f32>(&k, &plan, logits, Some(g)),
         };
-        plan.finish(&row_loss, self.check_finite, backend)
+        plan.finish(&rows, self.check_finite, backend, token_loss)
     }
 
     /// Computes the loss and writes the gradient over the logits (no gradient buffer needed;
@@ -179,17 +218,49 @@ impl LossSpec {
         logits: &mut [L],
         tokens: Tokens<'_, I>,
     ) -> Result<LossOutput> {
+        self.run_in_place(shape, logits, tokens, None)
+    }
+
+    /// [`loss_and_grad_in_place`](Self::loss_and_grad_in_place), also writing each position's
+    /// loss into `token_loss` as [`loss_and_grad_per_token`](Self::loss_and_grad_per_token) does.
+    pub fn loss_and_grad_in_place_per_token<L: Logit, I: TokenId>(
+        &self,
+        shape: Shape,
+        logits: &mut [L],
+        tokens: Tokens<'_, I>,
+        token_loss: &mut [f32],
+    ) -> Result<LossOutput> {
+        self.run_in_place(shape, logits, tokens, Some(token_loss))
+    }
+
+    fn run_in_place<L: Logit, I: TokenId>(
+        &self,
+        shape: Shape,
+        logits: &mut [L],
+        tokens: Tokens<'_, I>,
+        token_loss: Option<&mut [f32]>,
+    ) -> Result<LossOutput> {
         spec::check_len("logits", logits.len(), shape.logits_len(), shape)?;
+        check_token_loss(shape, token_loss.as_deref())?;
         let backend = self.resolved_backend()?;
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
             spec::validate_tokens(self, shape, &tokens)?;
-            return cuda::run_host_in_place(self, shape, logits, tokens);
+            return cuda::run_host_in_place(self, shape, logits, tokens, token_loss);
         }
         let plan = self.plan(shape, &tokens)?;
         let k = cpu_kernels(self.cpu_simd)?;
-        let row_loss = cpu::run_in_place(&k, &plan, logits);
-        plan.finish(&row_loss, self.check_finite, backend)
+        let rows = cpu::run_in_place(&k, &plan, logits);
+        plan.finish(&rows, self.check_finite, backend, token_loss)
+    }
+}
+
+/// Checks the per-token loss buffer's length, `B * (T - 1)`.
+fn check_token_loss(shape: Shape, token_loss: Option<&[f32]>) -> Result<()> {
+    let expected = shape.batch() * (shape.seq() - 1);
+    match token_loss {
+        Some(b) if b.len() != expected => Err(Error::TokenLossLength { expected, got: b.len() }),
+        _ => Ok(()),
     }
 }
 

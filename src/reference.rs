@@ -15,6 +15,11 @@
 //! weights = alpha * (1.0 + weights)
 //! weighted_loss = (loss_per_sample * weights).mean()
 //! ```
+//!
+//! The options beyond the course function follow their usual definitions, each step by step:
+//! soft-capping `z ← c·tanh(z/c)` first (Gemma 2), then per token
+//! `loss = (1 − ε)·(lse − z[y]) + ε·(lse − mean(z)) + z_loss·lse²` (PyTorch's `label_smoothing`,
+//! PaLM's z-loss), then the token weight multiplies it before the row mean.
 
 use crate::dtype::{Logit, TokenId};
 use crate::error::Result;
@@ -32,6 +37,10 @@ pub struct ReferenceOutput {
     pub weights: Vec<f64>,
     /// Each sample's number of non-ignored targets.
     pub valid_tokens: Vec<u64>,
+    /// The z-loss part of `loss`.
+    pub z_loss: f64,
+    /// Each position's loss `[B, T - 1]` before token and sample weights (0 where ignored).
+    pub token_loss: Vec<f64>,
     /// d loss / d logits, `[B, T, V]`, scaled by the spec's `grad_scale`.
     pub grad: Vec<f64>,
 }
@@ -75,32 +84,57 @@ pub fn reference<L: Logit, I: TokenId>(
         logits[o..o + v].iter().map(|z| z.to_f32() as f64).collect()
     };
 
-    // CrossEntropyLoss(reduction="none", ignore_index), viewed as [B, T-1]
+    // soft-capping: the loss sees c * tanh(z / c)
+    let cap = |z: f64| match spec.softcap {
+        Some(c) => c * (z / c).tanh(),
+        None => z,
+    };
+    let eps = spec.label_smoothing;
+    // token weights, aligned with the labels: row (s, p) is weighted by token_weights[s, p + 1]
+    let token_weight = |s: usize, p: usize| tokens.token_weights.map_or(1.0, |w| w[s * t + p + 1] as f64);
+
+    // CrossEntropyLoss(reduction="none", ignore_index, label_smoothing) + z-loss, viewed as [B, T-1]
     let mut loss = vec![vec![0f64; t - 1]; b];
+    let mut zpart = vec![vec![0f64; t - 1]; b];
     let mut valid = vec![0u64; b];
     for s in 0..b {
-        for (p, l) in loss[s].iter_mut().enumerate() {
+        for p in 0..t - 1 {
             let y = shift_label(s, p);
             if y == spec.ignore_index {
                 continue;
             }
-            let row = shift_logits(s, p);
-            *l = logsumexp(&row) - row[y as usize];
+            let row: Vec<f64> = shift_logits(s, p).into_iter().map(cap).collect();
+            let lse = logsumexp(&row);
+            let ce = lse - row[y as usize];
+            let mut l = ce;
+            if eps != 0.0 {
+                let mean = row.iter().sum::<f64>() / v as f64;
+                l = (1.0 - eps) * ce + eps * (lse - mean);
+            }
+            zpart[s][p] = spec.z_loss * lse * lse;
+            loss[s][p] = l + zpart[s][p];
             valid[s] += 1;
+        }
+    }
+    let token_loss: Vec<f64> = loss.iter().flatten().copied().collect();
+    for s in 0..b {
+        for p in 0..t - 1 {
+            loss[s][p] *= token_weight(s, p);
+            zpart[s][p] *= token_weight(s, p);
         }
     }
 
     // loss_per_sample = loss.mean(axis=1) (or the valid-token mean)
-    let per_sample_loss: Vec<f64> = (0..b)
-        .map(|s| {
-            let sum: f64 = loss[s].iter().sum();
-            match spec.row_mean {
-                RowMean::AllPositions => sum / (t - 1) as f64,
-                RowMean::ValidTokens if valid[s] > 0 => sum / valid[s] as f64,
-                RowMean::ValidTokens => 0.0,
-            }
-        })
-        .collect();
+    let row_mean = |s: usize, x: &[f64]| {
+        let sum: f64 = x.iter().sum();
+        match spec.row_mean {
+            RowMean::AllPositions => sum / (t - 1) as f64,
+            RowMean::ValidTokens if valid[s] > 0 => sum / valid[s] as f64,
+            RowMean::ValidTokens => 0.0,
+        }
+    };
+    let per_sample_loss: Vec<f64> = (0..b).map(|s| row_mean(s, &loss[s])).collect();
+    let per_sample_z: Vec<f64> = (0..b).map(|s| row_mean(s, &zpart[s])).collect();
 
     // weights = alpha * (1 + stack([(inputs == kt) for kt in keytoken_ids]).sum(axis=[0, 2]))
     let weights: Vec<f64> = (0..b)
@@ -118,16 +152,21 @@ pub fn reference<L: Logit, I: TokenId>(
         .collect();
 
     // weighted_loss = (loss_per_sample * weights).mean()
-    let weighted: Vec<f64> = per_sample_loss.iter().zip(&weights).map(|(l, w)| l * w).collect();
     let wsum: f64 = weights.iter().sum();
-    let loss_total = match spec.reduction {
-        Reduction::Mean => weighted.iter().sum::<f64>() / b as f64,
-        Reduction::WeightedMean if wsum > 0.0 => weighted.iter().sum::<f64>() / wsum,
-        Reduction::WeightedMean => 0.0,
-        Reduction::Sum => weighted.iter().sum::<f64>(),
+    let reduce = |x: &[f64]| {
+        let total: f64 = x.iter().zip(&weights).map(|(l, w)| l * w).sum();
+        match spec.reduction {
+            Reduction::Mean => total / b as f64,
+            Reduction::WeightedMean if wsum > 0.0 => total / wsum,
+            Reduction::WeightedMean => 0.0,
+            Reduction::Sum => total,
+        }
     };
+    let loss_total = reduce(&per_sample_loss);
+    let z_loss = reduce(&per_sample_z);
 
-    // gradient: d loss_total / d z[s, p, j] = grad_scale * dred_s / div_s * (softmax_j - [j == y])
+    // gradient: d loss_total / d z[s, p, j] = grad_scale * dred_s / div_s * token_weight
+    //   * (softmax_j * (1 + 2 z_loss lse) - (1 - eps) [j == y] - eps / V) * (1 - tanh^2(z_j / c))
     let mut grad = vec![0f64; shape.logits_len()];
     for s in 0..b {
         let dred = match spec.reduction {
@@ -149,17 +188,25 @@ pub fn reference<L: Logit, I: TokenId>(
             if y == spec.ignore_index {
                 continue;
             }
-            let row = shift_logits(s, p);
+            let raw = shift_logits(s, p);
+            let row: Vec<f64> = raw.iter().map(|&z| cap(z)).collect();
             let lse = logsumexp(&row);
+            let c = c * token_weight(s, p);
             let g = &mut grad[(s * t + p) * v..(s * t + p + 1) * v];
-            for (j, (gj, z)) in g.iter_mut().zip(&row).enumerate() {
+            for (j, (gj, (z, zc))) in g.iter_mut().zip(raw.iter().zip(&row)).enumerate() {
                 let onehot = if j as i64 == y { 1.0 } else { 0.0 };
-                *gj = c * ((z - lse).exp() - onehot);
+                let softmax = (zc - lse).exp();
+                let d = softmax * (1.0 + 2.0 * spec.z_loss * lse) - (1.0 - eps) * onehot - eps / v as f64;
+                let chain = match spec.softcap {
+                    Some(cap) => 1.0 - (z / cap).tanh().powi(2),
+                    None => 1.0,
+                };
+                *gj = c * d * chain;
             }
         }
     }
 
-    Ok(ReferenceOutput { loss: loss_total, per_sample_loss, weights, valid_tokens: valid, grad })
+    Ok(ReferenceOutput { loss: loss_total, per_sample_loss, weights, valid_tokens: valid, z_loss, token_loss, grad })
 }
 
 /// `‖out − ref‖ / ‖ref‖` over two sequences (`‖ref‖ = 0` gives `‖out‖`). NaN when either side

@@ -270,6 +270,9 @@ pub struct LossSpec {
     pub(crate) row_mean: RowMean,
     pub(crate) reduction: Reduction,
     pub(crate) grad_scale: f64,
+    pub(crate) z_loss: f64,
+    pub(crate) label_smoothing: f64,
+    pub(crate) softcap: Option<f64>,
     pub(crate) check_finite: bool,
     pub(crate) backend: Backend,
     pub(crate) cpu_simd: CpuSimd,
@@ -284,6 +287,9 @@ impl Default for LossSpec {
             row_mean: RowMean::AllPositions,
             reduction: Reduction::Mean,
             grad_scale: 1.0,
+            z_loss: 0.0,
+            label_smoothing: 0.0,
+            softcap: None,
             check_finite: false,
             backend: Backend::Auto,
             cpu_simd: CpuSimd::Auto,
@@ -323,6 +329,18 @@ impl LossSpec {
     /// The upstream gradient scale the gradient is multiplied by.
     pub fn grad_scale(&self) -> f64 {
         self.grad_scale
+    }
+    /// The z-loss coefficient (0: off).
+    pub fn z_loss(&self) -> f64 {
+        self.z_loss
+    }
+    /// The label-smoothing factor `ε` (0: off).
+    pub fn label_smoothing(&self) -> f64 {
+        self.label_smoothing
+    }
+    /// The logit soft-cap `c` (`None`: off).
+    pub fn softcap(&self) -> Option<f64> {
+        self.softcap
     }
     /// Whether a non-finite per-position loss is an error.
     pub fn check_finite(&self) -> bool {
@@ -381,6 +399,37 @@ impl LossSpecBuilder {
         self.spec.grad_scale = grad_scale;
         self
     }
+    /// Adds the z-loss of PaLM, `z_loss · lse²` per token (`lse` the log-sum-exp of the row, after
+    /// soft-capping), to each token's loss; its gradient is `2 · z_loss · lse · softmax`. The
+    /// z-loss part of the batch loss is reported in [`LossOutput::z_loss`]. Default 0 (off);
+    /// must be finite and `>= 0`.
+    pub fn z_loss(mut self, coef: f64) -> Self {
+        self.spec.z_loss = coef;
+        self
+    }
+    /// Uniform label smoothing `ε`: each token's cross-entropy becomes
+    /// `(1 − ε) · (lse − z[target]) + ε · (lse − mean_v z_v)`, as PyTorch's
+    /// `cross_entropy(label_smoothing=ε)`; the gradient is `softmax − (1 − ε) · onehot − ε / V`.
+    /// Ignored targets stay 0. Default 0 (off); must be in `[0, 1]`.
+    pub fn label_smoothing(mut self, eps: f64) -> Self {
+        self.spec.label_smoothing = eps;
+        self
+    }
+    /// Logit soft-capping (Gemma 2): the loss sees `c · tanh(z / c)` instead of `z`, and the
+    /// gradient gets the chain factor `1 − tanh²(z / c)`. Applied before the other options.
+    /// `None` (default) is off; `c` must be finite and `> 0`.
+    ///
+    /// ```
+    /// use fused_weighted_loss::LossSpec;
+    /// let spec = LossSpec::builder().softcap(30.0).z_loss(1e-4).label_smoothing(0.1).build()?;
+    /// assert_eq!(spec.softcap(), Some(30.0));
+    /// assert!(LossSpec::builder().softcap(0.0).build().is_err());
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn softcap(mut self, cap: impl Into<Option<f64>>) -> Self {
+        self.spec.softcap = cap.into();
+        self
+    }
     /// Makes a non-finite per-position loss an error ([`Error::NonFinite`]) instead of
     /// propagating it as PyTorch does (default off). `-inf` logits on non-target entries, the
     /// usual way to mask a vocabulary, stay accepted.
@@ -419,6 +468,19 @@ impl LossSpecBuilder {
                 return Err(Error::InvalidKeywordWeight { id: k.id, weight: k.weight });
             }
         }
+        let bad = |name, value, expected| Err(Error::InvalidOption { name, value, expected });
+        if !(s.z_loss.is_finite() && s.z_loss >= 0.0) {
+            return bad("z_loss", s.z_loss, "finite and >= 0");
+        }
+        if !(0.0..=1.0).contains(&s.label_smoothing) {
+            return bad("label_smoothing", s.label_smoothing, "in [0, 1]");
+        }
+        if let Some(c) = s.softcap {
+            // f32 kernels divide by c: it must stay a finite, normal f32
+            if !(c.is_finite() && c >= f32::MIN_POSITIVE as f64 && c <= f32::MAX as f64) {
+                return bad("softcap", c, "finite and > 0");
+            }
+        }
         if !s.grad_scale.is_finite() {
             return Err(Error::InvalidGradScale(s.grad_scale));
         }
@@ -431,16 +493,43 @@ impl LossSpecBuilder {
 pub struct Tokens<'a, I: TokenId> {
     pub(crate) ids: &'a [I],
     pub(crate) labels: Option<&'a [I]>,
+    pub(crate) token_weights: Option<&'a [f32]>,
 }
 
 impl<'a, I: TokenId> Tokens<'a, I> {
     /// Ids only: the labels are the ids, as in the course function.
     pub fn new(ids: &'a [I]) -> Self {
-        Tokens { ids, labels: None }
+        Tokens { ids, labels: None, token_weights: None }
     }
     /// Separate labels (values in `[0, V)` or `ignore_index`); keywords are still counted in the ids.
     pub fn with_labels(self, labels: &'a [I]) -> Self {
         Tokens { labels: Some(labels), ..self }
+    }
+    /// Per-token weights `[B, T]`, aligned with the labels: `token_weights[b, t + 1]` multiplies the
+    /// loss of row `(b, t)` (the one that predicts `labels[b, t + 1]`) before the row mean, and its
+    /// gradient; `token_weights[b, 0]` is not used. Combined with the keyword sample weights.
+    /// Values must be finite.
+    ///
+    /// ```
+    /// use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
+    /// let shape = Shape::new(1, 3, 4)?;
+    /// let logits = [0.5f32, -1.0, 2.0, 0.0, 1.0, 1.5, -0.5, 0.25, 0.0, 0.0, 0.0, 0.0];
+    /// let ids = [1i64, 2, 3];
+    /// let spec = LossSpec::default();
+    /// // weight 0 on the prediction of ids[2]: the same as ignoring that label
+    /// let weights = [1.0f32, 1.0, 0.0];
+    /// let w = spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_token_weights(&weights), Grad::Skip)?;
+    /// let labels = [1i64, 2, -100];
+    /// let y = spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_labels(&labels), Grad::Skip)?;
+    /// assert!((w.loss - y.loss).abs() <= 1e-7 * y.loss);
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn with_token_weights(self, weights: &'a [f32]) -> Self {
+        Tokens { token_weights: Some(weights), ..self }
+    }
+    /// The per-token weights, if given.
+    pub fn token_weights(&self) -> Option<&'a [f32]> {
+        self.token_weights
     }
     /// The ids.
     pub fn ids(&self) -> &'a [I] {
@@ -475,6 +564,9 @@ pub struct LossOutput {
     pub weights: Vec<f64>,
     /// Each sample's number of non-ignored targets.
     pub valid_tokens: Vec<u64>,
+    /// The z-loss part of `loss` (reduced like the loss: the same token weights, row means,
+    /// sample weights and reduction); 0 when [`LossSpecBuilder::z_loss`] is off.
+    pub z_loss: f64,
     /// The backend that ran ([`Backend::Cpu`] or [`Backend::Cuda`], never `Auto`).
     pub backend: Backend,
 }
@@ -497,7 +589,38 @@ pub(crate) struct Plan {
     /// Per sample: `d loss / d loss_b` before the upstream scale (the reduction's factor).
     pub reduce: Vec<f64>,
     /// Per sample: the gradient coefficient `grad_scale * reduce_b / row_div_b`.
-    pub coef: Vec<f32>,
+    pub coef: Vec<f64>,
+    /// Per row: the token weight (`token_weights[b, t + 1]`); empty when none were given.
+    pub token_weight: Vec<f32>,
+    /// The per-row options.
+    pub opts: RowOptions,
+}
+
+/// The options that change a row's loss and gradient, as the kernels use them.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) struct RowOptions {
+    /// z-loss coefficient (0: off).
+    pub z_loss: f64,
+    /// Label smoothing `ε` (0: off).
+    pub smoothing: f64,
+    /// Soft-cap `c` (`None`: off).
+    pub softcap: Option<f32>,
+}
+
+impl RowOptions {
+    /// Whether the options need more per element than the plain loss: a sum of the logits
+    /// (smoothing) or `tanh` (soft-capping). z-loss and token weights change only per-row factors.
+    pub fn per_element(&self) -> bool {
+        self.smoothing != 0.0 || self.softcap.is_some()
+    }
+}
+
+/// What a backend returns per row: the row's loss (0 for a row without a target) and, with
+/// z-loss on, the z-loss part of it (`z.is_empty()` otherwise).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RowLosses {
+    pub loss: Vec<f64>,
+    pub z: Vec<f64>,
 }
 
 /// Keywords merged by id (a repeated id's weights add up) and sorted, so that counting the hits
@@ -564,6 +687,12 @@ pub(crate) fn validate_tokens<I: TokenId>(spec: &LossSpec, shape: Shape, tokens:
             }
         }
     }
+    if let Some(w) = tokens.token_weights {
+        check_len("token_weights", w.len(), shape.rows(), shape)?;
+        if let Some(i) = w.iter().position(|x| !x.is_finite()) {
+            return Err(Error::InvalidTokenWeight { batch: i / t, position: i % t, value: w[i] });
+        }
+    }
     Ok(())
 }
 
@@ -602,32 +731,69 @@ impl LossSpec {
             Reduction::Sum => 1.0,
         };
         let reduce: Vec<f64> = weights.iter().map(|&w| if denom > 0.0 { w / denom } else { 0.0 }).collect();
-        let coef = reduce
-            .iter()
-            .zip(&row_div)
-            .map(|(&r, &d)| if d > 0.0 { (self.grad_scale * r / d) as f32 } else { 0.0 })
-            .collect();
-        Ok(Plan { shape, targets, weights, valid, row_div, reduce, coef })
+        let coef =
+            reduce.iter().zip(&row_div).map(|(&r, &d)| if d > 0.0 { self.grad_scale * r / d } else { 0.0 }).collect();
+        // row (s, p) is weighted by token_weights[s, p + 1]; the last position has no target
+        let token_weight = match tokens.token_weights {
+            Some(w) => (0..shape.rows()).map(|r| if (r + 1) % t == 0 { 0.0 } else { w[r + 1] }).collect(),
+            None => Vec::new(),
+        };
+        Ok(Plan { shape, targets, weights, valid, row_div, reduce, coef, token_weight, opts: self.row_options() })
+    }
+
+    /// The per-row options of this spec.
+    pub(crate) fn row_options(&self) -> RowOptions {
+        RowOptions { z_loss: self.z_loss, smoothing: self.label_smoothing, softcap: self.softcap.map(|c| c as f32) }
     }
 }
 
 impl Plan {
-    /// Combines per-row losses (0 for rows without a target) into the output, in a fixed order.
-    pub(crate) fn finish(&self, row_loss: &[f32], check_finite: bool, backend: Backend) -> Result<LossOutput> {
+    /// Row `r`'s gradient coefficient: its sample's, times its token weight.
+    #[inline]
+    pub(crate) fn row_coef(&self, r: usize) -> f32 {
+        let c = self.coef[r / self.shape.seq];
+        match self.token_weight.get(r) {
+            Some(&w) => (c * w as f64) as f32,
+            None => c as f32,
+        }
+    }
+
+    /// Combines per-row losses (0 for rows without a target) into the output, in a fixed order;
+    /// writes each position's loss into `token_loss` (`[B, T - 1]`, 0 where ignored) when given.
+    pub(crate) fn finish(
+        &self,
+        rows: &RowLosses,
+        check_finite: bool,
+        backend: Backend,
+        mut token_loss: Option<&mut [f32]>,
+    ) -> Result<LossOutput> {
         let t = self.shape.seq;
         let mut per_sample = Vec::with_capacity(self.shape.batch);
-        for (s, rows) in row_loss.chunks_exact(t).enumerate() {
-            let mut sum = 0f64;
-            for (p, &l) in rows.iter().enumerate() {
-                if self.targets[s * t + p] == NO_TARGET {
+        let mut z_loss = 0f64;
+        for (s, losses) in rows.loss.chunks_exact(t).enumerate() {
+            let (mut sum, mut z_sum) = (0f64, 0f64);
+            for (p, &l) in losses[..t - 1].iter().enumerate() {
+                let r = s * t + p;
+                if let Some(out) = token_loss.as_deref_mut() {
+                    out[s * (t - 1) + p] = l as f32;
+                }
+                if self.targets[r] == NO_TARGET {
                     continue;
                 }
                 if check_finite && !l.is_finite() {
-                    return Err(Error::NonFinite { batch: s, position: p, value: l as f64 });
+                    return Err(Error::NonFinite { batch: s, position: p, value: l });
                 }
-                sum += l as f64;
+                let w = self.token_weight.get(r).map_or(1.0, |&w| w as f64);
+                sum += w * l;
+                if let Some(&z) = rows.z.get(r) {
+                    z_sum += w * z;
+                }
             }
-            per_sample.push(if self.row_div[s] > 0.0 { sum / self.row_div[s] } else { 0.0 });
+            let div = self.row_div[s];
+            per_sample.push(if div > 0.0 { sum / div } else { 0.0 });
+            if div > 0.0 {
+                z_loss += z_sum / div * self.reduce[s];
+            }
         }
         let loss = per_sample.iter().zip(&self.reduce).map(|(l, r)| l * r).sum();
         Ok(LossOutput {
@@ -635,6 +801,7 @@ impl Plan {
             per_sample_loss: per_sample,
             weights: self.weights.clone(),
             valid_tokens: self.valid.clone(),
+            z_loss,
             backend,
         })
     }

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{random_inputs, rel};
-use fused_weighted_loss::candle::weighted_loss;
+use fused_weighted_loss::candle::{weighted_loss, weighted_loss_with_token_weights};
 use fused_weighted_loss::reference::{reference, rel_err};
 use fused_weighted_loss::{bf16, Grad, Logit, LossSpec, RowMean, Shape, Tokens};
 
@@ -71,6 +71,32 @@ fn cases(device: &Device) {
     check::<fused_weighted_loss::f16>(device, shape, &spec, true, 2.0);
     let valid = LossSpec::builder().row_mean(RowMean::ValidTokens).build().unwrap();
     check::<f32>(device, shape, &valid, true, 1.0);
+    let opts = LossSpec::builder().keywords([5i64]).z_loss(1e-3).label_smoothing(0.1).softcap(20.0).build().unwrap();
+    check::<f32>(device, shape, &opts, true, 0.5);
+    check::<bf16>(device, shape, &opts, false, 1.0);
+    check_token_weights(device, shape, &opts);
+}
+
+/// The op with per-token weights (and the spec's options) against the reference.
+fn check_token_weights(device: &Device, shape: Shape, spec: &LossSpec) {
+    let (logits, ids) = random_inputs::<f32>(9, shape, 3.0);
+    let w: Vec<f32> = (0..shape.rows()).map(|i| (i % 4) as f32 * 0.5).collect();
+    let dims = (shape.batch(), shape.seq(), shape.vocab());
+    let t_logits = Var::from_tensor(&Tensor::from_vec(logits.clone(), dims, device).unwrap()).unwrap();
+    let t_ids = Tensor::from_vec(ids.clone(), (shape.batch(), shape.seq()), device).unwrap();
+    let t_w = Tensor::from_vec(w.clone(), (shape.batch(), shape.seq()), device).unwrap();
+    let loss = weighted_loss_with_token_weights(t_logits.as_tensor(), &t_ids, None, Some(&t_w), spec).unwrap();
+    let r = reference(spec, shape, &logits, Tokens::new(&ids).with_token_weights(&w)).unwrap();
+    let l = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(rel(l, r.loss) <= 1e-5, "loss {l} vs reference {}", r.loss);
+    let grads = loss.backward().unwrap();
+    let g: Vec<f32> = grads.get(&t_logits).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(rel_err(&g, &r.grad) <= 1e-5);
+    // weights of the wrong shape or dtype are errors
+    let bad = Tensor::from_vec(w[..shape.batch()].to_vec(), (shape.batch(), 1), device).unwrap();
+    assert!(weighted_loss_with_token_weights(t_logits.as_tensor(), &t_ids, None, Some(&bad), spec).is_err());
+    let f64w = t_w.to_dtype(DType::F64).unwrap();
+    assert!(weighted_loss_with_token_weights(t_logits.as_tensor(), &t_ids, None, Some(&f64w), spec).is_err());
 }
 
 #[test]

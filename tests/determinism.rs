@@ -22,17 +22,22 @@ fn bits<L: Logit>(g: &[L]) -> Vec<u32> {
 }
 
 fn check<L: Logit>(shape: Shape, seed: u64) {
-    let logits = fused_weighted_loss::synthetic::logits::<L>(seed, shape.logits_len(), 5.0);
     let ids = fused_weighted_loss::synthetic::ids::<i64>(seed, shape.rows(), shape.vocab());
     let spec = LossSpec::builder().keywords([ids[0], ids[1]]).build().unwrap();
-    let (a, ga) = run_in_pool(1, shape, &logits, &ids, &spec);
+    check_spec::<L>(shape, seed, &spec);
+}
+
+fn check_spec<L: Logit>(shape: Shape, seed: u64, spec: &LossSpec) {
+    let logits = fused_weighted_loss::synthetic::logits::<L>(seed, shape.logits_len(), 5.0);
+    let ids = fused_weighted_loss::synthetic::ids::<i64>(seed, shape.rows(), shape.vocab());
+    let (a, ga) = run_in_pool(1, shape, &logits, &ids, spec);
     for threads in [2, 3, 8] {
-        let (b, gb) = run_in_pool(threads, shape, &logits, &ids, &spec);
+        let (b, gb) = run_in_pool(threads, shape, &logits, &ids, spec);
         assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "loss differs with {threads} threads");
         assert_eq!(a, b);
         assert!(bits(&ga) == bits(&gb), "gradient differs with {threads} threads");
     }
-    let (c, gc) = run_in_pool(8, shape, &logits, &ids, &spec);
+    let (c, gc) = run_in_pool(8, shape, &logits, &ids, spec);
     assert_eq!(a, c);
     assert!(bits(&ga) == bits(&gc), "gradient differs between runs");
 }
@@ -54,6 +59,16 @@ fn bitwise_across_threads_streamed() {
 #[test]
 fn bitwise_across_threads_bf16() {
     check::<bf16>(Shape::new(3, 17, 20_000).unwrap(), 2);
+}
+
+#[test]
+fn bitwise_across_threads_with_every_option() {
+    let spec = LossSpec::builder().keywords([3]).z_loss(1e-4).label_smoothing(0.1).softcap(15.0).build().unwrap();
+    for level in [fused_weighted_loss::CpuSimd::Portable, fused_weighted_loss::CpuSimd::Auto] {
+        let spec = spec.to_builder().cpu_simd(level).build().unwrap();
+        check_spec::<f32>(Shape::new(3, 17, 5003).unwrap(), 8, &spec);
+        check_spec::<bf16>(Shape::new(3, 9, 20_000).unwrap(), 9, &spec);
+    }
 }
 
 #[test]

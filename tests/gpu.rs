@@ -118,6 +118,40 @@ fn gpu_agrees_with_cpu_and_is_deterministic() {
     assert!(fused_weighted_loss::reference::rel_err(&ga, &gc) <= 1e-5);
 }
 
+#[test]
+fn gpu_options_alone_and_combined() {
+    if !gpu_or_skip("gpu_options_alone_and_combined") {
+        return;
+    }
+    // z-loss, label smoothing, soft-capping and token weights: each of the 16 combinations, with
+    // ignored labels, both row means, at a vocabulary that fits in shared memory and one that
+    // does not (as f32), in every dtype
+    for (i, v) in [4097usize, 128_257].into_iter().enumerate() {
+        let shape = Shape::new(2, 5, v).unwrap();
+        for bits in 0..16u32 {
+            let spec = LossSpec::builder()
+                .keywords([1i64])
+                .z_loss(if bits & 1 != 0 { 1e-3 } else { 0.0 })
+                .label_smoothing(if bits & 2 != 0 { 0.1 } else { 0.0 })
+                .softcap(if bits & 4 != 0 { Some(20.0) } else { None })
+                .row_mean(if bits % 3 == 0 { RowMean::ValidTokens } else { RowMean::AllPositions })
+                .build()
+                .unwrap();
+            let seed = 1000 + 16 * i as u64 + bits as u64;
+            let (l, ids) = random_inputs::<f32>(seed, shape, 6.0);
+            let labels: Vec<i64> = ids.iter().enumerate().map(|(j, &y)| if j % 4 == 2 { -100 } else { y }).collect();
+            let w: Vec<f32> = (0..shape.rows()).map(|j| (j % 5) as f32 * 0.5).collect();
+            let tokens = Tokens::new(&ids).with_labels(&labels);
+            let tokens = if bits & 8 != 0 { tokens.with_token_weights(&w) } else { tokens };
+            check_cuda(&spec, shape, &l, tokens);
+            let l16: Vec<bf16> = l.iter().map(|&x| bf16::from_f32(x)).collect();
+            check_cuda(&spec, shape, &l16, tokens);
+            let l16: Vec<f16> = l.iter().map(|&x| f16::from_f32(x)).collect();
+            check_cuda(&spec, shape, &l16, tokens);
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod device_api {
     use super::*;
@@ -155,6 +189,41 @@ mod device_api {
         let rows = stream.clone_dtoh(&out.row_loss).unwrap();
         assert_eq!(rows.len(), shape.rows());
         assert!(rows.iter().all(|x| x.is_finite()));
+    }
+
+    #[test]
+    fn gpu_device_token_weights_z_loss_and_token_losses() {
+        if !gpu_or_skip("gpu_device_token_weights_z_loss_and_token_losses") {
+            return;
+        }
+        let ctx = CudaContext::new(0).unwrap();
+        let stream = ctx.new_stream().unwrap();
+        let loss = CudaLoss::new(&ctx).unwrap();
+        let shape = Shape::new(3, 6, 3001).unwrap();
+        let (l, ids) = random_inputs::<f32>(41, shape, 3.0);
+        let w: Vec<f32> = (0..shape.rows()).map(|j| 0.25 + (j % 3) as f32).collect();
+        let spec = LossSpec::builder().z_loss(1e-2).label_smoothing(0.05).softcap(10.0).build().unwrap();
+        let d_l = stream.clone_htod(&l).unwrap();
+        let d_ids = stream.clone_htod(&ids).unwrap();
+        let mut d_w = stream.clone_htod(&w).unwrap();
+        let (ids_v, w_v) = (d_ids.as_view(), d_w.as_view());
+        let inputs = DeviceInputs::new(&ids_v).with_token_weights(&w_v);
+        let out = loss.loss(&spec, shape, &stream, &d_l.as_view(), &inputs).unwrap();
+        let host = out.to_host(&stream).unwrap();
+        let mut per_token = vec![f32::NAN; 3 * 5];
+        out.token_loss_to_host(&stream, &mut per_token).unwrap();
+        let r = reference(&spec, shape, &l, Tokens::new(&ids).with_token_weights(&w)).unwrap();
+        assert!(common::rel(host.loss, r.loss) <= 1e-5, "{} vs {}", host.loss, r.loss);
+        assert!(host.z_loss > 0.0 && common::rel(host.z_loss, r.z_loss) <= 1e-5);
+        assert!(rel_err(&per_token, &r.token_loss) <= 1e-5);
+        // a non-finite token weight is found on the device and reported with its position
+        let mut bad = w.clone();
+        bad[8] = f32::INFINITY;
+        stream.memcpy_htod(&bad, &mut d_w).unwrap();
+        let w_v = d_w.as_view();
+        let inputs = DeviceInputs::new(&ids_v).with_token_weights(&w_v);
+        let e = loss.loss(&spec, shape, &stream, &d_l.as_view(), &inputs).unwrap().to_host(&stream).unwrap_err();
+        assert!(matches!(e, Error::InvalidTokenWeight { batch: 1, position: 2, .. }), "{e}");
     }
 
     #[test]

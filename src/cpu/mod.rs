@@ -18,16 +18,25 @@
 //! pass, so reads, writes and arithmetic overlap. Rows longer than [`SCRATCH_MAX`] (beyond any
 //! real vocabulary) skip the scratch row and recompute `exp` in the gradient pass instead.
 //!
+//! The options (label smoothing, soft-capping, z-loss, token weights; [`row::RowMath`]) ride on
+//! the same two passes: soft-capping and smoothing switch the statistics loop to one that also
+//! computes `tanh` and the sum of the logits (and keeps `exp · (1 − tanh²)` in the scratch row),
+//! smoothing adds one fused multiply-add per element to the gradient pass, and z-loss and token
+//! weights only change per-row factors. With every option off the plain loops run.
+//!
 //! Rows run in parallel on the rayon pool; every row is computed by the same sequential routine
 //! whatever thread runs it, and per-sample sums are taken afterwards in a fixed order, so results
 //! do not depend on the number of threads.
 
+mod row;
 pub(crate) mod simd;
 
 use crate::dtype::{DType, Logit};
-use crate::spec::{Plan, NO_TARGET};
+use crate::spec::{Plan, RowLosses, NO_TARGET};
 use rayon::prelude::*;
-use simd::{Ahead, Kernels};
+use row::RowMath;
+pub(crate) use row::RowStats;
+use simd::{Ahead, Input, Kernels};
 
 /// Elements of a row handled per step.
 pub(crate) const CHUNK: usize = 2048;
@@ -43,103 +52,23 @@ const MARGIN: f32 = 20.0;
 /// cache anyway, and streaming skips reading the destination lines first.
 const STREAM_MIN_BYTES: usize = 32 << 20;
 
-/// The statistics of one logits row (or of a slice of it), from which loss and gradient follow:
-/// with any reference `r`, `sum_exp = sum(exp(z - r))`,
-/// `loss = (r - target_logit) + ln(sum_exp)`,
-/// `grad_j = coef * (exp(z_j - r) / sum_exp - [j == target])`.
-///
-/// Statistics of disjoint slices of a row combine with [`RowStats::merge`]; a slice that does
-/// not hold the target contributes `target_logit = 0`, so merging adds the target logits.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct RowStats {
-    /// The reference `r`: within [`MARGIN`] of the maximum logit (NaN skipped), `-inf` while
-    /// every logit seen is `-inf`.
-    pub shift: f32,
-    /// `sum(exp(z - shift))` (NaN when a logit is NaN or `+inf`). Chunks are summed in f32
-    /// lanes and the chunk sums in f64, so even a 2^29-wide row keeps f32 accuracy.
-    pub sum_exp: f64,
-    /// The target's logit (0 when the target lies outside the slice).
-    pub target_logit: f32,
-}
-
-/// `s * exp(from - to)` for `to >= from`, with `0 * exp(-inf - -inf)` kept at 0.
-#[inline]
-fn rescale(s: f64, from: f32, to: f32) -> f64 {
-    if s == 0.0 {
-        0.0
-    } else {
-        s * (from as f64 - to as f64).exp()
-    }
-}
-
-impl RowStats {
-    /// Statistics of an empty slice.
-    pub const EMPTY: RowStats = RowStats { shift: f32::NEG_INFINITY, sum_exp: 0.0, target_logit: 0.0 };
-
-    /// Moves the reference up to `m`, rescaling the sum.
-    #[inline]
-    fn raise(&mut self, m: f32) {
-        if m > self.shift {
-            self.sum_exp = rescale(self.sum_exp, self.shift, m);
-            self.shift = m;
-        }
-    }
-
-    /// What a chunk's exponentials are taken against: the reference, or 0 while every value so
-    /// far is `-inf` (then `-inf` adds 0 and NaN adds NaN).
-    #[inline]
-    fn exp_shift(&self) -> f32 {
-        if self.shift == f32::NEG_INFINITY {
-            0.0
-        } else {
-            self.shift
-        }
-    }
-
-    /// Combines the statistics of two disjoint slices of one row.
-    #[allow(dead_code)] // the vocabulary-parallel mode's combine step; exercised by unit tests
-    pub fn merge(self, other: RowStats) -> RowStats {
-        let shift = if other.shift > self.shift { other.shift } else { self.shift };
-        RowStats {
-            shift,
-            sum_exp: rescale(self.sum_exp, self.shift, shift) + rescale(other.sum_exp, other.shift, shift),
-            target_logit: self.target_logit + other.target_logit,
-        }
-    }
-
-    /// The row's cross-entropy, `logsumexp(z) - z[target]`.
-    #[inline]
-    pub fn loss(&self) -> f32 {
-        ((self.shift as f64 - self.target_logit as f64) + self.sum_exp.ln()) as f32
-    }
-
-    /// The gradient at the target, `coef * (softmax[target] - 1)`.
-    #[inline]
-    fn target_grad(&self, coef: f32) -> f32 {
-        (coef as f64 * ((self.target_logit as f64 - self.shift as f64).exp() / self.sum_exp - 1.0)) as f32
-    }
-
-    /// The factor that turns `exp(z - r_c)` into the gradient: `coef / sum_exp * exp(r_c - r)`.
-    /// A chunk whose `r_c` is `-inf` (all `-inf` or NaN) gets 0, or NaN for an all `-inf` row.
-    #[inline]
-    fn grad_factor(&self, coef: f32, chunk_shift: f32) -> f32 {
-        (coef as f64 / self.sum_exp * (chunk_shift as f64 - self.shift as f64).exp()) as f32
-    }
-}
-
 /// The exponentials of one row, kept between its two passes.
 struct RowExps {
-    /// `exp(z - shift_c)` (empty when rows are too long to keep).
+    /// `exp(z - shift_c)`, times the chain factor with soft-capping (empty when rows are too
+    /// long to keep).
     exps: Vec<f32>,
+    /// The chain factors, when soft-capping and smoothing are both on (else empty).
+    chain: Vec<f32>,
     /// The running maximum each chunk's exponentials are taken against.
     shifts: Vec<f32>,
 }
 
 impl RowExps {
-    fn new(vocab: usize) -> RowExps {
+    fn new(vocab: usize, m: &RowMath) -> RowExps {
         let keep = vocab <= SCRATCH_MAX;
         RowExps {
             exps: vec![0.0; if keep { vocab } else { 0 }],
+            chain: vec![0.0; if keep && m.keeps_chain() { vocab } else { 0 }],
             shifts: vec![0.0; if keep { vocab.div_ceil(CHUNK) } else { 0 }],
         }
     }
@@ -155,11 +84,17 @@ struct Scratch {
     buf: Vec<f32>,
     /// Exponentials nobody keeps (loss only, or rows too long to keep).
     tmp: Vec<f32>,
+    /// Their chain factors (soft-capping with smoothing; else empty).
+    chain: Vec<f32>,
 }
 
 impl Scratch {
-    fn new() -> Scratch {
-        Scratch { buf: vec![0.0; CHUNK], tmp: vec![0.0; CHUNK] }
+    fn new(m: &RowMath) -> Scratch {
+        Scratch {
+            buf: vec![0.0; CHUNK],
+            tmp: vec![0.0; CHUNK],
+            chain: vec![0.0; if m.keeps_chain() { CHUNK } else { 0 }],
+        }
     }
 }
 
@@ -194,21 +129,36 @@ fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream:
     }
 }
 
-/// `out = exp(chunk - shift)`, returning the sum and the chunk's maximum. 16-bit input is widened
-/// inside the loop and gets the short polynomial, matched to its precision.
+/// `out = exp(chunk - shift)` (with the options: of the capped chunk, times the chain factor,
+/// chain factors into `chain`), returning the sum, the chunk's (capped) maximum and, with
+/// smoothing, the sum of its (capped) logits. 16-bit input is widened inside the loop and gets
+/// the short polynomial, matched to its precision.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn exp_chunk<L: Logit>(
     k: &Kernels,
+    m: &RowMath,
     chunk: &[L],
     shift: f32,
     out: &mut [f32],
+    chain: &mut [f32],
     pf: Ahead,
     buf: &mut [f32],
-) -> (f32, f32) {
-    match L::as_bits(chunk) {
+) -> (f32, f32, f32) {
+    if let Some(o) = m.elem {
+        let x = match (L::as_f32(chunk), L::as_bits(chunk)) {
+            (Some(x), _) => Input::F32(x),
+            (None, Some(b)) if L::DTYPE == DType::BF16 => Input::Bf16(b),
+            (None, Some(b)) => Input::F16(b),
+            (None, None) => unreachable!("every Logit is f32 or 16-bit"),
+        };
+        return k.exp_opts(x, shift, o, out, chain, pf);
+    }
+    let (sum, top) = match L::as_bits(chunk) {
         Some(bits) => k.exp_sum_max_bits(L::DTYPE == DType::BF16, bits, shift, out, pf),
         None => k.exp_sum_max(load(k, chunk, buf), shift, out, pf),
-    }
+    };
+    (sum, top, 0.0)
 }
 
 /// Chunks to prefetch (into L2) ahead of the one being read.
@@ -217,8 +167,10 @@ const PREFETCH_CHUNKS: usize = 4;
 /// Statistics pass over one row. Keeps the exponentials in `keep` when given (and long enough);
 /// calls `after(c)` after chunk `c`, which is where the previous row's gradient is interleaved.
 /// `ahead` is the task's input from this row on, for prefetching.
+#[allow(clippy::too_many_arguments)]
 fn stats_pass<L: Logit>(
     k: &Kernels,
+    m: &RowMath,
     row: &[L],
     ahead: &[L],
     target: usize,
@@ -230,28 +182,39 @@ fn stats_pass<L: Logit>(
     for (c, chunk) in row.chunks(CHUNK).enumerate() {
         let p = (c + PREFETCH_CHUNKS) * CHUNK;
         let pf = if p < ahead.len() { Ahead::of(&ahead[p..(p + CHUNK).min(ahead.len())]) } else { Ahead::NONE };
-        let out = match keep.as_deref_mut().filter(|e| e.kept()) {
-            Some(e) => &mut e.exps[c * CHUNK..],
-            None => &mut s.tmp[..],
+        let (out, chain) = match keep.as_deref_mut().filter(|e| e.kept()) {
+            Some(e) => (&mut e.exps[c * CHUNK..], chain_from(&mut e.chain, c * CHUNK)),
+            None => (&mut s.tmp[..], &mut s.chain[..]),
         };
         if st.shift == f32::NEG_INFINITY {
             // no finite reference yet: take this chunk's maximum first
-            st.raise(k.max(load(k, chunk, &mut s.buf)));
+            st.raise(m.cap_max(k.max(load(k, chunk, &mut s.buf))));
         }
-        let (mut sum, top) = exp_chunk(k, chunk, st.exp_shift(), &mut *out, pf, &mut s.buf);
+        let (mut sum, top, mut zsum) = exp_chunk(k, m, chunk, st.exp_shift(), &mut *out, &mut *chain, pf, &mut s.buf);
         if top > st.shift + MARGIN {
             // a much larger maximum (or +inf): move the reference and redo the chunk
             st.raise(top);
-            sum = exp_chunk(k, chunk, st.exp_shift(), &mut *out, Ahead::NONE, &mut s.buf).0;
+            (sum, _, zsum) = exp_chunk(k, m, chunk, st.exp_shift(), out, chain, Ahead::NONE, &mut s.buf);
         }
         st.sum_exp += sum as f64;
+        st.logit_sum += zsum as f64;
         if let Some(e) = keep.as_deref_mut().filter(|e| e.kept()) {
             e.shifts[c] = st.shift;
         }
         after(c);
     }
-    st.target_logit = row[target].to_f32();
+    (st.target_logit, st.target_chain) = m.cap(row[target].to_f32() as f64);
     st
+}
+
+/// `chain[from..]`, or the empty slice when no chain factors are kept.
+#[inline]
+fn chain_from(chain: &mut [f32], from: usize) -> &mut [f32] {
+    if chain.is_empty() {
+        chain
+    } else {
+        &mut chain[from..]
+    }
 }
 
 /// A row whose statistics are known and whose gradient is still to be written.
@@ -263,46 +226,65 @@ struct Pending<'a, G> {
 }
 
 impl<G: Logit> Pending<'_, G> {
-    /// Writes chunk `c` of the gradient from the row's kept exponentials.
-    fn write_chunk(&mut self, k: &Kernels, e: &RowExps, c: usize, stream: bool) {
-        let lo = c * CHUNK;
-        let hi = (lo + CHUNK).min(self.out.len());
-        let f = self.st.grad_factor(self.coef, e.shifts[c]);
+    /// Turns kept `exp · s` values of chunk `c` (with shift `shift`) into the gradient and
+    /// stores them: one multiply, or with smoothing first `q · f − k · s` in place.
+    #[allow(clippy::too_many_arguments)]
+    fn store(&mut self, k: &Kernels, m: &RowMath, q: &mut [f32], chain: &[f32], lo: usize, shift: f32, stream: bool) {
+        let hi = lo + q.len();
+        let f = m.grad_factor(&self.st, self.coef, shift);
+        let off = m.smoothing_offset(self.coef);
         let has_target = (lo..hi).contains(&self.target);
         // the target's chunk goes through the cache: its entry is rewritten just after
-        store_scaled(k, &e.exps[lo..hi], f, &mut self.out[lo..hi], stream && !has_target);
-        if has_target {
-            self.out[self.target] = G::from_f32(self.st.target_grad(self.coef));
+        let stream = stream && !has_target;
+        if off != 0.0 {
+            k.affine(q, f, off, chain);
+            store_scaled(k, q, 1.0, &mut self.out[lo..hi], stream);
+        } else {
+            store_scaled(k, q, f, &mut self.out[lo..hi], stream);
         }
+        if has_target {
+            self.out[self.target] = G::from_f32(m.target_grad(&self.st, self.coef));
+        }
+    }
+
+    /// Writes chunk `c` of the gradient from the row's kept exponentials.
+    fn write_chunk(&mut self, k: &Kernels, m: &RowMath, e: &mut RowExps, c: usize, stream: bool) {
+        let lo = c * CHUNK;
+        let hi = (lo + CHUNK).min(self.out.len());
+        let chain = if e.chain.is_empty() { &[][..] } else { &e.chain[lo..hi] };
+        self.store(k, m, &mut e.exps[lo..hi], chain, lo, e.shifts[c], stream);
     }
 
     /// Writes the whole gradient: from `e` when it was kept, else by re-reading the logits
     /// (`row`; `None` when the logits are `out` itself) and recomputing the exponentials.
-    fn write<L: Logit>(mut self, k: &Kernels, e: &RowExps, row: Option<&[L]>, s: &mut Scratch, stream: bool) {
+    fn write<L: Logit>(
+        mut self,
+        k: &Kernels,
+        m: &RowMath,
+        e: &mut RowExps,
+        row: Option<&[L]>,
+        s: &mut Scratch,
+        stream: bool,
+    ) {
         if e.kept() {
             for c in 0..self.out.len().div_ceil(CHUNK) {
-                self.write_chunk(k, e, c, stream);
+                self.write_chunk(k, m, e, c, stream);
             }
             return;
         }
-        let scale = self.st.grad_factor(self.coef, self.st.shift);
-        for (c, o) in self.out.chunks_mut(CHUNK).enumerate() {
-            let n = o.len();
+        let shift = self.st.exp_shift();
+        for c in 0..self.out.len().div_ceil(CHUNK) {
+            let lo = c * CHUNK;
+            let n = (self.out.len() - lo).min(CHUNK);
             // the same exponentials as the statistics pass took (in place, `out` is the logits)
+            let (tmp, chain) = (&mut s.tmp[..n], &mut s.chain[..]);
             match row {
-                Some(row) => exp_chunk(
-                    k,
-                    &row[c * CHUNK..c * CHUNK + n],
-                    self.st.exp_shift(),
-                    &mut s.tmp,
-                    Ahead::NONE,
-                    &mut s.buf,
-                ),
-                None => exp_chunk(k, o, self.st.exp_shift(), &mut s.tmp, Ahead::NONE, &mut s.buf),
+                Some(row) => exp_chunk(k, m, &row[lo..lo + n], shift, tmp, chain, Ahead::NONE, &mut s.buf),
+                None => exp_chunk(k, m, &self.out[lo..lo + n], shift, tmp, chain, Ahead::NONE, &mut s.buf),
             };
-            store_scaled(k, &s.tmp[..n], scale, o, false);
+            let chain = if s.chain.is_empty() { &[][..] } else { &s.chain[..n] };
+            self.store(k, m, &mut s.tmp[..n], chain, lo, self.st.shift, false);
         }
-        self.out[self.target] = G::from_f32(self.st.target_grad(self.coef));
     }
 }
 
@@ -330,130 +312,161 @@ fn target_of(plan: &Plan, r: usize) -> Option<usize> {
     }
 }
 
+/// Per-row results of one task: the loss and its z-loss part.
+struct TaskLosses<'a> {
+    loss: &'a mut [f64],
+    z: &'a mut [f64],
+}
+
+impl TaskLosses<'_> {
+    #[inline]
+    fn set(&mut self, i: usize, (loss, z): (f64, f64)) {
+        self.loss[i] = loss;
+        self.z[i] = z;
+    }
+}
+
 /// One task of [`run`] with a gradient: rows `r0..` of `src` into `dst`.
 ///
 /// Software-pipelined over rows: while row `r`'s statistics pass reads its logits chunk by
 /// chunk, row `r-1`'s gradient is written chunk by chunk from its kept exponentials, so reads,
 /// writes and `exp` overlap instead of alternating. Two scratch rows take turns.
+#[allow(clippy::too_many_arguments)]
 fn grad_task<L: Logit, G: Logit>(
     k: &Kernels,
+    m: &RowMath,
     plan: &Plan,
     r0: usize,
     src: &[L],
     dst: &mut [G],
-    losses: &mut [f32],
+    mut losses: TaskLosses<'_>,
     stream: bool,
 ) {
-    let (v, t) = (plan.shape.vocab(), plan.shape.seq());
-    let (mut cur, mut prev) = (RowExps::new(v), RowExps::new(v));
-    let mut s = Scratch::new();
+    let v = plan.shape.vocab();
+    let (mut cur, mut prev) = (RowExps::new(v, m), RowExps::new(v, m));
+    let mut s = Scratch::new(m);
     let mut pending: Option<Pending<'_, G>> = None;
     let mut pending_row: &[L] = &[];
-    for (i, ((row, out), l)) in src.chunks_exact(v).zip(dst.chunks_exact_mut(v)).zip(losses).enumerate() {
+    for (i, (row, out)) in src.chunks_exact(v).zip(dst.chunks_exact_mut(v)).enumerate() {
         let r = r0 + i;
         let Some(y) = target_of(plan, r) else {
             if let Some(p) = pending.take() {
-                p.write(k, &prev, Some(pending_row), &mut s, stream);
+                p.write(k, m, &mut prev, Some(pending_row), &mut s, stream);
             }
             zero(k, out, stream);
             continue;
         };
         let st = if cur.kept() {
-            let (p, e) = (&mut pending, &prev);
-            stats_pass(k, row, &src[i * v..], y, Some(&mut cur), &mut s, |c| {
+            let (p, e) = (&mut pending, &mut prev);
+            stats_pass(k, m, row, &src[i * v..], y, Some(&mut cur), &mut s, |c| {
                 if let Some(p) = p.as_mut() {
-                    p.write_chunk(k, e, c, stream);
+                    p.write_chunk(k, m, e, c, stream);
                 }
             })
         } else {
             if let Some(p) = pending.take() {
-                p.write(k, &prev, Some(pending_row), &mut s, stream);
+                p.write(k, m, &mut prev, Some(pending_row), &mut s, stream);
             }
-            stats_pass(k, row, &src[i * v..], y, None, &mut s, |_| {})
+            stats_pass(k, m, row, &src[i * v..], y, None, &mut s, |_| {})
         };
-        *l = st.loss();
-        pending = Some(Pending { out, st, target: y, coef: plan.coef[r / t] });
+        losses.set(i, m.loss(&st));
+        pending = Some(Pending { out, st, target: y, coef: plan.row_coef(r) });
         pending_row = row;
         std::mem::swap(&mut cur, &mut prev);
     }
     if let Some(p) = pending.take() {
-        p.write(k, &prev, Some(pending_row), &mut s, stream);
+        p.write(k, m, &mut prev, Some(pending_row), &mut s, stream);
     }
     k.fence();
 }
 
 /// Loss of every row (0 for rows without a target) and, when `grad` is given, the gradient.
-pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], grad: Option<&mut [G]>) -> Vec<f32> {
+pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], grad: Option<&mut [G]>) -> RowLosses {
     let (rows, v) = (plan.shape.rows(), plan.shape.vocab());
+    let m = RowMath::new(&plan.opts, v);
     let rpt = rows_per_task(rows, v);
     let stream = plan.shape.logits_len() * G::DTYPE.size() >= STREAM_MIN_BYTES;
-    let mut row_loss = vec![0f32; rows];
-    let losses = row_loss.par_chunks_mut(rpt).zip(logits.par_chunks(rpt * v)).enumerate();
+    let mut out = RowLosses { loss: vec![0f64; rows], z: vec![0f64; rows] };
+    let tasks = out.loss.par_chunks_mut(rpt).zip(out.z.par_chunks_mut(rpt)).zip(logits.par_chunks(rpt * v)).enumerate();
     match grad {
-        Some(grad) => losses
-            .zip(grad.par_chunks_mut(rpt * v))
-            .for_each(|((task, (ls, src)), dst)| grad_task(k, plan, task * rpt, src, dst, ls, stream)),
-        None => losses.for_each(|(task, (ls, src))| {
-            let mut s = Scratch::new();
-            for (i, (l, row)) in ls.iter_mut().zip(src.chunks_exact(v)).enumerate() {
+        Some(grad) => tasks.zip(grad.par_chunks_mut(rpt * v)).for_each(|((task, ((loss, z), src)), dst)| {
+            grad_task(k, &m, plan, task * rpt, src, dst, TaskLosses { loss, z }, stream)
+        }),
+        None => tasks.for_each(|(task, ((loss, z), src))| {
+            let mut s = Scratch::new(&m);
+            let mut losses = TaskLosses { loss, z };
+            for (i, row) in src.chunks_exact(v).enumerate() {
                 if let Some(y) = target_of(plan, task * rpt + i) {
-                    *l = stats_pass(k, row, &src[i * v..], y, None, &mut s, |_| {}).loss();
+                    losses.set(i, m.loss(&stats_pass(k, &m, row, &src[i * v..], y, None, &mut s, |_| {})));
                 }
             }
         }),
     }
-    row_loss
+    out
 }
 
 /// Loss of every row, with the gradient written over the logits.
-pub(crate) fn run_in_place<L: Logit>(k: &Kernels, plan: &Plan, logits: &mut [L]) -> Vec<f32> {
-    let (rows, v, t) = (plan.shape.rows(), plan.shape.vocab(), plan.shape.seq());
+pub(crate) fn run_in_place<L: Logit>(k: &Kernels, plan: &Plan, logits: &mut [L]) -> RowLosses {
+    let (rows, v) = (plan.shape.rows(), plan.shape.vocab());
+    let m = RowMath::new(&plan.opts, v);
     let rpt = rows_per_task(rows, v);
-    let mut row_loss = vec![0f32; rows];
-    row_loss.par_chunks_mut(rpt).zip(logits.par_chunks_mut(rpt * v)).enumerate().for_each(|(task, (ls, rows))| {
-        let mut e = RowExps::new(v);
-        let mut s = Scratch::new();
-        for (i, (l, row)) in ls.iter_mut().zip(rows.chunks_exact_mut(v)).enumerate() {
+    let mut out = RowLosses { loss: vec![0f64; rows], z: vec![0f64; rows] };
+    let tasks = out.loss.par_chunks_mut(rpt).zip(out.z.par_chunks_mut(rpt)).zip(logits.par_chunks_mut(rpt * v));
+    tasks.enumerate().for_each(|(task, ((loss, z), src))| {
+        let mut e = RowExps::new(v, &m);
+        let mut s = Scratch::new(&m);
+        let mut losses = TaskLosses { loss, z };
+        for (i, row) in src.chunks_exact_mut(v).enumerate() {
             let r = task * rpt + i;
             match target_of(plan, r) {
                 Some(y) => {
-                    let st = stats_pass(k, row, row, y, Some(&mut e), &mut s, |_| {});
-                    *l = st.loss();
+                    let st = stats_pass(k, &m, row, row, y, Some(&mut e), &mut s, |_| {});
+                    losses.set(i, m.loss(&st));
                     // the row was just read, its lines are in cache: no streaming
-                    let p = Pending { out: row, st, target: y, coef: plan.coef[r / t] };
-                    p.write::<L>(k, &e, None, &mut s, false);
+                    let p = Pending { out: row, st, target: y, coef: plan.row_coef(r) };
+                    p.write::<L>(k, &m, &mut e, None, &mut s, false);
                 }
                 None => row.fill(L::default()),
             }
         }
     });
-    row_loss
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::CpuSimd;
+    use crate::spec::{CpuSimd, RowOptions};
 
-    fn stats_of(k: &Kernels, row: &[f32], target: usize) -> RowStats {
-        stats_pass(k, row, row, target, None, &mut Scratch::new(), |_| {})
+    fn stats_of(k: &Kernels, m: &RowMath, row: &[f32], target: usize) -> RowStats {
+        stats_pass(k, m, row, row, target, None, &mut Scratch::new(m), |_| {})
     }
 
     #[test]
     fn merged_slices_equal_whole_row() {
         let k = Kernels::select(CpuSimd::Auto).unwrap();
         let row: Vec<f32> = (0..10_000).map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0).collect();
-        let whole = stats_of(&k, &row, 6_000);
-        // vocabulary split in two shards; the target lives in the second one
-        let (a, b) = row.split_at(4_000);
-        let mut sa = stats_of(&k, a, 0);
-        sa.target_logit = 0.0;
-        let sb = stats_of(&k, b, 2_000);
-        let merged = sa.merge(sb);
-        assert_eq!(merged.target_logit, whole.target_logit);
-        let (ma, mw) = (merged.sum_exp * (merged.shift as f64).exp(), whole.sum_exp * (whole.shift as f64).exp());
-        assert!((ma - mw).abs() <= 1e-6 * mw);
-        assert!((merged.loss() - whole.loss()).abs() <= 1e-6);
-        assert_eq!(RowStats::EMPTY.merge(whole), whole);
+        for opts in [
+            RowOptions::default(),
+            RowOptions { z_loss: 1e-3, smoothing: 0.1, softcap: Some(3.0) },
+            RowOptions { z_loss: 0.0, smoothing: 0.2, softcap: None },
+        ] {
+            let m = RowMath::new(&opts, row.len());
+            let whole = stats_of(&k, &m, &row, 6_000);
+            // vocabulary split in two shards; the target lives in the second one
+            let (a, b) = row.split_at(4_000);
+            let mut sa = stats_of(&k, &m, a, 0);
+            (sa.target_logit, sa.target_chain) = (0.0, 1.0);
+            let sb = stats_of(&k, &m, b, 2_000);
+            let merged = sa.merge(sb);
+            assert_eq!(merged.target_logit, whole.target_logit);
+            assert_eq!(merged.target_chain, whole.target_chain);
+            let (ma, mw) = (merged.sum_exp * (merged.shift as f64).exp(), whole.sum_exp * (whole.shift as f64).exp());
+            assert!((ma - mw).abs() <= 1e-6 * mw, "{opts:?}");
+            assert!((merged.logit_sum - whole.logit_sum).abs() <= 1e-6 * whole.logit_sum.abs().max(1.0), "{opts:?}");
+            let (lm, lw) = (m.loss(&merged), m.loss(&whole));
+            assert!((lm.0 - lw.0).abs() <= 1e-6 * lw.0.abs() && (lm.1 - lw.1).abs() <= 1e-6 * lw.1.abs(), "{opts:?}");
+            assert_eq!(RowStats::EMPTY.merge(whole), whole);
+        }
     }
 }

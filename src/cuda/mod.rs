@@ -267,23 +267,31 @@ impl Module {
     }
 }
 
-/// The per-call token inputs on the device: ids `[B, T]`, optional labels `[B, T]` and an
-/// optional device scalar for the upstream gradient (instead of the spec's host value).
+/// The per-call token inputs on the device: ids `[B, T]`, optional labels and token weights
+/// `[B, T]` and an optional device scalar for the upstream gradient (instead of the spec's host
+/// value).
 #[derive(Debug)]
 pub struct DeviceInputs<'a, I: TokenId> {
     ids: &'a CudaView<'a, I>,
     labels: Option<&'a CudaView<'a, I>>,
+    token_weights: Option<&'a CudaView<'a, f32>>,
     grad_scale: Option<&'a CudaView<'a, f32>>,
 }
 
 impl<'a, I: TokenId> DeviceInputs<'a, I> {
     /// Ids only: the labels are the ids.
     pub fn new(ids: &'a CudaView<'a, I>) -> Self {
-        DeviceInputs { ids, labels: None, grad_scale: None }
+        DeviceInputs { ids, labels: None, token_weights: None, grad_scale: None }
     }
     /// Separate labels (values in `[0, V)` or `ignore_index`).
     pub fn with_labels(self, labels: &'a CudaView<'a, I>) -> Self {
         DeviceInputs { labels: Some(labels), ..self }
+    }
+    /// Per-token weights `[B, T]`, aligned with the labels as in
+    /// [`Tokens::with_token_weights`]; a non-finite weight is reported by
+    /// [`DeviceLossOutput::check`].
+    pub fn with_token_weights(self, weights: &'a CudaView<'a, f32>) -> Self {
+        DeviceInputs { token_weights: Some(weights), ..self }
     }
     /// Reads the upstream gradient scale from this one-element device buffer (no host sync),
     /// instead of [`LossSpec::grad_scale`].
@@ -305,8 +313,12 @@ pub struct DeviceLossOutput {
     pub valid_tokens: CudaSlice<u32>,
     /// The batch loss rounded to `f32`, one element (what frameworks' scalar losses hold).
     pub loss_f32: CudaSlice<f32>,
-    /// Each position's cross-entropy (0 where there is no target), `[B * T]`.
-    pub row_loss: CudaSlice<f32>,
+    /// Each position's loss (0 where there is no target), `[B * T]`: the per-token losses
+    /// (with smoothing and z-loss, before token and sample weights); position `T - 1` of each
+    /// sample has no target.
+    pub row_loss: CudaSlice<f64>,
+    /// The z-loss part of the batch loss, one `f64` (0 when z-loss is off).
+    pub z_loss: CudaSlice<f64>,
     status: CudaSlice<FwlStatus>,
     shape: Shape,
     check_finite: bool,
@@ -334,12 +346,20 @@ impl DeviceLossOutput {
         if st.flags & params::FWL_STATUS_BAD_LABEL != 0 {
             return Err(at("labels", st.bad_label_index, st.bad_label_value));
         }
+        if st.flags & params::FWL_STATUS_BAD_TOKEN_WEIGHT != 0 {
+            let i = st.bad_weight_index;
+            return Err(Error::InvalidTokenWeight {
+                batch: (i / t) as usize,
+                position: (i % t) as usize,
+                value: st.bad_weight_value,
+            });
+        }
         if self.check_finite && st.flags & params::FWL_STATUS_NON_FINITE != 0 {
             let i = st.non_finite_row;
-            let mut v = [0f32];
+            let mut v = [0f64];
             stream.memcpy_dtoh(&self.row_loss.slice(i as usize..i as usize + 1), &mut v).map_err(drv("reading"))?;
             stream.synchronize().map_err(drv("synchronising"))?;
-            return Err(Error::NonFinite { batch: (i / t) as usize, position: (i % t) as usize, value: v[0] as f64 });
+            return Err(Error::NonFinite { batch: (i / t) as usize, position: (i % t) as usize, value: v[0] });
         }
         Ok(())
     }
@@ -349,6 +369,7 @@ impl DeviceLossOutput {
         self.check(stream)?;
         let copy = |e| Error::Cuda { context: "copying results to the host", message: DriverError::to_string(&e) };
         let loss = stream.clone_dtoh(&self.loss).map_err(copy)?;
+        let z_loss = stream.clone_dtoh(&self.z_loss).map_err(copy)?;
         let per_sample_loss = stream.clone_dtoh(&self.per_sample_loss).map_err(copy)?;
         let weights = stream.clone_dtoh(&self.weights).map_err(copy)?;
         let valid: Vec<u32> = stream.clone_dtoh(&self.valid_tokens).map_err(copy)?;
@@ -358,8 +379,26 @@ impl DeviceLossOutput {
             per_sample_loss,
             weights,
             valid_tokens: valid.into_iter().map(u64::from).collect(),
+            z_loss: z_loss[0],
             backend: Backend::Cuda,
         })
+    }
+
+    /// Copies the per-token losses `[B, T - 1]` (see [`row_loss`](Self::row_loss)) into `out`,
+    /// synchronising `stream`.
+    pub fn token_loss_to_host(&self, stream: &Arc<CudaStream>, out: &mut [f32]) -> Result<()> {
+        let (b, t) = (self.shape.batch(), self.shape.seq());
+        if out.len() != b * (t - 1) {
+            return Err(Error::TokenLossLength { expected: b * (t - 1), got: out.len() });
+        }
+        let rows = stream.clone_dtoh(&self.row_loss).map_err(drv("copying results to the host"))?;
+        stream.synchronize().map_err(drv("synchronising"))?;
+        for (o, r) in out.chunks_exact_mut(t - 1).zip(rows.chunks_exact(t)) {
+            for (o, &r) in o.iter_mut().zip(r) {
+                *o = r as f32;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -383,6 +422,7 @@ struct Ptrs {
     grad: u64,
     ids: u64,
     labels: u64,
+    token_weights: u64,
     scale: u64,
 }
 
@@ -461,6 +501,9 @@ impl CudaLoss {
         if let Some(labels) = inputs.labels {
             check_len("labels", labels.len(), shape.rows(), shape)?;
         }
+        if let Some(w) = inputs.token_weights {
+            check_len("token_weights", w.len(), shape.rows(), shape)?;
+        }
         if let Some(s) = inputs.grad_scale {
             check_len("grad_scale", s.len(), 1, shape)?;
         }
@@ -492,12 +535,14 @@ impl CudaLoss {
     ) -> Result<DeviceLossOutput> {
         let (ids, _gi) = inputs.ids.device_ptr(stream);
         let labels = inputs.labels.map(|l| l.device_ptr(stream));
+        let weights = inputs.token_weights.map(|w| w.device_ptr(stream));
         let scale = inputs.grad_scale.map(|s| s.device_ptr(stream));
         let ptrs = Ptrs {
             logits,
             grad,
             ids,
             labels: labels.as_ref().map_or(0, |l| l.0),
+            token_weights: weights.as_ref().map_or(0, |w| w.0),
             scale: scale.as_ref().map_or(0, |s| s.0),
         };
         f(stream, &ptrs)
@@ -522,9 +567,14 @@ impl CudaLoss {
         let mut reduce = output::<f64>(stream, b)?;
         let mut coef = output::<f32>(stream, b)?;
         let mut status = output::<FwlStatus>(stream, 1)?;
-        let mut row_loss = output::<f32>(stream, rows)?;
+        let mut row_loss = output::<f64>(stream, rows)?;
+        // the z-loss parts only with z-loss on (the kernels take NULL otherwise)
+        let z_on = spec.z_loss != 0.0;
+        let mut row_z = output::<f64>(stream, if z_on { rows } else { 1 })?;
+        let mut per_sample_z = output::<f64>(stream, if z_on { b } else { 1 })?;
         let mut per_sample = output::<f64>(stream, b)?;
         let mut loss = output::<f64>(stream, 1)?;
+        let mut z_loss = output::<f64>(stream, 1)?;
         let mut loss_f32 = output::<f32>(stream, 1)?;
 
         // plan: one block
@@ -556,6 +606,7 @@ impl CudaLoss {
                 alpha: spec.alpha,
                 grad_scale: spec.grad_scale,
                 grad_scale_ptr: p.scale as *const f32,
+                token_weights: p.token_weights as *const f32,
                 targets: t as *mut i32,
                 weights: w as *mut f64,
                 valid: v as *mut u32,
@@ -605,22 +656,28 @@ impl CudaLoss {
             let (t, _g1) = targets.device_ptr(stream);
             let (c, _g2) = coef.device_ptr(stream);
             let (rl, _g3) = row_loss.device_ptr_mut(stream);
+            let (rz, _g4) = row_z.device_ptr_mut(stream);
             let rp = FwlRowParams {
                 logits: p.logits as *const c_void,
                 grad: p.grad as *mut c_void,
                 targets: t as *const i32,
                 coef: c as *const f32,
-                row_loss: rl as *mut f32,
+                token_weights: p.token_weights as *const f32,
+                row_loss: rl as *mut f64,
+                row_z: if z_on { rz as *mut f64 } else { std::ptr::null_mut() },
                 rows: rows as i64,
                 seq: shape.seq() as i64,
                 vocab: shape.vocab() as i64,
                 smem_vectors: smem_vectors as i64,
                 vector_stores: (L::DTYPE.size() == G::DTYPE.size() && p.grad % 16 == p.logits % 16) as i32,
-                reserved: 0,
+                softcap: spec.softcap.map_or(0.0, |c| c as f32),
+                z_loss: spec.z_loss,
+                smoothing: spec.label_smoothing,
             };
             let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: block, shared_mem_bytes: smem as u32 };
             // SAFETY: the parameters match fwl_rows*_<L>_<G>'s; logits and grad (when not 0) hold
-            // rows * vocab elements of L and G, targets and row_loss `rows`, coef `B`; the
+            // rows * vocab elements of L and G, targets, row_loss, row_z (when not NULL) and
+            // token_weights (when not 0) `rows`, coef `B`; the
             // dynamic shared memory requested is what smem_vectors covers and at most the
             // maximum set on the function at load; the grid is a whole number of clusters.
             unsafe { stream.launch_builder(func).arg(&rp).launch(cfg) }.map_err(drv("launching rows"))?;
@@ -636,13 +693,20 @@ impl CudaLoss {
             let (l, _g6) = loss.device_ptr_mut(stream);
             let (l32, _g8) = loss_f32.device_ptr_mut(stream);
             let (s, _g7) = status.device_ptr_mut(stream);
+            let (rz, _g9) = row_z.device_ptr(stream);
+            let (psz, _g10) = per_sample_z.device_ptr_mut(stream);
+            let (zl, _g11) = z_loss.device_ptr_mut(stream);
             let fp = FwlFinishParams {
-                row_loss: rl as *const f32,
+                row_loss: rl as *const f64,
+                row_z: if z_on { rz as *const f64 } else { std::ptr::null() },
+                token_weights: p.token_weights as *const f32,
                 targets: t as *const i32,
                 row_div: d as *const f64,
                 reduce: r as *const f64,
                 per_sample: ps as *mut f64,
+                per_sample_z: psz as *mut f64,
                 loss: l as *mut f64,
+                z_loss: zl as *mut f64,
                 loss_f32: l32 as *mut f32,
                 status: s as *mut FwlStatus,
                 batch: b as i64,
@@ -660,6 +724,7 @@ impl CudaLoss {
             weights,
             valid_tokens: valid,
             row_loss,
+            z_loss,
             status,
             shape,
             check_finite: spec.check_finite,
@@ -719,20 +784,29 @@ fn host_device() -> Result<&'static (Arc<CudaContext>, CudaLoss)> {
 struct Uploaded<I: TokenId> {
     ids: CudaSlice<I>,
     labels: Option<CudaSlice<I>>,
+    token_weights: Option<CudaSlice<f32>>,
 }
 
 impl<I: TokenId> Uploaded<I> {
     fn new(stream: &Arc<CudaStream>, tokens: &Tokens<'_, I>) -> Result<Self> {
         let up = |t: &[I]| stream.clone_htod(t).map_err(drv("copying inputs to the device"));
-        Ok(Uploaded { ids: up(tokens.ids)?, labels: tokens.labels.map(up).transpose()? })
+        let token_weights = tokens
+            .token_weights
+            .map(|w| stream.clone_htod(w).map_err(drv("copying inputs to the device")))
+            .transpose()?;
+        Ok(Uploaded { ids: up(tokens.ids)?, labels: tokens.labels.map(up).transpose()?, token_weights })
     }
 
     /// Runs `f` with the uploaded tokens as [`DeviceInputs`].
     fn with<R>(&self, f: impl FnOnce(&DeviceInputs<'_, I>) -> R) -> R {
         let (ids, labels) = (self.ids.as_view(), self.labels.as_ref().map(|l| l.as_view()));
+        let weights = self.token_weights.as_ref().map(|w| w.as_view());
         let mut inputs = DeviceInputs::new(&ids);
         if let Some(l) = labels.as_ref() {
             inputs = inputs.with_labels(l);
+        }
+        if let Some(w) = weights.as_ref() {
+            inputs = inputs.with_token_weights(w);
         }
         f(&inputs)
     }
@@ -761,6 +835,7 @@ pub(crate) fn run_host<L: Logit, I: TokenId>(
     logits: &[L],
     tokens: Tokens<'_, I>,
     grad: Grad<'_, L>,
+    token_loss: Option<&mut [f32]>,
 ) -> Result<LossOutput> {
     let (ctx, loss) = host_device()?;
     let stream = ctx.default_stream();
@@ -770,7 +845,16 @@ pub(crate) fn run_host<L: Logit, I: TokenId>(
         Grad::Into(g) => grad_to_host(loss, spec, shape, &stream, &d_logits, inputs, g),
         Grad::IntoF32(g) => grad_to_host(loss, spec, shape, &stream, &d_logits, inputs, g),
     })?;
-    out.to_host(&stream)
+    finish_host(&out, &stream, token_loss)
+}
+
+/// The host results of a host call, with the per-token losses when asked for.
+fn finish_host(out: &DeviceLossOutput, stream: &Arc<CudaStream>, token_loss: Option<&mut [f32]>) -> Result<LossOutput> {
+    let host = out.to_host(stream)?;
+    if let Some(t) = token_loss {
+        out.token_loss_to_host(stream, t)?;
+    }
+    Ok(host)
 }
 
 /// [`run_host`] in place: the gradient comes back over the host logits.
@@ -779,6 +863,7 @@ pub(crate) fn run_host_in_place<L: Logit, I: TokenId>(
     shape: Shape,
     logits: &mut [L],
     tokens: Tokens<'_, I>,
+    token_loss: Option<&mut [f32]>,
 ) -> Result<LossOutput> {
     let (ctx, loss) = host_device()?;
     let stream = ctx.default_stream();
@@ -786,7 +871,7 @@ pub(crate) fn run_host_in_place<L: Logit, I: TokenId>(
     let out = Uploaded::new(&stream, &tokens)?
         .with(|inputs| loss.loss_and_grad_in_place(spec, shape, &stream, &mut d_logits.as_view_mut(), inputs))?;
     stream.memcpy_dtoh(&d_logits, logits).map_err(drv("copying the gradient to the host"))?;
-    out.to_host(&stream)
+    finish_host(&out, &stream, token_loss)
 }
 
 /// Device timings of one shape (CLI `bench --backend cuda`, scripts/gpu-check.sh).

@@ -28,6 +28,12 @@ pub fn assert_outputs(out: &LossOutput, r: &ReferenceOutput, loss_tol: f64, what
     assert!(e <= loss_tol, "{what}: loss {} vs reference {} (rel err {e:e})", out.loss, r.loss);
     let e = rel_err(&out.per_sample_loss, &r.per_sample_loss);
     assert!(e <= loss_tol, "{what}: per-sample loss rel err {e:e}");
+    if r.z_loss == 0.0 {
+        assert_eq!(out.z_loss, 0.0, "{what}: z-loss");
+    } else {
+        let e = rel(out.z_loss, r.z_loss);
+        assert!(e <= loss_tol, "{what}: z-loss {} vs reference {} (rel err {e:e})", out.z_loss, r.z_loss);
+    }
     // weights are sums of keyword weights: exact for integer weights, summation order otherwise
     let e = rel_err(&out.weights, &r.weights);
     assert!(e <= 1e-12, "{what}: weights {:?} vs {:?}", out.weights, r.weights);
@@ -124,6 +130,12 @@ pub fn check_modes<L: Logit, I: TokenId>(
     let out = spec.loss_and_grad(shape, logits, tokens, Grad::Skip).expect("loss only");
     assert_outputs(&out, r, loss_tol, &format!("{level}: loss only"));
 
+    let mut per_token = vec![f32::NAN; shape.batch() * (shape.seq() - 1)];
+    let out = spec.loss_and_grad_per_token(shape, logits, tokens, Grad::Skip, &mut per_token).expect("per token");
+    assert_outputs(&out, r, loss_tol, &format!("{level}: per token"));
+    let e = rel_err(&per_token, &r.token_loss);
+    assert!(e <= loss_tol, "{level}: per-token losses: rel err {e:e}");
+
     let mut g32 = vec![f32::NAN; shape.logits_len()];
     let out = spec.loss_and_grad(shape, logits, tokens, Grad::IntoF32(&mut g32)).expect("grad f32");
     assert_outputs(&out, r, loss_tol, &format!("{level}: grad f32"));
@@ -139,8 +151,12 @@ pub fn check_modes<L: Logit, I: TokenId>(
     assert!(e <= grad_tol, "{level}: grad {}: rel err {e:e}", L::DTYPE);
 
     let mut inplace = logits.to_vec();
-    let out = spec.loss_and_grad_in_place(shape, &mut inplace, tokens).expect("in place");
+    let mut per_token_in_place = vec![f32::NAN; per_token.len()];
+    let out =
+        spec.loss_and_grad_in_place_per_token(shape, &mut inplace, tokens, &mut per_token_in_place).expect("in place");
     assert_outputs(&out, r, loss_tol, &format!("{level}: in place"));
+    let same = per_token.iter().zip(&per_token_in_place).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{level}: per-token losses in place equal those of the loss-only pass");
     let same = inplace.iter().zip(&gl).all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits());
     assert!(same, "{level}: in-place gradient equals the same-dtype gradient bit for bit");
     g32

@@ -1,0 +1,330 @@
+//! The primitives written once over fixed-width lane arrays; each level compiles them with its
+//! own target features (see the parent module), so one body serves every instruction set.
+
+use super::math::*;
+use super::LANES;
+
+// ---- the primitives, once, over lane arrays -------------------------------------------------
+
+/// Maximum of `x`, NaN entries skipped (`-inf` for an empty slice).
+#[inline(always)]
+pub(super) fn max_body(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for i in 0..LANES {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    for &v in it.remainder() {
+        acc[0] = if v > acc[0] { v } else { acc[0] };
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// Sums the lane accumulators in a fixed pairwise order.
+#[inline(always)]
+pub(super) fn hsum(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+/// `out = exp(x - shift)`; returns `sum(out)` and `max(x)` (NaN skipped). `out` may be longer
+/// than `x`. `x - shift` may be positive up to ~88 (the caller keeps it below 20).
+#[inline(always)]
+pub(super) fn exp_sum_max_body<const FMA: bool, const SHORT: bool>(
+    x: &[f32],
+    shift: f32,
+    out: &mut [f32],
+    ahead: Ahead,
+) -> (f32, f32) {
+    let out = &mut out[..x.len()];
+    let mut acc = [0f32; LANES];
+    let mut top = [f32::NEG_INFINITY; LANES];
+    let mut xi = x.chunks_exact(LANES);
+    let mut oi = out.chunks_exact_mut(LANES);
+    for (j, (c, o)) in (&mut xi).zip(&mut oi).enumerate() {
+        ahead.line(j);
+        for i in 0..LANES {
+            top[i] = if c[i] > top[i] { c[i] } else { top[i] };
+            o[i] = exp::<FMA, SHORT>(c[i] - shift);
+            acc[i] += o[i];
+        }
+    }
+    for (i, (&v, o)) in xi.remainder().iter().zip(oi.into_remainder()).enumerate() {
+        top[i] = if v > top[i] { v } else { top[i] };
+        *o = exp::<FMA, SHORT>(v - shift);
+        acc[i] += *o;
+    }
+    (hsum(acc), top.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
+}
+
+/// `exp_sum_max` of 16-bit input (short polynomial): widened a block at a time into a stack
+/// buffer.
+#[inline(always)]
+pub(super) fn exp_sum_max_bits_body<const FMA: bool>(
+    x: &[u16],
+    widen: impl Fn(&[u16], &mut [f32]),
+    shift: f32,
+    out: &mut [f32],
+    ahead: Ahead,
+) -> (f32, f32) {
+    let mut buf = [0f32; 256];
+    let (mut sum, mut top) = (0f32, f32::NEG_INFINITY);
+    for (b, (xs, os)) in x.chunks(256).zip(out.chunks_mut(256)).enumerate() {
+        let w = &mut buf[..xs.len()];
+        widen(xs, w);
+        let (s, t) = exp_sum_max_body::<FMA, true>(w, shift, os, ahead.skip(b * 256 / LANES));
+        sum += s;
+        top = if t > top { t } else { top };
+    }
+    (sum, top)
+}
+
+/// Memory to prefetch while computing, spread through the loop so that the loads are in flight
+/// while the arithmetic runs (a burst of prefetches at once overflows the miss queues and is
+/// dropped): step `j` of a 16-lane loop over the same element type asks for the line holding
+/// step `j`'s elements of the region, once per 64-byte line.
+#[derive(Clone, Copy)]
+pub(crate) struct Ahead {
+    start: *const u8,
+    bytes: usize,
+    /// Bytes of the region per 16-lane step (16 elements of the input's type).
+    step: usize,
+}
+
+impl Ahead {
+    /// Nothing to prefetch.
+    pub const NONE: Ahead = Ahead { start: std::ptr::null(), bytes: 0, step: 64 };
+
+    /// The memory of `data` (never dereferenced: prefetching has no architectural effect).
+    pub fn of<T>(data: &[T]) -> Ahead {
+        Ahead { start: data.as_ptr().cast(), bytes: std::mem::size_of_val(data), step: 16 * std::mem::size_of::<T>() }
+    }
+
+    /// The same region from step `steps` on.
+    #[inline(always)]
+    pub(super) fn skip(self, steps: usize) -> Ahead {
+        let off = (steps * self.step).min(self.bytes);
+        Ahead { start: self.start.wrapping_add(off), bytes: self.bytes - off, step: self.step }
+    }
+
+    #[inline(always)]
+    pub(super) fn line(self, j: usize) {
+        let off = j * self.step;
+        #[cfg(target_arch = "x86_64")]
+        if off < self.bytes && off.is_multiple_of(64) {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: prefetching never faults, whatever the address; SSE is x86-64 baseline.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.start.wrapping_add(off).cast()) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = off;
+    }
+}
+
+/// `out = x * f`. `out` may be longer than `x`.
+#[inline(always)]
+pub(super) fn scale_body(x: &[f32], f: f32, out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v * f;
+    }
+}
+
+/// bf16 bits to f32 (exact).
+#[inline(always)]
+pub(super) fn widen_bf16_body(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((s as u32) << 16);
+    }
+}
+
+/// f32 to bf16 bits, rounding to nearest even; NaN stays NaN (quietened); subnormal inputs
+/// become a zero of the same sign, as the AVX-512 BF16 instruction does, so every level gives
+/// the same bits. Otherwise the same bits as `half::bf16::from_f32`.
+#[inline(always)]
+pub(super) fn bf16_round(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) | 0x40) as u16;
+    let zero = ((b >> 16) & 0x8000) as u16;
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        nan
+    } else if b & 0x7F80_0000 == 0 {
+        zero
+    } else {
+        rounded
+    }
+}
+
+/// `out = bf16(x * f)`.
+#[inline(always)]
+pub(super) fn scale_bf16_body(x: &[f32], f: f32, out: &mut [u16]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = bf16_round(v * f);
+    }
+}
+
+/// `out = f16(x * f)` (round to nearest even, as F16C does).
+#[inline(always)]
+pub(super) fn scale_f16_body(x: &[f32], f: f32, out: &mut [u16]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = half::f16::from_f32(v * f).to_bits();
+    }
+}
+
+/// f16 bits to f32 (exact).
+#[inline(always)]
+pub(super) fn widen_f16_body(src: &[u16], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_bits(s).to_f32();
+    }
+}
+
+/// What the statistics pass computes per element beyond the plain loss (label smoothing,
+/// soft-capping). Built once per call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ElemOpts {
+    /// The soft-cap `c` (0: off): elements become `c · tanh(x / c)`.
+    pub cap: f32,
+    /// `1 / c` (0 when off).
+    pub inv_cap: f32,
+    /// Whether the (capped) elements are summed (label smoothing needs their mean).
+    pub sum: bool,
+}
+
+/// One 16-lane step of [`exp_opts_inner`]: capped values and chain factors of `x`.
+#[inline(always)]
+fn cap_lanes<const FMA: bool, const CAP: bool>(x: &[f32], o: ElemOpts) -> ([f32; LANES], [f32; LANES]) {
+    let (mut z, mut s) = ([0f32; LANES], [1f32; LANES]);
+    for i in 0..LANES.min(x.len()) {
+        if CAP {
+            let (t, c) = tanh_and_chain::<FMA>(x[i] * o.inv_cap);
+            z[i] = o.cap * t;
+            s[i] = c;
+        } else {
+            z[i] = x[i];
+        }
+    }
+    (z, s)
+}
+
+/// [`exp_opts_body`] for one combination of options.
+#[inline(always)]
+fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM: bool>(
+    x: &[f32],
+    shift: f32,
+    o: ElemOpts,
+    out: &mut [f32],
+    chain: &mut [f32],
+    ahead: Ahead,
+) -> (f32, f32, f32) {
+    let n = x.len();
+    let out = &mut out[..n];
+    let mut acc = [0f32; LANES];
+    let mut zacc = [0f32; LANES];
+    let mut top = [f32::NEG_INFINITY; LANES];
+    let body = n / LANES * LANES;
+    for (j, b) in (0..body).step_by(LANES).enumerate() {
+        ahead.line(j);
+        let (z, s) = cap_lanes::<FMA, CAP>(&x[b..b + LANES], o);
+        let o = &mut out[b..b + LANES];
+        for i in 0..LANES {
+            top[i] = if z[i] > top[i] { z[i] } else { top[i] };
+            let e = exp::<FMA, SHORT>(z[i] - shift);
+            acc[i] += e;
+            if SUM {
+                zacc[i] += z[i];
+            }
+            o[i] = if CAP { e * s[i] } else { e };
+        }
+        if CAP && SUM {
+            chain[b..b + LANES].copy_from_slice(&s);
+        }
+    }
+    let (z, s) = cap_lanes::<FMA, CAP>(&x[body..], o);
+    for i in 0..n - body {
+        top[i] = if z[i] > top[i] { z[i] } else { top[i] };
+        let e = exp::<FMA, SHORT>(z[i] - shift);
+        acc[i] += e;
+        if SUM {
+            zacc[i] += z[i];
+        }
+        out[body + i] = if CAP { e * s[i] } else { e };
+        if CAP && SUM {
+            chain[body + i] = s[i];
+        }
+    }
+    (hsum(acc), top.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }), hsum(zacc))
+}
+
+/// The statistics pass of a chunk under per-element options: with `z = c · tanh(x / c)` (or
+/// `x`) and `s = 1 − tanh²(x / c)` (or 1), writes `out = exp(z − shift) · s` and, when both
+/// options are on, `chain = s`; returns `(Σ exp(z − shift), max z, Σ z)` (NaN skipped by the
+/// max; the last is 0 unless `o.sum`).
+#[inline(always)]
+pub(super) fn exp_opts_body<const FMA: bool, const SHORT: bool>(
+    x: &[f32],
+    shift: f32,
+    o: ElemOpts,
+    out: &mut [f32],
+    chain: &mut [f32],
+    ahead: Ahead,
+) -> (f32, f32, f32) {
+    match (o.cap != 0.0, o.sum) {
+        (false, false) => {
+            let (s, m) = exp_sum_max_body::<FMA, SHORT>(x, shift, out, ahead);
+            (s, m, 0.0)
+        }
+        (false, true) => exp_opts_inner::<FMA, SHORT, false, true>(x, shift, o, out, chain, ahead),
+        (true, false) => exp_opts_inner::<FMA, SHORT, true, false>(x, shift, o, out, chain, ahead),
+        (true, true) => exp_opts_inner::<FMA, SHORT, true, true>(x, shift, o, out, chain, ahead),
+    }
+}
+
+/// [`exp_opts_body`] of 16-bit input (short polynomial), widened a block at a time.
+#[inline(always)]
+pub(super) fn exp_opts_bits_body<const FMA: bool>(
+    x: &[u16],
+    widen: impl Fn(&[u16], &mut [f32]),
+    shift: f32,
+    o: ElemOpts,
+    out: &mut [f32],
+    chain: &mut [f32],
+    ahead: Ahead,
+) -> (f32, f32, f32) {
+    let mut buf = [0f32; 256];
+    let (mut sum, mut top, mut zsum) = (0f32, f32::NEG_INFINITY, 0f32);
+    for (b, xs) in x.chunks(256).enumerate() {
+        let w = &mut buf[..xs.len()];
+        widen(xs, w);
+        let lo = b * 256;
+        let ch = if chain.is_empty() { &mut chain[..0] } else { &mut chain[lo..] };
+        let (s, t, z) = exp_opts_body::<FMA, true>(w, shift, o, &mut out[lo..], ch, ahead.skip(b * 256 / LANES));
+        sum += s;
+        zsum += z;
+        top = if t > top { t } else { top };
+    }
+    (sum, top, zsum)
+}
+
+/// `q = q · f − k · s` in place (`s = chain`, or 1 where `chain` is empty), fused where the level
+/// has FMA: a chunk's gradient under label smoothing, before it is stored.
+#[inline(always)]
+pub(super) fn affine_body<const FMA: bool>(q: &mut [f32], f: f32, k: f32, chain: &[f32]) {
+    if chain.is_empty() {
+        for v in q.iter_mut() {
+            *v = madd::<FMA>(*v, f, -k);
+        }
+    } else {
+        for (v, &s) in q.iter_mut().zip(chain) {
+            *v = madd::<FMA>(*v, f, -(k * s));
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The scalar math every lane runs: a vectorisable `exp` and `tanh`.
+//!
+//! # `exp` and its error bound
+//!
+//! `exp(x)` for `x <= 20` (callers subtract a running reference within 20 of the row maximum),
+//! as `2^y` with `y = x·log2(e)`: `n = round(y)` by the 1.5·2²³ rounding trick, `f = y - n` in
+//! `[-1/2, 1/2]` (one rounding where the level has FMA), `2^f` by a polynomial fitted here for
+//! relative error on `[-1/2, 1/2]`, and `2^n` added to the exponent field (AVX2, portable) or
+//! applied by `vscalefps` (AVX-512). The polynomial is matched to the logits' precision: degree 6
+//! (1.3 ulp in f32 Horner form) for f32 logits, degree 4 (2.9e-6) for f16/bf16 logits, whose own
+//! rounding is 2^-12 / 2^-9. The reduction adds a relative error of about `|y|·2^-24`, so the
+//! total stays within `2 ulp + |x|·1e-7` for f32 logits (test `exp_error_bound`) and
+//! `3e-6 + |x|·1e-7` for 16-bit logits (test `exp_of_16_bit_input_within_the_short_bound`).
+//! Tiny results differ by level: AVX2 and portable return exactly 0 below `x = -86.6`, AVX-512
+//! returns subnormals down to `x = -103` and exactly 0 below; both are under 2.4e-38, less than
+//! one part in 1e37 of a row sum (which is at least 1). `exp(-inf) = 0` and NaN in gives NaN out
+//! at every level.
+
+pub(super) const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+pub(super) const ROUND_MAGIC: f32 = 12_582_912.0;
+/// Below this (`-125 ln 2`), `exp` returns 0.
+pub(super) const EXP_LO: f32 = -125.0 * std::f32::consts::LN_2;
+/// `2^f` on `[-1/2, 1/2]`: coefficients of f^1..f^6 (f^0 is 1), a relative-error fit.
+pub(super) const P1: f32 = std::f32::consts::LN_2; // the fit lands on ln 2 itself
+pub(super) const P2: f32 = 0.240_226_48;
+pub(super) const P3: f32 = 0.055_503_286;
+pub(super) const P4: f32 = 0.009_618_46;
+pub(super) const P5: f32 = 0.001_339_993;
+pub(super) const P6: f32 = 0.000_153_533_2;
+/// The short polynomial for 16-bit logits: f^1..f^4 (f^0 is 1), 2.9e-6 relative on `[-1/2, 1/2]`,
+/// a thousand times finer than the inputs' own rounding (2^-9 for bf16, 2^-12 for f16).
+pub(super) const S1: f32 = 0.693_124_2;
+pub(super) const S2: f32 = 0.240_240_99;
+pub(super) const S3: f32 = 0.055_906_4;
+pub(super) const S4: f32 = 0.009_582_837;
+
+/// `a * b + c`, fused when the level has FMA (`FMA = true`), two roundings otherwise.
+#[inline(always)]
+pub(super) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `2^f` for `f` in `[-1/2, 1/2]`: degree 6, or degree 4 when `SHORT` (16-bit logits).
+#[inline(always)]
+pub(super) fn pow2_frac<const FMA: bool, const SHORT: bool>(f: f32) -> f32 {
+    if SHORT {
+        let p = madd::<FMA>(S4, f, S3);
+        let p = madd::<FMA>(p, f, S2);
+        let p = madd::<FMA>(p, f, S1);
+        return madd::<FMA>(p, f, 1.0);
+    }
+    let mut p = madd::<FMA>(P6, f, P5);
+    p = madd::<FMA>(p, f, P4);
+    p = madd::<FMA>(p, f, P3);
+    p = madd::<FMA>(p, f, P2);
+    p = madd::<FMA>(p, f, P1);
+    madd::<FMA>(p, f, 1.0)
+}
+
+/// `exp(x)` for `x <= 20` or NaN; see the module docs for the method and the bound.
+#[inline(always)]
+pub(super) fn exp<const FMA: bool, const SHORT: bool>(x: f32) -> f32 {
+    // NaN compares false and passes through unchanged.
+    let xc = if x < EXP_LO { EXP_LO } else { x };
+    let t = madd::<FMA>(xc, LOG2E, ROUND_MAGIC);
+    let n = t - ROUND_MAGIC;
+    let f = madd::<FMA>(xc, LOG2E, -n);
+    let p = pow2_frac::<FMA, SHORT>(f);
+    // 2^n * p by adding n to p's exponent field (an integer add, not a multiply): t's bits are
+    // 0x4B40_0000 + n, whose low 9 bits shifted left by 23 leave exactly n << 23. p is in
+    // [0.70, 1.42] and n >= -125, so the result is a normal number.
+    let y = f32::from_bits(p.to_bits().wrapping_add(t.to_bits() << 23));
+    if x < EXP_LO {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// Where the argument of the `exp` inside [`tanh_and_chain`] is clamped: `tanh` is `-1` to f32
+/// precision long before, and `exp(40)` leaves `1 + u` far from overflow.
+pub(super) const TANH_ARG_MAX: f32 = 40.0;
+
+/// `(tanh(x), 1 − tanh²(x))` through one `exp`: with `u = exp(−2x)` (its argument clamped to
+/// [`TANH_ARG_MAX`]), `tanh x = (1 − u) / (1 + u)`. Absolute error a few f32 ulp of 1 (the
+/// `1 − u` near 0, the `1 − t²` where `tanh` saturates, which only multiplies gradients that
+/// are near 0 there); `±inf` give `±1` and 0, NaN gives NaN.
+#[inline(always)]
+pub(super) fn tanh_and_chain<const FMA: bool>(x: f32) -> (f32, f32) {
+    let a = -2.0 * x;
+    let u = exp::<FMA, false>(if a > TANH_ARG_MAX { TANH_ARG_MAX } else { a });
+    let t = (1.0 - u) / (1.0 + u);
+    (t, madd::<FMA>(-t, t, 1.0))
+}

@@ -1,0 +1,388 @@
+//! The vector primitives a row is built from, with a vectorised `exp`, and their run-time
+//! dispatch. This module is the CPU backend's one `unsafe` boundary.
+//!
+//! Most primitives are written once, over fixed-width lane arrays the compiler turns into
+//! vector instructions, and compiled per level: AVX-512 (`avx512f/bw/vl/dq` with FMA and F16C),
+//! AVX2 with FMA and F16C, and portable (the build's baseline: SSE2 on x86-64, NEON on aarch64). The best
+//! level this CPU has is chosen at run time ([`CpuSimd::Auto`]); no `-C target-cpu` is needed.
+//! Explicit intrinsics are used where the lane code cannot say what is needed: streaming
+//! (non-temporal) stores, which write the gradient without first reading its cache lines; the
+//! F16C and AVX-512 BF16 conversions; and the AVX-512 `exp` loop (`vscalefps`), the hottest loop.
+//!
+//! Why not a SIMD crate: the kernels need streaming stores, hardware half-precision conversions
+//! and a fixed 16-lane summation order, which the portable-SIMD crates do not expose; lane
+//! arrays plus one `#[target_feature]` instantiation per level keep most code to one body.
+//!
+//! Each level sums in a fixed order (16 lanes; 16-bit input on the lane-code levels in blocks of
+//! 256 first); levels differ in that, in FMA and in the AVX-512 `exp`, so results are
+//! bit-identical for a given level on any machine (whatever the thread count or buffer
+//! alignment), and [`CpuSimd::Portable`] gives the same bits on every CPU.
+//!
+//! The `exp` and its error bound are documented in [`math`].
+
+mod lanes;
+mod math;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_opts;
+
+use crate::spec::CpuSimd;
+use lanes::*;
+pub(crate) use lanes::{Ahead, ElemOpts};
+
+/// Lanes per step: 16 f32 (one AVX-512 register, two AVX2 registers, four NEON registers).
+pub(crate) const LANES: usize = 16;
+
+// ---- one instantiation per level ------------------------------------------------------------
+
+macro_rules! level {
+    ($name:ident, $fma:literal $(, $feat:literal)?) => {
+        mod $name {
+            use super::*;
+            $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn affine(q: &mut [f32], f: f32, k: f32, chain: &[f32]) {
+                affine_body::<$fma>(q, f, k, chain)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn max(x: &[f32]) -> f32 {
+                max_body(x)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+                widen_bf16_body(src, dst)
+            }
+        }
+    };
+}
+
+/// The lane-code `exp` loops of a level (AVX-512 has its own, `x86::exp_sum_max_*512`).
+macro_rules! lane_exp {
+    ($name:ident, $fma:literal $(, $feat:literal)?) => {
+        mod $name {
+            use super::*;
+            $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn exp_sum_max(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+                exp_sum_max_body::<$fma, false>(x, shift, out, ahead)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn exp_sum_max_bf16(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+                exp_sum_max_bits_body::<$fma>(x, widen_bf16_body, shift, out, ahead)
+            }
+        }
+    };
+}
+
+/// The per-element option loops of a level (label smoothing, soft-capping) in lane code
+/// (AVX-512 has its own, `x86_opts`); `$widen_f16` is the level's f16 conversion.
+macro_rules! lane_opts {
+    ($name:ident, $fma:literal, $widen_f16:expr $(, $feat:literal)?) => {
+        mod $name {
+            use super::*;
+            $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn exp_opts(
+                x: &[f32],
+                shift: f32,
+                o: ElemOpts,
+                out: &mut [f32],
+                chain: &mut [f32],
+                ahead: Ahead,
+            ) -> (f32, f32, f32) {
+                exp_opts_body::<$fma, false>(x, shift, o, out, chain, ahead)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn exp_opts_bf16(
+                x: &[u16],
+                shift: f32,
+                o: ElemOpts,
+                out: &mut [f32],
+                chain: &mut [f32],
+                ahead: Ahead,
+            ) -> (f32, f32, f32) {
+                exp_opts_bits_body::<$fma>(x, widen_bf16_body, shift, o, out, chain, ahead)
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn exp_opts_f16(
+                x: &[u16],
+                shift: f32,
+                o: ElemOpts,
+                out: &mut [f32],
+                chain: &mut [f32],
+                ahead: Ahead,
+            ) -> (f32, f32, f32) {
+                exp_opts_bits_body::<$fma>(x, $widen_f16, shift, o, out, chain, ahead)
+            }
+        }
+    };
+}
+
+level!(portable, false);
+lane_exp!(portable_exp, false);
+lane_opts!(portable_opts, false, widen_f16_body);
+#[cfg(target_arch = "x86_64")]
+lane_opts!(
+    avx2_opts,
+    true,
+    // SAFETY: called inside a function with this conversion's features (avx2, f16c)
+    |s: &[u16], d: &mut [f32]| unsafe { super::x86::widen_f16_256(s, d) },
+    "avx2,fma,f16c"
+);
+
+#[cfg(target_arch = "x86_64")]
+level!(avx2, true, "avx2,fma,f16c");
+#[cfg(target_arch = "x86_64")]
+lane_exp!(avx2_exp, true, "avx2,fma,f16c");
+#[cfg(target_arch = "x86_64")]
+level!(avx512, true, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
+
+/// The portable stores (no streaming; f16 through `half`).
+mod portable_store {
+    use super::*;
+    pub(super) unsafe fn scale_f32(x: &[f32], f: f32, out: &mut [f32], _stream: bool) {
+        scale_body(x, f, out)
+    }
+    pub(super) unsafe fn scale_bf16(x: &[f32], f: f32, out: &mut [u16], _stream: bool) {
+        scale_bf16_body(x, f, out)
+    }
+    pub(super) unsafe fn scale_f16(x: &[f32], f: f32, out: &mut [u16], _stream: bool) {
+        scale_f16_body(x, f, out)
+    }
+    pub(super) unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        widen_f16_body(src, dst)
+    }
+    pub(super) unsafe fn exp_sum_max_f16(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+        exp_sum_max_bits_body::<false>(x, widen_f16_body, shift, out, ahead)
+    }
+}
+
+/// `out = exp(x - shift)` while prefetching; returns `(sum, max(x))`.
+type ExpSumMax = unsafe fn(&[f32], f32, &mut [f32], Ahead) -> (f32, f32);
+/// The same over 16-bit input (bf16 or f16 bits), widened in registers.
+type ExpSumMax16 = unsafe fn(&[u16], f32, &mut [f32], Ahead) -> (f32, f32);
+
+/// The statistics loop under per-element options: `(sum, max, sum of elements)`.
+type ExpOpts = unsafe fn(&[f32], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -> (f32, f32, f32);
+/// The same over 16-bit input.
+type ExpOpts16 = unsafe fn(&[u16], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -> (f32, f32, f32);
+
+/// A scaled store into one output dtype: `out = narrow(x * f)`, streaming when asked and the
+/// level can.
+type ScaleInto<T> = unsafe fn(&[f32], f32, &mut [T], bool);
+
+/// A chunk of logits as the option loops take it.
+#[derive(Clone, Copy)]
+pub(crate) enum Input<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+    F16(&'a [u16]),
+}
+
+/// The primitives of one level. The pointers are `unsafe fn` because the x86 ones require CPU
+/// features: a `Kernels` holding them is only built by [`Kernels::select`] after run-time
+/// detection confirmed those features, which is what makes the calls below sound.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernels {
+    pub level: CpuSimd,
+    max: unsafe fn(&[f32]) -> f32,
+    exp_sum_max: ExpSumMax,
+    exp_sum_max_bf16: ExpSumMax16,
+    exp_sum_max_f16: ExpSumMax16,
+    widen_bf16: unsafe fn(&[u16], &mut [f32]),
+    widen_f16: unsafe fn(&[u16], &mut [f32]),
+    scale_f32: ScaleInto<f32>,
+    scale_bf16: ScaleInto<u16>,
+    scale_f16: ScaleInto<u16>,
+    exp_opts: ExpOpts,
+    exp_opts_bf16: ExpOpts16,
+    exp_opts_f16: ExpOpts16,
+    affine: unsafe fn(&mut [f32], f32, f32, &[f32]),
+    streaming: bool,
+}
+
+/// Whether this CPU runs the given level (`Auto` and `Portable` always).
+pub(crate) fn supported(level: CpuSimd) -> bool {
+    match level {
+        CpuSimd::Auto | CpuSimd::Portable => true,
+        #[cfg(target_arch = "x86_64")]
+        CpuSimd::Avx2 => {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(target_arch = "x86_64")]
+        CpuSimd::Avx512 => {
+            supported(CpuSimd::Avx2)
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512dq")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        CpuSimd::Avx2 | CpuSimd::Avx512 => false,
+    }
+}
+
+impl Kernels {
+    /// The kernels of `level` (`Auto`: the best this CPU runs), or `None` if the CPU lacks it.
+    pub(crate) fn select(level: CpuSimd) -> Option<Kernels> {
+        if !supported(level) {
+            return None;
+        }
+        let portable = Kernels {
+            level: CpuSimd::Portable,
+            max: portable::max,
+            exp_sum_max: portable_exp::exp_sum_max,
+            exp_sum_max_bf16: portable_exp::exp_sum_max_bf16,
+            exp_sum_max_f16: portable_store::exp_sum_max_f16,
+            widen_bf16: portable::widen_bf16,
+            widen_f16: portable_store::widen_f16,
+            scale_f32: portable_store::scale_f32,
+            scale_bf16: portable_store::scale_bf16,
+            scale_f16: portable_store::scale_f16,
+            exp_opts: portable_opts::exp_opts,
+            exp_opts_bf16: portable_opts::exp_opts_bf16,
+            exp_opts_f16: portable_opts::exp_opts_f16,
+            affine: portable::affine,
+            streaming: false,
+        };
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            CpuSimd::Auto if supported(CpuSimd::Avx512) => Kernels::select(CpuSimd::Avx512),
+            #[cfg(target_arch = "x86_64")]
+            CpuSimd::Auto if supported(CpuSimd::Avx2) => Kernels::select(CpuSimd::Avx2),
+            CpuSimd::Auto | CpuSimd::Portable => Some(portable),
+            #[cfg(target_arch = "x86_64")]
+            CpuSimd::Avx2 => Some(Kernels {
+                level,
+                max: avx2::max,
+                exp_sum_max: avx2_exp::exp_sum_max,
+                exp_sum_max_bf16: avx2_exp::exp_sum_max_bf16,
+                exp_sum_max_f16: x86::exp_sum_max_f16_256,
+                widen_bf16: avx2::widen_bf16,
+                widen_f16: x86::widen_f16_256,
+                scale_f32: x86::scale_f32_256,
+                scale_bf16: x86::scale_bf16_256,
+                scale_f16: x86::scale_f16_256,
+                exp_opts: avx2_opts::exp_opts,
+                exp_opts_bf16: avx2_opts::exp_opts_bf16,
+                exp_opts_f16: avx2_opts::exp_opts_f16,
+                affine: avx2::affine,
+                streaming: true,
+            }),
+            #[cfg(target_arch = "x86_64")]
+            CpuSimd::Avx512 => Some(Kernels {
+                level,
+                max: avx512::max,
+                exp_sum_max: x86::exp_sum_max_512,
+                exp_sum_max_bf16: x86::exp_sum_max_bf16_512,
+                exp_sum_max_f16: x86::exp_sum_max_f16_512,
+                widen_bf16: avx512::widen_bf16,
+                widen_f16: x86::widen_f16_512,
+                scale_f32: x86::scale_f32_512,
+                scale_bf16: if is_x86_feature_detected!("avx512bf16") {
+                    x86::scale_bf16_512bf
+                } else {
+                    x86::scale_bf16_512
+                },
+                scale_f16: x86::scale_f16_512,
+                exp_opts: x86_opts::exp_opts_512,
+                exp_opts_bf16: x86_opts::exp_opts_bf16_512,
+                exp_opts_f16: x86_opts::exp_opts_f16_512,
+                affine: avx512::affine,
+                streaming: true,
+            }),
+            #[cfg(not(target_arch = "x86_64"))]
+            CpuSimd::Avx2 | CpuSimd::Avx512 => None,
+        }
+    }
+
+    /// Maximum, NaN skipped.
+    #[inline]
+    pub fn max(&self, x: &[f32]) -> f32 {
+        // SAFETY: see the struct docs: the level's features were detected.
+        unsafe { (self.max)(x) }
+    }
+    /// `out[..x.len()] = exp(x - shift)`, returning the sum of what was written and the
+    /// maximum of `x`, while prefetching `ahead`.
+    #[inline]
+    pub fn exp_sum_max(&self, x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+        // SAFETY: as above.
+        unsafe { (self.exp_sum_max)(x, shift, out, ahead) }
+    }
+    /// [`Kernels::exp_sum_max`] over bf16 (`bf16 = true`) or f16 bits, widened on the fly.
+    #[inline]
+    pub fn exp_sum_max_bits(&self, bf16: bool, x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+        let f = if bf16 { self.exp_sum_max_bf16 } else { self.exp_sum_max_f16 };
+        // SAFETY: as above.
+        unsafe { f(x, shift, out, ahead) }
+    }
+    /// The statistics loop under per-element options ([`ElemOpts`]) over f32 input (`bits:
+    /// None`) or 16-bit input (`Some(bf16?)`): with `z` the capped element and `s` its chain
+    /// factor, writes `out = exp(z − shift) · s` (and `chain = s` when capping and summing; pass
+    /// an empty `chain` otherwise), returns `(Σ exp(z − shift), max z, Σ z)`.
+    #[inline]
+    pub fn exp_opts(
+        &self,
+        x: Input<'_>,
+        shift: f32,
+        o: ElemOpts,
+        out: &mut [f32],
+        chain: &mut [f32],
+        ahead: Ahead,
+    ) -> (f32, f32, f32) {
+        // SAFETY: as above.
+        unsafe {
+            match x {
+                Input::F32(x) => (self.exp_opts)(x, shift, o, out, chain, ahead),
+                Input::Bf16(x) => (self.exp_opts_bf16)(x, shift, o, out, chain, ahead),
+                Input::F16(x) => (self.exp_opts_f16)(x, shift, o, out, chain, ahead),
+            }
+        }
+    }
+    /// `q = q · f − k · chain` in place (`chain` empty: `− k`), fused where the level has FMA.
+    #[inline]
+    pub fn affine(&self, q: &mut [f32], f: f32, k: f32, chain: &[f32]) {
+        // SAFETY: as above.
+        unsafe { (self.affine)(q, f, k, chain) }
+    }
+    /// bf16 bits to f32.
+    #[inline]
+    pub fn widen_bf16(&self, src: &[u16], dst: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { (self.widen_bf16)(src, dst) }
+    }
+    /// f16 bits to f32.
+    #[inline]
+    pub fn widen_f16(&self, src: &[u16], dst: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { (self.widen_f16)(src, dst) }
+    }
+    /// `out = x * f`; with `stream`, streaming stores where the level has them (call
+    /// [`Kernels::fence`] before the memory is handed to another thread).
+    #[inline]
+    pub fn scale_f32(&self, x: &[f32], f: f32, out: &mut [f32], stream: bool) {
+        // SAFETY: as above.
+        unsafe { (self.scale_f32)(x, f, out, stream) }
+    }
+    /// `out = bf16(x * f)` as bits, round to nearest even; `stream` as for [`Kernels::scale_f32`].
+    #[inline]
+    pub fn scale_bf16(&self, x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+        // SAFETY: as above.
+        unsafe { (self.scale_bf16)(x, f, out, stream) }
+    }
+    /// `out = f16(x * f)` as bits, round to nearest even; `stream` as for [`Kernels::scale_f32`].
+    #[inline]
+    pub fn scale_f16(&self, x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+        // SAFETY: as above.
+        unsafe { (self.scale_f16)(x, f, out, stream) }
+    }
+    /// Orders this thread's streaming stores before what follows (a no-op where none are used).
+    #[inline]
+    pub fn fence(&self) {
+        #[cfg(target_arch = "x86_64")]
+        if self.streaming {
+            // SAFETY: SSE is part of the x86-64 baseline.
+            unsafe { std::arch::x86_64::_mm_sfence() };
+        }
+    }
+}

@@ -1,0 +1,172 @@
+use super::math::EXP_LO;
+use super::*;
+
+fn ulp_at(b: f64) -> f64 {
+    let b32 = b as f32;
+    (f32::from_bits(b32.to_bits() + 1) - b32) as f64
+}
+
+fn ulps(a: f32, b: f64) -> f64 {
+    (a as f64 - b).abs() / ulp_at(b)
+}
+
+#[test]
+fn exp_error_bound() {
+    for k in levels() {
+        let n = 1 << 20;
+        // the domain callers use: down to the zero threshold, up to the reference margin
+        let x: Vec<f32> = (0..n).map(|i| EXP_LO + (20.0 - EXP_LO) * i as f32 / (n - 1) as f32).collect();
+        let mut out = vec![0f32; n];
+        k.exp_sum_max(&x, 0.0, &mut out, Ahead::NONE);
+        for (&x, &y) in x.iter().zip(&out) {
+            let want = (x as f64).exp();
+            let bound = 2.0 + (x as f64).abs() * 1e-7 * want / ulp_at(want);
+            let e = ulps(y, want);
+            assert!(e <= bound, "{:?}: exp({x}) = {y}, want {want}: {e} ulp > {bound}", k.level);
+            assert!(((y as f64 - want) / want).abs() <= 1e-5);
+        }
+    }
+}
+
+#[test]
+fn exp_special_values() {
+    for k in levels() {
+        let x = [0.0, -0.0, f32::NEG_INFINITY, -110.0, -1e30, f32::NAN, -86.6, -88.0, -100.0];
+        let mut out = [1f32; 9];
+        k.exp_sum_max(&x, 0.0, &mut out, Ahead::NONE);
+        assert_eq!(&out[..5], &[1.0, 1.0, 0.0, 0.0, 0.0], "{:?}", k.level);
+        assert!(out[5].is_nan());
+        assert!(out[6] > 0.0 && out[6].is_normal());
+        // below exp(-86.6), levels return 0 or a subnormal
+        assert!(out[7..].iter().all(|&y| (0.0..f32::MIN_POSITIVE).contains(&y)), "{:?}", &out[7..]);
+    }
+}
+
+fn levels() -> impl Iterator<Item = Kernels> {
+    [CpuSimd::Portable, CpuSimd::Avx2, CpuSimd::Avx512].into_iter().filter_map(Kernels::select)
+}
+
+fn test_floats() -> Vec<f32> {
+    (0..70_000u32)
+        .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+        .chain([
+            f32::NAN,
+            f32::INFINITY,
+            -0.0,
+            3.389_531_4e38,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            6.0e-8,
+            1e-39,
+            -1e-40,
+        ])
+        .collect()
+}
+
+#[test]
+fn conversions_match_half_at_every_level_alignment_and_stream_mode() {
+    let xs = test_floats();
+    for k in levels() {
+        for (off, stream) in [(0, false), (0, true), (1, true), (7, true), (13, false)] {
+            let x = &xs[off..];
+            let mut b = vec![0u16; x.len()];
+            let mut h = vec![0u16; x.len()];
+            k.scale_bf16(x, 1.0, &mut b, stream);
+            k.scale_f16(x, 1.0, &mut h, stream);
+            k.fence();
+            for ((&v, &b), &h) in x.iter().zip(&b).zip(&h) {
+                let want =
+                    if v.is_subnormal() { half::bf16::from_f32(v.signum() * 0.0) } else { half::bf16::from_f32(v) };
+                assert!(
+                    want.to_bits() == b || (want.is_nan() && half::bf16::from_bits(b).is_nan()),
+                    "{:?}: bf16({v}) = {b:#x}, want {want}",
+                    k.level
+                );
+                let want = half::f16::from_f32(v);
+                assert!(
+                    want.to_bits() == h || (want.is_nan() && half::f16::from_bits(h).is_nan()),
+                    "{:?}: f16({v}) = {h:#x}, want {want}",
+                    k.level
+                );
+            }
+            let mut wb = vec![0f32; b.len()];
+            let mut wh = vec![0f32; h.len()];
+            k.widen_bf16(&b, &mut wb);
+            k.widen_f16(&h, &mut wh);
+            for (i, (&b, &h)) in b.iter().zip(&h).enumerate() {
+                let (eb, eh) = (half::bf16::from_bits(b).to_f32(), half::f16::from_bits(h).to_f32());
+                assert!(eb.to_bits() == wb[i].to_bits() || (eb.is_nan() && wb[i].is_nan()));
+                assert!(eh.to_bits() == wh[i].to_bits() || (eh.is_nan() && wh[i].is_nan()));
+            }
+        }
+    }
+}
+
+#[test]
+fn streaming_scale_equals_plain_scale() {
+    for k in levels() {
+        let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 50.0).collect();
+        for off in 0..17 {
+            let mut a = vec![0f32; 1100];
+            let mut b = vec![0f32; 1100];
+            k.scale_f32(&x[off..], 0.3, &mut a[off..], true);
+            k.fence();
+            k.scale_f32(&x[off..], 0.3, &mut b[off..], false);
+            assert_eq!(a, b, "{:?} offset {off}", k.level);
+            let want: Vec<f32> = x[off..].iter().map(|v| v * 0.3).collect();
+            assert_eq!(&a[off..off + want.len()], &want[..]);
+        }
+    }
+}
+
+#[test]
+fn exp_of_16_bit_input_within_the_short_bound() {
+    // 16-bit logits use the degree-4 polynomial: within 3e-6 (+ the reduction's |x|·1e-7)
+    // of exp, over the domain callers use, and the same max and sum as the values say
+    for k in levels() {
+        let n = 4000;
+        let xs: Vec<f32> = (0..n).map(|i| EXP_LO + (20.0 - EXP_LO) * i as f32 / (n - 1) as f32).collect();
+        for (bf, bits) in [
+            (true, xs.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<_>>()),
+            (false, xs.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect::<Vec<_>>()),
+        ] {
+            for m in [4000, 3999, 17, 3] {
+                let mut w = vec![0f32; m];
+                if bf {
+                    k.widen_bf16(&bits[..m], &mut w)
+                } else {
+                    k.widen_f16(&bits[..m], &mut w)
+                }
+                let mut e = vec![0f32; m];
+                let (sum, top) = k.exp_sum_max_bits(bf, &bits[..m], 0.0, &mut e, Ahead::NONE);
+                assert_eq!(top, w.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)));
+                let mut want_sum = 0f64;
+                for (&x, &y) in w.iter().zip(&e) {
+                    let want = (x as f64).exp();
+                    want_sum += want;
+                    if want < f32::MIN_POSITIVE as f64 {
+                        assert!(y >= 0.0 && (y as f64) < f32::MIN_POSITIVE as f64);
+                        continue;
+                    }
+                    let rel = ((y as f64 - want) / want).abs();
+                    assert!(
+                        rel <= 3e-6 + (x as f64).abs() * 1e-7,
+                        "{:?} bf16={bf}: exp({x}) = {y}, rel {rel:e}",
+                        k.level
+                    );
+                }
+                assert!(((sum as f64 - want_sum) / want_sum).abs() <= 1e-5, "{:?}: sum {sum} vs {want_sum}", k.level);
+            }
+        }
+    }
+}
+
+#[test]
+fn max_skips_nan() {
+    let k = Kernels::select(CpuSimd::Auto).unwrap();
+    let mut x = vec![1f32; 37];
+    x[3] = f32::NAN;
+    x[36] = 2.0;
+    assert_eq!(k.max(&x), 2.0);
+    assert_eq!(k.max(&[]), f32::NEG_INFINITY);
+}

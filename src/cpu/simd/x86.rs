@@ -1,0 +1,342 @@
+//! Stores with streaming (non-temporal) writes on the aligned body of the output, and the
+//! F16C conversions. Heads and tails use the lane-code bodies, which give the same bits.
+
+use super::lanes::*;
+use super::math::*;
+use super::{Ahead, LANES};
+use std::arch::x86_64::*;
+
+const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
+
+/// `(head, body)`: the elements before the vector body, then the body's length in whole
+/// `block`s. Streaming stores need `align`-byte alignment, so the head runs up to it; plain
+/// stores take any address, so there is no head.
+fn split<T>(out: &[T], n: usize, align: usize, block: usize, stream: bool) -> (usize, usize) {
+    let head = if stream { out.as_ptr().align_offset(align).min(n) } else { 0 };
+    (head, (n - head) / block * block)
+}
+
+/// Eight/sixteen f32 lanes rounded to bf16 bits in the low half of 32-bit lanes.
+macro_rules! bf16_lanes {
+    ($v:expr, $cast:ident, $srli:ident, $and:ident, $add:ident, $or:ident, $set1:ident) => {{
+        let b = $cast($v);
+        let lsb = $and($srli::<16>(b), $set1(1));
+        let rounded = $srli::<16>($add(b, $add(lsb, $set1(0x7FFF))));
+        let nan = $or($srli::<16>(b), $set1(0x40));
+        (b, rounded, nan)
+    }};
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn bf16x16(v: __m512) -> __m256i {
+    let (b, rounded, nan) = bf16_lanes!(
+        v,
+        _mm512_castps_si512,
+        _mm512_srli_epi32,
+        _mm512_and_si512,
+        _mm512_add_epi32,
+        _mm512_or_si512,
+        _mm512_set1_epi32
+    );
+    let is_nan =
+        _mm512_cmpgt_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFF_FFFF)), _mm512_set1_epi32(0x7F80_0000));
+    let is_sub = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7F80_0000));
+    let zero = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x8000));
+    _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_sub, _mm512_mask_blend_epi32(is_nan, rounded, nan), zero))
+}
+
+#[target_feature(enable = "avx2")]
+#[inline]
+fn bf16x8(v: __m256) -> __m256i {
+    let (b, rounded, nan) = bf16_lanes!(
+        v,
+        _mm256_castps_si256,
+        _mm256_srli_epi32,
+        _mm256_and_si256,
+        _mm256_add_epi32,
+        _mm256_or_si256,
+        _mm256_set1_epi32
+    );
+    let is_nan =
+        _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFF_FFFF)), _mm256_set1_epi32(0x7F80_0000));
+    let is_sub = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F80_0000)), _mm256_setzero_si256());
+    let zero = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x8000));
+    _mm256_blendv_epi8(_mm256_blendv_epi8(rounded, nan, is_nan), zero, is_sub)
+}
+
+/// `exp` of 16 lanes: the same reduction and polynomial as [`exp`], with `2^n` applied by
+/// `vscalefps`, which also flushes `x < -87.3` to subnormals and 0 (`x <= -110` to exactly 0),
+/// so no compare-and-mask is needed; NaN propagates (`max` returns its second operand).
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) fn exp16<const SHORT: bool>(x: __m512) -> __m512 {
+    let xc = _mm512_max_ps(_mm512_set1_ps(-110.0), x);
+    let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), _mm512_set1_ps(ROUND_MAGIC));
+    let n = _mm512_sub_ps(t, _mm512_set1_ps(ROUND_MAGIC));
+    let f = _mm512_fmsub_ps(xc, _mm512_set1_ps(LOG2E), n);
+    let c = |k: f32| _mm512_set1_ps(k);
+    let p = if SHORT {
+        let p = _mm512_fmadd_ps(c(S4), f, c(S3));
+        let p = _mm512_fmadd_ps(p, f, c(S2));
+        _mm512_fmadd_ps(p, f, c(S1))
+    } else {
+        let mut p = _mm512_fmadd_ps(c(P6), f, c(P5));
+        p = _mm512_fmadd_ps(p, f, c(P4));
+        p = _mm512_fmadd_ps(p, f, c(P3));
+        p = _mm512_fmadd_ps(p, f, c(P2));
+        _mm512_fmadd_ps(p, f, c(P1))
+    };
+    _mm512_scalef_ps(_mm512_fmadd_ps(p, f, c(1.0)), n)
+}
+
+/// `exp_sum_max` over 16-lane steps, reading the input as `$elem` and widening each step
+/// in registers with `$load` (full step) / `$load_masked` (the partial last step).
+macro_rules! exp_sum_max_512 {
+    ($name:ident, $elem:ty, $short:literal, |$p:ident| $load:expr, |$m:ident, $pm:ident| $load_masked:expr) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        pub(super) unsafe fn $name(x: &[$elem], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+            let n = x.len().min(out.len());
+            let sh = _mm512_set1_ps(shift);
+            let (mut acc, mut top) = (_mm512_setzero_ps(), _mm512_set1_ps(f32::NEG_INFINITY));
+            let body = n / 16 * 16;
+            for (j, i) in (0..body).step_by(16).enumerate() {
+                ahead.line(j);
+                // SAFETY: i + 16 <= n, within both slices.
+                unsafe {
+                    let $p = x.as_ptr().add(i);
+                    let v: __m512 = $load;
+                    top = _mm512_max_ps(v, top);
+                    let e = exp16::<$short>(_mm512_sub_ps(v, sh));
+                    _mm512_storeu_ps(out.as_mut_ptr().add(i), e);
+                    acc = _mm512_add_ps(acc, e);
+                }
+            }
+            if body < n {
+                // the partial last step: masked load, store, sum and max
+                let $m: __mmask16 = (1u16 << (n - body)) - 1;
+                // SAFETY: the mask covers only body..n, within both slices.
+                unsafe {
+                    let $pm = x.as_ptr().add(body);
+                    let v: __m512 = $load_masked;
+                    top = _mm512_mask_max_ps(top, $m, v, top);
+                    let e = exp16::<$short>(_mm512_sub_ps(v, sh));
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(body), $m, e);
+                    acc = _mm512_mask_add_ps(acc, $m, acc, e);
+                }
+            }
+            let (mut a, mut t) = ([0f32; LANES], [0f32; LANES]);
+            // SAFETY: both arrays hold 16 f32.
+            unsafe {
+                _mm512_storeu_ps(a.as_mut_ptr(), acc);
+                _mm512_storeu_ps(t.as_mut_ptr(), top);
+            }
+            (hsum(a), t.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
+        }
+    };
+}
+
+exp_sum_max_512!(exp_sum_max_512, f32, false, |p| _mm512_loadu_ps(p), |m, p| _mm512_maskz_loadu_ps(m, p));
+exp_sum_max_512!(
+    exp_sum_max_bf16_512,
+    u16,
+    true,
+    |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())))),
+    |m, p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()))))
+);
+exp_sum_max_512!(exp_sum_max_f16_512, u16, true, |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())), |m, p| {
+    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
+});
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+pub(super) unsafe fn scale_f32_512(x: &[f32], f: f32, out: &mut [f32], stream: bool) {
+    let n = x.len().min(out.len());
+    let (head, body) = split(out, n, 64, 16, stream);
+    scale_body(&x[..head], f, &mut out[..head]);
+    let fv = _mm512_set1_ps(f);
+    for i in (head..head + body).step_by(16) {
+        // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming, out + i is
+        // 64-byte aligned.
+        unsafe {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv);
+            if stream {
+                _mm512_stream_ps(out.as_mut_ptr().add(i), v);
+            } else {
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), v);
+            }
+        }
+    }
+    scale_body(&x[head + body..n], f, &mut out[head + body..n]);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+pub(super) unsafe fn scale_bf16_512(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    let n = x.len().min(out.len());
+    let (head, body) = split(out, n, 64, 32, stream);
+    scale_bf16_body(&x[..head], f, &mut out[..head]);
+    let fv = _mm512_set1_ps(f);
+    for i in (head..head + body).step_by(32) {
+        // SAFETY: i + 32 <= head + body <= n, within both slices; when streaming, out + i is
+        // 64-byte aligned.
+        unsafe {
+            let lo = bf16x16(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv));
+            let hi = bf16x16(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv));
+            let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            if stream {
+                _mm512_stream_si512(out.as_mut_ptr().add(i).cast(), v);
+            } else {
+                _mm512_storeu_si512(out.as_mut_ptr().add(i).cast(), v);
+            }
+        }
+    }
+    scale_bf16_body(&x[head + body..n], f, &mut out[head + body..n]);
+}
+
+/// As [`scale_bf16_512`], with the AVX-512 BF16 conversion instruction (same bits).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
+pub(super) unsafe fn scale_bf16_512bf(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    let n = x.len().min(out.len());
+    let (head, body) = split(out, n, 64, 32, stream);
+    scale_bf16_body(&x[..head], f, &mut out[..head]);
+    let fv = _mm512_set1_ps(f);
+    for i in (head..head + body).step_by(32) {
+        // SAFETY: i + 32 <= head + body <= n, within both slices; when streaming out + i is
+        // 64-byte aligned.
+        unsafe {
+            let lo = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv);
+            let hi = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv);
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            if stream {
+                _mm512_stream_si512(out.as_mut_ptr().add(i).cast(), v);
+            } else {
+                _mm512_storeu_si512(out.as_mut_ptr().add(i).cast(), v);
+            }
+        }
+    }
+    scale_bf16_body(&x[head + body..n], f, &mut out[head + body..n]);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+pub(super) unsafe fn scale_f16_512(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    let n = x.len().min(out.len());
+    let (head, body) = split(out, n, 64, 32, stream);
+    scale_f16_body(&x[..head], f, &mut out[..head]);
+    let fv = _mm512_set1_ps(f);
+    for i in (head..head + body).step_by(32) {
+        // SAFETY: i + 32 <= head + body <= n, within both slices; when streaming out + i is
+        // 64-byte aligned.
+        unsafe {
+            let lo = _mm512_cvtps_ph::<NEAREST>(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv));
+            let hi = _mm512_cvtps_ph::<NEAREST>(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv));
+            let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            if stream {
+                _mm512_stream_si512(out.as_mut_ptr().add(i).cast(), v);
+            } else {
+                _mm512_storeu_si512(out.as_mut_ptr().add(i).cast(), v);
+            }
+        }
+    }
+    scale_f16_body(&x[head + body..n], f, &mut out[head + body..n]);
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+pub(super) unsafe fn widen_f16_512(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let body = n / 16 * 16;
+    for i in (0..body).step_by(16) {
+        // SAFETY: i + 16 <= n, within both slices.
+        unsafe {
+            let h = _mm256_loadu_si256(src.as_ptr().add(i).cast());
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+        }
+    }
+    widen_f16_body(&src[body..n], &mut dst[body..n]);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scale_f32_256(x: &[f32], f: f32, out: &mut [f32], stream: bool) {
+    let n = x.len().min(out.len());
+    let (head, body) = split(out, n, 32, 8, stream);
+    scale_body(&x[..head], f, &mut out[..head]);
+    let fv = _mm256_set1_ps(f);
+    for i in (head..head + body).step_by(8) {
+        // SAFETY: i + 8 <= head + body <= n, within both slices; when streaming, out + i is
+        // 32-byte aligned.
+        unsafe {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv);
+            if stream {
+                _mm256_stream_ps(out.as_mut_ptr().add(i), v);
+            } else {
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), v);
+            }
+        }
+    }
+    scale_body(&x[head + body..n], f, &mut out[head + body..n]);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scale_bf16_256(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    let n = x.len().min(out.len());
+    let (head, body) = split(out, n, 32, 16, stream);
+    scale_bf16_body(&x[..head], f, &mut out[..head]);
+    let fv = _mm256_set1_ps(f);
+    for i in (head..head + body).step_by(16) {
+        // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming, out + i is
+        // 32-byte aligned.
+        unsafe {
+            let lo = bf16x8(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv));
+            let hi = bf16x8(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8)), fv));
+            // packus interleaves 128-bit halves: put them back in order
+            let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi));
+            if stream {
+                _mm256_stream_si256(out.as_mut_ptr().add(i).cast(), v);
+            } else {
+                _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), v);
+            }
+        }
+    }
+    scale_bf16_body(&x[head + body..n], f, &mut out[head + body..n]);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scale_f16_256(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    let n = x.len().min(out.len());
+    let (head, body) = split(out, n, 32, 16, stream);
+    scale_f16_body(&x[..head], f, &mut out[..head]);
+    let fv = _mm256_set1_ps(f);
+    for i in (head..head + body).step_by(16) {
+        // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming out + i is
+        // 32-byte aligned.
+        unsafe {
+            let lo = _mm256_cvtps_ph::<NEAREST>(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv));
+            let hi = _mm256_cvtps_ph::<NEAREST>(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8)), fv));
+            let v = _mm256_set_m128i(hi, lo);
+            if stream {
+                _mm256_stream_si256(out.as_mut_ptr().add(i).cast(), v);
+            } else {
+                _mm256_storeu_si256(out.as_mut_ptr().add(i).cast(), v);
+            }
+        }
+    }
+    scale_f16_body(&x[head + body..n], f, &mut out[head + body..n]);
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn exp_sum_max_f16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+    // SAFETY: this function has widen_f16_256's features.
+    exp_sum_max_bits_body::<true>(x, |s, d| unsafe { widen_f16_256(s, d) }, shift, out, ahead)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn widen_f16_256(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let body = n / 8 * 8;
+    for i in (0..body).step_by(8) {
+        // SAFETY: i + 8 <= n, within both slices.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+    }
+    widen_f16_body(&src[body..n], &mut dst[body..n]);
+}

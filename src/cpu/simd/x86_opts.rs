@@ -1,0 +1,141 @@
+//! The AVX-512 statistics loop under per-element options (label smoothing, soft-capping): the
+//! same arithmetic as the lane code's [`exp_opts_body`](super::lanes::exp_opts_body), with
+//! `vscalefps` for both exponentials and `vrcp14ps` plus one Newton step for `1 / (1 + u)`, and
+//! 16-bit input widened in registers.
+
+use super::lanes::{hsum, ElemOpts};
+use super::math::*;
+use super::x86::exp16;
+use super::{Ahead, LANES};
+use std::arch::x86_64::*;
+
+/// The per-call constants of the loop.
+#[derive(Clone, Copy)]
+struct Consts {
+    shift: __m512,
+    cap: __m512,
+    /// `−2 / c`.
+    neg_two_inv_cap: __m512,
+}
+
+/// `(z, exp(z − shift), s)` of 16 lanes: `z = c · tanh(x / c)` and `s = 1 − tanh²(x / c)` with
+/// soft-capping (as [`tanh_and_chain`](super::math::tanh_and_chain)), else `z = x`, `s = 1`.
+#[target_feature(enable = "avx512f,avx512dq")]
+#[inline]
+fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __m512, __m512) {
+    let one = _mm512_set1_ps(1.0);
+    if !CAP {
+        return (x, exp16::<SHORT>(_mm512_sub_ps(x, k.shift)), one);
+    }
+    let u = exp16::<false>(_mm512_min_ps(_mm512_mul_ps(x, k.neg_two_inv_cap), _mm512_set1_ps(TANH_ARG_MAX)));
+    let d = _mm512_add_ps(one, u);
+    let r0 = _mm512_rcp14_ps(d);
+    // one Newton step on the 14-bit reciprocal: r = r0 · (2 − d · r0), ~1 ulp
+    let r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0)));
+    let t = _mm512_mul_ps(_mm512_sub_ps(one, u), r);
+    let z = _mm512_mul_ps(k.cap, t);
+    (z, exp16::<SHORT>(_mm512_sub_ps(z, k.shift)), _mm512_fnmadd_ps(t, t, one))
+}
+
+/// The loop over 16-lane steps, reading the input as `$elem` and widening each step in
+/// registers with `$load` / `$load_masked`, for one combination of options.
+macro_rules! exp_opts_512 {
+    ($name:ident, $inner:ident, $elem:ty, $short:literal, |$p:ident| $load:expr, |$m:ident, $pm:ident| $load_masked:expr) => {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        unsafe fn $inner<const CAP: bool, const SUM: bool>(
+            x: &[$elem],
+            k: Consts,
+            out: &mut [f32],
+            chain: &mut [f32],
+            ahead: Ahead,
+        ) -> (f32, f32, f32) {
+            let n = x.len().min(out.len());
+            let both = CAP && SUM;
+            assert!(!both || chain.len() >= n);
+            let (mut acc, mut zacc, mut top) =
+                (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_set1_ps(f32::NEG_INFINITY));
+            let body = n / 16 * 16;
+            for (j, i) in (0..body).step_by(16).enumerate() {
+                ahead.line(j);
+                // SAFETY: i + 16 <= n, within `x` and `out`, and within `chain` when it is written.
+                unsafe {
+                    let $p = x.as_ptr().add(i);
+                    let (z, e, s) = step::<$short, CAP>($load, k);
+                    top = _mm512_max_ps(z, top);
+                    acc = _mm512_add_ps(acc, e);
+                    if SUM {
+                        zacc = _mm512_add_ps(zacc, z);
+                    }
+                    _mm512_storeu_ps(out.as_mut_ptr().add(i), if CAP { _mm512_mul_ps(e, s) } else { e });
+                    if both {
+                        _mm512_storeu_ps(chain.as_mut_ptr().add(i), s);
+                    }
+                }
+            }
+            if body < n {
+                let $m: __mmask16 = (1u16 << (n - body)) - 1;
+                // SAFETY: the mask covers only body..n, within the slices as above.
+                unsafe {
+                    let $pm = x.as_ptr().add(body);
+                    let (z, e, s) = step::<$short, CAP>($load_masked, k);
+                    top = _mm512_mask_max_ps(top, $m, z, top);
+                    acc = _mm512_mask_add_ps(acc, $m, acc, e);
+                    if SUM {
+                        zacc = _mm512_mask_add_ps(zacc, $m, zacc, z);
+                    }
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(body), $m, if CAP { _mm512_mul_ps(e, s) } else { e });
+                    if both {
+                        _mm512_mask_storeu_ps(chain.as_mut_ptr().add(body), $m, s);
+                    }
+                }
+            }
+            let (mut a, mut t, mut zs) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+            // SAFETY: the arrays hold 16 f32.
+            unsafe {
+                _mm512_storeu_ps(a.as_mut_ptr(), acc);
+                _mm512_storeu_ps(t.as_mut_ptr(), top);
+                _mm512_storeu_ps(zs.as_mut_ptr(), zacc);
+            }
+            (hsum(a), t.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }), hsum(zs))
+        }
+
+        /// The AVX-512 statistics loop under per-element options (see the module docs).
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        pub(super) unsafe fn $name(
+            x: &[$elem],
+            shift: f32,
+            o: ElemOpts,
+            out: &mut [f32],
+            chain: &mut [f32],
+            ahead: Ahead,
+        ) -> (f32, f32, f32) {
+            let k = Consts {
+                shift: _mm512_set1_ps(shift),
+                cap: _mm512_set1_ps(o.cap),
+                neg_two_inv_cap: _mm512_set1_ps(-2.0 * o.inv_cap),
+            };
+            // SAFETY: the same features as this function.
+            unsafe {
+                match (o.cap != 0.0, o.sum) {
+                    (false, false) => $inner::<false, false>(x, k, out, chain, ahead),
+                    (false, true) => $inner::<false, true>(x, k, out, chain, ahead),
+                    (true, false) => $inner::<true, false>(x, k, out, chain, ahead),
+                    (true, true) => $inner::<true, true>(x, k, out, chain, ahead),
+                }
+            }
+        }
+    };
+}
+
+exp_opts_512!(exp_opts_512, opts_f32, f32, false, |p| _mm512_loadu_ps(p), |m, p| _mm512_maskz_loadu_ps(m, p));
+exp_opts_512!(
+    exp_opts_bf16_512,
+    opts_bf16,
+    u16,
+    true,
+    |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())))),
+    |m, p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()))))
+);
+exp_opts_512!(exp_opts_f16_512, opts_f16, u16, true, |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())), |m, p| {
+    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
+});

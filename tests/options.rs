@@ -1,0 +1,217 @@
+//! The options beyond the course function (z-loss, label smoothing, soft-capping, per-token
+//! weights, per-token losses) against the float64 reference, alone and combined, on every CPU
+//! instruction set, dtype, row mean and reduction, with ignored labels.
+
+mod common;
+
+use common::{check_all_modes, cpu_levels, random_inputs, rel};
+use fused_weighted_loss::reference::{reference, rel_err};
+use fused_weighted_loss::{bf16, f16, Error, Grad, Logit, LossSpec, Reduction, RowMean, Shape, Tokens};
+use proptest::prelude::*;
+
+/// The four options, each off or on.
+#[derive(Debug, Clone, Copy)]
+struct Opts {
+    z_loss: f64,
+    smoothing: f64,
+    softcap: Option<f64>,
+    token_weights: bool,
+}
+
+fn opts_strategy() -> impl Strategy<Value = Opts> {
+    (
+        prop_oneof![Just(0.0), 1e-5f64..0.1],
+        prop_oneof![Just(0.0), Just(1.0), 0.0f64..0.5],
+        prop_oneof![Just(None), (0.5f64..50.0).prop_map(Some)],
+        any::<bool>(),
+    )
+        .prop_map(|(z_loss, smoothing, softcap, token_weights)| Opts { z_loss, smoothing, softcap, token_weights })
+}
+
+fn spec_of(o: Opts, row_mean: RowMean, reduction: Reduction) -> LossSpec {
+    LossSpec::builder()
+        .keywords([1i64])
+        .z_loss(o.z_loss)
+        .label_smoothing(o.smoothing)
+        .softcap(o.softcap)
+        .row_mean(row_mean)
+        .reduction(reduction)
+        .build()
+        .unwrap()
+}
+
+/// Token weights in [0, 2), some exactly 0, from the seed.
+fn token_weights(seed: u64, n: usize) -> Vec<f32> {
+    fused_weighted_loss::synthetic::logits::<f32>(seed ^ 0x5eed, n, 1.0)
+        .into_iter()
+        .map(|x| if x < -0.8 { 0.0 } else { x + 1.0 })
+        .collect()
+}
+
+fn check<L: Logit>(
+    o: Opts,
+    row_mean: RowMean,
+    reduction: Reduction,
+    shape: Shape,
+    seed: u64,
+    scale: f32,
+    ignore: bool,
+) {
+    let spec = spec_of(o, row_mean, reduction);
+    let (logits, ids) = random_inputs::<L>(seed, shape, scale);
+    let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &y)| if ignore && i % 3 == 1 { -100 } else { y }).collect();
+    let w = token_weights(seed, shape.rows());
+    let mut tokens = Tokens::new(&ids).with_labels(&labels);
+    if o.token_weights {
+        tokens = tokens.with_token_weights(&w);
+    }
+    check_all_modes(&spec, shape, &logits, tokens);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_options_f32(o in opts_strategy(), b in 1usize..4, t in 2usize..6, v in 1usize..5000,
+                          seed in any::<u64>(), scale in prop_oneof![Just(1.0f32), 0.01f32..30.0],
+                          valid in any::<bool>(), weighted in any::<bool>(), ignore in any::<bool>()) {
+        let row_mean = if valid { RowMean::ValidTokens } else { RowMean::AllPositions };
+        let reduction = if weighted { Reduction::WeightedMean } else { Reduction::Mean };
+        check::<f32>(o, row_mean, reduction, Shape::new(b, t, v).unwrap(), seed, scale, ignore);
+    }
+
+    #[test]
+    fn random_options_half(o in opts_strategy(), b in 1usize..3, t in 2usize..5, v in 1usize..3000,
+                           seed in any::<u64>(), valid in any::<bool>(), ignore in any::<bool>()) {
+        let row_mean = if valid { RowMean::ValidTokens } else { RowMean::AllPositions };
+        let shape = Shape::new(b, t, v).unwrap();
+        check::<f16>(o, row_mean, Reduction::Sum, shape, seed, 4.0, ignore);
+        check::<bf16>(o, row_mean, Reduction::Mean, shape, seed, 4.0, ignore);
+    }
+}
+
+/// Every combination of the four options on the course's vocabulary (rows span many chunks).
+#[test]
+fn every_combination_at_the_course_vocabulary() {
+    let shape = Shape::new(2, 4, 50_000).unwrap();
+    for bits in 0..16u32 {
+        let o = Opts {
+            z_loss: if bits & 1 != 0 { 1e-4 } else { 0.0 },
+            smoothing: if bits & 2 != 0 { 0.1 } else { 0.0 },
+            softcap: if bits & 4 != 0 { Some(30.0) } else { None },
+            token_weights: bits & 8 != 0,
+        };
+        check::<f32>(o, RowMean::AllPositions, Reduction::Mean, shape, bits as u64, 8.0, bits % 3 == 0);
+        check::<bf16>(o, RowMean::ValidTokens, Reduction::WeightedMean, shape, bits as u64, 8.0, true);
+    }
+}
+
+/// Rows longer than the kept scratch row (4 Mi elements): the gradient pass recomputes the
+/// exponentials from the logits, under the options too.
+#[test]
+fn rows_beyond_the_scratch_row_with_every_option() {
+    let shape = Shape::new(1, 2, (1 << 22) + 1001).unwrap();
+    let o = Opts { z_loss: 1e-3, smoothing: 0.2, softcap: Some(10.0), token_weights: true };
+    check::<f32>(o, RowMean::AllPositions, Reduction::Mean, shape, 5, 6.0, false);
+    let o = Opts { z_loss: 0.0, smoothing: 0.1, softcap: None, token_weights: false };
+    check::<bf16>(o, RowMean::AllPositions, Reduction::Mean, shape, 6, 6.0, false);
+}
+
+#[test]
+fn options_change_the_loss_as_their_formulas_say() {
+    let shape = Shape::new(2, 5, 300).unwrap();
+    let (logits, ids) = random_inputs::<f32>(9, shape, 3.0);
+    let run = |spec: LossSpec| spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+    let plain = run(LossSpec::default());
+    // z-loss adds a positive term and reports it
+    let z = run(LossSpec::builder().z_loss(1e-2).build().unwrap());
+    assert!(z.z_loss > 0.0 && rel(z.loss - z.z_loss, plain.loss) <= 1e-6, "{} {} {}", z.loss, z.z_loss, plain.loss);
+    // full smoothing ignores the targets: the loss is the same for any labels
+    let full = LossSpec::builder().label_smoothing(1.0).build().unwrap();
+    let other: Vec<i64> = ids.iter().map(|&y| (y + 1) % 300).collect();
+    let a = full.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+    let b = full.loss_and_grad(shape, &logits, Tokens::new(&ids).with_labels(&other), Grad::Skip).unwrap();
+    assert!(rel(a.loss, b.loss) <= 1e-6 && rel(a.loss, plain.loss) > 1e-3);
+    // a large cap changes almost nothing, a small one a lot
+    let wide = run(LossSpec::builder().softcap(1e4).build().unwrap());
+    let tight = run(LossSpec::builder().softcap(0.5).build().unwrap());
+    assert!(rel(wide.loss, plain.loss) <= 1e-5 && rel(tight.loss, plain.loss) > 1e-2);
+    // token weights of 2 everywhere double the loss
+    let two = vec![2f32; shape.rows()];
+    let w = LossSpec::default().loss_and_grad(shape, &logits, Tokens::new(&ids).with_token_weights(&two), Grad::Skip);
+    assert!(rel(w.unwrap().loss, 2.0 * plain.loss) <= 1e-12);
+}
+
+#[test]
+fn soft_capping_makes_infinite_logits_finite() {
+    // -inf and +inf logits become -c and +c: every loss and gradient is finite
+    let shape = Shape::new(1, 3, 5).unwrap();
+    let mut logits = vec![0.5f32; 15];
+    logits[1] = f32::NEG_INFINITY;
+    logits[7] = f32::INFINITY;
+    logits[9] = f32::NEG_INFINITY; // row 1's target (ids[2] = 4)
+    let ids = [0i64, 1, 4];
+    let spec = LossSpec::builder().softcap(5.0).label_smoothing(0.1).z_loss(1e-3).build().unwrap();
+    for level in cpu_levels() {
+        let spec = spec.to_builder().cpu_simd(level).build().unwrap();
+        let mut g = vec![f32::NAN; 15];
+        let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap();
+        let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+        assert!(out.loss.is_finite() && rel(out.loss, r.loss) <= 1e-6, "{level}: {} vs {}", out.loss, r.loss);
+        assert!(g.iter().all(|x| x.is_finite()) && rel_err(&g, &r.grad) <= 1e-5, "{level}: {g:?}");
+    }
+    // without the cap, smoothing over a -inf logit is +inf, as in PyTorch
+    let mut masked = vec![0.5f32; 15];
+    masked[1] = f32::NEG_INFINITY;
+    let spec = LossSpec::builder().label_smoothing(0.1).build().unwrap();
+    let out = spec.loss_and_grad(shape, &masked, Tokens::new(&[0i64, 0, 0]), Grad::Skip).unwrap();
+    assert_eq!(out.loss, f64::INFINITY);
+    let r = reference(&spec, shape, &masked, Tokens::new(&[0i64, 0, 0])).unwrap();
+    assert_eq!(r.loss, f64::INFINITY);
+}
+
+#[test]
+fn vocab_of_one_with_options() {
+    let shape = Shape::new(2, 3, 1).unwrap();
+    let logits = [0.5f32, -2.0, 3.0, 1.0, 0.0, -7.0];
+    let ids = [0i32; 6];
+    let spec = LossSpec::builder().z_loss(0.5).label_smoothing(0.3).softcap(2.0).build().unwrap();
+    let mut g = vec![f32::NAN; 6];
+    let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap();
+    let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+    assert!(rel(out.loss, r.loss) <= 1e-6 && rel(out.z_loss, r.z_loss) <= 1e-6 && out.loss > 0.0);
+    assert!(rel_err(&g, &r.grad) <= 1e-5, "{g:?} vs {:?}", r.grad);
+}
+
+#[test]
+fn bad_options_and_buffers_are_typed_errors() {
+    for (spec, name) in [
+        (LossSpec::builder().z_loss(-1.0), "z_loss"),
+        (LossSpec::builder().z_loss(f64::NAN), "z_loss"),
+        (LossSpec::builder().label_smoothing(1.5), "label_smoothing"),
+        (LossSpec::builder().label_smoothing(-0.1), "label_smoothing"),
+        (LossSpec::builder().softcap(0.0), "softcap"),
+        (LossSpec::builder().softcap(-3.0), "softcap"),
+        (LossSpec::builder().softcap(f64::INFINITY), "softcap"),
+        (LossSpec::builder().softcap(1e300), "softcap"),
+    ] {
+        match spec.build() {
+            Err(Error::InvalidOption { name: n, .. }) => assert_eq!(n, name),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    let shape = Shape::new(2, 3, 4).unwrap();
+    let (logits, ids) = random_inputs::<f32>(1, shape, 1.0);
+    let spec = LossSpec::default();
+    let mut w = vec![1f32; 6];
+    w[4] = f32::NAN;
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_token_weights(&w), Grad::Skip);
+    assert!(matches!(e, Err(Error::InvalidTokenWeight { batch: 1, position: 1, .. })), "{e:?}");
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_token_weights(&w[..5]), Grad::Skip);
+    assert!(matches!(e, Err(Error::LengthMismatch { what: "token_weights", .. })), "{e:?}");
+    let mut per_token = vec![0f32; 5];
+    let e = spec.loss_and_grad_per_token(shape, &logits, Tokens::new(&ids), Grad::Skip, &mut per_token);
+    assert!(matches!(e, Err(Error::TokenLossLength { expected: 4, got: 5 })), "{e:?}");
+    // nothing was written on error
+    assert!(per_token.iter().all(|&x| x == 0.0));
+}
