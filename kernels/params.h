@@ -73,7 +73,7 @@ typedef struct FwlRowParams {
     void *grad;               /* [rows * vocab], NULL for loss only; may equal logits (in place) */
     const int32_t *targets;   /* [rows] */
     const float *coef;        /* [rows / seq] */
-    float *row_loss;          /* out [rows] */
+    double *row_loss;         /* out [rows]: in double, so finite logits give a finite loss */
     int64_t rows;
     int64_t seq;
     int64_t vocab;
@@ -84,7 +84,7 @@ typedef struct FwlRowParams {
 
 /* Finish kernel (one block): per-sample means and the batch loss, in a fixed order. */
 typedef struct FwlFinishParams {
-    const float *row_loss;    /* [B*T] */
+    const double *row_loss;   /* [B*T] */
     const int32_t *targets;   /* [B*T] */
     const double *row_div;    /* [B] */
     const double *reduce;     /* [B] */

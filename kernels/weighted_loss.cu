@@ -273,7 +273,7 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
             if (g)
                 for (int64_t j = rank * blockDim.x + threadIdx.x; j < V; j += static_cast<int64_t>(C) * blockDim.x)
                     g[j] = from_f32<G>(0.f);
-            if (rank == 0 && threadIdx.x == 0) p.row_loss[row] = 0.f;
+            if (rank == 0 && threadIdx.x == 0) p.row_loss[row] = 0.0;
             continue;
         }
         // read before any write (in place): in a cluster, other blocks write only after the
@@ -338,7 +338,9 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
         const float coef = p.coef[row / p.seq];
         const float inv_s = 1.f / st.s;
         const float scale = coef * inv_s;
-        if (rank == 0 && threadIdx.x == 0) p.row_loss[row] = (st.m - target_logit) + logf(st.s);
+        // in double: z_max - z[target] exceeds the float range for logits near +-FLT_MAX
+        if (rank == 0 && threadIdx.x == 0)
+            p.row_loss[row] = (static_cast<double>(st.m) - target_logit) + log(static_cast<double>(st.s));
         if (!g) continue;
 
         // pass 2: gradient, each thread writing exactly what it read
@@ -432,9 +434,9 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_finish(FwlFinishPa
         for (int64_t t = lane; t < T; t += 32) {
             const int64_t i = b * T + t;
             if (p.targets[i] < 0) continue;
-            const float l = p.row_loss[i];
+            const double l = p.row_loss[i];
             if (!isfinite(l) && i < first_bad) first_bad = i;
-            sum += static_cast<double>(l);
+            sum += l;
         }
         sum = warp_sum(sum);
         if (lane == 0) p.per_sample[b] = p.row_div[b] > 0.0 ? sum / p.row_div[b] : 0.0;

@@ -613,7 +613,7 @@ impl LossSpec {
 
 impl Plan {
     /// Combines per-row losses (0 for rows without a target) into the output, in a fixed order.
-    pub(crate) fn finish(&self, row_loss: &[f32], check_finite: bool, backend: Backend) -> Result<LossOutput> {
+    pub(crate) fn finish(&self, row_loss: &[f64], check_finite: bool, backend: Backend) -> Result<LossOutput> {
         let t = self.shape.seq;
         let mut per_sample = Vec::with_capacity(self.shape.batch);
         for (s, rows) in row_loss.chunks_exact(t).enumerate() {
@@ -623,9 +623,9 @@ impl Plan {
                     continue;
                 }
                 if check_finite && !l.is_finite() {
-                    return Err(Error::NonFinite { batch: s, position: p, value: l as f64 });
+                    return Err(Error::NonFinite { batch: s, position: p, value: l });
                 }
-                sum += l as f64;
+                sum += l;
             }
             per_sample.push(if self.row_div[s] > 0.0 { sum / self.row_div[s] } else { 0.0 });
         }

@@ -107,10 +107,11 @@ impl RowStats {
         }
     }
 
-    /// The row's cross-entropy, `logsumexp(z) - z[target]`.
+    /// The row's cross-entropy, `logsumexp(z) - z[target]`, in `f64`: finite logits give a
+    /// finite loss even where it exceeds the `f32` range (`f32::MAX - -f32::MAX`).
     #[inline]
-    pub fn loss(&self) -> f32 {
-        ((self.shift as f64 - self.target_logit as f64) + self.sum_exp.ln()) as f32
+    pub fn loss(&self) -> f64 {
+        (self.shift as f64 - self.target_logit as f64) + self.sum_exp.ln()
     }
 
     /// The gradient at the target, `coef * (softmax[target] - 1)`.
@@ -341,7 +342,7 @@ fn grad_task<L: Logit, G: Logit>(
     r0: usize,
     src: &[L],
     dst: &mut [G],
-    losses: &mut [f32],
+    losses: &mut [f64],
     stream: bool,
 ) {
     let (v, t) = (plan.shape.vocab(), plan.shape.seq());
@@ -383,11 +384,11 @@ fn grad_task<L: Logit, G: Logit>(
 }
 
 /// Loss of every row (0 for rows without a target) and, when `grad` is given, the gradient.
-pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], grad: Option<&mut [G]>) -> Vec<f32> {
+pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], grad: Option<&mut [G]>) -> Vec<f64> {
     let (rows, v) = (plan.shape.rows(), plan.shape.vocab());
     let rpt = rows_per_task(rows, v);
     let stream = plan.shape.logits_len() * G::DTYPE.size() >= STREAM_MIN_BYTES;
-    let mut row_loss = vec![0f32; rows];
+    let mut row_loss = vec![0f64; rows];
     let losses = row_loss.par_chunks_mut(rpt).zip(logits.par_chunks(rpt * v)).enumerate();
     match grad {
         Some(grad) => losses
@@ -406,10 +407,10 @@ pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], gr
 }
 
 /// Loss of every row, with the gradient written over the logits.
-pub(crate) fn run_in_place<L: Logit>(k: &Kernels, plan: &Plan, logits: &mut [L]) -> Vec<f32> {
+pub(crate) fn run_in_place<L: Logit>(k: &Kernels, plan: &Plan, logits: &mut [L]) -> Vec<f64> {
     let (rows, v, t) = (plan.shape.rows(), plan.shape.vocab(), plan.shape.seq());
     let rpt = rows_per_task(rows, v);
-    let mut row_loss = vec![0f32; rows];
+    let mut row_loss = vec![0f64; rows];
     row_loss.par_chunks_mut(rpt).zip(logits.par_chunks_mut(rpt * v)).enumerate().for_each(|(task, (ls, rows))| {
         let mut e = RowExps::new(v);
         let mut s = Scratch::new();

@@ -306,7 +306,7 @@ pub struct DeviceLossOutput {
     /// The batch loss rounded to `f32`, one element (what frameworks' scalar losses hold).
     pub loss_f32: CudaSlice<f32>,
     /// Each position's cross-entropy (0 where there is no target), `[B * T]`.
-    pub row_loss: CudaSlice<f32>,
+    pub row_loss: CudaSlice<f64>,
     status: CudaSlice<FwlStatus>,
     shape: Shape,
     check_finite: bool,
@@ -336,10 +336,10 @@ impl DeviceLossOutput {
         }
         if self.check_finite && st.flags & params::FWL_STATUS_NON_FINITE != 0 {
             let i = st.non_finite_row;
-            let mut v = [0f32];
+            let mut v = [0f64];
             stream.memcpy_dtoh(&self.row_loss.slice(i as usize..i as usize + 1), &mut v).map_err(drv("reading"))?;
             stream.synchronize().map_err(drv("synchronising"))?;
-            return Err(Error::NonFinite { batch: (i / t) as usize, position: (i % t) as usize, value: v[0] as f64 });
+            return Err(Error::NonFinite { batch: (i / t) as usize, position: (i % t) as usize, value: v[0] });
         }
         Ok(())
     }
@@ -522,7 +522,7 @@ impl CudaLoss {
         let mut reduce = output::<f64>(stream, b)?;
         let mut coef = output::<f32>(stream, b)?;
         let mut status = output::<FwlStatus>(stream, 1)?;
-        let mut row_loss = output::<f32>(stream, rows)?;
+        let mut row_loss = output::<f64>(stream, rows)?;
         let mut per_sample = output::<f64>(stream, b)?;
         let mut loss = output::<f64>(stream, 1)?;
         let mut loss_f32 = output::<f32>(stream, 1)?;
@@ -610,7 +610,7 @@ impl CudaLoss {
                 grad: p.grad as *mut c_void,
                 targets: t as *const i32,
                 coef: c as *const f32,
-                row_loss: rl as *mut f32,
+                row_loss: rl as *mut f64,
                 rows: rows as i64,
                 seq: shape.seq() as i64,
                 vocab: shape.vocab() as i64,
@@ -637,7 +637,7 @@ impl CudaLoss {
             let (l32, _g8) = loss_f32.device_ptr_mut(stream);
             let (s, _g7) = status.device_ptr_mut(stream);
             let fp = FwlFinishParams {
-                row_loss: rl as *const f32,
+                row_loss: rl as *const f64,
                 targets: t as *const i32,
                 row_div: d as *const f64,
                 reduce: r as *const f64,

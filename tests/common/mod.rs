@@ -152,3 +152,20 @@ pub fn random_inputs<L: Logit>(seed: u64, shape: Shape, scale: f32) -> (Vec<L>, 
     let ids = fused_weighted_loss::synthetic::ids::<i64>(seed, shape.rows(), shape.vocab());
     (logits, ids)
 }
+
+/// Finite logits at the edge of the `f32` range: random values in [-2, 2) with, in every row that
+/// has a target, the target at `-big` and another entry at `+big` (`big` = `f32::MAX` for f32
+/// logits, `3.3e38` for bf16), so each such per-token loss (about `2 * big`) exceeds `f32::MAX`
+/// while its float64 value is finite. The vocabulary must be at least 2.
+pub fn edge_of_range_logits<L: Logit>(seed: u64, shape: Shape) -> (Vec<L>, Vec<i64>) {
+    let (mut logits, ids) = random_inputs::<L>(seed, shape, 2.0);
+    let (t, v) = (shape.seq(), shape.vocab());
+    assert!(v >= 2, "needs a second entry beside the target");
+    let big = if L::DTYPE == DType::F32 { f32::MAX } else { 3.3e38 };
+    for r in (0..shape.rows()).filter(|r| r % t < t - 1) {
+        let y = ids[r + 1] as usize;
+        logits[r * v + y] = L::from_f32(-big);
+        logits[r * v + (y + 1 + r % (v - 1)) % v] = L::from_f32(big);
+    }
+    (logits, ids)
+}
