@@ -124,11 +124,29 @@ fn ok_json(dir: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", r.stdout))
 }
 
-fn fresh_dir(name: &str) -> PathBuf {
+/// A directory of its own for one test, removed afterwards unless the test failed.
+struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn fresh_dir(name: &str) -> TestDir {
     let d = std::env::temp_dir().join(format!("fwl-hostile-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TestDir(d)
 }
 
 fn npy<T: npyz::AutoSerialize + Copy>(dims: &[u64], data: &[T]) -> Vec<u8> {
@@ -141,7 +159,7 @@ fn npy<T: npyz::AutoSerialize + Copy>(dims: &[u64], data: &[T]) -> Vec<u8> {
 
 /// L.npy [2,4,10] f32, I.npy [2,4] i64 (valid), G.npy (a pre-existing output), Lnan.npy (a NaN
 /// at a target logit), Ibad.npy (an id out of range).
-fn fixtures(name: &str) -> PathBuf {
+fn fixtures(name: &str) -> TestDir {
     let d = fresh_dir(name);
     let shape = fused_weighted_loss::Shape::new(2, 4, 10).unwrap();
     let (logits, ids) = common::random_inputs::<f32>(5, shape, 2.0);
