@@ -45,10 +45,12 @@ pub struct ReferenceOutput {
     pub grad: Vec<f64>,
 }
 
-/// `ln(sum(exp(row)))` in `f64`, NaN when the row holds a NaN, `+inf` or only `-inf` (as PyTorch).
-fn logsumexp(row: &[f64]) -> f64 {
+/// `ln(sum(exp(row)))` in `f64` as `(m, ln(sum(exp(row - m))))` with `m` the maximum, so that
+/// `softmax = exp((z - m) - ln_s)` stays exact where `m + ln_s` would round to `m` (logits near
+/// 1e37 and beyond). NaN when the row holds a NaN, `+inf` or only `-inf` (as PyTorch).
+fn logsumexp(row: &[f64]) -> (f64, f64) {
     let m = row.iter().fold(f64::NEG_INFINITY, |m, &z| if z > m || z.is_nan() { z } else { m });
-    m + row.iter().map(|&z| (z - m).exp()).sum::<f64>().ln()
+    (m, row.iter().map(|&z| (z - m).exp()).sum::<f64>().ln())
 }
 
 /// Computes loss, per-sample losses, weights and gradient in `f64`.
@@ -104,8 +106,9 @@ pub fn reference<L: Logit, I: TokenId>(
                 continue;
             }
             let row: Vec<f64> = shift_logits(s, p).into_iter().map(cap).collect();
-            let lse = logsumexp(&row);
-            let ce = lse - row[y as usize];
+            let (m, ln_s) = logsumexp(&row);
+            let lse = m + ln_s;
+            let ce = (m - row[y as usize]) + ln_s;
             let mut l = ce;
             if eps != 0.0 {
                 let mean = row.iter().sum::<f64>() / v as f64;
@@ -190,12 +193,13 @@ pub fn reference<L: Logit, I: TokenId>(
             }
             let raw = shift_logits(s, p);
             let row: Vec<f64> = raw.iter().map(|&z| cap(z)).collect();
-            let lse = logsumexp(&row);
+            let (m, ln_s) = logsumexp(&row);
+            let lse = m + ln_s;
             let c = c * token_weight(s, p);
             let g = &mut grad[(s * t + p) * v..(s * t + p + 1) * v];
             for (j, (gj, (z, zc))) in g.iter_mut().zip(raw.iter().zip(&row)).enumerate() {
                 let onehot = if j as i64 == y { 1.0 } else { 0.0 };
-                let softmax = (zc - lse).exp();
+                let softmax = ((zc - m) - ln_s).exp();
                 let d = softmax * (1.0 + 2.0 * spec.z_loss * lse) - (1.0 - eps) * onehot - eps / v as f64;
                 let chain = match spec.softcap {
                     Some(cap) => 1.0 - (z / cap).tanh().powi(2),

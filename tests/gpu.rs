@@ -97,6 +97,22 @@ fn gpu_numerical_edges() {
 }
 
 #[test]
+fn gpu_per_token_loss_beyond_f32_range_stays_finite() {
+    if !gpu_or_skip("gpu_per_token_loss_beyond_f32_range_stays_finite") {
+        return;
+    }
+    let spec = LossSpec::builder().check_finite(true).build().unwrap();
+    for (i, v) in [700usize, 50_257].into_iter().enumerate() {
+        let shape = Shape::new(3, 5, v).unwrap();
+        let (l, ids) = common::edge_of_range_logits::<f32>(61 + i as u64, shape);
+        let (r, _) = check_cuda(&spec, shape, &l, Tokens::new(&ids));
+        assert!(r.per_sample_loss.iter().all(|&x| x.is_finite() && x > f32::MAX as f64));
+        let (l, ids) = common::edge_of_range_logits::<bf16>(63 + i as u64, shape);
+        check_cuda(&spec, shape, &l, Tokens::new(&ids));
+    }
+}
+
+#[test]
 fn gpu_agrees_with_cpu_and_is_deterministic() {
     if !gpu_or_skip("gpu_agrees_with_cpu_and_is_deterministic") {
         return;
@@ -224,6 +240,36 @@ mod device_api {
         let inputs = DeviceInputs::new(&ids_v).with_token_weights(&w_v);
         let e = loss.loss(&spec, shape, &stream, &d_l.as_view(), &inputs).unwrap().to_host(&stream).unwrap_err();
         assert!(matches!(e, Error::InvalidTokenWeight { batch: 1, position: 2, .. }), "{e}");
+    }
+
+    #[test]
+    fn gpu_device_row_losses_are_f64_beyond_f32_range() {
+        if !gpu_or_skip("gpu_device_row_losses_are_f64_beyond_f32_range") {
+            return;
+        }
+        let ctx = CudaContext::new(0).unwrap();
+        let stream = ctx.default_stream();
+        let loss = CudaLoss::new(&ctx).unwrap();
+        let shape = Shape::new(2, 4, 300).unwrap();
+        let (l, ids) = common::edge_of_range_logits::<f32>(71, shape);
+        let (d_l, d_ids) = (stream.clone_htod(&l).unwrap(), stream.clone_htod(&ids).unwrap());
+        let ids_v = d_ids.as_view();
+        let out = loss.loss(&LossSpec::default(), shape, &stream, &d_l.as_view(), &DeviceInputs::new(&ids_v)).unwrap();
+        let rows: Vec<f64> = stream.clone_dtoh(&out.row_loss).unwrap();
+        stream.synchronize().unwrap();
+        let (t, v) = (shape.seq(), shape.vocab());
+        for (r, &got) in rows.iter().enumerate() {
+            if r % t == t - 1 {
+                assert_eq!(got, 0.0, "row {r} has no target");
+                continue;
+            }
+            // logsumexp(z) - z[target] in float64
+            let z: Vec<f64> = l[r * v..(r + 1) * v].iter().map(|&x| x as f64).collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let want = m + z.iter().map(|&x| (x - m).exp()).sum::<f64>().ln() - z[ids[r + 1] as usize];
+            assert!(want > f32::MAX as f64 && common::rel(got, want) <= 1e-6, "row {r}: {got} vs {want}");
+        }
+        assert!(out.to_host(&stream).unwrap().loss.is_finite());
     }
 
     #[test]

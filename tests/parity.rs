@@ -157,6 +157,38 @@ fn huge_logits() {
 }
 
 #[test]
+fn per_token_loss_beyond_f32_range_stays_finite() {
+    // z_max - z[target] = 2 * f32::MAX: finite in float64, so the loss must be finite too
+    let shape = Shape::new(3, 5, 700).unwrap();
+    let spec = LossSpec::builder().check_finite(true).build().unwrap();
+    let (logits, ids) = common::edge_of_range_logits::<f32>(61, shape);
+    let (r, _) = check_all_modes(&spec, shape, &logits, Tokens::new(&ids));
+    assert!(r.per_sample_loss.iter().all(|&l| l.is_finite() && l > f32::MAX as f64));
+    let (logits, ids) = common::edge_of_range_logits::<bf16>(62, shape);
+    check_all_modes(&spec, shape, &logits, Tokens::new(&ids));
+    // ±3e38 everywhere, as reported: several maxima per row. The gradient is checked against the
+    // reference and by its row sums (softmax sums to 1).
+    let logits: Vec<f32> = (0..shape.logits_len()).map(|i| if i % 3 == 0 { 3e38 } else { -3e38 }).collect();
+    let ids: Vec<i64> = (0..shape.rows() as i64).map(|i| (i * 7) % 700).collect();
+    let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+    assert!(r.loss.is_finite() && r.loss > 1e38);
+    for level in common::cpu_levels() {
+        let s = spec.to_builder().cpu_simd(level).build().unwrap();
+        let mut g = vec![f32::NAN; shape.logits_len()];
+        let out = s.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap();
+        common::assert_outputs(&out, &r, 1e-5, &format!("{level}: ±3e38"));
+        let e = fused_weighted_loss::reference::rel_err(&g, &r.grad);
+        assert!(e <= 1e-5, "{level}: ±3e38 gradient rel err {e:e}");
+        let coef = 1.0 / (shape.batch() * (shape.seq() - 1)) as f64;
+        for row in g.chunks_exact(shape.vocab()) {
+            let sum: f64 = row.iter().map(|&x| x as f64).sum();
+            assert!(sum.abs() <= 1e-6 * coef, "{level}: a row's gradient sums to {sum}");
+            assert!(row.iter().all(|&x| (x as f64).abs() <= coef * (1.0 + 1e-6)));
+        }
+    }
+}
+
+#[test]
 fn large_common_offset() {
     // 1e4 + noise: the loss must come from differences, not from 1e4-sized sums
     let shape = Shape::new(2, 4, 3000).unwrap();

@@ -1,0 +1,331 @@
+//! `bench`: times loss + gradient on synthetic data against the copy floor and the float64
+//! reference, after checking that the machine has the memory the run will take.
+
+use crate::{json_f64, CliResult, Failure};
+use clap::Args;
+use fused_weighted_loss::measure::{median, min, time_paired, time_runs, CopyBuffers};
+use fused_weighted_loss::reference::reference;
+use fused_weighted_loss::{bf16, f16, synthetic, Backend, CpuSimd, DType, Grad, Logit, LossSpec, Shape, Tokens};
+use serde_json::json;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// BxTxV.
+    #[arg(long, default_value = "8x128x50000")]
+    shape: String,
+    /// Logits (and gradient) precision.
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    backend: Backend,
+    /// One JSON object on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Timed runs of the fused pass (and of the copy floor).
+    #[arg(long, default_value_t = 15)]
+    iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// CPU threads (default: all cores; at most 4 per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// CPU instruction set: auto, avx512, avx2 or portable.
+    #[arg(long, default_value = "auto")]
+    simd: CpuSimd,
+    /// Timed runs of the float64 reference (0 skips it).
+    #[arg(long, default_value_t = 2)]
+    reference_iters: usize,
+    /// Refuse shapes that need more memory than this, in GB (default: the memory available now).
+    #[arg(long)]
+    max_memory: Option<f64>,
+}
+
+fn parse_shape(s: &str) -> CliResult<Shape> {
+    let parts: Vec<&str> = s.split(['x', 'X', ',']).collect();
+    let nums: Result<Vec<usize>, _> = parts.iter().map(|p| p.trim().parse::<usize>()).collect();
+    match nums.as_deref() {
+        Ok([b, t, v]) => Ok(Shape::new(*b, *t, *v)?),
+        _ => Err(Failure(format!("--shape '{s}': expected BxTxV, e.g. 8x128x50000"))),
+    }
+}
+
+/// Timings of one implementation, in milliseconds.
+struct Timing {
+    median_ms: f64,
+    min_ms: f64,
+}
+
+impl Timing {
+    /// From runs in seconds.
+    fn of(runs: &[f64]) -> Timing {
+        Timing { median_ms: median(runs) * 1e3, min_ms: min(runs) * 1e3 }
+    }
+    /// From runs in milliseconds.
+    #[cfg(feature = "cuda")]
+    fn of_ms(runs: &[f64]) -> Timing {
+        Timing { median_ms: median(runs), min_ms: min(runs) }
+    }
+}
+
+/// What `bench` measured, rendered as a table or one JSON object.
+struct BenchReport {
+    shape: Shape,
+    dtype: DType,
+    iters: usize,
+    /// `backend`, then what describes it (`simd` and `threads`, or `device`), in print order.
+    about: Vec<(&'static str, serde_json::Value)>,
+    fused: Timing,
+    floor: Timing,
+    floor_name: &'static str,
+    reference: Option<Timing>,
+    loss: f64,
+    /// What the run was estimated to need on the host, in bytes.
+    memory_estimate: u64,
+}
+
+impl BenchReport {
+    fn render(&self, as_json: bool) -> String {
+        let bytes = self.shape.fused_bytes(self.dtype, self.dtype);
+        let gbps = |ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
+        if as_json {
+            let mut j = json!({
+                "median_ms": json_f64(self.fused.median_ms),
+                "min_ms": json_f64(self.fused.min_ms),
+                "gbps": json_f64(gbps(self.fused.median_ms)),
+                "dtype": self.dtype.name(),
+                "shape": [self.shape.batch(), self.shape.seq(), self.shape.vocab()],
+                "threads": null,
+                "bytes": bytes,
+                "iters": self.iters,
+                "floor_median_ms": json_f64(self.floor.median_ms),
+                "floor_gbps": json_f64(gbps(self.floor.median_ms)),
+                "x_floor": json_f64(self.fused.median_ms / self.floor.median_ms),
+                "reference_median_ms": self.reference.as_ref().map(|r| json_f64(r.median_ms)),
+                "reference_min_ms": self.reference.as_ref().map(|r| json_f64(r.min_ms)),
+                "loss": json_f64(self.loss),
+                "memory_estimate_bytes": self.memory_estimate,
+                "peak_rss_bytes": peak_rss_bytes(),
+            });
+            for (k, v) in &self.about {
+                j[*k] = v.clone();
+            }
+            return j.to_string();
+        }
+        let about: Vec<String> = self
+            .about
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v.as_str().map_or(v.to_string(), str::to_string)))
+            .collect();
+        let mut s = format!(
+            "shape {}  dtype {}  {}  bytes moved {:.1} MB\n",
+            self.shape,
+            self.dtype,
+            about.join("  "),
+            bytes as f64 / 1e6
+        );
+        s += &format!("{:<26}{:>12}{:>12}{:>10}{:>10}\n", "", "median ms", "min ms", "GB/s", "x floor");
+        let rows = [("fused loss+grad", Some(&self.fused)), (self.floor_name, Some(&self.floor))];
+        for (name, t) in rows.into_iter().chain([("reference (f64, 1 thread)", self.reference.as_ref())]) {
+            let Some(t) = t else { continue };
+            s += &format!(
+                "{name:<26}{:>12.3}{:>12.3}{:>10.1}{:>10.2}\n",
+                t.median_ms,
+                t.min_ms,
+                gbps(t.median_ms),
+                t.median_ms / self.floor.median_ms
+            );
+        }
+        s.trim_end().to_string()
+    }
+}
+
+/// `bench` on the GPU: device buffers, CUDA events, a device copy as the floor.
+#[cfg(feature = "cuda")]
+fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<BenchReport> {
+    let r = fused_weighted_loss::cuda::bench_device::<L>(spec, shape, a.warmup, a.iters.max(1))?;
+    Ok(BenchReport {
+        shape,
+        dtype: L::DTYPE,
+        iters: a.iters.max(1),
+        about: vec![("backend", json!("cuda")), ("device", json!(r.device)), ("row_launch", json!(r.row_launch))],
+        fused: Timing::of_ms(&r.fused_ms),
+        floor: Timing::of_ms(&r.copy_ms),
+        floor_name: "device copy (read+write)",
+        reference: None,
+        loss: r.loss,
+        memory_estimate: host_bytes(shape, L::DTYPE, 1, false),
+    })
+}
+
+fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<BenchReport> {
+    if spec.resolved_backend()? == Backend::Cuda {
+        #[cfg(feature = "cuda")]
+        {
+            check_memory(a, L::DTYPE, host_bytes(shape, L::DTYPE, 1, false), None)?;
+            return bench_cuda::<L>(a, shape, spec);
+        }
+    }
+    // everything below, at its peak: refuse now rather than abort half-way
+    let threads = rayon::current_num_threads();
+    let need = host_bytes(shape, L::DTYPE, threads, a.reference_iters > 0);
+    let without_reference = (a.reference_iters > 0).then(|| host_bytes(shape, L::DTYPE, threads, false));
+    check_memory(a, L::DTYPE, need, without_reference)?;
+    let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
+    let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
+    let ids = synthetic::ids::<i64>(2, shape.rows(), shape.vocab());
+    let mut grad = L::zeroed(shape.logits_len());
+    // one checked run first: bad options fail here
+    let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad))?;
+    // fused pass and copy floor alternate, so machine drift affects both alike
+    let mut copy = CopyBuffers::new(bytes / 2).ok_or_else(|| Failure("no memory for the copy floor".into()))?;
+    let (fused, floor) = time_paired(
+        a.warmup,
+        a.iters.max(1),
+        || {
+            let r = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad));
+            std::hint::black_box(r).ok();
+        },
+        || copy.copy(),
+    );
+    drop(copy);
+    let reference = (a.reference_iters > 0).then(|| {
+        Timing::of(&time_runs(0, a.reference_iters, || {
+            let _ = std::hint::black_box(reference(spec, shape, &logits, Tokens::new(&ids)));
+        }))
+    });
+    let simd = match spec.cpu_simd() {
+        CpuSimd::Auto => fused_weighted_loss::cpu_simd_level(),
+        level => level,
+    };
+    Ok(BenchReport {
+        shape,
+        dtype: L::DTYPE,
+        iters: a.iters.max(1),
+        about: vec![
+            ("backend", json!(out.backend.to_string())),
+            ("simd", json!(simd.to_string())),
+            ("threads", json!(rayon::current_num_threads())),
+        ],
+        fused: Timing::of(&fused),
+        floor: Timing::of(&floor),
+        floor_name: "copy floor (read+write)",
+        reference,
+        loss: out.loss,
+        memory_estimate: need,
+    })
+}
+
+/// Runs `bench`: checks the flags, then the memory, then times; returns the table or JSON.
+pub fn bench(a: BenchArgs) -> CliResult<String> {
+    let shape = parse_shape(&a.shape)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match a.threads {
+        Some(0) => return Err(Failure("--threads must be at least 1".into())),
+        Some(n) if n > MAX_THREADS_PER_CORE * cores => {
+            let max = MAX_THREADS_PER_CORE * cores;
+            return Err(Failure(format!(
+                "--threads {n} is more than {max} ({MAX_THREADS_PER_CORE} per core, {cores} here)"
+            )));
+        }
+        _ => {}
+    }
+    if let Some(gb) = a.max_memory {
+        if !(gb.is_finite() && gb > 0.0) {
+            return Err(Failure(format!("--max-memory must be a positive number of GB, got {gb}")));
+        }
+    }
+    // keywords 0, 1, 2 where the vocabulary has them
+    let keywords = (0..3).filter(|&k| k < shape.vocab() as i64);
+    let spec = LossSpec::builder().keywords(keywords).backend(a.backend).cpu_simd(a.simd).build()?;
+    let run = || -> CliResult<String> {
+        let report = match a.dtype {
+            DType::F32 => bench_typed::<f32>(&a, shape, &spec)?,
+            DType::F16 => bench_typed::<f16>(&a, shape, &spec)?,
+            DType::BF16 => bench_typed::<bf16>(&a, shape, &spec)?,
+        };
+        // a bench of a broken kernel is worthless
+        if !report.loss.is_finite() {
+            return Err(Failure(format!("bench produced a non-finite loss {}", report.loss)));
+        }
+        Ok(report.render(a.json))
+    };
+    match a.threads {
+        Some(n) => rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(run),
+        None => run(),
+    }
+}
+
+/// `--threads` beyond this many per core only adds scheduling overhead (and at the thousands,
+/// spawning takes longer than the bench).
+const MAX_THREADS_PER_CORE: usize = 4;
+
+/// Bytes the bench holds at its peak on the host (an upper estimate): the process itself,
+/// logits and gradient in `dtype`, the ids, the fused pass's per-row arrays and per-thread
+/// scratch rows, and the larger of the copy floor's two buffers and the float64 reference's
+/// gradient and rows; for the CUDA bench (`threads` 1, no reference) this covers its host copy
+/// of the logits and ids.
+fn host_bytes(shape: Shape, dtype: DType, threads: usize, reference: bool) -> u64 {
+    // in u128: a shape near the address space's size must not wrap to a small estimate
+    let (n, rows, v, b) =
+        (shape.logits_len() as u128, shape.rows() as u128, shape.vocab() as u128, shape.batch() as u128);
+    let s = dtype.size() as u128;
+    let inputs = 2 * n * s + rows * 8;
+    // targets (4), row losses (8); per sample a few f64 and the output vectors
+    let per_call = rows * 12 + b * 80;
+    // two scratch rows of f32 exponentials per thread, and the chunk buffers
+    let scratch = threads as u128 * (2 * v * 4 + 64 * 1024);
+    let copy = 2 * n * s;
+    // f64 gradient, ids and labels as i64, per-token losses, two rows of f64 logits
+    let reference = if reference { n * 8 + rows * 24 + 2 * v * 8 } else { 0 };
+    let total = PROCESS_BYTES + inputs + per_call + scratch + copy.max(reference);
+    u64::try_from(total).unwrap_or(u64::MAX)
+}
+
+/// The process before any buffer: code, runtime, thread stacks in use (a few MB; with margin).
+const PROCESS_BYTES: u128 = 32 << 20;
+
+/// Refuses a run needing more than `--max-memory`, or than the memory available (Linux), or
+/// than can be reserved (elsewhere), saying how much it needs.
+fn check_memory(a: &BenchArgs, dtype: DType, need: u64, without_reference: Option<u64>) -> CliResult<()> {
+    let (limit, what) = match a.max_memory {
+        Some(gb) => (Some((gb * 1e9) as u64), "--max-memory"),
+        None => (available_memory(), "the memory available"),
+    };
+    let fits = match limit {
+        Some(limit) => need <= limit,
+        None => Vec::<u8>::new().try_reserve_exact(usize::try_from(need).unwrap_or(usize::MAX)).is_ok(),
+    };
+    if fits {
+        return Ok(());
+    }
+    let gb = |x: u64| x as f64 * 1e-9;
+    let mut msg = format!("bench --shape {} --dtype {dtype} needs {:.2} GB of memory", a.shape, gb(need));
+    match limit {
+        Some(limit) => msg += &format!(", more than {what} ({:.2} GB)", gb(limit)),
+        None => msg += ", more than can be reserved",
+    }
+    if let Some(w) = without_reference {
+        msg += &format!("; with --reference-iters 0: {:.2} GB", gb(w));
+    }
+    Err(Failure(msg))
+}
+
+/// A field of /proc/meminfo or /proc/self/status given in kB, in bytes.
+fn proc_kb(file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kb: u64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Memory the kernel says can be had without swapping (Linux), if known.
+fn available_memory() -> Option<u64> {
+    proc_kb("/proc/meminfo", "MemAvailable:")
+}
+
+/// The process's peak resident memory so far (Linux), if known.
+fn peak_rss_bytes() -> Option<u64> {
+    proc_kb("/proc/self/status", "VmHWM:")
+}

@@ -1,0 +1,149 @@
+//! Output files, written so that a failed run loses nothing.
+//!
+//! [`PendingOutput::create`] checks the destination before any work (not an input, not a
+//! directory or device, not read-only) and creates a temporary file beside it;
+//! [`PendingOutput::commit`] flushes it to disk and renames it over the destination, which is the
+//! one moment the destination changes. A pending output that is dropped uncommitted (any error
+//! on the way) removes its temporary file and nothing else.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Identity of a file: device and inode where the platform has them (so that two paths
+/// through symbolic or hard links compare equal), else the canonical path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileId(#[cfg(unix)] (u64, u64), #[cfg(not(unix))] PathBuf);
+
+/// The identity of the file at `path` (links followed), `None` if there is none.
+fn file_id(path: &Path) -> Option<FileId> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(path).ok().map(|m| FileId((m.dev(), m.ino())))
+    }
+    #[cfg(not(unix))]
+    {
+        fs::canonicalize(path).ok().map(FileId)
+    }
+}
+
+/// An output file being written: a temporary file in the destination's directory.
+pub struct PendingOutput {
+    /// The flag and path as given, for messages.
+    label: String,
+    /// The file the output replaces or creates (symbolic links resolved).
+    dest: PathBuf,
+    tmp: PathBuf,
+    file: Option<File>,
+}
+
+impl PendingOutput {
+    /// Checks that `path` can take the output and is none of `inputs` (flag, path), then creates
+    /// the temporary file. `flag` names the output in messages.
+    pub fn create(flag: &str, path: &Path, inputs: &[(&str, &Path)]) -> Result<PendingOutput, String> {
+        let label = format!("{flag} {}", path.display());
+        let say = |msg: &dyn std::fmt::Display| format!("{label}: {msg}");
+        let existing = match fs::symlink_metadata(path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(say(&e)),
+        };
+        // write through a symbolic link: the file it names is replaced, the link stays
+        let dest = match &existing {
+            Some(m) if m.file_type().is_symlink() => {
+                fs::canonicalize(path).map_err(|e| say(&format!("cannot follow the symbolic link ({e})")))?
+            }
+            _ => path.to_path_buf(),
+        };
+        if let Ok(m) = fs::metadata(&dest) {
+            if m.is_dir() {
+                return Err(say(&"is a directory"));
+            }
+            if !m.is_file() {
+                return Err(say(&"exists and is not a regular file"));
+            }
+            let id = file_id(&dest);
+            for (input_flag, input) in inputs {
+                if id.is_some() && file_id(input) == id {
+                    return Err(say(&format!("is the same file as {input_flag} {}", input.display())));
+                }
+            }
+            if m.permissions().readonly() {
+                return Err(say(&"exists and is read-only"));
+            }
+            // a file this user could not write is not replaced either (opening it for writing,
+            // without truncating, changes nothing)
+            OpenOptions::new().write(true).open(&dest).map_err(|e| say(&format!("cannot be written ({e})")))?;
+        }
+        let name = dest.file_name().ok_or_else(|| say(&"not a file name"))?.to_string_lossy().into_owned();
+        let dir = match dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let (tmp, file) = create_temp(&dir, &name).map_err(|e| say(&e))?;
+        if let Ok(m) = fs::metadata(&dest) {
+            // the replacement keeps the permissions of the file it replaces
+            let _ = file.set_permissions(m.permissions());
+        }
+        Ok(PendingOutput { label, dest, tmp, file: Some(file) })
+    }
+
+    /// A message naming this output.
+    pub fn error(&self, e: impl std::fmt::Display) -> String {
+        format!("{}: {e}", self.label)
+    }
+
+    /// A buffered writer into the temporary file.
+    pub fn writer(&mut self) -> BufWriter<&File> {
+        BufWriter::new(self.file.as_ref().expect("the file is open until commit"))
+    }
+
+    /// Flushes the temporary file to disk and renames it over the destination.
+    pub fn commit(mut self) -> Result<(), String> {
+        let file = self.file.take().expect("the file is open until commit");
+        file.sync_all().map_err(|e| self.error(e))?;
+        drop(file);
+        fs::rename(&self.tmp, &self.dest).map_err(|e| self.error(e))?;
+        // make the rename itself durable (best effort: the data is in place either way)
+        #[cfg(unix)]
+        if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for PendingOutput {
+    fn drop(&mut self) {
+        // uncommitted: remove the temporary file (never the destination)
+        if !self.tmp.as_os_str().is_empty() {
+            self.file = None;
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A new file `.<name>.<pid>.<n>.tmp` in `dir`, never one that exists.
+fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
+    let mut last = None;
+    for n in 0..100u32 {
+        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no temporary file name left")))
+}
+
+/// Writes `data` as a float32 .npy array of shape `dims`.
+pub fn write_f32_npy(w: impl Write, dims: &[usize], data: &[f32]) -> io::Result<()> {
+    use npyz::WriterBuilder;
+    let shape: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+    let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(w).begin_nd()?;
+    w.extend(data.iter().copied())?;
+    w.finish()
+}

@@ -1,0 +1,416 @@
+//! The CLI under hostile input: every bad case exits 2 with one line on stderr and nothing on
+//! stdout, within a time bound, and leaves the directory it ran in exactly as it was (every
+//! file byte for byte, no file added or removed). Each run is killed, and the test fails, if it
+//! takes longer than [`LIMIT`].
+#![cfg(feature = "cli")]
+
+mod common;
+#[path = "common/npy_raw.rs"]
+mod npy_raw;
+
+use npy_raw::npy_raw;
+use npyz::WriterBuilder;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Far above what any of these runs needs; a 26-deep header once took over a minute.
+const LIMIT: Duration = Duration::from_secs(20);
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// Runs the binary in `dir`; kills it (and fails) past [`LIMIT`].
+fn run_in(dir: &Path, args: &[&str]) -> Run {
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fused-weighted-loss"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdout and stderr are read on threads so a chatty child cannot block on a full pipe
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let read_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut out, &mut s).unwrap();
+        s
+    });
+    let read_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut err, &mut s).unwrap();
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > LIMIT {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{args:?}: still running after {LIMIT:?}, killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&read_out.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&read_err.join().unwrap()).into_owned(),
+        took: t.elapsed(),
+    }
+}
+
+/// Everything in a directory: name -> (kind, permissions, contents or link target).
+type Snapshot = BTreeMap<String, (&'static str, u32, Vec<u8>)>;
+
+fn snapshot(dir: &Path) -> Snapshot {
+    let mut s = Snapshot::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        let mode = permission_bits(&m);
+        let entry = if m.file_type().is_symlink() {
+            ("link", mode, std::fs::read_link(e.path()).unwrap().to_string_lossy().as_bytes().to_vec())
+        } else if m.is_file() {
+            ("file", mode, std::fs::read(e.path()).unwrap())
+        } else {
+            ("other", mode, Vec::new())
+        };
+        s.insert(e.file_name().to_string_lossy().into_owned(), entry);
+    }
+    s
+}
+
+#[cfg(unix)]
+fn permission_bits(m: &std::fs::Metadata) -> u32 {
+    std::os::unix::fs::PermissionsExt::mode(&m.permissions())
+}
+
+#[cfg(not(unix))]
+fn permission_bits(m: &std::fs::Metadata) -> u32 {
+    m.permissions().readonly() as u32
+}
+
+/// Runs a case that must fail: exit 2, one line on stderr naming `needle`, empty stdout, and
+/// the directory unchanged.
+fn assert_refused(dir: &Path, args: &[&str], needle: &str) -> Run {
+    let before = snapshot(dir);
+    let r = run_in(dir, args);
+    assert_eq!(r.code, Some(2), "{args:?}: exit code (stderr {:?}, stdout {:?})", r.stderr, r.stdout);
+    assert!(r.stdout.is_empty(), "{args:?}: stdout must be empty, got {:?}", r.stdout);
+    assert_eq!(r.stderr.lines().count(), 1, "{args:?}: one line on stderr, got {:?}", r.stderr);
+    assert!(r.stderr.ends_with('\n') && !r.stderr.contains("panicked"), "{args:?}: {:?}", r.stderr);
+    assert!(r.stderr.to_lowercase().contains(&needle.to_lowercase()), "{args:?}: {:?} lacks {needle:?}", r.stderr);
+    let after = snapshot(dir);
+    for (name, was) in &before {
+        assert_eq!(after.get(name), Some(was), "{args:?}: {name} changed or vanished");
+    }
+    let added: Vec<&String> = after.keys().filter(|k| !before.contains_key(*k)).collect();
+    assert!(added.is_empty(), "{args:?}: left {added:?} behind");
+    r
+}
+
+fn ok_json(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let r = run_in(dir, args);
+    assert_eq!(r.code, Some(0), "{args:?}: {}", r.stderr);
+    serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", r.stdout))
+}
+
+/// A directory of its own for one test, removed afterwards unless the test failed.
+struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn fresh_dir(name: &str) -> TestDir {
+    let d = std::env::temp_dir().join(format!("fwl-hostile-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    TestDir(d)
+}
+
+fn npy<T: npyz::AutoSerialize + Copy>(dims: &[u64], data: &[T]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut w = npyz::WriteOptions::new().default_dtype().shape(dims).writer(&mut buf).begin_nd().unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+    buf
+}
+
+/// L.npy [2,4,10] f32, I.npy [2,4] i64 (valid), G.npy (a pre-existing output), Lnan.npy (a NaN
+/// at a target logit), Ibad.npy (an id out of range).
+fn fixtures(name: &str) -> TestDir {
+    let d = fresh_dir(name);
+    let shape = fused_weighted_loss::Shape::new(2, 4, 10).unwrap();
+    let (logits, ids) = common::random_inputs::<f32>(5, shape, 2.0);
+    std::fs::write(d.join("L.npy"), npy(&[2, 4, 10], &logits)).unwrap();
+    std::fs::write(d.join("I.npy"), npy(&[2, 4], &ids)).unwrap();
+    std::fs::write(d.join("G.npy"), b"a file the user wants to keep").unwrap();
+    let mut nan = logits.clone();
+    nan[ids[1] as usize] = f32::NAN; // row (0, 0) predicts ids[1]
+    std::fs::write(d.join("Lnan.npy"), npy(&[2, 4, 10], &nan)).unwrap();
+    let mut bad = ids.clone();
+    bad[5] = 10;
+    std::fs::write(d.join("Ibad.npy"), npy(&[2, 4], &bad)).unwrap();
+    d
+}
+
+#[test]
+fn a_failed_eval_never_touches_an_existing_file() {
+    let d = fixtures("keep");
+    let eval = ["eval", "--logits", "L.npy", "--inputs", "I.npy"];
+    let with = |extra: &[&'static str]| -> Vec<&str> { eval.iter().chain(extra).copied().collect() };
+    // as reported: each of these deleted the file named by --grad-out
+    assert_refused(&d, &with(&["--grad-out", "I.npy", "--keywords", "99"]), "same file");
+    assert_refused(
+        &d,
+        &["eval", "--logits", "Lnan.npy", "--inputs", "I.npy", "--grad-out", "Lnan.npy", "--check-finite"],
+        "same file",
+    );
+    assert_refused(
+        &d,
+        &["eval", "--logits", "L.npy", "--inputs", "Ibad.npy", "--grad-out", "G.npy"],
+        "outside [0, 10)",
+    );
+    // errors found at every later stage leave G.npy as it was
+    assert_refused(&d, &with(&["--grad-out", "G.npy", "--keywords", "99"]), "keyword id 99");
+    assert_refused(
+        &d,
+        &["eval", "--logits", "Lnan.npy", "--inputs", "I.npy", "--grad-out", "G.npy", "--check-finite"],
+        "non-finite",
+    );
+    assert_refused(&d, &with(&["--grad-out", "G.npy", "--labels", "missing.npy"]), "missing.npy");
+    assert_refused(&d, &["eval", "--logits", "missing.npy", "--inputs", "I.npy", "--grad-out", "G.npy"], "missing.npy");
+    assert_refused(&d, &["eval", "--logits", "I.npy", "--inputs", "I.npy", "--grad-out", "G.npy"], "float32");
+    assert_refused(&d, &with(&["--grad-out", "G.npy", "--dtype", "f64"]), "f64");
+}
+
+#[test]
+fn an_output_that_is_an_input_is_refused_before_any_work() {
+    let d = fixtures("same");
+    // a run that would succeed: on main it overwrote the input
+    for out in ["I.npy", "L.npy", "./I.npy"] {
+        assert_refused(&d, &["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", out], "same file");
+    }
+    std::fs::copy(d.join("I.npy"), d.join("Y.npy")).unwrap();
+    let labels = ["eval", "--logits", "L.npy", "--inputs", "I.npy", "--labels", "Y.npy", "--grad-out", "Y.npy"];
+    assert_refused(&d, &labels, "same file as --labels");
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink("L.npy", d.join("link.npy")).unwrap();
+        std::fs::hard_link(d.join("I.npy"), d.join("hard.npy")).unwrap();
+        for out in ["link.npy", "hard.npy"] {
+            assert_refused(&d, &["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", out], "same file");
+        }
+        // through a link on the input side too
+        assert_refused(&d, &["eval", "--logits", "link.npy", "--inputs", "I.npy", "--grad-out", "L.npy"], "same file");
+    }
+    // not a regular file, or read-only
+    std::fs::create_dir(d.join("sub")).unwrap();
+    assert_refused(&d, &["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", "sub"], "directory");
+    let mut p = std::fs::metadata(d.join("G.npy")).unwrap().permissions();
+    p.set_readonly(true);
+    std::fs::set_permissions(d.join("G.npy"), p).unwrap();
+    assert_refused(&d, &["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", "G.npy"], "read-only");
+    assert_refused(&d, &["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", "no-dir/G.npy"], "grad-out");
+}
+
+#[test]
+fn a_successful_eval_replaces_the_output_whole() {
+    let d = fixtures("replace");
+    #[cfg(unix)]
+    std::os::unix::fs::symlink("G.npy", d.join("G-link.npy")).unwrap();
+    let j = ok_json(&d, &["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", "G.npy"]);
+    assert!(j["loss"].as_f64().unwrap().is_finite());
+    let bytes = std::fs::read(d.join("G.npy")).unwrap();
+    let g = npyz::NpyFile::new(&bytes[..]).unwrap();
+    assert_eq!(g.shape(), &[2, 4, 10]);
+    assert_eq!(g.into_vec::<f32>().unwrap().len(), 80);
+    #[cfg(unix)]
+    {
+        // through a symbolic link: the file it names is replaced, the link stays a link
+        std::fs::write(d.join("G.npy"), b"old").unwrap();
+        ok_json(&d, &["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", "G-link.npy"]);
+        assert!(std::fs::symlink_metadata(d.join("G-link.npy")).unwrap().file_type().is_symlink());
+        assert!(std::fs::read(d.join("G.npy")).unwrap().starts_with(b"\x93NUMPY"));
+    }
+    // no temporary file is left behind
+    let names: Vec<String> = snapshot(&d).into_keys().collect();
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+}
+
+#[test]
+fn a_deeply_nested_header_is_refused_at_once() {
+    let d = fixtures("deep");
+    // the reported 118-byte file: a shape of lists nested 26 deep
+    let h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {}{}, }}", "[".repeat(26), "]".repeat(26));
+    std::fs::write(d.join("deep.npy"), npy_raw(&h, &[])).unwrap();
+    let r = assert_refused(&d, &["eval", "--logits", "deep.npy", "--inputs", "I.npy", "--grad-out", "G.npy"], "nest");
+    assert!(r.took < Duration::from_secs(2), "took {:?}", r.took);
+}
+
+/// Malformed files derived from a valid logits file: every truncation of its header and some of
+/// its data, a corrupted byte at every header position, and hand-written bad headers.
+fn malformed_corpus() -> Vec<(String, Vec<u8>)> {
+    let data: Vec<f32> = (0..80).map(|i| i as f32 * 0.25 - 10.0).collect();
+    let valid = npy(&[2, 4, 10], &data);
+    let header_end = 10 + u16::from_le_bytes([valid[8], valid[9]]) as usize;
+    let mut corpus = Vec::new();
+    for cut in (0..header_end).chain([header_end + 1, header_end + 100, valid.len() - 1]) {
+        corpus.push((format!("cut{cut}"), valid[..cut].to_vec()));
+    }
+    for at in 0..header_end {
+        let mut f = valid.clone();
+        // a byte that breaks whatever stands there: magic, version, length, text or padding
+        f[at] = if f[at] == 0xff { 0 } else { 0xff };
+        corpus.push((format!("flip{at}"), f));
+    }
+    let body = |n: usize| vec![0x3cu8; n];
+    let plain = |shape: &str| format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    let raw: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("text", b"descr,shape\n1,2\n".to_vec()),
+        ("version9", [&b"\x93NUMPY\x09\x00"[..], &valid[8..]].concat()),
+        ("huge-header-len", [&b"\x93NUMPY\x02\x00\xff\xff\xff\xff"[..], &valid[10..]].concat()),
+        ("deep-parens", npy_raw(&plain(&format!("{}{}", "(".repeat(40), ")".repeat(40))), &[])),
+        ("deep-dicts", npy_raw(&format!("{}{}", "{'a': ".repeat(30), "}".repeat(30)), &[])),
+        ("unclosed", npy_raw(&"[".repeat(5000), &[])),
+        ("structured", npy_raw("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2, 4, 10), }", &body(320))),
+        ("fortran", npy_raw("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 4, 10), }", &body(320))),
+        ("f64", npy_raw("{'descr': '<f8', 'fortran_order': False, 'shape': (2, 4, 10), }", &body(640))),
+        ("object", npy_raw("{'descr': '|O', 'fortran_order': False, 'shape': (2, 4, 10), }", &body(640))),
+        ("no-shape", npy_raw("{'descr': '<f4', 'fortran_order': False, }", &body(320))),
+        ("extra-key", npy_raw("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4, 10), 'x': 1}", &body(320))),
+        ("repeated-key", npy_raw(&plain("(2, 4, 10), 'shape': (2, 4, 10)"), &body(320))),
+        ("negative-dim", npy_raw(&plain("(2, -4, 10)"), &body(320))),
+        ("huge-dim", npy_raw(&plain("(99999999999999999999999, 4, 10)"), &body(320))),
+        ("overflowing-shape", npy_raw(&plain("(4294967296, 4294967296, 4294967296)"), &body(320))),
+        ("lying-shape", npy_raw(&plain("(1000000, 1000000, 10)"), &body(320))),
+        ("short-data", npy_raw(&plain("(2, 4, 10)"), &body(319))),
+        ("long-data", npy_raw(&plain("(2, 4, 10)"), &body(321))),
+        ("control-char", npy_raw("{'descr': '<f4\u{0}', 'fortran_order': False, 'shape': (2, 4, 10), }", &body(320))),
+        ("escape", npy_raw("{'descr': '<f\\x34', 'fortran_order': False, 'shape': (2, 4, 10), }", &body(320))),
+        ("scalar-shape", npy_raw(&plain("()"), &body(4))),
+        ("expression", npy_raw(&plain("(2*1, 4, 10)"), &body(320))),
+    ];
+    corpus.extend(raw.into_iter().map(|(n, b)| (n.to_string(), b)));
+    corpus
+}
+
+#[test]
+fn a_corpus_of_malformed_files_is_refused() {
+    let d = fixtures("corpus");
+    let corpus = malformed_corpus();
+    assert!(corpus.len() > 250);
+    for (name, bytes) in &corpus {
+        let f = format!("{name}.npy");
+        std::fs::write(d.join(&f), bytes).unwrap();
+        assert_refused(&d, &["eval", "--logits", &f, "--inputs", "I.npy", "--grad-out", "G.npy"], "logits");
+        assert_refused(&d, &["eval", "--logits", "L.npy", "--inputs", &f, "--grad-out", "G.npy"], "inputs");
+        std::fs::remove_file(d.join(&f)).unwrap();
+    }
+    // not a regular file: a directory, a device, a pipe nobody writes to (would block)
+    assert_refused(&d, &["eval", "--logits", ".", "--inputs", "I.npy"], "not a regular file");
+    #[cfg(unix)]
+    {
+        assert_refused(&d, &["eval", "--logits", "/dev/zero", "--inputs", "I.npy"], "not a regular file");
+        let fifo = d.join("fifo.npy");
+        let made = Command::new("mkfifo").arg(&fifo).status().map(|s| s.success()).unwrap_or(false);
+        if made {
+            assert_refused(&d, &["eval", "--logits", "fifo.npy", "--inputs", "I.npy"], "not a regular file");
+        }
+    }
+}
+
+#[test]
+fn bench_runs_at_every_vocabulary_size() {
+    let d = fresh_dir("bench-v");
+    // the bench's keywords 0, 1, 2 are clipped to the vocabulary
+    for shape in ["1x2x1", "2x3x2", "1x2x3"] {
+        let j = ok_json(&d, &["bench", "--shape", shape, "--json", "--iters", "1", "--warmup", "0"]);
+        assert!(j["loss"].as_f64().unwrap().is_finite(), "{shape}: {j}");
+    }
+}
+
+#[test]
+fn bench_refuses_what_memory_cannot_hold_and_says_how_much() {
+    let d = fresh_dir("bench-mem");
+    // as reported: f16 at 8x100x1000000 aborted after 6.1 GB; logits, gradient (2 bytes each) and
+    // the float64 reference's gradient (8 bytes) alone need 12 bytes per logit
+    let args = ["bench", "--shape", "8x100x1000000", "--dtype", "f16", "--iters", "1", "--warmup", "0"];
+    let r = assert_refused(&d, &[&args[..], &["--reference-iters", "1", "--max-memory", "4"]].concat(), "needs");
+    let gb: f64 = r.stderr.split("needs ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(gb >= 8e8 * 12.0 * 1e-9, "{}", r.stderr);
+    assert!(r.stderr.contains("(4.00 GB)") && r.stderr.contains("--reference-iters 0"), "{}", r.stderr);
+    assert_refused(&d, &[&args[..], &["--max-memory", "0"]].concat(), "--max-memory");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn bench_memory_estimate_covers_what_it_uses() {
+    let d = fresh_dir("bench-rss");
+    // the float64 reference is the largest buffer here (8 bytes per logit against 2 + 2)
+    let args = ["bench", "--shape", "4x64x100000", "--dtype", "f16", "--iters", "1", "--warmup", "0", "--json"];
+    let j = ok_json(&d, &[&args[..], &["--reference-iters", "1", "--threads", "2"]].concat());
+    let (estimate, peak) = (j["memory_estimate_bytes"].as_f64().unwrap(), j["peak_rss_bytes"].as_f64().unwrap());
+    assert!(peak <= estimate, "peak RSS {peak} exceeds the estimate {estimate}");
+    assert!(peak >= 0.8 * estimate, "estimate {estimate} far above the peak RSS {peak}");
+}
+
+#[test]
+fn bench_threads_are_bounded() {
+    let d = fresh_dir("bench-threads");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let over = (4 * cores + 1).to_string();
+    let ok = (4 * cores).to_string();
+    let small = ["bench", "--shape", "2x3x100", "--iters", "1", "--warmup", "0", "--json"];
+    assert_refused(&d, &[&small[..], &["--threads", &over]].concat(), "--threads");
+    ok_json(&d, &[&small[..], &["--threads", &ok]].concat());
+    // as reported: spawned threads for minutes
+    let r = assert_refused(&d, &[&small[..], &["--threads", "100000"]].concat(), "--threads");
+    assert!(r.took < Duration::from_secs(2), "took {:?}", r.took);
+}
+
+#[test]
+fn json_keeps_finite_losses_numbers_and_names_the_others() {
+    let d = fixtures("json");
+    // finite logits whose per-token losses exceed f32::MAX: the loss is a finite number
+    let e: Vec<f32> = (0..12).map(|i| if i % 4 == 1 { -3e38 } else { 3e38 }).collect();
+    std::fs::write(d.join("E.npy"), npy(&[1, 3, 4], &e)).unwrap();
+    std::fs::write(d.join("EI.npy"), npy(&[1, 3], &[0i64, 1, 1])).unwrap();
+    let j = ok_json(&d, &["eval", "--logits", "E.npy", "--inputs", "EI.npy"]);
+    let loss = j["loss"].as_f64().unwrap_or_else(|| panic!("loss is not a number: {j}"));
+    // rows 0 and 1 each: 3e38 + ln 3 - (-3e38)
+    let want = 2.0 * 3e38f32 as f64;
+    assert!(common::rel(loss, want) <= 1e-6, "{loss} vs {want}");
+    // NaN and +inf are strings that tell them apart
+    let j = ok_json(&d, &["eval", "--logits", "Lnan.npy", "--inputs", "I.npy"]);
+    assert_eq!(j["loss"], "nan", "{j}");
+    assert_eq!(j["per_sample_loss"][0], "nan", "{j}");
+    assert!(j["per_sample_loss"][1].as_f64().unwrap().is_finite(), "{j}");
+    let mut inf = vec![0f32; 12];
+    inf[1] = f32::NEG_INFINITY; // the target of row (0, 0): an infinite loss
+    std::fs::write(d.join("Linf.npy"), npy(&[1, 3, 4], &inf)).unwrap();
+    let j = ok_json(&d, &["eval", "--logits", "Linf.npy", "--inputs", "EI.npy"]);
+    assert_eq!(j["loss"], "inf", "{j}");
+}
