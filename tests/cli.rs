@@ -97,6 +97,51 @@ fn eval_matches_reference_f32_with_grad() {
 }
 
 #[test]
+fn eval_options_token_weights_and_per_token_losses_match_reference() {
+    let d = tmpdir("options");
+    let shape = Shape::new(2, 5, 301).unwrap();
+    let (logits, ids) = common::random_inputs::<f32>(43, shape, 4.0);
+    let w: Vec<f32> = (0..shape.rows()).map(|i| (i % 3) as f32 * 0.75).collect();
+    write_npy(&d.join("L.npy"), &[2, 5, 301], &logits);
+    write_npy(&d.join("I.npy"), &[2, 5], &ids);
+    write_npy(&d.join("W.npy"), &[2, 5], &w);
+    let spec = LossSpec::builder().z_loss(1e-3).label_smoothing(0.2).softcap(5.0).build().unwrap();
+    let r = reference(&spec, shape, &logits, Tokens::new(&ids).with_token_weights(&w)).unwrap();
+    let (g, p) = (d.join("G.npy"), d.join("P.npy"));
+    let out = run(&[
+        "eval",
+        "--logits",
+        s(&d.join("L.npy")),
+        "--inputs",
+        s(&d.join("I.npy")),
+        "--token-weights",
+        s(&d.join("W.npy")),
+        "--z-loss",
+        "1e-3",
+        "--label-smoothing",
+        "0.2",
+        "--softcap",
+        "5",
+        "--backend",
+        "cpu",
+        "--grad-out",
+        s(&g),
+        "--token-loss-out",
+        s(&p),
+    ]);
+    let j = json(&out);
+    assert!(rel(j["loss"].as_f64().unwrap(), r.loss) <= 1e-5);
+    assert!(rel(j["z_loss"].as_f64().unwrap(), r.z_loss) <= 1e-5);
+    let (dims, grad) = read_f32_npy(&g);
+    assert_eq!(dims, vec![2, 5, 301]);
+    assert!(rel_err(&grad, &r.grad) <= 1e-5);
+    let (dims, per_token) = read_f32_npy(&p);
+    assert_eq!(dims, vec![2, 4]);
+    assert!(rel_err(&per_token, &r.token_loss) <= 1e-5);
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
 fn eval_labels_int32_f16_and_dtype_rounding() {
     let d = tmpdir("f16");
     let shape = Shape::new(2, 5, 100).unwrap();

@@ -414,3 +414,33 @@ fn json_keeps_finite_losses_numbers_and_names_the_others() {
     let j = ok_json(&d, &["eval", "--logits", "Linf.npy", "--inputs", "EI.npy"]);
     assert_eq!(j["loss"], "inf", "{j}");
 }
+
+#[test]
+fn the_per_token_output_follows_the_same_rules() {
+    let d = fixtures("token-out");
+    let w: Vec<f32> = vec![1.0; 8];
+    std::fs::write(d.join("W.npy"), npy(&[2, 4], &w)).unwrap();
+    let eval = ["eval", "--logits", "L.npy", "--inputs", "I.npy", "--token-weights", "W.npy"];
+    let with = |extra: &[&'static str]| -> Vec<&str> { eval.iter().chain(extra).copied().collect() };
+    assert_refused(&d, &with(&["--token-loss-out", "W.npy"]), "same file as --token-weights");
+    assert_refused(&d, &with(&["--token-loss-out", "G.npy", "--grad-out", "./G.npy"]), "same file as --grad-out");
+    // a failure after both outputs were opened leaves both files as they were
+    std::fs::write(d.join("P.npy"), b"per-token losses the user keeps").unwrap();
+    assert_refused(&d, &with(&["--token-loss-out", "P.npy", "--grad-out", "G.npy", "--keywords", "99"]), "keyword");
+    assert_refused(&d, &with(&["--token-loss-out", "P.npy", "--label-smoothing", "2"]), "label_smoothing");
+    let mut bad = w.clone();
+    bad[3] = f32::NAN;
+    std::fs::write(d.join("Wnan.npy"), npy(&[2, 4], &bad)).unwrap();
+    let nan = ["eval", "--logits", "L.npy", "--inputs", "I.npy", "--token-weights", "Wnan.npy", "--token-loss-out"];
+    let nan: Vec<&str> = nan.iter().copied().chain(["P.npy"]).collect();
+    assert_refused(&d, &nan, "token_weights[0, 3]");
+    std::fs::write(d.join("W3.npy"), npy(&[2, 3], &w[..6])).unwrap();
+    let short = ["eval", "--logits", "L.npy", "--inputs", "I.npy", "--token-weights", "W3.npy"];
+    assert_refused(&d, &short, "token_weights");
+    // both written on success
+    let j = ok_json(&d, &with(&["--token-loss-out", "P.npy", "--grad-out", "G.npy", "--z-loss", "0.01"]));
+    assert!(j["z_loss"].as_f64().unwrap() > 0.0);
+    let bytes = std::fs::read(d.join("P.npy")).unwrap();
+    let p = npyz::NpyFile::new(&bytes[..]).unwrap();
+    assert_eq!(p.shape(), &[2, 3]);
+}

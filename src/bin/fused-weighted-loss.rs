@@ -71,9 +71,24 @@ struct EvalArgs {
     /// Fail on a non-finite per-position loss instead of propagating it.
     #[arg(long)]
     check_finite: bool,
+    /// z-loss coefficient: adds k * logsumexp^2 per token (reported apart as `z_loss`).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    z_loss: f64,
+    /// Label smoothing epsilon in [0, 1] (as PyTorch's cross_entropy).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    label_smoothing: f64,
+    /// Logit soft-cap c: the loss sees c * tanh(z / c).
+    #[arg(long, allow_hyphen_values = true)]
+    softcap: Option<f64>,
+    /// Per-token weights [B,T], float32, aligned with the labels (w[b, t+1] weights row t).
+    #[arg(long)]
+    token_weights: Option<PathBuf>,
     /// Write the gradient as float32 [B,T,V] here.
     #[arg(long)]
     grad_out: Option<PathBuf>,
+    /// Write the per-token losses as float32 [B,T-1] here.
+    #[arg(long)]
+    token_loss_out: Option<PathBuf>,
 }
 
 /// A CLI failure: printed as one line, exit code 2.
@@ -175,23 +190,48 @@ fn convert<S: Logit, D: Logit>(src: &[S]) -> Vec<D> {
     src.iter().map(|x| D::from_f32(x.to_f32())).collect()
 }
 
+/// The outputs `eval` writes, each into its temporary file (renamed into place by `eval` once
+/// all went well).
+struct Outputs {
+    grad: Option<PendingOutput>,
+    token_loss: Option<PendingOutput>,
+}
+
 fn eval_typed<L: Logit>(
     spec: &LossSpec,
     shape: Shape,
     logits: &[L],
     tokens: Tokens<'_, i64>,
-    grad_out: Option<&mut PendingOutput>,
+    files: &mut Outputs,
 ) -> CliResult<LossOutput> {
-    match grad_out {
-        None => Ok(spec.loss_and_grad(shape, logits, tokens, Grad::Skip)?),
+    let mut g = match files.grad {
+        Some(_) => f32::zeroed(shape.logits_len()),
+        None => Vec::new(),
+    };
+    let grad = if files.grad.is_some() { Grad::IntoF32(&mut g) } else { Grad::Skip };
+    let out = match files.token_loss.as_mut() {
+        None => spec.loss_and_grad(shape, logits, tokens, grad)?,
         Some(file) => {
-            let mut g = f32::zeroed(shape.logits_len());
-            let out = spec.loss_and_grad(shape, logits, tokens, Grad::IntoF32(&mut g))?;
-            // into the temporary file; `eval` renames it into place once all went well
-            write_f32_npy(file.writer(), &[shape.batch(), shape.seq(), shape.vocab()], &g)
-                .map_err(|e| file.error(e))?;
-            Ok(out)
+            let dims = [shape.batch(), shape.seq() - 1];
+            let mut per_token = f32::zeroed(dims[0] * dims[1]);
+            let out = spec.loss_and_grad_per_token(shape, logits, tokens, grad, &mut per_token)?;
+            write_f32_npy(file.writer(), &dims, &per_token).map_err(|e| file.error(e))?;
+            out
         }
+    };
+    if let Some(file) = files.grad.as_mut() {
+        write_f32_npy(file.writer(), &[shape.batch(), shape.seq(), shape.vocab()], &g).map_err(|e| file.error(e))?;
+    }
+    Ok(out)
+}
+
+/// Reads per-token weights: float32 `[B, T]`.
+fn read_token_weights(path: &Path, shape: Shape) -> CliResult<Vec<f32>> {
+    let a = read_npy(path, &[Elem::F32]).map_err(|e| format!("token weights {}: {e}", path.display()))?;
+    shape.check_token_dims("token_weights", &a.dims)?;
+    match a.data {
+        NpyData::F32(v) => Ok(v),
+        _ => unreachable!("read_npy returns the element types asked for"),
     }
 }
 
@@ -203,12 +243,29 @@ fn eval(a: EvalArgs) -> CliResult<String> {
         .row_mean(a.row_mean)
         .reduction(a.reduction)
         .check_finite(a.check_finite)
+        .z_loss(a.z_loss)
+        .label_smoothing(a.label_smoothing)
+        .softcap(a.softcap)
         .backend(a.backend)
         .build()?;
-    // before any work: the output is none of the inputs, and its temporary file can be created
-    let inputs = [("--logits", Some(&a.logits)), ("--inputs", Some(&a.inputs)), ("--labels", a.labels.as_ref())];
+    // before any work: the outputs are none of the inputs (nor each other), and their temporary
+    // files can be created
+    let inputs = [
+        ("--logits", Some(&a.logits)),
+        ("--inputs", Some(&a.inputs)),
+        ("--labels", a.labels.as_ref()),
+        ("--token-weights", a.token_weights.as_ref()),
+    ];
     let inputs: Vec<(&str, &Path)> = inputs.iter().filter_map(|&(f, p)| Some((f, p?.as_path()))).collect();
-    let mut grad_out = a.grad_out.as_deref().map(|p| PendingOutput::create("--grad-out", p, &inputs)).transpose()?;
+    let grad = a.grad_out.as_deref().map(|p| PendingOutput::create("--grad-out", p, &inputs)).transpose()?;
+    let token_loss =
+        a.token_loss_out.as_deref().map(|p| PendingOutput::create("--token-loss-out", p, &inputs)).transpose()?;
+    if let (Some(g), Some(t)) = (&grad, &token_loss) {
+        if g.same_destination(t) {
+            return Err(Failure(t.error("is the same file as --grad-out")));
+        }
+    }
+    let mut files = Outputs { grad, token_loss };
     let (ldims, logits) = read_logits(&a.logits)?;
     let (idims, ids) = read_ids(&a.inputs, "inputs")?;
     let shape = Shape::from_dims(&ldims, &idims)?;
@@ -220,16 +277,20 @@ fn eval(a: EvalArgs) -> CliResult<String> {
         }
         None => None,
     };
-    let tokens = match &labels {
+    let token_weights = a.token_weights.as_deref().map(|p| read_token_weights(p, shape)).transpose()?;
+    let mut tokens = match &labels {
         Some(y) => Tokens::new(&ids).with_labels(y),
         None => Tokens::new(&ids),
     };
+    if let Some(w) = &token_weights {
+        tokens = tokens.with_token_weights(w);
+    }
     let file_dtype = match logits {
         LogitsData::F32(_) => DType::F32,
         LogitsData::F16(_) => DType::F16,
     };
     let dtype = a.dtype.unwrap_or(file_dtype);
-    let g = grad_out.as_mut();
+    let g = &mut files;
     let out = match (&logits, dtype) {
         (LogitsData::F32(l), DType::F32) => eval_typed(&spec, shape, l, tokens, g)?,
         (LogitsData::F32(l), DType::F16) => eval_typed(&spec, shape, &convert::<f32, f16>(l), tokens, g)?,
@@ -238,11 +299,12 @@ fn eval(a: EvalArgs) -> CliResult<String> {
         (LogitsData::F16(l), DType::F16) => eval_typed(&spec, shape, l, tokens, g)?,
         (LogitsData::F16(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f16, bf16>(l), tokens, g)?,
     };
-    if let Some(file) = grad_out {
+    for file in [files.grad, files.token_loss].into_iter().flatten() {
         file.commit()?;
     }
     Ok(json!({
         "loss": json_f64(out.loss),
+        "z_loss": json_f64(out.z_loss),
         "per_sample_loss": json_f64s(&out.per_sample_loss),
         "weights": json_f64s(&out.weights),
         "valid_tokens": out.valid_tokens,

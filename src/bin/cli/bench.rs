@@ -40,6 +40,18 @@ pub struct BenchArgs {
     /// Refuse shapes that need more memory than this, in GB (default: the memory available now).
     #[arg(long)]
     max_memory: Option<f64>,
+    /// z-loss coefficient (0: off).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    z_loss: f64,
+    /// Label smoothing epsilon (0: off).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    label_smoothing: f64,
+    /// Logit soft-cap c (default: off).
+    #[arg(long, allow_hyphen_values = true)]
+    softcap: Option<f64>,
+    /// Per-token weights (random, in [0.5, 1.5)).
+    #[arg(long)]
+    token_weights: bool,
 }
 
 fn parse_shape(s: &str) -> CliResult<Shape> {
@@ -175,16 +187,24 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
     let bytes = shape.fused_bytes(L::DTYPE, L::DTYPE);
     let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
     let ids = synthetic::ids::<i64>(2, shape.rows(), shape.vocab());
+    let weights: Vec<f32> = match a.token_weights {
+        true => synthetic::logits::<f32>(3, shape.rows(), 0.5).iter().map(|w| w + 1.0).collect(),
+        false => Vec::new(),
+    };
+    let tokens = match a.token_weights {
+        true => Tokens::new(&ids).with_token_weights(&weights),
+        false => Tokens::new(&ids),
+    };
     let mut grad = L::zeroed(shape.logits_len());
     // one checked run first: bad options fail here
-    let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad))?;
+    let out = spec.loss_and_grad(shape, &logits, tokens, Grad::Into(&mut grad))?;
     // fused pass and copy floor alternate, so machine drift affects both alike
     let mut copy = CopyBuffers::new(bytes / 2).ok_or_else(|| Failure("no memory for the copy floor".into()))?;
     let (fused, floor) = time_paired(
         a.warmup,
         a.iters.max(1),
         || {
-            let r = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad));
+            let r = spec.loss_and_grad(shape, &logits, tokens, Grad::Into(&mut grad));
             std::hint::black_box(r).ok();
         },
         || copy.copy(),
@@ -192,7 +212,7 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
     drop(copy);
     let reference = (a.reference_iters > 0).then(|| {
         Timing::of(&time_runs(0, a.reference_iters, || {
-            let _ = std::hint::black_box(reference(spec, shape, &logits, Tokens::new(&ids)));
+            let _ = std::hint::black_box(reference(spec, shape, &logits, tokens));
         }))
     });
     let simd = match spec.cpu_simd() {
@@ -238,7 +258,17 @@ pub fn bench(a: BenchArgs) -> CliResult<String> {
     }
     // keywords 0, 1, 2 where the vocabulary has them
     let keywords = (0..3).filter(|&k| k < shape.vocab() as i64);
-    let spec = LossSpec::builder().keywords(keywords).backend(a.backend).cpu_simd(a.simd).build()?;
+    let spec = LossSpec::builder()
+        .keywords(keywords)
+        .z_loss(a.z_loss)
+        .label_smoothing(a.label_smoothing)
+        .softcap(a.softcap)
+        .backend(a.backend)
+        .cpu_simd(a.simd)
+        .build()?;
+    if a.token_weights && spec.resolved_backend()? == Backend::Cuda {
+        return Err(Failure("--token-weights is timed on the CPU backend only".into()));
+    }
     let run = || -> CliResult<String> {
         let report = match a.dtype {
             DType::F32 => bench_typed::<f32>(&a, shape, &spec)?,
@@ -274,8 +304,9 @@ fn host_bytes(shape: Shape, dtype: DType, threads: usize, reference: bool) -> u6
     let inputs = 2 * n * s + rows * 8;
     // targets (4), row losses (8); per sample a few f64 and the output vectors
     let per_call = rows * 12 + b * 80;
-    // two scratch rows of f32 exponentials per thread, and the chunk buffers
-    let scratch = threads as u128 * (2 * v * 4 + 64 * 1024);
+    // two scratch rows of f32 exponentials per thread (and two of chain factors with the
+    // options), and the chunk buffers; token weights
+    let scratch = threads as u128 * (4 * v * 4 + 64 * 1024) + rows * 4;
     let copy = 2 * n * s;
     // f64 gradient, ids and labels as i64, per-token losses, two rows of f64 logits
     let reference = if reference { n * 8 + rows * 24 + 2 * v * 8 } else { 0 };

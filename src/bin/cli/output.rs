@@ -89,6 +89,16 @@ impl PendingOutput {
         Ok(PendingOutput { label, dest, tmp, file: Some(file) })
     }
 
+    /// Whether two outputs would replace the same file (the destinations' directories compared
+    /// by identity, then their names).
+    pub fn same_destination(&self, other: &PendingOutput) -> bool {
+        let dir = |p: &Path| match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        self.dest.file_name() == other.dest.file_name() && file_id(&dir(&self.dest)) == file_id(&dir(&other.dest))
+    }
+
     /// A message naming this output.
     pub fn error(&self, e: impl std::fmt::Display) -> String {
         format!("{}: {e}", self.label)
