@@ -80,6 +80,15 @@ run() {
   python3 benches/sweep_cuda.py --bin "$bundle/bin/fused-weighted-loss" --budget-s 150 \
     --json "${OUT:-/tmp}/gpu-sweep.json" || fail=1
 
+  step "loss options: plain vs z-loss + label smoothing + soft-cap + token weights (same process each)"
+  local shp
+  for shp in 8x1024x128256:bf16 32x128x50000:f32; do
+    for opts in "" "--z-loss 1e-4 --label-smoothing 0.1 --softcap 30 --token-weights"; do
+      "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape "${shp%%:*}" --dtype "${shp##*:}" \
+        --iters 20 --reference-iters 0 $opts | sed -n '3,4p' | sed "s|^|${shp} ${opts:-plain}: |" || fail=1
+    done
+  done
+
   echo
   echo "== checks $([ $fail = 0 ] && echo 'passed' || echo 'FAILED (see above)') in $((SECONDS - start)) s"
   step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy (table last)"

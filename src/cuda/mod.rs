@@ -891,8 +891,15 @@ pub struct DeviceBench {
 }
 
 /// Times loss + gradient (into the logits' dtype) on random device data of `shape`, alternating
-/// with a device copy of the same byte count, after `warmup` untimed rounds.
-pub fn bench_device<L: Logit>(spec: &LossSpec, shape: Shape, warmup: usize, iters: usize) -> Result<DeviceBench> {
+/// with a device copy of the same byte count, after `warmup` untimed rounds; with random
+/// per-token weights in `[0.5, 1.5)` when `token_weights`.
+pub fn bench_device<L: Logit>(
+    spec: &LossSpec,
+    shape: Shape,
+    warmup: usize,
+    iters: usize,
+    token_weights: bool,
+) -> Result<DeviceBench> {
     let (ctx, loss) = host_device()?;
     let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
     let logits: Vec<L> = crate::synthetic::logits(1, shape.logits_len(), 4.0);
@@ -903,8 +910,13 @@ pub fn bench_device<L: Logit>(spec: &LossSpec, shape: Shape, warmup: usize, iter
     let mut d_grad = grad_buffer::<L>(&stream, shape.logits_len())?;
     // the copy floor moves the same bytes: logits read once, gradient written once
     let mut copy_dst = grad_buffer::<L>(&stream, shape.logits_len())?;
-    let ids_view = d_ids.as_view();
-    let inputs = DeviceInputs::new(&ids_view);
+    let weights: Vec<f32> = crate::synthetic::logits::<f32>(3, shape.rows(), 0.5).iter().map(|w| w + 1.0).collect();
+    let d_weights = stream.clone_htod(&weights).map_err(drv("copying inputs to the device"))?;
+    let (ids_view, weights_view) = (d_ids.as_view(), d_weights.as_view());
+    let mut inputs = DeviceInputs::new(&ids_view);
+    if token_weights {
+        inputs = inputs.with_token_weights(&weights_view);
+    }
     let timed = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
     let (mut fused_ms, mut copy_ms, mut last) = (Vec::new(), Vec::new(), None);
     for i in 0..warmup + iters {

@@ -156,7 +156,7 @@ impl BenchReport {
 /// `bench` on the GPU: device buffers, CUDA events, a device copy as the floor.
 #[cfg(feature = "cuda")]
 fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<BenchReport> {
-    let r = fused_weighted_loss::cuda::bench_device::<L>(spec, shape, a.warmup, a.iters.max(1))?;
+    let r = fused_weighted_loss::cuda::bench_device::<L>(spec, shape, a.warmup, a.iters.max(1), a.token_weights)?;
     Ok(BenchReport {
         shape,
         dtype: L::DTYPE,
@@ -266,9 +266,6 @@ pub fn bench(a: BenchArgs) -> CliResult<String> {
         .backend(a.backend)
         .cpu_simd(a.simd)
         .build()?;
-    if a.token_weights && spec.resolved_backend()? == Backend::Cuda {
-        return Err(Failure("--token-weights is timed on the CPU backend only".into()));
-    }
     let run = || -> CliResult<String> {
         let report = match a.dtype {
             DType::F32 => bench_typed::<f32>(&a, shape, &spec)?,
