@@ -21,6 +21,7 @@ fn group<L: Logit>(c: &mut Criterion, name: &str, shape: Shape, with_reference: 
 
     // the copy floor, timed alternately with the fused pass so machine drift hits both alike
     let mut copy = CopyBuffers::new(bytes / 2).expect("memory for the copy floor");
+    let (method, _) = copy.pick_fastest(3);
     let (fused, floor) = time_paired(
         2,
         10,
@@ -29,8 +30,8 @@ fn group<L: Logit>(c: &mut Criterion, name: &str, shape: Shape, with_reference: 
     );
     let (fused, floor) = (median(&fused), median(&floor));
     eprintln!(
-        "{name}: shape {shape} {} on {} threads ({}): fused {:.2} ms, copy floor {:.2} ms ({:.1} GB/s) for {:.0} MB \
-         read+written: {:.2}x floor",
+        "{name}: shape {shape} {} on {} threads ({}): fused {:.2} ms, copy floor {:.2} ms ({:.1} GB/s; {method}) for \
+         {:.0} MB read+written: {:.2}x floor",
         L::DTYPE,
         rayon::current_num_threads(),
         fused_weighted_loss::cpu_simd_level(),

@@ -1,6 +1,9 @@
 //! Timing helpers shared by the CLI's `bench` and the criterion benches: medians, paired timing
-//! and the memory-copy floor that a fused pass is measured against.
+//! and the memory-copy floor that a fused pass is measured against: the fastest of several copies
+//! of the same bytes (`memcpy` or streaming stores, piece sizes, thread counts), picked in the
+//! same run.
 
+use crate::CpuSimd;
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -57,30 +60,124 @@ pub fn time_paired(warmup: usize, iters: usize, mut a: impl FnMut(), mut b: impl
     (ta, tb)
 }
 
-/// Two filled (non-zero) buffers of equal size and a parallel `memcpy` between them: the
-/// reference point for a pass that reads the logits once and writes the gradient once.
+/// How a copy floor copies: plain `memcpy` (the platform's, through `copy_from_slice`) or
+/// streaming (non-temporal) stores at an instruction-set level, split into pieces of `piece`
+/// bytes across `threads` threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyMethod {
+    /// Streaming stores at this level (`None`: plain `memcpy`).
+    pub streaming: Option<CpuSimd>,
+    /// Bytes per parallel piece.
+    pub piece: usize,
+    /// Threads (a rayon pool of this size; the current pool when it is the current size).
+    pub threads: usize,
+}
+
+impl std::fmt::Display for CopyMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.streaming {
+            None => write!(f, "memcpy")?,
+            Some(level) => write!(f, "streaming {level}")?,
+        }
+        write!(f, ", {} KiB pieces, {} threads", self.piece >> 10, self.threads)
+    }
+}
+
+/// Two filled (non-zero) buffers of equal size and a parallel copy between them: the reference
+/// point for a pass that reads the logits once and writes the gradient once. The copy is the
+/// fastest of several ways this machine can copy the same bytes ([`CopyBuffers::pick_fastest`]).
 pub struct CopyBuffers {
-    src: Vec<u8>,
-    dst: Vec<u8>,
-    chunk: usize,
+    src: Vec<f32>,
+    dst: Vec<f32>,
+    method: CopyMethod,
+    pool: Option<rayon::ThreadPool>,
 }
 
 impl CopyBuffers {
-    /// Allocates and fills `bytes` to read and `bytes` to write; `None` if they cannot be had.
+    /// Allocates and fills `bytes` to read and `bytes` to write (rounded up to whole f32);
+    /// `None` if they cannot be had. Copies with `memcpy` in 4 pieces per thread until
+    /// [`pick_fastest`](Self::pick_fastest) chooses otherwise.
     pub fn new(bytes: usize) -> Option<Self> {
-        let (mut src, mut dst): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
-        src.try_reserve_exact(bytes).ok()?;
-        dst.try_reserve_exact(bytes).ok()?;
-        src.extend((0..bytes).map(|i| (i.wrapping_mul(31) >> 3) as u8 | 1));
-        dst.resize(bytes, 1);
-        let chunk = bytes.div_ceil(rayon::current_num_threads().max(1) * 4).max(4096);
-        Some(CopyBuffers { src, dst, chunk })
+        let n = bytes.div_ceil(4);
+        let (mut src, mut dst): (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
+        src.try_reserve_exact(n).ok()?;
+        dst.try_reserve_exact(n).ok()?;
+        src.extend((0..n).map(|i| (i % 1021) as f32 * 0.5 + 1.0));
+        dst.resize(n, 1.0);
+        let threads = rayon::current_num_threads().max(1);
+        let piece = (n * 4).div_ceil(threads * 4).max(4096);
+        Some(CopyBuffers { src, dst, method: CopyMethod { streaming: None, piece, threads }, pool: None })
     }
 
-    /// One copy, split across the current rayon pool.
+    /// The candidates [`pick_fastest`](Self::pick_fastest) times: `memcpy` and streaming stores
+    /// at each level this CPU has, in one piece per thread, four per thread and 1 MiB pieces, on
+    /// all threads of the current pool; and `memcpy` on one thread.
+    pub fn candidates(&self) -> Vec<CopyMethod> {
+        let bytes = self.src.len() * 4;
+        let threads = rayon::current_num_threads().max(1);
+        let pieces = [bytes.div_ceil(threads), bytes.div_ceil(4 * threads), 1 << 20];
+        let mut ways: Vec<Option<CpuSimd>> = vec![None];
+        ways.extend([CpuSimd::Avx512, CpuSimd::Avx2].into_iter().filter(|&l| crate::cpu_simd_supported(l)).map(Some));
+        let mut out = Vec::new();
+        for streaming in ways {
+            for piece in pieces {
+                out.push(CopyMethod { streaming, piece: piece.clamp(4096, bytes.max(4096)), threads });
+            }
+        }
+        if threads > 1 {
+            out.push(CopyMethod { streaming: None, piece: bytes.max(4096), threads: 1 });
+        }
+        out.dedup();
+        out
+    }
+
+    /// Times every [candidate](Self::candidates) (`rounds` runs each after one untimed run),
+    /// keeps the one with the smallest median for [`copy`](Self::copy), and returns it with
+    /// each candidate's median in seconds.
+    pub fn pick_fastest(&mut self, rounds: usize) -> (CopyMethod, Vec<(CopyMethod, f64)>) {
+        let mut times = Vec::new();
+        for m in self.candidates() {
+            self.set_method(m);
+            times.push((m, median(&time_runs(1, rounds.max(1), || self.copy()))));
+        }
+        let best = times.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map(|t| t.0).unwrap_or(self.method);
+        self.set_method(best);
+        (best, times)
+    }
+
+    /// Copies with `method` from now on.
+    pub fn set_method(&mut self, method: CopyMethod) {
+        let own_pool = method.threads != rayon::current_num_threads();
+        self.pool =
+            own_pool.then(|| rayon::ThreadPoolBuilder::new().num_threads(method.threads).build().ok()).flatten();
+        self.method = method;
+    }
+
+    /// The method [`copy`](Self::copy) uses.
+    pub fn method(&self) -> CopyMethod {
+        self.method
+    }
+
+    /// One copy with the current method.
     pub fn copy(&mut self) {
-        let chunk = self.chunk;
-        self.dst.par_chunks_mut(chunk).zip(self.src.par_chunks(chunk)).for_each(|(d, s)| d.copy_from_slice(s));
+        let m = self.method;
+        let piece = (m.piece / 4).max(1024);
+        let kernels = m.streaming.and_then(crate::cpu::simd::Kernels::select);
+        let (src, dst) = (&self.src, &mut self.dst);
+        let mut body = || {
+            dst.par_chunks_mut(piece).zip(src.par_chunks(piece)).for_each(|(d, s)| match &kernels {
+                // x * 1.0 is x: a streaming copy through the backend's store kernel
+                Some(k) => {
+                    k.scale_f32(s, 1.0, d, true);
+                    k.fence();
+                }
+                None => d.copy_from_slice(s),
+            })
+        };
+        match &self.pool {
+            Some(pool) => pool.install(body),
+            None => body(),
+        }
         std::hint::black_box(&self.dst);
     }
 }

@@ -91,6 +91,8 @@ struct BenchReport {
     fused: Timing,
     floor: Timing,
     floor_name: &'static str,
+    /// How the host floor copied (the fastest candidate) and each candidate's median ms.
+    floor_method: Option<(String, Vec<(String, f64)>)>,
     reference: Option<Timing>,
     loss: f64,
     /// What the run was estimated to need on the host, in bytes.
@@ -123,6 +125,11 @@ impl BenchReport {
             for (k, v) in &self.about {
                 j[*k] = v.clone();
             }
+            if let Some((method, candidates)) = &self.floor_method {
+                j["floor_method"] = json!(method);
+                j["floor_candidates"] =
+                    candidates.iter().map(|(m, ms)| json!({"method": m, "median_ms": json_f64(*ms)})).collect();
+            }
             return j.to_string();
         }
         let about: Vec<String> = self
@@ -149,6 +156,9 @@ impl BenchReport {
                 t.median_ms / self.floor.median_ms
             );
         }
+        if let Some((method, _)) = &self.floor_method {
+            s += &format!("copy floor: the fastest of this run's copies: {method}\n");
+        }
         s.trim_end().to_string()
     }
 }
@@ -165,6 +175,7 @@ fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResu
         fused: Timing::of_ms(&r.fused_ms),
         floor: Timing::of_ms(&r.copy_ms),
         floor_name: "device copy (read+write)",
+        floor_method: None,
         reference: None,
         loss: r.loss,
         memory_estimate: host_bytes(shape, L::DTYPE, 1, false),
@@ -200,6 +211,8 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
     let out = spec.loss_and_grad(shape, &logits, tokens, Grad::Into(&mut grad))?;
     // fused pass and copy floor alternate, so machine drift affects both alike
     let mut copy = CopyBuffers::new(bytes / 2).ok_or_else(|| Failure("no memory for the copy floor".into()))?;
+    // the floor is the fastest copy this machine does for these bytes, picked in this run
+    let (method, candidates) = copy.pick_fastest(3);
     let (fused, floor) = time_paired(
         a.warmup,
         a.iters.max(1),
@@ -231,6 +244,7 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
         fused: Timing::of(&fused),
         floor: Timing::of(&floor),
         floor_name: "copy floor (read+write)",
+        floor_method: Some((method.to_string(), candidates.iter().map(|(m, t)| (m.to_string(), t * 1e3)).collect())),
         reference,
         loss: out.loss,
         memory_estimate: need,
