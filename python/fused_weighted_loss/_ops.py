@@ -1,0 +1,181 @@
+"""The loss as PyTorch custom operators: a fused forward that returns the loss and keeps the
+gradient, a backward that scales that gradient by the upstream gradient, and fake (meta)
+implementations so that ``torch.compile(fullgraph=True)`` traces both without a graph break.
+
+The tensors' memory goes to the native module as data pointers: on CPU the crate's CPU backend
+runs on it in place; on CUDA its kernels run on torch's device pointers, queued on torch's current
+stream, in the device's primary context (torch's own), with no copy and no host synchronisation.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _native
+
+_NS = "fused_weighted_loss"
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def _dtype_name(t: Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _arg(t: Tensor) -> Tuple[int, List[int], str]:
+    """What the native module reads of a tensor: data pointer, shape, dtype name."""
+    return (t.data_ptr(), list(t.shape), _dtype_name(t))
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return t.data_ptr() if t is not None and t.numel() > 0 else 0
+
+
+def _check_devices(logits: Tensor, ids: Tensor, labels: Optional[Tensor]) -> None:
+    for name, t in (("ids", ids), ("labels", labels)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device}, the logits on {logits.device}: they must share a device")
+
+
+def _check_tensors(logits: Tensor, ids: Tensor, labels: Optional[Tensor]) -> None:
+    """What only torch knows: devices and layouts (shapes, dtypes and values are the crate's to
+    check, with its messages)."""
+    _check_devices(logits, ids, labels)
+    for name, t in (("logits", logits), ("ids", ids), ("labels", labels)):
+        if t is None:
+            continue
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name} is on {t.device}: only CPU and CUDA tensors are supported")
+        if t.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense (strided) tensor, got {t.layout}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def _device_arg(t: Tensor) -> Optional[Tuple[int, int]]:
+    """None for CPU; (ordinal, torch's current stream) for CUDA."""
+    if t.device.type != "cuda":
+        return None
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return (index, torch.cuda.current_stream(index).cuda_stream)
+
+
+@torch.library.custom_op(f"{_NS}::loss", mutates_args=())
+def _loss_op(
+    logits: Tensor,
+    ids: Tensor,
+    labels: Optional[Tensor],
+    keywords: List[int],
+    keyword_weights: List[float],
+    alpha: float,
+    ignore_index: int,
+    row_mean: str,
+    reduction: str,
+    check_finite: bool,
+    check_ids: bool,
+    compute_grad: bool,
+    per_sample: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss (float32 0-d), per-sample losses and weights (float64 [B], or empty unless
+    per_sample), and the gradient w.r.t. the logits (the logits' shape and dtype, or empty
+    unless compute_grad), in one fused pass."""
+    _check_tensors(logits, ids, labels)
+    batch = logits.shape[0] if logits.dim() == 3 else 0
+    loss = torch.empty((), dtype=torch.float32, device=logits.device)
+    n = batch if per_sample else 0
+    per = torch.empty((n,), dtype=torch.float64, device=logits.device)
+    weights = torch.empty((n,), dtype=torch.float64, device=logits.device)
+    if compute_grad and logits.dtype in _LOGIT_DTYPES and logits.dim() == 3:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    else:
+        grad = logits.new_empty((0,))
+    options = (list(keywords), list(keyword_weights), alpha, ignore_index, row_mean, reduction, check_finite)
+    _native.forward(
+        (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None),
+        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights)),
+        options,
+        _device_arg(logits),
+        check_ids,
+    )
+    return loss, per, weights, grad
+
+
+@_loss_op.register_fake
+def _loss_fake(logits, ids, labels, keywords, keyword_weights, alpha, ignore_index, row_mean, reduction,
+               check_finite, check_ids, compute_grad, per_sample):
+    _check_devices(logits, ids, labels)
+    batch = logits.shape[0] if logits.dim() == 3 else 0
+    n = batch if per_sample else 0
+    loss = logits.new_empty((), dtype=torch.float32)
+    per = logits.new_empty((n,), dtype=torch.float64)
+    weights = logits.new_empty((n,), dtype=torch.float64)
+    if compute_grad and logits.dtype in _LOGIT_DTYPES and logits.dim() == 3:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    else:
+        grad = logits.new_empty((0,))
+    return loss, per, weights, grad
+
+
+@torch.library.custom_op(f"{_NS}::scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(grad: Tensor, scale: Tensor) -> None:
+    """grad *= scale, in place, where scale is the 0-d upstream gradient of the loss. CUDA: the
+    crate's kernel, which reads the scale on the device and does nothing when it is exactly 1
+    (no host read). CPU: the scale is in host memory already; the pass is skipped when it is 1."""
+    if grad.is_cuda:
+        s = scale.detach().to(device=grad.device, dtype=torch.float32).reshape(())
+        _native.scale_grad(_arg(grad), s.data_ptr(), _device_arg(grad))
+    else:
+        s = float(scale)
+        if s != 1.0:
+            grad.mul_(s)
+
+
+@_scale_grad_op.register_fake
+def _scale_grad_fake(grad, scale):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    loss, per, weights, grad = output
+    ctx.mark_non_differentiable(per, weights, grad)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad)
+
+
+def _host_value(g: Tensor, grad: Tensor) -> Optional[float]:
+    """The upstream gradient as a float when reading it costs nothing: a plain CPU tensor with a
+    CPU gradient, in eager mode (never a CUDA tensor, never while tracing)."""
+    if type(g) is Tensor and g.device.type == "cpu" and grad.device.type == "cpu" and g.numel() == 1:
+        return float(g)
+    return None
+
+
+def _backward(ctx, g_loss, g_per, g_weights, g_grad):
+    if g_loss is None:
+        return (None,) * 13
+    try:
+        (grad,) = ctx.saved_tensors
+    except RuntimeError as e:
+        if "inplace operation" not in str(e):
+            raise
+        raise RuntimeError(
+            "fused_weighted_loss: an earlier backward through this loss scaled the gradient kept by the "
+            "forward in place; a second backward through the same graph (retain_graph=True) with an "
+            "upstream gradient other than 1 is not supported: compute the loss again"
+        ) from e
+    if grad.numel() == 0:
+        raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")
+    if torch.compiler.is_compiling():
+        # traced (torch.compile): a functional multiply, which the compiler fuses with whatever
+        # follows; scaling the kept gradient in place would make it copy the gradient first
+        return (grad * g_loss,) + (None,) * 12
+    if _host_value(g_loss, grad) == 1.0:
+        # CPU, upstream gradient 1: the kept gradient is the answer, untouched (so a second
+        # backward through the same graph sees it unchanged)
+        return (grad,) + (None,) * 12
+    torch.ops.fused_weighted_loss.scale_grad_(grad, g_loss)
+    return (grad,) + (None,) * 12
+
+
+_loss_op.register_autograd(_backward, setup_context=_setup_context)

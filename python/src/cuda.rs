@@ -1,0 +1,138 @@
+//! CUDA tensors: the crate's kernels on torch's device pointers, queued on torch's current
+//! stream, in the device's primary context (the one torch uses): no copy of the logits or the
+//! gradient, no host synchronisation (unless `check` asks for one), no second context.
+
+use crate::{to_py, IdType, Request, TensorArg};
+use fused_weighted_loss::cuda::cudarc::driver::sys::CUcontext;
+use fused_weighted_loss::cuda::cudarc::driver::{result, CudaStream, DeviceRepr};
+use fused_weighted_loss::cuda::external::{Borrowed, ExternalDevice};
+use fused_weighted_loss::cuda::{DeviceInputs, DeviceLossOutput};
+use fused_weighted_loss::{DType, Logit, TokenId};
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use std::sync::Arc;
+
+/// Makes `dev`'s context current for the call and puts back whatever context the thread had
+/// (torch's current device is the runtime's current context; a call on another device's tensors
+/// must not change it).
+struct CurrentContext(Option<CUcontext>);
+
+impl CurrentContext {
+    fn enter(dev: &ExternalDevice) -> PyResult<CurrentContext> {
+        let err =
+            |e: result::DriverError| PyRuntimeError::new_err(format!("CUDA error while binding the context: {e}"));
+        let previous = result::ctx::get_current().map_err(err)?;
+        dev.loss().context().bind_to_thread().map_err(err)?;
+        Ok(CurrentContext(previous))
+    }
+}
+
+impl Drop for CurrentContext {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.0 {
+            // SAFETY: a context that was current on this thread when the call began, owned by
+            // the caller's runtime, which keeps it (the primary context of a device) alive.
+            let _ = unsafe { result::ctx::set_current(ctx) };
+        }
+    }
+}
+
+/// The device, its stream and the context guard of one call.
+struct Call {
+    dev: Arc<ExternalDevice>,
+    stream: Arc<CudaStream>,
+    _current: CurrentContext,
+}
+
+impl Call {
+    fn new((ordinal, stream): (usize, usize)) -> PyResult<Call> {
+        let dev = ExternalDevice::primary(ordinal).map_err(to_py)?;
+        let current = CurrentContext::enter(&dev)?;
+        // SAFETY: `stream` is torch's current stream of device `ordinal` (`_ops.py` passes
+        // `torch.cuda.current_stream(device).cuda_stream`), a stream of that device's primary
+        // context which torch keeps alive for the life of the process.
+        let stream = unsafe { dev.borrow_stream(stream) };
+        Ok(Call { dev, stream, _current: current })
+    }
+
+    /// # Safety
+    /// `ptr` is the data pointer of a live, contiguous CUDA tensor of this device with `len`
+    /// elements of `T`, which torch holds until the work queued on the stream has run, and
+    /// nothing else writes while that work runs.
+    unsafe fn borrow<T: DeviceRepr>(&self, ptr: u64, len: usize) -> Borrowed<T> {
+        // SAFETY: as the caller promises.
+        unsafe { Borrowed::new(&self.stream, ptr, len) }
+    }
+}
+
+/// See `crate::forward`.
+pub(crate) fn forward(py: Python<'_>, req: &Request<'_>, device: (usize, usize), check: bool) -> PyResult<()> {
+    dispatch!(req.types, typed(py, req, device, check))
+}
+
+fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>, device: (usize, usize), check: bool) -> PyResult<()> {
+    let (spec, shape, out) = (&req.spec, req.shape, req.out);
+    let call = Call::new(device)?;
+    let (n, rows, b) = (shape.logits_len(), shape.rows(), shape.batch());
+    // SAFETY: the data pointers of live, contiguous tensors on this device with these dtypes and
+    // shapes (dtypes and shapes checked in `crate::forward`, device and contiguity in _ops.py),
+    // which torch keeps alive until the queued work has run (its caching allocator reuses memory
+    // in the order of the stream the tensors were used on, this one); the outputs are tensors
+    // allocated for this call, which nothing else uses and which overlap no input.
+    let (logits, ids, labels, mut grad, mut loss, mut per_sample, mut weights) = unsafe {
+        (
+            call.borrow::<L>(req.logits.ptr(), n),
+            call.borrow::<I>(req.ids.ptr(), rows),
+            req.labels.map(|l| call.borrow::<I>(l.ptr(), rows)),
+            (out.grad() != 0).then(|| call.borrow::<L>(out.grad(), n)),
+            call.borrow::<f32>(out.loss(), 1),
+            (out.per_sample() != 0).then(|| call.borrow::<f64>(out.per_sample(), b)),
+            (out.weights() != 0).then(|| call.borrow::<f64>(out.weights(), b)),
+        )
+    };
+    let (ids, labels) = (ids.view(), labels.as_ref().map(|l| l.view()));
+    let mut inputs = DeviceInputs::new(&ids);
+    if let Some(l) = labels.as_ref() {
+        inputs = inputs.with_labels(l);
+    }
+    let (stream, kernels) = (&call.stream, call.dev.loss());
+    let result: DeviceLossOutput = match grad.as_mut() {
+        Some(g) => kernels.loss_and_grad(spec, shape, stream, &logits.view(), &inputs, &mut g.view_mut()),
+        None => kernels.loss(spec, shape, stream, &logits.view(), &inputs),
+    }
+    .map_err(to_py)?;
+    let copy = |e| PyRuntimeError::new_err(format!("CUDA error while copying the results: {e}"));
+    stream.memcpy_dtod(&result.loss_f32, &mut loss.view_mut()).map_err(copy)?;
+    if let Some(p) = per_sample.as_mut() {
+        stream.memcpy_dtod(&result.per_sample_loss, &mut p.view_mut()).map_err(copy)?;
+    }
+    if let Some(w) = weights.as_mut() {
+        stream.memcpy_dtod(&result.weights, &mut w.view_mut()).map_err(copy)?;
+    }
+    if check {
+        // waits for the stream: without the GIL, so that other Python threads run meanwhile
+        let stream = stream.clone();
+        py.detach(|| result.check(&stream)).map_err(to_py)?;
+    }
+    Ok(())
+}
+
+/// See `crate::scale_grad`.
+pub(crate) fn scale_grad(l: DType, grad: &TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
+    match l {
+        DType::F32 => scale_typed::<f32>(grad, scale, device),
+        DType::F16 => scale_typed::<fused_weighted_loss::f16>(grad, scale, device),
+        DType::BF16 => scale_typed::<fused_weighted_loss::bf16>(grad, scale, device),
+    }
+}
+
+fn scale_typed<G: Logit>(grad: &TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
+    let call = Call::new(device)?;
+    let n = grad.dims().iter().product();
+    // SAFETY: `grad` is the contiguous gradient tensor the forward wrote (on this device, of
+    // dtype G and these dims) and `scale` a one-element f32 tensor on the same device, both held
+    // by the autograd graph while the backward's work is queued; nothing else uses the gradient
+    // until the backward returns it.
+    let (mut g, s) = unsafe { (call.borrow::<G>(grad.ptr(), n), call.borrow::<f32>(scale, 1)) };
+    call.dev.loss().scale_by_device_scalar(&call.stream, &mut g.view_mut(), &s.view()).map_err(to_py)
+}
