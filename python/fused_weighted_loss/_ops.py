@@ -160,9 +160,9 @@ def _backward(ctx, g_loss, g_per, g_weights, g_grad):
         if "inplace operation" not in str(e):
             raise
         raise RuntimeError(
-            "fused_weighted_loss: an earlier backward through this loss scaled the gradient kept by the "
-            "forward in place; a second backward through the same graph (retain_graph=True) with an "
-            "upstream gradient other than 1 is not supported: compute the loss again"
+            "fused_weighted_loss: an earlier backward through this loss consumed the gradient kept by the "
+            "forward (it scales it in place); a second backward through the same graph (retain_graph=True) "
+            "is not supported: compute the loss again"
         ) from e
     if grad.numel() == 0:
         raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")

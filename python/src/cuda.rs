@@ -2,15 +2,16 @@
 //! stream, in the device's primary context (the one torch uses): no copy of the logits or the
 //! gradient, no host synchronisation (unless `check` asks for one), no second context.
 
-use crate::{to_py, IdType, Request, TensorArg};
+use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Inputs, Options, Outputs, Request, TensorArg};
 use fused_weighted_loss::cuda::cudarc::driver::sys::CUcontext;
 use fused_weighted_loss::cuda::cudarc::driver::{result, CudaStream, DeviceRepr};
 use fused_weighted_loss::cuda::external::{Borrowed, ExternalDevice};
 use fused_weighted_loss::cuda::{DeviceInputs, DeviceLossOutput};
-use fused_weighted_loss::{DType, Logit, TokenId};
-use pyo3::exceptions::PyRuntimeError;
+use fused_weighted_loss::{Backend, DType, Logit, TokenId};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Makes `dev`'s context current for the call and puts back whatever context the thread had
 /// (torch's current device is the runtime's current context; a call on another device's tensors
@@ -135,4 +136,79 @@ fn scale_typed<G: Logit>(grad: &TensorArg, scale: u64, device: (usize, usize)) -
     // until the backward returns it.
     let (mut g, s) = unsafe { (call.borrow::<G>(grad.ptr(), n), call.borrow::<f32>(scale, 1)) };
     call.dev.loss().scale_by_device_scalar(&call.stream, &mut g.view_mut(), &s.view()).map_err(to_py)
+}
+
+/// Times the Rust call that the Python entry wraps, on CUDA tensors: `iters` back-to-back calls
+/// (after `warmup`) of the crate's device API (`CudaLoss::loss_and_grad` through
+/// `ExternalDevice`) on the same device memory, queued on the same stream, the gradient into one
+/// buffer. Returns the wall seconds from the first timed call until the stream has finished them
+/// all, and each timed call's host seconds. For benches/python_overhead.py.
+#[pyfunction]
+#[pyo3(signature = (inputs, grad, options, device, warmup, iters))]
+pub(crate) fn time_rust_call_cuda(
+    py: Python<'_>,
+    inputs: Inputs,
+    grad: u64,
+    options: Options,
+    device: (usize, usize),
+    warmup: usize,
+    iters: usize,
+) -> PyResult<(f64, Vec<f64>)> {
+    let Inputs(logits, ids, labels) = &inputs;
+    let req = Request {
+        shape: shape_of(logits, ids, labels.as_ref())?,
+        types: (logit_dtype(logits.dtype())?, id_dtype(ids, labels.as_ref())?),
+        spec: options.spec(Backend::Cuda)?,
+        logits,
+        ids,
+        labels: labels.as_ref(),
+        out: Outputs(grad, 0, 0, 0),
+    };
+    if grad == 0 {
+        return Err(PyValueError::new_err("time_rust_call_cuda needs a gradient buffer"));
+    }
+    dispatch!(req.types, time_typed(py, &req, device, warmup, iters))
+}
+
+fn time_typed<L: Logit, I: TokenId>(
+    py: Python<'_>,
+    req: &Request<'_>,
+    device: (usize, usize),
+    warmup: usize,
+    iters: usize,
+) -> PyResult<(f64, Vec<f64>)> {
+    let call = Call::new(device)?;
+    let (shape, n, rows) = (req.shape, req.shape.logits_len(), req.shape.rows());
+    // SAFETY: as in `typed`: live contiguous tensors on this device that Python holds for the
+    // call; the gradient buffer is one Python allocated for this measurement alone.
+    let (logits, ids, mut grad) = unsafe {
+        (
+            call.borrow::<L>(req.logits.ptr(), n),
+            call.borrow::<I>(req.ids.ptr(), rows),
+            call.borrow::<L>(req.out.grad(), n),
+        )
+    };
+    let ids = ids.view();
+    let inputs = DeviceInputs::new(&ids);
+    let sync = |e| PyRuntimeError::new_err(format!("CUDA error while synchronising: {e}"));
+    let mut host = Vec::with_capacity(iters);
+    let mut start = Instant::now();
+    for k in 0..warmup + iters {
+        if k == warmup {
+            py.detach(|| call.stream.synchronize()).map_err(sync)?;
+            start = Instant::now();
+        }
+        let t = Instant::now();
+        let out = call
+            .dev
+            .loss()
+            .loss_and_grad(&req.spec, shape, &call.stream, &logits.view(), &inputs, &mut grad.view_mut())
+            .map_err(to_py)?;
+        drop(out);
+        if k >= warmup {
+            host.push(t.elapsed().as_secs_f64());
+        }
+    }
+    py.detach(|| call.stream.synchronize()).map_err(sync)?;
+    Ok((start.elapsed().as_secs_f64(), host))
 }

@@ -154,7 +154,7 @@ pub(crate) fn shape_of(logits: &TensorArg, ids: &TensorArg, labels: Option<&Tens
 
 /// The inputs of one call: logits, ids and optional labels.
 #[derive(FromPyObject, Debug, Clone)]
-pub(crate) struct Inputs(TensorArg, TensorArg, Option<TensorArg>);
+pub(crate) struct Inputs(pub TensorArg, pub TensorArg, pub Option<TensorArg>);
 
 /// One validated call, for a backend.
 pub(crate) struct Request<'a> {
@@ -244,6 +244,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;
+    #[cfg(feature = "cuda")]
+    m.add_function(wrap_pyfunction!(cuda::time_rust_call_cuda, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
