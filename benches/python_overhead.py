@@ -84,6 +84,8 @@ def cpu(shape, dtype, iters, warmup):
 def cuda(shape, dtype, iters, warmup):
     if not hasattr(_native, "time_rust_call_cuda"):
         sys.exit("this build has no CUDA support: pip install ./python with --features cuda")
+    if not torch.cuda.is_available() or not fwl.cuda_available():
+        sys.exit(f"CUDA cannot be used here: {fwl.cuda_unavailable_reason() or 'torch sees no CUDA device'}")
     dev = torch.device("cuda")
     logits, ids = data(shape, dtype, dev)
     grad = torch.empty_like(logits)

@@ -7,28 +7,25 @@ use fused_weighted_loss::cuda::cudarc::driver::sys::CUcontext;
 use fused_weighted_loss::cuda::cudarc::driver::{result, CudaStream, DeviceRepr};
 use fused_weighted_loss::cuda::external::{Borrowed, ExternalDevice};
 use fused_weighted_loss::cuda::{DeviceInputs, DeviceLossOutput};
-use fused_weighted_loss::{Backend, DType, Logit, TokenId};
+use fused_weighted_loss::{Backend, DType, Error, Logit, TokenId};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Makes `dev`'s context current for the call and puts back whatever context the thread had
-/// (torch's current device is the runtime's current context; a call on another device's tensors
-/// must not change it).
-struct CurrentContext(Option<CUcontext>);
+/// Puts back, when dropped, the context that was current on the thread before the call (torch's
+/// current device is the runtime's current context; a call on another device's tensors, or the
+/// first call, which retains the device's primary context, must not change it).
+struct RestoreContext(Option<CUcontext>);
 
-impl CurrentContext {
-    fn enter(dev: &ExternalDevice) -> PyResult<CurrentContext> {
-        let err =
-            |e: result::DriverError| PyRuntimeError::new_err(format!("CUDA error while binding the context: {e}"));
-        let previous = result::ctx::get_current().map_err(err)?;
-        dev.loss().context().bind_to_thread().map_err(err)?;
-        Ok(CurrentContext(previous))
+impl RestoreContext {
+    /// The thread's current context (none when the driver has not been initialised).
+    fn save() -> RestoreContext {
+        RestoreContext(result::ctx::get_current().ok().flatten())
     }
 }
 
-impl Drop for CurrentContext {
+impl Drop for RestoreContext {
     fn drop(&mut self) {
         if let Some(ctx) = self.0 {
             // SAFETY: a context that was current on this thread when the call began, owned by
@@ -42,18 +39,25 @@ impl Drop for CurrentContext {
 struct Call {
     dev: Arc<ExternalDevice>,
     stream: Arc<CudaStream>,
-    _current: CurrentContext,
+    _restore: RestoreContext,
 }
 
 impl Call {
     fn new((ordinal, stream): (usize, usize)) -> PyResult<Call> {
+        // the driver must be known to load before any driver call
+        fused_weighted_loss::cuda_status()
+            .map_err(|reason| to_py(Error::BackendUnavailable { backend: Backend::Cuda, reason }))?;
+        let restore = RestoreContext::save();
         let dev = ExternalDevice::primary(ordinal).map_err(to_py)?;
-        let current = CurrentContext::enter(&dev)?;
+        dev.loss()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| PyRuntimeError::new_err(format!("CUDA error while binding the context: {e}")))?;
         // SAFETY: `stream` is torch's current stream of device `ordinal` (`_ops.py` passes
         // `torch.cuda.current_stream(device).cuda_stream`), a stream of that device's primary
         // context which torch keeps alive for the life of the process.
         let stream = unsafe { dev.borrow_stream(stream) };
-        Ok(Call { dev, stream, _current: current })
+        Ok(Call { dev, stream, _restore: restore })
     }
 
     /// # Safety
