@@ -4,10 +4,12 @@ as a training step calls it) over the Rust call it wraps, on the same data in th
 
 CPU (target: <= 5% at 8x128x50000 f32):
   python3 benches/python_overhead.py [--shape 8x128x50000] [--dtype f32] [--iters 15] [--json out.json]
-  The Rust call is LossSpec::loss_and_grad on the tensors' memory, timed inside Rust, its gradient
-  into one reused buffer (as the CLI's bench does) and, separately, into a new buffer per call (as
-  the Python entry must: it returns a new gradient tensor each step). Python entry and Rust calls
-  alternate, so that drifts of a shared machine hit them alike; medians.
+  The Rust call is LossSpec::loss_and_grad on the tensors' memory (the native function the
+  package calls, with nothing around it), its gradient into one buffer that stays (as the CLI's
+  bench reuses one) and, separately, timed inside Rust, into a new buffer per call; as a
+  cross-check, the same call in a loop inside Rust. The Python entry returns a new gradient tensor each step; its memory comes from
+  the package's CPU gradient pool (--no-pool: from torch's allocator, fresh pages each step).
+  Python entry and Rust calls alternate, so that drifts of a shared machine hit them alike; medians.
 GPU (target: <= 30 us per call at the course shape):
   python3 benches/python_overhead.py --device cuda [--shape 32x128x50000] [--dtype bf16]
   Back-to-back calls on torch's current stream, wall clock until the stream is done, per call:
@@ -19,8 +21,7 @@ import argparse, json, os, statistics, sys, time
 
 import torch
 
-import fused_weighted_loss as fwl
-from fused_weighted_loss import _native
+fwl = _native = None  # imported in main(), after --no-pool is applied
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 KEYS = [0, 1, 2]
@@ -49,22 +50,33 @@ def python_step(logits, ids):
 
 def cpu(shape, dtype, iters, warmup):
     logits, ids = data(shape, dtype, "cpu")
-    py, reused, fresh = [], [], []
     la, ia = tensor_arg(logits.detach()), tensor_arg(ids)
+    # the Rust call into one gradient buffer that stays (written by the warm-up), called directly
+    grad, loss = torch.empty_like(logits.detach()), torch.empty((), dtype=torch.float32)
+
+    def rust_call():
+        _native.forward((la, ia, None), (grad.data_ptr(), loss.data_ptr(), 0, 0), options())
+
+    py, reused = [], []
     for k in range(warmup + iters):
         t = time.perf_counter()
         python_step(logits, ids)
         dt = time.perf_counter() - t
-        r = _native.time_rust_call(la, ia, options(), 0, 1, False)[0]
-        f = _native.time_rust_call(la, ia, options(), 0, 1, True)[0]
+        t = time.perf_counter()
+        rust_call()
+        r = time.perf_counter() - t
         if k >= warmup:
             py.append(dt)
             reused.append(r)
-            fresh.append(f)
+    # a new gradient buffer per call (apart: unmapping 200 MB disturbs whatever runs next)
+    fresh = _native.time_rust_call(la, ia, options(), 1, max(3, iters // 3), True)
+    # cross-check: the same call in a loop inside Rust (no Python between calls), buffer reused
+    in_rust = _native.time_rust_call(la, ia, options(), 2, iters, False)
     med = lambda xs: statistics.median(xs) * 1e3
     row = dict(device="cpu", shape="x".join(map(str, shape)), dtype=str(dtype).removeprefix("torch."),
-               threads=torch.get_num_threads(), iters=iters, python_ms=med(py), rust_reused_grad_ms=med(reused),
-               rust_fresh_grad_ms=med(fresh))
+               threads=torch.get_num_threads(), iters=iters, grad_pool=os.environ.get("FWL_CPU_GRAD_POOL") != "0",
+               python_ms=med(py), rust_reused_grad_ms=med(reused), rust_fresh_grad_ms=med(fresh),
+               rust_loop_ms=med(in_rust))
     row["overhead_vs_reused_pct"] = 100 * (row["python_ms"] / row["rust_reused_grad_ms"] - 1)
     row["overhead_vs_fresh_pct"] = 100 * (row["python_ms"] / row["rust_fresh_grad_ms"] - 1)
     # the fixed cost per call, where the work itself is negligible
@@ -122,8 +134,14 @@ def main():
     ap.add_argument("--dtype", choices=list(DTYPES))
     ap.add_argument("--iters", type=int)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-pool", action="store_true", help="CPU: gradients from torch's allocator, not the pool")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.no_pool:
+        os.environ["FWL_CPU_GRAD_POOL"] = "0"
+    global fwl, _native
+    import fused_weighted_loss as fwl
+    from fused_weighted_loss import _native
     if a.device == "cpu":
         shape, dtype, iters = a.shape or "8x128x50000", a.dtype or "f32", a.iters or 15
     else:
@@ -132,10 +150,11 @@ def main():
     row = (cpu if a.device == "cpu" else cuda)(shape, DTYPES[dtype], iters, a.warmup)
     print(f"torch {torch.__version__}, fused_weighted_loss {fwl.__version__}, {os.cpu_count()} CPUs")
     if a.device == "cpu":
-        print(f"{row['shape']} {row['dtype']}, {row['threads']} threads, medians of {row['iters']}:")
+        print(f"{row['shape']} {row['dtype']}, {row['threads']} threads, medians of {row['iters']}, "
+              f"gradient pool {'on' if row['grad_pool'] else 'off'}:")
         print(f"  Python entry (forward + backward)      {row['python_ms']:9.2f} ms")
-        print(f"  Rust call, gradient buffer reused      {row['rust_reused_grad_ms']:9.2f} ms   "
-              f"overhead {row['overhead_vs_reused_pct']:+.1f}%")
+        print(f"  Rust call, gradient buffer that stays  {row['rust_reused_grad_ms']:9.2f} ms   "
+              f"overhead {row['overhead_vs_reused_pct']:+.1f}%   (in a Rust loop: {row['rust_loop_ms']:.2f} ms)")
         print(f"  Rust call, new gradient buffer         {row['rust_fresh_grad_ms']:9.2f} ms   "
               f"overhead {row['overhead_vs_fresh_pct']:+.1f}%")
         print(f"  fixed cost per call (2x8x64): Python {row['fixed_python_us']:.1f} us, "

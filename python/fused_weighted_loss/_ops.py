@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _native
+from . import _cpu_pool, _native
 
 _NS = "fused_weighted_loss"
 
@@ -87,7 +87,7 @@ def _loss_op(
     per = torch.empty((n,), dtype=torch.float64, device=logits.device)
     weights = torch.empty((n,), dtype=torch.float64, device=logits.device)
     if compute_grad and logits.dtype in _LOGIT_DTYPES and logits.dim() == 3:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        grad = _cpu_pool.empty_like(logits)
     else:
         grad = logits.new_empty((0,))
     options = (list(keywords), list(keyword_weights), alpha, ignore_index, row_mean, reduction, check_finite)
