@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._ops import _check_devices, _loss_op
+from ._ops import _check_devices, _loss_op, mode_string
 
 __version__ = _native.__version__
 
@@ -109,12 +109,8 @@ def weighted_loss(
         kww,
         float(alpha),
         int(ignore_index),
-        str(row_mean),
-        str(reduction),
-        bool(check_finite),
-        bool(check_ids),
-        compute_grad,
-        bool(return_per_sample),
+        mode_string(str(row_mean), str(reduction), compute_grad, bool(return_per_sample), bool(check_ids),
+                    bool(check_finite)),
     )
     if return_per_sample:
         return LossOutput(loss, per, weights)

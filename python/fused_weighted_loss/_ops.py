@@ -16,6 +16,7 @@ from . import _cpu_pool, _native
 _NS = "fused_weighted_loss"
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NUM_INPUTS = 8  # arguments of the loss op
 _ID_DTYPES = (torch.int64, torch.int32)
 
 
@@ -61,6 +62,35 @@ def _device_arg(t: Tensor) -> Optional[Tuple[int, int]]:
     return (index, torch.cuda.current_stream(index).cuda_stream)
 
 
+def mode_string(row_mean: str, reduction: str, compute_grad: bool, per_sample: bool, check_ids: bool,
+                check_finite: bool) -> str:
+    """The op's last argument: ``row_mean:reduction:flags``, flags among ``g`` (compute the
+    gradient), ``p`` (per-sample outputs), ``i`` (check ids on CUDA), ``f`` (check finiteness).
+    (One string rather than six arguments: the per-call cost of a custom op grows with the
+    square of its argument count.)"""
+    flags = "g" * compute_grad + "p" * per_sample + "i" * check_ids + "f" * check_finite
+    return f"{row_mean}:{reduction}:{flags}"
+
+
+def _parse_mode(mode: str) -> Tuple[str, str, str]:
+    parts = mode.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"mode must be 'row_mean:reduction:flags', got {mode!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def _outputs_like(logits: Tensor, flags: str, grad_alloc) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    n = logits.shape[0] if "p" in flags and logits.dim() == 3 else 0
+    loss = logits.new_empty((), dtype=torch.float32)
+    per = logits.new_empty((n,), dtype=torch.float64)
+    weights = logits.new_empty((n,), dtype=torch.float64)
+    if "g" in flags and logits.dtype in _LOGIT_DTYPES and logits.dim() == 3:
+        grad = grad_alloc(logits)
+    else:
+        grad = logits.new_empty((0,))
+    return loss, per, weights, grad
+
+
 @torch.library.custom_op(f"{_NS}::loss", mutates_args=())
 def _loss_op(
     logits: Tensor,
@@ -70,51 +100,29 @@ def _loss_op(
     keyword_weights: List[float],
     alpha: float,
     ignore_index: int,
-    row_mean: str,
-    reduction: str,
-    check_finite: bool,
-    check_ids: bool,
-    compute_grad: bool,
-    per_sample: bool,
+    mode: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Loss (float32 0-d), per-sample losses and weights (float64 [B], or empty unless
-    per_sample), and the gradient w.r.t. the logits (the logits' shape and dtype, or empty
-    unless compute_grad), in one fused pass."""
+    """Loss (float32 0-d), per-sample losses and weights (float64 [B], or empty without the
+    ``p`` flag), and the gradient w.r.t. the logits (the logits' shape and dtype, or empty
+    without the ``g`` flag), in one fused pass. ``mode``: see :func:`mode_string`."""
     _check_tensors(logits, ids, labels)
-    batch = logits.shape[0] if logits.dim() == 3 else 0
-    loss = torch.empty((), dtype=torch.float32, device=logits.device)
-    n = batch if per_sample else 0
-    per = torch.empty((n,), dtype=torch.float64, device=logits.device)
-    weights = torch.empty((n,), dtype=torch.float64, device=logits.device)
-    if compute_grad and logits.dtype in _LOGIT_DTYPES and logits.dim() == 3:
-        grad = _cpu_pool.empty_like(logits)
-    else:
-        grad = logits.new_empty((0,))
-    options = (list(keywords), list(keyword_weights), alpha, ignore_index, row_mean, reduction, check_finite)
+    row_mean, reduction, flags = _parse_mode(mode)
+    loss, per, weights, grad = _outputs_like(logits, flags, _cpu_pool.empty_like)
     _native.forward(
         (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None),
         (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights)),
-        options,
+        (list(keywords), list(keyword_weights), alpha, ignore_index, row_mean, reduction, "f" in flags),
         _device_arg(logits),
-        check_ids,
+        "i" in flags,
     )
     return loss, per, weights, grad
 
 
 @_loss_op.register_fake
-def _loss_fake(logits, ids, labels, keywords, keyword_weights, alpha, ignore_index, row_mean, reduction,
-               check_finite, check_ids, compute_grad, per_sample):
+def _loss_fake(logits, ids, labels, keywords, keyword_weights, alpha, ignore_index, mode):
     _check_devices(logits, ids, labels)
-    batch = logits.shape[0] if logits.dim() == 3 else 0
-    n = batch if per_sample else 0
-    loss = logits.new_empty((), dtype=torch.float32)
-    per = logits.new_empty((n,), dtype=torch.float64)
-    weights = logits.new_empty((n,), dtype=torch.float64)
-    if compute_grad and logits.dtype in _LOGIT_DTYPES and logits.dim() == 3:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    else:
-        grad = logits.new_empty((0,))
-    return loss, per, weights, grad
+    _, _, flags = _parse_mode(mode)
+    return _outputs_like(logits, flags, lambda t: torch.empty_like(t, memory_format=torch.contiguous_format))
 
 
 @torch.library.custom_op(f"{_NS}::scale_grad_", mutates_args=("grad",))
@@ -153,7 +161,7 @@ def _host_value(g: Tensor, grad: Tensor) -> Optional[float]:
 
 def _backward(ctx, g_loss, g_per, g_weights, g_grad):
     if g_loss is None:
-        return (None,) * 13
+        return (None,) * _NUM_INPUTS
     try:
         (grad,) = ctx.saved_tensors
     except RuntimeError as e:
@@ -169,13 +177,13 @@ def _backward(ctx, g_loss, g_per, g_weights, g_grad):
     if torch.compiler.is_compiling():
         # traced (torch.compile): a functional multiply, which the compiler fuses with whatever
         # follows; scaling the kept gradient in place would make it copy the gradient first
-        return (grad * g_loss,) + (None,) * 12
+        return (grad * g_loss,) + (None,) * (_NUM_INPUTS - 1)
     if _host_value(g_loss, grad) == 1.0:
         # CPU, upstream gradient 1: the kept gradient is the answer, untouched (so a second
         # backward through the same graph sees it unchanged)
-        return (grad,) + (None,) * 12
+        return (grad,) + (None,) * (_NUM_INPUTS - 1)
     torch.ops.fused_weighted_loss.scale_grad_(grad, g_loss)
-    return (grad,) + (None,) * 12
+    return (grad,) + (None,) * (_NUM_INPUTS - 1)
 
 
 _loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -73,8 +73,7 @@ def test_the_op_itself_refuses_non_contiguous_tensors():
     x = inputs()
     strided = x["logits"].detach().transpose(0, 1)
     with pytest.raises(ValueError, match=r"logits must be contiguous"):
-        torch.ops.fused_weighted_loss.loss(strided, x["ids"].t(), None, [], [], 1.0, -100, "all", "mean", False,
-                                           False, False, False)
+        torch.ops.fused_weighted_loss.loss(strided, x["ids"].t(), None, [], [], 1.0, -100, "all:mean:")
 
 
 def test_errors_leave_the_process_usable():
