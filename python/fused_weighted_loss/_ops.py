@@ -17,7 +17,6 @@ _NS = "fused_weighted_loss"
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NUM_INPUTS = 8  # arguments of the loss op
-_ID_DTYPES = (torch.int64, torch.int32)
 
 
 def _dtype_name(t: Tensor) -> str:
