@@ -143,6 +143,12 @@ def _scale_grad_fake(grad, scale):
     return None
 
 
+# The fused-linear op (fused_weighted_loss::linear_loss, for weighted_linear_loss) belongs beside
+# the loss op above once the crate has its fused linear API: its forward returns the loss and the
+# gradients of hidden, weight and bias (fake implementation alike), and its backward scales them
+# as _backward below does for the logits' gradient.
+
+
 def _setup_context(ctx, inputs, output):
     loss, per, weights, grad = output
     ctx.mark_non_differentiable(per, weights, grad)

@@ -237,6 +237,11 @@ fn built_with_cuda() -> bool {
     cfg!(feature = "cuda")
 }
 
+// The fused-linear entry (`weighted_linear_loss` in Python) goes beside `forward` once the crate
+// has its fused linear API: a `linear_forward` taking hidden [N, H], weight [V, H] and an optional
+// bias [V] as `TensorArg`s and writing the loss and the three gradients, with the same CPU/CUDA
+// split (cpu.rs, cuda.rs) and the same `Request` validation.
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
