@@ -2,19 +2,24 @@
 # GPU validation in two steps.
 #
 #   bash scripts/gpu-check.sh prepare   # here (no GPU needed): builds release test and bench
-#                                       # binaries with --features cuda and collects them, and the
+#                                       # binaries with --features cuda and collects them, the
+#                                       # Python package's wheel (with the CUDA kernels) and the
 #                                       # Liger-Kernel wheel, in gpu-bundle/ (git-ignored, < 64 MiB)
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, gpu-bundle/ carried:
 #                                       # GPU parity with FWL_REQUIRE_CUDA=1, compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
-#                                       # (benches/sweep_cuda.py), then one bench table (printed
-#                                       # last): this crate, the course function in torch eager and under
-#                                       # torch.compile, Liger-Kernel's cross-entropy + the weighting, and
-#                                       # the device copy bandwidth, all in the same call. About 5-8 min.
+#                                       # (benches/sweep_cuda.py), the Python package's CUDA tests
+#                                       # (FWL_REQUIRE_CUDA=1) and its per-call overhead, then one bench
+#                                       # table (printed last): this crate (CLI and, in process on the
+#                                       # same tensors, the Python package, checked against float64), the
+#                                       # course function in torch eager and under torch.compile,
+#                                       # Liger-Kernel's cross-entropy + the weighting, and the device copy
+#                                       # bandwidth, all in the same call. At most 8 min.
 #
-# The run step needs nvidia-smi, python3 with torch (and triton for Liger); compute-sanitizer is
-# used when present. It exits non-zero if any check failed, after printing everything.
+# The run step needs nvidia-smi, python3 with torch and pytest (and triton for Liger and
+# torch.compile); compute-sanitizer is used when present. No Rust there: the package comes as a
+# wheel, installed into a temporary folder. It exits non-zero if any check failed, after printing everything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle
@@ -35,6 +40,9 @@ for line in sys.stdin:
         shutil.copy(exe, sys.argv[1] + "/bin/test-" + m["target"]["name"])
 ' "$bundle"
   strip "$bundle"/bin/*
+  # the Python package with the CUDA kernels (abi3: any CPython >= 3.9 there); same target dir
+  python3 -m maturin build --release --manifest-path python/Cargo.toml --features cuda --target-dir target \
+    --out "$bundle/wheels"
   python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$bundle/wheels" liger-kernel
   ls -l "$bundle/bin" "$bundle/wheels"
   du -sh "$bundle"
@@ -88,6 +96,21 @@ run() {
         --iters 20 --reference-iters 0 $opts | sed -n '3,4p' | sed "s|^|${shp} ${opts:-plain}: |" || fail=1
     done
   done
+  step "Python package: install the wheel, its CUDA tests (FWL_REQUIRE_CUDA=1)"
+  local pkg site=/tmp/fwl-site
+  pkg=$(ls "$bundle"/wheels/fused_weighted_loss-*.whl 2>/dev/null | head -1)
+  if [ -n "$pkg" ] && python3 -m pip install --quiet --no-deps --no-index --target "$site" "$pkg"; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    # every CUDA test (test_cuda.py and the [cuda] cases of the others); the CPU ones run in CI
+    timeout 200 python3 -m pytest -q -rs -p no:cacheprovider python/tests -k cuda || fail=1
+    step "Python package: per-call overhead over the Rust call, same tensors (benches/python_overhead.py)"
+    for dt in bf16 f32; do
+      timeout 60 python3 benches/python_overhead.py --device cuda --shape 32x128x50000 --dtype "$dt" \
+        --json "${OUT:-/tmp}/gpu-overhead-$dt.json" || fail=1
+    done
+  else
+    echo "no installable fused_weighted_loss wheel in $bundle/wheels (run prepare)"; fail=1
+  fi
 
   echo
   echo "== checks $([ $fail = 0 ] && echo 'passed' || echo 'FAILED (see above)') in $((SECONDS - start)) s"

@@ -34,6 +34,7 @@ mod params {
 }
 
 pub use cudarc;
+pub mod external;
 
 use crate::dtype::{DType, Logit, TokenId};
 use crate::error::{Error, Result};

@@ -1,0 +1,150 @@
+"""The keyword-weighted causal LM loss of the Hugging Face course (``keytoken_weighted_loss``)
+and its gradient in one fused pass over the logits, on CPU and CUDA tensors, with autograd and
+``torch.compile`` support.
+
+    from fused_weighted_loss import keytoken_weighted_loss
+    loss = keytoken_weighted_loss(batch["input_ids"], logits, keytoken_ids)   # the course's call
+    loss.backward()
+
+The forward computes the loss and the gradient w.r.t. the logits together and keeps the
+gradient (one tensor of the logits' shape and dtype) until the backward, which scales it by the
+upstream gradient in place. When the logits do not require a gradient (or under
+``torch.no_grad()``) only the loss is computed and nothing is kept.
+"""
+from typing import Iterable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _native
+from ._ops import _check_devices, _loss_op, mode_string
+
+__version__ = _native.__version__
+
+__all__ = [
+    "keytoken_weighted_loss",
+    "weighted_loss",
+    "LossOutput",
+    "cuda_available",
+    "cuda_unavailable_reason",
+    "built_with_cuda",
+]
+
+
+class LossOutput(NamedTuple):
+    """What ``weighted_loss(..., return_per_sample=True)`` returns."""
+
+    loss: Tensor
+    """The batch loss, float32 0-d, with a gradient to the logits."""
+    per_sample_loss: Tensor
+    """Each sample's mean per-token loss before weighting, float64 [B] (no gradient)."""
+    weights: Tensor
+    """Each sample's weight ``alpha * (1 + sum_k weight_k * count_k)``, float64 [B]."""
+
+
+def _keyword_lists(keywords, keyword_weights):
+    if isinstance(keywords, Tensor):
+        keywords = keywords.tolist()
+    try:
+        ids = [int(k.__index__()) for k in keywords]
+    except (AttributeError, TypeError):
+        raise TypeError(f"keywords must be a sequence of int token ids, got {keywords!r}") from None
+    if keyword_weights is None:
+        return ids, [1.0] * len(ids)
+    if isinstance(keyword_weights, Tensor):
+        keyword_weights = keyword_weights.tolist()
+    try:
+        weights = [float(w) for w in keyword_weights]
+    except (TypeError, ValueError):
+        raise TypeError(f"keyword_weights must be a sequence of floats, got {keyword_weights!r}") from None
+    return ids, weights
+
+
+def weighted_loss(
+    logits: Tensor,
+    ids: Tensor,
+    *,
+    labels: Optional[Tensor] = None,
+    keywords: Iterable[int] = (),
+    keyword_weights: Optional[Sequence[float]] = None,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    row_mean: str = "all",
+    reduction: str = "mean",
+    check_finite: bool = False,
+    check_ids: bool = False,
+    return_per_sample: bool = False,
+):
+    """The keyword-weighted loss of ``logits`` [B, T, V] (float32, float16 or bfloat16) for
+    ``ids`` [B, T] (int64 or int32), with the crate's options.
+
+    Position t of sample b predicts ``labels[b, t+1]`` (the labels default to the ids; a label
+    equal to ``ignore_index`` has no target). Sample b's loss is the mean of its per-token
+    cross-entropies (``row_mean="all"``: over the T-1 positions, ignored ones counting 0;
+    ``"valid"``: over its non-ignored targets); its weight is
+    ``alpha * (1 + sum_k keyword_weights[k] * count(ids[b] == keywords[k]))``; the batch loss is
+    ``mean_b(loss_b * w_b)`` (``reduction="mean"``), ``sum_b(loss_b * w_b) / sum_b(w_b)``
+    (``"weighted_mean"``) or ``sum_b(loss_b * w_b)`` (``"sum"``).
+
+    Returns the loss as a float32 0-d tensor, or with ``return_per_sample=True`` a
+    :class:`LossOutput` (loss, per-sample losses, weights). Non-contiguous inputs are made
+    contiguous first (a copy). Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's
+    message. On CUDA the call never waits for the device: ids or labels outside the vocabulary
+    are then treated as positions without a target, unless ``check_ids=True`` (or
+    ``check_finite=True``), which waits for the kernels and raises ``ValueError`` as on CPU.
+    At most 64 keywords on CUDA.
+    """
+    if not isinstance(logits, Tensor) or not isinstance(ids, Tensor):
+        raise TypeError("logits and ids must be torch tensors")
+    if labels is not None and not isinstance(labels, Tensor):
+        raise TypeError("labels must be a torch tensor or None")
+    _check_devices(logits, ids, labels)
+    kw, kww = _keyword_lists(keywords, keyword_weights)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, per, weights, _ = _loss_op(
+        logits.contiguous(),
+        ids.contiguous(),
+        labels.contiguous() if labels is not None else None,
+        kw,
+        kww,
+        float(alpha),
+        int(ignore_index),
+        mode_string(str(row_mean), str(reduction), compute_grad, bool(return_per_sample), bool(check_ids),
+                    bool(check_finite)),
+    )
+    if return_per_sample:
+        return LossOutput(loss, per, weights)
+    return loss
+
+
+def keytoken_weighted_loss(inputs: Tensor, logits: Tensor, keytoken_ids: Iterable[int], alpha: float = 1.0) -> Tensor:
+    """The Hugging Face course's ``keytoken_weighted_loss(inputs, logits, keytoken_ids, alpha)``:
+    shifted next-token cross-entropy, mean per sample, each sample weighted by
+    ``alpha * (1 + number of keyword occurrences in its inputs)``, mean over the batch.
+
+    A drop-in replacement (same signature and semantics; the loss is float32 whatever the logits'
+    dtype), computed with the gradient in one fused pass. See :func:`weighted_loss` for the
+    options and the error behaviour.
+    """
+    return weighted_loss(logits, inputs, keywords=keytoken_ids, alpha=alpha)
+
+
+def built_with_cuda() -> bool:
+    """Whether this build carries the CUDA kernels (the ``cuda`` feature)."""
+    return _native.built_with_cuda()
+
+
+def cuda_unavailable_reason() -> Optional[str]:
+    """Why CUDA tensors cannot be used here (no ``cuda`` build, no driver, no device), or None."""
+    return _native.cuda_unavailable_reason()
+
+
+def cuda_available() -> bool:
+    """Whether CUDA tensors can be passed (a ``cuda`` build, a driver and a device)."""
+    return cuda_unavailable_reason() is None
+
+
+# The fused-linear entry point, ``weighted_linear_loss(hidden, weight, ids, ..., bias=None)`` with
+# gradients to hidden, weight and bias, belongs here once the crate has its fused linear API: a
+# third custom op in _ops.py (forward returning the loss and the three gradients, the same
+# scale-in-place backward), and a wrapper beside weighted_loss above.

@@ -1,0 +1,67 @@
+"""Reuse of large CPU gradient buffers from one step to the next.
+
+The forward returns a new ``B·T·V`` gradient each step. On the CPU a new buffer of that size
+costs its first touch: a page fault per 4 KiB page and the kernel zeroing every page, which can
+cost several times the fused pass itself (measured in benches/python_overhead.py). torch's CUDA
+caching allocator avoids this on GPUs; its CPU allocator does not. So large CPU gradients come
+from a small pool: a block is handed out again only when no tensor other than the pool's own
+uses its storage any more (the previous step's gradient was dropped, e.g. by
+``optimizer.zero_grad()``); a gradient someone still holds is never reused.
+
+At most two blocks are kept. ``FWL_CPU_GRAD_POOL=0`` in the environment turns the pool off.
+"""
+import os
+import threading
+
+import torch
+
+_MIN_BYTES = 1 << 20
+_KEEP = 2
+
+_lock = threading.Lock()
+_blocks = []  # flat uint8 tensors, the most recently handed out last
+
+
+def _storage_uses(t):
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _free_count():
+    """The use count a block's storage shows when only the pool holds it (None: no pool)."""
+    if os.environ.get("FWL_CPU_GRAD_POOL", "1") == "0" or not hasattr(torch._C, "_storage_Use_Count"):
+        return None
+    return _storage_uses(torch.empty(1, dtype=torch.uint8))
+
+
+_FREE = _free_count()
+
+
+def _as(block, nbytes, like):
+    return block[:nbytes].view(like.dtype).view(like.shape)
+
+
+def empty_like(like):
+    """An uninitialised contiguous CPU tensor of ``like``'s shape and dtype, from the pool when
+    it is large."""
+    nbytes = like.numel() * like.element_size()
+    if _FREE is None or nbytes < _MIN_BYTES or like.device.type != "cpu":
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    with _lock:
+        for i, block in enumerate(_blocks):
+            if nbytes <= block.numel() <= 2 * nbytes and _storage_uses(block) == _FREE:
+                _blocks.append(_blocks.pop(i))
+                return _as(block, nbytes, like)
+        block = torch.empty(nbytes, dtype=torch.uint8)
+        if len(_blocks) >= _KEEP:
+            free = [i for i, b in enumerate(_blocks) if _storage_uses(b) == _FREE]
+            if not free:
+                return _as(block, nbytes, like)  # every kept block is in use: this one is not kept
+            del _blocks[free[0]]
+        _blocks.append(block)
+        return _as(block, nbytes, like)
+
+
+def clear():
+    """Drops the kept blocks (their memory is freed once no gradient uses it)."""
+    with _lock:
+        _blocks.clear()

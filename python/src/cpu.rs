@@ -1,0 +1,155 @@
+//! CPU tensors: slices over torch's host memory and the crate's `LossSpec::loss_and_grad` on
+//! them, with the GIL released while it runs.
+
+use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Options, Request, TensorArg};
+use fused_weighted_loss::{Backend, DType, Grad, Logit, LossSpec, Shape, TokenId, Tokens};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use std::time::Instant;
+
+/// The unsafe boundary of the CPU path: host memory that Python owns, seen as slices.
+mod host {
+    use pyo3::exceptions::PyValueError;
+    use pyo3::PyResult;
+
+    fn check<T>(ptr: u64, what: &str) -> PyResult<()> {
+        if ptr == 0 || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
+            return Err(PyValueError::new_err(format!("{what}: data pointer {ptr:#x} is null or misaligned")));
+        }
+        Ok(())
+    }
+
+    /// `len` elements of `T` at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` addresses `len` elements of `T` (any bit pattern of the types used here is a valid
+    /// value) that stay allocated, and are not written, for `'a`.
+    pub(super) unsafe fn slice<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a [T]> {
+        check::<T>(ptr, what)?;
+        // SAFETY: non-null and aligned (checked); the rest as the caller promises.
+        Ok(unsafe { std::slice::from_raw_parts(ptr as usize as *const T, len) })
+    }
+
+    /// `len` elements of `T` at `ptr`, to write.
+    ///
+    /// # Safety
+    /// As [`slice`], and nothing else reads or writes that memory for `'a`.
+    pub(super) unsafe fn slice_mut<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a mut [T]> {
+        check::<T>(ptr, what)?;
+        // SAFETY: non-null and aligned (checked); the rest as the caller promises.
+        Ok(unsafe { std::slice::from_raw_parts_mut(ptr as usize as *mut T, len) })
+    }
+}
+
+/// See `crate::forward`.
+pub(crate) fn forward(py: Python<'_>, req: &Request<'_>) -> PyResult<()> {
+    dispatch!(req.types, typed(py, req))
+}
+
+fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>) -> PyResult<()> {
+    let (shape, out) = (req.shape, req.out);
+    let (n, b) = (shape.logits_len(), shape.batch());
+    // SAFETY: Python passes the data pointers of live, contiguous tensors of these dtypes and
+    // shapes (dtypes and shapes checked in `crate::forward`, contiguity and device in _ops.py),
+    // which it holds for the whole call; the outputs are tensors it has just allocated for this
+    // call, so nothing else reads or writes them, and none of them overlaps an input.
+    let (logits, ids, labels, grad, loss, per_sample, weights) = unsafe {
+        (
+            host::slice::<L>(req.logits.ptr(), n, "logits")?,
+            host::slice::<I>(req.ids.ptr(), shape.rows(), "ids")?,
+            req.labels.map(|l| host::slice::<I>(l.ptr(), shape.rows(), "labels")).transpose()?,
+            optional_mut::<L>(out.grad(), n, "grad")?,
+            host::slice_mut::<f32>(out.loss(), 1, "loss")?,
+            optional_mut::<f64>(out.per_sample(), b, "per_sample")?,
+            optional_mut::<f64>(out.weights(), b, "weights")?,
+        )
+    };
+    let tokens = match labels {
+        Some(l) => Tokens::new(ids).with_labels(l),
+        None => Tokens::new(ids),
+    };
+    let grad = match grad {
+        Some(g) => Grad::Into(g),
+        None => Grad::Skip,
+    };
+    let r = py.detach(|| req.spec.loss_and_grad(shape, logits, tokens, grad)).map_err(to_py)?;
+    loss[0] = r.loss as f32;
+    if let Some(p) = per_sample {
+        p.copy_from_slice(&r.per_sample_loss);
+    }
+    if let Some(w) = weights {
+        w.copy_from_slice(&r.weights);
+    }
+    Ok(())
+}
+
+/// # Safety
+/// As `host::slice_mut` when `ptr` is not 0.
+unsafe fn optional_mut<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<Option<&'a mut [T]>> {
+    match ptr {
+        0 => Ok(None),
+        // SAFETY: as the caller promises.
+        p => unsafe { host::slice_mut::<T>(p, len, what) }.map(Some),
+    }
+}
+
+/// Times `iters` calls (after `warmup`) of the Rust call the Python entry wraps,
+/// `LossSpec::loss_and_grad` on the same host memory with the same options, and returns each
+/// call's seconds. The gradient goes into one buffer reused by every call, or, with
+/// `fresh_grad`, into a new one per call (as the Python entry, which returns a new tensor each
+/// time, must). For measuring the Python entry's overhead (benches/python_overhead.py).
+#[pyfunction]
+#[pyo3(signature = (logits, ids, options, warmup, iters, fresh_grad))]
+pub(crate) fn time_rust_call(
+    py: Python<'_>,
+    logits: TensorArg,
+    ids: TensorArg,
+    options: Options,
+    warmup: usize,
+    iters: usize,
+    fresh_grad: bool,
+) -> PyResult<Vec<f64>> {
+    let shape = shape_of(&logits, &ids, None)?;
+    let spec = options.spec(Backend::Cpu)?;
+    let types = (logit_dtype(logits.dtype())?, id_dtype(&ids, None)?);
+    dispatch!(types, time_typed(py, &spec, shape, &logits, &ids, warmup, iters, fresh_grad))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn time_typed<L: Logit, I: TokenId>(
+    py: Python<'_>,
+    spec: &LossSpec,
+    shape: Shape,
+    logits: &TensorArg,
+    ids: &TensorArg,
+    warmup: usize,
+    iters: usize,
+    fresh_grad: bool,
+) -> PyResult<Vec<f64>> {
+    // SAFETY: as in `typed`: live contiguous tensors that Python holds for the call.
+    let (logits, ids) = unsafe {
+        (
+            host::slice::<L>(logits.ptr(), shape.logits_len(), "logits")?,
+            host::slice::<I>(ids.ptr(), shape.rows(), "ids")?,
+        )
+    };
+    let run = |grad: &mut [L]| {
+        spec.loss_and_grad(shape, logits, Tokens::new(ids), Grad::Into(grad)).map(|r| r.loss).map_err(to_py)
+    };
+    py.detach(|| {
+        let mut reused = if fresh_grad { Vec::new() } else { L::zeroed(shape.logits_len()) };
+        let mut times = Vec::with_capacity(iters);
+        for k in 0..warmup + iters {
+            let t = Instant::now();
+            let loss = if fresh_grad { run(&mut L::zeroed(shape.logits_len()))? } else { run(&mut reused)? };
+            let dt = t.elapsed().as_secs_f64();
+            if !loss.is_finite() {
+                return Err(PyValueError::new_err(format!("the timed call gave a non-finite loss {loss}")));
+            }
+            if k >= warmup {
+                times.push(dt);
+            }
+        }
+        Ok(times)
+    })
+}

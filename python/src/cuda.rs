@@ -1,0 +1,218 @@
+//! CUDA tensors: the crate's kernels on torch's device pointers, queued on torch's current
+//! stream, in the device's primary context (the one torch uses): no copy of the logits or the
+//! gradient, no host synchronisation (unless `check` asks for one), no second context.
+
+use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Inputs, Options, Outputs, Request, TensorArg};
+use fused_weighted_loss::cuda::cudarc::driver::sys::CUcontext;
+use fused_weighted_loss::cuda::cudarc::driver::{result, CudaStream, DeviceRepr};
+use fused_weighted_loss::cuda::external::{Borrowed, ExternalDevice};
+use fused_weighted_loss::cuda::{DeviceInputs, DeviceLossOutput};
+use fused_weighted_loss::{Backend, DType, Error, Logit, TokenId};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Puts back, when dropped, the context that was current on the thread before the call (torch's
+/// current device is the runtime's current context; a call on another device's tensors, or the
+/// first call, which retains the device's primary context, must not change it).
+struct RestoreContext(Option<CUcontext>);
+
+impl RestoreContext {
+    /// The thread's current context (none when the driver has not been initialised).
+    fn save() -> RestoreContext {
+        RestoreContext(result::ctx::get_current().ok().flatten())
+    }
+}
+
+impl Drop for RestoreContext {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.0 {
+            // SAFETY: a context that was current on this thread when the call began, owned by
+            // the caller's runtime, which keeps it (the primary context of a device) alive.
+            let _ = unsafe { result::ctx::set_current(ctx) };
+        }
+    }
+}
+
+/// The device, its stream and the context guard of one call.
+struct Call {
+    dev: Arc<ExternalDevice>,
+    stream: Arc<CudaStream>,
+    _restore: RestoreContext,
+}
+
+impl Call {
+    fn new((ordinal, stream): (usize, usize)) -> PyResult<Call> {
+        // the driver must be known to load before any driver call
+        fused_weighted_loss::cuda_status()
+            .map_err(|reason| to_py(Error::BackendUnavailable { backend: Backend::Cuda, reason }))?;
+        let restore = RestoreContext::save();
+        let dev = ExternalDevice::primary(ordinal).map_err(to_py)?;
+        dev.loss()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| PyRuntimeError::new_err(format!("CUDA error while binding the context: {e}")))?;
+        // SAFETY: `stream` is torch's current stream of device `ordinal` (`_ops.py` passes
+        // `torch.cuda.current_stream(device).cuda_stream`), a stream of that device's primary
+        // context which torch keeps alive for the life of the process.
+        let stream = unsafe { dev.borrow_stream(stream) };
+        Ok(Call { dev, stream, _restore: restore })
+    }
+
+    /// # Safety
+    /// `ptr` is the data pointer of a live, contiguous CUDA tensor of this device with `len`
+    /// elements of `T`, which torch holds until the work queued on the stream has run, and
+    /// nothing else writes while that work runs.
+    unsafe fn borrow<T: DeviceRepr>(&self, ptr: u64, len: usize) -> Borrowed<T> {
+        // SAFETY: as the caller promises.
+        unsafe { Borrowed::new(&self.stream, ptr, len) }
+    }
+}
+
+/// See `crate::forward`.
+pub(crate) fn forward(py: Python<'_>, req: &Request<'_>, device: (usize, usize), check: bool) -> PyResult<()> {
+    dispatch!(req.types, typed(py, req, device, check))
+}
+
+fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>, device: (usize, usize), check: bool) -> PyResult<()> {
+    let (spec, shape, out) = (&req.spec, req.shape, req.out);
+    let call = Call::new(device)?;
+    let (n, rows, b) = (shape.logits_len(), shape.rows(), shape.batch());
+    // SAFETY: the data pointers of live, contiguous tensors on this device with these dtypes and
+    // shapes (dtypes and shapes checked in `crate::forward`, device and contiguity in _ops.py),
+    // which torch keeps alive until the queued work has run (its caching allocator reuses memory
+    // in the order of the stream the tensors were used on, this one); the outputs are tensors
+    // allocated for this call, which nothing else uses and which overlap no input.
+    let (logits, ids, labels, mut grad, mut loss, mut per_sample, mut weights) = unsafe {
+        (
+            call.borrow::<L>(req.logits.ptr(), n),
+            call.borrow::<I>(req.ids.ptr(), rows),
+            req.labels.map(|l| call.borrow::<I>(l.ptr(), rows)),
+            (out.grad() != 0).then(|| call.borrow::<L>(out.grad(), n)),
+            call.borrow::<f32>(out.loss(), 1),
+            (out.per_sample() != 0).then(|| call.borrow::<f64>(out.per_sample(), b)),
+            (out.weights() != 0).then(|| call.borrow::<f64>(out.weights(), b)),
+        )
+    };
+    let (ids, labels) = (ids.view(), labels.as_ref().map(|l| l.view()));
+    let mut inputs = DeviceInputs::new(&ids);
+    if let Some(l) = labels.as_ref() {
+        inputs = inputs.with_labels(l);
+    }
+    let (stream, kernels) = (&call.stream, call.dev.loss());
+    let result: DeviceLossOutput = match grad.as_mut() {
+        Some(g) => kernels.loss_and_grad(spec, shape, stream, &logits.view(), &inputs, &mut g.view_mut()),
+        None => kernels.loss(spec, shape, stream, &logits.view(), &inputs),
+    }
+    .map_err(to_py)?;
+    let copy = |e| PyRuntimeError::new_err(format!("CUDA error while copying the results: {e}"));
+    stream.memcpy_dtod(&result.loss_f32, &mut loss.view_mut()).map_err(copy)?;
+    if let Some(p) = per_sample.as_mut() {
+        stream.memcpy_dtod(&result.per_sample_loss, &mut p.view_mut()).map_err(copy)?;
+    }
+    if let Some(w) = weights.as_mut() {
+        stream.memcpy_dtod(&result.weights, &mut w.view_mut()).map_err(copy)?;
+    }
+    if check {
+        // waits for the stream: without the GIL, so that other Python threads run meanwhile
+        let stream = stream.clone();
+        py.detach(|| result.check(&stream)).map_err(to_py)?;
+    }
+    Ok(())
+}
+
+/// See `crate::scale_grad`.
+pub(crate) fn scale_grad(l: DType, grad: &TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
+    match l {
+        DType::F32 => scale_typed::<f32>(grad, scale, device),
+        DType::F16 => scale_typed::<fused_weighted_loss::f16>(grad, scale, device),
+        DType::BF16 => scale_typed::<fused_weighted_loss::bf16>(grad, scale, device),
+    }
+}
+
+fn scale_typed<G: Logit>(grad: &TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
+    let call = Call::new(device)?;
+    let n = grad.dims().iter().product();
+    // SAFETY: `grad` is the contiguous gradient tensor the forward wrote (on this device, of
+    // dtype G and these dims) and `scale` a one-element f32 tensor on the same device, both held
+    // by the autograd graph while the backward's work is queued; nothing else uses the gradient
+    // until the backward returns it.
+    let (mut g, s) = unsafe { (call.borrow::<G>(grad.ptr(), n), call.borrow::<f32>(scale, 1)) };
+    call.dev.loss().scale_by_device_scalar(&call.stream, &mut g.view_mut(), &s.view()).map_err(to_py)
+}
+
+/// Times the Rust call that the Python entry wraps, on CUDA tensors: `iters` back-to-back calls
+/// (after `warmup`) of the crate's device API (`CudaLoss::loss_and_grad` through
+/// `ExternalDevice`) on the same device memory, queued on the same stream, the gradient into one
+/// buffer. Returns the wall seconds from the first timed call until the stream has finished them
+/// all, and each timed call's host seconds. For benches/python_overhead.py.
+#[pyfunction]
+#[pyo3(signature = (inputs, grad, options, device, warmup, iters))]
+pub(crate) fn time_rust_call_cuda(
+    py: Python<'_>,
+    inputs: Inputs,
+    grad: u64,
+    options: Options,
+    device: (usize, usize),
+    warmup: usize,
+    iters: usize,
+) -> PyResult<(f64, Vec<f64>)> {
+    let Inputs(logits, ids, labels) = &inputs;
+    let req = Request {
+        shape: shape_of(logits, ids, labels.as_ref())?,
+        types: (logit_dtype(logits.dtype())?, id_dtype(ids, labels.as_ref())?),
+        spec: options.spec(Backend::Cuda)?,
+        logits,
+        ids,
+        labels: labels.as_ref(),
+        out: Outputs(grad, 0, 0, 0),
+    };
+    if grad == 0 {
+        return Err(PyValueError::new_err("time_rust_call_cuda needs a gradient buffer"));
+    }
+    dispatch!(req.types, time_typed(py, &req, device, warmup, iters))
+}
+
+fn time_typed<L: Logit, I: TokenId>(
+    py: Python<'_>,
+    req: &Request<'_>,
+    device: (usize, usize),
+    warmup: usize,
+    iters: usize,
+) -> PyResult<(f64, Vec<f64>)> {
+    let call = Call::new(device)?;
+    let (shape, n, rows) = (req.shape, req.shape.logits_len(), req.shape.rows());
+    // SAFETY: as in `typed`: live contiguous tensors on this device that Python holds for the
+    // call; the gradient buffer is one Python allocated for this measurement alone.
+    let (logits, ids, mut grad) = unsafe {
+        (
+            call.borrow::<L>(req.logits.ptr(), n),
+            call.borrow::<I>(req.ids.ptr(), rows),
+            call.borrow::<L>(req.out.grad(), n),
+        )
+    };
+    let ids = ids.view();
+    let inputs = DeviceInputs::new(&ids);
+    let sync = |e| PyRuntimeError::new_err(format!("CUDA error while synchronising: {e}"));
+    let mut host = Vec::with_capacity(iters);
+    let mut start = Instant::now();
+    for k in 0..warmup + iters {
+        if k == warmup {
+            py.detach(|| call.stream.synchronize()).map_err(sync)?;
+            start = Instant::now();
+        }
+        let t = Instant::now();
+        let out = call
+            .dev
+            .loss()
+            .loss_and_grad(&req.spec, shape, &call.stream, &logits.view(), &inputs, &mut grad.view_mut())
+            .map_err(to_py)?;
+        drop(out);
+        if k >= warmup {
+            host.push(t.elapsed().as_secs_f64());
+        }
+    }
+    py.detach(|| call.stream.synchronize()).map_err(sync)?;
+    Ok((start.elapsed().as_secs_f64(), host))
+}

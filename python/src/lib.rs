@@ -1,0 +1,256 @@
+//! The native half of the `fused_weighted_loss` Python package: torch hands over data pointers,
+//! shapes, dtypes, the device and its current CUDA stream; this module runs the crate's backends
+//! on that memory (no libtorch headers, no copies of the logits or the gradient).
+//!
+//! The Python side (`fused_weighted_loss/_ops.py`) checks devices and contiguity and allocates
+//! every output before it calls in here; this side checks shapes, dtypes and options with the
+//! crate's own validation and maps the crate's errors to Python exceptions.
+
+use fused_weighted_loss::{Backend, DType, Error, LossSpec, Reduction, RowMean, Shape};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+/// Calls `$f::<L, I>(args)` for the runtime (logits dtype, id dtype) pair.
+macro_rules! dispatch {
+    ($types:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $types {
+            (DType::F32, IdType::I64) => $f::<f32, i64>($($arg),*),
+            (DType::F32, IdType::I32) => $f::<f32, i32>($($arg),*),
+            (DType::F16, IdType::I64) => $f::<fused_weighted_loss::f16, i64>($($arg),*),
+            (DType::F16, IdType::I32) => $f::<fused_weighted_loss::f16, i32>($($arg),*),
+            (DType::BF16, IdType::I64) => $f::<fused_weighted_loss::bf16, i64>($($arg),*),
+            (DType::BF16, IdType::I32) => $f::<fused_weighted_loss::bf16, i32>($($arg),*),
+        }
+    };
+}
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// A contiguous tensor as Python describes it: `(data_ptr, shape, dtype name)`, the dtype name
+/// without its `torch.` prefix (`float32`, `bfloat16`, `int64`, ...).
+#[derive(FromPyObject, Debug, Clone)]
+pub(crate) struct TensorArg(pub u64, pub Vec<usize>, pub String);
+
+impl TensorArg {
+    pub(crate) fn ptr(&self) -> u64 {
+        self.0
+    }
+    pub(crate) fn dims(&self) -> &[usize] {
+        &self.1
+    }
+    pub(crate) fn dtype(&self) -> &str {
+        &self.2
+    }
+}
+
+/// Where the results go, as data pointers of tensors Python allocated: the gradient
+/// (`[B, T, V]` of the logits' dtype; 0 for loss only), the loss (one f32), and the per-sample
+/// losses and weights (`[B]` f64 each; 0 when not wanted).
+#[derive(FromPyObject, Debug, Clone, Copy)]
+pub(crate) struct Outputs(pub u64, pub u64, pub u64, pub u64);
+
+impl Outputs {
+    pub(crate) fn grad(&self) -> u64 {
+        self.0
+    }
+    pub(crate) fn loss(&self) -> u64 {
+        self.1
+    }
+    pub(crate) fn per_sample(&self) -> u64 {
+        self.2
+    }
+    pub(crate) fn weights(&self) -> u64 {
+        self.3
+    }
+}
+
+/// The loss options: `(keywords, keyword_weights, alpha, ignore_index, row_mean, reduction,
+/// check_finite)`.
+#[derive(FromPyObject, Debug, Clone)]
+pub(crate) struct Options(Vec<i64>, Vec<f64>, f64, i64, String, String, bool);
+
+impl Options {
+    /// The validated spec for `backend`.
+    fn spec(&self, backend: Backend) -> PyResult<LossSpec> {
+        let Options(keywords, weights, alpha, ignore_index, row_mean, reduction, check_finite) = self;
+        if weights.len() != keywords.len() {
+            return Err(PyValueError::new_err(format!(
+                "keyword_weights has {} entries for {} keywords",
+                weights.len(),
+                keywords.len()
+            )));
+        }
+        let row_mean: RowMean = row_mean.parse().map_err(PyValueError::new_err)?;
+        let reduction: Reduction = reduction.parse().map_err(PyValueError::new_err)?;
+        LossSpec::builder()
+            .weighted_keywords(keywords.iter().copied().zip(weights.iter().copied()))
+            .alpha(*alpha)
+            .ignore_index(*ignore_index)
+            .row_mean(row_mean)
+            .reduction(reduction)
+            .check_finite(*check_finite)
+            .backend(backend)
+            .build()
+            .map_err(to_py)
+    }
+}
+
+/// The crate's error as the Python exception that fits: bad values and shapes are `ValueError`,
+/// a backend that cannot run (or a driver error) is `RuntimeError`. The message is the crate's.
+pub(crate) fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::BackendUnavailable { .. } | Error::Cuda { .. } => PyRuntimeError::new_err(msg),
+        _ => PyValueError::new_err(msg),
+    }
+}
+
+/// A logits dtype by torch's name.
+pub(crate) fn logit_dtype(name: &str) -> PyResult<DType> {
+    match name {
+        "float32" => Ok(DType::F32),
+        "float16" => Ok(DType::F16),
+        "bfloat16" => Ok(DType::BF16),
+        other => Err(PyTypeError::new_err(format!("logits must be float32, float16 or bfloat16, got {other}"))),
+    }
+}
+
+/// The token-id dtypes the package takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IdType {
+    I32,
+    I64,
+}
+
+/// The ids' dtype, and the labels' (which must be the same).
+pub(crate) fn id_dtype(ids: &TensorArg, labels: Option<&TensorArg>) -> PyResult<IdType> {
+    let t = match ids.dtype() {
+        "int64" => IdType::I64,
+        "int32" => IdType::I32,
+        other => return Err(PyTypeError::new_err(format!("ids must be int64 or int32, got {other}"))),
+    };
+    if let Some(l) = labels {
+        if l.dtype() != ids.dtype() {
+            return Err(PyTypeError::new_err(format!(
+                "labels must have the ids' dtype ({}), got {}",
+                ids.dtype(),
+                l.dtype()
+            )));
+        }
+    }
+    Ok(t)
+}
+
+/// The validated shape of one call.
+pub(crate) fn shape_of(logits: &TensorArg, ids: &TensorArg, labels: Option<&TensorArg>) -> PyResult<Shape> {
+    let shape = Shape::from_dims(logits.dims(), ids.dims()).map_err(to_py)?;
+    if let Some(l) = labels {
+        shape.check_token_dims("labels", l.dims()).map_err(to_py)?;
+    }
+    Ok(shape)
+}
+
+/// The inputs of one call: logits, ids and optional labels.
+#[derive(FromPyObject, Debug, Clone)]
+pub(crate) struct Inputs(pub TensorArg, pub TensorArg, pub Option<TensorArg>);
+
+/// One validated call, for a backend.
+pub(crate) struct Request<'a> {
+    pub spec: LossSpec,
+    pub shape: Shape,
+    pub types: (DType, IdType),
+    pub logits: &'a TensorArg,
+    pub ids: &'a TensorArg,
+    pub labels: Option<&'a TensorArg>,
+    pub out: Outputs,
+}
+
+/// Loss (and gradient, when `outputs` has one) of `inputs` (logits, ids, labels or None),
+/// written into the tensors of `outputs`. `device` is `None` for CPU tensors, else
+/// `(ordinal, stream)`: the CUDA device and the stream to queue the work on (torch's current
+/// stream). On CUDA, `check` waits for the work and reports ids or labels outside the vocabulary
+/// (and, with `check_finite`, a non-finite loss); without it nothing waits.
+#[pyfunction]
+#[pyo3(signature = (inputs, outputs, options, device=None, check=false))]
+fn forward(
+    py: Python<'_>,
+    inputs: Inputs,
+    outputs: Outputs,
+    options: Options,
+    device: Option<(usize, usize)>,
+    check: bool,
+) -> PyResult<()> {
+    let Inputs(logits, ids, labels) = &inputs;
+    let backend = if device.is_some() { Backend::Cuda } else { Backend::Cpu };
+    let req = Request {
+        shape: shape_of(logits, ids, labels.as_ref())?,
+        types: (logit_dtype(logits.dtype())?, id_dtype(ids, labels.as_ref())?),
+        spec: options.spec(backend)?,
+        logits,
+        ids,
+        labels: labels.as_ref(),
+        out: outputs,
+    };
+    match device {
+        None => cpu::forward(py, &req),
+        #[cfg(feature = "cuda")]
+        Some(device) => {
+            let check = check || req.spec.check_finite();
+            cuda::forward(py, &req, device, check)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Some(_) => {
+            let _ = check;
+            Err(PyRuntimeError::new_err(
+                "this build of fused_weighted_loss has no CUDA support (build it with the `cuda` feature)",
+            ))
+        }
+    }
+}
+
+/// `grad *= scale[0]` on the device, in place, queued on `stream` (no work when the scale is
+/// exactly 1, and no host read of it): the backward of the loss on CUDA tensors.
+#[pyfunction]
+fn scale_grad(grad: TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
+    let l = logit_dtype(grad.dtype())?;
+    #[cfg(feature = "cuda")]
+    return cuda::scale_grad(l, &grad, scale, device);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (l, scale, device);
+        Err(PyRuntimeError::new_err("this build of fused_weighted_loss has no CUDA support"))
+    }
+}
+
+/// Why the CUDA backend cannot run here (`None` when it can): no `cuda` feature in this build,
+/// no driver, no device.
+#[pyfunction]
+fn cuda_unavailable_reason() -> Option<String> {
+    fused_weighted_loss::cuda_status().err()
+}
+
+/// Whether this build carries the CUDA kernels.
+#[pyfunction]
+fn built_with_cuda() -> bool {
+    cfg!(feature = "cuda")
+}
+
+// The fused-linear entry (`weighted_linear_loss` in Python) goes beside `forward` once the crate
+// has its fused linear API: a `linear_forward` taking hidden [N, H], weight [V, H] and an optional
+// bias [V] as `TensorArg`s and writing the loss and the three gradients, with the same CPU/CUDA
+// split (cpu.rs, cuda.rs) and the same `Request` validation.
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(forward, m)?)?;
+    m.add_function(wrap_pyfunction!(scale_grad, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
+    m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;
+    #[cfg(feature = "cuda")]
+    m.add_function(wrap_pyfunction!(cuda::time_rust_call_cuda, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

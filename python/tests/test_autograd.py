@@ -1,0 +1,110 @@
+"""Autograd: gradcheck, the upstream gradient, repeated backward, the loss-only forward."""
+import pytest
+import torch
+
+import fused_weighted_loss as fwl
+import fused_weighted_loss._ops as ops
+from conftest import random_case, reference, rel_err
+
+GRADCHECK_OPTIONS = [
+    dict(),
+    dict(keywords=[1, 1, 4], alpha=0.75),
+    dict(keywords=[2], keyword_weights=[2.5], reduction="weighted_mean"),
+    dict(labels=[[1, 2, -100, 4, 0], [-100, 3, 3, -100, 2]], row_mean="valid", reduction="sum"),
+]
+
+
+@pytest.mark.parametrize("opts", GRADCHECK_OPTIONS, ids=["course", "keywords", "weighted_mean", "labels"])
+def test_gradcheck_float64(opts):
+    """torch.autograd.gradcheck with float64 inputs, through the float32 kernels: the analytic
+    gradient (the fused forward's, weights and reductions included) against central differences;
+    the tolerances are what a float32 forward allows at this step, and they reject a gradient
+    0.3% off (checked when they were chosen)."""
+    opts = dict(opts)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64).requires_grad_()
+    ids = torch.tensor([[1, 2, 1, 4, 0], [2, 3, 3, 1, 2]])
+    if "labels" in opts:
+        opts["labels"] = torch.tensor(opts["labels"])
+
+    def f(x64):
+        return fwl.weighted_loss(x64.float(), ids, **opts).double()
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-2, atol=2e-5, rtol=1e-3)
+
+
+def test_upstream_gradient_scales(device):
+    logits, ids, keywords, _ = random_case(4, device, dtype=torch.float32, id_dtype=torch.int64)
+    _, _, _, ref = reference(logits, ids, keywords)
+    x = logits.detach().clone().requires_grad_()
+    (fwl.keytoken_weighted_loss(ids, x, keywords) * 3.5).backward()
+    assert rel_err(x.grad, 3.5 * ref) <= 1e-5
+    loss = fwl.keytoken_weighted_loss(ids, x, keywords)
+    (g,) = torch.autograd.grad(loss, x, grad_outputs=torch.tensor(-2.0, device=device))
+    assert rel_err(g, -2.0 * ref) <= 1e-5
+
+
+def test_gradients_accumulate_into_grad(device):
+    logits, ids, keywords, _ = random_case(5, device, dtype=torch.float32, id_dtype=torch.int64)
+    _, _, _, ref = reference(logits, ids, keywords)
+    x = logits.detach().clone().requires_grad_()
+    fwl.keytoken_weighted_loss(ids, x, keywords).backward()
+    (2 * fwl.keytoken_weighted_loss(ids, x, keywords)).backward()
+    assert rel_err(x.grad, 3 * ref) <= 1e-5
+
+
+def test_second_backward_through_one_graph():
+    """The kept gradient is scaled in place by the first backward: a second backward through the
+    same graph works when nothing was scaled (CPU, upstream gradient 1) and raises otherwise."""
+    logits, ids, keywords, _ = random_case(6, "cpu", dtype=torch.float32, id_dtype=torch.int64)
+    x = logits.clone().requires_grad_()
+    loss = fwl.keytoken_weighted_loss(ids, x, keywords)
+    (a,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (b,) = torch.autograd.grad(loss, x, retain_graph=True)
+    assert torch.equal(a, b)
+    loss = fwl.keytoken_weighted_loss(ids, x, keywords)
+    (a,) = torch.autograd.grad(loss * 2, x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        torch.autograd.grad(loss * 3, x)
+
+
+def test_second_backward_raises_on_cuda():
+    from conftest import require_cuda
+
+    device = require_cuda()
+    logits, ids, keywords, _ = random_case(6, device, dtype=torch.float32, id_dtype=torch.int64)
+    x = logits.clone().requires_grad_()
+    loss = fwl.keytoken_weighted_loss(ids, x, keywords)
+    torch.autograd.grad(loss, x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        torch.autograd.grad(loss, x)
+
+
+class Spy:
+    """Records the outputs each native forward was asked to write."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = ops._native.forward
+
+        def forward(inputs, outputs, options, device=None, check=False):
+            self.calls.append(outputs)
+            return real(inputs, outputs, options, device, check)
+
+        monkeypatch.setattr(ops._native, "forward", forward)
+
+
+def test_loss_only_when_no_gradient_is_needed(device, monkeypatch):
+    spy = Spy(monkeypatch)
+    logits, ids, keywords, _ = random_case(2, device, dtype=torch.float32, id_dtype=torch.int64)
+    ref_loss, _, _, _ = reference(logits, ids, keywords)
+    plain = fwl.keytoken_weighted_loss(ids, logits, keywords)  # requires_grad False
+    x = logits.clone().requires_grad_()
+    with torch.no_grad():
+        no_grad = fwl.keytoken_weighted_loss(ids, x, keywords)
+    with_grad = fwl.keytoken_weighted_loss(ids, x, keywords)
+    grads_asked = [outputs[0] != 0 for outputs in spy.calls]
+    assert grads_asked == [False, False, True]
+    assert not plain.requires_grad and not no_grad.requires_grad and with_grad.requires_grad
+    for loss in (plain, no_grad, with_grad):
+        assert rel_err(loss, ref_loss) <= 1e-5

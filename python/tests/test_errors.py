@@ -1,0 +1,97 @@
+"""Every bad input is a Python exception carrying the crate's message, never a crash (a crash
+would take this test process down with it)."""
+import pytest
+import torch
+
+import fused_weighted_loss as fwl
+
+B, T, V = 2, 5, 11
+
+
+def inputs(**over):
+    g = torch.Generator().manual_seed(0)
+    x = dict(
+        logits=torch.randn(B, T, V, generator=g).requires_grad_(),
+        ids=torch.randint(0, V, (B, T), generator=g),
+    )
+    x.update(over)
+    return x
+
+
+def call(**kw):
+    x = inputs(**{k: kw.pop(k) for k in ("logits", "ids") if k in kw})
+    return fwl.weighted_loss(x["logits"], x["ids"], **kw)
+
+
+CASES = [
+    # shapes (crate messages)
+    (dict(logits=torch.randn(B * T, V)), ValueError, r"logits must have rank 3 \[batch, seq, vocab\], got rank 2"),
+    (dict(ids=torch.zeros(B, T + 1, dtype=torch.long)), ValueError,
+     r"shape mismatch: ids has shape \[2, 6\], expected \[2, 5\]"),
+    (dict(ids=torch.zeros(B * T, dtype=torch.long)), ValueError, r"ids must have rank 2 \[batch, seq\]"),
+    (dict(labels=torch.zeros(B, T - 1, dtype=torch.long)), ValueError, r"shape mismatch: labels has shape"),
+    (dict(logits=torch.randn(B, 1, V), ids=torch.zeros(B, 1, dtype=torch.long)), ValueError,
+     r"sequence length is 1; at least 2 is needed"),
+    (dict(logits=torch.randn(0, T, V), ids=torch.zeros(0, T, dtype=torch.long)), ValueError, r"batch size is 0"),
+    (dict(logits=torch.randn(B, T, 0), ids=torch.zeros(B, T, dtype=torch.long)), ValueError,
+     r"vocabulary size is 0"),
+    # values (crate messages)
+    (dict(ids=torch.tensor([[1, 2, 3, 4, 5], [6, 7, 99, 8, 9]])), ValueError, r"ids\[1, 2\] = 99 is outside \[0, 11\)"),
+    (dict(ids=torch.tensor([[1, 2, 3, 4, 5], [6, 7, -3, 8, 9]])), ValueError, r"ids\[1, 2\] = -3 is outside"),
+    (dict(labels=torch.full((B, T), 11)), ValueError, r"labels\[0, 0\] = 11 is outside \[0, 11\)"),
+    (dict(keywords=[3, 11]), ValueError, r"keyword id 11 is outside \[0, 11\)"),
+    (dict(alpha=-1.0), ValueError, r"alpha must be finite and >= 0, got -1"),
+    (dict(alpha=float("nan")), ValueError, r"alpha must be finite and >= 0, got NaN"),
+    (dict(keywords=[3], keyword_weights=[-2.0]), ValueError, r"weight of keyword 3 must be finite and >= 0, got -2"),
+    (dict(keywords=[3, 4], keyword_weights=[1.0]), ValueError, r"keyword_weights has 1 entries for 2 keywords"),
+    (dict(row_mean="median"), ValueError, r"unknown row mean 'median' \(expected all or valid\)"),
+    (dict(reduction="max"), ValueError, r"unknown reduction 'max' \(expected mean, weighted-mean or sum\)"),
+    (dict(logits=torch.full((B, T, V), float("nan")), check_finite=True), ValueError,
+     r"non-finite loss NaN at sample 0, position 0"),
+    # dtypes
+    (dict(logits=torch.randn(B, T, V, dtype=torch.float64)), TypeError,
+     r"logits must be float32, float16 or bfloat16, got float64"),
+    (dict(ids=torch.zeros(B, T, dtype=torch.int16)), TypeError, r"ids must be int64 or int32, got int16"),
+    (dict(ids=torch.zeros(B, T, dtype=torch.float32)), TypeError, r"ids must be int64 or int32, got float32"),
+    (dict(labels=torch.zeros(B, T, dtype=torch.int32)), TypeError, r"labels must have the ids' dtype \(int64\), got int32"),
+    (dict(keywords=["a"]), TypeError, r"keywords must be a sequence of int token ids"),
+    (dict(keywords=[1.5]), TypeError, r"keywords must be a sequence of int token ids"),
+    (dict(logits=[[[0.0]]]), TypeError, r"logits and ids must be torch tensors"),
+    # devices
+    (dict(logits=torch.randn(B, T, V, device="meta")), ValueError, r"ids is on cpu, the logits on meta"),
+    (dict(labels=torch.zeros(B, T, dtype=torch.long, device="meta")), ValueError, r"labels is on meta, the logits on cpu"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,message", CASES, ids=[m[:40] for _, _, m in CASES])
+def test_bad_input_raises_with_the_crates_message(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        call(**kwargs)
+
+
+def test_the_op_itself_refuses_non_contiguous_tensors():
+    x = inputs()
+    strided = x["logits"].detach().transpose(0, 1)
+    with pytest.raises(ValueError, match=r"logits must be contiguous"):
+        torch.ops.fused_weighted_loss.loss(strided, x["ids"].t(), None, [], [], 1.0, -100, "all:mean:")
+
+
+def test_errors_leave_the_process_usable():
+    for kwargs, exc, _ in CASES:
+        with pytest.raises(exc):
+            call(**kwargs)
+    x = inputs()
+    loss = fwl.weighted_loss(x["logits"], x["ids"])
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x["logits"].grad).all()
+
+
+def test_cuda_tensors_in_a_build_or_place_without_cuda():
+    """Where torch has a GPU but this package cannot use it, a CUDA tensor is a RuntimeError."""
+    if not torch.cuda.is_available():
+        pytest.skip("skipped, no GPU: torch sees no CUDA device")
+    if fwl.cuda_available():
+        pytest.skip("skipped: this build runs on CUDA (covered by test_cuda.py)")
+    x = inputs()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        fwl.weighted_loss(x["logits"].cuda(), x["ids"].cuda())
