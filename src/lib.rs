@@ -44,6 +44,7 @@ mod cpu;
 pub mod cuda;
 mod dtype;
 mod error;
+pub mod linear;
 pub mod measure;
 pub mod reference;
 mod spec;
@@ -52,6 +53,7 @@ pub mod synthetic;
 pub use dtype::{DType, Logit, TokenId};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearShape};
 pub use spec::{
     Backend, CpuSimd, Keyword, LossOutput, LossSpec, LossSpecBuilder, Reduction, RowMean, Shape, Tokens, MAX_VOCAB,
 };

@@ -22,6 +22,7 @@
 //! whatever thread runs it, and per-sample sums are taken afterwards in a fixed order, so results
 //! do not depend on the number of threads.
 
+pub(crate) mod gemm;
 pub(crate) mod simd;
 
 use crate::dtype::{DType, Logit};
@@ -165,7 +166,7 @@ impl Scratch {
 
 /// The chunk as f32: itself, or widened into `buf`.
 #[inline]
-fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) -> &'a [f32] {
+pub(crate) fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) -> &'a [f32] {
     match (L::as_f32(src), L::as_bits(src)) {
         (Some(x), _) => x,
         (None, Some(bits)) => {
@@ -182,7 +183,7 @@ fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) -> &'a [f32
 
 /// `out = x * f` in the output's dtype (equal lengths), streaming when asked.
 #[inline]
-fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool) {
+pub(crate) fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool) {
     if let Some(o) = G::as_f32_mut(out) {
         return k.scale_f32(x, f, o, stream);
     }
@@ -407,14 +408,47 @@ pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], gr
 
 /// Loss of every row, with the gradient written over the logits.
 pub(crate) fn run_in_place<L: Logit>(k: &Kernels, plan: &Plan, logits: &mut [L]) -> Vec<f32> {
-    let (rows, v, t) = (plan.shape.rows(), plan.shape.vocab(), plan.shape.seq());
+    let mut row_loss = vec![0f32; plan.shape.rows()];
+    run_rows_in_place(k, plan, RowSel::From(0), logits, &mut row_loss);
+    row_loss
+}
+
+/// Which rows of the plan a rows pass covers: buffer row `i` is plan row `global(i)`, whose
+/// target, coefficient and any other per-row input are used.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RowSel<'a> {
+    /// Consecutive rows from this one on.
+    From(usize),
+    /// These rows, one per buffer row (the fused linear path's chunks of rows with a target).
+    List(&'a [u32]),
+}
+
+impl RowSel<'_> {
+    #[inline]
+    fn global(&self, i: usize) -> usize {
+        match self {
+            RowSel::From(first) => first + i,
+            RowSel::List(rows) => rows[i] as usize,
+        }
+    }
+}
+
+/// [`run_in_place`] over some rows of the plan: `logits` holds `row_loss.len()` rows, buffer row
+/// `i` being plan row `sel.global(i)`; its loss goes to `row_loss[i]`.
+pub(crate) fn run_rows_in_place<L: Logit>(
+    k: &Kernels,
+    plan: &Plan,
+    sel: RowSel<'_>,
+    logits: &mut [L],
+    row_loss: &mut [f32],
+) {
+    let (rows, v, t) = (row_loss.len(), plan.shape.vocab(), plan.shape.seq());
     let rpt = rows_per_task(rows, v);
-    let mut row_loss = vec![0f32; rows];
     row_loss.par_chunks_mut(rpt).zip(logits.par_chunks_mut(rpt * v)).enumerate().for_each(|(task, (ls, rows))| {
         let mut e = RowExps::new(v);
         let mut s = Scratch::new();
         for (i, (l, row)) in ls.iter_mut().zip(rows.chunks_exact_mut(v)).enumerate() {
-            let r = task * rpt + i;
+            let r = sel.global(task * rpt + i);
             match target_of(plan, r) {
                 Some(y) => {
                     let st = stats_pass(k, row, row, y, Some(&mut e), &mut s, |_| {});
@@ -427,7 +461,6 @@ pub(crate) fn run_in_place<L: Logit>(k: &Kernels, plan: &Plan, logits: &mut [L])
             }
         }
     });
-    row_loss
 }
 
 #[cfg(test)]
