@@ -71,15 +71,17 @@ typedef struct FwlPlanParams {
 typedef struct FwlRowParams {
     const void *logits;       /* [rows * vocab] */
     void *grad;               /* [rows * vocab], NULL for loss only; may equal logits (in place) */
-    const int32_t *targets;   /* [rows] */
-    const float *coef;        /* [rows / seq] */
-    float *row_loss;          /* out [rows] */
+    const int32_t *targets;   /* [row_offset + rows] */
+    const float *coef;        /* [(row_offset + rows) / seq] */
+    float *row_loss;          /* out [row_offset + rows] */
     int64_t rows;
     int64_t seq;
     int64_t vocab;
     int64_t smem_vectors;     /* 16-byte vectors of a row kept in dynamic shared memory */
     int32_t vector_stores;    /* 1 when grad and logits share their alignment mod 16 */
     int32_t reserved;
+    int64_t row_offset;       /* the plan's row of logits row 0: targets, coef and row_loss are
+                                 indexed by row_offset + row (0 for a whole call) */
 } FwlRowParams;
 
 /* Finish kernel (one block): per-sample means and the batch loss, in a fixed order. */

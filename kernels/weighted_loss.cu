@@ -268,12 +268,13 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
     for (int64_t row = blockIdx.x / C; row < p.rows; row += gridDim.x / C) {
         const L *x = static_cast<const L *>(p.logits) + row * V;
         G *g = p.grad ? static_cast<G *>(p.grad) + row * V : nullptr;
-        const int32_t y = p.targets[row];  // the same for the whole cluster: uniform branches
+        const int64_t grow = p.row_offset + row;  // the plan's row: targets, coef, row_loss
+        const int32_t y = p.targets[grow];  // the same for the whole cluster: uniform branches
         if (y < 0) {
             if (g)
                 for (int64_t j = rank * blockDim.x + threadIdx.x; j < V; j += static_cast<int64_t>(C) * blockDim.x)
                     g[j] = from_f32<G>(0.f);
-            if (rank == 0 && threadIdx.x == 0) p.row_loss[row] = 0.f;
+            if (rank == 0 && threadIdx.x == 0) p.row_loss[grow] = 0.f;
             continue;
         }
         // read before any write (in place): in a cluster, other blocks write only after the
@@ -335,10 +336,10 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
             parity ^= 1;
         }
 #endif
-        const float coef = p.coef[row / p.seq];
+        const float coef = p.coef[grow / p.seq];
         const float inv_s = 1.f / st.s;
         const float scale = coef * inv_s;
-        if (rank == 0 && threadIdx.x == 0) p.row_loss[row] = (st.m - target_logit) + logf(st.s);
+        if (rank == 0 && threadIdx.x == 0) p.row_loss[grow] = (st.m - target_logit) + logf(st.s);
         if (!g) continue;
 
         // pass 2: gradient, each thread writing exactly what it read
@@ -418,6 +419,9 @@ FWL_ROWS(f16_f16, __half, __half)
 FWL_ROWS(f16_f32, __half, float)
 FWL_ROWS(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 FWL_ROWS(bf16_f32, __nv_bfloat16, float)
+// f32 logits with a 16-bit gradient: the fused linear path's f32 chunk logits of 16-bit inputs
+FWL_ROWS(f32_f16, float, __half)
+FWL_ROWS(f32_bf16, float, __nv_bfloat16)
 
 // ---- finish --------------------------------------------------------------------------------
 

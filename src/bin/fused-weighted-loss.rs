@@ -1,5 +1,7 @@
 //! `fused-weighted-loss`: evaluate the loss over .npy files, or benchmark it.
 //!
+//! `bench-linear` times the fused linear + weighted loss (see `linear_bench.rs`).
+//!
 //! Any bad input, file or flag exits with code 2 and one line on stderr, nothing on stdout.
 
 use clap::{Args, Parser, Subcommand};
@@ -14,6 +16,9 @@ use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+#[path = "fused-weighted-loss/linear_bench.rs"]
+mod linear_bench;
+
 #[derive(Parser)]
 #[command(name = "fused-weighted-loss", version, about = "Keyword-weighted causal LM loss and gradient, fused")]
 struct Cli {
@@ -27,6 +32,8 @@ enum Command {
     Eval(EvalArgs),
     /// Time loss + gradient on random data and compare with the copy floor and the reference.
     Bench(BenchArgs),
+    /// Time the fused linear + weighted loss (hidden states and output weight, no logits).
+    BenchLinear(linear_bench::BenchLinearArgs),
 }
 
 #[derive(Args)]
@@ -139,6 +146,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Eval(a) => eval(a),
         Command::Bench(a) => bench(a),
+        Command::BenchLinear(a) => linear_bench::bench_linear(a),
     };
     match result {
         Ok(text) => {

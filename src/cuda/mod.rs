@@ -27,6 +27,8 @@
 //! `[0, V)` is treated as "no target" by the kernels (never read out of bounds) and reported as
 //! [`Error::IdOutOfRange`] by [`DeviceLossOutput::to_host`] or [`DeviceLossOutput::check`].
 
+pub mod linear;
+
 mod params {
     #![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, missing_docs)]
     #![allow(clippy::all)]
@@ -146,7 +148,7 @@ struct Module {
     plan_i32: CudaFunction,
     plan_i64: CudaFunction,
     plan_u32: CudaFunction,
-    rows: [(DType, DType, CudaFunction); 5],
+    rows: [(DType, DType, CudaFunction); 7],
     finish: CudaFunction,
     scale: [(DType, CudaFunction); 3],
     num_sms: u32,
@@ -193,6 +195,8 @@ impl Module {
             row(DType::F16, DType::F32)?,
             row(DType::BF16, DType::BF16)?,
             row(DType::BF16, DType::F32)?,
+            row(DType::F32, DType::F16)?,
+            row(DType::F32, DType::BF16)?,
         ];
         let blocks_per_sm = launch.blocks_per_sm;
         let mut smem_max = usize::MAX;
@@ -377,6 +381,21 @@ impl std::fmt::Debug for CudaLoss {
     }
 }
 
+/// The plan kernel's outputs and the buffers the rows and finish kernels fill.
+struct Planned {
+    targets: CudaSlice<i32>,
+    weights: CudaSlice<f64>,
+    valid: CudaSlice<u32>,
+    row_div: CudaSlice<f64>,
+    reduce: CudaSlice<f64>,
+    coef: CudaSlice<f32>,
+    status: CudaSlice<FwlStatus>,
+    row_loss: CudaSlice<f32>,
+    per_sample: CudaSlice<f64>,
+    loss: CudaSlice<f64>,
+    loss_f32: CudaSlice<f32>,
+}
+
 /// Device addresses of one call (0 for absent), held while the launches are queued.
 struct Ptrs {
     logits: u64,
@@ -511,6 +530,19 @@ impl CudaLoss {
         stream: &Arc<CudaStream>,
         p: &Ptrs,
     ) -> Result<DeviceLossOutput> {
+        let mut planned = self.launch_plan::<I>(spec, shape, stream, p)?;
+        self.launch_rows::<L, G>(shape, stream, p, 0, shape.rows(), &mut planned)?;
+        self.launch_finish(spec, shape, stream, planned)
+    }
+
+    /// Queues the plan kernel; its outputs, and those of the kernels after it, are allocated here.
+    fn launch_plan<I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+    ) -> Result<Planned> {
         let m = &self.module;
         let (b, rows) = (shape.batch(), shape.rows());
         // plan writes targets (all B*T), the per-sample arrays (all B) and the status; rows
@@ -522,10 +554,10 @@ impl CudaLoss {
         let mut reduce = output::<f64>(stream, b)?;
         let mut coef = output::<f32>(stream, b)?;
         let mut status = output::<FwlStatus>(stream, 1)?;
-        let mut row_loss = output::<f32>(stream, rows)?;
-        let mut per_sample = output::<f64>(stream, b)?;
-        let mut loss = output::<f64>(stream, 1)?;
-        let mut loss_f32 = output::<f32>(stream, 1)?;
+        let row_loss = output::<f32>(stream, rows)?;
+        let per_sample = output::<f64>(stream, b)?;
+        let loss = output::<f64>(stream, 1)?;
+        let loss_f32 = output::<f32>(stream, 1)?;
 
         // plan: one block
         {
@@ -575,6 +607,22 @@ impl CudaLoss {
             unsafe { stream.launch_builder(m.plan_fn::<I>()).arg(&pp).launch(cfg) }.map_err(drv("launching plan"))?;
         }
 
+        Ok(Planned { targets, weights, valid, row_div, reduce, coef, status, row_loss, per_sample, loss, loss_f32 })
+    }
+
+    /// Queues the rows kernel on `rows` rows of `p.logits` (and `p.grad`), which are the plan's
+    /// rows `row_offset..row_offset + rows`.
+    fn launch_rows<L: Logit, G: Logit>(
+        &self,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+        row_offset: usize,
+        rows: usize,
+        planned: &mut Planned,
+    ) -> Result<()> {
+        let m = &self.module;
+        let Planned { targets, coef, row_loss, .. } = planned;
         // rows: grid-stride, as many resident blocks as the shared memory allows
         {
             let func = m.rows_fn(L::DTYPE, G::DTYPE).ok_or_else(|| {
@@ -617,6 +665,7 @@ impl CudaLoss {
                 smem_vectors: smem_vectors as i64,
                 vector_stores: (L::DTYPE.size() == G::DTYPE.size() && p.grad % 16 == p.logits % 16) as i32,
                 reserved: 0,
+                row_offset: row_offset as i64,
             };
             let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: block, shared_mem_bytes: smem as u32 };
             // SAFETY: the parameters match fwl_rows*_<L>_<G>'s; logits and grad (when not 0) hold
@@ -626,6 +675,31 @@ impl CudaLoss {
             unsafe { stream.launch_builder(func).arg(&rp).launch(cfg) }.map_err(drv("launching rows"))?;
         }
 
+        Ok(())
+    }
+
+    /// Queues the finish kernel over every row's loss.
+    fn launch_finish(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        planned: Planned,
+    ) -> Result<DeviceLossOutput> {
+        let (m, b) = (&self.module, shape.batch());
+        let Planned {
+            targets,
+            weights,
+            valid,
+            row_div,
+            reduce,
+            mut status,
+            row_loss,
+            mut per_sample,
+            mut loss,
+            mut loss_f32,
+            ..
+        } = planned;
         // finish: one block
         {
             let (rl, _g1) = row_loss.device_ptr(stream);
@@ -892,12 +966,14 @@ mod tests {
                 (DType::F16, DType::F32),
                 (DType::BF16, DType::BF16),
                 (DType::BF16, DType::F32),
+                (DType::F32, DType::F16),
+                (DType::F32, DType::BF16),
             ] {
                 let name = l.kernel_name(a, b);
                 assert!(contains(&name), "{name} is missing from the embedded kernels");
             }
         }
-        assert!(!contains("fwl_rows4_f32_bf16"), "the search must be able to fail");
+        assert!(!contains("fwl_rows4_bf16_f16"), "the search must be able to fail");
         assert!(!contains("fwl_rows4c2_f32_f32"));
     }
 }

@@ -57,8 +57,8 @@ fn zero<L: Logit>(g: &mut Grad<'_, L>) {
     }
 }
 
-/// The vocabulary panels of `W` as f32: one panel borrowed from `W` when it is f32, else panels
-/// of `rows` rows widened into `buf`.
+/// The vocabulary panels of `W` as f32, `rows` rows each: borrowed from `W` when it is f32,
+/// widened into `buf` otherwise.
 struct Panels<'a, L: Logit> {
     w: &'a [L],
     h: usize,
@@ -70,7 +70,9 @@ struct Panels<'a, L: Logit> {
 impl<'a, L: Logit> Panels<'a, L> {
     fn new(w: &'a [L], h: usize, v: usize) -> Self {
         let widened = L::as_f32(w).is_none();
-        let rows = if widened { (CPU_PANEL_BYTES / (4 * h)).clamp(1, v) } else { v };
+        // f32 panels too: the GEMM crate packs a whole right-hand side at once, so the panel
+        // bounds its packing buffer
+        let rows = (CPU_PANEL_BYTES / (4 * h)).clamp(1, v);
         Panels { w, h, v, rows, buf: if widened { vec![0.0; rows * h] } else { Vec::new() } }
     }
 
