@@ -32,6 +32,9 @@
 //! contiguous. The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
 //! would need a host synchronisation); they are treated as positions without a target.
 
+mod linear;
+pub use linear::weighted_linear_loss;
+
 use crate::dtype::{Logit, TokenId};
 use crate::{Backend, Grad, LossSpec, Shape, Tokens};
 use candle_core::backend::BackendStorage;
@@ -87,7 +90,7 @@ fn wrap(e: crate::Error) -> candle_core::Error {
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) if b <= v.len() => Ok(&v[a..b]),
-        _ => Err(candle_core::Error::msg(format!("weighted_loss: {what} must be contiguous"))),
+        _ => Err(candle_core::Error::msg(format!("fused-weighted-loss op: {what} must be contiguous"))),
     }
 }
 
@@ -266,13 +269,13 @@ mod cuda {
 
     /// A gradient on the device, with what it takes to become a tensor.
     pub(super) struct DeviceGrad {
-        slice: GradSlice,
-        device: CudaDevice,
-        loss: CudaLoss,
-        dims: (usize, usize, usize),
+        pub(super) slice: GradSlice,
+        pub(super) device: CudaDevice,
+        pub(super) loss: CudaLoss,
+        pub(super) dims: candle_core::Shape,
     }
 
-    enum GradSlice {
+    pub(super) enum GradSlice {
         F32(CudaSlice<f32>),
         F16(CudaSlice<half::f16>),
         BF16(CudaSlice<half::bf16>),
@@ -309,10 +312,14 @@ mod cuda {
         }
     }
 
-    fn view<'a, T>(s: &'a CudaSlice<T>, layout: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
+    pub(super) fn view<'a, T>(
+        s: &'a CudaSlice<T>,
+        layout: &Layout,
+        what: &str,
+    ) -> candle_core::Result<CudaView<'a, T>> {
         match layout.contiguous_offsets() {
             Some((a, b)) if b <= s.len() => Ok(s.slice(a..b)),
-            _ => Err(candle_core::Error::msg(format!("weighted_loss: {what} must be contiguous"))),
+            _ => Err(candle_core::Error::msg(format!("fused-weighted-loss op: {what} must be contiguous"))),
         }
     }
 
@@ -334,7 +341,7 @@ mod cuda {
             let mut g = grad_buffer::<L>(&stream, op.shape.logits_len()).map_err(wrap)?;
             let out =
                 loss.loss_and_grad(&op.spec, op.shape, &stream, logits, &inputs, &mut g.as_view_mut()).map_err(wrap)?;
-            let dims = (op.shape.batch(), op.shape.seq(), op.shape.vocab());
+            let dims = (op.shape.batch(), op.shape.seq(), op.shape.vocab()).into();
             *op.stash.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(Stash::Cuda(DeviceGrad { slice: keep(g), device: dev.clone(), loss, dims }));
             out

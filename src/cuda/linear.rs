@@ -290,6 +290,20 @@ impl CudaLinearLoss {
         Ok(CudaLinearLoss { loss, blas: Mutex::new(Blas { handle, _workspace: workspace }) })
     }
 
+    /// The instance of `ctx`, made on first use and kept for the life of the process (its
+    /// cuBLAS handle and workspace with it), for callers that run many steps.
+    pub fn shared(ctx: &Arc<CudaContext>) -> Result<Arc<CudaLinearLoss>> {
+        static CACHE: Mutex<Vec<(usize, Arc<CudaLinearLoss>)>> = Mutex::new(Vec::new());
+        let key = ctx.cu_ctx() as usize;
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, l)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(CudaLinearLoss::new(ctx)?);
+        cache.push((key, l.clone()));
+        Ok(l)
+    }
+
     /// Loss and the gradients asked for, queued on `stream` (see the [module docs](self)).
     #[allow(clippy::too_many_arguments)]
     pub fn loss_and_grad<L: Logit, I: TokenId>(

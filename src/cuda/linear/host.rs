@@ -11,13 +11,7 @@ use crate::Grad;
 use cudarc::driver::sys::{CUevent_flags, CUmemPool_attribute, CUmemoryPool};
 use cudarc::driver::{CudaSlice, CudaStream, CudaViewMut};
 use std::ffi::c_void;
-use std::sync::{Arc, OnceLock};
-
-/// The fused linear loss on the host API's device (device 0).
-fn host_linear() -> Result<&'static CudaLinearLoss> {
-    static LINEAR: OnceLock<std::result::Result<CudaLinearLoss, Error>> = OnceLock::new();
-    LINEAR.get_or_init(|| CudaLinearLoss::new(&host_device()?.0)).as_ref().map_err(Clone::clone)
-}
+use std::sync::Arc;
 
 /// A host gradient's device copy: in `L` or in f32 (or none).
 struct DevGrad<L: Logit> {
@@ -70,7 +64,7 @@ pub(crate) fn run_host<L: Logit, I: TokenId>(
     mut grads: LinearGrads<'_, L>,
     chunking: Chunking,
 ) -> Result<LinearOutput> {
-    let linear = host_linear()?;
+    let linear = CudaLinearLoss::shared(&host_device()?.0)?;
     let stream = host_device()?.0.default_stream();
     let up = |x: &[L]| stream.clone_htod(x).map_err(drv("copying inputs to the device"));
     let (hidden, weight) = (up(inputs.hidden)?, up(inputs.weight)?);
