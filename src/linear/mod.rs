@@ -39,9 +39,12 @@
 //! assert_eq!(out.loss.weights, vec![3.0, 2.0]);
 //!
 //! // the same as the logits path on h·Wᵀ
-//! let logits: Vec<f32> = (0..b * t)
-//!     .flat_map(|r| (0..v).map(move |j| (0..h).map(|k| hidden[r * h + k] * weight[j * h + k]).sum::<f32>()))
-//!     .collect();
+//! let mut logits = vec![0f32; b * t * v];
+//! for r in 0..b * t {
+//!     for j in 0..v {
+//!         logits[r * v + j] = (0..h).map(|k| hidden[r * h + k] * weight[j * h + k]).sum();
+//!     }
+//! }
 //! let full = spec.loss_and_grad(shape.tokens(), &logits, Tokens::new(&ids), Grad::Skip)?;
 //! assert!((out.loss.loss - full.loss).abs() <= 1e-5 * full.loss);
 //! # Ok::<(), fused_weighted_loss::Error>(())
@@ -54,7 +57,7 @@
 //!   gradient), plus for f16/bf16 inputs an f32 copy of one vocabulary panel of `W` (`P·H·4`,
 //!   `P` rows, about 4 MiB) and, when `d W` is 16-bit, as much again; `4V` each for an f32 copy of
 //!   the bias and for the chunk's bias gradient when a bias is given.
-//! - CUDA: see [`crate::cuda::linear`] (feature `cuda`).
+//! - CUDA: see the `cuda::linear` module (feature `cuda`).
 //!
 //! `C` comes from [`Chunking`]: a byte budget for the chunk buffers (default
 //! [`CPU_BUDGET_PER_THREAD`] per rayon thread on the CPU) or a fixed number of rows.
@@ -72,7 +75,7 @@ use crate::spec::{check_len, LossOutput, LossSpec, Shape, Tokens};
 use crate::Grad;
 
 /// Default CPU chunk budget per rayon thread (bytes of chunk buffers).
-pub const CPU_BUDGET_PER_THREAD: usize = 8 << 20;
+pub const CPU_BUDGET_PER_THREAD: usize = 12 << 20;
 
 /// Bytes of one f32 vocabulary panel of `W` on the CPU for 16-bit inputs.
 pub(crate) const CPU_PANEL_BYTES: usize = 4 << 20;
@@ -234,7 +237,7 @@ impl<'a, L: Logit> LinearGrads<'a, L> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Chunking {
     /// The backend's default budget: [`CPU_BUDGET_PER_THREAD`] per rayon thread on the CPU,
-    /// [`crate::cuda::linear::DEFAULT_BUDGET`] on CUDA.
+    /// `cuda::linear::DEFAULT_BUDGET` (96 MiB) on CUDA.
     #[default]
     Auto,
     /// At most this many bytes of chunk buffers (at least one row is always used).
