@@ -8,7 +8,9 @@ CPU (the CPU target: N = 8x128 = 1024 tokens, H = 512, V = 32000, f32, all threa
   - torch GEMMs: the three matrix products of those sizes alone (h·Wᵀ, G·W, Gᵀ·h), the compute floor;
   - fused: this crate's `bench-linear` (CLI built with `cargo build --release --features cli`).
   Memory: peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) above what the
-  process holds once inputs and gradient buffers exist. Each round times all three; ratios per round.
+  process holds once the inputs exist, less the gradients themselves (the crate writes into
+  buffers that exist before; torch allocates .grad in the step, as after zero_grad(set_to_none=True)).
+  Each round times all three; ratios per round.
 
 GPU (what scripts/gpu-check.sh runs; needs the CLI built with `cli,cuda`):
   python3 benches/compare_linear.py --device cuda --tokens 8x1024 --hidden 4096 --vocab 128256 --dtype bf16 \
@@ -54,13 +56,17 @@ def inputs(a, dev, dtype):
     h = ((torch.rand(b * t, a.hidden, generator=g) * 2 - 1)).to(dev, dtype).requires_grad_()
     w = ((torch.rand(a.vocab, a.hidden, generator=g) * 2 - 1) * (3.0 / a.hidden ** 0.5)).to(dev, dtype).requires_grad_()
     ids = torch.randint(0, a.vocab, (b, t), generator=g).to(dev)
-    # gradient buffers exist (and are touched) before anything is measured, as the crate's are
-    h.grad, w.grad = torch.ones_like(h), torch.ones_like(w)
     return h, w, ids
+
+
+def grad_bytes(h, w):
+    """What the gradients of h and w occupy: the outputs, like the crate's gradient buffers."""
+    return (h.numel() + w.numel()) * h.element_size()
 
 
 def eager_step(a, h, w, ids):
     def step():
+        h.grad = w.grad = None  # zero_grad(set_to_none=True): the step allocates the gradients
         logits = F.linear(h, w).view(a.b, a.t, a.vocab)
         course_loss(ids, logits, KEYS).backward()
     return step
@@ -71,6 +77,7 @@ def liger_step(a, h, w, ids, liger_cls):
     targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).reshape(-1)
 
     def step():
+        h.grad = w.grad = None
         per_token = flce(w, h, targets).view(a.b, a.t)  # 0 at the last position (ignored)
         per_sample = per_token.sum(dim=1) / (a.t - 1)  # the course function's mean over T-1
         weights = torch.stack([(ids == kt).float() for kt in KEYS]).sum(axis=[0, 2])
@@ -81,7 +88,8 @@ def liger_step(a, h, w, ids, liger_cls):
 def fused(a, device):
     cmd = [a.bin, "bench-linear", "--tokens", f"{a.b}x{a.t}", "--hidden", str(a.hidden), "--vocab", str(a.vocab),
            "--dtype", a.dtype, "--backend", device, "--iters", str(a.iters), "--warmup", "1", "--json"]
-    if device == "cpu":
+    if device == "cpu" and a.threads != os.cpu_count():
+        # an installed pool of its own (the default, the global pool, has os.cpu_count() threads)
         cmd += ["--threads", str(a.threads)]
     if a.budget_mib:
         cmd += ["--budget-mib", str(a.budget_mib)]
@@ -104,13 +112,16 @@ def cpu(a):
     rows = []
     for r in range(a.rounds):
         ours = fused(a, "cpu")
+        h.grad = w.grad = None
         before, _ = rss()
         reset_peak()
         eager_ms = Timer("cpu")(eager_step(a, h, w, ids), 1, a.iters)
         _, peak = rss()
         gemm_ms = Timer("cpu")(gemms, 1, a.iters)
+        # torch's step allocates the gradients it returns; those are outputs, not extra memory
+        eager_extra = peak - before - grad_bytes(h, w)
         rows.append(dict(round=r + 1, fused_ms=ours["median_ms"], eager_ms=eager_ms, gemm_ms=gemm_ms,
-                         fused_extra_mib=ours["peak_extra_bytes"] / 2**20, eager_extra_mib=(peak - before) / 2**20,
+                         fused_extra_mib=ours["peak_extra_bytes"] / 2**20, eager_extra_mib=eager_extra / 2**20,
                          chunk_rows=ours["chunk_rows"], chunks=ours["chunks"], threads=ours["threads"]))
     print(f"torch {torch.__version__}, {a.threads} threads; N={n} H={hid} V={v} {a.dtype}; medians of {a.iters} runs")
     print(f"{'round':<6}{'eager ms':>10}{'3 GEMMs':>10}{'fused ms':>10}{'C':>6}{'x eager':>9}{'x GEMMs':>9}"

@@ -185,7 +185,7 @@ pub struct DeviceLinearOutput {
 /// A cuBLAS handle with its workspace.
 struct Blas {
     handle: CudaBlas,
-    _workspace: CudaSlice<u8>,
+    workspace: CudaSlice<u8>,
 }
 
 /// The fused linear loss on one CUDA context: the loss kernels and a cuBLAS handle.
@@ -234,6 +234,19 @@ struct Product {
 }
 
 impl Blas {
+    /// Binds the handle to `stream`, with this handle's workspace (setting a stream resets the
+    /// workspace to cuBLAS's own pool, so it is set again after).
+    fn bind(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        // SAFETY: the handle is used only under its lock, and only for work on `stream`.
+        unsafe { self.handle.set_stream(stream.clone()) }.map_err(blas_err("binding cuBLAS to the stream"))?;
+        let (w, _g) = self.workspace.device_ptr_mut(stream);
+        // SAFETY: the workspace is a live device buffer of WORKSPACE_BYTES, owned by `self` with
+        // the handle; its allocation completed before the first call (see `new`).
+        unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*self.handle.handle(), w as *mut c_void, WORKSPACE_BYTES) }
+            .result()
+            .map_err(blas_err("setting the cuBLAS workspace"))
+    }
+
     /// Queues one product on the handle's stream (f32 compute, f32 scalars on the host).
     fn gemm(&self, p: Product) -> Result<()> {
         let dim = |x: usize| i32::try_from(x).map_err(|_| Error::Unsupported("matrix too large for cuBLAS".into()));
@@ -277,17 +290,12 @@ impl CudaLinearLoss {
         let loss = CudaLoss::new(ctx)?;
         let stream = ctx.default_stream();
         let handle = CudaBlas::new(stream.clone()).map_err(blas_err("opening cuBLAS"))?;
-        let mut workspace = output::<u8>(&stream, WORKSPACE_BYTES)?;
+        let workspace = output::<u8>(&stream, WORKSPACE_BYTES)?;
+        // the workspace is used on other streams later: its allocation must be complete
         stream.synchronize().map_err(drv("synchronising"))?;
-        {
-            let (w, _g) = workspace.device_ptr_mut(&stream);
-            // SAFETY: the workspace is a live device buffer of WORKSPACE_BYTES, kept as long as
-            // the handle (both in `Blas`).
-            unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*handle.handle(), w as *mut c_void, WORKSPACE_BYTES) }
-                .result()
-                .map_err(blas_err("setting the cuBLAS workspace"))?;
-        }
-        Ok(CudaLinearLoss { loss, blas: Mutex::new(Blas { handle, _workspace: workspace }) })
+        let mut blas = Blas { handle, workspace };
+        blas.bind(&stream)?;
+        Ok(CudaLinearLoss { loss, blas: Mutex::new(blas) })
     }
 
     /// The instance of `ctx`, made on first use and kept for the life of the process (its
@@ -349,14 +357,17 @@ impl CudaLinearLoss {
             c -= c % 64;
         }
         let cl = if wide { c } else { c.div_ceil(SUB_CHUNKS) };
+        // (no allocation is empty: the driver refuses size 0)
+        let g16_len = if wide { 0 } else { c * v };
+        let ones_len = if inputs.bias.is_some() { c } else { 0 };
         let mut z = output::<f32>(stream, cl * v)?;
-        let mut g16 = output::<L>(stream, if wide { 0 } else { c * v })?;
-        let mut ones = output::<L>(stream, if inputs.bias.is_some() { c } else { 0 })?;
-        let scratch_bytes = 4 * z.len() + L::DTYPE.size() * (g16.len() + ones.len());
+        let mut g16 = output::<L>(stream, g16_len.max(1))?;
+        let mut ones = output::<L>(stream, ones_len.max(1))?;
+        let scratch_bytes = 4 * z.len() + L::DTYPE.size() * (g16_len + ones_len);
 
+        stream.context().bind_to_thread().map_err(drv("binding the context"))?;
         let mut blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the handle is used only under this lock, and only for work on `stream`.
-        unsafe { blas.handle.set_stream(stream.clone()) }.map_err(blas_err("binding cuBLAS to the stream"))?;
+        blas.bind(stream)?;
 
         let (ids, _gi) = tokens.ids.device_ptr(stream);
         let labels = tokens.labels.map(|l| l.device_ptr(stream));
