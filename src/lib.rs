@@ -33,6 +33,9 @@
 //! Defaults reproduce the course function exactly; [`LossSpecBuilder`] has the extensions
 //! (labels with `ignore_index`, [`RowMean`], [`Reduction`], per-keyword weights, an upstream
 //! gradient scale, a finiteness check, the backend).
+//!
+//! [`LossSpec::linear_loss_and_grad`] computes the same loss from the last hidden states and the
+//! output weight, in chunks of token rows, so that the logits never exist (module [`linear`]).
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
