@@ -32,6 +32,94 @@
 //! contiguous. The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
 //! would need a host synchronisation); they are treated as positions without a target.
 
+/// Implements candle's `CustomOp2` and `CustomOp3` for an op of two or three inputs: its
+/// `cpu(s1, l1, s2, l2, Option<(s3, l3)>)`, the CUDA forward `$cuda(op, s1, l1, s2, l2, Option<..>)`
+/// and its `grads(grad_res)`, the gradients of its (up to three) inputs.
+macro_rules! custom_ops {
+    ($op:ty, $name:literal, $cuda:path) => {
+        impl CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+                self.cpu(s1, l1, s2, l2, None)
+            }
+
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                $cuda(self, s1, l1, s2, l2, None)
+            }
+
+            fn bwd(
+                &self,
+                _: &Tensor,
+                _: &Tensor,
+                _: &Tensor,
+                grad_res: &Tensor,
+            ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+                let [a, b, _] = self.grads(grad_res)?;
+                Ok((a, b))
+            }
+        }
+
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+                self.cpu(s1, l1, s2, l2, Some((s3, l3)))
+            }
+
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+                s3: &candle_core::CudaStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                $cuda(self, s1, l1, s2, l2, Some((s3, l3)))
+            }
+
+            fn bwd(
+                &self,
+                _: &Tensor,
+                _: &Tensor,
+                _: &Tensor,
+                _: &Tensor,
+                grad_res: &Tensor,
+            ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+                let [a, b, c] = self.grads(grad_res)?;
+                Ok((a, b, c))
+            }
+        }
+    };
+}
+
 mod linear;
 pub use linear::weighted_linear_loss;
 
@@ -157,6 +245,11 @@ impl WeightedLossOp {
         }
     }
 
+    /// The backward: the logits' gradient (ids and labels get none).
+    fn grads(&self, grad_res: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
+        Ok([Some(self.bwd(grad_res)?), None, None])
+    }
+
     fn bwd(&self, grad_res: &Tensor) -> candle_core::Result<Tensor> {
         let stash = self.stash.lock().unwrap_or_else(|e| e.into_inner()).take();
         match stash {
@@ -178,84 +271,7 @@ impl WeightedLossOp {
     }
 }
 
-impl CustomOp2 for WeightedLossOp {
-    fn name(&self) -> &'static str {
-        "fused-weighted-loss"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        self.cpu(s1, l1, s2, l2, None)
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda::forward(self, s1, l1, s2, l2, None)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.bwd(grad_res)?), None))
-    }
-}
-
-impl CustomOp3 for WeightedLossOp {
-    fn name(&self) -> &'static str {
-        "fused-weighted-loss"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        self.cpu(s1, l1, s2, l2, Some((s3, l3)))
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda::forward(self, s1, l1, s2, l2, Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.bwd(grad_res)?), None, None))
-    }
-}
+custom_ops!(WeightedLossOp, "fused-weighted-loss", cuda::forward);
 
 #[cfg(feature = "candle-cuda")]
 mod cuda {

@@ -195,13 +195,13 @@ impl LinearOp {
         }
     }
 
-    /// The kept gradients, scaled by the upstream gradient.
-    fn bwd(&self, grad_res: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+    /// The kept gradients of hidden, weight and bias, scaled by the upstream gradient.
+    fn grads(&self, grad_res: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
         let stash = self.stash.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| {
             candle_core::Error::msg("weighted_linear_loss: no gradients kept (the backward already ran)")
         })?;
         let mut scale = None;
-        stash
+        let grads: Vec<Option<Tensor>> = stash
             .into_iter()
             .map(|g| match g {
                 None => Ok(None),
@@ -215,90 +215,13 @@ impl LinearOp {
                 #[cfg(feature = "candle-cuda")]
                 Some(Stashed::Cuda(g)) => g.into_tensor(grad_res).map(Some),
             })
-            .collect()
+            .collect::<candle_core::Result<_>>()?;
+        let mut g = grads.into_iter();
+        Ok([g.next().flatten(), g.next().flatten(), g.next().flatten()])
     }
 }
 
-impl CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "fused-weighted-linear-loss"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        self.cpu(s1, l1, s2, l2, None)
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda::forward(self, s1, l1, s2, l2, None)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.bwd(grad_res)?.into_iter();
-        Ok((g.next().flatten(), g.next().flatten()))
-    }
-}
-
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "fused-weighted-linear-loss"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        self.cpu(s1, l1, s2, l2, Some((s3, l3)))
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda::forward(self, s1, l1, s2, l2, Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let mut g = self.bwd(grad_res)?.into_iter();
-        Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
-    }
-}
+custom_ops!(LinearOp, "fused-weighted-linear-loss", cuda::forward);
 
 #[cfg(feature = "candle-cuda")]
 mod cuda {
