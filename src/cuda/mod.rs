@@ -27,6 +27,8 @@
 //! `[0, V)` is treated as "no target" by the kernels (never read out of bounds) and reported as
 //! [`Error::IdOutOfRange`] by [`DeviceLossOutput::to_host`] or [`DeviceLossOutput::check`].
 
+pub mod linear;
+
 mod params {
     #![allow(non_camel_case_types, non_snake_case, non_upper_case_globals, dead_code, missing_docs)]
     #![allow(clippy::all)]
@@ -147,7 +149,7 @@ struct Module {
     plan_i32: CudaFunction,
     plan_i64: CudaFunction,
     plan_u32: CudaFunction,
-    rows: [(DType, DType, CudaFunction); 5],
+    rows: [(DType, DType, CudaFunction); 7],
     finish: CudaFunction,
     scale: [(DType, CudaFunction); 3],
     num_sms: u32,
@@ -194,6 +196,8 @@ impl Module {
             row(DType::F16, DType::F32)?,
             row(DType::BF16, DType::BF16)?,
             row(DType::BF16, DType::F32)?,
+            row(DType::F32, DType::F16)?,
+            row(DType::F32, DType::BF16)?,
         ];
         let blocks_per_sm = launch.blocks_per_sm;
         let mut smem_max = usize::MAX;
@@ -417,6 +421,36 @@ impl std::fmt::Debug for CudaLoss {
     }
 }
 
+/// The plan kernel's outputs and the buffers the rows and finish kernels fill.
+struct Planned {
+    targets: CudaSlice<i32>,
+    weights: CudaSlice<f64>,
+    valid: CudaSlice<u32>,
+    row_div: CudaSlice<f64>,
+    reduce: CudaSlice<f64>,
+    coef: CudaSlice<f32>,
+    status: CudaSlice<FwlStatus>,
+    row_loss: CudaSlice<f64>,
+    /// The z-loss parts of the rows and samples (one-element placeholders when it is off).
+    row_z: CudaSlice<f64>,
+    per_sample_z: CudaSlice<f64>,
+    per_sample: CudaSlice<f64>,
+    loss: CudaSlice<f64>,
+    z_loss: CudaSlice<f64>,
+    loss_f32: CudaSlice<f32>,
+    opts: PlannedOptions,
+}
+
+/// The call's per-row options, as the rows and finish kernels take them.
+#[derive(Debug, Clone, Copy)]
+struct PlannedOptions {
+    softcap: f32,
+    z_loss: f64,
+    smoothing: f64,
+    /// Device address of the token weights (0: none).
+    token_weights: u64,
+}
+
 /// Device addresses of one call (0 for absent), held while the launches are queued.
 struct Ptrs {
     logits: u64,
@@ -557,6 +591,19 @@ impl CudaLoss {
         stream: &Arc<CudaStream>,
         p: &Ptrs,
     ) -> Result<DeviceLossOutput> {
+        let mut planned = self.launch_plan::<I>(spec, shape, stream, p)?;
+        self.launch_rows::<L, G>(shape, stream, p, 0, shape.rows(), &mut planned)?;
+        self.launch_finish(spec, shape, stream, planned)
+    }
+
+    /// Queues the plan kernel; its outputs, and those of the kernels after it, are allocated here.
+    fn launch_plan<I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+    ) -> Result<Planned> {
         let m = &self.module;
         let (b, rows) = (shape.batch(), shape.rows());
         // plan writes targets (all B*T), the per-sample arrays (all B) and the status; rows
@@ -568,15 +615,15 @@ impl CudaLoss {
         let mut reduce = output::<f64>(stream, b)?;
         let mut coef = output::<f32>(stream, b)?;
         let mut status = output::<FwlStatus>(stream, 1)?;
-        let mut row_loss = output::<f64>(stream, rows)?;
+        let row_loss = output::<f64>(stream, rows)?;
         // the z-loss parts only with z-loss on (the kernels take NULL otherwise)
         let z_on = spec.z_loss != 0.0;
-        let mut row_z = output::<f64>(stream, if z_on { rows } else { 1 })?;
-        let mut per_sample_z = output::<f64>(stream, if z_on { b } else { 1 })?;
-        let mut per_sample = output::<f64>(stream, b)?;
-        let mut loss = output::<f64>(stream, 1)?;
-        let mut z_loss = output::<f64>(stream, 1)?;
-        let mut loss_f32 = output::<f32>(stream, 1)?;
+        let row_z = output::<f64>(stream, if z_on { rows } else { 1 })?;
+        let per_sample_z = output::<f64>(stream, if z_on { b } else { 1 })?;
+        let per_sample = output::<f64>(stream, b)?;
+        let loss = output::<f64>(stream, 1)?;
+        let z_loss = output::<f64>(stream, 1)?;
+        let loss_f32 = output::<f32>(stream, 1)?;
 
         // plan: one block
         {
@@ -627,6 +674,45 @@ impl CudaLoss {
             unsafe { stream.launch_builder(m.plan_fn::<I>()).arg(&pp).launch(cfg) }.map_err(drv("launching plan"))?;
         }
 
+        let opts = PlannedOptions {
+            softcap: spec.softcap.map_or(0.0, |c| c as f32),
+            z_loss: spec.z_loss,
+            smoothing: spec.label_smoothing,
+            token_weights: p.token_weights,
+        };
+        Ok(Planned {
+            targets,
+            weights,
+            valid,
+            row_div,
+            reduce,
+            coef,
+            status,
+            row_loss,
+            row_z,
+            per_sample_z,
+            per_sample,
+            loss,
+            z_loss,
+            loss_f32,
+            opts,
+        })
+    }
+
+    /// Queues the rows kernel on `rows` rows of `p.logits` (and `p.grad`), which are the plan's
+    /// rows `row_offset..row_offset + rows`.
+    fn launch_rows<L: Logit, G: Logit>(
+        &self,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+        row_offset: usize,
+        rows: usize,
+        planned: &mut Planned,
+    ) -> Result<()> {
+        let m = &self.module;
+        let Planned { targets, coef, row_loss, row_z, opts: planned_opts, .. } = planned;
+        let z_on = planned_opts.z_loss != 0.0;
         // rows: grid-stride, as many resident blocks as the shared memory allows
         {
             let func = m.rows_fn(L::DTYPE, G::DTYPE).ok_or_else(|| {
@@ -663,7 +749,7 @@ impl CudaLoss {
                 grad: p.grad as *mut c_void,
                 targets: t as *const i32,
                 coef: c as *const f32,
-                token_weights: p.token_weights as *const f32,
+                token_weights: planned_opts.token_weights as *const f32,
                 row_loss: rl as *mut f64,
                 row_z: if z_on { rz as *mut f64 } else { std::ptr::null_mut() },
                 rows: rows as i64,
@@ -671,9 +757,10 @@ impl CudaLoss {
                 vocab: shape.vocab() as i64,
                 smem_vectors: smem_vectors as i64,
                 vector_stores: (L::DTYPE.size() == G::DTYPE.size() && p.grad % 16 == p.logits % 16) as i32,
-                softcap: spec.softcap.map_or(0.0, |c| c as f32),
-                z_loss: spec.z_loss,
-                smoothing: spec.label_smoothing,
+                softcap: planned_opts.softcap,
+                z_loss: planned_opts.z_loss,
+                smoothing: planned_opts.smoothing,
+                row_offset: row_offset as i64,
             };
             let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: block, shared_mem_bytes: smem as u32 };
             // SAFETY: the parameters match fwl_rows*_<L>_<G>'s; logits and grad (when not 0) hold
@@ -684,6 +771,36 @@ impl CudaLoss {
             unsafe { stream.launch_builder(func).arg(&rp).launch(cfg) }.map_err(drv("launching rows"))?;
         }
 
+        Ok(())
+    }
+
+    /// Queues the finish kernel over every row's loss.
+    fn launch_finish(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        planned: Planned,
+    ) -> Result<DeviceLossOutput> {
+        let (m, b) = (&self.module, shape.batch());
+        let Planned {
+            targets,
+            weights,
+            valid,
+            row_div,
+            reduce,
+            mut status,
+            row_loss,
+            row_z,
+            mut per_sample_z,
+            mut per_sample,
+            mut loss,
+            mut z_loss,
+            mut loss_f32,
+            opts,
+            ..
+        } = planned;
+        let z_on = opts.z_loss != 0.0;
         // finish: one block
         {
             let (rl, _g1) = row_loss.device_ptr(stream);
@@ -700,7 +817,7 @@ impl CudaLoss {
             let fp = FwlFinishParams {
                 row_loss: rl as *const f64,
                 row_z: if z_on { rz as *const f64 } else { std::ptr::null() },
-                token_weights: p.token_weights as *const f32,
+                token_weights: opts.token_weights as *const f32,
                 targets: t as *const i32,
                 row_div: d as *const f64,
                 reduce: r as *const f64,
@@ -990,12 +1107,14 @@ mod tests {
                 (DType::F16, DType::F32),
                 (DType::BF16, DType::BF16),
                 (DType::BF16, DType::F32),
+                (DType::F32, DType::F16),
+                (DType::F32, DType::BF16),
             ] {
                 let name = l.kernel_name(a, b);
                 assert!(contains(&name), "{name} is missing from the embedded kernels");
             }
         }
-        assert!(!contains("fwl_rows4_f32_bf16"), "the search must be able to fail");
+        assert!(!contains("fwl_rows4_bf16_f16"), "the search must be able to fail");
         assert!(!contains("fwl_rows4c2_f32_f32"));
     }
 }
