@@ -40,6 +40,23 @@ fn gpu_linear_random_shapes_all_dtypes() {
 }
 
 #[test]
+fn gpu_linear_loss_options_and_token_weights() {
+    if !gpu_or_skip("gpu_linear_loss_options_and_token_weights") {
+        return;
+    }
+    let spec = LossSpec::builder().keywords([2i64]).z_loss(1e-3).label_smoothing(0.1).softcap(3.0).build().unwrap();
+    let mut c = Case::<f32>::random(270, 3, 6, 19, 301, true);
+    c.token_weights = Some((0..c.shape.rows()).map(|i| (i % 4) as f32 * 0.5).collect());
+    let mut labels = c.ids.clone();
+    labels[4] = -100;
+    c.labels = Some(labels);
+    all_chunkings(&spec, &c, "gpu options f32");
+    let mut c = Case::<bf16>::random(271, 2, 5, 24, 515, false);
+    c.token_weights = Some((0..c.shape.rows()).map(|i| 0.25 + (i % 3) as f32).collect());
+    all_chunkings(&spec, &c, "gpu options bf16");
+}
+
+#[test]
 fn gpu_linear_ignore_index_and_reductions() {
     if !gpu_or_skip("gpu_linear_ignore_index_and_reductions") {
         return;

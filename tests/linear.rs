@@ -45,6 +45,21 @@ fn random_shapes_16_bit() {
 }
 
 #[test]
+fn loss_options_and_token_weights() {
+    // z-loss, label smoothing, soft-capping and token weights ride on the rows pass of each chunk
+    let spec = LossSpec::builder().keywords([2i64]).z_loss(1e-3).label_smoothing(0.1).softcap(3.0).build().unwrap();
+    let mut c = Case::<f32>::random(70, 3, 6, 19, 301, true);
+    c.token_weights = Some((0..c.shape.rows()).map(|i| (i % 4) as f32 * 0.5).collect());
+    let mut labels = c.ids.clone();
+    labels[4] = -100;
+    c.labels = Some(labels);
+    all_chunkings(&spec, &c, "options f32");
+    let mut c = Case::<bf16>::random(71, 2, 5, 24, 515, false);
+    c.token_weights = Some((0..c.shape.rows()).map(|i| 0.25 + (i % 3) as f32).collect());
+    all_chunkings(&spec, &c, "options bf16");
+}
+
+#[test]
 fn wide_hidden_uses_several_vocabulary_panels() {
     // bf16 W is widened a 4 MiB panel at a time: H = 600 gives 1747-row panels, V = 4000 three
     let c = Case::<bf16>::random(7, 2, 4, 600, 4000, true);

@@ -15,6 +15,7 @@ pub struct Case<L: Logit> {
     pub bias: Option<Vec<L>>,
     pub ids: Vec<i64>,
     pub labels: Option<Vec<i64>>,
+    pub token_weights: Option<Vec<f32>>,
 }
 
 impl<L: Logit> Case<L> {
@@ -30,13 +31,18 @@ impl<L: Logit> Case<L> {
             bias: with_bias.then(|| synthetic::logits(seed + 2, v, 0.5)),
             ids: synthetic::ids(seed + 3, shape.rows(), v),
             labels: None,
+            token_weights: None,
         }
     }
 
     pub fn tokens(&self) -> Tokens<'_, i64> {
-        match &self.labels {
+        let t = match &self.labels {
             Some(l) => Tokens::new(&self.ids).with_labels(l),
             None => Tokens::new(&self.ids),
+        };
+        match &self.token_weights {
+            Some(w) => t.with_token_weights(w),
+            None => t,
         }
     }
 
