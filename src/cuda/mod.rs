@@ -29,9 +29,8 @@
 //!
 //! Layers, one file each: `probe` (is there a driver and a device, asked before cudarc is
 //! touched), `module` (the kernels loaded once per context, the rows kernel's launch knobs),
-//! `launch` (the three launches of a call and the buffers between them: the one place kernels
-//! are launched for the loss), `api` (the public device API), `host` (host slices through the
-//! GPU), `bench` (device timings); `linear` is the fused linear path on cuBLAS, `external` runs on
+//! `launch` (the plan, rows and finish launches of a call and the buffers between them), `api`
+//! (the public device API), `host` (host slices through the GPU), `bench` (device timings); `linear` is the fused linear path on cuBLAS, `external` runs on
 //! another framework's device pointers and stream.
 
 pub mod linear;
