@@ -173,6 +173,16 @@ pub enum Error {
         /// The driver's message.
         message: String,
     },
+    /// A fused linear input (hidden states, weight) has a rank it cannot have.
+    #[error("{what} must be {expected}, got rank {} {dims:?}", dims.len())]
+    InputRank {
+        /// `"hidden"` or `"weight"`.
+        what: &'static str,
+        /// The accepted layouts, in words.
+        expected: &'static str,
+        /// The dimensions that were given.
+        dims: Vec<usize>,
+    },
     /// `hidden == 0` in a fused linear call.
     #[error("hidden size is 0")]
     EmptyHidden,
