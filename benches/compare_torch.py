@@ -191,6 +191,8 @@ def main():
                        fused_gbps=ours["gbps"], floor_gbps=ours["floor_gbps"], fused_backend=ours["backend"],
                        simd=ours.get("simd"), fused_threads=ours.get("threads"))
         rows.append(row)
+        # each row as soon as it is measured, so that a run cut short still leaves its figures
+        print("row", json.dumps(row), flush=True)
 
     def f(x, w, p=2):
         return f"{x:>{w}.{p}f}" if x is not None else f"{'-':>{w}}"

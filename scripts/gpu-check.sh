@@ -20,7 +20,9 @@
 #                                       # the same tensors, the Python package, checked against float64),
 #                                       # the course function in torch eager and under torch.compile,
 #                                       # Liger-Kernel's cross-entropy + the weighting, and the device copy
-#                                       # bandwidth, all in the same call. At most 8 min.
+#                                       # bandwidth, all in the same call. At most FWL_GPU_CHECK_S
+#                                       # seconds (default 450, so 8 min with the machine's start):
+#                                       # checks first, benches after, the sweep in what is left.
 #
 # The run step needs nvidia-smi, python3 with torch and pytest (and triton for Liger and
 # torch.compile); compute-sanitizer is used when present. No Rust there: the package comes as a
@@ -54,25 +56,35 @@ for line in sys.stdin:
 }
 
 run() {
-  local fail=0 start=$SECONDS
+  local fail=0 skipped=0 start=$SECONDS
+  # The whole run fits in FWL_GPU_CHECK_S seconds (default 450): the steps come in order of
+  # importance, each under its own timeout cut to what is left, and the final bench table keeps
+  # FWL_GPU_CHECK_FINAL_S of it (default 170) for itself. A step with under 15 s left is skipped
+  # and said so; a step that runs out of time counts as failed.
+  local total=${FWL_GPU_CHECK_S:-450} final_s=${FWL_GPU_CHECK_FINAL_S:-170}
   step() { echo; echo "== $* ($((SECONDS - start)) s)"; }
+  within() {
+    local want=$1 left rc
+    shift
+    left=$((total - final_s - (SECONDS - start)))
+    if ((left < 15)); then
+      echo "skipped, out of time: $*"
+      skipped=$((skipped + 1))
+      return 0
+    fi
+    timeout $((want < left ? want : left)) "$@"
+    rc=$?
+    [ $rc = 124 ] && echo "timed out: $*"
+    return $rc
+  }
   step "device"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || fail=1
   export FWL_REQUIRE_CUDA=1
   step "GPU parity (FWL_REQUIRE_CUDA=1)"
-  "$bundle/bin/test-gpu" --test-threads=1 || fail=1
-  "$bundle/bin/test-large" --exact more_than_2_pow_31_elements_cuda || fail=1
+  within 90 "$bundle/bin/test-gpu" --test-threads=1 || fail=1
+  within 40 "$bundle/bin/test-large" --exact more_than_2_pow_31_elements_cuda || fail=1
   step "GPU parity of the fused linear path (FWL_REQUIRE_CUDA=1)"
-  "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
-
-  # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests
-  local variant
-  for variant in "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_UNROLL=4" \
-                 "FWL_CUDA_ROW_THREADS=512 FWL_CUDA_BLOCKS_PER_SM=3 FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_ROW_CLUSTER=4" \
-                 "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_CLUSTER=2"; do
-    step "GPU parity with $variant"
-    env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
-  done
+  within 60 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
 
   local cs
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)
@@ -81,64 +93,90 @@ run() {
     for tool in memcheck racecheck; do
       for dt in bf16 f32; do
         step "compute-sanitizer --tool $tool, $dt"
-        "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype "$dt" || fail=1
+        within 30 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype "$dt" ||
+          fail=1
       done
       step "compute-sanitizer --tool $tool, bf16, cluster of 2, 2 loads in flight"
-      FWL_CUDA_ROW_CLUSTER=2 FWL_CUDA_ROW_UNROLL=2 \
+      within 30 env FWL_CUDA_ROW_CLUSTER=2 FWL_CUDA_ROW_UNROLL=2 \
         "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype bf16 || fail=1
     done
     step "compute-sanitizer --tool memcheck, fused linear path (cuBLAS + rows kernel), bf16 and f32"
     for dt in bf16 f32; do
-      "$cs" --tool memcheck --error-exitcode 3 "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda \
+      within 40 "$cs" --tool memcheck --error-exitcode 3 "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda \
         --tokens 2x9 --hidden 40 --vocab 5003 --dtype "$dt" --chunk-rows 5 --iters 1 --warmup 0 || fail=1
     done
   else
     step "compute-sanitizer: not found, skipped"
   fi
 
-  step "rows kernel launch sweep (tuning knobs; each configuration in its own process)"
-  python3 benches/sweep_cuda.py --bin "$bundle/bin/fused-weighted-loss" --budget-s 150 \
-    --json "${OUT:-/tmp}/gpu-sweep.json" || fail=1
+  step "Python package: install the wheel, its CUDA tests (FWL_REQUIRE_CUDA=1)"
+  local pkg site=/tmp/fwl-site have_pkg=0
+  pkg=$(ls "$bundle"/wheels/fused_weighted_loss-*.whl 2>/dev/null | head -1)
+  if [ -n "$pkg" ] && python3 -m pip install --quiet --no-deps --no-index --target "$site" "$pkg"; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    have_pkg=1
+    # every CUDA test (test_cuda.py and the [cuda] cases of the others); the CPU ones run in CI
+    within 150 python3 -m pytest -q -rs -p no:cacheprovider python/tests -k cuda || fail=1
+  else
+    echo "no installable fused_weighted_loss wheel in $bundle/wheels (run prepare)"; fail=1
+  fi
+
+  local liger
+  liger=$(ls "$bundle"/wheels/liger_kernel-*.whl 2>/dev/null | head -1)
+  step "bench: fused linear + weighted loss vs torch eager on hidden@W^T and Liger-Kernel's fused linear CE"
+  within 90 env PYTHONUNBUFFERED=1 python3 benches/compare_linear.py --device cuda --bin "$bundle/bin/fused-weighted-loss" \
+    --tokens 8x1024 --hidden 4096 --vocab 128256 --dtype bf16 --iters 10 \
+    ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-linear-bench.json" || fail=1
 
   step "loss options: plain vs z-loss + label smoothing + soft-cap + token weights (same process each)"
   local shp
   for shp in 8x1024x128256:bf16 32x128x50000:f32; do
     for opts in "" "--z-loss 1e-4 --label-smoothing 0.1 --softcap 30 --token-weights"; do
-      "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape "${shp%%:*}" --dtype "${shp##*:}" \
+      within 30 "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape "${shp%%:*}" --dtype "${shp##*:}" \
         --iters 20 --reference-iters 0 $opts | sed -n '3,4p' | sed "s|^|${shp} ${opts:-plain}: |" || fail=1
     done
   done
-  step "Python package: install the wheel, its CUDA tests (FWL_REQUIRE_CUDA=1)"
-  local pkg site=/tmp/fwl-site
-  pkg=$(ls "$bundle"/wheels/fused_weighted_loss-*.whl 2>/dev/null | head -1)
-  if [ -n "$pkg" ] && python3 -m pip install --quiet --no-deps --no-index --target "$site" "$pkg"; then
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-    # every CUDA test (test_cuda.py and the [cuda] cases of the others); the CPU ones run in CI
-    timeout 200 python3 -m pytest -q -rs -p no:cacheprovider python/tests -k cuda || fail=1
+
+  if [ $have_pkg = 1 ]; then
     step "Python package: per-call overhead over the Rust call, same tensors (benches/python_overhead.py)"
     for dt in bf16 f32; do
-      timeout 60 python3 benches/python_overhead.py --device cuda --shape 32x128x50000 --dtype "$dt" \
+      within 45 python3 benches/python_overhead.py --device cuda --shape 32x128x50000 --dtype "$dt" \
         --json "${OUT:-/tmp}/gpu-overhead-$dt.json" || fail=1
     done
     step "Python package: weighted_linear_loss vs F.linear + the course function, same tensors (benches/python_linear.py)"
-    timeout 120 python3 benches/python_linear.py --device cuda --tokens 8x1024 --hidden 4096 --vocab 128256 \
+    within 60 python3 benches/python_linear.py --device cuda --tokens 8x1024 --hidden 4096 --vocab 128256 \
       --dtype bf16 --iters 10 --rounds 2 --json "${OUT:-/tmp}/gpu-python-linear.json" || fail=1
+  fi
+
+  # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests
+  local variant
+  for variant in "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_UNROLL=4" \
+                 "FWL_CUDA_ROW_THREADS=512 FWL_CUDA_BLOCKS_PER_SM=3 FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_ROW_CLUSTER=4" \
+                 "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_CLUSTER=2"; do
+    step "GPU parity with $variant"
+    within 60 env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
+  done
+
+  step "rows kernel launch sweep (tuning knobs; each configuration in its own process), in what is left"
+  local sweep_s=$((total - final_s - (SECONDS - start) - 5))
+  if ((sweep_s >= 20)); then
+    python3 benches/sweep_cuda.py --bin "$bundle/bin/fused-weighted-loss" --budget-s "$sweep_s" \
+      --json "${OUT:-/tmp}/gpu-sweep.json" || fail=1
   else
-    echo "no installable fused_weighted_loss wheel in $bundle/wheels (run prepare)"; fail=1
+    echo "skipped, out of time: the sweep"; skipped=$((skipped + 1))
   fi
 
   echo
-  echo "== checks $([ $fail = 0 ] && echo 'passed' || echo 'FAILED (see above)') in $((SECONDS - start)) s"
-  local liger
-  liger=$(ls "$bundle"/wheels/liger_kernel-*.whl 2>/dev/null | head -1)
-  step "bench: fused linear + weighted loss vs torch eager on hidden@W^T and Liger-Kernel's fused linear CE"
-  PYTHONUNBUFFERED=1 python3 benches/compare_linear.py --device cuda --bin "$bundle/bin/fused-weighted-loss" \
-    --tokens 8x1024 --hidden 4096 --vocab 128256 --dtype bf16 --iters 10 \
-    ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-linear-bench.json" || fail=1
+  echo "== checks $([ $fail = 0 ] && echo 'passed' || echo 'FAILED (see above)'), $skipped skipped for time, in $((SECONDS - start)) s"
   step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy (table last)"
-  PYTHONUNBUFFERED=1 python3 benches/compare_torch.py --device cuda --bin "$bundle/bin/fused-weighted-loss" \
-    --shapes 32x128x50000:f32,32x128x50000:bf16,8x1024x128256:bf16 --iters 20 --compile-budget-s 200 \
+  local final_left=$((total - (SECONDS - start)))
+  ((final_left < 60)) && final_left=60
+  PYTHONUNBUFFERED=1 timeout "$final_left" python3 benches/compare_torch.py --device cuda \
+    --bin "$bundle/bin/fused-weighted-loss" \
+    --shapes 32x128x50000:f32,32x128x50000:bf16,8x1024x128256:bf16 --iters 20 \
+    --compile-budget-s $((final_left * 2 / 3)) \
     ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-bench.json" || fail=1
+  echo "== gpu-check done in $((SECONDS - start)) s (budget $total s)"
   return $fail
 }
 
