@@ -45,6 +45,7 @@ pub mod cuda;
 mod dtype;
 mod error;
 pub mod measure;
+pub mod parallel;
 pub mod reference;
 mod spec;
 pub mod synthetic;

@@ -30,6 +30,7 @@
 
 mod row;
 pub(crate) mod simd;
+pub(crate) mod split;
 
 use crate::dtype::{DType, Logit};
 use crate::spec::{Plan, RowLosses, NO_TARGET};

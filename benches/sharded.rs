@@ -1,0 +1,154 @@
+//! The vocabulary-parallel split on the CPU against the single-device pass (`cargo bench --bench
+//! sharded`; `-- f32` or `-- bf16` runs one dtype's rows).
+//!
+//! 1. **Per-rank kernel time**: one rank's work on its slice, `[B, T, V/P]`, through the split
+//!    (statistics step, a group-of-one exchange, merge, gradient step, chunk by chunk, as
+//!    `Sharded` runs it) against the single-device call on the same logits, timed alternately
+//!    (paired). The target is ≤ 1.1×: the split adds no pass over the logits. Beside it, the
+//!    same split with one chunk for all rows (its exponentials no longer fit a cache: written to
+//!    memory and read back) and with nothing kept (the logits read twice), to show what chunks save.
+//! 2. **P ranks as threads** of this process (the test exchange, barrier + copies), all sharing
+//!    the machine's cores: wall time of the sharded call of every rank against the
+//!    single-device call over the whole vocabulary (the same total work).
+//!
+//! Medians of paired runs; figures on a shared machine are provisional.
+
+#[path = "../tests/common/threads.rs"]
+mod threads;
+
+use fused_weighted_loss::measure::{median, time_paired};
+use fused_weighted_loss::parallel::{Sharded, ShardedLoss, Solo, VocabSlice};
+use fused_weighted_loss::{bf16, synthetic, Grad, Logit, LossSpec, Shape, Tokens};
+use std::time::Instant;
+
+const WARMUP: usize = 2;
+const ITERS: usize = 15;
+
+/// Loss + gradient of `logits` (`[B, T, len]`, ids in `[0, len)`) through the split's steps with
+/// all rows in one chunk, keeping `keep` rows' exponentials (the rest re-read).
+fn one_chunk<L: Logit>(spec: &LossSpec, shape: Shape, logits: &[L], ids: &[i64], grad: &mut [L], keep: usize) {
+    let slice = VocabSlice::full(shape.vocab()).unwrap();
+    let mut st = ShardedLoss::new(spec, shape, slice, Tokens::new(ids)).unwrap().with_keep_rows(keep);
+    let rows = 0..shape.rows();
+    let mut part = vec![0.0; st.partials_len(rows.len())];
+    st.partials(rows.clone(), logits, &mut part).unwrap();
+    st.finish_rows_grad(rows, &part, logits, grad).unwrap();
+    st.finish().unwrap();
+}
+
+fn per_rank<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize, chunk: Option<usize>) {
+    let len = VocabSlice::even(0, ranks, vocab).unwrap().len();
+    let shape = Shape::new(b, t, len).unwrap();
+    let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
+    let ids = synthetic::ids::<i64>(2, shape.rows(), len);
+    let spec = LossSpec::builder().keywords([0, 1, 2]).build().unwrap();
+    let (mut g1, mut g2) = (L::zeroed(shape.logits_len()), L::zeroed(shape.logits_len()));
+    let slice = VocabSlice::full(len).unwrap();
+    let mut split = Sharded::vocab_parallel(slice, &Solo);
+    if let Some(c) = chunk {
+        split = split.with_chunk_rows(c);
+    }
+    let (single, sharded) = time_paired(
+        WARMUP,
+        ITERS,
+        || drop(spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g1)).unwrap()),
+        || drop(split.loss_and_grad(&spec, shape, &logits, Tokens::new(&ids), Grad::Into(&mut g2)).unwrap()),
+    );
+    let (s, p) = (median(&single), median(&sharded));
+    let (single2, none_kept) = time_paired(
+        WARMUP,
+        ITERS,
+        || drop(spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g1)).unwrap()),
+        || one_chunk(&spec, shape, &logits, &ids, &mut g2, 0),
+    );
+    let (s2, n) = (median(&single2), median(&none_kept));
+    println!(
+        "| {} | {b}x{t}x{vocab} / {ranks} = {len} | {} | {:.2} | {:.2} | **{:.3}** | {:.2} | {:.2} | {:.3} |",
+        L::DTYPE,
+        chunk.unwrap_or(fused_weighted_loss::parallel::default_chunk_rows(vocab, ranks)),
+        s * 1e3,
+        p * 1e3,
+        p / s,
+        s2 * 1e3,
+        n * 1e3,
+        n / s2,
+    );
+}
+
+fn threads_as_ranks<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize) {
+    let shape = Shape::new(b, t, vocab).unwrap();
+    let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
+    let ids = synthetic::ids::<i64>(2, shape.rows(), vocab);
+    let spec = LossSpec::builder().keywords([0, 1, 2]).build().unwrap();
+    let slices: Vec<VocabSlice> = (0..ranks).map(|r| VocabSlice::even(r, ranks, vocab).unwrap()).collect();
+    let local: Vec<Vec<L>> = slices
+        .iter()
+        .map(|s| logits.chunks_exact(vocab).flat_map(|row| row[s.start()..s.end()].to_vec()).collect())
+        .collect();
+    let grads: Vec<std::sync::Mutex<Vec<L>>> = local.iter().map(|l| L::zeroed(l.len()).into()).collect();
+    let mut whole_grad = L::zeroed(shape.logits_len());
+    let mut single = Vec::new();
+    let mut sharded = Vec::new();
+    for i in 0..WARMUP + ITERS {
+        let t0 = Instant::now();
+        spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut whole_grad)).unwrap();
+        let t1 = Instant::now();
+        threads::run_ranks(ranks, |r, g| {
+            let mut grad = grads[r].lock().unwrap();
+            Sharded::vocab_parallel(slices[r], g)
+                .loss_and_grad(&spec, shape, &local[r], Tokens::new(&ids), Grad::Into(&mut grad))
+                .unwrap()
+        });
+        let t2 = Instant::now();
+        if i >= WARMUP {
+            single.push((t1 - t0).as_secs_f64());
+            sharded.push((t2 - t1).as_secs_f64());
+        }
+    }
+    let (s, p) = (median(&single), median(&sharded));
+    println!("| {} | {b}x{t}x{vocab} | {ranks} | {:.2} | {:.2} | {:.3} |", L::DTYPE, s * 1e3, p * 1e3, p / s);
+}
+
+fn main() {
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    if let Ok(spec) = std::env::var("FWL_BENCH_CHUNKS") {
+        // a sweep of chunk sizes on one rank's slice: FWL_BENCH_CHUNKS=ranks:rows,rows,...
+        let (ranks, rows) = spec.split_once(':').expect("FWL_BENCH_CHUNKS=ranks:rows,rows,...");
+        for c in rows.split(',') {
+            per_rank::<f32>(8, 256, 50_000, ranks.parse().unwrap(), Some(c.parse().unwrap()));
+        }
+        return;
+    }
+    let run = |dtype: &str| filter.is_empty() || filter.iter().any(|f| f == dtype);
+    println!(
+        "CPU: {} threads ({}); medians of {ITERS} paired runs (ms)\n",
+        rayon::current_num_threads(),
+        fused_weighted_loss::cpu_simd_level()
+    );
+    println!(
+        "Per-rank kernel time: one rank's slice through the split (group of one) vs the single-device call on it\n"
+    );
+    println!("| dtype | B x T x V / ranks = slice | chunk rows | single | split | **ratio** | single (paired with the next) | one exchange per call (logits read twice) | ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for ranks in [1, 2, 4, 8] {
+        if run("f32") {
+            per_rank::<f32>(8, 256, 50_000, ranks, None);
+        }
+    }
+    for ranks in [4, 8] {
+        if run("bf16") {
+            per_rank::<bf16>(8, 512, 128_256, ranks, None);
+        }
+    }
+    println!("\nRanks as threads (all on this machine's cores): every rank's sharded call vs one single-device call on the whole vocabulary\n");
+    println!("| dtype | B x T x V | ranks | single, whole V | all ranks, sharded | ratio |");
+    println!("|---|---|---|---|---|---|");
+    for ranks in [2, 4, 8] {
+        if run("f32") {
+            threads_as_ranks::<f32>(8, 128, 50_000, ranks);
+        }
+    }
+    if run("bf16") {
+        threads_as_ranks::<bf16>(4, 512, 128_256, 8);
+    }
+}

@@ -1,0 +1,246 @@
+//! The vocabulary-parallel split on the CPU: the same two passes as a whole row (module docs of
+//! [`super`]), cut at the exchange of the row statistics.
+//!
+//! - [`SplitCpu::stats`] runs the statistics pass over a rank's slice of each row of a range of
+//!   rows (the slice's own reference, sum of exponentials, logit sum; its raw target logit when
+//!   the target lies in the slice) and keeps the exponentials of those rows, as a whole row keeps
+//!   them between its passes;
+//! - the caller exchanges the statistics and merges them ([`merge_row`], in rank order);
+//! - [`SplitCpu::grad`] writes the slice's gradient from the kept exponentials and the merged
+//!   statistics: one multiply per element, as for a whole row, with no second read of the
+//!   logits. Rows whose exponentials were not kept (beyond the budget, or never asked for) are
+//!   recomputed from the logits instead: the same values, one more read.
+
+use super::row::{RowMath, RowStats};
+use super::simd::Kernels;
+use super::{rows_per_task, stats_pass, target_of, zero, Pending, RowExps, Scratch, SCRATCH_MAX, STREAM_MIN_BYTES};
+use crate::dtype::Logit;
+use crate::spec::{Plan, RowOptions};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Words (`f64`) one row's statistics take in the exchange: reference, sum of exponentials, raw
+/// target logit (0 outside the slice), and the logit sum when label smoothing is on.
+pub(crate) fn words(opts: &RowOptions) -> usize {
+    if opts.smoothing != 0.0 {
+        4
+    } else {
+        3
+    }
+}
+
+/// Writes a slice's row statistics as exchange words (`out.len()` is [`words`]).
+pub(crate) fn encode(st: &RowStats, out: &mut [f64]) {
+    out[0] = st.shift as f64;
+    out[1] = st.sum_exp;
+    out[2] = st.target_logit;
+    if let Some(s) = out.get_mut(3) {
+        *s = st.logit_sum;
+    }
+}
+
+/// Reads a slice's row statistics back from exchange words.
+fn decode(w: &[f64]) -> RowStats {
+    RowStats {
+        shift: w[0] as f32,
+        sum_exp: w[1],
+        target_logit: w[2],
+        target_chain: 1.0,
+        logit_sum: w.get(3).copied().unwrap_or(0.0),
+    }
+}
+
+/// The statistics of a whole row from those of every rank's slice, merged in the order given
+/// (rank order: every rank gets the same bits). The raw target logit (held by one slice, 0 in
+/// the others) is soft-capped here, with its chain factor.
+pub(crate) fn merge_row<'a>(m: &RowMath, parts: impl Iterator<Item = &'a [f64]>) -> RowStats {
+    let mut st = parts.map(decode).fold(RowStats::EMPTY, RowStats::merge);
+    (st.target_logit, st.target_chain) = m.cap(st.target_logit);
+    st
+}
+
+/// Exponentials kept for a range of rows between [`SplitCpu::stats`] and [`SplitCpu::grad`].
+struct Kept {
+    rows: Range<usize>,
+    exps: Vec<RowExps>,
+}
+
+/// The CPU side of one split call: kernels, the row arithmetic (of the whole vocabulary), the
+/// slice `[v0, v0 + len)` and the exponentials kept between the steps.
+pub(crate) struct SplitCpu {
+    k: Kernels,
+    pub m: RowMath,
+    v0: usize,
+    len: usize,
+    /// Rows of the whole call (whether gradient stores stream depends on the whole gradient).
+    rows: usize,
+    /// At most this many rows' exponentials are kept at once.
+    keep_rows: usize,
+    kept: Vec<Kept>,
+    /// Row buffers of ranges already written, for reuse.
+    pool: Vec<RowExps>,
+}
+
+impl SplitCpu {
+    /// `vocab` is the whole vocabulary (label smoothing divides by it), `v0..v0 + len` this
+    /// rank's slice, `rows` the call's rows; the exponentials of up to `keep_rows` rows are kept
+    /// between the steps (none for slices longer than a kept row can be).
+    pub fn new(
+        k: Kernels,
+        opts: &RowOptions,
+        vocab: usize,
+        (v0, len): (usize, usize),
+        rows: usize,
+        keep_rows: usize,
+    ) -> SplitCpu {
+        let keep_rows = if len <= SCRATCH_MAX { keep_rows } else { 0 };
+        SplitCpu { k, m: RowMath::new(opts, vocab), v0, len, rows, keep_rows, kept: Vec::new(), pool: Vec::new() }
+    }
+
+    /// The kernels in use.
+    pub fn kernels(&self) -> Kernels {
+        self.k
+    }
+
+    /// Forgets the exponentials kept for `rows` (a loss-only finish).
+    pub fn drop_kept(&mut self, rows: &Range<usize>) {
+        if let Some(mut e) = self.take(rows) {
+            self.pool.append(&mut e);
+        }
+    }
+
+    /// Rows whose exponentials are kept right now.
+    fn kept_rows(&self) -> usize {
+        self.kept.iter().map(|c| c.rows.len()).sum()
+    }
+
+    /// The slice's statistics of plan rows `rows` (`logits`: their `len` columns each) into
+    /// `out`, keeping their exponentials when `keep` and the budget allows.
+    pub fn stats<L: Logit>(&mut self, plan: &Plan, rows: Range<usize>, logits: &[L], out: &mut [RowStats], keep: bool) {
+        self.kept.retain(|c| c.rows != rows); // a range asked again replaces its earlier copy
+        let n = rows.len();
+        let keep = keep && self.kept_rows() + n <= self.keep_rows;
+        let mut exps: Vec<RowExps> = Vec::new();
+        if keep {
+            let m = &self.m;
+            exps = (0..n).map(|_| self.pool.pop().unwrap_or_else(|| RowExps::new(self.len, m))).collect();
+        }
+        let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
+        let rpt = rows_per_task(n, len);
+        let mut parts: Vec<Option<&mut [RowExps]>> = match keep {
+            true => exps.chunks_mut(rpt).map(Some).collect(),
+            false => (0..n.div_ceil(rpt)).map(|_| None).collect(),
+        };
+        let tasks = out.par_chunks_mut(rpt).zip(logits.par_chunks(rpt * len)).zip(parts.par_iter_mut()).enumerate();
+        tasks.for_each_init(
+            || Scratch::new(m),
+            |s, (task, ((out, src), ex))| {
+                for (i, (o, row)) in out.iter_mut().zip(src.chunks_exact(len)).enumerate() {
+                    let r = rows.start + task * rpt + i;
+                    let Some(y) = target_of(plan, r) else {
+                        *o = RowStats::EMPTY;
+                        continue;
+                    };
+                    let e = ex.as_deref_mut().map(|e| &mut e[i]);
+                    // the target is read apart below (it may lie in another slice)
+                    let mut st = stats_pass(k, m, row, &src[i * len..], 0, e, s, |_| {});
+                    st.target_logit = match y.checked_sub(v0).filter(|&j| j < len) {
+                        Some(j) => row[j].to_f32() as f64,
+                        None => 0.0,
+                    };
+                    st.target_chain = 1.0;
+                    *o = st;
+                }
+            },
+        );
+        if keep {
+            self.kept.push(Kept { rows, exps });
+        }
+    }
+
+    /// The kept exponentials of exactly `rows`, if any (taken out of the kept set).
+    fn take(&mut self, rows: &Range<usize>) -> Option<Vec<RowExps>> {
+        let i = self.kept.iter().position(|c| c.rows == *rows)?;
+        Some(self.kept.swap_remove(i).exps)
+    }
+
+    /// Writes the slice's gradient of plan rows `rows` into `out` (`len` columns per row) from
+    /// their merged statistics: from the kept exponentials, or re-reading `logits`.
+    pub fn grad<L: Logit, G: Logit>(
+        &mut self,
+        plan: &Plan,
+        rows: Range<usize>,
+        merged: &[RowStats],
+        logits: &[L],
+        out: &mut [G],
+    ) {
+        self.write(plan, rows, merged, Dest::Into(logits, out));
+    }
+
+    /// [`grad`](Self::grad) written over the logits themselves.
+    pub fn grad_in_place<L: Logit>(&mut self, plan: &Plan, rows: Range<usize>, merged: &[RowStats], logits: &mut [L]) {
+        self.write::<L, L>(plan, rows, merged, Dest::InPlace(logits));
+    }
+
+    fn write<L: Logit, G: Logit>(
+        &mut self,
+        plan: &Plan,
+        rows: Range<usize>,
+        merged: &[RowStats],
+        dest: Dest<'_, L, G>,
+    ) {
+        let kept = self.take(&rows);
+        let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
+        let stream = self.rows * len * G::DTYPE.size() >= STREAM_MIN_BYTES;
+        let n = rows.len();
+        let rpt = rows_per_task(n, len);
+        let mut kept = kept.unwrap_or_default();
+        let mut parts: Vec<Option<&mut [RowExps]>> = match kept.is_empty() {
+            false => kept.chunks_mut(rpt).map(Some).collect(),
+            true => (0..n.div_ceil(rpt)).map(|_| None).collect(),
+        };
+        let row_task =
+            |task: usize, out: &mut [G], src: Option<&[L]>, ex: &mut Option<&mut [RowExps]>, s: &mut Scratch| {
+                // rows whose exponentials were not kept recompute them (an empty `RowExps` says so)
+                let mut none = RowExps { exps: Vec::new(), chain: Vec::new(), shifts: Vec::new() };
+                for (i, o) in out.chunks_exact_mut(len).enumerate() {
+                    let r = rows.start + task * rpt + i;
+                    let Some(y) = target_of(plan, r) else {
+                        zero(k, o, stream);
+                        continue;
+                    };
+                    let target = y.checked_sub(v0).filter(|&j| j < len).unwrap_or(usize::MAX);
+                    let p = Pending { out: o, st: merged[task * rpt + i], target, coef: plan.row_coef(r) };
+                    let e = match ex.as_deref_mut() {
+                        Some(e) => &mut e[i],
+                        None => &mut none,
+                    };
+                    // in place (`src` None), the logits are `out` itself
+                    p.write(k, m, e, src.map(|s| &s[i * len..(i + 1) * len]), s, stream);
+                }
+            };
+        match dest {
+            Dest::Into(logits, out) => {
+                let tasks = out.par_chunks_mut(rpt * len).zip(logits.par_chunks(rpt * len)).zip(parts.par_iter_mut());
+                tasks.enumerate().for_each_init(
+                    || Scratch::new(m),
+                    |s, (task, ((out, src), ex))| row_task(task, out, Some(src), ex, s),
+                );
+            }
+            Dest::InPlace(logits) => {
+                let tasks = logits.par_chunks_mut(rpt * len).zip(parts.par_iter_mut()).enumerate();
+                tasks.for_each_init(|| Scratch::new(m), |s, (task, (out, ex))| row_task(task, out, None, ex, s));
+            }
+        }
+        k.fence();
+        self.pool.append(&mut kept);
+    }
+}
+
+/// Where [`SplitCpu::write`] puts the gradient.
+enum Dest<'a, L, G> {
+    /// Into a buffer, the logits beside it.
+    Into(&'a [L], &'a mut [G]),
+    /// Over the logits (then `L` is `G`).
+    InPlace(&'a mut [G]),
+}
