@@ -11,18 +11,49 @@
 //!    the machine's cores: wall time of the sharded call of every rank against the
 //!    single-device call over the whole vocabulary (the same total work).
 //!
-//! Medians of paired runs; figures on a shared machine are provisional.
+//! Medians of paired runs (wall time, and on-CPU time of all threads where Linux reports it);
+//! figures on a shared machine are provisional.
 
-#[path = "../tests/common/threads.rs"]
-mod threads;
+#[path = "../tests/common/shards.rs"]
+mod shards;
 
-use fused_weighted_loss::measure::{median, time_paired};
+use fused_weighted_loss::measure::median;
 use fused_weighted_loss::parallel::{Sharded, ShardedLoss, Solo, VocabSlice};
 use fused_weighted_loss::{bf16, synthetic, Grad, Logit, LossSpec, Shape, Tokens};
 use std::time::Instant;
 
 const WARMUP: usize = 2;
 const ITERS: usize = 15;
+
+/// On-CPU time of every thread of this process so far, in seconds (Linux schedstat), or NaN:
+/// unlike wall time it does not count time other tenants of a shared machine took.
+fn cpu_seconds() -> f64 {
+    let read = || -> Option<f64> {
+        let mut ns = 0u64;
+        for e in std::fs::read_dir("/proc/self/task").ok()? {
+            let s = std::fs::read_to_string(e.ok()?.path().join("schedstat")).ok()?;
+            ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+        Some(ns as f64 * 1e-9)
+    };
+    read().unwrap_or(f64::NAN)
+}
+
+/// `a` and `b` alternately: medians of (wall, on-CPU) seconds of each.
+fn paired(mut a: impl FnMut(), mut b: impl FnMut()) -> [(f64, f64); 2] {
+    let mut t = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    for i in 0..WARMUP + ITERS {
+        for (k, f) in [&mut a as &mut dyn FnMut(), &mut b].into_iter().enumerate() {
+            let (w, c) = (Instant::now(), cpu_seconds());
+            f();
+            if i >= WARMUP {
+                t[k][0].push(w.elapsed().as_secs_f64());
+                t[k][1].push(cpu_seconds() - c);
+            }
+        }
+    }
+    [(median(&t[0][0]), median(&t[0][1])), (median(&t[1][0]), median(&t[1][1]))]
+}
 
 /// Loss + gradient of `logits` (`[B, T, len]`, ids in `[0, len)`) through the split's steps with
 /// all rows in one chunk, keeping `keep` rows' exponentials (the rest re-read).
@@ -48,27 +79,24 @@ fn per_rank<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize, chunk: Opt
     if let Some(c) = chunk {
         split = split.with_chunk_rows(c);
     }
-    let (single, sharded) = time_paired(
-        WARMUP,
-        ITERS,
+    let [(s, sc), (p, pc)] = paired(
         || drop(spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g1)).unwrap()),
         || drop(split.loss_and_grad(&spec, shape, &logits, Tokens::new(&ids), Grad::Into(&mut g2)).unwrap()),
     );
-    let (s, p) = (median(&single), median(&sharded));
-    let (single2, none_kept) = time_paired(
-        WARMUP,
-        ITERS,
+    let [(s2, _), (n, _)] = paired(
         || drop(spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g1)).unwrap()),
         || one_chunk(&spec, shape, &logits, &ids, &mut g2, 0),
     );
-    let (s2, n) = (median(&single2), median(&none_kept));
     println!(
-        "| {} | {b}x{t}x{vocab} / {ranks} = {len} | {} | {:.2} | {:.2} | **{:.3}** | {:.2} | {:.2} | {:.3} |",
+        "| {} | {b}x{t}x{vocab} / {ranks} = {len} | {} | {:.2} | {:.2} | **{:.3}** | {:.2} | {:.2} | **{:.3}** | {:.2} | {:.2} | {:.3} |",
         L::DTYPE,
         chunk.unwrap_or(fused_weighted_loss::parallel::default_chunk_rows(vocab, ranks)),
         s * 1e3,
         p * 1e3,
         p / s,
+        sc * 1e3,
+        pc * 1e3,
+        pc / sc,
         s2 * 1e3,
         n * 1e3,
         n / s2,
@@ -81,10 +109,7 @@ fn threads_as_ranks<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize) {
     let ids = synthetic::ids::<i64>(2, shape.rows(), vocab);
     let spec = LossSpec::builder().keywords([0, 1, 2]).build().unwrap();
     let slices: Vec<VocabSlice> = (0..ranks).map(|r| VocabSlice::even(r, ranks, vocab).unwrap()).collect();
-    let local: Vec<Vec<L>> = slices
-        .iter()
-        .map(|s| logits.chunks_exact(vocab).flat_map(|row| row[s.start()..s.end()].to_vec()).collect())
-        .collect();
+    let local: Vec<Vec<L>> = slices.iter().map(|&s| shards::columns(&logits, vocab, s)).collect();
     let grads: Vec<std::sync::Mutex<Vec<L>>> = local.iter().map(|l| L::zeroed(l.len()).into()).collect();
     let mut whole_grad = L::zeroed(shape.logits_len());
     let mut single = Vec::new();
@@ -93,7 +118,7 @@ fn threads_as_ranks<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize) {
         let t0 = Instant::now();
         spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut whole_grad)).unwrap();
         let t1 = Instant::now();
-        threads::run_ranks(ranks, |r, g| {
+        shards::run_ranks(ranks, |r, g| {
             let mut grad = grads[r].lock().unwrap();
             Sharded::vocab_parallel(slices[r], g)
                 .loss_and_grad(&spec, shape, &local[r], Tokens::new(&ids), Grad::Into(&mut grad))
@@ -128,8 +153,8 @@ fn main() {
     println!(
         "Per-rank kernel time: one rank's slice through the split (group of one) vs the single-device call on it\n"
     );
-    println!("| dtype | B x T x V / ranks = slice | chunk rows | single | split | **ratio** | single (paired with the next) | one exchange per call (logits read twice) | ratio |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| dtype | B x T x V / ranks = slice | chunk rows | single, wall | split, wall | **ratio** | single, on-CPU | split, on-CPU | **ratio** | single, wall (paired with the next) | one exchange per call (logits read twice), wall | ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for ranks in [1, 2, 4, 8] {
         if run("f32") {
             per_rank::<f32>(8, 256, 50_000, ranks, None);

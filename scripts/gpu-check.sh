@@ -6,7 +6,9 @@
 #                                       # Python package's wheel (with the CUDA kernels) and the
 #                                       # Liger-Kernel wheel, in gpu-bundle/ (git-ignored, < 64 MiB)
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, gpu-bundle/ carried:
-#                                       # GPU parity with FWL_REQUIRE_CUDA=1, compute-sanitizer memcheck
+#                                       # GPU parity with FWL_REQUIRE_CUDA=1 (also the vocabulary- and
+#                                       # data-parallel split, NCCL with world size 1 and one rank per GPU
+#                                       # when there are several), compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
 #                                       # (benches/sweep_cuda.py), the Python package's CUDA tests
@@ -30,7 +32,7 @@ prepare() {
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
   cargo build --release --features cli,cuda --bin fused-weighted-loss
   cp target/release/fused-weighted-loss "$bundle/bin/"
-  cargo test --release --features cli,cuda --test gpu --test large --no-run --message-format=json \
+  cargo test --release --features cli,cuda,nccl --test gpu --test gpu_parallel --test large --no-run --message-format=json \
     | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
@@ -57,6 +59,11 @@ run() {
   step "GPU parity (FWL_REQUIRE_CUDA=1)"
   "$bundle/bin/test-gpu" --test-threads=1 || fail=1
   "$bundle/bin/test-large" --exact more_than_2_pow_31_elements_cuda || fail=1
+  step "vocabulary-/data-parallel split on the GPU, NCCL with the ranks this machine has (FWL_REQUIRE_CUDA=1)"
+  # NCCL as PyTorch ships it (libnccl.so.2 in its nvidia-nccl wheel) unless the system has one
+  local nccl
+  nccl=$(python3 -c 'import glob, site; print(next(iter(sorted(p for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/**/libnccl.so*", recursive=True))), ""))' 2>/dev/null)
+  FWL_NCCL_LIBRARY="${FWL_NCCL_LIBRARY:-$nccl}" "$bundle/bin/test-gpu_parallel" --test-threads=1 || fail=1
 
   # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests
   local variant

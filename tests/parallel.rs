@@ -4,73 +4,15 @@
 //! relative, the same bits on every rank and on every rerun.
 
 mod common;
-#[path = "common/threads.rs"]
-mod threads;
+#[path = "common/shards.rs"]
+mod shards;
 
 use common::rel;
 use fused_weighted_loss::parallel::{check_tiling, Sharded, ShardedLoss, Solo, VocabSlice};
 use fused_weighted_loss::reference::rel_err;
 use fused_weighted_loss::synthetic::{self, Rng};
-use fused_weighted_loss::{bf16, Error, Grad, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape, Tokens};
-use threads::{run_grid, run_ranks, ThreadGroup};
-
-/// One test case: inputs of the whole batch over the whole vocabulary.
-struct Case<L> {
-    shape: Shape,
-    spec: LossSpec,
-    logits: Vec<L>,
-    ids: Vec<i64>,
-    labels: Vec<i64>,
-    weights: Option<Vec<f32>>,
-}
-
-impl<L: Logit> Case<L> {
-    fn tokens(&self) -> Tokens<'_, i64> {
-        let t = Tokens::new(&self.ids).with_labels(&self.labels);
-        match &self.weights {
-            Some(w) => t.with_token_weights(w),
-            None => t,
-        }
-    }
-
-    /// Samples `b0..b1` only (a data-parallel rank's share).
-    fn samples(&self, b0: usize, b1: usize) -> Case<L> {
-        let (t, v) = (self.shape.seq(), self.shape.vocab());
-        Case {
-            shape: Shape::new(b1 - b0, t, v).unwrap(),
-            spec: self.spec.clone(),
-            logits: self.logits[b0 * t * v..b1 * t * v].to_vec(),
-            ids: self.ids[b0 * t..b1 * t].to_vec(),
-            labels: self.labels[b0 * t..b1 * t].to_vec(),
-            weights: self.weights.as_ref().map(|w| w[b0 * t..b1 * t].to_vec()),
-        }
-    }
-
-    /// The unsharded loss, f32 gradient and per-token losses.
-    fn whole(&self) -> (LossOutput, Vec<f32>, Vec<f32>) {
-        let mut g = vec![f32::NAN; self.shape.logits_len()];
-        let mut pt = vec![f32::NAN; self.shape.batch() * (self.shape.seq() - 1)];
-        let out =
-            self.spec.loss_and_grad_per_token(self.shape, &self.logits, self.tokens(), Grad::IntoF32(&mut g), &mut pt);
-        (out.expect("unsharded call"), g, pt)
-    }
-}
-
-/// The columns of `slice` of every row.
-fn columns<L: Copy>(logits: &[L], vocab: usize, slice: VocabSlice) -> Vec<L> {
-    logits.chunks_exact(vocab).flat_map(|row| row[slice.start()..slice.end()].iter().copied()).collect()
-}
-
-/// Reassembles a gradient from every rank's columns.
-fn assemble(parts: &[Vec<f32>], slices: &[VocabSlice], rows: usize, vocab: usize) -> Vec<f32> {
-    let mut g = vec![f32::NAN; rows * vocab];
-    for (p, s) in parts.iter().zip(slices) {
-        for (r, row) in p.chunks_exact(s.len()).enumerate() {
-            g[r * vocab + s.start()..r * vocab + s.end()].copy_from_slice(row);
-        }
-    }
-    g
-}
+use fused_weighted_loss::{bf16, Error, Grad, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape};
+use shards::{assemble, columns, run_grid, run_ranks, Case, ThreadGroup};
 
 /// `ranks` slices of `vocab` with random, uneven cut points.
 fn random_slices(rng: &mut Rng, ranks: usize, vocab: usize) -> Vec<VocabSlice> {

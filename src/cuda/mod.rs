@@ -35,6 +35,9 @@ mod params {
 
 pub use cudarc;
 pub mod external;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod split;
 
 use crate::dtype::{DType, Logit, TokenId};
 use crate::error::{Error, Result};
@@ -156,6 +159,8 @@ struct Module {
     smem_max: usize,
     /// How the rows kernel is launched (threads per block: `launch.threads`).
     launch: RowLaunch,
+    /// The vocabulary- and data-parallel split's kernels.
+    split: split::SplitFns,
 }
 
 impl Module {
@@ -238,6 +243,7 @@ impl Module {
             num_sms: num_sms.max(1) as u32,
             smem_max,
             launch,
+            split: split::SplitFns::load(f)?,
         })
     }
 
@@ -417,6 +423,21 @@ impl std::fmt::Debug for CudaLoss {
     }
 }
 
+/// The plan kernel's outputs and the row losses the kernels after it fill.
+struct Planned {
+    targets: CudaSlice<i32>,
+    weights: CudaSlice<f64>,
+    valid: CudaSlice<u32>,
+    row_div: CudaSlice<f64>,
+    reduce: CudaSlice<f64>,
+    coef: CudaSlice<f32>,
+    status: CudaSlice<FwlStatus>,
+    row_loss: CudaSlice<f64>,
+    /// The z-loss part of each row's loss (one unused element when z-loss is off).
+    row_z: CudaSlice<f64>,
+    z_on: bool,
+}
+
 /// Device addresses of one call (0 for absent), held while the launches are queued.
 struct Ptrs {
     logits: u64,
@@ -526,14 +547,14 @@ impl CudaLoss {
     }
 
     /// Takes the device addresses of the token inputs and runs `f` while they are held.
-    fn with_inputs<I: TokenId>(
+    fn with_inputs<I: TokenId, R>(
         &self,
         stream: &Arc<CudaStream>,
         inputs: &DeviceInputs<'_, I>,
         logits: u64,
         grad: u64,
-        f: impl FnOnce(&Arc<CudaStream>, &Ptrs) -> Result<DeviceLossOutput>,
-    ) -> Result<DeviceLossOutput> {
+        f: impl FnOnce(&Arc<CudaStream>, &Ptrs) -> Result<R>,
+    ) -> Result<R> {
         let (ids, _gi) = inputs.ids.device_ptr(stream);
         let labels = inputs.labels.map(|l| l.device_ptr(stream));
         let weights = inputs.token_weights.map(|w| w.device_ptr(stream));
@@ -557,10 +578,24 @@ impl CudaLoss {
         stream: &Arc<CudaStream>,
         p: &Ptrs,
     ) -> Result<DeviceLossOutput> {
+        let mut planned = self.launch_plan::<I>(spec, shape, stream, p)?;
+        self.launch_rows::<L, G>(spec, shape, stream, p, &mut planned)?;
+        self.launch_finish(spec, shape, stream, p, planned)
+    }
+
+    /// Queues the plan kernel; its outputs, and the row losses the kernels after it fill, are
+    /// allocated here.
+    fn launch_plan<I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+    ) -> Result<Planned> {
         let m = &self.module;
         let (b, rows) = (shape.batch(), shape.rows());
         // plan writes targets (all B*T), the per-sample arrays (all B) and the status; rows
-        // writes every row loss; finish writes per_sample, loss and loss_f32
+        // writes every row loss
         let mut targets = output::<i32>(stream, rows)?;
         let mut weights = output::<f64>(stream, b)?;
         let mut valid = output::<u32>(stream, b)?;
@@ -568,15 +603,10 @@ impl CudaLoss {
         let mut reduce = output::<f64>(stream, b)?;
         let mut coef = output::<f32>(stream, b)?;
         let mut status = output::<FwlStatus>(stream, 1)?;
-        let mut row_loss = output::<f64>(stream, rows)?;
+        let row_loss = output::<f64>(stream, rows)?;
         // the z-loss parts only with z-loss on (the kernels take NULL otherwise)
         let z_on = spec.z_loss != 0.0;
-        let mut row_z = output::<f64>(stream, if z_on { rows } else { 1 })?;
-        let mut per_sample_z = output::<f64>(stream, if z_on { b } else { 1 })?;
-        let mut per_sample = output::<f64>(stream, b)?;
-        let mut loss = output::<f64>(stream, 1)?;
-        let mut z_loss = output::<f64>(stream, 1)?;
-        let mut loss_f32 = output::<f32>(stream, 1)?;
+        let row_z = output::<f64>(stream, if z_on { rows } else { 1 })?;
 
         // plan: one block
         {
@@ -626,7 +656,20 @@ impl CudaLoss {
             // the length the kernel indexes (B*T ids/labels/targets, B per-sample arrays, 1 status).
             unsafe { stream.launch_builder(m.plan_fn::<I>()).arg(&pp).launch(cfg) }.map_err(drv("launching plan"))?;
         }
+        Ok(Planned { targets, weights, valid, row_div, reduce, coef, status, row_loss, row_z, z_on })
+    }
 
+    /// Queues the rows kernel over every row.
+    fn launch_rows<L: Logit, G: Logit>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+        planned: &mut Planned,
+    ) -> Result<()> {
+        let (m, rows, z_on) = (&self.module, shape.rows(), planned.z_on);
+        let Planned { targets, coef, row_loss, row_z, .. } = planned;
         // rows: grid-stride, as many resident blocks as the shared memory allows
         {
             let func = m.rows_fn(L::DTYPE, G::DTYPE).ok_or_else(|| {
@@ -683,7 +726,26 @@ impl CudaLoss {
             // maximum set on the function at load; the grid is a whole number of clusters.
             unsafe { stream.launch_builder(func).arg(&rp).launch(cfg) }.map_err(drv("launching rows"))?;
         }
+        Ok(())
+    }
 
+    /// Queues the finish kernel over every row's loss (all written by then).
+    fn launch_finish(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        p: &Ptrs,
+        planned: Planned,
+    ) -> Result<DeviceLossOutput> {
+        let (m, b) = (&self.module, shape.batch());
+        let Planned { targets, weights, valid, row_div, reduce, mut status, row_loss, row_z, z_on, .. } = planned;
+        // finish writes per_sample (and per_sample_z), loss, z_loss and loss_f32
+        let mut per_sample_z = output::<f64>(stream, if z_on { b } else { 1 })?;
+        let mut per_sample = output::<f64>(stream, b)?;
+        let mut loss = output::<f64>(stream, 1)?;
+        let mut z_loss = output::<f64>(stream, 1)?;
+        let mut loss_f32 = output::<f32>(stream, 1)?;
         // finish: one block
         {
             let (rl, _g1) = row_loss.device_ptr(stream);

@@ -169,7 +169,7 @@ impl ShardedLoss {
     /// The statistics of this rank's slice of rows `rows` into `out`
     /// ([`partials_len`](Self::partials_len)`(rows.len())` words, row after row), for the
     /// all-gather. `logits` holds those rows' `slice.len()` logits each. Their exponentials are
-    /// kept (within the budget, see [`with_keep_bytes`](Self::with_keep_bytes)) for the gradient
+    /// kept (within the budget, see [`with_keep_rows`](Self::with_keep_rows)) for the gradient
     /// step of the same range.
     pub fn partials<L: Logit>(&mut self, rows: Range<usize>, logits: &[L], out: &mut [f64]) -> Result<()> {
         self.check_rows(&rows, "logits", logits.len(), self.slice.len())?;

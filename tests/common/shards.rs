@@ -1,9 +1,11 @@
-//! Ranks simulated as threads of one process (tests and benches only): an in-memory all-gather
-//! behind a barrier, implementing the crate's `Collective`.
+//! Sharding helpers for tests and benches only: ranks simulated as threads of one process (an
+//! in-memory all-gather behind a barrier, implementing the crate's `Collective`), and a rank's
+//! columns of the logits.
 #![allow(dead_code)]
 
-use fused_weighted_loss::parallel::Collective;
+use fused_weighted_loss::parallel::{Collective, VocabSlice};
 use fused_weighted_loss::{Error, Result};
+use fused_weighted_loss::{Grad, Logit, LossOutput, LossSpec, Shape, Tokens};
 use std::sync::{Arc, Barrier, Mutex};
 
 /// What the ranks of one group share: a barrier and one slot per rank for each element type.
@@ -121,4 +123,62 @@ pub fn run_grid<R: Send>(
             .collect();
         handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
     })
+}
+
+/// The columns of `slice` of every row.
+pub fn columns<L: Copy>(logits: &[L], vocab: usize, slice: VocabSlice) -> Vec<L> {
+    logits.chunks_exact(vocab).flat_map(|row| row[slice.start()..slice.end()].iter().copied()).collect()
+}
+
+/// Reassembles rows of `vocab` from every rank's columns.
+pub fn assemble(parts: &[Vec<f32>], slices: &[VocabSlice], rows: usize, vocab: usize) -> Vec<f32> {
+    let mut g = vec![f32::NAN; rows * vocab];
+    for (p, s) in parts.iter().zip(slices) {
+        for (r, row) in p.chunks_exact(s.len()).enumerate() {
+            g[r * vocab + s.start()..r * vocab + s.end()].copy_from_slice(row);
+        }
+    }
+    g
+}
+
+/// One test case: inputs of the whole batch over the whole vocabulary.
+pub struct Case<L> {
+    pub shape: Shape,
+    pub spec: LossSpec,
+    pub logits: Vec<L>,
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub weights: Option<Vec<f32>>,
+}
+
+impl<L: Logit> Case<L> {
+    pub fn tokens(&self) -> Tokens<'_, i64> {
+        let t = Tokens::new(&self.ids).with_labels(&self.labels);
+        match &self.weights {
+            Some(w) => t.with_token_weights(w),
+            None => t,
+        }
+    }
+
+    /// Samples `b0..b1` only (a data-parallel rank's share).
+    pub fn samples(&self, b0: usize, b1: usize) -> Case<L> {
+        let (t, v) = (self.shape.seq(), self.shape.vocab());
+        Case {
+            shape: Shape::new(b1 - b0, t, v).unwrap(),
+            spec: self.spec.clone(),
+            logits: self.logits[b0 * t * v..b1 * t * v].to_vec(),
+            ids: self.ids[b0 * t..b1 * t].to_vec(),
+            labels: self.labels[b0 * t..b1 * t].to_vec(),
+            weights: self.weights.as_ref().map(|w| w[b0 * t..b1 * t].to_vec()),
+        }
+    }
+
+    /// The unsharded loss, f32 gradient and per-token losses.
+    pub fn whole(&self) -> (LossOutput, Vec<f32>, Vec<f32>) {
+        let mut g = vec![f32::NAN; self.shape.logits_len()];
+        let mut pt = vec![f32::NAN; self.shape.batch() * (self.shape.seq() - 1)];
+        let out =
+            self.spec.loss_and_grad_per_token(self.shape, &self.logits, self.tokens(), Grad::IntoF32(&mut g), &mut pt);
+        (out.expect("unsharded call"), g, pt)
+    }
 }
