@@ -29,7 +29,7 @@ KEYS = [0, 1, 2]
 
 
 def options(keys=KEYS):
-    return (list(keys), [1.0] * len(keys), 1.0, -100, "all", "mean", False)
+    return (list(keys), [1.0] * len(keys), 1.0, -100, "all", "mean", False, 0.0, 0.0, None)
 
 
 def tensor_arg(t):
@@ -56,7 +56,7 @@ def cpu(shape, dtype, iters, warmup):
     grad, loss = torch.empty_like(logits.detach()), torch.empty((), dtype=torch.float32)
 
     def rust_call():
-        _native.forward((la, ia, None), (grad.data_ptr(), loss.data_ptr(), 0, 0), options())
+        _native.forward((la, ia, None, None), (grad.data_ptr(), loss.data_ptr(), 0, 0, 0, 0), options())
 
     py, reused = [], []
     for k in range(warmup + iters):
@@ -121,7 +121,8 @@ def cuda(shape, dtype, iters, warmup):
         torch.cuda.synchronize()
         py_wall = (time.perf_counter() - start) / iters
         rust_wall, rust_host = _native.time_rust_call_cuda(
-            (tensor_arg(logits.detach()), tensor_arg(ids), None), grad.data_ptr(), options(), device, warmup, iters)
+            (tensor_arg(logits.detach()), tensor_arg(ids), None, None), grad.data_ptr(), options(), device, warmup,
+            iters)
         rounds.append((py_wall, statistics.median(host), rust_wall / iters, statistics.median(rust_host)))
     med = lambda i: statistics.median(r[i] for r in rounds)
     row = dict(device=torch.cuda.get_device_name(), shape="x".join(map(str, shape)),

@@ -11,11 +11,15 @@
 //! Default corpus: the Python standard library that `python3` reports (`--corpus DIR` to choose).
 //! Keywords: the course's `plt`, `pd`, `sk`, `fit`, `predict` and their space-prefixed forms,
 //! whichever the trained tokenizer holds as single tokens (`--keywords` to choose others).
+//!
+//! `--loss-path linear` trains through `candle::weighted_linear_loss` (the logits are never built;
+//! gradients of the head and of the last hidden states come from the fused op) instead of
+//! `lm_head` + `candle::weighted_loss`; `--tie-embeddings` makes the head the token embedding.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::Parser;
-use fused_weighted_loss::candle::weighted_loss;
+use fused_weighted_loss::candle::{weighted_linear_loss, weighted_loss};
 use fused_weighted_loss::synthetic::Rng;
 use fused_weighted_loss::LossSpec;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -72,6 +76,14 @@ struct Args {
     /// Seed for initialisation and batch order (both runs use it).
     #[arg(long, default_value_t = 17)]
     seed: u64,
+    /// How the loss is computed: `logits` (lm_head, then the loss on the logits) or `linear`
+    /// (the fused linear + weighted loss from the last hidden states; no logits); `both` trains
+    /// the weighted model through each, from the same initial weights, to compare the curves.
+    #[arg(long, default_value = "logits", value_parser = ["logits", "linear", "both"])]
+    loss_path: String,
+    /// Use the token embedding as the output head (no head bias).
+    #[arg(long)]
+    tie_embeddings: bool,
 }
 
 /// Python files under `dirs`, in a seeded random order, up to `max_bytes` of source.
@@ -177,25 +189,46 @@ impl Model {
             (0..a.layers).map(|i| Block::new(vb.pp(format!("block{i}")), a.dim, a.heads)).collect::<Result<_, _>>()?;
         let t = a.seq;
         let mask: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 }).collect();
+        let tok = candle_nn::embedding(vocab, a.dim, vb.pp("tok"))?;
+        let head = if a.tie_embeddings {
+            candle_nn::Linear::new(tok.embeddings().clone(), None)
+        } else {
+            candle_nn::linear(a.dim, vocab, vb.pp("head"))?
+        };
         Ok(Model {
-            tok: candle_nn::embedding(vocab, a.dim, vb.pp("tok"))?,
+            tok,
             pos: candle_nn::embedding(t, a.dim, vb.pp("pos"))?,
             blocks,
             ln: candle_nn::layer_norm(a.dim, 1e-5, vb.pp("ln"))?,
-            head: candle_nn::linear(a.dim, vocab, vb.pp("head"))?,
+            head,
             mask: Tensor::from_vec(mask, (t, t), device)?,
         })
     }
 
-    /// Logits `[B, T, V]` for ids `[B, T]`.
-    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+    /// The last hidden states `[B, T, D]` (after the final norm) for ids `[B, T]`.
+    fn hidden(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let positions = Tensor::arange(0u32, t as u32, ids.device())?;
         let mut x = self.tok.forward(ids)?.broadcast_add(&self.pos.forward(&positions)?)?;
         for b in &self.blocks {
             x = b.forward(&x, &self.mask)?;
         }
-        self.head.forward(&self.ln.forward(&x)?)
+        self.ln.forward(&x)
+    }
+
+    /// Logits `[B, T, V]` for ids `[B, T]`.
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.head.forward(&self.hidden(ids)?)
+    }
+
+    /// The weighted loss of a batch, through the logits or the fused linear op.
+    fn loss(&self, ids: &Tensor, spec: &LossSpec, fused_linear: bool) -> candle_core::Result<Tensor> {
+        if fused_linear {
+            let h = self.hidden(ids)?;
+            weighted_linear_loss(&h, self.head.weight(), self.head.bias(), ids, None, spec)
+        } else {
+            weighted_loss(&self.forward(ids)?, ids, None, spec)
+        }
     }
 }
 
@@ -227,6 +260,7 @@ type Init = std::collections::HashMap<String, Tensor>;
 #[allow(clippy::too_many_arguments)]
 fn train(
     name: &'static str,
+    fused_linear: bool,
     a: &Args,
     spec: &LossSpec,
     train_ids: &[u32],
@@ -255,8 +289,7 @@ fn train(
     for step in 1..=a.steps {
         let batch = windows(train_ids, a.batch, a.seq, &mut rng);
         let ids = Tensor::from_vec(batch, (a.batch, a.seq), device)?;
-        let logits = model.forward(&ids)?;
-        let loss = weighted_loss(&logits, &ids, None, spec)?;
+        let loss = model.loss(&ids, spec, fused_linear)?;
         opt.backward_step(&loss)?;
         window.push(loss.to_scalar::<f32>()? as f64);
         if step % 25 == 0 || step == a.steps {
@@ -395,17 +428,37 @@ fn main() -> Res<()> {
         }
     );
     println!(
-        "model: {} layers, width {}, {} heads; batch {}x{}; {} steps; device {:?}",
-        a.layers, a.dim, a.heads, a.batch, a.seq, a.steps, device
+        "model: {} layers, width {}, {} heads{}; batch {}x{}; {} steps; device {:?}; loss through the {}",
+        a.layers,
+        a.dim,
+        a.heads,
+        if a.tie_embeddings { ", tied head" } else { "" },
+        a.batch,
+        a.seq,
+        a.steps,
+        device,
+        match a.loss_path.as_str() {
+            "linear" => "fused linear op (no logits)",
+            "both" => "logits, then the fused linear op",
+            _ => "logits",
+        }
     );
 
     let weighted = LossSpec::builder().keywords(kw_ids.iter().map(|&k| k as i64)).alpha(a.alpha).build()?;
     let plain = LossSpec::builder().alpha(a.alpha).build()?;
     let mut init = Init::new();
-    let runs = [
-        train("weighted", &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
-        train("unweighted", &a, &plain, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
-    ];
+    let linear = a.loss_path == "linear";
+    let runs = if a.loss_path == "both" {
+        [
+            train("logits", false, &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
+            train("linear", true, &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
+        ]
+    } else {
+        [
+            train("weighted", linear, &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
+            train("unweighted", linear, &a, &plain, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
+        ]
+    };
 
     println!();
     let steps: Vec<String> = runs[0].curve.iter().map(|(s, _)| format!("{s:>7}")).collect();
@@ -420,6 +473,14 @@ fn main() -> Res<()> {
         let kw = r.acc_kw.map_or("n/a".to_string(), |x| format!("{:.3} of {}", x, r.kw_targets));
         println!("{:<12}{:>12.0}{:>10.1}{:>16.3}{:>20}", r.name, r.tokens_per_s, r.ms_per_step, r.acc_all, kw);
     }
-    println!("(weighted: loss weights samples by 1 + keyword count; unweighted: plain mean; same seed, data, steps)");
+    if a.loss_path == "both" {
+        let gap = runs[0].curve.iter().zip(&runs[1].curve).map(|((_, x), (_, y))| (x - y).abs()).fold(0f64, f64::max);
+        println!("(the weighted loss through the logits and through the fused linear op, same initial weights, seed,");
+        println!(" data and steps; largest gap between the two curves: {gap:.2e})");
+    } else {
+        println!(
+            "(weighted: loss weights samples by 1 + keyword count; unweighted: plain mean; same seed, data, steps)"
+        );
+    }
     Ok(())
 }

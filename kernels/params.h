@@ -76,11 +76,11 @@ typedef struct FwlPlanParams {
 typedef struct FwlRowParams {
     const void *logits;       /* [rows * vocab] */
     void *grad;               /* [rows * vocab], NULL for loss only; may equal logits (in place) */
-    const int32_t *targets;   /* [rows] */
-    const float *coef;        /* [rows / seq] */
-    const float *token_weights; /* [rows]: row r is weighted by token_weights[r + 1]; or NULL */
-    double *row_loss;         /* out [rows], in double so that finite logits give a finite loss */
-    double *row_z;            /* out [rows]: the z-loss part of each row's loss, or NULL */
+    const int32_t *targets;   /* [row_offset + rows] */
+    const float *coef;        /* [(row_offset + rows) / seq] */
+    const float *token_weights; /* [row_offset + rows]: row r is weighted by token_weights[r + 1]; or NULL */
+    double *row_loss;         /* out [row_offset + rows], in double so that finite logits give a finite loss */
+    double *row_z;            /* out [row_offset + rows]: the z-loss part of each row's loss, or NULL */
     int64_t rows;
     int64_t seq;
     int64_t vocab;
@@ -89,6 +89,8 @@ typedef struct FwlRowParams {
     float softcap;            /* c of c * tanh(z / c), or 0: off */
     double z_loss;            /* z-loss coefficient (0: off) */
     double smoothing;         /* label smoothing epsilon (0: off) */
+    int64_t row_offset;       /* the plan's row of logits row 0: targets, coef, token weights and the
+                                 row outputs are indexed by row_offset + row (0 for a whole call) */
 } FwlRowParams;
 
 /* Finish kernel (one block): per-sample means and the batch loss, in a fixed order. */

@@ -313,14 +313,15 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
     for (int64_t row = blockIdx.x / C; row < p.rows; row += gridDim.x / C) {
         const L *x = static_cast<const L *>(p.logits) + row * V;
         G *g = p.grad ? static_cast<G *>(p.grad) + row * V : nullptr;
-        const int32_t y = p.targets[row];  // the same for the whole cluster: uniform branches
+        const int64_t grow = p.row_offset + row;  // the plan's row: targets, coef, row_loss
+        const int32_t y = p.targets[grow];  // the same for the whole cluster: uniform branches
         if (y < 0) {
             if (g)
                 for (int64_t j = rank * blockDim.x + threadIdx.x; j < V; j += static_cast<int64_t>(C) * blockDim.x)
                     g[j] = from_f32<G>(0.f);
             if (rank == 0 && threadIdx.x == 0) {
-                p.row_loss[row] = 0.0;
-                if (p.row_z) p.row_z[row] = 0.0;
+                p.row_loss[grow] = 0.0;
+                if (p.row_z) p.row_z[grow] = 0.0;
             }
             continue;
         }
@@ -386,15 +387,15 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
 #endif
         // the row's loss in double: z_max - z[target] can exceed the float range; the options'
         // terms as RowGrad describes
-        const float coef = p.coef[row / p.seq] * (p.token_weights ? p.token_weights[row + 1] : 1.f);
+        const float coef = p.coef[grow / p.seq] * (p.token_weights ? p.token_weights[grow + 1] : 1.f);
         const double eps = p.smoothing, lse = static_cast<double>(st.m) + log(static_cast<double>(st.s));
         if (rank == 0 && threadIdx.x == 0) {
             const double tl = cap > 0.f ? cap * tanh(static_cast<double>(target_logit) / cap) : target_logit;
             double l = (static_cast<double>(st.m) - tl) + log(static_cast<double>(st.s));
             if (eps != 0.0) l = (1.0 - eps) * l + eps * (lse - static_cast<double>(st.z) / static_cast<double>(V));
             const double zl = p.z_loss * lse * lse;
-            p.row_loss[row] = p.z_loss != 0.0 ? l + zl : l;
-            if (p.row_z) p.row_z[row] = zl;
+            p.row_loss[grow] = p.z_loss != 0.0 ? l + zl : l;
+            if (p.row_z) p.row_z[grow] = zl;
         }
         if (!g) continue;
         RowGrad rg;
@@ -482,6 +483,9 @@ FWL_ROWS(f16_f16, __half, __half)
 FWL_ROWS(f16_f32, __half, float)
 FWL_ROWS(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 FWL_ROWS(bf16_f32, __nv_bfloat16, float)
+// f32 logits with a 16-bit gradient: the fused linear path's f32 chunk logits of 16-bit inputs
+FWL_ROWS(f32_f16, float, __half)
+FWL_ROWS(f32_bf16, float, __nv_bfloat16)
 
 // ---- finish --------------------------------------------------------------------------------
 

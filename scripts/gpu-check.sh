@@ -6,16 +6,20 @@
 #                                       # Python package's wheel (with the CUDA kernels) and the
 #                                       # Liger-Kernel wheel, in gpu-bundle/ (git-ignored, < 64 MiB)
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, gpu-bundle/ carried:
-#                                       # GPU parity with FWL_REQUIRE_CUDA=1 (also the vocabulary- and
-#                                       # data-parallel split, NCCL with world size 1 and one rank per GPU
-#                                       # when there are several), compute-sanitizer memcheck
+#                                       # GPU parity with FWL_REQUIRE_CUDA=1 (the logits path, the fused
+#                                       # linear path, the vocabulary- and data-parallel split with NCCL:
+#                                       # world size 1, one rank per GPU when there are several),
+#                                       # compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
 #                                       # (benches/sweep_cuda.py), the Python package's CUDA tests
-#                                       # (FWL_REQUIRE_CUDA=1) and its per-call overhead, then one bench
-#                                       # table (printed last): this crate (CLI and, in process on the
-#                                       # same tensors, the Python package, checked against float64), the
-#                                       # course function in torch eager and under torch.compile,
+#                                       # (FWL_REQUIRE_CUDA=1) and its per-call overhead, the fused
+#                                       # linear table (benches/compare_linear.py: N=8192 H=4096 V=128256
+#                                       # bf16 against torch eager on hidden@W^T and Liger-Kernel's fused
+#                                       # linear cross-entropy + the weighting, time and peak memory), then
+#                                       # one bench table (printed last): this crate (CLI and, in process on
+#                                       # the same tensors, the Python package, checked against float64),
+#                                       # the course function in torch eager and under torch.compile,
 #                                       # Liger-Kernel's cross-entropy + the weighting, and the device copy
 #                                       # bandwidth, all in the same call. At most 8 min.
 #
@@ -32,7 +36,8 @@ prepare() {
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
   cargo build --release --features cli,cuda --bin fused-weighted-loss
   cp target/release/fused-weighted-loss "$bundle/bin/"
-  cargo test --release --features cli,cuda,nccl --test gpu --test gpu_parallel --test large --no-run --message-format=json \
+  cargo test --release --features cli,cuda,nccl --test gpu --test gpu_linear --test gpu_parallel --test large \
+    --no-run --message-format=json \
     | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
@@ -59,6 +64,8 @@ run() {
   step "GPU parity (FWL_REQUIRE_CUDA=1)"
   "$bundle/bin/test-gpu" --test-threads=1 || fail=1
   "$bundle/bin/test-large" --exact more_than_2_pow_31_elements_cuda || fail=1
+  step "GPU parity of the fused linear path (FWL_REQUIRE_CUDA=1)"
+  "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
   step "vocabulary-/data-parallel split on the GPU, NCCL with the ranks this machine has (FWL_REQUIRE_CUDA=1)"
   # NCCL as PyTorch ships it (libnccl.so.2 in its nvidia-nccl wheel) unless the system has one
   local nccl
@@ -86,6 +93,11 @@ run() {
       step "compute-sanitizer --tool $tool, bf16, cluster of 2, 2 loads in flight"
       FWL_CUDA_ROW_CLUSTER=2 FWL_CUDA_ROW_UNROLL=2 \
         "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype bf16 || fail=1
+    done
+    step "compute-sanitizer --tool memcheck, fused linear path (cuBLAS + rows kernel), bf16 and f32"
+    for dt in bf16 f32; do
+      "$cs" --tool memcheck --error-exitcode 3 "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda \
+        --tokens 2x9 --hidden 40 --vocab 5003 --dtype "$dt" --chunk-rows 5 --iters 1 --warmup 0 || fail=1
     done
   else
     step "compute-sanitizer: not found, skipped"
@@ -121,9 +133,13 @@ run() {
 
   echo
   echo "== checks $([ $fail = 0 ] && echo 'passed' || echo 'FAILED (see above)') in $((SECONDS - start)) s"
-  step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy (table last)"
   local liger
   liger=$(ls "$bundle"/wheels/liger_kernel-*.whl 2>/dev/null | head -1)
+  step "bench: fused linear + weighted loss vs torch eager on hidden@W^T and Liger-Kernel's fused linear CE"
+  PYTHONUNBUFFERED=1 python3 benches/compare_linear.py --device cuda --bin "$bundle/bin/fused-weighted-loss" \
+    --tokens 8x1024 --hidden 4096 --vocab 128256 --dtype bf16 --iters 10 \
+    ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-linear-bench.json" || fail=1
+  step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy (table last)"
   PYTHONUNBUFFERED=1 python3 benches/compare_torch.py --device cuda --bin "$bundle/bin/fused-weighted-loss" \
     --shapes 32x128x50000:f32,32x128x50000:bf16,8x1024x128256:bf16 --iters 20 --compile-budget-s 200 \
     ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-bench.json" || fail=1

@@ -34,6 +34,97 @@
 //! The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
 //! would need a host synchronisation); they are treated as positions without a target.
 
+/// Implements candle's `CustomOp2` and `CustomOp3` for an op of two or three inputs: its
+/// `cpu(s1, l1, s2, l2, Option<(s3, l3)>)`, the CUDA forward `$cuda(op, s1, l1, s2, l2, Option<..>)`
+/// and its `grads(grad_res)`, the gradients of its (up to three) inputs.
+macro_rules! custom_ops {
+    ($op:ty, $name:literal, $cuda:path) => {
+        impl CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+                self.cpu(s1, l1, s2, l2, None)
+            }
+
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                $cuda(self, s1, l1, s2, l2, None)
+            }
+
+            fn bwd(
+                &self,
+                _: &Tensor,
+                _: &Tensor,
+                _: &Tensor,
+                grad_res: &Tensor,
+            ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+                let [a, b, _] = self.grads(grad_res)?;
+                Ok((a, b))
+            }
+        }
+
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+                s3: &CpuStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+                self.cpu(s1, l1, s2, l2, Some((s3, l3)))
+            }
+
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+                s3: &candle_core::CudaStorage,
+                l3: &Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                $cuda(self, s1, l1, s2, l2, Some((s3, l3)))
+            }
+
+            fn bwd(
+                &self,
+                _: &Tensor,
+                _: &Tensor,
+                _: &Tensor,
+                _: &Tensor,
+                grad_res: &Tensor,
+            ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+                let [a, b, c] = self.grads(grad_res)?;
+                Ok((a, b, c))
+            }
+        }
+    };
+}
+
+mod linear;
+pub use linear::weighted_linear_loss;
+
 use crate::dtype::{Logit, TokenId};
 use crate::{Backend, Grad, LossSpec, Shape, Tokens};
 use candle_core::backend::BackendStorage;
@@ -129,7 +220,7 @@ fn wrap(e: crate::Error) -> candle_core::Error {
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((a, b)) if b <= v.len() => Ok(&v[a..b]),
-        _ => Err(candle_core::Error::msg(format!("weighted_loss: {what} must be contiguous"))),
+        _ => Err(candle_core::Error::msg(format!("fused-weighted-loss op: {what} must be contiguous"))),
     }
 }
 
@@ -205,6 +296,11 @@ impl WeightedLossOp {
         }
     }
 
+    /// The backward: the logits' gradient (ids and labels get none).
+    fn grads(&self, grad_res: &Tensor) -> candle_core::Result<[Option<Tensor>; 3]> {
+        Ok([Some(self.bwd(grad_res)?), None, None])
+    }
+
     fn bwd(&self, grad_res: &Tensor) -> candle_core::Result<Tensor> {
         let stash = self.stash.lock().unwrap_or_else(|e| e.into_inner()).take();
         match stash {
@@ -226,84 +322,7 @@ impl WeightedLossOp {
     }
 }
 
-impl CustomOp2 for WeightedLossOp {
-    fn name(&self) -> &'static str {
-        "fused-weighted-loss"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        self.cpu(s1, l1, s2, l2, None)
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda::forward(self, s1, l1, s2, l2, None)
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.bwd(grad_res)?), None))
-    }
-}
-
-impl CustomOp3 for WeightedLossOp {
-    fn name(&self) -> &'static str {
-        "fused-weighted-loss"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        self.cpu(s1, l1, s2, l2, Some((s3, l3)))
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        cuda::forward(self, s1, l1, s2, l2, Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(self.bwd(grad_res)?), None, None))
-    }
-}
+custom_ops!(WeightedLossOp, "fused-weighted-loss", cuda::forward);
 
 #[cfg(feature = "candle-cuda")]
 mod cuda {
@@ -317,13 +336,13 @@ mod cuda {
 
     /// A gradient on the device, with what it takes to become a tensor.
     pub(super) struct DeviceGrad {
-        slice: GradSlice,
-        device: CudaDevice,
-        loss: CudaLoss,
-        dims: (usize, usize, usize),
+        pub(super) slice: GradSlice,
+        pub(super) device: CudaDevice,
+        pub(super) loss: CudaLoss,
+        pub(super) dims: candle_core::Shape,
     }
 
-    enum GradSlice {
+    pub(super) enum GradSlice {
         F32(CudaSlice<f32>),
         F16(CudaSlice<half::f16>),
         BF16(CudaSlice<half::bf16>),
@@ -360,10 +379,14 @@ mod cuda {
         }
     }
 
-    fn view<'a, T>(s: &'a CudaSlice<T>, layout: &Layout, what: &str) -> candle_core::Result<CudaView<'a, T>> {
+    pub(super) fn view<'a, T>(
+        s: &'a CudaSlice<T>,
+        layout: &Layout,
+        what: &str,
+    ) -> candle_core::Result<CudaView<'a, T>> {
         match layout.contiguous_offsets() {
             Some((a, b)) if b <= s.len() => Ok(s.slice(a..b)),
-            _ => Err(candle_core::Error::msg(format!("weighted_loss: {what} must be contiguous"))),
+            _ => Err(candle_core::Error::msg(format!("fused-weighted-loss op: {what} must be contiguous"))),
         }
     }
 
@@ -398,7 +421,7 @@ mod cuda {
             let mut g = grad_buffer::<L>(&stream, op.shape.logits_len()).map_err(wrap)?;
             let out =
                 loss.loss_and_grad(&op.spec, op.shape, &stream, logits, &inputs, &mut g.as_view_mut()).map_err(wrap)?;
-            let dims = (op.shape.batch(), op.shape.seq(), op.shape.vocab());
+            let dims = (op.shape.batch(), op.shape.seq(), op.shape.vocab()).into();
             *op.stash.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(Stash::Cuda(DeviceGrad { slice: keep(g), device: dev.clone(), loss, dims }));
             out

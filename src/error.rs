@@ -217,6 +217,12 @@ pub enum Error {
     /// A collective (an all-gather between ranks) failed or is not available.
     #[error("collective communication failed: {0}")]
     Collective(String),
+    /// `hidden == 0` in a fused linear call.
+    #[error("hidden size is 0")]
+    EmptyHidden,
+    /// A fused linear call's chunking cannot be used (0 rows per chunk).
+    #[error("invalid chunking: {0}")]
+    InvalidChunking(String),
     /// A candle tensor had an unsupported dtype, layout or device.
     #[error("unsupported tensor: {0}")]
     Unsupported(String),

@@ -33,6 +33,9 @@
 //! Defaults reproduce the course function exactly; [`LossSpecBuilder`] has the extensions
 //! (labels with `ignore_index`, [`RowMean`], [`Reduction`], per-keyword weights, an upstream
 //! gradient scale, a finiteness check, the backend).
+//!
+//! [`LossSpec::linear_loss_and_grad`] computes the same loss from the last hidden states and the
+//! output weight, in chunks of token rows, so that the logits never exist (module [`linear`]).
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -44,6 +47,7 @@ mod cpu;
 pub mod cuda;
 mod dtype;
 mod error;
+pub mod linear;
 pub mod measure;
 pub mod parallel;
 pub mod reference;
@@ -53,6 +57,7 @@ pub mod synthetic;
 pub use dtype::{DType, Logit, TokenId};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearShape};
 pub use spec::{
     Backend, CpuSimd, Keyword, LossOutput, LossSpec, LossSpecBuilder, Reduction, RowMean, Shape, Tokens, MAX_VOCAB,
 };

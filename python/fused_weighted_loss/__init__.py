@@ -6,6 +6,12 @@ and its gradient in one fused pass over the logits, on CPU and CUDA tensors, wit
     loss = keytoken_weighted_loss(batch["input_ids"], logits, keytoken_ids)   # the course's call
     loss.backward()
 
+    # the options of current trainers, and the per-token losses to log, in the same fused call
+    out = weighted_loss(logits, batch["input_ids"], keywords=keytoken_ids, z_loss=1e-4,
+                        label_smoothing=0.1, softcap=30.0,
+                        token_weights=batch["attention_mask"].float(), return_token_loss=True)
+    out.loss.backward()   # out.z_loss, out.token_loss [B, T-1]: detached, for logging
+
 The forward computes the loss and the gradient w.r.t. the logits together and keeps the
 gradient (one tensor of the logits' shape and dtype) until the backward, which scales it by the
 upstream gradient in place. When the logits do not require a gradient (or under
@@ -32,14 +38,22 @@ __all__ = [
 
 
 class LossOutput(NamedTuple):
-    """What ``weighted_loss(..., return_per_sample=True)`` returns."""
+    """What ``weighted_loss(..., return_per_sample=True)`` (or ``return_token_loss=True``)
+    returns. Only ``loss`` carries a gradient; the other fields are detached."""
 
     loss: Tensor
     """The batch loss, float32 0-d, with a gradient to the logits."""
     per_sample_loss: Tensor
-    """Each sample's mean per-token loss before weighting, float64 [B] (no gradient)."""
+    """Each sample's mean per-token loss (token weights applied) before the sample weight,
+    float64 [B]."""
     weights: Tensor
     """Each sample's weight ``alpha * (1 + sum_k weight_k * count_k)``, float64 [B]."""
+    z_loss: Tensor
+    """The z-loss part of ``loss`` (reduced like the loss), float64 0-d; 0 when ``z_loss=0``."""
+    token_loss: Optional[Tensor] = None
+    """With ``return_token_loss=True``: each position's loss, float32 [B, T-1] (the course
+    function's ``CrossEntropyLoss(reduction="none")`` intermediate, with label smoothing and
+    z-loss, before token and sample weights; 0 where the label is ignored); else None."""
 
 
 def _keyword_lists(keywords, keyword_weights):
@@ -71,9 +85,14 @@ def weighted_loss(
     ignore_index: int = -100,
     row_mean: str = "all",
     reduction: str = "mean",
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    token_weights: Optional[Tensor] = None,
     check_finite: bool = False,
     check_ids: bool = False,
     return_per_sample: bool = False,
+    return_token_loss: bool = False,
 ):
     """The keyword-weighted loss of ``logits`` [B, T, V] (float32, float16 or bfloat16) for
     ``ids`` [B, T] (int64 or int32), with the crate's options.
@@ -86,34 +105,54 @@ def weighted_loss(
     ``mean_b(loss_b * w_b)`` (``reduction="mean"``), ``sum_b(loss_b * w_b) / sum_b(w_b)``
     (``"weighted_mean"``) or ``sum_b(loss_b * w_b)`` (``"sum"``).
 
-    Returns the loss as a float32 0-d tensor, or with ``return_per_sample=True`` a
-    :class:`LossOutput` (loss, per-sample losses, weights). Non-contiguous inputs are made
-    contiguous first (a copy). Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's
-    message. On CUDA the call never waits for the device: ids or labels outside the vocabulary
-    are then treated as positions without a target, unless ``check_ids=True`` (or
-    ``check_finite=True``), which waits for the kernels and raises ``ValueError`` as on CPU.
-    At most 64 keywords on CUDA.
+    Options of current trainers, each off by default and computed in the same fused pass, in
+    this order (``z`` a row of logits, ``lse`` its log-sum-exp, ``y`` the target, V the vocabulary):
+
+    - ``softcap=c`` (Gemma 2): the loss sees ``c * tanh(z / c)`` instead of ``z``; ``c > 0``.
+    - ``label_smoothing=eps`` in [0, 1]: each token's loss is
+      ``(1 - eps) * (lse - z[y]) + eps * (lse - mean(z))``, as
+      ``torch.nn.functional.cross_entropy(label_smoothing=eps)``.
+    - ``z_loss=k >= 0`` (PaLM): ``k * lse**2`` added to each token's loss; its part of the batch
+      loss is ``LossOutput.z_loss``.
+    - ``token_weights``: float32 [B, T] on the logits' device, aligned with the labels:
+      ``token_weights[b, t+1]`` multiplies the loss of position t (the one predicting
+      ``labels[b, t+1]``) before the row mean, combined with the keyword sample weights;
+      ``token_weights[:, 0]`` is not used. Values must be finite; they take no gradient.
+
+    Returns the loss as a float32 0-d tensor; with ``return_per_sample=True`` a
+    :class:`LossOutput` (loss, per-sample losses, weights, z-loss part); with
+    ``return_token_loss=True`` a :class:`LossOutput` whose ``token_loss`` also holds the
+    [B, T-1] per-token losses (``reduction="none"`` of the course function's cross-entropy),
+    written by the same fused call. Non-contiguous inputs are made contiguous first (a copy).
+    Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's message. On CUDA the call
+    never waits for the device: ids or labels outside the vocabulary are then treated as
+    positions without a target (and non-finite token weights are not reported), unless
+    ``check_ids=True`` (or ``check_finite=True``), which waits for the kernels and raises
+    ``ValueError`` as on CPU. At most 64 keywords on CUDA.
     """
     if not isinstance(logits, Tensor) or not isinstance(ids, Tensor):
         raise TypeError("logits and ids must be torch tensors")
-    if labels is not None and not isinstance(labels, Tensor):
-        raise TypeError("labels must be a torch tensor or None")
-    _check_devices(logits, ids, labels)
+    for name, t in (("labels", labels), ("token_weights", token_weights)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch tensor or None")
+    _check_devices(logits, ids, labels, token_weights)
     kw, kww = _keyword_lists(keywords, keyword_weights)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, per, weights, _ = _loss_op(
+    outputs = bool(return_per_sample) or bool(return_token_loss)
+    loss, per, weights, z, token_loss, _ = _loss_op(
         logits.contiguous(),
         ids.contiguous(),
         labels.contiguous() if labels is not None else None,
+        token_weights.detach().contiguous() if token_weights is not None else None,
         kw,
         kww,
-        float(alpha),
-        int(ignore_index),
-        mode_string(str(row_mean), str(reduction), compute_grad, bool(return_per_sample), bool(check_ids),
-                    bool(check_finite)),
+        mode_string(str(row_mean), str(reduction), compute_grad, outputs, bool(check_ids), bool(check_finite),
+                    token_loss=bool(return_token_loss), alpha=float(alpha), ignore_index=int(ignore_index),
+                    z_loss=float(z_loss), label_smoothing=float(label_smoothing),
+                    softcap=None if softcap is None else float(softcap)),
     )
-    if return_per_sample:
-        return LossOutput(loss, per, weights)
+    if outputs:
+        return LossOutput(loss, per, weights, z, token_loss if return_token_loss else None)
     return loss
 
 

@@ -6,7 +6,7 @@ The tensors' memory goes to the native module as data pointers: on CPU the crate
 runs on it in place; on CUDA its kernels run on torch's device pointers, queued on torch's current
 stream, in the device's primary context (torch's own), with no copy and no host synchronisation.
 """
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from . import _cpu_pool, _native
 _NS = "fused_weighted_loss"
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_NUM_INPUTS = 8  # arguments of the loss op
+_NUM_INPUTS = 7  # arguments of the loss op
 
 
 def _dtype_name(t: Tensor) -> str:
@@ -32,17 +32,17 @@ def _ptr(t: Optional[Tensor]) -> int:
     return t.data_ptr() if t is not None and t.numel() > 0 else 0
 
 
-def _check_devices(logits: Tensor, ids: Tensor, labels: Optional[Tensor]) -> None:
-    for name, t in (("ids", ids), ("labels", labels)):
+def _check_devices(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor]) -> None:
+    for name, t in (("ids", ids), ("labels", labels), ("token_weights", token_weights)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"{name} is on {t.device}, the logits on {logits.device}: they must share a device")
 
 
-def _check_tensors(logits: Tensor, ids: Tensor, labels: Optional[Tensor]) -> None:
+def _check_tensors(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor]) -> None:
     """What only torch knows: devices and layouts (shapes, dtypes and values are the crate's to
     check, with its messages)."""
-    _check_devices(logits, ids, labels)
-    for name, t in (("logits", logits), ("ids", ids), ("labels", labels)):
+    _check_devices(logits, ids, labels, token_weights)
+    for name, t in (("logits", logits), ("ids", ids), ("labels", labels), ("token_weights", token_weights)):
         if t is None:
             continue
         if t.device.type not in ("cpu", "cuda"):
@@ -61,33 +61,72 @@ def _device_arg(t: Tensor) -> Optional[Tuple[int, int]]:
     return (index, torch.cuda.current_stream(index).cuda_stream)
 
 
+# The scalar options the mode string carries as ``:name=value`` (omitted when at their default).
+_MODE_OPTIONS = {"alpha": float, "ignore_index": int, "z_loss": float, "label_smoothing": float, "softcap": float}
+
+
 def mode_string(row_mean: str, reduction: str, compute_grad: bool, per_sample: bool, check_ids: bool,
-                check_finite: bool) -> str:
-    """The op's last argument: ``row_mean:reduction:flags``, flags among ``g`` (compute the
-    gradient), ``p`` (per-sample outputs), ``i`` (check ids on CUDA), ``f`` (check finiteness).
-    (One string rather than six arguments: the per-call cost of a custom op grows with the
-    square of its argument count.)"""
-    flags = "g" * compute_grad + "p" * per_sample + "i" * check_ids + "f" * check_finite
-    return f"{row_mean}:{reduction}:{flags}"
+                check_finite: bool, *, token_loss: bool = False, alpha: float = 1.0, ignore_index: int = -100,
+                z_loss: float = 0.0, label_smoothing: float = 0.0, softcap: Optional[float] = None) -> str:
+    """The op's last argument: ``row_mean:reduction:flags``, then ``:name=value`` for each
+    scalar option not at its default (``alpha``, ``ignore_index``, ``z_loss``,
+    ``label_smoothing``, ``softcap``; floats as Python's ``repr``, which reads back exactly).
+    Flags among ``g`` (compute the gradient), ``p`` (per-sample outputs and the z-loss part),
+    ``t`` (per-token losses), ``i`` (check ids and token weights on CUDA), ``f`` (check
+    finiteness). (One string rather than a dozen arguments: the per-call cost of a custom op
+    grows with the square of its argument count.)"""
+    flags = "g" * compute_grad + "p" * per_sample + "t" * token_loss + "i" * check_ids + "f" * check_finite
+    mode = f"{row_mean}:{reduction}:{flags}"
+    # `!=` is True for NaN: passed on, for the crate to reject
+    if alpha != 1.0:
+        mode += f":alpha={alpha!r}"
+    if ignore_index != -100:
+        mode += f":ignore_index={ignore_index}"
+    if z_loss != 0.0:
+        mode += f":z_loss={z_loss!r}"
+    if label_smoothing != 0.0:
+        mode += f":label_smoothing={label_smoothing!r}"
+    if softcap is not None:
+        mode += f":softcap={softcap!r}"
+    return mode
 
 
-def _parse_mode(mode: str) -> Tuple[str, str, str]:
+def _parse_mode(mode: str) -> Tuple[str, str, str, Dict[str, float]]:
+    """``(row_mean, reduction, flags, scalar options given)`` of a mode string."""
     parts = mode.split(":")
-    if len(parts) != 3:
-        raise ValueError(f"mode must be 'row_mean:reduction:flags', got {mode!r}")
-    return parts[0], parts[1], parts[2]
+    if len(parts) < 3:
+        raise ValueError(f"mode must be 'row_mean:reduction:flags[:name=value...]', got {mode!r}")
+    options = {}
+    for item in parts[3:]:
+        name, _, value = item.partition("=")
+        kind = _MODE_OPTIONS.get(name)
+        if kind is None or name in options:
+            raise ValueError(f"mode {mode!r}: unknown or repeated option {name!r} "
+                             f"(expected {', '.join(_MODE_OPTIONS)})")
+        try:
+            options[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"mode {mode!r}: {name} must be {'a float' if kind is float else 'an int'}, "
+                             f"got {value!r}") from None
+    return parts[0], parts[1], parts[2], options
 
 
-def _outputs_like(logits: Tensor, flags: str, grad_alloc) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    n = logits.shape[0] if "p" in flags and logits.dim() == 3 else 0
+def _outputs_like(logits: Tensor, flags: str, grad_alloc) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rank3 = logits.dim() == 3
+    n = logits.shape[0] if "p" in flags and rank3 else 0
     loss = logits.new_empty((), dtype=torch.float32)
     per = logits.new_empty((n,), dtype=torch.float64)
     weights = logits.new_empty((n,), dtype=torch.float64)
-    if "g" in flags and logits.dtype in _LOGIT_DTYPES and logits.dim() == 3:
+    z_loss = logits.new_empty(() if "p" in flags else (0,), dtype=torch.float64)
+    if "t" in flags and rank3:
+        token_loss = logits.new_empty((logits.shape[0], max(logits.shape[1] - 1, 0)), dtype=torch.float32)
+    else:
+        token_loss = logits.new_empty((0,), dtype=torch.float32)
+    if "g" in flags and logits.dtype in _LOGIT_DTYPES and rank3:
         grad = grad_alloc(logits)
     else:
         grad = logits.new_empty((0,))
-    return loss, per, weights, grad
+    return loss, per, weights, z_loss, token_loss, grad
 
 
 @torch.library.custom_op(f"{_NS}::loss", mutates_args=())
@@ -95,32 +134,42 @@ def _loss_op(
     logits: Tensor,
     ids: Tensor,
     labels: Optional[Tensor],
+    token_weights: Optional[Tensor],
     keywords: List[int],
     keyword_weights: List[float],
-    alpha: float,
-    ignore_index: int,
     mode: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Loss (float32 0-d), per-sample losses and weights (float64 [B], or empty without the
-    ``p`` flag), and the gradient w.r.t. the logits (the logits' shape and dtype, or empty
-    without the ``g`` flag), in one fused pass. ``mode``: see :func:`mode_string`."""
-    _check_tensors(logits, ids, labels)
-    row_mean, reduction, flags = _parse_mode(mode)
-    loss, per, weights, grad = _outputs_like(logits, flags, _cpu_pool.empty_like)
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Loss (float32 0-d), per-sample losses and weights (float64 [B]) and the z-loss part of the
+    loss (float64 0-d) (each empty without the ``p`` flag), the per-token losses (float32
+    [B, T-1], empty without the ``t`` flag), and the gradient w.r.t. the logits (the logits'
+    shape and dtype, or empty without the ``g`` flag), in one fused pass. ``mode``: see
+    :func:`mode_string`."""
+    _check_tensors(logits, ids, labels, token_weights)
+    row_mean, reduction, flags, opt = _parse_mode(mode)
+    loss, per, weights, z_loss, token_loss, grad = _outputs_like(logits, flags, _cpu_pool.empty_like)
+    # on CUDA the kernels leave every position's loss ([B, T] float64) on the device: copied
+    # there into `rows`, then narrowed into token_loss on the same stream (no host sync)
+    rows = token_loss
+    if logits.is_cuda and token_loss.numel() > 0:
+        rows = logits.new_empty((token_loss.shape[0], token_loss.shape[1] + 1), dtype=torch.float64)
     _native.forward(
-        (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None),
-        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights)),
-        (list(keywords), list(keyword_weights), alpha, ignore_index, row_mean, reduction, "f" in flags),
+        (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None,
+         _arg(token_weights) if token_weights is not None else None),
+        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), _ptr(z_loss), _ptr(rows)),
+        (list(keywords), list(keyword_weights), opt.get("alpha", 1.0), opt.get("ignore_index", -100), row_mean,
+         reduction, "f" in flags, opt.get("z_loss", 0.0), opt.get("label_smoothing", 0.0), opt.get("softcap")),
         _device_arg(logits),
         "i" in flags,
     )
-    return loss, per, weights, grad
+    if rows is not token_loss:
+        token_loss.copy_(rows[:, :-1])
+    return loss, per, weights, z_loss, token_loss, grad
 
 
 @_loss_op.register_fake
-def _loss_fake(logits, ids, labels, keywords, keyword_weights, alpha, ignore_index, mode):
-    _check_devices(logits, ids, labels)
-    _, _, flags = _parse_mode(mode)
+def _loss_fake(logits, ids, labels, token_weights, keywords, keyword_weights, mode):
+    _check_devices(logits, ids, labels, token_weights)
+    _, _, flags, _ = _parse_mode(mode)
     return _outputs_like(logits, flags, lambda t: torch.empty_like(t, memory_format=torch.contiguous_format))
 
 
@@ -150,8 +199,8 @@ def _scale_grad_fake(grad, scale):
 
 
 def _setup_context(ctx, inputs, output):
-    loss, per, weights, grad = output
-    ctx.mark_non_differentiable(per, weights, grad)
+    loss, per, weights, z_loss, token_loss, grad = output
+    ctx.mark_non_differentiable(per, weights, z_loss, token_loss, grad)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
 
@@ -164,7 +213,7 @@ def _host_value(g: Tensor, grad: Tensor) -> Optional[float]:
     return None
 
 
-def _backward(ctx, g_loss, g_per, g_weights, g_grad):
+def _backward(ctx, g_loss, *g_non_differentiable):
     if g_loss is None:
         return (None,) * _NUM_INPUTS
     try:

@@ -1,5 +1,5 @@
-//! CPU tensors: slices over torch's host memory and the crate's `LossSpec::loss_and_grad` on
-//! them, with the GIL released while it runs.
+//! CPU tensors: slices over torch's host memory and the crate's `LossSpec::loss_and_grad` (or
+//! `loss_and_grad_per_token`) on them, with the GIL released while it runs.
 
 use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Options, Request, TensorArg};
 use fused_weighted_loss::{Backend, DType, Grad, Logit, LossSpec, Shape, TokenId, Tokens};
@@ -48,37 +48,52 @@ pub(crate) fn forward(py: Python<'_>, req: &Request<'_>) -> PyResult<()> {
 
 fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>) -> PyResult<()> {
     let (shape, out) = (req.shape, req.out);
-    let (n, b) = (shape.logits_len(), shape.batch());
+    let (n, rows, b) = (shape.logits_len(), shape.rows(), shape.batch());
     // SAFETY: Python passes the data pointers of live, contiguous tensors of these dtypes and
-    // shapes (dtypes and shapes checked in `crate::forward`, contiguity and device in _ops.py),
+    // shapes (dtypes and shapes checked in `Inputs::request`, contiguity and device in _ops.py),
     // which it holds for the whole call; the outputs are tensors it has just allocated for this
     // call, so nothing else reads or writes them, and none of them overlaps an input.
-    let (logits, ids, labels, grad, loss, per_sample, weights) = unsafe {
+    let (logits, ids, labels, token_weights, grad, loss, per_sample, weights, z_loss, token_loss) = unsafe {
         (
             host::slice::<L>(req.logits.ptr(), n, "logits")?,
-            host::slice::<I>(req.ids.ptr(), shape.rows(), "ids")?,
-            req.labels.map(|l| host::slice::<I>(l.ptr(), shape.rows(), "labels")).transpose()?,
+            host::slice::<I>(req.ids.ptr(), rows, "ids")?,
+            req.labels.map(|l| host::slice::<I>(l.ptr(), rows, "labels")).transpose()?,
+            req.token_weights.map(|w| host::slice::<f32>(w.ptr(), rows, "token_weights")).transpose()?,
             optional_mut::<L>(out.grad(), n, "grad")?,
             host::slice_mut::<f32>(out.loss(), 1, "loss")?,
             optional_mut::<f64>(out.per_sample(), b, "per_sample")?,
             optional_mut::<f64>(out.weights(), b, "weights")?,
+            optional_mut::<f64>(out.z_loss(), 1, "z_loss")?,
+            optional_mut::<f32>(out.token_loss(), b * (shape.seq() - 1), "token_loss")?,
         )
     };
-    let tokens = match labels {
-        Some(l) => Tokens::new(ids).with_labels(l),
-        None => Tokens::new(ids),
-    };
+    let mut tokens = Tokens::new(ids);
+    if let Some(l) = labels {
+        tokens = tokens.with_labels(l);
+    }
+    if let Some(w) = token_weights {
+        tokens = tokens.with_token_weights(w);
+    }
     let grad = match grad {
         Some(g) => Grad::Into(g),
         None => Grad::Skip,
     };
-    let r = py.detach(|| req.spec.loss_and_grad(shape, logits, tokens, grad)).map_err(to_py)?;
+    let spec = &req.spec;
+    let r = py
+        .detach(|| match token_loss {
+            Some(t) => spec.loss_and_grad_per_token(shape, logits, tokens, grad, t),
+            None => spec.loss_and_grad(shape, logits, tokens, grad),
+        })
+        .map_err(to_py)?;
     loss[0] = r.loss as f32;
     if let Some(p) = per_sample {
         p.copy_from_slice(&r.per_sample_loss);
     }
     if let Some(w) = weights {
         w.copy_from_slice(&r.weights);
+    }
+    if let Some(z) = z_loss {
+        z[0] = r.z_loss;
     }
     Ok(())
 }

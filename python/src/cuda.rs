@@ -2,7 +2,7 @@
 //! stream, in the device's primary context (the one torch uses): no copy of the logits or the
 //! gradient, no host synchronisation (unless `check` asks for one), no second context.
 
-use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Inputs, Options, Outputs, Request, TensorArg};
+use crate::{to_py, IdType, Inputs, Options, Outputs, Request, TensorArg};
 use fused_weighted_loss::cuda::cudarc::driver::sys::CUcontext;
 use fused_weighted_loss::cuda::cudarc::driver::{result, CudaStream, DeviceRepr};
 use fused_weighted_loss::cuda::external::{Borrowed, ExternalDevice};
@@ -80,25 +80,45 @@ fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>, device: (usize
     let call = Call::new(device)?;
     let (n, rows, b) = (shape.logits_len(), shape.rows(), shape.batch());
     // SAFETY: the data pointers of live, contiguous tensors on this device with these dtypes and
-    // shapes (dtypes and shapes checked in `crate::forward`, device and contiguity in _ops.py),
+    // shapes (dtypes and shapes checked in `Inputs::request`, device and contiguity in _ops.py),
     // which torch keeps alive until the queued work has run (its caching allocator reuses memory
     // in the order of the stream the tensors were used on, this one); the outputs are tensors
-    // allocated for this call, which nothing else uses and which overlap no input.
-    let (logits, ids, labels, mut grad, mut loss, mut per_sample, mut weights) = unsafe {
+    // allocated for this call, which nothing else uses and which overlap no input (the per-token
+    // losses: `[B, T]` f64, see `crate::Outputs`).
+    let (
+        logits,
+        ids,
+        labels,
+        token_weights,
+        mut grad,
+        mut loss,
+        mut per_sample,
+        mut weights,
+        mut z_loss,
+        mut token_loss,
+    ) = unsafe {
+        let optional = |ptr: u64, len: usize| (ptr != 0).then(|| call.borrow::<f64>(ptr, len));
         (
             call.borrow::<L>(req.logits.ptr(), n),
             call.borrow::<I>(req.ids.ptr(), rows),
             req.labels.map(|l| call.borrow::<I>(l.ptr(), rows)),
+            req.token_weights.map(|w| call.borrow::<f32>(w.ptr(), rows)),
             (out.grad() != 0).then(|| call.borrow::<L>(out.grad(), n)),
             call.borrow::<f32>(out.loss(), 1),
-            (out.per_sample() != 0).then(|| call.borrow::<f64>(out.per_sample(), b)),
-            (out.weights() != 0).then(|| call.borrow::<f64>(out.weights(), b)),
+            optional(out.per_sample(), b),
+            optional(out.weights(), b),
+            optional(out.z_loss(), 1),
+            optional(out.token_loss(), rows),
         )
     };
-    let (ids, labels) = (ids.view(), labels.as_ref().map(|l| l.view()));
+    let (ids, labels, token_weights) =
+        (ids.view(), labels.as_ref().map(|l| l.view()), token_weights.as_ref().map(|w| w.view()));
     let mut inputs = DeviceInputs::new(&ids);
     if let Some(l) = labels.as_ref() {
         inputs = inputs.with_labels(l);
+    }
+    if let Some(w) = token_weights.as_ref() {
+        inputs = inputs.with_token_weights(w);
     }
     let (stream, kernels) = (&call.stream, call.dev.loss());
     let result: DeviceLossOutput = match grad.as_mut() {
@@ -108,11 +128,15 @@ fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>, device: (usize
     .map_err(to_py)?;
     let copy = |e| PyRuntimeError::new_err(format!("CUDA error while copying the results: {e}"));
     stream.memcpy_dtod(&result.loss_f32, &mut loss.view_mut()).map_err(copy)?;
-    if let Some(p) = per_sample.as_mut() {
-        stream.memcpy_dtod(&result.per_sample_loss, &mut p.view_mut()).map_err(copy)?;
-    }
-    if let Some(w) = weights.as_mut() {
-        stream.memcpy_dtod(&result.weights, &mut w.view_mut()).map_err(copy)?;
+    for (from, to) in [
+        (&result.per_sample_loss, &mut per_sample),
+        (&result.weights, &mut weights),
+        (&result.z_loss, &mut z_loss),
+        (&result.row_loss, &mut token_loss),
+    ] {
+        if let Some(to) = to.as_mut() {
+            stream.memcpy_dtod(from, &mut to.view_mut()).map_err(copy)?;
+        }
     }
     if check {
         // waits for the stream: without the GIL, so that other Python threads run meanwhile
@@ -158,16 +182,7 @@ pub(crate) fn time_rust_call_cuda(
     warmup: usize,
     iters: usize,
 ) -> PyResult<(f64, Vec<f64>)> {
-    let Inputs(logits, ids, labels) = &inputs;
-    let req = Request {
-        shape: shape_of(logits, ids, labels.as_ref())?,
-        types: (logit_dtype(logits.dtype())?, id_dtype(ids, labels.as_ref())?),
-        spec: options.spec(Backend::Cuda)?,
-        logits,
-        ids,
-        labels: labels.as_ref(),
-        out: Outputs(grad, 0, 0, 0),
-    };
+    let req = inputs.request(&options, Backend::Cuda, Outputs(grad, 0, 0, 0, 0, 0))?;
     if grad == 0 {
         return Err(PyValueError::new_err("time_rust_call_cuda needs a gradient buffer"));
     }

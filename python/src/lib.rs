@@ -46,10 +46,13 @@ impl TensorArg {
 }
 
 /// Where the results go, as data pointers of tensors Python allocated: the gradient
-/// (`[B, T, V]` of the logits' dtype; 0 for loss only), the loss (one f32), and the per-sample
-/// losses and weights (`[B]` f64 each; 0 when not wanted).
+/// (`[B, T, V]` of the logits' dtype; 0 for loss only), the loss (one f32), the per-sample
+/// losses and weights (`[B]` f64 each; 0 when not wanted), the z-loss part of the loss (one f64;
+/// 0 when not wanted) and the per-token losses (0 when not wanted): on CPU `[B, T - 1]` f32 (the
+/// crate's `loss_and_grad_per_token`), on CUDA `[B, T]` f64 (the device's per-position losses,
+/// `DeviceLossOutput::row_loss`, 0 at the last position of each sample), which Python narrows.
 #[derive(FromPyObject, Debug, Clone, Copy)]
-pub(crate) struct Outputs(pub u64, pub u64, pub u64, pub u64);
+pub(crate) struct Outputs(pub u64, pub u64, pub u64, pub u64, pub u64, pub u64);
 
 impl Outputs {
     pub(crate) fn grad(&self) -> u64 {
@@ -64,17 +67,34 @@ impl Outputs {
     pub(crate) fn weights(&self) -> u64 {
         self.3
     }
+    pub(crate) fn z_loss(&self) -> u64 {
+        self.4
+    }
+    pub(crate) fn token_loss(&self) -> u64 {
+        self.5
+    }
 }
 
 /// The loss options: `(keywords, keyword_weights, alpha, ignore_index, row_mean, reduction,
-/// check_finite)`.
+/// check_finite, z_loss, label_smoothing, softcap)` (softcap `None`: off).
 #[derive(FromPyObject, Debug, Clone)]
-pub(crate) struct Options(Vec<i64>, Vec<f64>, f64, i64, String, String, bool);
+pub(crate) struct Options(Vec<i64>, Vec<f64>, f64, i64, String, String, bool, f64, f64, Option<f64>);
 
 impl Options {
     /// The validated spec for `backend`.
     fn spec(&self, backend: Backend) -> PyResult<LossSpec> {
-        let Options(keywords, weights, alpha, ignore_index, row_mean, reduction, check_finite) = self;
+        let Options(
+            keywords,
+            weights,
+            alpha,
+            ignore_index,
+            row_mean,
+            reduction,
+            check_finite,
+            z_loss,
+            smoothing,
+            softcap,
+        ) = self;
         if weights.len() != keywords.len() {
             return Err(PyValueError::new_err(format!(
                 "keyword_weights has {} entries for {} keywords",
@@ -91,6 +111,9 @@ impl Options {
             .row_mean(row_mean)
             .reduction(reduction)
             .check_finite(*check_finite)
+            .z_loss(*z_loss)
+            .label_smoothing(*smoothing)
+            .softcap(*softcap)
             .backend(backend)
             .build()
             .map_err(to_py)
@@ -152,9 +175,38 @@ pub(crate) fn shape_of(logits: &TensorArg, ids: &TensorArg, labels: Option<&Tens
     Ok(shape)
 }
 
-/// The inputs of one call: logits, ids and optional labels.
+/// Checks the per-token weights: float32 `[B, T]` (their values are the backend's to check).
+fn check_token_weights(shape: Shape, weights: &TensorArg) -> PyResult<()> {
+    if weights.dtype() != "float32" {
+        return Err(PyTypeError::new_err(format!("token_weights must be float32, got {}", weights.dtype())));
+    }
+    shape.check_token_dims("token_weights", weights.dims()).map_err(to_py)
+}
+
+/// The inputs of one call: logits, ids, optional labels and optional per-token weights.
 #[derive(FromPyObject, Debug, Clone)]
-pub(crate) struct Inputs(pub TensorArg, pub TensorArg, pub Option<TensorArg>);
+pub(crate) struct Inputs(pub TensorArg, pub TensorArg, pub Option<TensorArg>, pub Option<TensorArg>);
+
+impl Inputs {
+    /// The validated request of these inputs, for `backend`, writing into `out`.
+    pub(crate) fn request(&self, options: &Options, backend: Backend, out: Outputs) -> PyResult<Request<'_>> {
+        let Inputs(logits, ids, labels, token_weights) = self;
+        let shape = shape_of(logits, ids, labels.as_ref())?;
+        if let Some(w) = token_weights {
+            check_token_weights(shape, w)?;
+        }
+        Ok(Request {
+            shape,
+            types: (logit_dtype(logits.dtype())?, id_dtype(ids, labels.as_ref())?),
+            spec: options.spec(backend)?,
+            logits,
+            ids,
+            labels: labels.as_ref(),
+            token_weights: token_weights.as_ref(),
+            out,
+        })
+    }
+}
 
 /// One validated call, for a backend.
 pub(crate) struct Request<'a> {
@@ -164,14 +216,16 @@ pub(crate) struct Request<'a> {
     pub logits: &'a TensorArg,
     pub ids: &'a TensorArg,
     pub labels: Option<&'a TensorArg>,
+    pub token_weights: Option<&'a TensorArg>,
     pub out: Outputs,
 }
 
-/// Loss (and gradient, when `outputs` has one) of `inputs` (logits, ids, labels or None),
-/// written into the tensors of `outputs`. `device` is `None` for CPU tensors, else
-/// `(ordinal, stream)`: the CUDA device and the stream to queue the work on (torch's current
+/// Loss (and gradient, when `outputs` has one) of `inputs` (logits, ids, labels or None, token
+/// weights or None), written into the tensors of `outputs`. `device` is `None` for CPU tensors,
+/// else `(ordinal, stream)`: the CUDA device and the stream to queue the work on (torch's current
 /// stream). On CUDA, `check` waits for the work and reports ids or labels outside the vocabulary
-/// (and, with `check_finite`, a non-finite loss); without it nothing waits.
+/// and non-finite token weights (and, with `check_finite`, a non-finite loss); without it
+/// nothing waits.
 #[pyfunction]
 #[pyo3(signature = (inputs, outputs, options, device=None, check=false))]
 fn forward(
@@ -182,17 +236,8 @@ fn forward(
     device: Option<(usize, usize)>,
     check: bool,
 ) -> PyResult<()> {
-    let Inputs(logits, ids, labels) = &inputs;
     let backend = if device.is_some() { Backend::Cuda } else { Backend::Cpu };
-    let req = Request {
-        shape: shape_of(logits, ids, labels.as_ref())?,
-        types: (logit_dtype(logits.dtype())?, id_dtype(ids, labels.as_ref())?),
-        spec: options.spec(backend)?,
-        logits,
-        ids,
-        labels: labels.as_ref(),
-        out: outputs,
-    };
+    let req = inputs.request(&options, backend, outputs)?;
     match device {
         None => cpu::forward(py, &req),
         #[cfg(feature = "cuda")]

@@ -4,9 +4,11 @@ CUDA tests skip, saying why, where there is no usable GPU, and fail instead when
 FWL_REQUIRE_CUDA=1 (as the crate's Rust GPU tests do).
 """
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn import CrossEntropyLoss
 
 import fused_weighted_loss as fwl
@@ -57,38 +59,89 @@ def course_keytoken_weighted_loss(inputs, logits, keytoken_ids, alpha=1.0):
     return weighted_loss
 
 
-def reference(logits, ids, keywords=(), alpha=1.0, labels=None, keyword_weights=None, ignore_index=-100,
-              row_mean="all", reduction="mean"):
-    """The course function with the crate's documented extensions (labels with ignore_index,
-    row_mean "valid", weighted keywords, reductions), in float64 on the CPU, on the logits as
-    given (already rounded to their dtype), on their device. Returns (loss, per_sample, weights,
-    grad), float64."""
+class Reference(NamedTuple):
+    """What :func:`reference_with_options` returns, float64."""
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    weights: torch.Tensor
+    z_loss: torch.Tensor
+    token_loss: torch.Tensor
+    grad: torch.Tensor
+
+
+def reference_with_options(logits, ids, keywords=(), alpha=1.0, labels=None, keyword_weights=None, ignore_index=-100,
+                           row_mean="all", reduction="mean", z_loss=0.0, label_smoothing=0.0, softcap=None,
+                           token_weights=None):
+    """The course function with the crate's documented extensions, in float64 on the logits as
+    given (already rounded to their dtype), on their device, the gradient by autograd: labels
+    with ignore_index, row_mean "valid", weighted keywords, reductions, and the options as
+    PyTorch writes them (as scripts/check_options.py): soft-capping ``c * tanh(z / c)`` before
+    the loss, ``F.cross_entropy(label_smoothing=eps)``, ``+ k * logsumexp(z)**2`` per target,
+    per-token losses times ``token_weights[:, 1:]`` before the row mean."""
     x = logits.detach().to(torch.float64).requires_grad_()
     inputs = ids.to(x.device, torch.int64)
     labels = inputs if labels is None else labels.to(x.device, torch.int64)
     b, t, v = x.shape
-    shift_labels = labels[..., 1:].contiguous()
-    shift_logits = x[..., :-1, :].contiguous()
-    loss_fct = CrossEntropyLoss(reduction="none", ignore_index=ignore_index)
-    loss = loss_fct(shift_logits.view(-1, v), shift_labels.view(-1)).view(b, t - 1)
-    if row_mean == "all":
-        per = loss.mean(axis=1)
-    else:
-        n = (shift_labels != ignore_index).sum(1)
-        per = torch.where(n > 0, loss.sum(1) / n.clamp(min=1), torch.zeros_like(loss[:, 0]))
+    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    shift_labels = labels[..., 1:].contiguous().view(-1)
+    shift_logits = z[..., :-1, :].contiguous().view(-1, v)
+    ce = F.cross_entropy(shift_logits, shift_labels, reduction="none", ignore_index=ignore_index,
+                         label_smoothing=label_smoothing)
+    valid = shift_labels != ignore_index
+    zpart = torch.where(valid, z_loss * torch.logsumexp(shift_logits, dim=-1) ** 2, torch.zeros_like(ce))
+    token_loss = (ce + zpart).view(b, t - 1)
+    w_tok = (torch.ones_like(token_loss) if token_weights is None
+             else token_weights.to(x.device, torch.float64)[:, 1:])
+    n_valid = valid.view(b, t - 1).sum(1)
+
+    def row_mean_of(loss):
+        loss = loss * w_tok
+        if row_mean == "all":
+            return loss.mean(axis=1)
+        return torch.where(n_valid > 0, loss.sum(1) / n_valid.clamp(min=1), torch.zeros_like(loss[:, 0]))
+
+    per, per_z = row_mean_of(token_loss), row_mean_of(zpart.view(b, t - 1))
     keyword_weights = [1.0] * len(keywords) if keyword_weights is None else keyword_weights
     hits = torch.zeros(b, dtype=torch.float64, device=x.device)
     for kt, w in zip(keywords, keyword_weights):
         hits = hits + w * (inputs == kt).to(torch.float64).sum(1)
     weights = alpha * (1.0 + hits)
-    if reduction == "mean":
-        total = (per * weights).mean()
-    elif reduction == "sum":
-        total = (per * weights).sum()
-    else:
-        total = (per * weights).sum() / weights.sum()
+
+    def reduce(per):
+        if reduction == "mean":
+            return (per * weights).mean()
+        if reduction == "sum":
+            return (per * weights).sum()
+        return (per * weights).sum() / weights.sum()
+
+    total = reduce(per)
     total.backward()
-    return total.detach(), per.detach(), weights.detach(), x.grad
+    return Reference(total.detach(), per.detach(), weights.detach(), reduce(per_z).detach(), token_loss.detach(),
+                     x.grad)
+
+
+def reference(logits, ids, keywords=(), alpha=1.0, **options):
+    """:func:`reference_with_options` as (loss, per_sample, weights, grad)."""
+    r = reference_with_options(logits, ids, keywords, alpha, **options)
+    return r.loss, r.per_sample, r.weights, r.grad
+
+
+class Spy:
+    """Records, as (outputs, options), what each native forward was asked to write and with
+    which options (the calls still run)."""
+
+    def __init__(self, monkeypatch):
+        import fused_weighted_loss._ops as ops
+
+        self.calls = []
+        real = ops._native.forward
+
+        def forward(inputs, outputs, options, device=None, check=False):
+            self.calls.append((outputs, options))
+            return real(inputs, outputs, options, device, check)
+
+        monkeypatch.setattr(ops._native, "forward", forward)
 
 
 def rel_err(out, ref):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_weighted_loss as fwl
-from conftest import TOL, random_case, reference, rel_err, require_cuda
+from conftest import TOL, random_case, reference, reference_with_options, rel_err, require_cuda
 
 
 def fresh_leaf(t):
@@ -147,3 +147,60 @@ def test_compile_fullgraph_inductor_on_cuda():
         results.append((loss.detach(), x.grad))
     assert rel_err(results[1][0], results[0][0]) <= 1e-6
     assert rel_err(results[1][1], results[0][1]) <= 1e-2  # bf16 products rounded in another order
+
+
+def test_options_without_host_synchronisation():
+    """Every option, the per-sample outputs and the per-token losses (copied and narrowed on the
+    device): still no synchronising call, and the results right."""
+    dev = require_cuda()
+    logits, ids, keywords, _ = random_case(27, dev, dtype=torch.bfloat16, id_dtype=torch.int64, vocabs=(5003,))
+    w = torch.rand(ids.shape, device=dev)
+    opts = dict(keywords=keywords, z_loss=1e-3, label_smoothing=0.1, softcap=5.0, token_weights=w)
+    x = fresh_leaf(logits)
+    fwl.weighted_loss(x, ids, return_token_loss=True, **opts).loss.backward()  # loads the kernels once
+    torch.cuda.synchronize()
+    x.grad = None
+    torch.cuda._sleep(400_000_000)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fwl.weighted_loss(x, ids, return_token_loss=True, **opts)
+        out.loss.backward()
+        still_busy = not torch.cuda.current_stream().query()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert still_busy, "the device finished before the call returned: the call waited for it"
+    ref = reference_with_options(logits, ids, **opts)
+    tol = TOL[torch.bfloat16]
+    assert rel_err(out.loss, ref.loss) <= tol["loss"] and rel_err(out.z_loss, ref.z_loss) <= tol["loss"]
+    assert rel_err(out.token_loss, ref.token_loss) <= tol["loss"]
+    assert rel_err(x.grad, ref.grad) <= tol["grad"]
+
+
+def test_non_finite_token_weights_on_cuda():
+    """Found on the device: reported with check_ids=True (which waits), as on the CPU."""
+    dev = require_cuda()
+    logits, ids, _, _ = random_case(28, dev, dtype=torch.float32, id_dtype=torch.int64, vocabs=(257,))
+    w = torch.ones(ids.shape, device=dev)
+    w[-1, -1] = float("nan")
+    with pytest.raises(ValueError, match=r"token_weights\[.*\] = NaN is not finite"):
+        fwl.weighted_loss(logits, ids, token_weights=w, check_ids=True)
+    w[-1, -1] = 0.5
+    ref = reference_with_options(logits, ids, token_weights=w)
+    assert rel_err(fwl.weighted_loss(logits, ids, token_weights=w, check_ids=True), ref.loss) <= 1e-5
+
+
+def test_options_agree_with_cpu():
+    dev = require_cuda()
+    logits, ids, keywords, alpha = random_case(29, "cpu", dtype=torch.float32, id_dtype=torch.int32, vocabs=(1000,))
+    w = torch.rand(ids.shape)
+    out = []
+    for d in ("cpu", dev):
+        x = fresh_leaf(logits.to(d))
+        r = fwl.weighted_loss(x, ids.to(d), keywords=keywords, alpha=alpha, z_loss=1e-3, label_smoothing=0.2,
+                              softcap=10.0, token_weights=w.to(d), return_token_loss=True)
+        r.loss.backward()
+        out.append([t.cpu() for t in (r.loss, r.per_sample_loss, r.z_loss, r.token_loss, x.grad)])
+    # tanh and exp are computed by different means on each (the crate's CPU/GPU bound)
+    for name, c, g in zip(["loss", "per_sample", "z_loss", "token_loss", "grad"], *out):
+        assert rel_err(g, c) <= 1e-5, name

@@ -48,6 +48,22 @@ CASES = [
     (dict(reduction="max"), ValueError, r"unknown reduction 'max' \(expected mean, weighted-mean or sum\)"),
     (dict(logits=torch.full((B, T, V), float("nan")), check_finite=True), ValueError,
      r"non-finite loss NaN at sample 0, position 0"),
+    # the options (crate messages)
+    (dict(z_loss=-1e-4), ValueError, r"z_loss must be finite and >= 0, got -0.0001"),
+    (dict(z_loss=float("inf")), ValueError, r"z_loss must be finite and >= 0, got inf"),
+    (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
+    (dict(label_smoothing=float("nan")), ValueError, r"label_smoothing must be in \[0, 1\], got NaN"),
+    (dict(softcap=0.0), ValueError, r"softcap must be finite and > 0, got 0"),
+    (dict(softcap=-30.0), ValueError, r"softcap must be finite and > 0, got -30"),
+    (dict(softcap=float("inf")), ValueError, r"softcap must be finite and > 0, got inf"),
+    (dict(z_loss="a lot"), ValueError, r"could not convert string to float"),
+    (dict(token_weights=torch.ones(B, T - 1)), ValueError,
+     r"shape mismatch: token_weights has shape \[2, 4\], expected \[2, 5\]"),
+    (dict(token_weights=torch.ones(B * T)), ValueError, r"token_weights must have rank 2 \[batch, seq\], got rank 1"),
+    (dict(token_weights=torch.tensor([[1.0, 1, 1, float("nan"), 1], [1.0] * T])), ValueError,
+     r"token_weights\[0, 3\] = NaN is not finite"),
+    (dict(token_weights=torch.tensor([[1.0] * T, [1.0, float("-inf"), 1, 1, 1]])), ValueError,
+     r"token_weights\[1, 1\] = -inf is not finite"),
     # dtypes
     (dict(logits=torch.randn(B, T, V, dtype=torch.float64)), TypeError,
      r"logits must be float32, float16 or bfloat16, got float64"),
@@ -57,9 +73,14 @@ CASES = [
     (dict(keywords=["a"]), TypeError, r"keywords must be a sequence of int token ids"),
     (dict(keywords=[1.5]), TypeError, r"keywords must be a sequence of int token ids"),
     (dict(logits=[[[0.0]]]), TypeError, r"logits and ids must be torch tensors"),
+    (dict(token_weights=torch.ones(B, T, dtype=torch.float64)), TypeError,
+     r"token_weights must be float32, got float64"),
+    (dict(token_weights=torch.ones(B, T, dtype=torch.bool)), TypeError, r"token_weights must be float32, got bool"),
+    (dict(token_weights=[[1.0] * T] * B), TypeError, r"token_weights must be a torch tensor or None"),
     # devices
     (dict(logits=torch.randn(B, T, V, device="meta")), ValueError, r"ids is on cpu, the logits on meta"),
     (dict(labels=torch.zeros(B, T, dtype=torch.long, device="meta")), ValueError, r"labels is on meta, the logits on cpu"),
+    (dict(token_weights=torch.ones(B, T, device="meta")), ValueError, r"token_weights is on meta, the logits on cpu"),
 ]
 
 
@@ -73,7 +94,23 @@ def test_the_op_itself_refuses_non_contiguous_tensors():
     x = inputs()
     strided = x["logits"].detach().transpose(0, 1)
     with pytest.raises(ValueError, match=r"logits must be contiguous"):
-        torch.ops.fused_weighted_loss.loss(strided, x["ids"].t(), None, [], [], 1.0, -100, "all:mean:")
+        torch.ops.fused_weighted_loss.loss(strided, x["ids"].t(), None, None, [], [], "all:mean:")
+    w = torch.ones(T, B).t()
+    with pytest.raises(ValueError, match=r"token_weights must be contiguous"):
+        torch.ops.fused_weighted_loss.loss(x["logits"].detach(), x["ids"], None, w, [], [], "all:mean:")
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("all:mean", r"mode must be 'row_mean:reduction:flags\[:name=value...\]'"),
+    ("all:mean::softcap=1:softcap=2", r"unknown or repeated option 'softcap'"),
+    ("all:mean::temperature=2", r"unknown or repeated option 'temperature'"),
+    ("all:mean::z_loss=abc", r"z_loss must be a float, got 'abc'"),
+    ("all:mean::ignore_index=1.5", r"ignore_index must be an int, got '1.5'"),
+])
+def test_the_op_refuses_bad_mode_strings(mode, message):
+    x = inputs()
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fused_weighted_loss.loss(x["logits"].detach(), x["ids"], None, None, [], [], mode)
 
 
 def test_errors_leave_the_process_usable():

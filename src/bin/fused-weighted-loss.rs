@@ -1,10 +1,14 @@
 //! `fused-weighted-loss`: evaluate the loss over .npy files, or benchmark it.
 //!
+//! `bench-linear` times the fused linear + weighted loss (see `cli/linear_bench.rs`).
+//!
 //! Any bad input, file or flag exits with code 2 and one line on stderr, nothing on stdout, and
 //! leaves every existing file as it was (outputs are renamed into place only on success).
 
 #[path = "cli/bench.rs"]
 mod bench;
+#[path = "cli/linear_bench.rs"]
+mod linear_bench;
 #[path = "cli/npy.rs"]
 mod npy;
 #[path = "cli/output.rs"]
@@ -34,6 +38,8 @@ enum Command {
     Eval(EvalArgs),
     /// Time loss + gradient on random data and compare with the copy floor and the reference.
     Bench(bench::BenchArgs),
+    /// Time the fused linear + weighted loss (hidden states and output weight, no logits).
+    BenchLinear(linear_bench::BenchLinearArgs),
 }
 
 #[derive(Args)]
@@ -130,6 +136,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Eval(a) => eval(a),
         Command::Bench(a) => bench::bench(a),
+        Command::BenchLinear(a) => linear_bench::bench_linear(a),
     };
     match result {
         Ok(text) => {

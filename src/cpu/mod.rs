@@ -28,6 +28,7 @@
 //! whatever thread runs it, and per-sample sums are taken afterwards in a fixed order, so results
 //! do not depend on the number of threads.
 
+pub(crate) mod gemm;
 mod row;
 pub(crate) mod simd;
 pub(crate) mod split;
@@ -101,7 +102,7 @@ impl Scratch {
 
 /// The chunk as f32: itself, or widened into `buf`.
 #[inline]
-fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) -> &'a [f32] {
+pub(crate) fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) -> &'a [f32] {
     match (L::as_f32(src), L::as_bits(src)) {
         (Some(x), _) => x,
         (None, Some(bits)) => {
@@ -118,7 +119,7 @@ fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) -> &'a [f32
 
 /// `out = x * f` in the output's dtype (equal lengths), streaming when asked.
 #[inline]
-fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool) {
+pub(crate) fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool) {
     if let Some(o) = G::as_f32_mut(out) {
         return k.scale_f32(x, f, o, stream);
     }
@@ -408,17 +409,52 @@ pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], gr
 
 /// Loss of every row, with the gradient written over the logits.
 pub(crate) fn run_in_place<L: Logit>(k: &Kernels, plan: &Plan, logits: &mut [L]) -> RowLosses {
-    let (rows, v) = (plan.shape.rows(), plan.shape.vocab());
+    let rows = plan.shape.rows();
+    let mut out = RowLosses { loss: vec![0f64; rows], z: vec![0f64; rows] };
+    run_rows_in_place(k, plan, RowSel::From(0), logits, &mut out.loss, &mut out.z);
+    out
+}
+
+/// Which rows of the plan a rows pass covers: buffer row `i` is plan row `global(i)`, whose
+/// target, coefficient and any other per-row input are used.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RowSel<'a> {
+    /// Consecutive rows from this one on.
+    From(usize),
+    /// These rows, one per buffer row (the fused linear path's chunks of rows with a target).
+    List(&'a [u32]),
+}
+
+impl RowSel<'_> {
+    #[inline]
+    fn global(&self, i: usize) -> usize {
+        match self {
+            RowSel::From(first) => first + i,
+            RowSel::List(rows) => rows[i] as usize,
+        }
+    }
+}
+
+/// [`run_in_place`] over some rows of the plan: `logits` holds `loss.len()` rows, buffer row
+/// `i` being plan row `sel.global(i)`; its loss goes to `loss[i]` and its z-loss part to `z[i]`.
+pub(crate) fn run_rows_in_place<L: Logit>(
+    k: &Kernels,
+    plan: &Plan,
+    sel: RowSel<'_>,
+    logits: &mut [L],
+    loss: &mut [f64],
+    z: &mut [f64],
+) {
+    let (rows, v) = (loss.len(), plan.shape.vocab());
     let m = RowMath::new(&plan.opts, v);
     let rpt = rows_per_task(rows, v);
-    let mut out = RowLosses { loss: vec![0f64; rows], z: vec![0f64; rows] };
-    let tasks = out.loss.par_chunks_mut(rpt).zip(out.z.par_chunks_mut(rpt)).zip(logits.par_chunks_mut(rpt * v));
+    let tasks = loss.par_chunks_mut(rpt).zip(z.par_chunks_mut(rpt)).zip(logits.par_chunks_mut(rpt * v));
     tasks.enumerate().for_each(|(task, ((loss, z), src))| {
         let mut e = RowExps::new(v, &m);
         let mut s = Scratch::new(&m);
         let mut losses = TaskLosses { loss, z };
         for (i, row) in src.chunks_exact_mut(v).enumerate() {
-            let r = task * rpt + i;
+            let r = sel.global(task * rpt + i);
             match target_of(plan, r) {
                 Some(y) => {
                     let st = stats_pass(k, &m, row, row, y, Some(&mut e), &mut s, |_| {});
@@ -431,7 +467,6 @@ pub(crate) fn run_in_place<L: Logit>(k: &Kernels, plan: &Plan, logits: &mut [L])
             }
         }
     });
-    out
 }
 
 #[cfg(test)]

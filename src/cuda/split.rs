@@ -37,8 +37,9 @@ mod call;
 
 pub use call::{default_device_chunk_rows, DeviceSharded};
 
+use super::launch::Planned;
 use super::params::{self, FwlSplitBatchParams, FwlSplitGradParams, FwlSplitStatsParams};
-use super::{drv, CudaLoss, DeviceInputs, DeviceLossOutput, Planned, Ptrs, THREADS};
+use super::{drv, CudaLoss, DeviceInputs, DeviceLossOutput, THREADS};
 use crate::dtype::{DType, Logit, TokenId};
 use crate::error::{Error, Result};
 use crate::parallel::VocabSlice;
@@ -421,7 +422,8 @@ impl<'a> CudaSharded<'a> {
         let func = func.ok_or_else(|| {
             Error::Unsupported(format!("no split kernel for {} logits with a {} gradient", L::DTYPE, G::DTYPE))
         })?;
-        let Planned { targets, coef, row_loss, row_z, z_on, .. } = &mut self.planned;
+        let Planned { targets, coef, row_loss, row_z, opts, .. } = &mut self.planned;
+        let z_on = opts.z_loss != 0.0;
         let (q, _g1) = gathered.device_ptr(stream);
         let (t, _g2) = targets.device_ptr(stream);
         let (c, _g3) = coef.device_ptr(stream);
@@ -436,7 +438,7 @@ impl<'a> CudaSharded<'a> {
             coef: c as *const f32,
             token_weights: tw.as_ref().map_or(0, |w| w.0) as *const f32,
             row_loss: rl as *mut f64,
-            row_z: if *z_on { rz as *mut f64 } else { std::ptr::null_mut() },
+            row_z: if z_on { rz as *mut f64 } else { std::ptr::null_mut() },
             rows: n as i64,
             row0: rows.start as i64,
             seq: self.shape.seq() as i64,
@@ -473,9 +475,9 @@ impl<'a> CudaSharded<'a> {
         if self.missing > 0 {
             return Err(Error::StepOrder("finish before every row's statistics were merged"));
         }
-        let tw = self.token_weights.map(|w| w.device_ptr(stream));
-        let p = Ptrs { logits: 0, grad: 0, ids: 0, labels: 0, token_weights: tw.as_ref().map_or(0, |w| w.0), scale: 0 };
-        self.loss.launch_finish(&self.spec, self.shape, stream, &p, self.planned)
+        // the finish kernel reads the token weights too: held (borrowed) by this call until here
+        let _tw = self.token_weights.map(|w| w.device_ptr(stream));
+        self.loss.launch_finish(&self.spec, self.shape, stream, self.planned)
     }
 
     /// Copies a data-parallel rank's share `[loss, z_loss]` of `out` into `dst` (2 elements), for
@@ -534,7 +536,7 @@ fn pairs(what: &'static str, len: usize) -> Result<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::FATBIN;
+    use super::super::module::FATBIN;
 
     #[test]
     fn every_split_kernel_is_in_the_fatbin() {

@@ -1,6 +1,8 @@
 //! Shared test helpers: run every output mode of the fused path and compare with the reference.
 #![allow(dead_code)]
 
+pub mod linear;
+
 use fused_weighted_loss::reference::{reference, rel_err, ReferenceOutput};
 use fused_weighted_loss::{CpuSimd, DType, Grad, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens};
 

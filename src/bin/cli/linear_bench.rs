@@ -1,0 +1,178 @@
+//! `bench-linear`: times the fused linear + weighted loss (loss, `d hidden`, `d weight`) on random
+//! data and reports the chunking and the peak memory beyond inputs and gradients.
+
+use super::{CliResult, Failure};
+use clap::Args;
+use fused_weighted_loss::measure::{median, min, time_runs};
+use fused_weighted_loss::{
+    bf16, f16, synthetic, Backend, Chunking, DType, Grad, LinearGrads, LinearInputs, LinearShape, Logit, LossSpec,
+    Tokens,
+};
+use serde_json::json;
+
+#[derive(Args)]
+pub struct BenchLinearArgs {
+    /// BxT: token rows N = B·T.
+    #[arg(long, default_value = "8x128")]
+    tokens: String,
+    /// Hidden size H.
+    #[arg(long, default_value_t = 512)]
+    hidden: usize,
+    /// Vocabulary size V.
+    #[arg(long, default_value_t = 32_000)]
+    vocab: usize,
+    /// Precision of hidden states, weight and their gradients.
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    backend: Backend,
+    /// Token rows per chunk (default: from the memory budget).
+    #[arg(long)]
+    chunk_rows: Option<usize>,
+    /// Memory budget for the chunk buffers, MiB (default: the backend's).
+    #[arg(long)]
+    budget_mib: Option<usize>,
+    /// Timed runs.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// One JSON object on stdout instead of a line of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Resident and peak resident memory of this process (bytes), where Linux reports them.
+fn rss() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = |key: &str| -> Option<u64> {
+        let line = s.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|k| k * 1024)
+    };
+    Some((kb("VmRSS:")?, kb("VmHWM:")?))
+}
+
+/// Resets the peak resident memory to the current one (Linux `clear_refs`); false if it cannot.
+fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn chunking(a: &BenchLinearArgs) -> Chunking {
+    match (a.chunk_rows, a.budget_mib) {
+        (Some(c), _) => Chunking::Rows(c),
+        (None, Some(m)) => Chunking::Budget(m << 20),
+        (None, None) => Chunking::Auto,
+    }
+}
+
+fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
+    let hidden = synthetic::logits::<L>(1, shape.hidden_len(), 1.0);
+    let weight = synthetic::logits::<L>(2, shape.weight_len(), 3.0 / (shape.hidden() as f32).sqrt());
+    let ids = synthetic::ids::<i64>(3, shape.rows(), shape.vocab());
+    let mut dh = vec![L::from_f32(1.0); shape.hidden_len()];
+    let mut dw = vec![L::from_f32(1.0); shape.weight_len()];
+    let mut call = || {
+        let grads = LinearGrads::new().hidden(Grad::Into(&mut dh)).weight(Grad::Into(&mut dw));
+        spec.linear_loss_and_grad(shape, LinearInputs::new(&hidden, &weight), Tokens::new(&ids), grads, chunking(a))
+    };
+    // inputs and gradient buffers are resident now (written once): the calls' peak on top of
+    // them is what they need (measured from the first call: freed heap memory stays resident)
+    let base = rss();
+    let reset = reset_peak();
+    let out = call()?;
+    for _ in 0..a.warmup {
+        call()?;
+    }
+    let runs = time_runs(0, a.iters.max(1), || drop(std::hint::black_box(call())));
+    let peak_extra = match (base, rss(), reset) {
+        (Some((before, _)), Some((_, peak)), true) => Some(peak.saturating_sub(before)),
+        _ => None,
+    };
+    Ok(json!({
+        "backend": "cpu",
+        "threads": rayon::current_num_threads(),
+        "simd": fused_weighted_loss::cpu_simd_level().to_string(),
+        "median_ms": median(&runs) * 1e3,
+        "min_ms": min(&runs) * 1e3,
+        "loss": out.loss.loss,
+        "chunk_rows": out.chunk_rows,
+        "chunks": out.chunks,
+        "scratch_bytes": out.scratch_bytes,
+        "peak_extra_bytes": peak_extra,
+        "inputs_and_grads_bytes": 2 * (shape.hidden_len() + shape.weight_len()) * L::DTYPE.size(),
+    }))
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
+    let r = fused_weighted_loss::cuda::linear::bench_device::<L>(spec, shape, chunking(a), a.warmup, a.iters.max(1))?;
+    Ok(json!({
+        "backend": "cuda",
+        "device": r.device,
+        "median_ms": median(&r.ms),
+        "min_ms": min(&r.ms),
+        "loss": r.loss,
+        "chunk_rows": r.chunk_rows,
+        "logits_rows": r.logits_rows,
+        "chunks": r.chunks,
+        "scratch_bytes": r.scratch_bytes,
+        "peak_bytes": r.peak_bytes,
+        "inputs_and_grads_bytes": 2 * (shape.hidden_len() + shape.weight_len()) * L::DTYPE.size(),
+    }))
+}
+
+fn run_typed<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
+    if spec.resolved_backend()? == Backend::Cuda {
+        #[cfg(feature = "cuda")]
+        return run_cuda::<L>(a, shape, spec);
+    }
+    run_cpu::<L>(a, shape, spec)
+}
+
+pub fn bench_linear(a: BenchLinearArgs) -> CliResult<String> {
+    let bt: Vec<usize> = a.tokens.split(['x', 'X']).filter_map(|p| p.trim().parse().ok()).collect();
+    let [b, t] = bt[..] else {
+        return Err(Failure(format!("--tokens '{}': expected BxT, e.g. 8x128", a.tokens)));
+    };
+    let shape = LinearShape::new(b, t, a.hidden, a.vocab)?;
+    let spec = LossSpec::builder().keywords([0, 1, 2]).backend(a.backend).build()?;
+    let run = || -> CliResult<String> {
+        let mut j = match a.dtype {
+            DType::F32 => run_typed::<f32>(&a, shape, &spec)?,
+            DType::F16 => run_typed::<f16>(&a, shape, &spec)?,
+            DType::BF16 => run_typed::<bf16>(&a, shape, &spec)?,
+        };
+        if !j["loss"].as_f64().is_some_and(f64::is_finite) {
+            return Err(Failure(format!("bench-linear produced a non-finite loss {}", j["loss"])));
+        }
+        j["tokens"] = json!([b, t]);
+        j["hidden"] = json!(a.hidden);
+        j["vocab"] = json!(a.vocab);
+        j["dtype"] = json!(a.dtype.name());
+        j["iters"] = json!(a.iters.max(1));
+        if a.json {
+            return Ok(j.to_string());
+        }
+        let mib = |k: &str| j[k].as_f64().map_or("-".to_string(), |x| format!("{:.1} MiB", x / 1048576.0));
+        Ok(format!(
+            "fused linear {shape} {}: median {:.2} ms (min {:.2}), C = {} rows x {} chunks, scratch {}, peak extra {}",
+            a.dtype,
+            j["median_ms"].as_f64().unwrap_or(f64::NAN),
+            j["min_ms"].as_f64().unwrap_or(f64::NAN),
+            j["chunk_rows"],
+            j["chunks"],
+            mib("scratch_bytes"),
+            mib(if j["peak_bytes"].is_null() { "peak_extra_bytes" } else { "peak_bytes" }),
+        ))
+    };
+    match a.threads {
+        Some(0) => Err(Failure("--threads must be at least 1".into())),
+        Some(n) => rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(run),
+        None => run(),
+    }
+}

@@ -1,0 +1,493 @@
+//! The fused linear + weighted loss on CUDA: cuBLAS (`cublasGemmEx`, f32 compute, opened at run
+//! time like the driver) for the products, this crate's plan, rows and finish kernels for the
+//! loss, all queued on the caller's stream; nothing synchronises with the host.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use fused_weighted_loss::cuda::cudarc::driver::CudaContext;
+//! use fused_weighted_loss::cuda::linear::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs};
+//! use fused_weighted_loss::cuda::DeviceInputs;
+//! use fused_weighted_loss::{bf16, Chunking, LinearShape, LossSpec};
+//!
+//! let ctx = CudaContext::new(0)?;
+//! let stream = ctx.default_stream();
+//! let shape = LinearShape::new(8, 1024, 4096, 128_256)?;
+//! let hidden = stream.alloc_zeros::<bf16>(shape.hidden_len())?; // the model's last hidden states
+//! let weight = stream.alloc_zeros::<bf16>(shape.weight_len())?; // lm_head / tied embedding
+//! let ids = stream.alloc_zeros::<i64>(shape.rows())?;
+//! let mut d_hidden = stream.alloc_zeros::<bf16>(shape.hidden_len())?;
+//! let mut d_weight = stream.alloc_zeros::<f32>(shape.weight_len())?; // f32 accumulation
+//!
+//! let fused = CudaLinearLoss::new(&ctx)?;
+//! let spec = LossSpec::builder().keywords([3, 17]).build()?;
+//! let (h, w, i) = (hidden.as_view(), weight.as_view(), ids.as_view());
+//! let (mut dh, mut dw) = (d_hidden.as_view_mut(), d_weight.as_view_mut());
+//! let grads = DeviceLinearGrads::new().hidden(DeviceGrad::Into(&mut dh)).weight(DeviceGrad::IntoF32(&mut dw));
+//! let out = fused.loss_and_grad(&spec, shape, &stream, &DeviceLinearInputs::new(&h, &w), &DeviceInputs::new(&i), grads, Chunking::Auto)?;
+//! println!("C = {} rows", out.chunk_rows);
+//! let host = out.loss.to_host(&stream)?; // synchronises
+//! # Ok(()) }
+//! ```
+//!
+//! **Chunks.** The `N` token rows run in consecutive chunks of `C` rows (the ids are on the
+//! device, so rows without a target are not known to the host and go through the products too;
+//! the rows kernel gives them a zero gradient). Per chunk: the logits of `C'` rows at a time,
+//! `z = h·Wᵀ (+ b)` in f32, which the rows kernel turns into the gradient rows of the chunk; then
+//! `d h = G·W`, `d W += Gᵀ·h`, `d b += Σ G`, each one cuBLAS call. For f32 inputs `C' = C` and
+//! the gradient is written over the logits; for f16/bf16 inputs the gradient is in the inputs'
+//! dtype (the products' operands) and `C' = C/4`, so that `d W`'s update, a read and write of all
+//! of `W`'s size per chunk, runs over `C` rows at a time while the f32 logits stay small.
+//!
+//! **Memory** beyond inputs and gradients: f32 inputs `4·C·V`; 16-bit inputs `2·C·V + 4·C'·V`;
+//! plus `8·N` (targets, row losses), `C` elements of ones when a bias is given, and the cuBLAS
+//! workspace ([`WORKSPACE_BYTES`], allocated once per [`CudaLinearLoss`]). `C` comes from
+//! [`Chunking`]: [`DEFAULT_BUDGET`] bytes of chunk buffers unless set, rounded down to a multiple
+//! of 64 rows when it is larger than 64.
+
+use super::{drv, output, CudaLoss, DeviceInputs, DeviceLossOutput, Ptrs};
+use crate::dtype::{DType, Logit, TokenId};
+use crate::error::{Error, Result};
+use crate::linear::{Chunking, LinearShape};
+use crate::spec::{check_len, LossSpec};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+mod host;
+pub(crate) use host::run_host;
+pub use host::{bench_device, DeviceLinearBench};
+
+/// Default bytes of chunk buffers on CUDA.
+pub const DEFAULT_BUDGET: usize = 96 << 20;
+
+/// The cuBLAS workspace each [`CudaLinearLoss`] holds (what cuBLAS recommends on Hopper).
+pub const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Logits rows per gradient row of a chunk for 16-bit inputs (`C' = C / 4`).
+const SUB_CHUNKS: usize = 4;
+
+/// Where one gradient goes on the device.
+#[derive(Debug)]
+pub enum DeviceGrad<'a, 'b, L: Logit> {
+    /// Not wanted.
+    Skip,
+    /// In the inputs' dtype.
+    Into(&'a mut CudaViewMut<'b, L>),
+    /// In f32.
+    IntoF32(&'a mut CudaViewMut<'b, f32>),
+}
+
+impl<L: Logit> DeviceGrad<'_, '_, L> {
+    fn len(&self) -> Option<usize> {
+        match self {
+            DeviceGrad::Skip => None,
+            DeviceGrad::Into(g) => Some(g.len()),
+            DeviceGrad::IntoF32(g) => Some(g.len()),
+        }
+    }
+
+    /// The device address, cuBLAS type and element size (none when skipped), with the guard
+    /// that orders other streams after this call's writes.
+    fn target<'s>(&'s mut self, stream: &'s Arc<CudaStream>) -> Option<(u64, cudaDataType_t, usize, SyncOnDrop<'s>)> {
+        match self {
+            DeviceGrad::Skip => None,
+            DeviceGrad::Into(g) => {
+                let (p, guard) = g.device_ptr_mut(stream);
+                Some((p, blas_type(L::DTYPE), L::DTYPE.size(), guard))
+            }
+            DeviceGrad::IntoF32(g) => {
+                let (p, guard) = g.device_ptr_mut(stream);
+                Some((p, blas_type(DType::F32), 4, guard))
+            }
+        }
+    }
+}
+
+/// The device inputs: hidden `[N, H]`, weight `[V, H]`, optional bias `[V]`, of one dtype.
+#[derive(Debug)]
+pub struct DeviceLinearInputs<'a, L: Logit> {
+    hidden: &'a CudaView<'a, L>,
+    weight: &'a CudaView<'a, L>,
+    bias: Option<&'a CudaView<'a, L>>,
+}
+
+impl<'a, L: Logit> DeviceLinearInputs<'a, L> {
+    /// Hidden states and weight.
+    pub fn new(hidden: &'a CudaView<'a, L>, weight: &'a CudaView<'a, L>) -> Self {
+        DeviceLinearInputs { hidden, weight, bias: None }
+    }
+    /// Adds a bias.
+    pub fn with_bias(self, bias: &'a CudaView<'a, L>) -> Self {
+        DeviceLinearInputs { bias: Some(bias), ..self }
+    }
+}
+
+/// The device gradients of a call, as [`crate::LinearGrads`] on the host.
+#[derive(Debug)]
+pub struct DeviceLinearGrads<'a, 'b, L: Logit> {
+    hidden: DeviceGrad<'a, 'b, L>,
+    weight: DeviceGrad<'a, 'b, L>,
+    bias: DeviceGrad<'a, 'b, L>,
+    accumulate: bool,
+}
+
+impl<L: Logit> Default for DeviceLinearGrads<'_, '_, L> {
+    fn default() -> Self {
+        DeviceLinearGrads {
+            hidden: DeviceGrad::Skip,
+            weight: DeviceGrad::Skip,
+            bias: DeviceGrad::Skip,
+            accumulate: false,
+        }
+    }
+}
+
+impl<'a, 'b, L: Logit> DeviceLinearGrads<'a, 'b, L> {
+    /// None (the loss only).
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// `d hidden`, `N·H` elements (overwritten).
+    pub fn hidden(self, g: DeviceGrad<'a, 'b, L>) -> Self {
+        DeviceLinearGrads { hidden: g, ..self }
+    }
+    /// `d weight`, `V·H` elements.
+    pub fn weight(self, g: DeviceGrad<'a, 'b, L>) -> Self {
+        DeviceLinearGrads { weight: g, ..self }
+    }
+    /// `d bias`, `V` elements (with a bias input only).
+    pub fn bias(self, g: DeviceGrad<'a, 'b, L>) -> Self {
+        DeviceLinearGrads { bias: g, ..self }
+    }
+    /// Add into `d weight` and `d bias` instead of overwriting them.
+    pub fn accumulate(self, on: bool) -> Self {
+        DeviceLinearGrads { accumulate: on, ..self }
+    }
+}
+
+/// What a device call leaves: the loss outputs (on the device) and how it was chunked.
+#[derive(Debug)]
+pub struct DeviceLinearOutput {
+    /// Loss, per-sample losses, weights, row losses, as the logits path gives them.
+    pub loss: DeviceLossOutput,
+    /// Token rows per chunk (`C`).
+    pub chunk_rows: usize,
+    /// Rows per logits product (`C'`): `C` for f32 inputs, `C / 4` for 16-bit ones.
+    pub logits_rows: usize,
+    /// Chunks queued.
+    pub chunks: usize,
+    /// Bytes of chunk buffers allocated by the call (the workspace not included).
+    pub scratch_bytes: usize,
+}
+
+/// A cuBLAS handle with its workspace.
+struct Blas {
+    handle: CudaBlas,
+    workspace: CudaSlice<u8>,
+}
+
+/// The fused linear loss on one CUDA context: the loss kernels and a cuBLAS handle.
+pub struct CudaLinearLoss {
+    loss: CudaLoss,
+    blas: Mutex<Blas>,
+}
+
+impl std::fmt::Debug for CudaLinearLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaLinearLoss").field("loss", &self.loss).finish()
+    }
+}
+
+fn blas_err(context: &'static str) -> impl FnOnce(cudarc::cublas::result::CublasError) -> Error {
+    move |e| Error::Cuda { context, message: format!("{e:?}") }
+}
+
+fn blas_type(d: DType) -> cudaDataType_t {
+    match d {
+        DType::F32 => cudaDataType_t::CUDA_R_32F,
+        DType::F16 => cudaDataType_t::CUDA_R_16F,
+        DType::BF16 => cudaDataType_t::CUDA_R_16BF,
+    }
+}
+
+/// One operand of a product: device address, cuBLAS type, leading dimension.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: u64,
+    ty: cudaDataType_t,
+    ld: usize,
+}
+
+/// A column-major product `c = op(a)·op(b) (+ c)` for cuBLAS: `m x n`, inner size `k`.
+struct Product {
+    ta: bool,
+    tb: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: Operand,
+    accumulate: bool,
+}
+
+impl Blas {
+    /// Binds the handle to `stream`, with this handle's workspace (setting a stream resets the
+    /// workspace to cuBLAS's own pool, so it is set again after).
+    fn bind(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        // SAFETY: the handle is used only under its lock, and only for work on `stream`.
+        unsafe { self.handle.set_stream(stream.clone()) }.map_err(blas_err("binding cuBLAS to the stream"))?;
+        let (w, _g) = self.workspace.device_ptr_mut(stream);
+        // SAFETY: the workspace is a live device buffer of WORKSPACE_BYTES, owned by `self` with
+        // the handle; its allocation completed before the first call (see `new`).
+        unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(*self.handle.handle(), w as *mut c_void, WORKSPACE_BYTES) }
+            .result()
+            .map_err(blas_err("setting the cuBLAS workspace"))
+    }
+
+    /// Queues one product on the handle's stream (f32 compute, f32 scalars on the host).
+    fn gemm(&self, p: Product) -> Result<()> {
+        let dim = |x: usize| i32::try_from(x).map_err(|_| Error::Unsupported("matrix too large for cuBLAS".into()));
+        let op = |t| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let (alpha, beta) = (1f32, if p.accumulate { 1f32 } else { 0f32 });
+        // SAFETY: every caller passes device addresses of live buffers (held by the caller for
+        // the call) large enough for the shape and leading dimensions given, of the types given;
+        // the handle is bound to the stream the buffers are used on; alpha and beta are host f32
+        // scalars, as the default pointer mode and CUBLAS_COMPUTE_32F expect.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.handle.handle(),
+                op(p.ta),
+                op(p.tb),
+                dim(p.m)?,
+                dim(p.n)?,
+                dim(p.k)?,
+                &alpha as *const f32 as *const c_void,
+                p.a.ptr as *const c_void,
+                p.a.ty,
+                dim(p.a.ld)?,
+                p.b.ptr as *const c_void,
+                p.b.ty,
+                dim(p.b.ld)?,
+                &beta as *const f32 as *const c_void,
+                p.c.ptr as *mut c_void,
+                p.c.ty,
+                dim(p.c.ld)?,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(blas_err("running a cuBLAS product"))
+    }
+}
+
+impl CudaLinearLoss {
+    /// Loads (or reuses) the kernels on `ctx` and opens cuBLAS (a handle and its workspace; this
+    /// waits once for the workspace allocation).
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<CudaLinearLoss> {
+        let loss = CudaLoss::new(ctx)?;
+        let stream = ctx.default_stream();
+        let handle = CudaBlas::new(stream.clone()).map_err(blas_err("opening cuBLAS"))?;
+        let workspace = output::<u8>(&stream, WORKSPACE_BYTES)?;
+        // the workspace is used on other streams later: its allocation must be complete
+        stream.synchronize().map_err(drv("synchronising"))?;
+        let mut blas = Blas { handle, workspace };
+        blas.bind(&stream)?;
+        Ok(CudaLinearLoss { loss, blas: Mutex::new(blas) })
+    }
+
+    /// The instance of `ctx`, made on first use and kept for the life of the process (its
+    /// cuBLAS handle and workspace with it), for callers that run many steps.
+    pub fn shared(ctx: &Arc<CudaContext>) -> Result<Arc<CudaLinearLoss>> {
+        static CACHE: Mutex<Vec<(usize, Arc<CudaLinearLoss>)>> = Mutex::new(Vec::new());
+        let key = ctx.cu_ctx() as usize;
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, l)) = cache.iter().find(|(k, _)| *k == key) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(CudaLinearLoss::new(ctx)?);
+        cache.push((key, l.clone()));
+        Ok(l)
+    }
+
+    /// Loss and the gradients asked for, queued on `stream` (see the [module docs](self)).
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grad<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: LinearShape,
+        stream: &Arc<CudaStream>,
+        inputs: &DeviceLinearInputs<'_, L>,
+        tokens: &DeviceInputs<'_, I>,
+        mut grads: DeviceLinearGrads<'_, '_, L>,
+        chunking: Chunking,
+    ) -> Result<DeviceLinearOutput> {
+        let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
+        let t = shape.tokens();
+        check_len("hidden", inputs.hidden.len(), shape.hidden_len(), t)?;
+        check_len("weight", inputs.weight.len(), shape.weight_len(), t)?;
+        if let Some(b) = inputs.bias {
+            check_len("bias", b.len(), v, t)?;
+        }
+        for (what, g, len) in [
+            ("d hidden", &grads.hidden, shape.hidden_len()),
+            ("d weight", &grads.weight, shape.weight_len()),
+            ("d bias", &grads.bias, v),
+        ] {
+            if let Some(got) = g.len() {
+                check_len(what, got, len, t)?;
+            }
+        }
+        if grads.bias.len().is_some() && inputs.bias.is_none() {
+            return Err(Error::Unsupported("a bias gradient was asked for without a bias input".into()));
+        }
+        self.loss.validate(spec, t, shape.rows() * v, tokens, None)?;
+        if h > i32::MAX as usize || shape.rows() > i32::MAX as usize {
+            return Err(Error::Unsupported("shape too large for cuBLAS".into()));
+        }
+
+        // chunk rows: the gradient rows (2 bytes each for 16-bit, in place for f32) and the f32
+        // logits of a quarter of them
+        let wide = L::DTYPE == DType::F32;
+        let row_bytes = if wide { 4 * v } else { 2 * v + 4 * v / SUB_CHUNKS };
+        let mut c = chunking.rows_for(DEFAULT_BUDGET, row_bytes, n)?;
+        if c > 64 && !matches!(chunking, Chunking::Rows(_)) {
+            c -= c % 64;
+        }
+        let cl = if wide { c } else { c.div_ceil(SUB_CHUNKS) };
+        // (no allocation is empty: the driver refuses size 0)
+        let g16_len = if wide { 0 } else { c * v };
+        let ones_len = if inputs.bias.is_some() { c } else { 0 };
+        let mut z = output::<f32>(stream, cl * v)?;
+        let mut g16 = output::<L>(stream, g16_len.max(1))?;
+        let mut ones = output::<L>(stream, ones_len.max(1))?;
+        let scratch_bytes = 4 * z.len() + L::DTYPE.size() * (g16_len + ones_len);
+
+        stream.context().bind_to_thread().map_err(drv("binding the context"))?;
+        let mut blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
+        blas.bind(stream)?;
+
+        let (ids, _gi) = tokens.ids.device_ptr(stream);
+        let labels = tokens.labels.map(|l| l.device_ptr(stream));
+        let scale = tokens.grad_scale.map(|s| s.device_ptr(stream));
+        let weights = tokens.token_weights.map(|w| w.device_ptr(stream));
+        let token_ptrs = Ptrs {
+            logits: 0,
+            grad: 0,
+            ids,
+            labels: labels.as_ref().map_or(0, |l| l.0),
+            token_weights: weights.as_ref().map_or(0, |w| w.0),
+            scale: scale.as_ref().map_or(0, |s| s.0),
+        };
+        let mut planned = self.loss.launch_plan::<I>(spec, t, stream, &token_ptrs)?;
+
+        let ty = blas_type(L::DTYPE);
+        let es = L::DTYPE.size() as u64;
+        let (hp, _g1) = inputs.hidden.device_ptr(stream);
+        let (wp, _g2) = inputs.weight.device_ptr(stream);
+        let bias = inputs.bias.map(|b| b.device_ptr(stream));
+        let (zp, _g3) = z.device_ptr_mut(stream);
+        let (gp16, _g4) = g16.device_ptr_mut(stream);
+        let (op, _g5) = ones.device_ptr_mut(stream);
+        if inputs.bias.is_some() {
+            let one = L::from_f32(1.0).to_f32().to_bits();
+            // SAFETY: `ones` holds `c` elements of L; 1.0 in L's bits, 16 or 32 wide.
+            let r = unsafe {
+                match L::DTYPE {
+                    DType::F32 => cudarc::driver::sys::cuMemsetD32Async(op, one, c, stream.cu_stream()),
+                    DType::F16 => cudarc::driver::sys::cuMemsetD16Async(op, 0x3C00, c, stream.cu_stream()),
+                    DType::BF16 => cudarc::driver::sys::cuMemsetD16Async(op, (one >> 16) as u16, c, stream.cu_stream()),
+                }
+            };
+            r.result().map_err(drv("filling a buffer"))?;
+        }
+        let dh = grads.hidden.target(stream);
+        let dw = grads.weight.target(stream);
+        let db = grads.bias.target(stream);
+        // the gradient of the chunk: over the logits (f32), or its own 16-bit buffer
+        let gp = if wide { zp } else { gp16 };
+        let mut chunks = 0;
+        for r0 in (0..n).step_by(c) {
+            let m = c.min(n - r0);
+            for s0 in (0..m).step_by(cl) {
+                let ms = cl.min(m - s0);
+                let hrow = Operand { ptr: hp + ((r0 + s0) * h) as u64 * es, ty, ld: h };
+                let zc = Operand { ptr: zp, ty: cudaDataType_t::CUDA_R_32F, ld: v };
+                if let Some((bp, _)) = &bias {
+                    let b = Operand { ptr: *bp, ty, ld: v };
+                    let o = Operand { ptr: op, ty, ld: 1 };
+                    blas.gemm(Product {
+                        ta: false,
+                        tb: false,
+                        m: v,
+                        n: ms,
+                        k: 1,
+                        a: b,
+                        b: o,
+                        c: zc,
+                        accumulate: false,
+                    })?;
+                }
+                // z (rows x V, row-major) = h · Wᵀ: column-major (V x rows) = op_T(W as H x V) · (h as H x rows)
+                let w = Operand { ptr: wp, ty, ld: h };
+                blas.gemm(Product {
+                    ta: true,
+                    tb: false,
+                    m: v,
+                    n: ms,
+                    k: h,
+                    a: w,
+                    b: hrow,
+                    c: zc,
+                    accumulate: bias.is_some(),
+                })?;
+                let rows_ptrs = Ptrs {
+                    logits: zp,
+                    grad: if wide { zp } else { gp16 + (s0 * v) as u64 * es },
+                    ids: 0,
+                    labels: 0,
+                    token_weights: 0,
+                    scale: 0,
+                };
+                let first = r0 + s0;
+                match L::DTYPE {
+                    DType::F32 => self.loss.launch_rows::<f32, f32>(t, stream, &rows_ptrs, first, ms, &mut planned)?,
+                    DType::F16 => {
+                        self.loss.launch_rows::<f32, half::f16>(t, stream, &rows_ptrs, first, ms, &mut planned)?
+                    }
+                    DType::BF16 => {
+                        self.loss.launch_rows::<f32, half::bf16>(t, stream, &rows_ptrs, first, ms, &mut planned)?
+                    }
+                }
+            }
+            let g = Operand { ptr: gp, ty, ld: v };
+            let hrows = Operand { ptr: hp + (r0 * h) as u64 * es, ty, ld: h };
+            let acc = grads.accumulate || r0 > 0;
+            if let Some((dp, dty, des, _)) = &dh {
+                let (dp, dty, des) = (*dp, *dty, *des);
+                // d h (rows x H) = G · W: column-major (H x rows) = (W as H x V) · (G as V x rows)
+                let c_ = Operand { ptr: dp + (r0 * h * des) as u64, ty: dty, ld: h };
+                let w = Operand { ptr: wp, ty, ld: h };
+                blas.gemm(Product { ta: false, tb: false, m: h, n: m, k: v, a: w, b: g, c: c_, accumulate: false })?;
+            }
+            if let Some((dp, dty, ..)) = &dw {
+                let (dp, dty) = (*dp, *dty);
+                // d W (V x H) += Gᵀ · h: column-major (H x V) = (h as H x rows) · op_T(G as V x rows)
+                let c_ = Operand { ptr: dp, ty: dty, ld: h };
+                blas.gemm(Product { ta: false, tb: true, m: h, n: v, k: m, a: hrows, b: g, c: c_, accumulate: acc })?;
+            }
+            if let Some((dp, dty, ..)) = &db {
+                let (dp, dty) = (*dp, *dty);
+                // d b (V) += Σ_rows G: column-major (V x 1) = (G as V x rows) · (ones as rows x 1)
+                let c_ = Operand { ptr: dp, ty: dty, ld: v };
+                let o = Operand { ptr: op, ty, ld: m };
+                blas.gemm(Product { ta: false, tb: false, m: v, n: 1, k: m, a: g, b: o, c: c_, accumulate: acc })?;
+            }
+            chunks += 1;
+        }
+        let loss = self.loss.launch_finish(spec, t, stream, planned)?;
+        Ok(DeviceLinearOutput { loss, chunk_rows: c, logits_rows: cl, chunks, scratch_bytes })
+    }
+}

@@ -1,0 +1,234 @@
+//! The kernels of one context: loaded once per context from the embedded fatbin, with the rows
+//! kernel's launch configuration (the tuning knobs).
+
+use super::*;
+
+/// The kernels, compiled by build.rs (SASS for sm_80/86/89/90, PTX for compute_80).
+pub(super) static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/weighted_loss.fatbin"));
+
+/// How the rows kernel is launched: threads per block, resident blocks per multiprocessor, loads
+/// in flight per thread and blocks per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct RowLaunch {
+    pub(super) threads: u32,
+    pub(super) blocks_per_sm: u32,
+    pub(super) unroll: u32,
+    /// 1, or the size of the thread-block cluster that shares a row (sm_90 and later).
+    pub(super) cluster: u32,
+}
+
+impl RowLaunch {
+    /// 1024 threads, 2 blocks per multiprocessor, 1 load in flight, one block per row (the
+    /// configuration measured on hardware), unless the tuning knobs say otherwise:
+    /// `FWL_CUDA_ROW_THREADS` (256, 512 or 1024), `FWL_CUDA_BLOCKS_PER_SM` (1 to 8, at most 2048
+    /// threads per multiprocessor), `FWL_CUDA_ROW_UNROLL` (1, 2 or 4) and `FWL_CUDA_ROW_CLUSTER`
+    /// (1, 2 or 4; with an unroll of 1 or 2). A value outside those sets is ignored. Read when a
+    /// context loads the kernels.
+    pub(super) fn from_env() -> RowLaunch {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    pub(super) fn from_vars(get: impl Fn(&str) -> Option<String>) -> RowLaunch {
+        let var = |name: &str| get(name).and_then(|v| v.trim().parse::<u32>().ok());
+        let threads = var("FWL_CUDA_ROW_THREADS").filter(|t| [256, 512, 1024].contains(t)).unwrap_or(THREADS);
+        let blocks_per_sm =
+            var("FWL_CUDA_BLOCKS_PER_SM").filter(|b| (1..=8).contains(b) && b * threads <= 2048).unwrap_or(2);
+        let unroll = var("FWL_CUDA_ROW_UNROLL").filter(|u| [1, 2, 4].contains(u)).unwrap_or(1);
+        let cluster = var("FWL_CUDA_ROW_CLUSTER").filter(|c| [1, 2, 4].contains(c) && unroll <= 2).unwrap_or(1);
+        RowLaunch { threads, blocks_per_sm, unroll, cluster }
+    }
+
+    /// The rows kernel for `l` logits and a `g` gradient in this configuration.
+    pub(super) fn kernel_name(&self, l: DType, g: DType) -> String {
+        let unroll = if self.unroll > 1 { self.unroll.to_string() } else { String::new() };
+        let cluster = if self.cluster > 1 { format!("c{}", self.cluster) } else { String::new() };
+        format!("fwl_rows{unroll}{cluster}_{}_{}", l.name(), g.name())
+    }
+}
+
+/// The loaded kernels of one context.
+pub(super) struct Module {
+    plan_i32: CudaFunction,
+    plan_i64: CudaFunction,
+    plan_u32: CudaFunction,
+    pub(super) rows: [(DType, DType, CudaFunction); 7],
+    pub(super) finish: CudaFunction,
+    pub(super) scale: [(DType, CudaFunction); 3],
+    pub(super) num_sms: u32,
+    /// Dynamic shared memory a rows block may use (bytes, multiple of 16), sized for the
+    /// resident blocks per multiprocessor of [`RowLaunch`].
+    pub(super) smem_max: usize,
+    /// How the rows kernel is launched (threads per block: `launch.threads`).
+    pub(super) launch: RowLaunch,
+    /// The vocabulary- and data-parallel split's kernels.
+    pub(super) split: super::split::SplitFns,
+}
+
+impl Module {
+    pub(super) fn load(ctx: &Arc<CudaContext>) -> Result<Module> {
+        Self::load_with(ctx, RowLaunch::from_env())
+    }
+
+    pub(super) fn load_with(ctx: &Arc<CudaContext>, mut launch: RowLaunch) -> Result<Module> {
+        let module =
+            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec())).map_err(drv("loading the kernels"))?;
+        let f = |name: &str| module.load_function(name).map_err(drv("finding a kernel"));
+        let num_sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv("querying the device"))?;
+        let optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(drv("querying the device"))?;
+        let per_sm = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+            .map_err(drv("querying the device"))?;
+        if launch.cluster > 1 {
+            // the cluster kernels are empty where the device runs code built below sm_90 (an
+            // older device, or a newer one that compiles the embedded PTX): they carry no
+            // cluster width there (or a driver cannot say), and one block per row is used instead
+            let probe = f(&launch.kernel_name(DType::F32, DType::F32))?;
+            let width =
+                probe.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH).unwrap_or(0);
+            if width != launch.cluster as i32 {
+                launch.cluster = 1;
+            }
+        }
+        let row = |l: DType, g: DType| f(&launch.kernel_name(l, g)).map(|func| (l, g, func));
+        let rows = [
+            row(DType::F32, DType::F32)?,
+            row(DType::F16, DType::F16)?,
+            row(DType::F16, DType::F32)?,
+            row(DType::BF16, DType::BF16)?,
+            row(DType::BF16, DType::F32)?,
+            row(DType::F32, DType::F16)?,
+            row(DType::F32, DType::BF16)?,
+        ];
+        let blocks_per_sm = launch.blocks_per_sm;
+        let mut smem_max = usize::MAX;
+        for (_, _, func) in &rows {
+            let fixed = func
+                .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .map_err(drv("querying a kernel"))?;
+            // room for `blocks_per_sm` resident blocks per multiprocessor (the driver keeps 1 KiB
+            // per block), so that one block's gradient writes overlap another's reads; a row
+            // longer than that re-reads its remainder, from L2
+            let share = per_sm / blocks_per_sm as i32 - fixed - 1024;
+            let dynamic = (optin - fixed).min(share).max(0) as usize / 16 * 16;
+            func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)
+                .map_err(drv("configuring a kernel"))?;
+            smem_max = smem_max.min(dynamic);
+        }
+        if launch.cluster > 1 {
+            // a cluster whose blocks cannot all be resident at once would never launch
+            let stream = ctx.default_stream();
+            for (_, _, func) in &rows {
+                let probe = LaunchConfig {
+                    grid_dim: (num_sms.max(1) as u32 * launch.cluster, 1, 1),
+                    block_dim: (launch.threads, 1, 1),
+                    shared_mem_bytes: smem_max as u32,
+                };
+                if func.occupancy_max_active_clusters(probe, &stream).unwrap_or(0) == 0 {
+                    return Self::load_with(ctx, RowLaunch { cluster: 1, ..launch });
+                }
+            }
+        }
+        Ok(Module {
+            plan_i32: f("fwl_plan_i32")?,
+            plan_i64: f("fwl_plan_i64")?,
+            plan_u32: f("fwl_plan_u32")?,
+            rows,
+            finish: f("fwl_finish")?,
+            scale: [
+                (DType::F32, f("fwl_scale_f32")?),
+                (DType::F16, f("fwl_scale_f16")?),
+                (DType::BF16, f("fwl_scale_bf16")?),
+            ],
+            num_sms: num_sms.max(1) as u32,
+            smem_max,
+            launch,
+            split: super::split::SplitFns::load(f)?,
+        })
+    }
+
+    /// The module of `ctx`, loaded once per context and shared while anyone holds it.
+    pub(super) fn of(ctx: &Arc<CudaContext>) -> Result<Arc<Module>> {
+        static CACHE: Mutex<Vec<(usize, Weak<Module>)>> = Mutex::new(Vec::new());
+        let key = ctx.cu_ctx() as usize;
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|(_, m)| m.strong_count() > 0);
+        if let Some(m) = cache.iter().find(|(k, _)| *k == key).and_then(|(_, m)| m.upgrade()) {
+            return Ok(m);
+        }
+        let m = Arc::new(Module::load(ctx)?);
+        cache.push((key, Arc::downgrade(&m)));
+        Ok(m)
+    }
+
+    pub(super) fn plan_fn<I: TokenId>(&self) -> &CudaFunction {
+        match I::NAME {
+            "i32" => &self.plan_i32,
+            "u32" => &self.plan_u32,
+            _ => &self.plan_i64,
+        }
+    }
+
+    pub(super) fn rows_fn(&self, l: DType, g: DType) -> Option<&CudaFunction> {
+        self.rows.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(super) fn launch(vars: &[(&str, &str)]) -> RowLaunch {
+        RowLaunch::from_vars(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    pub(super) fn row_launch_defaults_and_knobs() {
+        let default = RowLaunch { threads: 1024, blocks_per_sm: 2, unroll: 1, cluster: 1 };
+        assert_eq!(launch(&[]), default);
+        let tuned =
+            launch(&[("FWL_CUDA_ROW_THREADS", "512"), ("FWL_CUDA_BLOCKS_PER_SM", "3"), ("FWL_CUDA_ROW_UNROLL", "4")]);
+        assert_eq!(tuned, RowLaunch { threads: 512, blocks_per_sm: 3, unroll: 4, cluster: 1 });
+        let clustered = launch(&[("FWL_CUDA_ROW_UNROLL", "2"), ("FWL_CUDA_ROW_CLUSTER", "4")]);
+        assert_eq!(clustered, RowLaunch { unroll: 2, cluster: 4, ..default });
+        // clusters come with an unroll of 1 or 2 only
+        assert_eq!(launch(&[("FWL_CUDA_ROW_UNROLL", "4"), ("FWL_CUDA_ROW_CLUSTER", "2")]).cluster, 1);
+        // out of range or unparsable values fall back to the defaults
+        let bad =
+            launch(&[("FWL_CUDA_ROW_THREADS", "300"), ("FWL_CUDA_BLOCKS_PER_SM", "x"), ("FWL_CUDA_ROW_UNROLL", "3")]);
+        assert_eq!(bad, default);
+        assert_eq!(launch(&[("FWL_CUDA_ROW_CLUSTER", "3")]), default);
+        // more than 2048 threads per multiprocessor is refused
+        assert_eq!(launch(&[("FWL_CUDA_BLOCKS_PER_SM", "4")]).blocks_per_sm, 2);
+        assert_eq!(launch(&[("FWL_CUDA_ROW_THREADS", "256"), ("FWL_CUDA_BLOCKS_PER_SM", "8")]).blocks_per_sm, 8);
+    }
+
+    #[test]
+    pub(super) fn every_configured_rows_kernel_is_in_the_fatbin() {
+        let contains = |name: &str| {
+            FATBIN.windows(name.len() + 1).any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0)
+        };
+        let configs = [("1", "1"), ("2", "1"), ("4", "1"), ("1", "2"), ("2", "2"), ("1", "4"), ("2", "4")];
+        for (unroll, cluster) in configs {
+            let l = launch(&[("FWL_CUDA_ROW_UNROLL", unroll), ("FWL_CUDA_ROW_CLUSTER", cluster)]);
+            assert_eq!((l.unroll, l.cluster), (unroll.parse().unwrap(), cluster.parse().unwrap()));
+            for (a, b) in [
+                (DType::F32, DType::F32),
+                (DType::F16, DType::F16),
+                (DType::F16, DType::F32),
+                (DType::BF16, DType::BF16),
+                (DType::BF16, DType::F32),
+                (DType::F32, DType::F16),
+                (DType::F32, DType::BF16),
+            ] {
+                let name = l.kernel_name(a, b);
+                assert!(contains(&name), "{name} is missing from the embedded kernels");
+            }
+        }
+        assert!(!contains("fwl_rows4_bf16_f16"), "the search must be able to fail");
+        assert!(!contains("fwl_rows4c2_f32_f32"));
+    }
+}

@@ -1,0 +1,238 @@
+//! The fused linear path on the CPU: chunks of the rows that have a target, f32 products from
+//! [`crate::cpu::gemm`], and the CPU backend's rows pass in place on each chunk's logits.
+//!
+//! f32 inputs are used where they lie (`W` as one panel). f16/bf16 inputs are widened to f32:
+//! a chunk's hidden rows when they are gathered, `W` one vocabulary panel of about
+//! [`CPU_PANEL_BYTES`] at a time (twice per chunk: for the logits, and for `d hidden`).
+
+use super::{Chunking, Chunks, LinearGrads, LinearInputs, LinearShape, CPU_BUDGET_PER_THREAD, CPU_PANEL_BYTES};
+use crate::cpu::gemm::{matmul, MatMut, MatRef};
+use crate::cpu::simd::Kernels;
+use crate::cpu::{load, run_rows_in_place, store_scaled, RowSel};
+use crate::dtype::Logit;
+use crate::error::Result;
+use crate::spec::{Plan, RowLosses, NO_TARGET};
+use crate::Grad;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Elements per parallel task of the element-wise helpers.
+const BLOCK: usize = 4096;
+
+/// `dst = src` as f32 (equal lengths).
+fn widen<L: Logit>(k: &Kernels, src: &[L], dst: &mut [f32]) {
+    match L::as_f32(src) {
+        Some(x) => dst.copy_from_slice(x),
+        None => {
+            load(k, src, dst);
+        }
+    }
+}
+
+/// `out += acc` in `out`'s dtype (rounded once per element), in parallel.
+fn add_into<G: Logit>(k: &Kernels, acc: &[f32], out: &mut [G]) {
+    if let Some(o) = G::as_f32_mut(out) {
+        o.par_chunks_mut(BLOCK).zip(acc.par_chunks(BLOCK)).for_each(|(o, a)| {
+            o.iter_mut().zip(a).for_each(|(o, a)| *o += a);
+        });
+        return;
+    }
+    out.par_chunks_mut(BLOCK).zip(acc.par_chunks(BLOCK)).for_each(|(o, a)| {
+        let mut buf = [0f32; BLOCK];
+        let mut sum = [0f32; BLOCK];
+        let cur = load(k, o, &mut buf);
+        for ((s, c), a) in sum.iter_mut().zip(cur).zip(a) {
+            *s = c + a;
+        }
+        store_scaled(k, &sum[..o.len()], 1.0, o, false);
+    });
+}
+
+/// Zeros a gradient buffer.
+fn zero<L: Logit>(g: &mut Grad<'_, L>) {
+    match g {
+        Grad::Skip => {}
+        Grad::Into(x) => x.par_chunks_mut(BLOCK).for_each(|x| x.fill(L::default())),
+        Grad::IntoF32(x) => x.par_chunks_mut(BLOCK).for_each(|x| x.fill(0.0)),
+    }
+}
+
+/// The vocabulary panels of `W` as f32, `rows` rows each: borrowed from `W` when it is f32,
+/// widened into `buf` otherwise.
+struct Panels<'a, L: Logit> {
+    w: &'a [L],
+    h: usize,
+    v: usize,
+    rows: usize,
+    buf: Vec<f32>,
+}
+
+impl<'a, L: Logit> Panels<'a, L> {
+    fn new(w: &'a [L], h: usize, v: usize) -> Self {
+        let widened = L::as_f32(w).is_none();
+        // f32 panels too: the GEMM crate packs a whole right-hand side at once, so the panel
+        // bounds its packing buffer
+        let rows = (CPU_PANEL_BYTES / (4 * h)).clamp(1, v);
+        Panels { w, h, v, rows, buf: if widened { vec![0.0; rows * h] } else { Vec::new() } }
+    }
+
+    fn ranges(&self) -> impl Iterator<Item = Range<usize>> {
+        let (rows, v) = (self.rows, self.v);
+        (0..v.div_ceil(rows)).map(move |p| p * rows..((p + 1) * rows).min(v))
+    }
+
+    /// Rows `r` of `W` as f32, `r.len() x H` row-major.
+    fn get(&mut self, k: &Kernels, r: Range<usize>) -> &[f32] {
+        let h = self.h;
+        let src = &self.w[r.start * h..r.end * h];
+        match L::as_f32(src) {
+            Some(x) => x,
+            None => {
+                let dst = &mut self.buf[..src.len()];
+                dst.par_chunks_mut(BLOCK).zip(src.par_chunks(BLOCK)).for_each(|(d, s)| widen(k, s, d));
+                dst
+            }
+        }
+    }
+}
+
+/// `d W[p] += G[:, p]ᵀ · h_c` for one panel `p` of `W`'s rows; `scratch` (`p.len() x H`) is
+/// used when `d W` is 16-bit.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad<L: Logit>(
+    k: &Kernels,
+    dw: &mut Grad<'_, L>,
+    g: MatRef<'_>,
+    hc: MatRef<'_>,
+    p: &Range<usize>,
+    h: usize,
+    scratch: &mut [f32],
+) {
+    let f32_out = match dw {
+        Grad::Skip => return,
+        Grad::IntoF32(x) => Some(&mut x[p.start * h..p.end * h]),
+        Grad::Into(x) => L::as_f32_mut(&mut x[p.start * h..p.end * h]),
+    };
+    match f32_out {
+        Some(out) => matmul(MatMut::rows(out, p.len(), h, h), g.t(), hc, true),
+        None => {
+            let s = &mut scratch[..p.len() * h];
+            matmul(MatMut::rows(s, p.len(), h, h), g.t(), hc, false);
+            if let Grad::Into(x) = dw {
+                add_into(k, s, &mut x[p.start * h..p.end * h]);
+            }
+        }
+    }
+}
+
+/// Writes row `i` of `dhc` (f32) to row `rows[i]` of `dh`.
+fn scatter<G: Logit>(k: &Kernels, dhc: &[f32], rows: &[u32], h: usize, dh: &mut [G]) {
+    for (i, &r) in rows.iter().enumerate() {
+        let r = r as usize;
+        store_scaled(k, &dhc[i * h..(i + 1) * h], 1.0, &mut dh[r * h..(r + 1) * h], false);
+    }
+}
+
+/// Runs every chunk; returns each plan row's loss (0 for rows without a target).
+pub(crate) fn run<L: Logit>(
+    k: &Kernels,
+    plan: &Plan,
+    shape: LinearShape,
+    inp: &LinearInputs<'_, L>,
+    mut g: LinearGrads<'_, L>,
+    chunking: Chunking,
+) -> Result<(RowLosses, Chunks)> {
+    let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
+    // rows without a target have no loss and a zero gradient: they are left out of the chunks
+    let active: Vec<u32> = (0..n).filter(|&r| plan.targets[r] != NO_TARGET).map(|r| r as u32).collect();
+    let default_budget = CPU_BUDGET_PER_THREAD * rayon::current_num_threads().max(1);
+    let c = chunking.rows_for(default_budget, 4 * v + 8 * h, active.len())?;
+
+    zero(&mut g.hidden);
+    if !g.accumulate {
+        zero(&mut g.weight);
+        zero(&mut g.bias);
+    }
+    let want_dh = g.hidden.len().is_some();
+    let want_db = g.bias.len().is_some();
+    let mut panels = Panels::new(inp.weight, h, v);
+    let dw_scratch = matches!(g.weight, Grad::Into(_)) && L::as_f32(inp.weight).is_none();
+    let bias32 = inp.bias.map(|b| {
+        let mut x = vec![0f32; v];
+        widen(k, b, &mut x);
+        x
+    });
+    let mut hc = vec![0f32; c * h];
+    let mut z = vec![0f32; c * v];
+    let mut dhc = vec![0f32; if want_dh { c * h } else { 0 }];
+    let mut dwp = vec![0f32; if dw_scratch { panels.rows * h } else { 0 }];
+    let mut dbc = vec![0f32; if want_db { v } else { 0 }];
+    let (mut chunk_loss, mut chunk_z) = (vec![0f64; c], vec![0f64; c]);
+    let mut row_loss = RowLosses { loss: vec![0f64; n], z: vec![0f64; n] };
+    let scratch_bytes = 4
+        * (hc.len()
+            + z.len()
+            + dhc.len()
+            + dwp.len()
+            + dbc.len()
+            + panels.buf.len()
+            + bias32.as_ref().map_or(0, |b| b.len()));
+
+    for rows in active.chunks(c) {
+        let m = rows.len();
+        let z = &mut z[..m * v];
+        hc[..m * h].par_chunks_mut(h).zip(rows.par_iter()).for_each(|(d, &r)| {
+            let r = r as usize;
+            widen(k, &inp.hidden[r * h..(r + 1) * h], d);
+        });
+        let hm = MatRef::rows(&hc, m, h, h);
+
+        // logits of the chunk: bias, then h_c · Wᵀ panel by panel
+        if let Some(b) = &bias32 {
+            z.par_chunks_mut(v).for_each(|row| row.copy_from_slice(b));
+        }
+        for p in panels.ranges() {
+            let w = panels.get(k, p.clone());
+            let out = MatMut::rows(&mut z[p.start..], m, p.len(), v);
+            matmul(out, hm, MatRef::rows(w, p.len(), h, h).t(), bias32.is_some());
+        }
+
+        // the rows pass: logits -> coef * (softmax - onehot), and each row's loss
+        run_rows_in_place(k, plan, RowSel::List(rows), z, &mut chunk_loss[..m], &mut chunk_z[..m]);
+        for ((&r, &l), &zl) in rows.iter().zip(&chunk_loss).zip(&chunk_z) {
+            row_loss.loss[r as usize] = l;
+            row_loss.z[r as usize] = zl;
+        }
+
+        // d hidden = G · W and d W += Gᵀ · h_c, panel by panel
+        for (i, p) in panels.ranges().enumerate() {
+            let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
+            if want_dh {
+                let w = panels.get(k, p.clone());
+                matmul(MatMut::rows(&mut dhc, m, h, h), gp, MatRef::rows(w, p.len(), h, h), i > 0);
+            }
+            weight_grad(k, &mut g.weight, gp, hm, &p, h, &mut dwp);
+        }
+        match &mut g.hidden {
+            Grad::Into(dh) => scatter(k, &dhc, rows, h, dh),
+            Grad::IntoF32(dh) => scatter(k, &dhc, rows, h, dh),
+            Grad::Skip => {}
+        }
+
+        // d b += column sums of G (rows summed in order)
+        if want_db {
+            dbc.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, d)| {
+                d.fill(0.0);
+                for row in z.chunks_exact(v) {
+                    d.iter_mut().zip(&row[bi * BLOCK..]).for_each(|(d, x)| *d += x);
+                }
+            });
+            match &mut g.bias {
+                Grad::Into(db) => add_into(k, &dbc, db),
+                Grad::IntoF32(db) => add_into(k, &dbc, db),
+                Grad::Skip => {}
+            }
+        }
+    }
+    Ok((row_loss, Chunks { rows: c, count: active.len().div_ceil(c), scratch_bytes }))
+}

@@ -1,0 +1,317 @@
+//! The fused linear + weighted loss: the loss and its gradients straight from the last hidden
+//! states and the output weight, without ever holding the `[B·T, V]` logits.
+//!
+//! For hidden states `h` `[N = B·T, H]`, an output weight `W` `[V, H]` (the `lm_head` or tied
+//! embedding layout) and an optional bias `b` `[V]`, the logits would be `z = h·Wᵀ + b`. The
+//! tokens are cut into chunks of `C` rows; per chunk:
+//!
+//! 1. `z_c = h_c·Wᵀ (+ b)` into a `C x V` buffer (f32);
+//! 2. the crate's fused rows pass (the same one [`LossSpec::loss_and_grad_in_place`] runs) turns
+//!    `z_c` in place into `G_c = coef_row · (softmax − onehot)` and gives each row's loss;
+//! 3. `d h_c = G_c·W`, `d W += G_cᵀ·h_c`, `d b += Σ_rows G_c`.
+//!
+//! The per-sample weights and coefficients depend only on the ids, so they are known before the
+//! first chunk (the same per-call plan as the logits path); the per-row losses are combined at
+//! the end in a fixed order. Rows without a target (each sample's last position, ignored labels)
+//! have a zero gradient: on the CPU they are left out of every chunk (no matrix work); on CUDA,
+//! whose ids live on the device, they go through the chunk like the others and come out as zero.
+//!
+//! ```
+//! use fused_weighted_loss::{Chunking, Grad, LinearGrads, LinearInputs, LinearShape, LossSpec, Tokens};
+//!
+//! let (b, t, h, v) = (2, 4, 3, 10);
+//! let shape = LinearShape::new(b, t, h, v)?;
+//! let hidden: Vec<f32> = (0..b * t * h).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.4).collect();
+//! let weight: Vec<f32> = (0..v * h).map(|i| ((i * 3 % 7) as f32 - 3.0) * 0.3).collect();
+//! let ids: Vec<i64> = vec![1, 3, 3, 7, 2, 9, 0, 3];
+//! let spec = LossSpec::builder().keywords([3]).build()?;
+//!
+//! let (mut dh, mut dw) = (vec![0f32; shape.hidden_len()], vec![0f32; shape.weight_len()]);
+//! let grads = LinearGrads::new().hidden(Grad::Into(&mut dh)).weight(Grad::Into(&mut dw));
+//! let out = spec.linear_loss_and_grad(
+//!     shape,
+//!     LinearInputs::new(&hidden, &weight),
+//!     Tokens::new(&ids),
+//!     grads,
+//!     Chunking::Rows(3),
+//! )?;
+//! assert_eq!(out.chunk_rows, 3);
+//! assert_eq!(out.loss.weights, vec![3.0, 2.0]);
+//!
+//! // the same as the logits path on h·Wᵀ
+//! let mut logits = vec![0f32; b * t * v];
+//! for r in 0..b * t {
+//!     for j in 0..v {
+//!         logits[r * v + j] = (0..h).map(|k| hidden[r * h + k] * weight[j * h + k]).sum();
+//!     }
+//! }
+//! let full = spec.loss_and_grad(shape.tokens(), &logits, Tokens::new(&ids), Grad::Skip)?;
+//! assert!((out.loss.loss - full.loss).abs() <= 1e-5 * full.loss);
+//! # Ok::<(), fused_weighted_loss::Error>(())
+//! ```
+//!
+//! **Memory.** Beyond the inputs and the caller's gradient buffers, a call holds the plan
+//! (`O(B·T)`) and the chunk buffers; [`LinearOutput::scratch_bytes`] reports them:
+//!
+//! - CPU: `C·(4V + 8H)` bytes (the f32 logits of a chunk, its gathered hidden rows and their
+//!   gradient), plus for f16/bf16 inputs an f32 copy of one vocabulary panel of `W` (`P·H·4`,
+//!   `P` rows, about 4 MiB) and, when `d W` is 16-bit, as much again; `4V` each for an f32 copy of
+//!   the bias and for the chunk's bias gradient when a bias is given.
+//! - CUDA: see the `cuda::linear` module (feature `cuda`).
+//!
+//! `C` comes from [`Chunking`]: a byte budget for the chunk buffers (default
+//! [`CPU_BUDGET_PER_THREAD`] per rayon thread on the CPU) or a fixed number of rows.
+//!
+//! **Precision.** Inputs f32, f16 or bf16 (hidden, weight and bias of one dtype); every product
+//! accumulates in f32 and the logits of a chunk are f32, so the loss is as accurate as the logits
+//! path on f32 logits. `d W` and `d b` are accumulated chunk by chunk in the buffer's own dtype:
+//! pass f32 buffers ([`Grad::IntoF32`]) for f32 accumulation across chunks with 16-bit inputs.
+
+pub(crate) mod cpu;
+
+use crate::dtype::{Logit, TokenId};
+use crate::error::{Error, Result};
+use crate::spec::{check_len, LossOutput, LossSpec, Shape, Tokens};
+use crate::Grad;
+
+/// Default CPU chunk budget per rayon thread (bytes of chunk buffers).
+pub const CPU_BUDGET_PER_THREAD: usize = 12 << 20;
+
+/// Bytes of one f32 vocabulary panel of `W` on the CPU for 16-bit inputs.
+pub(crate) const CPU_PANEL_BYTES: usize = 4 << 20;
+
+/// A validated fused linear shape: `[B, T]` tokens, hidden size `H`, vocabulary `V`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LinearShape {
+    tokens: Shape,
+    hidden: usize,
+}
+
+impl LinearShape {
+    /// Validates and builds a shape: the token shape as [`Shape::new`] (with `vocab`), `hidden >= 1`,
+    /// and `B·T·H`, `V·H` fit in `usize`.
+    ///
+    /// ```
+    /// use fused_weighted_loss::{Error, LinearShape};
+    /// let s = LinearShape::new(8, 1024, 4096, 128_256)?;
+    /// assert_eq!((s.rows(), s.hidden_len(), s.weight_len()), (8192, 8192 * 4096, 128_256 * 4096));
+    /// assert!(matches!(LinearShape::new(8, 1024, 0, 100), Err(Error::EmptyHidden)));
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn new(batch: usize, seq: usize, hidden: usize, vocab: usize) -> Result<Self> {
+        let tokens = Shape::new(batch, seq, vocab)?;
+        if hidden == 0 {
+            return Err(Error::EmptyHidden);
+        }
+        tokens.rows().checked_mul(hidden).and(vocab.checked_mul(hidden)).ok_or(Error::SizeOverflow)?;
+        Ok(LinearShape { tokens, hidden })
+    }
+
+    /// The `[B, T, V]` shape the loss sees (the logits that are never built).
+    pub const fn tokens(&self) -> Shape {
+        self.tokens
+    }
+    /// Samples (`B`).
+    pub const fn batch(&self) -> usize {
+        self.tokens.batch()
+    }
+    /// Positions per sample (`T`).
+    pub const fn seq(&self) -> usize {
+        self.tokens.seq()
+    }
+    /// Hidden size (`H`).
+    pub const fn hidden(&self) -> usize {
+        self.hidden
+    }
+    /// Vocabulary size (`V`).
+    pub const fn vocab(&self) -> usize {
+        self.tokens.vocab()
+    }
+    /// Token rows, `N = B·T`.
+    pub const fn rows(&self) -> usize {
+        self.tokens.rows()
+    }
+    /// Elements of the hidden states and of their gradient, `N·H`.
+    pub const fn hidden_len(&self) -> usize {
+        self.rows() * self.hidden
+    }
+    /// Elements of the weight and of its gradient, `V·H`.
+    pub const fn weight_len(&self) -> usize {
+        self.vocab() * self.hidden
+    }
+}
+
+impl std::fmt::Display for LinearShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{} x {}] hidden {}, vocab {}", self.batch(), self.seq(), self.hidden, self.vocab())
+    }
+}
+
+/// The floating-point inputs of a fused linear call, all of one dtype: hidden states `[N, H]`,
+/// weight `[V, H]` and optional bias `[V]`, row-major.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearInputs<'a, L: Logit> {
+    pub(crate) hidden: &'a [L],
+    pub(crate) weight: &'a [L],
+    pub(crate) bias: Option<&'a [L]>,
+}
+
+impl<'a, L: Logit> LinearInputs<'a, L> {
+    /// Hidden states and weight, no bias.
+    pub fn new(hidden: &'a [L], weight: &'a [L]) -> Self {
+        LinearInputs { hidden, weight, bias: None }
+    }
+    /// Adds a bias `[V]`.
+    pub fn with_bias(self, bias: &'a [L]) -> Self {
+        LinearInputs { bias: Some(bias), ..self }
+    }
+    fn check(&self, shape: LinearShape) -> Result<()> {
+        let t = shape.tokens;
+        check_len("hidden", self.hidden.len(), shape.hidden_len(), t)?;
+        check_len("weight", self.weight.len(), shape.weight_len(), t)?;
+        if let Some(b) = self.bias {
+            check_len("bias", b.len(), shape.vocab(), t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the gradients of a fused linear call go: `d hidden` `[N, H]` (overwritten), `d weight`
+/// `[V, H]` and `d bias` `[V]` (overwritten, or added to with [`accumulate`](Self::accumulate)),
+/// each [`Grad::Skip`], [`Grad::Into`] (the inputs' dtype) or [`Grad::IntoF32`].
+#[derive(Debug)]
+pub struct LinearGrads<'a, L: Logit> {
+    pub(crate) hidden: Grad<'a, L>,
+    pub(crate) weight: Grad<'a, L>,
+    pub(crate) bias: Grad<'a, L>,
+    pub(crate) accumulate: bool,
+}
+
+impl<L: Logit> Default for LinearGrads<'_, L> {
+    fn default() -> Self {
+        LinearGrads { hidden: Grad::Skip, weight: Grad::Skip, bias: Grad::Skip, accumulate: false }
+    }
+}
+
+impl<'a, L: Logit> LinearGrads<'a, L> {
+    /// No gradients (the loss only); add them with the methods below.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// `d hidden`, `N·H` elements.
+    pub fn hidden(self, g: Grad<'a, L>) -> Self {
+        LinearGrads { hidden: g, ..self }
+    }
+    /// `d weight`, `V·H` elements.
+    pub fn weight(self, g: Grad<'a, L>) -> Self {
+        LinearGrads { weight: g, ..self }
+    }
+    /// `d bias`, `V` elements (only with a bias input).
+    pub fn bias(self, g: Grad<'a, L>) -> Self {
+        LinearGrads { bias: g, ..self }
+    }
+    /// Adds into `d weight` and `d bias` instead of overwriting them (gradient accumulation
+    /// across micro-batches, or a tied embedding's other gradient). `d hidden` is always written.
+    pub fn accumulate(self, on: bool) -> Self {
+        LinearGrads { accumulate: on, ..self }
+    }
+    fn check(&self, shape: LinearShape, has_bias: bool) -> Result<()> {
+        let t = shape.tokens;
+        if let Some(n) = self.hidden.len() {
+            check_len("d hidden", n, shape.hidden_len(), t)?;
+        }
+        if let Some(n) = self.weight.len() {
+            check_len("d weight", n, shape.weight_len(), t)?;
+        }
+        if let Some(n) = self.bias.len() {
+            if !has_bias {
+                return Err(Error::Unsupported("a bias gradient was asked for without a bias input".into()));
+            }
+            check_len("d bias", n, shape.vocab(), t)?;
+        }
+        Ok(())
+    }
+}
+
+/// How a fused linear call cuts the tokens into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Chunking {
+    /// The backend's default budget: [`CPU_BUDGET_PER_THREAD`] per rayon thread on the CPU,
+    /// `cuda::linear::DEFAULT_BUDGET` (96 MiB) on CUDA.
+    #[default]
+    Auto,
+    /// At most this many bytes of chunk buffers (at least one row is always used).
+    Budget(usize),
+    /// Exactly this many token rows per chunk (at least 1; more than `N` means one chunk).
+    Rows(usize),
+}
+
+impl Chunking {
+    /// Rows per chunk for a budget-free per-row cost, within `[1, max_rows]`.
+    pub(crate) fn rows_for(self, default_budget: usize, row_bytes: usize, max_rows: usize) -> Result<usize> {
+        let rows = match self {
+            Chunking::Rows(0) => return Err(Error::InvalidChunking("0 rows per chunk".into())),
+            Chunking::Rows(c) => c,
+            Chunking::Auto => default_budget / row_bytes.max(1),
+            Chunking::Budget(b) => b / row_bytes.max(1),
+        };
+        Ok(rows.clamp(1, max_rows.max(1)))
+    }
+}
+
+/// The results of a fused linear call; the gradients are in the caller's buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearOutput {
+    /// The loss, per-sample losses, weights, valid tokens and backend, as the logits path
+    /// reports them.
+    pub loss: LossOutput,
+    /// Token rows per chunk (`C`).
+    pub chunk_rows: usize,
+    /// Chunks the call ran.
+    pub chunks: usize,
+    /// Bytes of chunk buffers the call allocated (beyond the `O(B·T)` plan).
+    pub scratch_bytes: usize,
+}
+
+impl LossSpec {
+    /// The loss of `hidden·Wᵀ (+ bias)` with this spec, and the gradients asked for in `grads`,
+    /// in chunks of token rows (see the [module docs](crate::linear)); the logits never exist.
+    ///
+    /// Every input is validated before any work starts; on error nothing has been written
+    /// (except for [`Error::NonFinite`] with `check_finite`, found after the gradients).
+    pub fn linear_loss_and_grad<L: Logit, I: TokenId>(
+        &self,
+        shape: LinearShape,
+        inputs: LinearInputs<'_, L>,
+        tokens: Tokens<'_, I>,
+        grads: LinearGrads<'_, L>,
+        chunking: Chunking,
+    ) -> Result<LinearOutput> {
+        inputs.check(shape)?;
+        grads.check(shape, inputs.bias.is_some())?;
+        chunking.rows_for(1, 1, 1)?;
+        let backend = self.resolved_backend()?;
+        #[cfg(feature = "cuda")]
+        if backend == crate::Backend::Cuda {
+            crate::spec::validate_tokens(self, shape.tokens, &tokens)?;
+            return crate::cuda::linear::run_host(self, shape, inputs, tokens, grads, chunking);
+        }
+        let plan = self.plan(shape.tokens, &tokens)?;
+        let k = crate::cpu_kernels(self.cpu_simd)?;
+        let (row_loss, chunks) = cpu::run(&k, &plan, shape, &inputs, grads, chunking)?;
+        Ok(LinearOutput {
+            loss: plan.finish(&row_loss, self.check_finite, backend, None)?,
+            chunk_rows: chunks.rows,
+            chunks: chunks.count,
+            scratch_bytes: chunks.scratch_bytes,
+        })
+    }
+}
+
+/// How a call was chunked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Chunks {
+    pub rows: usize,
+    pub count: usize,
+    pub scratch_bytes: usize,
+}

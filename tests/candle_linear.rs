@@ -1,0 +1,160 @@
+//! `candle::weighted_linear_loss` (forward + backward through candle's autograd) against the
+//! float64 reference and against the logits path through candle (`matmul` + `weighted_loss`).
+#![cfg(feature = "candle")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::linear::{expected, Case};
+use fused_weighted_loss::candle::{weighted_linear_loss, weighted_loss};
+use fused_weighted_loss::reference::rel_err;
+use fused_weighted_loss::{bf16, Logit, LossSpec};
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Loss and gradients through candle for one case, checked against the reference; `scale`
+/// multiplies the loss before the backward.
+fn check<L: Logit + candle_core::WithDType>(device: &Device, c: &Case<L>, spec: &LossSpec, scale: f64) {
+    let s = c.shape;
+    let e = expected(spec, c);
+    let (grad_tol, loss_tol) = common::tolerances(<L as Logit>::DTYPE);
+    let hidden =
+        Var::from_tensor(&Tensor::from_vec(c.hidden.clone(), (s.batch(), s.seq(), s.hidden()), device).unwrap())
+            .unwrap();
+    let weight =
+        Var::from_tensor(&Tensor::from_vec(c.weight.clone(), (s.vocab(), s.hidden()), device).unwrap()).unwrap();
+    let bias =
+        c.bias.as_ref().map(|b| Var::from_tensor(&Tensor::from_vec(b.clone(), s.vocab(), device).unwrap()).unwrap());
+    let ids: Vec<u32> = c.ids.iter().map(|&x| x as u32).collect();
+    let ids = Tensor::from_vec(ids, (s.batch(), s.seq()), device).unwrap();
+    let labels = c.labels.as_ref().map(|l| Tensor::from_vec(l.clone(), (s.batch(), s.seq()), device).unwrap());
+    let loss = weighted_linear_loss(
+        hidden.as_tensor(),
+        weight.as_tensor(),
+        bias.as_ref().map(|b| b.as_tensor()),
+        &ids,
+        labels.as_ref(),
+        spec,
+    )
+    .unwrap();
+    assert_eq!(loss.dims(), &[] as &[usize]);
+    let l = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!(common::rel(l, e.out.loss) <= loss_tol.max(1e-6), "loss {l} vs {}", e.out.loss);
+    let grads = loss.affine(scale, 0.0).unwrap().backward().unwrap();
+    let scaled = |g: &[f64]| g.iter().map(|x| x * scale).collect::<Vec<_>>();
+    let gh = grads.get(&hidden).expect("d hidden");
+    assert_eq!(gh.dims(), hidden.dims());
+    let err = rel_err(&to_vec(gh), &scaled(&e.dh));
+    assert!(err <= grad_tol, "d hidden rel err {err:e}");
+    let err = rel_err(&to_vec(grads.get(&weight).expect("d weight")), &scaled(&e.dw));
+    assert!(err <= grad_tol, "d weight rel err {err:e}");
+    if let Some(b) = &bias {
+        let err = rel_err(&to_vec(grads.get(b).expect("d bias")), &scaled(&e.db));
+        assert!(err <= grad_tol, "d bias rel err {err:e}");
+    }
+}
+
+fn cases(device: &Device) {
+    let spec = LossSpec::builder().keywords([1i64, 4]).build().unwrap();
+    check(device, &Case::<f32>::random(1, 2, 5, 8, 11, false), &spec, 1.0);
+    check(device, &Case::<f32>::random(2, 3, 7, 33, 301, true), &spec, 2.5);
+    check(device, &Case::<bf16>::random(3, 2, 9, 40, 515, true), &spec, 1.0);
+    let mut c = Case::<f32>::random(4, 3, 6, 16, 97, true);
+    let mut labels = c.ids.clone();
+    labels[2] = -100;
+    labels[7..12].fill(-100);
+    c.labels = Some(labels);
+    check(device, &c, &LossSpec::builder().ignore_index(-100).build().unwrap(), 1.0);
+}
+
+#[test]
+fn candle_linear_cpu_loss_and_backward() {
+    cases(&Device::Cpu);
+}
+
+#[test]
+fn candle_linear_matches_the_logits_path() {
+    // hidden·Wᵀ + b through candle's matmul and autograd, then the logits op: same loss and
+    // gradients (f32) as the fused op
+    let c = Case::<f32>::random(6, 2, 6, 12, 50, true);
+    let s = c.shape;
+    let dev = Device::Cpu;
+    let spec = LossSpec::builder().keywords([c.ids[3]]).build().unwrap();
+    let hidden =
+        Var::from_tensor(&Tensor::from_vec(c.hidden.clone(), (s.batch(), s.seq(), s.hidden()), &dev).unwrap()).unwrap();
+    let weight = Var::from_tensor(&Tensor::from_vec(c.weight.clone(), (s.vocab(), s.hidden()), &dev).unwrap()).unwrap();
+    let bias = Var::from_tensor(&Tensor::from_vec(c.bias.clone().unwrap(), s.vocab(), &dev).unwrap()).unwrap();
+    let ids = Tensor::from_vec(c.ids.clone(), (s.batch(), s.seq()), &dev).unwrap();
+    let fused = weighted_linear_loss(hidden.as_tensor(), weight.as_tensor(), Some(bias.as_tensor()), &ids, None, &spec)
+        .unwrap();
+    let logits = hidden
+        .as_tensor()
+        .broadcast_matmul(&weight.as_tensor().t().unwrap())
+        .unwrap()
+        .broadcast_add(bias.as_tensor())
+        .unwrap();
+    let plain = weighted_loss(&logits, &ids, None, &spec).unwrap();
+    let (a, b) = (fused.to_scalar::<f32>().unwrap() as f64, plain.to_scalar::<f32>().unwrap() as f64);
+    assert!(common::rel(a, b) <= 1e-5, "{a} vs {b}");
+    let (ga, gb) = (fused.backward().unwrap(), plain.backward().unwrap());
+    for (name, v) in [("hidden", &hidden), ("weight", &weight), ("bias", &bias)] {
+        let (x, y) = (to_vec(ga.get(v).unwrap()), to_vec(gb.get(v).unwrap()));
+        let y64: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+        assert!(rel_err(&x, &y64) <= 1e-5, "d {name}: {:e}", rel_err(&x, &y64));
+    }
+}
+
+#[test]
+fn candle_linear_untracked_inputs_get_no_gradient() {
+    // a frozen head: only d hidden
+    let c = Case::<f32>::random(7, 2, 4, 6, 20, false);
+    let s = c.shape;
+    let dev = Device::Cpu;
+    let hidden = Var::from_tensor(&Tensor::from_vec(c.hidden.clone(), (s.rows(), s.hidden()), &dev).unwrap()).unwrap();
+    let weight = Tensor::from_vec(c.weight.clone(), (s.vocab(), s.hidden()), &dev).unwrap();
+    let ids =
+        Tensor::from_vec(c.ids.iter().map(|&x| x as i32).collect::<Vec<_>>(), (s.batch(), s.seq()), &dev).unwrap();
+    let spec = LossSpec::default();
+    let loss = weighted_linear_loss(hidden.as_tensor(), &weight, None, &ids, None, &spec).unwrap();
+    let grads = loss.backward().unwrap();
+    let e = expected(&spec, &c);
+    let err = rel_err(&to_vec(grads.get(&hidden).unwrap()), &e.dh);
+    assert!(err <= 1e-5, "d hidden ([N, H] input) rel err {err:e}");
+    assert!(grads.get(&weight).is_none());
+}
+
+#[test]
+fn candle_linear_bad_inputs_are_errors() {
+    let dev = Device::Cpu;
+    let spec = LossSpec::default();
+    let h = Tensor::zeros((2, 5, 8), DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((11, 8), DType::F32, &dev).unwrap();
+    let ids = Tensor::zeros((2, 5), DType::U32, &dev).unwrap();
+    let w_bad = Tensor::zeros((11, 7), DType::F32, &dev).unwrap();
+    assert!(weighted_linear_loss(&h, &w_bad, None, &ids, None, &spec).is_err(), "hidden sizes differ");
+    let b_bad = Tensor::zeros(10, DType::F32, &dev).unwrap();
+    assert!(weighted_linear_loss(&h, &w, Some(&b_bad), &ids, None, &spec).is_err(), "bias of the wrong size");
+    let w16 = Tensor::zeros((11, 8), DType::BF16, &dev).unwrap();
+    assert!(weighted_linear_loss(&h, &w16, None, &ids, None, &spec).is_err(), "mixed dtypes");
+    let ids_bad = Tensor::full(11u32, (2, 5), &dev).unwrap();
+    assert!(weighted_linear_loss(&h, &w, None, &ids_bad, None, &spec).is_err(), "id outside the vocabulary");
+    let strided = Tensor::zeros((2, 8, 5), DType::F32, &dev).unwrap().transpose(1, 2).unwrap();
+    assert!(weighted_linear_loss(&strided, &w, None, &ids, None, &spec).is_err(), "non-contiguous hidden");
+}
+
+#[test]
+fn candle_linear_cuda_loss_and_backward() {
+    if !common::gpu_or_skip("candle_linear_cuda_loss_and_backward") {
+        return;
+    }
+    if !cfg!(feature = "candle-cuda") {
+        if std::env::var("FWL_REQUIRE_CUDA").as_deref() == Ok("1") {
+            panic!("candle_linear_cuda_loss_and_backward: FWL_REQUIRE_CUDA=1 but built without `candle-cuda`");
+        }
+        eprintln!("candle_linear_cuda_loss_and_backward: skipped, built without the `candle-cuda` feature");
+        return;
+    }
+    cases(&Device::new_cuda(0).unwrap());
+}
