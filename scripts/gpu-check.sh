@@ -122,6 +122,8 @@ run() {
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     # every CUDA test (test_cuda.py and the [cuda] cases of the others); the CPU ones run in CI
     timeout 200 python3 -m pytest -q -rs -p no:cacheprovider python/tests -k cuda || fail=1
+    step "Python package: vocabulary-/data-parallel under torchrun with 4 CPU ranks (gloo; NCCL ran above)"
+    timeout 120 python3 -m pytest -q -rs -p no:cacheprovider python/tests/test_distributed.py -k gloo || fail=1
     step "Python package: per-call overhead over the Rust call, same tensors (benches/python_overhead.py)"
     for dt in bf16 f32; do
       timeout 60 python3 benches/python_overhead.py --device cuda --shape 32x128x50000 --dtype "$dt" \

@@ -86,7 +86,7 @@ fn split_on_one_gpu<L: Logit>(c: &Case<L>, slices: &[VocabSlice], chunk: usize) 
         slices.iter().map(|s| stream.alloc_zeros::<f32>(shape.rows() * s.len()).unwrap()).collect();
     let toks = Tokens3::upload(&stream, c);
     let outs = toks.with(|inputs| {
-        let mut steps: Vec<CudaSharded<'_>> =
+        let mut steps: Vec<CudaSharded> =
             slices.iter().map(|&s| CudaSharded::new(&loss, &c.spec, shape, s, &stream, inputs).unwrap()).collect();
         let (w, p) = (steps[0].words_per_row(), slices.len());
         let mut gathered = stream.alloc_zeros::<f32>(p * chunk * w).unwrap();
@@ -217,7 +217,7 @@ fn gpu_data_parallel_steps_match_the_concatenated_batch() {
         let slice = VocabSlice::full(v).unwrap();
         let (outs, grads) = toks[0].with(|i0| {
             toks[1].with(|i1| {
-                let mut steps: Vec<CudaSharded<'_>> = [i0, i1]
+                let mut steps: Vec<CudaSharded> = [i0, i1]
                     .iter()
                     .zip(&parts)
                     .map(|(inputs, p)| CudaSharded::new(&loss, &c.spec, p.shape, slice, &stream, inputs).unwrap())

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use std::time::Instant;
 
 /// The unsafe boundary of the CPU path: host memory that Python owns, seen as slices.
-mod host {
+pub(crate) mod host {
     use pyo3::exceptions::PyValueError;
     use pyo3::PyResult;
 
@@ -24,7 +24,7 @@ mod host {
     /// # Safety
     /// `ptr` addresses `len` elements of `T` (any bit pattern of the types used here is a valid
     /// value) that stay allocated, and are not written, for `'a`.
-    pub(super) unsafe fn slice<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a [T]> {
+    pub(crate) unsafe fn slice<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a [T]> {
         check::<T>(ptr, what)?;
         // SAFETY: non-null and aligned (checked); the rest as the caller promises.
         Ok(unsafe { std::slice::from_raw_parts(ptr as usize as *const T, len) })
@@ -34,7 +34,7 @@ mod host {
     ///
     /// # Safety
     /// As [`slice`], and nothing else reads or writes that memory for `'a`.
-    pub(super) unsafe fn slice_mut<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a mut [T]> {
+    pub(crate) unsafe fn slice_mut<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a mut [T]> {
         check::<T>(ptr, what)?;
         // SAFETY: non-null and aligned (checked); the rest as the caller promises.
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr as usize as *mut T, len) })

@@ -27,6 +27,7 @@ macro_rules! dispatch {
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod shard;
 
 /// A contiguous tensor as Python describes it: `(data_ptr, shape, dtype name)`, the dtype name
 /// without its `torch.` prefix (`float32`, `bfloat16`, `int64`, ...).
@@ -294,6 +295,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;
+    m.add_class::<shard::Shard>()?;
     #[cfg(feature = "cuda")]
     m.add_function(wrap_pyfunction!(cuda::time_rust_call_cuda, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

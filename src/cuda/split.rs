@@ -45,7 +45,8 @@ use crate::error::{Error, Result};
 use crate::parallel::VocabSlice;
 use crate::spec::{check_len, LossSpec, Reduction, Shape};
 use cudarc::driver::{
-    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 use std::ffi::c_void;
 use std::ops::Range;
@@ -171,50 +172,63 @@ fn rows_config(loss: &CudaLoss, func: &CudaFunction, rows: usize) -> Result<Laun
 const ONE_BLOCK: LaunchConfig = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
 
 /// One sharded call on device buffers, as steps (see the [module](self) docs). Everything is
-/// queued on the stream each step is given (use one stream per call); nothing synchronises.
-pub struct CudaSharded<'a> {
+/// queued on the stream each step is given: use one stream for all the steps of a call (the one
+/// given to [`new`](Self::new), on which its buffers are allocated). Nothing synchronises.
+pub struct CudaSharded {
     loss: CudaLoss,
     spec: LossSpec,
     shape: Shape,
     slice: VocabSlice,
     planned: Planned,
-    token_weights: Option<&'a CudaView<'a, f32>>,
-    grad_scale: Option<&'a CudaView<'a, f32>>,
+    /// Copies of the call's token weights and upstream gradient scale (the steps after `new`
+    /// read them; a copy of `B * T` floats frees the call from its inputs' lifetime).
+    token_weights: Option<CudaSlice<f32>>,
+    grad_scale: Option<CudaSlice<f32>>,
     finished: Vec<bool>,
     missing: usize,
     grad_written: bool,
 }
 
-impl std::fmt::Debug for CudaSharded<'_> {
+impl std::fmt::Debug for CudaSharded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaSharded").field("shape", &self.shape).field("slice", &self.slice).finish()
     }
 }
 
-impl<'a> CudaSharded<'a> {
+impl CudaSharded {
     /// Queues the plan kernel (targets in the whole vocabulary, weights, per-sample coefficients)
     /// for this rank's samples: `shape` is `[B, T, V]` with this rank's `B` and the whole `V`.
+    /// The inputs are read by work queued here (on `stream`) only.
     pub fn new<I: TokenId>(
         loss: &CudaLoss,
         spec: &LossSpec,
         shape: Shape,
         slice: VocabSlice,
         stream: &Arc<CudaStream>,
-        inputs: &'a DeviceInputs<'a, I>,
+        inputs: &DeviceInputs<'_, I>,
     ) -> Result<Self> {
         if slice.vocab() != shape.vocab() {
             return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
         }
         loss.validate(spec, shape, shape.logits_len(), inputs, None)?;
-        let planned = loss.with_inputs(stream, inputs, 0, 0, |s, p| loss.launch_plan::<I>(spec, shape, s, p))?;
+        let mut planned = loss.with_inputs(stream, inputs, 0, 0, |s, p| loss.launch_plan::<I>(spec, shape, s, p))?;
+        let copy = |v: &CudaView<'_, f32>| -> Result<CudaSlice<f32>> {
+            let mut c = super::output::<f32>(stream, v.len())?;
+            stream.memcpy_dtod(v, &mut c).map_err(drv("copying on the device"))?;
+            Ok(c)
+        };
+        let token_weights = inputs.token_weights.map(copy).transpose()?;
+        let grad_scale = inputs.grad_scale.map(copy).transpose()?;
+        // the finish kernel reads the token weights through the plan: this call's copy
+        planned.opts.token_weights = token_weights.as_ref().map_or(0, |w| w.device_ptr(stream).0);
         Ok(CudaSharded {
             loss: loss.clone(),
             spec: spec.clone(),
             shape,
             slice,
             planned,
-            token_weights: inputs.token_weights,
-            grad_scale: inputs.grad_scale,
+            token_weights,
+            grad_scale,
             finished: vec![false; shape.rows()],
             missing: shape.rows(),
             grad_written: false,
@@ -284,7 +298,7 @@ impl<'a> CudaSharded<'a> {
         let (g, _g3) = gathered.device_ptr(stream);
         let (r, _g4) = reduce.device_ptr_mut(stream);
         let (c, _g5) = coef.device_ptr_mut(stream);
-        let scale = self.grad_scale.map(|s| s.device_ptr(stream));
+        let scale = self.grad_scale.as_ref().map(|s| s.device_ptr(stream));
         let p = FwlSplitBatchParams {
             weights: w as *const f64,
             row_div: d as *const f64,
@@ -429,7 +443,7 @@ impl<'a> CudaSharded<'a> {
         let (c, _g3) = coef.device_ptr(stream);
         let (rl, _g4) = row_loss.device_ptr_mut(stream);
         let (rz, _g5) = row_z.device_ptr_mut(stream);
-        let tw = self.token_weights.map(|w| w.device_ptr(stream));
+        let tw = self.token_weights.as_ref().map(|w| w.device_ptr(stream));
         let p = FwlSplitGradParams {
             logits: x as *const c_void,
             grad: g as *mut c_void,
@@ -475,8 +489,8 @@ impl<'a> CudaSharded<'a> {
         if self.missing > 0 {
             return Err(Error::StepOrder("finish before every row's statistics were merged"));
         }
-        // the finish kernel reads the token weights too: held (borrowed) by this call until here
-        let _tw = self.token_weights.map(|w| w.device_ptr(stream));
+        // the finish kernel reads the token weights' copy; it is freed in `stream`'s order after
+        let _tw = self.token_weights.as_ref().map(|w| w.device_ptr(stream));
         self.loss.launch_finish(&self.spec, self.shape, stream, self.planned)
     }
 

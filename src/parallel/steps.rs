@@ -108,6 +108,11 @@ impl ShardedLoss {
         self
     }
 
+    /// The call's shape: this rank's `B`, `T`, the whole `V`.
+    pub fn shape(&self) -> Shape {
+        self.plan.shape
+    }
+
     /// The call's rows, `B * T`.
     pub fn rows(&self) -> usize {
         self.plan.shape.rows()
