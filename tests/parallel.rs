@@ -320,6 +320,23 @@ fn grid_of_data_and_vocab_ranks() {
     }
 }
 
+/// Steps driven by hand (finished, their gradients `grads`) give the one call's outputs and
+/// gradient bits.
+fn same_as_one_call(
+    case: &Case<f32>,
+    slices: &[VocabSlice],
+    chunk: usize,
+    steps: Vec<ShardedLoss>,
+    grads: &[Vec<f32>],
+) {
+    let by_hand: Vec<LossOutput> = steps.into_iter().map(|s| s.finish().unwrap()).collect();
+    let one_call = vocab_parallel(case, slices, Some(chunk));
+    for ((a, g), (b, gb, _)) in by_hand.iter().zip(grads).zip(&one_call) {
+        assert_eq!(a, b, "steps by hand = one call");
+        assert_eq!(bits(g), bits(gb), "gradients by hand = one call");
+    }
+}
+
 /// The steps driven by hand, two ranks simulated in one thread, pipelined: the statistics of
 /// chunk k + 1 are taken before chunk k is finished (two chunks kept at once).
 #[test]
@@ -355,12 +372,77 @@ fn steps_pipelined_by_hand_equal_the_one_call() {
             in_flight = n;
         }
     }
-    let by_hand: Vec<LossOutput> = steps.into_iter().map(|s| s.finish().unwrap()).collect();
-    let one_call = vocab_parallel(&case, &slices, Some(chunk));
-    for ((a, g), (b, gb, _)) in by_hand.iter().zip(&grads).zip(&one_call) {
-        assert_eq!(a, b, "steps by hand = one call");
-        assert_eq!(bits(g), bits(gb), "gradients by hand = one call");
+    same_as_one_call(&case, &slices, chunk, steps, &grads);
+}
+
+/// The pipelined step `finish_rows_grad_then_partials` (one chunk's gradient beside the next
+/// chunk's statistics), driven by hand for three uneven ranks: the same bits as the one call.
+#[test]
+fn grad_then_partials_step_equals_the_one_call() {
+    let case = random_case::<f32>(77, 150);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let slices = [
+        VocabSlice::new(0, 1, v).unwrap(),
+        VocabSlice::new(1, v / 2, v).unwrap(),
+        VocabSlice::new(1 + v / 2, v - 1 - v / 2, v).unwrap(),
+    ];
+    let local: Vec<Vec<f32>> = slices.iter().map(|&s| columns(&case.logits, v, s)).collect();
+    let mut steps: Vec<ShardedLoss> =
+        slices.iter().map(|&s| ShardedLoss::new(&case.spec, shape, s, case.tokens()).unwrap()).collect();
+    let chunk = 3;
+    let chunks: Vec<std::ops::Range<usize>> =
+        (0..shape.rows()).step_by(chunk).map(|r| r..(r + chunk).min(shape.rows())).collect();
+    let mut gathered = Vec::new();
+    for (st, (s, l)) in steps.iter_mut().zip(slices.iter().zip(&local)) {
+        let r = &chunks[0];
+        let mut part = vec![f64::NAN; st.partials_len(r.len())];
+        st.partials(r.clone(), &l[r.start * s.len()..r.end * s.len()], &mut part).unwrap();
+        gathered.extend(part);
     }
+    let mut grads: Vec<Vec<f32>> = slices.iter().map(|s| vec![f32::NAN; shape.rows() * s.len()]).collect();
+    for k in 0..chunks.len() {
+        let r = &chunks[k];
+        let mut next_gathered = Vec::new();
+        for ((st, s), (l, g)) in steps.iter_mut().zip(&slices).zip(local.iter().zip(grads.iter_mut())) {
+            let span = r.start * s.len()..r.end * s.len();
+            match chunks.get(k + 1) {
+                Some(nx) => {
+                    let mut part = vec![f64::NAN; st.partials_len(nx.len())];
+                    let nl = &l[nx.start * s.len()..nx.end * s.len()];
+                    st.finish_rows_grad_then_partials(
+                        r.clone(),
+                        &gathered,
+                        &l[span.clone()],
+                        &mut g[span],
+                        nx.clone(),
+                        nl,
+                        &mut part,
+                    )
+                    .unwrap();
+                    next_gathered.extend(part);
+                }
+                None => st.finish_rows_grad(r.clone(), &gathered, &l[span.clone()], &mut g[span]).unwrap(),
+            }
+        }
+        gathered = next_gathered;
+    }
+    same_as_one_call(&case, &slices, chunk, steps, &grads);
+    // a short partials buffer for the next chunk is a typed error, not a panic
+    let mut st = ShardedLoss::new(&case.spec, shape, VocabSlice::full(v).unwrap(), case.tokens()).unwrap();
+    let mut part = vec![0.0; st.partials_len(1)];
+    st.partials(0..1, &case.logits[..v], &mut part).unwrap();
+    let mut g = vec![0f32; v];
+    let mut short = vec![0.0; st.partials_len(1) - 1];
+    let r = st.finish_rows_grad_then_partials(
+        0..1,
+        &part,
+        &case.logits[..v],
+        &mut g,
+        1..2,
+        &case.logits[v..2 * v],
+        &mut short,
+    );
+    assert!(matches!(r, Err(Error::ExchangeLength { .. })), "{r:?}");
 }
 
 #[test]

@@ -9,11 +9,15 @@
 //! - [`SplitCpu::grad`] writes the slice's gradient from the kept exponentials and the merged
 //!   statistics: one multiply per element, as for a whole row, with no second read of the
 //!   logits. Rows whose exponentials were not kept (beyond the budget, or never asked for) are
-//!   recomputed from the logits instead: the same values, one more read.
+//!   recomputed from the logits instead: the same values, one more read;
+//! - [`SplitCpu::grad_and_stats`] runs one chunk's gradient beside the next chunk's statistics
+//!   in one parallel pass, for drivers that pipeline.
 
 use super::row::{RowMath, RowStats};
 use super::simd::Kernels;
-use super::{rows_per_task, stats_pass, target_of, zero, Pending, RowExps, Scratch, SCRATCH_MAX, STREAM_MIN_BYTES};
+use super::{
+    rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, SCRATCH_MAX, STREAM_MIN_BYTES,
+};
 use crate::dtype::Logit;
 use crate::spec::{Plan, RowOptions};
 use rayon::prelude::*;
@@ -59,9 +63,45 @@ pub(crate) fn merge_row<'a>(m: &RowMath, parts: impl Iterator<Item = &'a [f64]>)
     st
 }
 
-/// Exponentials kept for a range of rows between [`SplitCpu::stats`] and [`SplitCpu::grad`].
+/// The merged statistics of `n` rows from an all-gather in which rank `r`'s `words` per row
+/// start at `r * stride`.
+pub(crate) fn merge_rows(m: &RowMath, gathered: &[f64], stride: usize, words: usize, n: usize) -> Vec<RowStats> {
+    let ranks = gathered.chunks_exact(stride.max(1));
+    (0..n).map(|i| merge_row(m, ranks.clone().map(|rank| &rank[i * words..(i + 1) * words]))).collect()
+}
+
+/// The rows a step covers: buffer row `i` is plan row `sel.global(i)`, `key.len()` rows; `key`
+/// names them for the exponentials kept between the steps (the same key in both steps).
+#[derive(Debug, Clone)]
+pub(crate) struct Rows<'a> {
+    pub key: Range<usize>,
+    pub sel: RowSel<'a>,
+}
+
+impl Rows<'static> {
+    /// Plan rows `r`, consecutive.
+    pub fn range(r: Range<usize>) -> Rows<'static> {
+        Rows { sel: RowSel::From(r.start), key: r }
+    }
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        self.key.len()
+    }
+}
+
+/// Where a gradient step writes.
+pub(crate) enum Dest<'a, L, G> {
+    /// Into a buffer, the logits beside it (read again for rows whose exponentials were not kept).
+    Into(&'a [L], &'a mut [G]),
+    /// Over the logits (then `L` is `G`).
+    InPlace(&'a mut [G]),
+}
+
+/// Exponentials kept for some rows between [`SplitCpu::stats`] and [`SplitCpu::grad`].
 struct Kept {
-    rows: Range<usize>,
+    key: Range<usize>,
     exps: Vec<RowExps>,
 }
 
@@ -77,7 +117,7 @@ pub(crate) struct SplitCpu {
     /// At most this many rows' exponentials are kept at once.
     keep_rows: usize,
     kept: Vec<Kept>,
-    /// Row buffers of ranges already written, for reuse.
+    /// Row buffers of rows already written, for reuse.
     pool: Vec<RowExps>,
 }
 
@@ -102,42 +142,98 @@ impl SplitCpu {
         self.k
     }
 
-    /// Forgets the exponentials kept for `rows` (a loss-only finish).
-    pub fn drop_kept(&mut self, rows: &Range<usize>) {
-        if let Some(mut e) = self.take(rows) {
+    /// Forgets the exponentials kept for `key` (a loss-only finish).
+    pub fn drop_kept(&mut self, key: &Range<usize>) {
+        if let Some(mut e) = self.take(key) {
             self.pool.append(&mut e);
         }
     }
 
-    /// Rows whose exponentials are kept right now.
-    fn kept_rows(&self) -> usize {
-        self.kept.iter().map(|c| c.rows.len()).sum()
+    /// The kept exponentials of exactly `key`, if any (taken out of the kept set).
+    fn take(&mut self, key: &Range<usize>) -> Option<Vec<RowExps>> {
+        let i = self.kept.iter().position(|c| c.key == *key)?;
+        Some(self.kept.swap_remove(i).exps)
     }
 
-    /// The slice's statistics of plan rows `rows` (`logits`: their `len` columns each) into
-    /// `out`, keeping their exponentials when `keep` and the budget allows.
-    pub fn stats<L: Logit>(&mut self, plan: &Plan, rows: Range<usize>, logits: &[L], out: &mut [RowStats], keep: bool) {
-        self.kept.retain(|c| c.rows != rows); // a range asked again replaces its earlier copy
-        let n = rows.len();
-        let keep = keep && self.kept_rows() + n <= self.keep_rows;
-        let mut exps: Vec<RowExps> = Vec::new();
-        if keep {
-            let m = &self.m;
-            exps = (0..n).map(|_| self.pool.pop().unwrap_or_else(|| RowExps::new(self.len, m))).collect();
+    /// Row buffers for `n` rows to keep, within the budget (`None`: not kept).
+    fn alloc(&mut self, key: &Range<usize>, n: usize) -> Option<Vec<RowExps>> {
+        self.drop_kept(key); // rows asked again replace their earlier copy
+        let kept: usize = self.kept.iter().map(|c| c.key.len()).sum();
+        if kept + n > self.keep_rows {
+            return None;
         }
+        let m = &self.m;
+        Some((0..n).map(|_| self.pool.pop().unwrap_or_else(|| RowExps::new(self.len, m))).collect())
+    }
+
+    /// The slice's statistics of `rows` (`logits`: their `len` columns each) into `out`,
+    /// keeping their exponentials when `keep` and the budget allows.
+    pub fn stats<L: Logit>(&mut self, plan: &Plan, rows: &Rows<'_>, logits: &[L], out: &mut [RowStats], keep: bool) {
+        let mut exps = if keep { self.alloc(&rows.key, rows.len()) } else { None };
+        self.stats_into(plan, rows, logits, out, exps.as_deref_mut());
+        if let Some(exps) = exps {
+            self.kept.push(Kept { key: rows.key.clone(), exps });
+        }
+    }
+
+    /// Writes the slice's gradient of `rows` from their merged statistics: from the kept
+    /// exponentials, or re-reading the logits.
+    pub fn grad<L: Logit, G: Logit>(
+        &mut self,
+        plan: &Plan,
+        rows: &Rows<'_>,
+        merged: &[RowStats],
+        dest: Dest<'_, L, G>,
+    ) {
+        let mut kept = self.take(&rows.key);
+        self.write_from(plan, rows, merged, dest, kept.as_deref_mut());
+        self.pool.append(&mut kept.unwrap_or_default());
+    }
+
+    /// [`grad`](Self::grad) of `done` and [`stats`](Self::stats) of `next` in one parallel
+    /// pass (the writes of one chunk beside the reads of the next, one fork-join instead of two).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grad_and_stats<L: Logit, G: Logit>(
+        &mut self,
+        plan: &Plan,
+        done: &Rows<'_>,
+        merged: &[RowStats],
+        dest: Dest<'_, L, G>,
+        next: &Rows<'_>,
+        next_logits: &[L],
+        next_out: &mut [RowStats],
+    ) {
+        let mut kept = self.take(&done.key);
+        let mut exps = self.alloc(&next.key, next.len());
+        let this = &*self;
+        rayon::join(
+            || this.write_from(plan, done, merged, dest, kept.as_deref_mut()),
+            || this.stats_into(plan, next, next_logits, next_out, exps.as_deref_mut()),
+        );
+        if let Some(exps) = exps {
+            self.kept.push(Kept { key: next.key.clone(), exps });
+        }
+        self.pool.append(&mut kept.unwrap_or_default());
+    }
+
+    /// The statistics pass over `rows`, exponentials into `exps` when given (one per row).
+    fn stats_into<L: Logit>(
+        &self,
+        plan: &Plan,
+        rows: &Rows<'_>,
+        logits: &[L],
+        out: &mut [RowStats],
+        exps: Option<&mut [RowExps]>,
+    ) {
         let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
-        let rpt = rows_per_task(n, len);
-        let mut parts: Vec<Option<&mut [RowExps]>> = match keep {
-            true => exps.chunks_mut(rpt).map(Some).collect(),
-            false => (0..n.div_ceil(rpt)).map(|_| None).collect(),
-        };
+        let rpt = rows_per_task(rows.len(), len);
+        let mut parts = task_parts(exps, rows.len(), rpt);
         let tasks = out.par_chunks_mut(rpt).zip(logits.par_chunks(rpt * len)).zip(parts.par_iter_mut()).enumerate();
         tasks.for_each_init(
             || Scratch::new(m),
             |s, (task, ((out, src), ex))| {
                 for (i, (o, row)) in out.iter_mut().zip(src.chunks_exact(len)).enumerate() {
-                    let r = rows.start + task * rpt + i;
-                    let Some(y) = target_of(plan, r) else {
+                    let Some(y) = target_of(plan, rows.sel.global(task * rpt + i)) else {
                         *o = RowStats::EMPTY;
                         continue;
                     };
@@ -153,58 +249,28 @@ impl SplitCpu {
                 }
             },
         );
-        if keep {
-            self.kept.push(Kept { rows, exps });
-        }
     }
 
-    /// The kept exponentials of exactly `rows`, if any (taken out of the kept set).
-    fn take(&mut self, rows: &Range<usize>) -> Option<Vec<RowExps>> {
-        let i = self.kept.iter().position(|c| c.rows == *rows)?;
-        Some(self.kept.swap_remove(i).exps)
-    }
-
-    /// Writes the slice's gradient of plan rows `rows` into `out` (`len` columns per row) from
-    /// their merged statistics: from the kept exponentials, or re-reading `logits`.
-    pub fn grad<L: Logit, G: Logit>(
-        &mut self,
+    /// The gradient pass over `rows`, from `exps` when given (one per row), else recomputing
+    /// the exponentials from the logits.
+    fn write_from<L: Logit, G: Logit>(
+        &self,
         plan: &Plan,
-        rows: Range<usize>,
-        merged: &[RowStats],
-        logits: &[L],
-        out: &mut [G],
-    ) {
-        self.write(plan, rows, merged, Dest::Into(logits, out));
-    }
-
-    /// [`grad`](Self::grad) written over the logits themselves.
-    pub fn grad_in_place<L: Logit>(&mut self, plan: &Plan, rows: Range<usize>, merged: &[RowStats], logits: &mut [L]) {
-        self.write::<L, L>(plan, rows, merged, Dest::InPlace(logits));
-    }
-
-    fn write<L: Logit, G: Logit>(
-        &mut self,
-        plan: &Plan,
-        rows: Range<usize>,
+        rows: &Rows<'_>,
         merged: &[RowStats],
         dest: Dest<'_, L, G>,
+        exps: Option<&mut [RowExps]>,
     ) {
-        let kept = self.take(&rows);
         let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
         let stream = self.rows * len * G::DTYPE.size() >= STREAM_MIN_BYTES;
-        let n = rows.len();
-        let rpt = rows_per_task(n, len);
-        let mut kept = kept.unwrap_or_default();
-        let mut parts: Vec<Option<&mut [RowExps]>> = match kept.is_empty() {
-            false => kept.chunks_mut(rpt).map(Some).collect(),
-            true => (0..n.div_ceil(rpt)).map(|_| None).collect(),
-        };
+        let rpt = rows_per_task(rows.len(), len);
+        let mut parts = task_parts(exps, rows.len(), rpt);
         let row_task =
             |task: usize, out: &mut [G], src: Option<&[L]>, ex: &mut Option<&mut [RowExps]>, s: &mut Scratch| {
                 // rows whose exponentials were not kept recompute them (an empty `RowExps` says so)
                 let mut none = RowExps { exps: Vec::new(), chain: Vec::new(), shifts: Vec::new() };
                 for (i, o) in out.chunks_exact_mut(len).enumerate() {
-                    let r = rows.start + task * rpt + i;
+                    let r = rows.sel.global(task * rpt + i);
                     let Some(y) = target_of(plan, r) else {
                         zero(k, o, stream);
                         continue;
@@ -233,14 +299,13 @@ impl SplitCpu {
             }
         }
         k.fence();
-        self.pool.append(&mut kept);
     }
 }
 
-/// Where [`SplitCpu::write`] puts the gradient.
-enum Dest<'a, L, G> {
-    /// Into a buffer, the logits beside it.
-    Into(&'a [L], &'a mut [G]),
-    /// Over the logits (then `L` is `G`).
-    InPlace(&'a mut [G]),
+/// Each task's part of the row buffers (`None` for every task when nothing is kept).
+fn task_parts(exps: Option<&mut [RowExps]>, n: usize, rpt: usize) -> Vec<Option<&mut [RowExps]>> {
+    match exps {
+        Some(e) => e.chunks_mut(rpt).map(Some).collect(),
+        None => (0..n.div_ceil(rpt)).map(|_| None).collect(),
+    }
 }

@@ -2,10 +2,13 @@
 //! the caller's [`Collective`]s, chunk by chunk.
 
 use super::{check_tiling, Collective, ShardedLoss, Solo, VocabSlice};
+use crate::cpu::split::Dest as Fused;
+use crate::cpu::RowStats;
 use crate::dtype::{Logit, TokenId};
 use crate::error::{Error, Result};
 use crate::spec::{check_len, LossOutput, LossSpec, Shape, Tokens};
 use crate::Grad;
+use std::ops::Range;
 
 /// Bytes of `f32` exponentials a chunk of rows keeps between its statistics and gradient steps:
 /// small enough to stay in the last-level cache of a CPU (several MiB) while the exchange runs.
@@ -57,9 +60,9 @@ pub fn default_chunk_rows(vocab: usize, ranks: usize) -> usize {
 /// vocabulary group, the same samples), as with any collective.
 #[derive(Clone, Copy)]
 pub struct Sharded<'a> {
-    slice: VocabSlice,
-    vocab_group: &'a dyn Collective,
-    data_group: &'a dyn Collective,
+    pub(super) slice: VocabSlice,
+    pub(super) vocab_group: &'a dyn Collective,
+    pub(super) data_group: &'a dyn Collective,
     chunk_rows: Option<usize>,
 }
 
@@ -142,6 +145,20 @@ impl<'a> Sharded<'a> {
         self.run::<L, I>(spec, shape, Src::Write(logits), tokens, Dest::Skip, None)
     }
 
+    /// Each group's rank is within its size, and a vocabulary group of one holds the whole
+    /// vocabulary (larger groups check that their slices tile it in their first exchange).
+    pub(super) fn check_groups(&self) -> Result<()> {
+        for g in [self.vocab_group, self.data_group] {
+            if g.size() == 0 || g.rank() >= g.size() {
+                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
+            }
+        }
+        if self.vocab_group.size() == 1 {
+            check_tiling(&[(self.slice.start(), self.slice.len())], self.slice.vocab())?;
+        }
+        Ok(())
+    }
+
     fn run<L: Logit, I: TokenId>(
         &self,
         spec: &LossSpec,
@@ -152,15 +169,11 @@ impl<'a> Sharded<'a> {
         token_loss: Option<&mut [f32]>,
     ) -> Result<LossOutput> {
         let (vg, dg) = (self.vocab_group, self.data_group);
-        for g in [vg, dg] {
-            if g.size() == 0 || g.rank() >= g.size() {
-                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
-            }
-        }
         let slice = self.slice;
         if slice.vocab() != shape.vocab() {
             return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
         }
+        self.check_groups()?;
         let (rows, len) = (shape.rows(), slice.len());
         check_len("logits", src.len(), rows * len, shape)?;
         let n = match &dest {
@@ -174,8 +187,9 @@ impl<'a> Sharded<'a> {
         crate::check_token_loss(shape, token_loss.as_deref())?;
         let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
         let wants_grad = !matches!((&src, &dest), (Src::Read(_), Dest::Skip));
+        // (each chunk's exponentials are kept for its gradient; the next chunk's beside them)
         let mut steps =
-            ShardedLoss::new(spec, shape, slice, tokens)?.with_keep_rows(if wants_grad { chunk } else { 0 });
+            ShardedLoss::new(spec, shape, slice, tokens)?.with_keep_rows(if wants_grad { 2 * chunk } else { 0 });
 
         if dg.size() > 1 {
             let mut all = vec![0.0; 2 * dg.size()];
@@ -183,43 +197,41 @@ impl<'a> Sharded<'a> {
             steps.set_batch_totals(&all)?;
         }
 
-        // the first exchange of the vocabulary group also carries each rank's slice, checked
-        let mut check = vg.size() > 1;
-        let mut send = Vec::new();
-        let mut recv = Vec::new();
-        for r0 in (0..rows).step_by(chunk.max(1)) {
-            let r = r0..(r0 + chunk).min(rows);
+        // chunk k's exchange, merge, then its gradient beside chunk k + 1's statistics (one
+        // parallel pass); the first exchange also carries each rank's slice, checked to tile
+        let chunks: Vec<Range<usize>> = (0..rows).step_by(chunk.max(1)).map(|r0| r0..(r0 + chunk).min(rows)).collect();
+        let mut ex = Exchange::new(vg, slice);
+        if let Some(c0) = chunks.first() {
+            let n = steps.partials_len(c0.len());
+            steps.partials(c0.clone(), src.rows(c0, len), ex.buffer(n))?;
+        }
+        for (k, r) in chunks.iter().enumerate() {
             let n = steps.partials_len(r.len());
-            let extra = if check { 2 } else { 0 };
-            send.resize(n + extra, 0.0);
-            steps.partials(r.clone(), src.rows(&r, len), &mut send[..n])?;
-            let stride = n + extra;
-            let gathered: &[f64] = if vg.size() > 1 {
-                if check {
-                    (send[n], send[n + 1]) = (slice.start() as f64, slice.len() as f64);
-                }
-                recv.resize(stride * vg.size(), 0.0);
-                vg.all_gather_f64(&send, &mut recv)?;
-                if check {
-                    let slices: Vec<(usize, usize)> =
-                        recv.chunks_exact(stride).map(|w| (w[n] as usize, w[n + 1] as usize)).collect();
-                    check_tiling(&slices, shape.vocab())?;
-                    check = false;
-                }
-                &recv
-            } else {
-                &send
+            let merged = {
+                let (gathered, stride) = ex.gather(n)?;
+                steps.merge(r, gathered, Some(stride))?
             };
-            let merged = steps.merge(&r, gathered, Some(stride))?;
-            match (&mut src, &mut dest) {
-                (Src::Write(logits), _) => steps.grad_in_place(r.clone(), &merged, &mut logits[r0 * len..r.end * len]),
-                (Src::Read(logits), Dest::Into(g)) => {
-                    steps.grad_into(r.clone(), &merged, &logits[r0 * len..r.end * len], &mut g[r0 * len..r.end * len])
+            let next = chunks.get(k + 1).cloned();
+            let span = r.start * len..r.end * len;
+            match (&mut src, &mut dest, next) {
+                (Src::Read(_), Dest::Skip, Some(nx)) => {
+                    let n1 = steps.partials_len(nx.len());
+                    steps.partials(nx.clone(), src.rows(&nx, len), ex.buffer(n1))?;
                 }
-                (Src::Read(logits), Dest::IntoF32(g)) => {
-                    steps.grad_into(r.clone(), &merged, &logits[r0 * len..r.end * len], &mut g[r0 * len..r.end * len])
+                (Src::Read(_), Dest::Skip, None) => {}
+                (Src::Write(logits), _, nx) => {
+                    let (done, rest) = logits.split_at_mut(r.end * len);
+                    let next = nx.map(|nx| (nx.clone(), &rest[..nx.len() * len]));
+                    step(&mut steps, &mut ex, r, &merged, Fused::InPlace(&mut done[span]), next);
                 }
-                (Src::Read(_), Dest::Skip) => {}
+                (Src::Read(logits), Dest::Into(g), nx) => {
+                    let next = nx.map(|nx| (nx.clone(), &logits[nx.start * len..nx.end * len]));
+                    step(&mut steps, &mut ex, r, &merged, Fused::Into(&logits[span.clone()], &mut g[span]), next);
+                }
+                (Src::Read(logits), Dest::IntoF32(g), nx) => {
+                    let next = nx.map(|nx| (nx.clone(), &logits[nx.start * len..nx.end * len]));
+                    step(&mut steps, &mut ex, r, &merged, Fused::Into(&logits[span.clone()], &mut g[span]), next);
+                }
             }
         }
 
@@ -233,6 +245,69 @@ impl<'a> Sharded<'a> {
             ShardedLoss::combine_loss(&mut out, &all)?;
         }
         Ok(out)
+    }
+}
+
+/// One chunk's gradient from its merged statistics, beside the next chunk's statistics into the
+/// exchange's send buffer when there is a next chunk.
+fn step<L: Logit, G: Logit>(
+    steps: &mut ShardedLoss,
+    ex: &mut Exchange<'_>,
+    r: &Range<usize>,
+    merged: &[RowStats],
+    dest: Fused<'_, L, G>,
+    next: Option<(Range<usize>, &[L])>,
+) {
+    match next {
+        Some((nx, logits)) => {
+            let n = steps.partials_len(nx.len());
+            steps.grad_and_partials(r.clone(), merged, dest, nx, logits, ex.buffer(n));
+        }
+        None => steps.grad(r.clone(), merged, dest),
+    }
+}
+
+/// The vocabulary group's exchange of one chunk: this rank's words (plus its slice, the first
+/// time, checked to tile the vocabulary) gathered in rank order.
+pub(super) struct Exchange<'a> {
+    group: &'a dyn Collective,
+    slice: VocabSlice,
+    check: bool,
+    send: Vec<f64>,
+    recv: Vec<f64>,
+}
+
+impl<'a> Exchange<'a> {
+    pub(super) fn new(group: &'a dyn Collective, slice: VocabSlice) -> Self {
+        Exchange { group, slice, check: group.size() > 1, send: Vec::new(), recv: Vec::new() }
+    }
+
+    /// The send buffer for `n` words.
+    pub(super) fn buffer(&mut self, n: usize) -> &mut [f64] {
+        self.send.resize(n + if self.check { 2 } else { 0 }, 0.0);
+        &mut self.send[..n]
+    }
+
+    /// Every rank's `n` words (the send buffer itself in a group of one), and the stride
+    /// between ranks.
+    pub(super) fn gather(&mut self, n: usize) -> Result<(&[f64], usize)> {
+        let size = self.group.size();
+        if size == 1 {
+            return Ok((&self.send[..n], n));
+        }
+        let stride = self.send.len();
+        if self.check {
+            (self.send[n], self.send[n + 1]) = (self.slice.start() as f64, self.slice.len() as f64);
+        }
+        self.recv.resize(stride * size, 0.0);
+        self.group.all_gather_f64(&self.send, &mut self.recv)?;
+        if self.check {
+            let slices: Vec<(usize, usize)> =
+                self.recv.chunks_exact(stride).map(|w| (w[n] as usize, w[n + 1] as usize)).collect();
+            check_tiling(&slices, self.slice.vocab())?;
+            self.check = false;
+        }
+        Ok((&self.recv, stride))
     }
 }
 

@@ -40,6 +40,9 @@
 //!
 //! - [`Sharded`] (host buffers): one call that runs the steps below and the exchanges through a
 //!   [`Collective`] of each group;
+//! - [`Sharded::linear_loss_and_grad`] (host buffers): the fused linear path with this rank's
+//!   rows of the output weight (the same exchange per chunk of token rows; `d hidden` comes back
+//!   as this rank's part, to be summed over the vocabulary group);
 //! - [`ShardedLoss`] (host buffers): the steps themselves, on ranges of rows, for a driver that
 //!   owns its communication (the Python package drives them with `torch.distributed`);
 //! - `cuda::split` (feature `cuda`): the same steps on device buffers, and an NCCL collective
@@ -56,6 +59,7 @@
 //! flight (two chunks kept at once, within the default budget).
 
 mod call;
+mod linear;
 mod steps;
 
 pub use call::{default_chunk_rows, Sharded};
@@ -208,4 +212,14 @@ pub fn check_tiling(slices: &[(usize, usize)], vocab: usize) -> Result<()> {
 /// bits on every rank).
 fn sum_in_rank_order(gathered: &[f64], stride: usize, i: usize) -> f64 {
     gathered.chunks_exact(stride).fold(0.0, |acc, rank| acc + rank[i])
+}
+
+/// The reduction's denominator from a data group's all-gathered `[B, Σ w_b]` pairs, summed in
+/// rank order: the global `B`, the global `Σ w_b`, or 1.
+fn denominator(reduction: crate::Reduction, gathered: &[f64]) -> f64 {
+    match reduction {
+        crate::Reduction::Mean => sum_in_rank_order(gathered, 2, 0),
+        crate::Reduction::WeightedMean => sum_in_rank_order(gathered, 2, 1),
+        crate::Reduction::Sum => 1.0,
+    }
 }

@@ -1,11 +1,11 @@
 //! The split as steps on host buffers, driven by the caller's exchange.
 
 use super::{sum_in_rank_order, VocabSlice};
-use crate::cpu::split::{encode, merge_row, words, SplitCpu};
+use crate::cpu::split::{encode, merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::RowStats;
 use crate::dtype::{Logit, TokenId};
 use crate::error::{Error, Result};
-use crate::spec::{check_len, LossOutput, LossSpec, Plan, Reduction, RowLosses, Shape, Tokens, NO_TARGET};
+use crate::spec::{check_len, LossOutput, LossSpec, Plan, RowLosses, Shape, Tokens, NO_TARGET};
 use crate::Backend;
 use std::ops::Range;
 
@@ -148,12 +148,7 @@ impl ShardedLoss {
         if self.grad_written {
             return Err(Error::StepOrder("set_batch_totals after a gradient was written"));
         }
-        let denom = match self.spec.reduction {
-            Reduction::Mean => sum_in_rank_order(gathered, 2, 0),
-            Reduction::WeightedMean => sum_in_rank_order(gathered, 2, 1),
-            Reduction::Sum => 1.0,
-        };
-        self.plan.set_denominator(denom, self.spec.grad_scale);
+        self.plan.set_denominator(super::denominator(self.spec.reduction, gathered), self.spec.grad_scale);
         Ok(())
     }
 
@@ -183,11 +178,59 @@ impl ShardedLoss {
             return Err(Error::ExchangeLength { what: "partials buffer", expected, got: out.len() });
         }
         let mut st = vec![RowStats::EMPTY; rows.len()];
-        self.cpu.stats(&self.plan, rows, logits, &mut st, true);
+        self.cpu.stats(&self.plan, &Rows::range(rows), logits, &mut st, true);
+        self.encode_all(&st, out);
+        Ok(())
+    }
+
+    fn encode_all(&self, st: &[RowStats], out: &mut [f64]) {
         for (s, o) in st.iter().zip(out.chunks_exact_mut(self.words)) {
             encode(s, o);
         }
+    }
+
+    /// A pipelined driver's step: [`finish_rows_grad`](Self::finish_rows_grad) of rows `done`
+    /// and [`partials`](Self::partials) of rows `next` in one parallel pass (one chunk's
+    /// gradient writes beside the next chunk's reads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_rows_grad_then_partials<L: Logit, G: Logit>(
+        &mut self,
+        done: Range<usize>,
+        gathered: &[f64],
+        logits: &[L],
+        grad: &mut [G],
+        next: Range<usize>,
+        next_logits: &[L],
+        next_out: &mut [f64],
+    ) -> Result<()> {
+        self.check_rows(&done, "logits", logits.len(), self.slice.len())?;
+        self.check_rows(&done, "gradient", grad.len(), self.slice.len())?;
+        self.check_rows(&next, "logits", next_logits.len(), self.slice.len())?;
+        if next_out.len() != self.partials_len(next.len()) {
+            let expected = self.partials_len(next.len());
+            return Err(Error::ExchangeLength { what: "partials buffer", expected, got: next_out.len() });
+        }
+        let merged = self.merge(&done, gathered, None)?;
+        self.grad_and_partials(done, &merged, Dest::Into(logits, grad), next, next_logits, next_out);
         Ok(())
+    }
+
+    /// The gradient of rows `done` (merged) beside the statistics of rows `next` (buffers
+    /// checked by the caller).
+    pub(crate) fn grad_and_partials<L: Logit, G: Logit>(
+        &mut self,
+        done: Range<usize>,
+        merged: &[RowStats],
+        dest: Dest<'_, L, G>,
+        next: Range<usize>,
+        next_logits: &[L],
+        next_out: &mut [f64],
+    ) {
+        self.grad_written = true;
+        let mut st = vec![RowStats::EMPTY; next.len()];
+        let (done, next) = (Rows::range(done), Rows::range(next));
+        self.cpu.grad_and_stats(&self.plan, &done, merged, dest, &next, next_logits, &mut st);
+        self.encode_all(&st, next_out);
     }
 
     /// Merges the all-gathered statistics of rows `rows` (every rank's
@@ -212,7 +255,7 @@ impl ShardedLoss {
         self.check_rows(&rows, "logits", logits.len(), self.slice.len())?;
         self.check_rows(&rows, "gradient", grad.len(), self.slice.len())?;
         let merged = self.merge(&rows, gathered, None)?;
-        self.grad_into(rows, &merged, logits, grad);
+        self.grad(rows, &merged, Dest::Into(logits, grad));
         Ok(())
     }
 
@@ -225,26 +268,14 @@ impl ShardedLoss {
     ) -> Result<()> {
         self.check_rows(&rows, "logits", logits.len(), self.slice.len())?;
         let merged = self.merge(&rows, gathered, None)?;
-        self.grad_in_place(rows, &merged, logits);
+        self.grad::<L, L>(rows, &merged, Dest::InPlace(logits));
         Ok(())
     }
 
     /// The gradient of rows `rows` from their merged statistics (buffers checked by the caller).
-    pub(crate) fn grad_into<L: Logit, G: Logit>(
-        &mut self,
-        rows: Range<usize>,
-        merged: &[RowStats],
-        logits: &[L],
-        grad: &mut [G],
-    ) {
+    pub(crate) fn grad<L: Logit, G: Logit>(&mut self, rows: Range<usize>, merged: &[RowStats], dest: Dest<'_, L, G>) {
         self.grad_written = true;
-        self.cpu.grad(&self.plan, rows, merged, logits, grad);
-    }
-
-    /// [`grad_into`](Self::grad_into) over the logits.
-    pub(crate) fn grad_in_place<L: Logit>(&mut self, rows: Range<usize>, merged: &[RowStats], logits: &mut [L]) {
-        self.grad_written = true;
-        self.cpu.grad_in_place(&self.plan, rows, merged, logits);
+        self.cpu.grad(&self.plan, &Rows::range(rows), merged, dest);
     }
 
     /// Merges the rows' statistics from `gathered`, in which rank `r`'s words start at
@@ -262,15 +293,10 @@ impl ShardedLoss {
             let expected = stride.max(n * w) * (gathered.len() / stride.max(1)).max(1);
             return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.len() });
         }
-        let mut merged = vec![RowStats::EMPTY; n];
+        let merged = merge_rows(&self.cpu.m, gathered, stride, w, n);
         for (i, r) in rows.clone().enumerate() {
-            if self.plan.targets[r] == NO_TARGET {
-                (self.losses.loss[r], self.losses.z[r]) = (0.0, 0.0);
-            } else {
-                let parts = gathered.chunks_exact(stride.max(1)).map(|rank| &rank[i * w..(i + 1) * w]);
-                merged[i] = merge_row(&self.cpu.m, parts);
-                (self.losses.loss[r], self.losses.z[r]) = self.cpu.m.loss(&merged[i]);
-            }
+            (self.losses.loss[r], self.losses.z[r]) =
+                if self.plan.targets[r] == NO_TARGET { (0.0, 0.0) } else { self.cpu.m.loss(&merged[i]) };
             if !std::mem::replace(&mut self.finished[r], true) {
                 self.missing -= 1;
             }
