@@ -13,7 +13,8 @@
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
 #                                       # (benches/sweep_cuda.py), the Python package's CUDA tests
-#                                       # (FWL_REQUIRE_CUDA=1) and its per-call overhead, the fused
+#                                       # (FWL_REQUIRE_CUDA=1), its per-call overhead and its fused linear
+#                                       # entry against F.linear + the course function, the fused
 #                                       # linear table (benches/compare_linear.py: N=8192 H=4096 V=128256
 #                                       # bf16 against torch eager on hidden@W^T and Liger-Kernel's fused
 #                                       # linear cross-entropy + the weighting, time and peak memory), then
@@ -129,6 +130,9 @@ run() {
       timeout 60 python3 benches/python_overhead.py --device cuda --shape 32x128x50000 --dtype "$dt" \
         --json "${OUT:-/tmp}/gpu-overhead-$dt.json" || fail=1
     done
+    step "Python package: weighted_linear_loss vs F.linear + the course function, same tensors (benches/python_linear.py)"
+    timeout 120 python3 benches/python_linear.py --device cuda --tokens 8x1024 --hidden 4096 --vocab 128256 \
+      --dtype bf16 --iters 10 --rounds 2 --json "${OUT:-/tmp}/gpu-python-linear.json" || fail=1
   else
     echo "no installable fused_weighted_loss wheel in $bundle/wheels (run prepare)"; fail=1
   fi

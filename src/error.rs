@@ -217,6 +217,16 @@ pub enum Error {
     /// A collective (an all-gather between ranks) failed or is not available.
     #[error("collective communication failed: {0}")]
     Collective(String),
+    /// A fused linear input (hidden states, weight) has a rank it cannot have.
+    #[error("{what} must be {expected}, got rank {} {dims:?}", dims.len())]
+    InputRank {
+        /// `"hidden"` or `"weight"`.
+        what: &'static str,
+        /// The accepted layouts, in words.
+        expected: &'static str,
+        /// The dimensions that were given.
+        dims: Vec<usize>,
+    },
     /// `hidden == 0` in a fused linear call.
     #[error("hidden size is 0")]
     EmptyHidden,

@@ -12,6 +12,12 @@ and its gradient in one fused pass over the logits, on CPU and CUDA tensors, wit
                         token_weights=batch["attention_mask"].float(), return_token_loss=True)
     out.loss.backward()   # out.z_loss, out.token_loss [B, T-1]: detached, for logging
 
+Where the logits would not fit (an LLM's vocabulary), the fused linear entry takes the last
+hidden states and the output weight instead, and never builds them:
+
+    loss = weighted_linear_loss(hidden, model.lm_head.weight, batch["input_ids"],
+                                keywords=keytoken_ids)   # gradients to hidden and the weight
+
 The forward computes the loss and the gradient w.r.t. the logits together and keeps the
 gradient (one tensor of the logits' shape and dtype) until the backward, which scales it by the
 upstream gradient in place. When the logits do not require a gradient (or under
@@ -23,6 +29,8 @@ import torch
 from torch import Tensor
 
 from . import _native
+from ._linear import _check_devices as _check_linear_devices
+from ._linear import _linear_op, linear_mode_string
 from ._ops import _check_devices, _loss_op, mode_string
 
 __version__ = _native.__version__
@@ -30,6 +38,7 @@ __version__ = _native.__version__
 __all__ = [
     "keytoken_weighted_loss",
     "weighted_loss",
+    "weighted_linear_loss",
     "LossOutput",
     "cuda_available",
     "cuda_unavailable_reason",
@@ -215,6 +224,99 @@ def _sharded(logits, ids, labels, token_weights, process_group, data_group, voca
     return loss
 
 
+def _optional_int(name, value):
+    if value is None:
+        return None
+    try:
+        return int(value.__index__())
+    except (AttributeError, TypeError):
+        raise TypeError(f"{name} must be an int or None, got {value!r}") from None
+
+
+def weighted_linear_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    ids: Tensor,
+    *,
+    labels: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    keywords: Iterable[int] = (),
+    keyword_weights: Optional[Sequence[float]] = None,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    row_mean: str = "all",
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    token_weights: Optional[Tensor] = None,
+    chunk_rows: Optional[int] = None,
+    chunk_budget: Optional[int] = None,
+    accumulate_f32: bool = True,
+    check_finite: bool = False,
+    check_ids: bool = False,
+    return_per_sample: bool = False,
+):
+    """:func:`weighted_loss` of the logits ``hidden @ weight.T + bias``, computed without ever
+    holding them: the last hidden states ``hidden`` ([B, T, H] or [B*T, H]), the output weight
+    ``weight`` ([V, H]: an ``nn.Linear(H, V)`` head's weight, or a tied input embedding) and an
+    optional ``bias`` [V], all float32, float16 or bfloat16 alike; ``ids`` (and ``labels``,
+    ``token_weights``) [B, T] as for :func:`weighted_loss`, whose options this takes too.
+
+    The forward cuts the B*T token rows into chunks, and per chunk computes the chunk's logits
+    (float32), turns them into their gradient in place, and adds the chunk's part of the
+    gradients of hidden, weight and bias, for those of them that require a gradient; the
+    backward only scales those gradients by the upstream gradient. Memory beyond inputs and
+    gradients: the chunk buffers (a fixed budget: 12 MiB per CPU thread, 96 MiB on CUDA) instead
+    of the B*T*V logits and their gradient. ``chunk_rows`` (rows per chunk) or ``chunk_budget``
+    (bytes of chunk buffers) sets the chunking instead; the results do not depend on it beyond
+    rounding. With 16-bit inputs the gradients of weight and bias are summed over the chunks in
+    float32 and rounded once (``accumulate_f32=False``: in their own dtype, once per chunk,
+    which saves a float32 copy of the weight's size during the forward).
+
+    A tied embedding (``weight`` also the input embedding's weight) needs nothing special: the op
+    returns this loss's part of the weight's gradient and autograd adds the embedding's.
+
+    Returns the float32 0-d loss, or with ``return_per_sample=True`` a :class:`LossOutput`
+    (``token_loss`` None). Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's
+    message; CUDA tensors as in :func:`weighted_loss` (``check_ids``).
+    """
+    named = dict(weight=weight, ids=ids)
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch tensor")
+    if not isinstance(hidden, Tensor):
+        raise TypeError("hidden must be a torch tensor")
+    for name, t in (("bias", bias), ("labels", labels), ("token_weights", token_weights)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch tensor or None")
+    _check_linear_devices(hidden, dict(named, bias=bias, labels=labels, token_weights=token_weights))
+    kw, kww = _keyword_lists(keywords, keyword_weights)
+    grad_on = torch.is_grad_enabled()
+    grads = "".join(flag for flag, t in zip("hwb", (hidden, weight, bias))
+                    if grad_on and t is not None and t.requires_grad)
+    loss, per, weights, z, *_ = _linear_op(
+        hidden.contiguous(),
+        weight.contiguous(),
+        bias.contiguous() if bias is not None else None,
+        ids.contiguous(),
+        labels.contiguous() if labels is not None else None,
+        token_weights.detach().contiguous() if token_weights is not None else None,
+        kw,
+        kww,
+        linear_mode_string(str(row_mean), str(reduction), grads, bool(return_per_sample), bool(check_ids),
+                           bool(check_finite), accumulate_f32=bool(accumulate_f32),
+                           chunk_rows=_optional_int("chunk_rows", chunk_rows),
+                           chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=float(alpha),
+                           ignore_index=int(ignore_index), z_loss=float(z_loss),
+                           label_smoothing=float(label_smoothing),
+                           softcap=None if softcap is None else float(softcap)),
+    )
+    if return_per_sample:
+        return LossOutput(loss, per, weights, z, None)
+    return loss
+
+
 def keytoken_weighted_loss(inputs: Tensor, logits: Tensor, keytoken_ids: Iterable[int], alpha: float = 1.0) -> Tensor:
     """The Hugging Face course's ``keytoken_weighted_loss(inputs, logits, keytoken_ids, alpha)``:
     shifted next-token cross-entropy, mean per sample, each sample weighted by
@@ -240,9 +342,3 @@ def cuda_unavailable_reason() -> Optional[str]:
 def cuda_available() -> bool:
     """Whether CUDA tensors can be passed (a ``cuda`` build, a driver and a device)."""
     return cuda_unavailable_reason() is None
-
-
-# The fused-linear entry point, ``weighted_linear_loss(hidden, weight, ids, ..., bias=None)`` with
-# gradients to hidden, weight and bias, belongs here once the crate has its fused linear API: a
-# third custom op in _ops.py (forward returning the loss and the three gradients, the same
-# scale-in-place backward), and a wrapper beside weighted_loss above.

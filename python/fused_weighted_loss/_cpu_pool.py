@@ -8,7 +8,9 @@ from a small pool: a block is handed out again only when no tensor other than th
 uses its storage any more (the previous step's gradient was dropped, e.g. by
 ``optimizer.zero_grad()``); a gradient someone still holds is never reused.
 
-At most two blocks are kept. ``FWL_CPU_GRAD_POOL=0`` in the environment turns the pool off.
+At most four blocks are kept (the fused linear loss uses three at once with 16-bit inputs:
+``d hidden``, the float32 ``d weight`` it accumulates and the ``d weight`` it returns).
+``FWL_CPU_GRAD_POOL=0`` in the environment turns the pool off.
 """
 import os
 import threading
@@ -16,7 +18,7 @@ import threading
 import torch
 
 _MIN_BYTES = 1 << 20
-_KEEP = 2
+_KEEP = 4
 
 _lock = threading.Lock()
 _blocks = []  # flat uint8 tensors, the most recently handed out last
@@ -36,29 +38,30 @@ def _free_count():
 _FREE = _free_count()
 
 
-def _as(block, nbytes, like):
-    return block[:nbytes].view(like.dtype).view(like.shape)
+def _as(block, nbytes, like, dtype):
+    return block[:nbytes].view(dtype).view(like.shape)
 
 
-def empty_like(like):
-    """An uninitialised contiguous CPU tensor of ``like``'s shape and dtype, from the pool when
-    it is large."""
-    nbytes = like.numel() * like.element_size()
+def empty_like(like, dtype=None):
+    """An uninitialised contiguous CPU tensor of ``like``'s shape and dtype (or ``dtype``), from
+    the pool when it is large."""
+    dtype = like.dtype if dtype is None else dtype
+    nbytes = like.numel() * dtype.itemsize
     if _FREE is None or nbytes < _MIN_BYTES or like.device.type != "cpu":
-        return torch.empty_like(like, memory_format=torch.contiguous_format)
+        return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
     with _lock:
         for i, block in enumerate(_blocks):
             if nbytes <= block.numel() <= 2 * nbytes and _storage_uses(block) == _FREE:
                 _blocks.append(_blocks.pop(i))
-                return _as(block, nbytes, like)
+                return _as(block, nbytes, like, dtype)
         block = torch.empty(nbytes, dtype=torch.uint8)
         if len(_blocks) >= _KEEP:
             free = [i for i, b in enumerate(_blocks) if _storage_uses(b) == _FREE]
             if not free:
-                return _as(block, nbytes, like)  # every kept block is in use: this one is not kept
+                return _as(block, nbytes, like, dtype)  # every kept block is in use: this one is not kept
             del _blocks[free[0]]
         _blocks.append(block)
-        return _as(block, nbytes, like)
+        return _as(block, nbytes, like, dtype)
 
 
 def clear():

@@ -32,17 +32,21 @@ def _ptr(t: Optional[Tensor]) -> int:
     return t.data_ptr() if t is not None and t.numel() > 0 else 0
 
 
+def _check_same_device(first: str, x: Tensor, named: Dict[str, Optional[Tensor]]) -> None:
+    """Every tensor of ``named`` (None: absent) is on ``x``'s device, the ``first`` one's."""
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, the {first} on {x.device}: they must share a device")
+
+
 def _check_devices(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor]) -> None:
-    for name, t in (("ids", ids), ("labels", labels), ("token_weights", token_weights)):
-        if t is not None and t.device != logits.device:
-            raise ValueError(f"{name} is on {t.device}, the logits on {logits.device}: they must share a device")
+    _check_same_device("logits", logits, {"ids": ids, "labels": labels, "token_weights": token_weights})
 
 
-def _check_tensors(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor]) -> None:
-    """What only torch knows: devices and layouts (shapes, dtypes and values are the crate's to
-    check, with its messages)."""
-    _check_devices(logits, ids, labels, token_weights)
-    for name, t in (("logits", logits), ("ids", ids), ("labels", labels), ("token_weights", token_weights)):
+def _check_layouts(named: Dict[str, Optional[Tensor]]) -> None:
+    """What only torch knows besides devices: CPU or CUDA, dense, contiguous (shapes, dtypes and
+    values are the crate's to check, with its messages)."""
+    for name, t in named.items():
         if t is None:
             continue
         if t.device.type not in ("cpu", "cuda"):
@@ -53,6 +57,11 @@ def _check_tensors(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_
             raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
 
 
+def _check_tensors(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor]) -> None:
+    _check_devices(logits, ids, labels, token_weights)
+    _check_layouts({"logits": logits, "ids": ids, "labels": labels, "token_weights": token_weights})
+
+
 def _device_arg(t: Tensor) -> Optional[Tuple[int, int]]:
     """None for CPU; (ordinal, torch's current stream) for CUDA."""
     if t.device.type != "cuda":
@@ -61,14 +70,28 @@ def _device_arg(t: Tensor) -> Optional[Tuple[int, int]]:
     return (index, torch.cuda.current_stream(index).cuda_stream)
 
 
-# The scalar options the mode string carries as ``:name=value`` (omitted when at their default).
-_MODE_OPTIONS = {"alpha": float, "ignore_index": int, "z_loss": float, "label_smoothing": float, "softcap": float}
+# The scalar options a mode string carries as ``:name=value`` (omitted when at their default):
+# name -> (type, default).
+_MODE_OPTIONS = {"alpha": (float, 1.0), "ignore_index": (int, -100), "z_loss": (float, 0.0),
+                 "label_smoothing": (float, 0.0), "softcap": (float, None)}
+
+
+def _mode(row_mean: str, reduction: str, flags: str, options: Dict[str, object], kinds=None) -> str:
+    """``row_mean:reduction:flags``, then ``:name=value`` for each option of ``options`` not at
+    its default in ``kinds`` (floats as Python's ``repr``, which reads back exactly)."""
+    kinds = _MODE_OPTIONS if kinds is None else kinds
+    mode = f"{row_mean}:{reduction}:{flags}"
+    for name, value in options.items():
+        # `!=` is True for NaN: passed on, for the crate to reject
+        if value is not None and value != kinds[name][1]:
+            mode += f":{name}={value!r}"
+    return mode
 
 
 def mode_string(row_mean: str, reduction: str, compute_grad: bool, per_sample: bool, check_ids: bool,
                 check_finite: bool, *, token_loss: bool = False, alpha: float = 1.0, ignore_index: int = -100,
                 z_loss: float = 0.0, label_smoothing: float = 0.0, softcap: Optional[float] = None) -> str:
-    """The op's last argument: ``row_mean:reduction:flags``, then ``:name=value`` for each
+    """The loss op's last argument: ``row_mean:reduction:flags``, then ``:name=value`` for each
     scalar option not at its default (``alpha``, ``ignore_index``, ``z_loss``,
     ``label_smoothing``, ``softcap``; floats as Python's ``repr``, which reads back exactly).
     Flags among ``g`` (compute the gradient), ``p`` (per-sample outputs and the z-loss part),
@@ -76,39 +99,37 @@ def mode_string(row_mean: str, reduction: str, compute_grad: bool, per_sample: b
     finiteness). (One string rather than a dozen arguments: the per-call cost of a custom op
     grows with the square of its argument count.)"""
     flags = "g" * compute_grad + "p" * per_sample + "t" * token_loss + "i" * check_ids + "f" * check_finite
-    mode = f"{row_mean}:{reduction}:{flags}"
-    # `!=` is True for NaN: passed on, for the crate to reject
-    if alpha != 1.0:
-        mode += f":alpha={alpha!r}"
-    if ignore_index != -100:
-        mode += f":ignore_index={ignore_index}"
-    if z_loss != 0.0:
-        mode += f":z_loss={z_loss!r}"
-    if label_smoothing != 0.0:
-        mode += f":label_smoothing={label_smoothing!r}"
-    if softcap is not None:
-        mode += f":softcap={softcap!r}"
-    return mode
+    return _mode(row_mean, reduction, flags, dict(alpha=alpha, ignore_index=ignore_index, z_loss=z_loss,
+                                                  label_smoothing=label_smoothing, softcap=softcap))
 
 
-def _parse_mode(mode: str) -> Tuple[str, str, str, Dict[str, float]]:
-    """``(row_mean, reduction, flags, scalar options given)`` of a mode string."""
+def _parse_mode(mode: str, kinds=None) -> Tuple[str, str, str, Dict[str, float]]:
+    """``(row_mean, reduction, flags, scalar options given)`` of a mode string; ``kinds``: the
+    options it may carry (name -> (type, default); the loss op's by default)."""
+    kinds = _MODE_OPTIONS if kinds is None else kinds
     parts = mode.split(":")
     if len(parts) < 3:
         raise ValueError(f"mode must be 'row_mean:reduction:flags[:name=value...]', got {mode!r}")
     options = {}
     for item in parts[3:]:
         name, _, value = item.partition("=")
-        kind = _MODE_OPTIONS.get(name)
+        kind = kinds.get(name, (None,))[0]
         if kind is None or name in options:
             raise ValueError(f"mode {mode!r}: unknown or repeated option {name!r} "
-                             f"(expected {', '.join(_MODE_OPTIONS)})")
+                             f"(expected {', '.join(kinds)})")
         try:
             options[name] = kind(value)
         except ValueError:
             raise ValueError(f"mode {mode!r}: {name} must be {'a float' if kind is float else 'an int'}, "
                              f"got {value!r}") from None
     return parts[0], parts[1], parts[2], options
+
+
+def _native_options(keywords: List[int], keyword_weights: List[float], row_mean: str, reduction: str, flags: str,
+                    opt: Dict[str, float]) -> tuple:
+    """The native module's options tuple (see python/src/lib.rs, ``Options``)."""
+    return (list(keywords), list(keyword_weights), opt.get("alpha", 1.0), opt.get("ignore_index", -100), row_mean,
+            reduction, "f" in flags, opt.get("z_loss", 0.0), opt.get("label_smoothing", 0.0), opt.get("softcap"))
 
 
 def _outputs_like(logits: Tensor, flags: str, grad_alloc) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -156,8 +177,7 @@ def _loss_op(
         (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None,
          _arg(token_weights) if token_weights is not None else None),
         (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), _ptr(z_loss), _ptr(rows)),
-        (list(keywords), list(keyword_weights), opt.get("alpha", 1.0), opt.get("ignore_index", -100), row_mean,
-         reduction, "f" in flags, opt.get("z_loss", 0.0), opt.get("label_smoothing", 0.0), opt.get("softcap")),
+        _native_options(keywords, keyword_weights, row_mean, reduction, flags, opt),
         _device_arg(logits),
         "i" in flags,
     )
@@ -192,12 +212,6 @@ def _scale_grad_fake(grad, scale):
     return None
 
 
-# The fused-linear op (fused_weighted_loss::linear_loss, for weighted_linear_loss) belongs beside
-# the loss op above once the crate has its fused linear API: its forward returns the loss and the
-# gradients of hidden, weight and bias (fake implementation alike), and its backward scales them
-# as _backward below does for the logits' gradient.
-
-
 def _setup_context(ctx, inputs, output):
     loss, per, weights, z_loss, token_loss, grad = output
     ctx.mark_non_differentiable(per, weights, z_loss, token_loss, grad)
@@ -213,11 +227,11 @@ def _host_value(g: Tensor, grad: Tensor) -> Optional[float]:
     return None
 
 
-def _backward(ctx, g_loss, *g_non_differentiable):
-    if g_loss is None:
-        return (None,) * _NUM_INPUTS
+def _kept(ctx) -> Tuple[Tensor, ...]:
+    """The gradients the forward kept (``ctx.saved_tensors``), with a clear error when an
+    earlier backward already scaled them in place."""
     try:
-        (grad,) = ctx.saved_tensors
+        return ctx.saved_tensors
     except RuntimeError as e:
         if "inplace operation" not in str(e):
             raise
@@ -226,18 +240,31 @@ def _backward(ctx, g_loss, *g_non_differentiable):
             "forward (it scales it in place); a second backward through the same graph (retain_graph=True) "
             "is not supported: compute the loss again"
         ) from e
-    if grad.numel() == 0:
-        raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")
+
+
+def _scaled(grads: List[Tensor], g_loss: Tensor) -> List[Tensor]:
+    """The kept gradients times the upstream gradient ``g_loss`` (a 0-d tensor), never read on
+    the host unless it is a CPU value already."""
     if torch.compiler.is_compiling():
         # traced (torch.compile): a functional multiply, which the compiler fuses with whatever
         # follows; scaling the kept gradient in place would make it copy the gradient first
-        return (grad * g_loss,) + (None,) * (_NUM_INPUTS - 1)
-    if _host_value(g_loss, grad) == 1.0:
-        # CPU, upstream gradient 1: the kept gradient is the answer, untouched (so a second
-        # backward through the same graph sees it unchanged)
-        return (grad,) + (None,) * (_NUM_INPUTS - 1)
-    torch.ops.fused_weighted_loss.scale_grad_(grad, g_loss)
-    return (grad,) + (None,) * (_NUM_INPUTS - 1)
+        return [g * g_loss for g in grads]
+    if grads and _host_value(g_loss, grads[0]) == 1.0:
+        # CPU, upstream gradient 1: the kept gradients are the answer, untouched (so a second
+        # backward through the same graph sees them unchanged)
+        return grads
+    for g in grads:
+        torch.ops.fused_weighted_loss.scale_grad_(g, g_loss)
+    return grads
+
+
+def _backward(ctx, g_loss, *g_non_differentiable):
+    if g_loss is None:
+        return (None,) * _NUM_INPUTS
+    (grad,) = _kept(ctx)
+    if grad.numel() == 0:
+        raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")
+    return tuple(_scaled([grad], g_loss)) + (None,) * (_NUM_INPUTS - 1)
 
 
 _loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,8 +1,12 @@
 //! CPU tensors: slices over torch's host memory and the crate's `LossSpec::loss_and_grad` (or
-//! `loss_and_grad_per_token`) on them, with the GIL released while it runs.
+//! `loss_and_grad_per_token`, or `linear_loss_and_grad`) on them, with the GIL released while it
+//! runs.
 
+use crate::linear::LinearRequest;
 use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Options, Request, TensorArg};
-use fused_weighted_loss::{Backend, DType, Grad, Logit, LossSpec, Shape, TokenId, Tokens};
+use fused_weighted_loss::{
+    Backend, DType, Grad, LinearGrads, LinearInputs, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens,
+};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::time::Instant;
@@ -85,6 +89,19 @@ fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>) -> PyResult<()
             None => spec.loss_and_grad(shape, logits, tokens, grad),
         })
         .map_err(to_py)?;
+    write_outputs(&r, loss, per_sample, weights, z_loss);
+    Ok(())
+}
+
+/// The loss, and the per-sample losses, weights and z-loss part where wanted, into the output
+/// tensors.
+fn write_outputs(
+    r: &LossOutput,
+    loss: &mut [f32],
+    per_sample: Option<&mut [f64]>,
+    weights: Option<&mut [f64]>,
+    z_loss: Option<&mut [f64]>,
+) {
     loss[0] = r.loss as f32;
     if let Some(p) = per_sample {
         p.copy_from_slice(&r.per_sample_loss);
@@ -95,6 +112,66 @@ fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>) -> PyResult<()
     if let Some(z) = z_loss {
         z[0] = r.z_loss;
     }
+}
+
+/// See `crate::linear::linear_forward`.
+pub(crate) fn linear_forward(py: Python<'_>, req: &LinearRequest<'_>) -> PyResult<()> {
+    dispatch!(req.types, linear_typed(py, req))
+}
+
+fn linear_typed<L: Logit, I: TokenId>(py: Python<'_>, req: &LinearRequest<'_>) -> PyResult<()> {
+    let (shape, out) = (req.shape, req.out);
+    let (rows, b) = (shape.rows(), shape.batch());
+    let lens = [shape.hidden_len(), shape.weight_len(), shape.vocab()];
+    let names = ["d hidden", "d weight", "d bias"];
+    // SAFETY: as in `typed`: Python passes the data pointers of live, contiguous tensors of these
+    // dtypes and shapes (checked in `LinearInputs::request` and _linear.py), held for the whole
+    // call; the gradients and the outputs are tensors allocated for this call, which nothing
+    // else uses and which overlap no input (the inputs are only read, so hidden, weight and
+    // bias may share memory).
+    let (hidden, weight, bias, ids, labels, token_weights, loss, per_sample, weights, z_loss) = unsafe {
+        (
+            host::slice::<L>(req.hidden.ptr(), shape.hidden_len(), "hidden")?,
+            host::slice::<L>(req.weight.ptr(), shape.weight_len(), "weight")?,
+            req.bias.map(|t| host::slice::<L>(t.ptr(), shape.vocab(), "bias")).transpose()?,
+            host::slice::<I>(req.ids.ptr(), rows, "ids")?,
+            req.labels.map(|l| host::slice::<I>(l.ptr(), rows, "labels")).transpose()?,
+            req.token_weights.map(|w| host::slice::<f32>(w.ptr(), rows, "token_weights")).transpose()?,
+            host::slice_mut::<f32>(out.loss(), 1, "loss")?,
+            optional_mut::<f64>(out.per_sample(), b, "per_sample")?,
+            optional_mut::<f64>(out.weights(), b, "weights")?,
+            optional_mut::<f64>(out.z_loss(), 1, "z_loss")?,
+        )
+    };
+    let mut grads: [Grad<'_, L>; 3] = [Grad::Skip, Grad::Skip, Grad::Skip];
+    for (k, g) in req.grads.iter().enumerate() {
+        if let Some(g) = g {
+            // SAFETY: as above (a gradient tensor of the input's shape, allocated for this call).
+            grads[k] = unsafe {
+                if g.f32 {
+                    Grad::IntoF32(host::slice_mut::<f32>(g.ptr, lens[k], names[k])?)
+                } else {
+                    Grad::Into(host::slice_mut::<L>(g.ptr, lens[k], names[k])?)
+                }
+            };
+        }
+    }
+    let [dh, dw, db] = grads;
+    let mut tokens = Tokens::new(ids);
+    if let Some(l) = labels {
+        tokens = tokens.with_labels(l);
+    }
+    if let Some(w) = token_weights {
+        tokens = tokens.with_token_weights(w);
+    }
+    let mut inputs = LinearInputs::new(hidden, weight);
+    if let Some(b) = bias {
+        inputs = inputs.with_bias(b);
+    }
+    let grads = LinearGrads::new().hidden(dh).weight(dw).bias(db);
+    let (spec, chunking) = (&req.spec, req.chunking);
+    let r = py.detach(|| spec.linear_loss_and_grad(shape, inputs, tokens, grads, chunking)).map_err(to_py)?;
+    write_outputs(&r.loss, loss, per_sample, weights, z_loss);
     Ok(())
 }
 

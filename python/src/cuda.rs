@@ -1,11 +1,14 @@
-//! CUDA tensors: the crate's kernels on torch's device pointers, queued on torch's current
-//! stream, in the device's primary context (the one torch uses): no copy of the logits or the
-//! gradient, no host synchronisation (unless `check` asks for one), no second context.
+//! CUDA tensors: the crate's kernels (and, for the fused linear loss, cuBLAS) on torch's device
+//! pointers, queued on torch's current stream, in the device's primary context (the one torch
+//! uses): no copy of the inputs or the gradients, no host synchronisation (unless `check` asks
+//! for one), no second context.
 
+use crate::linear::LinearRequest;
 use crate::{to_py, IdType, Inputs, Options, Outputs, Request, TensorArg};
 use fused_weighted_loss::cuda::cudarc::driver::sys::CUcontext;
-use fused_weighted_loss::cuda::cudarc::driver::{result, CudaStream, DeviceRepr};
+use fused_weighted_loss::cuda::cudarc::driver::{result, CudaStream, CudaViewMut, DeviceRepr};
 use fused_weighted_loss::cuda::external::{Borrowed, ExternalDevice};
+use fused_weighted_loss::cuda::linear::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs};
 use fused_weighted_loss::cuda::{DeviceInputs, DeviceLossOutput};
 use fused_weighted_loss::{Backend, DType, Error, Logit, TokenId};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -128,24 +131,139 @@ fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>, device: (usize
         None => kernels.loss(spec, shape, stream, &logits.view(), &inputs),
     }
     .map_err(to_py)?;
+    copy_outputs(stream, &result, &mut loss, [&mut per_sample, &mut weights, &mut z_loss, &mut token_loss])?;
+    finish(py, stream, &result, check)
+}
+
+/// Copies the device results into the output tensors (on the stream, no host wait): the f32
+/// loss, then per-sample losses, weights, z-loss part and per-position losses where wanted.
+fn copy_outputs(
+    stream: &Arc<CudaStream>,
+    result: &DeviceLossOutput,
+    loss: &mut Borrowed<f32>,
+    rest: [&mut Option<Borrowed<f64>>; 4],
+) -> PyResult<()> {
     let copy = |e| PyRuntimeError::new_err(format!("CUDA error while copying the results: {e}"));
     stream.memcpy_dtod(&result.loss_f32, &mut loss.view_mut()).map_err(copy)?;
-    for (from, to) in [
-        (&result.per_sample_loss, &mut per_sample),
-        (&result.weights, &mut weights),
-        (&result.z_loss, &mut z_loss),
-        (&result.row_loss, &mut token_loss),
-    ] {
+    let from = [&result.per_sample_loss, &result.weights, &result.z_loss, &result.row_loss];
+    for (from, to) in from.into_iter().zip(rest) {
         if let Some(to) = to.as_mut() {
             stream.memcpy_dtod(from, &mut to.view_mut()).map_err(copy)?;
         }
     }
+    Ok(())
+}
+
+/// With `check`, waits for the stream (without the GIL, so that other Python threads run
+/// meanwhile) and reports what the kernels found.
+fn finish(py: Python<'_>, stream: &Arc<CudaStream>, result: &DeviceLossOutput, check: bool) -> PyResult<()> {
     if check {
-        // waits for the stream: without the GIL, so that other Python threads run meanwhile
         let stream = stream.clone();
         py.detach(|| result.check(&stream)).map_err(to_py)?;
     }
     Ok(())
+}
+
+/// See `crate::linear::linear_forward`.
+pub(crate) fn linear_forward(
+    py: Python<'_>,
+    req: &LinearRequest<'_>,
+    device: (usize, usize),
+    check: bool,
+) -> PyResult<()> {
+    dispatch!(req.types, linear_typed(py, req, device, check))
+}
+
+/// A gradient tensor on the device, in the inputs' dtype or in f32.
+enum GradBuf<L> {
+    Same(Borrowed<L>),
+    Wide(Borrowed<f32>),
+}
+
+/// A [`GradBuf`]'s memory, to write.
+enum GradView<'a, L> {
+    Same(CudaViewMut<'a, L>),
+    Wide(CudaViewMut<'a, f32>),
+    Skip,
+}
+
+fn linear_typed<L: Logit, I: TokenId>(
+    py: Python<'_>,
+    req: &LinearRequest<'_>,
+    device: (usize, usize),
+    check: bool,
+) -> PyResult<()> {
+    let (shape, out) = (req.shape, req.out);
+    let call = Call::new(device)?;
+    let linear = CudaLinearLoss::shared(call.dev.loss().context()).map_err(to_py)?;
+    let (rows, b) = (shape.rows(), shape.batch());
+    let lens = [shape.hidden_len(), shape.weight_len(), shape.vocab()];
+    // SAFETY: the data pointers of live, contiguous tensors on this device with these dtypes and
+    // shapes (checked in `LinearInputs::request` and _linear.py), which torch keeps alive until
+    // the queued work has run (stream order, as in `typed`); the gradients and outputs are
+    // tensors allocated for this call, which nothing else uses and which overlap no input (the
+    // inputs are only read, so hidden, weight and bias may share memory).
+    let (hidden, weight, bias, ids, labels, token_weights, mut loss, mut per_sample, mut weights, mut z_loss) = unsafe {
+        let optional = |ptr: u64, len: usize| (ptr != 0).then(|| call.borrow::<f64>(ptr, len));
+        (
+            call.borrow::<L>(req.hidden.ptr(), shape.hidden_len()),
+            call.borrow::<L>(req.weight.ptr(), shape.weight_len()),
+            req.bias.map(|t| call.borrow::<L>(t.ptr(), shape.vocab())),
+            call.borrow::<I>(req.ids.ptr(), rows),
+            req.labels.map(|l| call.borrow::<I>(l.ptr(), rows)),
+            req.token_weights.map(|w| call.borrow::<f32>(w.ptr(), rows)),
+            call.borrow::<f32>(out.loss(), 1),
+            optional(out.per_sample(), b),
+            optional(out.weights(), b),
+            optional(out.z_loss(), 1),
+        )
+    };
+    let mut bufs: Vec<Option<GradBuf<L>>> = Vec::with_capacity(3);
+    for (g, &len) in req.grads.iter().zip(&lens) {
+        // SAFETY: as above (a gradient tensor of the input's shape, allocated for this call).
+        bufs.push(g.map(|g| unsafe {
+            if g.f32 {
+                GradBuf::Wide(call.borrow::<f32>(g.ptr, len))
+            } else {
+                GradBuf::Same(call.borrow::<L>(g.ptr, len))
+            }
+        }));
+    }
+    let (ids, labels, token_weights) =
+        (ids.view(), labels.as_ref().map(|l| l.view()), token_weights.as_ref().map(|w| w.view()));
+    let mut tokens = DeviceInputs::new(&ids);
+    if let Some(l) = labels.as_ref() {
+        tokens = tokens.with_labels(l);
+    }
+    if let Some(w) = token_weights.as_ref() {
+        tokens = tokens.with_token_weights(w);
+    }
+    let (h, w, bv) = (hidden.view(), weight.view(), bias.as_ref().map(|b| b.view()));
+    let mut inputs = DeviceLinearInputs::new(&h, &w);
+    if let Some(b) = bv.as_ref() {
+        inputs = inputs.with_bias(b);
+    }
+    // the views of the gradient buffers, then a `DeviceGrad` borrowing each
+    let mut views: Vec<GradView<'_, L>> = bufs
+        .iter_mut()
+        .map(|g| match g {
+            Some(GradBuf::Same(x)) => GradView::Same(x.view_mut()),
+            Some(GradBuf::Wide(x)) => GradView::Wide(x.view_mut()),
+            None => GradView::Skip,
+        })
+        .collect();
+    let mut targets = views.iter_mut().map(|v| match v {
+        GradView::Same(v) => DeviceGrad::Into(v),
+        GradView::Wide(v) => DeviceGrad::IntoF32(v),
+        GradView::Skip => DeviceGrad::Skip,
+    });
+    let mut next = || targets.next().unwrap_or(DeviceGrad::Skip);
+    let grads = DeviceLinearGrads::new().hidden(next()).weight(next()).bias(next());
+    let stream = &call.stream;
+    let result =
+        linear.loss_and_grad(&req.spec, shape, stream, &inputs, &tokens, grads, req.chunking).map_err(to_py)?;
+    copy_outputs(stream, &result.loss, &mut loss, [&mut per_sample, &mut weights, &mut z_loss, &mut None])?;
+    finish(py, stream, &result.loss, check)
 }
 
 /// See `crate::scale_grad`.

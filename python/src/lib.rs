@@ -2,7 +2,10 @@
 //! shapes, dtypes, the device and its current CUDA stream; this module runs the crate's backends
 //! on that memory (no libtorch headers, no copies of the logits or the gradient).
 //!
-//! The Python side (`fused_weighted_loss/_ops.py`) checks devices and contiguity and allocates
+//! `forward` runs the loss on logits; `linear_forward` (linear.rs) the fused linear + loss on
+//! hidden states and an output weight.
+//!
+//! The Python side (`fused_weighted_loss/_ops.py`, `_linear.py`) checks devices and contiguity and allocates
 //! every output before it calls in here; this side checks shapes, dtypes and options with the
 //! crate's own validation and maps the crate's errors to Python exceptions.
 
@@ -27,6 +30,7 @@ macro_rules! dispatch {
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod linear;
 mod shard;
 
 /// A contiguous tensor as Python describes it: `(data_ptr, shape, dtype name)`, the dtype name
@@ -83,7 +87,7 @@ pub(crate) struct Options(Vec<i64>, Vec<f64>, f64, i64, String, String, bool, f6
 
 impl Options {
     /// The validated spec for `backend`.
-    fn spec(&self, backend: Backend) -> PyResult<LossSpec> {
+    pub(crate) fn spec(&self, backend: Backend) -> PyResult<LossSpec> {
         let Options(
             keywords,
             weights,
@@ -177,7 +181,7 @@ pub(crate) fn shape_of(logits: &TensorArg, ids: &TensorArg, labels: Option<&Tens
 }
 
 /// Checks the per-token weights: float32 `[B, T]` (their values are the backend's to check).
-fn check_token_weights(shape: Shape, weights: &TensorArg) -> PyResult<()> {
+pub(crate) fn check_token_weights(shape: Shape, weights: &TensorArg) -> PyResult<()> {
     if weights.dtype() != "float32" {
         return Err(PyTypeError::new_err(format!("token_weights must be float32, got {}", weights.dtype())));
     }
@@ -283,14 +287,10 @@ fn built_with_cuda() -> bool {
     cfg!(feature = "cuda")
 }
 
-// The fused-linear entry (`weighted_linear_loss` in Python) goes beside `forward` once the crate
-// has its fused linear API: a `linear_forward` taking hidden [N, H], weight [V, H] and an optional
-// bias [V] as `TensorArg`s and writing the loss and the three gradients, with the same CPU/CUDA
-// split (cpu.rs, cuda.rs) and the same `Request` validation.
-
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::linear_forward, m)?)?;
     m.add_function(wrap_pyfunction!(scale_grad, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;

@@ -4,6 +4,7 @@ CUDA tests skip, saying why, where there is no usable GPU, and fail instead when
 FWL_REQUIRE_CUDA=1 (as the crate's Rust GPU tests do).
 """
 import os
+import time
 from typing import NamedTuple
 
 import pytest
@@ -70,16 +71,15 @@ class Reference(NamedTuple):
     grad: torch.Tensor
 
 
-def reference_with_options(logits, ids, keywords=(), alpha=1.0, labels=None, keyword_weights=None, ignore_index=-100,
-                           row_mean="all", reduction="mean", z_loss=0.0, label_smoothing=0.0, softcap=None,
-                           token_weights=None):
-    """The course function with the crate's documented extensions, in float64 on the logits as
-    given (already rounded to their dtype), on their device, the gradient by autograd: labels
-    with ignore_index, row_mean "valid", weighted keywords, reductions, and the options as
-    PyTorch writes them (as scripts/check_options.py): soft-capping ``c * tanh(z / c)`` before
-    the loss, ``F.cross_entropy(label_smoothing=eps)``, ``+ k * logsumexp(z)**2`` per target,
-    per-token losses times ``token_weights[:, 1:]`` before the row mean."""
-    x = logits.detach().to(torch.float64).requires_grad_()
+def course_terms(x, ids, keywords=(), alpha=1.0, labels=None, keyword_weights=None, ignore_index=-100,
+                 row_mean="all", reduction="mean", z_loss=0.0, label_smoothing=0.0, softcap=None, token_weights=None):
+    """The course function's steps with the crate's documented extensions, on float64 logits
+    ``x`` [B, T, V] that may carry an autograd graph: labels with ignore_index, row_mean "valid",
+    weighted keywords, reductions, and the options as PyTorch writes them (as
+    scripts/check_options.py): soft-capping ``c * tanh(z / c)`` before the loss,
+    ``F.cross_entropy(label_smoothing=eps)``, ``+ k * logsumexp(z)**2`` per target, per-token
+    losses times ``token_weights[:, 1:]`` before the row mean. Returns (loss, per-sample losses,
+    weights, z-loss part, per-token losses), the loss differentiable."""
     inputs = ids.to(x.device, torch.int64)
     labels = inputs if labels is None else labels.to(x.device, torch.int64)
     b, t, v = x.shape
@@ -115,10 +115,42 @@ def reference_with_options(logits, ids, keywords=(), alpha=1.0, labels=None, key
             return (per * weights).sum()
         return (per * weights).sum() / weights.sum()
 
-    total = reduce(per)
+    return reduce(per), per, weights, reduce(per_z), token_loss
+
+
+def reference_with_options(logits, ids, keywords=(), alpha=1.0, **options):
+    """:func:`course_terms` in float64 on the logits as given (already rounded to their dtype),
+    on their device, the gradient by autograd."""
+    x = logits.detach().to(torch.float64).requires_grad_()
+    total, per, weights, z, token_loss = course_terms(x, ids, keywords, alpha, **options)
     total.backward()
-    return Reference(total.detach(), per.detach(), weights.detach(), reduce(per_z).detach(), token_loss.detach(),
-                     x.grad)
+    return Reference(total.detach(), per.detach(), weights.detach(), z.detach(), token_loss.detach(), x.grad)
+
+
+class LinearReference(NamedTuple):
+    """What :func:`linear_reference` returns, float64 (``d_bias`` None without a bias)."""
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    weights: torch.Tensor
+    z_loss: torch.Tensor
+    d_hidden: torch.Tensor
+    d_weight: torch.Tensor
+    d_bias: object
+
+
+def linear_reference(hidden, weight, ids, bias=None, keywords=(), alpha=1.0, **options):
+    """The unfused computation in float64: ``F.linear(hidden, weight, bias)`` (inputs as given,
+    already rounded to their dtype), reshaped to [B, T, V], then :func:`course_terms`; the
+    gradients of hidden, weight and bias by autograd."""
+    leaf = lambda t: t.detach().to(torch.float64).requires_grad_()
+    h, w = leaf(hidden), leaf(weight)
+    b = leaf(bias) if bias is not None else None
+    logits = F.linear(h, w, b).reshape(ids.shape[0], ids.shape[1], w.shape[0])
+    total, per, weights, z, _ = course_terms(logits, ids, keywords, alpha, **options)
+    total.backward()
+    return LinearReference(total.detach(), per.detach(), weights.detach(), z.detach(), h.grad, w.grad,
+                           b.grad if b is not None else None)
 
 
 def reference(logits, ids, keywords=(), alpha=1.0, **options):
@@ -142,6 +174,43 @@ class Spy:
             return real(inputs, outputs, options, device, check)
 
         monkeypatch.setattr(ops._native, "forward", forward)
+
+
+def train_side_by_side(model_a, loss_a, model_b, loss_b, steps, optimizer=torch.optim.SGD, lr=0.5):
+    """``steps`` optimizer steps of two models, ``loss_a()`` / ``loss_b()`` giving each step's
+    loss: at each step the losses agree within 1e-6 and every gradient within 1e-5 (float32
+    rounding), named parameter by named parameter."""
+    opt_a, opt_b = optimizer(model_a.parameters(), lr=lr), optimizer(model_b.parameters(), lr=lr)
+    for _ in range(steps):
+        opt_a.zero_grad(set_to_none=True)
+        opt_b.zero_grad(set_to_none=True)
+        la, lb = loss_a(), loss_b()
+        la.backward()
+        lb.backward()
+        assert rel_err(lb, la) <= 1e-6
+        for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
+            assert rel_err(pb.grad, pa.grad) <= 1e-5, name
+        opt_a.step()
+        opt_b.step()
+
+
+def without_host_sync(step):
+    """Runs ``step()`` behind about 0.2 s of queued device work, under torch's sync debug mode
+    ("error"): asserts that it returned within 0.1 s while the device was still busy (it did not
+    wait for the device) and returns what it returned."""
+    torch.cuda._sleep(400_000_000)  # ~0.2 s of device time
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        t = time.perf_counter()
+        out = step()
+        host_s = time.perf_counter() - t
+        still_busy = not torch.cuda.current_stream().query()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert still_busy, "the device finished before the call returned: the call waited for it"
+    assert host_s < 0.1, f"the call took {host_s:.3f} s on the host"
+    return out
 
 
 def rel_err(out, ref):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fused_weighted_loss as fwl
-from conftest import course_keytoken_weighted_loss, random_case, rel_err
+from conftest import course_keytoken_weighted_loss, random_case, rel_err, train_side_by_side
 
 
 class TinyLM(torch.nn.Module):
@@ -66,24 +66,12 @@ def test_compiled_training_step_fullgraph_matches_eager(device):
     torch._dynamo.reset()
     eager_model, compiled_model = models(device, seed=3)
     ids, keys = batch(device)
-    opt_a = torch.optim.SGD(eager_model.parameters(), lr=0.5)
-    opt_b = torch.optim.SGD(compiled_model.parameters(), lr=0.5)
 
     def loss_of(model):
         return lambda i: fwl.keytoken_weighted_loss(i, model(i), keys)
 
     compiled = torch.compile(loss_of(compiled_model), fullgraph=True)
-    for _ in range(2):
-        opt_a.zero_grad(set_to_none=True)
-        opt_b.zero_grad(set_to_none=True)
-        la, lb = loss_of(eager_model)(ids), compiled(ids)
-        la.backward()
-        lb.backward()
-        assert rel_err(lb, la) <= 1e-6
-        for pa, pb in zip(eager_model.parameters(), compiled_model.parameters()):
-            assert rel_err(pb.grad, pa.grad) <= 1e-5
-        opt_a.step()
-        opt_b.step()
+    train_side_by_side(eager_model, lambda: loss_of(eager_model)(ids), compiled_model, lambda: compiled(ids), 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -16,7 +16,7 @@ mod output;
 
 use clap::{Args, Parser, Subcommand};
 use fused_weighted_loss::{
-    bf16, f16, Backend, DType, Grad, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape, Tokens,
+    bf16, f16, Backend, DType, Grad, Logit, LossOutput, LossSpec, LossSpecBuilder, Reduction, RowMean, Shape, Tokens,
 };
 use npy::{read_npy, Elem, NpyData};
 use output::{write_f32_npy, PendingOutput};
@@ -77,15 +77,8 @@ struct EvalArgs {
     /// Fail on a non-finite per-position loss instead of propagating it.
     #[arg(long)]
     check_finite: bool,
-    /// z-loss coefficient: adds k * logsumexp^2 per token (reported apart as `z_loss`).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    z_loss: f64,
-    /// Label smoothing epsilon in [0, 1] (as PyTorch's cross_entropy).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    label_smoothing: f64,
-    /// Logit soft-cap c: the loss sees c * tanh(z / c).
-    #[arg(long, allow_hyphen_values = true)]
-    softcap: Option<f64>,
+    #[command(flatten)]
+    options: LossOptionArgs,
     /// Per-token weights [B,T], float32, aligned with the labels (w[b, t+1] weights row t).
     #[arg(long)]
     token_weights: Option<PathBuf>,
@@ -95,6 +88,27 @@ struct EvalArgs {
     /// Write the per-token losses as float32 [B,T-1] here.
     #[arg(long)]
     token_loss_out: Option<PathBuf>,
+}
+
+/// The loss options both `eval` and `bench` take.
+#[derive(Args)]
+struct LossOptionArgs {
+    /// z-loss coefficient: adds k * logsumexp^2 per token (reported apart as `z_loss`).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    z_loss: f64,
+    /// Label smoothing epsilon in [0, 1] (as PyTorch's cross_entropy).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    label_smoothing: f64,
+    /// Logit soft-cap c: the loss sees c * tanh(z / c) (default: off).
+    #[arg(long, allow_hyphen_values = true)]
+    softcap: Option<f64>,
+}
+
+impl LossOptionArgs {
+    /// The options on a spec being built (validated by its `build`).
+    fn apply(&self, b: LossSpecBuilder) -> LossSpecBuilder {
+        b.z_loss(self.z_loss).label_smoothing(self.label_smoothing).softcap(self.softcap)
+    }
 }
 
 /// A CLI failure: printed as one line, exit code 2.
@@ -250,11 +264,8 @@ fn eval(a: EvalArgs) -> CliResult<String> {
         .row_mean(a.row_mean)
         .reduction(a.reduction)
         .check_finite(a.check_finite)
-        .z_loss(a.z_loss)
-        .label_smoothing(a.label_smoothing)
-        .softcap(a.softcap)
-        .backend(a.backend)
-        .build()?;
+        .backend(a.backend);
+    let spec = a.options.apply(spec).build()?;
     // before any work: the outputs are none of the inputs (nor each other), and their temporary
     // files can be created
     let inputs = [

@@ -120,11 +120,19 @@ pub(crate) fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) 
 /// `out = x * f` in the output's dtype (equal lengths), streaming when asked.
 #[inline]
 pub(crate) fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool) {
+    store_products(k, x, f, out, stream, false)
+}
+
+/// [`store_scaled`], told whether every product is finite (a bf16 store then skips the NaN
+/// handling where the level emulates the conversion; the bits are the same).
+#[inline]
+fn store_products<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool, finite: bool) {
     if let Some(o) = G::as_f32_mut(out) {
         return k.scale_f32(x, f, o, stream);
     }
     if let Some(bits) = G::as_bits_mut(out) {
         match G::DTYPE {
+            DType::BF16 if finite => k.scale_bf16_finite(x, f, bits, stream),
             DType::BF16 => k.scale_bf16(x, f, bits, stream),
             _ => k.scale_f16(x, f, bits, stream),
         }
@@ -238,11 +246,13 @@ impl<G: Logit> Pending<'_, G> {
         let has_target = (lo..hi).contains(&self.target);
         // the target's chunk goes through the cache: its entry is rewritten just after
         let stream = stream && !has_target;
+        // a finite row sum bounds every kept exponential: with finite factors, every product is
+        let finite = self.st.sum_exp.is_finite() && f.is_finite() && off.is_finite();
         if off != 0.0 {
             k.affine(q, f, off, chain);
-            store_scaled(k, q, 1.0, &mut self.out[lo..hi], stream);
+            store_products(k, q, 1.0, &mut self.out[lo..hi], stream, finite);
         } else {
-            store_scaled(k, q, f, &mut self.out[lo..hi], stream);
+            store_products(k, q, f, &mut self.out[lo..hi], stream, finite);
         }
         if has_target {
             self.out[self.target] = G::from_f32(m.target_grad(&self.st, self.coef));
@@ -294,7 +304,7 @@ impl<G: Logit> Pending<'_, G> {
 fn zero<G: Logit>(k: &Kernels, out: &mut [G], stream: bool) {
     static ZEROS: [f32; CHUNK] = [0.0; CHUNK];
     for o in out.chunks_mut(CHUNK) {
-        store_scaled(k, &ZEROS[..o.len()], 0.0, o, stream);
+        store_products(k, &ZEROS[..o.len()], 0.0, o, stream, true);
     }
 }
 

@@ -107,6 +107,59 @@ impl LinearShape {
         Ok(LinearShape { tokens, hidden })
     }
 
+    /// Builds a shape from the dimensions of the hidden states (`[B, T, H]` or `[B·T, H]`), the
+    /// weight (`[V, H]`) and the ids (`[B, T]`), checking ranks and that they agree: the ids give
+    /// `B` and `T`, the weight `V` and `H`, and the hidden states must match both.
+    ///
+    /// ```
+    /// use fused_weighted_loss::{Error, LinearShape};
+    /// let s = LinearShape::from_dims(&[2, 8, 64], &[100, 64], &[2, 8])?;
+    /// assert_eq!((s.batch(), s.seq(), s.hidden(), s.vocab()), (2, 8, 64, 100));
+    /// assert_eq!(LinearShape::from_dims(&[16, 64], &[100, 64], &[2, 8])?, s);
+    /// assert!(matches!(LinearShape::from_dims(&[2, 8, 32], &[100, 64], &[2, 8]), Err(Error::ShapeMismatch { .. })));
+    /// assert!(matches!(LinearShape::from_dims(&[2, 8, 64], &[64], &[2, 8]), Err(Error::InputRank { .. })));
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn from_dims(hidden: &[usize], weight: &[usize], ids: &[usize]) -> Result<Self> {
+        let &[batch, seq] = ids else {
+            return Err(Error::TokensRank { what: "ids", rank: ids.len(), dims: ids.to_vec() });
+        };
+        let &[vocab, h] = weight else {
+            return Err(Error::InputRank { what: "weight", expected: "[vocab, hidden]", dims: weight.to_vec() });
+        };
+        let expected = match hidden.len() {
+            2 => vec![batch.checked_mul(seq).ok_or(Error::SizeOverflow)?, h],
+            3 => vec![batch, seq, h],
+            _ => {
+                return Err(Error::InputRank {
+                    what: "hidden",
+                    expected: "[batch, seq, hidden] or [batch * seq, hidden]",
+                    dims: hidden.to_vec(),
+                })
+            }
+        };
+        if hidden != expected.as_slice() {
+            return Err(Error::ShapeMismatch { what: "hidden", expected, got: hidden.to_vec() });
+        }
+        LinearShape::new(batch, seq, h, vocab)
+    }
+
+    /// Checks that a bias's dimensions are `[V]`.
+    ///
+    /// ```
+    /// use fused_weighted_loss::LinearShape;
+    /// let s = LinearShape::new(2, 8, 64, 100)?;
+    /// assert!(s.check_bias_dims(&[100]).is_ok());
+    /// assert!(s.check_bias_dims(&[1, 100]).is_err());
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn check_bias_dims(&self, dims: &[usize]) -> Result<()> {
+        if dims != [self.vocab()] {
+            return Err(Error::ShapeMismatch { what: "bias", expected: vec![self.vocab()], got: dims.to_vec() });
+        }
+        Ok(())
+    }
+
     /// The `[B, T, V]` shape the loss sees (the logits that are never built).
     pub const fn tokens(&self) -> Shape {
         self.tokens

@@ -40,15 +40,8 @@ pub struct BenchArgs {
     /// Refuse shapes that need more memory than this, in GB (default: the memory available now).
     #[arg(long)]
     max_memory: Option<f64>,
-    /// z-loss coefficient (0: off).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    z_loss: f64,
-    /// Label smoothing epsilon (0: off).
-    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
-    label_smoothing: f64,
-    /// Logit soft-cap c (default: off).
-    #[arg(long, allow_hyphen_values = true)]
-    softcap: Option<f64>,
+    #[command(flatten)]
+    options: crate::LossOptionArgs,
     /// Per-token weights (random, in [0.5, 1.5)).
     #[arg(long)]
     token_weights: bool,
@@ -272,14 +265,7 @@ pub fn bench(a: BenchArgs) -> CliResult<String> {
     }
     // keywords 0, 1, 2 where the vocabulary has them
     let keywords = (0..3).filter(|&k| k < shape.vocab() as i64);
-    let spec = LossSpec::builder()
-        .keywords(keywords)
-        .z_loss(a.z_loss)
-        .label_smoothing(a.label_smoothing)
-        .softcap(a.softcap)
-        .backend(a.backend)
-        .cpu_simd(a.simd)
-        .build()?;
+    let spec = a.options.apply(LossSpec::builder().keywords(keywords).backend(a.backend).cpu_simd(a.simd)).build()?;
     let run = || -> CliResult<String> {
         let report = match a.dtype {
             DType::F32 => bench_typed::<f32>(&a, shape, &spec)?,

@@ -27,6 +27,8 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
+mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
 mod x86_opts;
 
 use crate::spec::CpuSimd;
@@ -133,8 +135,6 @@ lane_opts!(
 #[cfg(target_arch = "x86_64")]
 level!(avx2, true, "avx2,fma,f16c");
 #[cfg(target_arch = "x86_64")]
-lane_exp!(avx2_exp, true, "avx2,fma,f16c");
-#[cfg(target_arch = "x86_64")]
 level!(avx512, true, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
 
 /// The portable stores (no streaming; f16 through `half`).
@@ -193,6 +193,7 @@ pub(crate) struct Kernels {
     widen_f16: unsafe fn(&[u16], &mut [f32]),
     scale_f32: ScaleInto<f32>,
     scale_bf16: ScaleInto<u16>,
+    scale_bf16_finite: ScaleInto<u16>,
     scale_f16: ScaleInto<u16>,
     exp_opts: ExpOpts,
     exp_opts_bf16: ExpOpts16,
@@ -238,6 +239,7 @@ impl Kernels {
             widen_f16: portable_store::widen_f16,
             scale_f32: portable_store::scale_f32,
             scale_bf16: portable_store::scale_bf16,
+            scale_bf16_finite: portable_store::scale_bf16,
             scale_f16: portable_store::scale_f16,
             exp_opts: portable_opts::exp_opts,
             exp_opts_bf16: portable_opts::exp_opts_bf16,
@@ -255,13 +257,14 @@ impl Kernels {
             CpuSimd::Avx2 => Some(Kernels {
                 level,
                 max: avx2::max,
-                exp_sum_max: avx2_exp::exp_sum_max,
-                exp_sum_max_bf16: avx2_exp::exp_sum_max_bf16,
-                exp_sum_max_f16: x86::exp_sum_max_f16_256,
+                exp_sum_max: x86_avx2::exp_sum_max_256,
+                exp_sum_max_bf16: x86_avx2::exp_sum_max_bf16_256,
+                exp_sum_max_f16: x86_avx2::exp_sum_max_f16_256,
                 widen_bf16: avx2::widen_bf16,
                 widen_f16: x86::widen_f16_256,
                 scale_f32: x86::scale_f32_256,
                 scale_bf16: x86::scale_bf16_256,
+                scale_bf16_finite: x86::scale_bf16_finite_256,
                 scale_f16: x86::scale_f16_256,
                 exp_opts: avx2_opts::exp_opts,
                 exp_opts_bf16: avx2_opts::exp_opts_bf16,
@@ -280,6 +283,11 @@ impl Kernels {
                 widen_f16: x86::widen_f16_512,
                 scale_f32: x86::scale_f32_512,
                 scale_bf16: if is_x86_feature_detected!("avx512bf16") {
+                    x86::scale_bf16_512bf
+                } else {
+                    x86::scale_bf16_512
+                },
+                scale_bf16_finite: if is_x86_feature_detected!("avx512bf16") {
                     x86::scale_bf16_512bf
                 } else {
                     x86::scale_bf16_512
@@ -369,6 +377,13 @@ impl Kernels {
     pub fn scale_bf16(&self, x: &[f32], f: f32, out: &mut [u16], stream: bool) {
         // SAFETY: as above.
         unsafe { (self.scale_bf16)(x, f, out, stream) }
+    }
+    /// [`Kernels::scale_bf16`] for products known to be finite (no NaN or infinity): the same
+    /// bits, cheaper where the level emulates the conversion (AVX2).
+    #[inline]
+    pub fn scale_bf16_finite(&self, x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+        // SAFETY: as above.
+        unsafe { (self.scale_bf16_finite)(x, f, out, stream) }
     }
     /// `out = f16(x * f)` as bits, round to nearest even; `stream` as for [`Kernels::scale_f32`].
     #[inline]

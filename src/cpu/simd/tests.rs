@@ -170,3 +170,54 @@ fn max_skips_nan() {
     assert_eq!(k.max(&x), 2.0);
     assert_eq!(k.max(&[]), f32::NEG_INFINITY);
 }
+
+#[test]
+fn avx2_intrinsics_give_the_lane_code_bits() {
+    // the AVX2 statistics loop is the lane code's arithmetic and summation order in intrinsics:
+    // every output, sum and maximum must be the same bits, for every length and 16-bit type
+    let Some(k) = Kernels::select(CpuSimd::Avx2) else {
+        eprintln!("avx2_intrinsics_give_the_lane_code_bits: skipped, no AVX2 on this CPU");
+        return;
+    };
+    let xs: Vec<f32> = test_floats().iter().map(|v| if v.is_finite() { v.clamp(-200.0, 30.0) } else { *v }).collect();
+    let wide: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 4001) as f32 * 0.01 - 30.0).collect();
+    for data in [&xs[..], &wide[..]] {
+        for n in [0usize, 1, 7, 15, 16, 17, 255, 256, 257, 1000, data.len()] {
+            let x = &data[..n.min(data.len())];
+            for shift in [0.0f32, 3.5] {
+                let (mut a, mut b) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+                // SAFETY: AVX2 and FMA were detected by Kernels::select.
+                let want = unsafe { lane_avx2(|| exp_sum_max_body::<true, false>(x, shift, &mut b, Ahead::NONE)) };
+                let got = k.exp_sum_max(x, shift, &mut a, Ahead::NONE);
+                assert!(same(got.0, want.0) && same(got.1, want.1), "f32 n={n}: {got:?} vs {want:?}");
+                assert!(a.iter().zip(&b).all(|(&p, &q)| same(p, q)), "f32 n={n}");
+                for bf in [true, false] {
+                    let bits: Vec<u16> = x
+                        .iter()
+                        .map(|&v| if bf { half::bf16::from_f32(v).to_bits() } else { half::f16::from_f32(v).to_bits() })
+                        .collect();
+                    let widen = if bf { widen_bf16_body } else { widen_f16_body };
+                    // SAFETY: as above.
+                    let want = unsafe {
+                        lane_avx2(|| exp_sum_max_bits_body::<true>(&bits, widen, shift, &mut b, Ahead::NONE))
+                    };
+                    let got = k.exp_sum_max_bits(bf, &bits, shift, &mut a, Ahead::NONE);
+                    assert!(same(got.0, want.0) && same(got.1, want.1), "bf16={bf} n={n}: {got:?} vs {want:?}");
+                    assert!(a.iter().zip(&b).all(|(&p, &q)| same(p, q)), "bf16={bf} n={n}");
+                }
+            }
+        }
+    }
+}
+
+/// The same bits, or both NaN (a NaN's sign and payload depend on which operand an instruction
+/// passes on, which carries no meaning).
+fn same(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+/// Runs lane code compiled with the AVX2 level's features (so `mul_add` is the FMA instruction).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lane_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}

@@ -65,6 +65,19 @@ fn bf16x8(v: __m256) -> __m256i {
     _mm256_blendv_epi8(_mm256_blendv_epi8(rounded, nan, is_nan), zero, is_sub)
 }
 
+/// [`bf16x8`] for lanes known to be finite (no NaN or infinity): the same bits, without the
+/// NaN handling.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn bf16x8_finite(v: __m256) -> __m256i {
+    let b = _mm256_castps_si256(v);
+    // a subnormal becomes a zero of the same sign, as in bf16x8
+    let is_sub = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F80_0000)), _mm256_setzero_si256());
+    let b = _mm256_andnot_si256(_mm256_and_si256(is_sub, _mm256_set1_epi32(0x7FFF_FFFF)), b);
+    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+    _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))))
+}
+
 /// `exp` of 16 lanes: the same reduction and polynomial as [`exp`], with `2^n` applied by
 /// `vscalefps`, which also flushes `x < -87.3` to subnormals and 0 (`x <= -110` to exactly 0),
 /// so no compare-and-mask is needed; NaN propagates (`max` returns its second operand).
@@ -275,7 +288,8 @@ pub(super) unsafe fn scale_f32_256(x: &[f32], f: f32, out: &mut [f32], stream: b
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn scale_bf16_256(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+#[inline]
+unsafe fn scale_bf16_256_with<const FINITE: bool>(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 32, 16, stream);
     scale_bf16_body(&x[..head], f, &mut out[..head]);
@@ -284,8 +298,9 @@ pub(super) unsafe fn scale_bf16_256(x: &[f32], f: f32, out: &mut [u16], stream: 
         // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming, out + i is
         // 32-byte aligned.
         unsafe {
-            let lo = bf16x8(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv));
-            let hi = bf16x8(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8)), fv));
+            let (lo, hi) = (_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i + 8)));
+            let (lo, hi) = (_mm256_mul_ps(lo, fv), _mm256_mul_ps(hi, fv));
+            let (lo, hi) = if FINITE { (bf16x8_finite(lo), bf16x8_finite(hi)) } else { (bf16x8(lo), bf16x8(hi)) };
             // packus interleaves 128-bit halves: put them back in order
             let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi));
             if stream {
@@ -296,6 +311,20 @@ pub(super) unsafe fn scale_bf16_256(x: &[f32], f: f32, out: &mut [u16], stream: 
         }
     }
     scale_bf16_body(&x[head + body..n], f, &mut out[head + body..n]);
+}
+
+/// `out = bf16(x * f)` (see [`bf16_round`]), streaming when asked.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scale_bf16_256(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    // SAFETY: the same features.
+    unsafe { scale_bf16_256_with::<false>(x, f, out, stream) }
+}
+
+/// [`scale_bf16_256`] for products known to be finite (no NaN handling; the same bits).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scale_bf16_finite_256(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    // SAFETY: the same features.
+    unsafe { scale_bf16_256_with::<true>(x, f, out, stream) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -319,12 +348,6 @@ pub(super) unsafe fn scale_f16_256(x: &[f32], f: f32, out: &mut [u16], stream: b
         }
     }
     scale_f16_body(&x[head + body..n], f, &mut out[head + body..n]);
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn exp_sum_max_f16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-    // SAFETY: this function has widen_f16_256's features.
-    exp_sum_max_bits_body::<true>(x, |s, d| unsafe { widen_f16_256(s, d) }, shift, out, ahead)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
