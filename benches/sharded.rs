@@ -11,6 +11,9 @@
 //!    the machine's cores: wall time of the sharded call of every rank against the
 //!    single-device call over the whole vocabulary (the same total work).
 //!
+//! 3. `FWL_BENCH_RANK=8x128x50000:4`: section 1 for one shape, and the exchange alone (the
+//!    ranks as threads all-gathering the statistics words of every row, no kernel).
+//!
 //! Medians of paired runs (wall time, and on-CPU time of all threads where Linux reports it);
 //! figures on a shared machine are provisional.
 
@@ -134,8 +137,50 @@ fn threads_as_ranks<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize) {
     println!("| {} | {b}x{t}x{vocab} | {ranks} | {:.2} | {:.2} | {:.3} |", L::DTYPE, s * 1e3, p * 1e3, p / s);
 }
 
+/// The exchange alone: `ranks` threads all-gather the statistics words of `B·T` rows (3 `f64`
+/// per row, chunk by chunk as `Sharded` cuts them) through the test exchange (barrier + copies);
+/// median wall seconds of one call's exchanges.
+fn exchange_only(b: usize, t: usize, vocab: usize, ranks: usize) -> f64 {
+    use fused_weighted_loss::parallel::Collective;
+    let (rows, chunk) = (b * t, fused_weighted_loss::parallel::default_chunk_rows(vocab, ranks));
+    let mut times = Vec::new();
+    for i in 0..WARMUP + ITERS {
+        let t0 = Instant::now();
+        shards::run_ranks(ranks, |r, g| {
+            let mut sum = 0.0;
+            for r0 in (0..rows).step_by(chunk) {
+                let n = 3 * (r0 + chunk).min(rows).saturating_sub(r0);
+                let send = vec![r as f64; n];
+                let mut recv = vec![0.0; n * ranks];
+                g.all_gather_f64(&send, &mut recv).unwrap();
+                sum += recv[n * (ranks - 1)];
+            }
+            sum
+        });
+        if i >= WARMUP {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    median(&times)
+}
+
 fn main() {
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    if let Ok(spec) = std::env::var("FWL_BENCH_RANK") {
+        // one rank's kernel time and the exchange alone: FWL_BENCH_RANK=BxTxV:ranks (f32)
+        let parse = || -> Option<(usize, usize, usize, usize)> {
+            let (dims, ranks) = spec.split_once(':')?;
+            let d: Vec<usize> = dims.split('x').map(|x| x.parse().ok()).collect::<Option<_>>()?;
+            Some((*d.first()?, *d.get(1)?, *d.get(2)?, ranks.parse().ok()?))
+        };
+        let (b, t, v, ranks) = parse().expect("FWL_BENCH_RANK=BxTxV:ranks, e.g. 8x128x50000:4");
+        println!("| dtype | B x T x V / ranks = slice | chunk rows | single, wall | split, wall | **ratio** | single, on-CPU | split, on-CPU | **ratio** | single, wall (paired with the next) | one exchange per call (logits read twice), wall | ratio |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+        per_rank::<f32>(b, t, v, ranks, None);
+        let ex = exchange_only(b, t, v, ranks);
+        println!("\nexchange alone ({ranks} thread ranks, 3 f64 per row, {} rows): {:.3} ms", b * t, ex * 1e3);
+        return;
+    }
     if let Ok(spec) = std::env::var("FWL_BENCH_CHUNKS") {
         // a sweep of chunk sizes on one rank's slice: FWL_BENCH_CHUNKS=ranks:rows,rows,...
         let (ranks, rows) = spec.split_once(':').expect("FWL_BENCH_CHUNKS=ranks:rows,rows,...");
