@@ -256,6 +256,11 @@ def weighted_linear_loss(
     check_finite: bool = False,
     check_ids: bool = False,
     return_per_sample: bool = False,
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    data_group=None,
+    reduce_hidden_grad: bool = True,
 ):
     """:func:`weighted_loss` of the logits ``hidden @ weight.T + bias``, computed without ever
     holding them: the last hidden states ``hidden`` ([B, T, H] or [B*T, H]), the output weight
@@ -280,6 +285,19 @@ def weighted_linear_loss(
     Returns the float32 0-d loss, or with ``return_per_sample=True`` a :class:`LossOutput`
     (``token_loss`` None). Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's
     message; CUDA tensors as in :func:`weighted_loss` (``check_ids``).
+
+    Beyond one device, **CPU tensors only** (``torch.distributed`` with gloo; the CUDA split of
+    the fused linear path is not built): ``process_group`` (vocabulary-parallel: ``weight`` and
+    ``bias`` hold this rank's rows ``[vocab_start, vocab_start + weight.shape[0])`` of a
+    vocabulary of ``vocab_size``, defaults as in :func:`weighted_loss`; ``hidden``, ids, labels
+    and token weights the same on every rank of the group) and ``data_group``
+    (data-parallel), with :func:`weighted_loss`'s semantics. The gradients of weight and bias are
+    those of this rank's rows; the gradient of ``hidden`` is summed over the vocabulary group
+    (one ``all_reduce`` of ``B*T*H`` numbers in the forward) unless ``reduce_hidden_grad=False``,
+    which leaves this rank's part, for a model whose layer all-reduces it in its own backward
+    (Megatron-LM's ``copy_to_tensor_model_parallel_region``). Each rank sends 24 bytes per row
+    with a target (32 with label smoothing) to its vocabulary group. This path is an eager
+    ``torch.autograd.Function``.
     """
     named = dict(weight=weight, ids=ids)
     for name, t in named.items():
@@ -295,23 +313,34 @@ def weighted_linear_loss(
     grad_on = torch.is_grad_enabled()
     grads = "".join(flag for flag, t in zip("hwb", (hidden, weight, bias))
                     if grad_on and t is not None and t.requires_grad)
-    loss, per, weights, z, *_ = _linear_op(
+    args = (
         hidden.contiguous(),
         weight.contiguous(),
         bias.contiguous() if bias is not None else None,
         ids.contiguous(),
         labels.contiguous() if labels is not None else None,
         token_weights.detach().contiguous() if token_weights is not None else None,
-        kw,
-        kww,
-        linear_mode_string(str(row_mean), str(reduction), grads, bool(return_per_sample), bool(check_ids),
-                           bool(check_finite), accumulate_f32=bool(accumulate_f32),
-                           chunk_rows=_optional_int("chunk_rows", chunk_rows),
-                           chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=float(alpha),
-                           ignore_index=int(ignore_index), z_loss=float(z_loss),
-                           label_smoothing=float(label_smoothing),
-                           softcap=None if softcap is None else float(softcap)),
     )
+    mode = linear_mode_string(str(row_mean), str(reduction), grads, bool(return_per_sample), bool(check_ids),
+                              bool(check_finite), accumulate_f32=bool(accumulate_f32),
+                              chunk_rows=_optional_int("chunk_rows", chunk_rows),
+                              chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=float(alpha),
+                              ignore_index=int(ignore_index), z_loss=float(z_loss),
+                              label_smoothing=float(label_smoothing),
+                              softcap=None if softcap is None else float(softcap))
+    if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
+        from . import _dist
+
+        if hidden.device.type != "cpu":
+            raise ValueError("process_group / data_group on weighted_linear_loss: CPU tensors only "
+                             "(the CUDA fused linear split is not built)")
+        params = dict(process_group=process_group, data_group=data_group, keywords=kw, keyword_weights=kww,
+                      mode=mode, reduce_hidden_grad=bool(reduce_hidden_grad),
+                      slice_=_dist.slice_of(weight.shape[0] if weight.dim() == 2 else 0, process_group,
+                                              vocab_start, vocab_size))
+        loss, per, weights, z = _dist.ShardedLinear.apply(*args, params)
+    else:
+        loss, per, weights, z, *_ = _linear_op(*args, kw, kww, mode)
     if return_per_sample:
         return LossOutput(loss, per, weights, z, None)
     return loss

@@ -57,7 +57,12 @@ def _check_tiling(group, start: int, length: int, vocab: int) -> None:
 def resolve_slice(logits: Tensor, process_group, vocab_start: Optional[int], vocab_size: Optional[int]):
     """(start, len, vocab) of this rank's logits: given, or Megatron-LM's equal slices in rank
     order (start = rank * V_r, vocab = ranks * V_r)."""
-    length = logits.shape[-1] if logits.dim() == 3 else 0
+    return slice_of(logits.shape[-1] if logits.dim() == 3 else 0, process_group, vocab_start, vocab_size)
+
+
+def slice_of(length: int, process_group, vocab_start: Optional[int], vocab_size: Optional[int]):
+    """(start, len, vocab) of this rank's ``length`` vocabulary ids (logits' columns or weight
+    rows): given, or Megatron-LM's equal slices in rank order."""
     if process_group is None:
         if vocab_start not in (None, 0) or vocab_size not in (None, length):
             raise ValueError("vocab_start and vocab_size need a process_group (the vocabulary group)")
@@ -160,3 +165,52 @@ class ShardedLoss(torch.autograd.Function):
         if g_loss.device.type == "cpu" and grad.device.type == "cpu" and float(g_loss) == 1.0:
             return grad, None, None, None, None  # the usual upstream gradient: no pass over it
         return grad * g_loss.to(grad.dtype), None, None, None, None
+
+
+def _group_arg(group):
+    """``(rank, size, all-gather)`` of ``group`` for the native split: the callable takes this
+    rank's float64 numbers (a list) and returns every rank's, concatenated in rank order."""
+    if group is None:
+        return (0, 1, None)
+
+    def gather(values):
+        out, _ = _gather(torch.tensor(values, dtype=torch.float64), group)
+        return out.tolist()
+
+    return (dist.get_rank(group), _size(group), gather)
+
+
+class ShardedLinear(torch.autograd.Function):
+    """The fused linear split (CPU tensors): the forward runs the crate's
+    ``Sharded::linear_loss_and_grad`` with the exchanges through ``torch.distributed`` and keeps
+    the gradients (``d hidden`` summed over the vocabulary group unless told otherwise); the
+    backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, labels, token_weights, params):
+        from ._linear import linear_forward
+
+        process_group, data_group = params["process_group"], params["data_group"]
+        split = (params["slice_"], _group_arg(process_group), _group_arg(data_group))
+        loss, per, weights, z, dh, dw, db = linear_forward(hidden, weight, bias, ids, labels, token_weights,
+                                                           params["keywords"], params["keyword_weights"],
+                                                           params["mode"], split)
+        if process_group is not None and params["reduce_hidden_grad"] and dh.numel() > 0:
+            dist.all_reduce(dh, group=process_group)
+        ctx.mark_non_differentiable(per, weights, z)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.has_bias = bias is not None
+        return loss, per, weights, z
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        kept = ctx.saved_tensors
+        out = [None] * 7
+        for k in range(3):
+            if not ctx.needs_input_grad[k]:
+                continue
+            if kept[k].numel() == 0:
+                raise RuntimeError(f"fused_weighted_loss: the forward computed no gradient for "
+                                   f"{('hidden', 'weight', 'bias')[k]} (it did not require one then)")
+            out[k] = kept[k] * g_loss.to(kept[k].dtype)
+        return tuple(out)

@@ -30,6 +30,7 @@ macro_rules! dispatch {
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod group;
 mod linear;
 mod shard;
 
@@ -130,7 +131,7 @@ impl Options {
 pub(crate) fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
-        Error::BackendUnavailable { .. } | Error::Cuda { .. } => PyRuntimeError::new_err(msg),
+        Error::BackendUnavailable { .. } | Error::Cuda { .. } | Error::Collective(_) => PyRuntimeError::new_err(msg),
         _ => PyValueError::new_err(msg),
     }
 }

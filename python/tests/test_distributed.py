@@ -65,8 +65,9 @@ def judge(ranks):
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
 def test_torchrun_four_cpu_ranks_gloo(tmp_path):
     ranks = torchrun(tmp_path, 4, "gloo")
-    # 2 dtypes x 3 option sets x (vocab twice, data, grid)
-    assert judge(ranks) == 2 * 3 * 4
+    # 2 dtypes x 3 option sets x (vocab twice, data, grid), and the fused linear split:
+    # 3 option sets x (vocab, vocab with d hidden summed by hand, data, grid)
+    assert judge(ranks) == 2 * 3 * 4 + 3 * 4
 
 
 def test_torchrun_nccl_cuda(tmp_path):
