@@ -12,16 +12,21 @@
 //!   recomputed from the logits instead: the same values, one more read;
 //! - [`SplitCpu::grad_and_stats`] runs one chunk's gradient beside the next chunk's statistics
 //!   in one parallel pass, for drivers that pipeline.
+//!
+//! The row buffers of the kept exponentials outlive a call (up to 64 MiB, process-wide) and
+//! serve the next call whose slice has the same length: no allocation, zeroing or page faults
+//! of a few MiB per call.
 
 use super::row::{RowMath, RowStats};
 use super::simd::Kernels;
 use super::{
-    rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, SCRATCH_MAX, STREAM_MIN_BYTES,
+    rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, CHUNK, SCRATCH_MAX, STREAM_MIN_BYTES,
 };
 use crate::dtype::Logit;
 use crate::spec::{Plan, RowOptions};
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::Mutex;
 
 /// Words (`f64`) one row's statistics take in the exchange: reference, sum of exponentials, raw
 /// target logit (0 outside the slice), and the logit sum when label smoothing is on.
@@ -99,6 +104,18 @@ pub(crate) enum Dest<'a, L, G> {
     InPlace(&'a mut [G]),
 }
 
+/// Row buffers of the last call that ended, for the next call whose rows have the same length
+/// (calls repeat with the same shapes: no fresh allocation, zeroing and page faults per call).
+static SPARE: Mutex<Vec<RowExps>> = Mutex::new(Vec::new());
+
+/// At most this many bytes of row buffers are kept between calls.
+const SPARE_MAX_BYTES: usize = 64 << 20;
+
+/// Bytes of one row buffer.
+fn row_bytes(e: &RowExps) -> usize {
+    4 * (e.exps.len() + e.chain.len() + e.shifts.len())
+}
+
 /// Exponentials kept for some rows between [`SplitCpu::stats`] and [`SplitCpu::grad`].
 struct Kept {
     key: Range<usize>,
@@ -134,7 +151,15 @@ impl SplitCpu {
         keep_rows: usize,
     ) -> SplitCpu {
         let keep_rows = if len <= SCRATCH_MAX { keep_rows } else { 0 };
-        SplitCpu { k, m: RowMath::new(opts, vocab), v0, len, rows, keep_rows, kept: Vec::new(), pool: Vec::new() }
+        let m = RowMath::new(opts, vocab);
+        // the last call's row buffers when they fit these rows (else they are freed)
+        let mut pool = SPARE.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default();
+        let chain = if m.keeps_chain() { len } else { 0 }; // a kept row's buffers, as `RowExps::new`
+        let fits = |e: &RowExps| (e.exps.len(), e.chain.len(), e.shifts.len()) == (len, chain, len.div_ceil(CHUNK));
+        if keep_rows == 0 || !pool.iter().all(fits) {
+            pool.clear();
+        }
+        SplitCpu { k, m, v0, len, rows, keep_rows, kept: Vec::new(), pool }
     }
 
     /// The kernels in use.
@@ -299,6 +324,20 @@ impl SplitCpu {
             }
         }
         k.fence();
+    }
+}
+
+impl Drop for SplitCpu {
+    /// Hands the row buffers on to the next call (within [`SPARE_MAX_BYTES`]).
+    fn drop(&mut self) {
+        let mut pool = std::mem::take(&mut self.pool);
+        pool.extend(self.kept.drain(..).flat_map(|c| c.exps));
+        let bytes: usize = pool.iter().map(row_bytes).sum();
+        if !pool.is_empty() && bytes <= SPARE_MAX_BYTES {
+            if let Ok(mut s) = SPARE.lock() {
+                *s = pool;
+            }
+        }
     }
 }
 
