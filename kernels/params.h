@@ -119,4 +119,7 @@ typedef struct FwlScaleParams {
     int64_t n;
 } FwlScaleParams;
 
+/* The vocabulary- and data-parallel split's kernels (kernels/split.cuh). */
+#include "split_params.h"
+
 #endif

@@ -569,3 +569,7 @@ template <typename G> __device__ void scale_impl(const FwlScaleParams &p) {
 extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_scale_f32(FwlScaleParams p) { scale_impl<float>(p); }
 extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_scale_f16(FwlScaleParams p) { scale_impl<__half>(p); }
 extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_scale_bf16(FwlScaleParams p) { scale_impl<__nv_bfloat16>(p); }
+
+// ---- the vocabulary- and data-parallel split -----------------------------------------------
+
+#include "split.cuh"

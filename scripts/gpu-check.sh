@@ -6,8 +6,10 @@
 #                                       # Python package's wheel (with the CUDA kernels) and the
 #                                       # Liger-Kernel wheel, in gpu-bundle/ (git-ignored, < 64 MiB)
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, gpu-bundle/ carried:
-#                                       # GPU parity with FWL_REQUIRE_CUDA=1 (the logits path and the fused
-#                                       # linear path), compute-sanitizer memcheck
+#                                       # GPU parity with FWL_REQUIRE_CUDA=1 (the logits path, the fused
+#                                       # linear path, the vocabulary- and data-parallel split with NCCL:
+#                                       # world size 1, one rank per GPU when there are several),
+#                                       # compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
 #                                       # (benches/sweep_cuda.py), the Python package's CUDA tests
@@ -37,7 +39,8 @@ prepare() {
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
   cargo build --release --features cli,cuda --bin fused-weighted-loss
   cp target/release/fused-weighted-loss "$bundle/bin/"
-  cargo test --release --features cli,cuda --test gpu --test gpu_linear --test large --no-run --message-format=json \
+  cargo test --release --features cli,cuda,nccl --test gpu --test gpu_linear --test gpu_parallel --test large \
+    --no-run --message-format=json \
     | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
@@ -85,6 +88,11 @@ run() {
   within 40 "$bundle/bin/test-large" --exact more_than_2_pow_31_elements_cuda || fail=1
   step "GPU parity of the fused linear path (FWL_REQUIRE_CUDA=1)"
   within 60 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
+  step "vocabulary-/data-parallel split on the GPU, NCCL with the ranks this machine has (FWL_REQUIRE_CUDA=1)"
+  # NCCL as PyTorch ships it (libnccl.so.2 in its nvidia-nccl wheel) unless the system has one
+  local nccl
+  nccl=$(python3 -c 'import glob, site; print(next(iter(sorted(p for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/**/libnccl.so*", recursive=True))), ""))' 2>/dev/null)
+  within 90 env FWL_NCCL_LIBRARY="${FWL_NCCL_LIBRARY:-$nccl}" "$bundle/bin/test-gpu_parallel" --test-threads=1 || fail=1
 
   local cs
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1 || true)
@@ -117,6 +125,8 @@ run() {
     have_pkg=1
     # every CUDA test (test_cuda.py and the [cuda] cases of the others); the CPU ones run in CI
     within 150 python3 -m pytest -q -rs -p no:cacheprovider python/tests -k cuda || fail=1
+    step "Python package: vocabulary-/data-parallel under torchrun with 4 CPU ranks (gloo; NCCL ran above)"
+    within 90 python3 -m pytest -q -rs -p no:cacheprovider python/tests/test_distributed.py -k gloo || fail=1
   else
     echo "no installable fused_weighted_loss wheel in $bundle/wheels (run prepare)"; fail=1
   fi

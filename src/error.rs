@@ -173,6 +173,50 @@ pub enum Error {
         /// The driver's message.
         message: String,
     },
+    /// A vocabulary slice (vocabulary-parallel calls) that is empty or does not fit the vocabulary.
+    #[error("vocabulary slice [{start}, {start} + {len}) is empty or does not fit a vocabulary of {vocab}")]
+    InvalidVocabSlice {
+        /// First vocabulary id of the slice.
+        start: usize,
+        /// Ids in the slice.
+        len: usize,
+        /// The whole vocabulary.
+        vocab: usize,
+    },
+    /// The slices of a vocabulary-parallel group do not cover the vocabulary exactly once.
+    #[error("the vocabulary slices of the group (start, len in rank order: {slices:?}) do not tile [0, {vocab})")]
+    SlicesDoNotTile {
+        /// The whole vocabulary.
+        vocab: usize,
+        /// Each rank's `(start, len)`, in rank order.
+        slices: Vec<(usize, usize)>,
+    },
+    /// A buffer of a sharded step or of an exchange has the wrong length.
+    #[error("{what} has {got} elements, expected {expected}")]
+    ExchangeLength {
+        /// Which buffer.
+        what: &'static str,
+        /// Elements expected.
+        expected: usize,
+        /// Elements given.
+        got: usize,
+    },
+    /// A sharded step named rows outside the call's `B * T` rows.
+    #[error("rows {start}..{end} are not within the call's {rows} rows")]
+    RowRange {
+        /// First row asked for.
+        start: usize,
+        /// One past the last row asked for.
+        end: usize,
+        /// Rows of the call.
+        rows: usize,
+    },
+    /// The steps of a sharded call were taken out of order (see the message).
+    #[error("sharded steps out of order: {0}")]
+    StepOrder(&'static str),
+    /// A collective (an all-gather between ranks) failed or is not available.
+    #[error("collective communication failed: {0}")]
+    Collective(String),
     /// A fused linear input (hidden states, weight) has a rank it cannot have.
     #[error("{what} must be {expected}, got rank {} {dims:?}", dims.len())]
     InputRank {

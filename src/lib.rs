@@ -49,6 +49,7 @@ mod dtype;
 mod error;
 pub mod linear;
 pub mod measure;
+pub mod parallel;
 pub mod reference;
 mod spec;
 pub mod synthetic;

@@ -725,20 +725,21 @@ impl LossSpec {
                 RowMean::ValidTokens => n as f64,
             })
             .collect();
-        let denom = match self.reduction {
-            Reduction::Mean => b as f64,
-            Reduction::WeightedMean => weights.iter().sum(),
-            Reduction::Sum => 1.0,
-        };
-        let reduce: Vec<f64> = weights.iter().map(|&w| if denom > 0.0 { w / denom } else { 0.0 }).collect();
-        let coef =
-            reduce.iter().zip(&row_div).map(|(&r, &d)| if d > 0.0 { self.grad_scale * r / d } else { 0.0 }).collect();
         // row (s, p) is weighted by token_weights[s, p + 1]; the last position has no target
         let token_weight = match tokens.token_weights {
             Some(w) => (0..shape.rows()).map(|r| if (r + 1) % t == 0 { 0.0 } else { w[r + 1] }).collect(),
             None => Vec::new(),
         };
-        Ok(Plan { shape, targets, weights, valid, row_div, reduce, coef, token_weight, opts: self.row_options() })
+        let (reduce, coef) = (Vec::new(), Vec::new());
+        let mut plan =
+            Plan { shape, targets, weights, valid, row_div, reduce, coef, token_weight, opts: self.row_options() };
+        let denom = match self.reduction {
+            Reduction::Mean => b as f64,
+            Reduction::WeightedMean => plan.weights.iter().sum(),
+            Reduction::Sum => 1.0,
+        };
+        plan.set_denominator(denom, self.grad_scale);
+        Ok(plan)
     }
 
     /// The per-row options of this spec.
@@ -748,6 +749,15 @@ impl LossSpec {
 }
 
 impl Plan {
+    /// Sets the reduction's per-sample factors `reduce_b = w_b / denom` (0 when `denom` is 0) and
+    /// the gradient coefficients from them: `denom` is `B`, `Σ w_b` or 1 for this call's samples,
+    /// or the same over every data-parallel rank's samples.
+    pub(crate) fn set_denominator(&mut self, denom: f64, grad_scale: f64) {
+        self.reduce = self.weights.iter().map(|&w| if denom > 0.0 { w / denom } else { 0.0 }).collect();
+        let coef = self.reduce.iter().zip(&self.row_div);
+        self.coef = coef.map(|(&r, &d)| if d > 0.0 { grad_scale * r / d } else { 0.0 }).collect();
+    }
+
     /// Row `r`'s gradient coefficient: its sample's, times its token weight.
     #[inline]
     pub(crate) fn row_coef(&self, r: usize) -> f32 {

@@ -102,6 +102,11 @@ def weighted_loss(
     check_ids: bool = False,
     return_per_sample: bool = False,
     return_token_loss: bool = False,
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    data_group=None,
+    chunk_rows: Optional[int] = None,
 ):
     """The keyword-weighted loss of ``logits`` [B, T, V] (float32, float16 or bfloat16) for
     ``ids`` [B, T] (int64 or int32), with the crate's options.
@@ -138,6 +143,27 @@ def weighted_loss(
     positions without a target (and non-finite token weights are not reported), unless
     ``check_ids=True`` (or ``check_finite=True``), which waits for the kernels and raises
     ``ValueError`` as on CPU. At most 64 keywords on CUDA.
+
+    Beyond one device (``torch.distributed``, NCCL for CUDA tensors, gloo for CPU tensors):
+
+    - ``process_group``: vocabulary-parallel. This rank's ``logits`` hold the vocabulary slice
+      ``[vocab_start, vocab_start + logits.shape[-1])`` of a vocabulary of ``vocab_size``
+      (defaults: Megatron-LM's equal slices in rank order, ``rank * V_r`` and ``ranks * V_r``);
+      ids, labels, keywords and token weights are global and the same on every rank of the group.
+      Every rank returns the loss over the whole vocabulary; the gradient is that of this rank's
+      slice. The slices are checked to tile the vocabulary (once per group and slice).
+    - ``data_group``: data-parallel. This rank holds some samples; ``reduction="mean"`` divides
+      by the global batch and ``"weighted_mean"`` by the global sum of weights, so that loss and
+      gradients equal the single-device result on the concatenated batch, and every rank returns
+      that loss (per-sample outputs are this rank's samples). DDP, which averages gradients over
+      its ranks, then needs the loss scaled by the data-parallel size.
+    - both: a 2-D grid of ranks. ``chunk_rows``: rows per exchange of the vocabulary group (the
+      same on every rank; default: what keeps a chunk in cache).
+
+    Per call each rank sends ``8 * W`` bytes per row to its vocabulary group on CPU (``4 * W`` on
+    CUDA; ``W`` = 3, 4 with label smoothing) and 16 bytes twice to its data group. This path is an
+    eager autograd function (``torch.compile`` breaks the graph around it); on CUDA it does not
+    check ids (``check_ids`` is not supported there).
     """
     if not isinstance(logits, Tensor) or not isinstance(ids, Tensor):
         raise TypeError("logits and ids must be torch tensors")
@@ -148,6 +174,11 @@ def weighted_loss(
     kw, kww = _keyword_lists(keywords, keyword_weights)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     outputs = bool(return_per_sample) or bool(return_token_loss)
+    if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
+        return _sharded(logits, ids, labels, token_weights, process_group, data_group, vocab_start, vocab_size,
+                        chunk_rows, compute_grad, outputs, bool(return_token_loss), bool(check_ids),
+                        (kw, kww, float(alpha), int(ignore_index), str(row_mean), str(reduction), bool(check_finite),
+                         float(z_loss), float(label_smoothing), None if softcap is None else float(softcap)))
     loss, per, weights, z, token_loss, _ = _loss_op(
         logits.contiguous(),
         ids.contiguous(),
@@ -159,6 +190,34 @@ def weighted_loss(
                     token_loss=bool(return_token_loss), alpha=float(alpha), ignore_index=int(ignore_index),
                     z_loss=float(z_loss), label_smoothing=float(label_smoothing),
                     softcap=None if softcap is None else float(softcap)),
+    )
+    if outputs:
+        return LossOutput(loss, per, weights, z, token_loss if return_token_loss else None)
+    return loss
+
+
+def _sharded(logits, ids, labels, token_weights, process_group, data_group, vocab_start, vocab_size, chunk_rows,
+             compute_grad, outputs, return_token_loss, check_ids, options):
+    from . import _dist
+
+    if check_ids and logits.is_cuda:
+        raise ValueError("check_ids is not supported with process_group or data_group on CUDA tensors")
+    params = dict(
+        options=options,
+        process_group=process_group,
+        data_group=data_group,
+        slice_=_dist.resolve_slice(logits, process_group, vocab_start, vocab_size),
+        chunk_rows=chunk_rows,
+        compute_grad=compute_grad,
+        want_per_sample=outputs,
+        want_token_loss=return_token_loss,
+    )
+    loss, per, weights, z, token_loss = _dist.ShardedLoss.apply(
+        logits.contiguous(),
+        ids.contiguous(),
+        labels.contiguous() if labels is not None else None,
+        token_weights.detach().contiguous() if token_weights is not None else None,
+        params,
     )
     if outputs:
         return LossOutput(loss, per, weights, z, token_loss if return_token_loss else None)
@@ -197,6 +256,11 @@ def weighted_linear_loss(
     check_finite: bool = False,
     check_ids: bool = False,
     return_per_sample: bool = False,
+    process_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    data_group=None,
+    reduce_hidden_grad: bool = True,
 ):
     """:func:`weighted_loss` of the logits ``hidden @ weight.T + bias``, computed without ever
     holding them: the last hidden states ``hidden`` ([B, T, H] or [B*T, H]), the output weight
@@ -221,6 +285,19 @@ def weighted_linear_loss(
     Returns the float32 0-d loss, or with ``return_per_sample=True`` a :class:`LossOutput`
     (``token_loss`` None). Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's
     message; CUDA tensors as in :func:`weighted_loss` (``check_ids``).
+
+    Beyond one device, **CPU tensors only** (``torch.distributed`` with gloo; the CUDA split of
+    the fused linear path is not built): ``process_group`` (vocabulary-parallel: ``weight`` and
+    ``bias`` hold this rank's rows ``[vocab_start, vocab_start + weight.shape[0])`` of a
+    vocabulary of ``vocab_size``, defaults as in :func:`weighted_loss`; ``hidden``, ids, labels
+    and token weights the same on every rank of the group) and ``data_group``
+    (data-parallel), with :func:`weighted_loss`'s semantics. The gradients of weight and bias are
+    those of this rank's rows; the gradient of ``hidden`` is summed over the vocabulary group
+    (one ``all_reduce`` of ``B*T*H`` numbers in the forward) unless ``reduce_hidden_grad=False``,
+    which leaves this rank's part, for a model whose layer all-reduces it in its own backward
+    (Megatron-LM's ``copy_to_tensor_model_parallel_region``). Each rank sends 24 bytes per row
+    with a target (32 with label smoothing) to its vocabulary group. This path is an eager
+    ``torch.autograd.Function``.
     """
     named = dict(weight=weight, ids=ids)
     for name, t in named.items():
@@ -236,23 +313,34 @@ def weighted_linear_loss(
     grad_on = torch.is_grad_enabled()
     grads = "".join(flag for flag, t in zip("hwb", (hidden, weight, bias))
                     if grad_on and t is not None and t.requires_grad)
-    loss, per, weights, z, *_ = _linear_op(
+    args = (
         hidden.contiguous(),
         weight.contiguous(),
         bias.contiguous() if bias is not None else None,
         ids.contiguous(),
         labels.contiguous() if labels is not None else None,
         token_weights.detach().contiguous() if token_weights is not None else None,
-        kw,
-        kww,
-        linear_mode_string(str(row_mean), str(reduction), grads, bool(return_per_sample), bool(check_ids),
-                           bool(check_finite), accumulate_f32=bool(accumulate_f32),
-                           chunk_rows=_optional_int("chunk_rows", chunk_rows),
-                           chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=float(alpha),
-                           ignore_index=int(ignore_index), z_loss=float(z_loss),
-                           label_smoothing=float(label_smoothing),
-                           softcap=None if softcap is None else float(softcap)),
     )
+    mode = linear_mode_string(str(row_mean), str(reduction), grads, bool(return_per_sample), bool(check_ids),
+                              bool(check_finite), accumulate_f32=bool(accumulate_f32),
+                              chunk_rows=_optional_int("chunk_rows", chunk_rows),
+                              chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=float(alpha),
+                              ignore_index=int(ignore_index), z_loss=float(z_loss),
+                              label_smoothing=float(label_smoothing),
+                              softcap=None if softcap is None else float(softcap))
+    if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
+        from . import _dist
+
+        if hidden.device.type != "cpu":
+            raise ValueError("process_group / data_group on weighted_linear_loss: CPU tensors only "
+                             "(the CUDA fused linear split is not built)")
+        params = dict(process_group=process_group, data_group=data_group, keywords=kw, keyword_weights=kww,
+                      mode=mode, reduce_hidden_grad=bool(reduce_hidden_grad),
+                      slice_=_dist.slice_of(weight.shape[0] if weight.dim() == 2 else 0, process_group,
+                                              vocab_start, vocab_size))
+        loss, per, weights, z = _dist.ShardedLinear.apply(*args, params)
+    else:
+        loss, per, weights, z, *_ = _linear_op(*args, kw, kww, mode)
     if return_per_sample:
         return LossOutput(loss, per, weights, z, None)
     return loss

@@ -78,6 +78,12 @@ def _linear_op(
     (float64 0-d) (each empty without the ``p`` flag), and the gradients of hidden, weight and
     bias (each the input's shape and dtype, or empty without its flag), in one chunked pass
     that never holds the logits. ``mode``: see :func:`linear_mode_string`."""
+    return linear_forward(hidden, weight, bias, ids, labels, token_weights, keywords, keyword_weights, mode)
+
+
+def linear_forward(hidden, weight, bias, ids, labels, token_weights, keywords, keyword_weights, mode, split=None):
+    """The linear op's forward; ``split``: this rank's vocabulary slice and groups for the
+    native call (CPU tensors only, see ``_dist.sharded_linear``)."""
     named = dict(hidden=hidden, weight=weight, bias=bias, ids=ids, labels=labels, token_weights=token_weights)
     _check_devices(hidden, named)
     _check_layouts(named)
@@ -97,6 +103,7 @@ def _linear_op(
         (opt.get("chunk_rows"), opt.get("chunk_budget")),
         _device_arg(hidden),
         "i" in flags,
+        split,
     )
     for g, t in zip(grads, targets):
         if g is not t:

@@ -4,15 +4,16 @@
 
 use crate::linear::LinearRequest;
 use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Options, Request, TensorArg};
+use fused_weighted_loss::parallel::Sharded;
 use fused_weighted_loss::{
-    Backend, DType, Grad, LinearGrads, LinearInputs, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens,
+    Backend, DType, Grad, LinearGrads, LinearInputs, LinearShape, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::time::Instant;
 
 /// The unsafe boundary of the CPU path: host memory that Python owns, seen as slices.
-mod host {
+pub(crate) mod host {
     use pyo3::exceptions::PyValueError;
     use pyo3::PyResult;
 
@@ -28,7 +29,7 @@ mod host {
     /// # Safety
     /// `ptr` addresses `len` elements of `T` (any bit pattern of the types used here is a valid
     /// value) that stay allocated, and are not written, for `'a`.
-    pub(super) unsafe fn slice<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a [T]> {
+    pub(crate) unsafe fn slice<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a [T]> {
         check::<T>(ptr, what)?;
         // SAFETY: non-null and aligned (checked); the rest as the caller promises.
         Ok(unsafe { std::slice::from_raw_parts(ptr as usize as *const T, len) })
@@ -38,7 +39,7 @@ mod host {
     ///
     /// # Safety
     /// As [`slice`], and nothing else reads or writes that memory for `'a`.
-    pub(super) unsafe fn slice_mut<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a mut [T]> {
+    pub(crate) unsafe fn slice_mut<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a mut [T]> {
         check::<T>(ptr, what)?;
         // SAFETY: non-null and aligned (checked); the rest as the caller promises.
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr as usize as *mut T, len) })
@@ -170,7 +171,19 @@ fn linear_typed<L: Logit, I: TokenId>(py: Python<'_>, req: &LinearRequest<'_>) -
     }
     let grads = LinearGrads::new().hidden(dh).weight(dw).bias(db);
     let (spec, chunking) = (&req.spec, req.chunking);
-    let r = py.detach(|| spec.linear_loss_and_grad(shape, inputs, tokens, grads, chunking)).map_err(to_py)?;
+    let r = match &req.split {
+        None => py.detach(|| spec.linear_loss_and_grad(shape, inputs, tokens, grads, chunking)),
+        Some(split) => {
+            // the weight holds this rank's rows: the loss's shape has the whole vocabulary
+            let slice = split.slice().map_err(to_py)?;
+            let whole = LinearShape::new(shape.batch(), shape.seq(), shape.hidden(), slice.vocab()).map_err(to_py)?;
+            py.detach(|| {
+                let call = Sharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
+                call.linear_loss_and_grad(spec, whole, inputs, tokens, grads, chunking)
+            })
+        }
+    }
+    .map_err(to_py)?;
     write_outputs(&r.loss, loss, per_sample, weights, z_loss);
     Ok(())
 }

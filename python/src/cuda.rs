@@ -16,6 +16,8 @@ use pyo3::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub(crate) mod shard;
+
 /// Puts back, when dropped, the context that was current on the thread before the call (torch's
 /// current device is the runtime's current context; a call on another device's tensors, or the
 /// first call, which retains the device's primary context, must not change it).

@@ -30,7 +30,9 @@ macro_rules! dispatch {
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod group;
 mod linear;
+mod shard;
 
 /// A contiguous tensor as Python describes it: `(data_ptr, shape, dtype name)`, the dtype name
 /// without its `torch.` prefix (`float32`, `bfloat16`, `int64`, ...).
@@ -129,7 +131,7 @@ impl Options {
 pub(crate) fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
-        Error::BackendUnavailable { .. } | Error::Cuda { .. } => PyRuntimeError::new_err(msg),
+        Error::BackendUnavailable { .. } | Error::Cuda { .. } | Error::Collective(_) => PyRuntimeError::new_err(msg),
         _ => PyValueError::new_err(msg),
     }
 }
@@ -294,6 +296,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;
+    m.add_class::<shard::Shard>()?;
     #[cfg(feature = "cuda")]
     m.add_function(wrap_pyfunction!(cuda::time_rust_call_cuda, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

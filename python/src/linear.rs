@@ -1,6 +1,7 @@
 //! The fused linear + weighted loss (`weighted_linear_loss` in Python): validation of one call,
 //! then the CPU or CUDA backend (`cpu::linear_forward`, `cuda::linear_forward`).
 
+use crate::group::PySplit;
 use crate::{id_dtype, logit_dtype, to_py, IdType, Options, Outputs, TensorArg};
 use fused_weighted_loss::{Backend, Chunking, DType, Error, LinearShape, LossSpec};
 use pyo3::exceptions::PyTypeError;
@@ -52,6 +53,9 @@ pub(crate) struct LinearRequest<'a> {
     /// The loss outputs (their gradient pointer unused: 0).
     pub out: Outputs,
     pub chunking: Chunking,
+    /// Vocabulary- and data-parallel: this rank's slice of the whole vocabulary (the weight's
+    /// rows) and its groups; None for the whole call on this rank.
+    pub split: Option<PySplit>,
 }
 
 /// A gradient tensor's pointer once its dims are the input's and its dtype is the inputs' or
@@ -112,6 +116,7 @@ impl LinearInputs {
         options: &Options,
         chunks: (Option<i64>, Option<i64>),
         backend: Backend,
+        split: Option<PySplit>,
     ) -> PyResult<LinearRequest<'a>> {
         let LinearInputs(hidden, weight, bias, ids, labels, token_weights) = self;
         let dtype = logit_dtype(hidden.dtype()).map_err(|_| {
@@ -156,16 +161,21 @@ impl LinearInputs {
             ],
             out: *out,
             chunking: chunking(chunks)?,
+            split,
         })
     }
 }
 
 /// The fused linear loss of `inputs` (see [`LinearInputs`]) and the gradients that `outputs`
 /// has tensors for (see [`LinearOutputs`]; every gradient is overwritten), the loss outputs
-/// written into the tensors of `outputs`. `chunks`: `(rows per chunk, byte budget)`, at most one of them given. `device` and
-/// `check` as in `crate::forward`.
+/// written into the tensors of `outputs`. `chunks`: `(rows per chunk, byte budget)`, at most one
+/// of them given. `device` and `check` as in `crate::forward`. `split` (CPU tensors only): this
+/// rank's slice `(start, len, vocab)` of the vocabulary (`weight` holds its `len` rows) and its
+/// vocabulary and data groups, each `(rank, size, all-gather callable or None)` (see
+/// `group.rs`); `d hidden` is then this rank's part, to be summed over the vocabulary group.
 #[pyfunction]
-#[pyo3(signature = (inputs, outputs, options, chunks, device=None, check=false))]
+#[pyo3(signature = (inputs, outputs, options, chunks, device=None, check=false, split=None))]
+#[allow(clippy::too_many_arguments)] // Python's keyword arguments, with `py`
 pub(crate) fn linear_forward(
     py: Python<'_>,
     inputs: LinearInputs,
@@ -174,9 +184,14 @@ pub(crate) fn linear_forward(
     chunks: (Option<i64>, Option<i64>),
     device: Option<(usize, usize)>,
     check: bool,
+    split: Option<PySplit>,
 ) -> PyResult<()> {
     let backend = if device.is_some() { Backend::Cuda } else { Backend::Cpu };
-    let req = inputs.request(&outputs, &options, chunks, backend)?;
+    if device.is_some() && split.is_some() {
+        let msg = "process_group / data_group on weighted_linear_loss: CPU tensors only (the CUDA fused linear split is not built)";
+        return Err(to_py(Error::Unsupported(msg.into())));
+    }
+    let req = inputs.request(&outputs, &options, chunks, backend, split)?;
     match device {
         None => crate::cpu::linear_forward(py, &req),
         #[cfg(feature = "cuda")]

@@ -31,6 +31,7 @@
 pub(crate) mod gemm;
 mod row;
 pub(crate) mod simd;
+pub(crate) mod split;
 
 use crate::dtype::{DType, Logit};
 use crate::spec::{Plan, RowLosses, NO_TARGET};

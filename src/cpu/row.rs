@@ -64,7 +64,6 @@ impl RowStats {
     }
 
     /// Combines the statistics of two disjoint slices of one row.
-    #[allow(dead_code)] // the vocabulary-parallel mode's combine step; exercised by unit tests
     pub fn merge(self, other: RowStats) -> RowStats {
         let shift = if other.shift > self.shift { other.shift } else { self.shift };
         RowStats {

@@ -251,14 +251,14 @@ impl CudaLoss {
     }
 
     /// Takes the device addresses of the token inputs and runs `f` while they are held.
-    pub(super) fn with_inputs<I: TokenId>(
+    pub(super) fn with_inputs<I: TokenId, R>(
         &self,
         stream: &Arc<CudaStream>,
         inputs: &DeviceInputs<'_, I>,
         logits: u64,
         grad: u64,
-        f: impl FnOnce(&Arc<CudaStream>, &Ptrs) -> Result<DeviceLossOutput>,
-    ) -> Result<DeviceLossOutput> {
+        f: impl FnOnce(&Arc<CudaStream>, &Ptrs) -> Result<R>,
+    ) -> Result<R> {
         let (ids, _gi) = inputs.ids.device_ptr(stream);
         let labels = inputs.labels.map(|l| l.device_ptr(stream));
         let weights = inputs.token_weights.map(|w| w.device_ptr(stream));

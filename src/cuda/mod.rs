@@ -31,7 +31,8 @@
 //! touched), `module` (the kernels loaded once per context, the rows kernel's launch knobs),
 //! `launch` (the plan, rows and finish launches of a call and the buffers between them), `api`
 //! (the public device API), `host` (host slices through the GPU), `bench` (device timings); `linear` is the fused linear path on cuBLAS, `external` runs on
-//! another framework's device pointers and stream.
+//! another framework's device pointers and stream; `split` is the vocabulary- and data-parallel
+//! split (`nccl` its NCCL all-gather, feature `nccl`).
 
 pub mod linear;
 
@@ -43,6 +44,9 @@ mod params {
 
 pub use cudarc;
 pub mod external;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod split;
 
 use crate::dtype::{DType, Logit, TokenId};
 use crate::error::{Error, Result};

@@ -60,6 +60,8 @@ pub(super) struct Module {
     pub(super) smem_max: usize,
     /// How the rows kernel is launched (threads per block: `launch.threads`).
     pub(super) launch: RowLaunch,
+    /// The vocabulary- and data-parallel split's kernels.
+    pub(super) split: super::split::SplitFns,
 }
 
 impl Module {
@@ -144,6 +146,7 @@ impl Module {
             num_sms: num_sms.max(1) as u32,
             smem_max,
             launch,
+            split: super::split::SplitFns::load(f)?,
         })
     }
 

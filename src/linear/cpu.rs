@@ -133,18 +133,45 @@ fn scatter<G: Logit>(k: &Kernels, dhc: &[f32], rows: &[u32], h: usize, dh: &mut 
     }
 }
 
+/// What turns a chunk's logits (`rows.len() x V`, f32) into their gradient in place and gives
+/// each row's loss and z-loss part: the rows pass, or the vocabulary-parallel split's steps.
+pub(crate) type RowsPass<'a> = dyn FnMut(&[u32], &mut [f32], &mut [f64], &mut [f64]) -> Result<()> + 'a;
+
+/// The rows plan row `r` has a target in, in order: the chunks' rows.
+pub(crate) fn active_rows(plan: &Plan) -> Vec<u32> {
+    (0..plan.shape.rows()).filter(|&r| plan.targets[r] != NO_TARGET).map(|r| r as u32).collect()
+}
+
 /// Runs every chunk; returns each plan row's loss (0 for rows without a target).
 pub(crate) fn run<L: Logit>(
     k: &Kernels,
     plan: &Plan,
     shape: LinearShape,
     inp: &LinearInputs<'_, L>,
+    g: LinearGrads<'_, L>,
+    chunking: Chunking,
+) -> Result<(RowLosses, Chunks)> {
+    let mut pass = |rows: &[u32], z: &mut [f32], loss: &mut [f64], zl: &mut [f64]| {
+        run_rows_in_place(k, plan, RowSel::List(rows), z, loss, zl);
+        Ok(())
+    };
+    run_with(k, plan, shape, inp, g, chunking, &mut pass)
+}
+
+/// [`run`] with the chunks' rows pass given: `shape`'s vocabulary is the width of the logits
+/// this call computes (its rows of `W`), the plan's that of the loss.
+pub(crate) fn run_with<L: Logit>(
+    k: &Kernels,
+    plan: &Plan,
+    shape: LinearShape,
+    inp: &LinearInputs<'_, L>,
     mut g: LinearGrads<'_, L>,
     chunking: Chunking,
+    rows_pass: &mut RowsPass<'_>,
 ) -> Result<(RowLosses, Chunks)> {
     let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
     // rows without a target have no loss and a zero gradient: they are left out of the chunks
-    let active: Vec<u32> = (0..n).filter(|&r| plan.targets[r] != NO_TARGET).map(|r| r as u32).collect();
+    let active = active_rows(plan);
     let default_budget = CPU_BUDGET_PER_THREAD * rayon::current_num_threads().max(1);
     let c = chunking.rows_for(default_budget, 4 * v + 8 * h, active.len())?;
 
@@ -198,7 +225,7 @@ pub(crate) fn run<L: Logit>(
         }
 
         // the rows pass: logits -> coef * (softmax - onehot), and each row's loss
-        run_rows_in_place(k, plan, RowSel::List(rows), z, &mut chunk_loss[..m], &mut chunk_z[..m]);
+        rows_pass(rows, z, &mut chunk_loss[..m], &mut chunk_z[..m])?;
         for ((&r, &l), &zl) in rows.iter().zip(&chunk_loss).zip(&chunk_z) {
             row_loss.loss[r as usize] = l;
             row_loss.z[r as usize] = zl;

@@ -218,7 +218,7 @@ impl<'a, L: Logit> LinearInputs<'a, L> {
     pub fn with_bias(self, bias: &'a [L]) -> Self {
         LinearInputs { bias: Some(bias), ..self }
     }
-    fn check(&self, shape: LinearShape) -> Result<()> {
+    pub(crate) fn check(&self, shape: LinearShape) -> Result<()> {
         let t = shape.tokens;
         check_len("hidden", self.hidden.len(), shape.hidden_len(), t)?;
         check_len("weight", self.weight.len(), shape.weight_len(), t)?;
@@ -268,7 +268,7 @@ impl<'a, L: Logit> LinearGrads<'a, L> {
     pub fn accumulate(self, on: bool) -> Self {
         LinearGrads { accumulate: on, ..self }
     }
-    fn check(&self, shape: LinearShape, has_bias: bool) -> Result<()> {
+    pub(crate) fn check(&self, shape: LinearShape, has_bias: bool) -> Result<()> {
         let t = shape.tokens;
         if let Some(n) = self.hidden.len() {
             check_len("d hidden", n, shape.hidden_len(), t)?;

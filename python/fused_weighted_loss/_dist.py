@@ -1,0 +1,216 @@
+"""The loss when the vocabulary (``process_group``: vocabulary-parallel, Megatron-LM's layout)
+and/or the batch (``data_group``: data-parallel) are split between ranks, with the exchanges done
+by ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU tensors).
+
+The crate's split (``fused_weighted_loss::parallel``) runs in chunks of rows: the statistics of a
+chunk (a few numbers per row: max, sum of exponentials, the target logit if this rank holds it, the
+logit sum with label smoothing) are all-gathered over the vocabulary group while the next chunk's
+are computed (``async_op=True``), then merged in rank order, the same bits on every rank, and the
+gradient of this rank's slice written. Data-parallel denominators (global ``B`` and ``sum w_b``) are
+all-gathered before the logits are read; the loss shares at the end, so that every rank returns
+the loss of the whole batch.
+
+This path is an eager ``torch.autograd.Function`` (``torch.compile`` breaks the graph around it).
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _native
+from ._ops import _arg, _device_arg, _ptr
+
+# (group, start, len, vocab) whose slices were checked to tile the vocabulary
+_TILED: Dict[Tuple[int, int, int, int], bool] = {}
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _gather(t: Tensor, group, async_op: bool = False):
+    """All-gather ``t`` (1-d) over ``group`` in rank order: ``(out, work)``."""
+    out = t.new_empty((t.numel() * _size(group),))
+    work = dist.all_gather_into_tensor(out, t, group=group, async_op=async_op)
+    return out, work
+
+
+def _check_tiling(group, start: int, length: int, vocab: int) -> None:
+    """Every rank's slice covers [0, vocab) exactly once (checked once per group and slice)."""
+    key = (id(group), start, length, vocab)
+    if _TILED.get(key):
+        return
+    slices = [None] * _size(group)
+    dist.all_gather_object(slices, (start, length), group=group)
+    covered = 0
+    for s, n in sorted(slices):
+        if s != covered:
+            break
+        covered = s + n
+    if covered != vocab or any(n <= 0 for _, n in slices):
+        raise ValueError(f"the vocabulary slices of the group (start, len in rank order: {slices}) do not tile "
+                         f"[0, {vocab})")
+    _TILED[key] = True
+
+
+def resolve_slice(logits: Tensor, process_group, vocab_start: Optional[int], vocab_size: Optional[int]):
+    """(start, len, vocab) of this rank's logits: given, or Megatron-LM's equal slices in rank
+    order (start = rank * V_r, vocab = ranks * V_r)."""
+    return slice_of(logits.shape[-1] if logits.dim() == 3 else 0, process_group, vocab_start, vocab_size)
+
+
+def slice_of(length: int, process_group, vocab_start: Optional[int], vocab_size: Optional[int]):
+    """(start, len, vocab) of this rank's ``length`` vocabulary ids (logits' columns or weight
+    rows): given, or Megatron-LM's equal slices in rank order."""
+    if process_group is None:
+        if vocab_start not in (None, 0) or vocab_size not in (None, length):
+            raise ValueError("vocab_start and vocab_size need a process_group (the vocabulary group)")
+        return 0, length, length
+    rank, ranks = dist.get_rank(process_group), _size(process_group)
+    start = rank * length if vocab_start is None else int(vocab_start)
+    vocab = ranks * length if vocab_size is None else int(vocab_size)
+    return start, length, vocab
+
+
+def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor],
+                    options: tuple, process_group, data_group, slice_: Tuple[int, int, int],
+                    chunk_rows: Optional[int], compute_grad: bool, want_per_sample: bool, want_token_loss: bool):
+    """Runs the split; returns (loss f32, per_sample, weights, z_loss f64, token_loss, grad)."""
+    start, length, vocab = slice_
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have rank 3 [batch, seq, vocab slice], got {list(logits.shape)}")
+    b, t, _ = logits.shape
+    device = logits.device
+    dev = _device_arg(logits)
+    tokens = (_arg(ids), _arg(labels) if labels is not None else None,
+              _arg(token_weights) if token_weights is not None else None)
+    h = _native.Shard(tokens, (b, t, vocab), (start, length), options, dev)
+    if process_group is not None:
+        _check_tiling(process_group, start, length, vocab)
+    if data_group is not None:
+        mine = torch.empty(2, dtype=torch.float64, device=device)
+        h.batch_totals(_arg(mine))
+        totals, _ = _gather(mine, data_group)
+        h.set_batch_totals(_arg(totals))
+
+    words = h.words_per_row()
+    pdtype = torch.float32 if device.type == "cuda" else torch.float64
+    ranks = _size(process_group) if process_group is not None else 1
+    rows = b * t
+    x = logits.reshape(rows, length)
+    grad = torch.empty_like(x) if compute_grad else None
+    chunk = max(1, int(chunk_rows)) if chunk_rows else h.default_chunk_rows(ranks, str(logits.dtype)[6:])
+
+    def finish(r0, r1, gathered, work):
+        if work is not None:
+            work.wait()
+        h.finish_rows((r0, r1), _arg(gathered), _arg(x[r0:r1]), _arg(grad[r0:r1]) if grad is not None else None)
+
+    # pipelined: chunk k's statistics are exchanged while chunk k + 1's are computed
+    pending = None
+    for r0 in range(0, rows, chunk):
+        r1 = min(rows, r0 + chunk)
+        send = torch.empty((r1 - r0) * words, dtype=pdtype, device=device)
+        h.partials((r0, r1), _arg(x[r0:r1]), _arg(send))
+        if process_group is not None:
+            gathered, work = _gather(send, process_group, async_op=True)
+        else:
+            gathered, work = send, None
+        if pending is not None:
+            finish(*pending)
+        pending = (r0, r1, gathered, work)
+    if pending is not None:
+        finish(*pending)
+
+    share = torch.empty(2, dtype=torch.float64, device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    per = torch.empty((b if want_per_sample else 0,), dtype=torch.float64, device=device)
+    weights = torch.empty((b if want_per_sample else 0,), dtype=torch.float64, device=device)
+    token_loss = torch.empty((b, t - 1) if want_token_loss else (0,), dtype=torch.float32, device=device)
+    # on CUDA the per-token losses come as every position's loss, [B, T] float64
+    rows_loss = token_loss
+    if device.type == "cuda" and want_token_loss:
+        rows_loss = torch.empty((b, t), dtype=torch.float64, device=device)
+    h.finish((share.data_ptr(), loss.data_ptr(), _ptr(per), _ptr(weights), _ptr(rows_loss)))
+    if rows_loss is not token_loss:
+        token_loss.copy_(rows_loss[:, :-1])
+    if data_group is not None:
+        shares, _ = _gather(share, data_group)
+        total = shares[0:2].clone()
+        for r in range(1, _size(data_group)):  # rank order: the same bits on every rank
+            total = total + shares[2 * r:2 * r + 2]
+        share = total
+        loss = share[0].to(torch.float32)
+    grad = grad.view_as(logits) if grad is not None else logits.new_empty((0,))
+    return loss, per, weights, share[1].clone(), token_loss, grad
+
+
+class ShardedLoss(torch.autograd.Function):
+    """The forward runs the split and keeps this rank's gradient; the backward scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, labels, token_weights, params):
+        # params["compute_grad"] was decided by the caller (grad mode is off in here)
+        loss, per, weights, z, token_loss, grad = sharded_forward(logits.detach(), ids, labels, token_weights, **params)
+        ctx.mark_non_differentiable(per, weights, z, token_loss)
+        ctx.save_for_backward(grad)
+        return loss, per, weights, z, token_loss
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        (grad,) = ctx.saved_tensors
+        if grad.numel() == 0:
+            raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")
+        if g_loss.device.type == "cpu" and grad.device.type == "cpu" and float(g_loss) == 1.0:
+            return grad, None, None, None, None  # the usual upstream gradient: no pass over it
+        return grad * g_loss.to(grad.dtype), None, None, None, None
+
+
+def _group_arg(group):
+    """``(rank, size, all-gather)`` of ``group`` for the native split: the callable takes this
+    rank's float64 numbers (a list) and returns every rank's, concatenated in rank order."""
+    if group is None:
+        return (0, 1, None)
+
+    def gather(values):
+        out, _ = _gather(torch.tensor(values, dtype=torch.float64), group)
+        return out.tolist()
+
+    return (dist.get_rank(group), _size(group), gather)
+
+
+class ShardedLinear(torch.autograd.Function):
+    """The fused linear split (CPU tensors): the forward runs the crate's
+    ``Sharded::linear_loss_and_grad`` with the exchanges through ``torch.distributed`` and keeps
+    the gradients (``d hidden`` summed over the vocabulary group unless told otherwise); the
+    backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, labels, token_weights, params):
+        from ._linear import linear_forward
+
+        process_group, data_group = params["process_group"], params["data_group"]
+        split = (params["slice_"], _group_arg(process_group), _group_arg(data_group))
+        loss, per, weights, z, dh, dw, db = linear_forward(hidden, weight, bias, ids, labels, token_weights,
+                                                           params["keywords"], params["keyword_weights"],
+                                                           params["mode"], split)
+        if process_group is not None and params["reduce_hidden_grad"] and dh.numel() > 0:
+            dist.all_reduce(dh, group=process_group)
+        ctx.mark_non_differentiable(per, weights, z)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.has_bias = bias is not None
+        return loss, per, weights, z
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        kept = ctx.saved_tensors
+        out = [None] * 7
+        for k in range(3):
+            if not ctx.needs_input_grad[k]:
+                continue
+            if kept[k].numel() == 0:
+                raise RuntimeError(f"fused_weighted_loss: the forward computed no gradient for "
+                                   f"{('hidden', 'weight', 'bias')[k]} (it did not require one then)")
+            out[k] = kept[k] * g_loss.to(kept[k].dtype)
+        return tuple(out)

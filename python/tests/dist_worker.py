@@ -1,0 +1,201 @@
+"""One rank of the distributed checks, run by ``torchrun`` (see test_distributed.py):
+
+    torchrun --standalone --nproc-per-node 4 dist_worker.py OUT_DIR [gloo|nccl]
+
+Each rank builds the same inputs (seeded), runs vocabulary-parallel (4 ranks, uneven slices, one
+rank holding no target), data-parallel (4 ranks, uneven batches) and 2x2 calls through
+``weighted_loss(..., process_group=..., data_group=...)`` with autograd, and the single-process
+call on the whole batch and vocabulary in the same process; with gloo and 4 ranks, the same
+three layouts of ``weighted_linear_loss`` (the weight's rows split); writes what it measured to
+``OUT_DIR/rank<r>.json`` for the test to judge. With one process (``--nproc-per-node 1``, e.g.
+NCCL on one GPU) the same cases run with groups of one, which still go through the collectives.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import fused_weighted_loss as fwl
+
+
+def rel(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    den = b.norm()
+    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
+
+
+def inputs(device, dtype, b=5, t=7, v=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(b, t, v, generator=g, dtype=torch.float64) * 3).to(dtype)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    ids[:, ::3] %= 100  # many targets in the first slice
+    labels = ids.clone()
+    labels[1, 2:4] = -100
+    weights = torch.rand(b, t, generator=g, dtype=torch.float64).to(torch.float32) + 0.5
+    return logits.to(device), ids.to(device), labels.to(device), weights.to(device)
+
+
+OPTIONS = [
+    dict(keywords=[3, 7], reduction="mean"),
+    dict(keywords=[5], row_mean="valid", reduction="weighted_mean", z_loss=1e-3, label_smoothing=0.1, softcap=20.0),
+    dict(keywords=[1], reduction="sum", alpha=0.5),
+]
+
+
+def run(logits, ids, labels, weights, opts, **group_args):
+    x = logits.detach().clone().requires_grad_()
+    out = fwl.weighted_loss(x, ids, labels=labels, token_weights=weights, return_token_loss=True, **opts, **group_args)
+    out.loss.backward()
+    return out, x.grad
+
+
+def compare(case, out, grad, ref, ref_grad, rows=slice(None), cols=slice(None)):
+    return {
+        "case": case,
+        "loss": float(out.loss.detach()),
+        "loss_bits": float(out.loss.detach()).hex(),
+        "rel_loss": rel(out.loss, ref.loss),
+        "rel_z": rel(out.z_loss, ref.z_loss) if float(ref.z_loss) != 0 else abs(float(out.z_loss)),
+        "rel_grad": rel(grad.float(), ref_grad[rows][..., cols].float()),
+        "rel_per_sample": rel(out.per_sample_loss, ref.per_sample_loss[rows]),
+        "rel_token_loss": rel(out.token_loss, ref.token_loss[rows]),
+    }
+
+
+def linear_inputs(seed=1, b=5, t=7, h=16, v=1000):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    bias = torch.randn(v, generator=g)
+    return hidden, weight, bias
+
+
+def run_linear(hidden, weight, bias, ids, labels, weights, opts, **group_args):
+    """weighted_linear_loss with autograd: (output, d hidden, d weight, d bias)."""
+    xs = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    out = fwl.weighted_linear_loss(xs[0], xs[1], ids, bias=xs[2], labels=labels, token_weights=weights,
+                                   return_per_sample=True, chunk_rows=4, **opts, **group_args)
+    out.loss.backward()
+    return out, xs[0].grad, xs[1].grad, xs[2].grad
+
+
+def compare_linear(case, got, ref, rows=slice(None), cols=slice(None)):
+    """``got``: output and the three gradients, d weight and d bias already summed over the
+    data group, d hidden over the vocabulary group."""
+    (out, dh, dw, db), (r, rdh, rdw, rdb) = got, ref
+    return {
+        "case": case,
+        "loss": float(out.loss.detach()),
+        "loss_bits": float(out.loss.detach()).hex(),
+        "rel_loss": rel(out.loss, r.loss),
+        "rel_z": rel(out.z_loss, r.z_loss) if float(r.z_loss) != 0 else abs(float(out.z_loss)),
+        "rel_grad": max(rel(dh, rdh[rows]), rel(dw, rdw[cols]), rel(db, rdb[cols])),
+        "rel_per_sample": rel(out.per_sample_loss, r.per_sample_loss[rows]),
+        "rel_token_loss": 0.0,
+    }
+
+
+def linear_cases(rank, world, vocab_groups, data_groups):
+    """The fused linear split (CPU tensors): vocabulary-parallel over the weight's rows (uneven,
+    d hidden all-reduced by the call, or by hand with reduce_hidden_grad=False), data-parallel
+    and 2x2, against the single-process call."""
+    results = []
+    hidden, weight, bias = linear_inputs()
+    _, ids, labels, weights = inputs(torch.device("cpu"), torch.float32)
+    b, v = hidden.shape[0], weight.shape[0]
+    for k, opts in enumerate(OPTIONS):
+        ref = run_linear(hidden, weight, bias, ids, labels, weights, opts)
+        cuts = [0, 300, 310, 777, 1000]
+        s, e = cuts[rank], cuts[rank + 1]
+        got = run_linear(hidden, weight[s:e], bias[s:e], ids, labels, weights, opts, process_group=dist.group.WORLD,
+                         vocab_start=s, vocab_size=v)
+        results.append(compare_linear(f"linear vocab opts{k}", got, ref, cols=slice(s, e)))
+        out, dh, dw, db = run_linear(hidden, weight[s:e], bias[s:e], ids, labels, weights, opts,
+                                     process_group=dist.group.WORLD, vocab_start=s, vocab_size=v,
+                                     reduce_hidden_grad=False)
+        dist.all_reduce(dh)
+        results.append(compare_linear(f"linear vocab part opts{k}", (out, dh, dw, db), ref, cols=slice(s, e)))
+        bounds = [0, 1, 2, 4, 5]
+        b0, b1 = bounds[rank], bounds[rank + 1]
+        out, dh, dw, db = run_linear(hidden[b0:b1], weight, bias, ids[b0:b1], labels[b0:b1], weights[b0:b1], opts,
+                                     data_group=dist.group.WORLD)
+        dist.all_reduce(dw)
+        dist.all_reduce(db)
+        results.append(compare_linear(f"linear data opts{k}", (out, dh, dw, db), ref, rows=slice(b0, b1)))
+        d, p = rank // 2, rank % 2
+        (b0, b1), (s, e) = [(0, 2), (2, 5)][d], [(0, 400), (400, 1000)][p]
+        out, dh, dw, db = run_linear(hidden[b0:b1], weight[s:e], bias[s:e], ids[b0:b1], labels[b0:b1],
+                                     weights[b0:b1], opts, process_group=vocab_groups[d], vocab_start=s,
+                                     vocab_size=v, data_group=data_groups[p])
+        dist.all_reduce(dw, group=data_groups[p])
+        dist.all_reduce(db, group=data_groups[p])
+        results.append(compare_linear(f"linear grid opts{k}", (out, dh, dw, db), ref, rows=slice(b0, b1),
+                                      cols=slice(s, e)))
+    return results
+
+
+def main():
+    out_dir, backend = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "gloo")
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    results = []
+    # the grid's groups: every rank creates every group, in the same order
+    vocab_groups = [dist.new_group([d * 2, d * 2 + 1]) for d in range(2)] if world == 4 else None
+    data_groups = [dist.new_group([p, p + 2]) for p in range(2)] if world == 4 else None
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, ids, labels, weights = inputs(device, dtype)
+        b, _, v = logits.shape
+        cuts = [0, 300, 310, 777, 1000] if world == 4 else [0, v]
+        for k, opts in enumerate(OPTIONS):
+            ref, ref_grad = run(logits, ids, labels, weights, opts)
+            # vocabulary-parallel: rank r holds columns cuts[r]..cuts[r+1] (uneven; rank 1's ten ids
+            # hold no target of the first positions)
+            s, e = cuts[rank], cuts[rank + 1]
+            for chunk in (None, 3):
+                out, grad = run(logits[..., s:e], ids, labels, weights, opts, process_group=dist.group.WORLD,
+                                vocab_start=s, vocab_size=v, chunk_rows=chunk)
+                results.append(compare(f"vocab {dtype} opts{k} chunk{chunk}", out, grad, ref, ref_grad, cols=slice(s, e)))
+            # data-parallel: uneven batches
+            bounds = [0, 1, 2, 4, 5] if world == 4 else [0, b]
+            b0, b1 = bounds[rank], bounds[rank + 1]
+            out, grad = run(logits[b0:b1], ids[b0:b1], labels[b0:b1], weights[b0:b1], opts,
+                            data_group=dist.group.WORLD)
+            results.append(compare(f"data {dtype} opts{k}", out, grad, ref, ref_grad, rows=slice(b0, b1)))
+            if world == 4:
+                # 2x2: ranks (d, p) = (rank // 2, rank % 2); samples split in 2, vocabulary in 2
+                d, p = rank // 2, rank % 2
+                (b0, b1), (s, e) = [(0, 2), (2, 5)][d], [(0, 400), (400, 1000)][p]
+                out, grad = run(logits[b0:b1, :, s:e], ids[b0:b1], labels[b0:b1], weights[b0:b1], opts,
+                                process_group=vocab_groups[d], vocab_start=s, vocab_size=v,
+                                data_group=data_groups[p])
+                results.append(compare(f"grid {dtype} opts{k}", out, grad, ref, ref_grad, rows=slice(b0, b1),
+                                       cols=slice(s, e)))
+    if backend == "gloo" and world == 4:
+        results.extend(linear_cases(rank, world, vocab_groups, data_groups))
+    # a rerun of the first vocabulary-parallel case gives the same bits
+    logits, ids, labels, weights = inputs(device, torch.float32)
+    s, e = ([0, 300, 310, 777, 1000] if world == 4 else [0, 1000])[rank:rank + 2]
+    again, _ = run(logits[..., s:e], ids, labels, weights, OPTIONS[0], process_group=dist.group.WORLD,
+                   vocab_start=s, vocab_size=1000)
+    results.append({"case": "rerun", "loss_bits": float(again.loss.detach()).hex()})
+    # slices that do not tile the vocabulary: every rank raises, none hangs
+    try:
+        run(logits[..., :10], ids, labels, weights, OPTIONS[0], process_group=dist.group.WORLD, vocab_start=0,
+            vocab_size=1000)
+        results.append({"case": "overlap", "error": None})
+    except ValueError as err:
+        results.append({"case": "overlap", "error": str(err)})
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"world": world, "backend": backend, "results": results}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+//! The vocabulary-parallel split on the CPU: the same two passes as a whole row (module docs of
+//! [`super`]), cut at the exchange of the row statistics.
+//!
+//! - [`SplitCpu::stats`] runs the statistics pass over a rank's slice of each row of a range of
+//!   rows (the slice's own reference, sum of exponentials, logit sum; its raw target logit when
+//!   the target lies in the slice) and keeps the exponentials of those rows, as a whole row keeps
+//!   them between its passes;
+//! - the caller exchanges the statistics and merges them ([`merge_row`], in rank order);
+//! - [`SplitCpu::grad`] writes the slice's gradient from the kept exponentials and the merged
+//!   statistics: one multiply per element, as for a whole row, with no second read of the
+//!   logits. Rows whose exponentials were not kept (beyond the budget, or never asked for) are
+//!   recomputed from the logits instead: the same values, one more read;
+//! - [`SplitCpu::grad_and_stats`] runs one chunk's gradient beside the next chunk's statistics
+//!   in one parallel pass, for drivers that pipeline.
+//!
+//! The row buffers of the kept exponentials outlive a call (up to 64 MiB, process-wide) and
+//! serve the next call whose slice has the same length: no allocation, zeroing or page faults
+//! of a few MiB per call.
+
+use super::row::{RowMath, RowStats};
+use super::simd::Kernels;
+use super::{
+    rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, CHUNK, SCRATCH_MAX, STREAM_MIN_BYTES,
+};
+use crate::dtype::Logit;
+use crate::spec::{Plan, RowOptions};
+use rayon::prelude::*;
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// Words (`f64`) one row's statistics take in the exchange: reference, sum of exponentials, raw
+/// target logit (0 outside the slice), and the logit sum when label smoothing is on.
+pub(crate) fn words(opts: &RowOptions) -> usize {
+    if opts.smoothing != 0.0 {
+        4
+    } else {
+        3
+    }
+}
+
+/// Writes a slice's row statistics as exchange words (`out.len()` is [`words`]).
+pub(crate) fn encode(st: &RowStats, out: &mut [f64]) {
+    out[0] = st.shift as f64;
+    out[1] = st.sum_exp;
+    out[2] = st.target_logit;
+    if let Some(s) = out.get_mut(3) {
+        *s = st.logit_sum;
+    }
+}
+
+/// Reads a slice's row statistics back from exchange words.
+fn decode(w: &[f64]) -> RowStats {
+    RowStats {
+        shift: w[0] as f32,
+        sum_exp: w[1],
+        target_logit: w[2],
+        target_chain: 1.0,
+        logit_sum: w.get(3).copied().unwrap_or(0.0),
+    }
+}
+
+/// The statistics of a whole row from those of every rank's slice, merged in the order given
+/// (rank order: every rank gets the same bits). The raw target logit (held by one slice, 0 in
+/// the others) is soft-capped here, with its chain factor.
+pub(crate) fn merge_row<'a>(m: &RowMath, parts: impl Iterator<Item = &'a [f64]>) -> RowStats {
+    let mut st = parts.map(decode).fold(RowStats::EMPTY, RowStats::merge);
+    (st.target_logit, st.target_chain) = m.cap(st.target_logit);
+    st
+}
+
+/// The merged statistics of `n` rows from an all-gather in which rank `r`'s `words` per row
+/// start at `r * stride`.
+pub(crate) fn merge_rows(m: &RowMath, gathered: &[f64], stride: usize, words: usize, n: usize) -> Vec<RowStats> {
+    let ranks = gathered.chunks_exact(stride.max(1));
+    (0..n).map(|i| merge_row(m, ranks.clone().map(|rank| &rank[i * words..(i + 1) * words]))).collect()
+}
+
+/// The rows a step covers: buffer row `i` is plan row `sel.global(i)`, `key.len()` rows; `key`
+/// names them for the exponentials kept between the steps (the same key in both steps).
+#[derive(Debug, Clone)]
+pub(crate) struct Rows<'a> {
+    pub key: Range<usize>,
+    pub sel: RowSel<'a>,
+}
+
+impl Rows<'static> {
+    /// Plan rows `r`, consecutive.
+    pub fn range(r: Range<usize>) -> Rows<'static> {
+        Rows { sel: RowSel::From(r.start), key: r }
+    }
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        self.key.len()
+    }
+}
+
+/// Where a gradient step writes.
+pub(crate) enum Dest<'a, L, G> {
+    /// Into a buffer, the logits beside it (read again for rows whose exponentials were not kept).
+    Into(&'a [L], &'a mut [G]),
+    /// Over the logits (then `L` is `G`).
+    InPlace(&'a mut [G]),
+}
+
+/// Row buffers of the last call that ended, for the next call whose rows have the same length
+/// (calls repeat with the same shapes: no fresh allocation, zeroing and page faults per call).
+static SPARE: Mutex<Vec<RowExps>> = Mutex::new(Vec::new());
+
+/// At most this many bytes of row buffers are kept between calls.
+const SPARE_MAX_BYTES: usize = 64 << 20;
+
+/// Bytes of one row buffer.
+fn row_bytes(e: &RowExps) -> usize {
+    4 * (e.exps.len() + e.chain.len() + e.shifts.len())
+}
+
+/// Exponentials kept for some rows between [`SplitCpu::stats`] and [`SplitCpu::grad`].
+struct Kept {
+    key: Range<usize>,
+    exps: Vec<RowExps>,
+}
+
+/// The CPU side of one split call: kernels, the row arithmetic (of the whole vocabulary), the
+/// slice `[v0, v0 + len)` and the exponentials kept between the steps.
+pub(crate) struct SplitCpu {
+    k: Kernels,
+    pub m: RowMath,
+    v0: usize,
+    len: usize,
+    /// Rows of the whole call (whether gradient stores stream depends on the whole gradient).
+    rows: usize,
+    /// At most this many rows' exponentials are kept at once.
+    keep_rows: usize,
+    kept: Vec<Kept>,
+    /// Row buffers of rows already written, for reuse.
+    pool: Vec<RowExps>,
+}
+
+impl SplitCpu {
+    /// `vocab` is the whole vocabulary (label smoothing divides by it), `v0..v0 + len` this
+    /// rank's slice, `rows` the call's rows; the exponentials of up to `keep_rows` rows are kept
+    /// between the steps (none for slices longer than a kept row can be).
+    pub fn new(
+        k: Kernels,
+        opts: &RowOptions,
+        vocab: usize,
+        (v0, len): (usize, usize),
+        rows: usize,
+        keep_rows: usize,
+    ) -> SplitCpu {
+        let keep_rows = if len <= SCRATCH_MAX { keep_rows } else { 0 };
+        let m = RowMath::new(opts, vocab);
+        // the last call's row buffers when they fit these rows (else they are freed)
+        let mut pool = SPARE.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default();
+        let chain = if m.keeps_chain() { len } else { 0 }; // a kept row's buffers, as `RowExps::new`
+        let fits = |e: &RowExps| (e.exps.len(), e.chain.len(), e.shifts.len()) == (len, chain, len.div_ceil(CHUNK));
+        if keep_rows == 0 || !pool.iter().all(fits) {
+            pool.clear();
+        }
+        SplitCpu { k, m, v0, len, rows, keep_rows, kept: Vec::new(), pool }
+    }
+
+    /// The kernels in use.
+    pub fn kernels(&self) -> Kernels {
+        self.k
+    }
+
+    /// Forgets the exponentials kept for `key` (a loss-only finish).
+    pub fn drop_kept(&mut self, key: &Range<usize>) {
+        if let Some(mut e) = self.take(key) {
+            self.pool.append(&mut e);
+        }
+    }
+
+    /// The kept exponentials of exactly `key`, if any (taken out of the kept set).
+    fn take(&mut self, key: &Range<usize>) -> Option<Vec<RowExps>> {
+        let i = self.kept.iter().position(|c| c.key == *key)?;
+        Some(self.kept.swap_remove(i).exps)
+    }
+
+    /// Row buffers for `n` rows to keep, within the budget (`None`: not kept).
+    fn alloc(&mut self, key: &Range<usize>, n: usize) -> Option<Vec<RowExps>> {
+        self.drop_kept(key); // rows asked again replace their earlier copy
+        let kept: usize = self.kept.iter().map(|c| c.key.len()).sum();
+        if kept + n > self.keep_rows {
+            return None;
+        }
+        let m = &self.m;
+        Some((0..n).map(|_| self.pool.pop().unwrap_or_else(|| RowExps::new(self.len, m))).collect())
+    }
+
+    /// The slice's statistics of `rows` (`logits`: their `len` columns each) into `out`,
+    /// keeping their exponentials when `keep` and the budget allows.
+    pub fn stats<L: Logit>(&mut self, plan: &Plan, rows: &Rows<'_>, logits: &[L], out: &mut [RowStats], keep: bool) {
+        let mut exps = if keep { self.alloc(&rows.key, rows.len()) } else { None };
+        self.stats_into(plan, rows, logits, out, exps.as_deref_mut());
+        if let Some(exps) = exps {
+            self.kept.push(Kept { key: rows.key.clone(), exps });
+        }
+    }
+
+    /// Writes the slice's gradient of `rows` from their merged statistics: from the kept
+    /// exponentials, or re-reading the logits.
+    pub fn grad<L: Logit, G: Logit>(
+        &mut self,
+        plan: &Plan,
+        rows: &Rows<'_>,
+        merged: &[RowStats],
+        dest: Dest<'_, L, G>,
+    ) {
+        let mut kept = self.take(&rows.key);
+        self.write_from(plan, rows, merged, dest, kept.as_deref_mut());
+        self.pool.append(&mut kept.unwrap_or_default());
+    }
+
+    /// [`grad`](Self::grad) of `done` and [`stats`](Self::stats) of `next` in one parallel
+    /// pass (the writes of one chunk beside the reads of the next, one fork-join instead of two).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grad_and_stats<L: Logit, G: Logit>(
+        &mut self,
+        plan: &Plan,
+        done: &Rows<'_>,
+        merged: &[RowStats],
+        dest: Dest<'_, L, G>,
+        next: &Rows<'_>,
+        next_logits: &[L],
+        next_out: &mut [RowStats],
+    ) {
+        let mut kept = self.take(&done.key);
+        let mut exps = self.alloc(&next.key, next.len());
+        let this = &*self;
+        rayon::join(
+            || this.write_from(plan, done, merged, dest, kept.as_deref_mut()),
+            || this.stats_into(plan, next, next_logits, next_out, exps.as_deref_mut()),
+        );
+        if let Some(exps) = exps {
+            self.kept.push(Kept { key: next.key.clone(), exps });
+        }
+        self.pool.append(&mut kept.unwrap_or_default());
+    }
+
+    /// The statistics pass over `rows`, exponentials into `exps` when given (one per row).
+    fn stats_into<L: Logit>(
+        &self,
+        plan: &Plan,
+        rows: &Rows<'_>,
+        logits: &[L],
+        out: &mut [RowStats],
+        exps: Option<&mut [RowExps]>,
+    ) {
+        let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
+        let rpt = rows_per_task(rows.len(), len);
+        let mut parts = task_parts(exps, rows.len(), rpt);
+        let tasks = out.par_chunks_mut(rpt).zip(logits.par_chunks(rpt * len)).zip(parts.par_iter_mut()).enumerate();
+        tasks.for_each_init(
+            || Scratch::new(m),
+            |s, (task, ((out, src), ex))| {
+                for (i, (o, row)) in out.iter_mut().zip(src.chunks_exact(len)).enumerate() {
+                    let Some(y) = target_of(plan, rows.sel.global(task * rpt + i)) else {
+                        *o = RowStats::EMPTY;
+                        continue;
+                    };
+                    let e = ex.as_deref_mut().map(|e| &mut e[i]);
+                    // the target is read apart below (it may lie in another slice)
+                    let mut st = stats_pass(k, m, row, &src[i * len..], 0, e, s, |_| {});
+                    st.target_logit = match y.checked_sub(v0).filter(|&j| j < len) {
+                        Some(j) => row[j].to_f32() as f64,
+                        None => 0.0,
+                    };
+                    st.target_chain = 1.0;
+                    *o = st;
+                }
+            },
+        );
+    }
+
+    /// The gradient pass over `rows`, from `exps` when given (one per row), else recomputing
+    /// the exponentials from the logits.
+    fn write_from<L: Logit, G: Logit>(
+        &self,
+        plan: &Plan,
+        rows: &Rows<'_>,
+        merged: &[RowStats],
+        dest: Dest<'_, L, G>,
+        exps: Option<&mut [RowExps]>,
+    ) {
+        let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
+        let stream = self.rows * len * G::DTYPE.size() >= STREAM_MIN_BYTES;
+        let rpt = rows_per_task(rows.len(), len);
+        let mut parts = task_parts(exps, rows.len(), rpt);
+        let row_task =
+            |task: usize, out: &mut [G], src: Option<&[L]>, ex: &mut Option<&mut [RowExps]>, s: &mut Scratch| {
+                // rows whose exponentials were not kept recompute them (an empty `RowExps` says so)
+                let mut none = RowExps { exps: Vec::new(), chain: Vec::new(), shifts: Vec::new() };
+                for (i, o) in out.chunks_exact_mut(len).enumerate() {
+                    let r = rows.sel.global(task * rpt + i);
+                    let Some(y) = target_of(plan, r) else {
+                        zero(k, o, stream);
+                        continue;
+                    };
+                    let target = y.checked_sub(v0).filter(|&j| j < len).unwrap_or(usize::MAX);
+                    let p = Pending { out: o, st: merged[task * rpt + i], target, coef: plan.row_coef(r) };
+                    let e = match ex.as_deref_mut() {
+                        Some(e) => &mut e[i],
+                        None => &mut none,
+                    };
+                    // in place (`src` None), the logits are `out` itself
+                    p.write(k, m, e, src.map(|s| &s[i * len..(i + 1) * len]), s, stream);
+                }
+            };
+        match dest {
+            Dest::Into(logits, out) => {
+                let tasks = out.par_chunks_mut(rpt * len).zip(logits.par_chunks(rpt * len)).zip(parts.par_iter_mut());
+                tasks.enumerate().for_each_init(
+                    || Scratch::new(m),
+                    |s, (task, ((out, src), ex))| row_task(task, out, Some(src), ex, s),
+                );
+            }
+            Dest::InPlace(logits) => {
+                let tasks = logits.par_chunks_mut(rpt * len).zip(parts.par_iter_mut()).enumerate();
+                tasks.for_each_init(|| Scratch::new(m), |s, (task, (out, ex))| row_task(task, out, None, ex, s));
+            }
+        }
+        k.fence();
+    }
+}
+
+impl Drop for SplitCpu {
+    /// Hands the row buffers on to the next call (within [`SPARE_MAX_BYTES`]).
+    fn drop(&mut self) {
+        let mut pool = std::mem::take(&mut self.pool);
+        pool.extend(self.kept.drain(..).flat_map(|c| c.exps));
+        let bytes: usize = pool.iter().map(row_bytes).sum();
+        if !pool.is_empty() && bytes <= SPARE_MAX_BYTES {
+            if let Ok(mut s) = SPARE.lock() {
+                *s = pool;
+            }
+        }
+    }
+}
+
+/// Each task's part of the row buffers (`None` for every task when nothing is kept).
+fn task_parts(exps: Option<&mut [RowExps]>, n: usize, rpt: usize) -> Vec<Option<&mut [RowExps]>> {
+    match exps {
+        Some(e) => e.chunks_mut(rpt).map(Some).collect(),
+        None => (0..n.div_ceil(rpt)).map(|_| None).collect(),
+    }
+}

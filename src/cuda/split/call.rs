@@ -1,0 +1,201 @@
+//! The one-call API on device buffers: [`CudaSharded`]'s steps with the exchanges done through
+//! the caller's [`DeviceCollective`]s, chunk by chunk, all queued on one stream.
+
+use super::{CudaSharded, DeviceCollective, DeviceSolo};
+use crate::cuda::{output, CudaLoss, DeviceInputs, DeviceLossOutput};
+use crate::dtype::{DType, Logit, TokenId};
+use crate::error::{Error, Result};
+use crate::parallel::VocabSlice;
+use crate::spec::{check_len, LossSpec, Shape};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use std::sync::Arc;
+
+/// Bytes of logits per chunk: the gradient kernel reads a chunk's logits again right after the
+/// exchange, from the GPU's L2 cache when they fit (50 MiB on an H100 or H200, 40 MiB on an A100).
+const DEVICE_CHUNK_BYTES: usize = 24 << 20;
+
+/// The rows [`DeviceSharded`] exchanges at once by default: about 24 MiB of `dtype` logits of a
+/// slice of `ceil(vocab / ranks)` (at least 64 rows). The same on every rank of a vocabulary
+/// group. (More rows per exchange: fewer all-gathers, each a collective's latency, but the
+/// gradient kernel's second read of the logits spills from L2 to memory; not yet tuned on a GPU.)
+///
+/// ```
+/// # #[cfg(feature = "cuda")] {
+/// use fused_weighted_loss::cuda::split::default_device_chunk_rows;
+/// use fused_weighted_loss::DType;
+/// assert_eq!(default_device_chunk_rows(128_256, 8, DType::BF16), 784);
+/// # }
+/// ```
+pub fn default_device_chunk_rows(vocab: usize, ranks: usize, dtype: DType) -> usize {
+    (DEVICE_CHUNK_BYTES / (vocab.div_ceil(ranks.max(1)) * dtype.size()).max(1)).max(64)
+}
+
+/// One sharded call on device buffers: this rank's slice of the vocabulary, its vocabulary and
+/// data groups. The device twin of [`Sharded`](crate::parallel::Sharded) (see there), except
+/// that the slices are not checked to tile the vocabulary (that needs a host read; the host API
+/// checks them).
+#[derive(Clone, Copy)]
+pub struct DeviceSharded<'c> {
+    slice: VocabSlice,
+    vocab_group: &'c dyn DeviceCollective,
+    data_group: &'c dyn DeviceCollective,
+    chunk_rows: Option<usize>,
+}
+
+impl std::fmt::Debug for DeviceSharded<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSharded")
+            .field("slice", &self.slice)
+            .field("vocab_group", &(self.vocab_group.rank(), self.vocab_group.size()))
+            .field("data_group", &(self.data_group.rank(), self.data_group.size()))
+            .field("chunk_rows", &self.chunk_rows)
+            .finish()
+    }
+}
+
+static SOLO: DeviceSolo = DeviceSolo;
+
+/// The logits of a call, and where the gradient goes.
+enum Io<'v, 'a, 'b, L, G> {
+    Loss(&'v CudaView<'a, L>),
+    Grad(&'v CudaView<'a, L>, &'v mut CudaViewMut<'b, G>),
+    InPlace(&'v mut CudaViewMut<'a, L>),
+}
+
+impl<'c> DeviceSharded<'c> {
+    /// Vocabulary-parallel: this rank's logits hold `slice`; `group` reaches the other slices.
+    pub fn vocab_parallel(slice: VocabSlice, group: &'c dyn DeviceCollective) -> Self {
+        DeviceSharded { slice, vocab_group: group, data_group: &SOLO, chunk_rows: None }
+    }
+
+    /// Data-parallel: this rank holds some samples with every logit of a vocabulary of `vocab`.
+    pub fn data_parallel(vocab: usize, group: &'c dyn DeviceCollective) -> Result<Self> {
+        Ok(DeviceSharded { slice: VocabSlice::full(vocab)?, vocab_group: &SOLO, data_group: group, chunk_rows: None })
+    }
+
+    /// Adds a data group to a vocabulary-parallel call (a 2-D grid of ranks).
+    pub fn with_data_group(self, group: &'c dyn DeviceCollective) -> Self {
+        DeviceSharded { data_group: group, ..self }
+    }
+
+    /// Rows per exchange (default [`default_device_chunk_rows`]); the same on every rank of the
+    /// vocabulary group. At least 1.
+    pub fn with_chunk_rows(self, rows: usize) -> Self {
+        DeviceSharded { chunk_rows: Some(rows.max(1)), ..self }
+    }
+
+    /// The loss only.
+    pub fn loss<L: Logit, I: TokenId>(
+        &self,
+        loss: &CudaLoss,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        logits: &CudaView<'_, L>,
+        inputs: &DeviceInputs<'_, I>,
+    ) -> Result<DeviceLossOutput> {
+        self.run::<L, L, I>(loss, spec, shape, stream, Io::Loss(logits), inputs)
+    }
+
+    /// Loss and gradient of this rank's logits (`[B, T, slice.len()]`) into `grad` (the
+    /// logits' dtype or `f32`). Every rank gets the loss of the whole batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grad<L: Logit, G: Logit, I: TokenId>(
+        &self,
+        loss: &CudaLoss,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        logits: &CudaView<'_, L>,
+        inputs: &DeviceInputs<'_, I>,
+        grad: &mut CudaViewMut<'_, G>,
+    ) -> Result<DeviceLossOutput> {
+        self.run::<L, G, I>(loss, spec, shape, stream, Io::Grad(logits, grad), inputs)
+    }
+
+    /// Loss and gradient, the gradient written over the logits.
+    pub fn loss_and_grad_in_place<L: Logit, I: TokenId>(
+        &self,
+        loss: &CudaLoss,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        logits: &mut CudaViewMut<'_, L>,
+        inputs: &DeviceInputs<'_, I>,
+    ) -> Result<DeviceLossOutput> {
+        self.run::<L, L, I>(loss, spec, shape, stream, Io::InPlace(logits), inputs)
+    }
+
+    fn run<L: Logit, G: Logit, I: TokenId>(
+        &self,
+        loss: &CudaLoss,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        mut io: Io<'_, '_, '_, L, G>,
+        inputs: &DeviceInputs<'_, I>,
+    ) -> Result<DeviceLossOutput> {
+        let (vg, dg) = (self.vocab_group, self.data_group);
+        for g in [vg, dg] {
+            if g.size() == 0 || g.rank() >= g.size() {
+                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
+            }
+        }
+        let (rows, len) = (shape.rows(), self.slice.len());
+        let logits_len = match &io {
+            Io::Loss(l) | Io::Grad(l, _) => l.len(),
+            Io::InPlace(l) => l.len(),
+        };
+        check_len("logits", logits_len, rows * len, shape)?;
+        if let Io::Grad(_, g) = &io {
+            if g.len() != rows * len {
+                return Err(Error::GradLength { expected: rows * len, got: g.len() });
+            }
+        }
+        let mut st = CudaSharded::new(loss, spec, shape, self.slice, stream, inputs)?;
+        if dg.size() > 1 {
+            let mut mine = output::<f64>(stream, 2)?;
+            st.batch_totals(stream, &mut mine.as_view_mut())?;
+            let mut all = output::<f64>(stream, 2 * dg.size())?;
+            dg.all_gather_f64(stream, &mine.as_view(), &mut all.as_view_mut())?;
+            st.set_batch_totals(stream, &all.as_view())?;
+        }
+        let chunk = self.chunk_rows.unwrap_or_else(|| default_device_chunk_rows(shape.vocab(), vg.size(), L::DTYPE));
+        let chunk = chunk.clamp(1, rows);
+        // one send and one receive buffer for every chunk: the stream orders their reuse
+        let mut send = output::<f32>(stream, st.partials_len(chunk))?;
+        let mut recv = output::<f32>(stream, if vg.size() > 1 { st.partials_len(chunk) * vg.size() } else { 1 })?;
+        for r0 in (0..rows).step_by(chunk) {
+            let r = r0..(r0 + chunk).min(rows);
+            let (n, span) = (st.partials_len(r.len()), r0 * len..r.end * len);
+            match &io {
+                Io::Loss(l) | Io::Grad(l, _) => {
+                    st.partials(stream, r.clone(), &l.slice(span.clone()), &mut send.slice_mut(..n))?
+                }
+                Io::InPlace(l) => st.partials(stream, r.clone(), &l.slice(span.clone()), &mut send.slice_mut(..n))?,
+            }
+            let gathered = if vg.size() > 1 {
+                vg.all_gather_f32(stream, &send.slice(..n), &mut recv.slice_mut(..n * vg.size()))?;
+                recv.slice(..n * vg.size())
+            } else {
+                send.slice(..n)
+            };
+            match &mut io {
+                Io::Loss(l) => st.finish_rows(stream, r, &gathered, &l.slice(span))?,
+                Io::Grad(l, g) => {
+                    st.finish_rows_grad(stream, r, &gathered, &l.slice(span.clone()), &mut g.slice_mut(span))?
+                }
+                Io::InPlace(l) => st.finish_rows_in_place(stream, r, &gathered, &mut l.slice_mut(span))?,
+            }
+        }
+        let mut out = st.finish(stream)?;
+        if dg.size() > 1 {
+            let mut mine = output::<f64>(stream, 2)?;
+            CudaSharded::loss_totals(&out, stream, &mut mine.as_view_mut())?;
+            let mut all = output::<f64>(stream, 2 * dg.size())?;
+            dg.all_gather_f64(stream, &mine.as_view(), &mut all.as_view_mut())?;
+            CudaSharded::combine_loss(loss, &mut out, stream, &all.as_view())?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,352 @@
+//! The one-call API on host buffers: the steps of [`ShardedLoss`] with the exchanges done through
+//! the caller's [`Collective`]s, chunk by chunk.
+
+use super::{check_tiling, Collective, ShardedLoss, Solo, VocabSlice};
+use crate::cpu::split::Dest as Fused;
+use crate::cpu::RowStats;
+use crate::dtype::{Logit, TokenId};
+use crate::error::{Error, Result};
+use crate::spec::{check_len, LossOutput, LossSpec, Shape, Tokens};
+use crate::Grad;
+use std::ops::Range;
+
+/// Bytes of `f32` exponentials a chunk of rows keeps between its statistics and gradient steps:
+/// small enough to stay in the last-level cache of a CPU (several MiB) while the exchange runs.
+const CHUNK_BYTES: usize = 2 << 20;
+
+/// Fewest rows per chunk (an exchange costs a round trip; very long rows get more than the
+/// byte budget rather than one exchange per row).
+const MIN_CHUNK_ROWS: usize = 4;
+
+/// Rows per chunk for slices of `len` logits.
+pub(crate) fn chunk_rows_for_len(len: usize) -> usize {
+    (CHUNK_BYTES / (4 * len.max(1))).max(MIN_CHUNK_ROWS)
+}
+
+/// The rows [`Sharded`] exchanges at once by default when `ranks` ranks split a vocabulary of
+/// `vocab`: about 2 MiB of kept `f32` exponentials per chunk (at least 4 rows). It depends only
+/// on numbers every rank of a vocabulary group shares, so every rank cuts the same chunks.
+///
+/// ```
+/// use fused_weighted_loss::parallel::default_chunk_rows;
+/// assert_eq!(default_chunk_rows(128_256, 8), 32); // 16032 logits per rank, 62.6 KiB per row
+/// assert_eq!(default_chunk_rows(50_000, 1), 10);
+/// ```
+pub fn default_chunk_rows(vocab: usize, ranks: usize) -> usize {
+    chunk_rows_for_len(vocab.div_ceil(ranks.max(1)))
+}
+
+/// One sharded call on host buffers: this rank's place in the vocabulary group (its slice) and
+/// in the data group, and the collectives that reach the other ranks.
+///
+/// ```
+/// use fused_weighted_loss::parallel::{Sharded, VocabSlice};
+/// use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
+///
+/// // a group of one rank holding the whole vocabulary: the same loss as the plain call
+/// let shape = Shape::new(2, 4, 10)?;
+/// let logits: Vec<f32> = (0..80).map(|i| ((i * 7) % 13) as f32 * 0.3 - 2.0).collect();
+/// let ids = [1i64, 3, 3, 7, 2, 9, 0, 3];
+/// let spec = LossSpec::builder().keywords([3]).build()?;
+/// let mut grad = vec![0f32; 80];
+/// let out = Sharded::data_parallel(10, &fused_weighted_loss::parallel::Solo)
+///     .loss_and_grad(&spec, shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad))?;
+/// let whole = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip)?;
+/// assert!((out.loss - whole.loss).abs() <= 1e-6 * whole.loss);
+/// # Ok::<(), fused_weighted_loss::Error>(())
+/// ```
+///
+/// Every rank of a group must make the same calls (the same spec, `T`, chunking and, in a
+/// vocabulary group, the same samples), as with any collective.
+#[derive(Clone, Copy)]
+pub struct Sharded<'a> {
+    pub(super) slice: VocabSlice,
+    pub(super) vocab_group: &'a dyn Collective,
+    pub(super) data_group: &'a dyn Collective,
+    chunk_rows: Option<usize>,
+}
+
+impl std::fmt::Debug for Sharded<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sharded")
+            .field("slice", &self.slice)
+            .field("vocab_group", &(self.vocab_group.rank(), self.vocab_group.size()))
+            .field("data_group", &(self.data_group.rank(), self.data_group.size()))
+            .field("chunk_rows", &self.chunk_rows)
+            .finish()
+    }
+}
+
+static SOLO: Solo = Solo;
+
+impl<'a> Sharded<'a> {
+    /// Vocabulary-parallel: this rank's logits hold `slice` of the vocabulary; `group` reaches
+    /// the ranks holding the other slices (of the same samples).
+    pub fn vocab_parallel(slice: VocabSlice, group: &'a dyn Collective) -> Self {
+        Sharded { slice, vocab_group: group, data_group: &SOLO, chunk_rows: None }
+    }
+
+    /// Data-parallel: this rank holds some samples with every logit of a vocabulary of `vocab`;
+    /// `group` reaches the ranks holding the other samples.
+    pub fn data_parallel(vocab: usize, group: &'a dyn Collective) -> Self {
+        // a zero vocabulary is reported by the call, as the plain API does
+        let slice = VocabSlice { start: 0, len: vocab, vocab };
+        Sharded { slice, vocab_group: &SOLO, data_group: group, chunk_rows: None }
+    }
+
+    /// Adds a data group to a vocabulary-parallel call (a 2-D grid of ranks).
+    pub fn with_data_group(self, group: &'a dyn Collective) -> Self {
+        Sharded { data_group: group, ..self }
+    }
+
+    /// Rows per exchange of the vocabulary group (default [`default_chunk_rows`]); the same on
+    /// every rank of the group. At least 1.
+    pub fn with_chunk_rows(self, rows: usize) -> Self {
+        Sharded { chunk_rows: Some(rows.max(1)), ..self }
+    }
+
+    /// The loss and, unless `grad` is [`Grad::Skip`], the gradient of this rank's logits
+    /// (`[B, T, slice.len()]`; `shape` is `[B, T, V]` with this rank's `B` and the whole `V`).
+    /// Every rank gets the loss of the whole batch over the whole vocabulary; the per-sample
+    /// outputs are those of this rank's samples.
+    pub fn loss_and_grad<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        logits: &[L],
+        tokens: Tokens<'_, I>,
+        grad: Grad<'_, L>,
+    ) -> Result<LossOutput> {
+        self.run(spec, shape, Src::Read(logits), tokens, grad.into(), None)
+    }
+
+    /// [`loss_and_grad`](Self::loss_and_grad), also writing each of this rank's positions' loss
+    /// into `token_loss` (`[B, T - 1]`, as [`LossSpec::loss_and_grad_per_token`]).
+    pub fn loss_and_grad_per_token<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        logits: &[L],
+        tokens: Tokens<'_, I>,
+        grad: Grad<'_, L>,
+        token_loss: &mut [f32],
+    ) -> Result<LossOutput> {
+        self.run(spec, shape, Src::Read(logits), tokens, grad.into(), Some(token_loss))
+    }
+
+    /// [`loss_and_grad`](Self::loss_and_grad) with the gradient written over the logits.
+    pub fn loss_and_grad_in_place<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        logits: &mut [L],
+        tokens: Tokens<'_, I>,
+    ) -> Result<LossOutput> {
+        self.run::<L, I>(spec, shape, Src::Write(logits), tokens, Dest::Skip, None)
+    }
+
+    /// Each group's rank is within its size, and a vocabulary group of one holds the whole
+    /// vocabulary (larger groups check that their slices tile it in their first exchange).
+    pub(super) fn check_groups(&self) -> Result<()> {
+        for g in [self.vocab_group, self.data_group] {
+            if g.size() == 0 || g.rank() >= g.size() {
+                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
+            }
+        }
+        if self.vocab_group.size() == 1 {
+            check_tiling(&[(self.slice.start(), self.slice.len())], self.slice.vocab())?;
+        }
+        Ok(())
+    }
+
+    fn run<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        mut src: Src<'_, L>,
+        tokens: Tokens<'_, I>,
+        mut dest: Dest<'_, L>,
+        token_loss: Option<&mut [f32]>,
+    ) -> Result<LossOutput> {
+        let (vg, dg) = (self.vocab_group, self.data_group);
+        let slice = self.slice;
+        if slice.vocab() != shape.vocab() {
+            return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
+        }
+        self.check_groups()?;
+        let (rows, len) = (shape.rows(), slice.len());
+        check_len("logits", src.len(), rows * len, shape)?;
+        let n = match &dest {
+            Dest::Skip => rows * len,
+            Dest::Into(g) => g.len(),
+            Dest::IntoF32(g) => g.len(),
+        };
+        if n != rows * len {
+            return Err(Error::GradLength { expected: rows * len, got: n });
+        }
+        crate::check_token_loss(shape, token_loss.as_deref())?;
+        let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
+        let wants_grad = !matches!((&src, &dest), (Src::Read(_), Dest::Skip));
+        // (each chunk's exponentials are kept for its gradient; the next chunk's beside them)
+        let mut steps =
+            ShardedLoss::new(spec, shape, slice, tokens)?.with_keep_rows(if wants_grad { 2 * chunk } else { 0 });
+
+        if dg.size() > 1 {
+            let mut all = vec![0.0; 2 * dg.size()];
+            dg.all_gather_f64(&steps.batch_totals(), &mut all)?;
+            steps.set_batch_totals(&all)?;
+        }
+
+        // chunk k's exchange, merge, then its gradient beside chunk k + 1's statistics (one
+        // parallel pass); the first exchange also carries each rank's slice, checked to tile
+        let chunks: Vec<Range<usize>> = (0..rows).step_by(chunk.max(1)).map(|r0| r0..(r0 + chunk).min(rows)).collect();
+        let mut ex = Exchange::new(vg, slice);
+        if let Some(c0) = chunks.first() {
+            let n = steps.partials_len(c0.len());
+            steps.partials(c0.clone(), src.rows(c0, len), ex.buffer(n))?;
+        }
+        for (k, r) in chunks.iter().enumerate() {
+            let n = steps.partials_len(r.len());
+            let merged = {
+                let (gathered, stride) = ex.gather(n)?;
+                steps.merge(r, gathered, Some(stride))?
+            };
+            let next = chunks.get(k + 1).cloned();
+            let span = r.start * len..r.end * len;
+            match (&mut src, &mut dest, next) {
+                (Src::Read(_), Dest::Skip, Some(nx)) => {
+                    let n1 = steps.partials_len(nx.len());
+                    steps.partials(nx.clone(), src.rows(&nx, len), ex.buffer(n1))?;
+                }
+                (Src::Read(_), Dest::Skip, None) => {}
+                (Src::Write(logits), _, nx) => {
+                    let (done, rest) = logits.split_at_mut(r.end * len);
+                    let next = nx.map(|nx| (nx.clone(), &rest[..nx.len() * len]));
+                    step(&mut steps, &mut ex, r, &merged, Fused::InPlace(&mut done[span]), next);
+                }
+                (Src::Read(logits), Dest::Into(g), nx) => {
+                    let next = nx.map(|nx| (nx.clone(), &logits[nx.start * len..nx.end * len]));
+                    step(&mut steps, &mut ex, r, &merged, Fused::Into(&logits[span.clone()], &mut g[span]), next);
+                }
+                (Src::Read(logits), Dest::IntoF32(g), nx) => {
+                    let next = nx.map(|nx| (nx.clone(), &logits[nx.start * len..nx.end * len]));
+                    step(&mut steps, &mut ex, r, &merged, Fused::Into(&logits[span.clone()], &mut g[span]), next);
+                }
+            }
+        }
+
+        let mut out = match token_loss {
+            Some(t) => steps.finish_per_token(t)?,
+            None => steps.finish()?,
+        };
+        if dg.size() > 1 {
+            let mut all = vec![0.0; 2 * dg.size()];
+            dg.all_gather_f64(&ShardedLoss::loss_totals(&out), &mut all)?;
+            ShardedLoss::combine_loss(&mut out, &all)?;
+        }
+        Ok(out)
+    }
+}
+
+/// One chunk's gradient from its merged statistics, beside the next chunk's statistics into the
+/// exchange's send buffer when there is a next chunk.
+fn step<L: Logit, G: Logit>(
+    steps: &mut ShardedLoss,
+    ex: &mut Exchange<'_>,
+    r: &Range<usize>,
+    merged: &[RowStats],
+    dest: Fused<'_, L, G>,
+    next: Option<(Range<usize>, &[L])>,
+) {
+    match next {
+        Some((nx, logits)) => {
+            let n = steps.partials_len(nx.len());
+            steps.grad_and_partials(r.clone(), merged, dest, nx, logits, ex.buffer(n));
+        }
+        None => steps.grad(r.clone(), merged, dest),
+    }
+}
+
+/// The vocabulary group's exchange of one chunk: this rank's words (plus its slice, the first
+/// time, checked to tile the vocabulary) gathered in rank order.
+pub(super) struct Exchange<'a> {
+    group: &'a dyn Collective,
+    slice: VocabSlice,
+    check: bool,
+    send: Vec<f64>,
+    recv: Vec<f64>,
+}
+
+impl<'a> Exchange<'a> {
+    pub(super) fn new(group: &'a dyn Collective, slice: VocabSlice) -> Self {
+        Exchange { group, slice, check: group.size() > 1, send: Vec::new(), recv: Vec::new() }
+    }
+
+    /// The send buffer for `n` words.
+    pub(super) fn buffer(&mut self, n: usize) -> &mut [f64] {
+        self.send.resize(n + if self.check { 2 } else { 0 }, 0.0);
+        &mut self.send[..n]
+    }
+
+    /// Every rank's `n` words (the send buffer itself in a group of one), and the stride
+    /// between ranks.
+    pub(super) fn gather(&mut self, n: usize) -> Result<(&[f64], usize)> {
+        let size = self.group.size();
+        if size == 1 {
+            return Ok((&self.send[..n], n));
+        }
+        let stride = self.send.len();
+        if self.check {
+            (self.send[n], self.send[n + 1]) = (self.slice.start() as f64, self.slice.len() as f64);
+        }
+        self.recv.resize(stride * size, 0.0);
+        self.group.all_gather_f64(&self.send, &mut self.recv)?;
+        if self.check {
+            let slices: Vec<(usize, usize)> =
+                self.recv.chunks_exact(stride).map(|w| (w[n] as usize, w[n + 1] as usize)).collect();
+            check_tiling(&slices, self.slice.vocab())?;
+            self.check = false;
+        }
+        Ok((&self.recv, stride))
+    }
+}
+
+/// The logits of a call: read, or read and then overwritten with the gradient.
+enum Src<'a, L> {
+    Read(&'a [L]),
+    Write(&'a mut [L]),
+}
+
+impl<L> Src<'_, L> {
+    fn len(&self) -> usize {
+        match self {
+            Src::Read(l) => l.len(),
+            Src::Write(l) => l.len(),
+        }
+    }
+
+    /// The logits of rows `r`, `len` per row.
+    fn rows(&self, r: &std::ops::Range<usize>, len: usize) -> &[L] {
+        match self {
+            Src::Read(l) => &l[r.start * len..r.end * len],
+            Src::Write(l) => &l[r.start * len..r.end * len],
+        }
+    }
+}
+
+/// Where the gradient goes (in place: see [`Src::Write`]).
+enum Dest<'a, L> {
+    Skip,
+    Into(&'a mut [L]),
+    IntoF32(&'a mut [f32]),
+}
+
+impl<'a, L: Logit> From<Grad<'a, L>> for Dest<'a, L> {
+    fn from(g: Grad<'a, L>) -> Self {
+        match g {
+            Grad::Skip => Dest::Skip,
+            Grad::Into(g) => Dest::Into(g),
+            Grad::IntoF32(g) => Dest::IntoF32(g),
+        }
+    }
+}

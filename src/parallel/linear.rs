@@ -1,0 +1,119 @@
+//! The split of the fused linear path (CPU): rank `r` of the vocabulary group holds rows
+//! `[v0_r, v0_r + V_r)` of the output weight `W` (and of the bias). Per chunk of token rows,
+//! `z_c = h_c·W_rᵀ (+ b_r)` is this rank's slice of the chunk's logits; the slice's statistics
+//! are all-gathered and merged in rank order as on the logits path, the slice's gradient `G_c`
+//! written over `z_c` (from the kept exponentials), then `d h_c = G_c·W_r` (this rank's part),
+//! `d W_r += G_cᵀ·h_c` and `d b_r += Σ G_c` as the unsplit path does.
+
+use super::call::Exchange;
+use super::{denominator, Sharded, ShardedLoss};
+use crate::cpu::split::{encode, merge_rows, words, Dest, Rows, SplitCpu};
+use crate::cpu::{RowSel, RowStats};
+use crate::dtype::{Logit, TokenId};
+use crate::error::{Error, Result};
+use crate::linear::cpu::{active_rows, run_with};
+use crate::linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearShape, CPU_BUDGET_PER_THREAD};
+use crate::spec::{LossSpec, Tokens};
+use crate::Backend;
+
+/// Chunk buffers per exchange by default: four threads' worth of the unsplit path's budget,
+/// a fixed number so that every rank cuts the same chunks whatever its thread count.
+const LINEAR_BUDGET: usize = 4 * CPU_BUDGET_PER_THREAD;
+
+impl Sharded<'_> {
+    /// The fused linear loss ([`LossSpec::linear_loss_and_grad`]) with this rank's rows of the
+    /// output weight: `shape` has the whole vocabulary, `inputs` the hidden states of this
+    /// rank's samples (the same on every rank of the vocabulary group) and `W`'s rows (and the
+    /// bias's entries) of this rank's slice, `slice.len() x H`. `d W` and `d bias` are those of
+    /// this rank's rows; **`d hidden` is this rank's part**, `G_r·W_r`: the gradient of the
+    /// hidden states is its sum over the vocabulary group (an all-reduce, as the backward of a
+    /// vocabulary-parallel output layer does anyway). The chunking must be the same on every
+    /// rank; by default it depends only on `V`, `H`, the group's size and the tokens. Runs on the
+    /// CPU backend.
+    ///
+    /// ```
+    /// use fused_weighted_loss::parallel::{Sharded, Solo, VocabSlice};
+    /// use fused_weighted_loss::{Chunking, Grad, LinearGrads, LinearInputs, LinearShape, LossSpec, Tokens};
+    /// let shape = LinearShape::new(1, 4, 3, 10)?;
+    /// let hidden: Vec<f32> = (0..12).map(|i| (i % 5) as f32 * 0.3 - 0.6).collect();
+    /// let weight: Vec<f32> = (0..30).map(|i| (i % 7) as f32 * 0.2 - 0.6).collect();
+    /// let ids = [1i64, 4, 9, 2];
+    /// let spec = LossSpec::default();
+    /// let mut dw = vec![0f32; 30];
+    /// let grads = LinearGrads::new().weight(Grad::Into(&mut dw));
+    /// let out = Sharded::vocab_parallel(VocabSlice::full(10)?, &Solo).linear_loss_and_grad(
+    ///     &spec, shape, LinearInputs::new(&hidden, &weight), Tokens::new(&ids), grads, Chunking::Auto)?;
+    /// let plain = spec.linear_loss_and_grad(
+    ///     shape, LinearInputs::new(&hidden, &weight), Tokens::new(&ids), LinearGrads::new(), Chunking::Auto)?;
+    /// assert!((out.loss.loss - plain.loss.loss).abs() <= 1e-6 * plain.loss.loss);
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn linear_loss_and_grad<L: Logit, I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: LinearShape,
+        inputs: LinearInputs<'_, L>,
+        tokens: Tokens<'_, I>,
+        grads: LinearGrads<'_, L>,
+        chunking: Chunking,
+    ) -> Result<LinearOutput> {
+        let (vg, dg) = (self.vocab_group, self.data_group);
+        let slice = self.slice;
+        if slice.vocab() != shape.vocab() {
+            return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
+        }
+        let local = LinearShape::new(shape.batch(), shape.seq(), shape.hidden(), slice.len())?;
+        inputs.check(local)?;
+        grads.check(local, inputs.bias.is_some())?;
+        self.check_groups()?;
+        chunking.rows_for(1, 1, 1)?;
+        let mut plan = spec.plan(shape.tokens(), &tokens)?;
+        let k = crate::cpu_kernels(spec.cpu_simd)?;
+        if dg.size() > 1 {
+            let totals = [shape.batch() as f64, plan.weights.iter().sum()];
+            let mut all = vec![0.0; 2 * dg.size()];
+            dg.all_gather_f64(&totals, &mut all)?;
+            plan.set_denominator(denominator(spec.reduction, &all), spec.grad_scale);
+        }
+        // the same chunks on every rank: from the shared V / ranks, H and tokens only
+        let active = active_rows(&plan).len();
+        let row_bytes = 4 * shape.vocab().div_ceil(vg.size()) + 8 * shape.hidden();
+        let c = chunking.rows_for(LINEAR_BUDGET, row_bytes, active)?;
+        let mut cpu = SplitCpu::new(k, &plan.opts, shape.vocab(), (slice.start(), slice.len()), shape.rows(), c);
+        let w = words(&plan.opts);
+        let mut ex = Exchange::new(vg, slice);
+        let plan_ref = &plan;
+        let mut pass = |rows: &[u32], z: &mut [f32], loss: &mut [f64], zl: &mut [f64]| -> Result<()> {
+            let m = rows.len();
+            let r = Rows { key: rows[0] as usize..rows[0] as usize + m, sel: RowSel::List(rows) };
+            let mut st = vec![RowStats::EMPTY; m];
+            cpu.stats(plan_ref, &r, z, &mut st, true);
+            for (s, o) in st.iter().zip(ex.buffer(m * w).chunks_exact_mut(w)) {
+                encode(s, o);
+            }
+            let merged = {
+                let (gathered, stride) = ex.gather(m * w)?;
+                merge_rows(&cpu.m, gathered, stride, w, m)
+            };
+            for ((s, l), zp) in merged.iter().zip(loss.iter_mut()).zip(zl.iter_mut()) {
+                (*l, *zp) = cpu.m.loss(s);
+            }
+            cpu.grad::<f32, f32>(plan_ref, &r, &merged, Dest::InPlace(z));
+            Ok(())
+        };
+        let (row_loss, chunks) = run_with(&k, &plan, local, &inputs, grads, Chunking::Rows(c), &mut pass)?;
+        let mut out = plan.finish(&row_loss, spec.check_finite, Backend::Cpu, None)?;
+        if dg.size() > 1 {
+            let mut all = vec![0.0; 2 * dg.size()];
+            dg.all_gather_f64(&ShardedLoss::loss_totals(&out), &mut all)?;
+            ShardedLoss::combine_loss(&mut out, &all)?;
+        }
+        let kept = c * slice.len() * 4 * if cpu.m.keeps_chain() { 2 } else { 1 };
+        Ok(LinearOutput {
+            loss: out,
+            chunk_rows: chunks.rows,
+            chunks: chunks.count,
+            scratch_bytes: chunks.scratch_bytes + kept,
+        })
+    }
+}

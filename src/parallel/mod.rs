@@ -1,0 +1,225 @@
+//! Beyond one device: the loss when the vocabulary (vocabulary-parallel, as Megatron-LM shards the
+//! output layer), the batch (data-parallel), or both (a 2-D grid of ranks) are split between
+//! ranks.
+//!
+//! **Vocabulary-parallel.** Rank `r` of a *vocabulary group* holds the logits of the vocabulary
+//! slice `[v0_r, v0_r + V_r)` ([`VocabSlice`]) for every row; ids, labels, keywords and token
+//! weights are global and the same on every rank of the group (keyword weights therefore need no
+//! communication). Per row, each rank computes its slice's statistics (reference maximum, sum of
+//! exponentials, the target logit when the target is in its slice, the logit sum for label
+//! smoothing; soft-capping applied elementwise); the statistics are **all-gathered** (a few
+//! floats per row, nothing proportional to `V`); every rank merges them **in rank order**, so all
+//! ranks and all reruns get the same bits (a float all-reduce would not promise that), and writes
+//! the gradient of its own slice. Every rank gets the same loss.
+//!
+//! **Data-parallel.** Each rank of a *data group* holds some samples. [`Reduction::Mean`] divides
+//! by the global batch and [`Reduction::WeightedMean`] by the global `Σ w_b`: each rank
+//! all-gathers two numbers (its `B` and its `Σ w_b`, from the ids alone, before the logits are
+//! read) and sums them in rank order. The gradient of a rank's logits is then that of the loss of
+//! the concatenated batch, and a last all-gather of two numbers (the rank's share of the loss and
+//! of the z-loss) gives every rank the global loss. (Trainers that *average* gradients over
+//! data-parallel ranks, as PyTorch's DDP does, divide this gradient by their world size once more:
+//! scale the loss, or `grad_scale`, by it to get the gradient of the global loss.)
+//!
+//! **Both.** Ranks `(d, t)` of a grid: the vocabulary group of rank `(d, ·)` shares its samples,
+//! the data group of `(·, t)` its slice. Each exchange above runs in its own group.
+//!
+//! # Communication per call, bytes per rank
+//!
+//! | exchange | group | each rank sends | when |
+//! |---|---|---|---|
+//! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing), plus 16 once (the slice, checked to tile `[0, V)`) | per chunk of rows |
+//! | row statistics (CUDA buffers, `f32`) | vocabulary | `4 · W` per row, same `W` | per chunk of rows |
+//! | batch totals (`B`, `Σ w_b`) | data | 16 | before the logits are read |
+//! | loss shares (loss, z-loss) | data | 16 | at the end |
+//!
+//! An all-gather delivers `group size ×` that to every rank. With a group of one the exchange is
+//! skipped.
+//!
+//! # Three ways in
+//!
+//! - [`Sharded`] (host buffers): one call that runs the steps below and the exchanges through a
+//!   [`Collective`] of each group;
+//! - [`Sharded::linear_loss_and_grad`] (host buffers): the fused linear path with this rank's
+//!   rows of the output weight (the same exchange per chunk of token rows; `d hidden` comes back
+//!   as this rank's part, to be summed over the vocabulary group);
+//! - [`ShardedLoss`] (host buffers): the steps themselves, on ranges of rows, for a driver that
+//!   owns its communication (the Python package drives them with `torch.distributed`);
+//! - `cuda::split` (feature `cuda`): the same steps on device buffers, and an NCCL collective
+//!   (feature `nccl`).
+//!
+//! # No second pass over the logits
+//!
+//! The gradient of a row needs the merged statistics, which exist only after the exchange. The
+//! steps therefore work on **chunks of rows**: the statistics step keeps the exponentials of its
+//! rows (as the single-device pass keeps a row's between its two passes), the exchange runs, and
+//! the gradient step turns the kept exponentials into the gradient while they are still in
+//! cache. [`Sharded`] exchanges once per chunk ([`default_chunk_rows`]); a driver with an
+//! asynchronous exchange can compute the statistics of chunk `k + 1` while chunk `k`'s are in
+//! flight (two chunks kept at once, within the default budget).
+
+mod call;
+mod linear;
+mod steps;
+
+pub use call::{default_chunk_rows, Sharded};
+pub use steps::ShardedLoss;
+
+use crate::error::{Error, Result};
+#[cfg(doc)]
+use crate::Reduction;
+
+/// The part of the vocabulary one rank's logits hold: ids `[start, start + len)` of a
+/// vocabulary of `vocab`, `len >= 1`.
+///
+/// ```
+/// use fused_weighted_loss::parallel::VocabSlice;
+/// let s = VocabSlice::new(1000, 250, 2000)?;
+/// assert_eq!((s.start(), s.len(), s.end()), (1000, 250, 1250));
+/// assert!(VocabSlice::new(1900, 250, 2000).is_err()); // past the vocabulary
+/// // Megatron-LM's split: equal slices in rank order, the last one shorter when V does not divide
+/// assert_eq!(VocabSlice::even(3, 4, 1001)?, VocabSlice::new(753, 248, 1001)?);
+/// # Ok::<(), fused_weighted_loss::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VocabSlice {
+    start: usize,
+    len: usize,
+    vocab: usize,
+}
+
+impl VocabSlice {
+    /// Validates and builds a slice.
+    pub fn new(start: usize, len: usize, vocab: usize) -> Result<Self> {
+        match start.checked_add(len) {
+            Some(end) if len >= 1 && end <= vocab => Ok(VocabSlice { start, len, vocab }),
+            _ => Err(Error::InvalidVocabSlice { start, len, vocab }),
+        }
+    }
+
+    /// The whole vocabulary (a rank that holds every logit: data-parallel only).
+    pub fn full(vocab: usize) -> Result<Self> {
+        Self::new(0, vocab, vocab)
+    }
+
+    /// Rank `rank`'s slice when `ranks` ranks split the vocabulary in rank order into slices of
+    /// `ceil(vocab / ranks)` ids (the last ones shorter). An error when a rank would get none.
+    pub fn even(rank: usize, ranks: usize, vocab: usize) -> Result<Self> {
+        let per = vocab.div_ceil(ranks.max(1));
+        let start = rank.saturating_mul(per);
+        Self::new(start, per.min(vocab.saturating_sub(start)), vocab)
+    }
+
+    /// First id of the slice.
+    pub const fn start(&self) -> usize {
+        self.start
+    }
+    /// Ids in the slice (the logits' last dimension on this rank).
+    #[allow(clippy::len_without_is_empty)] // never empty
+    pub const fn len(&self) -> usize {
+        self.len
+    }
+    /// One past the last id of the slice.
+    pub const fn end(&self) -> usize {
+        self.start + self.len
+    }
+    /// The whole vocabulary.
+    pub const fn vocab(&self) -> usize {
+        self.vocab
+    }
+}
+
+/// An all-gather between the ranks of a group, on host buffers: what the split needs of a
+/// communication library (MPI, a framework's process group, threads of one process).
+///
+/// Every rank calls the same methods in the same order with buffers of the same length `n`;
+/// afterwards `recv[r * n..(r + 1) * n]` holds rank `r`'s `send`, on every rank. A failure is
+/// [`Error::Collective`] (or any error the implementation finds fitting).
+pub trait Collective {
+    /// This rank's index in the group, `0..size()`.
+    fn rank(&self) -> usize;
+    /// Ranks in the group.
+    fn size(&self) -> usize;
+    /// All-gathers `f64`s in rank order (`recv.len() == size() * send.len()`).
+    fn all_gather_f64(&self, send: &[f64], recv: &mut [f64]) -> Result<()>;
+    /// All-gathers `f32`s in rank order (`recv.len() == size() * send.len()`).
+    fn all_gather_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()>;
+}
+
+/// The group of one rank: every all-gather is a copy.
+///
+/// ```
+/// use fused_weighted_loss::parallel::{Collective, Solo};
+/// let mut out = [0.0; 2];
+/// Solo.all_gather_f64(&[1.0, 2.0], &mut out)?;
+/// assert_eq!(out, [1.0, 2.0]);
+/// # Ok::<(), fused_weighted_loss::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Solo;
+
+/// `recv = send` for a group of one.
+fn copy_one<T: Copy>(send: &[T], recv: &mut [T]) -> Result<()> {
+    if recv.len() != send.len() {
+        return Err(Error::ExchangeLength { what: "all-gather receive buffer", expected: send.len(), got: recv.len() });
+    }
+    recv.copy_from_slice(send);
+    Ok(())
+}
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn all_gather_f64(&self, send: &[f64], recv: &mut [f64]) -> Result<()> {
+        copy_one(send, recv)
+    }
+    fn all_gather_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        copy_one(send, recv)
+    }
+}
+
+/// Checks that the slices `(start, len)` of a group (in rank order) cover `[0, vocab)` exactly
+/// once, in any order.
+///
+/// ```
+/// use fused_weighted_loss::parallel::check_tiling;
+/// assert!(check_tiling(&[(0, 6), (6, 4)], 10).is_ok());
+/// assert!(check_tiling(&[(5, 5), (0, 5)], 10).is_ok()); // any order
+/// assert!(check_tiling(&[(0, 6), (5, 5)], 10).is_err()); // overlap
+/// assert!(check_tiling(&[(0, 4), (5, 5)], 10).is_err()); // gap
+/// ```
+pub fn check_tiling(slices: &[(usize, usize)], vocab: usize) -> Result<()> {
+    let mut sorted = slices.to_vec();
+    sorted.sort_unstable();
+    let mut next = 0usize;
+    for &(start, len) in &sorted {
+        if start != next || len == 0 {
+            return Err(Error::SlicesDoNotTile { vocab, slices: slices.to_vec() });
+        }
+        next = start.saturating_add(len);
+    }
+    if next != vocab {
+        return Err(Error::SlicesDoNotTile { vocab, slices: slices.to_vec() });
+    }
+    Ok(())
+}
+
+/// Sums rank-order numbers `gathered[r * stride + i]` over ranks `r` (left to right: the same
+/// bits on every rank).
+fn sum_in_rank_order(gathered: &[f64], stride: usize, i: usize) -> f64 {
+    gathered.chunks_exact(stride).fold(0.0, |acc, rank| acc + rank[i])
+}
+
+/// The reduction's denominator from a data group's all-gathered `[B, Σ w_b]` pairs, summed in
+/// rank order: the global `B`, the global `Σ w_b`, or 1.
+fn denominator(reduction: crate::Reduction, gathered: &[f64]) -> f64 {
+    match reduction {
+        crate::Reduction::Mean => sum_in_rank_order(gathered, 2, 0),
+        crate::Reduction::WeightedMean => sum_in_rank_order(gathered, 2, 1),
+        crate::Reduction::Sum => 1.0,
+    }
+}

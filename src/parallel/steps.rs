@@ -1,0 +1,349 @@
+//! The split as steps on host buffers, driven by the caller's exchange.
+
+use super::{sum_in_rank_order, VocabSlice};
+use crate::cpu::split::{encode, merge_rows, words, Dest, Rows, SplitCpu};
+use crate::cpu::RowStats;
+use crate::dtype::{Logit, TokenId};
+use crate::error::{Error, Result};
+use crate::spec::{check_len, LossOutput, LossSpec, Plan, RowLosses, Shape, Tokens, NO_TARGET};
+use crate::Backend;
+use std::ops::Range;
+
+/// One sharded call on host buffers, as steps (see the [module](super) docs): the statistics of
+/// a range of rows, the caller's all-gather, the merge and the gradient of this rank's slice of
+/// those rows, then the per-sample and batch loss.
+///
+/// ```
+/// use fused_weighted_loss::parallel::{ShardedLoss, VocabSlice};
+/// use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
+///
+/// // two ranks split a vocabulary of 6: rank 0 holds ids 0..4, rank 1 ids 4..6
+/// let shape = Shape::new(1, 3, 6)?;
+/// let logits: Vec<f32> = (0..18).map(|i| (i % 5) as f32 * 0.7 - 1.0).collect();
+/// let ids = [1i64, 5, 2];
+/// let spec = LossSpec::default();
+/// let slices = [VocabSlice::new(0, 4, 6)?, VocabSlice::new(4, 2, 6)?];
+/// let local = |s: &VocabSlice| -> Vec<f32> {
+///     logits.chunks(6).flat_map(|row| row[s.start()..s.end()].to_vec()).collect()
+/// };
+///
+/// let mut steps: Vec<ShardedLoss> =
+///     slices.iter().map(|&s| ShardedLoss::new(&spec, shape, s, Tokens::new(&ids))).collect::<Result<_, _>>()?;
+/// let rows = 0..shape.rows();
+/// // statistics of every row on each rank, then "all-gather": concatenate in rank order
+/// let mut gathered = Vec::new();
+/// for (st, s) in steps.iter_mut().zip(&slices) {
+///     let mut part = vec![0.0; st.partials_len(rows.len())];
+///     st.partials(rows.clone(), &local(s), &mut part)?;
+///     gathered.extend(part);
+/// }
+/// // each rank merges and writes the gradient of its slice
+/// let mut outs = Vec::new();
+/// for (mut st, s) in steps.into_iter().zip(&slices) {
+///     let mut grad = vec![0f32; shape.rows() * s.len()];
+///     st.finish_rows_grad(rows.clone(), &gathered, &local(s), &mut grad)?;
+///     outs.push(st.finish()?);
+/// }
+/// let whole = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip)?;
+/// assert_eq!(outs[0].loss, outs[1].loss); // every rank: the same bits
+/// assert!((outs[0].loss - whole.loss).abs() <= 1e-6 * whole.loss);
+/// # Ok::<(), fused_weighted_loss::Error>(())
+/// ```
+pub struct ShardedLoss {
+    spec: LossSpec,
+    plan: Plan,
+    slice: VocabSlice,
+    cpu: SplitCpu,
+    words: usize,
+    losses: RowLosses,
+    /// Rows whose loss is known, and how many are still missing.
+    finished: Vec<bool>,
+    missing: usize,
+    /// Whether a gradient has been written (the denominators are fixed from then on).
+    grad_written: bool,
+}
+
+impl std::fmt::Debug for ShardedLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedLoss").field("shape", &self.plan.shape).field("slice", &self.slice).finish()
+    }
+}
+
+impl ShardedLoss {
+    /// Validates the tokens (`[B, T]` of this rank's samples, ids and labels in the whole
+    /// vocabulary) and plans the call. `shape` is `[B, T, V]` with this rank's `B` and the whole
+    /// `V`; the logits of each step hold `slice.len()` columns per row. The steps run on the
+    /// CPU backend (at the spec's `cpu_simd` level).
+    pub fn new<I: TokenId>(spec: &LossSpec, shape: Shape, slice: VocabSlice, tokens: Tokens<'_, I>) -> Result<Self> {
+        if slice.vocab() != shape.vocab() {
+            return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
+        }
+        let plan = spec.plan(shape, &tokens)?;
+        let k = crate::cpu_kernels(spec.cpu_simd)?;
+        let rows = shape.rows();
+        let keep = 2 * super::call::chunk_rows_for_len(slice.len());
+        let cpu = SplitCpu::new(k, &plan.opts, shape.vocab(), (slice.start(), slice.len()), rows, keep);
+        Ok(ShardedLoss {
+            spec: spec.clone(),
+            words: words(&plan.opts),
+            plan,
+            slice,
+            cpu,
+            losses: RowLosses { loss: vec![0.0; rows], z: vec![0.0; rows] },
+            finished: vec![false; rows],
+            missing: rows,
+            grad_written: false,
+        })
+    }
+
+    /// Rows whose exponentials are kept at once between [`partials`](Self::partials) and
+    /// [`finish_rows_grad`](Self::finish_rows_grad), `slice.len() × 4` bytes each (twice that with
+    /// soft-capping and label smoothing together). Default: two chunks of
+    /// [`default_chunk_rows`](super::default_chunk_rows). Rows beyond it are recomputed from the
+    /// logits in the gradient step (one more read); 0 keeps nothing (for loss-only calls).
+    pub fn with_keep_rows(mut self, rows: usize) -> Self {
+        let (opts, shape) = (self.plan.opts, self.plan.shape);
+        let cols = (self.slice.start(), self.slice.len());
+        self.cpu = SplitCpu::new(self.cpu.kernels(), &opts, shape.vocab(), cols, shape.rows(), rows);
+        self
+    }
+
+    /// The call's shape: this rank's `B`, `T`, the whole `V`.
+    pub fn shape(&self) -> Shape {
+        self.plan.shape
+    }
+
+    /// The call's rows, `B * T`.
+    pub fn rows(&self) -> usize {
+        self.plan.shape.rows()
+    }
+
+    /// This rank's slice.
+    pub fn slice(&self) -> VocabSlice {
+        self.slice
+    }
+
+    /// `f64` words of one row's statistics: 3, or 4 with label smoothing.
+    pub fn words_per_row(&self) -> usize {
+        self.words
+    }
+
+    /// The length of [`partials`](Self::partials)' output for `rows` rows.
+    pub fn partials_len(&self, rows: usize) -> usize {
+        rows * self.words
+    }
+
+    /// This rank's data-parallel totals, `[B, Σ w_b]`, to all-gather over the data group (they
+    /// depend on the ids only).
+    pub fn batch_totals(&self) -> [f64; 2] {
+        [self.plan.shape.batch() as f64, self.plan.weights.iter().sum()]
+    }
+
+    /// Sets the reduction's denominator from the data group's all-gathered
+    /// [`batch_totals`](Self::batch_totals) (`2 × ranks` numbers in rank order), summed in rank
+    /// order: the global `B` for `Mean`, the global `Σ w_b` for `WeightedMean`. Before any
+    /// gradient is written.
+    pub fn set_batch_totals(&mut self, gathered: &[f64]) -> Result<()> {
+        check_pairs("gathered batch totals", gathered)?;
+        if self.grad_written {
+            return Err(Error::StepOrder("set_batch_totals after a gradient was written"));
+        }
+        self.plan.set_denominator(super::denominator(self.spec.reduction, gathered), self.spec.grad_scale);
+        Ok(())
+    }
+
+    /// Checks a row range.
+    fn check_range(&self, rows: &Range<usize>) -> Result<()> {
+        if rows.start > rows.end || rows.end > self.rows() {
+            return Err(Error::RowRange { start: rows.start, end: rows.end, rows: self.rows() });
+        }
+        Ok(())
+    }
+
+    /// Checks a row range and a buffer of `per_row` elements per row.
+    fn check_rows(&self, rows: &Range<usize>, what: &'static str, got: usize, per_row: usize) -> Result<()> {
+        self.check_range(rows)?;
+        check_len(what, got, rows.len() * per_row, self.plan.shape)
+    }
+
+    /// The statistics of this rank's slice of rows `rows` into `out`
+    /// ([`partials_len`](Self::partials_len)`(rows.len())` words, row after row), for the
+    /// all-gather. `logits` holds those rows' `slice.len()` logits each. Their exponentials are
+    /// kept (within the budget, see [`with_keep_rows`](Self::with_keep_rows)) for the gradient
+    /// step of the same range.
+    pub fn partials<L: Logit>(&mut self, rows: Range<usize>, logits: &[L], out: &mut [f64]) -> Result<()> {
+        self.check_rows(&rows, "logits", logits.len(), self.slice.len())?;
+        if out.len() != self.partials_len(rows.len()) {
+            let expected = self.partials_len(rows.len());
+            return Err(Error::ExchangeLength { what: "partials buffer", expected, got: out.len() });
+        }
+        let mut st = vec![RowStats::EMPTY; rows.len()];
+        self.cpu.stats(&self.plan, &Rows::range(rows), logits, &mut st, true);
+        self.encode_all(&st, out);
+        Ok(())
+    }
+
+    fn encode_all(&self, st: &[RowStats], out: &mut [f64]) {
+        for (s, o) in st.iter().zip(out.chunks_exact_mut(self.words)) {
+            encode(s, o);
+        }
+    }
+
+    /// A pipelined driver's step: [`finish_rows_grad`](Self::finish_rows_grad) of rows `done`
+    /// and [`partials`](Self::partials) of rows `next` in one parallel pass (one chunk's
+    /// gradient writes beside the next chunk's reads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_rows_grad_then_partials<L: Logit, G: Logit>(
+        &mut self,
+        done: Range<usize>,
+        gathered: &[f64],
+        logits: &[L],
+        grad: &mut [G],
+        next: Range<usize>,
+        next_logits: &[L],
+        next_out: &mut [f64],
+    ) -> Result<()> {
+        self.check_rows(&done, "logits", logits.len(), self.slice.len())?;
+        self.check_rows(&done, "gradient", grad.len(), self.slice.len())?;
+        self.check_rows(&next, "logits", next_logits.len(), self.slice.len())?;
+        if next_out.len() != self.partials_len(next.len()) {
+            let expected = self.partials_len(next.len());
+            return Err(Error::ExchangeLength { what: "partials buffer", expected, got: next_out.len() });
+        }
+        let merged = self.merge(&done, gathered, None)?;
+        self.grad_and_partials(done, &merged, Dest::Into(logits, grad), next, next_logits, next_out);
+        Ok(())
+    }
+
+    /// The gradient of rows `done` (merged) beside the statistics of rows `next` (buffers
+    /// checked by the caller).
+    pub(crate) fn grad_and_partials<L: Logit, G: Logit>(
+        &mut self,
+        done: Range<usize>,
+        merged: &[RowStats],
+        dest: Dest<'_, L, G>,
+        next: Range<usize>,
+        next_logits: &[L],
+        next_out: &mut [f64],
+    ) {
+        self.grad_written = true;
+        let mut st = vec![RowStats::EMPTY; next.len()];
+        let (done, next) = (Rows::range(done), Rows::range(next));
+        self.cpu.grad_and_stats(&self.plan, &done, merged, dest, &next, next_logits, &mut st);
+        self.encode_all(&st, next_out);
+    }
+
+    /// Merges the all-gathered statistics of rows `rows` (every rank's
+    /// [`partials`](Self::partials) output, concatenated in rank order) and records the rows'
+    /// losses. Loss only: kept exponentials of the range are dropped.
+    pub fn finish_rows(&mut self, rows: Range<usize>, gathered: &[f64]) -> Result<()> {
+        self.merge(&rows, gathered, None)?;
+        self.cpu.drop_kept(&rows);
+        Ok(())
+    }
+
+    /// [`finish_rows`](Self::finish_rows), and the gradient of this rank's slice of those rows
+    /// into `grad` (`slice.len()` per row, in `G`: the logits' dtype or another). `logits` are
+    /// the same rows' logits, read again only for rows whose exponentials were not kept.
+    pub fn finish_rows_grad<L: Logit, G: Logit>(
+        &mut self,
+        rows: Range<usize>,
+        gathered: &[f64],
+        logits: &[L],
+        grad: &mut [G],
+    ) -> Result<()> {
+        self.check_rows(&rows, "logits", logits.len(), self.slice.len())?;
+        self.check_rows(&rows, "gradient", grad.len(), self.slice.len())?;
+        let merged = self.merge(&rows, gathered, None)?;
+        self.grad(rows, &merged, Dest::Into(logits, grad));
+        Ok(())
+    }
+
+    /// [`finish_rows_grad`](Self::finish_rows_grad) with the gradient written over the logits.
+    pub fn finish_rows_in_place<L: Logit>(
+        &mut self,
+        rows: Range<usize>,
+        gathered: &[f64],
+        logits: &mut [L],
+    ) -> Result<()> {
+        self.check_rows(&rows, "logits", logits.len(), self.slice.len())?;
+        let merged = self.merge(&rows, gathered, None)?;
+        self.grad::<L, L>(rows, &merged, Dest::InPlace(logits));
+        Ok(())
+    }
+
+    /// The gradient of rows `rows` from their merged statistics (buffers checked by the caller).
+    pub(crate) fn grad<L: Logit, G: Logit>(&mut self, rows: Range<usize>, merged: &[RowStats], dest: Dest<'_, L, G>) {
+        self.grad_written = true;
+        self.cpu.grad(&self.plan, &Rows::range(rows), merged, dest);
+    }
+
+    /// Merges the rows' statistics from `gathered`, in which rank `r`'s words start at
+    /// `r * stride` (`stride`: `None` for `partials_len(rows.len())`), and records their losses.
+    pub(crate) fn merge(
+        &mut self,
+        rows: &Range<usize>,
+        gathered: &[f64],
+        stride: Option<usize>,
+    ) -> Result<Vec<RowStats>> {
+        self.check_range(rows)?;
+        let (w, n) = (self.words, rows.len());
+        let stride = stride.unwrap_or(n * w);
+        if stride < n * w || gathered.is_empty() || !gathered.len().is_multiple_of(stride.max(1)) {
+            let expected = stride.max(n * w) * (gathered.len() / stride.max(1)).max(1);
+            return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.len() });
+        }
+        let merged = merge_rows(&self.cpu.m, gathered, stride, w, n);
+        for (i, r) in rows.clone().enumerate() {
+            (self.losses.loss[r], self.losses.z[r]) =
+                if self.plan.targets[r] == NO_TARGET { (0.0, 0.0) } else { self.cpu.m.loss(&merged[i]) };
+            if !std::mem::replace(&mut self.finished[r], true) {
+                self.missing -= 1;
+            }
+        }
+        Ok(merged)
+    }
+
+    /// The per-sample and batch loss once every row is finished: on a data group of one, the
+    /// loss; otherwise this rank's share of it (see [`loss_totals`](Self::loss_totals)).
+    pub fn finish(self) -> Result<LossOutput> {
+        self.output(None)
+    }
+
+    /// [`finish`](Self::finish), also writing each position's loss (`[B, T - 1]`, as
+    /// [`LossSpec::loss_and_grad_per_token`]).
+    pub fn finish_per_token(self, token_loss: &mut [f32]) -> Result<LossOutput> {
+        self.output(Some(token_loss))
+    }
+
+    fn output(self, token_loss: Option<&mut [f32]>) -> Result<LossOutput> {
+        if self.missing > 0 {
+            return Err(Error::StepOrder("finish before every row's statistics were merged"));
+        }
+        crate::check_token_loss(self.plan.shape, token_loss.as_deref())?;
+        self.plan.finish(&self.losses, self.spec.check_finite, Backend::Cpu, token_loss)
+    }
+
+    /// A data-parallel rank's share of the loss, `[loss, z_loss]`, to all-gather over the data
+    /// group; [`combine_loss`](Self::combine_loss) sums them.
+    pub fn loss_totals(out: &LossOutput) -> [f64; 2] {
+        [out.loss, out.z_loss]
+    }
+
+    /// Sets `out.loss` and `out.z_loss` to the sums, in rank order, of the data group's
+    /// all-gathered [`loss_totals`](Self::loss_totals) (`2 × ranks` numbers).
+    pub fn combine_loss(out: &mut LossOutput, gathered: &[f64]) -> Result<()> {
+        check_pairs("gathered loss totals", gathered)?;
+        out.loss = sum_in_rank_order(gathered, 2, 0);
+        out.z_loss = sum_in_rank_order(gathered, 2, 1);
+        Ok(())
+    }
+}
+
+/// Checks an all-gather of two numbers per rank: a whole number of pairs, at least one.
+fn check_pairs(what: &'static str, gathered: &[f64]) -> Result<()> {
+    if gathered.is_empty() || !gathered.len().is_multiple_of(2) {
+        return Err(Error::ExchangeLength { what, expected: 2 * (gathered.len() / 2).max(1), got: gathered.len() });
+    }
+    Ok(())
+}

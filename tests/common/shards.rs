@@ -1,0 +1,184 @@
+//! Sharding helpers for tests and benches only: ranks simulated as threads of one process (an
+//! in-memory all-gather behind a barrier, implementing the crate's `Collective`), and a rank's
+//! columns of the logits.
+#![allow(dead_code)]
+
+use fused_weighted_loss::parallel::{Collective, VocabSlice};
+use fused_weighted_loss::{Error, Result};
+use fused_weighted_loss::{Grad, Logit, LossOutput, LossSpec, Shape, Tokens};
+use std::sync::{Arc, Barrier, Mutex};
+
+/// What the ranks of one group share: a barrier and one slot per rank for each element type.
+struct Shared {
+    barrier: Barrier,
+    f64s: Mutex<Vec<Vec<f64>>>,
+    f32s: Mutex<Vec<Vec<f32>>>,
+}
+
+/// One rank's handle on a group of threads.
+pub struct ThreadGroup {
+    rank: usize,
+    size: usize,
+    shared: Arc<Shared>,
+}
+
+impl ThreadGroup {
+    /// The handles of a group of `size` ranks, in rank order (hand one to each thread).
+    pub fn new(size: usize) -> Vec<ThreadGroup> {
+        let shared = Arc::new(Shared {
+            barrier: Barrier::new(size),
+            f64s: Mutex::new(vec![Vec::new(); size]),
+            f32s: Mutex::new(vec![Vec::new(); size]),
+        });
+        (0..size).map(|rank| ThreadGroup { rank, size, shared: shared.clone() }).collect()
+    }
+
+    /// Publishes `send`, waits for every rank, copies all slots in rank order into `recv`, and
+    /// waits again before anyone may publish the next buffer. Every rank sees the same slots,
+    /// so a length mismatch fails on all of them alike (no rank is left waiting).
+    fn gather<T: Copy>(&self, slots: &Mutex<Vec<Vec<T>>>, send: &[T], recv: &mut [T]) -> Result<()> {
+        slots.lock().unwrap()[self.rank] = send.to_vec();
+        self.shared.barrier.wait();
+        let result = {
+            let all = slots.lock().unwrap();
+            if all.iter().any(|s| s.len() != send.len()) {
+                Err(Error::Collective(format!(
+                    "ranks sent different lengths: {:?}",
+                    all.iter().map(Vec::len).collect::<Vec<_>>()
+                )))
+            } else if recv.len() != self.size * send.len() {
+                Err(Error::Collective(format!("receive buffer of {} for {} x {}", recv.len(), self.size, send.len())))
+            } else {
+                for (dst, src) in recv.chunks_exact_mut(send.len().max(1)).zip(all.iter()) {
+                    dst.copy_from_slice(src);
+                }
+                Ok(())
+            }
+        };
+        self.shared.barrier.wait();
+        result
+    }
+}
+
+impl Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn all_gather_f64(&self, send: &[f64], recv: &mut [f64]) -> Result<()> {
+        self.gather(&self.shared.f64s, send, recv)
+    }
+    fn all_gather_f32(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        self.gather(&self.shared.f32s, send, recv)
+    }
+}
+
+/// Runs `f(rank, group)` on one thread per rank of a fresh group of `size`; results in rank order.
+pub fn run_ranks<R: Send>(size: usize, f: impl Fn(usize, &ThreadGroup) -> R + Sync) -> Vec<R> {
+    let groups = ThreadGroup::new(size);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = groups
+            .iter()
+            .enumerate()
+            .map(|(r, g)| {
+                s.spawn({
+                    let f = &f;
+                    move || f(r, g)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+    })
+}
+
+/// A `data × vocab` grid of ranks (rank `d * vocab + v`): each thread gets its vocabulary group
+/// (the ranks of row `d`) and its data group (the ranks of column `v`); results in rank order.
+pub fn run_grid<R: Send>(
+    data: usize,
+    vocab: usize,
+    f: impl Fn(usize, usize, &ThreadGroup, &ThreadGroup) -> R + Sync,
+) -> Vec<R> {
+    let mut vgroups: Vec<Vec<Option<ThreadGroup>>> =
+        (0..data).map(|_| ThreadGroup::new(vocab).into_iter().map(Some).collect()).collect();
+    let mut dgroups: Vec<Vec<Option<ThreadGroup>>> =
+        (0..vocab).map(|_| ThreadGroup::new(data).into_iter().map(Some).collect()).collect();
+    let mine: Vec<(ThreadGroup, ThreadGroup)> = (0..data * vocab)
+        .map(|r| {
+            let (d, v) = (r / vocab, r % vocab);
+            (vgroups[d][v].take().unwrap(), dgroups[v][d].take().unwrap())
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = mine
+            .iter()
+            .enumerate()
+            .map(|(r, (vg, dg))| {
+                s.spawn({
+                    let f = &f;
+                    move || f(r / vocab, r % vocab, vg, dg)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+    })
+}
+
+/// The columns of `slice` of every row.
+pub fn columns<L: Copy>(logits: &[L], vocab: usize, slice: VocabSlice) -> Vec<L> {
+    logits.chunks_exact(vocab).flat_map(|row| row[slice.start()..slice.end()].iter().copied()).collect()
+}
+
+/// Reassembles rows of `vocab` from every rank's columns.
+pub fn assemble(parts: &[Vec<f32>], slices: &[VocabSlice], rows: usize, vocab: usize) -> Vec<f32> {
+    let mut g = vec![f32::NAN; rows * vocab];
+    for (p, s) in parts.iter().zip(slices) {
+        for (r, row) in p.chunks_exact(s.len()).enumerate() {
+            g[r * vocab + s.start()..r * vocab + s.end()].copy_from_slice(row);
+        }
+    }
+    g
+}
+
+/// One test case: inputs of the whole batch over the whole vocabulary.
+pub struct Case<L> {
+    pub shape: Shape,
+    pub spec: LossSpec,
+    pub logits: Vec<L>,
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub weights: Option<Vec<f32>>,
+}
+
+impl<L: Logit> Case<L> {
+    pub fn tokens(&self) -> Tokens<'_, i64> {
+        let t = Tokens::new(&self.ids).with_labels(&self.labels);
+        match &self.weights {
+            Some(w) => t.with_token_weights(w),
+            None => t,
+        }
+    }
+
+    /// Samples `b0..b1` only (a data-parallel rank's share).
+    pub fn samples(&self, b0: usize, b1: usize) -> Case<L> {
+        let (t, v) = (self.shape.seq(), self.shape.vocab());
+        Case {
+            shape: Shape::new(b1 - b0, t, v).unwrap(),
+            spec: self.spec.clone(),
+            logits: self.logits[b0 * t * v..b1 * t * v].to_vec(),
+            ids: self.ids[b0 * t..b1 * t].to_vec(),
+            labels: self.labels[b0 * t..b1 * t].to_vec(),
+            weights: self.weights.as_ref().map(|w| w[b0 * t..b1 * t].to_vec()),
+        }
+    }
+
+    /// The unsharded loss, f32 gradient and per-token losses.
+    pub fn whole(&self) -> (LossOutput, Vec<f32>, Vec<f32>) {
+        let mut g = vec![f32::NAN; self.shape.logits_len()];
+        let mut pt = vec![f32::NAN; self.shape.batch() * (self.shape.seq() - 1)];
+        let out =
+            self.spec.loss_and_grad_per_token(self.shape, &self.logits, self.tokens(), Grad::IntoF32(&mut g), &mut pt);
+        (out.expect("unsharded call"), g, pt)
+    }
+}

@@ -1,0 +1,530 @@
+//! Vocabulary-parallel, data-parallel and 2-D sharded calls against the unsharded result, with
+//! ranks simulated as threads exchanging through memory: 1 to 8 ranks, uneven slices, slices
+//! that own no target, ignored labels, every row mean, reduction and option; equal within 1e-6
+//! relative, the same bits on every rank and on every rerun.
+
+mod common;
+#[path = "common/shards.rs"]
+mod shards;
+
+use common::rel;
+use fused_weighted_loss::parallel::{check_tiling, Sharded, ShardedLoss, Solo, VocabSlice};
+use fused_weighted_loss::reference::rel_err;
+use fused_weighted_loss::synthetic::{self, Rng};
+use fused_weighted_loss::{bf16, Error, Grad, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape};
+use shards::{assemble, columns, run_grid, run_ranks, Case, ThreadGroup};
+
+/// `ranks` slices of `vocab` with random, uneven cut points.
+fn random_slices(rng: &mut Rng, ranks: usize, vocab: usize) -> Vec<VocabSlice> {
+    let mut cuts: Vec<usize> = Vec::new();
+    while cuts.len() < ranks - 1 {
+        let c = 1 + rng.below(vocab as u64 - 1) as usize;
+        if !cuts.contains(&c) {
+            cuts.push(c);
+        }
+    }
+    cuts.sort_unstable();
+    let bounds: Vec<usize> = std::iter::once(0).chain(cuts).chain(std::iter::once(vocab)).collect();
+    bounds.windows(2).map(|w| VocabSlice::new(w[0], w[1] - w[0], vocab).unwrap()).collect()
+}
+
+/// A random case: shape, options, reductions, ignored labels and token weights from the seed.
+fn random_case<L: Logit>(seed: u64, min_vocab: usize) -> Case<L> {
+    let mut rng = Rng::new(seed);
+    let (b, t) = (1 + rng.below(3) as usize, 2 + rng.below(5) as usize);
+    let v = min_vocab + rng.below(3000) as usize;
+    let shape = Shape::new(b, t, v).unwrap();
+    let pick = |rng: &mut Rng, n: u64| rng.below(n);
+    let spec = LossSpec::builder()
+        .keywords([rng.below(v as u64) as i64, 1])
+        .alpha([1.0, 0.5, 2.0][pick(&mut rng, 3) as usize])
+        .row_mean(if pick(&mut rng, 2) == 0 { RowMean::AllPositions } else { RowMean::ValidTokens })
+        .reduction([Reduction::Mean, Reduction::WeightedMean, Reduction::Sum][pick(&mut rng, 3) as usize])
+        .z_loss(if pick(&mut rng, 2) == 0 { 0.0 } else { 1e-3 })
+        .label_smoothing(if pick(&mut rng, 2) == 0 { 0.0 } else { 0.1 })
+        .softcap(if pick(&mut rng, 2) == 0 { None } else { Some(5.0) })
+        .grad_scale(if pick(&mut rng, 3) == 0 { 0.5 } else { 1.0 })
+        .build()
+        .unwrap();
+    let logits = synthetic::logits::<L>(seed, shape.logits_len(), [1.0, 4.0, 12.0][pick(&mut rng, 3) as usize]);
+    let ids = synthetic::ids::<i64>(seed, shape.rows(), v);
+    let ignore = pick(&mut rng, 2) == 0;
+    // label 1 (the first row's target) is never ignored nor weighted 0: the loss is never 0
+    let labels = ids.iter().enumerate().map(|(i, &y)| if ignore && i % 3 == 2 { -100 } else { y }).collect();
+    let weights = (pick(&mut rng, 2) == 0).then(|| {
+        let w = synthetic::logits::<f32>(seed ^ 7, shape.rows(), 1.0);
+        w.iter().enumerate().map(|(i, x)| if *x < -0.7 && i != 1 { 0.0 } else { x + 1.0 }).collect()
+    });
+    Case { shape, spec, logits, ids, labels, weights }
+}
+
+/// The outputs of one rank: loss output, its f32 gradient (its columns / rows), per-token losses.
+type RankOut = (LossOutput, Vec<f32>, Vec<f32>);
+
+/// Runs the vocabulary-parallel call of `case` on one thread per slice.
+fn vocab_parallel<L: Logit>(case: &Case<L>, slices: &[VocabSlice], chunk: Option<usize>) -> Vec<RankOut> {
+    let (shape, v) = (case.shape, case.shape.vocab());
+    run_ranks(slices.len(), |r, g| {
+        let s = slices[r];
+        let local = columns(&case.logits, v, s);
+        let mut grad = vec![f32::NAN; shape.rows() * s.len()];
+        let mut pt = vec![f32::NAN; shape.batch() * (shape.seq() - 1)];
+        let mut call = Sharded::vocab_parallel(s, g);
+        if let Some(c) = chunk {
+            call = call.with_chunk_rows(c);
+        }
+        let out =
+            call.loss_and_grad_per_token(&case.spec, shape, &local, case.tokens(), Grad::IntoF32(&mut grad), &mut pt);
+        (out.expect("sharded call"), grad, pt)
+    })
+}
+
+/// Asserts a sharded output equals the unsharded one within 1e-6 relative.
+fn assert_close(out: &LossOutput, whole: &LossOutput, what: &str) {
+    assert!(rel(out.loss, whole.loss) <= 1e-6, "{what}: loss {} vs {}", out.loss, whole.loss);
+    assert!(rel(out.z_loss, whole.z_loss) <= 1e-6, "{what}: z-loss {} vs {}", out.z_loss, whole.z_loss);
+    assert!(rel_err(&out.per_sample_loss, &whole.per_sample_loss) <= 1e-6, "{what}: per-sample losses");
+    assert_eq!(out.weights, whole.weights, "{what}: weights");
+    assert_eq!(out.valid_tokens, whole.valid_tokens, "{what}: valid tokens");
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// Every rank's output against the unsharded call, and the ranks against each other.
+fn check_vocab_parallel<L: Logit>(case: &Case<L>, slices: &[VocabSlice], what: &str) -> Vec<RankOut> {
+    let (whole, wgrad, wpt) = case.whole();
+    assert!(whole.loss.is_finite() && whole.loss != 0.0, "{what}: degenerate case");
+    let outs = vocab_parallel(case, slices, None);
+    for (r, (out, _, pt)) in outs.iter().enumerate() {
+        assert_close(out, &whole, &format!("{what}, rank {r}"));
+        assert!(rel_err(pt, &wpt) <= 1e-6, "{what}, rank {r}: per-token losses");
+        // every rank merged the same statistics in the same order: the same bits
+        assert_eq!(out.loss.to_bits(), outs[0].0.loss.to_bits(), "{what}: rank {r}'s loss bits");
+        assert_eq!(out.per_sample_loss, outs[0].0.per_sample_loss, "{what}: rank {r}'s per-sample losses");
+        assert_eq!(bits(pt), bits(&outs[0].2), "{what}: rank {r}'s per-token losses");
+    }
+    let grads: Vec<Vec<f32>> = outs.iter().map(|o| o.1.clone()).collect();
+    let g = assemble(&grads, slices, case.shape.rows(), case.shape.vocab());
+    let e = rel_err(&g, &wgrad);
+    assert!(e <= 1e-6, "{what}: gradient rel err {e:e}");
+    outs
+}
+
+#[test]
+fn vocab_parallel_matches_unsharded_for_1_to_8_ranks() {
+    for ranks in 1..=8usize {
+        for seed in 0..6u64 {
+            let seed = seed * 1000 + ranks as u64;
+            let case = random_case::<f32>(seed, 2 * ranks);
+            let mut rng = Rng::new(seed ^ 0xC0FFEE);
+            let slices = random_slices(&mut rng, ranks, case.shape.vocab());
+            let what = format!("{ranks} ranks, seed {seed}, {:?}", case.spec);
+            let first = check_vocab_parallel(&case, &slices, &what);
+            // a rerun gives the same bits
+            let again = vocab_parallel(&case, &slices, None);
+            for ((a, ga, pa), (b, gb, pb)) in first.iter().zip(&again) {
+                assert_eq!(a, b, "{what}: rerun output");
+                assert_eq!(bits(ga), bits(gb), "{what}: rerun gradient");
+                assert_eq!(bits(pa), bits(pb), "{what}: rerun per-token losses");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_row_mean_reduction_and_option() {
+    let mut seed = 77;
+    for row_mean in [RowMean::AllPositions, RowMean::ValidTokens] {
+        for reduction in [Reduction::Mean, Reduction::WeightedMean, Reduction::Sum] {
+            for (z, eps, cap) in
+                [(0.0, 0.0, None), (1e-3, 0.0, None), (0.0, 0.2, None), (0.0, 0.0, Some(3.0)), (1e-4, 0.1, Some(8.0))]
+            {
+                seed += 1;
+                let mut case = random_case::<f32>(seed, 16);
+                case.spec = case
+                    .spec
+                    .to_builder()
+                    .row_mean(row_mean)
+                    .reduction(reduction)
+                    .z_loss(z)
+                    .label_smoothing(eps)
+                    .softcap(cap)
+                    .build()
+                    .unwrap();
+                let slices = random_slices(&mut Rng::new(seed), 3, case.shape.vocab());
+                check_vocab_parallel(&case, &slices, &format!("{:?}", case.spec));
+            }
+        }
+    }
+}
+
+#[test]
+fn slices_that_own_no_target() {
+    // every label in the first tenth of the vocabulary: ranks 1.. hold no target at all
+    for ranks in [2usize, 4, 7] {
+        let mut case = random_case::<f32>(500 + ranks as u64, 100);
+        let v = case.shape.vocab();
+        case.ids.iter_mut().for_each(|y| *y %= (v / 10) as i64);
+        case.labels = case.ids.clone();
+        let slices: Vec<VocabSlice> = (0..ranks).map(|r| VocabSlice::even(r, ranks, v).unwrap()).collect();
+        assert!(slices[1].start() >= v / 10);
+        let outs = check_vocab_parallel(&case, &slices, &format!("{ranks} ranks, targets in rank 0 only"));
+        // a slice without targets gets softmax-only gradients: every entry >= 0 (times the coefficient's sign)
+        let sign = case.spec.grad_scale().signum() as f32;
+        let eps = case.spec.label_smoothing();
+        if eps == 0.0 && case.weights.as_ref().is_none_or(|w| w.iter().all(|&x| x >= 0.0)) {
+            assert!(outs[1].1.iter().all(|&g| g * sign >= 0.0), "no target, no negative entry");
+        }
+    }
+}
+
+#[test]
+fn ignore_index_everywhere_and_one_rank() {
+    // a sample whose labels are all ignored (valid-token mean: contributes 0, no NaN)
+    let mut case = random_case::<f32>(31, 50);
+    case.spec = case.spec.to_builder().row_mean(RowMean::ValidTokens).build().unwrap();
+    let t = case.shape.seq();
+    case.labels[..t].iter_mut().for_each(|y| *y = -100);
+    let v = case.shape.vocab();
+    for ranks in [1, 2, 5] {
+        let slices: Vec<VocabSlice> = (0..ranks).map(|r| VocabSlice::even(r, ranks, v).unwrap()).collect();
+        let outs = check_vocab_parallel(&case, &slices, &format!("all ignored in sample 0, {ranks} ranks"));
+        assert_eq!(outs[0].0.per_sample_loss[0], 0.0);
+    }
+}
+
+#[test]
+fn chunking_keeps_the_bits() {
+    let case = random_case::<f32>(4242, 500);
+    let slices = random_slices(&mut Rng::new(9), 3, case.shape.vocab());
+    let base = vocab_parallel(&case, &slices, None);
+    for chunk in [1, 2, 5, case.shape.rows(), 1000] {
+        let outs = vocab_parallel(&case, &slices, Some(chunk));
+        for ((a, ga, _), (b, gb, _)) in base.iter().zip(&outs) {
+            assert_eq!(a, b, "chunk {chunk}: output");
+            assert_eq!(bits(ga), bits(gb), "chunk {chunk}: gradient");
+        }
+    }
+}
+
+#[test]
+fn bf16_logits_and_every_gradient_mode() {
+    let case = random_case::<bf16>(808, 300);
+    let slices = random_slices(&mut Rng::new(3), 4, case.shape.vocab());
+    let outs = check_vocab_parallel(&case, &slices, "bf16");
+    let (shape, v) = (case.shape, case.shape.vocab());
+    // loss only, gradient in bf16, in place: the same loss bits; the same gradient as bf16
+    let modes = run_ranks(slices.len(), |r, g| {
+        let s = slices[r];
+        let local = columns(&case.logits, v, s);
+        let call = Sharded::vocab_parallel(s, g);
+        let skip = call.loss_and_grad(&case.spec, shape, &local, case.tokens(), Grad::Skip).unwrap();
+        let mut gl = vec![bf16::from_f32(f32::NAN); local.len()];
+        let into = call.loss_and_grad(&case.spec, shape, &local, case.tokens(), Grad::Into(&mut gl)).unwrap();
+        let mut inplace = local.clone();
+        let ip = call.loss_and_grad_in_place(&case.spec, shape, &mut inplace, case.tokens()).unwrap();
+        (skip, into, ip, gl, inplace)
+    });
+    for ((out, g32, _), (skip, into, ip, gl, inplace)) in outs.iter().zip(&modes) {
+        for o in [skip, into, ip] {
+            assert_eq!(o.loss.to_bits(), out.loss.to_bits());
+        }
+        let rounded: Vec<bf16> = g32.iter().map(|&x| bf16::from_f32(x)).collect();
+        assert_eq!(gl, &rounded, "bf16 gradient = the f32 one rounded");
+        assert_eq!(inplace, gl, "in place = into a buffer");
+    }
+}
+
+#[test]
+fn data_parallel_matches_the_concatenated_batch() {
+    for (seed, splits) in [(1u64, vec![0, 1, 3]), (2, vec![0, 2, 3]), (3, vec![0, 1, 2, 3]), (4, vec![0, 3])] {
+        for reduction in [Reduction::Mean, Reduction::WeightedMean, Reduction::Sum] {
+            let mut case = random_case::<f32>(seed * 31, 40);
+            let t = case.shape.seq();
+            // three samples, so that the splits above apply
+            case = Case { shape: Shape::new(3, t, case.shape.vocab()).unwrap(), ..case };
+            let v = case.shape.vocab();
+            case.logits = synthetic::logits(seed, 3 * t * v, 3.0);
+            case.ids = synthetic::ids(seed, 3 * t, v);
+            case.labels = case.ids.clone();
+            case.weights =
+                case.weights.map(|_| synthetic::logits::<f32>(seed, 3 * t, 1.0).iter().map(|x| x + 1.0).collect());
+            case.spec = case.spec.to_builder().reduction(reduction).build().unwrap();
+            let (whole, wgrad, _) = case.whole();
+            let ranks = splits.len() - 1;
+            let outs = run_ranks(ranks, |r, g| {
+                let part = case.samples(splits[r], splits[r + 1]);
+                let mut grad = vec![f32::NAN; part.shape.logits_len()];
+                let out = Sharded::data_parallel(v, g)
+                    .loss_and_grad(&part.spec, part.shape, &part.logits, part.tokens(), Grad::IntoF32(&mut grad))
+                    .unwrap();
+                (out, grad)
+            });
+            let what = format!("data-parallel {splits:?} {reduction:?}");
+            let mut g = Vec::new();
+            for (r, (out, grad)) in outs.iter().enumerate() {
+                assert!(rel(out.loss, whole.loss) <= 1e-6, "{what}: rank {r} loss {} vs {}", out.loss, whole.loss);
+                assert!(rel(out.z_loss, whole.z_loss) <= 1e-6, "{what}: z-loss");
+                assert_eq!(out.loss.to_bits(), outs[0].0.loss.to_bits(), "{what}: same bits on every rank");
+                let (b0, b1) = (splits[r], splits[r + 1]);
+                assert_eq!(out.weights, whole.weights[b0..b1], "{what}: weights");
+                assert!(rel_err(&out.per_sample_loss, &whole.per_sample_loss[b0..b1]) <= 1e-6, "{what}: per sample");
+                g.extend_from_slice(grad);
+            }
+            let e = rel_err(&g, &wgrad);
+            assert!(e <= 1e-6, "{what}: gradient rel err {e:e}");
+        }
+    }
+}
+
+#[test]
+fn grid_of_data_and_vocab_ranks() {
+    for (data, vocab, seed) in [(2usize, 2usize, 11u64), (2, 3, 12), (3, 2, 13), (1, 4, 14), (4, 1, 15)] {
+        let mut case = random_case::<f32>(seed, 64);
+        let (t, v) = (case.shape.seq(), case.shape.vocab());
+        let b = data + 1; // uneven: the last data rank gets two samples
+        case.shape = Shape::new(b, t, v).unwrap();
+        case.logits = synthetic::logits(seed, b * t * v, 4.0);
+        case.ids = synthetic::ids(seed, b * t, v);
+        case.labels = case.ids.iter().enumerate().map(|(i, &y)| if i % 4 == 2 { -100 } else { y }).collect();
+        case.weights = case.weights.map(|_| vec![1.5; b * t]);
+        let (whole, wgrad, _) = case.whole();
+        let splits: Vec<usize> = (0..=data).map(|d| if d == data { b } else { d }).collect();
+        let slices = random_slices(&mut Rng::new(seed), vocab, v);
+        let outs = run_grid(data, vocab, |d, p, vg, dg| {
+            let part = case.samples(splits[d], splits[d + 1]);
+            let local = columns(&part.logits, v, slices[p]);
+            let mut grad = vec![f32::NAN; local.len()];
+            let out = Sharded::vocab_parallel(slices[p], vg)
+                .with_data_group(dg)
+                .loss_and_grad(&part.spec, part.shape, &local, part.tokens(), Grad::IntoF32(&mut grad))
+                .unwrap();
+            (out, grad)
+        });
+        let what = format!("{data}x{vocab} grid, {:?}", case.spec);
+        let mut g = vec![f32::NAN; wgrad.len()];
+        for (rank, (out, grad)) in outs.iter().enumerate() {
+            let (d, p) = (rank / vocab, rank % vocab);
+            assert!(rel(out.loss, whole.loss) <= 1e-6, "{what}: rank {rank} loss {} vs {}", out.loss, whole.loss);
+            assert_eq!(out.loss.to_bits(), outs[0].0.loss.to_bits(), "{what}: same bits on every rank");
+            let (b0, s) = (splits[d], slices[p]);
+            for (i, row) in grad.chunks_exact(s.len()).enumerate() {
+                let r = b0 * t + i;
+                g[r * v + s.start()..r * v + s.end()].copy_from_slice(row);
+            }
+        }
+        let e = rel_err(&g, &wgrad);
+        assert!(e <= 1e-6, "{what}: gradient rel err {e:e}");
+    }
+}
+
+/// Steps driven by hand (finished, their gradients `grads`) give the one call's outputs and
+/// gradient bits.
+fn same_as_one_call(
+    case: &Case<f32>,
+    slices: &[VocabSlice],
+    chunk: usize,
+    steps: Vec<ShardedLoss>,
+    grads: &[Vec<f32>],
+) {
+    let by_hand: Vec<LossOutput> = steps.into_iter().map(|s| s.finish().unwrap()).collect();
+    let one_call = vocab_parallel(case, slices, Some(chunk));
+    for ((a, g), (b, gb, _)) in by_hand.iter().zip(grads).zip(&one_call) {
+        assert_eq!(a, b, "steps by hand = one call");
+        assert_eq!(bits(g), bits(gb), "gradients by hand = one call");
+    }
+}
+
+/// The steps driven by hand, two ranks simulated in one thread, pipelined: the statistics of
+/// chunk k + 1 are taken before chunk k is finished (two chunks kept at once).
+#[test]
+fn steps_pipelined_by_hand_equal_the_one_call() {
+    let case = random_case::<f32>(99, 200);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let slices = [VocabSlice::new(0, v / 3, v).unwrap(), VocabSlice::new(v / 3, v - v / 3, v).unwrap()];
+    let local: Vec<Vec<f32>> = slices.iter().map(|&s| columns(&case.logits, v, s)).collect();
+    let mut steps: Vec<ShardedLoss> =
+        slices.iter().map(|&s| ShardedLoss::new(&case.spec, shape, s, case.tokens()).unwrap()).collect();
+    let chunk = 2;
+    let chunks: Vec<std::ops::Range<usize>> =
+        (0..shape.rows()).step_by(chunk).map(|r| r..(r + chunk).min(shape.rows())).collect();
+    let gather = |steps: &mut Vec<ShardedLoss>, r: &std::ops::Range<usize>| -> Vec<f64> {
+        let mut all = Vec::new();
+        for (st, (s, l)) in steps.iter_mut().zip(slices.iter().zip(&local)) {
+            let mut part = vec![f64::NAN; st.partials_len(r.len())];
+            st.partials(r.clone(), &l[r.start * s.len()..r.end * s.len()], &mut part).unwrap();
+            all.extend(part);
+        }
+        all
+    };
+    let mut grads: Vec<Vec<f32>> = slices.iter().map(|s| vec![f32::NAN; shape.rows() * s.len()]).collect();
+    let mut in_flight = gather(&mut steps, &chunks[0]);
+    for k in 0..chunks.len() {
+        let next = chunks.get(k + 1).map(|r| gather(&mut steps, r));
+        let r = &chunks[k];
+        for ((st, s), (l, g)) in steps.iter_mut().zip(&slices).zip(local.iter().zip(grads.iter_mut())) {
+            let span = r.start * s.len()..r.end * s.len();
+            st.finish_rows_grad(r.clone(), &in_flight, &l[span.clone()], &mut g[span]).unwrap();
+        }
+        if let Some(n) = next {
+            in_flight = n;
+        }
+    }
+    same_as_one_call(&case, &slices, chunk, steps, &grads);
+}
+
+/// The pipelined step `finish_rows_grad_then_partials` (one chunk's gradient beside the next
+/// chunk's statistics), driven by hand for three uneven ranks: the same bits as the one call.
+#[test]
+fn grad_then_partials_step_equals_the_one_call() {
+    let case = random_case::<f32>(77, 150);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let slices = [
+        VocabSlice::new(0, 1, v).unwrap(),
+        VocabSlice::new(1, v / 2, v).unwrap(),
+        VocabSlice::new(1 + v / 2, v - 1 - v / 2, v).unwrap(),
+    ];
+    let local: Vec<Vec<f32>> = slices.iter().map(|&s| columns(&case.logits, v, s)).collect();
+    let mut steps: Vec<ShardedLoss> =
+        slices.iter().map(|&s| ShardedLoss::new(&case.spec, shape, s, case.tokens()).unwrap()).collect();
+    let chunk = 3;
+    let chunks: Vec<std::ops::Range<usize>> =
+        (0..shape.rows()).step_by(chunk).map(|r| r..(r + chunk).min(shape.rows())).collect();
+    let mut gathered = Vec::new();
+    for (st, (s, l)) in steps.iter_mut().zip(slices.iter().zip(&local)) {
+        let r = &chunks[0];
+        let mut part = vec![f64::NAN; st.partials_len(r.len())];
+        st.partials(r.clone(), &l[r.start * s.len()..r.end * s.len()], &mut part).unwrap();
+        gathered.extend(part);
+    }
+    let mut grads: Vec<Vec<f32>> = slices.iter().map(|s| vec![f32::NAN; shape.rows() * s.len()]).collect();
+    for k in 0..chunks.len() {
+        let r = &chunks[k];
+        let mut next_gathered = Vec::new();
+        for ((st, s), (l, g)) in steps.iter_mut().zip(&slices).zip(local.iter().zip(grads.iter_mut())) {
+            let span = r.start * s.len()..r.end * s.len();
+            match chunks.get(k + 1) {
+                Some(nx) => {
+                    let mut part = vec![f64::NAN; st.partials_len(nx.len())];
+                    let nl = &l[nx.start * s.len()..nx.end * s.len()];
+                    st.finish_rows_grad_then_partials(
+                        r.clone(),
+                        &gathered,
+                        &l[span.clone()],
+                        &mut g[span],
+                        nx.clone(),
+                        nl,
+                        &mut part,
+                    )
+                    .unwrap();
+                    next_gathered.extend(part);
+                }
+                None => st.finish_rows_grad(r.clone(), &gathered, &l[span.clone()], &mut g[span]).unwrap(),
+            }
+        }
+        gathered = next_gathered;
+    }
+    same_as_one_call(&case, &slices, chunk, steps, &grads);
+    // a short partials buffer for the next chunk is a typed error, not a panic
+    let mut st = ShardedLoss::new(&case.spec, shape, VocabSlice::full(v).unwrap(), case.tokens()).unwrap();
+    let mut part = vec![0.0; st.partials_len(1)];
+    st.partials(0..1, &case.logits[..v], &mut part).unwrap();
+    let mut g = vec![0f32; v];
+    let mut short = vec![0.0; st.partials_len(1) - 1];
+    let r = st.finish_rows_grad_then_partials(
+        0..1,
+        &part,
+        &case.logits[..v],
+        &mut g,
+        1..2,
+        &case.logits[v..2 * v],
+        &mut short,
+    );
+    assert!(matches!(r, Err(Error::ExchangeLength { .. })), "{r:?}");
+}
+
+#[test]
+fn exponentials_not_kept_are_recomputed() {
+    // keep nothing: the gradient step re-reads the logits; same values within rounding
+    let case = random_case::<f32>(5150, 1000);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let (whole, wgrad, _) = case.whole();
+    let slice = VocabSlice::full(v).unwrap();
+    let mut st = ShardedLoss::new(&case.spec, shape, slice, case.tokens()).unwrap().with_keep_rows(0);
+    let rows = 0..shape.rows();
+    let mut part = vec![0.0; st.partials_len(rows.len())];
+    st.partials(rows.clone(), &case.logits, &mut part).unwrap();
+    let mut grad = vec![f32::NAN; case.logits.len()];
+    st.finish_rows_grad(rows, &part, &case.logits, &mut grad).unwrap();
+    let out = st.finish().unwrap();
+    assert_close(&out, &whole, "recomputed");
+    let e = rel_err(&grad, &wgrad);
+    assert!(e <= 1e-6, "recomputed gradient rel err {e:e}");
+}
+
+#[test]
+fn typed_errors() {
+    let case = random_case::<f32>(1, 20);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    assert!(matches!(VocabSlice::new(0, 0, v), Err(Error::InvalidVocabSlice { .. })));
+    assert!(matches!(VocabSlice::new(5, v, v), Err(Error::InvalidVocabSlice { .. })));
+    assert!(matches!(VocabSlice::even(4, 4, v), Err(Error::InvalidVocabSlice { .. })));
+    assert!(matches!(check_tiling(&[(0, 3), (3, 3)], 7), Err(Error::SlicesDoNotTile { .. })));
+    // a slice of another vocabulary
+    let other = VocabSlice::new(0, 4, v + 1).unwrap();
+    let r = ShardedLoss::new(&case.spec, shape, other, case.tokens());
+    assert!(matches!(r, Err(Error::InvalidVocabSlice { .. })));
+    // overlapping slices: every rank learns it from the first exchange, none hangs
+    let overlapping = [VocabSlice::new(0, v / 2 + 1, v).unwrap(), VocabSlice::new(v / 2, v - v / 2, v).unwrap()];
+    let errs = run_ranks(2, |r, g| {
+        let local = columns(&case.logits, v, overlapping[r]);
+        Sharded::vocab_parallel(overlapping[r], g).loss_and_grad(&case.spec, shape, &local, case.tokens(), Grad::Skip)
+    });
+    assert!(errs.iter().all(|e| matches!(e, Err(Error::SlicesDoNotTile { .. }))), "{errs:?}");
+    // wrong lengths, rows out of range, steps out of order
+    let s = VocabSlice::full(v).unwrap();
+    let call = Sharded::vocab_parallel(s, &Solo);
+    let bad = call.loss_and_grad(&case.spec, shape, &case.logits[1..], case.tokens(), Grad::Skip);
+    assert!(matches!(bad, Err(Error::LengthMismatch { .. })));
+    let mut short = vec![0f32; 3];
+    let bad = call.loss_and_grad(&case.spec, shape, &case.logits, case.tokens(), Grad::IntoF32(&mut short));
+    assert!(matches!(bad, Err(Error::GradLength { .. })));
+    let mut st = ShardedLoss::new(&case.spec, shape, s, case.tokens()).unwrap();
+    let n = shape.rows();
+    let mut part = vec![0.0; st.partials_len(n)];
+    assert!(matches!(st.partials(0..n + 1, &case.logits, &mut part), Err(Error::RowRange { .. })));
+    assert!(matches!(st.partials(0..n, &case.logits, &mut part[1..]), Err(Error::ExchangeLength { .. })));
+    st.partials(0..n, &case.logits, &mut part).unwrap();
+    assert!(matches!(st.finish_rows(0..n, &part[1..]), Err(Error::ExchangeLength { .. })));
+    st.finish_rows(0..1, &part[..st.partials_len(1)]).unwrap();
+    let mut grad = vec![0f32; case.logits.len()];
+    st.finish_rows_grad(0..n, &part, &case.logits, &mut grad).unwrap();
+    assert!(matches!(st.set_batch_totals(&[1.0, 2.0]), Err(Error::StepOrder(_))));
+    assert!(matches!(st.set_batch_totals(&[1.0]), Err(Error::ExchangeLength { .. })));
+    let st2 = ShardedLoss::new(&case.spec, shape, s, case.tokens()).unwrap();
+    assert!(matches!(st2.finish(), Err(Error::StepOrder(_))));
+    // a group whose ranks send different lengths fails on every rank
+    let errs = run_ranks(2, |r, g: &ThreadGroup| {
+        let mut recv = vec![0.0; 2 * (r + 1)];
+        fused_weighted_loss::parallel::Collective::all_gather_f64(g, &vec![1.0; r + 1], &mut recv)
+    });
+    assert!(errs.iter().all(|e| matches!(e, Err(Error::Collective(_)))));
+}
+
+#[test]
+fn thread_exchange_gathers_in_rank_order() {
+    use fused_weighted_loss::parallel::Collective;
+    let got = run_ranks(4, |r, g| {
+        let mut a = vec![0f32; 8];
+        g.all_gather_f32(&[r as f32, -(r as f32)], &mut a).unwrap();
+        let mut b = vec![0f64; 4];
+        g.all_gather_f64(&[r as f64 * 0.5], &mut b).unwrap();
+        (a, b)
+    });
+    for (a, b) in got {
+        assert_eq!(a, [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0]);
+        assert_eq!(b, [0.0, 0.5, 1.0, 1.5]);
+    }
+}
