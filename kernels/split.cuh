@@ -98,26 +98,9 @@ template <typename L, typename G> __device__ void split_grad_impl(const FwlSplit
             target += o[2];
         }
         const float coef = p.coef[grow / p.seq] * (p.token_weights ? p.token_weights[grow + 1] : 1.f);
-        const double eps = p.smoothing, lse = static_cast<double>(st.m) + log(static_cast<double>(st.s));
-        if (threadIdx.x == 0) {  // the row's loss in double, as the rows kernel computes it
-            const double tl = cap > 0.f ? cap * tanh(static_cast<double>(target) / cap) : target;
-            double l = (static_cast<double>(st.m) - tl) + log(static_cast<double>(st.s));
-            if (eps != 0.0) l = (1.0 - eps) * l + eps * (lse - static_cast<double>(st.z) / static_cast<double>(p.vocab));
-            const double zl = p.z_loss * lse * lse;
-            p.row_loss[grow] = p.z_loss != 0.0 ? l + zl : l;
-            if (p.row_z) p.row_z[grow] = zl;
-        }
+        // the row's loss in double and its gradient's terms, as the rows kernel computes them
+        const RowGrad rg = row_finish(p, st, target, coef, cap, inv_cap, p.vocab, grow, threadIdx.x == 0);
         if (!g) continue;
-        RowGrad rg;
-        rg.mx = st.m;
-        rg.coef = coef;
-        rg.inv_s = 1.f / st.s;
-        rg.a = p.z_loss != 0.0 ? static_cast<float>(1.0 + 2.0 * p.z_loss * lse) : 1.f;
-        rg.scale = coef * rg.a * rg.inv_s;
-        rg.koff = static_cast<float>(static_cast<double>(coef) * eps / static_cast<double>(p.vocab));
-        rg.toff = eps != 0.0 ? static_cast<float>((1.0 - eps) + eps / static_cast<double>(p.vocab)) : 1.f;
-        rg.cap = cap;
-        rg.inv_cap = inv_cap;
         const int64_t jt = static_cast<int64_t>(y) - p.v0;
         const int32_t t = jt >= 0 && jt < n ? static_cast<int32_t>(jt) : -1;  // the target's column here
         // each thread writes exactly the elements it read (in place too)

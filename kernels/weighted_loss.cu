@@ -260,6 +260,35 @@ struct RowGrad {
     float mx, scale, coef, inv_s, a, koff, toff, cap, inv_cap;
 };
 
+// The row's loss in double (z_max - z[target] can exceed the float range), written by the
+// calling thread when `write`, and its RowGrad, from the row's merged statistics, its (capped)
+// target logit and its weight `coef`: the one definition the rows kernel and the split's
+// finish kernel share. `P` is either kernel's parameters (row_loss, row_z, z_loss, smoothing).
+template <class P>
+__device__ __forceinline__ RowGrad row_finish(const P &p, const MS &st, float target, float coef, float cap,
+                                              float inv_cap, int64_t V, int64_t grow, bool write) {
+    const double eps = p.smoothing, lse = static_cast<double>(st.m) + log(static_cast<double>(st.s));
+    if (write) {
+        const double tl = cap > 0.f ? cap * tanh(static_cast<double>(target) / cap) : target;
+        double l = (static_cast<double>(st.m) - tl) + log(static_cast<double>(st.s));
+        if (eps != 0.0) l = (1.0 - eps) * l + eps * (lse - static_cast<double>(st.z) / static_cast<double>(V));
+        const double zl = p.z_loss * lse * lse;
+        p.row_loss[grow] = p.z_loss != 0.0 ? l + zl : l;
+        if (p.row_z) p.row_z[grow] = zl;
+    }
+    RowGrad rg;
+    rg.mx = st.m;
+    rg.coef = coef;
+    rg.inv_s = 1.f / st.s;
+    rg.a = p.z_loss != 0.0 ? static_cast<float>(1.0 + 2.0 * p.z_loss * lse) : 1.f;
+    rg.scale = coef * rg.a * rg.inv_s;
+    rg.koff = static_cast<float>(static_cast<double>(coef) * eps / static_cast<double>(V));
+    rg.toff = eps != 0.0 ? static_cast<float>((1.0 - eps) + eps / static_cast<double>(V)) : 1.f;
+    rg.cap = cap;
+    rg.inv_cap = inv_cap;
+    return rg;
+}
+
 __device__ __forceinline__ float elem_grad(float z, bool is_target, const RowGrad &r) {
     float s = 1.f;
     if (r.cap > 0.f) {
@@ -388,26 +417,9 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
         // the row's loss in double: z_max - z[target] can exceed the float range; the options'
         // terms as RowGrad describes
         const float coef = p.coef[grow / p.seq] * (p.token_weights ? p.token_weights[grow + 1] : 1.f);
-        const double eps = p.smoothing, lse = static_cast<double>(st.m) + log(static_cast<double>(st.s));
-        if (rank == 0 && threadIdx.x == 0) {
-            const double tl = cap > 0.f ? cap * tanh(static_cast<double>(target_logit) / cap) : target_logit;
-            double l = (static_cast<double>(st.m) - tl) + log(static_cast<double>(st.s));
-            if (eps != 0.0) l = (1.0 - eps) * l + eps * (lse - static_cast<double>(st.z) / static_cast<double>(V));
-            const double zl = p.z_loss * lse * lse;
-            p.row_loss[grow] = p.z_loss != 0.0 ? l + zl : l;
-            if (p.row_z) p.row_z[grow] = zl;
-        }
+        const RowGrad rg =
+            row_finish(p, st, target_logit, coef, cap, inv_cap, V, grow, rank == 0 && threadIdx.x == 0);
         if (!g) continue;
-        RowGrad rg;
-        rg.mx = st.m;
-        rg.coef = coef;
-        rg.inv_s = 1.f / st.s;
-        rg.a = p.z_loss != 0.0 ? static_cast<float>(1.0 + 2.0 * p.z_loss * lse) : 1.f;
-        rg.scale = coef * rg.a * rg.inv_s;
-        rg.koff = static_cast<float>(static_cast<double>(coef) * eps / static_cast<double>(V));
-        rg.toff = eps != 0.0 ? static_cast<float>((1.0 - eps) + eps / static_cast<double>(V)) : 1.f;
-        rg.cap = cap;
-        rg.inv_cap = inv_cap;
 
         // pass 2: gradient, each thread writing exactly what it read
         if (edges && threadIdx.x < head) {
