@@ -142,8 +142,11 @@ run() {
   local shp
   for shp in 8x1024x128256:bf16 32x128x50000:f32; do
     for opts in "" "--z-loss 1e-4 --label-smoothing 0.1 --softcap 30 --token-weights"; do
+      # (not in a pipeline: `within` counts skipped steps in this shell)
+      : >/tmp/fwl-options-row.txt
       within 30 "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape "${shp%%:*}" --dtype "${shp##*:}" \
-        --iters 20 --reference-iters 0 $opts | sed -n '3,4p' | sed "s|^|${shp} ${opts:-plain}: |" || fail=1
+        --iters 20 --reference-iters 0 $opts >/tmp/fwl-options-row.txt || fail=1
+      sed -n '3,4p' /tmp/fwl-options-row.txt | sed "s|^|${shp} ${opts:-plain}: |"
     done
   done
 
