@@ -3,7 +3,8 @@
 //!
 //! 1. **Per-rank kernel time**: one rank's work on its slice, `[B, T, V/P]`, through the split
 //!    (statistics step, a group-of-one exchange, merge, gradient step, chunk by chunk, as
-//!    `Sharded` runs it) against the single-device call on the same logits, timed alternately
+//!    `Sharded` runs it for a rank of a larger group; a real group of one runs the
+//!    single-device pass instead) against the single-device call on the same logits, timed alternately
 //!    (paired). The target is ≤ 1.1×: the split adds no pass over the logits. Beside it, the
 //!    same split with one chunk for all rows (its exponentials no longer fit a cache: written to
 //!    memory and read back) and with nothing kept (the logits read twice), to show what chunks save.
@@ -78,7 +79,7 @@ fn per_rank<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize, chunk: Opt
     let spec = LossSpec::builder().keywords([0, 1, 2]).build().unwrap();
     let (mut g1, mut g2) = (L::zeroed(shape.logits_len()), L::zeroed(shape.logits_len()));
     let slice = VocabSlice::full(len).unwrap();
-    let mut split = Sharded::vocab_parallel(slice, &Solo);
+    let mut split = Sharded::vocab_parallel(slice, &Solo).with_split_steps();
     if let Some(c) = chunk {
         split = split.with_chunk_rows(c);
     }
@@ -104,6 +105,27 @@ fn per_rank<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize, chunk: Opt
         n * 1e3,
         n / s2,
     );
+}
+
+/// A data-parallel rank (its vocabulary group is itself alone) against the single-device call
+/// on its samples: the default (the single-device pass) and the split's chunked steps; wall ms.
+fn data_parallel_rank<L: Logit>(b: usize, t: usize, vocab: usize) {
+    let shape = Shape::new(b, t, vocab).unwrap();
+    let logits = synthetic::logits::<L>(1, shape.logits_len(), 4.0);
+    let ids = synthetic::ids::<i64>(2, shape.rows(), vocab);
+    let spec = LossSpec::builder().keywords([0, 1, 2]).build().unwrap();
+    let (mut g1, mut g2) = (L::zeroed(shape.logits_len()), L::zeroed(shape.logits_len()));
+    let dp = Sharded::data_parallel(vocab, &Solo);
+    let mut row = |split: Sharded<'_>| {
+        let [(s, _), (p, _)] = paired(
+            || drop(spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g1)).unwrap()),
+            || drop(split.loss_and_grad(&spec, shape, &logits, Tokens::new(&ids), Grad::Into(&mut g2)).unwrap()),
+        );
+        (s * 1e3, p * 1e3, p / s)
+    };
+    let (s, p, r) = row(dp);
+    let (s2, c, rc) = row(dp.with_split_steps());
+    println!("| {} | {b}x{t}x{vocab} | {s:.2} | {p:.2} | **{r:.3}** | {s2:.2} | {c:.2} | {rc:.3} |", L::DTYPE);
 }
 
 fn threads_as_ranks<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize) {
@@ -179,6 +201,10 @@ fn main() {
         per_rank::<f32>(b, t, v, ranks, None);
         let ex = exchange_only(b, t, v, ranks);
         println!("\nexchange alone ({ranks} thread ranks, 3 f64 per row, {} rows): {:.3} ms", b * t, ex * 1e3);
+        println!("\nData-parallel rank (vocabulary group of one) vs the single-device call on its samples\n");
+        println!("| dtype | B x T x V | single | data-parallel | **ratio** | single (paired with the next) | the split's chunked steps | ratio |");
+        println!("|---|---|---|---|---|---|---|---|");
+        data_parallel_rank::<f32>(b, t, v);
         return;
     }
     if let Ok(spec) = std::env::var("FWL_BENCH_CHUNKS") {

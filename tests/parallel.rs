@@ -279,6 +279,70 @@ fn data_parallel_matches_the_concatenated_batch() {
     }
 }
 
+/// A vocabulary group of one runs the single-device pass: every gradient mode, the per-token
+/// losses and a data group of one give the plain call's bits.
+#[test]
+fn data_parallel_every_gradient_mode() {
+    let mut case = random_case::<bf16>(4242, 200);
+    let (t, v) = (case.shape.seq(), case.shape.vocab());
+    case.shape = Shape::new(3, t, v).unwrap();
+    case.logits = synthetic::logits(17, 3 * t * v, 4.0);
+    case.ids = synthetic::ids(17, 3 * t, v);
+    case.labels = case.ids.iter().enumerate().map(|(i, &y)| if i % 5 == 3 { -100 } else { y }).collect();
+    case.weights = case.weights.map(|_| vec![0.75; 3 * t]);
+    let (whole, wgrad, wpt) = case.whole();
+    assert!(whole.loss.is_finite() && whole.loss != 0.0, "degenerate case");
+    // a data group of one: exactly the plain call
+    let mut g1 = vec![f32::NAN; case.shape.logits_len()];
+    let mut pt1 = vec![f32::NAN; wpt.len()];
+    let solo = Sharded::data_parallel(v, &fused_weighted_loss::parallel::Solo)
+        .loss_and_grad_per_token(&case.spec, case.shape, &case.logits, case.tokens(), Grad::IntoF32(&mut g1), &mut pt1)
+        .unwrap();
+    assert_eq!(solo.loss.to_bits(), whole.loss.to_bits(), "group of one: loss bits");
+    assert_eq!(bits(&g1), bits(&wgrad), "group of one: gradient bits");
+    assert_eq!(bits(&pt1), bits(&wpt), "group of one: per-token bits");
+    // two data ranks (one sample, two samples), every mode
+    let splits = [0usize, 1, 3];
+    let outs = run_ranks(2, |r, g| {
+        let part = case.samples(splits[r], splits[r + 1]);
+        let call = Sharded::data_parallel(v, g);
+        let skip = call.loss_and_grad(&part.spec, part.shape, &part.logits, part.tokens(), Grad::Skip).unwrap();
+        let mut gl = vec![bf16::from_f32(f32::NAN); part.logits.len()];
+        let into =
+            call.loss_and_grad(&part.spec, part.shape, &part.logits, part.tokens(), Grad::Into(&mut gl)).unwrap();
+        let mut g32 = vec![f32::NAN; part.logits.len()];
+        let mut pt = vec![f32::NAN; part.shape.batch() * (t - 1)];
+        let per = call
+            .loss_and_grad_per_token(
+                &part.spec,
+                part.shape,
+                &part.logits,
+                part.tokens(),
+                Grad::IntoF32(&mut g32),
+                &mut pt,
+            )
+            .unwrap();
+        let mut inplace = part.logits.clone();
+        let ip = call.loss_and_grad_in_place(&part.spec, part.shape, &mut inplace, part.tokens()).unwrap();
+        ([skip, into, per, ip], gl, g32, pt, inplace)
+    });
+    let (mut g, mut pts) = (Vec::new(), Vec::new());
+    for (r, (modes, gl, g32, pt, inplace)) in outs.iter().enumerate() {
+        for o in modes {
+            assert_eq!(o.loss.to_bits(), outs[0].0[0].loss.to_bits(), "rank {r}: the same loss bits in every mode");
+            assert!(rel(o.loss, whole.loss) <= 1e-6, "rank {r}: loss {} vs {}", o.loss, whole.loss);
+        }
+        let rounded: Vec<bf16> = g32.iter().map(|&x| bf16::from_f32(x)).collect();
+        assert_eq!(gl, &rounded, "rank {r}: bf16 gradient = the f32 one rounded");
+        assert_eq!(inplace, gl, "rank {r}: in place = into a buffer");
+        g.extend_from_slice(g32);
+        pts.extend_from_slice(pt);
+    }
+    let e = rel_err(&g, &wgrad);
+    assert!(e <= 1e-6, "gradient rel err {e:e}");
+    assert!(rel_err(&pts, &wpt) <= 1e-6, "per-token losses");
+}
+
 #[test]
 fn grid_of_data_and_vocab_ranks() {
     for (data, vocab, seed) in [(2usize, 2usize, 11u64), (2, 3, 12), (3, 2, 13), (1, 4, 14), (4, 1, 15)] {

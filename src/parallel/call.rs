@@ -64,6 +64,7 @@ pub struct Sharded<'a> {
     pub(super) vocab_group: &'a dyn Collective,
     pub(super) data_group: &'a dyn Collective,
     chunk_rows: Option<usize>,
+    split_steps: bool,
 }
 
 impl std::fmt::Debug for Sharded<'_> {
@@ -73,6 +74,7 @@ impl std::fmt::Debug for Sharded<'_> {
             .field("vocab_group", &(self.vocab_group.rank(), self.vocab_group.size()))
             .field("data_group", &(self.data_group.rank(), self.data_group.size()))
             .field("chunk_rows", &self.chunk_rows)
+            .field("split_steps", &self.split_steps)
             .finish()
     }
 }
@@ -83,7 +85,7 @@ impl<'a> Sharded<'a> {
     /// Vocabulary-parallel: this rank's logits hold `slice` of the vocabulary; `group` reaches
     /// the ranks holding the other slices (of the same samples).
     pub fn vocab_parallel(slice: VocabSlice, group: &'a dyn Collective) -> Self {
-        Sharded { slice, vocab_group: group, data_group: &SOLO, chunk_rows: None }
+        Sharded { slice, vocab_group: group, data_group: &SOLO, chunk_rows: None, split_steps: false }
     }
 
     /// Data-parallel: this rank holds some samples with every logit of a vocabulary of `vocab`;
@@ -91,7 +93,7 @@ impl<'a> Sharded<'a> {
     pub fn data_parallel(vocab: usize, group: &'a dyn Collective) -> Self {
         // a zero vocabulary is reported by the call, as the plain API does
         let slice = VocabSlice { start: 0, len: vocab, vocab };
-        Sharded { slice, vocab_group: &SOLO, data_group: group, chunk_rows: None }
+        Sharded { slice, vocab_group: &SOLO, data_group: group, chunk_rows: None, split_steps: false }
     }
 
     /// Adds a data group to a vocabulary-parallel call (a 2-D grid of ranks).
@@ -103,6 +105,14 @@ impl<'a> Sharded<'a> {
     /// every rank of the group. At least 1.
     pub fn with_chunk_rows(self, rows: usize) -> Self {
         Sharded { chunk_rows: Some(rows.max(1)), ..self }
+    }
+
+    /// Runs the split's steps chunk by chunk even when the vocabulary group is this rank alone
+    /// (which otherwise runs the single-device pass): what the benches use to time one rank's
+    /// kernels of a larger group without its exchange.
+    #[doc(hidden)]
+    pub fn with_split_steps(self) -> Self {
+        Sharded { split_steps: true, ..self }
     }
 
     /// The loss and, unless `grad` is [`Grad::Skip`], the gradient of this rank's logits
@@ -185,6 +195,12 @@ impl<'a> Sharded<'a> {
             return Err(Error::GradLength { expected: rows * len, got: n });
         }
         crate::check_token_loss(shape, token_loss.as_deref())?;
+        if vg.size() == 1 && !self.split_steps {
+            // the whole vocabulary on this rank: nothing to exchange per row, so the
+            // single-device pass (one read of each row, no chunks) with the data group's
+            // denominators
+            return whole_rows(spec, shape, src, tokens, dest, token_loss, dg);
+        }
         let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
         let wants_grad = !matches!((&src, &dest), (Src::Read(_), Dest::Skip));
         // (each chunk's exponentials are kept for its gradient; the next chunk's beside them)
@@ -246,6 +262,41 @@ impl<'a> Sharded<'a> {
         }
         Ok(out)
     }
+}
+
+/// A call whose vocabulary group is this rank alone: the single-device CPU pass over every
+/// row, normalised by the data group's batch (one all-gather of two numbers per rank before,
+/// one after, as the chunked path does).
+fn whole_rows<L: Logit, I: TokenId>(
+    spec: &LossSpec,
+    shape: Shape,
+    src: Src<'_, L>,
+    tokens: Tokens<'_, I>,
+    dest: Dest<'_, L>,
+    token_loss: Option<&mut [f32]>,
+    dg: &dyn Collective,
+) -> Result<LossOutput> {
+    let mut plan = spec.plan(shape, &tokens)?;
+    let k = crate::cpu_kernels(spec.cpu_simd)?;
+    if dg.size() > 1 {
+        let mut all = vec![0.0; 2 * dg.size()];
+        let local = [shape.batch() as f64, plan.weights.iter().sum()];
+        dg.all_gather_f64(&local, &mut all)?;
+        plan.set_denominator(super::denominator(spec.reduction, &all), spec.grad_scale);
+    }
+    let rows = match (src, dest) {
+        (Src::Write(logits), _) => crate::cpu::run_in_place(&k, &plan, logits),
+        (Src::Read(logits), Dest::Skip) => crate::cpu::run::<L, f32>(&k, &plan, logits, None),
+        (Src::Read(logits), Dest::Into(g)) => crate::cpu::run::<L, L>(&k, &plan, logits, Some(g)),
+        (Src::Read(logits), Dest::IntoF32(g)) => crate::cpu::run::<L, f32>(&k, &plan, logits, Some(g)),
+    };
+    let mut out = plan.finish(&rows, spec.check_finite, crate::Backend::Cpu, token_loss)?;
+    if dg.size() > 1 {
+        let mut all = vec![0.0; 2 * dg.size()];
+        dg.all_gather_f64(&ShardedLoss::loss_totals(&out), &mut all)?;
+        ShardedLoss::combine_loss(&mut out, &all)?;
+    }
+    Ok(out)
 }
 
 /// One chunk's gradient from its merged statistics, beside the next chunk's statistics into the
