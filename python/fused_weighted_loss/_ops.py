@@ -1,6 +1,8 @@
 """The loss as PyTorch custom operators: a fused forward that returns the loss and keeps the
 gradient, a backward that scales that gradient by the upstream gradient, and fake (meta)
 implementations so that ``torch.compile(fullgraph=True)`` traces both without a graph break.
+An eager call runs the same forward and backward as a plain autograd function (``_EagerLoss``),
+which skips the op's dispatch layers.
 
 The tensors' memory goes to the native module as data pointers: on CPU the crate's CPU backend
 runs on it in place; on CUDA its kernels run on torch's device pointers, queued on torch's current
@@ -151,7 +153,7 @@ def _outputs_like(logits: Tensor, flags: str, grad_alloc) -> Tuple[Tensor, Tenso
 
 
 @torch.library.custom_op(f"{_NS}::loss", mutates_args=())
-def _loss_op(
+def _loss_custom_op(
     logits: Tensor,
     ids: Tensor,
     labels: Optional[Tensor],
@@ -165,6 +167,12 @@ def _loss_op(
     [B, T-1], empty without the ``t`` flag), and the gradient w.r.t. the logits (the logits'
     shape and dtype, or empty without the ``g`` flag), in one fused pass. ``mode``: see
     :func:`mode_string`."""
+    return _loss_impl(logits, ids, labels, token_weights, keywords, keyword_weights, mode)
+
+
+def _loss_impl(logits, ids, labels, token_weights, keywords, keyword_weights, mode):
+    """The loss op's computation (see ``_loss_custom_op``), shared by the registered op and the
+    eager autograd function."""
     _check_tensors(logits, ids, labels, token_weights)
     row_mean, reduction, flags, opt = _parse_mode(mode)
     loss, per, weights, z_loss, token_loss, grad = _outputs_like(logits, flags, _cpu_pool.empty_like)
@@ -186,7 +194,7 @@ def _loss_op(
     return loss, per, weights, z_loss, token_loss, grad
 
 
-@_loss_op.register_fake
+@_loss_custom_op.register_fake
 def _loss_fake(logits, ids, labels, token_weights, keywords, keyword_weights, mode):
     _check_devices(logits, ids, labels, token_weights)
     _, _, flags, _ = _parse_mode(mode)
@@ -267,4 +275,30 @@ def _backward(ctx, g_loss, *g_non_differentiable):
     return tuple(_scaled([grad], g_loss)) + (None,) * (_NUM_INPUTS - 1)
 
 
-_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_loss_custom_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoss(torch.autograd.Function):
+    """The same forward and backward as the registered op, as a plain autograd function: what
+    an eager call runs. The op's dispatch layers (its autograd wrapper, the redispatch to the
+    implementation, the alias checks of its outputs) cost a few hundred microseconds per call
+    once a pass over hundreds of MB has evicted the interpreter's working set from the caches;
+    the registered op stays what ``torch.compile`` traces."""
+
+    @staticmethod
+    def forward(ctx, logits, ids, labels, token_weights, keywords, keyword_weights, mode):
+        output = _loss_impl(logits, ids, labels, token_weights, keywords, keyword_weights, mode)
+        _setup_context(ctx, None, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, g_loss, *g_non_differentiable):
+        return _backward(ctx, g_loss, *g_non_differentiable)
+
+
+def _loss_op(logits, ids, labels, token_weights, keywords, keyword_weights, mode):
+    """The fused loss: the registered op while ``torch.compile`` traces, the eager autograd
+    function otherwise (the same computation)."""
+    if torch.compiler.is_compiling():
+        return _loss_custom_op(logits, ids, labels, token_weights, keywords, keyword_weights, mode)
+    return _EagerLoss.apply(logits, ids, labels, token_weights, keywords, keyword_weights, mode)

@@ -93,3 +93,31 @@ def test_loss_only_when_no_gradient_is_needed(device, monkeypatch):
     assert not plain.requires_grad and not no_grad.requires_grad and with_grad.requires_grad
     for loss in (plain, no_grad, with_grad):
         assert rel_err(loss, ref_loss) <= 1e-5
+
+
+def test_eager_function_matches_the_registered_op(device):
+    """An eager call runs a plain autograd function; torch.compile traces the registered op.
+    Both run the same computation: the same loss, per-sample outputs and gradient bits, and the
+    op called directly still has its autograd."""
+    from fused_weighted_loss._ops import _EagerLoss, mode_string
+
+    logits, ids, keywords, _ = random_case(7, device, dtype=torch.float32, id_dtype=torch.int64)
+    x = logits.detach().clone().requires_grad_()
+    y = logits.detach().clone().requires_grad_()
+    seen = []
+    original = _EagerLoss.forward
+    try:
+        _EagerLoss.forward = staticmethod(lambda ctx, *a: seen.append(1) or original(ctx, *a))
+        eager = fwl.weighted_loss(x, ids, keywords=keywords, return_per_sample=True)
+    finally:
+        _EagerLoss.forward = staticmethod(original)
+    assert seen == [1], "the eager call went through the autograd function"
+    mode = mode_string("all", "mean", True, True, False, False)
+    op = torch.ops.fused_weighted_loss.loss(y, ids, None, None, list(keywords), [1.0] * len(keywords), mode)
+    for a, b in zip(eager[:4], op[:4]):
+        assert torch.equal(a, b)
+    (eager.loss * 0.5).backward()
+    (op[0] * 0.5).backward()
+    assert torch.equal(x.grad, y.grad)
+    _, _, _, ref = reference(logits, ids, keywords)
+    assert rel_err(x.grad, 0.5 * ref) <= 1e-5
