@@ -18,13 +18,15 @@ pub(crate) struct MatRef<'a> {
     cs: usize,
 }
 
-/// A writable `rows x cols` f32 matrix, rows `rs` apart, columns contiguous.
+/// A writable `rows x cols` f32 matrix: element `(i, j)` at `i * rs + j * cs`, one of the two
+/// strides 1 and the other at least the extent it steps over (no two elements share memory).
 #[derive(Debug)]
 pub(crate) struct MatMut<'a> {
     data: &'a mut [f32],
     rows: usize,
     cols: usize,
     rs: usize,
+    cs: usize,
 }
 
 /// Elements from the first to one past the last that a strided matrix reaches.
@@ -58,7 +60,12 @@ impl<'a> MatMut<'a> {
     pub(crate) fn rows(data: &'a mut [f32], rows: usize, cols: usize, rs: usize) -> Self {
         assert!(cols <= rs || rows <= 1, "rows of a writable matrix overlap");
         assert!(span(rows, cols, rs, 1) <= data.len(), "matrix view outside its slice");
-        MatMut { data, rows, cols, rs }
+        MatMut { data, rows, cols, rs, cs: 1 }
+    }
+
+    /// The transpose (a view of the same elements: columns `rs` apart, rows contiguous).
+    pub(crate) fn t(self) -> Self {
+        MatMut { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
     }
 }
 
@@ -72,15 +79,17 @@ pub(crate) fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bo
     }
     if k == 0 {
         if !accumulate {
-            for row in c.data.chunks_mut(c.rs).take(m) {
-                row[..n].fill(0.0);
+            for i in 0..m {
+                for j in 0..n {
+                    c.data[i * c.rs + j * c.cs] = 0.0;
+                }
             }
         }
         return;
     }
     let threads = rayon::current_num_threads().max(1);
     // SAFETY: `a`, `b` and `c` were checked at construction to reach only elements inside their
-    // slices for their shapes and strides (strides fit in isize: they index a slice); the shapes
+    // slices for their shapes and strides (a transpose reaches the same elements) (strides fit in isize: they index a slice); the shapes
     // agree (checked above); `c` is an exclusive borrow, so it overlaps neither input. The crate
     // computes dst = alpha * dst + beta * lhs * rhs, reading dst only when `read_dst`.
     unsafe {
@@ -89,7 +98,7 @@ pub(crate) fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bo
             n,
             k,
             c.data.as_mut_ptr(),
-            1,
+            c.cs as isize,
             c.rs as isize,
             accumulate,
             a.data.as_ptr(),
@@ -130,6 +139,25 @@ mod tests {
         }
         matmul(MatMut::rows(&mut c, m, n, 9), MatRef::rows(&a, m, 0, 0), MatRef::rows(&bt, 0, n, n), false);
         assert!(c.chunks(9).all(|r| r[..n].iter().all(|&x| x == 0.0)), "k = 0 without accumulate zeroes c");
+    }
+
+    #[test]
+    fn a_transposed_destination_gets_the_transposed_product() {
+        let (m, n, k) = (4, 6, 5);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.29).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.13).cos()).collect();
+        // c^T stored row-major (n x m, row stride 7): c = a · b written through the transpose
+        let mut ct = vec![2.0f32; n * 7];
+        matmul(MatMut::rows(&mut ct, n, m, 7).t(), MatRef::rows(&a, m, k, k), MatRef::rows(&b, k, n, n), true);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = 2.0 + (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum::<f32>();
+                assert!((ct[j * 7 + i] - want).abs() <= 1e-5, "({i}, {j}): {} vs {want}", ct[j * 7 + i]);
+            }
+        }
+        assert!(ct.chunks(7).all(|r| r[m..].iter().all(|&x| x == 2.0)), "outside the view untouched");
+        matmul(MatMut::rows(&mut ct, n, m, 7).t(), MatRef::rows(&a, m, 0, 0), MatRef::rows(&b, 0, n, n), false);
+        assert!(ct.chunks(7).all(|r| r[..m].iter().all(|&x| x == 0.0)), "k = 0 without accumulate zeroes c");
     }
 
     #[test]

@@ -72,8 +72,13 @@ impl<'a, L: Logit> Panels<'a, L> {
         let widened = L::as_f32(w).is_none();
         // f32 panels too: the GEMM crate packs a whole right-hand side at once, so the panel
         // bounds its packing buffer
-        let rows = (CPU_PANEL_BYTES / (4 * h)).clamp(1, v);
+        let rows = Self::rows_for(h, v);
         Panels { w, h, v, rows, buf: if widened { vec![0.0; rows * h] } else { Vec::new() } }
+    }
+
+    /// Rows of `W` per panel.
+    fn rows_for(h: usize, v: usize) -> usize {
+        (CPU_PANEL_BYTES / (4 * h.max(1))).clamp(1, v.max(1))
     }
 
     fn ranges(&self) -> impl Iterator<Item = Range<usize>> {
@@ -113,16 +118,44 @@ fn weight_grad<L: Logit>(
         Grad::IntoF32(x) => Some(&mut x[p.start * h..p.end * h]),
         Grad::Into(x) => L::as_f32_mut(&mut x[p.start * h..p.end * h]),
     };
+    // as `d Wᵀ += h_cᵀ · G`: the same sums, 10-15% faster from the GEMM crate at these shapes
+    // (it packs the small `h_c` rather than the wide `G`)
     match f32_out {
-        Some(out) => matmul(MatMut::rows(out, p.len(), h, h), g.t(), hc, true),
+        Some(out) => matmul(MatMut::rows(out, p.len(), h, h).t(), hc.t(), g, true),
         None => {
             let s = &mut scratch[..p.len() * h];
-            matmul(MatMut::rows(s, p.len(), h, h), g.t(), hc, false);
+            matmul(MatMut::rows(s, p.len(), h, h).t(), hc.t(), g, false);
             if let Grad::Into(x) = dw {
                 add_into(k, s, &mut x[p.start * h..p.end * h]);
             }
         }
     }
+}
+
+/// Rows of [`transpose_into`]'s blocks (and columns of their tiles).
+const TILE: usize = 32;
+
+/// `dst[i * ld + j] = src[i + j * m] (+ bias[j])` for `i < m`, `j < n`: a column-major `m x n`
+/// panel of logits (as the GEMM writes it fastest) into its place in the row-major logits,
+/// with the bias added. Tiles of `TILE x TILE`, each row of a tile written contiguously.
+fn transpose_into(src: &[f32], m: usize, n: usize, dst: &mut [f32], ld: usize, bias: Option<&[f32]>) {
+    assert!(src.len() >= m * n && bias.is_none_or(|b| b.len() >= n) && n <= ld);
+    dst.par_chunks_mut(ld * TILE).take(m.div_ceil(TILE)).enumerate().for_each(|(bi, out)| {
+        let i0 = bi * TILE;
+        let rows = (m - i0).min(TILE);
+        for j0 in (0..n).step_by(TILE) {
+            let cols = (n - j0).min(TILE);
+            for i in 0..rows {
+                let o = &mut out[i * ld + j0..i * ld + j0 + cols];
+                for (j, y) in o.iter_mut().enumerate() {
+                    *y = src[(j0 + j) * m + i0 + i];
+                }
+                if let Some(b) = bias {
+                    o.iter_mut().zip(&b[j0..j0 + cols]).for_each(|(y, b)| *y += b);
+                }
+            }
+        }
+    });
 }
 
 /// Writes row `i` of `dhc` (f32) to row `rows[i]` of `dh`.
@@ -173,7 +206,8 @@ pub(crate) fn run_with<L: Logit>(
     // rows without a target have no loss and a zero gradient: they are left out of the chunks
     let active = active_rows(plan);
     let default_budget = CPU_BUDGET_PER_THREAD * rayon::current_num_threads().max(1);
-    let c = chunking.rows_for(default_budget, 4 * v + 8 * h, active.len())?;
+    let panel_rows = Panels::<L>::rows_for(h, v);
+    let c = chunking.rows_for(default_budget, 4 * v + 8 * h + 4 * panel_rows, active.len())?;
 
     zero(&mut g.hidden);
     if !g.accumulate {
@@ -191,6 +225,8 @@ pub(crate) fn run_with<L: Logit>(
     });
     let mut hc = vec![0f32; c * h];
     let mut z = vec![0f32; c * v];
+    // one panel of a chunk's logits, column-major, before it goes into `z`
+    let mut zp = vec![0f32; c * panels.rows];
     let mut dhc = vec![0f32; if want_dh { c * h } else { 0 }];
     let mut dwp = vec![0f32; if dw_scratch { panels.rows * h } else { 0 }];
     let mut dbc = vec![0f32; if want_db { v } else { 0 }];
@@ -199,6 +235,7 @@ pub(crate) fn run_with<L: Logit>(
     let scratch_bytes = 4
         * (hc.len()
             + z.len()
+            + zp.len()
             + dhc.len()
             + dwp.len()
             + dbc.len()
@@ -214,14 +251,14 @@ pub(crate) fn run_with<L: Logit>(
         });
         let hm = MatRef::rows(&hc, m, h, h);
 
-        // logits of the chunk: bias, then h_c · Wᵀ panel by panel
-        if let Some(b) = &bias32 {
-            z.par_chunks_mut(v).for_each(|row| row.copy_from_slice(b));
-        }
+        // logits of the chunk, panel by panel: h_c · Wᵀ into a column-major panel (the GEMM
+        // crate then uses `W`'s rows as they lie instead of packing them, ~1.5x faster at
+        // these shapes), transposed into place with the bias added
         for p in panels.ranges() {
             let w = panels.get(k, p.clone());
-            let out = MatMut::rows(&mut z[p.start..], m, p.len(), v);
-            matmul(out, hm, MatRef::rows(w, p.len(), h, h).t(), bias32.is_some());
+            let zc = &mut zp[..m * p.len()];
+            matmul(MatMut::rows(zc, p.len(), m, m).t(), hm, MatRef::rows(w, p.len(), h, h).t(), false);
+            transpose_into(zc, m, p.len(), &mut z[p.start..], v, bias32.as_ref().map(|b| &b[p.clone()]));
         }
 
         // the rows pass: logits -> coef * (softmax - onehot), and each row's loss
