@@ -264,7 +264,7 @@ impl SplitCpu {
                     };
                     let e = ex.as_deref_mut().map(|e| &mut e[i]);
                     // the target is read apart below (it may lie in another slice)
-                    let mut st = stats_pass(k, m, row, &src[i * len..], 0, e, s, |_| {});
+                    let mut st = stats_pass(k, m, row, &src[i * len..], 0, e, s, &mut ());
                     st.target_logit = match y.checked_sub(v0).filter(|&j| j < len) {
                         Some(j) => row[j].to_f32() as f64,
                         None => 0.0,

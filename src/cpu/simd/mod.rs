@@ -171,6 +171,20 @@ type ExpOpts16 = unsafe fn(&[u16], f32, ElemOpts, &mut [f32], &mut [f32], Ahead)
 /// level can.
 type ScaleInto<T> = unsafe fn(&[f32], f32, &mut [T], bool);
 
+/// `out = exp(x - shift)` and, step by step in the same loop, another row's scaled store
+/// ([`Side`]); returns `(sum, max(x))`.
+type ExpSumMaxSide = unsafe fn(&[f32], f32, &mut [f32], Ahead, Side<'_>) -> (f32, f32);
+
+/// A scaled f32 store, `dst = src * f` (streaming when `stream` and the level can), to run
+/// inside a statistics loop: the previous row's gradient, whose memory traffic then overlaps
+/// the arithmetic instead of following it.
+pub(crate) struct Side<'a> {
+    pub src: &'a [f32],
+    pub f: f32,
+    pub dst: &'a mut [f32],
+    pub stream: bool,
+}
+
 /// A chunk of logits as the option loops take it.
 #[derive(Clone, Copy)]
 pub(crate) enum Input<'a> {
@@ -187,6 +201,8 @@ pub(crate) struct Kernels {
     pub level: CpuSimd,
     max: unsafe fn(&[f32]) -> f32,
     exp_sum_max: ExpSumMax,
+    /// The fused form of `exp_sum_max` then `scale_f32`, where the level has one.
+    exp_sum_max_side: Option<ExpSumMaxSide>,
     exp_sum_max_bf16: ExpSumMax16,
     exp_sum_max_f16: ExpSumMax16,
     widen_bf16: unsafe fn(&[u16], &mut [f32]),
@@ -233,6 +249,7 @@ impl Kernels {
             level: CpuSimd::Portable,
             max: portable::max,
             exp_sum_max: portable_exp::exp_sum_max,
+            exp_sum_max_side: None,
             exp_sum_max_bf16: portable_exp::exp_sum_max_bf16,
             exp_sum_max_f16: portable_store::exp_sum_max_f16,
             widen_bf16: portable::widen_bf16,
@@ -258,6 +275,7 @@ impl Kernels {
                 level,
                 max: avx2::max,
                 exp_sum_max: x86_avx2::exp_sum_max_256,
+                exp_sum_max_side: Some(x86_avx2::exp_sum_max_side_256),
                 exp_sum_max_bf16: x86_avx2::exp_sum_max_bf16_256,
                 exp_sum_max_f16: x86_avx2::exp_sum_max_f16_256,
                 widen_bf16: avx2::widen_bf16,
@@ -277,6 +295,7 @@ impl Kernels {
                 level,
                 max: avx512::max,
                 exp_sum_max: x86::exp_sum_max_512,
+                exp_sum_max_side: Some(x86::exp_sum_max_side_512),
                 exp_sum_max_bf16: x86::exp_sum_max_bf16_512,
                 exp_sum_max_f16: x86::exp_sum_max_f16_512,
                 widen_bf16: avx512::widen_bf16,
@@ -316,6 +335,20 @@ impl Kernels {
     pub fn exp_sum_max(&self, x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
         // SAFETY: as above.
         unsafe { (self.exp_sum_max)(x, shift, out, ahead) }
+    }
+    /// [`Kernels::exp_sum_max`] and then [`Kernels::scale_f32`] of `side`, the same bits, in one
+    /// loop where the level has it (the store's steps between the arithmetic's).
+    #[inline]
+    pub fn exp_sum_max_side(&self, x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead, side: Side<'_>) -> (f32, f32) {
+        match self.exp_sum_max_side {
+            // SAFETY: as above.
+            Some(f) => unsafe { f(x, shift, out, ahead, side) },
+            None => {
+                let r = self.exp_sum_max(x, shift, out, ahead);
+                self.scale_f32(side.src, side.f, side.dst, side.stream);
+                r
+            }
+        }
     }
     /// [`Kernels::exp_sum_max`] over bf16 (`bf16 = true`) or f16 bits, widened on the fly.
     #[inline]

@@ -221,3 +221,33 @@ fn same(a: f32, b: f32) -> bool {
 unsafe fn lane_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
+
+#[test]
+fn the_store_inside_the_statistics_loop_gives_the_two_calls_bits() {
+    // exp_sum_max_side = exp_sum_max, then scale_f32 of the side: the same bits at every level,
+    // length, offset of the store (the streaming head) and stream mode, NaN and inf included
+    let vals = test_floats();
+    for k in levels() {
+        for (n, side_n) in [(0, 0), (1, 1), (15, 15), (16, 16), (47, 47), (2048, 2048), (2000, 2048), (2048, 333)] {
+            for off in [0, 1, 5, 16] {
+                for stream in [false, true] {
+                    let x: Vec<f32> = (0..n).map(|i| (vals[(i * 7) % vals.len()] % 30.0) - 8.0).collect();
+                    let src: Vec<f32> = (0..side_n).map(|i| vals[(i * 13 + 5) % vals.len()]).collect();
+                    let (mut out1, mut out2) = (vec![0f32; n], vec![0f32; n]);
+                    let mut dst1 = vec![7f32; side_n + off + 3];
+                    let mut dst2 = dst1.clone();
+                    let f = 0.37;
+                    let r1 = k.exp_sum_max(&x, 1.5, &mut out1, Ahead::NONE);
+                    k.scale_f32(&src, f, &mut dst1[off..off + side_n], stream);
+                    let side = Side { src: &src, f, dst: &mut dst2[off..off + side_n], stream };
+                    let r2 = k.exp_sum_max_side(&x, 1.5, &mut out2, Ahead::NONE, side);
+                    k.fence();
+                    let what = format!("{:?} n {n} side {side_n} off {off} stream {stream}", k.level);
+                    assert!(same(r1.0, r2.0) && same(r1.1, r2.1), "{what}: {r1:?} vs {r2:?}");
+                    assert!(out1.iter().zip(&out2).all(|(a, b)| same(*a, *b)), "{what}: exponentials");
+                    assert!(dst1.iter().zip(&dst2).all(|(a, b)| same(*a, *b)), "{what}: store");
+                }
+            }
+        }
+    }
+}

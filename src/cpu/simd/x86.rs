@@ -161,6 +161,97 @@ exp_sum_max_512!(exp_sum_max_f16_512, u16, true, |p| _mm512_cvtph_ps(_mm256_load
     _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
 });
 
+/// [`exp_sum_max_512`] with [`scale_f32_512`] of `side` in the same loop, one 16-lane step of
+/// each per iteration (the store's memory traffic under the arithmetic): the same bits as the two
+/// calls one after the other.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+pub(super) unsafe fn exp_sum_max_side_512(
+    x: &[f32],
+    shift: f32,
+    out: &mut [f32],
+    ahead: Ahead,
+    side: super::Side<'_>,
+) -> (f32, f32) {
+    // SAFETY: the same features as this function.
+    unsafe {
+        if side.stream {
+            exp_side::<true>(x, shift, out, ahead, side)
+        } else {
+            exp_side::<false>(x, shift, out, ahead, side)
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+unsafe fn exp_side<const STREAM: bool>(
+    x: &[f32],
+    shift: f32,
+    out: &mut [f32],
+    ahead: Ahead,
+    side: super::Side<'_>,
+) -> (f32, f32) {
+    let n = x.len().min(out.len());
+    let (src, dst) = (side.src, side.dst);
+    let m = src.len().min(dst.len());
+    // the store's head up to the streaming alignment, then `steps` 16-lane steps, then its tail
+    let (head, body) = split(dst, m, 64, 16, STREAM);
+    scale_body(&src[..head], side.f, &mut dst[..head]);
+    let steps = body / 16;
+    let fv = _mm512_set1_ps(side.f);
+    let store = |j: usize, dst: &mut [f32]| {
+        let s = head + 16 * j;
+        // SAFETY: s + 16 <= head + body <= m, within `src` and `dst`; when streaming, dst + s is
+        // 64-byte aligned.
+        unsafe {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(s)), fv);
+            if STREAM {
+                _mm512_stream_ps(dst.as_mut_ptr().add(s), v);
+            } else {
+                _mm512_storeu_ps(dst.as_mut_ptr().add(s), v);
+            }
+        }
+    };
+    let sh = _mm512_set1_ps(shift);
+    let (mut acc, mut top) = (_mm512_setzero_ps(), _mm512_set1_ps(f32::NEG_INFINITY));
+    let xbody = n / 16 * 16;
+    for (j, i) in (0..xbody).step_by(16).enumerate() {
+        ahead.line(j);
+        // SAFETY: i + 16 <= n, within `x` and `out`.
+        unsafe {
+            let v = _mm512_loadu_ps(x.as_ptr().add(i));
+            top = _mm512_max_ps(v, top);
+            let e = exp16::<false>(_mm512_sub_ps(v, sh));
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), e);
+            acc = _mm512_add_ps(acc, e);
+        }
+        if j < steps {
+            store(j, dst);
+        }
+    }
+    for j in xbody / 16..steps {
+        store(j, dst);
+    }
+    scale_body(&src[head + body..m], side.f, &mut dst[head + body..m]);
+    if xbody < n {
+        let k: __mmask16 = (1u16 << (n - xbody)) - 1;
+        // SAFETY: the mask covers only xbody..n, within `x` and `out`.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(k, x.as_ptr().add(xbody));
+            top = _mm512_mask_max_ps(top, k, v, top);
+            let e = exp16::<false>(_mm512_sub_ps(v, sh));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(xbody), k, e);
+            acc = _mm512_mask_add_ps(acc, k, acc, e);
+        }
+    }
+    let (mut a, mut t) = ([0f32; LANES], [0f32; LANES]);
+    // SAFETY: both arrays hold 16 f32.
+    unsafe {
+        _mm512_storeu_ps(a.as_mut_ptr(), acc);
+        _mm512_storeu_ps(t.as_mut_ptr(), top);
+    }
+    (hsum(a), t.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
+}
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 pub(super) unsafe fn scale_f32_512(x: &[f32], f: f32, out: &mut [f32], stream: bool) {
     let n = x.len().min(out.len());

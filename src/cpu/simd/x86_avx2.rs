@@ -68,6 +68,7 @@ impl Acc {
 /// element by element as the lane code does it; returns the lanes' `(sum, top)`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn steps<const SHORT: bool>(
     n: usize,
     load: impl Fn(usize) -> __m256,
@@ -76,6 +77,7 @@ fn steps<const SHORT: bool>(
     out: &mut [f32],
     ahead: Ahead,
     first_step: usize,
+    mut side: impl FnMut(usize),
 ) -> ([f32; LANES], [f32; LANES]) {
     let mut a = Acc::new();
     let sh = _mm256_set1_ps(shift);
@@ -91,6 +93,7 @@ fn steps<const SHORT: bool>(
             unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * h), e) };
             a.sum[h] = _mm256_add_ps(a.sum[h], e);
         }
+        side(j);
     }
     let (mut acc, mut top) = a.lanes();
     for i in 0..n - body {
@@ -113,7 +116,85 @@ fn fold_max(top: &[f32; LANES]) -> f32 {
 pub(super) unsafe fn exp_sum_max_256(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
     // SAFETY (each load): i + 8 <= the 16-lane body of x.
     let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
-    let (acc, top) = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0);
+    let (acc, top) = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |_| {});
+    (hsum(acc), fold_max(&top))
+}
+
+/// [`exp_sum_max_256`] with the scaled store of `side` in the same loop, one 16-element step of
+/// each per iteration (the store's memory traffic under the arithmetic): the same bits as
+/// `exp_sum_max_256` and then `scale_f32_256`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn exp_sum_max_side_256(
+    x: &[f32],
+    shift: f32,
+    out: &mut [f32],
+    ahead: Ahead,
+    side: super::Side<'_>,
+) -> (f32, f32) {
+    // SAFETY: the same features as this function.
+    unsafe {
+        if side.stream {
+            exp_side::<true>(x, shift, out, ahead, side)
+        } else {
+            exp_side::<false>(x, shift, out, ahead, side)
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_side<const STREAM: bool>(
+    x: &[f32],
+    shift: f32,
+    out: &mut [f32],
+    ahead: Ahead,
+    side: super::Side<'_>,
+) -> (f32, f32) {
+    let (src, dst, f) = (side.src, side.dst, side.f);
+    let m = src.len().min(dst.len());
+    // the store's head up to a cache line, then 16-element steps (one whole line each: a line
+    // left half-written while the arithmetic runs costs a partial write), then its tail
+    let head = if STREAM { dst.as_ptr().align_offset(64).min(m) } else { 0 };
+    let steps_n = (m - head) / LANES;
+    super::lanes::scale_body(&src[..head], f, &mut dst[..head]);
+    let fv = _mm256_set1_ps(f);
+    let d = dst.as_mut_ptr();
+    let store = |j: usize| {
+        for h in 0..2 {
+            let s = head + LANES * j + 8 * h;
+            // SAFETY: s + 8 <= head + LANES * steps_n <= m, within `src` and `dst` (`d` is
+            // `dst`'s pointer, used by this closure alone until the loop ends); when streaming,
+            // d + s is 32-byte aligned (64 for h = 0).
+            unsafe {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(src.as_ptr().add(s)), fv);
+                if STREAM {
+                    _mm256_stream_ps(d.add(s), v);
+                } else {
+                    _mm256_storeu_ps(d.add(s), v);
+                }
+            }
+        }
+    };
+    // SAFETY (each load): i + 8 <= the 16-lane body of x.
+    let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+    let (acc, top) = steps::<false>(
+        x.len(),
+        load,
+        |i| x[i],
+        shift,
+        out,
+        ahead,
+        0,
+        |j| {
+            if j < steps_n {
+                store(j);
+            }
+        },
+    );
+    for j in x.len() / LANES..steps_n {
+        store(j);
+    }
+    let done = head + LANES * steps_n;
+    super::lanes::scale_body(&src[done..m], f, &mut dst[done..m]);
     (hsum(acc), fold_max(&top))
 }
 
@@ -133,7 +214,7 @@ fn exp_sum_max_bits(
     for (b, (xs, os)) in x.chunks(256).zip(out.chunks_mut(256)).enumerate() {
         // each load reads 8 elements inside the block's 16-lane body
         let load = |i: usize| widen(xs[i..i + 8].as_ptr());
-        let (acc, t) = steps::<true>(xs.len(), load, |i| scalar(xs[i]), shift, os, ahead, b * 256 / LANES);
+        let (acc, t) = steps::<true>(xs.len(), load, |i| scalar(xs[i]), shift, os, ahead, b * 256 / LANES, |_| {});
         sum += hsum(acc);
         let t = fold_max(&t);
         top = if t > top { t } else { top };

@@ -1,0 +1,347 @@
+//! The two passes over one row (module docs of [`super`]): the statistics pass, which reads a
+//! row chunk by chunk and keeps its exponentials, and the pending gradient, written from them;
+//! with what a pipelined task runs between the chunks of the next row's statistics.
+
+use super::row::{RowMath, RowStats};
+use super::simd::{Ahead, Input, Kernels, Side};
+use super::{CHUNK, MARGIN, SCRATCH_MAX};
+use crate::dtype::{DType, Logit};
+
+/// The exponentials of one row, kept between its two passes.
+pub(super) struct RowExps {
+    /// `exp(z - shift_c)`, times the chain factor with soft-capping (empty when rows are too
+    /// long to keep).
+    pub(super) exps: Vec<f32>,
+    /// The chain factors, when soft-capping and smoothing are both on (else empty).
+    pub(super) chain: Vec<f32>,
+    /// The running maximum each chunk's exponentials are taken against.
+    pub(super) shifts: Vec<f32>,
+}
+
+impl RowExps {
+    pub(super) fn new(vocab: usize, m: &RowMath) -> RowExps {
+        let keep = vocab <= SCRATCH_MAX;
+        RowExps {
+            exps: vec![0.0; if keep { vocab } else { 0 }],
+            chain: vec![0.0; if keep && m.keeps_chain() { vocab } else { 0 }],
+            shifts: vec![0.0; if keep { vocab.div_ceil(CHUNK) } else { 0 }],
+        }
+    }
+
+    pub(super) fn kept(&self) -> bool {
+        !self.exps.is_empty()
+    }
+}
+
+/// Per-task buffers, allocated once per task (never per row).
+pub(super) struct Scratch {
+    /// Widened input chunk.
+    pub(super) buf: Vec<f32>,
+    /// Exponentials nobody keeps (loss only, or rows too long to keep).
+    pub(super) tmp: Vec<f32>,
+    /// Their chain factors (soft-capping with smoothing; else empty).
+    pub(super) chain: Vec<f32>,
+}
+
+impl Scratch {
+    pub(super) fn new(m: &RowMath) -> Scratch {
+        Scratch {
+            buf: vec![0.0; CHUNK],
+            tmp: vec![0.0; CHUNK],
+            chain: vec![0.0; if m.keeps_chain() { CHUNK } else { 0 }],
+        }
+    }
+}
+
+/// The chunk as f32: itself, or widened into `buf`.
+#[inline]
+pub(crate) fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) -> &'a [f32] {
+    match (L::as_f32(src), L::as_bits(src)) {
+        (Some(x), _) => x,
+        (None, Some(bits)) => {
+            let buf = &mut buf[..src.len()];
+            match L::DTYPE {
+                DType::BF16 => k.widen_bf16(bits, buf),
+                _ => k.widen_f16(bits, buf),
+            }
+            buf
+        }
+        (None, None) => unreachable!("every Logit is f32 or 16-bit"),
+    }
+}
+
+/// `out = x * f` in the output's dtype (equal lengths), streaming when asked.
+#[inline]
+pub(crate) fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool) {
+    store_products(k, x, f, out, stream, false)
+}
+
+/// [`store_scaled`], told whether every product is finite (a bf16 store then skips the NaN
+/// handling where the level emulates the conversion; the bits are the same).
+#[inline]
+pub(super) fn store_products<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool, finite: bool) {
+    if let Some(o) = G::as_f32_mut(out) {
+        return k.scale_f32(x, f, o, stream);
+    }
+    if let Some(bits) = G::as_bits_mut(out) {
+        match G::DTYPE {
+            DType::BF16 if finite => k.scale_bf16_finite(x, f, bits, stream),
+            DType::BF16 => k.scale_bf16(x, f, bits, stream),
+            _ => k.scale_f16(x, f, bits, stream),
+        }
+    }
+}
+
+/// `out = exp(chunk - shift)` (with the options: of the capped chunk, times the chain factor,
+/// chain factors into `chain`), returning the sum, the chunk's (capped) maximum and, with
+/// smoothing, the sum of its (capped) logits. 16-bit input is widened inside the loop and gets
+/// the short polynomial, matched to its precision.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn exp_chunk<L: Logit>(
+    k: &Kernels,
+    m: &RowMath,
+    chunk: &[L],
+    shift: f32,
+    out: &mut [f32],
+    chain: &mut [f32],
+    pf: Ahead,
+    buf: &mut [f32],
+) -> (f32, f32, f32) {
+    if let Some(o) = m.elem {
+        let x = match (L::as_f32(chunk), L::as_bits(chunk)) {
+            (Some(x), _) => Input::F32(x),
+            (None, Some(b)) if L::DTYPE == DType::BF16 => Input::Bf16(b),
+            (None, Some(b)) => Input::F16(b),
+            (None, None) => unreachable!("every Logit is f32 or 16-bit"),
+        };
+        return k.exp_opts(x, shift, o, out, chain, pf);
+    }
+    let (sum, top) = match L::as_bits(chunk) {
+        Some(bits) => k.exp_sum_max_bits(L::DTYPE == DType::BF16, bits, shift, out, pf),
+        None => k.exp_sum_max(load(k, chunk, buf), shift, out, pf),
+    };
+    (sum, top, 0.0)
+}
+
+/// Chunks to prefetch (into L2) ahead of the one being read.
+const PREFETCH_CHUNKS: usize = 4;
+
+/// What a statistics pass runs between its chunks: the previous row's gradient, chunk by chunk
+/// (`()`: nothing).
+pub(super) trait Interleave {
+    /// Chunk `c`'s store as a plain f32 scale, to run inside the statistics loop of chunk `c`
+    /// (asked only where that loop is the plain f32 one); `None`: [`after`](Self::after) writes
+    /// it instead.
+    fn side(&mut self, _c: usize) -> Option<Side<'_>> {
+        None
+    }
+    /// After chunk `c`'s statistics: what is left of chunk `c`'s store.
+    fn after(&mut self, _c: usize) {}
+}
+
+impl Interleave for () {}
+
+/// The previous row of a pipelined task: its pending gradient and its kept exponentials.
+pub(super) struct PrevRow<'a, 'b, G> {
+    pub(super) k: &'a Kernels,
+    pub(super) m: &'a RowMath,
+    pub(super) p: &'a mut Option<Pending<'b, G>>,
+    pub(super) e: &'a mut RowExps,
+    pub(super) stream: bool,
+    /// The chunk whose store [`Interleave::side`] handed out.
+    pub(super) fused: Option<usize>,
+}
+
+impl<G: Logit> Interleave for PrevRow<'_, '_, G> {
+    fn side(&mut self, c: usize) -> Option<Side<'_>> {
+        let PrevRow { m, p, e, stream, fused, .. } = self;
+        let side = p.as_mut()?.side(m, e, c, *stream)?;
+        *fused = Some(c);
+        Some(side)
+    }
+
+    fn after(&mut self, c: usize) {
+        let Some(p) = self.p.as_mut() else { return };
+        if self.fused.take() == Some(c) {
+            p.fix_target(self.m, c);
+        } else {
+            p.write_chunk(self.k, self.m, self.e, c, self.stream);
+        }
+    }
+}
+
+/// Statistics pass over one row. Keeps the exponentials in `keep` when given (and long enough);
+/// runs `inter`'s steps for chunk `c` with and after it (the previous row's gradient).
+/// `ahead` is the task's input from this row on, for prefetching.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn stats_pass<L: Logit>(
+    k: &Kernels,
+    m: &RowMath,
+    row: &[L],
+    ahead: &[L],
+    target: usize,
+    mut keep: Option<&mut RowExps>,
+    s: &mut Scratch,
+    inter: &mut impl Interleave,
+) -> RowStats {
+    let mut st = RowStats::EMPTY;
+    for (c, chunk) in row.chunks(CHUNK).enumerate() {
+        let p = (c + PREFETCH_CHUNKS) * CHUNK;
+        let pf = if p < ahead.len() { Ahead::of(&ahead[p..(p + CHUNK).min(ahead.len())]) } else { Ahead::NONE };
+        let (out, chain) = match keep.as_deref_mut().filter(|e| e.kept()) {
+            Some(e) => (&mut e.exps[c * CHUNK..], chain_from(&mut e.chain, c * CHUNK)),
+            None => (&mut s.tmp[..], &mut s.chain[..]),
+        };
+        if st.shift == f32::NEG_INFINITY {
+            // no finite reference yet: take this chunk's maximum first
+            st.raise(m.cap_max(k.max(load(k, chunk, &mut s.buf))));
+        }
+        // the plain f32 loop takes the previous row's store of this chunk into its own loop
+        let x32 = if m.elem.is_none() { L::as_f32(chunk) } else { None };
+        let side = if x32.is_some() { inter.side(c) } else { None };
+        let (mut sum, top, mut zsum) = match (x32, side) {
+            (Some(x), Some(side)) => {
+                let (sum, top) = k.exp_sum_max_side(x, st.exp_shift(), &mut *out, pf, side);
+                (sum, top, 0.0)
+            }
+            _ => exp_chunk(k, m, chunk, st.exp_shift(), &mut *out, &mut *chain, pf, &mut s.buf),
+        };
+        if top > st.shift + MARGIN {
+            // a much larger maximum (or +inf): move the reference and redo the chunk
+            st.raise(top);
+            (sum, _, zsum) = exp_chunk(k, m, chunk, st.exp_shift(), out, chain, Ahead::NONE, &mut s.buf);
+        }
+        st.sum_exp += sum as f64;
+        st.logit_sum += zsum as f64;
+        if let Some(e) = keep.as_deref_mut().filter(|e| e.kept()) {
+            e.shifts[c] = st.shift;
+        }
+        inter.after(c);
+    }
+    (st.target_logit, st.target_chain) = m.cap(row[target].to_f32() as f64);
+    st
+}
+
+/// `chain[from..]`, or the empty slice when no chain factors are kept.
+#[inline]
+fn chain_from(chain: &mut [f32], from: usize) -> &mut [f32] {
+    if chain.is_empty() {
+        chain
+    } else {
+        &mut chain[from..]
+    }
+}
+
+/// A row whose statistics are known and whose gradient is still to be written.
+pub(super) struct Pending<'a, G> {
+    pub(super) out: &'a mut [G],
+    pub(super) st: RowStats,
+    pub(super) target: usize,
+    pub(super) coef: f32,
+}
+
+impl<G: Logit> Pending<'_, G> {
+    /// Turns kept `exp · s` values of chunk `c` (with shift `shift`) into the gradient and
+    /// stores them: one multiply, or with smoothing first `q · f − k · s` in place.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn store(
+        &mut self,
+        k: &Kernels,
+        m: &RowMath,
+        q: &mut [f32],
+        chain: &[f32],
+        lo: usize,
+        shift: f32,
+        stream: bool,
+    ) {
+        let hi = lo + q.len();
+        let f = m.grad_factor(&self.st, self.coef, shift);
+        let off = m.smoothing_offset(self.coef);
+        let has_target = (lo..hi).contains(&self.target);
+        // the target's chunk goes through the cache: its entry is rewritten just after
+        let stream = stream && !has_target;
+        // a finite row sum bounds every kept exponential: with finite factors, every product is
+        let finite = self.st.sum_exp.is_finite() && f.is_finite() && off.is_finite();
+        if off != 0.0 {
+            k.affine(q, f, off, chain);
+            store_products(k, q, 1.0, &mut self.out[lo..hi], stream, finite);
+        } else {
+            store_products(k, q, f, &mut self.out[lo..hi], stream, finite);
+        }
+        if has_target {
+            self.out[self.target] = G::from_f32(m.target_grad(&self.st, self.coef));
+        }
+    }
+
+    /// Chunk `c`'s store when it is a plain f32 scale of the kept exponentials (no smoothing,
+    /// f32 gradient), for a statistics loop to run; [`fix_target`](Self::fix_target) finishes it.
+    fn side<'s>(&'s mut self, m: &RowMath, e: &'s RowExps, c: usize, stream: bool) -> Option<Side<'s>> {
+        let lo = c * CHUNK;
+        let hi = (lo + CHUNK).min(self.out.len());
+        if lo >= hi || !e.kept() || m.smoothing_offset(self.coef) != 0.0 {
+            return None;
+        }
+        let f = m.grad_factor(&self.st, self.coef, e.shifts[c]);
+        // the target's chunk goes through the cache, as in `store`
+        let stream = stream && !(lo..hi).contains(&self.target);
+        let dst = G::as_f32_mut(&mut self.out[lo..hi])?;
+        Some(Side { src: &e.exps[lo..hi], f, dst, stream })
+    }
+
+    /// The target entry of chunk `c`, after a [`side`](Self::side) store.
+    fn fix_target(&mut self, m: &RowMath, c: usize) {
+        let lo = c * CHUNK;
+        if (lo..lo + CHUNK).contains(&self.target) && self.target < self.out.len() {
+            self.out[self.target] = G::from_f32(m.target_grad(&self.st, self.coef));
+        }
+    }
+
+    /// Writes chunk `c` of the gradient from the row's kept exponentials.
+    pub(super) fn write_chunk(&mut self, k: &Kernels, m: &RowMath, e: &mut RowExps, c: usize, stream: bool) {
+        let lo = c * CHUNK;
+        let hi = (lo + CHUNK).min(self.out.len());
+        let chain = if e.chain.is_empty() { &[][..] } else { &e.chain[lo..hi] };
+        self.store(k, m, &mut e.exps[lo..hi], chain, lo, e.shifts[c], stream);
+    }
+
+    /// Writes the whole gradient: from `e` when it was kept, else by re-reading the logits
+    /// (`row`; `None` when the logits are `out` itself) and recomputing the exponentials.
+    pub(super) fn write<L: Logit>(
+        mut self,
+        k: &Kernels,
+        m: &RowMath,
+        e: &mut RowExps,
+        row: Option<&[L]>,
+        s: &mut Scratch,
+        stream: bool,
+    ) {
+        if e.kept() {
+            for c in 0..self.out.len().div_ceil(CHUNK) {
+                self.write_chunk(k, m, e, c, stream);
+            }
+            return;
+        }
+        let shift = self.st.exp_shift();
+        for c in 0..self.out.len().div_ceil(CHUNK) {
+            let lo = c * CHUNK;
+            let n = (self.out.len() - lo).min(CHUNK);
+            // the same exponentials as the statistics pass took (in place, `out` is the logits)
+            let (tmp, chain) = (&mut s.tmp[..n], &mut s.chain[..]);
+            match row {
+                Some(row) => exp_chunk(k, m, &row[lo..lo + n], shift, tmp, chain, Ahead::NONE, &mut s.buf),
+                None => exp_chunk(k, m, &self.out[lo..lo + n], shift, tmp, chain, Ahead::NONE, &mut s.buf),
+            };
+            let chain = if s.chain.is_empty() { &[][..] } else { &s.chain[..n] };
+            self.store(k, m, &mut s.tmp[..n], chain, lo, self.st.shift, false);
+        }
+    }
+}
+
+/// Zeros a row's gradient (positions without a target).
+pub(super) fn zero<G: Logit>(k: &Kernels, out: &mut [G], stream: bool) {
+    static ZEROS: [f32; CHUNK] = [0.0; CHUNK];
+    for o in out.chunks_mut(CHUNK) {
+        store_products(k, &ZEROS[..o.len()], 0.0, o, stream, true);
+    }
+}
