@@ -104,11 +104,25 @@ pub(super) fn exp16<const SHORT: bool>(x: __m512) -> __m512 {
 }
 
 /// `exp_sum_max` over 16-lane steps, reading the input as `$elem` and widening each step
-/// in registers with `$load` (full step) / `$load_masked` (the partial last step).
+/// in registers with `$load` (full step) / `$load_masked` (the partial last step); `$with` runs
+/// `side(j)` after step `j` (another loop's work interleaved), `$name` nothing.
 macro_rules! exp_sum_max_512 {
-    ($name:ident, $elem:ty, $short:literal, |$p:ident| $load:expr, |$m:ident, $pm:ident| $load_masked:expr) => {
+    ($name:ident, $with:ident, $elem:ty, $short:literal, |$p:ident| $load:expr, |$m:ident, $pm:ident| $load_masked:expr) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         pub(super) unsafe fn $name(x: &[$elem], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+            // SAFETY: the same features as this function.
+            unsafe { $with(x, shift, out, ahead, |_| {}) }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[inline]
+        unsafe fn $with(
+            x: &[$elem],
+            shift: f32,
+            out: &mut [f32],
+            ahead: Ahead,
+            mut side: impl FnMut(usize),
+        ) -> (f32, f32) {
             let n = x.len().min(out.len());
             let sh = _mm512_set1_ps(shift);
             let (mut acc, mut top) = (_mm512_setzero_ps(), _mm512_set1_ps(f32::NEG_INFINITY));
@@ -124,6 +138,7 @@ macro_rules! exp_sum_max_512 {
                     _mm512_storeu_ps(out.as_mut_ptr().add(i), e);
                     acc = _mm512_add_ps(acc, e);
                 }
+                side(j);
             }
             if body < n {
                 // the partial last step: masked load, store, sum and max
@@ -149,17 +164,25 @@ macro_rules! exp_sum_max_512 {
     };
 }
 
-exp_sum_max_512!(exp_sum_max_512, f32, false, |p| _mm512_loadu_ps(p), |m, p| _mm512_maskz_loadu_ps(m, p));
+exp_sum_max_512!(exp_sum_max_512, exp_sum_max_with_512, f32, false, |p| _mm512_loadu_ps(p), |m, p| {
+    _mm512_maskz_loadu_ps(m, p)
+});
 exp_sum_max_512!(
     exp_sum_max_bf16_512,
+    exp_sum_max_bf16_with_512,
     u16,
     true,
     |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())))),
     |m, p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()))))
 );
-exp_sum_max_512!(exp_sum_max_f16_512, u16, true, |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())), |m, p| {
-    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
-});
+exp_sum_max_512!(
+    exp_sum_max_f16_512,
+    exp_sum_max_f16_with_512,
+    u16,
+    true,
+    |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+    |m, p| { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast())) }
+);
 
 /// [`exp_sum_max_512`] with [`scale_f32_512`] of `side` in the same loop, one 16-lane step of
 /// each per iteration (the store's memory traffic under the arithmetic): the same bits as the two
@@ -190,66 +213,42 @@ unsafe fn exp_side<const STREAM: bool>(
     ahead: Ahead,
     side: super::Side<'_>,
 ) -> (f32, f32) {
-    let n = x.len().min(out.len());
     let (src, dst) = (side.src, side.dst);
     let m = src.len().min(dst.len());
-    // the store's head up to the streaming alignment, then `steps` 16-lane steps, then its tail
+    // the store's head up to the streaming alignment, then `steps` 16-lane steps (one cache
+    // line each), then its tail
     let (head, body) = split(dst, m, 64, 16, STREAM);
     scale_body(&src[..head], side.f, &mut dst[..head]);
     let steps = body / 16;
     let fv = _mm512_set1_ps(side.f);
-    let store = |j: usize, dst: &mut [f32]| {
+    let d = dst.as_mut_ptr();
+    let store = |j: usize| {
         let s = head + 16 * j;
-        // SAFETY: s + 16 <= head + body <= m, within `src` and `dst`; when streaming, dst + s is
-        // 64-byte aligned.
+        // SAFETY: s + 16 <= head + body <= m, within `src` and `dst` (`d` is `dst`'s pointer,
+        // used by this closure alone until the loops end); when streaming, d + s is 64-byte
+        // aligned.
         unsafe {
             let v = _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(s)), fv);
             if STREAM {
-                _mm512_stream_ps(dst.as_mut_ptr().add(s), v);
+                _mm512_stream_ps(d.add(s), v);
             } else {
-                _mm512_storeu_ps(dst.as_mut_ptr().add(s), v);
+                _mm512_storeu_ps(d.add(s), v);
             }
         }
     };
-    let sh = _mm512_set1_ps(shift);
-    let (mut acc, mut top) = (_mm512_setzero_ps(), _mm512_set1_ps(f32::NEG_INFINITY));
-    let xbody = n / 16 * 16;
-    for (j, i) in (0..xbody).step_by(16).enumerate() {
-        ahead.line(j);
-        // SAFETY: i + 16 <= n, within `x` and `out`.
-        unsafe {
-            let v = _mm512_loadu_ps(x.as_ptr().add(i));
-            top = _mm512_max_ps(v, top);
-            let e = exp16::<false>(_mm512_sub_ps(v, sh));
-            _mm512_storeu_ps(out.as_mut_ptr().add(i), e);
-            acc = _mm512_add_ps(acc, e);
-        }
-        if j < steps {
-            store(j, dst);
-        }
-    }
-    for j in xbody / 16..steps {
-        store(j, dst);
+    // SAFETY: the same features as this function.
+    let r = unsafe {
+        exp_sum_max_with_512(x, shift, out, ahead, |j| {
+            if j < steps {
+                store(j)
+            }
+        })
+    };
+    for j in x.len().min(out.len()) / 16..steps {
+        store(j);
     }
     scale_body(&src[head + body..m], side.f, &mut dst[head + body..m]);
-    if xbody < n {
-        let k: __mmask16 = (1u16 << (n - xbody)) - 1;
-        // SAFETY: the mask covers only xbody..n, within `x` and `out`.
-        unsafe {
-            let v = _mm512_maskz_loadu_ps(k, x.as_ptr().add(xbody));
-            top = _mm512_mask_max_ps(top, k, v, top);
-            let e = exp16::<false>(_mm512_sub_ps(v, sh));
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(xbody), k, e);
-            acc = _mm512_mask_add_ps(acc, k, acc, e);
-        }
-    }
-    let (mut a, mut t) = ([0f32; LANES], [0f32; LANES]);
-    // SAFETY: both arrays hold 16 f32.
-    unsafe {
-        _mm512_storeu_ps(a.as_mut_ptr(), acc);
-        _mm512_storeu_ps(t.as_mut_ptr(), top);
-    }
-    (hsum(a), t.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
+    r
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
