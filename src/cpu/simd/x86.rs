@@ -184,6 +184,66 @@ exp_sum_max_512!(
     |m, p| { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast())) }
 );
 
+/// A [`Side`](super::Side) store cut for a 16-lane loop: its head up to the streaming
+/// alignment is written at once, then [`line`](Self::line)`(j)` writes 16-lane step `j` of its
+/// body (one cache line) from inside the loop, and [`finish`](Self::finish) the steps the loop
+/// did not reach and the tail. The same bits as `scale_f32_512`.
+struct SideLines<'a, const STREAM: bool> {
+    src: &'a [f32],
+    /// The store's memory (`len` elements of a `&'a mut [f32]` borrowed for `'a`).
+    dst: *mut f32,
+    len: usize,
+    f: f32,
+    head: usize,
+    steps: usize,
+    _dst: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl<'a, const STREAM: bool> SideLines<'a, STREAM> {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn new(side: super::Side<'a>) -> Self {
+        let (src, dst, f) = (side.src, side.dst, side.f);
+        let len = src.len().min(dst.len());
+        let (head, body) = split(dst, len, 64, 16, STREAM);
+        scale_body(&src[..head], f, &mut dst[..head]);
+        SideLines { src, dst: dst.as_mut_ptr(), len, f, head, steps: body / 16, _dst: std::marker::PhantomData }
+    }
+
+    /// Step `j` of the body, if it has one.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn line(&mut self, j: usize) {
+        if j >= self.steps {
+            return;
+        }
+        let s = self.head + 16 * j;
+        // SAFETY: s + 16 <= head + 16 * steps <= len, within `src` and the store's memory,
+        // which `self` borrows exclusively; when streaming, dst + s is 64-byte aligned (split).
+        unsafe {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(self.src.as_ptr().add(s)), _mm512_set1_ps(self.f));
+            if STREAM {
+                _mm512_stream_ps(self.dst.add(s), v);
+            } else {
+                _mm512_storeu_ps(self.dst.add(s), v);
+            }
+        }
+    }
+
+    /// Steps `from..` of the body, then the tail.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) fn finish(mut self, from: usize) {
+        for j in from..self.steps {
+            self.line(j);
+        }
+        let done = self.head + 16 * self.steps;
+        // SAFETY: done..len lies within the store's memory, borrowed by `self` for 'a.
+        let tail = unsafe { std::slice::from_raw_parts_mut(self.dst.add(done), self.len - done) };
+        scale_body(&self.src[done..self.len], self.f, tail);
+    }
+}
+
 /// [`exp_sum_max_512`] with [`scale_f32_512`] of `side` in the same loop, one 16-lane step of
 /// each per iteration (the store's memory traffic under the arithmetic): the same bits as the two
 /// calls one after the other.
@@ -195,60 +255,19 @@ pub(super) unsafe fn exp_sum_max_side_512(
     ahead: Ahead,
     side: super::Side<'_>,
 ) -> (f32, f32) {
-    // SAFETY: the same features as this function.
-    unsafe {
-        if side.stream {
-            exp_side::<true>(x, shift, out, ahead, side)
-        } else {
-            exp_side::<false>(x, shift, out, ahead, side)
-        }
+    let steps = x.len().min(out.len()) / 16;
+    // SAFETY (both): the same features as this function.
+    if side.stream {
+        let mut lines = SideLines::<true>::new(side);
+        let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line(j)) };
+        lines.finish(steps);
+        r
+    } else {
+        let mut lines = SideLines::<false>::new(side);
+        let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line(j)) };
+        lines.finish(steps);
+        r
     }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-unsafe fn exp_side<const STREAM: bool>(
-    x: &[f32],
-    shift: f32,
-    out: &mut [f32],
-    ahead: Ahead,
-    side: super::Side<'_>,
-) -> (f32, f32) {
-    let (src, dst) = (side.src, side.dst);
-    let m = src.len().min(dst.len());
-    // the store's head up to the streaming alignment, then `steps` 16-lane steps (one cache
-    // line each), then its tail
-    let (head, body) = split(dst, m, 64, 16, STREAM);
-    scale_body(&src[..head], side.f, &mut dst[..head]);
-    let steps = body / 16;
-    let fv = _mm512_set1_ps(side.f);
-    let d = dst.as_mut_ptr();
-    let store = |j: usize| {
-        let s = head + 16 * j;
-        // SAFETY: s + 16 <= head + body <= m, within `src` and `dst` (`d` is `dst`'s pointer,
-        // used by this closure alone until the loops end); when streaming, d + s is 64-byte
-        // aligned.
-        unsafe {
-            let v = _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(s)), fv);
-            if STREAM {
-                _mm512_stream_ps(d.add(s), v);
-            } else {
-                _mm512_storeu_ps(d.add(s), v);
-            }
-        }
-    };
-    // SAFETY: the same features as this function.
-    let r = unsafe {
-        exp_sum_max_with_512(x, shift, out, ahead, |j| {
-            if j < steps {
-                store(j)
-            }
-        })
-    };
-    for j in x.len().min(out.len()) / 16..steps {
-        store(j);
-    }
-    scale_body(&src[head + body..m], side.f, &mut dst[head + body..m]);
-    r
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
