@@ -256,14 +256,15 @@ pub(super) unsafe fn exp_sum_max_side_512(
     side: super::Side<'_>,
 ) -> (f32, f32) {
     let steps = x.len().min(out.len()) / 16;
-    // SAFETY (both): the same features as this function.
     if side.stream {
         let mut lines = SideLines::<true>::new(side);
+        // SAFETY: the same features as this function.
         let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line(j)) };
         lines.finish(steps);
         r
     } else {
         let mut lines = SideLines::<false>::new(side);
+        // SAFETY: the same features as this function.
         let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line(j)) };
         lines.finish(steps);
         r
