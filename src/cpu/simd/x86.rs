@@ -184,11 +184,12 @@ exp_sum_max_512!(
     |m, p| { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast())) }
 );
 
-/// A [`Side`](super::Side) store cut for a 16-lane loop: its head up to the streaming
-/// alignment is written at once, then [`line`](Self::line)`(j)` writes 16-lane step `j` of its
-/// body (one cache line) from inside the loop, and [`finish`](Self::finish) the steps the loop
-/// did not reach and the tail. The same bits as `scale_f32_512`.
-struct SideLines<'a, const STREAM: bool> {
+/// A [`Side`](super::Side) store cut for a loop of 16-element steps: its head up to a cache
+/// line (when streaming) is written at once, then the level's `line*(j)` writes step `j` of its
+/// body (one whole 64-byte line: a streaming line left half-written while the arithmetic runs
+/// costs a partial write) from inside the loop, and [`finish`](Self::finish) the steps the loop
+/// did not reach and the tail. The same bits as the level's `scale_f32`.
+pub(super) struct SideLines<'a, const STREAM: bool> {
     src: &'a [f32],
     /// The store's memory (`len` elements of a `&'a mut [f32]` borrowed for `'a`).
     dst: *mut f32,
@@ -200,8 +201,6 @@ struct SideLines<'a, const STREAM: bool> {
 }
 
 impl<'a, const STREAM: bool> SideLines<'a, STREAM> {
-    #[target_feature(enable = "avx512f")]
-    #[inline]
     pub(super) fn new(side: super::Side<'a>) -> Self {
         let (src, dst, f) = (side.src, side.dst, side.f);
         let len = src.len().min(dst.len());
@@ -210,10 +209,10 @@ impl<'a, const STREAM: bool> SideLines<'a, STREAM> {
         SideLines { src, dst: dst.as_mut_ptr(), len, f, head, steps: body / 16, _dst: std::marker::PhantomData }
     }
 
-    /// Step `j` of the body, if it has one.
+    /// Step `j` of the body with AVX-512, if the body has it.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    pub(super) fn line(&mut self, j: usize) {
+    pub(super) fn line512(&mut self, j: usize) {
         if j >= self.steps {
             return;
         }
@@ -230,12 +229,33 @@ impl<'a, const STREAM: bool> SideLines<'a, STREAM> {
         }
     }
 
-    /// Steps `from..` of the body, then the tail.
-    #[target_feature(enable = "avx512f")]
+    /// Step `j` of the body with AVX2 (two halves of one line), if the body has it.
+    #[target_feature(enable = "avx2")]
     #[inline]
-    pub(super) fn finish(mut self, from: usize) {
+    pub(super) fn line256(&mut self, j: usize) {
+        if j >= self.steps {
+            return;
+        }
+        let fv = _mm256_set1_ps(self.f);
+        for h in 0..2 {
+            let s = self.head + 16 * j + 8 * h;
+            // SAFETY: s + 8 <= head + 16 * steps <= len, as in `line512`; when streaming,
+            // dst + s is 32-byte aligned.
+            unsafe {
+                let v = _mm256_mul_ps(_mm256_loadu_ps(self.src.as_ptr().add(s)), fv);
+                if STREAM {
+                    _mm256_stream_ps(self.dst.add(s), v);
+                } else {
+                    _mm256_storeu_ps(self.dst.add(s), v);
+                }
+            }
+        }
+    }
+
+    /// Steps `from..` of the body through `line`, then the tail.
+    pub(super) fn finish(mut self, from: usize, mut line: impl FnMut(&mut Self, usize)) {
         for j in from..self.steps {
-            self.line(j);
+            line(&mut self, j);
         }
         let done = self.head + 16 * self.steps;
         // SAFETY: done..len lies within the store's memory, borrowed by `self` for 'a.
@@ -259,14 +279,14 @@ pub(super) unsafe fn exp_sum_max_side_512(
     if side.stream {
         let mut lines = SideLines::<true>::new(side);
         // SAFETY: the same features as this function.
-        let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line(j)) };
-        lines.finish(steps);
+        let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line512(j)) };
+        lines.finish(steps, |l, j| l.line512(j));
         r
     } else {
         let mut lines = SideLines::<false>::new(side);
         // SAFETY: the same features as this function.
-        let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line(j)) };
-        lines.finish(steps);
+        let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line512(j)) };
+        lines.finish(steps, |l, j| l.line512(j));
         r
     }
 }

@@ -2,8 +2,9 @@
 //! same bits as [`exp_sum_max_body`](super::lanes::exp_sum_max_body) and its 16-bit blocks), with
 //! 16-bit input widened in registers instead of through a stack buffer.
 
-use super::lanes::{hsum, scale_body};
+use super::lanes::hsum;
 use super::math::*;
+use super::x86::SideLines;
 use super::{Ahead, LANES};
 use std::arch::x86_64::*;
 
@@ -120,70 +121,6 @@ pub(super) unsafe fn exp_sum_max_256(x: &[f32], shift: f32, out: &mut [f32], ahe
     (hsum(acc), fold_max(&top))
 }
 
-/// A [`Side`](super::Side) store cut for the 16-element steps of [`steps`]: its head up to a
-/// cache line is written at once, then [`line`](Self::line)`(j)` writes step `j` of its body
-/// (one whole 64-byte line: a line left half-written while the arithmetic runs costs a partial
-/// write), and [`finish`](Self::finish) the steps the loop did not reach and the tail. The same
-/// bits as `scale_f32_256`.
-struct SideLines<'a, const STREAM: bool> {
-    src: &'a [f32],
-    /// The store's memory (`len` elements of a `&'a mut [f32]` borrowed for `'a`).
-    dst: *mut f32,
-    len: usize,
-    f: f32,
-    head: usize,
-    steps: usize,
-    _dst: std::marker::PhantomData<&'a mut [f32]>,
-}
-
-impl<'a, const STREAM: bool> SideLines<'a, STREAM> {
-    fn new(side: super::Side<'a>) -> Self {
-        let (src, dst, f) = (side.src, side.dst, side.f);
-        let len = src.len().min(dst.len());
-        let head = if STREAM { dst.as_ptr().align_offset(64).min(len) } else { 0 };
-        scale_body(&src[..head], f, &mut dst[..head]);
-        let steps = (len - head) / LANES;
-        SideLines { src, dst: dst.as_mut_ptr(), len, f, head, steps, _dst: std::marker::PhantomData }
-    }
-
-    /// Step `j` of the body, if it has one.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn line(&mut self, j: usize) {
-        if j >= self.steps {
-            return;
-        }
-        let fv = _mm256_set1_ps(self.f);
-        for h in 0..2 {
-            let s = self.head + LANES * j + 8 * h;
-            // SAFETY: s + 8 <= head + LANES * steps <= len, within `src` and the store's memory,
-            // which `self` borrows exclusively; when streaming, dst + s is 32-byte aligned (64
-            // for h = 0).
-            unsafe {
-                let v = _mm256_mul_ps(_mm256_loadu_ps(self.src.as_ptr().add(s)), fv);
-                if STREAM {
-                    _mm256_stream_ps(self.dst.add(s), v);
-                } else {
-                    _mm256_storeu_ps(self.dst.add(s), v);
-                }
-            }
-        }
-    }
-
-    /// Steps `from..` of the body, then the tail.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn finish(mut self, from: usize) {
-        for j in from..self.steps {
-            self.line(j);
-        }
-        let done = self.head + LANES * self.steps;
-        // SAFETY: done..len lies within the store's memory, borrowed by `self` for 'a.
-        let tail = unsafe { std::slice::from_raw_parts_mut(self.dst.add(done), self.len - done) };
-        scale_body(&self.src[done..self.len], self.f, tail);
-    }
-}
-
 /// [`exp_sum_max_256`] with the scaled store of `side` in the same loop, one 16-element step of
 /// each per iteration (the store's memory traffic under the arithmetic): the same bits as
 /// `exp_sum_max_256` and then `scale_f32_256`.
@@ -199,13 +136,13 @@ pub(super) unsafe fn exp_sum_max_side_256(
     let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
     let (acc, top) = if side.stream {
         let mut lines = SideLines::<true>::new(side);
-        let r = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line(j));
-        lines.finish(x.len() / LANES);
+        let r = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line256(j));
+        lines.finish(x.len() / LANES, |l, j| l.line256(j));
         r
     } else {
         let mut lines = SideLines::<false>::new(side);
-        let r = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line(j));
-        lines.finish(x.len() / LANES);
+        let r = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line256(j));
+        lines.finish(x.len() / LANES, |l, j| l.line256(j));
         r
     };
     (hsum(acc), fold_max(&top))
