@@ -89,9 +89,10 @@ pub(crate) fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bo
     }
     let threads = rayon::current_num_threads().max(1);
     // SAFETY: `a`, `b` and `c` were checked at construction to reach only elements inside their
-    // slices for their shapes and strides (a transpose reaches the same elements) (strides fit in isize: they index a slice); the shapes
-    // agree (checked above); `c` is an exclusive borrow, so it overlaps neither input. The crate
-    // computes dst = alpha * dst + beta * lhs * rhs, reading dst only when `read_dst`.
+    // slices for their shapes and strides, and a transpose reaches the same elements (strides fit
+    // in isize: they index a slice); the shapes agree (checked above); `c` is an exclusive
+    // borrow, so it overlaps neither input. The crate computes dst = alpha * dst + beta * lhs *
+    // rhs, reading dst only when `read_dst`.
     unsafe {
         gemm::gemm(
             m,

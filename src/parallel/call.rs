@@ -207,9 +207,7 @@ impl<'a> Sharded<'a> {
         let mut steps =
             ShardedLoss::new(spec, shape, slice, tokens)?.with_keep_rows(if wants_grad { 2 * chunk } else { 0 });
 
-        if dg.size() > 1 {
-            let mut all = vec![0.0; 2 * dg.size()];
-            dg.all_gather_f64(&steps.batch_totals(), &mut all)?;
+        if let Some(all) = super::gather_pairs(dg, steps.batch_totals())? {
             steps.set_batch_totals(&all)?;
         }
 
@@ -255,11 +253,7 @@ impl<'a> Sharded<'a> {
             Some(t) => steps.finish_per_token(t)?,
             None => steps.finish()?,
         };
-        if dg.size() > 1 {
-            let mut all = vec![0.0; 2 * dg.size()];
-            dg.all_gather_f64(&ShardedLoss::loss_totals(&out), &mut all)?;
-            ShardedLoss::combine_loss(&mut out, &all)?;
-        }
+        super::combine_over(&mut out, dg)?;
         Ok(out)
     }
 }
@@ -278,12 +272,7 @@ fn whole_rows<L: Logit, I: TokenId>(
 ) -> Result<LossOutput> {
     let mut plan = spec.plan(shape, &tokens)?;
     let k = crate::cpu_kernels(spec.cpu_simd)?;
-    if dg.size() > 1 {
-        let mut all = vec![0.0; 2 * dg.size()];
-        let local = [shape.batch() as f64, plan.weights.iter().sum()];
-        dg.all_gather_f64(&local, &mut all)?;
-        plan.set_denominator(super::denominator(spec.reduction, &all), spec.grad_scale);
-    }
+    super::global_denominator(&mut plan, spec, dg)?;
     let rows = match (src, dest) {
         (Src::Write(logits), _) => crate::cpu::run_in_place(&k, &plan, logits),
         (Src::Read(logits), Dest::Skip) => crate::cpu::run::<L, f32>(&k, &plan, logits, None),
@@ -291,11 +280,7 @@ fn whole_rows<L: Logit, I: TokenId>(
         (Src::Read(logits), Dest::IntoF32(g)) => crate::cpu::run::<L, f32>(&k, &plan, logits, Some(g)),
     };
     let mut out = plan.finish(&rows, spec.check_finite, crate::Backend::Cpu, token_loss)?;
-    if dg.size() > 1 {
-        let mut all = vec![0.0; 2 * dg.size()];
-        dg.all_gather_f64(&ShardedLoss::loss_totals(&out), &mut all)?;
-        ShardedLoss::combine_loss(&mut out, &all)?;
-    }
+    super::combine_over(&mut out, dg)?;
     Ok(out)
 }
 

@@ -6,7 +6,7 @@
 //! `d W_r += G_cᵀ·h_c` and `d b_r += Σ G_c` as the unsplit path does.
 
 use super::call::Exchange;
-use super::{denominator, Sharded, ShardedLoss};
+use super::{combine_over, global_denominator, Sharded};
 use crate::cpu::split::{encode, merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::{RowSel, RowStats};
 use crate::dtype::{Logit, TokenId};
@@ -69,12 +69,7 @@ impl Sharded<'_> {
         chunking.rows_for(1, 1, 1)?;
         let mut plan = spec.plan(shape.tokens(), &tokens)?;
         let k = crate::cpu_kernels(spec.cpu_simd)?;
-        if dg.size() > 1 {
-            let totals = [shape.batch() as f64, plan.weights.iter().sum()];
-            let mut all = vec![0.0; 2 * dg.size()];
-            dg.all_gather_f64(&totals, &mut all)?;
-            plan.set_denominator(denominator(spec.reduction, &all), spec.grad_scale);
-        }
+        global_denominator(&mut plan, spec, dg)?;
         // the same chunks on every rank: from the shared V / ranks, H and tokens only
         let active = active_rows(&plan).len();
         let row_bytes = 4 * shape.vocab().div_ceil(vg.size()) + 8 * shape.hidden();
@@ -103,11 +98,7 @@ impl Sharded<'_> {
         };
         let (row_loss, chunks) = run_with(&k, &plan, local, &inputs, grads, Chunking::Rows(c), &mut pass)?;
         let mut out = plan.finish(&row_loss, spec.check_finite, Backend::Cpu, None)?;
-        if dg.size() > 1 {
-            let mut all = vec![0.0; 2 * dg.size()];
-            dg.all_gather_f64(&ShardedLoss::loss_totals(&out), &mut all)?;
-            ShardedLoss::combine_loss(&mut out, &all)?;
-        }
+        combine_over(&mut out, dg)?;
         let kept = c * slice.len() * 4 * if cpu.m.keeps_chain() { 2 } else { 1 };
         Ok(LinearOutput {
             loss: out,

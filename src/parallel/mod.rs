@@ -214,6 +214,35 @@ fn sum_in_rank_order(gathered: &[f64], stride: usize, i: usize) -> f64 {
     gathered.chunks_exact(stride).fold(0.0, |acc, rank| acc + rank[i])
 }
 
+/// A data group's all-gather of two numbers per rank, in rank order (`None` for a group of one:
+/// nothing to exchange).
+fn gather_pairs(dg: &dyn Collective, local: [f64; 2]) -> Result<Option<Vec<f64>>> {
+    if dg.size() <= 1 {
+        return Ok(None);
+    }
+    let mut all = vec![0.0; 2 * dg.size()];
+    dg.all_gather_f64(&local, &mut all)?;
+    Ok(Some(all))
+}
+
+/// Sets `plan`'s denominator from the data group's batch (`B` and `Σ w_b` of every rank); a
+/// group of one leaves it.
+fn global_denominator(plan: &mut crate::spec::Plan, spec: &crate::LossSpec, dg: &dyn Collective) -> Result<()> {
+    if let Some(all) = gather_pairs(dg, [plan.shape.batch() as f64, plan.weights.iter().sum()])? {
+        plan.set_denominator(denominator(spec.reduction, &all), spec.grad_scale);
+    }
+    Ok(())
+}
+
+/// Sets `out`'s loss and z-loss to their sums over the data group (the same bits on every rank);
+/// a group of one leaves them.
+fn combine_over(out: &mut crate::LossOutput, dg: &dyn Collective) -> Result<()> {
+    if let Some(all) = gather_pairs(dg, ShardedLoss::loss_totals(out))? {
+        ShardedLoss::combine_loss(out, &all)?;
+    }
+    Ok(())
+}
+
 /// The reduction's denominator from a data group's all-gathered `[B, Σ w_b]` pairs, summed in
 /// rank order: the global `B`, the global `Σ w_b`, or 1.
 fn denominator(reduction: crate::Reduction, gathered: &[f64]) -> f64 {
