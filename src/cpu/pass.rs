@@ -6,6 +6,7 @@ use super::row::{RowMath, RowStats};
 use super::simd::{Ahead, Input, Kernels, Side};
 use super::{CHUNK, MARGIN, SCRATCH_MAX};
 use crate::dtype::{DType, Logit};
+use std::ops::Range;
 
 /// The exponentials of one row, kept between its two passes.
 pub(super) struct RowExps {
@@ -258,9 +259,7 @@ impl<G: Logit> Pending<'_, G> {
         let hi = lo + q.len();
         let f = m.grad_factor(&self.st, self.coef, shift);
         let off = m.smoothing_offset(self.coef);
-        let has_target = (lo..hi).contains(&self.target);
-        // the target's chunk goes through the cache: its entry is rewritten just after
-        let stream = stream && !has_target;
+        let stream = self.streams(lo..hi, stream);
         // a finite row sum bounds every kept exponential: with finite factors, every product is
         let finite = self.st.sum_exp.is_finite() && f.is_finite() && off.is_finite();
         if off != 0.0 {
@@ -269,7 +268,18 @@ impl<G: Logit> Pending<'_, G> {
         } else {
             store_products(k, q, f, &mut self.out[lo..hi], stream, finite);
         }
-        if has_target {
+        self.write_target(m, lo..hi);
+    }
+
+    /// Whether the store of elements `r` streams: not the target's chunk, which goes through the
+    /// cache because its target entry is rewritten just after ([`write_target`](Self::write_target)).
+    fn streams(&self, r: Range<usize>, stream: bool) -> bool {
+        stream && !r.contains(&self.target)
+    }
+
+    /// The target entry, `coef · (softmax − 1)`, when it lies in `r` (after that range's store).
+    fn write_target(&mut self, m: &RowMath, r: Range<usize>) {
+        if r.contains(&self.target) {
             self.out[self.target] = G::from_f32(m.target_grad(&self.st, self.coef));
         }
     }
@@ -283,8 +293,7 @@ impl<G: Logit> Pending<'_, G> {
             return None;
         }
         let f = m.grad_factor(&self.st, self.coef, e.shifts[c]);
-        // the target's chunk goes through the cache, as in `store`
-        let stream = stream && !(lo..hi).contains(&self.target);
+        let stream = self.streams(lo..hi, stream);
         let dst = G::as_f32_mut(&mut self.out[lo..hi])?;
         Some(Side { src: &e.exps[lo..hi], f, dst, stream })
     }
@@ -292,9 +301,7 @@ impl<G: Logit> Pending<'_, G> {
     /// The target entry of chunk `c`, after a [`side`](Self::side) store.
     fn fix_target(&mut self, m: &RowMath, c: usize) {
         let lo = c * CHUNK;
-        if (lo..lo + CHUNK).contains(&self.target) && self.target < self.out.len() {
-            self.out[self.target] = G::from_f32(m.target_grad(&self.st, self.coef));
-        }
+        self.write_target(m, lo..(lo + CHUNK).min(self.out.len()));
     }
 
     /// Writes chunk `c` of the gradient from the row's kept exponentials.
