@@ -189,8 +189,9 @@ exp_sum_max_512!(
 /// body (one whole 64-byte line: a streaming line left half-written while the arithmetic runs
 /// costs a partial write) from inside the loop, and [`finish`](Self::finish) the steps the loop
 /// did not reach and the tail. The same bits as the level's `scale_f32`.
-pub(super) struct SideLines<'a, const STREAM: bool> {
+pub(super) struct SideLines<'a> {
     src: &'a [f32],
+    stream: bool,
     /// The store's memory (`len` elements of a `&'a mut [f32]` borrowed for `'a`).
     dst: *mut f32,
     len: usize,
@@ -200,13 +201,14 @@ pub(super) struct SideLines<'a, const STREAM: bool> {
     _dst: std::marker::PhantomData<&'a mut [f32]>,
 }
 
-impl<'a, const STREAM: bool> SideLines<'a, STREAM> {
+impl<'a> SideLines<'a> {
     pub(super) fn new(side: super::Side<'a>) -> Self {
-        let (src, dst, f) = (side.src, side.dst, side.f);
+        let (src, dst, f, stream) = (side.src, side.dst, side.f, side.stream);
         let len = src.len().min(dst.len());
-        let (head, body) = split(dst, len, 64, 16, STREAM);
+        let (head, body) = split(dst, len, 64, 16, stream);
         scale_body(&src[..head], f, &mut dst[..head]);
-        SideLines { src, dst: dst.as_mut_ptr(), len, f, head, steps: body / 16, _dst: std::marker::PhantomData }
+        let dst = dst.as_mut_ptr();
+        SideLines { src, stream, dst, len, f, head, steps: body / 16, _dst: std::marker::PhantomData }
     }
 
     /// Step `j` of the body with AVX-512, if the body has it.
@@ -221,7 +223,7 @@ impl<'a, const STREAM: bool> SideLines<'a, STREAM> {
         // which `self` borrows exclusively; when streaming, dst + s is 64-byte aligned (split).
         unsafe {
             let v = _mm512_mul_ps(_mm512_loadu_ps(self.src.as_ptr().add(s)), _mm512_set1_ps(self.f));
-            if STREAM {
+            if self.stream {
                 _mm512_stream_ps(self.dst.add(s), v);
             } else {
                 _mm512_storeu_ps(self.dst.add(s), v);
@@ -243,7 +245,7 @@ impl<'a, const STREAM: bool> SideLines<'a, STREAM> {
             // dst + s is 32-byte aligned.
             unsafe {
                 let v = _mm256_mul_ps(_mm256_loadu_ps(self.src.as_ptr().add(s)), fv);
-                if STREAM {
+                if self.stream {
                     _mm256_stream_ps(self.dst.add(s), v);
                 } else {
                     _mm256_storeu_ps(self.dst.add(s), v);
@@ -276,19 +278,11 @@ pub(super) unsafe fn exp_sum_max_side_512(
     side: super::Side<'_>,
 ) -> (f32, f32) {
     let steps = x.len().min(out.len()) / 16;
-    if side.stream {
-        let mut lines = SideLines::<true>::new(side);
-        // SAFETY: the same features as this function.
-        let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line512(j)) };
-        lines.finish(steps, |l, j| l.line512(j));
-        r
-    } else {
-        let mut lines = SideLines::<false>::new(side);
-        // SAFETY: the same features as this function.
-        let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line512(j)) };
-        lines.finish(steps, |l, j| l.line512(j));
-        r
-    }
+    let mut lines = SideLines::new(side);
+    // SAFETY: the same features as this function.
+    let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line512(j)) };
+    lines.finish(steps, |l, j| l.line512(j));
+    r
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]

@@ -134,17 +134,9 @@ pub(super) unsafe fn exp_sum_max_side_256(
 ) -> (f32, f32) {
     // SAFETY (each load): i + 8 <= the 16-lane body of x.
     let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
-    let (acc, top) = if side.stream {
-        let mut lines = SideLines::<true>::new(side);
-        let r = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line256(j));
-        lines.finish(x.len() / LANES, |l, j| l.line256(j));
-        r
-    } else {
-        let mut lines = SideLines::<false>::new(side);
-        let r = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line256(j));
-        lines.finish(x.len() / LANES, |l, j| l.line256(j));
-        r
-    };
+    let mut lines = SideLines::new(side);
+    let (acc, top) = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line256(j));
+    lines.finish(x.len() / LANES, |l, j| l.line256(j));
     (hsum(acc), fold_max(&top))
 }
 
