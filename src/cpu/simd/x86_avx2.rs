@@ -8,14 +8,13 @@ use super::x86::SideLines;
 use super::{Ahead, LANES};
 use std::arch::x86_64::*;
 
-/// `exp` of 8 lanes: the lane code's [`exp`] with FMA, to the bit.
+/// `exp` of 8 lanes that are at least `EXP_LO` or NaN: the lane code's [`exp`] with FMA, to the
+/// bit, for those lanes. Callers clamp below `EXP_LO` first and mask those lanes to 0 after, only
+/// for steps that have such a lane (the clamp and the mask change nothing for the others).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn exp8<const SHORT: bool>(x: __m256) -> __m256 {
+fn exp8<const SHORT: bool>(xc: __m256) -> __m256 {
     let c = |k: f32| _mm256_set1_ps(k);
-    let lo = c(EXP_LO);
-    // NaN passes (max returns its second operand); below EXP_LO, EXP_LO and then 0
-    let xc = _mm256_max_ps(lo, x);
     let t = _mm256_fmadd_ps(xc, c(LOG2E), c(ROUND_MAGIC));
     let n = _mm256_sub_ps(t, c(ROUND_MAGIC));
     let f = _mm256_fmsub_ps(xc, c(LOG2E), n);
@@ -32,8 +31,7 @@ fn exp8<const SHORT: bool>(x: __m256) -> __m256 {
     };
     let p = _mm256_fmadd_ps(p, f, c(1.0));
     let y = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32::<23>(_mm256_castps_si256(t)));
-    // x < EXP_LO gives 0; NaN compares unordered and keeps y (NaN)
-    _mm256_and_ps(_mm256_castsi256_ps(y), _mm256_cmp_ps::<_CMP_NLT_UQ>(x, lo))
+    _mm256_castsi256_ps(y)
 }
 
 /// Sums and maxima of 16 lanes as two halves.
@@ -82,14 +80,23 @@ fn steps<const SHORT: bool>(
 ) -> ([f32; LANES], [f32; LANES]) {
     let mut a = Acc::new();
     let sh = _mm256_set1_ps(shift);
+    let lo = _mm256_set1_ps(EXP_LO);
     let body = n / LANES * LANES;
     assert!(out.len() >= n);
     for (j, i) in (0..body).step_by(LANES).enumerate() {
         ahead.line(first_step + j);
+        let v = [load(i), load(i + 8)];
+        let x = [_mm256_sub_ps(v[0], sh), _mm256_sub_ps(v[1], sh)];
+        // the clamp and the mask change nothing unless a lane is below EXP_LO
+        let keep = [_mm256_cmp_ps::<_CMP_NLT_UQ>(x[0], lo), _mm256_cmp_ps::<_CMP_NLT_UQ>(x[1], lo)];
+        let above = _mm256_movemask_ps(keep[0]) & _mm256_movemask_ps(keep[1]) == 0xff;
         for h in 0..2 {
-            let v = load(i + 8 * h);
-            a.top[h] = _mm256_max_ps(v, a.top[h]);
-            let e = exp8::<SHORT>(_mm256_sub_ps(v, sh));
+            a.top[h] = _mm256_max_ps(v[h], a.top[h]);
+            let e = if above {
+                exp8::<SHORT>(x[h])
+            } else {
+                _mm256_and_ps(exp8::<SHORT>(_mm256_max_ps(lo, x[h])), keep[h])
+            };
             // SAFETY: i + 8h + 8 <= body <= n <= out.len().
             unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * h), e) };
             a.sum[h] = _mm256_add_ps(a.sum[h], e);
