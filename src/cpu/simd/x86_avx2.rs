@@ -87,7 +87,8 @@ fn steps<const SHORT: bool>(
         ahead.line(first_step + j);
         let v = [load(i), load(i + 8)];
         let x = [_mm256_sub_ps(v[0], sh), _mm256_sub_ps(v[1], sh)];
-        // the clamp and the mask change nothing unless a lane is below EXP_LO
+        // below EXP_LO: EXP_LO, then 0 by the mask; NaN compares unordered, so its lane is kept
+        // (and max passes it on). Both change nothing unless a lane is below EXP_LO.
         let keep = [_mm256_cmp_ps::<_CMP_NLT_UQ>(x[0], lo), _mm256_cmp_ps::<_CMP_NLT_UQ>(x[1], lo)];
         let above = _mm256_movemask_ps(keep[0]) & _mm256_movemask_ps(keep[1]) == 0xff;
         for h in 0..2 {
