@@ -210,6 +210,41 @@ fn chunking_keeps_the_bits() {
 }
 
 #[test]
+fn chunked_steps_keep_the_bits_on_long_slices_in_every_mode() {
+    // slices longer than two of the CPU pass's 2048-element chunks, exchanges of 1 and 2 rows
+    // (each chunk's gradient beside the next chunk's statistics) against one exchange for all
+    // rows: the same loss and gradient bits, into a buffer, in place and loss only
+    for seed in [31u64, 32] {
+        let case = random_case::<f32>(seed, 9000);
+        let (shape, v) = (case.shape, case.shape.vocab());
+        let slices = [VocabSlice::new(0, 4500, v).unwrap(), VocabSlice::new(4500, v - 4500, v).unwrap()];
+        let modes = |chunk: usize| {
+            run_ranks(slices.len(), |r, g| {
+                let s = slices[r];
+                let local = columns(&case.logits, v, s);
+                let call = Sharded::vocab_parallel(s, g).with_chunk_rows(chunk);
+                let mut g32 = vec![f32::NAN; local.len()];
+                let into = call.loss_and_grad(&case.spec, shape, &local, case.tokens(), Grad::IntoF32(&mut g32)).unwrap();
+                let mut inplace = local.clone();
+                let ip = call.loss_and_grad_in_place(&case.spec, shape, &mut inplace, case.tokens()).unwrap();
+                let skip = call.loss_and_grad(&case.spec, shape, &local, case.tokens(), Grad::Skip).unwrap();
+                (into, ip, skip, bits(&g32), bits(&inplace))
+            })
+        };
+        let whole = modes(shape.rows());
+        for chunk in [1, 2] {
+            for (r, (a, b)) in modes(chunk).iter().zip(&whole).enumerate() {
+                let what = format!("seed {seed} chunk {chunk} rank {r}");
+                assert_eq!((&a.0, &a.1, &a.2), (&b.0, &b.1, &b.2), "{what}: outputs");
+                assert_eq!(a.3, b.3, "{what}: gradient");
+                assert_eq!(a.4, b.4, "{what}: gradient in place");
+                assert!(a.3.iter().all(|&x| f32::from_bits(x).is_finite()), "{what}: every element written");
+            }
+        }
+    }
+}
+
+#[test]
 fn bf16_logits_and_every_gradient_mode() {
     let case = random_case::<bf16>(808, 300);
     let slices = random_slices(&mut Rng::new(3), 4, case.shape.vocab());
