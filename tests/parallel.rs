@@ -224,7 +224,8 @@ fn chunked_steps_keep_the_bits_on_long_slices_in_every_mode() {
                 let local = columns(&case.logits, v, s);
                 let call = Sharded::vocab_parallel(s, g).with_chunk_rows(chunk);
                 let mut g32 = vec![f32::NAN; local.len()];
-                let into = call.loss_and_grad(&case.spec, shape, &local, case.tokens(), Grad::IntoF32(&mut g32)).unwrap();
+                let into =
+                    call.loss_and_grad(&case.spec, shape, &local, case.tokens(), Grad::IntoF32(&mut g32)).unwrap();
                 let mut inplace = local.clone();
                 let ip = call.loss_and_grad_in_place(&case.spec, shape, &mut inplace, case.tokens()).unwrap();
                 let skip = call.loss_and_grad(&case.spec, shape, &local, case.tokens(), Grad::Skip).unwrap();
@@ -242,6 +243,25 @@ fn chunked_steps_keep_the_bits_on_long_slices_in_every_mode() {
             }
         }
     }
+}
+
+#[test]
+fn a_call_from_a_thread_of_the_pool_itself_finishes_with_the_same_bits() {
+    // chunked steps called from inside a one-thread rayon pool (whose only thread is the caller)
+    // give the bits of the same call from outside
+    let case = random_case::<f32>(61, 3000);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let run = || {
+        let call = Sharded::vocab_parallel(VocabSlice::full(v).unwrap(), &Solo).with_split_steps().with_chunk_rows(1);
+        let mut g = vec![f32::NAN; case.logits.len()];
+        let out = call.loss_and_grad(&case.spec, shape, &case.logits, case.tokens(), Grad::IntoF32(&mut g)).unwrap();
+        (out, bits(&g))
+    };
+    let outside = run();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let inside = pool.install(run);
+    assert_eq!(inside.0, outside.0);
+    assert_eq!(inside.1, outside.1);
 }
 
 #[test]

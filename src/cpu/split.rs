@@ -241,6 +241,50 @@ impl SplitCpu {
         self.pool.append(&mut kept.unwrap_or_default());
     }
 
+    /// Whether this slice's exponentials can be kept (it is not too long).
+    pub fn can_keep(&self) -> bool {
+        self.len <= SCRATCH_MAX
+    }
+
+    /// Row buffers for the exponentials of `rows` rows, from the pool (`None`: this slice is
+    /// too long to keep). A pipelined driver owns them and hands them to [`pass`](Self::pass).
+    pub fn chunk_buffers(&mut self, rows: usize) -> Option<ChunkExps> {
+        if !self.can_keep() {
+            return None;
+        }
+        let m = &self.m;
+        Some(ChunkExps((0..rows).map(|_| self.pool.pop().unwrap_or_else(|| RowExps::new(self.len, m))).collect()))
+    }
+
+    /// Takes row buffers back for reuse.
+    pub fn recycle(&mut self, mut b: ChunkExps) {
+        self.pool.append(&mut b.0);
+    }
+
+    /// One parallel pass of a pipelined driver, on buffers it owns: the gradient of `grad`'s
+    /// rows from their kept exponentials, beside the statistics of `stats`' rows into theirs.
+    pub fn pass<L: Logit, G: Logit>(
+        &self,
+        plan: &Plan,
+        grad: Option<GradPart<'_, L, G>>,
+        stats: Option<StatsPart<'_, L>>,
+    ) {
+        let write = |g: GradPart<'_, L, G>| {
+            let n = g.rows.len();
+            self.write_from(plan, &g.rows, g.merged, g.dest, Some(&mut g.exps.0[..n]));
+        };
+        let read = |s: StatsPart<'_, L>| {
+            let n = s.rows.len();
+            self.stats_into(plan, &s.rows, s.logits, s.out, Some(&mut s.exps.0[..n]));
+        };
+        match (grad, stats) {
+            (Some(g), Some(s)) => drop(rayon::join(|| write(g), || read(s))),
+            (Some(g), None) => write(g),
+            (None, Some(s)) => read(s),
+            (None, None) => {}
+        }
+    }
+
     /// The statistics pass over `rows`, exponentials into `exps` when given (one per row).
     fn stats_into<L: Logit>(
         &self,
@@ -339,6 +383,28 @@ impl Drop for SplitCpu {
             }
         }
     }
+}
+
+/// The kept exponentials of a chunk of rows, owned by a pipelined driver (one row buffer per
+/// row; a shorter chunk uses the first ones).
+pub(crate) struct ChunkExps(Vec<RowExps>);
+
+/// The gradient half of a [`SplitCpu::pass`]: rows, their merged statistics, where the gradient
+/// goes and their kept exponentials.
+pub(crate) struct GradPart<'a, L, G> {
+    pub rows: Rows<'static>,
+    pub merged: &'a [RowStats],
+    pub dest: Dest<'a, L, G>,
+    pub exps: &'a mut ChunkExps,
+}
+
+/// The statistics half of a [`SplitCpu::pass`]: rows, their logits, the statistics out and the
+/// buffers that keep their exponentials.
+pub(crate) struct StatsPart<'a, L> {
+    pub rows: Rows<'static>,
+    pub logits: &'a [L],
+    pub out: &'a mut [RowStats],
+    pub exps: &'a mut ChunkExps,
 }
 
 /// Each task's part of the row buffers (`None` for every task when nothing is kept).

@@ -1,6 +1,7 @@
 //! The one-call API on host buffers: the steps of [`ShardedLoss`] with the exchanges done through
 //! the caller's [`Collective`]s, chunk by chunk.
 
+use super::pipeline::{self, InPlace, ReadInto};
 use super::{check_tiling, Collective, ShardedLoss, Solo, VocabSlice};
 use crate::cpu::split::Dest as Fused;
 use crate::cpu::RowStats;
@@ -215,6 +216,31 @@ impl<'a> Sharded<'a> {
         // parallel pass); the first exchange also carries each rank's slice, checked to tile
         let chunks: Vec<Range<usize>> = (0..rows).step_by(chunk.max(1)).map(|r0| r0..(r0 + chunk).min(rows)).collect();
         let mut ex = Exchange::new(vg, slice);
+        // (not from a thread of the pool itself: it would wait on passes that may need it)
+        if wants_grad && chunks.len() > 1 && steps.cpu_mut().can_keep() && rayon::current_thread_index().is_none() {
+            // two passes in flight, the exchanges on this thread between them
+            let step = chunk.max(1) * len;
+            match (&mut src, &mut dest) {
+                (Src::Write(l), _) => {
+                    pipeline::run(&mut steps, &mut ex, &chunks, l.chunks_mut(step).map(InPlace).collect())
+                }
+                (Src::Read(l), Dest::Into(g)) => {
+                    let mems = l.chunks(step).zip(g.chunks_mut(step)).map(|(logits, grad)| ReadInto { logits, grad });
+                    pipeline::run(&mut steps, &mut ex, &chunks, mems.collect())
+                }
+                (Src::Read(l), Dest::IntoF32(g)) => {
+                    let mems = l.chunks(step).zip(g.chunks_mut(step)).map(|(logits, grad)| ReadInto { logits, grad });
+                    pipeline::run(&mut steps, &mut ex, &chunks, mems.collect())
+                }
+                (Src::Read(_), Dest::Skip) => unreachable!("a loss-only call writes no gradient"),
+            }?;
+            let mut out = match token_loss {
+                Some(t) => steps.finish_per_token(t)?,
+                None => steps.finish()?,
+            };
+            super::combine_over(&mut out, dg)?;
+            return Ok(out);
+        }
         if let Some(c0) = chunks.first() {
             let n = steps.partials_len(c0.len());
             steps.partials(c0.clone(), src.rows(c0, len), ex.buffer(n))?;

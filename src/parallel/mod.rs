@@ -54,12 +54,16 @@
 //! steps therefore work on **chunks of rows**: the statistics step keeps the exponentials of its
 //! rows (as the single-device pass keeps a row's between its two passes), the exchange runs, and
 //! the gradient step turns the kept exponentials into the gradient while they are still in
-//! cache. [`Sharded`] exchanges once per chunk ([`default_chunk_rows`]); a driver with an
-//! asynchronous exchange can compute the statistics of chunk `k + 1` while chunk `k`'s are in
-//! flight (two chunks kept at once, within the default budget).
+//! cache. [`Sharded`] exchanges once per chunk ([`default_chunk_rows`]) and keeps two passes in
+//! flight: while the pool writes one chunk's gradient and takes a later chunk's statistics, the
+//! calling thread exchanges and merges the chunk in between (four chunks kept at once); so the
+//! pool waits neither for the exchange nor for a hand-off per chunk. A driver of the steps with
+//! an asynchronous exchange can likewise compute the statistics of chunk `k + 1` while chunk
+//! `k`'s are in flight (two chunks kept at once, within the default budget).
 
 mod call;
 mod linear;
+mod pipeline;
 mod steps;
 
 pub use call::{default_chunk_rows, Sharded};

@@ -286,22 +286,26 @@ impl ShardedLoss {
         gathered: &[f64],
         stride: Option<usize>,
     ) -> Result<Vec<RowStats>> {
-        self.check_range(rows)?;
-        let (w, n) = (self.words, rows.len());
-        let stride = stride.unwrap_or(n * w);
-        if stride < n * w || gathered.is_empty() || !gathered.len().is_multiple_of(stride.max(1)) {
-            let expected = stride.max(n * w) * (gathered.len() / stride.max(1)).max(1);
-            return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.len() });
-        }
-        let merged = merge_rows(&self.cpu.m, gathered, stride, w, n);
-        for (i, r) in rows.clone().enumerate() {
-            (self.losses.loss[r], self.losses.z[r]) =
-                if self.plan.targets[r] == NO_TARGET { (0.0, 0.0) } else { self.cpu.m.loss(&merged[i]) };
-            if !std::mem::replace(&mut self.finished[r], true) {
-                self.missing -= 1;
-            }
-        }
-        Ok(merged)
+        self.parts().2.merge(rows, gathered, stride)
+    }
+
+    fn parts(&mut self) -> (&Plan, &SplitCpu, Merge<'_>) {
+        let ShardedLoss { plan, cpu, losses, finished, missing, words, .. } = self;
+        let (plan, cpu) = (&*plan, &*cpu);
+        (plan, cpu, Merge { plan, cpu, words: *words, losses, finished, missing })
+    }
+
+    /// For a driver with passes in flight while it exchanges and merges: the plan and the CPU
+    /// side (shared by the passes) and the merge (the driver's own). Gradients are written from
+    /// then on.
+    pub(crate) fn pipeline_parts(&mut self) -> (&Plan, &SplitCpu, Merge<'_>) {
+        self.grad_written = true;
+        self.parts()
+    }
+
+    /// The CPU side, for row buffers a pipelined driver owns.
+    pub(crate) fn cpu_mut(&mut self) -> &mut SplitCpu {
+        &mut self.cpu
     }
 
     /// The per-sample and batch loss once every row is finished: on a data group of one, the
@@ -337,6 +341,48 @@ impl ShardedLoss {
         out.loss = sum_in_rank_order(gathered, 2, 0);
         out.z_loss = sum_in_rank_order(gathered, 2, 1);
         Ok(())
+    }
+}
+
+/// The merge of a [`ShardedLoss`]: the rows' statistics from an all-gather, and their losses
+/// recorded.
+pub(crate) struct Merge<'a> {
+    plan: &'a Plan,
+    cpu: &'a SplitCpu,
+    words: usize,
+    losses: &'a mut RowLosses,
+    finished: &'a mut [bool],
+    missing: &'a mut usize,
+}
+
+impl Merge<'_> {
+    /// See [`ShardedLoss::merge`].
+    pub(crate) fn merge(
+        &mut self,
+        rows: &Range<usize>,
+        gathered: &[f64],
+        stride: Option<usize>,
+    ) -> Result<Vec<RowStats>> {
+        let total = self.finished.len();
+        if rows.start > rows.end || rows.end > total {
+            return Err(Error::RowRange { start: rows.start, end: rows.end, rows: total });
+        }
+        let (w, n) = (self.words, rows.len());
+        let stride = stride.unwrap_or(n * w);
+        if stride < n * w || gathered.is_empty() || !gathered.len().is_multiple_of(stride.max(1)) {
+            let expected = stride.max(n * w) * (gathered.len() / stride.max(1)).max(1);
+            return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.len() });
+        }
+        let m = &self.cpu.m;
+        let merged = merge_rows(m, gathered, stride, w, n);
+        for (i, r) in rows.clone().enumerate() {
+            (self.losses.loss[r], self.losses.z[r]) =
+                if self.plan.targets[r] == NO_TARGET { (0.0, 0.0) } else { m.loss(&merged[i]) };
+            if !std::mem::replace(&mut self.finished[r], true) {
+                *self.missing -= 1;
+            }
+        }
+        Ok(merged)
     }
 }
 
