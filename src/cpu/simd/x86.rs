@@ -128,7 +128,7 @@ macro_rules! exp_sum_max_512 {
             let (mut acc, mut top) = (_mm512_setzero_ps(), _mm512_set1_ps(f32::NEG_INFINITY));
             let body = n / 16 * 16;
             for (j, i) in (0..body).step_by(16).enumerate() {
-                ahead.line(j);
+                ahead.line_l2(j);
                 // SAFETY: i + 16 <= n, within both slices.
                 unsafe {
                     let $p = x.as_ptr().add(i);
