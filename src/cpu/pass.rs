@@ -125,7 +125,8 @@ pub(super) fn exp_chunk<L: Logit>(
     (sum, top, 0.0)
 }
 
-/// Chunks to prefetch (into L2) ahead of the one being read.
+/// Chunks to prefetch ahead of the one being read (into L2 at AVX-512, every level otherwise:
+/// [`Ahead::line_l2`](super::simd::Ahead)).
 const PREFETCH_CHUNKS: usize = 4;
 
 /// What a statistics pass runs between its chunks: the previous row's gradient, chunk by chunk
