@@ -74,21 +74,32 @@ pub(crate) fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) 
 /// `out = x * f` in the output's dtype (equal lengths), streaming when asked.
 #[inline]
 pub(crate) fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool) {
-    store_products(k, x, f, out, stream, false)
+    store_products(k, x, f, 0.0, out, stream, false)
 }
 
-/// [`store_scaled`], told whether every product is finite (a bf16 store then skips the NaN
-/// handling where the level emulates the conversion; the bits are the same).
+/// `out = x * f - off` ([`Kernels::scale_sub_f32`]) in the output's dtype, told whether every
+/// result is finite (a bf16 store then skips the NaN handling where the level emulates the
+/// conversion; the bits are the same).
 #[inline]
-pub(super) fn store_products<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool, finite: bool) {
+pub(super) fn store_products<G: Logit>(
+    k: &Kernels,
+    x: &[f32],
+    f: f32,
+    off: f32,
+    out: &mut [G],
+    stream: bool,
+    finite: bool,
+) {
+    // a zero offset of either sign is the plain product (as `affine` would leave it)
+    let off = if off == 0.0 { 0.0 } else { off };
     if let Some(o) = G::as_f32_mut(out) {
-        return k.scale_f32(x, f, o, stream);
+        return k.scale_sub_f32(x, f, off, o, stream);
     }
     if let Some(bits) = G::as_bits_mut(out) {
         match G::DTYPE {
-            DType::BF16 if finite => k.scale_bf16_finite(x, f, bits, stream),
-            DType::BF16 => k.scale_bf16(x, f, bits, stream),
-            _ => k.scale_f16(x, f, bits, stream),
+            DType::BF16 if finite => k.scale_sub_bf16_finite(x, f, off, bits, stream),
+            DType::BF16 => k.scale_sub_bf16(x, f, off, bits, stream),
+            _ => k.scale_sub_f16(x, f, off, bits, stream),
         }
     }
 }
@@ -263,11 +274,13 @@ impl<G: Logit> Pending<'_, G> {
         let stream = self.streams(lo..hi, stream);
         // a finite row sum bounds every kept exponential: with finite factors, every product is
         let finite = self.st.sum_exp.is_finite() && f.is_finite() && off.is_finite();
-        if off != 0.0 {
+        if off != 0.0 && !chain.is_empty() {
+            // with soft-capping the offset is scaled by each element's chain factor first
             k.affine(q, f, off, chain);
-            store_products(k, q, 1.0, &mut self.out[lo..hi], stream, finite);
+            store_products(k, q, 1.0, 0.0, &mut self.out[lo..hi], stream, finite);
         } else {
-            store_products(k, q, f, &mut self.out[lo..hi], stream, finite);
+            // `q · f − off` in the store itself: the same bits as `affine` and then the store
+            store_products(k, q, f, off, &mut self.out[lo..hi], stream, finite);
         }
         self.write_target(m, lo..hi);
     }
@@ -350,6 +363,6 @@ impl<G: Logit> Pending<'_, G> {
 pub(super) fn zero<G: Logit>(k: &Kernels, out: &mut [G], stream: bool) {
     static ZEROS: [f32; CHUNK] = [0.0; CHUNK];
     for o in out.chunks_mut(CHUNK) {
-        store_products(k, &ZEROS[..o.len()], 0.0, o, stream, true);
+        store_products(k, &ZEROS[..o.len()], 0.0, 0.0, o, stream, true);
     }
 }

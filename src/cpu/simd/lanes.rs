@@ -146,11 +146,22 @@ impl Ahead {
     }
 }
 
-/// `out = x * f`. `out` may be longer than `x`.
+/// `v * f - k`, as [`affine_body`] computes it (one rounding where the level has FMA), and
+/// exactly `v * f` when `k` is 0 (no FMA call outside the level's own functions then).
 #[inline(always)]
-pub(super) fn scale_body(x: &[f32], f: f32, out: &mut [f32]) {
+pub(super) fn mul_sub<const FMA: bool>(v: f32, f: f32, k: f32) -> f32 {
+    if k == 0.0 {
+        v * f
+    } else {
+        madd::<FMA>(v, f, -k)
+    }
+}
+
+/// `out = x * f - k` ([`mul_sub`]). `out` may be longer than `x`.
+#[inline(always)]
+pub(super) fn scale_body<const FMA: bool>(x: &[f32], f: f32, k: f32, out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = v * f;
+        *o = mul_sub::<FMA>(v, f, k);
     }
 }
 
@@ -180,19 +191,19 @@ pub(super) fn bf16_round(x: f32) -> u16 {
     }
 }
 
-/// `out = bf16(x * f)`.
+/// `out = bf16(x * f - k)`.
 #[inline(always)]
-pub(super) fn scale_bf16_body(x: &[f32], f: f32, out: &mut [u16]) {
+pub(super) fn scale_bf16_body<const FMA: bool>(x: &[f32], f: f32, k: f32, out: &mut [u16]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = bf16_round(v * f);
+        *o = bf16_round(mul_sub::<FMA>(v, f, k));
     }
 }
 
-/// `out = f16(x * f)` (round to nearest even, as F16C does).
+/// `out = f16(x * f - k)` (round to nearest even, as F16C does).
 #[inline(always)]
-pub(super) fn scale_f16_body(x: &[f32], f: f32, out: &mut [u16]) {
+pub(super) fn scale_f16_body<const FMA: bool>(x: &[f32], f: f32, k: f32, out: &mut [u16]) {
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = half::f16::from_f32(v * f).to_bits();
+        *o = half::f16::from_f32(mul_sub::<FMA>(v, f, k)).to_bits();
     }
 }
 

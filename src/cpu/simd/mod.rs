@@ -140,14 +140,14 @@ level!(avx512, true, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
 /// The portable stores (no streaming; f16 through `half`).
 mod portable_store {
     use super::*;
-    pub(super) unsafe fn scale_f32(x: &[f32], f: f32, out: &mut [f32], _stream: bool) {
-        scale_body(x, f, out)
+    pub(super) unsafe fn scale_f32(x: &[f32], f: f32, k: f32, out: &mut [f32], _stream: bool) {
+        scale_body::<false>(x, f, k, out)
     }
-    pub(super) unsafe fn scale_bf16(x: &[f32], f: f32, out: &mut [u16], _stream: bool) {
-        scale_bf16_body(x, f, out)
+    pub(super) unsafe fn scale_bf16(x: &[f32], f: f32, k: f32, out: &mut [u16], _stream: bool) {
+        scale_bf16_body::<false>(x, f, k, out)
     }
-    pub(super) unsafe fn scale_f16(x: &[f32], f: f32, out: &mut [u16], _stream: bool) {
-        scale_f16_body(x, f, out)
+    pub(super) unsafe fn scale_f16(x: &[f32], f: f32, k: f32, out: &mut [u16], _stream: bool) {
+        scale_f16_body::<false>(x, f, k, out)
     }
     pub(super) unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
         widen_f16_body(src, dst)
@@ -167,9 +167,10 @@ type ExpOpts = unsafe fn(&[f32], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -
 /// The same over 16-bit input.
 type ExpOpts16 = unsafe fn(&[u16], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -> (f32, f32, f32);
 
-/// A scaled store into one output dtype: `out = narrow(x * f)`, streaming when asked and the
-/// level can.
-type ScaleInto<T> = unsafe fn(&[f32], f32, &mut [T], bool);
+/// A scaled store into one output dtype: `out = narrow(x * f - k)` (the product and the
+/// difference rounded once where the level has FMA, as [`Kernels::affine`]; exactly
+/// `narrow(x * f)` when `k` is +0), streaming when asked and the level can.
+type ScaleInto<T> = unsafe fn(&[f32], f32, f32, &mut [T], bool);
 
 /// `out = exp(x - shift)` and, step by step in the same loop, another row's scaled store
 /// ([`Side`]); returns `(sum, max(x))`.
@@ -402,27 +403,34 @@ impl Kernels {
     /// [`Kernels::fence`] before the memory is handed to another thread).
     #[inline]
     pub fn scale_f32(&self, x: &[f32], f: f32, out: &mut [f32], stream: bool) {
-        // SAFETY: as above.
-        unsafe { (self.scale_f32)(x, f, out, stream) }
+        self.scale_sub_f32(x, f, 0.0, out, stream)
     }
-    /// `out = bf16(x * f)` as bits, round to nearest even; `stream` as for [`Kernels::scale_f32`].
+    /// `out = x * f - k`: the same bits as [`Kernels::affine`] of `x` with no chain factors and
+    /// then [`Kernels::scale_f32`] by 1, in one pass (`k` +0: [`Kernels::scale_f32`]).
     #[inline]
-    pub fn scale_bf16(&self, x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    pub fn scale_sub_f32(&self, x: &[f32], f: f32, k: f32, out: &mut [f32], stream: bool) {
         // SAFETY: as above.
-        unsafe { (self.scale_bf16)(x, f, out, stream) }
+        unsafe { (self.scale_f32)(x, f, k, out, stream) }
     }
-    /// [`Kernels::scale_bf16`] for products known to be finite (no NaN or infinity): the same
+    /// [`Kernels::scale_sub_f32`] into bf16 bits, round to nearest even (subnormal results become
+    /// a zero of the same sign); `stream` as for [`Kernels::scale_f32`].
+    #[inline]
+    pub fn scale_sub_bf16(&self, x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
+        // SAFETY: as above.
+        unsafe { (self.scale_bf16)(x, f, k, out, stream) }
+    }
+    /// [`Kernels::scale_sub_bf16`] for results known to be finite (no NaN or infinity): the same
     /// bits, cheaper where the level emulates the conversion (AVX2).
     #[inline]
-    pub fn scale_bf16_finite(&self, x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    pub fn scale_sub_bf16_finite(&self, x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
         // SAFETY: as above.
-        unsafe { (self.scale_bf16_finite)(x, f, out, stream) }
+        unsafe { (self.scale_bf16_finite)(x, f, k, out, stream) }
     }
-    /// `out = f16(x * f)` as bits, round to nearest even; `stream` as for [`Kernels::scale_f32`].
+    /// [`Kernels::scale_sub_f32`] into f16 bits, round to nearest even.
     #[inline]
-    pub fn scale_f16(&self, x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+    pub fn scale_sub_f16(&self, x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
         // SAFETY: as above.
-        unsafe { (self.scale_f16)(x, f, out, stream) }
+        unsafe { (self.scale_f16)(x, f, k, out, stream) }
     }
     /// Orders this thread's streaming stores before what follows (a no-op where none are used).
     #[inline]

@@ -71,8 +71,8 @@ fn conversions_match_half_at_every_level_alignment_and_stream_mode() {
             let x = &xs[off..];
             let mut b = vec![0u16; x.len()];
             let mut h = vec![0u16; x.len()];
-            k.scale_bf16(x, 1.0, &mut b, stream);
-            k.scale_f16(x, 1.0, &mut h, stream);
+            k.scale_sub_bf16(x, 1.0, 0.0, &mut b, stream);
+            k.scale_sub_f16(x, 1.0, 0.0, &mut h, stream);
             k.fence();
             for ((&v, &b), &h) in x.iter().zip(&b).zip(&h) {
                 let want =
@@ -169,6 +169,56 @@ fn max_skips_nan() {
     x[36] = 2.0;
     assert_eq!(k.max(&x), 2.0);
     assert_eq!(k.max(&[]), f32::NEG_INFINITY);
+}
+
+#[test]
+fn the_store_with_an_offset_gives_affine_then_the_store() {
+    // `x * f - k` in the store (label smoothing's gradient) = `affine` in place, then the store
+    // by 1: the same bits at every level, dtype, offset (streaming head) and stream mode, NaN
+    // and inf included; and `k` = 0 is the plain product
+    let vals = test_floats();
+    for k in levels() {
+        for (n, off) in [(0, 0), (5, 0), (100, 3), (2048, 0), (2048, 7), (1001, 13)] {
+            for stream in [false, true] {
+                let x: Vec<f32> = (0..n).map(|i| vals[(i * 11 + 3) % vals.len()] % 40.0).collect();
+                for (f, c) in [(0.37f32, 1.5e-6f32), (-2.5, 0.25), (1e-30, 3e-39), (0.5, 0.0)] {
+                    let what = format!("{:?} n {n} off {off} stream {stream} f {f} k {c}", k.level);
+                    let mut q = x.clone();
+                    k.affine(&mut q, f, c, &[]);
+                    let (mut a, mut b) = (vec![9f32; n + off], vec![9f32; n + off]);
+                    k.scale_sub_f32(&x, f, c, &mut a[off..], stream);
+                    k.scale_f32(&q, 1.0, &mut b[off..], stream);
+                    let (mut a16, mut b16) = (vec![7u16; n + off], vec![7u16; n + off]);
+                    let (mut af, mut bf) = (vec![7u16; n + off], vec![7u16; n + off]);
+                    k.scale_sub_bf16(&x, f, c, &mut a16[off..], stream);
+                    k.scale_sub_bf16(&q, 1.0, 0.0, &mut b16[off..], stream);
+                    k.scale_sub_f16(&x, f, c, &mut af[off..], stream);
+                    k.scale_sub_f16(&q, 1.0, 0.0, &mut bf[off..], stream);
+                    k.fence();
+                    assert!(a.iter().zip(&b).all(|(p, q)| same(*p, *q)), "{what}: f32");
+                    let nan16 = |a: u16, b: u16| {
+                        a == b || (half::bf16::from_bits(a).is_nan() && half::bf16::from_bits(b).is_nan())
+                    };
+                    assert!(a16.iter().zip(&b16).all(|(p, q)| nan16(*p, *q)), "{what}: bf16");
+                    let nanh = |a: u16, b: u16| {
+                        a == b || (half::f16::from_bits(a).is_nan() && half::f16::from_bits(b).is_nan())
+                    };
+                    assert!(af.iter().zip(&bf).all(|(p, q)| nanh(*p, *q)), "{what}: f16");
+                    if c == 0.0 {
+                        let want: Vec<f32> = x.iter().map(|v| v * f).collect();
+                        assert!(a[off..].iter().zip(&want).all(|(p, q)| same(*p, *q)), "{what}: plain product");
+                    }
+                    // finite results: the bf16 store without NaN handling gives the same bits
+                    let xf: Vec<f32> = x.iter().map(|v| if v.is_finite() { *v } else { 1.0 }).collect();
+                    let (mut c1, mut c2) = (vec![7u16; n + off], vec![7u16; n + off]);
+                    k.scale_sub_bf16(&xf, f, c, &mut c1[off..], stream);
+                    k.scale_sub_bf16_finite(&xf, f, c, &mut c2[off..], stream);
+                    k.fence();
+                    assert_eq!(c1, c2, "{what}: bf16 finite");
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -206,7 +206,7 @@ impl<'a> SideLines<'a> {
         let (src, dst, f, stream) = (side.src, side.dst, side.f, side.stream);
         let len = src.len().min(dst.len());
         let (head, body) = split(dst, len, 64, 16, stream);
-        scale_body(&src[..head], f, &mut dst[..head]);
+        scale_body::<true>(&src[..head], f, 0.0, &mut dst[..head]);
         let dst = dst.as_mut_ptr();
         SideLines { src, stream, dst, len, f, head, steps: body / 16, _dst: std::marker::PhantomData }
     }
@@ -262,7 +262,7 @@ impl<'a> SideLines<'a> {
         let done = self.head + 16 * self.steps;
         // SAFETY: done..len lies within the store's memory, borrowed by `self` for 'a.
         let tail = unsafe { std::slice::from_raw_parts_mut(self.dst.add(done), self.len - done) };
-        scale_body(&self.src[done..self.len], self.f, tail);
+        scale_body::<true>(&self.src[done..self.len], self.f, 0.0, tail);
     }
 }
 
@@ -286,16 +286,16 @@ pub(super) unsafe fn exp_sum_max_side_512(
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-pub(super) unsafe fn scale_f32_512(x: &[f32], f: f32, out: &mut [f32], stream: bool) {
+pub(super) unsafe fn scale_f32_512(x: &[f32], f: f32, k: f32, out: &mut [f32], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 64, 16, stream);
-    scale_body(&x[..head], f, &mut out[..head]);
-    let fv = _mm512_set1_ps(f);
+    scale_body::<true>(&x[..head], f, k, &mut out[..head]);
+    let (fv, kv) = (_mm512_set1_ps(f), _mm512_set1_ps(k));
     for i in (head..head + body).step_by(16) {
         // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming, out + i is
         // 64-byte aligned.
         unsafe {
-            let v = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv);
+            let v = _mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv, kv);
             if stream {
                 _mm512_stream_ps(out.as_mut_ptr().add(i), v);
             } else {
@@ -303,21 +303,21 @@ pub(super) unsafe fn scale_f32_512(x: &[f32], f: f32, out: &mut [f32], stream: b
             }
         }
     }
-    scale_body(&x[head + body..n], f, &mut out[head + body..n]);
+    scale_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-pub(super) unsafe fn scale_bf16_512(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+pub(super) unsafe fn scale_bf16_512(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 64, 32, stream);
-    scale_bf16_body(&x[..head], f, &mut out[..head]);
-    let fv = _mm512_set1_ps(f);
+    scale_bf16_body::<true>(&x[..head], f, k, &mut out[..head]);
+    let (fv, kv) = (_mm512_set1_ps(f), _mm512_set1_ps(k));
     for i in (head..head + body).step_by(32) {
         // SAFETY: i + 32 <= head + body <= n, within both slices; when streaming, out + i is
         // 64-byte aligned.
         unsafe {
-            let lo = bf16x16(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv));
-            let hi = bf16x16(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv));
+            let lo = bf16x16(_mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv, kv));
+            let hi = bf16x16(_mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv, kv));
             let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             if stream {
                 _mm512_stream_si512(out.as_mut_ptr().add(i).cast(), v);
@@ -326,22 +326,22 @@ pub(super) unsafe fn scale_bf16_512(x: &[f32], f: f32, out: &mut [u16], stream: 
             }
         }
     }
-    scale_bf16_body(&x[head + body..n], f, &mut out[head + body..n]);
+    scale_bf16_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
 /// As [`scale_bf16_512`], with the AVX-512 BF16 conversion instruction (same bits).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
-pub(super) unsafe fn scale_bf16_512bf(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+pub(super) unsafe fn scale_bf16_512bf(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 64, 32, stream);
-    scale_bf16_body(&x[..head], f, &mut out[..head]);
-    let fv = _mm512_set1_ps(f);
+    scale_bf16_body::<true>(&x[..head], f, k, &mut out[..head]);
+    let (fv, kv) = (_mm512_set1_ps(f), _mm512_set1_ps(k));
     for i in (head..head + body).step_by(32) {
         // SAFETY: i + 32 <= head + body <= n, within both slices; when streaming out + i is
         // 64-byte aligned.
         unsafe {
-            let lo = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv);
-            let hi = _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv);
+            let lo = _mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv, kv);
+            let hi = _mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv, kv);
             let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
             if stream {
                 _mm512_stream_si512(out.as_mut_ptr().add(i).cast(), v);
@@ -350,21 +350,21 @@ pub(super) unsafe fn scale_bf16_512bf(x: &[f32], f: f32, out: &mut [u16], stream
             }
         }
     }
-    scale_bf16_body(&x[head + body..n], f, &mut out[head + body..n]);
+    scale_bf16_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-pub(super) unsafe fn scale_f16_512(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+pub(super) unsafe fn scale_f16_512(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 64, 32, stream);
-    scale_f16_body(&x[..head], f, &mut out[..head]);
-    let fv = _mm512_set1_ps(f);
+    scale_f16_body::<true>(&x[..head], f, k, &mut out[..head]);
+    let (fv, kv) = (_mm512_set1_ps(f), _mm512_set1_ps(k));
     for i in (head..head + body).step_by(32) {
         // SAFETY: i + 32 <= head + body <= n, within both slices; when streaming out + i is
         // 64-byte aligned.
         unsafe {
-            let lo = _mm512_cvtps_ph::<NEAREST>(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv));
-            let hi = _mm512_cvtps_ph::<NEAREST>(_mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv));
+            let lo = _mm512_cvtps_ph::<NEAREST>(_mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv, kv));
+            let hi = _mm512_cvtps_ph::<NEAREST>(_mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv, kv));
             let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             if stream {
                 _mm512_stream_si512(out.as_mut_ptr().add(i).cast(), v);
@@ -373,7 +373,7 @@ pub(super) unsafe fn scale_f16_512(x: &[f32], f: f32, out: &mut [u16], stream: b
             }
         }
     }
-    scale_f16_body(&x[head + body..n], f, &mut out[head + body..n]);
+    scale_f16_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
@@ -391,16 +391,16 @@ pub(super) unsafe fn widen_f16_512(src: &[u16], dst: &mut [f32]) {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn scale_f32_256(x: &[f32], f: f32, out: &mut [f32], stream: bool) {
+pub(super) unsafe fn scale_f32_256(x: &[f32], f: f32, k: f32, out: &mut [f32], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 32, 8, stream);
-    scale_body(&x[..head], f, &mut out[..head]);
-    let fv = _mm256_set1_ps(f);
+    scale_body::<true>(&x[..head], f, k, &mut out[..head]);
+    let (fv, kv) = (_mm256_set1_ps(f), _mm256_set1_ps(k));
     for i in (head..head + body).step_by(8) {
         // SAFETY: i + 8 <= head + body <= n, within both slices; when streaming, out + i is
         // 32-byte aligned.
         unsafe {
-            let v = _mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv);
+            let v = _mm256_fmsub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv, kv);
             if stream {
                 _mm256_stream_ps(out.as_mut_ptr().add(i), v);
             } else {
@@ -408,22 +408,22 @@ pub(super) unsafe fn scale_f32_256(x: &[f32], f: f32, out: &mut [f32], stream: b
             }
         }
     }
-    scale_body(&x[head + body..n], f, &mut out[head + body..n]);
+    scale_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn scale_bf16_256_with<const FINITE: bool>(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+unsafe fn scale_bf16_256_with<const FINITE: bool>(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 32, 16, stream);
-    scale_bf16_body(&x[..head], f, &mut out[..head]);
-    let fv = _mm256_set1_ps(f);
+    scale_bf16_body::<true>(&x[..head], f, k, &mut out[..head]);
+    let (fv, kv) = (_mm256_set1_ps(f), _mm256_set1_ps(k));
     for i in (head..head + body).step_by(16) {
         // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming, out + i is
         // 32-byte aligned.
         unsafe {
             let (lo, hi) = (_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i + 8)));
-            let (lo, hi) = (_mm256_mul_ps(lo, fv), _mm256_mul_ps(hi, fv));
+            let (lo, hi) = (_mm256_fmsub_ps(lo, fv, kv), _mm256_fmsub_ps(hi, fv, kv));
             let (lo, hi) = if FINITE { (bf16x8_finite(lo), bf16x8_finite(hi)) } else { (bf16x8(lo), bf16x8(hi)) };
             // packus interleaves 128-bit halves: put them back in order
             let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi));
@@ -434,35 +434,35 @@ unsafe fn scale_bf16_256_with<const FINITE: bool>(x: &[f32], f: f32, out: &mut [
             }
         }
     }
-    scale_bf16_body(&x[head + body..n], f, &mut out[head + body..n]);
+    scale_bf16_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
 /// `out = bf16(x * f)` (see [`bf16_round`]), streaming when asked.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn scale_bf16_256(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+pub(super) unsafe fn scale_bf16_256(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     // SAFETY: the same features.
-    unsafe { scale_bf16_256_with::<false>(x, f, out, stream) }
+    unsafe { scale_bf16_256_with::<false>(x, f, k, out, stream) }
 }
 
 /// [`scale_bf16_256`] for products known to be finite (no NaN handling; the same bits).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn scale_bf16_finite_256(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+pub(super) unsafe fn scale_bf16_finite_256(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     // SAFETY: the same features.
-    unsafe { scale_bf16_256_with::<true>(x, f, out, stream) }
+    unsafe { scale_bf16_256_with::<true>(x, f, k, out, stream) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn scale_f16_256(x: &[f32], f: f32, out: &mut [u16], stream: bool) {
+pub(super) unsafe fn scale_f16_256(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 32, 16, stream);
-    scale_f16_body(&x[..head], f, &mut out[..head]);
-    let fv = _mm256_set1_ps(f);
+    scale_f16_body::<true>(&x[..head], f, k, &mut out[..head]);
+    let (fv, kv) = (_mm256_set1_ps(f), _mm256_set1_ps(k));
     for i in (head..head + body).step_by(16) {
         // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming out + i is
         // 32-byte aligned.
         unsafe {
-            let lo = _mm256_cvtps_ph::<NEAREST>(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv));
-            let hi = _mm256_cvtps_ph::<NEAREST>(_mm256_mul_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8)), fv));
+            let lo = _mm256_cvtps_ph::<NEAREST>(_mm256_fmsub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), fv, kv));
+            let hi = _mm256_cvtps_ph::<NEAREST>(_mm256_fmsub_ps(_mm256_loadu_ps(x.as_ptr().add(i + 8)), fv, kv));
             let v = _mm256_set_m128i(hi, lo);
             if stream {
                 _mm256_stream_si256(out.as_mut_ptr().add(i).cast(), v);
@@ -471,7 +471,7 @@ pub(super) unsafe fn scale_f16_256(x: &[f32], f: f32, out: &mut [u16], stream: b
             }
         }
     }
-    scale_f16_body(&x[head + body..n], f, &mut out[head + body..n]);
+    scale_f16_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
