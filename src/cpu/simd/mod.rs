@@ -123,14 +123,6 @@ macro_rules! lane_opts {
 level!(portable, false);
 lane_exp!(portable_exp, false);
 lane_opts!(portable_opts, false, widen_f16_body);
-#[cfg(target_arch = "x86_64")]
-lane_opts!(
-    avx2_opts,
-    true,
-    // SAFETY: called inside a function with this conversion's features (avx2, f16c)
-    |s: &[u16], d: &mut [f32]| unsafe { super::x86::widen_f16_256(s, d) },
-    "avx2,fma,f16c"
-);
 
 #[cfg(target_arch = "x86_64")]
 level!(avx2, true, "avx2,fma,f16c");
@@ -285,9 +277,9 @@ impl Kernels {
                 scale_bf16: x86::scale_bf16_256,
                 scale_bf16_finite: x86::scale_bf16_finite_256,
                 scale_f16: x86::scale_f16_256,
-                exp_opts: avx2_opts::exp_opts,
-                exp_opts_bf16: avx2_opts::exp_opts_bf16,
-                exp_opts_f16: avx2_opts::exp_opts_f16,
+                exp_opts: x86_avx2::exp_opts_256,
+                exp_opts_bf16: x86_avx2::exp_opts_bf16_256,
+                exp_opts_f16: x86_avx2::exp_opts_f16_256,
                 affine: avx2::affine,
                 streaming: true,
             }),

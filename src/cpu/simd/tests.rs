@@ -254,11 +254,34 @@ fn avx2_intrinsics_give_the_lane_code_bits() {
                     let got = k.exp_sum_max_bits(bf, &bits, shift, &mut a, Ahead::NONE);
                     assert!(same(got.0, want.0) && same(got.1, want.1), "bf16={bf} n={n}: {got:?} vs {want:?}");
                     assert!(a.iter().zip(&b).all(|(&p, &q)| same(p, q)), "bf16={bf} n={n}");
+                    // label smoothing's loop (the elements summed too) over the same bits
+                    let input = if bf { Input::Bf16(&bits) } else { Input::F16(&bits) };
+                    let got = k.exp_opts(input, shift, SMOOTHING, &mut a, &mut [], Ahead::NONE);
+                    // SAFETY: as above.
+                    let want = unsafe {
+                        lane_avx2(|| {
+                            exp_opts_bits_body::<true>(&bits, widen, shift, SMOOTHING, &mut b, &mut [], Ahead::NONE)
+                        })
+                    };
+                    let ok = same(got.0, want.0) && same(got.1, want.1) && same(got.2, want.2);
+                    assert!(ok, "smoothing bf16={bf} n={n}: {got:?} vs {want:?}");
+                    assert!(a.iter().zip(&b).all(|(&p, &q)| same(p, q)), "smoothing bf16={bf} n={n}");
                 }
+                let got = k.exp_opts(Input::F32(x), shift, SMOOTHING, &mut a, &mut [], Ahead::NONE);
+                // SAFETY: as above.
+                let want = unsafe {
+                    lane_avx2(|| exp_opts_body::<true, false>(x, shift, SMOOTHING, &mut b, &mut [], Ahead::NONE))
+                };
+                let ok = same(got.0, want.0) && same(got.1, want.1) && same(got.2, want.2);
+                assert!(ok, "smoothing f32 n={n}: {got:?} vs {want:?}");
+                assert!(a.iter().zip(&b).all(|(&p, &q)| same(p, q)), "smoothing f32 n={n}");
             }
         }
     }
 }
+
+/// Label smoothing alone: the statistics loop also sums the elements.
+const SMOOTHING: ElemOpts = ElemOpts { cap: 0.0, inv_cap: 0.0, sum: true };
 
 /// The same bits, or both NaN (a NaN's sign and payload depend on which operand an instruction
 /// passes on, which carries no meaning).

@@ -2,7 +2,7 @@
 //! same bits as [`exp_sum_max_body`](super::lanes::exp_sum_max_body) and its 16-bit blocks), with
 //! 16-bit input widened in registers instead of through a stack buffer.
 
-use super::lanes::hsum;
+use super::lanes::{exp_opts_bits_body, exp_opts_body, hsum, widen_bf16_body, ElemOpts};
 use super::math::*;
 use super::x86::SideLines;
 use super::{Ahead, LANES};
@@ -34,41 +34,64 @@ fn exp8<const SHORT: bool>(xc: __m256) -> __m256 {
     _mm256_castsi256_ps(y)
 }
 
-/// Sums and maxima of 16 lanes as two halves.
+/// Sums, maxima and (for label smoothing) sums of the elements of 16 lanes as two halves.
 struct Acc {
     sum: [__m256; 2],
     top: [__m256; 2],
+    zsum: [__m256; 2],
 }
 
 impl Acc {
     #[target_feature(enable = "avx2")]
     #[inline]
     fn new() -> Acc {
-        Acc { sum: [_mm256_setzero_ps(); 2], top: [_mm256_set1_ps(f32::NEG_INFINITY); 2] }
+        let zero = _mm256_setzero_ps();
+        Acc { sum: [zero; 2], top: [_mm256_set1_ps(f32::NEG_INFINITY); 2], zsum: [zero; 2] }
     }
 
     /// Spills the lanes for the scalar tail and the fixed-order reductions.
     #[target_feature(enable = "avx2")]
     #[inline]
-    fn lanes(&self) -> ([f32; LANES], [f32; LANES]) {
-        let (mut s, mut t) = ([0f32; LANES], [0f32; LANES]);
-        // SAFETY: each array holds 16 f32, two halves of 8.
-        unsafe {
-            _mm256_storeu_ps(s.as_mut_ptr(), self.sum[0]);
-            _mm256_storeu_ps(s.as_mut_ptr().add(8), self.sum[1]);
-            _mm256_storeu_ps(t.as_mut_ptr(), self.top[0]);
-            _mm256_storeu_ps(t.as_mut_ptr().add(8), self.top[1]);
+    fn lanes<const ZSUM: bool>(&self) -> Lanes {
+        let mut l = Lanes { sum: [0f32; LANES], top: [0f32; LANES], zsum: [0f32; LANES] };
+        let spill = |v: &[__m256; 2], a: &mut [f32; LANES]| {
+            // SAFETY: each array holds 16 f32, two halves of 8.
+            unsafe {
+                _mm256_storeu_ps(a.as_mut_ptr(), v[0]);
+                _mm256_storeu_ps(a.as_mut_ptr().add(8), v[1]);
+            }
+        };
+        spill(&self.sum, &mut l.sum);
+        spill(&self.top, &mut l.top);
+        if ZSUM {
+            spill(&self.zsum, &mut l.zsum);
         }
-        (s, t)
+        l
+    }
+}
+
+/// [`Acc`] spilled: 16 lanes each.
+struct Lanes {
+    sum: [f32; LANES],
+    top: [f32; LANES],
+    zsum: [f32; LANES],
+}
+
+impl Lanes {
+    /// `(sum, max, sum of the elements)`, reduced in the lane code's order (the last 0 unless
+    /// `ZSUM`).
+    fn reduce<const ZSUM: bool>(&self) -> (f32, f32, f32) {
+        (hsum(self.sum), fold_max(&self.top), if ZSUM { hsum(self.zsum) } else { 0.0 })
     }
 }
 
 /// The 16-lane steps of `x[..n]` (`load(i)` gives elements `i..i + 8` as f32), then the tail
-/// element by element as the lane code does it; returns the lanes' `(sum, top)`.
+/// element by element as the lane code does it; returns the lanes (the elements summed too when
+/// `ZSUM`, as the lane code's options loop does for label smoothing).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-fn steps<const SHORT: bool>(
+fn steps<const SHORT: bool, const ZSUM: bool>(
     n: usize,
     load: impl Fn(usize) -> __m256,
     scalar: impl Fn(usize) -> f32,
@@ -77,7 +100,7 @@ fn steps<const SHORT: bool>(
     ahead: Ahead,
     first_step: usize,
     mut side: impl FnMut(usize),
-) -> ([f32; LANES], [f32; LANES]) {
+) -> Lanes {
     let mut a = Acc::new();
     let sh = _mm256_set1_ps(shift);
     let lo = _mm256_set1_ps(EXP_LO);
@@ -101,17 +124,23 @@ fn steps<const SHORT: bool>(
             // SAFETY: i + 8h + 8 <= body <= n <= out.len().
             unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * h), e) };
             a.sum[h] = _mm256_add_ps(a.sum[h], e);
+            if ZSUM {
+                a.zsum[h] = _mm256_add_ps(a.zsum[h], v[h]);
+            }
         }
         side(j);
     }
-    let (mut acc, mut top) = a.lanes();
+    let mut l = a.lanes::<ZSUM>();
     for i in 0..n - body {
         let v = scalar(body + i);
-        top[i] = if v > top[i] { v } else { top[i] };
+        l.top[i] = if v > l.top[i] { v } else { l.top[i] };
         out[body + i] = exp::<true, SHORT>(v - shift);
-        acc[i] += out[body + i];
+        l.sum[i] += out[body + i];
+        if ZSUM {
+            l.zsum[i] += v;
+        }
     }
-    (acc, top)
+    l
 }
 
 /// The maximum of the lanes, NaN skipped.
@@ -123,10 +152,17 @@ fn fold_max(top: &[f32; LANES]) -> f32 {
 /// `out = exp(x - shift)`, returning `(sum, max x)`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_max_256(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+    let (sum, top, _) = f32_steps::<false>(x, shift, out, ahead);
+    (sum, top)
+}
+
+/// [`exp_sum_max_256`], and the sum of the elements when `ZSUM`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn f32_steps<const ZSUM: bool>(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32, f32) {
     // SAFETY (each load): i + 8 <= the 16-lane body of x.
     let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
-    let (acc, top) = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |_| {});
-    (hsum(acc), fold_max(&top))
+    steps::<false, ZSUM>(x.len(), load, |i| x[i], shift, out, ahead, 0, |_| {}).reduce::<ZSUM>()
 }
 
 /// [`exp_sum_max_256`] with the scaled store of `side` in the same loop, one 16-element step of
@@ -143,53 +179,124 @@ pub(super) unsafe fn exp_sum_max_side_256(
     // SAFETY (each load): i + 8 <= the 16-lane body of x.
     let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
     let mut lines = SideLines::new(side);
-    let (acc, top) = steps::<false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line256(j));
+    let l = steps::<false, false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line256(j));
     lines.finish(x.len() / LANES, |l, j| l.line256(j));
-    (hsum(acc), fold_max(&top))
+    let (sum, top, _) = l.reduce::<false>();
+    (sum, top)
 }
 
-/// The same over 16-bit input, in blocks of 256 as the lane code (each block's sum and maximum
+/// The same over 16-bit input, in blocks of 256 as the lane code (each block's sums and maximum
 /// taken apart, then added in order), widened in registers by `widen` (8 elements at `p`).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn exp_sum_max_bits(
+fn exp_sum_max_bits<const ZSUM: bool>(
     x: &[u16],
     widen: impl Fn(*const u16) -> __m256,
     scalar: impl Fn(u16) -> f32,
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32) {
-    let (mut sum, mut top) = (0f32, f32::NEG_INFINITY);
+) -> (f32, f32, f32) {
+    let (mut sum, mut top, mut zsum) = (0f32, f32::NEG_INFINITY, 0f32);
     for (b, (xs, os)) in x.chunks(256).zip(out.chunks_mut(256)).enumerate() {
         // each load reads 8 elements inside the block's 16-lane body
         let load = |i: usize| widen(xs[i..i + 8].as_ptr());
-        let (acc, t) = steps::<true>(xs.len(), load, |i| scalar(xs[i]), shift, os, ahead, b * 256 / LANES, |_| {});
-        sum += hsum(acc);
-        let t = fold_max(&t);
+        let l = steps::<true, ZSUM>(xs.len(), load, |i| scalar(xs[i]), shift, os, ahead, b * 256 / LANES, |_| {});
+        let (s, t, z) = l.reduce::<ZSUM>();
+        sum += s;
+        zsum += z;
         top = if t > top { t } else { top };
     }
-    (sum, top)
+    (sum, top, zsum)
+}
+
+/// 8 bf16 at `p` widened (callers pass a pointer to 8 readable elements).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn widen_bf16x8(p: *const u16) -> __m256 {
+    // SAFETY: 8 readable elements at p (the callers' contract).
+    let h = unsafe { _mm_loadu_si128(p.cast()) };
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+}
+
+/// 8 f16 at `p` widened (callers pass a pointer to 8 readable elements).
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn widen_f16x8(p: *const u16) -> __m256 {
+    // SAFETY: 8 readable elements at p (the callers' contract).
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.cast()) })
+}
+
+fn bf16_scalar(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+fn f16_scalar(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
 }
 
 /// [`exp_sum_max_256`] over bf16 bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_max_bf16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-    let widen = |p: *const u16| {
-        // SAFETY: callers pass a pointer to 8 readable elements.
-        let h = unsafe { _mm_loadu_si128(p.cast()) };
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-    };
-    exp_sum_max_bits(x, widen, |b| f32::from_bits((b as u32) << 16), shift, out, ahead)
+    let (sum, top, _) = exp_sum_max_bits::<false>(x, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead);
+    (sum, top)
 }
 
 /// [`exp_sum_max_256`] over f16 bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_max_f16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-    let widen = |p: *const u16| {
-        // SAFETY: callers pass a pointer to 8 readable elements.
-        let h = unsafe { _mm_loadu_si128(p.cast()) };
-        _mm256_cvtph_ps(h)
-    };
-    exp_sum_max_bits(x, widen, |b| half::f16::from_bits(b).to_f32(), shift, out, ahead)
+    let (sum, top, _) = exp_sum_max_bits::<false>(x, |p| widen_f16x8(p), f16_scalar, shift, out, ahead);
+    (sum, top)
+}
+
+/// The statistics loop under per-element options: label smoothing alone (the elements summed
+/// beside the plain loop) in these intrinsics, the lane code's bits; soft-capping in the lane
+/// code ([`exp_opts_body`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn exp_opts_256(
+    x: &[f32],
+    shift: f32,
+    o: ElemOpts,
+    out: &mut [f32],
+    chain: &mut [f32],
+    ahead: Ahead,
+) -> (f32, f32, f32) {
+    if o.cap == 0.0 && o.sum {
+        return f32_steps::<true>(x, shift, out, ahead);
+    }
+    exp_opts_body::<true, false>(x, shift, o, out, chain, ahead)
+}
+
+/// [`exp_opts_256`] over bf16 bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn exp_opts_bf16_256(
+    x: &[u16],
+    shift: f32,
+    o: ElemOpts,
+    out: &mut [f32],
+    chain: &mut [f32],
+    ahead: Ahead,
+) -> (f32, f32, f32) {
+    if o.cap == 0.0 && o.sum {
+        return exp_sum_max_bits::<true>(x, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead);
+    }
+    exp_opts_bits_body::<true>(x, widen_bf16_body, shift, o, out, chain, ahead)
+}
+
+/// [`exp_opts_256`] over f16 bits.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn exp_opts_f16_256(
+    x: &[u16],
+    shift: f32,
+    o: ElemOpts,
+    out: &mut [f32],
+    chain: &mut [f32],
+    ahead: Ahead,
+) -> (f32, f32, f32) {
+    if o.cap == 0.0 && o.sum {
+        return exp_sum_max_bits::<true>(x, |p| widen_f16x8(p), f16_scalar, shift, out, ahead);
+    }
+    // SAFETY: this function has the conversion's features (avx2, f16c).
+    let widen = |s: &[u16], d: &mut [f32]| unsafe { super::x86::widen_f16_256(s, d) };
+    exp_opts_bits_body::<true>(x, widen, shift, o, out, chain, ahead)
 }
