@@ -147,10 +147,11 @@ impl Ahead {
 }
 
 /// `v * f - k`, as [`affine_body`] computes it (one rounding where the level has FMA), and
-/// exactly `v * f` when `k` is 0 (no FMA call outside the level's own functions then).
+/// exactly `v * f` when `k` is +0 (no FMA call outside the level's own functions then; -0 takes
+/// the general form, as the vector stores do, turning a product of -0 into +0).
 #[inline(always)]
 pub(super) fn mul_sub<const FMA: bool>(v: f32, f: f32, k: f32) -> f32 {
-    if k == 0.0 {
+    if k.to_bits() == 0 {
         v * f
     } else {
         madd::<FMA>(v, f, -k)
