@@ -153,16 +153,9 @@ impl ShardedLoss {
     }
 
     /// Checks a row range.
-    fn check_range(&self, rows: &Range<usize>) -> Result<()> {
-        if rows.start > rows.end || rows.end > self.rows() {
-            return Err(Error::RowRange { start: rows.start, end: rows.end, rows: self.rows() });
-        }
-        Ok(())
-    }
-
     /// Checks a row range and a buffer of `per_row` elements per row.
     fn check_rows(&self, rows: &Range<usize>, what: &'static str, got: usize, per_row: usize) -> Result<()> {
-        self.check_range(rows)?;
+        check_range(rows, self.rows())?;
         check_len(what, got, rows.len() * per_row, self.plan.shape)
     }
 
@@ -363,10 +356,7 @@ impl Merge<'_> {
         gathered: &[f64],
         stride: Option<usize>,
     ) -> Result<Vec<RowStats>> {
-        let total = self.finished.len();
-        if rows.start > rows.end || rows.end > total {
-            return Err(Error::RowRange { start: rows.start, end: rows.end, rows: total });
-        }
+        check_range(rows, self.finished.len())?;
         let (w, n) = (self.words, rows.len());
         let stride = stride.unwrap_or(n * w);
         if stride < n * w || gathered.is_empty() || !gathered.len().is_multiple_of(stride.max(1)) {
@@ -384,6 +374,14 @@ impl Merge<'_> {
         }
         Ok(merged)
     }
+}
+
+/// Checks a row range of a call of `total` rows.
+fn check_range(rows: &Range<usize>, total: usize) -> Result<()> {
+    if rows.start > rows.end || rows.end > total {
+        return Err(Error::RowRange { start: rows.start, end: rows.end, rows: total });
+    }
+    Ok(())
 }
 
 /// Checks an all-gather of two numbers per rank: a whole number of pairs, at least one.
