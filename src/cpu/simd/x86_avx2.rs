@@ -249,6 +249,11 @@ pub(super) unsafe fn exp_sum_max_f16_256(x: &[u16], shift: f32, out: &mut [f32],
     (sum, top)
 }
 
+/// Whether the options are label smoothing alone (the case these intrinsics take).
+fn smoothing_alone(o: ElemOpts) -> bool {
+    o.cap == 0.0 && o.sum
+}
+
 /// The statistics loop under per-element options: label smoothing alone (the elements summed
 /// beside the plain loop) in these intrinsics, the lane code's bits; soft-capping in the lane
 /// code ([`exp_opts_body`]).
@@ -261,10 +266,32 @@ pub(super) unsafe fn exp_opts_256(
     chain: &mut [f32],
     ahead: Ahead,
 ) -> (f32, f32, f32) {
-    if o.cap == 0.0 && o.sum {
+    if smoothing_alone(o) {
         return f32_steps::<true>(x, shift, out, ahead);
     }
     exp_opts_body::<true, false>(x, shift, o, out, chain, ahead)
+}
+
+/// [`exp_opts_256`] over 16-bit input: `widen8` and `scalar` as for [`exp_sum_max_bits`],
+/// `widen` (a block at a time) for the lane code.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn opts_bits(
+    x: &[u16],
+    widen8: impl Fn(*const u16) -> __m256,
+    scalar: impl Fn(u16) -> f32,
+    widen: impl Fn(&[u16], &mut [f32]),
+    shift: f32,
+    o: ElemOpts,
+    out: &mut [f32],
+    chain: &mut [f32],
+    ahead: Ahead,
+) -> (f32, f32, f32) {
+    if smoothing_alone(o) {
+        return exp_sum_max_bits::<true>(x, widen8, scalar, shift, out, ahead);
+    }
+    exp_opts_bits_body::<true>(x, widen, shift, o, out, chain, ahead)
 }
 
 /// [`exp_opts_256`] over bf16 bits.
@@ -277,10 +304,7 @@ pub(super) unsafe fn exp_opts_bf16_256(
     chain: &mut [f32],
     ahead: Ahead,
 ) -> (f32, f32, f32) {
-    if o.cap == 0.0 && o.sum {
-        return exp_sum_max_bits::<true>(x, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead);
-    }
-    exp_opts_bits_body::<true>(x, widen_bf16_body, shift, o, out, chain, ahead)
+    opts_bits(x, |p| widen_bf16x8(p), bf16_scalar, widen_bf16_body, shift, o, out, chain, ahead)
 }
 
 /// [`exp_opts_256`] over f16 bits.
@@ -293,10 +317,7 @@ pub(super) unsafe fn exp_opts_f16_256(
     chain: &mut [f32],
     ahead: Ahead,
 ) -> (f32, f32, f32) {
-    if o.cap == 0.0 && o.sum {
-        return exp_sum_max_bits::<true>(x, |p| widen_f16x8(p), f16_scalar, shift, out, ahead);
-    }
     // SAFETY: this function has the conversion's features (avx2, f16c).
     let widen = |s: &[u16], d: &mut [f32]| unsafe { super::x86::widen_f16_256(s, d) };
-    exp_opts_bits_body::<true>(x, widen, shift, o, out, chain, ahead)
+    opts_bits(x, |p| widen_f16x8(p), f16_scalar, widen, shift, o, out, chain, ahead)
 }
