@@ -171,6 +171,46 @@ fn soft_capping_makes_infinite_logits_finite() {
 }
 
 #[test]
+fn a_nan_logit_is_a_nan_loss_under_every_option() {
+    // NaN in the vector body of row 0 and in the tail of row 1 (V = 40: two 16-lane steps and 8)
+    // reaches the loss, and row 0's whole gradient, with every option, level and dtype
+    let shape = Shape::new(1, 3, 40).unwrap();
+    let mut logits: Vec<f32> = (0..120).map(|i| (i % 7) as f32 * 0.3 - 1.0).collect();
+    logits[5] = f32::NAN;
+    logits[40 + 37] = f32::NAN;
+    let ids = [0i64, 1, 2];
+    let specs = [
+        LossSpec::default(),
+        LossSpec::builder().label_smoothing(0.1).build().unwrap(),
+        LossSpec::builder().softcap(5.0).build().unwrap(),
+        LossSpec::builder().softcap(5.0).label_smoothing(0.1).z_loss(1e-3).build().unwrap(),
+        LossSpec::builder().z_loss(1e-3).build().unwrap(),
+    ];
+    fn losses<L: Logit>(spec: &LossSpec, shape: Shape, logits: &[L], ids: &[i64]) -> Vec<f64> {
+        let out = spec.loss_and_grad(shape, logits, Tokens::new(ids), Grad::Skip).unwrap();
+        out.per_sample_loss.iter().chain([&out.loss]).copied().collect()
+    }
+    for level in cpu_levels() {
+        for spec in &specs {
+            let spec = spec.to_builder().cpu_simd(level).build().unwrap();
+            let what = format!("{level} {spec:?}");
+            let bf: Vec<bf16> = logits.iter().map(|&x| bf16::from_f32(x)).collect();
+            let hf: Vec<f16> = logits.iter().map(|&x| f16::from_f32(x)).collect();
+            for l in
+                [losses(&spec, shape, &logits, &ids), losses(&spec, shape, &bf, &ids), losses(&spec, shape, &hf, &ids)]
+            {
+                assert!(l.iter().all(|x| x.is_nan()), "{what}: {l:?}");
+            }
+            let mut g = vec![0f32; 120];
+            spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap();
+            assert!(g[..40].iter().all(|x| x.is_nan()), "{what}: {:?}", &g[..40]);
+            let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+            assert!(r.loss.is_nan(), "{what}: the reference gives {}", r.loss);
+        }
+    }
+}
+
+#[test]
 fn vocab_of_one_with_options() {
     let shape = Shape::new(2, 3, 1).unwrap();
     let logits = [0.5f32, -2.0, 3.0, 1.0, 0.0, -7.0];

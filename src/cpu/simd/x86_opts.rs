@@ -27,7 +27,9 @@ fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __
     if !CAP {
         return (x, exp16::<SHORT>(_mm512_sub_ps(x, k.shift)), one);
     }
-    let u = exp16::<false>(_mm512_min_ps(_mm512_mul_ps(x, k.neg_two_inv_cap), _mm512_set1_ps(TANH_ARG_MAX)));
+    // `vminps` returns its second operand when either is NaN: the argument goes second, so a
+    // NaN logit stays NaN (first, it became the clamp, and `tanh` of it -1)
+    let u = exp16::<false>(_mm512_min_ps(_mm512_set1_ps(TANH_ARG_MAX), _mm512_mul_ps(x, k.neg_two_inv_cap)));
     let d = _mm512_add_ps(one, u);
     let r0 = _mm512_rcp14_ps(d);
     // one Newton step on the 14-bit reciprocal: r = r0 · (2 − d · r0), ~1 ulp
