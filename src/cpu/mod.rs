@@ -3,11 +3,12 @@
 //! Per row, in chunks of [`CHUNK`] elements:
 //!
 //! 1. **statistics pass** — each chunk is read once from memory, and in the same loop
-//!    `e = exp(z - r)` is computed against the row's running reference `r` (its maximum so
-//!    far), summed into `sum_exp` and kept in a scratch row of the task, and the chunk's maximum
-//!    is taken. Only when that maximum exceeds `r` by more than [`MARGIN`] (and for the first
-//!    finite chunk) does `r` move up, `sum_exp` get rescaled and the chunk get recomputed; with
-//!    real logits that is the first chunk of a row and almost never another;
+//!    `e = exp(z - r)` is computed against the row's running reference `r` (the first finite
+//!    chunk's maximum), summed into `sum_exp` and kept in a scratch row of the task. Only when
+//!    a chunk's sum is large enough ([`CHECK_SUM`]) to hide an element more than [`MARGIN`]
+//!    above `r` is the chunk's maximum taken, and only when it does exceed `r + MARGIN` does `r`
+//!    move up, `sum_exp` get rescaled and the chunk get recomputed; with real logits that is
+//!    almost never;
 //! 2. **gradient pass** — from the scratch row (in L2): `grad = e * coef / sum_exp * exp(r_c - r)`,
 //!    one multiply per element, stored with streaming stores so the gradient's cache lines are
 //!    never read; the target entry is written last as `coef * (softmax - 1)`.
@@ -54,6 +55,13 @@ pub(crate) const SCRATCH_MAX: usize = 1 << 22;
 /// How far a chunk's maximum may exceed the row's reference before the reference moves: the
 /// kept exponentials stay below `e^20` (sums of a row stay far from f32 overflow).
 const MARGIN: f32 = 20.0;
+
+/// A chunk's sum of exponentials above which the statistics pass looks for the chunk's maximum
+/// (an extra pass over the chunk, in cache): an element more than [`MARGIN`] above the reference
+/// adds more than `e^19` to the sum, and a float sum of non-negative terms is at least its
+/// largest term, so a sum at most this large (1e8 < e^19) rules one out without a running
+/// maximum in the loop.
+const CHECK_SUM: f32 = 1e8;
 
 /// Gradients at least this large (bytes) are written with streaming stores: they cannot stay in
 /// cache anyway, and streaming skips reading the destination lines first.
@@ -233,6 +241,52 @@ mod tests {
 
     fn stats_of(k: &Kernels, m: &RowMath, row: &[f32], target: usize) -> RowStats {
         stats_pass(k, m, row, row, target, None, &mut Scratch::new(m), &mut ())
+    }
+
+    #[test]
+    fn the_sum_check_cannot_miss_an_element_beyond_the_margin() {
+        // an element MARGIN above the reference adds at least e^MARGIN·(1 − 1e-5) to the sum
+        assert!(((MARGIN - 1.0) as f64).exp() > CHECK_SUM as f64);
+    }
+
+    #[test]
+    fn the_reference_moves_only_for_a_chunk_far_above_it() {
+        // row of four chunks around 0 (reference: the first chunk's maximum, 1.0), and in the
+        // third chunk: one element just beyond the margin (the reference moves to it), just
+        // inside it (it stays), a block of elements 12 above (a sum past CHECK_SUM, no move),
+        // +inf (the sum turns NaN); every level, with and without the element-wise options
+        let levels = [CpuSimd::Portable, CpuSimd::Avx2, CpuSimd::Avx512];
+        let base: Vec<f32> = (0..4 * CHUNK).map(|i| ((i * 7919) % 1000) as f32 * 0.002 - 1.0).collect();
+        let first_max = base[..CHUNK].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let at = 2 * CHUNK + 77;
+        type Edit = fn(&mut [f32], f32);
+        let cases: [(&str, Edit); 4] = [
+            ("beyond", |r, m| r[0] = m + MARGIN + 0.5),
+            ("inside", |r, m| r[0] = m + MARGIN - 0.5),
+            ("block", |r, m| r[..CHUNK - 100].fill(m + 12.0)),
+            ("inf", |r, _| r[0] = f32::INFINITY),
+        ];
+        for k in levels.into_iter().filter_map(Kernels::select) {
+            for opts in [RowOptions::default(), RowOptions { z_loss: 0.0, smoothing: 0.1, softcap: None }] {
+                let m = RowMath::new(&opts, base.len());
+                for (name, edit) in cases {
+                    let mut row = base.clone();
+                    edit(&mut row[at..], first_max);
+                    let st = stats_of(&k, &m, &row, 5);
+                    let what = format!("{:?} {opts:?} {name}", k.level);
+                    let top = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let want_shift = if name == "beyond" || name == "inf" { top } else { first_max };
+                    assert_eq!(st.shift, want_shift, "{what}");
+                    if name == "inf" {
+                        assert!(st.sum_exp.is_nan(), "{what}: {}", st.sum_exp);
+                        continue;
+                    }
+                    // (exp's own bound at 20 above the reference: a few 1e-6)
+                    let want: f64 = row.iter().map(|&z| (z as f64 - st.shift as f64).exp()).sum();
+                    assert!((st.sum_exp - want).abs() <= 5e-6 * want, "{what}: {} vs {want}", st.sum_exp);
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::row::{RowMath, RowStats};
 use super::simd::{Ahead, Input, Kernels, Side};
-use super::{CHUNK, MARGIN, SCRATCH_MAX};
+use super::{CHECK_SUM, CHUNK, MARGIN, SCRATCH_MAX};
 use crate::dtype::{DType, Logit};
 use std::ops::Range;
 
@@ -105,8 +105,8 @@ pub(super) fn store_products<G: Logit>(
 }
 
 /// `out = exp(chunk - shift)` (with the options: of the capped chunk, times the chain factor,
-/// chain factors into `chain`), returning the sum, the chunk's (capped) maximum and, with
-/// smoothing, the sum of its (capped) logits. 16-bit input is widened inside the loop and gets
+/// chain factors into `chain`), returning the sum and, with smoothing, the sum of its (capped)
+/// logits. 16-bit input is widened inside the loop and gets
 /// the short polynomial, matched to its precision.
 #[inline]
 #[allow(clippy::too_many_arguments)]
@@ -119,7 +119,7 @@ pub(super) fn exp_chunk<L: Logit>(
     chain: &mut [f32],
     pf: Ahead,
     buf: &mut [f32],
-) -> (f32, f32, f32) {
+) -> (f32, f32) {
     if let Some(o) = m.elem {
         let x = match (L::as_f32(chunk), L::as_bits(chunk)) {
             (Some(x), _) => Input::F32(x),
@@ -129,11 +129,11 @@ pub(super) fn exp_chunk<L: Logit>(
         };
         return k.exp_opts(x, shift, o, out, chain, pf);
     }
-    let (sum, top) = match L::as_bits(chunk) {
-        Some(bits) => k.exp_sum_max_bits(L::DTYPE == DType::BF16, bits, shift, out, pf),
-        None => k.exp_sum_max(load(k, chunk, buf), shift, out, pf),
+    let sum = match L::as_bits(chunk) {
+        Some(bits) => k.exp_sum_bits(L::DTYPE == DType::BF16, bits, shift, out, pf),
+        None => k.exp_sum(load(k, chunk, buf), shift, out, pf),
     };
-    (sum, top, 0.0)
+    (sum, 0.0)
 }
 
 /// Chunks to prefetch ahead of the one being read (into L2 at AVX-512, every level otherwise:
@@ -213,17 +213,18 @@ pub(super) fn stats_pass<L: Logit>(
         // the plain f32 loop takes the previous row's store of this chunk into its own loop
         let x32 = if m.elem.is_none() { L::as_f32(chunk) } else { None };
         let side = if x32.is_some() { inter.side(c) } else { None };
-        let (mut sum, top, mut zsum) = match (x32, side) {
-            (Some(x), Some(side)) => {
-                let (sum, top) = k.exp_sum_max_side(x, st.exp_shift(), &mut *out, pf, side);
-                (sum, top, 0.0)
-            }
+        let (mut sum, mut zsum) = match (x32, side) {
+            (Some(x), Some(side)) => (k.exp_sum_side(x, st.exp_shift(), &mut *out, pf, side), 0.0),
             _ => exp_chunk(k, m, chunk, st.exp_shift(), &mut *out, &mut *chain, pf, &mut s.buf),
         };
-        if top > st.shift + MARGIN {
-            // a much larger maximum (or +inf): move the reference and redo the chunk
-            st.raise(top);
-            (sum, _, zsum) = exp_chunk(k, m, chunk, st.exp_shift(), out, chain, Ahead::NONE, &mut s.buf);
+        if sum > CHECK_SUM || sum.is_nan() {
+            // a large sum (or +inf, NaN) may come from a much larger maximum: if the chunk has
+            // one (or +inf), move the reference and redo the chunk
+            let top = m.cap_max(k.max(load(k, chunk, &mut s.buf)));
+            if top > st.shift + MARGIN {
+                st.raise(top);
+                (sum, zsum) = exp_chunk(k, m, chunk, st.exp_shift(), out, chain, Ahead::NONE, &mut s.buf);
+            }
         }
         st.sum_exp += sum as f64;
         st.logit_sum += zsum as f64;

@@ -35,56 +35,51 @@ pub(super) fn hsum(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
-/// `out = exp(x - shift)`; returns `sum(out)` and `max(x)` (NaN skipped). `out` may be longer
-/// than `x`. `x - shift` may be positive up to ~88 (the caller keeps it below 20).
+/// `out = exp(x - shift)`; returns `sum(out)`. `out` may be longer than `x`. `x - shift` may be
+/// positive up to ~88 (the caller keeps it below 20).
 #[inline(always)]
-pub(super) fn exp_sum_max_body<const FMA: bool, const SHORT: bool>(
+pub(super) fn exp_sum_body<const FMA: bool, const SHORT: bool>(
     x: &[f32],
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32) {
+) -> f32 {
     let out = &mut out[..x.len()];
     let mut acc = [0f32; LANES];
-    let mut top = [f32::NEG_INFINITY; LANES];
     let mut xi = x.chunks_exact(LANES);
     let mut oi = out.chunks_exact_mut(LANES);
     for (j, (c, o)) in (&mut xi).zip(&mut oi).enumerate() {
         ahead.line(j);
         for i in 0..LANES {
-            top[i] = if c[i] > top[i] { c[i] } else { top[i] };
             o[i] = exp::<FMA, SHORT>(c[i] - shift);
             acc[i] += o[i];
         }
     }
     for (i, (&v, o)) in xi.remainder().iter().zip(oi.into_remainder()).enumerate() {
-        top[i] = if v > top[i] { v } else { top[i] };
         *o = exp::<FMA, SHORT>(v - shift);
         acc[i] += *o;
     }
-    (hsum(acc), top.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
+    hsum(acc)
 }
 
-/// `exp_sum_max` of 16-bit input (short polynomial): widened a block at a time into a stack
+/// `exp_sum` of 16-bit input (short polynomial): widened a block at a time into a stack
 /// buffer.
 #[inline(always)]
-pub(super) fn exp_sum_max_bits_body<const FMA: bool>(
+pub(super) fn exp_sum_bits_body<const FMA: bool>(
     x: &[u16],
     widen: impl Fn(&[u16], &mut [f32]),
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32) {
+) -> f32 {
     let mut buf = [0f32; 256];
-    let (mut sum, mut top) = (0f32, f32::NEG_INFINITY);
+    let mut sum = 0f32;
     for (b, (xs, os)) in x.chunks(256).zip(out.chunks_mut(256)).enumerate() {
         let w = &mut buf[..xs.len()];
         widen(xs, w);
-        let (s, t) = exp_sum_max_body::<FMA, true>(w, shift, os, ahead.skip(b * 256 / LANES));
-        sum += s;
-        top = if t > top { t } else { top };
+        sum += exp_sum_body::<FMA, true>(w, shift, os, ahead.skip(b * 256 / LANES));
     }
-    (sum, top)
+    sum
 }
 
 /// Memory to prefetch while computing, spread through the loop so that the loads are in flight
@@ -253,19 +248,17 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
     out: &mut [f32],
     chain: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32, f32) {
+) -> (f32, f32) {
     let n = x.len();
     let out = &mut out[..n];
     let mut acc = [0f32; LANES];
     let mut zacc = [0f32; LANES];
-    let mut top = [f32::NEG_INFINITY; LANES];
     let body = n / LANES * LANES;
     for (j, b) in (0..body).step_by(LANES).enumerate() {
         ahead.line(j);
         let (z, s) = cap_lanes::<FMA, CAP>(&x[b..b + LANES], o);
         let o = &mut out[b..b + LANES];
         for i in 0..LANES {
-            top[i] = if z[i] > top[i] { z[i] } else { top[i] };
             let e = exp::<FMA, SHORT>(z[i] - shift);
             acc[i] += e;
             if SUM {
@@ -279,7 +272,6 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
     }
     let (z, s) = cap_lanes::<FMA, CAP>(&x[body..], o);
     for i in 0..n - body {
-        top[i] = if z[i] > top[i] { z[i] } else { top[i] };
         let e = exp::<FMA, SHORT>(z[i] - shift);
         acc[i] += e;
         if SUM {
@@ -290,13 +282,13 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
             chain[body + i] = s[i];
         }
     }
-    (hsum(acc), top.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }), hsum(zacc))
+    (hsum(acc), hsum(zacc))
 }
 
 /// The statistics pass of a chunk under per-element options: with `z = c · tanh(x / c)` (or
 /// `x`) and `s = 1 − tanh²(x / c)` (or 1), writes `out = exp(z − shift) · s` and, when both
-/// options are on, `chain = s`; returns `(Σ exp(z − shift), max z, Σ z)` (NaN skipped by the
-/// max; the last is 0 unless `o.sum`).
+/// options are on, `chain = s`; returns `(Σ exp(z − shift), Σ z)` (the second is 0 unless
+/// `o.sum`).
 #[inline(always)]
 pub(super) fn exp_opts_body<const FMA: bool, const SHORT: bool>(
     x: &[f32],
@@ -305,12 +297,9 @@ pub(super) fn exp_opts_body<const FMA: bool, const SHORT: bool>(
     out: &mut [f32],
     chain: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32, f32) {
+) -> (f32, f32) {
     match (o.cap != 0.0, o.sum) {
-        (false, false) => {
-            let (s, m) = exp_sum_max_body::<FMA, SHORT>(x, shift, out, ahead);
-            (s, m, 0.0)
-        }
+        (false, false) => (exp_sum_body::<FMA, SHORT>(x, shift, out, ahead), 0.0),
         (false, true) => exp_opts_inner::<FMA, SHORT, false, true>(x, shift, o, out, chain, ahead),
         (true, false) => exp_opts_inner::<FMA, SHORT, true, false>(x, shift, o, out, chain, ahead),
         (true, true) => exp_opts_inner::<FMA, SHORT, true, true>(x, shift, o, out, chain, ahead),
@@ -327,20 +316,19 @@ pub(super) fn exp_opts_bits_body<const FMA: bool>(
     out: &mut [f32],
     chain: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32, f32) {
+) -> (f32, f32) {
     let mut buf = [0f32; 256];
-    let (mut sum, mut top, mut zsum) = (0f32, f32::NEG_INFINITY, 0f32);
+    let (mut sum, mut zsum) = (0f32, 0f32);
     for (b, xs) in x.chunks(256).enumerate() {
         let w = &mut buf[..xs.len()];
         widen(xs, w);
         let lo = b * 256;
         let ch = if chain.is_empty() { &mut chain[..0] } else { &mut chain[lo..] };
-        let (s, t, z) = exp_opts_body::<FMA, true>(w, shift, o, &mut out[lo..], ch, ahead.skip(b * 256 / LANES));
+        let (s, z) = exp_opts_body::<FMA, true>(w, shift, o, &mut out[lo..], ch, ahead.skip(b * 256 / LANES));
         sum += s;
         zsum += z;
-        top = if t > top { t } else { top };
     }
-    (sum, top, zsum)
+    (sum, zsum)
 }
 
 /// `q = q · f − k · s` in place (`s = chain`, or 1 where `chain` is empty), fused where the level

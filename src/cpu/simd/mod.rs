@@ -60,18 +60,18 @@ macro_rules! level {
     };
 }
 
-/// The lane-code `exp` loops of a level (AVX-512 has its own, `x86::exp_sum_max_*512`).
+/// The lane-code `exp` loops of a level (AVX-512 has its own, `x86::exp_sum_*512`).
 macro_rules! lane_exp {
     ($name:ident, $fma:literal $(, $feat:literal)?) => {
         mod $name {
             use super::*;
             $(#[target_feature(enable = $feat)])?
-            pub(super) unsafe fn exp_sum_max(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-                exp_sum_max_body::<$fma, false>(x, shift, out, ahead)
+            pub(super) unsafe fn exp_sum(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
+                exp_sum_body::<$fma, false>(x, shift, out, ahead)
             }
             $(#[target_feature(enable = $feat)])?
-            pub(super) unsafe fn exp_sum_max_bf16(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-                exp_sum_max_bits_body::<$fma>(x, widen_bf16_body, shift, out, ahead)
+            pub(super) unsafe fn exp_sum_bf16(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
+                exp_sum_bits_body::<$fma>(x, widen_bf16_body, shift, out, ahead)
             }
         }
     };
@@ -91,7 +91,7 @@ macro_rules! lane_opts {
                 out: &mut [f32],
                 chain: &mut [f32],
                 ahead: Ahead,
-            ) -> (f32, f32, f32) {
+            ) -> (f32, f32) {
                 exp_opts_body::<$fma, false>(x, shift, o, out, chain, ahead)
             }
             $(#[target_feature(enable = $feat)])?
@@ -102,7 +102,7 @@ macro_rules! lane_opts {
                 out: &mut [f32],
                 chain: &mut [f32],
                 ahead: Ahead,
-            ) -> (f32, f32, f32) {
+            ) -> (f32, f32) {
                 exp_opts_bits_body::<$fma>(x, widen_bf16_body, shift, o, out, chain, ahead)
             }
             $(#[target_feature(enable = $feat)])?
@@ -113,7 +113,7 @@ macro_rules! lane_opts {
                 out: &mut [f32],
                 chain: &mut [f32],
                 ahead: Ahead,
-            ) -> (f32, f32, f32) {
+            ) -> (f32, f32) {
                 exp_opts_bits_body::<$fma>(x, $widen_f16, shift, o, out, chain, ahead)
             }
         }
@@ -144,20 +144,20 @@ mod portable_store {
     pub(super) unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
         widen_f16_body(src, dst)
     }
-    pub(super) unsafe fn exp_sum_max_f16(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-        exp_sum_max_bits_body::<false>(x, widen_f16_body, shift, out, ahead)
+    pub(super) unsafe fn exp_sum_f16(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
+        exp_sum_bits_body::<false>(x, widen_f16_body, shift, out, ahead)
     }
 }
 
-/// `out = exp(x - shift)` while prefetching; returns `(sum, max(x))`.
-type ExpSumMax = unsafe fn(&[f32], f32, &mut [f32], Ahead) -> (f32, f32);
+/// `out = exp(x - shift)` while prefetching; returns the sum.
+type ExpSum = unsafe fn(&[f32], f32, &mut [f32], Ahead) -> f32;
 /// The same over 16-bit input (bf16 or f16 bits), widened in registers.
-type ExpSumMax16 = unsafe fn(&[u16], f32, &mut [f32], Ahead) -> (f32, f32);
+type ExpSum16 = unsafe fn(&[u16], f32, &mut [f32], Ahead) -> f32;
 
-/// The statistics loop under per-element options: `(sum, max, sum of elements)`.
-type ExpOpts = unsafe fn(&[f32], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -> (f32, f32, f32);
+/// The statistics loop under per-element options: `(sum, sum of elements)`.
+type ExpOpts = unsafe fn(&[f32], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -> (f32, f32);
 /// The same over 16-bit input.
-type ExpOpts16 = unsafe fn(&[u16], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -> (f32, f32, f32);
+type ExpOpts16 = unsafe fn(&[u16], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -> (f32, f32);
 
 /// A scaled store into one output dtype: `out = narrow(x * f - k)` (the product and the
 /// difference rounded once where the level has FMA, as [`Kernels::affine`]; exactly
@@ -165,8 +165,8 @@ type ExpOpts16 = unsafe fn(&[u16], f32, ElemOpts, &mut [f32], &mut [f32], Ahead)
 type ScaleInto<T> = unsafe fn(&[f32], f32, f32, &mut [T], bool);
 
 /// `out = exp(x - shift)` and, step by step in the same loop, another row's scaled store
-/// ([`Side`]); returns `(sum, max(x))`.
-type ExpSumMaxSide = unsafe fn(&[f32], f32, &mut [f32], Ahead, Side<'_>) -> (f32, f32);
+/// ([`Side`]); returns the sum.
+type ExpSumSide = unsafe fn(&[f32], f32, &mut [f32], Ahead, Side<'_>) -> f32;
 
 /// A scaled f32 store, `dst = src * f` (streaming when `stream` and the level can), to run
 /// inside a statistics loop: the previous row's gradient, whose memory traffic then overlaps
@@ -193,11 +193,11 @@ pub(crate) enum Input<'a> {
 pub(crate) struct Kernels {
     pub level: CpuSimd,
     max: unsafe fn(&[f32]) -> f32,
-    exp_sum_max: ExpSumMax,
-    /// The fused form of `exp_sum_max` then `scale_f32`, where the level has one.
-    exp_sum_max_side: Option<ExpSumMaxSide>,
-    exp_sum_max_bf16: ExpSumMax16,
-    exp_sum_max_f16: ExpSumMax16,
+    exp_sum: ExpSum,
+    /// The fused form of `exp_sum` then `scale_f32`, where the level has one.
+    exp_sum_side: Option<ExpSumSide>,
+    exp_sum_bf16: ExpSum16,
+    exp_sum_f16: ExpSum16,
     widen_bf16: unsafe fn(&[u16], &mut [f32]),
     widen_f16: unsafe fn(&[u16], &mut [f32]),
     scale_f32: ScaleInto<f32>,
@@ -241,10 +241,10 @@ impl Kernels {
         let portable = Kernels {
             level: CpuSimd::Portable,
             max: portable::max,
-            exp_sum_max: portable_exp::exp_sum_max,
-            exp_sum_max_side: None,
-            exp_sum_max_bf16: portable_exp::exp_sum_max_bf16,
-            exp_sum_max_f16: portable_store::exp_sum_max_f16,
+            exp_sum: portable_exp::exp_sum,
+            exp_sum_side: None,
+            exp_sum_bf16: portable_exp::exp_sum_bf16,
+            exp_sum_f16: portable_store::exp_sum_f16,
             widen_bf16: portable::widen_bf16,
             widen_f16: portable_store::widen_f16,
             scale_f32: portable_store::scale_f32,
@@ -267,10 +267,10 @@ impl Kernels {
             CpuSimd::Avx2 => Some(Kernels {
                 level,
                 max: avx2::max,
-                exp_sum_max: x86_avx2::exp_sum_max_256,
-                exp_sum_max_side: Some(x86_avx2::exp_sum_max_side_256),
-                exp_sum_max_bf16: x86_avx2::exp_sum_max_bf16_256,
-                exp_sum_max_f16: x86_avx2::exp_sum_max_f16_256,
+                exp_sum: x86_avx2::exp_sum_256,
+                exp_sum_side: Some(x86_avx2::exp_sum_side_256),
+                exp_sum_bf16: x86_avx2::exp_sum_bf16_256,
+                exp_sum_f16: x86_avx2::exp_sum_f16_256,
                 widen_bf16: avx2::widen_bf16,
                 widen_f16: x86::widen_f16_256,
                 scale_f32: x86::scale_f32_256,
@@ -287,10 +287,10 @@ impl Kernels {
             CpuSimd::Avx512 => Some(Kernels {
                 level,
                 max: avx512::max,
-                exp_sum_max: x86::exp_sum_max_512,
-                exp_sum_max_side: Some(x86::exp_sum_max_side_512),
-                exp_sum_max_bf16: x86::exp_sum_max_bf16_512,
-                exp_sum_max_f16: x86::exp_sum_max_f16_512,
+                exp_sum: x86::exp_sum_512,
+                exp_sum_side: Some(x86::exp_sum_side_512),
+                exp_sum_bf16: x86::exp_sum_bf16_512,
+                exp_sum_f16: x86::exp_sum_f16_512,
                 widen_bf16: avx512::widen_bf16,
                 widen_f16: x86::widen_f16_512,
                 scale_f32: x86::scale_f32_512,
@@ -322,38 +322,38 @@ impl Kernels {
         // SAFETY: see the struct docs: the level's features were detected.
         unsafe { (self.max)(x) }
     }
-    /// `out[..x.len()] = exp(x - shift)`, returning the sum of what was written and the
-    /// maximum of `x`, while prefetching `ahead`.
+    /// `out[..x.len()] = exp(x - shift)`, returning the sum of what was written, while
+    /// prefetching `ahead`.
     #[inline]
-    pub fn exp_sum_max(&self, x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+    pub fn exp_sum(&self, x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
         // SAFETY: as above.
-        unsafe { (self.exp_sum_max)(x, shift, out, ahead) }
+        unsafe { (self.exp_sum)(x, shift, out, ahead) }
     }
-    /// [`Kernels::exp_sum_max`] and then [`Kernels::scale_f32`] of `side`, the same bits, in one
+    /// [`Kernels::exp_sum`] and then [`Kernels::scale_f32`] of `side`, the same bits, in one
     /// loop where the level has it (the store's steps between the arithmetic's).
     #[inline]
-    pub fn exp_sum_max_side(&self, x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead, side: Side<'_>) -> (f32, f32) {
-        match self.exp_sum_max_side {
+    pub fn exp_sum_side(&self, x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead, side: Side<'_>) -> f32 {
+        match self.exp_sum_side {
             // SAFETY: as above.
             Some(f) => unsafe { f(x, shift, out, ahead, side) },
             None => {
-                let r = self.exp_sum_max(x, shift, out, ahead);
+                let r = self.exp_sum(x, shift, out, ahead);
                 self.scale_f32(side.src, side.f, side.dst, side.stream);
                 r
             }
         }
     }
-    /// [`Kernels::exp_sum_max`] over bf16 (`bf16 = true`) or f16 bits, widened on the fly.
+    /// [`Kernels::exp_sum`] over bf16 (`bf16 = true`) or f16 bits, widened on the fly.
     #[inline]
-    pub fn exp_sum_max_bits(&self, bf16: bool, x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-        let f = if bf16 { self.exp_sum_max_bf16 } else { self.exp_sum_max_f16 };
+    pub fn exp_sum_bits(&self, bf16: bool, x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
+        let f = if bf16 { self.exp_sum_bf16 } else { self.exp_sum_f16 };
         // SAFETY: as above.
         unsafe { f(x, shift, out, ahead) }
     }
     /// The statistics loop under per-element options ([`ElemOpts`]) over f32 input (`bits:
     /// None`) or 16-bit input (`Some(bf16?)`): with `z` the capped element and `s` its chain
     /// factor, writes `out = exp(z − shift) · s` (and `chain = s` when capping and summing; pass
-    /// an empty `chain` otherwise), returns `(Σ exp(z − shift), max z, Σ z)`.
+    /// an empty `chain` otherwise), returns `(Σ exp(z − shift), Σ z)`.
     #[inline]
     pub fn exp_opts(
         &self,
@@ -363,7 +363,7 @@ impl Kernels {
         out: &mut [f32],
         chain: &mut [f32],
         ahead: Ahead,
-    ) -> (f32, f32, f32) {
+    ) -> (f32, f32) {
         // SAFETY: as above.
         unsafe {
             match x {

@@ -103,29 +103,23 @@ pub(super) fn exp16<const SHORT: bool>(x: __m512) -> __m512 {
     _mm512_scalef_ps(_mm512_fmadd_ps(p, f, c(1.0)), n)
 }
 
-/// `exp_sum_max` over 16-lane steps, reading the input as `$elem` and widening each step
+/// `exp_sum` over 16-lane steps, reading the input as `$elem` and widening each step
 /// in registers with `$load` (full step) / `$load_masked` (the partial last step); `$with` runs
 /// `side(j)` after step `j` (another loop's work interleaved), `$name` nothing.
-macro_rules! exp_sum_max_512 {
+macro_rules! exp_sum_512 {
     ($name:ident, $with:ident, $elem:ty, $short:literal, |$p:ident| $load:expr, |$m:ident, $pm:ident| $load_masked:expr) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-        pub(super) unsafe fn $name(x: &[$elem], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
+        pub(super) unsafe fn $name(x: &[$elem], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
             // SAFETY: the same features as this function.
             unsafe { $with(x, shift, out, ahead, |_| {}) }
         }
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         #[inline]
-        unsafe fn $with(
-            x: &[$elem],
-            shift: f32,
-            out: &mut [f32],
-            ahead: Ahead,
-            mut side: impl FnMut(usize),
-        ) -> (f32, f32) {
+        unsafe fn $with(x: &[$elem], shift: f32, out: &mut [f32], ahead: Ahead, mut side: impl FnMut(usize)) -> f32 {
             let n = x.len().min(out.len());
             let sh = _mm512_set1_ps(shift);
-            let (mut acc, mut top) = (_mm512_setzero_ps(), _mm512_set1_ps(f32::NEG_INFINITY));
+            let mut acc = _mm512_setzero_ps();
             let body = n / 16 * 16;
             for (j, i) in (0..body).step_by(16).enumerate() {
                 ahead.line_l2(j);
@@ -133,7 +127,6 @@ macro_rules! exp_sum_max_512 {
                 unsafe {
                     let $p = x.as_ptr().add(i);
                     let v: __m512 = $load;
-                    top = _mm512_max_ps(v, top);
                     let e = exp16::<$short>(_mm512_sub_ps(v, sh));
                     _mm512_storeu_ps(out.as_mut_ptr().add(i), e);
                     acc = _mm512_add_ps(acc, e);
@@ -141,43 +134,37 @@ macro_rules! exp_sum_max_512 {
                 side(j);
             }
             if body < n {
-                // the partial last step: masked load, store, sum and max
+                // the partial last step: masked load, store and sum
                 let $m: __mmask16 = (1u16 << (n - body)) - 1;
                 // SAFETY: the mask covers only body..n, within both slices.
                 unsafe {
                     let $pm = x.as_ptr().add(body);
                     let v: __m512 = $load_masked;
-                    top = _mm512_mask_max_ps(top, $m, v, top);
                     let e = exp16::<$short>(_mm512_sub_ps(v, sh));
                     _mm512_mask_storeu_ps(out.as_mut_ptr().add(body), $m, e);
                     acc = _mm512_mask_add_ps(acc, $m, acc, e);
                 }
             }
-            let (mut a, mut t) = ([0f32; LANES], [0f32; LANES]);
-            // SAFETY: both arrays hold 16 f32.
-            unsafe {
-                _mm512_storeu_ps(a.as_mut_ptr(), acc);
-                _mm512_storeu_ps(t.as_mut_ptr(), top);
-            }
-            (hsum(a), t.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
+            let mut a = [0f32; LANES];
+            // SAFETY: the array holds 16 f32.
+            unsafe { _mm512_storeu_ps(a.as_mut_ptr(), acc) };
+            hsum(a)
         }
     };
 }
 
-exp_sum_max_512!(exp_sum_max_512, exp_sum_max_with_512, f32, false, |p| _mm512_loadu_ps(p), |m, p| {
-    _mm512_maskz_loadu_ps(m, p)
-});
-exp_sum_max_512!(
-    exp_sum_max_bf16_512,
-    exp_sum_max_bf16_with_512,
+exp_sum_512!(exp_sum_512, exp_sum_with_512, f32, false, |p| _mm512_loadu_ps(p), |m, p| { _mm512_maskz_loadu_ps(m, p) });
+exp_sum_512!(
+    exp_sum_bf16_512,
+    exp_sum_bf16_with_512,
     u16,
     true,
     |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())))),
     |m, p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()))))
 );
-exp_sum_max_512!(
-    exp_sum_max_f16_512,
-    exp_sum_max_f16_with_512,
+exp_sum_512!(
+    exp_sum_f16_512,
+    exp_sum_f16_with_512,
     u16,
     true,
     |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
@@ -266,21 +253,21 @@ impl<'a> SideLines<'a> {
     }
 }
 
-/// [`exp_sum_max_512`] with [`scale_f32_512`] of `side` in the same loop, one 16-lane step of
+/// [`exp_sum_512`] with [`scale_f32_512`] of `side` in the same loop, one 16-lane step of
 /// each per iteration (the store's memory traffic under the arithmetic): the same bits as the two
 /// calls one after the other.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-pub(super) unsafe fn exp_sum_max_side_512(
+pub(super) unsafe fn exp_sum_side_512(
     x: &[f32],
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
     side: super::Side<'_>,
-) -> (f32, f32) {
+) -> f32 {
     let steps = x.len().min(out.len()) / 16;
     let mut lines = SideLines::new(side);
     // SAFETY: the same features as this function.
-    let r = unsafe { exp_sum_max_with_512(x, shift, out, ahead, |j| lines.line512(j)) };
+    let r = unsafe { exp_sum_with_512(x, shift, out, ahead, |j| lines.line512(j)) };
     lines.finish(steps, |l, j| l.line512(j));
     r
 }

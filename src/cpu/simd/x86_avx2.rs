@@ -1,5 +1,5 @@
 //! The AVX2 statistics loop in intrinsics: the lane code's arithmetic and summation order (so the
-//! same bits as [`exp_sum_max_body`](super::lanes::exp_sum_max_body) and its 16-bit blocks), with
+//! same bits as [`exp_sum_body`](super::lanes::exp_sum_body) and its 16-bit blocks), with
 //! 16-bit input widened in registers instead of through a stack buffer.
 
 use super::lanes::{exp_opts_bits_body, exp_opts_body, hsum, widen_bf16_body, ElemOpts};
@@ -34,10 +34,9 @@ fn exp8<const SHORT: bool>(xc: __m256) -> __m256 {
     _mm256_castsi256_ps(y)
 }
 
-/// Sums, maxima and (for label smoothing) sums of the elements of 16 lanes as two halves.
+/// Sums and (for label smoothing) sums of the elements of 16 lanes as two halves.
 struct Acc {
     sum: [__m256; 2],
-    top: [__m256; 2],
     zsum: [__m256; 2],
 }
 
@@ -46,14 +45,14 @@ impl Acc {
     #[inline]
     fn new() -> Acc {
         let zero = _mm256_setzero_ps();
-        Acc { sum: [zero; 2], top: [_mm256_set1_ps(f32::NEG_INFINITY); 2], zsum: [zero; 2] }
+        Acc { sum: [zero; 2], zsum: [zero; 2] }
     }
 
     /// Spills the lanes for the scalar tail and the fixed-order reductions.
     #[target_feature(enable = "avx2")]
     #[inline]
     fn lanes<const ZSUM: bool>(&self) -> Lanes {
-        let mut l = Lanes { sum: [0f32; LANES], top: [0f32; LANES], zsum: [0f32; LANES] };
+        let mut l = Lanes { sum: [0f32; LANES], zsum: [0f32; LANES] };
         let spill = |v: &[__m256; 2], a: &mut [f32; LANES]| {
             // SAFETY: each array holds 16 f32, two halves of 8.
             unsafe {
@@ -62,7 +61,6 @@ impl Acc {
             }
         };
         spill(&self.sum, &mut l.sum);
-        spill(&self.top, &mut l.top);
         if ZSUM {
             spill(&self.zsum, &mut l.zsum);
         }
@@ -73,15 +71,14 @@ impl Acc {
 /// [`Acc`] spilled: 16 lanes each.
 struct Lanes {
     sum: [f32; LANES],
-    top: [f32; LANES],
     zsum: [f32; LANES],
 }
 
 impl Lanes {
-    /// `(sum, max, sum of the elements)`, reduced in the lane code's order (the last 0 unless
+    /// `(sum, sum of the elements)`, reduced in the lane code's order (the second 0 unless
     /// `ZSUM`).
-    fn reduce<const ZSUM: bool>(&self) -> (f32, f32, f32) {
-        (hsum(self.sum), fold_max(&self.top), if ZSUM { hsum(self.zsum) } else { 0.0 })
+    fn reduce<const ZSUM: bool>(&self) -> (f32, f32) {
+        (hsum(self.sum), if ZSUM { hsum(self.zsum) } else { 0.0 })
     }
 }
 
@@ -115,7 +112,6 @@ fn steps<const SHORT: bool, const ZSUM: bool>(
         let keep = [_mm256_cmp_ps::<_CMP_NLT_UQ>(x[0], lo), _mm256_cmp_ps::<_CMP_NLT_UQ>(x[1], lo)];
         let above = _mm256_movemask_ps(keep[0]) & _mm256_movemask_ps(keep[1]) == 0xff;
         for h in 0..2 {
-            a.top[h] = _mm256_max_ps(v[h], a.top[h]);
             let e = if above {
                 exp8::<SHORT>(x[h])
             } else {
@@ -133,7 +129,6 @@ fn steps<const SHORT: bool, const ZSUM: bool>(
     let mut l = a.lanes::<ZSUM>();
     for i in 0..n - body {
         let v = scalar(body + i);
-        l.top[i] = if v > l.top[i] { v } else { l.top[i] };
         out[body + i] = exp::<true, SHORT>(v - shift);
         l.sum[i] += out[body + i];
         if ZSUM {
@@ -143,71 +138,62 @@ fn steps<const SHORT: bool, const ZSUM: bool>(
     l
 }
 
-/// The maximum of the lanes, NaN skipped.
-#[inline]
-fn fold_max(top: &[f32; LANES]) -> f32 {
-    top.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+/// `out = exp(x - shift)`, returning the sum.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn exp_sum_256(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
+    f32_steps::<false>(x, shift, out, ahead).0
 }
 
-/// `out = exp(x - shift)`, returning `(sum, max x)`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn exp_sum_max_256(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-    let (sum, top, _) = f32_steps::<false>(x, shift, out, ahead);
-    (sum, top)
-}
-
-/// [`exp_sum_max_256`], and the sum of the elements when `ZSUM`.
+/// [`exp_sum_256`], and the sum of the elements when `ZSUM`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn f32_steps<const ZSUM: bool>(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32, f32) {
+fn f32_steps<const ZSUM: bool>(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
     // SAFETY (each load): i + 8 <= the 16-lane body of x.
     let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
     steps::<false, ZSUM>(x.len(), load, |i| x[i], shift, out, ahead, 0, |_| {}).reduce::<ZSUM>()
 }
 
-/// [`exp_sum_max_256`] with the scaled store of `side` in the same loop, one 16-element step of
+/// [`exp_sum_256`] with the scaled store of `side` in the same loop, one 16-element step of
 /// each per iteration (the store's memory traffic under the arithmetic): the same bits as
-/// `exp_sum_max_256` and then `scale_f32_256`.
+/// `exp_sum_256` and then `scale_f32_256`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn exp_sum_max_side_256(
+pub(super) unsafe fn exp_sum_side_256(
     x: &[f32],
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
     side: super::Side<'_>,
-) -> (f32, f32) {
+) -> f32 {
     // SAFETY (each load): i + 8 <= the 16-lane body of x.
     let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
     let mut lines = SideLines::new(side);
     let l = steps::<false, false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line256(j));
     lines.finish(x.len() / LANES, |l, j| l.line256(j));
-    let (sum, top, _) = l.reduce::<false>();
-    (sum, top)
+    l.reduce::<false>().0
 }
 
-/// The same over 16-bit input, in blocks of 256 as the lane code (each block's sums and maximum
-/// taken apart, then added in order), widened in registers by `widen` (8 elements at `p`).
+/// The same over 16-bit input, in blocks of 256 as the lane code (each block's sums taken apart,
+/// then added in order), widened in registers by `widen` (8 elements at `p`).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn exp_sum_max_bits<const ZSUM: bool>(
+fn exp_sum_bits<const ZSUM: bool>(
     x: &[u16],
     widen: impl Fn(*const u16) -> __m256,
     scalar: impl Fn(u16) -> f32,
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32, f32) {
-    let (mut sum, mut top, mut zsum) = (0f32, f32::NEG_INFINITY, 0f32);
+) -> (f32, f32) {
+    let (mut sum, mut zsum) = (0f32, 0f32);
     for (b, (xs, os)) in x.chunks(256).zip(out.chunks_mut(256)).enumerate() {
         // each load reads 8 elements inside the block's 16-lane body
         let load = |i: usize| widen(xs[i..i + 8].as_ptr());
         let l = steps::<true, ZSUM>(xs.len(), load, |i| scalar(xs[i]), shift, os, ahead, b * 256 / LANES, |_| {});
-        let (s, t, z) = l.reduce::<ZSUM>();
+        let (s, z) = l.reduce::<ZSUM>();
         sum += s;
         zsum += z;
-        top = if t > top { t } else { top };
     }
-    (sum, top, zsum)
+    (sum, zsum)
 }
 
 /// 8 bf16 at `p` widened (callers pass a pointer to 8 readable elements).
@@ -235,18 +221,16 @@ fn f16_scalar(b: u16) -> f32 {
     half::f16::from_bits(b).to_f32()
 }
 
-/// [`exp_sum_max_256`] over bf16 bits.
+/// [`exp_sum_256`] over bf16 bits.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn exp_sum_max_bf16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-    let (sum, top, _) = exp_sum_max_bits::<false>(x, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead);
-    (sum, top)
+pub(super) unsafe fn exp_sum_bf16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
+    exp_sum_bits::<false>(x, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead).0
 }
 
-/// [`exp_sum_max_256`] over f16 bits.
+/// [`exp_sum_256`] over f16 bits.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn exp_sum_max_f16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
-    let (sum, top, _) = exp_sum_max_bits::<false>(x, |p| widen_f16x8(p), f16_scalar, shift, out, ahead);
-    (sum, top)
+pub(super) unsafe fn exp_sum_f16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
+    exp_sum_bits::<false>(x, |p| widen_f16x8(p), f16_scalar, shift, out, ahead).0
 }
 
 /// Whether the options are label smoothing alone (the case these intrinsics take).
@@ -265,14 +249,14 @@ pub(super) unsafe fn exp_opts_256(
     out: &mut [f32],
     chain: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32, f32) {
+) -> (f32, f32) {
     if smoothing_alone(o) {
         return f32_steps::<true>(x, shift, out, ahead);
     }
     exp_opts_body::<true, false>(x, shift, o, out, chain, ahead)
 }
 
-/// [`exp_opts_256`] over 16-bit input: `widen8` and `scalar` as for [`exp_sum_max_bits`],
+/// [`exp_opts_256`] over 16-bit input: `widen8` and `scalar` as for [`exp_sum_bits`],
 /// `widen` (a block at a time) for the lane code.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -287,9 +271,9 @@ fn opts_bits(
     out: &mut [f32],
     chain: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32, f32) {
+) -> (f32, f32) {
     if smoothing_alone(o) {
-        return exp_sum_max_bits::<true>(x, widen8, scalar, shift, out, ahead);
+        return exp_sum_bits::<true>(x, widen8, scalar, shift, out, ahead);
     }
     exp_opts_bits_body::<true>(x, widen, shift, o, out, chain, ahead)
 }
@@ -303,7 +287,7 @@ pub(super) unsafe fn exp_opts_bf16_256(
     out: &mut [f32],
     chain: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32, f32) {
+) -> (f32, f32) {
     opts_bits(x, |p| widen_bf16x8(p), bf16_scalar, widen_bf16_body, shift, o, out, chain, ahead)
 }
 
@@ -316,7 +300,7 @@ pub(super) unsafe fn exp_opts_f16_256(
     out: &mut [f32],
     chain: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32, f32) {
+) -> (f32, f32) {
     // SAFETY: this function has the conversion's features (avx2, f16c).
     let widen = |s: &[u16], d: &mut [f32]| unsafe { super::x86::widen_f16_256(s, d) };
     opts_bits(x, |p| widen_f16x8(p), f16_scalar, widen, shift, o, out, chain, ahead)

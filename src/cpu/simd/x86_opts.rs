@@ -50,12 +50,11 @@ macro_rules! exp_opts_512 {
             out: &mut [f32],
             chain: &mut [f32],
             ahead: Ahead,
-        ) -> (f32, f32, f32) {
+        ) -> (f32, f32) {
             let n = x.len().min(out.len());
             let both = CAP && SUM;
             assert!(!both || chain.len() >= n);
-            let (mut acc, mut zacc, mut top) =
-                (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_set1_ps(f32::NEG_INFINITY));
+            let (mut acc, mut zacc) = (_mm512_setzero_ps(), _mm512_setzero_ps());
             let body = n / 16 * 16;
             for (j, i) in (0..body).step_by(16).enumerate() {
                 ahead.line_l2(j);
@@ -63,7 +62,6 @@ macro_rules! exp_opts_512 {
                 unsafe {
                     let $p = x.as_ptr().add(i);
                     let (z, e, s) = step::<$short, CAP>($load, k);
-                    top = _mm512_max_ps(z, top);
                     acc = _mm512_add_ps(acc, e);
                     if SUM {
                         zacc = _mm512_add_ps(zacc, z);
@@ -80,7 +78,6 @@ macro_rules! exp_opts_512 {
                 unsafe {
                     let $pm = x.as_ptr().add(body);
                     let (z, e, s) = step::<$short, CAP>($load_masked, k);
-                    top = _mm512_mask_max_ps(top, $m, z, top);
                     acc = _mm512_mask_add_ps(acc, $m, acc, e);
                     if SUM {
                         zacc = _mm512_mask_add_ps(zacc, $m, zacc, z);
@@ -91,14 +88,13 @@ macro_rules! exp_opts_512 {
                     }
                 }
             }
-            let (mut a, mut t, mut zs) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+            let (mut a, mut zs) = ([0f32; LANES], [0f32; LANES]);
             // SAFETY: the arrays hold 16 f32.
             unsafe {
                 _mm512_storeu_ps(a.as_mut_ptr(), acc);
-                _mm512_storeu_ps(t.as_mut_ptr(), top);
                 _mm512_storeu_ps(zs.as_mut_ptr(), zacc);
             }
-            (hsum(a), t.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }), hsum(zs))
+            (hsum(a), hsum(zs))
         }
 
         /// The AVX-512 statistics loop under per-element options (see the module docs).
@@ -110,7 +106,7 @@ macro_rules! exp_opts_512 {
             out: &mut [f32],
             chain: &mut [f32],
             ahead: Ahead,
-        ) -> (f32, f32, f32) {
+        ) -> (f32, f32) {
             let k = Consts {
                 shift: _mm512_set1_ps(shift),
                 cap: _mm512_set1_ps(o.cap),
