@@ -3,7 +3,7 @@
 //! with what a pipelined task runs between the chunks of the next row's statistics.
 
 use super::row::{RowMath, RowStats};
-use super::simd::{Ahead, Input, Kernels, Side};
+use super::simd::{Ahead, Input, Kernels, Side, SideDst};
 use super::{CHECK_SUM, CHUNK, MARGIN, SCRATCH_MAX};
 use crate::dtype::{DType, Logit};
 use std::ops::Range;
@@ -121,19 +121,24 @@ pub(super) fn exp_chunk<L: Logit>(
     buf: &mut [f32],
 ) -> (f32, f32) {
     if let Some(o) = m.elem {
-        let x = match (L::as_f32(chunk), L::as_bits(chunk)) {
-            (Some(x), _) => Input::F32(x),
-            (None, Some(b)) if L::DTYPE == DType::BF16 => Input::Bf16(b),
-            (None, Some(b)) => Input::F16(b),
-            (None, None) => unreachable!("every Logit is f32 or 16-bit"),
-        };
-        return k.exp_opts(x, shift, o, out, chain, pf);
+        return k.exp_opts(input_of(chunk), shift, o, out, chain, pf);
     }
     let sum = match L::as_bits(chunk) {
         Some(bits) => k.exp_sum_bits(L::DTYPE == DType::BF16, bits, shift, out, pf),
         None => k.exp_sum(load(k, chunk, buf), shift, out, pf),
     };
     (sum, 0.0)
+}
+
+/// A chunk as the kernels take it.
+#[inline]
+fn input_of<L: Logit>(chunk: &[L]) -> Input<'_> {
+    match (L::as_f32(chunk), L::as_bits(chunk)) {
+        (Some(x), _) => Input::F32(x),
+        (None, Some(b)) if L::DTYPE == DType::BF16 => Input::Bf16(b),
+        (None, Some(b)) => Input::F16(b),
+        (None, None) => unreachable!("every Logit is f32 or 16-bit"),
+    }
 }
 
 /// Chunks to prefetch ahead of the one being read (into L2 at AVX-512, every level otherwise:
@@ -143,10 +148,11 @@ const PREFETCH_CHUNKS: usize = 4;
 /// What a statistics pass runs between its chunks: the previous row's gradient, chunk by chunk
 /// (`()`: nothing).
 pub(super) trait Interleave {
-    /// Chunk `c`'s store as a plain f32 scale, to run inside the statistics loop of chunk `c`
-    /// (asked only where that loop is the plain f32 one); `None`: [`after`](Self::after) writes
-    /// it instead.
-    fn side(&mut self, _c: usize) -> Option<Side<'_>> {
+    /// Chunk `c`'s store as a plain scale, to run inside the statistics loop of chunk `c`
+    /// (asked only where that loop is the plain one; `input_16`: over 16-bit logits) when the
+    /// kernels fuse such a store ([`Kernels::fuses_side`]); `None`: [`after`](Self::after)
+    /// writes it instead.
+    fn side(&mut self, _c: usize, _input_16: bool) -> Option<Side<'_>> {
         None
     }
     /// After chunk `c`'s statistics: what is left of chunk `c`'s store.
@@ -167,8 +173,11 @@ pub(super) struct PrevRow<'a, 'b, G> {
 }
 
 impl<G: Logit> Interleave for PrevRow<'_, '_, G> {
-    fn side(&mut self, c: usize) -> Option<Side<'_>> {
-        let PrevRow { m, p, e, stream, fused, .. } = self;
+    fn side(&mut self, c: usize, input_16: bool) -> Option<Side<'_>> {
+        let PrevRow { k, m, p, e, stream, fused } = self;
+        if !k.fuses_side(input_16, G::DTYPE != DType::F32) {
+            return None;
+        }
         let side = p.as_mut()?.side(m, e, c, *stream)?;
         *fused = Some(c);
         Some(side)
@@ -210,10 +219,10 @@ pub(super) fn stats_pass<L: Logit>(
             // no finite reference yet: take this chunk's maximum first
             st.raise(m.cap_max(k.max(load(k, chunk, &mut s.buf))));
         }
-        // the plain f32 loop takes the previous row's store of this chunk into its own loop
-        let x32 = if m.elem.is_none() { L::as_f32(chunk) } else { None };
-        let side = if x32.is_some() { inter.side(c) } else { None };
-        let (mut sum, mut zsum) = match (x32, side) {
+        // the plain loop takes the previous row's store of this chunk into its own loop
+        let x = if m.elem.is_none() { Some(input_of(chunk)) } else { None };
+        let side = x.and_then(|x| inter.side(c, !matches!(x, Input::F32(_))));
+        let (mut sum, mut zsum) = match (x, side) {
             (Some(x), Some(side)) => (k.exp_sum_side(x, st.exp_shift(), &mut *out, pf, side), 0.0),
             _ => exp_chunk(k, m, chunk, st.exp_shift(), &mut *out, &mut *chain, pf, &mut s.buf),
         };
@@ -299,8 +308,8 @@ impl<G: Logit> Pending<'_, G> {
         }
     }
 
-    /// Chunk `c`'s store when it is a plain f32 scale of the kept exponentials (no smoothing,
-    /// f32 gradient), for a statistics loop to run; [`fix_target`](Self::fix_target) finishes it.
+    /// Chunk `c`'s store when it is a plain scale of the kept exponentials (no smoothing), for a
+    /// statistics loop to run; [`fix_target`](Self::fix_target) finishes it.
     fn side<'s>(&'s mut self, m: &RowMath, e: &'s RowExps, c: usize, stream: bool) -> Option<Side<'s>> {
         let lo = c * CHUNK;
         let hi = (lo + CHUNK).min(self.out.len());
@@ -309,7 +318,12 @@ impl<G: Logit> Pending<'_, G> {
         }
         let f = m.grad_factor(&self.st, self.coef, e.shifts[c]);
         let stream = self.streams(lo..hi, stream);
-        let dst = G::as_f32_mut(&mut self.out[lo..hi])?;
+        let out = &mut self.out[lo..hi];
+        let dst = match G::DTYPE {
+            DType::F32 => SideDst::F32(G::as_f32_mut(out)?),
+            DType::BF16 => SideDst::Bf16(G::as_bits_mut(out)?),
+            _ => SideDst::F16(G::as_bits_mut(out)?),
+        };
         Some(Side { src: &e.exps[lo..hi], f, dst, stream })
     }
 

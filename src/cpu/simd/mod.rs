@@ -166,16 +166,23 @@ type ScaleInto<T> = unsafe fn(&[f32], f32, f32, &mut [T], bool);
 
 /// `out = exp(x - shift)` and, step by step in the same loop, another row's scaled store
 /// ([`Side`]); returns the sum.
-type ExpSumSide = unsafe fn(&[f32], f32, &mut [f32], Ahead, Side<'_>) -> f32;
+type ExpSumSide = unsafe fn(Input<'_>, f32, &mut [f32], Ahead, Side<'_>) -> f32;
 
-/// A scaled f32 store, `dst = src * f` (streaming when `stream` and the level can), to run
-/// inside a statistics loop: the previous row's gradient, whose memory traffic then overlaps
-/// the arithmetic instead of following it.
+/// A scaled store, `dst = src * f` in the destination's dtype (streaming when `stream` and the
+/// level can), to run inside a statistics loop: the previous row's gradient, whose memory
+/// traffic then overlaps the arithmetic instead of following it.
 pub(crate) struct Side<'a> {
     pub src: &'a [f32],
     pub f: f32,
-    pub dst: &'a mut [f32],
+    pub dst: SideDst<'a>,
     pub stream: bool,
+}
+
+/// Where a [`Side`] store writes: f32, or the bits of bf16 or f16.
+pub(crate) enum SideDst<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [u16]),
+    F16(&'a mut [u16]),
 }
 
 /// A chunk of logits as the option loops take it.
@@ -194,8 +201,10 @@ pub(crate) struct Kernels {
     pub level: CpuSimd,
     max: unsafe fn(&[f32]) -> f32,
     exp_sum: ExpSum,
-    /// The fused form of `exp_sum` then `scale_f32`, where the level has one.
+    /// The fused form of `exp_sum` then the side's store, where the level has one: f32 input
+    /// and store only, unless `side_16`.
     exp_sum_side: Option<ExpSumSide>,
+    side_16: bool,
     exp_sum_bf16: ExpSum16,
     exp_sum_f16: ExpSum16,
     widen_bf16: unsafe fn(&[u16], &mut [f32]),
@@ -243,6 +252,7 @@ impl Kernels {
             max: portable::max,
             exp_sum: portable_exp::exp_sum,
             exp_sum_side: None,
+            side_16: false,
             exp_sum_bf16: portable_exp::exp_sum_bf16,
             exp_sum_f16: portable_store::exp_sum_f16,
             widen_bf16: portable::widen_bf16,
@@ -269,6 +279,7 @@ impl Kernels {
                 max: avx2::max,
                 exp_sum: x86_avx2::exp_sum_256,
                 exp_sum_side: Some(x86_avx2::exp_sum_side_256),
+                side_16: false,
                 exp_sum_bf16: x86_avx2::exp_sum_bf16_256,
                 exp_sum_f16: x86_avx2::exp_sum_f16_256,
                 widen_bf16: avx2::widen_bf16,
@@ -288,7 +299,12 @@ impl Kernels {
                 level,
                 max: avx512::max,
                 exp_sum: x86::exp_sum_512,
-                exp_sum_side: Some(x86::exp_sum_side_512),
+                exp_sum_side: Some(if is_x86_feature_detected!("avx512bf16") {
+                    x86::exp_sum_side_512bf
+                } else {
+                    x86::exp_sum_side_512
+                }),
+                side_16: true,
                 exp_sum_bf16: x86::exp_sum_bf16_512,
                 exp_sum_f16: x86::exp_sum_f16_512,
                 widen_bf16: avx512::widen_bf16,
@@ -329,16 +345,34 @@ impl Kernels {
         // SAFETY: as above.
         unsafe { (self.exp_sum)(x, shift, out, ahead) }
     }
-    /// [`Kernels::exp_sum`] and then [`Kernels::scale_f32`] of `side`, the same bits, in one
-    /// loop where the level has it (the store's steps between the arithmetic's).
+    /// Whether [`Kernels::exp_sum_side`] runs the store inside the statistics loop for this
+    /// input (16-bit or f32) and store (16-bit or f32); otherwise it runs one after the other.
     #[inline]
-    pub fn exp_sum_side(&self, x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead, side: Side<'_>) -> f32 {
+    pub fn fuses_side(&self, input_16: bool, store_16: bool) -> bool {
+        self.exp_sum_side.is_some() && (self.side_16 || !(input_16 || store_16))
+    }
+    /// [`Kernels::exp_sum`] (or [`Kernels::exp_sum_bits`]) and then the store of `side`
+    /// ([`Kernels::scale_f32`] or the 16-bit `scale_sub_*` with an offset of +0), the same
+    /// bits, in one loop where [`Kernels::fuses_side`] says so (the store's lines between the
+    /// arithmetic's steps).
+    #[inline]
+    pub fn exp_sum_side(&self, x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahead, side: Side<'_>) -> f32 {
+        let input_16 = !matches!(x, Input::F32(_));
+        let store_16 = !matches!(side.dst, SideDst::F32(_));
         match self.exp_sum_side {
-            // SAFETY: as above.
-            Some(f) => unsafe { f(x, shift, out, ahead, side) },
-            None => {
-                let r = self.exp_sum(x, shift, out, ahead);
-                self.scale_f32(side.src, side.f, side.dst, side.stream);
+            // SAFETY: as above; the level takes this input and store (fuses_side).
+            Some(f) if self.fuses_side(input_16, store_16) => unsafe { f(x, shift, out, ahead, side) },
+            _ => {
+                let r = match x {
+                    Input::F32(x) => self.exp_sum(x, shift, out, ahead),
+                    Input::Bf16(b) => self.exp_sum_bits(true, b, shift, out, ahead),
+                    Input::F16(b) => self.exp_sum_bits(false, b, shift, out, ahead),
+                };
+                match side.dst {
+                    SideDst::F32(d) => self.scale_f32(side.src, side.f, d, side.stream),
+                    SideDst::Bf16(d) => self.scale_sub_bf16(side.src, side.f, 0.0, d, side.stream),
+                    SideDst::F16(d) => self.scale_sub_f16(side.src, side.f, 0.0, d, side.stream),
+                }
                 r
             }
         }

@@ -295,30 +295,77 @@ unsafe fn lane_avx2<R>(f: impl FnOnce() -> R) -> R {
 
 #[test]
 fn the_store_inside_the_statistics_loop_gives_the_two_calls_bits() {
-    // exp_sum_side = exp_sum, then scale_f32 of the side: the same bits at every level,
-    // length, offset of the store (the streaming head) and stream mode, NaN and inf included
+    // exp_sum_side = exp_sum (f32 or 16-bit input), then the store of the side (f32, bf16 or
+    // f16): the same bits at every level, length, offset of the store (the streaming head) and
+    // stream mode, NaN and inf included
     let vals = test_floats();
-    for k in levels() {
+    let mut kernels: Vec<Kernels> = levels().collect();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(mut k) = Kernels::select(CpuSimd::Avx512) {
+        // AVX-512 without the BF16 conversions (emulated rounding), whatever this CPU has
+        k.exp_sum_side = Some(x86::exp_sum_side_512);
+        k.scale_bf16 = x86::scale_bf16_512;
+        kernels.push(k);
+    }
+    for k in kernels {
         for (n, side_n) in [(0, 0), (1, 1), (15, 15), (16, 16), (47, 47), (2048, 2048), (2000, 2048), (2048, 333)] {
-            for off in [0, 1, 5, 16] {
-                for stream in [false, true] {
-                    let x: Vec<f32> = (0..n).map(|i| (vals[(i * 7) % vals.len()] % 30.0) - 8.0).collect();
-                    let src: Vec<f32> = (0..side_n).map(|i| vals[(i * 13 + 5) % vals.len()]).collect();
-                    let (mut out1, mut out2) = (vec![0f32; n], vec![0f32; n]);
-                    let mut dst1 = vec![7f32; side_n + off + 3];
-                    let mut dst2 = dst1.clone();
-                    let f = 0.37;
-                    let r1 = k.exp_sum(&x, 1.5, &mut out1, Ahead::NONE);
-                    k.scale_f32(&src, f, &mut dst1[off..off + side_n], stream);
-                    let side = Side { src: &src, f, dst: &mut dst2[off..off + side_n], stream };
-                    let r2 = k.exp_sum_side(&x, 1.5, &mut out2, Ahead::NONE, side);
-                    k.fence();
-                    let what = format!("{:?} n {n} side {side_n} off {off} stream {stream}", k.level);
-                    assert!(same(r1, r2), "{what}: {r1:?} vs {r2:?}");
-                    assert!(out1.iter().zip(&out2).all(|(a, b)| same(*a, *b)), "{what}: exponentials");
-                    assert!(dst1.iter().zip(&dst2).all(|(a, b)| same(*a, *b)), "{what}: store");
+            let x: Vec<f32> = (0..n).map(|i| (vals[(i * 7) % vals.len()] % 30.0) - 8.0).collect();
+            let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            let xh: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+            let inputs = [Input::F32(&x), Input::Bf16(&xb), Input::F16(&xh)];
+            let src: Vec<f32> = (0..side_n).map(|i| vals[(i * 13 + 5) % vals.len()] * 1e-3).collect();
+            for (input, store, off, stream) in itertools_product(inputs, [0, 1, 2], [0, 1, 5, 16, 33], [false, true]) {
+                let (mut out1, mut out2) = (vec![0f32; n], vec![0f32; n]);
+                let f = 0.37;
+                let r1 = match input {
+                    Input::F32(x) => k.exp_sum(x, 1.5, &mut out1, Ahead::NONE),
+                    Input::Bf16(b) => k.exp_sum_bits(true, b, 1.5, &mut out1, Ahead::NONE),
+                    Input::F16(b) => k.exp_sum_bits(false, b, 1.5, &mut out1, Ahead::NONE),
+                };
+                let (mut d1, mut d2) = (vec![7f32; side_n + off + 3], vec![7f32; side_n + off + 3]);
+                let (mut h1, mut h2) = (vec![7u16; side_n + off + 3], vec![7u16; side_n + off + 3]);
+                let dst = match store {
+                    0 => {
+                        k.scale_f32(&src, f, &mut d1[off..off + side_n], stream);
+                        SideDst::F32(&mut d2[off..off + side_n])
+                    }
+                    1 => {
+                        k.scale_sub_bf16(&src, f, 0.0, &mut h1[off..off + side_n], stream);
+                        SideDst::Bf16(&mut h2[off..off + side_n])
+                    }
+                    _ => {
+                        k.scale_sub_f16(&src, f, 0.0, &mut h1[off..off + side_n], stream);
+                        SideDst::F16(&mut h2[off..off + side_n])
+                    }
+                };
+                let r2 = k.exp_sum_side(input, 1.5, &mut out2, Ahead::NONE, Side { src: &src, f, dst, stream });
+                k.fence();
+                let what = format!("{:?} n {n} side {side_n} store {store} off {off} stream {stream}", k.level);
+                assert!(same(r1, r2), "{what}: {r1:?} vs {r2:?}");
+                assert!(out1.iter().zip(&out2).all(|(a, b)| same(*a, *b)), "{what}: exponentials");
+                assert!(d1.iter().zip(&d2).all(|(a, b)| same(*a, *b)), "{what}: f32 store");
+                assert_eq!(h1, h2, "{what}: 16-bit store");
+            }
+        }
+    }
+}
+
+/// Every combination of the four lists.
+fn itertools_product<A: Copy, B: Copy, C: Copy, D: Copy>(
+    a: impl IntoIterator<Item = A>,
+    b: impl IntoIterator<Item = B> + Clone,
+    c: impl IntoIterator<Item = C> + Clone,
+    d: impl IntoIterator<Item = D> + Clone,
+) -> Vec<(A, B, C, D)> {
+    let mut v = vec![];
+    for a in a {
+        for b in b.clone() {
+            for c in c.clone() {
+                for d in d.clone() {
+                    v.push((a, b, c, d));
                 }
             }
         }
     }
+    v
 }

@@ -5,7 +5,7 @@
 use super::lanes::{exp_opts_bits_body, exp_opts_body, hsum, widen_bf16_body, ElemOpts};
 use super::math::*;
 use super::x86::SideLines;
-use super::{Ahead, LANES};
+use super::{Ahead, Input, LANES};
 use std::arch::x86_64::*;
 
 /// `exp` of 8 lanes that are at least `EXP_LO` or NaN: the lane code's [`exp`] with FMA, to the
@@ -158,12 +158,15 @@ fn f32_steps<const ZSUM: bool>(x: &[f32], shift: f32, out: &mut [f32], ahead: Ah
 /// `exp_sum_256` and then `scale_f32_256`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_side_256(
-    x: &[f32],
+    x: Input<'_>,
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
     side: super::Side<'_>,
 ) -> f32 {
+    let (Input::F32(x), super::SideDst::F32(_)) = (x, &side.dst) else {
+        unreachable!("Kernels::exp_sum_side gives this level f32 input and stores only")
+    };
     // SAFETY (each load): i + 8 <= the 16-lane body of x.
     let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
     let mut lines = SideLines::new(side);
