@@ -30,6 +30,8 @@ mod x86;
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86_opts;
+#[cfg(target_arch = "x86_64")]
+mod x86_side;
 
 use crate::spec::CpuSimd;
 use lanes::*;
@@ -300,9 +302,9 @@ impl Kernels {
                 max: avx512::max,
                 exp_sum: x86::exp_sum_512,
                 exp_sum_side: Some(if is_x86_feature_detected!("avx512bf16") {
-                    x86::exp_sum_side_512bf
+                    x86_side::exp_sum_side_512bf
                 } else {
-                    x86::exp_sum_side_512
+                    x86_side::exp_sum_side_512
                 }),
                 side_16: true,
                 exp_sum_bf16: x86::exp_sum_bf16_512,

@@ -303,7 +303,7 @@ fn the_store_inside_the_statistics_loop_gives_the_two_calls_bits() {
     #[cfg(target_arch = "x86_64")]
     if let Some(mut k) = Kernels::select(CpuSimd::Avx512) {
         // AVX-512 without the BF16 conversions (emulated rounding), whatever this CPU has
-        k.exp_sum_side = Some(x86::exp_sum_side_512);
+        k.exp_sum_side = Some(x86_side::exp_sum_side_512);
         k.scale_bf16 = x86::scale_bf16_512;
         kernels.push(k);
     }

@@ -1,17 +1,19 @@
-//! Stores with streaming (non-temporal) writes on the aligned body of the output, and the
-//! F16C conversions. Heads and tails use the lane-code bodies, which give the same bits.
+//! The AVX-512 statistics loops (`exp` with `vscalefps`, 16-bit input widened in registers),
+//! the stores with streaming (non-temporal) writes on the aligned body of the output at both
+//! levels, and the F16C conversions. Heads and tails use the lane-code bodies, which give the
+//! same bits. The stores that run inside a statistics loop are in `x86_side`.
 
 use super::lanes::*;
 use super::math::*;
-use super::{Ahead, Input, LANES};
+use super::{Ahead, LANES};
 use std::arch::x86_64::*;
 
-const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
+pub(super) const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
 
 /// `(head, body)`: the elements before the vector body, then the body's length in whole
 /// `block`s. Streaming stores need `align`-byte alignment, so the head runs up to it; plain
 /// stores take any address, so there is no head.
-fn split<T>(out: &[T], n: usize, align: usize, block: usize, stream: bool) -> (usize, usize) {
+pub(super) fn split<T>(out: &[T], n: usize, align: usize, block: usize, stream: bool) -> (usize, usize) {
     let head = if stream { out.as_ptr().align_offset(align).min(n) } else { 0 };
     (head, (n - head) / block * block)
 }
@@ -29,7 +31,7 @@ macro_rules! bf16_lanes {
 
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-fn bf16x16(v: __m512) -> __m256i {
+pub(super) fn bf16x16(v: __m512) -> __m256i {
     let (b, rounded, nan) = bf16_lanes!(
         v,
         _mm512_castps_si512,
@@ -116,7 +118,13 @@ macro_rules! exp_sum_512 {
 
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         #[inline]
-        unsafe fn $with(x: &[$elem], shift: f32, out: &mut [f32], ahead: Ahead, mut side: impl FnMut(usize)) -> f32 {
+        pub(super) unsafe fn $with(
+            x: &[$elem],
+            shift: f32,
+            out: &mut [f32],
+            ahead: Ahead,
+            mut side: impl FnMut(usize),
+        ) -> f32 {
             let n = x.len().min(out.len());
             let sh = _mm512_set1_ps(shift);
             let mut acc = _mm512_setzero_ps();
@@ -170,246 +178,6 @@ exp_sum_512!(
     |p| _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
     |m, p| { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast())) }
 );
-
-/// The dtype of a [`Side`](super::Side) store's destination.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum SideKind {
-    F32,
-    Bf16,
-    F16,
-}
-
-/// A [`Side`](super::Side) store cut for a loop of 16-element steps: its head up to a cache
-/// line (when streaming) is written at once, then the level's `line*(j)` writes the body one
-/// whole 64-byte line at a time (a streaming line left half-written while the arithmetic runs
-/// costs a partial write) from inside the loop: f32 one line per step `j`, 16-bit one line
-/// (32 elements) after every second step (odd `j`). [`finish`](Self::finish) writes the steps
-/// the loop did not reach and the tail. The same bits as the level's `scale_f32` (or
-/// `scale_sub_bf16`, `scale_sub_f16` with an offset of +0).
-pub(super) struct SideLines<'a> {
-    src: &'a [f32],
-    stream: bool,
-    kind: SideKind,
-    /// The store's memory (`len` elements of the `kind`'s type, borrowed for `'a`).
-    dst: *mut u8,
-    len: usize,
-    f: f32,
-    head: usize,
-    /// The body's length in 16-element steps (even for 16-bit stores).
-    steps: usize,
-    _dst: std::marker::PhantomData<&'a mut [u8]>,
-}
-
-impl<'a> SideLines<'a> {
-    pub(super) fn new(side: super::Side<'a>) -> Self {
-        use super::SideDst;
-        let (src, f, stream) = (side.src, side.f, side.stream);
-        let (kind, dst, len, head, body) = match side.dst {
-            SideDst::F32(d) => {
-                let len = src.len().min(d.len());
-                let (head, body) = split(d, len, 64, 16, stream);
-                scale_body::<true>(&src[..head], f, 0.0, &mut d[..head]);
-                (SideKind::F32, d.as_mut_ptr().cast::<u8>(), len, head, body)
-            }
-            SideDst::Bf16(d) => {
-                let len = src.len().min(d.len());
-                let (head, body) = split(d, len, 64, 32, stream);
-                scale_bf16_body::<true>(&src[..head], f, 0.0, &mut d[..head]);
-                (SideKind::Bf16, d.as_mut_ptr().cast::<u8>(), len, head, body)
-            }
-            SideDst::F16(d) => {
-                let len = src.len().min(d.len());
-                let (head, body) = split(d, len, 64, 32, stream);
-                scale_f16_body::<true>(&src[..head], f, 0.0, &mut d[..head]);
-                (SideKind::F16, d.as_mut_ptr().cast::<u8>(), len, head, body)
-            }
-        };
-        SideLines { src, stream, kind, dst, len, f, head, steps: body / 16, _dst: std::marker::PhantomData }
-    }
-
-    /// Stores one 64-byte line of the body at element `s`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn put512(&mut self, s: usize, v: __m512i) {
-        let size = if self.kind == SideKind::F32 { 4 } else { 2 };
-        // SAFETY: the callers' `s` starts a whole line of the body, within the store's memory,
-        // which `self` borrows exclusively; when streaming, it is 64-byte aligned (split).
-        unsafe {
-            let p = self.dst.add(s * size).cast::<__m512i>();
-            if self.stream {
-                _mm512_stream_si512(p, v);
-            } else {
-                _mm512_storeu_si512(p, v);
-            }
-        }
-    }
-
-    /// `src * f` of the 16 elements at `s`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn product16(&self, s: usize) -> __m512 {
-        // SAFETY: s + 16 <= head + 16 * steps <= len <= src.len() (the callers' steps).
-        _mm512_mul_ps(unsafe { _mm512_loadu_ps(self.src.as_ptr().add(s)) }, _mm512_set1_ps(self.f))
-    }
-
-    /// Step `j` of an f32 body with AVX-512, if the body has it.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    pub(super) fn line512(&mut self, j: usize) {
-        if j < self.steps {
-            let s = self.head + 16 * j;
-            let v = _mm512_castps_si512(self.product16(s));
-            self.put512(s, v);
-        }
-    }
-
-    /// Steps `j - 1` and `j` (odd `j`) of a bf16 body with AVX-512, emulating the rounding.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    pub(super) fn line512_bf16(&mut self, j: usize) {
-        if j % 2 == 1 && j < self.steps {
-            let s = self.head + 16 * (j - 1);
-            let (lo, hi) = (bf16x16(self.product16(s)), bf16x16(self.product16(s + 16)));
-            self.put512(s, _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi));
-        }
-    }
-
-    /// [`line512_bf16`](Self::line512_bf16) with the AVX-512 BF16 conversion (same bits).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    #[inline]
-    pub(super) fn line512_bf16bf(&mut self, j: usize) {
-        if j % 2 == 1 && j < self.steps {
-            let s = self.head + 16 * (j - 1);
-            let (lo, hi) = (self.product16(s), self.product16(s + 16));
-            // SAFETY: a vector of 32 bf16 is 64 bytes, as __m512i.
-            let v: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
-            self.put512(s, v);
-        }
-    }
-
-    /// Steps `j - 1` and `j` (odd `j`) of an f16 body with AVX-512.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    pub(super) fn line512_f16(&mut self, j: usize) {
-        if j % 2 == 1 && j < self.steps {
-            let s = self.head + 16 * (j - 1);
-            let lo = _mm512_cvtps_ph::<NEAREST>(self.product16(s));
-            let hi = _mm512_cvtps_ph::<NEAREST>(self.product16(s + 16));
-            self.put512(s, _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi));
-        }
-    }
-
-    /// Step `j` of an f32 body with AVX2 (two halves of one line), if the body has it.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    pub(super) fn line256(&mut self, j: usize) {
-        if j >= self.steps {
-            return;
-        }
-        debug_assert!(self.kind == SideKind::F32);
-        let fv = _mm256_set1_ps(self.f);
-        for h in 0..2 {
-            let s = self.head + 16 * j + 8 * h;
-            // SAFETY: s + 8 <= head + 16 * steps <= len, within `src` and the store's memory
-            // (f32 here); when streaming, dst + s is 32-byte aligned.
-            unsafe {
-                let v = _mm256_mul_ps(_mm256_loadu_ps(self.src.as_ptr().add(s)), fv);
-                let p = self.dst.cast::<f32>().add(s);
-                if self.stream {
-                    _mm256_stream_ps(p, v);
-                } else {
-                    _mm256_storeu_ps(p, v);
-                }
-            }
-        }
-    }
-
-    /// Steps `from..` of the body through `line`, then the tail.
-    pub(super) fn finish(mut self, from: usize, mut line: impl FnMut(&mut Self, usize)) {
-        for j in from..self.steps {
-            line(&mut self, j);
-        }
-        let done = self.head + 16 * self.steps;
-        let (src, f, n) = (&self.src[done..self.len], self.f, self.len - done);
-        // SAFETY: done..len lies within the store's memory, of the kind's type, borrowed by
-        // `self` for 'a.
-        unsafe {
-            match self.kind {
-                SideKind::F32 => {
-                    scale_body::<true>(src, f, 0.0, std::slice::from_raw_parts_mut(self.dst.cast::<f32>().add(done), n))
-                }
-                SideKind::Bf16 => scale_bf16_body::<true>(
-                    src,
-                    f,
-                    0.0,
-                    std::slice::from_raw_parts_mut(self.dst.cast::<u16>().add(done), n),
-                ),
-                SideKind::F16 => scale_f16_body::<true>(
-                    src,
-                    f,
-                    0.0,
-                    std::slice::from_raw_parts_mut(self.dst.cast::<u16>().add(done), n),
-                ),
-            }
-        }
-    }
-}
-
-/// The statistics loop of `x` (f32, bf16 or f16) with `side(j)` after each step.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-#[inline]
-fn exp_sum_input_with_512(x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahead, side: impl FnMut(usize)) -> f32 {
-    // SAFETY: the same features as this function.
-    unsafe {
-        match x {
-            Input::F32(x) => exp_sum_with_512(x, shift, out, ahead, side),
-            Input::Bf16(b) => exp_sum_bf16_with_512(b, shift, out, ahead, side),
-            Input::F16(b) => exp_sum_f16_with_512(b, shift, out, ahead, side),
-        }
-    }
-}
-
-/// [`exp_sum_512`] (or its 16-bit forms) with the store of `side` in the same loop, one line of
-/// the store per 64 bytes of it (the store's memory traffic under the arithmetic): the same bits
-/// as the two calls one after the other. `$line_bf16` is the bf16 line of the CPU.
-macro_rules! exp_sum_side_512 {
-    ($name:ident, $feat:literal, $line_bf16:ident) => {
-        #[target_feature(enable = $feat)]
-        pub(super) unsafe fn $name(
-            x: Input<'_>,
-            shift: f32,
-            out: &mut [f32],
-            ahead: Ahead,
-            side: super::Side<'_>,
-        ) -> f32 {
-            let steps = out.len().min(match x {
-                Input::F32(x) => x.len(),
-                Input::Bf16(b) | Input::F16(b) => b.len(),
-            }) / 16;
-            let mut lines = SideLines::new(side);
-            match lines.kind {
-                SideKind::F32 => {
-                    let r = exp_sum_input_with_512(x, shift, out, ahead, |j| lines.line512(j));
-                    lines.finish(steps, |l, j| l.line512(j));
-                    r
-                }
-                SideKind::Bf16 => {
-                    let r = exp_sum_input_with_512(x, shift, out, ahead, |j| lines.$line_bf16(j));
-                    lines.finish(steps, |l, j| l.$line_bf16(j));
-                    r
-                }
-                SideKind::F16 => {
-                    let r = exp_sum_input_with_512(x, shift, out, ahead, |j| lines.line512_f16(j));
-                    lines.finish(steps, |l, j| l.line512_f16(j));
-                    r
-                }
-            }
-        }
-    };
-}
-
-exp_sum_side_512!(exp_sum_side_512, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", line512_bf16);
-exp_sum_side_512!(exp_sum_side_512bf, "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c", line512_bf16bf);
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 pub(super) unsafe fn scale_f32_512(x: &[f32], f: f32, k: f32, out: &mut [f32], stream: bool) {

@@ -4,7 +4,7 @@
 
 use super::lanes::{exp_opts_bits_body, exp_opts_body, hsum, widen_bf16_body, ElemOpts};
 use super::math::*;
-use super::x86::SideLines;
+use super::x86_side::SideLines;
 use super::{Ahead, Input, LANES};
 use std::arch::x86_64::*;
 
