@@ -324,7 +324,9 @@ impl<G: Logit> Pending<'_, G> {
             DType::BF16 => SideDst::Bf16(G::as_bits_mut(out)?),
             _ => SideDst::F16(G::as_bits_mut(out)?),
         };
-        Some(Side { src: &e.exps[lo..hi], f, dst, stream })
+        // as in `store`: a finite row sum bounds every kept exponential
+        let finite = self.st.sum_exp.is_finite() && f.is_finite();
+        Some(Side { src: &e.exps[lo..hi], f, dst, stream, finite })
     }
 
     /// The target entry of chunk `c`, after a [`side`](Self::side) store.

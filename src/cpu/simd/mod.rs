@@ -178,6 +178,9 @@ pub(crate) struct Side<'a> {
     pub f: f32,
     pub dst: SideDst<'a>,
     pub stream: bool,
+    /// Every product is finite (a bf16 store may then skip the NaN handling where the level
+    /// emulates the conversion; the bits are the same).
+    pub finite: bool,
 }
 
 /// Where a [`Side`] store writes: f32, or the bits of bf16 or f16.
@@ -281,7 +284,7 @@ impl Kernels {
                 max: avx2::max,
                 exp_sum: x86_avx2::exp_sum_256,
                 exp_sum_side: Some(x86_avx2::exp_sum_side_256),
-                side_16: false,
+                side_16: true,
                 exp_sum_bf16: x86_avx2::exp_sum_bf16_256,
                 exp_sum_f16: x86_avx2::exp_sum_f16_256,
                 widen_bf16: avx2::widen_bf16,
@@ -372,6 +375,9 @@ impl Kernels {
                 };
                 match side.dst {
                     SideDst::F32(d) => self.scale_f32(side.src, side.f, d, side.stream),
+                    SideDst::Bf16(d) if side.finite => {
+                        self.scale_sub_bf16_finite(side.src, side.f, 0.0, d, side.stream)
+                    }
                     SideDst::Bf16(d) => self.scale_sub_bf16(side.src, side.f, 0.0, d, side.stream),
                     SideDst::F16(d) => self.scale_sub_f16(side.src, side.f, 0.0, d, side.stream),
                 }

@@ -50,7 +50,7 @@ pub(super) fn bf16x16(v: __m512) -> __m256i {
 
 #[target_feature(enable = "avx2")]
 #[inline]
-fn bf16x8(v: __m256) -> __m256i {
+pub(super) fn bf16x8(v: __m256) -> __m256i {
     let (b, rounded, nan) = bf16_lanes!(
         v,
         _mm256_castps_si256,
@@ -71,7 +71,7 @@ fn bf16x8(v: __m256) -> __m256i {
 /// NaN handling.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn bf16x8_finite(v: __m256) -> __m256i {
+pub(super) fn bf16x8_finite(v: __m256) -> __m256i {
     let b = _mm256_castps_si256(v);
     // a subnormal becomes a zero of the same sign, as in bf16x8
     let is_sub = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F80_0000)), _mm256_setzero_si256());

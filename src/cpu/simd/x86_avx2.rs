@@ -4,7 +4,7 @@
 
 use super::lanes::{exp_opts_bits_body, exp_opts_body, hsum, widen_bf16_body, ElemOpts};
 use super::math::*;
-use super::x86_side::SideLines;
+use super::x86_side::{SideKind, SideLines};
 use super::{Ahead, Input, LANES};
 use std::arch::x86_64::*;
 
@@ -153,9 +153,9 @@ fn f32_steps<const ZSUM: bool>(x: &[f32], shift: f32, out: &mut [f32], ahead: Ah
     steps::<false, ZSUM>(x.len(), load, |i| x[i], shift, out, ahead, 0, |_| {}).reduce::<ZSUM>()
 }
 
-/// [`exp_sum_256`] with the scaled store of `side` in the same loop, one 16-element step of
-/// each per iteration (the store's memory traffic under the arithmetic): the same bits as
-/// `exp_sum_256` and then `scale_f32_256`.
+/// [`exp_sum_256`] (or its 16-bit forms) with the store of `side` in the same loop, one 64-byte
+/// line of it per 64 bytes of the store (the store's memory traffic under the arithmetic): the
+/// same bits as the two calls one after the other.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_side_256(
     x: Input<'_>,
@@ -164,21 +164,55 @@ pub(super) unsafe fn exp_sum_side_256(
     ahead: Ahead,
     side: super::Side<'_>,
 ) -> f32 {
-    let (Input::F32(x), super::SideDst::F32(_)) = (x, &side.dst) else {
-        unreachable!("Kernels::exp_sum_side gives this level f32 input and stores only")
-    };
-    // SAFETY (each load): i + 8 <= the 16-lane body of x.
-    let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+    let steps = match x {
+        Input::F32(x) => x.len(),
+        Input::Bf16(b) | Input::F16(b) => b.len(),
+    } / LANES;
     let mut lines = SideLines::new(side);
-    let l = steps::<false, false>(x.len(), load, |i| x[i], shift, out, ahead, 0, |j| lines.line256(j));
-    lines.finish(x.len() / LANES, |l, j| l.line256(j));
-    l.reduce::<false>().0
+    match lines.kind() {
+        (SideKind::F32, _) => {
+            let r = input_with(x, shift, out, ahead, |j| lines.line256(j));
+            lines.finish(steps, |l, j| l.line256(j));
+            r
+        }
+        (SideKind::Bf16, true) => {
+            let r = input_with(x, shift, out, ahead, |j| lines.line256_bf16::<true>(j));
+            lines.finish(steps, |l, j| l.line256_bf16::<true>(j));
+            r
+        }
+        (SideKind::Bf16, false) => {
+            let r = input_with(x, shift, out, ahead, |j| lines.line256_bf16::<false>(j));
+            lines.finish(steps, |l, j| l.line256_bf16::<false>(j));
+            r
+        }
+        (SideKind::F16, _) => {
+            let r = input_with(x, shift, out, ahead, |j| lines.line256_f16(j));
+            lines.finish(steps, |l, j| l.line256_f16(j));
+            r
+        }
+    }
+}
+
+/// The statistics loop of `x` (f32, bf16 or f16) with `side(j)` after each 16-element step.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn input_with(x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahead, side: impl FnMut(usize)) -> f32 {
+    match x {
+        Input::F32(x) => {
+            // SAFETY (each load): i + 8 <= the 16-lane body of x.
+            let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            steps::<false, false>(x.len(), load, |i| x[i], shift, out, ahead, 0, side).reduce::<false>().0
+        }
+        Input::Bf16(b) => exp_sum_bits::<false>(b, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead, side).0,
+        Input::F16(b) => exp_sum_bits::<false>(b, |p| widen_f16x8(p), f16_scalar, shift, out, ahead, side).0,
+    }
 }
 
 /// The same over 16-bit input, in blocks of 256 as the lane code (each block's sums taken apart,
 /// then added in order), widened in registers by `widen` (8 elements at `p`).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn exp_sum_bits<const ZSUM: bool>(
     x: &[u16],
     widen: impl Fn(*const u16) -> __m256,
@@ -186,12 +220,14 @@ fn exp_sum_bits<const ZSUM: bool>(
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
+    mut side: impl FnMut(usize),
 ) -> (f32, f32) {
     let (mut sum, mut zsum) = (0f32, 0f32);
     for (b, (xs, os)) in x.chunks(256).zip(out.chunks_mut(256)).enumerate() {
         // each load reads 8 elements inside the block's 16-lane body
         let load = |i: usize| widen(xs[i..i + 8].as_ptr());
-        let l = steps::<true, ZSUM>(xs.len(), load, |i| scalar(xs[i]), shift, os, ahead, b * 256 / LANES, |_| {});
+        let first = b * 256 / LANES;
+        let l = steps::<true, ZSUM>(xs.len(), load, |i| scalar(xs[i]), shift, os, ahead, first, |j| side(first + j));
         let (s, z) = l.reduce::<ZSUM>();
         sum += s;
         zsum += z;
@@ -227,13 +263,13 @@ fn f16_scalar(b: u16) -> f32 {
 /// [`exp_sum_256`] over bf16 bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_bf16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
-    exp_sum_bits::<false>(x, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead).0
+    exp_sum_bits::<false>(x, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead, |_| {}).0
 }
 
 /// [`exp_sum_256`] over f16 bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_f16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
-    exp_sum_bits::<false>(x, |p| widen_f16x8(p), f16_scalar, shift, out, ahead).0
+    exp_sum_bits::<false>(x, |p| widen_f16x8(p), f16_scalar, shift, out, ahead, |_| {}).0
 }
 
 /// Whether the options are label smoothing alone (the case these intrinsics take).
@@ -276,7 +312,7 @@ fn opts_bits(
     ahead: Ahead,
 ) -> (f32, f32) {
     if smoothing_alone(o) {
-        return exp_sum_bits::<true>(x, widen8, scalar, shift, out, ahead);
+        return exp_sum_bits::<true>(x, widen8, scalar, shift, out, ahead, |_| {});
     }
     exp_opts_bits_body::<true>(x, widen, shift, o, out, chain, ahead)
 }

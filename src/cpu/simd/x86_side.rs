@@ -1,15 +1,17 @@
 //! The stores that run inside a statistics loop ([`Side`](super::Side)): the previous row's
 //! gradient, one 64-byte line at a time between the loop's steps, so that its memory traffic
-//! overlaps the arithmetic. AVX-512 for every input and store dtype, AVX2 for f32.
+//! overlaps the arithmetic, for every input and store dtype.
 
 use super::lanes::{scale_bf16_body, scale_body, scale_f16_body};
-use super::x86::{bf16x16, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, split, NEAREST};
+use super::x86::{
+    bf16x16, bf16x8, bf16x8_finite, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, split, NEAREST,
+};
 use super::{Ahead, Input};
 use std::arch::x86_64::*;
 
 /// The dtype of a [`Side`](super::Side) store's destination.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum SideKind {
+pub(super) enum SideKind {
     F32,
     Bf16,
     F16,
@@ -25,6 +27,7 @@ enum SideKind {
 pub(super) struct SideLines<'a> {
     src: &'a [f32],
     stream: bool,
+    finite: bool,
     kind: SideKind,
     /// The store's memory (`len` elements of the `kind`'s type, borrowed for `'a`).
     dst: *mut u8,
@@ -39,7 +42,7 @@ pub(super) struct SideLines<'a> {
 impl<'a> SideLines<'a> {
     pub(super) fn new(side: super::Side<'a>) -> Self {
         use super::SideDst;
-        let (src, f, stream) = (side.src, side.f, side.stream);
+        let (src, f, stream, finite) = (side.src, side.f, side.stream, side.finite);
         let (kind, dst, len, head, body) = match side.dst {
             SideDst::F32(d) => {
                 let len = src.len().min(d.len());
@@ -60,7 +63,12 @@ impl<'a> SideLines<'a> {
                 (SideKind::F16, d.as_mut_ptr().cast::<u8>(), len, head, body)
             }
         };
-        SideLines { src, stream, kind, dst, len, f, head, steps: body / 16, _dst: std::marker::PhantomData }
+        SideLines { src, stream, finite, kind, dst, len, f, head, steps: body / 16, _dst: std::marker::PhantomData }
+    }
+
+    /// The destination's dtype, and for bf16 whether every product is finite.
+    pub(super) fn kind(&self) -> (SideKind, bool) {
+        (self.kind, self.finite)
     }
 
     /// Stores one 64-byte line of the body at element `s`.
@@ -135,6 +143,61 @@ impl<'a> SideLines<'a> {
         }
     }
 
+    /// Stores half a line (32 bytes) of the body at element `s` with AVX2.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn put256(&mut self, s: usize, v: __m256i) {
+        let size = if self.kind == SideKind::F32 { 4 } else { 2 };
+        // SAFETY: the callers' `s` starts 32 bytes of the body, within the store's memory,
+        // which `self` borrows exclusively; when streaming, it is 32-byte aligned (split).
+        unsafe {
+            let p = self.dst.add(s * size).cast::<__m256i>();
+            if self.stream {
+                _mm256_stream_si256(p, v);
+            } else {
+                _mm256_storeu_si256(p, v);
+            }
+        }
+    }
+
+    /// `src * f` of the 8 elements at `s`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn product8(&self, s: usize) -> __m256 {
+        // SAFETY: s + 8 <= head + 16 * steps <= len <= src.len() (the callers' steps).
+        _mm256_mul_ps(unsafe { _mm256_loadu_ps(self.src.as_ptr().add(s)) }, _mm256_set1_ps(self.f))
+    }
+
+    /// Steps `j - 1` and `j` (odd `j`) of a bf16 body with AVX2 (two halves of one line), as
+    /// `scale_bf16_256` (without the NaN handling when `FINITE`).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(super) fn line256_bf16<const FINITE: bool>(&mut self, j: usize) {
+        if j % 2 == 1 && j < self.steps {
+            for h in 0..2 {
+                let s = self.head + 16 * (j - 1) + 16 * h;
+                let (lo, hi) = (self.product8(s), self.product8(s + 8));
+                let (lo, hi) = if FINITE { (bf16x8_finite(lo), bf16x8_finite(hi)) } else { (bf16x8(lo), bf16x8(hi)) };
+                // packus interleaves 128-bit halves: put them back in order
+                self.put256(s, _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi)));
+            }
+        }
+    }
+
+    /// Steps `j - 1` and `j` (odd `j`) of an f16 body with AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    pub(super) fn line256_f16(&mut self, j: usize) {
+        if j % 2 == 1 && j < self.steps {
+            for h in 0..2 {
+                let s = self.head + 16 * (j - 1) + 16 * h;
+                let lo = _mm256_cvtps_ph::<NEAREST>(self.product8(s));
+                let hi = _mm256_cvtps_ph::<NEAREST>(self.product8(s + 8));
+                self.put256(s, _mm256_set_m128i(hi, lo));
+            }
+        }
+    }
+
     /// Step `j` of an f32 body with AVX2 (two halves of one line), if the body has it.
     #[target_feature(enable = "avx2")]
     #[inline]
@@ -142,7 +205,6 @@ impl<'a> SideLines<'a> {
         if j >= self.steps {
             return;
         }
-        debug_assert!(self.kind == SideKind::F32);
         let fv = _mm256_set1_ps(self.f);
         for h in 0..2 {
             let s = self.head + 16 * j + 8 * h;
