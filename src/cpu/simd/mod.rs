@@ -198,6 +198,16 @@ pub(crate) enum Input<'a> {
     F16(&'a [u16]),
 }
 
+impl Input<'_> {
+    /// Elements in the chunk.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Input::F32(x) => x.len(),
+            Input::Bf16(b) | Input::F16(b) => b.len(),
+        }
+    }
+}
+
 /// The primitives of one level. The pointers are `unsafe fn` because the x86 ones require CPU
 /// features: a `Kernels` holding them is only built by [`Kernels::select`] after run-time
 /// detection confirmed those features, which is what makes the calls below sound.

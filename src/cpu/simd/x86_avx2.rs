@@ -4,7 +4,7 @@
 
 use super::lanes::{exp_opts_bits_body, exp_opts_body, hsum, widen_bf16_body, ElemOpts};
 use super::math::*;
-use super::x86_side::{SideKind, SideLines};
+use super::x86_side::{with_lines, SideKind, SideLines, StatsLoop};
 use super::{Ahead, Input, LANES};
 use std::arch::x86_64::*;
 
@@ -164,32 +164,30 @@ pub(super) unsafe fn exp_sum_side_256(
     ahead: Ahead,
     side: super::Side<'_>,
 ) -> f32 {
-    let steps = match x {
-        Input::F32(x) => x.len(),
-        Input::Bf16(b) | Input::F16(b) => b.len(),
-    } / LANES;
-    let mut lines = SideLines::new(side);
-    match lines.kind() {
-        (SideKind::F32, _) => {
-            let r = input_with(x, shift, out, ahead, |j| lines.line256(j));
-            lines.finish(steps, |l, j| l.line256(j));
-            r
+    let lines = SideLines::new(side);
+    // SAFETY: this function has the features of the loop and of every line.
+    unsafe {
+        match lines.kind() {
+            (SideKind::F32, _) => with_lines::<Loop256>(x, shift, out, ahead, lines, |l, j| l.line256(j)),
+            (SideKind::Bf16, true) => {
+                with_lines::<Loop256>(x, shift, out, ahead, lines, |l, j| l.line256_bf16::<true>(j))
+            }
+            (SideKind::Bf16, false) => {
+                with_lines::<Loop256>(x, shift, out, ahead, lines, |l, j| l.line256_bf16::<false>(j))
+            }
+            (SideKind::F16, _) => with_lines::<Loop256>(x, shift, out, ahead, lines, |l, j| l.line256_f16(j)),
         }
-        (SideKind::Bf16, true) => {
-            let r = input_with(x, shift, out, ahead, |j| lines.line256_bf16::<true>(j));
-            lines.finish(steps, |l, j| l.line256_bf16::<true>(j));
-            r
-        }
-        (SideKind::Bf16, false) => {
-            let r = input_with(x, shift, out, ahead, |j| lines.line256_bf16::<false>(j));
-            lines.finish(steps, |l, j| l.line256_bf16::<false>(j));
-            r
-        }
-        (SideKind::F16, _) => {
-            let r = input_with(x, shift, out, ahead, |j| lines.line256_f16(j));
-            lines.finish(steps, |l, j| l.line256_f16(j));
-            r
-        }
+    }
+}
+
+/// The AVX2 statistics loop.
+struct Loop256;
+
+impl StatsLoop for Loop256 {
+    #[inline(always)]
+    unsafe fn run(x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahead, side: impl FnMut(usize)) -> f32 {
+        // SAFETY: the caller has the features (the trait's contract).
+        unsafe { input_with(x, shift, out, ahead, side) }
     }
 }
 

@@ -267,6 +267,46 @@ fn exp_sum_input_with_512(x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahea
     }
 }
 
+/// A level's statistics loop that runs `side(j)` after each of its 16-element steps `j`.
+pub(super) trait StatsLoop {
+    /// # Safety
+    /// The caller has the loop's CPU features.
+    unsafe fn run(x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahead, side: impl FnMut(usize)) -> f32;
+}
+
+/// The AVX-512 statistics loop.
+struct Loop512;
+
+impl StatsLoop for Loop512 {
+    #[inline(always)]
+    unsafe fn run(x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahead, side: impl FnMut(usize)) -> f32 {
+        // SAFETY: the caller has the features (the trait's contract).
+        unsafe { exp_sum_input_with_512(x, shift, out, ahead, side) }
+    }
+}
+
+/// The statistics loop `S` of `x` with step `j` of `lines` (`line(lines, j)`) after its step
+/// `j`, then the steps the loop did not reach and the tail of the store.
+///
+/// # Safety
+/// The caller has the features of `S` and those `line` needs; this is inlined into it, so that
+/// the loop and `line` are compiled with them.
+#[inline(always)]
+pub(super) unsafe fn with_lines<S: StatsLoop>(
+    x: Input<'_>,
+    shift: f32,
+    out: &mut [f32],
+    ahead: Ahead,
+    mut lines: SideLines<'_>,
+    line: impl Fn(&mut SideLines<'_>, usize) + Copy,
+) -> f32 {
+    let steps = out.len().min(x.len()) / 16;
+    // SAFETY: the caller has the features (above).
+    let r = unsafe { S::run(x, shift, out, ahead, |j| line(&mut lines, j)) };
+    lines.finish(steps, line);
+    r
+}
+
 /// [`exp_sum_512`] (or its 16-bit forms) with the store of `side` in the same loop, one line of
 /// the store per 64 bytes of it (the store's memory traffic under the arithmetic): the same bits
 /// as the two calls one after the other. `$line_bf16` is the bf16 line of the CPU.
@@ -280,26 +320,13 @@ macro_rules! exp_sum_side_512 {
             ahead: Ahead,
             side: super::Side<'_>,
         ) -> f32 {
-            let steps = out.len().min(match x {
-                Input::F32(x) => x.len(),
-                Input::Bf16(b) | Input::F16(b) => b.len(),
-            }) / 16;
-            let mut lines = SideLines::new(side);
-            match lines.kind {
-                SideKind::F32 => {
-                    let r = exp_sum_input_with_512(x, shift, out, ahead, |j| lines.line512(j));
-                    lines.finish(steps, |l, j| l.line512(j));
-                    r
-                }
-                SideKind::Bf16 => {
-                    let r = exp_sum_input_with_512(x, shift, out, ahead, |j| lines.$line_bf16(j));
-                    lines.finish(steps, |l, j| l.$line_bf16(j));
-                    r
-                }
-                SideKind::F16 => {
-                    let r = exp_sum_input_with_512(x, shift, out, ahead, |j| lines.line512_f16(j));
-                    lines.finish(steps, |l, j| l.line512_f16(j));
-                    r
+            let lines = SideLines::new(side);
+            // SAFETY: this function has the features of the loop and of every line.
+            unsafe {
+                match lines.kind {
+                    SideKind::F32 => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.line512(j)),
+                    SideKind::Bf16 => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.$line_bf16(j)),
+                    SideKind::F16 => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.line512_f16(j)),
                 }
             }
         }
