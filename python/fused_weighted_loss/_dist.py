@@ -146,6 +146,12 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     return loss, per, weights, share[1].clone(), token_loss, grad
 
 
+def _is_one(g_loss: Tensor, grad: Tensor) -> bool:
+    """The upstream gradient is exactly 1 and reading it costs nothing (both on the CPU): the
+    kept gradient is then the answer, with no pass over it."""
+    return g_loss.device.type == "cpu" and grad.device.type == "cpu" and g_loss.numel() == 1 and float(g_loss) == 1.0
+
+
 class ShardedLoss(torch.autograd.Function):
     """The forward runs the split and keeps this rank's gradient; the backward scales it."""
 
@@ -162,7 +168,7 @@ class ShardedLoss(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad.numel() == 0:
             raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")
-        if g_loss.device.type == "cpu" and grad.device.type == "cpu" and float(g_loss) == 1.0:
+        if _is_one(g_loss, grad):
             return grad, None, None, None, None  # the usual upstream gradient: no pass over it
         return grad * g_loss.to(grad.dtype), None, None, None, None
 
@@ -212,5 +218,5 @@ class ShardedLinear(torch.autograd.Function):
             if kept[k].numel() == 0:
                 raise RuntimeError(f"fused_weighted_loss: the forward computed no gradient for "
                                    f"{('hidden', 'weight', 'bias')[k]} (it did not require one then)")
-            out[k] = kept[k] * g_loss.to(kept[k].dtype)
+            out[k] = kept[k] if _is_one(g_loss, kept[k]) else kept[k] * g_loss.to(kept[k].dtype)
         return tuple(out)

@@ -40,14 +40,22 @@ def inputs(device, dtype, b=5, t=7, v=1000, seed=0):
 OPTIONS = [
     dict(keywords=[3, 7], reduction="mean"),
     dict(keywords=[5], row_mean="valid", reduction="weighted_mean", z_loss=1e-3, label_smoothing=0.1, softcap=20.0),
-    dict(keywords=[1], reduction="sum", alpha=0.5),
+    # the backward from an upstream gradient other than 1 ("grad_output", not a loss option)
+    dict(keywords=[1], reduction="sum", alpha=0.5, grad_output=0.5),
 ]
+
+
+def split_grad_output(opts):
+    """The loss options and the upstream gradient of the backward."""
+    opts = dict(opts)
+    return opts, opts.pop("grad_output", 1.0)
 
 
 def run(logits, ids, labels, weights, opts, **group_args):
     x = logits.detach().clone().requires_grad_()
+    opts, g = split_grad_output(opts)
     out = fwl.weighted_loss(x, ids, labels=labels, token_weights=weights, return_token_loss=True, **opts, **group_args)
-    out.loss.backward()
+    (out.loss * g).backward()
     return out, x.grad
 
 
@@ -75,9 +83,10 @@ def linear_inputs(seed=1, b=5, t=7, h=16, v=1000):
 def run_linear(hidden, weight, bias, ids, labels, weights, opts, **group_args):
     """weighted_linear_loss with autograd: (output, d hidden, d weight, d bias)."""
     xs = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    opts, g = split_grad_output(opts)
     out = fwl.weighted_linear_loss(xs[0], xs[1], ids, bias=xs[2], labels=labels, token_weights=weights,
                                    return_per_sample=True, chunk_rows=4, **opts, **group_args)
-    out.loss.backward()
+    (out.loss * g).backward()
     return out, xs[0].grad, xs[1].grad, xs[2].grad
 
 
