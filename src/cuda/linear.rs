@@ -51,7 +51,9 @@ use crate::linear::{Chunking, LinearShape};
 use crate::spec::{check_len, LossSpec};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
@@ -186,6 +188,39 @@ pub struct DeviceLinearOutput {
 struct Blas {
     handle: CudaBlas,
     workspace: CudaSlice<u8>,
+    /// Recorded on the last call's stream after its products (their use of the workspace).
+    done: Option<CudaEvent>,
+}
+
+/// The handle bound to one call's stream, under the lock. When it is dropped, however the call
+/// ends, it records on that stream where the call's products end: the next call (on any stream)
+/// waits for that before its own products use the workspace. (The workspace's own borrow in
+/// [`Blas::bind`] records its event before the products are queued, so it cannot order them.)
+struct Bound<'a> {
+    blas: std::sync::MutexGuard<'a, Blas>,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl<'a> Bound<'a> {
+    fn new(blas: std::sync::MutexGuard<'a, Blas>, stream: &'a Arc<CudaStream>) -> Result<Bound<'a>> {
+        let mut b = Bound { blas, stream };
+        b.blas.bind(stream)?;
+        Ok(b)
+    }
+}
+
+impl std::ops::Deref for Bound<'_> {
+    type Target = Blas;
+    fn deref(&self) -> &Blas {
+        &self.blas
+    }
+}
+
+impl Drop for Bound<'_> {
+    fn drop(&mut self) {
+        // a failure here means the context is failing already; the call reports that itself
+        self.blas.done = self.stream.record_event(None).ok();
+    }
 }
 
 /// The fused linear loss on one CUDA context: the loss kernels and a cuBLAS handle.
@@ -237,6 +272,10 @@ impl Blas {
     /// Binds the handle to `stream`, with this handle's workspace (setting a stream resets the
     /// workspace to cuBLAS's own pool, so it is set again after).
     fn bind(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        // the last call's products, on whatever stream, end before this call's start (`Bound`)
+        if let Some(done) = &self.done {
+            stream.wait(done).map_err(drv("ordering the cuBLAS workspace between streams"))?;
+        }
         // SAFETY: the handle is used only under its lock, and only for work on `stream`.
         unsafe { self.handle.set_stream(stream.clone()) }.map_err(blas_err("binding cuBLAS to the stream"))?;
         let (w, _g) = self.workspace.device_ptr_mut(stream);
@@ -288,12 +327,14 @@ impl CudaLinearLoss {
     /// waits once for the workspace allocation).
     pub fn new(ctx: &Arc<CudaContext>) -> Result<CudaLinearLoss> {
         let loss = CudaLoss::new(ctx)?;
+        super::probe::cublas_status()
+            .map_err(|reason| Error::BackendUnavailable { backend: crate::Backend::Cuda, reason })?;
         let stream = ctx.default_stream();
         let handle = CudaBlas::new(stream.clone()).map_err(blas_err("opening cuBLAS"))?;
         let workspace = output::<u8>(&stream, WORKSPACE_BYTES)?;
         // the workspace is used on other streams later: its allocation must be complete
         stream.synchronize().map_err(drv("synchronising"))?;
-        let mut blas = Blas { handle, workspace };
+        let mut blas = Blas { handle, workspace, done: None };
         blas.bind(&stream)?;
         Ok(CudaLinearLoss { loss, blas: Mutex::new(blas) })
     }
@@ -366,8 +407,7 @@ impl CudaLinearLoss {
         let scratch_bytes = 4 * z.len() + L::DTYPE.size() * (g16_len + ones_len);
 
         stream.context().bind_to_thread().map_err(drv("binding the context"))?;
-        let mut blas = self.blas.lock().unwrap_or_else(|e| e.into_inner());
-        blas.bind(stream)?;
+        let blas = Bound::new(self.blas.lock().unwrap_or_else(|e| e.into_inner()), stream)?;
 
         let (ids, _gi) = tokens.ids.device_ptr(stream);
         let labels = tokens.labels.map(|l| l.device_ptr(stream));
