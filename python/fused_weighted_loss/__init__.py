@@ -28,10 +28,10 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _native
+from . import _cpu_pool, _native
 from ._linear import _check_devices as _check_linear_devices
 from ._linear import _linear_op, linear_mode_string
-from ._ops import _check_devices, _loss_op, mode_string
+from ._ops import _check_devices, _check_kinds, _loss_op, mode_string
 
 __version__ = _native.__version__
 
@@ -43,6 +43,7 @@ __all__ = [
     "cuda_available",
     "cuda_unavailable_reason",
     "built_with_cuda",
+    "clear_gradient_pool",
 ]
 
 
@@ -65,12 +66,22 @@ class LossOutput(NamedTuple):
     z-loss, before token and sample weights; 0 where the label is ignored); else None."""
 
 
+def _index(name, value):
+    """``value`` as a 64-bit int: an int (or anything with ``__index__``, not a bool or float)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    v = int(value.__index__())
+    if not -(1 << 63) <= v < (1 << 63):
+        raise ValueError(f"{name} = {v} does not fit in 64 bits")
+    return v
+
+
 def _keyword_lists(keywords, keyword_weights):
     if isinstance(keywords, Tensor):
         keywords = keywords.tolist()
     try:
-        ids = [int(k.__index__()) for k in keywords]
-    except (AttributeError, TypeError):
+        ids = [_index("a keyword id", k) for k in keywords]
+    except TypeError:
         raise TypeError(f"keywords must be a sequence of int token ids, got {keywords!r}") from None
     if keyword_weights is None:
         return ids, [1.0] * len(ids)
@@ -151,7 +162,9 @@ def weighted_loss(
       (defaults: Megatron-LM's equal slices in rank order, ``rank * V_r`` and ``ranks * V_r``);
       ids, labels, keywords and token weights are global and the same on every rank of the group.
       Every rank returns the loss over the whole vocabulary; the gradient is that of this rank's
-      slice. The slices are checked to tile the vocabulary (once per group and slice).
+      slice. The slices are checked to tile the vocabulary, without gaps or overlaps, the first
+      time each rank uses its slice with the group (the check is a collective: when the slices
+      change between calls, every rank's must change).
     - ``data_group``: data-parallel. This rank holds some samples; ``reduction="mean"`` divides
       by the global batch and ``"weighted_mean"`` by the global sum of weights, so that loss and
       gradients equal the single-device result on the concatenated batch, and every rank returns
@@ -177,7 +190,7 @@ def weighted_loss(
     if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
         return _sharded(logits, ids, labels, token_weights, process_group, data_group, vocab_start, vocab_size,
                         chunk_rows, compute_grad, outputs, bool(return_token_loss), bool(check_ids),
-                        (kw, kww, float(alpha), int(ignore_index), str(row_mean), str(reduction), bool(check_finite),
+                        (kw, kww, float(alpha), _index("ignore_index", ignore_index), str(row_mean), str(reduction), bool(check_finite),
                          float(z_loss), float(label_smoothing), None if softcap is None else float(softcap)))
     loss, per, weights, z, token_loss, _ = _loss_op(
         logits.contiguous(),
@@ -187,7 +200,7 @@ def weighted_loss(
         kw,
         kww,
         mode_string(str(row_mean), str(reduction), compute_grad, outputs, bool(check_ids), bool(check_finite),
-                    token_loss=bool(return_token_loss), alpha=float(alpha), ignore_index=int(ignore_index),
+                    token_loss=bool(return_token_loss), alpha=float(alpha), ignore_index=_index("ignore_index", ignore_index),
                     z_loss=float(z_loss), label_smoothing=float(label_smoothing),
                     softcap=None if softcap is None else float(softcap)),
     )
@@ -200,6 +213,7 @@ def _sharded(logits, ids, labels, token_weights, process_group, data_group, voca
              compute_grad, outputs, return_token_loss, check_ids, options):
     from . import _dist
 
+    _check_kinds({"logits": logits, "ids": ids, "labels": labels, "token_weights": token_weights})
     if check_ids and logits.is_cuda:
         raise ValueError("check_ids is not supported with process_group or data_group on CUDA tensors")
     params = dict(
@@ -325,7 +339,7 @@ def weighted_linear_loss(
                               bool(check_finite), accumulate_f32=bool(accumulate_f32),
                               chunk_rows=_optional_int("chunk_rows", chunk_rows),
                               chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=float(alpha),
-                              ignore_index=int(ignore_index), z_loss=float(z_loss),
+                              ignore_index=_index("ignore_index", ignore_index), z_loss=float(z_loss),
                               label_smoothing=float(label_smoothing),
                               softcap=None if softcap is None else float(softcap))
     if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
@@ -371,3 +385,9 @@ def cuda_unavailable_reason() -> Optional[str]:
 def cuda_available() -> bool:
     """Whether CUDA tensors can be passed (a ``cuda`` build, a driver and a device)."""
     return cuda_unavailable_reason() is None
+
+
+def clear_gradient_pool() -> None:
+    """Frees the idle blocks of the CPU gradient pool (large CPU gradients come from a pool of at
+    most four blocks, reused across steps; a block still in use is freed once it is dropped)."""
+    _cpu_pool.clear()

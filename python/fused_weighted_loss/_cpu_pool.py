@@ -6,13 +6,16 @@ cost several times the fused pass itself (measured in benches/python_overhead.py
 caching allocator avoids this on GPUs; its CPU allocator does not. So large CPU gradients come
 from a small pool: a block is handed out again only when no tensor other than the pool's own
 uses its storage any more (the previous step's gradient was dropped, e.g. by
-``optimizer.zero_grad()``); a gradient someone still holds is never reused.
+``optimizer.zero_grad()``); a gradient someone still holds (the tensor, a view of it, its storage
+object) is never reused, nor one moved to shared memory to be sent to another process.
 
 At most four blocks are kept (the fused linear loss uses three at once with 16-bit inputs:
 ``d hidden``, the float32 ``d weight`` it accumulates and the ``d weight`` it returns).
-``FWL_CPU_GRAD_POOL=0`` in the environment turns the pool off.
+Kept blocks stay allocated until :func:`clear` (``fused_weighted_loss.clear_gradient_pool()``)
+drops them. ``FWL_CPU_GRAD_POOL=0`` in the environment turns the pool off.
 """
 import os
+import sys
 import threading
 
 import torch
@@ -28,6 +31,12 @@ def _storage_uses(t):
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
+def _storage_refs(t):
+    """References to the Python object of ``t``'s storage: someone holding only the storage
+    (``g.untyped_storage()``) adds no use of it, but one reference to this object."""
+    return sys.getrefcount(t.untyped_storage())
+
+
 def _free_count():
     """The use count a block's storage shows when only the pool holds it (None: no pool)."""
     if os.environ.get("FWL_CPU_GRAD_POOL", "1") == "0" or not hasattr(torch._C, "_storage_Use_Count"):
@@ -36,6 +45,13 @@ def _free_count():
 
 
 _FREE = _free_count()
+_FREE_REFS = _storage_refs(torch.empty(1, dtype=torch.uint8))
+
+
+def _is_free(block):
+    """No tensor, storage object or other process uses the block but the pool (a block moved to
+    shared memory, as torch.multiprocessing does to send it, is never reused)."""
+    return _storage_uses(block) == _FREE and _storage_refs(block) == _FREE_REFS and not block.is_shared()
 
 
 def _as(block, nbytes, like, dtype):
@@ -51,12 +67,12 @@ def empty_like(like, dtype=None):
         return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
     with _lock:
         for i, block in enumerate(_blocks):
-            if nbytes <= block.numel() <= 2 * nbytes and _storage_uses(block) == _FREE:
+            if nbytes <= block.numel() <= 2 * nbytes and _is_free(block):
                 _blocks.append(_blocks.pop(i))
                 return _as(block, nbytes, like, dtype)
         block = torch.empty(nbytes, dtype=torch.uint8)
         if len(_blocks) >= _KEEP:
-            free = [i for i, b in enumerate(_blocks) if _storage_uses(b) == _FREE]
+            free = [i for i, b in enumerate(_blocks) if _is_free(b)]
             if not free:
                 return _as(block, nbytes, like, dtype)  # every kept block is in use: this one is not kept
             del _blocks[free[0]]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _native
-from ._ops import _arg, _device_arg, _ptr
+from ._ops import _arg, _device_arg, _kept, _ptr, _scaled
 
 # (group, start, len, vocab) whose slices were checked to tile the vocabulary
 _TILED: Dict[Tuple[int, int, int, int], bool] = {}
@@ -43,9 +43,11 @@ def _check_tiling(group, start: int, length: int, vocab: int) -> None:
         return
     slices = [None] * _size(group)
     dist.all_gather_object(slices, (start, length), group=group)
+    # sorted by start, each slice must begin where the one before ended: no gap, no overlap
     covered = 0
     for s, n in sorted(slices):
         if s != covered:
+            covered = -1
             break
         covered = s + n
     if covered != vocab or any(n <= 0 for _, n in slices):
@@ -146,12 +148,6 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     return loss, per, weights, share[1].clone(), token_loss, grad
 
 
-def _is_one(g_loss: Tensor, grad: Tensor) -> bool:
-    """The upstream gradient is exactly 1 and reading it costs nothing (both on the CPU): the
-    kept gradient is then the answer, with no pass over it."""
-    return g_loss.device.type == "cpu" and grad.device.type == "cpu" and g_loss.numel() == 1 and float(g_loss) == 1.0
-
-
 class ShardedLoss(torch.autograd.Function):
     """The forward runs the split and keeps this rank's gradient; the backward scales it."""
 
@@ -165,12 +161,11 @@ class ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        (grad,) = ctx.saved_tensors
+        (grad,) = _kept(ctx)
         if grad.numel() == 0:
             raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")
-        if _is_one(g_loss, grad):
-            return grad, None, None, None, None  # the usual upstream gradient: no pass over it
-        return grad * g_loss.to(grad.dtype), None, None, None, None
+        # upstream 1 on the CPU: the kept gradient, no pass over it; else scaled as the plain path does
+        return _scaled(ctx, [grad], g_loss)[0], None, None, None, None
 
 
 def _group_arg(group):
@@ -210,13 +205,13 @@ class ShardedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        kept = ctx.saved_tensors
-        out = [None] * 7
-        for k in range(3):
-            if not ctx.needs_input_grad[k]:
-                continue
+        kept = _kept(ctx)
+        wanted = [k for k in range(3) if ctx.needs_input_grad[k]]
+        for k in wanted:
             if kept[k].numel() == 0:
                 raise RuntimeError(f"fused_weighted_loss: the forward computed no gradient for "
                                    f"{('hidden', 'weight', 'bias')[k]} (it did not require one then)")
-            out[k] = kept[k] if _is_one(g_loss, kept[k]) else kept[k] * g_loss.to(kept[k].dtype)
+        out = [None] * 7
+        for k, g in zip(wanted, _scaled(ctx, [kept[k] for k in wanted], g_loss)):
+            out[k] = g
         return tuple(out)

@@ -139,7 +139,7 @@ def _backward(ctx, g_loss, *g_non_differentiable):
             raise RuntimeError(f"fused_weighted_loss: the forward computed no gradient for "
                                f"{('hidden', 'weight', 'bias')[k]} (it did not require one then)")
     out = [None] * _NUM_INPUTS
-    for k, g in zip(wanted, _scaled([kept[k] for k in wanted], g_loss)):
+    for k, g in zip(wanted, _scaled(ctx, [kept[k] for k in wanted], g_loss)):
         out[k] = g
     return tuple(out)
 

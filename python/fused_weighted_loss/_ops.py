@@ -45,9 +45,9 @@ def _check_devices(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_
     _check_same_device("logits", logits, {"ids": ids, "labels": labels, "token_weights": token_weights})
 
 
-def _check_layouts(named: Dict[str, Optional[Tensor]]) -> None:
-    """What only torch knows besides devices: CPU or CUDA, dense, contiguous (shapes, dtypes and
-    values are the crate's to check, with its messages)."""
+def _check_kinds(named: Dict[str, Optional[Tensor]]) -> None:
+    """Every tensor of ``named`` (None: absent) is a dense CPU or CUDA tensor: the only memory the
+    native module may read through a data pointer."""
     for name, t in named.items():
         if t is None:
             continue
@@ -55,7 +55,14 @@ def _check_layouts(named: Dict[str, Optional[Tensor]]) -> None:
             raise ValueError(f"{name} is on {t.device}: only CPU and CUDA tensors are supported")
         if t.layout != torch.strided:
             raise ValueError(f"{name} must be a dense (strided) tensor, got {t.layout}")
-        if not t.is_contiguous():
+
+
+def _check_layouts(named: Dict[str, Optional[Tensor]]) -> None:
+    """What only torch knows besides devices: CPU or CUDA, dense, contiguous (shapes, dtypes and
+    values are the crate's to check, with its messages)."""
+    _check_kinds(named)
+    for name, t in named.items():
+        if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
 
 
@@ -250,20 +257,46 @@ def _kept(ctx) -> Tuple[Tensor, ...]:
         ) from e
 
 
-def _scaled(grads: List[Tensor], g_loss: Tensor) -> List[Tensor]:
+def _refuse_double_backward() -> None:
+    """An eager backward runs with grad mode on only under ``create_graph=True``: the kept
+    gradient has no graph, so a gradient of it would silently lack its second-order terms."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("fused_weighted_loss: a backward with create_graph=True (a double backward) is not "
+                           "supported: the fused gradient has no graph of its own")
+
+
+def _scaled(ctx, grads: List[Tensor], g_loss: Tensor) -> List[Tensor]:
     """The kept gradients times the upstream gradient ``g_loss`` (a 0-d tensor), never read on
-    the host unless it is a CPU value already."""
+    the host unless it is a CPU value already.
+
+    The first backward through a forward may scale the kept gradients in place (no new buffer):
+    nobody else holds them yet. Once a backward has handed them out unscaled (upstream 1 on the
+    CPU), they may be anyone's (``torch.autograd.grad`` results, hook arguments), so a later
+    backward through the same graph multiplies out of place instead of rewriting them."""
+    _refuse_double_backward()
     if torch.compiler.is_compiling():
         # traced (torch.compile): a functional multiply, which the compiler fuses with whatever
         # follows; scaling the kept gradient in place would make it copy the gradient first
         return [g * g_loss for g in grads]
     if grads and _host_value(g_loss, grads[0]) == 1.0:
-        # CPU, upstream gradient 1: the kept gradients are the answer, untouched (so a second
-        # backward through the same graph sees them unchanged)
+        # CPU, upstream gradient 1: the kept gradients are the answer, untouched
+        ctx.fwl_handed_out = True
         return grads
+    if getattr(ctx, "fwl_handed_out", False):
+        return [_times(g, g_loss) for g in grads]
+    ctx.fwl_handed_out = True
     for g in grads:
         torch.ops.fused_weighted_loss.scale_grad_(g, g_loss)
     return grads
+
+
+def _times(grad: Tensor, g_loss: Tensor) -> Tensor:
+    """``grad · g_loss`` in a new tensor of ``grad``'s dtype, the product taken in float32 (an
+    upstream gradient such as a loss scale of 65536 does not fit float16)."""
+    g = _host_value(g_loss, grad)
+    if g is not None:
+        return grad * g  # a Python float: the product is taken in float32, rounded once
+    return (grad.to(torch.float32) * g_loss.to(device=grad.device, dtype=torch.float32)).to(grad.dtype)
 
 
 def _backward(ctx, g_loss, *g_non_differentiable):
@@ -272,7 +305,7 @@ def _backward(ctx, g_loss, *g_non_differentiable):
     (grad,) = _kept(ctx)
     if grad.numel() == 0:
         raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")
-    return tuple(_scaled([grad], g_loss)) + (None,) * (_NUM_INPUTS - 1)
+    return tuple(_scaled(ctx, [grad], g_loss)) + (None,) * (_NUM_INPUTS - 1)
 
 
 _loss_custom_op.register_autograd(_backward, setup_context=_setup_context)

@@ -200,6 +200,12 @@ def main():
         results.append({"case": "overlap", "error": None})
     except ValueError as err:
         results.append({"case": "overlap", "error": str(err)})
+    # every rank claims the whole vocabulary: covered, but more than once
+    try:
+        run(logits, ids, labels, weights, OPTIONS[0], process_group=dist.group.WORLD, vocab_start=0, vocab_size=1000)
+        results.append({"case": "duplicate", "error": None})
+    except ValueError as err:
+        results.append({"case": "duplicate", "error": str(err)})
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"world": world, "backend": backend, "results": results}, f)
     dist.barrier()

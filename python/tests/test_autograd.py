@@ -121,3 +121,25 @@ def test_eager_function_matches_the_registered_op(device):
     assert torch.equal(x.grad, y.grad)
     _, _, _, ref = reference(logits, ids, keywords)
     assert rel_err(x.grad, 0.5 * ref) <= 1e-5
+
+
+def test_a_later_backward_never_rewrites_a_gradient_handed_out_before():
+    """The first backward (upstream 1, CPU) hands out the kept gradient itself; a second backward
+    through the same graph with another upstream gradient multiplies out of place."""
+    logits, ids, keys, _ = random_case(3, "cpu", dtype=torch.float32)
+    x = logits.clone().requires_grad_()
+    loss = fwl.keytoken_weighted_loss(ids, x, keys)
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    snapshot = first.clone()
+    (second,) = torch.autograd.grad(loss * 65536.0, x)
+    assert torch.equal(first, snapshot)
+    assert rel_err(second, snapshot * 65536.0) <= 1e-6
+
+
+def test_a_double_backward_raises():
+    logits, ids, keys, _ = random_case(4, "cpu", dtype=torch.float32)
+    x = logits.clone().requires_grad_()
+    loss = fwl.keytoken_weighted_loss(ids, x, keys)
+    # (before: a gradient without a graph, and no error)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)

@@ -54,6 +54,22 @@ def test_a_held_gradient_is_never_reused():
     assert rel_err(g, ref) <= 1e-5
 
 
+def test_a_gradient_whose_storage_is_held_or_shared_is_never_reused():
+    """Holding only the storage object, or a block moved to shared memory (as sending it to
+    another process does), keeps the block out of the pool's hands."""
+    for hold in (lambda g: g.untyped_storage(), lambda g: g.share_memory_()):
+        _cpu_pool.clear()
+        logits, ids, keys = case(1)
+        x = logits.clone().requires_grad_()
+        held = hold(step(x, ids, keys))
+        snapshot = bytes(held.untyped_storage()[:4096]) if isinstance(held, torch.Tensor) else bytes(held[:4096])
+        x.grad = None
+        y = case(2)[0].clone().requires_grad_()
+        step(y, ids, keys)
+        after = bytes(held.untyped_storage()[:4096]) if isinstance(held, torch.Tensor) else bytes(held[:4096])
+        assert after == snapshot
+
+
 def test_accumulation_and_many_live_gradients():
     _cpu_pool.clear()
     logits, ids, keys = case(3)

@@ -72,6 +72,10 @@ CASES = [
     (dict(labels=torch.zeros(B, T, dtype=torch.int32)), TypeError, r"labels must have the ids' dtype \(int64\), got int32"),
     (dict(keywords=["a"]), TypeError, r"keywords must be a sequence of int token ids"),
     (dict(keywords=[1.5]), TypeError, r"keywords must be a sequence of int token ids"),
+    (dict(keywords=[True]), TypeError, r"keywords must be a sequence of int token ids"),
+    (dict(keywords=[2 ** 70]), ValueError, r"a keyword id = 1180591620717411303424 does not fit in 64 bits"),
+    (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int, got 1.5"),
+    (dict(ignore_index=2 ** 70), ValueError, r"ignore_index = 1180591620717411303424 does not fit in 64 bits"),
     (dict(logits=[[[0.0]]]), TypeError, r"logits and ids must be torch tensors"),
     (dict(token_weights=torch.ones(B, T, dtype=torch.float64)), TypeError,
      r"token_weights must be float32, got float64"),
@@ -81,6 +85,9 @@ CASES = [
     (dict(logits=torch.randn(B, T, V, device="meta")), ValueError, r"ids is on cpu, the logits on meta"),
     (dict(labels=torch.zeros(B, T, dtype=torch.long, device="meta")), ValueError, r"labels is on meta, the logits on cpu"),
     (dict(token_weights=torch.ones(B, T, device="meta")), ValueError, r"token_weights is on meta, the logits on cpu"),
+    # the split's entry checks the same before any pointer is read
+    (dict(logits=torch.randn(B, T, V, device="meta"), ids=torch.zeros(B, T, dtype=torch.long, device="meta"),
+          vocab_start=0), ValueError, r"logits is on meta: only CPU and CUDA tensors are supported"),
 ]
 
 
