@@ -269,7 +269,9 @@ __device__ __forceinline__ RowGrad row_finish(const P &p, const MS &st, float ta
                                               float inv_cap, int64_t V, int64_t grow, bool write) {
     const double eps = p.smoothing, lse = static_cast<double>(st.m) + log(static_cast<double>(st.s));
     if (write) {
-        const double tl = cap > 0.f ? cap * tanh(static_cast<double>(target) / cap) : target;
+        // the target capped as every element of the row was (`capped`, f32 tanhf): with the
+        // double tanh, a row its target dominates could come out with a loss below 0
+        const double tl = static_cast<double>(capped(target, cap, inv_cap));
         double l = (static_cast<double>(st.m) - tl) + log(static_cast<double>(st.s));
         if (eps != 0.0) l = (1.0 - eps) * l + eps * (lse - static_cast<double>(st.z) / static_cast<double>(V));
         const double zl = p.z_loss * lse * lse;

@@ -255,3 +255,72 @@ fn bad_options_and_buffers_are_typed_errors() {
     // nothing was written on error
     assert!(per_token.iter().all(|&x| x == 0.0));
 }
+
+#[test]
+fn soft_capping_takes_the_target_and_the_reference_from_the_element_loop() {
+    // The target's capped value and the row's reference are the element loop's own (its `tanh`):
+    // a one-entry row has a loss of exactly 0, a row of 33 equal entries exactly ln 33 (every
+    // exponential exactly 1, in the vector steps and the tail alike), and a row the target
+    // dominates a loss >= 0. T = 2: each sample's loss is its one position's.
+    fn per_sample<L: Logit>(spec: &LossSpec, shape: Shape, logits: &[f32], ids: &[i64]) -> (Vec<f64>, Vec<f32>) {
+        let x: Vec<L> = logits.iter().map(|&v| L::from_f32(v)).collect();
+        let mut g = vec![f32::NAN; x.len()];
+        let out = spec.loss_and_grad(shape, &x, Tokens::new(ids), Grad::IntoF32(&mut g)).unwrap();
+        (out.per_sample_loss, g)
+    }
+    let b = 6;
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut uniform = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 11) as f64 / (1u64 << 53) as f64
+    };
+    for level in cpu_levels() {
+        for cap in [5.0, 30.0, 50.0] {
+            let spec = LossSpec::builder().softcap(cap).cpu_simd(level).build().unwrap();
+            // V = 1
+            let one: Vec<f32> = (0..2 * b).map(|_| (uniform() * 160.0 - 80.0) as f32).collect();
+            let ids = vec![0i64; 2 * b];
+            let shape = Shape::new(b, 2, 1).unwrap();
+            for (l, g) in [
+                per_sample::<f32>(&spec, shape, &one, &ids),
+                per_sample::<bf16>(&spec, shape, &one, &ids),
+                per_sample::<f16>(&spec, shape, &one, &ids),
+            ] {
+                assert!(l.iter().all(|&x| x == 0.0), "{level} c={cap} V=1: {l:?}");
+                assert!(g.iter().all(|&x| x == 0.0), "{level} c={cap} V=1: {g:?}");
+            }
+            // 33 equal entries per row
+            let shape = Shape::new(b, 2, 33).unwrap();
+            let mut equal = Vec::new();
+            for _ in 0..2 * b {
+                let x = (uniform() * 160.0 - 80.0) as f32;
+                equal.extend(std::iter::repeat_n(x, 33));
+            }
+            let ids: Vec<i64> = (0..2 * b as i64).map(|i| (i * 5) % 33).collect();
+            for (l, _) in [
+                per_sample::<f32>(&spec, shape, &equal, &ids),
+                per_sample::<bf16>(&spec, shape, &equal, &ids),
+                per_sample::<f16>(&spec, shape, &equal, &ids),
+            ] {
+                assert!(l.iter().all(|&x| (x - 33f64.ln()).abs() <= 1e-12), "{level} c={cap} equal: {l:?}");
+            }
+            // the target dominates its row
+            let v = 257;
+            let shape = Shape::new(b, 2, v).unwrap();
+            let ids: Vec<i64> = (0..2 * b as i64).map(|i| (i * 37) % v as i64).collect();
+            let mut dom: Vec<f32> = (0..2 * b * v).map(|_| (uniform() * -60.0) as f32).collect();
+            for s in 0..b {
+                dom[2 * s * v + ids[2 * s + 1] as usize] = (40.0 + uniform() * 60.0) as f32;
+            }
+            for (l, _) in [
+                per_sample::<f32>(&spec, shape, &dom, &ids),
+                per_sample::<bf16>(&spec, shape, &dom, &ids),
+                per_sample::<f16>(&spec, shape, &dom, &ids),
+            ] {
+                assert!(l.iter().all(|&x| x >= 0.0), "{level} c={cap} dominated: {l:?}");
+            }
+        }
+    }
+}

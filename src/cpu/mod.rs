@@ -39,8 +39,8 @@ pub(crate) mod split;
 
 use crate::dtype::Logit;
 use crate::spec::{Plan, RowLosses, NO_TARGET};
+use pass::{cap_one, input_of, stats_pass, zero, Pending, PrevRow, RowExps, Scratch};
 pub(crate) use pass::{load, store_scaled};
-use pass::{stats_pass, zero, Pending, PrevRow, RowExps, Scratch};
 use rayon::prelude::*;
 use row::RowMath;
 pub(crate) use row::RowStats;

@@ -3,7 +3,7 @@
 //! with what a pipelined task runs between the chunks of the next row's statistics.
 
 use super::row::{RowMath, RowStats};
-use super::simd::{Ahead, Input, Kernels, Side, SideDst};
+use super::simd::{Ahead, ElemOpts, Input, Kernels, Side, SideDst};
 use super::{CHECK_SUM, CHUNK, MARGIN, SCRATCH_MAX};
 use crate::dtype::{DType, Logit};
 use std::ops::Range;
@@ -130,9 +130,29 @@ pub(super) fn exp_chunk<L: Logit>(
     (sum, 0.0)
 }
 
+/// One logit soft-capped as the level's element loop caps it (`x` itself without
+/// soft-capping): the target's value and the reference must be the loop's own, or a row whose
+/// target dominates could come out with a loss below 0 (by the two `tanh`s' difference, ~1e-6
+/// at `c` = 30) and a one-entry row with a loss other than 0.
+#[inline]
+pub(super) fn cap_one(k: &Kernels, m: &RowMath, x: Input<'_>) -> f32 {
+    match m.elem.filter(|o| o.cap != 0.0) {
+        Some(o) => {
+            let (mut out, mut chain) = ([0f32; 1], [0f32; 1]);
+            // summing: the loop returns the capped element itself
+            k.exp_opts(x, 0.0, ElemOpts { sum: true, ..o }, &mut out, &mut chain, Ahead::NONE).1
+        }
+        None => match x {
+            Input::F32(v) => v[0],
+            Input::Bf16(b) => half::bf16::from_bits(b[0]).to_f32(),
+            Input::F16(b) => half::f16::from_bits(b[0]).to_f32(),
+        },
+    }
+}
+
 /// A chunk as the kernels take it.
 #[inline]
-fn input_of<L: Logit>(chunk: &[L]) -> Input<'_> {
+pub(super) fn input_of<L: Logit>(chunk: &[L]) -> Input<'_> {
     match (L::as_f32(chunk), L::as_bits(chunk)) {
         (Some(x), _) => Input::F32(x),
         (None, Some(b)) if L::DTYPE == DType::BF16 => Input::Bf16(b),
@@ -217,7 +237,7 @@ pub(super) fn stats_pass<L: Logit>(
         };
         if st.shift == f32::NEG_INFINITY {
             // no finite reference yet: take this chunk's maximum first
-            st.raise(m.cap_max(k.max(load(k, chunk, &mut s.buf))));
+            st.raise(cap_one(k, m, Input::F32(&[k.max(load(k, chunk, &mut s.buf))])));
         }
         // the plain loop takes the previous row's store of this chunk into its own loop
         let x = if m.elem.is_none() { Some(input_of(chunk)) } else { None };
@@ -229,7 +249,7 @@ pub(super) fn stats_pass<L: Logit>(
         if sum > CHECK_SUM || sum.is_nan() {
             // a large sum (or +inf, NaN) may come from a much larger maximum: if the chunk has
             // one (or +inf), move the reference and redo the chunk
-            let top = m.cap_max(k.max(load(k, chunk, &mut s.buf)));
+            let top = cap_one(k, m, Input::F32(&[k.max(load(k, chunk, &mut s.buf))]));
             if top > st.shift + MARGIN {
                 st.raise(top);
                 (sum, zsum) = exp_chunk(k, m, chunk, st.exp_shift(), out, chain, Ahead::NONE, &mut s.buf);
@@ -242,7 +262,8 @@ pub(super) fn stats_pass<L: Logit>(
         }
         inter.after(c);
     }
-    (st.target_logit, st.target_chain) = m.cap(row[target].to_f32() as f64);
+    st.target_logit = cap_one(k, m, input_of(&row[target..=target])) as f64;
+    st.target_chain = m.chain_of(st.target_logit);
     st
 }
 

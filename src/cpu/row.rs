@@ -116,24 +116,18 @@ impl RowMath {
         self.elem.is_some_and(|e| e.cap != 0.0 && e.sum)
     }
 
-    /// The soft-capped value of a raw logit and its chain factor `1 − tanh²(z / c)`.
+    /// The chain factor `1 − tanh²(x / c) = 1 − (z / c)²` of a soft-capped logit `z` (1 without
+    /// soft-capping). The capped value itself comes from the level's element loop
+    /// ([`cap_one`](super::pass::cap_one)), so that the target and the reference are the very
+    /// values the row's sum was taken over.
     #[inline]
-    pub fn cap(&self, z: f64) -> (f64, f64) {
+    pub fn chain_of(&self, z: f64) -> f64 {
         match self.cap {
             Some(c) => {
-                let t = (z / c).tanh();
-                (c * t, 1.0 - t * t)
+                let t = z / c;
+                1.0 - t * t
             }
-            None => (z, 1.0),
-        }
-    }
-
-    /// The soft-capped value of a raw maximum (capping is monotonic).
-    #[inline]
-    pub fn cap_max(&self, m: f32) -> f32 {
-        match self.cap {
-            Some(_) => self.cap(m as f64).0 as f32,
-            None => m,
+            None => 1.0,
         }
     }
 

@@ -20,7 +20,8 @@
 use super::row::{RowMath, RowStats};
 use super::simd::Kernels;
 use super::{
-    rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, CHUNK, SCRATCH_MAX, STREAM_MIN_BYTES,
+    cap_one, input_of, rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, CHUNK,
+    SCRATCH_MAX, STREAM_MIN_BYTES,
 };
 use crate::dtype::Logit;
 use crate::spec::{Plan, RowOptions};
@@ -60,11 +61,11 @@ fn decode(w: &[f64]) -> RowStats {
 }
 
 /// The statistics of a whole row from those of every rank's slice, merged in the order given
-/// (rank order: every rank gets the same bits). The raw target logit (held by one slice, 0 in
-/// the others) is soft-capped here, with its chain factor.
+/// (rank order: every rank gets the same bits). The (soft-capped) target logit is held by one
+/// slice, 0 in the others; its chain factor follows from it here.
 pub(crate) fn merge_row<'a>(m: &RowMath, parts: impl Iterator<Item = &'a [f64]>) -> RowStats {
     let mut st = parts.map(decode).fold(RowStats::EMPTY, RowStats::merge);
-    (st.target_logit, st.target_chain) = m.cap(st.target_logit);
+    st.target_chain = m.chain_of(st.target_logit);
     st
 }
 
@@ -307,10 +308,11 @@ impl SplitCpu {
                         continue;
                     };
                     let e = ex.as_deref_mut().map(|e| &mut e[i]);
-                    // the target is read apart below (it may lie in another slice)
+                    // the target is read apart below (it may lie in another slice), capped as
+                    // this slice's loop caps it; its chain factor comes at the merge
                     let mut st = stats_pass(k, m, row, &src[i * len..], 0, e, s, &mut ());
                     st.target_logit = match y.checked_sub(v0).filter(|&j| j < len) {
-                        Some(j) => row[j].to_f32() as f64,
+                        Some(j) => cap_one(k, m, input_of(&row[j..=j])) as f64,
                         None => 0.0,
                     };
                     st.target_chain = 1.0;
