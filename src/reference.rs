@@ -161,7 +161,9 @@ pub fn reference<L: Logit, I: TokenId>(
         match spec.reduction {
             Reduction::Mean => total / b as f64,
             Reduction::WeightedMean if wsum > 0.0 => total / wsum,
-            Reduction::WeightedMean => 0.0,
+            // every weight 0: the weighted losses' sum, 0 unless a loss is not finite (a zero
+            // weight does not hide a NaN)
+            Reduction::WeightedMean => total,
             Reduction::Sum => total,
         }
     };

@@ -134,7 +134,8 @@ pub enum Reduction {
     /// `mean_b(loss_b * w_b)`: divide by `B` (the course function).
     #[default]
     Mean,
-    /// `sum_b(loss_b * w_b) / sum_b(w_b)`; 0 when every weight is 0.
+    /// `sum_b(loss_b * w_b) / sum_b(w_b)`; when every weight is 0, `sum_b(loss_b * 0)`: 0, or
+    /// NaN where a sample's loss is not finite (a zero weight does not hide a NaN).
     WeightedMean,
     /// `sum_b(loss_b * w_b)`.
     Sum,

@@ -324,3 +324,25 @@ fn soft_capping_takes_the_target_and_the_reference_from_the_element_loop() {
         }
     }
 }
+
+#[test]
+fn weighted_mean_with_every_weight_zero_is_zero_and_keeps_a_nan() {
+    // alpha = 0: every sample weight is 0. Finite logits: loss 0 (not 0/0). A NaN logit in a
+    // counted row: NaN, as the reference says (a zero weight does not hide it).
+    let shape = Shape::new(2, 3, 5).unwrap();
+    let (mut logits, ids) = random_inputs::<f32>(7, shape, 2.0);
+    let spec = LossSpec::builder().alpha(0.0).reduction(Reduction::WeightedMean).build().unwrap();
+    for level in cpu_levels() {
+        let spec = spec.to_builder().cpu_simd(level).build().unwrap();
+        let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+        let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+        assert_eq!((out.loss, r.loss), (0.0, 0.0), "{level}");
+    }
+    logits[2] = f32::NAN;
+    for level in cpu_levels() {
+        let spec = spec.to_builder().cpu_simd(level).build().unwrap();
+        let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+        let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+        assert!(out.loss.is_nan() && r.loss.is_nan(), "{level}: {} and the reference {}", out.loss, r.loss);
+    }
+}
