@@ -50,6 +50,7 @@ mod error;
 pub mod linear;
 pub mod measure;
 pub mod parallel;
+mod plan;
 pub mod reference;
 mod spec;
 pub mod synthetic;

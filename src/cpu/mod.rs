@@ -38,7 +38,7 @@ pub(crate) mod simd;
 pub(crate) mod split;
 
 use crate::dtype::Logit;
-use crate::spec::{Plan, RowLosses, NO_TARGET};
+use crate::plan::{Plan, RowLosses, NO_TARGET};
 use pass::{cap_one, input_of, stats_pass, zero, Pending, PrevRow, RowExps, Scratch};
 pub(crate) use pass::{load, store_scaled};
 use rayon::prelude::*;
@@ -237,7 +237,8 @@ pub(crate) fn run_rows_in_place<L: Logit>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{CpuSimd, RowOptions};
+    use crate::plan::RowOptions;
+    use crate::spec::CpuSimd;
 
     fn stats_of(k: &Kernels, m: &RowMath, row: &[f32], target: usize) -> RowStats {
         stats_pass(k, m, row, row, target, None, &mut Scratch::new(m), &mut ())

@@ -2,7 +2,7 @@
 //! statistics pass) and the per-row arithmetic of the options ([`RowMath`]).
 
 use super::simd::ElemOpts;
-use crate::spec::RowOptions;
+use crate::plan::RowOptions;
 
 /// The statistics of one logits row (or of a slice of it), from which loss and gradient follow:
 /// with any reference `r`, `sum_exp = sum(exp(z - r))`,

@@ -24,7 +24,7 @@ use super::{
     SCRATCH_MAX, STREAM_MIN_BYTES,
 };
 use crate::dtype::Logit;
-use crate::spec::{Plan, RowOptions};
+use crate::plan::{Plan, RowOptions};
 use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Mutex;

@@ -11,7 +11,7 @@ use crate::cpu::simd::Kernels;
 use crate::cpu::{load, run_rows_in_place, store_scaled, RowSel};
 use crate::dtype::Logit;
 use crate::error::Result;
-use crate::spec::{Plan, RowLosses, NO_TARGET};
+use crate::plan::{Plan, RowLosses, NO_TARGET};
 use crate::Grad;
 use rayon::prelude::*;
 use std::ops::Range;

@@ -231,7 +231,7 @@ fn gather_pairs(dg: &dyn Collective, local: [f64; 2]) -> Result<Option<Vec<f64>>
 
 /// Sets `plan`'s denominator from the data group's batch (`B` and `Σ w_b` of every rank); a
 /// group of one leaves it.
-fn global_denominator(plan: &mut crate::spec::Plan, spec: &crate::LossSpec, dg: &dyn Collective) -> Result<()> {
+fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, dg: &dyn Collective) -> Result<()> {
     if let Some(all) = gather_pairs(dg, [plan.shape.batch() as f64, plan.weights.iter().sum()])? {
         plan.set_denominator(denominator(spec.reduction, &all), spec.grad_scale);
     }

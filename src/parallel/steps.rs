@@ -5,7 +5,8 @@ use crate::cpu::split::{encode, merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::RowStats;
 use crate::dtype::{Logit, TokenId};
 use crate::error::{Error, Result};
-use crate::spec::{check_len, LossOutput, LossSpec, Plan, RowLosses, Shape, Tokens, NO_TARGET};
+use crate::plan::{Plan, RowLosses, NO_TARGET};
+use crate::spec::{check_len, LossOutput, LossSpec, Shape, Tokens};
 use crate::Backend;
 use std::ops::Range;
 

@@ -1,0 +1,208 @@
+//! The plan of a call: what the kernels need that depends only on the tokens (targets, sample
+//! weights, per-row coefficients), worked out once per call from a validated [`LossSpec`], and
+//! the reduction of the backends' row losses into a [`LossOutput`].
+
+use crate::dtype::TokenId;
+use crate::error::{Error, Result};
+use crate::spec::{validate_tokens, Backend, Keyword, LossOutput, LossSpec, Reduction, RowMean, Shape, Tokens};
+
+/// Marks a row with no target (the last position, or an ignored label).
+pub(crate) const NO_TARGET: u32 = u32::MAX;
+
+/// Everything the kernels need that depends only on the tokens: validated once per call.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub shape: Shape,
+    /// Per row `b*T + t`: the target id, or [`NO_TARGET`].
+    pub targets: Vec<u32>,
+    /// Per sample: `w_b` .
+    pub weights: Vec<f64>,
+    /// Per sample: non-ignored targets.
+    pub valid: Vec<u64>,
+    /// Per sample: what the sum of its per-token losses is divided by (0: contributes nothing).
+    pub row_div: Vec<f64>,
+    /// Per sample: `d loss / d loss_b` before the upstream scale (the reduction's factor).
+    pub reduce: Vec<f64>,
+    /// Per sample: the gradient coefficient `grad_scale * reduce_b / row_div_b`.
+    pub coef: Vec<f64>,
+    /// Per row: the token weight (`token_weights[b, t + 1]`); empty when none were given.
+    pub token_weight: Vec<f32>,
+    /// The per-row options.
+    pub opts: RowOptions,
+}
+
+/// The options that change a row's loss and gradient, as the kernels use them.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) struct RowOptions {
+    /// z-loss coefficient (0: off).
+    pub z_loss: f64,
+    /// Label smoothing `ε` (0: off).
+    pub smoothing: f64,
+    /// Soft-cap `c` (`None`: off).
+    pub softcap: Option<f32>,
+}
+
+impl RowOptions {
+    /// Whether the options need more per element than the plain loss: a sum of the logits
+    /// (smoothing) or `tanh` (soft-capping). z-loss and token weights change only per-row factors.
+    pub fn per_element(&self) -> bool {
+        self.smoothing != 0.0 || self.softcap.is_some()
+    }
+}
+
+/// What a backend returns per row: the row's loss (0 for a row without a target) and, with
+/// z-loss on, the z-loss part of it (`z.is_empty()` otherwise).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RowLosses {
+    pub loss: Vec<f64>,
+    pub z: Vec<f64>,
+}
+
+/// Keywords merged by id (a repeated id's weights add up) and sorted, so that counting the hits
+/// of a sample is one pass over its ids whatever the number of keywords.
+struct KeywordTable(Vec<(i64, f64)>);
+
+impl KeywordTable {
+    fn new(keywords: &[Keyword]) -> Self {
+        let mut v: Vec<(i64, f64)> = keywords.iter().map(|k| (k.id, k.weight)).collect();
+        v.sort_by_key(|&(id, _)| id);
+        v.dedup_by(|b, a| {
+            let same = a.0 == b.0;
+            if same {
+                a.1 += b.1;
+            }
+            same
+        });
+        KeywordTable(v)
+    }
+
+    /// What one occurrence of `id` adds to the hit count (0 for a non-keyword).
+    #[inline]
+    fn weight(&self, id: i64) -> f64 {
+        match self.0.binary_search_by_key(&id, |&(k, _)| k) {
+            Ok(i) => self.0[i].1,
+            Err(_) => 0.0,
+        }
+    }
+}
+
+impl LossSpec {
+    /// Validates the tokens and works out targets, weights and per-sample coefficients.
+    pub(crate) fn plan<I: TokenId>(&self, shape: Shape, tokens: &Tokens<'_, I>) -> Result<Plan> {
+        validate_tokens(self, shape, tokens)?;
+        let (b, t) = (shape.batch(), shape.seq());
+        let labels = tokens.labels.unwrap_or(tokens.ids);
+        let table = KeywordTable::new(&self.keywords);
+        let mut targets = vec![NO_TARGET; shape.rows()];
+        let mut valid = vec![0u64; b];
+        let mut weights = vec![0f64; b];
+        for s in 0..b {
+            for p in 0..t - 1 {
+                let y = labels[s * t + p + 1].to_i64();
+                if y != self.ignore_index {
+                    // In range: checked by `validate_tokens`.
+                    targets[s * t + p] = y as u32;
+                    valid[s] += 1;
+                }
+            }
+            let hits: f64 = tokens.ids[s * t..(s + 1) * t].iter().map(|id| table.weight(id.to_i64())).sum();
+            weights[s] = self.alpha * (1.0 + hits);
+        }
+        let row_div: Vec<f64> = valid
+            .iter()
+            .map(|&n| match self.row_mean {
+                RowMean::AllPositions => (t - 1) as f64,
+                RowMean::ValidTokens => n as f64,
+            })
+            .collect();
+        // row (s, p) is weighted by token_weights[s, p + 1]; the last position has no target
+        let token_weight = match tokens.token_weights {
+            Some(w) => (0..shape.rows()).map(|r| if (r + 1) % t == 0 { 0.0 } else { w[r + 1] }).collect(),
+            None => Vec::new(),
+        };
+        let (reduce, coef) = (Vec::new(), Vec::new());
+        let mut plan =
+            Plan { shape, targets, weights, valid, row_div, reduce, coef, token_weight, opts: self.row_options() };
+        let denom = match self.reduction {
+            Reduction::Mean => b as f64,
+            Reduction::WeightedMean => plan.weights.iter().sum(),
+            Reduction::Sum => 1.0,
+        };
+        plan.set_denominator(denom, self.grad_scale);
+        Ok(plan)
+    }
+
+    /// The per-row options of this spec.
+    pub(crate) fn row_options(&self) -> RowOptions {
+        RowOptions { z_loss: self.z_loss, smoothing: self.label_smoothing, softcap: self.softcap.map(|c| c as f32) }
+    }
+}
+
+impl Plan {
+    /// Sets the reduction's per-sample factors `reduce_b = w_b / denom` (0 when `denom` is 0) and
+    /// the gradient coefficients from them: `denom` is `B`, `Σ w_b` or 1 for this call's samples,
+    /// or the same over every data-parallel rank's samples.
+    pub(crate) fn set_denominator(&mut self, denom: f64, grad_scale: f64) {
+        self.reduce = self.weights.iter().map(|&w| if denom > 0.0 { w / denom } else { 0.0 }).collect();
+        let coef = self.reduce.iter().zip(&self.row_div);
+        self.coef = coef.map(|(&r, &d)| if d > 0.0 { grad_scale * r / d } else { 0.0 }).collect();
+    }
+
+    /// Row `r`'s gradient coefficient: its sample's, times its token weight.
+    #[inline]
+    pub(crate) fn row_coef(&self, r: usize) -> f32 {
+        let c = self.coef[r / self.shape.seq()];
+        match self.token_weight.get(r) {
+            Some(&w) => (c * w as f64) as f32,
+            None => c as f32,
+        }
+    }
+
+    /// Combines per-row losses (0 for rows without a target) into the output, in a fixed order;
+    /// writes each position's loss into `token_loss` (`[B, T - 1]`, 0 where ignored) when given.
+    pub(crate) fn finish(
+        &self,
+        rows: &RowLosses,
+        check_finite: bool,
+        backend: Backend,
+        mut token_loss: Option<&mut [f32]>,
+    ) -> Result<LossOutput> {
+        let t = self.shape.seq();
+        let mut per_sample = Vec::with_capacity(self.shape.batch());
+        let mut z_loss = 0f64;
+        for (s, losses) in rows.loss.chunks_exact(t).enumerate() {
+            let (mut sum, mut z_sum) = (0f64, 0f64);
+            for (p, &l) in losses[..t - 1].iter().enumerate() {
+                let r = s * t + p;
+                if let Some(out) = token_loss.as_deref_mut() {
+                    out[s * (t - 1) + p] = l as f32;
+                }
+                if self.targets[r] == NO_TARGET {
+                    continue;
+                }
+                if check_finite && !l.is_finite() {
+                    return Err(Error::NonFinite { batch: s, position: p, value: l });
+                }
+                let w = self.token_weight.get(r).map_or(1.0, |&w| w as f64);
+                sum += w * l;
+                if let Some(&z) = rows.z.get(r) {
+                    z_sum += w * z;
+                }
+            }
+            let div = self.row_div[s];
+            per_sample.push(if div > 0.0 { sum / div } else { 0.0 });
+            if div > 0.0 {
+                z_loss += z_sum / div * self.reduce[s];
+            }
+        }
+        let loss = per_sample.iter().zip(&self.reduce).map(|(l, r)| l * r).sum();
+        Ok(LossOutput {
+            loss,
+            per_sample_loss: per_sample,
+            weights: self.weights.clone(),
+            valid_tokens: self.valid.clone(),
+            z_loss,
+            backend,
+        })
+    }
+}
