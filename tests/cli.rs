@@ -254,3 +254,52 @@ fn bench_json_contract() {
             && text.stdout.contains("threads 1")
     );
 }
+
+#[test]
+fn eval_pins_the_simd_level_and_threads_with_the_same_bits() {
+    // a level gives the same bits whatever the thread count; every level agrees with the
+    // reference; a level this CPU lacks and --threads 0 are one-line errors
+    let d = tmpdir("simd");
+    let shape = Shape::new(4, 9, 3001).unwrap();
+    let (logits, ids) = common::random_inputs::<f32>(53, shape, 4.0);
+    write_npy(&d.join("L.npy"), &[4, 9, 3001], &logits);
+    write_npy(&d.join("I.npy"), &[4, 9], &ids);
+    let r = reference(&LossSpec::default(), shape, &logits, Tokens::new(&ids)).unwrap();
+    let (l, i) = (d.join("L.npy"), d.join("I.npy"));
+    for level in common::cpu_levels() {
+        let name = level.to_string();
+        let mut seen: Option<(String, Vec<u8>)> = None;
+        for threads in ["1", "3"] {
+            let g = d.join(format!("G-{name}-{threads}.npy"));
+            let args = [
+                "eval",
+                "--logits",
+                s(&l),
+                "--inputs",
+                s(&i),
+                "--simd",
+                &name,
+                "--threads",
+                threads,
+                "--grad-out",
+                s(&g),
+            ];
+            let j = json(&run(&args));
+            assert!(rel(j["loss"].as_f64().unwrap(), r.loss) <= 1e-5, "{name}");
+            let (_, grad) = read_f32_npy(&g);
+            assert!(rel_err(&grad, &r.grad) <= 1e-5, "{name}");
+            let now = (j["loss"].to_string(), std::fs::read(&g).unwrap());
+            if let Some(first) = &seen {
+                assert!(first == &now, "{name}: --threads {threads} changed the bits");
+            }
+            seen = Some(now);
+        }
+    }
+    assert_usage_error(
+        &["eval", "--logits", s(&l), "--inputs", s(&i), "--threads", "0"],
+        "--threads must be at least 1",
+    );
+    if !fused_weighted_loss::cpu_simd_supported(fused_weighted_loss::CpuSimd::Avx512) {
+        assert_usage_error(&["eval", "--logits", s(&l), "--inputs", s(&i), "--simd", "avx512"], "avx512");
+    }
+}

@@ -16,7 +16,8 @@ mod output;
 
 use clap::{Args, Parser, Subcommand};
 use fused_weighted_loss::{
-    bf16, f16, Backend, DType, Grad, Logit, LossOutput, LossSpec, LossSpecBuilder, Reduction, RowMean, Shape, Tokens,
+    bf16, f16, Backend, CpuSimd, DType, Grad, Logit, LossOutput, LossSpec, LossSpecBuilder, Reduction, RowMean, Shape,
+    Tokens,
 };
 use npy::{read_npy, Elem, NpyData};
 use output::{write_f32_npy, PendingOutput};
@@ -74,6 +75,13 @@ struct EvalArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     backend: Backend,
+    /// CPU instruction set: auto, avx512, avx2 or portable (each gives the same bits on any
+    /// machine that has it, whatever the thread count).
+    #[arg(long, default_value = "auto")]
+    simd: CpuSimd,
+    /// CPU threads (default: all cores; at most 4 per core).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Fail on a non-finite per-position loss instead of propagating it.
     #[arg(long)]
     check_finite: bool,
@@ -264,8 +272,10 @@ fn eval(a: EvalArgs) -> CliResult<String> {
         .row_mean(a.row_mean)
         .reduction(a.reduction)
         .check_finite(a.check_finite)
-        .backend(a.backend);
+        .backend(a.backend)
+        .cpu_simd(a.simd);
     let spec = a.options.apply(spec).build()?;
+    bench::check_threads(a.threads)?;
     // before any work: the outputs are none of the inputs (nor each other), and their temporary
     // files can be created
     let inputs = [
@@ -309,14 +319,16 @@ fn eval(a: EvalArgs) -> CliResult<String> {
     };
     let dtype = a.dtype.unwrap_or(file_dtype);
     let g = &mut files;
-    let out = match (&logits, dtype) {
-        (LogitsData::F32(l), DType::F32) => eval_typed(&spec, shape, l, tokens, g)?,
-        (LogitsData::F32(l), DType::F16) => eval_typed(&spec, shape, &convert::<f32, f16>(l), tokens, g)?,
-        (LogitsData::F32(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f32, bf16>(l), tokens, g)?,
-        (LogitsData::F16(l), DType::F32) => eval_typed(&spec, shape, &convert::<f16, f32>(l), tokens, g)?,
-        (LogitsData::F16(l), DType::F16) => eval_typed(&spec, shape, l, tokens, g)?,
-        (LogitsData::F16(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f16, bf16>(l), tokens, g)?,
-    };
+    let out = bench::with_threads(a.threads, || {
+        Ok(match (&logits, dtype) {
+            (LogitsData::F32(l), DType::F32) => eval_typed(&spec, shape, l, tokens, g)?,
+            (LogitsData::F32(l), DType::F16) => eval_typed(&spec, shape, &convert::<f32, f16>(l), tokens, g)?,
+            (LogitsData::F32(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f32, bf16>(l), tokens, g)?,
+            (LogitsData::F16(l), DType::F32) => eval_typed(&spec, shape, &convert::<f16, f32>(l), tokens, g)?,
+            (LogitsData::F16(l), DType::F16) => eval_typed(&spec, shape, l, tokens, g)?,
+            (LogitsData::F16(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f16, bf16>(l), tokens, g)?,
+        })
+    })?;
     for file in [files.grad, files.token_loss].into_iter().flatten() {
         file.commit()?;
     }

@@ -247,17 +247,7 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
 /// Runs `bench`: checks the flags, then the memory, then times; returns the table or JSON.
 pub fn bench(a: BenchArgs) -> CliResult<String> {
     let shape = parse_shape(&a.shape)?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    match a.threads {
-        Some(0) => return Err(Failure("--threads must be at least 1".into())),
-        Some(n) if n > MAX_THREADS_PER_CORE * cores => {
-            let max = MAX_THREADS_PER_CORE * cores;
-            return Err(Failure(format!(
-                "--threads {n} is more than {max} ({MAX_THREADS_PER_CORE} per core, {cores} here)"
-            )));
-        }
-        _ => {}
-    }
+    check_threads(a.threads)?;
     if let Some(gb) = a.max_memory {
         if !(gb.is_finite() && gb > 0.0) {
             return Err(Failure(format!("--max-memory must be a positive number of GB, got {gb}")));
@@ -278,7 +268,25 @@ pub fn bench(a: BenchArgs) -> CliResult<String> {
         }
         Ok(report.render(a.json))
     };
-    match a.threads {
+    with_threads(a.threads, run)
+}
+
+/// Refuses a `--threads` of 0 or of more than [`MAX_THREADS_PER_CORE`] per core.
+pub fn check_threads(threads: Option<usize>) -> CliResult<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match threads {
+        Some(0) => Err(Failure("--threads must be at least 1".into())),
+        Some(n) if n > MAX_THREADS_PER_CORE * cores => {
+            let max = MAX_THREADS_PER_CORE * cores;
+            Err(Failure(format!("--threads {n} is more than {max} ({MAX_THREADS_PER_CORE} per core, {cores} here)")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs `run` on a pool of `threads` threads (`None`: the global pool, all cores).
+pub fn with_threads<T: Send>(threads: Option<usize>, run: impl FnOnce() -> CliResult<T> + Send) -> CliResult<T> {
+    match threads {
         Some(n) => rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(run),
         None => run(),
     }
