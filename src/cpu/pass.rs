@@ -242,9 +242,10 @@ pub(super) fn stats_pass<L: Logit>(
         // the plain loop takes the previous row's store of this chunk into its own loop
         let x = if m.elem.is_none() { Some(input_of(chunk)) } else { None };
         let side = x.and_then(|x| inter.side(c, !matches!(x, Input::F32(_))));
+        let mut used = st.exp_shift();
         let (mut sum, mut zsum) = match (x, side) {
-            (Some(x), Some(side)) => (k.exp_sum_side(x, st.exp_shift(), &mut *out, pf, side), 0.0),
-            _ => exp_chunk(k, m, chunk, st.exp_shift(), &mut *out, &mut *chain, pf, &mut s.buf),
+            (Some(x), Some(side)) => (k.exp_sum_side(x, used, &mut *out, pf, side), 0.0),
+            _ => exp_chunk(k, m, chunk, used, &mut *out, &mut *chain, pf, &mut s.buf),
         };
         if sum > CHECK_SUM || sum.is_nan() {
             // a large sum (or +inf, NaN) may come from a much larger maximum: if the chunk has
@@ -252,11 +253,15 @@ pub(super) fn stats_pass<L: Logit>(
             let top = cap_one(k, m, Input::F32(&[k.max(load(k, chunk, &mut s.buf))]));
             if top > st.shift + MARGIN {
                 st.raise(top);
-                (sum, zsum) = exp_chunk(k, m, chunk, st.exp_shift(), out, chain, Ahead::NONE, &mut s.buf);
+                used = st.exp_shift();
+                (sum, zsum) = exp_chunk(k, m, chunk, used, out, chain, Ahead::NONE, &mut s.buf);
             }
         }
         st.sum_exp += sum as f64;
-        st.logit_sum += zsum as f64;
+        if m.elem.is_some_and(|o| o.sum) {
+            // the loop summed `z − shift`: the shift goes back in here, in f64
+            st.logit_sum += zsum as f64 + chunk.len() as f64 * used as f64;
+        }
         if let Some(e) = keep.as_deref_mut().filter(|e| e.kept()) {
             e.shifts[c] = st.shift;
         }

@@ -262,7 +262,7 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
             let e = exp::<FMA, SHORT>(z[i] - shift);
             acc[i] += e;
             if SUM {
-                zacc[i] += z[i];
+                zacc[i] += z[i] - shift;
             }
             o[i] = if CAP { e * s[i] } else { e };
         }
@@ -275,7 +275,7 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
         let e = exp::<FMA, SHORT>(z[i] - shift);
         acc[i] += e;
         if SUM {
-            zacc[i] += z[i];
+            zacc[i] += z[i] - shift;
         }
         out[body + i] = if CAP { e * s[i] } else { e };
         if CAP && SUM {
@@ -287,8 +287,9 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
 
 /// The statistics pass of a chunk under per-element options: with `z = c · tanh(x / c)` (or
 /// `x`) and `s = 1 − tanh²(x / c)` (or 1), writes `out = exp(z − shift) · s` and, when both
-/// options are on, `chain = s`; returns `(Σ exp(z − shift), Σ z)` (the second is 0 unless
-/// `o.sum`).
+/// options are on, `chain = s`; returns `(Σ exp(z − shift), Σ (z − shift))` (the second is 0
+/// unless `o.sum`; taken against the shift, so that a large common offset of the logits does
+/// not cancel it away).
 #[inline(always)]
 pub(super) fn exp_opts_body<const FMA: bool, const SHORT: bool>(
     x: &[f32],

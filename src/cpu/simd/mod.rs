@@ -405,7 +405,8 @@ impl Kernels {
     /// The statistics loop under per-element options ([`ElemOpts`]) over f32 input (`bits:
     /// None`) or 16-bit input (`Some(bf16?)`): with `z` the capped element and `s` its chain
     /// factor, writes `out = exp(z − shift) · s` (and `chain = s` when capping and summing; pass
-    /// an empty `chain` otherwise), returns `(Σ exp(z − shift), Σ z)`.
+    /// an empty `chain` otherwise), returns `(Σ exp(z − shift), Σ (z − shift))` (the second
+    /// against the shift: a large common offset of the logits does not cancel it away).
     #[inline]
     pub fn exp_opts(
         &self,

@@ -83,8 +83,8 @@ impl Lanes {
 }
 
 /// The 16-lane steps of `x[..n]` (`load(i)` gives elements `i..i + 8` as f32), then the tail
-/// element by element as the lane code does it; returns the lanes (the elements summed too when
-/// `ZSUM`, as the lane code's options loop does for label smoothing).
+/// element by element as the lane code does it; returns the lanes (the elements less the shift
+/// summed too when `ZSUM`, as the lane code's options loop does for label smoothing).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
@@ -121,7 +121,7 @@ fn steps<const SHORT: bool, const ZSUM: bool>(
             unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * h), e) };
             a.sum[h] = _mm256_add_ps(a.sum[h], e);
             if ZSUM {
-                a.zsum[h] = _mm256_add_ps(a.zsum[h], v[h]);
+                a.zsum[h] = _mm256_add_ps(a.zsum[h], x[h]);
             }
         }
         side(j);
@@ -132,7 +132,7 @@ fn steps<const SHORT: bool, const ZSUM: bool>(
         out[body + i] = exp::<true, SHORT>(v - shift);
         l.sum[i] += out[body + i];
         if ZSUM {
-            l.zsum[i] += v;
+            l.zsum[i] += v - shift;
         }
     }
     l

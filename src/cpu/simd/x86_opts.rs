@@ -64,7 +64,7 @@ macro_rules! exp_opts_512 {
                     let (z, e, s) = step::<$short, CAP>($load, k);
                     acc = _mm512_add_ps(acc, e);
                     if SUM {
-                        zacc = _mm512_add_ps(zacc, z);
+                        zacc = _mm512_add_ps(zacc, _mm512_sub_ps(z, k.shift));
                     }
                     _mm512_storeu_ps(out.as_mut_ptr().add(i), if CAP { _mm512_mul_ps(e, s) } else { e });
                     if both {
@@ -80,7 +80,7 @@ macro_rules! exp_opts_512 {
                     let (z, e, s) = step::<$short, CAP>($load_masked, k);
                     acc = _mm512_mask_add_ps(acc, $m, acc, e);
                     if SUM {
-                        zacc = _mm512_mask_add_ps(zacc, $m, zacc, z);
+                        zacc = _mm512_mask_add_ps(zacc, $m, zacc, _mm512_sub_ps(z, k.shift));
                     }
                     _mm512_mask_storeu_ps(out.as_mut_ptr().add(body), $m, if CAP { _mm512_mul_ps(e, s) } else { e });
                     if both {
