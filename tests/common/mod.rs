@@ -155,7 +155,12 @@ pub fn check_modes<L: Logit, I: TokenId>(
     assert_outputs(&out, r, loss_tol, &format!("{level}: grad same dtype"));
     let gl32: Vec<f32> = gl.iter().map(|x| x.to_f32()).collect();
     let e = rel_err(&gl32, &r.grad);
-    assert!(e <= grad_tol, "{level}: grad {}: rel err {e:e}", L::DTYPE);
+    // a gradient stored in 16 bits cannot beat the reference rounded to 16 bits: where a small
+    // grad_scale puts the entries among f16's subnormals, that rounding alone loses more than
+    // the tolerance, and the bound is twice what it loses
+    let best: Vec<f32> = r.grad.iter().map(|&g| L::from_f32(g as f32).to_f32()).collect();
+    let floor = rel_err(&best, &r.grad);
+    assert!(e <= grad_tol.max(2.0 * floor), "{level}: grad {}: rel err {e:e} (the dtype's own {floor:e})", L::DTYPE);
 
     let mut inplace = logits.to_vec();
     let mut per_token_in_place = vec![f32::NAN; per_token.len()];
