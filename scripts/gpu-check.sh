@@ -73,20 +73,27 @@ for line in sys.stdin:
   fi
 }
 
-# gpu-bundle/ from the carried archive (python3's tarfile: no xz binary needed there)
+# gpu-bundle/ from the carried archive, replacing any left there by an earlier call (a warm
+# machine keeps ignored folders): unpacked beside it, then swapped in (python3's tarfile: no xz
+# binary needed there)
 unpack() {
-  if [ ! -d "$bundle" ] && [ -f "$bundle.tar.xz" ]; then
-    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(".")' "$bundle.tar.xz" || return 1
+  if [ -f "$bundle.tar.xz" ]; then
+    rm -rf "$bundle.new" && mkdir "$bundle.new" || return 1
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$bundle.tar.xz" "$bundle.new" ||
+      return 1
+    rm -rf "$bundle" && mv "$bundle.new/$bundle" "$bundle" && rmdir "$bundle.new" || return 1
   fi
   [ -d "$bundle/bin" ]
 }
 
 run() {
-  local fail=0 skipped=0 start=$SECONDS
+  local fail=0 skipped=0 cut=0 start=$SECONDS
   # The whole run fits in FWL_GPU_CHECK_S seconds (default 450): the steps come in order of
   # importance, each under its own timeout cut to what is left, and the final bench table keeps
   # FWL_GPU_CHECK_FINAL_S of it (default 170) for itself. A step with under 15 s left is skipped
-  # and said so; a step that runs out of time counts as failed.
+  # and said so; a step that runs past its own limit counts as failed, one stopped by what was
+  # left of the budget is counted apart ("cut short") and the summary says the checks are
+  # incomplete.
   local total=${FWL_GPU_CHECK_S:-450} final_s=${FWL_GPU_CHECK_FINAL_S:-170}
   step() { echo; echo "== $* ($((SECONDS - start)) s)"; }
   within() {
@@ -101,9 +108,9 @@ run() {
     timeout $((want < left ? want : left)) "$@"
     rc=$?
     if [ $rc = 124 ] && ((want > left)); then
-      # stopped by what was left of the budget, not by its own limit: not a failure
-      echo "cut short by the time budget (${left} s left of its ${want} s), counted as skipped: $*"
-      skipped=$((skipped + 1))
+      # stopped by what was left of the budget, not by its own limit: incomplete, not failed
+      echo "cut short by the time budget (${left} s left of its ${want} s): $*"
+      cut=$((cut + 1))
       return 0
     fi
     [ $rc = 124 ] && echo "timed out after its ${want} s: $*"
@@ -113,7 +120,8 @@ run() {
     echo "no $bundle/ and no $bundle.tar.xz to unpack: run 'prepare' here and carry $bundle.tar.xz" >&2
     return 1
   fi
-  # the CUDA libraries PyTorch's wheels ship (cuBLAS, NCCL), after the system's own
+  # the CUDA libraries PyTorch's wheels ship (cuBLAS, NCCL), after LD_LIBRARY_PATH's own folders
+  # (the system's default folders still come after both)
   local libs
   libs=$(python3 -c 'import glob, site; print(":".join(sorted({p for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/*/lib") + glob.glob(d + "/nvidia/*/*/lib")})))' 2>/dev/null)
   [ -n "$libs" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$libs"
@@ -220,7 +228,10 @@ run() {
   fi
 
   echo
-  echo "== checks $([ $fail = 0 ] && echo 'passed' || echo 'FAILED (see above)'), $skipped skipped for time, in $((SECONDS - start)) s"
+  local verdict='passed'
+  ((cut > 0)) && verdict="INCOMPLETE ($cut cut short by the time budget)"
+  ((fail > 0)) && verdict='FAILED (see above)'
+  echo "== checks $verdict, $skipped skipped for time, in $((SECONDS - start)) s"
   step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy (table last)"
   local final_left=$((total - (SECONDS - start)))
   ((final_left < 60)) && final_left=60
