@@ -247,8 +247,10 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_plan_u32(FwlPlanPa
 // ---- rows ----------------------------------------------------------------------------------
 
 // A logit as the loss sees it: c * tanh(z / c) with soft-capping (cap > 0), else z.
+// (__fmul_rn: the product is rounded here, never fused into a following subtraction, so every
+// use of a capped logit, the target's included, sees the same value)
 __device__ __forceinline__ float capped(float z, float cap, float inv_cap) {
-    return cap > 0.f ? cap * tanhf(z * inv_cap) : z;
+    return cap > 0.f ? __fmul_rn(cap, tanhf(z * inv_cap)) : z;
 }
 
 // What a row's gradient entries follow from, once its statistics are known:
@@ -295,7 +297,7 @@ __device__ __forceinline__ float elem_grad(float z, bool is_target, const RowGra
     float s = 1.f;
     if (r.cap > 0.f) {
         const float t = tanhf(z * r.inv_cap);
-        z = r.cap * t;
+        z = __fmul_rn(r.cap, t);  // as `capped`
         s = fmaf(-t, t, 1.f);
     }
     const float e = __expf(z - r.mx);

@@ -1,8 +1,9 @@
 //! B·T·V > 2^31: 64-bit offsets end to end (bf16, in place, 4.4 GB): 130 rows of 2^24 + 3, so
 //! that the rows after the 2^31st element (one with a target, one without) and the row across it
 //! are rows like any other, and a GPU spreads the rows over its multiprocessors. Checked against
-//! float64 recomputed here: every row's loss, and a sample of gradient entries of some rows,
-//! including those past 2^31.
+//! float64 recomputed here: the loss (the mean of every row's), and a sample of gradient entries
+//! of some rows, including those past 2^31. On the CPU also one row of 2^29 + 1 entries (its sum
+//! of exponentials, over 2^15 chunks, keeps f32 accuracy).
 
 mod common;
 
@@ -88,4 +89,31 @@ fn more_than_2_pow_31_elements_cuda() {
         let spec = spec.to_builder().backend(Backend::Cuda).build().unwrap();
         spec.loss_and_grad_in_place(shape, logits, Tokens::new(ids)).unwrap()
     });
+}
+
+#[test]
+#[cfg_attr(debug_assertions, ignore = "2.1 GB; run with --release")]
+fn a_row_of_2_pow_29_entries_cpu() {
+    let v = (1usize << 29) + 1;
+    let shape = Shape::new(1, 2, v).unwrap();
+    let mut logits: Vec<bf16> = Vec::new();
+    if logits.try_reserve_exact(shape.logits_len()).is_err() {
+        panic!("cannot allocate {} bytes for the 2^29-entry row", shape.logits_len() * 2);
+    }
+    (0..shape.logits_len()).into_par_iter().map(value).collect_into_vec(&mut logits);
+    let ids = [0i64, v as i64 - 7];
+    let y = ids[1] as usize;
+    let spec = LossSpec::builder().backend(Backend::Cpu).build().unwrap();
+    let out = spec.loss_and_grad_in_place(shape, &mut logits, Tokens::new(&ids)).unwrap();
+    let m = (0..v).into_par_iter().map(|j| value(j).to_f64()).reduce(|| f64::NEG_INFINITY, f64::max);
+    let s: f64 = (0..v).into_par_iter().map(|j| (value(j).to_f64() - m).exp()).sum();
+    let lse = m + s.ln();
+    let want = lse - value(y).to_f64();
+    assert!(((out.loss - want) / want).abs() <= 1e-5, "{} vs {want}", out.loss);
+    let js: Vec<usize> = (0..v).step_by(65_537).chain([y, v - 1]).collect();
+    let w: Vec<f64> = js.iter().map(|&j| (value(j).to_f64() - lse).exp() - if j == y { 1.0 } else { 0.0 }).collect();
+    let got: Vec<f64> = js.iter().map(|&j| logits[j].to_f64()).collect();
+    let e = rel_err(&got, &w);
+    assert!(e <= 1.5e-2, "gradient rel err {e:e}");
+    assert!(logits[v..].par_iter().all(|g| g.to_f32() == 0.0));
 }

@@ -54,20 +54,32 @@ def test_a_held_gradient_is_never_reused():
     assert rel_err(g, ref) <= 1e-5
 
 
-def test_a_gradient_whose_storage_is_held_or_shared_is_never_reused():
-    """Holding only the storage object, or a block moved to shared memory (as sending it to
-    another process does), keeps the block out of the pool's hands."""
-    for hold in (lambda g: g.untyped_storage(), lambda g: g.share_memory_()):
-        _cpu_pool.clear()
-        logits, ids, keys = case(1)
-        x = logits.clone().requires_grad_()
-        held = hold(step(x, ids, keys))
-        snapshot = bytes(held.untyped_storage()[:4096]) if isinstance(held, torch.Tensor) else bytes(held[:4096])
-        x.grad = None
-        y = case(2)[0].clone().requires_grad_()
-        step(y, ids, keys)
-        after = bytes(held.untyped_storage()[:4096]) if isinstance(held, torch.Tensor) else bytes(held[:4096])
-        assert after == snapshot
+def test_a_gradient_whose_storage_object_is_held_is_never_reused():
+    """Holding only the storage object (no tensor) keeps the block out of the pool's hands."""
+    _cpu_pool.clear()
+    logits, ids, keys = case(1)
+    x = logits.clone().requires_grad_()
+    held = step(x, ids, keys).untyped_storage()
+    snapshot = bytes(held[:4096])
+    x.grad = None
+    y = case(2)[0].clone().requires_grad_()
+    step(y, ids, keys)
+    assert bytes(held[:4096]) == snapshot
+
+
+def test_a_gradient_moved_to_shared_memory_is_never_reused():
+    """A block moved to shared memory (as sending the gradient to another process does) may
+    still be read there once this process dropped it: the pool does not hand it out again."""
+    _cpu_pool.clear()
+    logits, ids, keys = case(1)
+    x = logits.clone().requires_grad_()
+    g = step(x, ids, keys)
+    g.share_memory_()
+    shared = g.data_ptr()
+    del g
+    x.grad = None
+    y = case(2)[0].clone().requires_grad_()
+    assert step(y, ids, keys).data_ptr() != shared
 
 
 def test_accumulation_and_many_live_gradients():
