@@ -18,14 +18,15 @@ struct Consts {
     neg_two_inv_cap: __m512,
 }
 
-/// `(z, exp(z − shift), s)` of 16 lanes: `z = c · tanh(x / c)` and `s = 1 − tanh²(x / c)` with
-/// soft-capping (as [`tanh_and_chain`](super::math::tanh_and_chain)), else `z = x`, `s = 1`.
+/// `(z − shift, exp(z − shift), s)` of 16 lanes: `z = c · tanh(x / c)` and `s = 1 − tanh²(x / c)`
+/// with soft-capping (as [`tanh_and_chain`](super::math::tanh_and_chain)), else `z = x`, `s = 1`.
 #[target_feature(enable = "avx512f,avx512dq")]
 #[inline]
 fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __m512, __m512) {
     let one = _mm512_set1_ps(1.0);
     if !CAP {
-        return (x, exp16::<SHORT>(_mm512_sub_ps(x, k.shift)), one);
+        let d = _mm512_sub_ps(x, k.shift);
+        return (d, exp16::<SHORT>(d), one);
     }
     // `vminps` returns its second operand when either is NaN: the argument goes second, so a
     // NaN logit stays NaN (first, it became the clamp, and `tanh` of it -1)
@@ -35,8 +36,8 @@ fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __
     // one Newton step on the 14-bit reciprocal: r = r0 · (2 − d · r0), ~1 ulp
     let r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0)));
     let t = _mm512_mul_ps(_mm512_sub_ps(one, u), r);
-    let z = _mm512_mul_ps(k.cap, t);
-    (z, exp16::<SHORT>(_mm512_sub_ps(z, k.shift)), _mm512_fnmadd_ps(t, t, one))
+    let d = _mm512_sub_ps(_mm512_mul_ps(k.cap, t), k.shift);
+    (d, exp16::<SHORT>(d), _mm512_fnmadd_ps(t, t, one))
 }
 
 /// The loop over 16-lane steps, reading the input as `$elem` and widening each step in
@@ -61,10 +62,10 @@ macro_rules! exp_opts_512 {
                 // SAFETY: i + 16 <= n, within `x` and `out`, and within `chain` when it is written.
                 unsafe {
                     let $p = x.as_ptr().add(i);
-                    let (z, e, s) = step::<$short, CAP>($load, k);
+                    let (d, e, s) = step::<$short, CAP>($load, k);
                     acc = _mm512_add_ps(acc, e);
                     if SUM {
-                        zacc = _mm512_add_ps(zacc, _mm512_sub_ps(z, k.shift));
+                        zacc = _mm512_add_ps(zacc, d);
                     }
                     _mm512_storeu_ps(out.as_mut_ptr().add(i), if CAP { _mm512_mul_ps(e, s) } else { e });
                     if both {
@@ -77,10 +78,10 @@ macro_rules! exp_opts_512 {
                 // SAFETY: the mask covers only body..n, within the slices as above.
                 unsafe {
                     let $pm = x.as_ptr().add(body);
-                    let (z, e, s) = step::<$short, CAP>($load_masked, k);
+                    let (d, e, s) = step::<$short, CAP>($load_masked, k);
                     acc = _mm512_mask_add_ps(acc, $m, acc, e);
                     if SUM {
-                        zacc = _mm512_mask_add_ps(zacc, $m, zacc, _mm512_sub_ps(z, k.shift));
+                        zacc = _mm512_mask_add_ps(zacc, $m, zacc, d);
                     }
                     _mm512_mask_storeu_ps(out.as_mut_ptr().add(body), $m, if CAP { _mm512_mul_ps(e, s) } else { e });
                     if both {
