@@ -185,12 +185,13 @@ def weighted_loss(
             raise TypeError(f"{name} must be a torch tensor or None")
     _check_devices(logits, ids, labels, token_weights)
     kw, kww = _keyword_lists(keywords, keyword_weights)
+    ignore_index = _index("ignore_index", ignore_index)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     outputs = bool(return_per_sample) or bool(return_token_loss)
     if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
         return _sharded(logits, ids, labels, token_weights, process_group, data_group, vocab_start, vocab_size,
                         chunk_rows, compute_grad, outputs, bool(return_token_loss), bool(check_ids),
-                        (kw, kww, float(alpha), _index("ignore_index", ignore_index), str(row_mean), str(reduction), bool(check_finite),
+                        (kw, kww, float(alpha), ignore_index, str(row_mean), str(reduction), bool(check_finite),
                          float(z_loss), float(label_smoothing), None if softcap is None else float(softcap)))
     loss, per, weights, z, token_loss, _ = _loss_op(
         logits.contiguous(),
@@ -200,7 +201,7 @@ def weighted_loss(
         kw,
         kww,
         mode_string(str(row_mean), str(reduction), compute_grad, outputs, bool(check_ids), bool(check_finite),
-                    token_loss=bool(return_token_loss), alpha=float(alpha), ignore_index=_index("ignore_index", ignore_index),
+                    token_loss=bool(return_token_loss), alpha=float(alpha), ignore_index=ignore_index,
                     z_loss=float(z_loss), label_smoothing=float(label_smoothing),
                     softcap=None if softcap is None else float(softcap)),
     )
@@ -324,6 +325,7 @@ def weighted_linear_loss(
             raise TypeError(f"{name} must be a torch tensor or None")
     _check_linear_devices(hidden, dict(named, bias=bias, labels=labels, token_weights=token_weights))
     kw, kww = _keyword_lists(keywords, keyword_weights)
+    ignore_index = _index("ignore_index", ignore_index)
     grad_on = torch.is_grad_enabled()
     grads = "".join(flag for flag, t in zip("hwb", (hidden, weight, bias))
                     if grad_on and t is not None and t.requires_grad)
@@ -339,7 +341,7 @@ def weighted_linear_loss(
                               bool(check_finite), accumulate_f32=bool(accumulate_f32),
                               chunk_rows=_optional_int("chunk_rows", chunk_rows),
                               chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=float(alpha),
-                              ignore_index=_index("ignore_index", ignore_index), z_loss=float(z_loss),
+                              ignore_index=ignore_index, z_loss=float(z_loss),
                               label_smoothing=float(label_smoothing),
                               softcap=None if softcap is None else float(softcap))
     if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:

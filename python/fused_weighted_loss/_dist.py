@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _native
-from ._ops import _arg, _device_arg, _kept, _ptr, _scaled
+from ._ops import _arg, _device_arg, _ptr, logits_grad
 
 # (group, start, len, vocab) whose slices were checked to tile the vocabulary
 _TILED: Dict[Tuple[int, int, int, int], bool] = {}
@@ -161,11 +161,8 @@ class ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        (grad,) = _kept(ctx)
-        if grad.numel() == 0:
-            raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")
-        # upstream 1 on the CPU: the kept gradient, no pass over it; else scaled as the plain path does
-        return _scaled(ctx, [grad], g_loss)[0], None, None, None, None
+        # as the plain path's: upstream 1 on the CPU hands out the kept gradient, no pass over it
+        return logits_grad(ctx, g_loss), None, None, None, None
 
 
 def _group_arg(group):
@@ -205,13 +202,6 @@ class ShardedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        kept = _kept(ctx)
-        wanted = [k for k in range(3) if ctx.needs_input_grad[k]]
-        for k in wanted:
-            if kept[k].numel() == 0:
-                raise RuntimeError(f"fused_weighted_loss: the forward computed no gradient for "
-                                   f"{('hidden', 'weight', 'bias')[k]} (it did not require one then)")
-        out = [None] * 7
-        for k, g in zip(wanted, _scaled(ctx, [kept[k] for k in wanted], g_loss)):
-            out[k] = g
-        return tuple(out)
+        from ._linear import linear_grads
+
+        return linear_grads(ctx, g_loss, 7)

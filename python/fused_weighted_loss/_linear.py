@@ -129,19 +129,26 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(dh, dw, db)
 
 
-def _backward(ctx, g_loss, *g_non_differentiable):
-    if g_loss is None:
-        return (None,) * _NUM_INPUTS
+def linear_grads(ctx, g_loss: Tensor, n_inputs: int) -> tuple:
+    """The gradients of hidden, weight and bias a forward kept, those asked for scaled by
+    ``g_loss``, then None for the rest of ``n_inputs``: the backward of the linear op and of the
+    split's autograd function."""
     kept = _kept(ctx)
     wanted = [k for k in range(3) if ctx.needs_input_grad[k]]
     for k in wanted:
         if kept[k].numel() == 0:
             raise RuntimeError(f"fused_weighted_loss: the forward computed no gradient for "
                                f"{('hidden', 'weight', 'bias')[k]} (it did not require one then)")
-    out = [None] * _NUM_INPUTS
+    out = [None] * n_inputs
     for k, g in zip(wanted, _scaled(ctx, [kept[k] for k in wanted], g_loss)):
         out[k] = g
     return tuple(out)
+
+
+def _backward(ctx, g_loss, *g_non_differentiable):
+    if g_loss is None:
+        return (None,) * _NUM_INPUTS
+    return linear_grads(ctx, g_loss, _NUM_INPUTS)
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)

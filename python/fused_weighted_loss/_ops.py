@@ -299,13 +299,19 @@ def _times(grad: Tensor, g_loss: Tensor) -> Tensor:
     return (grad.to(torch.float32) * g_loss.to(device=grad.device, dtype=torch.float32)).to(grad.dtype)
 
 
-def _backward(ctx, g_loss, *g_non_differentiable):
-    if g_loss is None:
-        return (None,) * _NUM_INPUTS
+def logits_grad(ctx, g_loss: Tensor) -> Tensor:
+    """The gradient of the logits a forward kept (``ctx.saved_tensors``), scaled by ``g_loss``:
+    the backward of the loss op and of the split's autograd function."""
     (grad,) = _kept(ctx)
     if grad.numel() == 0:
         raise RuntimeError("fused_weighted_loss: the forward computed no gradient (the logits did not require one)")
-    return tuple(_scaled(ctx, [grad], g_loss)) + (None,) * (_NUM_INPUTS - 1)
+    return _scaled(ctx, [grad], g_loss)[0]
+
+
+def _backward(ctx, g_loss, *g_non_differentiable):
+    if g_loss is None:
+        return (None,) * _NUM_INPUTS
+    return (logits_grad(ctx, g_loss),) + (None,) * (_NUM_INPUTS - 1)
 
 
 _loss_custom_op.register_autograd(_backward, setup_context=_setup_context)
