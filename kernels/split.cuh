@@ -153,6 +153,9 @@ FWL_SPLIT_GRAD(f16_f16, __half, __half)
 FWL_SPLIT_GRAD(f16_f32, __half, float)
 FWL_SPLIT_GRAD(bf16_bf16, __nv_bfloat16, __nv_bfloat16)
 FWL_SPLIT_GRAD(bf16_f32, __nv_bfloat16, float)
+// the fused linear split: a chunk's f32 logits (the product's output) into 16-bit gradient rows
+FWL_SPLIT_GRAD(f32_f16, float, __half)
+FWL_SPLIT_GRAD(f32_bf16, float, __nv_bfloat16)
 
 extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_split_batch(FwlSplitBatchParams p) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;

@@ -44,20 +44,23 @@
 //! [`Chunking`]: [`DEFAULT_BUDGET`] bytes of chunk buffers unless set, rounded down to a multiple
 //! of 64 rows when it is larger than 64.
 
-use super::{drv, output, CudaLoss, DeviceInputs, DeviceLossOutput, Ptrs};
+use super::{CudaLoss, DeviceInputs, DeviceLossOutput, Ptrs};
 use crate::dtype::{DType, Logit, TokenId};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::linear::{Chunking, LinearShape};
-use crate::spec::{check_len, LossSpec};
+use crate::spec::LossSpec;
 use cudarc::cublas::sys::cudaDataType_t;
-use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DevicePtrMut, SyncOnDrop};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 mod blas;
-use blas::{blas_type, Blas, Bound, Operand, Product};
+use blas::{blas_type, Blas};
 mod host;
+mod sweep;
 pub(crate) use host::run_host;
 pub use host::{bench_device, DeviceLinearBench};
+pub(in crate::cuda) use sweep::{check_buffers, Cut};
 
 /// Default bytes of chunk buffers on CUDA.
 pub const DEFAULT_BUDGET: usize = 96 << 20;
@@ -229,169 +232,37 @@ impl CudaLinearLoss {
         mut grads: DeviceLinearGrads<'_, '_, L>,
         chunking: Chunking,
     ) -> Result<DeviceLinearOutput> {
-        let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
+        check_buffers(shape, inputs, &grads)?;
         let t = shape.tokens();
-        check_len("hidden", inputs.hidden.len(), shape.hidden_len(), t)?;
-        check_len("weight", inputs.weight.len(), shape.weight_len(), t)?;
-        if let Some(b) = inputs.bias {
-            check_len("bias", b.len(), v, t)?;
-        }
-        for (what, g, len) in [
-            ("d hidden", &grads.hidden, shape.hidden_len()),
-            ("d weight", &grads.weight, shape.weight_len()),
-            ("d bias", &grads.bias, v),
-        ] {
-            if let Some(got) = g.len() {
-                check_len(what, got, len, t)?;
-            }
-        }
-        if grads.bias.len().is_some() && inputs.bias.is_none() {
-            return Err(Error::Unsupported("a bias gradient was asked for without a bias input".into()));
-        }
-        self.loss.validate(spec, t, shape.rows() * v, tokens, None)?;
-        if h > i32::MAX as usize || shape.rows() > i32::MAX as usize {
-            return Err(Error::Unsupported("shape too large for cuBLAS".into()));
-        }
-
-        // chunk rows: the gradient rows (2 bytes each for 16-bit, in place for f32) and the f32
-        // logits of a quarter of them
-        let wide = L::DTYPE == DType::F32;
-        let row_bytes = if wide { 4 * v } else { 2 * v + 4 * v / SUB_CHUNKS };
-        let mut c = chunking.rows_for(DEFAULT_BUDGET, row_bytes, n)?;
-        if c > 64 && !matches!(chunking, Chunking::Rows(_)) {
-            c -= c % 64;
-        }
-        let cl = if wide { c } else { c.div_ceil(SUB_CHUNKS) };
-        // (no allocation is empty: the driver refuses size 0)
-        let g16_len = if wide { 0 } else { c * v };
-        let ones_len = if inputs.bias.is_some() { c } else { 0 };
-        let mut z = output::<f32>(stream, cl * v)?;
-        let mut g16 = output::<L>(stream, g16_len.max(1))?;
-        let mut ones = output::<L>(stream, ones_len.max(1))?;
-        let scratch_bytes = 4 * z.len() + L::DTYPE.size() * (g16_len + ones_len);
-
-        stream.context().bind_to_thread().map_err(drv("binding the context"))?;
-        let blas = Bound::new(self.blas.lock().unwrap_or_else(|e| e.into_inner()), stream)?;
-
-        let (ids, _gi) = tokens.ids.device_ptr(stream);
-        let labels = tokens.labels.map(|l| l.device_ptr(stream));
-        let scale = tokens.grad_scale.map(|s| s.device_ptr(stream));
-        let weights = tokens.token_weights.map(|w| w.device_ptr(stream));
-        let token_ptrs = Ptrs {
-            logits: 0,
-            grad: 0,
-            ids,
-            labels: labels.as_ref().map_or(0, |l| l.0),
-            token_weights: weights.as_ref().map_or(0, |w| w.0),
-            scale: scale.as_ref().map_or(0, |s| s.0),
-        };
-        let mut planned = self.loss.launch_plan::<I>(spec, t, stream, &token_ptrs)?;
-
-        let ty = blas_type(L::DTYPE);
-        let es = L::DTYPE.size() as u64;
-        let (hp, _g1) = inputs.hidden.device_ptr(stream);
-        let (wp, _g2) = inputs.weight.device_ptr(stream);
-        let bias = inputs.bias.map(|b| b.device_ptr(stream));
-        let (zp, _g3) = z.device_ptr_mut(stream);
-        let (gp16, _g4) = g16.device_ptr_mut(stream);
-        let (op, _g5) = ones.device_ptr_mut(stream);
-        if inputs.bias.is_some() {
-            let one = L::from_f32(1.0).to_f32().to_bits();
-            // SAFETY: `ones` holds `c` elements of L; 1.0 in L's bits, 16 or 32 wide.
-            let r = unsafe {
+        self.loss.validate(spec, t, shape.rows() * shape.vocab(), tokens, None)?;
+        let cut = Cut::new::<L>(chunking, shape.vocab(), shape.rows())?;
+        let loss = &self.loss;
+        // the token inputs stay borrowed until the finish is queued: the rows and finish kernels
+        // read the token weights through the plan
+        loss.with_inputs(stream, tokens, 0, 0, |stream, token_ptrs| {
+            let mut planned = loss.launch_plan::<I>(spec, t, stream, token_ptrs)?;
+            let mut rows_kernel = |rows: Range<usize>, z: u64, g: u64| -> Result<()> {
+                let p = Ptrs { logits: z, grad: g, ids: 0, labels: 0, token_weights: 0, scale: 0 };
+                let (first, m) = (rows.start, rows.len());
                 match L::DTYPE {
-                    DType::F32 => cudarc::driver::sys::cuMemsetD32Async(op, one, c, stream.cu_stream()),
-                    DType::F16 => cudarc::driver::sys::cuMemsetD16Async(op, 0x3C00, c, stream.cu_stream()),
-                    DType::BF16 => cudarc::driver::sys::cuMemsetD16Async(op, (one >> 16) as u16, c, stream.cu_stream()),
+                    DType::F32 => loss.launch_rows::<f32, f32>(t, stream, &p, first, m, &mut planned),
+                    DType::F16 => loss.launch_rows::<f32, half::f16>(t, stream, &p, first, m, &mut planned),
+                    DType::BF16 => loss.launch_rows::<f32, half::bf16>(t, stream, &p, first, m, &mut planned),
                 }
             };
-            r.result().map_err(drv("filling a buffer"))?;
-        }
-        let dh = grads.hidden.target(stream);
-        let dw = grads.weight.target(stream);
-        let db = grads.bias.target(stream);
-        // the gradient of the chunk: over the logits (f32), or its own 16-bit buffer
-        let gp = if wide { zp } else { gp16 };
-        let mut chunks = 0;
-        for r0 in (0..n).step_by(c) {
-            let m = c.min(n - r0);
-            for s0 in (0..m).step_by(cl) {
-                let ms = cl.min(m - s0);
-                let hrow = Operand { ptr: hp + ((r0 + s0) * h) as u64 * es, ty, ld: h };
-                let zc = Operand { ptr: zp, ty: cudaDataType_t::CUDA_R_32F, ld: v };
-                if let Some((bp, _)) = &bias {
-                    let b = Operand { ptr: *bp, ty, ld: v };
-                    let o = Operand { ptr: op, ty, ld: 1 };
-                    blas.gemm(Product {
-                        ta: false,
-                        tb: false,
-                        m: v,
-                        n: ms,
-                        k: 1,
-                        a: b,
-                        b: o,
-                        c: zc,
-                        accumulate: false,
-                    })?;
-                }
-                // z (rows x V, row-major) = h · Wᵀ: column-major (V x rows) = op_T(W as H x V) · (h as H x rows)
-                let w = Operand { ptr: wp, ty, ld: h };
-                blas.gemm(Product {
-                    ta: true,
-                    tb: false,
-                    m: v,
-                    n: ms,
-                    k: h,
-                    a: w,
-                    b: hrow,
-                    c: zc,
-                    accumulate: bias.is_some(),
-                })?;
-                let rows_ptrs = Ptrs {
-                    logits: zp,
-                    grad: if wide { zp } else { gp16 + (s0 * v) as u64 * es },
-                    ids: 0,
-                    labels: 0,
-                    token_weights: 0,
-                    scale: 0,
-                };
-                let first = r0 + s0;
-                match L::DTYPE {
-                    DType::F32 => self.loss.launch_rows::<f32, f32>(t, stream, &rows_ptrs, first, ms, &mut planned)?,
-                    DType::F16 => {
-                        self.loss.launch_rows::<f32, half::f16>(t, stream, &rows_ptrs, first, ms, &mut planned)?
-                    }
-                    DType::BF16 => {
-                        self.loss.launch_rows::<f32, half::bf16>(t, stream, &rows_ptrs, first, ms, &mut planned)?
-                    }
-                }
-            }
-            let g = Operand { ptr: gp, ty, ld: v };
-            let hrows = Operand { ptr: hp + (r0 * h) as u64 * es, ty, ld: h };
-            let acc = grads.accumulate || r0 > 0;
-            if let Some((dp, dty, des, _)) = &dh {
-                let (dp, dty, des) = (*dp, *dty, *des);
-                // d h (rows x H) = G · W: column-major (H x rows) = (W as H x V) · (G as V x rows)
-                let c_ = Operand { ptr: dp + (r0 * h * des) as u64, ty: dty, ld: h };
-                let w = Operand { ptr: wp, ty, ld: h };
-                blas.gemm(Product { ta: false, tb: false, m: h, n: m, k: v, a: w, b: g, c: c_, accumulate: false })?;
-            }
-            if let Some((dp, dty, ..)) = &dw {
-                let (dp, dty) = (*dp, *dty);
-                // d W (V x H) += Gᵀ · h: column-major (H x V) = (h as H x rows) · op_T(G as V x rows)
-                let c_ = Operand { ptr: dp, ty: dty, ld: h };
-                blas.gemm(Product { ta: false, tb: true, m: h, n: v, k: m, a: hrows, b: g, c: c_, accumulate: acc })?;
-            }
-            if let Some((dp, dty, ..)) = &db {
-                let (dp, dty) = (*dp, *dty);
-                // d b (V) += Σ_rows G: column-major (V x 1) = (G as V x rows) · (ones as rows x 1)
-                let c_ = Operand { ptr: dp, ty: dty, ld: v };
-                let o = Operand { ptr: op, ty, ld: m };
-                blas.gemm(Product { ta: false, tb: false, m: v, n: 1, k: m, a: g, b: o, c: c_, accumulate: acc })?;
-            }
-            chunks += 1;
-        }
-        let loss = self.loss.launch_finish(spec, t, stream, planned)?;
-        Ok(DeviceLinearOutput { loss, chunk_rows: c, logits_rows: cl, chunks, scratch_bytes })
+            let swept = self.sweep(shape, stream, inputs, &mut grads, cut, &mut rows_kernel)?;
+            Ok(DeviceLinearOutput {
+                loss: loss.launch_finish(spec, t, stream, planned)?,
+                chunk_rows: cut.c,
+                logits_rows: cut.cl,
+                chunks: swept.chunks,
+                scratch_bytes: swept.scratch_bytes,
+            })
+        })
+    }
+
+    /// The loss kernels this instance launches.
+    pub(in crate::cuda) fn kernels(&self) -> &CudaLoss {
+        &self.loss
     }
 }

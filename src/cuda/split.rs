@@ -9,6 +9,8 @@
 //! [`CudaSharded::finish_rows_grad`] (merge in rank order, row losses, the gradient of the
 //! slice). The gradient kernel reads the chunk's logits again: a chunk whose logits fit the
 //! GPU's L2 cache reads them from there ([`default_device_chunk_rows`]).
+//! [`DeviceSharded::linear_loss_and_grad`] runs the same steps inside the fused linear path's
+//! chunk loop, on each product's f32 logits of this rank's rows of the output weight.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,6 +36,7 @@
 //! ```
 
 mod call;
+mod linear;
 
 pub use call::{default_device_chunk_rows, DeviceSharded};
 
@@ -131,7 +134,7 @@ impl DeviceCollective for DeviceSolo {
 /// The split's kernels, loaded with the module.
 pub(super) struct SplitFns {
     stats: [(DType, CudaFunction); 3],
-    grad: [(DType, DType, CudaFunction); 5],
+    grad: [(DType, DType, CudaFunction); 7],
     batch: CudaFunction,
 }
 
@@ -152,6 +155,8 @@ impl SplitFns {
                 grad(DType::F16, DType::F32)?,
                 grad(DType::BF16, DType::BF16)?,
                 grad(DType::BF16, DType::F32)?,
+                grad(DType::F32, DType::F16)?,
+                grad(DType::F32, DType::BF16)?,
             ],
             batch: f("fwl_split_batch")?,
         })
@@ -259,10 +264,15 @@ impl CudaSharded {
         self.slice
     }
 
-    fn check_rows(&self, rows: &Range<usize>, what: &'static str, got: usize) -> Result<()> {
+    fn check_range(&self, rows: &Range<usize>) -> Result<()> {
         if rows.start > rows.end || rows.end > self.rows() {
             return Err(Error::RowRange { start: rows.start, end: rows.end, rows: self.rows() });
         }
+        Ok(())
+    }
+
+    fn check_rows(&self, rows: &Range<usize>, what: &'static str, got: usize) -> Result<()> {
+        self.check_range(rows)?;
         check_len(what, got, rows.len() * self.slice.len(), self.shape)
     }
 
@@ -330,6 +340,20 @@ impl CudaSharded {
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         self.check_rows(&rows, "logits", logits.len())?;
+        let (x, _g1) = logits.device_ptr(stream);
+        self.launch_stats::<L>(stream, rows, x, out)
+    }
+
+    /// Queues the statistics kernel on rows `rows` of logits at `x` (`slice.len()` per row) into
+    /// `out` (`partials_len(rows.len())` f32), both checked by the caller and held while this runs.
+    pub(in crate::cuda) fn launch_stats<L: Logit>(
+        &self,
+        stream: &Arc<CudaStream>,
+        rows: Range<usize>,
+        x: u64,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        self.check_range(&rows)?;
         let words = self.words_per_row();
         if out.len() != rows.len() * words {
             return Err(Error::ExchangeLength {
@@ -344,7 +368,6 @@ impl CudaSharded {
         let split = &self.loss.module.split;
         let func = split.stats.iter().find(|(d, _)| *d == L::DTYPE).map(|(_, f)| f);
         let func = func.ok_or_else(|| Error::Unsupported(format!("no split kernel for {} logits", L::DTYPE)))?;
-        let (x, _g1) = logits.device_ptr(stream);
         let (o, _g2) = out.device_ptr_mut(stream);
         let (t, _g3) = self.planned.targets.device_ptr(stream);
         let p = FwlSplitStatsParams {
@@ -360,7 +383,7 @@ impl CudaSharded {
         };
         let cfg = rows_config(&self.loss, func, rows.len())?;
         // SAFETY: the parameters match fwl_split_stats_<L>'s; logits hold rows * len elements of
-        // L (checked), partials rows * words f32 (checked), targets the plan's B * T rows, of
+        // L (checked, or sized so by the caller), partials rows * words f32 (checked), targets the plan's B * T rows, of
         // which rows row0..row0 + rows are read (range checked).
         unsafe { stream.launch_builder(func).arg(&p).launch(cfg) }
             .map(drop)
@@ -413,8 +436,8 @@ impl CudaSharded {
     }
 
     /// Queues the gradient kernel on rows `rows` of logits at `x` (gradient at `g`, 0 for none),
-    /// both checked by the caller and held while this runs.
-    fn launch_grad<L: Logit, G: Logit>(
+    /// `slice.len()` elements per row, both checked by the caller and held while this runs.
+    pub(in crate::cuda) fn launch_grad<L: Logit, G: Logit>(
         &mut self,
         stream: &Arc<CudaStream>,
         rows: Range<usize>,
@@ -422,6 +445,7 @@ impl CudaSharded {
         x: u64,
         g: u64,
     ) -> Result<()> {
+        self.check_range(&rows)?;
         let (n, words) = (rows.len(), self.words_per_row());
         if n == 0 {
             return Ok(());
@@ -468,7 +492,7 @@ impl CudaSharded {
         };
         let cfg = rows_config(&self.loss, func, n)?;
         // SAFETY: the parameters match fwl_split_grad_<L>_<G>'s; logits and grad (when not 0)
-        // hold rows * len elements of L and G (checked by the callers), gathered ranks * rows *
+        // hold rows * len elements of L and G (checked, or sized so, by the callers), gathered ranks * rows *
         // words f32 (checked), targets, row_loss, row_z (when not NULL) and token_weights (when
         // not 0) the plan's B * T rows (row0 + rows <= B * T, checked), coef B.
         unsafe { stream.launch_builder(func).arg(&p).launch(cfg) }.map_err(drv("launching the split's gradient"))?;
@@ -559,10 +583,13 @@ mod tests {
         };
         let mut names = vec!["fwl_split_batch".to_string()];
         names.extend(["f32", "f16", "bf16"].map(|l| format!("fwl_split_stats_{l}")));
-        names.extend(["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32"].map(|p| format!("fwl_split_grad_{p}")));
+        names.extend(
+            ["f32_f32", "f16_f16", "f16_f32", "bf16_bf16", "bf16_f32", "f32_f16", "f32_bf16"]
+                .map(|p| format!("fwl_split_grad_{p}")),
+        );
         for n in &names {
             assert!(contains(n), "{n} is missing from the embedded kernels");
         }
-        assert!(!contains("fwl_split_grad_f32_bf16"), "the search must be able to fail");
+        assert!(!contains("fwl_split_grad_f16_bf16"), "the search must be able to fail");
     }
 }

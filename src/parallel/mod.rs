@@ -36,7 +36,7 @@
 //! An all-gather delivers `group size ×` that to every rank. With a group of one the exchange is
 //! skipped.
 //!
-//! # Three ways in
+//! # Ways in
 //!
 //! - [`Sharded`] (host buffers): one call that runs the steps below and the exchanges through a
 //!   [`Collective`] of each group;
@@ -45,8 +45,9 @@
 //!   as this rank's part, to be summed over the vocabulary group);
 //! - [`ShardedLoss`] (host buffers): the steps themselves, on ranges of rows, for a driver that
 //!   owns its communication (the Python package drives them with `torch.distributed`);
-//! - `cuda::split` (feature `cuda`): the same steps on device buffers, and an NCCL collective
-//!   (feature `nccl`).
+//! - `cuda::split` (feature `cuda`): the same steps on device buffers, the one call
+//!   `DeviceSharded` on the logits and, with the output weight's rows, on the fused linear path
+//!   (`DeviceSharded::linear_loss_and_grad`), and an NCCL collective (feature `nccl`).
 //!
 //! # No second pass over the logits
 //!

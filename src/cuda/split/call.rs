@@ -36,9 +36,9 @@ pub fn default_device_chunk_rows(vocab: usize, ranks: usize, dtype: DType) -> us
 /// checks them).
 #[derive(Clone, Copy)]
 pub struct DeviceSharded<'c> {
-    slice: VocabSlice,
-    vocab_group: &'c dyn DeviceCollective,
-    data_group: &'c dyn DeviceCollective,
+    pub(super) slice: VocabSlice,
+    pub(super) vocab_group: &'c dyn DeviceCollective,
+    pub(super) data_group: &'c dyn DeviceCollective,
     chunk_rows: Option<usize>,
 }
 
@@ -135,12 +135,7 @@ impl<'c> DeviceSharded<'c> {
         mut io: Io<'_, '_, '_, L, G>,
         inputs: &DeviceInputs<'_, I>,
     ) -> Result<DeviceLossOutput> {
-        let (vg, dg) = (self.vocab_group, self.data_group);
-        for g in [vg, dg] {
-            if g.size() == 0 || g.rank() >= g.size() {
-                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
-            }
-        }
+        let vg = self.vocab_group;
         let (rows, len) = (shape.rows(), self.slice.len());
         let logits_len = match &io {
             Io::Loss(l) | Io::Grad(l, _) => l.len(),
@@ -152,14 +147,7 @@ impl<'c> DeviceSharded<'c> {
                 return Err(Error::GradLength { expected: rows * len, got: g.len() });
             }
         }
-        let mut st = CudaSharded::new(loss, spec, shape, self.slice, stream, inputs)?;
-        if dg.size() > 1 {
-            let mut mine = output::<f64>(stream, 2)?;
-            st.batch_totals(stream, &mut mine.as_view_mut())?;
-            let mut all = output::<f64>(stream, 2 * dg.size())?;
-            dg.all_gather_f64(stream, &mine.as_view(), &mut all.as_view_mut())?;
-            st.set_batch_totals(stream, &all.as_view())?;
-        }
+        let mut st = self.begin(loss, spec, shape, stream, inputs)?;
         let chunk = self.chunk_rows.unwrap_or_else(|| default_device_chunk_rows(shape.vocab(), vg.size(), L::DTYPE));
         let chunk = chunk.clamp(1, rows);
         // one send and one receive buffer for every chunk: the stream orders their reuse
@@ -188,6 +176,39 @@ impl<'c> DeviceSharded<'c> {
                 Io::InPlace(l) => st.finish_rows_in_place(stream, r, &gathered, &mut l.slice_mut(span))?,
             }
         }
+        self.end(loss, st, stream)
+    }
+
+    /// Checks the groups; the plan of this rank's samples and, on a data group of more than one,
+    /// the global denominator.
+    pub(super) fn begin<I: TokenId>(
+        &self,
+        loss: &CudaLoss,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        inputs: &DeviceInputs<'_, I>,
+    ) -> Result<CudaSharded> {
+        for g in [self.vocab_group, self.data_group] {
+            if g.size() == 0 || g.rank() >= g.size() {
+                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
+            }
+        }
+        let dg = self.data_group;
+        let mut st = CudaSharded::new(loss, spec, shape, self.slice, stream, inputs)?;
+        if dg.size() > 1 {
+            let mut mine = output::<f64>(stream, 2)?;
+            st.batch_totals(stream, &mut mine.as_view_mut())?;
+            let mut all = output::<f64>(stream, 2 * dg.size())?;
+            dg.all_gather_f64(stream, &mine.as_view(), &mut all.as_view_mut())?;
+            st.set_batch_totals(stream, &all.as_view())?;
+        }
+        Ok(st)
+    }
+
+    /// The finish kernel and, on a data group of more than one, the global loss.
+    pub(super) fn end(&self, loss: &CudaLoss, st: CudaSharded, stream: &Arc<CudaStream>) -> Result<DeviceLossOutput> {
+        let dg = self.data_group;
         let mut out = st.finish(stream)?;
         if dg.size() > 1 {
             let mut mine = output::<f64>(stream, 2)?;
