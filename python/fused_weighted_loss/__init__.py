@@ -301,8 +301,8 @@ def weighted_linear_loss(
     (``token_loss`` None). Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's
     message; CUDA tensors as in :func:`weighted_loss` (``check_ids``).
 
-    Beyond one device, **CPU tensors only** (``torch.distributed`` with gloo; the CUDA split of
-    the fused linear path is not built): ``process_group`` (vocabulary-parallel: ``weight`` and
+    Beyond one device (``torch.distributed``: NCCL for CUDA tensors, gloo for CPU tensors):
+    ``process_group`` (vocabulary-parallel: ``weight`` and
     ``bias`` hold this rank's rows ``[vocab_start, vocab_start + weight.shape[0])`` of a
     vocabulary of ``vocab_size``, defaults as in :func:`weighted_loss`; ``hidden``, ids, labels
     and token weights the same on every rank of the group) and ``data_group``
@@ -310,9 +310,10 @@ def weighted_linear_loss(
     those of this rank's rows; the gradient of ``hidden`` is summed over the vocabulary group
     (one ``all_reduce`` of ``B*T*H`` numbers in the forward) unless ``reduce_hidden_grad=False``,
     which leaves this rank's part, for a model whose layer all-reduces it in its own backward
-    (Megatron-LM's ``copy_to_tensor_model_parallel_region``). Each rank sends 24 bytes per row
-    with a target (32 with label smoothing) to its vocabulary group. This path is an eager
-    ``torch.autograd.Function``.
+    (Megatron-LM's ``copy_to_tensor_model_parallel_region``). Each rank sends its vocabulary
+    group 24 bytes per row with a target (32 with label smoothing) on CPU tensors, 12 bytes per
+    row (16) on CUDA tensors, one all-gather per chunk of rows (CUDA: per logits product, a
+    quarter of a chunk for 16-bit inputs). This path is an eager ``torch.autograd.Function``.
     """
     named = dict(weight=weight, ids=ids)
     for name, t in named.items():
@@ -347,9 +348,6 @@ def weighted_linear_loss(
     if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
         from . import _dist
 
-        if hidden.device.type != "cpu":
-            raise ValueError("process_group / data_group on weighted_linear_loss: CPU tensors only "
-                             "(the CUDA fused linear split is not built)")
         params = dict(process_group=process_group, data_group=data_group, keywords=kw, keyword_weights=kww,
                       mode=mode, reduce_hidden_grad=bool(reduce_hidden_grad),
                       slice_=_dist.slice_of(weight.shape[0] if weight.dim() == 2 else 0, process_group,

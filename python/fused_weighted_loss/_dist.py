@@ -178,18 +178,51 @@ def _group_arg(group):
     return (dist.get_rank(group), _size(group), gather)
 
 
+class _DeviceMemory:
+    """``n`` numbers of device memory the crate owns, seen by ``torch.as_tensor`` through the CUDA
+    array interface: a tensor over the same memory, no copy (torch does not free it)."""
+
+    def __init__(self, ptr: int, n: int, wide: bool):
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "<f8" if wide else "<f4", "data": (ptr, False),
+                                         "version": 2}
+
+
+def _device_group_arg(group, device):
+    """``(rank, size, all-gather)`` of ``group`` for the native split on CUDA tensors: the
+    callable takes the crate's send and receive addresses, ``n`` and whether the numbers are
+    float64, and all-gathers on torch's current stream (the one the crate queues on)."""
+    if group is None:
+        return (0, 1, None)
+    size = _size(group)
+
+    def gather(send_ptr: int, recv_ptr: int, n: int, wide: bool):
+        with torch.cuda.device(device):
+            send = torch.as_tensor(_DeviceMemory(send_ptr, n, wide), device=device)
+            recv = torch.as_tensor(_DeviceMemory(recv_ptr, n * size, wide), device=device)
+            dist.all_gather_into_tensor(recv, send, group=group)
+
+    return (dist.get_rank(group), size, gather)
+
+
 class ShardedLinear(torch.autograd.Function):
-    """The fused linear split (CPU tensors): the forward runs the crate's
-    ``Sharded::linear_loss_and_grad`` with the exchanges through ``torch.distributed`` and keeps
-    the gradients (``d hidden`` summed over the vocabulary group unless told otherwise); the
-    backward scales them."""
+    """The fused linear split: the forward runs the crate's ``Sharded::linear_loss_and_grad``
+    (CPU tensors) or ``DeviceSharded::linear_loss_and_grad`` (CUDA tensors) with the exchanges
+    through ``torch.distributed`` and keeps the gradients (``d hidden`` summed over the
+    vocabulary group unless told otherwise); the backward scales them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, labels, token_weights, params):
         from ._linear import linear_forward
 
         process_group, data_group = params["process_group"], params["data_group"]
-        split = (params["slice_"], _group_arg(process_group), _group_arg(data_group))
+        if hidden.device.type == "cuda":
+            # the device call does not check that the slices tile the vocabulary: checked here
+            if process_group is not None:
+                _check_tiling(process_group, *params["slice_"])
+            groups = (_device_group_arg(process_group, hidden.device), _device_group_arg(data_group, hidden.device))
+        else:
+            groups = (_group_arg(process_group), _group_arg(data_group))
+        split = (params["slice_"], *groups)
         loss, per, weights, z, dh, dw, db = linear_forward(hidden, weight, bias, ids, labels, token_weights,
                                                            params["keywords"], params["keyword_weights"],
                                                            params["mode"], split)

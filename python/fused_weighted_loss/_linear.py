@@ -83,7 +83,7 @@ def _linear_op(
 
 def linear_forward(hidden, weight, bias, ids, labels, token_weights, keywords, keyword_weights, mode, split=None):
     """The linear op's forward; ``split``: this rank's vocabulary slice and groups for the
-    native call (CPU tensors only, see ``_dist.sharded_linear``)."""
+    native call (see ``_dist.ShardedLinear``)."""
     named = dict(hidden=hidden, weight=weight, bias=bias, ids=ids, labels=labels, token_weights=token_weights)
     _check_devices(hidden, named)
     _check_layouts(named)

@@ -9,8 +9,9 @@ use fused_weighted_loss::cuda::cudarc::driver::sys::CUcontext;
 use fused_weighted_loss::cuda::cudarc::driver::{result, CudaStream, CudaViewMut, DeviceRepr};
 use fused_weighted_loss::cuda::external::{Borrowed, ExternalDevice};
 use fused_weighted_loss::cuda::linear::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs};
+use fused_weighted_loss::cuda::split::DeviceSharded;
 use fused_weighted_loss::cuda::{DeviceInputs, DeviceLossOutput};
-use fused_weighted_loss::{Backend, DType, Error, Logit, TokenId};
+use fused_weighted_loss::{Backend, DType, Error, LinearShape, Logit, TokenId};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::sync::Arc;
@@ -260,8 +261,18 @@ fn linear_typed<L: Logit, I: TokenId>(
     let mut next = || targets.next().unwrap_or(DeviceGrad::Skip);
     let grads = DeviceLinearGrads::new().hidden(next()).weight(next()).bias(next());
     let stream = &call.stream;
-    let result =
-        linear.loss_and_grad(&req.spec, shape, stream, &inputs, &tokens, grads, req.chunking).map_err(to_py)?;
+    let result = match &req.split {
+        None => linear.loss_and_grad(&req.spec, shape, stream, &inputs, &tokens, grads, req.chunking),
+        Some(split) => {
+            // the weight holds this rank's rows: the loss's shape has the whole vocabulary; the
+            // exchanges go through torch.distributed on torch's stream (see group.rs)
+            let slice = split.slice().map_err(to_py)?;
+            let whole = LinearShape::new(shape.batch(), shape.seq(), shape.hidden(), slice.vocab()).map_err(to_py)?;
+            let call = DeviceSharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
+            call.linear_loss_and_grad(&linear, &req.spec, whole, stream, &inputs, &tokens, grads, req.chunking)
+        }
+    }
+    .map_err(to_py)?;
     copy_outputs(stream, &result.loss, &mut loss, [&mut per_sample, &mut weights, &mut z_loss, &mut None])?;
     finish(py, stream, &result.loss, check)
 }

@@ -1,8 +1,14 @@
-//! A vocabulary or data group of `torch.distributed` as the crate's `parallel::Collective`: the
-//! all-gather is a Python callable (`fused_weighted_loss/_dist.py`), called with this rank's
-//! numbers (a list of floats) and returning every rank's, concatenated in rank order. The crate's
-//! one call (`parallel::Sharded`, the fused linear split) runs with the GIL released and takes
-//! it back for each exchange.
+//! A vocabulary or data group of `torch.distributed` as the crate's `parallel::Collective` (host
+//! buffers) or, with the `cuda` feature, `cuda::split::DeviceCollective` (device buffers). The
+//! all-gather is a Python callable (`fused_weighted_loss/_dist.py`):
+//!
+//! - host: called with this rank's numbers (a list of floats), returning every rank's,
+//!   concatenated in rank order. The crate's one call (`parallel::Sharded`, the fused linear
+//!   split) runs with the GIL released and takes it back for each exchange;
+//! - device: called with `(send address, receive address, n, float64?)`: it all-gathers the `n`
+//!   numbers at the send address into the receive address (`n × size`) on torch's current
+//!   stream, the stream the crate queues its work on, and returns nothing; no host
+//!   synchronisation.
 
 use fused_weighted_loss::parallel::{Collective, VocabSlice};
 use fused_weighted_loss::{Error, Result};
@@ -25,6 +31,74 @@ impl PyGroup {
             return Err(Error::ExchangeLength { what: "all-gather result", expected, got: got.len() });
         }
         Ok(got)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod device {
+    use super::PyGroup;
+    use fused_weighted_loss::cuda::cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+    use fused_weighted_loss::cuda::split::DeviceCollective;
+    use fused_weighted_loss::{Error, Result};
+    use pyo3::prelude::*;
+    use std::sync::Arc;
+
+    impl PyGroup {
+        /// `send` of every rank into `recv` through the device callable (a copy for a group of one
+        /// without one).
+        fn gather_device<T>(
+            &self,
+            stream: &Arc<CudaStream>,
+            send: &CudaView<'_, T>,
+            recv: &mut CudaViewMut<'_, T>,
+            wide: bool,
+        ) -> Result<()> {
+            let expected = send.len() * self.1;
+            if recv.len() != expected {
+                return Err(Error::ExchangeLength { what: "all-gather receive buffer", expected, got: recv.len() });
+            }
+            let Some(f) = &self.2 else {
+                if self.1 != 1 {
+                    return Err(Error::Collective(format!("no all-gather for a group of {}", self.1)));
+                }
+                let copy = |e: fused_weighted_loss::cuda::cudarc::driver::DriverError| Error::Cuda {
+                    context: "copying on the device",
+                    message: e.to_string(),
+                };
+                return stream.memcpy_dtod(send, recv).map_err(copy);
+            };
+            // the addresses stay borrowed (in the stream's order) until the callable has queued the
+            // collective on the same stream
+            let (s, _gs) = send.device_ptr(stream);
+            let (r, _gr) = recv.device_ptr_mut(stream);
+            Python::attach(|py| f.call1(py, (s, r, send.len(), wide)).map(drop))
+                .map_err(|e| Error::Collective(format!("torch.distributed all-gather: {e}")))
+        }
+    }
+
+    impl DeviceCollective for PyGroup {
+        fn rank(&self) -> usize {
+            self.0
+        }
+        fn size(&self) -> usize {
+            self.1
+        }
+        fn all_gather_f32(
+            &self,
+            stream: &Arc<CudaStream>,
+            send: &CudaView<'_, f32>,
+            recv: &mut CudaViewMut<'_, f32>,
+        ) -> Result<()> {
+            self.gather_device(stream, send, recv, false)
+        }
+        fn all_gather_f64(
+            &self,
+            stream: &Arc<CudaStream>,
+            send: &CudaView<'_, f64>,
+            recv: &mut CudaViewMut<'_, f64>,
+        ) -> Result<()> {
+            self.gather_device(stream, send, recv, true)
+        }
     }
 }
 

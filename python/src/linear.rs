@@ -169,10 +169,11 @@ impl LinearInputs {
 /// The fused linear loss of `inputs` (see [`LinearInputs`]) and the gradients that `outputs`
 /// has tensors for (see [`LinearOutputs`]; every gradient is overwritten), the loss outputs
 /// written into the tensors of `outputs`. `chunks`: `(rows per chunk, byte budget)`, at most one
-/// of them given. `device` and `check` as in `crate::forward`. `split` (CPU tensors only): this
-/// rank's slice `(start, len, vocab)` of the vocabulary (`weight` holds its `len` rows) and its
-/// vocabulary and data groups, each `(rank, size, all-gather callable or None)` (see
-/// `group.rs`); `d hidden` is then this rank's part, to be summed over the vocabulary group.
+/// of them given. `device` and `check` as in `crate::forward`. `split`: this rank's slice
+/// `(start, len, vocab)` of the vocabulary (`weight` holds its `len` rows) and its vocabulary
+/// and data groups, each `(rank, size, all-gather callable or None)`, the callable a host or a
+/// device one as the tensors are (see `group.rs`); `d hidden` is then this rank's part, to be
+/// summed over the vocabulary group.
 #[pyfunction]
 #[pyo3(signature = (inputs, outputs, options, chunks, device=None, check=false, split=None))]
 #[allow(clippy::too_many_arguments)] // Python's keyword arguments, with `py`
@@ -187,10 +188,6 @@ pub(crate) fn linear_forward(
     split: Option<PySplit>,
 ) -> PyResult<()> {
     let backend = if device.is_some() { Backend::Cuda } else { Backend::Cpu };
-    if device.is_some() && split.is_some() {
-        let msg = "process_group / data_group on weighted_linear_loss: CPU tensors only (the CUDA fused linear split is not built)";
-        return Err(to_py(Error::Unsupported(msg.into())));
-    }
     let req = inputs.request(&outputs, &options, chunks, backend, split)?;
     match device {
         None => crate::cpu::linear_forward(py, &req),

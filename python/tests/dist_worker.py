@@ -5,8 +5,8 @@
 Each rank builds the same inputs (seeded), runs vocabulary-parallel (4 ranks, uneven slices, one
 rank holding no target), data-parallel (4 ranks, uneven batches) and 2x2 calls through
 ``weighted_loss(..., process_group=..., data_group=...)`` with autograd, and the single-process
-call on the whole batch and vocabulary in the same process; with gloo and 4 ranks, the same
-three layouts of ``weighted_linear_loss`` (the weight's rows split); writes what it measured to
+call on the whole batch and vocabulary in the same process; with 4 ranks or NCCL, the same
+layouts of ``weighted_linear_loss`` (the weight's rows split); writes what it measured to
 ``OUT_DIR/rank<r>.json`` for the test to judge. With one process (``--nproc-per-node 1``, e.g.
 NCCL on one GPU) the same cases run with groups of one, which still go through the collectives.
 """
@@ -106,17 +106,17 @@ def compare_linear(case, got, ref, rows=slice(None), cols=slice(None)):
     }
 
 
-def linear_cases(rank, world, vocab_groups, data_groups):
-    """The fused linear split (CPU tensors): vocabulary-parallel over the weight's rows (uneven,
-    d hidden all-reduced by the call, or by hand with reduce_hidden_grad=False), data-parallel
-    and 2x2, against the single-process call."""
+def linear_cases(rank, world, vocab_groups, data_groups, device):
+    """The fused linear split: vocabulary-parallel over the weight's rows (uneven, d hidden
+    all-reduced by the call, or by hand with reduce_hidden_grad=False), data-parallel and (4
+    ranks) 2x2, against the single-process call on the same device."""
     results = []
-    hidden, weight, bias = linear_inputs()
-    _, ids, labels, weights = inputs(torch.device("cpu"), torch.float32)
+    hidden, weight, bias = (x.to(device) for x in linear_inputs())
+    _, ids, labels, weights = inputs(device, torch.float32)
     b, v = hidden.shape[0], weight.shape[0]
     for k, opts in enumerate(OPTIONS):
         ref = run_linear(hidden, weight, bias, ids, labels, weights, opts)
-        cuts = [0, 300, 310, 777, 1000]
+        cuts = [0, 300, 310, 777, 1000] if world == 4 else [0, v]
         s, e = cuts[rank], cuts[rank + 1]
         got = run_linear(hidden, weight[s:e], bias[s:e], ids, labels, weights, opts, process_group=dist.group.WORLD,
                          vocab_start=s, vocab_size=v)
@@ -126,13 +126,15 @@ def linear_cases(rank, world, vocab_groups, data_groups):
                                      reduce_hidden_grad=False)
         dist.all_reduce(dh)
         results.append(compare_linear(f"linear vocab part opts{k}", (out, dh, dw, db), ref, cols=slice(s, e)))
-        bounds = [0, 1, 2, 4, 5]
+        bounds = [0, 1, 2, 4, 5] if world == 4 else [0, b]
         b0, b1 = bounds[rank], bounds[rank + 1]
         out, dh, dw, db = run_linear(hidden[b0:b1], weight, bias, ids[b0:b1], labels[b0:b1], weights[b0:b1], opts,
                                      data_group=dist.group.WORLD)
         dist.all_reduce(dw)
         dist.all_reduce(db)
         results.append(compare_linear(f"linear data opts{k}", (out, dh, dw, db), ref, rows=slice(b0, b1)))
+        if world != 4:
+            continue
         d, p = rank // 2, rank % 2
         (b0, b1), (s, e) = [(0, 2), (2, 5)][d], [(0, 400), (400, 1000)][p]
         out, dh, dw, db = run_linear(hidden[b0:b1], weight[s:e], bias[s:e], ids[b0:b1], labels[b0:b1],
@@ -185,8 +187,8 @@ def main():
                                 data_group=data_groups[p])
                 results.append(compare(f"grid {dtype} opts{k}", out, grad, ref, ref_grad, rows=slice(b0, b1),
                                        cols=slice(s, e)))
-    if backend == "gloo" and world == 4:
-        results.extend(linear_cases(rank, world, vocab_groups, data_groups))
+    if world == 4 or backend == "nccl":
+        results.extend(linear_cases(rank, world, vocab_groups, data_groups, device))
     # a rerun of the first vocabulary-parallel case gives the same bits
     logits, ids, labels, weights = inputs(device, torch.float32)
     s, e = ([0, 300, 310, 777, 1000] if world == 4 else [0, 1000])[rank:rank + 2]

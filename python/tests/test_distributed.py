@@ -79,7 +79,36 @@ def test_torchrun_nccl_cuda(tmp_path):
     n = torch.cuda.device_count()
     nproc = 4 if n >= 4 else 1
     ranks = torchrun(tmp_path, nproc, "nccl")
-    assert judge(ranks) == 2 * 3 * (4 if nproc == 4 else 3)
+    # the logits path and the fused linear split (CUDA tensors), 3 layouts each with one rank
+    layouts = 4 if nproc == 4 else 3
+    assert judge(ranks) == 2 * 3 * layouts + 3 * layouts
+
+
+def test_cuda_all_gather_goes_through_torch_views_of_the_crates_memory(tmp_path):
+    """The all-gather the fused linear split calls on CUDA tensors (a world of one with NCCL:
+    the native call skips the exchange of a group of one, so it is called here directly): torch
+    tensors over the crate's device addresses, no copy, float32 and float64."""
+    require_cuda()
+    if not dist.is_nccl_available():
+        pytest.skip("skipped: this torch has no NCCL")
+    script = """
+import os, sys, torch, torch.distributed as dist
+from fused_weighted_loss import _dist
+dist.init_process_group("nccl", init_method="file://" + os.path.join(sys.argv[1], "store"), rank=0, world_size=1)
+dev = torch.device("cuda", 0)
+for dtype, wide in ((torch.float32, False), (torch.float64, True)):
+    send = torch.arange(7, dtype=dtype, device=dev) * 0.5 + 1
+    recv = torch.full((7,), -1.0, dtype=dtype, device=dev)
+    rank, size, gather = _dist._device_group_arg(dist.group.WORLD, dev)
+    assert (rank, size) == (0, 1)
+    gather(send.data_ptr(), recv.data_ptr(), 7, wide)
+    torch.cuda.synchronize()
+    assert torch.equal(recv, send), (recv, send)
+dist.destroy_process_group()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
