@@ -634,6 +634,32 @@ fn typed_errors() {
 }
 
 #[test]
+fn a_rank_that_ends_before_an_exchange_fails_the_others_instead_of_hanging() {
+    use fused_weighted_loss::parallel::Collective;
+    let got = run_ranks(3, |r, g| {
+        let mut a = vec![0f32; 3];
+        g.all_gather_f32(&[r as f32], &mut a)?;
+        if r == 1 {
+            return Ok(a); // skips the second exchange
+        }
+        g.all_gather_f32(&[r as f32], &mut a).map(|()| a)
+    });
+    assert_eq!(got[1].as_ref().unwrap(), &[0.0, 1.0, 2.0]);
+    assert!(matches!(got[0], Err(Error::Collective(_))) && matches!(got[2], Err(Error::Collective(_))), "{got:?}");
+}
+
+#[test]
+#[should_panic(expected = "a rank panicked")]
+fn a_rank_that_panics_fails_the_test_instead_of_hanging_it() {
+    use fused_weighted_loss::parallel::Collective;
+    run_ranks(2, |r, g| {
+        assert!(r != 1, "rank 1 fails before its exchange");
+        let mut a = vec![0f64; 2];
+        g.all_gather_f64(&[1.0], &mut a)
+    });
+}
+
+#[test]
 fn thread_exchange_gathers_in_rank_order() {
     use fused_weighted_loss::parallel::Collective;
     let got = run_ranks(4, |r, g| {

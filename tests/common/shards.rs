@@ -6,11 +6,51 @@
 use fused_weighted_loss::parallel::{Collective, VocabSlice};
 use fused_weighted_loss::{Error, Result};
 use fused_weighted_loss::{Grad, Logit, LossOutput, LossSpec, Shape, Tokens};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// A barrier that a rank can leave: once one rank's thread has ended (returned or panicked),
+/// a wait that still needs it fails instead of blocking forever, so a failing test fails fast.
+struct Gate {
+    size: usize,
+    /// (ranks arrived in this round, rounds completed, a rank has left)
+    state: Mutex<(usize, u64, bool)>,
+    turned: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) -> Result<()> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.2 {
+            return Err(Error::Collective("a rank of the group has ended".into()));
+        }
+        let round = s.1;
+        s.0 += 1;
+        if s.0 == self.size {
+            *s = (0, round + 1, s.2);
+            self.turned.notify_all();
+            return Ok(());
+        }
+        loop {
+            // a completed round counts even if a rank left after it
+            if s.1 != round {
+                return Ok(());
+            }
+            if s.2 {
+                return Err(Error::Collective("a rank of the group ended before this exchange".into()));
+            }
+            s = self.turned.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn leave(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).2 = true;
+        self.turned.notify_all();
+    }
+}
 
 /// What the ranks of one group share: a barrier and one slot per rank for each element type.
 struct Shared {
-    barrier: Barrier,
+    barrier: Gate,
     f64s: Mutex<Vec<Vec<f64>>>,
     f32s: Mutex<Vec<Vec<f32>>>,
 }
@@ -26,7 +66,7 @@ impl ThreadGroup {
     /// The handles of a group of `size` ranks, in rank order (hand one to each thread).
     pub fn new(size: usize) -> Vec<ThreadGroup> {
         let shared = Arc::new(Shared {
-            barrier: Barrier::new(size),
+            barrier: Gate { size, state: Mutex::new((0, 0, false)), turned: Condvar::new() },
             f64s: Mutex::new(vec![Vec::new(); size]),
             f32s: Mutex::new(vec![Vec::new(); size]),
         });
@@ -37,10 +77,10 @@ impl ThreadGroup {
     /// waits again before anyone may publish the next buffer. Every rank sees the same slots,
     /// so a length mismatch fails on all of them alike (no rank is left waiting).
     fn gather<T: Copy>(&self, slots: &Mutex<Vec<Vec<T>>>, send: &[T], recv: &mut [T]) -> Result<()> {
-        slots.lock().unwrap()[self.rank] = send.to_vec();
-        self.shared.barrier.wait();
+        slots.lock().unwrap_or_else(|e| e.into_inner())[self.rank] = send.to_vec();
+        self.shared.barrier.wait()?;
         let result = {
-            let all = slots.lock().unwrap();
+            let all = slots.lock().unwrap_or_else(|e| e.into_inner());
             if all.iter().any(|s| s.len() != send.len()) {
                 Err(Error::Collective(format!(
                     "ranks sent different lengths: {:?}",
@@ -55,8 +95,22 @@ impl ThreadGroup {
                 Ok(())
             }
         };
-        self.shared.barrier.wait();
+        self.shared.barrier.wait()?;
         result
+    }
+
+    /// Marks this rank's thread as ended: the others' waits that need it fail from now on.
+    fn leave(&self) {
+        self.shared.barrier.leave();
+    }
+}
+
+/// Leaves the group when dropped: at the end of a rank's thread, however it ends.
+struct Leave<'a>(&'a ThreadGroup);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -85,7 +139,10 @@ pub fn run_ranks<R: Send>(size: usize, f: impl Fn(usize, &ThreadGroup) -> R + Sy
             .map(|(r, g)| {
                 s.spawn({
                     let f = &f;
-                    move || f(r, g)
+                    move || {
+                        let _leave = Leave(g);
+                        f(r, g)
+                    }
                 })
             })
             .collect();
@@ -117,7 +174,10 @@ pub fn run_grid<R: Send>(
             .map(|(r, (vg, dg))| {
                 s.spawn({
                     let f = &f;
-                    move || f(r / vocab, r % vocab, vg, dg)
+                    move || {
+                        let _leave = (Leave(vg), Leave(dg));
+                        f(r / vocab, r % vocab, vg, dg)
+                    }
                 })
             })
             .collect();
