@@ -178,30 +178,40 @@ def _group_arg(group):
     return (dist.get_rank(group), _size(group), gather)
 
 
-class _DeviceMemory:
-    """``n`` numbers of device memory the crate owns, seen by ``torch.as_tensor`` through the CUDA
-    array interface: a tensor over the same memory, no copy (torch does not free it)."""
+class _DeviceExchange:
+    """The all-gather of the native split on CUDA tensors, over ``group``: ``buffers(n, wide)``
+    returns the device addresses of torch's own tensors for this rank's ``n`` numbers and every
+    rank's (float64 when ``wide``, else float32); the crate copies its numbers in on torch's
+    current stream, ``run()`` all-gathers them there, and the crate copies the result out. The
+    tensors are torch's (the caching allocator's), kept for the next exchange of the call."""
 
-    def __init__(self, ptr: int, n: int, wide: bool):
-        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "<f8" if wide else "<f4", "data": (ptr, False),
-                                         "version": 2}
+    def __init__(self, group, device):
+        self.group, self.device, self.size = group, device, _size(group)
+        self.kept = {}
+        self.last = None
+
+    def buffers(self, n: int, wide: bool):
+        send, recv = self.kept.get(wide, (None, None))
+        if send is None or send.numel() < n:
+            dtype = torch.float64 if wide else torch.float32
+            send = torch.empty(max(n, 1), dtype=dtype, device=self.device)
+            recv = torch.empty(max(n, 1) * self.size, dtype=dtype, device=self.device)
+            self.kept[wide] = (send, recv)
+        self.last = (send[:n], recv[:n * self.size])
+        return send.data_ptr(), recv.data_ptr()
+
+    def run(self):
+        send, recv = self.last
+        with torch.cuda.device(self.device):
+            dist.all_gather_into_tensor(recv, send, group=self.group)
 
 
 def _device_group_arg(group, device):
-    """``(rank, size, all-gather)`` of ``group`` for the native split on CUDA tensors: the
-    callable takes the crate's send and receive addresses, ``n`` and whether the numbers are
-    float64, and all-gathers on torch's current stream (the one the crate queues on)."""
+    """``(rank, size, exchange)`` of ``group`` for the native split on CUDA tensors (see
+    ``_DeviceExchange``)."""
     if group is None:
         return (0, 1, None)
-    size = _size(group)
-
-    def gather(send_ptr: int, recv_ptr: int, n: int, wide: bool):
-        with torch.cuda.device(device):
-            send = torch.as_tensor(_DeviceMemory(send_ptr, n, wide), device=device)
-            recv = torch.as_tensor(_DeviceMemory(recv_ptr, n * size, wide), device=device)
-            dist.all_gather_into_tensor(recv, send, group=group)
-
-    return (dist.get_rank(group), size, gather)
+    return (dist.get_rank(group), _size(group), _DeviceExchange(group, device))
 
 
 class ShardedLinear(torch.autograd.Function):

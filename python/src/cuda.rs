@@ -268,8 +268,12 @@ fn linear_typed<L: Logit, I: TokenId>(
             // exchanges go through torch.distributed on torch's stream (see group.rs)
             let slice = split.slice().map_err(to_py)?;
             let whole = LinearShape::new(shape.batch(), shape.seq(), shape.hidden(), slice.vocab()).map_err(to_py)?;
-            let call = DeviceSharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
-            call.linear_loss_and_grad(&linear, &req.spec, whole, stream, &inputs, &tokens, grads, req.chunking)
+            // without the GIL, as on the CPU: the exchanges call into Python (which takes it back)
+            // while this call holds the cuBLAS handle, which another thread's call may wait for
+            py.detach(|| {
+                let call = DeviceSharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
+                call.linear_loss_and_grad(&linear, &req.spec, whole, stream, &inputs, &tokens, grads, req.chunking)
+            })
         }
     }
     .map_err(to_py)?;

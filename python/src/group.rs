@@ -5,10 +5,11 @@
 //! - host: called with this rank's numbers (a list of floats), returning every rank's,
 //!   concatenated in rank order. The crate's one call (`parallel::Sharded`, the fused linear
 //!   split) runs with the GIL released and takes it back for each exchange;
-//! - device: called with `(send address, receive address, n, float64?)`: it all-gathers the `n`
-//!   numbers at the send address into the receive address (`n × size`) on torch's current
-//!   stream, the stream the crate queues its work on, and returns nothing; no host
-//!   synchronisation.
+//! - device: an object (`_dist._DeviceExchange`) whose `buffers(n, float64?)` returns the
+//!   addresses of two torch tensors (this rank's `n` numbers, every rank's `n × size`); the
+//!   crate copies its numbers into the first on torch's current stream (the one it queues all
+//!   its work on), `run()` all-gathers there, and the crate copies the result out. No host
+//!   synchronisation; torch's collective only ever sees torch's own memory.
 
 use fused_weighted_loss::parallel::{Collective, VocabSlice};
 use fused_weighted_loss::{Error, Result};
@@ -37,7 +38,9 @@ impl PyGroup {
 #[cfg(feature = "cuda")]
 mod device {
     use super::PyGroup;
-    use fused_weighted_loss::cuda::cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+    use fused_weighted_loss::cuda::cudarc::driver::{
+        result, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    };
     use fused_weighted_loss::cuda::split::DeviceCollective;
     use fused_weighted_loss::{Error, Result};
     use pyo3::prelude::*;
@@ -67,12 +70,32 @@ mod device {
                 };
                 return stream.memcpy_dtod(send, recv).map_err(copy);
             };
-            // the addresses stay borrowed (in the stream's order) until the callable has queued the
-            // collective on the same stream
+            if std::mem::size_of::<T>() != if wide { 8 } else { 4 } {
+                return Err(Error::Collective("an all-gather of an element type other than f32 / f64".into()));
+            }
+            if send.is_empty() {
+                return Ok(()); // every rank of the group sends the same length
+            }
+            let bytes = send.len() * std::mem::size_of::<T>();
+            let py_err = |e: PyErr| Error::Collective(format!("torch.distributed all-gather: {e}"));
+            let copy_err = |e: fused_weighted_loss::cuda::cudarc::driver::DriverError| Error::Cuda {
+                context: "copying to or from torch's exchange buffers",
+                message: e.to_string(),
+            };
             let (s, _gs) = send.device_ptr(stream);
             let (r, _gr) = recv.device_ptr_mut(stream);
-            Python::attach(|py| f.call1(py, (s, r, send.len(), wide)).map(drop))
-                .map_err(|e| Error::Collective(format!("torch.distributed all-gather: {e}")))
+            Python::attach(|py| -> Result<()> {
+                let (ts, tr): (u64, u64) =
+                    f.call_method1(py, "buffers", (send.len(), wide)).and_then(|a| a.extract(py)).map_err(py_err)?;
+                // SAFETY: `ts` and `tr` are the addresses of torch's own tensors on this device of at
+                // least `send.len()` and `send.len() * size` elements of T (`buffers`' contract),
+                // which the exchange object keeps alive; `s` and `r` are this call's buffers of those
+                // lengths (checked above); all on `stream`, in its order.
+                unsafe { result::memcpy_dtod_async(ts, s, bytes, stream.cu_stream()) }.map_err(copy_err)?;
+                f.call_method0(py, "run").map_err(py_err)?;
+                // SAFETY: as above; the all-gather into `tr` is ordered before this copy on `stream`.
+                unsafe { result::memcpy_dtod_async(r, tr, bytes * self.1, stream.cu_stream()) }.map_err(copy_err)
+            })
         }
     }
 
