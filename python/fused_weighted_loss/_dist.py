@@ -4,11 +4,13 @@ by ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU tensors).
 
 The crate's split (``fused_weighted_loss::parallel``) runs in chunks of rows: the statistics of a
 chunk (a few numbers per row: max, sum of exponentials, the target logit if this rank holds it, the
-logit sum with label smoothing) are all-gathered over the vocabulary group while the next chunk's
-are computed (``async_op=True``), then merged in rank order, the same bits on every rank, and the
-gradient of this rank's slice written. Data-parallel denominators (global ``B`` and ``sum w_b``) are
-all-gathered before the logits are read; the loss shares at the end, so that every rank returns
-the loss of the whole batch.
+logit sum with label smoothing) are all-gathered over the vocabulary group while later chunks are
+computed, then merged in rank order, the same bits on every rank, and the gradient of this rank's
+slice written. Data-parallel denominators (global ``B`` and ``sum w_b``) are all-gathered before
+the logits are read; the loss shares at the end, so that every rank returns the loss of the whole
+batch. CPU tensors run the crate's one call (``parallel::Sharded``, with the GIL released; its
+exchanges call back into ``torch.distributed`` here); CUDA tensors drive the crate's device steps
+from here (``async_op=True`` exchanges on torch's stream) and the fused linear split's one call.
 
 This path is an eager ``torch.autograd.Function`` (``torch.compile`` breaks the graph around it).
 """
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _native
+from . import _cpu_pool, _native
 from ._ops import _arg, _device_arg, _ptr, logits_grad
 
 # (group, start, len, vocab) whose slices were checked to tile the vocabulary
@@ -84,6 +86,9 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
         raise ValueError(f"logits must have rank 3 [batch, seq, vocab slice], got {list(logits.shape)}")
     b, t, _ = logits.shape
     device = logits.device
+    if device.type == "cpu":
+        return _cpu_one_call(logits, ids, labels, token_weights, options, process_group, data_group, slice_,
+                             chunk_rows, compute_grad, want_per_sample, want_token_loss)
     dev = _device_arg(logits)
     tokens = (_arg(ids), _arg(labels) if labels is not None else None,
               _arg(token_weights) if token_weights is not None else None)
@@ -101,7 +106,7 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     ranks = _size(process_group) if process_group is not None else 1
     rows = b * t
     x = logits.reshape(rows, length)
-    grad = torch.empty_like(x) if compute_grad else None
+    grad = _cpu_pool.empty_like(x) if compute_grad else None
     chunk = max(1, int(chunk_rows)) if chunk_rows else h.default_chunk_rows(ranks, str(logits.dtype)[6:])
 
     def finish(r0, r1, gathered, work):
@@ -146,6 +151,33 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
         loss = share[0].to(torch.float32)
     grad = grad.view_as(logits) if grad is not None else logits.new_empty((0,))
     return loss, per, weights, share[1].clone(), token_loss, grad
+
+
+def _cpu_one_call(logits, ids, labels, token_weights, options, process_group, data_group, slice_, chunk_rows,
+                  compute_grad, want_per_sample, want_token_loss):
+    """CPU tensors: the crate's one call (``parallel::Sharded``) with the GIL released, its
+    exchanges calling back into ``torch.distributed`` from the calling thread while the pool
+    runs the next passes (two in flight), as a Rust caller gets it. Same returns as
+    :func:`sharded_forward`."""
+    start, length, vocab = slice_
+    b, t, _ = logits.shape
+    if process_group is not None:
+        _check_tiling(process_group, start, length, vocab)  # the same message on every path
+    loss = torch.empty((), dtype=torch.float32)
+    per = torch.empty((b if want_per_sample else 0,), dtype=torch.float64)
+    weights = torch.empty((b if want_per_sample else 0,), dtype=torch.float64)
+    z_loss = torch.empty((), dtype=torch.float64)
+    token_loss = torch.empty((b, t - 1) if want_token_loss else (0,), dtype=torch.float32)
+    grad = _cpu_pool.empty_like(logits) if compute_grad else logits.new_empty((0,))
+    _native.forward(
+        (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None,
+         _arg(token_weights) if token_weights is not None else None),
+        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), z_loss.data_ptr(), _ptr(token_loss)),
+        options, None, False,
+        ((start, length, vocab), _group_arg(process_group), _group_arg(data_group)),
+        None if chunk_rows is None else max(1, int(chunk_rows)),
+    )
+    return loss, per, weights, z_loss, token_loss, grad
 
 
 class ShardedLoss(torch.autograd.Function):

@@ -2,6 +2,7 @@
 //! `loss_and_grad_per_token`, or `linear_loss_and_grad`) on them, with the GIL released while it
 //! runs.
 
+use crate::group::PySplit;
 use crate::linear::LinearRequest;
 use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Options, Request, TensorArg};
 use fused_weighted_loss::parallel::Sharded;
@@ -47,11 +48,21 @@ pub(crate) mod host {
 }
 
 /// See `crate::forward`.
-pub(crate) fn forward(py: Python<'_>, req: &Request<'_>) -> PyResult<()> {
-    dispatch!(req.types, typed(py, req))
+pub(crate) fn forward(
+    py: Python<'_>,
+    req: &Request<'_>,
+    split: Option<&PySplit>,
+    chunk_rows: Option<usize>,
+) -> PyResult<()> {
+    dispatch!(req.types, typed(py, req, split, chunk_rows))
 }
 
-fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>) -> PyResult<()> {
+fn typed<L: Logit, I: TokenId>(
+    py: Python<'_>,
+    req: &Request<'_>,
+    split: Option<&PySplit>,
+    chunk_rows: Option<usize>,
+) -> PyResult<()> {
     let (shape, out) = (req.shape, req.out);
     let (n, rows, b) = (shape.logits_len(), shape.rows(), shape.batch());
     // SAFETY: Python passes the data pointers of live, contiguous tensors of these dtypes and
@@ -85,9 +96,24 @@ fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>) -> PyResult<()
     };
     let spec = &req.spec;
     let r = py
-        .detach(|| match token_loss {
-            Some(t) => spec.loss_and_grad_per_token(shape, logits, tokens, grad, t),
-            None => spec.loss_and_grad(shape, logits, tokens, grad),
+        .detach(|| match split {
+            None => match token_loss {
+                Some(t) => spec.loss_and_grad_per_token(shape, logits, tokens, grad, t),
+                None => spec.loss_and_grad(shape, logits, tokens, grad),
+            },
+            Some(split) => {
+                // the logits hold this rank's columns: the loss's shape has the whole vocabulary
+                let slice = split.slice()?;
+                let whole = Shape::new(shape.batch(), shape.seq(), slice.vocab())?;
+                let mut call = Sharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
+                if let Some(c) = chunk_rows {
+                    call = call.with_chunk_rows(c);
+                }
+                match token_loss {
+                    Some(t) => call.loss_and_grad_per_token(spec, whole, logits, tokens, grad, t),
+                    None => call.loss_and_grad(spec, whole, logits, tokens, grad),
+                }
+            }
         })
         .map_err(to_py)?;
     write_outputs(&r, loss, per_sample, weights, z_loss);

@@ -231,9 +231,13 @@ pub(crate) struct Request<'a> {
 /// else `(ordinal, stream)`: the CUDA device and the stream to queue the work on (torch's current
 /// stream). On CUDA, `check` waits for the work and reports ids or labels outside the vocabulary
 /// and non-finite token weights (and, with `check_finite`, a non-finite loss); without it
-/// nothing waits.
+/// nothing waits. `split` (CPU tensors): this rank's slice `(start, len, vocab)` of the
+/// vocabulary (the logits hold its `len` columns) and its vocabulary and data groups (see
+/// `group.rs`), run as the crate's one call `parallel::Sharded` with `chunk_rows` rows per
+/// exchange (None: its default); CUDA tensors drive the split's steps from Python instead.
 #[pyfunction]
-#[pyo3(signature = (inputs, outputs, options, device=None, check=false))]
+#[pyo3(signature = (inputs, outputs, options, device=None, check=false, split=None, chunk_rows=None))]
+#[allow(clippy::too_many_arguments)] // Python's keyword arguments, with `py`
 fn forward(
     py: Python<'_>,
     inputs: Inputs,
@@ -241,11 +245,17 @@ fn forward(
     options: Options,
     device: Option<(usize, usize)>,
     check: bool,
+    split: Option<group::PySplit>,
+    chunk_rows: Option<usize>,
 ) -> PyResult<()> {
     let backend = if device.is_some() { Backend::Cuda } else { Backend::Cpu };
     let req = inputs.request(&options, backend, outputs)?;
+    if device.is_some() && split.is_some() {
+        let msg = "a split of CUDA logits runs through the step API (Shard), not forward";
+        return Err(to_py(fused_weighted_loss::Error::Unsupported(msg.into())));
+    }
     match device {
-        None => cpu::forward(py, &req),
+        None => cpu::forward(py, &req, split.as_ref(), chunk_rows),
         #[cfg(feature = "cuda")]
         Some(device) => {
             let check = check || req.spec.check_finite();

@@ -114,3 +114,46 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-4000:]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_backward_takes_a_loss_scale_beyond_the_logits_dtype(dtype):
+    """GradScaler's 65536 does not fit float16: the split's backward multiplies in float32, as the
+    plain path does, for the loss and for the fused linear loss (a group of one, gloo)."""
+    import fused_weighted_loss as fwl
+
+    run = subprocess.run([sys.executable, "-c", _SCALE_SCRIPT, str(dtype).removeprefix("torch.")],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-4000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert fwl is not None and got["finite"], got
+    assert got["rel_loss_grad"] <= 1e-6, got
+    assert got["rel_linear_grads"] <= 1e-6, got
+
+
+# in a child process: a process group of its own, whatever this one has
+_SCALE_SCRIPT = """
+import json, os, sys, tempfile
+import torch, torch.distributed as dist
+import fused_weighted_loss as fwl
+store = tempfile.mkdtemp()
+dist.init_process_group("gloo", init_method="file://" + os.path.join(store, "store"), rank=0, world_size=1)
+dtype = getattr(torch, sys.argv[1])
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(0, 7, (2, 5), generator=g)
+x0 = (torch.randn(2, 5, 7, generator=g) * 3).to(dtype)
+a = x0.clone().requires_grad_(); (fwl.weighted_loss(a, ids, keywords=[1]) * 65536.0).backward()
+b = x0.clone().requires_grad_(); (fwl.weighted_loss(b, ids, keywords=[1], process_group=dist.group.WORLD) * 65536.0).backward()
+rel = lambda p, q: float((p.double() - q.double()).norm() / q.double().norm())
+h0, w0 = torch.randn(2, 5, 4, generator=g).to(dtype), torch.randn(7, 4, generator=g).to(dtype)
+lin = []
+for group in (None, dist.group.WORLD):
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    (fwl.weighted_linear_loss(h, w, ids, process_group=group) * 65536.0).backward()
+    lin.append((h.grad, w.grad))
+finite = all(bool(torch.isfinite(t).all()) for t in (a.grad, b.grad, *lin[0], *lin[1]))
+print(json.dumps(dict(finite=finite, rel_loss_grad=rel(b.grad, a.grad),
+                      rel_linear_grads=max(rel(lin[1][0], lin[0][0]), rel(lin[1][1], lin[0][1])))))
+dist.destroy_process_group()
+"""
