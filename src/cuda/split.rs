@@ -36,9 +36,11 @@
 //! ```
 
 mod call;
+mod collective;
 mod linear;
 
 pub use call::{default_device_chunk_rows, DeviceSharded};
+pub use collective::{DeviceCollective, DeviceSolo};
 
 use super::launch::Planned;
 use super::params::{self, FwlSplitBatchParams, FwlSplitGradParams, FwlSplitStatsParams};
@@ -60,76 +62,6 @@ use std::sync::Arc;
 unsafe impl DeviceRepr for FwlSplitStatsParams {}
 unsafe impl DeviceRepr for FwlSplitGradParams {}
 unsafe impl DeviceRepr for FwlSplitBatchParams {}
-
-/// An all-gather between the ranks of a group on device buffers, queued on a stream (NCCL's
-/// `ncclAllGather`, or a framework's). Every rank calls the same methods in the same order with
-/// buffers of the same length `n`; `recv[r * n..(r + 1) * n]` gets rank `r`'s `send`.
-pub trait DeviceCollective {
-    /// This rank's index in the group, `0..size()`.
-    fn rank(&self) -> usize;
-    /// Ranks in the group.
-    fn size(&self) -> usize;
-    /// All-gathers `f32`s in rank order, queued on `stream`.
-    fn all_gather_f32(
-        &self,
-        stream: &Arc<CudaStream>,
-        send: &CudaView<'_, f32>,
-        recv: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()>;
-    /// All-gathers `f64`s in rank order, queued on `stream`.
-    fn all_gather_f64(
-        &self,
-        stream: &Arc<CudaStream>,
-        send: &CudaView<'_, f64>,
-        recv: &mut CudaViewMut<'_, f64>,
-    ) -> Result<()>;
-}
-
-/// The group of one rank on a device: every all-gather is a device-to-device copy.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DeviceSolo;
-
-impl DeviceSolo {
-    fn copy<T: DeviceRepr>(
-        stream: &Arc<CudaStream>,
-        send: &CudaView<'_, T>,
-        recv: &mut CudaViewMut<'_, T>,
-    ) -> Result<()> {
-        if recv.len() != send.len() {
-            return Err(Error::ExchangeLength {
-                what: "all-gather receive buffer",
-                expected: send.len(),
-                got: recv.len(),
-            });
-        }
-        stream.memcpy_dtod(send, recv).map_err(drv("copying on the device"))
-    }
-}
-
-impl DeviceCollective for DeviceSolo {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn size(&self) -> usize {
-        1
-    }
-    fn all_gather_f32(
-        &self,
-        stream: &Arc<CudaStream>,
-        send: &CudaView<'_, f32>,
-        recv: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        Self::copy(stream, send, recv)
-    }
-    fn all_gather_f64(
-        &self,
-        stream: &Arc<CudaStream>,
-        send: &CudaView<'_, f64>,
-        recv: &mut CudaViewMut<'_, f64>,
-    ) -> Result<()> {
-        Self::copy(stream, send, recv)
-    }
-}
 
 /// The split's kernels, loaded with the module.
 pub(super) struct SplitFns {
