@@ -106,7 +106,7 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     ranks = _size(process_group) if process_group is not None else 1
     rows = b * t
     x = logits.reshape(rows, length)
-    grad = _cpu_pool.empty_like(x) if compute_grad else None
+    grad = torch.empty_like(x) if compute_grad else None  # CUDA only here: torch's caching allocator
     chunk = max(1, int(chunk_rows)) if chunk_rows else h.default_chunk_rows(ranks, str(logits.dtype)[6:])
 
     def finish(r0, r1, gathered, work):
@@ -175,7 +175,8 @@ def _cpu_one_call(logits, ids, labels, token_weights, options, process_group, da
         (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), z_loss.data_ptr(), _ptr(token_loss)),
         options, None, False,
         ((start, length, vocab), _group_arg(process_group), _group_arg(data_group)),
-        None if chunk_rows is None else max(1, int(chunk_rows)),
+        # as the device steps read it: 0 or None is the default; at most every row at once
+        None if not chunk_rows else max(1, min(int(chunk_rows), b * t)),
     )
     return loss, per, weights, z_loss, token_loss, grad
 

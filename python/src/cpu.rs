@@ -115,7 +115,7 @@ fn typed<L: Logit, I: TokenId>(
                 }
             }
         })
-        .map_err(to_py)?;
+        .map_err(crate::group::to_py_kept)?;
     write_outputs(&r, loss, per_sample, weights, z_loss);
     Ok(())
 }
@@ -209,7 +209,7 @@ fn linear_typed<L: Logit, I: TokenId>(py: Python<'_>, req: &LinearRequest<'_>) -
             })
         }
     }
-    .map_err(to_py)?;
+    .map_err(crate::group::to_py_kept)?;
     write_outputs(&r.loss, loss, per_sample, weights, z_loss);
     Ok(())
 }

@@ -276,7 +276,7 @@ fn linear_typed<L: Logit, I: TokenId>(
             })
         }
     }
-    .map_err(to_py)?;
+    .map_err(crate::group::to_py_kept)?;
     copy_outputs(stream, &result.loss, &mut loss, [&mut per_sample, &mut weights, &mut z_loss, &mut None])?;
     finish(py, stream, &result.loss, check)
 }

@@ -15,6 +15,30 @@ use fused_weighted_loss::parallel::{Collective, VocabSlice};
 use fused_weighted_loss::{Error, Result};
 use pyo3::prelude::*;
 
+thread_local! {
+    /// The Python exception an exchange of this thread's current call raised, kept so that the
+    /// call raises it (its type and traceback) rather than the crate's `Error::Collective`. The
+    /// exchanges run on the thread that made the call (the one-call APIs exchange on the
+    /// calling thread).
+    static RAISED: std::cell::RefCell<Option<PyErr>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The crate's error of a call whose exchanges went through [`PyGroup`]s as a Python exception:
+/// the exception an exchange raised, if one did, else as `crate::to_py`.
+pub(crate) fn to_py_kept(e: Error) -> PyErr {
+    match (RAISED.with(|r| r.borrow_mut().take()), &e) {
+        (Some(raised), Error::Collective(_)) => raised,
+        _ => crate::to_py(e),
+    }
+}
+
+/// Keeps `e` for [`to_py_kept`] and turns it into the crate's error.
+fn kept(e: PyErr) -> Error {
+    let msg = format!("torch.distributed all-gather: {e}");
+    RAISED.with(|r| *r.borrow_mut() = Some(e));
+    Error::Collective(msg)
+}
+
 /// One rank's place in a group: `(rank, size, all-gather callable)`; no callable for a group of
 /// one.
 #[derive(FromPyObject, Debug)]
@@ -25,8 +49,7 @@ impl PyGroup {
     fn gather(&self, send: Vec<f64>, expected: usize) -> Result<Vec<f64>> {
         let got = match &self.2 {
             None => send,
-            Some(f) => Python::attach(|py| f.call1(py, (send,))?.extract::<Vec<f64>>(py))
-                .map_err(|e| Error::Collective(format!("torch.distributed all-gather: {e}")))?,
+            Some(f) => Python::attach(|py| f.call1(py, (send,))?.extract::<Vec<f64>>(py)).map_err(kept)?,
         };
         if got.len() != expected {
             return Err(Error::ExchangeLength { what: "all-gather result", expected, got: got.len() });
@@ -77,7 +100,6 @@ mod device {
                 return Ok(()); // every rank of the group sends the same length
             }
             let bytes = send.len() * std::mem::size_of::<T>();
-            let py_err = |e: PyErr| Error::Collective(format!("torch.distributed all-gather: {e}"));
             let copy_err = |e: fused_weighted_loss::cuda::cudarc::driver::DriverError| Error::Cuda {
                 context: "copying to or from torch's exchange buffers",
                 message: e.to_string(),
@@ -85,14 +107,16 @@ mod device {
             let (s, _gs) = send.device_ptr(stream);
             let (r, _gr) = recv.device_ptr_mut(stream);
             Python::attach(|py| -> Result<()> {
-                let (ts, tr): (u64, u64) =
-                    f.call_method1(py, "buffers", (send.len(), wide)).and_then(|a| a.extract(py)).map_err(py_err)?;
+                let (ts, tr): (u64, u64) = f
+                    .call_method1(py, "buffers", (send.len(), wide))
+                    .and_then(|a| a.extract(py))
+                    .map_err(super::kept)?;
                 // SAFETY: `ts` and `tr` are the addresses of torch's own tensors on this device of at
                 // least `send.len()` and `send.len() * size` elements of T (`buffers`' contract),
                 // which the exchange object keeps alive; `s` and `r` are this call's buffers of those
                 // lengths (checked above); all on `stream`, in its order.
                 unsafe { result::memcpy_dtod_async(ts, s, bytes, stream.cu_stream()) }.map_err(copy_err)?;
-                f.call_method0(py, "run").map_err(py_err)?;
+                f.call_method0(py, "run").map_err(super::kept)?;
                 // SAFETY: as above; the all-gather into `tr` is ordered before this copy on `stream`.
                 unsafe { result::memcpy_dtod_async(r, tr, bytes * self.1, stream.cu_stream()) }.map_err(copy_err)
             })

@@ -157,3 +157,32 @@ print(json.dumps(dict(finite=finite, rel_loss_grad=rel(b.grad, a.grad),
                       rel_linear_grads=max(rel(lin[1][0], lin[0][0]), rel(lin[1][1], lin[0][1])))))
 dist.destroy_process_group()
 """
+
+
+class _Interrupted(Exception):
+    """Raised by a test's all-gather."""
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_an_exception_in_an_exchange_comes_out_as_itself(monkeypatch, linear):
+    """The one calls exchange through a Python callable with the GIL released around them: an
+    exception the exchange raises (a KeyboardInterrupt, a torch.distributed error) reaches the
+    caller as itself, not as a RuntimeError of the crate's, and the process stays usable."""
+    import fused_weighted_loss as fwl
+    from fused_weighted_loss import _dist
+
+    def gather(values):
+        raise _Interrupted("the data group went away")
+
+    # a data group of two whose all-gather raises (no torch.distributed needed)
+    monkeypatch.setattr(_dist, "_group_arg", lambda g: (0, 1, None) if g is None else (0, 2, gather))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 5))
+    with pytest.raises(_Interrupted, match="went away"):
+        if linear:
+            fwl.weighted_linear_loss(torch.randn(2, 5, 8), torch.randn(50, 8), ids, data_group=object())
+        else:
+            fwl.weighted_loss(torch.randn(2, 5, 50), ids, data_group=object())
+    # and the next call is not handed that exception
+    monkeypatch.undo()
+    assert torch.isfinite(fwl.weighted_loss(torch.randn(2, 5, 50), ids))

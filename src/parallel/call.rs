@@ -205,8 +205,11 @@ impl<'a> Sharded<'a> {
         let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
         let wants_grad = !matches!((&src, &dest), (Src::Read(_), Dest::Skip));
         // (each chunk's exponentials are kept for its gradient; the next chunk's beside them)
-        let mut steps =
-            ShardedLoss::new(spec, shape, slice, tokens)?.with_keep_rows(if wants_grad { 2 * chunk } else { 0 });
+        let mut steps = ShardedLoss::new(spec, shape, slice, tokens)?.with_keep_rows(if wants_grad {
+            chunk.saturating_mul(2)
+        } else {
+            0
+        });
 
         if let Some(all) = super::gather_pairs(dg, steps.batch_totals())? {
             steps.set_batch_totals(&all)?;
