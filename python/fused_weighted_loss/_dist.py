@@ -89,6 +89,8 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     if device.type == "cpu":
         return _cpu_one_call(logits, ids, labels, token_weights, options, process_group, data_group, slice_,
                              chunk_rows, compute_grad, want_per_sample, want_token_loss)
+    if not hasattr(_native, "Shard"):
+        raise RuntimeError("this build of fused_weighted_loss has no CUDA support (build it with the `cuda` feature)")
     dev = _device_arg(logits)
     tokens = (_arg(ids), _arg(labels) if labels is not None else None,
               _arg(token_weights) if token_weights is not None else None)

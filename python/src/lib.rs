@@ -32,6 +32,7 @@ mod cpu;
 mod cuda;
 mod group;
 mod linear;
+#[cfg(feature = "cuda")]
 mod shard;
 
 /// A contiguous tensor as Python describes it: `(data_ptr, shape, dtype name)`, the dtype name
@@ -306,6 +307,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;
+    #[cfg(feature = "cuda")]
     m.add_class::<shard::Shard>()?;
     #[cfg(feature = "cuda")]
     m.add_function(wrap_pyfunction!(cuda::time_rust_call_cuda, m)?)?;
