@@ -80,7 +80,8 @@ def slice_of(length: int, process_group, vocab_start: Optional[int], vocab_size:
 def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor],
                     options: tuple, process_group, data_group, slice_: Tuple[int, int, int],
                     chunk_rows: Optional[int], compute_grad: bool, want_per_sample: bool, want_token_loss: bool):
-    """Runs the split; returns (loss f32, per_sample, weights, z_loss f64, token_loss, grad)."""
+    """Runs the split; returns (loss f32, per_sample, weights, z_loss f64, token_loss, grad). CPU
+    tensors go to the crate's one call; CUDA tensors run the device steps from here."""
     start, length, vocab = slice_
     if logits.dim() != 3:
         raise ValueError(f"logits must have rank 3 [batch, seq, vocab slice], got {list(logits.shape)}")
@@ -104,11 +105,10 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
         h.set_batch_totals(_arg(totals))
 
     words = h.words_per_row()
-    pdtype = torch.float32 if device.type == "cuda" else torch.float64
     ranks = _size(process_group) if process_group is not None else 1
     rows = b * t
     x = logits.reshape(rows, length)
-    grad = torch.empty_like(x) if compute_grad else None  # CUDA only here: torch's caching allocator
+    grad = torch.empty_like(x) if compute_grad else None
     chunk = max(1, int(chunk_rows)) if chunk_rows else h.default_chunk_rows(ranks, str(logits.dtype)[6:])
 
     def finish(r0, r1, gathered, work):
@@ -120,7 +120,7 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     pending = None
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
-        send = torch.empty((r1 - r0) * words, dtype=pdtype, device=device)
+        send = torch.empty((r1 - r0) * words, dtype=torch.float32, device=device)
         h.partials((r0, r1), _arg(x[r0:r1]), _arg(send))
         if process_group is not None:
             gathered, work = _gather(send, process_group, async_op=True)
@@ -137,12 +137,10 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     per = torch.empty((b if want_per_sample else 0,), dtype=torch.float64, device=device)
     weights = torch.empty((b if want_per_sample else 0,), dtype=torch.float64, device=device)
     token_loss = torch.empty((b, t - 1) if want_token_loss else (0,), dtype=torch.float32, device=device)
-    # on CUDA the per-token losses come as every position's loss, [B, T] float64
-    rows_loss = token_loss
-    if device.type == "cuda" and want_token_loss:
-        rows_loss = torch.empty((b, t), dtype=torch.float64, device=device)
+    # the per-token losses come as every position's loss, [B, T] float64
+    rows_loss = torch.empty((b, t), dtype=torch.float64, device=device) if want_token_loss else token_loss
     h.finish((share.data_ptr(), loss.data_ptr(), _ptr(per), _ptr(weights), _ptr(rows_loss)))
-    if rows_loss is not token_loss:
+    if want_token_loss:
         token_loss.copy_(rows_loss[:, :-1])
     if data_group is not None:
         shares, _ = _gather(share, data_group)
