@@ -38,12 +38,12 @@ template <typename L> __device__ void split_stats_impl(const FwlSplitStatsParams
                 out[0] = -INFINITY;
                 out[1] = 0.f;
                 out[2] = 0.f;
-                if (p.words > FWL_SPLIT_WORDS) out[3] = 0.f;
+                if (p.words > FWL_SPLIT_WORDS) out[3] = out[4] = 0.f;
             }
             continue;
         }
         const RowSpan<L> s(x, n);
-        MS acc{-INFINITY, 0.f, 0.f};
+        MS acc{-INFINITY, 0.f, 0.f, 0.f};
         if (threadIdx.x < s.head) {
             const float v = capped(to_f32(x[threadIdx.x]), cap, inv_cap);
             ms_push(acc, &v, 1);
@@ -64,7 +64,10 @@ template <typename L> __device__ void split_stats_impl(const FwlSplitStatsParams
             out[0] = st.m;
             out[1] = st.s;
             out[2] = j >= 0 && j < n ? to_f32(x[j]) : 0.f;  // raw: capped after the merge
-            if (p.words > FWL_SPLIT_WORDS) out[3] = st.z;
+            if (p.words > FWL_SPLIT_WORDS) {
+                out[3] = st.z;  // against this slice's maximum out[0]
+                out[4] = st.n;  // the slice's length: the merge moves out[3] to the row's maximum
+            }
         }
     }
 }
@@ -90,11 +93,11 @@ template <typename L, typename G> __device__ void split_grad_impl(const FwlSplit
         }
         // every thread merges the ranks' statistics in rank order: the same bits on every rank
         const float *q = p.gathered + row * p.words;
-        MS st{q[0], q[1], sum_z ? q[3] : 0.f};
+        MS st{q[0], q[1], sum_z ? q[3] : 0.f, sum_z ? q[4] : 0.f};
         float target = q[2];  // held by one rank, 0 in the others: the sum is exact
         for (int r = 1; r < p.ranks; ++r) {
             const float *o = q + r * per_rank;
-            st = ms_merge(st, MS{o[0], o[1], sum_z ? o[3] : 0.f});
+            st = ms_merge(st, MS{o[0], o[1], sum_z ? o[3] : 0.f, sum_z ? o[4] : 0.f});
             target += o[2];
         }
         const float coef = p.coef[grow / p.seq] * (p.token_weights ? p.token_weights[grow + 1] : 1.f);

@@ -9,9 +9,10 @@
 #include <stdint.h>
 
 /* Floats of one row's statistics in the exchange: max, sum of exp(z - max), raw target logit
- * (0 outside the slice), and the sum of the (capped) logits with label smoothing. */
+ * (0 outside the slice), and with label smoothing the sum of (z - max) of the (capped) logits
+ * and the slice's length (to move that sum to the row's maximum when the slices merge). */
 #define FWL_SPLIT_WORDS 3
-#define FWL_SPLIT_WORDS_SMOOTHING 4
+#define FWL_SPLIT_WORDS_SMOOTHING 5
 
 /* Statistics kernel (grid-stride over rows, one block per row). */
 typedef struct FwlSplitStatsParams {

@@ -56,18 +56,28 @@ template <typename T> __device__ __forceinline__ void store16(T *p, const Vec16<
 
 // ---- online softmax statistics -------------------------------------------------------------
 
-// (max, sum of exp(z - max), sum of z); NaN logits are skipped by fmaxf and reach the sums.
-// The sum of z serves label smoothing only.
+// (max, sum of exp(z - max), sum of (z - max), count); NaN logits are skipped by fmaxf and
+// reach the sums. The sum of z serves label smoothing only: kept against the running maximum, so
+// a large common offset of the logits does not cancel it (a raw f32 sum of 1e6-sized logits loses
+// the smoothing term), with the count to move it when the maximum moves. While the maximum is
+// still -inf (nothing finite yet) it holds the raw sum, which is then -inf or NaN and stays so.
 struct MS {
     float m;
     float s;
     float z;
+    float n;
 };
+
+// `z`, a sum of `n` values against `from`, against `to` instead.
+__device__ __forceinline__ float z_rebase(float z, float n, float from, float to) {
+    return n == 0.f || from == to ? z : z + n * (from - to);
+}
 
 __device__ __forceinline__ MS ms_merge(MS a, MS b) {
     const float m = fmaxf(a.m, b.m);
-    if (m == -INFINITY) return MS{m, a.s + b.s, a.z + b.z};  // all -inf so far: sums are 0 (or NaN)
-    return MS{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m), a.z + b.z};
+    if (m == -INFINITY) return MS{m, a.s + b.s, a.z + b.z, a.n + b.n};  // all -inf so far: sums are 0 (or NaN)
+    return MS{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m), z_rebase(a.z, a.n, a.m, m) + z_rebase(b.z, b.n, b.m, m),
+              a.n + b.n};
 }
 
 // Folds n values (n <= 8) into a thread's running statistics: one exponential per value, and
@@ -77,19 +87,22 @@ __device__ __forceinline__ void ms_push(MS &a, const float *v, int n) {
     for (int i = 0; i < n; ++i) lm = fmaxf(lm, v[i]);
     if (lm > a.m) {  // exp(-inf - lm) = 0 keeps an empty or NaN sum as it is
         a.s *= __expf(a.m - lm);
+        a.z = z_rebase(a.z, a.n, a.m, lm);
         a.m = lm;
     }
     const float shift = a.m == -INFINITY ? 0.f : a.m;  // all -inf so far: -inf adds 0, NaN adds NaN
     for (int i = 0; i < n; ++i) {
-        a.s += __expf(v[i] - shift);
-        a.z += v[i];
+        const float d = v[i] - shift;
+        a.s += __expf(d);
+        a.z += d;
     }
+    a.n += static_cast<float>(n);
 }
 
 __device__ __forceinline__ MS warp_merge(MS a) {
     for (int o = 16; o > 0; o >>= 1) {
         MS b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o),
-             __shfl_xor_sync(0xffffffffu, a.z, o)};
+             __shfl_xor_sync(0xffffffffu, a.z, o), __shfl_xor_sync(0xffffffffu, a.n, o)};
         a = ms_merge(a, b);
     }
     return a;
@@ -103,9 +116,10 @@ __device__ __forceinline__ MS block_merge(MS a, MS *red) {
     __syncthreads();  // red may still be read from the previous row
     if (lane == 0) red[warp] = a;
     __syncthreads();
-    MS r = lane < nwarps ? red[lane] : MS{-INFINITY, 0.f, 0.f};
+    MS r = lane < nwarps ? red[lane] : MS{-INFINITY, 0.f, 0.f, 0.f};
     r = warp_merge(r);
-    return MS{__shfl_sync(0xffffffffu, r.m, 0), __shfl_sync(0xffffffffu, r.s, 0), __shfl_sync(0xffffffffu, r.z, 0)};
+    return MS{__shfl_sync(0xffffffffu, r.m, 0), __shfl_sync(0xffffffffu, r.s, 0), __shfl_sync(0xffffffffu, r.z, 0),
+              __shfl_sync(0xffffffffu, r.n, 0)};
 }
 
 template <typename T> __device__ __forceinline__ T warp_sum(T x) {
@@ -275,7 +289,9 @@ __device__ __forceinline__ RowGrad row_finish(const P &p, const MS &st, float ta
         // double tanh, a row its target dominates could come out with a loss below 0
         const double tl = static_cast<double>(capped(target, cap, inv_cap));
         double l = (static_cast<double>(st.m) - tl) + log(static_cast<double>(st.s));
-        if (eps != 0.0) l = (1.0 - eps) * l + eps * (lse - static_cast<double>(st.z) / static_cast<double>(V));
+        // lse - mean z = log s - (sum of (z - max)) / V: no large terms to cancel
+        if (eps != 0.0)
+            l = (1.0 - eps) * l + eps * (log(static_cast<double>(st.s)) - static_cast<double>(st.z) / static_cast<double>(V));
         const double zl = p.z_loss * lse * lse;
         p.row_loss[grow] = p.z_loss != 0.0 ? l + zl : l;
         if (p.row_z) p.row_z[grow] = zl;
@@ -377,7 +393,7 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
         // flight per thread; each thread still folds its vectors in the order k, k + blockDim.x,
         // ..., so the statistics do not depend on U
         const float cap = p.softcap, inv_cap = cap > 0.f ? 1.f / cap : 0.f;
-        MS acc{-INFINITY, 0.f, 0.f};
+        MS acc{-INFINITY, 0.f, 0.f, 0.f};
         if (edges && threadIdx.x < head) {
             const float v = capped(to_f32(x[threadIdx.x]), cap, inv_cap);
             ms_push(acc, &v, 1);

@@ -168,6 +168,28 @@ fn gpu_options_alone_and_combined() {
     }
 }
 
+#[test]
+fn gpu_label_smoothing_keeps_f32_accuracy_under_a_large_common_offset() {
+    if !gpu_or_skip("gpu_label_smoothing_keeps_f32_accuracy_under_a_large_common_offset") {
+        return;
+    }
+    // The sum of the logits is kept against the running maximum (with a count to move it): a
+    // common offset of 1e4 or 1e6 does not cancel the smoothing term (a raw f32 sum lost about
+    // 1e-2 of the loss at 1e6). A vocabulary that fits in shared memory and one that does not.
+    for v in [2000usize, 128_257] {
+        let shape = Shape::new(2, 4, v).unwrap();
+        for offset in [1e4f32, 1e6] {
+            let (base, ids) = random_inputs::<f32>(11, shape, 3.0);
+            let logits: Vec<f32> = base.iter().map(|&x| x + offset).collect();
+            let spec = LossSpec::builder().label_smoothing(0.1).keywords([5i64]).build().unwrap();
+            // the loss within 1e-5 (f32) and 1e-4 (bf16), gradient and per-sample losses too
+            check_cuda(&spec, shape, &logits, Tokens::new(&ids));
+            let l16: Vec<bf16> = logits.iter().map(|&x| bf16::from_f32(x)).collect();
+            check_cuda(&spec, shape, &l16, Tokens::new(&ids));
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod device_api {
     use super::*;

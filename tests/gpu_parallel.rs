@@ -141,6 +141,28 @@ fn gpu_split_ranks_on_one_device_match_the_reference() {
 }
 
 #[test]
+fn gpu_split_label_smoothing_under_a_large_common_offset() {
+    if !gpu_or_skip("gpu_split_label_smoothing_under_a_large_common_offset") {
+        return;
+    }
+    // Each rank sends its slice's sum of (z - max) and its length; the merge moves the sums to
+    // the row's maximum, so an offset of 1e6 cancels nothing (uneven slices: different lengths)
+    let shape = Shape::new(2, 5, 3001).unwrap();
+    let spec = LossSpec::builder().label_smoothing(0.1).keywords([2]).build().unwrap();
+    let mut c = case::<f32>(31, shape, spec);
+    c.logits.iter_mut().for_each(|z| *z += 1e6);
+    let r = reference(&c.spec, shape, &c.logits, c.tokens()).unwrap();
+    let slices = [(0, 1000), (1000, 1), (1001, 2000)].map(|(s, n)| VocabSlice::new(s, n, 3001).unwrap());
+    let (outs, grads) = split_on_one_gpu(&c, &slices, 4);
+    for o in &outs {
+        assert!(rel(o.loss, r.loss) <= 1e-5, "loss {} vs {}", o.loss, r.loss);
+        assert!(rel_err(&o.per_sample_loss, &r.per_sample_loss) <= 1e-5);
+    }
+    let e = rel_err(&assemble(&grads, &slices, shape.rows(), 3001), &r.grad);
+    assert!(e <= 1e-5, "gradient rel err {e:e}");
+}
+
+#[test]
 fn gpu_split_bf16_and_slices_without_targets() {
     if !gpu_or_skip("gpu_split_bf16_and_slices_without_targets") {
         return;

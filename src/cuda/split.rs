@@ -172,7 +172,8 @@ impl CudaSharded {
         })
     }
 
-    /// `f32` words of one row's statistics: 3, or 4 with label smoothing.
+    /// `f32` words of one row's statistics: 3, or 5 with label smoothing (+ the slice's sum of
+    /// `z − max` and its length).
     pub fn words_per_row(&self) -> usize {
         if self.spec.label_smoothing != 0.0 {
             params::FWL_SPLIT_WORDS_SMOOTHING as usize
