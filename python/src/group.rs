@@ -64,14 +64,19 @@ mod device {
     use fused_weighted_loss::cuda::cudarc::driver::{
         result, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
     };
-    use fused_weighted_loss::cuda::split::DeviceCollective;
+    use fused_weighted_loss::cuda::split::{DeviceCollective, DeviceSolo};
     use fused_weighted_loss::{Error, Result};
     use pyo3::prelude::*;
     use std::sync::Arc;
 
     impl PyGroup {
-        /// `send` of every rank into `recv` through the device callable (a copy for a group of one
-        /// without one).
+        /// A group of one rank without a device callable: its all-gathers are copies.
+        fn solo(&self) -> bool {
+            self.1 == 1 && self.2.is_none()
+        }
+
+        /// `send` of every rank into `recv` through the device callable (the trait's methods hand a
+        /// group of one without one to [`DeviceSolo`]).
         fn gather_device<T>(
             &self,
             stream: &Arc<CudaStream>,
@@ -84,14 +89,7 @@ mod device {
                 return Err(Error::ExchangeLength { what: "all-gather receive buffer", expected, got: recv.len() });
             }
             let Some(f) = &self.2 else {
-                if self.1 != 1 {
-                    return Err(Error::Collective(format!("no all-gather for a group of {}", self.1)));
-                }
-                let copy = |e: fused_weighted_loss::cuda::cudarc::driver::DriverError| Error::Cuda {
-                    context: "copying on the device",
-                    message: e.to_string(),
-                };
-                return stream.memcpy_dtod(send, recv).map_err(copy);
+                return Err(Error::Collective(format!("no all-gather for a group of {}", self.1)));
             };
             if std::mem::size_of::<T>() != if wide { 8 } else { 4 } {
                 return Err(Error::Collective("an all-gather of an element type other than f32 / f64".into()));
@@ -136,6 +134,9 @@ mod device {
             send: &CudaView<'_, f32>,
             recv: &mut CudaViewMut<'_, f32>,
         ) -> Result<()> {
+            if self.solo() {
+                return DeviceSolo.all_gather_f32(stream, send, recv);
+            }
             self.gather_device(stream, send, recv, false)
         }
         fn all_gather_f64(
@@ -144,6 +145,9 @@ mod device {
             send: &CudaView<'_, f64>,
             recv: &mut CudaViewMut<'_, f64>,
         ) -> Result<()> {
+            if self.solo() {
+                return DeviceSolo.all_gather_f64(stream, send, recv);
+            }
             self.gather_device(stream, send, recv, true)
         }
     }
