@@ -152,7 +152,9 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
         for (int64_t t = lane; t < T; t += 32) {
             const int64_t i = b * T + t;
             const int64_t id = static_cast<int64_t>(ids[i]);
-            if ((id < 0 || id >= V) && i < bad_id) {
+            // an id equal to ignore_index is an ignored target when the ids are the labels (below:
+            // never a target), as in the course function
+            if (id != p.ignore_index && (id < 0 || id >= V) && i < bad_id) {
                 bad_id = i;
                 bad_id_v = id;
             }

@@ -33,6 +33,9 @@ def cases(rng):
     Y = I.copy(); Y[0, 3:7] = -100; Y[2, :] = -100
     yield "labels with ignore_index, all positions", L, I, Y, ["--keywords", f"{I[1,1]}"]
     yield "labels with ignore_index, valid-token mean", L, I, Y, ["--row-mean", "valid", "--alpha", "0.7"]
+    L, I = base(3, 12, 3001)
+    I[0, 0] = -100; I[1, 4:6] = -100; I[2, 9:] = -100
+    yield "inputs holding -100 (ignored targets)", L, I, None, ["--keywords", f"{I[1,1]}"]
     L, I = base(2, 8, 4000, scale=3000.0)
     yield "huge logits ±3e3", L, I, None, []
     L, I = base(2, 8, 4000)

@@ -74,7 +74,7 @@ pub enum Error {
         /// The shape the call was made with.
         shape: Shape,
     },
-    /// An id (or a label that is not `ignore_index`) lies outside `[0, vocab)`.
+    /// An id or a label that is not `ignore_index` lies outside `[0, vocab)`.
     #[error("{what}[{batch}, {position}] = {value} is outside [0, {vocab})")]
     IdOutOfRange {
         /// `"ids"` or `"labels"`.

@@ -498,11 +498,14 @@ pub struct Tokens<'a, I: TokenId> {
 }
 
 impl<'a, I: TokenId> Tokens<'a, I> {
-    /// Ids only: the labels are the ids, as in the course function.
+    /// Ids only: the labels are the ids, as in the course function. Ids lie in `[0, V)` or equal
+    /// `ignore_index`, which makes the position an ignored target (the course function's
+    /// `CrossEntropyLoss` ignores it too); keywords are counted on the ids as given.
     pub fn new(ids: &'a [I]) -> Self {
         Tokens { ids, labels: None, token_weights: None }
     }
-    /// Separate labels (values in `[0, V)` or `ignore_index`); keywords are still counted in the ids.
+    /// Separate labels (values in `[0, V)` or `ignore_index`); keywords are still counted in the ids
+    /// (which may hold `ignore_index` too).
     pub fn with_labels(self, labels: &'a [I]) -> Self {
         Tokens { labels: Some(labels), ..self }
     }
@@ -594,9 +597,11 @@ pub(crate) fn validate_tokens<I: TokenId>(spec: &LossSpec, shape: Shape, tokens:
     }
     let out_of_range =
         |what, i: usize, value| Error::IdOutOfRange { what, batch: i / t, position: i % t, value, vocab: shape.vocab };
+    // an id equal to `ignore_index` is an ignored target where the ids are the labels (as in
+    // the course function, whose `CrossEntropyLoss` ignores it)
     for (i, id) in tokens.ids.iter().enumerate() {
         let id = id.to_i64();
-        if !(0..v).contains(&id) {
+        if id != spec.ignore_index && !(0..v).contains(&id) {
             return Err(out_of_range("ids", i, id));
         }
     }

@@ -63,9 +63,12 @@ fn ids_and_labels_out_of_range() {
     ids[4] = -1;
     let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
     assert!(matches!(e, Error::IdOutOfRange { what: "ids", value: -1, .. }), "{e}");
-    // -100 is fine in labels, not in ids
+    // an id equal to ignore_index is an ignored target (as in the course function), any other
+    // negative id is out of range
     ids[4] = -100;
-    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
+    spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+    let other = LossSpec::builder().ignore_index(-1).build().unwrap();
+    let e = other.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap_err();
     assert!(matches!(e, Error::IdOutOfRange { what: "ids", value: -100, .. }), "{e}");
     let ids = vec![0i64, 1, 2, 3, 4, 0];
     let labels = vec![-100i64, 1, 2, 3, 9, -100];

@@ -169,6 +169,25 @@ fn gpu_options_alone_and_combined() {
 }
 
 #[test]
+fn gpu_ids_equal_to_ignore_index_are_ignored_targets() {
+    if !gpu_or_skip("gpu_ids_equal_to_ignore_index_are_ignored_targets") {
+        return;
+    }
+    // as on the CPU (and in the course function): without separate labels an id equal to
+    // ignore_index is an ignored target, not an id out of range (the plan kernel's check)
+    let shape = Shape::new(3, 6, 700).unwrap();
+    let (l, mut ids) = random_inputs::<f32>(29, shape, 2.0);
+    for i in [0usize, 3, 5, 8, 12, 13, 14, 15, 16, 17] {
+        ids[i] = -100;
+    }
+    for row_mean in [RowMean::AllPositions, RowMean::ValidTokens] {
+        let spec = LossSpec::builder().keywords([ids[1]]).row_mean(row_mean).build().unwrap();
+        let (r, _) = check_cuda(&spec, shape, &l, Tokens::new(&ids));
+        assert_eq!(r.valid_tokens, vec![3, 4, 0]);
+    }
+}
+
+#[test]
 fn gpu_label_smoothing_keeps_f32_accuracy_under_a_large_common_offset() {
     if !gpu_or_skip("gpu_label_smoothing_keeps_f32_accuracy_under_a_large_common_offset") {
         return;
@@ -311,6 +330,17 @@ mod device_api {
         let out = loss.loss(&LossSpec::default(), shape, &stream, &d_l.as_view(), &DeviceInputs::new(&ids_v)).unwrap();
         let e = out.to_host(&stream).unwrap_err();
         assert_eq!(e, Error::IdOutOfRange { what: "ids", batch: 1, position: 2, value: 10, vocab: 10 });
+        // an id equal to ignore_index is an ignored target, not an error; under another
+        // ignore_index it is one
+        let mut masked = ids.clone();
+        masked[6] = -100;
+        let d_masked = stream.clone_htod(&masked).unwrap();
+        let masked_v = d_masked.as_view();
+        let inputs = DeviceInputs::new(&masked_v);
+        loss.loss(&LossSpec::default(), shape, &stream, &d_l.as_view(), &inputs).unwrap().to_host(&stream).unwrap();
+        let other = LossSpec::builder().ignore_index(-1).build().unwrap();
+        let e = loss.loss(&other, shape, &stream, &d_l.as_view(), &inputs).unwrap().to_host(&stream).unwrap_err();
+        assert_eq!(e, Error::IdOutOfRange { what: "ids", batch: 1, position: 2, value: -100, vocab: 10 });
         // checks that need no device memory fail before any launch
         let mut g = stream.alloc_zeros::<f32>(7).unwrap();
         let e = loss

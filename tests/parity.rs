@@ -222,6 +222,38 @@ fn masked_vocab_with_neg_inf() {
 }
 
 #[test]
+fn ids_equal_to_ignore_index_are_ignored_targets() {
+    // The course function passes its inputs to `CrossEntropyLoss(ignore_index=-100)`: an input of
+    // -100 is an ignored target there. The same here, without separate labels: the result equals
+    // the call with those positions as ignored labels (and a non-keyword id in the ids), at the
+    // first position (never a target), mid-sample, the last and a whole sample.
+    let shape = Shape::new(3, 6, 700).unwrap();
+    let (logits, clean) = random_inputs::<f32>(29, shape, 2.0);
+    let keys = [clean[1], clean[9]];
+    let mut ids = clean.clone();
+    for i in [0usize, 3, 5, 8, 12, 13, 14, 15, 16, 17] {
+        ids[i] = -100;
+    }
+    let stand_in: Vec<i64> = ids.iter().map(|&y| if y == -100 { 699 } else { y }).collect();
+    assert!(!keys.contains(&699));
+    for row_mean in [RowMean::AllPositions, RowMean::ValidTokens] {
+        let spec = LossSpec::builder().keywords(keys).row_mean(row_mean).build().unwrap();
+        let (r, g) = check_all_modes(&spec, shape, &logits, Tokens::new(&ids));
+        assert_eq!(r.valid_tokens, vec![3, 4, 0]);
+        let (r2, g2) = check_all_modes(&spec, shape, &logits, Tokens::new(&stand_in).with_labels(&ids));
+        assert_eq!(r.per_sample_loss, r2.per_sample_loss);
+        assert_eq!(r.weights, r2.weights);
+        assert_eq!(g, g2, "the same gradient as with the positions ignored through labels");
+    }
+    // another ignore_index: -100 is then out of range, the new value is the ignored one
+    let spec = LossSpec::builder().ignore_index(-1).build().unwrap();
+    assert!(spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).is_err());
+    let ids1: Vec<i64> = ids.iter().map(|&y| if y == -100 { -1 } else { y }).collect();
+    let (r, _) = check_all_modes(&spec, shape, &logits, Tokens::new(&ids1));
+    assert_eq!(r.valid_tokens, vec![3, 4, 0]);
+}
+
+#[test]
 fn ignore_index_both_row_means() {
     let shape = Shape::new(3, 6, 700).unwrap();
     let (logits, ids) = random_inputs::<f32>(13, shape, 2.0);

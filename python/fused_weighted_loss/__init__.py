@@ -122,8 +122,9 @@ def weighted_loss(
     """The keyword-weighted loss of ``logits`` [B, T, V] (float32, float16 or bfloat16) for
     ``ids`` [B, T] (int64 or int32), with the crate's options.
 
-    Position t of sample b predicts ``labels[b, t+1]`` (the labels default to the ids; a label
-    equal to ``ignore_index`` has no target). Sample b's loss is the mean of its per-token
+    Position t of sample b predicts ``labels[b, t+1]`` (the labels default to the ids, which may
+    then hold ``ignore_index`` as the course function allows; a label equal to ``ignore_index``
+    has no target). Sample b's loss is the mean of its per-token
     cross-entropies (``row_mean="all"``: over the T-1 positions, ignored ones counting 0;
     ``"valid"``: over its non-ignored targets); its weight is
     ``alpha * (1 + sum_k keyword_weights[k] * count(ids[b] == keywords[k]))``; the batch loss is

@@ -37,6 +37,28 @@ def test_course_text_itself_agrees(device):
     assert rel_err(grad, x64.grad) <= 1e-5
 
 
+def test_inputs_holding_ignore_index_as_the_course_function_allows(device):
+    """The course function hands its inputs to ``CrossEntropyLoss`` (ignore_index -100): an input of
+    -100 is an ignored target there (e.g. labels with masked padding passed as the inputs), and a
+    keyword never. The same here, against the course text in float64."""
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(3, 8, 257, generator=g) * 3).to(device)
+    ids = torch.randint(0, 257, (3, 8), generator=g).to(device)
+    keywords = ids[0, 1:3].tolist()
+    ids[0, 0] = -100  # never a target
+    ids[0, 2] = -100
+    ids[-1, -3:] = -100  # the end of a sample, masked
+    x64 = logits.detach().double().cpu().requires_grad_()
+    course = course_keytoken_weighted_loss(ids.cpu(), x64, keywords, 1.5)
+    course.backward()
+    loss, grad = grad_of(lambda x: fwl.keytoken_weighted_loss(ids, x, keywords, alpha=1.5), logits)
+    assert torch.isfinite(course) and rel_err(loss, course.detach()) <= 1e-5
+    assert rel_err(grad, x64.grad) <= 1e-5
+    # another ignore_index: -100 is then an id out of range
+    with pytest.raises(ValueError, match="outside"):
+        fwl.weighted_loss(logits, ids, ignore_index=-1)
+
+
 OPTIONS = [
     dict(row_mean="valid"),
     dict(reduction="sum"),

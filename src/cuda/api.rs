@@ -15,7 +15,7 @@ pub struct DeviceInputs<'a, I: TokenId> {
 }
 
 impl<'a, I: TokenId> DeviceInputs<'a, I> {
-    /// Ids only: the labels are the ids.
+    /// Ids only: the labels are the ids (in `[0, V)` or `ignore_index`, as in [`Tokens::new`](crate::Tokens::new)).
     pub fn new(ids: &'a CudaView<'a, I>) -> Self {
         DeviceInputs { ids, labels: None, token_weights: None, grad_scale: None }
     }

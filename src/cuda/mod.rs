@@ -24,7 +24,7 @@
 //! ```
 //!
 //! Ids and labels live on the device, so their range is checked there: an id or label outside
-//! `[0, V)` is treated as "no target" by the kernels (never read out of bounds) and reported as
+//! `[0, V)` and other than `ignore_index` is treated as "no target" by the kernels (never read out of bounds) and reported as
 //! [`Error::IdOutOfRange`] by [`DeviceLossOutput::to_host`] or [`DeviceLossOutput::check`].
 //!
 //! Layers, one file each: `probe` (is there a driver and a device, asked before cudarc is
