@@ -2,8 +2,9 @@
 // element types, the online-softmax statistics and the gradient formula defined there). A rank
 // holds columns [v0, v0 + len) of each row; the steps run on chunks of rows:
 //
-//   fwl_split_stats_<L>      per row: this rank's statistics (max, sum of exp(z - max), logit sum;
-//                            the raw target logit when the target is one of its columns), f32
+//   fwl_split_stats_<L>      per row: this rank's statistics (max, sum of exp(z - max), the raw
+//                            target logit when the target is one of its columns; with label
+//                            smoothing the sum of (z - max) and the slice's length), f32
 //   (the caller all-gathers them: NCCL, torch.distributed, ...)
 //   fwl_split_grad_<L>_<G>   per row: every rank's statistics merged in rank order (the same bits on
 //                            every rank), the row's loss in double, the gradient of this rank's

@@ -12,9 +12,11 @@
 //   fwl_finish    one block: per-sample means and the batch loss in a fixed order
 //
 // The options ride on the same passes, as uniform branches: soft-capping maps each logit to
-// c * tanh(z / c) as it is read (both passes), the sum of the logits comes with the statistics
-// (label smoothing), z-loss and token weights change per-row factors only. Every option off
-// computes the plain loss.
+// c * tanh(z / c) as it is read (both passes), the sum of the logits (against the running
+// maximum) comes with the statistics (label smoothing), z-loss and token weights change per-row
+// factors only. Every option off computes the plain loss. With label smoothing a row whose
+// logits span more than the f32 range (z - max below -3.4e38) gets an infinite smoothing term
+// where float64 would give a finite one; the cross-entropy itself is taken in double.
 //
 // Every reduction has a fixed shape (warp butterflies, then warp 0), so reruns are bit-identical.
 

@@ -174,10 +174,10 @@ def weighted_loss(
     - both: a 2-D grid of ranks. ``chunk_rows``: rows per exchange of the vocabulary group (the
       same on every rank; default: what keeps a chunk in cache).
 
-    Per call each rank sends ``8 * W`` bytes per row to its vocabulary group on CPU (``4 * W`` on
-    CUDA; ``W`` = 3, 4 with label smoothing) and 16 bytes twice to its data group. This path is an
-    eager autograd function (``torch.compile`` breaks the graph around it); on CUDA it does not
-    check ids (``check_ids`` is not supported there).
+    Per call each rank sends ``8 * W`` bytes per row to its vocabulary group on CPU (``W`` = 3, 4
+    with label smoothing) and ``4 * W`` on CUDA (``W`` = 3, 5 with label smoothing), and 16 bytes
+    twice to its data group. This path is an eager autograd function (``torch.compile`` breaks the
+    graph around it).
     """
     if not isinstance(logits, Tensor) or not isinstance(ids, Tensor):
         raise TypeError("logits and ids must be torch tensors")
@@ -216,9 +216,8 @@ def _sharded(logits, ids, labels, token_weights, process_group, data_group, voca
     from . import _dist
 
     _check_kinds({"logits": logits, "ids": ids, "labels": labels, "token_weights": token_weights})
-    if check_ids and logits.is_cuda:
-        raise ValueError("check_ids is not supported with process_group or data_group on CUDA tensors")
     params = dict(
+        check=check_ids,
         options=options,
         process_group=process_group,
         data_group=data_group,
@@ -313,7 +312,7 @@ def weighted_linear_loss(
     which leaves this rank's part, for a model whose layer all-reduces it in its own backward
     (Megatron-LM's ``copy_to_tensor_model_parallel_region``). Each rank sends its vocabulary
     group 24 bytes per row with a target (32 with label smoothing) on CPU tensors, 12 bytes per
-    row (16) on CUDA tensors, one all-gather per chunk of rows (CUDA: per logits product, a
+    row (20) on CUDA tensors, one all-gather per chunk of rows (CUDA: per logits product, a
     quarter of a chunk for 16-bit inputs). This path is an eager ``torch.autograd.Function``.
     """
     named = dict(weight=weight, ids=ids)

@@ -8,9 +8,9 @@ logit sum with label smoothing) are all-gathered over the vocabulary group while
 computed, then merged in rank order, the same bits on every rank, and the gradient of this rank's
 slice written. Data-parallel denominators (global ``B`` and ``sum w_b``) are all-gathered before
 the logits are read; the loss shares at the end, so that every rank returns the loss of the whole
-batch. CPU tensors run the crate's one call (``parallel::Sharded``, with the GIL released; its
-exchanges call back into ``torch.distributed`` here); CUDA tensors drive the crate's device steps
-from here (``async_op=True`` exchanges on torch's stream) and the fused linear split's one call.
+batch. Both run as the crate's one call, with the GIL released, its exchanges calling back into
+``torch.distributed`` here: ``parallel::Sharded`` for CPU tensors, ``cuda::split::DeviceSharded``
+for CUDA tensors (and their ``linear_loss_and_grad`` for the fused linear split).
 
 This path is an eager ``torch.autograd.Function`` (``torch.compile`` breaks the graph around it).
 """
@@ -31,11 +31,11 @@ def _size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _gather(t: Tensor, group, async_op: bool = False):
-    """All-gather ``t`` (1-d) over ``group`` in rank order: ``(out, work)``."""
+def _gather(t: Tensor, group) -> Tensor:
+    """All-gather ``t`` (1-d) over ``group`` in rank order."""
     out = t.new_empty((t.numel() * _size(group),))
-    work = dist.all_gather_into_tensor(out, t, group=group, async_op=async_op)
-    return out, work
+    dist.all_gather_into_tensor(out, t, group=group)
+    return out
 
 
 def _check_tiling(group, start: int, length: int, vocab: int) -> None:
@@ -79,105 +79,52 @@ def slice_of(length: int, process_group, vocab_start: Optional[int], vocab_size:
 
 def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor],
                     options: tuple, process_group, data_group, slice_: Tuple[int, int, int],
-                    chunk_rows: Optional[int], compute_grad: bool, want_per_sample: bool, want_token_loss: bool):
-    """Runs the split; returns (loss f32, per_sample, weights, z_loss f64, token_loss, grad). CPU
-    tensors go to the crate's one call; CUDA tensors run the device steps from here."""
+                    chunk_rows: Optional[int], compute_grad: bool, want_per_sample: bool, want_token_loss: bool,
+                    check: bool = False):
+    """Runs the split as the crate's one call (``parallel::Sharded`` for CPU tensors,
+    ``cuda::split::DeviceSharded`` for CUDA tensors) with the GIL released, its exchanges calling
+    back into ``torch.distributed`` from the calling thread: on the CPU the pool keeps two passes
+    in flight meanwhile; on CUDA the crate's numbers go through torch tensors on torch's current
+    stream (``_DeviceExchange``). ``check`` (CUDA): wait for the kernels and report bad ids.
+    Returns (loss f32, per_sample, weights, z_loss f64, token_loss, grad)."""
     start, length, vocab = slice_
     if logits.dim() != 3:
         raise ValueError(f"logits must have rank 3 [batch, seq, vocab slice], got {list(logits.shape)}")
     b, t, _ = logits.shape
-    device = logits.device
-    if device.type == "cpu":
-        return _cpu_one_call(logits, ids, labels, token_weights, options, process_group, data_group, slice_,
-                             chunk_rows, compute_grad, want_per_sample, want_token_loss)
-    if not hasattr(_native, "Shard"):
+    cuda = logits.device.type == "cuda"
+    if cuda and not _native.built_with_cuda():
         raise RuntimeError("this build of fused_weighted_loss has no CUDA support (build it with the `cuda` feature)")
-    dev = _device_arg(logits)
-    tokens = (_arg(ids), _arg(labels) if labels is not None else None,
-              _arg(token_weights) if token_weights is not None else None)
-    h = _native.Shard(tokens, (b, t, vocab), (start, length), options, dev)
     if process_group is not None:
+        # the device call does not check that the slices tile the vocabulary; the same message
+        # on every path
         _check_tiling(process_group, start, length, vocab)
-    if data_group is not None:
-        mine = torch.empty(2, dtype=torch.float64, device=device)
-        h.batch_totals(_arg(mine))
-        totals, _ = _gather(mine, data_group)
-        h.set_batch_totals(_arg(totals))
-
-    words = h.words_per_row()
-    ranks = _size(process_group) if process_group is not None else 1
-    rows = b * t
-    x = logits.reshape(rows, length)
-    grad = torch.empty_like(x) if compute_grad else None
-    chunk = max(1, int(chunk_rows)) if chunk_rows else h.default_chunk_rows(ranks, str(logits.dtype)[6:])
-
-    def finish(r0, r1, gathered, work):
-        if work is not None:
-            work.wait()
-        h.finish_rows((r0, r1), _arg(gathered), _arg(x[r0:r1]), _arg(grad[r0:r1]) if grad is not None else None)
-
-    # pipelined: chunk k's statistics are exchanged while chunk k + 1's are computed
-    pending = None
-    for r0 in range(0, rows, chunk):
-        r1 = min(rows, r0 + chunk)
-        send = torch.empty((r1 - r0) * words, dtype=torch.float32, device=device)
-        h.partials((r0, r1), _arg(x[r0:r1]), _arg(send))
-        if process_group is not None:
-            gathered, work = _gather(send, process_group, async_op=True)
-        else:
-            gathered, work = send, None
-        if pending is not None:
-            finish(*pending)
-        pending = (r0, r1, gathered, work)
-    if pending is not None:
-        finish(*pending)
-
-    share = torch.empty(2, dtype=torch.float64, device=device)
-    loss = torch.empty((), dtype=torch.float32, device=device)
-    per = torch.empty((b if want_per_sample else 0,), dtype=torch.float64, device=device)
-    weights = torch.empty((b if want_per_sample else 0,), dtype=torch.float64, device=device)
-    token_loss = torch.empty((b, t - 1) if want_token_loss else (0,), dtype=torch.float32, device=device)
-    # the per-token losses come as every position's loss, [B, T] float64
-    rows_loss = torch.empty((b, t), dtype=torch.float64, device=device) if want_token_loss else token_loss
-    h.finish((share.data_ptr(), loss.data_ptr(), _ptr(per), _ptr(weights), _ptr(rows_loss)))
-    if want_token_loss:
-        token_loss.copy_(rows_loss[:, :-1])
-    if data_group is not None:
-        shares, _ = _gather(share, data_group)
-        total = shares[0:2].clone()
-        for r in range(1, _size(data_group)):  # rank order: the same bits on every rank
-            total = total + shares[2 * r:2 * r + 2]
-        share = total
-        loss = share[0].to(torch.float32)
-    grad = grad.view_as(logits) if grad is not None else logits.new_empty((0,))
-    return loss, per, weights, share[1].clone(), token_loss, grad
-
-
-def _cpu_one_call(logits, ids, labels, token_weights, options, process_group, data_group, slice_, chunk_rows,
-                  compute_grad, want_per_sample, want_token_loss):
-    """CPU tensors: the crate's one call (``parallel::Sharded``) with the GIL released, its
-    exchanges calling back into ``torch.distributed`` from the calling thread while the pool
-    runs the next passes (two in flight), as a Rust caller gets it. Same returns as
-    :func:`sharded_forward`."""
-    start, length, vocab = slice_
-    b, t, _ = logits.shape
-    if process_group is not None:
-        _check_tiling(process_group, start, length, vocab)  # the same message on every path
-    loss = torch.empty((), dtype=torch.float32)
-    per = torch.empty((b if want_per_sample else 0,), dtype=torch.float64)
-    weights = torch.empty((b if want_per_sample else 0,), dtype=torch.float64)
-    z_loss = torch.empty((), dtype=torch.float64)
-    token_loss = torch.empty((b, t - 1) if want_token_loss else (0,), dtype=torch.float32)
-    grad = _cpu_pool.empty_like(logits) if compute_grad else logits.new_empty((0,))
+    new = logits.new_empty
+    loss = new((), dtype=torch.float32)
+    per = new((b if want_per_sample else 0,), dtype=torch.float64)
+    weights = new((b if want_per_sample else 0,), dtype=torch.float64)
+    z_loss = new((), dtype=torch.float64)
+    token_loss = new((b, t - 1) if want_token_loss else (0,), dtype=torch.float32)
+    # on CUDA every position's loss ([B, T] float64) comes back, narrowed on the stream below
+    rows = new((b, t), dtype=torch.float64) if cuda and want_token_loss else token_loss
+    if not compute_grad:
+        grad = new((0,))
+    else:
+        grad = torch.empty_like(logits) if cuda else _cpu_pool.empty_like(logits)
+    if cuda:
+        groups = (_device_group_arg(process_group, logits.device), _device_group_arg(data_group, logits.device))
+    else:
+        groups = (_group_arg(process_group), _group_arg(data_group))
     _native.forward(
         (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None,
          _arg(token_weights) if token_weights is not None else None),
-        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), z_loss.data_ptr(), _ptr(token_loss)),
-        options, None, False,
-        ((start, length, vocab), _group_arg(process_group), _group_arg(data_group)),
-        # as the device steps read it: 0 or None is the default; at most every row at once
+        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), z_loss.data_ptr(), _ptr(rows)),
+        options, _device_arg(logits), bool(check),
+        ((start, length, vocab), *groups),
+        # 0 or None is the default; at most every row at once
         None if not chunk_rows else max(1, min(int(chunk_rows), b * t)),
     )
+    if rows is not token_loss:
+        token_loss.copy_(rows[:, :-1])
     return loss, per, weights, z_loss, token_loss, grad
 
 
@@ -205,8 +152,7 @@ def _group_arg(group):
         return (0, 1, None)
 
     def gather(values):
-        out, _ = _gather(torch.tensor(values, dtype=torch.float64), group)
-        return out.tolist()
+        return _gather(torch.tensor(values, dtype=torch.float64), group).tolist()
 
     return (dist.get_rank(group), _size(group), gather)
 

@@ -3,6 +3,7 @@
 //! uses): no copy of the inputs or the gradients, no host synchronisation (unless `check` asks
 //! for one), no second context.
 
+use crate::group::PySplit;
 use crate::linear::LinearRequest;
 use crate::{to_py, IdType, Inputs, Options, Outputs, Request, TensorArg};
 use fused_weighted_loss::cuda::cudarc::driver::sys::CUcontext;
@@ -11,13 +12,11 @@ use fused_weighted_loss::cuda::external::{Borrowed, ExternalDevice};
 use fused_weighted_loss::cuda::linear::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs};
 use fused_weighted_loss::cuda::split::DeviceSharded;
 use fused_weighted_loss::cuda::{DeviceInputs, DeviceLossOutput};
-use fused_weighted_loss::{Backend, DType, Error, LinearShape, Logit, TokenId};
+use fused_weighted_loss::{Backend, DType, Error, LinearShape, Logit, Shape, TokenId};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
-
-pub(crate) mod shard;
 
 /// Puts back, when dropped, the context that was current on the thread before the call (torch's
 /// current device is the runtime's current context; a call on another device's tensors, or the
@@ -77,11 +76,28 @@ impl Call {
 }
 
 /// See `crate::forward`.
-pub(crate) fn forward(py: Python<'_>, req: &Request<'_>, device: (usize, usize), check: bool) -> PyResult<()> {
-    dispatch!(req.types, typed(py, req, device, check))
+/// The loss (and gradient) of CUDA tensors; with `split`, this rank's slice of the vocabulary
+/// through the crate's one call `DeviceSharded` (`chunk_rows` rows per exchange, None: its
+/// default), its exchanges going through torch.distributed on torch's stream (see group.rs).
+pub(crate) fn forward(
+    py: Python<'_>,
+    req: &Request<'_>,
+    device: (usize, usize),
+    check: bool,
+    split: Option<&PySplit>,
+    chunk_rows: Option<usize>,
+) -> PyResult<()> {
+    dispatch!(req.types, typed(py, req, device, check, split, chunk_rows))
 }
 
-fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>, device: (usize, usize), check: bool) -> PyResult<()> {
+fn typed<L: Logit, I: TokenId>(
+    py: Python<'_>,
+    req: &Request<'_>,
+    device: (usize, usize),
+    check: bool,
+    split: Option<&PySplit>,
+    chunk_rows: Option<usize>,
+) -> PyResult<()> {
     let (spec, shape, out) = (&req.spec, req.shape, req.out);
     let call = Call::new(device)?;
     let (n, rows, b) = (shape.logits_len(), shape.rows(), shape.batch());
@@ -127,11 +143,32 @@ fn typed<L: Logit, I: TokenId>(py: Python<'_>, req: &Request<'_>, device: (usize
         inputs = inputs.with_token_weights(w);
     }
     let (stream, kernels) = (&call.stream, call.dev.loss());
-    let result: DeviceLossOutput = match grad.as_mut() {
-        Some(g) => kernels.loss_and_grad(spec, shape, stream, &logits.view(), &inputs, &mut g.view_mut()),
-        None => kernels.loss(spec, shape, stream, &logits.view(), &inputs),
-    }
-    .map_err(to_py)?;
+    let result: DeviceLossOutput = match split {
+        None => match grad.as_mut() {
+            Some(g) => kernels.loss_and_grad(spec, shape, stream, &logits.view(), &inputs, &mut g.view_mut()),
+            None => kernels.loss(spec, shape, stream, &logits.view(), &inputs),
+        }
+        .map_err(to_py)?,
+        Some(split) => {
+            // the logits hold this rank's columns: the loss's shape has the whole vocabulary
+            let slice = split.slice().map_err(to_py)?;
+            let whole = Shape::new(shape.batch(), shape.seq(), slice.vocab()).map_err(to_py)?;
+            // without the GIL, as on the CPU: the exchanges call into Python, which takes it back
+            py.detach(|| {
+                let mut sharded = DeviceSharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
+                if let Some(rows) = chunk_rows {
+                    sharded = sharded.with_chunk_rows(rows);
+                }
+                match grad.as_mut() {
+                    Some(g) => {
+                        sharded.loss_and_grad(kernels, spec, whole, stream, &logits.view(), &inputs, &mut g.view_mut())
+                    }
+                    None => sharded.loss(kernels, spec, whole, stream, &logits.view(), &inputs),
+                }
+            })
+            .map_err(crate::group::to_py_kept)?
+        }
+    };
     copy_outputs(stream, &result, &mut loss, [&mut per_sample, &mut weights, &mut z_loss, &mut token_loss])?;
     finish(py, stream, &result, check)
 }

@@ -32,8 +32,6 @@ mod cpu;
 mod cuda;
 mod group;
 mod linear;
-#[cfg(feature = "cuda")]
-mod shard;
 
 /// A contiguous tensor as Python describes it: `(data_ptr, shape, dtype name)`, the dtype name
 /// without its `torch.` prefix (`float32`, `bfloat16`, `int64`, ...).
@@ -232,10 +230,10 @@ pub(crate) struct Request<'a> {
 /// else `(ordinal, stream)`: the CUDA device and the stream to queue the work on (torch's current
 /// stream). On CUDA, `check` waits for the work and reports ids or labels outside the vocabulary
 /// and non-finite token weights (and, with `check_finite`, a non-finite loss); without it
-/// nothing waits. `split` (CPU tensors): this rank's slice `(start, len, vocab)` of the
-/// vocabulary (the logits hold its `len` columns) and its vocabulary and data groups (see
-/// `group.rs`), run as the crate's one call `parallel::Sharded` with `chunk_rows` rows per
-/// exchange (None: its default); CUDA tensors drive the split's steps from Python instead.
+/// nothing waits. `split`: this rank's slice `(start, len, vocab)` of the vocabulary (the
+/// logits hold its `len` columns) and its vocabulary and data groups (see `group.rs`), run as
+/// the crate's one call (`parallel::Sharded` for CPU tensors, `cuda::split::DeviceSharded` for
+/// CUDA tensors) with `chunk_rows` rows per exchange (None: its default).
 #[pyfunction]
 #[pyo3(signature = (inputs, outputs, options, device=None, check=false, split=None, chunk_rows=None))]
 #[allow(clippy::too_many_arguments)] // Python's keyword arguments, with `py`
@@ -251,20 +249,16 @@ fn forward(
 ) -> PyResult<()> {
     let backend = if device.is_some() { Backend::Cuda } else { Backend::Cpu };
     let req = inputs.request(&options, backend, outputs)?;
-    if device.is_some() && split.is_some() {
-        let msg = "a split of CUDA logits runs through the step API (Shard), not forward";
-        return Err(to_py(fused_weighted_loss::Error::Unsupported(msg.into())));
-    }
     match device {
         None => cpu::forward(py, &req, split.as_ref(), chunk_rows),
         #[cfg(feature = "cuda")]
         Some(device) => {
             let check = check || req.spec.check_finite();
-            cuda::forward(py, &req, device, check)
+            cuda::forward(py, &req, device, check, split.as_ref(), chunk_rows)
         }
         #[cfg(not(feature = "cuda"))]
         Some(_) => {
-            let _ = check;
+            let _ = (check, chunk_rows);
             Err(PyRuntimeError::new_err(
                 "this build of fused_weighted_loss has no CUDA support (build it with the `cuda` feature)",
             ))
@@ -307,8 +301,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;
-    #[cfg(feature = "cuda")]
-    m.add_class::<shard::Shard>()?;
     #[cfg(feature = "cuda")]
     m.add_function(wrap_pyfunction!(cuda::time_rust_call_cuda, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

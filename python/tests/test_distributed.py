@@ -85,7 +85,7 @@ def test_torchrun_nccl_cuda(tmp_path):
 
 
 def test_cuda_device_exchange_all_gathers_through_torchs_buffers(tmp_path):
-    """The Python half of the exchange the fused linear split calls on CUDA tensors (a world of
+    """The Python half of the exchange the split calls on CUDA tensors (a world of
     one with NCCL: the native call skips the exchange of a group of one, so it is called here
     directly): the addresses it hands out are torch tensors of the asked size, and run()
     all-gathers into the receive one, float32 and float64."""

@@ -5,7 +5,8 @@
 //!
 //! Per chunk of rows: [`CudaSharded::partials`] (the statistics of this rank's columns, `W` f32
 //! per row: max, sum of `exp(z − max)`, the raw target logit when the target is in the slice,
-//! and the logit sum with label smoothing), the caller's all-gather in rank order,
+//! and with label smoothing the sum of `z − max` and the slice's length), the caller's
+//! all-gather in rank order,
 //! [`CudaSharded::finish_rows_grad`] (merge in rank order, row losses, the gradient of the
 //! slice). The gradient kernel reads the chunk's logits again: a chunk whose logits fit the
 //! GPU's L2 cache reads them from there ([`default_device_chunk_rows`]).
