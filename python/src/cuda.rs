@@ -84,19 +84,20 @@ pub(crate) fn forward(
     req: &Request<'_>,
     device: (usize, usize),
     check: bool,
-    split: Option<&PySplit>,
-    chunk_rows: Option<usize>,
+    split: Split,
 ) -> PyResult<()> {
-    dispatch!(req.types, typed(py, req, device, check, split, chunk_rows))
+    dispatch!(req.types, typed(py, req, device, check, split))
 }
+
+/// This rank's split and its rows per exchange.
+type Split<'a> = Option<(&'a PySplit, Option<usize>)>;
 
 fn typed<L: Logit, I: TokenId>(
     py: Python<'_>,
     req: &Request<'_>,
     device: (usize, usize),
     check: bool,
-    split: Option<&PySplit>,
-    chunk_rows: Option<usize>,
+    split: Split,
 ) -> PyResult<()> {
     let (spec, shape, out) = (&req.spec, req.shape, req.out);
     let call = Call::new(device)?;
@@ -149,7 +150,7 @@ fn typed<L: Logit, I: TokenId>(
             None => kernels.loss(spec, shape, stream, &logits.view(), &inputs),
         }
         .map_err(to_py)?,
-        Some(split) => {
+        Some((split, chunk_rows)) => {
             // the logits hold this rank's columns: the loss's shape has the whole vocabulary
             let slice = split.slice().map_err(to_py)?;
             let whole = Shape::new(shape.batch(), shape.seq(), slice.vocab()).map_err(to_py)?;

@@ -254,7 +254,7 @@ fn forward(
         #[cfg(feature = "cuda")]
         Some(device) => {
             let check = check || req.spec.check_finite();
-            cuda::forward(py, &req, device, check, split.as_ref(), chunk_rows)
+            cuda::forward(py, &req, device, check, split.as_ref().map(|s| (s, chunk_rows)))
         }
         #[cfg(not(feature = "cuda"))]
         Some(_) => {
