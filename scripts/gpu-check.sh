@@ -138,7 +138,7 @@ run() {
   nccl=$(python3 -c 'import glob, site; print(next(iter(sorted(p for d in site.getsitepackages() for p in glob.glob(d + "/nvidia/**/libnccl.so*", recursive=True))), ""))' 2>/dev/null)
   within 90 env FWL_NCCL_LIBRARY="${FWL_NCCL_LIBRARY:-$nccl}" "$bundle/bin/test-gpu_parallel" --test-threads=1 || fail=1
   step "the fused linear split on the GPU: ranks as threads, each with its stream and cuBLAS handle (FWL_REQUIRE_CUDA=1)"
-  within 60 "$bundle/bin/test-gpu_parallel_linear" --test-threads=1 || fail=1
+  within 90 "$bundle/bin/test-gpu_parallel_linear" --test-threads=1 || fail=1
 
   # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests,
   # right after the default's (they have not run on a GPU before either)

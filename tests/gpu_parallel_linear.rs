@@ -19,7 +19,7 @@ use fused_weighted_loss::cuda::DeviceInputs;
 use fused_weighted_loss::parallel::{Collective, VocabSlice};
 use fused_weighted_loss::reference::rel_err;
 use fused_weighted_loss::{
-    bf16, Chunking, Error, LinearShape, Logit, LossOutput, LossSpec, Reduction, Result, RowMean,
+    bf16, f16, Chunking, Error, LinearShape, Logit, LossOutput, LossSpec, Reduction, Result, RowMean,
 };
 use shards::{run_grid, run_ranks, ThreadGroup};
 use std::ops::Range;
@@ -283,24 +283,44 @@ fn gpu_linear_split_ranks_as_threads_match_the_reference() {
     }
 }
 
+/// 16-bit inputs: gradients in the inputs' dtype added to a prior, and f32 gradients, in
+/// several chunks (each a few logits products and exchanges) and in one.
+fn sixteen_bit_gradients_accumulate<L: Logit>(seed: u64) {
+    let ctx = CudaContext::new(0).unwrap();
+    let (b, t, h, v) = (3, 5, 40, 5003);
+    let c = with_tokens(Case::<L>::random(seed, b, t, h, v, true));
+    let spec = LossSpec::builder().keywords([c.ids[3]]).z_loss(1e-4).build().unwrap();
+    let e = expected(&spec, &c);
+    let sl = uneven(3, v);
+    let dtype = L::DTYPE;
+    // a prior small against the gradients (2^-12, exact in 16 bits): one near 0.1 would round
+    // most d W entries (~1e-4) away and hide a missing chunk
+    let prior = 1.0 / 4096.0;
+    for chunking in [Chunking::Rows(9), Chunking::Auto] {
+        // chunks of 9 rows, logits products of 3: several exchanges per chunk
+        let outs = vocab_ranks(&ctx, &c, &spec, &sl, chunking, true, Some(prior as f32));
+        check_ranks(&format!("{dtype} gradients, accumulated, {chunking:?}"), &outs, &e, prior, tolerances(dtype));
+        // the f32 gradients of 16-bit inputs: computed from the 16-bit gradient rows (the
+        // products' operands), so the 16-bit bound
+        let outs = vocab_ranks(&ctx, &c, &spec, &sl, chunking, false, None);
+        check_ranks(&format!("{dtype} inputs, f32 gradients, {chunking:?}"), &outs, &e, 0.0, tolerances(dtype));
+    }
+}
+
 #[test]
 fn gpu_linear_split_bf16_gradients_accumulate() {
     if !gpu_or_skip("gpu_linear_split_bf16_gradients_accumulate") {
         return;
     }
-    let ctx = CudaContext::new(0).unwrap();
-    let (b, t, h, v) = (3, 5, 40, 5003);
-    let c = with_tokens(Case::<bf16>::random(61, b, t, h, v, true));
-    let spec = LossSpec::builder().keywords([c.ids[3]]).z_loss(1e-4).build().unwrap();
-    let e = expected(&spec, &c);
-    let sl = uneven(3, v);
-    // chunks of 9 rows, logits products of 3: several exchanges per chunk
-    let outs = vocab_ranks(&ctx, &c, &spec, &sl, Chunking::Rows(9), true, Some(0.125));
-    check_ranks("bf16 gradients into bf16, accumulated", &outs, &e, 0.125, tolerances(bf16::DTYPE));
-    // and the f32 gradients of bf16 inputs: computed from the bf16 gradient rows (the products'
-    // operands), so the 16-bit bound
-    let outs = vocab_ranks(&ctx, &c, &spec, &sl, Chunking::Auto, false, None);
-    check_ranks("bf16 inputs, f32 gradients", &outs, &e, 0.0, tolerances(bf16::DTYPE));
+    sixteen_bit_gradients_accumulate::<bf16>(61);
+}
+
+#[test]
+fn gpu_linear_split_f16_gradients_accumulate() {
+    if !gpu_or_skip("gpu_linear_split_f16_gradients_accumulate") {
+        return;
+    }
+    sixteen_bit_gradients_accumulate::<f16>(62);
 }
 
 #[test]
@@ -335,16 +355,26 @@ fn gpu_linear_split_grid_with_a_data_group() {
         for (r, o) in outs.iter().enumerate() {
             assert!(rel(o.out.loss, e.out.loss) <= loss_tol, "{what}: rank {r} loss {} vs {}", o.out.loss, e.out.loss);
             assert_eq!(o.out.loss.to_bits(), outs[0].out.loss.to_bits(), "{what}: the same bits on every rank");
+            // per-sample losses: this data rank's samples
+            let want = &e.out.per_sample_loss[samples[r / 2].clone()];
+            let err = rel_err(&o.out.per_sample_loss, want);
+            assert!(err <= loss_tol, "{what}: rank {r} per-sample losses: {err:e}");
         }
-        // d W of each vocabulary rank's rows: the sum over the data ranks
-        for (p, s) in sl.iter().enumerate() {
-            let mut dw = vec![0f64; s.len() * h];
+        // d W and d bias of each vocabulary rank's rows: the sums over the data ranks
+        let summed = |p: usize, part: fn(&RankOut) -> &Vec<f32>| {
+            let mut acc = vec![0f64; part(&outs[p]).len()];
             for d in 0..2 {
-                dw.iter_mut().zip(&outs[d * 2 + p].dw).for_each(|(a, x)| *a += *x as f64);
+                acc.iter_mut().zip(part(&outs[d * 2 + p])).for_each(|(a, x)| *a += *x as f64);
             }
-            let dw: Vec<f32> = dw.iter().map(|&x| x as f32).collect();
-            let err = rel_err(&dw, &e.dw[s.start() * h..s.end() * h]);
+            acc.iter().map(|&x| x as f32).collect::<Vec<f32>>()
+        };
+        for (p, s) in sl.iter().enumerate() {
+            let err = rel_err(&summed(p, |o| &o.dw), &e.dw[s.start() * h..s.end() * h]);
             assert!(err <= grad_tol, "{what}: d W of rank {p}'s rows: {err:e}");
+            let db = summed(p, |o| &o.db);
+            assert_eq!(db.len(), s.len(), "{what}: d bias of rank {p}'s rows");
+            let err = rel_err(&db, &e.db[s.start()..s.end()]);
+            assert!(err <= grad_tol, "{what}: d bias of rank {p}'s rows: {err:e}");
         }
         // d hidden of each data rank's rows: the sum of its vocabulary ranks' parts
         for (d, rows) in samples.iter().enumerate() {
