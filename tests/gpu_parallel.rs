@@ -9,6 +9,8 @@
 mod common;
 #[path = "common/shards.rs"]
 mod shards;
+#[path = "common/through_host.rs"]
+mod through_host;
 
 use common::{gpu_or_skip, rel, tolerances};
 use fused_weighted_loss::cuda::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
@@ -18,8 +20,9 @@ use fused_weighted_loss::parallel::VocabSlice;
 use fused_weighted_loss::reference::{reference, rel_err};
 use fused_weighted_loss::synthetic;
 use fused_weighted_loss::{bf16, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape};
-use shards::{assemble, columns, Case};
+use shards::{assemble, columns, run_ranks, Case};
 use std::sync::Arc;
+use through_host::ThroughHost;
 
 /// Logits, ids, labels (some ignored) and token weights from the seed.
 fn case<L: Logit>(seed: u64, shape: Shape, spec: LossSpec) -> Case<L> {
@@ -203,12 +206,12 @@ fn gpu_one_call_group_of_one_matches_the_unsharded_kernels() {
             let out = split
                 .loss_and_grad(&loss, &c.spec, shape, &stream, &d_l.as_view(), inputs, &mut g2.as_view_mut())
                 .unwrap();
+            // the whole vocabulary on a group of one: the one-device kernel, the same bits
             let (a, b) = (whole.to_host(&stream).unwrap(), out.to_host(&stream).unwrap());
-            assert!(rel(b.loss, a.loss) <= 1e-6, "{:?}: {} vs {}", c.spec, b.loss, a.loss);
-            assert_eq!(a.weights, b.weights);
+            assert_eq!(a, b, "{:?}", c.spec);
             let (h1, h2) = (stream.clone_dtoh(&g1).unwrap(), stream.clone_dtoh(&g2).unwrap());
             stream.synchronize().unwrap();
-            assert!(rel_err(&h2, &h1) <= 1e-6, "{:?}: gradient", c.spec);
+            assert!(h1.iter().zip(&h2).all(|(x, y)| x.to_bits() == y.to_bits()), "{:?}: gradient bits", c.spec);
             // in place and loss only: the same loss
             let mut d_in = stream.clone_htod(&c.logits).unwrap();
             let ip =
@@ -281,6 +284,51 @@ fn gpu_data_parallel_steps_match_the_concatenated_batch() {
         }
         stream.synchronize().unwrap();
         assert!(rel_err(&g_all, &r.grad) <= 1e-5, "{reduction:?}: gradient");
+    }
+}
+
+#[test]
+fn gpu_data_parallel_one_call_matches_the_concatenated_batch() {
+    if !gpu_or_skip("gpu_data_parallel_one_call_matches_the_concatenated_batch") {
+        return;
+    }
+    // DeviceSharded::data_parallel: each rank (a thread with its own stream) holds some samples
+    // with the whole vocabulary and runs the one-device pass with the data group's denominators
+    let ctx = CudaContext::new(0).unwrap();
+    let loss = CudaLoss::new(&ctx).unwrap();
+    let shape = Shape::new(4, 9, 5003).unwrap();
+    let v = shape.vocab();
+    for reduction in [Reduction::Mean, Reduction::WeightedMean, Reduction::Sum] {
+        let spec = LossSpec::builder().keywords([2, 7]).reduction(reduction).z_loss(1e-4).label_smoothing(0.05).build();
+        let c = case::<f32>(23, shape, spec.unwrap());
+        let r = reference(&c.spec, shape, &c.logits, c.tokens()).unwrap();
+        let splits = [0usize, 1, 4];
+        let outs = run_ranks(2, |d, g| {
+            let part = c.samples(splits[d], splits[d + 1]);
+            let stream = ctx.new_stream().unwrap();
+            let d_l = stream.clone_htod(&part.logits).unwrap();
+            let toks = Tokens3::upload(&stream, &part);
+            let mut grad = stream.alloc_zeros::<f32>(part.shape.logits_len()).unwrap();
+            let group = ThroughHost(g);
+            let out = toks.with(|inputs| {
+                let call = DeviceSharded::data_parallel(v, &group).unwrap();
+                call.loss_and_grad(&loss, &c.spec, part.shape, &stream, &d_l.as_view(), inputs, &mut grad.as_view_mut())
+                    .unwrap()
+            });
+            let host = out.to_host(&stream).unwrap();
+            (host, stream.clone_dtoh(&grad).unwrap())
+        });
+        let what = format!("{reduction:?}");
+        for (d, (o, _)) in outs.iter().enumerate() {
+            assert!(rel(o.loss, r.loss) <= 1e-5, "{what}: rank {d} loss {} vs {}", o.loss, r.loss);
+            assert!(rel(o.z_loss, r.z_loss) <= 1e-5, "{what}: rank {d} z-loss");
+            assert_eq!(o.loss.to_bits(), outs[0].0.loss.to_bits(), "{what}: the same bits on every rank");
+            let want = &r.per_sample_loss[splits[d]..splits[d + 1]];
+            assert!(rel_err(&o.per_sample_loss, want) <= 1e-5, "{what}: rank {d} per-sample losses");
+        }
+        let g: Vec<f32> = outs.iter().flat_map(|(_, g)| g.iter().copied()).collect();
+        let e = rel_err(&g, &r.grad);
+        assert!(e <= 1e-5, "{what}: gradient rel err {e:e}");
     }
 }
 

@@ -9,14 +9,16 @@
 mod common;
 #[path = "common/shards.rs"]
 mod shards;
+#[path = "common/through_host.rs"]
+mod through_host;
 
 use common::linear::{expected, Case, Expected};
 use common::{gpu_or_skip, rel, tolerances};
-use fused_weighted_loss::cuda::cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut, DeviceRepr};
+use fused_weighted_loss::cuda::cudarc::driver::{CudaContext, CudaStream, CudaView, CudaViewMut};
 use fused_weighted_loss::cuda::linear::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs};
 use fused_weighted_loss::cuda::split::{DeviceCollective, DeviceSharded, DeviceSolo};
 use fused_weighted_loss::cuda::DeviceInputs;
-use fused_weighted_loss::parallel::{Collective, VocabSlice};
+use fused_weighted_loss::parallel::VocabSlice;
 use fused_weighted_loss::reference::rel_err;
 use fused_weighted_loss::{
     bf16, f16, Chunking, Error, LinearShape, Logit, LossOutput, LossSpec, Reduction, Result, RowMean,
@@ -24,54 +26,7 @@ use fused_weighted_loss::{
 use shards::{run_grid, run_ranks, ThreadGroup};
 use std::ops::Range;
 use std::sync::Arc;
-
-/// A group of threads on one GPU: each all-gather waits for the stream, goes through the
-/// host's in-memory exchange of [`ThreadGroup`] and comes back to the device (tests only: it
-/// synchronises, which the crate's own paths never do).
-struct ThroughHost<'a>(&'a ThreadGroup);
-
-impl ThroughHost<'_> {
-    fn gather<T: DeviceRepr + Copy + Default>(
-        &self,
-        stream: &Arc<CudaStream>,
-        send: &CudaView<'_, T>,
-        recv: &mut CudaViewMut<'_, T>,
-        host: impl Fn(&ThreadGroup, &[T], &mut [T]) -> Result<()>,
-    ) -> Result<()> {
-        let dev = |e: fused_weighted_loss::cuda::cudarc::driver::DriverError| Error::Collective(e.to_string());
-        let mine = stream.clone_dtoh(send).map_err(dev)?;
-        stream.synchronize().map_err(dev)?;
-        let mut all = vec![T::default(); recv.len()];
-        host(self.0, &mine, &mut all)?;
-        stream.memcpy_htod(&all, recv).map_err(dev)?;
-        stream.synchronize().map_err(dev)
-    }
-}
-
-impl DeviceCollective for ThroughHost<'_> {
-    fn rank(&self) -> usize {
-        self.0.rank()
-    }
-    fn size(&self) -> usize {
-        self.0.size()
-    }
-    fn all_gather_f32(
-        &self,
-        stream: &Arc<CudaStream>,
-        send: &CudaView<'_, f32>,
-        recv: &mut CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        self.gather(stream, send, recv, |g, s, r| g.all_gather_f32(s, r))
-    }
-    fn all_gather_f64(
-        &self,
-        stream: &Arc<CudaStream>,
-        send: &CudaView<'_, f64>,
-        recv: &mut CudaViewMut<'_, f64>,
-    ) -> Result<()> {
-        self.gather(stream, send, recv, |g, s, r| g.all_gather_f64(s, r))
-    }
-}
+use through_host::ThroughHost;
 
 /// What one rank gets back: the loss outputs and its gradients, widened to f32.
 struct RankOut {

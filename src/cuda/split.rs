@@ -43,7 +43,7 @@ mod linear;
 pub use call::{default_device_chunk_rows, DeviceSharded};
 pub use collective::{DeviceCollective, DeviceSolo};
 
-use super::launch::Planned;
+use super::launch::{Planned, Ptrs};
 use super::params::{self, FwlSplitBatchParams, FwlSplitGradParams, FwlSplitStatsParams};
 use super::{drv, CudaLoss, DeviceInputs, DeviceLossOutput, THREADS};
 use crate::dtype::{DType, Logit, TokenId};
@@ -430,6 +430,39 @@ impl CudaSharded {
         // words f32 (checked), targets, row_loss, row_z (when not NULL) and token_weights (when
         // not 0) the plan's B * T rows (row0 + rows <= B * T, checked), coef B.
         unsafe { stream.launch_builder(func).arg(&p).launch(cfg) }.map_err(drv("launching the split's gradient"))?;
+        if g != 0 {
+            self.grad_written = true;
+        }
+        for r in rows {
+            if !std::mem::replace(&mut self.finished[r], true) {
+                self.missing -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the one-device rows kernel on rows `rows` of logits at `x` (gradient at `g`, 0 for
+    /// none), which hold the whole vocabulary (a rank of a data group alone): one read of the
+    /// logits and no exchange; the plan's coefficients carry the data group's denominators. Both
+    /// buffers checked by the caller and held while this runs.
+    pub(in crate::cuda) fn launch_whole_rows<L: Logit, G: Logit>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        rows: Range<usize>,
+        x: u64,
+        g: u64,
+    ) -> Result<()> {
+        self.check_range(&rows)?;
+        if self.slice.len() != self.shape.vocab() {
+            return Err(Error::Unsupported("the one-device pass of a split needs the whole vocabulary".into()));
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // the rows kernel reads the token weights through the plan: this call's copy, held
+        let _tw = self.token_weights.as_ref().map(|w| w.device_ptr(stream));
+        let p = Ptrs { logits: x, grad: g, ids: 0, labels: 0, token_weights: 0, scale: 0 };
+        self.loss.launch_rows::<L, G>(self.shape, stream, &p, rows.start, rows.len(), &mut self.planned)?;
         if g != 0 {
             self.grad_written = true;
         }

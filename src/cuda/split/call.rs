@@ -7,7 +7,7 @@ use crate::dtype::{DType, Logit, TokenId};
 use crate::error::{Error, Result};
 use crate::parallel::VocabSlice;
 use crate::spec::{check_len, LossSpec, Shape};
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// Bytes of logits per chunk: the gradient kernel reads a chunk's logits again right after the
@@ -69,6 +69,8 @@ impl<'c> DeviceSharded<'c> {
     }
 
     /// Data-parallel: this rank holds some samples with every logit of a vocabulary of `vocab`.
+    /// The logits call runs the one-device rows kernel with the data group's denominators (one
+    /// read of the logits, no chunks); the fused linear call runs the split's chunk loop.
     pub fn data_parallel(vocab: usize, group: &'c dyn DeviceCollective) -> Result<Self> {
         Ok(DeviceSharded { slice: VocabSlice::full(vocab)?, vocab_group: &SOLO, data_group: group, chunk_rows: None })
     }
@@ -148,6 +150,26 @@ impl<'c> DeviceSharded<'c> {
             }
         }
         let mut st = self.begin(loss, spec, shape, stream, inputs)?;
+        if vg.size() == 1 && len == shape.vocab() {
+            // the whole vocabulary here (a data group alone, or no group): the one-device pass
+            // with the data group's denominators, no chunks
+            match &mut io {
+                Io::Loss(l) => {
+                    let (x, _g) = l.device_ptr(stream);
+                    st.launch_whole_rows::<L, L>(stream, 0..rows, x, 0)?
+                }
+                Io::Grad(l, g) => {
+                    let (x, _g1) = l.device_ptr(stream);
+                    let (gp, _g2) = g.device_ptr_mut(stream);
+                    st.launch_whole_rows::<L, G>(stream, 0..rows, x, gp)?
+                }
+                Io::InPlace(l) => {
+                    let (x, _g) = l.device_ptr_mut(stream);
+                    st.launch_whole_rows::<L, L>(stream, 0..rows, x, x)?
+                }
+            }
+            return self.end(loss, st, stream);
+        }
         let chunk = self.chunk_rows.unwrap_or_else(|| default_device_chunk_rows(shape.vocab(), vg.size(), L::DTYPE));
         let chunk = chunk.clamp(1, rows);
         // one send and one receive buffer for every chunk: the stream orders their reuse
