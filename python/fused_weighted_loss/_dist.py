@@ -3,9 +3,10 @@ and/or the batch (``data_group``: data-parallel) are split between ranks, with t
 by ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU tensors).
 
 The crate's split (``fused_weighted_loss::parallel``) runs in chunks of rows: the statistics of a
-chunk (a few numbers per row: max, sum of exponentials, the target logit if this rank holds it, the
-logit sum with label smoothing) are all-gathered over the vocabulary group while later chunks are
-computed, then merged in rank order, the same bits on every rank, and the gradient of this rank's
+chunk (a few numbers per row: max, sum of exponentials, the target logit if this rank holds it, with
+label smoothing the logit sum, on CUDA as the sum of z - max and the slice's length) are
+all-gathered over the vocabulary group (on the CPU while later chunks are computed), then merged in
+rank order, the same bits on every rank, and the gradient of this rank's
 slice written. Data-parallel denominators (global ``B`` and ``sum w_b``) are all-gathered before
 the logits are read; the loss shares at the end, so that every rank returns the loss of the whole
 batch. Both run as the crate's one call, with the GIL released, its exchanges calling back into

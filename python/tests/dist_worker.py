@@ -8,7 +8,7 @@ rank holding no target), data-parallel (4 ranks, uneven batches) and 2x2 calls t
 call on the whole batch and vocabulary in the same process; with 4 ranks or NCCL, the same
 layouts of ``weighted_linear_loss`` (the weight's rows split); writes what it measured to
 ``OUT_DIR/rank<r>.json`` for the test to judge. With one process (``--nproc-per-node 1``, e.g.
-NCCL on one GPU) the same cases run with groups of one, which still go through the collectives.
+NCCL on one GPU) the same cases run with groups of one, whose exchanges the native calls skip.
 """
 import json
 import os

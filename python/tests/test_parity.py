@@ -56,7 +56,7 @@ def test_inputs_holding_ignore_index_as_the_course_function_allows(device):
     assert rel_err(grad, x64.grad) <= 1e-5
     # another ignore_index: -100 is then an id out of range
     with pytest.raises(ValueError, match="outside"):
-        fwl.weighted_loss(logits, ids, ignore_index=-1)
+        fwl.weighted_loss(logits, ids, ignore_index=-1, check_ids=True)
 
 
 OPTIONS = [

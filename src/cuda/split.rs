@@ -442,7 +442,7 @@ impl CudaSharded {
     }
 
     /// Queues the one-device rows kernel on rows `rows` of logits at `x` (gradient at `g`, 0 for
-    /// none), which hold the whole vocabulary (a rank of a data group alone): one read of the
+    /// none; both point at row `rows.start`), which hold the whole vocabulary (a rank of a data group alone): one read of the
     /// logits and no exchange; the plan's coefficients carry the data group's denominators. Both
     /// buffers checked by the caller and held while this runs.
     pub(in crate::cuda) fn launch_whole_rows<L: Logit, G: Logit>(

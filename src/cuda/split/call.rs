@@ -81,7 +81,8 @@ impl<'c> DeviceSharded<'c> {
     }
 
     /// Rows per exchange (default [`default_device_chunk_rows`]); the same on every rank of the
-    /// vocabulary group. At least 1.
+    /// vocabulary group. At least 1. Not used by the logits call when this rank holds the whole
+    /// vocabulary (it exchanges no rows).
     pub fn with_chunk_rows(self, rows: usize) -> Self {
         DeviceSharded { chunk_rows: Some(rows.max(1)), ..self }
     }
