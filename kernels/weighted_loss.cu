@@ -58,6 +58,9 @@ template <typename T> __device__ __forceinline__ void store16(T *p, const Vec16<
 
 // ---- online softmax statistics -------------------------------------------------------------
 
+// fwl-host: begin (tests/kernel_host.rs compiles what lies between these markers for the host
+// and checks it against float64: plain C++ and the device functions below only)
+
 // (max, sum of exp(z - max), sum of (z - max), count); NaN logits are skipped by fmaxf and
 // reach the sums. The sum of z serves label smoothing only: kept against the running maximum, so
 // a large common offset of the logits does not cancel it (a raw f32 sum of 1e6-sized logits loses
@@ -100,6 +103,8 @@ __device__ __forceinline__ void ms_push(MS &a, const float *v, int n) {
     }
     a.n += static_cast<float>(n);
 }
+
+// fwl-host: end
 
 __device__ __forceinline__ MS warp_merge(MS a) {
     for (int o = 16; o > 0; o >>= 1) {
