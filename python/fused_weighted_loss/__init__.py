@@ -23,6 +23,7 @@ gradient (one tensor of the logits' shape and dtype) until the backward, which s
 upstream gradient in place. When the logits do not require a gradient (or under
 ``torch.no_grad()``) only the loss is computed and nothing is kept.
 """
+import math
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
@@ -92,6 +93,33 @@ def _keyword_lists(keywords, keyword_weights):
     except (TypeError, ValueError):
         raise TypeError(f"keyword_weights must be a sequence of floats, got {keyword_weights!r}") from None
     return ids, weights
+
+
+def _alpha(alpha):
+    """``(alpha for the op's mode, factor applied to the op's outputs or None)``.
+
+    Eager calls put ``alpha`` into the op's mode string. Under ``torch.compile``, once a second
+    value of ``alpha`` has been seen, dynamo passes it as a symbolic float; written into the
+    mode string it would be specialised again: one compilation per value, and eager fallback
+    after eight. Every output the weights reach is linear in ``alpha`` (the weights, and the
+    loss, z-loss part and gradients unless ``reduction="weighted_mean"``, where it cancels), so
+    while tracing the op runs with ``alpha = 1`` and the graph multiplies by ``alpha``: one
+    compilation serves every positive finite value. Other values (0, negative, NaN, infinite)
+    are specialised and go to the op as in eager mode, which computes 0 or raises the crate's
+    error."""
+    if torch.compiler.is_compiling() and alpha > 0 and alpha < math.inf:  # guards on the range
+        return 1.0, alpha
+    return float(alpha), None
+
+
+def _scaled_by_alpha(scale, reduction, loss, weights, z):
+    """``loss, weights, z`` of an op that ran with ``alpha = 1``, times ``scale`` (see
+    :func:`_alpha`; None: unchanged)."""
+    if scale is None:
+        return loss, weights, z
+    if reduction == "weighted_mean":
+        return loss, weights * scale, z
+    return loss * scale, weights * scale, z * scale
 
 
 def weighted_loss(
@@ -194,6 +222,7 @@ def weighted_loss(
                         chunk_rows, compute_grad, outputs, bool(return_token_loss), bool(check_ids),
                         (kw, kww, float(alpha), ignore_index, str(row_mean), str(reduction), bool(check_finite),
                          float(z_loss), float(label_smoothing), None if softcap is None else float(softcap)))
+    alpha, scale = _alpha(alpha)
     loss, per, weights, z, token_loss, _ = _loss_op(
         logits.contiguous(),
         ids.contiguous(),
@@ -202,10 +231,11 @@ def weighted_loss(
         kw,
         kww,
         mode_string(str(row_mean), str(reduction), compute_grad, outputs, bool(check_ids), bool(check_finite),
-                    token_loss=bool(return_token_loss), alpha=float(alpha), ignore_index=ignore_index,
+                    token_loss=bool(return_token_loss), alpha=alpha, ignore_index=ignore_index,
                     z_loss=float(z_loss), label_smoothing=float(label_smoothing),
                     softcap=None if softcap is None else float(softcap)),
     )
+    loss, weights, z = _scaled_by_alpha(scale, str(reduction), loss, weights, z)
     if outputs:
         return LossOutput(loss, per, weights, z, token_loss if return_token_loss else None)
     return loss
@@ -338,10 +368,11 @@ def weighted_linear_loss(
         labels.contiguous() if labels is not None else None,
         token_weights.detach().contiguous() if token_weights is not None else None,
     )
+    alpha, scale = _alpha(alpha)
     mode = linear_mode_string(str(row_mean), str(reduction), grads, bool(return_per_sample), bool(check_ids),
                               bool(check_finite), accumulate_f32=bool(accumulate_f32),
                               chunk_rows=_optional_int("chunk_rows", chunk_rows),
-                              chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=float(alpha),
+                              chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=alpha,
                               ignore_index=ignore_index, z_loss=float(z_loss),
                               label_smoothing=float(label_smoothing),
                               softcap=None if softcap is None else float(softcap))
@@ -355,6 +386,7 @@ def weighted_linear_loss(
         loss, per, weights, z = _dist.ShardedLinear.apply(*args, params)
     else:
         loss, per, weights, z, *_ = _linear_op(*args, kw, kww, mode)
+    loss, weights, z = _scaled_by_alpha(scale, str(reduction), loss, weights, z)
     if return_per_sample:
         return LossOutput(loss, per, weights, z, None)
     return loss

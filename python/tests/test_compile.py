@@ -99,3 +99,80 @@ def test_compile_options_and_per_sample(device, dtype):
         results.append((loss.detach(), per, w, x.grad))
     for eager, traced in zip(*results):
         assert torch.equal(eager, traced)
+
+
+def _count_compilations(fn):
+    """``torch.compile(fn, fullgraph=True)`` through aot_eager, and its counter of compilations."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    return torch.compile(fn, fullgraph=True, backend=counter), counter
+
+
+# a schedule of alpha values a trainer might anneal through (the first one compiles with alpha
+# as a constant, the second makes it a symbolic float, the rest reuse that graph)
+ALPHAS = [1.0, 0.5, 0.25, 2.0, 3.0, 1e-3, 7.5]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "weighted_mean", "sum"])
+def test_changing_alpha_compiles_at_most_twice(device, reduction):
+    """A compiled step called with seven values of alpha is compiled at most twice, as the course
+    function is (not once per value, which hits dynamo's recompile limit after eight and then
+    fails under fullgraph=True), and each value gives eager's loss, weights, z-loss part and
+    gradient; 0 and a negative alpha are specialised and behave as in eager mode."""
+    logits, ids, _, _ = random_case(21, device, dtype=torch.float32, vocabs=(257,))
+    keys = [int(ids[0, 1]), int(ids[-1, -1])]
+
+    def f(x, a):
+        out = fwl.weighted_loss(x, ids, keywords=keys, alpha=a, reduction=reduction, z_loss=1e-3,
+                                return_per_sample=True)
+        return out.loss, out.weights, out.z_loss
+
+    compiled, counter = _count_compilations(f)
+
+    def compare(a):
+        results = []
+        for fn in (f, compiled):
+            x = logits.clone().requires_grad_()
+            loss, w, z = fn(x, a)
+            (loss * 1.5).backward()
+            results.append((loss.detach(), w, z, x.grad))
+        return zip(("loss", "weights", "z", "grad"), *results)
+
+    for a in ALPHAS:
+        for name, eager, traced in compare(a):
+            assert rel_err(traced, eager) <= 1e-6, (a, name)
+    assert counter.frame_count <= 2  # the previous code compiled once per value (7)
+    # alpha = 0: every weight 0, so the loss and gradient are 0 (also for weighted_mean)
+    for name, eager, traced in compare(0.0):
+        assert torch.count_nonzero(eager) == 0, name
+        assert torch.equal(traced, eager), name
+    with pytest.raises(ValueError, match="alpha"):
+        compiled(logits.clone().requires_grad_(), -1.0)
+
+
+def test_changing_alpha_compiles_the_linear_entry_at_most_twice(device):
+    """weighted_linear_loss under a schedule of alpha values: at most two compilations, eager's
+    loss and gradients of hidden, weight and bias for each."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 6, 16, generator=g).to(device)
+    weight = (torch.randn(40, 16, generator=g) * 0.3).to(device)
+    bias = torch.randn(40, generator=g).to(device)
+    ids = torch.randint(0, 40, (3, 6), generator=g).to(device)
+    keys = [int(ids[1, 2])]
+
+    def f(h, w, b, a):
+        return fwl.weighted_linear_loss(h, w, ids, bias=b, keywords=keys, alpha=a)
+
+    compiled, counter = _count_compilations(f)
+    for a in ALPHAS:
+        results = []
+        for fn in (f, compiled):
+            h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+            loss = fn(h, w, b, a)
+            loss.backward()
+            results.append((loss.detach(), h.grad, w.grad, b.grad))
+        for name, eager, traced in zip(("loss", "hidden", "weight", "bias"), *results):
+            assert rel_err(traced, eager) <= 1e-6, (a, name)
+    assert counter.frame_count <= 2
