@@ -19,7 +19,7 @@ use fused_weighted_loss::cuda::{CudaLoss, DeviceInputs};
 use fused_weighted_loss::parallel::VocabSlice;
 use fused_weighted_loss::reference::{reference, rel_err};
 use fused_weighted_loss::synthetic;
-use fused_weighted_loss::{bf16, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape};
+use fused_weighted_loss::{bf16, Error, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape};
 use shards::{assemble, columns, run_ranks, Case};
 use std::sync::Arc;
 use through_host::ThroughHost;
@@ -464,4 +464,54 @@ mod nccl {
         let grads: Vec<Vec<f32>> = results.into_iter().map(|(_, g)| g).collect();
         assert!(rel_err(&assemble(&grads, &slices, shape.rows(), 20_011), &r.grad) <= 1e-5);
     }
+}
+
+#[test]
+fn gpu_check_tiling_finds_gaps_and_overlaps() {
+    if !gpu_or_skip("gpu_check_tiling_finds_gaps_and_overlaps") {
+        return;
+    }
+    // DeviceSharded::check_tiling: one all-gather of every rank's (start, len) (ranks as threads,
+    // each with its own stream), the same answer on every rank
+    let ctx = CudaContext::new(0).unwrap();
+    let v = 100;
+    let s = |start, len| VocabSlice::new(start, len, v).unwrap();
+    let cases: [(&str, Vec<VocabSlice>, bool); 4] = [
+        ("rank order", vec![s(0, 30), s(30, 50), s(80, 20)], true),
+        ("any order", vec![s(70, 30), s(0, 45), s(45, 25)], true),
+        ("an overlap", vec![s(0, 40), s(30, 50), s(80, 20)], false),
+        ("a gap", vec![s(0, 30), s(31, 49), s(80, 20)], false),
+    ];
+    for (what, slices, tiles) in cases {
+        let results = run_ranks(slices.len(), |r, g| {
+            let stream = ctx.new_stream().unwrap();
+            let group = ThroughHost(g);
+            DeviceSharded::vocab_parallel(slices[r], &group).check_tiling(&stream)
+        });
+        for (r, res) in results.iter().enumerate() {
+            if tiles {
+                assert!(res.is_ok(), "{what}: rank {r}: {res:?}");
+            } else {
+                match res {
+                    Err(Error::SlicesDoNotTile { vocab, slices: got }) => {
+                        assert_eq!(*vocab, v, "{what}");
+                        let want: Vec<(usize, usize)> = slices.iter().map(|x| (x.start(), x.len())).collect();
+                        assert_eq!(got, &want, "{what}: every rank's slice in rank order");
+                    }
+                    other => panic!("{what}: rank {r}: {other:?}"),
+                }
+            }
+        }
+    }
+    // a group of one must hold the whole vocabulary: refused by check_tiling and by every call
+    let (_ctx, stream, loss) = device();
+    assert!(DeviceSharded::vocab_parallel(s(0, v), &DeviceSolo).check_tiling(&stream).is_ok());
+    let part = DeviceSharded::vocab_parallel(s(0, 60), &DeviceSolo);
+    assert!(matches!(part.check_tiling(&stream), Err(Error::SlicesDoNotTile { .. })));
+    let shape = Shape::new(2, 5, v).unwrap();
+    let c = case::<f32>(3, shape, LossSpec::default());
+    let d_l = stream.clone_htod(&columns(&c.logits, v, s(0, 60))).unwrap();
+    let toks = Tokens3::upload(&stream, &c);
+    let r = toks.with(|inputs| part.loss(&loss, &c.spec, shape, &stream, &d_l.as_view(), inputs));
+    assert!(matches!(r, Err(Error::SlicesDoNotTile { .. })), "{:?}", r.err());
 }

@@ -2,10 +2,10 @@
 //! the caller's [`DeviceCollective`]s, chunk by chunk, all queued on one stream.
 
 use super::{CudaSharded, DeviceCollective, DeviceSolo};
-use crate::cuda::{output, CudaLoss, DeviceInputs, DeviceLossOutput};
+use crate::cuda::{drv, output, CudaLoss, DeviceInputs, DeviceLossOutput};
 use crate::dtype::{DType, Logit, TokenId};
 use crate::error::{Error, Result};
-use crate::parallel::VocabSlice;
+use crate::parallel::{check_tiling, VocabSlice};
 use crate::spec::{check_len, LossSpec, Shape};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
@@ -32,8 +32,10 @@ pub fn default_device_chunk_rows(vocab: usize, ranks: usize, dtype: DType) -> us
 
 /// One sharded call on device buffers: this rank's slice of the vocabulary, its vocabulary and
 /// data groups. The device twin of [`Sharded`](crate::parallel::Sharded) (see there), except
-/// that the slices are not checked to tile the vocabulary (that needs a host read; the host API
-/// checks them).
+/// that the calls do not check that the slices of a vocabulary group of more than one tile the
+/// vocabulary (that needs a host read, which the calls never do): run
+/// [`check_tiling`](Self::check_tiling) once per configuration for that. A group of one must
+/// hold the whole vocabulary (checked by every call).
 #[derive(Clone, Copy)]
 pub struct DeviceSharded<'c> {
     pub(super) slice: VocabSlice,
@@ -85,6 +87,39 @@ impl<'c> DeviceSharded<'c> {
     /// vocabulary (it exchanges no rows).
     pub fn with_chunk_rows(self, rows: usize) -> Self {
         DeviceSharded { chunk_rows: Some(rows.max(1)), ..self }
+    }
+
+    /// Checks that the slices of the vocabulary group tile the vocabulary, in any order, without
+    /// gaps or overlaps ([`Error::SlicesDoNotTile`] with every rank's slice), and that each
+    /// group's rank lies within its size. A collective: every rank of the vocabulary group calls
+    /// it. One all-gather of two numbers per rank on `stream`, then a host read that waits for
+    /// the stream: run it once when the slices or the group are set up, not every step (the
+    /// calls themselves never wait for the device).
+    pub fn check_tiling(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        self.check_ranks()?;
+        let vg = self.vocab_group;
+        let mine = (self.slice.start(), self.slice.len());
+        if vg.size() == 1 {
+            return check_tiling(&[mine], self.slice.vocab());
+        }
+        // exact in f64 (slices below 2^53)
+        let send = stream.clone_htod(&[mine.0 as f64, mine.1 as f64]).map_err(drv("copying to the device"))?;
+        let mut recv = output::<f64>(stream, 2 * vg.size())?;
+        vg.all_gather_f64(stream, &send.as_view(), &mut recv.as_view_mut())?;
+        let all = stream.clone_dtoh(&recv).map_err(drv("copying to the host"))?;
+        stream.synchronize().map_err(drv("waiting for the stream"))?;
+        let slices: Vec<(usize, usize)> = all.chunks_exact(2).map(|w| (w[0] as usize, w[1] as usize)).collect();
+        check_tiling(&slices, self.slice.vocab())
+    }
+
+    /// Each group's rank lies within its size.
+    fn check_ranks(&self) -> Result<()> {
+        for g in [self.vocab_group, self.data_group] {
+            if g.size() == 0 || g.rank() >= g.size() {
+                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
+            }
+        }
+        Ok(())
     }
 
     /// The loss only.
@@ -212,13 +247,13 @@ impl<'c> DeviceSharded<'c> {
         stream: &Arc<CudaStream>,
         inputs: &DeviceInputs<'_, I>,
     ) -> Result<CudaSharded> {
-        for g in [self.vocab_group, self.data_group] {
-            if g.size() == 0 || g.rank() >= g.size() {
-                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
-            }
-        }
+        self.check_ranks()?;
         let dg = self.data_group;
         let mut st = CudaSharded::new(loss, spec, shape, self.slice, stream, inputs)?;
+        if self.vocab_group.size() == 1 {
+            // no other rank holds the rest: this one must hold every column
+            check_tiling(&[(self.slice.start(), self.slice.len())], self.slice.vocab())?;
+        }
         if dg.size() > 1 {
             let mut mine = output::<f64>(stream, 2)?;
             st.batch_totals(stream, &mut mine.as_view_mut())?;

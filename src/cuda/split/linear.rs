@@ -35,7 +35,8 @@ impl DeviceSharded<'_> {
     /// `⌈V / P⌉` logits per row, so a rank with a wider slice uses more. One exchange of `4 · W`
     /// bytes per row ([`CudaSharded::words_per_row`](super::CudaSharded::words_per_row)) per
     /// logits product: `C` rows at a time for f32 inputs, `⌈C / 4⌉` for 16-bit ones. The slices
-    /// are not checked to tile the vocabulary (a host read; the host API checks them).
+    /// of a group of more than one are not checked to tile the vocabulary (a host read: see
+    /// [`check_tiling`](Self::check_tiling)); a group of one must hold the whole vocabulary.
     ///
     /// `fused`'s cuBLAS handle is held for the whole call, exchanges included: ranks that share
     /// a CUDA context (threads of one process on one GPU) need a [`CudaLinearLoss`] each, or
