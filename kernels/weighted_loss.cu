@@ -14,9 +14,10 @@
 // The options ride on the same passes, as uniform branches: soft-capping maps each logit to
 // c * tanh(z / c) as it is read (both passes), the sum of the logits (against the running
 // maximum) comes with the statistics (label smoothing), z-loss and token weights change per-row
-// factors only. Every option off computes the plain loss. With label smoothing a row whose
-// logits span more than the f32 range (z - max below -3.4e38) gets an infinite smoothing term
-// where float64 would give a finite one; the cross-entropy itself is taken in double.
+// factors only. Every option off computes the plain loss. With label smoothing the sum of
+// z - max over a row is an f32: a row where V * |mean(z - max)| exceeds the f32 range (3.4e38;
+// at V = 262144 a spread of about 1.3e33) gets an infinite smoothing term where float64 would
+// give a finite one; the cross-entropy itself is taken in double.
 //
 // Every reduction has a fixed shape (warp butterflies, then warp 0), so reruns are bit-identical.
 
@@ -446,8 +447,10 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
         // the row's loss in double: z_max - z[target] can exceed the float range; the options'
         // terms as RowGrad describes
         const float coef = p.coef[grow / p.seq] * (p.token_weights ? p.token_weights[grow + 1] : 1.f);
-        const RowGrad rg =
-            row_finish(p, st, target_logit, coef, cap, inv_cap, V, grow, rank == 0 && threadIdx.x == 0);
+        // only the writing thread reads target_logit: without a gradient, the next row may begin
+        // (and thread 0 overwrite it) before every thread is past this line
+        const bool writer = rank == 0 && threadIdx.x == 0;
+        const RowGrad rg = row_finish(p, st, writer ? target_logit : 0.f, coef, cap, inv_cap, V, grow, writer);
         if (!g) continue;
 
         // pass 2: gradient, each thread writing exactly what it read

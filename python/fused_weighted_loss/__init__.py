@@ -182,7 +182,9 @@ def weighted_loss(
     never waits for the device: ids or labels outside the vocabulary are then treated as
     positions without a target (and non-finite token weights are not reported), unless
     ``check_ids=True`` (or ``check_finite=True``), which waits for the kernels and raises
-    ``ValueError`` as on CPU. At most 64 keywords on CUDA.
+    ``ValueError`` as on CPU. At most 64 keywords on CUDA. ``keywords`` and ``keyword_weights``
+    are host values: sequences, or tensors read to the host on every call (a CUDA tensor there
+    waits for the device: pass a list, as the course does).
 
     Beyond one device (``torch.distributed``, NCCL for CUDA tensors, gloo for CPU tensors):
 
