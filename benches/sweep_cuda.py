@@ -21,10 +21,10 @@ import time
 
 # (threads, blocks per SM, loads in flight, cluster); the first is the default
 CONFIGS = [
+    (1024, 1, 1, 1),
     (1024, 2, 1, 1),
     (1024, 2, 2, 1),
     (1024, 2, 4, 1),
-    (1024, 1, 1, 1),
     (1024, 1, 2, 1),
     (1024, 1, 4, 1),
     (512, 2, 2, 1),

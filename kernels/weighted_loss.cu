@@ -270,11 +270,17 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_plan_u32(FwlPlanPa
 
 // ---- rows ----------------------------------------------------------------------------------
 
+// Soft-capping in an element loop: CAP = 0 off, 1 on (the rows kernel's two instantiations:
+// no dead tanhf per element in the plain loops), -1 decided per call by cap > 0.
+constexpr int CAP_OFF = 0, CAP_ON = 1, CAP_RUNTIME = -1;
+
 // A logit as the loss sees it: c * tanh(z / c) with soft-capping (cap > 0), else z.
 // (__fmul_rn: the product is rounded here, never fused into a following subtraction, so every
 // use of a capped logit, the target's included, sees the same value)
-__device__ __forceinline__ float capped(float z, float cap, float inv_cap) {
-    return cap > 0.f ? __fmul_rn(cap, tanhf(z * inv_cap)) : z;
+template <int CAP = CAP_RUNTIME> __device__ __forceinline__ float capped(float z, float cap, float inv_cap) {
+    if constexpr (CAP == CAP_OFF) return z;
+    else if constexpr (CAP == CAP_ON) return __fmul_rn(cap, tanhf(z * inv_cap));
+    else return cap > 0.f ? __fmul_rn(cap, tanhf(z * inv_cap)) : z;
 }
 
 // What a row's gradient entries follow from, once its statistics are known:
@@ -319,9 +325,9 @@ __device__ __forceinline__ RowGrad row_finish(const P &p, const MS &st, float ta
     return rg;
 }
 
-__device__ __forceinline__ float elem_grad(float z, bool is_target, const RowGrad &r) {
+template <int CAP = CAP_RUNTIME> __device__ __forceinline__ float elem_grad(float z, bool is_target, const RowGrad &r) {
     float s = 1.f;
-    if (r.cap > 0.f) {
+    if (CAP == CAP_ON || (CAP == CAP_RUNTIME && r.cap > 0.f)) {
         const float t = tanhf(z * r.inv_cap);
         z = __fmul_rn(r.cap, t);  // as `capped`
         s = fmaf(-t, t, 1.f);
@@ -331,10 +337,10 @@ __device__ __forceinline__ float elem_grad(float z, bool is_target, const RowGra
 }
 
 // The gradient of `n` consecutive elements starting at element `j` of a row.
-template <typename G>
+template <int CAP = CAP_RUNTIME, typename G>
 __device__ __forceinline__ void grad_scalar(G *g, const float *v, int n, int64_t j, int32_t y, const RowGrad &r) {
     const int t = y >= j && y < j + n ? static_cast<int>(y - j) : -1;  // the target's slot, if here
-    for (int i = 0; i < n; ++i) g[i] = from_f32<G>(elem_grad(v[i], i == t, r));
+    for (int i = 0; i < n; ++i) g[i] = from_f32<G>(elem_grad<CAP>(v[i], i == t, r));
 }
 
 // Thread-block clusters (sm_90 and later): the C blocks of a cluster share one row, each keeping
@@ -350,7 +356,8 @@ __device__ __forceinline__ void grad_scalar(G *g, const float *v, int n, int64_t
 // U: 16-byte loads each thread keeps in flight (1, 2 or 4). C: blocks per row (1, or a cluster
 // of 2 or 4). For a given block size the statistics, loss and gradient are the same bits for
 // every U; C > 1 splits the row and so merges its statistics in a different (fixed) order.
-template <typename L, typename G, int U, int C> __device__ void rows_impl(const FwlRowParams &p) {
+// CAP: CAP_OFF or CAP_ON (see rows_impl).
+template <typename L, typename G, int U, int C, int CAP> __device__ void rows_body(const FwlRowParams &p) {
     constexpr int N = Vec16<L>::N;
     extern __shared__ __align__(16) unsigned char fwl_smem[];
     Vec16<L> *cache = reinterpret_cast<Vec16<L> *>(fwl_smem);
@@ -405,7 +412,7 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
         const float cap = p.softcap, inv_cap = cap > 0.f ? 1.f / cap : 0.f;
         MS acc{-INFINITY, 0.f, 0.f, 0.f};
         if (edges && threadIdx.x < head) {
-            const float v = capped(to_f32(x[threadIdx.x]), cap, inv_cap);
+            const float v = capped<CAP>(to_f32(x[threadIdx.x]), cap, inv_cap);
             ms_push(acc, &v, 1);
         }
         for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
@@ -421,13 +428,13 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
                 if (k < k_hi) {
                     if (k < cached) cache[k - k_lo] = r[u];
                     float v[N];
-                    for (int i = 0; i < N; ++i) v[i] = capped(to_f32(r[u].v[i]), cap, inv_cap);
+                    for (int i = 0; i < N; ++i) v[i] = capped<CAP>(to_f32(r[u].v[i]), cap, inv_cap);
                     ms_push(acc, v, N);
                 }
             }
         }
         if (edges && tail0 + threadIdx.x < V) {
-            const float v = capped(to_f32(x[tail0 + threadIdx.x]), cap, inv_cap);
+            const float v = capped<CAP>(to_f32(x[tail0 + threadIdx.x]), cap, inv_cap);
             ms_push(acc, &v, 1);
         }
         MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
@@ -456,7 +463,7 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
         // pass 2: gradient, each thread writing exactly what it read
         if (edges && threadIdx.x < head) {
             const float v = to_f32(x[threadIdx.x]);
-            grad_scalar(g + threadIdx.x, &v, 1, threadIdx.x, y, rg);
+            grad_scalar<CAP>(g + threadIdx.x, &v, 1, threadIdx.x, y, rg);
         }
         for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
             Vec16<L> r[U];
@@ -477,18 +484,18 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
                     if (p.vector_stores) {
                         const int t = y >= j && y < j + N ? static_cast<int>(y - j) : -1;
                         Vec16<G> o;
-                        for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(elem_grad(v[i], i == t, rg));
+                        for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(elem_grad<CAP>(v[i], i == t, rg));
                         store16(g + j, o);
                         done = true;
                     }
                 }
-                if (!done) grad_scalar(g + j, v, N, j, y, rg);
+                if (!done) grad_scalar<CAP>(g + j, v, N, j, y, rg);
             }
         }
         if (edges && tail0 + threadIdx.x < V) {
             const int64_t j = tail0 + threadIdx.x;
             const float v = to_f32(x[j]);
-            grad_scalar(g + j, &v, 1, j, y, rg);
+            grad_scalar<CAP>(g + j, &v, 1, j, y, rg);
         }
         // the next row's pass 1 overwrites the cache: wait until every thread is done with it
         __syncthreads();
@@ -497,6 +504,15 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
     // a block's shared memory must outlive its partners' last reads of it
     if constexpr (C > 1) cluster.sync();
 #endif
+}
+
+// The rows kernel: the soft-cap decided once per launch (uniform), so that the loops of each
+// instantiation carry only their own arithmetic.
+template <typename L, typename G, int U, int C> __device__ void rows_impl(const FwlRowParams &p) {
+    if (p.softcap > 0.f)
+        rows_body<L, G, U, C, CAP_ON>(p);
+    else
+        rows_body<L, G, U, C, CAP_OFF>(p);
 }
 
 // One rows kernel per (logits, gradient) pair and loads in flight: fwl_rows_* (1), fwl_rows2_*,
