@@ -193,9 +193,10 @@ def weighted_loss(
       (defaults: Megatron-LM's equal slices in rank order, ``rank * V_r`` and ``ranks * V_r``);
       ids, labels, keywords and token weights are global and the same on every rank of the group.
       Every rank returns the loss over the whole vocabulary; the gradient is that of this rank's
-      slice. The slices are checked to tile the vocabulary, without gaps or overlaps, the first
-      time each rank uses its slice with the group (the check is a collective: when the slices
-      change between calls, every rank's must change).
+      slice. The slices are checked to tile the vocabulary, without gaps or overlaps, and every
+      rank to name the same ``vocab_size``, the first time each rank uses its slice with the
+      group (the check is a collective, and each rank remembers what it checked: when the slices
+      change between calls, every rank's must change, or the ranks that did not wait).
     - ``data_group``: data-parallel. This rank holds some samples; ``reduction="mean"`` divides
       by the global batch and ``"weighted_mean"`` by the global sum of weights, so that loss and
       gradients equal the single-device result on the concatenated batch, and every rank returns

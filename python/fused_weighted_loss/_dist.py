@@ -15,6 +15,7 @@ for CUDA tensors (and their ``linear_loss_and_grad`` for the fused linear split)
 
 This path is an eager ``torch.autograd.Function`` (``torch.compile`` breaks the graph around it).
 """
+import contextlib
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -39,13 +40,21 @@ def _gather(t: Tensor, group) -> Tensor:
     return out
 
 
-def _check_tiling(group, start: int, length: int, vocab: int) -> None:
-    """Every rank's slice covers [0, vocab) exactly once (checked once per group and slice)."""
+def _check_tiling(group, start: int, length: int, vocab: int, device: torch.device) -> None:
+    """Every rank's slice covers [0, vocab) exactly once, and every rank names the same vocab
+    (checked once per group and slice). ``device``: the tensors' device (NCCL gathers the
+    objects through the current CUDA device: made that one for the check)."""
     key = (id(group), start, length, vocab)
     if _TILED.get(key):
         return
-    slices = [None] * _size(group)
-    dist.all_gather_object(slices, (start, length), group=group)
+    gathered = [None] * _size(group)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        dist.all_gather_object(gathered, (start, length, vocab), group=group)
+    vocabs = sorted({v for _, _, v in gathered})
+    if len(vocabs) > 1:
+        raise ValueError(f"the ranks of the vocabulary group name different vocabularies ({vocabs}): "
+                         "vocab_size must be the same on every rank")
+    slices = [(s, n) for s, n, _ in gathered]
     # sorted by start, each slice must begin where the one before ended: no gap, no overlap
     covered = 0
     for s, n in sorted(slices):
@@ -98,7 +107,7 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     if process_group is not None:
         # the device call does not check that the slices tile the vocabulary; the same message
         # on every path
-        _check_tiling(process_group, start, length, vocab)
+        _check_tiling(process_group, start, length, vocab, logits.device)
     new = logits.new_empty
     loss = new((), dtype=torch.float32)
     per = new((b if want_per_sample else 0,), dtype=torch.float64)
@@ -208,7 +217,7 @@ class ShardedLinear(torch.autograd.Function):
         if hidden.device.type == "cuda":
             # the device call does not check that the slices tile the vocabulary: checked here
             if process_group is not None:
-                _check_tiling(process_group, *params["slice_"])
+                _check_tiling(process_group, *params["slice_"], hidden.device)
             groups = (_device_group_arg(process_group, hidden.device), _device_group_arg(data_group, hidden.device))
         else:
             groups = (_group_arg(process_group), _group_arg(data_group))

@@ -213,6 +213,13 @@ def _scale_grad_op(grad: Tensor, scale: Tensor) -> None:
     """grad *= scale, in place, where scale is the 0-d upstream gradient of the loss. CUDA: the
     crate's kernel, which reads the scale on the device and does nothing when it is exactly 1
     (no host read). CPU: the scale is in host memory already; the pass is skipped when it is 1."""
+    # the op is public (torch.ops.fused_weighted_loss.scale_grad_): the native side writes
+    # grad.numel() elements from its data pointer, so only a dense contiguous tensor may go there
+    _check_layouts({"grad": grad})
+    if grad.dtype not in _LOGIT_DTYPES:
+        raise ValueError(f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
+    if scale.numel() != 1:
+        raise ValueError(f"scale must hold one number, got shape {list(scale.shape)}")
     if grad.is_cuda:
         s = scale.detach().to(device=grad.device, dtype=torch.float32).reshape(())
         _native.scale_grad(_arg(grad), s.data_ptr(), _device_arg(grad))

@@ -32,11 +32,10 @@ impl RestoreContext {
 
 impl Drop for RestoreContext {
     fn drop(&mut self) {
-        if let Some(ctx) = self.0 {
-            // SAFETY: a context that was current on this thread when the call began, owned by
-            // the caller's runtime, which keeps it (the primary context of a device) alive.
-            let _ = unsafe { result::ctx::set_current(ctx) };
-        }
+        // SAFETY: a context that was current on this thread when the call began, owned by the
+        // caller's runtime, which keeps it (the primary context of a device) alive; or none, as
+        // it was (the runtime then binds its own current device's context when it next needs one)
+        let _ = unsafe { result::ctx::set_current(self.0.unwrap_or(std::ptr::null_mut())) };
     }
 }
 
@@ -300,7 +299,9 @@ fn linear_typed<L: Logit, I: TokenId>(
     let grads = DeviceLinearGrads::new().hidden(next()).weight(next()).bias(next());
     let stream = &call.stream;
     let result = match &req.split {
-        None => linear.loss_and_grad(&req.spec, shape, stream, &inputs, &tokens, grads, req.chunking),
+        // without the GIL too: a split call on another thread holds the device's cuBLAS handle
+        // while its exchanges wait for the GIL, and this one would wait for the handle
+        None => py.detach(|| linear.loss_and_grad(&req.spec, shape, stream, &inputs, &tokens, grads, req.chunking)),
         Some(split) => {
             // the weight holds this rank's rows: the loss's shape has the whole vocabulary; the
             // exchanges go through torch.distributed on torch's stream (see group.rs)

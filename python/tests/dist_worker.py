@@ -202,6 +202,16 @@ def main():
         results.append({"case": "overlap", "error": None})
     except ValueError as err:
         results.append({"case": "overlap", "error": str(err)})
+    # rank 0 names another vocabulary than the others: every rank raises, none hangs (a new
+    # group: each rank remembers the (group, slice, vocabulary) it checked, and the others'
+    # slices were checked with WORLD already)
+    fresh = dist.new_group(list(range(world)))
+    try:
+        run(logits[..., s:e], ids, labels, weights, OPTIONS[0], process_group=fresh, vocab_start=s,
+            vocab_size=1000 + (rank == 0))
+        results.append({"case": "vocab", "error": None})
+    except ValueError as err:
+        results.append({"case": "vocab", "error": str(err)})
     # every rank claims the whole vocabulary: covered, but more than once
     try:
         run(logits, ids, labels, weights, OPTIONS[0], process_group=dist.group.WORLD, vocab_start=0, vocab_size=1000)

@@ -2,7 +2,8 @@
 (gloo, CPU tensors; ``[nccl]``: NCCL on the GPUs this machine has, one rank per GPU, or a world
 of one), against the single-process result: within 1e-6 relative for float32 logits, the same
 loss bits on every rank and on a rerun, and a typed error on every rank for slices that do not
-tile the vocabulary (a gap, or every rank claiming all of it). In this process, with a group of
+tile the vocabulary (a gap, or every rank claiming all of it) and for ranks that name different
+vocabularies. In this process, with a group of
 one: a float16 backward from a loss scale above float16's range. dist_worker.py is the rank's
 side."""
 import json
@@ -44,6 +45,11 @@ def judge(ranks):
         if case in ("overlap", "duplicate"):
             if world > 1:
                 assert all(p["error"] and "do not tile" in p["error"] for p in per_rank), per_rank
+            continue
+        if case == "vocab":
+            # a world of one: its slice does not cover the vocabulary it names
+            want = "different vocabularies" if world > 1 else "do not tile"
+            assert all(p["error"] and want in p["error"] for p in per_rank), per_rank
             continue
         if case == "rerun":
             continue

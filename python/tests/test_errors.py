@@ -107,6 +107,23 @@ def test_the_op_itself_refuses_non_contiguous_tensors():
         torch.ops.fused_weighted_loss.loss(x["logits"].detach(), x["ids"], None, w, [], [], "all:mean:")
 
 
+
+def test_the_public_scale_op_refuses_what_it_cannot_write():
+    """torch.ops.fused_weighted_loss.scale_grad_ is callable directly: on CUDA it writes numel()
+    elements from the data pointer, so a strided, expanded or wrongly typed gradient is refused
+    (on every device, the same rules)."""
+    scale = torch.tensor(2.0)
+    base = torch.randn(4, 6)
+    for bad, message in ((base.t(), "grad must be contiguous"), (torch.randn(6).expand(4, 6), "grad must be contiguous"),
+                         (base.double(), "grad must be float32"), (base, "scale must hold one number")):
+        s = torch.ones(2) if message.startswith("scale") else scale
+        with pytest.raises(ValueError, match=message):
+            torch.ops.fused_weighted_loss.scale_grad_(bad, s)
+    g = base.clone()
+    torch.ops.fused_weighted_loss.scale_grad_(g, scale)
+    assert torch.equal(g, base * 2)
+
+
 @pytest.mark.parametrize("mode,message", [
     ("all:mean", r"mode must be 'row_mean:reduction:flags\[:name=value...\]'"),
     ("all:mean::softcap=1:softcap=2", r"unknown or repeated option 'softcap'"),
