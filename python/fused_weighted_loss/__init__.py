@@ -206,7 +206,7 @@ def weighted_loss(
       same on every rank; default: what keeps a chunk in cache).
 
     Per call each rank sends ``8 * W`` bytes per row to its vocabulary group on CPU (``W`` = 3, 4
-    with label smoothing) and ``4 * W`` on CUDA (``W`` = 3, 5 with label smoothing), and 16 bytes
+    with label smoothing, 5 with soft-capping) and ``4 * W`` on CUDA (``W`` = 3, 5 with label smoothing), and 16 bytes
     twice to its data group. This path is an eager autograd function (``torch.compile`` breaks the
     graph around it).
     """
@@ -344,7 +344,7 @@ def weighted_linear_loss(
     (one ``all_reduce`` of ``B*T*H`` numbers in the forward) unless ``reduce_hidden_grad=False``,
     which leaves this rank's part, for a model whose layer all-reduces it in its own backward
     (Megatron-LM's ``copy_to_tensor_model_parallel_region``). Each rank sends its vocabulary
-    group 24 bytes per row with a target (32 with label smoothing) on CPU tensors, 12 bytes per
+    group 24 bytes per row with a target (32 with label smoothing, 40 with soft-capping) on CPU tensors, 12 bytes per
     row (20) on CUDA tensors, one all-gather per chunk of rows (CUDA: per logits product, a
     quarter of a chunk for 16-bit inputs). This path is an eager ``torch.autograd.Function``.
     """

@@ -39,7 +39,7 @@ pub(crate) mod split;
 
 use crate::dtype::Logit;
 use crate::plan::{Plan, RowLosses, NO_TARGET};
-use pass::{cap_one, input_of, stats_pass, zero, Pending, PrevRow, RowExps, Scratch};
+use pass::{cap_one_with_chain, input_of, stats_pass, zero, Pending, PrevRow, RowExps, Scratch};
 pub(crate) use pass::{load, store_scaled};
 use rayon::prelude::*;
 use row::RowMath;

@@ -136,16 +136,26 @@ pub(super) fn exp_chunk<L: Logit>(
 /// at `c` = 30) and a one-entry row with a loss other than 0.
 #[inline]
 pub(super) fn cap_one(k: &Kernels, m: &RowMath, x: Input<'_>) -> f32 {
+    cap_one_with_chain(k, m, x).0
+}
+
+/// [`cap_one`] and the element loop's chain factor `1 − tanh²(x / c)` of the same element (1
+/// without soft-capping): from the loop's `u = exp(−2x/c)`, accurate where `tanh` saturates,
+/// where `1 − (z / c)²` of the rounded capped value `z` keeps only an error of an ulp of 1.
+#[inline]
+pub(super) fn cap_one_with_chain(k: &Kernels, m: &RowMath, x: Input<'_>) -> (f32, f32) {
     match m.elem.filter(|o| o.cap != 0.0) {
         Some(o) => {
             let (mut out, mut chain) = ([0f32; 1], [0f32; 1]);
-            // summing: the loop returns the capped element itself
-            k.exp_opts(x, 0.0, ElemOpts { sum: true, ..o }, &mut out, &mut chain, Ahead::NONE).1
+            // summing: the loop returns the capped element itself, and with soft-capping and
+            // summing both on it keeps the chain factor apart
+            let z = k.exp_opts(x, 0.0, ElemOpts { sum: true, ..o }, &mut out, &mut chain, Ahead::NONE).1;
+            (z, chain[0])
         }
         None => match x {
-            Input::F32(v) => v[0],
-            Input::Bf16(b) => half::bf16::from_bits(b[0]).to_f32(),
-            Input::F16(b) => half::f16::from_bits(b[0]).to_f32(),
+            Input::F32(v) => (v[0], 1.0),
+            Input::Bf16(b) => (half::bf16::from_bits(b[0]).to_f32(), 1.0),
+            Input::F16(b) => (half::f16::from_bits(b[0]).to_f32(), 1.0),
         },
     }
 }
@@ -267,8 +277,9 @@ pub(super) fn stats_pass<L: Logit>(
         }
         inter.after(c);
     }
-    st.target_logit = cap_one(k, m, input_of(&row[target..=target])) as f64;
-    st.target_chain = m.chain_of(st.target_logit);
+    let (z, chain) = cap_one_with_chain(k, m, input_of(&row[target..=target]));
+    st.target_logit = z as f64;
+    st.target_chain = chain as f64;
     st
 }
 

@@ -119,7 +119,10 @@ impl RowMath {
     /// The chain factor `1 − tanh²(x / c) = 1 − (z / c)²` of a soft-capped logit `z` (1 without
     /// soft-capping). The capped value itself comes from the level's element loop
     /// ([`cap_one`](super::pass::cap_one)), so that the target and the reference are the very
-    /// values the row's sum was taken over.
+    /// values the row's sum was taken over. Used by the split, whose exchange carries the capped
+    /// target only: where `tanh` saturates (`|x / c|` above about 8) the rounded `z` leaves this
+    /// an absolute error of about 1e-7 (the single-device pass takes the loop's own chain factor,
+    /// [`cap_one_with_chain`](super::pass::cap_one_with_chain)).
     #[inline]
     pub fn chain_of(&self, z: f64) -> f64 {
         match self.cap {

@@ -20,7 +20,7 @@
 use super::row::{RowMath, RowStats};
 use super::simd::Kernels;
 use super::{
-    cap_one, input_of, rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, CHUNK,
+    cap_one_with_chain, input_of, rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, CHUNK,
     SCRATCH_MAX, STREAM_MIN_BYTES,
 };
 use crate::dtype::Logit;
@@ -29,10 +29,15 @@ use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Mutex;
 
-/// Words (`f64`) one row's statistics take in the exchange: reference, sum of exponentials, raw
-/// target logit (0 outside the slice), and the logit sum when label smoothing is on.
+/// Words (`f64`) one row's statistics take in the exchange: reference, sum of exponentials,
+/// (capped) target logit (0 outside the slice), the logit sum (label smoothing; 0 without it)
+/// and, with soft-capping, the target's chain factor (0 outside the slice): 3, 4 with label
+/// smoothing, 5 with soft-capping. The owner's chain factor is sent because the others cannot
+/// recover it from the rounded capped value (`1 − (z / c)²` keeps an error of an ulp of 1).
 pub(crate) fn words(opts: &RowOptions) -> usize {
-    if opts.smoothing != 0.0 {
+    if opts.softcap.is_some() {
+        5
+    } else if opts.smoothing != 0.0 {
         4
     } else {
         3
@@ -46,6 +51,9 @@ pub(crate) fn encode(st: &RowStats, out: &mut [f64]) {
     out[2] = st.target_logit;
     if let Some(s) = out.get_mut(3) {
         *s = st.logit_sum;
+    }
+    if let Some(c) = out.get_mut(4) {
+        *c = st.target_chain;
     }
 }
 
@@ -62,10 +70,18 @@ fn decode(w: &[f64]) -> RowStats {
 
 /// The statistics of a whole row from those of every rank's slice, merged in the order given
 /// (rank order: every rank gets the same bits). The (soft-capped) target logit is held by one
-/// slice, 0 in the others; its chain factor follows from it here.
+/// slice, 0 in the others, and so is its chain factor with soft-capping (both sums are exact).
 pub(crate) fn merge_row<'a>(m: &RowMath, parts: impl Iterator<Item = &'a [f64]>) -> RowStats {
-    let mut st = parts.map(decode).fold(RowStats::EMPTY, RowStats::merge);
-    st.target_chain = m.chain_of(st.target_logit);
+    let mut chain: Option<f64> = None;
+    let mut st = parts
+        .map(|w| {
+            if let Some(&c) = w.get(4) {
+                *chain.get_or_insert(0.0) += c;
+            }
+            decode(w)
+        })
+        .fold(RowStats::EMPTY, RowStats::merge);
+    st.target_chain = chain.unwrap_or_else(|| m.chain_of(st.target_logit));
     st
 }
 
@@ -309,13 +325,14 @@ impl SplitCpu {
                     };
                     let e = ex.as_deref_mut().map(|e| &mut e[i]);
                     // the target is read apart below (it may lie in another slice), capped as
-                    // this slice's loop caps it; its chain factor comes at the merge
+                    // this slice's loop caps it, with the loop's chain factor (0 for both
+                    // outside the slice: the merge adds them)
                     let mut st = stats_pass(k, m, row, &src[i * len..], 0, e, s, &mut ());
-                    st.target_logit = match y.checked_sub(v0).filter(|&j| j < len) {
-                        Some(j) => cap_one(k, m, input_of(&row[j..=j])) as f64,
-                        None => 0.0,
+                    let (z, chain) = match y.checked_sub(v0).filter(|&j| j < len) {
+                        Some(j) => cap_one_with_chain(k, m, input_of(&row[j..=j])),
+                        None => (0.0, 0.0),
                     };
-                    st.target_chain = 1.0;
+                    (st.target_logit, st.target_chain) = (z as f64, chain as f64);
                     *o = st;
                 }
             },

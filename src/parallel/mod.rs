@@ -28,8 +28,8 @@
 //!
 //! | exchange | group | each rank sends | when |
 //! |---|---|---|---|
-//! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing), plus 16 once (the slice, checked to tile `[0, V)`) | per chunk of rows |
-//! | row statistics (CUDA buffers, `f32`) | vocabulary | `4 · W` per row, same `W` | per chunk of rows |
+//! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing, 5 with soft-capping), plus 16 once (the slice, checked to tile `[0, V)`) | per chunk of rows |
+//! | row statistics (CUDA buffers, `f32`) | vocabulary | `4 · W` per row, `W` = 3 (5 with label smoothing) | per chunk of rows |
 //! | batch totals (`B`, `Σ w_b`) | data | 16 | before the logits are read |
 //! | loss shares (loss, z-loss) | data | 16 | at the end |
 //!

@@ -124,7 +124,7 @@ impl ShardedLoss {
         self.slice
     }
 
-    /// `f64` words of one row's statistics: 3, or 4 with label smoothing.
+    /// `f64` words of one row's statistics: 3, 4 with label smoothing, 5 with soft-capping.
     pub fn words_per_row(&self) -> usize {
         self.words
     }

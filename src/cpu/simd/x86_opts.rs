@@ -37,7 +37,9 @@ fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __
     let r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0)));
     let t = _mm512_mul_ps(_mm512_sub_ps(one, u), r);
     let d = _mm512_sub_ps(_mm512_mul_ps(k.cap, t), k.shift);
-    (d, exp16::<SHORT>(d), _mm512_fnmadd_ps(t, t, one))
+    // 1 − t² = 4u / (1 + u)²: no cancellation where tanh saturates (see tanh_and_chain)
+    let s = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(4.0), u), r), r);
+    (d, exp16::<SHORT>(d), s)
 }
 
 /// The loop over 16-lane steps, reading the input as `$elem` and widening each step in
