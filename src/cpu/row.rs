@@ -95,7 +95,6 @@ pub(crate) struct RowMath {
     z_loss: f64,
     eps: f64,
     vocab: f64,
-    cap: Option<f64>,
     /// What the element loop computes beyond `exp` (`None`: the plain loop).
     pub elem: Option<ElemOpts>,
 }
@@ -107,31 +106,13 @@ impl RowMath {
             inv_cap: o.softcap.map_or(0.0, |c| 1.0 / c),
             sum: o.smoothing != 0.0,
         });
-        RowMath { z_loss: o.z_loss, eps: o.smoothing, vocab: vocab as f64, cap: o.softcap.map(f64::from), elem }
+        RowMath { z_loss: o.z_loss, eps: o.smoothing, vocab: vocab as f64, elem }
     }
 
     /// Whether the element loop keeps the chain factors apart from the exponentials (soft-cap
     /// and smoothing together: the gradient needs `q · f − k · s`).
     pub fn keeps_chain(&self) -> bool {
         self.elem.is_some_and(|e| e.cap != 0.0 && e.sum)
-    }
-
-    /// The chain factor `1 − tanh²(x / c) = 1 − (z / c)²` of a soft-capped logit `z` (1 without
-    /// soft-capping). The capped value itself comes from the level's element loop
-    /// ([`cap_one`](super::pass::cap_one)), so that the target and the reference are the very
-    /// values the row's sum was taken over. Used by the split, whose exchange carries the capped
-    /// target only: where `tanh` saturates (`|x / c|` above about 8) the rounded `z` leaves this
-    /// an absolute error of about 1e-7 (the single-device pass takes the loop's own chain factor,
-    /// [`cap_one_with_chain`](super::pass::cap_one_with_chain)).
-    #[inline]
-    pub fn chain_of(&self, z: f64) -> f64 {
-        match self.cap {
-            Some(c) => {
-                let t = z / c;
-                1.0 - t * t
-            }
-            None => 1.0,
-        }
     }
 
     /// The row's loss and its z-loss part.

@@ -70,8 +70,9 @@ fn decode(w: &[f64]) -> RowStats {
 
 /// The statistics of a whole row from those of every rank's slice, merged in the order given
 /// (rank order: every rank gets the same bits). The (soft-capped) target logit is held by one
-/// slice, 0 in the others, and so is its chain factor with soft-capping (both sums are exact).
-pub(crate) fn merge_row<'a>(m: &RowMath, parts: impl Iterator<Item = &'a [f64]>) -> RowStats {
+/// slice, 0 in the others, and so is its chain factor with soft-capping (both sums are exact);
+/// without soft-capping the chain factor is 1.
+pub(crate) fn merge_row<'a>(parts: impl Iterator<Item = &'a [f64]>) -> RowStats {
     let mut chain: Option<f64> = None;
     let mut st = parts
         .map(|w| {
@@ -81,15 +82,15 @@ pub(crate) fn merge_row<'a>(m: &RowMath, parts: impl Iterator<Item = &'a [f64]>)
             decode(w)
         })
         .fold(RowStats::EMPTY, RowStats::merge);
-    st.target_chain = chain.unwrap_or_else(|| m.chain_of(st.target_logit));
+    st.target_chain = chain.unwrap_or(1.0);
     st
 }
 
 /// The merged statistics of `n` rows from an all-gather in which rank `r`'s `words` per row
 /// start at `r * stride`.
-pub(crate) fn merge_rows(m: &RowMath, gathered: &[f64], stride: usize, words: usize, n: usize) -> Vec<RowStats> {
+pub(crate) fn merge_rows(gathered: &[f64], stride: usize, words: usize, n: usize) -> Vec<RowStats> {
     let ranks = gathered.chunks_exact(stride.max(1));
-    (0..n).map(|i| merge_row(m, ranks.clone().map(|rank| &rank[i * words..(i + 1) * words]))).collect()
+    (0..n).map(|i| merge_row(ranks.clone().map(|rank| &rank[i * words..(i + 1) * words]))).collect()
 }
 
 /// The rows a step covers: buffer row `i` is plan row `sel.global(i)`, `key.len()` rows; `key`

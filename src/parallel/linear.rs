@@ -88,7 +88,7 @@ impl Sharded<'_> {
             }
             let merged = {
                 let (gathered, stride) = ex.gather(m * w)?;
-                merge_rows(&cpu.m, gathered, stride, w, m)
+                merge_rows(gathered, stride, w, m)
             };
             for ((s, l), zp) in merged.iter().zip(loss.iter_mut()).zip(zl.iter_mut()) {
                 (*l, *zp) = cpu.m.loss(s);

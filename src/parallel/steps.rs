@@ -365,7 +365,7 @@ impl Merge<'_> {
             return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.len() });
         }
         let m = &self.cpu.m;
-        let merged = merge_rows(m, gathered, stride, w, n);
+        let merged = merge_rows(gathered, stride, w, n);
         for (i, r) in rows.clone().enumerate() {
             (self.losses.loss[r], self.losses.z[r]) =
                 if self.plan.targets[r] == NO_TARGET { (0.0, 0.0) } else { m.loss(&merged[i]) };
