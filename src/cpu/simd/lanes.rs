@@ -223,13 +223,18 @@ pub(crate) struct ElemOpts {
     pub sum: bool,
 }
 
-/// One 16-lane step of [`exp_opts_inner`]: capped values and chain factors of `x`.
+/// One 16-lane step of [`exp_opts_inner`]: capped values and chain factors of `x`
+/// (`neg_two_inv_cap`: `−2/c`).
 #[inline(always)]
-fn cap_lanes<const FMA: bool, const CAP: bool>(x: &[f32], o: ElemOpts) -> ([f32; LANES], [f32; LANES]) {
+fn cap_lanes<const FMA: bool, const CAP: bool>(
+    x: &[f32],
+    o: ElemOpts,
+    neg_two_inv_cap: f32,
+) -> ([f32; LANES], [f32; LANES]) {
     let (mut z, mut s) = ([0f32; LANES], [1f32; LANES]);
     for i in 0..LANES.min(x.len()) {
         if CAP {
-            let (t, c) = tanh_and_chain::<FMA>(x[i] * o.inv_cap);
+            let (t, c) = tanh_and_chain::<FMA>(x[i] * neg_two_inv_cap);
             z[i] = o.cap * t;
             s[i] = c;
         } else {
@@ -239,9 +244,10 @@ fn cap_lanes<const FMA: bool, const CAP: bool>(x: &[f32], o: ElemOpts) -> ([f32;
     (z, s)
 }
 
-/// [`exp_opts_body`] for one combination of options.
+/// [`exp_opts_body`] for one combination of options; `IN_RANGE`: every `z − shift` is known to
+/// be at least [`EXP_LO`] (soft-capped, [`exp_in_range`]).
 #[inline(always)]
-fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM: bool>(
+fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM: bool, const IN_RANGE: bool>(
     x: &[f32],
     shift: f32,
     o: ElemOpts,
@@ -254,12 +260,14 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
     let mut acc = [0f32; LANES];
     let mut zacc = [0f32; LANES];
     let body = n / LANES * LANES;
+    let exp = |d: f32| if IN_RANGE { exp_in_range::<FMA, SHORT>(d) } else { exp::<FMA, SHORT>(d) };
+    let k = -2.0 * o.inv_cap;
     for (j, b) in (0..body).step_by(LANES).enumerate() {
         ahead.line(j);
-        let (z, s) = cap_lanes::<FMA, CAP>(&x[b..b + LANES], o);
+        let (z, s) = cap_lanes::<FMA, CAP>(&x[b..b + LANES], o, k);
         let o = &mut out[b..b + LANES];
         for i in 0..LANES {
-            let e = exp::<FMA, SHORT>(z[i] - shift);
+            let e = exp(z[i] - shift);
             acc[i] += e;
             if SUM {
                 zacc[i] += z[i] - shift;
@@ -270,9 +278,9 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
             chain[b..b + LANES].copy_from_slice(&s);
         }
     }
-    let (z, s) = cap_lanes::<FMA, CAP>(&x[body..], o);
+    let (z, s) = cap_lanes::<FMA, CAP>(&x[body..], o, k);
     for i in 0..n - body {
-        let e = exp::<FMA, SHORT>(z[i] - shift);
+        let e = exp(z[i] - shift);
         acc[i] += e;
         if SUM {
             zacc[i] += z[i] - shift;
@@ -299,11 +307,17 @@ pub(super) fn exp_opts_body<const FMA: bool, const SHORT: bool>(
     chain: &mut [f32],
     ahead: Ahead,
 ) -> (f32, f32) {
-    match (o.cap != 0.0, o.sum) {
-        (false, false) => (exp_sum_body::<FMA, SHORT>(x, shift, out, ahead), 0.0),
-        (false, true) => exp_opts_inner::<FMA, SHORT, false, true>(x, shift, o, out, chain, ahead),
-        (true, false) => exp_opts_inner::<FMA, SHORT, true, false>(x, shift, o, out, chain, ahead),
-        (true, true) => exp_opts_inner::<FMA, SHORT, true, true>(x, shift, o, out, chain, ahead),
+    // capped values lie within c(1 + 2^-21) of 0 (the roundings of `t` and `c · t`): `z − shift`
+    // is at least EXP_LO for every shift up to `−EXP_LO − c(1 + 2^-21)` (checked with margin),
+    // the loop's shifts (capped values themselves) included when c <= 43
+    let in_range = o.cap != 0.0 && o.cap * 1.001 + shift <= -EXP_LO - 0.01;
+    match (o.cap != 0.0, o.sum, in_range) {
+        (false, false, _) => (exp_sum_body::<FMA, SHORT>(x, shift, out, ahead), 0.0),
+        (false, true, _) => exp_opts_inner::<FMA, SHORT, false, true, false>(x, shift, o, out, chain, ahead),
+        (true, false, false) => exp_opts_inner::<FMA, SHORT, true, false, false>(x, shift, o, out, chain, ahead),
+        (true, true, false) => exp_opts_inner::<FMA, SHORT, true, true, false>(x, shift, o, out, chain, ahead),
+        (true, false, true) => exp_opts_inner::<FMA, SHORT, true, false, true>(x, shift, o, out, chain, ahead),
+        (true, true, true) => exp_opts_inner::<FMA, SHORT, true, true, true>(x, shift, o, out, chain, ahead),
     }
 }
 

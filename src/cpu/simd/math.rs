@@ -5,8 +5,9 @@
 //! `exp(x)` for `x <= 20` (callers subtract a running reference within 20 of the row maximum),
 //! as `2^y` with `y = x·log2(e)`: `n = round(y)` by the 1.5·2²³ rounding trick, `f = y - n` in
 //! `[-1/2, 1/2]` (one rounding where the level has FMA), `2^f` by a polynomial fitted here for
-//! relative error on `[-1/2, 1/2]`, and `2^n` added to the exponent field (AVX2, portable) or
-//! applied by `vscalefps` (AVX-512). The polynomial is matched to the logits' precision: degree 6
+//! relative error on `[-1/2, 1/2]`, and `2^n`, built from the rounding's bits, multiplied in
+//! (AVX2, portable; exact, and NaN stays NaN whatever its payload) or applied by `vscalefps`
+//! (AVX-512). The polynomial is matched to the logits' precision: degree 6
 //! (1.3 ulp in f32 Horner form) for f32 logits, degree 4 (2.9e-6) for f16/bf16 logits, whose own
 //! rounding is 2^-12 / 2^-9. The reduction adds a relative error of about `|y|·2^-24`, so the
 //! total stays within `2 ulp + |x|·1e-7` for f32 logits (test `exp_error_bound`) and
@@ -19,6 +20,12 @@
 pub(super) const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
 pub(super) const ROUND_MAGIC: f32 = 12_582_912.0;
+/// [`ROUND_MAGIC`] + 127: the rounded `n` then sits in the low mantissa bits as `n + 127`,
+/// which shifted left by 23 are the bits of the float `2^n` (the lane code's and AVX2's `exp`).
+/// An odd constant, where the plain one is even, breaks an exact tie `n + 1/2` the other way:
+/// with FMA no such tie occurs (`x · log2(e)`, `log2(e)` an odd 24-bit mantissa, is a half-integer
+/// only for `|x| >= 2^22`); without FMA it moves `f` from `1/2` to `−1/2`, within the same bound.
+pub(super) const EXP_MAGIC: f32 = 12_583_039.0;
 /// Below this (`-125 ln 2`), `exp` returns 0.
 pub(super) const EXP_LO: f32 = -125.0 * std::f32::consts::LN_2;
 /// `2^f` on `[-1/2, 1/2]`: coefficients of f^1..f^6 (f^0 is 1), a relative-error fit.
@@ -66,15 +73,7 @@ pub(super) fn pow2_frac<const FMA: bool, const SHORT: bool>(f: f32) -> f32 {
 #[inline(always)]
 pub(super) fn exp<const FMA: bool, const SHORT: bool>(x: f32) -> f32 {
     // NaN compares false and passes through unchanged.
-    let xc = if x < EXP_LO { EXP_LO } else { x };
-    let t = madd::<FMA>(xc, LOG2E, ROUND_MAGIC);
-    let n = t - ROUND_MAGIC;
-    let f = madd::<FMA>(xc, LOG2E, -n);
-    let p = pow2_frac::<FMA, SHORT>(f);
-    // 2^n * p by adding n to p's exponent field (an integer add, not a multiply): t's bits are
-    // 0x4B40_0000 + n, whose low 9 bits shifted left by 23 leave exactly n << 23. p is in
-    // [0.70, 1.42] and n >= -125, so the result is a normal number.
-    let y = f32::from_bits(p.to_bits().wrapping_add(t.to_bits() << 23));
+    let y = exp_in_range::<FMA, SHORT>(if x < EXP_LO { EXP_LO } else { x });
     if x < EXP_LO {
         0.0
     } else {
@@ -82,22 +81,42 @@ pub(super) fn exp<const FMA: bool, const SHORT: bool>(x: f32) -> f32 {
     }
 }
 
+/// [`exp`] for `x` in `[EXP_LO, 20]` or NaN, without the clamp and the select that handle
+/// smaller `x` (the same bits as [`exp`] there; below `EXP_LO` the result is garbage): for
+/// loops whose arguments are bounded below, such as soft-capped logits (`z − shift >= −2c`).
+#[inline(always)]
+pub(super) fn exp_in_range<const FMA: bool, const SHORT: bool>(xc: f32) -> f32 {
+    let t = madd::<FMA>(xc, LOG2E, EXP_MAGIC);
+    let n = t - EXP_MAGIC;
+    let f = madd::<FMA>(xc, LOG2E, -n);
+    let p = pow2_frac::<FMA, SHORT>(f);
+    // p · 2^n, exact: t's bits are 0x4B40_0000 + 127 + n, whose low 9 bits shifted left by 23
+    // are the float 2^n (n in [-125, 20]); p is in [0.70, 1.42], so the product is a normal
+    // number. A multiply, not an integer add of n << 23 to p's bits: that add turned a NaN `x`
+    // whose low payload bits were not all 0 (a NaN logit as some producers write it) into a
+    // finite number; NaN · anything is NaN.
+    p * f32::from_bits(t.to_bits() << 23)
+}
+
 /// Where the argument of the `exp` inside [`tanh_and_chain`] is clamped: `tanh` is `-1` to f32
 /// precision long before, and `exp(40)` leaves `1 + u` far from overflow.
 pub(super) const TANH_ARG_MAX: f32 = 40.0;
 
-/// `(tanh(x), 1 − tanh²(x))` through one `exp`: with `u = exp(−2x)` (its argument clamped to
-/// [`TANH_ARG_MAX`]), `tanh x = (1 − u) / (1 + u)` (absolute error a few f32 ulp of 1, the
-/// `1 − u` near 0) and `1 − tanh² x = 4u / (1 + u)²` (a few ulp relative: taken from `t`, as
-/// `1 − t²`, it kept only an absolute error of an ulp of 1, tens of percent of itself where
-/// `tanh` saturates; the target's entry, `coef · (p − 1) · s`, carries that into the gradient).
+/// `(tanh(x), 1 − tanh²(x))` from `a = −2x` (a loop over `x / c` takes it as one product,
+/// `x · (−2/c)`: the same bits as `−2 · (x · (1/c))`, the factor 2 being exact), through one
+/// `exp` and one division. With `u = exp(a)` (`a` clamped to [`TANH_ARG_MAX`]) and
+/// `r = 1 / (1 + u)`:
+/// - `tanh x = (1 − u)·r`: a few ulp relative where `x` is small (`1 − u` is exact there, `u`'s
+///   own rounding an absolute error of an ulp of 1). `2r − 1`, one operation fewer, loses that:
+///   its error stays an ulp of 1 as `t` goes to 0, which a cap of 1e4 turns into 1e-4 of the loss.
+/// - `1 − tanh² x = 4u·r²`: a few ulp relative. Taken from `t`, as `1 − t²`, it kept only an
+///   absolute error of an ulp of 1, tens of percent of itself where `tanh` saturates; the
+///   target's entry, `coef · (p − 1) · s`, carries that into the gradient.
+///
 /// `±inf` give `±1` and 0 (about `4e-17` for `−inf`, through the clamp), NaN gives NaN.
 #[inline(always)]
-pub(super) fn tanh_and_chain<const FMA: bool>(x: f32) -> (f32, f32) {
-    let a = -2.0 * x;
+pub(super) fn tanh_and_chain<const FMA: bool>(a: f32) -> (f32, f32) {
     let u = exp::<FMA, false>(if a > TANH_ARG_MAX { TANH_ARG_MAX } else { a });
-    let d = 1.0 + u;
-    let t = (1.0 - u) / d;
-    let r = 1.0 / d;
-    (t, 4.0 * u * r * r)
+    let r = 1.0 / (1.0 + u);
+    ((1.0 - u) * r, 4.0 * u * r * r)
 }

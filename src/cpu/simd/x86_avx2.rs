@@ -15,8 +15,8 @@ use std::arch::x86_64::*;
 #[inline]
 fn exp8<const SHORT: bool>(xc: __m256) -> __m256 {
     let c = |k: f32| _mm256_set1_ps(k);
-    let t = _mm256_fmadd_ps(xc, c(LOG2E), c(ROUND_MAGIC));
-    let n = _mm256_sub_ps(t, c(ROUND_MAGIC));
+    let t = _mm256_fmadd_ps(xc, c(LOG2E), c(EXP_MAGIC));
+    let n = _mm256_sub_ps(t, c(EXP_MAGIC));
     let f = _mm256_fmsub_ps(xc, c(LOG2E), n);
     let p = if SHORT {
         let p = _mm256_fmadd_ps(c(S4), f, c(S3));
@@ -30,8 +30,8 @@ fn exp8<const SHORT: bool>(xc: __m256) -> __m256 {
         _mm256_fmadd_ps(p, f, c(P1))
     };
     let p = _mm256_fmadd_ps(p, f, c(1.0));
-    let y = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32::<23>(_mm256_castps_si256(t)));
-    _mm256_castsi256_ps(y)
+    // p · 2^n as the lane code takes it (see `exp_in_range`): NaN stays NaN
+    _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_castps_si256(t))))
 }
 
 /// Sums and (for label smoothing) sums of the elements of 16 lanes as two halves.

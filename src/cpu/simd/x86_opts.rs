@@ -19,7 +19,8 @@ struct Consts {
 }
 
 /// `(z − shift, exp(z − shift), s)` of 16 lanes: `z = c · tanh(x / c)` and `s = 1 − tanh²(x / c)`
-/// with soft-capping (as [`tanh_and_chain`](super::math::tanh_and_chain)), else `z = x`, `s = 1`.
+/// with soft-capping (as [`tanh_and_chain`](super::math::tanh_and_chain) of `x · (−2/c)`), else
+/// `z = x`, `s = 1`.
 #[target_feature(enable = "avx512f,avx512dq")]
 #[inline]
 fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __m512, __m512) {
