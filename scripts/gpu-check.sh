@@ -21,8 +21,9 @@
 #                                       # entry against F.linear + the course function, the fused
 #                                       # linear table (benches/compare_linear.py: N=8192 H=4096 V=128256
 #                                       # bf16 against torch eager on hidden@W^T and Liger-Kernel's fused
-#                                       # linear cross-entropy + the weighting, time and peak memory), then
-#                                       # one bench table (printed last): this crate (CLI and, in process on
+#                                       # linear cross-entropy + the weighting, time and peak memory), the
+#                                       # crate's fused linear time at chunk budgets of 96, 160 and 256 MiB,
+#                                       # then one bench table (printed last): this crate (CLI and, in process on
 #                                       # the same tensors, the Python package, checked against float64),
 #                                       # the course function in torch eager and under torch.compile,
 #                                       # Liger-Kernel's cross-entropy + the weighting, and the device copy
@@ -196,6 +197,16 @@ run() {
   within 90 env PYTHONUNBUFFERED=1 python3 benches/compare_linear.py --device cuda --bin "$bundle/bin/fused-weighted-loss" \
     --tokens 8x1024 --hidden 4096 --vocab 128256 --dtype bf16 --iters 10 \
     ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-linear-bench.json" || fail=1
+
+  step "fused linear, chunk budget (the logits product's rows are a quarter of the chunk's): time and scratch"
+  local mib
+  for mib in 96 160 256; do
+    : >/tmp/fwl-linear-budget.json
+    within 30 "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda --tokens 8x1024 --hidden 4096 \
+      --vocab 128256 --dtype bf16 --iters 5 --budget-mib "$mib" --json >/tmp/fwl-linear-budget.json || fail=1
+    python3 -c 'import json, sys; j = json.load(open(sys.argv[1])); print("budget %s MiB: %d rows, %d chunks, median %.2f ms, min %.2f ms, scratch %.1f MiB" % (sys.argv[2], j["chunk_rows"], j["chunks"], j["median_ms"], j["min_ms"], j["scratch_bytes"] / 2**20))' \
+      /tmp/fwl-linear-budget.json "$mib" || fail=1
+  done
 
   step "loss options: plain vs z-loss + label smoothing + soft-cap + token weights (same process each)"
   local shp
