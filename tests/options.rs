@@ -172,6 +172,41 @@ fn soft_capping_makes_infinite_logits_finite() {
 }
 
 #[test]
+fn a_logit_far_above_the_first_chunks_maximum_counts() {
+    // The first chunk of a row sets the running reference; a later chunk holding one element far
+    // above it must move the reference. On the portable and AVX2 levels `exp` of more than 88
+    // once wrapped its `2^n` and the element vanished (a loss of 9.85 where 99.4 was due, at
+    // 100 above). Rows of 5000 span three chunks; every level, dtype, thread count, with and
+    // without the options (soft-cap 50 takes the clamped loop, 30 the in-range one).
+    let shape = Shape::new(2, 3, 5000).unwrap();
+    let ids: Vec<i64> = vec![3, 7, 11, 4000, 13, 2];
+    for big in [30.0f32, 89.0, 100.0, 1000.0, 6e4] {
+        let mut logits: Vec<f32> = (0..shape.logits_len()).map(|i| ((i * 37) % 11) as f32 * 0.1 - 0.5).collect();
+        logits[4321] = big; // row (0, 0), third chunk
+        logits[2 * 5000 + 2500] = big; // row (0, 2): its target is 4000, in the same chunk
+        logits[3 * 5000 + 4000] = -big; // row (1, 0), a low one
+        for o in [
+            Opts { z_loss: 0.0, smoothing: 0.0, softcap: None, token_weights: false },
+            Opts { z_loss: 1e-4, smoothing: 0.1, softcap: None, token_weights: false },
+            Opts { z_loss: 0.0, smoothing: 0.0, softcap: Some(50.0), token_weights: false },
+            Opts { z_loss: 0.0, smoothing: 0.1, softcap: Some(30.0), token_weights: true },
+        ] {
+            let spec = spec_of(o, RowMean::AllPositions, Reduction::Mean, shape.vocab());
+            let w = token_weights(5, shape.rows());
+            let mut tokens = Tokens::new(&ids);
+            if o.token_weights {
+                tokens = tokens.with_token_weights(&w);
+            }
+            check_all_modes(&spec, shape, &logits, tokens);
+            let bf: Vec<bf16> = logits.iter().map(|&x| bf16::from_f32(x)).collect();
+            check_all_modes(&spec, shape, &bf, tokens);
+            let hf: Vec<f16> = logits.iter().map(|&x| f16::from_f32(x)).collect();
+            check_all_modes(&spec, shape, &hf, tokens);
+        }
+    }
+}
+
+#[test]
 fn a_nan_logit_is_a_nan_loss_under_every_option() {
     // NaN in the vector body of row 0 and in the tail of row 1 (V = 40: two 16-lane steps and 8)
     // reaches the loss, and row 0's whole gradient, with every option, level and dtype; whatever

@@ -253,16 +253,19 @@ mod tests {
     #[test]
     fn the_reference_moves_only_for_a_chunk_far_above_it() {
         // row of four chunks around 0 (reference: the first chunk's maximum, 1.0), and in the
-        // third chunk: one element just beyond the margin (the reference moves to it), just
-        // inside it (it stays), a block of elements 12 above (a sum past CHECK_SUM, no move),
-        // +inf (the sum turns NaN); every level, with and without the element-wise options
+        // third chunk: one element just beyond the margin (the reference moves to it), 100 and
+        // 1e4 above (past `exp`'s range: it moves too), just inside it (it stays), a block of
+        // elements 12 above (a sum past CHECK_SUM, no move), +inf (the sum turns NaN); every
+        // level, with and without the element-wise options
         let levels = [CpuSimd::Portable, CpuSimd::Avx2, CpuSimd::Avx512];
         let base: Vec<f32> = (0..4 * CHUNK).map(|i| ((i * 7919) % 1000) as f32 * 0.002 - 1.0).collect();
         let first_max = base[..CHUNK].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let at = 2 * CHUNK + 77;
         type Edit = fn(&mut [f32], f32);
-        let cases: [(&str, Edit); 4] = [
+        let cases: [(&str, Edit); 6] = [
             ("beyond", |r, m| r[0] = m + MARGIN + 0.5),
+            ("far beyond", |r, m| r[0] = m + 100.0),
+            ("very far beyond", |r, m| r[0] = m + 1e4),
             ("inside", |r, m| r[0] = m + MARGIN - 0.5),
             ("block", |r, m| r[..CHUNK - 100].fill(m + 12.0)),
             ("inf", |r, _| r[0] = f32::INFINITY),
@@ -276,7 +279,8 @@ mod tests {
                     let st = stats_of(&k, &m, &row, 5);
                     let what = format!("{:?} {opts:?} {name}", k.level);
                     let top = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    let want_shift = if name == "beyond" || name == "inf" { top } else { first_max };
+                    let moves = name.ends_with("beyond") || name == "inf";
+                    let want_shift = if moves { top } else { first_max };
                     assert_eq!(st.shift, want_shift, "{what}");
                     if name == "inf" {
                         assert!(st.sum_exp.is_nan(), "{what}: {}", st.sum_exp);

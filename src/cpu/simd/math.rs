@@ -2,7 +2,7 @@
 //!
 //! # `exp` and its error bound
 //!
-//! `exp(x)` for `x <= 20` (callers subtract a running reference within 20 of the row maximum),
+//! `exp(x)` for `x <= 88` (callers subtract a running reference; 88 keeps `2^n` a normal float),
 //! as `2^y` with `y = x·log2(e)`: `n = round(y)` by the 1.5·2²³ rounding trick, `f = y - n` in
 //! `[-1/2, 1/2]` (one rounding where the level has FMA), `2^f` by a polynomial fitted here for
 //! relative error on `[-1/2, 1/2]`, and `2^n`, built from the rounding's bits, multiplied in
@@ -16,6 +16,13 @@
 //! returns subnormals down to `x = -103` and exactly 0 below; both are under 2.4e-38, less than
 //! one part in 1e37 of a row sum (which is at least 1). `exp(-inf) = 0` and NaN in gives NaN out
 //! at every level.
+//!
+//! Above 88 the levels differ too, and only there: AVX2 and portable clamp the argument to
+//! [`EXP_HI`] (`exp(88)`, 1.65e38), AVX-512 returns `+inf` from `vscalefps`. Either way a chunk
+//! holding an element far above the running reference sums past `CHECK_SUM` (or to `inf`), and
+//! the statistics pass moves the reference and takes the chunk again. Without the clamp the
+//! bits of `2^n` wrapped for `n >= 128` and such an element vanished from its row (a logit 100
+//! above the first chunk's maximum gave a loss of 9.85 where 99.4 was due).
 
 pub(super) const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
@@ -28,6 +35,8 @@ pub(super) const ROUND_MAGIC: f32 = 12_582_912.0;
 pub(super) const EXP_MAGIC: f32 = 12_583_039.0;
 /// Below this (`-125 ln 2`), `exp` returns 0.
 pub(super) const EXP_LO: f32 = -125.0 * std::f32::consts::LN_2;
+/// Above this, `exp` takes this (see the module docs): `n` at most 127, `2^n` a normal float.
+pub(super) const EXP_HI: f32 = 88.0;
 /// `2^f` on `[-1/2, 1/2]`: coefficients of f^1..f^6 (f^0 is 1), a relative-error fit.
 pub(super) const P1: f32 = std::f32::consts::LN_2; // the fit lands on ln 2 itself
 pub(super) const P2: f32 = 0.240_226_48;
@@ -69,11 +78,12 @@ pub(super) fn pow2_frac<const FMA: bool, const SHORT: bool>(f: f32) -> f32 {
     madd::<FMA>(p, f, 1.0)
 }
 
-/// `exp(x)` for `x <= 20` or NaN; see the module docs for the method and the bound.
+/// `exp(x)`, `x` clamped to [`EXP_HI`] above, 0 below [`EXP_LO`], NaN for NaN; see the module
+/// docs for the method and the bound.
 #[inline(always)]
 pub(super) fn exp<const FMA: bool, const SHORT: bool>(x: f32) -> f32 {
-    // NaN compares false and passes through unchanged.
-    let y = exp_in_range::<FMA, SHORT>(if x < EXP_LO { EXP_LO } else { x });
+    // (`clamp` passes NaN through unchanged)
+    let y = exp_in_range::<FMA, SHORT>(x.clamp(EXP_LO, EXP_HI));
     if x < EXP_LO {
         0.0
     } else {
@@ -81,9 +91,9 @@ pub(super) fn exp<const FMA: bool, const SHORT: bool>(x: f32) -> f32 {
     }
 }
 
-/// [`exp`] for `x` in `[EXP_LO, 20]` or NaN, without the clamp and the select that handle
-/// smaller `x` (the same bits as [`exp`] there; below `EXP_LO` the result is garbage): for
-/// loops whose arguments are bounded below, such as soft-capped logits (`z − shift >= −2c`).
+/// [`exp`] for `x` in `[EXP_LO, EXP_HI]` or NaN, without the clamps and the select (the same
+/// bits as [`exp`] there; outside, the result is garbage): for loops whose arguments are bounded,
+/// such as soft-capped logits (`|z − shift| <= 2c`).
 #[inline(always)]
 pub(super) fn exp_in_range<const FMA: bool, const SHORT: bool>(xc: f32) -> f32 {
     let t = madd::<FMA>(xc, LOG2E, EXP_MAGIC);
@@ -91,7 +101,7 @@ pub(super) fn exp_in_range<const FMA: bool, const SHORT: bool>(xc: f32) -> f32 {
     let f = madd::<FMA>(xc, LOG2E, -n);
     let p = pow2_frac::<FMA, SHORT>(f);
     // p · 2^n, exact: t's bits are 0x4B40_0000 + 127 + n, whose low 9 bits shifted left by 23
-    // are the float 2^n (n in [-125, 20]); p is in [0.70, 1.42], so the product is a normal
+    // are the float 2^n (n in [-125, 127]); p is in [0.70, 1.42], so the product is a normal
     // number. A multiply, not an integer add of n << 23 to p's bits: that add turned a NaN `x`
     // whose low payload bits were not all 0 (a NaN logit as some producers write it) into a
     // finite number; NaN · anything is NaN.

@@ -8,9 +8,10 @@ use super::x86_side::{with_lines, SideKind, SideLines, StatsLoop};
 use super::{Ahead, Input, LANES};
 use std::arch::x86_64::*;
 
-/// `exp` of 8 lanes that are at least `EXP_LO` or NaN: the lane code's [`exp`] with FMA, to the
-/// bit, for those lanes. Callers clamp below `EXP_LO` first and mask those lanes to 0 after, only
-/// for steps that have such a lane (the clamp and the mask change nothing for the others).
+/// `exp` of 8 lanes in `[EXP_LO, EXP_HI]` or NaN: the lane code's [`exp`] with FMA, to the bit,
+/// for those lanes. Callers clamp to `EXP_HI` first, and below `EXP_LO` clamp and mask those
+/// lanes to 0 after, only for steps that have such a lane (the clamp and the mask change nothing
+/// for the others).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 fn exp8<const SHORT: bool>(xc: __m256) -> __m256 {
@@ -101,21 +102,24 @@ fn steps<const SHORT: bool, const ZSUM: bool>(
     let mut a = Acc::new();
     let sh = _mm256_set1_ps(shift);
     let lo = _mm256_set1_ps(EXP_LO);
+    let hi = _mm256_set1_ps(EXP_HI);
     let body = n / LANES * LANES;
     assert!(out.len() >= n);
     for (j, i) in (0..body).step_by(LANES).enumerate() {
         ahead.line(first_step + j);
         let v = [load(i), load(i + 8)];
         let x = [_mm256_sub_ps(v[0], sh), _mm256_sub_ps(v[1], sh)];
+        // above EXP_HI: EXP_HI, as the lane code (`vminps` passes its second operand, a NaN x, on)
+        let xh = [_mm256_min_ps(hi, x[0]), _mm256_min_ps(hi, x[1])];
         // below EXP_LO: EXP_LO, then 0 by the mask; NaN compares unordered, so its lane is kept
         // (and max passes it on). Both change nothing unless a lane is below EXP_LO.
         let keep = [_mm256_cmp_ps::<_CMP_NLT_UQ>(x[0], lo), _mm256_cmp_ps::<_CMP_NLT_UQ>(x[1], lo)];
         let above = _mm256_movemask_ps(keep[0]) & _mm256_movemask_ps(keep[1]) == 0xff;
         for h in 0..2 {
             let e = if above {
-                exp8::<SHORT>(x[h])
+                exp8::<SHORT>(xh[h])
             } else {
-                _mm256_and_ps(exp8::<SHORT>(_mm256_max_ps(lo, x[h])), keep[h])
+                _mm256_and_ps(exp8::<SHORT>(_mm256_max_ps(lo, xh[h])), keep[h])
             };
             // SAFETY: i + 8h + 8 <= body <= n <= out.len().
             unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * h), e) };
