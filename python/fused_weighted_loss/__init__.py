@@ -216,6 +216,9 @@ def weighted_loss(
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch tensor or None")
     _check_devices(logits, ids, labels, token_weights)
+    # dense CPU/CUDA tensors first: `.contiguous()` of a sparse or nested tensor raises torch's
+    # own error, not the ValueError promised
+    _check_kinds({"logits": logits, "ids": ids, "labels": labels, "token_weights": token_weights})
     kw, kww = _keyword_lists(keywords, keyword_weights)
     ignore_index = _index("ignore_index", ignore_index)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -248,7 +251,6 @@ def _sharded(logits, ids, labels, token_weights, process_group, data_group, voca
              compute_grad, outputs, return_token_loss, check_ids, options):
     from . import _dist
 
-    _check_kinds({"logits": logits, "ids": ids, "labels": labels, "token_weights": token_weights})
     params = dict(
         check=check_ids,
         options=options,
@@ -358,6 +360,7 @@ def weighted_linear_loss(
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch tensor or None")
     _check_linear_devices(hidden, dict(named, bias=bias, labels=labels, token_weights=token_weights))
+    _check_kinds(dict(named, hidden=hidden, bias=bias, labels=labels, token_weights=token_weights))
     kw, kww = _keyword_lists(keywords, keyword_weights)
     ignore_index = _index("ignore_index", ignore_index)
     grad_on = torch.is_grad_enabled()

@@ -249,19 +249,27 @@ def _host_value(g: Tensor, grad: Tensor) -> Optional[float]:
     return None
 
 
+_CONSUMED = (
+    "fused_weighted_loss: an earlier backward through this loss consumed the gradient kept by the "
+    "forward (it scales it in place); a second backward through the same graph (retain_graph=True) "
+    "is not supported: compute the loss again"
+)
+
+
 def _kept(ctx) -> Tuple[Tensor, ...]:
     """The gradients the forward kept (``ctx.saved_tensors``), with a clear error when an
-    earlier backward already scaled them in place."""
+    earlier backward already scaled them in place: from the context's own flag, since the
+    version counter's check that ``saved_tensors`` makes is skipped for tensors that went through
+    saved-tensor hooks (``torch.autograd.graph.save_on_cpu`` and the like), where a second
+    backward then multiplied the already scaled gradient again."""
+    if getattr(ctx, "fwl_scaled_in_place", False):
+        raise RuntimeError(_CONSUMED)
     try:
         return ctx.saved_tensors
     except RuntimeError as e:
         if "inplace operation" not in str(e):
             raise
-        raise RuntimeError(
-            "fused_weighted_loss: an earlier backward through this loss consumed the gradient kept by the "
-            "forward (it scales it in place); a second backward through the same graph (retain_graph=True) "
-            "is not supported: compute the loss again"
-        ) from e
+        raise RuntimeError(_CONSUMED) from e
 
 
 def _refuse_double_backward() -> None:
@@ -292,6 +300,7 @@ def _scaled(ctx, grads: List[Tensor], g_loss: Tensor) -> List[Tensor]:
     if getattr(ctx, "fwl_handed_out", False):
         return [_times(g, g_loss) for g in grads]
     ctx.fwl_handed_out = True
+    ctx.fwl_scaled_in_place = True
     for g in grads:
         torch.ops.fused_weighted_loss.scale_grad_(g, g_loss)
     return grads

@@ -67,6 +67,26 @@ def test_second_backward_through_one_graph():
         torch.autograd.grad(loss * 3, x)
 
 
+def test_second_backward_raises_under_saved_tensor_hooks():
+    """Saved-tensor hooks (``save_on_cpu`` here) skip the version counter's check: a second
+    backward after an in-place scaling still raises (it used to multiply the scaled gradient
+    again: 6× where 2× was due), and one after an unscaled hand-out still gives the product."""
+    logits, ids, keywords, _ = random_case(6, "cpu", dtype=torch.float32, id_dtype=torch.int64)
+    _, _, _, ref = reference(logits, ids, keywords)
+    x = logits.clone().requires_grad_()
+    with torch.autograd.graph.save_on_cpu():
+        loss = fwl.keytoken_weighted_loss(ids, x, keywords)
+    (a,) = torch.autograd.grad(loss * 3, x, retain_graph=True)
+    assert rel_err(a, 3 * ref) <= 1e-5
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        torch.autograd.grad(loss * 2, x)
+    with torch.autograd.graph.save_on_cpu():
+        loss = fwl.keytoken_weighted_loss(ids, x, keywords)
+    (a,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (b,) = torch.autograd.grad(loss * 2, x)
+    assert rel_err(a, ref) <= 1e-5 and rel_err(b, 2 * ref) <= 1e-5
+
+
 def test_second_backward_raises_on_cuda():
     from conftest import require_cuda
 

@@ -85,6 +85,10 @@ CASES = [
     (dict(logits=torch.randn(B, T, V, device="meta")), ValueError, r"ids is on cpu, the logits on meta"),
     (dict(labels=torch.zeros(B, T, dtype=torch.long, device="meta")), ValueError, r"labels is on meta, the logits on cpu"),
     (dict(token_weights=torch.ones(B, T, device="meta")), ValueError, r"token_weights is on meta, the logits on cpu"),
+    # layouts: the package's message, not torch's from `.contiguous()` of a sparse tensor
+    (dict(logits=torch.randn(B, T, V).to_sparse()), ValueError, r"logits must be a dense \(strided\) tensor"),
+    (dict(ids=torch.zeros(B, T, dtype=torch.long).to_sparse()), ValueError, r"ids must be a dense \(strided\) tensor"),
+    (dict(token_weights=torch.ones(B, T).to_sparse()), ValueError, r"token_weights must be a dense \(strided\) tensor"),
     # the split's entry checks the same before any pointer is read
     (dict(logits=torch.randn(B, T, V, device="meta"), ids=torch.zeros(B, T, dtype=torch.long, device="meta"),
           vocab_start=0), ValueError, r"logits is on meta: only CPU and CUDA tensors are supported"),

@@ -202,6 +202,27 @@ def test_second_backward_through_one_graph():
         torch.autograd.grad(loss * 3, (h, w))
 
 
+def test_sparse_inputs_are_value_errors():
+    case = linear_case(7, "cpu")
+    h, w, ids = case["hidden"], case["weight"], case["ids"]
+    with pytest.raises(ValueError, match=r"weight must be a dense \(strided\) tensor"):
+        fwl.weighted_linear_loss(h, w.detach().to_sparse(), ids)
+    with pytest.raises(ValueError, match=r"ids must be a dense \(strided\) tensor"):
+        fwl.weighted_linear_loss(h, w, ids.to_sparse())
+
+
+def test_second_backward_raises_under_saved_tensor_hooks():
+    """As for the logits entry: with ``save_on_cpu`` a second backward after an in-place scaling
+    raises instead of scaling the kept gradients twice."""
+    case = linear_case(7, "cpu")
+    h, w, ids = case["hidden"], case["weight"], case["ids"]
+    with torch.autograd.graph.save_on_cpu():
+        loss = fwl.weighted_linear_loss(h, w, ids)
+    torch.autograd.grad(loss * 3, (h, w), retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        torch.autograd.grad(loss * 2, (h, w))
+
+
 def test_gradcheck_float64():
     """torch.autograd.gradcheck with float64 leaves, through the float32 kernels (tolerances as
     for the logits entry's gradcheck): hidden, weight and bias together."""
