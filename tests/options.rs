@@ -185,10 +185,18 @@ fn a_logit_far_above_the_first_chunks_maximum_counts() {
         logits[4321] = big; // row (0, 0), third chunk
         logits[2 * 5000 + 2500] = big; // row (0, 2): its target is 4000, in the same chunk
         logits[3 * 5000 + 4000] = -big; // row (1, 0), a low one
+                                        // row (1, 1): a first chunk masked far below, the rest about `big` (with a soft-cap the
+                                        // reference is −c, and whole later chunks lie up to 2c above it)
+        logits[4 * 5000..4 * 5000 + 2048].fill(-1e4);
+        for j in 2048..5000 {
+            logits[4 * 5000 + j] = big + (j % 7) as f32 * 0.1;
+        }
         for o in [
             Opts { z_loss: 0.0, smoothing: 0.0, softcap: None, token_weights: false },
             Opts { z_loss: 1e-4, smoothing: 0.1, softcap: None, token_weights: false },
             Opts { z_loss: 0.0, smoothing: 0.0, softcap: Some(50.0), token_weights: false },
+            Opts { z_loss: 0.0, smoothing: 0.0, softcap: Some(60.0), token_weights: false },
+            Opts { z_loss: 0.0, smoothing: 0.0, softcap: Some(40.0), token_weights: false },
             Opts { z_loss: 0.0, smoothing: 0.1, softcap: Some(30.0), token_weights: true },
         ] {
             let spec = spec_of(o, RowMean::AllPositions, Reduction::Mean, shape.vocab());
@@ -202,6 +210,23 @@ fn a_logit_far_above_the_first_chunks_maximum_counts() {
             check_all_modes(&spec, shape, &bf, tokens);
             let hf: Vec<f16> = logits.iter().map(|&x| f16::from_f32(x)).collect();
             check_all_modes(&spec, shape, &hf, tokens);
+        }
+    }
+}
+
+#[test]
+fn large_soft_caps_keep_the_accuracy_of_small_ones() {
+    // With a cap of c, tanh(x / c) is taken at small arguments: from `1 − exp(−2x/c)` its error
+    // was an absolute ulp of 1, c times that in the capped logit (1e-4 of the loss at c = 1e4, the
+    // capped logits all 0 at 1e30); the loops switch to `1 − exp` from the polynomial's own terms
+    // above ACCURATE_CAP (64). Caps on both sides of it, every level, dtype and mode, with and
+    // without smoothing (whose loop keeps the chain factors apart).
+    let shape = Shape::new(2, 4, 3000).unwrap();
+    for (i, cap) in [50.0, 64.0, 65.0, 1e3, 1e4, 1e6, 1e30].into_iter().enumerate() {
+        for smoothing in [0.0, 0.1] {
+            let o = Opts { z_loss: 0.0, smoothing, softcap: Some(cap), token_weights: false };
+            check::<f32>(o, RowMean::AllPositions, Reduction::Mean, shape, 40 + i as u64, 3.0, false);
+            check::<bf16>(o, RowMean::ValidTokens, Reduction::WeightedMean, shape, 50 + i as u64, 3.0, true);
         }
     }
 }

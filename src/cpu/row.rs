@@ -151,9 +151,13 @@ impl RowMath {
     }
 
     /// What label smoothing subtracts from every entry's gradient before the chain factor:
-    /// `coef · ε / V` (0 without smoothing).
+    /// `coef · ε / V` (0 without smoothing, also when `coef` is beyond f32's range: `inf · 0`
+    /// made every entry NaN).
     #[inline]
     pub fn smoothing_offset(&self, coef: f32) -> f32 {
+        if self.eps == 0.0 {
+            return 0.0;
+        }
         (coef as f64 * self.eps / self.vocab) as f32
     }
 

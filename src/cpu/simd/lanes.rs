@@ -226,7 +226,7 @@ pub(crate) struct ElemOpts {
 /// One 16-lane step of [`exp_opts_inner`]: capped values and chain factors of `x`
 /// (`neg_two_inv_cap`: `−2/c`).
 #[inline(always)]
-fn cap_lanes<const FMA: bool, const CAP: bool>(
+fn cap_lanes<const FMA: bool, const CAP: bool, const ACCURATE: bool>(
     x: &[f32],
     o: ElemOpts,
     neg_two_inv_cap: f32,
@@ -234,7 +234,7 @@ fn cap_lanes<const FMA: bool, const CAP: bool>(
     let (mut z, mut s) = ([0f32; LANES], [1f32; LANES]);
     for i in 0..LANES.min(x.len()) {
         if CAP {
-            let (t, c) = tanh_and_chain::<FMA>(x[i] * neg_two_inv_cap);
+            let (t, c) = tanh_and_chain::<FMA, ACCURATE>(x[i] * neg_two_inv_cap);
             z[i] = o.cap * t;
             s[i] = c;
         } else {
@@ -245,9 +245,12 @@ fn cap_lanes<const FMA: bool, const CAP: bool>(
 }
 
 /// [`exp_opts_body`] for one combination of options; `IN_RANGE`: every `z − shift` is known to
-/// be at least [`EXP_LO`] (soft-capped, [`exp_in_range`]).
+/// lie in `[EXP_LO, EXP_HI]` (soft-capped, [`exp_in_range`]); `ACCURATE`: `tanh` as
+/// [`tanh_and_chain`] takes it for caps above [`ACCURATE_CAP`].
 #[inline(always)]
-fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM: bool, const IN_RANGE: bool>(
+#[rustfmt::skip]
+fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM: bool, const IN_RANGE: bool,
+                  const ACCURATE: bool>(
     x: &[f32],
     shift: f32,
     o: ElemOpts,
@@ -264,7 +267,7 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
     let k = -2.0 * o.inv_cap;
     for (j, b) in (0..body).step_by(LANES).enumerate() {
         ahead.line(j);
-        let (z, s) = cap_lanes::<FMA, CAP>(&x[b..b + LANES], o, k);
+        let (z, s) = cap_lanes::<FMA, CAP, ACCURATE>(&x[b..b + LANES], o, k);
         let o = &mut out[b..b + LANES];
         for i in 0..LANES {
             let e = exp(z[i] - shift);
@@ -278,7 +281,7 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
             chain[b..b + LANES].copy_from_slice(&s);
         }
     }
-    let (z, s) = cap_lanes::<FMA, CAP>(&x[body..], o, k);
+    let (z, s) = cap_lanes::<FMA, CAP, ACCURATE>(&x[body..], o, k);
     for i in 0..n - body {
         let e = exp(z[i] - shift);
         acc[i] += e;
@@ -308,16 +311,21 @@ pub(super) fn exp_opts_body<const FMA: bool, const SHORT: bool>(
     ahead: Ahead,
 ) -> (f32, f32) {
     // capped values lie within c(1 + 2^-21) of 0 (the roundings of `t` and `c · t`): `z − shift`
-    // is at least EXP_LO for every shift up to `−EXP_LO − c(1 + 2^-21)` (checked with margin),
-    // the loop's shifts (capped values themselves) included when c <= 43
-    let in_range = o.cap != 0.0 && o.cap * 1.001 + shift <= -EXP_LO - 0.01;
-    match (o.cap != 0.0, o.sum, in_range) {
-        (false, false, _) => (exp_sum_body::<FMA, SHORT>(x, shift, out, ahead), 0.0),
-        (false, true, _) => exp_opts_inner::<FMA, SHORT, false, true, false>(x, shift, o, out, chain, ahead),
-        (true, false, false) => exp_opts_inner::<FMA, SHORT, true, false, false>(x, shift, o, out, chain, ahead),
-        (true, true, false) => exp_opts_inner::<FMA, SHORT, true, true, false>(x, shift, o, out, chain, ahead),
-        (true, false, true) => exp_opts_inner::<FMA, SHORT, true, false, true>(x, shift, o, out, chain, ahead),
-        (true, true, true) => exp_opts_inner::<FMA, SHORT, true, true, true>(x, shift, o, out, chain, ahead),
+    // lies in [EXP_LO, EXP_HI] for every shift with `c(1 + 2^-21) + |shift| <= −EXP_LO` (checked
+    // with margin), the loop's shifts (capped values themselves) included when c <= 43; a shift
+    // of −c (a first chunk of very negative logits) must not let `c − shift` pass 88
+    let in_range = o.cap != 0.0 && o.cap * 1.001 + shift.abs() <= -EXP_LO - 0.01;
+    let accurate = o.cap > ACCURATE_CAP;
+    use exp_opts_inner as inner;
+    match (o.cap != 0.0, o.sum, in_range, accurate) {
+        (false, false, ..) => (exp_sum_body::<FMA, SHORT>(x, shift, out, ahead), 0.0),
+        (false, true, ..) => inner::<FMA, SHORT, false, true, false, false>(x, shift, o, out, chain, ahead),
+        (true, false, true, _) => inner::<FMA, SHORT, true, false, true, false>(x, shift, o, out, chain, ahead),
+        (true, true, true, _) => inner::<FMA, SHORT, true, true, true, false>(x, shift, o, out, chain, ahead),
+        (true, false, false, false) => inner::<FMA, SHORT, true, false, false, false>(x, shift, o, out, chain, ahead),
+        (true, true, false, false) => inner::<FMA, SHORT, true, true, false, false>(x, shift, o, out, chain, ahead),
+        (true, false, false, true) => inner::<FMA, SHORT, true, false, false, true>(x, shift, o, out, chain, ahead),
+        (true, true, false, true) => inner::<FMA, SHORT, true, true, false, true>(x, shift, o, out, chain, ahead),
     }
 }
 

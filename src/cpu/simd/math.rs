@@ -70,12 +70,34 @@ pub(super) fn pow2_frac<const FMA: bool, const SHORT: bool>(f: f32) -> f32 {
         let p = madd::<FMA>(p, f, S1);
         return madd::<FMA>(p, f, 1.0);
     }
+    madd::<FMA>(pow2_frac_q::<FMA>(f), f, 1.0)
+}
+
+/// `q` with `2^f = 1 + q·f` (degree 6): the polynomial before its last step, which
+/// [`exp_and_one_minus`] takes apart.
+#[inline(always)]
+fn pow2_frac_q<const FMA: bool>(f: f32) -> f32 {
     let mut p = madd::<FMA>(P6, f, P5);
     p = madd::<FMA>(p, f, P4);
     p = madd::<FMA>(p, f, P3);
     p = madd::<FMA>(p, f, P2);
-    p = madd::<FMA>(p, f, P1);
-    madd::<FMA>(p, f, 1.0)
+    madd::<FMA>(p, f, P1)
+}
+
+/// `(exp(x), 1 − exp(x))` for `x <= 88` or NaN (`exp` as [`exp`] of f32 logits, the same
+/// bits), the second accurate relative to itself also where `exp(x)` is near 1: there (`n = 0`,
+/// `|x| < 0.35`) it is `−q·f` of the polynomial's own terms, not `1 − exp(x)`, whose rounding of
+/// `exp(x)` is an absolute error of an ulp of 1, all of `1 − exp(x)` once `|x|` is below 6e-8.
+#[inline(always)]
+pub(super) fn exp_and_one_minus<const FMA: bool>(x: f32) -> (f32, f32) {
+    let xc = x.clamp(EXP_LO, EXP_HI);
+    let t = madd::<FMA>(xc, LOG2E, EXP_MAGIC);
+    let n = t - EXP_MAGIC;
+    let f = madd::<FMA>(xc, LOG2E, -n);
+    let q = pow2_frac_q::<FMA>(f);
+    let u = madd::<FMA>(q, f, 1.0) * f32::from_bits(t.to_bits() << 23);
+    let u = if x < EXP_LO { 0.0 } else { u };
+    (u, if n == 0.0 { -(q * f) } else { 1.0 - u })
 }
 
 /// `exp(x)`, `x` clamped to [`EXP_HI`] above, 0 below [`EXP_LO`], NaN for NaN; see the module
@@ -109,24 +131,42 @@ pub(super) fn exp_in_range<const FMA: bool, const SHORT: bool>(xc: f32) -> f32 {
 }
 
 /// Where the argument of the `exp` inside [`tanh_and_chain`] is clamped: `tanh` is `-1` to f32
-/// precision long before, and `exp(40)` leaves `1 + u` far from overflow.
-pub(super) const TANH_ARG_MAX: f32 = 40.0;
+/// precision long before, `exp(80)` leaves `4u` (2.2e35) and `1 + u` below overflow, and the
+/// chain factor of a saturated `tanh` comes out as `4/e^80`, 7e-35, where the true one is
+/// smaller still (at 40 it was 1.7e-17: a row whose every logit saturated then got a gradient
+/// many times its true size, relative to it).
+pub(super) const TANH_ARG_MAX: f32 = 80.0;
+
+/// The cap above which the soft-capping loops take `tanh` from [`exp_and_one_minus`]
+/// (`ACCURATE`): up to it, `tanh`'s absolute error of ~1e-7 is below 7e-6 of a capped logit.
+pub(crate) const ACCURATE_CAP: f32 = 64.0;
 
 /// `(tanh(x), 1 − tanh²(x))` from `a = −2x` (a loop over `x / c` takes it as one product,
 /// `x · (−2/c)`: the same bits as `−2 · (x · (1/c))`, the factor 2 being exact), through one
 /// `exp` and one division. With `u = exp(a)` (`a` clamped to [`TANH_ARG_MAX`]) and
 /// `r = 1 / (1 + u)`:
-/// - `tanh x = (1 − u)·r`: a few ulp relative where `x` is small (`1 − u` is exact there, `u`'s
-///   own rounding an absolute error of an ulp of 1). `2r − 1`, one operation fewer, loses that:
-///   its error stays an ulp of 1 as `t` goes to 0, which a cap of 1e4 turns into 1e-4 of the loss.
+/// - `tanh x = (1 − u)·r`: `1 − u` is exact where `x` is small, but `u`'s own rounding is an
+///   absolute error of about an ulp of 1 there, so `tanh` keeps an absolute error of ~1e-7
+///   (relative, `6e-8 / |2x|`; 0 once `|2x| < 6e-8`), which the cap multiplies: `c · 1e-7` of
+///   the loss, fine up to [`ACCURATE_CAP`], beyond which the loops take `ACCURATE` (below).
+///   `2r − 1`, one operation fewer, is no better.
 /// - `1 − tanh² x = 4u·r²`: a few ulp relative. Taken from `t`, as `1 − t²`, it kept only an
 ///   absolute error of an ulp of 1, tens of percent of itself where `tanh` saturates; the
 ///   target's entry, `coef · (p − 1) · s`, carries that into the gradient.
 ///
-/// `±inf` give `±1` and 0 (about `4e-17` for `−inf`, through the clamp), NaN gives NaN.
+/// `±inf` give `±1` and 0 (about `7e-35` for `−inf`, through the clamp), NaN gives NaN.
+///
+/// `ACCURATE` takes `1 − u` from [`exp_and_one_minus`]: `tanh` then stays a few ulp relative
+/// for small `x` too (large caps: `x / c` small), at three more operations per element.
 #[inline(always)]
-pub(super) fn tanh_and_chain<const FMA: bool>(a: f32) -> (f32, f32) {
-    let u = exp::<FMA, false>(if a > TANH_ARG_MAX { TANH_ARG_MAX } else { a });
+pub(super) fn tanh_and_chain<const FMA: bool, const ACCURATE: bool>(a: f32) -> (f32, f32) {
+    let a = if a > TANH_ARG_MAX { TANH_ARG_MAX } else { a };
+    let (u, one_minus_u) = if ACCURATE {
+        exp_and_one_minus::<FMA>(a)
+    } else {
+        let u = exp::<FMA, false>(a);
+        (u, 1.0 - u)
+    };
     let r = 1.0 / (1.0 + u);
-    ((1.0 - u) * r, 4.0 * u * r * r)
+    (one_minus_u * r, 4.0 * u * r * r)
 }

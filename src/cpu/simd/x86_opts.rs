@@ -21,9 +21,12 @@ struct Consts {
 /// `(z − shift, exp(z − shift), s)` of 16 lanes: `z = c · tanh(x / c)` and `s = 1 − tanh²(x / c)`
 /// with soft-capping (as [`tanh_and_chain`](super::math::tanh_and_chain) of `x · (−2/c)`), else
 /// `z = x`, `s = 1`.
+///
+/// `ACCURATE`: `1 − u` as [`exp16_and_one_minus`] takes it (caps above
+/// [`ACCURATE_CAP`](super::math::ACCURATE_CAP)).
 #[target_feature(enable = "avx512f,avx512dq")]
 #[inline]
-fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __m512, __m512) {
+fn step<const SHORT: bool, const CAP: bool, const ACCURATE: bool>(x: __m512, k: Consts) -> (__m512, __m512, __m512) {
     let one = _mm512_set1_ps(1.0);
     if !CAP {
         let d = _mm512_sub_ps(x, k.shift);
@@ -31,16 +34,44 @@ fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __
     }
     // `vminps` returns its second operand when either is NaN: the argument goes second, so a
     // NaN logit stays NaN (first, it became the clamp, and `tanh` of it -1)
-    let u = exp16::<false>(_mm512_min_ps(_mm512_set1_ps(TANH_ARG_MAX), _mm512_mul_ps(x, k.neg_two_inv_cap)));
+    let a = _mm512_min_ps(_mm512_set1_ps(TANH_ARG_MAX), _mm512_mul_ps(x, k.neg_two_inv_cap));
+    let (u, one_minus_u) = if ACCURATE {
+        exp16_and_one_minus(a)
+    } else {
+        let u = exp16::<false>(a);
+        (u, _mm512_sub_ps(one, u))
+    };
     let d = _mm512_add_ps(one, u);
     let r0 = _mm512_rcp14_ps(d);
     // one Newton step on the 14-bit reciprocal: r = r0 · (2 − d · r0), ~1 ulp
     let r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0)));
-    let t = _mm512_mul_ps(_mm512_sub_ps(one, u), r);
+    let t = _mm512_mul_ps(one_minus_u, r);
     let d = _mm512_sub_ps(_mm512_mul_ps(k.cap, t), k.shift);
     // 1 − t² = 4u / (1 + u)²: no cancellation where tanh saturates (see tanh_and_chain)
     let s = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(4.0), u), r), r);
     (d, exp16::<SHORT>(d), s)
+}
+
+/// `(exp(x), 1 − exp(x))` of 16 lanes: `exp` as [`exp16`] (the same bits), `1 − exp(x)` as the
+/// lane code's [`exp_and_one_minus`](super::math::exp_and_one_minus) takes it, `−q·f` of the
+/// polynomial's terms where `n = 0`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn exp16_and_one_minus(x: __m512) -> (__m512, __m512) {
+    let c = |k: f32| _mm512_set1_ps(k);
+    let xc = _mm512_max_ps(c(-110.0), x);
+    let t = _mm512_fmadd_ps(xc, c(LOG2E), c(ROUND_MAGIC));
+    let n = _mm512_sub_ps(t, c(ROUND_MAGIC));
+    let f = _mm512_fmsub_ps(xc, c(LOG2E), n);
+    let mut q = _mm512_fmadd_ps(c(P6), f, c(P5));
+    q = _mm512_fmadd_ps(q, f, c(P4));
+    q = _mm512_fmadd_ps(q, f, c(P3));
+    q = _mm512_fmadd_ps(q, f, c(P2));
+    q = _mm512_fmadd_ps(q, f, c(P1));
+    let u = _mm512_scalef_ps(_mm512_fmadd_ps(q, f, c(1.0)), n);
+    let n_is_0 = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(n, _mm512_setzero_ps());
+    let minus_qf = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(q, f));
+    (u, _mm512_mask_blend_ps(n_is_0, _mm512_sub_ps(c(1.0), u), minus_qf))
 }
 
 /// The loop over 16-lane steps, reading the input as `$elem` and widening each step in
@@ -48,7 +79,7 @@ fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __
 macro_rules! exp_opts_512 {
     ($name:ident, $inner:ident, $elem:ty, $short:literal, |$p:ident| $load:expr, |$m:ident, $pm:ident| $load_masked:expr) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-        unsafe fn $inner<const CAP: bool, const SUM: bool>(
+        unsafe fn $inner<const CAP: bool, const SUM: bool, const ACCURATE: bool>(
             x: &[$elem],
             k: Consts,
             out: &mut [f32],
@@ -65,7 +96,7 @@ macro_rules! exp_opts_512 {
                 // SAFETY: i + 16 <= n, within `x` and `out`, and within `chain` when it is written.
                 unsafe {
                     let $p = x.as_ptr().add(i);
-                    let (d, e, s) = step::<$short, CAP>($load, k);
+                    let (d, e, s) = step::<$short, CAP, ACCURATE>($load, k);
                     acc = _mm512_add_ps(acc, e);
                     if SUM {
                         zacc = _mm512_add_ps(zacc, d);
@@ -81,7 +112,7 @@ macro_rules! exp_opts_512 {
                 // SAFETY: the mask covers only body..n, within the slices as above.
                 unsafe {
                     let $pm = x.as_ptr().add(body);
-                    let (d, e, s) = step::<$short, CAP>($load_masked, k);
+                    let (d, e, s) = step::<$short, CAP, ACCURATE>($load_masked, k);
                     acc = _mm512_mask_add_ps(acc, $m, acc, e);
                     if SUM {
                         zacc = _mm512_mask_add_ps(zacc, $m, zacc, d);
@@ -118,11 +149,13 @@ macro_rules! exp_opts_512 {
             };
             // SAFETY: the same features as this function.
             unsafe {
-                match (o.cap != 0.0, o.sum) {
-                    (false, false) => $inner::<false, false>(x, k, out, chain, ahead),
-                    (false, true) => $inner::<false, true>(x, k, out, chain, ahead),
-                    (true, false) => $inner::<true, false>(x, k, out, chain, ahead),
-                    (true, true) => $inner::<true, true>(x, k, out, chain, ahead),
+                match (o.cap != 0.0, o.sum, o.cap > ACCURATE_CAP) {
+                    (false, false, _) => $inner::<false, false, false>(x, k, out, chain, ahead),
+                    (false, true, _) => $inner::<false, true, false>(x, k, out, chain, ahead),
+                    (true, false, false) => $inner::<true, false, false>(x, k, out, chain, ahead),
+                    (true, true, false) => $inner::<true, true, false>(x, k, out, chain, ahead),
+                    (true, false, true) => $inner::<true, false, true>(x, k, out, chain, ahead),
+                    (true, true, true) => $inner::<true, true, true>(x, k, out, chain, ahead),
                 }
             }
         }
