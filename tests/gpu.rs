@@ -169,6 +169,26 @@ fn gpu_options_alone_and_combined() {
 }
 
 #[test]
+fn gpu_large_soft_caps_keep_f32_accuracy() {
+    if !gpu_or_skip("gpu_large_soft_caps_keep_f32_accuracy") {
+        return;
+    }
+    // tanh(z / c) at small arguments (large caps) within f32 accuracy: a tanh taken as
+    // (1 − u) / (1 + u) from u = exp(−2z/c) keeps an absolute error of an ulp of 1, c times that
+    // in the capped logit (1e-4 of the loss at c = 1e4); with and without smoothing, every dtype
+    let shape = Shape::new(2, 4, 3000).unwrap();
+    for (i, cap) in [30.0, 1e3, 1e4, 1e6, 1e30].into_iter().enumerate() {
+        for smoothing in [0.0, 0.1] {
+            let spec = LossSpec::builder().softcap(cap).label_smoothing(smoothing).build().unwrap();
+            let (l, ids) = random_inputs::<f32>(70 + i as u64, shape, 3.0);
+            check_cuda(&spec, shape, &l, Tokens::new(&ids));
+            let l16: Vec<bf16> = l.iter().map(|&x| bf16::from_f32(x)).collect();
+            check_cuda(&spec, shape, &l16, Tokens::new(&ids));
+        }
+    }
+}
+
+#[test]
 fn gpu_ids_equal_to_ignore_index_are_ignored_targets() {
     if !gpu_or_skip("gpu_ids_equal_to_ignore_index_are_ignored_targets") {
         return;
