@@ -184,7 +184,10 @@ def weighted_loss(
     ``check_ids=True`` (or ``check_finite=True``), which waits for the kernels and raises
     ``ValueError`` as on CPU. At most 64 keywords on CUDA. ``keywords`` and ``keyword_weights``
     are host values: sequences, or tensors read to the host on every call (a CUDA tensor there
-    waits for the device: pass a list, as the course does).
+    waits for the device: pass a list, as the course does; under ``torch.compile`` with
+    ``fullgraph=True`` a tensor there fails to trace: pass a list). With float16 logits the kept
+    gradient is float16 at scale 1: a loss scale (``GradScaler``) cannot save its entries below
+    float16's range (see the README; use bfloat16 or float32 logits then).
 
     Beyond one device (``torch.distributed``, NCCL for CUDA tensors, gloo for CPU tensors):
 
