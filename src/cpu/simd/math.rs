@@ -138,7 +138,8 @@ pub(super) fn exp_in_range<const FMA: bool, const SHORT: bool>(xc: f32) -> f32 {
 pub(super) const TANH_ARG_MAX: f32 = 80.0;
 
 /// The cap above which the soft-capping loops take `tanh` from [`exp_and_one_minus`]
-/// (`ACCURATE`): up to it, `tanh`'s absolute error of ~1e-7 is below 7e-6 of a capped logit.
+/// (`ACCURATE`): up to it, `tanh`'s absolute error of ~1e-7 leaves the capped logit `c · tanh`
+/// within 7e-6 of its value.
 pub(crate) const ACCURATE_CAP: f32 = 64.0;
 
 /// `(tanh(x), 1 − tanh²(x))` from `a = −2x` (a loop over `x / c` takes it as one product,
