@@ -392,6 +392,27 @@ fn bench_threads_are_bounded() {
 }
 
 #[test]
+fn bench_linear_refuses_what_it_cannot_run() {
+    let d = fresh_dir("bench-linear");
+    let small = ["bench-linear", "--tokens", "2x4", "--hidden", "8", "--vocab", "10", "--iters", "1", "--json"];
+    // as reported: an allocation failure aborted (exit 134), threads spun for minutes, parts of
+    // --tokens that did not parse were dropped, and a budget of 2^44 MiB wrapped to 0 bytes
+    let huge = ["bench-linear", "--tokens", "100000x100000", "--hidden", "100000", "--vocab", "1000", "--iters", "1"];
+    assert_refused(&d, &huge, "needs");
+    let r = assert_refused(&d, &[&small[..], &["--threads", "100000"]].concat(), "--threads");
+    assert!(r.took < Duration::from_secs(2), "took {:?}", r.took);
+    assert_refused(&d, &[&small[..], &["--threads", "0"]].concat(), "--threads");
+    for tokens in ["2xfoox4", "2x4x", "2", "x4", ""] {
+        let mut args = small.to_vec();
+        args[2] = tokens;
+        assert_refused(&d, &args, "--tokens");
+    }
+    assert_refused(&d, &[&small[..], &["--budget-mib", "17592186044416"]].concat(), "--budget-mib");
+    let j = ok_json(&d, &small);
+    assert_eq!(j["chunks"], 1, "{j}");
+}
+
+#[test]
 fn json_keeps_finite_losses_numbers_and_names_the_others() {
     let d = fixtures("json");
     // finite logits whose per-token losses exceed f32::MAX: the loss is a finite number

@@ -120,6 +120,32 @@ fn chunk_size_is_reported() {
 }
 
 #[test]
+fn auto_chunking_gives_the_same_bits_on_any_thread_count() {
+    // the default budget does not scale with the pool (it did: 12 MiB per thread changed the
+    // chunks, and the order in which d W and d b add them up, with the thread count)
+    let c = Case::<f32>::random(9, 8, 256, 64, 8000, true);
+    let spec = LossSpec::builder().keywords([2i64]).build().unwrap();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let s = c.shape;
+            let (mut dh, mut dw, mut db) =
+                (vec![0f32; s.hidden_len()], vec![0f32; s.weight_len()], vec![0f32; s.vocab()]);
+            let grads =
+                LinearGrads::new().hidden(Grad::Into(&mut dh)).weight(Grad::Into(&mut dw)).bias(Grad::Into(&mut db));
+            let out = spec.linear_loss_and_grad(s, c.inputs(), c.tokens(), grads, Chunking::Auto).unwrap();
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            (out.loss.loss.to_bits(), out.chunk_rows, bits(&dh), bits(&dw), bits(&db))
+        })
+    };
+    let one = run(1);
+    assert!(one.1 < 2048, "the case spans several chunks ({} rows each)", one.1);
+    for threads in [2, 3] {
+        assert!(run(threads) == one, "{threads} threads differ from one");
+    }
+}
+
+#[test]
 fn reruns_are_bit_identical() {
     fn twice<L: Logit>(c: &Case<L>) {
         let spec = LossSpec::builder().keywords([2i64]).build().unwrap();

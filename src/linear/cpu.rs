@@ -5,7 +5,7 @@
 //! a chunk's hidden rows when they are gathered, `W` one vocabulary panel of about
 //! [`CPU_PANEL_BYTES`] at a time (twice per chunk: for the logits, and for `d hidden`).
 
-use super::{Chunking, Chunks, LinearGrads, LinearInputs, LinearShape, CPU_BUDGET_PER_THREAD, CPU_PANEL_BYTES};
+use super::{Chunking, Chunks, LinearGrads, LinearInputs, LinearShape, CPU_BUDGET, CPU_PANEL_BYTES};
 use crate::cpu::gemm::{matmul, MatMut, MatRef};
 use crate::cpu::simd::Kernels;
 use crate::cpu::{load, run_rows_in_place, store_scaled, RowSel};
@@ -205,7 +205,7 @@ pub(crate) fn run_with<L: Logit>(
     let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
     // rows without a target have no loss and a zero gradient: they are left out of the chunks
     let active = active_rows(plan);
-    let default_budget = CPU_BUDGET_PER_THREAD * rayon::current_num_threads().max(1);
+    let default_budget = CPU_BUDGET;
     let panel_rows = Panels::<L>::rows_for(h, v);
     let c = chunking.rows_for(default_budget, 4 * v + 8 * h + 4 * panel_rows, active.len())?;
 

@@ -61,7 +61,7 @@
 //! - CUDA: see the `cuda::linear` module (feature `cuda`).
 //!
 //! `C` comes from [`Chunking`]: a byte budget for the chunk buffers (default
-//! [`CPU_BUDGET_PER_THREAD`] per rayon thread on the CPU) or a fixed number of rows.
+//! [`CPU_BUDGET`] on the CPU, whatever the thread count) or a fixed number of rows.
 //!
 //! **Precision.** Inputs f32, f16 or bf16 (hidden, weight and bias of one dtype); every product
 //! accumulates in f32 and the logits of a chunk are f32, so the loss is as accurate as the logits
@@ -75,7 +75,14 @@ use crate::error::{Error, Result};
 use crate::spec::{check_len, LossOutput, LossSpec, Shape, Tokens};
 use crate::Grad;
 
-/// Default CPU chunk budget per rayon thread (bytes of chunk buffers).
+/// Default CPU chunk budget (bytes of chunk buffers), the same whatever the thread count: the
+/// chunks' rows, and with them the order in which `d W` and `d b` add the chunks up, do not
+/// depend on it, so [`Chunking::Auto`] gives the same bits on any number of threads (it was
+/// 12 MiB per thread, which changed the chunks and the last bits of `d W` with the pool).
+pub const CPU_BUDGET: usize = 24 << 20;
+
+/// The default CPU chunk budget per rayon thread before it became [`CPU_BUDGET`].
+#[deprecated(note = "the CPU default budget no longer depends on the thread count: use CPU_BUDGET")]
 pub const CPU_BUDGET_PER_THREAD: usize = 12 << 20;
 
 /// Bytes of one f32 vocabulary panel of `W` on the CPU for 16-bit inputs.
@@ -290,7 +297,7 @@ impl<'a, L: Logit> LinearGrads<'a, L> {
 /// How a fused linear call cuts the tokens into chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Chunking {
-    /// The backend's default budget: [`CPU_BUDGET_PER_THREAD`] per rayon thread on the CPU,
+    /// The backend's default budget: [`CPU_BUDGET`] (24 MiB) on the CPU, whatever the thread count,
     /// `cuda::linear::DEFAULT_BUDGET` (96 MiB) on CUDA.
     #[default]
     Auto,

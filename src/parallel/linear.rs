@@ -12,13 +12,13 @@ use crate::cpu::{RowSel, RowStats};
 use crate::dtype::{Logit, TokenId};
 use crate::error::{Error, Result};
 use crate::linear::cpu::{active_rows, run_with};
-use crate::linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearShape, CPU_BUDGET_PER_THREAD};
+use crate::linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearShape, CPU_BUDGET};
 use crate::spec::{LossSpec, Tokens};
 use crate::Backend;
 
 /// Chunk buffers per exchange by default: four threads' worth of the unsplit path's budget,
 /// a fixed number so that every rank cuts the same chunks whatever its thread count.
-const LINEAR_BUDGET: usize = 4 * CPU_BUDGET_PER_THREAD;
+const LINEAR_BUDGET: usize = 2 * CPU_BUDGET;
 
 impl Sharded<'_> {
     /// The fused linear loss ([`LossSpec::linear_loss_and_grad`]) with this rank's rows of the

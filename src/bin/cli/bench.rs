@@ -357,7 +357,7 @@ fn proc_kb(file: &str, key: &str) -> Option<u64> {
 }
 
 /// Memory the kernel says can be had without swapping (Linux), if known.
-fn available_memory() -> Option<u64> {
+pub fn available_memory() -> Option<u64> {
     proc_kb("/proc/meminfo", "MemAvailable:")
 }
 

@@ -62,15 +62,45 @@ fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-fn chunking(a: &BenchLinearArgs) -> Chunking {
-    match (a.chunk_rows, a.budget_mib) {
+fn chunking(a: &BenchLinearArgs) -> CliResult<Chunking> {
+    Ok(match (a.chunk_rows, a.budget_mib) {
         (Some(c), _) => Chunking::Rows(c),
-        (None, Some(m)) => Chunking::Budget(m << 20),
+        (None, Some(m)) => Chunking::Budget(
+            m.checked_mul(1 << 20).ok_or_else(|| Failure(format!("--budget-mib {m} does not fit in memory sizes")))?,
+        ),
         (None, None) => Chunking::Auto,
+    })
+}
+
+/// Refuses a CPU run whose inputs, gradient buffers and chunk buffers need more memory than is
+/// available (as `bench` does), before anything is allocated: an allocation failure aborts.
+fn check_cpu_memory(shape: LinearShape, dtype: DType, chunking: Chunking) -> CliResult<()> {
+    let (n, h, v) = (shape.rows() as u128, shape.hidden() as u128, shape.vocab() as u128);
+    let s = dtype.size() as u128;
+    // hidden, weight and their gradients; ids; the f32 panels of W (16-bit) and the chunks
+    let chunk_rows = match chunking {
+        Chunking::Rows(c) => (c as u128).min(n),
+        Chunking::Budget(b) => (b as u128 / (4 * v + 8 * h).max(1)).clamp(1, n.max(1)),
+        Chunking::Auto => (fused_weighted_loss::linear::CPU_BUDGET as u128 / (4 * v + 8 * h).max(1)).clamp(1, n.max(1)),
+    };
+    let need = 2 * (n * h + v * h) * s + 8 * n + 8 * (4 << 20) + chunk_rows * (4 * v + 8 * h);
+    let need = u64::try_from(need).unwrap_or(u64::MAX);
+    let fits = match super::bench::available_memory() {
+        Some(limit) => need <= limit,
+        None => Vec::<u8>::new().try_reserve_exact(usize::try_from(need).unwrap_or(usize::MAX)).is_ok(),
+    };
+    if fits {
+        return Ok(());
     }
+    Err(Failure(format!(
+        "bench-linear {shape} {dtype} needs {:.2} GB of memory, more than the memory available",
+        need as f64 * 1e-9
+    )))
 }
 
 fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
+    let chunking = chunking(a)?;
+    check_cpu_memory(shape, L::DTYPE, chunking)?;
     let hidden = synthetic::logits::<L>(1, shape.hidden_len(), 1.0);
     let weight = synthetic::logits::<L>(2, shape.weight_len(), 3.0 / (shape.hidden() as f32).sqrt());
     let ids = synthetic::ids::<i64>(3, shape.rows(), shape.vocab());
@@ -78,7 +108,7 @@ fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -
     let mut dw = vec![L::from_f32(1.0); shape.weight_len()];
     let mut call = || {
         let grads = LinearGrads::new().hidden(Grad::Into(&mut dh)).weight(Grad::Into(&mut dw));
-        spec.linear_loss_and_grad(shape, LinearInputs::new(&hidden, &weight), Tokens::new(&ids), grads, chunking(a))
+        spec.linear_loss_and_grad(shape, LinearInputs::new(&hidden, &weight), Tokens::new(&ids), grads, chunking)
     };
     // inputs and gradient buffers are resident now (written once): the calls' peak on top of
     // them is what they need (measured from the first call: freed heap memory stays resident)
@@ -110,7 +140,7 @@ fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -
 
 #[cfg(feature = "cuda")]
 fn run_cuda<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
-    let r = fused_weighted_loss::cuda::linear::bench_device::<L>(spec, shape, chunking(a), a.warmup, a.iters.max(1))?;
+    let r = fused_weighted_loss::cuda::linear::bench_device::<L>(spec, shape, chunking(a)?, a.warmup, a.iters.max(1))?;
     Ok(json!({
         "backend": "cuda",
         "device": r.device,
@@ -135,10 +165,12 @@ fn run_typed<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec)
 }
 
 pub fn bench_linear(a: BenchLinearArgs) -> CliResult<String> {
-    let bt: Vec<usize> = a.tokens.split(['x', 'X']).filter_map(|p| p.trim().parse().ok()).collect();
-    let [b, t] = bt[..] else {
+    // every part must parse: "2xfoox4" is not 2x4
+    let bt: Option<Vec<usize>> = a.tokens.split(['x', 'X']).map(|p| p.trim().parse::<usize>().ok()).collect();
+    let Some([b, t]) = bt.as_deref().and_then(|v| <[usize; 2]>::try_from(v).ok()) else {
         return Err(Failure(format!("--tokens '{}': expected BxT, e.g. 8x128", a.tokens)));
     };
+    super::bench::check_threads(a.threads)?;
     let shape = LinearShape::new(b, t, a.hidden, a.vocab)?;
     let spec = LossSpec::builder().keywords([0, 1, 2]).backend(a.backend).build()?;
     let run = || -> CliResult<String> {
@@ -171,7 +203,6 @@ pub fn bench_linear(a: BenchLinearArgs) -> CliResult<String> {
         ))
     };
     match a.threads {
-        Some(0) => Err(Failure("--threads must be at least 1".into())),
         Some(n) => rayon::ThreadPoolBuilder::new().num_threads(n).build()?.install(run),
         None => run(),
     }
