@@ -97,10 +97,10 @@ pub enum Error {
         vocab: usize,
     },
     /// `alpha` is negative, NaN or infinite.
-    #[error("alpha must be finite and >= 0, got {0}")]
+    #[error("alpha must be finite and >= 0, got {}", Short(*.0))]
     InvalidAlpha(f64),
     /// A keyword weight is negative, NaN or infinite.
-    #[error("weight of keyword {id} must be finite and >= 0, got {weight}")]
+    #[error("weight of keyword {id} must be finite and >= 0, got {}", Short(*weight))]
     InvalidKeywordWeight {
         /// The keyword id.
         id: i64,
@@ -108,7 +108,7 @@ pub enum Error {
         weight: f64,
     },
     /// A loss option (z-loss coefficient, label smoothing, soft-cap) is outside its range.
-    #[error("{name} must be {expected}, got {value}")]
+    #[error("{name} must be {expected}, got {}", Short(*value))]
     InvalidOption {
         /// The option's builder method.
         name: &'static str,
@@ -136,7 +136,7 @@ pub enum Error {
         got: usize,
     },
     /// The upstream gradient scale is NaN or infinite.
-    #[error("gradient scale must be finite, got {0}")]
+    #[error("gradient scale must be finite, got {}", Short(*.0))]
     InvalidGradScale(f64),
     /// The gradient buffer has the wrong length.
     #[error("gradient buffer has {got} elements, expected {expected}")]
@@ -236,4 +236,19 @@ pub enum Error {
     /// A candle tensor had an unsupported dtype, layout or device.
     #[error("unsupported tensor: {0}")]
     Unsupported(String),
+}
+
+/// A value as a message shows it: plain decimals where they are short, else scientific (a
+/// `1e-300` printed as a 300-digit decimal).
+struct Short(f64);
+
+impl std::fmt::Display for Short {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = self.0.abs();
+        if a == 0.0 || !a.is_finite() || (1e-6..1e16).contains(&a) {
+            write!(f, "{}", self.0)
+        } else {
+            write!(f, "{:e}", self.0)
+        }
+    }
 }

@@ -477,9 +477,12 @@ impl LossSpecBuilder {
             return bad("label_smoothing", s.label_smoothing, "in [0, 1]");
         }
         if let Some(c) = s.softcap {
-            // f32 kernels divide by c: it must stay a finite, normal f32
-            if !(c.is_finite() && c >= f32::MIN_POSITIVE as f64 && c <= f32::MAX as f64) {
+            if !(c.is_finite() && c > 0.0) {
                 return bad("softcap", c, "finite and > 0");
+            }
+            // f32 kernels divide by c: it must stay a finite, normal f32
+            if !(c >= f32::MIN_POSITIVE as f64 && c <= f32::MAX as f64) {
+                return bad("softcap", c, "a normal f32 (1.2e-38 to 3.4e38)");
             }
         }
         if !s.grad_scale.is_finite() {

@@ -310,6 +310,16 @@ fn bad_options_and_buffers_are_typed_errors() {
             other => panic!("{name}: {other:?}"),
         }
     }
+    // what a cap outside f32's normal range is told (not "finite and > 0", which it is), and
+    // values far from 1 in scientific notation (not a 300-digit decimal)
+    let msg = |b: fused_weighted_loss::LossSpecBuilder| b.build().unwrap_err().to_string();
+    assert_eq!(msg(LossSpec::builder().softcap(1e300)), "softcap must be a normal f32 (1.2e-38 to 3.4e38), got 1e300");
+    assert_eq!(
+        msg(LossSpec::builder().softcap(1e-300)),
+        "softcap must be a normal f32 (1.2e-38 to 3.4e38), got 1e-300"
+    );
+    assert_eq!(msg(LossSpec::builder().z_loss(-1e-4)), "z_loss must be finite and >= 0, got -0.0001");
+    assert_eq!(msg(LossSpec::builder().softcap(-30.0)), "softcap must be finite and > 0, got -30");
     let shape = Shape::new(2, 3, 4).unwrap();
     let (logits, ids) = random_inputs::<f32>(1, shape, 1.0);
     let spec = LossSpec::default();
