@@ -329,11 +329,7 @@ fn check_memory(a: &BenchArgs, dtype: DType, need: u64, without_reference: Optio
         Some(gb) => (Some((gb * 1e9) as u64), "--max-memory"),
         None => (available_memory(), "the memory available"),
     };
-    let fits = match limit {
-        Some(limit) => need <= limit,
-        None => Vec::<u8>::new().try_reserve_exact(usize::try_from(need).unwrap_or(usize::MAX)).is_ok(),
-    };
-    if fits {
+    if fits(need, limit) {
         return Ok(());
     }
     let gb = |x: u64| x as f64 * 1e-9;
@@ -354,6 +350,14 @@ fn proc_kb(file: &str, key: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Whether `need` bytes fit under `limit`, or (no limit known) can be reserved at all.
+pub fn fits(need: u64, limit: Option<u64>) -> bool {
+    match limit {
+        Some(limit) => need <= limit,
+        None => Vec::<u8>::new().try_reserve_exact(usize::try_from(need).unwrap_or(usize::MAX)).is_ok(),
+    }
 }
 
 /// Memory the kernel says can be had without swapping (Linux), if known.

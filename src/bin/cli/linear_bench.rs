@@ -85,11 +85,7 @@ fn check_cpu_memory(shape: LinearShape, dtype: DType, chunking: Chunking) -> Cli
     };
     let need = 2 * (n * h + v * h) * s + 8 * n + 8 * (4 << 20) + chunk_rows * (4 * v + 8 * h);
     let need = u64::try_from(need).unwrap_or(u64::MAX);
-    let fits = match super::bench::available_memory() {
-        Some(limit) => need <= limit,
-        None => Vec::<u8>::new().try_reserve_exact(usize::try_from(need).unwrap_or(usize::MAX)).is_ok(),
-    };
-    if fits {
+    if super::bench::fits(need, super::bench::available_memory()) {
         return Ok(());
     }
     Err(Failure(format!(

@@ -90,12 +90,9 @@ fn pow2_frac_q<const FMA: bool>(f: f32) -> f32 {
 /// `exp(x)` is an absolute error of an ulp of 1, all of `1 − exp(x)` once `|x|` is below 6e-8.
 #[inline(always)]
 pub(super) fn exp_and_one_minus<const FMA: bool>(x: f32) -> (f32, f32) {
-    let xc = x.clamp(EXP_LO, EXP_HI);
-    let t = madd::<FMA>(xc, LOG2E, EXP_MAGIC);
-    let n = t - EXP_MAGIC;
-    let f = madd::<FMA>(xc, LOG2E, -n);
+    let (scale, n, f) = reduce::<FMA>(x.clamp(EXP_LO, EXP_HI));
     let q = pow2_frac_q::<FMA>(f);
-    let u = madd::<FMA>(q, f, 1.0) * f32::from_bits(t.to_bits() << 23);
+    let u = madd::<FMA>(q, f, 1.0) * scale;
     let u = if x < EXP_LO { 0.0 } else { u };
     (u, if n == 0.0 { -(q * f) } else { 1.0 - u })
 }
@@ -118,16 +115,23 @@ pub(super) fn exp<const FMA: bool, const SHORT: bool>(x: f32) -> f32 {
 /// such as soft-capped logits (`|z − shift| <= 2c`).
 #[inline(always)]
 pub(super) fn exp_in_range<const FMA: bool, const SHORT: bool>(xc: f32) -> f32 {
+    let (scale, _, f) = reduce::<FMA>(xc);
+    // p · 2^n, exact: p is in [0.70, 1.42], so the product is a normal number. A multiply, not
+    // an integer add of n << 23 to p's bits: that add turned a NaN `x` whose low payload bits
+    // were not all 0 (a NaN logit as some producers write it) into a finite number; NaN ·
+    // anything is NaN.
+    pow2_frac::<FMA, SHORT>(f) * scale
+}
+
+/// The reduction of every `exp` here, for `xc` in `[EXP_LO, EXP_HI]` or NaN: `(2^n, n, f)` with
+/// `n = round(xc · log2 e)` and `f = xc · log2 e − n`. `2^n` comes from the rounding's own bits:
+/// `t`'s are 0x4B40_0000 + 127 + n, whose low 9 bits shifted left by 23 are the float `2^n`
+/// (`n` in [-125, 127]).
+#[inline(always)]
+fn reduce<const FMA: bool>(xc: f32) -> (f32, f32, f32) {
     let t = madd::<FMA>(xc, LOG2E, EXP_MAGIC);
     let n = t - EXP_MAGIC;
-    let f = madd::<FMA>(xc, LOG2E, -n);
-    let p = pow2_frac::<FMA, SHORT>(f);
-    // p · 2^n, exact: t's bits are 0x4B40_0000 + 127 + n, whose low 9 bits shifted left by 23
-    // are the float 2^n (n in [-125, 127]); p is in [0.70, 1.42], so the product is a normal
-    // number. A multiply, not an integer add of n << 23 to p's bits: that add turned a NaN `x`
-    // whose low payload bits were not all 0 (a NaN logit as some producers write it) into a
-    // finite number; NaN · anything is NaN.
-    p * f32::from_bits(t.to_bits() << 23)
+    (f32::from_bits(t.to_bits() << 23), n, madd::<FMA>(xc, LOG2E, -n))
 }
 
 /// Where the argument of the `exp` inside [`tanh_and_chain`] is clamped: `tanh` is `-1` to f32

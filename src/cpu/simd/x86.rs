@@ -86,6 +86,14 @@ pub(super) fn bf16x8_finite(v: __m256) -> __m256i {
 #[target_feature(enable = "avx512f")]
 #[inline]
 pub(super) fn exp16<const SHORT: bool>(x: __m512) -> __m512 {
+    let (n, f, q) = exp16_parts::<SHORT>(x);
+    _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0)), n)
+}
+
+/// The parts of [`exp16`]: `(n, f, q)` with `exp(x) = 2^n · (1 + q·f)`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) fn exp16_parts<const SHORT: bool>(x: __m512) -> (__m512, __m512, __m512) {
     let xc = _mm512_max_ps(_mm512_set1_ps(-110.0), x);
     let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), _mm512_set1_ps(ROUND_MAGIC));
     let n = _mm512_sub_ps(t, _mm512_set1_ps(ROUND_MAGIC));
@@ -102,7 +110,7 @@ pub(super) fn exp16<const SHORT: bool>(x: __m512) -> __m512 {
         p = _mm512_fmadd_ps(p, f, c(P2));
         _mm512_fmadd_ps(p, f, c(P1))
     };
-    _mm512_scalef_ps(_mm512_fmadd_ps(p, f, c(1.0)), n)
+    (n, f, p)
 }
 
 /// `exp_sum` over 16-lane steps, reading the input as `$elem` and widening each step

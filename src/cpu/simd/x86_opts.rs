@@ -5,7 +5,7 @@
 
 use super::lanes::{hsum, ElemOpts};
 use super::math::*;
-use super::x86::exp16;
+use super::x86::{exp16, exp16_parts};
 use super::{Ahead, LANES};
 use std::arch::x86_64::*;
 
@@ -59,15 +59,7 @@ fn step<const SHORT: bool, const CAP: bool, const ACCURATE: bool>(x: __m512, k: 
 #[inline]
 fn exp16_and_one_minus(x: __m512) -> (__m512, __m512) {
     let c = |k: f32| _mm512_set1_ps(k);
-    let xc = _mm512_max_ps(c(-110.0), x);
-    let t = _mm512_fmadd_ps(xc, c(LOG2E), c(ROUND_MAGIC));
-    let n = _mm512_sub_ps(t, c(ROUND_MAGIC));
-    let f = _mm512_fmsub_ps(xc, c(LOG2E), n);
-    let mut q = _mm512_fmadd_ps(c(P6), f, c(P5));
-    q = _mm512_fmadd_ps(q, f, c(P4));
-    q = _mm512_fmadd_ps(q, f, c(P3));
-    q = _mm512_fmadd_ps(q, f, c(P2));
-    q = _mm512_fmadd_ps(q, f, c(P1));
+    let (n, f, q) = exp16_parts::<false>(x);
     let u = _mm512_scalef_ps(_mm512_fmadd_ps(q, f, c(1.0)), n);
     let n_is_0 = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(n, _mm512_setzero_ps());
     let minus_qf = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(q, f));
