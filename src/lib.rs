@@ -74,6 +74,32 @@ pub enum Grad<'a, L: Logit> {
     IntoF32(&'a mut [f32]),
 }
 
+/// `dst[i] = src[i] · scale`, the product in `f32`, rounded to nearest even into `dst`'s dtype,
+/// on the rayon pool with the CPU backend's vector code (the best level this CPU runs).
+///
+/// The backward of a gradient kept in `f32` for 16-bit inputs ([`Grad::IntoF32`]): the
+/// upstream gradient (a loss scale such as 65536) applies before the one rounding, so entries
+/// that a 16-bit gradient rounded at scale 1 would lose below `f16`'s range survive. A
+/// non-finite `scale` or entry gives non-finite results, as the product does.
+///
+/// ```
+/// use fused_weighted_loss::{f16, scale_into};
+/// let kept = [3.0e-9f32, -1.5e-8, 0.25];
+/// let mut grad = [f16::ZERO; 3];
+/// scale_into(&kept, 65536.0, &mut grad)?;
+/// assert_eq!(grad[2], f16::from_f32(16384.0));
+/// assert!(grad[0] != f16::ZERO && f16::from_f32(kept[0]) == f16::ZERO); // kept, not lost
+/// # Ok::<(), fused_weighted_loss::Error>(())
+/// ```
+pub fn scale_into<G: Logit>(src: &[f32], scale: f32, dst: &mut [G]) -> Result<()> {
+    if src.len() != dst.len() {
+        return Err(Error::GradLength { expected: src.len(), got: dst.len() });
+    }
+    let k = cpu_kernels(CpuSimd::Auto)?;
+    cpu::scale_into(&k, src, scale, dst);
+    Ok(())
+}
+
 impl<L: Logit> Grad<'_, L> {
     fn len(&self) -> Option<usize> {
         match self {

@@ -146,6 +146,7 @@ def weighted_loss(
     vocab_size: Optional[int] = None,
     data_group=None,
     chunk_rows: Optional[int] = None,
+    kept_grad_dtype: Optional[torch.dtype] = None,
 ):
     """The keyword-weighted loss of ``logits`` [B, T, V] (float32, float16 or bfloat16) for
     ``ids`` [B, T] (int64 or int32), with the crate's options.
@@ -185,9 +186,16 @@ def weighted_loss(
     ``ValueError`` as on CPU. At most 64 keywords on CUDA. ``keywords`` and ``keyword_weights``
     are host values: sequences, or tensors read to the host on every call (a CUDA tensor there
     waits for the device: pass a list, as the course does; under ``torch.compile`` with
-    ``fullgraph=True`` a tensor there fails to trace: pass a list). With float16 logits the kept
-    gradient is float16 at scale 1: a loss scale (``GradScaler``) cannot save its entries below
-    float16's range (see the README; use bfloat16 or float32 logits then).
+    ``fullgraph=True`` a tensor there fails to trace: pass a list).
+
+    ``kept_grad_dtype``: the dtype of the gradient the forward keeps until the backward,
+    ``torch.float32`` or the logits' dtype; by default float32 for float16 logits and the logits'
+    dtype otherwise. A float32 gradient kept for 16-bit logits is multiplied by the upstream
+    gradient (a ``GradScaler`` loss scale) and rounded once to the logits' dtype in the
+    backward, so that its small entries survive loss scaling as in PyTorch's own float16
+    backward; it costs twice the memory of a float16 one and a pass to round it. Kept in
+    float16 (``kept_grad_dtype=torch.float16``) it is rounded at scale 1: entries below
+    float16's range (6e-8) are 0 whatever the loss scale.
 
     Beyond one device (``torch.distributed``, NCCL for CUDA tensors, gloo for CPU tensors):
 
@@ -225,10 +233,11 @@ def weighted_loss(
     kw, kww = _keyword_lists(keywords, keyword_weights)
     ignore_index = _index("ignore_index", ignore_index)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    grad_f32 = _grad_f32(logits, kept_grad_dtype)
     outputs = bool(return_per_sample) or bool(return_token_loss)
     if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
         return _sharded(logits, ids, labels, token_weights, process_group, data_group, vocab_start, vocab_size,
-                        chunk_rows, compute_grad, outputs, bool(return_token_loss), bool(check_ids),
+                        chunk_rows, compute_grad, grad_f32, outputs, bool(return_token_loss), bool(check_ids),
                         (kw, kww, float(alpha), ignore_index, str(row_mean), str(reduction), bool(check_finite),
                          float(z_loss), float(label_smoothing), None if softcap is None else float(softcap)))
     alpha, scale = _alpha(alpha)
@@ -240,7 +249,7 @@ def weighted_loss(
         kw,
         kww,
         mode_string(str(row_mean), str(reduction), compute_grad, outputs, bool(check_ids), bool(check_finite),
-                    token_loss=bool(return_token_loss), alpha=alpha, ignore_index=ignore_index,
+                    token_loss=bool(return_token_loss), grad_f32=grad_f32, alpha=alpha, ignore_index=ignore_index,
                     z_loss=float(z_loss), label_smoothing=float(label_smoothing),
                     softcap=None if softcap is None else float(softcap)),
     )
@@ -250,8 +259,21 @@ def weighted_loss(
     return loss
 
 
+def _grad_f32(logits: Tensor, kept_grad_dtype) -> bool:
+    """Whether the forward keeps a float32 gradient of 16-bit ``logits`` (see
+    ``weighted_loss``'s ``kept_grad_dtype``)."""
+    if kept_grad_dtype is None:
+        return logits.dtype == torch.float16
+    if not isinstance(kept_grad_dtype, torch.dtype):
+        raise TypeError(f"kept_grad_dtype must be a torch.dtype or None, got {kept_grad_dtype!r}")
+    if kept_grad_dtype not in (torch.float32, logits.dtype):
+        raise ValueError(f"kept_grad_dtype must be torch.float32 or the logits' dtype ({logits.dtype}), "
+                         f"got {kept_grad_dtype}")
+    return kept_grad_dtype == torch.float32 and logits.dtype != torch.float32
+
+
 def _sharded(logits, ids, labels, token_weights, process_group, data_group, vocab_start, vocab_size, chunk_rows,
-             compute_grad, outputs, return_token_loss, check_ids, options):
+             compute_grad, grad_f32, outputs, return_token_loss, check_ids, options):
     from . import _dist
 
     params = dict(
@@ -262,6 +284,7 @@ def _sharded(logits, ids, labels, token_weights, process_group, data_group, voca
         slice_=_dist.resolve_slice(logits, process_group, vocab_start, vocab_size),
         chunk_rows=chunk_rows,
         compute_grad=compute_grad,
+        grad_f32=grad_f32,
         want_per_sample=outputs,
         want_token_loss=return_token_loss,
     )
@@ -330,7 +353,11 @@ def weighted_linear_loss(
     (bytes of chunk buffers) sets the chunking instead; the results do not depend on it beyond
     rounding. With 16-bit inputs the gradients of weight and bias are summed over the chunks in
     float32 and rounded once (``accumulate_f32=False``: in their own dtype, once per chunk,
-    which saves a float32 copy of the weight's size during the forward).
+    which saves a float32 copy of the weight's size during the forward). With float16 inputs
+    all three gradients stay float32 until the backward, which multiplies them by the upstream
+    gradient (a ``GradScaler`` loss scale) before rounding them to float16, as PyTorch's own
+    float16 backward does; with ``accumulate_f32=False`` they are float16 from the forward on,
+    at scale 1, and entries below float16's range (6e-8) are 0 whatever the loss scale.
 
     A tied embedding (``weight`` also the input embedding's weight) needs nothing special: the op
     returns this loss's part of the weight's gradient and autograd adds the embedding's.

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _cpu_pool, _native
-from ._ops import _arg, _device_arg, _ptr, logits_grad
+from ._ops import _arg, _device_arg, _ptr, _wide, logits_grad
 
 # (group, start, len, vocab) whose slices were checked to tile the vocabulary
 _TILED: Dict[Tuple[int, int, int, int], bool] = {}
@@ -90,13 +90,13 @@ def slice_of(length: int, process_group, vocab_start: Optional[int], vocab_size:
 def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor],
                     options: tuple, process_group, data_group, slice_: Tuple[int, int, int],
                     chunk_rows: Optional[int], compute_grad: bool, want_per_sample: bool, want_token_loss: bool,
-                    check: bool = False):
+                    check: bool = False, grad_f32: bool = False):
     """Runs the split as the crate's one call (``parallel::Sharded`` for CPU tensors,
     ``cuda::split::DeviceSharded`` for CUDA tensors) with the GIL released, its exchanges calling
     back into ``torch.distributed`` from the calling thread: on the CPU the pool keeps two passes
     in flight meanwhile; on CUDA the crate's numbers go through torch tensors on torch's current
     stream (``_DeviceExchange``). ``check`` (CUDA): wait for the kernels and report bad ids.
-    Returns (loss f32, per_sample, weights, z_loss f64, token_loss, grad)."""
+    ``grad_f32``: the gradient in float32 whatever the logits' dtype. Returns (loss f32, per_sample, weights, z_loss f64, token_loss, grad)."""
     start, length, vocab = slice_
     if logits.dim() != 3:
         raise ValueError(f"logits must have rank 3 [batch, seq, vocab slice], got {list(logits.shape)}")
@@ -119,7 +119,8 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     if not compute_grad:
         grad = new((0,))
     else:
-        grad = torch.empty_like(logits) if cuda else _cpu_pool.empty_like(logits)
+        dtype = torch.float32 if grad_f32 else None
+        grad = torch.empty_like(logits, dtype=dtype) if cuda else _cpu_pool.empty_like(logits, dtype)
     if cuda:
         groups = (_device_group_arg(process_group, logits.device), _device_group_arg(data_group, logits.device))
     else:
@@ -127,7 +128,8 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     _native.forward(
         (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None,
          _arg(token_weights) if token_weights is not None else None),
-        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), z_loss.data_ptr(), _ptr(rows)),
+        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), z_loss.data_ptr(), _ptr(rows),
+         _wide(grad, logits)),
         options, _device_arg(logits), bool(check),
         ((start, length, vocab), *groups),
         # 0 or None is the default; at most every row at once
@@ -147,6 +149,7 @@ class ShardedLoss(torch.autograd.Function):
         loss, per, weights, z, token_loss, grad = sharded_forward(logits.detach(), ids, labels, token_weights, **params)
         ctx.mark_non_differentiable(per, weights, z, token_loss)
         ctx.save_for_backward(grad)
+        ctx.fwl_dtype = logits.dtype
         return loss, per, weights, z, token_loss
 
     @staticmethod
@@ -229,6 +232,7 @@ class ShardedLinear(torch.autograd.Function):
             dist.all_reduce(dh, group=process_group)
         ctx.mark_non_differentiable(per, weights, z)
         ctx.save_for_backward(dh, dw, db)
+        ctx.fwl_dtype = hidden.dtype
         ctx.has_bias = bias is not None
         return loss, per, weights, z
 

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from . import _cpu_pool, _native
-from ._ops import (_MODE_OPTIONS, _NS, _arg, _check_layouts, _check_same_device, _device_arg, _kept, _mode,
-                   _native_options, _parse_mode, _ptr, _scaled)
+from ._ops import (_MODE_OPTIONS, _NS, _arg, _check_layouts, _check_same_device, _device_arg, _empty_like, _kept,
+                   _mode, _native_options, _parse_mode, _ptr, _scaled)
 
 _NUM_INPUTS = 9  # arguments of the linear op
 _HALF = (torch.float16, torch.bfloat16)
@@ -46,15 +46,24 @@ def _check_devices(hidden: Tensor, named) -> None:
     _check_same_device("hidden states", hidden, named)
 
 
+def _kept_dtype(hidden: Tensor, flags: str) -> Optional[torch.dtype]:
+    """The dtype of the gradients the forward keeps for the backward, when not the inputs':
+    float32 for float16 inputs (unless the ``n`` flag), so that the backward applies the upstream
+    gradient (a loss scale) before rounding to float16."""
+    return torch.float32 if hidden.dtype == torch.float16 and "n" not in flags else None
+
+
 def _outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ids: Tensor, flags: str, alloc):
     """loss, per-sample losses, weights, z-loss part, and the gradients of hidden, weight and
-    bias asked for in ``flags`` (None for the others)."""
+    bias asked for in ``flags`` (None for the others), of the dtype the forward keeps."""
     n = ids.shape[0] if "p" in flags and ids.dim() == 2 else 0
     loss = hidden.new_empty((), dtype=torch.float32)
     per = hidden.new_empty((n,), dtype=torch.float64)
     weights = hidden.new_empty((n,), dtype=torch.float64)
     z_loss = hidden.new_empty(() if "p" in flags else (0,), dtype=torch.float64)
-    grads = [alloc(t) if c in flags and t is not None else None for c, t in zip(_GRAD_FLAGS, (hidden, weight, bias))]
+    kept = _kept_dtype(hidden, flags)
+    grads = [alloc(t, kept) if c in flags and t is not None else None
+             for c, t in zip(_GRAD_FLAGS, (hidden, weight, bias))]
     return loss, per, weights, z_loss, grads
 
 
@@ -76,8 +85,9 @@ def _linear_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss (float32 0-d), per-sample losses and weights (float64 [B]) and the z-loss part
     (float64 0-d) (each empty without the ``p`` flag), and the gradients of hidden, weight and
-    bias (each the input's shape and dtype, or empty without its flag), in one chunked pass
-    that never holds the logits. ``mode``: see :func:`linear_mode_string`."""
+    bias (each the input's shape and dtype, float32 for float16 inputs without the ``n`` flag,
+    or empty without its flag), in one chunked pass that never holds the logits. ``mode``: see
+    :func:`linear_mode_string`."""
     return linear_forward(hidden, weight, bias, ids, labels, token_weights, keywords, keyword_weights, mode)
 
 
@@ -88,17 +98,18 @@ def linear_forward(hidden, weight, bias, ids, labels, token_weights, keywords, k
     _check_devices(hidden, named)
     _check_layouts(named)
     row_mean, reduction, flags, opt = _parse_mode(mode, _LINEAR_OPTIONS)
-    alloc = _cpu_pool.empty_like if hidden.device.type == "cpu" else (
-        lambda t, dtype=None: torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format))
+    alloc = _cpu_pool.empty_like if hidden.device.type == "cpu" else _empty_like
     loss, per, weights, z_loss, grads = _outputs(hidden, weight, bias, ids, flags, alloc)
     # 16-bit inputs: d weight and d bias are sums over the chunks, kept in float32 until the end
-    # (unless the `n` flag says otherwise); d hidden is written once per row
+    # (unless the `n` flag says otherwise); d hidden is written once per row. float16's are
+    # float32 already (kept so until the backward)
     wide = hidden.dtype in _HALF and "n" not in flags
-    targets = [g if k == 0 or g is None or not wide else alloc(g, torch.float32) for k, g in enumerate(grads)]
+    targets = [g if k == 0 or g is None or not wide or g.dtype == torch.float32 else alloc(g, torch.float32)
+               for k, g in enumerate(grads)]
     _native.linear_forward(
         tuple(_arg(t) if t is not None else None for t in (hidden, weight, bias, ids, labels, token_weights)),
         (tuple(_arg(t) if t is not None else None for t in targets),
-         (0, loss.data_ptr(), _ptr(per), _ptr(weights), _ptr(z_loss), 0)),
+         (0, loss.data_ptr(), _ptr(per), _ptr(weights), _ptr(z_loss), 0, False)),
         _native_options(keywords, keyword_weights, row_mean, reduction, flags, opt),
         (opt.get("chunk_rows"), opt.get("chunk_budget")),
         _device_arg(hidden),
@@ -116,8 +127,7 @@ def linear_forward(hidden, weight, bias, ids, labels, token_weights, keywords, k
 def _linear_fake(hidden, weight, bias, ids, labels, token_weights, keywords, keyword_weights, mode):
     _check_devices(hidden, dict(weight=weight, bias=bias, ids=ids, labels=labels, token_weights=token_weights))
     _, _, flags, _ = _parse_mode(mode, _LINEAR_OPTIONS)
-    loss, per, weights, z_loss, grads = _outputs(
-        hidden, weight, bias, ids, flags, lambda t: torch.empty_like(t, memory_format=torch.contiguous_format))
+    loss, per, weights, z_loss, grads = _outputs(hidden, weight, bias, ids, flags, _empty_like)
     dh, dw, db = (_empty_if_none(g, hidden) for g in grads)
     return loss, per, weights, z_loss, dh, dw, db
 
@@ -127,6 +137,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(per, weights, z_loss, dh, dw, db)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(dh, dw, db)
+    ctx.fwl_dtype = inputs[0].dtype  # hidden's, the inputs': the dtype of the gradients returned
 
 
 def linear_grads(ctx, g_loss: Tensor, n_inputs: int) -> tuple:

@@ -98,16 +98,19 @@ def _mode(row_mean: str, reduction: str, flags: str, options: Dict[str, object],
 
 
 def mode_string(row_mean: str, reduction: str, compute_grad: bool, per_sample: bool, check_ids: bool,
-                check_finite: bool, *, token_loss: bool = False, alpha: float = 1.0, ignore_index: int = -100,
-                z_loss: float = 0.0, label_smoothing: float = 0.0, softcap: Optional[float] = None) -> str:
+                check_finite: bool, *, token_loss: bool = False, grad_f32: bool = False, alpha: float = 1.0,
+                ignore_index: int = -100, z_loss: float = 0.0, label_smoothing: float = 0.0,
+                softcap: Optional[float] = None) -> str:
     """The loss op's last argument: ``row_mean:reduction:flags``, then ``:name=value`` for each
     scalar option not at its default (``alpha``, ``ignore_index``, ``z_loss``,
     ``label_smoothing``, ``softcap``; floats as Python's ``repr``, which reads back exactly).
     Flags among ``g`` (compute the gradient), ``p`` (per-sample outputs and the z-loss part),
     ``t`` (per-token losses), ``i`` (check ids and token weights on CUDA), ``f`` (check
-    finiteness). (One string rather than a dozen arguments: the per-call cost of a custom op
-    grows with the square of its argument count.)"""
-    flags = "g" * compute_grad + "p" * per_sample + "t" * token_loss + "i" * check_ids + "f" * check_finite
+    finiteness), ``w`` (keep the gradient in float32 whatever the logits' dtype: ``grad_f32``).
+    (One string rather than a dozen arguments: the per-call cost of a custom op grows with the
+    square of its argument count.)"""
+    flags = ("g" * compute_grad + "p" * per_sample + "t" * token_loss + "i" * check_ids + "f" * check_finite
+             + "w" * grad_f32)
     return _mode(row_mean, reduction, flags, dict(alpha=alpha, ignore_index=ignore_index, z_loss=z_loss,
                                                   label_smoothing=label_smoothing, softcap=softcap))
 
@@ -141,6 +144,17 @@ def _native_options(keywords: List[int], keyword_weights: List[float], row_mean:
             reduction, "f" in flags, opt.get("z_loss", 0.0), opt.get("label_smoothing", 0.0), opt.get("softcap"))
 
 
+def _empty_like(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A new contiguous tensor of ``t``'s shape and device, of ``t``'s dtype or ``dtype``."""
+    return torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _wide(grad: Tensor, like: Tensor) -> bool:
+    """Whether the gradient ``grad`` the native module writes is float32 where the inputs
+    (``like``) are 16-bit."""
+    return grad.dtype == torch.float32 and like.dtype != torch.float32
+
+
 def _outputs_like(logits: Tensor, flags: str, grad_alloc) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     rank3 = logits.dim() == 3
     n = logits.shape[0] if "p" in flags and rank3 else 0
@@ -153,7 +167,7 @@ def _outputs_like(logits: Tensor, flags: str, grad_alloc) -> Tuple[Tensor, Tenso
     else:
         token_loss = logits.new_empty((0,), dtype=torch.float32)
     if "g" in flags and logits.dtype in _LOGIT_DTYPES and rank3:
-        grad = grad_alloc(logits)
+        grad = grad_alloc(logits, torch.float32 if "w" in flags else None)
     else:
         grad = logits.new_empty((0,))
     return loss, per, weights, z_loss, token_loss, grad
@@ -191,7 +205,7 @@ def _loss_impl(logits, ids, labels, token_weights, keywords, keyword_weights, mo
     _native.forward(
         (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None,
          _arg(token_weights) if token_weights is not None else None),
-        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), _ptr(z_loss), _ptr(rows)),
+        (_ptr(grad), loss.data_ptr(), _ptr(per), _ptr(weights), _ptr(z_loss), _ptr(rows), _wide(grad, logits)),
         _native_options(keywords, keyword_weights, row_mean, reduction, flags, opt),
         _device_arg(logits),
         "i" in flags,
@@ -205,7 +219,7 @@ def _loss_impl(logits, ids, labels, token_weights, keywords, keyword_weights, mo
 def _loss_fake(logits, ids, labels, token_weights, keywords, keyword_weights, mode):
     _check_devices(logits, ids, labels, token_weights)
     _, _, flags, _ = _parse_mode(mode)
-    return _outputs_like(logits, flags, lambda t: torch.empty_like(t, memory_format=torch.contiguous_format))
+    return _outputs_like(logits, flags, _empty_like)
 
 
 @torch.library.custom_op(f"{_NS}::scale_grad_", mutates_args=("grad",))
@@ -239,6 +253,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(per, weights, z_loss, token_loss, grad)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
+    ctx.fwl_dtype = inputs[0].dtype  # the logits': the dtype of the gradient the backward returns
 
 
 def _host_value(g: Tensor, grad: Tensor) -> Optional[float]:
@@ -282,17 +297,25 @@ def _refuse_double_backward() -> None:
 
 def _scaled(ctx, grads: List[Tensor], g_loss: Tensor) -> List[Tensor]:
     """The kept gradients times the upstream gradient ``g_loss`` (a 0-d tensor), never read on
-    the host unless it is a CPU value already.
+    the host unless it is a CPU value already, in the inputs' dtype (``ctx.fwl_dtype``).
+
+    Gradients kept in float32 for 16-bit inputs (float16's, see ``weighted_loss``) are scaled
+    and rounded once into a new tensor of the inputs' dtype: the upstream gradient (a loss
+    scale) applies before the rounding, as in PyTorch's own float16 backward.
 
     The first backward through a forward may scale the kept gradients in place (no new buffer):
     nobody else holds them yet. Once a backward has handed them out unscaled (upstream 1 on the
     CPU), they may be anyone's (``torch.autograd.grad`` results, hook arguments), so a later
     backward through the same graph multiplies out of place instead of rewriting them."""
     _refuse_double_backward()
+    dtype = getattr(ctx, "fwl_dtype", None)
     if torch.compiler.is_compiling():
         # traced (torch.compile): a functional multiply, which the compiler fuses with whatever
         # follows; scaling the kept gradient in place would make it copy the gradient first
-        return [g * g_loss for g in grads]
+        return [g * g_loss if dtype in (None, g.dtype) else (g * g_loss).to(dtype) for g in grads]
+    if dtype is not None and any(g.dtype != dtype for g in grads):
+        # kept wider than the inputs: a new tensor each time, the kept ones stay as they are
+        return [_times(g, g_loss, dtype) for g in grads]
     if grads and _host_value(g_loss, grads[0]) == 1.0:
         # CPU, upstream gradient 1: the kept gradients are the answer, untouched
         ctx.fwl_handed_out = True
@@ -306,13 +329,23 @@ def _scaled(ctx, grads: List[Tensor], g_loss: Tensor) -> List[Tensor]:
     return grads
 
 
-def _times(grad: Tensor, g_loss: Tensor) -> Tensor:
-    """``grad · g_loss`` in a new tensor of ``grad``'s dtype, the product taken in float32 (an
-    upstream gradient such as a loss scale of 65536 does not fit float16)."""
+def _times(grad: Tensor, g_loss: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``grad · g_loss`` in a new tensor of ``dtype`` (default ``grad``'s), the product taken
+    in float32 and rounded once (an upstream gradient such as a loss scale of 65536 does not
+    fit float16)."""
     g = _host_value(g_loss, grad)
-    if g is not None:
-        return grad * g  # a Python float: the product is taken in float32, rounded once
-    return (grad.to(torch.float32) * g_loss.to(device=grad.device, dtype=torch.float32)).to(grad.dtype)
+    if dtype is None or dtype == grad.dtype:
+        if g is not None:
+            return grad * g  # a Python float: the product is taken in float32, rounded once
+        return (grad.to(torch.float32) * g_loss.to(device=grad.device, dtype=torch.float32)).to(grad.dtype)
+    # a float32 gradient into the inputs' dtype: one pass, rounded on the write
+    out = _cpu_pool.empty_like(grad, dtype)
+    if g is not None and grad.device.type == "cpu":
+        # the native pass: torch's multiply into float16 takes several times as long on the CPU
+        _native.narrow_grad(_arg(grad), _arg(out), g)
+    else:
+        torch.mul(grad, g if g is not None else g_loss.to(device=grad.device, dtype=torch.float32), out=out)
+    return out
 
 
 def logits_grad(ctx, g_loss: Tensor) -> Tensor:
@@ -343,7 +376,7 @@ class _EagerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ids, labels, token_weights, keywords, keyword_weights, mode):
         output = _loss_impl(logits, ids, labels, token_weights, keywords, keyword_weights, mode)
-        _setup_context(ctx, None, output)
+        _setup_context(ctx, (logits,), output)
         return output
 
     @staticmethod

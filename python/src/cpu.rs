@@ -7,7 +7,8 @@ use crate::linear::LinearRequest;
 use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Options, Request, TensorArg};
 use fused_weighted_loss::parallel::Sharded;
 use fused_weighted_loss::{
-    Backend, DType, Grad, LinearGrads, LinearInputs, LinearShape, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens,
+    bf16, f16, Backend, DType, Grad, LinearGrads, LinearInputs, LinearShape, Logit, LossOutput, LossSpec, Shape,
+    TokenId, Tokens,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -75,7 +76,7 @@ fn typed<L: Logit, I: TokenId>(
             host::slice::<I>(req.ids.ptr(), rows, "ids")?,
             req.labels.map(|l| host::slice::<I>(l.ptr(), rows, "labels")).transpose()?,
             req.token_weights.map(|w| host::slice::<f32>(w.ptr(), rows, "token_weights")).transpose()?,
-            optional_mut::<L>(out.grad(), n, "grad")?,
+            optional_grad::<L>(out.grad(), out.grad_f32(), n)?,
             host::slice_mut::<f32>(out.loss(), 1, "loss")?,
             optional_mut::<f64>(out.per_sample(), b, "per_sample")?,
             optional_mut::<f64>(out.weights(), b, "weights")?,
@@ -90,10 +91,6 @@ fn typed<L: Logit, I: TokenId>(
     if let Some(w) = token_weights {
         tokens = tokens.with_token_weights(w);
     }
-    let grad = match grad {
-        Some(g) => Grad::Into(g),
-        None => Grad::Skip,
-    };
     let spec = &req.spec;
     let r = py
         .detach(|| match split {
@@ -212,6 +209,58 @@ fn linear_typed<L: Logit, I: TokenId>(py: Python<'_>, req: &LinearRequest<'_>) -
     .map_err(crate::group::to_py_kept)?;
     write_outputs(&r.loss, loss, per_sample, weights, z_loss);
     Ok(())
+}
+
+/// The gradient of the logits at `ptr` (`n` elements): [`Grad::Skip`] when `ptr` is 0, else
+/// of the logits' dtype, or f32 with `f32`.
+///
+/// # Safety
+/// As `host::slice_mut` when `ptr` is not 0.
+unsafe fn optional_grad<'a, L: Logit>(ptr: u64, f32: bool, n: usize) -> PyResult<Grad<'a, L>> {
+    Ok(match (ptr, f32) {
+        (0, _) => Grad::Skip,
+        // SAFETY: as the caller promises.
+        (p, true) => Grad::IntoF32(unsafe { host::slice_mut::<f32>(p, n, "grad") }?),
+        // SAFETY: as the caller promises.
+        (p, false) => Grad::Into(unsafe { host::slice_mut::<L>(p, n, "grad") }?),
+    })
+}
+
+/// `dst = round(src · scale)`: a float32 gradient kept for 16-bit inputs, times the upstream
+/// gradient `scale` (taken as f32, the product in f32), rounded once to nearest even into
+/// `dst` (float16 or bfloat16, `src`'s shape): the crate's `scale_into`, with the GIL released.
+/// The CPU backward of a float32 kept gradient: one pass, where torch's multiply with a
+/// float16 output takes several times as long.
+#[pyfunction]
+pub(crate) fn narrow_grad(py: Python<'_>, src: TensorArg, dst: TensorArg, scale: f64) -> PyResult<()> {
+    if src.dtype() != "float32" {
+        return Err(PyValueError::new_err(format!("narrow_grad: src must be float32, got {}", src.dtype())));
+    }
+    if src.dims() != dst.dims() {
+        return Err(PyValueError::new_err(format!(
+            "narrow_grad: src has shape {:?}, dst {:?}",
+            src.dims(),
+            dst.dims()
+        )));
+    }
+    let n = src.dims().iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let n = n.ok_or_else(|| PyValueError::new_err("narrow_grad: the shape's size overflows"))?;
+    if n == 0 {
+        return Ok(());
+    }
+    match logit_dtype(dst.dtype())? {
+        DType::F16 => narrow::<f16>(py, &src, &dst, n, scale as f32),
+        DType::BF16 => narrow::<bf16>(py, &src, &dst, n, scale as f32),
+        DType::F32 => Err(PyValueError::new_err("narrow_grad: dst must be float16 or bfloat16")),
+    }
+}
+
+fn narrow<G: Logit>(py: Python<'_>, src: &TensorArg, dst: &TensorArg, n: usize, scale: f32) -> PyResult<()> {
+    // SAFETY: Python passes the data pointers of two live, contiguous CPU tensors of these
+    // dtypes and this shape (checked in `narrow_grad`), held for the call; `dst` is a tensor it
+    // has just allocated for the result, which overlaps nothing and nothing else uses.
+    let (src, dst) = unsafe { (host::slice::<f32>(src.ptr(), n, "src")?, host::slice_mut::<G>(dst.ptr(), n, "dst")?) };
+    py.detach(|| fused_weighted_loss::scale_into(src, scale, dst)).map_err(to_py)
 }
 
 /// # Safety

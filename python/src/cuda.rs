@@ -125,7 +125,10 @@ fn typed<L: Logit, I: TokenId>(
             call.borrow::<I>(req.ids.ptr(), rows),
             req.labels.map(|l| call.borrow::<I>(l.ptr(), rows)),
             req.token_weights.map(|w| call.borrow::<f32>(w.ptr(), rows)),
-            (out.grad() != 0).then(|| call.borrow::<L>(out.grad(), n)),
+            (out.grad() != 0).then(|| match out.grad_f32() {
+                true => GradBuf::Wide(call.borrow::<f32>(out.grad(), n)),
+                false => GradBuf::Same(call.borrow::<L>(out.grad(), n)),
+            }),
             call.borrow::<f32>(out.loss(), 1),
             optional(out.per_sample(), b),
             optional(out.weights(), b),
@@ -145,7 +148,12 @@ fn typed<L: Logit, I: TokenId>(
     let (stream, kernels) = (&call.stream, call.dev.loss());
     let result: DeviceLossOutput = match split {
         None => match grad.as_mut() {
-            Some(g) => kernels.loss_and_grad(spec, shape, stream, &logits.view(), &inputs, &mut g.view_mut()),
+            Some(GradBuf::Same(g)) => {
+                kernels.loss_and_grad(spec, shape, stream, &logits.view(), &inputs, &mut g.view_mut())
+            }
+            Some(GradBuf::Wide(g)) => {
+                kernels.loss_and_grad(spec, shape, stream, &logits.view(), &inputs, &mut g.view_mut())
+            }
             None => kernels.loss(spec, shape, stream, &logits.view(), &inputs),
         }
         .map_err(to_py)?,
@@ -159,11 +167,15 @@ fn typed<L: Logit, I: TokenId>(
                 if let Some(rows) = chunk_rows {
                     sharded = sharded.with_chunk_rows(rows);
                 }
+                let l = logits.view();
                 match grad.as_mut() {
-                    Some(g) => {
-                        sharded.loss_and_grad(kernels, spec, whole, stream, &logits.view(), &inputs, &mut g.view_mut())
+                    Some(GradBuf::Same(g)) => {
+                        sharded.loss_and_grad(kernels, spec, whole, stream, &l, &inputs, &mut g.view_mut())
                     }
-                    None => sharded.loss(kernels, spec, whole, stream, &logits.view(), &inputs),
+                    Some(GradBuf::Wide(g)) => {
+                        sharded.loss_and_grad(kernels, spec, whole, stream, &l, &inputs, &mut g.view_mut())
+                    }
+                    None => sharded.loss(kernels, spec, whole, stream, &l, &inputs),
                 }
             })
             .map_err(crate::group::to_py_kept)?
@@ -356,7 +368,7 @@ pub(crate) fn time_rust_call_cuda(
     warmup: usize,
     iters: usize,
 ) -> PyResult<(f64, Vec<f64>)> {
-    let req = inputs.request(&options, Backend::Cuda, Outputs(grad, 0, 0, 0, 0, 0))?;
+    let req = inputs.request(&options, Backend::Cuda, Outputs(grad, 0, 0, 0, 0, 0, false))?;
     if grad == 0 {
         return Err(PyValueError::new_err("time_rust_call_cuda needs a gradient buffer"));
     }

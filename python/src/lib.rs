@@ -51,17 +51,23 @@ impl TensorArg {
 }
 
 /// Where the results go, as data pointers of tensors Python allocated: the gradient
-/// (`[B, T, V]` of the logits' dtype; 0 for loss only), the loss (one f32), the per-sample
+/// (`[B, T, V]` of the logits' dtype, or f32 when the last field says so; 0 for loss only), the
+/// loss (one f32), the per-sample
 /// losses and weights (`[B]` f64 each; 0 when not wanted), the z-loss part of the loss (one f64;
 /// 0 when not wanted) and the per-token losses (0 when not wanted): on CPU `[B, T - 1]` f32 (the
 /// crate's `loss_and_grad_per_token`), on CUDA `[B, T]` f64 (the device's per-position losses,
-/// `DeviceLossOutput::row_loss`, 0 at the last position of each sample), which Python narrows.
+/// `DeviceLossOutput::row_loss`, 0 at the last position of each sample), which Python narrows;
+/// last, whether the gradient is f32 whatever the logits' dtype (float16 logits keep an f32
+/// gradient until the backward, which applies the loss scale before rounding to float16).
 #[derive(FromPyObject, Debug, Clone, Copy)]
-pub(crate) struct Outputs(pub u64, pub u64, pub u64, pub u64, pub u64, pub u64);
+pub(crate) struct Outputs(pub u64, pub u64, pub u64, pub u64, pub u64, pub u64, pub bool);
 
 impl Outputs {
     pub(crate) fn grad(&self) -> u64 {
         self.0
+    }
+    pub(crate) fn grad_f32(&self) -> bool {
+        self.6
     }
     pub(crate) fn loss(&self) -> u64 {
         self.1
@@ -298,6 +304,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear_forward, m)?)?;
     m.add_function(wrap_pyfunction!(scale_grad, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu::narrow_grad, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;

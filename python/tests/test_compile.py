@@ -74,7 +74,7 @@ def test_compiled_training_step_fullgraph_matches_eager(device):
     train_side_by_side(eager_model, lambda: loss_of(eager_model)(ids), compiled_model, lambda: compiled(ids), 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_compile_options_and_per_sample(device, dtype):
     """The options, the per-sample outputs and an upstream gradient under fullgraph tracing
     (aot_eager: dynamo and AOTAutograd with the fake implementations, no code generation)."""

@@ -142,7 +142,7 @@ def test_outputs_are_computed_only_when_asked(monkeypatch):
     plain = fwl.weighted_loss(logits, ids, z_loss=k, label_smoothing=eps, softcap=cap)
     per = fwl.weighted_loss(logits, ids, z_loss=k, return_per_sample=True)
     tok = fwl.weighted_loss(logits, ids, return_token_loss=True)
-    asked = [tuple(p != 0 for p in outputs[2:]) for outputs, _ in spy.calls]
+    asked = [tuple(p != 0 for p in outputs[2:6]) for outputs, _ in spy.calls]
     assert asked == [(False,) * 4, (True, True, True, False), (True, True, True, True)]
     assert spy.calls[0][1][-3:] == (k, eps, cap)
     assert spy.calls[1][1][-3:] == (k, 0.0, None)

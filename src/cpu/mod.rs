@@ -49,6 +49,9 @@ use simd::Kernels;
 /// Elements of a row handled per step.
 pub(crate) const CHUNK: usize = 2048;
 
+/// Elements per task of [`scale_into`] (whole cache lines of every dtype).
+const SCALE_TASK: usize = 1 << 16;
+
 /// Longest row (elements) whose exponentials are kept in a scratch row (16 MiB of f32).
 pub(crate) const SCRATCH_MAX: usize = 1 << 22;
 
@@ -148,6 +151,17 @@ fn grad_task<L: Logit, G: Logit>(
 }
 
 /// Loss of every row (0 for rows without a target) and, when `grad` is given, the gradient.
+/// `dst = src * f` rounded to `dst`'s dtype, on the rayon pool with the level's vector code
+/// (streaming stores where the level has them). Equal lengths.
+pub(crate) fn scale_into<G: Logit>(k: &Kernels, src: &[f32], f: f32, dst: &mut [G]) {
+    src.par_chunks(SCALE_TASK).zip(dst.par_chunks_mut(SCALE_TASK)).for_each(|(s, d)| {
+        for (s, d) in s.chunks(CHUNK).zip(d.chunks_mut(CHUNK)) {
+            store_scaled(k, s, f, d, true);
+        }
+        k.fence();
+    });
+}
+
 pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], grad: Option<&mut [G]>) -> RowLosses {
     let (rows, v) = (plan.shape.rows(), plan.shape.vocab());
     let m = RowMath::new(&plan.opts, v);
@@ -322,6 +336,40 @@ mod tests {
             let (lm, lw) = (m.loss(&merged), m.loss(&whole));
             assert!((lm.0 - lw.0).abs() <= 1e-6 * lw.0.abs() && (lm.1 - lw.1).abs() <= 1e-6 * lw.1.abs(), "{opts:?}");
             assert_eq!(RowStats::EMPTY.merge(whole), whole);
+        }
+    }
+
+    #[test]
+    fn scale_into_rounds_the_product_once_on_every_level() {
+        // values across f16's subnormal and normal ranges and past its top, both signs, and
+        // non-finite ones; a length that is no multiple of a task, a chunk or a vector, at an
+        // offset that misaligns the start
+        let mut src: Vec<f32> = (0..SCALE_TASK + 3 * CHUNK + 37)
+            .map(|i| {
+                let m = 1.0 + ((i * 7919) % 1000) as f32 / 1000.0;
+                let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
+                sign * m * 2f32.powi(((i * 31) % 60) as i32 - 45)
+            })
+            .collect();
+        for (i, x) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 7e4].into_iter().enumerate() {
+            src[101 * i + 5] = x;
+        }
+        let src = &src[3..];
+        fn check<G: Logit>(k: &Kernels, src: &[f32], f: f32) {
+            let mut dst = vec![G::default(); src.len()];
+            scale_into(k, src, f, &mut dst);
+            for (i, (&x, &d)) in src.iter().zip(&dst).enumerate() {
+                let want = G::from_f32(x * f);
+                let same = want == d || (want.to_f32().is_nan() && d.to_f32().is_nan());
+                assert!(same, "{:?} {:?} at {i}: {x} * {f} gave {d:?}, want {want:?}", k.level, G::DTYPE);
+            }
+        }
+        for k in [CpuSimd::Portable, CpuSimd::Avx2, CpuSimd::Avx512].into_iter().filter_map(Kernels::select) {
+            for f in [1.0, 65536.0, 0.3, -2.5e-3] {
+                check::<half::f16>(&k, src, f);
+                check::<half::bf16>(&k, src, f);
+                check::<f32>(&k, src, f);
+            }
         }
     }
 }
