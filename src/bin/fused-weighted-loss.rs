@@ -329,9 +329,7 @@ fn eval(a: EvalArgs) -> CliResult<String> {
             (LogitsData::F16(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f16, bf16>(l), tokens, g)?,
         })
     })?;
-    for file in [files.grad, files.token_loss].into_iter().flatten() {
-        file.commit()?;
-    }
+    output::commit_all([files.grad, files.token_loss].into_iter().flatten().collect())?;
     Ok(json!({
         "loss": json_f64(out.loss),
         "z_loss": json_f64(out.z_loss),

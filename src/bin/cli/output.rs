@@ -4,7 +4,9 @@
 //! directory or device, not read-only) and creates a temporary file beside it;
 //! [`PendingOutput::commit`] flushes it to disk and renames it over the destination, which is the
 //! one moment the destination changes. A pending output that is dropped uncommitted (any error
-//! on the way) removes its temporary file and nothing else.
+//! on the way) removes its temporary file and nothing else. Several outputs go through
+//! [`commit_all`]: every file is flushed before the first rename, so that a full disk replaces
+//! none of them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -109,11 +111,17 @@ impl PendingOutput {
         BufWriter::new(self.file.as_ref().expect("the file is open until commit"))
     }
 
+    /// Flushes the temporary file to disk (its data and size), once.
+    fn sync(&mut self) -> Result<(), String> {
+        if let Some(file) = self.file.take() {
+            file.sync_all().map_err(|e| self.error(e))?;
+        }
+        Ok(())
+    }
+
     /// Flushes the temporary file to disk and renames it over the destination.
     pub fn commit(mut self) -> Result<(), String> {
-        let file = self.file.take().expect("the file is open until commit");
-        file.sync_all().map_err(|e| self.error(e))?;
-        drop(file);
+        self.sync()?;
         fs::rename(&self.tmp, &self.dest).map_err(|e| self.error(e))?;
         // make the rename itself durable (best effort: the data is in place either way)
         #[cfg(unix)]
@@ -133,6 +141,25 @@ impl Drop for PendingOutput {
             let _ = fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// Commits `outputs` in order, each flushed to disk before the first is renamed. A failed
+/// rename (the destination's directory changed under the run) leaves the outputs before it
+/// replaced: the message names them.
+pub fn commit_all(mut outputs: Vec<PendingOutput>) -> Result<(), String> {
+    for o in &mut outputs {
+        o.sync()?;
+    }
+    let mut done: Vec<String> = Vec::new();
+    for o in outputs {
+        let label = o.label.clone();
+        o.commit().map_err(|e| match done.is_empty() {
+            true => e,
+            false => format!("{e} (already replaced: {})", done.join(", ")),
+        })?;
+        done.push(label);
+    }
+    Ok(())
 }
 
 /// A new file `.<name>.<pid>.<n>.tmp` in `dir`, never one that exists.
@@ -156,4 +183,53 @@ pub fn write_f32_npy(w: impl Write, dims: &[usize], data: &[f32]) -> io::Result<
     let mut w = npyz::WriteOptions::new().default_dtype().shape(&shape).writer(w).begin_nd()?;
     w.extend(data.iter().copied())?;
     w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the system's temporary one.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fwl-output-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn pending(flag: &str, path: &Path, text: &str) -> PendingOutput {
+        let mut o = PendingOutput::create(flag, path, &[]).unwrap();
+        o.writer().write_all(text.as_bytes()).unwrap();
+        o
+    }
+
+    #[test]
+    fn commit_all_replaces_every_output() {
+        let dir = scratch("all");
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        fs::write(&a, "old a").unwrap();
+        commit_all(vec![pending("--a", &a, "new a"), pending("--b", &b, "new b")]).unwrap();
+        assert_eq!(fs::read_to_string(&a).unwrap(), "new a");
+        assert_eq!(fs::read_to_string(&b).unwrap(), "new b");
+        // no temporary file left beside them
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_rename_names_the_outputs_already_replaced() {
+        let dir = scratch("partial");
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        fs::write(&a, "old a").unwrap();
+        fs::write(&b, "old b").unwrap();
+        let second = pending("--b", &b, "new b");
+        // the second's temporary file vanishes under the run: its rename fails
+        fs::remove_file(&second.tmp).unwrap();
+        let e = commit_all(vec![pending("--a", &a, "new a"), second]).unwrap_err();
+        assert!(e.starts_with(&format!("--b {}", b.display())), "{e}");
+        assert!(e.ends_with(&format!("(already replaced: --a {})", a.display())), "{e}");
+        assert_eq!(fs::read_to_string(&a).unwrap(), "new a");
+        assert_eq!(fs::read_to_string(&b).unwrap(), "old b");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
