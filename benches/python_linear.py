@@ -54,7 +54,8 @@ def native_call(h, w, ids):
     """The package's native function on the same memory, its gradient buffers made once (f32
     accumulation of d weight for 16-bit inputs, as the package's default)."""
     hd, wd = h.detach(), w.detach()
-    dh = torch.empty_like(hd)
+    # float16: the package keeps d hidden in float32 too (rounded in the backward)
+    dh = torch.empty_like(hd, dtype=torch.float32 if hd.dtype == torch.float16 else None)
     dw = torch.empty_like(wd, dtype=torch.float32)
     loss = torch.empty((), dtype=torch.float32)
     arg = lambda t: (t.data_ptr(), list(t.shape), str(t.dtype).removeprefix("torch."))
@@ -62,7 +63,7 @@ def native_call(h, w, ids):
 
     def call():
         _native.linear_forward((arg(hd), arg(wd), None, arg(ids), None, None),
-                               ((arg(dh), arg(dw), None), (0, loss.data_ptr(), 0, 0, 0, 0)), options, (None, None))
+                               ((arg(dh), arg(dw), None), (0, loss.data_ptr(), 0, 0, 0, 0, False)), options, (None, None))
     return call
 
 

@@ -11,6 +11,8 @@ CPU (target: <= 5% at 8x128x50000 f32):
   the package's CPU gradient pool (--no-pool: from torch's allocator, fresh pages each step).
   Python entry and Rust calls alternate, so that drifts of a shared machine hit them alike; the
   overhead is the median of the paired ratios (each Python call over the Rust call after it).
+  With --dtype f16 the entry keeps a float32 gradient and rounds it to float16 in the backward
+  (see the README, "float16 logits and loss scaling"): that pass counts as overhead here.
 GPU (target: <= 30 us per call at the course shape):
   python3 benches/python_overhead.py --device cuda [--shape 32x128x50000] [--dtype bf16]
   Back-to-back calls on torch's current stream, wall clock until the stream is done, per call:
@@ -56,7 +58,7 @@ def cpu(shape, dtype, iters, warmup):
     grad, loss = torch.empty_like(logits.detach()), torch.empty((), dtype=torch.float32)
 
     def rust_call():
-        _native.forward((la, ia, None, None), (grad.data_ptr(), loss.data_ptr(), 0, 0, 0, 0), options())
+        _native.forward((la, ia, None, None), (grad.data_ptr(), loss.data_ptr(), 0, 0, 0, 0, False), options())
 
     py, reused = [], []
     for k in range(warmup + iters):

@@ -9,8 +9,10 @@ uses its storage any more (the previous step's gradient was dropped, e.g. by
 ``optimizer.zero_grad()``); a gradient someone still holds (the tensor, a view of it, its storage
 object) is never reused, nor one moved to shared memory to be sent to another process.
 
-At most four blocks are kept (the fused linear loss uses three at once with 16-bit inputs:
-``d hidden``, the float32 ``d weight`` it accumulates and the ``d weight`` it returns).
+At most four blocks are kept (the fused linear loss uses three at once with bfloat16 inputs:
+``d hidden``, the float32 ``d weight`` it accumulates and the ``d weight`` it returns; with
+float16 inputs it keeps float32 ``d hidden`` and ``d weight`` until the backward, which takes
+two more for the float16 gradients it returns: the pool then allocates some of them anew).
 Kept blocks stay allocated until :func:`clear` (``fused_weighted_loss.clear_gradient_pool()``)
 drops them. ``FWL_CPU_GRAD_POOL=0`` in the environment turns the pool off.
 """

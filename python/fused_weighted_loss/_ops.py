@@ -186,7 +186,8 @@ def _loss_custom_op(
     """Loss (float32 0-d), per-sample losses and weights (float64 [B]) and the z-loss part of the
     loss (float64 0-d) (each empty without the ``p`` flag), the per-token losses (float32
     [B, T-1], empty without the ``t`` flag), and the gradient w.r.t. the logits (the logits'
-    shape and dtype, or empty without the ``g`` flag), in one fused pass. ``mode``: see
+    shape and dtype, float32 with the ``w`` flag, or empty without the ``g`` flag), in one fused
+    pass. ``mode``: see
     :func:`mode_string`."""
     return _loss_impl(logits, ids, labels, token_weights, keywords, keyword_weights, mode)
 
@@ -313,8 +314,10 @@ def _scaled(ctx, grads: List[Tensor], g_loss: Tensor) -> List[Tensor]:
         # traced (torch.compile): a functional multiply, which the compiler fuses with whatever
         # follows; scaling the kept gradient in place would make it copy the gradient first
         return [g * g_loss if dtype in (None, g.dtype) else (g * g_loss).to(dtype) for g in grads]
-    if dtype is not None and any(g.dtype != dtype for g in grads):
-        # kept wider than the inputs: a new tensor each time, the kept ones stay as they are
+    if any(g.dtype != (dtype or g.dtype) or not g.is_contiguous() for g in grads):
+        # kept wider than the inputs, or handed back in another layout by a saved-tensor hook
+        # (an unpack hook may return any tensor of the same values): a new tensor each time,
+        # the kept ones stay as they are
         return [_times(g, g_loss, dtype) for g in grads]
     if grads and _host_value(g_loss, grads[0]) == 1.0:
         # CPU, upstream gradient 1: the kept gradients are the answer, untouched
@@ -340,8 +343,9 @@ def _times(grad: Tensor, g_loss: Tensor, dtype: Optional[torch.dtype] = None) ->
         return (grad.to(torch.float32) * g_loss.to(device=grad.device, dtype=torch.float32)).to(grad.dtype)
     # a float32 gradient into the inputs' dtype: one pass, rounded on the write
     out = _cpu_pool.empty_like(grad, dtype)
-    if g is not None and grad.device.type == "cpu":
-        # the native pass: torch's multiply into float16 takes several times as long on the CPU
+    if g is not None and grad.device.type == "cpu" and grad.is_contiguous():
+        # the native pass (which reads `grad` as one contiguous block): torch's multiply into
+        # float16 takes several times as long on the CPU
         _native.narrow_grad(_arg(grad), _arg(out), g)
     else:
         torch.mul(grad, g if g is not None else g_loss.to(device=grad.device, dtype=torch.float32), out=out)

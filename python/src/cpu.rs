@@ -229,6 +229,7 @@ unsafe fn optional_grad<'a, L: Logit>(ptr: u64, f32: bool, n: usize) -> PyResult
 /// `dst = round(src · scale)`: a float32 gradient kept for 16-bit inputs, times the upstream
 /// gradient `scale` (taken as f32, the product in f32), rounded once to nearest even into
 /// `dst` (float16 or bfloat16, `src`'s shape): the crate's `scale_into`, with the GIL released.
+/// Both must be contiguous CPU tensors: the caller checks (the strides are not passed here).
 /// The CPU backward of a float32 kept gradient: one pass, where torch's multiply with a
 /// float16 output takes several times as long.
 #[pyfunction]
@@ -256,9 +257,10 @@ pub(crate) fn narrow_grad(py: Python<'_>, src: TensorArg, dst: TensorArg, scale:
 }
 
 fn narrow<G: Logit>(py: Python<'_>, src: &TensorArg, dst: &TensorArg, n: usize, scale: f32) -> PyResult<()> {
-    // SAFETY: Python passes the data pointers of two live, contiguous CPU tensors of these
-    // dtypes and this shape (checked in `narrow_grad`), held for the call; `dst` is a tensor it
-    // has just allocated for the result, which overlaps nothing and nothing else uses.
+    // SAFETY: Python passes the data pointers of two live, contiguous CPU tensors (contiguity
+    // checked by the caller, `_ops._times`) of these dtypes and this shape (checked in
+    // `narrow_grad`), held for the call; `dst` is a tensor it has just allocated for the
+    // result, which overlaps nothing and nothing else uses.
     let (src, dst) = unsafe { (host::slice::<f32>(src.ptr(), n, "src")?, host::slice_mut::<G>(dst.ptr(), n, "dst")?) };
     py.detach(|| fused_weighted_loss::scale_into(src, scale, dst)).map_err(to_py)
 }
