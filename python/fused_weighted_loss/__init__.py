@@ -212,7 +212,8 @@ def weighted_loss(
       by the global batch and ``"weighted_mean"`` by the global sum of weights, so that loss and
       gradients equal the single-device result on the concatenated batch, and every rank returns
       that loss (per-sample outputs are this rank's samples). DDP, which averages gradients over
-      its ranks, then needs the loss scaled by the data-parallel size.
+      its ranks, then needs the loss scaled by the data-parallel size. A rank may hold no
+      samples (``[0, T, V]`` logits): it returns the others' loss and an empty gradient.
     - both: a 2-D grid of ranks. ``chunk_rows``: rows per exchange of the vocabulary group (the
       same on every rank; default: what keeps a chunk in cache).
 

@@ -147,7 +147,7 @@ def linear_grads(ctx, g_loss: Tensor, n_inputs: int) -> tuple:
     kept = _kept(ctx)
     wanted = [k for k in range(3) if ctx.needs_input_grad[k]]
     for k in wanted:
-        if kept[k].numel() == 0:
+        if kept[k].dim() == 1 and kept[k].numel() == 0:  # the placeholder, not an empty batch's [0, H]
             raise RuntimeError(f"fused_weighted_loss: the forward computed no gradient for "
                                f"{('hidden', 'weight', 'bias')[k]} (it did not require one then)")
     out = [None] * n_inputs

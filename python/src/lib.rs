@@ -286,6 +286,16 @@ fn scale_grad(grad: TensorArg, scale: u64, device: (usize, usize)) -> PyResult<(
     }
 }
 
+/// Checks what a data-parallel rank without samples can check before it joins its data group's
+/// exchanges (see `_dist.py`): the options (for CUDA tensors with `cuda`) and that a batch of
+/// `seq` positions over `vocab` ids is a valid shape, with the errors its peers raise for them.
+#[pyfunction]
+fn check_empty_rank(options: Options, seq: usize, vocab: usize, cuda: bool) -> PyResult<()> {
+    options.spec(if cuda { Backend::Cuda } else { Backend::Cpu })?;
+    Shape::new(1, seq, vocab).map_err(to_py)?;
+    Ok(())
+}
+
 /// Why the CUDA backend cannot run here (`None` when it can): no `cuda` feature in this build,
 /// no driver, no device.
 #[pyfunction]
@@ -305,6 +315,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear::linear_forward, m)?)?;
     m.add_function(wrap_pyfunction!(scale_grad, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::narrow_grad, m)?)?;
+    m.add_function(wrap_pyfunction!(check_empty_rank, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;

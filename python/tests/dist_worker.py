@@ -3,7 +3,7 @@
     torchrun --standalone --nproc-per-node 4 dist_worker.py OUT_DIR [gloo|nccl]
 
 Each rank builds the same inputs (seeded), runs vocabulary-parallel (4 ranks, uneven slices, one
-rank holding no target), data-parallel (4 ranks, uneven batches) and 2x2 calls through
+rank holding no target), data-parallel (4 ranks, uneven batches, and a rank without samples) and 2x2 calls through
 ``weighted_loss(..., process_group=..., data_group=...)`` with autograd, and the single-process
 call on the whole batch and vocabulary in the same process; with 4 ranks or NCCL, the same
 layouts of ``weighted_linear_loss`` (the weight's rows split); writes what it measured to
@@ -135,6 +135,13 @@ def linear_cases(rank, world, vocab_groups, data_groups, device):
         results.append(compare_linear(f"linear data opts{k}", (out, dh, dw, db), ref, rows=slice(b0, b1)))
         if world != 4:
             continue
+        # a rank without samples (rank 1): an empty d hidden, zeros for d weight and d bias
+        b0, b1 = [0, 2, 2, 4, 5][rank:rank + 2]
+        out, dh, dw, db = run_linear(hidden[b0:b1], weight, bias, ids[b0:b1], labels[b0:b1], weights[b0:b1], opts,
+                                     data_group=dist.group.WORLD)
+        dist.all_reduce(dw)
+        dist.all_reduce(db)
+        results.append(compare_linear(f"linear data empty opts{k}", (out, dh, dw, db), ref, rows=slice(b0, b1)))
         d, p = rank // 2, rank % 2
         (b0, b1), (s, e) = [(0, 2), (2, 5)][d], [(0, 400), (400, 1000)][p]
         out, dh, dw, db = run_linear(hidden[b0:b1], weight[s:e], bias[s:e], ids[b0:b1], labels[b0:b1],
@@ -178,6 +185,12 @@ def main():
             out, grad = run(logits[b0:b1], ids[b0:b1], labels[b0:b1], weights[b0:b1], opts,
                             data_group=dist.group.WORLD)
             results.append(compare(f"data {dtype} opts{k}", out, grad, ref, ref_grad, rows=slice(b0, b1)))
+            if world == 4:
+                # data-parallel with a rank that holds no samples (rank 1): the loss of the others'
+                b0, b1 = [0, 2, 2, 4, 5][rank:rank + 2]
+                out, grad = run(logits[b0:b1], ids[b0:b1], labels[b0:b1], weights[b0:b1], opts,
+                                data_group=dist.group.WORLD)
+                results.append(compare(f"data empty {dtype} opts{k}", out, grad, ref, ref_grad, rows=slice(b0, b1)))
             if world == 4:
                 # 2x2: ranks (d, p) = (rank // 2, rank % 2); samples split in 2, vocabulary in 2
                 d, p = rank // 2, rank % 2

@@ -73,9 +73,10 @@ def judge(ranks):
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
 def test_torchrun_four_cpu_ranks_gloo(tmp_path):
     ranks = torchrun(tmp_path, 4, "gloo")
-    # 2 dtypes x 3 option sets x (vocab twice, data, grid), and the fused linear split:
-    # 3 option sets x (vocab, vocab with d hidden summed by hand, data, grid)
-    assert judge(ranks) == 2 * 3 * 4 + 3 * 4
+    # 2 dtypes x 3 option sets x (vocab twice, data, data with an empty rank, grid), and the
+    # fused linear split: 3 option sets x (vocab, vocab with d hidden summed by hand, data, data
+    # with an empty rank, grid)
+    assert judge(ranks) == 2 * 3 * 5 + 3 * 5
 
 
 def test_torchrun_nccl_cuda(tmp_path):
@@ -86,7 +87,7 @@ def test_torchrun_nccl_cuda(tmp_path):
     nproc = 4 if n >= 4 else 1
     ranks = torchrun(tmp_path, nproc, "nccl")
     # the logits path and the fused linear split (CUDA tensors), 3 layouts each with one rank
-    layouts = 4 if nproc == 4 else 3
+    layouts = 5 if nproc == 4 else 3
     assert judge(ranks) == 2 * 3 * layouts + 3 * layouts
 
 
