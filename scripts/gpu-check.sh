@@ -226,6 +226,9 @@ run() {
       within 45 python3 benches/python_overhead.py --device cuda --shape 32x128x50000 --dtype "$dt" \
         --json "${OUT:-/tmp}/gpu-overhead-$dt.json" || fail=1
     done
+    step "Python package: float16 logits, float32 vs float16 kept gradient, upstream 1 and 65536 (benches/float16_scale.py)"
+    within 40 python3 benches/float16_scale.py --device cuda --shape 8x1024x32000 --iters 5 \
+      --json "${OUT:-/tmp}/gpu-float16-scale.json" || fail=1
     step "Python package: weighted_linear_loss vs F.linear + the course function, same tensors (benches/python_linear.py)"
     within 60 python3 benches/python_linear.py --device cuda --tokens 8x1024 --hidden 4096 --vocab 128256 \
       --dtype bf16 --iters 10 --rounds 2 --json "${OUT:-/tmp}/gpu-python-linear.json" || fail=1
