@@ -286,13 +286,28 @@ fn scale_grad(grad: TensorArg, scale: u64, device: (usize, usize)) -> PyResult<(
     }
 }
 
-/// Checks what a data-parallel rank without samples can check before it joins its data group's
-/// exchanges (see `_dist.py`): the options (for CUDA tensors with `cuda`) and that a batch of
-/// `seq` positions over `vocab` ids is a valid shape, with the errors its peers raise for them.
+/// `t` with a leading dimension of 0 made `one`: a rank without samples checks its inputs as
+/// a batch of one (dtypes, ranks and the other dimensions stay, so any mismatch still shows).
+pub(crate) fn as_batch_of(t: &TensorArg, one: usize) -> TensorArg {
+    let mut dims = t.dims().to_vec();
+    if dims.first() == Some(&0) {
+        dims[0] = one;
+    }
+    TensorArg(t.ptr(), dims, t.dtype().to_string())
+}
+
+/// Checks what a data-parallel rank without samples (`[0, T, V]` logits, `[0, T]` ids) can
+/// check before it joins its data group's exchanges (see `_dist.py`), with the errors a rank
+/// with samples raises before its first exchange: every input's dtype and shape (as a batch of
+/// one), the options (for CUDA tensors with `cuda`), and the whole vocabulary `vocab`.
 #[pyfunction]
-fn check_empty_rank(options: Options, seq: usize, vocab: usize, cuda: bool) -> PyResult<()> {
-    options.spec(if cuda { Backend::Cuda } else { Backend::Cpu })?;
-    Shape::new(1, seq, vocab).map_err(to_py)?;
+fn check_empty_rank(inputs: Inputs, options: Options, vocab: usize, cuda: bool) -> PyResult<()> {
+    let Inputs(logits, ids, labels, token_weights) = &inputs;
+    let one = |t: &TensorArg| as_batch_of(t, 1);
+    let inputs = Inputs(one(logits), one(ids), labels.as_ref().map(one), token_weights.as_ref().map(one));
+    let backend = if cuda { Backend::Cuda } else { Backend::Cpu };
+    let req = inputs.request(&options, backend, Outputs(0, 0, 0, 0, 0, 0, false))?;
+    Shape::new(1, req.shape.seq(), vocab).map_err(to_py)?;
     Ok(())
 }
 
@@ -316,6 +331,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scale_grad, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::narrow_grad, m)?)?;
     m.add_function(wrap_pyfunction!(check_empty_rank, m)?)?;
+    m.add_function(wrap_pyfunction!(linear::check_empty_linear_rank, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;

@@ -166,6 +166,75 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
+def test_a_rank_without_samples_raises_what_its_peers_raise(tmp_path):
+    """Two gloo ranks, rank 1 without samples: inputs every rank gets wrong (a float64 token
+    weight, a bfloat16 weight beside float32 hidden states, both chunkings) raise the same error
+    on both ranks before any exchange, not a hang on the empty one; inputs that do not match its
+    empty ids raise there; a data group without any sample raises on every rank."""
+    script = tmp_path / "empty_rank.py"  # a file: the spawned ranks import their function from it
+    script.write_text(_EMPTY_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-4000:]
+    got = {}
+    for rank in (0, 1):
+        for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            got.setdefault(r["case"], {})[rank] = r["error"]
+    cases = ["token weights float64", "weight bfloat16", "both chunkings", "all empty"]
+    for case in cases:
+        errors = got.get(case, {})
+        assert set(errors) == {0, 1} and all(errors.values()), (case, errors)
+        assert len({e.split(":")[0] for e in errors.values()}) == 1, (case, errors)
+    assert "every rank" in got["all empty"][0]
+    for case in ("hidden of 2 samples, ids of none", "labels longer"):
+        assert got[case][1] and "Error" in got[case][1], (case, got.get(case))
+
+
+# a script of two gloo ranks (a short timeout: a hang fails the test)
+_EMPTY_SCRIPT = """
+import datetime, json, os, sys, tempfile
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+import fused_weighted_loss as fwl
+
+def rank_main(rank, store, out):
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    g = torch.Generator().manual_seed(0)
+    b = 2 if rank == 0 else 0
+    x = torch.randn(2, 5, 11, generator=g)[:b]
+    ids = torch.randint(0, 11, (2, 5), generator=g)[:b]
+    h, w = torch.randn(2, 5, 4, generator=g)[:b], torch.randn(11, 4, generator=g)
+    group = dist.group.WORLD
+    def case(name, f, ranks=(0, 1)):
+        if rank not in ranks:
+            return
+        try:
+            f()
+            err = None
+        except Exception as e:
+            err = type(e).__name__ + ": " + str(e)
+        with open(os.path.join(out, f"rank{rank}.jsonl"), "a") as f:
+            f.write(json.dumps(dict(case=name, error=err)) + "\\n")
+    case("token weights float64", lambda: fwl.weighted_loss(x, ids, data_group=group,
+         token_weights=torch.ones(b, 5, dtype=torch.float64)))
+    case("weight bfloat16", lambda: fwl.weighted_linear_loss(h, w.bfloat16(), ids, data_group=group))
+    case("both chunkings", lambda: fwl.weighted_linear_loss(h, w, ids, data_group=group, chunk_rows=2,
+         chunk_budget=1 << 20))
+    # the empty rank alone: inputs that do not match its empty ids (rank 0 makes no call)
+    case("hidden of 2 samples, ids of none", lambda: fwl.weighted_linear_loss(torch.randn(2, 5, 4), w, ids,
+         data_group=group), ranks=(1,))
+    case("labels longer", lambda: fwl.weighted_loss(x, ids, labels=torch.zeros(0, 8, dtype=torch.int64),
+         data_group=group), ranks=(1,))
+    case("all empty", lambda: fwl.weighted_loss(x[:0], ids[:0], data_group=group))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(rank_main, args=(os.path.join(tempfile.mkdtemp(), "store"), sys.argv[1]), nprocs=2)
+"""
+
+
 class _Interrupted(Exception):
     """Raised by a test's all-gather."""
 
