@@ -110,7 +110,8 @@ def main():
     print(f"time, float16 {shape}, {a.device}, {torch.get_num_threads()} threads (medians of {a.iters})")
     print(f"  {'kept, upstream':<22} {'forward ms':>11} {'backward ms':>12} {'total ms':>9}")
     for k, v in times.items():
-        print(f"  {k:<22} {v['forward_ms']:>11.2f} {v['backward_ms']:>12.2f} {v['forward_ms'] + v['backward_ms']:>9.2f}")
+        total = v["forward_ms"] + v["backward_ms"]
+        print(f"  {k:<22} {v['forward_ms']:>11.2f} {v['backward_ms']:>12.2f} {total:>9.2f}")
     print(f"accuracy at scale 65536, {'x'.join(map(str, a.check_shape))} (against float64 times the scale)")
     for k, v in acc.items():
         print(f"  {k:<44} L1 {v['l1']:.3e}   nonzero entries zeroed {100 * v['zeroed']:.1f}%")

@@ -62,8 +62,8 @@ def _empty_rank(data_group, device: torch.device) -> Tuple[Tensor, Tensor]:
 
 def _no_samples(data_group, *batches: int) -> bool:
     """Whether this rank holds no samples (any of ``batches``, the leading dimensions of its
-    inputs, is 0: the others are then checked to be 0 too) of a data group of several ranks (a
-    group of one, or none, without samples is the crate's error)."""
+    inputs, is 0: ``_native.check_empty_rank`` then checks that every input's is) of a data
+    group of several ranks (a group of one, or none, without samples is the crate's error)."""
     return 0 in batches and data_group is not None and _size(data_group) > 1
 
 
@@ -123,7 +123,8 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     back into ``torch.distributed`` from the calling thread: on the CPU the pool keeps two passes
     in flight meanwhile; on CUDA the crate's numbers go through torch tensors on torch's current
     stream (``_DeviceExchange``). ``check`` (CUDA): wait for the kernels and report bad ids.
-    ``grad_f32``: the gradient in float32 whatever the logits' dtype. Returns (loss f32, per_sample, weights, z_loss f64, token_loss, grad)."""
+    ``grad_f32``: the gradient in float32 whatever the logits' dtype. Returns (loss f32,
+    per_sample, weights, z_loss f64, token_loss, grad)."""
     start, length, vocab = slice_
     if logits.dim() != 3:
         raise ValueError(f"logits must have rank 3 [batch, seq, vocab slice], got {list(logits.shape)}")

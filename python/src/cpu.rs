@@ -229,7 +229,8 @@ unsafe fn optional_grad<'a, L: Logit>(ptr: u64, f32: bool, n: usize) -> PyResult
 /// `dst = round(src · scale)`: a float32 gradient kept for 16-bit inputs, times the upstream
 /// gradient `scale` (taken as f32, the product in f32), rounded once to nearest even into
 /// `dst` (float16 or bfloat16, `src`'s shape): the crate's `scale_into`, with the GIL released.
-/// Both must be contiguous CPU tensors: the caller checks (the strides are not passed here).
+/// Internal (`_ops._times`): both must be contiguous CPU tensors, which the caller checks (the
+/// device and the strides are not passed here).
 /// The CPU backward of a float32 kept gradient: one pass, where torch's multiply with a
 /// float16 output takes several times as long.
 #[pyfunction]

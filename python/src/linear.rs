@@ -171,6 +171,7 @@ impl LinearInputs {
 /// vocabulary `vocab` (the weight holds this rank's rows of it).
 #[pyfunction]
 pub(crate) fn check_empty_linear_rank(
+    py: Python<'_>,
     inputs: LinearInputs,
     options: Options,
     chunks: (Option<i64>, Option<i64>),
@@ -178,6 +179,12 @@ pub(crate) fn check_empty_linear_rank(
     cuda: bool,
 ) -> PyResult<()> {
     let LinearInputs(hidden, weight, bias, ids, labels, token_weights) = &inputs;
+    crate::check_no_samples(&[
+        ("hidden", Some(hidden)),
+        ("ids", Some(ids)),
+        ("labels", labels.as_ref()),
+        ("token_weights", token_weights.as_ref()),
+    ])?;
     let one = |t: &TensorArg| crate::as_batch_of(t, 1);
     // `[B·T, H]` hidden states: a batch of one is T rows
     let rows = if hidden.dims().len() == 2 { ids.dims().get(1).copied().unwrap_or(0) } else { 1 };
@@ -191,7 +198,8 @@ pub(crate) fn check_empty_linear_rank(
     );
     let outputs = LinearOutputs(LinearGradArgs(None, None, None), Outputs(0, 0, 0, 0, 0, 0, false));
     let backend = if cuda { Backend::Cuda } else { Backend::Cpu };
-    let req = inputs.request(&outputs, &options, chunks, backend, None)?;
+    let req =
+        inputs.request(&outputs, &options, chunks, backend, None).map_err(|e| crate::as_empty_rank_error(py, e))?;
     LinearShape::new(1, req.shape.seq(), req.shape.hidden(), vocab).map_err(to_py)?;
     Ok(())
 }

@@ -150,7 +150,6 @@ fn grad_task<L: Logit, G: Logit>(
     k.fence();
 }
 
-/// Loss of every row (0 for rows without a target) and, when `grad` is given, the gradient.
 /// `dst = src * f` rounded to `dst`'s dtype, on the rayon pool with the level's vector code
 /// (streaming stores where the level has them). Equal lengths.
 pub(crate) fn scale_into<G: Logit>(k: &Kernels, src: &[f32], f: f32, dst: &mut [G]) {
@@ -162,6 +161,7 @@ pub(crate) fn scale_into<G: Logit>(k: &Kernels, src: &[f32], f: f32, dst: &mut [
     });
 }
 
+/// Loss of every row (0 for rows without a target) and, when `grad` is given, the gradient.
 pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], grad: Option<&mut [G]>) -> RowLosses {
     let (rows, v) = (plan.shape.rows(), plan.shape.vocab());
     let m = RowMath::new(&plan.opts, v);
