@@ -57,9 +57,9 @@ impl FromStr for DType {
 mod sealed {
     /// With the `cuda` feature every element type can live in device memory.
     #[cfg(feature = "cuda")]
-    pub trait Device: cudarc::driver::DeviceRepr {}
+    pub trait Device: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
     #[cfg(feature = "cuda")]
-    impl<T: cudarc::driver::DeviceRepr> Device for T {}
+    impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> Device for T {}
     #[cfg(not(feature = "cuda"))]
     pub trait Device {}
     #[cfg(not(feature = "cuda"))]

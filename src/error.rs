@@ -39,9 +39,14 @@ pub enum Error {
         /// The shape that was given.
         got: Vec<usize>,
     },
-    /// `batch == 0`.
+    /// `batch == 0` (outside a data-parallel group of several ranks: see
+    /// [`Shape::without_samples`]).
     #[error("batch size is 0")]
     EmptyBatch,
+    /// No rank of a data-parallel group holds a sample: every rank called with
+    /// [`Shape::without_samples`].
+    #[error("batch size is 0 on every rank of the data group")]
+    EmptyDataGroup,
     /// `seq < 2`: no position has a next-token target.
     #[error("sequence length is {seq}; at least 2 is needed (position t predicts id t+1)")]
     SequenceTooShort {

@@ -9,7 +9,9 @@ use std::str::FromStr;
 pub const MAX_VOCAB: usize = i32::MAX as usize;
 
 /// A validated `[batch, seq, vocab]` shape: `batch >= 1`, `seq >= 2`, `1 <= vocab <= MAX_VOCAB`,
-/// and `batch * seq * vocab` fits in `usize` (all offsets are 64-bit).
+/// and `batch * seq * vocab` fits in `usize` (all offsets are 64-bit). The one exception,
+/// [`Shape::without_samples`], has `batch == 0`: the shape of a data-parallel rank that holds
+/// no samples this step, which only the sharded calls accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
     batch: usize,
@@ -44,6 +46,53 @@ impl Shape {
         Ok(Shape { batch, seq, vocab })
     }
 
+    /// The shape of a rank of a data-parallel group that holds no samples this step (an uneven
+    /// last batch): `[0, seq, vocab]`, `seq` and `vocab` checked as [`Shape::new`] checks them.
+    /// Only the sharded calls (`parallel::Sharded`, and `cuda::split::DeviceSharded` with the
+    /// `cuda` feature) accept it, and only with a data group of more than one rank: the rank
+    /// takes part in the group's exchanges with nothing and gets the loss of its peers' samples.
+    /// Every other call returns [`Error::EmptyBatch`] for it.
+    ///
+    /// ```
+    /// use fused_weighted_loss::{Error, LossSpec, Grad, Shape, Tokens};
+    /// let empty = Shape::without_samples(128, 50_000)?;
+    /// assert_eq!((empty.batch(), empty.rows(), empty.logits_len()), (0, 0, 0));
+    /// let none: [i64; 0] = [];
+    /// let plain = LossSpec::default().loss_and_grad::<f32, i64>(empty, &[], Tokens::new(&none), Grad::Skip);
+    /// assert!(matches!(plain, Err(Error::EmptyBatch)));
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn without_samples(seq: usize, vocab: usize) -> Result<Self> {
+        let one = Shape::new(1, seq, vocab)?;
+        Ok(Shape { batch: 0, ..one })
+    }
+
+    /// This shape with another vocabulary (`batch == 0` kept: see [`Shape::without_samples`]):
+    /// what a rank of a vocabulary-parallel call, whose logits hold a slice, passes as the
+    /// whole call's shape.
+    ///
+    /// ```
+    /// use fused_weighted_loss::Shape;
+    /// assert_eq!(Shape::new(2, 8, 100)?.with_vocab(400)?, Shape::new(2, 8, 400)?);
+    /// assert_eq!(Shape::without_samples(8, 100)?.with_vocab(400)?, Shape::without_samples(8, 400)?);
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn with_vocab(&self, vocab: usize) -> Result<Self> {
+        match self.batch {
+            0 => Shape::without_samples(self.seq, vocab),
+            b => Shape::new(b, self.seq, vocab),
+        }
+    }
+
+    /// [`Error::EmptyBatch`] for a [`Shape::without_samples`]: what every call but the sharded
+    /// ones checks first.
+    pub(crate) fn require_samples(self) -> Result<Self> {
+        if self.batch == 0 {
+            return Err(Error::EmptyBatch);
+        }
+        Ok(self)
+    }
+
     /// Builds a shape from the dimensions of the logits (`[B, T, V]`) and of the ids (`[B, T]`),
     /// checking ranks and that they agree.
     ///
@@ -59,6 +108,25 @@ impl Shape {
         }
         check_token_dims("ids", logits, ids)?;
         Shape::new(logits[0], logits[1], logits[2])
+    }
+
+    /// [`from_dims`](Self::from_dims) for a rank of a sharded call: a leading dimension of 0
+    /// gives [`Shape::without_samples`] rather than [`Error::EmptyBatch`].
+    ///
+    /// ```
+    /// use fused_weighted_loss::Shape;
+    /// assert_eq!(Shape::from_dims_of_rank(&[0, 8, 100], &[0, 8])?, Shape::without_samples(8, 100)?);
+    /// assert!(Shape::from_dims_of_rank(&[1, 8, 100], &[0, 8]).is_err());
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn from_dims_of_rank(logits: &[usize], ids: &[usize]) -> Result<Self> {
+        match (logits, ids) {
+            ([0, seq, vocab], [0, _]) => {
+                check_token_dims("ids", logits, ids)?;
+                Shape::without_samples(*seq, *vocab)
+            }
+            _ => Self::from_dims(logits, ids),
+        }
     }
 
     /// Checks that a `[B, T]` token tensor's dimensions (ids or labels) match this shape.
@@ -588,6 +656,13 @@ pub(crate) fn check_len(what: &'static str, got: usize, expected: usize, shape: 
 
 /// Validates token inputs (lengths, ranges, keywords) without building anything.
 pub(crate) fn validate_tokens<I: TokenId>(spec: &LossSpec, shape: Shape, tokens: &Tokens<'_, I>) -> Result<()> {
+    shape.require_samples()?;
+    validate_tokens_of_rank(spec, shape, tokens)
+}
+
+/// [`validate_tokens`] for a shape that may hold no samples (a sharded call's rank without
+/// samples checks what its peers check before their first exchange).
+pub(crate) fn validate_tokens_of_rank<I: TokenId>(spec: &LossSpec, shape: Shape, tokens: &Tokens<'_, I>) -> Result<()> {
     let (t, v) = (shape.seq, shape.vocab as i64);
     check_len("ids", tokens.ids.len(), shape.rows(), shape)?;
     if let Some(labels) = tokens.labels {

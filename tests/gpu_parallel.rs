@@ -332,6 +332,72 @@ fn gpu_data_parallel_one_call_matches_the_concatenated_batch() {
     }
 }
 
+/// A data rank without samples (`Shape::without_samples`): it gets the whole batch's loss, the
+/// same bits as its peers, and no per-sample outputs; its peers the gradient of the
+/// concatenated batch. (Its device buffers are empty views of one-element allocations: CUDA
+/// allocates no zero bytes.)
+#[test]
+fn gpu_data_parallel_rank_without_samples() {
+    if !gpu_or_skip("gpu_data_parallel_rank_without_samples") {
+        return;
+    }
+    let ctx = CudaContext::new(0).unwrap();
+    let loss = CudaLoss::new(&ctx).unwrap();
+    let shape = Shape::new(3, 7, 1001).unwrap();
+    let v = shape.vocab();
+    let spec = LossSpec::builder().keywords([2, 7]).reduction(Reduction::WeightedMean).z_loss(1e-4).build().unwrap();
+    let c = case::<f32>(29, shape, spec);
+    let r = reference(&c.spec, shape, &c.logits, c.tokens()).unwrap();
+    for splits in [[0usize, 0, 1, 3], [0, 2, 2, 3], [0, 3, 3, 3]] {
+        let outs = run_ranks(3, |d, g| {
+            let part = c.samples(splits[d], splits[d + 1]);
+            let stream = ctx.new_stream().unwrap();
+            let n = part.shape.logits_len();
+            let mut padded = part.logits.clone();
+            padded.push(0.5);
+            let d_l = stream.clone_htod(&padded).unwrap();
+            let mut ids = part.ids.clone();
+            ids.push(0);
+            let d_ids = stream.clone_htod(&ids).unwrap();
+            let rows = part.ids.len();
+            let mut grad = stream.alloc_zeros::<f32>(n + 1).unwrap();
+            let group = ThroughHost(g);
+            let ids_view = d_ids.slice(..rows);
+            let inputs = DeviceInputs::new(&ids_view);
+            let call = DeviceSharded::data_parallel(v, &group).unwrap();
+            let out = call
+                .loss_and_grad(&loss, &c.spec, part.shape, &stream, &d_l.slice(..n), &inputs, &mut grad.slice_mut(..n))
+                .unwrap();
+            let host = out.to_host(&stream).unwrap();
+            let mut g = stream.clone_dtoh(&grad).unwrap();
+            g.truncate(n);
+            (host, g)
+        });
+        let what = format!("splits {splits:?}");
+        for (d, (o, _)) in outs.iter().enumerate() {
+            assert!(rel(o.loss, r.loss) <= 1e-5, "{what}: rank {d} loss {} vs {}", o.loss, r.loss);
+            assert!(rel(o.z_loss, r.z_loss) <= 1e-5, "{what}: rank {d} z-loss");
+            assert_eq!(o.loss.to_bits(), outs[0].0.loss.to_bits(), "{what}: the same bits on every rank");
+            assert_eq!(o.weights.len(), splits[d + 1] - splits[d], "{what}: rank {d}: its samples' weights");
+        }
+        let g: Vec<f32> = outs.iter().flat_map(|(_, g)| g.iter().copied()).collect();
+        let e = rel_err(&g, &r.grad);
+        assert!(e <= 1e-5, "{what}: gradient rel err {e:e}");
+    }
+    // every rank empty: an error on each, none waits
+    let empty = Shape::without_samples(7, v).unwrap();
+    let errs = run_ranks(2, |_, g| {
+        let stream = ctx.new_stream().unwrap();
+        let one = stream.alloc_zeros::<f32>(1).unwrap();
+        let ids = stream.alloc_zeros::<i64>(1).unwrap();
+        let ids_view = ids.slice(..0);
+        let group = ThroughHost(g);
+        let call = DeviceSharded::data_parallel(v, &group).unwrap();
+        call.loss(&loss, &c.spec, empty, &stream, &one.slice(..0), &DeviceInputs::new(&ids_view)).map(|_| ())
+    });
+    assert!(errs.iter().all(|e| matches!(e, Err(fused_weighted_loss::Error::EmptyDataGroup))), "{errs:?}");
+}
+
 #[cfg(feature = "nccl")]
 mod nccl {
     use super::*;

@@ -53,31 +53,37 @@ fn run_rank<L: Logit>(
     let stream = ctx.new_stream().unwrap();
     let fused = CudaLinearLoss::new(ctx)?;
     let (t, h) = (c.shape.seq(), c.shape.hidden());
-    let shape = LinearShape::new(samples.len(), t, h, c.shape.vocab())?;
+    let shape = match samples.len() {
+        0 => LinearShape::without_samples(t, h, c.shape.vocab())?,
+        b => LinearShape::new(b, t, h, c.shape.vocab())?,
+    };
     let rows = samples.start * t..samples.end * t;
     let up = |x: &[L]| stream.clone_htod(x).unwrap();
-    let hidden = up(&c.hidden[rows.start * h..rows.end * h]);
+    // (the per-row buffers get one element more, used through views of their rows: a rank
+    // without samples has none, and CUDA allocates no zero bytes)
+    let padded = |x: &[L]| stream.clone_htod(&[x, &[L::from_f32(0.0)]].concat()).unwrap();
+    let (nr, nh, nw, nb) = (rows.len(), shape.rows() * h, slice.len() * h, slice.len());
+    let hidden = padded(&c.hidden[rows.start * h..rows.end * h]);
     let weight = up(&c.weight[slice.start() * h..slice.end() * h]);
     let bias = c.bias.as_ref().map(|b| up(&b[slice.start()..slice.end()]));
-    let ids = stream.clone_htod(&c.ids[rows.clone()]).unwrap();
-    let labels = c.labels.as_ref().map(|l| stream.clone_htod(&l[rows.clone()]).unwrap());
-    let weights = c.token_weights.as_ref().map(|w| stream.clone_htod(&w[rows.clone()]).unwrap());
+    let ids = stream.clone_htod(&[&c.ids[rows.clone()], &[0]].concat()).unwrap();
+    let labels = c.labels.as_ref().map(|l| stream.clone_htod(&[&l[rows.clone()], &[0]].concat()).unwrap());
+    let weights = c.token_weights.as_ref().map(|w| stream.clone_htod(&[&w[rows.clone()], &[1.0]].concat()).unwrap());
     let fill = |n: usize| vec![prior.unwrap_or(f32::NAN); n];
-    let (nh, nw, nb) = (shape.rows() * h, slice.len() * h, slice.len());
     let (mut dh_l, mut dw_l, mut db_l) = (
-        stream.clone_htod(&vec![L::from_f32(f32::NAN); nh]).unwrap(),
+        stream.clone_htod(&vec![L::from_f32(f32::NAN); nh + 1]).unwrap(),
         stream.clone_htod(&fill(nw).iter().map(|&x| L::from_f32(x)).collect::<Vec<_>>()).unwrap(),
         stream.clone_htod(&fill(nb).iter().map(|&x| L::from_f32(x)).collect::<Vec<_>>()).unwrap(),
     );
     let (mut dh_f, mut dw_f, mut db_f) = (
-        stream.clone_htod(&vec![f32::NAN; nh]).unwrap(),
+        stream.clone_htod(&vec![f32::NAN; nh + 1]).unwrap(),
         stream.clone_htod(&fill(nw)).unwrap(),
         stream.clone_htod(&fill(nb)).unwrap(),
     );
     let out = {
-        let (hv, wv, iv) = (hidden.as_view(), weight.as_view(), ids.as_view());
+        let (hv, wv, iv) = (hidden.slice(..nh), weight.as_view(), ids.slice(..nr));
         let bv = bias.as_ref().map(|b| b.as_view());
-        let (lv, tv) = (labels.as_ref().map(|l| l.as_view()), weights.as_ref().map(|w| w.as_view()));
+        let (lv, tv) = (labels.as_ref().map(|l| l.slice(..nr)), weights.as_ref().map(|w| w.slice(..nr)));
         let mut inputs = DeviceLinearInputs::new(&hv, &wv);
         if let Some(b) = bv.as_ref() {
             inputs = inputs.with_bias(b);
@@ -89,8 +95,8 @@ fn run_rank<L: Logit>(
         if let Some(w) = tv.as_ref() {
             tokens = tokens.with_token_weights(w);
         }
-        let (mut a, mut b, mut d) = (dh_l.as_view_mut(), dw_l.as_view_mut(), db_l.as_view_mut());
-        let (mut e, mut f, mut g) = (dh_f.as_view_mut(), dw_f.as_view_mut(), db_f.as_view_mut());
+        let (mut a, mut b, mut d) = (dh_l.slice_mut(..nh), dw_l.as_view_mut(), db_l.as_view_mut());
+        let (mut e, mut f, mut g) = (dh_f.slice_mut(..nh), dw_f.as_view_mut(), db_f.as_view_mut());
         let mut grads = if in_l {
             DeviceLinearGrads::new().hidden(DeviceGrad::Into(&mut a)).weight(DeviceGrad::Into(&mut b))
         } else {
@@ -109,14 +115,14 @@ fn run_rank<L: Logit>(
     let r = if in_l {
         RankOut {
             out,
-            dh: widen(stream.clone_dtoh(&dh_l).unwrap()),
+            dh: widen(stream.clone_dtoh(&dh_l.slice(..nh)).unwrap()),
             dw: widen(stream.clone_dtoh(&dw_l).unwrap()),
             db: if no_bias { Vec::new() } else { widen(stream.clone_dtoh(&db_l).unwrap()) },
         }
     } else {
         RankOut {
             out,
-            dh: stream.clone_dtoh(&dh_f).unwrap(),
+            dh: stream.clone_dtoh(&dh_f.slice(..nh)).unwrap(),
             dw: stream.clone_dtoh(&dw_f).unwrap(),
             db: if no_bias { Vec::new() } else { stream.clone_dtoh(&db_f).unwrap() },
         }
@@ -290,7 +296,8 @@ fn gpu_linear_split_grid_with_a_data_group() {
         let spec = LossSpec::builder().keywords([c.ids[1], c.ids[9]]).reduction(reduction).build().unwrap();
         let e = expected(&spec, &c);
         let sl = uneven(2, v);
-        let samples = [0..1, 1..4];
+        // WeightedMean: data rank 0 holds no samples
+        let samples = if reduction == Reduction::Mean { [0..1, 1..4] } else { [0..0, 0..4] };
         let outs = run_grid(2, 2, |d, p, vg, dg| {
             run_rank(
                 &ctx,

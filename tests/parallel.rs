@@ -11,7 +11,7 @@ use common::rel;
 use fused_weighted_loss::parallel::{check_tiling, Sharded, ShardedLoss, Solo, VocabSlice};
 use fused_weighted_loss::reference::rel_err;
 use fused_weighted_loss::synthetic::{self, Rng};
-use fused_weighted_loss::{bf16, Error, Grad, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape};
+use fused_weighted_loss::{bf16, Error, Grad, Logit, LossOutput, LossSpec, Reduction, RowMean, Shape, Tokens};
 use shards::{assemble, columns, run_grid, run_ranks, Case, ThreadGroup};
 
 /// `ranks` slices of `vocab` with random, uneven cut points.
@@ -294,7 +294,16 @@ fn bf16_logits_and_every_gradient_mode() {
 
 #[test]
 fn data_parallel_matches_the_concatenated_batch() {
-    for (seed, splits) in [(1u64, vec![0, 1, 3]), (2, vec![0, 2, 3]), (3, vec![0, 1, 2, 3]), (4, vec![0, 3])] {
+    // (5-7: a rank without samples, first, in the middle, last)
+    for (seed, splits) in [
+        (1u64, vec![0, 1, 3]),
+        (2, vec![0, 2, 3]),
+        (3, vec![0, 1, 2, 3]),
+        (4, vec![0, 3]),
+        (5, vec![0, 0, 1, 3]),
+        (6, vec![0, 2, 2, 3]),
+        (7, vec![0, 3, 3]),
+    ] {
         for reduction in [Reduction::Mean, Reduction::WeightedMean, Reduction::Sum] {
             let mut case = random_case::<f32>(seed * 31, 40);
             let t = case.shape.seq();
@@ -437,6 +446,121 @@ fn grid_of_data_and_vocab_ranks() {
         }
         let e = rel_err(&g, &wgrad);
         assert!(e <= 1e-6, "{what}: gradient rel err {e:e}");
+    }
+}
+
+/// A data rank without samples in a grid (its vocabulary group is empty too): every gradient
+/// mode and the per-token losses come back empty, the loss is the whole batch's, the same bits
+/// as its peers'; the ranks with samples get the gradient of the concatenated batch.
+#[test]
+fn a_data_rank_without_samples_in_a_grid() {
+    let mut case = random_case::<f32>(21, 64);
+    let (t, v) = (case.shape.seq(), case.shape.vocab());
+    case.shape = Shape::new(3, t, v).unwrap();
+    case.logits = synthetic::logits(21, 3 * t * v, 4.0);
+    case.ids = synthetic::ids(21, 3 * t, v);
+    case.labels = case.ids.clone();
+    case.spec = case.spec.to_builder().z_loss(1e-3).build().unwrap();
+    let (whole, wgrad, _) = case.whole();
+    let splits = [0usize, 1, 1, 3];
+    let slices = random_slices(&mut Rng::new(21), 2, v);
+    let outs = run_grid(3, 2, |d, p, vg, dg| {
+        let part = case.samples(splits[d], splits[d + 1]);
+        let local = columns(&part.logits, v, slices[p]);
+        let call = Sharded::vocab_parallel(slices[p], vg).with_data_group(dg).with_chunk_rows(3);
+        let mut grad = vec![f32::NAN; local.len()];
+        let mut pt = vec![f32::NAN; part.shape.batch() * (t - 1)];
+        let per = call
+            .loss_and_grad_per_token(&part.spec, part.shape, &local, part.tokens(), Grad::IntoF32(&mut grad), &mut pt)
+            .unwrap();
+        let skip = call.loss_and_grad(&part.spec, part.shape, &local, part.tokens(), Grad::Skip).unwrap();
+        let mut inplace = local.clone();
+        let ip = call.loss_and_grad_in_place(&part.spec, part.shape, &mut inplace, part.tokens()).unwrap();
+        ([per, skip, ip], grad)
+    });
+    let mut g = vec![f32::NAN; wgrad.len()];
+    for (rank, (modes, grad)) in outs.iter().enumerate() {
+        let (d, p) = (rank / 2, rank % 2);
+        for o in modes {
+            assert_eq!(o.loss.to_bits(), outs[0].0[0].loss.to_bits(), "rank {rank}: the same loss bits");
+            assert_eq!(o.z_loss.to_bits(), outs[0].0[0].z_loss.to_bits(), "rank {rank}: the same z-loss bits");
+            assert!(rel(o.loss, whole.loss) <= 1e-6, "rank {rank}: loss {} vs {}", o.loss, whole.loss);
+            assert!(rel(o.z_loss, whole.z_loss) <= 1e-6, "rank {rank}: z-loss");
+            assert_eq!(o.weights.len(), splits[d + 1] - splits[d], "rank {rank}: its samples' weights");
+        }
+        if d == 1 {
+            assert!(grad.is_empty() && modes[0].per_sample_loss.is_empty(), "the empty rank's outputs are empty");
+        }
+        let (b0, s) = (splits[d], slices[p]);
+        for (i, row) in grad.chunks_exact(s.len()).enumerate() {
+            let r = b0 * t + i;
+            g[r * v + s.start()..r * v + s.end()].copy_from_slice(row);
+        }
+    }
+    let e = rel_err(&g, &wgrad);
+    assert!(e <= 1e-6, "gradient rel err {e:e}");
+}
+
+/// What a rank without samples cannot be: alone (no data group), in a data group where no rank
+/// holds a sample, or beside inputs its peers reject (each rank raises before any exchange, so
+/// nobody is left waiting); and the slices of its vocabulary group are still checked.
+#[test]
+fn a_rank_without_samples_and_its_errors() {
+    let (t, v) = (5usize, 12usize);
+    let empty = Shape::without_samples(t, v).unwrap();
+    let none: [i64; 0] = [];
+    let spec = LossSpec::default();
+    let solo = Sharded::data_parallel(v, &fused_weighted_loss::parallel::Solo);
+    let alone = solo.loss_and_grad::<f32, i64>(&spec, empty, &[], Tokens::new(&none), Grad::Skip);
+    assert!(matches!(alone, Err(Error::EmptyBatch)), "{alone:?}");
+    let plain = spec.loss_and_grad::<f32, i64>(empty, &[], Tokens::new(&none), Grad::Skip);
+    assert!(matches!(plain, Err(Error::EmptyBatch)), "{plain:?}");
+    let steps = ShardedLoss::new(&spec, empty, VocabSlice::full(v).unwrap(), Tokens::new(&none));
+    assert!(matches!(steps, Err(Error::EmptyBatch)), "the steps take samples: {steps:?}");
+    let all_empty = run_ranks(3, |_, g| {
+        Sharded::data_parallel(v, g).loss_and_grad::<f32, i64>(&spec, empty, &[], Tokens::new(&none), Grad::Skip)
+    });
+    for r in &all_empty {
+        assert!(matches!(r, Err(Error::EmptyDataGroup)), "{r:?}");
+    }
+    // a keyword outside the vocabulary: every rank's error, the empty one's included
+    let bad = LossSpec::builder().keywords([v as i64]).build().unwrap();
+    let ids: Vec<i64> = (0..t as i64).collect();
+    let logits = synthetic::logits::<f32>(3, t * v, 2.0);
+    let errs = run_ranks(2, |r, g| {
+        let call = Sharded::data_parallel(v, g);
+        if r == 0 {
+            call.loss_and_grad::<f32, i64>(&bad, empty, &[], Tokens::new(&none), Grad::Skip)
+        } else {
+            call.loss_and_grad(&bad, Shape::new(1, t, v).unwrap(), &logits, Tokens::new(&ids), Grad::Skip)
+        }
+    });
+    for r in &errs {
+        assert!(matches!(r, Err(Error::KeywordOutOfRange { .. })), "{r:?}");
+    }
+    // logits that are not empty beside an empty shape
+    let long = Sharded::data_parallel(v, &fused_weighted_loss::parallel::Solo).loss_and_grad(
+        &spec,
+        empty,
+        &logits,
+        Tokens::new(&none),
+        Grad::Skip,
+    );
+    assert!(matches!(long, Err(Error::LengthMismatch { what: "logits", .. })), "{long:?}");
+    // an empty vocabulary group of two whose slices overlap: the check still runs (a grid of 2 x 2,
+    // data rank 0 empty, data rank 1 with one sample)
+    let slices = [VocabSlice::new(0, 7, v).unwrap(), VocabSlice::new(5, 7, v).unwrap()];
+    let grid = run_grid(2, 2, |d, p, vg, dg| {
+        let call = Sharded::vocab_parallel(slices[p], vg).with_data_group(dg);
+        if d == 0 {
+            call.loss_and_grad::<f32, i64>(&spec, empty, &[], Tokens::new(&none), Grad::Skip)
+        } else {
+            let local = columns(&logits, v, slices[p]);
+            call.loss_and_grad(&spec, Shape::new(1, t, v).unwrap(), &local, Tokens::new(&ids), Grad::Skip)
+        }
+    });
+    for r in &grid {
+        assert!(matches!(r, Err(Error::SlicesDoNotTile { .. })), "{r:?}");
     }
 }
 

@@ -62,7 +62,9 @@ impl Case {
         let (t, h, v) = (self.shape.seq(), self.shape.hidden(), self.shape.vocab());
         let (v0, v1) = s.map_or((0, v), |s| (s.start(), s.end()));
         Case {
-            shape: LinearShape::new(b1 - b0, t, h, v).unwrap(),
+            // a rank without samples: the sharded calls' empty shape
+            shape: if b1 == b0 { LinearShape::without_samples(t, h, v) } else { LinearShape::new(b1 - b0, t, h, v) }
+                .unwrap(),
             spec: self.spec.clone(),
             hidden: self.hidden[b0 * t * h..b1 * t * h].to_vec(),
             weight: self.weight[v0 * h..v1 * h].to_vec(),
@@ -165,10 +167,15 @@ fn linear_vocab_parallel_matches_the_unsplit_path() {
 
 #[test]
 fn linear_data_parallel_and_grid() {
-    for (data, vocab, seed) in [(2usize, 1usize, 21u64), (3, 1, 22), (2, 2, 23), (2, 3, 24)] {
+    // (25, 26: a data rank without samples, first and in the middle)
+    for (data, vocab, seed) in [(2usize, 1usize, 21u64), (3, 1, 22), (2, 2, 23), (2, 3, 24), (3, 1, 25), (3, 2, 26)] {
         let c = Case::new(seed, 3, 4, 8, 257, true);
         let whole = c.run(None);
-        let splits: Vec<usize> = (0..=data).map(|d| if d == data { 3 } else { d }).collect();
+        let splits: Vec<usize> = match seed {
+            25 => vec![0, 0, 1, 3],
+            26 => vec![0, 2, 2, 3],
+            _ => (0..=data).map(|d| if d == data { 3 } else { d }).collect(),
+        };
         let sl = slices(seed, vocab, 257);
         let outs = run_grid(data, vocab, |d, p, vg, dg| {
             c.part(splits[d], splits[d + 1], Some(sl[p]))
@@ -177,7 +184,7 @@ fn linear_data_parallel_and_grid() {
         let what = format!("{data}x{vocab} grid, {:?}", c.spec);
         let (w, wdh, wdw, wdb) = &whole;
         let h = 8;
-        for (rank, (o, ..)) in outs.iter().enumerate() {
+        for (rank, (o, odh, odw, odb)) in outs.iter().enumerate() {
             assert!(
                 rel(o.loss.loss, w.loss.loss) <= 1e-6,
                 "{what}: rank {rank} loss {} vs {}",
@@ -185,6 +192,11 @@ fn linear_data_parallel_and_grid() {
                 w.loss.loss
             );
             assert_eq!(o.loss.loss.to_bits(), outs[0].0.loss.loss.to_bits(), "{what}: same bits");
+            let d = rank / vocab;
+            if splits[d] == splits[d + 1] {
+                assert!(odh.is_empty() && o.chunks == 0, "{what}: rank {rank} has no rows");
+                assert!(odw.iter().chain(odb).all(|&x| x == 0.0), "{what}: rank {rank}: d W and d bias zero");
+            }
         }
         // d W and d bias: sums over the data ranks of each vocabulary rank's rows
         for p in 0..vocab {
@@ -276,4 +288,67 @@ fn linear_typed_errors() {
         )
     });
     assert!(errs.iter().all(|e| matches!(e, Err(Error::SlicesDoNotTile { .. }))), "{errs:?}");
+}
+
+/// A rank without samples: with `accumulate` its `d W` and `d bias` stay as they were; alone, or
+/// in a data group without any sample, it is an error; a chunking its peers reject, it rejects.
+#[test]
+fn linear_rank_without_samples_accumulates_nothing_and_its_errors() {
+    use fused_weighted_loss::parallel::Solo;
+    use fused_weighted_loss::Error;
+    let c = Case::new(51, 2, 4, 8, 40, true);
+    let whole = c.run(None);
+    let full = VocabSlice::full(40).unwrap();
+    let outs = run_ranks(2, |r, g: &ThreadGroup| {
+        let p = c.part(0, 2 * r, None);
+        let (mut dw, mut db) = (vec![0.25f32; 40 * 8], vec![-0.5f32; 40]);
+        let grads = LinearGrads::new().weight(Grad::Into(&mut dw)).bias(Grad::Into(&mut db)).accumulate(true);
+        let out = Sharded::data_parallel(40, g)
+            .linear_loss_and_grad(&p.spec, p.shape, p.inputs(), p.tokens(), grads, Chunking::Rows(3))
+            .unwrap();
+        (out, dw, db)
+    });
+    let (empty, dw, db) = &outs[0];
+    assert!(empty.loss.weights.is_empty() && empty.chunks == 0);
+    assert_eq!(empty.loss.loss.to_bits(), outs[1].0.loss.loss.to_bits(), "the same loss bits");
+    assert!(rel(empty.loss.loss, whole.0.loss.loss) <= 1e-6, "the whole batch's loss");
+    assert!(dw.iter().all(|&x| x == 0.25) && db.iter().all(|&x| x == -0.5), "accumulate: untouched");
+    let e = rel_err(&outs[1].1.iter().map(|x| x - 0.25).collect::<Vec<_>>(), &whole.2);
+    assert!(e <= 1e-6, "the rank with samples accumulates the whole d W: {e:e}");
+
+    let p = c.part(0, 0, None);
+    let alone = Sharded::data_parallel(40, &Solo).linear_loss_and_grad(
+        &p.spec,
+        p.shape,
+        p.inputs(),
+        p.tokens(),
+        LinearGrads::new(),
+        Chunking::Auto,
+    );
+    assert!(matches!(alone, Err(Error::EmptyBatch)), "{alone:?}");
+    let plain = p.spec.linear_loss_and_grad(p.shape, p.inputs(), p.tokens(), LinearGrads::new(), Chunking::Auto);
+    assert!(matches!(plain, Err(Error::EmptyBatch)), "{plain:?}");
+    let both = run_ranks(2, |_, g: &ThreadGroup| {
+        Sharded::vocab_parallel(full, &Solo).with_data_group(g).linear_loss_and_grad(
+            &p.spec,
+            p.shape,
+            p.inputs(),
+            p.tokens(),
+            LinearGrads::new(),
+            Chunking::Auto,
+        )
+    });
+    assert!(both.iter().all(|r| matches!(r, Err(Error::EmptyDataGroup))), "{both:?}");
+    let zero_rows = run_ranks(2, |r, g: &ThreadGroup| {
+        let p = c.part(0, r, None);
+        Sharded::data_parallel(40, g).linear_loss_and_grad(
+            &p.spec,
+            p.shape,
+            p.inputs(),
+            p.tokens(),
+            LinearGrads::new(),
+            Chunking::Rows(0),
+        )
+    });
+    assert!(zero_rows.iter().all(|r| matches!(r, Err(Error::InvalidChunking(_)))), "{zero_rows:?}");
 }

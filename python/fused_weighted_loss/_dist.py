@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _cpu_pool, _native
-from ._ops import _arg, _device_arg, _native_options, _parse_mode, _ptr, _wide, logits_grad
+from ._ops import _arg, _device_arg, _ptr, _wide, logits_grad
 
 # (group, start, len, vocab) whose slices were checked to tile the vocabulary
 _TILED: Dict[Tuple[int, int, int, int], bool] = {}
@@ -38,33 +38,6 @@ def _gather(t: Tensor, group) -> Tensor:
     out = t.new_empty((t.numel() * _size(group),))
     dist.all_gather_into_tensor(out, t, group=group)
     return out
-
-
-def _empty_rank(data_group, device: torch.device) -> Tuple[Tensor, Tensor]:
-    """What a data-parallel rank without samples does once its inputs are checked (the errors
-    its peers raise before their first exchange, ``_native.check_empty_rank``): it takes part in
-    the crate's two exchanges over the data group with nothing (``[B, sum w_b]``, then its share
-    ``[loss, z_loss]`` of the loss: zeros) and sums the shares in rank order as the crate does,
-    the same bits as every other rank. A data group without any sample raises on every rank
-    after the first exchange (on CUDA that reads its batch sizes on the host: this rank has
-    nothing else to wait for). Returns (loss float32 0-d, z-loss float64 0-d) on ``device``."""
-    zeros = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        totals = _gather(zeros, data_group)
-        if not bool(totals[0::2].any()):
-            raise ValueError("batch size is 0 on every rank of the data group")
-        shares = _gather(zeros, data_group)
-    loss, z = zeros[0], zeros[1]
-    for r in range(_size(data_group)):
-        loss, z = loss + shares[2 * r], z + shares[2 * r + 1]
-    return loss.to(torch.float32), z
-
-
-def _no_samples(data_group, *batches: int) -> bool:
-    """Whether this rank holds no samples (any of ``batches``, the leading dimensions of its
-    inputs, is 0: ``_native.check_empty_rank`` then checks that every input's is) of a data
-    group of several ranks (a group of one, or none, without samples is the crate's error)."""
-    return 0 in batches and data_group is not None and _size(data_group) > 1
 
 
 def _check_tiling(group, start: int, length: int, vocab: int, device: torch.device) -> None:
@@ -137,17 +110,6 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
         # on every path
         _check_tiling(process_group, start, length, vocab, logits.device)
     new = logits.new_empty
-    if _no_samples(data_group, b, ids.shape[0] if ids.dim() > 0 else 1):
-        # (a vocabulary group holds the same samples on every rank: all of it is here too)
-        _native.check_empty_rank(
-            (_arg(logits), _arg(ids), _arg(labels) if labels is not None else None,
-             _arg(token_weights) if token_weights is not None else None), options, vocab, cuda)
-        loss, z_loss = _empty_rank(data_group, logits.device)
-        dtype = torch.float32 if grad_f32 else logits.dtype
-        grad = new((0,) if not compute_grad else tuple(logits.shape), dtype=dtype)
-        per, weights = (new((0,), dtype=torch.float64) for _ in range(2))
-        token_loss = new((0, t - 1) if want_token_loss else (0,), dtype=torch.float32)
-        return loss, per, weights, z_loss, token_loss, grad
     loss = new((), dtype=torch.float32)
     per = new((b if want_per_sample else 0,), dtype=torch.float64)
     weights = new((b if want_per_sample else 0,), dtype=torch.float64)
@@ -264,17 +226,9 @@ class ShardedLinear(torch.autograd.Function):
         else:
             groups = (_group_arg(process_group), _group_arg(data_group))
         split = (params["slice_"], *groups)
-        if _no_samples(data_group, hidden.shape[0] if hidden.dim() > 0 else 1, ids.shape[0] if ids.dim() > 0 else 1):
-            if process_group is not None:
-                # (on CPU tensors the crate checks this in its first vocabulary exchange, which a
-                # vocabulary group without samples never makes)
-                _check_tiling(process_group, *params["slice_"], hidden.device)
-            loss, per, weights, z, dh, dw, db = _empty_linear(hidden, weight, bias, ids, labels, token_weights,
-                                                              params)
-        else:
-            loss, per, weights, z, dh, dw, db = linear_forward(hidden, weight, bias, ids, labels, token_weights,
-                                                               params["keywords"], params["keyword_weights"],
-                                                               params["mode"], split)
+        loss, per, weights, z, dh, dw, db = linear_forward(hidden, weight, bias, ids, labels, token_weights,
+                                                           params["keywords"], params["keyword_weights"],
+                                                           params["mode"], split)
         if process_group is not None and params["reduce_hidden_grad"] and dh.numel() > 0:
             dist.all_reduce(dh, group=process_group)
         ctx.mark_non_differentiable(per, weights, z)
@@ -288,23 +242,3 @@ class ShardedLinear(torch.autograd.Function):
         from ._linear import linear_grads
 
         return linear_grads(ctx, g_loss, 7)
-
-
-def _empty_linear(hidden, weight, bias, ids, labels, token_weights, params):
-    """The fused linear loss on a data-parallel rank without samples (see ``_empty_rank``): the
-    loss from its peers, an empty ``d hidden``, and zero ``d weight`` and ``d bias`` (its part
-    of the sums a data-parallel trainer all-reduces)."""
-    from ._linear import _LINEAR_OPTIONS, _check_devices, _outputs
-
-    _check_devices(hidden, dict(weight=weight, bias=bias, ids=ids, labels=labels, token_weights=token_weights))
-    row_mean, reduction, flags, opt = _parse_mode(params["mode"], _LINEAR_OPTIONS)
-    options = _native_options(params["keywords"], params["keyword_weights"], row_mean, reduction, flags, opt)
-    _, _, vocab = params["slice_"]
-    _native.check_empty_linear_rank(
-        tuple(_arg(t) if t is not None else None for t in (hidden, weight, bias, ids, labels, token_weights)),
-        options, (opt.get("chunk_rows"), opt.get("chunk_budget")), vocab, hidden.device.type == "cuda")
-    loss, z = _empty_rank(params["data_group"], hidden.device)
-    alloc = lambda t, dtype=None: torch.zeros(t.shape, dtype=dtype or t.dtype, device=t.device)
-    _, per, weights, _, grads = _outputs(hidden, weight, bias, ids, flags, alloc)
-    dh, dw, db = (hidden.new_empty((0,)) if g is None else g for g in grads)
-    return loss, per, weights, z, dh, dw, db

@@ -7,8 +7,7 @@ use crate::linear::LinearRequest;
 use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Options, Request, TensorArg};
 use fused_weighted_loss::parallel::Sharded;
 use fused_weighted_loss::{
-    bf16, f16, Backend, DType, Grad, LinearGrads, LinearInputs, LinearShape, Logit, LossOutput, LossSpec, Shape,
-    TokenId, Tokens,
+    bf16, f16, Backend, DType, Grad, LinearGrads, LinearInputs, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -19,8 +18,9 @@ pub(crate) mod host {
     use pyo3::exceptions::PyValueError;
     use pyo3::PyResult;
 
-    fn check<T>(ptr: u64, what: &str) -> PyResult<()> {
-        if ptr == 0 || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
+    fn check<T>(ptr: u64, len: usize, what: &str) -> PyResult<()> {
+        // (torch's tensors without elements may have a null data pointer)
+        if (ptr == 0 && len > 0) || !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
             return Err(PyValueError::new_err(format!("{what}: data pointer {ptr:#x} is null or misaligned")));
         }
         Ok(())
@@ -32,7 +32,10 @@ pub(crate) mod host {
     /// `ptr` addresses `len` elements of `T` (any bit pattern of the types used here is a valid
     /// value) that stay allocated, and are not written, for `'a`.
     pub(crate) unsafe fn slice<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a [T]> {
-        check::<T>(ptr, what)?;
+        check::<T>(ptr, len, what)?;
+        if len == 0 {
+            return Ok(&[]);
+        }
         // SAFETY: non-null and aligned (checked); the rest as the caller promises.
         Ok(unsafe { std::slice::from_raw_parts(ptr as usize as *const T, len) })
     }
@@ -42,7 +45,10 @@ pub(crate) mod host {
     /// # Safety
     /// As [`slice`], and nothing else reads or writes that memory for `'a`.
     pub(crate) unsafe fn slice_mut<'a, T>(ptr: u64, len: usize, what: &str) -> PyResult<&'a mut [T]> {
-        check::<T>(ptr, what)?;
+        check::<T>(ptr, len, what)?;
+        if len == 0 {
+            return Ok(&mut []);
+        }
         // SAFETY: non-null and aligned (checked); the rest as the caller promises.
         Ok(unsafe { std::slice::from_raw_parts_mut(ptr as usize as *mut T, len) })
     }
@@ -101,7 +107,7 @@ fn typed<L: Logit, I: TokenId>(
             Some(split) => {
                 // the logits hold this rank's columns: the loss's shape has the whole vocabulary
                 let slice = split.slice()?;
-                let whole = Shape::new(shape.batch(), shape.seq(), slice.vocab())?;
+                let whole = shape.with_vocab(slice.vocab())?;
                 let mut call = Sharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
                 if let Some(c) = chunk_rows {
                     call = call.with_chunk_rows(c);
@@ -199,7 +205,7 @@ fn linear_typed<L: Logit, I: TokenId>(py: Python<'_>, req: &LinearRequest<'_>) -
         Some(split) => {
             // the weight holds this rank's rows: the loss's shape has the whole vocabulary
             let slice = split.slice().map_err(to_py)?;
-            let whole = LinearShape::new(shape.batch(), shape.seq(), shape.hidden(), slice.vocab()).map_err(to_py)?;
+            let whole = shape.with_vocab(slice.vocab()).map_err(to_py)?;
             py.detach(|| {
                 let call = Sharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
                 call.linear_loss_and_grad(spec, whole, inputs, tokens, grads, chunking)

@@ -12,7 +12,7 @@ use fused_weighted_loss::cuda::external::{Borrowed, ExternalDevice};
 use fused_weighted_loss::cuda::linear::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs};
 use fused_weighted_loss::cuda::split::DeviceSharded;
 use fused_weighted_loss::cuda::{DeviceInputs, DeviceLossOutput};
-use fused_weighted_loss::{Backend, DType, Error, LinearShape, Logit, Shape, TokenId};
+use fused_weighted_loss::{Backend, DType, Error, Logit, TokenId};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::sync::Arc;
@@ -160,7 +160,7 @@ fn typed<L: Logit, I: TokenId>(
         Some((split, chunk_rows)) => {
             // the logits hold this rank's columns: the loss's shape has the whole vocabulary
             let slice = split.slice().map_err(to_py)?;
-            let whole = Shape::new(shape.batch(), shape.seq(), slice.vocab()).map_err(to_py)?;
+            let whole = shape.with_vocab(slice.vocab()).map_err(to_py)?;
             // without the GIL, as on the CPU: the exchanges call into Python, which takes it back
             py.detach(|| {
                 let mut sharded = DeviceSharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
@@ -198,7 +198,9 @@ fn copy_outputs(
     let from = [&result.per_sample_loss, &result.weights, &result.z_loss, &result.row_loss];
     for (from, to) in from.into_iter().zip(rest) {
         if let Some(to) = to.as_mut() {
-            stream.memcpy_dtod(from, &mut to.view_mut()).map_err(copy)?;
+            // (a rank without samples: `from` has one element beyond the results, `to` none)
+            let n = to.len().min(from.len());
+            stream.memcpy_dtod(&from.slice(..n), &mut to.view_mut()).map_err(copy)?;
         }
     }
     Ok(())
@@ -318,7 +320,7 @@ fn linear_typed<L: Logit, I: TokenId>(
             // the weight holds this rank's rows: the loss's shape has the whole vocabulary; the
             // exchanges go through torch.distributed on torch's stream (see group.rs)
             let slice = split.slice().map_err(to_py)?;
-            let whole = LinearShape::new(shape.batch(), shape.seq(), shape.hidden(), slice.vocab()).map_err(to_py)?;
+            let whole = shape.with_vocab(slice.vocab()).map_err(to_py)?;
             // without the GIL, as on the CPU: the exchanges call into Python (which takes it back)
             // while this call holds the cuBLAS handle, which another thread's call may wait for
             py.detach(|| {

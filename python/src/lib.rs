@@ -179,7 +179,8 @@ pub(crate) fn id_dtype(ids: &TensorArg, labels: Option<&TensorArg>) -> PyResult<
 
 /// The validated shape of one call.
 pub(crate) fn shape_of(logits: &TensorArg, ids: &TensorArg, labels: Option<&TensorArg>) -> PyResult<Shape> {
-    let shape = Shape::from_dims(logits.dims(), ids.dims()).map_err(to_py)?;
+    // (`[0, T, V]`: a data-parallel rank without samples, which only a sharded call accepts)
+    let shape = Shape::from_dims_of_rank(logits.dims(), ids.dims()).map_err(to_py)?;
     if let Some(l) = labels {
         shape.check_token_dims("labels", l.dims()).map_err(to_py)?;
     }
@@ -286,67 +287,6 @@ fn scale_grad(grad: TensorArg, scale: u64, device: (usize, usize)) -> PyResult<(
     }
 }
 
-/// Checks that every one of `inputs` (name, tensor or None) has a leading dimension of 0: a
-/// rank without samples has none in any of them (a tensor of one sample beside empty ids is a
-/// shape mismatch, not an empty rank).
-pub(crate) fn check_no_samples(inputs: &[(&'static str, Option<&TensorArg>)]) -> PyResult<()> {
-    for &(what, t) in inputs {
-        let Some(t) = t else { continue };
-        if t.dims().first() != Some(&0) {
-            let mut expected = t.dims().to_vec();
-            match expected.first_mut() {
-                Some(d) => *d = 0,
-                None => expected.push(0),
-            }
-            return Err(to_py(Error::ShapeMismatch { what, expected, got: t.dims().to_vec() }));
-        }
-    }
-    Ok(())
-}
-
-/// An error of the check of a rank without samples, saying that its shapes are those of a
-/// batch of one (the type kept: `TypeError` or `ValueError`).
-pub(crate) fn as_empty_rank_error(py: Python<'_>, e: PyErr) -> PyErr {
-    let msg = format!("{} (this rank holds no samples: its inputs are checked as a batch of one)", e.value(py));
-    if e.is_instance_of::<PyTypeError>(py) {
-        PyTypeError::new_err(msg)
-    } else {
-        PyValueError::new_err(msg)
-    }
-}
-
-/// `t` with a leading dimension of 0 made `one`: a rank without samples checks its inputs as
-/// a batch of one (dtypes, ranks and the other dimensions stay, so any mismatch still shows).
-pub(crate) fn as_batch_of(t: &TensorArg, one: usize) -> TensorArg {
-    let mut dims = t.dims().to_vec();
-    if dims.first() == Some(&0) {
-        dims[0] = one;
-    }
-    TensorArg(t.ptr(), dims, t.dtype().to_string())
-}
-
-/// Checks what a data-parallel rank without samples (`[0, T, V]` logits, `[0, T]` ids) can
-/// check before it joins its data group's exchanges (see `_dist.py`), with the errors a rank
-/// with samples raises before its first exchange: every input's dtype and shape (as a batch of
-/// one), the options (for CUDA tensors with `cuda`), and the whole vocabulary `vocab`.
-#[pyfunction]
-fn check_empty_rank(py: Python<'_>, inputs: Inputs, options: Options, vocab: usize, cuda: bool) -> PyResult<()> {
-    let Inputs(logits, ids, labels, token_weights) = &inputs;
-    check_no_samples(&[
-        ("logits", Some(logits)),
-        ("ids", Some(ids)),
-        ("labels", labels.as_ref()),
-        ("token_weights", token_weights.as_ref()),
-    ])?;
-    let one = |t: &TensorArg| as_batch_of(t, 1);
-    let inputs = Inputs(one(logits), one(ids), labels.as_ref().map(one), token_weights.as_ref().map(one));
-    let backend = if cuda { Backend::Cuda } else { Backend::Cpu };
-    let req =
-        inputs.request(&options, backend, Outputs(0, 0, 0, 0, 0, 0, false)).map_err(|e| as_empty_rank_error(py, e))?;
-    Shape::new(1, req.shape.seq(), vocab).map_err(to_py)?;
-    Ok(())
-}
-
 /// Why the CUDA backend cannot run here (`None` when it can): no `cuda` feature in this build,
 /// no driver, no device.
 #[pyfunction]
@@ -366,8 +306,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(linear::linear_forward, m)?)?;
     m.add_function(wrap_pyfunction!(scale_grad, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::narrow_grad, m)?)?;
-    m.add_function(wrap_pyfunction!(check_empty_rank, m)?)?;
-    m.add_function(wrap_pyfunction!(linear::check_empty_linear_rank, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(built_with_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::time_rust_call, m)?)?;

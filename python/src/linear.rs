@@ -133,7 +133,8 @@ impl LinearInputs {
                 }
             }
         }
-        let shape = LinearShape::from_dims(hidden.dims(), weight.dims(), ids.dims()).map_err(to_py)?;
+        // (`[0, T]` ids: a data-parallel rank without samples, which only a sharded call accepts)
+        let shape = LinearShape::from_dims_of_rank(hidden.dims(), weight.dims(), ids.dims()).map_err(to_py)?;
         if let Some(b) = bias {
             shape.check_bias_dims(b.dims()).map_err(to_py)?;
         }
@@ -164,44 +165,6 @@ impl LinearInputs {
             split,
         })
     }
-}
-
-/// As `crate::check_empty_rank`, for the fused linear loss: the inputs (hidden `[0, T, H]` or
-/// `[0, H]`, ids `[0, T]`) checked as a batch of one, the options and chunking, and the whole
-/// vocabulary `vocab` (the weight holds this rank's rows of it).
-#[pyfunction]
-pub(crate) fn check_empty_linear_rank(
-    py: Python<'_>,
-    inputs: LinearInputs,
-    options: Options,
-    chunks: (Option<i64>, Option<i64>),
-    vocab: usize,
-    cuda: bool,
-) -> PyResult<()> {
-    let LinearInputs(hidden, weight, bias, ids, labels, token_weights) = &inputs;
-    crate::check_no_samples(&[
-        ("hidden", Some(hidden)),
-        ("ids", Some(ids)),
-        ("labels", labels.as_ref()),
-        ("token_weights", token_weights.as_ref()),
-    ])?;
-    let one = |t: &TensorArg| crate::as_batch_of(t, 1);
-    // `[B·T, H]` hidden states: a batch of one is T rows
-    let rows = if hidden.dims().len() == 2 { ids.dims().get(1).copied().unwrap_or(0) } else { 1 };
-    let inputs = LinearInputs(
-        crate::as_batch_of(hidden, rows),
-        weight.clone(),
-        bias.clone(),
-        one(ids),
-        labels.as_ref().map(one),
-        token_weights.as_ref().map(one),
-    );
-    let outputs = LinearOutputs(LinearGradArgs(None, None, None), Outputs(0, 0, 0, 0, 0, 0, false));
-    let backend = if cuda { Backend::Cuda } else { Backend::Cpu };
-    let req =
-        inputs.request(&outputs, &options, chunks, backend, None).map_err(|e| crate::as_empty_rank_error(py, e))?;
-    LinearShape::new(1, req.shape.seq(), req.shape.hidden(), vocab).map_err(to_py)?;
-    Ok(())
 }
 
 /// The fused linear loss of `inputs` (see [`LinearInputs`]) and the gradients that `outputs`

@@ -37,6 +37,10 @@ impl<'a, I: TokenId> DeviceInputs<'a, I> {
 }
 
 /// Results left on the device; [`to_host`](Self::to_host) brings them back (and synchronises).
+///
+/// On a data-parallel rank without samples (`Shape::without_samples`, through
+/// `cuda::split::DeviceSharded`) the `[B]` and `[B·T]` buffers hold one element that is not
+/// part of the results (CUDA allocates no zero-byte buffers); `to_host` leaves it out.
 #[derive(Debug)]
 pub struct DeviceLossOutput {
     /// The batch loss, one `f64`.
@@ -110,6 +114,12 @@ impl DeviceLossOutput {
         let weights = stream.clone_dtoh(&self.weights).map_err(copy)?;
         let valid: Vec<u32> = stream.clone_dtoh(&self.valid_tokens).map_err(copy)?;
         stream.synchronize().map_err(drv("synchronising"))?;
+        // (a rank without samples has one element beyond its `[B]`)
+        let b = self.shape.batch();
+        let (mut per_sample_loss, mut weights, mut valid) = (per_sample_loss, weights, valid);
+        per_sample_loss.truncate(b);
+        weights.truncate(b);
+        valid.truncate(b);
         Ok(LossOutput {
             loss: loss[0],
             per_sample_loss,
@@ -210,6 +220,20 @@ impl CudaLoss {
 
     /// Everything that can be checked without reading device memory.
     pub(super) fn validate<I: TokenId>(
+        &self,
+        spec: &LossSpec,
+        shape: Shape,
+        logits_len: usize,
+        inputs: &DeviceInputs<'_, I>,
+        grad_len: Option<usize>,
+    ) -> Result<()> {
+        shape.require_samples()?;
+        self.validate_of_rank(spec, shape, logits_len, inputs, grad_len)
+    }
+
+    /// [`validate`](Self::validate) for a shape that may hold no samples (a sharded call's rank
+    /// without samples checks what its peers check before their first exchange).
+    pub(super) fn validate_of_rank<I: TokenId>(
         &self,
         spec: &LossSpec,
         shape: Shape,

@@ -131,9 +131,9 @@ impl<'a, L: Logit> DeviceLinearInputs<'a, L> {
 #[derive(Debug)]
 pub struct DeviceLinearGrads<'a, 'b, L: Logit> {
     hidden: DeviceGrad<'a, 'b, L>,
-    weight: DeviceGrad<'a, 'b, L>,
-    bias: DeviceGrad<'a, 'b, L>,
-    accumulate: bool,
+    pub(in crate::cuda) weight: DeviceGrad<'a, 'b, L>,
+    pub(in crate::cuda) bias: DeviceGrad<'a, 'b, L>,
+    pub(in crate::cuda) accumulate: bool,
 }
 
 impl<L: Logit> Default for DeviceLinearGrads<'_, '_, L> {

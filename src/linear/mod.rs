@@ -115,6 +115,31 @@ impl LinearShape {
         Ok(LinearShape { tokens, hidden })
     }
 
+    /// The shape of a data-parallel rank without samples this step: `[0, seq]` tokens, the rest
+    /// checked as [`LinearShape::new`] checks it. As [`Shape::without_samples`], only the sharded
+    /// calls with a data group of more than one rank accept it: `d hidden` is empty, `d weight`
+    /// and `d bias` come back zero (or untouched with [`LinearGrads::accumulate`]), this rank's
+    /// part of what a data-parallel trainer sums.
+    ///
+    /// ```
+    /// use fused_weighted_loss::LinearShape;
+    /// let s = LinearShape::without_samples(1024, 4096, 128_256)?;
+    /// assert_eq!((s.rows(), s.hidden_len(), s.weight_len()), (0, 0, 128_256 * 4096));
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn without_samples(seq: usize, hidden: usize, vocab: usize) -> Result<Self> {
+        let one = LinearShape::new(1, seq, hidden, vocab)?;
+        Ok(LinearShape { tokens: Shape::without_samples(seq, vocab)?, ..one })
+    }
+
+    /// This shape with another vocabulary (`batch == 0` kept): see [`Shape::with_vocab`].
+    pub fn with_vocab(&self, vocab: usize) -> Result<Self> {
+        match self.batch() {
+            0 => LinearShape::without_samples(self.seq(), self.hidden, vocab),
+            b => LinearShape::new(b, self.seq(), self.hidden, vocab),
+        }
+    }
+
     /// Builds a shape from the dimensions of the hidden states (`[B, T, H]` or `[B·T, H]`), the
     /// weight (`[V, H]`) and the ids (`[B, T]`), checking ranks and that they agree: the ids give
     /// `B` and `T`, the weight `V` and `H`, and the hidden states must match both.
@@ -150,6 +175,37 @@ impl LinearShape {
             return Err(Error::ShapeMismatch { what: "hidden", expected, got: hidden.to_vec() });
         }
         LinearShape::new(batch, seq, h, vocab)
+    }
+
+    /// [`from_dims`](Self::from_dims) for a rank of a sharded call: ids `[0, T]` (and hidden
+    /// states `[0, T, H]` or `[0, H]`) give [`LinearShape::without_samples`] rather than
+    /// [`Error::EmptyBatch`].
+    ///
+    /// ```
+    /// use fused_weighted_loss::LinearShape;
+    /// let empty = LinearShape::without_samples(8, 64, 100)?;
+    /// assert_eq!(LinearShape::from_dims_of_rank(&[0, 64], &[100, 64], &[0, 8])?, empty);
+    /// assert_eq!(LinearShape::from_dims_of_rank(&[0, 8, 64], &[100, 64], &[0, 8])?, empty);
+    /// assert!(LinearShape::from_dims_of_rank(&[8, 64], &[100, 64], &[0, 8]).is_err());
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn from_dims_of_rank(hidden: &[usize], weight: &[usize], ids: &[usize]) -> Result<Self> {
+        let &[0, seq] = ids else { return Self::from_dims(hidden, weight, ids) };
+        // checked as a batch of one sample's `T` rows, then made empty
+        let one: Vec<usize> = match hidden {
+            [0, h] => vec![seq, *h],
+            [0, _, h] => vec![1, seq, *h],
+            _ => {
+                return Err(match hidden.len() {
+                    2 | 3 => {
+                        Error::ShapeMismatch { what: "hidden", expected: zero_first(hidden), got: hidden.to_vec() }
+                    }
+                    _ => Self::from_dims(hidden, weight, ids).err().unwrap_or(Error::EmptyBatch),
+                })
+            }
+        };
+        let s = Self::from_dims(&one, weight, &[1, seq])?;
+        Self::without_samples(seq, s.hidden, s.vocab())
     }
 
     /// Checks that a bias's dimensions are `[V]`.
@@ -206,6 +262,13 @@ impl std::fmt::Display for LinearShape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "[{} x {}] hidden {}, vocab {}", self.batch(), self.seq(), self.hidden, self.vocab())
     }
+}
+
+/// `dims` with its leading dimension made 0 (what a rank without samples expects).
+fn zero_first(dims: &[usize]) -> Vec<usize> {
+    let mut d = dims.to_vec();
+    d[0] = 0;
+    d
 }
 
 /// The floating-point inputs of a fused linear call, all of one dtype: hidden states `[N, H]`,

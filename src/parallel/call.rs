@@ -119,7 +119,34 @@ impl<'a> Sharded<'a> {
     /// The loss and, unless `grad` is [`Grad::Skip`], the gradient of this rank's logits
     /// (`[B, T, slice.len()]`; `shape` is `[B, T, V]` with this rank's `B` and the whole `V`).
     /// Every rank gets the loss of the whole batch over the whole vocabulary; the per-sample
-    /// outputs are those of this rank's samples.
+    /// outputs are those of this rank's samples. A rank of a data group of several that holds
+    /// no samples passes [`Shape::without_samples`] and empty slices (see the
+    /// [module docs](super)).
+    ///
+    /// ```
+    /// use fused_weighted_loss::parallel::{Collective, Sharded};
+    /// use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
+    /// # // stands in for a real group of two whose rank 0 holds one sample (weight 1) of loss 2:
+    /// # // its [B, Σw], then its [loss share, z-loss share]
+    /// # struct Two(std::cell::Cell<usize>);
+    /// # impl Collective for Two {
+    /// #     fn rank(&self) -> usize { 1 }
+    /// #     fn size(&self) -> usize { 2 }
+    /// #     fn all_gather_f64(&self, send: &[f64], recv: &mut [f64]) -> fused_weighted_loss::Result<()> {
+    /// #         let calls = self.0.replace(self.0.get() + 1);
+    /// #         recv[..2].copy_from_slice(if calls == 0 { &[1.0, 1.0] } else { &[2.0, 0.0] });
+    /// #         recv[2..].copy_from_slice(send);
+    /// #         Ok(())
+    /// #     }
+    /// #     fn all_gather_f32(&self, _: &[f32], _: &mut [f32]) -> fused_weighted_loss::Result<()> { unreachable!() }
+    /// # }
+    /// let none: [i64; 0] = [];
+    /// let out = Sharded::data_parallel(10, &Two(Default::default())).loss_and_grad::<f32, i64>(
+    ///     &LossSpec::default(), Shape::without_samples(4, 10)?, &[], Tokens::new(&none), Grad::Skip)?;
+    /// assert_eq!(out.loss, 2.0); // the peer's share
+    /// assert!(out.per_sample_loss.is_empty());
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
     pub fn loss_and_grad<L: Logit, I: TokenId>(
         &self,
         spec: &LossSpec,
@@ -196,6 +223,9 @@ impl<'a> Sharded<'a> {
             return Err(Error::GradLength { expected: rows * len, got: n });
         }
         crate::check_token_loss(shape, token_loss.as_deref())?;
+        if shape.batch() == 0 {
+            return super::no_samples(spec, shape, &tokens, self);
+        }
         if vg.size() == 1 && !self.split_steps {
             // the whole vocabulary on this rank: nothing to exchange per row, so the
             // single-device pass (one read of each row, no chunks) with the data group's

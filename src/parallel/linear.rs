@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::linear::cpu::{active_rows, run_with};
 use crate::linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearShape, CPU_BUDGET};
 use crate::spec::{LossSpec, Tokens};
-use crate::Backend;
+use crate::{Backend, Grad};
 
 /// Chunk buffers per exchange by default: four threads' worth of the unsplit path's budget,
 /// a fixed number so that every rank cuts the same chunks whatever its thread count.
@@ -62,11 +62,25 @@ impl Sharded<'_> {
         if slice.vocab() != shape.vocab() {
             return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
         }
-        let local = LinearShape::new(shape.batch(), shape.seq(), shape.hidden(), slice.len())?;
+        let local = shape.with_vocab(slice.len())?;
         inputs.check(local)?;
         grads.check(local, inputs.bias.is_some())?;
         self.check_groups()?;
         chunking.rows_for(1, 1, 1)?;
+        if shape.batch() == 0 {
+            // this rank's part of d W and d b: nothing (d hidden has no rows)
+            let loss = super::no_samples(spec, shape.tokens(), &tokens, self)?;
+            if !grads.accumulate {
+                for g in [grads.weight, grads.bias] {
+                    match g {
+                        Grad::Skip => {}
+                        Grad::Into(g) => g.fill(L::default()),
+                        Grad::IntoF32(g) => g.fill(0.0),
+                    }
+                }
+            }
+            return Ok(LinearOutput { loss, chunk_rows: 0, chunks: 0, scratch_bytes: 0 });
+        }
         let mut plan = spec.plan(shape.tokens(), &tokens)?;
         let k = crate::cpu_kernels(spec.cpu_simd)?;
         global_denominator(&mut plan, spec, dg)?;

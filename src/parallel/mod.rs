@@ -19,7 +19,11 @@
 //! the concatenated batch, and a last all-gather of two numbers (the rank's share of the loss and
 //! of the z-loss) gives every rank the global loss. (Trainers that *average* gradients over
 //! data-parallel ranks, as PyTorch's DDP does, divide this gradient by their world size once more:
-//! scale the loss, or `grad_scale`, by it to get the gradient of the global loss.)
+//! scale the loss, or `grad_scale`, by it to get the gradient of the global loss.) A rank that
+//! holds no samples this step (an uneven last batch) passes [`Shape::without_samples`] (or
+//! [`LinearShape::without_samples`](crate::LinearShape::without_samples)) and empty buffers: it
+//! makes the checks its peers make before their first exchange, joins the two exchanges with
+//! nothing, and gets the loss of the whole batch, the same bits as its peers.
 //!
 //! **Both.** Ranks `(d, t)` of a grid: the vocabulary group of rank `(d, ·)` shares its samples,
 //! the data group of `(·, t)` its slice. Each exchange above runs in its own group.
@@ -72,7 +76,7 @@ pub use steps::ShardedLoss;
 
 use crate::error::{Error, Result};
 #[cfg(doc)]
-use crate::Reduction;
+use crate::{Reduction, Shape};
 
 /// The part of the vocabulary one rank's logits hold: ids `[start, start + len)` of a
 /// vocabulary of `vocab`, `len >= 1`.
@@ -228,6 +232,43 @@ fn gather_pairs(dg: &dyn Collective, local: [f64; 2]) -> Result<Option<Vec<f64>>
     let mut all = vec![0.0; 2 * dg.size()];
     dg.all_gather_f64(&local, &mut all)?;
     Ok(Some(all))
+}
+
+/// A data-parallel rank without samples ([`crate::Shape::without_samples`]): after the checks
+/// its peers make before their first exchange, it takes part in the data group's two exchanges
+/// with nothing (`B = 0`, `Σ w_b = 0`, then a share of 0 of the loss) and in the vocabulary
+/// group's check of the slices (the group holds the same samples: none on any of its ranks),
+/// and returns the loss of its peers' samples, the same bits as theirs, with no per-sample
+/// outputs. A data group of one, or one in which no rank holds a sample, is an error (on every
+/// rank: [`Error::EmptyBatch`], [`Error::EmptyDataGroup`]).
+fn no_samples<I: crate::dtype::TokenId>(
+    spec: &crate::LossSpec,
+    shape: crate::Shape,
+    tokens: &crate::Tokens<'_, I>,
+    call: &Sharded<'_>,
+) -> Result<crate::LossOutput> {
+    crate::spec::validate_tokens_of_rank(spec, shape, tokens)?;
+    crate::cpu_kernels(spec.cpu_simd)?;
+    let dg = call.data_group;
+    let Some(all) = gather_pairs(dg, [0.0, 0.0])? else { return Err(Error::EmptyBatch) };
+    if sum_in_rank_order(&all, 2, 0) == 0.0 {
+        return Err(Error::EmptyDataGroup);
+    }
+    if call.vocab_group.size() > 1 {
+        let mut ex = call::Exchange::new(call.vocab_group, call.slice);
+        ex.buffer(0);
+        ex.gather(0)?;
+    }
+    let mut out = crate::LossOutput {
+        loss: 0.0,
+        per_sample_loss: Vec::new(),
+        weights: Vec::new(),
+        valid_tokens: Vec::new(),
+        z_loss: 0.0,
+        backend: crate::Backend::Cpu,
+    };
+    combine_over(&mut out, dg)?;
+    Ok(out)
 }
 
 /// Sets `plan`'s denominator from the data group's batch (`B` and `Σ w_b` of every rank); a

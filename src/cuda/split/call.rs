@@ -185,6 +185,13 @@ impl<'c> DeviceSharded<'c> {
                 return Err(Error::GradLength { expected: rows * len, got: g.len() });
             }
         }
+        if shape.batch() == 0 {
+            let grad_len = match &io {
+                Io::Grad(_, g) => Some(g.len()),
+                _ => None,
+            };
+            return self.no_samples(loss, spec, shape, stream, inputs, logits_len, grad_len);
+        }
         let mut st = self.begin(loss, spec, shape, stream, inputs)?;
         if vg.size() == 1 && len == shape.vocab() {
             // the whole vocabulary here (a data group alone, or no group): the one-device pass
@@ -235,6 +242,66 @@ impl<'c> DeviceSharded<'c> {
             }
         }
         self.end(loss, st, stream)
+    }
+
+    /// A data-parallel rank without samples ([`Shape::without_samples`]): after the checks its
+    /// peers make before their first exchange, it takes part in the data group's two exchanges
+    /// with nothing (`B = 0`, `Σ w_b = 0`, then a share of 0 of the loss), so that every rank
+    /// gets the loss of the whole batch, the same bits. Its vocabulary group (the same samples:
+    /// none) makes no exchange, as on any call (`check_tiling` checks the slices). It reads the
+    /// gathered batch sizes on the host (this rank has nothing else to wait for): a data group
+    /// with no sample on any rank is [`Error::EmptyDataGroup`] on every rank, a group of one
+    /// [`Error::EmptyBatch`]. No per-sample outputs (see [`DeviceLossOutput`] for its buffers).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn no_samples<I: TokenId>(
+        &self,
+        loss: &CudaLoss,
+        spec: &LossSpec,
+        shape: Shape,
+        stream: &Arc<CudaStream>,
+        inputs: &DeviceInputs<'_, I>,
+        logits_len: usize,
+        grad_len: Option<usize>,
+    ) -> Result<DeviceLossOutput> {
+        self.check_ranks()?;
+        let slice = self.slice;
+        if slice.vocab() != shape.vocab() {
+            return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
+        }
+        loss.validate_of_rank(spec, shape, logits_len, inputs, grad_len)?;
+        if self.vocab_group.size() == 1 {
+            check_tiling(&[(slice.start(), slice.len())], slice.vocab())?;
+        }
+        let dg = self.data_group;
+        if dg.size() <= 1 {
+            return Err(Error::EmptyBatch);
+        }
+        let zeros = stream.alloc_zeros::<f64>(2).map_err(drv("allocating device memory"))?;
+        let mut totals = output::<f64>(stream, 2 * dg.size())?;
+        dg.all_gather_f64(stream, &zeros.as_view(), &mut totals.as_view_mut())?;
+        let host = stream.clone_dtoh(&totals).map_err(drv("copying to the host"))?;
+        stream.synchronize().map_err(drv("waiting for the stream"))?;
+        if host.chunks_exact(2).all(|rank| rank[0] == 0.0) {
+            return Err(Error::EmptyDataGroup);
+        }
+        // (the `[B]` and `[B·T]` buffers get one unused element: CUDA allocates no zero bytes)
+        let zero = || stream.alloc_zeros::<f64>(1).map_err(drv("allocating device memory"));
+        let mut out = DeviceLossOutput {
+            loss: zero()?,
+            per_sample_loss: zero()?,
+            weights: zero()?,
+            valid_tokens: stream.alloc_zeros::<u32>(1).map_err(drv("allocating device memory"))?,
+            loss_f32: stream.alloc_zeros::<f32>(1).map_err(drv("allocating device memory"))?,
+            row_loss: zero()?,
+            z_loss: zero()?,
+            status: stream.clone_htod(&[crate::cuda::FwlStatus::default()]).map_err(drv("copying to the device"))?,
+            shape,
+            check_finite: spec.check_finite,
+        };
+        let mut shares = output::<f64>(stream, 2 * dg.size())?;
+        dg.all_gather_f64(stream, &zeros.as_view(), &mut shares.as_view_mut())?;
+        CudaSharded::combine_loss(loss, &mut out, stream, &shares.as_view())?;
+        Ok(out)
     }
 
     /// Checks the groups; the plan of this rank's samples and, on a data group of more than one,

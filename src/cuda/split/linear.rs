@@ -7,9 +7,9 @@
 
 use super::DeviceSharded;
 use crate::cuda::linear::{
-    check_buffers, CudaLinearLoss, Cut, DeviceLinearGrads, DeviceLinearInputs, DeviceLinearOutput,
+    check_buffers, CudaLinearLoss, Cut, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs, DeviceLinearOutput,
 };
-use crate::cuda::{output, DeviceInputs};
+use crate::cuda::{drv, output, DeviceInputs};
 use crate::dtype::{DType, Logit, TokenId};
 use crate::error::{Error, Result};
 use crate::linear::{Chunking, LinearShape};
@@ -85,11 +85,26 @@ impl DeviceSharded<'_> {
         if slice.vocab() != shape.vocab() {
             return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
         }
-        let local = LinearShape::new(shape.batch(), shape.seq(), shape.hidden(), slice.len())?;
+        let local = shape.with_vocab(slice.len())?;
         check_buffers(local, inputs, &grads)?;
         // the same cut on every rank: from the shared V / ranks, H and rows only
         let cut = Cut::new::<L>(chunking, shape.vocab().div_ceil(vg.size().max(1)), shape.rows())?;
         let loss = fused.kernels();
+        if shape.batch() == 0 {
+            // a rank without samples: no rows, and nothing to add to d W and d b
+            let out = self.no_samples(loss, spec, shape.tokens(), stream, tokens, 0, None)?;
+            if !grads.accumulate {
+                for g in [&mut grads.weight, &mut grads.bias] {
+                    match g {
+                        DeviceGrad::Skip => Ok(()),
+                        DeviceGrad::Into(g) => stream.memset_zeros(&mut **g),
+                        DeviceGrad::IntoF32(g) => stream.memset_zeros(&mut **g),
+                    }
+                    .map_err(drv("zeroing a gradient"))?;
+                }
+            }
+            return Ok(DeviceLinearOutput { loss: out, chunk_rows: 0, logits_rows: 0, chunks: 0, scratch_bytes: 0 });
+        }
         let mut st = self.begin(loss, spec, shape.tokens(), stream, tokens)?;
         let ranks = vg.size();
         let most = st.partials_len(cut.cl);
