@@ -180,8 +180,8 @@ def weighted_loss(
     [B, T-1] per-token losses (``reduction="none"`` of the course function's cross-entropy),
     written by the same fused call. Non-contiguous inputs are made contiguous first (a copy).
     Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's message. On CUDA the call
-    never waits for the device: ids or labels outside the vocabulary are then treated as
-    positions without a target (and non-finite token weights are not reported), unless
+    never waits for the device (except, with ``data_group``, on a rank without samples): ids
+    or labels outside the vocabulary are then treated as positions without a target (and non-finite token weights are not reported), unless
     ``check_ids=True`` (or ``check_finite=True``), which waits for the kernels and raises
     ``ValueError`` as on CPU. At most 64 keywords on CUDA. ``keywords`` and ``keyword_weights``
     are host values: sequences, or tensors read to the host on every call (a CUDA tensor there

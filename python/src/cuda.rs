@@ -1,7 +1,7 @@
 //! CUDA tensors: the crate's kernels (and, for the fused linear loss, cuBLAS) on torch's device
 //! pointers, queued on torch's current stream, in the device's primary context (the one torch
 //! uses): no copy of the inputs or the gradients, no host synchronisation (unless `check` asks
-//! for one), no second context.
+//! for one, or a data-parallel rank holds no samples), no second context.
 
 use crate::group::PySplit;
 use crate::linear::LinearRequest;

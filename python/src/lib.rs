@@ -237,7 +237,8 @@ pub(crate) struct Request<'a> {
 /// else `(ordinal, stream)`: the CUDA device and the stream to queue the work on (torch's current
 /// stream). On CUDA, `check` waits for the work and reports ids or labels outside the vocabulary
 /// and non-finite token weights (and, with `check_finite`, a non-finite loss); without it
-/// nothing waits. `split`: this rank's slice `(start, len, vocab)` of the vocabulary (the
+/// nothing waits (except on a data-parallel rank without samples, which reads its group's batch
+/// sizes on the host). `split`: this rank's slice `(start, len, vocab)` of the vocabulary (the
 /// logits hold its `len` columns) and its vocabulary and data groups (see `group.rs`), run as
 /// the crate's one call (`parallel::Sharded` for CPU tensors, `cuda::split::DeviceSharded` for
 /// CUDA tensors) with `chunk_rows` rows per exchange (None: its default).

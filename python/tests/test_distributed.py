@@ -189,7 +189,7 @@ def test_a_rank_without_samples_raises_what_its_peers_raise(tmp_path):
         assert len({e.split(":")[0] for e in errors.values()}) == 1, (case, errors)
     assert "every rank" in got["all empty"][0]
     for case in ("hidden of 2 samples, ids of none", "labels longer", "logits of 1 sample, ids of none",
-                 "hidden of 1 sample's rows, ids of none"):
+                 "hidden of 1 sample's rows, ids of none", "hidden of another T, ids of none"):
         assert got[case][1] and "Error" in got[case][1], (case, got.get(case))
 
 
@@ -231,6 +231,8 @@ def rank_main(rank, store, out):
     case("logits of 1 sample, ids of none", lambda: fwl.weighted_loss(torch.randn(1, 5, 11), ids,
          data_group=group), ranks=(1,))
     case("hidden of 1 sample's rows, ids of none", lambda: fwl.weighted_linear_loss(torch.randn(5, 4), w, ids,
+         data_group=group), ranks=(1,))
+    case("hidden of another T, ids of none", lambda: fwl.weighted_linear_loss(torch.randn(0, 7, 4), w, ids,
          data_group=group), ranks=(1,))
     case("all empty", lambda: fwl.weighted_loss(x[:0], ids[:0], data_group=group))
     dist.destroy_process_group()

@@ -28,6 +28,7 @@ pub fn bench_device<L: Logit>(
     iters: usize,
     token_weights: bool,
 ) -> Result<DeviceBench> {
+    shape.require_samples()?;
     let (ctx, loss) = host_device()?;
     let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
     let logits: Vec<L> = crate::synthetic::logits(1, shape.logits_len(), 4.0);

@@ -187,6 +187,7 @@ impl LinearShape {
     /// assert_eq!(LinearShape::from_dims_of_rank(&[0, 64], &[100, 64], &[0, 8])?, empty);
     /// assert_eq!(LinearShape::from_dims_of_rank(&[0, 8, 64], &[100, 64], &[0, 8])?, empty);
     /// assert!(LinearShape::from_dims_of_rank(&[8, 64], &[100, 64], &[0, 8]).is_err());
+    /// assert!(LinearShape::from_dims_of_rank(&[0, 7, 64], &[100, 64], &[0, 8]).is_err()); // T
     /// # Ok::<(), fused_weighted_loss::Error>(())
     /// ```
     pub fn from_dims_of_rank(hidden: &[usize], weight: &[usize], ids: &[usize]) -> Result<Self> {
@@ -194,15 +195,13 @@ impl LinearShape {
         // checked as a batch of one sample's `T` rows, then made empty
         let one: Vec<usize> = match hidden {
             [0, h] => vec![seq, *h],
-            [0, _, h] => vec![1, seq, *h],
-            _ => {
-                return Err(match hidden.len() {
-                    2 | 3 => {
-                        Error::ShapeMismatch { what: "hidden", expected: zero_first(hidden), got: hidden.to_vec() }
-                    }
-                    _ => Self::from_dims(hidden, weight, ids).err().unwrap_or(Error::EmptyBatch),
-                })
+            [0, t, h] if *t == seq => vec![1, seq, *h],
+            // no rows beside ids of no samples: `[0, H]` or `[0, T, H]`
+            [_, h] => return Err(Error::ShapeMismatch { what: "hidden", expected: vec![0, *h], got: hidden.to_vec() }),
+            [_, _, h] => {
+                return Err(Error::ShapeMismatch { what: "hidden", expected: vec![0, seq, *h], got: hidden.to_vec() })
             }
+            _ => return Err(Self::from_dims(hidden, weight, ids).err().unwrap_or(Error::EmptyBatch)),
         };
         let s = Self::from_dims(&one, weight, &[1, seq])?;
         Self::without_samples(seq, s.hidden, s.vocab())
@@ -262,13 +261,6 @@ impl std::fmt::Display for LinearShape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "[{} x {}] hidden {}, vocab {}", self.batch(), self.seq(), self.hidden, self.vocab())
     }
-}
-
-/// `dims` with its leading dimension made 0 (what a rank without samples expects).
-fn zero_first(dims: &[usize]) -> Vec<usize> {
-    let mut d = dims.to_vec();
-    d[0] = 0;
-    d
 }
 
 /// The floating-point inputs of a fused linear call, all of one dtype: hidden states `[N, H]`,

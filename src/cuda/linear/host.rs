@@ -153,6 +153,7 @@ pub fn bench_device<L: Logit>(
     warmup: usize,
     iters: usize,
 ) -> Result<DeviceLinearBench> {
+    shape.tokens().require_samples()?;
     let ctx = &host_device()?.0;
     let linear = CudaLinearLoss::new(ctx)?;
     let stream = ctx.default_stream();

@@ -33,7 +33,8 @@ pub fn default_device_chunk_rows(vocab: usize, ranks: usize, dtype: DType) -> us
 /// One sharded call on device buffers: this rank's slice of the vocabulary, its vocabulary and
 /// data groups. The device twin of [`Sharded`](crate::parallel::Sharded) (see there), except
 /// that the calls do not check that the slices of a vocabulary group of more than one tile the
-/// vocabulary (that needs a host read, which the calls never do): run
+/// vocabulary (that needs a host read, which the calls do not do, except on a data-parallel rank
+/// without samples, see [`Shape::without_samples`]): run
 /// [`check_tiling`](Self::check_tiling) once per configuration for that. A group of one must
 /// hold the whole vocabulary (checked by every call).
 #[derive(Clone, Copy)]
@@ -94,7 +95,7 @@ impl<'c> DeviceSharded<'c> {
     /// group's rank lies within its size. A collective: every rank of the vocabulary group calls
     /// it. One all-gather of two numbers per rank on `stream`, then a host read that waits for
     /// the stream: run it once when the slices or the group are set up, not every step (the
-    /// calls themselves never wait for the device).
+    /// calls themselves do not wait for the device, except on a rank without samples).
     pub fn check_tiling(&self, stream: &Arc<CudaStream>) -> Result<()> {
         self.check_ranks()?;
         let vg = self.vocab_group;
@@ -183,6 +184,19 @@ impl<'c> DeviceSharded<'c> {
         if let Io::Grad(_, g) = &io {
             if g.len() != rows * len {
                 return Err(Error::GradLength { expected: rows * len, got: g.len() });
+            }
+        }
+        if matches!(io, Io::Grad(..)) {
+            // an unsupported pair fails every rank before its first exchange (a rank without
+            // samples launches nothing, so the kernels' own check would leave it waiting)
+            let whole = vg.size() == 1 && len == shape.vocab();
+            if whole && loss.module.rows_fn(L::DTYPE, G::DTYPE).is_none() {
+                let msg = format!("no CUDA kernel for {} logits with a {} gradient", L::DTYPE, G::DTYPE);
+                return Err(Error::Unsupported(msg));
+            }
+            if !whole && !loss.module.split.has_grad(L::DTYPE, G::DTYPE) {
+                let msg = format!("no split kernel for {} logits with a {} gradient", L::DTYPE, G::DTYPE);
+                return Err(Error::Unsupported(msg));
             }
         }
         if shape.batch() == 0 {

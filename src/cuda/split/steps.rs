@@ -29,6 +29,11 @@ pub(in crate::cuda) struct SplitFns {
 }
 
 impl SplitFns {
+    /// Whether the gradient kernel of `l` logits into a `g` gradient exists.
+    pub(in crate::cuda) fn has_grad(&self, l: DType, g: DType) -> bool {
+        self.grad.iter().any(|(a, b, _)| *a == l && *b == g)
+    }
+
     /// Finds the split's kernels with `f` (the module's function lookup).
     pub(in crate::cuda) fn load(f: impl Fn(&str) -> Result<CudaFunction>) -> Result<SplitFns> {
         let grad =
