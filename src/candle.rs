@@ -28,6 +28,16 @@
 //! backward (or until the loss tensor is dropped). When the logits do not track gradients (no
 //! `Var` upstream) the forward computes the loss only and keeps nothing.
 //!
+//! **float16 logits keep a float32 gradient** (4 bytes per logit instead of 2): a loss scaled
+//! to keep float16 gradients above float16's smallest values (`(loss * 65536.0).backward()`, a
+//! loss scaler's step) would otherwise come too late, the small entries rounded to 0 at scale 1
+//! in the forward. The backward multiplies the float32 gradient by the upstream gradient and
+//! rounds the product once to float16 (on the CPU with this crate's vector code, on CUDA with
+//! candle's cast), as a float16 framework's own backward does. The fused linear op
+//! ([`weighted_linear_loss`]) keeps float32 `d hidden`, `d weight` and `d bias` for float16
+//! inputs likewise (its `d weight` then also adds the chunks up in float32). bfloat16 has
+//! float32's range and keeps its own dtype.
+//!
 //! Inputs: logits `[B, T, V]` f32, f16 or bf16; ids (and labels) `[B, T]` u32, i64 or i32, all
 //! contiguous; optional per-token weights `[B, T]` f32 ([`weighted_loss_with_token_weights`]).
 //! The spec's options (z-loss, label smoothing, soft-capping) apply as they do on the host API.
@@ -208,12 +218,32 @@ struct WeightedLossOp {
 /// The gradient the forward produced, waiting for the backward.
 enum Stash {
     Cpu(Tensor),
+    /// A float32 gradient of float16 logits (see the module docs).
+    CpuWide(Tensor),
     #[cfg(feature = "candle-cuda")]
     Cuda(cuda::DeviceGrad),
 }
 
 fn wrap(e: crate::Error) -> candle_core::Error {
     candle_core::Error::wrap(e)
+}
+
+/// The float16 gradient of a kept float32 CPU gradient `g` times the upstream gradient `s`,
+/// rounded once ([`crate::scale_into`]).
+fn narrow_f16(g: &Tensor, s: f64) -> candle_core::Result<Tensor> {
+    let (st, layout) = g.storage_and_layout();
+    let candle_core::Storage::Cpu(CpuStorage::F32(v)) = &*st else {
+        return Err(candle_core::Error::msg("fused-weighted-loss op: the kept gradient is not f32 on the CPU"));
+    };
+    let src = contiguous(v, layout, "kept gradient")?;
+    let mut out = <half::f16 as Logit>::zeroed(src.len());
+    crate::scale_into(src, s as f32, &mut out).map_err(wrap)?;
+    Tensor::from_vec(out, g.shape(), &Device::Cpu)
+}
+
+/// The upstream gradient of a scalar loss, on the host (1 unless the loss was scaled).
+fn upstream(grad_res: &Tensor) -> candle_core::Result<f64> {
+    grad_res.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()
 }
 
 /// A contiguous storage's elements.
@@ -246,11 +276,18 @@ impl WeightedLossOp {
             }
         }
         let out = if self.want_grad {
-            let mut g = L::zeroed(self.shape.logits_len());
-            let out = spec.loss_and_grad(self.shape, logits, tokens, Grad::Into(&mut g)).map_err(wrap)?;
-            let dims = (self.shape.batch(), self.shape.seq(), self.shape.vocab());
-            *self.stash.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(Stash::Cpu(Tensor::from_vec(g, dims, &Device::Cpu)?));
+            let (n, dims) = (self.shape.logits_len(), (self.shape.batch(), self.shape.seq(), self.shape.vocab()));
+            let (out, kept) = if <L as Logit>::DTYPE == crate::DType::F16 {
+                // (float32 until the backward: see the module docs)
+                let mut g = f32::zeroed(n);
+                let out = spec.loss_and_grad(self.shape, logits, tokens, Grad::IntoF32(&mut g)).map_err(wrap)?;
+                (out, Stash::CpuWide(Tensor::from_vec(g, dims, &Device::Cpu)?))
+            } else {
+                let mut g = L::zeroed(n);
+                let out = spec.loss_and_grad(self.shape, logits, tokens, Grad::Into(&mut g)).map_err(wrap)?;
+                (out, Stash::Cpu(Tensor::from_vec(g, dims, &Device::Cpu)?))
+            };
+            *self.stash.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
             out
         } else {
             spec.loss_and_grad(self.shape, logits, tokens, Grad::Skip).map_err(wrap)?
@@ -305,14 +342,14 @@ impl WeightedLossOp {
         let stash = self.stash.lock().unwrap_or_else(|e| e.into_inner()).take();
         match stash {
             Some(Stash::Cpu(g)) => {
-                // the upstream gradient of the scalar loss; 1 unless the loss was scaled
-                let s = grad_res.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                let s = upstream(grad_res)?;
                 if s == 1.0 {
                     Ok(g)
                 } else {
                     g.affine(s, 0.0)
                 }
             }
+            Some(Stash::CpuWide(g)) => narrow_f16(&g, upstream(grad_res)?),
             #[cfg(feature = "candle-cuda")]
             Some(Stash::Cuda(g)) => g.into_tensor(grad_res),
             None => Err(candle_core::Error::msg(
@@ -346,6 +383,8 @@ mod cuda {
         F32(CudaSlice<f32>),
         F16(CudaSlice<half::f16>),
         BF16(CudaSlice<half::bf16>),
+        /// The float32 gradient of float16 inputs, cast to float16 after the scaling.
+        F16Wide(CudaSlice<f32>),
     }
 
     impl DeviceGrad {
@@ -360,7 +399,13 @@ mod cuda {
             };
             let s = cs.as_cuda_slice::<f32>()?;
             let s = s.slice(layout.start_offset()..layout.start_offset() + 1);
+            let mut narrow = false;
             let storage = match self.slice {
+                GradSlice::F16Wide(mut g) => {
+                    self.loss.scale_by_device_scalar(&stream, &mut g.as_view_mut(), &s).map_err(wrap)?;
+                    narrow = true;
+                    CudaStorage::wrap_cuda_slice(g, self.device.clone())
+                }
                 GradSlice::F32(mut g) => {
                     self.loss.scale_by_device_scalar(&stream, &mut g.as_view_mut(), &s).map_err(wrap)?;
                     CudaStorage::wrap_cuda_slice(g, self.device.clone())
@@ -375,7 +420,12 @@ mod cuda {
                 }
             };
             drop(st);
-            Ok(Tensor::from_storage(Storage::Cuda(storage), self.dims, BackpropOp::none(), false))
+            let t = Tensor::from_storage(Storage::Cuda(storage), self.dims, BackpropOp::none(), false);
+            if narrow {
+                t.to_dtype(candle_core::DType::F16)
+            } else {
+                Ok(t)
+            }
         }
     }
 
@@ -390,13 +440,14 @@ mod cuda {
         }
     }
 
-    fn run<L: Logit, I: TokenId>(
+    /// `G`: the kept gradient's dtype (the logits', or f32 for f16 logits).
+    fn run<L: Logit, G: Logit, I: TokenId>(
         op: &WeightedLossOp,
         dev: &CudaDevice,
         logits: &CudaView<'_, L>,
         ids: &CudaView<'_, I>,
         labels: Option<&CudaView<'_, I>>,
-        keep: impl FnOnce(CudaSlice<L>) -> GradSlice,
+        keep: impl FnOnce(CudaSlice<G>) -> GradSlice,
     ) -> candle_core::Result<CudaStorage> {
         let stream = dev.cuda_stream();
         let loss = CudaLoss::new(stream.context()).map_err(wrap)?;
@@ -418,7 +469,7 @@ mod cuda {
             inputs = inputs.with_token_weights(w);
         }
         let out = if op.want_grad {
-            let mut g = grad_buffer::<L>(&stream, op.shape.logits_len()).map_err(wrap)?;
+            let mut g = grad_buffer::<G>(&stream, op.shape.logits_len()).map_err(wrap)?;
             let out =
                 loss.loss_and_grad(&op.spec, op.shape, &stream, logits, &inputs, &mut g.as_view_mut()).map_err(wrap)?;
             let dims = (op.shape.batch(), op.shape.seq(), op.shape.vocab()).into();
@@ -461,7 +512,7 @@ mod cuda {
         }
         let storage = match &s1.slice {
             CudaStorageSlice::F32(v) => with_ids!(view(v, l1, "logits")?, GradSlice::F32),
-            CudaStorageSlice::F16(v) => with_ids!(view(v, l1, "logits")?, GradSlice::F16),
+            CudaStorageSlice::F16(v) => with_ids!(view(v, l1, "logits")?, GradSlice::F16Wide),
             CudaStorageSlice::BF16(v) => with_ids!(view(v, l1, "logits")?, GradSlice::BF16),
             _ => Err(candle_core::Error::msg(format!(
                 "weighted_loss: logits must be f32, f16 or bf16, got {:?}",

@@ -75,6 +75,35 @@ fn cases(device: &Device) {
     check::<f32>(device, shape, &opts, true, 0.5);
     check::<bf16>(device, shape, &opts, false, 1.0);
     check_token_weights(device, shape, &opts);
+    f16_under_a_loss_scale(device);
+}
+
+/// float16 logits under a loss scale of 65536: the gradient is the float64 one times the scale,
+/// rounded once to float16 (what a float16 gradient can best be), where one rounded to float16
+/// at scale 1 in the forward would have lost its small entries.
+fn f16_under_a_loss_scale(device: &Device) {
+    use fused_weighted_loss::f16;
+    let shape = Shape::new(2, 16, 4000).unwrap();
+    let spec = LossSpec::default();
+    let (logits, ids) = random_inputs::<f16>(31, shape, 4.0);
+    let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+    let scale = 65536.0;
+    let ideal: Vec<f16> = r.grad.iter().map(|&x| f16::from_f64(x * scale)).collect();
+    let at_one = r.grad.iter().zip(&ideal).filter(|(&x, &i)| f16::from_f64(x) == f16::ZERO && i != f16::ZERO).count();
+    assert!(at_one > 1000, "the case must have entries a float16 gradient at scale 1 loses ({at_one})");
+    let dims = (shape.batch(), shape.seq(), shape.vocab());
+    let t_logits = Var::from_tensor(&Tensor::from_vec(logits, dims, device).unwrap()).unwrap();
+    let t_ids = Tensor::from_vec(ids, (shape.batch(), shape.seq()), device).unwrap();
+    let loss = weighted_loss(t_logits.as_tensor(), &t_ids, None, &spec).unwrap();
+    let grads = (loss * scale).unwrap().backward().unwrap();
+    let g = grads.get(&t_logits).expect("gradient of the logits");
+    assert_eq!(g.dtype(), DType::F16);
+    let g: Vec<f16> = g.flatten_all().unwrap().to_vec1().unwrap();
+    let lost = g.iter().zip(&ideal).filter(|(&x, &i)| x == f16::ZERO && i != f16::ZERO).count();
+    assert_eq!(lost, 0, "entries rounded to 0 that the scaled gradient keeps");
+    let want: Vec<f64> = r.grad.iter().map(|x| x * scale).collect();
+    let e = rel_err(&g.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), &want);
+    assert!(e <= 1e-3, "gradient rel err {e:e}");
 }
 
 /// The op with per-token weights (and the spec's options) against the reference.

@@ -67,6 +67,35 @@ fn cases(device: &Device) {
     labels[7..12].fill(-100);
     c.labels = Some(labels);
     check(device, &c, &LossSpec::builder().ignore_index(-100).build().unwrap(), 1.0);
+    check(device, &Case::<fused_weighted_loss::f16>::random(5, 2, 8, 32, 2000, true), &spec, 65536.0);
+    f16_under_a_loss_scale(device);
+}
+
+/// float16 inputs under a loss scale of 65536: `d weight` keeps the entries a float16 gradient
+/// rounded at scale 1 in the forward would lose (the op keeps float32 gradients until the
+/// backward).
+fn f16_under_a_loss_scale(device: &Device) {
+    use fused_weighted_loss::f16;
+    let c = Case::<f16>::random(6, 4, 16, 16, 3000, false);
+    let spec = LossSpec::default();
+    let e = expected(&spec, &c);
+    let scale = 65536.0;
+    let ideal: Vec<f16> = e.dw.iter().map(|&x| f16::from_f64(x * scale)).collect();
+    let at_one = e.dw.iter().zip(&ideal).filter(|(&x, &i)| f16::from_f64(x) == f16::ZERO && i != f16::ZERO).count();
+    assert!(at_one > 10, "the case must have entries a float16 gradient at scale 1 loses ({at_one})");
+    let s = c.shape;
+    let hidden = Tensor::from_vec(c.hidden.clone(), (s.batch(), s.seq(), s.hidden()), device).unwrap();
+    let weight =
+        Var::from_tensor(&Tensor::from_vec(c.weight.clone(), (s.vocab(), s.hidden()), device).unwrap()).unwrap();
+    let ids: Vec<u32> = c.ids.iter().map(|&x| x as u32).collect();
+    let ids = Tensor::from_vec(ids, (s.batch(), s.seq()), device).unwrap();
+    let loss = weighted_linear_loss(&hidden, weight.as_tensor(), None, &ids, None, &spec).unwrap();
+    let grads = loss.affine(scale, 0.0).unwrap().backward().unwrap();
+    let dw = grads.get(&weight).expect("d weight");
+    assert_eq!(dw.dtype(), DType::F16);
+    let dw: Vec<f16> = dw.flatten_all().unwrap().to_vec1().unwrap();
+    let lost = dw.iter().zip(&ideal).filter(|(&x, &i)| x == f16::ZERO && i != f16::ZERO).count();
+    assert_eq!(lost, 0, "d weight entries rounded to 0 that the scaled gradient keeps");
 }
 
 #[test]

@@ -100,6 +100,8 @@ struct LinearOp {
 /// One gradient kept for the backward.
 enum Stashed {
     Cpu(Tensor),
+    /// A float32 gradient of float16 inputs (see the `candle` module docs).
+    CpuWide(Tensor),
     #[cfg(feature = "candle-cuda")]
     Cuda(super::cuda::DeviceGrad),
 }
@@ -113,9 +115,19 @@ fn cpu_i64<R>(t: &Tensor, f: impl FnOnce(&[i64]) -> candle_core::Result<R>) -> c
     }
 }
 
+/// One gradient's buffer on the CPU: the inputs' dtype, or f32 for f16 inputs.
+enum Buf<L> {
+    Same(Vec<L>),
+    Wide(Vec<f32>),
+}
+
 /// A gradient into `b` when there is one.
-fn grad_of<L: Logit>(b: &mut Option<Vec<L>>) -> Grad<'_, L> {
-    b.as_mut().map_or(Grad::Skip, |x| Grad::Into(x))
+fn grad_of<L: Logit>(b: &mut Option<Buf<L>>) -> Grad<'_, L> {
+    match b {
+        None => Grad::Skip,
+        Some(Buf::Same(x)) => Grad::Into(x),
+        Some(Buf::Wide(x)) => Grad::IntoF32(x),
+    }
 }
 
 impl LinearOp {
@@ -128,9 +140,12 @@ impl LinearOp {
         let spec = self.spec.to_builder().backend(Backend::Cpu).build().map_err(super::wrap)?;
         let s = self.shape;
         let lens = [s.hidden_len(), s.weight_len(), s.vocab()];
-        let mut bufs: Vec<Option<Vec<L>>> = (0..3).map(|i| self.want[i].then(|| L::zeroed(lens[i]))).collect();
+        // (f16: float32 until the backward)
+        let wide = <L as Logit>::DTYPE == crate::DType::F16;
+        let buf = |n: usize| if wide { Buf::Wide(f32::zeroed(n)) } else { Buf::Same(L::zeroed(n)) };
+        let mut bufs: Vec<Option<Buf<L>>> = (0..3).map(|i| self.want[i].then(|| buf(lens[i]))).collect();
         let out = cpu_i64(&self.ids, |ids| {
-            let run = |labels: Option<&[i64]>, bufs: &mut [Option<Vec<L>>]| {
+            let run = |labels: Option<&[i64]>, bufs: &mut [Option<Buf<L>>]| {
                 let tokens = match labels {
                     Some(l) => Tokens::new(ids).with_labels(l),
                     None => Tokens::new(ids),
@@ -151,7 +166,8 @@ impl LinearOp {
         let mut stash = Vec::new();
         for (buf, dims) in bufs.into_iter().zip(&self.dims) {
             stash.push(match buf {
-                Some(b) => Some(Stashed::Cpu(Tensor::from_vec(b, dims.clone(), &Device::Cpu)?)),
+                Some(Buf::Same(b)) => Some(Stashed::Cpu(Tensor::from_vec(b, dims.clone(), &Device::Cpu)?)),
+                Some(Buf::Wide(b)) => Some(Stashed::CpuWide(Tensor::from_vec(b, dims.clone(), &Device::Cpu)?)),
                 None => None,
             });
         }
@@ -208,9 +224,16 @@ impl LinearOp {
                 Some(Stashed::Cpu(t)) => {
                     let s = match scale {
                         Some(s) => s,
-                        None => *scale.insert(grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?),
+                        None => *scale.insert(super::upstream(grad_res)?),
                     };
                     Ok(Some(if s == 1.0 { t } else { t.affine(s, 0.0)? }))
+                }
+                Some(Stashed::CpuWide(t)) => {
+                    let s = match scale {
+                        Some(s) => s,
+                        None => *scale.insert(super::upstream(grad_res)?),
+                    };
+                    super::narrow_f16(&t, s).map(Some)
                 }
                 #[cfg(feature = "candle-cuda")]
                 Some(Stashed::Cuda(g)) => g.into_tensor(grad_res).map(Some),
@@ -243,6 +266,12 @@ mod cuda {
         }
     }
 
+    /// One gradient's buffer on the device: the inputs' dtype, or f32 for f16 inputs.
+    enum DevBuf<L> {
+        Same(CudaSlice<L>),
+        Wide(CudaSlice<f32>),
+    }
+
     fn run<L: Logit>(
         op: &LinearOp,
         dev: &CudaDevice,
@@ -255,12 +284,18 @@ mod cuda {
         let linear = CudaLinearLoss::shared(stream.context()).map_err(super::super::wrap)?;
         let s = op.shape;
         let lens = [s.hidden_len(), s.weight_len(), s.vocab()];
+        // (f16: float32 until the backward)
+        let wide = <L as Logit>::DTYPE == crate::DType::F16;
         let mut bufs = Vec::new();
         for (i, &len) in lens.iter().enumerate() {
-            bufs.push(if op.want[i] {
-                Some(crate::cuda::grad_buffer::<L>(&stream, len).map_err(super::super::wrap)?)
-            } else {
-                None
+            bufs.push(match (op.want[i], wide) {
+                (false, _) => None,
+                (true, false) => {
+                    Some(DevBuf::Same(crate::cuda::grad_buffer::<L>(&stream, len).map_err(super::super::wrap)?))
+                }
+                (true, true) => {
+                    Some(DevBuf::Wide(crate::cuda::grad_buffer::<f32>(&stream, len).map_err(super::super::wrap)?))
+                }
             });
         }
         let out = with_i64(&op.ids, |ids| {
@@ -273,8 +308,19 @@ mod cuda {
                 if let Some(b) = b {
                     inputs = inputs.with_bias(b);
                 }
-                let mut views: Vec<_> = bufs.iter_mut().map(|b| b.as_mut().map(|b| b.as_view_mut())).collect();
-                let mut it = views.iter_mut().map(|v| v.as_mut().map_or(DevGrad::Skip, DevGrad::Into));
+                let mut views: Vec<_> = bufs
+                    .iter_mut()
+                    .map(|b| match b {
+                        None => (None, None),
+                        Some(DevBuf::Same(b)) => (Some(b.as_view_mut()), None),
+                        Some(DevBuf::Wide(b)) => (None, Some(b.as_view_mut())),
+                    })
+                    .collect();
+                let mut it = views.iter_mut().map(|v| match v {
+                    (Some(g), _) => DevGrad::Into(g),
+                    (None, Some(g)) => DevGrad::IntoF32(g),
+                    (None, None) => DevGrad::Skip,
+                });
                 let (gh, gw, gb) = (
                     it.next().unwrap_or(DevGrad::Skip),
                     it.next().unwrap_or(DevGrad::Skip),
@@ -297,7 +343,10 @@ mod cuda {
             .map(|(b, dims)| {
                 b.map(|b| {
                     Stashed::Cuda(DeviceGrad {
-                        slice: keep(b),
+                        slice: match b {
+                            DevBuf::Same(b) => keep(b),
+                            DevBuf::Wide(b) => GradSlice::F16Wide(b),
+                        },
                         device: dev.clone(),
                         loss: loss.clone(),
                         dims: dims.clone(),
