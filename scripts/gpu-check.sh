@@ -59,10 +59,8 @@ prepare() {
   cargo test --release --features cli,cuda,nccl --test gpu --test gpu_linear --test gpu_parallel --test gpu_parallel_linear --test large \
     --no-run --message-format=json \
     | keep_tests
-  # the candle ops on CUDA tensors (candle-core's CUDA backend; its kernels for sm_90)
-  CUDA_COMPUTE_CAP=90 cargo test --release --features candle-cuda --test candle --test candle_linear \
-    --no-run --message-format=json \
-    | keep_tests
+  # (not the candle tests on CUDA tensors: candle-core's `cuda` links libcuda, libcublas, nvrtc,
+  # curand and cudart at build time, which these machines lack)
   strip "$bundle"/bin/*
   # the Python package with the CUDA kernels (abi3: any CPython >= 3.9 there); same target dir
   python3 -m maturin build --release --manifest-path python/Cargo.toml --features cuda --target-dir target \
@@ -149,9 +147,6 @@ run() {
   within 90 env FWL_NCCL_LIBRARY="${FWL_NCCL_LIBRARY:-$nccl}" "$bundle/bin/test-gpu_parallel" --test-threads=1 || fail=1
   step "the fused linear split on the GPU: ranks as threads, each with its stream and cuBLAS handle (FWL_REQUIRE_CUDA=1)"
   within 90 "$bundle/bin/test-gpu_parallel_linear" --test-threads=1 || fail=1
-  step "the candle ops on CUDA tensors (FWL_REQUIRE_CUDA=1; float16 under a loss scale included)"
-  within 60 "$bundle/bin/test-candle" --test-threads=1 || fail=1
-  within 60 "$bundle/bin/test-candle_linear" --test-threads=1 || fail=1
 
   # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests,
   # right after the default's (they have not run on a GPU before either)
