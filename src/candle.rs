@@ -399,14 +399,9 @@ mod cuda {
             };
             let s = cs.as_cuda_slice::<f32>()?;
             let s = s.slice(layout.start_offset()..layout.start_offset() + 1);
-            let mut narrow = false;
+            let narrow = matches!(self.slice, GradSlice::F16Wide(_));
             let storage = match self.slice {
-                GradSlice::F16Wide(mut g) => {
-                    self.loss.scale_by_device_scalar(&stream, &mut g.as_view_mut(), &s).map_err(wrap)?;
-                    narrow = true;
-                    CudaStorage::wrap_cuda_slice(g, self.device.clone())
-                }
-                GradSlice::F32(mut g) => {
+                GradSlice::F32(mut g) | GradSlice::F16Wide(mut g) => {
                     self.loss.scale_by_device_scalar(&stream, &mut g.as_view_mut(), &s).map_err(wrap)?;
                     CudaStorage::wrap_cuda_slice(g, self.device.clone())
                 }

@@ -216,25 +216,23 @@ impl LinearOp {
         let stash = self.stash.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| {
             candle_core::Error::msg("weighted_linear_loss: no gradients kept (the backward already ran)")
         })?;
+        // the upstream gradient, read once from its tensor at the first kept host gradient
         let mut scale = None;
+        let mut upstream = || -> candle_core::Result<f64> {
+            match scale {
+                Some(s) => Ok(s),
+                None => Ok(*scale.insert(super::upstream(grad_res)?)),
+            }
+        };
         let grads: Vec<Option<Tensor>> = stash
             .into_iter()
             .map(|g| match g {
                 None => Ok(None),
                 Some(Stashed::Cpu(t)) => {
-                    let s = match scale {
-                        Some(s) => s,
-                        None => *scale.insert(super::upstream(grad_res)?),
-                    };
+                    let s = upstream()?;
                     Ok(Some(if s == 1.0 { t } else { t.affine(s, 0.0)? }))
                 }
-                Some(Stashed::CpuWide(t)) => {
-                    let s = match scale {
-                        Some(s) => s,
-                        None => *scale.insert(super::upstream(grad_res)?),
-                    };
-                    super::narrow_f16(&t, s).map(Some)
-                }
+                Some(Stashed::CpuWide(t)) => super::narrow_f16(&t, upstream()?).map(Some),
                 #[cfg(feature = "candle-cuda")]
                 Some(Stashed::Cuda(g)) => g.into_tensor(grad_res).map(Some),
             })

@@ -176,9 +176,7 @@ impl CudaLoss {
         let z_on = planned_opts.z_loss != 0.0;
         // rows: grid-stride, as many resident blocks as the shared memory allows
         {
-            let func = m.rows_fn(L::DTYPE, G::DTYPE).ok_or_else(|| {
-                Error::Unsupported(format!("no CUDA kernel for {} logits with a {} gradient", L::DTYPE, G::DTYPE))
-            })?;
+            let func = m.rows_fn(L::DTYPE, G::DTYPE)?;
             // each of the `cluster` blocks of a row keeps its slice of the row
             let cluster = m.launch.cluster as usize;
             let slice_vectors = (shape.vocab() * L::DTYPE.size()).div_ceil(16).div_ceil(cluster);

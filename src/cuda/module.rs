@@ -174,8 +174,10 @@ impl Module {
         }
     }
 
-    pub(super) fn rows_fn(&self, l: DType, g: DType) -> Option<&CudaFunction> {
-        self.rows.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f)
+    /// The rows kernel of `l` logits into a `g` gradient, or [`Error::Unsupported`].
+    pub(super) fn rows_fn(&self, l: DType, g: DType) -> Result<&CudaFunction> {
+        let found = self.rows.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f);
+        found.ok_or_else(|| Error::Unsupported(format!("no CUDA kernel for {l} logits with a {g} gradient")))
     }
 }
 

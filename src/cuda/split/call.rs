@@ -7,7 +7,7 @@ use crate::dtype::{DType, Logit, TokenId};
 use crate::error::{Error, Result};
 use crate::parallel::{check_tiling, VocabSlice};
 use crate::spec::{check_len, LossSpec, Shape};
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use std::sync::Arc;
 
 /// Bytes of logits per chunk: the gradient kernel reads a chunk's logits again right after the
@@ -105,8 +105,7 @@ impl<'c> DeviceSharded<'c> {
         }
         // exact in f64 (slices below 2^53)
         let send = stream.clone_htod(&[mine.0 as f64, mine.1 as f64]).map_err(drv("copying to the device"))?;
-        let mut recv = output::<f64>(stream, 2 * vg.size())?;
-        vg.all_gather_f64(stream, &send.as_view(), &mut recv.as_view_mut())?;
+        let recv = gather_pairs(vg, stream, &send.as_view())?;
         let all = stream.clone_dtoh(&recv).map_err(drv("copying to the host"))?;
         stream.synchronize().map_err(drv("waiting for the stream"))?;
         let slices: Vec<(usize, usize)> = all.chunks_exact(2).map(|w| (w[0] as usize, w[1] as usize)).collect();
@@ -119,6 +118,14 @@ impl<'c> DeviceSharded<'c> {
             if g.size() == 0 || g.rank() >= g.size() {
                 return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
             }
+        }
+        Ok(())
+    }
+
+    /// With no other rank in the vocabulary group to hold the rest, this one holds every column.
+    fn check_alone_holds_all(&self) -> Result<()> {
+        if self.vocab_group.size() == 1 {
+            check_tiling(&[(self.slice.start(), self.slice.len())], self.slice.vocab())?;
         }
         Ok(())
     }
@@ -189,14 +196,10 @@ impl<'c> DeviceSharded<'c> {
         if matches!(io, Io::Grad(..)) {
             // an unsupported pair fails every rank before its first exchange (a rank without
             // samples launches nothing, so the kernels' own check would leave it waiting)
-            let whole = vg.size() == 1 && len == shape.vocab();
-            if whole && loss.module.rows_fn(L::DTYPE, G::DTYPE).is_none() {
-                let msg = format!("no CUDA kernel for {} logits with a {} gradient", L::DTYPE, G::DTYPE);
-                return Err(Error::Unsupported(msg));
-            }
-            if !whole && !loss.module.split.has_grad(L::DTYPE, G::DTYPE) {
-                let msg = format!("no split kernel for {} logits with a {} gradient", L::DTYPE, G::DTYPE);
-                return Err(Error::Unsupported(msg));
+            if vg.size() == 1 && len == shape.vocab() {
+                loss.module.rows_fn(L::DTYPE, G::DTYPE)?;
+            } else {
+                loss.module.split.grad_fn(L::DTYPE, G::DTYPE)?;
             }
         }
         if shape.batch() == 0 {
@@ -283,16 +286,13 @@ impl<'c> DeviceSharded<'c> {
             return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
         }
         loss.validate_of_rank(spec, shape, logits_len, inputs, grad_len)?;
-        if self.vocab_group.size() == 1 {
-            check_tiling(&[(slice.start(), slice.len())], slice.vocab())?;
-        }
+        self.check_alone_holds_all()?;
         let dg = self.data_group;
         if dg.size() <= 1 {
             return Err(Error::EmptyBatch);
         }
         let zeros = stream.alloc_zeros::<f64>(2).map_err(drv("allocating device memory"))?;
-        let mut totals = output::<f64>(stream, 2 * dg.size())?;
-        dg.all_gather_f64(stream, &zeros.as_view(), &mut totals.as_view_mut())?;
+        let totals = gather_pairs(dg, stream, &zeros.as_view())?;
         let host = stream.clone_dtoh(&totals).map_err(drv("copying to the host"))?;
         stream.synchronize().map_err(drv("waiting for the stream"))?;
         if host.chunks_exact(2).all(|rank| rank[0] == 0.0) {
@@ -312,8 +312,7 @@ impl<'c> DeviceSharded<'c> {
             shape,
             check_finite: spec.check_finite,
         };
-        let mut shares = output::<f64>(stream, 2 * dg.size())?;
-        dg.all_gather_f64(stream, &zeros.as_view(), &mut shares.as_view_mut())?;
+        let shares = gather_pairs(dg, stream, &zeros.as_view())?;
         CudaSharded::combine_loss(loss, &mut out, stream, &shares.as_view())?;
         Ok(out)
     }
@@ -331,15 +330,11 @@ impl<'c> DeviceSharded<'c> {
         self.check_ranks()?;
         let dg = self.data_group;
         let mut st = CudaSharded::new(loss, spec, shape, self.slice, stream, inputs)?;
-        if self.vocab_group.size() == 1 {
-            // no other rank holds the rest: this one must hold every column
-            check_tiling(&[(self.slice.start(), self.slice.len())], self.slice.vocab())?;
-        }
+        self.check_alone_holds_all()?;
         if dg.size() > 1 {
             let mut mine = output::<f64>(stream, 2)?;
             st.batch_totals(stream, &mut mine.as_view_mut())?;
-            let mut all = output::<f64>(stream, 2 * dg.size())?;
-            dg.all_gather_f64(stream, &mine.as_view(), &mut all.as_view_mut())?;
+            let all = gather_pairs(dg, stream, &mine.as_view())?;
             st.set_batch_totals(stream, &all.as_view())?;
         }
         Ok(st)
@@ -352,10 +347,20 @@ impl<'c> DeviceSharded<'c> {
         if dg.size() > 1 {
             let mut mine = output::<f64>(stream, 2)?;
             CudaSharded::loss_totals(&out, stream, &mut mine.as_view_mut())?;
-            let mut all = output::<f64>(stream, 2 * dg.size())?;
-            dg.all_gather_f64(stream, &mine.as_view(), &mut all.as_view_mut())?;
+            let all = gather_pairs(dg, stream, &mine.as_view())?;
             CudaSharded::combine_loss(loss, &mut out, stream, &all.as_view())?;
         }
         Ok(out)
     }
+}
+
+/// Every rank's two numbers, in rank order: one all-gather on `group` into a new buffer.
+fn gather_pairs(
+    group: &dyn DeviceCollective,
+    stream: &Arc<CudaStream>,
+    mine: &CudaView<'_, f64>,
+) -> Result<CudaSlice<f64>> {
+    let mut all = output::<f64>(stream, 2 * group.size())?;
+    group.all_gather_f64(stream, mine, &mut all.as_view_mut())?;
+    Ok(all)
 }

@@ -29,9 +29,10 @@ pub(in crate::cuda) struct SplitFns {
 }
 
 impl SplitFns {
-    /// Whether the gradient kernel of `l` logits into a `g` gradient exists.
-    pub(in crate::cuda) fn has_grad(&self, l: DType, g: DType) -> bool {
-        self.grad.iter().any(|(a, b, _)| *a == l && *b == g)
+    /// The gradient kernel of `l` logits into a `g` gradient, or [`Error::Unsupported`].
+    pub(in crate::cuda) fn grad_fn(&self, l: DType, g: DType) -> Result<&CudaFunction> {
+        let found = self.grad.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f);
+        found.ok_or_else(|| Error::Unsupported(format!("no split kernel for {l} logits with a {g} gradient")))
     }
 
     /// Finds the split's kernels with `f` (the module's function lookup).
@@ -351,11 +352,7 @@ impl CudaSharded {
             let expected = n * words * ranks.max(1);
             return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.len() });
         }
-        let split = &self.loss.module.split;
-        let func = split.grad.iter().find(|(a, b, _)| *a == L::DTYPE && *b == G::DTYPE).map(|(_, _, f)| f);
-        let func = func.ok_or_else(|| {
-            Error::Unsupported(format!("no split kernel for {} logits with a {} gradient", L::DTYPE, G::DTYPE))
-        })?;
+        let func = self.loss.module.split.grad_fn(L::DTYPE, G::DTYPE)?;
         let Planned { targets, coef, row_loss, row_z, opts, .. } = &mut self.planned;
         let z_on = opts.z_loss != 0.0;
         let (q, _g1) = gathered.device_ptr(stream);
