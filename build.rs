@@ -7,6 +7,12 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     #[cfg(feature = "cuda")]
     cuda::build();
+    // Executables with candle-core's `cuda` link CUDA's libraries at build time:
+    // `scripts/cuda-link-libs.sh` makes a folder of them on a machine without CUDA.
+    println!("cargo:rerun-if-env-changed=FWL_CUDA_LINK_DIR");
+    if let Some(dir) = std::env::var_os("FWL_CUDA_LINK_DIR") {
+        println!("cargo:rustc-link-search=native={}", std::path::Path::new(&dir).display());
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -6,14 +6,14 @@
 #                                       # Python package's wheel (with the CUDA kernels) and the
 #                                       # Liger-Kernel wheel, in gpu-bundle/, and packs that into
 #                                       # gpu-bundle.tar.xz (both git-ignored): the folder is over
-#                                       # 100 MB (each binary embeds the kernels' fatbin), the archive
-#                                       # about 10 MB, under the device's 64 MiB for what travels
+#                                       # 200 MB (each binary embeds the kernels' fatbin), the archive
+#                                       # about 12 MB, under the device's 64 MiB for what travels
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, with
 #                                       # gpu-bundle.tar.xz carried (unpacked there by python3):
 #                                       # GPU parity with FWL_REQUIRE_CUDA=1 (the logits path, the fused
 #                                       # linear path, the vocabulary- and data-parallel split with NCCL:
 #                                       # world size 1, one rank per GPU when there are several),
-#                                       # compute-sanitizer memcheck
+#                                       # the candle ops on CUDA tensors, compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
 #                                       # (benches/sweep_cuda.py), the Python package's CUDA tests
@@ -53,14 +53,20 @@ for line in sys.stdin:
 prepare() {
   set -e
   eval "$(bash scripts/install-cuda-toolchain.sh --env)"
+  # CUDA's libraries to link candle's CUDA tests against (below), set for every build here so
+  # that build.rs, which reruns when the folder's variable changes, runs once
+  eval "$(bash scripts/cuda-link-libs.sh)"
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
   cargo build --release --features cli,cuda --bin fused-weighted-loss
   cp target/release/fused-weighted-loss "$bundle/bin/"
   cargo test --release --features cli,cuda,nccl --test gpu --test gpu_linear --test gpu_parallel --test gpu_parallel_linear --test large \
     --no-run --message-format=json \
     | keep_tests
-  # (not the candle tests on CUDA tensors: candle-core's `cuda` links libcuda, libcublas, nvrtc,
-  # curand and cudart at build time, which these machines lack)
+  # the candle ops on CUDA tensors: candle-core's `cuda` links CUDA's libraries at build time,
+  # here against the folder of scripts/cuda-link-libs.sh (a stub driver; where they run, the
+  # driver's libcuda and PyTorch's CUDA 13 libraries are loaded)
+  CUDA_COMPUTE_CAP=90 cargo test --release --features cli,candle-cuda --test candle --test candle_linear \
+    --no-run --message-format=json | keep_tests
   strip "$bundle"/bin/*
   # the Python package with the CUDA kernels (abi3: any CPython >= 3.9 there); same target dir
   python3 -m maturin build --release --manifest-path python/Cargo.toml --features cuda --target-dir target \
@@ -157,6 +163,11 @@ run() {
     step "GPU parity with $variant"
     within 60 env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
   done
+
+  step "candle ops on CUDA tensors: weighted_loss and weighted_linear_loss (FWL_REQUIRE_CUDA=1)"
+  # (their CPU cases run in CI; these binaries are linked against CUDA 13.0's libraries)
+  within 60 "$bundle/bin/test-candle" --test-threads=1 || fail=1
+  within 60 "$bundle/bin/test-candle_linear" --test-threads=1 || fail=1
 
   step "B·T·V > 2^31 on the GPU (4.4 GB of bf16 in place, FWL_REQUIRE_CUDA=1)"
   within 40 "$bundle/bin/test-large" --exact more_than_2_pow_31_elements_cuda || fail=1
