@@ -42,14 +42,16 @@ def _gather(t: Tensor, group) -> Tensor:
 
 def _check_tiling(group, start: int, length: int, vocab: int, device: torch.device) -> None:
     """Every rank's slice covers [0, vocab) exactly once, and every rank names the same vocab
-    (checked once per group and slice). ``device``: the tensors' device (NCCL gathers the
-    objects through the current CUDA device: made that one for the check)."""
+    (checked once per group and slice). ``device``: the tensors' device, where the three numbers
+    are gathered (NCCL through the current CUDA device: made that one for the check). A tensor
+    all-gather, not ``all_gather_object``, whose pickling needs NumPy, which torch does not."""
     key = (id(group), start, length, vocab)
     if _TILED.get(key):
         return
-    gathered = [None] * _size(group)
+    mine = torch.tensor([start, length, vocab], dtype=torch.int64, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        dist.all_gather_object(gathered, (start, length, vocab), group=group)
+        flat = _gather(mine, group).tolist()
+    gathered = [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
     vocabs = sorted({v for _, _, v in gathered})
     if len(vocabs) > 1:
         raise ValueError(f"the ranks of the vocabulary group name different vocabularies ({vocabs}): "

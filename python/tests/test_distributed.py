@@ -21,9 +21,15 @@ WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 
 
 def torchrun(tmp_path, nproc, backend):
+    """The worker on ``nproc`` ranks, with NumPy hidden from them: torch does not need it, so the
+    package must not either (torch's object collectives do, through ``Tensor.numpy``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", WORKER,
            str(tmp_path), backend]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    hide = tmp_path / "no_numpy" / "numpy"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text('raise ModuleNotFoundError("NumPy is hidden from the ranks of this test", name="numpy")\n')
+    path = os.pathsep.join(p for p in (str(hide.parent), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     ranks = []
