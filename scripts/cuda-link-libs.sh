@@ -10,7 +10,7 @@
 #   eval "$(bash scripts/cuda-link-libs.sh)"
 #
 # Needs the toolchain of scripts/install-cuda-toolchain.sh, gcc, python3 with pip, and cudarc's
-# sources in cargo's registry (any cargo build or fetch of the `cuda` feature brings them).
+# sources in cargo's registry (fetched here when missing).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dest="$root/.toolchain/cuda-link"
@@ -37,8 +37,15 @@ if [ ! -f "$lib/.complete" ]; then
   done
   ln -sf "$cudart" "$lib/libcudart.so"
   # the stub driver: every function cudarc's driver bindings declare, as an empty function
-  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | sort | tail -n 1)
-  [ -n "$sys" ] || { echo "cudarc's sources are not in cargo's registry: run cargo fetch first" >&2; exit 1; }
+  find_sys() {
+    ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | sort | tail -n 1 || true
+  }
+  sys=$(find_sys)
+  if [ -z "$sys" ]; then
+    (cd "$root" && cargo fetch --quiet) >&2
+    sys=$(find_sys)
+  fi
+  [ -n "$sys" ] || { echo "cudarc's sources are not in cargo's registry, even after cargo fetch" >&2; exit 1; }
   python3 - "$sys" "$tmp/stub.c" <<'PY'
 import re, sys
 names = sorted(set(re.findall(r"^\s*(?:pub )?fn (cu[A-Za-z0-9_]+)\(", open(sys.argv[1]).read(), re.M)))
