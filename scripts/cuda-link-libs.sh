@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A folder of CUDA's libraries to link executables against on a machine without CUDA, for the
 # test binaries built with candle-core's `cuda` feature (which links libcuda, cuBLAS, cuBLASLt,
-# nvrtc, cuRAND and cudart at build time): cuBLAS, nvrtc and cuRAND from PyPI at the versions of
-# CUDA 13.0 (what the GPU machines' PyTorch ships), cudart from the nvcc toolchain, and a stub
-# libcuda.so.1 that defines the driver API's names, built here from cudarc's bindings (the
-# executables load the driver's own libcuda.so.1 where they run). Idempotent; prints the export
-# for build.rs (which adds the folder to the link search path):
+# nvrtc and cuRAND at build time): cuBLAS, nvrtc and cuRAND from PyPI at the versions of
+# CUDA 13.0 (what the GPU machines' PyTorch ships), cudart from the nvcc toolchain (for a build
+# that asks for it), and a stub libcuda.so.1 that defines the driver API's names, built here from
+# the bindings of the cudarc in Cargo.lock (the executables load the driver's own libcuda.so.1
+# where they run). Made again when the wheels or cudarc change; prints the export for build.rs
+# (which adds the folder to the link search path):
 #
 #   eval "$(bash scripts/cuda-link-libs.sh)"
 #
@@ -17,8 +18,13 @@ dest="$root/.toolchain/cuda-link"
 lib="$dest/lib"
 wheels=(nvidia-cublas==13.0.2.14 nvidia-cuda-nvrtc==13.0.88 nvidia-curand==10.4.0.35)
 cudart="$root/.toolchain/cuda/nvidia/cu13/lib/libcudart.so.13"
+# the cudarc this crate builds with (Cargo.lock), whose driver bindings the stub follows
+cudarc=$(awk '$0 == "name = \"cudarc\"" { getline; gsub(/"/, "", $3); print $3 }' "$root/Cargo.lock")
+[ -n "$cudarc" ] || { echo "no cudarc in $root/Cargo.lock" >&2; exit 1; }
+# what the folder was made from: made again when that changes
+made_of="${wheels[*]} cudarc-$cudarc"
 
-if [ ! -f "$lib/.complete" ]; then
+if [ "$(cat "$lib/.complete" 2>/dev/null)" != "$made_of" ]; then
   [ -f "$cudart" ] || { echo "no $cudart: run scripts/install-cuda-toolchain.sh first" >&2; exit 1; }
   rm -rf "$dest" && mkdir -p "$lib"
   tmp="$(mktemp -d)"
@@ -38,7 +44,7 @@ if [ ! -f "$lib/.complete" ]; then
   ln -sf "$cudart" "$lib/libcudart.so"
   # the stub driver: every function cudarc's driver bindings declare, as an empty function
   find_sys() {
-    ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | sort | tail -n 1 || true
+    ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$cudarc"/src/driver/sys/mod.rs 2>/dev/null | head -n 1 || true
   }
   sys=$(find_sys)
   if [ -z "$sys" ]; then
@@ -56,6 +62,6 @@ with open(sys.argv[2], "w") as f:
         f.write(f"int {n}(void) {{ return 999; }}\n")
 PY
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$lib/libcuda.so" "$tmp/stub.c"
-  touch "$lib/.complete"
+  echo "$made_of" >"$lib/.complete"
 fi
 echo "export FWL_CUDA_LINK_DIR=$lib"

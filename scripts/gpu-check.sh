@@ -55,7 +55,9 @@ prepare() {
   eval "$(bash scripts/install-cuda-toolchain.sh --env)"
   # CUDA's libraries to link candle's CUDA tests against (below), set for every build here so
   # that build.rs, which reruns when the folder's variable changes, runs once
-  eval "$(bash scripts/cuda-link-libs.sh)"
+  local link_env
+  link_env=$(bash scripts/cuda-link-libs.sh)
+  eval "$link_env"
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
   cargo build --release --features cli,cuda --bin fused-weighted-loss
   cp target/release/fused-weighted-loss "$bundle/bin/"
