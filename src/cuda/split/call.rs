@@ -99,10 +99,10 @@ impl<'c> DeviceSharded<'c> {
     pub fn check_tiling(&self, stream: &Arc<CudaStream>) -> Result<()> {
         self.check_ranks()?;
         let vg = self.vocab_group;
-        let mine = (self.slice.start(), self.slice.len());
         if vg.size() == 1 {
-            return check_tiling(&[mine], self.slice.vocab());
+            return self.check_alone_holds_all();
         }
+        let mine = (self.slice.start(), self.slice.len());
         // exact in f64 (slices below 2^53)
         let send = stream.clone_htod(&[mine.0 as f64, mine.1 as f64]).map_err(drv("copying to the device"))?;
         let recv = gather_pairs(vg, stream, &send.as_view())?;
@@ -183,6 +183,8 @@ impl<'c> DeviceSharded<'c> {
     ) -> Result<DeviceLossOutput> {
         let vg = self.vocab_group;
         let (rows, len) = (shape.rows(), self.slice.len());
+        // the whole vocabulary here (a data group alone, or no group): the one-device pass
+        let whole = vg.size() == 1 && len == shape.vocab();
         let logits_len = match &io {
             Io::Loss(l) | Io::Grad(l, _) => l.len(),
             Io::InPlace(l) => l.len(),
@@ -196,7 +198,7 @@ impl<'c> DeviceSharded<'c> {
         if matches!(io, Io::Grad(..)) {
             // an unsupported pair fails every rank before its first exchange (a rank without
             // samples launches nothing, so the kernels' own check would leave it waiting)
-            if vg.size() == 1 && len == shape.vocab() {
+            if whole {
                 loss.module.rows_fn(L::DTYPE, G::DTYPE)?;
             } else {
                 loss.module.split.grad_fn(L::DTYPE, G::DTYPE)?;
@@ -210,9 +212,8 @@ impl<'c> DeviceSharded<'c> {
             return self.no_samples(loss, spec, shape, stream, inputs, logits_len, grad_len);
         }
         let mut st = self.begin(loss, spec, shape, stream, inputs)?;
-        if vg.size() == 1 && len == shape.vocab() {
-            // the whole vocabulary here (a data group alone, or no group): the one-device pass
-            // with the data group's denominators, no chunks
+        if whole {
+            // the one-device pass with the data group's denominators, no chunks
             match &mut io {
                 Io::Loss(l) => {
                     let (x, _g) = l.device_ptr(stream);
