@@ -41,6 +41,19 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
     return __float2bfloat16_rn(x);
 }
 
+// o[0], o[1] = a, b in G: for 16-bit types one paired conversion (cvt.rn.{bf16,f16}x2.f32,
+// the same rounding as two single ones); o is 4-byte aligned.
+template <typename G> __device__ __forceinline__ void from_f32x2(G *o, float a, float b) {
+    o[0] = from_f32<G>(a);
+    o[1] = from_f32<G>(b);
+}
+template <> __device__ __forceinline__ void from_f32x2<__half>(__half *o, float a, float b) {
+    *reinterpret_cast<__half2 *>(o) = __floats2half2_rn(a, b);
+}
+template <> __device__ __forceinline__ void from_f32x2<__nv_bfloat16>(__nv_bfloat16 *o, float a, float b) {
+    *reinterpret_cast<__nv_bfloat162 *>(o) = __floats2bfloat162_rn(a, b);
+}
+
 // 16 bytes of elements, loaded and stored as one vector.
 template <typename T> struct __align__(16) Vec16 {
     static constexpr int N = 16 / sizeof(T);
@@ -58,6 +71,15 @@ template <typename T> __device__ __forceinline__ void store16(T *p, const Vec16<
 }
 
 // ---- online softmax statistics -------------------------------------------------------------
+
+// exp(x) as `ex2.approx.ftz` of x·log2(e): `__expf` without its subnormal handling (a compare
+// and two predicated multiplies per element), results below 2^-126 (x < -87.3) flushed to 0,
+// under 1e-38 of a row sum, which is at least 1. The lean rows loops' exponential (rows_body).
+__device__ __forceinline__ float fwl_exp_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+    return y;
+}
 
 // fwl-host: begin (tests/kernel_host.rs compiles what lies between these markers for the host
 // and checks it against float64: plain C++ and the device functions below only)
@@ -87,22 +109,27 @@ __device__ __forceinline__ MS ms_merge(MS a, MS b) {
 }
 
 // Folds n values (n <= 8) into a thread's running statistics: one exponential per value, and
-// one more only when the running maximum grows.
-__device__ __forceinline__ void ms_push(MS &a, const float *v, int n) {
+// one more only when the running maximum grows. LEAN (the plain loss: no label smoothing) keeps
+// the maximum and the sum only, its exponentials from fwl_exp_ftz; z and n stay 0.
+template <bool LEAN = false> __device__ __forceinline__ void ms_push(MS &a, const float *v, int n) {
     float lm = -INFINITY;
     for (int i = 0; i < n; ++i) lm = fmaxf(lm, v[i]);
     if (lm > a.m) {  // exp(-inf - lm) = 0 keeps an empty or NaN sum as it is
         a.s *= __expf(a.m - lm);
-        a.z = z_rebase(a.z, a.n, a.m, lm);
+        if constexpr (!LEAN) a.z = z_rebase(a.z, a.n, a.m, lm);
         a.m = lm;
     }
     const float shift = a.m == -INFINITY ? 0.f : a.m;  // all -inf so far: -inf adds 0, NaN adds NaN
-    for (int i = 0; i < n; ++i) {
-        const float d = v[i] - shift;
-        a.s += __expf(d);
-        a.z += d;
+    if constexpr (LEAN) {
+        for (int i = 0; i < n; ++i) a.s += fwl_exp_ftz(v[i] - shift);
+    } else {
+        for (int i = 0; i < n; ++i) {
+            const float d = v[i] - shift;
+            a.s += __expf(d);
+            a.z += d;
+        }
+        a.n += static_cast<float>(n);
     }
-    a.n += static_cast<float>(n);
 }
 
 // fwl-host: end
@@ -353,11 +380,53 @@ __device__ __forceinline__ void grad_scalar(G *g, const float *v, int n, int64_t
 #define FWL_CLUSTER_DIMS(c)
 #endif
 
+// The lean gradient pass over vectors [from, to) of a row (one block per row; see rows_body's
+// LEAN), read from shared memory (FROM_CACHE) or from the logits: every entry written as a
+// non-target one, `e · scale`, 16-bit ones converted in pairs, then the target's entry `tval`
+// again by the thread whose vector holds it (vector `ky`, entry `y`). 32-bit vector indices
+// (a row's vectors number under 2^31) and pointers at the row's first whole vector keep the
+// loop's integer work small.
+template <typename L, typename G, int U, bool FROM_CACHE>
+__device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<L> *cache, int from, int to, int ky,
+                                                G *gy, float tval, const RowGrad &rg) {
+    constexpr int N = Vec16<L>::N;
+    const int stride = U * static_cast<int>(blockDim.x);
+    for (int k0 = from + static_cast<int>(threadIdx.x); k0 < to; k0 += stride) {
+        Vec16<L> r[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {  // all U reads before any write (in place: own vectors only)
+            const int k = k0 + u * static_cast<int>(blockDim.x);
+            if (k < to) r[u] = FROM_CACHE ? cache[k] : load16(xh + k * N);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = k0 + u * static_cast<int>(blockDim.x);
+            if (k >= to) continue;
+            Vec16<G> o;
+            if constexpr (sizeof(G) == 2) {
+                for (int i = 0; i < N; i += 2)
+                    from_f32x2<G>(&o.v[i], fwl_exp_ftz(to_f32(r[u].v[i]) - rg.mx) * rg.scale,
+                                  fwl_exp_ftz(to_f32(r[u].v[i + 1]) - rg.mx) * rg.scale);
+            } else {
+                for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(fwl_exp_ftz(to_f32(r[u].v[i]) - rg.mx) * rg.scale);
+            }
+            store16(gh + k * N, o);
+            if (k == ky) *gy = from_f32<G>(tval);
+        }
+    }
+}
+
 // U: 16-byte loads each thread keeps in flight (1, 2 or 4). C: blocks per row (1, or a cluster
 // of 2 or 4). For a given block size the statistics, loss and gradient are the same bits for
 // every U; C > 1 splits the row and so merges its statistics in a different (fixed) order.
-// CAP: CAP_OFF or CAP_ON (see rows_impl).
-template <typename L, typename G, int U, int C, int CAP> __device__ void rows_body(const FwlRowParams &p) {
+// CAP: CAP_OFF or CAP_ON (see rows_impl). LEAN (with CAP_OFF and C = 1; the fwl_rowsl* kernels):
+// the plain loss's loops, with the options' arithmetic left out: the statistics without the
+// logit sum, exponentials from fwl_exp_ftz, and each vector of the gradient written as non-target
+// entries `e · scale` (16-bit: converted in pairs), the target's entry written again after it
+// by the same thread from the target logit read in pass 1.
+template <typename L, typename G, int U, int C, int CAP, bool LEAN = false>
+__device__ void rows_body(const FwlRowParams &p) {
+    static_assert(!LEAN || (CAP == CAP_OFF && C == 1), "the lean loops: plain loss, one block per row");
     constexpr int N = Vec16<L>::N;
     extern __shared__ __align__(16) unsigned char fwl_smem[];
     Vec16<L> *cache = reinterpret_cast<Vec16<L> *>(fwl_smem);
@@ -413,29 +482,54 @@ template <typename L, typename G, int U, int C, int CAP> __device__ void rows_bo
         MS acc{-INFINITY, 0.f, 0.f, 0.f};
         if (edges && threadIdx.x < head) {
             const float v = capped<CAP>(to_f32(x[threadIdx.x]), cap, inv_cap);
-            ms_push(acc, &v, 1);
+            ms_push<LEAN>(acc, &v, 1);
         }
-        for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
-            Vec16<L> r[U];
+        if constexpr (LEAN) {
+            // k_lo = 0 (one block per row); 32-bit vector indices, as in lean_grad_sweep
+            const L *xh = x + head;
+            const int kn = static_cast<int>(k_hi), kc = static_cast<int>(cached);
+            const int stride = U * static_cast<int>(blockDim.x);
+            for (int k0 = static_cast<int>(threadIdx.x); k0 < kn; k0 += stride) {
+                Vec16<L> r[U];
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
-                if (k < k_hi) r[u] = load16(x + head + k * N);
+                for (int u = 0; u < U; ++u) {
+                    const int k = k0 + u * static_cast<int>(blockDim.x);
+                    if (k < kn) r[u] = load16(xh + k * N);
+                }
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int k = k0 + u * static_cast<int>(blockDim.x);
+                    if (k < kn) {
+                        if (k < kc) cache[k] = r[u];
+                        float v[N];
+                        for (int i = 0; i < N; ++i) v[i] = to_f32(r[u].v[i]);
+                        ms_push<true>(acc, v, N);
+                    }
+                }
             }
+        } else {
+            for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
+                Vec16<L> r[U];
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
-                if (k < k_hi) {
-                    if (k < cached) cache[k - k_lo] = r[u];
-                    float v[N];
-                    for (int i = 0; i < N; ++i) v[i] = capped<CAP>(to_f32(r[u].v[i]), cap, inv_cap);
-                    ms_push(acc, v, N);
+                for (int u = 0; u < U; ++u) {
+                    const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+                    if (k < k_hi) r[u] = load16(x + head + k * N);
+                }
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+                    if (k < k_hi) {
+                        if (k < cached) cache[k - k_lo] = r[u];
+                        float v[N];
+                        for (int i = 0; i < N; ++i) v[i] = capped<CAP>(to_f32(r[u].v[i]), cap, inv_cap);
+                        ms_push<LEAN>(acc, v, N);
+                    }
                 }
             }
         }
         if (edges && tail0 + threadIdx.x < V) {
             const float v = capped<CAP>(to_f32(x[tail0 + threadIdx.x]), cap, inv_cap);
-            ms_push(acc, &v, 1);
+            ms_push<LEAN>(acc, &v, 1);
         }
         MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
 #if FWL_HAS_CLUSTERS
@@ -454,8 +548,9 @@ template <typename L, typename G, int U, int C, int CAP> __device__ void rows_bo
         // the row's loss in double: z_max - z[target] can exceed the float range; the options'
         // terms as RowGrad describes
         const float coef = p.coef[grow / p.seq] * (p.token_weights ? p.token_weights[grow + 1] : 1.f);
-        // only the writing thread reads target_logit: without a gradient, the next row may begin
-        // (and thread 0 overwrite it) before every thread is past this line
+        // only the writing thread reads target_logit here: without a gradient, the next row may
+        // begin (and thread 0 overwrite it) before every thread is past this line (the lean
+        // gradient pass reads it too, before this row's last barrier)
         const bool writer = rank == 0 && threadIdx.x == 0;
         const RowGrad rg = row_finish(p, st, writer ? target_logit : 0.f, coef, cap, inv_cap, V, grow, writer);
         if (!g) continue;
@@ -465,31 +560,48 @@ template <typename L, typename G, int U, int C, int CAP> __device__ void rows_bo
             const float v = to_f32(x[threadIdx.x]);
             grad_scalar<CAP>(g + threadIdx.x, &v, 1, threadIdx.x, y, rg);
         }
-        for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
-            Vec16<L> r[U];
-#pragma unroll
-            for (int u = 0; u < U; ++u) {  // all U reads before any write (in place: own vectors only)
-                const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
-                if (k < k_hi) r[u] = k < cached ? cache[k - k_lo] : load16(x + head + k * N);
+        bool swept = false;
+        if constexpr (LEAN && sizeof(G) == sizeof(L)) {
+            if (p.vector_stores) {
+                // target_logit: read in pass 1, published by block_merge's barriers, written again
+                // only after this row's last barrier
+                const int64_t yo = y - head;
+                const int ky = yo >= 0 && yo < k_hi * N ? static_cast<int>(yo / N) : -1;
+                // (e · inv_s rounded before the subtraction, as elem_grad's target entry: the same bits)
+                const float tval = rg.coef * (__fmul_rn(fwl_exp_ftz(target_logit - rg.mx), rg.inv_s) - 1.f);
+                const int kc = static_cast<int>(cached), kn = static_cast<int>(k_hi);
+                lean_grad_sweep<L, G, U, true>(g + head, x + head, cache, 0, kc, ky, g + y, tval, rg);
+                lean_grad_sweep<L, G, U, false>(g + head, x + head, cache, kc, kn, ky, g + y, tval, rg);
+                swept = true;
             }
+        }
+        if (!swept) {
+            for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
+                Vec16<L> r[U];
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
-                if (k >= k_hi) continue;
-                const int64_t j = head + k * N;
-                float v[N];
-                for (int i = 0; i < N; ++i) v[i] = to_f32(r[u].v[i]);
-                bool done = false;
-                if constexpr (sizeof(G) == sizeof(L)) {
-                    if (p.vector_stores) {
-                        const int t = y >= j && y < j + N ? static_cast<int>(y - j) : -1;
-                        Vec16<G> o;
-                        for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(elem_grad<CAP>(v[i], i == t, rg));
-                        store16(g + j, o);
-                        done = true;
-                    }
+                for (int u = 0; u < U; ++u) {  // all U reads before any write (in place: own vectors only)
+                    const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+                    if (k < k_hi) r[u] = k < cached ? cache[k - k_lo] : load16(x + head + k * N);
                 }
-                if (!done) grad_scalar<CAP>(g + j, v, N, j, y, rg);
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
+                    if (k >= k_hi) continue;
+                    const int64_t j = head + k * N;
+                    float v[N];
+                    for (int i = 0; i < N; ++i) v[i] = to_f32(r[u].v[i]);
+                    bool done = false;
+                    if constexpr (sizeof(G) == sizeof(L)) {
+                        if (p.vector_stores) {
+                            const int t = y >= j && y < j + N ? static_cast<int>(y - j) : -1;
+                            Vec16<G> o;
+                            for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(elem_grad<CAP>(v[i], i == t, rg));
+                            store16(g + j, o);
+                            done = true;
+                        }
+                    }
+                    if (!done) grad_scalar<CAP>(g + j, v, N, j, y, rg);
+                }
             }
         }
         if (edges && tail0 + threadIdx.x < V) {
@@ -529,7 +641,17 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
 #define FWL_ROWS_CLUSTER(name, L, G, U, C)                                                      \
     extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams) {}
 #endif
+// The lean kernels fwl_rowsl<U>_* (U = 1, 2, 4): rows_body's LEAN loops alone, kernels of their own
+// so that their registers are allocated apart from the options' loops. The host launches them only
+// for the plain loss (no soft-capping, label smoothing or z-loss) with one block per row.
+#define FWL_ROWS_LEAN(name, L, G, U)                                                            \
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams p) {            \
+        rows_body<L, G, U, 1, CAP_OFF, true>(p);                                                \
+    }
 #define FWL_ROWS(suffix, L, G)                                                                  \
+    FWL_ROWS_LEAN(fwl_rowsl_##suffix, L, G, 1)                                                  \
+    FWL_ROWS_LEAN(fwl_rowsl2_##suffix, L, G, 2)                                                 \
+    FWL_ROWS_LEAN(fwl_rowsl4_##suffix, L, G, 4)                                                 \
     FWL_ROWS_ONE(fwl_rows_##suffix, L, G, 1)                                                    \
     FWL_ROWS_ONE(fwl_rows2_##suffix, L, G, 2)                                                   \
     FWL_ROWS_ONE(fwl_rows4_##suffix, L, G, 4)                                                   \

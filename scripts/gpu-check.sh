@@ -159,7 +159,8 @@ run() {
   # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests,
   # right after the default's (they have not run on a GPU before either)
   local variant
-  for variant in "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_UNROLL=4" \
+  for variant in "FWL_CUDA_ROW_LEAN=1" "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_UNROLL=2" \
+                 "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_UNROLL=4" \
                  "FWL_CUDA_ROW_THREADS=512 FWL_CUDA_BLOCKS_PER_SM=3 FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_ROW_CLUSTER=4" \
                  "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_CLUSTER=2"; do
     step "GPU parity with $variant"
@@ -183,6 +184,11 @@ run() {
         step "compute-sanitizer --tool $tool, $dt"
         within 30 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype "$dt" ||
           fail=1
+      done
+      for dt in bf16 f32; do
+        step "compute-sanitizer --tool $tool, $dt, the lean loops (FWL_CUDA_ROW_LEAN=1)"
+        within 30 env FWL_CUDA_ROW_LEAN=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
+          "${small[@]}" --dtype "$dt" || fail=1
       done
       step "compute-sanitizer --tool $tool, bf16, cluster of 2, 2 loads in flight"
       within 30 env FWL_CUDA_ROW_CLUSTER=2 FWL_CUDA_ROW_UNROLL=2 \

@@ -176,7 +176,12 @@ impl CudaLoss {
         let z_on = planned_opts.z_loss != 0.0;
         // rows: grid-stride, as many resident blocks as the shared memory allows
         {
-            let func = m.rows_fn(L::DTYPE, G::DTYPE)?;
+            // the lean kernels (FWL_CUDA_ROW_LEAN) for the plain loss; one block per row there
+            let plain = planned_opts.softcap == 0.0 && planned_opts.z_loss == 0.0 && planned_opts.smoothing == 0.0;
+            let func = match m.rows_lean_fn(L::DTYPE, G::DTYPE) {
+                Some(f) if plain => f,
+                _ => m.rows_fn(L::DTYPE, G::DTYPE)?,
+            };
             // each of the `cluster` blocks of a row keeps its slice of the row
             let cluster = m.launch.cluster as usize;
             let slice_vectors = (shape.vocab() * L::DTYPE.size()).div_ceil(16).div_ceil(cluster);

@@ -15,6 +15,9 @@ pub(super) struct RowLaunch {
     pub(super) unroll: u32,
     /// 1, or the size of the thread-block cluster that shares a row (sm_90 and later).
     pub(super) cluster: u32,
+    /// The lean kernels (`fwl_rowsl*`) for the plain loss (no soft-capping, label smoothing or
+    /// z-loss); with one block per row only (a cluster size above 1 turns them off).
+    pub(super) lean: bool,
 }
 
 impl RowLaunch {
@@ -24,7 +27,9 @@ impl RowLaunch {
     /// memory), unless the tuning knobs say otherwise:
     /// `FWL_CUDA_ROW_THREADS` (256, 512 or 1024), `FWL_CUDA_BLOCKS_PER_SM` (1 to 8, at most 2048
     /// threads per multiprocessor), `FWL_CUDA_ROW_UNROLL` (1, 2 or 4) and `FWL_CUDA_ROW_CLUSTER`
-    /// (1, 2 or 4; with an unroll of 1 or 2). A value outside those sets is ignored. Read when a
+    /// (1, 2 or 4; with an unroll of 1 or 2), `FWL_CUDA_ROW_LEAN` (0 or 1: the plain loss's lean
+    /// loops, which leave the options' arithmetic out and flush exponentials below 2^-126 to 0;
+    /// off until measured on a device). A value outside those sets is ignored. Read when a
     /// context loads the kernels.
     pub(super) fn from_env() -> RowLaunch {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -37,7 +42,8 @@ impl RowLaunch {
             var("FWL_CUDA_BLOCKS_PER_SM").filter(|b| (1..=8).contains(b) && b * threads <= 2048).unwrap_or(1);
         let unroll = var("FWL_CUDA_ROW_UNROLL").filter(|u| [1, 2, 4].contains(u)).unwrap_or(1);
         let cluster = var("FWL_CUDA_ROW_CLUSTER").filter(|c| [1, 2, 4].contains(c) && unroll <= 2).unwrap_or(1);
-        RowLaunch { threads, blocks_per_sm, unroll, cluster }
+        let lean = var("FWL_CUDA_ROW_LEAN").filter(|l| *l <= 1).unwrap_or(0) == 1 && cluster == 1;
+        RowLaunch { threads, blocks_per_sm, unroll, cluster, lean }
     }
 
     /// The rows kernel for `l` logits and a `g` gradient in this configuration.
@@ -45,6 +51,12 @@ impl RowLaunch {
         let unroll = if self.unroll > 1 { self.unroll.to_string() } else { String::new() };
         let cluster = if self.cluster > 1 { format!("c{}", self.cluster) } else { String::new() };
         format!("fwl_rows{unroll}{cluster}_{}_{}", l.name(), g.name())
+    }
+
+    /// The lean rows kernel (plain loss, one block per row) for `l` logits and a `g` gradient.
+    pub(super) fn lean_kernel_name(&self, l: DType, g: DType) -> String {
+        let unroll = if self.unroll > 1 { self.unroll.to_string() } else { String::new() };
+        format!("fwl_rowsl{unroll}_{}_{}", l.name(), g.name())
     }
 }
 
@@ -54,6 +66,8 @@ pub(super) struct Module {
     plan_i64: CudaFunction,
     plan_u32: CudaFunction,
     pub(super) rows: [(DType, DType, CudaFunction); 7],
+    /// The lean kernels of the same pairs when [`RowLaunch::lean`] (else empty).
+    rows_lean: Vec<(DType, DType, CudaFunction)>,
     pub(super) finish: CudaFunction,
     pub(super) scale: [(DType, CudaFunction); 3],
     pub(super) num_sms: u32,
@@ -105,9 +119,16 @@ impl Module {
             row(DType::F32, DType::F16)?,
             row(DType::F32, DType::BF16)?,
         ];
+        let rows_lean = if launch.lean && launch.cluster == 1 {
+            rows.iter()
+                .map(|(l, g, _)| f(&launch.lean_kernel_name(*l, *g)).map(|func| (*l, *g, func)))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let blocks_per_sm = launch.blocks_per_sm;
         let mut smem_max = usize::MAX;
-        for (_, _, func) in &rows {
+        for (_, _, func) in rows.iter().chain(&rows_lean) {
             let fixed = func
                 .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
                 .map_err(drv("querying a kernel"))?;
@@ -139,6 +160,7 @@ impl Module {
             plan_i64: f("fwl_plan_i64")?,
             plan_u32: f("fwl_plan_u32")?,
             rows,
+            rows_lean,
             finish: f("fwl_finish")?,
             scale: [
                 (DType::F32, f("fwl_scale_f32")?),
@@ -174,6 +196,11 @@ impl Module {
         }
     }
 
+    /// The lean rows kernel of `l` logits into a `g` gradient, when the lean kernels are on.
+    pub(super) fn rows_lean_fn(&self, l: DType, g: DType) -> Option<&CudaFunction> {
+        self.rows_lean.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f)
+    }
+
     /// The rows kernel of `l` logits into a `g` gradient, or [`Error::Unsupported`].
     pub(super) fn rows_fn(&self, l: DType, g: DType) -> Result<&CudaFunction> {
         let found = self.rows.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f);
@@ -191,11 +218,17 @@ mod tests {
 
     #[test]
     pub(super) fn row_launch_defaults_and_knobs() {
-        let default = RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, cluster: 1 };
+        let default = RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, cluster: 1, lean: false };
         assert_eq!(launch(&[]), default);
         let tuned =
             launch(&[("FWL_CUDA_ROW_THREADS", "512"), ("FWL_CUDA_BLOCKS_PER_SM", "3"), ("FWL_CUDA_ROW_UNROLL", "4")]);
-        assert_eq!(tuned, RowLaunch { threads: 512, blocks_per_sm: 3, unroll: 4, cluster: 1 });
+        assert_eq!(tuned, RowLaunch { threads: 512, blocks_per_sm: 3, unroll: 4, ..default });
+        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "1")]), RowLaunch { lean: true, ..default });
+        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "0")]), default);
+        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "2")]), default);
+        // the lean kernels run one block per row: a cluster turns them off
+        let both = launch(&[("FWL_CUDA_ROW_LEAN", "1"), ("FWL_CUDA_ROW_CLUSTER", "2")]);
+        assert_eq!((both.lean, both.cluster), (false, 2));
         let clustered = launch(&[("FWL_CUDA_ROW_UNROLL", "2"), ("FWL_CUDA_ROW_CLUSTER", "4")]);
         assert_eq!(clustered, RowLaunch { unroll: 2, cluster: 4, ..default });
         // clusters come with an unroll of 1 or 2 only
@@ -231,9 +264,14 @@ mod tests {
             ] {
                 let name = l.kernel_name(a, b);
                 assert!(contains(&name), "{name} is missing from the embedded kernels");
+                if cluster == "1" {
+                    let lean = l.lean_kernel_name(a, b);
+                    assert!(contains(&lean), "{lean} is missing from the embedded kernels");
+                }
             }
         }
         assert!(!contains("fwl_rows4_bf16_f16"), "the search must be able to fail");
         assert!(!contains("fwl_rows4c2_f32_f32"));
+        assert!(!contains("fwl_rowsl4c2_f32_f32"));
     }
 }

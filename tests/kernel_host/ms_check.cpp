@@ -12,6 +12,8 @@
 #define __device__
 #define __forceinline__ inline
 #define __expf expf
+// the lean loops' exponential (ex2.approx.ftz on the device; flushing aside, exp)
+static inline float fwl_exp_ftz(float x) { return expf(x); }
 #include "ms.inc"
 
 static int failures = 0;
@@ -27,11 +29,12 @@ static const MS EMPTY{-INFINITY, 0.f, 0.f, 0.f};
 
 // What one block computes for a row: thread k folds elements k*8.., k*8+T*8.. in pushes of up to
 // 8 (as a 16-byte vector of f16/bf16), then the butterfly of each warp and of the warps' results.
-static MS block_fold(const std::vector<float> &x, int threads) {
+// LEAN: the plain loss's fold (maximum and sum only).
+template <bool LEAN = false> static MS block_fold(const std::vector<float> &x, int threads) {
     std::vector<MS> t(threads, EMPTY);
     for (size_t i = 0, k = 0; i < x.size(); i += 8, k = (k + 1) % threads) {
         const int n = static_cast<int>(std::min<size_t>(8, x.size() - i));
-        ms_push(t[k], &x[i], n);
+        ms_push<LEAN>(t[k], &x[i], n);
     }
     auto butterfly = [](std::vector<MS> lanes) {  // 32 lanes, every lane ends with a merge
         for (int o = 16; o > 0; o >>= 1) {
@@ -54,7 +57,7 @@ static double smoothing_term(const MS &st, size_t v) {
 
 int main() {
     std::mt19937 g(7);
-    double worst = 0, worst_raw_at_offset = 0;
+    double worst = 0, worst_raw_at_offset = 0, worst_lean = 0;
     for (int trial = 0; trial < 600; ++trial) {
         const size_t v = 1 + g() % 6000;
         const double offset = std::vector<double>{0, 1e4, -1e4, 1e6, -1e6}[trial % 5];
@@ -68,8 +71,14 @@ int main() {
             sz += static_cast<double>(e);
         }
         const double want = std::log(s) - (sz / static_cast<double>(v) - m);
-        const MS st = block_fold(x, 32 * (1 + static_cast<int>(g() % 8)));
+        const int threads = 32 * (1 + static_cast<int>(g() % 8));
+        const MS st = block_fold(x, threads);
         expect(st.n == static_cast<float>(v), "count", st.n, static_cast<double>(v));
+        // the lean fold: the same maximum, the sum to f32 accuracy, no logit sum or count
+        const MS lean = block_fold<true>(x, threads);
+        const double lse = m + std::log(s), lean_lse = static_cast<double>(lean.m) + std::log(static_cast<double>(lean.s));
+        worst_lean = std::max(worst_lean, std::fabs(lean_lse - lse) / std::max(1.0, std::fabs(lse)));
+        expect(lean.m == st.m && lean.z == 0.f && lean.n == 0.f, "lean fold: maximum, no sums", lean.z, 0);
         const double e = std::fabs(smoothing_term(st, v) - want) / std::fabs(want);
         worst = std::max(worst, e);
         // the same row cut into 1..4 uneven slices, each its own block, merged in rank order
@@ -96,6 +105,8 @@ int main() {
     std::printf("lse - mean z: worst relative error %.3e (a raw f32 sum at offsets of 1e6: %.3e)\n", worst,
                 worst_raw_at_offset);
     expect(worst <= 1e-5, "accuracy of lse - mean z", worst, 1e-5);
+    std::printf("lse of the lean fold: worst error %.3e (relative, or absolute below 1)\n", worst_lean);
+    expect(worst_lean <= 1e-6, "accuracy of the lean fold's lse", worst_lean, 1e-6);
     expect(worst_raw_at_offset >= 1e-3, "the offsets exercise the cancellation", worst_raw_at_offset, 1e-3);
 
     // edges: an empty side changes nothing; -inf makes the sum -inf (the smoothing term +inf);
