@@ -16,7 +16,9 @@
 #                                       # the candle ops on CUDA tensors, compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
-#                                       # (benches/sweep_cuda.py), the Python package's CUDA tests
+#                                       # (benches/sweep_cuda.py; the lean kernels first, and Nsight
+#                                       # Compute on the lean and the default kernel where ncu is
+#                                       # there), the Python package's CUDA tests
 #                                       # (FWL_REQUIRE_CUDA=1), its per-call overhead and its fused linear
 #                                       # entry against F.linear + the course function, the fused
 #                                       # linear table (benches/compare_linear.py: N=8192 H=4096 V=128256
@@ -258,6 +260,24 @@ run() {
     step "Python package: weighted_linear_loss vs F.linear + the course function, same tensors (benches/python_linear.py)"
     within 60 python3 benches/python_linear.py --device cuda --tokens 8x1024 --hidden 4096 --vocab 128256 \
       --dtype bf16 --iters 10 --rounds 2 --json "${OUT:-/tmp}/gpu-python-linear.json" || fail=1
+  fi
+
+  # what bounds the lean kernel (the default one was profiled on 2026-11-30: instruction-bound):
+  # one launch of each, the same shape, where Nsight Compute is on the machine
+  local ncu_bin
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
+  if [ -n "$ncu_bin" ]; then
+    local lean
+    for lean in 1 0; do
+      step "Nsight Compute: the rows kernel (FWL_CUDA_ROW_LEAN=$lean), 8x1024x128256 bf16, one launch"
+      within 60 env FWL_CUDA_ROW_LEAN=$lean "$ncu_bin" --kernel-name regex:fwl_rows --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --metrics smsp__inst_executed.sum,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+        "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape 8x1024x128256 --dtype bf16 --iters 1 --warmup 0 \
+        --reference-iters 0 || echo "(ncu failed: a profile, not a check; not counted)"
+    done
+  else
+    step "Nsight Compute: not found, skipped"
   fi
 
   step "rows kernel launch sweep (tuning knobs; each configuration in its own process), in what is left"
