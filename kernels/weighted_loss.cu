@@ -641,7 +641,7 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
 #define FWL_ROWS_CLUSTER(name, L, G, U, C)                                                      \
     extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams) {}
 #endif
-// The lean kernels fwl_rowsl<U>_* (U = 1, 2, 4): rows_body's LEAN loops alone, kernels of their own
+// The lean kernels fwl_rowsl<U>_* (U = 1, 2): rows_body's LEAN loops alone, kernels of their own
 // so that their registers are allocated apart from the options' loops. The host launches them only
 // for the plain loss (no soft-capping, label smoothing or z-loss) with one block per row.
 #define FWL_ROWS_LEAN(name, L, G, U)                                                            \
@@ -651,7 +651,6 @@ template <typename L, typename G, int U, int C> __device__ void rows_impl(const 
 #define FWL_ROWS(suffix, L, G)                                                                  \
     FWL_ROWS_LEAN(fwl_rowsl_##suffix, L, G, 1)                                                  \
     FWL_ROWS_LEAN(fwl_rowsl2_##suffix, L, G, 2)                                                 \
-    FWL_ROWS_LEAN(fwl_rowsl4_##suffix, L, G, 4)                                                 \
     FWL_ROWS_ONE(fwl_rows_##suffix, L, G, 1)                                                    \
     FWL_ROWS_ONE(fwl_rows2_##suffix, L, G, 2)                                                   \
     FWL_ROWS_ONE(fwl_rows4_##suffix, L, G, 4)                                                   \

@@ -16,7 +16,7 @@ pub(super) struct RowLaunch {
     /// 1, or the size of the thread-block cluster that shares a row (sm_90 and later).
     pub(super) cluster: u32,
     /// The lean kernels (`fwl_rowsl*`) for the plain loss (no soft-capping, label smoothing or
-    /// z-loss); with one block per row only (a cluster size above 1 turns them off).
+    /// z-loss); with one block per row and an unroll of 1 or 2 only (else off).
     pub(super) lean: bool,
 }
 
@@ -28,9 +28,9 @@ impl RowLaunch {
     /// `FWL_CUDA_ROW_THREADS` (256, 512 or 1024), `FWL_CUDA_BLOCKS_PER_SM` (1 to 8, at most 2048
     /// threads per multiprocessor), `FWL_CUDA_ROW_UNROLL` (1, 2 or 4) and `FWL_CUDA_ROW_CLUSTER`
     /// (1, 2 or 4; with an unroll of 1 or 2), `FWL_CUDA_ROW_LEAN` (0 or 1: the plain loss's lean
-    /// loops, which leave the options' arithmetic out and flush exponentials below 2^-126 to 0;
-    /// off until measured on a device). A value outside those sets is ignored. Read when a
-    /// context loads the kernels.
+    /// kernels, which leave the options' arithmetic out and flush exponentials below 2^-126 to 0;
+    /// with one block per row and an unroll of 1 or 2; off until measured on a device). A value
+    /// outside those sets is ignored. Read when a context loads the kernels.
     pub(super) fn from_env() -> RowLaunch {
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -42,7 +42,7 @@ impl RowLaunch {
             var("FWL_CUDA_BLOCKS_PER_SM").filter(|b| (1..=8).contains(b) && b * threads <= 2048).unwrap_or(1);
         let unroll = var("FWL_CUDA_ROW_UNROLL").filter(|u| [1, 2, 4].contains(u)).unwrap_or(1);
         let cluster = var("FWL_CUDA_ROW_CLUSTER").filter(|c| [1, 2, 4].contains(c) && unroll <= 2).unwrap_or(1);
-        let lean = var("FWL_CUDA_ROW_LEAN").filter(|l| *l <= 1).unwrap_or(0) == 1 && cluster == 1;
+        let lean = var("FWL_CUDA_ROW_LEAN").filter(|l| *l <= 1).unwrap_or(0) == 1 && cluster == 1 && unroll <= 2;
         RowLaunch { threads, blocks_per_sm, unroll, cluster, lean }
     }
 
@@ -229,6 +229,11 @@ mod tests {
         // the lean kernels run one block per row: a cluster turns them off
         let both = launch(&[("FWL_CUDA_ROW_LEAN", "1"), ("FWL_CUDA_ROW_CLUSTER", "2")]);
         assert_eq!((both.lean, both.cluster), (false, 2));
+        // and so does an unroll of 4 (no lean kernel for it)
+        let four = launch(&[("FWL_CUDA_ROW_LEAN", "1"), ("FWL_CUDA_ROW_UNROLL", "4")]);
+        assert_eq!((four.lean, four.unroll), (false, 4));
+        let two = launch(&[("FWL_CUDA_ROW_LEAN", "1"), ("FWL_CUDA_ROW_UNROLL", "2")]);
+        assert_eq!((two.lean, two.unroll), (true, 2));
         let clustered = launch(&[("FWL_CUDA_ROW_UNROLL", "2"), ("FWL_CUDA_ROW_CLUSTER", "4")]);
         assert_eq!(clustered, RowLaunch { unroll: 2, cluster: 4, ..default });
         // clusters come with an unroll of 1 or 2 only
@@ -264,7 +269,7 @@ mod tests {
             ] {
                 let name = l.kernel_name(a, b);
                 assert!(contains(&name), "{name} is missing from the embedded kernels");
-                if cluster == "1" {
+                if cluster == "1" && unroll != "4" {
                     let lean = l.lean_kernel_name(a, b);
                     assert!(contains(&lean), "{lean} is missing from the embedded kernels");
                 }
@@ -272,6 +277,6 @@ mod tests {
         }
         assert!(!contains("fwl_rows4_bf16_f16"), "the search must be able to fail");
         assert!(!contains("fwl_rows4c2_f32_f32"));
-        assert!(!contains("fwl_rowsl4c2_f32_f32"));
+        assert!(!contains("fwl_rowsl4_f32_f32"), "no lean kernel with 4 loads in flight");
     }
 }
