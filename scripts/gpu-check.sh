@@ -168,6 +168,8 @@ run() {
     step "GPU parity with $variant"
     within 60 env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
   done
+  step "GPU parity of the fused linear path with the lean kernels (f32 chunk logits into 16-bit gradients)"
+  within 60 env FWL_CUDA_ROW_LEAN=1 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
 
   step "candle ops on CUDA tensors: weighted_loss and weighted_linear_loss (FWL_REQUIRE_CUDA=1)"
   # (their CPU cases run in CI; these binaries are linked against CUDA 13.0's libraries)
