@@ -66,12 +66,17 @@ def main():
     a = ap.parse_args()
 
     start, results, failures = time.time(), [], []
-    for item in a.shapes.split(","):
-        shape, dtype = item.split(":")
-        by_key, default_loss = {}, None
-        for cfg in CONFIGS:
+    shapes = [tuple(item.split(":")) for item in a.shapes.split(",")]
+    # configuration by configuration, every shape of each, so that a short budget still covers
+    # the first configurations at every shape
+    by_key = {s: {} for s in shapes}
+    default_loss = {s: None for s in shapes}
+    spent = False
+    for cfg in CONFIGS:
+        for shape, dtype in shapes:
             if time.time() - start > a.budget_s:
-                print(f"budget of {a.budget_s:.0f} s spent: {shape} {dtype} {cfg} and later skipped", flush=True)
+                print(f"budget of {a.budget_s:.0f} s spent: {cfg} at {shape} {dtype} and later skipped", flush=True)
+                spent = True
                 break
             try:
                 r = run(a.bin, shape, dtype, cfg, a.iters)
@@ -82,20 +87,23 @@ def main():
             got = tuple(r.get("row_launch", []))
             if got != cfg:
                 failures.append(f"{shape} {dtype}: asked for {cfg}, the kernels ran {got}")
-            loss = r["loss"]
-            if default_loss is None:
-                default_loss = loss
-            elif not abs(loss - default_loss) <= 1e-5 * abs(default_loss):
-                failures.append(f"{shape} {dtype} {cfg}: loss {loss!r} vs default {default_loss!r}")
+            loss, first = r["loss"], default_loss[(shape, dtype)]
+            if first is None:
+                default_loss[(shape, dtype)] = loss
+            elif not abs(loss - first) <= 1e-5 * abs(first):
+                failures.append(f"{shape} {dtype} {cfg}: loss {loss!r} vs default {first!r}")
+            seen = by_key[(shape, dtype)]
             key = (cfg[0], cfg[3], cfg[4])  # same block size, cluster and loops: the same bits
-            if key in by_key and by_key[key][1] != loss:
-                failures.append(f"{shape} {dtype} {cfg}: loss {loss!r} differs in bits from {by_key[key][0]} ({by_key[key][1]!r})")
-            by_key.setdefault(key, (cfg, loss))
+            if key in seen and seen[key][1] != loss:
+                failures.append(f"{shape} {dtype} {cfg}: loss {loss!r} differs in bits from {seen[key][0]} ({seen[key][1]!r})")
+            seen.setdefault(key, (cfg, loss))
             row = dict(shape=shape, dtype=dtype, threads=cfg[0], blocks_per_sm=cfg[1], unroll=cfg[2], cluster=cfg[3],
                        lean=cfg[4], median_ms=r["median_ms"], copy_ms=r["floor_median_ms"], loss=loss,
                        device=r.get("device"))
             results.append(row)
             print(f"  {shape} {dtype} {cfg}: {row['median_ms']:.3f} ms, copy {row['copy_ms']:.3f} ms", flush=True)
+        if spent:
+            break
 
     if a.json:
         with open(a.json, "w") as f:

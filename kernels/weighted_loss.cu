@@ -421,9 +421,11 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
 // every U; C > 1 splits the row and so merges its statistics in a different (fixed) order.
 // CAP: CAP_OFF or CAP_ON (see rows_impl). LEAN (with CAP_OFF and C = 1; the fwl_rowsl* kernels):
 // the plain loss's loops, with the options' arithmetic left out: the statistics without the
-// logit sum, exponentials from fwl_exp_ftz, and each vector of the gradient written as non-target
+// logit sum, exponentials from fwl_exp_ftz, 32-bit vector indices; where G has L's size and the
+// two share their alignment (vector_stores), each vector of the gradient written as non-target
 // entries `e · scale` (16-bit: converted in pairs), the target's entry written again after it
-// by the same thread from the target logit read in pass 1.
+// by the same thread from the target logit read in pass 1 (lean_grad_sweep); otherwise the
+// default gradient loop.
 template <typename L, typename G, int U, int C, int CAP, bool LEAN = false>
 __device__ void rows_body(const FwlRowParams &p) {
     static_assert(!LEAN || (CAP == CAP_OFF && C == 1), "the lean loops: plain loss, one block per row");

@@ -16,8 +16,8 @@
 #                                       # the candle ops on CUDA tensors, compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
-#                                       # (benches/sweep_cuda.py; the lean kernels first, and Nsight
-#                                       # Compute on the lean and the default kernel where ncu is
+#                                       # (benches/sweep_cuda.py; the lean kernels right after the
+#                                       # default, then Nsight Compute on the lean kernel where ncu is
 #                                       # there), the Python package's CUDA tests
 #                                       # (FWL_REQUIRE_CUDA=1), its per-call overhead and its fused linear
 #                                       # entry against F.linear + the course function, the fused
@@ -161,14 +161,14 @@ run() {
   # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests,
   # right after the default's (they have not run on a GPU before either)
   local variant
+  # (the cluster variants passed on 2026-11-30 and their code has not changed since: not rerun)
   for variant in "FWL_CUDA_ROW_LEAN=1" "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_UNROLL=2" \
-                 "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_UNROLL=4" \
-                 "FWL_CUDA_ROW_THREADS=512 FWL_CUDA_BLOCKS_PER_SM=3 FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_ROW_CLUSTER=4" \
-                 "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_CLUSTER=2"; do
+                 "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_UNROLL=4"; do
     step "GPU parity with $variant"
     within 60 env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
   done
-  step "GPU parity of the fused linear path with the lean kernels (f32 chunk logits into 16-bit gradients)"
+  # (f32 chunk logits into 16-bit gradients: the lean statistics with the default gradient loop)
+  step "GPU parity of the fused linear path with the lean kernels"
   within 60 env FWL_CUDA_ROW_LEAN=1 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
 
   step "candle ops on CUDA tensors: weighted_loss and weighted_linear_loss (FWL_REQUIRE_CUDA=1)"
@@ -194,9 +194,6 @@ run() {
         within 30 env FWL_CUDA_ROW_LEAN=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
           "${small[@]}" --dtype "$dt" || fail=1
       done
-      step "compute-sanitizer --tool $tool, bf16, cluster of 2, 2 loads in flight"
-      within 30 env FWL_CUDA_ROW_CLUSTER=2 FWL_CUDA_ROW_UNROLL=2 \
-        "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype bf16 || fail=1
     done
     step "compute-sanitizer --tool memcheck, fused linear path (cuBLAS + rows kernel), bf16 and f32"
     for dt in bf16 f32; do
@@ -264,31 +261,30 @@ run() {
       --dtype bf16 --iters 10 --rounds 2 --json "${OUT:-/tmp}/gpu-python-linear.json" || fail=1
   fi
 
-  # what bounds the lean kernel (the default one was profiled on 2026-11-30: instruction-bound):
-  # one launch of each, the same shape, where Nsight Compute is on the machine
-  local ncu_bin
-  ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
-  if [ -n "$ncu_bin" ]; then
-    local lean
-    for lean in 1 0; do
-      step "Nsight Compute: the rows kernel (FWL_CUDA_ROW_LEAN=$lean), 8x1024x128256 bf16, one launch"
-      within 60 env FWL_CUDA_ROW_LEAN=$lean "$ncu_bin" --kernel-name regex:fwl_rows --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --metrics smsp__inst_executed.sum,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed \
-        "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape 8x1024x128256 --dtype bf16 --iters 1 --warmup 0 \
-        --reference-iters 0 || echo "(ncu failed: a profile, not a check; not counted)"
-    done
-  else
-    step "Nsight Compute: not found, skipped"
-  fi
-
   step "rows kernel launch sweep (tuning knobs; each configuration in its own process), in what is left"
-  local sweep_s=$((total - final_s - (SECONDS - start) - 5))
+  # (Nsight Compute, after it, keeps 45 s of the checks' time where ncu is there)
+  local ncu_bin ncu_s=0
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
+  [ -n "$ncu_bin" ] && ncu_s=45
+  local sweep_s=$((total - final_s - (SECONDS - start) - 5 - ncu_s))
   if ((sweep_s >= 20)); then
     python3 benches/sweep_cuda.py --bin "$bundle/bin/fused-weighted-loss" --budget-s "$sweep_s" \
       --json "${OUT:-/tmp}/gpu-sweep.json" || fail=1
   else
     echo "skipped, out of time: the sweep"; skipped=$((skipped + 1))
+  fi
+
+  # what bounds the lean kernel (the default one was profiled on 2026-11-30: bound by its
+  # instructions): one launch, a profile and not a check (a failure is not counted)
+  if [ -n "$ncu_bin" ]; then
+    step "Nsight Compute: the lean rows kernel (FWL_CUDA_ROW_LEAN=1), 8x1024x128256 bf16, one launch"
+    timeout 45 env FWL_CUDA_ROW_LEAN=1 "$ncu_bin" --kernel-name regex:fwl_rows --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --metrics smsp__inst_executed.sum,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+      "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape 8x1024x128256 --dtype bf16 --iters 1 --warmup 0 \
+      --reference-iters 0 || echo "(ncu failed or timed out: a profile, not a check; not counted)"
+  else
+    step "Nsight Compute: not found, skipped"
   fi
 
   echo
