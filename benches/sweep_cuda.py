@@ -81,7 +81,7 @@ def main():
             try:
                 r = run(a.bin, shape, dtype, cfg, a.iters)
             except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
-                failures.append(str(e))
+                failures.append(f"{shape} {dtype} {cfg}: {e}")
                 print(f"FAILED {shape} {dtype} {cfg}: {e}", flush=True)
                 continue
             got = tuple(r.get("row_launch", []))
