@@ -1,5 +1,6 @@
 // The vocabulary- and data-parallel split, included at the end of weighted_loss.cu (it uses the
-// element types, the online-softmax statistics and the gradient formula defined there). A rank
+// element types and the online-softmax statistics defined there, and the gradient formula of
+// rows.cuh). A rank
 // holds columns [v0, v0 + len) of each row; the steps run on chunks of rows:
 //
 //   fwl_split_stats_<L>      per row: this rank's statistics (max, sum of exp(z - max), the raw
