@@ -2,14 +2,12 @@
 """Times the CUDA rows kernel under each launch configuration of its tuning knobs.
 
 Runs `fused-weighted-loss bench --backend cuda --json` once per configuration and shape, with
-FWL_CUDA_ROW_THREADS / FWL_CUDA_BLOCKS_PER_SM / FWL_CUDA_ROW_UNROLL / FWL_CUDA_ROW_CLUSTER /
-FWL_CUDA_ROW_LEAN set, and prints one table: median ms, the device copy of the same bytes measured
+FWL_CUDA_ROW_THREADS / FWL_CUDA_BLOCKS_PER_SM / FWL_CUDA_ROW_UNROLL / FWL_CUDA_ROW_LEAN set, and prints one table: median ms, the device copy of the same bytes measured
 in the same process, and the fraction of the copy bandwidth reached. Each process generates the
 same seeded data, so configurations that differ only in blocks per multiprocessor or loads in
 flight must give the same loss bit for bit (the script fails otherwise), and every configuration
 must agree with the default to 1e-5 relative. The lean loops come first after the default (they
-have not run on a device before); the cluster configurations, which lost at every shape on an
-H200 (2026-11-30), last.
+have not run on a device before).
 
     python3 benches/sweep_cuda.py --bin target/release/fused-weighted-loss [--json out.json]
 """
@@ -21,31 +19,28 @@ import subprocess
 import sys
 import time
 
-# (threads, blocks per SM, loads in flight, cluster, lean loops); the first is the default
+# (threads, blocks per SM, loads in flight, lean loops); the first is the default
 CONFIGS = [
-    (1024, 1, 1, 1, 0),
-    (1024, 1, 1, 1, 1),
-    (1024, 2, 1, 1, 1),
-    (1024, 1, 2, 1, 1),
-    (512, 2, 1, 1, 1),
-    (512, 2, 2, 1, 1),
-    (256, 4, 2, 1, 1),
-    (1024, 1, 2, 1, 0),
-    (1024, 1, 4, 1, 0),
-    (512, 2, 2, 1, 0),
-    (1024, 1, 2, 2, 0),
-    (512, 2, 2, 4, 0),
+    (1024, 1, 1, 0),
+    (1024, 1, 1, 1),
+    (1024, 2, 1, 1),
+    (1024, 1, 2, 1),
+    (512, 2, 1, 1),
+    (512, 2, 2, 1),
+    (256, 4, 2, 1),
+    (1024, 1, 2, 0),
+    (1024, 1, 4, 0),
+    (512, 2, 2, 0),
 ]
 
 
 def run(binary, shape, dtype, cfg, iters):
-    threads, blocks, unroll, cluster, lean = cfg
+    threads, blocks, unroll, lean = cfg
     env = dict(
         os.environ,
         FWL_CUDA_ROW_THREADS=str(threads),
         FWL_CUDA_BLOCKS_PER_SM=str(blocks),
         FWL_CUDA_ROW_UNROLL=str(unroll),
-        FWL_CUDA_ROW_CLUSTER=str(cluster),
         FWL_CUDA_ROW_LEAN=str(lean),
     )
     cmd = [binary, "bench", "--backend", "cuda", "--shape", shape, "--dtype", dtype, "--iters", str(iters),
@@ -93,12 +88,12 @@ def main():
             elif not abs(loss - first) <= 1e-5 * abs(first):
                 failures.append(f"{shape} {dtype} {cfg}: loss {loss!r} vs default {first!r}")
             seen = by_key[(shape, dtype)]
-            key = (cfg[0], cfg[3], cfg[4])  # same block size, cluster and loops: the same bits
+            key = (cfg[0], cfg[3])  # same block size and loops: the same bits
             if key in seen and seen[key][1] != loss:
                 failures.append(f"{shape} {dtype} {cfg}: loss {loss!r} differs in bits from {seen[key][0]} ({seen[key][1]!r})")
             seen.setdefault(key, (cfg, loss))
-            row = dict(shape=shape, dtype=dtype, threads=cfg[0], blocks_per_sm=cfg[1], unroll=cfg[2], cluster=cfg[3],
-                       lean=cfg[4], median_ms=r["median_ms"], copy_ms=r["floor_median_ms"], loss=loss,
+            row = dict(shape=shape, dtype=dtype, threads=cfg[0], blocks_per_sm=cfg[1], unroll=cfg[2],
+                       lean=cfg[3], median_ms=r["median_ms"], copy_ms=r["floor_median_ms"], loss=loss,
                        device=r.get("device"))
             results.append(row)
             print(f"  {shape} {dtype} {cfg}: {row['median_ms']:.3f} ms, copy {row['copy_ms']:.3f} ms", flush=True)
@@ -110,17 +105,17 @@ def main():
             json.dump({"results": results, "failures": failures}, f, indent=1)
     device = results[0]["device"] if results else "?"
     print(f"\nrows kernel launch sweep on {device} (medians of {a.iters}; copy = device copy of the same bytes, same process)")
-    print(f"{'shape':<16}{'dtype':<6}{'threads':>8}{'blk/SM':>7}{'unroll':>7}{'cluster':>8}{'lean':>5}{'ms':>9}"
+    print(f"{'shape':<16}{'dtype':<6}{'threads':>8}{'blk/SM':>7}{'unroll':>7}{'lean':>5}{'ms':>9}"
           f"{'copy ms':>9}{'% copy':>8}")
     for r in results:
         pct = 100 * r["copy_ms"] / r["median_ms"]
-        print(f"{r['shape']:<16}{r['dtype']:<6}{r['threads']:>8}{r['blocks_per_sm']:>7}{r['unroll']:>7}{r['cluster']:>8}"
+        print(f"{r['shape']:<16}{r['dtype']:<6}{r['threads']:>8}{r['blocks_per_sm']:>7}{r['unroll']:>7}"
               f"{r['lean']:>5}{r['median_ms']:>9.3f}{r['copy_ms']:>9.3f}{pct:>7.0f}%")
     for shape_dtype in dict.fromkeys((r["shape"], r["dtype"]) for r in results):
         rows = [r for r in results if (r["shape"], r["dtype"]) == shape_dtype]
         best = min(rows, key=lambda r: r["median_ms"])
         print(f"fastest at {shape_dtype[0]} {shape_dtype[1]}: threads {best['threads']}, blocks/SM {best['blocks_per_sm']}, "
-              f"unroll {best['unroll']}, cluster {best['cluster']}, lean {best['lean']}: {best['median_ms']:.3f} ms "
+              f"unroll {best['unroll']}, lean {best['lean']}: {best['median_ms']:.3f} ms "
               f"({100 * best['copy_ms'] / best['median_ms']:.0f}% of copy; default {rows[0]['median_ms']:.3f} ms)")
     for f in failures:
         print("FAILED:", f)

@@ -1,7 +1,7 @@
 // The rows kernels (fwl_rows*, and the lean fwl_rowsl*), included by weighted_loss.cu after the
 // element types, the online-softmax statistics and the plan: grid-stride over rows, one block
-// (or a cluster of blocks) per row, the statistics pass keeping what fits of the row in shared
-// memory, then the gradient pass; the loss options as weighted_loss.cu's header says.
+// per row, the statistics pass keeping what fits of the row in shared memory, then the gradient
+// pass; the loss options as weighted_loss.cu's header says.
 
 // Soft-capping in an element loop: CAP = 0 off, 1 on (the rows kernel's two instantiations:
 // no dead tanhf per element in the plain loops), -1 decided per call by cap > 0.
@@ -76,16 +76,6 @@ __device__ __forceinline__ void grad_scalar(G *g, const float *v, int n, int64_t
     for (int i = 0; i < n; ++i) g[i] = from_f32<G>(elem_grad<CAP>(v[i], i == t, r));
 }
 
-// Thread-block clusters (sm_90 and later): the C blocks of a cluster share one row, each keeping
-// its own slice in shared memory, and exchange their statistics through distributed shared memory.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define FWL_HAS_CLUSTERS 1
-#define FWL_CLUSTER_DIMS(c) __cluster_dims__(c, 1, 1)
-#else
-#define FWL_HAS_CLUSTERS 0
-#define FWL_CLUSTER_DIMS(c)
-#endif
-
 // The lean gradient pass over vectors [from, to) of a row (one block per row; see rows_body's
 // LEAN), read from shared memory (FROM_CACHE) or from the logits: every entry written as a
 // non-target one, `e · scale`, 16-bit ones converted in pairs, then the target's entry `tval`
@@ -122,80 +112,62 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
     }
 }
 
-// U: 16-byte loads each thread keeps in flight (1, 2 or 4). C: blocks per row (1, or a cluster
-// of 2 or 4). For a given block size the statistics, loss and gradient are the same bits for
-// every U; C > 1 splits the row and so merges its statistics in a different (fixed) order.
-// CAP: CAP_OFF or CAP_ON (see rows_impl). LEAN (with CAP_OFF and C = 1; the fwl_rowsl* kernels):
+// U: 16-byte loads each thread keeps in flight (1, 2 or 4). For a given block size the
+// statistics, loss and gradient are the same bits for every U.
+// CAP: CAP_OFF or CAP_ON (see rows_impl). LEAN (with CAP_OFF; the fwl_rowsl* kernels):
 // the plain loss's loops, with the options' arithmetic left out: the statistics without the
 // logit sum, exponentials from fwl_exp_ftz, 32-bit vector indices; where G has L's size and the
 // two share their alignment (vector_stores), each vector of the gradient written as non-target
 // entries `e · scale` (16-bit: converted in pairs), the target's entry written again after it
 // by the same thread from the target logit read in pass 1 (lean_grad_sweep); otherwise the
 // default gradient loop.
-template <typename L, typename G, int U, int C, int CAP, bool LEAN = false>
+template <typename L, typename G, int U, int CAP, bool LEAN = false>
 __device__ void rows_body(const FwlRowParams &p) {
-    static_assert(!LEAN || (CAP == CAP_OFF && C == 1), "the lean loops: plain loss, one block per row");
+    static_assert(!LEAN || CAP == CAP_OFF, "the lean loops: plain loss");
     constexpr int N = Vec16<L>::N;
     extern __shared__ __align__(16) unsigned char fwl_smem[];
     Vec16<L> *cache = reinterpret_cast<Vec16<L> *>(fwl_smem);
     __shared__ MS red[32];
     __shared__ float target_logit;
-#if FWL_HAS_CLUSTERS
-    __shared__ MS slice_stats[2];  // this block's statistics of the current row, by row parity
-    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    const unsigned rank = C > 1 ? cluster.block_rank() : 0;
-#else
-    static_assert(C == 1, "clusters need sm_90");
-    const unsigned rank = 0;
-#endif
     const int64_t V = p.vocab;
 
-#if FWL_HAS_CLUSTERS
-    int parity = 0;
-#endif
-    for (int64_t row = blockIdx.x / C; row < p.rows; row += gridDim.x / C) {
+    for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const L *x = static_cast<const L *>(p.logits) + row * V;
         G *g = p.grad ? static_cast<G *>(p.grad) + row * V : nullptr;
         const int64_t grow = p.row_offset + row;  // the plan's row: targets, coef, row_loss
-        const int32_t y = p.targets[grow];  // the same for the whole cluster: uniform branches
+        const int32_t y = p.targets[grow];  // the same for the whole block: uniform branches
         if (y < 0) {
             if (g)
-                for (int64_t j = rank * blockDim.x + threadIdx.x; j < V; j += static_cast<int64_t>(C) * blockDim.x)
-                    g[j] = from_f32<G>(0.f);
-            if (rank == 0 && threadIdx.x == 0) {
+                for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = from_f32<G>(0.f);
+            if (threadIdx.x == 0) {
                 p.row_loss[grow] = 0.0;
                 if (p.row_z) p.row_z[grow] = 0.0;
             }
             continue;
         }
-        // read before any write (in place): in a cluster, other blocks write only after the
-        // cluster barrier below
-        if (rank == 0 && threadIdx.x == 0) target_logit = to_f32(x[y]);
+        // read before any write (in place)
+        if (threadIdx.x == 0) target_logit = to_f32(x[y]);
 
-        // split: unaligned head, 16-byte vectors, tail; block `rank` owns vectors [k_lo, k_hi)
-        // and block 0 also the head and tail
+        // split: unaligned head, 16-byte vectors [0, nvec), tail
         const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) / sizeof(L);
         const int64_t head = min(V, mis ? N - mis : 0);
         const int64_t nvec = (V - head) / N;
         const int64_t tail0 = head + nvec * N;
-        const int64_t per_block = (nvec + C - 1) / C;
-        const int64_t k_lo = min(nvec, rank * per_block), k_hi = min(nvec, k_lo + per_block);
-        const int64_t cached = k_lo + min(k_hi - k_lo, p.smem_vectors);  // vectors below this are cached
-        const bool edges = rank == 0;
+        const int64_t cached = min(nvec, p.smem_vectors);  // vectors below this are cached
 
         // pass 1: statistics, keeping the vectors below `cached` in shared memory. U loads in
         // flight per thread; each thread still folds its vectors in the order k, k + blockDim.x,
         // ..., so the statistics do not depend on U
         const float cap = p.softcap, inv_cap = cap > 0.f ? 1.f / cap : 0.f;
         MS acc{-INFINITY, 0.f, 0.f, 0.f};
-        if (edges && threadIdx.x < head) {
+        if (threadIdx.x < head) {
             const float v = capped<CAP>(to_f32(x[threadIdx.x]), cap, inv_cap);
             ms_push<LEAN>(acc, &v, 1);
         }
         if constexpr (LEAN) {
-            // k_lo = 0 (one block per row); 32-bit vector indices, as in lean_grad_sweep
+            // 32-bit vector indices, as in lean_grad_sweep
             const L *xh = x + head;
-            const int kn = static_cast<int>(k_hi), kc = static_cast<int>(cached);
+            const int kn = static_cast<int>(nvec), kc = static_cast<int>(cached);
             const int stride = U * static_cast<int>(blockDim.x);
             for (int k0 = static_cast<int>(threadIdx.x); k0 < kn; k0 += stride) {
                 Vec16<L> r[U];
@@ -216,18 +188,18 @@ __device__ void rows_body(const FwlRowParams &p) {
                 }
             }
         } else {
-            for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
+            for (int64_t k0 = threadIdx.x; k0 < nvec; k0 += static_cast<int64_t>(U) * blockDim.x) {
                 Vec16<L> r[U];
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
-                    if (k < k_hi) r[u] = load16(x + head + k * N);
+                    if (k < nvec) r[u] = load16(x + head + k * N);
                 }
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
-                    if (k < k_hi) {
-                        if (k < cached) cache[k - k_lo] = r[u];
+                    if (k < nvec) {
+                        if (k < cached) cache[k] = r[u];
                         float v[N];
                         for (int i = 0; i < N; ++i) v[i] = capped<CAP>(to_f32(r[u].v[i]), cap, inv_cap);
                         ms_push<LEAN>(acc, v, N);
@@ -235,36 +207,23 @@ __device__ void rows_body(const FwlRowParams &p) {
                 }
             }
         }
-        if (edges && tail0 + threadIdx.x < V) {
+        if (tail0 + threadIdx.x < V) {
             const float v = capped<CAP>(to_f32(x[tail0 + threadIdx.x]), cap, inv_cap);
             ms_push<LEAN>(acc, &v, 1);
         }
-        MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
-#if FWL_HAS_CLUSTERS
-        if constexpr (C > 1) {
-            // every block merges the C slices in rank order, so all get the same bits; the
-            // buffers alternate by row so that a fast block's next row cannot overwrite what
-            // a slower one is still reading (the next row's barrier orders them)
-            if (threadIdx.x == 0) slice_stats[parity] = st;
-            cluster.sync();
-            MS all = *cluster.map_shared_rank(&slice_stats[parity], 0);
-            for (int r = 1; r < C; ++r) all = ms_merge(all, *cluster.map_shared_rank(&slice_stats[parity], r));
-            st = all;
-            parity ^= 1;
-        }
-#endif
+        const MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
         // the row's loss in double: z_max - z[target] can exceed the float range; the options'
         // terms as RowGrad describes
         const float coef = p.coef[grow / p.seq] * (p.token_weights ? p.token_weights[grow + 1] : 1.f);
         // only the writing thread reads target_logit here: without a gradient, the next row may
         // begin (and thread 0 overwrite it) before every thread is past this line (the lean
         // gradient pass reads it too, before this row's last barrier)
-        const bool writer = rank == 0 && threadIdx.x == 0;
+        const bool writer = threadIdx.x == 0;
         const RowGrad rg = row_finish(p, st, writer ? target_logit : 0.f, coef, cap, inv_cap, V, grow, writer);
         if (!g) continue;
 
         // pass 2: gradient, each thread writing exactly what it read
-        if (edges && threadIdx.x < head) {
+        if (threadIdx.x < head) {
             const float v = to_f32(x[threadIdx.x]);
             grad_scalar<CAP>(g + threadIdx.x, &v, 1, threadIdx.x, y, rg);
         }
@@ -274,27 +233,27 @@ __device__ void rows_body(const FwlRowParams &p) {
                 // target_logit: read in pass 1, published by block_merge's barriers, written again
                 // only after this row's last barrier
                 const int64_t yo = y - head;
-                const int ky = yo >= 0 && yo < k_hi * N ? static_cast<int>(yo / N) : -1;
+                const int ky = yo >= 0 && yo < nvec * N ? static_cast<int>(yo / N) : -1;
                 // (e · inv_s rounded before the subtraction, as elem_grad's target entry: the same bits)
                 const float tval = rg.coef * (__fmul_rn(fwl_exp_ftz(target_logit - rg.mx), rg.inv_s) - 1.f);
-                const int kc = static_cast<int>(cached), kn = static_cast<int>(k_hi);
+                const int kc = static_cast<int>(cached), kn = static_cast<int>(nvec);
                 lean_grad_sweep<L, G, U, true>(g + head, x + head, cache, 0, kc, ky, g + y, tval, rg);
                 lean_grad_sweep<L, G, U, false>(g + head, x + head, cache, kc, kn, ky, g + y, tval, rg);
                 swept = true;
             }
         }
         if (!swept) {
-            for (int64_t k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += static_cast<int64_t>(U) * blockDim.x) {
+            for (int64_t k0 = threadIdx.x; k0 < nvec; k0 += static_cast<int64_t>(U) * blockDim.x) {
                 Vec16<L> r[U];
 #pragma unroll
                 for (int u = 0; u < U; ++u) {  // all U reads before any write (in place: own vectors only)
                     const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
-                    if (k < k_hi) r[u] = k < cached ? cache[k - k_lo] : load16(x + head + k * N);
+                    if (k < nvec) r[u] = k < cached ? cache[k] : load16(x + head + k * N);
                 }
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int64_t k = k0 + static_cast<int64_t>(u) * blockDim.x;
-                    if (k >= k_hi) continue;
+                    if (k >= nvec) continue;
                     const int64_t j = head + k * N;
                     float v[N];
                     for (int i = 0; i < N; ++i) v[i] = to_f32(r[u].v[i]);
@@ -312,7 +271,7 @@ __device__ void rows_body(const FwlRowParams &p) {
                 }
             }
         }
-        if (edges && tail0 + threadIdx.x < V) {
+        if (tail0 + threadIdx.x < V) {
             const int64_t j = tail0 + threadIdx.x;
             const float v = to_f32(x[j]);
             grad_scalar<CAP>(g + j, &v, 1, j, y, rg);
@@ -320,52 +279,36 @@ __device__ void rows_body(const FwlRowParams &p) {
         // the next row's pass 1 overwrites the cache: wait until every thread is done with it
         __syncthreads();
     }
-#if FWL_HAS_CLUSTERS
-    // a block's shared memory must outlive its partners' last reads of it
-    if constexpr (C > 1) cluster.sync();
-#endif
 }
 
 // The rows kernel: the soft-cap decided once per launch (uniform), so that the loops of each
 // instantiation carry only their own arithmetic.
-template <typename L, typename G, int U, int C> __device__ void rows_impl(const FwlRowParams &p) {
+template <typename L, typename G, int U> __device__ void rows_impl(const FwlRowParams &p) {
     if (p.softcap > 0.f)
-        rows_body<L, G, U, C, CAP_ON>(p);
+        rows_body<L, G, U, CAP_ON>(p);
     else
-        rows_body<L, G, U, C, CAP_OFF>(p);
+        rows_body<L, G, U, CAP_OFF>(p);
 }
 
 // One rows kernel per (logits, gradient) pair and loads in flight: fwl_rows_* (1), fwl_rows2_*,
-// fwl_rows4_*; and the cluster kernels fwl_rows<U>c<C>_* for U = 1, 2 and C = 2, 4, empty below
-// sm_90 (the host reads their required cluster width, 0 there, and does not launch them).
+// fwl_rows4_*.
 #define FWL_ROWS_ONE(name, L, G, U)                                                             \
-    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams p) { rows_impl<L, G, U, 1>(p); }
-#if FWL_HAS_CLUSTERS
-#define FWL_ROWS_CLUSTER(name, L, G, U, C)                                                      \
-    extern "C" __global__ void FWL_CLUSTER_DIMS(C) __launch_bounds__(FWL_THREADS) name(FwlRowParams p) { \
-        rows_impl<L, G, U, C>(p);                                                               \
-    }
-#else
-#define FWL_ROWS_CLUSTER(name, L, G, U, C)                                                      \
-    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams) {}
-#endif
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams p) { rows_impl<L, G, U>(p); }
 // The lean kernels fwl_rowsl<U>_* (U = 1, 2): rows_body's LEAN loops alone, kernels of their own
 // so that their registers are allocated apart from the options' loops. The host launches them only
-// for the plain loss (no soft-capping, label smoothing or z-loss) with one block per row.
+// for the plain loss (no soft-capping, label smoothing or z-loss). With U = 1, at most 32
+// registers (two resident blocks of 1024 threads, FWL_CUDA_BLOCKS_PER_SM=2; a few bytes of
+// per-row spills, none in the loops); left to itself ptxas takes 40 and leaves room for one.
 #define FWL_ROWS_LEAN(name, L, G, U)                                                            \
-    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams p) {            \
-        rows_body<L, G, U, 1, CAP_OFF, true>(p);                                                \
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS, U == 1 ? 2 : 1) name(FwlRowParams p) { \
+        rows_body<L, G, U, CAP_OFF, true>(p);                                                   \
     }
 #define FWL_ROWS(suffix, L, G)                                                                  \
     FWL_ROWS_LEAN(fwl_rowsl_##suffix, L, G, 1)                                                  \
     FWL_ROWS_LEAN(fwl_rowsl2_##suffix, L, G, 2)                                                 \
     FWL_ROWS_ONE(fwl_rows_##suffix, L, G, 1)                                                    \
     FWL_ROWS_ONE(fwl_rows2_##suffix, L, G, 2)                                                   \
-    FWL_ROWS_ONE(fwl_rows4_##suffix, L, G, 4)                                                   \
-    FWL_ROWS_CLUSTER(fwl_rowsc2_##suffix, L, G, 1, 2)                                           \
-    FWL_ROWS_CLUSTER(fwl_rows2c2_##suffix, L, G, 2, 2)                                          \
-    FWL_ROWS_CLUSTER(fwl_rowsc4_##suffix, L, G, 1, 4)                                           \
-    FWL_ROWS_CLUSTER(fwl_rows2c4_##suffix, L, G, 2, 4)
+    FWL_ROWS_ONE(fwl_rows4_##suffix, L, G, 4)
 
 FWL_ROWS(f32_f32, float, float)
 FWL_ROWS(f16_f16, __half, __half)

@@ -6,9 +6,8 @@
 //                 (16-byte vector loads) for its max / sum-exp (online softmax, f32), keeping as
 //                 much of the row as fits in shared memory; pass 2 writes the gradient from shared
 //                 memory (and, for the part of a long row that did not fit, from L2).
-//                 Tuning variants (FWL_CUDA_ROW_UNROLL, FWL_CUDA_ROW_CLUSTER): 2 or 4 loads in
-//                 flight per thread (the same bits), and on sm_90 a cluster of 2 or 4 blocks per
-//                 row, each keeping its slice of the row in shared memory
+//                 Tuning variants (FWL_CUDA_ROW_UNROLL): 2 or 4 loads in flight per thread (the
+//                 same bits); the lean kernels fwl_rowsl* for the plain loss (FWL_CUDA_ROW_LEAN)
 //   fwl_finish    one block: per-sample means and the batch loss in a fixed order
 //
 // The options ride on the same passes, as uniform branches: soft-capping maps each logit to
@@ -23,7 +22,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cooperative_groups.h>
 #include <stdint.h>
 
 #include "params.h"

@@ -161,7 +161,6 @@ run() {
   # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests,
   # right after the default's (they have not run on a GPU before either)
   local variant
-  # (the cluster variants passed on 2026-11-30 and their code has not changed since: not rerun)
   for variant in "FWL_CUDA_ROW_LEAN=1" "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_UNROLL=2" \
                  "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_UNROLL=4"; do
     step "GPU parity with $variant"

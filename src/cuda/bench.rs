@@ -14,9 +14,9 @@ pub struct DeviceBench {
     /// The loss of the last call (a sanity value).
     pub loss: f64,
     /// The rows kernel's launch: threads per block, resident blocks per multiprocessor, loads in
-    /// flight per thread, blocks per row, and 1 where the lean kernels are on (0 off; they run for
+    /// flight per thread, and 1 where the lean kernels are on (0 off; they run for
     /// the plain loss only; see the `FWL_CUDA_*` tuning knobs in the README).
-    pub row_launch: [u32; 5],
+    pub row_launch: [u32; 4],
 }
 
 /// Times loss + gradient (into the logits' dtype) on random device data of `shape`, alternating
@@ -71,6 +71,6 @@ pub fn bench_device<L: Logit>(
         fused_ms,
         copy_ms,
         loss: host.loss,
-        row_launch: [l.threads, l.blocks_per_sm, l.unroll, l.cluster, l.lean as u32],
+        row_launch: [l.threads, l.blocks_per_sm, l.unroll, l.lean as u32],
     })
 }

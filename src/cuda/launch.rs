@@ -176,34 +176,22 @@ impl CudaLoss {
         let z_on = planned_opts.z_loss != 0.0;
         // rows: grid-stride, as many resident blocks as the shared memory allows
         {
-            // the lean kernels (FWL_CUDA_ROW_LEAN) for the plain loss; one block per row there
+            // the lean kernels (FWL_CUDA_ROW_LEAN) for the plain loss
             let plain = planned_opts.softcap == 0.0 && planned_opts.z_loss == 0.0 && planned_opts.smoothing == 0.0;
             let func = match m.rows_lean_fn(L::DTYPE, G::DTYPE) {
                 Some(f) if plain => f,
                 _ => m.rows_fn(L::DTYPE, G::DTYPE)?,
             };
-            // each of the `cluster` blocks of a row keeps its slice of the row
-            let cluster = m.launch.cluster as usize;
-            let slice_vectors = (shape.vocab() * L::DTYPE.size()).div_ceil(16).div_ceil(cluster);
-            let smem_vectors = if p.grad != 0 { slice_vectors.min(m.smem_max / 16) } else { 0 };
+            // a row's block keeps what fits of the row in shared memory
+            let row_vectors = (shape.vocab() * L::DTYPE.size()).div_ceil(16);
+            let smem_vectors = if p.grad != 0 { row_vectors.min(m.smem_max / 16) } else { 0 };
             let smem = smem_vectors * 16;
             let block = (m.launch.threads, 1, 1);
-            let grid = if cluster > 1 {
-                let probe = LaunchConfig {
-                    grid_dim: (m.num_sms * m.launch.cluster, 1, 1),
-                    block_dim: block,
-                    shared_mem_bytes: smem as u32,
-                };
-                let clusters =
-                    func.occupancy_max_active_clusters(probe, stream).map_err(drv("querying occupancy"))?.max(1);
-                (clusters as usize).min(rows).max(1) * cluster
-            } else {
-                let per_sm = func
-                    .occupancy_max_active_blocks_per_multiprocessor(m.launch.threads, smem, None)
-                    .map_err(drv("querying occupancy"))?
-                    .max(1);
-                (m.num_sms as usize * per_sm as usize).min(rows).max(1)
-            } as u32;
+            let per_sm = func
+                .occupancy_max_active_blocks_per_multiprocessor(m.launch.threads, smem, None)
+                .map_err(drv("querying occupancy"))?
+                .max(1);
+            let grid = (m.num_sms as usize * per_sm as usize).min(rows).max(1) as u32;
             let (t, _g1) = targets.device_ptr(stream);
             let (c, _g2) = coef.device_ptr(stream);
             let (rl, _g3) = row_loss.device_ptr_mut(stream);
@@ -231,7 +219,7 @@ impl CudaLoss {
             // rows * vocab elements of L and G, targets, row_loss, row_z (when not NULL) and
             // token_weights (when not 0) `rows`, coef `B`; the
             // dynamic shared memory requested is what smem_vectors covers and at most the
-            // maximum set on the function at load; the grid is a whole number of clusters.
+            // maximum set on the function at load.
             unsafe { stream.launch_builder(func).arg(&rp).launch(cfg) }.map_err(drv("launching rows"))?;
         }
 

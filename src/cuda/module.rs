@@ -3,34 +3,58 @@
 
 use super::*;
 
-/// The kernels, compiled by build.rs (SASS for sm_80/86/89/90, PTX for compute_80).
+/// The kernels, compiled by build.rs (SASS for sm_80/86/89/90, PTX for compute_80; each entry
+/// zstd-compressed, inflated by the driver at load).
 pub(super) static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/weighted_loss.fatbin"));
 
+/// Whether a kernel named `name` is in [`FATBIN`]: its name in the text of the inflated entries
+/// (PTX and ELF symbol tables), followed by a character that cannot continue a name.
+#[cfg(test)]
+pub(crate) fn fatbin_has_kernel(name: &str) -> bool {
+    use std::io::Read;
+    static TEXT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let text = TEXT.get_or_init(|| {
+        // every zstd frame in the fatbin (a false start fails to decode and is skipped), and the
+        // raw bytes for any entry left uncompressed
+        let mut text = FATBIN.to_vec();
+        const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+        for at in (0..FATBIN.len().saturating_sub(3)).filter(|&i| FATBIN[i..i + 4] == MAGIC) {
+            let mut src = &FATBIN[at..];
+            if let Ok(mut frame) = ruzstd::decoding::StreamingDecoder::new(&mut src) {
+                let mut out = Vec::new();
+                if frame.read_to_end(&mut out).is_ok() {
+                    text.extend_from_slice(&out);
+                }
+            }
+        }
+        text
+    });
+    let name_char = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    text.windows(name.len() + 1).any(|w| &w[..name.len()] == name.as_bytes() && !name_char(w[name.len()]))
+}
+
 /// How the rows kernel is launched: threads per block, resident blocks per multiprocessor, loads
-/// in flight per thread and blocks per row.
+/// in flight per thread, and which kernels (one block per row always).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct RowLaunch {
     pub(super) threads: u32,
     pub(super) blocks_per_sm: u32,
     pub(super) unroll: u32,
-    /// 1, or the size of the thread-block cluster that shares a row (sm_90 and later).
-    pub(super) cluster: u32,
     /// The lean kernels (`fwl_rowsl*`) for the plain loss (no soft-capping, label smoothing or
-    /// z-loss); with one block per row and an unroll of 1 or 2 only (else off).
+    /// z-loss); with an unroll of 1 or 2 only (else off).
     pub(super) lean: bool,
 }
 
 impl RowLaunch {
-    /// 1024 threads, 1 block per multiprocessor, 1 load in flight, one block per row (the
-    /// fastest configuration measured on an H200: at 1024 threads the registers leave room for
-    /// one resident block anyway, and a lone block keeps twice as much of its row in shared
-    /// memory), unless the tuning knobs say otherwise:
+    /// 1024 threads, 1 block per multiprocessor, 1 load in flight (the fastest configuration
+    /// measured on an H200: at 1024 threads the registers leave room for one resident block
+    /// anyway, and a lone block keeps twice as much of its row in shared memory), unless the
+    /// tuning knobs say otherwise:
     /// `FWL_CUDA_ROW_THREADS` (256, 512 or 1024), `FWL_CUDA_BLOCKS_PER_SM` (1 to 8, at most 2048
-    /// threads per multiprocessor), `FWL_CUDA_ROW_UNROLL` (1, 2 or 4) and `FWL_CUDA_ROW_CLUSTER`
-    /// (1, 2 or 4; with an unroll of 1 or 2), `FWL_CUDA_ROW_LEAN` (0 or 1: the plain loss's lean
-    /// kernels, which leave the options' arithmetic out and flush exponentials below 2^-126 to 0;
-    /// with one block per row and an unroll of 1 or 2; off until measured on a device). A value
-    /// outside those sets is ignored. Read when a context loads the kernels.
+    /// threads per multiprocessor), `FWL_CUDA_ROW_UNROLL` (1, 2 or 4), `FWL_CUDA_ROW_LEAN` (0 or
+    /// 1: the plain loss's lean kernels, which leave the options' arithmetic out and flush
+    /// exponentials below 2^-126 to 0; with an unroll of 1 or 2; off until measured on a device).
+    /// A value outside those sets is ignored. Read when a context loads the kernels.
     pub(super) fn from_env() -> RowLaunch {
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -41,22 +65,16 @@ impl RowLaunch {
         let blocks_per_sm =
             var("FWL_CUDA_BLOCKS_PER_SM").filter(|b| (1..=8).contains(b) && b * threads <= 2048).unwrap_or(1);
         let unroll = var("FWL_CUDA_ROW_UNROLL").filter(|u| [1, 2, 4].contains(u)).unwrap_or(1);
-        let cluster = var("FWL_CUDA_ROW_CLUSTER").filter(|c| [1, 2, 4].contains(c) && unroll <= 2).unwrap_or(1);
-        let lean = var("FWL_CUDA_ROW_LEAN").filter(|l| *l <= 1).unwrap_or(0) == 1 && cluster == 1 && unroll <= 2;
-        RowLaunch { threads, blocks_per_sm, unroll, cluster, lean }
+        let lean = var("FWL_CUDA_ROW_LEAN").filter(|l| *l <= 1).unwrap_or(0) == 1 && unroll <= 2;
+        RowLaunch { threads, blocks_per_sm, unroll, lean }
     }
 
-    /// The rows kernel for `l` logits and a `g` gradient in this configuration.
-    pub(super) fn kernel_name(&self, l: DType, g: DType) -> String {
+    /// The rows kernel for `l` logits and a `g` gradient in this configuration: `fwl_rows<U>_*`,
+    /// or with `lean` the plain loss's `fwl_rowsl<U>_*` (`U` the unroll, left out when 1).
+    pub(super) fn kernel_name(&self, l: DType, g: DType, lean: bool) -> String {
         let unroll = if self.unroll > 1 { self.unroll.to_string() } else { String::new() };
-        let cluster = if self.cluster > 1 { format!("c{}", self.cluster) } else { String::new() };
-        format!("fwl_rows{unroll}{cluster}_{}_{}", l.name(), g.name())
-    }
-
-    /// The lean rows kernel (plain loss, one block per row) for `l` logits and a `g` gradient.
-    pub(super) fn lean_kernel_name(&self, l: DType, g: DType) -> String {
-        let unroll = if self.unroll > 1 { self.unroll.to_string() } else { String::new() };
-        format!("fwl_rowsl{unroll}_{}_{}", l.name(), g.name())
+        let lean = if lean { "l" } else { "" };
+        format!("fwl_rows{lean}{unroll}_{}_{}", l.name(), g.name())
     }
 }
 
@@ -85,7 +103,7 @@ impl Module {
         Self::load_with(ctx, RowLaunch::from_env())
     }
 
-    pub(super) fn load_with(ctx: &Arc<CudaContext>, mut launch: RowLaunch) -> Result<Module> {
+    pub(super) fn load_with(ctx: &Arc<CudaContext>, launch: RowLaunch) -> Result<Module> {
         let module =
             ctx.load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec())).map_err(drv("loading the kernels"))?;
         let f = |name: &str| module.load_function(name).map_err(drv("finding a kernel"));
@@ -98,18 +116,7 @@ impl Module {
         let per_sm = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
             .map_err(drv("querying the device"))?;
-        if launch.cluster > 1 {
-            // the cluster kernels are empty where the device runs code built below sm_90 (an
-            // older device, or a newer one that compiles the embedded PTX): they carry no
-            // cluster width there (or a driver cannot say), and one block per row is used instead
-            let probe = f(&launch.kernel_name(DType::F32, DType::F32))?;
-            let width =
-                probe.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_REQUIRED_CLUSTER_WIDTH).unwrap_or(0);
-            if width != launch.cluster as i32 {
-                launch.cluster = 1;
-            }
-        }
-        let row = |l: DType, g: DType| f(&launch.kernel_name(l, g)).map(|func| (l, g, func));
+        let row = |l: DType, g: DType| f(&launch.kernel_name(l, g, false)).map(|func| (l, g, func));
         let rows = [
             row(DType::F32, DType::F32)?,
             row(DType::F16, DType::F16)?,
@@ -119,9 +126,9 @@ impl Module {
             row(DType::F32, DType::F16)?,
             row(DType::F32, DType::BF16)?,
         ];
-        let rows_lean = if launch.lean && launch.cluster == 1 {
+        let rows_lean = if launch.lean {
             rows.iter()
-                .map(|(l, g, _)| f(&launch.lean_kernel_name(*l, *g)).map(|func| (*l, *g, func)))
+                .map(|(l, g, _)| f(&launch.kernel_name(*l, *g, true)).map(|func| (*l, *g, func)))
                 .collect::<Result<Vec<_>>>()?
         } else {
             Vec::new()
@@ -140,20 +147,6 @@ impl Module {
             func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)
                 .map_err(drv("configuring a kernel"))?;
             smem_max = smem_max.min(dynamic);
-        }
-        if launch.cluster > 1 {
-            // a cluster whose blocks cannot all be resident at once would never launch
-            let stream = ctx.default_stream();
-            for (_, _, func) in &rows {
-                let probe = LaunchConfig {
-                    grid_dim: (num_sms.max(1) as u32 * launch.cluster, 1, 1),
-                    block_dim: (launch.threads, 1, 1),
-                    shared_mem_bytes: smem_max as u32,
-                };
-                if func.occupancy_max_active_clusters(probe, &stream).unwrap_or(0) == 0 {
-                    return Self::load_with(ctx, RowLaunch { cluster: 1, ..launch });
-                }
-            }
         }
         Ok(Module {
             plan_i32: f("fwl_plan_i32")?,
@@ -218,7 +211,7 @@ mod tests {
 
     #[test]
     pub(super) fn row_launch_defaults_and_knobs() {
-        let default = RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, cluster: 1, lean: false };
+        let default = RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, lean: false };
         assert_eq!(launch(&[]), default);
         let tuned =
             launch(&[("FWL_CUDA_ROW_THREADS", "512"), ("FWL_CUDA_BLOCKS_PER_SM", "3"), ("FWL_CUDA_ROW_UNROLL", "4")]);
@@ -226,23 +219,17 @@ mod tests {
         assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "1")]), RowLaunch { lean: true, ..default });
         assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "0")]), default);
         assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "2")]), default);
-        // the lean kernels run one block per row: a cluster turns them off
-        let both = launch(&[("FWL_CUDA_ROW_LEAN", "1"), ("FWL_CUDA_ROW_CLUSTER", "2")]);
-        assert_eq!((both.lean, both.cluster), (false, 2));
-        // and so does an unroll of 4 (no lean kernel for it)
+        // an unroll of 4 turns the lean kernels off (no lean kernel for it)
         let four = launch(&[("FWL_CUDA_ROW_LEAN", "1"), ("FWL_CUDA_ROW_UNROLL", "4")]);
         assert_eq!((four.lean, four.unroll), (false, 4));
         let two = launch(&[("FWL_CUDA_ROW_LEAN", "1"), ("FWL_CUDA_ROW_UNROLL", "2")]);
         assert_eq!((two.lean, two.unroll), (true, 2));
-        let clustered = launch(&[("FWL_CUDA_ROW_UNROLL", "2"), ("FWL_CUDA_ROW_CLUSTER", "4")]);
-        assert_eq!(clustered, RowLaunch { unroll: 2, cluster: 4, ..default });
-        // clusters come with an unroll of 1 or 2 only
-        assert_eq!(launch(&[("FWL_CUDA_ROW_UNROLL", "4"), ("FWL_CUDA_ROW_CLUSTER", "2")]).cluster, 1);
         // out of range or unparsable values fall back to the defaults
         let bad =
             launch(&[("FWL_CUDA_ROW_THREADS", "300"), ("FWL_CUDA_BLOCKS_PER_SM", "x"), ("FWL_CUDA_ROW_UNROLL", "3")]);
         assert_eq!(bad, default);
-        assert_eq!(launch(&[("FWL_CUDA_ROW_CLUSTER", "3")]), default);
+        // the knob of the thread-block clusters, removed, is ignored
+        assert_eq!(launch(&[("FWL_CUDA_ROW_CLUSTER", "2")]), default);
         // more than 2048 threads per multiprocessor is refused
         assert_eq!(launch(&[("FWL_CUDA_BLOCKS_PER_SM", "4")]).blocks_per_sm, 1);
         assert_eq!(launch(&[("FWL_CUDA_BLOCKS_PER_SM", "2")]).blocks_per_sm, 2);
@@ -251,13 +238,10 @@ mod tests {
 
     #[test]
     pub(super) fn every_configured_rows_kernel_is_in_the_fatbin() {
-        let contains = |name: &str| {
-            FATBIN.windows(name.len() + 1).any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0)
-        };
-        let configs = [("1", "1"), ("2", "1"), ("4", "1"), ("1", "2"), ("2", "2"), ("1", "4"), ("2", "4")];
-        for (unroll, cluster) in configs {
-            let l = launch(&[("FWL_CUDA_ROW_UNROLL", unroll), ("FWL_CUDA_ROW_CLUSTER", cluster)]);
-            assert_eq!((l.unroll, l.cluster), (unroll.parse().unwrap(), cluster.parse().unwrap()));
+        let contains = fatbin_has_kernel;
+        for unroll in ["1", "2", "4"] {
+            let l = launch(&[("FWL_CUDA_ROW_UNROLL", unroll), ("FWL_CUDA_ROW_LEAN", "1")]);
+            assert_eq!((l.unroll, l.lean), (unroll.parse().unwrap(), unroll != "4"));
             for (a, b) in [
                 (DType::F32, DType::F32),
                 (DType::F16, DType::F16),
@@ -267,16 +251,21 @@ mod tests {
                 (DType::F32, DType::F16),
                 (DType::F32, DType::BF16),
             ] {
-                let name = l.kernel_name(a, b);
+                let name = l.kernel_name(a, b, false);
                 assert!(contains(&name), "{name} is missing from the embedded kernels");
-                if cluster == "1" && unroll != "4" {
-                    let lean = l.lean_kernel_name(a, b);
+                if l.lean {
+                    let lean = l.kernel_name(a, b, true);
                     assert!(contains(&lean), "{lean} is missing from the embedded kernels");
                 }
             }
         }
         assert!(!contains("fwl_rows4_bf16_f16"), "the search must be able to fail");
-        assert!(!contains("fwl_rows4c2_f32_f32"));
         assert!(!contains("fwl_rowsl4_f32_f32"), "no lean kernel with 4 loads in flight");
+        assert!(!contains("fwl_rowsc2_f32_f32"), "no cluster kernels any more");
+        assert_eq!(launch(&[]).kernel_name(DType::BF16, DType::F32, false), "fwl_rows_bf16_f32");
+        assert_eq!(
+            launch(&[("FWL_CUDA_ROW_UNROLL", "2")]).kernel_name(DType::F16, DType::F16, true),
+            "fwl_rowsl2_f16_f16"
+        );
     }
 }
