@@ -2,11 +2,12 @@
 """Times the CUDA rows kernel under each launch configuration of its tuning knobs.
 
 Runs `fused-weighted-loss bench --backend cuda --json` once per configuration and shape, with
-FWL_CUDA_ROW_THREADS / FWL_CUDA_BLOCKS_PER_SM / FWL_CUDA_ROW_UNROLL / FWL_CUDA_ROW_LEAN set, and prints one table: median ms, the device copy of the same bytes measured
-in the same process, and the fraction of the copy bandwidth reached. Each process generates the
-same seeded data, so configurations that differ only in blocks per multiprocessor or loads in
-flight must give the same loss bit for bit (the script fails otherwise), and every configuration
-must agree with the default to 1e-5 relative. The lean loops come first after the default (they
+FWL_CUDA_ROW_THREADS / FWL_CUDA_BLOCKS_PER_SM / FWL_CUDA_ROW_UNROLL / FWL_CUDA_ROW_LEAN set, and
+prints one table: median ms, the device copy of the same bytes measured in the same process,
+and the fraction of the copy bandwidth reached. Each process generates the same seeded data, so
+configurations that differ only in blocks per multiprocessor or loads in flight must give the
+same loss bit for bit (the script fails otherwise), and every configuration must agree with the
+default to 1e-5 relative. The lean loops come first after the default (they
 have not run on a device before).
 
     python3 benches/sweep_cuda.py --bin target/release/fused-weighted-loss [--json out.json]

@@ -76,13 +76,27 @@ __device__ __forceinline__ void grad_scalar(G *g, const float *v, int n, int64_t
     for (int i = 0; i < n; ++i) g[i] = from_f32<G>(elem_grad<CAP>(v[i], i == t, r));
 }
 
-// The lean gradient pass over vectors [from, to) of a row (one block per row; see rows_body's
-// LEAN), read from shared memory (FROM_CACHE) or from the logits: every entry written as a
-// non-target one, `e · scale`, 16-bit ones converted in pairs, then the target's entry `tval`
-// again by the thread whose vector holds it (vector `ky`, entry `y`). 32-bit vector indices
-// (a row's vectors number under 2^31) and pointers at the row's first whole vector keep the
-// loop's integer work small.
-template <typename L, typename G, int U, bool FROM_CACHE>
+// A non-target gradient entry of logit z in the lean loops: `e · scale` for the plain loss;
+// with OPTS (the fwl_rowslo* kernels) elem_grad's `(e · scale − koff) · s`, soft-capped when CAP
+// is CAP_ON. Exponentials from fwl_exp_ftz.
+template <int CAP, bool OPTS> __device__ __forceinline__ float lean_entry(float z, const RowGrad &rg) {
+    if constexpr (!OPTS) {
+        return fwl_exp_ftz(z - rg.mx) * rg.scale;
+    } else if constexpr (CAP == CAP_ON) {
+        const float t = tanhf(z * rg.inv_cap);
+        return (fwl_exp_ftz(__fmul_rn(rg.cap, t) - rg.mx) * rg.scale - rg.koff) * fmaf(-t, t, 1.f);
+    } else {
+        return fwl_exp_ftz(z - rg.mx) * rg.scale - rg.koff;
+    }
+}
+
+// The lean gradient pass over vectors [from, to) of a row (see rows_body's LEAN), read from
+// shared memory (FROM_CACHE) or from the logits: every entry written as a non-target one
+// (lean_entry), 16-bit ones converted in pairs, then the target's entry `tval` again by the
+// thread whose vector holds it (vector `ky`, entry `y`). 32-bit vector indices (a row's vectors
+// number under 2^31) and pointers at the row's first whole vector keep the loop's integer work
+// small.
+template <typename L, typename G, int U, bool FROM_CACHE, int CAP = CAP_OFF, bool OPTS = false>
 __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<L> *cache, int from, int to, int ky,
                                                 G *gy, float tval, const RowGrad &rg) {
     constexpr int N = Vec16<L>::N;
@@ -101,10 +115,10 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
             Vec16<G> o;
             if constexpr (sizeof(G) == 2) {
                 for (int i = 0; i < N; i += 2)
-                    from_f32x2<G>(&o.v[i], fwl_exp_ftz(to_f32(r[u].v[i]) - rg.mx) * rg.scale,
-                                  fwl_exp_ftz(to_f32(r[u].v[i + 1]) - rg.mx) * rg.scale);
+                    from_f32x2<G>(&o.v[i], lean_entry<CAP, OPTS>(to_f32(r[u].v[i]), rg),
+                                  lean_entry<CAP, OPTS>(to_f32(r[u].v[i + 1]), rg));
             } else {
-                for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(fwl_exp_ftz(to_f32(r[u].v[i]) - rg.mx) * rg.scale);
+                for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(lean_entry<CAP, OPTS>(to_f32(r[u].v[i]), rg));
             }
             store16(gh + k * N, o);
             if (k == ky) *gy = from_f32<G>(tval);
@@ -114,16 +128,21 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
 
 // U: 16-byte loads each thread keeps in flight (1, 2 or 4). For a given block size the
 // statistics, loss and gradient are the same bits for every U.
-// CAP: CAP_OFF or CAP_ON (see rows_impl). LEAN (with CAP_OFF; the fwl_rowsl* kernels):
-// the plain loss's loops, with the options' arithmetic left out: the statistics without the
-// logit sum, exponentials from fwl_exp_ftz, 32-bit vector indices; where G has L's size and the
-// two share their alignment (vector_stores), each vector of the gradient written as non-target
-// entries `e · scale` (16-bit: converted in pairs), the target's entry written again after it
-// by the same thread from the target logit read in pass 1 (lean_grad_sweep); otherwise the
-// default gradient loop.
-template <typename L, typename G, int U, int CAP, bool LEAN = false>
+// CAP: CAP_OFF or CAP_ON (see rows_impl). LEAN (the fwl_rowsl* kernels, plain loss, CAP_OFF):
+// loops with the options' arithmetic left out: the statistics without the logit sum,
+// exponentials from fwl_exp_ftz, 32-bit vector indices; where G has L's size and the two share
+// their alignment (vector_stores), each vector of the gradient written as non-target entries
+// `e · scale` (16-bit: converted in pairs), the target's entry written again after it by the
+// same thread from the target logit read in pass 1 (lean_grad_sweep); otherwise the default
+// gradient loop. LEAN with OPTS (the fwl_rowslo* kernels, any options): the same loops with the
+// default kernel's statistics (logit sum, __expf, soft-capped values when CAP_ON) and the
+// options' gradient entries (lean_entry).
+template <typename L, typename G, int U, int CAP, bool LEAN = false, bool OPTS = false>
 __device__ void rows_body(const FwlRowParams &p) {
-    static_assert(!LEAN || CAP == CAP_OFF, "the lean loops: plain loss");
+    static_assert(!OPTS || LEAN, "OPTS: the lean loops with the options");
+    static_assert(!LEAN || OPTS || CAP == CAP_OFF, "the plain lean loops: no soft-capping");
+    // the lean statistics (fwl_exp_ftz, no logit sum) where the loss is plain
+    constexpr bool FTZ_STATS = LEAN && !OPTS;
     constexpr int N = Vec16<L>::N;
     extern __shared__ __align__(16) unsigned char fwl_smem[];
     Vec16<L> *cache = reinterpret_cast<Vec16<L> *>(fwl_smem);
@@ -162,7 +181,7 @@ __device__ void rows_body(const FwlRowParams &p) {
         MS acc{-INFINITY, 0.f, 0.f, 0.f};
         if (threadIdx.x < head) {
             const float v = capped<CAP>(to_f32(x[threadIdx.x]), cap, inv_cap);
-            ms_push<LEAN>(acc, &v, 1);
+            ms_push<FTZ_STATS>(acc, &v, 1);
         }
         if constexpr (LEAN) {
             // 32-bit vector indices, as in lean_grad_sweep
@@ -182,8 +201,8 @@ __device__ void rows_body(const FwlRowParams &p) {
                     if (k < kn) {
                         if (k < kc) cache[k] = r[u];
                         float v[N];
-                        for (int i = 0; i < N; ++i) v[i] = to_f32(r[u].v[i]);
-                        ms_push<true>(acc, v, N);
+                        for (int i = 0; i < N; ++i) v[i] = capped<CAP>(to_f32(r[u].v[i]), cap, inv_cap);
+                        ms_push<FTZ_STATS>(acc, v, N);
                     }
                 }
             }
@@ -202,14 +221,14 @@ __device__ void rows_body(const FwlRowParams &p) {
                         if (k < cached) cache[k] = r[u];
                         float v[N];
                         for (int i = 0; i < N; ++i) v[i] = capped<CAP>(to_f32(r[u].v[i]), cap, inv_cap);
-                        ms_push<LEAN>(acc, v, N);
+                        ms_push<false>(acc, v, N);
                     }
                 }
             }
         }
         if (tail0 + threadIdx.x < V) {
             const float v = capped<CAP>(to_f32(x[tail0 + threadIdx.x]), cap, inv_cap);
-            ms_push<LEAN>(acc, &v, 1);
+            ms_push<FTZ_STATS>(acc, &v, 1);
         }
         const MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
         // the row's loss in double: z_max - z[target] can exceed the float range; the options'
@@ -235,10 +254,22 @@ __device__ void rows_body(const FwlRowParams &p) {
                 const int64_t yo = y - head;
                 const int ky = yo >= 0 && yo < nvec * N ? static_cast<int>(yo / N) : -1;
                 // (e · inv_s rounded before the subtraction, as elem_grad's target entry: the same bits)
-                const float tval = rg.coef * (__fmul_rn(fwl_exp_ftz(target_logit - rg.mx), rg.inv_s) - 1.f);
+                float tval;
+                if constexpr (!OPTS) {
+                    tval = rg.coef * (__fmul_rn(fwl_exp_ftz(target_logit - rg.mx), rg.inv_s) - 1.f);
+                } else {
+                    float zt = target_logit, st = 1.f;
+                    if constexpr (CAP == CAP_ON) {
+                        const float t = tanhf(zt * rg.inv_cap);
+                        zt = __fmul_rn(rg.cap, t);
+                        st = fmaf(-t, t, 1.f);
+                    }
+                    const float e = fwl_exp_ftz(zt - rg.mx);
+                    tval = rg.coef * (__fmul_rn(__fmul_rn(e, rg.inv_s), rg.a) - rg.toff) * st;
+                }
                 const int kc = static_cast<int>(cached), kn = static_cast<int>(nvec);
-                lean_grad_sweep<L, G, U, true>(g + head, x + head, cache, 0, kc, ky, g + y, tval, rg);
-                lean_grad_sweep<L, G, U, false>(g + head, x + head, cache, kc, kn, ky, g + y, tval, rg);
+                lean_grad_sweep<L, G, U, true, CAP, OPTS>(g + head, x + head, cache, 0, kc, ky, g + y, tval, rg);
+                lean_grad_sweep<L, G, U, false, CAP, OPTS>(g + head, x + head, cache, kc, kn, ky, g + y, tval, rg);
                 swept = true;
             }
         }
@@ -296,15 +327,31 @@ template <typename L, typename G, int U> __device__ void rows_impl(const FwlRowP
     extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams p) { rows_impl<L, G, U>(p); }
 // The lean kernels fwl_rowsl<U>_* (U = 1, 2): rows_body's LEAN loops alone, kernels of their own
 // so that their registers are allocated apart from the options' loops. The host launches them only
-// for the plain loss (no soft-capping, label smoothing or z-loss). With U = 1, at most 32
-// registers (two resident blocks of 1024 threads, FWL_CUDA_BLOCKS_PER_SM=2; a few bytes of
-// per-row spills, none in the loops); left to itself ptxas takes 40 and leaves room for one.
+// for the plain loss (no soft-capping, label smoothing or z-loss). With U = 1, on the
+// architectures with 2048 threads per SM (sm_80, sm_90), at most 32 registers: two resident
+// blocks of 1024 threads (FWL_CUDA_BLOCKS_PER_SM=2; a few bytes of per-row spills, none in the
+// loops), where ptxas left to itself takes 40 and leaves room for one.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ >= 900)
+#define FWL_LEAN_MIN_BLOCKS(U) ((U) == 1 ? 2 : 1)
+#else
+#define FWL_LEAN_MIN_BLOCKS(U) 1
+#endif
 #define FWL_ROWS_LEAN(name, L, G, U)                                                            \
-    extern "C" __global__ void __launch_bounds__(FWL_THREADS, U == 1 ? 2 : 1) name(FwlRowParams p) { \
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS, FWL_LEAN_MIN_BLOCKS(U)) name(FwlRowParams p) { \
         rows_body<L, G, U, CAP_OFF, true>(p);                                                   \
+    }
+// The lean kernels with the loss options, fwl_rowslo_* (one load in flight): the soft-cap decided
+// once per launch, as rows_impl does. The host launches them where the loss has an option.
+#define FWL_ROWS_LEAN_OPTS(name, L, G)                                                          \
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS) name(FwlRowParams p) {            \
+        if (p.softcap > 0.f)                                                                    \
+            rows_body<L, G, 1, CAP_ON, true, true>(p);                                          \
+        else                                                                                    \
+            rows_body<L, G, 1, CAP_OFF, true, true>(p);                                         \
     }
 #define FWL_ROWS(suffix, L, G)                                                                  \
     FWL_ROWS_LEAN(fwl_rowsl_##suffix, L, G, 1)                                                  \
+    FWL_ROWS_LEAN_OPTS(fwl_rowslo_##suffix, L, G)                                               \
     FWL_ROWS_LEAN(fwl_rowsl2_##suffix, L, G, 2)                                                 \
     FWL_ROWS_ONE(fwl_rows_##suffix, L, G, 1)                                                    \
     FWL_ROWS_ONE(fwl_rows2_##suffix, L, G, 2)                                                   \

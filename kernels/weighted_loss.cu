@@ -7,7 +7,8 @@
 //                 much of the row as fits in shared memory; pass 2 writes the gradient from shared
 //                 memory (and, for the part of a long row that did not fit, from L2).
 //                 Tuning variants (FWL_CUDA_ROW_UNROLL): 2 or 4 loads in flight per thread (the
-//                 same bits); the lean kernels fwl_rowsl* for the plain loss (FWL_CUDA_ROW_LEAN)
+//                 same bits); the lean kernels (FWL_CUDA_ROW_LEAN), fwl_rowsl* for the plain
+//                 loss and fwl_rowslo* with the options (rows.cuh)
 //   fwl_finish    one block: per-sample means and the batch loss in a fixed order
 //
 // The options ride on the same passes, as uniform branches: soft-capping maps each logit to

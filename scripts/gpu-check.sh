@@ -5,9 +5,9 @@
 #                                       # binaries with --features cuda and collects them, the
 #                                       # Python package's wheel (with the CUDA kernels) and the
 #                                       # Liger-Kernel wheel, in gpu-bundle/, and packs that into
-#                                       # gpu-bundle.tar.xz (both git-ignored): the folder is over
-#                                       # 200 MB (each binary embeds the kernels' fatbin), the archive
-#                                       # about 12 MB, under the device's 64 MiB for what travels
+#                                       # gpu-bundle.tar.xz (both git-ignored): the folder is about
+#                                       # 80 MB (each binary embeds the kernels' 5 MB fatbin), the
+#                                       # archive about 14 MB, under the device's 64 MiB for what travels
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, with
 #                                       # gpu-bundle.tar.xz carried (unpacked there by python3):
 #                                       # GPU parity with FWL_REQUIRE_CUDA=1 (the logits path, the fused
@@ -189,9 +189,11 @@ run() {
           fail=1
       done
       for dt in bf16 f32; do
-        step "compute-sanitizer --tool $tool, $dt, the lean loops (FWL_CUDA_ROW_LEAN=1)"
+        step "compute-sanitizer --tool $tool, $dt, the lean loops (FWL_CUDA_ROW_LEAN=1), plain and with every option"
         within 30 env FWL_CUDA_ROW_LEAN=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
           "${small[@]}" --dtype "$dt" || fail=1
+        within 30 env FWL_CUDA_ROW_LEAN=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
+          "${small[@]}" --dtype "$dt" --z-loss 1e-4 --label-smoothing 0.1 --softcap 30 --token-weights || fail=1
       done
     done
     step "compute-sanitizer --tool memcheck, fused linear path (cuBLAS + rows kernel), bf16 and f32"
@@ -234,15 +236,17 @@ run() {
       /tmp/fwl-linear-budget.json "$mib" || fail=1
   done
 
-  step "loss options: plain vs z-loss + label smoothing + soft-cap + token weights (same process each)"
-  local shp
+  step "loss options: plain vs z-loss + label smoothing + soft-cap + token weights, default and lean kernels"
+  local shp lean
   for shp in 8x1024x128256:bf16 32x128x50000:f32; do
-    for opts in "" "--z-loss 1e-4 --label-smoothing 0.1 --softcap 30 --token-weights"; do
-      # (not in a pipeline: `within` counts skipped steps in this shell)
-      : >/tmp/fwl-options-row.txt
-      within 30 "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape "${shp%%:*}" --dtype "${shp##*:}" \
-        --iters 20 --reference-iters 0 $opts >/tmp/fwl-options-row.txt || fail=1
-      sed -n '3,4p' /tmp/fwl-options-row.txt | sed "s|^|${shp} ${opts:-plain}: |"
+    for lean in 0 1; do
+      for opts in "" "--z-loss 1e-4 --label-smoothing 0.1 --softcap 30 --token-weights"; do
+        # (not in a pipeline: `within` counts skipped steps in this shell)
+        : >/tmp/fwl-options-row.txt
+        within 30 env FWL_CUDA_ROW_LEAN=$lean "$bundle/bin/fused-weighted-loss" bench --backend cuda \
+          --shape "${shp%%:*}" --dtype "${shp##*:}" --iters 20 --reference-iters 0 $opts >/tmp/fwl-options-row.txt || fail=1
+        sed -n '3,4p' /tmp/fwl-options-row.txt | sed "s|^|${shp} lean=${lean} ${opts:-plain}: |"
+      done
     done
   done
 

@@ -176,11 +176,12 @@ impl CudaLoss {
         let z_on = planned_opts.z_loss != 0.0;
         // rows: grid-stride, as many resident blocks as the shared memory allows
         {
-            // the lean kernels (FWL_CUDA_ROW_LEAN) for the plain loss
+            // the lean kernels (FWL_CUDA_ROW_LEAN): the plain loss's, or the options' where any
+            // option changes the arithmetic per element or per row (token weights do not)
             let plain = planned_opts.softcap == 0.0 && planned_opts.z_loss == 0.0 && planned_opts.smoothing == 0.0;
-            let func = match m.rows_lean_fn(L::DTYPE, G::DTYPE) {
-                Some(f) if plain => f,
-                _ => m.rows_fn(L::DTYPE, G::DTYPE)?,
+            let func = match m.rows_lean_fn(L::DTYPE, G::DTYPE, !plain) {
+                Some(f) => f,
+                None => m.rows_fn(L::DTYPE, G::DTYPE)?,
             };
             // a row's block keeps what fits of the row in shared memory
             let row_vectors = (shape.vocab() * L::DTYPE.size()).div_ceil(16);

@@ -33,27 +33,40 @@ pub(crate) fn fatbin_has_kernel(name: &str) -> bool {
     text.windows(name.len() + 1).any(|w| &w[..name.len()] == name.as_bytes() && !name_char(w[name.len()]))
 }
 
-/// How the rows kernel is launched: threads per block, resident blocks per multiprocessor, loads
-/// in flight per thread, and which kernels (one block per row always).
+/// How the rows kernel is launched (one block per row): threads per block, resident blocks per
+/// multiprocessor, loads in flight per thread, and whether the lean kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct RowLaunch {
     pub(super) threads: u32,
     pub(super) blocks_per_sm: u32,
     pub(super) unroll: u32,
-    /// The lean kernels (`fwl_rowsl*`) for the plain loss (no soft-capping, label smoothing or
-    /// z-loss); with an unroll of 1 or 2 only (else off).
+    /// The lean kernels: `fwl_rowsl*` for the plain loss (no soft-capping, label smoothing or
+    /// z-loss), `fwl_rowslo_*` (one load in flight) for a loss with any of them; with an unroll
+    /// of 1 or 2 only (else off).
     pub(super) lean: bool,
+}
+
+/// Which family of rows kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RowKernel {
+    /// `fwl_rows<U>_*`: every loss.
+    Default,
+    /// `fwl_rowsl<U>_*`: the plain loss's lean loops.
+    Lean,
+    /// `fwl_rowslo_*`: the lean loops with the loss options (one load in flight whatever `U`).
+    LeanOptions,
 }
 
 impl RowLaunch {
     /// 1024 threads, 1 block per multiprocessor, 1 load in flight (the fastest configuration
-    /// measured on an H200: at 1024 threads the registers leave room for one resident block
-    /// anyway, and a lone block keeps twice as much of its row in shared memory), unless the
-    /// tuning knobs say otherwise:
+    /// measured on an H200: at 1024 threads the default kernel's registers leave room for one
+    /// resident block anyway, and a lone block keeps twice as much of its row in shared memory),
+    /// unless the tuning knobs say otherwise:
     /// `FWL_CUDA_ROW_THREADS` (256, 512 or 1024), `FWL_CUDA_BLOCKS_PER_SM` (1 to 8, at most 2048
     /// threads per multiprocessor), `FWL_CUDA_ROW_UNROLL` (1, 2 or 4), `FWL_CUDA_ROW_LEAN` (0 or
-    /// 1: the plain loss's lean kernels, which leave the options' arithmetic out and flush
-    /// exponentials below 2^-126 to 0; with an unroll of 1 or 2; off until measured on a device).
+    /// 1: the lean kernels, whose loops compute less per element (for the plain loss, none of the
+    /// options' arithmetic) and flush exponentials below 2^-126 to 0; with an unroll of 1 or 2;
+    /// off until measured on a device).
     /// A value outside those sets is ignored. Read when a context loads the kernels.
     pub(super) fn from_env() -> RowLaunch {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -69,12 +82,16 @@ impl RowLaunch {
         RowLaunch { threads, blocks_per_sm, unroll, lean }
     }
 
-    /// The rows kernel for `l` logits and a `g` gradient in this configuration: `fwl_rows<U>_*`,
-    /// or with `lean` the plain loss's `fwl_rowsl<U>_*` (`U` the unroll, left out when 1).
-    pub(super) fn kernel_name(&self, l: DType, g: DType, lean: bool) -> String {
+    /// The rows kernel of family `k` for `l` logits and a `g` gradient in this configuration:
+    /// `fwl_rows<U>_*`, `fwl_rowsl<U>_*` or `fwl_rowslo_*` (`U` the unroll, left out when 1).
+    pub(super) fn kernel_name(&self, k: RowKernel, l: DType, g: DType) -> String {
         let unroll = if self.unroll > 1 { self.unroll.to_string() } else { String::new() };
-        let lean = if lean { "l" } else { "" };
-        format!("fwl_rows{lean}{unroll}_{}_{}", l.name(), g.name())
+        let (pre, unroll) = match k {
+            RowKernel::Default => ("", unroll),
+            RowKernel::Lean => ("l", unroll),
+            RowKernel::LeanOptions => ("lo", String::new()),
+        };
+        format!("fwl_rows{pre}{unroll}_{}_{}", l.name(), g.name())
     }
 }
 
@@ -84,8 +101,10 @@ pub(super) struct Module {
     plan_i64: CudaFunction,
     plan_u32: CudaFunction,
     pub(super) rows: [(DType, DType, CudaFunction); 7],
-    /// The lean kernels of the same pairs when [`RowLaunch::lean`] (else empty).
+    /// The lean kernels of the same pairs when [`RowLaunch::lean`] (else empty): the plain
+    /// loss's and the options'.
     rows_lean: Vec<(DType, DType, CudaFunction)>,
+    rows_lean_options: Vec<(DType, DType, CudaFunction)>,
     pub(super) finish: CudaFunction,
     pub(super) scale: [(DType, CudaFunction); 3],
     pub(super) num_sms: u32,
@@ -116,7 +135,7 @@ impl Module {
         let per_sm = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
             .map_err(drv("querying the device"))?;
-        let row = |l: DType, g: DType| f(&launch.kernel_name(l, g, false)).map(|func| (l, g, func));
+        let row = |l: DType, g: DType| f(&launch.kernel_name(RowKernel::Default, l, g)).map(|func| (l, g, func));
         let rows = [
             row(DType::F32, DType::F32)?,
             row(DType::F16, DType::F16)?,
@@ -126,16 +145,16 @@ impl Module {
             row(DType::F32, DType::F16)?,
             row(DType::F32, DType::BF16)?,
         ];
-        let rows_lean = if launch.lean {
-            rows.iter()
-                .map(|(l, g, _)| f(&launch.kernel_name(*l, *g, true)).map(|func| (*l, *g, func)))
-                .collect::<Result<Vec<_>>>()?
-        } else {
-            Vec::new()
+        let family = |k: RowKernel| -> Result<Vec<(DType, DType, CudaFunction)>> {
+            if !launch.lean {
+                return Ok(Vec::new());
+            }
+            rows.iter().map(|(l, g, _)| f(&launch.kernel_name(k, *l, *g)).map(|func| (*l, *g, func))).collect()
         };
+        let (rows_lean, rows_lean_options) = (family(RowKernel::Lean)?, family(RowKernel::LeanOptions)?);
         let blocks_per_sm = launch.blocks_per_sm;
         let mut smem_max = usize::MAX;
-        for (_, _, func) in rows.iter().chain(&rows_lean) {
+        for (_, _, func) in rows.iter().chain(&rows_lean).chain(&rows_lean_options) {
             let fixed = func
                 .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
                 .map_err(drv("querying a kernel"))?;
@@ -154,6 +173,7 @@ impl Module {
             plan_u32: f("fwl_plan_u32")?,
             rows,
             rows_lean,
+            rows_lean_options,
             finish: f("fwl_finish")?,
             scale: [
                 (DType::F32, f("fwl_scale_f32")?),
@@ -189,9 +209,11 @@ impl Module {
         }
     }
 
-    /// The lean rows kernel of `l` logits into a `g` gradient, when the lean kernels are on.
-    pub(super) fn rows_lean_fn(&self, l: DType, g: DType) -> Option<&CudaFunction> {
-        self.rows_lean.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f)
+    /// The lean rows kernel of `l` logits into a `g` gradient, when the lean kernels are on: the
+    /// plain loss's, or with `options` the one with the loss options.
+    pub(super) fn rows_lean_fn(&self, l: DType, g: DType, options: bool) -> Option<&CudaFunction> {
+        let family = if options { &self.rows_lean_options } else { &self.rows_lean };
+        family.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f)
     }
 
     /// The rows kernel of `l` logits into a `g` gradient, or [`Error::Unsupported`].
@@ -251,21 +273,23 @@ mod tests {
                 (DType::F32, DType::F16),
                 (DType::F32, DType::BF16),
             ] {
-                let name = l.kernel_name(a, b, false);
+                let name = l.kernel_name(RowKernel::Default, a, b);
                 assert!(contains(&name), "{name} is missing from the embedded kernels");
                 if l.lean {
-                    let lean = l.kernel_name(a, b, true);
-                    assert!(contains(&lean), "{lean} is missing from the embedded kernels");
+                    for k in [RowKernel::Lean, RowKernel::LeanOptions] {
+                        let lean = l.kernel_name(k, a, b);
+                        assert!(contains(&lean), "{lean} is missing from the embedded kernels");
+                    }
                 }
             }
         }
         assert!(!contains("fwl_rows4_bf16_f16"), "the search must be able to fail");
         assert!(!contains("fwl_rowsl4_f32_f32"), "no lean kernel with 4 loads in flight");
         assert!(!contains("fwl_rowsc2_f32_f32"), "no cluster kernels any more");
-        assert_eq!(launch(&[]).kernel_name(DType::BF16, DType::F32, false), "fwl_rows_bf16_f32");
-        assert_eq!(
-            launch(&[("FWL_CUDA_ROW_UNROLL", "2")]).kernel_name(DType::F16, DType::F16, true),
-            "fwl_rowsl2_f16_f16"
-        );
+        assert!(!contains("fwl_rowslo2_f32_f32"), "one lean options kernel per pair, one load in flight");
+        let two = launch(&[("FWL_CUDA_ROW_UNROLL", "2")]);
+        assert_eq!(launch(&[]).kernel_name(RowKernel::Default, DType::BF16, DType::F32), "fwl_rows_bf16_f32");
+        assert_eq!(two.kernel_name(RowKernel::Lean, DType::F16, DType::F16), "fwl_rowsl2_f16_f16");
+        assert_eq!(two.kernel_name(RowKernel::LeanOptions, DType::F16, DType::F16), "fwl_rowslo_f16_f16");
     }
 }
