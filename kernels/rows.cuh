@@ -253,19 +253,21 @@ __device__ void rows_body(const FwlRowParams &p) {
                 // only after this row's last barrier
                 const int64_t yo = y - head;
                 const int ky = yo >= 0 && yo < nvec * N ? static_cast<int>(yo / N) : -1;
-                // (e · inv_s rounded before the subtraction, as elem_grad's target entry: the same bits)
+                // elem_grad's target entry, written so that it rounds as the compiler contracts that
+                // one: e · inv_s rounded first, then (plain loss) the subtraction of 1, or (with the
+                // options) one fused multiply-add of the z-loss factor and the offset
                 float tval;
                 if constexpr (!OPTS) {
                     tval = rg.coef * (__fmul_rn(fwl_exp_ftz(target_logit - rg.mx), rg.inv_s) - 1.f);
                 } else {
-                    float zt = target_logit, st = 1.f;
+                    float zt = target_logit, s_t = 1.f;  // the target's capped logit and chain factor
                     if constexpr (CAP == CAP_ON) {
                         const float t = tanhf(zt * rg.inv_cap);
                         zt = __fmul_rn(rg.cap, t);
-                        st = fmaf(-t, t, 1.f);
+                        s_t = fmaf(-t, t, 1.f);
                     }
                     const float e = fwl_exp_ftz(zt - rg.mx);
-                    tval = rg.coef * (__fmul_rn(__fmul_rn(e, rg.inv_s), rg.a) - rg.toff) * st;
+                    tval = rg.coef * fmaf(__fmul_rn(e, rg.inv_s), rg.a, -rg.toff) * s_t;
                 }
                 const int kc = static_cast<int>(cached), kn = static_cast<int>(nvec);
                 lean_grad_sweep<L, G, U, true, CAP, OPTS>(g + head, x + head, cache, 0, kc, ky, g + y, tval, rg);

@@ -14,8 +14,8 @@ pub struct DeviceBench {
     /// The loss of the last call (a sanity value).
     pub loss: f64,
     /// The rows kernel's launch: threads per block, resident blocks per multiprocessor, loads in
-    /// flight per thread, and 1 where the lean kernels are on (0 off; see the `FWL_CUDA_*`
-    /// tuning knobs in the README).
+    /// flight per thread (the lean kernels of the loss options take one whatever it says), and 1
+    /// where the lean kernels are on (0 off; see the `FWL_CUDA_*` tuning knobs in the README).
     pub row_launch: [u32; 4],
 }
 
