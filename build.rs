@@ -62,7 +62,7 @@ mod cuda {
         }
         cmd.arg("-gencode").arg(format!("arch=compute_{0},code=compute_{0}", ARCHS[0]));
         // every entry compressed (zstd; the driver inflates it at load): left alone, nvcc
-        // compresses only the largest, and the embedded fatbin is 30 MB instead of 5
+        // compresses only the largest, and the embedded fatbin was 30 MB instead of 5
         cmd.args(["-Xfatbin", "-compress-all"]);
         cmd.arg("-o").arg(out).arg(src);
         let status = cmd.status().unwrap_or_else(|e| panic!("failed to run {}: {e}", nvcc.display()));
