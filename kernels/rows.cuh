@@ -58,6 +58,17 @@ __device__ __forceinline__ RowGrad row_finish(const P &p, const MS &st, float ta
     return rg;
 }
 
+// A row whose target is ignored: its `n` gradient entries (when `g`) and its loss terms are 0,
+// by the whole block. Shared by the rows kernel and the split's gradient kernel, like row_finish.
+template <typename G, class P> __device__ __forceinline__ void ignored_row(const P &p, G *g, int64_t n, int64_t grow) {
+    if (g)
+        for (int64_t j = threadIdx.x; j < n; j += blockDim.x) g[j] = from_f32<G>(0.f);
+    if (threadIdx.x == 0) {
+        p.row_loss[grow] = 0.0;
+        if (p.row_z) p.row_z[grow] = 0.0;
+    }
+}
+
 template <int CAP = CAP_RUNTIME> __device__ __forceinline__ float elem_grad(float z, bool is_target, const RowGrad &r) {
     float s = 1.f;
     if (CAP == CAP_ON || (CAP == CAP_RUNTIME && r.cap > 0.f)) {
@@ -156,12 +167,7 @@ __device__ void rows_body(const FwlRowParams &p) {
         const int64_t grow = p.row_offset + row;  // the plan's row: targets, coef, row_loss
         const int32_t y = p.targets[grow];  // the same for the whole block: uniform branches
         if (y < 0) {
-            if (g)
-                for (int64_t j = threadIdx.x; j < V; j += blockDim.x) g[j] = from_f32<G>(0.f);
-            if (threadIdx.x == 0) {
-                p.row_loss[grow] = 0.0;
-                if (p.row_z) p.row_z[grow] = 0.0;
-            }
+            ignored_row(p, g, V, grow);
             continue;
         }
         // read before any write (in place)

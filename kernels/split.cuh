@@ -85,12 +85,7 @@ template <typename L, typename G> __device__ void split_grad_impl(const FwlSplit
         G *g = p.grad ? static_cast<G *>(p.grad) + row * n : nullptr;
         const int32_t y = p.targets[grow];
         if (y < 0) {
-            if (g)
-                for (int64_t j = threadIdx.x; j < n; j += blockDim.x) g[j] = from_f32<G>(0.f);
-            if (threadIdx.x == 0) {
-                p.row_loss[grow] = 0.0;
-                if (p.row_z) p.row_z[grow] = 0.0;
-            }
+            ignored_row(p, g, n, grow);
             continue;
         }
         // every thread merges the ranks' statistics in rank order: the same bits on every rank
