@@ -42,7 +42,8 @@ mod linear;
 
 pub use call::{default_device_chunk_rows, DeviceSharded};
 pub use collective::{DeviceCollective, DeviceSolo};
+mod kernels;
 mod steps;
 
+pub(in crate::cuda) use kernels::SplitFns;
 pub use steps::CudaSharded;
-pub(in crate::cuda) use steps::SplitFns;
