@@ -179,13 +179,14 @@ impl CudaLoss {
             // the lean kernels (FWL_CUDA_ROW_LEAN): the plain loss's, or the options' where any
             // option changes the arithmetic per element or per row (token weights do not)
             let plain = planned_opts.softcap == 0.0 && planned_opts.z_loss == 0.0 && planned_opts.smoothing == 0.0;
-            let func = match m.rows_lean_fn(L::DTYPE, G::DTYPE, !plain) {
+            let row_fn = match m.rows_lean_fn(L::DTYPE, G::DTYPE, !plain) {
                 Some(f) => f,
                 None => m.rows_fn(L::DTYPE, G::DTYPE)?,
             };
+            let func = &row_fn.func;
             // a row's block keeps what fits of the row in shared memory
             let row_vectors = (shape.vocab() * L::DTYPE.size()).div_ceil(16);
-            let smem_vectors = if p.grad != 0 { row_vectors.min(m.smem_max / 16) } else { 0 };
+            let smem_vectors = if p.grad != 0 { row_vectors.min(row_fn.smem / 16) } else { 0 };
             let smem = smem_vectors * 16;
             let block = (m.launch.threads, 1, 1);
             let per_sm = func

@@ -95,22 +95,49 @@ impl RowLaunch {
     }
 }
 
+/// A rows kernel of one dtype pair, with the dynamic shared memory a block of it may use.
+pub(super) struct RowFn {
+    l: DType,
+    g: DType,
+    pub(super) func: CudaFunction,
+    /// Bytes (a multiple of 16), sized for the blocks of this kernel that can be resident on a
+    /// multiprocessor: [`RowLaunch::blocks_per_sm`], or fewer where its registers allow fewer.
+    pub(super) smem: usize,
+}
+
+/// The (logits, gradient) dtype pairs with a rows kernel.
+const ROW_PAIRS: [(DType, DType); 7] = [
+    (DType::F32, DType::F32),
+    (DType::F16, DType::F16),
+    (DType::F16, DType::F32),
+    (DType::BF16, DType::BF16),
+    (DType::BF16, DType::F32),
+    (DType::F32, DType::F16),
+    (DType::F32, DType::BF16),
+];
+
+/// Dynamic shared memory (bytes, a multiple of 16) for a rows block when `blocks` of them are
+/// resident on a multiprocessor of `per_sm` bytes (the driver keeps 1 KiB per block), each with
+/// `fixed` bytes of static shared memory and at most `optin` bytes in all.
+fn row_smem(per_sm: i32, optin: i32, fixed: i32, blocks: u32) -> usize {
+    let share = per_sm / blocks.max(1) as i32 - fixed - 1024;
+    (optin - fixed).min(share).max(0) as usize / 16 * 16
+}
+
 /// The loaded kernels of one context.
 pub(super) struct Module {
     plan_i32: CudaFunction,
     plan_i64: CudaFunction,
     plan_u32: CudaFunction,
-    pub(super) rows: [(DType, DType, CudaFunction); 7],
+    /// The rows kernels of [`ROW_PAIRS`].
+    rows: Vec<RowFn>,
     /// The lean kernels of the same pairs when [`RowLaunch::lean`] (else empty): the plain
     /// loss's and the options'.
-    rows_lean: Vec<(DType, DType, CudaFunction)>,
-    rows_lean_options: Vec<(DType, DType, CudaFunction)>,
+    rows_lean: Vec<RowFn>,
+    rows_lean_options: Vec<RowFn>,
     pub(super) finish: CudaFunction,
     pub(super) scale: [(DType, CudaFunction); 3],
     pub(super) num_sms: u32,
-    /// Dynamic shared memory a rows block may use (bytes, multiple of 16), sized for the
-    /// resident blocks per multiprocessor of [`RowLaunch`].
-    pub(super) smem_max: usize,
     /// How the rows kernel is launched (threads per block: `launch.threads`).
     pub(super) launch: RowLaunch,
     /// The vocabulary- and data-parallel split's kernels.
@@ -135,38 +162,32 @@ impl Module {
         let per_sm = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
             .map_err(drv("querying the device"))?;
-        let row = |l: DType, g: DType| f(&launch.kernel_name(RowKernel::Default, l, g)).map(|func| (l, g, func));
-        let rows = [
-            row(DType::F32, DType::F32)?,
-            row(DType::F16, DType::F16)?,
-            row(DType::F16, DType::F32)?,
-            row(DType::BF16, DType::BF16)?,
-            row(DType::BF16, DType::F32)?,
-            row(DType::F32, DType::F16)?,
-            row(DType::F32, DType::BF16)?,
-        ];
-        let family = |k: RowKernel| -> Result<Vec<(DType, DType, CudaFunction)>> {
-            if !launch.lean {
-                return Ok(Vec::new());
-            }
-            rows.iter().map(|(l, g, _)| f(&launch.kernel_name(k, *l, *g)).map(|func| (*l, *g, func))).collect()
-        };
-        let (rows_lean, rows_lean_options) = (family(RowKernel::Lean)?, family(RowKernel::LeanOptions)?);
-        let blocks_per_sm = launch.blocks_per_sm;
-        let mut smem_max = usize::MAX;
-        for (_, _, func) in rows.iter().chain(&rows_lean).chain(&rows_lean_options) {
+        // room for the resident blocks of each rows kernel per multiprocessor (the driver keeps
+        // 1 KiB per block), so that one block's gradient writes overlap another's reads: as many
+        // as `blocks_per_sm`, fewer where the kernel's registers (or threads) leave room for
+        // fewer, so that a kernel that runs one block keeps the whole share; a row longer than
+        // its share re-reads its remainder, from L2
+        let row_fn = |l: DType, g: DType, kind: RowKernel| -> Result<RowFn> {
+            let func = f(&launch.kernel_name(kind, l, g))?;
             let fixed = func
                 .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
                 .map_err(drv("querying a kernel"))?;
-            // room for `blocks_per_sm` resident blocks per multiprocessor (the driver keeps 1 KiB
-            // per block), so that one block's gradient writes overlap another's reads; a row
-            // longer than that re-reads its remainder, from L2
-            let share = per_sm / blocks_per_sm as i32 - fixed - 1024;
-            let dynamic = (optin - fixed).min(share).max(0) as usize / 16 * 16;
-            func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic as i32)
+            let fit = func
+                .occupancy_max_active_blocks_per_multiprocessor(launch.threads, 0, None)
+                .map_err(drv("querying occupancy"))?;
+            let smem = row_smem(per_sm, optin, fixed, launch.blocks_per_sm.min(fit));
+            func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(drv("configuring a kernel"))?;
-            smem_max = smem_max.min(dynamic);
-        }
+            Ok(RowFn { l, g, func, smem })
+        };
+        let family = |k: RowKernel| -> Result<Vec<RowFn>> {
+            if k != RowKernel::Default && !launch.lean {
+                return Ok(Vec::new());
+            }
+            ROW_PAIRS.iter().map(|&(l, g)| row_fn(l, g, k)).collect()
+        };
+        let rows = family(RowKernel::Default)?;
+        let (rows_lean, rows_lean_options) = (family(RowKernel::Lean)?, family(RowKernel::LeanOptions)?);
         Ok(Module {
             plan_i32: f("fwl_plan_i32")?,
             plan_i64: f("fwl_plan_i64")?,
@@ -181,7 +202,6 @@ impl Module {
                 (DType::BF16, f("fwl_scale_bf16")?),
             ],
             num_sms: num_sms.max(1) as u32,
-            smem_max,
             launch,
             split: super::split::SplitFns::load(f)?,
         })
@@ -211,14 +231,14 @@ impl Module {
 
     /// The lean rows kernel of `l` logits into a `g` gradient, when the lean kernels are on: the
     /// plain loss's, or with `options` the one with the loss options.
-    pub(super) fn rows_lean_fn(&self, l: DType, g: DType, options: bool) -> Option<&CudaFunction> {
+    pub(super) fn rows_lean_fn(&self, l: DType, g: DType, options: bool) -> Option<&RowFn> {
         let family = if options { &self.rows_lean_options } else { &self.rows_lean };
-        family.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f)
+        family.iter().find(|r| r.l == l && r.g == g)
     }
 
     /// The rows kernel of `l` logits into a `g` gradient, or [`Error::Unsupported`].
-    pub(super) fn rows_fn(&self, l: DType, g: DType) -> Result<&CudaFunction> {
-        let found = self.rows.iter().find(|(a, b, _)| *a == l && *b == g).map(|(_, _, f)| f);
+    pub(super) fn rows_fn(&self, l: DType, g: DType) -> Result<&RowFn> {
+        let found = self.rows.iter().find(|r| r.l == l && r.g == g);
         found.ok_or_else(|| Error::Unsupported(format!("no CUDA kernel for {l} logits with a {g} gradient")))
     }
 }
@@ -229,6 +249,20 @@ mod tests {
 
     pub(super) fn launch(vars: &[(&str, &str)]) -> RowLaunch {
         RowLaunch::from_vars(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+    }
+
+    #[test]
+    fn shared_memory_per_rows_block() {
+        // an H100/H200 multiprocessor: 228 KiB, 227 KiB for one block
+        let (per_sm, optin) = (233_472, 232_448);
+        // one block: the whole opt-in size less the static part
+        assert_eq!(row_smem(per_sm, optin, 64, 1), 232_384);
+        // two blocks: half the multiprocessor each, less the driver's 1 KiB and the static part
+        assert_eq!(row_smem(per_sm, optin, 64, 2), 115_648);
+        assert_eq!(row_smem(per_sm, optin, 0, 3) % 16, 0);
+        // nothing left: 0, never negative
+        assert_eq!(row_smem(4096, optin, 4096, 8), 0);
+        assert_eq!(row_smem(per_sm, optin, 0, 0), row_smem(per_sm, optin, 0, 1));
     }
 
     #[test]
@@ -264,15 +298,7 @@ mod tests {
         for unroll in ["1", "2", "4"] {
             let l = launch(&[("FWL_CUDA_ROW_UNROLL", unroll), ("FWL_CUDA_ROW_LEAN", "1")]);
             assert_eq!((l.unroll, l.lean), (unroll.parse().unwrap(), unroll != "4"));
-            for (a, b) in [
-                (DType::F32, DType::F32),
-                (DType::F16, DType::F16),
-                (DType::F16, DType::F32),
-                (DType::BF16, DType::BF16),
-                (DType::BF16, DType::F32),
-                (DType::F32, DType::F16),
-                (DType::F32, DType::BF16),
-            ] {
+            for (a, b) in ROW_PAIRS {
                 let name = l.kernel_name(RowKernel::Default, a, b);
                 assert!(contains(&name), "{name} is missing from the embedded kernels");
                 if l.lean {
