@@ -32,14 +32,18 @@ pub fn time_runs(warmup: usize, iters: usize, mut f: impl FnMut()) -> Vec<f64> {
     for _ in 0..warmup {
         f();
     }
-    (0..iters)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect()
+    // (grown as the runs come: no reservation sized by the caller's count)
+    let mut runs = Vec::with_capacity(iters.min(RESERVE));
+    for _ in 0..iters {
+        let t = Instant::now();
+        f();
+        runs.push(t.elapsed().as_secs_f64());
+    }
+    runs
 }
+
+/// Runs whose times are reserved for up front; more grow the vectors as they come.
+const RESERVE: usize = 1 << 12;
 
 /// Times `a` and `b` alternately (`a`, `b`, `a`, `b`, ...), so that drifts of the machine (other
 /// tenants, clocks) hit both alike; returns each one's timed runs in seconds.
@@ -48,7 +52,7 @@ pub fn time_paired(warmup: usize, iters: usize, mut a: impl FnMut(), mut b: impl
         a();
         b();
     }
-    let (mut ta, mut tb) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
+    let (mut ta, mut tb) = (Vec::with_capacity(iters.min(RESERVE)), Vec::with_capacity(iters.min(RESERVE)));
     for _ in 0..iters {
         let t = Instant::now();
         a();

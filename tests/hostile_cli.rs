@@ -392,6 +392,83 @@ fn bench_threads_are_bounded() {
 }
 
 #[test]
+fn run_counts_are_bounded() {
+    // as reported: a count of 2^64 - 1 panicked ("capacity overflow", exit 101) and 10^11
+    // aborted on the allocation of its timings (exit 134)
+    let d = fresh_dir("run-counts");
+    let bench = ["bench", "--shape", "1x2x3", "--json"];
+    let linear = ["bench-linear", "--tokens", "1x2", "--hidden", "2", "--vocab", "3"];
+    // each count flag with `n`, the others small
+    let with = |base: &[&'static str], flags: &[&'static str], flag: &str, n: &'static str| -> Vec<&'static str> {
+        let mut args = base.to_vec();
+        for &f in flags {
+            args.extend([f, if f == flag { n } else { "1" }]);
+        }
+        args
+    };
+    let bench_flags = ["--iters", "--warmup", "--reference-iters"];
+    let linear_flags = ["--iters", "--warmup"];
+    for (base, flags) in [(&bench[..], &bench_flags[..]), (&linear[..], &linear_flags[..])] {
+        for &flag in flags {
+            for n in ["18446744073709551615", "100000000000", "1000001"] {
+                let r = assert_refused(&d, &with(base, flags, flag, n), "at most 1000000");
+                assert!(r.took < Duration::from_secs(2), "{flag} {n}: took {:?}", r.took);
+            }
+        }
+    }
+    // small counts run (the bound itself, a million, is the parser's unit test)
+    let j = ok_json(&d, &with(&bench, &bench_flags, "--iters", "2"));
+    assert_eq!(j["iters"], 2, "{j}");
+    let r = run_in(&d, &with(&linear, &linear_flags, "--iters", "2"));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+}
+
+#[test]
+fn eval_refuses_what_memory_cannot_hold_and_leaves_nothing_behind() {
+    // as reported: under an address-space limit the gradient's allocation aborted eval (exit
+    // 134) and left its empty temporary output behind. Logits [1, 1000, 100000] f16 (200 MB,
+    // a sparse file) need a 400 MB f32 gradient; the limit leaves room for the logits only.
+    if !Path::new("/bin/sh").exists() {
+        eprintln!("skipped: no /bin/sh to set an address-space limit with");
+        return;
+    }
+    let d = fresh_dir("eval-memory");
+    let (b, t, v) = (1u64, 1000u64, 100_000u64);
+    // the header alone, then b·t·v zeros as a hole in the file
+    let header = npy_raw("{'descr': '<f2', 'fortran_order': False, 'shape': (1, 1000, 100000), }", &[]);
+    let f = std::fs::File::create(d.join("L.npy")).unwrap();
+    std::io::Write::write_all(&mut &f, &header).unwrap();
+    f.set_len(header.len() as u64 + b * t * v * 2).unwrap();
+    drop(f);
+    let ids: Vec<i64> = (0..t as i64).map(|i| i % v as i64).collect();
+    std::fs::write(d.join("I.npy"), npy(&[b, t], &ids)).unwrap();
+    std::fs::write(d.join("G.npy"), b"a file the user wants to keep").unwrap();
+    let before = snapshot(&d);
+    let bin = env!("CARGO_BIN_EXE_fused-weighted-loss");
+    let script =
+        format!("ulimit -v 500000 && exec '{bin}' eval --logits L.npy --inputs I.npy --grad-out G.npy --threads 1");
+    let out = Command::new("/bin/sh").arg("-c").arg(&script).current_dir(&*d).stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "exit code; stderr {stderr:?}");
+    assert!(stderr.contains("cannot allocate") && !stderr.contains("panicked"), "{stderr:?}");
+    assert_eq!(snapshot(&d), before, "the directory changed");
+}
+
+#[test]
+fn an_output_path_ending_in_a_separator_is_refused_before_any_work() {
+    // as reported: `--grad-out new/` (no such directory) ran the whole computation, then failed
+    // at the rename
+    let d = fixtures("trailing-separator");
+    let r = assert_refused(
+        &d,
+        &["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", "new/", "--keywords", "99"],
+        "names a directory",
+    );
+    // refused before the spec's own check (keyword 99 is out of range): the outputs come first
+    assert!(!r.stderr.contains("keyword"), "{:?}", r.stderr);
+}
+
+#[test]
 fn bench_linear_refuses_what_it_cannot_run() {
     let d = fresh_dir("bench-linear");
     let small = ["bench-linear", "--tokens", "2x4", "--hidden", "8", "--vocab", "10", "--iters", "1", "--json"];

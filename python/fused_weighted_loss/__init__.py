@@ -117,7 +117,8 @@ def _scaled_by_alpha(scale, reduction, loss, weights, z):
     :func:`_alpha`; None: unchanged)."""
     if scale is None:
         return loss, weights, z
-    if reduction == "weighted_mean":
+    # spelled as the crate reads it: any case, "-" or "_" (an unknown one raised in the op)
+    if reduction.lower().replace("-", "_") == "weighted_mean":
         return loss, weights * scale, z
     return loss * scale, weights * scale, z * scale
 
@@ -215,7 +216,7 @@ def weighted_loss(
       its ranks, then needs the loss scaled by the data-parallel size. A rank may hold no
       samples (``[0, T, V]`` logits): it returns the others' loss and an empty gradient.
     - both: a 2-D grid of ranks. ``chunk_rows``: rows per exchange of the vocabulary group (the
-      same on every rank; default: what keeps a chunk in cache).
+      same on every rank; at least 1; None, the default: what keeps a chunk in cache).
 
     Per call each rank sends ``8 * W`` bytes per row to its vocabulary group on CPU (``W`` = 3, 4
     with label smoothing, 5 with soft-capping) and ``4 * W`` on CUDA (``W`` = 3, 5 with label smoothing), and 16 bytes
@@ -234,6 +235,7 @@ def weighted_loss(
     kw, kww = _keyword_lists(keywords, keyword_weights)
     ignore_index = _index("ignore_index", ignore_index)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    chunk_rows = _chunk_rows(chunk_rows)  # checked with or without a group
     grad_f32 = _grad_f32(logits, kept_grad_dtype)
     outputs = bool(return_per_sample) or bool(return_token_loss)
     if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
@@ -302,12 +304,21 @@ def _sharded(logits, ids, labels, token_weights, process_group, data_group, voca
 
 
 def _optional_int(name, value):
+    """None, or ``value`` as a 64-bit int (:func:`_index`: not a bool or a float)."""
     if value is None:
         return None
     try:
-        return int(value.__index__())
-    except (AttributeError, TypeError):
+        return _index(name, value)
+    except TypeError:
         raise TypeError(f"{name} must be an int or None, got {value!r}") from None
+
+
+def _chunk_rows(value):
+    """``chunk_rows`` of the split: None (the default) or at least 1."""
+    rows = _optional_int("chunk_rows", value)
+    if rows is not None and rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1 (or None for the default), got {rows}")
+    return rows
 
 
 def weighted_linear_loss(

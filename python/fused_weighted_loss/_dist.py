@@ -135,8 +135,8 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
          _wide(grad, logits)),
         options, _device_arg(logits), bool(check),
         ((start, length, vocab), *groups),
-        # 0 or None is the default; at most every row at once
-        None if not chunk_rows else max(1, min(int(chunk_rows), b * t)),
+        # None is the default (checked >= 1 otherwise); at most every row at once
+        None if chunk_rows is None else max(1, min(chunk_rows, b * t)),
     )
     if rows is not token_loss:
         token_loss.copy_(rows[:, :-1])

@@ -89,6 +89,9 @@ def _mode(row_mean: str, reduction: str, flags: str, options: Dict[str, object],
     """``row_mean:reduction:flags``, then ``:name=value`` for each option of ``options`` not at
     its default in ``kinds`` (floats as Python's ``repr``, which reads back exactly)."""
     kinds = _MODE_OPTIONS if kinds is None else kinds
+    for name, value in (("row_mean", row_mean), ("reduction", reduction)):
+        if ":" in value:  # the mode's separator: it would be read as more fields
+            raise ValueError(f"unknown {name} {value!r}")
     mode = f"{row_mean}:{reduction}:{flags}"
     for name, value in options.items():
         # `!=` is True for NaN: passed on, for the crate to reject

@@ -46,6 +46,15 @@ CASES = [
     (dict(keywords=[3, 4], keyword_weights=[1.0]), ValueError, r"keyword_weights has 1 entries for 2 keywords"),
     (dict(row_mean="median"), ValueError, r"unknown row mean 'median' \(expected all or valid\)"),
     (dict(reduction="max"), ValueError, r"unknown reduction 'max' \(expected mean, weighted-mean or sum\)"),
+    # the mode string's separator: a misread mode ("unknown or repeated option ''") before
+    (dict(reduction="mean:sum"), ValueError, r"unknown reduction 'mean:sum'"),
+    (dict(row_mean="all:valid"), ValueError, r"unknown row_mean 'all:valid'"),
+    # the split's rows per exchange, checked with or without a group (-5 was taken as 1, 0 as
+    # the default, 2.5 as 2)
+    (dict(chunk_rows=0), ValueError, r"chunk_rows must be >= 1 \(or None for the default\), got 0"),
+    (dict(chunk_rows=-5), ValueError, r"chunk_rows must be >= 1 \(or None for the default\), got -5"),
+    (dict(chunk_rows=2.5), TypeError, r"chunk_rows must be an int or None, got 2.5"),
+    (dict(chunk_rows=True), TypeError, r"chunk_rows must be an int or None, got True"),
     (dict(logits=torch.full((B, T, V), float("nan")), check_finite=True), ValueError,
      r"non-finite loss NaN at sample 0, position 0"),
     # the options (crate messages)

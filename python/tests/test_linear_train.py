@@ -149,6 +149,8 @@ ERRORS = [
     (dict(chunk_rows=-3), ValueError, r"invalid chunking: chunk_rows must be >= 0, got -3"),
     (dict(chunk_rows=4, chunk_budget=1 << 20), ValueError, r"invalid chunking: give chunk_rows or chunk_budget"),
     (dict(chunk_rows=2.5), TypeError, r"chunk_rows must be an int or None, got 2.5"),
+    (dict(chunk_rows=True), TypeError, r"chunk_rows must be an int or None, got True"),
+    (dict(chunk_rows=2 ** 70), ValueError, r"chunk_rows = 1180591620717411303424 does not fit in 64 bits"),
     (dict(hidden=torch.full((B, T, H), float("nan")), check_finite=True), ValueError, r"non-finite loss NaN"),
     # dtypes
     (dict(hidden=torch.randn(B, T, H, dtype=torch.float64)), TypeError,

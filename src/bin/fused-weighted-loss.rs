@@ -194,7 +194,11 @@ fn read_ids(path: &Path, what: &str) -> CliResult<(Vec<usize>, Vec<i64>)> {
     let a = read_npy(path, &[Elem::I64, Elem::I32]).map_err(|e| format!("{what} {}: {e}", path.display()))?;
     let data = match a.data {
         NpyData::I64(v) => v,
-        NpyData::I32(v) => v.into_iter().map(i64::from).collect(),
+        NpyData::I32(v) => {
+            let mut wide = reserve::<i64>(v.len(), &format!("{what} as int64"))?;
+            wide.extend(v.into_iter().map(i64::from));
+            wide
+        }
         _ => unreachable!("read_npy returns the element types asked for"),
     };
     Ok((a.dims, data))
@@ -215,8 +219,30 @@ fn json_f64s(xs: &[f64]) -> serde_json::Value {
     xs.iter().map(|&x| json_f64(x)).collect()
 }
 
-fn convert<S: Logit, D: Logit>(src: &[S]) -> Vec<D> {
-    src.iter().map(|x| D::from_f32(x.to_f32())).collect()
+/// An empty vector with room for `n` elements, or an error naming `what` when the allocator
+/// refuses (the large buffers of `eval`: an error and the temporary outputs removed, not an
+/// abort that leaves them behind).
+fn reserve<T>(n: usize, what: &str) -> CliResult<Vec<T>> {
+    let mut v = Vec::new();
+    match v.try_reserve_exact(n) {
+        Ok(()) => Ok(v),
+        Err(_) => {
+            Err(Failure(format!("{what}: cannot allocate {:.2} GB", n as f64 * std::mem::size_of::<T>() as f64 * 1e-9)))
+        }
+    }
+}
+
+/// `n` zeros (see [`reserve`]).
+fn zeros<T: Logit>(n: usize, what: &str) -> CliResult<Vec<T>> {
+    let mut v = reserve(n, what)?;
+    v.resize(n, T::from_f32(0.0));
+    Ok(v)
+}
+
+fn convert<S: Logit, D: Logit>(src: &[S]) -> CliResult<Vec<D>> {
+    let mut out = reserve(src.len(), &format!("the logits as {}", D::DTYPE))?;
+    out.extend(src.iter().map(|x| D::from_f32(x.to_f32())));
+    Ok(out)
 }
 
 /// The outputs `eval` writes, each into its temporary file (renamed into place by `eval` once
@@ -234,7 +260,7 @@ fn eval_typed<L: Logit>(
     files: &mut Outputs,
 ) -> CliResult<LossOutput> {
     let mut g = match files.grad {
-        Some(_) => f32::zeroed(shape.logits_len()),
+        Some(_) => zeros::<f32>(shape.logits_len(), "the gradient")?,
         None => Vec::new(),
     };
     let grad = if files.grad.is_some() { Grad::IntoF32(&mut g) } else { Grad::Skip };
@@ -242,7 +268,7 @@ fn eval_typed<L: Logit>(
         None => spec.loss_and_grad(shape, logits, tokens, grad)?,
         Some(file) => {
             let dims = [shape.batch(), shape.seq() - 1];
-            let mut per_token = f32::zeroed(dims[0] * dims[1]);
+            let mut per_token = zeros::<f32>(dims[0] * dims[1], "the per-token losses")?;
             let out = spec.loss_and_grad_per_token(shape, logits, tokens, grad, &mut per_token)?;
             write_f32_npy(file.writer(), &dims, &per_token).map_err(|e| file.error(e))?;
             out
@@ -322,11 +348,11 @@ fn eval(a: EvalArgs) -> CliResult<String> {
     let out = bench::with_threads(a.threads, || {
         Ok(match (&logits, dtype) {
             (LogitsData::F32(l), DType::F32) => eval_typed(&spec, shape, l, tokens, g)?,
-            (LogitsData::F32(l), DType::F16) => eval_typed(&spec, shape, &convert::<f32, f16>(l), tokens, g)?,
-            (LogitsData::F32(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f32, bf16>(l), tokens, g)?,
-            (LogitsData::F16(l), DType::F32) => eval_typed(&spec, shape, &convert::<f16, f32>(l), tokens, g)?,
+            (LogitsData::F32(l), DType::F16) => eval_typed(&spec, shape, &convert::<f32, f16>(l)?, tokens, g)?,
+            (LogitsData::F32(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f32, bf16>(l)?, tokens, g)?,
+            (LogitsData::F16(l), DType::F32) => eval_typed(&spec, shape, &convert::<f16, f32>(l)?, tokens, g)?,
             (LogitsData::F16(l), DType::F16) => eval_typed(&spec, shape, l, tokens, g)?,
-            (LogitsData::F16(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f16, bf16>(l), tokens, g)?,
+            (LogitsData::F16(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f16, bf16>(l)?, tokens, g)?,
         })
     })?;
     output::commit_all([files.grad, files.token_loss].into_iter().flatten().collect())?;

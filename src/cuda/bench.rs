@@ -49,7 +49,7 @@ pub fn bench_device<L: Logit>(
     }
     let timed = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
     let (mut fused_ms, mut copy_ms, mut last) = (Vec::new(), Vec::new(), None);
-    for i in 0..warmup + iters {
+    for i in 0..warmup.saturating_add(iters) {
         let a = timed()?;
         let out = loss.loss_and_grad(spec, shape, &stream, &d_logits.as_view(), &inputs, &mut d_grad.as_view_mut())?;
         let b = timed()?;

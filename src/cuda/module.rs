@@ -117,10 +117,11 @@ const ROW_PAIRS: [(DType, DType); 7] = [
 ];
 
 /// Dynamic shared memory (bytes, a multiple of 16) for a rows block when `blocks` of them are
-/// resident on a multiprocessor of `per_sm` bytes (the driver keeps 1 KiB per block), each with
-/// `fixed` bytes of static shared memory and at most `optin` bytes in all.
+/// resident on a multiprocessor of `per_sm` bytes, each with `fixed` bytes of static shared
+/// memory and at most `optin` bytes in all. The driver keeps 1 KiB per block and allocates a
+/// block's shared memory in units of 128 bytes, so each block's share is rounded down to 128.
 fn row_smem(per_sm: i32, optin: i32, fixed: i32, blocks: u32) -> usize {
-    let share = per_sm / blocks.max(1) as i32 - fixed - 1024;
+    let share = per_sm / blocks.max(1) as i32 / 128 * 128 - 1024 - fixed;
     (optin - fixed).min(share).max(0) as usize / 16 * 16
 }
 
@@ -259,7 +260,10 @@ mod tests {
         assert_eq!(row_smem(per_sm, optin, 64, 1), 232_384);
         // two blocks: half the multiprocessor each, less the driver's 1 KiB and the static part
         assert_eq!(row_smem(per_sm, optin, 64, 2), 115_648);
-        assert_eq!(row_smem(per_sm, optin, 0, 3) % 16, 0);
+        // five blocks of 256 threads: 46 694 bytes each, rounded down to 46 592, less 1 KiB
+        // and the static part; five such blocks fit
+        assert_eq!(row_smem(per_sm, optin, 64, 5), 45_504);
+        assert!(5 * (45_504 + 64 + 1024) <= per_sm);
         // nothing left: 0, never negative
         assert_eq!(row_smem(4096, optin, 4096, 8), 0);
         assert_eq!(row_smem(per_sm, optin, 0, 0), row_smem(per_sm, optin, 0, 1));

@@ -22,11 +22,11 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
-    /// Timed runs of the fused pass (and of the copy floor).
-    #[arg(long, default_value_t = 15)]
+    /// Timed runs of the fused pass (and of the copy floor), at most a million.
+    #[arg(long, default_value_t = 15, value_parser = run_count)]
     iters: usize,
-    /// Untimed runs first.
-    #[arg(long, default_value_t = 3)]
+    /// Untimed runs first, at most a million.
+    #[arg(long, default_value_t = 3, value_parser = run_count)]
     warmup: usize,
     /// CPU threads (default: all cores; at most 4 per core).
     #[arg(long)]
@@ -34,8 +34,8 @@ pub struct BenchArgs {
     /// CPU instruction set: auto, avx512, avx2 or portable.
     #[arg(long, default_value = "auto")]
     simd: CpuSimd,
-    /// Timed runs of the float64 reference (0 skips it).
-    #[arg(long, default_value_t = 2)]
+    /// Timed runs of the float64 reference (0 skips it), at most a million.
+    #[arg(long, default_value_t = 2, value_parser = run_count)]
     reference_iters: usize,
     /// Refuse shapes that need more memory than this, in GB (default: the memory available now).
     #[arg(long)]
@@ -45,6 +45,19 @@ pub struct BenchArgs {
     /// Per-token weights (random, in [0.5, 1.5)).
     #[arg(long)]
     token_weights: bool,
+}
+
+/// Most runs a count flag takes: a million runs of the smallest call are seconds, and each
+/// timed run keeps its time (8 bytes), so a count this size cannot exhaust memory.
+const MAX_RUNS: usize = 1_000_000;
+
+/// A count of runs (`--iters`, `--warmup`, `--reference-iters`): 0 to [`MAX_RUNS`].
+pub fn run_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_RUNS => Ok(n),
+        Ok(_) => Err(format!("at most {MAX_RUNS}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_shape(s: &str) -> CliResult<Shape> {
@@ -368,4 +381,19 @@ pub fn available_memory() -> Option<u64> {
 /// The process's peak resident memory so far (Linux), if known.
 fn peak_rss_bytes() -> Option<u64> {
     proc_kb("/proc/self/status", "VmHWM:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_count;
+
+    #[test]
+    fn run_counts_go_up_to_a_million() {
+        assert_eq!(run_count("0"), Ok(0));
+        assert_eq!(run_count("1000000"), Ok(1_000_000));
+        assert_eq!(run_count("1000001"), Err("at most 1000000".to_string()));
+        assert!(run_count("18446744073709551616").is_err());
+        assert!(run_count("-1").is_err());
+        assert!(run_count("2.5").is_err());
+    }
 }

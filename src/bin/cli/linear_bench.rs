@@ -33,11 +33,11 @@ pub struct BenchLinearArgs {
     /// Memory budget for the chunk buffers, MiB (default: the backend's).
     #[arg(long)]
     budget_mib: Option<usize>,
-    /// Timed runs.
-    #[arg(long, default_value_t = 5)]
+    /// Timed runs, at most a million.
+    #[arg(long, default_value_t = 5, value_parser = super::bench::run_count)]
     iters: usize,
-    /// Untimed runs first.
-    #[arg(long, default_value_t = 1)]
+    /// Untimed runs first, at most a million.
+    #[arg(long, default_value_t = 1, value_parser = super::bench::run_count)]
     warmup: usize,
     /// CPU threads (default: all cores).
     #[arg(long)]
@@ -84,6 +84,11 @@ fn check_cpu_memory(shape: LinearShape, dtype: DType, chunking: Chunking) -> Cli
         Chunking::Auto => (fused_weighted_loss::linear::CPU_BUDGET as u128 / (4 * v + 8 * h).max(1)).clamp(1, n.max(1)),
     };
     let need = 2 * (n * h + v * h) * s + 8 * n + 8 * (4 << 20) + chunk_rows * (4 * v + 8 * h);
+    check_host(shape, dtype, need)
+}
+
+/// Refuses a run that needs `need` bytes of host memory when less is available.
+fn check_host(shape: LinearShape, dtype: DType, need: u128) -> CliResult<()> {
     let need = u64::try_from(need).unwrap_or(u64::MAX);
     if super::bench::fits(need, super::bench::available_memory()) {
         return Ok(());
@@ -92,6 +97,14 @@ fn check_cpu_memory(shape: LinearShape, dtype: DType, chunking: Chunking) -> Cli
         "bench-linear {shape} {dtype} needs {:.2} GB of memory, more than the memory available",
         need as f64 * 1e-9
     )))
+}
+
+/// Refuses a CUDA run whose host-side inputs (made one at a time, then copied to the device:
+/// the larger of hidden and weight, and the ids) need more memory than is available.
+#[cfg(feature = "cuda")]
+fn check_cuda_host_memory(shape: LinearShape, dtype: DType) -> CliResult<()> {
+    let (n, h, v) = (shape.rows() as u128, shape.hidden() as u128, shape.vocab() as u128);
+    check_host(shape, dtype, (n * h).max(v * h) * dtype.size() as u128 + 8 * n)
 }
 
 fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
@@ -136,6 +149,7 @@ fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -
 
 #[cfg(feature = "cuda")]
 fn run_cuda<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
+    check_cuda_host_memory(shape, L::DTYPE)?;
     let r = fused_weighted_loss::cuda::linear::bench_device::<L>(spec, shape, chunking(a)?, a.warmup, a.iters.max(1))?;
     Ok(json!({
         "backend": "cuda",

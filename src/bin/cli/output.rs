@@ -78,6 +78,11 @@ impl PendingOutput {
             // without truncating, changes nothing)
             OpenOptions::new().write(true).open(&dest).map_err(|e| say(&format!("cannot be written ({e})")))?;
         }
+        // `new/` names a directory, which the file would not become: refused now, not after the
+        // computation (Path::file_name drops the trailing separator)
+        if path.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR) {
+            return Err(say(&"names a directory (ends with a path separator)"));
+        }
         let name = dest.file_name().ok_or_else(|| say(&"not a file name"))?.to_string_lossy().into_owned();
         let dir = match dest.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),

@@ -174,7 +174,7 @@ pub fn bench_device<L: Logit>(
     let tokens = crate::cuda::DeviceInputs::new(&i);
     let event = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
     let (mut ms, mut last) = (Vec::new(), None);
-    for k in 0..warmup + iters {
+    for k in 0..warmup.saturating_add(iters) {
         let (mut dhv, mut dwv) = (dh.as_view_mut(), dw.as_view_mut());
         let grads = DeviceLinearGrads::new().hidden(DeviceGrad::Into(&mut dhv)).weight(DeviceGrad::Into(&mut dwv));
         let a = event()?;

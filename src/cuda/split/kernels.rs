@@ -63,8 +63,7 @@ pub(super) fn rows_config(loss: &CudaLoss, func: &CudaFunction, rows: usize) -> 
 }
 
 /// One block of the batch kernel.
-pub(super) const ONE_BLOCK: LaunchConfig =
-    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+const ONE_BLOCK: LaunchConfig = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
 
 /// Queues the batch kernel with `p` (its mode and buffers).
 pub(super) fn batch(loss: &CudaLoss, stream: &Arc<CudaStream>, p: FwlSplitBatchParams) -> Result<()> {
