@@ -106,7 +106,7 @@ pub(super) struct RowFn {
 }
 
 /// The (logits, gradient) dtype pairs with a rows kernel.
-const ROW_PAIRS: [(DType, DType); 7] = [
+pub(super) const ROW_PAIRS: [(DType, DType); 7] = [
     (DType::F32, DType::F32),
     (DType::F16, DType::F16),
     (DType::F16, DType::F32),

@@ -1,6 +1,7 @@
 //! The split's kernels: their parameter blocks, the table of functions loaded with the module,
 //! and the launch shapes the steps ([`CudaSharded`](super::CudaSharded)) queue them with.
 
+use crate::cuda::module::ROW_PAIRS;
 use crate::cuda::params::{FwlSplitBatchParams, FwlSplitGradParams, FwlSplitStatsParams};
 use crate::cuda::{drv, CudaLoss, THREADS};
 use crate::dtype::DType;
@@ -17,7 +18,7 @@ unsafe impl DeviceRepr for FwlSplitBatchParams {}
 /// The split's kernels, loaded with the module.
 pub(in crate::cuda) struct SplitFns {
     pub(super) stats: [(DType, CudaFunction); 3],
-    grad: [(DType, DType, CudaFunction); 7],
+    grad: Vec<(DType, DType, CudaFunction)>,
     batch: CudaFunction,
 }
 
@@ -38,15 +39,8 @@ impl SplitFns {
                 (DType::F16, f("fwl_split_stats_f16")?),
                 (DType::BF16, f("fwl_split_stats_bf16")?),
             ],
-            grad: [
-                grad(DType::F32, DType::F32)?,
-                grad(DType::F16, DType::F16)?,
-                grad(DType::F16, DType::F32)?,
-                grad(DType::BF16, DType::BF16)?,
-                grad(DType::BF16, DType::F32)?,
-                grad(DType::F32, DType::F16)?,
-                grad(DType::F32, DType::BF16)?,
-            ],
+            // the rows kernel's pairs: the split's gradient kernel has each of them
+            grad: ROW_PAIRS.iter().map(|&(l, g)| grad(l, g)).collect::<Result<_>>()?,
             batch: f("fwl_split_batch")?,
         })
     }
