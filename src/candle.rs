@@ -231,14 +231,29 @@ fn wrap(e: crate::Error) -> candle_core::Error {
 /// The float16 gradient of a kept float32 CPU gradient `g` times the upstream gradient `s`,
 /// rounded once ([`crate::scale_into`]).
 fn narrow_f16(g: &Tensor, s: f64) -> candle_core::Result<Tensor> {
+    narrow_wide(g, s, candle_core::DType::F16)
+}
+
+/// A kept float32 gradient (on the CPU) scaled by `s` and rounded once to `to` (f16 or bf16).
+fn narrow_wide(g: &Tensor, s: f64, to: candle_core::DType) -> candle_core::Result<Tensor> {
     let (st, layout) = g.storage_and_layout();
     let candle_core::Storage::Cpu(CpuStorage::F32(v)) = &*st else {
         return Err(candle_core::Error::msg("fused-weighted-loss op: the kept gradient is not f32 on the CPU"));
     };
     let src = contiguous(v, layout, "kept gradient")?;
-    let mut out = <half::f16 as Logit>::zeroed(src.len());
-    crate::scale_into(src, s as f32, &mut out).map_err(wrap)?;
-    Tensor::from_vec(out, g.shape(), &Device::Cpu)
+    match to {
+        candle_core::DType::F16 => {
+            let mut out = <half::f16 as Logit>::zeroed(src.len());
+            crate::scale_into(src, s as f32, &mut out).map_err(wrap)?;
+            Tensor::from_vec(out, g.shape(), &Device::Cpu)
+        }
+        candle_core::DType::BF16 => {
+            let mut out = <half::bf16 as Logit>::zeroed(src.len());
+            crate::scale_into(src, s as f32, &mut out).map_err(wrap)?;
+            Tensor::from_vec(out, g.shape(), &Device::Cpu)
+        }
+        other => Err(candle_core::Error::msg(format!("fused-weighted-loss op: no kept gradient narrows to {other:?}"))),
+    }
 }
 
 /// The upstream gradient of a scalar loss, on the host (1 unless the loss was scaled).

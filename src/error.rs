@@ -152,7 +152,8 @@ pub enum Error {
         got: usize,
     },
     /// With [`LossSpecBuilder::check_finite`](crate::LossSpecBuilder::check_finite), a position
-    /// produced a non-finite loss (a NaN or `+inf` logit, or a `-inf` target logit).
+    /// produced a non-finite loss (a NaN or `+inf` logit, a `-inf` target logit, or with label
+    /// smoothing and no soft-capping any `-inf` logit).
     #[error("non-finite loss {value} at sample {batch}, position {position}")]
     NonFinite {
         /// Sample index.
@@ -195,6 +196,22 @@ pub enum Error {
         vocab: usize,
         /// Each rank's `(start, len)`, in rank order.
         slices: Vec<(usize, usize)>,
+    },
+    /// The ranks of a vocabulary group name different vocabularies (in rank order).
+    #[error(
+        "the ranks of the vocabulary group name different vocabularies ({vocabs:?}): V must be the same on every rank"
+    )]
+    VocabMismatch {
+        /// Each rank's vocabulary, in rank order.
+        vocabs: Vec<usize>,
+    },
+    /// With [`LossSpecBuilder::check_finite`](crate::LossSpecBuilder::check_finite) on a data
+    /// group: the group's loss is not finite, from a position of another rank's samples (the
+    /// rank that holds it reports [`Error::NonFinite`]; every rank of the group fails).
+    #[error("non-finite loss {value} over the data group (a non-finite position on another rank)")]
+    NonFiniteInGroup {
+        /// The group's loss (NaN or ±inf).
+        value: f64,
     },
     /// A buffer of a sharded step or of an exchange has the wrong length.
     #[error("{what} has {got} elements, expected {expected}")]

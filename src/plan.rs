@@ -108,6 +108,19 @@ impl LossSpec {
             let hits: f64 = tokens.ids[s * t..(s + 1) * t].iter().map(|id| table.weight(id.to_i64())).sum();
             weights[s] = self.alpha * (1.0 + hits);
         }
+        // alpha · (1 + hits) and, for the weighted mean, their sum must stay finite: an infinite
+        // Σ w_b made every w_b / Σ w_b 0, a silent zero loss and gradient
+        let overflow = |value: f64| Error::InvalidOption {
+            name: "alpha and the keyword weights",
+            value,
+            expected: "small enough that every sample weight alpha * (1 + keyword hits) and their sum stay finite",
+        };
+        if let Some(&w) = weights.iter().find(|w| !w.is_finite()) {
+            return Err(overflow(w));
+        }
+        if self.reduction == Reduction::WeightedMean && !weights.iter().sum::<f64>().is_finite() {
+            return Err(overflow(weights.iter().sum()));
+        }
         let row_div: Vec<f64> = valid
             .iter()
             .map(|&n| match self.row_mean {

@@ -53,6 +53,25 @@ fn logsumexp(row: &[f64]) -> (f64, f64) {
     (m, row.iter().map(|&z| (z - m).exp()).sum::<f64>().ln())
 }
 
+/// A row's terms apart, against its maximum `m`: `(exp(z_y - m), Σ_{j≠y} exp(z_j - m))`.
+fn target_and_others(row: &[f64], y: usize, m: f64) -> (f64, f64) {
+    let others = row.iter().enumerate().filter(|&(j, _)| j != y).map(|(_, &z)| (z - m).exp()).sum();
+    ((row[y] - m).exp(), others)
+}
+
+/// The cross-entropy `lse - z_y` of a row: `ln(1 + others / e_y)` (`ln_1p`) where the
+/// target's term is at least the others' sum, a loss of at most `ln 2` that
+/// `(m - z_y) + ln(Σ)` would round away (1 + 1e-13 keeps only three digits of the 1e-13 in
+/// f64); else that sum, as a NaN, `+inf` or all `-inf` row always takes it.
+fn cross_entropy(row: &[f64], y: usize, m: f64, ln_s: f64) -> f64 {
+    let (e_y, others) = target_and_others(row, y, m);
+    if e_y >= others && e_y > 0.0 {
+        (others / e_y).ln_1p()
+    } else {
+        (m - row[y]) + ln_s
+    }
+}
+
 /// Computes loss, per-sample losses, weights and gradient in `f64`.
 ///
 /// ```
@@ -108,7 +127,7 @@ pub fn reference<L: Logit, I: TokenId>(
             let row: Vec<f64> = shift_logits(s, p).into_iter().map(cap).collect();
             let (m, ln_s) = logsumexp(&row);
             let lse = m + ln_s;
-            let ce = (m - row[y as usize]) + ln_s;
+            let ce = cross_entropy(&row, y as usize, m, ln_s);
             let mut l = ce;
             if eps != 0.0 {
                 let mean = row.iter().sum::<f64>() / v as f64;
@@ -198,11 +217,22 @@ pub fn reference<L: Logit, I: TokenId>(
             let (m, ln_s) = logsumexp(&row);
             let lse = m + ln_s;
             let c = c * token_weight(s, p);
+            // `1 − softmax_y` as the others' share, not as a difference that rounds away a
+            // confident row's 1e-13
+            let (e_y, others) = target_and_others(&row, y as usize, m);
+            let rest = others / (e_y + others);
             let g = &mut grad[(s * t + p) * v..(s * t + p + 1) * v];
             for (j, (gj, (z, zc))) in g.iter_mut().zip(raw.iter().zip(&row)).enumerate() {
-                let onehot = if j as i64 == y { 1.0 } else { 0.0 };
                 let softmax = ((zc - m) - ln_s).exp();
-                let d = softmax * (1.0 + 2.0 * spec.z_loss * lse) - (1.0 - eps) * onehot - eps / v as f64;
+                let a = 1.0 + 2.0 * spec.z_loss * lse;
+                let d = if j as i64 != y {
+                    softmax * a - eps / v as f64
+                } else if rest.is_finite() {
+                    // softmax_y · a − (1 − ε) − ε / V
+                    softmax * (a - 1.0) - rest + eps * (1.0 - 1.0 / v as f64)
+                } else {
+                    softmax * a - (1.0 - eps) - eps / v as f64
+                };
                 let chain = match spec.softcap {
                     Some(cap) => 1.0 - (z / cap).tanh().powi(2),
                     None => 1.0,

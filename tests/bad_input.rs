@@ -102,6 +102,31 @@ fn keywords_alpha_weights_scale() {
 }
 
 #[test]
+fn sample_weights_that_overflow_are_errors() {
+    let (shape, logits, ids) = ok_inputs();
+    let mut grad = vec![f32::NAN; logits.len()];
+    // finite sample weights whose sum is not: the weighted mean divided by inf (a zero loss
+    // and gradient, silently)
+    let spec =
+        LossSpec::builder().alpha(1e308).reduction(fused_weighted_loss::Reduction::WeightedMean).build().unwrap();
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad)).unwrap_err();
+    assert!(matches!(e, Error::InvalidOption { name: "alpha and the keyword weights", .. }), "{e}");
+    assert!(grad.iter().all(|g| g.is_nan()), "nothing written");
+    // (the plain mean of the same weights is finite)
+    assert!(LossSpec::builder()
+        .alpha(1e308)
+        .build()
+        .unwrap()
+        .loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip)
+        .is_ok());
+    // a keyword weight that overflows a sample's weight (id 0 twice in the first sample)
+    let spec = LossSpec::builder().weighted_keywords([(0, f64::MAX)]).build().unwrap();
+    let twice = [0i64, 0, 2, 3, 4, 1];
+    let e = spec.loss_and_grad(shape, &logits, Tokens::new(&twice), Grad::Skip).unwrap_err();
+    assert!(matches!(e, Error::InvalidOption { value, .. } if value == f64::INFINITY), "{e}");
+}
+
+#[test]
 fn cuda_backend_unavailable_is_an_error() {
     if fused_weighted_loss::cuda_status().is_ok() {
         eprintln!("skipped: CUDA is available here");

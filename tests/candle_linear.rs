@@ -171,6 +171,43 @@ fn candle_linear_bad_inputs_are_errors() {
     assert!(weighted_linear_loss(&h, &w, None, &ids_bad, None, &spec).is_err(), "id outside the vocabulary");
     let strided = Tensor::zeros((2, 8, 5), DType::F32, &dev).unwrap().transpose(1, 2).unwrap();
     assert!(weighted_linear_loss(&strided, &w, None, &ids, None, &spec).is_err(), "non-contiguous hidden");
+    // ids and labels are integers (an id of 1.7 was read as 1)
+    let floats = Tensor::full(1.7f32, (2, 5), &dev).unwrap();
+    let e = weighted_linear_loss(&h, &w, None, &floats, None, &spec).unwrap_err().to_string();
+    assert!(e.contains("ids must be u32, i64 or i32"), "{e}");
+    let e = weighted_linear_loss(&h, &w, None, &ids, Some(&floats), &spec).unwrap_err().to_string();
+    assert!(e.contains("labels must be u32, i64 or i32"), "{e}");
+}
+
+/// bfloat16 inputs over many chunks of rows: `d weight` and `d bias` add up one product per
+/// chunk, kept in float32 and rounded once (rounded to bfloat16 after each of 42 chunks, the
+/// bias gradient came out 2.6e-2 off, past the 1.5e-2 tolerance), against the host API's float32
+/// gradients of the same call.
+#[test]
+fn candle_linear_bf16_sums_its_chunks_in_f32() {
+    use fused_weighted_loss::{Chunking, Grad, LinearGrads};
+    let dev = Device::Cpu;
+    let c = Case::<bf16>::random(11, 16, 258, 32, 32000, true);
+    let s = c.shape;
+    let spec = LossSpec::builder().keywords([3i64]).build().unwrap();
+    let (mut dw, mut db) = (vec![0f32; s.weight_len()], vec![0f32; s.vocab()]);
+    let grads = LinearGrads::new().weight(Grad::IntoF32(&mut dw)).bias(Grad::IntoF32(&mut db));
+    let host = spec.linear_loss_and_grad(s, c.inputs(), c.tokens(), grads, Chunking::Auto).unwrap();
+    assert!(host.chunks >= 20, "the case must take many chunks ({})", host.chunks);
+    let hidden = Tensor::from_vec(c.hidden.clone(), (s.batch(), s.seq(), s.hidden()), &dev).unwrap();
+    let weight = Var::from_tensor(&Tensor::from_vec(c.weight.clone(), (s.vocab(), s.hidden()), &dev).unwrap()).unwrap();
+    let bias = Var::from_tensor(&Tensor::from_vec(c.bias.clone().unwrap(), s.vocab(), &dev).unwrap()).unwrap();
+    let ids: Vec<u32> = c.ids.iter().map(|&x| x as u32).collect();
+    let ids = Tensor::from_vec(ids, (s.batch(), s.seq()), &dev).unwrap();
+    let loss = weighted_linear_loss(&hidden, weight.as_tensor(), Some(bias.as_tensor()), &ids, None, &spec).unwrap();
+    let grads = loss.backward().unwrap();
+    let (gw, gb) = (grads.get(&weight).expect("d weight"), grads.get(&bias).expect("d bias"));
+    assert_eq!((gw.dtype(), gb.dtype()), (DType::BF16, DType::BF16));
+    // one rounding to bfloat16 (2^-9 relative at most per entry)
+    for (what, got, want) in [("d weight", to_vec(gw), &dw), ("d bias", to_vec(gb), &db)] {
+        let err = rel_err(&got, want);
+        assert!(err <= 3e-3, "{what}: rel err {err:e} against the float32 sums");
+    }
 }
 
 #[test]

@@ -522,6 +522,12 @@ fn the_per_token_output_follows_the_same_rules() {
     let with = |extra: &[&'static str]| -> Vec<&str> { eval.iter().chain(extra).copied().collect() };
     assert_refused(&d, &with(&["--token-loss-out", "W.npy"]), "same file as --token-weights");
     assert_refused(&d, &with(&["--token-loss-out", "G.npy", "--grad-out", "./G.npy"]), "same file as --grad-out");
+    // one existing file under two names (a case-insensitive file system's `G.npy` and `g.npy`
+    // are this; a hard link stands in for it here)
+    std::fs::write(d.join("H.npy"), b"kept").unwrap();
+    std::fs::hard_link(d.join("H.npy"), d.join("H2.npy")).unwrap();
+    assert_refused(&d, &with(&["--token-loss-out", "H2.npy", "--grad-out", "H.npy"]), "same file as --grad-out");
+    assert_eq!(std::fs::read(d.join("H.npy")).unwrap(), b"kept");
     // a failure after both outputs were opened leaves both files as they were
     std::fs::write(d.join("P.npy"), b"per-token losses the user keeps").unwrap();
     assert_refused(&d, &with(&["--token-loss-out", "P.npy", "--grad-out", "G.npy", "--keywords", "99"]), "keyword");

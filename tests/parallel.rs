@@ -742,19 +742,116 @@ fn typed_errors() {
     assert!(matches!(st.partials(0..n, &case.logits, &mut part[1..]), Err(Error::ExchangeLength { .. })));
     st.partials(0..n, &case.logits, &mut part).unwrap();
     assert!(matches!(st.finish_rows(0..n, &part[1..]), Err(Error::ExchangeLength { .. })));
-    st.finish_rows(0..1, &part[..st.partials_len(1)]).unwrap();
+    // the words of rows 0..n are not those of row 0 (the slice's words end each rank's part)
+    assert!(st.finish_rows(0..1, &part[..st.partials_len(1)]).is_err());
+    let mut one = vec![0.0; st.partials_len(1)];
+    st.partials(0..1, &case.logits[..v], &mut one).unwrap();
+    st.finish_rows(0..1, &one).unwrap();
     let mut grad = vec![0f32; case.logits.len()];
     st.finish_rows_grad(0..n, &part, &case.logits, &mut grad).unwrap();
     assert!(matches!(st.set_batch_totals(&[1.0, 2.0]), Err(Error::StepOrder(_))));
     assert!(matches!(st.set_batch_totals(&[1.0]), Err(Error::ExchangeLength { .. })));
     let st2 = ShardedLoss::new(&case.spec, shape, s, case.tokens()).unwrap();
     assert!(matches!(st2.finish(), Err(Error::StepOrder(_))));
+    assert!(matches!(VocabSlice::even(0, 0, v), Err(Error::InvalidOption { name: "ranks", .. })));
     // a group whose ranks send different lengths fails on every rank
     let errs = run_ranks(2, |r, g: &ThreadGroup| {
         let mut recv = vec![0.0; 2 * (r + 1)];
         fused_weighted_loss::parallel::Collective::all_gather_f64(g, &vec![1.0; r + 1], &mut recv)
     });
     assert!(errs.iter().all(|e| matches!(e, Err(Error::Collective(_)))));
+}
+
+/// What a driver of the steps hands the merge is checked: every rank's slice ends its words, so
+/// a gather that was not done (this rank's own words only), overlapping slices, or partials of
+/// another row count are errors, not a wrong loss.
+#[test]
+fn the_merge_checks_what_the_driver_gathered() {
+    let case = random_case::<f32>(3, 40);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let n = shape.rows();
+    let parts = |slices: &[VocabSlice], rows: std::ops::Range<usize>| -> Vec<Vec<f64>> {
+        slices
+            .iter()
+            .map(|&s| {
+                let mut st = ShardedLoss::new(&case.spec, shape, s, case.tokens()).unwrap();
+                let local = columns(&case.logits, v, s);
+                let mut out = vec![0.0; st.partials_len(rows.len())];
+                st.partials(rows.clone(), &local[rows.start * s.len()..rows.end * s.len()], &mut out).unwrap();
+                out
+            })
+            .collect()
+    };
+    let tiled = [VocabSlice::new(0, v / 2, v).unwrap(), VocabSlice::new(v / 2, v - v / 2, v).unwrap()];
+    let mine = |s: VocabSlice| ShardedLoss::new(&case.spec, shape, s, case.tokens()).unwrap();
+    // the whole gather merges
+    let all: Vec<f64> = parts(&tiled, 0..n).concat();
+    mine(tiled[0]).finish_rows(0..n, &all).unwrap();
+    // no gather: rank 0's own words only
+    let own = parts(&tiled, 0..n).swap_remove(0);
+    assert!(matches!(mine(tiled[0]).finish_rows(0..n, &own), Err(Error::SlicesDoNotTile { .. })));
+    // overlapping slices
+    let overlap = [VocabSlice::new(0, v / 2 + 3, v).unwrap(), VocabSlice::new(v / 2, v - v / 2, v).unwrap()];
+    let both: Vec<f64> = parts(&overlap, 0..n).concat();
+    assert!(matches!(mine(overlap[0]).finish_rows(0..n, &both), Err(Error::SlicesDoNotTile { .. })));
+    // two ranks' partials of rows 0..2 passed as rows 0..4
+    let short: Vec<f64> = parts(&tiled, 0..2).concat();
+    assert!(mine(tiled[0]).finish_rows(0..4, &short).is_err());
+    // a rank of another vocabulary
+    let mut other = all.clone();
+    let end = other.len();
+    other[end - 1] += 1.0;
+    assert!(matches!(mine(tiled[0]).finish_rows(0..n, &other), Err(Error::VocabMismatch { .. })));
+    // batch totals that are not every rank's (zeros here: the loss and gradient came out 0)
+    let mut st = mine(tiled[0]);
+    assert!(matches!(st.set_batch_totals(&[0.0, 0.0]), Err(Error::Collective(_))));
+    let mut totals = st.batch_totals().to_vec();
+    totals.extend([3.0, 2.5]);
+    st.set_batch_totals(&totals).unwrap();
+}
+
+/// The one call: ranks that name different vocabularies fail together (the slices' words carry
+/// each rank's vocabulary).
+#[test]
+fn ranks_of_different_vocabularies_fail_together() {
+    let case = random_case::<f32>(4, 20);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let errs = run_ranks(2, |r, g| {
+        // rank 1 names a vocabulary one larger (its slice and logits fit it)
+        let vocab = v + r;
+        let s = VocabSlice::new(r * 6, if r == 0 { 6 } else { vocab - 6 }, vocab).unwrap();
+        let shape = Shape::new(shape.batch(), shape.seq(), vocab).unwrap();
+        let local: Vec<f32> = (0..shape.rows() * s.len()).map(|i| (i % 7) as f32 * 0.3).collect();
+        Sharded::vocab_parallel(s, g).loss_and_grad(&case.spec, shape, &local, case.tokens(), Grad::Skip)
+    });
+    assert!(errs.iter().all(|e| matches!(e, Err(Error::VocabMismatch { .. }))), "{errs:?}");
+}
+
+/// `check_finite` on a data group: a non-finite position on rank 0 fails every rank (rank 0 alone
+/// failed, and left its peers waiting in the exchange of the loss).
+#[test]
+fn a_non_finite_loss_fails_every_rank_of_the_data_group() {
+    // (a case of two samples at least; soft-capping would make the +inf below finite)
+    let case = (5..).map(|seed| random_case::<f32>(seed, 20)).find(|c| c.shape.batch() >= 2).unwrap();
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let spec = case.spec.to_builder().check_finite(true).softcap(None::<f64>).build().unwrap();
+    let b = shape.batch();
+    for grad in [false, true] {
+        let errs = run_ranks(2, |r, g| {
+            let (b0, b1) = if r == 0 { (0, 1) } else { (1, b) };
+            let sub = case.samples(b0, b1);
+            let mut logits = sub.logits.clone();
+            if r == 0 {
+                logits[0] = f32::INFINITY;
+            }
+            let call = Sharded::data_parallel(v, g);
+            let mut out = vec![0f32; logits.len()];
+            let dest = if grad { Grad::Into(&mut out) } else { Grad::Skip };
+            call.loss_and_grad(&spec, sub.shape, &logits, sub.tokens(), dest)
+        });
+        assert!(matches!(errs[0], Err(Error::NonFinite { .. })), "{errs:?}");
+        assert!(matches!(errs[1], Err(Error::NonFiniteInGroup { .. })), "{errs:?}");
+    }
 }
 
 #[test]

@@ -274,20 +274,25 @@ fn linear_typed_errors() {
     // a group of one whose slice is not the whole vocabulary does not tile it
     let r = call(VocabSlice::new(0, 10, 50).unwrap(), &part, Chunking::Auto);
     assert!(matches!(r, Err(Error::SlicesDoNotTile { .. })), "{r:?}");
-    // two ranks with overlapping slices fail on both, none hangs
+    // two ranks with overlapping slices fail on both, none hangs, before any gradient buffer is
+    // written: an accumulated d W and a d hidden stay as they were
     let over = [VocabSlice::new(0, 30, 50).unwrap(), VocabSlice::new(25, 25, 50).unwrap()];
     let errs = run_ranks(2, |r, g: &ThreadGroup| {
         let p = c.part(0, 1, Some(over[r]));
-        Sharded::vocab_parallel(over[r], g).linear_loss_and_grad(
+        let (mut dh, mut dw) = (vec![0.5f32; p.hidden.len()], vec![0.25f32; p.weight.len()]);
+        let grads = LinearGrads::new().hidden(Grad::Into(&mut dh)).weight(Grad::Into(&mut dw)).accumulate(true);
+        let out = Sharded::vocab_parallel(over[r], g).linear_loss_and_grad(
             &p.spec,
             p.shape,
             p.inputs(),
             p.tokens(),
-            LinearGrads::new(),
+            grads,
             Chunking::Auto,
-        )
+        );
+        (out, dh.iter().all(|&x| x == 0.5) && dw.iter().all(|&x| x == 0.25))
     });
-    assert!(errs.iter().all(|e| matches!(e, Err(Error::SlicesDoNotTile { .. }))), "{errs:?}");
+    assert!(errs.iter().all(|e| matches!(e.0, Err(Error::SlicesDoNotTile { .. }))), "{errs:?}");
+    assert!(errs.iter().all(|e| e.1), "a gradient buffer was written before the error");
 }
 
 /// A rank without samples: with `accumulate` its `d W` and `d bias` stay as they were; alone, or

@@ -371,3 +371,37 @@ fn upstream_scale_scales_gradient_only() {
         assert!(rel(*y as f64, 0.25 * *x as f64) <= 1e-6 || (*x == 0.0 && *y == 0.0));
     }
 }
+
+/// Rows whose target logit stands far above the rest (a confident model late in training):
+/// their losses are tiny (`ln(1 + Σ_{j≠y} e^{z_j − z_y})`, down to 1e-9 here) and must keep
+/// their relative accuracy, as must the target's gradient `softmax_y − 1`. Summed together with
+/// the target's own exponential in f32, every later term of the target's lane fell below half
+/// an ulp of it: the loss of a margin of 18 over V = 32000 came out 2e-3 too small.
+#[test]
+fn confident_rows_keep_the_accuracy_of_small_losses() {
+    fn case<L: fused_weighted_loss::Logit>(spec: &LossSpec, v: usize, margin: f32, seed: u64) {
+        let shape = Shape::new(2, 5, v).unwrap();
+        let (logits, ids) = random_inputs::<f32>(seed, shape, 1.0);
+        let mut logits: Vec<L> = logits.into_iter().map(L::from_f32).collect();
+        // row r's target is ids[r + 1]: raise it by the margin
+        for r in 0..shape.rows() {
+            if (r + 1) % shape.seq() != 0 {
+                let y = ids[r + 1] as usize;
+                logits[r * v + y] = L::from_f32(margin + (r % 3) as f32 * 0.25);
+            }
+        }
+        check_all_modes(spec, shape, &logits, Tokens::new(&ids));
+    }
+    let plain = LossSpec::default();
+    let options = LossSpec::builder().z_loss(1e-4).label_smoothing(0.05).build().unwrap();
+    let capped = LossSpec::builder().softcap(60.0).build().unwrap();
+    for (v, seed) in [(4, 1), (2047, 2), (2049, 3), (5000, 4), (32000, 5)] {
+        for margin in [8.0, 14.0, 18.0, 22.0, 30.0] {
+            case::<f32>(&plain, v, margin, seed);
+            case::<f32>(&capped, v, margin, seed);
+            case::<bf16>(&plain, v, margin, seed);
+            case::<f16>(&plain, v, margin.min(20.0), seed);
+        }
+        case::<f32>(&options, v, 18.0, seed);
+    }
+}

@@ -25,8 +25,11 @@ from torch import Tensor
 from . import _cpu_pool, _native
 from ._ops import _arg, _device_arg, _ptr, _wide, logits_grad
 
-# (group, start, len, vocab) whose slices were checked to tile the vocabulary
-_TILED: Dict[Tuple[int, int, int, int], bool] = {}
+# groups whose slices were checked on CUDA tensors (by id, the group object itself held so that
+# its id is never another group's): the decision to skip the check must be the same on every
+# rank, and the first call on a group is the one call every rank knows to be first (a key with
+# this rank's own slice let a rank that kept its slice skip the all-gather its re-tiled peers ran)
+_TILED: Dict[int, object] = {}
 
 
 def _size(group) -> int:
@@ -41,12 +44,14 @@ def _gather(t: Tensor, group) -> Tensor:
 
 
 def _check_tiling(group, start: int, length: int, vocab: int, device: torch.device) -> None:
-    """Every rank's slice covers [0, vocab) exactly once, and every rank names the same vocab
-    (checked once per group and slice). ``device``: the tensors' device, where the three numbers
-    are gathered (NCCL through the current CUDA device: made that one for the check). A tensor
-    all-gather, not ``all_gather_object``, whose pickling needs NumPy, which torch does not."""
-    key = (id(group), start, length, vocab)
-    if _TILED.get(key):
+    """Every rank's slice covers [0, vocab) exactly once, and every rank names the same vocab.
+    On CPU tensors on every call (24 bytes per rank through gloo); on CUDA tensors on the first
+    call on each group only (reading the result waits for the device, which the later calls do
+    not do). ``device``: the tensors' device, where the three numbers are gathered (NCCL through
+    the current CUDA device: made that one for the check). A tensor all-gather, not
+    ``all_gather_object``, whose pickling needs NumPy, which torch does not."""
+    cuda = device.type == "cuda"
+    if cuda and _TILED.get(id(group)) is group:
         return
     mine = torch.tensor([start, length, vocab], dtype=torch.int64, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -67,7 +72,8 @@ def _check_tiling(group, start: int, length: int, vocab: int, device: torch.devi
     if covered != vocab or any(n <= 0 for _, n in slices):
         raise ValueError(f"the vocabulary slices of the group (start, len in rank order: {slices}) do not tile "
                          f"[0, {vocab})")
-    _TILED[key] = True
+    if cuda:
+        _TILED[id(group)] = group
 
 
 def resolve_slice(logits: Tensor, process_group, vocab_start: Optional[int], vocab_size: Optional[int]):

@@ -231,6 +231,29 @@ def main():
         results.append({"case": "duplicate", "error": None})
     except ValueError as err:
         results.append({"case": "duplicate", "error": str(err)})
+    if world == 4:
+        # the slices re-tiled between two calls, rank 0 keeping its own: every rank checks them
+        # again (the same collectives on every rank: a check remembered per rank's own slice
+        # let rank 0 skip the all-gather its peers ran), and the loss is right
+        logits, ids, labels, weights = inputs(device, torch.float32)
+        ref, ref_grad = run(logits, ids, labels, weights, OPTIONS[0])
+        for cuts in ([0, 300, 310, 777, 1000], [0, 300, 600, 900, 1000]):
+            s, e = cuts[rank:rank + 2]
+            out, grad = run(logits[..., s:e], ids, labels, weights, OPTIONS[0], process_group=dist.group.WORLD,
+                            vocab_start=s, vocab_size=1000)
+        results.append(compare("retile", out, grad, ref, ref_grad, cols=slice(s, e)))
+        # check_finite over a data group: a +inf logit among rank 0's samples; every rank raises
+        # (rank 0 alone did, and left the others waiting in the loss exchange)
+        b0, b1 = [0, 1, 2, 4, 5][rank:rank + 2]
+        bad = logits[b0:b1].clone()
+        if rank == 0:
+            bad[0, 0, 5] = float("inf")
+        try:
+            run(bad, ids[b0:b1], labels[b0:b1], weights[b0:b1], dict(OPTIONS[0], check_finite=True),
+                data_group=dist.group.WORLD)
+            results.append({"case": "finite", "error": None})
+        except ValueError as err:
+            results.append({"case": "finite", "error": str(err)})
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"world": world, "backend": backend, "results": results}, f)
     dist.barrier()

@@ -2,8 +2,9 @@
 (gloo, CPU tensors; ``[nccl]``: NCCL on the GPUs this machine has, one rank per GPU, or a world
 of one), against the single-process result: within 1e-6 relative for float32 logits, the same
 loss bits on every rank and on a rerun, and a typed error on every rank for slices that do not
-tile the vocabulary (a gap, or every rank claiming all of it) and for ranks that name different
-vocabularies. In this process, with a group of
+tile the vocabulary (a gap, or every rank claiming all of it), for ranks that name different
+vocabularies and for a non-finite loss with check_finite on one rank of a data group; slices
+re-tiled between calls are checked again. In this process, with a group of
 one: a float16 backward from a loss scale above float16's range. dist_worker.py is the rank's
 side."""
 import json
@@ -59,6 +60,12 @@ def judge(ranks):
             continue
         if case == "rerun":
             continue
+        if case == "finite":
+            # rank 0 holds the non-finite position; every rank fails, none waits
+            errors = [p["error"] for p in per_rank]
+            assert errors[0] and "non-finite loss" in errors[0] and "data group" not in errors[0], errors
+            assert all(e and "over the data group" in e for e in errors[1:]), errors
+            continue
         bf16 = "bfloat16" in case
         # bf16 logits: the gradient comes back in bf16 (rounded), the loss is computed in f32
         grad_tol, loss_tol = (1e-2, 1e-5) if bf16 else (1e-6, 1e-6)
@@ -79,10 +86,10 @@ def judge(ranks):
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
 def test_torchrun_four_cpu_ranks_gloo(tmp_path):
     ranks = torchrun(tmp_path, 4, "gloo")
-    # 2 dtypes x 3 option sets x (vocab twice, data, data with an empty rank, grid), and the
-    # fused linear split: 3 option sets x (vocab, vocab with d hidden summed by hand, data, data
-    # with an empty rank, grid)
-    assert judge(ranks) == 2 * 3 * 5 + 3 * 5
+    # 2 dtypes x 3 option sets x (vocab twice, data, data with an empty rank, grid), the fused
+    # linear split: 3 option sets x (vocab, vocab with d hidden summed by hand, data, data with
+    # an empty rank, grid), and the re-tiled slices
+    assert judge(ranks) == 2 * 3 * 5 + 3 * 5 + 1
 
 
 def test_torchrun_nccl_cuda(tmp_path):

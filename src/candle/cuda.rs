@@ -20,6 +20,9 @@ pub(super) enum GradSlice {
     BF16(CudaSlice<half::bf16>),
     /// The float32 gradient of float16 inputs, cast to float16 after the scaling.
     F16Wide(CudaSlice<f32>),
+    /// The float32 gradient of bfloat16 inputs (the fused linear op's `d weight` and `d bias`),
+    /// cast to bfloat16 after the scaling.
+    Bf16Wide(CudaSlice<f32>),
 }
 
 impl DeviceGrad {
@@ -34,9 +37,13 @@ impl DeviceGrad {
         };
         let s = cs.as_cuda_slice::<f32>()?;
         let s = s.slice(layout.start_offset()..layout.start_offset() + 1);
-        let narrow = matches!(self.slice, GradSlice::F16Wide(_));
+        let narrow = match self.slice {
+            GradSlice::F16Wide(_) => Some(candle_core::DType::F16),
+            GradSlice::Bf16Wide(_) => Some(candle_core::DType::BF16),
+            _ => None,
+        };
         let storage = match self.slice {
-            GradSlice::F32(mut g) | GradSlice::F16Wide(mut g) => {
+            GradSlice::F32(mut g) | GradSlice::F16Wide(mut g) | GradSlice::Bf16Wide(mut g) => {
                 self.loss.scale_by_device_scalar(&stream, &mut g.as_view_mut(), &s).map_err(wrap)?;
                 CudaStorage::wrap_cuda_slice(g, self.device.clone())
             }
@@ -51,10 +58,9 @@ impl DeviceGrad {
         };
         drop(st);
         let t = Tensor::from_storage(Storage::Cuda(storage), self.dims, BackpropOp::none(), false);
-        if narrow {
-            t.to_dtype(candle_core::DType::F16)
-        } else {
-            Ok(t)
+        match narrow {
+            Some(dtype) => t.to_dtype(dtype),
+            None => Ok(t),
         }
     }
 }

@@ -35,8 +35,11 @@ use std::sync::Mutex;
 /// of whichever inputs track gradients in one chunked sweep (the CPU backend on CPU tensors, the
 /// CUDA one on candle's device and stream) and keeps them for the backward, which only scales them
 /// by the upstream gradient when that is not 1. Memory between forward and backward: those
-/// gradients, `B·T·H + V·H (+ V)` elements of the inputs' dtype; the logits never exist.
-/// Inputs f32, f16 or bf16 (all alike), ids and labels u32, i64 or i32, contiguous.
+/// gradients, `B·T·H + V·H (+ V)` elements of the inputs' dtype (f16 inputs: f32; bf16 inputs:
+/// `d weight` and `d bias` in f32, which add up a product per chunk of rows and are rounded to
+/// bf16 once, in the backward); the logits never exist.
+/// Inputs f32, f16 or bf16 (all alike), ids and labels u32, i64 or i32 (on the inputs' device),
+/// contiguous.
 pub fn weighted_linear_loss(
     hidden: &Tensor,
     weight: &Tensor,
@@ -64,6 +67,17 @@ pub fn weighted_linear_loss(
     if let Some(l) = labels {
         if l.dims() != [b, t] {
             return Err(err(format!("labels have shape {:?}, expected [{b}, {t}]", l.dims())));
+        }
+    }
+    // ids and labels: integers (a float id was truncated), on the hidden states' device (the op
+    // holds them, so candle's own check does not see them)
+    for (what, x) in [("ids", Some(ids)), ("labels", labels)] {
+        let Some(x) = x else { continue };
+        if !matches!(x.dtype(), DType::U32 | DType::I64 | DType::I32) {
+            return Err(err(format!("{what} must be u32, i64 or i32, got {:?}", x.dtype())));
+        }
+        if !x.device().same_device(hidden.device()) {
+            return Err(err(format!("{what} must be on the hidden states' device")));
         }
     }
     let shape = LinearShape::new(b, t, h, v).map_err(super::wrap)?;
@@ -101,7 +115,8 @@ struct LinearOp {
 enum Stashed {
     Cpu(Tensor),
     /// A float32 gradient of float16 inputs (see the `candle` module docs).
-    CpuWide(Tensor),
+    /// Float32, rounded to this dtype in the backward.
+    CpuWide(Tensor, candle_core::DType),
     #[cfg(feature = "candle-cuda")]
     Cuda(super::cuda::DeviceGrad),
 }
@@ -130,6 +145,18 @@ fn grad_of<L: Logit>(b: &mut Option<Buf<L>>) -> Grad<'_, L> {
     }
 }
 
+/// Whether gradient `i` (0: `d hidden`, 1: `d weight`, 2: `d bias`) of `L` inputs is kept in
+/// float32 until the backward rounds it once: every one of f16 inputs (whose range a loss scale
+/// can leave), and of bf16 inputs `d weight` and `d bias`, which add up one product per chunk of
+/// rows (rounded to bf16 after each, the bias gradient of 42 chunks came out 2.6e-2 off).
+fn wide<L: Logit>(i: usize) -> bool {
+    match L::DTYPE {
+        crate::DType::F16 => true,
+        crate::DType::BF16 => i > 0,
+        _ => false,
+    }
+}
+
 impl LinearOp {
     fn cpu_typed<L: Logit + candle_core::WithDType>(
         &self,
@@ -140,10 +167,15 @@ impl LinearOp {
         let spec = self.spec.to_builder().backend(Backend::Cpu).build().map_err(super::wrap)?;
         let s = self.shape;
         let lens = [s.hidden_len(), s.weight_len(), s.vocab()];
-        // (f16: float32 until the backward)
-        let wide = <L as Logit>::DTYPE == crate::DType::F16;
-        let buf = |n: usize| if wide { Buf::Wide(f32::zeroed(n)) } else { Buf::Same(L::zeroed(n)) };
-        let mut bufs: Vec<Option<Buf<L>>> = (0..3).map(|i| self.want[i].then(|| buf(lens[i]))).collect();
+        let buf = |i: usize| {
+            let n = lens[i];
+            if wide::<L>(i) {
+                Buf::Wide(f32::zeroed(n))
+            } else {
+                Buf::Same(L::zeroed(n))
+            }
+        };
+        let mut bufs: Vec<Option<Buf<L>>> = (0..3).map(|i| self.want[i].then(|| buf(i))).collect();
         let out = cpu_i64(&self.ids, |ids| {
             let run = |labels: Option<&[i64]>, bufs: &mut [Option<Buf<L>>]| {
                 let tokens = match labels {
@@ -167,7 +199,10 @@ impl LinearOp {
         for (buf, dims) in bufs.into_iter().zip(&self.dims) {
             stash.push(match buf {
                 Some(Buf::Same(b)) => Some(Stashed::Cpu(Tensor::from_vec(b, dims.clone(), &Device::Cpu)?)),
-                Some(Buf::Wide(b)) => Some(Stashed::CpuWide(Tensor::from_vec(b, dims.clone(), &Device::Cpu)?)),
+                Some(Buf::Wide(b)) => Some(Stashed::CpuWide(
+                    Tensor::from_vec(b, dims.clone(), &Device::Cpu)?,
+                    <L as candle_core::WithDType>::DTYPE,
+                )),
                 None => None,
             });
         }
@@ -232,7 +267,7 @@ impl LinearOp {
                     let s = upstream()?;
                     Ok(Some(if s == 1.0 { t } else { t.affine(s, 0.0)? }))
                 }
-                Some(Stashed::CpuWide(t)) => super::narrow_f16(&t, upstream()?).map(Some),
+                Some(Stashed::CpuWide(t, to)) => super::narrow_wide(&t, upstream()?, to).map(Some),
                 #[cfg(feature = "candle-cuda")]
                 Some(Stashed::Cuda(g)) => g.into_tensor(grad_res).map(Some),
             })
@@ -282,11 +317,9 @@ mod cuda {
         let linear = CudaLinearLoss::shared(stream.context()).map_err(super::super::wrap)?;
         let s = op.shape;
         let lens = [s.hidden_len(), s.weight_len(), s.vocab()];
-        // (f16: float32 until the backward)
-        let wide = <L as Logit>::DTYPE == crate::DType::F16;
         let mut bufs = Vec::new();
         for (i, &len) in lens.iter().enumerate() {
-            bufs.push(match (op.want[i], wide) {
+            bufs.push(match (op.want[i], super::wide::<L>(i)) {
                 (false, _) => None,
                 (true, false) => {
                     Some(DevBuf::Same(crate::cuda::grad_buffer::<L>(&stream, len).map_err(super::super::wrap)?))
@@ -343,6 +376,7 @@ mod cuda {
                     Stashed::Cuda(DeviceGrad {
                         slice: match b {
                             DevBuf::Same(b) => keep(b),
+                            DevBuf::Wide(b) if L::DTYPE == crate::DType::BF16 => GradSlice::Bf16Wide(b),
                             DevBuf::Wide(b) => GradSlice::F16Wide(b),
                         },
                         device: dev.clone(),

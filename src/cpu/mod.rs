@@ -39,8 +39,8 @@ pub(crate) mod split;
 
 use crate::dtype::Logit;
 use crate::plan::{Plan, RowLosses, NO_TARGET};
-use pass::{cap_one_with_chain, input_of, stats_pass, zero, Pending, PrevRow, RowExps, Scratch};
 pub(crate) use pass::{load, store_scaled};
+use pass::{stats_pass, zero, Pending, PrevRow, RowExps, Scratch};
 use rayon::prelude::*;
 use row::RowMath;
 pub(crate) use row::RowStats;
@@ -132,15 +132,15 @@ fn grad_task<L: Logit, G: Logit>(
         };
         let st = if cur.kept() {
             let mut inter = PrevRow { k, m, p: &mut pending, e: &mut prev, stream, fused: None };
-            stats_pass(k, m, row, &src[i * v..], y, Some(&mut cur), &mut s, &mut inter)
+            stats_pass(k, m, row, &src[i * v..], Some(y), Some(&mut cur), &mut s, &mut inter)
         } else {
             if let Some(p) = pending.take() {
                 p.write(k, m, &mut prev, Some(pending_row), &mut s, stream);
             }
-            stats_pass(k, m, row, &src[i * v..], y, None, &mut s, &mut ())
+            stats_pass(k, m, row, &src[i * v..], Some(y), None, &mut s, &mut ())
         };
         losses.set(i, m.loss(&st));
-        pending = Some(Pending { out, st, target: y, coef: plan.row_coef(r) });
+        pending = Some(Pending::new(m, out, st, y, plan.row_coef(r)));
         pending_row = row;
         std::mem::swap(&mut cur, &mut prev);
     }
@@ -178,7 +178,7 @@ pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], gr
             let mut losses = TaskLosses { loss, z };
             for (i, row) in src.chunks_exact(v).enumerate() {
                 if let Some(y) = target_of(plan, task * rpt + i) {
-                    losses.set(i, m.loss(&stats_pass(k, &m, row, &src[i * v..], y, None, &mut s, &mut ())));
+                    losses.set(i, m.loss(&stats_pass(k, &m, row, &src[i * v..], Some(y), None, &mut s, &mut ())));
                 }
             }
         }),
@@ -236,10 +236,10 @@ pub(crate) fn run_rows_in_place<L: Logit>(
             let r = sel.global(task * rpt + i);
             match target_of(plan, r) {
                 Some(y) => {
-                    let st = stats_pass(k, &m, row, row, y, Some(&mut e), &mut s, &mut ());
+                    let st = stats_pass(k, &m, row, row, Some(y), Some(&mut e), &mut s, &mut ());
                     losses.set(i, m.loss(&st));
                     // the row was just read, its lines are in cache: no streaming
-                    let p = Pending { out: row, st, target: y, coef: plan.row_coef(r) };
+                    let p = Pending::new(&m, row, st, y, plan.row_coef(r));
                     p.write::<L>(k, &m, &mut e, None, &mut s, false);
                 }
                 None => row.fill(L::default()),
@@ -254,7 +254,7 @@ mod tests {
     use crate::plan::RowOptions;
     use crate::spec::CpuSimd;
 
-    fn stats_of(k: &Kernels, m: &RowMath, row: &[f32], target: usize) -> RowStats {
+    fn stats_of(k: &Kernels, m: &RowMath, row: &[f32], target: Option<usize>) -> RowStats {
         stats_pass(k, m, row, row, target, None, &mut Scratch::new(m), &mut ())
     }
 
@@ -290,19 +290,19 @@ mod tests {
                 for (name, edit) in cases {
                     let mut row = base.clone();
                     edit(&mut row[at..], first_max);
-                    let st = stats_of(&k, &m, &row, 5);
+                    let st = stats_of(&k, &m, &row, Some(5));
                     let what = format!("{:?} {opts:?} {name}", k.level);
                     let top = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                     let moves = name.ends_with("beyond") || name == "inf";
                     let want_shift = if moves { top } else { first_max };
                     assert_eq!(st.shift, want_shift, "{what}");
                     if name == "inf" {
-                        assert!(st.sum_exp.is_nan(), "{what}: {}", st.sum_exp);
+                        assert!(st.sum_exp().is_nan(), "{what}: {}", st.sum_exp());
                         continue;
                     }
                     // (exp's own bound at 20 above the reference: a few 1e-6)
                     let want: f64 = row.iter().map(|&z| (z as f64 - st.shift as f64).exp()).sum();
-                    assert!((st.sum_exp - want).abs() <= 5e-6 * want, "{what}: {} vs {want}", st.sum_exp);
+                    assert!((st.sum_exp() - want).abs() <= 5e-6 * want, "{what}: {} vs {want}", st.sum_exp());
                 }
             }
         }
@@ -318,16 +318,16 @@ mod tests {
             RowOptions { z_loss: 0.0, smoothing: 0.2, softcap: None },
         ] {
             let m = RowMath::new(&opts, row.len());
-            let whole = stats_of(&k, &m, &row, 6_000);
+            let whole = stats_of(&k, &m, &row, Some(6_000));
             // vocabulary split in two shards; the target lives in the second one
             let (a, b) = row.split_at(4_000);
-            let mut sa = stats_of(&k, &m, a, 0);
-            (sa.target_logit, sa.target_chain) = (0.0, 1.0);
-            let sb = stats_of(&k, &m, b, 2_000);
+            let sa = stats_of(&k, &m, a, None);
+            let sb = stats_of(&k, &m, b, Some(2_000));
             let merged = sa.merge(sb);
             assert_eq!(merged.target_logit, whole.target_logit);
             assert_eq!(merged.target_chain, whole.target_chain);
-            let (ma, mw) = (merged.sum_exp * (merged.shift as f64).exp(), whole.sum_exp * (whole.shift as f64).exp());
+            let (ma, mw) =
+                (merged.sum_exp() * (merged.shift as f64).exp(), whole.sum_exp() * (whole.shift as f64).exp());
             assert!((ma - mw).abs() <= 1e-6 * mw, "{opts:?}");
             // (the logits are summed against each slice's reference: the rounding scales with
             // the sum of |z - shift|, not with |sum z|, which is near 0 here)

@@ -223,22 +223,95 @@ impl<G: Logit> Interleave for PrevRow<'_, '_, G> {
     }
 }
 
+/// The sum of `x` without `x[skip]`, in 16 f32 lanes (the same bits on every machine).
+fn sum_apart(x: &[f32], skip: usize) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut add = |part: &[f32]| {
+        let mut it = part.chunks_exact(16);
+        for v in &mut it {
+            for (l, &e) in lanes.iter_mut().zip(v) {
+                *l += e;
+            }
+        }
+        for (l, &e) in lanes.iter_mut().zip(it.remainder()) {
+            *l += e;
+        }
+    };
+    add(&x[..skip]);
+    add(&x[skip + 1..]);
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            lanes[i] += lanes[i + w];
+        }
+    }
+    lanes[0]
+}
+
+/// [`exp_chunk`] with element `apart` of the chunk (the row's target) left out of the returned
+/// sum, its exponential still written: `(sum without it, logit sum with it, sum with it)`.
+///
+/// A confident row's target term is near 1 and every other term tiny: summed in the same f32
+/// lane, each later term of that lane fell below half an ulp of it, and the row's small loss
+/// `ln(1 + Σ_{j≠y} e^{z_j − z_y})` lost its relative accuracy (2e-3 at a margin of 18 over
+/// V = 32000). The target's term is taken in f64 from its logit instead ([`RowStats`]).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn exp_chunk_apart<L: Logit>(
+    k: &Kernels,
+    m: &RowMath,
+    chunk: &[L],
+    apart: Option<usize>,
+    shift: f32,
+    out: &mut [f32],
+    chain: &mut [f32],
+    pf: Ahead,
+    buf: &mut [f32],
+) -> (f32, f32, f32) {
+    let Some(o) = apart else {
+        let (sum, zsum) = exp_chunk(k, m, chunk, shift, out, chain, pf, buf);
+        return (sum, zsum, sum);
+    };
+    if m.elem.is_none() {
+        // the plain loop: the whole chunk, then its kept exponentials summed again without the
+        // target's (in L1; cheaper than cutting the loop)
+        let (sum, zsum) = exp_chunk(k, m, chunk, shift, out, chain, pf, buf);
+        return (sum_apart(&out[..chunk.len()], o), zsum, sum);
+    }
+    let mut part = |r: Range<usize>, pf: Ahead| {
+        if r.is_empty() {
+            return (0.0, 0.0);
+        }
+        let chain = if chain.is_empty() { &mut chain[..] } else { &mut chain[r.start..] };
+        exp_chunk(k, m, &chunk[r.clone()], shift, &mut out[r.start..], chain, pf, buf)
+    };
+    let (before, z0) = part(0..o, pf);
+    let (own, z1) = part(o..o + 1, Ahead::NONE);
+    let (after, z2) = part(o + 1..chunk.len(), Ahead::NONE);
+    (before + after, z0 + z1 + z2, before + own + after)
+}
+
 /// Statistics pass over one row. Keeps the exponentials in `keep` when given (and long enough);
 /// runs `inter`'s steps for chunk `c` with and after it (the previous row's gradient).
-/// `ahead` is the task's input from this row on, for prefetching.
+/// `ahead` is the task's input from this row on, for prefetching. The target (`None`: a slice
+/// of the row without it) is capped as the loop caps it, and its exponential joins the sum in
+/// the row's statistics apart from the f32 lanes of the others ([`exp_chunk_apart`],
+/// [`RowStats`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn stats_pass<L: Logit>(
     k: &Kernels,
     m: &RowMath,
     row: &[L],
     ahead: &[L],
-    target: usize,
+    target: Option<usize>,
     mut keep: Option<&mut RowExps>,
     s: &mut Scratch,
     inter: &mut impl Interleave,
 ) -> RowStats {
     let mut st = RowStats::EMPTY;
     for (c, chunk) in row.chunks(CHUNK).enumerate() {
+        let apart = target.and_then(|t| t.checked_sub(c * CHUNK)).filter(|&o| o < chunk.len());
         let p = (c + PREFETCH_CHUNKS) * CHUNK;
         let pf = if p < ahead.len() { Ahead::of(&ahead[p..(p + CHUNK).min(ahead.len())]) } else { Ahead::NONE };
         let (out, chain) = match keep.as_deref_mut().filter(|e| e.kept()) {
@@ -253,21 +326,24 @@ pub(super) fn stats_pass<L: Logit>(
         let x = if m.elem.is_none() { Some(input_of(chunk)) } else { None };
         let side = x.and_then(|x| inter.side(c, !matches!(x, Input::F32(_))));
         let mut used = st.exp_shift();
-        let (mut sum, mut zsum) = match (x, side) {
-            (Some(x), Some(side)) => (k.exp_sum_side(x, used, &mut *out, pf, side), 0.0),
-            _ => exp_chunk(k, m, chunk, used, &mut *out, &mut *chain, pf, &mut s.buf),
+        let (mut sum, mut zsum, all) = match (x, side) {
+            (Some(x), Some(side)) => {
+                let sum = k.exp_sum_side(x, used, &mut *out, pf, side);
+                (apart.map_or(sum, |o| sum_apart(&out[..chunk.len()], o)), 0.0, sum)
+            }
+            _ => exp_chunk_apart(k, m, chunk, apart, used, &mut *out, &mut *chain, pf, &mut s.buf),
         };
-        if sum > CHECK_SUM || sum.is_nan() {
+        if all > CHECK_SUM || all.is_nan() {
             // a large sum (or +inf, NaN) may come from a much larger maximum: if the chunk has
             // one (or +inf), move the reference and redo the chunk
             let top = cap_one(k, m, Input::F32(&[k.max(load(k, chunk, &mut s.buf))]));
             if top > st.shift + MARGIN {
                 st.raise(top);
                 used = st.exp_shift();
-                (sum, zsum) = exp_chunk(k, m, chunk, used, out, chain, Ahead::NONE, &mut s.buf);
+                (sum, zsum, _) = exp_chunk_apart(k, m, chunk, apart, used, out, chain, Ahead::NONE, &mut s.buf);
             }
         }
-        st.sum_exp += sum as f64;
+        st.others += sum as f64;
         if m.elem.is_some_and(|o| o.sum) {
             // the loop summed `z − shift`: the shift goes back in here, in f64
             st.logit_sum += zsum as f64 + chunk.len() as f64 * used as f64;
@@ -277,9 +353,11 @@ pub(super) fn stats_pass<L: Logit>(
         }
         inter.after(c);
     }
-    let (z, chain) = cap_one_with_chain(k, m, input_of(&row[target..=target]));
-    st.target_logit = z as f64;
-    st.target_chain = chain as f64;
+    if let Some(t) = target {
+        let (z, chain) = cap_one_with_chain(k, m, input_of(&row[t..=t]));
+        st.target_logit = z as f64;
+        st.target_chain = chain as f64;
+    }
     st
 }
 
@@ -299,9 +377,15 @@ pub(super) struct Pending<'a, G> {
     pub(super) st: RowStats,
     pub(super) target: usize,
     pub(super) coef: f32,
+    /// [`RowMath::row_scale`] of the row.
+    scale: f64,
 }
 
-impl<G: Logit> Pending<'_, G> {
+impl<'a, G: Logit> Pending<'a, G> {
+    pub(super) fn new(m: &RowMath, out: &'a mut [G], st: RowStats, target: usize, coef: f32) -> Self {
+        Pending { out, st, target, coef, scale: m.row_scale(&st, coef) }
+    }
+
     /// Turns kept `exp · s` values of chunk `c` (with shift `shift`) into the gradient and
     /// stores them: one multiply, or with smoothing first `q · f − k · s` in place.
     #[allow(clippy::too_many_arguments)]
@@ -316,11 +400,11 @@ impl<G: Logit> Pending<'_, G> {
         stream: bool,
     ) {
         let hi = lo + q.len();
-        let f = m.grad_factor(&self.st, self.coef, shift);
+        let f = m.grad_factor(&self.st, self.scale, shift);
         let off = m.smoothing_offset(self.coef);
         let stream = self.streams(lo..hi, stream);
         // a finite row sum bounds every kept exponential: with finite factors, every product is
-        let finite = self.st.sum_exp.is_finite() && f.is_finite() && off.is_finite();
+        let finite = self.st.sum_exp().is_finite() && f.is_finite() && off.is_finite();
         if off != 0.0 && !chain.is_empty() {
             // with soft-capping the offset is scaled by each element's chain factor first
             k.affine(q, f, off, chain);
@@ -353,7 +437,7 @@ impl<G: Logit> Pending<'_, G> {
         if lo >= hi || !e.kept() || m.smoothing_offset(self.coef) != 0.0 {
             return None;
         }
-        let f = m.grad_factor(&self.st, self.coef, e.shifts[c]);
+        let f = m.grad_factor(&self.st, self.scale, e.shifts[c]);
         let stream = self.streams(lo..hi, stream);
         let out = &mut self.out[lo..hi];
         let dst = match G::DTYPE {
@@ -362,7 +446,7 @@ impl<G: Logit> Pending<'_, G> {
             _ => SideDst::F16(G::as_bits_mut(out)?),
         };
         // as in `store`: a finite row sum bounds every kept exponential
-        let finite = self.st.sum_exp.is_finite() && f.is_finite();
+        let finite = self.st.sum_exp().is_finite() && f.is_finite();
         Some(Side { src: &e.exps[lo..hi], f, dst, stream, finite })
     }
 

@@ -5,21 +5,29 @@ use super::simd::ElemOpts;
 use crate::plan::RowOptions;
 
 /// The statistics of one logits row (or of a slice of it), from which loss and gradient follow:
-/// with any reference `r`, `sum_exp = sum(exp(z - r))`,
-/// `loss = (r - target_logit) + ln(sum_exp)`,
-/// `grad_j = coef * (exp(z_j - r) / sum_exp - [j == target])` (plus the options' terms, see
-/// [`RowMath`]); `z` is the soft-capped logit when soft-capping is on.
+/// with any reference `r`, `others = Σ_{j≠y} exp(z_j - r)` over every entry but the target `y`,
+/// `e_y = exp(target_logit - r)` (in f64), `sum = others + e_y`,
+/// `loss = ln(sum) - (target_logit - r)`, taken as `ln(1 + others / e_y)` where the target
+/// dominates, and `grad_j = coef * (exp(z_j - r) / sum - [j == y])` (plus the options' terms,
+/// see [`RowMath`]); `z` is the soft-capped logit when soft-capping is on.
+///
+/// The target's term is kept out of the f32 lanes that sum the others: in a confident row it is
+/// near 1 and the others tiny, and summed together the others fell below half an ulp of it (the
+/// loss `ln(1 + others / e_y)` then lost its relative accuracy: 2e-3 at a margin of 18 over
+/// V = 32000).
 ///
 /// Statistics of disjoint slices of a row combine with [`RowStats::merge`]; a slice that does
-/// not hold the target contributes `target_logit = 0`, so merging adds the target logits.
+/// not hold the target sums all its entries into `others` and contributes `target_logit = 0`,
+/// so merging adds the target logits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct RowStats {
     /// The reference `r`: within [`MARGIN`](super::MARGIN) of the maximum logit (NaN skipped),
     /// `-inf` while every logit seen is `-inf`.
     pub shift: f32,
-    /// `sum(exp(z - shift))` (NaN when a logit is NaN or `+inf`). Chunks are summed in f32
-    /// lanes and the chunk sums in f64, so even a 2^29-wide row keeps f32 accuracy.
-    pub sum_exp: f64,
+    /// `Σ exp(z - shift)` over every entry but the target (NaN when a logit is NaN or `+inf`).
+    /// Chunks are summed in f32 lanes and the chunk sums in f64, so even a 2^29-wide row keeps
+    /// f32 accuracy.
+    pub others: f64,
     /// The target's logit (0 when the target lies outside the slice).
     pub target_logit: f64,
     /// `1 − tanh²(z_target / c)` with soft-capping, else 1 (1 outside the slice).
@@ -41,13 +49,13 @@ fn rescale(s: f64, from: f32, to: f32) -> f64 {
 impl RowStats {
     /// Statistics of an empty slice.
     pub const EMPTY: RowStats =
-        RowStats { shift: f32::NEG_INFINITY, sum_exp: 0.0, target_logit: 0.0, target_chain: 1.0, logit_sum: 0.0 };
+        RowStats { shift: f32::NEG_INFINITY, others: 0.0, target_logit: 0.0, target_chain: 1.0, logit_sum: 0.0 };
 
     /// Moves the reference up to `m`, rescaling the sum.
     #[inline]
     pub fn raise(&mut self, m: f32) {
         if m > self.shift {
-            self.sum_exp = rescale(self.sum_exp, self.shift, m);
+            self.others = rescale(self.others, self.shift, m);
             self.shift = m;
         }
     }
@@ -68,17 +76,43 @@ impl RowStats {
         let shift = if other.shift > self.shift { other.shift } else { self.shift };
         RowStats {
             shift,
-            sum_exp: rescale(self.sum_exp, self.shift, shift) + rescale(other.sum_exp, other.shift, shift),
+            others: rescale(self.others, self.shift, shift) + rescale(other.others, other.shift, shift),
             target_logit: self.target_logit + other.target_logit,
             target_chain: self.target_chain * other.target_chain,
             logit_sum: self.logit_sum + other.logit_sum,
         }
     }
 
+    /// The target's term `exp(target_logit - r)`, in f64 (against 0 while every logit is
+    /// `-inf`, as the chunks' exponentials are taken).
+    #[inline]
+    pub fn target_exp(&self) -> f64 {
+        (self.target_logit - self.exp_shift() as f64).exp()
+    }
+
+    /// `Σ exp(z - shift)` over the whole row: the others and the target's term.
+    #[inline]
+    pub fn sum_exp(&self) -> f64 {
+        self.others + self.target_exp()
+    }
+
     /// `ln(sum(exp(z)))`.
     #[inline]
     fn lse(&self) -> f64 {
-        self.shift as f64 + self.sum_exp.ln()
+        self.shift as f64 + self.sum_exp().ln()
+    }
+
+    /// The cross-entropy `lse - target_logit`: `ln(1 + others / e_y)` where the target's term
+    /// is at least the others' (a loss of at most `ln 2`, which the difference of two logarithms
+    /// would round away below 1e-11 or so), else that difference.
+    #[inline]
+    fn cross_entropy(&self) -> f64 {
+        let (s, e) = (self.others, self.target_exp());
+        if e >= s {
+            (s / e).ln_1p()
+        } else {
+            (self.shift as f64 - self.target_logit) + (s + e).ln()
+        }
     }
 }
 
@@ -118,7 +152,7 @@ impl RowMath {
     /// The row's loss and its z-loss part.
     #[inline]
     pub fn loss(&self, st: &RowStats) -> (f64, f64) {
-        let ce = (st.shift as f64 - st.target_logit) + st.sum_exp.ln();
+        let ce = st.cross_entropy();
         let l = if self.eps != 0.0 {
             (1.0 - self.eps) * ce + self.eps * (st.lse() - st.logit_sum / self.vocab)
         } else {
@@ -142,12 +176,23 @@ impl RowMath {
         }
     }
 
-    /// The factor that turns a kept `exp(z - r_c) · s` into the gradient:
-    /// `coef · A / sum_exp · exp(r_c - r)`. A chunk whose `r_c` is `-inf` (all `-inf` or NaN)
-    /// gets 0, or NaN for an all `-inf` row.
+    /// A row's `coef · A / sum_exp`, once per row ([`grad_factor`](Self::grad_factor) of each
+    /// chunk starts from it).
     #[inline]
-    pub fn grad_factor(&self, st: &RowStats, coef: f32, chunk_shift: f32) -> f32 {
-        (coef as f64 * self.softmax_factor(st) / st.sum_exp * (chunk_shift as f64 - st.shift as f64).exp()) as f32
+    pub fn row_scale(&self, st: &RowStats, coef: f32) -> f64 {
+        coef as f64 * self.softmax_factor(st) / st.sum_exp()
+    }
+
+    /// The factor that turns a kept `exp(z - r_c) · s` into the gradient:
+    /// `coef · A / sum_exp · exp(r_c - r)` from the row's [`row_scale`](Self::row_scale). A chunk
+    /// whose `r_c` is `-inf` (all `-inf` or NaN) gets 0, or NaN for an all `-inf` row.
+    #[inline]
+    pub fn grad_factor(&self, st: &RowStats, scale: f64, chunk_shift: f32) -> f32 {
+        if chunk_shift == st.shift && chunk_shift.is_finite() {
+            // exp(0) = 1: the same bits without the exponential
+            return scale as f32;
+        }
+        (scale * (chunk_shift as f64 - st.shift as f64).exp()) as f32
     }
 
     /// What label smoothing subtracts from every entry's gradient before the chain factor:
@@ -161,11 +206,14 @@ impl RowMath {
         (coef as f64 * self.eps / self.vocab) as f32
     }
 
-    /// The gradient at the target, `coef · (A · softmax[target] − (1 − ε) − ε / V) · s_target`.
+    /// The gradient at the target, `coef · (A · softmax[target] − (1 − ε) − ε / V) · s_target`,
+    /// taken as `coef · ((A − 1) · p − others / sum + ε · (1 − 1 / V)) · s_target` with
+    /// `p = e_y / sum`: `p − 1` of a confident row without the cancellation.
     #[inline]
     pub fn target_grad(&self, st: &RowStats, coef: f32) -> f32 {
-        let p = (st.target_logit - st.shift as f64).exp() / st.sum_exp;
-        let d = p * self.softmax_factor(st) - (1.0 - self.eps) - self.eps / self.vocab;
+        let sum = st.sum_exp();
+        let p = st.target_exp() / sum;
+        let d = (self.softmax_factor(st) - 1.0) * p - st.others / sum + self.eps * (1.0 - 1.0 / self.vocab);
         (coef as f64 * d * st.target_chain) as f32
     }
 }

@@ -20,8 +20,7 @@
 use super::row::{RowMath, RowStats};
 use super::simd::Kernels;
 use super::{
-    cap_one_with_chain, input_of, rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, CHUNK,
-    SCRATCH_MAX, STREAM_MIN_BYTES,
+    rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, CHUNK, SCRATCH_MAX, STREAM_MIN_BYTES,
 };
 use crate::dtype::Logit;
 use crate::plan::{Plan, RowOptions};
@@ -47,7 +46,7 @@ pub(crate) fn words(opts: &RowOptions) -> usize {
 /// Writes a slice's row statistics as exchange words (`out.len()` is [`words`]).
 pub(crate) fn encode(st: &RowStats, out: &mut [f64]) {
     out[0] = st.shift as f64;
-    out[1] = st.sum_exp;
+    out[1] = st.others;
     out[2] = st.target_logit;
     if let Some(s) = out.get_mut(3) {
         *s = st.logit_sum;
@@ -61,7 +60,7 @@ pub(crate) fn encode(st: &RowStats, out: &mut [f64]) {
 fn decode(w: &[f64]) -> RowStats {
     RowStats {
         shift: w[0] as f32,
-        sum_exp: w[1],
+        others: w[1],
         target_logit: w[2],
         target_chain: 1.0,
         logit_sum: w.get(3).copied().unwrap_or(0.0),
@@ -180,9 +179,11 @@ impl SplitCpu {
         SplitCpu { k, m, v0, len, rows, keep_rows, kept: Vec::new(), pool }
     }
 
-    /// The kernels in use.
-    pub fn kernels(&self) -> Kernels {
-        self.k
+    /// Keeps up to `keep_rows` rows' exponentials from now on (none for slices longer than a
+    /// kept row can be), with the row buffers in hand (a new `SplitCpu` for the new budget took
+    /// an empty spare list while this one held it, and the spare buffers were freed).
+    pub fn set_keep_rows(&mut self, keep_rows: usize) {
+        self.keep_rows = if self.len <= SCRATCH_MAX { keep_rows } else { 0 };
     }
 
     /// Forgets the exponentials kept for `key` (a loss-only finish).
@@ -325,15 +326,14 @@ impl SplitCpu {
                         continue;
                     };
                     let e = ex.as_deref_mut().map(|e| &mut e[i]);
-                    // the target is read apart below (it may lie in another slice), capped as
-                    // this slice's loop caps it, with the loop's chain factor (0 for both
-                    // outside the slice: the merge adds them)
-                    let mut st = stats_pass(k, m, row, &src[i * len..], 0, e, s, &mut ());
-                    let (z, chain) = match y.checked_sub(v0).filter(|&j| j < len) {
-                        Some(j) => cap_one_with_chain(k, m, input_of(&row[j..=j])),
-                        None => (0.0, 0.0),
-                    };
-                    (st.target_logit, st.target_chain) = (z as f64, chain as f64);
+                    // the target, when it lies in this slice, is capped as this slice's loop
+                    // caps it, with the loop's chain factor, and summed apart; outside the
+                    // slice both are 0 (the merge adds them)
+                    let own = y.checked_sub(v0).filter(|&j| j < len);
+                    let mut st = stats_pass(k, m, row, &src[i * len..], own, e, s, &mut ());
+                    if own.is_none() {
+                        (st.target_logit, st.target_chain) = (0.0, 0.0);
+                    }
                     *o = st;
                 }
             },
@@ -365,7 +365,7 @@ impl SplitCpu {
                         continue;
                     };
                     let target = y.checked_sub(v0).filter(|&j| j < len).unwrap_or(usize::MAX);
-                    let p = Pending { out: o, st: merged[task * rpt + i], target, coef: plan.row_coef(r) };
+                    let p = Pending::new(m, o, merged[task * rpt + i], target, plan.row_coef(r));
                     let e = match ex.as_deref_mut() {
                         Some(e) => &mut e[i],
                         None => &mut none,

@@ -62,6 +62,9 @@ pub struct DeviceLossOutput {
     pub(super) status: CudaSlice<FwlStatus>,
     pub(super) shape: Shape,
     pub(super) check_finite: bool,
+    /// Whether `loss` is a data group's ([`CudaSharded::combine_loss`](crate::cuda::split::CudaSharded::combine_loss)):
+    /// `check` then also fails when the group's loss is not finite.
+    pub(super) over_group: bool,
 }
 
 impl DeviceLossOutput {
@@ -100,6 +103,15 @@ impl DeviceLossOutput {
             stream.memcpy_dtoh(&self.row_loss.slice(i as usize..i as usize + 1), &mut v).map_err(drv("reading"))?;
             stream.synchronize().map_err(drv("synchronising"))?;
             return Err(Error::NonFinite { batch: (i / t) as usize, position: (i % t) as usize, value: v[0] });
+        }
+        if self.check_finite && self.over_group {
+            // a non-finite position on another rank of the data group: every rank fails
+            let mut v = [0f64];
+            stream.memcpy_dtoh(&self.loss, &mut v).map_err(drv("reading"))?;
+            stream.synchronize().map_err(drv("synchronising"))?;
+            if !v[0].is_finite() {
+                return Err(Error::NonFiniteInGroup { value: v[0] });
+            }
         }
         Ok(())
     }

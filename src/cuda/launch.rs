@@ -300,6 +300,7 @@ impl CudaLoss {
             status,
             shape,
             check_finite: spec.check_finite,
+            over_group: false,
         })
     }
 }

@@ -2,6 +2,7 @@
 //! the caller's [`Collective`]s, chunk by chunk.
 
 use super::pipeline::{self, InPlace, ReadInto};
+use super::steps::check_sealed;
 use super::{check_tiling, Collective, ShardedLoss, Solo, VocabSlice};
 use crate::cpu::split::Dest as Fused;
 use crate::cpu::RowStats;
@@ -267,12 +268,10 @@ impl<'a> Sharded<'a> {
                 }
                 (Src::Read(_), Dest::Skip) => unreachable!("a loss-only call writes no gradient"),
             }?;
-            let mut out = match token_loss {
-                Some(t) => steps.finish_per_token(t)?,
-                None => steps.finish()?,
-            };
-            super::combine_over(&mut out, dg)?;
-            return Ok(out);
+            let mut token_loss = token_loss;
+            return super::finish_over(dg, spec.check_finite, |check| {
+                steps.output_checked(check, token_loss.as_deref_mut())
+            });
         }
         if let Some(c0) = chunks.first() {
             let n = steps.partials_len(c0.len());
@@ -308,12 +307,8 @@ impl<'a> Sharded<'a> {
             }
         }
 
-        let mut out = match token_loss {
-            Some(t) => steps.finish_per_token(t)?,
-            None => steps.finish()?,
-        };
-        super::combine_over(&mut out, dg)?;
-        Ok(out)
+        let mut token_loss = token_loss;
+        super::finish_over(dg, spec.check_finite, |check| steps.output_checked(check, token_loss.as_deref_mut()))
     }
 }
 
@@ -338,9 +333,10 @@ fn whole_rows<L: Logit, I: TokenId>(
         (Src::Read(logits), Dest::Into(g)) => crate::cpu::run::<L, L>(&k, &plan, logits, Some(g)),
         (Src::Read(logits), Dest::IntoF32(g)) => crate::cpu::run::<L, f32>(&k, &plan, logits, Some(g)),
     };
-    let mut out = plan.finish(&rows, spec.check_finite, crate::Backend::Cpu, token_loss)?;
-    super::combine_over(&mut out, dg)?;
-    Ok(out)
+    let mut token_loss = token_loss;
+    super::finish_over(dg, spec.check_finite, |check| {
+        plan.finish(&rows, check, crate::Backend::Cpu, token_loss.as_deref_mut())
+    })
 }
 
 /// One chunk's gradient from its merged statistics, beside the next chunk's statistics into the
@@ -362,25 +358,25 @@ fn step<L: Logit, G: Logit>(
     }
 }
 
-/// The vocabulary group's exchange of one chunk: this rank's words (plus its slice, the first
-/// time, checked to tile the vocabulary) gathered in rank order.
+/// The vocabulary group's exchange of one chunk: this rank's words (its rows' statistics, then
+/// its slice: [`ShardedLoss::partials_len`]) gathered in rank order, every rank's slice checked
+/// to name the same vocabulary and to tile it, on every exchange.
 pub(super) struct Exchange<'a> {
     group: &'a dyn Collective,
-    slice: VocabSlice,
-    check: bool,
+    vocab: usize,
     send: Vec<f64>,
     recv: Vec<f64>,
 }
 
 impl<'a> Exchange<'a> {
     pub(super) fn new(group: &'a dyn Collective, slice: VocabSlice) -> Self {
-        Exchange { group, slice, check: group.size() > 1, send: Vec::new(), recv: Vec::new() }
+        Exchange { group, vocab: slice.vocab(), send: Vec::new(), recv: Vec::new() }
     }
 
-    /// The send buffer for `n` words.
+    /// The send buffer for `n` words (the slice's words last).
     pub(super) fn buffer(&mut self, n: usize) -> &mut [f64] {
-        self.send.resize(n + if self.check { 2 } else { 0 }, 0.0);
-        &mut self.send[..n]
+        self.send.resize(n, 0.0);
+        &mut self.send[..]
     }
 
     /// Every rank's `n` words (the send buffer itself in a group of one), and the stride
@@ -390,19 +386,10 @@ impl<'a> Exchange<'a> {
         if size == 1 {
             return Ok((&self.send[..n], n));
         }
-        let stride = self.send.len();
-        if self.check {
-            (self.send[n], self.send[n + 1]) = (self.slice.start() as f64, self.slice.len() as f64);
-        }
-        self.recv.resize(stride * size, 0.0);
-        self.group.all_gather_f64(&self.send, &mut self.recv)?;
-        if self.check {
-            let slices: Vec<(usize, usize)> =
-                self.recv.chunks_exact(stride).map(|w| (w[n] as usize, w[n + 1] as usize)).collect();
-            check_tiling(&slices, self.slice.vocab())?;
-            self.check = false;
-        }
-        Ok((&self.recv, stride))
+        self.recv.resize(n * size, 0.0);
+        self.group.all_gather_f64(&self.send[..n], &mut self.recv)?;
+        check_sealed(&self.recv, n, self.vocab)?;
+        Ok((&self.recv, n))
     }
 }
 

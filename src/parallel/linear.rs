@@ -6,8 +6,9 @@
 //! `d W_r += G_cᵀ·h_c` and `d b_r += Σ G_c` as the unsplit path does.
 
 use super::call::Exchange;
-use super::{combine_over, global_denominator, Sharded};
-use crate::cpu::split::{encode, merge_rows, words, Dest, Rows, SplitCpu};
+use super::steps::{encode_sealed, SLICE_WORDS};
+use super::{finish_over, global_denominator, Sharded};
+use crate::cpu::split::{merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::{RowSel, RowStats};
 use crate::dtype::{Logit, TokenId};
 use crate::error::{Error, Result};
@@ -30,6 +31,12 @@ impl Sharded<'_> {
     /// vocabulary-parallel output layer does anyway). The chunking must be the same on every
     /// rank; by default it depends only on `V`, `H`, the group's size and the tokens. Runs on the
     /// CPU backend.
+    ///
+    /// Bad input, this rank's or a peer's (slices that do not tile the vocabulary, ranks of
+    /// different vocabularies), is an error before any gradient buffer is written (the slices
+    /// are exchanged and checked first). A failure of the exchange itself during the sweep (a
+    /// peer that went away) leaves the gradient buffers partly written, `d weight` partly
+    /// accumulated into: do not retry such a step on the same buffers.
     ///
     /// ```
     /// use fused_weighted_loss::parallel::{Sharded, Solo, VocabSlice};
@@ -91,17 +98,19 @@ impl Sharded<'_> {
         let mut cpu = SplitCpu::new(k, &plan.opts, shape.vocab(), (slice.start(), slice.len()), shape.rows(), c);
         let w = words(&plan.opts);
         let mut ex = Exchange::new(vg, slice);
+        // every rank's slice, checked before the sweep writes (or zeroes) a gradient buffer
+        encode_sealed(&[], w, slice, ex.buffer(SLICE_WORDS));
+        ex.gather(SLICE_WORDS)?;
         let plan_ref = &plan;
         let mut pass = |rows: &[u32], z: &mut [f32], loss: &mut [f64], zl: &mut [f64]| -> Result<()> {
             let m = rows.len();
             let r = Rows { key: rows[0] as usize..rows[0] as usize + m, sel: RowSel::List(rows) };
             let mut st = vec![RowStats::EMPTY; m];
             cpu.stats(plan_ref, &r, z, &mut st, true);
-            for (s, o) in st.iter().zip(ex.buffer(m * w).chunks_exact_mut(w)) {
-                encode(s, o);
-            }
+            let n = m * w + SLICE_WORDS;
+            encode_sealed(&st, w, slice, ex.buffer(n));
             let merged = {
-                let (gathered, stride) = ex.gather(m * w)?;
+                let (gathered, stride) = ex.gather(n)?;
                 merge_rows(gathered, stride, w, m)
             };
             for ((s, l), zp) in merged.iter().zip(loss.iter_mut()).zip(zl.iter_mut()) {
@@ -111,8 +120,7 @@ impl Sharded<'_> {
             Ok(())
         };
         let (row_loss, chunks) = run_with(&k, &plan, local, &inputs, grads, Chunking::Rows(c), &mut pass)?;
-        let mut out = plan.finish(&row_loss, spec.check_finite, Backend::Cpu, None)?;
-        combine_over(&mut out, dg)?;
+        let out = finish_over(dg, spec.check_finite, |check| plan.finish(&row_loss, check, Backend::Cpu, None))?;
         let kept = c * slice.len() * 4 * if cpu.m.keeps_chain() { 2 } else { 1 };
         Ok(LinearOutput {
             loss: out,

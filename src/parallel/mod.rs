@@ -32,7 +32,7 @@
 //!
 //! | exchange | group | each rank sends | when |
 //! |---|---|---|---|
-//! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing, 5 with soft-capping), plus 16 once (the slice, checked to tile `[0, V)`) | per chunk of rows |
+//! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing, 5 with soft-capping), plus 24 (the slice and `V`, checked by every rank to tile `[0, V)`) | per chunk of rows |
 //! | row statistics (CUDA buffers, `f32`) | vocabulary | `4 · W` per row, `W` = 3 (5 with label smoothing) | per chunk of rows |
 //! | batch totals (`B`, `Σ w_b`) | data | 16 | before the logits are read |
 //! | loss shares (loss, z-loss) | data | 16 | at the end |
@@ -48,7 +48,8 @@
 //!   rows of the output weight (the same exchange per chunk of token rows; `d hidden` comes back
 //!   as this rank's part, to be summed over the vocabulary group);
 //! - [`ShardedLoss`] (host buffers): the steps themselves, on ranges of rows, for a driver that
-//!   owns its communication (the Python package drives them with `torch.distributed`);
+//!   owns its communication (each rank's words end with its slice, which the merge checks); the
+//!   Python package runs [`Sharded`] instead, its exchanges calling `torch.distributed`;
 //! - `cuda::split` (feature `cuda`): the same steps on device buffers, the one call
 //!   `DeviceSharded` on the logits and, with the output weight's rows, on the fused linear path
 //!   (`DeviceSharded::linear_loss_and_grad`), and an NCCL collective (feature `nccl`).
@@ -112,9 +113,13 @@ impl VocabSlice {
     }
 
     /// Rank `rank`'s slice when `ranks` ranks split the vocabulary in rank order into slices of
-    /// `ceil(vocab / ranks)` ids (the last ones shorter). An error when a rank would get none.
+    /// `ceil(vocab / ranks)` ids (the last ones shorter). An error when a rank would get none,
+    /// and for a group of no ranks.
     pub fn even(rank: usize, ranks: usize, vocab: usize) -> Result<Self> {
-        let per = vocab.div_ceil(ranks.max(1));
+        if ranks == 0 {
+            return Err(Error::InvalidOption { name: "ranks", value: 0.0, expected: "at least 1" });
+        }
+        let per = vocab.div_ceil(ranks);
         let start = rank.saturating_mul(per);
         Self::new(start, per.min(vocab.saturating_sub(start)), vocab)
     }
@@ -256,8 +261,8 @@ fn no_samples<I: crate::dtype::TokenId>(
     }
     if call.vocab_group.size() > 1 {
         let mut ex = call::Exchange::new(call.vocab_group, call.slice);
-        ex.buffer(0);
-        ex.gather(0)?;
+        steps::encode_sealed(&[], 1, call.slice, ex.buffer(steps::SLICE_WORDS));
+        ex.gather(steps::SLICE_WORDS)?;
     }
     let mut out = crate::LossOutput {
         loss: 0.0,
@@ -268,6 +273,9 @@ fn no_samples<I: crate::dtype::TokenId>(
         backend: crate::Backend::Cpu,
     };
     combine_over(&mut out, dg)?;
+    if spec.check_finite {
+        return group_finite(out, None);
+    }
     Ok(out)
 }
 
@@ -278,6 +286,41 @@ fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, dg: 
         plan.set_denominator(denominator(spec.reduction, &all), spec.grad_scale);
     }
     Ok(())
+}
+
+/// This rank's output (`finish(check)`: with or without the check of non-finite positions),
+/// its loss combined over the data group ([`combine_over`]). With `check` on a data group of
+/// more than one, the check waits until after the exchange and every rank fails together: the
+/// rank that holds a non-finite position with [`Error::NonFinite`], the others with
+/// [`Error::NonFiniteInGroup`] (an error on one rank alone left its peers waiting in the
+/// exchange).
+fn finish_over(
+    dg: &dyn Collective,
+    check: bool,
+    mut finish: impl FnMut(bool) -> Result<crate::LossOutput>,
+) -> Result<crate::LossOutput> {
+    if !check || dg.size() <= 1 {
+        let mut out = finish(check)?;
+        combine_over(&mut out, dg)?;
+        return Ok(out);
+    }
+    let mine = match finish(true) {
+        Err(e @ Error::NonFinite { .. }) => Some(e),
+        other => other.err(),
+    };
+    let mut out = finish(false)?;
+    combine_over(&mut out, dg)?;
+    group_finite(out, mine)
+}
+
+/// The combined output of a data group, or this rank's own error, or
+/// [`Error::NonFiniteInGroup`] when the group's loss is not finite.
+fn group_finite(out: crate::LossOutput, mine: Option<Error>) -> Result<crate::LossOutput> {
+    match mine {
+        Some(e) => Err(e),
+        None if !out.loss.is_finite() => Err(Error::NonFiniteInGroup { value: out.loss }),
+        None => Ok(out),
+    }
 }
 
 /// Sets `out`'s loss and z-loss to their sums over the data group (the same bits on every rank);

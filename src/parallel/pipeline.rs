@@ -14,8 +14,9 @@
 //! same bits.
 
 use super::call::Exchange;
+use super::steps::SLICE_WORDS;
 use super::ShardedLoss;
-use crate::cpu::split::{encode, ChunkExps, Dest, GradPart, Rows, StatsPart};
+use crate::cpu::split::{ChunkExps, Dest, GradPart, Rows, StatsPart};
 use crate::cpu::RowStats;
 use crate::dtype::Logit;
 use crate::error::{Error, Result};
@@ -138,10 +139,8 @@ pub(super) fn run<L: Logit, G: Logit, M: ChunkMem<L, G>>(
             if let Some((m, b, st)) = done.stats {
                 mems[q] = Some(m);
                 bufs[q % RING] = Some(b);
-                let w = words * st.len();
-                for (row, out) in st.iter().zip(ex.buffer(w).chunks_exact_mut(words)) {
-                    encode(row, out);
-                }
+                let w = words * st.len() + SLICE_WORDS;
+                merge.encode(&st, ex.buffer(w));
                 let (gathered, stride) = ex.gather(w)?;
                 merged[q] = Some(merge.merge(&chunks[q], gathered, Some(stride))?);
             }

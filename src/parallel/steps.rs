@@ -99,13 +99,15 @@ impl ShardedLoss {
 
     /// Rows whose exponentials are kept at once between [`partials`](Self::partials) and
     /// [`finish_rows_grad`](Self::finish_rows_grad), `slice.len() × 4` bytes each (twice that with
-    /// soft-capping and label smoothing together). Default: two chunks of
-    /// [`default_chunk_rows`](super::default_chunk_rows). Rows beyond it are recomputed from the
-    /// logits in the gradient step (one more read); 0 keeps nothing (for loss-only calls).
+    /// soft-capping and label smoothing together). Default: twice the chunk
+    /// [`Sharded`](super::Sharded) takes for a slice of this length (about 2 MiB of kept
+    /// exponentials per chunk, at least 4 rows); a driver whose chunks are larger, e.g. of
+    /// [`default_chunk_rows`](super::default_chunk_rows) for a long slice, sets it to what it
+    /// keeps in flight. Rows beyond it are recomputed from the logits in the gradient step (one
+    /// more read); 0 keeps nothing (for loss-only calls). The row buffers kept by the last call
+    /// of the same slice length serve this one.
     pub fn with_keep_rows(mut self, rows: usize) -> Self {
-        let (opts, shape) = (self.plan.opts, self.plan.shape);
-        let cols = (self.slice.start(), self.slice.len());
-        self.cpu = SplitCpu::new(self.cpu.kernels(), &opts, shape.vocab(), cols, shape.rows(), rows);
+        self.cpu.set_keep_rows(rows);
         self
     }
 
@@ -129,9 +131,11 @@ impl ShardedLoss {
         self.words
     }
 
-    /// The length of [`partials`](Self::partials)' output for `rows` rows.
+    /// The length of [`partials`](Self::partials)' output for `rows` rows:
+    /// [`words_per_row`](Self::words_per_row) per row, then this rank's slice (3 words: start,
+    /// length, vocabulary), by which the merge checks what it was given.
     pub fn partials_len(&self, rows: usize) -> usize {
-        rows * self.words
+        rows * self.words + SLICE_WORDS
     }
 
     /// This rank's data-parallel totals, `[B, Σ w_b]`, to all-gather over the data group (they
@@ -148,6 +152,17 @@ impl ShardedLoss {
         check_pairs("gathered batch totals", gathered)?;
         if self.grad_written {
             return Err(Error::StepOrder("set_batch_totals after a gradient was written"));
+        }
+        // every rank's pair, this rank's among them (zeros, or another call's numbers, set a
+        // denominator that zeroed or skewed the loss and gradient silently)
+        let mine = self.batch_totals();
+        let whole = |x: f64| x.is_finite() && x >= 0.0;
+        let ok = gathered.chunks_exact(2).all(|p| whole(p[0]) && p[0].fract() == 0.0 && whole(p[1]))
+            && gathered.chunks_exact(2).any(|p| p == mine);
+        if !ok {
+            return Err(Error::Collective(format!(
+                "the gathered batch totals {gathered:?} are not every rank's [B, Σ w_b] (this rank's: {mine:?})"
+            )));
         }
         self.plan.set_denominator(super::denominator(self.spec.reduction, gathered), self.spec.grad_scale);
         Ok(())
@@ -178,9 +193,7 @@ impl ShardedLoss {
     }
 
     fn encode_all(&self, st: &[RowStats], out: &mut [f64]) {
-        for (s, o) in st.iter().zip(out.chunks_exact_mut(self.words)) {
-            encode(s, o);
-        }
+        encode_sealed(st, self.words, self.slice, out);
     }
 
     /// A pipelined driver's step: [`finish_rows_grad`](Self::finish_rows_grad) of rows `done`
@@ -284,9 +297,9 @@ impl ShardedLoss {
     }
 
     fn parts(&mut self) -> (&Plan, &SplitCpu, Merge<'_>) {
-        let ShardedLoss { plan, cpu, losses, finished, missing, words, .. } = self;
+        let ShardedLoss { plan, cpu, losses, finished, missing, words, slice, .. } = self;
         let (plan, cpu) = (&*plan, &*cpu);
-        (plan, cpu, Merge { plan, cpu, words: *words, losses, finished, missing })
+        (plan, cpu, Merge { plan, cpu, words: *words, slice: *slice, losses, finished, missing })
     }
 
     /// For a driver with passes in flight while it exchanges and merges: the plan and the CPU
@@ -315,11 +328,17 @@ impl ShardedLoss {
     }
 
     fn output(self, token_loss: Option<&mut [f32]>) -> Result<LossOutput> {
+        self.output_checked(self.spec.check_finite, token_loss)
+    }
+
+    /// The output, with the spec's `check_finite` (`check`) or without it (the one calls check
+    /// after combining the data group's loss, so that every rank of the group fails together).
+    pub(crate) fn output_checked(&self, check: bool, token_loss: Option<&mut [f32]>) -> Result<LossOutput> {
         if self.missing > 0 {
             return Err(Error::StepOrder("finish before every row's statistics were merged"));
         }
         crate::check_token_loss(self.plan.shape, token_loss.as_deref())?;
-        self.plan.finish(&self.losses, self.spec.check_finite, Backend::Cpu, token_loss)
+        self.plan.finish(&self.losses, check, Backend::Cpu, token_loss)
     }
 
     /// A data-parallel rank's share of the loss, `[loss, z_loss]`, to all-gather over the data
@@ -344,13 +363,21 @@ pub(crate) struct Merge<'a> {
     plan: &'a Plan,
     cpu: &'a SplitCpu,
     words: usize,
+    slice: VocabSlice,
     losses: &'a mut RowLosses,
     finished: &'a mut [bool],
     missing: &'a mut usize,
 }
 
 impl Merge<'_> {
-    /// See [`ShardedLoss::merge`].
+    /// The exchange words of `st`, this rank's statistics of `st.len()` rows, into `out`
+    /// ([`ShardedLoss::partials_len`] words).
+    pub(crate) fn encode(&self, st: &[RowStats], out: &mut [f64]) {
+        encode_sealed(st, self.words, self.slice, out);
+    }
+
+    /// See [`ShardedLoss::merge`]. Without a `stride` (the steps' own callers) every rank's
+    /// slice words are checked here; with one, the caller's exchange has checked them.
     pub(crate) fn merge(
         &mut self,
         rows: &Range<usize>,
@@ -359,10 +386,15 @@ impl Merge<'_> {
     ) -> Result<Vec<RowStats>> {
         check_range(rows, self.finished.len())?;
         let (w, n) = (self.words, rows.len());
-        let stride = stride.unwrap_or(n * w);
-        if stride < n * w || gathered.is_empty() || !gathered.len().is_multiple_of(stride.max(1)) {
-            let expected = stride.max(n * w) * (gathered.len() / stride.max(1)).max(1);
+        let sealed = n * w + SLICE_WORDS;
+        let checked = stride.is_some();
+        let stride = stride.unwrap_or(sealed);
+        if stride < sealed || gathered.is_empty() || !gathered.len().is_multiple_of(stride) {
+            let expected = stride.max(sealed) * (gathered.len() / stride.max(1)).max(1);
             return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.len() });
+        }
+        if !checked {
+            check_sealed(gathered, stride, self.slice.vocab())?;
         }
         let m = &self.cpu.m;
         let merged = merge_rows(gathered, stride, w, n);
@@ -375,6 +407,44 @@ impl Merge<'_> {
         }
         Ok(merged)
     }
+}
+
+/// Words after a rank's row statistics in an exchange: its slice `(start, len, vocab)`.
+pub(crate) const SLICE_WORDS: usize = 3;
+
+/// Writes the statistics of `st` (`words` per row), then `slice`'s words, into `out`
+/// (`st.len() * words + SLICE_WORDS` long).
+pub(crate) fn encode_sealed(st: &[RowStats], words: usize, slice: VocabSlice, out: &mut [f64]) {
+    let (rows, tail) = out.split_at_mut(st.len() * words);
+    for (s, o) in st.iter().zip(rows.chunks_exact_mut(words)) {
+        encode(s, o);
+    }
+    tail.copy_from_slice(&[slice.start() as f64, slice.len() as f64, slice.vocab() as f64]);
+}
+
+/// Checks the slice words that end each rank's `stride` words of an all-gather: whole
+/// numbers, every rank naming `vocab`, the slices tiling `[0, vocab)`. A rank's words that are
+/// not a slice say that the gather was not of whole [`ShardedLoss::partials`] outputs (its
+/// length per rank differs, or only this rank's own were passed).
+pub(crate) fn check_sealed(gathered: &[f64], stride: usize, vocab: usize) -> Result<()> {
+    let mut slices = Vec::new();
+    let mut vocabs = Vec::new();
+    for (r, words) in gathered.chunks_exact(stride).enumerate() {
+        let tail = &words[stride - SLICE_WORDS..];
+        let whole = |x: f64| x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(53);
+        if !tail.iter().all(|&x| whole(x)) {
+            return Err(Error::Collective(format!(
+                "rank {r}'s exchange words end in {tail:?}, not a vocabulary slice: the gathered partials are \
+                 not every rank's whole partials output, in rank order"
+            )));
+        }
+        slices.push((tail[0] as usize, tail[1] as usize));
+        vocabs.push(tail[2] as usize);
+    }
+    if vocabs.iter().any(|&v| v != vocab) {
+        return Err(Error::VocabMismatch { vocabs });
+    }
+    super::check_tiling(&slices, vocab)
 }
 
 /// Checks a row range of a call of `total` rows.

@@ -312,7 +312,8 @@ impl LossSpecBuilder {
     }
     /// Logit soft-capping (Gemma 2): the loss sees `c · tanh(z / c)` instead of `z`, and the
     /// gradient gets the chain factor `1 − tanh²(z / c)`. Applied before the other options.
-    /// `None` (default) is off; `c` must be finite and `> 0`.
+    /// `None` (default) is off; `c` must be a normal, finite f32 (1.2e-38 to 3.4e38: the kernels
+    /// divide by it in f32).
     ///
     /// ```
     /// use fused_weighted_loss::LossSpec;
@@ -327,7 +328,10 @@ impl LossSpecBuilder {
     }
     /// Makes a non-finite per-position loss an error ([`Error::NonFinite`]) instead of
     /// propagating it as PyTorch does (default off). `-inf` logits on non-target entries, the
-    /// usual way to mask a vocabulary, stay accepted.
+    /// usual way to mask a vocabulary, stay accepted, except with label smoothing without
+    /// soft-capping: its term `ε · (lse − mean z)` is then `+inf` (as in PyTorch), an error here.
+    /// On a data-parallel group every rank fails together ([`Error::NonFiniteInGroup`] on the
+    /// ranks whose own positions are finite).
     pub fn check_finite(mut self, on: bool) -> Self {
         self.spec.check_finite = on;
         self

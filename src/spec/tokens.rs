@@ -27,8 +27,10 @@ impl<'a, I: TokenId> Tokens<'a, I> {
     }
     /// Per-token weights `[B, T]`, aligned with the labels: `token_weights[b, t + 1]` multiplies the
     /// loss of row `(b, t)` (the one that predicts `labels[b, t + 1]`) before the row mean, and its
-    /// gradient; `token_weights[b, 0]` is not used. Combined with the keyword sample weights.
-    /// Values must be finite.
+    /// gradient; `token_weights[b, 0]` is not used (but, like every value, must be finite).
+    /// Combined with the keyword sample weights. A weight of 0 removes a position's loss and
+    /// gradient; with [`RowMean::ValidTokens`](crate::RowMean::ValidTokens) the position still
+    /// counts in its sample's divisor (an ignored label does not).
     ///
     /// ```
     /// use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
@@ -36,7 +38,8 @@ impl<'a, I: TokenId> Tokens<'a, I> {
     /// let logits = [0.5f32, -1.0, 2.0, 0.0, 1.0, 1.5, -0.5, 0.25, 0.0, 0.0, 0.0, 0.0];
     /// let ids = [1i64, 2, 3];
     /// let spec = LossSpec::default();
-    /// // weight 0 on the prediction of ids[2]: the same as ignoring that label
+    /// // weight 0 on the prediction of ids[2]: the same as ignoring that label (with the
+    /// // default row mean over all positions)
     /// let weights = [1.0f32, 1.0, 0.0];
     /// let w = spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_token_weights(&weights), Grad::Skip)?;
     /// let labels = [1i64, 2, -100];

@@ -90,20 +90,31 @@ impl PendingOutput {
         };
         let (tmp, file) = create_temp(&dir, &name).map_err(|e| say(&e))?;
         if let Ok(m) = fs::metadata(&dest) {
-            // the replacement keeps the permissions of the file it replaces
-            let _ = file.set_permissions(m.permissions());
+            keep_owner_and_mode(&file, &m);
         }
         Ok(PendingOutput { label, dest, tmp, file: Some(file) })
     }
 
-    /// Whether two outputs would replace the same file (the destinations' directories compared
-    /// by identity, then their names).
+    /// Whether two outputs would replace the same file: the destinations are one existing file
+    /// (by identity), or their directories are one and their names are equal (on macOS and
+    /// Windows, whose file systems usually ignore case, equal but for ASCII case).
     pub fn same_destination(&self, other: &PendingOutput) -> bool {
         let dir = |p: &Path| match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        self.dest.file_name() == other.dest.file_name() && file_id(&dir(&self.dest)) == file_id(&dir(&other.dest))
+        if let (Some(a), Some(b)) = (file_id(&self.dest), file_id(&other.dest)) {
+            if a == b {
+                return true;
+            }
+        }
+        let names = match (self.dest.file_name(), other.dest.file_name()) {
+            (Some(a), Some(b)) if cfg!(any(target_os = "macos", windows)) => {
+                a.to_string_lossy().eq_ignore_ascii_case(&b.to_string_lossy())
+            }
+            (a, b) => a == b,
+        };
+        names && file_id(&dir(&self.dest)) == file_id(&dir(&other.dest))
     }
 
     /// A message naming this output.
@@ -167,6 +178,26 @@ pub fn commit_all(mut outputs: Vec<PendingOutput>) -> Result<(), String> {
     Ok(())
 }
 
+/// Gives the replacement the owner, group and permissions of the file it replaces, as far as
+/// this user may: the owner only where the user may change it (root), the group where the user
+/// belongs to it, the permission bits always (after the owner, which would clear set-id bits).
+/// Access control lists and extended attributes are not copied.
+fn keep_owner_and_mode(file: &File, old: &fs::Metadata) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(new) = file.metadata() {
+            if new.uid() != old.uid() || new.gid() != old.gid() {
+                // both, else the group alone (a user may give a file to any group they are in)
+                if std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid())).is_err() {
+                    let _ = std::os::unix::fs::fchown(file, None, Some(old.gid()));
+                }
+            }
+        }
+    }
+    let _ = file.set_permissions(old.permissions());
+}
+
 /// A new file `.<name>.<pid>.<n>.tmp` in `dir`, never one that exists.
 fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
     let mut last = None;
@@ -218,6 +249,32 @@ mod tests {
         assert_eq!(fs::read_to_string(&b).unwrap(), "new b");
         // no temporary file left beside them
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_replacement_keeps_the_owner_group_and_mode() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = scratch("owner");
+        let a = dir.join("a");
+        fs::write(&a, "old a").unwrap();
+        fs::set_permissions(&a, fs::Permissions::from_mode(0o640)).unwrap();
+        // another owner and group, where this user may give them (root); else only the mode
+        let other = std::os::unix::fs::chown(&a, Some(4321), Some(4322)).is_ok();
+        if !other {
+            eprintln!("not root: the owner half of this test skipped, the mode checked");
+        }
+        let before = fs::metadata(&a).unwrap();
+        commit_all(vec![pending("--a", &a, "new a")]).unwrap();
+        let after = fs::metadata(&a).unwrap();
+        assert_eq!(fs::read_to_string(&a).unwrap(), "new a");
+        assert_ne!(before.ino(), after.ino(), "replaced by rename, not rewritten");
+        assert_eq!(after.permissions().mode() & 0o7777, 0o640);
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        if other {
+            assert_eq!((after.uid(), after.gid()), (4321, 4322));
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 

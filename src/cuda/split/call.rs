@@ -312,6 +312,7 @@ impl<'c> DeviceSharded<'c> {
             status: stream.clone_htod(&[crate::cuda::FwlStatus::default()]).map_err(drv("copying to the device"))?,
             shape,
             check_finite: spec.check_finite,
+            over_group: false,
         };
         let shares = gather_pairs(dg, stream, &zeros.as_view())?;
         CudaSharded::combine_loss(loss, &mut out, stream, &shares.as_view())?;

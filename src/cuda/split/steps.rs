@@ -404,6 +404,7 @@ impl CudaSharded {
         gathered: &CudaView<'_, f64>,
     ) -> Result<()> {
         let ranks = pairs("gathered loss totals", gathered.len())?;
+        out.over_group = true;
         let (g, _g1) = gathered.device_ptr(stream);
         let (l, _g2) = out.loss.device_ptr_mut(stream);
         let (z, _g3) = out.z_loss.device_ptr_mut(stream);
