@@ -18,6 +18,7 @@
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use clap::builder::TypedValueParser as _;
 use clap::Parser;
 use fused_weighted_loss::candle::{weighted_linear_loss, weighted_loss};
 use fused_weighted_loss::synthetic::Rng;
@@ -43,8 +44,8 @@ struct Args {
     /// BPE vocabulary size.
     #[arg(long, default_value_t = 4096)]
     vocab: usize,
-    /// Training steps per run.
-    #[arg(long, default_value_t = 300)]
+    /// Training steps per run (at least 1).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
     steps: usize,
     /// Sequences per batch.
     #[arg(long, default_value_t = 16)]

@@ -854,6 +854,31 @@ fn a_non_finite_loss_fails_every_rank_of_the_data_group() {
     }
 }
 
+/// Sample weights whose sum overflows only over the data group: with the weighted mean every
+/// rank fails alike (its share was 0, a silent zero loss); the plain mean, which does not use
+/// the sum, is not refused for it.
+#[test]
+fn a_data_group_whose_weight_sum_overflows_fails_every_rank() {
+    let case = (5..).map(|seed| random_case::<f32>(seed, 20)).find(|c| c.shape.batch() >= 2).unwrap();
+    let v = case.shape.vocab();
+    for (reduction, fails) in [(Reduction::WeightedMean, true), (Reduction::Mean, false)] {
+        // every sample's weight 1e308 (no keywords): each rank's sum finite, the group's not
+        let spec = case.spec.to_builder().keywords([] as [i64; 0]).alpha(1e308).reduction(reduction).build().unwrap();
+        let outs = run_ranks(2, |r, g| {
+            let sub = case.samples(r, r + 1);
+            Sharded::data_parallel(v, g).loss_and_grad(&spec, sub.shape, &sub.logits, sub.tokens(), Grad::Skip)
+        });
+        for o in &outs {
+            if fails {
+                assert!(matches!(o, Err(Error::InvalidOption { value, .. }) if value.is_infinite()), "{outs:?}");
+            } else {
+                // (its loss, 1e308 times a loss of ~8, is beyond f64 too: not checked)
+                assert!(o.is_ok(), "{outs:?}");
+            }
+        }
+    }
+}
+
 #[test]
 fn a_rank_that_ends_before_an_exchange_fails_the_others_instead_of_hanging() {
     use fused_weighted_loss::parallel::Collective;

@@ -216,8 +216,7 @@ def main():
     except ValueError as err:
         results.append({"case": "overlap", "error": str(err)})
     # rank 0 names another vocabulary than the others: every rank raises, none hangs (a new
-    # group: each rank remembers the (group, slice, vocabulary) it checked, and the others'
-    # slices were checked with WORLD already)
+    # group: on CUDA tensors each rank remembers the groups it checked)
     fresh = dist.new_group(list(range(world)))
     try:
         run(logits[..., s:e], ids, labels, weights, OPTIONS[0], process_group=fresh, vocab_start=s,

@@ -4,10 +4,11 @@
 //!
 //! 1. **statistics pass** — each chunk is read once from memory, and in the same loop
 //!    `e = exp(z - r)` is computed against the row's running reference `r` (the first finite
-//!    chunk's maximum), summed into `sum_exp` and kept in a scratch row of the task. Only when
+//!    chunk's maximum), summed (every entry but the target's, whose term is taken in f64 from
+//!    its logit: [`row::RowStats`]) and kept in a scratch row of the task. Only when
 //!    a chunk's sum is large enough ([`CHECK_SUM`]) to hide an element more than [`MARGIN`]
 //!    above `r` is the chunk's maximum taken, and only when it does exceed `r + MARGIN` does `r`
-//!    move up, `sum_exp` get rescaled and the chunk get recomputed; with real logits that is
+//!    move up, the sum get rescaled and the chunk get recomputed; with real logits that is
 //!    almost never;
 //! 2. **gradient pass** — from the scratch row (in L2): `grad = e * coef / sum_exp * exp(r_c - r)`,
 //!    one multiply per element, stored with streaming stores so the gradient's cache lines are

@@ -24,7 +24,8 @@ pub(crate) struct RowStats {
     /// The reference `r`: within [`MARGIN`](super::MARGIN) of the maximum logit (NaN skipped),
     /// `-inf` while every logit seen is `-inf`.
     pub shift: f32,
-    /// `Σ exp(z - shift)` over every entry but the target (NaN when a logit is NaN or `+inf`).
+    /// `Σ exp(z - shift)` over every entry but the target (NaN when another logit is NaN or
+    /// `+inf`; a NaN or `+inf` target makes [`target_exp`](Self::target_exp) NaN instead).
     /// Chunks are summed in f32 lanes and the chunk sums in f64, so even a 2^29-wide row keeps
     /// f32 accuracy.
     pub others: f64,

@@ -2,8 +2,8 @@
 //! [`super`]), cut at the exchange of the row statistics.
 //!
 //! - [`SplitCpu::stats`] runs the statistics pass over a rank's slice of each row of a range of
-//!   rows (the slice's own reference, sum of exponentials, logit sum; its raw target logit when
-//!   the target lies in the slice) and keeps the exponentials of those rows, as a whole row keeps
+//!   rows (the slice's own reference, sum of exponentials (without the target's, when the target
+//!   lies in the slice), logit sum; its capped target logit when the target lies in the slice) and keeps the exponentials of those rows, as a whole row keeps
 //!   them between its passes;
 //! - the caller exchanges the statistics and merges them ([`merge_row`], in rank order);
 //! - [`SplitCpu::grad`] writes the slice's gradient from the kept exponentials and the merged
@@ -28,8 +28,9 @@ use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Mutex;
 
-/// Words (`f64`) one row's statistics take in the exchange: reference, sum of exponentials,
-/// (capped) target logit (0 outside the slice), the logit sum (label smoothing; 0 without it)
+/// Words (`f64`) one row's statistics take in the exchange: reference, sum of exponentials
+/// (`RowStats::others`: without the target's term in the slice that holds the target), (capped)
+/// target logit (0 outside the slice), the logit sum (label smoothing; 0 without it)
 /// and, with soft-capping, the target's chain factor (0 outside the slice): 3, 4 with label
 /// smoothing, 5 with soft-capping. The owner's chain factor is sent because the others cannot
 /// recover it from the rounded capped value (`1 − (z / c)²` keeps an error of an ulp of 1).

@@ -10,7 +10,7 @@ use crate::cpu::gemm::{matmul, MatMut, MatRef};
 use crate::cpu::simd::Kernels;
 use crate::cpu::{load, run_rows_in_place, store_scaled, RowSel};
 use crate::dtype::Logit;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::plan::{Plan, RowLosses, NO_TARGET};
 use crate::Grad;
 use rayon::prelude::*;
@@ -170,9 +170,17 @@ fn scatter<G: Logit>(k: &Kernels, dhc: &[f32], rows: &[u32], h: usize, dh: &mut 
 /// each row's loss and z-loss part: the rows pass, or the vocabulary-parallel split's steps.
 pub(crate) type RowsPass<'a> = dyn FnMut(&[u32], &mut [f32], &mut [f64], &mut [f64]) -> Result<()> + 'a;
 
-/// The rows plan row `r` has a target in, in order: the chunks' rows.
-pub(crate) fn active_rows(plan: &Plan) -> Vec<u32> {
-    (0..plan.shape.rows()).filter(|&r| plan.targets[r] != NO_TARGET).map(|r| r as u32).collect()
+/// The rows plan row `r` has a target in, in order: the chunks' rows, listed as `u32` (a call of
+/// more than `u32::MAX` token rows is refused, before anything is written).
+pub(crate) fn active_rows(plan: &Plan) -> Result<Vec<u32>> {
+    let rows = plan.shape.rows();
+    if u32::try_from(rows).is_err() {
+        return Err(Error::Unsupported(format!(
+            "the CPU fused linear path takes at most {} token rows (B * T), got {rows}",
+            u32::MAX
+        )));
+    }
+    Ok((0..rows).filter(|&r| plan.targets[r] != NO_TARGET).map(|r| r as u32).collect())
 }
 
 /// Runs every chunk; returns each plan row's loss (0 for rows without a target).
@@ -204,7 +212,7 @@ pub(crate) fn run_with<L: Logit>(
 ) -> Result<(RowLosses, Chunks)> {
     let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
     // rows without a target have no loss and a zero gradient: they are left out of the chunks
-    let active = active_rows(plan);
+    let active = active_rows(plan)?;
     let default_budget = CPU_BUDGET;
     let panel_rows = Panels::<L>::rows_for(h, v);
     let c = chunking.rows_for(default_budget, 4 * v + 8 * h + 4 * panel_rows, active.len())?;

@@ -97,15 +97,13 @@ pub struct LinearShape {
 
 impl LinearShape {
     /// Validates and builds a shape: the token shape as [`Shape::new`] (with `vocab`), `hidden >= 1`,
-    /// `B·T·H`, `V·H` fit in `usize`, and `B·T` in `u32` (the CPU path lists a chunk's rows as
-    /// `u32`).
+    /// and `B·T·H`, `V·H` fit in `usize`.
     ///
     /// ```
     /// use fused_weighted_loss::{Error, LinearShape};
     /// let s = LinearShape::new(8, 1024, 4096, 128_256)?;
     /// assert_eq!((s.rows(), s.hidden_len(), s.weight_len()), (8192, 8192 * 4096, 128_256 * 4096));
     /// assert!(matches!(LinearShape::new(8, 1024, 0, 100), Err(Error::EmptyHidden)));
-    /// assert!(matches!(LinearShape::new(1 << 20, 1 << 12, 1, 100), Err(Error::SizeOverflow))); // 2^32 rows
     /// # Ok::<(), Error>(())
     /// ```
     pub fn new(batch: usize, seq: usize, hidden: usize, vocab: usize) -> Result<Self> {
@@ -114,9 +112,6 @@ impl LinearShape {
             return Err(Error::EmptyHidden);
         }
         tokens.rows().checked_mul(hidden).and(vocab.checked_mul(hidden)).ok_or(Error::SizeOverflow)?;
-        if u32::try_from(tokens.rows()).is_err() {
-            return Err(Error::SizeOverflow);
-        }
         Ok(LinearShape { tokens, hidden })
     }
 

@@ -2,7 +2,7 @@
 //! the caller's [`Collective`]s, chunk by chunk.
 
 use super::pipeline::{self, InPlace, ReadInto};
-use super::steps::check_sealed;
+use super::steps::{check_sealed, encode_sealed, SLICE_WORDS};
 use super::{check_tiling, Collective, ShardedLoss, Solo, VocabSlice};
 use crate::cpu::split::Dest as Fused;
 use crate::cpu::RowStats;
@@ -247,9 +247,13 @@ impl<'a> Sharded<'a> {
         }
 
         // chunk k's exchange, merge, then its gradient beside chunk k + 1's statistics (one
-        // parallel pass); the first exchange also carries each rank's slice, checked to tile
+        // parallel pass); every exchange also carries each rank's slice, checked to tile
         let chunks: Vec<Range<usize>> = (0..rows).step_by(chunk.max(1)).map(|r0| r0..(r0 + chunk).min(rows)).collect();
         let mut ex = Exchange::new(vg, slice);
+        // every rank's slice and V first, in words of the same length on every rank (the chunks'
+        // lengths follow from V, which a rank may name wrongly)
+        encode_sealed(&[], 1, slice, ex.buffer(SLICE_WORDS));
+        ex.gather(SLICE_WORDS)?;
         // (not from a thread of the pool itself: it would wait on passes that may need it)
         if wants_grad && chunks.len() > 1 && steps.cpu_mut().can_keep() && rayon::current_thread_index().is_none() {
             // two passes in flight, the exchanges on this thread between them

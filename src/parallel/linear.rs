@@ -92,7 +92,7 @@ impl Sharded<'_> {
         let k = crate::cpu_kernels(spec.cpu_simd)?;
         global_denominator(&mut plan, spec, dg)?;
         // the same chunks on every rank: from the shared V / ranks, H and tokens only
-        let active = active_rows(&plan).len();
+        let active = active_rows(&plan)?.len();
         let row_bytes = 4 * shape.vocab().div_ceil(vg.size()) + 8 * shape.hidden();
         let c = chunking.rows_for(LINEAR_BUDGET, row_bytes, active)?;
         let mut cpu = SplitCpu::new(k, &plan.opts, shape.vocab(), (slice.start(), slice.len()), shape.rows(), c);

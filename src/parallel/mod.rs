@@ -32,7 +32,7 @@
 //!
 //! | exchange | group | each rank sends | when |
 //! |---|---|---|---|
-//! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing, 5 with soft-capping), plus 24 (the slice and `V`, checked by every rank to tile `[0, V)`) | per chunk of rows |
+//! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing, 5 with soft-capping), plus 24 (the slice and `V`, checked by every rank to tile `[0, V)`) | per chunk of rows, and the 24 alone once first |
 //! | row statistics (CUDA buffers, `f32`) | vocabulary | `4 · W` per row, `W` = 3 (5 with label smoothing) | per chunk of rows |
 //! | batch totals (`B`, `Σ w_b`) | data | 16 | before the logits are read |
 //! | loss shares (loss, z-loss) | data | 16 | at the end |
@@ -283,7 +283,7 @@ fn no_samples<I: crate::dtype::TokenId>(
 /// group of one leaves it.
 fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, dg: &dyn Collective) -> Result<()> {
     if let Some(all) = gather_pairs(dg, [plan.shape.batch() as f64, plan.weights.iter().sum()])? {
-        plan.set_denominator(denominator(spec.reduction, &all), spec.grad_scale);
+        plan.set_denominator(denominator(spec.reduction, &all)?, spec.grad_scale);
     }
     Ok(())
 }
@@ -333,11 +333,23 @@ fn combine_over(out: &mut crate::LossOutput, dg: &dyn Collective) -> Result<()> 
 }
 
 /// The reduction's denominator from a data group's all-gathered `[B, Σ w_b]` pairs, summed in
-/// rank order: the global `B`, the global `Σ w_b`, or 1.
-fn denominator(reduction: crate::Reduction, gathered: &[f64]) -> f64 {
-    match reduction {
+/// rank order: the global `B`, the global `Σ w_b`, or 1. A global `Σ w_b` beyond f64 (each
+/// rank's finite) is an error on every rank alike, as on one device (it made every weight's
+/// share 0).
+fn denominator(reduction: crate::Reduction, gathered: &[f64]) -> Result<f64> {
+    Ok(match reduction {
         crate::Reduction::Mean => sum_in_rank_order(gathered, 2, 0),
-        crate::Reduction::WeightedMean => sum_in_rank_order(gathered, 2, 1),
+        crate::Reduction::WeightedMean => {
+            let w = sum_in_rank_order(gathered, 2, 1);
+            if !w.is_finite() {
+                return Err(Error::InvalidOption {
+                    name: "alpha and the keyword weights",
+                    value: w,
+                    expected: "small enough that the data group's sum of sample weights stays finite",
+                });
+            }
+            w
+        }
         crate::Reduction::Sum => 1.0,
-    }
+    })
 }

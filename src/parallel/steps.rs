@@ -156,15 +156,16 @@ impl ShardedLoss {
         // every rank's pair, this rank's among them (zeros, or another call's numbers, set a
         // denominator that zeroed or skewed the loss and gradient silently)
         let mine = self.batch_totals();
-        let whole = |x: f64| x.is_finite() && x >= 0.0;
-        let ok = gathered.chunks_exact(2).all(|p| whole(p[0]) && p[0].fract() == 0.0 && whole(p[1]))
-            && gathered.chunks_exact(2).any(|p| p == mine);
+        // (Σ w_b may overflow to +inf where the reduction does not use it)
+        let ok =
+            gathered.chunks_exact(2).all(|p| p[0].is_finite() && p[0] >= 0.0 && p[0].fract() == 0.0 && p[1] >= 0.0)
+                && gathered.chunks_exact(2).any(|p| p == mine);
         if !ok {
             return Err(Error::Collective(format!(
                 "the gathered batch totals {gathered:?} are not every rank's [B, Σ w_b] (this rank's: {mine:?})"
             )));
         }
-        self.plan.set_denominator(super::denominator(self.spec.reduction, gathered), self.spec.grad_scale);
+        self.plan.set_denominator(super::denominator(self.spec.reduction, gathered)?, self.spec.grad_scale);
         Ok(())
     }
 
@@ -316,7 +317,11 @@ impl ShardedLoss {
     }
 
     /// The per-sample and batch loss once every row is finished: on a data group of one, the
-    /// loss; otherwise this rank's share of it (see [`loss_totals`](Self::loss_totals)).
+    /// loss; otherwise this rank's share of it (see [`loss_totals`](Self::loss_totals)). With
+    /// `check_finite`, this rank's positions are checked here, before any exchange of the loss: a
+    /// driver on a data group whose ranks should fail together builds the steps' spec without
+    /// it and checks the loss [`combine_loss`](Self::combine_loss) gives, as [`Sharded`](super::Sharded)
+    /// does.
     pub fn finish(self) -> Result<LossOutput> {
         self.output(None)
     }

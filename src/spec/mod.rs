@@ -330,8 +330,10 @@ impl LossSpecBuilder {
     /// propagating it as PyTorch does (default off). `-inf` logits on non-target entries, the
     /// usual way to mask a vocabulary, stay accepted, except with label smoothing without
     /// soft-capping: its term `ε · (lse − mean z)` is then `+inf` (as in PyTorch), an error here.
-    /// On a data-parallel group every rank fails together ([`Error::NonFiniteInGroup`] on the
-    /// ranks whose own positions are finite).
+    /// On a data-parallel group the one calls (`parallel::Sharded`, `cuda::split::DeviceSharded`
+    /// and its steps' `combine_loss`) fail every rank together ([`Error::NonFiniteInGroup`] on the
+    /// ranks whose own positions are finite); the host steps `parallel::ShardedLoss` check this
+    /// rank's positions only.
     pub fn check_finite(mut self, on: bool) -> Self {
         self.spec.check_finite = on;
         self
