@@ -86,6 +86,16 @@ impl KeywordTable {
     }
 }
 
+/// Sample weights `alpha · (1 + keyword hits)`, or their sum (over this call's samples or a data
+/// group's) under the weighted mean, beyond f64: `value` the first that is not finite.
+pub(crate) fn weights_overflow(value: f64) -> Error {
+    Error::InvalidOption {
+        name: "alpha and the keyword weights",
+        value,
+        expected: "small enough that every sample weight alpha * (1 + keyword hits) and their sum stay finite",
+    }
+}
+
 impl LossSpec {
     /// Validates the tokens and works out targets, weights and per-sample coefficients.
     pub(crate) fn plan<I: TokenId>(&self, shape: Shape, tokens: &Tokens<'_, I>) -> Result<Plan> {
@@ -110,16 +120,11 @@ impl LossSpec {
         }
         // alpha · (1 + hits) and, for the weighted mean, their sum must stay finite: an infinite
         // Σ w_b made every w_b / Σ w_b 0, a silent zero loss and gradient
-        let overflow = |value: f64| Error::InvalidOption {
-            name: "alpha and the keyword weights",
-            value,
-            expected: "small enough that every sample weight alpha * (1 + keyword hits) and their sum stay finite",
-        };
         if let Some(&w) = weights.iter().find(|w| !w.is_finite()) {
-            return Err(overflow(w));
+            return Err(weights_overflow(w));
         }
         if self.reduction == Reduction::WeightedMean && !weights.iter().sum::<f64>().is_finite() {
-            return Err(overflow(weights.iter().sum()));
+            return Err(weights_overflow(weights.iter().sum()));
         }
         let row_div: Vec<f64> = valid
             .iter()

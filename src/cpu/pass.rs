@@ -379,11 +379,14 @@ pub(super) struct Pending<'a, G> {
     pub(super) coef: f32,
     /// [`RowMath::row_scale`] of the row.
     scale: f64,
+    /// Whether the row's sum is finite (it then bounds every kept exponential).
+    finite_sum: bool,
 }
 
 impl<'a, G: Logit> Pending<'a, G> {
     pub(super) fn new(m: &RowMath, out: &'a mut [G], st: RowStats, target: usize, coef: f32) -> Self {
-        Pending { out, st, target, coef, scale: m.row_scale(&st, coef) }
+        let (scale, finite_sum) = (m.row_scale(&st, coef), st.sum_exp().is_finite());
+        Pending { out, st, target, coef, scale, finite_sum }
     }
 
     /// Turns kept `exp · s` values of chunk `c` (with shift `shift`) into the gradient and
@@ -404,7 +407,7 @@ impl<'a, G: Logit> Pending<'a, G> {
         let off = m.smoothing_offset(self.coef);
         let stream = self.streams(lo..hi, stream);
         // a finite row sum bounds every kept exponential: with finite factors, every product is
-        let finite = self.st.sum_exp().is_finite() && f.is_finite() && off.is_finite();
+        let finite = self.finite_sum && f.is_finite() && off.is_finite();
         if off != 0.0 && !chain.is_empty() {
             // with soft-capping the offset is scaled by each element's chain factor first
             k.affine(q, f, off, chain);
@@ -446,7 +449,7 @@ impl<'a, G: Logit> Pending<'a, G> {
             _ => SideDst::F16(G::as_bits_mut(out)?),
         };
         // as in `store`: a finite row sum bounds every kept exponential
-        let finite = self.st.sum_exp().is_finite() && f.is_finite();
+        let finite = self.finite_sum && f.is_finite();
         Some(Side { src: &e.exps[lo..hi], f, dst, stream, finite })
     }
 

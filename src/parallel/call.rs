@@ -252,8 +252,7 @@ impl<'a> Sharded<'a> {
         let mut ex = Exchange::new(vg, slice);
         // every rank's slice and V first, in words of the same length on every rank (the chunks'
         // lengths follow from V, which a rank may name wrongly)
-        encode_sealed(&[], 1, slice, ex.buffer(SLICE_WORDS));
-        ex.gather(SLICE_WORDS)?;
+        ex.check_slices(slice)?;
         // (not from a thread of the pool itself: it would wait on passes that may need it)
         if wants_grad && chunks.len() > 1 && steps.cpu_mut().can_keep() && rayon::current_thread_index().is_none() {
             // two passes in flight, the exchanges on this thread between them
@@ -381,6 +380,13 @@ impl<'a> Exchange<'a> {
     pub(super) fn buffer(&mut self, n: usize) -> &mut [f64] {
         self.send.resize(n, 0.0);
         &mut self.send[..]
+    }
+
+    /// Exchanges and checks every rank's slice alone (`SLICE_WORDS` words, the same length on
+    /// every rank whatever its shape): before lengths that follow from `V`, or before any write.
+    pub(super) fn check_slices(&mut self, slice: VocabSlice) -> Result<()> {
+        encode_sealed(&[], 1, slice, self.buffer(SLICE_WORDS));
+        self.gather(SLICE_WORDS).map(|_| ())
     }
 
     /// Every rank's `n` words (the send buffer itself in a group of one), and the stride

@@ -99,8 +99,7 @@ impl Sharded<'_> {
         let w = words(&plan.opts);
         let mut ex = Exchange::new(vg, slice);
         // every rank's slice, checked before the sweep writes (or zeroes) a gradient buffer
-        encode_sealed(&[], w, slice, ex.buffer(SLICE_WORDS));
-        ex.gather(SLICE_WORDS)?;
+        ex.check_slices(slice)?;
         let plan_ref = &plan;
         let mut pass = |rows: &[u32], z: &mut [f32], loss: &mut [f64], zl: &mut [f64]| -> Result<()> {
             let m = rows.len();

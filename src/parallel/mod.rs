@@ -261,8 +261,7 @@ fn no_samples<I: crate::dtype::TokenId>(
     }
     if call.vocab_group.size() > 1 {
         let mut ex = call::Exchange::new(call.vocab_group, call.slice);
-        steps::encode_sealed(&[], 1, call.slice, ex.buffer(steps::SLICE_WORDS));
-        ex.gather(steps::SLICE_WORDS)?;
+        ex.check_slices(call.slice)?;
     }
     let mut out = crate::LossOutput {
         loss: 0.0,
@@ -304,10 +303,7 @@ fn finish_over(
         combine_over(&mut out, dg)?;
         return Ok(out);
     }
-    let mine = match finish(true) {
-        Err(e @ Error::NonFinite { .. }) => Some(e),
-        other => other.err(),
-    };
+    let mine = finish(true).err();
     let mut out = finish(false)?;
     combine_over(&mut out, dg)?;
     group_finite(out, mine)
@@ -342,11 +338,7 @@ fn denominator(reduction: crate::Reduction, gathered: &[f64]) -> Result<f64> {
         crate::Reduction::WeightedMean => {
             let w = sum_in_rank_order(gathered, 2, 1);
             if !w.is_finite() {
-                return Err(Error::InvalidOption {
-                    name: "alpha and the keyword weights",
-                    value: w,
-                    expected: "small enough that the data group's sum of sample weights stays finite",
-                });
+                return Err(crate::plan::weights_overflow(w));
             }
             w
         }
