@@ -17,42 +17,39 @@ template <int CAP = CAP_RUNTIME> __device__ __forceinline__ float capped(float z
 }
 
 // What a row's gradient entries follow from, once its statistics are known:
-//   non-target: (e * scale - koff) * s,  target: coef * (e * inv_s * a - toff) * s
+//   non-target: (e * scale - koff) * s,  target: tgrad * s
 // with e = exp(z - mx), scale = coef * a * inv_s, a = 1 + 2 z_loss lse, koff = coef * eps / V,
-// toff = (1 - eps) + eps / V and s = 1 - tanh^2(z / c) (1 without soft-capping). With every
-// option off (a = 1, koff = 0, toff = 1, s = 1) this is coef * (softmax - onehot).
+// tgrad as row_factors gives it and s = 1 - tanh^2(z / c) (1 without soft-capping). With every
+// option off (a = 1, koff = 0, s = 1) this is coef * (softmax - onehot), the target's entry
+// -coef * (sum of the others) / (sum of all).
 struct RowGrad {
-    float mx, scale, coef, inv_s, a, koff, toff, cap, inv_cap;
+    float mx, scale, coef, inv_s, a, koff, tgrad, cap, inv_cap;
 };
 
-// The row's loss in double (z_max - z[target] can exceed the float range), written by the
-// calling thread when `write`, and its RowGrad, from the row's merged statistics, its (capped)
-// target logit and its weight `coef`: the one definition the rows kernel and the split's
+// The row's loss in double (row_loss), written by the calling thread when `write`, and its
+// RowGrad (row_factors), from the row's merged statistics (`st.s` without the target's term), its
+// raw target logit and its weight `coef`: the one definition the rows kernel and the split's
 // finish kernel share. `P` is either kernel's parameters (row_loss, row_z, z_loss, smoothing).
 template <class P>
 __device__ __forceinline__ RowGrad row_finish(const P &p, const MS &st, float target, float coef, float cap,
                                               float inv_cap, int64_t V, int64_t grow, bool write) {
-    const double eps = p.smoothing, lse = static_cast<double>(st.m) + log(static_cast<double>(st.s));
+    // the target capped as every element of the row was (`capped`, f32 tanhf): with the double
+    // tanh, a row its target dominates could come out with a loss below 0
+    const float tl = capped(target, cap, inv_cap);
     if (write) {
-        // the target capped as every element of the row was (`capped`, f32 tanhf): with the
-        // double tanh, a row its target dominates could come out with a loss below 0
-        const double tl = static_cast<double>(capped(target, cap, inv_cap));
-        double l = (static_cast<double>(st.m) - tl) + log(static_cast<double>(st.s));
-        // lse - mean z = log s - (sum of (z - max)) / V: no large terms to cancel
-        if (eps != 0.0)
-            l = (1.0 - eps) * l + eps * (log(static_cast<double>(st.s)) - static_cast<double>(st.z) / static_cast<double>(V));
-        const double zl = p.z_loss * lse * lse;
-        p.row_loss[grow] = p.z_loss != 0.0 ? l + zl : l;
-        if (p.row_z) p.row_z[grow] = zl;
+        const RowLoss l = row_loss(st, tl, p.smoothing, p.z_loss, V);
+        p.row_loss[grow] = l.loss;
+        if (p.row_z) p.row_z[grow] = l.zl;
     }
+    const RowFactors f = row_factors(st, tl, static_cast<float>(p.smoothing), static_cast<float>(p.z_loss), coef, V);
     RowGrad rg;
     rg.mx = st.m;
     rg.coef = coef;
-    rg.inv_s = 1.f / st.s;
-    rg.a = p.z_loss != 0.0 ? static_cast<float>(1.0 + 2.0 * p.z_loss * lse) : 1.f;
+    rg.inv_s = f.inv_s;
+    rg.a = f.a;
     rg.scale = coef * rg.a * rg.inv_s;
-    rg.koff = static_cast<float>(static_cast<double>(coef) * eps / static_cast<double>(V));
-    rg.toff = eps != 0.0 ? static_cast<float>((1.0 - eps) + eps / static_cast<double>(V)) : 1.f;
+    rg.koff = static_cast<float>(static_cast<double>(coef) * p.smoothing / static_cast<double>(V));
+    rg.tgrad = f.tgrad;
     rg.cap = cap;
     rg.inv_cap = inv_cap;
     return rg;
@@ -76,8 +73,7 @@ template <int CAP = CAP_RUNTIME> __device__ __forceinline__ float elem_grad(floa
         z = __fmul_rn(r.cap, t);  // as `capped`
         s = fmaf(-t, t, 1.f);
     }
-    const float e = __expf(z - r.mx);
-    return is_target ? r.coef * (e * r.inv_s * r.a - r.toff) * s : (e * r.scale - r.koff) * s;
+    return is_target ? r.tgrad * s : (__expf(z - r.mx) * r.scale - r.koff) * s;
 }
 
 // The gradient of `n` consecutive elements starting at element `j` of a row.
@@ -184,15 +180,19 @@ __device__ void rows_body(const FwlRowParams &p) {
         // flight per thread; each thread still folds its vectors in the order k, k + blockDim.x,
         // ..., so the statistics do not depend on U
         const float cap = p.softcap, inv_cap = cap > 0.f ? 1.f / cap : 0.f;
+        // the target's vector (-1: in the head or the tail); its value stays out of the sum of
+        // exponentials (ms_push's skip), pushed by the one thread that reads it
+        const int64_t yo = y - head;
+        const int64_t ky = yo >= 0 && yo < nvec * N ? yo / N : -1;
         MS acc{-INFINITY, 0.f, 0.f, 0.f};
         if (threadIdx.x < head) {
             const float v = capped<CAP>(to_f32(x[threadIdx.x]), cap, inv_cap);
-            ms_push<FTZ_STATS>(acc, &v, 1);
+            ms_push<FTZ_STATS>(acc, &v, 1, static_cast<int64_t>(threadIdx.x) == y ? 0 : -1);
         }
         if constexpr (LEAN) {
             // 32-bit vector indices, as in lean_grad_sweep
             const L *xh = x + head;
-            const int kn = static_cast<int>(nvec), kc = static_cast<int>(cached);
+            const int kn = static_cast<int>(nvec), kc = static_cast<int>(cached), kt = static_cast<int>(ky);
             const int stride = U * static_cast<int>(blockDim.x);
             for (int k0 = static_cast<int>(threadIdx.x); k0 < kn; k0 += stride) {
                 Vec16<L> r[U];
@@ -208,7 +208,10 @@ __device__ void rows_body(const FwlRowParams &p) {
                         if (k < kc) cache[k] = r[u];
                         float v[N];
                         for (int i = 0; i < N; ++i) v[i] = capped<CAP>(to_f32(r[u].v[i]), cap, inv_cap);
-                        ms_push<FTZ_STATS>(acc, v, N);
+                        if (k != kt)
+                            ms_push<FTZ_STATS>(acc, v, N);
+                        else
+                            ms_push<FTZ_STATS>(acc, v, N, static_cast<int>(yo) - k * N);
                     }
                 }
             }
@@ -227,24 +230,29 @@ __device__ void rows_body(const FwlRowParams &p) {
                         if (k < cached) cache[k] = r[u];
                         float v[N];
                         for (int i = 0; i < N; ++i) v[i] = capped<CAP>(to_f32(r[u].v[i]), cap, inv_cap);
-                        ms_push<false>(acc, v, N);
+                        if (k != ky)
+                            ms_push<false>(acc, v, N);
+                        else
+                            ms_push<false>(acc, v, N, static_cast<int>(yo - ky * N));
                     }
                 }
             }
         }
         if (tail0 + threadIdx.x < V) {
             const float v = capped<CAP>(to_f32(x[tail0 + threadIdx.x]), cap, inv_cap);
-            ms_push<FTZ_STATS>(acc, &v, 1);
+            ms_push<FTZ_STATS>(acc, &v, 1, tail0 + threadIdx.x == y ? 0 : -1);
         }
         const MS st = block_merge(acc, red);  // its barriers also publish the cache and target_logit
         // the row's loss in double: z_max - z[target] can exceed the float range; the options'
         // terms as RowGrad describes
         const float coef = p.coef[grow / p.seq] * (p.token_weights ? p.token_weights[grow + 1] : 1.f);
-        // only the writing thread reads target_logit here: without a gradient, the next row may
-        // begin (and thread 0 overwrite it) before every thread is past this line (the lean
-        // gradient pass reads it too, before this row's last barrier)
+        // without a gradient only the writing thread (thread 0, which also writes target_logit)
+        // reads it: the next row may begin before every thread is past this line, and the others
+        // need no RowGrad. With a gradient every thread reads it (the target's term is in
+        // RowGrad's factors) before this row's last barrier.
         const bool writer = threadIdx.x == 0;
-        const RowGrad rg = row_finish(p, st, writer ? target_logit : 0.f, coef, cap, inv_cap, V, grow, writer);
+        const RowGrad rg =
+            row_finish(p, st, writer || g ? target_logit : 0.f, coef, cap, inv_cap, V, grow, writer);
         if (!g) continue;
 
         // pass 2: gradient, each thread writing exactly what it read
@@ -257,27 +265,15 @@ __device__ void rows_body(const FwlRowParams &p) {
             if (p.vector_stores) {
                 // target_logit: read in pass 1, published by block_merge's barriers, written again
                 // only after this row's last barrier
-                const int64_t yo = y - head;
-                const int ky = yo >= 0 && yo < nvec * N ? static_cast<int>(yo / N) : -1;
-                // elem_grad's target entry, written so that it rounds as the compiler contracts that
-                // one: e · inv_s rounded first, then (plain loss) the subtraction of 1, or (with the
-                // options) one fused multiply-add of the z-loss factor and the offset
-                float tval;
-                if constexpr (!OPTS) {
-                    tval = rg.coef * (__fmul_rn(fwl_exp_ftz(target_logit - rg.mx), rg.inv_s) - 1.f);
-                } else {
-                    float zt = target_logit, s_t = 1.f;  // the target's capped logit and chain factor
-                    if constexpr (CAP == CAP_ON) {
-                        const float t = tanhf(zt * rg.inv_cap);
-                        zt = __fmul_rn(rg.cap, t);
-                        s_t = fmaf(-t, t, 1.f);
-                    }
-                    const float e = fwl_exp_ftz(zt - rg.mx);
-                    tval = rg.coef * fmaf(__fmul_rn(e, rg.inv_s), rg.a, -rg.toff) * s_t;
+                // elem_grad's target entry: tgrad, times the chain factor with soft-capping
+                float tval = rg.tgrad;
+                if constexpr (OPTS && CAP == CAP_ON) {
+                    const float t = tanhf(target_logit * rg.inv_cap);
+                    tval *= fmaf(-t, t, 1.f);
                 }
-                const int kc = static_cast<int>(cached), kn = static_cast<int>(nvec);
-                lean_grad_sweep<L, G, U, true, CAP, OPTS>(g + head, x + head, cache, 0, kc, ky, g + y, tval, rg);
-                lean_grad_sweep<L, G, U, false, CAP, OPTS>(g + head, x + head, cache, kc, kn, ky, g + y, tval, rg);
+                const int kc = static_cast<int>(cached), kn = static_cast<int>(nvec), kt = static_cast<int>(ky);
+                lean_grad_sweep<L, G, U, true, CAP, OPTS>(g + head, x + head, cache, 0, kc, kt, g + y, tval, rg);
+                lean_grad_sweep<L, G, U, false, CAP, OPTS>(g + head, x + head, cache, kc, kn, kt, g + y, tval, rg);
                 swept = true;
             }
         }

@@ -3,9 +3,10 @@
 // rows.cuh). A rank
 // holds columns [v0, v0 + len) of each row; the steps run on chunks of rows:
 //
-//   fwl_split_stats_<L>      per row: this rank's statistics (max, sum of exp(z - max), the raw
-//                            target logit when the target is one of its columns; with label
-//                            smoothing the sum of (z - max) and the slice's length), f32
+//   fwl_split_stats_<L>      per row: this rank's statistics (max, sum of exp(z - max) over its
+//                            columns but the target, the raw target logit when the target is one
+//                            of its columns; with label smoothing the sum of (z - max) and the
+//                            slice's length), f32
 //   (the caller all-gathers them: NCCL, torch.distributed, ...)
 //   fwl_split_grad_<L>_<G>   per row: every rank's statistics merged in rank order (the same bits on
 //                            every rank), the row's loss in double, the gradient of this rank's
@@ -45,24 +46,31 @@ template <typename L> __device__ void split_stats_impl(const FwlSplitStatsParams
             continue;
         }
         const RowSpan<L> s(x, n);
+        // the target's column here (-1: another rank's) stays out of the sum of exponentials
+        // (ms_push's skip): the merged sum is the others', as the rows kernel's
+        const int64_t j = static_cast<int64_t>(y) - p.v0;
+        const int64_t jt = j >= 0 && j < n ? j : -1, yo = jt - s.head;
+        const int64_t ky = jt >= 0 && yo >= 0 && yo < s.nvec * N ? yo / N : -1;
         MS acc{-INFINITY, 0.f, 0.f, 0.f};
         if (threadIdx.x < s.head) {
             const float v = capped(to_f32(x[threadIdx.x]), cap, inv_cap);
-            ms_push(acc, &v, 1);
+            ms_push(acc, &v, 1, static_cast<int64_t>(threadIdx.x) == jt ? 0 : -1);
         }
         for (int64_t k = threadIdx.x; k < s.nvec; k += blockDim.x) {
             const Vec16<L> r = load16(x + s.head + k * N);
             float v[N];
             for (int i = 0; i < N; ++i) v[i] = capped(to_f32(r.v[i]), cap, inv_cap);
-            ms_push(acc, v, N);
+            if (k != ky)
+                ms_push(acc, v, N);
+            else
+                ms_push(acc, v, N, static_cast<int>(yo - ky * N));
         }
         if (s.tail0 + threadIdx.x < n) {
             const float v = capped(to_f32(x[s.tail0 + threadIdx.x]), cap, inv_cap);
-            ms_push(acc, &v, 1);
+            ms_push(acc, &v, 1, s.tail0 + threadIdx.x == jt ? 0 : -1);
         }
         const MS st = block_merge(acc, red);
         if (threadIdx.x == 0) {
-            const int64_t j = static_cast<int64_t>(y) - p.v0;
             out[0] = st.m;
             out[1] = st.s;
             out[2] = j >= 0 && j < n ? to_f32(x[j]) : 0.f;  // raw: capped after the merge

@@ -8,8 +8,8 @@
 
 #include <stdint.h>
 
-/* Floats of one row's statistics in the exchange: max, sum of exp(z - max), raw target logit
- * (0 outside the slice), and with label smoothing the sum of (z - max) of the (capped) logits
+/* Floats of one row's statistics in the exchange: max, sum of exp(z - max) (without the
+ * target's term, in the slice that holds it), raw target logit (0 outside the slice), and with label smoothing the sum of (z - max) of the (capped) logits
  * and the slice's length (to move that sum to the row's maximum when the slices merge). */
 #define FWL_SPLIT_WORDS 3
 #define FWL_SPLIT_WORDS_SMOOTHING 5

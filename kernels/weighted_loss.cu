@@ -109,8 +109,13 @@ __device__ __forceinline__ MS ms_merge(MS a, MS b) {
 
 // Folds n values (n <= 8) into a thread's running statistics: one exponential per value, and
 // one more only when the running maximum grows. LEAN (the plain loss: no label smoothing) keeps
-// the maximum and the sum only, its exponentials from fwl_exp_ftz; z and n stay 0.
-template <bool LEAN = false> __device__ __forceinline__ void ms_push(MS &a, const float *v, int n) {
+// the maximum and the sum only, its exponentials from fwl_exp_ftz; z and n stay 0. Value `skip`
+// (the row's target, when it is one of these; -1: none) counts in the maximum and the logit sum
+// but stays out of the sum of exponentials: a row's `s` is the sum over the others, and the
+// target's term is taken from its logit (row_loss, row_factors), so that a target far above the
+// rest (a term near 1 against others near 1e-8) does not round the others away.
+template <bool LEAN = false>
+__device__ __forceinline__ void ms_push(MS &a, const float *v, int n, int skip = -1) {
     float lm = -INFINITY;
     for (int i = 0; i < n; ++i) lm = fmaxf(lm, v[i]);
     if (lm > a.m) {  // exp(-inf - lm) = 0 keeps an empty or NaN sum as it is
@@ -120,15 +125,52 @@ template <bool LEAN = false> __device__ __forceinline__ void ms_push(MS &a, cons
     }
     const float shift = a.m == -INFINITY ? 0.f : a.m;  // all -inf so far: -inf adds 0, NaN adds NaN
     if constexpr (LEAN) {
-        for (int i = 0; i < n; ++i) a.s += fwl_exp_ftz(v[i] - shift);
+        for (int i = 0; i < n; ++i)
+            if (i != skip) a.s += fwl_exp_ftz(v[i] - shift);
     } else {
         for (int i = 0; i < n; ++i) {
             const float d = v[i] - shift;
-            a.s += __expf(d);
+            if (i != skip) a.s += __expf(d);
             a.z += d;
         }
         a.n += static_cast<float>(n);
     }
+}
+
+// A row's terms from its merged statistics `st` (`st.s`: the sum without the target's term,
+// ms_push's `skip`) and its (capped) target logit `tl`. With e_t = exp(tl - m), S = s + e_t and
+// lse = m + ln S:
+//   row_loss (double, by the one thread that writes it): the cross-entropy ln(1 + s / e_t)
+//   (ln_1p) where e_t >= s, so that a confident row's small loss keeps its relative accuracy,
+//   else (m - tl) + ln S (m - tl may exceed the float range); with label smoothing `eps`
+//   (1 - eps) CE + eps (ln S - z / V); with the z-loss coefficient `zc` zc lse^2 (`zl`), added.
+//   row_factors (f32, by every thread): inv_s = 1 / S, a = 1 + 2 zc lse and the target's
+//   gradient entry before the soft-cap's chain factor, tgrad = coef ((a - 1) e_t / S - s / S +
+//   eps (1 - 1 / V)): coef (a softmax_t - (1 - eps) - eps / V) with softmax_t - 1 taken as -s / S.
+struct RowLoss {
+    double loss, zl;
+};
+
+__device__ __forceinline__ RowLoss row_loss(const MS &st, float tl, double eps, double zc, int64_t V) {
+    const double m = st.m, s = st.s, t = tl;
+    const double et = exp(t - m), ln_s = log(s + et), lse = m + ln_s;
+    double l = et >= s ? log1p(s / et) : (m - t) + ln_s;
+    // lse - mean z = ln S - (sum of (z - max)) / V: no large terms to cancel
+    if (eps != 0.0) l = (1.0 - eps) * l + eps * (ln_s - static_cast<double>(st.z) / static_cast<double>(V));
+    const double zl = zc * lse * lse;
+    return RowLoss{zc != 0.0 ? l + zl : l, zl};
+}
+
+struct RowFactors {
+    float inv_s, a, tgrad;
+};
+
+__device__ __forceinline__ RowFactors row_factors(const MS &st, float tl, float eps, float zc, float coef,
+                                                  int64_t V) {
+    const float et = expf(tl - st.m), S = st.s + et, inv_s = 1.f / S;
+    const float a1 = zc != 0.f ? 2.f * zc * (st.m + logf(S)) : 0.f;  // a - 1
+    const float off = eps != 0.f ? eps * (1.f - 1.f / static_cast<float>(V)) : 0.f;
+    return RowFactors{inv_s, 1.f + a1, coef * (a1 * (et * inv_s) - st.s * inv_s + off)};
 }
 
 // fwl-host: end

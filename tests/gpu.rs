@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{check_cuda, gpu_or_skip, random_inputs};
-use fused_weighted_loss::{bf16, f16, LossSpec, Reduction, RowMean, Shape, Tokens};
+use common::{check_cuda, confident_cases, confident_inputs, gpu_or_skip, random_inputs};
+use fused_weighted_loss::{bf16, f16, DType, LossSpec, Reduction, RowMean, Shape, Tokens};
 
 #[test]
 fn gpu_random_shapes_all_dtypes() {
@@ -227,6 +227,30 @@ fn gpu_label_smoothing_keeps_f32_accuracy_under_a_large_common_offset() {
             // cancelled sum (a raw f32 sum missed by ~1e-3 of the loss at 1e6 even so)
             let l16: Vec<bf16> = logits.iter().map(|&x| bf16::from_f32(x)).collect();
             check_cuda(&spec, shape, &l16, Tokens::new(&ids));
+        }
+    }
+}
+
+#[test]
+fn gpu_confident_rows_keep_the_accuracy_of_small_losses() {
+    if !gpu_or_skip("gpu_confident_rows_keep_the_accuracy_of_small_losses") {
+        return;
+    }
+    // A target far above the rest: its term stays out of the f32 sum of exponentials (the
+    // kernels' `skip`), the loss is ln(1 + others / e_t) in double and the target's gradient
+    // -others / sum. With the target in the sum, a margin of 18 over V = 32000 lost 2e-3 of the
+    // loss (the batch loss 6e-4 here). Targets in the head, the vectors and the tail of a row
+    // (odd V), every dtype, soft-capping and the other options.
+    fn case<L: fused_weighted_loss::Logit>(spec: &LossSpec, v: usize, margin: f32, seed: u64) {
+        let shape = Shape::new(2, 5, v).unwrap();
+        let (logits, ids) = confident_inputs::<L>(seed, shape, margin);
+        check_cuda(spec, shape, &logits, Tokens::new(&ids));
+    }
+    for (spec, v, margin, seed, dtype) in confident_cases(&[4, 2047, 2049, 5000, 32_000, 128_257]) {
+        match dtype {
+            DType::F32 => case::<f32>(&spec, v, margin, seed),
+            DType::BF16 => case::<bf16>(&spec, v, margin, seed),
+            _ => case::<f16>(&spec, v, margin, seed),
         }
     }
 }

@@ -144,6 +144,38 @@ fn gpu_split_ranks_on_one_device_match_the_reference() {
 }
 
 #[test]
+fn gpu_split_confident_rows_keep_the_accuracy_of_small_losses() {
+    if !gpu_or_skip("gpu_split_confident_rows_keep_the_accuracy_of_small_losses") {
+        return;
+    }
+    // Every target 20 above logits in [-1, 1]: the rank that holds it leaves it out of its sum,
+    // so the merged sum is the others' and the small loss (about 1e-4) keeps f32 accuracy
+    let shape = Shape::new(2, 6, 5003).unwrap();
+    for spec in [LossSpec::default(), LossSpec::builder().softcap(60.0).z_loss(1e-4).build().unwrap()] {
+        let mut c = case::<f32>(41, shape, spec);
+        c.logits = synthetic::logits::<f32>(41, shape.logits_len(), 1.0);
+        for r in 0..shape.rows() {
+            if (r + 1) % shape.seq() != 0 && c.labels[r + 1] >= 0 {
+                c.logits[r * 5003 + c.labels[r + 1] as usize] = 20.0;
+            }
+        }
+        let r = reference(&c.spec, shape, &c.logits, c.tokens()).unwrap();
+        for ranks in [1, 3, 4] {
+            let slices: Vec<VocabSlice> = (0..ranks).map(|k| VocabSlice::even(k, ranks, 5003).unwrap()).collect();
+            let (outs, grads) = split_on_one_gpu(&c, &slices, 4);
+            let what = format!("{ranks} ranks, {:?}", c.spec);
+            for o in &outs {
+                assert!(rel(o.loss, r.loss) <= 1e-5, "{what}: loss {} vs {}", o.loss, r.loss);
+                let e = rel_err(&o.per_sample_loss, &r.per_sample_loss);
+                assert!(e <= 1e-5, "{what}: per-sample rel err {e:e}");
+            }
+            let e = rel_err(&assemble(&grads, &slices, shape.rows(), 5003), &r.grad);
+            assert!(e <= 1e-5, "{what}: gradient rel err {e:e}");
+        }
+    }
+}
+
+#[test]
 fn gpu_split_label_smoothing_under_a_large_common_offset() {
     if !gpu_or_skip("gpu_split_label_smoothing_under_a_large_common_offset") {
         return;

@@ -1,4 +1,5 @@
-//! The CUDA kernels' online-softmax statistics (`struct MS` and its push and merges, between the
+//! The CUDA kernels' online-softmax statistics (`struct MS`, its push and merges, and a row's loss and
+//! gradient factors from them: `row_loss`, `row_factors`; between the
 //! `fwl-host` markers of `kernels/weighted_loss.cu`) compiled for the host with the system C++
 //! compiler (`$CXX`, else `c++`) and checked against float64 by `tests/kernel_host/ms_check.cpp`:
 //! block and split folds of random rows at large common offsets, and the edge cases (empty sides,

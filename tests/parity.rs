@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{check_all_modes, random_inputs, rel};
+use common::{check_all_modes, confident_cases, confident_inputs, random_inputs, rel};
 use fused_weighted_loss::reference::reference;
-use fused_weighted_loss::{bf16, f16, Grad, LossSpec, Reduction, RowMean, Shape, Tokens};
+use fused_weighted_loss::{bf16, f16, DType, Grad, LossSpec, Reduction, RowMean, Shape, Tokens};
 use proptest::prelude::*;
 
 fn spec_strategy() -> impl Strategy<Value = LossSpec> {
@@ -381,27 +381,14 @@ fn upstream_scale_scales_gradient_only() {
 fn confident_rows_keep_the_accuracy_of_small_losses() {
     fn case<L: fused_weighted_loss::Logit>(spec: &LossSpec, v: usize, margin: f32, seed: u64) {
         let shape = Shape::new(2, 5, v).unwrap();
-        let (logits, ids) = random_inputs::<f32>(seed, shape, 1.0);
-        let mut logits: Vec<L> = logits.into_iter().map(L::from_f32).collect();
-        // row r's target is ids[r + 1]: raise it by the margin
-        for r in 0..shape.rows() {
-            if (r + 1) % shape.seq() != 0 {
-                let y = ids[r + 1] as usize;
-                logits[r * v + y] = L::from_f32(margin + (r % 3) as f32 * 0.25);
-            }
-        }
+        let (logits, ids) = confident_inputs::<L>(seed, shape, margin);
         check_all_modes(spec, shape, &logits, Tokens::new(&ids));
     }
-    let plain = LossSpec::default();
-    let options = LossSpec::builder().z_loss(1e-4).label_smoothing(0.05).build().unwrap();
-    let capped = LossSpec::builder().softcap(60.0).build().unwrap();
-    for (v, seed) in [(4, 1), (2047, 2), (2049, 3), (5000, 4), (32000, 5)] {
-        for margin in [8.0, 14.0, 18.0, 22.0, 30.0] {
-            case::<f32>(&plain, v, margin, seed);
-            case::<f32>(&capped, v, margin, seed);
-            case::<bf16>(&plain, v, margin, seed);
-            case::<f16>(&plain, v, margin.min(20.0), seed);
+    for (spec, v, margin, seed, dtype) in confident_cases(&[4, 2047, 2049, 5000, 32000]) {
+        match dtype {
+            DType::F32 => case::<f32>(&spec, v, margin, seed),
+            DType::BF16 => case::<bf16>(&spec, v, margin, seed),
+            _ => case::<f16>(&spec, v, margin, seed),
         }
-        case::<f32>(&options, v, 18.0, seed);
     }
 }

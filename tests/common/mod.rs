@@ -181,6 +181,42 @@ pub fn random_inputs<L: Logit>(seed: u64, shape: Shape, scale: f32) -> (Vec<L>, 
     (logits, ids)
 }
 
+/// Confident rows: logits uniform in [-1, 1) with every row's target raised to `margin` (plus
+/// 0.25 or 0.5 in every second and third row), so each per-token loss is about
+/// `V · e^{-margin}`: small, and lost to rounding where the target's term shares a sum with the
+/// others' (e.g. 6e-4 at margin 18 over V = 32000).
+pub fn confident_inputs<L: Logit>(seed: u64, shape: Shape, margin: f32) -> (Vec<L>, Vec<i64>) {
+    let (logits, ids) = random_inputs::<f32>(seed, shape, 1.0);
+    let mut logits: Vec<L> = logits.into_iter().map(L::from_f32).collect();
+    let (t, v) = (shape.seq(), shape.vocab());
+    for r in (0..shape.rows()).filter(|r| r % t < t - 1) {
+        logits[r * v + ids[r + 1] as usize] = L::from_f32(margin + (r % 3) as f32 * 0.25);
+    }
+    (logits, ids)
+}
+
+/// The confident-row cases every backend runs (with [`confident_inputs`]): (spec, V, margin,
+/// seed, logits' dtype) over `vocabs`: margins 8 to 30 plain, soft-capped, bf16 and f16 (to 20),
+/// and a margin of 18 with z-loss and label smoothing in f32 and bf16.
+pub fn confident_cases(vocabs: &[usize]) -> Vec<(LossSpec, usize, f32, u64, DType)> {
+    let plain = LossSpec::default();
+    let options = LossSpec::builder().z_loss(1e-4).label_smoothing(0.05).build().unwrap();
+    let capped = LossSpec::builder().softcap(60.0).build().unwrap();
+    let mut cases = Vec::new();
+    for (i, &v) in vocabs.iter().enumerate() {
+        let seed = 1 + i as u64;
+        for margin in [8.0, 14.0, 18.0, 22.0, 30.0] {
+            cases.push((plain.clone(), v, margin, seed, DType::F32));
+            cases.push((capped.clone(), v, margin, seed, DType::F32));
+            cases.push((plain.clone(), v, margin, seed, DType::BF16));
+            cases.push((plain.clone(), v, f32::min(margin, 20.0), seed, DType::F16));
+        }
+        cases.push((options.clone(), v, 18.0, seed, DType::F32));
+        cases.push((options.clone(), v, 18.0, seed, DType::BF16));
+    }
+    cases
+}
+
 /// Finite logits at the edge of the `f32` range: random values in [-2, 2) with, in every row that
 /// has a target, the target at `-big` and another entry at `+big` (`big` = `f32::MAX` for f32
 /// logits, `3.3e38` for bf16), so each such per-token loss (about `2 * big`) exceeds `f32::MAX`
