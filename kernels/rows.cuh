@@ -18,12 +18,13 @@ template <int CAP = CAP_RUNTIME> __device__ __forceinline__ float capped(float z
 
 // What a row's gradient entries follow from, once its statistics are known:
 //   non-target: (e * scale - koff) * s,  target: tgrad * s
-// with e = exp(z - mx), scale = coef * a * inv_s, a = 1 + 2 z_loss lse, koff = coef * eps / V,
+// with e = exp(z - mx), scale = coef * a / S (row_factors: a = 1 + 2 z_loss lse, S the sum of
+// all the row's exponentials), koff = coef * eps / V,
 // tgrad as row_factors gives it and s = 1 - tanh^2(z / c) (1 without soft-capping). With every
 // option off (a = 1, koff = 0, s = 1) this is coef * (softmax - onehot), the target's entry
 // -coef * (sum of the others) / (sum of all).
 struct RowGrad {
-    float mx, scale, coef, inv_s, a, koff, tgrad, cap, inv_cap;
+    float mx, scale, koff, tgrad, cap, inv_cap;
 };
 
 // The row's loss in double (row_loss), written by the calling thread when `write`, and its
@@ -44,10 +45,7 @@ __device__ __forceinline__ RowGrad row_finish(const P &p, const MS &st, float ta
     const RowFactors f = row_factors(st, tl, static_cast<float>(p.smoothing), static_cast<float>(p.z_loss), coef, V);
     RowGrad rg;
     rg.mx = st.m;
-    rg.coef = coef;
-    rg.inv_s = f.inv_s;
-    rg.a = f.a;
-    rg.scale = coef * rg.a * rg.inv_s;
+    rg.scale = coef * f.a * f.inv_s;
     rg.koff = static_cast<float>(static_cast<double>(coef) * p.smoothing / static_cast<double>(V));
     rg.tgrad = f.tgrad;
     rg.cap = cap;

@@ -548,3 +548,61 @@ fn the_per_token_output_follows_the_same_rules() {
     let p = npyz::NpyFile::new(&bytes[..]).unwrap();
     assert_eq!(p.shape(), &[2, 3]);
 }
+
+/// A run ended by a signal (Ctrl-C, `kill`) while its outputs are pending removes their
+/// temporary files and leaves the destinations as they were; its exit status is the signal's
+/// (it left a `.g.npy.<pid>.0.tmp` as large as the gradient before).
+#[cfg(unix)]
+#[test]
+fn an_interrupted_eval_leaves_no_temporary_file() {
+    use std::os::unix::process::ExitStatusExt;
+    let d = fresh_dir("interrupted");
+    // 4 × 256 × 32000 f32 (131 MB): reading, the pass and writing the gradient take a while
+    let shape = fused_weighted_loss::Shape::new(4, 256, 32_000).unwrap();
+    let (logits, ids) = common::random_inputs::<f32>(9, shape, 2.0);
+    std::fs::write(d.join("L.npy"), npy(&[4, 256, 32_000], &logits)).unwrap();
+    std::fs::write(d.join("I.npy"), npy(&[4, 256], &ids)).unwrap();
+    drop(logits);
+    std::fs::write(d.join("G.npy"), b"a file the user wants to keep").unwrap();
+    let temps = |d: &Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    };
+    for (sig, name) in [(15, "TERM"), (2, "INT")] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fused-weighted-loss"))
+            .args([
+                "eval",
+                "--logits",
+                "L.npy",
+                "--inputs",
+                "I.npy",
+                "--grad-out",
+                "G.npy",
+                "--token-loss-out",
+                "T.npy",
+            ])
+            .current_dir(&d.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // the temporary files appear before any work: signal the run as soon as both exist
+        let t = Instant::now();
+        while temps(&d.0).len() < 2 {
+            assert!(child.try_wait().unwrap().is_none(), "SIG{name}: the run ended before its outputs were pending");
+            assert!(t.elapsed() < LIMIT, "SIG{name}: no temporary files after {LIMIT:?}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args([&format!("-{name}"), pid.as_str()]).status().unwrap().success());
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(sig), "SIG{name}: ended by the signal ({status:?})");
+        assert_eq!(temps(&d.0), Vec::<String>::new(), "SIG{name}: temporary files left behind");
+        assert_eq!(std::fs::read(d.join("G.npy")).unwrap(), b"a file the user wants to keep", "SIG{name}");
+        assert!(!d.join("T.npy").exists(), "SIG{name}: an output that did not exist stays absent");
+    }
+}

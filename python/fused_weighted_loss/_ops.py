@@ -53,8 +53,9 @@ def _check_kinds(named: Dict[str, Optional[Tensor]]) -> None:
             continue
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{name} is on {t.device}: only CPU and CUDA tensors are supported")
-        if t.layout != torch.strided:
-            raise ValueError(f"{name} must be a dense (strided) tensor, got {t.layout}")
+        if t.layout != torch.strided or t.is_nested:
+            kind = "a nested tensor" if t.is_nested else t.layout
+            raise ValueError(f"{name} must be a dense (strided) tensor, got {kind}")
 
 
 def _check_layouts(named: Dict[str, Optional[Tensor]]) -> None:
@@ -191,7 +192,11 @@ def _loss_custom_op(
     [B, T-1], empty without the ``t`` flag), and the gradient w.r.t. the logits (the logits'
     shape and dtype, float32 with the ``w`` flag, or empty without the ``g`` flag), in one fused
     pass. ``mode``: see
-    :func:`mode_string`."""
+    :func:`mode_string`.
+
+    The gradient output is the buffer the autograd graph keeps for the backward, which may scale
+    it in place (an upstream gradient other than 1): a caller of this op itself (an internal API;
+    the package's functions never return it) that keeps it across a backward should clone it."""
     return _loss_impl(logits, ids, labels, token_weights, keywords, keyword_weights, mode)
 
 
@@ -274,6 +279,13 @@ _CONSUMED = (
     "is not supported: compute the loss again"
 )
 
+_MODIFIED = (
+    "fused_weighted_loss: the gradient an earlier backward through this loss returned (the kept "
+    "gradient itself, upstream gradient 1) was modified in place since; a second backward through "
+    "the same graph would return the modified values: clone that gradient before modifying it, or "
+    "compute the loss again"
+)
+
 
 def _kept(ctx) -> Tuple[Tensor, ...]:
     """The gradients the forward kept (``ctx.saved_tensors``), with a clear error when an
@@ -283,12 +295,14 @@ def _kept(ctx) -> Tuple[Tensor, ...]:
     backward then multiplied the already scaled gradient again."""
     if getattr(ctx, "fwl_scaled_in_place", False):
         raise RuntimeError(_CONSUMED)
+    handed = getattr(ctx, "fwl_handed_versions", None)
     try:
-        return ctx.saved_tensors
+        kept = ctx.saved_tensors
     except RuntimeError as e:
         if "inplace operation" not in str(e):
             raise
-        raise RuntimeError(_CONSUMED) from e
+        raise RuntimeError(_MODIFIED if handed is not None else _CONSUMED) from e
+    return kept
 
 
 def _refuse_double_backward() -> None:
@@ -312,6 +326,11 @@ def _scaled(ctx, grads: List[Tensor], g_loss: Tensor) -> List[Tensor]:
     CPU), they may be anyone's (``torch.autograd.grad`` results, hook arguments), so a later
     backward through the same graph multiplies out of place instead of rewriting them."""
     _refuse_double_backward()
+    handed = getattr(ctx, "fwl_handed_versions", None)
+    # handed out before (upstream 1: the kept tensors themselves): their version counters tell
+    # whether the caller changed them since, also where saved-tensor hooks skip torch's check
+    if handed is not None and tuple(g._version for g in grads) != handed:
+        raise RuntimeError(_MODIFIED)
     dtype = getattr(ctx, "fwl_dtype", None)
     if torch.compiler.is_compiling():
         # traced (torch.compile): a functional multiply, which the compiler fuses with whatever
@@ -323,8 +342,10 @@ def _scaled(ctx, grads: List[Tensor], g_loss: Tensor) -> List[Tensor]:
         # the kept ones stay as they are
         return [_times(g, g_loss, dtype) for g in grads]
     if grads and _host_value(g_loss, grads[0]) == 1.0:
-        # CPU, upstream gradient 1: the kept gradients are the answer, untouched
+        # CPU, upstream gradient 1: the kept gradients are the answer, untouched (their versions
+        # noted: a later backward through the same graph refuses them if the caller changed them)
         ctx.fwl_handed_out = True
+        ctx.fwl_handed_versions = tuple(g._version for g in grads)
         return grads
     if getattr(ctx, "fwl_handed_out", False):
         return [_times(g, g_loss) for g in grads]

@@ -156,6 +156,24 @@ def test_a_later_backward_never_rewrites_a_gradient_handed_out_before():
     assert rel_err(second, snapshot * 65536.0) <= 1e-6
 
 
+def test_a_second_backward_refuses_a_handed_out_gradient_modified_since():
+    """Upstream 1 on the CPU hands out the kept gradient itself: a caller that changes it in place
+    and backwards through the same graph again gets an error that says so, also under identity
+    saved-tensor hooks, which skip torch's version check (it returned 100× the gradient there)."""
+    logits, ids, keys, _ = random_case(3, "cpu", dtype=torch.float32)
+    for hooks in (False, True):
+        x = logits.clone().requires_grad_()
+        if hooks:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                loss = fwl.keytoken_weighted_loss(ids, x, keys)
+        else:
+            loss = fwl.keytoken_weighted_loss(ids, x, keys)
+        (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+        first.mul_(100.0)
+        with pytest.raises(RuntimeError, match="modified in place since"):
+            torch.autograd.grad(loss, x, retain_graph=True)
+
+
 def test_a_double_backward_raises():
     logits, ids, keys, _ = random_case(4, "cpu", dtype=torch.float32)
     x = logits.clone().requires_grad_()

@@ -98,6 +98,9 @@ CASES = [
     (dict(logits=torch.randn(B, T, V).to_sparse()), ValueError, r"logits must be a dense \(strided\) tensor"),
     (dict(ids=torch.zeros(B, T, dtype=torch.long).to_sparse()), ValueError, r"ids must be a dense \(strided\) tensor"),
     (dict(token_weights=torch.ones(B, T).to_sparse()), ValueError, r"token_weights must be a dense \(strided\) tensor"),
+    # a nested tensor's layout is strided too, but it has no sizes to read
+    (dict(logits=torch.nested.nested_tensor([torch.randn(T, V)] * B)), ValueError,
+     r"logits must be a dense \(strided\) tensor, got a nested tensor"),
     # the split's entry checks the same before any pointer is read
     (dict(logits=torch.randn(B, T, V, device="meta"), ids=torch.zeros(B, T, dtype=torch.long, device="meta"),
           vocab_start=0), ValueError, r"logits is on meta: only CPU and CUDA tensors are supported"),

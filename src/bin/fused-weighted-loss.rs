@@ -7,6 +7,8 @@
 
 #[path = "cli/bench.rs"]
 mod bench;
+#[path = "cli/interrupt.rs"]
+mod interrupt;
 #[path = "cli/linear_bench.rs"]
 mod linear_bench;
 #[path = "cli/npy.rs"]

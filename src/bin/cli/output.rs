@@ -6,8 +6,10 @@
 //! one moment the destination changes. A pending output that is dropped uncommitted (any error
 //! on the way) removes its temporary file and nothing else. Several outputs go through
 //! [`commit_all`]: every file is flushed before the first rename, so that a full disk replaces
-//! none of them.
+//! none of them. A signal that ends the run (Ctrl-C) removes the temporary files too
+//! ([`interrupt`]).
 
+use super::interrupt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -38,6 +40,8 @@ pub struct PendingOutput {
     dest: PathBuf,
     tmp: PathBuf,
     file: Option<File>,
+    /// `tmp` registered for removal on an interrupting signal (see [`interrupt`]).
+    tracked: interrupt::Tracked,
 }
 
 impl PendingOutput {
@@ -92,7 +96,8 @@ impl PendingOutput {
         if let Ok(m) = fs::metadata(&dest) {
             keep_owner_and_mode(&file, &m);
         }
-        Ok(PendingOutput { label, dest, tmp, file: Some(file) })
+        let tracked = interrupt::track(&tmp);
+        Ok(PendingOutput { label, dest, tmp, file: Some(file), tracked })
     }
 
     /// Whether two outputs would replace the same file: the destinations are one existing file
@@ -144,6 +149,7 @@ impl PendingOutput {
         if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = File::open(dir).and_then(|d| d.sync_all());
         }
+        interrupt::untrack(&mut self.tracked);
         self.tmp = PathBuf::new();
         Ok(())
     }
@@ -155,6 +161,7 @@ impl Drop for PendingOutput {
         if !self.tmp.as_os_str().is_empty() {
             self.file = None;
             let _ = fs::remove_file(&self.tmp);
+            interrupt::untrack(&mut self.tracked);
         }
     }
 }

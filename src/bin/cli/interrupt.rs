@@ -1,0 +1,104 @@
+//! Temporary output files removed when the run is interrupted (unix: SIGINT, SIGTERM, SIGHUP).
+//!
+//! A pending output (see [`output`](super::output)) removes its temporary file when it is
+//! dropped, but a signal ends the process without running any destructor: a Ctrl-C during a
+//! long `eval` left a `.<name>.<pid>.<n>.tmp` file as large as the gradient beside the
+//! destination. [`track`] registers a temporary file's path; the first call installs handlers
+//! that remove every registered path (`unlink`, which is async-signal-safe) and then end the
+//! process by the same signal with its default action, so the exit status is what it would have
+//! been. [`untrack`] forgets a path once it is renamed or removed. The destination is never
+//! touched: it changes only by the rename of a complete file.
+//!
+//! Paths are kept as leaked C strings in a fixed table of atomic pointers, so that the handler
+//! reads nothing that another thread may free. Elsewhere (not unix) both calls do nothing.
+
+#[cfg(unix)]
+mod imp {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicPtr, Ordering};
+    use std::sync::Once;
+
+    /// More than the CLI ever has pending at once (gradient, per-token losses, JSON).
+    const SLOTS: usize = 16;
+
+    static PENDING: [AtomicPtr<libc::c_char>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
+    static INSTALL: Once = Once::new();
+
+    const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+    extern "C" fn on_signal(sig: libc::c_int) {
+        for slot in &PENDING {
+            let p = slot.load(Ordering::Acquire);
+            if !p.is_null() {
+                // SAFETY: a non-null slot holds a leaked, NUL-terminated C string (never freed).
+                unsafe { libc::unlink(p) };
+            }
+        }
+        // SAFETY: signal and raise are async-signal-safe; the default action then ends the
+        // process as the signal would have without this handler.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+    }
+
+    fn install() {
+        for sig in SIGNALS {
+            // SAFETY: a zeroed sigaction with the handler set and an empty mask is valid;
+            // signals that were ignored when the process started (e.g. SIGHUP under nohup)
+            // stay ignored.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 || old.sa_sigaction == libc::SIG_IGN {
+                    continue;
+                }
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                libc::sigemptyset(&mut act.sa_mask);
+                libc::sigaction(sig, &act, std::ptr::null_mut());
+            }
+        }
+    }
+
+    /// A registered path: the slot that holds it.
+    pub struct Tracked(Option<usize>);
+
+    pub fn track(path: &Path) -> Tracked {
+        INSTALL.call_once(install);
+        let Ok(c) = CString::new(path.as_os_str().as_bytes()) else { return Tracked(None) };
+        let p = c.into_raw();
+        for (i, slot) in PENDING.iter().enumerate() {
+            if slot.compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return Tracked(Some(i));
+            }
+        }
+        // every slot taken: this path is not removed on a signal (its drop still removes it)
+        // SAFETY: `p` came from `into_raw` above and was stored nowhere.
+        drop(unsafe { CString::from_raw(p) });
+        Tracked(None)
+    }
+
+    pub fn untrack(t: &mut Tracked) {
+        if let Some(i) = t.0.take() {
+            // the string is left allocated: a handler running on another thread may hold it
+            PENDING[i].store(std::ptr::null_mut(), Ordering::Release);
+        }
+    }
+}
+
+#[cfg(not(unix))]
+mod imp {
+    use std::path::Path;
+
+    pub struct Tracked;
+
+    pub fn track(_: &Path) -> Tracked {
+        Tracked
+    }
+
+    pub fn untrack(_: &mut Tracked) {}
+}
+
+pub use imp::{track, untrack, Tracked};
