@@ -213,6 +213,23 @@ pub enum Error {
         /// The group's loss (NaN or ±inf).
         value: f64,
     },
+    /// A rank of a sharded call's group ([`parallel::Sharded`](crate::parallel::Sharded)) failed
+    /// before the call's first exchanges, on an error of its own (its ids or labels outside the
+    /// vocabulary, its sample weights beyond `f64`, a buffer of the wrong length, ...): it took
+    /// part in those exchanges with its words marked as failed and reports its own error; every
+    /// other rank of its groups reports this one, rather than wait for it in a later exchange
+    /// (no rank has written a gradient then).
+    /// On a 2-D grid the rank named may be one that learned of the failure from its other group.
+    #[error(
+        "rank {rank} of the {group} group failed before the exchanges of this call (its own error is reported on \
+         that rank); no gradient was written on this rank"
+    )]
+    PeerFailed {
+        /// `"data"` or `"vocabulary"`: the group whose exchange carried the failure.
+        group: &'static str,
+        /// The failed rank's index in that group (the first in rank order).
+        rank: usize,
+    },
     /// A buffer of a sharded step or of an exchange has the wrong length.
     #[error("{what} has {got} elements, expected {expected}")]
     ExchangeLength {

@@ -502,8 +502,9 @@ fn a_data_rank_without_samples_in_a_grid() {
 }
 
 /// What a rank without samples cannot be: alone (no data group), in a data group where no rank
-/// holds a sample, or beside inputs its peers reject (each rank raises before any exchange, so
-/// nobody is left waiting); and the slices of its vocabulary group are still checked.
+/// holds a sample, or beside inputs its peers reject (each rank reports its own error, after
+/// the first exchanges, so nobody is left waiting); and the slices of its vocabulary group are
+/// still checked.
 #[test]
 fn a_rank_without_samples_and_its_errors() {
     let (t, v) = (5usize, 12usize);

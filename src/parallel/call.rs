@@ -2,7 +2,7 @@
 //! the caller's [`Collective`]s, chunk by chunk.
 
 use super::pipeline::{self, InPlace, ReadInto};
-use super::steps::{check_sealed, encode_sealed, SLICE_WORDS};
+use super::steps::{check_sealed, encode_sealed, FAILED, SLICE_WORDS};
 use super::{check_tiling, Collective, ShardedLoss, Solo, VocabSlice};
 use crate::cpu::split::Dest as Fused;
 use crate::cpu::RowStats;
@@ -122,7 +122,8 @@ impl<'a> Sharded<'a> {
     /// Every rank gets the loss of the whole batch over the whole vocabulary; the per-sample
     /// outputs are those of this rank's samples. A rank of a data group of several that holds
     /// no samples passes [`Shape::without_samples`] and empty slices (see the
-    /// [module docs](super)).
+    /// [module docs](super)). An error of this rank's own inputs fails every rank of its groups
+    /// (the others with [`Error::PeerFailed`]), none left waiting in an exchange.
     ///
     /// ```
     /// use fused_weighted_loss::parallel::{Collective, Sharded};
@@ -184,18 +185,57 @@ impl<'a> Sharded<'a> {
         self.run::<L, I>(spec, shape, Src::Write(logits), tokens, Dest::Skip, None)
     }
 
-    /// Each group's rank is within its size, and a vocabulary group of one holds the whole
-    /// vocabulary (larger groups check that their slices tile it in their first exchange).
-    pub(super) fn check_groups(&self) -> Result<()> {
+    /// Each group's rank is within its size: a group that is not one fails the call at once,
+    /// before any exchange (there is no group to tell).
+    pub(super) fn check_ranks(&self) -> Result<()> {
         for g in [self.vocab_group, self.data_group] {
             if g.size() == 0 || g.rank() >= g.size() {
                 return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
             }
         }
+        Ok(())
+    }
+
+    /// This rank's slice names the call's vocabulary.
+    pub(super) fn check_vocab(&self, vocab: usize) -> Result<()> {
+        let slice = self.slice;
+        if slice.vocab() != vocab {
+            return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab });
+        }
+        Ok(())
+    }
+
+    /// In a vocabulary group of one, this rank's slice is the whole vocabulary (larger groups
+    /// check that their slices tile it in their first exchange).
+    pub(super) fn check_alone_holds_all(&self) -> Result<()> {
         if self.vocab_group.size() == 1 {
             check_tiling(&[(self.slice.start(), self.slice.len())], self.slice.vocab())?;
         }
         Ok(())
+    }
+
+    /// This rank's checks of a logits call before its first exchange: the slice, the buffers'
+    /// lengths.
+    fn check_call<L>(
+        &self,
+        shape: Shape,
+        src: &Src<'_, L>,
+        dest: &Dest<'_, L>,
+        token_loss: Option<&[f32]>,
+    ) -> Result<()> {
+        self.check_vocab(shape.vocab())?;
+        self.check_alone_holds_all()?;
+        let (rows, len) = (shape.rows(), self.slice.len());
+        check_len("logits", src.len(), rows * len, shape)?;
+        let n = match dest {
+            Dest::Skip => rows * len,
+            Dest::Into(g) => g.len(),
+            Dest::IntoF32(g) => g.len(),
+        };
+        if n != rows * len {
+            return Err(Error::GradLength { expected: rows * len, got: n });
+        }
+        crate::check_token_loss(shape, token_loss)
     }
 
     fn run<L: Logit, I: TokenId>(
@@ -209,50 +249,36 @@ impl<'a> Sharded<'a> {
     ) -> Result<LossOutput> {
         let (vg, dg) = (self.vocab_group, self.data_group);
         let slice = self.slice;
-        if slice.vocab() != shape.vocab() {
-            return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
-        }
-        self.check_groups()?;
-        let (rows, len) = (shape.rows(), slice.len());
-        check_len("logits", src.len(), rows * len, shape)?;
-        let n = match &dest {
-            Dest::Skip => rows * len,
-            Dest::Into(g) => g.len(),
-            Dest::IntoF32(g) => g.len(),
-        };
-        if n != rows * len {
-            return Err(Error::GradLength { expected: rows * len, got: n });
-        }
-        crate::check_token_loss(shape, token_loss.as_deref())?;
+        self.check_ranks()?;
+        // this rank's own errors (here and in the plan) wait for the first exchanges, which
+        // carry them to every rank of both groups (see `first_exchanges`)
+        let checked = self.check_call(shape, &src, &dest, token_loss.as_deref());
         if shape.batch() == 0 {
-            return super::no_samples(spec, shape, &tokens, self);
+            return super::no_samples(spec, shape, &tokens, self, checked);
         }
         if vg.size() == 1 && !self.split_steps {
             // the whole vocabulary on this rank: nothing to exchange per row, so the
             // single-device pass (one read of each row, no chunks) with the data group's
             // denominators
-            return whole_rows(spec, shape, src, tokens, dest, token_loss, dg);
+            return whole_rows(spec, shape, src, tokens, dest, token_loss, self, checked);
         }
+        let (rows, len) = (shape.rows(), slice.len());
         let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
         let wants_grad = !matches!((&src, &dest), (Src::Read(_), Dest::Skip));
+        let steps = checked.and_then(|()| ShardedLoss::new(spec, shape, slice, tokens));
+        // the data group's batch totals, then every rank's slice and V, in words of the same
+        // length on every rank (the chunks' lengths follow from V, which a rank may name wrongly)
+        let steps = super::first_exchanges(self, steps, ShardedLoss::batch_totals, |st, all| match all {
+            Some(all) => st.set_batch_totals(all),
+            None => Ok(()),
+        })?;
         // (each chunk's exponentials are kept for its gradient; the next chunk's beside them)
-        let mut steps = ShardedLoss::new(spec, shape, slice, tokens)?.with_keep_rows(if wants_grad {
-            chunk.saturating_mul(2)
-        } else {
-            0
-        });
-
-        if let Some(all) = super::gather_pairs(dg, steps.batch_totals())? {
-            steps.set_batch_totals(&all)?;
-        }
+        let mut steps = steps.with_keep_rows(if wants_grad { chunk.saturating_mul(2) } else { 0 });
 
         // chunk k's exchange, merge, then its gradient beside chunk k + 1's statistics (one
         // parallel pass); every exchange also carries each rank's slice, checked to tile
         let chunks: Vec<Range<usize>> = (0..rows).step_by(chunk.max(1)).map(|r0| r0..(r0 + chunk).min(rows)).collect();
         let mut ex = Exchange::new(vg, slice);
-        // every rank's slice and V first, in words of the same length on every rank (the chunks'
-        // lengths follow from V, which a rank may name wrongly)
-        ex.check_slices(slice)?;
         // (not from a thread of the pool itself: it would wait on passes that may need it)
         if wants_grad && chunks.len() > 1 && steps.cpu_mut().can_keep() && rayon::current_thread_index().is_none() {
             // two passes in flight, the exchanges on this thread between them
@@ -317,7 +343,8 @@ impl<'a> Sharded<'a> {
 
 /// A call whose vocabulary group is this rank alone: the single-device CPU pass over every
 /// row, normalised by the data group's batch (one all-gather of two numbers per rank before,
-/// one after, as the chunked path does).
+/// one after, as the chunked path does). `checked`: this rank's checks so far.
+#[allow(clippy::too_many_arguments)]
 fn whole_rows<L: Logit, I: TokenId>(
     spec: &LossSpec,
     shape: Shape,
@@ -325,11 +352,17 @@ fn whole_rows<L: Logit, I: TokenId>(
     tokens: Tokens<'_, I>,
     dest: Dest<'_, L>,
     token_loss: Option<&mut [f32]>,
-    dg: &dyn Collective,
+    call: &Sharded<'_>,
+    checked: Result<()>,
 ) -> Result<LossOutput> {
-    let mut plan = spec.plan(shape, &tokens)?;
-    let k = crate::cpu_kernels(spec.cpu_simd)?;
-    super::global_denominator(&mut plan, spec, dg)?;
+    let dg = call.data_group;
+    let planned = checked.and_then(|()| Ok((spec.plan(shape, &tokens)?, crate::cpu_kernels(spec.cpu_simd)?)));
+    let (plan, k) = super::first_exchanges(
+        call,
+        planned,
+        |(plan, _)| super::plan_totals(plan),
+        |(plan, _), all| super::global_denominator(plan, spec, all),
+    )?;
     let rows = match (src, dest) {
         (Src::Write(logits), _) => crate::cpu::run_in_place(&k, &plan, logits),
         (Src::Read(logits), Dest::Skip) => crate::cpu::run::<L, f32>(&k, &plan, logits, None),
@@ -384,8 +417,13 @@ impl<'a> Exchange<'a> {
 
     /// Exchanges and checks every rank's slice alone (`SLICE_WORDS` words, the same length on
     /// every rank whatever its shape): before lengths that follow from `V`, or before any write.
-    pub(super) fn check_slices(&mut self, slice: VocabSlice) -> Result<()> {
-        encode_sealed(&[], 1, slice, self.buffer(SLICE_WORDS));
+    /// `None`: this rank failed, and its words say so ([`FAILED`]); the others' call fails
+    /// with [`Error::PeerFailed`].
+    pub(super) fn check_slices(&mut self, slice: Option<VocabSlice>) -> Result<()> {
+        match slice {
+            Some(slice) => encode_sealed(&[], 1, slice, self.buffer(SLICE_WORDS)),
+            None => self.buffer(SLICE_WORDS).fill(FAILED),
+        }
         self.gather(SLICE_WORDS).map(|_| ())
     }
 

@@ -7,11 +7,11 @@
 
 use super::call::Exchange;
 use super::steps::{encode_sealed, SLICE_WORDS};
-use super::{finish_over, global_denominator, Sharded};
+use super::{finish_over, first_exchanges, global_denominator, plan_totals, Sharded};
 use crate::cpu::split::{merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::{RowSel, RowStats};
 use crate::dtype::{Logit, TokenId};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::linear::cpu::{active_rows, run_with};
 use crate::linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearShape, CPU_BUDGET};
 use crate::spec::{LossSpec, Tokens};
@@ -33,10 +33,12 @@ impl Sharded<'_> {
     /// CPU backend.
     ///
     /// Bad input, this rank's or a peer's (slices that do not tile the vocabulary, ranks of
-    /// different vocabularies), is an error before any gradient buffer is written (the slices
-    /// are exchanged and checked first). A failure of the exchange itself during the sweep (a
-    /// peer that went away) leaves the gradient buffers partly written, `d weight` partly
-    /// accumulated into: do not retry such a step on the same buffers.
+    /// different vocabularies, a peer's own bad tokens or buffers:
+    /// [`Error::PeerFailed`](crate::Error::PeerFailed), see the [module docs](super)), is an
+    /// error on every rank before any gradient buffer is written (the batch totals and the
+    /// slices are exchanged and checked first). A failure of the exchange itself during the
+    /// sweep (a peer that went away) leaves the gradient buffers partly written, `d weight`
+    /// partly accumulated into: do not retry such a step on the same buffers.
     ///
     /// ```
     /// use fused_weighted_loss::parallel::{Sharded, Solo, VocabSlice};
@@ -66,17 +68,21 @@ impl Sharded<'_> {
     ) -> Result<LinearOutput> {
         let (vg, dg) = (self.vocab_group, self.data_group);
         let slice = self.slice;
-        if slice.vocab() != shape.vocab() {
-            return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
-        }
-        let local = shape.with_vocab(slice.len())?;
-        inputs.check(local)?;
-        grads.check(local, inputs.bias.is_some())?;
-        self.check_groups()?;
-        chunking.rows_for(1, 1, 1)?;
+        self.check_ranks()?;
+        // this rank's own errors (here and in the plan) wait for the first exchanges, which
+        // carry them to every rank of both groups (see `first_exchanges`)
+        let checked = (|| -> Result<_> {
+            self.check_vocab(shape.vocab())?;
+            let local = shape.with_vocab(slice.len())?;
+            inputs.check(local)?;
+            grads.check(local, inputs.bias.is_some())?;
+            self.check_alone_holds_all()?;
+            chunking.rows_for(1, 1, 1)?;
+            Ok(local)
+        })();
         if shape.batch() == 0 {
             // this rank's part of d W and d b: nothing (d hidden has no rows)
-            let loss = super::no_samples(spec, shape.tokens(), &tokens, self)?;
+            let loss = super::no_samples(spec, shape.tokens(), &tokens, self, checked.map(|_| ()))?;
             if !grads.accumulate {
                 for g in [grads.weight, grads.bias] {
                     match g {
@@ -88,18 +94,26 @@ impl Sharded<'_> {
             }
             return Ok(LinearOutput { loss, chunk_rows: 0, chunks: 0, scratch_bytes: 0 });
         }
-        let mut plan = spec.plan(shape.tokens(), &tokens)?;
-        let k = crate::cpu_kernels(spec.cpu_simd)?;
-        global_denominator(&mut plan, spec, dg)?;
+        let planned = checked.and_then(|local| {
+            let plan = spec.plan(shape.tokens(), &tokens)?;
+            let k = crate::cpu_kernels(spec.cpu_simd)?;
+            let active = active_rows(&plan)?.len();
+            Ok((local, plan, k, active))
+        });
+        // the data group's batch totals, then every rank's slice, checked before the sweep
+        // writes (or zeroes) a gradient buffer
+        let (local, plan, k, active) = first_exchanges(
+            self,
+            planned,
+            |(_, plan, _, _)| plan_totals(plan),
+            |(_, plan, _, _), all| global_denominator(plan, spec, all),
+        )?;
         // the same chunks on every rank: from the shared V / ranks, H and tokens only
-        let active = active_rows(&plan)?.len();
         let row_bytes = 4 * shape.vocab().div_ceil(vg.size()) + 8 * shape.hidden();
         let c = chunking.rows_for(LINEAR_BUDGET, row_bytes, active)?;
         let mut cpu = SplitCpu::new(k, &plan.opts, shape.vocab(), (slice.start(), slice.len()), shape.rows(), c);
         let w = words(&plan.opts);
         let mut ex = Exchange::new(vg, slice);
-        // every rank's slice, checked before the sweep writes (or zeroes) a gradient buffer
-        ex.check_slices(slice)?;
         let plan_ref = &plan;
         let mut pass = |rows: &[u32], z: &mut [f32], loss: &mut [f64], zl: &mut [f64]| -> Result<()> {
             let m = rows.len();

@@ -28,6 +28,20 @@
 //! **Both.** Ranks `(d, t)` of a grid: the vocabulary group of rank `(d, ·)` shares its samples,
 //! the data group of `(·, t)` its slice. Each exchange above runs in its own group.
 //!
+//! **Errors fail the group.** An error a rank finds on its own before the first exchange (its
+//! ids, labels or token weights invalid, its sample weights beyond `f64`, a buffer of the wrong
+//! length, a slice of another vocabulary) does not end its call there, which would leave its
+//! peers waiting for it in an exchange (forever, with NCCL or gloo): [`Sharded`]'s calls always
+//! make the data group's exchange of the batch totals and then the vocabulary group's of the
+//! slices, and a rank that failed sends words marked as failed in both (the same lengths, no
+//! more bytes). It returns its own error; every other rank of both groups returns
+//! [`Error::PeerFailed`] (on a grid the vocabulary group's exchange passes on what a data group
+//! learnt), before any gradient is written. Errors every rank of a group finds alike (a data
+//! group's `Σ w_b` beyond `f64`, slices that do not tile) fail every rank by themselves, and
+//! so do, after the last exchange, non-finite losses with `check_finite`
+//! ([`Error::NonFiniteInGroup`]). Only a group whose rank is not within its size, and an
+//! exchange that itself fails ([`Error::Collective`]), end a call at once.
+//!
 //! # Communication per call, bytes per rank
 //!
 //! | exchange | group | each rank sends | when |
@@ -240,29 +254,38 @@ fn gather_pairs(dg: &dyn Collective, local: [f64; 2]) -> Result<Option<Vec<f64>>
 }
 
 /// A data-parallel rank without samples ([`crate::Shape::without_samples`]): after the checks
-/// its peers make before their first exchange, it takes part in the data group's two exchanges
-/// with nothing (`B = 0`, `Σ w_b = 0`, then a share of 0 of the loss) and in the vocabulary
-/// group's check of the slices (the group holds the same samples: none on any of its ranks),
-/// and returns the loss of its peers' samples, the same bits as theirs, with no per-sample
-/// outputs. A data group of one, or one in which no rank holds a sample, is an error (on every
-/// rank: [`Error::EmptyBatch`], [`Error::EmptyDataGroup`]).
+/// its peers make before their first exchange (`checked`: those made so far), it takes part in
+/// the data group's two exchanges with nothing (`B = 0`, `Σ w_b = 0`, then a share of 0 of the
+/// loss) and in the vocabulary group's check of the slices (the group holds the same samples:
+/// none on any of its ranks), and returns the loss of its peers' samples, the same bits as
+/// theirs, with no per-sample outputs. A data group of one, or one in which no rank holds a
+/// sample, is an error (on every rank: [`Error::EmptyBatch`], [`Error::EmptyDataGroup`]), as is
+/// a group's `Σ w_b` beyond `f64` under the weighted mean (its peers' error).
 fn no_samples<I: crate::dtype::TokenId>(
     spec: &crate::LossSpec,
     shape: crate::Shape,
     tokens: &crate::Tokens<'_, I>,
     call: &Sharded<'_>,
+    checked: Result<()>,
 ) -> Result<crate::LossOutput> {
-    crate::spec::validate_tokens_of_rank(spec, shape, tokens)?;
-    crate::cpu_kernels(spec.cpu_simd)?;
+    let mine = checked.and_then(|()| {
+        crate::spec::validate_tokens_of_rank(spec, shape, tokens)?;
+        crate::cpu_kernels(spec.cpu_simd).map(|_| ())
+    });
     let dg = call.data_group;
-    let Some(all) = gather_pairs(dg, [0.0, 0.0])? else { return Err(Error::EmptyBatch) };
-    if sum_in_rank_order(&all, 2, 0) == 0.0 {
-        return Err(Error::EmptyDataGroup);
-    }
-    if call.vocab_group.size() > 1 {
-        let mut ex = call::Exchange::new(call.vocab_group, call.slice);
-        ex.check_slices(call.slice)?;
-    }
+    first_exchanges(
+        call,
+        mine,
+        |()| [0.0, 0.0],
+        |(), all| {
+            let Some(all) = all else { return Err(Error::EmptyBatch) };
+            if sum_in_rank_order(all, 2, 0) == 0.0 {
+                return Err(Error::EmptyDataGroup);
+            }
+            // (the peers' denominator: an overflowing Σ w_b fails them, and so this rank)
+            denominator(spec.reduction, all).map(|_| ())
+        },
+    )?;
     let mut out = crate::LossOutput {
         loss: 0.0,
         per_sample_loss: Vec::new(),
@@ -278,13 +301,60 @@ fn no_samples<I: crate::dtype::TokenId>(
     Ok(out)
 }
 
-/// Sets `plan`'s denominator from the data group's batch (`B` and `Σ w_b` of every rank); a
-/// group of one leaves it.
-fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, dg: &dyn Collective) -> Result<()> {
-    if let Some(all) = gather_pairs(dg, [plan.shape.batch() as f64, plan.weights.iter().sum()])? {
-        plan.set_denominator(denominator(spec.reduction, &all)?, spec.grad_scale);
+/// This rank's batch totals `[B, Σ w_b]`, for the data group's first exchange.
+fn plan_totals(plan: &crate::plan::Plan) -> [f64; 2] {
+    [plan.shape.batch() as f64, plan.weights.iter().sum()]
+}
+
+/// Sets `plan`'s denominator from the data group's batch (`all`: `B` and `Σ w_b` of every rank,
+/// `None` for a group of one, which leaves it).
+fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, all: Option<&[f64]>) -> Result<()> {
+    if let Some(all) = all {
+        plan.set_denominator(denominator(spec.reduction, all)?, spec.grad_scale);
     }
     Ok(())
+}
+
+/// The first exchanges of every sharded call on host buffers, on every path: the data group's
+/// batch totals (`totals` of this rank's preparation), then the vocabulary group's slices.
+/// `mine` is this rank's preparation, or the error it found alone (bad ids or labels, sample
+/// weights beyond `f64`, a buffer of the wrong length, ...); `group` finishes it from the data
+/// group's gathered totals (`None` for a group of one) with the errors every rank of the data
+/// group sees alike (an empty group, a `Σ w_b` beyond `f64`).
+///
+/// A rank that failed, by its own error or by what the data group's exchange told it, still
+/// takes part in both exchanges, its words marked [`FAILED`](steps::FAILED) (the same lengths),
+/// and returns its own error; a rank that did not fail returns [`Error::PeerFailed`] when a
+/// peer's words are so marked. So an error on one rank fails every rank of both groups (on a
+/// grid, the vocabulary group's exchange passes on what a data group learnt) instead of leaving
+/// its peers waiting in an exchange it never joins. An exchange that itself fails
+/// ([`Error::Collective`]) ends the call at once.
+fn first_exchanges<T>(
+    call: &Sharded<'_>,
+    mine: Result<T>,
+    totals: impl FnOnce(&T) -> [f64; 2],
+    group: impl FnOnce(&mut T, Option<&[f64]>) -> Result<()>,
+) -> Result<T> {
+    let send = match &mine {
+        Ok(t) => totals(t),
+        Err(_) => [steps::FAILED; 2],
+    };
+    let all = gather_pairs(call.data_group, send)?;
+    let state = mine.and_then(|mut t| {
+        if let Some(rank) = all.as_deref().and_then(|all| all.chunks_exact(2).position(|p| p[0] == steps::FAILED)) {
+            return Err(Error::PeerFailed { group: "data", rank });
+        }
+        group(&mut t, all.as_deref())?;
+        Ok(t)
+    });
+    if call.vocab_group.size() <= 1 {
+        return state;
+    }
+    let mut ex = call::Exchange::new(call.vocab_group, call.slice);
+    let checked = ex.check_slices(state.is_ok().then_some(call.slice));
+    // this rank's own error first (the exchange then names this rank itself)
+    let t = state?;
+    checked.map(|()| t)
 }
 
 /// This rank's output (`finish(check)`: with or without the check of non-finite positions),

@@ -417,6 +417,11 @@ impl Merge<'_> {
 /// Words after a rank's row statistics in an exchange: its slice `(start, len, vocab)`.
 pub(crate) const SLICE_WORDS: usize = 3;
 
+/// Every word a rank that failed before the call's first exchanges sends in them: its slice
+/// words (and, in the data group, its `[B, Σ w_b]`), in place of numbers that are never
+/// negative. The same lengths as a healthy rank's words, no more bytes.
+pub(crate) const FAILED: f64 = -1.0;
+
 /// Writes the statistics of `st` (`words` per row), then `slice`'s words, into `out`
 /// (`st.len() * words + SLICE_WORDS` long).
 pub(crate) fn encode_sealed(st: &[RowStats], words: usize, slice: VocabSlice, out: &mut [f64]) {
@@ -430,8 +435,14 @@ pub(crate) fn encode_sealed(st: &[RowStats], words: usize, slice: VocabSlice, ou
 /// Checks the slice words that end each rank's `stride` words of an all-gather: whole
 /// numbers, every rank naming `vocab`, the slices tiling `[0, vocab)`. A rank's words that are
 /// not a slice say that the gather was not of whole [`ShardedLoss::partials`] outputs (its
-/// length per rank differs, or only this rank's own were passed).
+/// length per rank differs, or only this rank's own were passed); words all [`FAILED`], that
+/// the rank failed before the exchange ([`Error::PeerFailed`]).
 pub(crate) fn check_sealed(gathered: &[f64], stride: usize, vocab: usize) -> Result<()> {
+    if let Some(rank) =
+        gathered.chunks_exact(stride).position(|w| w[stride - SLICE_WORDS..].iter().all(|&x| x == FAILED))
+    {
+        return Err(Error::PeerFailed { group: "vocabulary", rank });
+    }
     let mut slices = Vec::new();
     let mut vocabs = Vec::new();
     for (r, words) in gathered.chunks_exact(stride).enumerate() {

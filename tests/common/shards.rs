@@ -185,6 +185,47 @@ pub fn run_grid<R: Send>(
     })
 }
 
+/// A `data × vocab` grid of ranks as [`run_grid`] (`(1, n)`: a vocabulary group of `n`, `(n, 1)`
+/// a data group), but whose exchanges wait as a real collective's do (NCCL, gloo): a rank that
+/// has returned is waited for forever, not left. Each rank runs on a detached thread and makes
+/// `calls` calls `f(call, d, v, vocab group, data group)` in turn on the same groups; each
+/// rank's results come back in rank order, `None` for a rank that had not made them all after
+/// `timeout` (its thread is left blocked: a hang fails the test instead of hanging it) or that
+/// panicked.
+pub fn run_grid_or_hang<R: Send + 'static>(
+    data: usize,
+    vocab: usize,
+    calls: usize,
+    timeout: std::time::Duration,
+    f: impl Fn(usize, usize, usize, &ThreadGroup, &ThreadGroup) -> R + Send + Sync + 'static,
+) -> Vec<Option<Vec<R>>> {
+    let mut vgroups: Vec<Vec<Option<ThreadGroup>>> =
+        (0..data).map(|_| ThreadGroup::new(vocab).into_iter().map(Some).collect()).collect();
+    let mut dgroups: Vec<Vec<Option<ThreadGroup>>> =
+        (0..vocab).map(|_| ThreadGroup::new(data).into_iter().map(Some).collect()).collect();
+    let f = Arc::new(f);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for r in 0..data * vocab {
+        let (d, v) = (r / vocab, r % vocab);
+        let (vg, dg) = (vgroups[d][v].take().unwrap(), dgroups[v][d].take().unwrap());
+        let (f, tx) = (f.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let got: Vec<R> = (0..calls).map(|c| f(c, d, v, &vg, &dg)).collect();
+            let _ = tx.send((r, got));
+        });
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out: Vec<Option<Vec<R>>> = (0..data * vocab).map(|_| None).collect();
+    for _ in 0..data * vocab {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok((r, got)) => out[r] = Some(got),
+            Err(_) => break, // timed out, or every thread that could answer has
+        }
+    }
+    out
+}
+
 /// The columns of `slice` of every row.
 pub fn columns<L: Copy>(logits: &[L], vocab: usize, slice: VocabSlice) -> Vec<L> {
     logits.chunks_exact(vocab).flat_map(|row| row[slice.start()..slice.end()].iter().copied()).collect()

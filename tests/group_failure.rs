@@ -1,0 +1,327 @@
+//! A rank of a sharded call that fails on an error of its own before the call's first exchange
+//! (its sample weights beyond f64, its ids, labels or token weights invalid, a buffer of the
+//! wrong length, no samples beside such a peer) fails every rank of its data and vocabulary
+//! groups: itself with its own error, the others with `Error::PeerFailed`, and then every rank
+//! makes the next call in step. The ranks are threads whose exchanges wait as NCCL's or gloo's
+//! do (a rank that returned is waited for forever), each call under a timeout: a rank left
+//! waiting fails the test instead of hanging it.
+
+#[path = "common/shards.rs"]
+mod shards;
+
+use fused_weighted_loss::parallel::{Sharded, VocabSlice};
+use fused_weighted_loss::synthetic;
+use fused_weighted_loss::{
+    Chunking, Error, Grad, LinearGrads, LinearInputs, LinearShape, LossOutput, LossSpec, Reduction, Result, Shape,
+    Tokens,
+};
+use shards::{columns, run_grid_or_hang, ThreadGroup};
+use std::time::Duration;
+
+const T: usize = 6;
+const V: usize = 16;
+const H: usize = 4;
+/// A keyword of weight 1e308: a sample that holds it twice weighs `1 + 2e308`, beyond f64.
+const KEY: i64 = 3;
+/// Far beyond what these calls take (milliseconds) on a loaded 2-core machine.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// How a rank's inputs go wrong in the first call (the second call has none of them).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Fault {
+    None,
+    /// A sample holds the keyword twice: its weight overflows (`plan`).
+    WeightOverflow,
+    /// An id outside the vocabulary.
+    IdOutOfRange,
+    /// A label outside the vocabulary (not `ignore_index`).
+    LabelOutOfRange,
+    /// A NaN token weight.
+    TokenWeightNan,
+    /// One logit (or, fused linear, one weight row element) short.
+    ShortLogits,
+    /// The gradient buffer (fused linear: `d weight`) one element short.
+    ShortGrad,
+    /// No samples this step (`Shape::without_samples`): not a fault by itself.
+    NoSamples,
+}
+
+fn spec(reduction: Reduction) -> LossSpec {
+    LossSpec::builder().weighted_keywords([(KEY, 1e308)]).reduction(reduction).build().unwrap()
+}
+
+/// The samples of data rank `d` (the same on every rank of its vocabulary group): `b` of them,
+/// with `fault` in them; the logits, hidden states and weight of the whole vocabulary.
+struct Samples {
+    b: usize,
+    ids: Vec<i64>,
+    labels: Vec<i64>,
+    token_weights: Vec<f32>,
+    logits: Vec<f32>,
+    hidden: Vec<f32>,
+    weight: Vec<f32>,
+}
+
+impl Samples {
+    fn new(d: usize, b: usize, fault: Fault) -> Samples {
+        let b = if fault == Fault::NoSamples { 0 } else { b };
+        let rows = b * T;
+        let seed = d as u64 + 1;
+        // (no sample holds the keyword unless the fault puts it there)
+        let mut ids: Vec<i64> =
+            synthetic::ids::<i64>(seed, rows, V).into_iter().map(|x| if x == KEY { KEY + 1 } else { x }).collect();
+        let mut labels = ids.clone();
+        let mut token_weights = vec![1.0f32; rows];
+        match fault {
+            Fault::WeightOverflow => (ids[0], ids[1]) = (KEY, KEY),
+            Fault::IdOutOfRange => ids[2] = V as i64,
+            Fault::LabelOutOfRange => labels[3] = -5,
+            Fault::TokenWeightNan => token_weights[4] = f32::NAN,
+            _ => {}
+        }
+        Samples {
+            b,
+            ids,
+            labels,
+            token_weights,
+            logits: synthetic::logits::<f32>(seed, rows * V, 2.0),
+            hidden: synthetic::logits::<f32>(seed ^ 5, rows * H, 1.0),
+            weight: synthetic::logits::<f32>(7, V * H, 0.5),
+        }
+    }
+
+    fn tokens(&self) -> Tokens<'_, i64> {
+        Tokens::new(&self.ids).with_labels(&self.labels).with_token_weights(&self.token_weights)
+    }
+
+    fn shape(&self) -> Shape {
+        if self.b == 0 {
+            Shape::without_samples(T, V).unwrap()
+        } else {
+            Shape::new(self.b, T, V).unwrap()
+        }
+    }
+
+    /// The logits call of the rank that holds `slice`, with a gradient when `grad`.
+    fn logits_call(
+        &self,
+        call: Sharded<'_>,
+        spec: &LossSpec,
+        slice: VocabSlice,
+        fault: Fault,
+        grad: bool,
+    ) -> Result<f64> {
+        let mut local = columns(&self.logits, V, slice);
+        if fault == Fault::ShortLogits {
+            local.pop();
+        }
+        let n = self.b * T * slice.len();
+        let mut g = vec![0f32; if fault == Fault::ShortGrad { n - 1 } else { n }];
+        let dest = if grad { Grad::Into(&mut g) } else { Grad::Skip };
+        call.loss_and_grad(spec, self.shape(), &local, self.tokens(), dest).map(|o: LossOutput| o.loss)
+    }
+
+    /// The fused linear call of the rank that holds `slice` of the weight's rows (`d weight` and
+    /// `d hidden` asked for).
+    fn linear_call(&self, call: Sharded<'_>, spec: &LossSpec, slice: VocabSlice, fault: Fault) -> Result<f64> {
+        let shape = if self.b == 0 {
+            LinearShape::without_samples(T, H, V).unwrap()
+        } else {
+            LinearShape::new(self.b, T, H, V).unwrap()
+        };
+        let mut w = self.weight[slice.start() * H..slice.end() * H].to_vec();
+        if fault == Fault::ShortLogits {
+            w.pop();
+        }
+        let n = slice.len() * H;
+        let mut dw = vec![0f32; if fault == Fault::ShortGrad { n - 1 } else { n }];
+        let mut dh = vec![0f32; self.hidden.len()];
+        let grads = LinearGrads::new().weight(Grad::Into(&mut dw)).hidden(Grad::Into(&mut dh));
+        let inputs = LinearInputs::new(&self.hidden, &w);
+        call.linear_loss_and_grad(spec, shape, inputs, self.tokens(), grads, Chunking::Rows(2)).map(|o| o.loss.loss)
+    }
+}
+
+/// Which call a test makes.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    /// Loss only.
+    Loss,
+    /// Loss and gradient, one row per exchange (the pipelined chunk loop on a vocabulary group).
+    Grad,
+    /// The fused linear split.
+    Linear,
+}
+
+/// Runs two calls on a `data × vocab` grid (a data group alone: `vocab` 1, the single-device
+/// pass; a vocabulary group alone: `data` 1): the first with `fault(d, v)` on rank `(d, v)`, the
+/// second with none. Every rank must have answered both (none left waiting); returns the first
+/// call's results in rank order (`d * vocab + v`) after checking that the second gave every
+/// rank the same loss.
+fn two_calls(
+    data: usize,
+    vocab: usize,
+    reduction: Reduction,
+    path: Path,
+    fault: impl Fn(usize, usize) -> Fault + Send + Sync + 'static,
+) -> Vec<Result<f64>> {
+    let spec = spec(reduction);
+    let outs = run_grid_or_hang(data, vocab, 2, WAIT, move |call, d, v, vg: &ThreadGroup, dg: &ThreadGroup| {
+        let fault = if call == 0 { fault(d, v) } else { Fault::None };
+        let samples = Samples::new(d, 2 + d, fault);
+        let slice = VocabSlice::even(v, vocab, V).unwrap();
+        let sharded = Sharded::vocab_parallel(slice, vg).with_data_group(dg).with_chunk_rows(1);
+        match path {
+            Path::Loss => samples.logits_call(sharded, &spec, slice, fault, false),
+            Path::Grad => samples.logits_call(sharded, &spec, slice, fault, true),
+            Path::Linear => samples.linear_call(sharded, &spec, slice, fault),
+        }
+    });
+    let what = format!("{data} x {vocab} ranks, {path:?}, {reduction:?}");
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for (r, o) in outs.into_iter().enumerate() {
+        let Some(mut calls) = o else {
+            panic!("{what}: rank {r} did not finish its two calls within {WAIT:?}: left waiting in an exchange");
+        };
+        second.push(calls.pop().unwrap());
+        first.push(calls.pop().unwrap());
+    }
+    let loss0 = second[0].as_ref().unwrap_or_else(|e| panic!("{what}: the second call failed: {e}"));
+    for (r, s) in second.iter().enumerate() {
+        assert_eq!(s.as_ref().map(|l| l.to_bits()), Ok(loss0.to_bits()), "{what}: rank {r}'s second call");
+    }
+    first
+}
+
+/// Which error a rank reports.
+type ErrorKind = fn(&Error) -> bool;
+
+fn is_overflow(e: &Error) -> bool {
+    matches!(e, Error::InvalidOption { name: "alpha and the keyword weights", value, .. } if value.is_infinite())
+}
+
+/// Asserts that `failed` ranks report their own error (`own`) and every other rank a peer's
+/// failure (`peer`: the group and rank it names).
+fn assert_group_failed(
+    got: &[Result<f64>],
+    what: &str,
+    failed: impl Fn(usize) -> bool,
+    own: impl Fn(&Error) -> bool,
+    peer: impl Fn(usize) -> (&'static str, usize),
+) {
+    for (r, g) in got.iter().enumerate() {
+        if failed(r) {
+            assert!(matches!(g, Err(e) if own(e)), "{what}: rank {r} (its own error): {got:?}");
+        } else {
+            let (group, rank) = peer(r);
+            assert_eq!(g, &Err(Error::PeerFailed { group, rank }), "{what}: rank {r} (a peer's failure): {got:?}");
+        }
+    }
+}
+
+/// The reported defect: a data-parallel rank whose own sample weights overflow returned its error
+/// at once (while planning), and its peers waited for it in the exchange of the batch totals.
+#[test]
+fn sample_weights_that_overflow_on_one_data_rank_fail_every_rank() {
+    for path in [Path::Loss, Path::Grad, Path::Linear] {
+        for reduction in [Reduction::Mean, Reduction::WeightedMean, Reduction::Sum] {
+            let got = two_calls(3, 1, reduction, path, |d, _| if d == 1 { Fault::WeightOverflow } else { Fault::None });
+            let what = format!("data group of 3, {path:?}, {reduction:?}");
+            assert_group_failed(&got, &what, |r| r == 1, is_overflow, |_| ("data", 1));
+        }
+    }
+}
+
+/// Every kind of rank-local input error, on one data rank of a 2 x 2 grid (both ranks of its
+/// vocabulary group hold the same samples, so both find it): the other data row learns it in the
+/// data group's exchange.
+#[test]
+fn a_data_row_of_a_grid_with_bad_tokens_fails_every_rank() {
+    let kinds: [(Fault, ErrorKind); 4] = [
+        (Fault::WeightOverflow, is_overflow),
+        (Fault::IdOutOfRange, |e| matches!(e, Error::IdOutOfRange { what: "ids", .. })),
+        (Fault::LabelOutOfRange, |e| matches!(e, Error::IdOutOfRange { what: "labels", value: -5, .. })),
+        (Fault::TokenWeightNan, |e| matches!(e, Error::InvalidTokenWeight { .. })),
+    ];
+    for path in [Path::Loss, Path::Grad, Path::Linear] {
+        for (fault, own) in kinds {
+            let got =
+                two_calls(2, 2, Reduction::WeightedMean, path, move |d, _| if d == 0 { fault } else { Fault::None });
+            let what = format!("2 x 2 grid, {fault:?} on data row 0, {path:?}");
+            // ranks (0, 0), (0, 1) fail; (1, v) hears it from (0, v) in its data group
+            assert_group_failed(&got, &what, |r| r < 2, own, |_| ("data", 0));
+        }
+    }
+}
+
+/// An error only one rank of a grid sees (a buffer of its own of the wrong length): its data
+/// group learns it in the first exchange, its vocabulary group in the second, and the rank
+/// diagonal to it from its own vocabulary group, which learnt it from the data group.
+#[test]
+fn one_rank_of_a_grid_with_a_short_buffer_fails_all_four() {
+    for path in [Path::Loss, Path::Grad, Path::Linear] {
+        for fault in [Fault::ShortLogits, Fault::ShortGrad] {
+            if matches!((path, fault), (Path::Loss, Fault::ShortGrad)) {
+                continue; // no gradient buffer
+            }
+            let got =
+                two_calls(2, 2, Reduction::Mean, path, move |d, v| if (d, v) == (0, 0) { fault } else { Fault::None });
+            let what = format!("2 x 2 grid, {fault:?} on rank (0, 0), {path:?}");
+            let own = |e: &Error| {
+                matches!(e, Error::LengthMismatch { .. } | Error::GradLength { .. } | Error::ShapeMismatch { .. })
+            };
+            // (0, 1): vocabulary rank 0; (1, 0): data rank 0; (1, 1): vocabulary rank 0, i.e. (1, 0)
+            let peer = |r| if r == 2 { ("data", 0) } else { ("vocabulary", 0) };
+            assert_group_failed(&got, &what, |r| r == 0, own, peer);
+        }
+    }
+}
+
+/// A vocabulary group alone: a rank whose own buffer is wrong fails, the others hear it in the
+/// exchange of the slices.
+#[test]
+fn one_rank_of_a_vocabulary_group_with_a_short_buffer_fails_every_rank() {
+    for path in [Path::Loss, Path::Grad, Path::Linear] {
+        let got = two_calls(1, 3, Reduction::Mean, path, |_, v| if v == 2 { Fault::ShortLogits } else { Fault::None });
+        let own = |e: &Error| matches!(e, Error::LengthMismatch { .. } | Error::ShapeMismatch { .. });
+        assert_group_failed(&got, &format!("vocabulary group of 3, {path:?}"), |r| r == 2, own, |_| ("vocabulary", 2));
+    }
+}
+
+/// A rank without samples beside a rank that fails: it fails too (it joins the same exchanges).
+#[test]
+fn a_rank_without_samples_fails_with_its_failing_peer() {
+    for path in [Path::Loss, Path::Grad, Path::Linear] {
+        let fault = |d: usize, _| match d {
+            0 => Fault::NoSamples,
+            1 => Fault::WeightOverflow,
+            _ => Fault::None,
+        };
+        let got = two_calls(3, 1, Reduction::WeightedMean, path, fault);
+        assert_group_failed(&got, &format!("data group of 3, {path:?}"), |r| r == 1, is_overflow, |_| ("data", 1));
+        // and on a grid, whose empty data row also joins its vocabulary group's exchange
+        let got = two_calls(2, 2, Reduction::WeightedMean, path, fault);
+        assert_group_failed(&got, &format!("2 x 2 grid, {path:?}"), |r| r >= 2, is_overflow, |_| ("data", 1));
+    }
+}
+
+/// Every rank's own sample weights finite, their sum over the data group not, with a rank
+/// without samples: under the weighted mean every rank fails alike, the empty one included (it
+/// took its peers' denominator to be fine and waited for them in the exchange of the loss).
+#[test]
+fn a_rank_without_samples_fails_with_a_group_whose_weight_sum_overflows() {
+    for (data, vocab) in [(3, 1), (3, 2)] {
+        let spec = LossSpec::builder().alpha(1e308).reduction(Reduction::WeightedMean).build().unwrap();
+        let outs = run_grid_or_hang(data, vocab, 1, WAIT, move |_, d, v, vg, dg| {
+            let samples = Samples::new(d, 1, if d == 0 { Fault::NoSamples } else { Fault::None });
+            let slice = VocabSlice::even(v, vocab, V).unwrap();
+            let sharded = Sharded::vocab_parallel(slice, vg).with_data_group(dg);
+            samples.logits_call(sharded, &spec, slice, Fault::None, false)
+        });
+        for (r, o) in outs.iter().enumerate() {
+            let got = o.as_ref().unwrap_or_else(|| panic!("{data} x {vocab}: rank {r} left waiting in an exchange"));
+            assert!(matches!(&got[0], Err(e) if is_overflow(e)), "{data} x {vocab}: rank {r}: {got:?}");
+        }
+    }
+}
