@@ -28,6 +28,7 @@
 #define FWL_STATUS_BAD_LABEL 2u
 #define FWL_STATUS_NON_FINITE 4u
 #define FWL_STATUS_BAD_TOKEN_WEIGHT 8u
+#define FWL_STATUS_BAD_SAMPLE_WEIGHT 16u  /* alpha * (1 + hits), or their sum, not finite */
 
 /* What the kernels found that the host reports as errors when it reads the results. Indexes
  * are flat `b * T + t`; -1 when nothing was found. */
@@ -42,6 +43,7 @@ typedef struct FwlStatus {
     int64_t bad_weight_index;
     float bad_weight_value;
     uint32_t reserved2;
+    double bad_sample_weight; /* the first non-finite sample weight, else the weighted mean's sum */
 } FwlStatus;
 
 /* Plan kernel (one block): validates the tokens, works out targets, weights and per-sample

@@ -215,7 +215,9 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
     const I *labels = p.labels ? static_cast<const I *>(p.labels) : ids;
     __shared__ int64_t kw[FWL_MAX_KEYWORDS];
     __shared__ double kww[FWL_MAX_KEYWORDS];
-    __shared__ int64_t bad[5][32];  // per warp: id index, id value, label index, label value, weight index
+    // per warp: id index, id value, label index, label value, token weight index, sample index of
+    // a non-finite sample weight
+    __shared__ int64_t bad[6][32];
     __shared__ double part[32];
     for (int k = threadIdx.x; k < p.num_keywords; k += blockDim.x) {
         kw[k] = p.keyword_ids[k];
@@ -223,7 +225,7 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
     }
     __syncthreads();
 
-    int64_t bad_id = INT64_MAX, bad_id_v = 0, bad_lab = INT64_MAX, bad_lab_v = 0, bad_w = INT64_MAX;
+    int64_t bad_id = INT64_MAX, bad_id_v = 0, bad_lab = INT64_MAX, bad_lab_v = 0, bad_w = INT64_MAX, bad_sw = INT64_MAX;
     // one warp per sample: lanes stride over positions, then a fixed butterfly
     for (int64_t b = warp; b < B; b += nwarps) {
         double hits = 0.0;
@@ -259,6 +261,8 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
         valid = warp_sum(valid);
         if (lane == 0) {
             p.weights[b] = p.alpha * (1.0 + hits);
+            // beyond double (alpha near its range): the host reports it, as the CPU plan does
+            if (!isfinite(p.weights[b]) && b < bad_sw) bad_sw = b;
             p.valid[b] = valid;
             p.row_div[b] = p.row_mean == FWL_ROW_MEAN_ALL ? static_cast<double>(T - 1) : static_cast<double>(valid);
         }
@@ -278,6 +282,7 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
         bad[2][warp] = bad_lab;
         bad[3][warp] = bad_lab_v;
         bad[4][warp] = bad_w;
+        bad[5][warp] = bad_sw;  // lane 0's: the only lane that sets it
     }
     __syncthreads();  // also makes this block's weights/row_div writes visible to all its threads
 
@@ -312,6 +317,7 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
         st.bad_weight_index = -1;
         st.bad_weight_value = 0.f;
         st.reserved2 = 0;
+        st.bad_sample_weight = 0.0;
         for (int w = 0; w < nwarps; ++w) {
             if (bad[4][w] != INT64_MAX && (st.bad_weight_index < 0 || bad[4][w] < st.bad_weight_index))
                 st.bad_weight_index = bad[4][w];
@@ -329,6 +335,16 @@ template <typename I> __device__ void plan_impl(const FwlPlanParams &p) {
         if (st.bad_weight_index >= 0) {
             st.flags |= FWL_STATUS_BAD_TOKEN_WEIGHT;
             st.bad_weight_value = p.token_weights[st.bad_weight_index];
+        }
+        int64_t sw = INT64_MAX;
+        for (int w = 0; w < nwarps; ++w) sw = bad[5][w] < sw ? bad[5][w] : sw;
+        if (sw != INT64_MAX) {
+            st.flags |= FWL_STATUS_BAD_SAMPLE_WEIGHT;
+            st.bad_sample_weight = p.weights[sw];
+        } else if (p.reduction == FWL_REDUCE_WEIGHTED_MEAN && !isfinite(denom)) {
+            // every weight finite, their sum not: every w_b / sum would be 0
+            st.flags |= FWL_STATUS_BAD_SAMPLE_WEIGHT;
+            st.bad_sample_weight = denom;
         }
         st.non_finite_row = -1;
         *p.status = st;

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{check_cuda, confident_cases, confident_inputs, gpu_or_skip, random_inputs};
-use fused_weighted_loss::{bf16, f16, DType, LossSpec, Reduction, RowMean, Shape, Tokens};
+use fused_weighted_loss::{bf16, f16, DType, Grad, LossSpec, Reduction, RowMean, Shape, Tokens};
 
 #[test]
 fn gpu_random_shapes_all_dtypes() {
@@ -122,7 +122,7 @@ fn gpu_agrees_with_cpu_and_is_deterministic() {
     let run = |backend| {
         let spec = LossSpec::builder().keywords([ids[5]]).backend(backend).build().unwrap();
         let mut g = vec![0f32; shape.logits_len()];
-        let out = spec.loss_and_grad(shape, &l, Tokens::new(&ids), fused_weighted_loss::Grad::IntoF32(&mut g)).unwrap();
+        let out = spec.loss_and_grad(shape, &l, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap();
         (out, g)
     };
     let (a, ga) = run(fused_weighted_loss::Backend::Cuda);
@@ -416,5 +416,21 @@ mod device_api {
         let out = loss.loss(&spec, shape, &stream, &d_bad.as_view(), &DeviceInputs::new(&ok_v)).unwrap();
         let e = out.to_host(&stream).unwrap_err();
         assert!(matches!(e, Error::NonFinite { batch: 0, position: 1, .. }), "{e}");
+        // sample weights alpha · (1 + hits) beyond f64, and a weighted mean whose sum of finite
+        // weights is not: the CPU plan's error, found by the plan kernel (they were silently
+        // infinite, or every w_b / Σ w 0)
+        for spec in [
+            LossSpec::builder().alpha(1e308).keywords([ok_ids[0]]).build().unwrap(),
+            LossSpec::builder().alpha(1e308).reduction(Reduction::WeightedMean).build().unwrap(),
+        ] {
+            let cpu = spec.to_builder().backend(fused_weighted_loss::Backend::Cpu).build().unwrap();
+            let want = cpu.loss_and_grad(shape, &l, Tokens::new(&ok_ids), Grad::Skip).unwrap_err();
+            assert!(matches!(want, Error::InvalidOption { name: "alpha and the keyword weights", .. }), "{want}");
+            let out = loss.loss(&spec, shape, &stream, &d_l.as_view(), &DeviceInputs::new(&ok_v)).unwrap();
+            assert_eq!(out.to_host(&stream).unwrap_err(), want);
+            // host buffers through the CUDA backend
+            let cuda = spec.to_builder().backend(fused_weighted_loss::Backend::Cuda).build().unwrap();
+            assert_eq!(cuda.loss_and_grad(shape, &l, Tokens::new(&ok_ids), Grad::Skip).unwrap_err(), want);
+        }
     }
 }

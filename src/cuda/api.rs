@@ -69,7 +69,8 @@ pub struct DeviceLossOutput {
 
 impl DeviceLossOutput {
     /// Waits for the call's work on `stream` and reports what the kernels found: ids or labels
-    /// outside the vocabulary, and (with `check_finite`) a non-finite loss.
+    /// outside the vocabulary, non-finite token weights, sample weights `alpha · (1 + hits)` (or,
+    /// for the weighted mean, their sum) beyond `f64`, and (with `check_finite`) a non-finite loss.
     pub fn check(&self, stream: &Arc<CudaStream>) -> Result<()> {
         let mut st = [FwlStatus::default()];
         stream.memcpy_dtoh(&self.status, &mut st).map_err(drv("reading the status"))?;
@@ -96,6 +97,9 @@ impl DeviceLossOutput {
                 position: (i % t) as usize,
                 value: st.bad_weight_value,
             });
+        }
+        if st.flags & params::FWL_STATUS_BAD_SAMPLE_WEIGHT != 0 {
+            return Err(crate::plan::weights_overflow(st.bad_sample_weight));
         }
         if self.check_finite && st.flags & params::FWL_STATUS_NON_FINITE != 0 {
             let i = st.non_finite_row;
