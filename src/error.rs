@@ -219,16 +219,37 @@ pub enum Error {
     /// part in those exchanges with its words marked as failed and reports its own error; every
     /// other rank of its groups reports this one, rather than wait for it in a later exchange
     /// (no rank has written a gradient then).
-    /// On a 2-D grid the rank named may be one that learned of the failure from its other group.
+    /// On a 2-D grid the rank named may be one that learned of the failure from its other group,
+    /// or one whose vocabulary group failed its first exchange's checks (slices, shapes).
     #[error(
-        "rank {rank} of the {group} group failed before the exchanges of this call (its own error is reported on \
-         that rank); no gradient was written on this rank"
+        "rank {rank} of the {group} group failed before or in the first exchanges of this call (its own error is \
+         reported on that rank); no gradient was written on this rank"
     )]
     PeerFailed {
         /// `"data"` or `"vocabulary"`: the group whose exchange carried the failure.
         group: &'static str,
         /// The failed rank's index in that group (the first in rank order).
         rank: usize,
+    },
+    /// The ranks of a vocabulary group ([`parallel::Sharded`](crate::parallel::Sharded)) were
+    /// called with tokens of different shapes: every rank of a vocabulary group holds the same
+    /// samples (the same `[B, T]` ids), and other shapes would make their later exchanges differ
+    /// in number and length (a hang or an abort in a real collective). Found in the group's
+    /// first exchange, which carries every rank's `[B, T]`, and reported alike on every rank of
+    /// the group before any gradient is written: the first rank, in rank order, whose shape is
+    /// not rank 0's. A rank without samples ([`Shape::without_samples`]) beside ranks with
+    /// samples is one (`B = 0`).
+    #[error(
+        "rank {rank} of the vocabulary group was called with ids of shape [B, T] = {got:?}, rank 0 with \
+         {expected:?}: every rank of a vocabulary group must hold the same samples"
+    )]
+    GroupShapeMismatch {
+        /// The first rank (in the group's rank order) whose `[B, T]` differs from rank 0's.
+        rank: usize,
+        /// Rank 0's `[B, T]`.
+        expected: [usize; 2],
+        /// That rank's `[B, T]`.
+        got: [usize; 2],
     },
     /// A buffer of a sharded step or of an exchange has the wrong length.
     #[error("{what} has {got} elements, expected {expected}")]

@@ -44,6 +44,10 @@ enum Fault {
     ShortGrad,
     /// No samples this step (`Shape::without_samples`): not a fault by itself.
     NoSamples,
+    /// One sample fewer than the rank's vocabulary-group peers hold.
+    FewerSamples,
+    /// The same rows as its peers' samples, as twice the samples of half their length.
+    OtherSeq,
 }
 
 fn spec(reduction: Reduction) -> LossSpec {
@@ -54,6 +58,7 @@ fn spec(reduction: Reduction) -> LossSpec {
 /// with `fault` in them; the logits, hidden states and weight of the whole vocabulary.
 struct Samples {
     b: usize,
+    t: usize,
     ids: Vec<i64>,
     labels: Vec<i64>,
     token_weights: Vec<f32>,
@@ -64,8 +69,13 @@ struct Samples {
 
 impl Samples {
     fn new(d: usize, b: usize, fault: Fault) -> Samples {
-        let b = if fault == Fault::NoSamples { 0 } else { b };
-        let rows = b * T;
+        let (b, t) = match fault {
+            Fault::NoSamples => (0, T),
+            Fault::FewerSamples => (b - 1, T),
+            Fault::OtherSeq => (2 * b, T / 2),
+            _ => (b, T),
+        };
+        let rows = b * t;
         let seed = d as u64 + 1;
         // (no sample holds the keyword unless the fault puts it there)
         let mut ids: Vec<i64> =
@@ -81,6 +91,7 @@ impl Samples {
         }
         Samples {
             b,
+            t,
             ids,
             labels,
             token_weights,
@@ -96,9 +107,9 @@ impl Samples {
 
     fn shape(&self) -> Shape {
         if self.b == 0 {
-            Shape::without_samples(T, V).unwrap()
+            Shape::without_samples(self.t, V).unwrap()
         } else {
-            Shape::new(self.b, T, V).unwrap()
+            Shape::new(self.b, self.t, V).unwrap()
         }
     }
 
@@ -115,7 +126,7 @@ impl Samples {
         if fault == Fault::ShortLogits {
             local.pop();
         }
-        let n = self.b * T * slice.len();
+        let n = self.b * self.t * slice.len();
         let mut g = vec![0f32; if fault == Fault::ShortGrad { n - 1 } else { n }];
         let dest = if grad { Grad::Into(&mut g) } else { Grad::Skip };
         call.loss_and_grad(spec, self.shape(), &local, self.tokens(), dest).map(|o: LossOutput| o.loss)
@@ -125,9 +136,9 @@ impl Samples {
     /// `d hidden` asked for).
     fn linear_call(&self, call: Sharded<'_>, spec: &LossSpec, slice: VocabSlice, fault: Fault) -> Result<f64> {
         let shape = if self.b == 0 {
-            LinearShape::without_samples(T, H, V).unwrap()
+            LinearShape::without_samples(self.t, H, V).unwrap()
         } else {
-            LinearShape::new(self.b, T, H, V).unwrap()
+            LinearShape::new(self.b, self.t, H, V).unwrap()
         };
         let mut w = self.weight[slice.start() * H..slice.end() * H].to_vec();
         if fault == Fault::ShortLogits {
@@ -255,9 +266,9 @@ fn a_data_row_of_a_grid_with_bad_tokens_fails_every_rank() {
     }
 }
 
-/// An error only one rank of a grid sees (a buffer of its own of the wrong length): its data
-/// group learns it in the first exchange, its vocabulary group in the second, and the rank
-/// diagonal to it from its own vocabulary group, which learnt it from the data group.
+/// An error only one rank of a grid sees (a buffer of its own of the wrong length): its
+/// vocabulary group learns it in the first exchange, its data group in the second, and the rank
+/// diagonal to it from its own data group, whose other rank learnt it from the vocabulary group.
 #[test]
 fn one_rank_of_a_grid_with_a_short_buffer_fails_all_four() {
     for path in [Path::Loss, Path::Grad, Path::Linear] {
@@ -271,8 +282,8 @@ fn one_rank_of_a_grid_with_a_short_buffer_fails_all_four() {
             let own = |e: &Error| {
                 matches!(e, Error::LengthMismatch { .. } | Error::GradLength { .. } | Error::ShapeMismatch { .. })
             };
-            // (0, 1): vocabulary rank 0; (1, 0): data rank 0; (1, 1): vocabulary rank 0, i.e. (1, 0)
-            let peer = |r| if r == 2 { ("data", 0) } else { ("vocabulary", 0) };
+            // (0, 1): vocabulary rank 0; (1, 0): data rank 0; (1, 1): data rank 0, i.e. (0, 1)
+            let peer = |r| if r == 1 { ("vocabulary", 0) } else { ("data", 0) };
             assert_group_failed(&got, &what, |r| r == 0, own, peer);
         }
     }
@@ -322,6 +333,96 @@ fn a_rank_without_samples_fails_with_a_group_whose_weight_sum_overflows() {
         for (r, o) in outs.iter().enumerate() {
             let got = o.as_ref().unwrap_or_else(|| panic!("{data} x {vocab}: rank {r} left waiting in an exchange"));
             assert!(matches!(&got[0], Err(e) if is_overflow(e)), "{data} x {vocab}: rank {r}: {got:?}");
+        }
+    }
+}
+
+/// The reported defect: ranks of one vocabulary group called with tokens of different shapes (a
+/// sample fewer, the same rows as samples of another length, no samples beside samples) cut
+/// different chunks, so their later exchanges differed in number or length (a hang or an abort
+/// with NCCL or gloo; the same rows in another `[B, T]`, a wrong loss). The group's first
+/// exchange carries every rank's `[B, T]`: every rank of the group fails alike, naming the first
+/// rank whose shape is not rank 0's, and on a grid the other data row hears it from its data
+/// group; then every rank makes the next call in step.
+#[test]
+fn ranks_of_a_vocabulary_group_with_different_shapes_fail_every_rank() {
+    // (fault, rank of the vocabulary group that has it, rank 0's [B, T], that rank's)
+    let cases = [
+        (Fault::FewerSamples, 1, [2, T], [1, T]),
+        (Fault::FewerSamples, 0, [1, T], [2, T]),
+        (Fault::OtherSeq, 1, [2, T], [4, T / 2]),
+        (Fault::NoSamples, 1, [2, T], [0, T]),
+    ];
+    for path in [Path::Loss, Path::Grad, Path::Linear] {
+        for (fault, odd, expected, got_shape) in cases {
+            let mismatch = Error::GroupShapeMismatch { rank: if odd == 0 { 1 } else { odd }, expected, got: got_shape };
+            // a vocabulary group alone, of 2 and of 3 ranks (a rank without samples needs a data
+            // group: alone, its call is an error of its own, EmptyBatch, told to its peers)
+            for vocab in [2, 3] {
+                if fault == Fault::NoSamples {
+                    continue;
+                }
+                let got =
+                    two_calls(1, vocab, Reduction::Mean, path, move |_, v| if v == odd { fault } else { Fault::None });
+                let what = format!("vocabulary group of {vocab}, {fault:?} on rank {odd}, {path:?}");
+                for (r, g) in got.iter().enumerate() {
+                    assert_eq!(g, &Err(mismatch.clone()), "{what}: rank {r}: {got:?}");
+                }
+            }
+            // a 2 x 2 grid, the fault on rank (0, odd): vocabulary row 0 fails alike, row 1 hears
+            // it from its data groups
+            let got =
+                two_calls(
+                    2,
+                    2,
+                    Reduction::WeightedMean,
+                    path,
+                    move |d, v| {
+                        if (d, v) == (0, odd) {
+                            fault
+                        } else {
+                            Fault::None
+                        }
+                    },
+                );
+            let what = format!("2 x 2 grid, {fault:?} on rank (0, {odd}), {path:?}");
+            assert_group_failed(&got, &what, |r| r < 2, |e| e == &mismatch, |_| ("data", 0));
+        }
+    }
+}
+
+/// A caller that fails before it can make its call (a binding's own checks of its tensors)
+/// fails its groups through `Sharded::fail_with`: its peers' calls return `PeerFailed` instead
+/// of waiting for it, and every rank makes the next call in step.
+#[test]
+fn a_rank_that_fails_before_its_call_fails_every_rank() {
+    for path in [Path::Loss, Path::Grad, Path::Linear] {
+        for (data, vocab) in [(1, 3), (3, 1), (2, 2)] {
+            let spec = spec(Reduction::Mean);
+            let outs = run_grid_or_hang(data, vocab, 2, WAIT, move |call, d, v, vg: &ThreadGroup, dg: &ThreadGroup| {
+                let samples = Samples::new(d, 2 + d, Fault::None);
+                let slice = VocabSlice::even(v, vocab, V).unwrap();
+                let sharded = Sharded::vocab_parallel(slice, vg).with_data_group(dg).with_chunk_rows(1);
+                if call == 0 && (d, v) == (data - 1, vocab - 1) {
+                    return Err(sharded.fail_with(Error::EmptyHidden));
+                }
+                match path {
+                    Path::Loss => samples.logits_call(sharded, &spec, slice, Fault::None, false),
+                    Path::Grad => samples.logits_call(sharded, &spec, slice, Fault::None, true),
+                    Path::Linear => samples.linear_call(sharded, &spec, slice, Fault::None),
+                }
+            });
+            let what = format!("{data} x {vocab}, {path:?}");
+            let last = data * vocab - 1;
+            let mut first = Vec::new();
+            for (r, o) in outs.into_iter().enumerate() {
+                let calls = o.unwrap_or_else(|| panic!("{what}: rank {r} left waiting in an exchange"));
+                assert!(calls[1].is_ok(), "{what}: rank {r}'s second call: {calls:?}");
+                first.push(calls[0].clone());
+            }
+            // (the failed rank is the last of its groups: its vocabulary group hears it first)
+            let peer = |r: usize| if r / vocab == data - 1 { ("vocabulary", vocab - 1) } else { ("data", data - 1) };
+            assert_group_failed(&first, &what, |r| r == last, |e| e == &Error::EmptyHidden, peer);
         }
     }
 }

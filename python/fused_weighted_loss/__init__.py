@@ -23,6 +23,7 @@ gradient (one tensor of the logits' shape and dtype) until the backward, which s
 upstream gradient in place. When the logits do not require a gradient (or under
 ``torch.no_grad()``) only the loss is computed and nothing is kept.
 """
+import contextlib
 import math
 from typing import Iterable, NamedTuple, Optional, Sequence
 
@@ -206,9 +207,14 @@ def weighted_loss(
       ids, labels, keywords and token weights are global and the same on every rank of the group.
       Every rank returns the loss over the whole vocabulary; the gradient is that of this rank's
       slice. The slices are checked to tile the vocabulary, without gaps or overlaps, and every
-      rank to name the same ``vocab_size``, the first time each rank uses its slice with the
-      group (the check is a collective, and each rank remembers what it checked: when the slices
-      change between calls, every rank's must change, or the ranks that did not wait).
+      rank to name the same ``vocab_size``: on CPU tensors on every call, with the check that
+      every rank holds ids of the same ``[B, T]`` (a ``ValueError`` on every rank otherwise); on
+      CUDA tensors the first time each rank uses the group (the check is a collective that waits
+      for the device; ``[B, T]`` is not checked there).
+    - On CPU tensors an error of one rank's own inputs, found by this package's checks or the
+      crate's, raises on every rank of its groups: that rank's own exception there, a
+      ``ValueError`` naming it on the others (none waits for it in an exchange). On CUDA tensors
+      such an error leaves the other ranks waiting for this one.
     - ``data_group``: data-parallel. This rank holds some samples; ``reduction="mean"`` divides
       by the global batch and ``"weighted_mean"`` by the global sum of weights, so that loss and
       gradients equal the single-device result on the concatenated batch, and every rank returns
@@ -219,30 +225,38 @@ def weighted_loss(
       same on every rank; at least 1; None, the default: what keeps a chunk in cache).
 
     Per call each rank sends ``8 * W`` bytes per row to its vocabulary group on CPU (``W`` = 3, 4
-    with label smoothing, 5 with soft-capping) and ``4 * W`` on CUDA (``W`` = 3, 5 with label smoothing), and 16 bytes
+    with label smoothing, 5 with soft-capping; and 24 per exchange, 40 in the first: the slice
+    and ``[B, T]``) and ``4 * W`` on CUDA (``W`` = 3, 5 with label smoothing), and 16 bytes
     twice to its data group. This path is an eager autograd function (``torch.compile`` breaks the
     graph around it).
     """
-    if not isinstance(logits, Tensor) or not isinstance(ids, Tensor):
-        raise TypeError("logits and ids must be torch tensors")
-    for name, t in (("labels", labels), ("token_weights", token_weights)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch tensor or None")
-    _check_devices(logits, ids, labels, token_weights)
-    # dense CPU/CUDA tensors first: `.contiguous()` of a sparse or nested tensor raises torch's
-    # own error, not the ValueError promised
-    _check_kinds({"logits": logits, "ids": ids, "labels": labels, "token_weights": token_weights})
-    kw, kww = _keyword_lists(keywords, keyword_weights)
-    ignore_index = _index("ignore_index", ignore_index)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    chunk_rows = _chunk_rows(chunk_rows)  # checked with or without a group
-    grad_f32 = _grad_f32(logits, kept_grad_dtype)
-    outputs = bool(return_per_sample) or bool(return_token_loss)
-    if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
-        return _sharded(logits, ids, labels, token_weights, process_group, data_group, vocab_start, vocab_size,
-                        chunk_rows, compute_grad, grad_f32, outputs, bool(return_token_loss), bool(check_ids),
-                        (kw, kww, float(alpha), ignore_index, str(row_mean), str(reduction), bool(check_finite),
-                         float(z_loss), float(label_smoothing), None if softcap is None else float(softcap)))
+    sharded = process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None
+    # (a split: this rank's errors here fail its groups, not only this rank: see _fails_together)
+    with _fails_together(sharded, process_group, data_group, logits):
+        if not isinstance(logits, Tensor) or not isinstance(ids, Tensor):
+            raise TypeError("logits and ids must be torch tensors")
+        for name, t in (("labels", labels), ("token_weights", token_weights)):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch tensor or None")
+        _check_devices(logits, ids, labels, token_weights)
+        # dense CPU/CUDA tensors first: `.contiguous()` of a sparse or nested tensor raises torch's
+        # own error, not the ValueError promised
+        _check_kinds({"logits": logits, "ids": ids, "labels": labels, "token_weights": token_weights})
+        kw, kww = _keyword_lists(keywords, keyword_weights)
+        ignore_index = _index("ignore_index", ignore_index)
+        compute_grad = torch.is_grad_enabled() and logits.requires_grad
+        chunk_rows = _chunk_rows(chunk_rows)  # checked with or without a group
+        grad_f32 = _grad_f32(logits, kept_grad_dtype)
+        outputs = bool(return_per_sample) or bool(return_token_loss)
+        if sharded:
+            split = _sharded_args(logits, ids, labels, token_weights, process_group, data_group, vocab_start,
+                                  vocab_size, chunk_rows, compute_grad, grad_f32, outputs, bool(return_token_loss),
+                                  bool(check_ids),
+                                  (kw, kww, float(alpha), ignore_index, str(row_mean), str(reduction),
+                                   bool(check_finite), float(z_loss), float(label_smoothing),
+                                   None if softcap is None else float(softcap)))
+    if sharded:
+        return _sharded(*split, outputs, bool(return_token_loss))
     alpha, scale = _alpha(alpha)
     loss, per, weights, z, token_loss, _ = _loss_op(
         logits.contiguous(),
@@ -275,10 +289,23 @@ def _grad_f32(logits: Tensor, kept_grad_dtype) -> bool:
     return kept_grad_dtype == torch.float32 and logits.dtype != torch.float32
 
 
-def _sharded(logits, ids, labels, token_weights, process_group, data_group, vocab_start, vocab_size, chunk_rows,
-             compute_grad, grad_f32, outputs, return_token_loss, check_ids, options):
+def _fails_together(sharded: bool, process_group, data_group, first):
+    """Where a sharded call (``sharded``) makes this rank's checks before the crate's call, which
+    makes the call's first exchanges: an exception raised there fails the call's groups before it
+    propagates (``_dist.fails_together``), so that no peer waits for this rank in an exchange."""
+    if not sharded:
+        return contextlib.nullcontext()
     from . import _dist
 
+    return _dist.fails_together(process_group, data_group, first)
+
+
+def _sharded_args(logits, ids, labels, token_weights, process_group, data_group, vocab_start, vocab_size,
+                  chunk_rows, compute_grad, grad_f32, outputs, return_token_loss, check_ids, options):
+    """The checked arguments of the split's autograd function (see :func:`_sharded`)."""
+    from . import _dist
+
+    _dist.check_logits(logits)
     params = dict(
         check=check_ids,
         options=options,
@@ -291,13 +318,19 @@ def _sharded(logits, ids, labels, token_weights, process_group, data_group, voca
         want_per_sample=outputs,
         want_token_loss=return_token_loss,
     )
-    loss, per, weights, z, token_loss = _dist.ShardedLoss.apply(
+    args = (
         logits.contiguous(),
         ids.contiguous(),
         labels.contiguous() if labels is not None else None,
         token_weights.detach().contiguous() if token_weights is not None else None,
-        params,
     )
+    return args, params
+
+
+def _sharded(args, params, outputs, return_token_loss):
+    from . import _dist
+
+    loss, per, weights, z, token_loss = _dist.ShardedLoss.apply(*args, params)
     if outputs:
         return LossOutput(loss, per, weights, z, token_loss if return_token_loss else None)
     return loss
@@ -392,45 +425,49 @@ def weighted_linear_loss(
     row (20) on CUDA tensors, one all-gather per chunk of rows (CUDA: per logits product, a
     quarter of a chunk for 16-bit inputs). This path is an eager ``torch.autograd.Function``.
     """
-    named = dict(weight=weight, ids=ids)
-    for name, t in named.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch tensor")
-    if not isinstance(hidden, Tensor):
-        raise TypeError("hidden must be a torch tensor")
-    for name, t in (("bias", bias), ("labels", labels), ("token_weights", token_weights)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch tensor or None")
-    _check_linear_devices(hidden, dict(named, bias=bias, labels=labels, token_weights=token_weights))
-    _check_kinds(dict(named, hidden=hidden, bias=bias, labels=labels, token_weights=token_weights))
-    kw, kww = _keyword_lists(keywords, keyword_weights)
-    ignore_index = _index("ignore_index", ignore_index)
-    grad_on = torch.is_grad_enabled()
-    grads = "".join(flag for flag, t in zip("hwb", (hidden, weight, bias))
-                    if grad_on and t is not None and t.requires_grad)
-    args = (
-        hidden.contiguous(),
-        weight.contiguous(),
-        bias.contiguous() if bias is not None else None,
-        ids.contiguous(),
-        labels.contiguous() if labels is not None else None,
-        token_weights.detach().contiguous() if token_weights is not None else None,
-    )
-    alpha, scale = _alpha(alpha)
-    mode = linear_mode_string(str(row_mean), str(reduction), grads, bool(return_per_sample), bool(check_ids),
-                              bool(check_finite), accumulate_f32=bool(accumulate_f32),
-                              chunk_rows=_optional_int("chunk_rows", chunk_rows),
-                              chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=alpha,
-                              ignore_index=ignore_index, z_loss=float(z_loss),
-                              label_smoothing=float(label_smoothing),
-                              softcap=None if softcap is None else float(softcap))
-    if process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None:
-        from . import _dist
+    sharded = process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None
+    # (a split: this rank's errors here fail its groups, not only this rank: see _fails_together)
+    with _fails_together(sharded, process_group, data_group, hidden):
+        named = dict(weight=weight, ids=ids)
+        for name, t in named.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch tensor")
+        if not isinstance(hidden, Tensor):
+            raise TypeError("hidden must be a torch tensor")
+        for name, t in (("bias", bias), ("labels", labels), ("token_weights", token_weights)):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch tensor or None")
+        _check_linear_devices(hidden, dict(named, bias=bias, labels=labels, token_weights=token_weights))
+        _check_kinds(dict(named, hidden=hidden, bias=bias, labels=labels, token_weights=token_weights))
+        kw, kww = _keyword_lists(keywords, keyword_weights)
+        ignore_index = _index("ignore_index", ignore_index)
+        grad_on = torch.is_grad_enabled()
+        grads = "".join(flag for flag, t in zip("hwb", (hidden, weight, bias))
+                        if grad_on and t is not None and t.requires_grad)
+        args = (
+            hidden.contiguous(),
+            weight.contiguous(),
+            bias.contiguous() if bias is not None else None,
+            ids.contiguous(),
+            labels.contiguous() if labels is not None else None,
+            token_weights.detach().contiguous() if token_weights is not None else None,
+        )
+        alpha, scale = _alpha(alpha)
+        mode = linear_mode_string(str(row_mean), str(reduction), grads, bool(return_per_sample), bool(check_ids),
+                                  bool(check_finite), accumulate_f32=bool(accumulate_f32),
+                                  chunk_rows=_optional_int("chunk_rows", chunk_rows),
+                                  chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=alpha,
+                                  ignore_index=ignore_index, z_loss=float(z_loss),
+                                  label_smoothing=float(label_smoothing),
+                                  softcap=None if softcap is None else float(softcap))
+        if sharded:
+            from . import _dist
 
-        params = dict(process_group=process_group, data_group=data_group, keywords=kw, keyword_weights=kww,
-                      mode=mode, reduce_hidden_grad=bool(reduce_hidden_grad),
-                      slice_=_dist.slice_of(weight.shape[0] if weight.dim() == 2 else 0, process_group,
-                                              vocab_start, vocab_size))
+            params = dict(process_group=process_group, data_group=data_group, keywords=kw, keyword_weights=kww,
+                          mode=mode, reduce_hidden_grad=bool(reduce_hidden_grad),
+                          slice_=_dist.slice_of(weight.shape[0] if weight.dim() == 2 else 0, process_group,
+                                                  vocab_start, vocab_size))
+    if sharded:
         loss, per, weights, z = _dist.ShardedLinear.apply(*args, params)
     else:
         loss, per, weights, z, *_ = _linear_op(*args, kw, kww, mode)

@@ -44,11 +44,12 @@ def _gather(t: Tensor, group) -> Tensor:
 
 
 def _check_tiling(group, start: int, length: int, vocab: int, device: torch.device) -> None:
-    """Every rank's slice covers [0, vocab) exactly once, and every rank names the same vocab.
-    On CPU tensors on every call (24 bytes per rank through gloo); on CUDA tensors on the first
-    call on each group only (reading the result waits for the device, which the later calls do
-    not do). ``device``: the tensors' device, where the three numbers are gathered (NCCL through
-    the current CUDA device: made that one for the check). A tensor all-gather, not
+    """Every rank's slice covers [0, vocab) exactly once, and every rank names the same vocab:
+    on CUDA tensors, whose device calls do not check it, on the first call on each group only
+    (reading the result waits for the device, which the later calls do not do). (The host
+    calls, on CPU tensors, check it in their own first exchange, with every rank's [B, T].)
+    ``device``: the tensors' device, where the three numbers are gathered (NCCL through the
+    current CUDA device: made that one for the check). A tensor all-gather, not
     ``all_gather_object``, whose pickling needs NumPy, which torch does not."""
     cuda = device.type == "cuda"
     if cuda and _TILED.get(id(group)) is group:
@@ -74,6 +75,35 @@ def _check_tiling(group, start: int, length: int, vocab: int, device: torch.devi
                          f"[0, {vocab})")
     if cuda:
         _TILED[id(group)] = group
+
+
+@contextlib.contextmanager
+def fails_together(process_group, data_group, first):
+    """Around this rank's checks of a sharded call before the crate's call (which makes the
+    call's first exchanges): an exception raised in them, with host tensors (``first``: the
+    logits or hidden states, CPU or not a tensor at all), first takes part in those exchanges as
+    a rank that failed (``_native.fail_split``: the crate's ``Sharded::fail_with``, the same
+    collectives as the peers' calls make), so that the peers raise the crate's ``PeerFailed``
+    (a ``ValueError`` naming this rank) instead of waiting for it; then it propagates (or, if
+    that exchange itself fails, what it raised, chained to it). The native call does the same
+    with its own checks. On CUDA tensors it propagates at once: the device calls have no words
+    for a failed rank (their exchanges are device all-gathers that nothing reads on the host),
+    so a peer whose own checks pass still waits for this rank."""
+    try:
+        yield
+    except Exception:
+        if not (isinstance(first, Tensor) and first.is_cuda) and (process_group is not None or data_group is not None):
+            # (the slice does not travel in a failed rank's words: any)
+            _native.fail_split(((0, 1, 1), _group_arg(process_group), _group_arg(data_group)))
+        raise
+
+
+def check_logits(logits: Tensor) -> None:
+    """This rank's logits for the split: rank 3, and on CUDA a build with CUDA support."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have rank 3 [batch, seq, vocab slice], got {list(logits.shape)}")
+    if logits.device.type == "cuda" and not _native.built_with_cuda():
+        raise RuntimeError("this build of fused_weighted_loss has no CUDA support (build it with the `cuda` feature)")
 
 
 def resolve_slice(logits: Tensor, process_group, vocab_start: Optional[int], vocab_size: Optional[int]):
@@ -107,15 +137,11 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     ``grad_f32``: the gradient in float32 whatever the logits' dtype. Returns (loss f32,
     per_sample, weights, z_loss f64, token_loss, grad)."""
     start, length, vocab = slice_
-    if logits.dim() != 3:
-        raise ValueError(f"logits must have rank 3 [batch, seq, vocab slice], got {list(logits.shape)}")
-    b, t, _ = logits.shape
+    b, t, _ = logits.shape  # (checked by check_logits)
     cuda = logits.device.type == "cuda"
-    if cuda and not _native.built_with_cuda():
-        raise RuntimeError("this build of fused_weighted_loss has no CUDA support (build it with the `cuda` feature)")
-    if process_group is not None:
-        # the device call does not check that the slices tile the vocabulary; the same message
-        # on every path
+    if cuda and process_group is not None:
+        # the device call does not check that the slices tile the vocabulary (the host call
+        # does, in its first exchange); the same message on every path
         _check_tiling(process_group, start, length, vocab, logits.device)
     new = logits.new_empty
     loss = new((), dtype=torch.float32)

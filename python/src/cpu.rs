@@ -5,7 +5,6 @@
 use crate::group::PySplit;
 use crate::linear::LinearRequest;
 use crate::{id_dtype, logit_dtype, shape_of, to_py, IdType, Options, Request, TensorArg};
-use fused_weighted_loss::parallel::Sharded;
 use fused_weighted_loss::{
     bf16, f16, Backend, DType, Grad, LinearGrads, LinearInputs, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens,
 };
@@ -106,9 +105,7 @@ fn typed<L: Logit, I: TokenId>(
             },
             Some(split) => {
                 // the logits hold this rank's columns: the loss's shape has the whole vocabulary
-                let slice = split.slice()?;
-                let whole = shape.with_vocab(slice.vocab())?;
-                let mut call = Sharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
+                let (mut call, whole) = split.host_call(|v| shape.with_vocab(v))?;
                 if let Some(c) = chunk_rows {
                     call = call.with_chunk_rows(c);
                 }
@@ -204,10 +201,8 @@ fn linear_typed<L: Logit, I: TokenId>(py: Python<'_>, req: &LinearRequest<'_>) -
         None => py.detach(|| spec.linear_loss_and_grad(shape, inputs, tokens, grads, chunking)),
         Some(split) => {
             // the weight holds this rank's rows: the loss's shape has the whole vocabulary
-            let slice = split.slice().map_err(to_py)?;
-            let whole = shape.with_vocab(slice.vocab()).map_err(to_py)?;
             py.detach(|| {
-                let call = Sharded::vocab_parallel(slice, &split.1).with_data_group(&split.2);
+                let (call, whole) = split.host_call(|v| shape.with_vocab(v))?;
                 call.linear_loss_and_grad(spec, whole, inputs, tokens, grads, chunking)
             })
         }

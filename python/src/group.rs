@@ -11,7 +11,7 @@
 //!   its work on), `run()` all-gathers there, and the crate copies the result out. No host
 //!   synchronisation; torch's collective only ever sees torch's own memory.
 
-use fused_weighted_loss::parallel::{Collective, VocabSlice};
+use fused_weighted_loss::parallel::{Collective, Sharded, VocabSlice};
 use fused_weighted_loss::{Error, Result};
 use pyo3::prelude::*;
 
@@ -182,4 +182,66 @@ impl PySplit {
         let (start, len, vocab) = self.0;
         VocabSlice::new(start, len, vocab)
     }
+
+    /// The host call (`parallel::Sharded`) of this split on this rank's slice, and `with_vocab`
+    /// of the whole vocabulary (the call's shape: the tensors hold this rank's slice). A slice
+    /// or shape that is not one is this rank's error before its call: its groups are failed
+    /// first (see [`fail_with`](Self::fail_with)).
+    pub(crate) fn host_call<S>(&self, with_vocab: impl FnOnce(usize) -> Result<S>) -> Result<(Sharded<'_>, S)> {
+        match self.slice().and_then(|slice| Ok((slice, with_vocab(slice.vocab())?))) {
+            Ok((slice, whole)) => Ok((self.call_on(slice), whole)),
+            Err(e) => Err(self.fail_with(e)),
+        }
+    }
+
+    fn call_on(&self, slice: VocabSlice) -> Sharded<'_> {
+        Sharded::vocab_parallel(slice, &self.1).with_data_group(&self.2)
+    }
+
+    /// `error`, found by this rank before its host call: first takes part in the call's first
+    /// exchanges as a rank that failed (`Sharded::fail_with`), so that its peers' calls raise
+    /// the crate's `PeerFailed` instead of waiting for this rank (an exchange that itself fails
+    /// is returned instead). The slice need not be valid: a failed rank's words do not carry it.
+    pub(crate) fn fail_with(&self, error: Error) -> Error {
+        match self.slice().or_else(|_| VocabSlice::full(1)) {
+            Ok(slice) => self.call_on(slice).fail_with(error),
+            Err(_) => error,
+        }
+    }
+}
+
+/// `e`, an error this rank found before its call could start (in its inputs, or in the Python
+/// layer's own checks): with a split of host tensors (`host`), its groups are failed first
+/// ([`PySplit::fail_with`]; what the exchange raised, if it failed, with `e` as its cause).
+pub(crate) fn failed_before(py: Python<'_>, split: Option<&PySplit>, host: bool, e: PyErr) -> PyErr {
+    match split {
+        Some(split) if host => match join_failed(py, split) {
+            Ok(()) => e,
+            Err(raised) => {
+                raised.set_cause(py, Some(e));
+                raised
+            }
+        },
+        _ => e,
+    }
+}
+
+/// See [`fail_split`].
+fn join_failed(py: Python<'_>, split: &PySplit) -> PyResult<()> {
+    // (this rank's own error is the caller's: a marker that the exchanges went through)
+    const MINE: Error = Error::StepOrder("this rank failed before its call");
+    match py.detach(|| split.fail_with(MINE)) {
+        e if e == MINE => Ok(()),
+        e => Err(to_py_kept(e)),
+    }
+}
+
+/// Takes part in the first exchanges of a split's host call (`split`: this rank's slice, which
+/// may be any, and its vocabulary and data groups) as a rank that failed before it could make
+/// its call (an exception of the Python layer's own checks), so that its peers' calls raise the
+/// crate's `PeerFailed` instead of waiting for it. Raises what the exchange raised, if it
+/// failed; else returns, and the caller raises its own exception.
+#[pyfunction]
+pub(crate) fn fail_split(py: Python<'_>, split: PySplit) -> PyResult<()> {
+    join_failed(py, &split)
 }

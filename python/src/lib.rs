@@ -256,7 +256,9 @@ fn forward(
     chunk_rows: Option<usize>,
 ) -> PyResult<()> {
     let backend = if device.is_some() { Backend::Cuda } else { Backend::Cpu };
-    let req = inputs.request(&options, backend, outputs)?;
+    let req = inputs
+        .request(&options, backend, outputs)
+        .map_err(|e| group::failed_before(py, split.as_ref(), device.is_none(), e))?;
     match device {
         None => cpu::forward(py, &req, split.as_ref(), chunk_rows),
         #[cfg(feature = "cuda")]
@@ -305,6 +307,7 @@ fn built_with_cuda() -> bool {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(linear::linear_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(group::fail_split, m)?)?;
     m.add_function(wrap_pyfunction!(scale_grad, m)?)?;
     m.add_function(wrap_pyfunction!(cpu::narrow_grad, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_unavailable_reason, m)?)?;

@@ -55,7 +55,7 @@ pub(crate) struct LinearRequest<'a> {
     pub chunking: Chunking,
     /// Vocabulary- and data-parallel: this rank's slice of the whole vocabulary (the weight's
     /// rows) and its groups; None for the whole call on this rank.
-    pub split: Option<PySplit>,
+    pub split: Option<&'a PySplit>,
 }
 
 /// A gradient tensor's pointer once its dims are the input's and its dtype is the inputs' or
@@ -116,7 +116,7 @@ impl LinearInputs {
         options: &Options,
         chunks: (Option<i64>, Option<i64>),
         backend: Backend,
-        split: Option<PySplit>,
+        split: Option<&'a PySplit>,
     ) -> PyResult<LinearRequest<'a>> {
         let LinearInputs(hidden, weight, bias, ids, labels, token_weights) = self;
         let dtype = logit_dtype(hidden.dtype()).map_err(|_| {
@@ -189,7 +189,9 @@ pub(crate) fn linear_forward(
     split: Option<PySplit>,
 ) -> PyResult<()> {
     let backend = if device.is_some() { Backend::Cuda } else { Backend::Cpu };
-    let req = inputs.request(&outputs, &options, chunks, backend, split)?;
+    let req = inputs
+        .request(&outputs, &options, chunks, backend, split.as_ref())
+        .map_err(|e| crate::group::failed_before(py, split.as_ref(), device.is_none(), e))?;
     match device {
         None => crate::cpu::linear_forward(py, &req),
         #[cfg(feature = "cuda")]

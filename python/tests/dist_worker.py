@@ -154,6 +154,68 @@ def linear_cases(rank, world, vocab_groups, data_groups, device):
     return results
 
 
+def error_of(case, f):
+    """``f()``'s exception as ``{"case", "error": "Type: message"}`` (``None``: it returned)."""
+    try:
+        f()
+        return {"case": case, "error": None}
+    except Exception as err:  # noqa: BLE001 (the judge reads the type too)
+        return {"case": case, "error": f"{type(err).__name__}: {err}"}
+
+
+def failure_cases(rank, vocab_groups, data_groups, device):
+    """Errors that one rank alone has (4 gloo ranks): every rank raises, none waits in an
+    exchange (a hang fails the run by its timeout), and the calls after them are right."""
+    results = []
+    world = dist.group.WORLD
+    logits, ids, labels, weights = inputs(device, torch.float32)
+    b, v = logits.shape[0], logits.shape[-1]
+    cuts = [0, 300, 310, 777, 1000]
+    s, e = cuts[rank], cuts[rank + 1]
+    b0, b1 = [0, 1, 2, 4, 5][rank:rank + 2]
+    opts = OPTIONS[0]
+    # badids: rank 3's ids out of the vocabulary in a data group (its own ValueError; the others'
+    # names rank 3)
+    bad = ids[b0:b1].clone()
+    if rank == 3:
+        bad[0, 2] = v
+    results.append(error_of("badids", lambda: run(logits[b0:b1], bad, labels[b0:b1], weights[b0:b1], opts,
+                                                  data_group=world)))
+    # shape: rank 1 of a vocabulary group holds one sample fewer (gloo aborted the process on the
+    # chunks' different lengths): every rank raises the same ValueError
+    n = b - 1 if rank == 1 else b
+    results.append(error_of("shape", lambda: run(logits[:n, :, s:e], ids[:n], labels[:n], weights[:n], opts,
+                                                 process_group=world, vocab_start=s, vocab_size=v)))
+    # the same for the fused linear split, rank 2 with one sample fewer
+    hidden, weight, bias = linear_inputs()
+    n = b - 1 if rank == 2 else b
+    results.append(error_of("linear shape", lambda: run_linear(hidden[:n], weight[s:e], bias[s:e], ids[:n], labels[:n],
+                                                               weights[:n], opts, process_group=world,
+                                                               vocab_start=s, vocab_size=v)))
+    # 2x2: rank (0, 1) with one sample fewer than (0, 0); the other row hears it in its data groups
+    d, p = rank // 2, rank % 2
+    (g0, g1), (s2, e2) = [(0, 2), (2, 5)][d], [(0, 400), (400, 1000)][p]
+    if rank == 1:
+        g1 -= 1
+    results.append(error_of("grid shape", lambda: run(logits[g0:g1, :, s2:e2], ids[g0:g1], labels[g0:g1],
+                                                      weights[g0:g1], opts, process_group=vocab_groups[d],
+                                                      vocab_start=s2, vocab_size=v, data_group=data_groups[p])))
+    # a check of the Python layer on rank 2 alone (a kept_grad_dtype it refuses), in a vocabulary
+    # group, and one of the native layer on rank 0 alone (float64 token weights), in a data group
+    grad_dtype = torch.float64 if rank == 2 else None
+    results.append(error_of("python check", lambda: fwl.weighted_loss(
+        logits[..., s:e].clone().requires_grad_(), ids, process_group=world, vocab_start=s, vocab_size=v,
+        kept_grad_dtype=grad_dtype)))
+    tw = weights[b0:b1].double() if rank == 0 else weights[b0:b1]
+    results.append(error_of("native check", lambda: fwl.weighted_loss(logits[b0:b1], ids[b0:b1], token_weights=tw,
+                                                                      data_group=world)))
+    # and then every rank is in step: the first vocabulary-parallel case again
+    ref, ref_grad = run(logits, ids, labels, weights, opts)
+    out, grad = run(logits[..., s:e], ids, labels, weights, opts, process_group=world, vocab_start=s, vocab_size=v)
+    results.append(compare("after failures", out, grad, ref, ref_grad, cols=slice(s, e)))
+    return results
+
+
 def main():
     out_dir, backend = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "gloo")
     dist.init_process_group(backend)
@@ -253,6 +315,8 @@ def main():
             results.append({"case": "finite", "error": None})
         except ValueError as err:
             results.append({"case": "finite", "error": str(err)})
+    if world == 4 and backend == "gloo":
+        results.extend(failure_cases(rank, vocab_groups, data_groups, device))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"world": world, "backend": backend, "results": results}, f)
     dist.barrier()

@@ -4,7 +4,11 @@ of one), against the single-process result: within 1e-6 relative for float32 log
 loss bits on every rank and on a rerun, and a typed error on every rank for slices that do not
 tile the vocabulary (a gap, or every rank claiming all of it), for ranks that name different
 vocabularies and for a non-finite loss with check_finite on one rank of a data group; slices
-re-tiled between calls are checked again. In this process, with a group of
+re-tiled between calls are checked again. With gloo, errors one rank alone has (FAILURES: ids
+outside the vocabulary, a vocabulary group's rank with one sample fewer, on the logits, the fused
+linear and a grid's split, a check of the Python or the native layer) raise on every rank, that
+rank's own error there and the error that names it on the others, none left waiting, and the
+next call is right. In this process, with a group of
 one: a float16 backward from a loss scale above float16's range. dist_worker.py is the rank's
 side."""
 import json
@@ -40,6 +44,24 @@ def torchrun(tmp_path, nproc, backend):
     return ranks
 
 
+SHAPE = "ValueError", "of the vocabulary group was called with ids of shape [B, T] = "
+# failure_cases of dist_worker.py (4 gloo ranks): the rank whose inputs are wrong, the start and a
+# part of its error, a function of the other ranks giving theirs (None: the same as its own)
+FAILURES = {
+    "badids": (3, ("ValueError", "is outside [0, 1000)"),
+               lambda r: ("ValueError", "rank 3 of the data group failed")),
+    "shape": (1, ("ValueError", "rank 1 " + SHAPE[1] + "[4, 7], rank 0 with [5, 7]"), None),
+    "linear shape": (2, ("ValueError", "rank 2 " + SHAPE[1] + "[4, 7], rank 0 with [5, 7]"), None),
+    # ranks 0 and 1 (a vocabulary group) see it, ranks 2 and 3 from their data groups
+    "grid shape": (1, ("ValueError", "rank 1 " + SHAPE[1] + "[1, 7], rank 0 with [2, 7]"),
+                   lambda r: ("ValueError", "rank 1 " + SHAPE[1] if r == 0 else "rank 0 of the data group failed")),
+    "python check": (2, ("ValueError", "kept_grad_dtype must be"),
+                     lambda r: ("ValueError", "rank 2 of the vocabulary group failed")),
+    "native check": (0, ("TypeError", "token_weights must be float32"),
+                     lambda r: ("ValueError", "rank 0 of the data group failed")),
+}
+
+
 def judge(ranks):
     world = ranks[0]["world"]
     by_case = {}
@@ -59,6 +81,14 @@ def judge(ranks):
             assert all(p["error"] and want in p["error"] for p in per_rank), per_rank
             continue
         if case == "rerun":
+            continue
+        if case in FAILURES:
+            # (own rank, what it raises, what the others raise; None: what the own rank raises)
+            own, mine, others = FAILURES[case]
+            errors = [p["error"] for p in per_rank]
+            for r, e in enumerate(errors):
+                want = mine if r == own or others is None else others(r)
+                assert e and e.startswith(want[0]) and want[1] in e, (case, r, errors)
             continue
         if case == "finite":
             # rank 0 holds the non-finite position; every rank fails, none waits
@@ -88,8 +118,11 @@ def test_torchrun_four_cpu_ranks_gloo(tmp_path):
     ranks = torchrun(tmp_path, 4, "gloo")
     # 2 dtypes x 3 option sets x (vocab twice, data, data with an empty rank, grid), the fused
     # linear split: 3 option sets x (vocab, vocab with d hidden summed by hand, data, data with
-    # an empty rank, grid), and the re-tiled slices
-    assert judge(ranks) == 2 * 3 * 5 + 3 * 5 + 1
+    # an empty rank, grid), the re-tiled slices, and the call after the failures (FAILURES, each
+    # judged apart)
+    judged = {r["case"] for r in ranks[0]["results"]}
+    assert set(FAILURES) <= judged, sorted(set(FAILURES) - judged)
+    assert judge(ranks) == 2 * 3 * 5 + 3 * 5 + 1 + 1
 
 
 def test_torchrun_nccl_cuda(tmp_path):
@@ -184,8 +217,10 @@ dist.destroy_process_group()
 def test_a_rank_without_samples_raises_what_its_peers_raise(tmp_path):
     """Two gloo ranks, rank 1 without samples: inputs every rank gets wrong (a float64 token
     weight, a bfloat16 weight beside float32 hidden states, both chunkings) raise the same error
-    on both ranks before any exchange, not a hang on the empty one; inputs that do not match its
-    empty ids raise there; a data group without any sample raises on every rank."""
+    on both ranks, not a hang on the empty one; inputs that do not match its empty ids raise
+    there, and on rank 0, whose call is fine, the error that names rank 1 (rank 1 fails the
+    call's exchanges instead of leaving rank 0 waiting in them); a data group without any sample
+    raises on every rank."""
     script = tmp_path / "empty_rank.py"  # a file: the spawned ranks import their function from it
     script.write_text(_EMPTY_SCRIPT)
     run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
@@ -204,7 +239,8 @@ def test_a_rank_without_samples_raises_what_its_peers_raise(tmp_path):
     assert "every rank" in got["all empty"][0]
     for case in ("hidden of 2 samples, ids of none", "labels longer", "logits of 1 sample, ids of none",
                  "hidden of 1 sample's rows, ids of none", "hidden of another T, ids of none"):
-        assert got[case][1] and "Error" in got[case][1], (case, got.get(case))
+        assert got[case][1] and "Error" in got[case][1] and "rank 1" not in got[case][1], (case, got.get(case))
+        assert got[case][0] and "rank 1 of the data group failed" in got[case][0], (case, got.get(case))
 
 
 # a script of two gloo ranks (a short timeout: a hang fails the test)
@@ -222,11 +258,10 @@ def rank_main(rank, store, out):
     ids = torch.randint(0, 11, (2, 5), generator=g)[:b]
     h, w = torch.randn(2, 5, 4, generator=g)[:b], torch.randn(11, 4, generator=g)
     group = dist.group.WORLD
-    def case(name, f, ranks=(0, 1)):
-        if rank not in ranks:
-            return
+    def case(name, f, fine=None):
+        # fine: rank 0's call where rank 1 alone makes a bad one
         try:
-            f()
+            (fine if fine is not None and rank == 0 else f)()
             err = None
         except Exception as e:
             err = type(e).__name__ + ": " + str(e)
@@ -237,17 +272,19 @@ def rank_main(rank, store, out):
     case("weight bfloat16", lambda: fwl.weighted_linear_loss(h, w.bfloat16(), ids, data_group=group))
     case("both chunkings", lambda: fwl.weighted_linear_loss(h, w, ids, data_group=group, chunk_rows=2,
          chunk_budget=1 << 20))
-    # the empty rank alone: inputs that do not match its empty ids (rank 0 makes no call)
+    # the empty rank alone: inputs that do not match its empty ids (rank 0's call is fine)
+    fine_loss = lambda: fwl.weighted_loss(x, ids, data_group=group)
+    fine_linear = lambda: fwl.weighted_linear_loss(h, w, ids, data_group=group)
     case("hidden of 2 samples, ids of none", lambda: fwl.weighted_linear_loss(torch.randn(2, 5, 4), w, ids,
-         data_group=group), ranks=(1,))
+         data_group=group), fine_linear)
     case("labels longer", lambda: fwl.weighted_loss(x, ids, labels=torch.zeros(0, 8, dtype=torch.int64),
-         data_group=group), ranks=(1,))
+         data_group=group), fine_loss)
     case("logits of 1 sample, ids of none", lambda: fwl.weighted_loss(torch.randn(1, 5, 11), ids,
-         data_group=group), ranks=(1,))
+         data_group=group), fine_loss)
     case("hidden of 1 sample's rows, ids of none", lambda: fwl.weighted_linear_loss(torch.randn(5, 4), w, ids,
-         data_group=group), ranks=(1,))
+         data_group=group), fine_linear)
     case("hidden of another T, ids of none", lambda: fwl.weighted_linear_loss(torch.randn(0, 7, 4), w, ids,
-         data_group=group), ranks=(1,))
+         data_group=group), fine_linear)
     case("all empty", lambda: fwl.weighted_loss(x[:0], ids[:0], data_group=group))
     dist.destroy_process_group()
 

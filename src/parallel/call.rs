@@ -2,7 +2,7 @@
 //! the caller's [`Collective`]s, chunk by chunk.
 
 use super::pipeline::{self, InPlace, ReadInto};
-use super::steps::{check_sealed, encode_sealed, FAILED, SLICE_WORDS};
+use super::steps::{check_same_tokens, check_sealed, encode_first, FAILED, FIRST_WORDS};
 use super::{check_tiling, Collective, ShardedLoss, Solo, VocabSlice};
 use crate::cpu::split::Dest as Fused;
 use crate::cpu::RowStats;
@@ -59,7 +59,10 @@ pub fn default_chunk_rows(vocab: usize, ranks: usize) -> usize {
 /// ```
 ///
 /// Every rank of a group must make the same calls (the same spec, `T`, chunking and, in a
-/// vocabulary group, the same samples), as with any collective.
+/// vocabulary group, the same samples), as with any collective. A vocabulary group's first
+/// exchange checks that its ranks' slices tile one vocabulary and that their tokens have the
+/// same `[B, T]` ([`Error::GroupShapeMismatch`] on every rank otherwise); the spec, the
+/// chunking and the ids themselves are not compared.
 #[derive(Clone, Copy)]
 pub struct Sharded<'a> {
     pub(super) slice: VocabSlice,
@@ -185,6 +188,34 @@ impl<'a> Sharded<'a> {
         self.run::<L, I>(spec, shape, Src::Write(logits), tokens, Dest::Skip, None)
     }
 
+    /// For a caller that finds an error of this rank before it can make a call (inputs it
+    /// cannot describe to the call at all, such as a binding's own checks of its tensors):
+    /// takes part in the call's first exchanges as a rank that failed, as the calls do with an
+    /// error of their own, so that every other rank of both groups returns
+    /// [`Error::PeerFailed`] from its call instead of waiting for this one; returns `error`.
+    /// This rank's slice, and so the vocabulary, may be any (its words only say that it
+    /// failed). An exchange that itself fails is returned instead ([`Error::Collective`]); a
+    /// group whose rank is not within its size exchanges nothing (as the calls do).
+    ///
+    /// ```
+    /// use fused_weighted_loss::parallel::{Sharded, Solo, VocabSlice};
+    /// use fused_weighted_loss::Error;
+    /// // (a group of one: nothing to exchange)
+    /// let e = Sharded::vocab_parallel(VocabSlice::full(10)?, &Solo).fail_with(Error::EmptyHidden);
+    /// assert_eq!(e, Error::EmptyHidden);
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn fail_with(&self, error: Error) -> Error {
+        if self.check_ranks().is_err() {
+            return error;
+        }
+        // (the [B, T] words of a rank that failed are not sent)
+        match super::first_exchanges(self, [0, 0], Err(error), |()| [0.0; 2], |_, _| Ok(())) {
+            Err(e) => e,
+            Ok(()) => unreachable!("a rank that failed returns an error from its first exchanges"),
+        }
+    }
+
     /// Each group's rank is within its size: a group that is not one fails the call at once,
     /// before any exchange (there is no group to tell).
     pub(super) fn check_ranks(&self) -> Result<()> {
@@ -266,12 +297,19 @@ impl<'a> Sharded<'a> {
         let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
         let wants_grad = !matches!((&src, &dest), (Src::Read(_), Dest::Skip));
         let steps = checked.and_then(|()| ShardedLoss::new(spec, shape, slice, tokens));
-        // the data group's batch totals, then every rank's slice and V, in words of the same
-        // length on every rank (the chunks' lengths follow from V, which a rank may name wrongly)
-        let steps = super::first_exchanges(self, steps, ShardedLoss::batch_totals, |st, all| match all {
-            Some(all) => st.set_batch_totals(all),
-            None => Ok(()),
-        })?;
+        // every rank's [B, T], slice and V in words of the same length on every rank (the
+        // chunks' number and lengths follow from B·T and V, which a rank may have wrong), then
+        // the data group's batch totals
+        let steps = super::first_exchanges(
+            self,
+            super::token_dims(shape),
+            steps,
+            ShardedLoss::batch_totals,
+            |st, all| match all {
+                Some(all) => st.set_batch_totals(all),
+                None => Ok(()),
+            },
+        )?;
         // (each chunk's exponentials are kept for its gradient; the next chunk's beside them)
         let mut steps = steps.with_keep_rows(if wants_grad { chunk.saturating_mul(2) } else { 0 });
 
@@ -359,6 +397,7 @@ fn whole_rows<L: Logit, I: TokenId>(
     let planned = checked.and_then(|()| Ok((spec.plan(shape, &tokens)?, crate::cpu_kernels(spec.cpu_simd)?)));
     let (plan, k) = super::first_exchanges(
         call,
+        super::token_dims(shape),
         planned,
         |(plan, _)| super::plan_totals(plan),
         |(plan, _), all| super::global_denominator(plan, spec, all),
@@ -415,29 +454,41 @@ impl<'a> Exchange<'a> {
         &mut self.send[..]
     }
 
-    /// Exchanges and checks every rank's slice alone (`SLICE_WORDS` words, the same length on
-    /// every rank whatever its shape): before lengths that follow from `V`, or before any write.
-    /// `None`: this rank failed, and its words say so ([`FAILED`]); the others' call fails
-    /// with [`Error::PeerFailed`].
-    pub(super) fn check_slices(&mut self, slice: Option<VocabSlice>) -> Result<()> {
-        match slice {
-            Some(slice) => encode_sealed(&[], 1, slice, self.buffer(SLICE_WORDS)),
-            None => self.buffer(SLICE_WORDS).fill(FAILED),
+    /// The group's first exchange: every rank's `[B, T]` and slice alone ([`FIRST_WORDS`]
+    /// words, the same length on every rank whatever its shape), checked before the chunks,
+    /// whose number and lengths follow from `B · T` and `V`, and before any write: the slices
+    /// tile one vocabulary and every rank holds tokens of the same shape
+    /// ([`Error::GroupShapeMismatch`] otherwise, on every rank alike). `None`: this rank failed,
+    /// and its words say so ([`FAILED`]); the others' check fails with [`Error::PeerFailed`].
+    /// The outer error: the exchange itself failed; the inner one: the check's.
+    pub(super) fn check_slices(&mut self, mine: Option<([usize; 2], VocabSlice)>) -> Result<Result<()>> {
+        match mine {
+            Some((tokens, slice)) => encode_first(tokens, slice, self.buffer(FIRST_WORDS)),
+            None => self.buffer(FIRST_WORDS).fill(FAILED),
         }
-        self.gather(SLICE_WORDS).map(|_| ())
+        let vocab = self.vocab;
+        let gathered = self.all_gather(FIRST_WORDS)?;
+        Ok(check_sealed(gathered, FIRST_WORDS, vocab).and_then(|()| check_same_tokens(gathered)))
     }
 
     /// Every rank's `n` words (the send buffer itself in a group of one), and the stride
-    /// between ranks.
+    /// between ranks, their slice words checked.
     pub(super) fn gather(&mut self, n: usize) -> Result<(&[f64], usize)> {
+        let vocab = self.vocab;
+        let gathered = self.all_gather(n)?;
+        check_sealed(gathered, n, vocab)?;
+        Ok((gathered, n))
+    }
+
+    /// Every rank's `n` words, unchecked (the send buffer itself in a group of one).
+    fn all_gather(&mut self, n: usize) -> Result<&[f64]> {
         let size = self.group.size();
         if size == 1 {
-            return Ok((&self.send[..n], n));
+            return Ok(&self.send[..n]);
         }
         self.recv.resize(n * size, 0.0);
         self.group.all_gather_f64(&self.send[..n], &mut self.recv)?;
-        check_sealed(&self.recv, n, self.vocab)?;
-        Ok((&self.recv, n))
+        Ok(&self.recv)
     }
 }
 

@@ -7,7 +7,7 @@
 
 use super::call::Exchange;
 use super::steps::{encode_sealed, SLICE_WORDS};
-use super::{finish_over, first_exchanges, global_denominator, plan_totals, Sharded};
+use super::{finish_over, first_exchanges, global_denominator, plan_totals, token_dims, Sharded};
 use crate::cpu::split::{merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::{RowSel, RowStats};
 use crate::dtype::{Logit, TokenId};
@@ -33,10 +33,12 @@ impl Sharded<'_> {
     /// CPU backend.
     ///
     /// Bad input, this rank's or a peer's (slices that do not tile the vocabulary, ranks of
-    /// different vocabularies, a peer's own bad tokens or buffers:
+    /// different vocabularies, ranks of the vocabulary group with tokens of different `[B, T]`
+    /// ([`Error::GroupShapeMismatch`](crate::Error::GroupShapeMismatch)), a peer's own bad
+    /// tokens or buffers:
     /// [`Error::PeerFailed`](crate::Error::PeerFailed), see the [module docs](super)), is an
-    /// error on every rank before any gradient buffer is written (the batch totals and the
-    /// slices are exchanged and checked first). A failure of the exchange itself during the
+    /// error on every rank before any gradient buffer is written (the batch totals, then the
+    /// slices and shapes are exchanged and checked first). A failure of the exchange itself during the
     /// sweep (a peer that went away) leaves the gradient buffers partly written, `d weight`
     /// partly accumulated into: do not retry such a step on the same buffers.
     ///
@@ -100,10 +102,11 @@ impl Sharded<'_> {
             let active = active_rows(&plan)?.len();
             Ok((local, plan, k, active))
         });
-        // the data group's batch totals, then every rank's slice, checked before the sweep
-        // writes (or zeroes) a gradient buffer
+        // every rank's [B, T] and slice, then the data group's batch totals, checked before the
+        // sweep writes (or zeroes) a gradient buffer
         let (local, plan, k, active) = first_exchanges(
             self,
+            token_dims(shape.tokens()),
             planned,
             |(_, plan, _, _)| plan_totals(plan),
             |(_, plan, _, _), all| global_denominator(plan, spec, all),

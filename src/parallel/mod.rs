@@ -32,21 +32,28 @@
 //! ids, labels or token weights invalid, its sample weights beyond `f64`, a buffer of the wrong
 //! length, a slice of another vocabulary) does not end its call there, which would leave its
 //! peers waiting for it in an exchange (forever, with NCCL or gloo): [`Sharded`]'s calls always
-//! make the data group's exchange of the batch totals and then the vocabulary group's of the
-//! slices, and a rank that failed sends words marked as failed in both (the same lengths, no
-//! more bytes). It returns its own error; every other rank of both groups returns
-//! [`Error::PeerFailed`] (on a grid the vocabulary group's exchange passes on what a data group
-//! learnt), before any gradient is written. Errors every rank of a group finds alike (a data
-//! group's `Σ w_b` beyond `f64`, slices that do not tile) fail every rank by themselves, and
-//! so do, after the last exchange, non-finite losses with `check_finite`
+//! make the vocabulary group's exchange of the slices and `[B, T]`s and then the data group's of
+//! the batch totals, and a rank that failed sends words marked as failed in both (the same
+//! lengths, no more bytes). It returns its own error; every other rank of both groups returns
+//! [`Error::PeerFailed`] (on a grid the data group's exchange passes on what a vocabulary group
+//! learnt), before any gradient is written. Errors every rank of a group finds alike fail every
+//! rank by themselves: in the vocabulary group's exchange, slices that do not tile one
+//! vocabulary and ranks called with tokens of different `[B, T]`
+//! ([`Error::GroupShapeMismatch`]; a rank without samples beside ranks with samples is one),
+//! which the data group's exchange then passes on to the other vocabulary groups of a grid; in
+//! the data group's, a `Σ w_b` beyond `f64` (the same in every data group of a grid, which all
+//! hold the same samples); after the last exchange, non-finite losses with `check_finite`
 //! ([`Error::NonFiniteInGroup`]). Only a group whose rank is not within its size, and an
-//! exchange that itself fails ([`Error::Collective`]), end a call at once.
+//! exchange that itself fails ([`Error::Collective`]), end a call at once. A caller that finds
+//! an error of its own before it can make a call fails its groups the same way with
+//! [`Sharded::fail_with`].
 //!
 //! # Communication per call, bytes per rank
 //!
 //! | exchange | group | each rank sends | when |
 //! |---|---|---|---|
-//! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing, 5 with soft-capping), plus 24 (the slice and `V`, checked by every rank to tile `[0, V)`) | per chunk of rows, and the 24 alone once first |
+//! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing, 5 with soft-capping), plus 24 (the slice and `V`, checked by every rank to tile `[0, V)`) | per chunk of rows |
+//! | slices and shapes (host buffers, `f64`) | vocabulary | 40: `B`, `T`, then the slice and `V` (checked by every rank: the same `[B, T]` on every rank, slices that tile `[0, V)`) | once, before the chunks and before any gradient is written |
 //! | row statistics (CUDA buffers, `f32`) | vocabulary | `4 · W` per row, `W` = 3 (5 with label smoothing) | per chunk of rows |
 //! | batch totals (`B`, `Σ w_b`) | data | 16 | before the logits are read |
 //! | loss shares (loss, z-loss) | data | 16 | at the end |
@@ -256,8 +263,8 @@ fn gather_pairs(dg: &dyn Collective, local: [f64; 2]) -> Result<Option<Vec<f64>>
 /// A data-parallel rank without samples ([`crate::Shape::without_samples`]): after the checks
 /// its peers make before their first exchange (`checked`: those made so far), it takes part in
 /// the data group's two exchanges with nothing (`B = 0`, `Σ w_b = 0`, then a share of 0 of the
-/// loss) and in the vocabulary group's check of the slices (the group holds the same samples:
-/// none on any of its ranks), and returns the loss of its peers' samples, the same bits as
+/// loss) and in the vocabulary group's check of the slices and shapes (the group holds the same
+/// samples: none on any of its ranks, or the check fails them all), and returns the loss of its peers' samples, the same bits as
 /// theirs, with no per-sample outputs. A data group of one, or one in which no rank holds a
 /// sample, is an error (on every rank: [`Error::EmptyBatch`], [`Error::EmptyDataGroup`]), as is
 /// a group's `Σ w_b` beyond `f64` under the weighted mean (its peers' error).
@@ -275,6 +282,7 @@ fn no_samples<I: crate::dtype::TokenId>(
     let dg = call.data_group;
     first_exchanges(
         call,
+        token_dims(shape),
         mine,
         |()| [0.0, 0.0],
         |(), all| {
@@ -301,6 +309,11 @@ fn no_samples<I: crate::dtype::TokenId>(
     Ok(out)
 }
 
+/// `[B, T]` of a call's tokens, for the vocabulary group's first exchange.
+fn token_dims(shape: crate::Shape) -> [usize; 2] {
+    [shape.batch(), shape.seq()]
+}
+
 /// This rank's batch totals `[B, Σ w_b]`, for the data group's first exchange.
 fn plan_totals(plan: &crate::plan::Plan) -> [f64; 2] {
     [plan.shape.batch() as f64, plan.weights.iter().sum()]
@@ -315,46 +328,49 @@ fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, all:
     Ok(())
 }
 
-/// The first exchanges of every sharded call on host buffers, on every path: the data group's
-/// batch totals (`totals` of this rank's preparation), then the vocabulary group's slices.
-/// `mine` is this rank's preparation, or the error it found alone (bad ids or labels, sample
-/// weights beyond `f64`, a buffer of the wrong length, ...); `group` finishes it from the data
-/// group's gathered totals (`None` for a group of one) with the errors every rank of the data
-/// group sees alike (an empty group, a `Σ w_b` beyond `f64`).
+/// The first exchanges of every sharded call on host buffers, on every path: the vocabulary
+/// group's slices and `[B, T]`s (`tokens`: this rank's), checked to tile one vocabulary and to
+/// be the same on every rank of the group, then the data group's batch totals (`totals` of this
+/// rank's preparation). `mine` is this rank's preparation, or the error it found alone (bad ids
+/// or labels, sample weights beyond `f64`, a buffer of the wrong length, ...); `group` finishes
+/// it from the data group's gathered totals (`None` for a group of one) with the errors every
+/// rank of the data group sees alike (an empty group, a `Σ w_b` beyond `f64`).
 ///
-/// A rank that failed, by its own error or by what the data group's exchange told it, still
-/// takes part in both exchanges, its words marked [`FAILED`](steps::FAILED) (the same lengths),
-/// and returns its own error; a rank that did not fail returns [`Error::PeerFailed`] when a
-/// peer's words are so marked. So an error on one rank fails every rank of both groups (on a
-/// grid, the vocabulary group's exchange passes on what a data group learnt) instead of leaving
-/// its peers waiting in an exchange it never joins. An exchange that itself fails
-/// ([`Error::Collective`]) ends the call at once.
+/// A rank that failed, by its own error or by what the vocabulary group's exchange told it
+/// (a peer's failure, or the group's own checks), still takes part in both exchanges, its words
+/// marked [`FAILED`](steps::FAILED) (the same lengths), and returns its own error; a rank that
+/// did not fail returns [`Error::PeerFailed`] when a peer's words are so marked. So an error on
+/// one rank, or in one vocabulary group, fails every rank of both groups (on a grid, the data
+/// group's exchange passes on what a vocabulary group learnt, and every data group sees the same
+/// samples' totals) instead of leaving its peers waiting in an exchange it never joins. An
+/// exchange that itself fails ([`Error::Collective`]) ends the call at once.
 fn first_exchanges<T>(
     call: &Sharded<'_>,
+    tokens: [usize; 2],
     mine: Result<T>,
     totals: impl FnOnce(&T) -> [f64; 2],
     group: impl FnOnce(&mut T, Option<&[f64]>) -> Result<()>,
 ) -> Result<T> {
+    let mine = if call.vocab_group.size() > 1 {
+        let mut ex = call::Exchange::new(call.vocab_group, call.slice);
+        let checked = ex.check_slices(mine.is_ok().then_some((tokens, call.slice)))?;
+        // this rank's own error first (the exchange then names this rank itself)
+        mine.and_then(|t| checked.map(|()| t))
+    } else {
+        mine
+    };
     let send = match &mine {
         Ok(t) => totals(t),
         Err(_) => [steps::FAILED; 2],
     };
     let all = gather_pairs(call.data_group, send)?;
-    let state = mine.and_then(|mut t| {
+    mine.and_then(|mut t| {
         if let Some(rank) = all.as_deref().and_then(|all| all.chunks_exact(2).position(|p| p[0] == steps::FAILED)) {
             return Err(Error::PeerFailed { group: "data", rank });
         }
         group(&mut t, all.as_deref())?;
         Ok(t)
-    });
-    if call.vocab_group.size() <= 1 {
-        return state;
-    }
-    let mut ex = call::Exchange::new(call.vocab_group, call.slice);
-    let checked = ex.check_slices(state.is_ok().then_some(call.slice));
-    // this rank's own error first (the exchange then names this rank itself)
-    let t = state?;
-    checked.map(|()| t)
+    })
 }
 
 /// This rank's output (`finish(check)`: with or without the check of non-finite positions),

@@ -417,9 +417,16 @@ impl Merge<'_> {
 /// Words after a rank's row statistics in an exchange: its slice `(start, len, vocab)`.
 pub(crate) const SLICE_WORDS: usize = 3;
 
-/// Every word a rank that failed before the call's first exchanges sends in them: its slice
-/// words (and, in the data group, its `[B, Σ w_b]`), in place of numbers that are never
-/// negative. The same lengths as a healthy rank's words, no more bytes.
+/// Words before the slice's in the vocabulary group's first exchange ([`encode_first`]): the
+/// rank's `[B, T]`.
+pub(crate) const TOKEN_WORDS: usize = 2;
+
+/// Words of every rank in the vocabulary group's first exchange: its `[B, T]`, then its slice.
+pub(crate) const FIRST_WORDS: usize = TOKEN_WORDS + SLICE_WORDS;
+
+/// Every word a rank that failed before (or, on a grid, in) the call's first exchanges sends in
+/// them: its `[B, T]` and slice words (and, in the data group, its `[B, Σ w_b]`), in place of
+/// numbers that are never negative. The same lengths as a healthy rank's words, no more bytes.
 pub(crate) const FAILED: f64 = -1.0;
 
 /// Writes the statistics of `st` (`words` per row), then `slice`'s words, into `out`
@@ -430,6 +437,32 @@ pub(crate) fn encode_sealed(st: &[RowStats], words: usize, slice: VocabSlice, ou
         encode(s, o);
     }
     tail.copy_from_slice(&[slice.start() as f64, slice.len() as f64, slice.vocab() as f64]);
+}
+
+/// This rank's words of the vocabulary group's first exchange into `out` ([`FIRST_WORDS`]
+/// long): `tokens` (`[B, T]`), then `slice`'s words.
+pub(crate) fn encode_first(tokens: [usize; 2], slice: VocabSlice, out: &mut [f64]) {
+    let (head, tail) = out.split_at_mut(TOKEN_WORDS);
+    head.copy_from_slice(&tokens.map(|x| x as f64));
+    encode_sealed(&[], 1, slice, tail);
+}
+
+/// Checks the `[B, T]` words that begin each rank's words of the vocabulary group's first
+/// exchange (`gathered`: every rank's [`FIRST_WORDS`], whose slice words [`check_sealed`]
+/// passed): every rank's the same. Every rank sees the same words and so returns the same
+/// error ([`Error::GroupShapeMismatch`], the first rank whose shape is not rank 0's).
+pub(crate) fn check_same_tokens(gathered: &[f64]) -> Result<()> {
+    let tokens = |w: &[f64]| [w[0] as usize, w[1] as usize];
+    let mut ranks = gathered.chunks_exact(FIRST_WORDS);
+    let Some(first) = ranks.next() else { return Ok(()) };
+    match ranks.position(|w| w[..TOKEN_WORDS] != first[..TOKEN_WORDS]) {
+        Some(r) => Err(Error::GroupShapeMismatch {
+            rank: r + 1,
+            expected: tokens(first),
+            got: tokens(&gathered[(r + 1) * FIRST_WORDS..]),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Checks the slice words that end each rank's `stride` words of an all-gather: whole

@@ -33,10 +33,14 @@ pub fn default_device_chunk_rows(vocab: usize, ranks: usize, dtype: DType) -> us
 /// One sharded call on device buffers: this rank's slice of the vocabulary, its vocabulary and
 /// data groups. The device twin of [`Sharded`](crate::parallel::Sharded) (see there), except
 /// that the calls do not check that the slices of a vocabulary group of more than one tile the
-/// vocabulary (that needs a host read, which the calls do not do, except on a data-parallel rank
-/// without samples, see [`Shape::without_samples`]): run
-/// [`check_tiling`](Self::check_tiling) once per configuration for that. A group of one must
-/// hold the whole vocabulary (checked by every call).
+/// vocabulary, nor that its ranks hold tokens of the same `[B, T]` (which the host calls check
+/// in their first exchange: ranks of different shapes make all-gathers of different sizes, a
+/// hang or an abort with NCCL), and that an error one rank finds alone before an exchange
+/// leaves its peers waiting (the host calls fail them: [`Error::PeerFailed`]): each needs a
+/// host read of what was exchanged, which the calls do not do, except on a data-parallel rank
+/// without samples (see [`Shape::without_samples`]). Run [`check_tiling`](Self::check_tiling)
+/// once per configuration for the slices. A group of one must hold the whole vocabulary
+/// (checked by every call).
 #[derive(Clone, Copy)]
 pub struct DeviceSharded<'c> {
     pub(super) slice: VocabSlice,
