@@ -263,12 +263,9 @@ __device__ void rows_body(const FwlRowParams &p) {
             if (p.vector_stores) {
                 // target_logit: read in pass 1, published by block_merge's barriers, written again
                 // only after this row's last barrier
-                // elem_grad's target entry: tgrad, times the chain factor with soft-capping
-                float tval = rg.tgrad;
-                if constexpr (OPTS && CAP == CAP_ON) {
-                    const float t = tanhf(target_logit * rg.inv_cap);
-                    tval *= fmaf(-t, t, 1.f);
-                }
+                // the target's entry as the default loop writes it (tgrad, times the soft-cap's
+                // chain factor; CAP is CAP_OFF in the plain lean kernels)
+                const float tval = elem_grad<CAP>(target_logit, true, rg);
                 const int kc = static_cast<int>(cached), kn = static_cast<int>(nvec), kt = static_cast<int>(ky);
                 lean_grad_sweep<L, G, U, true, CAP, OPTS>(g + head, x + head, cache, 0, kc, kt, g + y, tval, rg);
                 lean_grad_sweep<L, G, U, false, CAP, OPTS>(g + head, x + head, cache, kc, kn, kt, g + y, tval, rg);
