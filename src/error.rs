@@ -251,6 +251,29 @@ pub enum Error {
         /// That rank's `[B, T]`.
         got: [usize; 2],
     },
+    /// The ranks of a group ([`parallel::Sharded`](crate::parallel::Sharded)) made different
+    /// calls: every rank of a group must pass the same loss options (all of the spec but its
+    /// backend and SIMD level), and every rank of a vocabulary group also the same call (logits
+    /// or fused linear) with the same chunking and the same ids, labels and token weights. Other
+    /// options or chunking would make the group's later exchanges differ in number or length (a
+    /// hang or an abort in a real collective); other tokens or options, different losses on the
+    /// ranks without a word. Found in the group's first exchange, which carries a 32-bit digest
+    /// of each part, and reported alike on every rank of the group before any gradient is
+    /// written: the first rank, in rank order, whose digest is not rank 0's, and the first part
+    /// that differs. (Two different calls share a digest with odds of 2^-32.)
+    #[error(
+        "rank {rank} of the {group} group made another call than rank 0: its {what} differ from rank 0's (every \
+         rank of a group must make the same call)"
+    )]
+    GroupCallMismatch {
+        /// `"data"` or `"vocabulary"`.
+        group: &'static str,
+        /// The first rank (in the group's rank order) whose call differs from rank 0's.
+        rank: usize,
+        /// The first part that differs: the loss options, the call or its chunking, or the
+        /// tokens.
+        what: &'static str,
+    },
     /// A buffer of a sharded step or of an exchange has the wrong length.
     #[error("{what} has {got} elements, expected {expected}")]
     ExchangeLength {

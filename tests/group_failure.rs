@@ -48,6 +48,12 @@ enum Fault {
     FewerSamples,
     /// The same rows as its peers' samples, as twice the samples of half their length.
     OtherSeq,
+    /// Other loss options than its peers' (label smoothing on): not a fault of its own.
+    OtherOptions,
+    /// Another chunking than its peers' (rows per exchange): not a fault of its own.
+    OtherChunking,
+    /// One id other than its vocabulary-group peers' (in range): not a fault of its own.
+    OtherIds,
 }
 
 fn spec(reduction: Reduction) -> LossSpec {
@@ -87,6 +93,7 @@ impl Samples {
             Fault::IdOutOfRange => ids[2] = V as i64,
             Fault::LabelOutOfRange => labels[3] = -5,
             Fault::TokenWeightNan => token_weights[4] = f32::NAN,
+            Fault::OtherIds => ids[5] = if ids[5] + 1 == KEY || ids[5] + 1 == V as i64 { 0 } else { ids[5] + 1 },
             _ => {}
         }
         Samples {
@@ -134,7 +141,14 @@ impl Samples {
 
     /// The fused linear call of the rank that holds `slice` of the weight's rows (`d weight` and
     /// `d hidden` asked for).
-    fn linear_call(&self, call: Sharded<'_>, spec: &LossSpec, slice: VocabSlice, fault: Fault) -> Result<f64> {
+    fn linear_call(
+        &self,
+        call: Sharded<'_>,
+        spec: &LossSpec,
+        slice: VocabSlice,
+        fault: Fault,
+        chunking: Chunking,
+    ) -> Result<f64> {
         let shape = if self.b == 0 {
             LinearShape::without_samples(self.t, H, V).unwrap()
         } else {
@@ -149,7 +163,7 @@ impl Samples {
         let mut dh = vec![0f32; self.hidden.len()];
         let grads = LinearGrads::new().weight(Grad::Into(&mut dw)).hidden(Grad::Into(&mut dh));
         let inputs = LinearInputs::new(&self.hidden, &w);
-        call.linear_loss_and_grad(spec, shape, inputs, self.tokens(), grads, Chunking::Rows(2)).map(|o| o.loss.loss)
+        call.linear_loss_and_grad(spec, shape, inputs, self.tokens(), grads, chunking).map(|o| o.loss.loss)
     }
 }
 
@@ -181,11 +195,18 @@ fn two_calls(
         let fault = if call == 0 { fault(d, v) } else { Fault::None };
         let samples = Samples::new(d, 2 + d, fault);
         let slice = VocabSlice::even(v, vocab, V).unwrap();
-        let sharded = Sharded::vocab_parallel(slice, vg).with_data_group(dg).with_chunk_rows(1);
+        let other = fault == Fault::OtherChunking;
+        let sharded = Sharded::vocab_parallel(slice, vg).with_data_group(dg).with_chunk_rows(if other { 2 } else { 1 });
+        let spec = match fault {
+            Fault::OtherOptions => spec.to_builder().label_smoothing(0.1).build().unwrap(),
+            _ => spec.clone(),
+        };
         match path {
             Path::Loss => samples.logits_call(sharded, &spec, slice, fault, false),
             Path::Grad => samples.logits_call(sharded, &spec, slice, fault, true),
-            Path::Linear => samples.linear_call(sharded, &spec, slice, fault),
+            Path::Linear => {
+                samples.linear_call(sharded, &spec, slice, fault, Chunking::Rows(if other { 3 } else { 2 }))
+            }
         }
     });
     let what = format!("{data} x {vocab} ranks, {path:?}, {reduction:?}");
@@ -391,6 +412,83 @@ fn ranks_of_a_vocabulary_group_with_different_shapes_fail_every_rank() {
     }
 }
 
+/// Ranks of one group that make different calls: other loss options (label smoothing on one
+/// rank: its exchanges carry another number of words per row), another chunking (another number
+/// of exchanges), other ids in a vocabulary group (silently other losses). The first exchanges
+/// carry a digest of each: every rank of the group fails alike, naming the first rank whose
+/// call differs and what differs, and on a grid the other data row hears it from its data
+/// group; then every rank makes the next call in step. A data group's ranks may chunk their
+/// (unshared) rows as they like.
+#[test]
+fn ranks_of_a_group_that_make_different_calls_fail_every_rank() {
+    let parts = [
+        (Fault::OtherOptions, "loss options (the spec)"),
+        (Fault::OtherChunking, "call or its chunking (rows per exchange)"),
+        (Fault::OtherIds, "ids, labels or token weights"),
+    ];
+    for path in [Path::Loss, Path::Grad, Path::Linear] {
+        for (fault, what) in parts {
+            for (vocab, odd) in [(2, 0), (2, 1), (3, 2)] {
+                let mismatch = Error::GroupCallMismatch { group: "vocabulary", rank: odd.max(1), what };
+                let got =
+                    two_calls(1, vocab, Reduction::Mean, path, move |_, v| if v == odd { fault } else { Fault::None });
+                let desc = format!("vocabulary group of {vocab}, {fault:?} on rank {odd}, {path:?}");
+                for (r, g) in got.iter().enumerate() {
+                    assert_eq!(g, &Err(mismatch.clone()), "{desc}: rank {r}: {got:?}");
+                }
+            }
+            // a 2 x 2 grid, the call of rank (0, 1) differs: vocabulary row 0 fails alike, row 1
+            // hears it from its data groups
+            let mismatch = Error::GroupCallMismatch { group: "vocabulary", rank: 1, what };
+            let got =
+                two_calls(
+                    2,
+                    2,
+                    Reduction::WeightedMean,
+                    path,
+                    move |d, v| {
+                        if (d, v) == (0, 1) {
+                            fault
+                        } else {
+                            Fault::None
+                        }
+                    },
+                );
+            let desc = format!("2 x 2 grid, {fault:?} on rank (0, 1), {path:?}");
+            assert_group_failed(&got, &desc, |r| r < 2, |e| e == &mismatch, |_| ("data", 0));
+            // a data group alone: other options fail every rank alike; another chunking or other
+            // ids are no fault there (each rank's samples are its own)
+            for odd in [0, 2] {
+                let got = two_calls(
+                    3,
+                    1,
+                    Reduction::WeightedMean,
+                    path,
+                    move |d, _| {
+                        if d == odd {
+                            fault
+                        } else {
+                            Fault::None
+                        }
+                    },
+                );
+                let desc = format!("data group of 3, {fault:?} on rank {odd}, {path:?}");
+                if fault == Fault::OtherOptions {
+                    let mismatch = Error::GroupCallMismatch { group: "data", rank: odd.max(1), what };
+                    for (r, g) in got.iter().enumerate() {
+                        assert_eq!(g, &Err(mismatch.clone()), "{desc}: rank {r}: {got:?}");
+                    }
+                } else {
+                    let first = got[0].as_ref().unwrap_or_else(|e| panic!("{desc}: rank 0: {e}"));
+                    for (r, g) in got.iter().enumerate() {
+                        assert_eq!(g.as_ref().map(|l| l.to_bits()), Ok(first.to_bits()), "{desc}: rank {r}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A caller that fails before it can make its call (a binding's own checks of its tensors)
 /// fails its groups through `Sharded::fail_with`: its peers' calls return `PeerFailed` instead
 /// of waiting for it, and every rank makes the next call in step.
@@ -409,7 +507,7 @@ fn a_rank_that_fails_before_its_call_fails_every_rank() {
                 match path {
                     Path::Loss => samples.logits_call(sharded, &spec, slice, Fault::None, false),
                     Path::Grad => samples.logits_call(sharded, &spec, slice, Fault::None, true),
-                    Path::Linear => samples.linear_call(sharded, &spec, slice, Fault::None),
+                    Path::Linear => samples.linear_call(sharded, &spec, slice, Fault::None, Chunking::Rows(2)),
                 }
             });
             let what = format!("{data} x {vocab}, {path:?}");

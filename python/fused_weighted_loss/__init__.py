@@ -224,10 +224,15 @@ def weighted_loss(
     - both: a 2-D grid of ranks. ``chunk_rows``: rows per exchange of the vocabulary group (the
       same on every rank; at least 1; None, the default: what keeps a chunk in cache).
 
+    Every rank of a group makes the same call: on CPU tensors, ranks of a vocabulary group with
+    other loss options, ``chunk_rows``, ids, labels or token weights, and ranks of a data group
+    with other loss options, raise the same ``ValueError`` on every rank (the first exchange
+    compares a digest of each); on CUDA tensors only the slices are compared.
+
     Per call each rank sends ``8 * W`` bytes per row to its vocabulary group on CPU (``W`` = 3, 4
-    with label smoothing, 5 with soft-capping; and 24 per exchange, 40 in the first: the slice
-    and ``[B, T]``) and ``4 * W`` on CUDA (``W`` = 3, 5 with label smoothing), and 16 bytes
-    twice to its data group. This path is an eager autograd function (``torch.compile`` breaks the
+    with label smoothing, 5 with soft-capping; and 24 per exchange, 64 in the first: the slice,
+    ``[B, T]`` and the digests) and ``4 * W`` on CUDA (``W`` = 3, 5 with label smoothing), and
+    to its data group 24 bytes then 16 on CPU, 16 twice on CUDA. This path is an eager autograd function (``torch.compile`` breaks the
     graph around it).
     """
     sharded = process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None

@@ -209,6 +209,26 @@ def failure_cases(rank, vocab_groups, data_groups, device):
     tw = weights[b0:b1].double() if rank == 0 else weights[b0:b1]
     results.append(error_of("native check", lambda: fwl.weighted_loss(logits[b0:b1], ids[b0:b1], token_weights=tw,
                                                                       data_group=world)))
+    # ranks of one group that make different calls (gloo aborted the process on the chunks'
+    # different lengths, or the ranks got different losses): every rank raises the same ValueError
+    # naming the first rank whose call differs. Label smoothing on rank 2 of a vocabulary group:
+    other = dict(opts, label_smoothing=0.1) if rank == 2 else opts
+    results.append(error_of("options", lambda: run(logits[..., s:e], ids, labels, weights, other,
+                                                   process_group=world, vocab_start=s, vocab_size=v)))
+    # rank 3 exchanges every 2 rows, its peers every 3
+    results.append(error_of("chunking", lambda: run(logits[..., s:e], ids, labels, weights, opts,
+                                                    process_group=world, vocab_start=s, vocab_size=v,
+                                                    chunk_rows=2 if rank == 3 else 3)))
+    # rank 1 holds other ids than its vocabulary group
+    other_ids = ids.clone()
+    if rank == 1:
+        other_ids[0, 3] = (other_ids[0, 3] + 1) % v
+    results.append(error_of("ids", lambda: run(logits[..., s:e], other_ids, labels, weights, opts,
+                                               process_group=world, vocab_start=s, vocab_size=v)))
+    # a data group whose rank 0 takes another reduction
+    red = dict(opts, reduction="sum") if rank == 0 else opts
+    results.append(error_of("data options", lambda: run(logits[b0:b1], ids[b0:b1], labels[b0:b1], weights[b0:b1],
+                                                        red, data_group=world)))
     # and then every rank is in step: the first vocabulary-parallel case again
     ref, ref_grad = run(logits, ids, labels, weights, opts)
     out, grad = run(logits[..., s:e], ids, labels, weights, opts, process_group=world, vocab_start=s, vocab_size=v)

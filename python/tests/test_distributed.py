@@ -59,6 +59,15 @@ FAILURES = {
                      lambda r: ("ValueError", "rank 2 of the vocabulary group failed")),
     "native check": (0, ("TypeError", "token_weights must be float32"),
                      lambda r: ("ValueError", "rank 0 of the data group failed")),
+    # ranks of a group that make different calls: every rank raises the same error
+    "options": (2, ("ValueError", "rank 2 of the vocabulary group made another call than rank 0: its loss options"),
+                None),
+    "chunking": (3, ("ValueError", "rank 3 of the vocabulary group made another call than rank 0: its call or its "
+                                   "chunking"), None),
+    "ids": (1, ("ValueError", "rank 1 of the vocabulary group made another call than rank 0: its ids, labels"),
+            None),
+    "data options": (0, ("ValueError", "rank 1 of the data group made another call than rank 0: its loss options"),
+                     None),
 }
 
 

@@ -1,8 +1,9 @@
 //! The one-call API on host buffers: the steps of [`ShardedLoss`] with the exchanges done through
 //! the caller's [`Collective`]s, chunk by chunk.
 
+use super::agree::{call_digest, check_agreement, Agreement, LOGITS_CALL, VOCAB_WORDS};
 use super::pipeline::{self, InPlace, ReadInto};
-use super::steps::{check_same_tokens, check_sealed, encode_first, FAILED, FIRST_WORDS};
+use super::steps::{check_same_tokens, check_sealed, encode_first, FAILED, FIRST_WORDS, TOKEN_WORDS};
 use super::{check_tiling, Collective, ShardedLoss, Solo, VocabSlice};
 use crate::cpu::split::Dest as Fused;
 use crate::cpu::RowStats;
@@ -60,9 +61,11 @@ pub fn default_chunk_rows(vocab: usize, ranks: usize) -> usize {
 ///
 /// Every rank of a group must make the same calls (the same spec, `T`, chunking and, in a
 /// vocabulary group, the same samples), as with any collective. A vocabulary group's first
-/// exchange checks that its ranks' slices tile one vocabulary and that their tokens have the
-/// same `[B, T]` ([`Error::GroupShapeMismatch`] on every rank otherwise); the spec, the
-/// chunking and the ids themselves are not compared.
+/// exchange checks that its ranks' slices tile one vocabulary, that their tokens have the same
+/// `[B, T]` ([`Error::GroupShapeMismatch`] on every rank otherwise) and that they made the same
+/// call (the same loss options, call and chunking, ids, labels and token weights, compared by
+/// 32-bit digests: [`Error::GroupCallMismatch`] on every rank otherwise); a data group's, that
+/// its ranks have the same loss options. The backend and SIMD level may differ between ranks.
 #[derive(Clone, Copy)]
 pub struct Sharded<'a> {
     pub(super) slice: VocabSlice,
@@ -132,15 +135,17 @@ impl<'a> Sharded<'a> {
     /// use fused_weighted_loss::parallel::{Collective, Sharded};
     /// use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
     /// # // stands in for a real group of two whose rank 0 holds one sample (weight 1) of loss 2:
-    /// # // its [B, Σw], then its [loss share, z-loss share]
+    /// # // its [B, Σw] (and the same spec's digest), then its [loss share, z-loss share]
     /// # struct Two(std::cell::Cell<usize>);
     /// # impl Collective for Two {
     /// #     fn rank(&self) -> usize { 1 }
     /// #     fn size(&self) -> usize { 2 }
     /// #     fn all_gather_f64(&self, send: &[f64], recv: &mut [f64]) -> fused_weighted_loss::Result<()> {
     /// #         let calls = self.0.replace(self.0.get() + 1);
+    /// #         let n = send.len();
+    /// #         recv[..n].copy_from_slice(send);
     /// #         recv[..2].copy_from_slice(if calls == 0 { &[1.0, 1.0] } else { &[2.0, 0.0] });
-    /// #         recv[2..].copy_from_slice(send);
+    /// #         recv[n..].copy_from_slice(send);
     /// #         Ok(())
     /// #     }
     /// #     fn all_gather_f32(&self, _: &[f32], _: &mut [f32]) -> fused_weighted_loss::Result<()> { unreachable!() }
@@ -210,7 +215,8 @@ impl<'a> Sharded<'a> {
             return error;
         }
         // (the [B, T] words of a rank that failed are not sent)
-        match super::first_exchanges(self, [0, 0], Err(error), |()| [0.0; 2], |_, _| Ok(())) {
+        let none = Agreement { spec: 0, call: 0, tokens: 0 };
+        match super::first_exchanges(self, [0, 0], none, Err(error), |()| [0.0; 2], |_, _| Ok(())) {
             Err(e) => e,
             Ok(()) => unreachable!("a rank that failed returns an error from its first exchanges"),
         }
@@ -284,17 +290,18 @@ impl<'a> Sharded<'a> {
         // this rank's own errors (here and in the plan) wait for the first exchanges, which
         // carry them to every rank of both groups (see `first_exchanges`)
         let checked = self.check_call(shape, &src, &dest, token_loss.as_deref());
+        let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
+        let agree = Agreement::new(spec, call_digest(LOGITS_CALL, chunk as u64, 0), &tokens);
         if shape.batch() == 0 {
-            return super::no_samples(spec, shape, &tokens, self, checked);
+            return super::no_samples(spec, shape, &tokens, self, agree, checked);
         }
         if vg.size() == 1 && !self.split_steps {
             // the whole vocabulary on this rank: nothing to exchange per row, so the
             // single-device pass (one read of each row, no chunks) with the data group's
             // denominators
-            return whole_rows(spec, shape, src, tokens, dest, token_loss, self, checked);
+            return whole_rows(spec, shape, src, tokens, dest, token_loss, self, agree, checked);
         }
         let (rows, len) = (shape.rows(), slice.len());
-        let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
         let wants_grad = !matches!((&src, &dest), (Src::Read(_), Dest::Skip));
         let steps = checked.and_then(|()| ShardedLoss::new(spec, shape, slice, tokens));
         // every rank's [B, T], slice and V in words of the same length on every rank (the
@@ -303,6 +310,7 @@ impl<'a> Sharded<'a> {
         let steps = super::first_exchanges(
             self,
             super::token_dims(shape),
+            agree,
             steps,
             ShardedLoss::batch_totals,
             |st, all| match all {
@@ -391,6 +399,7 @@ fn whole_rows<L: Logit, I: TokenId>(
     dest: Dest<'_, L>,
     token_loss: Option<&mut [f32]>,
     call: &Sharded<'_>,
+    agree: Agreement,
     checked: Result<()>,
 ) -> Result<LossOutput> {
     let dg = call.data_group;
@@ -398,6 +407,7 @@ fn whole_rows<L: Logit, I: TokenId>(
     let (plan, k) = super::first_exchanges(
         call,
         super::token_dims(shape),
+        agree,
         planned,
         |(plan, _)| super::plan_totals(plan),
         |(plan, _), all| super::global_denominator(plan, spec, all),
@@ -454,21 +464,25 @@ impl<'a> Exchange<'a> {
         &mut self.send[..]
     }
 
-    /// The group's first exchange: every rank's `[B, T]` and slice alone ([`FIRST_WORDS`]
-    /// words, the same length on every rank whatever its shape), checked before the chunks,
-    /// whose number and lengths follow from `B · T` and `V`, and before any write: the slices
-    /// tile one vocabulary and every rank holds tokens of the same shape
-    /// ([`Error::GroupShapeMismatch`] otherwise, on every rank alike). `None`: this rank failed,
-    /// and its words say so ([`FAILED`]); the others' check fails with [`Error::PeerFailed`].
-    /// The outer error: the exchange itself failed; the inner one: the check's.
-    pub(super) fn check_slices(&mut self, mine: Option<([usize; 2], VocabSlice)>) -> Result<Result<()>> {
+    /// The group's first exchange: every rank's `[B, T]`, agreement and slice alone
+    /// ([`FIRST_WORDS`] words, the same length on every rank whatever its shape), checked before
+    /// the chunks, whose number and lengths follow from `B · T`, `V`, the options and the
+    /// chunking, and before any write: the slices tile one vocabulary, every rank holds tokens of
+    /// the same shape ([`Error::GroupShapeMismatch`] otherwise) and made the same call with the
+    /// same tokens ([`Error::GroupCallMismatch`] otherwise), on every rank alike. `None`: this
+    /// rank failed, and its words say so ([`FAILED`]); the others' check fails with
+    /// [`Error::PeerFailed`]. The outer error: the exchange itself failed; the inner one: the
+    /// check's.
+    pub(super) fn check_slices(&mut self, mine: Option<([usize; 2], Agreement, VocabSlice)>) -> Result<Result<()>> {
         match mine {
-            Some((tokens, slice)) => encode_first(tokens, slice, self.buffer(FIRST_WORDS)),
+            Some((tokens, agree, slice)) => encode_first(tokens, agree, slice, self.buffer(FIRST_WORDS)),
             None => self.buffer(FIRST_WORDS).fill(FAILED),
         }
         let vocab = self.vocab;
         let gathered = self.all_gather(FIRST_WORDS)?;
-        Ok(check_sealed(gathered, FIRST_WORDS, vocab).and_then(|()| check_same_tokens(gathered)))
+        Ok(check_sealed(gathered, FIRST_WORDS, vocab)
+            .and_then(|()| check_same_tokens(gathered))
+            .and_then(|()| check_agreement("vocabulary", gathered, FIRST_WORDS, TOKEN_WORDS, VOCAB_WORDS)))
     }
 
     /// Every rank's `n` words (the send buffer itself in a group of one), and the stride

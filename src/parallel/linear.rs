@@ -5,6 +5,7 @@
 //! written over `z_c` (from the kept exponentials), then `d h_c = G_c·W_r` (this rank's part),
 //! `d W_r += G_cᵀ·h_c` and `d b_r += Σ G_c` as the unsplit path does.
 
+use super::agree::{call_digest, Agreement, LINEAR_CALL};
 use super::call::Exchange;
 use super::steps::{encode_sealed, SLICE_WORDS};
 use super::{finish_over, first_exchanges, global_denominator, plan_totals, token_dims, Sharded};
@@ -82,9 +83,15 @@ impl Sharded<'_> {
             chunking.rows_for(1, 1, 1)?;
             Ok(local)
         })();
+        let (how, n) = match chunking {
+            Chunking::Auto => (0, 0),
+            Chunking::Budget(b) => (1, b as u64),
+            Chunking::Rows(r) => (2, r as u64),
+        };
+        let agree = Agreement::new(spec, call_digest(LINEAR_CALL, how, n), &tokens);
         if shape.batch() == 0 {
             // this rank's part of d W and d b: nothing (d hidden has no rows)
-            let loss = super::no_samples(spec, shape.tokens(), &tokens, self, checked.map(|_| ()))?;
+            let loss = super::no_samples(spec, shape.tokens(), &tokens, self, agree, checked.map(|_| ()))?;
             if !grads.accumulate {
                 for g in [grads.weight, grads.bias] {
                     match g {
@@ -107,6 +114,7 @@ impl Sharded<'_> {
         let (local, plan, k, active) = first_exchanges(
             self,
             token_dims(shape.tokens()),
+            agree,
             planned,
             |(_, plan, _, _)| plan_totals(plan),
             |(_, plan, _, _), all| global_denominator(plan, spec, all),

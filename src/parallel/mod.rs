@@ -40,9 +40,12 @@
 //! rank by themselves: in the vocabulary group's exchange, slices that do not tile one
 //! vocabulary and ranks called with tokens of different `[B, T]`
 //! ([`Error::GroupShapeMismatch`]; a rank without samples beside ranks with samples is one),
-//! which the data group's exchange then passes on to the other vocabulary groups of a grid; in
-//! the data group's, a `Σ w_b` beyond `f64` (the same in every data group of a grid, which all
-//! hold the same samples); after the last exchange, non-finite losses with `check_finite`
+//! and ranks that made different calls (other loss options, another call or chunking, other
+//! ids, labels or token weights: [`Error::GroupCallMismatch`], from a 32-bit digest of each in
+//! the same exchange), which the data group's exchange then passes on to the other vocabulary
+//! groups of a grid; in the data group's, a `Σ w_b` beyond `f64` (the same in every data group
+//! of a grid, which all hold the same samples) and ranks with other loss options
+//! ([`Error::GroupCallMismatch`]); after the last exchange, non-finite losses with `check_finite`
 //! ([`Error::NonFiniteInGroup`]). Only a group whose rank is not within its size, and an
 //! exchange that itself fails ([`Error::Collective`]), end a call at once. A caller that finds
 //! an error of its own before it can make a call fails its groups the same way with
@@ -53,9 +56,9 @@
 //! | exchange | group | each rank sends | when |
 //! |---|---|---|---|
 //! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing, 5 with soft-capping), plus 24 (the slice and `V`, checked by every rank to tile `[0, V)`) | per chunk of rows |
-//! | slices and shapes (host buffers, `f64`) | vocabulary | 40: `B`, `T`, then the slice and `V` (checked by every rank: the same `[B, T]` on every rank, slices that tile `[0, V)`) | once, before the chunks and before any gradient is written |
+//! | slices, shapes and calls (host buffers, `f64`) | vocabulary | 64: `B`, `T`, the digests of the spec, of the call and its chunking and of the tokens, then the slice and `V` (checked by every rank: the same `[B, T]` and digests on every rank, slices that tile `[0, V)`) | once, before the chunks and before any gradient is written |
 //! | row statistics (CUDA buffers, `f32`) | vocabulary | `4 · W` per row, `W` = 3 (5 with label smoothing) | per chunk of rows |
-//! | batch totals (`B`, `Σ w_b`) | data | 16 | before the logits are read |
+//! | batch totals (`B`, `Σ w_b`; host buffers: and the spec's digest) | data | 16 (host buffers: 24) | before the logits are read |
 //! | loss shares (loss, z-loss) | data | 16 | at the end |
 //!
 //! An all-gather delivers `group size ×` that to every rank. With a group of one the exchange is
@@ -88,6 +91,7 @@
 //! an asynchronous exchange can likewise compute the statistics of chunk `k + 1` while chunk
 //! `k`'s are in flight (two chunks kept at once, within the default budget).
 
+mod agree;
 mod call;
 mod linear;
 mod pipeline;
@@ -252,11 +256,17 @@ fn sum_in_rank_order(gathered: &[f64], stride: usize, i: usize) -> f64 {
 /// A data group's all-gather of two numbers per rank, in rank order (`None` for a group of one:
 /// nothing to exchange).
 fn gather_pairs(dg: &dyn Collective, local: [f64; 2]) -> Result<Option<Vec<f64>>> {
+    gather_words(dg, &local)
+}
+
+/// A data group's all-gather of `local` (the same length on every rank), in rank order (`None`
+/// for a group of one: nothing to exchange).
+fn gather_words(dg: &dyn Collective, local: &[f64]) -> Result<Option<Vec<f64>>> {
     if dg.size() <= 1 {
         return Ok(None);
     }
-    let mut all = vec![0.0; 2 * dg.size()];
-    dg.all_gather_f64(&local, &mut all)?;
+    let mut all = vec![0.0; local.len() * dg.size()];
+    dg.all_gather_f64(local, &mut all)?;
     Ok(Some(all))
 }
 
@@ -273,6 +283,7 @@ fn no_samples<I: crate::dtype::TokenId>(
     shape: crate::Shape,
     tokens: &crate::Tokens<'_, I>,
     call: &Sharded<'_>,
+    agree: agree::Agreement,
     checked: Result<()>,
 ) -> Result<crate::LossOutput> {
     let mine = checked.and_then(|()| {
@@ -283,6 +294,7 @@ fn no_samples<I: crate::dtype::TokenId>(
     first_exchanges(
         call,
         token_dims(shape),
+        agree,
         mine,
         |()| [0.0, 0.0],
         |(), all| {
@@ -329,12 +341,14 @@ fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, all:
 }
 
 /// The first exchanges of every sharded call on host buffers, on every path: the vocabulary
-/// group's slices and `[B, T]`s (`tokens`: this rank's), checked to tile one vocabulary and to
-/// be the same on every rank of the group, then the data group's batch totals (`totals` of this
-/// rank's preparation). `mine` is this rank's preparation, or the error it found alone (bad ids
-/// or labels, sample weights beyond `f64`, a buffer of the wrong length, ...); `group` finishes
-/// it from the data group's gathered totals (`None` for a group of one) with the errors every
-/// rank of the data group sees alike (an empty group, a `Σ w_b` beyond `f64`).
+/// group's slices, `[B, T]`s and agreements (`tokens` and `agree`: this rank's), checked to tile
+/// one vocabulary and to be the same on every rank of the group, then the data group's batch
+/// totals (`totals` of this rank's preparation) and spec digests, checked to be the same on
+/// every rank of the group. `mine` is this rank's preparation, or the error it found alone (bad
+/// ids or labels, sample weights beyond `f64`, a buffer of the wrong length, ...); `group`
+/// finishes it from the data group's gathered totals (`[B, Σ w_b]` per rank, `None` for a group
+/// of one) with the errors every rank of the data group sees alike (an empty group, a `Σ w_b`
+/// beyond `f64`).
 ///
 /// A rank that failed, by its own error or by what the vocabulary group's exchange told it
 /// (a peer's failure, or the group's own checks), still takes part in both exchanges, its words
@@ -347,28 +361,37 @@ fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, all:
 fn first_exchanges<T>(
     call: &Sharded<'_>,
     tokens: [usize; 2],
+    agree: agree::Agreement,
     mine: Result<T>,
     totals: impl FnOnce(&T) -> [f64; 2],
     group: impl FnOnce(&mut T, Option<&[f64]>) -> Result<()>,
 ) -> Result<T> {
     let mine = if call.vocab_group.size() > 1 {
         let mut ex = call::Exchange::new(call.vocab_group, call.slice);
-        let checked = ex.check_slices(mine.is_ok().then_some((tokens, call.slice)))?;
+        let checked = ex.check_slices(mine.is_ok().then_some((tokens, agree, call.slice)))?;
         // this rank's own error first (the exchange then names this rank itself)
         mine.and_then(|t| checked.map(|()| t))
     } else {
         mine
     };
-    let send = match &mine {
-        Ok(t) => totals(t),
-        Err(_) => [steps::FAILED; 2],
-    };
-    let all = gather_pairs(call.data_group, send)?;
+    const STRIDE: usize = 2 + agree::DATA_WORDS;
+    let mut send = [steps::FAILED; STRIDE];
+    if let Ok(t) = &mine {
+        send[..2].copy_from_slice(&totals(t));
+        send[2..].copy_from_slice(&agree.data_words());
+    }
+    let all = gather_words(call.data_group, &send)?;
     mine.and_then(|mut t| {
-        if let Some(rank) = all.as_deref().and_then(|all| all.chunks_exact(2).position(|p| p[0] == steps::FAILED)) {
+        let Some(all) = all else {
+            group(&mut t, None)?;
+            return Ok(t);
+        };
+        if let Some(rank) = all.chunks_exact(STRIDE).position(|p| p[0] == steps::FAILED) {
             return Err(Error::PeerFailed { group: "data", rank });
         }
-        group(&mut t, all.as_deref())?;
+        agree::check_agreement("data", &all, STRIDE, 2, agree::DATA_WORDS)?;
+        let pairs: Vec<f64> = all.chunks_exact(STRIDE).flat_map(|p| [p[0], p[1]]).collect();
+        group(&mut t, Some(&pairs))?;
         Ok(t)
     })
 }

@@ -1,5 +1,6 @@
 //! The split as steps on host buffers, driven by the caller's exchange.
 
+use super::agree::{Agreement, VOCAB_WORDS};
 use super::{sum_in_rank_order, VocabSlice};
 use crate::cpu::split::{encode, merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::RowStats;
@@ -417,12 +418,13 @@ impl Merge<'_> {
 /// Words after a rank's row statistics in an exchange: its slice `(start, len, vocab)`.
 pub(crate) const SLICE_WORDS: usize = 3;
 
-/// Words before the slice's in the vocabulary group's first exchange ([`encode_first`]): the
-/// rank's `[B, T]`.
+/// Words that begin each rank's words in the vocabulary group's first exchange
+/// ([`encode_first`]): the rank's `[B, T]`.
 pub(crate) const TOKEN_WORDS: usize = 2;
 
-/// Words of every rank in the vocabulary group's first exchange: its `[B, T]`, then its slice.
-pub(crate) const FIRST_WORDS: usize = TOKEN_WORDS + SLICE_WORDS;
+/// Words of every rank in the vocabulary group's first exchange: its `[B, T]`, its agreement
+/// (the digests of its spec, call and tokens), then its slice.
+pub(crate) const FIRST_WORDS: usize = TOKEN_WORDS + VOCAB_WORDS + SLICE_WORDS;
 
 /// Every word a rank that failed before (or, on a grid, in) the call's first exchanges sends in
 /// them: its `[B, T]` and slice words (and, in the data group, its `[B, Σ w_b]`), in place of
@@ -440,10 +442,12 @@ pub(crate) fn encode_sealed(st: &[RowStats], words: usize, slice: VocabSlice, ou
 }
 
 /// This rank's words of the vocabulary group's first exchange into `out` ([`FIRST_WORDS`]
-/// long): `tokens` (`[B, T]`), then `slice`'s words.
-pub(crate) fn encode_first(tokens: [usize; 2], slice: VocabSlice, out: &mut [f64]) {
+/// long): `tokens` (`[B, T]`), `agree`'s words, then `slice`'s words.
+pub(crate) fn encode_first(tokens: [usize; 2], agree: Agreement, slice: VocabSlice, out: &mut [f64]) {
     let (head, tail) = out.split_at_mut(TOKEN_WORDS);
     head.copy_from_slice(&tokens.map(|x| x as f64));
+    let (mid, tail) = tail.split_at_mut(VOCAB_WORDS);
+    mid.copy_from_slice(&agree.vocab_words());
     encode_sealed(&[], 1, slice, tail);
 }
 

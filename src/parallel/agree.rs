@@ -1,0 +1,189 @@
+//! What the ranks of a group must agree on beyond their shapes, as short digests carried by the
+//! first exchanges: the loss options, the call and its chunking, and (in a vocabulary group,
+//! whose ranks hold the same samples) the tokens. A rank whose digest differs from rank 0's
+//! fails every rank of the group alike ([`Error::GroupCallMismatch`]) before any gradient is
+//! written, where it would otherwise hang the group (another number or length of exchanges) or
+//! give its ranks different losses without a word.
+
+use crate::dtype::TokenId;
+use crate::error::{Error, Result};
+use crate::spec::{LossSpec, Tokens};
+
+/// A digest of 32 bits: exact in an `f64` word of an exchange, the same on every machine and
+/// build (no hasher of the standard library, whose output may change between releases).
+/// Not a defence against anyone: two different calls share a digest with odds of 2^-32.
+#[derive(Clone, Copy)]
+struct Digest(u64);
+
+impl Digest {
+    /// A digest of one kind of thing (`tag` keeps an empty list of one kind apart from another's).
+    fn new(tag: u64) -> Self {
+        Digest(0x9E37_79B9_7F4A_7C15 ^ tag)
+    }
+
+    fn word(mut self, w: u64) -> Self {
+        self.0 = (self.0 ^ w).wrapping_mul(0xBF58_476D_1CE4_E5B9).rotate_left(29);
+        self
+    }
+
+    fn f64(self, x: f64) -> Self {
+        // -0 and +0 mean the same option
+        self.word(if x == 0.0 { 0 } else { x.to_bits() })
+    }
+
+    /// The 32 bits (the mixing's finaliser, then the halves folded).
+    fn finish(self) -> u32 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z ^ (z >> 32)) as u32
+    }
+}
+
+/// The options of `spec` that change a call's result or its exchanges: all but where it runs
+/// (`backend`, `cpu_simd`), keywords in any order.
+pub(crate) fn spec_digest(spec: &LossSpec) -> u32 {
+    let mut keys: Vec<(i64, u64)> = spec.keywords.iter().map(|k| (k.id, k.weight.to_bits())).collect();
+    keys.sort_unstable();
+    let mut d = Digest::new(1).word(keys.len() as u64);
+    for (id, w) in keys {
+        d = d.word(id as u64).word(w);
+    }
+    d.f64(spec.alpha)
+        .word(spec.ignore_index as u64)
+        .word(spec.row_mean as u64)
+        .word(spec.reduction as u64)
+        .f64(spec.grad_scale)
+        .f64(spec.z_loss)
+        .f64(spec.label_smoothing)
+        .f64(spec.softcap.unwrap_or(0.0))
+        .word(spec.softcap.is_some() as u64)
+        .word(spec.check_finite as u64)
+        .finish()
+}
+
+/// [`call_digest`]'s kind of the logits calls (`a`: rows per exchange).
+pub(crate) const LOGITS_CALL: u64 = 1;
+
+/// [`call_digest`]'s kind of the fused linear calls (`a`, `b`: the chunking asked for).
+pub(crate) const LINEAR_CALL: u64 = 2;
+
+/// A call's kind and how it cuts its rows into exchanges: `kind` names the call (the logits, the
+/// fused linear path, ...), `a` and `b` its chunking.
+pub(crate) fn call_digest(kind: u64, a: u64, b: u64) -> u32 {
+    Digest::new(2).word(kind).word(a).word(b).finish()
+}
+
+/// The ids, labels and token weights of a call (their values and which are given).
+pub(crate) fn tokens_digest<I: TokenId>(t: &Tokens<'_, I>) -> u32 {
+    let mut d = Digest::new(3).word(t.ids.len() as u64);
+    for &i in t.ids {
+        d = d.word(i.to_i64() as u64);
+    }
+    d = d.word(t.labels.is_some() as u64);
+    for &l in t.labels.unwrap_or(&[]) {
+        d = d.word(l.to_i64() as u64);
+    }
+    d = d.word(t.token_weights.is_some() as u64);
+    for &w in t.token_weights.unwrap_or(&[]) {
+        d = d.word(w.to_bits() as u64);
+    }
+    d.finish()
+}
+
+/// What a rank sends of its call in the first exchanges, beside its shape and slice: words of
+/// the vocabulary group's ([`VOCAB_WORDS`]) and of the data group's ([`DATA_WORDS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Agreement {
+    /// [`spec_digest`]: every rank of both groups.
+    pub spec: u32,
+    /// [`call_digest`]: every rank of the vocabulary group.
+    pub call: u32,
+    /// [`tokens_digest`]: every rank of the vocabulary group.
+    pub tokens: u32,
+}
+
+/// Words of an [`Agreement`] in the vocabulary group's first exchange.
+pub(crate) const VOCAB_WORDS: usize = 3;
+
+/// Words of an [`Agreement`] in the data group's first exchange (the spec's digest).
+pub(crate) const DATA_WORDS: usize = 1;
+
+/// What the parts are called in [`Error::GroupCallMismatch`], in the order of the words.
+const PARTS: [&str; VOCAB_WORDS] =
+    ["loss options (the spec)", "call or its chunking (rows per exchange)", "ids, labels or token weights"];
+
+impl Agreement {
+    pub(crate) fn new<I: TokenId>(spec: &LossSpec, call: u32, tokens: &Tokens<'_, I>) -> Self {
+        Agreement { spec: spec_digest(spec), call, tokens: tokens_digest(tokens) }
+    }
+
+    /// The vocabulary group's words ([`VOCAB_WORDS`]).
+    pub(crate) fn vocab_words(&self) -> [f64; VOCAB_WORDS] {
+        [self.spec as f64, self.call as f64, self.tokens as f64]
+    }
+
+    /// The data group's words ([`DATA_WORDS`]).
+    pub(crate) fn data_words(&self) -> [f64; DATA_WORDS] {
+        [self.spec as f64]
+    }
+}
+
+/// Checks that every rank's words (`stride` apart, the agreement's `n` words from `at` on, the
+/// first `n` of [`PARTS`]) are rank 0's: [`Error::GroupCallMismatch`] for the first rank in rank
+/// order whose words differ, naming the first part that does. Every rank sees the same words, so
+/// every rank returns the same error.
+pub(crate) fn check_agreement(group: &'static str, gathered: &[f64], stride: usize, at: usize, n: usize) -> Result<()> {
+    let mut ranks = gathered.chunks_exact(stride).map(|w| &w[at..at + n]);
+    let Some(first) = ranks.next() else { return Ok(()) };
+    for (r, words) in ranks.enumerate() {
+        if let Some(part) = words.iter().zip(first).position(|(a, b)| a != b) {
+            return Err(Error::GroupCallMismatch { group, rank: r + 1, what: PARTS[part] });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_tell_what_differs_and_only_that() {
+        let spec = LossSpec::builder().keywords([3, 9]).build().unwrap();
+        let same = LossSpec::builder().keywords([9, 3]).backend(crate::Backend::Cpu).build().unwrap();
+        assert_eq!(spec_digest(&spec), spec_digest(&same), "keyword order and backend are not the call's meaning");
+        for other in [
+            spec.to_builder().label_smoothing(0.1).build().unwrap(),
+            spec.to_builder().reduction(crate::Reduction::Sum).build().unwrap(),
+            spec.to_builder().softcap(30.0).build().unwrap(),
+            spec.to_builder().alpha(2.0).build().unwrap(),
+            LossSpec::builder().keywords([3]).build().unwrap(),
+            LossSpec::builder().weighted_keywords([(3, 1.0), (9, 2.0)]).build().unwrap(),
+        ] {
+            assert_ne!(spec_digest(&spec), spec_digest(&other), "{other:?}");
+        }
+        let ids = [1i64, 2, 3, 4];
+        let base = tokens_digest(&Tokens::new(&ids));
+        assert_eq!(base, tokens_digest(&Tokens::new(&[1i32, 2, 3, 4])), "the id type is not the call's meaning");
+        assert_ne!(base, tokens_digest(&Tokens::new(&[1i64, 2, 3, 5])));
+        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_labels(&ids)), "labels given or not");
+        let w = [1.0f32; 4];
+        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_token_weights(&w)));
+        assert_ne!(call_digest(0, 4, 0), call_digest(0, 5, 0));
+        assert_ne!(call_digest(0, 4, 0), call_digest(1, 4, 0));
+    }
+
+    #[test]
+    fn the_first_rank_and_part_that_differ_are_named() {
+        // three ranks of [B, T, spec, call, tokens] words
+        let g = [2.0, 6.0, 1.0, 2.0, 3.0, 2.0, 6.0, 1.0, 2.0, 3.0, 2.0, 6.0, 1.0, 7.0, 4.0];
+        assert_eq!(
+            check_agreement("vocabulary", &g, 5, 2, 3),
+            Err(Error::GroupCallMismatch { group: "vocabulary", rank: 2, what: PARTS[1] })
+        );
+        assert_eq!(check_agreement("vocabulary", &g[..10], 5, 2, 3), Ok(()));
+        assert_eq!(check_agreement("data", &g, 5, 2, 1), Ok(()));
+    }
+}
