@@ -199,6 +199,13 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_split_batch(FwlSpl
         return;
     }
     const double denom = p.reduction == FWL_REDUCE_MEAN ? first : p.reduction == FWL_REDUCE_WEIGHTED_MEAN ? second : 1.0;
+    if (threadIdx.x == 0 && p.status && p.reduction == FWL_REDUCE_WEIGHTED_MEAN && !isfinite(denom) &&
+        !(p.status->flags & FWL_STATUS_BAD_SAMPLE_WEIGHT)) {
+        // every rank's sum finite, the group's not: every w_b / sum would be 0 (the plan kernel's
+        // own report of a rank's sum, or of one weight, comes first)
+        p.status->flags |= FWL_STATUS_BAD_SAMPLE_WEIGHT;
+        p.status->bad_sample_weight = denom;
+    }
     const double scale = p.grad_scale_ptr ? static_cast<double>(*p.grad_scale_ptr) : p.grad_scale;
     for (int64_t b = threadIdx.x; b < p.batch; b += blockDim.x) {
         const double r = denom > 0.0 ? p.weights[b] / denom : 0.0;

@@ -54,7 +54,9 @@ typedef struct FwlSplitGradParams {
 
 /* Batch kernel (one block). Mode FWL_SPLIT_TOTALS: totals = [B, sum of weights]. Mode
  * FWL_SPLIT_DENOMINATOR: from the data group's gathered totals ([ranks * 2], summed in rank
- * order), reduce and coef as the plan kernel computes them with that denominator. Mode
+ * order), reduce and coef as the plan kernel computes them with that denominator; under the
+ * weighted mean, a group's sum of weights beyond double (each rank's finite) is reported in
+ * status as the plan kernel reports its own (FWL_STATUS_BAD_SAMPLE_WEIGHT). Mode
  * FWL_SPLIT_LOSS: loss, z_loss and loss_f32 = the rank-order sums of gathered [ranks * 2] shares. */
 #define FWL_SPLIT_TOTALS 0
 #define FWL_SPLIT_DENOMINATOR 1
@@ -71,6 +73,7 @@ typedef struct FwlSplitBatchParams {
     double *z_loss;           /* out [1] (loss) */
     float *loss_f32;          /* out [1] (loss) */
     const float *grad_scale_ptr; /* device upstream gradient, or NULL: grad_scale */
+    FwlStatus *status;        /* in/out [1] (denominator): the plan's status, or NULL */
     double grad_scale;
     int64_t batch;
     int32_t ranks;

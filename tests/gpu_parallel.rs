@@ -15,7 +15,7 @@ mod through_host;
 use common::{gpu_or_skip, rel, tolerances};
 use fused_weighted_loss::cuda::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use fused_weighted_loss::cuda::split::{CudaSharded, DeviceSharded, DeviceSolo};
-use fused_weighted_loss::cuda::{CudaLoss, DeviceInputs};
+use fused_weighted_loss::cuda::{CudaLoss, DeviceInputs, DeviceLossOutput};
 use fused_weighted_loss::parallel::VocabSlice;
 use fused_weighted_loss::reference::{reference, rel_err};
 use fused_weighted_loss::synthetic;
@@ -255,6 +255,48 @@ fn gpu_one_call_group_of_one_matches_the_unsharded_kernels() {
     }
 }
 
+/// Two data-parallel ranks holding `parts` (each with the whole vocabulary) through the steps on
+/// one device, their batch totals gathered by hand: each rank's output (its loss not yet
+/// combined) and f32 gradient.
+fn data_steps(
+    loss: &CudaLoss,
+    stream: &Arc<CudaStream>,
+    spec: &LossSpec,
+    parts: &[Case<f32>],
+) -> (Vec<DeviceLossOutput>, Vec<CudaSlice<f32>>) {
+    let v = parts[0].shape.vocab();
+    let d_l: Vec<_> = parts.iter().map(|p| stream.clone_htod(&p.logits).unwrap()).collect();
+    let toks: Vec<Tokens3> = parts.iter().map(|p| Tokens3::upload(stream, p)).collect();
+    let slice = VocabSlice::full(v).unwrap();
+    toks[0].with(|i0| {
+        toks[1].with(|i1| {
+            let mut steps: Vec<CudaSharded> = [i0, i1]
+                .iter()
+                .zip(parts)
+                .map(|(inputs, p)| CudaSharded::new(loss, spec, p.shape, slice, stream, inputs).unwrap())
+                .collect();
+            let mut totals = stream.alloc_zeros::<f64>(4).unwrap();
+            for (d, st) in steps.iter().enumerate() {
+                st.batch_totals(stream, &mut totals.slice_mut(2 * d..2 * d + 2)).unwrap();
+            }
+            let mut grads = Vec::new();
+            let mut outs = Vec::new();
+            for (d, mut st) in steps.drain(..).enumerate() {
+                st.set_batch_totals(stream, &totals.as_view()).unwrap();
+                let rows = parts[d].shape.rows();
+                let mut part_buf = stream.alloc_zeros::<f32>(st.partials_len(rows)).unwrap();
+                st.partials(stream, 0..rows, &d_l[d].as_view(), &mut part_buf.as_view_mut()).unwrap();
+                let mut g = stream.alloc_zeros::<f32>(rows * v).unwrap();
+                st.finish_rows_grad(stream, 0..rows, &part_buf.as_view(), &d_l[d].as_view(), &mut g.as_view_mut())
+                    .unwrap();
+                outs.push(st.finish(stream).unwrap());
+                grads.push(g);
+            }
+            (outs, grads)
+        })
+    })
+}
+
 #[test]
 fn gpu_data_parallel_steps_match_the_concatenated_batch() {
     if !gpu_or_skip("gpu_data_parallel_steps_match_the_concatenated_batch") {
@@ -266,40 +308,9 @@ fn gpu_data_parallel_steps_match_the_concatenated_batch() {
         let spec = LossSpec::builder().keywords([2, 7]).reduction(reduction).z_loss(1e-4).build().unwrap();
         let c = case::<f32>(17, shape, spec);
         let r = reference(&c.spec, shape, &c.logits, c.tokens()).unwrap();
-        let v = shape.vocab();
         let splits = [0usize, 1, 3];
         let parts: Vec<Case<f32>> = (0..2).map(|d| c.samples(splits[d], splits[d + 1])).collect();
-        let d_l: Vec<_> = parts.iter().map(|p| stream.clone_htod(&p.logits).unwrap()).collect();
-        let toks: Vec<Tokens3> = parts.iter().map(|p| Tokens3::upload(&stream, p)).collect();
-        let slice = VocabSlice::full(v).unwrap();
-        let (outs, grads) = toks[0].with(|i0| {
-            toks[1].with(|i1| {
-                let mut steps: Vec<CudaSharded> = [i0, i1]
-                    .iter()
-                    .zip(&parts)
-                    .map(|(inputs, p)| CudaSharded::new(&loss, &c.spec, p.shape, slice, &stream, inputs).unwrap())
-                    .collect();
-                let mut totals = stream.alloc_zeros::<f64>(4).unwrap();
-                for (d, st) in steps.iter().enumerate() {
-                    st.batch_totals(&stream, &mut totals.slice_mut(2 * d..2 * d + 2)).unwrap();
-                }
-                let mut grads = Vec::new();
-                let mut outs = Vec::new();
-                for (d, mut st) in steps.drain(..).enumerate() {
-                    st.set_batch_totals(&stream, &totals.as_view()).unwrap();
-                    let rows = parts[d].shape.rows();
-                    let mut part_buf = stream.alloc_zeros::<f32>(st.partials_len(rows)).unwrap();
-                    st.partials(&stream, 0..rows, &d_l[d].as_view(), &mut part_buf.as_view_mut()).unwrap();
-                    let mut g = stream.alloc_zeros::<f32>(rows * v).unwrap();
-                    st.finish_rows_grad(&stream, 0..rows, &part_buf.as_view(), &d_l[d].as_view(), &mut g.as_view_mut())
-                        .unwrap();
-                    outs.push(st.finish(&stream).unwrap());
-                    grads.push(g);
-                }
-                (outs, grads)
-            })
-        });
-        let mut outs = outs;
+        let (mut outs, grads) = data_steps(&loss, &stream, &c.spec, &parts);
         let mut shares = stream.alloc_zeros::<f64>(4).unwrap();
         for (d, o) in outs.iter().enumerate() {
             CudaSharded::loss_totals(o, &stream, &mut shares.slice_mut(2 * d..2 * d + 2)).unwrap();
@@ -316,6 +327,36 @@ fn gpu_data_parallel_steps_match_the_concatenated_batch() {
         }
         stream.synchronize().unwrap();
         assert!(rel_err(&g_all, &r.grad) <= 1e-5, "{reduction:?}: gradient");
+    }
+}
+
+#[test]
+fn gpu_data_parallel_weight_sum_beyond_f64_is_reported_on_every_rank() {
+    if !gpu_or_skip("gpu_data_parallel_weight_sum_beyond_f64_is_reported_on_every_rank") {
+        return;
+    }
+    // two ranks of one sample each, weight alpha = 1e308: each rank's sum is finite, the
+    // group's is not (every w_b / sum would be 0): every rank's check reports it, as the host
+    // split does; with alpha = 1e307 the group's sum is finite and nothing is reported
+    let (_ctx, stream, loss) = device();
+    let shape = Shape::new(2, 9, 500).unwrap();
+    for (alpha, overflows) in [(1e308, true), (1e307, false)] {
+        let spec = LossSpec::builder().alpha(alpha).reduction(Reduction::WeightedMean).build().unwrap();
+        let c = case::<f32>(23, shape, spec);
+        let parts: Vec<Case<f32>> = (0..2).map(|d| c.samples(d, d + 1)).collect();
+        let (outs, _grads) = data_steps(&loss, &stream, &c.spec, &parts);
+        let checks: Vec<_> = outs.iter().map(|o| o.check(&stream)).collect();
+        for (d, got) in checks.iter().enumerate() {
+            if overflows {
+                assert!(
+                    matches!(got, Err(Error::InvalidOption { name: "alpha and the keyword weights", value, .. })
+                        if value.is_infinite()),
+                    "rank {d}: {got:?}"
+                );
+            } else {
+                assert!(got.is_ok(), "alpha {alpha}, rank {d}: {got:?}");
+            }
+        }
     }
 }
 

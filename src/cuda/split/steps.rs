@@ -3,7 +3,7 @@
 use super::kernels::{batch, rows_config};
 use crate::cuda::launch::{Planned, Ptrs};
 use crate::cuda::params::{self, FwlSplitBatchParams, FwlSplitGradParams, FwlSplitStatsParams};
-use crate::cuda::{drv, CudaLoss, DeviceInputs, DeviceLossOutput};
+use crate::cuda::{drv, CudaLoss, DeviceInputs, DeviceLossOutput, FwlStatus};
 use crate::dtype::{Logit, TokenId};
 use crate::error::{Error, Result};
 use crate::parallel::VocabSlice;
@@ -134,18 +134,22 @@ impl CudaSharded {
 
     /// Sets the reduction's denominator from the data group's all-gathered
     /// [`batch_totals`](Self::batch_totals) (`2 × ranks` numbers, summed in rank order on the
-    /// device). Before any gradient is written.
+    /// device). Before any gradient is written. Under the weighted mean, a group's `Σ w_b`
+    /// beyond `f64` (every rank's finite: each weight's share would be 0) is reported by the
+    /// output's `check` and `to_host` on every rank, as the host split reports it
+    /// (`InvalidOption` on the keyword weights, value `inf`).
     pub fn set_batch_totals(&mut self, stream: &Arc<CudaStream>, gathered: &CudaView<'_, f64>) -> Result<()> {
         let ranks = pairs("gathered batch totals", gathered.len())?;
         if self.grad_written {
             return Err(Error::StepOrder("set_batch_totals after a gradient was written"));
         }
-        let Planned { weights, row_div, reduce, coef, .. } = &mut self.planned;
+        let Planned { weights, row_div, reduce, coef, status, .. } = &mut self.planned;
         let (w, _g1) = weights.device_ptr(stream);
         let (d, _g2) = row_div.device_ptr(stream);
         let (g, _g3) = gathered.device_ptr(stream);
         let (r, _g4) = reduce.device_ptr_mut(stream);
         let (c, _g5) = coef.device_ptr_mut(stream);
+        let (s, _g6) = status.device_ptr_mut(stream);
         let scale = self.grad_scale.as_ref().map(|s| s.device_ptr(stream));
         let p = FwlSplitBatchParams {
             weights: w as *const f64,
@@ -154,6 +158,7 @@ impl CudaSharded {
             reduce: r as *mut f64,
             coef: c as *mut f32,
             grad_scale_ptr: scale.as_ref().map_or(0, |s| s.0) as *const f32,
+            status: s as *mut FwlStatus,
             grad_scale: self.spec.grad_scale,
             batch: self.shape.batch() as i64,
             ranks,
