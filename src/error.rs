@@ -253,11 +253,12 @@ pub enum Error {
     },
     /// The ranks of a group ([`parallel::Sharded`](crate::parallel::Sharded)) made different
     /// calls: every rank of a group must pass the same loss options (all of the spec but its
-    /// backend and SIMD level), and every rank of a vocabulary group also the same call (logits
-    /// or fused linear) with the same chunking and the same ids, labels and token weights. Other
-    /// options or chunking would make the group's later exchanges differ in number or length (a
-    /// hang or an abort in a real collective); other tokens or options, different losses on the
-    /// ranks without a word. Found in the group's first exchange, which carries a 32-bit digest
+    /// backend, SIMD level and `grad_scale`) and vocabulary size, and every rank of a vocabulary
+    /// group also the same call (logits, or fused linear with the same hidden size) with the
+    /// same rows per exchange and the same ids, labels and token weights. Other options or
+    /// chunking would make the group's later exchanges differ in number or length (a hang or an
+    /// abort in a real collective); other tokens or options, different losses on the ranks
+    /// without a word. Found in the group's first exchange, which carries a 32-bit digest
     /// of each part, and reported alike on every rank of the group before any gradient is
     /// written: the first rank, in rank order, whose digest is not rank 0's, and the first part
     /// that differs. (Two different calls share a digest with odds of 2^-32.)
@@ -270,8 +271,8 @@ pub enum Error {
         group: &'static str,
         /// The first rank (in the group's rank order) whose call differs from rank 0's.
         rank: usize,
-        /// The first part that differs: the loss options, the call or its chunking, or the
-        /// tokens.
+        /// The first part that differs: the loss options or vocabulary size, the call or its
+        /// chunking, or the tokens.
         what: &'static str,
     },
     /// A buffer of a sharded step or of an exchange has the wrong length.

@@ -70,10 +70,14 @@ fn the_split_reuses_its_row_buffers_across_calls() {
     let ids = synthetic::ids::<i64>(8, shape.rows(), shape.vocab());
     let mut grad = vec![0f32; shape.logits_len()];
     let row = 4 * shape.vocab();
+    // (a pool of one thread, which runs every task of every call: in a larger pool a thread
+    // that happened to run no task in the first calls would allocate its rows in a later one)
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let mut used = Vec::new();
     for _ in 0..4 {
         let before = BYTES.load(Ordering::Relaxed);
-        let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad)).unwrap();
+        let out =
+            pool.install(|| spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad))).unwrap();
         assert!(out.loss.is_finite() && out.loss > 0.0);
         used.push(BYTES.load(Ordering::Relaxed) - before);
     }

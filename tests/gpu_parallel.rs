@@ -409,6 +409,16 @@ fn gpu_data_parallel_one_call_matches_the_concatenated_batch() {
 /// same bits as its peers, and no per-sample outputs; its peers the gradient of the
 /// concatenated batch. (Its device buffers are empty views of one-element allocations: CUDA
 /// allocates no zero bytes.)
+/// A rank's logits and ids on the device, each one element longer than the part (CUDA allocates
+/// no zero bytes: a rank without samples still gets buffers, of which it passes empty views).
+fn upload_padded(stream: &Arc<CudaStream>, part: &Case<f32>) -> (CudaSlice<f32>, CudaSlice<i64>) {
+    let mut padded = part.logits.clone();
+    padded.push(0.5);
+    let mut ids = part.ids.clone();
+    ids.push(0);
+    (stream.clone_htod(&padded).unwrap(), stream.clone_htod(&ids).unwrap())
+}
+
 #[test]
 fn gpu_data_parallel_rank_without_samples() {
     if !gpu_or_skip("gpu_data_parallel_rank_without_samples") {
@@ -426,12 +436,7 @@ fn gpu_data_parallel_rank_without_samples() {
             let part = c.samples(splits[d], splits[d + 1]);
             let stream = ctx.new_stream().unwrap();
             let n = part.shape.logits_len();
-            let mut padded = part.logits.clone();
-            padded.push(0.5);
-            let d_l = stream.clone_htod(&padded).unwrap();
-            let mut ids = part.ids.clone();
-            ids.push(0);
-            let d_ids = stream.clone_htod(&ids).unwrap();
+            let (d_l, d_ids) = upload_padded(&stream, &part);
             let rows = part.ids.len();
             let mut grad = stream.alloc_zeros::<f32>(n + 1).unwrap();
             let group = ThroughHost(g);
@@ -469,6 +474,29 @@ fn gpu_data_parallel_rank_without_samples() {
         call.loss(&loss, &c.spec, empty, &stream, &one.slice(..0), &DeviceInputs::new(&ids_view)).map(|_| ())
     });
     assert!(errs.iter().all(|e| matches!(e, Err(fused_weighted_loss::Error::EmptyDataGroup))), "{errs:?}");
+    // the peers' weighted-mean sum beyond f64 (one sample of weight 1e308 on each of two ranks,
+    // none on the third): every rank's check reports it, the empty one's too
+    let big = LossSpec::builder().alpha(1e308).reduction(Reduction::WeightedMean).build().unwrap();
+    let two = case::<f32>(31, Shape::new(2, 7, v).unwrap(), big.clone());
+    let splits = [0usize, 1, 1, 2];
+    let checks = run_ranks(3, |d, g| {
+        let part = two.samples(splits[d], splits[d + 1]);
+        let stream = ctx.new_stream().unwrap();
+        let n = part.shape.logits_len();
+        let (d_l, d_ids) = upload_padded(&stream, &part);
+        let ids_view = d_ids.slice(..part.ids.len());
+        let group = ThroughHost(g);
+        let call = DeviceSharded::data_parallel(v, &group).unwrap();
+        let out = call.loss(&loss, &big, part.shape, &stream, &d_l.slice(..n), &DeviceInputs::new(&ids_view)).unwrap();
+        out.check(&stream)
+    });
+    for (d, got) in checks.iter().enumerate() {
+        assert!(
+            matches!(got, Err(Error::InvalidOption { name: "alpha and the keyword weights", value, .. })
+                if value.is_infinite()),
+            "rank {d}: {got:?}"
+        );
+    }
 }
 
 #[cfg(feature = "nccl")]

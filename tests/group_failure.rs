@@ -54,6 +54,9 @@ enum Fault {
     OtherChunking,
     /// One id other than its vocabulary-group peers' (in range): not a fault of its own.
     OtherIds,
+    /// Hidden states (and weight rows) one wider than its peers' (fused linear): not a fault of
+    /// its own.
+    OtherHidden,
 }
 
 fn spec(reduction: Reduction) -> LossSpec {
@@ -65,6 +68,8 @@ fn spec(reduction: Reduction) -> LossSpec {
 struct Samples {
     b: usize,
     t: usize,
+    /// The hidden size.
+    h: usize,
     ids: Vec<i64>,
     labels: Vec<i64>,
     token_weights: Vec<f32>,
@@ -96,15 +101,17 @@ impl Samples {
             Fault::OtherIds => ids[5] = if ids[5] + 1 == KEY || ids[5] + 1 == V as i64 { 0 } else { ids[5] + 1 },
             _ => {}
         }
+        let h = if fault == Fault::OtherHidden { H + 1 } else { H };
         Samples {
             b,
             t,
+            h,
             ids,
             labels,
             token_weights,
             logits: synthetic::logits::<f32>(seed, rows * V, 2.0),
-            hidden: synthetic::logits::<f32>(seed ^ 5, rows * H, 1.0),
-            weight: synthetic::logits::<f32>(7, V * H, 0.5),
+            hidden: synthetic::logits::<f32>(seed ^ 5, rows * h, 1.0),
+            weight: synthetic::logits::<f32>(7, V * h, 0.5),
         }
     }
 
@@ -149,16 +156,17 @@ impl Samples {
         fault: Fault,
         chunking: Chunking,
     ) -> Result<f64> {
+        let h = self.h;
         let shape = if self.b == 0 {
-            LinearShape::without_samples(self.t, H, V).unwrap()
+            LinearShape::without_samples(self.t, h, V).unwrap()
         } else {
-            LinearShape::new(self.b, self.t, H, V).unwrap()
+            LinearShape::new(self.b, self.t, h, V).unwrap()
         };
-        let mut w = self.weight[slice.start() * H..slice.end() * H].to_vec();
+        let mut w = self.weight[slice.start() * h..slice.end() * h].to_vec();
         if fault == Fault::ShortLogits {
             w.pop();
         }
-        let n = slice.len() * H;
+        let n = slice.len() * h;
         let mut dw = vec![0f32; if fault == Fault::ShortGrad { n - 1 } else { n }];
         let mut dh = vec![0f32; self.hidden.len()];
         let grads = LinearGrads::new().weight(Grad::Into(&mut dw)).hidden(Grad::Into(&mut dh));
@@ -414,7 +422,8 @@ fn ranks_of_a_vocabulary_group_with_different_shapes_fail_every_rank() {
 
 /// Ranks of one group that make different calls: other loss options (label smoothing on one
 /// rank: its exchanges carry another number of words per row), another chunking (another number
-/// of exchanges), other ids in a vocabulary group (silently other losses). The first exchanges
+/// of exchanges), other ids in a vocabulary group (silently other losses), another hidden size on
+/// the fused linear path (other chunks under a memory budget). The first exchanges
 /// carry a digest of each: every rank of the group fails alike, naming the first rank whose
 /// call differs and what differs, and on a grid the other data row hears it from its data
 /// group; then every rank makes the next call in step. A data group's ranks may chunk their
@@ -422,12 +431,16 @@ fn ranks_of_a_vocabulary_group_with_different_shapes_fail_every_rank() {
 #[test]
 fn ranks_of_a_group_that_make_different_calls_fail_every_rank() {
     let parts = [
-        (Fault::OtherOptions, "loss options (the spec)"),
+        (Fault::OtherOptions, "loss options or vocabulary size"),
         (Fault::OtherChunking, "call or its chunking (rows per exchange)"),
         (Fault::OtherIds, "ids, labels or token weights"),
+        (Fault::OtherHidden, "call or its chunking (rows per exchange)"),
     ];
     for path in [Path::Loss, Path::Grad, Path::Linear] {
         for (fault, what) in parts {
+            if fault == Fault::OtherHidden && !matches!(path, Path::Linear) {
+                continue; // (the logits paths have no hidden states)
+            }
             for (vocab, odd) in [(2, 0), (2, 1), (3, 2)] {
                 let mismatch = Error::GroupCallMismatch { group: "vocabulary", rank: odd.max(1), what };
                 let got =
@@ -473,6 +486,9 @@ fn ranks_of_a_group_that_make_different_calls_fail_every_rank() {
                     },
                 );
                 let desc = format!("data group of 3, {fault:?} on rank {odd}, {path:?}");
+                if fault == Fault::OtherHidden {
+                    continue; // (each rank's own whole weight: nothing shared to compare)
+                }
                 if fault == Fault::OtherOptions {
                     let mismatch = Error::GroupCallMismatch { group: "data", rank: odd.max(1), what };
                     for (r, g) in got.iter().enumerate() {

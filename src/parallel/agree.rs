@@ -41,9 +41,11 @@ impl Digest {
     }
 }
 
-/// The options of `spec` that change a call's result or its exchanges: all but where it runs
-/// (`backend`, `cpu_simd`), keywords in any order.
-pub(crate) fn spec_digest(spec: &LossSpec) -> u32 {
+/// The options of `spec` that change the group's result or its exchanges: all but where it runs
+/// (`backend`, `cpu_simd`) and `grad_scale` (which scales this rank's own gradient alone),
+/// keywords in any order; and the vocabulary `vocab` (the keyword ids' range and smoothing's
+/// `1 / V`: a data group's ranks share it too).
+pub(crate) fn spec_digest(spec: &LossSpec, vocab: usize) -> u32 {
     let mut keys: Vec<(i64, u64)> = spec.keywords.iter().map(|k| (k.id, k.weight.to_bits())).collect();
     keys.sort_unstable();
     let mut d = Digest::new(1).word(keys.len() as u64);
@@ -54,19 +56,20 @@ pub(crate) fn spec_digest(spec: &LossSpec) -> u32 {
         .word(spec.ignore_index as u64)
         .word(spec.row_mean as u64)
         .word(spec.reduction as u64)
-        .f64(spec.grad_scale)
         .f64(spec.z_loss)
         .f64(spec.label_smoothing)
         .f64(spec.softcap.unwrap_or(0.0))
         .word(spec.softcap.is_some() as u64)
         .word(spec.check_finite as u64)
+        .word(vocab as u64)
         .finish()
 }
 
 /// [`call_digest`]'s kind of the logits calls (`a`: rows per exchange).
 pub(crate) const LOGITS_CALL: u64 = 1;
 
-/// [`call_digest`]'s kind of the fused linear calls (`a`, `b`: the chunking asked for).
+/// [`call_digest`]'s kind of the fused linear calls (`a`: rows per chunk, resolved from the
+/// chunking asked for; `b`: the hidden size).
 pub(crate) const LINEAR_CALL: u64 = 2;
 
 /// A call's kind and how it cuts its rows into exchanges: `kind` names the call (the logits, the
@@ -112,11 +115,12 @@ pub(crate) const DATA_WORDS: usize = 1;
 
 /// What the parts are called in [`Error::GroupCallMismatch`], in the order of the words.
 const PARTS: [&str; VOCAB_WORDS] =
-    ["loss options (the spec)", "call or its chunking (rows per exchange)", "ids, labels or token weights"];
+    ["loss options or vocabulary size", "call or its chunking (rows per exchange)", "ids, labels or token weights"];
 
 impl Agreement {
-    pub(crate) fn new<I: TokenId>(spec: &LossSpec, call: u32, tokens: &Tokens<'_, I>) -> Self {
-        Agreement { spec: spec_digest(spec), call, tokens: tokens_digest(tokens) }
+    /// `vocab`: the whole vocabulary of the call.
+    pub(crate) fn new<I: TokenId>(spec: &LossSpec, vocab: usize, call: u32, tokens: &Tokens<'_, I>) -> Self {
+        Agreement { spec: spec_digest(spec, vocab), call, tokens: tokens_digest(tokens) }
     }
 
     /// The vocabulary group's words ([`VOCAB_WORDS`]).
@@ -153,7 +157,14 @@ mod tests {
     fn digests_tell_what_differs_and_only_that() {
         let spec = LossSpec::builder().keywords([3, 9]).build().unwrap();
         let same = LossSpec::builder().keywords([9, 3]).backend(crate::Backend::Cpu).build().unwrap();
-        assert_eq!(spec_digest(&spec), spec_digest(&same), "keyword order and backend are not the call's meaning");
+        assert_eq!(
+            spec_digest(&spec, 10),
+            spec_digest(&same, 10),
+            "keyword order and backend are not the call's meaning"
+        );
+        let scaled = spec.to_builder().grad_scale(0.5).build().unwrap();
+        assert_eq!(spec_digest(&spec, 10), spec_digest(&scaled, 10), "grad_scale scales one rank's gradient alone");
+        assert_ne!(spec_digest(&spec, 10), spec_digest(&spec, 11), "the vocabulary");
         for other in [
             spec.to_builder().label_smoothing(0.1).build().unwrap(),
             spec.to_builder().reduction(crate::Reduction::Sum).build().unwrap(),
@@ -162,7 +173,7 @@ mod tests {
             LossSpec::builder().keywords([3]).build().unwrap(),
             LossSpec::builder().weighted_keywords([(3, 1.0), (9, 2.0)]).build().unwrap(),
         ] {
-            assert_ne!(spec_digest(&spec), spec_digest(&other), "{other:?}");
+            assert_ne!(spec_digest(&spec, 10), spec_digest(&other, 10), "{other:?}");
         }
         let ids = [1i64, 2, 3, 4];
         let base = tokens_digest(&Tokens::new(&ids));

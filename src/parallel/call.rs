@@ -291,7 +291,7 @@ impl<'a> Sharded<'a> {
         // carry them to every rank of both groups (see `first_exchanges`)
         let checked = self.check_call(shape, &src, &dest, token_loss.as_deref());
         let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
-        let agree = Agreement::new(spec, call_digest(LOGITS_CALL, chunk as u64, 0), &tokens);
+        let agree = Agreement::new(spec, shape.vocab(), call_digest(LOGITS_CALL, chunk as u64, 0), &tokens);
         if shape.batch() == 0 {
             return super::no_samples(spec, shape, &tokens, self, agree, checked);
         }
@@ -388,8 +388,9 @@ impl<'a> Sharded<'a> {
 }
 
 /// A call whose vocabulary group is this rank alone: the single-device CPU pass over every
-/// row, normalised by the data group's batch (one all-gather of two numbers per rank before,
-/// one after, as the chunked path does). `checked`: this rank's checks so far.
+/// row, normalised by the data group's batch (one all-gather of three numbers per rank before,
+/// its batch totals and spec digest, and one of two after, as the chunked path does).
+/// `checked`: this rank's checks so far.
 #[allow(clippy::too_many_arguments)]
 fn whole_rows<L: Logit, I: TokenId>(
     spec: &LossSpec,

@@ -83,13 +83,10 @@ impl Sharded<'_> {
             chunking.rows_for(1, 1, 1)?;
             Ok(local)
         })();
-        let (how, n) = match chunking {
-            Chunking::Auto => (0, 0),
-            Chunking::Budget(b) => (1, b as u64),
-            Chunking::Rows(r) => (2, r as u64),
-        };
-        let agree = Agreement::new(spec, call_digest(LINEAR_CALL, how, n), &tokens);
         if shape.batch() == 0 {
+            // (no rows, so no chunks: the hidden size is what the call shares with its peers)
+            let agree =
+                Agreement::new(spec, shape.vocab(), call_digest(LINEAR_CALL, 0, shape.hidden() as u64), &tokens);
             // this rank's part of d W and d b: nothing (d hidden has no rows)
             let loss = super::no_samples(spec, shape.tokens(), &tokens, self, agree, checked.map(|_| ()))?;
             if !grads.accumulate {
@@ -107,11 +104,18 @@ impl Sharded<'_> {
             let plan = spec.plan(shape.tokens(), &tokens)?;
             let k = crate::cpu_kernels(spec.cpu_simd)?;
             let active = active_rows(&plan)?.len();
-            Ok((local, plan, k, active))
+            // the same chunks on every rank: from the shared V / ranks, H and tokens only (the
+            // first exchange compares them, with H)
+            let row_bytes = 4 * shape.vocab().div_ceil(vg.size()) + 8 * shape.hidden();
+            let c = chunking.rows_for(LINEAR_BUDGET, row_bytes, active)?;
+            Ok((local, plan, k, c))
         });
-        // every rank's [B, T] and slice, then the data group's batch totals, checked before the
-        // sweep writes (or zeroes) a gradient buffer
-        let (local, plan, k, active) = first_exchanges(
+        let c = planned.as_ref().map_or(0, |p| p.3);
+        let agree =
+            Agreement::new(spec, shape.vocab(), call_digest(LINEAR_CALL, c as u64, shape.hidden() as u64), &tokens);
+        // every rank's [B, T], agreement and slice, then the data group's batch totals, checked
+        // before the sweep writes (or zeroes) a gradient buffer
+        let (local, plan, k, c) = first_exchanges(
             self,
             token_dims(shape.tokens()),
             agree,
@@ -119,9 +123,6 @@ impl Sharded<'_> {
             |(_, plan, _, _)| plan_totals(plan),
             |(_, plan, _, _), all| global_denominator(plan, spec, all),
         )?;
-        // the same chunks on every rank: from the shared V / ranks, H and tokens only
-        let row_bytes = 4 * shape.vocab().div_ceil(vg.size()) + 8 * shape.hidden();
-        let c = chunking.rows_for(LINEAR_BUDGET, row_bytes, active)?;
         let mut cpu = SplitCpu::new(k, &plan.opts, shape.vocab(), (slice.start(), slice.len()), shape.rows(), c);
         let w = words(&plan.opts);
         let mut ex = Exchange::new(vg, slice);

@@ -15,7 +15,8 @@
 //! **Data-parallel.** Each rank of a *data group* holds some samples. [`Reduction::Mean`] divides
 //! by the global batch and [`Reduction::WeightedMean`] by the global `Σ w_b`: each rank
 //! all-gathers two numbers (its `B` and its `Σ w_b`, from the ids alone, before the logits are
-//! read) and sums them in rank order. The gradient of a rank's logits is then that of the loss of
+//! read; on host buffers with a third, a digest of its loss options that every rank compares)
+//! and sums them in rank order. The gradient of a rank's logits is then that of the loss of
 //! the concatenated batch, and a last all-gather of two numbers (the rank's share of the loss and
 //! of the z-loss) gives every rank the global loss. (Trainers that *average* gradients over
 //! data-parallel ranks, as PyTorch's DDP does, divide this gradient by their world size once more:

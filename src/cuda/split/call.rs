@@ -273,7 +273,9 @@ impl<'c> DeviceSharded<'c> {
     /// none) makes no exchange, as on any call (`check_tiling` checks the slices). It reads the
     /// gathered batch sizes on the host (this rank has nothing else to wait for): a data group
     /// with no sample on any rank is [`Error::EmptyDataGroup`] on every rank, a group of one
-    /// [`Error::EmptyBatch`]. No per-sample outputs (see [`DeviceLossOutput`] for its buffers).
+    /// [`Error::EmptyBatch`]; the peers' weighted-mean `Σ w_b` beyond `f64` is reported by this
+    /// rank's `check` and `to_host` as by theirs. No per-sample outputs (see
+    /// [`DeviceLossOutput`] for its buffers).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn no_samples<I: TokenId>(
         &self,
@@ -303,6 +305,13 @@ impl<'c> DeviceSharded<'c> {
         if host.chunks_exact(2).all(|rank| rank[0] == 0.0) {
             return Err(Error::EmptyDataGroup);
         }
+        // the peers' weighted-mean sum beyond f64 is their `check`'s error, and so this rank's
+        let mut status = crate::cuda::FwlStatus::default();
+        let sum = host.chunks_exact(2).fold(0.0, |acc, rank| acc + rank[1]);
+        if spec.reduction == crate::Reduction::WeightedMean && !sum.is_finite() {
+            status.flags |= crate::cuda::params::FWL_STATUS_BAD_SAMPLE_WEIGHT;
+            status.bad_sample_weight = sum;
+        }
         // (the `[B]` and `[B·T]` buffers get one unused element: CUDA allocates no zero bytes)
         let zero = || stream.alloc_zeros::<f64>(1).map_err(drv("allocating device memory"));
         let mut out = DeviceLossOutput {
@@ -313,7 +322,7 @@ impl<'c> DeviceSharded<'c> {
             loss_f32: stream.alloc_zeros::<f32>(1).map_err(drv("allocating device memory"))?,
             row_loss: zero()?,
             z_loss: zero()?,
-            status: stream.clone_htod(&[crate::cuda::FwlStatus::default()]).map_err(drv("copying to the device"))?,
+            status: stream.clone_htod(&[status]).map_err(drv("copying to the device"))?,
             shape,
             check_finite: spec.check_finite,
             over_group: false,

@@ -137,7 +137,8 @@ impl CudaSharded {
     /// device). Before any gradient is written. Under the weighted mean, a group's `Σ w_b`
     /// beyond `f64` (every rank's finite: each weight's share would be 0) is reported by the
     /// output's `check` and `to_host` on every rank, as the host split reports it
-    /// (`InvalidOption` on the keyword weights, value `inf`).
+    /// (`InvalidOption` on the keyword weights, value `inf`); a later call of this step does not
+    /// clear that report.
     pub fn set_batch_totals(&mut self, stream: &Arc<CudaStream>, gathered: &CudaView<'_, f64>) -> Result<()> {
         let ranks = pairs("gathered batch totals", gathered.len())?;
         if self.grad_written {
