@@ -540,3 +540,35 @@ fn a_rank_that_fails_before_its_call_fails_every_rank() {
         }
     }
 }
+
+/// A driver of the steps (`ShardedLoss`) whose rank fails before it has a `ShardedLoss` sends
+/// `failed_partials` (the length of a healthy rank's partials for the same options) and
+/// `FAILED_TOTALS`: its peers' merge and `set_batch_totals` return `PeerFailed`, naming it.
+#[test]
+fn a_steps_driver_whose_rank_failed_fails_its_peers() {
+    use fused_weighted_loss::parallel::ShardedLoss;
+    let shape = Shape::new(2, T, V).unwrap();
+    let ok = Samples::new(0, 2, Fault::None);
+    for spec in [
+        spec(Reduction::WeightedMean),
+        spec(Reduction::Mean).to_builder().label_smoothing(0.1).build().unwrap(),
+        spec(Reduction::Sum).to_builder().softcap(20.0).build().unwrap(),
+    ] {
+        let slices = [VocabSlice::even(0, 2, V).unwrap(), VocabSlice::even(1, 2, V).unwrap()];
+        let mut rank0 = ShardedLoss::new(&spec, shape, slices[0], ok.tokens()).unwrap();
+        let rows = 0..shape.rows();
+        let mut gathered = vec![0.0; rank0.partials_len(rows.len())];
+        rank0.partials(rows.clone(), &columns(&ok.logits, V, slices[0]), &mut gathered).unwrap();
+        let failed = ShardedLoss::failed_partials(&spec, rows.len());
+        assert_eq!(failed.len(), gathered.len(), "{spec:?}: the length of a healthy rank's partials");
+        gathered.extend(failed);
+        let mut grad = vec![0f32; rows.len() * slices[0].len()];
+        let got = rank0.finish_rows_grad(rows.clone(), &gathered, &columns(&ok.logits, V, slices[0]), &mut grad);
+        assert_eq!(got, Err(Error::PeerFailed { group: "vocabulary", rank: 1 }), "{spec:?}");
+        // the data group: rank 1 of three failed
+        let mut data0 = ShardedLoss::new(&spec, shape, VocabSlice::full(V).unwrap(), ok.tokens()).unwrap();
+        let mine = data0.batch_totals();
+        let totals = [mine, ShardedLoss::FAILED_TOTALS, mine].concat();
+        assert_eq!(data0.set_batch_totals(&totals), Err(Error::PeerFailed { group: "data", rank: 1 }), "{spec:?}");
+    }
+}

@@ -73,7 +73,9 @@
 //!   rows of the output weight (the same exchange per chunk of token rows; `d hidden` comes back
 //!   as this rank's part, to be summed over the vocabulary group);
 //! - [`ShardedLoss`] (host buffers): the steps themselves, on ranges of rows, for a driver that
-//!   owns its communication (each rank's words end with its slice, which the merge checks); the
+//!   owns its communication (each rank's words end with its slice, which the merge checks; a
+//!   rank that fails before it has one sends [`ShardedLoss::failed_partials`] and
+//!   [`ShardedLoss::FAILED_TOTALS`], which fail its peers' steps with [`Error::PeerFailed`]); the
 //!   Python package runs [`Sharded`] instead, its exchanges calling `torch.distributed`;
 //! - `cuda::split` (feature `cuda`): the same steps on device buffers, the one call
 //!   `DeviceSharded` on the logits and, with the output weight's rows, on the fused linear path

@@ -98,6 +98,40 @@ impl ShardedLoss {
         })
     }
 
+    /// For a driver whose rank fails before it has a `ShardedLoss` (an error of [`new`](Self::new)
+    /// or of its own checks): the words this rank sends in the vocabulary group's exchange of
+    /// the first `rows` rows instead of [`partials`](Self::partials)' (the same length as a
+    /// healthy rank's for the same `spec`, every word marked as failed). Every peer's merge of
+    /// that exchange ([`finish_rows`](Self::finish_rows) and the other `finish_rows_*`) then
+    /// returns [`Error::PeerFailed`] instead of the peers waiting in a later exchange that this
+    /// rank never joins; with [`FAILED_TOTALS`](Self::FAILED_TOTALS) in the data group's
+    /// exchange, the same there. The rank itself keeps its own error; neither it nor its peers
+    /// make the call's later exchanges.
+    ///
+    /// ```
+    /// use fused_weighted_loss::parallel::{ShardedLoss, VocabSlice};
+    /// use fused_weighted_loss::{Error, LossSpec, Shape, Tokens};
+    ///
+    /// let (shape, spec) = (Shape::new(1, 3, 6)?, LossSpec::default());
+    /// let slices = [VocabSlice::new(0, 4, 6)?, VocabSlice::new(4, 2, 6)?];
+    /// let mut rank0 = ShardedLoss::new(&spec, shape, slices[0], Tokens::new(&[1i64, 5, 2]))?;
+    /// // rank 1 holds an id outside the vocabulary: its own error, and words that say so
+    /// assert!(ShardedLoss::new(&spec, shape, slices[1], Tokens::new(&[1i64, 9, 2])).is_err());
+    /// let mut gathered = vec![0.0; rank0.partials_len(3)];
+    /// rank0.partials(0..3, &[0.5f32; 12], &mut gathered)?;
+    /// gathered.extend(ShardedLoss::failed_partials(&spec, 3));
+    /// assert_eq!(rank0.finish_rows(0..3, &gathered), Err(Error::PeerFailed { group: "vocabulary", rank: 1 }));
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
+    pub fn failed_partials(spec: &LossSpec, rows: usize) -> Vec<f64> {
+        vec![FAILED; rows * words(&spec.row_options()) + SLICE_WORDS]
+    }
+
+    /// What a rank that failed (see [`failed_partials`](Self::failed_partials)) sends in the
+    /// data group's exchange instead of its [`batch_totals`](Self::batch_totals): every peer's
+    /// [`set_batch_totals`](Self::set_batch_totals) then returns [`Error::PeerFailed`].
+    pub const FAILED_TOTALS: [f64; 2] = [FAILED; 2];
+
     /// Rows whose exponentials are kept at once between [`partials`](Self::partials) and
     /// [`finish_rows_grad`](Self::finish_rows_grad), `slice.len() × 4` bytes each (twice that with
     /// soft-capping and label smoothing together). Default: twice the chunk
@@ -148,11 +182,15 @@ impl ShardedLoss {
     /// Sets the reduction's denominator from the data group's all-gathered
     /// [`batch_totals`](Self::batch_totals) (`2 × ranks` numbers in rank order), summed in rank
     /// order: the global `B` for `Mean`, the global `Σ w_b` for `WeightedMean`. Before any
-    /// gradient is written.
+    /// gradient is written. A rank's [`FAILED_TOTALS`](Self::FAILED_TOTALS) make it
+    /// [`Error::PeerFailed`].
     pub fn set_batch_totals(&mut self, gathered: &[f64]) -> Result<()> {
         check_pairs("gathered batch totals", gathered)?;
         if self.grad_written {
             return Err(Error::StepOrder("set_batch_totals after a gradient was written"));
+        }
+        if let Some(rank) = gathered.chunks_exact(2).position(|p| p == Self::FAILED_TOTALS) {
+            return Err(Error::PeerFailed { group: "data", rank });
         }
         // every rank's pair, this rank's among them (zeros, or another call's numbers, set a
         // denominator that zeroed or skewed the loss and gradient silently)
