@@ -46,7 +46,7 @@ impl Drop for RowExps {
 /// The scratch buffers a thread keeps between calls. A call's tasks each take one or two rows of
 /// `V` floats and a few chunk buffers; fresh ones cost the allocator's zeroing or, for large
 /// rows, a page fault per 4 KiB on their first write and an unmapping after: a few percent of a
-/// pass over a batch that takes milliseconds, 12–35% of one that fits in cache.
+/// pass over a batch that takes milliseconds, 13–18% of one that fits in cache.
 mod reuse {
     use std::cell::RefCell;
 

@@ -65,7 +65,8 @@ pub fn default_chunk_rows(vocab: usize, ranks: usize) -> usize {
 /// `[B, T]` ([`Error::GroupShapeMismatch`] on every rank otherwise) and that they made the same
 /// call (the same loss options, call and chunking, ids, labels and token weights, compared by
 /// 32-bit digests: [`Error::GroupCallMismatch`] on every rank otherwise); a data group's, that
-/// its ranks have the same loss options. The backend and SIMD level may differ between ranks.
+/// its ranks have the same loss options and vocabulary size. The backend, SIMD level and
+/// `grad_scale` may differ between ranks.
 #[derive(Clone, Copy)]
 pub struct Sharded<'a> {
     pub(super) slice: VocabSlice,

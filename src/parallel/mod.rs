@@ -45,8 +45,8 @@
 //! ids, labels or token weights: [`Error::GroupCallMismatch`], from a 32-bit digest of each in
 //! the same exchange), which the data group's exchange then passes on to the other vocabulary
 //! groups of a grid; in the data group's, a `Σ w_b` beyond `f64` (the same in every data group
-//! of a grid, which all hold the same samples) and ranks with other loss options
-//! ([`Error::GroupCallMismatch`]); after the last exchange, non-finite losses with `check_finite`
+//! of a grid, which all hold the same samples) and ranks with other loss options or another
+//! vocabulary size ([`Error::GroupCallMismatch`]); after the last exchange, non-finite losses with `check_finite`
 //! ([`Error::NonFiniteInGroup`]). Only a group whose rank is not within its size, and an
 //! exchange that itself fails ([`Error::Collective`]), end a call at once. A caller that finds
 //! an error of its own before it can make a call fails its groups the same way with
