@@ -92,11 +92,10 @@ impl PendingOutput {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let (tmp, file) = create_temp(&dir, &name).map_err(|e| say(&e))?;
+        let (tmp, file, tracked) = create_temp(&dir, &name).map_err(|e| say(&e))?;
         if let Ok(m) = fs::metadata(&dest) {
             keep_owner_and_mode(&file, &m);
         }
-        let tracked = interrupt::track(&tmp);
         Ok(PendingOutput { label, dest, tmp, file: Some(file), tracked })
     }
 
@@ -205,15 +204,25 @@ fn keep_owner_and_mode(file: &File, old: &fs::Metadata) {
     let _ = file.set_permissions(old.permissions());
 }
 
-/// A new file `.<name>.<pid>.<n>.tmp` in `dir`, never one that exists.
-fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File)> {
+/// A new file `.<name>.<pid>.<n>.tmp` in `dir`, never one that exists, and its registration
+/// for removal on a signal ([`interrupt::track`]). The path is registered before the file is
+/// created: registered after, a signal between the two left the file behind. (A signal while
+/// a name is tried that already exists, a leftover of an earlier process of the same pid,
+/// removes that leftover.)
+fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File, interrupt::Tracked)> {
     let mut last = None;
     for n in 0..100u32 {
         let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        let mut tracked = interrupt::track(&tmp);
         match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => return Ok((tmp, f)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(e) => return Err(e),
+            Ok(f) => return Ok((tmp, f, tracked)),
+            Err(e) => {
+                interrupt::untrack(&mut tracked);
+                if e.kind() != io::ErrorKind::AlreadyExists {
+                    return Err(e);
+                }
+                last = Some(e);
+            }
         }
     }
     Err(last.unwrap_or_else(|| io::Error::other("no temporary file name left")))
