@@ -139,14 +139,18 @@ impl Agreement {
 /// order whose words differ, naming the first part that does. Every rank sees the same words, so
 /// every rank returns the same error.
 pub(crate) fn check_agreement(group: &'static str, gathered: &[f64], stride: usize, at: usize, n: usize) -> Result<()> {
-    let mut ranks = gathered.chunks_exact(stride).map(|w| &w[at..at + n]);
-    let Some(first) = ranks.next() else { return Ok(()) };
-    for (r, words) in ranks.enumerate() {
-        if let Some(part) = words.iter().zip(first).position(|(a, b)| a != b) {
-            return Err(Error::GroupCallMismatch { group, rank: r + 1, what: PARTS[part] });
-        }
+    match first_differing(gathered, stride, at, n) {
+        Some((rank, part)) => Err(Error::GroupCallMismatch { group, rank, what: PARTS[part] }),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// The first rank, in rank order, whose words `at..at + n` (of every rank's `stride`) are not
+/// rank 0's, and the first of those words that differs.
+pub(crate) fn first_differing(gathered: &[f64], stride: usize, at: usize, n: usize) -> Option<(usize, usize)> {
+    let mut ranks = gathered.chunks_exact(stride).map(|w| &w[at..at + n]);
+    let first = ranks.next()?;
+    ranks.enumerate().find_map(|(r, words)| Some((r + 1, words.iter().zip(first).position(|(a, b)| a != b)?)))
 }
 
 #[cfg(test)]

@@ -216,7 +216,7 @@ impl<'a> Sharded<'a> {
             return error;
         }
         // (the [B, T] words of a rank that failed are not sent)
-        let none = Agreement { spec: 0, call: 0, tokens: 0 };
+        let none = || Agreement { spec: 0, call: 0, tokens: 0 };
         match super::first_exchanges(self, [0, 0], none, Err(error), |()| [0.0; 2], |_, _| Ok(())) {
             Err(e) => e,
             Ok(()) => unreachable!("a rank that failed returns an error from its first exchanges"),
@@ -292,7 +292,7 @@ impl<'a> Sharded<'a> {
         // carry them to every rank of both groups (see `first_exchanges`)
         let checked = self.check_call(shape, &src, &dest, token_loss.as_deref());
         let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
-        let agree = Agreement::new(spec, shape.vocab(), call_digest(LOGITS_CALL, chunk as u64, 0), &tokens);
+        let agree = || Agreement::new(spec, shape.vocab(), call_digest(LOGITS_CALL, chunk as u64, 0), &tokens);
         if shape.batch() == 0 {
             return super::no_samples(spec, shape, &tokens, self, agree, checked);
         }
@@ -401,7 +401,7 @@ fn whole_rows<L: Logit, I: TokenId>(
     dest: Dest<'_, L>,
     token_loss: Option<&mut [f32]>,
     call: &Sharded<'_>,
-    agree: Agreement,
+    agree: impl FnOnce() -> Agreement,
     checked: Result<()>,
 ) -> Result<LossOutput> {
     let dg = call.data_group;

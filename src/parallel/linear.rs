@@ -83,12 +83,14 @@ impl Sharded<'_> {
             chunking.rows_for(1, 1, 1)?;
             Ok(local)
         })();
+        // what the ranks of a group compare: the rows per chunk (none without samples) and H
+        let agree = |c: usize| {
+            let call = call_digest(LINEAR_CALL, c as u64, shape.hidden() as u64);
+            move || Agreement::new(spec, shape.vocab(), call, &tokens)
+        };
         if shape.batch() == 0 {
-            // (no rows, so no chunks: the hidden size is what the call shares with its peers)
-            let agree =
-                Agreement::new(spec, shape.vocab(), call_digest(LINEAR_CALL, 0, shape.hidden() as u64), &tokens);
             // this rank's part of d W and d b: nothing (d hidden has no rows)
-            let loss = super::no_samples(spec, shape.tokens(), &tokens, self, agree, checked.map(|_| ()))?;
+            let loss = super::no_samples(spec, shape.tokens(), &tokens, self, agree(0), checked.map(|_| ()))?;
             if !grads.accumulate {
                 for g in [grads.weight, grads.bias] {
                     match g {
@@ -110,9 +112,7 @@ impl Sharded<'_> {
             let c = chunking.rows_for(LINEAR_BUDGET, row_bytes, active)?;
             Ok((local, plan, k, c))
         });
-        let c = planned.as_ref().map_or(0, |p| p.3);
-        let agree =
-            Agreement::new(spec, shape.vocab(), call_digest(LINEAR_CALL, c as u64, shape.hidden() as u64), &tokens);
+        let agree = agree(planned.as_ref().map_or(0, |p| p.3));
         // every rank's [B, T], agreement and slice, then the data group's batch totals, checked
         // before the sweep writes (or zeroes) a gradient buffer
         let (local, plan, k, c) = first_exchanges(

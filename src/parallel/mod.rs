@@ -252,7 +252,7 @@ pub fn check_tiling(slices: &[(usize, usize)], vocab: usize) -> Result<()> {
 
 /// Sums rank-order numbers `gathered[r * stride + i]` over ranks `r` (left to right: the same
 /// bits on every rank).
-fn sum_in_rank_order(gathered: &[f64], stride: usize, i: usize) -> f64 {
+pub(crate) fn sum_in_rank_order(gathered: &[f64], stride: usize, i: usize) -> f64 {
     gathered.chunks_exact(stride).fold(0.0, |acc, rank| acc + rank[i])
 }
 
@@ -286,7 +286,7 @@ fn no_samples<I: crate::dtype::TokenId>(
     shape: crate::Shape,
     tokens: &crate::Tokens<'_, I>,
     call: &Sharded<'_>,
-    agree: agree::Agreement,
+    agree: impl FnOnce() -> agree::Agreement,
     checked: Result<()>,
 ) -> Result<crate::LossOutput> {
     let mine = checked.and_then(|()| {
@@ -344,7 +344,8 @@ fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, all:
 }
 
 /// The first exchanges of every sharded call on host buffers, on every path: the vocabulary
-/// group's slices, `[B, T]`s and agreements (`tokens` and `agree`: this rank's), checked to tile
+/// group's slices, `[B, T]`s and agreements (`tokens` and `agree()`: this rank's; the digests
+/// are taken only when a group has other ranks to compare them with), checked to tile
 /// one vocabulary and to be the same on every rank of the group, then the data group's batch
 /// totals (`totals` of this rank's preparation) and spec digests, checked to be the same on
 /// every rank of the group. `mine` is this rank's preparation, or the error it found alone (bad
@@ -364,14 +365,16 @@ fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, all:
 fn first_exchanges<T>(
     call: &Sharded<'_>,
     tokens: [usize; 2],
-    agree: agree::Agreement,
+    agree: impl FnOnce() -> agree::Agreement,
     mine: Result<T>,
     totals: impl FnOnce(&T) -> [f64; 2],
     group: impl FnOnce(&mut T, Option<&[f64]>) -> Result<()>,
 ) -> Result<T> {
-    let mine = if call.vocab_group.size() > 1 {
+    let (vg, dg) = (call.vocab_group.size(), call.data_group.size());
+    let agree = if mine.is_ok() && (vg > 1 || dg > 1) { Some(agree()) } else { None };
+    let mine = if vg > 1 {
         let mut ex = call::Exchange::new(call.vocab_group, call.slice);
-        let checked = ex.check_slices(mine.is_ok().then_some((tokens, agree, call.slice)))?;
+        let checked = ex.check_slices(agree.map(|a| (tokens, a, call.slice)))?;
         // this rank's own error first (the exchange then names this rank itself)
         mine.and_then(|t| checked.map(|()| t))
     } else {
@@ -379,9 +382,9 @@ fn first_exchanges<T>(
     };
     const STRIDE: usize = 2 + agree::DATA_WORDS;
     let mut send = [steps::FAILED; STRIDE];
-    if let Ok(t) = &mine {
+    if let (Ok(t), Some(a)) = (&mine, agree) {
         send[..2].copy_from_slice(&totals(t));
-        send[2..].copy_from_slice(&agree.data_words());
+        send[2..].copy_from_slice(&a.data_words());
     }
     let all = gather_words(call.data_group, &send)?;
     mine.and_then(|mut t| {

@@ -1,6 +1,6 @@
 //! The split as steps on host buffers, driven by the caller's exchange.
 
-use super::agree::{Agreement, VOCAB_WORDS};
+use super::agree::{first_differing, Agreement, VOCAB_WORDS};
 use super::{sum_in_rank_order, VocabSlice};
 use crate::cpu::split::{encode, merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::RowStats;
@@ -494,15 +494,9 @@ pub(crate) fn encode_first(tokens: [usize; 2], agree: Agreement, slice: VocabSli
 /// passed): every rank's the same. Every rank sees the same words and so returns the same
 /// error ([`Error::GroupShapeMismatch`], the first rank whose shape is not rank 0's).
 pub(crate) fn check_same_tokens(gathered: &[f64]) -> Result<()> {
-    let tokens = |w: &[f64]| [w[0] as usize, w[1] as usize];
-    let mut ranks = gathered.chunks_exact(FIRST_WORDS);
-    let Some(first) = ranks.next() else { return Ok(()) };
-    match ranks.position(|w| w[..TOKEN_WORDS] != first[..TOKEN_WORDS]) {
-        Some(r) => Err(Error::GroupShapeMismatch {
-            rank: r + 1,
-            expected: tokens(first),
-            got: tokens(&gathered[(r + 1) * FIRST_WORDS..]),
-        }),
+    let tokens = |r: usize| [gathered[r * FIRST_WORDS] as usize, gathered[r * FIRST_WORDS + 1] as usize];
+    match first_differing(gathered, FIRST_WORDS, 0, TOKEN_WORDS) {
+        Some((rank, _)) => Err(Error::GroupShapeMismatch { rank, expected: tokens(0), got: tokens(rank) }),
         None => Ok(()),
     }
 }

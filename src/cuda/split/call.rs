@@ -307,7 +307,7 @@ impl<'c> DeviceSharded<'c> {
         }
         // the peers' weighted-mean sum beyond f64 is their `check`'s error, and so this rank's
         let mut status = crate::cuda::FwlStatus::default();
-        let sum = host.chunks_exact(2).fold(0.0, |acc, rank| acc + rank[1]);
+        let sum = crate::parallel::sum_in_rank_order(&host, 2, 1);
         if spec.reduction == crate::Reduction::WeightedMean && !sum.is_finite() {
             status.flags |= crate::cuda::params::FWL_STATUS_BAD_SAMPLE_WEIGHT;
             status.bad_sample_weight = sum;
