@@ -114,6 +114,29 @@ fn conversions_match_half_at_every_level_alignment_and_stream_mode() {
 }
 
 #[test]
+fn the_finite_bf16_store_rounds_every_high_half_and_tie_as_the_lane_code() {
+    // every finite f32 high half (both signs, subnormals, the largest finite values), each with
+    // the low halves where rounding turns (ties, one either side, 0, all ones), at every
+    // alignment of the store's 16-lane body
+    let lows = [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1234];
+    let xs: Vec<f32> = (0..=0xFFFFu32)
+        .filter(|h| h & 0x7F80 != 0x7F80)
+        .flat_map(|h| lows.iter().map(move |&l| f32::from_bits(h << 16 | l)))
+        .collect();
+    let want: Vec<u16> = xs.iter().map(|&v| bf16_round(v)).collect();
+    for k in levels() {
+        for (off, stream) in [(0, false), (0, true), (3, true), (9, false)] {
+            let mut got = vec![0u16; xs.len() - off];
+            k.scale_sub_bf16_finite(&xs[off..], 1.0, 0.0, &mut got, stream);
+            k.fence();
+            for (i, (&g, &w)) in got.iter().zip(&want[off..]).enumerate() {
+                assert_eq!(g, w, "{:?} off {off}: bf16({:e} = {:#010x})", k.level, xs[off + i], xs[off + i].to_bits());
+            }
+        }
+    }
+}
+
+#[test]
 fn streaming_scale_equals_plain_scale() {
     for k in levels() {
         let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 50.0).collect();

@@ -67,17 +67,32 @@ pub(super) fn bf16x8(v: __m256) -> __m256i {
     _mm256_blendv_epi8(_mm256_blendv_epi8(rounded, nan, is_nan), zero, is_sub)
 }
 
-/// [`bf16x8`] for lanes known to be finite (no NaN or infinity): the same bits, without the
-/// NaN handling.
+/// Sixteen finite f32 lanes (`a`: elements 0..8, `b`: 8..16; no NaN or infinity) rounded to
+/// bf16 bits, in order: [`bf16x8`]'s bits, with the rounding done on 16-bit lanes (16 elements
+/// per instruction instead of 8). Each element's high and low 16 bits are gathered apart, and
+/// the high half goes up by one where round-to-nearest-even says so; a finite value's carry
+/// never reaches the sign. A subnormal (exponent bits 0) becomes a zero of its sign.
 #[target_feature(enable = "avx2")]
 #[inline]
-pub(super) fn bf16x8_finite(v: __m256) -> __m256i {
-    let b = _mm256_castps_si256(v);
-    // a subnormal becomes a zero of the same sign, as in bf16x8
-    let is_sub = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F80_0000)), _mm256_setzero_si256());
-    let b = _mm256_andnot_si256(_mm256_and_si256(is_sub, _mm256_set1_epi32(0x7FFF_FFFF)), b);
-    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-    _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))))
+pub(super) fn bf16x16_finite(a: __m256, b: __m256) -> __m256i {
+    let (a, b) = (_mm256_castps_si256(a), _mm256_castps_si256(b));
+    // words a0 b0 a1 b1 .. (a: the even words, b: the odd ones) of the high and the low halves
+    let high = _mm256_blend_epi16::<0b1010_1010>(_mm256_srli_epi32::<16>(a), b);
+    let low = _mm256_blend_epi16::<0b1010_1010>(a, _mm256_slli_epi32::<16>(b));
+    let odd = _mm256_and_si256(high, _mm256_set1_epi16(1));
+    let above = _mm256_xor_si256(low, _mm256_set1_epi16(i16::MIN));
+    let up = _mm256_cmpgt_epi16(above, _mm256_sub_epi16(_mm256_setzero_si256(), odd));
+    let rounded = _mm256_sub_epi16(high, up);
+    // exponent bits 0: 0 (vpsignw by a non-negative word keeps or zeroes), then the sign back
+    let exponent = _mm256_and_si256(high, _mm256_set1_epi16(0x7F80));
+    let sign = _mm256_and_si256(high, _mm256_set1_epi16(i16::MIN));
+    let v = _mm256_or_si256(_mm256_sign_epi16(rounded, exponent), sign);
+    // a0..a3 b0..b3 | a4..a7 b4..b7 by 128-bit half, then the quarters in order
+    let order = _mm256_setr_epi8(
+        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, //
+        0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+    );
+    _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(v, order))
 }
 
 /// `exp` of 16 lanes: the same reduction and polynomial as [`exp`], with `2^n` applied by
@@ -326,9 +341,12 @@ unsafe fn scale_bf16_256_with<const FINITE: bool>(x: &[f32], f: f32, k: f32, out
         unsafe {
             let (lo, hi) = (_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i + 8)));
             let (lo, hi) = (_mm256_fmsub_ps(lo, fv, kv), _mm256_fmsub_ps(hi, fv, kv));
-            let (lo, hi) = if FINITE { (bf16x8_finite(lo), bf16x8_finite(hi)) } else { (bf16x8(lo), bf16x8(hi)) };
-            // packus interleaves 128-bit halves: put them back in order
-            let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi));
+            let v = if FINITE {
+                bf16x16_finite(lo, hi)
+            } else {
+                // packus interleaves 128-bit halves: put them back in order
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(bf16x8(lo), bf16x8(hi)))
+            };
             if stream {
                 _mm256_stream_si256(out.as_mut_ptr().add(i).cast(), v);
             } else {
