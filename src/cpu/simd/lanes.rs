@@ -44,8 +44,22 @@ pub(super) fn exp_sum_body<const FMA: bool, const SHORT: bool>(
     out: &mut [f32],
     ahead: Ahead,
 ) -> f32 {
-    let out = &mut out[..x.len()];
     let mut acc = [0f32; LANES];
+    exp_acc_body::<FMA, SHORT>(x, shift, out, ahead, &mut acc);
+    hsum(acc)
+}
+
+/// [`exp_sum_body`] adding element `i` of `x` (`x` a whole number of 16-lane steps but for its
+/// last call) to lane `i % 16` of `acc`: blocks of one row summed as if in one loop.
+#[inline(always)]
+fn exp_acc_body<const FMA: bool, const SHORT: bool>(
+    x: &[f32],
+    shift: f32,
+    out: &mut [f32],
+    ahead: Ahead,
+    acc: &mut [f32; LANES],
+) {
+    let out = &mut out[..x.len()];
     let mut xi = x.chunks_exact(LANES);
     let mut oi = out.chunks_exact_mut(LANES);
     for (j, (c, o)) in (&mut xi).zip(&mut oi).enumerate() {
@@ -59,11 +73,10 @@ pub(super) fn exp_sum_body<const FMA: bool, const SHORT: bool>(
         *o = exp::<FMA, SHORT>(v - shift);
         acc[i] += *o;
     }
-    hsum(acc)
 }
 
 /// `exp_sum` of 16-bit input (short polynomial): widened a block at a time into a stack
-/// buffer.
+/// buffer, the blocks summed in the same lanes (the same bits as one loop over the widened row).
 #[inline(always)]
 pub(super) fn exp_sum_bits_body<const FMA: bool>(
     x: &[u16],
@@ -72,15 +85,19 @@ pub(super) fn exp_sum_bits_body<const FMA: bool>(
     out: &mut [f32],
     ahead: Ahead,
 ) -> f32 {
-    let mut buf = [0f32; 256];
-    let mut sum = 0f32;
-    for (b, (xs, os)) in x.chunks(256).zip(out.chunks_mut(256)).enumerate() {
+    let mut buf = [0f32; BLOCK];
+    let mut acc = [0f32; LANES];
+    for (b, (xs, os)) in x.chunks(BLOCK).zip(out.chunks_mut(BLOCK)).enumerate() {
         let w = &mut buf[..xs.len()];
         widen(xs, w);
-        sum += exp_sum_body::<FMA, true>(w, shift, os, ahead.skip(b * 256 / LANES));
+        exp_acc_body::<FMA, true>(w, shift, os, ahead.skip(b * BLOCK / LANES), &mut acc);
     }
-    sum
+    hsum(acc)
 }
+
+/// Elements of 16-bit input widened at a time into the lane code's stack buffer (a whole number
+/// of 16-lane steps).
+const BLOCK: usize = 256;
 
 /// Memory to prefetch while computing, spread through the loop so that the loads are in flight
 /// while the arithmetic runs (a burst of prefetches at once overflows the miss queues and is
@@ -257,11 +274,10 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
     out: &mut [f32],
     chain: &mut [f32],
     ahead: Ahead,
-) -> (f32, f32) {
+    (acc, zacc): (&mut [f32; LANES], &mut [f32; LANES]),
+) {
     let n = x.len();
     let out = &mut out[..n];
-    let mut acc = [0f32; LANES];
-    let mut zacc = [0f32; LANES];
     let body = n / LANES * LANES;
     let exp = |d: f32| if IN_RANGE { exp_in_range::<FMA, SHORT>(d) } else { exp::<FMA, SHORT>(d) };
     let k = -2.0 * o.inv_cap;
@@ -293,7 +309,6 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
             chain[body + i] = s[i];
         }
     }
-    (hsum(acc), hsum(zacc))
 }
 
 /// The statistics pass of a chunk under per-element options: with `z = c · tanh(x / c)` (or
@@ -310,6 +325,22 @@ pub(super) fn exp_opts_body<const FMA: bool, const SHORT: bool>(
     chain: &mut [f32],
     ahead: Ahead,
 ) -> (f32, f32) {
+    let (mut acc, mut zacc) = ([0f32; LANES], [0f32; LANES]);
+    exp_opts_acc::<FMA, SHORT>(x, shift, o, out, chain, ahead, (&mut acc, &mut zacc));
+    (hsum(acc), hsum(zacc))
+}
+
+/// [`exp_opts_body`] adding into the lanes `acc` (and `zacc`) as [`exp_acc_body`] does.
+#[inline(always)]
+fn exp_opts_acc<const FMA: bool, const SHORT: bool>(
+    x: &[f32],
+    shift: f32,
+    o: ElemOpts,
+    out: &mut [f32],
+    chain: &mut [f32],
+    ahead: Ahead,
+    lanes: (&mut [f32; LANES], &mut [f32; LANES]),
+) {
     // capped values lie within c(1 + 2^-21) of 0 (the roundings of `t` and `c · t`): `z − shift`
     // lies in [EXP_LO, EXP_HI] for every shift with `c(1 + 2^-21) + |shift| <= −EXP_LO` (checked
     // with margin), the loop's shifts (capped values themselves) included when c <= 43; a shift
@@ -317,19 +348,21 @@ pub(super) fn exp_opts_body<const FMA: bool, const SHORT: bool>(
     let in_range = o.cap != 0.0 && o.cap * 1.001 + shift.abs() <= -EXP_LO - 0.01;
     let accurate = o.cap > ACCURATE_CAP;
     use exp_opts_inner as inner;
+    let (x, ch, l) = (x, chain, lanes);
     match (o.cap != 0.0, o.sum, in_range, accurate) {
-        (false, false, ..) => (exp_sum_body::<FMA, SHORT>(x, shift, out, ahead), 0.0),
-        (false, true, ..) => inner::<FMA, SHORT, false, true, false, false>(x, shift, o, out, chain, ahead),
-        (true, false, true, _) => inner::<FMA, SHORT, true, false, true, false>(x, shift, o, out, chain, ahead),
-        (true, true, true, _) => inner::<FMA, SHORT, true, true, true, false>(x, shift, o, out, chain, ahead),
-        (true, false, false, false) => inner::<FMA, SHORT, true, false, false, false>(x, shift, o, out, chain, ahead),
-        (true, true, false, false) => inner::<FMA, SHORT, true, true, false, false>(x, shift, o, out, chain, ahead),
-        (true, false, false, true) => inner::<FMA, SHORT, true, false, false, true>(x, shift, o, out, chain, ahead),
-        (true, true, false, true) => inner::<FMA, SHORT, true, true, false, true>(x, shift, o, out, chain, ahead),
+        (false, false, ..) => exp_acc_body::<FMA, SHORT>(x, shift, out, ahead, l.0),
+        (false, true, ..) => inner::<FMA, SHORT, false, true, false, false>(x, shift, o, out, ch, ahead, l),
+        (true, false, true, _) => inner::<FMA, SHORT, true, false, true, false>(x, shift, o, out, ch, ahead, l),
+        (true, true, true, _) => inner::<FMA, SHORT, true, true, true, false>(x, shift, o, out, ch, ahead, l),
+        (true, false, false, false) => inner::<FMA, SHORT, true, false, false, false>(x, shift, o, out, ch, ahead, l),
+        (true, true, false, false) => inner::<FMA, SHORT, true, true, false, false>(x, shift, o, out, ch, ahead, l),
+        (true, false, false, true) => inner::<FMA, SHORT, true, false, false, true>(x, shift, o, out, ch, ahead, l),
+        (true, true, false, true) => inner::<FMA, SHORT, true, true, false, true>(x, shift, o, out, ch, ahead, l),
     }
 }
 
-/// [`exp_opts_body`] of 16-bit input (short polynomial), widened a block at a time.
+/// [`exp_opts_body`] of 16-bit input (short polynomial), widened a block at a time, the blocks
+/// summed in the same lanes.
 #[inline(always)]
 pub(super) fn exp_opts_bits_body<const FMA: bool>(
     x: &[u16],
@@ -340,18 +373,17 @@ pub(super) fn exp_opts_bits_body<const FMA: bool>(
     chain: &mut [f32],
     ahead: Ahead,
 ) -> (f32, f32) {
-    let mut buf = [0f32; 256];
-    let (mut sum, mut zsum) = (0f32, 0f32);
-    for (b, xs) in x.chunks(256).enumerate() {
+    let mut buf = [0f32; BLOCK];
+    let (mut acc, mut zacc) = ([0f32; LANES], [0f32; LANES]);
+    for (b, xs) in x.chunks(BLOCK).enumerate() {
         let w = &mut buf[..xs.len()];
         widen(xs, w);
-        let lo = b * 256;
+        let lo = b * BLOCK;
         let ch = if chain.is_empty() { &mut chain[..0] } else { &mut chain[lo..] };
-        let (s, z) = exp_opts_body::<FMA, true>(w, shift, o, &mut out[lo..], ch, ahead.skip(b * 256 / LANES));
-        sum += s;
-        zsum += z;
+        let pf = ahead.skip(b * BLOCK / LANES);
+        exp_opts_acc::<FMA, true>(w, shift, o, &mut out[lo..], ch, pf, (&mut acc, &mut zacc));
     }
-    (sum, zsum)
+    (hsum(acc), hsum(zacc))
 }
 
 /// `q = q · f − k · s` in place (`s = chain`, or 1 where `chain` is empty), fused where the level

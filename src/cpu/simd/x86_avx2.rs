@@ -1,5 +1,5 @@
 //! The AVX2 statistics loop in intrinsics: the lane code's arithmetic and summation order (so the
-//! same bits as [`exp_sum_body`](super::lanes::exp_sum_body) and its 16-bit blocks), with
+//! same bits as [`exp_sum_body`](super::lanes::exp_sum_body) and its 16-bit form), with
 //! 16-bit input widened in registers instead of through a stack buffer.
 
 use super::lanes::{exp_opts_bits_body, exp_opts_body, hsum, widen_bf16_body, ElemOpts};
@@ -96,7 +96,6 @@ fn steps<const SHORT: bool, const ZSUM: bool>(
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
-    first_step: usize,
     mut side: impl FnMut(usize),
 ) -> Lanes {
     let mut a = Acc::new();
@@ -106,7 +105,7 @@ fn steps<const SHORT: bool, const ZSUM: bool>(
     let body = n / LANES * LANES;
     assert!(out.len() >= n);
     for (j, i) in (0..body).step_by(LANES).enumerate() {
-        ahead.line(first_step + j);
+        ahead.line(j);
         let v = [load(i), load(i + 8)];
         let x = [_mm256_sub_ps(v[0], sh), _mm256_sub_ps(v[1], sh)];
         // above EXP_HI: EXP_HI, as the lane code (`vminps` passes its second operand, a NaN x, on)
@@ -154,7 +153,7 @@ pub(super) unsafe fn exp_sum_256(x: &[f32], shift: f32, out: &mut [f32], ahead: 
 fn f32_steps<const ZSUM: bool>(x: &[f32], shift: f32, out: &mut [f32], ahead: Ahead) -> (f32, f32) {
     // SAFETY (each load): i + 8 <= the 16-lane body of x.
     let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
-    steps::<false, ZSUM>(x.len(), load, |i| x[i], shift, out, ahead, 0, |_| {}).reduce::<ZSUM>()
+    steps::<false, ZSUM>(x.len(), load, |i| x[i], shift, out, ahead, |_| {}).reduce::<ZSUM>()
 }
 
 /// [`exp_sum_256`] (or its 16-bit forms) with the store of `side` in the same loop, one 64-byte
@@ -203,15 +202,15 @@ fn input_with(x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahead, side: imp
         Input::F32(x) => {
             // SAFETY (each load): i + 8 <= the 16-lane body of x.
             let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
-            steps::<false, false>(x.len(), load, |i| x[i], shift, out, ahead, 0, side).reduce::<false>().0
+            steps::<false, false>(x.len(), load, |i| x[i], shift, out, ahead, side).reduce::<false>().0
         }
         Input::Bf16(b) => exp_sum_bits::<false>(b, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead, side).0,
         Input::F16(b) => exp_sum_bits::<false>(b, |p| widen_f16x8(p), f16_scalar, shift, out, ahead, side).0,
     }
 }
 
-/// The same over 16-bit input, in blocks of 256 as the lane code (each block's sums taken apart,
-/// then added in order), widened in registers by `widen` (8 elements at `p`).
+/// The same over 16-bit input, widened in registers by `widen` (8 elements at `p`): the lane
+/// code's bits, whose blocks are summed in the same lanes.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
@@ -222,19 +221,11 @@ fn exp_sum_bits<const ZSUM: bool>(
     shift: f32,
     out: &mut [f32],
     ahead: Ahead,
-    mut side: impl FnMut(usize),
+    side: impl FnMut(usize),
 ) -> (f32, f32) {
-    let (mut sum, mut zsum) = (0f32, 0f32);
-    for (b, (xs, os)) in x.chunks(256).zip(out.chunks_mut(256)).enumerate() {
-        // each load reads 8 elements inside the block's 16-lane body
-        let load = |i: usize| widen(xs[i..i + 8].as_ptr());
-        let first = b * 256 / LANES;
-        let l = steps::<true, ZSUM>(xs.len(), load, |i| scalar(xs[i]), shift, os, ahead, first, |j| side(first + j));
-        let (s, z) = l.reduce::<ZSUM>();
-        sum += s;
-        zsum += z;
-    }
-    (sum, zsum)
+    // each load reads 8 elements inside the 16-lane body
+    let load = |i: usize| widen(x[i..i + 8].as_ptr());
+    steps::<true, ZSUM>(x.len(), load, |i| scalar(x[i]), shift, out, ahead, side).reduce::<ZSUM>()
 }
 
 /// 8 bf16 at `p` widened (callers pass a pointer to 8 readable elements): the 16 bytes loaded
