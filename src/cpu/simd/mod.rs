@@ -13,8 +13,8 @@
 //! and a fixed 16-lane summation order, which the portable-SIMD crates do not expose; lane
 //! arrays plus one `#[target_feature]` instantiation per level keep most code to one body.
 //!
-//! Each level sums in a fixed order (16 lanes; 16-bit input on the lane-code levels in blocks of
-//! 256 first); levels differ in that, in FMA and in the AVX-512 `exp`, so results are
+//! Every level sums in the same fixed order (element `i` of a chunk into lane `i % 16`, 16-bit
+//! input too); levels differ in FMA and in the AVX-512 `exp`, so results are
 //! bit-identical for a given level on any machine (whatever the thread count or buffer
 //! alignment), and [`CpuSimd::Portable`] gives the same bits on every CPU.
 //!

@@ -116,8 +116,8 @@ fn conversions_match_half_at_every_level_alignment_and_stream_mode() {
 #[test]
 fn the_finite_bf16_store_rounds_every_high_half_and_tie_as_the_lane_code() {
     // every finite f32 high half (both signs, subnormals, the largest finite values), each with
-    // the low halves where rounding turns (ties, one either side, 0, all ones), at every
-    // alignment of the store's 16-lane body
+    // the low halves where rounding turns (ties, one either side, 0, all ones), at offsets that
+    // move each value through the lanes of the store's 16-lane body
     let lows = [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1234];
     let xs: Vec<f32> = (0..=0xFFFFu32)
         .filter(|h| h & 0x7F80 != 0x7F80)
