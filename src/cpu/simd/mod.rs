@@ -333,7 +333,7 @@ impl Kernels {
                 scale_bf16_finite: if is_x86_feature_detected!("avx512bf16") {
                     x86::scale_bf16_512bf
                 } else {
-                    x86::scale_bf16_512
+                    x86::scale_bf16_finite_512
                 },
                 scale_f16: x86::scale_f16_512,
                 exp_opts: x86_opts::exp_opts_512,

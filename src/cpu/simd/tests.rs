@@ -57,27 +57,50 @@ fn levels() -> impl Iterator<Item = Kernels> {
     [CpuSimd::Portable, CpuSimd::Avx2, CpuSimd::Avx512].into_iter().filter_map(Kernels::select)
 }
 
+/// [`levels`], plus AVX-512 with the bf16 rounding emulated (the kernels of CPUs without the BF16
+/// conversions), whatever this CPU has.
+fn levels_and_emulations() -> Vec<Kernels> {
+    let mut kernels: Vec<Kernels> = levels().collect();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(mut k) = Kernels::select(CpuSimd::Avx512) {
+        k.exp_sum_side = Some(x86_side::exp_sum_side_512);
+        k.scale_bf16 = x86::scale_bf16_512;
+        k.scale_bf16_finite = x86::scale_bf16_finite_512;
+        kernels.push(k);
+    }
+    kernels
+}
+
+/// 70 000 spread bit patterns, with the special values below at the start, in the middle and
+/// at the end (so that the vector bodies meet them, not only the scalar tails).
 fn test_floats() -> Vec<f32> {
-    (0..70_000u32)
-        .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
-        .chain([
-            f32::NAN,
-            f32::INFINITY,
-            -0.0,
-            3.389_531_4e38,
-            1.0 + 1.0 / 256.0,
-            1.0 + 3.0 / 256.0,
-            6.0e-8,
-            1e-39,
-            -1e-40,
-        ])
-        .collect()
+    let special = [
+        f32::NAN,
+        f32::INFINITY,
+        -0.0,
+        3.389_531_4e38,
+        1.0 + 1.0 / 256.0,
+        1.0 + 3.0 / 256.0,
+        6.0e-8,
+        1e-39,
+        -1e-40,
+        // NaN whose payload lies in the low half only (rounding alone would make it an
+        // infinity) or carries out of it, negative NaN, the largest finite values
+        f32::from_bits(0x7F80_0001),
+        f32::from_bits(0xFF80_8000),
+        f32::from_bits(0x7FFF_FFFF),
+        f32::from_bits(0xFFBF_FFFF),
+        f32::MAX,
+        f32::MIN,
+    ];
+    let spread = |r: std::ops::Range<u32>| r.map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)));
+    special.into_iter().chain(spread(0..35_000)).chain(special).chain(spread(35_000..70_000)).chain(special).collect()
 }
 
 #[test]
 fn conversions_match_half_at_every_level_alignment_and_stream_mode() {
     let xs = test_floats();
-    for k in levels() {
+    for k in levels_and_emulations() {
         for (off, stream) in [(0, false), (0, true), (1, true), (7, true), (13, false)] {
             let x = &xs[off..];
             let mut b = vec![0u16; x.len()];
@@ -124,7 +147,7 @@ fn the_finite_bf16_store_rounds_every_high_half_and_tie_as_the_lane_code() {
         .flat_map(|h| lows.iter().map(move |&l| f32::from_bits(h << 16 | l)))
         .collect();
     let want: Vec<u16> = xs.iter().map(|&v| bf16_round(v)).collect();
-    for k in levels() {
+    for k in levels_and_emulations() {
         for (off, stream) in [(0, false), (0, true), (3, true), (9, false)] {
             let mut got = vec![0u16; xs.len() - off];
             k.scale_sub_bf16_finite(&xs[off..], 1.0, 0.0, &mut got, stream);
@@ -333,15 +356,7 @@ fn the_store_inside_the_statistics_loop_gives_the_two_calls_bits() {
     // f16): the same bits at every level, length, offset of the store (the streaming head) and
     // stream mode, NaN and inf included
     let vals = test_floats();
-    let mut kernels: Vec<Kernels> = levels().collect();
-    #[cfg(target_arch = "x86_64")]
-    if let Some(mut k) = Kernels::select(CpuSimd::Avx512) {
-        // AVX-512 without the BF16 conversions (emulated rounding), whatever this CPU has
-        k.exp_sum_side = Some(x86_side::exp_sum_side_512);
-        k.scale_bf16 = x86::scale_bf16_512;
-        kernels.push(k);
-    }
-    for k in kernels {
+    for k in levels_and_emulations() {
         for (n, side_n) in [(0, 0), (1, 1), (15, 15), (16, 16), (47, 47), (2048, 2048), (2000, 2048), (2048, 333)] {
             let x: Vec<f32> = (0..n).map(|i| (vals[(i * 7) % vals.len()] % 30.0) - 8.0).collect();
             let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();

@@ -29,23 +29,56 @@ macro_rules! bf16_lanes {
     }};
 }
 
+/// Thirty-two f32 lanes (`a`: elements 0..16, `b`: 16..32) rounded to bf16 bits in order, as
+/// [`bf16_round`]: [`bf16x16_finite`]'s rounding on 16-bit lanes at 512 bits (32 elements per
+/// instruction), NaN quietened unless `FINITE` (lanes known to hold no NaN or infinity).
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-pub(super) fn bf16x16(v: __m512) -> __m256i {
-    let (b, rounded, nan) = bf16_lanes!(
-        v,
-        _mm512_castps_si512,
-        _mm512_srli_epi32,
-        _mm512_and_si512,
-        _mm512_add_epi32,
-        _mm512_or_si512,
-        _mm512_set1_epi32
-    );
-    let is_nan =
-        _mm512_cmpgt_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFF_FFFF)), _mm512_set1_epi32(0x7F80_0000));
-    let is_sub = _mm512_testn_epi32_mask(b, _mm512_set1_epi32(0x7F80_0000));
-    let zero = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x8000));
-    _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_sub, _mm512_mask_blend_epi32(is_nan, rounded, nan), zero))
+pub(super) fn bf16x32<const FINITE: bool>(a: __m512, b: __m512) -> __m512i {
+    // the odd words: b's
+    const ODD: __mmask32 = 0xAAAA_AAAA;
+    let (a, b) = if FINITE { (_mm512_castps_si512(a), _mm512_castps_si512(b)) } else { (quiet_nan(a), quiet_nan(b)) };
+    // words a0 b0 a1 b1 .. of the high and the low halves
+    let high = _mm512_mask_blend_epi16(ODD, _mm512_srli_epi32::<16>(a), b);
+    let low = _mm512_mask_blend_epi16(ODD, a, _mm512_slli_epi32::<16>(b));
+    let sign = _mm512_set1_epi16(i16::MIN);
+    // up when low > 0x8000, or low == 0x8000 and high is odd: `low − 0x8000` as a signed word
+    // above `−(high & 1)`
+    let minus_odd = _mm512_srai_epi16::<15>(_mm512_slli_epi16::<15>(high));
+    let up = _mm512_cmpgt_epi16_mask(_mm512_xor_si512(low, sign), minus_odd);
+    let r = _mm512_mask_add_epi16(high, up, high, _mm512_set1_epi16(1));
+    // exponent bits 0: a zero of the sign
+    let subnormal = _mm512_testn_epi16_mask(high, _mm512_set1_epi16(0x7F80));
+    let r = _mm512_mask_mov_epi16(r, subnormal, _mm512_and_si512(high, sign));
+    // a's sixteen words (the even ones), then b's
+    static ORDER: [u16; 32] = {
+        let mut o = [0u16; 32];
+        let mut i = 0;
+        while i < 16 {
+            o[i] = 2 * i as u16;
+            o[i + 16] = 2 * i as u16 + 1;
+            i += 1;
+        }
+        o
+    };
+    // SAFETY: ORDER holds 64 bytes.
+    let order = unsafe { _mm512_loadu_si512(ORDER.as_ptr().cast()) };
+    _mm512_permutexvar_epi16(order, r)
+}
+
+/// The bits of 16 f32 lanes, each NaN with its quiet bit set and its low half cleared: what
+/// [`bf16_round`] makes of a NaN (its high half, quietened) is then what the rounding makes of it.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn quiet_nan(v: __m512) -> __m512i {
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+    // (v | quiet) & high half: the truth table of (A | B) & C
+    _mm512_mask_ternarylogic_epi32::<0xA8>(
+        _mm512_castps_si512(v),
+        nan,
+        _mm512_set1_epi32(0x0040_0000),
+        _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+    )
 }
 
 #[target_feature(enable = "avx2")]
@@ -223,8 +256,22 @@ pub(super) unsafe fn scale_f32_512(x: &[f32], f: f32, k: f32, out: &mut [f32], s
     scale_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
+/// `out = bf16(x * f - k)` with AVX-512 and the rounding emulated ([`bf16x32`]), streaming
+/// when asked.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
 pub(super) unsafe fn scale_bf16_512(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
+    scale_bf16_512_with::<false>(x, f, k, out, stream)
+}
+
+/// [`scale_bf16_512`] for products known to be finite (no NaN handling; the same bits).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+pub(super) unsafe fn scale_bf16_finite_512(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
+    scale_bf16_512_with::<true>(x, f, k, out, stream)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+#[inline]
+fn scale_bf16_512_with<const FINITE: bool>(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 64, 32, stream);
     scale_bf16_body::<true>(&x[..head], f, k, &mut out[..head]);
@@ -233,9 +280,9 @@ pub(super) unsafe fn scale_bf16_512(x: &[f32], f: f32, k: f32, out: &mut [u16], 
         // SAFETY: i + 32 <= head + body <= n, within both slices; when streaming, out + i is
         // 64-byte aligned.
         unsafe {
-            let lo = bf16x16(_mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv, kv));
-            let hi = bf16x16(_mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv, kv));
-            let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let lo = _mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i)), fv, kv);
+            let hi = _mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), fv, kv);
+            let v = bf16x32::<FINITE>(lo, hi);
             if stream {
                 _mm512_stream_si512(out.as_mut_ptr().add(i).cast(), v);
             } else {

@@ -4,7 +4,7 @@
 
 use super::lanes::{scale_bf16_body, scale_body, scale_f16_body};
 use super::x86::{
-    bf16x16, bf16x16_finite, bf16x8, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, split, NEAREST,
+    bf16x16_finite, bf16x32, bf16x8, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, split, NEAREST,
 };
 use super::{Ahead, Input};
 use std::arch::x86_64::*;
@@ -107,21 +107,21 @@ impl<'a> SideLines<'a> {
         }
     }
 
-    /// Steps `j - 1` and `j` (odd `j`) of a bf16 body with AVX-512, emulating the rounding.
+    /// Steps `j - 1` and `j` (odd `j`) of a bf16 body with AVX-512, emulating the rounding
+    /// (without the NaN handling when `FINITE`).
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
-    pub(super) fn line512_bf16(&mut self, j: usize) {
+    pub(super) fn line512_bf16<const FINITE: bool>(&mut self, j: usize) {
         if j % 2 == 1 && j < self.steps {
             let s = self.head + 16 * (j - 1);
-            let (lo, hi) = (bf16x16(self.product16(s)), bf16x16(self.product16(s + 16)));
-            self.put512(s, _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi));
+            self.put512(s, bf16x32::<FINITE>(self.product16(s), self.product16(s + 16)));
         }
     }
 
     /// [`line512_bf16`](Self::line512_bf16) with the AVX-512 BF16 conversion (same bits).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    pub(super) fn line512_bf16bf(&mut self, j: usize) {
+    pub(super) fn line512_bf16bf<const _FINITE: bool>(&mut self, j: usize) {
         if j % 2 == 1 && j < self.steps {
             let s = self.head + 16 * (j - 1);
             let (lo, hi) = (self.product16(s), self.product16(s + 16));
@@ -313,9 +313,10 @@ pub(super) unsafe fn with_lines<S: StatsLoop>(
 
 /// [`exp_sum_512`] (or its 16-bit forms) with the store of `side` in the same loop, one line of
 /// the store per 64 bytes of it (the store's memory traffic under the arithmetic): the same bits
-/// as the two calls one after the other. `$line_bf16` is the bf16 line of the CPU.
+/// as the two calls one after the other. `$line_bf16` is the bf16 line of the CPU;
+/// `$finite_form`: whether its form for products known to be finite (`::<true>`) is a cheaper one.
 macro_rules! exp_sum_side_512 {
-    ($name:ident, $feat:literal, $line_bf16:ident) => {
+    ($name:ident, $feat:literal, $line_bf16:ident, $finite_form:literal) => {
         #[target_feature(enable = $feat)]
         pub(super) unsafe fn $name(
             x: Input<'_>,
@@ -327,15 +328,26 @@ macro_rules! exp_sum_side_512 {
             let lines = SideLines::new(side);
             // SAFETY: this function has the features of the loop and of every line.
             unsafe {
-                match lines.kind {
-                    SideKind::F32 => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.line512(j)),
-                    SideKind::Bf16 => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.$line_bf16(j)),
-                    SideKind::F16 => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.line512_f16(j)),
+                match lines.kind() {
+                    (SideKind::F32, _) => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.line512(j)),
+                    (SideKind::Bf16, $finite_form) => {
+                        with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.$line_bf16::<$finite_form>(j))
+                    }
+                    (SideKind::Bf16, _) => {
+                        with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.$line_bf16::<false>(j))
+                    }
+                    (SideKind::F16, _) => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.line512_f16(j)),
                 }
             }
         }
     };
 }
 
-exp_sum_side_512!(exp_sum_side_512, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", line512_bf16);
-exp_sum_side_512!(exp_sum_side_512bf, "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c", line512_bf16bf);
+exp_sum_side_512!(exp_sum_side_512, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", line512_bf16, true);
+// the conversion instruction has no NaN handling to skip: one form for every product (`false`)
+exp_sum_side_512!(
+    exp_sum_side_512bf,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c",
+    line512_bf16bf,
+    false
+);
