@@ -465,7 +465,7 @@ impl Kernels {
         unsafe { (self.scale_bf16)(x, f, k, out, stream) }
     }
     /// [`Kernels::scale_sub_bf16`] for results known to be finite (no NaN or infinity): the same
-    /// bits, cheaper where the level emulates the conversion (AVX2).
+    /// bits, cheaper where the level emulates the conversion (AVX2, AVX-512 without BF16).
     #[inline]
     pub fn scale_sub_bf16_finite(&self, x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
         // SAFETY: as above.

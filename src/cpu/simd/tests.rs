@@ -71,8 +71,9 @@ fn levels_and_emulations() -> Vec<Kernels> {
     kernels
 }
 
-/// 70 000 spread bit patterns, with the special values below at the start, in the middle and
-/// at the end (so that the vector bodies meet them, not only the scalar tails).
+/// 70 000 spread bit patterns, with the special values below after the first 1000, in the middle
+/// and at the end (so that the vector bodies meet them, not only the scalar tails; not at the
+/// start, where short prefixes are summed).
 fn test_floats() -> Vec<f32> {
     let special = [
         f32::NAN,
@@ -85,8 +86,9 @@ fn test_floats() -> Vec<f32> {
         1e-39,
         -1e-40,
         // NaN whose payload lies in the low half only (rounding alone would make it an
-        // infinity) or carries out of it, negative NaN, the largest finite values
+        // infinity), would round up or carries out of it, negative NaN, the largest finite values
         f32::from_bits(0x7F80_0001),
+        f32::from_bits(0x7FC0_8001),
         f32::from_bits(0xFF80_8000),
         f32::from_bits(0x7FFF_FFFF),
         f32::from_bits(0xFFBF_FFFF),
@@ -94,7 +96,8 @@ fn test_floats() -> Vec<f32> {
         f32::MIN,
     ];
     let spread = |r: std::ops::Range<u32>| r.map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)));
-    special.into_iter().chain(spread(0..35_000)).chain(special).chain(spread(35_000..70_000)).chain(special).collect()
+    let parts = [spread(0..1000), spread(1000..35_000), spread(35_000..70_000)];
+    parts.into_iter().flat_map(|p| p.chain(special)).collect()
 }
 
 #[test]
@@ -111,8 +114,9 @@ fn conversions_match_half_at_every_level_alignment_and_stream_mode() {
             for ((&v, &b), &h) in x.iter().zip(&b).zip(&h) {
                 let want =
                     if v.is_subnormal() { half::bf16::from_f32(v.signum() * 0.0) } else { half::bf16::from_f32(v) };
+                // a NaN: the high half, quietened, at every level (as the AVX-512 instruction)
                 assert!(
-                    want.to_bits() == b || (want.is_nan() && half::bf16::from_bits(b).is_nan()),
+                    want.to_bits() == b || (want.is_nan() && b == bf16_round(v)),
                     "{:?}: bf16({v}) = {b:#x}, want {want}",
                     k.level
                 );
@@ -233,7 +237,7 @@ fn the_store_with_an_offset_gives_affine_then_the_store() {
     // by 1: the same bits at every level, dtype, offset (streaming head) and stream mode, NaN
     // and inf included; and `k` = 0 is the plain product
     let vals = test_floats();
-    for k in levels() {
+    for k in levels_and_emulations() {
         for (n, off) in [(0, 0), (5, 0), (100, 3), (2048, 0), (2048, 7), (1001, 13)] {
             for stream in [false, true] {
                 let x: Vec<f32> = (0..n).map(|i| vals[(i * 11 + 3) % vals.len()] % 40.0).collect();
