@@ -348,7 +348,7 @@ fn exp_opts_acc<const FMA: bool, const SHORT: bool>(
     let in_range = o.cap != 0.0 && o.cap * 1.001 + shift.abs() <= -EXP_LO - 0.01;
     let accurate = o.cap > ACCURATE_CAP;
     use exp_opts_inner as inner;
-    let (x, ch, l) = (x, chain, lanes);
+    let (ch, l) = (chain, lanes);
     match (o.cap != 0.0, o.sum, in_range, accurate) {
         (false, false, ..) => exp_acc_body::<FMA, SHORT>(x, shift, out, ahead, l.0),
         (false, true, ..) => inner::<FMA, SHORT, false, true, false, false>(x, shift, o, out, ch, ahead, l),

@@ -18,17 +18,6 @@ pub(super) fn split<T>(out: &[T], n: usize, align: usize, block: usize, stream: 
     (head, (n - head) / block * block)
 }
 
-/// Eight/sixteen f32 lanes rounded to bf16 bits in the low half of 32-bit lanes.
-macro_rules! bf16_lanes {
-    ($v:expr, $cast:ident, $srli:ident, $and:ident, $add:ident, $or:ident, $set1:ident) => {{
-        let b = $cast($v);
-        let lsb = $and($srli::<16>(b), $set1(1));
-        let rounded = $srli::<16>($add(b, $add(lsb, $set1(0x7FFF))));
-        let nan = $or($srli::<16>(b), $set1(0x40));
-        (b, rounded, nan)
-    }};
-}
-
 /// Thirty-two f32 lanes (`a`: elements 0..16, `b`: 16..32) rounded to bf16 bits in order, as
 /// [`bf16_round`]: [`bf16x16_finite`]'s rounding on 16-bit lanes at 512 bits (32 elements per
 /// instruction), NaN quietened unless `FINITE` (lanes known to hold no NaN or infinity).
@@ -81,18 +70,15 @@ fn quiet_nan(v: __m512) -> __m512i {
     )
 }
 
+/// Eight f32 lanes rounded to bf16 bits ([`bf16_round`]: NaN quietened, subnormals to a zero of
+/// their sign) in the low half of 32-bit lanes.
 #[target_feature(enable = "avx2")]
 #[inline]
 pub(super) fn bf16x8(v: __m256) -> __m256i {
-    let (b, rounded, nan) = bf16_lanes!(
-        v,
-        _mm256_castps_si256,
-        _mm256_srli_epi32,
-        _mm256_and_si256,
-        _mm256_add_epi32,
-        _mm256_or_si256,
-        _mm256_set1_epi32
-    );
+    let b = _mm256_castps_si256(v);
+    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))));
+    let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x40));
     let is_nan =
         _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFF_FFFF)), _mm256_set1_epi32(0x7F80_0000));
     let is_sub = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F80_0000)), _mm256_setzero_si256());
