@@ -19,7 +19,7 @@ pub(super) fn split<T>(out: &[T], n: usize, align: usize, block: usize, stream: 
 }
 
 /// Thirty-two f32 lanes (`a`: elements 0..16, `b`: 16..32) rounded to bf16 bits in order, as
-/// [`bf16_round`]: [`bf16x16_finite`]'s rounding on 16-bit lanes at 512 bits (32 elements per
+/// [`bf16_round`]: [`bf16x16`]'s rounding on 16-bit lanes at 512 bits (32 elements per
 /// instruction), NaN quietened unless `FINITE` (lanes known to hold no NaN or infinity).
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
@@ -70,31 +70,16 @@ fn quiet_nan(v: __m512) -> __m512i {
     )
 }
 
-/// Eight f32 lanes rounded to bf16 bits ([`bf16_round`]: NaN quietened, subnormals to a zero of
-/// their sign) in the low half of 32-bit lanes.
+/// Sixteen f32 lanes (`a`: elements 0..8, `b`: 8..16) rounded to bf16 bits in order, as
+/// [`bf16_round`], with the rounding done on 16-bit lanes (16 elements per instruction): each
+/// element's high and low 16 bits are gathered apart, and the high half goes up by one where
+/// round-to-nearest-even says so (a finite value's carry never reaches the sign); a subnormal
+/// (exponent bits 0) becomes a zero of its sign. NaN is quietened unless `FINITE` (lanes known
+/// to hold no NaN).
 #[target_feature(enable = "avx2")]
 #[inline]
-pub(super) fn bf16x8(v: __m256) -> __m256i {
-    let b = _mm256_castps_si256(v);
-    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-    let rounded = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))));
-    let nan = _mm256_or_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x40));
-    let is_nan =
-        _mm256_cmpgt_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7FFF_FFFF)), _mm256_set1_epi32(0x7F80_0000));
-    let is_sub = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7F80_0000)), _mm256_setzero_si256());
-    let zero = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(0x8000));
-    _mm256_blendv_epi8(_mm256_blendv_epi8(rounded, nan, is_nan), zero, is_sub)
-}
-
-/// Sixteen finite f32 lanes (`a`: elements 0..8, `b`: 8..16; no NaN or infinity) rounded to
-/// bf16 bits, in order: [`bf16x8`]'s bits, with the rounding done on 16-bit lanes (16 elements
-/// per instruction instead of 8). Each element's high and low 16 bits are gathered apart, and
-/// the high half goes up by one where round-to-nearest-even says so; a finite value's carry
-/// never reaches the sign. A subnormal (exponent bits 0) becomes a zero of its sign.
-#[target_feature(enable = "avx2")]
-#[inline]
-pub(super) fn bf16x16_finite(a: __m256, b: __m256) -> __m256i {
-    let (a, b) = (_mm256_castps_si256(a), _mm256_castps_si256(b));
+pub(super) fn bf16x16<const FINITE: bool>(a: __m256, b: __m256) -> __m256i {
+    let (a, b) = if FINITE { (_mm256_castps_si256(a), _mm256_castps_si256(b)) } else { (quiet_nan8(a), quiet_nan8(b)) };
     // words a0 b0 a1 b1 .. (a: the even words, b: the odd ones) of the high and the low halves
     let high = _mm256_blend_epi16::<0b1010_1010>(_mm256_srli_epi32::<16>(a), b);
     let low = _mm256_blend_epi16::<0b1010_1010>(a, _mm256_slli_epi32::<16>(b));
@@ -112,6 +97,16 @@ pub(super) fn bf16x16_finite(a: __m256, b: __m256) -> __m256i {
         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
     );
     _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(v, order))
+}
+
+/// [`quiet_nan`] of 8 lanes.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn quiet_nan8(v: __m256) -> __m256i {
+    let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
+    let bits = _mm256_castps_si256(v);
+    let quiet = _mm256_and_si256(_mm256_or_si256(bits, _mm256_set1_epi32(0x0040_0000)), _mm256_set1_epi32(-0x1_0000));
+    _mm256_castps_si256(_mm256_blendv_ps(v, _mm256_castsi256_ps(quiet), nan))
 }
 
 /// `exp` of 16 lanes: the same reduction and polynomial as [`exp`], with `2^n` applied by
@@ -374,12 +369,7 @@ unsafe fn scale_bf16_256_with<const FINITE: bool>(x: &[f32], f: f32, k: f32, out
         unsafe {
             let (lo, hi) = (_mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(x.as_ptr().add(i + 8)));
             let (lo, hi) = (_mm256_fmsub_ps(lo, fv, kv), _mm256_fmsub_ps(hi, fv, kv));
-            let v = if FINITE {
-                bf16x16_finite(lo, hi)
-            } else {
-                // packus interleaves 128-bit halves: put them back in order
-                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(bf16x8(lo), bf16x8(hi)))
-            };
+            let v = bf16x16::<FINITE>(lo, hi);
             if stream {
                 _mm256_stream_si256(out.as_mut_ptr().add(i).cast(), v);
             } else {

@@ -3,9 +3,7 @@
 //! overlaps the arithmetic, for every input and store dtype.
 
 use super::lanes::{scale_bf16_body, scale_body, scale_f16_body};
-use super::x86::{
-    bf16x16_finite, bf16x32, bf16x8, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, split, NEAREST,
-};
+use super::x86::{bf16x16, bf16x32, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, split, NEAREST};
 use super::{Ahead, Input};
 use std::arch::x86_64::*;
 
@@ -177,13 +175,7 @@ impl<'a> SideLines<'a> {
             for h in 0..2 {
                 let s = self.head + 16 * (j - 1) + 16 * h;
                 let (lo, hi) = (self.product8(s), self.product8(s + 8));
-                let v = if FINITE {
-                    bf16x16_finite(lo, hi)
-                } else {
-                    // packus interleaves 128-bit halves: put them back in order
-                    _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(bf16x8(lo), bf16x8(hi)))
-                };
-                self.put256(s, v);
+                self.put256(s, bf16x16::<FINITE>(lo, hi));
             }
         }
     }
