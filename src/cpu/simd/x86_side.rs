@@ -116,7 +116,8 @@ impl<'a> SideLines<'a> {
         }
     }
 
-    /// [`line512_bf16`](Self::line512_bf16) with the AVX-512 BF16 conversion (same bits).
+    /// [`line512_bf16`](Self::line512_bf16) with the AVX-512 BF16 conversion (same bits; the
+    /// instruction has no NaN handling to skip, so `FINITE` changes nothing).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
     pub(super) fn line512_bf16bf<const _FINITE: bool>(&mut self, j: usize) {
@@ -305,10 +306,10 @@ pub(super) unsafe fn with_lines<S: StatsLoop>(
 
 /// [`exp_sum_512`] (or its 16-bit forms) with the store of `side` in the same loop, one line of
 /// the store per 64 bytes of it (the store's memory traffic under the arithmetic): the same bits
-/// as the two calls one after the other. `$line_bf16` is the bf16 line of the CPU;
-/// `$finite_form`: whether its form for products known to be finite (`::<true>`) is a cheaper one.
+/// as the two calls one after the other. `$line_bf16` is the bf16 line of the CPU, told whether
+/// every product is finite.
 macro_rules! exp_sum_side_512 {
-    ($name:ident, $feat:literal, $line_bf16:ident, $finite_form:literal) => {
+    ($name:ident, $feat:literal, $line_bf16:ident) => {
         #[target_feature(enable = $feat)]
         pub(super) unsafe fn $name(
             x: Input<'_>,
@@ -322,10 +323,10 @@ macro_rules! exp_sum_side_512 {
             unsafe {
                 match lines.kind() {
                     (SideKind::F32, _) => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.line512(j)),
-                    (SideKind::Bf16, $finite_form) => {
-                        with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.$line_bf16::<$finite_form>(j))
+                    (SideKind::Bf16, true) => {
+                        with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.$line_bf16::<true>(j))
                     }
-                    (SideKind::Bf16, _) => {
+                    (SideKind::Bf16, false) => {
                         with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.$line_bf16::<false>(j))
                     }
                     (SideKind::F16, _) => with_lines::<Loop512>(x, shift, out, ahead, lines, |l, j| l.line512_f16(j)),
@@ -335,11 +336,5 @@ macro_rules! exp_sum_side_512 {
     };
 }
 
-exp_sum_side_512!(exp_sum_side_512, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", line512_bf16, true);
-// the conversion instruction has no NaN handling to skip: one form for every product (`false`)
-exp_sum_side_512!(
-    exp_sum_side_512bf,
-    "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c",
-    line512_bf16bf,
-    false
-);
+exp_sum_side_512!(exp_sum_side_512, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", line512_bf16);
+exp_sum_side_512!(exp_sum_side_512bf, "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c", line512_bf16bf);
