@@ -205,7 +205,7 @@ fn input_with(x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahead, side: imp
             steps::<false, false>(x.len(), load, |i| x[i], shift, out, ahead, side).reduce::<false>().0
         }
         Input::Bf16(b) => exp_sum_bits::<false>(b, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead, side).0,
-        Input::F16(b) => exp_sum_bits::<false>(b, |p| widen_f16x8(p), f16_scalar, shift, out, ahead, side).0,
+        Input::F16(b) => exp_sum_bits::<false>(b, |p| widen_f16x8(p), |b| f16_scalar(b), shift, out, ahead, side).0,
     }
 }
 
@@ -255,8 +255,11 @@ fn bf16_scalar(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
+/// One f16 widened with F16C (no run-time feature check per element, as `half` makes).
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
 fn f16_scalar(b: u16) -> f32 {
-    half::f16::from_bits(b).to_f32()
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(b as i32)))
 }
 
 /// [`exp_sum_256`] over bf16 bits.
@@ -268,7 +271,7 @@ pub(super) unsafe fn exp_sum_bf16_256(x: &[u16], shift: f32, out: &mut [f32], ah
 /// [`exp_sum_256`] over f16 bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_f16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
-    exp_sum_bits::<false>(x, |p| widen_f16x8(p), f16_scalar, shift, out, ahead, |_| {}).0
+    exp_sum_bits::<false>(x, |p| widen_f16x8(p), |b| f16_scalar(b), shift, out, ahead, |_| {}).0
 }
 
 /// Whether the options are label smoothing alone (the case these intrinsics take).
@@ -341,5 +344,5 @@ pub(super) unsafe fn exp_opts_f16_256(
 ) -> (f32, f32) {
     // SAFETY: this function has the conversion's features (avx2, f16c).
     let widen = |s: &[u16], d: &mut [f32]| unsafe { super::x86::widen_f16_256(s, d) };
-    opts_bits(x, |p| widen_f16x8(p), f16_scalar, widen, shift, o, out, chain, ahead)
+    opts_bits(x, |p| widen_f16x8(p), |b| f16_scalar(b), widen, shift, o, out, chain, ahead)
 }

@@ -2,8 +2,10 @@
 //! gradient, one 64-byte line at a time between the loop's steps, so that its memory traffic
 //! overlaps the arithmetic, for every input and store dtype.
 
-use super::lanes::{scale_bf16_body, scale_body, scale_f16_body};
-use super::x86::{bf16x16, bf16x32, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, split, NEAREST};
+use super::lanes::{scale_bf16_body, scale_body};
+use super::x86::{
+    bf16x16, bf16x32, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, scale_f16_short, split, NEAREST,
+};
 use super::{Ahead, Input};
 use std::arch::x86_64::*;
 
@@ -38,6 +40,9 @@ pub(super) struct SideLines<'a> {
 }
 
 impl<'a> SideLines<'a> {
+    /// Cuts `side` and writes its head (F16C for f16 heads: every level that runs these
+    /// loops has it).
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn new(side: super::Side<'a>) -> Self {
         use super::SideDst;
         let (src, f, stream, finite) = (side.src, side.f, side.stream, side.finite);
@@ -57,7 +62,7 @@ impl<'a> SideLines<'a> {
             SideDst::F16(d) => {
                 let len = src.len().min(d.len());
                 let (head, body) = split(d, len, 64, 32, stream);
-                scale_f16_body::<true>(&src[..head], f, 0.0, &mut d[..head]);
+                scale_f16_short(&src[..head], f, 0.0, &mut d[..head]);
                 (SideKind::F16, d.as_mut_ptr().cast::<u8>(), len, head, body)
             }
         };
@@ -220,6 +225,7 @@ impl<'a> SideLines<'a> {
     }
 
     /// Steps `from..` of the body through `line`, then the tail.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn finish(mut self, from: usize, mut line: impl FnMut(&mut Self, usize)) {
         for j in from..self.steps {
             line(&mut self, j);
@@ -239,12 +245,9 @@ impl<'a> SideLines<'a> {
                     0.0,
                     std::slice::from_raw_parts_mut(self.dst.cast::<u16>().add(done), n),
                 ),
-                SideKind::F16 => scale_f16_body::<true>(
-                    src,
-                    f,
-                    0.0,
-                    std::slice::from_raw_parts_mut(self.dst.cast::<u16>().add(done), n),
-                ),
+                SideKind::F16 => {
+                    scale_f16_short(src, f, 0.0, std::slice::from_raw_parts_mut(self.dst.cast::<u16>().add(done), n))
+                }
             }
         }
     }
@@ -286,8 +289,8 @@ impl StatsLoop for Loop512 {
 /// `j`, then the steps the loop did not reach and the tail of the store.
 ///
 /// # Safety
-/// The caller has the features of `S` and those `line` needs; this is inlined into it, so that
-/// the loop and `line` are compiled with them.
+/// The caller has the features of `S` and those `line` needs (every level's include AVX2, FMA
+/// and F16C); this is inlined into it, so that the loop and `line` are compiled with them.
 #[inline(always)]
 pub(super) unsafe fn with_lines<S: StatsLoop>(
     x: Input<'_>,
@@ -299,9 +302,11 @@ pub(super) unsafe fn with_lines<S: StatsLoop>(
 ) -> f32 {
     let steps = out.len().min(x.len()) / 16;
     // SAFETY: the caller has the features (above).
-    let r = unsafe { S::run(x, shift, out, ahead, |j| line(&mut lines, j)) };
-    lines.finish(steps, line);
-    r
+    unsafe {
+        let r = S::run(x, shift, out, ahead, |j| line(&mut lines, j));
+        lines.finish(steps, line);
+        r
+    }
 }
 
 /// [`exp_sum_512`] (or its 16-bit forms) with the store of `side` in the same loop, one line of
