@@ -131,7 +131,7 @@ level!(avx2, true, "avx2,fma,f16c");
 #[cfg(target_arch = "x86_64")]
 level!(avx512, true, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c");
 
-/// The portable stores (no streaming; f16 through `half`).
+/// The portable stores (no streaming; f16 through the lane code's conversions, [`f16_round`]).
 mod portable_store {
     use super::*;
     pub(super) unsafe fn scale_f32(x: &[f32], f: f32, k: f32, out: &mut [f32], _stream: bool) {

@@ -431,3 +431,22 @@ fn itertools_product<A: Copy, B: Copy, C: Copy, D: Copy>(
     }
     v
 }
+
+/// The lane code's f16 conversions against `half` (F16C where the CPU has it) on every input:
+/// all 65 536 f16 and all 2^32 f32 bit patterns, NaN bits included.
+#[test]
+fn the_lane_code_f16_conversions_match_half_on_every_input() {
+    use super::lanes::{f16_round, f16_widen};
+    use rayon::prelude::*;
+    for h in 0..=u16::MAX {
+        let want = half::f16::from_bits(h).to_f32().to_bits();
+        assert_eq!(f16_widen(h).to_bits(), want, "f16 {h:#06x} widened");
+    }
+    let first_wrong = (0u32..=0xFFFF).into_par_iter().find_map_first(|hi| {
+        (0u32..=0xFFFF).map(|lo| hi << 16 | lo).find_map(|b| {
+            let (got, want) = (f16_round(f32::from_bits(b)), half::f16::from_f32(f32::from_bits(b)).to_bits());
+            (got != want).then_some((b, got, want))
+        })
+    });
+    assert_eq!(first_wrong, None, "(f32 bits, f16_round, half)");
+}
