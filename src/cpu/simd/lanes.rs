@@ -139,12 +139,10 @@ impl Ahead {
     /// Prefetches the line of step `j` into L2 and beyond, not L1: for the AVX-512 loops, which
     /// read fast enough that lines fetched into L1 this far ahead evict the ones in use (one
     /// thread 21.9 -> 16.5 ms at 8x128x50000 f32; the AVX2 and portable loops gain nothing).
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     pub(super) fn line_l2(self, j: usize) {
-        #[cfg(target_arch = "x86_64")]
         self.line_with::<{ std::arch::x86_64::_MM_HINT_T1 }>(j);
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = j;
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -26,6 +26,7 @@
 
 pub(super) const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+#[cfg(target_arch = "x86_64")]
 pub(super) const ROUND_MAGIC: f32 = 12_582_912.0;
 /// [`ROUND_MAGIC`] + 127: the rounded `n` then sits in the low mantissa bits as `n + 127`,
 /// which shifted left by 23 are the bits of the float `2^n` (the lane code's and AVX2's `exp`).

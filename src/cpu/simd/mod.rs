@@ -200,6 +200,7 @@ pub(crate) enum Input<'a> {
 
 impl Input<'_> {
     /// Elements in the chunk.
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn len(&self) -> usize {
         match self {
             Input::F32(x) => x.len(),
@@ -232,6 +233,8 @@ pub(crate) struct Kernels {
     exp_opts_bf16: ExpOpts16,
     exp_opts_f16: ExpOpts16,
     affine: unsafe fn(&mut [f32], f32, f32, &[f32]),
+    /// Whether the level's stores stream (x86 only: [`fence`](Self::fence) reads it).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     streaming: bool,
 }
 

@@ -60,6 +60,7 @@ fn levels() -> impl Iterator<Item = Kernels> {
 /// [`levels`], plus AVX-512 with the bf16 rounding emulated (the kernels of CPUs without the BF16
 /// conversions), whatever this CPU has.
 fn levels_and_emulations() -> Vec<Kernels> {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut kernels: Vec<Kernels> = levels().collect();
     #[cfg(target_arch = "x86_64")]
     if let Some(mut k) = Kernels::select(CpuSimd::Avx512) {
@@ -281,6 +282,7 @@ fn the_store_with_an_offset_gives_affine_then_the_store() {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn avx2_intrinsics_give_the_lane_code_bits() {
     // the AVX2 statistics loop is the lane code's arithmetic and summation order in intrinsics:
@@ -340,6 +342,7 @@ fn avx2_intrinsics_give_the_lane_code_bits() {
 }
 
 /// Label smoothing alone: the statistics loop also sums the elements.
+#[cfg(target_arch = "x86_64")]
 const SMOOTHING: ElemOpts = ElemOpts { cap: 0.0, inv_cap: 0.0, sum: true };
 
 /// The same bits, or both NaN (a NaN's sign and payload depend on which operand an instruction
@@ -349,6 +352,7 @@ fn same(a: f32, b: f32) -> bool {
 }
 
 /// Runs lane code compiled with the AVX2 level's features (so `mul_add` is the FMA instruction).
+#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn lane_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
