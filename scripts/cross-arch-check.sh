@@ -26,8 +26,9 @@ cargo clippy --target "$target" --all-targets --features cli -- -D warnings
 echo "-- the CLI for $target and for this machine"
 cargo build --release --target "$target" --features cli
 cargo build --release --features cli
-x86=target/release/fused-weighted-loss
-arm=target/$target/release/fused-weighted-loss
+out=${CARGO_TARGET_DIR:-target}
+x86=$out/release/fused-weighted-loss
+arm=$out/$target/release/fused-weighted-loss
 # the comparison means something only if the two binaries are of two architectures:
 # ELF e_machine (bytes 18-19) 0xB7 is aarch64, 0x3E x86-64
 machine() { od -An -tx1 -j18 -N1 "$1" | tr -d ' '; }
