@@ -25,7 +25,8 @@ cargo clippy --target "$target" --all-targets --features cli -- -D warnings
 
 echo "-- the CLI for $target and for this machine"
 cargo build --release --target "$target" --features cli
-cargo build --release --features cli
+# the features of the README's test command, which CI has just built: no rebuild there
+cargo build --release --features cli,candle --bin fused-weighted-loss
 out=${CARGO_TARGET_DIR:-target}
 x86=$out/release/fused-weighted-loss
 arm=$out/$target/release/fused-weighted-loss
