@@ -1,9 +1,9 @@
 //! The AVX-512 statistics loops (`exp` with `vscalefps`, 16-bit input widened in registers),
 //! the stores with streaming (non-temporal) writes on the aligned body of the output at both
 //! levels, and the F16C conversions. Heads and tails use the lane-code bodies, which give the
-//! same bits, except f16 ones: those go through F16C eight at a time (`half` converts one
-//! element per call behind a run-time check, which cost AVX-512 f16 a fifth of its time). The
-//! stores that run inside a statistics loop are in `x86_side`.
+//! same bits, except f16 ones, which go through F16C eight at a time: one instruction where the
+//! lane code's conversion takes a dozen integer operations. The stores that run inside a
+//! statistics loop are in `x86_side`.
 
 use super::lanes::*;
 use super::math::*;
@@ -13,8 +13,7 @@ use std::arch::x86_64::*;
 pub(super) const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
 
 /// `out = f16(x * f - k)` for a short run (the heads and tails of the f16 stores) with F16C,
-/// eight at a time through a stack buffer: the bits of `scale_f16_body` (which converts one
-/// element per call, behind a run-time feature check) at a fraction of its cost.
+/// eight at a time through a stack buffer: the bits of `scale_f16_body`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn scale_f16_short(x: &[f32], f: f32, k: f32, out: &mut [u16]) {
     let n = x.len().min(out.len());
