@@ -25,8 +25,9 @@ cargo clippy --target "$target" --all-targets --features cli -- -D warnings
 
 echo "-- the CLI for $target and for this machine"
 cargo build --release --target "$target" --features cli
-# the features of the README's test command, which CI has just built: no rebuild there
-cargo build --release --features cli,candle --bin fused-weighted-loss
+# the CLI as the README's test command builds it (its features, and the dev-dependencies' features
+# that a test build unifies in): CI has just run that command, so nothing is rebuilt there
+cargo test --release --features cli,candle --test cli --no-run
 out=${CARGO_TARGET_DIR:-target}
 x86=$out/release/fused-weighted-loss
 arm=$out/$target/release/fused-weighted-loss
