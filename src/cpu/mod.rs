@@ -35,16 +35,18 @@
 pub(crate) mod gemm;
 mod pass;
 mod row;
+mod scratch;
 pub(crate) mod simd;
 pub(crate) mod split;
 
 use crate::dtype::Logit;
 use crate::plan::{Plan, RowLosses, NO_TARGET};
 pub(crate) use pass::{load, store_scaled};
-use pass::{stats_pass, zero, Pending, PrevRow, RowExps, Scratch};
+use pass::{stats_pass, zero, Pending, PrevRow};
 use rayon::prelude::*;
 use row::RowMath;
 pub(crate) use row::RowStats;
+use scratch::{RowExps, Scratch};
 use simd::Kernels;
 
 /// Elements of a row handled per step.

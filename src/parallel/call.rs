@@ -3,7 +3,7 @@
 
 use super::agree::{call_digest, check_agreement, Agreement, LOGITS_CALL, VOCAB_WORDS};
 use super::pipeline::{self, InPlace, ReadInto};
-use super::steps::{check_same_tokens, check_sealed, encode_first, FAILED, FIRST_WORDS, TOKEN_WORDS};
+use super::wire::{check_same_tokens, check_sealed, encode_first, FAILED, FIRST_WORDS, TOKEN_WORDS};
 use super::{check_tiling, Collective, ShardedLoss, Solo, VocabSlice};
 use crate::cpu::split::Dest as Fused;
 use crate::cpu::RowStats;

@@ -7,7 +7,7 @@
 
 use super::agree::{call_digest, Agreement, LINEAR_CALL};
 use super::call::Exchange;
-use super::steps::{encode_sealed, SLICE_WORDS};
+use super::wire::{encode_sealed, SLICE_WORDS};
 use super::{finish_over, first_exchanges, global_denominator, plan_totals, token_dims, Sharded};
 use crate::cpu::split::{merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::{RowSel, RowStats};

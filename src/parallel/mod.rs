@@ -99,6 +99,7 @@ mod call;
 mod linear;
 mod pipeline;
 mod steps;
+mod wire;
 
 pub use call::{default_chunk_rows, Sharded};
 pub use steps::ShardedLoss;
@@ -356,7 +357,7 @@ fn global_denominator(plan: &mut crate::plan::Plan, spec: &crate::LossSpec, all:
 ///
 /// A rank that failed, by its own error or by what the vocabulary group's exchange told it
 /// (a peer's failure, or the group's own checks), still takes part in both exchanges, its words
-/// marked [`FAILED`](steps::FAILED) (the same lengths), and returns its own error; a rank that
+/// marked [`FAILED`](wire::FAILED) (the same lengths), and returns its own error; a rank that
 /// did not fail returns [`Error::PeerFailed`] when a peer's words are so marked. So an error on
 /// one rank, or in one vocabulary group, fails every rank of both groups (on a grid, the data
 /// group's exchange passes on what a vocabulary group learnt, and every data group sees the same
@@ -381,7 +382,7 @@ fn first_exchanges<T>(
         mine
     };
     const STRIDE: usize = 2 + agree::DATA_WORDS;
-    let mut send = [steps::FAILED; STRIDE];
+    let mut send = [wire::FAILED; STRIDE];
     if let (Ok(t), Some(a)) = (&mine, agree) {
         send[..2].copy_from_slice(&totals(t));
         send[2..].copy_from_slice(&a.data_words());
@@ -392,7 +393,7 @@ fn first_exchanges<T>(
             group(&mut t, None)?;
             return Ok(t);
         };
-        if let Some(rank) = all.chunks_exact(STRIDE).position(|p| p[0] == steps::FAILED) {
+        if let Some(rank) = all.chunks_exact(STRIDE).position(|p| p[0] == wire::FAILED) {
             return Err(Error::PeerFailed { group: "data", rank });
         }
         agree::check_agreement("data", &all, STRIDE, 2, agree::DATA_WORDS)?;

@@ -14,7 +14,7 @@
 //! same bits.
 
 use super::call::Exchange;
-use super::steps::SLICE_WORDS;
+use super::wire::SLICE_WORDS;
 use super::ShardedLoss;
 use crate::cpu::split::{ChunkExps, Dest, GradPart, Rows, StatsPart};
 use crate::cpu::RowStats;

@@ -19,11 +19,11 @@ struct Consts {
 }
 
 /// `(z − shift, exp(z − shift), s)` of 16 lanes: `z = c · tanh(x / c)` and `s = 1 − tanh²(x / c)`
-/// with soft-capping (as [`tanh_and_chain`](super::math::tanh_and_chain) of `x · (−2/c)`), else
+/// with soft-capping (as [`tanh_and_chain`] of `x · (−2/c)`), else
 /// `z = x`, `s = 1`.
 ///
 /// `ACCURATE`: `1 − u` as [`exp16_and_one_minus`] takes it (caps above
-/// [`ACCURATE_CAP`](super::math::ACCURATE_CAP)).
+/// [`ACCURATE_CAP`]).
 #[target_feature(enable = "avx512f,avx512dq")]
 #[inline]
 fn step<const SHORT: bool, const CAP: bool, const ACCURATE: bool>(x: __m512, k: Consts) -> (__m512, __m512, __m512) {
@@ -53,7 +53,7 @@ fn step<const SHORT: bool, const CAP: bool, const ACCURATE: bool>(x: __m512, k: 
 }
 
 /// `(exp(x), 1 − exp(x))` of 16 lanes: `exp` as [`exp16`] (the same bits), `1 − exp(x)` as the
-/// lane code's [`exp_and_one_minus`](super::math::exp_and_one_minus) takes it, `−q·f` of the
+/// lane code's [`exp_and_one_minus`] takes it, `−q·f` of the
 /// polynomial's terms where `n = 0`.
 #[target_feature(enable = "avx512f")]
 #[inline]
