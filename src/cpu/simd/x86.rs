@@ -1,9 +1,8 @@
 //! The AVX-512 statistics loops (`exp` with `vscalefps`, 16-bit input widened in registers),
 //! the stores with streaming (non-temporal) writes on the aligned body of the output at both
 //! levels, and the F16C conversions. Heads and tails use the lane-code bodies, which give the
-//! same bits, except f16 ones, which go through F16C eight at a time: one instruction where the
-//! lane code's conversion takes a dozen integer operations. The stores that run inside a
-//! statistics loop are in `x86_side`.
+//! same bits (for f16, the lane code's own branchless conversions, which the compiler
+//! vectorises). The stores that run inside a statistics loop are in `x86_side`.
 
 use super::lanes::*;
 use super::math::*;
@@ -11,40 +10,6 @@ use super::{Ahead, LANES};
 use std::arch::x86_64::*;
 
 pub(super) const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
-
-/// `out = f16(x * f - k)` for a short run (the heads and tails of the f16 stores) with F16C,
-/// eight at a time through a stack buffer: the bits of `scale_f16_body`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn scale_f16_short(x: &[f32], f: f32, k: f32, out: &mut [u16]) {
-    let n = x.len().min(out.len());
-    let (fv, kv) = (_mm256_set1_ps(f), _mm256_set1_ps(k));
-    for (xs, os) in x[..n].chunks(8).zip(out[..n].chunks_mut(8)) {
-        let mut buf = [0f32; 8];
-        buf[..xs.len()].copy_from_slice(xs);
-        let mut h = [0u16; 8];
-        // SAFETY: `buf` and `h` hold 8 elements each.
-        unsafe {
-            let v = _mm256_fmsub_ps(_mm256_loadu_ps(buf.as_ptr()), fv, kv);
-            _mm_storeu_si128(h.as_mut_ptr().cast(), _mm256_cvtps_ph::<NEAREST>(v));
-        }
-        os.copy_from_slice(&h[..os.len()]);
-    }
-}
-
-/// f16 bits to f32 for a short run (tails) with F16C, eight at a time: the bits of
-/// `widen_f16_body`.
-#[target_feature(enable = "avx2,f16c")]
-pub(super) fn widen_f16_short(src: &[u16], dst: &mut [f32]) {
-    let n = src.len().min(dst.len());
-    for (ss, ds) in src[..n].chunks(8).zip(dst[..n].chunks_mut(8)) {
-        let mut h = [0u16; 8];
-        h[..ss.len()].copy_from_slice(ss);
-        let mut buf = [0f32; 8];
-        // SAFETY: `h` and `buf` hold 8 elements each.
-        unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))) };
-        ds.copy_from_slice(&buf[..ds.len()]);
-    }
-}
 
 /// `(head, body)`: the elements before the vector body, then the body's length in whole
 /// `block`s. Streaming stores need `align`-byte alignment, so the head runs up to it; plain
@@ -338,7 +303,7 @@ pub(super) unsafe fn scale_bf16_512bf(x: &[f32], f: f32, k: f32, out: &mut [u16]
 pub(super) unsafe fn scale_f16_512(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 64, 32, stream);
-    scale_f16_short(&x[..head], f, k, &mut out[..head]);
+    scale_f16_body::<true>(&x[..head], f, k, &mut out[..head]);
     let (fv, kv) = (_mm512_set1_ps(f), _mm512_set1_ps(k));
     for i in (head..head + body).step_by(32) {
         // SAFETY: i + 32 <= head + body <= n, within both slices; when streaming out + i is
@@ -354,7 +319,7 @@ pub(super) unsafe fn scale_f16_512(x: &[f32], f: f32, k: f32, out: &mut [u16], s
             }
         }
     }
-    scale_f16_short(&x[head + body..n], f, k, &mut out[head + body..n]);
+    scale_f16_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
@@ -368,7 +333,7 @@ pub(super) unsafe fn widen_f16_512(src: &[u16], dst: &mut [f32]) {
             _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
         }
     }
-    widen_f16_short(&src[body..n], &mut dst[body..n]);
+    widen_f16_body(&src[body..n], &mut dst[body..n]);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -434,7 +399,7 @@ pub(super) unsafe fn scale_bf16_finite_256(x: &[f32], f: f32, k: f32, out: &mut 
 pub(super) unsafe fn scale_f16_256(x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
     let n = x.len().min(out.len());
     let (head, body) = split(out, n, 32, 16, stream);
-    scale_f16_short(&x[..head], f, k, &mut out[..head]);
+    scale_f16_body::<true>(&x[..head], f, k, &mut out[..head]);
     let (fv, kv) = (_mm256_set1_ps(f), _mm256_set1_ps(k));
     for i in (head..head + body).step_by(16) {
         // SAFETY: i + 16 <= head + body <= n, within both slices; when streaming out + i is
@@ -450,7 +415,7 @@ pub(super) unsafe fn scale_f16_256(x: &[f32], f: f32, k: f32, out: &mut [u16], s
             }
         }
     }
-    scale_f16_short(&x[head + body..n], f, k, &mut out[head + body..n]);
+    scale_f16_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -464,5 +429,5 @@ pub(super) unsafe fn widen_f16_256(src: &[u16], dst: &mut [f32]) {
             _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
         }
     }
-    widen_f16_short(&src[body..n], &mut dst[body..n]);
+    widen_f16_body(&src[body..n], &mut dst[body..n]);
 }

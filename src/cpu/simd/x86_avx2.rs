@@ -2,7 +2,7 @@
 //! same bits as [`exp_sum_body`](super::lanes::exp_sum_body) and its 16-bit form), with
 //! 16-bit input widened in registers instead of through a stack buffer.
 
-use super::lanes::{exp_opts_bits_body, exp_opts_body, hsum, widen_bf16_body, ElemOpts};
+use super::lanes::{exp_opts_bits_body, exp_opts_body, f16_widen, hsum, widen_bf16_body, ElemOpts};
 use super::math::*;
 use super::x86_side::{with_lines, SideKind, SideLines, StatsLoop};
 use super::{Ahead, Input, LANES};
@@ -205,7 +205,7 @@ fn input_with(x: Input<'_>, shift: f32, out: &mut [f32], ahead: Ahead, side: imp
             steps::<false, false>(x.len(), load, |i| x[i], shift, out, ahead, side).reduce::<false>().0
         }
         Input::Bf16(b) => exp_sum_bits::<false>(b, |p| widen_bf16x8(p), bf16_scalar, shift, out, ahead, side).0,
-        Input::F16(b) => exp_sum_bits::<false>(b, |p| widen_f16x8(p), |b| f16_scalar(b), shift, out, ahead, side).0,
+        Input::F16(b) => exp_sum_bits::<false>(b, |p| widen_f16x8(p), f16_widen, shift, out, ahead, side).0,
     }
 }
 
@@ -255,13 +255,6 @@ fn bf16_scalar(b: u16) -> f32 {
     f32::from_bits((b as u32) << 16)
 }
 
-/// One f16 widened with F16C: the bits of the lane code's `f16_widen`, in one instruction.
-#[target_feature(enable = "avx2,f16c")]
-#[inline]
-fn f16_scalar(b: u16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(b as i32)))
-}
-
 /// [`exp_sum_256`] over bf16 bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_bf16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
@@ -271,7 +264,7 @@ pub(super) unsafe fn exp_sum_bf16_256(x: &[u16], shift: f32, out: &mut [f32], ah
 /// [`exp_sum_256`] over f16 bits.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn exp_sum_f16_256(x: &[u16], shift: f32, out: &mut [f32], ahead: Ahead) -> f32 {
-    exp_sum_bits::<false>(x, |p| widen_f16x8(p), |b| f16_scalar(b), shift, out, ahead, |_| {}).0
+    exp_sum_bits::<false>(x, |p| widen_f16x8(p), f16_widen, shift, out, ahead, |_| {}).0
 }
 
 /// Whether the options are label smoothing alone (the case these intrinsics take).
@@ -344,5 +337,5 @@ pub(super) unsafe fn exp_opts_f16_256(
 ) -> (f32, f32) {
     // SAFETY: this function has the conversion's features (avx2, f16c).
     let widen = |s: &[u16], d: &mut [f32]| unsafe { super::x86::widen_f16_256(s, d) };
-    opts_bits(x, |p| widen_f16x8(p), |b| f16_scalar(b), widen, shift, o, out, chain, ahead)
+    opts_bits(x, |p| widen_f16x8(p), f16_widen, widen, shift, o, out, chain, ahead)
 }

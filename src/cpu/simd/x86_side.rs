@@ -2,10 +2,8 @@
 //! gradient, one 64-byte line at a time between the loop's steps, so that its memory traffic
 //! overlaps the arithmetic, for every input and store dtype.
 
-use super::lanes::{scale_bf16_body, scale_body};
-use super::x86::{
-    bf16x16, bf16x32, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, scale_f16_short, split, NEAREST,
-};
+use super::lanes::{scale_bf16_body, scale_body, scale_f16_body};
+use super::x86::{bf16x16, bf16x32, exp_sum_bf16_with_512, exp_sum_f16_with_512, exp_sum_with_512, split, NEAREST};
 use super::{Ahead, Input};
 use std::arch::x86_64::*;
 
@@ -40,8 +38,8 @@ pub(super) struct SideLines<'a> {
 }
 
 impl<'a> SideLines<'a> {
-    /// Cuts `side` and writes its head (F16C for f16 heads: every level that runs these
-    /// loops has it).
+    /// Cuts `side` and writes its head (with the features every level that runs these loops
+    /// has: the lane code's `mul_add` is then one instruction, not a call per element).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn new(side: super::Side<'a>) -> Self {
         use super::SideDst;
@@ -62,7 +60,7 @@ impl<'a> SideLines<'a> {
             SideDst::F16(d) => {
                 let len = src.len().min(d.len());
                 let (head, body) = split(d, len, 64, 32, stream);
-                scale_f16_short(&src[..head], f, 0.0, &mut d[..head]);
+                scale_f16_body::<true>(&src[..head], f, 0.0, &mut d[..head]);
                 (SideKind::F16, d.as_mut_ptr().cast::<u8>(), len, head, body)
             }
         };
@@ -245,9 +243,12 @@ impl<'a> SideLines<'a> {
                     0.0,
                     std::slice::from_raw_parts_mut(self.dst.cast::<u16>().add(done), n),
                 ),
-                SideKind::F16 => {
-                    scale_f16_short(src, f, 0.0, std::slice::from_raw_parts_mut(self.dst.cast::<u16>().add(done), n))
-                }
+                SideKind::F16 => scale_f16_body::<true>(
+                    src,
+                    f,
+                    0.0,
+                    std::slice::from_raw_parts_mut(self.dst.cast::<u16>().add(done), n),
+                ),
             }
         }
     }
