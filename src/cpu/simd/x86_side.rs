@@ -312,8 +312,8 @@ pub(super) unsafe fn with_lines<S: StatsLoop>(
 
 /// [`exp_sum_512`](super::x86::exp_sum_512) (or its 16-bit forms) with the store of `side` in
 /// the same loop, one line of the store per 64 bytes of it (the store's memory traffic under the
-/// arithmetic): the same bits as the two calls one after the other. `$line_bf16` is the bf16 line of the CPU, told whether
-/// every product is finite.
+/// arithmetic): the same bits as the two calls one after the other. `$line_bf16` is the bf16
+/// line of the CPU, told whether every product is finite.
 macro_rules! exp_sum_side_512 {
     ($name:ident, $feat:literal, $line_bf16:ident) => {
         #[target_feature(enable = $feat)]
