@@ -113,11 +113,11 @@ impl<'a> Sharded<'a> {
     /// Rows per exchange of the vocabulary group (default [`default_chunk_rows`]); the same on
     /// every rank of the group. At least 1.
     ///
-    /// On CPU, four chunks of kept `f32` exponentials are in flight (`16 × rows × slice width`
-    /// bytes); they are kept for the next call only up to 64 MiB in all. Chunks much larger than
-    /// the default cost an allocation and its page faults on every call, and leave the
-    /// last-level cache: in a benchmark, chunks of 2048 rows of a 12 500-wide slice (100 MB of
-    /// exponentials each) took 8–11× the single-device time of the slice.
+    /// On CPU, up to four chunks of kept `f32` exponentials are in flight (`16 × rows × slice
+    /// width` bytes); they are kept for the next call only up to 64 MiB in all. Chunks much
+    /// larger than the default cost an allocation and its page faults on every call, and leave
+    /// the last-level cache: in a benchmark, chunks of 2048 rows of a 12 500-wide slice (100 MB
+    /// of exponentials each) took 8–11× the single-device time of the slice.
     pub fn with_chunk_rows(self, rows: usize) -> Self {
         Sharded { chunk_rows: Some(rows.max(1)), ..self }
     }
