@@ -302,9 +302,7 @@ fn cap_lanes<const FMA: bool, const CAP: bool, const ACCURATE: bool>(
     let (mut z, mut s) = ([0f32; LANES], [1f32; LANES]);
     for i in 0..LANES.min(x.len()) {
         if CAP {
-            let (t, c) = tanh_and_chain::<FMA, ACCURATE>(x[i] * neg_two_inv_cap);
-            z[i] = o.cap * t;
-            s[i] = c;
+            (z[i], s[i]) = cap_and_chain::<FMA, ACCURATE>(x[i] * neg_two_inv_cap, o.cap);
         } else {
             z[i] = x[i];
         }
@@ -314,7 +312,7 @@ fn cap_lanes<const FMA: bool, const CAP: bool, const ACCURATE: bool>(
 
 /// [`exp_opts_body`] for one combination of options; `IN_RANGE`: every `z − shift` is known to
 /// lie in `[EXP_LO, EXP_HI]` (soft-capped, [`exp_in_range`]); `ACCURATE`: `tanh` as
-/// [`tanh_and_chain`] takes it for caps above [`ACCURATE_CAP`].
+/// [`cap_and_chain`] takes it for caps above [`ACCURATE_CAP`].
 #[inline(always)]
 #[rustfmt::skip]
 fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM: bool, const IN_RANGE: bool,
@@ -392,10 +390,11 @@ fn exp_opts_acc<const FMA: bool, const SHORT: bool>(
     ahead: Ahead,
     lanes: (&mut [f32; LANES], &mut [f32; LANES]),
 ) {
-    // capped values lie within c(1 + 2^-21) of 0 (the roundings of `t` and `c · t`): `z − shift`
-    // lies in [EXP_LO, EXP_HI] for every shift with `c(1 + 2^-21) + |shift| <= −EXP_LO` (checked
-    // with margin), the loop's shifts (capped values themselves) included when c <= 43; a shift
-    // of −c (a first chunk of very negative logits) must not let `c − shift` pass 88
+    // capped values lie within c(1 + 2^-21) of 0 (the roundings of `r` and `c · (2r − 1)`):
+    // `z − shift` lies in [EXP_LO, EXP_HI] for every shift with `c(1 + 2^-21) + |shift| <=
+    // −EXP_LO` (checked with margin), the loop's shifts (capped values themselves) included when
+    // c <= 43; a shift of −c (a first chunk of very negative logits) must not let `c − shift`
+    // pass 88
     let in_range = o.cap != 0.0 && o.cap * 1.001 + shift.abs() <= -EXP_LO - 0.01;
     let accurate = o.cap > ACCURATE_CAP;
     use exp_opts_inner as inner;

@@ -135,7 +135,7 @@ fn reduce<const FMA: bool>(xc: f32) -> (f32, f32, f32) {
     (f32::from_bits(t.to_bits() << 23), n, madd::<FMA>(xc, LOG2E, -n))
 }
 
-/// Where the argument of the `exp` inside [`tanh_and_chain`] is clamped: `tanh` is `-1` to f32
+/// Where the argument of the `exp` inside [`cap_and_chain`] is clamped: `tanh` is `-1` to f32
 /// precision long before, `exp(80)` leaves `4u` (2.2e35) and `1 + u` below overflow, and the
 /// chain factor of a saturated `tanh` comes out as `4/e^80`, 7e-35, where the true one is
 /// smaller still (at 40 it was 1.7e-17: a row whose every logit saturated then got a gradient
@@ -147,32 +147,32 @@ pub(super) const TANH_ARG_MAX: f32 = 80.0;
 /// within 7e-6 of its value.
 pub(crate) const ACCURATE_CAP: f32 = 64.0;
 
-/// `(tanh(x), 1 − tanh²(x))` from `a = −2x` (a loop over `x / c` takes it as one product,
+/// `(c · tanh(x), 1 − tanh²(x))` from `a = −2x` (a loop over `x / c` takes it as one product,
 /// `x · (−2/c)`: the same bits as `−2 · (x · (1/c))`, the factor 2 being exact), through one
 /// `exp` and one division. With `u = exp(a)` (`a` clamped to [`TANH_ARG_MAX`]) and
 /// `r = 1 / (1 + u)`:
-/// - `tanh x = (1 − u)·r`: `1 − u` is exact where `x` is small, but `u`'s own rounding is an
-///   absolute error of about an ulp of 1 there, so `tanh` keeps an absolute error of ~1e-7
-///   (relative, `6e-8 / |2x|`; 0 once `|2x| < 6e-8`), which the cap multiplies: `c · 1e-7` of
-///   the loss, fine up to [`ACCURATE_CAP`], beyond which the loops take `ACCURATE` (below).
-///   `2r − 1`, one operation fewer, is no better.
+/// - `c · tanh x = c · (2r − 1)`, one multiply-add of `r`: where `x` is small, `r`'s rounding
+///   (and `u`'s, through it) is an absolute error of about an ulp of 1 in `tanh`, ~1e-7
+///   (`(1 − u)·r` is no better), which the cap multiplies: `c · 1e-7` of the loss, fine up to
+///   [`ACCURATE_CAP`], beyond which the loops take `ACCURATE` (below).
 /// - `1 − tanh² x = 4u·r²`: a few ulp relative. Taken from `t`, as `1 − t²`, it kept only an
 ///   absolute error of an ulp of 1, tens of percent of itself where `tanh` saturates; the
 ///   target's entry, `coef · (p − 1) · s`, carries that into the gradient.
 ///
-/// `±inf` give `±1` and 0 (about `7e-35` for `−inf`, through the clamp), NaN gives NaN.
+/// `±inf` give `±c` and 0 (about `7e-35` for `−inf`, through the clamp), NaN gives NaN.
 ///
-/// `ACCURATE` takes `1 − u` from [`exp_and_one_minus`]: `tanh` then stays a few ulp relative
-/// for small `x` too (large caps: `x / c` small), at three more operations per element.
+/// `ACCURATE` takes `c · (1 − u)·r` with `1 − u` from [`exp_and_one_minus`]: `tanh` then stays
+/// a few ulp relative for small `x` too (large caps: `x / c` small), at four more operations per
+/// element.
 #[inline(always)]
-pub(super) fn tanh_and_chain<const FMA: bool, const ACCURATE: bool>(a: f32) -> (f32, f32) {
+pub(super) fn cap_and_chain<const FMA: bool, const ACCURATE: bool>(a: f32, c: f32) -> (f32, f32) {
     let a = if a > TANH_ARG_MAX { TANH_ARG_MAX } else { a };
-    let (u, one_minus_u) = if ACCURATE {
-        exp_and_one_minus::<FMA>(a)
-    } else {
-        let u = exp::<FMA, false>(a);
-        (u, 1.0 - u)
-    };
+    if ACCURATE {
+        let (u, one_minus_u) = exp_and_one_minus::<FMA>(a);
+        let r = 1.0 / (1.0 + u);
+        return (c * (one_minus_u * r), 4.0 * u * r * r);
+    }
+    let u = exp::<FMA, false>(a);
     let r = 1.0 / (1.0 + u);
-    (one_minus_u * r, 4.0 * u * r * r)
+    (madd::<FMA>(2.0 * c, r, -c), 4.0 * u * r * r)
 }
