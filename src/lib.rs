@@ -51,6 +51,7 @@ pub mod linear;
 pub mod measure;
 pub mod parallel;
 mod plan;
+mod pool;
 pub mod reference;
 mod spec;
 pub mod synthetic;

@@ -168,7 +168,7 @@ impl CopyBuffers {
         let piece = (m.piece / 4).max(1024);
         let kernels = m.streaming.and_then(crate::cpu::simd::Kernels::select);
         let (src, dst) = (&self.src, &mut self.dst);
-        let mut body = || {
+        let body = || {
             dst.par_chunks_mut(piece).zip(src.par_chunks(piece)).for_each(|(d, s)| match &kernels {
                 // x * 1.0 is x: a streaming copy through the backend's store kernel
                 Some(k) => {
@@ -180,7 +180,7 @@ impl CopyBuffers {
         };
         match &self.pool {
             Some(pool) => pool.install(body),
-            None => body(),
+            None => crate::pool::install(body),
         }
         std::hint::black_box(&self.dst);
     }

@@ -19,9 +19,10 @@ hidden states and the output weight instead, and never builds them:
                                 keywords=keytoken_ids)   # gradients to hidden and the weight
 
 The forward computes the loss and the gradient w.r.t. the logits together and keeps the
-gradient (one tensor of the logits' shape and dtype) until the backward, which scales it by the
-upstream gradient in place. When the logits do not require a gradient (or under
-``torch.no_grad()``) only the loss is computed and nothing is kept.
+gradient (one tensor of the logits' shape, in their dtype; float32 for float16 logits unless
+``kept_grad_dtype`` says otherwise) until the backward, which scales it by the upstream gradient
+(in place, or rounding the float32 one once into float16). When the logits do not require a
+gradient (or under ``torch.no_grad()``) only the loss is computed and nothing is kept.
 """
 import contextlib
 import math
@@ -180,7 +181,8 @@ def weighted_loss(
     :class:`LossOutput` (loss, per-sample losses, weights, z-loss part); with
     ``return_token_loss=True`` a :class:`LossOutput` whose ``token_loss`` also holds the
     [B, T-1] per-token losses (``reduction="none"`` of the course function's cross-entropy),
-    written by the same fused call. Non-contiguous inputs are made contiguous first (a copy).
+    written by the same fused call. Non-contiguous inputs, and views whose data does not start
+    at a multiple of their element size, are copied first.
     Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's message. On CUDA the call
     never waits for the device (except, with ``data_group``, on a rank without samples): ids
     or labels outside the vocabulary are then treated as positions without a target (and non-finite token weights are not reported), unless

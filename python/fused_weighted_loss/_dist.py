@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _cpu_pool, _native
-from ._ops import _arg, _device_arg, _ptr, _wide, logits_grad
+from ._ops import _aligned, _arg, _device_arg, _ptr, _wide, logits_grad
 
 # groups whose slices were checked on CUDA tensors (by id, the group object itself held so that
 # its id is never another group's): the decision to skip the check must be the same on every
@@ -137,6 +137,7 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     ``grad_f32``: the gradient in float32 whatever the logits' dtype. Returns (loss f32,
     per_sample, weights, z_loss f64, token_loss, grad)."""
     start, length, vocab = slice_
+    logits, ids, labels, token_weights = (_aligned(t) for t in (logits, ids, labels, token_weights))
     b, t, _ = logits.shape  # (checked by check_logits)
     cuda = logits.device.type == "cuda"
     if cuda and process_group is not None:

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from . import _cpu_pool, _native
-from ._ops import (_MODE_OPTIONS, _NS, _arg, _check_layouts, _check_same_device, _device_arg, _empty_like, _kept,
-                   _mode, _native_options, _parse_mode, _ptr, _scaled)
+from ._ops import (_MODE_OPTIONS, _NS, _aligned, _arg, _check_layouts, _check_same_device, _device_arg, _empty_like,
+                   _kept, _mode, _native_options, _parse_mode, _ptr, _scaled)
 
 _NUM_INPUTS = 9  # arguments of the linear op
 _HALF = (torch.float16, torch.bfloat16)
@@ -97,6 +97,7 @@ def linear_forward(hidden, weight, bias, ids, labels, token_weights, keywords, k
     named = dict(hidden=hidden, weight=weight, bias=bias, ids=ids, labels=labels, token_weights=token_weights)
     _check_devices(hidden, named)
     _check_layouts(named)
+    hidden, weight, bias, ids, labels, token_weights = (_aligned(t) for t in named.values())
     row_mean, reduction, flags, opt = _parse_mode(mode, _LINEAR_OPTIONS)
     alloc = _cpu_pool.empty_like if hidden.device.type == "cpu" else _empty_like
     loss, per, weights, z_loss, grads = _outputs(hidden, weight, bias, ids, flags, alloc)

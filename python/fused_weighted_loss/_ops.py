@@ -30,6 +30,15 @@ def _arg(t: Tensor) -> Tuple[int, List[int], str]:
     return (t.data_ptr(), list(t.shape), _dtype_name(t))
 
 
+def _aligned(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t``, or a copy of it where its data does not start at a multiple of its element size (a
+    legal view at an odd byte offset, e.g. of a numpy buffer; the native code reads whole
+    elements). The caller keeps the copy alive until the native call returns."""
+    if t is None or t.data_ptr() % t.element_size() == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _ptr(t: Optional[Tensor]) -> int:
     return t.data_ptr() if t is not None and t.numel() > 0 else 0
 
@@ -204,6 +213,7 @@ def _loss_impl(logits, ids, labels, token_weights, keywords, keyword_weights, mo
     """The loss op's computation (see ``_loss_custom_op``), shared by the registered op and the
     eager autograd function."""
     _check_tensors(logits, ids, labels, token_weights)
+    logits, ids, labels, token_weights = (_aligned(t) for t in (logits, ids, labels, token_weights))
     row_mean, reduction, flags, opt = _parse_mode(mode)
     loss, per, weights, z_loss, token_loss, grad = _outputs_like(logits, flags, _cpu_pool.empty_like)
     # on CUDA the kernels leave every position's loss ([B, T] float64) on the device: copied

@@ -116,6 +116,34 @@ def test_non_contiguous_inputs_are_made_contiguous(device):
     assert torch.equal(a, b) and torch.equal(ga, gb)
 
 
+def _misaligned(t):
+    """A copy of CPU tensor ``t`` whose data starts one byte past an aligned address (legal in
+    torch, e.g. for a view of a file or network buffer): the package copies it before the native
+    call."""
+    out = torch.frombuffer(bytearray(t.numel() * t.element_size() + 1), dtype=t.dtype, count=t.numel(), offset=1)
+    out = out.view(t.shape).copy_(t)
+    assert out.data_ptr() % t.element_size() != 0
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_inputs_are_copied(dtype):
+    logits, ids, keywords, _ = random_case(10, "cpu", dtype=dtype, id_dtype=torch.int64)
+    tw = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3))
+    a, ga = grad_of(lambda x: fwl.weighted_loss(x, ids, keywords=keywords, token_weights=tw), logits)
+    x = _misaligned(logits).requires_grad_()
+    b = fwl.weighted_loss(x, _misaligned(ids), keywords=keywords, token_weights=_misaligned(tw))
+    b.backward()
+    assert torch.equal(a, b.detach()) and torch.equal(ga, x.grad)
+    # the fused linear entry too
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(*ids.shape, 24, generator=g).to(dtype)
+    weight = (torch.randn(logits.shape[-1], 24, generator=g) * 0.3).to(dtype)
+    c = fwl.weighted_linear_loss(hidden, weight, ids, keywords=keywords)
+    d = fwl.weighted_linear_loss(_misaligned(hidden), _misaligned(weight), _misaligned(ids), keywords=keywords)
+    assert torch.equal(c, d)
+
+
 def test_keywords_as_tensor_and_empty(device):
     logits, ids, _, _ = random_case(9, device, dtype=torch.float32, id_dtype=torch.int64)
     kw = [int(ids[0, 1]), int(ids[0, 1])]

@@ -72,6 +72,11 @@ impl<'a> MatMut<'a> {
 /// `c = a · b`, or `c += a · b` when `accumulate`, in f32 on the rayon pool. The summation order
 /// depends only on the shapes and the machine's cache sizes, so reruns give the same bits.
 pub(crate) fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    crate::pool::install(|| matmul_here(c, a, b, accumulate))
+}
+
+/// [`matmul`] on the pool this thread reaches (see [`crate::pool`]).
+fn matmul_here(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
     assert!(a.rows == c.rows && b.cols == c.cols && a.cols == b.rows, "matmul shapes disagree");
     let (m, n, k) = (c.rows, c.cols, a.cols);
     if m == 0 || n == 0 {

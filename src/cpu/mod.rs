@@ -156,16 +156,23 @@ fn grad_task<L: Logit, G: Logit>(
 /// `dst = src * f` rounded to `dst`'s dtype, on the rayon pool with the level's vector code
 /// (streaming stores where the level has them). Equal lengths.
 pub(crate) fn scale_into<G: Logit>(k: &Kernels, src: &[f32], f: f32, dst: &mut [G]) {
-    src.par_chunks(SCALE_TASK).zip(dst.par_chunks_mut(SCALE_TASK)).for_each(|(s, d)| {
-        for (s, d) in s.chunks(CHUNK).zip(d.chunks_mut(CHUNK)) {
-            store_scaled(k, s, f, d, true);
-        }
-        k.fence();
+    crate::pool::install(|| {
+        src.par_chunks(SCALE_TASK).zip(dst.par_chunks_mut(SCALE_TASK)).for_each(|(s, d)| {
+            for (s, d) in s.chunks(CHUNK).zip(d.chunks_mut(CHUNK)) {
+                store_scaled(k, s, f, d, true);
+            }
+            k.fence();
+        })
     });
 }
 
 /// Loss of every row (0 for rows without a target) and, when `grad` is given, the gradient.
 pub(crate) fn run<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], grad: Option<&mut [G]>) -> RowLosses {
+    crate::pool::install(|| run_here(k, plan, logits, grad))
+}
+
+/// [`run`] on the pool this thread reaches (see [`crate::pool`]).
+fn run_here<L: Logit, G: Logit>(k: &Kernels, plan: &Plan, logits: &[L], grad: Option<&mut [G]>) -> RowLosses {
     let (rows, v) = (plan.shape.rows(), plan.shape.vocab());
     let m = RowMath::new(&plan.opts, v);
     let rpt = rows_per_task(rows, v);
@@ -227,28 +234,30 @@ pub(crate) fn run_rows_in_place<L: Logit>(
     loss: &mut [f64],
     z: &mut [f64],
 ) {
-    let (rows, v) = (loss.len(), plan.shape.vocab());
-    let m = RowMath::new(&plan.opts, v);
-    let rpt = rows_per_task(rows, v);
-    let tasks = loss.par_chunks_mut(rpt).zip(z.par_chunks_mut(rpt)).zip(logits.par_chunks_mut(rpt * v));
-    tasks.enumerate().for_each(|(task, ((loss, z), src))| {
-        let mut e = RowExps::new(v, &m);
-        let mut s = Scratch::new(&m);
-        let mut losses = TaskLosses { loss, z };
-        for (i, row) in src.chunks_exact_mut(v).enumerate() {
-            let r = sel.global(task * rpt + i);
-            match target_of(plan, r) {
-                Some(y) => {
-                    let st = stats_pass(k, &m, row, row, Some(y), Some(&mut e), &mut s, &mut ());
-                    losses.set(i, m.loss(&st));
-                    // the row was just read, its lines are in cache: no streaming
-                    let p = Pending::new(&m, row, st, y, plan.row_coef(r));
-                    p.write::<L>(k, &m, &mut e, None, &mut s, false);
+    crate::pool::install(|| {
+        let (rows, v) = (loss.len(), plan.shape.vocab());
+        let m = RowMath::new(&plan.opts, v);
+        let rpt = rows_per_task(rows, v);
+        let tasks = loss.par_chunks_mut(rpt).zip(z.par_chunks_mut(rpt)).zip(logits.par_chunks_mut(rpt * v));
+        tasks.enumerate().for_each(|(task, ((loss, z), src))| {
+            let mut e = RowExps::new(v, &m);
+            let mut s = Scratch::new(&m);
+            let mut losses = TaskLosses { loss, z };
+            for (i, row) in src.chunks_exact_mut(v).enumerate() {
+                let r = sel.global(task * rpt + i);
+                match target_of(plan, r) {
+                    Some(y) => {
+                        let st = stats_pass(k, &m, row, row, Some(y), Some(&mut e), &mut s, &mut ());
+                        losses.set(i, m.loss(&st));
+                        // the row was just read, its lines are in cache: no streaming
+                        let p = Pending::new(&m, row, st, y, plan.row_coef(r));
+                        p.write::<L>(k, &m, &mut e, None, &mut s, false);
+                    }
+                    None => row.fill(L::default()),
                 }
-                None => row.fill(L::default()),
             }
-        }
-    });
+        });
+    })
 }
 
 #[cfg(test)]

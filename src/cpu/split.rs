@@ -215,7 +215,8 @@ impl SplitCpu {
     /// keeping their exponentials when `keep` and the budget allows.
     pub fn stats<L: Logit>(&mut self, plan: &Plan, rows: &Rows<'_>, logits: &[L], out: &mut [RowStats], keep: bool) {
         let mut exps = if keep { self.alloc(&rows.key, rows.len()) } else { None };
-        self.stats_into(plan, rows, logits, out, exps.as_deref_mut());
+        let this = &*self;
+        crate::pool::install(|| this.stats_into(plan, rows, logits, out, exps.as_deref_mut()));
         if let Some(exps) = exps {
             self.kept.push(Kept { key: rows.key.clone(), exps });
         }
@@ -231,7 +232,8 @@ impl SplitCpu {
         dest: Dest<'_, L, G>,
     ) {
         let mut kept = self.take(&rows.key);
-        self.write_from(plan, rows, merged, dest, kept.as_deref_mut());
+        let this = &*self;
+        crate::pool::install(|| this.write_from(plan, rows, merged, dest, kept.as_deref_mut()));
         self.pool.append(&mut kept.unwrap_or_default());
     }
 
@@ -251,10 +253,12 @@ impl SplitCpu {
         let mut kept = self.take(&done.key);
         let mut exps = self.alloc(&next.key, next.len());
         let this = &*self;
-        rayon::join(
-            || this.write_from(plan, done, merged, dest, kept.as_deref_mut()),
-            || this.stats_into(plan, next, next_logits, next_out, exps.as_deref_mut()),
-        );
+        crate::pool::install(|| {
+            rayon::join(
+                || this.write_from(plan, done, merged, dest, kept.as_deref_mut()),
+                || this.stats_into(plan, next, next_logits, next_out, exps.as_deref_mut()),
+            )
+        });
         if let Some(exps) = exps {
             self.kept.push(Kept { key: next.key.clone(), exps });
         }
@@ -297,12 +301,12 @@ impl SplitCpu {
             let n = s.rows.len();
             self.stats_into(plan, &s.rows, s.logits, s.out, Some(&mut s.exps.0[..n]));
         };
-        match (grad, stats) {
+        crate::pool::install(|| match (grad, stats) {
             (Some(g), Some(s)) => drop(rayon::join(|| write(g), || read(s))),
             (Some(g), None) => write(g),
             (None, Some(s)) => read(s),
             (None, None) => {}
-        }
+        })
     }
 
     /// The statistics pass over `rows`, exponentials into `exps` when given (one per row).

@@ -31,30 +31,32 @@ fn widen<L: Logit>(k: &Kernels, src: &[L], dst: &mut [f32]) {
 
 /// `out += acc` in `out`'s dtype (rounded once per element), in parallel.
 fn add_into<G: Logit>(k: &Kernels, acc: &[f32], out: &mut [G]) {
-    if let Some(o) = G::as_f32_mut(out) {
-        o.par_chunks_mut(BLOCK).zip(acc.par_chunks(BLOCK)).for_each(|(o, a)| {
-            o.iter_mut().zip(a).for_each(|(o, a)| *o += a);
-        });
-        return;
-    }
-    out.par_chunks_mut(BLOCK).zip(acc.par_chunks(BLOCK)).for_each(|(o, a)| {
-        let mut buf = [0f32; BLOCK];
-        let mut sum = [0f32; BLOCK];
-        let cur = load(k, o, &mut buf);
-        for ((s, c), a) in sum.iter_mut().zip(cur).zip(a) {
-            *s = c + a;
+    crate::pool::install(|| {
+        if let Some(o) = G::as_f32_mut(out) {
+            o.par_chunks_mut(BLOCK).zip(acc.par_chunks(BLOCK)).for_each(|(o, a)| {
+                o.iter_mut().zip(a).for_each(|(o, a)| *o += a);
+            });
+            return;
         }
-        store_scaled(k, &sum[..o.len()], 1.0, o, false);
-    });
+        out.par_chunks_mut(BLOCK).zip(acc.par_chunks(BLOCK)).for_each(|(o, a)| {
+            let mut buf = [0f32; BLOCK];
+            let mut sum = [0f32; BLOCK];
+            let cur = load(k, o, &mut buf);
+            for ((s, c), a) in sum.iter_mut().zip(cur).zip(a) {
+                *s = c + a;
+            }
+            store_scaled(k, &sum[..o.len()], 1.0, o, false);
+        });
+    })
 }
 
 /// Zeros a gradient buffer.
 fn zero<L: Logit>(g: &mut Grad<'_, L>) {
-    match g {
+    crate::pool::install(|| match g {
         Grad::Skip => {}
         Grad::Into(x) => x.par_chunks_mut(BLOCK).for_each(|x| x.fill(L::default())),
         Grad::IntoF32(x) => x.par_chunks_mut(BLOCK).for_each(|x| x.fill(0.0)),
-    }
+    })
 }
 
 /// The vocabulary panels of `W` as f32, `rows` rows each: borrowed from `W` when it is f32,
@@ -94,7 +96,9 @@ impl<'a, L: Logit> Panels<'a, L> {
             Some(x) => x,
             None => {
                 let dst = &mut self.buf[..src.len()];
-                dst.par_chunks_mut(BLOCK).zip(src.par_chunks(BLOCK)).for_each(|(d, s)| widen(k, s, d));
+                crate::pool::install(|| {
+                    dst.par_chunks_mut(BLOCK).zip(src.par_chunks(BLOCK)).for_each(|(d, s)| widen(k, s, d))
+                });
                 dst
             }
         }
@@ -140,21 +144,24 @@ const TILE: usize = 32;
 /// with the bias added. Tiles of `TILE x TILE`, each row of a tile written contiguously.
 fn transpose_into(src: &[f32], m: usize, n: usize, dst: &mut [f32], ld: usize, bias: Option<&[f32]>) {
     assert!(src.len() >= m * n && bias.is_none_or(|b| b.len() >= n) && n <= ld);
-    dst.par_chunks_mut(ld * TILE).take(m.div_ceil(TILE)).enumerate().for_each(|(bi, out)| {
-        let i0 = bi * TILE;
-        let rows = (m - i0).min(TILE);
-        for j0 in (0..n).step_by(TILE) {
-            let cols = (n - j0).min(TILE);
-            for i in 0..rows {
-                let o = &mut out[i * ld + j0..i * ld + j0 + cols];
-                for (j, y) in o.iter_mut().enumerate() {
-                    *y = src[(j0 + j) * m + i0 + i];
-                }
-                if let Some(b) = bias {
-                    o.iter_mut().zip(&b[j0..j0 + cols]).for_each(|(y, b)| *y += b);
+    let tiles = dst.par_chunks_mut(ld * TILE).take(m.div_ceil(TILE)).enumerate();
+    crate::pool::install(|| {
+        tiles.for_each(|(bi, out)| {
+            let i0 = bi * TILE;
+            let rows = (m - i0).min(TILE);
+            for j0 in (0..n).step_by(TILE) {
+                let cols = (n - j0).min(TILE);
+                for i in 0..rows {
+                    let o = &mut out[i * ld + j0..i * ld + j0 + cols];
+                    for (j, y) in o.iter_mut().enumerate() {
+                        *y = src[(j0 + j) * m + i0 + i];
+                    }
+                    if let Some(b) = bias {
+                        o.iter_mut().zip(&b[j0..j0 + cols]).for_each(|(y, b)| *y += b);
+                    }
                 }
             }
-        }
+        })
     });
 }
 
@@ -253,9 +260,12 @@ pub(crate) fn run_with<L: Logit>(
     for rows in active.chunks(c) {
         let m = rows.len();
         let z = &mut z[..m * v];
-        hc[..m * h].par_chunks_mut(h).zip(rows.par_iter()).for_each(|(d, &r)| {
-            let r = r as usize;
-            widen(k, &inp.hidden[r * h..(r + 1) * h], d);
+        let widen_rows = hc[..m * h].par_chunks_mut(h).zip(rows.par_iter());
+        crate::pool::install(|| {
+            widen_rows.for_each(|(d, &r)| {
+                let r = r as usize;
+                widen(k, &inp.hidden[r * h..(r + 1) * h], d);
+            })
         });
         let hm = MatRef::rows(&hc, m, h, h);
 
@@ -293,11 +303,14 @@ pub(crate) fn run_with<L: Logit>(
 
         // d b += column sums of G (rows summed in order)
         if want_db {
-            dbc.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, d)| {
-                d.fill(0.0);
-                for row in z.chunks_exact(v) {
-                    d.iter_mut().zip(&row[bi * BLOCK..]).for_each(|(d, x)| *d += x);
-                }
+            let z = &*z;
+            crate::pool::install(|| {
+                dbc.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, d)| {
+                    d.fill(0.0);
+                    for row in z.chunks_exact(v) {
+                        d.iter_mut().zip(&row[bi * BLOCK..]).for_each(|(d, x)| *d += x);
+                    }
+                })
             });
             match &mut g.bias {
                 Grad::Into(db) => add_into(k, &dbc, db),

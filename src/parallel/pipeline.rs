@@ -89,7 +89,7 @@ pub(super) fn run<L: Logit, G: Logit, M: ChunkMem<L, G>>(
     let mut mems: Vec<Option<M>> = mems.into_iter().map(Some).collect();
     let mut merged: Vec<Option<Vec<RowStats>>> = (0..n).map(|_| None).collect();
     let (plan, cpu, mut merge) = steps.pipeline_parts();
-    let result = rayon::in_place_scope(|s| -> Result<()> {
+    let result = crate::pool::in_place_scope(|s| -> Result<()> {
         // the passes in flight, in the order they were submitted
         let mut in_flight: VecDeque<(usize, mpsc::Receiver<Done<M>>)> = VecDeque::new();
         // pass q: the statistics of chunk q (q < n) and the gradient of chunk q - AHEAD
