@@ -9,8 +9,11 @@
 //! size: `RAYON_NUM_THREADS`, else the cores), with the same bits: a pass's results do not depend
 //! on its threads. Elsewhere [`install`] runs the work where it is, on the global pool.
 //!
-//! The process that first runs CPU work here is taken as the one whose global pool is live; a
-//! process whose id differs is a child of it (or a child's child) and gets its own pool.
+//! The process that first runs CPU work here (from any thread) is taken as the one whose global
+//! pool is live; a process whose id differs is a child of it (or a child's child) and gets its
+//! own pool. Not covered: a child of a process whose global pool was started by other code only
+//! (another crate's rayon work) before this crate ran anything there; rayon work of any crate
+//! waits forever in such a child.
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -26,12 +29,15 @@ static CHILD: Mutex<Option<(u32, Arc<ThreadPool>)>> = Mutex::new(None);
 /// pool whose worker this thread is), `Some` in a forked child of a process whose global pool
 /// had started.
 fn forked_pool() -> Option<Arc<ThreadPool>> {
+    // recorded on any thread, a pool's worker included: a process whose calls all came from
+    // inside its own parallel loops started the global pool too
+    let pid = std::process::id();
+    let first = *FIRST.get_or_init(|| pid);
     if rayon::current_thread_index().is_some() {
         // a worker of a live pool (the child's own included): nested work stays on it
         return None;
     }
-    let pid = std::process::id();
-    if *FIRST.get_or_init(|| pid) == pid {
+    if first == pid {
         return None;
     }
     let mut child = CHILD.lock().unwrap_or_else(|e| e.into_inner());

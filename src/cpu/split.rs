@@ -378,6 +378,8 @@ impl SplitCpu {
                     // in place (`src` None), the logits are `out` itself
                     p.write(k, m, e, src.map(|s| &s[i * len..(i + 1) * len]), s, stream);
                 }
+                // the streaming stores of this task, on the thread that made them
+                k.fence();
             };
         match dest {
             Dest::Into(logits, out) => {
@@ -392,7 +394,6 @@ impl SplitCpu {
                 tasks.for_each_init(|| Scratch::new(m), |s, (task, (out, ex))| row_task(task, out, None, ex, s));
             }
         }
-        k.fence();
     }
 }
 
