@@ -43,8 +43,14 @@
 //! because they add up one product per chunk of rows (rounded to bfloat16 after each chunk, a
 //! bias gradient over 42 chunks came out 2.6e-2 off), and rounded once in the backward.
 //!
-//! Inputs: logits `[B, T, V]` f32, f16 or bf16; ids (and labels) `[B, T]` u32, i64 or i32, all
-//! contiguous; optional per-token weights `[B, T]` f32 ([`weighted_loss_with_token_weights`]).
+//! Inputs: logits `[B, T, V]` f32, f16 or bf16; ids (and labels) `[B, T]` u32, i64 or i32;
+//! optional per-token weights `[B, T]` f32 ([`weighted_loss_with_token_weights`]). Any layout:
+//! a strided view (a transpose, a narrow, a broadcast) is copied first by candle's `contiguous`,
+//! which passes the gradient back to it.
+//!
+//! Each op's gradients are kept until the first backward through it, which takes them (that is
+//! what frees their memory): a second `backward()` through the same forward is an error ("no
+//! gradient kept"). Sum the losses that share a forward before one backward.
 //! The spec's options (z-loss, label smoothing, soft-capping) apply as they do on the host API.
 //! The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
 //! would need a host synchronisation); they are treated as positions without a target.
@@ -197,6 +203,11 @@ pub fn weighted_loss_with_token_weights(
             )));
         }
     }
+    // any layout: strided views copied (contiguous tensors are taken as they are), and the copy
+    // passes the gradient back to the view
+    let (logits, ids) = (&logits.contiguous()?, &ids.contiguous()?);
+    let labels = labels.map(Tensor::contiguous).transpose()?;
+    let token_weights = token_weights.map(Tensor::contiguous).transpose()?;
     let op = WeightedLossOp {
         spec: spec.clone(),
         shape,
@@ -205,7 +216,7 @@ pub fn weighted_loss_with_token_weights(
         stash: Mutex::new(None),
     };
     match labels {
-        Some(labels) => logits.apply_op3(ids, labels, op),
+        Some(labels) => logits.apply_op3(ids, &labels, op),
         None => logits.apply_op2(ids, op),
     }
 }

@@ -164,8 +164,53 @@ fn candle_bad_inputs_are_errors() {
     assert!(weighted_loss(&logits, &float_ids, None, &spec).is_err(), "float ids");
     let lab_i64 = ids.to_dtype(DType::I64).unwrap();
     assert!(weighted_loss(&logits, &ids, Some(&lab_i64), &spec).is_err(), "labels of another dtype");
-    let strided = Tensor::zeros((2, 5, 3), DType::F32, &dev).unwrap().transpose(1, 2).unwrap();
-    assert!(weighted_loss(&strided, &ids, None, &spec).is_err(), "non-contiguous logits");
+}
+
+fn to_vec(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn candle_strided_inputs_are_copied_and_pass_the_gradient_back() {
+    let dev = Device::Cpu;
+    let shape = Shape::new(3, 6, 50).unwrap();
+    let (logits, ids) = random_inputs::<f32>(21, shape, 2.0);
+    let spec = LossSpec::builder().keywords([ids[4]]).build().unwrap();
+    let ids_t = Tensor::from_vec(ids.clone(), (3, 6), &dev).unwrap();
+    let plain = Var::from_tensor(&Tensor::from_vec(logits, (3, 6, 50), &dev).unwrap()).unwrap();
+    // the same logits stored as [B, V, T] and seen through a transpose; the ids likewise
+    let stored = Var::from_tensor(&plain.as_tensor().transpose(1, 2).unwrap().contiguous().unwrap()).unwrap();
+    let view = stored.as_tensor().transpose(1, 2).unwrap();
+    let ids_view = ids_t.t().unwrap().contiguous().unwrap().t().unwrap();
+    assert!(!view.is_contiguous() && !ids_view.is_contiguous());
+    let a = weighted_loss(plain.as_tensor(), &ids_t, None, &spec).unwrap();
+    let b = weighted_loss(&view, &ids_view, Some(&ids_view), &spec).unwrap();
+    assert_eq!(a.to_scalar::<f32>().unwrap().to_bits(), b.to_scalar::<f32>().unwrap().to_bits());
+    let (ga, gb) = (a.backward().unwrap(), b.backward().unwrap());
+    let gb = gb.get(&stored).expect("the gradient reaches the stored tensor").transpose(1, 2).unwrap();
+    assert_eq!(to_vec(ga.get(&plain).unwrap()), to_vec(&gb), "the same gradient, back through the transpose");
+    // a narrow along T (a view with an offset and strides) and a broadcast are taken too
+    let wide =
+        Tensor::from_vec(random_inputs::<f32>(22, Shape::new(3, 9, 50).unwrap(), 2.0).0, (3, 9, 50), &dev).unwrap();
+    let narrow = wide.narrow(1, 2, 6).unwrap();
+    let same = weighted_loss(&narrow.contiguous().unwrap(), &ids_t, None, &spec).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(weighted_loss(&narrow, &ids_t, None, &spec).unwrap().to_scalar::<f32>().unwrap(), same);
+    let row = Tensor::from_vec(fused_weighted_loss::synthetic::logits::<f32>(23, 50, 2.0), (1, 1, 50), &dev).unwrap();
+    let broad = row.broadcast_as((3, 6, 50)).unwrap();
+    let same = weighted_loss(&broad.contiguous().unwrap(), &ids_t, None, &spec).unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(weighted_loss(&broad, &ids_t, None, &spec).unwrap().to_scalar::<f32>().unwrap(), same);
+}
+
+#[test]
+fn candle_a_second_backward_through_one_forward_is_an_error() {
+    let shape = Shape::new(2, 3, 50).unwrap();
+    let (logits, ids) = random_inputs::<f32>(24, shape, 1.0);
+    let x = Var::from_tensor(&Tensor::from_vec(logits, (2, 3, 50), &Device::Cpu).unwrap()).unwrap();
+    let ids = Tensor::from_vec(ids, (2, 3), &Device::Cpu).unwrap();
+    let loss = weighted_loss(x.as_tensor(), &ids, None, &LossSpec::default()).unwrap();
+    assert!(loss.backward().unwrap().get(&x).is_some());
+    let e = loss.backward().unwrap_err().to_string();
+    assert!(e.contains("no gradient kept"), "{e}");
 }
 
 #[test]

@@ -39,7 +39,7 @@ use std::sync::Mutex;
 /// `d weight` and `d bias` in f32, which add up a product per chunk of rows and are rounded to
 /// bf16 once, in the backward); the logits never exist.
 /// Inputs f32, f16 or bf16 (all alike), ids and labels u32, i64 or i32 (on the inputs' device),
-/// contiguous.
+/// any layout (strided views are copied first, as by the loss op).
 pub fn weighted_linear_loss(
     hidden: &Tensor,
     weight: &Tensor,
@@ -92,9 +92,11 @@ pub fn weighted_linear_loss(
         dims: [hidden.shape().clone(), weight.shape().clone(), candle_core::Shape::from(v)],
         stash: Mutex::new(None),
     };
+    // strided views copied (see the loss op); contiguous tensors are taken as they are
+    let (hidden, weight) = (hidden.contiguous()?, weight.contiguous()?);
     match bias {
-        Some(bias) => hidden.apply_op3(weight, bias, op),
-        None => hidden.apply_op2(weight, op),
+        Some(bias) => hidden.apply_op3(&weight, &bias.contiguous()?, op),
+        None => hidden.apply_op2(&weight, op),
     }
 }
 
