@@ -50,7 +50,7 @@
 //!
 //! Each op's gradients are kept until the first backward through it, which takes them (that is
 //! what frees their memory): a second `backward()` through the same forward is an error ("no
-//! gradient kept"). Sum the losses that share a forward before one backward.
+//! gradient(s) kept"). Sum the losses that share a forward before one backward.
 //! The spec's options (z-loss, label smoothing, soft-capping) apply as they do on the host API.
 //! The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
 //! would need a host synchronisation); they are treated as positions without a target.

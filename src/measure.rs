@@ -108,7 +108,7 @@ impl CopyBuffers {
         dst.try_reserve_exact(n).ok()?;
         src.extend((0..n).map(|i| (i % 1021) as f32 * 0.5 + 1.0));
         dst.resize(n, 1.0);
-        let threads = rayon::current_num_threads().max(1);
+        let threads = crate::pool::install(rayon::current_num_threads).max(1);
         let piece = (n * 4).div_ceil(threads * 4).max(4096);
         Some(CopyBuffers { src, dst, method: CopyMethod { streaming: None, piece, threads }, pool: None })
     }
@@ -118,7 +118,7 @@ impl CopyBuffers {
     /// all threads of the current pool; and `memcpy` on one thread.
     pub fn candidates(&self) -> Vec<CopyMethod> {
         let bytes = self.src.len() * 4;
-        let threads = rayon::current_num_threads().max(1);
+        let threads = crate::pool::install(rayon::current_num_threads).max(1);
         let pieces = [bytes.div_ceil(threads), bytes.div_ceil(4 * threads), 1 << 20];
         let mut ways: Vec<Option<CpuSimd>> = vec![None];
         ways.extend([CpuSimd::Avx512, CpuSimd::Avx2].into_iter().filter(|&l| crate::cpu_simd_supported(l)).map(Some));
@@ -151,7 +151,7 @@ impl CopyBuffers {
 
     /// Copies with `method` from now on.
     pub fn set_method(&mut self, method: CopyMethod) {
-        let own_pool = method.threads != rayon::current_num_threads();
+        let own_pool = method.threads != crate::pool::install(rayon::current_num_threads);
         self.pool =
             own_pool.then(|| rayon::ThreadPoolBuilder::new().num_threads(method.threads).build().ok()).flatten();
         self.method = method;

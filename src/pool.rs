@@ -31,29 +31,37 @@ static CHILD: Mutex<Option<(u32, Arc<ThreadPool>)>> = Mutex::new(None);
 fn forked_pool() -> Option<Arc<ThreadPool>> {
     // recorded on any thread, a pool's worker included: a process whose calls all came from
     // inside its own parallel loops started the global pool too
-    let pid = std::process::id();
-    let first = *FIRST.get_or_init(|| pid);
+    let first = *FIRST.get_or_init(std::process::id);
     if rayon::current_thread_index().is_some() {
         // a worker of a live pool (the child's own included): nested work stays on it
         return None;
     }
+    let pid = std::process::id();
     if first == pid {
         return None;
     }
-    let mut child = CHILD.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((owner, pool)) = child.as_ref() {
+    let lock = || CHILD.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((owner, pool)) = lock().as_ref() {
         if *owner == pid {
             return Some(pool.clone());
         }
     }
-    // a pool built by a parent of this process: its threads did not survive the fork either, and
-    // dropping it would signal them; it is left as it is
-    if let Some(stale) = child.take() {
-        std::mem::forget(stale);
-    }
+    // built outside the lock (a fork while it is held would leave it held in that child)
     let pool = Arc::new(build());
-    *child = Some((pid, pool.clone()));
-    Some(pool)
+    let mut child = lock();
+    match child.as_ref() {
+        // another thread of this process built one meanwhile: that one serves
+        Some((owner, theirs)) if *owner == pid => Some(theirs.clone()),
+        _ => {
+            // a pool built by a parent of this process: its threads did not survive the fork
+            // either, and dropping it would signal them; it is left as it is
+            if let Some(stale) = child.take() {
+                std::mem::forget(stale);
+            }
+            *child = Some((pid, pool.clone()));
+            Some(pool)
+        }
+    }
 }
 
 /// A pool of rayon's default size, or of one thread when that cannot start (as rayon's global

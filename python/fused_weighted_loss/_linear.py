@@ -97,7 +97,8 @@ def linear_forward(hidden, weight, bias, ids, labels, token_weights, keywords, k
     named = dict(hidden=hidden, weight=weight, bias=bias, ids=ids, labels=labels, token_weights=token_weights)
     _check_devices(hidden, named)
     _check_layouts(named)
-    hidden, weight, bias, ids, labels, token_weights = (_aligned(t) for t in named.values())
+    hidden, weight, bias, ids, labels, token_weights = (_aligned(t) for t in (hidden, weight, bias, ids, labels,
+                                                                               token_weights))
     row_mean, reduction, flags, opt = _parse_mode(mode, _LINEAR_OPTIONS)
     alloc = _cpu_pool.empty_like if hidden.device.type == "cpu" else _empty_like
     loss, per, weights, z_loss, grads = _outputs(hidden, weight, bias, ids, flags, alloc)

@@ -395,8 +395,10 @@ fn exp_opts_acc<const FMA: bool, const SHORT: bool>(
     // −EXP_LO` (checked with margin), the loop's shifts (capped values themselves) included when
     // c <= 43; a shift of −c (a first chunk of very negative logits) must not let `c − shift`
     // pass 88
-    let in_range = o.cap != 0.0 && o.cap * 1.001 + shift.abs() <= -EXP_LO - 0.01;
+    // (not for caps above ACCURATE_CAP, which take `tanh` apart: every shift must cap an
+    // element alike, and those caps leave the range at some shifts)
     let accurate = o.cap > ACCURATE_CAP;
+    let in_range = o.cap != 0.0 && !accurate && o.cap * 1.001 + shift.abs() <= -EXP_LO - 0.01;
     use exp_opts_inner as inner;
     let (ch, l) = (chain, lanes);
     match (o.cap != 0.0, o.sum, in_range, accurate) {

@@ -454,3 +454,25 @@ fn the_lane_code_f16_conversions_match_half_on_every_input() {
     });
     assert_eq!(first_wrong, None, "(f32 bits, f16_round, half)");
 }
+
+#[test]
+fn a_soft_capped_element_is_the_same_number_under_any_shift() {
+    // the target's capped value (`cap_one`: the loop at shift 0) must be the loop's own at the
+    // row's shift: for capped values in [4, 16], `z − 8` is exact (Sterbenz), so the loop's sum
+    // of `z − shift` over one element at shift 8 is the shift-0 sum less 8 exactly when both
+    // loops capped it alike. Caps on both sides of ACCURATE_CAP and of the in-range bound (c ≈ 86
+    // at shift 0, lower at shift 8), at every level
+    for k in levels() {
+        for cap in [30.0f32, 43.0, 44.0, 64.0, 65.0, 80.0, 86.0] {
+            let o = ElemOpts { cap, inv_cap: 1.0 / cap, sum: true };
+            for i in 0..64 {
+                let x = [4.5 + i as f32 * 0.173];
+                let (mut out, mut chain) = ([0f32; 1], [0f32; 1]);
+                let z0 = k.exp_opts(Input::F32(&x), 0.0, o, &mut out, &mut chain, Ahead::NONE).1;
+                let z8 = k.exp_opts(Input::F32(&x), 8.0, o, &mut out, &mut chain, Ahead::NONE).1;
+                assert!((4.0..=16.0).contains(&z0), "{z0}");
+                assert!(same(z0 - 8.0, z8), "{:?} cap {cap} x {}: {z0} at shift 0, {z8} + 8 at shift 8", k.level, x[0]);
+            }
+        }
+    }
+}
