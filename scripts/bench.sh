@@ -9,5 +9,10 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   eval "$(bash scripts/install-cuda-toolchain.sh --env)"
   features=cli,cuda
 fi
-cargo build --release --quiet --features "$features"
-exec target/release/fused-weighted-loss bench "$@"
+# the binary where cargo put it (CARGO_TARGET_DIR or a configured target-dir move it)
+exe=$(cargo build --release --quiet --features "$features" --bin fused-weighted-loss --message-format=json |
+  python3 -c '
+import json, sys
+exes = [m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable")]
+print(exes[-1])')
+exec "$exe" bench "$@"

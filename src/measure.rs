@@ -131,8 +131,15 @@ impl CopyBuffers {
         if threads > 1 {
             out.push(CopyMethod { streaming: None, piece: bytes.max(4096), threads: 1 });
         }
-        out.dedup();
-        out
+        // equal pieces need not be neighbours (one thread: the whole, a quarter, then 1 MiB
+        // clamped to the whole): each method once
+        let mut unique: Vec<CopyMethod> = Vec::with_capacity(out.len());
+        for m in out {
+            if !unique.contains(&m) {
+                unique.push(m);
+            }
+        }
+        unique
     }
 
     /// Times every [candidate](Self::candidates) (`rounds` runs each after one untimed run),
@@ -183,5 +190,29 @@ impl CopyBuffers {
             None => crate::pool::install(body),
         }
         std::hint::black_box(&self.dst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CopyBuffers;
+
+    /// Each copy method is a candidate once, whatever the thread count and size (on one thread
+    /// of 512 KiB the whole, a quarter and 1 MiB clamped to the whole were three, two alike).
+    #[test]
+    fn copy_candidates_are_distinct() {
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                for bytes in [1, 4096, 512 << 10, 3 << 20] {
+                    let copy = CopyBuffers::new(bytes).unwrap();
+                    let c = copy.candidates();
+                    assert!(!c.is_empty());
+                    for (i, m) in c.iter().enumerate() {
+                        assert!(!c[..i].contains(m), "{m} twice for {bytes} bytes on {threads} threads: {c:?}");
+                    }
+                }
+            });
+        }
     }
 }

@@ -378,6 +378,19 @@ fn bench_memory_estimate_covers_what_it_uses() {
 }
 
 #[test]
+fn bench_memory_estimate_covers_many_short_rows() {
+    // as reported: at a vocabulary of 1 the per-row arrays (targets, row losses, the plan's
+    // token weights) are most of the memory, and the estimate counted 12 bytes of their 24 per
+    // row (1.04 GB resident against 0.83 GB estimated here)
+    let d = fresh_dir("bench-rss-rows");
+    let args = ["bench", "--shape", "1x20000000x1", "--token-weights", "--iters", "1", "--warmup", "0"];
+    let j = ok_json(&d, &[&args[..], &["--reference-iters", "0", "--threads", "2", "--json"]].concat());
+    let (estimate, peak) = (j["memory_estimate_bytes"].as_f64().unwrap(), j["peak_rss_bytes"].as_f64().unwrap());
+    assert!(peak <= estimate, "peak RSS {peak} exceeds the estimate {estimate}");
+    assert!(peak >= 0.8 * estimate, "estimate {estimate} far above the peak RSS {peak}");
+}
+
+#[test]
 fn bench_threads_are_bounded() {
     let d = fresh_dir("bench-threads");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -415,6 +428,10 @@ fn run_counts_are_bounded() {
                 assert!(r.took < Duration::from_secs(2), "{flag} {n}: took {:?}", r.took);
             }
         }
+    }
+    // a median of no timed runs is no figure: --iters 0 is refused (it ran once, unannounced)
+    for (base, flags) in [(&bench[..], &bench_flags[..]), (&linear[..], &linear_flags[..])] {
+        assert_refused(&d, &with(base, flags, "--iters", "0"), "at least 1");
     }
     // small counts run (the bound itself, a million, is the parser's unit test)
     let j = ok_json(&d, &with(&bench, &bench_flags, "--iters", "2"));
@@ -485,8 +502,23 @@ fn bench_linear_refuses_what_it_cannot_run() {
         assert_refused(&d, &args, "--tokens");
     }
     assert_refused(&d, &[&small[..], &["--budget-mib", "17592186044416"]].concat(), "--budget-mib");
+    // alternatives: --chunk-rows silently won over --budget-mib
+    assert_refused(&d, &[&small[..], &["--chunk-rows", "2", "--budget-mib", "1"]].concat(), "--budget-mib");
     let j = ok_json(&d, &small);
     assert_eq!(j["chunks"], 1, "{j}");
+}
+
+#[test]
+fn bench_linear_runs_tiny_vocabularies() {
+    // as reported: keywords 0, 1, 2 were always set, so a vocabulary of 1 or 2 was refused over
+    // a keyword nobody gave ("keyword id 2 is outside [0, 2)")
+    let d = fresh_dir("bench-linear-tiny");
+    for vocab in ["1", "2", "3"] {
+        let args = ["bench-linear", "--tokens", "1x2", "--hidden", "2", "--vocab", vocab, "--iters", "1", "--json"];
+        let j = ok_json(&d, &args);
+        assert!(j["loss"].as_f64().is_some_and(f64::is_finite), "vocab {vocab}: {j}");
+        assert_eq!(j["vocab"], vocab.parse::<u64>().unwrap(), "{j}");
+    }
 }
 
 #[test]
@@ -572,7 +604,19 @@ fn an_interrupted_eval_leaves_no_temporary_file() {
             .collect()
     };
     for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT")] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fused-weighted-loss"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fused-weighted-loss"));
+        // the signal's default disposition in the child: a test run started in the background
+        // by a non-interactive shell (`cmd &`) ignores SIGINT, which the child inherits and the
+        // CLI rightly keeps ignoring (as under nohup), so it ran to the end (CI at df67d41 and
+        // 52c1626 failed so: SIGINT, exit status 0)
+        // SAFETY: `signal` is async-signal-safe, the only call between fork and exec here.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                libc::signal(sig, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args([
                 "eval",
                 "--logits",
@@ -597,8 +641,6 @@ fn an_interrupted_eval_leaves_no_temporary_file() {
             assert!(t.elapsed() < LIMIT, "SIG{name}: no temporary files after {LIMIT:?}");
             std::thread::sleep(Duration::from_millis(1));
         }
-        // at once (a `kill` process took long enough to start, on a loaded machine, that a fast
-        // one finished the run first)
         // SAFETY: a plain libc call on the child just spawned, which has not been waited for.
         assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0, "SIG{name}: kill");
         let status = child.wait().unwrap();

@@ -22,8 +22,8 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of a table.
     #[arg(long)]
     json: bool,
-    /// Timed runs of the fused pass (and of the copy floor), at most a million.
-    #[arg(long, default_value_t = 15, value_parser = run_count)]
+    /// Timed runs of the fused pass (and of the copy floor), 1 to a million.
+    #[arg(long, default_value_t = 15, value_parser = timed_count)]
     iters: usize,
     /// Untimed runs first, at most a million.
     #[arg(long, default_value_t = 3, value_parser = run_count)]
@@ -57,6 +57,14 @@ pub fn run_count(s: &str) -> Result<usize, String> {
         Ok(n) if n <= MAX_RUNS => Ok(n),
         Ok(_) => Err(format!("at most {MAX_RUNS}")),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A count of timed runs (`--iters`): 1 to [`MAX_RUNS`] (a median of no runs is no figure).
+pub fn timed_count(s: &str) -> Result<usize, String> {
+    match run_count(s)? {
+        0 => Err("at least 1".to_string()),
+        n => Ok(n),
     }
 }
 
@@ -172,11 +180,11 @@ impl BenchReport {
 /// `bench` on the GPU: device buffers, CUDA events, a device copy as the floor.
 #[cfg(feature = "cuda")]
 fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResult<BenchReport> {
-    let r = fused_weighted_loss::cuda::bench_device::<L>(spec, shape, a.warmup, a.iters.max(1), a.token_weights)?;
+    let r = fused_weighted_loss::cuda::bench_device::<L>(spec, shape, a.warmup, a.iters, a.token_weights)?;
     Ok(BenchReport {
         shape,
         dtype: L::DTYPE,
-        iters: a.iters.max(1),
+        iters: a.iters,
         about: vec![("backend", json!("cuda")), ("device", json!(r.device)), ("row_launch", json!(r.row_launch))],
         fused: Timing::of_ms(&r.fused_ms),
         floor: Timing::of_ms(&r.copy_ms),
@@ -184,7 +192,7 @@ fn bench_cuda<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliResu
         floor_method: None,
         reference: None,
         loss: r.loss,
-        memory_estimate: host_bytes(shape, L::DTYPE, 1, false),
+        memory_estimate: cuda_host_bytes(shape, L::DTYPE),
     })
 }
 
@@ -192,7 +200,7 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
     if spec.resolved_backend()? == Backend::Cuda {
         #[cfg(feature = "cuda")]
         {
-            check_memory(a, L::DTYPE, host_bytes(shape, L::DTYPE, 1, false), None)?;
+            check_memory(a, L::DTYPE, cuda_host_bytes(shape, L::DTYPE), None)?;
             return bench_cuda::<L>(a, shape, spec);
         }
     }
@@ -221,7 +229,7 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
     let (method, candidates) = copy.pick_fastest(3);
     let (fused, floor) = time_paired(
         a.warmup,
-        a.iters.max(1),
+        a.iters,
         || {
             let r = spec.loss_and_grad(shape, &logits, tokens, Grad::Into(&mut grad));
             std::hint::black_box(r).ok();
@@ -241,7 +249,7 @@ fn bench_typed<L: Logit>(a: &BenchArgs, shape: Shape, spec: &LossSpec) -> CliRes
     Ok(BenchReport {
         shape,
         dtype: L::DTYPE,
-        iters: a.iters.max(1),
+        iters: a.iters,
         about: vec![
             ("backend", json!(out.backend.to_string())),
             ("simd", json!(simd.to_string())),
@@ -312,24 +320,34 @@ const MAX_THREADS_PER_CORE: usize = 4;
 /// Bytes the bench holds at its peak on the host (an upper estimate): the process itself,
 /// logits and gradient in `dtype`, the ids, the fused pass's per-row arrays and per-thread
 /// scratch rows, and the larger of the copy floor's two buffers and the float64 reference's
-/// gradient and rows; for the CUDA bench (`threads` 1, no reference) this covers its host copy
-/// of the logits and ids.
+/// gradient and rows.
 fn host_bytes(shape: Shape, dtype: DType, threads: usize, reference: bool) -> u64 {
     // in u128: a shape near the address space's size must not wrap to a small estimate
     let (n, rows, v, b) =
         (shape.logits_len() as u128, shape.rows() as u128, shape.vocab() as u128, shape.batch() as u128);
     let s = dtype.size() as u128;
     let inputs = 2 * n * s + rows * 8;
-    // targets (4), row losses (8); per sample a few f64 and the output vectors
-    let per_call = rows * 12 + b * 80;
+    // targets (4), the row losses and z-loss parts (8 + 8), the plan's shifted token weights
+    // (4); per sample a few f64 and the output vectors
+    let per_call = rows * 24 + b * 80;
     // two scratch rows of f32 exponentials per thread (and two of chain factors with the
     // options), and the chunk buffers; token weights
     let scratch = threads as u128 * (4 * v * 4 + 64 * 1024) + rows * 4;
     let copy = 2 * n * s;
-    // f64 gradient, ids and labels as i64, per-token losses, two rows of f64 logits
-    let reference = if reference { n * 8 + rows * 24 + 2 * v * 8 } else { 0 };
+    // f64 gradient; ids and labels as i64, per-token losses and z-loss parts, their flat copy
+    // (8 each); two rows of f64 logits
+    let reference = if reference { n * 8 + rows * 40 + 2 * v * 8 } else { 0 };
     let total = PROCESS_BYTES + inputs + per_call + scratch + copy.max(reference);
     u64::try_from(total).unwrap_or(u64::MAX)
+}
+
+/// Bytes the CUDA bench holds at its peak on the host (an upper estimate): the process, the
+/// random logits (dropped once on the device), ids (i64) and token weights (f32). Gradient and
+/// copy floor live on the device only, whose allocations fail with an error, not an abort.
+#[cfg(feature = "cuda")]
+fn cuda_host_bytes(shape: Shape, dtype: DType) -> u64 {
+    let (n, rows) = (shape.logits_len() as u128, shape.rows() as u128);
+    u64::try_from(PROCESS_BYTES + n * dtype.size() as u128 + rows * 12).unwrap_or(u64::MAX)
 }
 
 /// The process before any buffer: code, runtime, thread stacks in use (a few MB; with margin).
@@ -385,7 +403,7 @@ fn peak_rss_bytes() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::run_count;
+    use super::{run_count, timed_count};
 
     #[test]
     fn run_counts_go_up_to_a_million() {
@@ -395,5 +413,14 @@ mod tests {
         assert!(run_count("18446744073709551616").is_err());
         assert!(run_count("-1").is_err());
         assert!(run_count("2.5").is_err());
+    }
+
+    #[test]
+    fn timed_runs_are_at_least_one() {
+        assert_eq!(timed_count("1"), Ok(1));
+        assert_eq!(timed_count("1000000"), Ok(1_000_000));
+        assert_eq!(timed_count("0"), Err("at least 1".to_string()));
+        assert!(timed_count("1000001").is_err());
+        assert!(timed_count("x").is_err());
     }
 }

@@ -27,14 +27,14 @@ pub struct BenchLinearArgs {
     /// auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     backend: Backend,
-    /// Token rows per chunk (default: from the memory budget).
-    #[arg(long)]
+    /// Token rows per chunk (default: from the memory budget; not with --budget-mib).
+    #[arg(long, conflicts_with = "budget_mib")]
     chunk_rows: Option<usize>,
     /// Memory budget for the chunk buffers, MiB (default: the backend's).
     #[arg(long)]
     budget_mib: Option<usize>,
-    /// Timed runs, at most a million.
-    #[arg(long, default_value_t = 5, value_parser = super::bench::run_count)]
+    /// Timed runs, 1 to a million.
+    #[arg(long, default_value_t = 5, value_parser = super::bench::timed_count)]
     iters: usize,
     /// Untimed runs first, at most a million.
     #[arg(long, default_value_t = 1, value_parser = super::bench::run_count)]
@@ -64,7 +64,8 @@ fn reset_peak() -> bool {
 
 fn chunking(a: &BenchLinearArgs) -> CliResult<Chunking> {
     Ok(match (a.chunk_rows, a.budget_mib) {
-        (Some(c), _) => Chunking::Rows(c),
+        (Some(c), None) => Chunking::Rows(c),
+        (Some(_), Some(_)) => return Err(Failure("--chunk-rows and --budget-mib are alternatives".into())),
         (None, Some(m)) => Chunking::Budget(
             m.checked_mul(1 << 20).ok_or_else(|| Failure(format!("--budget-mib {m} does not fit in memory sizes")))?,
         ),
@@ -127,7 +128,7 @@ fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -
     for _ in 0..a.warmup {
         call()?;
     }
-    let runs = time_runs(0, a.iters.max(1), || drop(std::hint::black_box(call())));
+    let runs = time_runs(0, a.iters, || drop(std::hint::black_box(call())));
     let peak_extra = match (base, rss(), reset) {
         (Some((before, _)), Some((_, peak)), true) => Some(peak.saturating_sub(before)),
         _ => None,
@@ -150,7 +151,7 @@ fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -
 #[cfg(feature = "cuda")]
 fn run_cuda<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
     check_cuda_host_memory(shape, L::DTYPE)?;
-    let r = fused_weighted_loss::cuda::linear::bench_device::<L>(spec, shape, chunking(a)?, a.warmup, a.iters.max(1))?;
+    let r = fused_weighted_loss::cuda::linear::bench_device::<L>(spec, shape, chunking(a)?, a.warmup, a.iters)?;
     Ok(json!({
         "backend": "cuda",
         "device": r.device,
@@ -167,7 +168,7 @@ fn run_cuda<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) 
 }
 
 fn run_typed<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
-    if spec.resolved_backend()? == Backend::Cuda {
+    if spec.resolved_linear_backend()? == Backend::Cuda {
         #[cfg(feature = "cuda")]
         return run_cuda::<L>(a, shape, spec);
     }
@@ -182,7 +183,9 @@ pub fn bench_linear(a: BenchLinearArgs) -> CliResult<String> {
     };
     super::bench::check_threads(a.threads)?;
     let shape = LinearShape::new(b, t, a.hidden, a.vocab)?;
-    let spec = LossSpec::builder().keywords([0, 1, 2]).backend(a.backend).build()?;
+    // keywords 0, 1, 2 where the vocabulary has them (as `bench`)
+    let keywords = (0..3i64).filter(|&k| (k as usize) < a.vocab);
+    let spec = LossSpec::builder().keywords(keywords).backend(a.backend).build()?;
     let run = || -> CliResult<String> {
         let mut j = match a.dtype {
             DType::F32 => run_typed::<f32>(&a, shape, &spec)?,
@@ -196,20 +199,25 @@ pub fn bench_linear(a: BenchLinearArgs) -> CliResult<String> {
         j["hidden"] = json!(a.hidden);
         j["vocab"] = json!(a.vocab);
         j["dtype"] = json!(a.dtype.name());
-        j["iters"] = json!(a.iters.max(1));
+        j["iters"] = json!(a.iters);
         if a.json {
             return Ok(j.to_string());
         }
         let mib = |k: &str| j[k].as_f64().map_or("-".to_string(), |x| format!("{:.1} MiB", x / 1048576.0));
+        // the CPU's figure is the calls' peak beyond inputs and gradients; the device's is the
+        // pool's high-water mark with them
+        let peak = match j["peak_bytes"].is_null() {
+            true => format!("peak extra {}", mib("peak_extra_bytes")),
+            false => format!("device peak (inputs and gradients included) {}", mib("peak_bytes")),
+        };
         Ok(format!(
-            "fused linear {shape} {}: median {:.2} ms (min {:.2}), C = {} rows x {} chunks, scratch {}, peak extra {}",
+            "fused linear {shape} {}: median {:.2} ms (min {:.2}), C = {} rows x {} chunks, scratch {}, {peak}",
             a.dtype,
             j["median_ms"].as_f64().unwrap_or(f64::NAN),
             j["min_ms"].as_f64().unwrap_or(f64::NAN),
             j["chunk_rows"],
             j["chunks"],
             mib("scratch_bytes"),
-            mib(if j["peak_bytes"].is_null() { "peak_extra_bytes" } else { "peak_bytes" }),
         ))
     };
     match a.threads {

@@ -145,7 +145,9 @@ impl PendingOutput {
         fs::rename(&self.tmp, &self.dest).map_err(|e| self.error(e))?;
         // make the rename itself durable (best effort: the data is in place either way)
         #[cfg(unix)]
-        if let Some(dir) = self.dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        {
+            // a bare file name's parent is the empty path: the current directory
+            let dir = self.dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
             let _ = File::open(dir).and_then(|d| d.sync_all());
         }
         interrupt::untrack(&mut self.tracked);
