@@ -317,6 +317,16 @@ pub enum Error {
     /// A fused linear call's chunking cannot be used (0 rows per chunk).
     #[error("invalid chunking: {0}")]
     InvalidChunking(String),
+    /// A CUDA stream of another context (another device, or another context on the same device)
+    /// than the one the kernels were loaded on: launching there would read buffers the kernels
+    /// cannot address.
+    #[error("the stream belongs to another CUDA context (device {got}) than the kernels' (device {expected})")]
+    ContextMismatch {
+        /// Ordinal of the device the kernels are loaded on.
+        expected: usize,
+        /// Ordinal of the stream's device.
+        got: usize,
+    },
     /// A candle tensor had an unsupported dtype, layout or device.
     #[error("unsupported tensor: {0}")]
     Unsupported(String),

@@ -141,14 +141,21 @@ pub fn cuda_status() -> std::result::Result<(), String> {
 impl LossSpec {
     /// The backend a call with this spec runs on here: [`Backend::Cpu`] as asked;
     /// [`Backend::Cuda`] if usable, else [`Error::BackendUnavailable`]; [`Backend::Auto`] is CUDA
-    /// when usable and the spec is within the kernels' limits (at most 64 keywords), else the CPU.
-    /// Only `Auto` and `Cuda` probe for a driver (once per process).
+    /// when a driver and a device are there, the kernels load on device 0 (the fatbin holds code
+    /// for compute capability 8.0 and up) and the spec is within the kernels' limits (at most 64
+    /// keywords), else the CPU. Only `Auto` and `Cuda` probe for a driver, and only `Auto` loads
+    /// the kernels to decide (each once per process).
     pub fn resolved_backend(&self) -> Result<Backend> {
         match self.backend {
             Backend::Cpu => Ok(Backend::Cpu),
             #[cfg(feature = "cuda")]
             Backend::Auto if self.keywords.len() > cuda::MAX_KEYWORDS => Ok(Backend::Cpu),
-            Backend::Auto => Ok(if cuda_status().is_ok() { Backend::Cuda } else { Backend::Cpu }),
+            #[cfg(feature = "cuda")]
+            Backend::Auto => {
+                Ok(if cuda_status().is_ok() && cuda::auto_usable() { Backend::Cuda } else { Backend::Cpu })
+            }
+            #[cfg(not(feature = "cuda"))]
+            Backend::Auto => Ok(Backend::Cpu),
             Backend::Cuda => match cuda_status() {
                 Ok(()) => Ok(Backend::Cuda),
                 Err(reason) => Err(Error::BackendUnavailable { backend: Backend::Cuda, reason }),
@@ -220,6 +227,8 @@ impl LossSpec {
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
             spec::validate_tokens(self, shape, &tokens)?;
+            // found on the device only after the outputs came back: checked before they do
+            self.sample_weights(shape, tokens.ids)?;
             return cuda::run_host(self, shape, logits, tokens, grad, token_loss);
         }
         let plan = self.plan(shape, &tokens)?;
@@ -280,6 +289,8 @@ impl LossSpec {
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
             spec::validate_tokens(self, shape, &tokens)?;
+            // found on the device only after the outputs came back: checked before they do
+            self.sample_weights(shape, tokens.ids)?;
             return cuda::run_host_in_place(self, shape, logits, tokens, token_loss);
         }
         let plan = self.plan(shape, &tokens)?;

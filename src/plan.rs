@@ -97,15 +97,35 @@ pub(crate) fn weights_overflow(value: f64) -> Error {
 }
 
 impl LossSpec {
+    /// The sample weights `alpha · (1 + keyword hits)` of `ids` (`[B, T]`, validated), or
+    /// [`weights_overflow`] when one of them, or for the weighted mean their sum, is not
+    /// finite: an infinite `Σ w_b` made every `w_b / Σ w_b` 0, a silent zero loss and gradient.
+    /// The GPU's host calls check this here too, before anything is written.
+    pub(crate) fn sample_weights<I: TokenId>(&self, shape: Shape, ids: &[I]) -> Result<Vec<f64>> {
+        let t = shape.seq();
+        let table = KeywordTable::new(&self.keywords);
+        let weights: Vec<f64> = (0..shape.batch())
+            .map(|s| {
+                let hits: f64 = ids[s * t..(s + 1) * t].iter().map(|id| table.weight(id.to_i64())).sum();
+                self.alpha * (1.0 + hits)
+            })
+            .collect();
+        if let Some(&w) = weights.iter().find(|w| !w.is_finite()) {
+            return Err(weights_overflow(w));
+        }
+        if self.reduction == Reduction::WeightedMean && !weights.iter().sum::<f64>().is_finite() {
+            return Err(weights_overflow(weights.iter().sum()));
+        }
+        Ok(weights)
+    }
+
     /// Validates the tokens and works out targets, weights and per-sample coefficients.
     pub(crate) fn plan<I: TokenId>(&self, shape: Shape, tokens: &Tokens<'_, I>) -> Result<Plan> {
         validate_tokens(self, shape, tokens)?;
         let (b, t) = (shape.batch(), shape.seq());
         let labels = tokens.labels.unwrap_or(tokens.ids);
-        let table = KeywordTable::new(&self.keywords);
         let mut targets = vec![NO_TARGET; shape.rows()];
         let mut valid = vec![0u64; b];
-        let mut weights = vec![0f64; b];
         for s in 0..b {
             for p in 0..t - 1 {
                 let y = labels[s * t + p + 1].to_i64();
@@ -115,17 +135,8 @@ impl LossSpec {
                     valid[s] += 1;
                 }
             }
-            let hits: f64 = tokens.ids[s * t..(s + 1) * t].iter().map(|id| table.weight(id.to_i64())).sum();
-            weights[s] = self.alpha * (1.0 + hits);
         }
-        // alpha · (1 + hits) and, for the weighted mean, their sum must stay finite: an infinite
-        // Σ w_b made every w_b / Σ w_b 0, a silent zero loss and gradient
-        if let Some(&w) = weights.iter().find(|w| !w.is_finite()) {
-            return Err(weights_overflow(w));
-        }
-        if self.reduction == Reduction::WeightedMean && !weights.iter().sum::<f64>().is_finite() {
-            return Err(weights_overflow(weights.iter().sum()));
-        }
+        let weights = self.sample_weights(shape, tokens.ids)?;
         let row_div: Vec<f64> = valid
             .iter()
             .map(|&n| match self.row_mean {

@@ -226,4 +226,37 @@ fn candle_cuda_loss_and_backward() {
         return;
     }
     cases(&Device::new_cuda(0).unwrap());
+    #[cfg(feature = "candle-cuda")]
+    kernels_load_once_across_steps(&Device::new_cuda(0).unwrap());
+}
+
+/// Steps of the op, each forward's instance dropped before the next: the kernels stay loaded
+/// (each forward made a new instance, and the module was unloaded and loaded again whenever the
+/// previous step's had been dropped).
+#[cfg(feature = "candle-cuda")]
+fn kernels_load_once_across_steps(device: &Device) {
+    use fused_weighted_loss::cuda::CudaLoss;
+    let shape = Shape::new(2, 5, 300).unwrap();
+    let (logits, ids) = random_inputs::<f32>(31, shape, 2.0);
+    let step = |track: bool| {
+        let t = Tensor::from_vec(logits.clone(), (2, 5, 300), device).unwrap();
+        let i = Tensor::from_vec(ids.clone(), (2, 5), device).unwrap();
+        let loss = if track {
+            let x = Var::from_tensor(&t).unwrap();
+            let loss = weighted_loss(x.as_tensor(), &i, None, &LossSpec::default()).unwrap();
+            let g = loss.backward().unwrap().remove(x.as_tensor()).unwrap();
+            assert!(g.sum_all().unwrap().to_scalar::<f32>().unwrap().is_finite());
+            loss
+        } else {
+            weighted_loss(&t, &i, None, &LossSpec::default()).unwrap()
+        };
+        loss.to_scalar::<f32>().unwrap()
+    };
+    let first = step(true);
+    let loads = CudaLoss::module_loads();
+    for track in [true, false, true, false] {
+        let l = step(track);
+        assert!(rel(l as f64, first as f64) <= 1e-6, "the same inputs: {l} against {first}");
+    }
+    assert_eq!(CudaLoss::module_loads(), loads, "the kernels were loaded again between steps");
 }

@@ -431,6 +431,62 @@ mod device_api {
             // host buffers through the CUDA backend
             let cuda = spec.to_builder().backend(fused_weighted_loss::Backend::Cuda).build().unwrap();
             assert_eq!(cuda.loss_and_grad(shape, &l, Tokens::new(&ok_ids), Grad::Skip).unwrap_err(), want);
+            // refused before anything is written: the gradient buffer and, in place, the logits
+            // (the device's check came back with them, after they were written)
+            let mut g = vec![f32::NAN; l.len()];
+            let e = cuda.loss_and_grad(shape, &l, Tokens::new(&ok_ids), Grad::Into(&mut g)).unwrap_err();
+            assert_eq!(e, want);
+            assert!(g.iter().all(|x| x.is_nan()), "the gradient buffer was written");
+            let mut in_place = l.clone();
+            assert_eq!(cuda.loss_and_grad_in_place(shape, &mut in_place, Tokens::new(&ok_ids)).unwrap_err(), want);
+            assert_eq!(in_place, l, "the logits were overwritten");
         }
     }
+}
+
+#[test]
+fn gpu_auto_takes_the_gpu_where_the_kernels_load() {
+    if !gpu_or_skip("gpu_auto_takes_the_gpu_where_the_kernels_load") {
+        return;
+    }
+    // `Auto` loads the kernels to decide (a GPU they have no code for stays on the CPU); here
+    // they load, so `Auto` is the GPU, and a call says so
+    let spec = LossSpec::default();
+    assert_eq!(spec.resolved_backend().unwrap(), fused_weighted_loss::Backend::Cuda);
+    let shape = Shape::new(2, 4, 300).unwrap();
+    let (l, ids) = random_inputs::<f32>(41, shape, 2.0);
+    let out = spec.loss_and_grad(shape, &l, Tokens::new(&ids), Grad::Skip).unwrap();
+    assert_eq!(out.backend, fused_weighted_loss::Backend::Cuda);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_a_stream_of_another_device_is_refused() {
+    if !gpu_or_skip("gpu_a_stream_of_another_device_is_refused") {
+        return;
+    }
+    use fused_weighted_loss::cuda::cudarc::driver::CudaContext;
+    use fused_weighted_loss::cuda::{CudaLoss, DeviceInputs};
+    use fused_weighted_loss::Error;
+    if CudaContext::device_count().unwrap() < 2 {
+        eprintln!("gpu_a_stream_of_another_device_is_refused: skipped, one GPU (the case needs two)");
+        return;
+    }
+    let (c0, c1) = (CudaContext::new(0).unwrap(), CudaContext::new(1).unwrap());
+    let loss = CudaLoss::new(&c0).unwrap();
+    let shape = Shape::new(2, 3, 40).unwrap();
+    let (l, ids) = random_inputs::<f32>(43, shape, 2.0);
+    let spec = LossSpec::default();
+    // buffers and stream of device 1 with the kernels of device 0: refused before any launch
+    let s1 = c1.default_stream();
+    let (d_l, d_ids) = (s1.clone_htod(&l).unwrap(), s1.clone_htod(&ids).unwrap());
+    let ids_v = d_ids.as_view();
+    let e = loss.loss(&spec, shape, &s1, &d_l.as_view(), &DeviceInputs::new(&ids_v)).unwrap_err();
+    assert!(matches!(e, Error::ContextMismatch { expected: 0, got: 1 }), "{e}");
+    // the context is unharmed: the same call on device 0 runs
+    let s0 = c0.default_stream();
+    let (d_l, d_ids) = (s0.clone_htod(&l).unwrap(), s0.clone_htod(&ids).unwrap());
+    let ids_v = d_ids.as_view();
+    let out = loss.loss(&spec, shape, &s0, &d_l.as_view(), &DeviceInputs::new(&ids_v)).unwrap();
+    assert!(out.to_host(&s0).unwrap().loss.is_finite());
 }

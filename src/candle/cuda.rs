@@ -82,7 +82,9 @@ fn run<L: Logit, G: Logit, I: TokenId>(
     keep: impl FnOnce(CudaSlice<G>) -> GradSlice,
 ) -> candle_core::Result<CudaStorage> {
     let stream = dev.cuda_stream();
-    let loss = CudaLoss::new(stream.context()).map_err(wrap)?;
+    // kept loaded across steps: a new instance per forward reloaded the module whenever the
+    // last step's had been dropped
+    let loss = CudaLoss::shared(stream.context()).map_err(wrap)?;
     let mut inputs = DeviceInputs::new(ids);
     if let Some(l) = labels {
         inputs = inputs.with_labels(l);

@@ -369,7 +369,7 @@ mod cuda {
                 None => call(None),
             }
         })?;
-        let loss = CudaLoss::new(stream.context()).map_err(super::super::wrap)?;
+        let loss = CudaLoss::shared(stream.context()).map_err(super::super::wrap)?;
         let stash = bufs
             .into_iter()
             .zip(&op.dims)

@@ -179,9 +179,32 @@ impl std::fmt::Debug for CudaLoss {
 }
 
 impl CudaLoss {
-    /// Loads (or reuses) the kernels on `ctx`.
+    /// Loads (or reuses) the kernels on `ctx`. The kernels stay loaded while any `CudaLoss` of
+    /// the context lives: keep one for the run (or use [`shared`](Self::shared)), since making
+    /// one per step after the last was dropped loads the module again (~6 MB of fatbin).
     pub fn new(ctx: &Arc<CudaContext>) -> Result<CudaLoss> {
         Ok(CudaLoss { ctx: ctx.clone(), module: Module::of(ctx)? })
+    }
+
+    /// The instance of `ctx` whose kernels stay loaded for the life of the process, for callers
+    /// that cannot keep one between steps (the candle op makes one per forward).
+    pub fn shared(ctx: &Arc<CudaContext>) -> Result<CudaLoss> {
+        static KEPT: Mutex<Vec<(usize, CudaLoss)>> = Mutex::new(Vec::new());
+        let key = ctx.cu_ctx() as usize;
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, l)) = kept.iter().find(|(k, _)| *k == key) {
+            return Ok(l.clone());
+        }
+        let l = CudaLoss::new(ctx)?;
+        kept.push((key, l.clone()));
+        Ok(l)
+    }
+
+    /// How many times this process has loaded the kernels into a context (a check that
+    /// callers reuse them; not part of the stable API).
+    #[doc(hidden)]
+    pub fn module_loads() -> usize {
+        Module::loads()
     }
 
     /// The context the kernels are loaded on.
@@ -284,7 +307,9 @@ impl CudaLoss {
                 return Err(Error::KeywordOutOfRange { id: k.id, vocab: shape.vocab() });
             }
         }
-        if shape.vocab() > i32::MAX as usize || shape.batch() > u32::MAX as usize {
+        // target ids are i32 on the device and each sample's count of targets a u32 (samples
+        // and positions are indexed in 64 bits)
+        if !cuda_shape_fits(shape) {
             return Err(Error::Unsupported("shape too large for the CUDA kernels".into()));
         }
         Ok(())
@@ -328,6 +353,7 @@ impl CudaLoss {
         if scale.len() != 1 {
             return Err(Error::Unsupported(format!("the scale must be one element, got {}", scale.len())));
         }
+        self.same_context(stream)?;
         let func = self.module.scale.iter().find(|(d, _)| *d == G::DTYPE).map(|(_, f)| f);
         let func = func.ok_or_else(|| Error::Unsupported(format!("no scale kernel for {}", G::DTYPE)))?;
         let n = grad.len();
@@ -348,4 +374,25 @@ impl CudaLoss {
 pub(crate) fn grad_buffer<G: Logit>(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<G>> {
     // SAFETY: the memory is written in full by the launch it is passed to before anyone reads it.
     unsafe { stream.alloc::<G>(n) }.map_err(drv("allocating device memory"))
+}
+
+/// Whether the kernels' 32-bit fields hold `shape`: target ids (i32, so `V <= 2^31 − 1`) and each
+/// sample's count of targets (u32, so `T − 1 <= 2^32 − 1`).
+pub(super) fn cuda_shape_fits(shape: Shape) -> bool {
+    shape.vocab() <= i32::MAX as usize && shape.seq() - 1 <= u32::MAX as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernels_32_bit_fields_bound_vocabulary_and_positions_not_batch() {
+        let fits = |b, t, v| cuda_shape_fits(Shape::new(b, t, v).unwrap());
+        assert!(fits(1, 2, 1));
+        assert!(fits(1, (u32::MAX as usize) + 1, 1), "2^32 - 1 targets per sample");
+        assert!(!fits(1, (u32::MAX as usize) + 2, 1), "2^32 targets overflow a sample's count");
+        assert!(fits((u32::MAX as usize) + 1, 2, 1), "the batch is indexed in 64 bits");
+        assert!(fits(1, 2, i32::MAX as usize));
+    }
 }

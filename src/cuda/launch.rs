@@ -44,6 +44,15 @@ pub(super) struct Ptrs {
 }
 
 impl CudaLoss {
+    /// [`Error::ContextMismatch`] unless `stream` is of the context the kernels are loaded on
+    /// (every launch asks first: the kernels of one context cannot run on another's stream).
+    pub(super) fn same_context(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        match stream.context().cu_ctx() == self.ctx.cu_ctx() {
+            true => Ok(()),
+            false => Err(Error::ContextMismatch { expected: self.ctx.ordinal(), got: stream.context().ordinal() }),
+        }
+    }
+
     /// Queues plan, rows and finish on `stream`.
     pub(super) fn launch<L: Logit, G: Logit, I: TokenId>(
         &self,
@@ -65,6 +74,7 @@ impl CudaLoss {
         stream: &Arc<CudaStream>,
         p: &Ptrs,
     ) -> Result<Planned> {
+        self.same_context(stream)?;
         let m = &self.module;
         let (b, rows) = (shape.batch(), shape.rows());
         // plan writes targets (all B*T), the per-sample arrays (all B) and the status; rows
@@ -171,6 +181,7 @@ impl CudaLoss {
         rows: usize,
         planned: &mut Planned,
     ) -> Result<()> {
+        self.same_context(stream)?;
         let m = &self.module;
         let Planned { targets, coef, row_loss, row_z, opts: planned_opts, .. } = planned;
         let z_on = planned_opts.z_loss != 0.0;

@@ -102,4 +102,11 @@ use host::{host_device, Uploaded};
 pub(crate) use host::{run_host, run_host_in_place};
 use launch::Ptrs;
 use module::Module;
-pub(crate) use probe::status;
+pub(crate) use probe::{cublas_status, status};
+
+/// Whether host calls with [`Backend::Auto`] go to the GPU: a driver, a device, and this crate's
+/// kernels loaded on device 0 (a GPU the fatbin has no code for, or a driver too old for it,
+/// leaves `Auto` on the CPU instead of failing every call).
+pub(crate) fn auto_usable() -> bool {
+    host_device().is_ok()
+}

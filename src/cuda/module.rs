@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Modules loaded by [`Module::of`] in this process (see [`CudaLoss::module_loads`]).
+static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// The kernels, compiled by build.rs (SASS for sm_80/86/89/90, PTX for compute_80; each entry
 /// zstd-compressed, inflated by the driver at load).
 pub(super) static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/weighted_loss.fatbin"));
@@ -208,7 +211,8 @@ impl Module {
         })
     }
 
-    /// The module of `ctx`, loaded once per context and shared while anyone holds it.
+    /// The module of `ctx`, loaded once per context and shared while anyone holds it (loaded
+    /// again after the last holder dropped it).
     pub(super) fn of(ctx: &Arc<CudaContext>) -> Result<Arc<Module>> {
         static CACHE: Mutex<Vec<(usize, Weak<Module>)>> = Mutex::new(Vec::new());
         let key = ctx.cu_ctx() as usize;
@@ -218,8 +222,14 @@ impl Module {
             return Ok(m);
         }
         let m = Arc::new(Module::load(ctx)?);
+        LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         cache.push((key, Arc::downgrade(&m)));
         Ok(m)
+    }
+
+    /// How many modules [`of`](Self::of) has loaded in this process.
+    pub(super) fn loads() -> usize {
+        LOADS.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(super) fn plan_fn<I: TokenId>(&self) -> &CudaFunction {

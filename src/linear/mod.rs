@@ -392,6 +392,21 @@ pub struct LinearOutput {
 }
 
 impl LossSpec {
+    /// The backend [`linear_loss_and_grad`](Self::linear_loss_and_grad) runs on here: as
+    /// [`resolved_backend`](Self::resolved_backend), except that [`Backend::Auto`](crate::Backend::Auto)
+    /// also needs cuBLAS for the GPU's products, and without it takes the CPU.
+    pub fn resolved_linear_backend(&self) -> Result<crate::Backend> {
+        let backend = self.resolved_backend()?;
+        #[cfg(feature = "cuda")]
+        if backend == crate::Backend::Cuda
+            && self.backend == crate::Backend::Auto
+            && crate::cuda::cublas_status().is_err()
+        {
+            return Ok(crate::Backend::Cpu);
+        }
+        Ok(backend)
+    }
+
     /// The loss of `hidden·Wᵀ (+ bias)` with this spec, and the gradients asked for in `grads`,
     /// in chunks of token rows (see the [module docs](crate::linear)); the logits never exist.
     ///
@@ -408,10 +423,12 @@ impl LossSpec {
         inputs.check(shape)?;
         grads.check(shape, inputs.bias.is_some())?;
         chunking.rows_for(1, 1, 1)?;
-        let backend = self.resolved_backend()?;
+        let backend = self.resolved_linear_backend()?;
         #[cfg(feature = "cuda")]
         if backend == crate::Backend::Cuda {
             crate::spec::validate_tokens(self, shape.tokens, &tokens)?;
+            // found on the device only after the gradients came back: checked before they do
+            self.sample_weights(shape.tokens, tokens.ids)?;
             return crate::cuda::linear::run_host(self, shape, inputs, tokens, grads, chunking);
         }
         let plan = self.plan(shape.tokens, &tokens)?;

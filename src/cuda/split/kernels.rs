@@ -61,6 +61,7 @@ const ONE_BLOCK: LaunchConfig = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (
 
 /// Queues the batch kernel with `p` (its mode and buffers).
 pub(super) fn batch(loss: &CudaLoss, stream: &Arc<CudaStream>, p: FwlSplitBatchParams) -> Result<()> {
+    loss.same_context(stream)?;
     // SAFETY: the parameters match fwl_split_batch's; every pointer the mode reads or writes is
     // a live device buffer of the length it indexes (B per-sample arrays, `ranks` pairs, one loss
     // each), as each caller sets them.

@@ -209,6 +209,7 @@ impl CudaSharded {
         if rows.is_empty() {
             return Ok(());
         }
+        self.loss.same_context(stream)?;
         let split = &self.loss.module.split;
         let func = split.stats.iter().find(|(d, _)| *d == L::DTYPE).map(|(_, f)| f);
         let func = func.ok_or_else(|| Error::Unsupported(format!("no split kernel for {} logits", L::DTYPE)))?;
@@ -294,6 +295,7 @@ impl CudaSharded {
         if n == 0 {
             return Ok(());
         }
+        self.loss.same_context(stream)?;
         let ranks = gathered.len() / (n * words);
         if ranks == 0 || ranks * n * words != gathered.len() || ranks > i32::MAX as usize {
             let expected = n * words * ranks.max(1);
