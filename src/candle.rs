@@ -51,7 +51,8 @@
 //! Each op's gradients are kept until the first backward through it, which takes them (that is
 //! what frees their memory): a second `backward()` through the same forward is an error ("no
 //! gradient(s) kept"). Sum the losses that share a forward before one backward.
-//! The spec's options (z-loss, label smoothing, soft-capping) apply as they do on the host API.
+//! The spec's options (z-loss, label smoothing, soft-capping) apply as they do on the host API;
+//! its `grad_scale` must be 1 (the gradient's scale comes from autograd: scale the loss).
 //! The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
 //! would need a host synchronisation); they are treated as positions without a target.
 
@@ -187,6 +188,7 @@ pub fn weighted_loss_with_token_weights(
     spec: &LossSpec,
 ) -> candle_core::Result<Tensor> {
     let shape = Shape::from_dims(logits.dims(), ids.dims()).map_err(candle_core::Error::wrap)?;
+    refuse_grad_scale(spec, "weighted_loss")?;
     if let Some(w) = token_weights {
         shape.check_token_dims("token_weights", w.dims()).map_err(candle_core::Error::wrap)?;
         if w.dtype() != candle_core::DType::F32 || !w.device().same_device(logits.device()) {
@@ -269,6 +271,32 @@ fn narrow_wide(g: &Tensor, s: f64, to: candle_core::DType) -> candle_core::Resul
             Tensor::from_vec(out, g.shape(), &Device::Cpu)
         }
         other => Err(candle_core::Error::msg(format!("fused-weighted-loss op: no kept gradient narrows to {other:?}"))),
+    }
+}
+
+/// A kept gradient of the logits' own dtype (on the CPU) times the upstream gradient `s`:
+/// bfloat16 is scaled in f32 and rounded once (candle's `affine` would round `s` itself to
+/// bfloat16 first: 1/3 became 0.33398, every element 0.2% high), as on CUDA.
+fn scale_kept(g: Tensor, s: f64) -> candle_core::Result<Tensor> {
+    match (s == 1.0, g.dtype()) {
+        (true, _) => Ok(g),
+        (false, candle_core::DType::BF16) => {
+            narrow_wide(&g.to_dtype(candle_core::DType::F32)?, s, candle_core::DType::BF16)
+        }
+        (false, _) => g.affine(s, 0.0),
+    }
+}
+
+/// The candle ops take the upstream gradient from autograd (`(loss * s).backward()`), which
+/// their backward multiplies in: a spec's `grad_scale` would multiply the gradient a second
+/// time while the loss stays unscaled, so only 1 is taken.
+fn refuse_grad_scale(spec: &LossSpec, op: &str) -> candle_core::Result<()> {
+    match spec.grad_scale() {
+        1.0 => Ok(()),
+        g => Err(candle_core::Error::msg(format!(
+            "{op}: the spec's grad_scale is {g}; the candle ops take the gradient's scale from autograd \
+             (scale the loss: (loss * s).backward()), so it must be 1"
+        ))),
     }
 }
 
@@ -372,14 +400,7 @@ impl WeightedLossOp {
     fn bwd(&self, grad_res: &Tensor) -> candle_core::Result<Tensor> {
         let stash = self.stash.lock().unwrap_or_else(|e| e.into_inner()).take();
         match stash {
-            Some(Stash::Cpu(g)) => {
-                let s = upstream(grad_res)?;
-                if s == 1.0 {
-                    Ok(g)
-                } else {
-                    g.affine(s, 0.0)
-                }
-            }
+            Some(Stash::Cpu(g)) => scale_kept(g, upstream(grad_res)?),
             Some(Stash::CpuWide(g)) => narrow_f16(&g, upstream(grad_res)?),
             #[cfg(feature = "candle-cuda")]
             Some(Stash::Cuda(g)) => g.into_tensor(grad_res),

@@ -164,6 +164,35 @@ fn candle_bad_inputs_are_errors() {
     assert!(weighted_loss(&logits, &float_ids, None, &spec).is_err(), "float ids");
     let lab_i64 = ids.to_dtype(DType::I64).unwrap();
     assert!(weighted_loss(&logits, &ids, Some(&lab_i64), &spec).is_err(), "labels of another dtype");
+    // the backward multiplies by autograd's upstream gradient: a spec's grad_scale multiplied
+    // the gradient a second time (4x here) while the loss stayed unscaled
+    let scaled = LossSpec::builder().grad_scale(4.0).build().unwrap();
+    let e = weighted_loss(&logits, &ids, None, &scaled).unwrap_err().to_string();
+    assert!(e.contains("grad_scale"), "{e}");
+}
+
+#[test]
+fn candle_bf16_gradient_scaled_in_f32_and_rounded_once() {
+    bf16_scaled_once(&Device::Cpu);
+}
+
+/// candle's affine rounds its factor to bfloat16 first (1/3 -> 0.33398, every element 0.2%
+/// high): the kept bfloat16 gradient is scaled in f32 and rounded once, on the CPU as on CUDA.
+fn bf16_scaled_once(device: &Device) {
+    let shape = Shape::new(2, 8, 300).unwrap();
+    let (logits, ids) = random_inputs::<bf16>(37, shape, 2.0);
+    let ids_t = Tensor::from_vec(ids, (2, 8), device).unwrap();
+    let grad_at = |scale: f64| -> Vec<bf16> {
+        let x = Var::from_tensor(&Tensor::from_vec(logits.clone(), (2, 8, 300), device).unwrap()).unwrap();
+        let loss = weighted_loss(x.as_tensor(), &ids_t, None, &LossSpec::default()).unwrap();
+        let g = (loss * scale).unwrap().backward().unwrap().remove(x.as_tensor()).unwrap();
+        g.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (one, third) = (grad_at(1.0), grad_at(1.0 / 3.0));
+    let want: Vec<bf16> = one.iter().map(|g| bf16::from_f32(g.to_f32() * (1.0 / 3.0) as f32)).collect();
+    assert!(one.iter().filter(|g| g.to_f32() != 0.0).count() > 1000, "the case needs nonzero entries");
+    let differ = third.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differ, 0, "{differ} of {} entries are not bf16(g * s) of the unscaled gradient", want.len());
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
@@ -228,6 +257,7 @@ fn candle_cuda_loss_and_backward() {
     cases(&Device::new_cuda(0).unwrap());
     #[cfg(feature = "candle-cuda")]
     kernels_load_once_across_steps(&Device::new_cuda(0).unwrap());
+    bf16_scaled_once(&Device::new_cuda(0).unwrap());
 }
 
 /// Steps of the op, each forward's instance dropped before the next: the kernels stay loaded

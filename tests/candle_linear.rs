@@ -198,6 +198,35 @@ fn candle_linear_bad_inputs_are_errors() {
     assert!(e.contains("ids must be u32, i64 or i32"), "{e}");
     let e = weighted_linear_loss(&h, &w, None, &ids, Some(&floats), &spec).unwrap_err().to_string();
     assert!(e.contains("labels must be u32, i64 or i32"), "{e}");
+    // the gradient's scale comes from autograd: a spec's grad_scale multiplied it a second time
+    let scaled = LossSpec::builder().grad_scale(0.25).build().unwrap();
+    let e = weighted_linear_loss(&h, &w, None, &ids, None, &scaled).unwrap_err().to_string();
+    assert!(e.contains("grad_scale"), "{e}");
+}
+
+#[test]
+fn candle_linear_bf16_d_hidden_scaled_in_f32_and_rounded_once() {
+    // bfloat16 `d hidden` is kept in bfloat16; under a scaled loss it is multiplied in f32 and
+    // rounded once (candle's affine rounded the factor 1/3 to bfloat16 first)
+    let dev = Device::Cpu;
+    let c = Case::<bf16>::random(12, 2, 9, 24, 400, false);
+    let s = c.shape;
+    let ids: Vec<u32> = c.ids.iter().map(|&x| x as u32).collect();
+    let ids = Tensor::from_vec(ids, (s.batch(), s.seq()), &dev).unwrap();
+    let weight = Tensor::from_vec(c.weight.clone(), (s.vocab(), s.hidden()), &dev).unwrap();
+    let d_hidden = |scale: f64| -> Vec<bf16> {
+        let h = Tensor::from_vec(c.hidden.clone(), (s.batch(), s.seq(), s.hidden()), &dev).unwrap();
+        let h = Var::from_tensor(&h).unwrap();
+        let loss = weighted_linear_loss(h.as_tensor(), &weight, None, &ids, None, &LossSpec::default()).unwrap();
+        let g = (loss * scale).unwrap().backward().unwrap().remove(h.as_tensor()).unwrap();
+        assert_eq!(g.dtype(), DType::BF16);
+        g.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (one, third) = (d_hidden(1.0), d_hidden(1.0 / 3.0));
+    let want: Vec<bf16> = one.iter().map(|g| bf16::from_f32(g.to_f32() * (1.0 / 3.0) as f32)).collect();
+    assert!(one.iter().filter(|g| g.to_f32() != 0.0).count() > 100, "the case needs nonzero entries");
+    let differ = third.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differ, 0, "{differ} of {} entries are not bf16(g * s) of the unscaled gradient", want.len());
 }
 
 /// bfloat16 inputs over many chunks of rows: `d weight` and `d bias` add up one product per

@@ -136,9 +136,10 @@ impl Options {
 pub(crate) fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
-        Error::BackendUnavailable { .. } | Error::Cuda { .. } | Error::Collective(_) | Error::ContextMismatch { .. } => {
-            PyRuntimeError::new_err(msg)
-        }
+        Error::BackendUnavailable { .. }
+        | Error::Cuda { .. }
+        | Error::Collective(_)
+        | Error::ContextMismatch { .. } => PyRuntimeError::new_err(msg),
         _ => PyValueError::new_err(msg),
     }
 }

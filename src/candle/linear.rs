@@ -81,6 +81,7 @@ pub fn weighted_linear_loss(
         }
     }
     let shape = LinearShape::new(b, t, h, v).map_err(super::wrap)?;
+    super::refuse_grad_scale(spec, "weighted_linear_loss")?;
     // token ids as contiguous i64 (a device op on CUDA, no copy to the host)
     let as_i64 = |x: &Tensor| x.to_dtype(DType::I64).and_then(|x| x.contiguous());
     let op = LinearOp {
@@ -265,10 +266,7 @@ impl LinearOp {
             .into_iter()
             .map(|g| match g {
                 None => Ok(None),
-                Some(Stashed::Cpu(t)) => {
-                    let s = upstream()?;
-                    Ok(Some(if s == 1.0 { t } else { t.affine(s, 0.0)? }))
-                }
+                Some(Stashed::Cpu(t)) => super::scale_kept(t, upstream()?).map(Some),
                 Some(Stashed::CpuWide(t, to)) => super::narrow_wide(&t, upstream()?, to).map(Some),
                 #[cfg(feature = "candle-cuda")]
                 Some(Stashed::Cuda(g)) => g.into_tensor(grad_res).map(Some),

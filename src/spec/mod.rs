@@ -97,7 +97,9 @@ impl FromStr for Reduction {
 ///
 /// `Auto` takes the best this CPU has. Results are bit-identical across runs and thread counts at
 /// any level, and across machines at the same level; `Portable` runs everywhere, so it gives the
-/// same bits on every CPU (at some cost in speed).
+/// same bits on every CPU (at some cost in speed). The fused linear path's matrix products are the
+/// `gemm` crate's, which picks its own instruction set: its bits are the same across runs and
+/// thread counts on one machine, not across CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum CpuSimd {
     /// The best level this CPU supports.
