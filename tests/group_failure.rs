@@ -572,3 +572,66 @@ fn a_steps_driver_whose_rank_failed_fails_its_peers() {
         assert_eq!(data0.set_batch_totals(&totals), Err(Error::PeerFailed { group: "data", rank: 1 }), "{spec:?}");
     }
 }
+
+/// The steps on a 2 × 2 grid, driven as their docs say: rank (0, 0) fails before it has a
+/// `ShardedLoss` and sends the failed words in both of its groups' first exchanges; rank (1, 0)
+/// hears of it from its data group's totals and passes it on in its vocabulary exchange, so
+/// that rank (1, 1), which the failed rank never told, fails too instead of waiting there; rank
+/// (0, 1) hears of it in its vocabulary merge. Every rank returns, the failed one with its own
+/// error, the others with `PeerFailed`.
+#[test]
+fn a_steps_driver_on_a_grid_passes_a_failure_on() {
+    use fused_weighted_loss::parallel::Collective;
+    use fused_weighted_loss::parallel::ShardedLoss;
+    let got = run_grid_or_hang(2, 2, 1, WAIT, |_, d, v, vg: &ThreadGroup, dg: &ThreadGroup| -> Result<LossOutput> {
+        let s = spec(Reduction::WeightedMean);
+        let slice = VocabSlice::even(v, 2, V).unwrap();
+        let fault = if (d, v) == (0, 0) { Fault::IdOutOfRange } else { Fault::None };
+        let samples = Samples::new(d, 2, fault);
+        let shape = Shape::new(samples.b, samples.t, V).unwrap();
+        let rows = 0..shape.rows();
+        // the failed words in both first exchanges, then this rank's own error
+        let fail = |e: Error| -> Result<LossOutput> {
+            let mut totals = vec![0.0; 2 * dg.size()];
+            dg.all_gather_f64(&ShardedLoss::FAILED_TOTALS, &mut totals)?;
+            let words = ShardedLoss::failed_partials(&s, rows.len());
+            let mut gathered = vec![0.0; words.len() * vg.size()];
+            vg.all_gather_f64(&words, &mut gathered)?;
+            Err(e)
+        };
+        let mut st = match ShardedLoss::new(&s, shape, slice, samples.tokens()) {
+            Ok(st) => st,
+            Err(e) => return fail(e),
+        };
+        let mut totals = vec![0.0; 2 * dg.size()];
+        dg.all_gather_f64(&st.batch_totals(), &mut totals)?;
+        if let Err(e) = st.set_batch_totals(&totals) {
+            // passed on: the vocabulary peers' merge fails too
+            let words = ShardedLoss::failed_partials(&s, rows.len());
+            let mut gathered = vec![0.0; words.len() * vg.size()];
+            vg.all_gather_f64(&words, &mut gathered)?;
+            return Err(e);
+        }
+        let logits = columns(&samples.logits, V, slice);
+        let mut words = vec![0.0; st.partials_len(rows.len())];
+        st.partials(rows.clone(), &logits, &mut words)?;
+        let mut gathered = vec![0.0; words.len() * vg.size()];
+        vg.all_gather_f64(&words, &mut gathered)?;
+        let mut grad = vec![0f32; logits.len()];
+        st.finish_rows_grad(rows, &gathered, &logits, &mut grad)?;
+        let mut out = st.finish()?;
+        let mut shares = vec![0.0; 2 * dg.size()];
+        dg.all_gather_f64(&ShardedLoss::loss_totals(&out), &mut shares)?;
+        ShardedLoss::combine_loss(&mut out, &shares)?;
+        Ok(out)
+    });
+    let results: Vec<Result<LossOutput>> = got
+        .into_iter()
+        .enumerate()
+        .map(|(r, g)| g.unwrap_or_else(|| panic!("rank {r} was left waiting")).pop().unwrap())
+        .collect();
+    assert!(matches!(results[0], Err(Error::IdOutOfRange { .. })), "{:?}", results[0]);
+    assert_eq!(results[1], Err(Error::PeerFailed { group: "vocabulary", rank: 0 }));
+    assert_eq!(results[2], Err(Error::PeerFailed { group: "data", rank: 0 }));
+    assert_eq!(results[3], Err(Error::PeerFailed { group: "vocabulary", rank: 0 }));
+}

@@ -9,7 +9,8 @@
 //! - [`SplitCpu::grad`] writes the slice's gradient from the kept exponentials and the merged
 //!   statistics: one multiply per element, as for a whole row, with no second read of the
 //!   logits. Rows whose exponentials were not kept (beyond the budget, or never asked for) are
-//!   recomputed from the logits instead: the same values, one more read;
+//!   recomputed from the logits instead: the same values to rounding (a kept row scales its
+//!   exponentials to the merged shift, a recomputed one takes them at it), one more read;
 //! - [`SplitCpu::grad_and_stats`] runs one chunk's gradient beside the next chunk's statistics
 //!   in one parallel pass, for drivers that pipeline.
 //!

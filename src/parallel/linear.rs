@@ -38,8 +38,8 @@ impl Sharded<'_> {
     /// ([`Error::GroupShapeMismatch`](crate::Error::GroupShapeMismatch)), a peer's own bad
     /// tokens or buffers:
     /// [`Error::PeerFailed`](crate::Error::PeerFailed), see the [module docs](super)), is an
-    /// error on every rank before any gradient buffer is written (the batch totals, then the
-    /// slices and shapes are exchanged and checked first). A failure of the exchange itself during the
+    /// error on every rank before any gradient buffer is written (the slices and shapes, then
+    /// the batch totals are exchanged and checked first). A failure of the exchange itself during the
     /// sweep (a peer that went away) leaves the gradient buffers partly written, `d weight`
     /// partly accumulated into: do not retry such a step on the same buffers.
     ///

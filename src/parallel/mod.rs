@@ -59,7 +59,7 @@
 //! | row statistics (host buffers, `f64`) | vocabulary | `8 · W` per row, `W` = 3 (4 with label smoothing, 5 with soft-capping), plus 24 (the slice and `V`, checked by every rank to tile `[0, V)`) | per chunk of rows |
 //! | slices, shapes and calls (host buffers, `f64`) | vocabulary | 64: `B`, `T`, the digests of the spec, of the call and its chunking and of the tokens, then the slice and `V` (checked by every rank: the same `[B, T]` and digests on every rank, slices that tile `[0, V)`) | once, before the chunks and before any gradient is written |
 //! | row statistics (CUDA buffers, `f32`) | vocabulary | `4 · W` per row, `W` = 3 (5 with label smoothing) | per chunk of rows |
-//! | batch totals (`B`, `Σ w_b`; host buffers: and the spec's digest) | data | 16 (host buffers: 24) | before the logits are read |
+//! | batch totals (`B`, `Σ w_b`; [`Sharded`]'s: and the spec's digest) | data | 16 ([`Sharded`] on host buffers: 24) | before the logits are read |
 //! | loss shares (loss, z-loss) | data | 16 | at the end |
 //!
 //! An all-gather delivers `group size ×` that to every rank. With a group of one the exchange is

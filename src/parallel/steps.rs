@@ -15,6 +15,17 @@ use std::ops::Range;
 /// a range of rows, the caller's all-gather, the merge and the gradient of this rank's slice of
 /// those rows, then the per-sample and batch loss.
 ///
+/// The driver's contract: every rank of a vocabulary group takes the same row ranges in the same
+/// order (the words a rank sends carry its slice, not its rows, so the merge cannot tell that a
+/// peer's words are of other rows), and the ranks of a group make the same exchanges. Unlike
+/// [`Sharded`](super::Sharded), the steps do not check that the ranks' tokens, spec or `[B, T]`
+/// agree (there is no first exchange). On a grid (vocabulary and data groups both of more than
+/// one rank) a failure has to be passed on: a rank whose
+/// [`set_batch_totals`](Self::set_batch_totals) returns [`Error::PeerFailed`] sends
+/// [`failed_partials`](Self::failed_partials) in the vocabulary exchange it would have made next,
+/// then stops, so that its vocabulary peers, which the failed rank never told, fail too instead
+/// of waiting ([`Sharded`](super::Sharded) does this itself).
+///
 /// ```
 /// use fused_weighted_loss::parallel::{ShardedLoss, VocabSlice};
 /// use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
