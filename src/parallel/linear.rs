@@ -18,8 +18,8 @@ use crate::linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearSha
 use crate::spec::{LossSpec, Tokens};
 use crate::{Backend, Grad};
 
-/// Chunk buffers per exchange by default: four threads' worth of the unsplit path's budget,
-/// a fixed number so that every rank cuts the same chunks whatever its thread count.
+/// Chunk buffers per exchange by default: twice the unsplit path's budget, a fixed number so
+/// that every rank cuts the same chunks whatever its thread count.
 const LINEAR_BUDGET: usize = 2 * CPU_BUDGET;
 
 impl Sharded<'_> {
