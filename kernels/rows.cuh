@@ -64,12 +64,25 @@ template <typename G, class P> __device__ __forceinline__ void ignored_row(const
     }
 }
 
+// The soft-cap's chain factor 1 − tanh²(x), t = tanhf(x): from t while |x| < 1/2 (1 − t² >
+// 0.78, no cancellation), beyond as 4u / (1 + u)² with u = e^{−2|x|}. Taken from the rounded t
+// everywhere it kept only an absolute error of an ulp of 1: 2e-4 of itself at |x| = 5, all of it
+// from |x| = 8.7 on (exactly 0), where the row's largest logits, whose softmax weighs most, are.
+__device__ __forceinline__ float sech2(float x, float t) {
+    const float a = fabsf(x);
+    if (a < 0.5f) return fmaf(-t, t, 1.f);
+    const float u = expf(-2.f * a);
+    const float r = __frcp_rn(1.f + u);
+    return 4.f * u * r * r;
+}
+
 template <int CAP = CAP_RUNTIME> __device__ __forceinline__ float elem_grad(float z, bool is_target, const RowGrad &r) {
     float s = 1.f;
     if (CAP == CAP_ON || (CAP == CAP_RUNTIME && r.cap > 0.f)) {
-        const float t = tanhf(z * r.inv_cap);
+        const float x = z * r.inv_cap;
+        const float t = tanhf(x);
         z = __fmul_rn(r.cap, t);  // as `capped`
-        s = fmaf(-t, t, 1.f);
+        s = sech2(x, t);
     }
     return is_target ? r.tgrad * s : (__expf(z - r.mx) * r.scale - r.koff) * s;
 }
@@ -88,8 +101,9 @@ template <int CAP, bool OPTS> __device__ __forceinline__ float lean_entry(float 
     if constexpr (!OPTS) {
         return fwl_exp_ftz(z - rg.mx) * rg.scale;
     } else if constexpr (CAP == CAP_ON) {
-        const float t = tanhf(z * rg.inv_cap);
-        return (fwl_exp_ftz(__fmul_rn(rg.cap, t) - rg.mx) * rg.scale - rg.koff) * fmaf(-t, t, 1.f);
+        const float x = z * rg.inv_cap;
+        const float t = tanhf(x);
+        return (fwl_exp_ftz(__fmul_rn(rg.cap, t) - rg.mx) * rg.scale - rg.koff) * sech2(x, t);
     } else {
         return fwl_exp_ftz(z - rg.mx) * rg.scale - rg.koff;
     }
