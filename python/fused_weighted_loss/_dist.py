@@ -120,9 +120,21 @@ def slice_of(length: int, process_group, vocab_start: Optional[int], vocab_size:
             raise ValueError("vocab_start and vocab_size need a process_group (the vocabulary group)")
         return 0, length, length
     rank, ranks = dist.get_rank(process_group), _size(process_group)
-    start = rank * length if vocab_start is None else int(vocab_start)
-    vocab = ranks * length if vocab_size is None else int(vocab_size)
+    start = rank * length if vocab_start is None else _count("vocab_start", vocab_start)
+    vocab = ranks * length if vocab_size is None else _count("vocab_size", vocab_size)
     return start, length, vocab
+
+
+def _count(name: str, value) -> int:
+    """``value`` as an int in ``[0, 2^63)``: a TypeError for a bool or a float (2.7 was taken as
+    2), a ValueError for a negative one (which the native call's conversion refused with a
+    TypeError or OverflowError after this rank's checks, its peers left waiting in gloo)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int or None, got {value!r}")
+    v = int(value.__index__())
+    if not 0 <= v < (1 << 63):
+        raise ValueError(f"{name} must be in [0, 2^63), got {v}")
+    return v
 
 
 def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token_weights: Optional[Tensor],
@@ -149,7 +161,7 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
     per = new((b if want_per_sample else 0,), dtype=torch.float64)
     weights = new((b if want_per_sample else 0,), dtype=torch.float64)
     z_loss = new((), dtype=torch.float64)
-    token_loss = new((b, t - 1) if want_token_loss else (0,), dtype=torch.float32)
+    token_loss = new((b, max(t - 1, 0)) if want_token_loss else (0,), dtype=torch.float32)
     # on CUDA every position's loss ([B, T] float64) comes back, narrowed on the stream below
     rows = new((b, t), dtype=torch.float64) if cuda and want_token_loss else token_loss
     if not compute_grad:

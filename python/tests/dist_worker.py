@@ -206,6 +206,10 @@ def failure_cases(rank, vocab_groups, data_groups, device):
     results.append(error_of("python check", lambda: fwl.weighted_loss(
         logits[..., s:e].clone().requires_grad_(), ids, process_group=world, vocab_start=s, vocab_size=v,
         kept_grad_dtype=grad_dtype)))
+    # a negative vocab_start on rank 1 alone, in a vocabulary group
+    start = -1 if rank == 1 else s
+    results.append(error_of("negative start", lambda: fwl.weighted_loss(
+        logits[..., s:e].clone().requires_grad_(), ids, process_group=world, vocab_start=start, vocab_size=v)))
     tw = weights[b0:b1].double() if rank == 0 else weights[b0:b1]
     results.append(error_of("native check", lambda: fwl.weighted_loss(logits[b0:b1], ids[b0:b1], token_weights=tw,
                                                                       data_group=world)))

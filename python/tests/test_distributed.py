@@ -59,6 +59,10 @@ FAILURES = {
                      lambda r: ("ValueError", "rank 2 of the vocabulary group failed")),
     "native check": (0, ("TypeError", "token_weights must be float32"),
                      lambda r: ("ValueError", "rank 0 of the data group failed")),
+    # a negative vocab_start failed only in the native call's argument conversion, after this
+    # rank's checks: its peers waited in gloo until the timeout
+    "negative start": (1, ("ValueError", "vocab_start must be in [0, 2^63), got -1"),
+                       lambda r: ("ValueError", "rank 1 of the vocabulary group failed")),
     # ranks of a group that make different calls: every rank raises the same error
     "options": (2, ("ValueError", "rank 2 of the vocabulary group made another call than rank 0: its loss options"),
                 None),
@@ -193,6 +197,34 @@ def test_split_backward_takes_a_loss_scale_beyond_the_logits_dtype(dtype):
     assert fwl is not None and got["finite"], got
     assert got["rel_loss_grad"] <= 1e-6, got
     assert got["rel_linear_grads"] <= 1e-6, got
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo")
+def test_split_with_no_positions_raises_the_crates_error():
+    """T = 0 with return_token_loss: the split asked torch for a [B, -1] buffer first
+    (RuntimeError "negative dimension", and on a real group its peers left waiting); now the
+    crate's ValueError on the sequence length, as the plain path (a group of one, gloo)."""
+    run = subprocess.run([sys.executable, "-c", _NO_POSITIONS_SCRIPT], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-4000:]
+    got = run.stdout.strip().splitlines()[-1]
+    assert got.startswith("ValueError") and "sequence length" in got, got
+
+
+_NO_POSITIONS_SCRIPT = """
+import os, tempfile
+import torch, torch.distributed as dist
+import fused_weighted_loss as fwl
+dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "store"), rank=0,
+                        world_size=1)
+try:
+    fwl.weighted_loss(torch.randn(2, 0, 7), torch.zeros(2, 0, dtype=torch.long), process_group=dist.group.WORLD,
+                      return_token_loss=True)
+    print("no error")
+except Exception as e:
+    print(type(e).__name__, e)
+dist.destroy_process_group()
+"""
 
 
 # in a child process: a process group of its own, whatever this one has
