@@ -184,7 +184,9 @@ def weighted_loss(
     written by the same fused call. Non-contiguous inputs, and views whose data does not start
     at a multiple of their element size, are copied first.
     Bad inputs raise ``ValueError`` / ``TypeError`` with the crate's message. On CUDA the call
-    never waits for the device (except, with ``data_group``, on a rank without samples): ids
+    never waits for the device (except, with ``data_group``, on a rank without samples, and the
+    first call with each ``process_group``, which checks once that the slices tile the
+    vocabulary): ids
     or labels outside the vocabulary are then treated as positions without a target (and non-finite token weights are not reported), unless
     ``check_ids=True`` (or ``check_finite=True``), which waits for the kernels and raises
     ``ValueError`` as on CPU. At most 64 keywords on CUDA. ``keywords`` and ``keyword_weights``

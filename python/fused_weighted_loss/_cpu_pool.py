@@ -14,7 +14,8 @@ At most four blocks are kept (the fused linear loss uses three at once with bflo
 float16 inputs it keeps float32 ``d hidden`` and ``d weight`` until the backward, which takes
 two more for the float16 gradients it returns: the pool then allocates some of them anew).
 Kept blocks stay allocated until :func:`clear` (``fused_weighted_loss.clear_gradient_pool()``)
-drops them. ``FWL_CPU_GRAD_POOL=0`` in the environment turns the pool off.
+drops them. ``FWL_CPU_GRAD_POOL=0`` in the environment turns the pool off (read when the
+package is imported).
 """
 import os
 import sys
