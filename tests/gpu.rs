@@ -499,14 +499,8 @@ fn gpu_soft_capping_where_tanh_saturates() {
     // every logit at 4.5..5.5 times the cap, and a band beyond 9 times it: the chain factor
     // 1 - tanh^2 taken from the rounded tanh was 2e-4 off there, and exactly 0 beyond 8.7
     // (the reference: 1e-7 .. 1e-8), for the row's largest logits
-    let shape = Shape::new(2, 4, 3000).unwrap();
-    let (u, ids) = random_inputs::<f32>(51, shape, 0.5);
-    let l: Vec<f32> =
-        u.iter().enumerate().map(|(i, x)| if i % 7 == 0 { 95.0 + 10.0 * x } else { 50.0 + 10.0 * x }).collect();
-    for spec in [
-        LossSpec::builder().softcap(10.0).build().unwrap(),
-        LossSpec::builder().softcap(10.0).label_smoothing(0.1).z_loss(1e-4).build().unwrap(),
-    ] {
+    let (shape, l, ids, specs) = common::saturating_softcap_case();
+    for spec in specs {
         check_cuda(&spec, shape, &l, Tokens::new(&ids));
         let l16: Vec<bf16> = l.iter().map(|&x| bf16::from_f32(x)).collect();
         check_cuda(&spec, shape, &l16, Tokens::new(&ids));

@@ -459,14 +459,8 @@ fn label_smoothing_keeps_f32_accuracy_under_a_large_common_offset() {
 fn soft_capping_where_tanh_saturates() {
     // logits at 4.5..5.5 and 9.5..10.5 times the cap: the chain factor 1 - tanh^2 is tiny
     // there and must keep its relative accuracy (the GPU's, from the rounded tanh, did not)
-    let shape = Shape::new(2, 4, 3000).unwrap();
-    let (u, ids) = random_inputs::<f32>(51, shape, 0.5);
-    let l: Vec<f32> =
-        u.iter().enumerate().map(|(i, x)| if i % 7 == 0 { 95.0 + 10.0 * x } else { 50.0 + 10.0 * x }).collect();
-    for spec in [
-        LossSpec::builder().softcap(10.0).build().unwrap(),
-        LossSpec::builder().softcap(10.0).label_smoothing(0.1).z_loss(1e-4).build().unwrap(),
-    ] {
+    let (shape, l, ids, specs) = common::saturating_softcap_case();
+    for spec in specs {
         check_all_modes(&spec, shape, &l, Tokens::new(&ids));
     }
 }

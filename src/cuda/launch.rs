@@ -47,10 +47,7 @@ impl CudaLoss {
     /// [`Error::ContextMismatch`] unless `stream` is of the context the kernels are loaded on
     /// (every launch asks first: the kernels of one context cannot run on another's stream).
     pub(super) fn same_context(&self, stream: &Arc<CudaStream>) -> Result<()> {
-        match stream.context().cu_ctx() == self.ctx.cu_ctx() {
-            true => Ok(()),
-            false => Err(Error::ContextMismatch { expected: self.ctx.ordinal(), got: stream.context().ordinal() }),
-        }
+        same_context(&self.ctx, stream)
     }
 
     /// Queues plan, rows and finish on `stream`.

@@ -104,6 +104,15 @@ use launch::Ptrs;
 use module::Module;
 pub(crate) use probe::{cublas_status, status};
 
+/// [`Error::ContextMismatch`] unless `stream` belongs to `ctx` (the context whose kernels or
+/// communicator would run on it).
+pub(crate) fn same_context(ctx: &CudaContext, stream: &Arc<CudaStream>) -> Result<()> {
+    match stream.context().cu_ctx() == ctx.cu_ctx() {
+        true => Ok(()),
+        false => Err(Error::ContextMismatch { expected: ctx.ordinal(), got: stream.context().ordinal() }),
+    }
+}
+
 /// Whether host calls with [`Backend::Auto`] go to the GPU: a driver, a device, and this crate's
 /// kernels loaded on device 0 (a GPU the fatbin has no code for, or a driver too old for it,
 /// leaves `Auto` on the CPU instead of failing every call).

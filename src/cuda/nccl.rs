@@ -178,9 +178,7 @@ impl NcclGroup {
             let expected = send.len() * self.size;
             return Err(Error::ExchangeLength { what: "all-gather receive buffer", expected, got: recv.len() });
         }
-        if stream.context().cu_ctx() != self.ctx.cu_ctx() {
-            return Err(Error::ContextMismatch { expected: self.ctx.ordinal(), got: stream.context().ordinal() });
-        }
+        super::same_context(&self.ctx, stream)?;
         let lib = nccl()?;
         let (s, _g1) = send.device_ptr(stream);
         let (r, _g2) = recv.device_ptr_mut(stream);

@@ -174,6 +174,20 @@ pub fn check_modes<L: Logit, I: TokenId>(
     g32
 }
 
+/// Soft-capping where tanh saturates: logits at 4.5..5.5 times the cap (every seventh at
+/// 9.5..10.5), where the chain factor `1 - tanh^2` is tiny and must keep its relative accuracy;
+/// the shape, f32 logits, ids and the specs (cap 10 alone and with smoothing and z-loss).
+pub fn saturating_softcap_case() -> (Shape, Vec<f32>, Vec<i64>, [LossSpec; 2]) {
+    let shape = Shape::new(2, 4, 3000).unwrap();
+    let (u, ids) = random_inputs::<f32>(51, shape, 0.5);
+    let l = u.iter().enumerate().map(|(i, x)| if i % 7 == 0 { 95.0 + 10.0 * x } else { 50.0 + 10.0 * x }).collect();
+    let specs = [
+        LossSpec::builder().softcap(10.0).build().unwrap(),
+        LossSpec::builder().softcap(10.0).label_smoothing(0.1).z_loss(1e-4).build().unwrap(),
+    ];
+    (shape, l, ids, specs)
+}
+
 /// Random inputs for a shape: logits uniform in [-scale, scale), ids uniform in [0, V).
 pub fn random_inputs<L: Logit>(seed: u64, shape: Shape, scale: f32) -> (Vec<L>, Vec<i64>) {
     let logits = fused_weighted_loss::synthetic::logits::<L>(seed, shape.logits_len(), scale);
