@@ -112,7 +112,10 @@ pub enum Error {
         /// The offending weight.
         weight: f64,
     },
-    /// A loss option (z-loss coefficient, label smoothing, soft-cap) is outside its range.
+    /// A value outside its range: a loss option (z-loss coefficient, label smoothing, soft-cap),
+    /// sample weights (alpha and the keyword weights) whose product with the keyword counts, or
+    /// under `WeightedMean` their sum, passes `f64`'s range, or another numeric argument named in
+    /// `name` (a number of ranks, say).
     #[error("{name} must be {expected}, got {}", Short(*value))]
     InvalidOption {
         /// The option's builder method.
@@ -146,7 +149,8 @@ pub enum Error {
     /// The gradient buffer has the wrong length.
     #[error("gradient buffer has {got} elements, expected {expected}")]
     GradLength {
-        /// `batch * seq * vocab`.
+        /// The length the call needs: `batch * seq * vocab` for the logits calls, the rows times
+        /// the slice's width for a vocabulary slice, the source's length for a scale.
         expected: usize,
         /// Elements given.
         got: usize,

@@ -7,8 +7,9 @@
 //! (the labels default to the ids). Each sample's loss is the mean of its per-token
 //! cross-entropies; its weight is `alpha * (1 + sum_k weight_k * count(ids[b, :] == keyword_k))`;
 //! the batch loss is `mean_b(loss_b * w_b)`. The gradient w.r.t. every logit has the closed form
-//! `w_b / (B * N_b) * (softmax - onehot(label))`, so loss and gradient come out of one read of the
-//! logits and one write of the gradient.
+//! `w_b / (B * N_b) * (softmax - onehot(label))` with the defaults (`N_b = T − 1`; the row mean,
+//! the reduction, token weights and a gradient scale change only this per-row factor), so loss
+//! and gradient come out of one read of the logits and one write of the gradient.
 //!
 //! ```
 //! use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
@@ -30,9 +31,11 @@
 //! # Ok::<(), fused_weighted_loss::Error>(())
 //! ```
 //!
-//! Defaults reproduce the course function exactly; [`LossSpecBuilder`] has the extensions
-//! (labels with `ignore_index`, [`RowMean`], [`Reduction`], per-keyword weights, an upstream
-//! gradient scale, a finiteness check, the backend).
+//! Defaults reproduce the course function exactly; [`LossSpecBuilder`] sets the extensions:
+//! `ignore_index` (the labels themselves come with [`Tokens::with_labels`]), [`RowMean`],
+//! [`Reduction`], per-keyword weights, an upstream gradient scale, z-loss, label smoothing,
+//! soft-capping, a finiteness check, the backend and the CPU's instruction set ([`CpuSimd`]);
+//! [`Tokens::with_token_weights`] adds per-token weights.
 //!
 //! [`LossSpec::linear_loss_and_grad`] computes the same loss from the last hidden states and the
 //! output weight, in chunks of token rows, so that the logits never exist (module [`linear`]).

@@ -2,7 +2,9 @@
 //!
 //! It is the oracle the tests and benches compare the fused backends against: no SIMD, no
 //! threads, no fusion, every intermediate in `f64`. It shares only the input validation with the
-//! fused path; targets, weights, reductions and the gradient are worked out independently here.
+//! fused path (shapes, tokens, and the refusal of sample weights or, under `WeightedMean`, their
+//! sum beyond `f64`, with the same errors); targets, weights, reductions and the gradient are
+//! worked out independently here.
 //!
 //! The course function (PyTorch), for reference:
 //!
@@ -31,7 +33,8 @@ use crate::spec::{check_len, validate_tokens, LossSpec, Reduction, RowMean, Shap
 pub struct ReferenceOutput {
     /// The batch loss.
     pub loss: f64,
-    /// Each sample's mean per-token loss.
+    /// Each sample's row mean of its per-token losses (times the token weights, when given),
+    /// before the sample weight.
     pub per_sample_loss: Vec<f64>,
     /// Each sample's weight.
     pub weights: Vec<f64>,
@@ -133,7 +136,10 @@ pub fn reference<L: Logit, I: TokenId>(
                 let mean = row.iter().sum::<f64>() / v as f64;
                 l = (1.0 - eps) * ce + eps * (lse - mean);
             }
-            zpart[s][p] = spec.z_loss * lse * lse;
+            // z-loss off: 0, also where lse is not finite (0 · NaN would be NaN)
+            if spec.z_loss != 0.0 {
+                zpart[s][p] = spec.z_loss * lse * lse;
+            }
             loss[s][p] = l + zpart[s][p];
             valid[s] += 1;
         }
@@ -172,6 +178,13 @@ pub fn reference<L: Logit, I: TokenId>(
             spec.alpha * (1.0 + hits)
         })
         .collect();
+    // weights beyond f64 are refused, as the fused path refuses them (the same error)
+    if let Some(&w) = weights.iter().find(|w| !w.is_finite()) {
+        return Err(crate::plan::weights_overflow(w));
+    }
+    if spec.reduction == Reduction::WeightedMean && !weights.iter().sum::<f64>().is_finite() {
+        return Err(crate::plan::weights_overflow(weights.iter().sum()));
+    }
 
     // weighted_loss = (loss_per_sample * weights).mean()
     let wsum: f64 = weights.iter().sum();

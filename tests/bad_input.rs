@@ -1,5 +1,6 @@
 //! Every bad input gets its typed error, before anything is written, and never a panic.
 
+use fused_weighted_loss::reference::reference;
 use fused_weighted_loss::{Backend, Error, Grad, LossSpec, Shape, Tokens};
 
 fn ok_inputs() -> (Shape, Vec<f32>, Vec<i64>) {
@@ -112,6 +113,10 @@ fn sample_weights_that_overflow_are_errors() {
     let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad)).unwrap_err();
     assert!(matches!(e, Error::InvalidOption { name: "alpha and the keyword weights", .. }), "{e}");
     assert!(grad.iter().all(|g| g.is_nan()), "nothing written");
+    // the float64 oracle refuses the same input with the same error (it returned a NaN loss and
+    // a zero gradient)
+    let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap_err();
+    assert!(matches!(r, Error::InvalidOption { name: "alpha and the keyword weights", .. }), "{r}");
     // (the plain mean of the same weights is finite)
     assert!(LossSpec::builder()
         .alpha(1e308)
@@ -124,6 +129,26 @@ fn sample_weights_that_overflow_are_errors() {
     let twice = [0i64, 0, 2, 3, 4, 1];
     let e = spec.loss_and_grad(shape, &logits, Tokens::new(&twice), Grad::Skip).unwrap_err();
     assert!(matches!(e, Error::InvalidOption { value, .. } if value == f64::INFINITY), "{e}");
+    let r = reference(&spec, shape, &logits, Tokens::new(&twice)).unwrap_err();
+    assert!(matches!(r, Error::InvalidOption { value, .. } if value == f64::INFINITY), "{r}");
+}
+
+#[test]
+fn the_z_loss_part_is_0_when_off_also_over_non_finite_logits() {
+    let (shape, mut logits, ids) = ok_inputs();
+    // +inf on a non-target entry of the first row: its lse is not finite
+    let y = ids[1] as usize;
+    logits[(y + 1) % shape.vocab()] = f32::INFINITY;
+    let spec = LossSpec::default();
+    let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+    let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+    assert!(out.loss.is_nan() && r.loss.is_nan(), "{} {}", out.loss, r.loss);
+    assert_eq!((out.z_loss, r.z_loss), (0.0, 0.0));
+    // with z-loss on, the part propagates the NaN in both
+    let spec = LossSpec::builder().z_loss(1e-4).build().unwrap();
+    let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+    let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+    assert!(out.z_loss.is_nan() && r.z_loss.is_nan(), "{} {}", out.z_loss, r.z_loss);
 }
 
 #[test]

@@ -291,7 +291,11 @@ impl LossSpecBuilder {
         self.spec.reduction = reduction;
         self
     }
-    /// The upstream gradient (`dL_total/dloss`) the gradient is scaled by (default 1.0).
+    /// The upstream gradient (`dL_total/dloss`) the gradient is scaled by (default 1.0). Must be
+    /// finite. Gradient entries are f32: a per-row factor `grad_scale · w_b / (D · N_b)` (times a
+    /// token weight) beyond f32's range gives infinite (and NaN) entries, one below its smallest
+    /// subnormal (about 1.4e-45) zero entries, while the loss, in f64, stays right: keep the
+    /// scale, alpha and token weights within a few orders of magnitude of 1.
     pub fn grad_scale(mut self, grad_scale: f64) -> Self {
         self.spec.grad_scale = grad_scale;
         self
@@ -335,7 +339,8 @@ impl LossSpecBuilder {
     /// On a data-parallel group the one calls (`parallel::Sharded`, `cuda::split::DeviceSharded`
     /// and its steps' `combine_loss`) fail every rank together ([`Error::NonFiniteInGroup`] on the
     /// ranks whose own positions are finite); the host steps `parallel::ShardedLoss` check this
-    /// rank's positions only.
+    /// rank's positions only. The losses are checked, not the gradient entries (see
+    /// [`grad_scale`](Self::grad_scale) for factors beyond f32's range).
     pub fn check_finite(mut self, on: bool) -> Self {
         self.spec.check_finite = on;
         self

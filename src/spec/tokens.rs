@@ -28,9 +28,14 @@ impl<'a, I: TokenId> Tokens<'a, I> {
     /// Per-token weights `[B, T]`, aligned with the labels: `token_weights[b, t + 1]` multiplies the
     /// loss of row `(b, t)` (the one that predicts `labels[b, t + 1]`) before the row mean, and its
     /// gradient; `token_weights[b, 0]` is not used (but, like every value, must be finite).
-    /// Combined with the keyword sample weights. A weight of 0 removes a position's loss and
-    /// gradient; with [`RowMean::ValidTokens`](crate::RowMean::ValidTokens) the position still
-    /// counts in its sample's divisor (an ignored label does not).
+    /// Combined with the keyword sample weights. Any finite value is taken, negative ones too
+    /// (they turn a position's loss and gradient around, as `loss * w` does in PyTorch; alpha and
+    /// the keyword weights, by contrast, must be at least 0). A weight of 0 removes a position's
+    /// finite loss and its gradient; with [`RowMean::ValidTokens`](crate::RowMean::ValidTokens)
+    /// the position still counts in its sample's divisor (an ignored label does not). It does not
+    /// hide a non-finite loss: `0 · NaN` is NaN, in the loss, the row's gradient and
+    /// [`check_finite`](crate::LossSpecBuilder::check_finite)'s verdict; to drop a position whose
+    /// logits may not be finite, give it `ignore_index` in the labels instead.
     ///
     /// ```
     /// use fused_weighted_loss::{Grad, LossSpec, Shape, Tokens};
@@ -81,7 +86,8 @@ impl<'a, I: TokenId> From<&'a Vec<I>> for Tokens<'a, I> {
 pub struct LossOutput {
     /// The batch loss after the reduction.
     pub loss: f64,
-    /// Each sample's mean per-token loss (before weighting).
+    /// Each sample's row mean of its per-token losses (times the token weights, when given),
+    /// before the sample weight.
     pub per_sample_loss: Vec<f64>,
     /// Each sample's weight `alpha * (1 + sum_k weight_k * count_k)`.
     pub weights: Vec<f64>,
