@@ -16,50 +16,68 @@
 //! waits forever in such a child.
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
-/// The id of the first process that ran CPU work through this module: its global pool is live.
-static FIRST: OnceLock<u32> = OnceLock::new();
+/// The id of the first process that ran CPU work through this module (0: none yet): its global
+/// pool is live.
+static FIRST: AtomicU32 = AtomicU32::new(0);
 
 /// A forked child's own pool, with the id of the process that built it (a child of that child
-/// finds another id and builds its own).
-static CHILD: Mutex<Option<(u32, Arc<ThreadPool>)>> = Mutex::new(None);
+/// finds another id and builds its own); null until a child needs one. Each entry is a leaked
+/// box, never freed: a parent's entry, seen in its child, holds a pool whose threads did not
+/// survive the fork, and dropping it would signal them.
+///
+/// No lock anywhere here: a lock held by one thread while another forks stays held, ownerless,
+/// in the child, and the child's first CPU call waited on it forever (seen: a child forking
+/// grandchildren while one of its threads ran CPU work, 1–3 hung grandchildren in 3000).
+static CHILD: AtomicPtr<(u32, ThreadPool)> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The entry of [`CHILD`] at `p`, if any.
+fn entry(p: *mut (u32, ThreadPool)) -> Option<&'static (u32, ThreadPool)> {
+    // SAFETY: every non-null value stored in CHILD is a leaked `Box` (never freed, never
+    // mutated after its store), published with Release and loaded with Acquire.
+    unsafe { p.as_ref() }
+}
 
 /// The pool to run CPU work on from this thread: `None` for where it is (the global pool, or the
 /// pool whose worker this thread is), `Some` in a forked child of a process whose global pool
 /// had started.
-fn forked_pool() -> Option<Arc<ThreadPool>> {
+fn forked_pool() -> Option<&'static ThreadPool> {
+    let pid = std::process::id();
     // recorded on any thread, a pool's worker included: a process whose calls all came from
     // inside its own parallel loops started the global pool too
-    let first = *FIRST.get_or_init(std::process::id);
+    let first = match FIRST.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => pid,
+        Err(first) => first,
+    };
     if rayon::current_thread_index().is_some() {
         // a worker of a live pool (the child's own included): nested work stays on it
         return None;
     }
-    let pid = std::process::id();
     if first == pid {
         return None;
     }
-    let lock = || CHILD.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((owner, pool)) = lock().as_ref() {
+    let mut seen = CHILD.load(Ordering::Acquire);
+    if let Some((owner, pool)) = entry(seen) {
         if *owner == pid {
-            return Some(pool.clone());
+            return Some(pool);
         }
     }
-    // built outside the lock (a fork while it is held would leave it held in that child)
-    let pool = Arc::new(build());
-    let mut child = lock();
-    match child.as_ref() {
-        // another thread of this process built one meanwhile: that one serves
-        Some((owner, theirs)) if *owner == pid => Some(theirs.clone()),
-        _ => {
-            // a pool built by a parent of this process: its threads did not survive the fork
-            // either, and dropping it would signal them; it is left as it is
-            if let Some(stale) = child.take() {
-                std::mem::forget(stale);
-            }
-            *child = Some((pid, pool.clone()));
-            Some(pool)
+    let mine = Box::into_raw(Box::new((pid, build())));
+    loop {
+        match CHILD.compare_exchange(seen, mine, Ordering::AcqRel, Ordering::Acquire) {
+            // in place of nothing or of a parent's entry (left as it is, see CHILD)
+            Ok(_) => return entry(mine).map(|(_, pool)| pool),
+            Err(now) => match entry(now) {
+                // another thread of this process stored one meanwhile: that one serves, and
+                // this one (whose threads are live here) is dropped
+                Some((owner, pool)) if *owner == pid => {
+                    // SAFETY: `mine` came from Box::into_raw above and was never stored.
+                    drop(unsafe { Box::from_raw(mine) });
+                    return Some(pool);
+                }
+                _ => seen = now,
+            },
         }
     }
 }
