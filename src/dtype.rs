@@ -77,7 +77,10 @@ mod sealed {
 /// A logits (and gradient) element type: `f32`, [`half::f16`] or [`half::bf16`].
 ///
 /// All arithmetic is done in `f32`; narrower types are widened on load and rounded to nearest
-/// even on store. The trait is sealed.
+/// even on store, except that the CPU backend's bf16 stores turn results below `f32`'s smallest
+/// normal (about 1.2e-38, bf16's too) into zeros of their sign, at every instruction-set level
+/// (as the AVX-512 BF16 conversion does; `half::bf16::from_f32` keeps them as subnormals). The
+/// trait is sealed.
 pub trait Logit:
     Copy + Default + Send + Sync + PartialEq + fmt::Debug + 'static + sealed::Sealed + sealed::Device
 {

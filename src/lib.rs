@@ -78,8 +78,9 @@ pub enum Grad<'a, L: Logit> {
     IntoF32(&'a mut [f32]),
 }
 
-/// `dst[i] = src[i] · scale`, the product in `f32`, rounded to nearest even into `dst`'s dtype,
-/// on the rayon pool with the CPU backend's vector code (the best level this CPU runs).
+/// `dst[i] = src[i] · scale`, the product in `f32`, rounded to nearest even into `dst`'s dtype
+/// (into bf16, products below about 1.2e-38 become zeros of their sign: see [`Logit`]), on the
+/// rayon pool with the CPU backend's vector code (the best level this CPU runs).
 ///
 /// The backward of a gradient kept in `f32` for 16-bit inputs ([`Grad::IntoF32`]): the
 /// upstream gradient (a loss scale such as 65536) applies before the one rounding, so entries

@@ -156,12 +156,18 @@ impl CopyBuffers {
         (best, times)
     }
 
-    /// Copies with `method` from now on.
+    /// Copies with `method` from now on, as far as this machine allows, and
+    /// [`method`](Self::method) says what runs: a streaming level this CPU lacks copies with
+    /// `memcpy` (`streaming: None`), and `threads: 0`, or a pool of `threads` that cannot start,
+    /// takes the current pool (`threads`: its size).
     pub fn set_method(&mut self, method: CopyMethod) {
-        let own_pool = method.threads != crate::pool::install(rayon::current_num_threads);
+        let current = crate::pool::install(rayon::current_num_threads);
+        let streaming = method.streaming.filter(|&level| crate::cpu::simd::Kernels::select(level).is_some());
+        let wanted = if method.threads == 0 { current } else { method.threads };
         self.pool =
-            own_pool.then(|| rayon::ThreadPoolBuilder::new().num_threads(method.threads).build().ok()).flatten();
-        self.method = method;
+            (wanted != current).then(|| rayon::ThreadPoolBuilder::new().num_threads(wanted).build().ok()).flatten();
+        let threads = if wanted == current || self.pool.is_some() { wanted } else { current };
+        self.method = CopyMethod { streaming, threads, ..method };
     }
 
     /// The method [`copy`](Self::copy) uses.
@@ -195,7 +201,27 @@ impl CopyBuffers {
 
 #[cfg(test)]
 mod tests {
-    use super::CopyBuffers;
+    use super::{CopyBuffers, CopyMethod};
+    use crate::CpuSimd;
+
+    /// What `set_method` takes is what runs, and `method()` says so: no thread count of 0, no
+    /// streaming level this CPU lacks (each was reported as asked while another ran).
+    #[test]
+    fn the_method_set_is_the_method_reported() {
+        let mut copy = CopyBuffers::new(1 << 16).unwrap();
+        let current = crate::pool::install(rayon::current_num_threads);
+        copy.set_method(CopyMethod { streaming: None, piece: 4096, threads: 0 });
+        assert_eq!(copy.method().threads, current);
+        copy.set_method(CopyMethod { streaming: None, piece: 4096, threads: current + 1 });
+        assert_eq!(copy.method().threads, current + 1);
+        for level in [CpuSimd::Portable, CpuSimd::Avx2, CpuSimd::Avx512] {
+            copy.set_method(CopyMethod { streaming: Some(level), piece: 4096, threads: 1 });
+            let runs = crate::cpu::simd::Kernels::select(level).is_some();
+            assert_eq!(copy.method().streaming, runs.then_some(level), "{level:?}");
+            copy.copy();
+            assert!(copy.src == copy.dst, "{level:?}: the copy copied");
+        }
+    }
 
     /// Each copy method is a candidate once, whatever the thread count and size (on one thread
     /// of 512 KiB the whole, a quarter and 1 MiB clamped to the whole were three, two alike).

@@ -392,3 +392,30 @@ fn confident_rows_keep_the_accuracy_of_small_losses() {
         }
     }
 }
+
+#[test]
+fn bf16_gradients_below_the_normal_range_are_zeros_the_target_entry_too() {
+    // alpha 4e-38: every gradient entry (the target's `coef · (p − 1)`, about -5e-39, included)
+    // lies below f32's smallest normal (and the target's above bf16's smallest subnormal, 9.2e-41), where the CPU's bf16 stores give a zero of the entry's sign at every
+    // level; the target's entry was written apart and kept a subnormal
+    let shape = Shape::new(2, 5, 3000).unwrap();
+    let logits: Vec<bf16> = fused_weighted_loss::synthetic::logits::<f32>(3, shape.logits_len(), 2.0)
+        .iter()
+        .map(|&x| bf16::from_f32(x))
+        .collect();
+    let ids = fused_weighted_loss::synthetic::ids::<i64>(4, shape.rows(), shape.vocab());
+    for level in [fused_weighted_loss::CpuSimd::Auto, fused_weighted_loss::CpuSimd::Portable] {
+        let spec = LossSpec::builder().alpha(4e-38).cpu_simd(level).build().unwrap();
+        let mut grad = vec![bf16::from_f32(1.0); logits.len()];
+        let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut grad)).unwrap();
+        assert!(out.loss > 0.0 && out.loss < 1e-35, "{}", out.loss);
+        let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+        assert!(r.grad.iter().any(|&g| g != 0.0), "the true gradient is not zero");
+        for (i, g) in grad.iter().enumerate() {
+            assert_eq!(g.to_f32(), 0.0, "entry {i} (row {}): {g:?}", i / shape.vocab());
+        }
+        // the targets' entries are negative zeros, the others positive
+        let negative = grad.iter().filter(|g| g.to_bits() == 0x8000).count();
+        assert_eq!(negative, shape.batch() * (shape.seq() - 1), "{level:?}");
+    }
+}

@@ -17,9 +17,10 @@
 //! Each logit is read from memory once, each gradient element written once, and `exp` is
 //! evaluated once per element. Consecutive rows of a thread are software-pipelined: the
 //! gradient of row `r-1` is written chunk by chunk between the chunks of row `r`'s statistics
-//! pass, so reads, writes and arithmetic overlap; where both are plain f32 (AVX2, AVX-512) the
-//! store runs inside the statistics loop itself, one cache line per step, so that the streaming
-//! stores drain under the `exp` arithmetic (`pass.rs`). Rows longer than [`SCRATCH_MAX`] (beyond any
+//! pass, so reads, writes and arithmetic overlap; at the AVX2 and AVX-512 levels, for every input
+//! and gradient dtype and without soft-capping or label smoothing, the store runs inside the
+//! statistics loop itself, one cache line per step, so that the streaming stores drain under the
+//! `exp` arithmetic (`pass.rs`). Rows longer than [`SCRATCH_MAX`] (beyond any
 //! real vocabulary) skip the scratch row and recompute `exp` in the gradient pass instead.
 //!
 //! The options (label smoothing, soft-capping, z-loss, token weights; [`row::RowMath`]) ride on
@@ -59,7 +60,9 @@ const SCALE_TASK: usize = 1 << 16;
 pub(crate) const SCRATCH_MAX: usize = 1 << 22;
 
 /// How far a chunk's maximum may exceed the row's reference before the reference moves: the
-/// kept exponentials stay below `e^20` (sums of a row stay far from f32 overflow).
+/// kept exponentials stay below `e^20` (sums of a row stay far from f32 overflow; for a reference
+/// of magnitude 2^26 and more, `reference + MARGIN` rounds in f32 and the bound grows to about
+/// `e^32` at 2^28, still far from it).
 const MARGIN: f32 = 20.0;
 
 /// A chunk's sum of exponentials above which the statistics pass looks for the chunk's maximum
@@ -73,7 +76,8 @@ const CHECK_SUM: f32 = 1e8;
 /// cache anyway, and streaming skips reading the destination lines first.
 const STREAM_MIN_BYTES: usize = 32 << 20;
 
-/// Rows per parallel task: enough tasks to balance the threads, each at least ~256 KiB of logits.
+/// Rows per parallel task: enough tasks to balance the threads, each at least 65 536 logits
+/// (256 KiB of f32, 128 KiB of 16-bit).
 fn rows_per_task(rows: usize, vocab: usize) -> usize {
     let tasks = rayon::current_num_threads().max(1) * 8;
     let min_rows = (65_536 / vocab.max(1)).max(1);

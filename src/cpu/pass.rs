@@ -172,7 +172,7 @@ impl<G: Logit> Interleave for PrevRow<'_, '_, G> {
     fn after(&mut self, c: usize) {
         let Some(p) = self.p.as_mut() else { return };
         if self.fused.take() == Some(c) {
-            p.fix_target(self.m, c);
+            p.fix_target(self.k, self.m, c);
         } else {
             p.write_chunk(self.k, self.m, self.e, c, self.stream);
         }
@@ -346,7 +346,8 @@ impl<'a, G: Logit> Pending<'a, G> {
     }
 
     /// Turns kept `exp · s` values of chunk `c` (with shift `shift`) into the gradient and
-    /// stores them: one multiply, or with smoothing first `q · f − k · s` in place.
+    /// stores them: one multiply, or with smoothing `q · f − off` (inside the store itself, or,
+    /// with soft-capping too, first in place with each element's chain factor).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn store(
         &mut self,
@@ -372,7 +373,7 @@ impl<'a, G: Logit> Pending<'a, G> {
             // `q · f − off` in the store itself: the same bits as `affine` and then the store
             store_products(k, q, f, off, &mut self.out[lo..hi], stream, finite);
         }
-        self.write_target(m, lo..hi);
+        self.write_target(k, m, lo..hi);
     }
 
     /// Whether the store of elements `r` streams: not the target's chunk, which goes through the
@@ -382,9 +383,12 @@ impl<'a, G: Logit> Pending<'a, G> {
     }
 
     /// The target entry, `coef · (softmax − 1)`, when it lies in `r` (after that range's store).
-    fn write_target(&mut self, m: &RowMath, r: Range<usize>) {
+    fn write_target(&mut self, k: &Kernels, m: &RowMath, r: Range<usize>) {
         if r.contains(&self.target) {
-            self.out[self.target] = G::from_f32(m.target_grad(&self.st, self.coef));
+            // through the level's store, as every other entry (its bf16 rounding flushes what
+            // `G::from_f32` would keep as a subnormal)
+            let g = [m.target_grad(&self.st, self.coef)];
+            store_scaled(k, &g, 1.0, &mut self.out[self.target..=self.target], false);
         }
     }
 
@@ -410,9 +414,9 @@ impl<'a, G: Logit> Pending<'a, G> {
     }
 
     /// The target entry of chunk `c`, after a [`side`](Self::side) store.
-    fn fix_target(&mut self, m: &RowMath, c: usize) {
+    fn fix_target(&mut self, k: &Kernels, m: &RowMath, c: usize) {
         let lo = c * CHUNK;
-        self.write_target(m, lo..(lo + CHUNK).min(self.out.len()));
+        self.write_target(k, m, lo..(lo + CHUNK).min(self.out.len()));
     }
 
     /// Writes chunk `c` of the gradient from the row's kept exponentials.
@@ -451,7 +455,9 @@ impl<'a, G: Logit> Pending<'a, G> {
                 None => exp_chunk(k, m, &self.out[lo..lo + n], shift, tmp, chain, Ahead::NONE, &mut s.buf),
             };
             let chain = if s.chain.is_empty() { &[][..] } else { &s.chain[..n] };
-            self.store(k, m, &mut s.tmp[..n], chain, lo, self.st.shift, false);
+            // streamed as a kept row's store is (a row this long is at least 16 MiB), unless
+            // in place: those lines were just read and are in cache
+            self.store(k, m, &mut s.tmp[..n], chain, lo, self.st.shift, stream && row.is_some());
         }
     }
 }

@@ -11,7 +11,7 @@ pub(super) struct RowExps {
     pub(super) exps: Vec<f32>,
     /// The chain factors, when soft-capping and smoothing are both on (else empty).
     pub(super) chain: Vec<f32>,
-    /// The running maximum each chunk's exponentials are taken against.
+    /// The running reference (within `MARGIN` of the maximum so far) each chunk's exponentials are taken against.
     pub(super) shifts: Vec<f32>,
 }
 
