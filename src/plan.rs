@@ -96,6 +96,18 @@ pub(crate) fn weights_overflow(value: f64) -> Error {
     }
 }
 
+/// [`weights_overflow`] when a sample weight, or under the weighted mean their sum, is not
+/// finite (the fused path's check, which the float64 reference makes too).
+pub(crate) fn check_sample_weights(reduction: Reduction, weights: &[f64]) -> Result<()> {
+    if let Some(&w) = weights.iter().find(|w| !w.is_finite()) {
+        return Err(weights_overflow(w));
+    }
+    if reduction == Reduction::WeightedMean && !weights.iter().sum::<f64>().is_finite() {
+        return Err(weights_overflow(weights.iter().sum()));
+    }
+    Ok(())
+}
+
 impl LossSpec {
     /// The sample weights `alpha · (1 + keyword hits)` of `ids` (`[B, T]`, validated), or
     /// [`weights_overflow`] when one of them, or for the weighted mean their sum, is not
@@ -110,12 +122,7 @@ impl LossSpec {
                 self.alpha * (1.0 + hits)
             })
             .collect();
-        if let Some(&w) = weights.iter().find(|w| !w.is_finite()) {
-            return Err(weights_overflow(w));
-        }
-        if self.reduction == Reduction::WeightedMean && !weights.iter().sum::<f64>().is_finite() {
-            return Err(weights_overflow(weights.iter().sum()));
-        }
+        check_sample_weights(self.reduction, &weights)?;
         Ok(weights)
     }
 

@@ -179,12 +179,7 @@ pub fn reference<L: Logit, I: TokenId>(
         })
         .collect();
     // weights beyond f64 are refused, as the fused path refuses them (the same error)
-    if let Some(&w) = weights.iter().find(|w| !w.is_finite()) {
-        return Err(crate::plan::weights_overflow(w));
-    }
-    if spec.reduction == Reduction::WeightedMean && !weights.iter().sum::<f64>().is_finite() {
-        return Err(crate::plan::weights_overflow(weights.iter().sum()));
-    }
+    crate::plan::check_sample_weights(spec.reduction, &weights)?;
 
     // weighted_loss = (loss_per_sample * weights).mean()
     let wsum: f64 = weights.iter().sum();
