@@ -2,6 +2,12 @@
 //! sm_80, sm_86, sm_89, sm_90 and PTX for compute_80, every entry compressed), embedded in the
 //! crate, and runs bindgen on `kernels/params.h` so the Rust launch structs cannot drift from
 //! the CUDA side. Without the feature it does nothing and needs nothing.
+//!
+//! nvcc is the slow step (minutes for four architectures), and every feature set and profile
+//! runs this script again: so a fatbin is kept in `<target>/fwl-kernels/` under a hash of
+//! nvcc's path and version, its arguments and every file in `kernels/`, and copied from there
+//! when nothing of those changed. `FWL_KERNEL_CACHE=<dir>` puts that cache elsewhere, `=off`
+//! turns it off.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -53,21 +59,96 @@ mod cuda {
         Err("no nvcc found".into())
     }
 
-    /// Compiles one kernel file into `out` as a fatbin.
-    fn nvcc_fatbin(nvcc: &Path, src: &Path, include: &Path, out: &Path) {
-        let mut cmd = Command::new(nvcc);
-        cmd.arg("--fatbin").args(["-O3", "-std=c++17", "-lineinfo"]).arg("-I").arg(include);
+    /// nvcc's arguments for one kernel file, but for its output: a fatbin of [`ARCHS`].
+    fn nvcc_args(src: &Path, include: &Path) -> Vec<String> {
+        let mut args: Vec<String> = ["--fatbin", "-O3", "-std=c++17", "-lineinfo"].map(String::from).into();
+        args.extend(["-I".into(), include.display().to_string()]);
         for a in ARCHS {
-            cmd.arg("-gencode").arg(format!("arch=compute_{a},code=sm_{a}"));
+            args.extend(["-gencode".into(), format!("arch=compute_{a},code=sm_{a}")]);
         }
-        cmd.arg("-gencode").arg(format!("arch=compute_{0},code=compute_{0}", ARCHS[0]));
+        args.extend(["-gencode".into(), format!("arch=compute_{0},code=compute_{0}", ARCHS[0])]);
         // every entry compressed (zstd; the driver inflates it at load): left alone, nvcc
         // compresses only the largest, and the embedded fatbin was 30 MB instead of 5
-        cmd.args(["-Xfatbin", "-compress-all"]);
-        cmd.arg("-o").arg(out).arg(src);
-        let status = cmd.status().unwrap_or_else(|e| panic!("failed to run {}: {e}", nvcc.display()));
+        args.extend(["-Xfatbin", "-compress-all"].map(String::from));
+        // the architectures compiled side by side, one thread per core
+        args.extend(["--threads", "0"].map(String::from));
+        args.push(src.display().to_string());
+        args
+    }
+
+    /// Where compiled fatbins are kept (see the crate's build notes above): `FWL_KERNEL_CACHE`,
+    /// else `<target>/fwl-kernels`, found from `OUT_DIR` (`<target>[/<triple>]/<profile>/build/
+    /// <package>-<hash>/out`); `None` (no cache) for `off` or an `OUT_DIR` of another shape.
+    fn cache_dir(out: &Path) -> Option<PathBuf> {
+        println!("cargo:rerun-if-env-changed=FWL_KERNEL_CACHE");
+        match env::var_os("FWL_KERNEL_CACHE") {
+            Some(v) if v == "off" || v.is_empty() => None,
+            Some(v) => Some(PathBuf::from(v)),
+            None => {
+                let build = out.ancestors().nth(2)?;
+                (build.file_name()? == "build").then(|| build.ancestors().nth(2).map(|t| t.join("fwl-kernels")))?
+            }
+        }
+    }
+
+    /// The cache key of one compile: nvcc's path and `--version`, the arguments, nvcc's
+    /// variables (`NVCC_PREPEND_FLAGS`, ...), and the names and bytes of every file in `kernels/` (a kernel includes headers). A hash that moves
+    /// between Rust versions only costs a compile.
+    fn cache_key(nvcc: &Path, args: &[String], kernel_files: &[PathBuf]) -> Option<String> {
+        use std::hash::{Hash, Hasher};
+        let version = Command::new(nvcc).arg("--version").output().ok().filter(|o| o.status.success())?;
+        #[allow(deprecated)] // SipHash with fixed keys: the same on every run of one toolchain
+        let mut h = std::hash::SipHasher::new();
+        (nvcc, &version.stdout, args).hash(&mut h);
+        // what nvcc itself takes from the environment
+        for var in ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN"] {
+            println!("cargo:rerun-if-env-changed={var}");
+            env::var_os(var).hash(&mut h);
+        }
+        for f in kernel_files {
+            (f.file_name(), std::fs::read(f).ok()?).hash(&mut h);
+        }
+        Some(format!("{:016x}", h.finish()))
+    }
+
+    /// Compiles one kernel file into `out` as a fatbin, or copies the same compile from `cache`.
+    fn nvcc_fatbin(
+        nvcc: &Path,
+        src: &Path,
+        kernel_files: &[PathBuf],
+        include: &Path,
+        out: &Path,
+        cache: Option<&Path>,
+    ) {
+        let args = nvcc_args(src, include);
+        let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+        let kept =
+            cache.and_then(|dir| Some(dir.join(format!("{stem}-{}.fatbin", cache_key(nvcc, &args, kernel_files)?))));
+        if let Some(kept) = &kept {
+            if std::fs::copy(kept, out).is_ok() {
+                eprintln!("kernels/{stem}.cu: the fatbin compiled before, from {}", kept.display());
+                return;
+            }
+        }
+        let status = Command::new(nvcc)
+            .args(&args)
+            .arg("-o")
+            .arg(out)
+            .status()
+            .unwrap_or_else(|e| panic!("failed to run {}: {e}", nvcc.display()));
         if !status.success() {
             panic!("nvcc failed on {} ({status})", src.display());
+        }
+        // kept through a temporary file renamed into place: a build beside this one reads a
+        // whole fatbin or none; a cache that cannot be written costs nothing but the next compile
+        if let Some(kept) = &kept {
+            let tmp = kept.with_extension(format!("tmp{}", std::process::id()));
+            let saved = kept.parent().is_some_and(|d| std::fs::create_dir_all(d).is_ok())
+                && std::fs::copy(out, &tmp).is_ok()
+                && std::fs::rename(&tmp, kept).is_ok();
+            if !saved {
+                let _ = std::fs::remove_file(&tmp);
+            }
         }
     }
 
@@ -91,9 +172,10 @@ mod cuda {
         for p in &sources {
             println!("cargo:rerun-if-changed={}", p.display());
         }
+        let cache = cache_dir(&out);
         for src in sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-            nvcc_fatbin(&nvcc, src, &kernels, &out.join(format!("{stem}.fatbin")));
+            nvcc_fatbin(&nvcc, src, &sources, &kernels, &out.join(format!("{stem}.fatbin")), cache.as_deref());
         }
 
         let bindings = bindgen::Builder::default()
