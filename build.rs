@@ -92,8 +92,9 @@ mod cuda {
     }
 
     /// The cache key of one compile: nvcc's path and `--version`, the arguments, nvcc's
-    /// variables (`NVCC_PREPEND_FLAGS`, ...), and the names and bytes of every file in `kernels/` (a kernel includes headers). A hash that moves
-    /// between Rust versions only costs a compile.
+    /// variables (`NVCC_PREPEND_FLAGS`, ...), and the names and bytes of every file in
+    /// `kernels/` (a kernel includes headers). A hash that moves between Rust versions only
+    /// costs a compile.
     fn cache_key(nvcc: &Path, args: &[String], kernel_files: &[PathBuf]) -> Option<String> {
         use std::hash::{Hash, Hasher};
         let version = Command::new(nvcc).arg("--version").output().ok().filter(|o| o.status.success())?;
@@ -111,17 +112,18 @@ mod cuda {
         Some(format!("{:016x}", h.finish()))
     }
 
-    /// Compiles one kernel file into `out` as a fatbin, or copies the same compile from `cache`.
+    /// Compiles one kernel file (`stem`: its name without `.cu`) into `out` as a fatbin, or
+    /// copies the same compile from `cache`.
     fn nvcc_fatbin(
         nvcc: &Path,
         src: &Path,
+        stem: &str,
         kernel_files: &[PathBuf],
         include: &Path,
         out: &Path,
         cache: Option<&Path>,
     ) {
         let args = nvcc_args(src, include);
-        let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
         let kept =
             cache.and_then(|dir| Some(dir.join(format!("{stem}-{}.fatbin", cache_key(nvcc, &args, kernel_files)?))));
         if let Some(kept) = &kept {
@@ -175,7 +177,7 @@ mod cuda {
         let cache = cache_dir(&out);
         for src in sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
-            nvcc_fatbin(&nvcc, src, &sources, &kernels, &out.join(format!("{stem}.fatbin")), cache.as_deref());
+            nvcc_fatbin(&nvcc, src, &stem, &sources, &kernels, &out.join(format!("{stem}.fatbin")), cache.as_deref());
         }
 
         let bindings = bindgen::Builder::default()

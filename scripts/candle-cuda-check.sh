@@ -3,8 +3,8 @@
 # (cudarc then takes `dynamic-linking` as well as `fallback-dynamic-loading`), and the candle op's
 # CUDA half compiled. No GPU needed: the library is compiled, not linked against CUDA.
 #
-# Not in CI: candle-kernels compiles its CUDA sources with nvcc in its build script, about 8 min
-# on a 2-core Zen 5 and 19 min on a 2-core Zen 3, which alone pushed CI past 75 min of its 90.
+# Not in CI: this build took 8 min on a 2-core Zen 5 and 22 min on a 2-core Zen 3, most of it
+# candle-kernels compiling its CUDA sources with nvcc, and CI had reached 77-85 min of its 90.
 # Run it before landing a change to src/candle*, src/cuda/, build.rs, or the versions or features
 # of cudarc and candle in Cargo.toml. `scripts/gpu-check.sh prepare` builds the candle tests with
 # this feature too (linked against the libraries of scripts/cuda-link-libs.sh).
