@@ -87,6 +87,14 @@ impl std::fmt::Display for CopyMethod {
     }
 }
 
+/// The smallest piece a copy is split into, in bytes.
+const MIN_PIECE: usize = 4096;
+
+/// The piece a copy asked for `piece` bytes copies: whole f32, at least [`MIN_PIECE`].
+fn whole_piece(piece: usize) -> usize {
+    piece.div_ceil(4).max(MIN_PIECE / 4) * 4
+}
+
 /// Two filled (non-zero) buffers of equal size and a parallel copy between them: the reference
 /// point for a pass that reads the logits once and writes the gradient once. The copy is the
 /// fastest of several ways this machine can copy the same bytes ([`CopyBuffers::pick_fastest`]).
@@ -109,7 +117,7 @@ impl CopyBuffers {
         src.extend((0..n).map(|i| (i % 1021) as f32 * 0.5 + 1.0));
         dst.resize(n, 1.0);
         let threads = crate::pool::install(rayon::current_num_threads).max(1);
-        let piece = (n * 4).div_ceil(threads * 4).max(4096);
+        let piece = whole_piece((n * 4).div_ceil(threads * 4));
         Some(CopyBuffers { src, dst, method: CopyMethod { streaming: None, piece, threads }, pool: None })
     }
 
@@ -125,11 +133,11 @@ impl CopyBuffers {
         let mut out = Vec::new();
         for streaming in ways {
             for piece in pieces {
-                out.push(CopyMethod { streaming, piece: piece.clamp(4096, bytes.max(4096)), threads });
+                out.push(CopyMethod { streaming, piece: whole_piece(piece.min(bytes)), threads });
             }
         }
         if threads > 1 {
-            out.push(CopyMethod { streaming: None, piece: bytes.max(4096), threads: 1 });
+            out.push(CopyMethod { streaming: None, piece: whole_piece(bytes), threads: 1 });
         }
         // equal pieces need not be neighbours (one thread: the whole, a quarter, then 1 MiB
         // clamped to the whole): each method once
@@ -158,8 +166,9 @@ impl CopyBuffers {
 
     /// Copies with `method` from now on, as far as this machine allows, and
     /// [`method`](Self::method) says what runs: a streaming level this CPU lacks copies with
-    /// `memcpy` (`streaming: None`), and `threads: 0`, or a pool of `threads` that cannot start,
-    /// takes the current pool (`threads`: its size).
+    /// `memcpy` (`streaming: None`), `threads: 0`, or a pool of `threads` that cannot start,
+    /// takes the current pool (`threads`: its size), and `piece` is rounded up to whole f32
+    /// and up to 4 KiB (`piece`: what is copied).
     pub fn set_method(&mut self, method: CopyMethod) {
         let current = crate::pool::install(rayon::current_num_threads);
         let streaming = method.streaming.filter(|&level| crate::cpu::simd::Kernels::select(level).is_some());
@@ -167,7 +176,8 @@ impl CopyBuffers {
         self.pool =
             (wanted != current).then(|| rayon::ThreadPoolBuilder::new().num_threads(wanted).build().ok()).flatten();
         let threads = if wanted == current || self.pool.is_some() { wanted } else { current };
-        self.method = CopyMethod { streaming, threads, ..method };
+        let piece = whole_piece(method.piece);
+        self.method = CopyMethod { streaming, piece, threads };
     }
 
     /// The method [`copy`](Self::copy) uses.
@@ -178,7 +188,7 @@ impl CopyBuffers {
     /// One copy with the current method.
     pub fn copy(&mut self) {
         let m = self.method;
-        let piece = (m.piece / 4).max(1024);
+        let piece = m.piece / 4;
         let kernels = m.streaming.and_then(crate::cpu::simd::Kernels::select);
         let (src, dst) = (&self.src, &mut self.dst);
         let body = || {
@@ -220,6 +230,14 @@ mod tests {
             assert_eq!(copy.method().streaming, runs.then_some(level), "{level:?}");
             copy.copy();
             assert!(copy.src == copy.dst, "{level:?}: the copy copied");
+        }
+        // the piece copied, not the piece asked for: whole f32, 4 KiB at least
+        for (asked, runs) in [(0, 4096), (1, 4096), (4095, 4096), (5000, 5000), (5001, 5004)] {
+            copy.set_method(CopyMethod { streaming: None, piece: asked, threads: 1 });
+            assert_eq!(copy.method().piece, runs, "{asked} bytes asked");
+            copy.dst.fill(0.5);
+            copy.copy();
+            assert!(copy.src == copy.dst, "{asked} bytes asked: the copy copied");
         }
     }
 

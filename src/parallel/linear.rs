@@ -6,7 +6,7 @@
 //! `d W_r += G_cᵀ·h_c` and `d b_r += Σ G_c` as the unsplit path does.
 
 use super::agree::{call_digest, Agreement, LINEAR_CALL};
-use super::call::Exchange;
+use super::exchange::Exchange;
 use super::wire::{encode_sealed, SLICE_WORDS};
 use super::{finish_over, first_exchanges, global_denominator, plan_totals, token_dims, Sharded};
 use crate::cpu::split::{merge_rows, words, Dest, Rows, SplitCpu};

@@ -96,6 +96,7 @@
 
 mod agree;
 mod call;
+mod exchange;
 mod linear;
 mod pipeline;
 mod steps;
@@ -374,7 +375,7 @@ fn first_exchanges<T>(
     let (vg, dg) = (call.vocab_group.size(), call.data_group.size());
     let agree = if mine.is_ok() && (vg > 1 || dg > 1) { Some(agree()) } else { None };
     let mine = if vg > 1 {
-        let mut ex = call::Exchange::new(call.vocab_group, call.slice);
+        let mut ex = exchange::Exchange::new(call.vocab_group, call.slice);
         let checked = ex.check_slices(agree.map(|a| (tokens, a, call.slice)))?;
         // this rank's own error first (the exchange then names this rank itself)
         mine.and_then(|t| checked.map(|()| t))

@@ -13,7 +13,7 @@
 //! one), in buffers that rotate. Every row is computed as in the loop of one pass at a time: the
 //! same bits.
 
-use super::call::Exchange;
+use super::exchange::Exchange;
 use super::wire::SLICE_WORDS;
 use super::ShardedLoss;
 use crate::cpu::split::{ChunkExps, Dest, GradPart, Rows, StatsPart};
