@@ -166,6 +166,32 @@ impl LossSpec {
             },
         }
     }
+
+    /// The backend a host call of `shape` runs on: [`resolved_backend`](Self::resolved_backend),
+    /// except that [`Backend::Auto`] takes the CPU for a shape beyond the CUDA kernels' 32-bit
+    /// fields (`V > 2^31 − 1` or `T − 1 > 2^32 − 1`), where [`Backend::Cuda`] is
+    /// [`Error::Unsupported`].
+    fn backend_for(&self, shape: Shape) -> Result<Backend> {
+        let backend = self.resolved_backend()?;
+        #[cfg(feature = "cuda")]
+        return Ok(auto_within(self.backend, backend, cuda::shape_fits(shape)));
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = shape;
+            Ok(backend)
+        }
+    }
+}
+
+/// What [`Backend::Auto`] (`asked`), resolved to `resolved`, runs a host call on when the call's
+/// shape `fits` the GPU's limits or not: the CPU where it does not; any other request as
+/// resolved (an explicit [`Backend::Cuda`] reports the shape as unsupported).
+#[cfg(feature = "cuda")]
+fn auto_within(asked: Backend, resolved: Backend, fits: bool) -> Backend {
+    match (asked, resolved, fits) {
+        (Backend::Auto, Backend::Cuda, false) => Backend::Cpu,
+        _ => resolved,
+    }
 }
 
 impl LossSpec {
@@ -227,7 +253,7 @@ impl LossSpec {
             }
         }
         check_token_loss(shape, token_loss.as_deref())?;
-        let backend = self.resolved_backend()?;
+        let backend = self.backend_for(shape)?;
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
             spec::validate_tokens(self, shape, &tokens)?;
@@ -289,7 +315,7 @@ impl LossSpec {
     ) -> Result<LossOutput> {
         spec::check_len("logits", logits.len(), shape.logits_len(), shape)?;
         check_token_loss(shape, token_loss.as_deref())?;
-        let backend = self.resolved_backend()?;
+        let backend = self.backend_for(shape)?;
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
             spec::validate_tokens(self, shape, &tokens)?;
@@ -310,6 +336,22 @@ fn check_token_loss(shape: Shape, token_loss: Option<&[f32]>) -> Result<()> {
     match token_loss {
         Some(b) if b.len() != expected => Err(Error::TokenLossLength { expected, got: b.len() }),
         _ => Ok(()),
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::{auto_within, Backend};
+
+    /// `Auto` falls back to the CPU for a shape the kernels cannot hold, where it failed with
+    /// `Unsupported`; an explicit `Cuda` still reports it, and the CPU stays the CPU.
+    #[test]
+    fn auto_takes_the_cpu_for_shapes_beyond_the_kernels() {
+        assert_eq!(auto_within(Backend::Auto, Backend::Cuda, false), Backend::Cpu);
+        assert_eq!(auto_within(Backend::Auto, Backend::Cuda, true), Backend::Cuda);
+        assert_eq!(auto_within(Backend::Auto, Backend::Cpu, true), Backend::Cpu);
+        assert_eq!(auto_within(Backend::Cuda, Backend::Cuda, false), Backend::Cuda);
+        assert_eq!(auto_within(Backend::Cpu, Backend::Cpu, false), Backend::Cpu);
     }
 }
 

@@ -378,7 +378,7 @@ pub(crate) fn grad_buffer<G: Logit>(stream: &Arc<CudaStream>, n: usize) -> Resul
 
 /// Whether the kernels' 32-bit fields hold `shape`: target ids (i32, so `V <= 2^31 − 1`) and each
 /// sample's count of targets (u32, so `T − 1 <= 2^32 − 1`).
-pub(super) fn cuda_shape_fits(shape: Shape) -> bool {
+pub(crate) fn cuda_shape_fits(shape: Shape) -> bool {
     shape.vocab() <= i32::MAX as usize && shape.seq() - 1 <= u32::MAX as usize
 }
 

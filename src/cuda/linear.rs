@@ -60,6 +60,7 @@ mod host;
 mod sweep;
 pub(crate) use host::run_host;
 pub use host::{bench_device, DeviceLinearBench};
+pub(crate) use sweep::linear_shape_fits;
 pub(in crate::cuda) use sweep::{check_buffers, Cut};
 
 /// Default bytes of chunk buffers on CUDA.

@@ -95,6 +95,7 @@ mod launch;
 mod module;
 mod probe;
 
+pub(crate) use api::cuda_shape_fits as shape_fits;
 pub(crate) use api::grad_buffer;
 pub use api::{CudaLoss, DeviceInputs, DeviceLossOutput};
 pub use bench::{bench_device, DeviceBench};

@@ -395,7 +395,8 @@ pub struct LinearOutput {
 impl LossSpec {
     /// The backend [`linear_loss_and_grad`](Self::linear_loss_and_grad) runs on here: as
     /// [`resolved_backend`](Self::resolved_backend), except that [`Backend::Auto`](crate::Backend::Auto)
-    /// also needs cuBLAS for the GPU's products, and without it takes the CPU.
+    /// also needs cuBLAS for the GPU's products, and without it takes the CPU (a call of a shape
+    /// beyond the GPU path's 32-bit fields takes it too).
     pub fn resolved_linear_backend(&self) -> Result<crate::Backend> {
         let backend = self.resolved_backend()?;
         #[cfg(feature = "cuda")]
@@ -425,6 +426,9 @@ impl LossSpec {
         grads.check(shape, inputs.bias.is_some())?;
         chunking.rows_for(1, 1, 1)?;
         let backend = self.resolved_linear_backend()?;
+        // `Auto` takes the CPU for a shape beyond the GPU path's 32-bit fields
+        #[cfg(feature = "cuda")]
+        let backend = crate::auto_within(self.backend, backend, crate::cuda::linear::linear_shape_fits(shape));
         #[cfg(feature = "cuda")]
         if backend == crate::Backend::Cuda {
             crate::spec::validate_tokens(self, shape.tokens, &tokens)?;

@@ -64,10 +64,22 @@ pub(in crate::cuda) fn check_buffers<L: Logit>(
     if grads.bias.len().is_some() && inputs.bias.is_none() {
         return Err(Error::Unsupported("a bias gradient was asked for without a bias input".into()));
     }
-    if shape.hidden() > i32::MAX as usize || shape.rows() > i32::MAX as usize {
+    if !blas_shape_fits(shape) {
         return Err(Error::Unsupported("shape too large for cuBLAS".into()));
     }
     Ok(())
+}
+
+/// Whether cuBLAS's 32-bit dimensions hold `shape`'s products (`H` and `N`; `V` is bounded
+/// tighter by the rows kernels).
+pub(in crate::cuda) fn blas_shape_fits(shape: LinearShape) -> bool {
+    shape.hidden() <= i32::MAX as usize && shape.rows() <= i32::MAX as usize
+}
+
+/// Whether the fused linear path on the GPU holds `shape`: the rows kernels' limits
+/// ([`shape_fits`](crate::cuda::shape_fits)) and cuBLAS's.
+pub(crate) fn linear_shape_fits(shape: LinearShape) -> bool {
+    crate::cuda::shape_fits(shape.tokens()) && blas_shape_fits(shape)
 }
 
 /// The rows step of a sweep: `(rows, z, g)` turns the f32 logits of token rows `rows` at device
