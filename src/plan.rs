@@ -4,7 +4,9 @@
 
 use crate::dtype::TokenId;
 use crate::error::{Error, Result};
-use crate::spec::{validate_tokens, Backend, Keyword, LossOutput, LossSpec, Reduction, RowMean, Shape, Tokens};
+use crate::spec::{
+    validate_tokens, validate_tokens_of_rank, Backend, Keyword, LossOutput, LossSpec, Reduction, RowMean, Shape, Tokens,
+};
 
 /// Marks a row with no target (the last position, or an ignored label).
 pub(crate) const NO_TARGET: u32 = u32::MAX;
@@ -129,6 +131,17 @@ impl LossSpec {
     /// Validates the tokens and works out targets, weights and per-sample coefficients.
     pub(crate) fn plan<I: TokenId>(&self, shape: Shape, tokens: &Tokens<'_, I>) -> Result<Plan> {
         validate_tokens(self, shape, tokens)?;
+        self.plan_validated(shape, tokens)
+    }
+
+    /// [`plan`](Self::plan) of a data-parallel rank's tokens, which may hold no samples
+    /// ([`Shape::without_samples`]: a plan of no rows).
+    pub(crate) fn plan_of_rank<I: TokenId>(&self, shape: Shape, tokens: &Tokens<'_, I>) -> Result<Plan> {
+        validate_tokens_of_rank(self, shape, tokens)?;
+        self.plan_validated(shape, tokens)
+    }
+
+    fn plan_validated<I: TokenId>(&self, shape: Shape, tokens: &Tokens<'_, I>) -> Result<Plan> {
         let (b, t) = (shape.batch(), shape.seq());
         let labels = tokens.labels.unwrap_or(tokens.ids);
         let mut targets = vec![NO_TARGET; shape.rows()];

@@ -516,8 +516,14 @@ fn a_rank_without_samples_and_its_errors() {
     assert!(matches!(alone, Err(Error::EmptyBatch)), "{alone:?}");
     let plain = spec.loss_and_grad::<f32, i64>(empty, &[], Tokens::new(&none), Grad::Skip);
     assert!(matches!(plain, Err(Error::EmptyBatch)), "{plain:?}");
-    let steps = ShardedLoss::new(&spec, empty, VocabSlice::full(v).unwrap(), Tokens::new(&none));
-    assert!(matches!(steps, Err(Error::EmptyBatch)), "the steps take samples: {steps:?}");
+    // the steps take an empty rank, whose output needs the data group's totals
+    let steps = ShardedLoss::new(&spec, empty, VocabSlice::full(v).unwrap(), Tokens::new(&none)).unwrap();
+    let alone = steps.finish();
+    assert!(matches!(alone, Err(Error::EmptyBatch)), "no data group: {alone:?}");
+    let mut steps = ShardedLoss::new(&spec, empty, VocabSlice::full(v).unwrap(), Tokens::new(&none)).unwrap();
+    let totals = [steps.batch_totals(), steps.batch_totals()].concat();
+    assert_eq!(steps.set_batch_totals(&totals), Err(Error::EmptyDataGroup));
+    assert!(matches!(steps.finish(), Err(Error::EmptyBatch)), "its totals were refused");
     let all_empty = run_ranks(3, |_, g| {
         Sharded::data_parallel(v, g).loss_and_grad::<f32, i64>(&spec, empty, &[], Tokens::new(&none), Grad::Skip)
     });
@@ -618,6 +624,77 @@ fn steps_pipelined_by_hand_equal_the_one_call() {
         }
     }
     same_as_one_call(&case, &slices, chunk, steps, &grads);
+}
+
+/// The host steps on a 2 × 2 grid driven by hand in one thread, data rank 0 without samples
+/// (`Shape::without_samples`): every rank's loss has the same bits as the one call's on the same
+/// grid, the full rank's gradient too, and the empty rank's outputs are empty.
+#[test]
+fn steps_of_a_data_rank_without_samples_equal_the_one_call() {
+    let mut case = random_case::<f32>(31, 40);
+    case.spec = case.spec.to_builder().z_loss(1e-3).reduction(Reduction::WeightedMean).build().unwrap();
+    let (t, v) = (case.shape.seq(), case.shape.vocab());
+    let b = case.shape.batch();
+    let parts = [case.samples(0, 0), case.samples(0, b)];
+    let slices = [VocabSlice::new(0, v / 2, v).unwrap(), VocabSlice::new(v / 2, v - v / 2, v).unwrap()];
+    let local = |d: usize, p: usize| columns(&parts[d].logits, v, slices[p]);
+    // steps[d][p]: data rank d, vocabulary rank p
+    let mut steps: Vec<Vec<ShardedLoss>> = parts
+        .iter()
+        .map(|part| {
+            slices.iter().map(|&s| ShardedLoss::new(&part.spec, part.shape, s, part.tokens()).unwrap()).collect()
+        })
+        .collect();
+    for p in 0..2 {
+        let totals = [steps[0][p].batch_totals(), steps[1][p].batch_totals()].concat();
+        assert_eq!(&totals[..2], &[0.0, 0.0], "the empty rank's totals");
+        for row in steps.iter_mut() {
+            row[p].set_batch_totals(&totals).unwrap();
+        }
+    }
+    let mut grads: Vec<Vec<Vec<f32>>> =
+        (0..2).map(|d| slices.iter().map(|s| vec![f32::NAN; parts[d].shape.rows() * s.len()]).collect()).collect();
+    for d in 0..2 {
+        let rows = 0..parts[d].shape.rows();
+        let mut gathered = Vec::new();
+        for p in 0..2 {
+            let mut words = vec![f64::NAN; steps[d][p].partials_len(rows.len())];
+            steps[d][p].partials(rows.clone(), &local(d, p), &mut words).unwrap();
+            gathered.extend(words);
+        }
+        for p in 0..2 {
+            steps[d][p].finish_rows_grad(rows.clone(), &gathered, &local(d, p), &mut grads[d][p]).unwrap();
+        }
+    }
+    let mut outs: Vec<Vec<LossOutput>> =
+        steps.into_iter().map(|row| row.into_iter().map(|s| s.finish().unwrap()).collect()).collect();
+    for p in 0..2 {
+        let shares = [ShardedLoss::loss_totals(&outs[0][p]), ShardedLoss::loss_totals(&outs[1][p])].concat();
+        assert_eq!(&shares[..2], &[0.0, 0.0], "the empty rank's share");
+        for row in outs.iter_mut() {
+            ShardedLoss::combine_loss(&mut row[p], &shares).unwrap();
+        }
+    }
+    let one_call = run_grid(2, 2, |d, p, vg, dg| {
+        let call = Sharded::vocab_parallel(slices[p], vg).with_data_group(dg);
+        let mut grad = vec![f32::NAN; parts[d].shape.rows() * slices[p].len()];
+        let out =
+            call.loss_and_grad(&parts[d].spec, parts[d].shape, &local(d, p), parts[d].tokens(), Grad::Into(&mut grad));
+        (out.unwrap(), grad)
+    });
+    let (whole, _, _) = case.whole();
+    for (rank, (out, grad)) in one_call.iter().enumerate() {
+        let (d, p) = (rank / 2, rank % 2);
+        let mine = &outs[d][p];
+        assert_eq!(mine.loss.to_bits(), out.loss.to_bits(), "rank {rank}: loss bits of the one call");
+        assert_eq!(mine.z_loss.to_bits(), out.z_loss.to_bits(), "rank {rank}: z-loss bits");
+        assert_eq!(mine.per_sample_loss, out.per_sample_loss, "rank {rank}: per-sample losses");
+        assert_eq!(bits(&grads[d][p]), bits(grad), "rank {rank}: gradient bits of the one call");
+        assert!(rel(mine.loss, whole.loss) <= 1e-6, "rank {rank}: loss {} vs {}", mine.loss, whole.loss);
+        if d == 0 {
+            assert!(mine.per_sample_loss.is_empty() && mine.weights.is_empty() && grads[d][p].is_empty());
+        }
+    }
 }
 
 /// The pipelined step `finish_rows_grad_then_partials` (one chunk's gradient beside the next

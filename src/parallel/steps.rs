@@ -74,6 +74,8 @@ pub struct ShardedLoss {
     missing: usize,
     /// Whether a gradient has been written (the denominators are fixed from then on).
     grad_written: bool,
+    /// Whether the data group's batch totals were set (a rank without samples needs them).
+    totals_set: bool,
 }
 
 impl std::fmt::Debug for ShardedLoss {
@@ -87,11 +89,46 @@ impl ShardedLoss {
     /// vocabulary) and plans the call. `shape` is `[B, T, V]` with this rank's `B` and the whole
     /// `V`; the logits of each step hold `slice.len()` columns per row. The steps run on the
     /// CPU backend (at the spec's `cpu_simd` level).
+    ///
+    /// A data-parallel rank that holds no samples this step passes
+    /// [`Shape::without_samples`] and empty tokens: it has no rows (its
+    /// [`partials`](Self::partials) of `0..0` are its slice's words alone), sends
+    /// [`batch_totals`](Self::batch_totals) `[0, 0]`, and its [`finish`](Self::finish) then
+    /// gives a share of 0 of the loss, which [`combine_loss`](Self::combine_loss) turns into its
+    /// peers' loss. Its [`set_batch_totals`](Self::set_batch_totals) is required (without it,
+    /// `finish` is [`Error::EmptyBatch`]) and fails with [`Error::EmptyDataGroup`] when no rank
+    /// holds a sample.
+    ///
+    /// ```
+    /// use fused_weighted_loss::parallel::{ShardedLoss, VocabSlice};
+    /// use fused_weighted_loss::{LossSpec, Shape, Tokens};
+    ///
+    /// let (spec, full) = (LossSpec::default(), VocabSlice::full(4)?);
+    /// let none: [i64; 0] = [];
+    /// let mut empty = ShardedLoss::new(&spec, Shape::without_samples(3, 4)?, full, Tokens::new(&none))?;
+    /// let ids = [1i64, 3, 2];
+    /// let mut full_rank = ShardedLoss::new(&spec, Shape::new(1, 3, 4)?, full, Tokens::new(&ids))?;
+    /// // the data group's exchange of [B, Σ w_b], in rank order
+    /// let totals = [empty.batch_totals(), full_rank.batch_totals()].concat();
+    /// empty.set_batch_totals(&totals)?;
+    /// full_rank.set_batch_totals(&totals)?;
+    /// let mut words = vec![0.0; full_rank.partials_len(3)];
+    /// full_rank.partials(0..3, &[0.25f32; 12], &mut words)?;
+    /// full_rank.finish_rows(0..3, &words)?;
+    /// let mut outs = [empty.finish()?, full_rank.finish()?];
+    /// let shares = [ShardedLoss::loss_totals(&outs[0]), ShardedLoss::loss_totals(&outs[1])].concat();
+    /// for out in &mut outs {
+    ///     ShardedLoss::combine_loss(out, &shares)?;
+    /// }
+    /// assert_eq!(outs[0].loss, outs[1].loss); // the empty rank: its peers' loss
+    /// assert!((outs[0].loss - 4f64.ln()).abs() < 1e-6); // uniform rows of 4
+    /// # Ok::<(), fused_weighted_loss::Error>(())
+    /// ```
     pub fn new<I: TokenId>(spec: &LossSpec, shape: Shape, slice: VocabSlice, tokens: Tokens<'_, I>) -> Result<Self> {
         if slice.vocab() != shape.vocab() {
             return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
         }
-        let plan = spec.plan(shape, &tokens)?;
+        let plan = spec.plan_of_rank(shape, &tokens)?;
         let k = crate::cpu_kernels(spec.cpu_simd)?;
         let rows = shape.rows();
         let keep = 2 * super::call::chunk_rows_for_len(slice.len());
@@ -106,6 +143,7 @@ impl ShardedLoss {
             finished: vec![false; rows],
             missing: rows,
             grad_written: false,
+            totals_set: false,
         })
     }
 
@@ -215,7 +253,11 @@ impl ShardedLoss {
                 "the gathered batch totals {gathered:?} are not every rank's [B, Σ w_b] (this rank's: {mine:?})"
             )));
         }
+        if sum_in_rank_order(gathered, 2, 0) == 0.0 {
+            return Err(Error::EmptyDataGroup);
+        }
         self.plan.set_denominator(super::denominator(self.spec.reduction, gathered)?, self.spec.grad_scale);
+        self.totals_set = true;
         Ok(())
     }
 
@@ -391,6 +433,10 @@ impl ShardedLoss {
     pub(crate) fn output_checked(&self, check: bool, token_loss: Option<&mut [f32]>) -> Result<LossOutput> {
         if self.missing > 0 {
             return Err(Error::StepOrder("finish before every row's statistics were merged"));
+        }
+        // a rank without samples has a share of its data group's loss only
+        if self.plan.shape.batch() == 0 && !self.totals_set {
+            return Err(Error::EmptyBatch);
         }
         crate::check_token_loss(self.plan.shape, token_loss.as_deref())?;
         self.plan.finish(&self.losses, check, Backend::Cpu, token_loss)

@@ -46,9 +46,10 @@ impl Shape {
 
     /// The shape of a rank of a data-parallel group that holds no samples this step (an uneven
     /// last batch): `[0, seq, vocab]`, `seq` and `vocab` checked as [`Shape::new`] checks them.
-    /// Only the sharded calls (`parallel::Sharded`, and `cuda::split::DeviceSharded` with the
-    /// `cuda` feature) accept it, and only with a data group of more than one rank: the rank
-    /// takes part in the group's exchanges with nothing and gets the loss of its peers' samples.
+    /// Only the sharded calls (`parallel::Sharded`, its host steps `parallel::ShardedLoss`, and
+    /// `cuda::split::DeviceSharded` with the `cuda` feature) accept it, and only with a data
+    /// group of more than one rank: the rank takes part in the group's exchanges with nothing
+    /// and gets the loss of its peers' samples.
     /// Every other call returns [`Error::EmptyBatch`] for it.
     ///
     /// ```
