@@ -357,3 +357,30 @@ fn linear_rank_without_samples_accumulates_nothing_and_its_errors() {
     });
     assert!(zero_rows.iter().all(|r| matches!(r, Err(Error::InvalidChunking(_)))), "{zero_rows:?}");
 }
+
+/// The memory a rank reports: its chunk buffers (those of the single-device call on its slice
+/// alone) and the exponentials it keeps between statistics and gradient, none for a slice longer
+/// than 2^22 (whose rows are recomputed; it reported `chunk × slice × 4` bytes it never held).
+#[test]
+fn linear_scratch_bytes_of_a_slice_beyond_the_kept_rows() {
+    let v = (1usize << 22) + 3;
+    let c = Case::new(41, 1, 3, 2, v, false);
+    let spec = LossSpec::default();
+    let sl = [VocabSlice::new(0, v - 2, v).unwrap(), VocabSlice::new(v - 2, 2, v).unwrap()];
+    let outs = run_ranks(2, |r, g: &ThreadGroup| {
+        let part = Case { spec: spec.clone(), ..c.part(0, 1, Some(sl[r])) };
+        part.run(Some(Sharded::vocab_parallel(sl[r], g)))
+    });
+    for (r, (out, ..)) in outs.iter().enumerate() {
+        // the single-device call on this slice alone, the same chunks
+        let alone = Case { spec: spec.clone(), ..c.part(0, 1, Some(sl[r])) };
+        let len = sl[r].len() as i64;
+        let (ids, labels) =
+            (alone.ids.iter().map(|y| y % len).collect(), alone.labels.iter().map(|y| y % len).collect());
+        let alone = Case { shape: LinearShape::new(1, 3, 2, sl[r].len()).unwrap(), ids, labels, ..alone };
+        let (solo, ..) = alone.run(None);
+        assert_eq!(out.chunk_rows, solo.chunk_rows, "rank {r}: the same chunks");
+        let kept = if r == 0 { 0 } else { out.chunk_rows * sl[r].len() * 4 };
+        assert_eq!(out.scratch_bytes, solo.scratch_bytes + kept, "rank {r}: chunk buffers and kept rows");
+    }
+}

@@ -188,6 +188,12 @@ impl SplitCpu {
         self.keep_rows = if self.len <= SCRATCH_MAX { keep_rows } else { 0 };
     }
 
+    /// At most this many rows' exponentials are kept at once (0 for slices longer than a kept
+    /// row can be).
+    pub fn keep_rows(&self) -> usize {
+        self.keep_rows
+    }
+
     /// Forgets the exponentials kept for `key` (a loss-only finish).
     pub fn drop_kept(&mut self, key: &Range<usize>) {
         if let Some(mut e) = self.take(key) {

@@ -146,7 +146,8 @@ impl Sharded<'_> {
         };
         let (row_loss, chunks) = run_with(&k, &plan, local, &inputs, grads, Chunking::Rows(c), &mut pass)?;
         let out = finish_over(dg, spec.check_finite, |check| plan.finish(&row_loss, check, Backend::Cpu, None))?;
-        let kept = c * slice.len() * 4 * if cpu.m.keeps_chain() { 2 } else { 1 };
+        // (nothing is kept of a slice longer than a kept row can be: its rows are recomputed)
+        let kept = c.min(cpu.keep_rows()) * slice.len() * 4 * if cpu.m.keeps_chain() { 2 } else { 1 };
         Ok(LinearOutput {
             loss: out,
             chunk_rows: chunks.rows,
