@@ -254,14 +254,15 @@ impl LossSpec {
         }
         check_token_loss(shape, token_loss.as_deref())?;
         let backend = self.backend_for(shape)?;
+        let wants_grad = !matches!(grad, Grad::Skip);
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
-            spec::validate_tokens(self, shape, &tokens)?;
-            // found on the device only after the outputs came back: checked before they do
-            self.sample_weights(shape, tokens.ids)?;
+            // found on the device only after the outputs came back (or not at all, for a
+            // gradient factor beyond f32): checked before they do
+            self.plan_checked(shape, &tokens, wants_grad)?;
             return cuda::run_host(self, shape, logits, tokens, grad, token_loss);
         }
-        let plan = self.plan(shape, &tokens)?;
+        let plan = self.plan_checked(shape, &tokens, wants_grad)?;
         let k = cpu_kernels(self.cpu_simd)?;
         let rows = match grad {
             Grad::Skip => cpu::run::<L, f32>(&k, &plan, logits, None),
@@ -318,15 +319,31 @@ impl LossSpec {
         let backend = self.backend_for(shape)?;
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
-            spec::validate_tokens(self, shape, &tokens)?;
-            // found on the device only after the outputs came back: checked before they do
-            self.sample_weights(shape, tokens.ids)?;
+            // as `run`
+            self.plan_checked(shape, &tokens, true)?;
             return cuda::run_host_in_place(self, shape, logits, tokens, token_loss);
         }
-        let plan = self.plan(shape, &tokens)?;
+        let plan = self.plan_checked(shape, &tokens, true)?;
         let k = cpu_kernels(self.cpu_simd)?;
         let rows = cpu::run_in_place(&k, &plan, logits);
         plan.finish(&rows, self.check_finite, backend, token_loss)
+    }
+}
+
+impl LossSpec {
+    /// The call's plan, and for a call that writes a gradient the check that every row's
+    /// gradient factor is within f32 ([`plan::Plan::check_grad_factors`]).
+    pub(crate) fn plan_checked<I: TokenId>(
+        &self,
+        shape: Shape,
+        tokens: &Tokens<'_, I>,
+        grad: bool,
+    ) -> Result<plan::Plan> {
+        let plan = self.plan(shape, tokens)?;
+        if grad {
+            plan.check_grad_factors()?;
+        }
+        Ok(plan)
     }
 }
 

@@ -207,6 +207,24 @@ impl Plan {
         }
     }
 
+    /// For a call that writes a gradient: [`Error::InvalidOption`] when a row with a target has a
+    /// gradient factor `grad_scale · w_b / (D · N_b) · token weight` beyond f32's range, whose
+    /// entries would all be infinite or NaN (the loss, in f64, would not show it). Checked
+    /// before the pass, from the ids and options alone; a loss-only call needs no factor.
+    pub(crate) fn check_grad_factors(&self) -> Result<()> {
+        for (r, &y) in self.targets.iter().enumerate() {
+            if y != NO_TARGET && !self.row_coef(r).is_finite() {
+                let w = self.token_weight.get(r).map_or(1.0, |&w| w as f64);
+                return Err(Error::InvalidOption {
+                    name: "grad_scale, alpha and the token weights",
+                    value: self.coef[r / self.shape.seq()] * w,
+                    expected: "a gradient factor grad_scale * w_b / (D * N_b) * token weight within f32's range",
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Combines per-row losses (0 for rows without a target) into the output, in a fixed order;
     /// writes each position's loss into `token_loss` (`[B, T - 1]`, 0 where ignored) when given.
     pub(crate) fn finish(

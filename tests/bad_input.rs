@@ -133,6 +133,68 @@ fn sample_weights_that_overflow_are_errors() {
     assert!(matches!(r, Error::InvalidOption { value, .. } if value == f64::INFINITY), "{r}");
 }
 
+/// A gradient factor `grad_scale · w_b / (D · N_b) · token weight` beyond f32 (every entry of
+/// its row infinite or NaN, the loss in f64 finite, `check_finite` passing) is refused before
+/// anything is written, by every call that writes a gradient; a loss-only call needs no factor.
+#[test]
+fn gradient_factors_beyond_f32_are_errors() {
+    use fused_weighted_loss::linear::{Chunking, LinearGrads, LinearInputs, LinearShape};
+    let (shape, logits, ids) = ok_inputs();
+    let is_factor_error = |e: &Error| matches!(e, Error::InvalidOption { name: "grad_scale, alpha and the token weights", value, .. } if *value > f32::MAX as f64);
+    // D · N_b = 2 · 2: a scale of 1e40 gives 2.5e39 per row
+    for spec in [
+        LossSpec::builder().grad_scale(1e40).check_finite(true).build().unwrap(),
+        LossSpec::builder().alpha(1e40).build().unwrap(),
+    ] {
+        let mut g = vec![7f32; logits.len()];
+        let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g)).unwrap_err();
+        assert!(is_factor_error(&e), "{e}");
+        assert!(g.iter().all(|&x| x == 7.0), "nothing written");
+        let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap_err();
+        assert!(is_factor_error(&e), "{e}");
+        let mut in_place = logits.clone();
+        let e = spec.loss_and_grad_in_place(shape, &mut in_place, Tokens::new(&ids)).unwrap_err();
+        assert!(is_factor_error(&e) && in_place == logits, "{e}: nothing written");
+        let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+        assert!(out.loss.is_finite(), "the loss alone: {}", out.loss);
+        // the fused linear path (logits = hidden · Wᵀ, H = 1)
+        let ls = LinearShape::new(2, 3, 1, 5).unwrap();
+        let (hidden, weight) = ([0.5f32, -1.0, 2.0, 0.25, 1.0, -0.5], [1.0f32, -2.0, 0.5, 3.0, -1.0]);
+        let mut dh = [7f32; 6];
+        let grads = LinearGrads::new().hidden(Grad::Into(&mut dh));
+        let e = spec
+            .linear_loss_and_grad(ls, LinearInputs::new(&hidden, &weight), Tokens::new(&ids), grads, Chunking::Auto)
+            .unwrap_err();
+        assert!(is_factor_error(&e) && dh == [7.0; 6], "{e}: nothing written");
+        let loss_only = LinearGrads::new();
+        let out = spec.linear_loss_and_grad(
+            ls,
+            LinearInputs::new(&hidden, &weight),
+            Tokens::new(&ids),
+            loss_only,
+            Chunking::Auto,
+        );
+        assert!(out.is_ok(), "{out:?}");
+    }
+    // a token weight takes a factor within f32 past it; on a row whose target is ignored it
+    // does not count (that row has no gradient)
+    let spec = LossSpec::builder().grad_scale(1e37).build().unwrap();
+    let mut tw = vec![1f32; 6];
+    tw[1] = 1000.0; // row (0, 0): 2.5e36 · 1000
+    let mut g = vec![7f32; logits.len()];
+    let e =
+        spec.loss_and_grad(shape, &logits, Tokens::new(&ids).with_token_weights(&tw), Grad::Into(&mut g)).unwrap_err();
+    assert!(is_factor_error(&e), "{e}");
+    let labels = [0i64, -100, 2, 3, 4, 0];
+    let tokens = Tokens::new(&ids).with_labels(&labels).with_token_weights(&tw);
+    let out = spec.loss_and_grad(shape, &logits, tokens, Grad::Into(&mut g)).unwrap();
+    assert!(out.loss.is_finite() && g.iter().all(|x| x.is_finite()), "the ignored row's weight is not used");
+    // the largest factor f32 holds still runs, every entry finite
+    let spec = LossSpec::builder().grad_scale(1e38).build().unwrap();
+    spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g)).unwrap();
+    assert!(g.iter().all(|x| x.is_finite()), "2.5e37 per row: finite entries");
+}
+
 #[test]
 fn the_z_loss_part_is_0_when_off_also_over_non_finite_logits() {
     let (shape, mut logits, ids) = ok_inputs();

@@ -633,8 +633,7 @@ fn steps_pipelined_by_hand_equal_the_one_call() {
 fn steps_of_a_data_rank_without_samples_equal_the_one_call() {
     let mut case = random_case::<f32>(31, 40);
     case.spec = case.spec.to_builder().z_loss(1e-3).reduction(Reduction::WeightedMean).build().unwrap();
-    let (t, v) = (case.shape.seq(), case.shape.vocab());
-    let b = case.shape.batch();
+    let (b, v) = (case.shape.batch(), case.shape.vocab());
     let parts = [case.samples(0, 0), case.samples(0, b)];
     let slices = [VocabSlice::new(0, v / 2, v).unwrap(), VocabSlice::new(v / 2, v - v / 2, v).unwrap()];
     let local = |d: usize, p: usize| columns(&parts[d].logits, v, slices[p]);
@@ -657,13 +656,13 @@ fn steps_of_a_data_rank_without_samples_equal_the_one_call() {
     for d in 0..2 {
         let rows = 0..parts[d].shape.rows();
         let mut gathered = Vec::new();
-        for p in 0..2 {
-            let mut words = vec![f64::NAN; steps[d][p].partials_len(rows.len())];
-            steps[d][p].partials(rows.clone(), &local(d, p), &mut words).unwrap();
+        for (p, st) in steps[d].iter_mut().enumerate() {
+            let mut words = vec![f64::NAN; st.partials_len(rows.len())];
+            st.partials(rows.clone(), &local(d, p), &mut words).unwrap();
             gathered.extend(words);
         }
-        for p in 0..2 {
-            steps[d][p].finish_rows_grad(rows.clone(), &gathered, &local(d, p), &mut grads[d][p]).unwrap();
+        for (p, (st, g)) in steps[d].iter_mut().zip(grads[d].iter_mut()).enumerate() {
+            st.finish_rows_grad(rows.clone(), &gathered, &local(d, p), g).unwrap();
         }
     }
     let mut outs: Vec<Vec<LossOutput>> =

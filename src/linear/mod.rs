@@ -311,6 +311,11 @@ impl<L: Logit> Default for LinearGrads<'_, L> {
 }
 
 impl<'a, L: Logit> LinearGrads<'a, L> {
+    /// Whether any gradient is asked for.
+    pub(crate) fn wants_any(&self) -> bool {
+        [&self.hidden, &self.weight, &self.bias].iter().any(|g| !matches!(g, Grad::Skip))
+    }
+
     /// No gradients (the loss only); add them with the methods below.
     pub fn new() -> Self {
         Self::default()
@@ -429,14 +434,15 @@ impl LossSpec {
         // `Auto` takes the CPU for a shape beyond the GPU path's 32-bit fields
         #[cfg(feature = "cuda")]
         let backend = crate::auto_within(self.backend, backend, crate::cuda::linear::linear_shape_fits(shape));
+        let wants_grad = grads.wants_any();
         #[cfg(feature = "cuda")]
         if backend == crate::Backend::Cuda {
-            crate::spec::validate_tokens(self, shape.tokens, &tokens)?;
-            // found on the device only after the gradients came back: checked before they do
-            self.sample_weights(shape.tokens, tokens.ids)?;
+            // found on the device only after the gradients came back (or not at all, for a
+            // gradient factor beyond f32): checked before they do
+            self.plan_checked(shape.tokens, &tokens, wants_grad)?;
             return crate::cuda::linear::run_host(self, shape, inputs, tokens, grads, chunking);
         }
-        let plan = self.plan(shape.tokens, &tokens)?;
+        let plan = self.plan_checked(shape.tokens, &tokens, wants_grad)?;
         let k = crate::cpu_kernels(self.cpu_simd)?;
         let (row_loss, chunks) = cpu::run(&k, &plan, shape, &inputs, grads, chunking)?;
         Ok(LinearOutput {

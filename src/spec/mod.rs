@@ -292,10 +292,25 @@ impl LossSpecBuilder {
         self
     }
     /// The upstream gradient (`dL_total/dloss`) the gradient is scaled by (default 1.0). Must be
-    /// finite. Gradient entries are f32: a per-row factor `grad_scale · w_b / (D · N_b)` (times a
-    /// token weight) beyond f32's range gives infinite (and NaN) entries, one below its smallest
-    /// subnormal (about 1.4e-45) zero entries, while the loss, in f64, stays right: keep the
-    /// scale, alpha and token weights within a few orders of magnitude of 1.
+    /// finite. Gradient entries are f32: a call on host buffers that writes a gradient refuses a
+    /// per-row factor `grad_scale · w_b / (D · N_b)` (times a token weight) beyond f32's range
+    /// ([`Error::InvalidOption`] naming `grad_scale, alpha and the token weights`, before
+    /// anything is written), whose entries would be infinite or NaN while the loss, in f64,
+    /// stays right; a loss-only call takes it. The calls on device buffers and the sharded calls
+    /// do not check it (their factors are made on the device or after an exchange). A factor
+    /// below f32's smallest subnormal (about 1.4e-45) gives zero entries. Keep the scale, alpha
+    /// and token weights within a few orders of magnitude of 1.
+    ///
+    /// ```
+    /// use fused_weighted_loss::{Error, Grad, LossSpec, Shape, Tokens};
+    /// let (shape, ids) = (Shape::new(1, 2, 3)?, [0i64, 2]);
+    /// let spec = LossSpec::builder().grad_scale(1e40).build()?;
+    /// let mut grad = [0f32; 6];
+    /// let e = spec.loss_and_grad(shape, &[0.5f32; 6], Tokens::new(&ids), Grad::Into(&mut grad));
+    /// assert!(matches!(e, Err(Error::InvalidOption { .. }))); // 1e40 per row: beyond f32
+    /// assert!(spec.loss_and_grad(shape, &[0.5f32; 6], Tokens::new(&ids), Grad::Skip).is_ok());
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn grad_scale(mut self, grad_scale: f64) -> Self {
         self.spec.grad_scale = grad_scale;
         self
@@ -339,8 +354,9 @@ impl LossSpecBuilder {
     /// On a data-parallel group the one calls (`parallel::Sharded`, `cuda::split::DeviceSharded`
     /// and its steps' `combine_loss`) fail every rank together ([`Error::NonFiniteInGroup`] on the
     /// ranks whose own positions are finite); the host steps `parallel::ShardedLoss` check this
-    /// rank's positions only. The losses are checked, not the gradient entries (see
-    /// [`grad_scale`](Self::grad_scale) for factors beyond f32's range).
+    /// rank's positions only. The losses are checked, not the gradient entries (a factor beyond
+    /// f32's range, which made every entry of its row infinite or NaN, is refused before the
+    /// pass on host buffers: see [`grad_scale`](Self::grad_scale)).
     pub fn check_finite(mut self, on: bool) -> Self {
         self.spec.check_finite = on;
         self
