@@ -626,6 +626,42 @@ fn steps_pipelined_by_hand_equal_the_one_call() {
     same_as_one_call(&case, &slices, chunk, steps, &grads);
 }
 
+/// Ranks of a vocabulary group whose tokens mean the same but are passed differently (one
+/// gives labels equal to its ids and token weights of 1, the other leaves both out) make the same
+/// call: no `GroupCallMismatch`, the same loss bits as when neither passes them.
+#[test]
+fn tokens_that_mean_the_same_agree() {
+    let case = random_case::<f32>(57, 40);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let slices = [VocabSlice::new(0, v / 2, v).unwrap(), VocabSlice::new(v / 2, v - v / 2, v).unwrap()];
+    let ones = vec![1.0f32; case.ids.len()];
+    let run = |explicit: [bool; 2]| {
+        run_ranks(2, |r, g| {
+            let local = columns(&case.logits, v, slices[r]);
+            let mut grad = vec![f32::NAN; local.len()];
+            let tokens = match explicit[r] {
+                true => Tokens::new(&case.ids).with_labels(&case.ids).with_token_weights(&ones),
+                false => Tokens::new(&case.ids),
+            };
+            let out = Sharded::vocab_parallel(slices[r], g).loss_and_grad(
+                &case.spec,
+                shape,
+                &local,
+                tokens,
+                Grad::IntoF32(&mut grad),
+            );
+            (out, grad)
+        })
+    };
+    let plain = run([false, false]);
+    let mixed = run([true, false]);
+    for ((a, ga), (b, gb)) in plain.iter().zip(&mixed) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().expect("the same call"));
+        assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "the same loss bits");
+        assert_eq!(bits(ga), bits(gb), "the same gradient bits");
+    }
+}
+
 /// The host steps on a 2 × 2 grid driven by hand in one thread, data rank 0 without samples
 /// (`Shape::without_samples`): every rank's loss has the same bits as the one call's on the same
 /// grid, the full rank's gradient too, and the empty rank's outputs are empty.

@@ -46,7 +46,9 @@ impl Digest {
 /// keywords in any order; and the vocabulary `vocab` (the keyword ids' range and smoothing's
 /// `1 / V`: a data group's ranks share it too).
 pub(crate) fn spec_digest(spec: &LossSpec, vocab: usize) -> u32 {
-    let mut keys: Vec<(i64, u64)> = spec.keywords.iter().map(|k| (k.id, k.weight.to_bits())).collect();
+    // (a weight of -0 is one of +0)
+    let mut keys: Vec<(i64, u64)> =
+        spec.keywords.iter().map(|k| (k.id, if k.weight == 0.0 { 0 } else { k.weight.to_bits() })).collect();
     keys.sort_unstable();
     let mut d = Digest::new(1).word(keys.len() as u64);
     for (id, w) in keys {
@@ -78,21 +80,23 @@ pub(crate) fn call_digest(kind: u64, a: u64, b: u64) -> u32 {
     Digest::new(2).word(kind).word(a).word(b).finish()
 }
 
-/// The ids, labels and token weights of a call (their values and which are given).
+/// The ids, labels and token weights of a call, as the call reads them: the labels are the ids
+/// where none are given and each token's weight is 1 where none are given (a rank that passes
+/// them so computes the same as one that leaves them out, and agrees with it), a weight of -0
+/// is one of +0.
 pub(crate) fn tokens_digest<I: TokenId>(t: &Tokens<'_, I>) -> u32 {
     let mut d = Digest::new(3).word(t.ids.len() as u64);
     for &i in t.ids {
         d = d.word(i.to_i64() as u64);
     }
-    d = d.word(t.labels.is_some() as u64);
-    for &l in t.labels.unwrap_or(&[]) {
+    for &l in t.labels.unwrap_or(t.ids) {
         d = d.word(l.to_i64() as u64);
     }
-    d = d.word(t.token_weights.is_some() as u64);
-    for &w in t.token_weights.unwrap_or(&[]) {
-        d = d.word(w.to_bits() as u64);
+    match t.token_weights {
+        Some(w) => w.iter().fold(d, |d, &w| d.f64(w as f64)),
+        None => t.ids.iter().fold(d, |d, _| d.f64(1.0)),
     }
-    d.finish()
+    .finish()
 }
 
 /// What a rank sends of its call in the first exchanges, beside its shape and slice: words of
@@ -183,9 +187,18 @@ mod tests {
         let base = tokens_digest(&Tokens::new(&ids));
         assert_eq!(base, tokens_digest(&Tokens::new(&[1i32, 2, 3, 4])), "the id type is not the call's meaning");
         assert_ne!(base, tokens_digest(&Tokens::new(&[1i64, 2, 3, 5])));
-        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_labels(&ids)), "labels given or not");
-        let w = [1.0f32; 4];
-        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_token_weights(&w)));
+        // what the call computes, not which inputs were given: labels equal to the ids, and
+        // weights of 1 (or -0 for 0), are the same call
+        assert_eq!(base, tokens_digest(&Tokens::new(&ids).with_labels(&ids)), "labels that are the ids");
+        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_labels(&[1i64, 2, 3, -100])), "other labels");
+        assert_eq!(base, tokens_digest(&Tokens::new(&ids).with_token_weights(&[1.0f32; 4])), "weights of 1");
+        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_token_weights(&[1.0f32, 1.0, 1.0, 2.0])));
+        let zero = tokens_digest(&Tokens::new(&ids).with_token_weights(&[0.0f32, 1.0, 1.0, 1.0]));
+        assert_eq!(zero, tokens_digest(&Tokens::new(&ids).with_token_weights(&[-0.0f32, 1.0, 1.0, 1.0])), "-0 is 0");
+        assert_ne!(zero, base);
+        let signed = LossSpec::builder().weighted_keywords([(3, 0.0), (9, 1.0)]).build().unwrap();
+        let minus = LossSpec::builder().weighted_keywords([(3, -0.0), (9, 1.0)]).build().unwrap();
+        assert_eq!(spec_digest(&signed, 10), spec_digest(&minus, 10), "a keyword weight of -0 is 0");
         assert_ne!(call_digest(0, 4, 0), call_digest(0, 5, 0));
         assert_ne!(call_digest(0, 4, 0), call_digest(1, 4, 0));
     }
