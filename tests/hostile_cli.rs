@@ -259,6 +259,33 @@ fn a_successful_eval_replaces_the_output_whole() {
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
 }
 
+/// A report that cannot be written (stdout on a full device) fails the run, saying so (it exited
+/// 2 without a word), before any output replaces its destination (they had been replaced).
+#[test]
+fn a_report_that_cannot_be_written_replaces_nothing() {
+    let full = Path::new("/dev/full");
+    if !full.exists() {
+        eprintln!("skipped: no /dev/full to write the report to");
+        return;
+    }
+    let d = fixtures("report");
+    let before = snapshot(&d);
+    let out = Command::new(env!("CARGO_BIN_EXE_fused-weighted-loss"))
+        .args(["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", "G.npy", "--token-loss-out", "P.npy"])
+        .current_dir(&*d)
+        .stdin(Stdio::null())
+        .stdout(std::fs::OpenOptions::new().write(true).open(full).unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr:?}");
+    assert!(
+        stderr.starts_with("error: cannot write the report to stdout") && stderr.lines().count() == 1,
+        "{stderr:?}"
+    );
+    assert_eq!(snapshot(&d), before, "the directory changed");
+}
+
 #[test]
 fn a_deeply_nested_header_is_refused_at_once() {
     let d = fixtures("deep");
@@ -471,6 +498,50 @@ fn eval_refuses_what_memory_cannot_hold_and_leaves_nothing_behind() {
     assert_eq!(snapshot(&d), before, "the directory changed");
 }
 
+/// An allocation the library makes that the allocator refuses (here its per-row buffers, for
+/// ten million rows of a vocabulary of one) aborts the run, as Rust's allocation failure does:
+/// the abort removes the temporary outputs first (SIGABRT; they were left behind, empty) and
+/// leaves the destinations as they were.
+#[cfg(unix)]
+#[test]
+fn an_aborted_eval_leaves_no_temporary_file() {
+    if !Path::new("/bin/sh").exists() {
+        eprintln!("skipped: no /bin/sh to set an address-space limit with");
+        return;
+    }
+    let d = fresh_dir("eval-abort");
+    let rows = 10_000_000u64;
+    // headers, then the data as holes (the logits 40 MB, the ids 80 MB; ids of 0 are in range)
+    for (name, descr, width) in [("L.npy", "'<f4'", 4), ("I.npy", "'<i8'", 8)] {
+        let dims = if name == "L.npy" { format!("(1, {rows}, 1)") } else { format!("(1, {rows})") };
+        let header = npy_raw(&format!("{{'descr': {descr}, 'fortran_order': False, 'shape': {dims}, }}"), &[]);
+        let f = std::fs::File::create(d.join(name)).unwrap();
+        std::io::Write::write_all(&mut &f, &header).unwrap();
+        f.set_len(header.len() as u64 + rows * width).unwrap();
+    }
+    std::fs::write(d.join("G.npy"), b"a file the user wants to keep").unwrap();
+    let bin = env!("CARGO_BIN_EXE_fused-weighted-loss");
+    let script = format!(
+        "ulimit -c 0 && ulimit -v 300000 && exec '{bin}' eval --logits L.npy --inputs I.npy --grad-out G.npy \
+         --token-loss-out P.npy --threads 1"
+    );
+    let out = Command::new("/bin/sh").arg("-c").arg(&script).current_dir(&*d).stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    // an abort, or (should the library come to refuse the allocation) exit code 2
+    assert!(
+        out.status.signal() == Some(libc::SIGABRT) || out.status.code() == Some(2),
+        "{:?}; stderr {stderr:?}",
+        out.status
+    );
+    // (names, and the one small file: the inputs' 120 MB stay out of a failure's message)
+    let mut names: Vec<String> =
+        std::fs::read_dir(&*d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["G.npy", "I.npy", "L.npy"], "files added or removed");
+    assert_eq!(std::fs::read(d.join("G.npy")).unwrap(), b"a file the user wants to keep");
+}
+
 #[test]
 fn an_output_path_ending_in_a_separator_is_refused_before_any_work() {
     // as reported: `--grad-out new/` (no such directory) ran the whole computation, then failed
@@ -603,7 +674,7 @@ fn an_interrupted_eval_leaves_no_temporary_file() {
             .filter(|n| n.ends_with(".tmp"))
             .collect()
     };
-    for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT")] {
+    for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT"), (libc::SIGQUIT, "QUIT")] {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fused-weighted-loss"));
         // the signal's default disposition in the child: a test run started in the background
         // by a non-interactive shell (`cmd &`) ignores SIGINT, which the child inherits and the
@@ -613,6 +684,9 @@ fn an_interrupted_eval_leaves_no_temporary_file() {
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 libc::signal(sig, libc::SIG_DFL);
+                // SIGQUIT's default action dumps core: no core file (as large as the process)
+                let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
                 Ok(())
             });
         }

@@ -159,22 +159,29 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Eval(a) => eval(a),
-        Command::Bench(a) => bench::bench(a),
-        Command::BenchLinear(a) => linear_bench::bench_linear(a),
+        Command::Bench(a) => bench::bench(a).map(|text| (text, Vec::new())),
+        Command::BenchLinear(a) => linear_bench::bench_linear(a).map(|text| (text, Vec::new())),
     };
-    match result {
-        Ok(text) => {
+    // the report goes out after the output files are flushed and before they replace their
+    // destinations: a report that cannot be written (a full device, a closed pipe) fails the
+    // run with every file as it was
+    let report = |text: String| {
+        move || {
             let mut out = std::io::stdout().lock();
-            if writeln!(out, "{text}").is_err() {
-                return ExitCode::from(2);
-            }
-            ExitCode::SUCCESS
+            writeln!(out, "{text}")
+                .and_then(|()| out.flush())
+                .map_err(|e| format!("cannot write the report to stdout: {e}"))
         }
-        Err(Failure(msg)) => {
-            eprintln!("error: {}", msg.replace('\n', " "));
-            ExitCode::from(2)
-        }
-    }
+    };
+    let failed = match result {
+        Ok((text, outputs)) => match output::commit_all(outputs, report(text)) {
+            Ok(()) => return ExitCode::SUCCESS,
+            Err(msg) => msg,
+        },
+        Err(Failure(msg)) => msg,
+    };
+    eprintln!("error: {}", failed.replace('\n', " "));
+    ExitCode::from(2)
 }
 
 enum LogitsData {
@@ -292,7 +299,8 @@ fn read_token_weights(path: &Path, shape: Shape) -> CliResult<Vec<f32>> {
     }
 }
 
-fn eval(a: EvalArgs) -> CliResult<String> {
+/// The report of `eval` and its outputs, flushed but not yet in place.
+fn eval(a: EvalArgs) -> CliResult<(String, Vec<PendingOutput>)> {
     let spec = LossSpec::builder()
         .keywords(a.keywords.iter().copied())
         .alpha(a.alpha)
@@ -357,8 +365,8 @@ fn eval(a: EvalArgs) -> CliResult<String> {
             (LogitsData::F16(l), DType::BF16) => eval_typed(&spec, shape, &convert::<f16, bf16>(l)?, tokens, g)?,
         })
     })?;
-    output::commit_all([files.grad, files.token_loss].into_iter().flatten().collect())?;
-    Ok(json!({
+    let outputs = [files.grad, files.token_loss].into_iter().flatten().collect();
+    let report = json!({
         "loss": json_f64(out.loss),
         "z_loss": json_f64(out.z_loss),
         "per_sample_loss": json_f64s(&out.per_sample_loss),
@@ -367,8 +375,8 @@ fn eval(a: EvalArgs) -> CliResult<String> {
         "backend": out.backend.to_string(),
         "dtype": dtype.name(),
         "shape": [shape.batch(), shape.seq(), shape.vocab()],
-    })
-    .to_string())
+    });
+    Ok((report.to_string(), outputs))
 }
 
 #[cfg(test)]

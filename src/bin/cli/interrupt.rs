@@ -1,9 +1,11 @@
-//! Temporary output files removed when the run is interrupted (unix: SIGINT, SIGTERM, SIGHUP).
+//! Temporary output files removed when the run is interrupted or aborted (unix: SIGINT, SIGTERM,
+//! SIGHUP, SIGQUIT, SIGABRT, SIGXCPU, SIGXFSZ).
 //!
 //! A pending output (see [`output`](super::output)) removes its temporary file when it is
 //! dropped, but a signal ends the process without running any destructor: a Ctrl-C during a
 //! long `eval` left a `.<name>.<pid>.<n>.tmp` file as large as the gradient beside the
-//! destination. [`track`] registers a temporary file's path; the first call installs handlers
+//! destination, and so did an allocation the allocator refused inside the library (Rust's
+//! allocation failure aborts, by SIGABRT), a CPU-time limit and a file-size limit. [`track`] registers a temporary file's path; the first call installs handlers
 //! that remove every registered path (`unlink`, which is async-signal-safe) and then end the
 //! process by the same signal with its default action, so the exit status is what it would have
 //! been. [`untrack`] forgets a path once it is renamed or removed. The destination is never
@@ -26,7 +28,8 @@ mod imp {
     static PENDING: [AtomicPtr<libc::c_char>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
     static INSTALL: Once = Once::new();
 
-    const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    const SIGNALS: [libc::c_int; 7] =
+        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGABRT, libc::SIGXCPU, libc::SIGXFSZ];
 
     extern "C" fn on_signal(sig: libc::c_int) {
         for slot in &PENDING {

@@ -167,13 +167,15 @@ impl Drop for PendingOutput {
     }
 }
 
-/// Commits `outputs` in order, each flushed to disk before the first is renamed. A failed
-/// rename (the destination's directory changed under the run) leaves the outputs before it
-/// replaced: the message names them.
-pub fn commit_all(mut outputs: Vec<PendingOutput>) -> Result<(), String> {
+/// Commits `outputs` in order, each flushed to disk before the first is renamed, with `last`
+/// run between the two (the report on stdout): where the flushes or `last` fail, no destination
+/// has changed. A failed rename (the destination's directory changed under the run) leaves the
+/// outputs before it replaced: the message names them.
+pub fn commit_all(mut outputs: Vec<PendingOutput>, last: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
     for o in &mut outputs {
         o.sync()?;
     }
+    last()?;
     let mut done: Vec<String> = Vec::new();
     for o in outputs {
         let label = o.label.clone();
@@ -206,12 +208,28 @@ fn keep_owner_and_mode(file: &File, old: &fs::Metadata) {
     let _ = file.set_permissions(old.permissions());
 }
 
-/// A new file `.<name>.<pid>.<n>.tmp` in `dir`, never one that exists, and its registration
+/// The most bytes of the destination's name a temporary file's name keeps: with the dot, the
+/// pid, the counter and `.tmp` (at most 27 bytes) it stays within the 255 bytes file systems
+/// allow a name, as the destination's own name does (a name of 243 bytes and more was refused
+/// for its temporary file's).
+const TEMP_STEM: usize = 200;
+
+/// `name`, cut to at most [`TEMP_STEM`] bytes at a character boundary.
+fn temp_stem(name: &str) -> &str {
+    let mut end = name.len().min(TEMP_STEM);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+/// A new file `.<name>.<pid>.<n>.tmp` in `dir` (the name cut to [`TEMP_STEM`] bytes), never one that exists, and its registration
 /// for removal on a signal ([`interrupt::track`]). The path is registered before the file is
 /// created: registered after, a signal between the two left the file behind. (A signal while
 /// a name is tried that already exists, a leftover of an earlier process of the same pid,
 /// removes that leftover.)
 fn create_temp(dir: &Path, name: &str) -> io::Result<(PathBuf, File, interrupt::Tracked)> {
+    let name = temp_stem(name);
     let mut last = None;
     for n in 0..100u32 {
         let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
@@ -262,11 +280,47 @@ mod tests {
         let dir = scratch("all");
         let (a, b) = (dir.join("a"), dir.join("b"));
         fs::write(&a, "old a").unwrap();
-        commit_all(vec![pending("--a", &a, "new a"), pending("--b", &b, "new b")]).unwrap();
+        commit_all(vec![pending("--a", &a, "new a"), pending("--b", &b, "new b")], || Ok(())).unwrap();
         assert_eq!(fs::read_to_string(&a).unwrap(), "new a");
         assert_eq!(fs::read_to_string(&b).unwrap(), "new b");
         // no temporary file left beside them
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A failure after the outputs are flushed and before they are renamed (the report that
+    /// cannot be written) leaves every destination as it was, and no temporary file.
+    #[test]
+    fn a_failure_before_the_renames_replaces_nothing() {
+        let dir = scratch("after");
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        fs::write(&a, "old a").unwrap();
+        let e =
+            commit_all(
+                vec![pending("--a", &a, "new a"), pending("--b", &b, "new b")],
+                || Err("the report".to_string()),
+            );
+        assert_eq!(e, Err("the report".to_string()));
+        assert_eq!(fs::read_to_string(&a).unwrap(), "old a");
+        assert!(!b.exists());
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A destination whose name is as long as names get still takes an output: its temporary
+    /// file's name keeps the first 200 bytes (at a character boundary).
+    #[test]
+    fn a_long_destination_name_takes_an_output() {
+        let dir = scratch("long");
+        let long = dir.join(format!("{}.npy", "é".repeat(125)));
+        assert_eq!(long.file_name().unwrap().len(), 254);
+        fs::write(&long, "old").unwrap();
+        commit_all(vec![pending("--a", &long, "new")], || Ok(())).unwrap();
+        assert_eq!(fs::read_to_string(&long).unwrap(), "new");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
+        assert_eq!(temp_stem("aé"), "aé");
+        assert_eq!(temp_stem(&"é".repeat(125)).len(), 200);
+        assert_eq!(temp_stem(&format!("a{}", "é".repeat(125))).len(), 199);
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -284,7 +338,7 @@ mod tests {
             eprintln!("not root: the owner half of this test skipped, the mode checked");
         }
         let before = fs::metadata(&a).unwrap();
-        commit_all(vec![pending("--a", &a, "new a")]).unwrap();
+        commit_all(vec![pending("--a", &a, "new a")], || Ok(())).unwrap();
         let after = fs::metadata(&a).unwrap();
         assert_eq!(fs::read_to_string(&a).unwrap(), "new a");
         assert_ne!(before.ino(), after.ino(), "replaced by rename, not rewritten");
@@ -305,7 +359,7 @@ mod tests {
         let second = pending("--b", &b, "new b");
         // the second's temporary file vanishes under the run: its rename fails
         fs::remove_file(&second.tmp).unwrap();
-        let e = commit_all(vec![pending("--a", &a, "new a"), second]).unwrap_err();
+        let e = commit_all(vec![pending("--a", &a, "new a"), second], || Ok(())).unwrap_err();
         assert!(e.starts_with(&format!("--b {}", b.display())), "{e}");
         assert!(e.ends_with(&format!("(already replaced: --a {})", a.display())), "{e}");
         assert_eq!(fs::read_to_string(&a).unwrap(), "new a");
