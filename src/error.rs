@@ -64,9 +64,13 @@ pub enum Error {
         /// The largest supported vocabulary size.
         max: usize,
     },
-    /// `batch * seq * vocab` does not fit in `usize`.
-    #[error("batch * seq * vocab overflows the address space")]
-    SizeOverflow,
+    /// A product of the shape's sizes (`batch * seq * vocab` for logits; `batch * seq * hidden`
+    /// or `vocab * hidden` for the fused linear path) does not fit in `usize`.
+    #[error("{product} overflows the address space")]
+    SizeOverflow {
+        /// The product, as `batch * seq * vocab`.
+        product: &'static str,
+    },
     /// A flat buffer has the wrong number of elements for the shape.
     #[error("{what} has {got} elements, expected {expected} for shape {shape}")]
     LengthMismatch {

@@ -168,7 +168,8 @@ impl CopyBuffers {
     /// [`method`](Self::method) says what runs: a streaming level this CPU lacks copies with
     /// `memcpy` (`streaming: None`), `threads: 0`, or a pool of `threads` that cannot start,
     /// takes the current pool (`threads`: its size), and `piece` is rounded up to whole f32
-    /// and up to 4 KiB (`piece`: what is copied).
+    /// and up to 4 KiB, and down to the buffers' size (`piece`: what is copied; `usize::MAX`
+    /// asks for one piece).
     pub fn set_method(&mut self, method: CopyMethod) {
         let current = crate::pool::install(rayon::current_num_threads);
         let streaming = method.streaming.filter(|&level| crate::cpu::simd::Kernels::select(level).is_some());
@@ -176,7 +177,7 @@ impl CopyBuffers {
         self.pool =
             (wanted != current).then(|| rayon::ThreadPoolBuilder::new().num_threads(wanted).build().ok()).flatten();
         let threads = if wanted == current || self.pool.is_some() { wanted } else { current };
-        let piece = whole_piece(method.piece);
+        let piece = whole_piece(method.piece.min(self.src.len() * 4));
         self.method = CopyMethod { streaming, piece, threads };
     }
 
@@ -231,8 +232,12 @@ mod tests {
             copy.copy();
             assert!(copy.src == copy.dst, "{level:?}: the copy copied");
         }
-        // the piece copied, not the piece asked for: whole f32, 4 KiB at least
-        for (asked, runs) in [(0, 4096), (1, 4096), (4095, 4096), (5000, 5000), (5001, 5004)] {
+        // the piece copied, not the piece asked for: whole f32, 4 KiB at least, the buffers' size
+        // at most (a piece near usize::MAX overflowed its rounding to 0, and the copy panicked)
+        let all = 1 << 16;
+        for (asked, runs) in
+            [(0, 4096), (1, 4096), (4095, 4096), (5000, 5000), (5001, 5004), (all + 1, all), (usize::MAX, all)]
+        {
             copy.set_method(CopyMethod { streaming: None, piece: asked, threads: 1 });
             assert_eq!(copy.method().piece, runs, "{asked} bytes asked");
             copy.dst.fill(0.5);

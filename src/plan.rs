@@ -216,7 +216,7 @@ impl Plan {
             if y != NO_TARGET && !self.row_coef(r).is_finite() {
                 let w = self.token_weight.get(r).map_or(1.0, |&w| w as f64);
                 return Err(Error::InvalidOption {
-                    name: "grad_scale, alpha and the token weights",
+                    name: "grad_scale, alpha, the keyword weights and the token weights",
                     value: self.coef[r / self.shape.seq()] * w,
                     expected: "a gradient factor grad_scale * w_b / (D * N_b) * token weight within f32's range",
                 });

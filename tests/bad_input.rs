@@ -16,7 +16,11 @@ fn shapes() {
     assert_eq!(Shape::new(2, 0, 5), Err(Error::SequenceTooShort { seq: 0 }));
     assert_eq!(Shape::new(2, 3, 0), Err(Error::EmptyVocab));
     assert!(matches!(Shape::new(1, 2, 1 << 31), Err(Error::VocabTooLarge { .. })));
-    assert_eq!(Shape::new(usize::MAX / 2, 4, 1000), Err(Error::SizeOverflow));
+    assert_eq!(Shape::new(usize::MAX / 2, 4, 1000), Err(Error::SizeOverflow { product: "batch * seq * vocab" }));
+    use fused_weighted_loss::LinearShape;
+    let linear = |b, t, h, v| LinearShape::new(b, t, h, v).unwrap_err().to_string();
+    assert_eq!(linear(1, 2, usize::MAX, 10), "batch * seq * hidden overflows the address space");
+    assert_eq!(linear(1, 2, usize::MAX / 4, 10), "vocab * hidden overflows the address space");
     assert!(matches!(Shape::from_dims(&[2, 3], &[2, 3]), Err(Error::LogitsRank { rank: 2, .. })));
     assert!(matches!(Shape::from_dims(&[2, 3, 5, 1], &[2, 3]), Err(Error::LogitsRank { rank: 4, .. })));
     assert!(matches!(Shape::from_dims(&[2, 3, 5], &[6]), Err(Error::TokensRank { what: "ids", rank: 1, .. })));
@@ -140,11 +144,13 @@ fn sample_weights_that_overflow_are_errors() {
 fn gradient_factors_beyond_f32_are_errors() {
     use fused_weighted_loss::linear::{Chunking, LinearGrads, LinearInputs, LinearShape};
     let (shape, logits, ids) = ok_inputs();
-    let is_factor_error = |e: &Error| matches!(e, Error::InvalidOption { name: "grad_scale, alpha and the token weights", value, .. } if *value > f32::MAX as f64);
+    let is_factor_error = |e: &Error| matches!(e, Error::InvalidOption { name: "grad_scale, alpha, the keyword weights and the token weights", value, .. } if *value > f32::MAX as f64);
     // D · N_b = 2 · 2: a scale of 1e40 gives 2.5e39 per row
     for spec in [
         LossSpec::builder().grad_scale(1e40).check_finite(true).build().unwrap(),
         LossSpec::builder().alpha(1e40).build().unwrap(),
+        // a keyword weight: id 0 in both samples
+        LossSpec::builder().weighted_keywords([(0, 1e40)]).build().unwrap(),
     ] {
         let mut g = vec![7f32; logits.len()];
         let e = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut g)).unwrap_err();
@@ -233,4 +239,25 @@ fn errors_display_one_line() {
     let e = LossSpec::default().loss_and_grad(shape, &logits[1..], Tokens::new(&ids), Grad::Skip).unwrap_err();
     let msg = e.to_string();
     assert!(!msg.contains('\n') && msg.contains("logits") && msg.contains("30"), "{msg}");
+}
+
+/// Options of -0 are 0: `-0 >= 0` let them through as given, and an alpha of -0 came out as
+/// weights and a loss of -0 (the CLI printed `"loss": -0.0`).
+#[test]
+fn options_of_negative_zero_are_zero() {
+    let spec = LossSpec::builder()
+        .alpha(-0.0)
+        .z_loss(-0.0)
+        .label_smoothing(-0.0)
+        .weighted_keywords([(3, -0.0)])
+        .reduction(fused_weighted_loss::Reduction::Sum)
+        .build()
+        .unwrap();
+    let positive = |x: f64| x == 0.0 && x.is_sign_positive();
+    assert!(positive(spec.alpha()) && positive(spec.z_loss()) && positive(spec.label_smoothing()));
+    assert!(positive(spec.keywords()[0].weight));
+    let (shape, logits, ids) = ok_inputs();
+    let out = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Skip).unwrap();
+    assert!(positive(out.loss), "{}", out.loss);
+    assert!(out.weights.iter().all(|&w| positive(w)), "{:?}", out.weights);
 }

@@ -1033,3 +1033,38 @@ fn thread_exchange_gathers_in_rank_order() {
         assert_eq!(b, [0.0, 0.5, 1.0, 1.5]);
     }
 }
+
+/// A group whose rank is not within its size, of no rank, or of more ranks than any collective
+/// has (`MAX_RANKS`: the exchanges' lengths, words per rank × ranks, overflowed) fails the call
+/// with `Error::Collective` before any exchange and before anything is written, in either group.
+#[test]
+fn a_group_that_is_not_one_is_refused() {
+    use fused_weighted_loss::parallel::{Collective, MAX_RANKS};
+    struct Odd(usize, usize);
+    impl Collective for Odd {
+        fn rank(&self) -> usize {
+            self.0
+        }
+        fn size(&self) -> usize {
+            self.1
+        }
+        fn all_gather_f64(&self, _: &[f64], _: &mut [f64]) -> fused_weighted_loss::Result<()> {
+            panic!("no exchange is made")
+        }
+        fn all_gather_f32(&self, _: &[f32], _: &mut [f32]) -> fused_weighted_loss::Result<()> {
+            panic!("no exchange is made")
+        }
+    }
+    let case = random_case::<f32>(5, 40);
+    let (shape, v) = (case.shape, case.shape.vocab());
+    let full = VocabSlice::full(v).unwrap();
+    for (rank, size) in [(3, 2), (2, 2), (0, 0), (0, MAX_RANKS + 1), (0, usize::MAX)] {
+        let odd = Odd(rank, size);
+        for call in [Sharded::vocab_parallel(full, &odd), Sharded::vocab_parallel(full, &Solo).with_data_group(&odd)] {
+            let mut g = vec![7f32; case.logits.len()];
+            let r = call.loss_and_grad(&case.spec, shape, &case.logits, case.tokens(), Grad::IntoF32(&mut g));
+            assert!(matches!(r, Err(Error::Collective(_))), "rank {rank} of {size}: {r:?}");
+            assert!(g.iter().all(|&x| x == 7.0), "rank {rank} of {size}: nothing written");
+        }
+    }
+}

@@ -5,7 +5,7 @@ mod common;
 
 use common::{check_all_modes, confident_cases, confident_inputs, random_inputs, rel};
 use fused_weighted_loss::reference::reference;
-use fused_weighted_loss::{bf16, f16, DType, Grad, LossSpec, Reduction, RowMean, Shape, Tokens};
+use fused_weighted_loss::{bf16, f16, CpuSimd, DType, Grad, LossSpec, Reduction, RowMean, Shape, Tokens};
 use proptest::prelude::*;
 
 fn spec_strategy() -> impl Strategy<Value = LossSpec> {
@@ -339,6 +339,17 @@ fn non_finite_logits_propagate_like_pytorch() {
     assert!(g.iter().all(|x| x.is_finite()));
     let r = reference(&LossSpec::default(), shape, &logits, Tokens::new(&ids)).unwrap();
     assert_eq!(r.loss, f64::INFINITY);
+    // a row all -inf (its target too): NaN loss, as PyTorch's -inf - (-inf), on every SIMD level
+    let mut all_neg = logits;
+    all_neg[..4].fill(f32::NEG_INFINITY);
+    for simd in [CpuSimd::Portable, CpuSimd::Avx2, CpuSimd::Avx512] {
+        let spec = LossSpec::builder().cpu_simd(simd).build().unwrap();
+        match spec.loss_and_grad(shape, &all_neg, Tokens::new(&ids), Grad::Skip) {
+            Ok(out) => assert!(out.loss.is_nan(), "{simd:?}: {}", out.loss),
+            Err(e) => assert!(matches!(e, fused_weighted_loss::Error::BackendUnavailable { .. }), "{simd:?}: {e}"),
+        }
+    }
+    assert!(reference(&LossSpec::default(), shape, &all_neg, Tokens::new(&ids)).unwrap().loss.is_nan());
     // NaN anywhere in a row with a target: NaN loss
     let mut logits = [0.5f32; 12];
     logits[6] = f32::NAN;

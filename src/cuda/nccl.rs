@@ -146,9 +146,7 @@ impl NcclGroup {
     pub fn new(ctx: &Arc<CudaContext>, id: &NcclId, rank: usize, size: usize) -> Result<NcclGroup> {
         status().map_err(|reason| Error::BackendUnavailable { backend: Backend::Cuda, reason })?;
         let lib = nccl()?;
-        if size == 0 || rank >= size || size > c_int::MAX as usize {
-            return Err(Error::Collective(format!("rank {rank} of a group of {size}")));
-        }
+        crate::parallel::check_group(rank, size)?;
         // NCCL takes the device from the calling thread's current context
         ctx.bind_to_thread().map_err(drv("binding the context"))?;
         let mut comm: ncclComm_t = std::ptr::null_mut();

@@ -112,7 +112,8 @@ impl LinearShape {
         if hidden == 0 {
             return Err(Error::EmptyHidden);
         }
-        tokens.rows().checked_mul(hidden).and(vocab.checked_mul(hidden)).ok_or(Error::SizeOverflow)?;
+        tokens.rows().checked_mul(hidden).ok_or(Error::SizeOverflow { product: "batch * seq * hidden" })?;
+        vocab.checked_mul(hidden).ok_or(Error::SizeOverflow { product: "vocab * hidden" })?;
         Ok(LinearShape { tokens, hidden })
     }
 
@@ -162,7 +163,7 @@ impl LinearShape {
             return Err(Error::InputRank { what: "weight", expected: "[vocab, hidden]", dims: weight.to_vec() });
         };
         let expected = match hidden.len() {
-            2 => vec![batch.checked_mul(seq).ok_or(Error::SizeOverflow)?, h],
+            2 => vec![batch.checked_mul(seq).ok_or(Error::SizeOverflow { product: "batch * seq" })?, h],
             3 => vec![batch, seq, h],
             _ => {
                 return Err(Error::InputRank {

@@ -229,13 +229,12 @@ impl<'a> Sharded<'a> {
         }
     }
 
-    /// Each group's rank is within its size: a group that is not one fails the call at once,
-    /// before any exchange (there is no group to tell).
+    /// Each group's rank is within its size, and its size within [`MAX_RANKS`](super::MAX_RANKS):
+    /// a group that is not one fails the call at once, before any exchange (there is no group
+    /// to tell).
     pub(super) fn check_ranks(&self) -> Result<()> {
         for g in [self.vocab_group, self.data_group] {
-            if g.size() == 0 || g.rank() >= g.size() {
-                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
-            }
+            crate::parallel::check_group(g.rank(), g.size())?;
         }
         Ok(())
     }

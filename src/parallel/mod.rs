@@ -182,7 +182,7 @@ impl VocabSlice {
 pub trait Collective {
     /// This rank's index in the group, `0..size()`.
     fn rank(&self) -> usize;
-    /// Ranks in the group.
+    /// Ranks in the group (a sharded call refuses 0 and more than [`MAX_RANKS`]).
     fn size(&self) -> usize;
     /// All-gathers `f64`s in rank order (`recv.len() == size() * send.len()`).
     fn all_gather_f64(&self, send: &[f64], recv: &mut [f64]) -> Result<()>;
@@ -248,6 +248,19 @@ pub fn check_tiling(slices: &[(usize, usize)], vocab: usize) -> Result<()> {
     }
     if next != vocab {
         return Err(Error::SlicesDoNotTile { vocab, slices: slices.to_vec() });
+    }
+    Ok(())
+}
+
+/// The most ranks a group may have: NCCL's and torch.distributed's ranks are C `int`s, and no
+/// exchange's length (words per rank × ranks) can overflow below it.
+pub const MAX_RANKS: usize = i32::MAX as usize;
+
+/// A group's rank lies within its size, and its size within `1..=`[`MAX_RANKS`]: the checks each
+/// sharded call makes of its groups before anything else ([`Error::Collective`] otherwise).
+pub(crate) fn check_group(rank: usize, size: usize) -> Result<()> {
+    if size == 0 || size > MAX_RANKS || rank >= size {
+        return Err(Error::Collective(format!("rank {rank} of a group of {size}")));
     }
     Ok(())
 }

@@ -172,8 +172,13 @@ impl ShardedLoss {
     /// assert_eq!(rank0.finish_rows(0..3, &gathered), Err(Error::PeerFailed { group: "vocabulary", rank: 1 }));
     /// # Ok::<(), fused_weighted_loss::Error>(())
     /// ```
+    ///
+    /// # Panics
+    ///
+    /// As `vec!` does, when `rows` is beyond any call's: the words would not fit in memory.
     pub fn failed_partials(spec: &LossSpec, rows: usize) -> Vec<f64> {
-        vec![FAILED; rows * words(&spec.row_options()) + SLICE_WORDS]
+        let len = rows.saturating_mul(words(&spec.row_options())).saturating_add(SLICE_WORDS);
+        vec![FAILED; len]
     }
 
     /// What a rank that failed (see [`failed_partials`](Self::failed_partials)) sends in the
@@ -218,8 +223,9 @@ impl ShardedLoss {
     /// The length of [`partials`](Self::partials)' output for `rows` rows:
     /// [`words_per_row`](Self::words_per_row) per row, then this rank's slice (3 words: start,
     /// length, vocabulary), by which the merge checks what it was given.
+    /// (`usize::MAX` where that overflows: no buffer of that length can be had).
     pub fn partials_len(&self, rows: usize) -> usize {
-        rows * self.words + SLICE_WORDS
+        rows.saturating_mul(self.words).saturating_add(SLICE_WORDS)
     }
 
     /// This rank's data-parallel totals, `[B, Σ w_b]`, to all-gather over the data group (they

@@ -294,7 +294,7 @@ impl LossSpecBuilder {
     /// The upstream gradient (`dL_total/dloss`) the gradient is scaled by (default 1.0). Must be
     /// finite. Gradient entries are f32: a call on host buffers that writes a gradient refuses a
     /// per-row factor `grad_scale · w_b / (D · N_b)` (times a token weight) beyond f32's range
-    /// ([`Error::InvalidOption`] naming `grad_scale, alpha and the token weights`, before
+    /// ([`Error::InvalidOption`] naming `grad_scale, alpha, the keyword weights and the token weights`, before
     /// anything is written), whose entries would be infinite or NaN while the loss, in f64,
     /// stays right; a loss-only call takes it. The calls on device buffers and the sharded calls
     /// do not check it (their factors are made on the device or after an exchange). A factor
@@ -383,7 +383,14 @@ impl LossSpecBuilder {
     /// ));
     /// ```
     pub fn build(self) -> Result<LossSpec> {
-        let s = self.spec;
+        let mut s = self.spec;
+        // -0 is 0 (`-0.0 >= 0.0`): kept, it came out as weights and losses of -0
+        for x in [&mut s.alpha, &mut s.z_loss, &mut s.label_smoothing] {
+            *x += 0.0;
+        }
+        for k in &mut s.keywords {
+            k.weight += 0.0;
+        }
         if !(s.alpha.is_finite() && s.alpha >= 0.0) {
             return Err(Error::InvalidAlpha(s.alpha));
         }

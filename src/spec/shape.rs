@@ -40,7 +40,10 @@ impl Shape {
         if vocab > MAX_VOCAB {
             return Err(Error::VocabTooLarge { vocab, max: MAX_VOCAB });
         }
-        batch.checked_mul(seq).and_then(|r| r.checked_mul(vocab)).ok_or(Error::SizeOverflow)?;
+        batch
+            .checked_mul(seq)
+            .and_then(|r| r.checked_mul(vocab))
+            .ok_or(Error::SizeOverflow { product: "batch * seq * vocab" })?;
         Ok(Shape { batch, seq, vocab })
     }
 

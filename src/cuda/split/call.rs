@@ -116,12 +116,10 @@ impl<'c> DeviceSharded<'c> {
         check_tiling(&slices, self.slice.vocab())
     }
 
-    /// Each group's rank lies within its size.
+    /// Each group's rank lies within its size, and its size within [`crate::parallel::MAX_RANKS`].
     fn check_ranks(&self) -> Result<()> {
         for g in [self.vocab_group, self.data_group] {
-            if g.size() == 0 || g.rank() >= g.size() {
-                return Err(Error::Collective(format!("rank {} of a group of {}", g.rank(), g.size())));
-            }
+            crate::parallel::check_group(g.rank(), g.size())?;
         }
         Ok(())
     }
