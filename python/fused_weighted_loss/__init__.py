@@ -97,6 +97,14 @@ def _keyword_lists(keywords, keyword_weights):
     return ids, weights
 
 
+def _check_alpha(alpha) -> None:
+    """``alpha`` is a number, not a tensor that requires grad: the sample weights are constants of
+    the op, so such a tensor would get no gradient, silently (the course function, which
+    multiplies by it, gives it one)."""
+    if isinstance(alpha, Tensor) and alpha.requires_grad:
+        raise TypeError("alpha must be a float (a tensor that requires grad would get no gradient from this op)")
+
+
 def _alpha(alpha):
     """``(alpha for the op's mode, factor applied to the op's outputs or None)``.
 
@@ -253,6 +261,7 @@ def weighted_loss(
         _check_kinds({"logits": logits, "ids": ids, "labels": labels, "token_weights": token_weights})
         kw, kww = _keyword_lists(keywords, keyword_weights)
         ignore_index = _index("ignore_index", ignore_index)
+        _check_alpha(alpha)
         compute_grad = torch.is_grad_enabled() and logits.requires_grad
         chunk_rows = _chunk_rows(chunk_rows)  # checked with or without a group
         grad_f32 = _grad_f32(logits, kept_grad_dtype)
@@ -356,7 +365,8 @@ def _optional_int(name, value):
 
 
 def _chunk_rows(value):
-    """``chunk_rows`` of the split: None (the default) or at least 1."""
+    """``chunk_rows`` (the split's rows per exchange, the fused linear path's rows per chunk): None
+    (the default) or at least 1."""
     rows = _optional_int("chunk_rows", value)
     if rows is not None and rows < 1:
         raise ValueError(f"chunk_rows must be >= 1 (or None for the default), got {rows}")
@@ -450,6 +460,7 @@ def weighted_linear_loss(
         _check_kinds(dict(named, hidden=hidden, bias=bias, labels=labels, token_weights=token_weights))
         kw, kww = _keyword_lists(keywords, keyword_weights)
         ignore_index = _index("ignore_index", ignore_index)
+        _check_alpha(alpha)
         grad_on = torch.is_grad_enabled()
         grads = "".join(flag for flag, t in zip("hwb", (hidden, weight, bias))
                         if grad_on and t is not None and t.requires_grad)
@@ -464,7 +475,7 @@ def weighted_linear_loss(
         alpha, scale = _alpha(alpha)
         mode = linear_mode_string(str(row_mean), str(reduction), grads, bool(return_per_sample), bool(check_ids),
                                   bool(check_finite), accumulate_f32=bool(accumulate_f32),
-                                  chunk_rows=_optional_int("chunk_rows", chunk_rows),
+                                  chunk_rows=_chunk_rows(chunk_rows),
                                   chunk_budget=_optional_int("chunk_budget", chunk_budget), alpha=alpha,
                                   ignore_index=ignore_index, z_loss=float(z_loss),
                                   label_smoothing=float(label_smoothing),

@@ -7,7 +7,9 @@ caching allocator avoids this on GPUs; its CPU allocator does not. So large CPU 
 from a small pool: a block is handed out again only when no tensor other than the pool's own
 uses its storage any more (the previous step's gradient was dropped, e.g. by
 ``optimizer.zero_grad()``); a gradient someone still holds (the tensor, a view of it, its storage
-object) is never reused, nor one moved to shared memory to be sent to another process.
+object) is never reused, nor one moved to shared memory to be sent to another process. A block
+serves any gradient of half its size or more: a gradient's storage (the whole block) can be up
+to twice the gradient, which ``torch.save`` and ``share_memory_()`` of it see.
 
 At most four blocks are kept (the fused linear loss uses three at once with bfloat16 inputs:
 ``d hidden``, the float32 ``d weight`` it accumulates and the ``d weight`` it returns; with

@@ -16,7 +16,8 @@ for CUDA tensors (and their ``linear_loss_and_grad`` for the fused linear split)
 This path is an eager ``torch.autograd.Function`` (``torch.compile`` breaks the graph around it).
 """
 import contextlib
-from typing import Dict, Optional, Tuple
+import weakref
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -25,11 +26,29 @@ from torch import Tensor
 from . import _cpu_pool, _native
 from ._ops import _aligned, _arg, _device_arg, _ptr, _wide, logits_grad
 
-# groups whose slices were checked on CUDA tensors (by id, the group object itself held so that
-# its id is never another group's): the decision to skip the check must be the same on every
-# rank, and the first call on a group is the one call every rank knows to be first (a key with
-# this rank's own slice let a rank that kept its slice skip the all-gather its re-tiled peers ran)
-_TILED: Dict[int, object] = {}
+# groups whose slices were checked on CUDA tensors, held weakly: the decision to skip the check
+# must be the same on every rank, and the first call on a group is the one call every rank knows
+# to be first (a key with this rank's own slice let a rank that kept its slice skip the
+# all-gather its re-tiled peers ran). A group torch has let go of leaves the table with it (a
+# table of strong references kept every group it ever saw alive, and an id of a dead group can
+# be a new group's); a group that takes no weak reference is checked on every call.
+_TILED: "weakref.WeakKeyDictionary[object, bool]" = weakref.WeakKeyDictionary()
+
+
+def _was_tiled(group) -> bool:
+    """Whether ``group``'s slices were checked already (see ``_TILED``)."""
+    try:
+        return group in _TILED
+    except TypeError:
+        return False
+
+
+def _remember_tiled(group) -> None:
+    """Notes that ``group``'s slices tile the vocabulary, without keeping it alive."""
+    try:
+        _TILED[group] = True
+    except TypeError:
+        pass
 
 
 def _size(group) -> int:
@@ -52,7 +71,7 @@ def _check_tiling(group, start: int, length: int, vocab: int, device: torch.devi
     current CUDA device: made that one for the check). A tensor all-gather, not
     ``all_gather_object``, whose pickling needs NumPy, which torch does not."""
     cuda = device.type == "cuda"
-    if cuda and _TILED.get(id(group)) is group:
+    if cuda and _was_tiled(group):
         return
     mine = torch.tensor([start, length, vocab], dtype=torch.int64, device=device)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -74,7 +93,7 @@ def _check_tiling(group, start: int, length: int, vocab: int, device: torch.devi
         raise ValueError(f"the vocabulary slices of the group (start, len in rank order: {slices}) do not tile "
                          f"[0, {vocab})")
     if cuda:
-        _TILED[id(group)] = group
+        _remember_tiled(group)
 
 
 @contextlib.contextmanager

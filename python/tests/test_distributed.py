@@ -361,3 +361,31 @@ def test_an_exception_in_an_exchange_comes_out_as_itself(monkeypatch, linear):
     # and the next call is not handed that exception
     monkeypatch.undo()
     assert torch.isfinite(fwl.weighted_loss(torch.randn(2, 5, 50), ids))
+
+
+def test_the_table_of_tiled_groups_keeps_no_group_alive():
+    """The CUDA path checks a group's slices on its first call only, and remembers the group in a
+    table: a group that is gone leaves the table (it kept every group alive, and a dead group's id
+    could be a new group's), and a group that takes no weak reference is checked every time."""
+    import gc
+    import weakref
+
+    from fused_weighted_loss import _dist
+
+    class Group:  # stands for a ProcessGroup: hashed and compared by identity, weakly referenced
+        pass
+
+    g = Group()
+    assert not _dist._was_tiled(g)
+    _dist._remember_tiled(g)
+    assert _dist._was_tiled(g) and not _dist._was_tiled(Group())
+    alive = weakref.ref(g)
+    del g
+    gc.collect()
+    assert alive() is None, "the table kept the group alive"
+    assert len(_dist._TILED) == 0
+    # no weak reference (and an unhashable one): never remembered, no error
+    for odd in (object(), [1]):
+        _dist._remember_tiled(odd)
+        assert not _dist._was_tiled(odd)
+    assert len(_dist._TILED) == 0

@@ -42,6 +42,8 @@ CASES = [
     (dict(keywords=[3, 11]), ValueError, r"keyword id 11 is outside \[0, 11\)"),
     (dict(alpha=-1.0), ValueError, r"alpha must be finite and >= 0, got -1"),
     (dict(alpha=float("nan")), ValueError, r"alpha must be finite and >= 0, got NaN"),
+    # a tensor that requires grad: it got no gradient, silently (the course function gives it one)
+    (dict(alpha=torch.tensor(2.0, requires_grad=True)), TypeError, r"alpha must be a float \(a tensor that requires grad"),
     (dict(keywords=[3], keyword_weights=[-2.0]), ValueError, r"weight of keyword 3 must be finite and >= 0, got -2"),
     (dict(keywords=[3, 4], keyword_weights=[1.0]), ValueError, r"keyword_weights has 1 entries for 2 keywords"),
     (dict(row_mean="median"), ValueError, r"unknown row mean 'median' \(expected all or valid\)"),

@@ -145,8 +145,10 @@ ERRORS = [
     (dict(z_loss=-1e-4), ValueError, r"z_loss must be finite and >= 0, got -0.0001"),
     (dict(softcap=0.0), ValueError, r"softcap must be finite and > 0, got 0"),
     (dict(reduction="max"), ValueError, r"unknown reduction 'max'"),
-    (dict(chunk_rows=0), ValueError, r"invalid chunking: 0 rows per chunk"),
-    (dict(chunk_rows=-3), ValueError, r"invalid chunking: chunk_rows must be >= 0, got -3"),
+    # (as the logits path says it: -3 was "must be >= 0", and 0 was refused by another message)
+    (dict(chunk_rows=0), ValueError, r"chunk_rows must be >= 1 \(or None for the default\), got 0"),
+    (dict(chunk_rows=-3), ValueError, r"chunk_rows must be >= 1 \(or None for the default\), got -3"),
+    (dict(alpha=torch.tensor(2.0, requires_grad=True)), TypeError, r"alpha must be a float \(a tensor that requires grad"),
     (dict(chunk_rows=4, chunk_budget=1 << 20), ValueError, r"invalid chunking: give chunk_rows or chunk_budget"),
     (dict(chunk_rows=2.5), TypeError, r"chunk_rows must be an int or None, got 2.5"),
     (dict(chunk_rows=True), TypeError, r"chunk_rows must be an int or None, got True"),
