@@ -286,6 +286,20 @@ fn a_report_that_cannot_be_written_replaces_nothing() {
     assert_eq!(snapshot(&d), before, "the directory changed");
 }
 
+/// A flag whose value may be negative, given without its value: the message names it (it said
+/// "unexpected argument '2' found", about what came after the next flag); negative values still
+/// reach the options' own checks.
+#[test]
+fn a_value_left_out_is_named() {
+    let d = fixtures("missing-value");
+    let eval = ["eval", "--logits", "L.npy", "--inputs", "I.npy"];
+    let with = |more: &[&'static str]| [&eval[..], more].concat();
+    assert_refused(&d, &with(&["--keywords", "--alpha", "2"]), "a value is required for '--keywords'");
+    assert_refused(&d, &with(&["--z-loss", "--softcap", "30"]), "a value is required for '--z-loss'");
+    assert_refused(&d, &with(&["--alpha", "-2"]), "alpha must be finite and >= 0, got -2");
+    assert_refused(&d, &with(&["--softcap", "-inf"]), "softcap must be finite and > 0, got -inf");
+}
+
 #[test]
 fn a_deeply_nested_header_is_refused_at_once() {
     let d = fixtures("deep");

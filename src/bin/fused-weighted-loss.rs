@@ -132,8 +132,32 @@ impl<E: std::fmt::Display> From<E> for Failure {
 
 type CliResult<T> = Result<T, Failure>;
 
+/// The flags whose values may begin with `-` (negative numbers, `-inf`, refused with the
+/// option's own message rather than taken for flags).
+const HYPHEN_VALUES: [&str; 6] =
+    ["--keywords", "--alpha", "--ignore-index", "--z-loss", "--label-smoothing", "--softcap"];
+
+/// One of [`HYPHEN_VALUES`] followed by a token that begins with `--`: a value left out, where
+/// clap takes the next flag for the value and reports what follows it (`--keywords --alpha 2`
+/// said "unexpected argument '2' found"). No value of these is a number beginning with `--`.
+fn missing_value(args: &[std::ffi::OsString]) -> Option<String> {
+    args.windows(2).find_map(|w| {
+        let (flag, next) = (w[0].to_str()?, w[1].to_str()?);
+        (HYPHEN_VALUES.contains(&flag) && next.starts_with("--")).then(|| {
+            format!("error: a value is required for '{flag}' but none was supplied (the next is the flag '{next}')")
+        })
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // (only before `--`, where flags end)
+    let end = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    if let Some(msg) = missing_value(&args[..end]) {
+        eprintln!("{msg}");
+        return ExitCode::from(2);
+    }
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind::*;
@@ -382,6 +406,18 @@ fn eval(a: EvalArgs) -> CliResult<(String, Vec<PendingOutput>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flag_where_a_value_belongs_is_a_missing_value() {
+        let args = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let msg = missing_value(&args(&["fwl", "eval", "--keywords", "--alpha", "2"])).unwrap();
+        assert!(msg.contains("'--keywords'") && msg.contains("'--alpha'"), "{msg}");
+        assert!(missing_value(&args(&["fwl", "eval", "--alpha", "--z-loss", "1"])).is_some());
+        // negative numbers and -inf are values; other flags are not checked here
+        for ok in [&["--alpha", "-1"][..], &["--keywords", "-3,-4"], &["--softcap", "-inf"], &["--labels", "--x"]] {
+            assert_eq!(missing_value(&args(ok)), None, "{ok:?}");
+        }
+    }
 
     #[test]
     fn json_floats_tell_non_finite_values_apart() {
