@@ -53,8 +53,10 @@
 //! gradient(s) kept"). Sum the losses that share a forward before one backward.
 //! The spec's options (z-loss, label smoothing, soft-capping) apply as they do on the host API;
 //! its `grad_scale` must be 1 (the gradient's scale comes from autograd: scale the loss).
-//! The loss is an f32 scalar. On CUDA, ids outside `[0, V)` are not reported (that
-//! would need a host synchronisation); they are treated as positions without a target.
+//! The loss is an f32 scalar. On CUDA, what the device finds is not reported (that would need a
+//! host synchronisation): ids outside `[0, V)` are positions without a target, non-finite
+//! token weights and, with `check_finite`, a non-finite loss are not errors there as they are
+//! on the CPU (the loss comes back NaN or infinite: check it where the step reads it anyway).
 
 /// Implements candle's `CustomOp2` and `CustomOp3` for an op of two or three inputs: its
 /// `cpu(s1, l1, s2, l2, Option<(s3, l3)>)`, the CUDA forward `$cuda(op, s1, l1, s2, l2, Option<..>)`

@@ -326,9 +326,11 @@ pub enum Error {
     #[error("invalid chunking: {0}")]
     InvalidChunking(String),
     /// A CUDA stream of another context (another device, or another context on the same device)
-    /// than the one the kernels were loaded on: launching there would read buffers the kernels
-    /// cannot address.
-    #[error("the stream belongs to another CUDA context (device {got}) than the kernels' (device {expected})")]
+    /// than the one the kernels were loaded on (or an NCCL communicator was made on): launching
+    /// there would read buffers the kernels cannot address.
+    #[error(
+        "the stream belongs to another CUDA context (device {got}) than the kernels' or the communicator's (device {expected})"
+    )]
     ContextMismatch {
         /// Ordinal of the device the kernels are loaded on.
         expected: usize,

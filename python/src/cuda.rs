@@ -52,7 +52,11 @@ impl Call {
         fused_weighted_loss::cuda_status()
             .map_err(|reason| to_py(Error::BackendUnavailable { backend: Backend::Cuda, reason }))?;
         let restore = RestoreContext::save();
-        let dev = ExternalDevice::primary(ordinal).map_err(to_py)?;
+        // SAFETY: the buffers this package makes through the context are the crate's own (each
+        // call's scratch and results, on that call's stream) and torch's, borrowed on torch's
+        // current stream, and cuBLAS's workspace, which the crate orders across streams with its own
+        // event: none is used on a second stream unordered.
+        let dev = unsafe { ExternalDevice::primary(ordinal) }.map_err(to_py)?;
         dev.loss()
             .context()
             .bind_to_thread()

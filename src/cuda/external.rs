@@ -5,7 +5,8 @@
 //! The CUDA runtime, and every framework built on it, works in each device's *primary* context;
 //! [`ExternalDevice::primary`] retains that same context (no second context is created), so a
 //! device pointer or a stream handle taken from the framework is valid here as it is. The whole
-//! unsafe boundary is two constructors: [`ExternalDevice::borrow_stream`] (a stream handle) and
+//! unsafe boundary is three constructors: [`ExternalDevice::primary`] (a context without
+//! cudarc's cross-stream event tracking), [`ExternalDevice::borrow_stream`] (a stream handle) and
 //! [`Borrowed::new`] (a device pointer and a length); everything downstream is the safe
 //! [`CudaLoss`] API.
 //!
@@ -19,9 +20,10 @@
 //! let (logits_ptr, ids_ptr, grad_ptr, stream_handle): (u64, u64, u64, usize) = (0, 0, 0, 0);
 //! let shape = Shape::new(8, 128, 50_000)?;
 //!
-//! let dev = ExternalDevice::primary(0)?;
-//! // SAFETY (of this example): the handle and the pointers come from the framework, on device
-//! // 0, each buffer holding the elements named, alive until the queued work is done.
+//! // SAFETY (of this example): buffers made through the device's context are used on the one
+//! // stream of the call that made them; the handle and the pointers come from the framework, on
+//! // device 0, each buffer holding the elements named, alive until the queued work is done.
+//! let dev = unsafe { ExternalDevice::primary(0)? };
 //! let stream = unsafe { dev.borrow_stream(stream_handle) };
 //! let logits = unsafe { Borrowed::<f32>::new(&stream, logits_ptr, shape.logits_len()) };
 //! let ids = unsafe { Borrowed::<i64>::new(&stream, ids_ptr, shape.rows()) };
@@ -57,7 +59,15 @@ impl ExternalDevice {
     /// Its buffers carry no cudarc events: each call's work is ordered on the one stream it is
     /// given, which is how frameworks order theirs. [`Error::BackendUnavailable`] without a
     /// driver or without that device.
-    pub fn primary(ordinal: usize) -> Result<Arc<ExternalDevice>> {
+    ///
+    /// # Safety
+    /// The context's cudarc event tracking is off, for every user of it: a buffer allocated
+    /// through it (by this crate's calls, or by any code that reaches the context through
+    /// [`loss`](Self::loss)`().context()`, e.g. `stream.alloc_zeros` on one of its streams) must
+    /// be used, and dropped, on one stream, or its uses on several streams ordered by the caller
+    /// (with tracking, cudarc would order them with events; without, a buffer dropped on one
+    /// stream while another still reads it is a use after free). This crate's calls keep to that.
+    pub unsafe fn primary(ordinal: usize) -> Result<Arc<ExternalDevice>> {
         static DEVICES: Mutex<Vec<(usize, Arc<ExternalDevice>)>> = Mutex::new(Vec::new());
         let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, d)) = devices.iter().find(|(o, _)| *o == ordinal) {
@@ -72,9 +82,10 @@ impl ExternalDevice {
             });
         }
         let ctx = CudaContext::new(ordinal).map_err(drv("retaining the primary context"))?;
-        // SAFETY: this context object is private to the `ExternalDevice`; the buffers made through
-        // it (the kernels' scratch and results) are used on the stream of the call that made them
-        // and freed in that stream's order, so no cross-stream event tracking is needed.
+        // SAFETY: the buffers this crate makes through the context (the kernels' scratch and
+        // results) are used on the stream of the call that made them and freed in that stream's
+        // order, so they need no cross-stream event tracking; any other user of the context
+        // keeps to the same, as the caller of this function promises.
         unsafe { ctx.disable_event_tracking() };
         let dev = Arc::new(ExternalDevice { loss: CudaLoss::new(&ctx)? });
         devices.push((ordinal, dev.clone()));

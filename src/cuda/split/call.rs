@@ -291,6 +291,8 @@ impl<'c> DeviceSharded<'c> {
             return Err(Error::InvalidVocabSlice { start: slice.start(), len: slice.len(), vocab: shape.vocab() });
         }
         loss.validate_of_rank(spec, shape, logits_len, inputs, grad_len)?;
+        // before anything is queued or exchanged (found at the last launch before)
+        loss.same_context(stream)?;
         self.check_alone_holds_all()?;
         let dg = self.data_group;
         if dg.size() <= 1 {
