@@ -259,10 +259,10 @@ impl LossSpec {
         if backend == Backend::Cuda {
             // found on the device only after the outputs came back (or not at all, for a
             // gradient factor beyond f32): checked before they do
-            self.plan_checked(shape, &tokens, wants_grad)?;
+            self.plan_checked(shape, &tokens, wants_grad, backend)?;
             return cuda::run_host(self, shape, logits, tokens, grad, token_loss);
         }
-        let plan = self.plan_checked(shape, &tokens, wants_grad)?;
+        let plan = self.plan_checked(shape, &tokens, wants_grad, backend)?;
         let k = cpu_kernels(self.cpu_simd)?;
         let rows = match grad {
             Grad::Skip => cpu::run::<L, f32>(&k, &plan, logits, None),
@@ -320,10 +320,10 @@ impl LossSpec {
         #[cfg(feature = "cuda")]
         if backend == Backend::Cuda {
             // as `run`
-            self.plan_checked(shape, &tokens, true)?;
+            self.plan_checked(shape, &tokens, true, backend)?;
             return cuda::run_host_in_place(self, shape, logits, tokens, token_loss);
         }
-        let plan = self.plan_checked(shape, &tokens, true)?;
+        let plan = self.plan_checked(shape, &tokens, true, backend)?;
         let k = cpu_kernels(self.cpu_simd)?;
         let rows = cpu::run_in_place(&k, &plan, logits);
         plan.finish(&rows, self.check_finite, backend, token_loss)
@@ -332,16 +332,17 @@ impl LossSpec {
 
 impl LossSpec {
     /// The call's plan, and for a call that writes a gradient the check that every row's
-    /// gradient factor is within f32 ([`plan::Plan::check_grad_factors`]).
+    /// gradient factor is within f32 as `backend` forms it ([`plan::Plan::check_grad_factors`]).
     pub(crate) fn plan_checked<I: TokenId>(
         &self,
         shape: Shape,
         tokens: &Tokens<'_, I>,
         grad: bool,
+        backend: Backend,
     ) -> Result<plan::Plan> {
         let plan = self.plan(shape, tokens)?;
         if grad {
-            plan.check_grad_factors()?;
+            plan.check_grad_factors(backend == Backend::Cuda)?;
         }
         Ok(plan)
     }

@@ -211,14 +211,27 @@ impl Plan {
     /// gradient factor `grad_scale · w_b / (D · N_b) · token weight` beyond f32's range, whose
     /// entries would all be infinite or NaN (the loss, in f64, would not show it). Checked
     /// before the pass, from the ids and options alone; a loss-only call needs no factor.
-    pub(crate) fn check_grad_factors(&self) -> Result<()> {
+    /// `device`: the factor as the CUDA kernels form it, the sample's factor rounded to f32
+    /// first and times the token weight in f32 (a sample factor beyond f32 with a small token
+    /// weight is finite on the CPU, which multiplies in f64, and infinite there).
+    pub(crate) fn check_grad_factors(&self, device: bool) -> Result<()> {
+        let finite = |r: usize| match device {
+            false => self.row_coef(r).is_finite(),
+            true => {
+                let c = self.coef[r / self.shape.seq()] as f32;
+                (c * self.token_weight.get(r).copied().unwrap_or(1.0)).is_finite()
+            }
+        };
         for (r, &y) in self.targets.iter().enumerate() {
-            if y != NO_TARGET && !self.row_coef(r).is_finite() {
-                let w = self.token_weight.get(r).map_or(1.0, |&w| w as f64);
+            if y != NO_TARGET && !finite(r) {
+                let (c, w) = (self.coef[r / self.shape.seq()], self.token_weight.get(r).map_or(1.0, |&w| w as f64));
+                // (on the device, the sample's factor alone where it is the one beyond f32)
+                let value = if device && !(c as f32).is_finite() { c } else { c * w };
                 return Err(Error::InvalidOption {
                     name: "grad_scale, alpha, the keyword weights and the token weights",
-                    value: self.coef[r / self.shape.seq()] * w,
-                    expected: "a gradient factor grad_scale * w_b / (D * N_b) * token weight within f32's range",
+                    value,
+                    expected: "a gradient factor grad_scale * w_b / (D * N_b) * token weight within f32's range \
+                               (on CUDA, grad_scale * w_b / (D * N_b) too)",
                 });
             }
         }
@@ -271,5 +284,34 @@ impl Plan {
             z_loss,
             backend,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{LossSpec, Shape, Tokens};
+
+    /// The CUDA kernels round a sample's gradient factor to f32 before the token weight
+    /// multiplies it: a factor beyond f32 with a small token weight is finite on the CPU (the
+    /// product in f64) and infinite there, so the device's check refuses what the CPU's takes.
+    #[test]
+    fn the_device_check_forms_the_factor_as_the_kernels_do() {
+        let shape = Shape::new(2, 3, 5).unwrap();
+        let ids = [0i64, 1, 2, 3, 4, 0];
+        // w_b = 1e40, D = B = 2, N_b = 2: a sample factor of 2.5e39
+        let spec = LossSpec::builder().alpha(1e40).build().unwrap();
+        let small = [1e-3f32; 6];
+        let plan = spec.plan(shape, &Tokens::new(&ids).with_token_weights(&small)).unwrap();
+        assert!(plan.check_grad_factors(false).is_ok(), "the CPU's factor, 2.5e36, is an f32");
+        let e = plan.check_grad_factors(true).unwrap_err();
+        assert!(matches!(e, crate::Error::InvalidOption { value, .. } if value == 2.5e39), "{e}");
+        // within f32 before and after the token weight: both take it
+        let spec = LossSpec::builder().alpha(1e30).build().unwrap();
+        let plan = spec.plan(shape, &Tokens::new(&ids).with_token_weights(&small)).unwrap();
+        assert!(plan.check_grad_factors(false).is_ok() && plan.check_grad_factors(true).is_ok());
+        // beyond f32 after the token weight: both refuse it
+        let large = [1e10f32; 6];
+        let plan = spec.plan(shape, &Tokens::new(&ids).with_token_weights(&large)).unwrap();
+        assert!(plan.check_grad_factors(false).is_err() && plan.check_grad_factors(true).is_err());
     }
 }

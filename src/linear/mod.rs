@@ -440,10 +440,10 @@ impl LossSpec {
         if backend == crate::Backend::Cuda {
             // found on the device only after the gradients came back (or not at all, for a
             // gradient factor beyond f32): checked before they do
-            self.plan_checked(shape.tokens, &tokens, wants_grad)?;
+            self.plan_checked(shape.tokens, &tokens, wants_grad, backend)?;
             return crate::cuda::linear::run_host(self, shape, inputs, tokens, grads, chunking);
         }
-        let plan = self.plan_checked(shape.tokens, &tokens, wants_grad)?;
+        let plan = self.plan_checked(shape.tokens, &tokens, wants_grad, backend)?;
         let k = crate::cpu_kernels(self.cpu_simd)?;
         let (row_loss, chunks) = cpu::run(&k, &plan, shape, &inputs, grads, chunking)?;
         Ok(LinearOutput {

@@ -296,8 +296,10 @@ impl LossSpecBuilder {
     /// per-row factor `grad_scale · w_b / (D · N_b)` (times a token weight) beyond f32's range
     /// ([`Error::InvalidOption`] naming `grad_scale, alpha, the keyword weights and the token weights`, before
     /// anything is written), whose entries would be infinite or NaN while the loss, in f64,
-    /// stays right; a loss-only call takes it. The calls on device buffers and the sharded calls
-    /// do not check it (their factors are made on the device or after an exchange). A factor
+    /// stays right; a loss-only call takes it (a host call that runs on CUDA checks the factor
+    /// as the kernels form it: the sample's part rounded to f32 before the token weight
+    /// multiplies it). The calls on device buffers and the sharded calls do not check it (their
+    /// factors are made on the device or after an exchange). A factor
     /// below f32's smallest subnormal (about 1.4e-45) gives zero entries. Keep the scale, alpha
     /// and token weights within a few orders of magnitude of 1.
     ///
