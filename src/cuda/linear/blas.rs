@@ -146,7 +146,18 @@ impl Blas {
         super::super::probe::cublas_status()
             .map_err(|reason| Error::BackendUnavailable { backend: crate::Backend::Cuda, reason })?;
         let stream = ctx.default_stream();
-        let handle = CudaBlas::new(stream.clone()).map_err(blas_err("opening cuBLAS"))?;
+        // cudarc loads cuBLAS on its first call, by the names of the CUDA version it was built
+        // for, and panics when none loads: a library the probe found under another version's
+        // name (libcublas.so.13 for a CUDA 12 build) is then an error, not a panic
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| CudaBlas::new(stream.clone())));
+        let handle = opened
+            .map_err(|_| Error::BackendUnavailable {
+                backend: crate::Backend::Cuda,
+                reason: "cudarc could not load cuBLAS under the names of the CUDA version it was built for \
+                         (a cuBLAS of another version is installed)"
+                    .into(),
+            })?
+            .map_err(blas_err("opening cuBLAS"))?;
         let workspace = output::<u8>(&stream, WORKSPACE_BYTES)?;
         stream.synchronize().map_err(drv("synchronising"))?;
         let mut blas = Blas { handle, workspace, done: None };
