@@ -89,6 +89,10 @@ impl Case {
 
     /// Runs `call` (None: the unsplit path) with every gradient asked for.
     fn run(&self, call: Option<Sharded<'_>>) -> Whole {
+        self.run_chunked(call, Chunking::Rows(3))
+    }
+
+    fn run_chunked(&self, call: Option<Sharded<'_>>, chunking: Chunking) -> Whole {
         let (h, rows) = (self.shape.hidden(), self.shape.rows());
         let wrows = self.weight.len() / h;
         let (mut dh, mut dw, mut db) = (vec![f32::NAN; rows * h], vec![f32::NAN; wrows * h], vec![f32::NAN; wrows]);
@@ -97,10 +101,8 @@ impl Case {
             g = g.bias(Grad::Into(&mut db));
         }
         let out = match call {
-            Some(c) => {
-                c.linear_loss_and_grad(&self.spec, self.shape, self.inputs(), self.tokens(), g, Chunking::Rows(3))
-            }
-            None => self.spec.linear_loss_and_grad(self.shape, self.inputs(), self.tokens(), g, Chunking::Rows(3)),
+            Some(c) => c.linear_loss_and_grad(&self.spec, self.shape, self.inputs(), self.tokens(), g, chunking),
+            None => self.spec.linear_loss_and_grad(self.shape, self.inputs(), self.tokens(), g, chunking),
         };
         (out.unwrap(), dh, dw, db)
     }
@@ -382,5 +384,32 @@ fn linear_scratch_bytes_of_a_slice_beyond_the_kept_rows() {
         assert_eq!(out.chunk_rows, solo.chunk_rows, "rank {r}: the same chunks");
         let kept = if r == 0 { 0 } else { out.chunk_rows * sl[r].len() * 4 };
         assert_eq!(out.scratch_bytes, solo.scratch_bytes + kept, "rank {r}: chunk buffers and kept rows");
+    }
+}
+
+/// A budget holds the split path's chunk buffers as it holds the single-device call's on the
+/// rank's slice alone: the same rows per chunk. Its count of a row's bytes left out the row's
+/// part of the logits panel (4 bytes per panel row, as many as the slice's columns at H = 64),
+/// and took twice the rows the budget allows.
+#[test]
+fn a_budget_holds_the_split_chunks_as_it_holds_the_single_device_ones() {
+    let (v, h) = (32_000, 64);
+    let c = Case::new(43, 2, 100, h, v, false);
+    let spec = LossSpec::default();
+    let sl = [VocabSlice::new(0, v / 2, v).unwrap(), VocabSlice::new(v / 2, v / 2, v).unwrap()];
+    let budget = Chunking::Budget(4 << 20);
+    let outs = run_ranks(2, |r, g: &ThreadGroup| {
+        let part = Case { spec: spec.clone(), ..c.part(0, 2, Some(sl[r])) };
+        part.run_chunked(Some(Sharded::vocab_parallel(sl[r], g)), budget)
+    });
+    for (r, (out, ..)) in outs.iter().enumerate() {
+        let alone = Case { spec: spec.clone(), ..c.part(0, 2, Some(sl[r])) };
+        let len = sl[r].len() as i64;
+        let (ids, labels) =
+            (alone.ids.iter().map(|y| y % len).collect(), alone.labels.iter().map(|y| y % len).collect());
+        let alone = Case { shape: LinearShape::new(2, 100, h, sl[r].len()).unwrap(), ids, labels, ..alone };
+        let (solo, ..) = alone.run_chunked(None, budget);
+        assert!(solo.chunk_rows > 1 && solo.chunks > 1, "rank {r}: a budget that cuts ({solo:?})");
+        assert_eq!(out.chunk_rows, solo.chunk_rows, "rank {r}: the same rows per chunk");
     }
 }

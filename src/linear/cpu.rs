@@ -1,9 +1,10 @@
 //! The fused linear path on the CPU: chunks of the rows that have a target, f32 products from
 //! [`crate::cpu::gemm`], and the CPU backend's rows pass in place on each chunk's logits.
 //!
-//! f32 inputs are used where they lie (`W` as one panel). f16/bf16 inputs are widened to f32:
-//! a chunk's hidden rows when they are gathered, `W` one vocabulary panel of about
-//! [`CPU_PANEL_BYTES`] at a time (twice per chunk: for the logits, and for `d hidden`).
+//! `W` is taken one vocabulary panel of about [`CPU_PANEL_BYTES`] at a time (twice per chunk: for
+//! the logits, and for `d hidden`): f32 panels where they lie (the panel bounds the GEMM
+//! crate's packing buffer), f16/bf16 panels widened to f32 into one buffer; a chunk's hidden
+//! rows are widened when they are gathered.
 
 use super::{Chunking, Chunks, LinearGrads, LinearInputs, LinearShape, CPU_BUDGET, CPU_PANEL_BYTES};
 use crate::cpu::gemm::{matmul, MatMut, MatRef};
@@ -59,6 +60,12 @@ fn zero<L: Logit>(g: &mut Grad<'_, L>) {
     })
 }
 
+/// Rows of `W` per panel (of `v` rows of `h`): also the rows of a chunk's logits panel, so that
+/// each chunk row costs `4 · panel_rows` bytes beside its logits.
+pub(crate) fn panel_rows(h: usize, v: usize) -> usize {
+    (CPU_PANEL_BYTES / (4 * h.max(1))).clamp(1, v.max(1))
+}
+
 /// The vocabulary panels of `W` as f32, `rows` rows each: borrowed from `W` when it is f32,
 /// widened into `buf` otherwise.
 struct Panels<'a, L: Logit> {
@@ -74,13 +81,8 @@ impl<'a, L: Logit> Panels<'a, L> {
         let widened = L::as_f32(w).is_none();
         // f32 panels too: the GEMM crate packs a whole right-hand side at once, so the panel
         // bounds its packing buffer
-        let rows = Self::rows_for(h, v);
+        let rows = panel_rows(h, v);
         Panels { w, h, v, rows, buf: if widened { vec![0.0; rows * h] } else { Vec::new() } }
-    }
-
-    /// Rows of `W` per panel.
-    fn rows_for(h: usize, v: usize) -> usize {
-        (CPU_PANEL_BYTES / (4 * h.max(1))).clamp(1, v.max(1))
     }
 
     fn ranges(&self) -> impl Iterator<Item = Range<usize>> {
@@ -221,7 +223,7 @@ pub(crate) fn run_with<L: Logit>(
     // rows without a target have no loss and a zero gradient: they are left out of the chunks
     let active = active_rows(plan)?;
     let default_budget = CPU_BUDGET;
-    let panel_rows = Panels::<L>::rows_for(h, v);
+    let panel_rows = panel_rows(h, v);
     let c = chunking.rows_for(default_budget, 4 * v + 8 * h + 4 * panel_rows, active.len())?;
 
     zero(&mut g.hidden);
