@@ -88,8 +88,9 @@ def liger_step(a, h, w, ids, liger_cls):
 def fused(a, device):
     cmd = [a.bin, "bench-linear", "--tokens", f"{a.b}x{a.t}", "--hidden", str(a.hidden), "--vocab", str(a.vocab),
            "--dtype", a.dtype, "--backend", device, "--iters", str(a.iters), "--warmup", "1", "--json"]
-    if device == "cpu" and a.threads != os.cpu_count():
-        # an installed pool of its own (the default, the global pool, has os.cpu_count() threads)
+    if device == "cpu":
+        # always the threads torch gets (without the flag, rayon's own count: RAYON_NUM_THREADS or
+        # the cores it sees, which need not be torch's)
         cmd += ["--threads", str(a.threads)]
     if a.budget_mib:
         cmd += ["--budget-mib", str(a.budget_mib)]
@@ -188,7 +189,9 @@ def main():
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--dtype", default="f32")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    # (the cores this process may run on: os.cpu_count() counts the machine's, affinity aside)
+    ap.add_argument("--threads", type=int,
+                    default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--budget-mib", type=int)

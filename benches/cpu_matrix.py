@@ -6,7 +6,7 @@ of medians and ratios, and the CPU model.
 
     python3 benches/cpu_matrix.py [--bin target/release/fused-weighted-loss] [--shape 8x128x50000]
         [--simd avx512,avx2] [--dtypes f32,bf16,f16] [--threads 2,1] [--runs 3] [--iters 15]
-        [--extra "--z-loss 1e-4 ..."] [--json out.json]
+        [--extra="--z-loss 1e-4 ..."] [--json out.json]   (--extra= with "=": a value beginning with "-")
 """
 import argparse, json, os, platform, statistics, subprocess, sys
 

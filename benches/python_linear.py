@@ -19,8 +19,11 @@ process held before one step (no gradients, the package's gradient pool emptied)
 gradients (outputs, not extra memory; the pool's blocks are those gradients); buffers that the C
 allocator serves from memory it kept resident from earlier steps (under its mmap threshold, up
 to 32 MiB) are not seen, so the package's chunk buffers may not show; CUDA: peak of
-torch.cuda.max_memory_allocated during one step, inputs and gradients included.
-The package's loss and gradients are checked against the eager step's first (f32: <= 1e-5).
+torch.cuda.max_memory_allocated during one step, inputs and gradients included, which does not
+see the package's chunk buffers and cuBLAS workspace (the crate allocates them itself, not
+through torch: `fused-weighted-loss bench-linear` reports them as scratch_bytes).
+The package's (and eager's) loss and gradients are checked first against the course function in
+float64 on the same rounded inputs: f32 <= 1e-5; 16-bit <= 1e-4 (loss) and 1.5e-2 (gradients).
 Needs: pip install ./python (with --features cuda for the GPU: see README, "PyTorch").
 """
 import argparse, gc, json, os, statistics, sys, time
@@ -68,13 +71,23 @@ def native_call(h, w, ids):
 
 
 def check(a, h, w, ids):
-    """Relative errors of the package's loss, d hidden and d weight against the eager step's."""
-    eager_step(a, h, w, ids)()
-    ref = [course_loss(ids, F.linear(h, w).view(a.b, a.t, a.vocab), KEYS).detach(), h.grad, w.grad]
-    package_step(h, w, ids)()
-    out = [fwl.weighted_linear_loss(h, w, ids, keywords=KEYS).detach(), h.grad, w.grad]
-    rel = lambda x, y: ((x.double() - y.double()).norm() / y.double().norm()).item()
-    return {k: rel(x, y) for k, x, y in zip(("loss", "d_hidden", "d_weight"), out, ref)}
+    """Relative errors of the package's loss, d hidden and d weight against the course function's
+    in float64 on the same (rounded) inputs, and the eager step's the same way."""
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    loss64 = course_loss(ids, F.linear(h64, w64).view(a.b, a.t, a.vocab), KEYS)
+    loss64.backward()
+    ref = [loss64.detach(), h64.grad, w64.grad]
+    del loss64
+    rel = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
+    errors = {}
+    for name, step, loss_of in (("package", package_step(h, w, ids),
+                                 lambda: fwl.weighted_linear_loss(h, w, ids, keywords=KEYS)),
+                                ("eager", eager_step(a, h, w, ids),
+                                 lambda: course_loss(ids, F.linear(h, w).view(a.b, a.t, a.vocab), KEYS))):
+        step()
+        out = [loss_of().detach(), h.grad, w.grad]
+        errors.update({f"{name}_{k}": rel(x, y) for k, x, y in zip(("loss", "d_hidden", "d_weight"), out, ref)})
+    return errors
 
 
 def extra_memory(step, device, h, w):
@@ -148,7 +161,7 @@ def main():
     n = a.b * a.t
     where = torch.cuda.get_device_name() if a.device == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; N={n} H={a.hidden} V={a.vocab} {a.dtype}; medians of {a.iters}")
-    print("package vs eager on the same inputs: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print("vs the course function in float64 on the same inputs: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     mem = "peak MiB" if a.device == "cuda" else "extra MiB"
     print(f"{'round':<6}{'eager ms':>10}{'package ms':>12}{'x eager':>9}" + (f"{'native ms':>11}{'overhead':>10}"
           if a.device == "cpu" else "") + f"{'eager ' + mem:>18}{'package ' + mem:>20}")
@@ -165,8 +178,13 @@ def main():
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(summary, fh, indent=1)
-    if DTYPES[a.dtype] == torch.float32 and max(errors.values()) > 1e-5:
-        sys.exit(f"the package's results differ from the eager step's: {errors}")
+    # the project's bounds against float64: f32 1e-5; 16-bit inputs 1e-4 on the loss, 1.5e-2 on
+    # the gradients; NaN never passes
+    f32 = DTYPES[a.dtype] == torch.float32
+    bound = {"loss": 1e-5 if f32 else 1e-4, "d_hidden": 1e-5 if f32 else 1.5e-2, "d_weight": 1e-5 if f32 else 1.5e-2}
+    over = {k: v for k, v in errors.items() if k.startswith("package_") and not v <= bound[k.removeprefix("package_")]}
+    if over:
+        sys.exit(f"the package's results are beyond the bounds against float64: {over}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,18 @@ for line in sys.stdin:
 ' "$bundle"
 }
 
+# Copies the binary that cargo's JSON messages (stdin) name into the bundle.
+keep_bin() {
+  python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    exe = m.get("executable")
+    if m.get("reason") == "compiler-artifact" and exe and m["target"]["kind"] == ["bin"]:
+        shutil.copy(exe, sys.argv[1] + "/bin/" + m["target"]["name"])
+' "$bundle"
+}
+
 prepare() {
   set -e
   eval "$(bash scripts/install-cuda-toolchain.sh --env)"
@@ -61,8 +73,9 @@ prepare() {
   link_env=$(bash scripts/cuda-link-libs.sh)
   eval "$link_env"
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
-  cargo build --release --features cli,cuda --bin fused-weighted-loss
-  cp target/release/fused-weighted-loss "$bundle/bin/"
+  # (the executable cargo names, wherever CARGO_TARGET_DIR or a config puts it)
+  cargo build --release --features cli,cuda --bin fused-weighted-loss --message-format=json | keep_bin
+  [ -x "$bundle/bin/fused-weighted-loss" ]
   cargo test --release --features cli,cuda,nccl --test gpu --test gpu_linear --test gpu_parallel --test gpu_parallel_linear --test large \
     --no-run --message-format=json \
     | keep_tests

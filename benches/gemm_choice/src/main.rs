@@ -1,7 +1,8 @@
 //! Times the three GEMMs of the chunked fused linear loss (N=1024, H=512, V=32000, f32) with
 //! three CPU GEMM crates, for several chunk sizes C, on the rayon pool (all threads). Each
-//! repetition runs every crate once (interleaved, so load drift hits all alike); the best of
-//! three repetitions is printed. faer is given the transposed (column-major) problem: with a
+//! repetition runs every crate once (interleaved, so load drift hits all alike); the medians of
+//! five repetitions are printed (each product's, and the total's: the median of the
+//! repetitions' totals, not a sum of medians). faer is given the transposed (column-major) problem: with a
 //! row-major destination its AVX-512 kernel crashed (faer 0.23.2 on Zen 4).
 use std::time::Instant;
 
@@ -53,8 +54,8 @@ fn main() {
     let gflop = 3.0 * 2.0 * (N * H * V) as f64 / 1e9;
     for &c in &[64usize, 128, 256, 1024] {
         // interleaved: each repetition runs every library once, so load drift hits all alike
-        let mut best = vec![[f64::MAX; 3]; libs.len()];
-        for _rep in 0..3 {
+        let mut reps: Vec<Vec<[f64; 3]>> = vec![Vec::new(); libs.len()];
+        for _rep in 0..5 {
             for (li, lib) in libs.iter().enumerate() {
                 let mut t = [0f64; 3];
                 for r0 in (0..N).step_by(c) {
@@ -74,13 +75,16 @@ fn main() {
                     run(lib, V, H, rows, lg, 1, V, h, H, 1, &mut dw, H, r0 > 0);
                     t[2] += s.elapsed().as_secs_f64();
                 }
-                for i in 0..3 {
-                    best[li][i] = best[li][i].min(t[i]);
-                }
+                reps[li].push(t);
             }
         }
-        for (lib, b) in libs.iter().zip(&best) {
-            let tot: f64 = b.iter().sum();
+        let median = |mut x: Vec<f64>| {
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        for (lib, r) in libs.iter().zip(&reps) {
+            let b: Vec<f64> = (0..3).map(|i| median(r.iter().map(|t| t[i]).collect())).collect();
+            let tot = median(r.iter().map(|t| t.iter().sum()).collect());
             println!("{lib:<15} C={c:<5} fwd {:>7.1} ms  dH {:>7.1} ms  dW {:>7.1} ms  total {:>7.1} ms  {:>6.1} GFLOP/s",
                 b[0] * 1e3, b[1] * 1e3, b[2] * 1e3, tot * 1e3, gflop / tot);
         }
