@@ -224,6 +224,8 @@ impl LossSpec {
     /// let out = LossSpec::default().loss_and_grad_per_token(
     ///     shape, &logits, Tokens::new(&[0i64, 1, 0]), Grad::Skip, &mut per_token)?;
     /// assert!((per_token[0] as f64 - 2f64.ln()).abs() < 1e-6); // uniform row
+    /// // row 1 (1, -1) predicts id 0: ln(e + 1/e) - 1 = ln(1 + e^-2)
+    /// assert!((per_token[1] as f64 - (-2f64).exp().ln_1p()).abs() < 1e-6);
     /// assert!((out.loss - (per_token[0] + per_token[1]) as f64 / 2.0).abs() < 1e-6);
     /// # Ok::<(), fused_weighted_loss::Error>(())
     /// ```
@@ -278,11 +280,12 @@ impl LossSpec {
     /// ```
     /// use fused_weighted_loss::{LossSpec, Shape, Tokens};
     /// let shape = Shape::new(1, 2, 3)?;
-    /// let mut logits = [0.0f32, 0.0, 0.0, 1.0, 2.0, 3.0];
+    /// let mut logits = [0.0f32, 2f32.ln(), 0.0, 1.0, 2.0, 3.0];
     /// let out = LossSpec::default().loss_and_grad_in_place(shape, &mut logits, Tokens::new(&[0i32, 2]))?;
-    /// assert!((out.loss - 3f64.ln()).abs() < 1e-6);
-    /// // row 0 predicts id 2: softmax = 1/3 each, minus one at the target
-    /// assert!((logits[2] - (1.0 / 3.0 - 1.0)).abs() < 1e-6);
+    /// // row 0 predicts id 2: exponentials 1, 2, 1, so softmax 1/4, 1/2, 1/4 and loss ln 4
+    /// assert!((out.loss - 4f64.ln()).abs() < 1e-6);
+    /// let want = [0.25, 0.5, 0.25 - 1.0]; // softmax, minus one at the target
+    /// assert!(logits[..3].iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{logits:?}");
     /// assert_eq!(&logits[3..], &[0.0, 0.0, 0.0]); // the last position has no target
     /// # Ok::<(), fused_weighted_loss::Error>(())
     /// ```

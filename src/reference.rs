@@ -80,10 +80,13 @@ fn cross_entropy(row: &[f64], y: usize, m: f64, ln_s: f64) -> f64 {
 /// ```
 /// use fused_weighted_loss::{reference::reference, LossSpec, Shape, Tokens};
 /// let shape = Shape::new(1, 3, 4)?;
-/// let logits = [0.0f32; 12];
+/// let ln2 = 2f32.ln();
+/// // row 0 predicts id 2 (exponentials 1, 1, 2, 1: loss ln 5/2), row 1 id 3 (uniform: ln 4);
+/// // row 2 predicts nothing
+/// let logits = [0.0, 0.0, ln2, 0.0, 1.0, 1.0, 1.0, 1.0, 3.0, -1.0, 2.0, 0.5];
 /// let ids = [1i64, 2, 3];
 /// let r = reference(&LossSpec::default(), shape, &logits, Tokens::new(&ids))?;
-/// assert!((r.loss - 4f64.ln()).abs() < 1e-12); // uniform logits: ln V per token
+/// assert!((r.loss - 10f64.ln() / 2.0).abs() < 1e-7); // (ln 5/2 + ln 4) / 2
 /// # Ok::<(), fused_weighted_loss::Error>(())
 /// ```
 pub fn reference<L: Logit, I: TokenId>(

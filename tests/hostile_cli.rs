@@ -15,14 +15,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Far above what any of these runs needs; a 26-deep header once took over a minute.
+/// Far above what any of these runs needs; a 26-deep header once took over a minute, and
+/// `--threads 100000` spawned threads for minutes before it was refused: the watchdog that
+/// catches such a run (no test here asserts a time of its own: speed lives in the benches).
 const LIMIT: Duration = Duration::from_secs(20);
 
 struct Run {
     code: Option<i32>,
     stdout: String,
     stderr: String,
-    took: Duration,
 }
 
 /// Runs the binary in `dir`; kills it (and fails) past [`LIMIT`].
@@ -64,7 +65,6 @@ fn run_in(dir: &Path, args: &[&str]) -> Run {
         code: status.code(),
         stdout: String::from_utf8_lossy(&read_out.join().unwrap()).into_owned(),
         stderr: String::from_utf8_lossy(&read_err.join().unwrap()).into_owned(),
-        took: t.elapsed(),
     }
 }
 
@@ -306,8 +306,7 @@ fn a_deeply_nested_header_is_refused_at_once() {
     // the reported 118-byte file: a shape of lists nested 26 deep
     let h = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {}{}, }}", "[".repeat(26), "]".repeat(26));
     std::fs::write(d.join("deep.npy"), npy_raw(&h, &[])).unwrap();
-    let r = assert_refused(&d, &["eval", "--logits", "deep.npy", "--inputs", "I.npy", "--grad-out", "G.npy"], "nest");
-    assert!(r.took < Duration::from_secs(2), "took {:?}", r.took);
+    assert_refused(&d, &["eval", "--logits", "deep.npy", "--inputs", "I.npy", "--grad-out", "G.npy"], "nest");
 }
 
 /// Malformed files derived from a valid logits file: every truncation of its header and some of
@@ -441,8 +440,7 @@ fn bench_threads_are_bounded() {
     assert_refused(&d, &[&small[..], &["--threads", &over]].concat(), "--threads");
     ok_json(&d, &[&small[..], &["--threads", &ok]].concat());
     // as reported: spawned threads for minutes
-    let r = assert_refused(&d, &[&small[..], &["--threads", "100000"]].concat(), "--threads");
-    assert!(r.took < Duration::from_secs(2), "took {:?}", r.took);
+    assert_refused(&d, &[&small[..], &["--threads", "100000"]].concat(), "--threads");
 }
 
 #[test]
@@ -465,8 +463,7 @@ fn run_counts_are_bounded() {
     for (base, flags) in [(&bench[..], &bench_flags[..]), (&linear[..], &linear_flags[..])] {
         for &flag in flags {
             for n in ["18446744073709551615", "100000000000", "1000001"] {
-                let r = assert_refused(&d, &with(base, flags, flag, n), "at most 1000000");
-                assert!(r.took < Duration::from_secs(2), "{flag} {n}: took {:?}", r.took);
+                assert_refused(&d, &with(base, flags, flag, n), "at most 1000000");
             }
         }
     }
@@ -578,8 +575,7 @@ fn bench_linear_refuses_what_it_cannot_run() {
     // --tokens that did not parse were dropped, and a budget of 2^44 MiB wrapped to 0 bytes
     let huge = ["bench-linear", "--tokens", "100000x100000", "--hidden", "100000", "--vocab", "1000", "--iters", "1"];
     assert_refused(&d, &huge, "needs");
-    let r = assert_refused(&d, &[&small[..], &["--threads", "100000"]].concat(), "--threads");
-    assert!(r.took < Duration::from_secs(2), "took {:?}", r.took);
+    assert_refused(&d, &[&small[..], &["--threads", "100000"]].concat(), "--threads");
     assert_refused(&d, &[&small[..], &["--threads", "0"]].concat(), "--threads");
     for tokens in ["2xfoox4", "2x4x", "2", "x4", ""] {
         let mut args = small.to_vec();

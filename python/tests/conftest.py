@@ -4,7 +4,6 @@ CUDA tests skip, saying why, where there is no usable GPU, and fail instead when
 FWL_REQUIRE_CUDA=1 (as the crate's Rust GPU tests do).
 """
 import os
-import time
 from typing import NamedTuple
 
 import pytest
@@ -196,20 +195,17 @@ def train_side_by_side(model_a, loss_a, model_b, loss_b, steps, optimizer=torch.
 
 def without_host_sync(step):
     """Runs ``step()`` behind about 0.2 s of queued device work, under torch's sync debug mode
-    ("error"): asserts that it returned within 0.1 s while the device was still busy (it did not
-    wait for the device) and returns what it returned."""
+    ("error"): asserts that it returned while the device was still busy (it did not wait for the
+    device) and returns what it returned."""
     torch.cuda._sleep(400_000_000)  # ~0.2 s of device time
     torch.cuda.set_sync_debug_mode("error")
     try:
-        t = time.perf_counter()
         out = step()
-        host_s = time.perf_counter() - t
         still_busy = not torch.cuda.current_stream().query()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert still_busy, "the device finished before the call returned: the call waited for it"
-    assert host_s < 0.1, f"the call took {host_s:.3f} s on the host"
     return out
 
 

@@ -27,6 +27,10 @@ static void expect(bool ok, const char *what, double a, double b) {
 
 static const MS EMPTY{-INFINITY, 0.f, 0.f, 0.f};
 
+// The larger of a running worst error and a new one, NaN kept (std::max(worst, NaN) keeps worst:
+// a NaN error never reached the bound's check)
+static double worse(double worst, double e) { return e <= worst ? worst : e; }
+
 // What one block computes for a row: thread k folds elements k*8.., k*8+T*8.. in pushes of up to
 // 8 (as a 16-byte vector of f16/bf16), then the butterfly of each warp and of the warps' results.
 // LEAN: the plain loss's fold (maximum and sum only).
@@ -104,14 +108,14 @@ static void confident_rows() {
         const RowLoss l = row_loss(st, x[y], eps, zc, static_cast<int64_t>(v));
         const RowFactors f = row_factors(st, x[y], static_cast<float>(eps), static_cast<float>(zc), coef,
                                          static_cast<int64_t>(v));
-        worst_loss = std::max(worst_loss, std::fabs(l.loss - want) / want);
-        worst_grad = std::max(worst_grad, std::fabs(f.tgrad - want_g) / std::fabs(want_g));
+        worst_loss = worse(worst_loss, std::fabs(l.loss - want) / want);
+        worst_grad = worse(worst_grad, std::fabs(f.tgrad - want_g) / std::fabs(want_g));
         expect(std::fabs(l.zl - zc * lse * lse) <= 1e-6 * zc * lse * lse, "z-loss term", l.zl,
                zc * lse * lse);
         if (eps == 0.0 && zc == 0.0) {  // what the kernels computed before: the target in the f32 sum
             const MS old = block_fold(x, threads);
             const double old_l = (static_cast<double>(old.m) - x[y]) + std::log(static_cast<double>(old.s));
-            worst_old = std::max(worst_old, std::fabs(old_l - want) / want);
+            worst_old = worse(worst_old, std::fabs(old_l - want) / want);
         }
     }
     std::printf("confident rows: loss worst relative error %.3e, target gradient %.3e (the target in the f32 "
@@ -160,10 +164,10 @@ int main() {
         // the lean fold: the same maximum, the sum to f32 accuracy, no logit sum or count
         const MS lean = block_fold<true>(x, threads);
         const double lse = m + std::log(s), lean_lse = static_cast<double>(lean.m) + std::log(static_cast<double>(lean.s));
-        worst_lean = std::max(worst_lean, std::fabs(lean_lse - lse) / std::max(1.0, std::fabs(lse)));
+        worst_lean = worse(worst_lean, std::fabs(lean_lse - lse) / std::max(1.0, std::fabs(lse)));
         expect(lean.m == st.m && lean.z == 0.f && lean.n == 0.f, "lean fold: maximum, no sums", lean.z, 0);
         const double e = std::fabs(smoothing_term(st, v) - want) / std::fabs(want);
-        worst = std::max(worst, e);
+        worst = worse(worst, e);
         // the same row cut into 1..4 uneven slices, each its own block, merged in rank order
         const int ranks = 1 + static_cast<int>(g() % 4);
         std::vector<size_t> cuts{0};
@@ -176,13 +180,13 @@ int main() {
             merged = ms_merge(merged, block_fold(part, 64));
         }
         const double es = std::fabs(smoothing_term(merged, v) - want) / std::fabs(want);
-        worst = std::max(worst, es);
+        worst = worse(worst, es);
         if (std::fabs(offset) >= 1e6) {  // what the kernels summed before: the raw logits in f32
             float raw = 0;
             for (float e : x) raw += e;
             const double old = (static_cast<double>(st.m) + std::log(static_cast<double>(st.s))) -
                                static_cast<double>(raw) / static_cast<double>(v);
-            worst_raw_at_offset = std::max(worst_raw_at_offset, std::fabs(old - want) / std::fabs(want));
+            worst_raw_at_offset = worse(worst_raw_at_offset, std::fabs(old - want) / std::fabs(want));
         }
     }
     std::printf("lse - mean z: worst relative error %.3e (a raw f32 sum at offsets of 1e6: %.3e)\n", worst,

@@ -148,8 +148,9 @@ proptest! {
         let took = t.elapsed();
         std::fs::remove_file(&p).unwrap();
         prop_assert!(r.is_ok() || !valid, "a valid file was refused: {:?}", r.err());
-        // generous for a loaded machine: a 26-deep header once took over a minute
-        prop_assert!(took < Duration::from_millis(200), "took {took:?}");
+        // a watchdog, not a speed target (those live in the benches): a 26-deep header once
+        // took over a minute
+        prop_assert!(took < Duration::from_secs(10), "took {took:?}");
         if let Ok(a) = r {
             let n: usize = a.dims.iter().product();
             let len = match &a.data {
