@@ -215,8 +215,12 @@ pub enum Error {
     },
     /// With [`LossSpecBuilder::check_finite`](crate::LossSpecBuilder::check_finite) on a data
     /// group: the group's loss is not finite, from a position of another rank's samples (the
-    /// rank that holds it reports [`Error::NonFinite`]; every rank of the group fails).
-    #[error("non-finite loss {value} over the data group (a non-finite position on another rank)")]
+    /// rank that holds it reports [`Error::NonFinite`]; every rank of the group fails), or with
+    /// every position finite, from a total beyond `f64` (weighted losses near `f64::MAX`, which
+    /// the single-device call returns as an infinite loss).
+    #[error(
+        "non-finite loss {value} over the data group (a non-finite position on another rank, or a sum beyond f64)"
+    )]
     NonFiniteInGroup {
         /// The group's loss (NaN or ±inf).
         value: f64,

@@ -323,6 +323,7 @@ def _sharded_args(logits, ids, labels, token_weights, process_group, data_group,
     """The checked arguments of the split's autograd function (see :func:`_sharded`)."""
     from . import _dist
 
+    _dist.check_members(process_group, data_group)
     _dist.check_logits(logits)
     params = dict(
         check=check_ids,
@@ -483,6 +484,7 @@ def weighted_linear_loss(
         if sharded:
             from . import _dist
 
+            _dist.check_members(process_group, data_group)
             params = dict(process_group=process_group, data_group=data_group, keywords=kw, keyword_weights=kww,
                           mode=mode, reduce_hidden_grad=bool(reduce_hidden_grad),
                           slice_=_dist.slice_of(weight.shape[0] if weight.dim() == 2 else 0, process_group,

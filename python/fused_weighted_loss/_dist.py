@@ -225,10 +225,27 @@ class ShardedLoss(torch.autograd.Function):
         return logits_grad(ctx, g_loss), None, None, None, None
 
 
+def _member(group) -> bool:
+    """Whether this rank is in ``group`` (torch gives a rank of -1, and a size of -1, for a group
+    it is not in)."""
+    return group is not None and dist.get_rank(group) >= 0
+
+
+def check_members(process_group, data_group) -> None:
+    """This rank is a member of each group it names: of one it is not in, torch reports rank and
+    size -1, which the native call refused with a TypeError naming neither group (and on CPU,
+    outside this rank's checks, its peers in the other group left waiting)."""
+    for name, group in (("process_group", process_group), ("data_group", data_group)):
+        if group is not None and not _member(group):
+            raise ValueError(f"{name}: this rank is not a member of the group (torch.distributed gives it rank -1)")
+
+
 def _group_arg(group):
     """``(rank, size, all-gather)`` of ``group`` for the native split: the callable takes this
-    rank's float64 numbers (a list) and returns every rank's, concatenated in rank order."""
-    if group is None:
+    rank's float64 numbers (a list) and returns every rank's, concatenated in rank order. A group
+    this rank is not in (refused by ``check_members``; a failed rank's words go to the groups it
+    is in) counts as none."""
+    if not _member(group):
         return (0, 1, None)
 
     def gather(values):
@@ -268,7 +285,7 @@ class _DeviceExchange:
 def _device_group_arg(group, device):
     """``(rank, size, exchange)`` of ``group`` for the native split on CUDA tensors (see
     ``_DeviceExchange``)."""
-    if group is None:
+    if not _member(group):
         return (0, 1, None)
     return (dist.get_rank(group), _size(group), _DeviceExchange(group, device))
 

@@ -65,6 +65,11 @@ def _check_kinds(named: Dict[str, Optional[Tensor]]) -> None:
         if t.layout != torch.strided or t.is_nested:
             kind = "a nested tensor" if t.is_nested else t.layout
             raise ValueError(f"{name} must be a dense (strided) tensor, got {kind}")
+        # a lazy negation or conjugation (torch._neg_view, .conj() of a complex view): the memory
+        # holds the values before it, which the native module would read as they lie (checked in
+        # eager calls only: dynamo cannot trace the flags' queries)
+        if not torch.compiler.is_compiling() and (t.is_neg() or t.is_conj()):
+            raise ValueError(f"{name} carries a lazy negation or conjugation: call .resolve_neg() first")
 
 
 def _check_layouts(named: Dict[str, Optional[Tensor]]) -> None:

@@ -293,6 +293,7 @@ pub(crate) fn time_rust_call(
     iters: usize,
     fresh_grad: bool,
 ) -> PyResult<Vec<f64>> {
+    crate::check_counts(warmup, iters)?;
     let shape = shape_of(&logits, &ids, None)?;
     let spec = options.spec(Backend::Cpu)?;
     let types = (logit_dtype(logits.dtype())?, id_dtype(&ids, None)?);

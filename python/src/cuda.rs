@@ -374,6 +374,7 @@ pub(crate) fn time_rust_call_cuda(
     warmup: usize,
     iters: usize,
 ) -> PyResult<(f64, Vec<f64>)> {
+    crate::check_counts(warmup, iters)?;
     let req = inputs.request(&options, Backend::Cuda, Outputs(grad, 0, 0, 0, 0, 0, false))?;
     if grad == 0 {
         return Err(PyValueError::new_err("time_rust_call_cuda needs a gradient buffer"));

@@ -131,6 +131,18 @@ impl Options {
     }
 }
 
+/// `warmup` and `iters` of the timing calls, each at most a million (a count near `usize::MAX`
+/// overflowed their sum, or asked `Vec::with_capacity` for more than memory: a panic).
+pub(crate) fn check_counts(warmup: usize, iters: usize) -> PyResult<()> {
+    const MAX: usize = 1_000_000;
+    match warmup <= MAX && iters <= MAX {
+        true => Ok(()),
+        false => {
+            Err(PyValueError::new_err(format!("warmup and iters must be at most {MAX}, got {warmup} and {iters}")))
+        }
+    }
+}
+
 /// The crate's error as the Python exception that fits: bad values and shapes are `ValueError`,
 /// a backend that cannot run (or a driver error) is `RuntimeError`. The message is the crate's.
 pub(crate) fn to_py(e: Error) -> PyErr {

@@ -42,6 +42,8 @@ CASES = [
     (dict(keywords=[3, 11]), ValueError, r"keyword id 11 is outside \[0, 11\)"),
     (dict(alpha=-1.0), ValueError, r"alpha must be finite and >= 0, got -1"),
     (dict(alpha=float("nan")), ValueError, r"alpha must be finite and >= 0, got NaN"),
+    # a lazy negation: its memory holds the values before it, which were read as they lie
+    (dict(logits=torch._neg_view(torch.randn(B, T, V))), ValueError, r"logits carries a lazy negation"),
     # a tensor that requires grad: it got no gradient, silently (the course function gives it one)
     (dict(alpha=torch.tensor(2.0, requires_grad=True)), TypeError, r"alpha must be a float \(a tensor that requires grad"),
     (dict(keywords=[3], keyword_weights=[-2.0]), ValueError, r"weight of keyword 3 must be finite and >= 0, got -2"),
@@ -174,3 +176,18 @@ def test_cuda_tensors_in_a_build_or_place_without_cuda():
     x = inputs()
     with pytest.raises(RuntimeError, match="CUDA"):
         fwl.weighted_loss(x["logits"].cuda(), x["ids"].cuda())
+
+
+def test_timing_counts_are_bounded():
+    """The native timing call (benches/python_overhead.py) with a count near 2^62 raised a Rust
+    PanicException ("capacity overflow") with a backtrace; now a ValueError."""
+    from fused_weighted_loss import _native
+
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(2, 3, 5, generator=g), torch.randint(0, 5, (2, 3), generator=g)
+    arg = lambda t: (t.data_ptr(), list(t.shape), str(t.dtype).removeprefix("torch."))
+    options = ([], [], 1.0, -100, "all", "mean", False, 0.0, 0.0, None)
+    for warmup, iters in ((0, 2 ** 62), (2 ** 62, 1)):
+        with pytest.raises(ValueError, match=r"warmup and iters must be at most 1000000"):
+            _native.time_rust_call(arg(logits), arg(ids), options, warmup, iters, False)
+    assert len(_native.time_rust_call(arg(logits), arg(ids), options, 1, 3, False)) == 3
