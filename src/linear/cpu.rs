@@ -231,6 +231,12 @@ pub(crate) fn run_with<L: Logit>(
         zero(&mut g.weight);
         zero(&mut g.bias);
     }
+    if active.is_empty() {
+        // no row has a target: no chunk and no buffer (it reported chunks of 1 row, and their
+        // buffers, for none run)
+        let row_loss = RowLosses { loss: vec![0f64; n], z: vec![0f64; n] };
+        return Ok((row_loss, Chunks { rows: 0, count: 0, scratch_bytes: 0 }));
+    }
     let want_dh = g.hidden.len().is_some();
     let want_db = g.bias.len().is_some();
     let mut panels = Panels::new(inp.weight, h, v);

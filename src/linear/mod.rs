@@ -390,7 +390,8 @@ pub struct LinearOutput {
     /// The loss, per-sample losses, weights, valid tokens and backend, as the logits path
     /// reports them.
     pub loss: LossOutput,
-    /// Token rows per chunk (`C`).
+    /// Token rows per chunk (`C`; 0 when no chunk ran: no row has a target, or a rank without
+    /// samples).
     pub chunk_rows: usize,
     /// Chunks the call ran.
     pub chunks: usize,
