@@ -87,7 +87,8 @@ struct Args {
     tie_embeddings: bool,
 }
 
-/// Python files under `dirs`, in a seeded random order, up to `max_bytes` of source.
+/// Python files under `dirs` (UTF-8 text only), in a seeded random order, up to `max_bytes` of
+/// source.
 fn python_files(dirs: &[PathBuf], max_bytes: usize, seed: u64) -> Res<Vec<PathBuf>> {
     let mut all = Vec::new();
     let mut stack = dirs.to_vec();
@@ -116,6 +117,11 @@ fn python_files(dirs: &[PathBuf], max_bytes: usize, seed: u64) -> Res<Vec<PathBu
         }
         if total + len > max_bytes {
             break;
+        }
+        // the tokenizer's trainer reads text: a file in another encoding (the standard library's
+        // test/ folder holds latin-1 and koi8-r ones) failed the whole run
+        if !std::fs::read(&p).is_ok_and(|b| std::str::from_utf8(&b).is_ok()) {
+            continue;
         }
         total += len;
         out.push(p);
@@ -372,7 +378,7 @@ fn main() -> Res<()> {
     let encode = |paths: &mut dyn Iterator<Item = PathBuf>| -> Res<Vec<u32>> {
         let mut ids = Vec::new();
         for p in paths {
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
             ids.extend(tokenizer.encode(text, false)?.get_ids());
             ids.push(eot);
         }
