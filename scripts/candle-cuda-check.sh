@@ -12,7 +12,8 @@
 # Usage: bash scripts/candle-cuda-check.sh   (installs nvcc from PyPI when missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(bash scripts/install-cuda-toolchain.sh --env)"
+toolchain_env=$(bash scripts/install-cuda-toolchain.sh --env)  # (a failed install stops here)
+eval "$toolchain_env"
 # no GPU here, so no nvidia-smi for candle-kernels to ask the compute capability
 CUDA_COMPUTE_CAP=80 cargo build --release --lib --features candle-cuda
 echo "candle-cuda: the library builds"

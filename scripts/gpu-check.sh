@@ -66,7 +66,8 @@ for line in sys.stdin:
 
 prepare() {
   set -e
-  eval "$(bash scripts/install-cuda-toolchain.sh --env)"
+  toolchain_env=$(bash scripts/install-cuda-toolchain.sh --env)  # (a failed install stops here)
+  eval "$toolchain_env"
   # CUDA's libraries to link candle's CUDA tests against (below), set for every build here so
   # that build.rs, which reruns when the folder's variable changes, runs once
   local link_env

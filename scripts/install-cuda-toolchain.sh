@@ -3,7 +3,8 @@
 # prints the environment to export. No CUDA driver or GPU is needed to compile kernels.
 #
 #   bash scripts/install-cuda-toolchain.sh            # install if missing, print exports
-#   eval "$(bash scripts/install-cuda-toolchain.sh --env)"
+#   env=$(bash scripts/install-cuda-toolchain.sh --env) && eval "$env"
+#   (in a script: `eval "$(...)"` would hide a failed install, eval of nothing succeeding)
 #
 # bindgen (used by build.rs for kernels/params.h) also needs libclang:
 #   apt-get update && apt-get install -y libclang-dev     (this script does it when run as root)
@@ -17,19 +18,32 @@ quiet=0
 [ "${1:-}" = "--env" ] && quiet=1
 log() { [ "$quiet" = 1 ] || echo "$@" >&2; }
 
-if [ ! -x "$cu/bin/nvcc" ] || ! "$cu/bin/nvcc" --version >/dev/null 2>&1; then
+# the wheels a tree was installed from: a tree without this stamp (an install cut short: nvcc
+# unpacks before nvvm's cicc, and its --version works without it) or with other wheels is
+# installed anew
+stamp="$dest/.installed-wheels"
+if [ "$(cat "$stamp" 2>/dev/null)" != "${wheels[*]}" ] || ! "$cu/bin/nvcc" --version >/dev/null 2>&1; then
   log "installing nvcc 13.0 wheels into $dest"
-  tmp="$(mktemp -d)"
+  case "$(uname -m)" in
+    x86_64) arch=x86_64 ;;
+    aarch64 | arm64) arch=aarch64 ;;
+    *) echo "no CUDA wheels for $(uname -m)" >&2; exit 1 ;;
+  esac
+  # unpacked beside the destination (one file system), stamped, then moved into place whole
+  mkdir -p "$root/.toolchain"
+  tmp="$(mktemp -d "$root/.toolchain/.cuda-install.XXXXXX")"
   trap 'rm -rf "$tmp"' EXIT
-  python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$tmp" \
-    --platform manylinux2014_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$tmp/wheels" \
+    --platform "manylinux2014_$arch" --platform "manylinux_2_27_$arch" --platform "manylinux_2_28_$arch" \
     "${wheels[@]}" >&2
-  mkdir -p "$dest"
-  for w in "$tmp"/*.whl; do
-    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$w" "$dest"
+  for w in "$tmp"/wheels/*.whl; do
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$w" "$tmp/tree"
   done
-  chmod +x "$cu"/bin/* "$cu"/nvvm/bin/* 2>/dev/null || true
-  "$cu/bin/nvcc" --version >&2
+  chmod +x "$tmp/tree/nvidia/cu13"/bin/* "$tmp/tree/nvidia/cu13"/nvvm/bin/* 2>/dev/null || true
+  "$tmp/tree/nvidia/cu13/bin/nvcc" --version >&2
+  echo "${wheels[*]}" >"$tmp/tree/.installed-wheels"
+  rm -rf "$dest"
+  mv "$tmp/tree" "$dest"
 fi
 
 if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1; then
@@ -37,10 +51,12 @@ if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/nu
     log "installing libclang-dev for bindgen"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev) >&2
   else
-    log "warning: libclang not found; bindgen needs it (apt-get install libclang-dev)"
+    # (on stderr with --env too: the build that follows fails on it)
+    echo "warning: libclang not found; bindgen needs it (apt-get install libclang-dev)" >&2
   fi
 fi
 
-echo "export NVCC=$cu/bin/nvcc"
-echo "export CUDA_HOME=$cu"
-echo "export PATH=$cu/bin:\$PATH"
+# quoted for the shell that evaluates them (a path with spaces)
+printf 'export NVCC=%q\n' "$cu/bin/nvcc"
+printf 'export CUDA_HOME=%q\n' "$cu"
+printf 'export PATH=%q:"$PATH"\n' "$cu/bin"
