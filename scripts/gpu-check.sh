@@ -40,28 +40,17 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle
 
-# Copies the test binaries that cargo's JSON messages (stdin) name into the bundle as test-NAME.
-keep_tests() {
+# Copies the executables of KIND (test or bin) that cargo's JSON messages (stdin) name into the
+# bundle as PREFIX + their target's name: keep test test- (the test binaries), keep bin "" (the CLI).
+keep() {
   python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
     exe = m.get("executable")
-    if m.get("reason") == "compiler-artifact" and exe and m["target"]["kind"] == ["test"]:
-        shutil.copy(exe, sys.argv[1] + "/bin/test-" + m["target"]["name"])
-' "$bundle"
-}
-
-# Copies the binary that cargo's JSON messages (stdin) name into the bundle.
-keep_bin() {
-  python3 -c '
-import json, shutil, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    exe = m.get("executable")
-    if m.get("reason") == "compiler-artifact" and exe and m["target"]["kind"] == ["bin"]:
-        shutil.copy(exe, sys.argv[1] + "/bin/" + m["target"]["name"])
-' "$bundle"
+    if m.get("reason") == "compiler-artifact" and exe and m["target"]["kind"] == [sys.argv[2]]:
+        shutil.copy(exe, sys.argv[1] + "/bin/" + sys.argv[3] + m["target"]["name"])
+' "$bundle" "$1" "$2"
 }
 
 prepare() {
@@ -75,16 +64,16 @@ prepare() {
   eval "$link_env"
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
   # (the executable cargo names, wherever CARGO_TARGET_DIR or a config puts it)
-  cargo build --release --features cli,cuda --bin fused-weighted-loss --message-format=json | keep_bin
+  cargo build --release --features cli,cuda --bin fused-weighted-loss --message-format=json | keep bin ""
   [ -x "$bundle/bin/fused-weighted-loss" ]
   cargo test --release --features cli,cuda,nccl --test gpu --test gpu_linear --test gpu_parallel --test gpu_parallel_linear --test large \
     --no-run --message-format=json \
-    | keep_tests
+    | keep test test-
   # the candle ops on CUDA tensors: candle-core's `cuda` links CUDA's libraries at build time,
   # here against the folder of scripts/cuda-link-libs.sh (a stub driver; where they run, the
   # driver's libcuda and PyTorch's CUDA 13 libraries are loaded)
   CUDA_COMPUTE_CAP=90 cargo test --release --features cli,candle-cuda --test candle --test candle_linear \
-    --no-run --message-format=json | keep_tests
+    --no-run --message-format=json | keep test test-
   strip "$bundle"/bin/*
   # the Python package with the CUDA kernels (abi3: any CPython >= 3.9 there); same target dir
   python3 -m maturin build --release --manifest-path python/Cargo.toml --features cuda --target-dir target \
