@@ -57,6 +57,9 @@ enum Fault {
     /// Hidden states (and weight rows) one wider than its peers' (fused linear): not a fault of
     /// its own.
     OtherHidden,
+    /// Another label and token weight than its peers' at each sample's position 0, which is
+    /// never a target: the same call as theirs, not a fault at all.
+    OtherFirstLabels,
 }
 
 fn spec(reduction: Reduction) -> LossSpec {
@@ -99,6 +102,12 @@ impl Samples {
             Fault::LabelOutOfRange => labels[3] = -5,
             Fault::TokenWeightNan => token_weights[4] = f32::NAN,
             Fault::OtherIds => ids[5] = if ids[5] + 1 == KEY || ids[5] + 1 == V as i64 { 0 } else { ids[5] + 1 },
+            Fault::OtherFirstLabels => {
+                for s in 0..b {
+                    labels[s * t] = (labels[s * t] + 1) % V as i64;
+                    token_weights[s * t] = 7.5;
+                }
+            }
             _ => {}
         }
         let h = if fault == Fault::OtherHidden { H + 1 } else { H };
@@ -500,6 +509,27 @@ fn ranks_of_a_group_that_make_different_calls_fail_every_rank() {
                         assert_eq!(g.as_ref().map(|l| l.to_bits()), Ok(first.to_bits()), "{desc}: rank {r}");
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Ranks whose labels and token weights differ only at each sample's position 0 (never a
+/// target) make the same call: no `GroupCallMismatch`, and the loss every rank of the group
+/// returns is the one of a call where they do not differ at all.
+#[test]
+fn labels_that_differ_only_where_no_target_is_are_the_same_call() {
+    for path in [Path::Loss, Path::Grad, Path::Linear] {
+        for (data, vocab, odd) in [(1, 2, 1), (1, 3, 0), (2, 2, 3)] {
+            let reduction = Reduction::WeightedMean;
+            let desc = format!("{data} x {vocab} ranks, position 0 other on rank {odd}, {path:?}");
+            let ranks =
+                move |d: usize, v: usize| if d * vocab + v == odd { Fault::OtherFirstLabels } else { Fault::None };
+            let got = two_calls(data, vocab, reduction, path, ranks);
+            let plain = two_calls(data, vocab, reduction, path, |_, _| Fault::None);
+            for (r, (g, p)) in got.iter().zip(&plain).enumerate() {
+                let p = p.as_ref().unwrap_or_else(|e| panic!("{desc}: rank {r} without the difference: {e}"));
+                assert_eq!(g.as_ref().map(|l| l.to_bits()), Ok(p.to_bits()), "{desc}: rank {r}");
             }
         }
     }

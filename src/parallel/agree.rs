@@ -80,21 +80,24 @@ pub(crate) fn call_digest(kind: u64, a: u64, b: u64) -> u32 {
     Digest::new(2).word(kind).word(a).word(b).finish()
 }
 
-/// The ids, labels and token weights of a call, as the call reads them: the labels are the ids
-/// where none are given and each token's weight is 1 where none are given (a rank that passes
-/// them so computes the same as one that leaves them out, and agrees with it), a weight of -0
-/// is one of +0.
-pub(crate) fn tokens_digest<I: TokenId>(t: &Tokens<'_, I>) -> u32 {
-    let mut d = Digest::new(3).word(t.ids.len() as u64);
+/// The ids, labels and token weights of a call (`seq`: its `T`), as the call reads them: the
+/// labels are the ids where none are given and each token's weight is 1 where none are given (a
+/// rank that passes them so computes the same as one that leaves them out, and agrees with it),
+/// a weight of -0 is one of +0, and a sample's label and weight at position 0 (never a target)
+/// are left out.
+pub(crate) fn tokens_digest<I: TokenId>(t: &Tokens<'_, I>, seq: usize) -> u32 {
+    // positions 1.. of each sample (every position where `seq` is 0: a shape the call refuses)
+    let target = |k: usize| seq == 0 || k % seq != 0;
+    let mut d = Digest::new(3).word(t.ids.len() as u64).word(seq as u64);
     for &i in t.ids {
         d = d.word(i.to_i64() as u64);
     }
-    for &l in t.labels.unwrap_or(t.ids) {
+    for (_, &l) in t.labels.unwrap_or(t.ids).iter().enumerate().filter(|&(k, _)| target(k)) {
         d = d.word(l.to_i64() as u64);
     }
     match t.token_weights {
-        Some(w) => w.iter().fold(d, |d, &w| d.f64(w as f64)),
-        None => t.ids.iter().fold(d, |d, _| d.f64(1.0)),
+        Some(w) => w.iter().enumerate().filter(|&(k, _)| target(k)).fold(d, |d, (_, &w)| d.f64(w as f64)),
+        None => (0..t.ids.len()).filter(|&k| target(k)).fold(d, |d, _| d.f64(1.0)),
     }
     .finish()
 }
@@ -122,9 +125,15 @@ const PARTS: [&str; VOCAB_WORDS] =
     ["loss options or vocabulary size", "call or its chunking (rows per exchange)", "ids, labels or token weights"];
 
 impl Agreement {
-    /// `vocab`: the whole vocabulary of the call.
-    pub(crate) fn new<I: TokenId>(spec: &LossSpec, vocab: usize, call: u32, tokens: &Tokens<'_, I>) -> Self {
-        Agreement { spec: spec_digest(spec, vocab), call, tokens: tokens_digest(tokens) }
+    /// `vocab`: the whole vocabulary of the call; `seq`: its `T`.
+    pub(crate) fn new<I: TokenId>(
+        spec: &LossSpec,
+        vocab: usize,
+        seq: usize,
+        call: u32,
+        tokens: &Tokens<'_, I>,
+    ) -> Self {
+        Agreement { spec: spec_digest(spec, vocab), call, tokens: tokens_digest(tokens, seq) }
     }
 
     /// The vocabulary group's words ([`VOCAB_WORDS`]).
@@ -184,18 +193,31 @@ mod tests {
             assert_ne!(spec_digest(&spec, 10), spec_digest(&other, 10), "{other:?}");
         }
         let ids = [1i64, 2, 3, 4];
-        let base = tokens_digest(&Tokens::new(&ids));
-        assert_eq!(base, tokens_digest(&Tokens::new(&[1i32, 2, 3, 4])), "the id type is not the call's meaning");
-        assert_ne!(base, tokens_digest(&Tokens::new(&[1i64, 2, 3, 5])));
+        let base = tokens_digest(&Tokens::new(&ids), 4);
+        assert_eq!(base, tokens_digest(&Tokens::new(&[1i32, 2, 3, 4]), 4), "the id type is not the call's meaning");
+        assert_ne!(base, tokens_digest(&Tokens::new(&[1i64, 2, 3, 5]), 4));
+        assert_ne!(base, tokens_digest(&Tokens::new(&ids), 2), "[1, 4] is not [2, 2]");
         // what the call computes, not which inputs were given: labels equal to the ids, and
         // weights of 1 (or -0 for 0), are the same call
-        assert_eq!(base, tokens_digest(&Tokens::new(&ids).with_labels(&ids)), "labels that are the ids");
-        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_labels(&[1i64, 2, 3, -100])), "other labels");
-        assert_eq!(base, tokens_digest(&Tokens::new(&ids).with_token_weights(&[1.0f32; 4])), "weights of 1");
-        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_token_weights(&[1.0f32, 1.0, 1.0, 2.0])));
-        let zero = tokens_digest(&Tokens::new(&ids).with_token_weights(&[0.0f32, 1.0, 1.0, 1.0]));
-        assert_eq!(zero, tokens_digest(&Tokens::new(&ids).with_token_weights(&[-0.0f32, 1.0, 1.0, 1.0])), "-0 is 0");
+        assert_eq!(base, tokens_digest(&Tokens::new(&ids).with_labels(&ids), 4), "labels that are the ids");
+        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_labels(&[1i64, 2, 3, -100]), 4), "other labels");
+        assert_eq!(base, tokens_digest(&Tokens::new(&ids).with_token_weights(&[1.0f32; 4]), 4), "weights of 1");
+        assert_ne!(base, tokens_digest(&Tokens::new(&ids).with_token_weights(&[1.0f32, 1.0, 1.0, 2.0]), 4));
+        let zero = tokens_digest(&Tokens::new(&ids).with_token_weights(&[1.0f32, 0.0, 1.0, 1.0]), 4);
+        let minus = tokens_digest(&Tokens::new(&ids).with_token_weights(&[1.0f32, -0.0, 1.0, 1.0]), 4);
+        assert_eq!(zero, minus, "-0 is 0");
         assert_ne!(zero, base);
+        // a sample's position 0 is never a target: its label and weight are not the call's meaning
+        // (its id is: keywords are counted on every id)
+        let (other_first, weights) = ([1i64, 2, 7, 4], [9.0f32, 1.0, 5.0, 1.0]);
+        let two = tokens_digest(&Tokens::new(&ids), 2);
+        assert_eq!(two, tokens_digest(&Tokens::new(&ids).with_labels(&[8i64, 2, -100, 4]), 2));
+        assert_eq!(
+            two,
+            tokens_digest(&Tokens::new(&ids).with_labels(&[1i64, 2, 3, 4]).with_token_weights(&weights), 2)
+        );
+        assert_ne!(two, tokens_digest(&Tokens::new(&other_first).with_labels(&ids), 2), "an id at position 0");
+        assert_ne!(two, tokens_digest(&Tokens::new(&ids).with_labels(&[1i64, 2, 3, 5]), 2));
         let signed = LossSpec::builder().weighted_keywords([(3, 0.0), (9, 1.0)]).build().unwrap();
         let minus = LossSpec::builder().weighted_keywords([(3, -0.0), (9, 1.0)]).build().unwrap();
         assert_eq!(spec_digest(&signed, 10), spec_digest(&minus, 10), "a keyword weight of -0 is 0");

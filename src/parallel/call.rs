@@ -297,7 +297,8 @@ impl<'a> Sharded<'a> {
         // carry them to every rank of both groups (see `first_exchanges`)
         let checked = self.check_call(shape, &src, &dest, token_loss.as_deref());
         let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
-        let agree = || Agreement::new(spec, shape.vocab(), call_digest(LOGITS_CALL, chunk as u64, 0), &tokens);
+        let agree =
+            || Agreement::new(spec, shape.vocab(), shape.seq(), call_digest(LOGITS_CALL, chunk as u64, 0), &tokens);
         if shape.batch() == 0 {
             return super::no_samples(spec, shape, &tokens, self, agree, checked);
         }

@@ -86,7 +86,7 @@ impl Sharded<'_> {
         // what the ranks of a group compare: the rows per chunk (none without samples) and H
         let agree = |c: usize| {
             let call = call_digest(LINEAR_CALL, c as u64, shape.hidden() as u64);
-            move || Agreement::new(spec, shape.vocab(), call, &tokens)
+            move || Agreement::new(spec, shape.vocab(), shape.seq(), call, &tokens)
         };
         if shape.batch() == 0 {
             // this rank's part of d W and d b: nothing (d hidden has no rows)

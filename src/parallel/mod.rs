@@ -42,7 +42,8 @@
 //! vocabulary and ranks called with tokens of different `[B, T]`
 //! ([`Error::GroupShapeMismatch`]; a rank without samples beside ranks with samples is one),
 //! and ranks that made different calls (other loss options, another call or chunking, other
-//! ids, labels or token weights: [`Error::GroupCallMismatch`], from a 32-bit digest of each in
+//! ids, or other labels or token weights where a target reads them, that is beyond each
+//! sample's position 0: [`Error::GroupCallMismatch`], from a 32-bit digest of each in
 //! the same exchange), which the data group's exchange then passes on to the other vocabulary
 //! groups of a grid; in the data group's, a `Σ w_b` beyond `f64` (the same in every data group
 //! of a grid, which all hold the same samples) and ranks with other loss options or another
