@@ -35,18 +35,23 @@
 #
 # The run step needs nvidia-smi, python3 with torch and pytest (and triton for Liger and
 # torch.compile); compute-sanitizer is used when present. No Rust there: the package comes as a
-# wheel, installed into a temporary folder. It exits non-zero if any check failed, after printing everything.
+# wheel, installed into a temporary folder. After printing everything it exits 1 if any check
+# failed, else 3 if any was skipped or cut short for time (an incomplete run is no pass), else 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=gpu-bundle
 
 # Copies the executables of KIND (test or bin) that cargo's JSON messages (stdin) name into the
 # bundle as PREFIX + their target's name: keep test test- (the test binaries), keep bin "" (the CLI).
+# The compiler's own messages (errors, warnings) go to stderr as cargo would print them.
 keep() {
   python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     m = json.loads(line)
+    if m.get("reason") == "compiler-message":
+        sys.stderr.write(m["message"].get("rendered") or "")
+        continue
     exe = m.get("executable")
     if m.get("reason") == "compiler-artifact" and exe and m["target"]["kind"] == [sys.argv[2]]:
         shutil.copy(exe, sys.argv[1] + "/bin/" + sys.argv[3] + m["target"]["name"])
@@ -62,6 +67,8 @@ prepare() {
   local link_env
   link_env=$(bash scripts/cuda-link-libs.sh)
   eval "$link_env"
+  # (an archive of an earlier prepare must not outlive a failed build of this one)
+  rm -f "$bundle.tar.xz" "$bundle.tar.xz.tmp"
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
   # (the executable cargo names, wherever CARGO_TARGET_DIR or a config puts it)
   cargo build --release --features cli,cuda --bin fused-weighted-loss --message-format=json | keep bin ""
@@ -216,6 +223,9 @@ run() {
 
   step "Python package: install the wheel, its CUDA tests (FWL_REQUIRE_CUDA=1)"
   local pkg site=/tmp/fwl-site have_pkg=0
+  # (emptied first: pip --target leaves a package folder that is already there as it was, and a
+  # warm machine keeps /tmp between calls)
+  rm -rf "$site"
   pkg=$(ls "$bundle"/wheels/fused_weighted_loss-*.whl 2>/dev/null | head -1)
   if [ -n "$pkg" ] && python3 -m pip install --quiet --no-deps --no-index --target "$site" "$pkg"; then
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -313,7 +323,9 @@ run() {
     --compile-budget-s $((final_left * 2 / 3)) \
     ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-bench.json" || fail=1
   echo "== gpu-check done in $((SECONDS - start)) s (budget $total s)"
-  return $fail
+  ((fail > 0)) && return 1
+  ((skipped + cut > 0)) && return 3
+  return 0
 }
 
 case "${1:-}" in
