@@ -16,7 +16,9 @@
 //! gradients of the head and of the last hidden states come from the fused op) instead of
 //! `lm_head` + `candle::weighted_loss`; `--tie-embeddings` makes the head the token embedding.
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Module, Shape, Tensor, Var, D};
+use candle_nn::init::{Init, NormalOrUniform};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::builder::TypedValueParser as _;
 use clap::Parser;
@@ -47,20 +49,20 @@ struct Args {
     /// Training steps per run (at least 1).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
     steps: usize,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 16)]
+    /// Sequences per batch (at least 1).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
     batch: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 64)]
+    /// Tokens per sequence (at least 2: position t predicts token t + 1).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(2..).map(|n| n as usize))]
     seq: usize,
-    /// Model width.
-    #[arg(long, default_value_t = 128)]
+    /// Model width (a multiple of --heads).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
     dim: usize,
     /// Transformer layers.
     #[arg(long, default_value_t = 2)]
     layers: usize,
-    /// Attention heads.
-    #[arg(long, default_value_t = 4)]
+    /// Attention heads (at least 1).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
     heads: usize,
     /// AdamW learning rate.
     #[arg(long, default_value_t = 3e-3)]
@@ -74,7 +76,8 @@ struct Args {
     /// Use only the keywords the BPE learned as single tokens (by default they are added).
     #[arg(long)]
     learned_keywords_only: bool,
-    /// Seed for initialisation and batch order (both runs use it).
+    /// Seed for the initial weights, the file order and the batches (both runs use it; equal
+    /// seeds give equal runs).
     #[arg(long, default_value_t = 17)]
     seed: u64,
     /// How the loss is computed: `logits` (lm_head, then the loss on the logits) or `linear`
@@ -97,7 +100,10 @@ fn python_files(dirs: &[PathBuf], max_bytes: usize, seed: u64) -> Res<Vec<PathBu
         for e in entries.flatten() {
             let p = e.path();
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if p.is_dir() && !name.starts_with('.') && name != "site-packages" && name != "__pycache__" {
+            // (the entry's own type: a link to a folder is not followed, so no folder is read twice
+            // and a link to a parent cannot loop)
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && !name.starts_with('.') && name != "site-packages" && name != "__pycache__" {
                 stack.push(p);
             } else if name.ends_with(".py") {
                 all.push(p);
@@ -260,9 +266,72 @@ struct RunReport {
     kw_targets: usize,
 }
 
-/// Initial weights shared by both runs (candle's CPU initialisers take no seed, so the first
-/// model's random initialisation is copied into the second).
-type Init = std::collections::HashMap<String, Tensor>;
+/// The model's variables drawn from `--seed` (candle's own initialisers draw from an unseeded
+/// generator): each from a generator seeded by the seed and the variable's name, with the
+/// distribution candle's hint asks for, so that every run of every invocation with one seed
+/// starts from the same weights.
+struct SeededInit {
+    vars: VarMap,
+    seed: u64,
+}
+
+impl SeededInit {
+    fn values(&self, shape: &Shape, name: &str, init: Init) -> Vec<f32> {
+        // FNV-1a of the name, mixed with the seed
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let mut rng = Rng::new(self.seed ^ h);
+        let n = shape.elem_count();
+        let uniform = |rng: &mut Rng, lo: f64, up: f64| (lo + (up - lo) * rng.unit()) as f32;
+        // Box-Muller: (0, 1] keeps the logarithm finite
+        let normal = |rng: &mut Rng, mean: f64, std: f64| {
+            let (u, v) = (1.0 - rng.unit(), rng.unit());
+            (mean + std * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        };
+        match init {
+            Init::Const(c) => vec![c as f32; n],
+            Init::Uniform { lo, up } => (0..n).map(|_| uniform(&mut rng, lo, up)).collect(),
+            Init::Randn { mean, stdev } => (0..n).map(|_| normal(&mut rng, mean, stdev)).collect(),
+            Init::Kaiming { dist, fan, non_linearity } => {
+                let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+                match dist {
+                    NormalOrUniform::Uniform => {
+                        let bound = 3f64.sqrt() * std;
+                        (0..n).map(|_| uniform(&mut rng, -bound, bound)).collect()
+                    }
+                    NormalOrUniform::Normal => (0..n).map(|_| normal(&mut rng, 0.0, std)).collect(),
+                }
+            }
+        }
+    }
+}
+
+impl SimpleBackend for SeededInit {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut vars = self.vars.data().lock().map_err(|_| candle_core::Error::Msg("poisoned VarMap".into()))?;
+        if let Some(v) = vars.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!("variable {name}: shape {:?}, asked for {s:?}", v.shape());
+            }
+            return v.to_dtype(dtype);
+        }
+        let t = Tensor::from_vec(self.values(&s, name, h), s, dev)?.to_dtype(dtype)?;
+        let v = Var::from_tensor(&t)?;
+        vars.insert(name.to_string(), v.clone());
+        Ok(v.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        let vars = self.vars.data().lock().map_err(|_| candle_core::Error::Msg("poisoned VarMap".into()))?;
+        match vars.get(name) {
+            Some(v) => v.to_dtype(dtype),
+            None => candle_core::bail!("no variable {name}"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.vars.data().lock().is_ok_and(|v| v.contains_key(name))
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 fn train(
@@ -275,17 +344,11 @@ fn train(
     vocab: usize,
     keywords: &[u32],
     device: &Device,
-    init: &mut Init,
 ) -> Res<RunReport> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let init = SeededInit { vars: varmap.clone(), seed: a.seed };
+    let vb = VarBuilder::from_backend(Box::new(init), DType::F32, device.clone());
     let model = Model::new(vb, a, vocab, device)?;
-    for (k, v) in varmap.data().lock().map_err(|_| "poisoned VarMap")?.iter() {
-        match init.get(k) {
-            Some(t) => v.set(t)?,
-            None => drop(init.insert(k.clone(), v.as_tensor().copy()?)),
-        }
-    }
     let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: a.lr, weight_decay: 0.01, ..Default::default() })?;
     let mut rng = Rng::new(a.seed);
     let bar = ProgressBar::new(a.steps as u64);
@@ -341,6 +404,10 @@ fn train(
 
 fn main() -> Res<()> {
     let a = Args::parse();
+    if a.dim % a.heads != 0 {
+        // (checked before the tokenizer trains, which takes minutes)
+        return Err(format!("--dim {} is not a multiple of --heads {}", a.dim, a.heads).into());
+    }
     let corpus = if a.corpus.is_empty() { vec![default_corpus()?] } else { a.corpus.clone() };
     let files = python_files(&corpus, a.max_bytes, a.seed)?;
     // every 10th file is held out
@@ -453,17 +520,16 @@ fn main() -> Res<()> {
 
     let weighted = LossSpec::builder().keywords(kw_ids.iter().map(|&k| k as i64)).alpha(a.alpha).build()?;
     let plain = LossSpec::builder().alpha(a.alpha).build()?;
-    let mut init = Init::new();
     let linear = a.loss_path == "linear";
     let runs = if a.loss_path == "both" {
         [
-            train("logits", false, &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
-            train("linear", true, &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
+            train("logits", false, &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device)?,
+            train("linear", true, &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device)?,
         ]
     } else {
         [
-            train("weighted", linear, &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
-            train("unweighted", linear, &a, &plain, &train_ids, &heldout_ids, vocab, &kw_ids, &device, &mut init)?,
+            train("weighted", linear, &a, &weighted, &train_ids, &heldout_ids, vocab, &kw_ids, &device)?,
+            train("unweighted", linear, &a, &plain, &train_ids, &heldout_ids, vocab, &kw_ids, &device)?,
         ]
     };
 

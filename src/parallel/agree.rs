@@ -87,7 +87,7 @@ pub(crate) fn call_digest(kind: u64, a: u64, b: u64) -> u32 {
 /// are left out.
 pub(crate) fn tokens_digest<I: TokenId>(t: &Tokens<'_, I>, seq: usize) -> u32 {
     // positions 1.. of each sample (every position where `seq` is 0: a shape the call refuses)
-    let target = |k: usize| seq == 0 || k % seq != 0;
+    let target = |k: usize| seq == 0 || !k.is_multiple_of(seq);
     let mut d = Digest::new(3).word(t.ids.len() as u64).word(seq as u64);
     for &i in t.ids {
         d = d.word(i.to_i64() as u64);
