@@ -189,7 +189,9 @@ pub fn reference<L: Logit, I: TokenId>(
     let reduce = |x: &[f64]| {
         let total: f64 = x.iter().zip(&weights).map(|(l, w)| l * w).sum();
         match spec.reduction {
-            Reduction::Mean => total / b as f64,
+            // (each weight over B first: weights near f64's limit, which the mean keeps
+            // finite, do not overflow the sum)
+            Reduction::Mean => x.iter().zip(&weights).map(|(l, w)| l * (w / b as f64)).sum(),
             Reduction::WeightedMean if wsum > 0.0 => total / wsum,
             // every weight 0: the weighted losses' sum, 0 unless a loss is not finite (a zero
             // weight does not hide a NaN)
@@ -245,7 +247,9 @@ pub fn reference<L: Logit, I: TokenId>(
                     softmax * a - (1.0 - eps) - eps / v as f64
                 };
                 let chain = match spec.softcap {
-                    Some(cap) => 1.0 - (z / cap).tanh().powi(2),
+                    // sech², not 1 − tanh²: the difference cancels to nothing beyond about
+                    // 19 caps (a cosh beyond f64 gives the factor 0, its true value there)
+                    Some(cap) => 1.0 / (z / cap).cosh().powi(2),
                     None => 1.0,
                 };
                 *gj = c * d * chain;

@@ -499,10 +499,12 @@ fn gpu_soft_capping_where_tanh_saturates() {
     // every logit at 4.5..5.5 times the cap, and a band beyond 9 times it: the chain factor
     // 1 - tanh^2 taken from the rounded tanh was 2e-4 off there, and exactly 0 beyond 8.7
     // (the reference: 1e-7 .. 1e-8), for the row's largest logits
-    let (shape, l, ids, specs) = common::saturating_softcap_case();
-    for spec in specs {
-        check_cuda(&spec, shape, &l, Tokens::new(&ids));
-        let l16: Vec<bf16> = l.iter().map(|&x| bf16::from_f32(x)).collect();
-        check_cuda(&spec, shape, &l16, Tokens::new(&ids));
+    // (and, alone, every logit at 15 to 19.5 times the cap)
+    for (shape, l, ids, specs) in [common::saturating_softcap_case(), common::deep_softcap_case()] {
+        for spec in specs {
+            check_cuda(&spec, shape, &l, Tokens::new(&ids));
+            let l16: Vec<bf16> = l.iter().map(|&x| bf16::from_f32(x)).collect();
+            check_cuda(&spec, shape, &l16, Tokens::new(&ids));
+        }
     }
 }

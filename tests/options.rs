@@ -459,8 +459,10 @@ fn label_smoothing_keeps_f32_accuracy_under_a_large_common_offset() {
 fn soft_capping_where_tanh_saturates() {
     // logits at 4.5..5.5 and 9.5..10.5 times the cap: the chain factor 1 - tanh^2 is tiny
     // there and must keep its relative accuracy (the GPU's, from the rounded tanh, did not)
-    let (shape, l, ids, specs) = common::saturating_softcap_case();
-    for spec in specs {
-        check_all_modes(&spec, shape, &l, Tokens::new(&ids));
+    // and, alone, logits at 15 to 19.5 times the cap
+    for (shape, l, ids, specs) in [common::saturating_softcap_case(), common::deep_softcap_case()] {
+        for spec in specs {
+            check_all_modes(&spec, shape, &l, Tokens::new(&ids));
+        }
     }
 }

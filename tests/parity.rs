@@ -157,6 +157,19 @@ fn huge_logits() {
 }
 
 #[test]
+fn weights_near_the_f64_limit_keep_a_finite_mean() {
+    // alpha 1e308: each sample's weighted loss is beyond f64, their mean over B = 2 is not; the
+    // reference takes each weight over B first, as the fused path does, and both are finite
+    let shape = Shape::new(2, 2, 3).unwrap();
+    let (logits, ids) = random_inputs::<f32>(9, shape, 1.0);
+    let spec = LossSpec::builder().alpha(1e308).build().unwrap();
+    let want = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
+    let got = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::<f32>::Skip).unwrap();
+    assert!(want.loss.is_finite() && want.loss > 1e307, "reference: {}", want.loss);
+    assert!(rel(got.loss, want.loss) <= 1e-6, "fused {} vs reference {}", got.loss, want.loss);
+}
+
+#[test]
 fn per_token_loss_beyond_f32_range_stays_finite() {
     // z_max - z[target] = 2 * f32::MAX: finite in float64, so the loss must be finite too
     let shape = Shape::new(3, 5, 700).unwrap();

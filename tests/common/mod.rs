@@ -188,6 +188,21 @@ pub fn saturating_softcap_case() -> (Shape, Vec<f32>, Vec<i64>, [LossSpec; 2]) {
     (shape, l, ids, specs)
 }
 
+/// Soft-capping far into saturation: every logit 15 to 19.5 times the cap, where `1 - tanh^2`
+/// in f64 loses all of its accuracy (at 19.5 it is exactly 0; the true factor is about 1e-17)
+/// and the reference must take `1 / cosh^2`; the gradient is then tiny everywhere, so this case
+/// stands alone (beside larger entries its error would not show in the relative norm).
+pub fn deep_softcap_case() -> (Shape, Vec<f32>, Vec<i64>, [LossSpec; 2]) {
+    let shape = Shape::new(2, 5, 300).unwrap();
+    let (u, ids) = random_inputs::<f32>(53, shape, 0.5);
+    let l = u.iter().map(|x| 172.5 + 45.0 * x).collect();
+    let specs = [
+        LossSpec::builder().softcap(10.0).build().unwrap(),
+        LossSpec::builder().softcap(10.0).label_smoothing(0.1).z_loss(1e-4).build().unwrap(),
+    ];
+    (shape, l, ids, specs)
+}
+
 /// Random inputs for a shape: logits uniform in [-scale, scale), ids uniform in [0, V).
 pub fn random_inputs<L: Logit>(seed: u64, shape: Shape, scale: f32) -> (Vec<L>, Vec<i64>) {
     let logits = fused_weighted_loss::synthetic::logits::<L>(seed, shape.logits_len(), scale);
