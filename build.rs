@@ -35,22 +35,25 @@ mod cuda {
         for var in ["NVCC", "CUDA_HOME", "CUDA_PATH"] {
             println!("cargo:rerun-if-env-changed={var}");
         }
-        println!("cargo:rerun-if-env-changed=PATH");
+        // (PATH is searched, and watched, only when neither names nvcc: a shell that adds to
+        // PATH then reruns nothing)
+        let nvcc = format!("nvcc{}", env::consts::EXE_SUFFIX);
         if let Some(p) = env::var_os("NVCC") {
             let p = PathBuf::from(p);
             return if p.is_file() { Ok(p) } else { Err(format!("NVCC={} is not a file", p.display())) };
         }
         for var in ["CUDA_HOME", "CUDA_PATH"] {
             if let Some(home) = env::var_os(var) {
-                let p = Path::new(&home).join("bin").join("nvcc");
+                let p = Path::new(&home).join("bin").join(&nvcc);
                 if p.is_file() {
                     return Ok(p);
                 }
             }
         }
+        println!("cargo:rerun-if-env-changed=PATH");
         if let Some(path) = env::var_os("PATH") {
             for dir in env::split_paths(&path) {
-                let p = dir.join("nvcc");
+                let p = dir.join(&nvcc);
                 if p.is_file() {
                     return Ok(p);
                 }
@@ -158,17 +161,24 @@ mod cuda {
         let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
         let kernels = root.join("kernels");
         let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+        // bindgen first: a missing libclang is told in seconds, not after minutes of nvcc
+        bindings(&kernels, &out);
         let nvcc = find_nvcc().unwrap_or_else(|why| {
             panic!(
                 "the `cuda` feature needs nvcc ({why}). Set NVCC to its path, or CUDA_HOME / CUDA_PATH to a \
-                 toolkit, or put it on PATH; `bash scripts/install-cuda-toolchain.sh` installs nvcc 13.0 from PyPI \
-                 and prints the variables to export."
+                 toolkit, or put it on PATH (cudarc's own build runs `nvcc --version` from PATH unless \
+                 CUDARC_CUDA_VERSION is set, e.g. 13000); `bash scripts/install-cuda-toolchain.sh` installs nvcc \
+                 13.0 from PyPI and prints the variables to export."
             )
         });
 
+        // (the folder too: a new file reruns this script; names starting with '.', an editor's
+        // lock or swap files, are not sources)
+        println!("cargo:rerun-if-changed={}", kernels.display());
         let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
             .expect("kernels/ is missing")
             .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.')))
             .collect();
         sources.sort();
         for p in &sources {
@@ -179,15 +189,29 @@ mod cuda {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
             nvcc_fatbin(&nvcc, src, &stem, &sources, &kernels, &out.join(format!("{stem}.fatbin")), cache.as_deref());
         }
+    }
 
-        let bindings = bindgen::Builder::default()
-            .header(kernels.join("params.h").to_string_lossy())
-            .allowlist_type("Fwl.*")
-            .allowlist_var("FWL_.*")
-            .derive_default(true)
-            .derive_debug(true)
-            .generate()
-            .expect("bindgen failed on kernels/params.h (bindgen needs libclang: apt-get install libclang-dev)");
-        bindings.write_to_file(out.join("params.rs")).expect("writing params.rs");
+    /// `params.rs` from `kernels/params.h`. bindgen panics by itself where it finds no libclang;
+    /// that panic is caught and told with what to install.
+    fn bindings(kernels: &Path, out: &Path) {
+        for var in ["LIBCLANG_PATH", "BINDGEN_EXTRA_CLANG_ARGS", "CLANG_PATH"] {
+            println!("cargo:rerun-if-env-changed={var}");
+        }
+        let header = kernels.join("params.h");
+        let generated = std::panic::catch_unwind(|| {
+            bindgen::Builder::default()
+                .header(header.to_string_lossy())
+                .allowlist_type("Fwl.*")
+                .allowlist_var("FWL_.*")
+                .derive_default(true)
+                .derive_debug(true)
+                .generate()
+        });
+        let hint = "bindgen needs libclang: apt-get install libclang-dev, or LIBCLANG_PATH=<its folder>";
+        match generated {
+            Ok(Ok(b)) => b.write_to_file(out.join("params.rs")).expect("writing params.rs"),
+            Ok(Err(e)) => panic!("bindgen failed on kernels/params.h: {e} ({hint})"),
+            Err(_) => panic!("bindgen failed on kernels/params.h ({hint}; its own message is above)"),
+        }
     }
 }
