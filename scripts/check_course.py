@@ -55,11 +55,27 @@ def cases(rng):
     yield "f32 logits rounded to bf16", L, I, None, ["--dtype", "bf16"]
 
 
+def run_json(cmd):
+    """The JSON a command prints; a command that fails stops the check with its own message."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))}\nexited {r.returncode}: {r.stderr.strip()}")
+    return json.loads(r.stdout)
+
+
+def need_file(path, what):
+    if not os.path.isfile(path):
+        sys.exit(f"{path}: no such file ({what})")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "fused-weighted-loss"))
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+    ap.add_argument("--bin", default=os.path.join(target, "release", "fused-weighted-loss"))
     ap.add_argument("--course", default=os.path.join(ROOT, "..", "shared", "reference", "course_loss.py"))
     a = ap.parse_args()
+    need_file(a.bin, "build it: cargo build --release --features cli, or pass --bin")
+    need_file(a.course, "the course function beside the repository, ../shared/reference/; or pass --course")
     rng = np.random.default_rng(0)
     worst, failed = 0.0, False
     with tempfile.TemporaryDirectory() as d:
@@ -71,10 +87,8 @@ def main():
             if Y is not None:
                 np.save(paths["Y"], Y)
                 args += ["--labels", paths["Y"]]
-            ours = json.loads(subprocess.run([a.bin, "eval", *args, "--grad-out", paths["G"]], check=True,
-                                             capture_output=True, text=True).stdout)
-            course = json.loads(subprocess.run([sys.executable, a.course, *args, "--grad-out", paths["R"]],
-                                               check=True, capture_output=True, text=True).stdout)
+            ours = run_json([a.bin, "eval", *args, "--grad-out", paths["G"]])
+            course = run_json([sys.executable, a.course, *args, "--grad-out", paths["R"]])
             e_loss = rel([ours["loss"]], [course["loss"]])
             e_per = rel(ours["per_sample_loss"], course["per_sample_loss"])
             e_grad = rel(np.load(paths["G"]), np.load(paths["R"]))

@@ -66,10 +66,25 @@ def cases(rng):
     yield "all four, V=50257, logits ±40", L, I, None, W, 0.1, 1e-4, 30.0
 
 
+def run_json(cmd):
+    """The JSON a command prints; a command that fails stops the check with its own message."""
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd))}\nexited {r.returncode}: {r.stderr.strip()}")
+    return json.loads(r.stdout)
+
+
+def need_file(path, what):
+    if not os.path.isfile(path):
+        sys.exit(f"{path}: no such file ({what})")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "fused-weighted-loss"))
+    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
+    ap.add_argument("--bin", default=os.path.join(target, "release", "fused-weighted-loss"))
     a = ap.parse_args()
+    need_file(a.bin, "build it: cargo build --release --features cli, or pass --bin")
     rng = np.random.default_rng(1)
     worst, failed = 0.0, False
     with tempfile.TemporaryDirectory() as d:
@@ -89,7 +104,7 @@ def main():
                 args += ["--token-weights", p["W"]]
             if cap:
                 args += ["--softcap", str(cap)]
-            ours = json.loads(subprocess.run([a.bin, *args], check=True, capture_output=True, text=True).stdout)
+            ours = run_json([a.bin, *args])
             loss, z_loss, per_token, grad = torch_loss(L, I, Y, keywords, eps, k, cap, W)
             errs = {
                 "loss": rel([ours["loss"]], [loss]),
