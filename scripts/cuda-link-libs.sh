@@ -21,6 +21,7 @@ cudart="$root/.toolchain/cuda/nvidia/cu13/lib/libcudart.so.13"
 # the cudarc this crate builds with (Cargo.lock), whose driver bindings the stub follows
 cudarc=$(awk '$0 == "name = \"cudarc\"" { getline; gsub(/"/, "", $3); print $3 }' "$root/Cargo.lock")
 [ -n "$cudarc" ] || { echo "no cudarc in $root/Cargo.lock" >&2; exit 1; }
+[ "$(wc -l <<<"$cudarc")" = 1 ] || { echo "more than one cudarc in $root/Cargo.lock: $(echo $cudarc)" >&2; exit 1; }
 # what the folder was made from: made again when that changes
 made_of="${wheels[*]} cudarc-$cudarc"
 
@@ -29,8 +30,13 @@ if [ "$(cat "$lib/.complete" 2>/dev/null)" != "$made_of" ]; then
   rm -rf "$dest" && mkdir -p "$lib"
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' EXIT
+  case "$(uname -m)" in
+    x86_64) arch=x86_64 ;;
+    aarch64 | arm64) arch=aarch64 ;;
+    *) echo "no CUDA wheels for $(uname -m)" >&2; exit 1 ;;
+  esac
   python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$tmp" \
-    --platform manylinux2014_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
+    --platform "manylinux2014_$arch" --platform "manylinux_2_27_$arch" --platform "manylinux_2_28_$arch" \
     "${wheels[@]}" >&2
   for w in "$tmp"/*.whl; do
     python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$w" "$dest"

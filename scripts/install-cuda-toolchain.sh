@@ -46,7 +46,17 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "${wheels[*]}" ] || ! "$cu/bin/nvcc" --ver
   mv "$tmp/tree" "$dest"
 fi
 
-if ! ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/*/libclang-[0-9]*.so* >/dev/null 2>&1; then
+# (each pattern on its own: `ls A B` fails when either matches nothing; LIBCLANG_PATH is where
+# bindgen looks first)
+have_libclang() {
+  local pattern
+  for pattern in "${LIBCLANG_PATH:-/nonexistent}"/libclang*.so* /usr/lib/llvm-*/lib/libclang.so* \
+    /usr/lib/*/libclang-[0-9]*.so* /usr/lib/*/libclang.so*; do
+    compgen -G "$pattern" >/dev/null && return 0
+  done
+  return 1
+}
+if ! have_libclang; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "installing libclang-dev for bindgen"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev) >&2
