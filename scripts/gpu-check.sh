@@ -85,7 +85,7 @@ prepare() {
   # the Python package with the CUDA kernels (abi3: any CPython >= 3.9 there); same target dir
   python3 -m maturin build --release --manifest-path python/Cargo.toml --features cuda --target-dir target \
     --out "$bundle/wheels"
-  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$bundle/wheels" liger-kernel
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$bundle/wheels" liger-kernel==0.8.5  # (the version of BENCHMARKS.md)
   ls -l "$bundle/bin" "$bundle/wheels"
   du -sh "$bundle"
   # what travels: the binaries share most of their bytes (the fatbin), which a long-window xz
