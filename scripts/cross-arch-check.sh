@@ -23,14 +23,28 @@ export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 echo "-- clippy for $target (warnings denied)"
 cargo clippy --target "$target" --all-targets --features cli -- -D warnings
 
+# The CLI's executable that cargo's JSON messages (stdin) name, wherever CARGO_TARGET_DIR or a
+# config puts it; the compiler's own messages go to stderr as cargo would print them.
+cli_path() {
+  python3 -c '
+import json, sys
+path = ""
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-message":
+        sys.stderr.write(m["message"].get("rendered") or "")
+    elif m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["bin"] and m.get("executable"):
+        path = m["executable"]
+print(path)
+'
+}
+
 echo "-- the CLI for $target and for this machine"
-cargo build --release --target "$target" --features cli
+arm=$(cargo build --release --target "$target" --features cli --message-format=json | cli_path)
 # the CLI as the README's test command builds it (its features, and the dev-dependencies' features
 # that a test build unifies in): CI has just run that command, so nothing is rebuilt there
-cargo test --release --features cli,candle --test cli --no-run
-out=${CARGO_TARGET_DIR:-target}
-x86=$out/release/fused-weighted-loss
-arm=$out/$target/release/fused-weighted-loss
+x86=$(cargo test --release --features cli,candle --test cli --no-run --message-format=json | cli_path)
+[[ -x "$arm" && -x "$x86" ]] || { echo "no CLI executable named by cargo: '$arm', '$x86'" >&2; exit 1; }
 # the comparison means something only if the two binaries are of two architectures:
 # ELF e_machine (bytes 18-19) 0xB7 is aarch64, 0x3E x86-64
 machine() { od -An -tx1 -j18 -N1 "$1" | tr -d ' '; }
