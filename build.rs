@@ -172,8 +172,9 @@ mod cuda {
             )
         });
 
-        // (the folder too: a new file reruns this script; names starting with '.', an editor's
-        // lock or swap files, are not sources)
+        // (the folder too: a new file reruns this script, and so does any change in it, an
+        // editor's swap file too, when the fatbin cache makes the rerun short; names starting
+        // with '.', such lock or swap files, are not compiled or hashed)
         println!("cargo:rerun-if-changed={}", kernels.display());
         let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
             .expect("kernels/ is missing")
@@ -210,7 +211,7 @@ mod cuda {
         let hint = "bindgen needs libclang: apt-get install libclang-dev, or LIBCLANG_PATH=<its folder>";
         match generated {
             Ok(Ok(b)) => b.write_to_file(out.join("params.rs")).expect("writing params.rs"),
-            Ok(Err(e)) => panic!("bindgen failed on kernels/params.h: {e} ({hint})"),
+            Ok(Err(e)) => panic!("bindgen failed on kernels/params.h: {e}"),
             Err(_) => panic!("bindgen failed on kernels/params.h ({hint}; its own message is above)"),
         }
     }

@@ -23,18 +23,18 @@ cudarc=$(awk '$0 == "name = \"cudarc\"" { getline; gsub(/"/, "", $3); print $3 }
 [ -n "$cudarc" ] || { echo "no cudarc in $root/Cargo.lock" >&2; exit 1; }
 [ "$(wc -l <<<"$cudarc")" = 1 ] || { echo "more than one cudarc in $root/Cargo.lock: $(echo $cudarc)" >&2; exit 1; }
 # what the folder was made from: made again when that changes
-made_of="${wheels[*]} cudarc-$cudarc"
+case "$(uname -m)" in
+  x86_64) arch=x86_64 ;;
+  aarch64 | arm64) arch=aarch64 ;;
+  *) echo "no CUDA wheels for $(uname -m)" >&2; exit 1 ;;
+esac
+made_of="${wheels[*]} cudarc-$cudarc $arch"
 
 if [ "$(cat "$lib/.complete" 2>/dev/null)" != "$made_of" ]; then
   [ -f "$cudart" ] || { echo "no $cudart: run scripts/install-cuda-toolchain.sh first" >&2; exit 1; }
   rm -rf "$dest" && mkdir -p "$lib"
   tmp="$(mktemp -d)"
   trap 'rm -rf "$tmp"' EXIT
-  case "$(uname -m)" in
-    x86_64) arch=x86_64 ;;
-    aarch64 | arm64) arch=aarch64 ;;
-    *) echo "no CUDA wheels for $(uname -m)" >&2; exit 1 ;;
-  esac
   python3 -m pip download --quiet --no-deps --only-binary=:all: --dest "$tmp" \
     --platform "manylinux2014_$arch" --platform "manylinux_2_27_$arch" --platform "manylinux_2_28_$arch" \
     "${wheels[@]}" >&2

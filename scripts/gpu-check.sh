@@ -311,9 +311,9 @@ run() {
 
   echo
   local verdict='passed'
-  ((cut > 0)) && verdict="INCOMPLETE ($cut cut short by the time budget)"
+  ((skipped + cut > 0)) && verdict="INCOMPLETE ($skipped skipped for time, $cut cut short by the time budget)"
   ((fail > 0)) && verdict='FAILED (see above)'
-  echo "== checks $verdict, $skipped skipped for time, in $((SECONDS - start)) s"
+  echo "== checks so far $verdict, in $((SECONDS - start)) s (the final bench below counts too)"
   step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy (table last)"
   local final_left=$((total - (SECONDS - start)))
   ((final_left < 60)) && final_left=60
@@ -322,7 +322,8 @@ run() {
     --shapes 32x128x50000:f32,32x128x50000:bf16,8x1024x128256:bf16 --iters 20 \
     --compile-budget-s $((final_left * 2 / 3)) \
     ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-bench.json" || fail=1
-  echo "== gpu-check done in $((SECONDS - start)) s (budget $total s)"
+  echo "== gpu-check done in $((SECONDS - start)) s (budget $total s): $( ((fail > 0)) && echo FAILED ||
+    { ((skipped + cut > 0)) && echo INCOMPLETE || echo passed; })"
   ((fail > 0)) && return 1
   ((skipped + cut > 0)) && return 3
   return 0

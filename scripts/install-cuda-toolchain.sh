@@ -50,6 +50,7 @@ fi
 # bindgen looks first)
 have_libclang() {
   local pattern
+  [ -f "${LIBCLANG_PATH:-}" ] && return 0  # (the library file itself)
   for pattern in "${LIBCLANG_PATH:-/nonexistent}"/libclang*.so* /usr/lib/llvm-*/lib/libclang.so* \
     /usr/lib/*/libclang-[0-9]*.so* /usr/lib/*/libclang.so*; do
     compgen -G "$pattern" >/dev/null && return 0

@@ -267,7 +267,8 @@ pub enum Error {
     /// calls: every rank of a group must pass the same loss options (all of the spec but its
     /// backend, SIMD level and `grad_scale`) and vocabulary size, and every rank of a vocabulary
     /// group also the same call (logits, or fused linear with the same hidden size) with the
-    /// same rows per exchange and the same ids, labels and token weights. Other options or
+    /// same rows per exchange and the same ids, labels and token weights (but for each sample's
+    /// label and weight at position 0, never a target). Other options or
     /// chunking would make the group's later exchanges differ in number or length (a hang or an
     /// abort in a real collective); other tokens or options, different losses on the ranks
     /// without a word. Found in the group's first exchange, which carries a 32-bit digest

@@ -158,14 +158,18 @@ fn huge_logits() {
 
 #[test]
 fn weights_near_the_f64_limit_keep_a_finite_mean() {
-    // alpha 1e308: each sample's weighted loss is beyond f64, their mean over B = 2 is not; the
-    // reference takes each weight over B first, as the fused path does, and both are finite
+    // alpha 1e308: the sum of the samples' weighted losses is beyond f64, their mean over B = 2
+    // is not; the reference takes each weight over B first, as the fused path does, and both
+    // are finite
     let shape = Shape::new(2, 2, 3).unwrap();
     let (logits, ids) = random_inputs::<f32>(9, shape, 1.0);
     let spec = LossSpec::builder().alpha(1e308).build().unwrap();
     let want = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
     let got = spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::<f32>::Skip).unwrap();
     assert!(want.loss.is_finite() && want.loss > 1e307, "reference: {}", want.loss);
+    // (the case is one where the sum before the division overflows: else it tests nothing)
+    let sum: f64 = want.per_sample_loss.iter().zip(&want.weights).map(|(l, w)| l * w).sum();
+    assert!(sum.is_infinite(), "the weighted losses sum to {sum}: pick a case whose sum overflows");
     assert!(rel(got.loss, want.loss) <= 1e-6, "fused {} vs reference {}", got.loss, want.loss);
 }
 

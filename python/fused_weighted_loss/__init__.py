@@ -237,7 +237,8 @@ def weighted_loss(
       same on every rank; at least 1; None, the default: what keeps a chunk in cache).
 
     Every rank of a group makes the same call: on CPU tensors, ranks of a vocabulary group with
-    other loss options, ``chunk_rows``, ids, labels or token weights, and ranks of a data group
+    other loss options, ``chunk_rows``, ids, or labels or token weights past each sample's first
+    position (which is never a target), and ranks of a data group
     with other loss options, raise the same ``ValueError`` on every rank (the first exchange
     compares a digest of each); on CUDA tensors only the slices are compared.
 
