@@ -183,7 +183,8 @@ def cuda(a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "fused-weighted-loss"))
+    ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"),
+                                                  "release", "fused-weighted-loss"))
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--tokens", default="8x128")
     ap.add_argument("--hidden", type=int, default=512)
@@ -198,6 +199,8 @@ def main():
     ap.add_argument("--liger-wheel")
     ap.add_argument("--json")
     a = ap.parse_args()
+    if not os.path.isfile(a.bin):
+        sys.exit(f"{a.bin}: no such file (build the CLI: cargo build --release --features cli, or pass --bin)")
     a.b, a.t = (int(x) for x in a.tokens.lower().split("x"))
     out = cpu(a) if a.device == "cpu" else cuda(a)
     if a.json:

@@ -122,7 +122,8 @@ def step_of(fn, logits, inputs, keys):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "fused-weighted-loss"))
+    ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"),
+                                                  "release", "fused-weighted-loss"))
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--shapes", default="8x128x50000")
     ap.add_argument("--dtypes", default="f32,bf16")
@@ -151,6 +152,9 @@ def main():
               file=sys.stderr)
         pkg = None
     use_cli = bool(a.bin) and os.path.exists(a.bin)
+    if not use_cli:
+        print(f"{a.bin}: no such file (build the CLI: cargo build --release --features cli, or pass --bin): "
+              "the CLI's columns and the copy floor are left out", file=sys.stderr)
     configs = []
     for item in a.shapes.split(","):
         shape, _, dt = item.partition(":")

@@ -27,7 +27,8 @@ def cpu_model():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bin", default=os.path.join(ROOT, "target", "release", "fused-weighted-loss"))
+    ap.add_argument("--bin", default=os.path.join(os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target"),
+                                                  "release", "fused-weighted-loss"))
     ap.add_argument("--shape", default="8x128x50000")
     ap.add_argument("--simd", default="avx512,avx2")
     ap.add_argument("--dtypes", default="f32,bf16,f16")
@@ -37,6 +38,8 @@ def main():
     ap.add_argument("--extra", default="", help="more bench flags, e.g. the loss options")
     ap.add_argument("--json", help="write every run's JSON here")
     a = ap.parse_args()
+    if not os.path.isfile(a.bin):
+        sys.exit(f"{a.bin}: no such file (build the CLI: cargo build --release --features cli, or pass --bin)")
     rows, raw = [], []
     print(f"CPU: {cpu_model()}; shape {a.shape}; {a.runs} runs of {a.iters} iterations; extra flags: {a.extra or '-'}")
     for simd in a.simd.split(","):

@@ -114,7 +114,10 @@ impl Options {
             )));
         }
         let row_mean: RowMean = row_mean.parse().map_err(PyValueError::new_err)?;
-        let reduction: Reduction = reduction.parse().map_err(PyValueError::new_err)?;
+        // (the Python spelling in the message: the parse takes "weighted_mean" too)
+        let reduction: Reduction = reduction.parse().map_err(|_| {
+            PyValueError::new_err(format!("unknown reduction '{reduction}' (expected mean, weighted_mean or sum)"))
+        })?;
         LossSpec::builder()
             .weighted_keywords(keywords.iter().copied().zip(weights.iter().copied()))
             .alpha(*alpha)

@@ -49,7 +49,7 @@ CASES = [
     (dict(keywords=[3], keyword_weights=[-2.0]), ValueError, r"weight of keyword 3 must be finite and >= 0, got -2"),
     (dict(keywords=[3, 4], keyword_weights=[1.0]), ValueError, r"keyword_weights has 1 entries for 2 keywords"),
     (dict(row_mean="median"), ValueError, r"unknown row mean 'median' \(expected all or valid\)"),
-    (dict(reduction="max"), ValueError, r"unknown reduction 'max' \(expected mean, weighted-mean or sum\)"),
+    (dict(reduction="max"), ValueError, r"unknown reduction 'max' \(expected mean, weighted_mean or sum\)"),
     # the mode string's separator: a misread mode ("unknown or repeated option ''") before
     (dict(reduction="mean:sum"), ValueError, r"unknown reduction 'mean:sum'"),
     (dict(row_mean="all:valid"), ValueError, r"unknown row_mean 'all:valid'"),
