@@ -79,11 +79,12 @@ prepare() {
   # the candle ops on CUDA tensors: candle-core's `cuda` links CUDA's libraries at build time,
   # here against the folder of scripts/cuda-link-libs.sh (a stub driver; where they run, the
   # driver's libcuda and PyTorch's CUDA 13 libraries are loaded)
+  # (candle's own kernels for sm_90 only: the lent machines are H100s and H200s)
   CUDA_COMPUTE_CAP=90 cargo test --release --features cli,candle-cuda --test candle --test candle_linear \
     --no-run --message-format=json | keep test test-
   strip "$bundle"/bin/*
   # the Python package with the CUDA kernels (abi3: any CPython >= 3.9 there); same target dir
-  python3 -m maturin build --release --manifest-path python/Cargo.toml --features cuda --target-dir target \
+  python3 -m maturin build --release --manifest-path python/Cargo.toml --features cuda --target-dir "${CARGO_TARGET_DIR:-target}" \
     --out "$bundle/wheels"
   python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$bundle/wheels" liger-kernel==0.8.5  # (the version of BENCHMARKS.md)
   ls -l "$bundle/bin" "$bundle/wheels"
