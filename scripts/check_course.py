@@ -8,8 +8,10 @@ both commands on each, and prints ‖out−ref‖/‖ref‖ for the loss, the pe
 Exits 1 when any case is over its bound (f32: 1e-5; f16/bf16 logits: 1e-5 too, since both sides compute
 from the same rounded values and the CLI writes an f32 gradient) or is NaN.
 """
-import argparse, json, os, subprocess, sys, tempfile
+import argparse, os, sys, tempfile
 import numpy as np
+
+from cli_check import default_bin, need_file, run_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -55,23 +57,9 @@ def cases(rng):
     yield "f32 logits rounded to bf16", L, I, None, ["--dtype", "bf16"]
 
 
-def run_json(cmd):
-    """The JSON a command prints; a command that fails stops the check with its own message."""
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(map(str, cmd))}\nexited {r.returncode}: {r.stderr.strip()}")
-    return json.loads(r.stdout)
-
-
-def need_file(path, what):
-    if not os.path.isfile(path):
-        sys.exit(f"{path}: no such file ({what})")
-
-
 def main():
     ap = argparse.ArgumentParser()
-    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
-    ap.add_argument("--bin", default=os.path.join(target, "release", "fused-weighted-loss"))
+    ap.add_argument("--bin", default=default_bin())
     ap.add_argument("--course", default=os.path.join(ROOT, "..", "shared", "reference", "course_loss.py"))
     a = ap.parse_args()
     need_file(a.bin, "build it: cargo build --release --features cli, or pass --bin")

@@ -12,13 +12,12 @@ recomputes the same loss in PyTorch float64 from the course function's steps:
 and the gradient by autograd. Prints ||out - ref|| / ||ref|| for the loss, z-loss, per-token losses
 and gradient; exits 1 when any is over 1e-5 or NaN.
 """
-import argparse, json, os, subprocess, sys, tempfile
+import argparse, os, sys, tempfile
 import numpy as np
+
+from cli_check import default_bin, need_file, run_json
 import torch
 import torch.nn.functional as F
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 
 
 def rel(a, b):
@@ -66,23 +65,9 @@ def cases(rng):
     yield "all four, V=50257, logits ±40", L, I, None, W, 0.1, 1e-4, 30.0
 
 
-def run_json(cmd):
-    """The JSON a command prints; a command that fails stops the check with its own message."""
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(map(str, cmd))}\nexited {r.returncode}: {r.stderr.strip()}")
-    return json.loads(r.stdout)
-
-
-def need_file(path, what):
-    if not os.path.isfile(path):
-        sys.exit(f"{path}: no such file ({what})")
-
-
 def main():
     ap = argparse.ArgumentParser()
-    target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
-    ap.add_argument("--bin", default=os.path.join(target, "release", "fused-weighted-loss"))
+    ap.add_argument("--bin", default=default_bin())
     a = ap.parse_args()
     need_file(a.bin, "build it: cargo build --release --features cli, or pass --bin")
     rng = np.random.default_rng(1)

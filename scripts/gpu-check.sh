@@ -311,10 +311,13 @@ run() {
   fi
 
   echo
-  local verdict='passed'
-  ((skipped + cut > 0)) && verdict="INCOMPLETE ($skipped skipped for time, $cut cut short by the time budget)"
-  ((fail > 0)) && verdict='FAILED (see above)'
-  echo "== checks so far $verdict, in $((SECONDS - start)) s (the final bench below counts too)"
+  # (what the exit status will say, as far as the checks have gone)
+  verdict() {
+    if ((fail > 0)); then echo 'FAILED (see above)'
+    elif ((skipped + cut > 0)); then echo "INCOMPLETE ($skipped skipped for time, $cut cut short by the time budget)"
+    else echo passed; fi
+  }
+  echo "== checks so far $(verdict), in $((SECONDS - start)) s (the final bench below counts too)"
   step "bench: this crate vs torch eager / torch.compile / Liger-Kernel, and the device copy (table last)"
   local final_left=$((total - (SECONDS - start)))
   ((final_left < 60)) && final_left=60
@@ -323,8 +326,7 @@ run() {
     --shapes 32x128x50000:f32,32x128x50000:bf16,8x1024x128256:bf16 --iters 20 \
     --compile-budget-s $((final_left * 2 / 3)) \
     ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-bench.json" || fail=1
-  echo "== gpu-check done in $((SECONDS - start)) s (budget $total s): $( ((fail > 0)) && echo FAILED ||
-    { ((skipped + cut > 0)) && echo INCOMPLETE || echo passed; })"
+  echo "== gpu-check done in $((SECONDS - start)) s (budget $total s): $(verdict)"
   ((fail > 0)) && return 1
   ((skipped + cut > 0)) && return 3
   return 0
