@@ -294,7 +294,7 @@ pub(crate) struct ElemOpts {
 /// One 16-lane step of [`exp_opts_inner`]: capped values and chain factors of `x`
 /// (`neg_two_inv_cap`: `−2/c`).
 #[inline(always)]
-fn cap_lanes<const FMA: bool, const CAP: bool, const ACCURATE: bool>(
+fn cap_lanes<const FMA: bool, const CAP: bool>(
     x: &[f32],
     o: ElemOpts,
     neg_two_inv_cap: f32,
@@ -302,7 +302,7 @@ fn cap_lanes<const FMA: bool, const CAP: bool, const ACCURATE: bool>(
     let (mut z, mut s) = ([0f32; LANES], [1f32; LANES]);
     for i in 0..LANES.min(x.len()) {
         if CAP {
-            (z[i], s[i]) = cap_and_chain::<FMA, ACCURATE>(x[i] * neg_two_inv_cap, o.cap);
+            (z[i], s[i]) = cap_and_chain::<FMA>(x[i] * neg_two_inv_cap, o.cap);
         } else {
             z[i] = x[i];
         }
@@ -310,13 +310,9 @@ fn cap_lanes<const FMA: bool, const CAP: bool, const ACCURATE: bool>(
     (z, s)
 }
 
-/// [`exp_opts_body`] for one combination of options; `IN_RANGE`: every `z − shift` is known to
-/// lie in `[EXP_LO, EXP_HI]` (soft-capped, [`exp_in_range`]); `ACCURATE`: `tanh` as
-/// [`cap_and_chain`] takes it for caps above [`ACCURATE_CAP`].
+/// [`exp_opts_body`] for one combination of options.
 #[inline(always)]
-#[rustfmt::skip]
-fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM: bool, const IN_RANGE: bool,
-                  const ACCURATE: bool>(
+fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM: bool>(
     x: &[f32],
     shift: f32,
     o: ElemOpts,
@@ -328,11 +324,11 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
     let n = x.len();
     let out = &mut out[..n];
     let body = n / LANES * LANES;
-    let exp = |d: f32| if IN_RANGE { exp_in_range::<FMA, SHORT>(d) } else { exp::<FMA, SHORT>(d) };
+    let exp = |d: f32| exp::<FMA, SHORT>(d);
     let k = -2.0 * o.inv_cap;
     for (j, b) in (0..body).step_by(LANES).enumerate() {
         ahead.line(j);
-        let (z, s) = cap_lanes::<FMA, CAP, ACCURATE>(&x[b..b + LANES], o, k);
+        let (z, s) = cap_lanes::<FMA, CAP>(&x[b..b + LANES], o, k);
         let o = &mut out[b..b + LANES];
         for i in 0..LANES {
             let e = exp(z[i] - shift);
@@ -346,7 +342,7 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
             chain[b..b + LANES].copy_from_slice(&s);
         }
     }
-    let (z, s) = cap_lanes::<FMA, CAP, ACCURATE>(&x[body..], o, k);
+    let (z, s) = cap_lanes::<FMA, CAP>(&x[body..], o, k);
     for i in 0..n - body {
         let e = exp(z[i] - shift);
         acc[i] += e;
@@ -390,26 +386,13 @@ fn exp_opts_acc<const FMA: bool, const SHORT: bool>(
     ahead: Ahead,
     lanes: (&mut [f32; LANES], &mut [f32; LANES]),
 ) {
-    // capped values lie within c(1 + 2^-21) of 0 (the roundings of `r` and `c · (2r − 1)`):
-    // `z − shift` lies in [EXP_LO, EXP_HI] for every shift with `c(1 + 2^-21) + |shift| <=
-    // −EXP_LO` (checked with margin), the loop's shifts (capped values themselves) included when
-    // c <= 43; a shift of −c (a first chunk of very negative logits) must not let `c − shift`
-    // pass 88
-    // (not for caps above ACCURATE_CAP, which take `tanh` apart: every shift must cap an
-    // element alike, and those caps leave the range at some shifts)
-    let accurate = o.cap > ACCURATE_CAP;
-    let in_range = o.cap != 0.0 && !accurate && o.cap * 1.001 + shift.abs() <= -EXP_LO - 0.01;
     use exp_opts_inner as inner;
     let (ch, l) = (chain, lanes);
-    match (o.cap != 0.0, o.sum, in_range, accurate) {
-        (false, false, ..) => exp_acc_body::<FMA, SHORT>(x, shift, out, ahead, l.0),
-        (false, true, ..) => inner::<FMA, SHORT, false, true, false, false>(x, shift, o, out, ch, ahead, l),
-        (true, false, true, _) => inner::<FMA, SHORT, true, false, true, false>(x, shift, o, out, ch, ahead, l),
-        (true, true, true, _) => inner::<FMA, SHORT, true, true, true, false>(x, shift, o, out, ch, ahead, l),
-        (true, false, false, false) => inner::<FMA, SHORT, true, false, false, false>(x, shift, o, out, ch, ahead, l),
-        (true, true, false, false) => inner::<FMA, SHORT, true, true, false, false>(x, shift, o, out, ch, ahead, l),
-        (true, false, false, true) => inner::<FMA, SHORT, true, false, false, true>(x, shift, o, out, ch, ahead, l),
-        (true, true, false, true) => inner::<FMA, SHORT, true, true, false, true>(x, shift, o, out, ch, ahead, l),
+    match (o.cap != 0.0, o.sum) {
+        (false, false) => exp_acc_body::<FMA, SHORT>(x, shift, out, ahead, l.0),
+        (false, true) => inner::<FMA, SHORT, false, true>(x, shift, o, out, ch, ahead, l),
+        (true, false) => inner::<FMA, SHORT, true, false>(x, shift, o, out, ch, ahead, l),
+        (true, true) => inner::<FMA, SHORT, true, true>(x, shift, o, out, ch, ahead, l),
     }
 }
 

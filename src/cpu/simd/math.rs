@@ -112,10 +112,9 @@ pub(super) fn exp<const FMA: bool, const SHORT: bool>(x: f32) -> f32 {
 }
 
 /// [`exp`] for `x` in `[EXP_LO, EXP_HI]` or NaN, without the clamps and the select (the same
-/// bits as [`exp`] there; outside, the result is garbage): for loops whose arguments are bounded,
-/// such as soft-capped logits (`|z − shift| <= 2c`).
+/// bits as [`exp`] there; outside, the result is garbage).
 #[inline(always)]
-pub(super) fn exp_in_range<const FMA: bool, const SHORT: bool>(xc: f32) -> f32 {
+fn exp_in_range<const FMA: bool, const SHORT: bool>(xc: f32) -> f32 {
     let (scale, _, f) = reduce::<FMA>(xc);
     // p · 2^n, exact: p is in [0.70, 1.42], so the product is a normal number. A multiply, not
     // an integer add of n << 23 to p's bits: that add turned a NaN `x` whose low payload bits
@@ -142,37 +141,26 @@ fn reduce<const FMA: bool>(xc: f32) -> (f32, f32, f32) {
 /// many times its true size, relative to it).
 pub(super) const TANH_ARG_MAX: f32 = 80.0;
 
-/// The cap above which the soft-capping loops take `tanh` from [`exp_and_one_minus`]
-/// (`ACCURATE`): up to it, `tanh`'s absolute error of ~2e-7 leaves the capped logit `c · tanh`
-/// within ~1.2e-5 of its value.
-pub(crate) const ACCURATE_CAP: f32 = 64.0;
-
 /// `(c · tanh(x), 1 − tanh²(x))` from `a = −2x` (a loop over `x / c` takes it as one product,
 /// `x · (−2/c)`: the same bits as `−2 · (x · (1/c))`, the factor 2 being exact), through one
 /// `exp` and one division. With `u = exp(a)` (`a` clamped to [`TANH_ARG_MAX`]) and
 /// `r = 1 / (1 + u)`:
-/// - `c · tanh x = c · (2r − 1)`, one multiply-add of `r`: where `x` is small, `r`'s rounding
-///   (and `u`'s, through it) is an absolute error of a few ulp of 1 in `tanh`, up to ~2e-7
-///   (`(1 − u)·r`, two operations more, kept ~1.5e-7), which the cap multiplies: `c · 2e-7` of
-///   the loss, fine up to [`ACCURATE_CAP`], beyond which the loops take `ACCURATE` (below).
+/// - `c · tanh x = c · (1 − u)·r`, with `1 − u` from [`exp_and_one_minus`]: a few ulp relative
+///   for every `x`. The shorter `c · (2r − 1)` (one multiply-add) left `r`'s rounding as an
+///   absolute error of ~2e-7 in `tanh` where `x` is small, which the cap multiplies: with caps
+///   of 30–64 it was 10–100 times the error of this form (loss, z-loss and gradient 1e-6 to
+///   9.4e-6 from float64 at V = 2, against 4e-8 to 2e-7), and past f32's 1e-5 for the z-loss
+///   of a vocabulary of one and for full label smoothing of near-uniform rows; it saved 11–14%
+///   of a soft-capped pass at AVX2 (BENCHMARKS.md, the twenty-ninth session).
 /// - `1 − tanh² x = 4u·r²`: a few ulp relative. Taken from `t`, as `1 − t²`, it kept only an
 ///   absolute error of an ulp of 1, tens of percent of itself where `tanh` saturates; the
 ///   target's entry, `coef · (p − 1) · s`, carries that into the gradient.
 ///
 /// `±inf` give `±c` and 0 (about `7e-35` for `−inf`, through the clamp), NaN gives NaN.
-///
-/// `ACCURATE` takes `c · (1 − u)·r` with `1 − u` from [`exp_and_one_minus`]: `tanh` then stays
-/// a few ulp relative for small `x` too (large caps: `x / c` small), at four more operations per
-/// element.
 #[inline(always)]
-pub(super) fn cap_and_chain<const FMA: bool, const ACCURATE: bool>(a: f32, c: f32) -> (f32, f32) {
+pub(super) fn cap_and_chain<const FMA: bool>(a: f32, c: f32) -> (f32, f32) {
     let a = if a > TANH_ARG_MAX { TANH_ARG_MAX } else { a };
-    if ACCURATE {
-        let (u, one_minus_u) = exp_and_one_minus::<FMA>(a);
-        let r = 1.0 / (1.0 + u);
-        return (c * (one_minus_u * r), 4.0 * u * r * r);
-    }
-    let u = exp::<FMA, false>(a);
+    let (u, one_minus_u) = exp_and_one_minus::<FMA>(a);
     let r = 1.0 / (1.0 + u);
-    (madd::<FMA>(2.0 * c, r, -c), 4.0 * u * r * r)
+    (c * (one_minus_u * r), 4.0 * u * r * r)
 }

@@ -123,15 +123,6 @@ pub(super) fn exp16<const SHORT: bool>(x: __m512) -> __m512 {
 /// Below this [`exp16`] clamps its argument (`exp` of it is exactly 0 after `vscalefps`).
 pub(super) const EXP16_LO: f32 = -110.0;
 
-/// [`exp16`] of lanes known to lie in `[EXP16_LO, EXP_HI]` (or NaN), without the clamp: the
-/// same bits there.
-#[target_feature(enable = "avx512f")]
-#[inline]
-pub(super) fn exp16_in_range<const SHORT: bool>(x: __m512) -> __m512 {
-    let (n, f, q) = clamped_parts::<SHORT>(x);
-    _mm512_scalef_ps(_mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0)), n)
-}
-
 /// The parts of [`exp16`]: `(n, f, q)` with `exp(x) = 2^n · (1 + q·f)`.
 #[target_feature(enable = "avx512f")]
 #[inline]

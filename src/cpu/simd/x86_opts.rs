@@ -5,7 +5,7 @@
 
 use super::lanes::{hsum, ElemOpts};
 use super::math::*;
-use super::x86::{exp16, exp16_in_range, exp16_parts, EXP16_LO};
+use super::x86::{exp16, exp16_parts};
 use super::{Ahead, LANES};
 use std::arch::x86_64::*;
 
@@ -14,25 +14,16 @@ use std::arch::x86_64::*;
 struct Consts {
     shift: __m512,
     cap: __m512,
-    /// `2c`.
-    two_cap: __m512,
     /// `−2 / c`.
     neg_two_inv_cap: __m512,
 }
 
 /// `(z − shift, exp(z − shift), s)` of 16 lanes: `z = c · tanh(x / c)` and `s = 1 − tanh²(x / c)`
-/// with soft-capping (as [`cap_and_chain`] of `x · (−2/c)`), else
-/// `z = x`, `s = 1`.
-///
-/// `ACCURATE`: `1 − u` as [`exp16_and_one_minus`] takes it (caps above
-/// [`ACCURATE_CAP`]); `IN_RANGE`: every `z − shift` is known to lie above [`EXP16_LO`], whose
-/// clamp the second `exp` then skips (the same bits).
+/// with soft-capping (as [`cap_and_chain`] of `x · (−2/c)`, `1 − u` as [`exp16_and_one_minus`]
+/// takes it), else `z = x`, `s = 1`.
 #[target_feature(enable = "avx512f,avx512dq")]
 #[inline]
-fn step<const SHORT: bool, const CAP: bool, const ACCURATE: bool, const IN_RANGE: bool>(
-    x: __m512,
-    k: Consts,
-) -> (__m512, __m512, __m512) {
+fn step<const SHORT: bool, const CAP: bool>(x: __m512, k: Consts) -> (__m512, __m512, __m512) {
     let one = _mm512_set1_ps(1.0);
     if !CAP {
         let d = _mm512_sub_ps(x, k.shift);
@@ -41,25 +32,16 @@ fn step<const SHORT: bool, const CAP: bool, const ACCURATE: bool, const IN_RANGE
     // `vminps` returns its second operand when either is NaN: the argument goes second, so a
     // NaN logit stays NaN (first, it became the clamp, and `tanh` of it -1)
     let a = _mm512_min_ps(_mm512_set1_ps(TANH_ARG_MAX), _mm512_mul_ps(x, k.neg_two_inv_cap));
-    let (u, one_minus_u) = if ACCURATE {
-        let (u, m) = exp16_and_one_minus(a);
-        (u, Some(m))
-    } else {
-        (exp16::<false>(a), None)
-    };
+    let (u, one_minus_u) = exp16_and_one_minus(a);
     let d = _mm512_add_ps(one, u);
     let r0 = _mm512_rcp14_ps(d);
     // one Newton step on the 14-bit reciprocal: r = r0 · (2 − d · r0), ~1 ulp
     let r = _mm512_mul_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(2.0)));
-    let z = match one_minus_u {
-        Some(m) => _mm512_mul_ps(k.cap, _mm512_mul_ps(m, r)),
-        // c · tanh = c · (2r − 1), one operation (see cap_and_chain)
-        None => _mm512_fmsub_ps(k.two_cap, r, k.cap),
-    };
+    let z = _mm512_mul_ps(k.cap, _mm512_mul_ps(one_minus_u, r));
     let d = _mm512_sub_ps(z, k.shift);
     // 1 − t² = 4u / (1 + u)²: no cancellation where tanh saturates (see cap_and_chain)
     let s = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(4.0), u), r), r);
-    (d, if IN_RANGE { exp16_in_range::<SHORT>(d) } else { exp16::<SHORT>(d) }, s)
+    (d, exp16::<SHORT>(d), s)
 }
 
 /// `(exp(x), 1 − exp(x))` of 16 lanes: `exp` as [`exp16`] (the same bits), `1 − exp(x)` as the
@@ -81,7 +63,7 @@ fn exp16_and_one_minus(x: __m512) -> (__m512, __m512) {
 macro_rules! exp_opts_512 {
     ($name:ident, $inner:ident, $elem:ty, $short:literal, |$p:ident| $load:expr, |$m:ident, $pm:ident| $load_masked:expr) => {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-        unsafe fn $inner<const CAP: bool, const SUM: bool, const ACCURATE: bool, const IN_RANGE: bool>(
+        unsafe fn $inner<const CAP: bool, const SUM: bool>(
             x: &[$elem],
             k: Consts,
             out: &mut [f32],
@@ -98,7 +80,7 @@ macro_rules! exp_opts_512 {
                 // SAFETY: i + 16 <= n, within `x` and `out`, and within `chain` when it is written.
                 unsafe {
                     let $p = x.as_ptr().add(i);
-                    let (d, e, s) = step::<$short, CAP, ACCURATE, IN_RANGE>($load, k);
+                    let (d, e, s) = step::<$short, CAP>($load, k);
                     acc = _mm512_add_ps(acc, e);
                     if SUM {
                         zacc = _mm512_add_ps(zacc, d);
@@ -114,7 +96,7 @@ macro_rules! exp_opts_512 {
                 // SAFETY: the mask covers only body..n, within the slices as above.
                 unsafe {
                     let $pm = x.as_ptr().add(body);
-                    let (d, e, s) = step::<$short, CAP, ACCURATE, IN_RANGE>($load_masked, k);
+                    let (d, e, s) = step::<$short, CAP>($load_masked, k);
                     acc = _mm512_mask_add_ps(acc, $m, acc, e);
                     if SUM {
                         zacc = _mm512_mask_add_ps(zacc, $m, zacc, d);
@@ -147,23 +129,15 @@ macro_rules! exp_opts_512 {
             let k = Consts {
                 shift: _mm512_set1_ps(shift),
                 cap: _mm512_set1_ps(o.cap),
-                two_cap: _mm512_set1_ps(2.0 * o.cap),
                 neg_two_inv_cap: _mm512_set1_ps(-2.0 * o.inv_cap),
             };
-            // capped values lie within c(1 + 2^-21) of 0: `z − shift` stays above EXP16_LO for
-            // every shift with `c(1 + 2^-21) + |shift| <= −EXP16_LO` (checked with margin)
-            let in_range = o.cap * 1.001 + shift.abs() <= -EXP16_LO - 0.01;
             // SAFETY: the same features as this function.
             unsafe {
-                match (o.cap != 0.0, o.sum, o.cap > ACCURATE_CAP, in_range) {
-                    (false, false, ..) => $inner::<false, false, false, false>(x, k, out, chain, ahead),
-                    (false, true, ..) => $inner::<false, true, false, false>(x, k, out, chain, ahead),
-                    (true, false, false, true) => $inner::<true, false, false, true>(x, k, out, chain, ahead),
-                    (true, true, false, true) => $inner::<true, true, false, true>(x, k, out, chain, ahead),
-                    (true, false, false, false) => $inner::<true, false, false, false>(x, k, out, chain, ahead),
-                    (true, true, false, false) => $inner::<true, true, false, false>(x, k, out, chain, ahead),
-                    (true, false, true, _) => $inner::<true, false, true, false>(x, k, out, chain, ahead),
-                    (true, true, true, _) => $inner::<true, true, true, false>(x, k, out, chain, ahead),
+                match (o.cap != 0.0, o.sum) {
+                    (false, false) => $inner::<false, false>(x, k, out, chain, ahead),
+                    (false, true) => $inner::<false, true>(x, k, out, chain, ahead),
+                    (true, false) => $inner::<true, false>(x, k, out, chain, ahead),
+                    (true, true) => $inner::<true, true>(x, k, out, chain, ahead),
                 }
             }
         }
