@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use fused_weighted_loss::parallel::{Collective, VocabSlice};
+use fused_weighted_loss::synthetic::Rng;
 use fused_weighted_loss::{Error, Result};
 use fused_weighted_loss::{Grad, Logit, LossOutput, LossSpec, Shape, Tokens};
 use std::sync::{Arc, Condvar, Mutex};
@@ -283,4 +284,18 @@ impl<L: Logit> Case<L> {
             self.spec.loss_and_grad_per_token(self.shape, &self.logits, self.tokens(), Grad::IntoF32(&mut g), &mut pt);
         (out.expect("unsharded call"), g, pt)
     }
+}
+
+/// `ranks` slices of `vocab` with random, uneven cut points (none empty).
+pub fn random_slices(rng: &mut Rng, ranks: usize, vocab: usize) -> Vec<VocabSlice> {
+    let mut cuts: Vec<usize> = Vec::new();
+    while cuts.len() < ranks - 1 {
+        let c = 1 + rng.below(vocab as u64 - 1) as usize;
+        if !cuts.contains(&c) {
+            cuts.push(c);
+        }
+    }
+    cuts.sort_unstable();
+    let bounds: Vec<usize> = std::iter::once(0).chain(cuts).chain(std::iter::once(vocab)).collect();
+    bounds.windows(2).map(|w| VocabSlice::new(w[0], w[1] - w[0], vocab).unwrap()).collect()
 }
