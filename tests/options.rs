@@ -70,7 +70,7 @@ fn check<L: Logit>(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(48), ..ProptestConfig::default() })]
 
     #[test]
     fn random_options_f32(o in opts_strategy(), b in 1usize..4, t in 2usize..6, v in 1usize..5000,

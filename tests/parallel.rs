@@ -1055,13 +1055,6 @@ fn a_group_that_is_not_one_is_refused() {
     }
 }
 
-/// Seeds of the random grid tests: `FWL_TEST_CASES` (default 200, about a millisecond each in a
-/// release build; a long campaign: `FWL_TEST_CASES=100000 cargo test --release --test parallel
-/// random_grids`).
-pub(crate) fn test_cases() -> u64 {
-    std::env::var("FWL_TEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(200)
-}
-
 /// Random grids of 1–4 data ranks by 1–5 vocabulary ranks: random sample splits (data ranks
 /// without samples included), uneven slices, chunked exchanges or not, f32 and bf16 logits,
 /// every option, row mean and reduction from the seed; the loss, per-sample and per-token losses
@@ -1069,10 +1062,11 @@ pub(crate) fn test_cases() -> u64 {
 /// per-token bits across a vocabulary group. The gradient agrees within 1e-6 relative; where
 /// it does not (the two f32 computations round differently: 1 seed in 81 000 of a campaign,
 /// 1.8e-6, both paths 1.1–1.2e-6 from float64), both must lie within the f32 bound (1e-5) of the
-/// float64 reference.
+/// float64 reference. Seeds: `FWL_TEST_CASES` (default 200, about a millisecond each in a release
+/// build).
 #[test]
 fn random_grids_match_the_unsharded_call() {
-    for seed in 0..test_cases() {
+    for seed in 0..u64::from(common::cases(200)) {
         let mut rng = Rng::new(seed ^ 0x5EED);
         let (data, vocab) = (1 + rng.below(4) as usize, 1 + rng.below(5) as usize);
         let chunk = [None, Some(1), Some(2), Some(3), Some(7)][rng.below(5) as usize];

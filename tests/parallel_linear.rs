@@ -423,7 +423,7 @@ fn a_budget_holds_the_split_chunks_as_it_holds_the_single_device_ones() {
 /// a 20 000-seed campaign: 1.9e-6). Seeds: `FWL_TEST_CASES` (default 200).
 #[test]
 fn random_grids_match_the_unsplit_path() {
-    let cases = std::env::var("FWL_TEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(200u64);
+    let cases = u64::from(common::cases(200));
     let mut worst = 0f64;
     for seed in 0..cases {
         let mut rng = Rng::new(seed ^ 0xABC);

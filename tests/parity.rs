@@ -29,7 +29,7 @@ fn spec_strategy() -> impl Strategy<Value = LossSpec> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::cases(64), ..ProptestConfig::default() })]
 
     #[test]
     fn random_shapes_f32(b in 1usize..5, t in 2usize..7, v in 1usize..5000, seed in any::<u64>(),

@@ -6,6 +6,12 @@ pub mod linear;
 use fused_weighted_loss::reference::{reference, rel_err, ReferenceOutput};
 use fused_weighted_loss::{CpuSimd, DType, Grad, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens};
 
+/// Cases of a randomised test: `FWL_TEST_CASES` when set (a longer campaign, e.g.
+/// `FWL_TEST_CASES=20000 cargo test --release --test options`), else `default`.
+pub fn cases(default: u32) -> u32 {
+    std::env::var("FWL_TEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 /// Tolerances from the project's standard: f32 inputs 1e-5; f16/bf16 1.5e-2 on the gradient
 /// (it is rounded to the input dtype) and 1e-4 on the loss.
 pub fn tolerances(dtype: DType) -> (f64, f64) {

@@ -138,7 +138,11 @@ fn hostile_file() -> impl Strategy<Value = (Vec<u8>, bool)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        // FWL_TEST_CASES: a longer campaign, as the integration tests' randomised cases
+        cases: std::env::var("FWL_TEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(400),
+        ..ProptestConfig::default()
+    })]
     #[test]
     fn any_file_is_read_or_refused_quickly((bytes, valid) in hostile_file()) {
         let p = dir().join(format!("fuzz-{:?}.npy", std::thread::current().id()));
