@@ -1,5 +1,7 @@
 //! Bit-identical results across runs and across thread counts.
 
+mod common;
+
 use fused_weighted_loss::{bf16, Grad, Logit, LossOutput, LossSpec, Shape, Tokens};
 
 fn run_in_pool<L: Logit>(
@@ -84,4 +86,46 @@ fn bitwise_in_place_across_threads() {
         (out, bits(&l))
     };
     assert_eq!(run(1), run(7));
+}
+
+/// Random shapes (up to 180 rows of up to 40 000 logits), options, levels and dtypes: one thread
+/// and 2–8 give the same bits. Seeds: `FWL_TEST_CASES` (default 40; 3 000 passed).
+#[test]
+fn random_shapes_give_the_same_bits_on_any_thread_count() {
+    use fused_weighted_loss::synthetic::Rng;
+    use fused_weighted_loss::{f16, CpuSimd};
+    for seed in 0..u64::from(common::cases(40)) {
+        let mut rng = Rng::new(seed ^ 0x99);
+        let (b, t, v) = (1 + rng.below(6) as usize, 2 + rng.below(30) as usize, 1 + rng.below(40_000) as usize);
+        let shape = Shape::new(b, t, v).unwrap();
+        let mut sb = LossSpec::builder().keywords([0i64]);
+        if rng.below(3) == 0 {
+            sb = sb.z_loss(1e-4);
+        }
+        if rng.below(3) == 0 {
+            sb = sb.label_smoothing(0.1);
+        }
+        if rng.below(3) == 0 {
+            sb = sb.softcap([5.0, 30.0, 200.0][rng.below(3) as usize]);
+        }
+        let spec = sb.cpu_simd([CpuSimd::Portable, CpuSimd::Auto][rng.below(2) as usize]).build().unwrap();
+        let ids = fused_weighted_loss::synthetic::ids::<i64>(seed, shape.rows(), v);
+        let (threads, scale) = (2 + rng.below(7) as usize, [1.0, 5.0, 20.0][rng.below(3) as usize]);
+        let what = format!("seed {seed}, {shape}, {threads} threads, {spec:?}");
+        match rng.below(3) {
+            0 => same_bits::<bf16>(shape, seed, scale, &ids, &spec, threads, &what),
+            1 => same_bits::<f16>(shape, seed, scale, &ids, &spec, threads, &what),
+            _ => same_bits::<f32>(shape, seed, scale, &ids, &spec, threads, &what),
+        }
+    }
+}
+
+fn same_bits<L: Logit>(shape: Shape, seed: u64, scale: f32, ids: &[i64], spec: &LossSpec, threads: usize, what: &str) {
+    let logits = fused_weighted_loss::synthetic::logits::<L>(seed, shape.logits_len(), scale);
+    let (a, ga) = run_in_pool(1, shape, &logits, ids, spec);
+    let (b, gb) = run_in_pool(threads, shape, &logits, ids, spec);
+    assert!(a.loss.is_finite(), "{what}: a finite loss");
+    assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{what}: loss");
+    assert_eq!(a, b, "{what}: outputs");
+    assert!(bits(&ga) == bits(&gb), "{what}: gradient");
 }

@@ -148,6 +148,58 @@ fn reference_moves_within_a_row() {
     check_all_modes(&LossSpec::default(), shape, &logits, Tokens::new(&ids));
 }
 
+/// Random long rows (up to 60 000 logits, up to 30 chunks) with a common offset per row (up to
+/// ±1000) and up to three spikes of up to +79 anywhere in the row, which move the row's reference
+/// after its first chunk; f32, bf16 and f16, with options (soft-capped logits kept within three
+/// caps of 0: a row whose every logit saturates has a chain factor below f32's range, as the
+/// README says). Seeds: `FWL_TEST_CASES` (default 20; 4 000 passed).
+#[test]
+fn random_long_rows_with_offsets_and_spikes() {
+    use fused_weighted_loss::synthetic::Rng;
+    for seed in 0..u64::from(common::cases(20)) {
+        let mut rng = Rng::new(seed ^ 0x77);
+        let (b, t, v) = (1 + rng.below(2) as usize, 2 + rng.below(3) as usize, 1 + rng.below(60_000) as usize);
+        let shape = Shape::new(b, t, v).unwrap();
+        let scale = [0.5f32, 3.0, 12.0][rng.below(3) as usize];
+        let (mut logits, ids) = random_inputs::<f32>(seed, shape, scale);
+        for row in logits.chunks_exact_mut(v) {
+            let offset = (rng.below(2001) as f32 - 1000.0) * [0.0, 0.01, 1.0][rng.below(3) as usize];
+            row.iter_mut().for_each(|x| *x += offset);
+            for _ in 0..rng.below(4) {
+                row[rng.below(v as u64) as usize] += rng.below(80) as f32;
+            }
+        }
+        let mut sb = LossSpec::builder().keywords([0i64]);
+        if rng.below(3) == 0 {
+            let cap = [5.0f32, 30.0, 200.0][rng.below(3) as usize];
+            logits.iter_mut().for_each(|x| *x = x.clamp(-3.0 * cap, 3.0 * cap));
+            sb = sb.softcap(f64::from(cap));
+        }
+        if rng.below(3) == 0 {
+            sb = sb.z_loss(1e-4);
+        }
+        if rng.below(3) == 0 {
+            sb = sb.label_smoothing(0.1);
+        }
+        let spec = sb.build().unwrap();
+        match rng.below(3) {
+            0 => check_all_modes(
+                &spec,
+                shape,
+                &logits.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(),
+                Tokens::new(&ids),
+            ),
+            1 => check_all_modes(
+                &spec,
+                shape,
+                &logits.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>(),
+                Tokens::new(&ids),
+            ),
+            _ => check_all_modes(&spec, shape, &logits, Tokens::new(&ids)),
+        };
+    }
+}
+
 #[test]
 fn huge_logits() {
     // ±3e3: exp overflows without the max shift and underflows to 0 for most entries
