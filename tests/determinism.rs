@@ -88,7 +88,7 @@ fn bitwise_in_place_across_threads() {
     assert_eq!(run(1), run(7));
 }
 
-/// Random shapes (up to 180 rows of up to 40 000 logits), options, levels and dtypes: one thread
+/// Random shapes (up to 186 rows of up to 40 000 logits), options, levels and dtypes: one thread
 /// and 2–8 give the same bits. Seeds: `FWL_TEST_CASES` (default 40; 3 000 passed).
 #[test]
 fn random_shapes_give_the_same_bits_on_any_thread_count() {
