@@ -133,6 +133,63 @@ fn candle_cpu_loss_and_backward() {
     cases(&Device::Cpu);
 }
 
+/// The op inside a graph: logits from `hidden · W` (not a leaf), two losses of them with
+/// different specs, scaled and summed; `d W` from `backward()` against `hiddenᵀ · (a1·G1 + a2·G2)`
+/// with the float64 reference's gradients on the logits as candle computed them. Random shapes
+/// and options; seeds: `FWL_TEST_CASES` (default 20; 5 000 passed).
+#[test]
+fn candle_two_losses_of_a_matmul_in_one_graph() {
+    use fused_weighted_loss::synthetic::{self, Rng};
+    let dev = Device::Cpu;
+    for seed in 0..u64::from(common::cases(20)) {
+        let mut rng = Rng::new(seed ^ 0x3);
+        let (b, t) = (1 + rng.below(3) as usize, 2 + rng.below(6) as usize);
+        let (h, v) = (1 + rng.below(40) as usize, 2 + rng.below(3000) as usize);
+        let shape = Shape::new(b, t, v).unwrap();
+        let hidden: Vec<f32> = synthetic::logits(seed, b * t * h, 1.0);
+        let ids = synthetic::ids::<u32>(seed, b * t, v);
+        let w =
+            Var::from_tensor(&Tensor::from_vec(synthetic::logits::<f32>(seed + 1, h * v, 1.0), (h, v), &dev).unwrap())
+                .unwrap();
+        let hidden_t = Tensor::from_vec(hidden.clone(), (b * t, h), &dev).unwrap();
+        let logits = hidden_t.matmul(w.as_tensor()).unwrap().reshape((b, t, v)).unwrap();
+        let t_ids = Tensor::from_vec(ids.clone(), (b, t), &dev).unwrap();
+        let mut s1 = LossSpec::builder().keywords([0i64]);
+        if rng.below(2) == 0 {
+            s1 = s1.z_loss(1e-3);
+        }
+        if rng.below(2) == 0 {
+            s1 = s1.softcap(10.0);
+        }
+        let s1 = s1.build().unwrap();
+        let s2 = LossSpec::builder().label_smoothing(0.2).row_mean(RowMean::ValidTokens).build().unwrap();
+        let (a1, a2) = (0.5 + rng.below(4) as f64, 0.25 * rng.below(5) as f64);
+        let l1 = weighted_loss(&logits, &t_ids, None, &s1).unwrap();
+        let l2 = weighted_loss(&logits, &t_ids, None, &s2).unwrap();
+        let total = ((l1 * a1).unwrap() + (l2 * a2).unwrap()).unwrap();
+        let dw: Vec<f32> = total.backward().unwrap().get(&w).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let z: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+        let (r1, r2) = (
+            reference(&s1, shape, &z, Tokens::new(&ids)).unwrap(),
+            reference(&s2, shape, &z, Tokens::new(&ids)).unwrap(),
+        );
+        let mut want = vec![0f64; h * v];
+        for r in 0..b * t {
+            for k in 0..h {
+                let x = f64::from(hidden[r * h + k]);
+                for j in 0..v {
+                    want[k * v + j] += x * (a1 * r1.grad[r * v + j] + a2 * r2.grad[r * v + j]);
+                }
+            }
+        }
+        let what = format!("seed {seed}: [{b}, {t}] H {h} V {v}, {a1}·{s1:?} + {a2}·{s2:?}");
+        let l = f64::from(total.to_scalar::<f32>().unwrap());
+        assert!(rel(l, a1 * r1.loss + a2 * r2.loss) <= 1e-5, "{what}: loss {l}");
+        let e = rel_err(&dw, &want);
+        assert!(e <= 1e-5, "{what}: d W rel err {e:e}");
+    }
+}
+
 #[test]
 fn candle_loss_without_tracked_logits_has_no_backward() {
     let shape = Shape::new(2, 3, 50).unwrap();
