@@ -83,7 +83,7 @@ proptest! {
         // (logits of scale 0.01: PyTorch's f32 cross-entropy 1.4e-3 from float64, this crate's
         // 1.7e-5 to 2.0e-5 with or without soft-capping). With full smoothing the logits' scale
         // is at least 1 here, where 400 seeds per scale with caps up to 50 stayed within 4.4e-7
-        // (5.7e-7 at 0.5).
+        // (and 5.7e-7 at a scale of 0.5).
         let scale = if o.smoothing == 1.0 { scale.max(1.0) } else { scale };
         check::<f32>(o, row_mean, reduction, Shape::new(b, t, v).unwrap(), seed, scale, ignore);
     }
@@ -239,29 +239,29 @@ fn large_soft_caps_keep_the_accuracy_of_small_ones() {
 }
 
 /// The soft-cap's `tanh` keeps f32's relative accuracy at every cap, so the capped outputs are as
-/// accurate as the plain ones: loss, z-loss and gradient within 1e-6 of float64 on small
-/// vocabularies (whose z-loss and loss hang on a few capped logits) with caps of 5 to 64. Taken
-/// as `c · (2r − 1)`, `tanh` kept an absolute error of ~2e-7 that the cap multiplied: 1e-6 to
-/// 9.4e-6 here (V = 2, cap 64: z-loss 9.4e-6).
+/// accurate as the plain ones: loss, z-loss and gradient within 2e-6 of float64 on small
+/// vocabularies (whose z-loss and loss hang on a few capped logits) with caps of 5 to 64 (at
+/// most 2e-7 measured at AVX2 and the portable level). Taken as `c · (2r − 1)`, `tanh` kept an
+/// absolute error of ~2e-7 that the cap multiplied: up to 9.4e-6 here (V = 2, cap 64, z-loss).
 #[test]
 fn soft_capped_outputs_are_as_accurate_as_plain_ones() {
     for v in [2usize, 3, 5, 100] {
         for (i, cap) in [5.0, 20.0, 30.0, 48.0, 64.0].into_iter().enumerate() {
-            for scale in [0.1f32, 1.0] {
+            for (scale, k) in [0.1f32, 1.0].into_iter().flat_map(|s| (0..8u64).map(move |k| (s, k))) {
                 let shape = Shape::new(2, 4, v).unwrap();
-                let seed = (v * 10 + i) as u64;
+                let seed = (v * 100 + i * 10) as u64 + k;
                 let (logits, ids) = random_inputs::<f32>(seed, shape, scale);
                 let spec = LossSpec::builder().keywords([1]).z_loss(1e-3).softcap(cap).build().unwrap();
                 let r = reference(&spec, shape, &logits, Tokens::new(&ids)).unwrap();
                 for level in cpu_levels() {
-                    let what = format!("{level:?}, V {v}, cap {cap}, scale {scale}");
+                    let what = format!("{level:?}, V {v}, cap {cap}, scale {scale}, seed {seed}");
                     let s = spec.to_builder().cpu_simd(level).build().unwrap();
                     let mut g = vec![f32::NAN; logits.len()];
                     let out = s.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::IntoF32(&mut g)).unwrap();
-                    assert!(rel(out.loss, r.loss) <= 1e-6, "{what}: loss {} vs {}", out.loss, r.loss);
-                    assert!(rel(out.z_loss, r.z_loss) <= 1e-6, "{what}: z-loss {} vs {}", out.z_loss, r.z_loss);
+                    assert!(rel(out.loss, r.loss) <= 2e-6, "{what}: loss {} vs {}", out.loss, r.loss);
+                    assert!(rel(out.z_loss, r.z_loss) <= 2e-6, "{what}: z-loss {} vs {}", out.z_loss, r.z_loss);
                     let e = rel_err(&g, &r.grad);
-                    assert!(e <= 1e-6, "{what}: gradient rel err {e:e}");
+                    assert!(e <= 2e-6, "{what}: gradient rel err {e:e}");
                 }
             }
         }

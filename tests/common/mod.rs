@@ -9,7 +9,10 @@ use fused_weighted_loss::{CpuSimd, DType, Grad, Logit, LossOutput, LossSpec, Sha
 /// Cases of a randomised test: `FWL_TEST_CASES` when set (a longer campaign, e.g.
 /// `FWL_TEST_CASES=20000 cargo test --release --test options`), else `default`.
 pub fn cases(default: u32) -> u32 {
-    std::env::var("FWL_TEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    match std::env::var("FWL_TEST_CASES") {
+        Ok(s) => s.parse().unwrap_or_else(|_| panic!("FWL_TEST_CASES={s:?}: not a count of cases")),
+        Err(_) => default,
+    }
 }
 
 /// Tolerances from the project's standard: f32 inputs 1e-5; f16/bf16 1.5e-2 on the gradient

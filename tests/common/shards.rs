@@ -286,8 +286,9 @@ impl<L: Logit> Case<L> {
     }
 }
 
-/// `ranks` slices of `vocab` with random, uneven cut points (none empty).
+/// `ranks` slices of `vocab` with random, uneven cut points (none empty: `1 <= ranks <= vocab`).
 pub fn random_slices(rng: &mut Rng, ranks: usize, vocab: usize) -> Vec<VocabSlice> {
+    assert!(ranks >= 1 && ranks <= vocab, "{ranks} non-empty slices of {vocab}");
     let mut cuts: Vec<usize> = Vec::new();
     while cuts.len() < ranks - 1 {
         let c = 1 + rng.below(vocab as u64 - 1) as usize;
@@ -298,4 +299,12 @@ pub fn random_slices(rng: &mut Rng, ranks: usize, vocab: usize) -> Vec<VocabSlic
     cuts.sort_unstable();
     let bounds: Vec<usize> = std::iter::once(0).chain(cuts).chain(std::iter::once(vocab)).collect();
     bounds.windows(2).map(|w| VocabSlice::new(w[0], w[1] - w[0], vocab).unwrap()).collect()
+}
+
+/// The sample bounds of `data` ranks over a batch of `b`, cut at random points, equal points
+/// included (data ranks without samples): `data + 1` bounds from 0 to `b`.
+pub fn random_splits(rng: &mut Rng, data: usize, b: usize) -> Vec<usize> {
+    let mut cuts: Vec<usize> = (1..data).map(|_| rng.below(b as u64 + 1) as usize).collect();
+    cuts.sort_unstable();
+    std::iter::once(0).chain(cuts).chain(std::iter::once(b)).collect()
 }

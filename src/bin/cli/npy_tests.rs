@@ -140,7 +140,10 @@ fn hostile_file() -> impl Strategy<Value = (Vec<u8>, bool)> {
 proptest! {
     #![proptest_config(ProptestConfig {
         // FWL_TEST_CASES: a longer campaign, as the integration tests' randomised cases
-        cases: std::env::var("FWL_TEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(400),
+        cases: match std::env::var("FWL_TEST_CASES") {
+            Ok(s) => s.parse().unwrap_or_else(|_| panic!("FWL_TEST_CASES={s:?}: not a count of cases")),
+            Err(_) => 400,
+        },
         ..ProptestConfig::default()
     })]
     #[test]

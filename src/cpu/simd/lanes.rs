@@ -324,14 +324,13 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
     let n = x.len();
     let out = &mut out[..n];
     let body = n / LANES * LANES;
-    let exp = |d: f32| exp::<FMA, SHORT>(d);
     let k = -2.0 * o.inv_cap;
     for (j, b) in (0..body).step_by(LANES).enumerate() {
         ahead.line(j);
         let (z, s) = cap_lanes::<FMA, CAP>(&x[b..b + LANES], o, k);
         let o = &mut out[b..b + LANES];
         for i in 0..LANES {
-            let e = exp(z[i] - shift);
+            let e = exp::<FMA, SHORT>(z[i] - shift);
             acc[i] += e;
             if SUM {
                 zacc[i] += z[i] - shift;
@@ -344,7 +343,7 @@ fn exp_opts_inner<const FMA: bool, const SHORT: bool, const CAP: bool, const SUM
     }
     let (z, s) = cap_lanes::<FMA, CAP>(&x[body..], o, k);
     for i in 0..n - body {
-        let e = exp(z[i] - shift);
+        let e = exp::<FMA, SHORT>(z[i] - shift);
         acc[i] += e;
         if SUM {
             zacc[i] += z[i] - shift;

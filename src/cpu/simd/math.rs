@@ -148,10 +148,10 @@ pub(super) const TANH_ARG_MAX: f32 = 80.0;
 /// - `c · tanh x = c · (1 − u)·r`, with `1 − u` from [`exp_and_one_minus`]: a few ulp relative
 ///   for every `x`. The shorter `c · (2r − 1)` (one multiply-add) left `r`'s rounding as an
 ///   absolute error of ~2e-7 in `tanh` where `x` is small, which the cap multiplies: with caps
-///   of 30–64 it was 10–100 times the error of this form (loss, z-loss and gradient 1e-6 to
+///   of 30–64 it was 10–150 times the error of this form (loss, z-loss and gradient 1e-6 to
 ///   9.4e-6 from float64 at V = 2, against 4e-8 to 2e-7), and past f32's 1e-5 for the z-loss
-///   of a vocabulary of one and for full label smoothing of near-uniform rows; it saved 11–14%
-///   of a soft-capped pass at AVX2 (BENCHMARKS.md, the twenty-ninth session).
+///   of a vocabulary of one. It saved ~12% of a soft-capped pass at the portable level, nothing
+///   measurable at AVX2 (BENCHMARKS.md, the twenty-ninth session).
 /// - `1 − tanh² x = 4u·r²`: a few ulp relative. Taken from `t`, as `1 − t²`, it kept only an
 ///   absolute error of an ulp of 1, tens of percent of itself where `tanh` saturates; the
 ///   target's entry, `coef · (p − 1) · s`, carries that into the gradient.

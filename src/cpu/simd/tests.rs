@@ -460,8 +460,9 @@ fn a_soft_capped_element_is_the_same_number_under_any_shift() {
     // the target's capped value (`cap_one`: the loop at shift 0) must be the loop's own at the
     // row's shift: for capped values in [4, 16], `z − 8` is exact (Sterbenz), so the loop's sum
     // of `z − shift` over one element at shift 8 is the shift-0 sum less 8 exactly when both
-    // loops capped it alike. Caps from 30 to 86 (once on both sides of the bound above which a
-    // shorter `tanh` was left, and of a skipped clamp's range), at every level
+    // loops capped it alike. Caps from 30 to 86 (on both sides of 64, up to which a shorter
+    // `tanh` was once taken, and of c ≈ 86, the bound of a since-removed clamp skip), at every
+    // level
     for k in levels() {
         for cap in [30.0f32, 43.0, 44.0, 64.0, 65.0, 80.0, 86.0] {
             let o = ElemOpts { cap, inv_cap: 1.0 / cap, sum: true };
