@@ -152,7 +152,7 @@ fn reference_moves_within_a_row() {
 /// ±1000) and up to three spikes of up to +79 anywhere in the row, which move the row's reference
 /// after its first chunk; f32, bf16 and f16, with options (soft-capped logits kept within three
 /// caps of 0: a row whose every logit saturates has a chain factor below f32's range, as the
-/// README says). Seeds: `FWL_TEST_CASES` (default 20; 4 000 passed).
+/// README says). Seeds: `FWL_TEST_CASES` (default 20; 20 000 passed).
 #[test]
 fn random_long_rows_with_offsets_and_spikes() {
     use fused_weighted_loss::synthetic::Rng;
