@@ -103,24 +103,17 @@ pub(super) fn exp_and_one_minus<const FMA: bool>(x: f32) -> (f32, f32) {
 #[inline(always)]
 pub(super) fn exp<const FMA: bool, const SHORT: bool>(x: f32) -> f32 {
     // (`clamp` passes NaN through unchanged)
-    let y = exp_in_range::<FMA, SHORT>(x.clamp(EXP_LO, EXP_HI));
+    let (scale, _, f) = reduce::<FMA>(x.clamp(EXP_LO, EXP_HI));
+    // p · 2^n, exact: p is in [0.70, 1.42], so the product is a normal number. A multiply, not
+    // an integer add of n << 23 to p's bits: that add turned a NaN `x` whose low payload bits
+    // were not all 0 (a NaN logit as some producers write it) into a finite number; NaN ·
+    // anything is NaN.
+    let y = pow2_frac::<FMA, SHORT>(f) * scale;
     if x < EXP_LO {
         0.0
     } else {
         y
     }
-}
-
-/// [`exp`] for `x` in `[EXP_LO, EXP_HI]` or NaN, without the clamps and the select (the same
-/// bits as [`exp`] there; outside, the result is garbage).
-#[inline(always)]
-fn exp_in_range<const FMA: bool, const SHORT: bool>(xc: f32) -> f32 {
-    let (scale, _, f) = reduce::<FMA>(xc);
-    // p · 2^n, exact: p is in [0.70, 1.42], so the product is a normal number. A multiply, not
-    // an integer add of n << 23 to p's bits: that add turned a NaN `x` whose low payload bits
-    // were not all 0 (a NaN logit as some producers write it) into a finite number; NaN ·
-    // anything is NaN.
-    pow2_frac::<FMA, SHORT>(f) * scale
 }
 
 /// The reduction of every `exp` here, for `xc` in `[EXP_LO, EXP_HI]` or NaN: `(2^n, n, f)` with

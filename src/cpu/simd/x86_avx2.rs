@@ -31,7 +31,7 @@ fn exp8<const SHORT: bool>(xc: __m256) -> __m256 {
         _mm256_fmadd_ps(p, f, c(P1))
     };
     let p = _mm256_fmadd_ps(p, f, c(1.0));
-    // p · 2^n as the lane code takes it (see `exp_in_range`): NaN stays NaN
+    // p · 2^n as the lane code takes it (see `exp`): NaN stays NaN
     _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_castps_si256(t))))
 }
 
