@@ -98,16 +98,7 @@ fn random_shapes_give_the_same_bits_on_any_thread_count() {
         let mut rng = Rng::new(seed ^ 0x99);
         let (b, t, v) = (1 + rng.below(6) as usize, 2 + rng.below(30) as usize, 1 + rng.below(40_000) as usize);
         let shape = Shape::new(b, t, v).unwrap();
-        let mut sb = LossSpec::builder().keywords([0i64]);
-        if rng.below(3) == 0 {
-            sb = sb.z_loss(1e-4);
-        }
-        if rng.below(3) == 0 {
-            sb = sb.label_smoothing(0.1);
-        }
-        if rng.below(3) == 0 {
-            sb = sb.softcap([5.0, 30.0, 200.0][rng.below(3) as usize]);
-        }
+        let (sb, _) = common::random_options(&mut rng, LossSpec::builder().keywords([0i64]));
         let spec = sb.cpu_simd([CpuSimd::Portable, CpuSimd::Auto][rng.below(2) as usize]).build().unwrap();
         let ids = fused_weighted_loss::synthetic::ids::<i64>(seed, shape.rows(), v);
         let (threads, scale) = (2 + rng.below(7) as usize, [1.0, 5.0, 20.0][rng.below(3) as usize]);

@@ -169,17 +169,9 @@ fn random_long_rows_with_offsets_and_spikes() {
                 row[rng.below(v as u64) as usize] += rng.below(80) as f32;
             }
         }
-        let mut sb = LossSpec::builder().keywords([0i64]);
-        if rng.below(3) == 0 {
-            let cap = [5.0f32, 30.0, 200.0][rng.below(3) as usize];
+        let (sb, cap) = common::random_options(&mut rng, LossSpec::builder().keywords([0i64]));
+        if let Some(cap) = cap {
             logits.iter_mut().for_each(|x| *x = x.clamp(-3.0 * cap, 3.0 * cap));
-            sb = sb.softcap(f64::from(cap));
-        }
-        if rng.below(3) == 0 {
-            sb = sb.z_loss(1e-4);
-        }
-        if rng.below(3) == 0 {
-            sb = sb.label_smoothing(0.1);
         }
         let spec = sb.build().unwrap();
         match rng.below(3) {

@@ -4,7 +4,8 @@
 pub mod linear;
 
 use fused_weighted_loss::reference::{reference, rel_err, ReferenceOutput};
-use fused_weighted_loss::{CpuSimd, DType, Grad, Logit, LossOutput, LossSpec, Shape, TokenId, Tokens};
+use fused_weighted_loss::synthetic::Rng;
+use fused_weighted_loss::{CpuSimd, DType, Grad, Logit, LossOutput, LossSpec, LossSpecBuilder, Shape, TokenId, Tokens};
 
 /// Cases of a randomised test: `FWL_TEST_CASES` when set (a longer campaign, e.g.
 /// `FWL_TEST_CASES=20000 cargo test --release --test options`), else `default`.
@@ -13,6 +14,20 @@ pub fn cases(default: u32) -> u32 {
         Ok(s) => s.parse().unwrap_or_else(|_| panic!("FWL_TEST_CASES={s:?}: not a count of cases")),
         Err(_) => default,
     }
+}
+
+/// `b` with a random soft-cap (5, 30 or 200), z-loss (1e-4) and label smoothing (0.1), each on
+/// one time in three; returns the cap too, so that a caller can bound its logits by it.
+pub fn random_options(rng: &mut Rng, b: LossSpecBuilder) -> (LossSpecBuilder, Option<f32>) {
+    let cap = (rng.below(3) == 0).then(|| [5.0f32, 30.0, 200.0][rng.below(3) as usize]);
+    let mut b = b.softcap(cap.map(f64::from));
+    if rng.below(3) == 0 {
+        b = b.z_loss(1e-4);
+    }
+    if rng.below(3) == 0 {
+        b = b.label_smoothing(0.1);
+    }
+    (b, cap)
 }
 
 /// Tolerances from the project's standard: f32 inputs 1e-5; f16/bf16 1.5e-2 on the gradient
