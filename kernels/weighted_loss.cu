@@ -21,8 +21,10 @@
 //
 // Every reduction has a fixed shape (warp butterflies, then warp 0), so reruns are bit-identical.
 
+#ifndef FWL_HOST_EMULATION  // (tests/kernel_host/emu.h: these kernels run on the host in the tests)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 #include <stdint.h>
 
 #include "params.h"
@@ -78,9 +80,13 @@ template <typename T> __device__ __forceinline__ void store16(T *p, const Vec16<
 // some 85 above every other logit), an absolute one of V · 1.2e-38 below (__expf keeps
 // subnormals, some 16 further). The lean rows loops' exponential (rows_body).
 __device__ __forceinline__ float fwl_exp_ftz(float x) {
+#ifdef FWL_HOST_EMULATION
+    return fwl_host_exp_ftz(x);
+#else
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
     return y;
+#endif
 }
 
 // fwl-host: begin (tests/kernel_host.rs compiles what lies between these markers for the host

@@ -1,6 +1,7 @@
 //! Shared test helpers: run every output mode of the fused path and compare with the reference.
 #![allow(dead_code)]
 
+pub mod host_cxx;
 pub mod linear;
 
 use fused_weighted_loss::reference::{reference, rel_err, ReferenceOutput};

@@ -1,0 +1,48 @@
+//! The system C++ compiler for the tests that run the CUDA kernels' code on the host
+//! (`tests/kernel_host.rs`, `tests/kernel_emulated.rs`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Compiles `source` (a file of `tests/kernel_host/`) with the kernels' folder on the include
+/// path into `dir`; `None` (after printing that `test` skipped) without a C++ compiler.
+pub fn compile(test: &str, source: &str, dir: &Path, extra: &[&str]) -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let exe = dir.join(source.trim_end_matches(".cpp"));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let built = Command::new(&cxx)
+        .args(["-O2", "-std=c++17", "-fno-strict-aliasing", "-I"])
+        .arg(dir)
+        .arg("-I")
+        .arg(root.join("kernels"))
+        .args(extra)
+        .arg(root.join("tests/kernel_host").join(source))
+        .arg("-o")
+        .arg(&exe)
+        .output();
+    let built = match built {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("{test}: skipped, no C++ compiler ({cxx})");
+            return None;
+        }
+        Err(e) => panic!("running {cxx}: {e}"),
+    };
+    assert!(built.status.success(), "compiling {source} for the host:\n{}", String::from_utf8_lossy(&built.stderr));
+    Some(exe)
+}
+
+/// A folder of this process's own under the temporary one, removed when dropped.
+pub struct TempDir(pub PathBuf);
+impl TempDir {
+    pub fn new(what: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("fwl-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,275 @@
+// CUDA's execution model on the host, for tests: the kernels of kernels/*.cu compiled by the
+// system C++ compiler and run on the CPU, where no GPU is. Enough of CUDA for these kernels and
+// no more:
+//
+//   - a launch runs its blocks one after the other; each block's threads are fibers of one OS
+//     thread (entered through ucontext, then switched with _setjmp/_longjmp), switched only at
+//     a barrier, so a block's `__shared__` variables are that thread's statics (`thread_local`,
+//     which also lets the kernels' `extern __shared__` array name one global array, refilled with
+//     NaN bytes at every launch: a read of what no thread wrote shows);
+//   - `__syncthreads()` waits for the block's threads, `__shfl_xor_sync` / `__shfl_sync` for the
+//     32 lanes of the caller's warp (a barrier before and after the exchange); a barrier that
+//     can never complete (a thread returned while others wait) aborts with a message;
+//   - `__half` and `__nv_bfloat16` are 16-bit storage with round-to-nearest-even conversions;
+//     the intrinsics are their IEEE meaning (`__expf` is `expf`: the device's approximation
+//     differs in the last bits, which the tests' bounds allow).
+//
+// Not emulated: concurrent blocks (the kernels share nothing across blocks: no atomics), memory
+// ordering between blocks, launch bounds and occupancy, the device's fused multiply-adds.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#define FWL_HOST_EMULATION 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#define __shared__ thread_local
+
+using std::max;
+using std::min;
+
+struct EmuDim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+// (external linkage: a fiber switch is an opaque call, after which the compiler reloads them)
+EmuDim3 threadIdx, blockIdx, blockDim, gridDim;
+
+// dynamic shared memory (the kernels' `extern __shared__ ... fwl_smem[]`)
+constexpr size_t EMU_SMEM_BYTES = 256 * 1024;
+alignas(16) thread_local unsigned char fwl_smem[EMU_SMEM_BYTES];
+
+namespace emu {
+
+[[noreturn]] inline void die(const char *what) {
+    std::fprintf(stderr, "emu: %s\n", what);
+    std::exit(2);
+}
+
+struct Fiber {
+    ucontext_t ctx;     // the first entry
+    jmp_buf at;         // where it waits (after its first switch back)
+    bool started = false, done = false;
+};
+
+// Switches: the first entry into a fiber through swapcontext, every later one through
+// _setjmp/_longjmp (no signal mask saved: a fraction of swapcontext's cost per switch).
+inline ucontext_t main_ctx;
+inline jmp_buf scheduler;
+inline std::vector<Fiber> fibers;
+inline std::vector<char *> stacks;
+constexpr size_t STACK_BYTES = 128 * 1024;
+inline int current = -1;
+inline bool progress = false;
+inline void (*entry_fn)(void *) = nullptr;
+inline void *entry_arg = nullptr;
+
+// Back to the scheduler; the next switch into this fiber returns here.
+__attribute__((noinline)) inline void yield() {
+    if (!_setjmp(fibers[current].at)) _longjmp(scheduler, 1);
+    asm volatile("" ::: "memory");
+}
+
+struct Barrier {
+    unsigned count = 0, need = 0;
+    uint64_t gen = 0;
+};
+inline Barrier block_bar;
+inline std::vector<Barrier> warp_bars;
+inline std::vector<uint64_t> slots;  // one shuffle slot per thread
+
+inline void arrive(Barrier &b) {
+    const uint64_t g = b.gen;
+    progress = true;
+    if (++b.count == b.need) {
+        b.count = 0;
+        ++b.gen;
+        return;
+    }
+    while (b.gen == g) yield();
+}
+
+inline void fiber_main() {
+    entry_fn(entry_arg);
+    fibers[current].done = true;
+    progress = true;
+    _longjmp(scheduler, 1);
+}
+
+// Runs fiber `f` until it waits at a barrier or ends (a frame of its own: nothing of the
+// scheduler's loop lives across the jump).
+__attribute__((noinline)) inline void resume(Fiber &f) {
+    if (!_setjmp(scheduler)) {
+        if (!f.started) {
+            f.started = true;
+            swapcontext(&main_ctx, &f.ctx);
+        } else {
+            _longjmp(f.at, 1);
+        }
+    }
+    asm volatile("" ::: "memory");
+}
+
+// Runs `kernel()` as a grid of `grid` blocks of `block` threads (a multiple of 32, at most
+// 1024) with `smem` bytes of dynamic shared memory.
+template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&kernel) {
+    if (block == 0 || block % 32 || block > 1024) die("block size: a multiple of 32 up to 1024");
+    if (smem > EMU_SMEM_BYTES) die("dynamic shared memory beyond the emulator's");
+    std::memset(fwl_smem, 0xff, EMU_SMEM_BYTES);  // NaN floats, -1 integers
+    while (stacks.size() < block) stacks.push_back(static_cast<char *>(std::malloc(STACK_BYTES)));
+    fibers.assign(block, Fiber{});
+    warp_bars.assign(block / 32, Barrier{0, 32, 0});
+    slots.assign(block, 0);
+    block_bar = Barrier{0, block, 0};
+    gridDim = EmuDim3{grid, 1, 1};
+    blockDim = EmuDim3{block, 1, 1};
+    using K = std::remove_reference_t<F>;
+    entry_fn = [](void *k) { (*static_cast<K *>(k))(); };
+    entry_arg = &kernel;
+    for (unsigned b = 0; b < grid; ++b) {
+        blockIdx = EmuDim3{b, 1, 1};
+        for (unsigned t = 0; t < block; ++t) {
+            Fiber &f = fibers[t];
+            f.started = f.done = false;
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = stacks[t];
+            f.ctx.uc_stack.ss_size = STACK_BYTES;
+            f.ctx.uc_link = nullptr;  // fiber_main never returns
+            makecontext(&f.ctx, fiber_main, 0);
+        }
+        for (unsigned live = block; live > 0;) {
+            progress = false;
+            live = 0;
+            for (unsigned t = 0; t < block; ++t) {
+                Fiber &f = fibers[t];
+                if (f.done) continue;
+                current = static_cast<int>(t);
+                threadIdx = EmuDim3{t, 1, 1};
+                resume(f);
+                live += !f.done;
+            }
+            if (live > 0 && !progress) die("deadlock: threads wait at a barrier that others never reach");
+        }
+        if (block_bar.count || std::any_of(warp_bars.begin(), warp_bars.end(), [](const Barrier &w) { return w.count; }))
+            die("a block ended with threads still counted at a barrier");
+    }
+    current = -1;
+}
+
+template <class T> T shuffle(T v, unsigned mask, unsigned src_lane) {
+    static_assert(sizeof(T) <= 8, "shuffles of up to 8 bytes");
+    if (mask != 0xffffffffu) die("shuffle masks other than the full warp");
+    const unsigned t = threadIdx.x, w = t / 32;
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    slots[t] = bits;
+    arrive(warp_bars[w]);  // every lane's value is in
+    const uint64_t o = slots[w * 32 + (src_lane & 31)];
+    arrive(warp_bars[w]);  // every lane has read before the slots are reused
+    T r;
+    std::memcpy(&r, &o, sizeof(T));
+    return r;
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::arrive(emu::block_bar); }
+template <class T> T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    return emu::shuffle(v, mask, (threadIdx.x & 31) ^ static_cast<unsigned>(lane_mask));
+}
+template <class T> T __shfl_sync(unsigned mask, T v, int src_lane) {
+    return emu::shuffle(v, mask, static_cast<unsigned>(src_lane));
+}
+
+// ---- intrinsics --------------------------------------------------------------------------------
+
+inline float __expf(float x) { return expf(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __frcp_rn(float x) { return 1.f / x; }
+// ex2.approx.ftz: results below 2^-126 flushed to 0
+inline float fwl_host_exp_ftz(float x) {
+    const float y = expf(x);
+    return y < 1.17549435e-38f ? 0.f : y;
+}
+
+struct __attribute__((aligned(16))) uint4 {
+    unsigned x, y, z, w;
+};
+
+// ---- 16-bit floats -----------------------------------------------------------------------------
+
+struct __half {
+    uint16_t bits;
+};
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+struct __attribute__((aligned(4))) __half2 {
+    __half x, y;
+};
+struct __attribute__((aligned(4))) __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+};
+
+inline uint32_t emu_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float emu_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline float __half2float(__half h) {
+    const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16, e = (h.bits >> 10) & 0x1f, m = h.bits & 0x3ff;
+    if (e == 0) {  // zero or subnormal: m * 2^-24
+        const float v = std::ldexp(static_cast<float>(m), -24);
+        return sign ? -v : v;
+    }
+    if (e == 31) return emu_float(sign | 0x7f800000u | (m << 13));
+    return emu_float(sign | ((e - 15 + 127) << 23) | (m << 13));
+}
+
+inline __half __float2half_rn(float f) {
+    const uint32_t u = emu_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return __half{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+    if (a >= 0x38800000u) {                                                    // normal in f16, or beyond
+        if (a >= 0x477ff000u) return __half{static_cast<uint16_t>(sign | 0x7c00u)};  // 65520 and up (and inf)
+        const uint32_t m = a & 0x7fffffu, rest = m & 0x1fffu;
+        uint32_t h = ((((a >> 23) - 127 + 15) << 10) | (m >> 13));
+        if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) ++h;
+        return __half{static_cast<uint16_t>(sign | h)};
+    }
+    // below 2^-14: a multiple of 2^-24, rounded to nearest even (the default rounding mode)
+    const float q = std::nearbyint(emu_float(a) * 16777216.0f);
+    return __half{static_cast<uint16_t>(sign | static_cast<uint32_t>(q))};
+}
+
+inline float __bfloat162float(__nv_bfloat16 h) { return emu_float(static_cast<uint32_t>(h.bits) << 16); }
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    const uint32_t u = emu_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+    return __nv_bfloat16{static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+
+inline __half2 __floats2half2_rn(float a, float b) { return __half2{__float2half_rn(a), __float2half_rn(b)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+    return __nv_bfloat162{__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
