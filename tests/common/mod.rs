@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod host_cxx;
+pub mod kernel_calls;
 pub mod linear;
 
 use fused_weighted_loss::reference::{reference, rel_err, ReferenceOutput};

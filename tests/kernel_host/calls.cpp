@@ -35,7 +35,7 @@ template <class T> std::vector<T> read_vec(size_t n) {
 
 constexpr int64_t MAGIC = 0x46574c4b01;        // "FWLK", version 1: one device
 constexpr int64_t MAGIC_SPLIT = 0x46574c4b02;  // a grid of data x vocabulary ranks
-constexpr int HEADER = 21;
+constexpr int HEADER = 22;
 
 // A 16-byte aligned buffer of `n` elements of `size` bytes at `offset` elements past the alignment.
 struct Buffer {
@@ -75,10 +75,12 @@ struct Call {
     std::vector<double> kww;
     std::vector<float> logits, tw;
     std::vector<int64_t> ids, labels;
+    int64_t chunk = 0;  // rows per launch of the rows (or the split's) kernels
     // the split: sample cuts (data ranks + 1, from 0 to B), column cuts (vocabulary ranks + 1,
-    // from 0 to V), rows per chunk
+    // from 0 to V); with one vocabulary rank, whether the rows kernel of `family` takes the
+    // rows whole (launch_whole_rows) instead of the statistics, exchange and gradient
     std::vector<int64_t> sample_cuts, column_cuts;
-    int64_t chunk = 0;
+    bool whole_rows = false;
 };
 
 // Returns false at the end of the input.
@@ -93,10 +95,10 @@ bool read_call(Call &c) {
     const int64_t nk = h[11];
     c.threads = static_cast<unsigned>(h[12]), c.grid = static_cast<unsigned>(h[13]);
     c.smem_cap = h[14], c.loff = h[15], c.grad_mode = h[16], c.goff = h[17];
-    c.has_labels = h[18], c.has_tw = h[19], c.scale_on_device = h[20];
+    c.has_labels = h[18], c.has_tw = h[19], c.scale_on_device = h[20], c.chunk = h[21];
     const auto f = read_vec<double>(5);
     c.alpha = f[0], c.grad_scale = f[1], c.softcap = f[2], c.z_loss = f[3], c.smoothing = f[4];
-    if (nk < 0 || nk > FWL_MAX_KEYWORDS || c.B < 1 || c.T < 2 || c.V < 1 || c.family < 0 || c.family > 5 ||
+    if (nk < 0 || nk > FWL_MAX_KEYWORDS || c.B < 1 || c.T < 2 || c.V < 1 || c.family < 0 || c.family > 5 || c.chunk < 1 ||
         c.ldt < 0 || c.ldt > 2 || c.gdt < 0 || c.gdt > 2 || c.idt < 0 || c.idt > 2 || c.grad_mode < 0 || c.grad_mode > 2 ||
         (c.grad_mode == 2 && c.ldt != c.gdt))
         fail(1, "a call out of range");
@@ -108,11 +110,11 @@ bool read_call(Call &c) {
     c.labels = c.has_labels ? read_vec<int64_t>(bt) : std::vector<int64_t>{};
     c.tw = c.has_tw ? read_vec<float>(bt) : std::vector<float>{};
     if (c.magic == MAGIC_SPLIT) {
-        const auto n = read_vec<int64_t>(3);  // data ranks, vocabulary ranks, rows per chunk
-        if (n[0] < 1 || n[0] > c.B || n[1] < 1 || n[1] > c.V || n[2] < 1) fail(1, "a split out of range");
+        const auto n = read_vec<int64_t>(3);  // data ranks, vocabulary ranks, whole rows?
+        if (n[0] < 1 || n[0] > c.B || n[1] < 1 || n[1] > c.V || (n[2] && n[1] != 1)) fail(1, "a split out of range");
         c.sample_cuts = read_vec<int64_t>(static_cast<size_t>(n[0] + 1));
         c.column_cuts = read_vec<int64_t>(static_cast<size_t>(n[1] + 1));
-        c.chunk = n[2];
+        c.whole_rows = n[2];
         for (size_t i = 1; i < c.sample_cuts.size(); ++i)
             if (c.sample_cuts[i] <= c.sample_cuts[i - 1]) fail(1, "sample cuts: every data rank holds samples");
         for (size_t i = 1; i < c.column_cuts.size(); ++i)
@@ -264,6 +266,37 @@ const Pair &pair_of(const Call &c) {
     fail(1, "no kernel for these dtypes");
 }
 
+// The rows kernel of the call's family on `rows` rows of logits at `x` (gradient at `grad`, or
+// none), in launches of `c.chunk` rows with the plan's row offset, as launch_rows sets them up.
+void launch_rows(const Call &c, Planned &p, unsigned char *x, unsigned char *grad, int64_t rows) {
+    const RowsFn kernel = pair_of(c).rows[c.family];
+    const int64_t row_vectors = (c.V * static_cast<int64_t>(dsize(c.ldt)) + 15) / 16;
+    const int64_t smem_vectors = grad ? std::min(row_vectors, c.smem_cap) : 0;
+    for (int64_t c0 = 0; c0 < rows; c0 += c.chunk) {
+        unsigned char *xc = x + static_cast<size_t>(c0 * c.V) * dsize(c.ldt);
+        unsigned char *gc = grad ? grad + static_cast<size_t>(c0 * c.V) * dsize(c.gdt) : nullptr;
+        FwlRowParams rp{};
+        rp.logits = xc;
+        rp.grad = gc;
+        rp.targets = p.targets.data();
+        rp.coef = p.coef.data();
+        rp.token_weights = c.has_tw ? p.tw.data() : nullptr;
+        rp.row_loss = p.row_loss.data();
+        rp.row_z = c.z_loss != 0.0 ? p.row_z.data() : nullptr;
+        rp.rows = std::min(c.chunk, rows - c0);
+        rp.seq = c.T;
+        rp.vocab = c.V;
+        rp.smem_vectors = smem_vectors;
+        rp.vector_stores = dsize(c.ldt) == dsize(c.gdt) &&
+                           reinterpret_cast<uintptr_t>(gc) % 16 == reinterpret_cast<uintptr_t>(xc) % 16;
+        rp.softcap = static_cast<float>(c.softcap);
+        rp.z_loss = c.z_loss;
+        rp.smoothing = c.smoothing;
+        rp.row_offset = c0;
+        emu::launch(c.grid, c.threads, static_cast<size_t>(smem_vectors) * 16, [&] { kernel(rp); });
+    }
+}
+
 void one_device(const Call &c, FILE *out) {
     const size_t n = c.logits.size();
     Buffer x(n, dsize(c.ldt), static_cast<size_t>(c.loff));
@@ -273,29 +306,7 @@ void one_device(const Call &c, FILE *out) {
     Planned p;
     plan(c, 0, c.B, p);
 
-    // rows, as launch_rows sets them up
-    const int64_t row_vectors = (c.V * static_cast<int64_t>(dsize(c.ldt)) + 15) / 16;
-    const int64_t smem_vectors = grad ? std::min(row_vectors, c.smem_cap) : 0;
-    FwlRowParams rp{};
-    rp.logits = x.at;
-    rp.grad = grad;
-    rp.targets = p.targets.data();
-    rp.coef = p.coef.data();
-    rp.token_weights = c.has_tw ? p.tw.data() : nullptr;
-    rp.row_loss = p.row_loss.data();
-    rp.row_z = c.z_loss != 0.0 ? p.row_z.data() : nullptr;
-    rp.rows = c.B * c.T;
-    rp.seq = c.T;
-    rp.vocab = c.V;
-    rp.smem_vectors = smem_vectors;
-    rp.vector_stores = dsize(c.ldt) == dsize(c.gdt) &&
-                       reinterpret_cast<uintptr_t>(grad) % 16 == reinterpret_cast<uintptr_t>(x.at) % 16;
-    rp.softcap = static_cast<float>(c.softcap);
-    rp.z_loss = c.z_loss;
-    rp.smoothing = c.smoothing;
-    rp.row_offset = 0;
-    const RowsFn rows = pair_of(c).rows[c.family];
-    emu::launch(c.grid, c.threads, static_cast<size_t>(smem_vectors) * 16, [&] { rows(rp); });
+    launch_rows(c, p, x.at, static_cast<unsigned char *>(grad), c.B * c.T);
     finish(c, p);
 
     std::vector<float> g(grad ? n : 0);
@@ -364,7 +375,11 @@ void split(const Call &c, FILE *out) {
             store_dtype(c.ldt, xs.back()->at, part.data(), n);
             gs.push_back(std::make_unique<Buffer>(c.grad_mode == 1 ? n : 0, dsize(c.gdt), static_cast<size_t>(c.goff)));
         }
-        for (int64_t c0 = 0; c0 < rows; c0 += c.chunk) {
+        if (c.whole_rows) {  // one vocabulary rank: its rows whole, the plan's coefficients
+            unsigned char *x = xs[0]->at;
+            launch_rows(c, ranks[d][0], x, c.grad_mode == 0 ? nullptr : c.grad_mode == 2 ? x : gs[0]->at, rows);
+        }
+        for (int64_t c0 = 0; c0 < rows && !c.whole_rows; c0 += c.chunk) {
             const int64_t n = std::min(c.chunk, rows - c0);
             // every rank's statistics of the chunk, concatenated in rank order (the all-gather)
             std::vector<float> gathered(R * static_cast<size_t>(n * words), NAN);
