@@ -39,14 +39,27 @@ fn round_to(d: DType, x: f32) -> f32 {
 /// A random call: shapes with odd and tiny vocabularies, every option, every launch geometry.
 fn random_call(rng: &mut Rng) -> Call {
     let pair = PAIRS[rng.below(PAIRS.len() as u64) as usize];
-    let big_block = rng.below(8) == 0;
-    let threads = if big_block { 1024 } else { 32 * (1 + rng.below(8) as u32) };
+    // the crate's blocks (1024 threads; the rows kernels 256, 512 or 1024) and smaller ones,
+    // whose reductions take other shapes
+    let threads = match rng.below(8) {
+        0 | 1 => 1024,
+        2 => 512,
+        _ => 32 * (1 + rng.below(8) as u32),
+    };
+    let big_block = threads >= 512;
+    // one call in ten of long sequences over a small vocabulary (the plan's and the finish's
+    // loops over positions and samples go round more than once)
+    let long = rng.below(10) == 0;
     let v = match rng.below(6) {
+        _ if long => 1 + rng.below(40) as usize,
         0 => 1 + rng.below(9) as usize,
         1 => [31, 32, 33, 63, 64, 65, 127, 128, 129][rng.below(9) as usize],
         _ => 1 + rng.below(if big_block { 12_000 } else { 3000 }) as usize,
     };
-    let (b, t) = (1 + rng.below(3) as usize, 2 + rng.below(if big_block { 2 } else { 4 }) as usize);
+    let (b, t) = match () {
+        _ if long => (1 + rng.below(2) as usize, 33 + rng.below(16) as usize),
+        _ => (1 + rng.below(3) as usize, 2 + rng.below(if big_block { 2 } else { 4 }) as usize),
+    };
     let shape = Shape::new(b, t, v).unwrap();
     let rows = b * t;
     let mut builder = LossSpec::builder()
@@ -74,7 +87,8 @@ fn random_call(rng: &mut Rng) -> Call {
     let labels = (rng.below(4) == 0).then(|| {
         (0..rows).map(|_| if rng.below(6) == 0 { ignore } else { rng.below(v as u64) as i64 }).collect::<Vec<_>>()
     });
-    let nk = rng.below(4) as usize;
+    // up to 3 keywords, one call in eight up to 64 (more than a small block's threads)
+    let nk = if rng.below(8) == 0 { 33 + rng.below(32) } else { rng.below(4) } as usize;
     let keywords: Vec<(i64, f64)> =
         (0..nk).map(|_| (rng.below(v as u64) as i64, [1.0, 0.5, 2.0][rng.below(3) as usize])).collect();
     builder = builder.weighted_keywords(keywords);
@@ -105,11 +119,32 @@ fn random_call(rng: &mut Rng) -> Call {
     // not into f16 gradients, whose entries of e^-14 and below round to 0 (f16 ends at 6e-8)
     if cap.is_none() && pair.1 != DType::F16 && rng.below(6) == 0 {
         let targets = labels.as_ref().unwrap_or(&ids);
-        for (row, pos) in (0..rows).filter(|r| (r + 1) % t != 0).map(|r| (r, r + 1)) {
+        for (row, pos) in (0..rows).filter(|r| !(r + 1).is_multiple_of(t)).map(|r| (r, r + 1)) {
             let y = targets[pos];
             if (0..v as i64).contains(&y) {
                 let z = &mut logits[row * v + y as usize];
                 *z = round_to(pair.0, offset + scale + [14.0, 20.0, 26.0][rng.below(3) as usize]);
+            }
+        }
+    }
+    // one call in eight without label smoothing (whose mean of the logits would be -inf): some
+    // logits -inf, some 100 below the row's largest (past the exponential's flush to zero), no
+    // target among them
+    if spec.label_smoothing() == 0.0 && rng.below(8) == 0 {
+        let targets = labels.as_ref().unwrap_or(&ids);
+        let target_of =
+            |row: usize| (!(row + 1).is_multiple_of(t)).then(|| targets[row + 1]).filter(|y| (0..v as i64).contains(y));
+        for row in 0..rows {
+            let top = logits[row * v..(row + 1) * v].iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z));
+            for j in 0..v {
+                if target_of(row) == Some(j as i64) {
+                    continue;
+                }
+                match rng.below(20) {
+                    0 => logits[row * v + j] = f32::NEG_INFINITY,
+                    1 if cap.is_none() => logits[row * v + j] = round_to(pair.0, top - 100.0),
+                    _ => {}
+                }
             }
         }
     }
@@ -178,6 +213,9 @@ fn check(c: &Call, o: &Outputs) -> f64 {
     let e = rel(o.loss, r.loss);
     assert!(e <= loss_tol, "{what}: loss {} vs {} ({e:e})", o.loss, r.loss);
     assert!(rel(o.loss_f32, r.loss) <= loss_tol.max(1e-6), "{what}: the f32 loss {} vs {}", o.loss_f32, r.loss);
+    if c.spec.z_loss() == 0.0 {
+        assert_eq!(o.z_loss, 0.0, "{what}: the z-loss of a loss without one");
+    }
     let e = rel(o.z_loss, r.z_loss);
     assert!(e <= loss_tol, "{what}: z-loss {} vs {} ({e:e})", o.z_loss, r.z_loss);
     // the z-loss per sample, reduced as the loss is (sample weight over the reduction's divisor)
@@ -205,11 +243,25 @@ fn check(c: &Call, o: &Outputs) -> f64 {
     }
     let e = rel_err(&rows, &r.token_loss);
     assert!(e <= loss_tol, "{what}: per-token losses ({e:e})");
+    // and each on its own (a confident row's 1e-11 among losses of 5; an ignored one exactly 0)
+    for (i, (&a, &b)) in rows.iter().zip(&r.token_loss).enumerate() {
+        let e = rel(a, b);
+        assert!(e <= loss_tol, "{what}: the loss of row {i} (of the [B, T - 1] rows): {a} vs {b} ({e:e})");
+    }
     if c.grad == GradMode::None {
         return 0.0;
     }
     let e = rel_err(&o.grad, &r.grad);
     assert!(e <= grad_tol, "{what}: gradient ({e:e})");
+    // and each row's on its own: rows without a target (or a weight) exactly 0; f16 gradients
+    // with what f16 cannot hold (half its smallest step, 3e-8, an entry) besides the bound
+    let v = c.shape.vocab();
+    let floor = if c.pair.1 == DType::F16 { 3e-8 * (v as f64).sqrt() } else { 0.0 };
+    for (row, (a, b)) in o.grad.chunks(v).zip(r.grad.chunks(v)).enumerate() {
+        let norm = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let diff = a.iter().zip(b).map(|(&x, y)| (f64::from(x) - y).powi(2)).sum::<f64>().sqrt();
+        assert!(diff <= grad_tol * norm + floor, "{what}: the gradient of row {row}: {diff:e} off a norm of {norm:e}");
+    }
     e
 }
 
@@ -226,15 +278,23 @@ fn random_cuts(rng: &mut Rng, len: usize, pieces: usize) -> Vec<i64> {
     std::iter::once(0).chain(inner).chain(std::iter::once(len as i64)).collect()
 }
 
-/// A random call of the split's kernels: 1–3 data ranks, 1–5 vocabulary ranks (uneven, some
-/// without the targets), chunks of 1 row to more than all.
+/// A random call of the split's kernels: 1–3 data ranks (some without samples), 1–5 vocabulary
+/// ranks (uneven, some without the targets), chunks of 1 row to more than all, or whole rows.
 fn random_split_call(rng: &mut Rng) -> Call {
     let mut c = random_call(rng);
     let (b, v, rows) = (c.shape.batch(), c.shape.vocab(), c.shape.batch() * c.shape.seq());
     let data = 1 + rng.below(b.min(3) as u64) as usize;
     let vocab = 1 + rng.below(v.min(5) as u64) as usize;
+    // one grid in four with 2–3 data ranks, some without samples
+    let sample_cuts = if rng.below(4) == 0 {
+        let mut cuts: Vec<i64> = (0..1 + rng.below(2)).map(|_| rng.below(b as u64 + 1) as i64).collect();
+        cuts.sort_unstable();
+        std::iter::once(0).chain(cuts).chain(std::iter::once(b as i64)).collect()
+    } else {
+        random_cuts(rng, b, data)
+    };
     c.split = Some(Split {
-        sample_cuts: random_cuts(rng, b, data),
+        sample_cuts,
         column_cuts: random_cuts(rng, v, vocab),
         whole_rows: vocab == 1 && rng.below(2) == 0,
     });
@@ -314,9 +374,9 @@ fn plain_call(b: usize, t: usize, v: usize) -> Call {
     }
 }
 
-/// What the plan and finish kernels report of bad tokens and non-finite rows (the host turns
-/// the report into the typed errors): the first (smallest flat index) of each kind, across the
-/// warps of the block. Status: flags, bad id index and value, bad label index and value,
+/// What the plan and finish kernels report of bad tokens, sample weights beyond f64 and
+/// non-finite rows (the host turns the report into the typed errors): the first (smallest flat
+/// index) of each kind, across the warps of the block, for every id type. Status: flags, bad id index and value, bad label index and value,
 /// non-finite row, bad token weight index.
 #[test]
 fn emulated_kernels_report_bad_inputs() {
@@ -326,11 +386,16 @@ fn emulated_kernels_report_bad_inputs() {
     let mut want = Vec::new();
     // ids out of range in sample 2 (warp 0's second sample) and sample 1 (warp 1): the first is
     // sample 1's; the ids are the labels, so the label report says the same
-    let mut c = plain_call(b, t, v);
-    c.ids[9] = 70;
-    c.ids[5] = -3;
-    calls.push(c);
-    want.push([1 | 2, 5, -3, 5, -3, -1, -1]);
+    for id_type in 0..3 {
+        let mut c = plain_call(b, t, v);
+        c.id_type = id_type;
+        c.ids[9] = 70;
+        c.ids[5] = -3;
+        calls.push(c);
+        // (u32 ids: the same 4 bytes, read as 2^32 - 3)
+        let bad = if id_type == 2 { (1i64 << 32) - 3 } else { -3 };
+        want.push([1 | 2, 5, bad, 5, bad, -1, -1]);
+    }
     // separate labels: a label out of range, the ids fine; -100 (ignored) is not out of range
     let mut c = plain_call(b, t, v);
     let mut labels = c.ids.clone();
@@ -355,6 +420,24 @@ fn emulated_kernels_report_bad_inputs() {
     c.logits[v + 7] = f32::INFINITY;
     calls.push(c);
     want.push([4, -1, 0, -1, 0, 1, -1]);
+    // a sample weight beyond f64 (alpha 1e308 times 1 + 1 keyword hit), and, under the
+    // weighted mean, finite weights whose sum is not
+    let mut c = plain_call(b, t, v);
+    c.ids[6] = 7;
+    c.spec = LossSpec::builder().alpha(1e308).keywords([7i64]).build().unwrap();
+    calls.push(c);
+    want.push([16, -1, 0, -1, 0, -1, -1]);
+    let mut c = plain_call(b, t, v);
+    c.spec = LossSpec::builder().alpha(1e308).reduction(Reduction::WeightedMean).build().unwrap();
+    calls.push(c);
+    want.push([16, -1, 0, -1, 0, -1, -1]);
+    // the split: every data rank's weight and sum finite, the group's sum not (fwl_split_batch's
+    // own report)
+    let mut c = plain_call(b, t, v);
+    c.spec = LossSpec::builder().alpha(1e308).reduction(Reduction::WeightedMean).build().unwrap();
+    c.split = Some(Split { sample_cuts: vec![0, 1, 2, 3], column_cuts: vec![0, 20, v as i64], whole_rows: false });
+    calls.push(c);
+    want.push([16, -1, 0, -1, 0, -1, -1]);
     let outs = run(exe, &calls, "bad");
     for (i, (o, w)) in outs.iter().zip(&want).enumerate() {
         assert_eq!(&o.status, w, "case {i}: status");

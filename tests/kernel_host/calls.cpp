@@ -8,10 +8,10 @@
 //     over the vocabulary ranks, the merge, losses and gradient (fwl_split_grad); the finish, and
 //     the data ranks' losses combined (fwl_split_batch). Every rank of a data group must come to
 //     the same bits of every row's loss, per-sample loss and combined loss (else exit 3).
-// Driven by tests/kernel_host.rs, which writes the calls to a file (`calls <in> <out>`), compares
-// the outputs with the float64 reference and describes the file's layout (`Call` and `Outputs`
-// there, `read_call` and `write_outputs` here). Exits 0 after the last call, 1 on a malformed file,
-// 2 on an emulation failure (emu.h), 3 when ranks disagree.
+// Driven by tests/kernel_emulated.rs, which writes the calls to a file (`calls <in> <out>`) and
+// compares the outputs with the float64 reference; tests/common/kernel_calls.rs describes the
+// file's layout (`Call` and `Outputs` there, `read_call` and `write_outputs` here). Exits 0 after
+// the last call, 1 on a malformed file, 2 on an emulation failure (emu.h), 3 when ranks disagree.
 #include <memory>
 
 #include "emu.h"
@@ -37,11 +37,15 @@ constexpr int64_t MAGIC = 0x46574c4b01;        // "FWLK", version 1: one device
 constexpr int64_t MAGIC_SPLIT = 0x46574c4b02;  // a grid of data x vocabulary ranks
 constexpr int HEADER = 22;
 
-// A 16-byte aligned buffer of `n` elements of `size` bytes at `offset` elements past the alignment.
+// A 16-byte aligned buffer of `n` elements of `size` bytes at `offset` elements past the
+// alignment, filled with 0xff bytes (NaN for every float type) as a fresh device allocation could
+// hold anything: an element no kernel writes shows.
 struct Buffer {
     unsigned char *base = nullptr, *at = nullptr;
     Buffer(size_t n, size_t size, size_t offset) {
-        base = static_cast<unsigned char *>(std::aligned_alloc(64, ((n + offset) * size + 64 + 63) / 64 * 64));
+        const size_t bytes = ((n + offset) * size + 64 + 63) / 64 * 64;
+        base = static_cast<unsigned char *>(std::aligned_alloc(64, bytes));
+        std::memset(base, 0xff, bytes);
         at = base + offset * size;
     }
     ~Buffer() { std::free(base); }
@@ -111,12 +115,12 @@ bool read_call(Call &c) {
     c.tw = c.has_tw ? read_vec<float>(bt) : std::vector<float>{};
     if (c.magic == MAGIC_SPLIT) {
         const auto n = read_vec<int64_t>(3);  // data ranks, vocabulary ranks, whole rows?
-        if (n[0] < 1 || n[0] > c.B || n[1] < 1 || n[1] > c.V || (n[2] && n[1] != 1)) fail(1, "a split out of range");
+        if (n[0] < 1 || n[1] < 1 || n[1] > c.V || (n[2] && n[1] != 1)) fail(1, "a split out of range");
         c.sample_cuts = read_vec<int64_t>(static_cast<size_t>(n[0] + 1));
         c.column_cuts = read_vec<int64_t>(static_cast<size_t>(n[1] + 1));
         c.whole_rows = n[2];
-        for (size_t i = 1; i < c.sample_cuts.size(); ++i)
-            if (c.sample_cuts[i] <= c.sample_cuts[i - 1]) fail(1, "sample cuts: every data rank holds samples");
+        for (size_t i = 1; i < c.sample_cuts.size(); ++i)  // (a data rank may hold no sample)
+            if (c.sample_cuts[i] < c.sample_cuts[i - 1]) fail(1, "sample cuts in order");
         for (size_t i = 1; i < c.column_cuts.size(); ++i)
             if (c.column_cuts[i] <= c.column_cuts[i - 1]) fail(1, "column cuts: every rank holds columns");
         if (c.sample_cuts.front() != 0 || c.sample_cuts.back() != c.B || c.column_cuts.front() != 0 ||
@@ -226,14 +230,15 @@ template <class T> void write_vec(FILE *out, const std::vector<T> &v) {
     if (!v.empty()) std::fwrite(v.data(), sizeof(T), v.size(), out);
 }
 
-// The outputs (see tests/kernel_host.rs, `Outputs`) of the data ranks' plans `parts` (in sample
-// order), the loss scalars of `parts[0]` and the gradient `grad` (empty: none).
-void write_outputs(FILE *out, const std::vector<const Planned *> &parts, const std::vector<float> &grad) {
-    const Planned &p0 = *parts[0];
+// The outputs (see tests/common/kernel_calls.rs, `Outputs`) of the data ranks' plans `parts` (in
+// sample order), the loss scalars of `loss` and the gradient `grad` (empty: none).
+void write_outputs(FILE *out, const std::vector<const Planned *> &parts, const std::vector<float> &grad,
+                   const Planned *loss) {
+    const Planned &p0 = *loss;
     const double scalars[3] = {p0.loss, p0.zl, static_cast<double>(p0.loss_f32)};
     std::fwrite(scalars, sizeof(double), 3, out);
     // the first rank's report that has one
-    const FwlStatus *st = &p0.status;
+    const FwlStatus *st = &parts[0]->status;
     for (const Planned *p : parts)
         if (p->status.flags && !st->flags) st = &p->status;
     const int64_t s[7] = {static_cast<int64_t>(st->flags), st->bad_id_index, st->bad_id_value, st->bad_label_index,
@@ -311,14 +316,10 @@ void one_device(const Call &c, FILE *out) {
 
     std::vector<float> g(grad ? n : 0);
     for (size_t i = 0; i < g.size(); ++i) g[i] = load_dtype(c.gdt, grad, i);
-    write_outputs(out, {&p}, g);
+    write_outputs(out, {&p}, g, &p);
 }
 
 void batch(const Call &c, FwlSplitBatchParams bp) { emu::launch(1, c.threads, 0, [&] { fwl_split_batch(bp); }); }
-
-bool same_bits(const std::vector<double> &a, const std::vector<double> &b) {
-    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0;
-}
 
 void split(const Call &c, FILE *out) {
     const size_t D = c.sample_cuts.size() - 1, R = c.column_cuts.size() - 1, V = static_cast<size_t>(c.V);
@@ -326,14 +327,23 @@ void split(const Call &c, FILE *out) {
     const int words = c.smoothing != 0.0 ? FWL_SPLIT_WORDS_SMOOTHING : FWL_SPLIT_WORDS;
     const Pair &pair = pair_of(c);
     const auto stats = c.ldt == 0 ? fwl_split_stats_f32 : c.ldt == 1 ? fwl_split_stats_f16 : fwl_split_stats_bf16;
-    // rank (d, r) holds the plan of data rank d (one copy per rank: every rank runs its own)
+    auto samples = [&](size_t d) { return c.sample_cuts[d + 1] - c.sample_cuts[d]; };
+    if (D == 1 && samples(0) == 0) fail(1, "a data group of one without samples");
+    // rank (d, r) holds the plan of data rank d (one copy per rank: every rank runs its own); a
+    // data rank without samples runs no kernel but the loss's combination (call.rs, no_samples)
     std::vector<std::vector<Planned>> ranks(D, std::vector<Planned>(R));
     for (size_t d = 0; d < D; ++d)
-        for (size_t r = 0; r < R; ++r) plan(c, c.sample_cuts[d], c.sample_cuts[d + 1], ranks[d][r]);
-    // the batch totals, all-gathered over the data ranks of each vocabulary rank, in rank order
-    for (size_t r = 0; r < R; ++r) {
+        for (size_t r = 0; r < R && samples(d) > 0; ++r) plan(c, c.sample_cuts[d], c.sample_cuts[d + 1], ranks[d][r]);
+    // on a data group of more than one (call.rs, begin): the batch totals, all-gathered over the
+    // data ranks of each vocabulary rank in rank order ([0, 0] from a rank without samples), and
+    // the denominator from them
+    for (size_t r = 0; r < R && D > 1; ++r) {
         std::vector<double> gathered(2 * D, NAN);
         for (size_t d = 0; d < D; ++d) {
+            if (samples(d) == 0) {
+                gathered[2 * d] = gathered[2 * d + 1] = 0.0;
+                continue;
+            }
             FwlSplitBatchParams bp{};
             bp.weights = ranks[d][r].weights.data();
             bp.totals = &gathered[2 * d];
@@ -342,6 +352,7 @@ void split(const Call &c, FILE *out) {
             batch(c, bp);
         }
         for (size_t d = 0; d < D; ++d) {
+            if (samples(d) == 0) continue;
             Planned &p = ranks[d][r];
             FwlSplitBatchParams bp{};
             bp.weights = p.weights.data();
@@ -351,7 +362,7 @@ void split(const Call &c, FILE *out) {
             bp.coef = p.coef.data();
             bp.grad_scale_ptr = c.scale_on_device ? &p.device_scale : nullptr;
             bp.status = &p.status;
-            bp.grad_scale = c.grad_scale;
+            bp.grad_scale = c.scale_on_device ? 987.0 : c.grad_scale;  // (ignored with the device scalar)
             bp.batch = p.B;
             bp.ranks = static_cast<int32_t>(D);
             bp.reduction = static_cast<int32_t>(c.reduction);
@@ -361,6 +372,7 @@ void split(const Call &c, FILE *out) {
     }
     std::vector<float> grad(c.grad_mode ? c.logits.size() : 0, NAN);
     for (size_t d = 0; d < D; ++d) {
+        if (samples(d) == 0) continue;
         const int64_t rows = ranks[d][0].B * T, row_first = c.sample_cuts[d] * T;
         // each vocabulary rank's columns of the data rank's rows, as that rank holds them
         std::vector<std::unique_ptr<Buffer>> xs, gs;
@@ -375,9 +387,11 @@ void split(const Call &c, FILE *out) {
             store_dtype(c.ldt, xs.back()->at, part.data(), n);
             gs.push_back(std::make_unique<Buffer>(c.grad_mode == 1 ? n : 0, dsize(c.gdt), static_cast<size_t>(c.goff)));
         }
-        if (c.whole_rows) {  // one vocabulary rank: its rows whole, the plan's coefficients
+        if (c.whole_rows) {  // one vocabulary rank: its rows whole in one launch (call.rs)
             unsigned char *x = xs[0]->at;
-            launch_rows(c, ranks[d][0], x, c.grad_mode == 0 ? nullptr : c.grad_mode == 2 ? x : gs[0]->at, rows);
+            Call whole = c;
+            whole.chunk = rows;
+            launch_rows(whole, ranks[d][0], x, c.grad_mode == 0 ? nullptr : c.grad_mode == 2 ? x : gs[0]->at, rows);
         }
         for (int64_t c0 = 0; c0 < rows && !c.whole_rows; c0 += c.chunk) {
             const int64_t n = std::min(c.chunk, rows - c0);
@@ -439,10 +453,12 @@ void split(const Call &c, FILE *out) {
         }
         for (size_t r = 0; r < R; ++r) finish(c, ranks[d][r]);
     }
-    // the data ranks' losses, all-gathered and summed in rank order (every vocabulary rank)
-    for (size_t r = 0; r < R; ++r) {
-        std::vector<double> gathered(2 * D);
-        for (size_t d = 0; d < D; ++d) gathered[2 * d] = ranks[d][r].loss, gathered[2 * d + 1] = ranks[d][r].zl;
+    // on a data group of more than one (call.rs, end; no_samples): the data ranks' losses
+    // all-gathered and summed in rank order, on every rank ([0, 0] from a rank without samples)
+    for (size_t r = 0; r < R && D > 1; ++r) {
+        std::vector<double> gathered(2 * D, 0.0);
+        for (size_t d = 0; d < D; ++d)
+            if (samples(d) > 0) gathered[2 * d] = ranks[d][r].loss, gathered[2 * d + 1] = ranks[d][r].zl;
         for (size_t d = 0; d < D; ++d) {
             Planned &p = ranks[d][r];
             FwlSplitBatchParams bp{};
@@ -455,16 +471,27 @@ void split(const Call &c, FILE *out) {
             batch(c, bp);
         }
     }
+    // every rank of a vocabulary group (the same samples) the same bits, and every rank the same loss
+    auto same = [](const auto &a, const auto &b) {
+        return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+    };
+    const Planned &first = ranks[0][0];
     for (size_t d = 0; d < D; ++d)
         for (size_t r = 0; r < R; ++r) {
-            const Planned &a = ranks[0][0], &b = ranks[d][r], &s = ranks[d][0];
-            if (std::memcmp(&a.loss, &b.loss, 8) || std::memcmp(&a.zl, &b.zl, 8) || !same_bits(s.row_loss, b.row_loss) ||
-                !same_bits(s.per_sample, b.per_sample) || !same_bits(s.reduce, b.reduce))
-                fail(3, "the ranks of a data group, or the data ranks' combined losses, differ");
+            const Planned &b = ranks[d][r], &s = ranks[d][0];
+            if (std::memcmp(&first.loss, &b.loss, 8) || std::memcmp(&first.zl, &b.zl, 8) ||
+                std::memcmp(&first.loss_f32, &b.loss_f32, 4))
+                fail(3, "the ranks' combined losses differ");
+            if (samples(d) == 0) continue;
+            if (!same(s.row_loss, b.row_loss) || !same(s.per_sample, b.per_sample) || !same(s.reduce, b.reduce) ||
+                !same(s.coef, b.coef) || !same(s.weights, b.weights) || !same(s.valid, b.valid) ||
+                (c.z_loss != 0.0 && !same(s.row_z, b.row_z)) || s.status.flags != b.status.flags)
+                fail(3, "the ranks of a vocabulary group differ");
         }
     std::vector<const Planned *> parts;
-    for (size_t d = 0; d < D; ++d) parts.push_back(&ranks[d][0]);
-    write_outputs(out, parts, grad);
+    for (size_t d = 0; d < D; ++d)
+        if (samples(d) > 0) parts.push_back(&ranks[d][0]);
+    write_outputs(out, parts, grad, D > 1 ? &ranks[0][0] : parts[0]);
 }
 
 }  // namespace
@@ -475,6 +502,7 @@ int main(int argc, char **argv) {
     FILE *out = std::fopen(argv[2], "wb");
     if (!in_file || !out) fail(1, "cannot open the files");
     for (Call c; read_call(c);) {
+        emu::order_seed = 0x2545f4914f6cdd1dull;  // each call's own thread orders, alone or not
         if (c.magic == MAGIC_SPLIT) split(c, out);
         else one_device(c, out);
     }

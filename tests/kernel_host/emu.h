@@ -4,15 +4,19 @@
 //
 //   - a launch runs its blocks one after the other; each block's threads are fibers of one OS
 //     thread (entered through ucontext, then switched with _setjmp/_longjmp), switched only at
-//     a barrier, so a block's `__shared__` variables are that thread's statics (`thread_local`,
-//     which also lets the kernels' `extern __shared__` array name one global array, refilled with
-//     NaN bytes at every launch: a read of what no thread wrote shows);
-//   - `__syncthreads()` waits for the block's threads, `__shfl_xor_sync` / `__shfl_sync` for the
-//     32 lanes of the caller's warp (a barrier before and after the exchange); a barrier that
-//     can never complete (a thread returned while others wait) aborts with a message;
+//     a barrier: warps in a random order, each as far as it goes (so one can run many barriers
+//     of its own ahead of another), its lanes in a random order (so that a race shows);
+//   - a block's `__shared__` variables are that OS thread's statics (`thread_local`, which also
+//     lets the kernels' `extern __shared__` array name one global array, refilled with NaN bytes
+//     for every block, with a guard band after it: a read of what no thread wrote, or a write
+//     beyond what the launch asked for, shows; the static ones keep what the last block left);
+//   - `__syncthreads()` waits for the block's threads (all at one place in the source, else it
+//     aborts), `__shfl_xor_sync` / `__shfl_sync` for the 32 lanes of the caller's warp (a
+//     barrier before and after the exchange); a barrier that can never complete (a thread
+//     returned while others wait) aborts with a message;
 //   - `__half` and `__nv_bfloat16` are 16-bit storage with round-to-nearest-even conversions;
-//     the intrinsics are their IEEE meaning (`__expf` is `expf`: the device's approximation
-//     differs in the last bits, which the tests' bounds allow).
+//     the intrinsics are their IEEE meaning, `__expf` as the device rounds its argument (its
+//     ex2.approx's own last bits aside).
 //
 // Not emulated: concurrent blocks (the kernels share nothing across blocks: no atomics), memory
 // ordering between blocks, launch bounds and occupancy, the device's fused multiply-adds.
@@ -50,7 +54,8 @@ struct EmuDim3 {
 EmuDim3 threadIdx, blockIdx, blockDim, gridDim;
 
 // dynamic shared memory (the kernels' `extern __shared__ ... fwl_smem[]`)
-constexpr size_t EMU_SMEM_BYTES = 256 * 1024;
+constexpr size_t EMU_SMEM_BYTES = 256 * 1024, GUARD_BYTES = 4096;
+constexpr unsigned char GUARD = 0x5a;
 alignas(16) thread_local unsigned char fwl_smem[EMU_SMEM_BYTES];
 
 namespace emu {
@@ -87,20 +92,43 @@ __attribute__((noinline)) inline void yield() {
 struct Barrier {
     unsigned count = 0, need = 0;
     uint64_t gen = 0;
+    const char *file = "";  // where the generation's first thread waits (__syncthreads only)
+    int line = 0;
 };
 inline Barrier block_bar;
 inline std::vector<Barrier> warp_bars;
 inline std::vector<uint64_t> slots;  // one shuffle slot per thread
 
-inline void arrive(Barrier &b) {
+// Every thread, the last to arrive too, goes back to the scheduler, which picks who goes on.
+inline void arrive(Barrier &b, const char *file = "", int line = 0) {
     const uint64_t g = b.gen;
     progress = true;
+    if (b.count == 0) {
+        b.file = file;
+        b.line = line;
+    } else if (b.line != line || std::strcmp(b.file, file) != 0) {
+        die("__syncthreads at different places in one block (undefined on a GPU)");
+    }
     if (++b.count == b.need) {
         b.count = 0;
         ++b.gen;
-        return;
     }
-    while (b.gen == g) yield();
+    do yield();
+    while (b.gen == g);
+}
+
+// The scheduler's orders (warps, and lanes at each step): fresh permutations (xorshift from
+// `order_seed`), so that a read of what another thread writes without a barrier between (a race
+// on a GPU) sees it written in some runs and not in others. `order_seed` is set by the caller
+// (the same seed: the same orders, so a failing call replays alone).
+inline uint64_t order_seed = 1;
+inline void shuffle_order(std::vector<unsigned> &v) {
+    for (size_t i = v.size(); i > 1; --i) {
+        order_seed ^= order_seed << 13;
+        order_seed ^= order_seed >> 7;
+        order_seed ^= order_seed << 17;
+        std::swap(v[i - 1], v[order_seed % i]);
+    }
 }
 
 inline void fiber_main() {
@@ -129,7 +157,6 @@ __attribute__((noinline)) inline void resume(Fiber &f) {
 template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&kernel) {
     if (block == 0 || block % 32 || block > 1024) die("block size: a multiple of 32 up to 1024");
     if (smem > EMU_SMEM_BYTES) die("dynamic shared memory beyond the emulator's");
-    std::memset(fwl_smem, 0xff, EMU_SMEM_BYTES);  // NaN floats, -1 integers
     while (stacks.size() < block) stacks.push_back(static_cast<char *>(std::malloc(STACK_BYTES)));
     fibers.assign(block, Fiber{});
     warp_bars.assign(block / 32, Barrier{0, 32, 0});
@@ -142,6 +169,10 @@ template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&k
     entry_arg = &kernel;
     for (unsigned b = 0; b < grid; ++b) {
         blockIdx = EmuDim3{b, 1, 1};
+        // each block's dynamic shared memory as a fresh block finds it (NaN floats, -1
+        // integers), and a guard band after what the launch asked for
+        std::memset(fwl_smem, 0xff, smem);
+        std::memset(fwl_smem + smem, GUARD, std::min(EMU_SMEM_BYTES - smem, GUARD_BYTES));
         for (unsigned t = 0; t < block; ++t) {
             Fiber &f = fibers[t];
             f.started = f.done = false;
@@ -151,21 +182,40 @@ template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&k
             f.ctx.uc_link = nullptr;  // fiber_main never returns
             makecontext(&f.ctx, fiber_main, 0);
         }
-        for (unsigned live = block; live > 0;) {
-            progress = false;
-            live = 0;
-            for (unsigned t = 0; t < block; ++t) {
-                Fiber &f = fibers[t];
-                if (f.done) continue;
-                current = static_cast<int>(t);
-                threadIdx = EmuDim3{t, 1, 1};
-                resume(f);
-                live += !f.done;
+        // warps in a random order, each run as far as it goes (through its own shuffles, up
+        // to a barrier of the block), its lanes in a random order at every step: one warp can
+        // run many stretches ahead of another, as on a GPU
+        std::vector<unsigned> warps(block / 32), lanes(32);
+        for (unsigned w = 0; w < warps.size(); ++w) warps[w] = w;
+        for (unsigned l = 0; l < 32; ++l) lanes[l] = l;
+        for (bool live = true; live;) {
+            live = false;
+            bool moved = false;
+            shuffle_order(warps);
+            for (unsigned w : warps) {
+                for (bool warp_live = true; warp_live;) {
+                    warp_live = false;
+                    progress = false;
+                    shuffle_order(lanes);
+                    for (unsigned l : lanes) {
+                        const unsigned t = w * 32 + l;
+                        Fiber &f = fibers[t];
+                        if (f.done) continue;
+                        warp_live = live = true;
+                        current = static_cast<int>(t);
+                        threadIdx = EmuDim3{t, 1, 1};
+                        resume(f);
+                    }
+                    if (!progress) break;  // every lane waits for other warps (or is done)
+                    moved = true;
+                }
             }
-            if (live > 0 && !progress) die("deadlock: threads wait at a barrier that others never reach");
+            if (live && !moved) die("deadlock: threads wait at a barrier that others never reach");
         }
         if (block_bar.count || std::any_of(warp_bars.begin(), warp_bars.end(), [](const Barrier &w) { return w.count; }))
             die("a block ended with threads still counted at a barrier");
+        for (size_t i = smem; i < std::min(EMU_SMEM_BYTES, smem + GUARD_BYTES); ++i)
+            if (fwl_smem[i] != GUARD) die("a block wrote dynamic shared memory beyond what its launch asked for");
     }
     current = -1;
 }
@@ -187,7 +237,8 @@ template <class T> T shuffle(T v, unsigned mask, unsigned src_lane) {
 
 }  // namespace emu
 
-inline void __syncthreads() { emu::arrive(emu::block_bar); }
+inline void emu_syncthreads(const char *file, int line) { emu::arrive(emu::block_bar, file, line); }
+#define __syncthreads() emu_syncthreads(__FILE__, __LINE__)
 template <class T> T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
     return emu::shuffle(v, mask, (threadIdx.x & 31) ^ static_cast<unsigned>(lane_mask));
 }
@@ -197,12 +248,14 @@ template <class T> T __shfl_sync(unsigned mask, T v, int src_lane) {
 
 // ---- intrinsics --------------------------------------------------------------------------------
 
-inline float __expf(float x) { return expf(x); }
+// __expf and ex2.approx as the device takes them: 2^(x·log2 e) with the product rounded to f32
+// (its error, |x|·6e-8 relative, is most of __expf's far from 0), then the host's exp2f
+inline float __expf(float x) { return exp2f(x * 1.4426950408889634f); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __frcp_rn(float x) { return 1.f / x; }
 // ex2.approx.ftz: results below 2^-126 flushed to 0
 inline float fwl_host_exp_ftz(float x) {
-    const float y = expf(x);
+    const float y = exp2f(x * 1.4426950408889634f);
     return y < 1.17549435e-38f ? 0.f : y;
 }
 
