@@ -1,23 +1,28 @@
 //! The whole of `kernels/weighted_loss.cu` (plan, every rows kernel variant, finish, and the
 //! vocabulary- and data-parallel split's kernels) compiled by the system C++ compiler (`$CXX`,
-//! else `c++`; without one each test prints that it skipped) against `tests/kernel_host/emu.h`,
-//! which runs a block's threads as fibers with CUDA's barriers and warp shuffles, and launched as
-//! the crate launches them (`tests/kernel_host/calls.cpp`, `common::kernel_calls`):
+//! else `c++`; without one each test prints that it skipped, or fails with `FWL_REQUIRE_CXX=1`)
+//! against `tests/kernel_host/emu.h`, which runs a block's threads as fibers with CUDA's
+//! barriers and warp shuffles, and launched as the crate launches them
+//! (`tests/kernel_host/calls.cpp`, `common::kernel_calls`):
 //!
-//! - random calls against the float64 reference: every dtype pair and rows kernel, block sizes
-//!   32 to 1024, grids that stride, shared-memory budgets from none to the whole row, rows in
-//!   chunks at their row offsets, misaligned and in-place buffers, every option and id type,
-//!   confident rows;
-//! - the split on random grids of 1–3 data × 1–5 vocabulary ranks, chunked rows or a lone
-//!   vocabulary rank's whole rows, every rank of a group coming to the same bits;
-//! - the same bits through the rows kernels that promise them, on any grid;
-//! - the reports of bad ids, labels, token weights and non-finite rows.
+//! - random calls against the float64 reference, the first 42 through every (dtype pair, rows
+//!   kernel) once: blocks of 32 to 1024 threads, grids that stride, shared-memory budgets from
+//!   none to the whole row, rows in chunks at their row offsets, misaligned and in-place
+//!   buffers, every option and id type, confident rows, `-inf` logits, long sequences;
+//! - the split on random grids of 1–3 data (some without samples) × 1–5 vocabulary ranks,
+//!   chunked rows or a lone vocabulary rank's whole rows, every rank of a vocabulary group
+//!   coming to the same bits;
+//! - the same bits through the rows kernels that promise them, on grids of 1, 2 and 3 blocks;
+//! - the reports of bad ids, labels, token weights, sample weights beyond f64 (the flag) and
+//!   non-finite rows.
 //!
 //! What this checks is the kernels' logic (indexing, reductions, barriers, the options, the
-//! split's exchanges), not the device's arithmetic (`__expf` and friends are the host's) nor its
-//! memory model: the GPU tests still wait for a GPU. `FWL_TEST_CASES=N` sets the random calls;
-//! `FWL_EMU_KEEP=<file>` keeps the call being checked (after a failure, the failing one) for
-//! `calls <file> <out>` by hand.
+//! split's exchanges), not the device's arithmetic (the intrinsics are the host's, `__expf`
+//! with the device's rounding of its argument) nor its memory model: the GPU tests still wait
+//! for a GPU. `FWL_TEST_CASES=N` sets the random calls; `FWL_EMU_KEEP=<file>` keeps the call
+//! being checked (after a failed check, the failing one), or all of a run's calls when the
+//! emulation itself fails (the failing call's index is in its message), for `calls <file>
+//! <out>` by hand.
 
 mod common;
 
@@ -36,9 +41,14 @@ fn round_to(d: DType, x: f32) -> f32 {
     }
 }
 
-/// A random call: shapes with odd and tiny vocabularies, every option, every launch geometry.
-fn random_call(rng: &mut Rng) -> Call {
-    let pair = PAIRS[rng.below(PAIRS.len() as u64) as usize];
+/// A random call: shapes with odd and tiny vocabularies, every option, every launch geometry;
+/// `kernel`: the (dtype pair, rows kernel family) indices to take (a lean plain family forces
+/// the plain loss), else random ones.
+fn random_call(rng: &mut Rng, kernel: Option<(usize, usize)>) -> Call {
+    let pair = match kernel {
+        Some((p, _)) => PAIRS[p],
+        None => PAIRS[rng.below(PAIRS.len() as u64) as usize],
+    };
     // the crate's blocks (1024 threads; the rows kernels 256, 512 or 1024) and smaller ones,
     // whose reductions take other shapes
     let threads = match rng.below(8) {
@@ -68,7 +78,8 @@ fn random_call(rng: &mut Rng) -> Call {
         .alpha([1.0, 0.5, 2.5][rng.below(3) as usize])
         .grad_scale([1.0, 0.25, 3.0][rng.below(3) as usize]);
     // plain loss one call in three (the lean kernels' case), else random options
-    let (mut cap, plain) = (None, rng.below(3) == 0);
+    let lean_plain = matches!(kernel, Some((_, 3 | 4)));
+    let (mut cap, plain) = (None, rng.below(3) == 0 || lean_plain);
     if !plain {
         let (bld, c) = common::random_options(rng, builder);
         builder = bld;
@@ -148,7 +159,11 @@ fn random_call(rng: &mut Rng) -> Call {
             }
         }
     }
-    let family = if plain { rng.below(6) as usize } else { [0, 1, 2, 5][rng.below(4) as usize] };
+    let family = match kernel {
+        Some((_, f)) => f,
+        None if plain => rng.below(6) as usize,
+        None => [0, 1, 2, 5][rng.below(4) as usize],
+    };
     let grad = match rng.below(5) {
         0 => GradMode::None,
         1 if pair.0 == pair.1 => GradMode::InPlace,
@@ -270,7 +285,7 @@ fn check(c: &Call, o: &Outputs) -> f64 {
     e
 }
 
-/// `n` sorted cuts from 0 to `len` with every piece non-empty (`pieces` at most `len`).
+/// `pieces + 1` sorted cuts from 0 to `len`, every piece non-empty (`pieces` at most `len`).
 fn random_cuts(rng: &mut Rng, len: usize, pieces: usize) -> Vec<i64> {
     let mut inner: Vec<i64> = Vec::new();
     while inner.len() + 1 < pieces {
@@ -286,7 +301,7 @@ fn random_cuts(rng: &mut Rng, len: usize, pieces: usize) -> Vec<i64> {
 /// A random call of the split's kernels: 1–3 data ranks (some without samples), 1–5 vocabulary
 /// ranks (uneven, some without the targets), chunks of 1 row to more than all, or whole rows.
 fn random_split_call(rng: &mut Rng) -> Call {
-    let mut c = random_call(rng);
+    let mut c = random_call(rng, None);
     let (b, v, rows) = (c.shape.batch(), c.shape.vocab(), c.shape.batch() * c.shape.seq());
     let data = 1 + rng.below(b.min(3) as u64) as usize;
     let vocab = 1 + rng.below(v.min(5) as u64) as usize;
@@ -327,7 +342,11 @@ fn kernels_emulated_on_the_host_match_the_reference() {
     let Some(exe) = calls_exe() else { return };
     let n = cases(60);
     let mut rng = Rng::new(0x6b65726e);
-    let calls: Vec<Call> = (0..n).map(|_| random_call(&mut rng)).collect();
+    // the first 42 calls take every (dtype pair, rows kernel) once, the rest at random
+    let kernels = PAIRS.len() * FAMILIES.len();
+    let calls: Vec<Call> = (0..n as usize)
+        .map(|i| random_call(&mut rng, (i < kernels).then(|| (i % PAIRS.len(), i / PAIRS.len()))))
+        .collect();
     let outs = run(exe, &calls, "random");
     let mut worst = [0f64; 3];
     let mut seen = [[0u32; 6]; 7];
@@ -350,6 +369,9 @@ fn kernels_emulated_on_the_host_match_the_reference() {
     }
     println!("{n} calls; worst gradient error f32 {:.2e}, f16 {:.2e}, bf16 {:.2e}", worst[0], worst[1], worst[2]);
     println!("calls per (dtype pair, family): {seen:?}");
+    if n as usize >= kernels {
+        assert!(seen.iter().flatten().all(|&k| k > 0), "every (dtype pair, rows kernel) called: {seen:?}");
+    }
 }
 
 /// A plain f32 call of `b × t × v` with logits in [-1, 1] and ids `1, 2, 3, ...` (mod `v`), 64
@@ -461,7 +483,7 @@ fn emulated_rows_kernels_give_the_same_bits_for_any_loads_in_flight_and_grid() {
     for _ in 0..n {
         // one or two warps: most rows then hold more vectors than a block reads at once, and
         // every thread keeps 2 or 4 in flight
-        let c = Call { threads: 32 * (1 + rng.below(2) as u32), ..random_call(&mut rng) };
+        let c = Call { threads: 32 * (1 + rng.below(2) as u32), ..random_call(&mut rng, None) };
         let lean = c.family == 3 || c.family == 4;
         let group: &[usize] = if lean { &[3, 4] } else { &[0, 1, 2] };
         groups.push(calls.len()..calls.len() + group.len());

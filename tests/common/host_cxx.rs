@@ -12,8 +12,9 @@ pub fn compile(test: &str, source: &str, dir: &Path, extra: &[&str]) -> Option<P
     let exe = dir.join(source.trim_end_matches(".cpp"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let built = Command::new(&cxx)
-        // (no _FORTIFY_SOURCE: its checked longjmp refuses emu.h's jumps between fiber stacks)
-        .args(["-O2", "-std=c++17", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE", "-I"])
+        // (no _FORTIFY_SOURCE: its checked longjmp refuses emu.h's jumps between fiber stacks;
+        // no contraction into fused multiply-adds on any machine, x86-64's default)
+        .args(["-O2", "-std=c++17", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE", "-ffp-contract=off", "-I"])
         .arg(dir)
         .arg("-I")
         .arg(root.join("kernels"))

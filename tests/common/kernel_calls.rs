@@ -82,8 +82,8 @@ pub struct Call {
     pub chunk: i64,
 }
 
-/// A grid of ranks: sample cuts from 0 to B (data ranks + 1, every rank with samples), column
-/// cuts from 0 to V (vocabulary ranks + 1, every rank with columns).
+/// A grid of ranks: sample cuts from 0 to B (data ranks + 1; a data rank may hold no sample),
+/// column cuts from 0 to V (vocabulary ranks + 1, every rank with columns).
 #[derive(Debug, Clone)]
 pub struct Split {
     pub sample_cuts: Vec<i64>,
@@ -203,6 +203,11 @@ pub fn run(exe: &Path, calls: &[Call], tag: &str) -> Vec<Outputs> {
     let (inp, outp) = (dir.0.join("calls.bin"), dir.0.join("outputs.bin"));
     std::fs::write(&inp, &input).unwrap();
     let run = Command::new(exe).arg(&inp).arg(&outp).output().unwrap();
+    if !run.status.success() {
+        if let Ok(keep) = std::env::var("FWL_EMU_KEEP") {
+            std::fs::copy(&inp, keep).unwrap();
+        }
+    }
     assert!(
         run.status.success(),
         "the emulated kernels failed ({}):\n{}",

@@ -1,13 +1,16 @@
 // The CUDA kernels of kernels/weighted_loss.cu run on the host (emu.h) as the crate launches them:
 //   - one device (src/cuda/launch.rs): plan (one block), rows (a grid-stride grid, dynamic shared
 //     memory for what fits of a row), finish (one block);
-//   - the vocabulary- and data-parallel split (src/cuda/split/steps.rs) on a grid of data x
-//     vocabulary ranks, the exchanges done here in rank order: on each rank the plan of its
-//     samples, the batch totals (fwl_split_batch), gathered over the data ranks, the
-//     denominator; per chunk of rows the statistics of its columns (fwl_split_stats), gathered
-//     over the vocabulary ranks, the merge, losses and gradient (fwl_split_grad); the finish, and
-//     the data ranks' losses combined (fwl_split_batch). Every rank of a data group must come to
-//     the same bits of every row's loss, per-sample loss and combined loss (else exit 3).
+//   - the vocabulary- and data-parallel split (src/cuda/split/call.rs and steps.rs) on a grid of
+//     data x vocabulary ranks, the exchanges done here in rank order: on each rank the plan of
+//     its samples; on a data group of more than one the batch totals (fwl_split_batch),
+//     gathered over the data ranks ([0, 0] from a rank without samples), and the denominator;
+//     per chunk of rows the statistics of its columns (fwl_split_stats), gathered over the
+//     vocabulary ranks, the merge, losses and gradient (fwl_split_grad), or with one vocabulary
+//     rank its whole rows through the rows kernel; the finish, and on a data group of more
+//     than one the data ranks' losses combined (fwl_split_batch). Every rank of a vocabulary
+//     group (the same samples) must come to the same bits of its plan, row and per-sample
+//     losses, and every rank to the same combined loss (else exit 3).
 // Driven by tests/kernel_emulated.rs, which writes the calls to a file (`calls <in> <out>`) and
 // compares the outputs with the float64 reference; tests/common/kernel_calls.rs describes the
 // file's layout (`Call` and `Outputs` there, `read_call` and `write_outputs` here). Exits 0 after
@@ -68,7 +71,7 @@ float load_dtype(int64_t d, const void *src, size_t i) {
     return to_f32(static_cast<const __nv_bfloat16 *>(src)[i]);
 }
 
-// One call as tests/kernel_host.rs writes it.
+// One call as tests/common/kernel_calls.rs writes it (`Call::write`).
 struct Call {
     int64_t magic, ldt, gdt, idt, family, B, T, V, ignore_index, row_mean, reduction;
     unsigned threads, grid;
@@ -485,7 +488,8 @@ void split(const Call &c, FILE *out) {
             if (samples(d) == 0) continue;
             if (!same(s.row_loss, b.row_loss) || !same(s.per_sample, b.per_sample) || !same(s.reduce, b.reduce) ||
                 !same(s.coef, b.coef) || !same(s.weights, b.weights) || !same(s.valid, b.valid) ||
-                (c.z_loss != 0.0 && !same(s.row_z, b.row_z)) || s.status.flags != b.status.flags)
+                (c.z_loss != 0.0 && (!same(s.row_z, b.row_z) || !same(s.per_sample_z, b.per_sample_z))) ||
+                s.status.flags != b.status.flags)
                 fail(3, "the ranks of a vocabulary group differ");
         }
     std::vector<const Planned *> parts;
@@ -501,7 +505,8 @@ int main(int argc, char **argv) {
     in_file = std::fopen(argv[1], "rb");
     FILE *out = std::fopen(argv[2], "wb");
     if (!in_file || !out) fail(1, "cannot open the files");
-    for (Call c; read_call(c);) {
+    emu::call_index = 0;
+    for (Call c; read_call(c); ++emu::call_index) {
         emu::order_seed = 0x2545f4914f6cdd1dull;  // each call's own thread orders, alone or not
         if (c.magic == MAGIC_SPLIT) split(c, out);
         else one_device(c, out);

@@ -60,8 +60,10 @@ alignas(16) thread_local unsigned char fwl_smem[EMU_SMEM_BYTES];
 
 namespace emu {
 
+inline long call_index = -1;  // set by the caller: the call a failure names
+
 [[noreturn]] inline void die(const char *what) {
-    std::fprintf(stderr, "emu: %s\n", what);
+    std::fprintf(stderr, "emu (call %ld of the file): %s\n", call_index, what);
     std::exit(2);
 }
 
