@@ -275,12 +275,12 @@ const Pair &pair_of(const Call &c) {
 }
 
 // The rows kernel of the call's family on `rows` rows of logits at `x` (gradient at `grad`, or
-// none), in launches of `c.chunk` rows with the plan's row offset, as launch_rows sets them up.
-void launch_rows(const Call &c, Planned &p, unsigned char *x, unsigned char *grad, int64_t rows) {
+// none), in launches of `chunk` rows with the plan's row offset, as launch_rows sets them up.
+void launch_rows(const Call &c, Planned &p, unsigned char *x, unsigned char *grad, int64_t rows, int64_t chunk) {
     const RowsFn kernel = pair_of(c).rows[c.family];
     const int64_t row_vectors = (c.V * static_cast<int64_t>(dsize(c.ldt)) + 15) / 16;
     const int64_t smem_vectors = grad ? std::min(row_vectors, c.smem_cap) : 0;
-    for (int64_t c0 = 0; c0 < rows; c0 += c.chunk) {
+    for (int64_t c0 = 0; c0 < rows; c0 += chunk) {
         unsigned char *xc = x + static_cast<size_t>(c0 * c.V) * dsize(c.ldt);
         unsigned char *gc = grad ? grad + static_cast<size_t>(c0 * c.V) * dsize(c.gdt) : nullptr;
         FwlRowParams rp{};
@@ -291,7 +291,7 @@ void launch_rows(const Call &c, Planned &p, unsigned char *x, unsigned char *gra
         rp.token_weights = c.has_tw ? p.tw.data() : nullptr;
         rp.row_loss = p.row_loss.data();
         rp.row_z = c.z_loss != 0.0 ? p.row_z.data() : nullptr;
-        rp.rows = std::min(c.chunk, rows - c0);
+        rp.rows = std::min(chunk, rows - c0);
         rp.seq = c.T;
         rp.vocab = c.V;
         rp.smem_vectors = smem_vectors;
@@ -314,7 +314,7 @@ void one_device(const Call &c, FILE *out) {
     Planned p;
     plan(c, 0, c.B, p);
 
-    launch_rows(c, p, x.at, static_cast<unsigned char *>(grad), c.B * c.T);
+    launch_rows(c, p, x.at, static_cast<unsigned char *>(grad), c.B * c.T, c.chunk);
     finish(c, p);
 
     std::vector<float> g(grad ? n : 0);
@@ -392,9 +392,7 @@ void split(const Call &c, FILE *out) {
         }
         if (c.whole_rows) {  // one vocabulary rank: its rows whole in one launch (call.rs)
             unsigned char *x = xs[0]->at;
-            Call whole = c;
-            whole.chunk = rows;
-            launch_rows(whole, ranks[d][0], x, c.grad_mode == 0 ? nullptr : c.grad_mode == 2 ? x : gs[0]->at, rows);
+            launch_rows(c, ranks[d][0], x, c.grad_mode == 0 ? nullptr : c.grad_mode == 2 ? x : gs[0]->at, rows, rows);
         }
         for (int64_t c0 = 0; c0 < rows && !c.whole_rows; c0 += c.chunk) {
             const int64_t n = std::min(c.chunk, rows - c0);
