@@ -1,5 +1,5 @@
-//! The whole of `kernels/weighted_loss.cu` (plan, every rows kernel variant, finish, and the
-//! vocabulary- and data-parallel split's kernels) compiled by the system C++ compiler (`$CXX`,
+//! The whole of `kernels/weighted_loss.cu` (plan, every rows kernel variant, finish, scale, and
+//! the vocabulary- and data-parallel split's kernels) compiled by the system C++ compiler (`$CXX`,
 //! else `c++`; without one each test prints that it skipped, or fails with `FWL_REQUIRE_CXX=1`)
 //! against `tests/kernel_host/emu.h`, which runs a block's threads as fibers with CUDA's
 //! barriers and warp shuffles, and launched as the crate launches them
@@ -15,6 +15,8 @@
 //! - the same bits through the rows kernels that promise them, on grids of 1, 2 and 3 blocks;
 //! - the reports of bad ids, labels, token weights, sample weights beyond f64 (the flag) and
 //!   non-finite rows.
+//! - `fwl_scale_*` bit for bit: every element multiplied once, nothing written around the
+//!   gradient, a scale of exactly 1 leaving it as it was.
 //!
 //! What this checks is the kernels' logic (indexing, reductions, barriers, the options, the
 //! split's exchanges), not the device's arithmetic (the intrinsics are the host's, `__expf`
@@ -26,7 +28,9 @@
 
 mod common;
 
-use common::kernel_calls::{calls_exe, keep, run, Call, GradMode, Outputs, Split, FAMILIES, PAIRS};
+use common::kernel_calls::{
+    calls_exe, keep, run, run_scale, Call, GradMode, Outputs, ScaleCall, Split, FAMILIES, PAIRS,
+};
 use common::{cases, rel};
 use fused_weighted_loss::reference::{reference, rel_err};
 use fused_weighted_loss::synthetic::Rng;
@@ -372,6 +376,80 @@ fn kernels_emulated_on_the_host_match_the_reference() {
     if n as usize >= kernels {
         assert!(seen.iter().flatten().all(|&k| k > 0), "every (dtype pair, rows kernel) called: {seen:?}");
     }
+}
+
+/// The bits `d` stores for `x` (`x` a value `d` holds).
+fn bits_of(d: DType, x: f32) -> u32 {
+    match d {
+        DType::F32 => x.to_bits(),
+        DType::F16 => f16::from_f32(x).to_bits() as u32,
+        DType::BF16 => bf16::from_f32(x).to_bits() as u32,
+    }
+}
+
+#[test]
+fn emulated_scale_kernel_scales_every_element_once() {
+    let Some(exe) = calls_exe() else { return };
+    let n = cases(40);
+    let mut rng = Rng::new(0x7363616c65);
+    let dtypes = [DType::F32, DType::F16, DType::BF16];
+    let calls: Vec<ScaleCall> = (0..n)
+        .map(|i| {
+            let dtype = dtypes[i as usize % 3];
+            let len = match rng.below(4) {
+                0 => rng.below(40) as usize,
+                _ => 1 + rng.below(6000) as usize,
+            };
+            // as api.rs launches it (1024 threads, a grid of at most 4 per SM) and smaller
+            // blocks and grids, so that the grid strides
+            let threads = if rng.below(2) == 0 { 1024 } else { 32 * (1 + rng.below(8) as u32) };
+            let grid = 1 + rng.below((len as u64).div_ceil(threads as u64).clamp(1, 8)) as u32;
+            // exactly 1 (the kernel returns at once), 0, -1, a product overflowing f16, one
+            // underflowing into subnormals, and random magnitudes of either sign
+            let scale = match rng.below(8) {
+                0 | 1 => 1.0,
+                2 => 0.0,
+                3 => -1.0,
+                4 => 7.0e4,
+                5 => 3.0e-6,
+                _ => ((rng.unit() * 12.0 - 6.0).exp() * if rng.below(2) == 0 { 1.0 } else { -1.0 }) as f32,
+            };
+            let values = (0..len)
+                .map(|_| round_to(dtype, ((rng.unit() * 2.0 - 1.0) * (rng.unit() * 8.0 - 4.0).exp()) as f32))
+                .collect();
+            ScaleCall { dtype, grid, threads, offset: rng.below(9) as i64, scale, values }
+        })
+        .collect();
+    let outs = run_scale(exe, &calls);
+    let mut changed = 0usize;
+    for (c, o) in calls.iter().zip(&outs) {
+        let off = c.offset as usize;
+        let untouched = match c.dtype {
+            DType::F32 => u32::MAX,
+            _ => 0xffff,
+        };
+        assert!(
+            o[..off].iter().chain(&o[off + c.values.len()..]).all(|&b| b == untouched),
+            "a write outside the gradient: {c:?}"
+        );
+        for (i, (&x, &got)) in c.values.iter().zip(&o[off..]).enumerate() {
+            // one product each: the bits of round(x · s), and x's own where s is exactly 1
+            let want =
+                if c.scale == 1.0 { bits_of(c.dtype, x) } else { bits_of(c.dtype, round_to(c.dtype, x * c.scale)) };
+            assert_eq!(
+                got,
+                want,
+                "element {i} of {} (x {x}, scale {}, grid {}, threads {})",
+                c.values.len(),
+                c.scale,
+                c.grid,
+                c.threads
+            );
+            changed += (c.scale != 1.0 && want != bits_of(c.dtype, x)) as usize;
+        }
+    }
+    assert!(changed > 0, "no call changed an element");
+    println!("{n} scale calls, {changed} elements changed, each as one product");
 }
 
 /// A plain f32 call of `b × t × v` with logits in [-1, 1] and ids `1, 2, 3, ...` (mod `v`), 64

@@ -95,6 +95,7 @@ pub struct Split {
 
 const MAGIC: i64 = 0x46574c4b01;
 const MAGIC_SPLIT: i64 = 0x46574c4b02;
+const MAGIC_SCALE: i64 = 0x46574c4b03;
 
 fn dtype_code(d: DType) -> i64 {
     match d {
@@ -195,13 +196,11 @@ impl Reader<'_> {
     }
 }
 
-/// Runs the calls through the emulated kernels (one process for all of them).
-pub fn run(exe: &Path, calls: &[Call], tag: &str) -> Vec<Outputs> {
+/// The program on a file of calls (one process for all of them): what it wrote.
+fn execute(exe: &Path, input: &[u8], tag: &str) -> Vec<u8> {
     let dir = TempDir::new(&format!("kernel-run-{tag}"));
-    let mut input = Vec::new();
-    calls.iter().for_each(|c| c.write(&mut input));
     let (inp, outp) = (dir.0.join("calls.bin"), dir.0.join("outputs.bin"));
-    std::fs::write(&inp, &input).unwrap();
+    std::fs::write(&inp, input).unwrap();
     let run = Command::new(exe).arg(&inp).arg(&outp).output().unwrap();
     if !run.status.success() {
         if let Ok(keep) = std::env::var("FWL_EMU_KEEP") {
@@ -214,7 +213,14 @@ pub fn run(exe: &Path, calls: &[Call], tag: &str) -> Vec<Outputs> {
         run.status,
         String::from_utf8_lossy(&run.stderr)
     );
-    let bytes = std::fs::read(&outp).unwrap();
+    std::fs::read(&outp).unwrap()
+}
+
+/// Runs the calls through the emulated kernels (one process for all of them).
+pub fn run(exe: &Path, calls: &[Call], tag: &str) -> Vec<Outputs> {
+    let mut input = Vec::new();
+    calls.iter().for_each(|c| c.write(&mut input));
+    let bytes = execute(exe, &input, tag);
     let mut r = Reader(&bytes);
     let outs = calls
         .iter()
@@ -250,4 +256,48 @@ pub fn keep(c: &Call) {
         c.write(&mut bytes);
         std::fs::write(path, bytes).unwrap();
     }
+}
+
+/// One launch of `fwl_scale_<dtype>` (`grad *= scale`, the candle op's upstream gradient as a
+/// device scalar). File layout: 6 i64 (magic, dtype, n, grid, threads, offset of the buffer past
+/// its alignment), the scale (f32), the n values (f32, values the dtype holds).
+#[derive(Debug, Clone)]
+pub struct ScaleCall {
+    pub dtype: DType,
+    pub grid: u32,
+    pub threads: u32,
+    pub offset: i64,
+    pub scale: f32,
+    pub values: Vec<f32>,
+}
+
+impl ScaleCall {
+    fn write(&self, out: &mut Vec<u8>) {
+        let h = [
+            MAGIC_SCALE,
+            dtype_code(self.dtype),
+            self.values.len() as i64,
+            self.grid as i64,
+            self.threads as i64,
+            self.offset,
+        ];
+        h.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        out.extend_from_slice(&self.scale.to_le_bytes());
+        self.values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    }
+}
+
+/// Runs the scale calls: for each, the bits of its buffer (each element's, zero-extended) from
+/// `offset` elements before the values to 8 after them.
+pub fn run_scale(exe: &Path, calls: &[ScaleCall]) -> Vec<Vec<u32>> {
+    let mut input = Vec::new();
+    calls.iter().for_each(|c| c.write(&mut input));
+    let bytes = execute(exe, &input, "scale");
+    let mut r = Reader(&bytes);
+    let outs = calls
+        .iter()
+        .map(|c| (0..c.offset as usize + c.values.len() + 8).map(|_| u32::from_le_bytes(r.take())).collect())
+        .collect();
+    assert!(r.0.is_empty(), "the emulated kernels wrote more than the calls asked for");
+    outs
 }

@@ -7,9 +7,12 @@
 //     a barrier: warps in a random order, each as far as it goes (so one can run many barriers
 //     of its own ahead of another), its lanes in a random order (so that a race shows);
 //   - a block's `__shared__` variables are that OS thread's statics (`thread_local`, which also
-//     lets the kernels' `extern __shared__` array name one global array, refilled with NaN bytes
-//     for every block, with a guard band after it: a read of what no thread wrote, or a write
-//     beyond what the launch asked for, shows; the static ones keep what the last block left);
+//     lets the kernels' `extern __shared__` array name one global array). Every block finds all
+//     of them filled with 0xff bytes (NaN floats, -1 integers), as the executable's whole
+//     thread-local block is refilled before it runs, and a guard band after the part of the
+//     dynamic array its launch asked for: a read of what no thread of the block wrote, or a
+//     write beyond what the launch asked for, shows. (So emu.h and its includers declare no
+//     `thread_local` of their own: it would be overwritten.);
 //   - `__syncthreads()` waits for the block's threads (all at one place in the source, else it
 //     aborts), `__shfl_xor_sync` / `__shfl_sync` for the 32 lanes of the caller's warp (a
 //     barrier before and after the exchange); a barrier that can never complete (a thread
@@ -19,9 +22,11 @@
 //     ex2.approx's own last bits aside).
 //
 // Not emulated: concurrent blocks (the kernels share nothing across blocks: no atomics), memory
-// ordering between blocks, launch bounds and occupancy, the device's fused multiply-adds.
+// ordering between blocks, launch bounds and occupancy, the device's fused multiply-adds, warp
+// shuffles with partial masks (none used: they abort).
 #pragma once
 
+#include <link.h>
 #include <math.h>
 #include <stdint.h>
 #include <setjmp.h>
@@ -65,6 +70,40 @@ inline long call_index = -1;  // set by the caller: the call a failure names
 [[noreturn]] inline void die(const char *what) {
     std::fprintf(stderr, "emu (call %ld of the file): %s\n", call_index, what);
     std::exit(2);
+}
+
+// The executable's thread-local block (this OS thread's copy): the kernels' static `__shared__`
+// variables and fwl_smem, found once through the program headers.
+struct TlsBlock {
+    unsigned char *begin = nullptr;
+    size_t bytes = 0;
+};
+inline TlsBlock find_tls_block() {
+    TlsBlock found;
+    dl_iterate_phdr(
+        [](dl_phdr_info *info, size_t, void *out) -> int {
+            for (int i = 0; i < info->dlpi_phnum; ++i) {
+                if (info->dlpi_phdr[i].p_type != PT_TLS || !info->dlpi_tls_data) continue;
+                auto *begin = static_cast<unsigned char *>(info->dlpi_tls_data);
+                const size_t bytes = info->dlpi_phdr[i].p_memsz;
+                if (fwl_smem >= begin && fwl_smem + EMU_SMEM_BYTES <= begin + bytes) {
+                    *static_cast<TlsBlock *>(out) = TlsBlock{begin, bytes};
+                    return 1;
+                }
+            }
+            return 0;
+        },
+        &found);
+    if (!found.begin) die("the thread-local block holding the __shared__ variables was not found");
+    return found;
+}
+
+// Every `__shared__` variable as a fresh block finds it: 0xff bytes (NaN floats, -1 integers),
+// then the guard band after the `smem` bytes of dynamic shared memory its launch asked for.
+inline void fill_shared(size_t smem) {
+    static const TlsBlock tls = find_tls_block();
+    std::memset(tls.begin, 0xff, tls.bytes);
+    std::memset(fwl_smem + smem, GUARD, std::min(EMU_SMEM_BYTES - smem, GUARD_BYTES));
 }
 
 struct Fiber {
@@ -171,10 +210,7 @@ template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&k
     entry_arg = &kernel;
     for (unsigned b = 0; b < grid; ++b) {
         blockIdx = EmuDim3{b, 1, 1};
-        // each block's dynamic shared memory as a fresh block finds it (NaN floats, -1
-        // integers), and a guard band after what the launch asked for
-        std::memset(fwl_smem, 0xff, smem);
-        std::memset(fwl_smem + smem, GUARD, std::min(EMU_SMEM_BYTES - smem, GUARD_BYTES));
+        fill_shared(smem);
         for (unsigned t = 0; t < block; ++t) {
             Fiber &f = fibers[t];
             f.started = f.done = false;
