@@ -377,13 +377,23 @@ mod tests {
         }
     }
 
-    fn rel(out: &[f64], reference: &[f64]) -> f64 {
-        let d: f64 = out.iter().zip(reference).map(|(a, b)| (a - b) * (a - b)).sum();
-        let r: f64 = reference.iter().map(|b| b * b).sum();
-        if r == 0.0 {
-            d.sqrt()
-        } else {
-            (d / r).sqrt()
+    /// At least one unit in the last place of `ty` at `x`.
+    fn ulp(ty: cudaDataType_t, x: f64) -> f64 {
+        let (bits, tiny) = match ty {
+            cudaDataType_t::CUDA_R_32F => (23, 2f64.powi(-149)),
+            cudaDataType_t::CUDA_R_16F => (10, 2f64.powi(-24)),
+            _ => (7, 2f64.powi(-133)),
+        };
+        (x.abs() * 2f64.powi(-bits)).max(tiny)
+    }
+
+    /// Each of `got` is `model` (what a product computed exactly and rounded once to `ty` per
+    /// chunk gives) within 2 units in its last place, and f64's own rounding of sums whose terms
+    /// have magnitudes summing to `mag` (the host product adds them in another order).
+    fn assert_rounded(ty: cudaDataType_t, got: &[f64], model: &[f64], mag: &[f64], what: &str) {
+        for (i, ((&g, &m), &a)) in got.iter().zip(model).zip(mag).enumerate() {
+            let bound = 2.0 * ulp(ty, m) + 1e-12 * a;
+            assert!((g - m).abs() <= bound, "{what}: element {i} is {g}, not {m} (within {bound:e})");
         }
     }
 
@@ -458,6 +468,9 @@ mod tests {
         let logit = |r: usize, j: usize| {
             (0..h).map(|q| hidden[r * h + q] * weight[j * h + q]).sum::<f64>() + if with_bias { bias[j] } else { 0.0 }
         };
+        let logit_mag = |r: usize, j: usize| {
+            (0..h).map(|q| (hidden[r * h + q] * weight[j * h + q]).abs()).sum::<f64>() + bias[j].abs()
+        };
         let memory = RefCell::new(Memory(bufs));
         let mut stepped = Vec::new();
         let mut step = |rows: Range<usize>, z: u64, g: u64| -> Result<()> {
@@ -466,10 +479,10 @@ mod tests {
             assert!(rows.len() <= cut.cl, "more rows than a logits product holds");
             let (zb, gb) = (&mem.0[3], if dtype == DType::F32 { 3 } else { 4 });
             let got: Vec<f64> = (0..rows.len() * v).map(|i| zb.get(i)).collect();
-            let want: Vec<f64> =
-                rows.clone().flat_map(|r| (0..v).map(move |j| (r, j))).map(|(r, j)| logit(r, j)).collect();
-            let e = rel(&got, &want);
-            assert!(e <= 1e-6, "logits of rows {rows:?} off by {e:e}");
+            let cells = || rows.clone().flat_map(|r| (0..v).map(move |j| (r, j)));
+            let model: Vec<f64> = cells().map(|(r, j)| round(F32, logit(r, j))).collect();
+            let mag: Vec<f64> = cells().map(|(r, j)| logit_mag(r, j)).collect();
+            assert_rounded(F32, &got, &model, &mag, &format!("logits of rows {rows:?}"));
             let (_, g0) = mem.find(g, if dtype == DType::F32 { F32 } else { ty });
             assert_eq!(g, addr[gb] + (g0 * size_of(mem.0[gb].ty)) as u64, "the gradient rows in their buffer");
             for (i, r) in rows.clone().enumerate() {
@@ -497,30 +510,34 @@ mod tests {
         assert_eq!(covered, (0..n).collect::<Vec<_>>(), "every row stepped once, in order");
 
         let mem = memory.into_inner();
-        let tol = |d: cudaDataType_t| if d == F32 { 1e-5 } else { 1.5e-2 };
         let what = format!("{dtype:?} N {n} H {h} V {v} c {c} bias {with_bias} accumulate {accumulate}");
+        // d weight and d bias: chunk by chunk, each chunk's sum added to what the target holds
+        // and rounded to its type (the first chunk's onto 0 unless accumulating)
+        let chunked = |d: cudaDataType_t, len: usize, prior: &[f64], term: &dyn Fn(usize, usize) -> f64| {
+            let mut model: Vec<f64> = (0..len).map(|i| if accumulate { prior[i] } else { 0.0 }).collect();
+            let mut mag: Vec<f64> = model.iter().map(|x| x.abs()).collect();
+            for r0 in (0..n).step_by(c) {
+                for i in 0..len {
+                    let rows = r0..n.min(r0 + c);
+                    model[i] = round(d, model[i] + rows.clone().map(|r| term(r, i)).sum::<f64>());
+                    mag[i] += rows.map(|r| term(r, i).abs()).sum::<f64>();
+                }
+            }
+            (model, mag)
+        };
         if let Some(d) = dh_ty {
-            let want: Vec<f64> =
-                (0..n * h).map(|i| (0..v).map(|j| grad[(i / h) * v + j] * weight[j * h + i % h]).sum()).collect();
-            let e = rel(&mem.0[6].values(), &want);
-            assert!(e <= tol(d), "d hidden off by {e:e} ({what})");
+            let term = |i: usize, j: usize| grad[(i / h) * v + j] * weight[j * h + i % h];
+            let model: Vec<f64> = (0..n * h).map(|i| round(d, (0..v).map(|j| term(i, j)).sum())).collect();
+            let mag: Vec<f64> = (0..n * h).map(|i| (0..v).map(|j| term(i, j).abs()).sum()).collect();
+            assert_rounded(d, &mem.0[6].values(), &model, &mag, &format!("d hidden ({what})"));
         }
         if let Some(d) = dw_ty {
-            let want: Vec<f64> = (0..v * h)
-                .map(|i| {
-                    let prior = if accumulate { dw_prior[i] } else { 0.0 };
-                    prior + (0..n).map(|r| grad[r * v + i / h] * hidden[r * h + i % h]).sum::<f64>()
-                })
-                .collect();
-            let e = rel(&mem.0[7].values(), &want);
-            assert!(e <= tol(d), "d weight off by {e:e} ({what})");
+            let (model, mag) = chunked(d, v * h, &dw_prior, &|r, i| grad[r * v + i / h] * hidden[r * h + i % h]);
+            assert_rounded(d, &mem.0[7].values(), &model, &mag, &format!("d weight ({what})"));
         }
         if let Some(d) = db_ty {
-            let want: Vec<f64> = (0..v)
-                .map(|j| if accumulate { db_prior[j] } else { 0.0 } + (0..n).map(|r| grad[r * v + j]).sum::<f64>())
-                .collect();
-            let e = rel(&mem.0[8].values(), &want);
-            assert!(e <= tol(d), "d bias off by {e:e} ({what})");
+            let (model, mag) = chunked(d, v, &db_prior, &|r, j| grad[r * v + j]);
+            assert_rounded(d, &mem.0[8].values(), &model, &mag, &format!("d bias ({what})"));
         }
         chunks
     }
