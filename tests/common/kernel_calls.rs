@@ -260,7 +260,8 @@ pub fn keep(c: &Call) {
 
 /// One launch of `fwl_scale_<dtype>` (`grad *= scale`, the candle op's upstream gradient as a
 /// device scalar). File layout: 6 i64 (magic, dtype, n, grid, threads, offset of the buffer past
-/// its alignment), the scale (f32), the n values (f32, values the dtype holds).
+/// its alignment), the scale (f32), the n elements' bits (u32 each, the low 16 for 16-bit types).
+/// The elements around them hold [`SCALE_GUARD`] bytes.
 #[derive(Debug, Clone)]
 pub struct ScaleCall {
     pub dtype: DType,
@@ -268,27 +269,31 @@ pub struct ScaleCall {
     pub threads: u32,
     pub offset: i64,
     pub scale: f32,
-    pub values: Vec<f32>,
+    pub bits: Vec<u32>,
 }
+
+/// The byte of the `offset` elements before a scale call's gradient and the 8 after it (a finite
+/// number of every type: a write there shows).
+pub const SCALE_GUARD: u8 = 0x5a;
 
 impl ScaleCall {
     fn write(&self, out: &mut Vec<u8>) {
         let h = [
             MAGIC_SCALE,
             dtype_code(self.dtype),
-            self.values.len() as i64,
+            self.bits.len() as i64,
             self.grid as i64,
             self.threads as i64,
             self.offset,
         ];
         h.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
         out.extend_from_slice(&self.scale.to_le_bytes());
-        self.values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        self.bits.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
     }
 }
 
 /// Runs the scale calls: for each, the bits of its buffer (each element's, zero-extended) from
-/// `offset` elements before the values to 8 after them.
+/// `offset` elements before the gradient to 8 after it.
 pub fn run_scale(exe: &Path, calls: &[ScaleCall]) -> Vec<Vec<u32>> {
     let mut input = Vec::new();
     calls.iter().for_each(|c| c.write(&mut input));
@@ -296,7 +301,7 @@ pub fn run_scale(exe: &Path, calls: &[ScaleCall]) -> Vec<Vec<u32>> {
     let mut r = Reader(&bytes);
     let outs = calls
         .iter()
-        .map(|c| (0..c.offset as usize + c.values.len() + 8).map(|_| u32::from_le_bytes(r.take())).collect())
+        .map(|c| (0..c.offset as usize + c.bits.len() + 8).map(|_| u32::from_le_bytes(r.take())).collect())
         .collect();
     assert!(r.0.is_empty(), "the emulated kernels wrote more than the calls asked for");
     outs

@@ -131,19 +131,21 @@ void split_call(const Call &c, FILE *out) {
 }
 
 // A call of fwl_scale (after its magic): 5 i64 (gradient dtype, elements n, grid, threads,
-// offset of the buffer past its alignment), the scale (f32), n values (f32, values the dtype
-// holds). Writes the buffer's bits (u32 each) from `offset` elements before the gradient to 8
-// after it: what the kernel left, and that it wrote nothing around it.
+// offset of the buffer past its alignment), the scale (f32), the n elements' bits (u32 each, the
+// low 16 for 16-bit types). The `offset` elements before them and 8 after hold 0x5a bytes (a
+// finite number of each type). Writes the buffer's bits (u32 each) from `offset` elements before
+// the gradient to 8 after it: what the kernel left, and that it wrote nothing around it.
 void scale_call(FILE *out) {
     const auto h = read_vec<int64_t>(5);
     const auto s = read_vec<float>(1);
     const int64_t d = h[0], n = h[1], off = h[4];
     const unsigned grid = static_cast<unsigned>(h[2]), threads = static_cast<unsigned>(h[3]);
     if (d < 0 || d > 2 || n < 0 || h[2] < 1 || h[3] < 1 || off < 0 || off > 64) fail(1, "a scale call out of range");
-    const auto values = read_vec<float>(static_cast<size_t>(n));
-    const size_t total = static_cast<size_t>(off + n + 8);
-    Buffer g(static_cast<size_t>(n + 8), dsize(d), static_cast<size_t>(off));
-    store_dtype(d, g.at, values.data(), values.size());
+    const auto bits_in = read_vec<uint32_t>(static_cast<size_t>(n));
+    const size_t total = static_cast<size_t>(off + n + 8), es = dsize(d);
+    Buffer g(static_cast<size_t>(n + 8), es, static_cast<size_t>(off));
+    std::memset(g.base, 0x5a, total * es);
+    for (size_t i = 0; i < bits_in.size(); ++i) std::memcpy(g.at + i * es, &bits_in[i], es);
     float scale = s[0];
     FwlScaleParams sp{};
     sp.grad = g.at;
@@ -152,7 +154,7 @@ void scale_call(FILE *out) {
     const auto kernel = d == 0 ? fwl_scale_f32 : d == 1 ? fwl_scale_f16 : fwl_scale_bf16;
     emu::launch(grid, threads, 0, [&] { kernel(sp); });
     std::vector<uint32_t> bits(total, 0);
-    for (size_t i = 0; i < total; ++i) std::memcpy(&bits[i], g.base + i * dsize(d), dsize(d));
+    for (size_t i = 0; i < total; ++i) std::memcpy(&bits[i], g.base + i * es, es);
     write_vec(out, bits);
 }
 

@@ -26,6 +26,7 @@
 // shuffles with partial masks (none used: they abort).
 #pragma once
 
+#include <errno.h>
 #include <link.h>
 #include <math.h>
 #include <stdint.h>
@@ -95,13 +96,17 @@ inline TlsBlock find_tls_block() {
         },
         &found);
     if (!found.begin) die("the thread-local block holding the __shared__ variables was not found");
+    // (a static link would put the C library's thread-locals in it too, which the refill would
+    // overwrite)
+    const auto *e = reinterpret_cast<const unsigned char *>(&errno);
+    if (e >= found.begin && e < found.begin + found.bytes) die("errno in the block of the __shared__ variables");
     return found;
 }
 
 // Every `__shared__` variable as a fresh block finds it: 0xff bytes (NaN floats, -1 integers),
 // then the guard band after the `smem` bytes of dynamic shared memory its launch asked for.
 inline void fill_shared(size_t smem) {
-    static const TlsBlock tls = find_tls_block();
+    static const TlsBlock tls = find_tls_block();  // (a plain static: a thread_local would lie in the block)
     std::memset(tls.begin, 0xff, tls.bytes);
     std::memset(fwl_smem + smem, GUARD, std::min(EMU_SMEM_BYTES - smem, GUARD_BYTES));
 }

@@ -483,8 +483,10 @@ mod tests {
             let model: Vec<f64> = cells().map(|(r, j)| round(F32, logit(r, j))).collect();
             let mag: Vec<f64> = cells().map(|(r, j)| logit_mag(r, j)).collect();
             assert_rounded(F32, &got, &model, &mag, &format!("logits of rows {rows:?}"));
-            let (_, g0) = mem.find(g, if dtype == DType::F32 { F32 } else { ty });
-            assert_eq!(g, addr[gb] + (g0 * size_of(mem.0[gb].ty)) as u64, "the gradient rows in their buffer");
+            // the step's gradient rows: over the logits (f32), else at the sub-chunk's rows of g16
+            let (buf, g0) = mem.find(g, if dtype == DType::F32 { F32 } else { ty });
+            let want0 = if dtype == DType::F32 { 0 } else { (rows.start % c) * v };
+            assert_eq!((buf, g0), (gb, want0), "the gradient rows of {rows:?}");
             for (i, r) in rows.clone().enumerate() {
                 for j in 0..v {
                     mem.0[gb].set(g0 + i * v + j, grad[r * v + j]);
@@ -550,6 +552,7 @@ mod tests {
             Err(_) => 300,
         };
         let chunks: usize = (0..cases).map(|_| one_sweep(&mut rng)).sum();
-        assert!(chunks > cases, "some sweeps of more than one chunk");
+        // (a handful of sweeps could all be of one chunk)
+        assert!(cases < 20 || chunks > cases, "some sweeps of more than one chunk");
     }
 }
