@@ -7,7 +7,7 @@
 #                                       # Liger-Kernel wheel, in gpu-bundle/, and packs that into
 #                                       # gpu-bundle.tar.xz (both git-ignored): the folder is about
 #                                       # 90 MB (each binary embeds the kernels' 6 MB fatbin), the
-#                                       # archive about 11 MB, under the device's 64 MiB for what travels
+#                                       # archive about 16 MiB, under the device's 64 MiB for what travels
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, with
 #                                       # gpu-bundle.tar.xz carried (unpacked there by python3):
 #                                       # GPU parity with FWL_REQUIRE_CUDA=1 (the logits path, the fused

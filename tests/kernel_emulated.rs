@@ -14,7 +14,7 @@
 //!   coming to the same bits;
 //! - the same bits through the rows kernels that promise them, on grids of 1, 2 and 3 blocks;
 //! - the reports of bad ids, labels, token weights, sample weights beyond f64 (the flag) and
-//!   non-finite rows.
+//!   non-finite rows;
 //! - `fwl_scale_*` bit for bit: every element multiplied once, nothing written around the
 //!   gradient, a scale of exactly 1 leaving it as it was (signalling NaNs included, which a
 //!   product would quiet).
@@ -22,10 +22,10 @@
 //! What this checks is the kernels' logic (indexing, reductions, barriers, the options, the
 //! split's exchanges), not the device's arithmetic (the intrinsics are the host's, `__expf`
 //! with the device's rounding of its argument) nor its memory model: the GPU tests still wait
-//! for a GPU. `FWL_TEST_CASES=N` sets the random calls; `FWL_EMU_KEEP=<file>` keeps the call
-//! being checked (after a failed check, the failing one), or all of a run's calls when the
-//! emulation itself fails (the failing call's index is in its message), for `calls <file>
-//! <out>` by hand.
+//! for a GPU. `FWL_TEST_CASES=N` sets the random calls; `FWL_EMU_KEEP=<file>` keeps the loss
+//! tests' call being checked (after a failed check, the failing one), or all of a run's calls
+//! (the scale test's too) when the emulation itself fails (the failing call's index is in its
+//! message), for `calls <file> <out>` by hand.
 
 mod common;
 

@@ -13,7 +13,7 @@ namespace {
     std::exit(code);
 }
 
-// A 16-byte aligned buffer of `n` elements of `size` bytes at `offset` elements past the
+// A 64-byte aligned buffer of `n` elements of `size` bytes at `offset` elements past the
 // alignment, filled with 0xff bytes (NaN for every float type) as a fresh device allocation could
 // hold anything: an element no kernel writes shows.
 struct Buffer {
