@@ -464,12 +464,11 @@ mod tests {
             accumulate,
         };
 
-        // float64: the logits, and the gradients of the step's rows
+        // float64: a logit and the sum of its terms' magnitudes
         let logit = |r: usize, j: usize| {
-            (0..h).map(|q| hidden[r * h + q] * weight[j * h + q]).sum::<f64>() + if with_bias { bias[j] } else { 0.0 }
-        };
-        let logit_mag = |r: usize, j: usize| {
-            (0..h).map(|q| (hidden[r * h + q] * weight[j * h + q]).abs()).sum::<f64>() + bias[j].abs()
+            let b = if with_bias { bias[j] } else { 0.0 };
+            let terms = (0..h).map(|q| hidden[r * h + q] * weight[j * h + q]);
+            (terms.clone().sum::<f64>() + b, terms.map(f64::abs).sum::<f64>() + b.abs())
         };
         let memory = RefCell::new(Memory(bufs));
         let mut stepped = Vec::new();
@@ -480,8 +479,8 @@ mod tests {
             let (zb, gb) = (&mem.0[3], if dtype == DType::F32 { 3 } else { 4 });
             let got: Vec<f64> = (0..rows.len() * v).map(|i| zb.get(i)).collect();
             let cells = || rows.clone().flat_map(|r| (0..v).map(move |j| (r, j)));
-            let model: Vec<f64> = cells().map(|(r, j)| round(F32, logit(r, j))).collect();
-            let mag: Vec<f64> = cells().map(|(r, j)| logit_mag(r, j)).collect();
+            let model: Vec<f64> = cells().map(|(r, j)| round(F32, logit(r, j).0)).collect();
+            let mag: Vec<f64> = cells().map(|(r, j)| logit(r, j).1).collect();
             assert_rounded(F32, &got, &model, &mag, &format!("logits of rows {rows:?}"));
             // the step's gradient rows: over the logits (f32), else at the sub-chunk's rows of g16
             let (buf, g0) = mem.find(g, if dtype == DType::F32 { F32 } else { ty });
