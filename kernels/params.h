@@ -121,6 +121,14 @@ typedef struct FwlScaleParams {
     int64_t n;
 } FwlScaleParams;
 
+/* Narrow kernel: dst[i] = src[i] rounded to the destination's 16-bit type (the tiled fused
+ * linear path's f32 `d hidden` accumulator into the caller's buffer). */
+typedef struct FwlNarrowParams {
+    const float *src;         /* [n] */
+    void *dst;                /* [n] */
+    int64_t n;
+} FwlNarrowParams;
+
 /* The vocabulary- and data-parallel split's kernels (kernels/split.cuh). */
 #include "split_params.h"
 

@@ -6,7 +6,8 @@
 //   fwl_split_stats_<L>      per row: this rank's statistics (max, sum of exp(z - max) over its
 //                            columns but the target, the raw target logit when the target is one
 //                            of its columns; with label smoothing the sum of (z - max) and the
-//                            slice's length), f32
+//                            slice's length), f32; or, with `fold`, those merged into the
+//                            previous slices' (one device's vocabulary blocks)
 //   (the caller all-gathers them: NCCL, torch.distributed, ...)
 //   fwl_split_grad_<L>_<G>   per row: every rank's statistics merged in rank order (the same bits on
 //                            every rank), the row's loss in double, the gradient of this rank's
@@ -69,11 +70,17 @@ template <typename L> __device__ void split_stats_impl(const FwlSplitStatsParams
             const float v = capped(to_f32(x[s.tail0 + threadIdx.x]), cap, inv_cap);
             ms_push(acc, &v, 1, s.tail0 + threadIdx.x == jt ? 0 : -1);
         }
-        const MS st = block_merge(acc, red);
+        MS st = block_merge(acc, red);
         if (threadIdx.x == 0) {
+            float target = j >= 0 && j < n ? to_f32(x[j]) : 0.f;  // raw: capped after the merge
+            if (p.fold) {  // the gradient kernel's merge, one slice at a time: the same operations
+                const bool sum_z = p.words > FWL_SPLIT_WORDS;
+                st = ms_merge(MS{out[0], out[1], sum_z ? out[3] : 0.f, sum_z ? out[4] : 0.f}, st);
+                target = out[2] + target;
+            }
             out[0] = st.m;
             out[1] = st.s;
-            out[2] = j >= 0 && j < n ? to_f32(x[j]) : 0.f;  // raw: capped after the merge
+            out[2] = target;
             if (p.words > FWL_SPLIT_WORDS) {
                 out[3] = st.z;  // against this slice's maximum out[0]
                 out[4] = st.n;  // the slice's length: the merge moves out[3] to the row's maximum

@@ -25,6 +25,11 @@ typedef struct FwlSplitStatsParams {
     int64_t v0;
     int32_t words;            /* FWL_SPLIT_WORDS or FWL_SPLIT_WORDS_SMOOTHING */
     float softcap;            /* c of c * tanh(z / c), or 0: off */
+    int32_t fold;             /* 1: merge this slice's statistics into what partials holds (the
+                                 previous slices' merged, in order) instead of writing them: the
+                                 tiled fused linear path's vocabulary blocks, whose gradient
+                                 kernels then see one "rank" with the same bits as the gathered
+                                 merge of all of them */
 } FwlSplitStatsParams;
 
 /* Gradient kernel (grid-stride over rows, one block per row): merges every rank's statistics of

@@ -448,6 +448,18 @@ extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_scale_f32(FwlScale
 extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_scale_f16(FwlScaleParams p) { scale_impl<__half>(p); }
 extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_scale_bf16(FwlScaleParams p) { scale_impl<__nv_bfloat16>(p); }
 
+// ---- narrow ---------------------------------------------------------------------------------
+
+template <typename G> __device__ void narrow_impl(const FwlNarrowParams &p) {
+    G *d = static_cast<G *>(p.dst);
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+        d[i] = from_f32<G>(p.src[i]);
+}
+
+extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_narrow_f16(FwlNarrowParams p) { narrow_impl<__half>(p); }
+extern "C" __global__ void __launch_bounds__(FWL_THREADS) fwl_narrow_bf16(FwlNarrowParams p) { narrow_impl<__nv_bfloat16>(p); }
+
 // ---- the vocabulary- and data-parallel split -----------------------------------------------
 
 #include "split.cuh"

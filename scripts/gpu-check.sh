@@ -12,7 +12,8 @@
 #                                       # gpu-bundle.tar.xz carried (unpacked there by python3):
 #                                       # GPU parity with FWL_REQUIRE_CUDA=1 (the logits path, the fused
 #                                       # linear path, the vocabulary- and data-parallel split with NCCL:
-#                                       # world size 1, one rank per GPU when there are several),
+#                                       # world size 1, one rank per GPU when there are several; the
+#                                       # fused linear path again under its tiled schedule),
 #                                       # the candle ops on CUDA tensors, compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
@@ -24,7 +25,8 @@
 #                                       # linear table (benches/compare_linear.py: N=8192 H=4096 V=128256
 #                                       # bf16 against torch eager on hidden@W^T and Liger-Kernel's fused
 #                                       # linear cross-entropy + the weighting, time and peak memory), the
-#                                       # crate's fused linear time at chunk budgets of 96, 160 and 256 MiB,
+#                                       # crate's fused linear time at chunk budgets of 96, 160 and 256 MiB
+#                                       # and under the tiled schedule (blocks of 1024-4096 columns),
 #                                       # then one bench table (printed last): this crate (CLI and, in process on
 #                                       # the same tensors, the Python package, checked against float64),
 #                                       # the course function in torch eager and under torch.compile,
@@ -182,6 +184,10 @@ run() {
   # (f32 chunk logits into 16-bit gradients: the lean statistics with the default gradient loop)
   step "GPU parity of the fused linear path with the lean kernels"
   within 60 env FWL_CUDA_ROW_LEAN=1 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
+  # (the tiled schedule, LinearSchedule::Tiles: the split's kernels on vocabulary blocks of 37
+  # columns, so that the small shapes have several blocks too, and the narrowing kernel)
+  step "GPU parity of the fused linear path, tiled schedule (FWL_CUDA_LINEAR_TILES=37)"
+  within 90 env FWL_CUDA_LINEAR_TILES=37 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
 
   step "candle ops on CUDA tensors: weighted_loss and weighted_linear_loss (FWL_REQUIRE_CUDA=1)"
   # (their CPU cases run in CI; these binaries are linked against CUDA 13.0's libraries)
@@ -218,6 +224,12 @@ run() {
       within 40 "$cs" --tool memcheck --error-exitcode 3 "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda \
         --tokens 2x9 --hidden 40 --vocab 5003 --dtype "$dt" --chunk-rows 5 --iters 1 --warmup 0 || fail=1
     done
+    step "compute-sanitizer --tool memcheck, fused linear path, tiled schedule (blocks of 1000 columns), bf16 and f32"
+    for dt in bf16 f32; do
+      within 40 env FWL_CUDA_LINEAR_TILES=1000 "$cs" --tool memcheck --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
+        bench-linear --backend cuda --tokens 2x9 --hidden 40 --vocab 5003 --dtype "$dt" --chunk-rows 5 --iters 1 \
+        --warmup 0 || fail=1
+    done
   else
     step "compute-sanitizer: not found, skipped"
   fi
@@ -252,8 +264,24 @@ run() {
     : >/tmp/fwl-linear-budget.json
     within 30 "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda --tokens 8x1024 --hidden 4096 \
       --vocab 128256 --dtype bf16 --iters 5 --budget-mib "$mib" --json >/tmp/fwl-linear-budget.json || fail=1
+    [ -s /tmp/fwl-linear-budget.json ] || continue
     python3 -c 'import json, sys; j = json.load(open(sys.argv[1])); print("budget %s MiB: %d rows, %d chunks, median %.2f ms, min %.2f ms, scratch %.1f MiB" % (sys.argv[2], j["chunk_rows"], j["chunks"], j["median_ms"], j["min_ms"], j["scratch_bytes"] / 2**20))' \
       /tmp/fwl-linear-budget.json "$mib" || fail=1
+  done
+
+  step "fused linear, tiled schedule (FWL_CUDA_LINEAR_TILES: vocabulary blocks of that many columns; not timed before)"
+  local cols
+  for cols in 1024 2048 4096; do
+    for mib in 96 160; do
+      : >/tmp/fwl-linear-tiles.json
+      within 30 env FWL_CUDA_LINEAR_TILES=$cols "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda \
+        --tokens 8x1024 --hidden 4096 --vocab 128256 --dtype bf16 --iters 5 --budget-mib "$mib" --json \
+        >/tmp/fwl-linear-tiles.json || fail=1
+      # (an empty file: the run was skipped or cut short for time, already counted)
+      [ -s /tmp/fwl-linear-tiles.json ] || continue
+      python3 -c 'import json, sys; j = json.load(open(sys.argv[1])); print("tiles of %d columns, budget %s MiB: %d rows, %d chunks, median %.2f ms, min %.2f ms, scratch %.1f MiB, peak %.2f GiB" % (j["tile_cols"], sys.argv[2], j["chunk_rows"], j["chunks"], j["median_ms"], j["min_ms"], j["scratch_bytes"] / 2**20, (j["peak_bytes"] or 0) / 2**30))' \
+        /tmp/fwl-linear-tiles.json "$mib" || fail=1
+    done
   done
 
   step "loss options: plain vs z-loss + label smoothing + soft-cap + token weights, default and lean kernels"

@@ -117,10 +117,13 @@ fn gpu_linear_large_vocab_agrees_with_cpu_and_reruns_bit_identical() {
 #[cfg(feature = "cuda")]
 mod device_api {
     use super::*;
-    use fused_weighted_loss::cuda::cudarc::driver::CudaContext;
-    use fused_weighted_loss::cuda::linear::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs};
+    use fused_weighted_loss::cuda::cudarc::driver::{CudaContext, CudaStream};
+    use fused_weighted_loss::cuda::linear::{
+        CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs, LinearSchedule,
+    };
     use fused_weighted_loss::cuda::DeviceInputs;
     use fused_weighted_loss::reference::rel_err;
+    use std::sync::Arc;
 
     #[test]
     fn gpu_linear_device_buffers_stream_scale_and_accumulation() {
@@ -129,7 +132,15 @@ mod device_api {
         }
         let ctx = CudaContext::new(0).unwrap();
         let stream = ctx.new_stream().unwrap();
-        let fused = CudaLinearLoss::new(&ctx).unwrap();
+        // both schedules: the chunks' (2 logits rows per 5-row chunk for 16-bit inputs) and the
+        // tiles' (6 vocabulary blocks of 1000 columns, the 16-bit d hidden through its f32 sum)
+        for schedule in [LinearSchedule::Chunks, LinearSchedule::Tiles { cols: 1000 }] {
+            device_buffers_case(&ctx, &stream, schedule);
+        }
+    }
+
+    fn device_buffers_case(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>, schedule: LinearSchedule) {
+        let fused = CudaLinearLoss::new(ctx).unwrap().with_schedule(schedule).unwrap();
         let c = Case::<bf16>::random(31, 3, 7, 40, 5003, true);
         let spec = LossSpec::builder().keywords([c.ids[2]]).grad_scale(123.0).build().unwrap();
         // the device scalar (0.25) replaces the spec's 123
@@ -155,15 +166,19 @@ mod device_api {
             .weight(DeviceGrad::IntoF32(&mut dwv))
             .bias(DeviceGrad::IntoF32(&mut dbv))
             .accumulate(true);
-        let out = fused.loss_and_grad(&spec, s, &stream, &inputs, &tokens, grads, Chunking::Rows(5)).unwrap();
-        assert_eq!((out.chunk_rows, out.logits_rows, out.chunks), (5, 2, 5));
-        let host = out.loss.to_host(&stream).unwrap();
+        let out = fused.loss_and_grad(&spec, s, stream, &inputs, &tokens, grads, Chunking::Rows(5)).unwrap();
+        let tiled = match schedule {
+            LinearSchedule::Chunks => (2, 0),
+            LinearSchedule::Tiles { cols } => (5, cols),
+        };
+        assert_eq!((out.chunk_rows, out.logits_rows, out.chunks, out.tile_cols), (5, tiled.0, 5, tiled.1));
+        let host = out.loss.to_host(stream).unwrap();
         let gh: Vec<f32> = stream.clone_dtoh(&d_h).unwrap().iter().map(|x| x.to_f32()).collect();
         let gw = stream.clone_dtoh(&d_w).unwrap();
         let gb = stream.clone_dtoh(&d_b).unwrap();
         stream.synchronize().unwrap();
-        common::assert_outputs(&host, &e.out, 1e-4, "device api");
-        assert!(rel_err(&gh, &e.dh) <= 1.5e-2, "d hidden {:e}", rel_err(&gh, &e.dh));
+        common::assert_outputs(&host, &e.out, 1e-4, &format!("device api, {schedule:?}"));
+        assert!(rel_err(&gh, &e.dh) <= 1.5e-2, "{schedule:?}: d hidden {:e}", rel_err(&gh, &e.dh));
         let want_w: Vec<f64> = prior.iter().zip(&e.dw).map(|(p, g)| *p as f64 + g).collect();
         assert!(rel_err(&gw, &want_w) <= 1.5e-2, "d weight accumulated {:e}", rel_err(&gw, &want_w));
         assert!(rel_err(&gb, &e.db) <= 1.5e-2, "d bias (zero prior) {:e}", rel_err(&gb, &e.db));

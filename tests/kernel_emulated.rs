@@ -30,7 +30,8 @@
 mod common;
 
 use common::kernel_calls::{
-    calls_exe, keep, run, run_scale, Call, GradMode, Outputs, ScaleCall, Split, FAMILIES, PAIRS, SCALE_GUARD,
+    calls_exe, keep, run, run_narrow, run_scale, Call, GradMode, NarrowCall, Outputs, ScaleCall, Split, FAMILIES,
+    PAIRS, SCALE_GUARD,
 };
 use common::{cases, rel};
 use fused_weighted_loss::reference::{reference, rel_err};
@@ -474,6 +475,65 @@ fn emulated_scale_kernel_scales_every_element_once() {
     // (a handful of calls could all have a scale of 1)
     assert!(n < 20 || changed > 0, "no call changed an element");
     println!("{n} scale calls, {changed} elements changed, each as one product");
+}
+
+#[test]
+fn emulated_narrow_kernel_rounds_every_element_once() {
+    let Some(exe) = calls_exe() else { return };
+    let n = cases(16);
+    let mut rng = Rng::new(0x6e6172726f77);
+    let calls: Vec<NarrowCall> = (0..n)
+        .map(|i| {
+            let dtype = [DType::F16, DType::BF16][i as usize % 2];
+            let len = match rng.below(4) {
+                0 => rng.below(40) as usize,
+                _ => 1 + rng.below(6000) as usize,
+            };
+            // as api.rs launches it (1024 threads, a grid of at most 4 per SM) and smaller
+            // blocks and grids, so that the grid strides
+            let threads = if rng.below(2) == 0 { 1024 } else { 32 * (1 + rng.below(8) as u32) };
+            let grid = 1 + rng.below((len as u64).div_ceil(threads as u64).clamp(1, 8)) as u32;
+            // magnitudes from f16's subnormals to beyond its largest finite (and bf16's
+            // subnormals), halfway cases of both, infinities and NaN
+            let src = (0..len)
+                .map(|_| match rng.below(16) {
+                    0 => f32::INFINITY,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::NAN,
+                    3 => 1.0 + 2f32.powi(-11),       // f16's halfway case: to even (1)
+                    4 => 1.0 + 3.0 * 2f32.powi(-11), // ... and up
+                    5 => 1.0 + 2f32.powi(-8),        // bf16's halfway case
+                    6 => 7.0e4,                      // beyond f16's largest finite
+                    7 => 1.0e-39,                    // f32 subnormal
+                    _ => ((rng.unit() * 2.0 - 1.0) * (rng.unit() * 40.0 - 20.0).exp()) as f32,
+                })
+                .collect();
+            NarrowCall { dtype, grid, threads, offset: rng.below(9) as i64, src }
+        })
+        .collect();
+    let outs = run_narrow(exe, &calls);
+    let guard = u16::from_le_bytes([SCALE_GUARD; 2]) as u32;
+    let mut elements = 0usize;
+    for (c, o) in calls.iter().zip(&outs) {
+        let off = c.offset as usize;
+        let what =
+            format!("{:?}, {} elements at offset {off}, grid {}, threads {}", c.dtype, c.src.len(), c.grid, c.threads);
+        assert!(o[..off].iter().chain(&o[off + c.src.len()..]).all(|&b| b == guard), "a write outside ({what})");
+        for (i, (&x, &got)) in c.src.iter().zip(&o[off..]).enumerate() {
+            let is_nan = match c.dtype {
+                DType::F16 => f16::from_bits(got as u16).is_nan(),
+                _ => bf16::from_bits(got as u16).is_nan(),
+            };
+            if x.is_nan() {
+                assert!(is_nan, "element {i}: NaN became {got:#x} ({what})");
+            } else {
+                assert_eq!(got, bits_of(c.dtype, x), "element {i}: {x} ({what})");
+            }
+        }
+        elements += c.src.len();
+    }
+    assert!(n < 4 || elements > 0, "no element narrowed");
+    println!("{n} narrow calls, {elements} elements, each rounded once to nearest even");
 }
 
 /// A plain f32 call of `b × t × v` with logits in [-1, 1] and ids `1, 2, 3, ...` (mod `v`), 64

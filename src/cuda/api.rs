@@ -368,6 +368,34 @@ impl CudaLoss {
     }
 }
 
+impl CudaLoss {
+    /// Queues `dst[i] = src[i]` rounded to `dst`'s 16-bit type, for `n` elements at device
+    /// addresses `src` (f32) and `dst` (`dtype`), both checked by the caller and held while this
+    /// runs.
+    pub(crate) fn launch_narrow(
+        &self,
+        stream: &Arc<CudaStream>,
+        dtype: DType,
+        src: u64,
+        dst: u64,
+        n: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.same_context(stream)?;
+        let func = self.module.narrow.iter().find(|(d, _)| *d == dtype).map(|(_, f)| f);
+        let func = func.ok_or_else(|| Error::Unsupported(format!("no narrowing kernel to {dtype}")))?;
+        let p = FwlNarrowParams { src: src as *const f32, dst: dst as *mut c_void, n: n as i64 };
+        let grid = (n.div_ceil(THREADS as usize)).clamp(1, self.module.num_sms as usize * 4) as u32;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the parameters match fwl_narrow_<dtype>'s; src holds n f32 and dst n elements
+        // of dtype (the caller's checks).
+        unsafe { stream.launch_builder(func).arg(&p).launch(cfg) }.map_err(drv("launching narrow"))?;
+        Ok(())
+    }
+}
+
 /// A device buffer for a gradient, left uninitialised: the rows kernel writes every element
 /// (each row with a target in full, each row without one with zeros), so zeroing it first would
 /// only add a pass over `B * T * V` elements.

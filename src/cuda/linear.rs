@@ -57,11 +57,15 @@ use std::sync::{Arc, Mutex};
 mod blas;
 use blas::{blas_type, Blas};
 mod host;
+#[cfg(test)]
+mod host_product;
 mod sweep;
+mod tiles;
 pub(crate) use host::run_host;
 pub use host::{bench_device, DeviceLinearBench};
 pub(crate) use sweep::linear_shape_fits;
 pub(in crate::cuda) use sweep::{check_buffers, Cut};
+pub use tiles::LinearSchedule;
 
 /// Default bytes of chunk buffers on CUDA.
 pub const DEFAULT_BUDGET: usize = 96 << 20;
@@ -178,33 +182,54 @@ pub struct DeviceLinearOutput {
     pub loss: DeviceLossOutput,
     /// Token rows per chunk (`C`).
     pub chunk_rows: usize,
-    /// Rows per logits product (`C'`): `C` for f32 inputs, `C / 4` for 16-bit ones.
+    /// Rows per logits product (`C'`): `C` for f32 inputs, `C / 4` for 16-bit ones; `R` (the
+    /// chunk's rows) for every dtype under [`LinearSchedule::Tiles`].
     pub logits_rows: usize,
     /// Chunks queued.
     pub chunks: usize,
     /// Bytes of chunk buffers allocated by the call (the workspace not included).
     pub scratch_bytes: usize,
+    /// Vocabulary columns per block under [`LinearSchedule::Tiles`] (0 under
+    /// [`LinearSchedule::Chunks`]).
+    pub tile_cols: usize,
 }
 
 /// The fused linear loss on one CUDA context: the loss kernels and a cuBLAS handle.
 pub struct CudaLinearLoss {
     loss: CudaLoss,
     blas: Mutex<Blas>,
+    schedule: LinearSchedule,
 }
 
 impl std::fmt::Debug for CudaLinearLoss {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaLinearLoss").field("loss", &self.loss).finish()
+        f.debug_struct("CudaLinearLoss").field("loss", &self.loss).field("schedule", &self.schedule).finish()
     }
 }
 
 impl CudaLinearLoss {
     /// Loads (or reuses) the kernels on `ctx` and opens cuBLAS (a handle and its workspace; this
-    /// waits once for the workspace allocation).
+    /// waits once for the workspace allocation). The schedule is
+    /// [`LinearSchedule::from_env`]'s.
     pub fn new(ctx: &Arc<CudaContext>) -> Result<CudaLinearLoss> {
+        let schedule = LinearSchedule::from_env()?;
         let loss = CudaLoss::new(ctx)?;
         let blas = Blas::open(ctx)?;
-        Ok(CudaLinearLoss { loss, blas: Mutex::new(blas) })
+        Ok(CudaLinearLoss { loss, blas: Mutex::new(blas), schedule })
+    }
+
+    /// This instance with calls of [`loss_and_grad`](Self::loss_and_grad) ordered by `schedule`
+    /// (the vocabulary-parallel split keeps its chunks).
+    pub fn with_schedule(self, schedule: LinearSchedule) -> Result<CudaLinearLoss> {
+        if schedule == (LinearSchedule::Tiles { cols: 0 }) {
+            return Err(crate::error::Error::InvalidChunking("0 columns per vocabulary block".into()));
+        }
+        Ok(CudaLinearLoss { schedule, ..self })
+    }
+
+    /// How [`loss_and_grad`](Self::loss_and_grad) orders its work.
+    pub fn schedule(&self) -> LinearSchedule {
+        self.schedule
     }
 
     /// The instance of `ctx`, made on first use and kept for the life of the process (its
@@ -236,6 +261,9 @@ impl CudaLinearLoss {
         check_buffers(shape, inputs, &grads)?;
         let t = shape.tokens();
         self.loss.validate(spec, t, shape.rows() * shape.vocab(), tokens, None)?;
+        if let LinearSchedule::Tiles { cols } = self.schedule {
+            return self.tiled(cols, spec, shape, stream, inputs, tokens, &mut grads, chunking);
+        }
         let cut = Cut::new::<L>(chunking, shape.vocab(), shape.rows())?;
         let loss = &self.loss;
         // the token inputs stay borrowed until the finish is queued: the rows and finish kernels
@@ -258,6 +286,7 @@ impl CudaLinearLoss {
                 logits_rows: cut.cl,
                 chunks: swept.chunks,
                 scratch_bytes: swept.scratch_bytes,
+                tile_cols: 0,
             })
         })
     }

@@ -57,7 +57,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
     DriverError, LaunchConfig, PushKernelArg,
 };
-use params::{FwlFinishParams, FwlPlanParams, FwlRowParams, FwlScaleParams, FwlStatus};
+use params::{FwlFinishParams, FwlNarrowParams, FwlPlanParams, FwlRowParams, FwlScaleParams, FwlStatus};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -73,6 +73,7 @@ unsafe impl DeviceRepr for FwlPlanParams {}
 unsafe impl DeviceRepr for FwlRowParams {}
 unsafe impl DeviceRepr for FwlFinishParams {}
 unsafe impl DeviceRepr for FwlScaleParams {}
+unsafe impl DeviceRepr for FwlNarrowParams {}
 unsafe impl DeviceRepr for FwlStatus {}
 
 /// Maps a driver error to [`Error::Cuda`] with what the crate was doing.

@@ -141,6 +141,8 @@ pub(super) struct Module {
     rows_lean_options: Vec<RowFn>,
     pub(super) finish: CudaFunction,
     pub(super) scale: [(DType, CudaFunction); 3],
+    /// f32 to 16-bit copies (the tiled fused linear path's `d hidden`).
+    pub(super) narrow: [(DType, CudaFunction); 2],
     pub(super) num_sms: u32,
     /// How the rows kernel is launched (threads per block: `launch.threads`).
     pub(super) launch: RowLaunch,
@@ -205,6 +207,7 @@ impl Module {
                 (DType::F16, f("fwl_scale_f16")?),
                 (DType::BF16, f("fwl_scale_bf16")?),
             ],
+            narrow: [(DType::F16, f("fwl_narrow_f16")?), (DType::BF16, f("fwl_narrow_bf16")?)],
             num_sms: num_sms.max(1) as u32,
             launch,
             split: super::split::SplitFns::load(f)?,
@@ -323,6 +326,11 @@ mod tests {
                 }
             }
         }
+        // the kernels launched by name outside the rows families
+        for name in ["fwl_plan_i64", "fwl_finish", "fwl_scale_bf16", "fwl_narrow_f16", "fwl_narrow_bf16"] {
+            assert!(contains(name), "{name} is missing from the embedded kernels");
+        }
+        assert!(!contains("fwl_narrow_f32"), "no narrowing to f32");
         assert!(!contains("fwl_rows4_bf16_f16"), "the search must be able to fail");
         assert!(!contains("fwl_rowsl4_f32_f32"), "no lean kernel with 4 loads in flight");
         assert!(!contains("fwl_rowsc2_f32_f32"), "no cluster kernels any more");

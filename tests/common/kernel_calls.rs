@@ -96,6 +96,7 @@ pub struct Split {
 const MAGIC: i64 = 0x46574c4b01;
 const MAGIC_SPLIT: i64 = 0x46574c4b02;
 const MAGIC_SCALE: i64 = 0x46574c4b03;
+const MAGIC_NARROW: i64 = 0x46574c4b04;
 
 fn dtype_code(d: DType) -> i64 {
     match d {
@@ -290,6 +291,49 @@ impl ScaleCall {
         out.extend_from_slice(&self.scale.to_le_bytes());
         self.bits.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
     }
+}
+
+/// One launch of `fwl_narrow_<dtype>` (`dst = src` rounded to 16 bits, the tiled fused linear
+/// schedule's `d hidden`). File layout: 6 i64 (magic, dtype 1 or 2, n, grid, threads, offset of
+/// the destination past its alignment), the n sources' bits (u32). The elements around the
+/// destination hold [`SCALE_GUARD`] bytes.
+#[derive(Debug, Clone)]
+pub struct NarrowCall {
+    pub dtype: DType,
+    pub grid: u32,
+    pub threads: u32,
+    pub offset: i64,
+    pub src: Vec<f32>,
+}
+
+impl NarrowCall {
+    fn write(&self, out: &mut Vec<u8>) {
+        let h = [
+            MAGIC_NARROW,
+            dtype_code(self.dtype),
+            self.src.len() as i64,
+            self.grid as i64,
+            self.threads as i64,
+            self.offset,
+        ];
+        h.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        self.src.iter().for_each(|v| out.extend_from_slice(&v.to_bits().to_le_bytes()));
+    }
+}
+
+/// Runs the narrow calls: for each, the bits of its destination (each element's, zero-extended)
+/// from `offset` elements before it to 8 after it.
+pub fn run_narrow(exe: &Path, calls: &[NarrowCall]) -> Vec<Vec<u32>> {
+    let mut input = Vec::new();
+    calls.iter().for_each(|c| c.write(&mut input));
+    let bytes = execute(exe, &input, "narrow");
+    let mut r = Reader(&bytes);
+    let outs = calls
+        .iter()
+        .map(|c| (0..c.offset as usize + c.src.len() + 8).map(|_| u32::from_le_bytes(r.take())).collect())
+        .collect();
+    assert!(r.0.is_empty(), "the emulated kernels wrote more than the calls asked for");
+    outs
 }
 
 /// Runs the scale calls: for each, the bits of its buffer (each element's, zero-extended) from

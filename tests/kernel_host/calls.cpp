@@ -5,11 +5,13 @@
 //   - the vocabulary- and data-parallel split (split.h, as src/cuda/split/ does) on a grid of
 //     data x vocabulary ranks, every rank of a vocabulary group checked to come to the same bits;
 //   - the gradient scaled by a device scalar (fwl_scale, as src/cuda/api.rs's
-//     scale_by_device_scalar launches it).
+//     scale_by_device_scalar launches it);
+//   - f32 rounded into a 16-bit buffer (fwl_narrow, as api.rs's launch_narrow launches it for
+//     the tiled fused linear schedule's d hidden).
 // Driven by tests/kernel_emulated.rs, which writes the calls to a file (`calls <in> <out>`) and
 // compares the outputs with the float64 reference; tests/common/kernel_calls.rs describes the
-// file's layout (`Call`, `ScaleCall` and `Outputs` there, `read_call`, `scale_call` and
-// `write_outputs` here). Exits 0 after the last call, 1 on a malformed file, 2 on an emulation
+// file's layout (`Call`, `ScaleCall`, `NarrowCall` and `Outputs` there, `read_call`,
+// `scale_call`, `narrow_call` and `write_outputs` here). Exits 0 after the last call, 1 on a malformed file, 2 on an emulation
 // failure (emu.h), 3 when ranks disagree.
 #include "emu.h"
 
@@ -31,13 +33,15 @@ template <class T> std::vector<T> read_vec(size_t n) {
 constexpr int64_t MAGIC = 0x46574c4b01;        // "FWLK", version 1: one device
 constexpr int64_t MAGIC_SPLIT = 0x46574c4b02;  // a grid of data x vocabulary ranks
 constexpr int64_t MAGIC_SCALE = 0x46574c4b03;  // fwl_scale on a gradient
+constexpr int64_t MAGIC_NARROW = 0x46574c4b04; // fwl_narrow from f32
 constexpr int HEADER = 22;
 
 // The first word of the next call; false at the end of the input.
 bool read_magic(int64_t &magic) {
     const size_t got = std::fread(&magic, sizeof(int64_t), 1, in_file);
     if (got == 0 && std::feof(in_file)) return false;
-    if (got != 1 || (magic != MAGIC && magic != MAGIC_SPLIT && magic != MAGIC_SCALE)) fail(1, "not a call header");
+    if (got != 1 || (magic != MAGIC && magic != MAGIC_SPLIT && magic != MAGIC_SCALE && magic != MAGIC_NARROW))
+        fail(1, "not a call header");
     return true;
 }
 
@@ -130,32 +134,63 @@ void split_call(const Call &c, FILE *out) {
     write_outputs(out, run.parts, run.grad, run.loss);
 }
 
-// A call of fwl_scale (after its magic): 5 i64 (gradient dtype, elements n, grid, threads,
-// offset of the buffer past its alignment), the scale (f32), the n elements' bits (u32 each, the
-// low 16 for 16-bit types). The `offset` elements before them and 8 after hold 0x5a bytes (a
-// finite number of each type). Writes the buffer's bits (u32 each) from `offset` elements before
-// the gradient to 8 after it: what the kernel left, and that it wrote nothing around it.
+// An elementwise call's header (after its magic): 5 i64 (dtype, elements n, grid, threads,
+// offset of its buffer past its alignment), dtypes from `lowest` to 2; and its buffer of n
+// elements with `offset` elements before them and 8 after, all 0x5a bytes (a finite number of
+// each type) until the call fills it.
+struct Elementwise {
+    int64_t d, n, off;
+    unsigned grid, threads;
+    size_t es;
+    Buffer g;
+    Elementwise(const std::vector<int64_t> &h, int64_t lowest, const char *what)
+        : d(h[0]), n(h[1]), off(h[4]), grid(static_cast<unsigned>(h[2])), threads(static_cast<unsigned>(h[3])),
+          es(dsize(checked(h, lowest, what))), g(static_cast<size_t>(n + 8), es, static_cast<size_t>(off)) {
+        std::memset(g.base, 0x5a, total() * es);
+    }
+    static int64_t checked(const std::vector<int64_t> &h, int64_t lowest, const char *what) {
+        if (h[0] < lowest || h[0] > 2 || h[1] < 0 || h[2] < 1 || h[3] < 1 || h[4] < 0 || h[4] > 64) fail(1, what);
+        return h[0];
+    }
+    size_t total() const { return static_cast<size_t>(off + n + 8); }
+    // The buffer's bits (u32 each, zero-extended) from `offset` elements before the call's
+    // elements to 8 after them: what the kernel left, and that it wrote nothing around them.
+    void write_window(FILE *out) const {
+        std::vector<uint32_t> bits(total(), 0);
+        for (size_t i = 0; i < total(); ++i) std::memcpy(&bits[i], g.base + i * es, es);
+        write_vec(out, bits);
+    }
+};
+
+// A call of fwl_scale (after its magic): the header (any dtype), the scale (f32), the n
+// elements' bits (u32 each, the low 16 for 16-bit types); writes the window.
 void scale_call(FILE *out) {
-    const auto h = read_vec<int64_t>(5);
+    Elementwise e(read_vec<int64_t>(5), 0, "a scale call out of range");
     const auto s = read_vec<float>(1);
-    const int64_t d = h[0], n = h[1], off = h[4];
-    const unsigned grid = static_cast<unsigned>(h[2]), threads = static_cast<unsigned>(h[3]);
-    if (d < 0 || d > 2 || n < 0 || h[2] < 1 || h[3] < 1 || off < 0 || off > 64) fail(1, "a scale call out of range");
-    const auto bits_in = read_vec<uint32_t>(static_cast<size_t>(n));
-    const size_t total = static_cast<size_t>(off + n + 8), es = dsize(d);
-    Buffer g(static_cast<size_t>(n + 8), es, static_cast<size_t>(off));
-    std::memset(g.base, 0x5a, total * es);
-    for (size_t i = 0; i < bits_in.size(); ++i) std::memcpy(g.at + i * es, &bits_in[i], es);
+    const auto bits_in = read_vec<uint32_t>(static_cast<size_t>(e.n));
+    for (size_t i = 0; i < bits_in.size(); ++i) std::memcpy(e.g.at + i * e.es, &bits_in[i], e.es);
     float scale = s[0];
     FwlScaleParams sp{};
-    sp.grad = g.at;
+    sp.grad = e.g.at;
     sp.scale = &scale;
-    sp.n = n;
-    const auto kernel = d == 0 ? fwl_scale_f32 : d == 1 ? fwl_scale_f16 : fwl_scale_bf16;
-    emu::launch(grid, threads, 0, [&] { kernel(sp); });
-    std::vector<uint32_t> bits(total, 0);
-    for (size_t i = 0; i < total; ++i) std::memcpy(&bits[i], g.base + i * es, es);
-    write_vec(out, bits);
+    sp.n = e.n;
+    const auto kernel = e.d == 0 ? fwl_scale_f32 : e.d == 1 ? fwl_scale_f16 : fwl_scale_bf16;
+    emu::launch(e.grid, e.threads, 0, [&] { kernel(sp); });
+    e.write_window(out);
+}
+
+// A call of fwl_narrow (after its magic): the header (destination dtype 1 or 2), the n f32
+// sources' bits (u32 each); writes the destination's window.
+void narrow_call(FILE *out) {
+    Elementwise e(read_vec<int64_t>(5), 1, "a narrow call out of range");
+    const auto src = read_vec<float>(static_cast<size_t>(e.n));
+    FwlNarrowParams np{};
+    np.src = src.data();
+    np.dst = e.g.at;
+    np.n = e.n;
+    const auto kernel = e.d == 1 ? fwl_narrow_f16 : fwl_narrow_bf16;
+    emu::launch(e.grid, e.threads, 0, [&] { kernel(np); });
+    e.write_window(out);
 }
 
 }  // namespace
@@ -170,6 +205,10 @@ int main(int argc, char **argv) {
         emu::order_seed = 0x2545f4914f6cdd1dull;  // each call's own thread orders, alone or not
         if (magic == MAGIC_SCALE) {
             scale_call(out);
+            continue;
+        }
+        if (magic == MAGIC_NARROW) {
+            narrow_call(out);
             continue;
         }
         Call c;

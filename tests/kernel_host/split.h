@@ -22,12 +22,68 @@ struct SplitRun {
     const Planned *loss = nullptr;
 };
 
+// The statistics kernel of the call's logits dtype.
+inline auto stats_kernel(const Call &c) {
+    return c.ldt == 0 ? fwl_split_stats_f32 : c.ldt == 1 ? fwl_split_stats_f16 : fwl_split_stats_bf16;
+}
+
+// The statistics launch of vocabulary rank `r`'s columns (its logits `x`) of rows c0..c0 + n
+// into `out`.
+inline FwlSplitStatsParams stats_params(const Call &c, const std::vector<int32_t> &targets, const Buffer &x,
+                                        size_t r, int64_t c0, int64_t n, int words, float *out) {
+    const int64_t len = c.column_cuts[r + 1] - c.column_cuts[r];
+    FwlSplitStatsParams sp{};
+    sp.logits = x.at + static_cast<size_t>(c0 * len) * dsize(c.ldt);
+    sp.targets = targets.data();
+    sp.partials = out;
+    sp.rows = n;
+    sp.row0 = c0;
+    sp.len = len;
+    sp.v0 = c.column_cuts[r];
+    sp.words = words;
+    sp.softcap = static_cast<float>(c.softcap);
+    return sp;
+}
+
+// The statistics kernel's `fold` (the tiled fused linear path on one device: vocabulary blocks
+// for ranks): the ranks' statistics of the chunk folded one after another into one buffer must
+// be, bit for bit, what the gradient kernel's rank-order merge of the gathered ones gives (it
+// then runs with one "rank"). Rows with a target only (the others' merge is never read).
+inline void check_fold(const Call &c, const std::vector<int32_t> &targets,
+                       const std::vector<std::unique_ptr<Buffer>> &xs, int64_t c0, int64_t n, int words,
+                       const std::vector<float> &gathered) {
+    const size_t R = xs.size(), W = static_cast<size_t>(words);
+    std::vector<float> folded(static_cast<size_t>(n) * W, NAN);
+    for (size_t r = 0; r < R; ++r) {
+        const int64_t len = c.column_cuts[r + 1] - c.column_cuts[r];
+        FwlSplitStatsParams sp = stats_params(c, targets, *xs[r], r, c0, n, words, folded.data());
+        sp.fold = r > 0;
+        emu::launch(c.grid, c.threads, 0, [&] { stats_kernel(c)(sp); });
+    }
+    const bool sum_z = words > FWL_SPLIT_WORDS;
+    for (int64_t i = 0; i < n; ++i) {
+        if (targets[static_cast<size_t>(c0 + i)] < 0) continue;
+        const float *q = &gathered[static_cast<size_t>(i) * W];
+        MS st{q[0], q[1], sum_z ? q[3] : 0.f, sum_z ? q[4] : 0.f};
+        float target = q[2];
+        for (size_t r = 1; r < R; ++r) {
+            const float *o = q + r * static_cast<size_t>(n) * W;
+            st = ms_merge(st, MS{o[0], o[1], sum_z ? o[3] : 0.f, sum_z ? o[4] : 0.f});
+            target += o[2];
+        }
+        float want[5] = {st.m, st.s, target, st.z, st.n};
+        if (std::memcmp(want, &folded[static_cast<size_t>(i) * W], W * sizeof(float)) != 0)
+            fail(3, "the folded statistics differ from the rank-order merge of the gathered ones");
+    }
+}
+
+
 void split(const Call &c, SplitRun &run) {
     const size_t D = c.sample_cuts.size() - 1, R = c.column_cuts.size() - 1, V = static_cast<size_t>(c.V);
     const int64_t T = c.T;
     const int words = c.smoothing != 0.0 ? FWL_SPLIT_WORDS_SMOOTHING : FWL_SPLIT_WORDS;
     const Pair &pair = pair_of(c);
-    const auto stats = c.ldt == 0 ? fwl_split_stats_f32 : c.ldt == 1 ? fwl_split_stats_f16 : fwl_split_stats_bf16;
+    const auto stats = stats_kernel(c);
     auto samples = [&](size_t d) { return c.sample_cuts[d + 1] - c.sample_cuts[d]; };
     if (D == 1 && samples(0) == 0) fail(1, "a data group of one without samples");
     // rank (d, r) holds the plan of data rank d (one copy per rank: every rank runs its own); a
@@ -99,19 +155,11 @@ void split(const Call &c, SplitRun &run) {
             // every rank's statistics of the chunk, concatenated in rank order (the all-gather)
             std::vector<float> gathered(R * static_cast<size_t>(n * words), NAN);
             for (size_t r = 0; r < R; ++r) {
-                const int64_t len = c.column_cuts[r + 1] - c.column_cuts[r];
-                FwlSplitStatsParams sp{};
-                sp.logits = xs[r]->at + static_cast<size_t>(c0 * len) * dsize(c.ldt);
-                sp.targets = ranks[d][r].targets.data();
-                sp.partials = &gathered[r * static_cast<size_t>(n * words)];
-                sp.rows = n;
-                sp.row0 = c0;
-                sp.len = len;
-                sp.v0 = c.column_cuts[r];
-                sp.words = words;
-                sp.softcap = static_cast<float>(c.softcap);
+                const FwlSplitStatsParams sp = stats_params(c, ranks[d][r].targets, *xs[r], r, c0, n, words,
+                                                            &gathered[r * static_cast<size_t>(n * words)]);
                 emu::launch(c.grid, c.threads, 0, [&] { stats(sp); });
             }
+            check_fold(c, ranks[d][0].targets, xs, c0, n, words, gathered);
             for (size_t r = 0; r < R; ++r) {
                 Planned &p = ranks[d][r];
                 const int64_t len = c.column_cuts[r + 1] - c.column_cuts[r];

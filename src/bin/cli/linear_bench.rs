@@ -160,6 +160,7 @@ fn run_cuda<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) 
         "loss": r.loss,
         "chunk_rows": r.chunk_rows,
         "logits_rows": r.logits_rows,
+        "tile_cols": r.tile_cols,
         "chunks": r.chunks,
         "scratch_bytes": r.scratch_bytes,
         "peak_bytes": r.peak_bytes,
@@ -210,8 +211,13 @@ pub fn bench_linear(a: BenchLinearArgs) -> CliResult<String> {
             true => format!("peak extra {}", mib("peak_extra_bytes")),
             false => format!("device peak (inputs and gradients included) {}", mib("peak_bytes")),
         };
+        // the tiled schedule's vocabulary blocks (CUDA, FWL_CUDA_LINEAR_TILES)
+        let tiles = match j["tile_cols"].as_u64() {
+            Some(c) if c > 0 => format!(" in blocks of {c} columns"),
+            _ => String::new(),
+        };
         Ok(format!(
-            "fused linear {shape} {}: median {:.2} ms (min {:.2}), C = {} rows x {} chunks, scratch {}, {peak}",
+            "fused linear {shape} {}: median {:.2} ms (min {:.2}), C = {} rows x {} chunks{tiles}, scratch {}, {peak}",
             a.dtype,
             j["median_ms"].as_f64().unwrap_or(f64::NAN),
             j["min_ms"].as_f64().unwrap_or(f64::NAN),

@@ -112,6 +112,9 @@ pub struct DeviceLinearBench {
     pub chunk_rows: usize,
     /// Rows per logits product.
     pub logits_rows: usize,
+    /// Vocabulary columns per block (0: the chunk schedule; see
+    /// [`LinearSchedule`](super::LinearSchedule)).
+    pub tile_cols: usize,
     /// Chunks per call.
     pub chunks: usize,
     /// Chunk buffers per call (bytes).
@@ -196,6 +199,7 @@ pub fn bench_device<L: Logit>(
         loss,
         chunk_rows: out.chunk_rows,
         logits_rows: out.logits_rows,
+        tile_cols: out.tile_cols,
         chunks: out.chunks,
         scratch_bytes: out.scratch_bytes,
         peak_bytes,

@@ -7,14 +7,14 @@
 //! on the host.
 
 use super::blas::{blas_type, Bound, Operand, Product};
-use super::{CudaLinearLoss, DeviceLinearGrads, DeviceLinearInputs, DEFAULT_BUDGET, SUB_CHUNKS};
+use super::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs, DEFAULT_BUDGET, SUB_CHUNKS};
 use crate::cuda::{drv, output};
 use crate::dtype::{DType, Logit};
 use crate::error::{Error, Result};
 use crate::linear::{Chunking, LinearShape};
 use crate::spec::check_len;
 use cudarc::cublas::sys::cudaDataType_t;
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -123,42 +123,85 @@ impl CudaLinearLoss {
         stream.context().bind_to_thread().map_err(drv("binding the context"))?;
         let blas = Bound::new(self.blas.lock().unwrap_or_else(|e| e.into_inner()), stream)?;
 
-        let (hp, _g1) = inputs.hidden.device_ptr(stream);
-        let (wp, _g2) = inputs.weight.device_ptr(stream);
-        let bias = inputs.bias.map(|b| b.device_ptr(stream));
+        let held = hold(inputs, grads, stream);
         let (zp, _g3) = z.device_ptr_mut(stream);
         let (gp16, _g4) = g16.device_ptr_mut(stream);
         let (op, _g5) = ones.device_ptr_mut(stream);
         if inputs.bias.is_some() {
-            let one = L::from_f32(1.0).to_f32().to_bits();
-            // SAFETY: `ones` holds `c` elements of L; 1.0 in L's bits, 16 or 32 wide.
-            let r = unsafe {
-                match L::DTYPE {
-                    DType::F32 => cudarc::driver::sys::cuMemsetD32Async(op, one, c, stream.cu_stream()),
-                    DType::F16 => cudarc::driver::sys::cuMemsetD16Async(op, 0x3C00, c, stream.cu_stream()),
-                    DType::BF16 => cudarc::driver::sys::cuMemsetD16Async(op, (one >> 16) as u16, c, stream.cu_stream()),
-                }
-            };
-            r.result().map_err(drv("filling a buffer"))?;
+            fill_ones(L::DTYPE, stream, op, c)?;
         }
-        let dh = grads.hidden.target(stream);
-        let dw = grads.weight.target(stream);
-        let db = grads.bias.target(stream);
         let operands = Operands {
-            hidden: hp,
-            weight: wp,
-            bias: bias.as_ref().map(|(b, _)| *b),
+            hidden: held.hidden,
+            weight: held.weight,
+            bias: held.bias,
             z: zp,
             g16: gp16,
             ones: op,
-            d_hidden: dh.as_ref().map(|(p, ty, es, _)| (*p, *ty, *es)),
-            d_weight: dw.as_ref().map(|(p, ty, ..)| (*p, *ty)),
-            d_bias: db.as_ref().map(|(p, ty, ..)| (*p, *ty)),
-            accumulate: grads.accumulate,
+            d_hidden: held.d_hidden,
+            d_weight: held.d_weight.map(|(p, ty, _)| (p, ty)),
+            d_bias: held.d_bias.map(|(p, ty, _)| (p, ty)),
+            accumulate: held.accumulate,
         };
         let chunks = queue_chunks(L::DTYPE, shape, cut, &operands, &mut |p| blas.gemm(p), step)?;
         Ok(Swept { chunks, scratch_bytes })
     }
+}
+
+/// The device addresses of a call's inputs and of the gradients it writes (address, cuBLAS type,
+/// element size; none when skipped), with the guards that order other streams after this call's
+/// use of them: held while the call queues its work.
+pub(super) struct Held<'s> {
+    pub hidden: u64,
+    pub weight: u64,
+    pub bias: Option<u64>,
+    pub d_hidden: Option<(u64, cudaDataType_t, usize)>,
+    pub d_weight: Option<(u64, cudaDataType_t, usize)>,
+    pub d_bias: Option<(u64, cudaDataType_t, usize)>,
+    /// Whether `d weight` and `d bias` are added to.
+    pub accumulate: bool,
+    _guards: Vec<SyncOnDrop<'s>>,
+}
+
+/// [`Held`] for `inputs` and `grads` on `stream`.
+pub(super) fn hold<'s, L: Logit>(
+    inputs: &'s DeviceLinearInputs<'_, L>,
+    grads: &'s mut DeviceLinearGrads<'_, '_, L>,
+    stream: &'s Arc<CudaStream>,
+) -> Held<'s> {
+    let mut guards = Vec::new();
+    let mut keep = |(p, g): (u64, SyncOnDrop<'s>)| {
+        guards.push(g);
+        p
+    };
+    let hidden = keep(inputs.hidden.device_ptr(stream));
+    let weight = keep(inputs.weight.device_ptr(stream));
+    let bias = inputs.bias.map(|b| keep(b.device_ptr(stream)));
+    let accumulate = grads.accumulate;
+    let mut target = |g: &'s mut DeviceGrad<'_, '_, L>| {
+        g.target(stream).map(|(p, ty, es, guard)| {
+            guards.push(guard);
+            (p, ty, es)
+        })
+    };
+    let DeviceLinearGrads { hidden: dh, weight: dw, bias: db, .. } = grads;
+    let (d_hidden, d_weight, d_bias) = (target(dh), target(dw), target(db));
+    Held { hidden, weight, bias, d_hidden, d_weight, d_bias, accumulate, _guards: guards }
+}
+
+/// Queues `n` ones of `dtype` at device address `ptr`, which the caller holds while this runs
+/// and which has room for them.
+pub(super) fn fill_ones(dtype: DType, stream: &Arc<CudaStream>, ptr: u64, n: usize) -> Result<()> {
+    // 1.0's bits: f32 0x3F80_0000, f16 0x3C00, bf16 0x3F80 (f32's upper half)
+    let one = 1f32.to_bits();
+    // SAFETY: `ptr` holds `n` elements of `dtype` (the caller's buffer); 16- or 32-bit stores.
+    let r = unsafe {
+        match dtype {
+            DType::F32 => cudarc::driver::sys::cuMemsetD32Async(ptr, one, n, stream.cu_stream()),
+            DType::F16 => cudarc::driver::sys::cuMemsetD16Async(ptr, 0x3C00, n, stream.cu_stream()),
+            DType::BF16 => cudarc::driver::sys::cuMemsetD16Async(ptr, (one >> 16) as u16, n, stream.cu_stream()),
+        }
+    };
+    r.result().map_err(drv("filling a buffer"))
 }
 
 /// Device addresses of a sweep's operands and chunk buffers (`z`: `cl · V` f32; `g16`: `c · V`
@@ -258,218 +301,36 @@ mod tests {
     //! buffers whose addresses stand for device ones: every operand checked to lie inside its
     //! buffer, of its buffer's type, with a leading dimension cuBLAS accepts; the logits each rows
     //! step receives and the gradients the products leave compared with float64.
+    use super::super::host_product::*;
     use super::*;
     use crate::synthetic::Rng;
-    use crate::{bf16, f16};
     use std::cell::RefCell;
-
-    fn size_of(ty: cudaDataType_t) -> usize {
-        match ty {
-            cudaDataType_t::CUDA_R_32F => 4,
-            cudaDataType_t::CUDA_R_16F | cudaDataType_t::CUDA_R_16BF => 2,
-            other => panic!("no host product for {other:?}"),
-        }
-    }
-
-    /// `x` as `ty` holds it.
-    fn round(ty: cudaDataType_t, x: f64) -> f64 {
-        match ty {
-            cudaDataType_t::CUDA_R_32F => x as f32 as f64,
-            cudaDataType_t::CUDA_R_16F => f16::from_f64(x).to_f64(),
-            _ => bf16::from_f64(x).to_f64(),
-        }
-    }
-
-    /// A stand-in for a device buffer: `len` elements of `ty`, NaN until written.
-    struct Buf {
-        name: &'static str,
-        ty: cudaDataType_t,
-        bytes: Vec<u8>,
-    }
-
-    impl Buf {
-        fn new(name: &'static str, ty: cudaDataType_t, len: usize) -> Buf {
-            Buf { name, ty, bytes: vec![0xff; len * size_of(ty)] }
-        }
-        fn addr(&self) -> u64 {
-            self.bytes.as_ptr() as u64
-        }
-        fn len(&self) -> usize {
-            self.bytes.len() / size_of(self.ty)
-        }
-        fn get(&self, i: usize) -> f64 {
-            let b = &self.bytes[i * size_of(self.ty)..];
-            match self.ty {
-                cudaDataType_t::CUDA_R_32F => f32::from_le_bytes(b[..4].try_into().unwrap()) as f64,
-                cudaDataType_t::CUDA_R_16F => f16::from_le_bytes([b[0], b[1]]).to_f64(),
-                _ => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
-            }
-        }
-        fn set(&mut self, i: usize, x: f64) {
-            let s = size_of(self.ty);
-            let b = &mut self.bytes[i * s..(i + 1) * s];
-            match self.ty {
-                cudaDataType_t::CUDA_R_32F => b.copy_from_slice(&(x as f32).to_le_bytes()),
-                cudaDataType_t::CUDA_R_16F => b.copy_from_slice(&f16::from_f64(x).to_le_bytes()),
-                _ => b.copy_from_slice(&bf16::from_f64(x).to_le_bytes()),
-            }
-        }
-        fn values(&self) -> Vec<f64> {
-            (0..self.len()).map(|i| self.get(i)).collect()
-        }
-        fn fill(&mut self, values: &[f64]) {
-            values.iter().enumerate().for_each(|(i, &x)| self.set(i, x));
-        }
-    }
-
-    /// The buffers a sweep sees, found by address.
-    struct Memory(Vec<Buf>);
-
-    impl Memory {
-        /// The buffer and element at `ptr`, which must be an element of a buffer of type `ty`.
-        fn find(&self, ptr: u64, ty: cudaDataType_t) -> (usize, usize) {
-            for (k, b) in self.0.iter().enumerate() {
-                let (lo, hi) = (b.addr(), b.addr() + b.bytes.len() as u64);
-                if ptr >= lo && ptr < hi {
-                    assert_eq!(b.ty, ty, "an operand of the wrong type in {}", b.name);
-                    assert_eq!((ptr - lo) % size_of(ty) as u64, 0, "a misaligned operand in {}", b.name);
-                    return (k, ((ptr - lo) / size_of(ty) as u64) as usize);
-                }
-            }
-            panic!("an operand outside every buffer");
-        }
-
-        /// cuBLAS's `c = op(a)·op(b) (+ c)`, column-major, in f64 and rounded once to `c`'s
-        /// type; every element it touches checked to lie in its operand's buffer.
-        fn gemm(&mut self, p: Product) {
-            let (m, n, k) = (p.m, p.n, p.k);
-            assert!(m > 0 && n > 0 && k > 0, "an empty product");
-            let (ar, br) = (if p.ta { k } else { m }, if p.tb { n } else { k });
-            assert!(p.a.ld >= ar && p.b.ld >= br && p.c.ld >= m, "a leading dimension cuBLAS refuses");
-            let (ab, a0) = self.find(p.a.ptr, p.a.ty);
-            let (bb, b0) = self.find(p.b.ptr, p.b.ty);
-            let (cb, c0) = self.find(p.c.ptr, p.c.ty);
-            let elem = |buf: usize, i: usize| {
-                let b = &self.0[buf];
-                assert!(i < b.len(), "a product reads past the end of {}", b.name);
-                b.get(i)
-            };
-            let mut out = vec![0f64; m * n];
-            for j in 0..n {
-                for i in 0..m {
-                    let mut s = 0f64;
-                    for q in 0..k {
-                        let ai = if p.ta { q + i * p.a.ld } else { i + q * p.a.ld };
-                        let bi = if p.tb { j + q * p.b.ld } else { q + j * p.b.ld };
-                        s += elem(ab, a0 + ai) * elem(bb, b0 + bi);
-                    }
-                    out[i + j * m] = s;
-                }
-            }
-            for j in 0..n {
-                for i in 0..m {
-                    let ci = c0 + i + j * p.c.ld;
-                    assert!(ci < self.0[cb].len(), "a product writes past the end of {}", self.0[cb].name);
-                    let prior = if p.accumulate { self.0[cb].get(ci) } else { 0.0 };
-                    self.0[cb].set(ci, prior + out[i + j * m]);
-                }
-            }
-        }
-    }
-
-    /// At least one unit in the last place of `ty` at `x`.
-    fn ulp(ty: cudaDataType_t, x: f64) -> f64 {
-        let (bits, tiny) = match ty {
-            cudaDataType_t::CUDA_R_32F => (23, 2f64.powi(-149)),
-            cudaDataType_t::CUDA_R_16F => (10, 2f64.powi(-24)),
-            _ => (7, 2f64.powi(-133)),
-        };
-        (x.abs() * 2f64.powi(-bits)).max(tiny)
-    }
-
-    /// Each of `got` is `model` (what a product computed exactly and rounded once to `ty` per
-    /// chunk gives) within 2 units in its last place, and f64's own rounding of sums whose terms
-    /// have magnitudes summing to `mag` (the host product adds them in another order).
-    fn assert_rounded(ty: cudaDataType_t, got: &[f64], model: &[f64], mag: &[f64], what: &str) {
-        for (i, ((&g, &m), &a)) in got.iter().zip(model).zip(mag).enumerate() {
-            let bound = 2.0 * ulp(ty, m) + 1e-12 * a;
-            assert!((g - m).abs() <= bound, "{what}: element {i} is {g}, not {m} (within {bound:e})");
-        }
-    }
-
-    fn random_values(rng: &mut Rng, ty: cudaDataType_t, n: usize) -> Vec<f64> {
-        (0..n).map(|_| round(ty, rng.unit() * 2.0 - 1.0)).collect()
-    }
-
-    const F32: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
 
     /// One random sweep against float64; returns the chunks it queued.
     fn one_sweep(rng: &mut Rng) -> usize {
-        let dtype = [DType::F32, DType::F16, DType::BF16][rng.below(3) as usize];
-        let ty = blas_type(dtype);
-        let (b, t) = (1 + rng.below(3) as usize, 2 + rng.below(6) as usize);
-        let (h, v) = (1 + rng.below(33) as usize, 1 + rng.below(40) as usize);
-        let shape = LinearShape::new(b, t, h, v).unwrap();
-        let n = shape.rows();
+        let pb = Problem::random(rng);
+        let (dtype, ty, shape) = (pb.dtype, pb.ty, pb.shape);
+        let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
         let c = 1 + rng.below(n as u64 + 3) as usize;
         let cut = Cut { c, cl: if dtype == DType::F32 { c } else { c.div_ceil(SUB_CHUNKS) } };
-        let with_bias = rng.below(2) == 0;
-        // each gradient skipped, in the inputs' type or in f32 (d bias only with a bias)
-        let target = |rng: &mut Rng, allowed: bool| match rng.below(3) {
-            _ if !allowed => None,
-            0 => None,
-            1 => Some(ty),
-            _ => Some(F32),
-        };
-        let (dh_ty, dw_ty, db_ty) = (target(rng, true), target(rng, true), target(rng, with_bias));
-        let accumulate = rng.below(2) == 0;
 
-        let hidden = random_values(rng, ty, n * h);
-        let weight = random_values(rng, ty, v * h);
-        let bias = random_values(rng, ty, v);
-        // the gradient rows the steps write, as the rows kernel leaves them (in the inputs' type)
-        let grad = random_values(rng, ty, n * v);
-        let dw_prior = random_values(rng, dw_ty.unwrap_or(F32), v * h);
-        let db_prior = random_values(rng, db_ty.unwrap_or(F32), v);
-
-        let mut bufs = vec![Buf::new("hidden", ty, n * h), Buf::new("weight", ty, v * h), Buf::new("bias", ty, v)];
-        bufs[0].fill(&hidden);
-        bufs[1].fill(&weight);
-        bufs[2].fill(&bias);
-        bufs.push(Buf::new("z", F32, cut.cl * v));
-        bufs.push(Buf::new("g16", ty, if dtype == DType::F32 { 1 } else { c * v }));
-        let mut ones = Buf::new("ones", ty, c);
-        ones.fill(&vec![1.0; c]);
-        bufs.push(ones);
-        bufs.push(Buf::new("d hidden", dh_ty.unwrap_or(F32), n * h));
-        let mut dw = Buf::new("d weight", dw_ty.unwrap_or(F32), v * h);
-        let mut db = Buf::new("d bias", db_ty.unwrap_or(F32), v);
-        if accumulate {
-            dw.fill(&dw_prior);
-            db.fill(&db_prior);
-        }
-        bufs.push(dw);
-        bufs.push(db);
+        let mut bufs = pb.input_buffers();
+        bufs.extend(pb.work_buffers(cut.cl * v, c * v, c));
+        bufs.extend(pb.grad_buffers());
         let addr: Vec<u64> = bufs.iter().map(Buf::addr).collect();
         let ops = Operands {
             hidden: addr[0],
             weight: addr[1],
-            bias: with_bias.then_some(addr[2]),
+            bias: pb.with_bias.then_some(addr[2]),
             z: addr[3],
             g16: addr[4],
             ones: addr[5],
-            d_hidden: dh_ty.map(|d| (addr[6], d, size_of(d))),
-            d_weight: dw_ty.map(|d| (addr[7], d)),
-            d_bias: db_ty.map(|d| (addr[8], d)),
-            accumulate,
+            d_hidden: pb.dh_ty.map(|d| (addr[6], d, size_of(d))),
+            d_weight: pb.dw_ty.map(|d| (addr[7], d)),
+            d_bias: pb.db_ty.map(|d| (addr[8], d)),
+            accumulate: pb.accumulate,
         };
 
-        // float64: a logit and the sum of its terms' magnitudes
-        let logit = |r: usize, j: usize| {
-            let b = if with_bias { bias[j] } else { 0.0 };
-            let terms = (0..h).map(|q| hidden[r * h + q] * weight[j * h + q]);
-            (terms.clone().sum::<f64>() + b, terms.map(f64::abs).sum::<f64>() + b.abs())
-        };
         let memory = RefCell::new(Memory(bufs));
         let mut stepped = Vec::new();
         let mut step = |rows: Range<usize>, z: u64, g: u64| -> Result<()> {
@@ -479,8 +340,8 @@ mod tests {
             let (zb, gb) = (&mem.0[3], if dtype == DType::F32 { 3 } else { 4 });
             let got: Vec<f64> = (0..rows.len() * v).map(|i| zb.get(i)).collect();
             let cells = || rows.clone().flat_map(|r| (0..v).map(move |j| (r, j)));
-            let model: Vec<f64> = cells().map(|(r, j)| round(F32, logit(r, j).0)).collect();
-            let mag: Vec<f64> = cells().map(|(r, j)| logit(r, j).1).collect();
+            let model: Vec<f64> = cells().map(|(r, j)| round(F32, pb.logit(r, j).0)).collect();
+            let mag: Vec<f64> = cells().map(|(r, j)| pb.logit(r, j).1).collect();
             assert_rounded(F32, &got, &model, &mag, &format!("logits of rows {rows:?}"));
             // the step's gradient rows: over the logits (f32), else at the sub-chunk's rows of g16
             let (buf, g0) = mem.find(g, if dtype == DType::F32 { F32 } else { ty });
@@ -488,7 +349,7 @@ mod tests {
             assert_eq!((buf, g0), (gb, want0), "the gradient rows of {rows:?}");
             for (i, r) in rows.clone().enumerate() {
                 for j in 0..v {
-                    mem.0[gb].set(g0 + i * v + j, grad[r * v + j]);
+                    mem.0[gb].set(g0 + i * v + j, pb.grad[r * v + j]);
                 }
             }
             stepped.push(rows);
@@ -511,45 +372,21 @@ mod tests {
         assert_eq!(covered, (0..n).collect::<Vec<_>>(), "every row stepped once, in order");
 
         let mem = memory.into_inner();
-        let what = format!("{dtype:?} N {n} H {h} V {v} c {c} bias {with_bias} accumulate {accumulate}");
-        // d weight and d bias: chunk by chunk, each chunk's sum added to what the target holds
-        // and rounded to its type (the first chunk's onto 0 unless accumulating)
-        let chunked = |d: cudaDataType_t, len: usize, prior: &[f64], term: &dyn Fn(usize, usize) -> f64| {
-            let mut model: Vec<f64> = (0..len).map(|i| if accumulate { prior[i] } else { 0.0 }).collect();
-            let mut mag: Vec<f64> = model.iter().map(|x| x.abs()).collect();
-            for r0 in (0..n).step_by(c) {
-                for i in 0..len {
-                    let rows = r0..n.min(r0 + c);
-                    model[i] = round(d, model[i] + rows.clone().map(|r| term(r, i)).sum::<f64>());
-                    mag[i] += rows.map(|r| term(r, i).abs()).sum::<f64>();
-                }
-            }
-            (model, mag)
-        };
-        if let Some(d) = dh_ty {
-            let term = |i: usize, j: usize| grad[(i / h) * v + j] * weight[j * h + i % h];
+        let what = format!("{dtype:?} N {n} H {h} V {v} c {c} bias {} accumulate {}", pb.with_bias, pb.accumulate);
+        if let Some(d) = pb.dh_ty {
+            let term = |i: usize, j: usize| pb.grad[(i / h) * v + j] * pb.weight[j * h + i % h];
             let model: Vec<f64> = (0..n * h).map(|i| round(d, (0..v).map(|j| term(i, j)).sum())).collect();
             let mag: Vec<f64> = (0..n * h).map(|i| (0..v).map(|j| term(i, j).abs()).sum()).collect();
             assert_rounded(d, &mem.0[6].values(), &model, &mag, &format!("d hidden ({what})"));
         }
-        if let Some(d) = dw_ty {
-            let (model, mag) = chunked(d, v * h, &dw_prior, &|r, i| grad[r * v + i / h] * hidden[r * h + i % h]);
-            assert_rounded(d, &mem.0[7].values(), &model, &mag, &format!("d weight ({what})"));
-        }
-        if let Some(d) = db_ty {
-            let (model, mag) = chunked(d, v, &db_prior, &|r, j| grad[r * v + j]);
-            assert_rounded(d, &mem.0[8].values(), &model, &mag, &format!("d bias ({what})"));
-        }
+        pb.check_weight_and_bias(&mem.0[7], &mem.0[8], c, &what);
         chunks
     }
 
     #[test]
     fn the_sweeps_products_and_steps_match_float64_with_a_host_product() {
         let mut rng = Rng::new(0x7377656570);
-        let cases = match std::env::var("FWL_TEST_CASES") {
-            Ok(s) => s.parse().unwrap_or_else(|_| panic!("FWL_TEST_CASES={s:?}: not a count of cases")),
-            Err(_) => 300,
-        };
+        let cases = test_cases(300);
         let chunks: usize = (0..cases).map(|_| one_sweep(&mut rng)).sum();
         // (a handful of sweeps could all be of one chunk)
         assert!(cases < 20 || chunks > cases, "some sweeps of more than one chunk");

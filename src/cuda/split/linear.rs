@@ -103,7 +103,14 @@ impl DeviceSharded<'_> {
                     .map_err(drv("zeroing a gradient"))?;
                 }
             }
-            return Ok(DeviceLinearOutput { loss: out, chunk_rows: 0, logits_rows: 0, chunks: 0, scratch_bytes: 0 });
+            return Ok(DeviceLinearOutput {
+                loss: out,
+                chunk_rows: 0,
+                logits_rows: 0,
+                chunks: 0,
+                scratch_bytes: 0,
+                tile_cols: 0,
+            });
         }
         let mut st = self.begin(loss, spec, shape.tokens(), stream, tokens)?;
         let ranks = vg.size();
@@ -134,6 +141,7 @@ impl DeviceSharded<'_> {
             logits_rows: cut.cl,
             chunks: swept.chunks,
             scratch_bytes: swept.scratch_bytes + exchange_bytes,
+            tile_cols: 0,
         })
     }
 }

@@ -109,6 +109,14 @@ impl CudaSharded {
         Ok(())
     }
 
+    fn check_cols(&self, cols: VocabSlice) -> Result<()> {
+        let s = self.slice;
+        if cols.vocab() != s.vocab() || cols.start() < s.start() || cols.start() + cols.len() > s.start() + s.len() {
+            return Err(Error::InvalidVocabSlice { start: cols.start(), len: cols.len(), vocab: s.vocab() });
+        }
+        Ok(())
+    }
+
     fn check_rows(&self, rows: &Range<usize>, what: &'static str, got: usize) -> Result<()> {
         self.check_range(rows)?;
         check_len(what, got, rows.len() * self.slice.len(), self.shape)
@@ -197,14 +205,30 @@ impl CudaSharded {
         x: u64,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
+        let n = out.len();
+        let (o, _go) = out.device_ptr_mut(stream);
+        self.launch_stats_of::<L>(stream, rows, self.slice, x, (o, n), false)
+    }
+
+    /// [`launch_stats`](Self::launch_stats) on the columns `cols` (within this rank's slice)
+    /// only, `cols.len()` logits per row, into `out.1` f32 at device address `out.0` (held by
+    /// the caller while this runs); with `fold`, merged into the statistics `out` holds (the
+    /// previous columns', merged in order: what the gradient kernel's merge of them all gives):
+    /// the tiled fused linear path's vocabulary blocks.
+    pub(in crate::cuda) fn launch_stats_of<L: Logit>(
+        &self,
+        stream: &Arc<CudaStream>,
+        rows: Range<usize>,
+        cols: VocabSlice,
+        x: u64,
+        out: (u64, usize),
+        fold: bool,
+    ) -> Result<()> {
         self.check_range(&rows)?;
+        self.check_cols(cols)?;
         let words = self.words_per_row();
-        if out.len() != rows.len() * words {
-            return Err(Error::ExchangeLength {
-                what: "partials buffer",
-                expected: rows.len() * words,
-                got: out.len(),
-            });
+        if out.1 != rows.len() * words {
+            return Err(Error::ExchangeLength { what: "partials buffer", expected: rows.len() * words, got: out.1 });
         }
         if rows.is_empty() {
             return Ok(());
@@ -213,7 +237,7 @@ impl CudaSharded {
         let split = &self.loss.module.split;
         let func = split.stats.iter().find(|(d, _)| *d == L::DTYPE).map(|(_, f)| f);
         let func = func.ok_or_else(|| Error::Unsupported(format!("no split kernel for {} logits", L::DTYPE)))?;
-        let (o, _g2) = out.device_ptr_mut(stream);
+        let o = out.0;
         let (t, _g3) = self.planned.targets.device_ptr(stream);
         let p = FwlSplitStatsParams {
             logits: x as *const c_void,
@@ -221,10 +245,11 @@ impl CudaSharded {
             partials: o as *mut f32,
             rows: rows.len() as i64,
             row0: rows.start as i64,
-            len: self.slice.len() as i64,
-            v0: self.slice.start() as i64,
+            len: cols.len() as i64,
+            v0: cols.start() as i64,
             words: words as i32,
             softcap: self.spec.softcap.map_or(0.0, |c| c as f32),
+            fold: fold as i32,
         };
         let cfg = rows_config(&self.loss, func, rows.len())?;
         // SAFETY: the parameters match fwl_split_stats_<L>'s; logits hold rows * len elements of
@@ -290,21 +315,39 @@ impl CudaSharded {
         x: u64,
         g: u64,
     ) -> Result<()> {
+        let (q, _gq) = gathered.device_ptr(stream);
+        self.launch_grad_of::<L, G>(stream, rows, self.slice, (q, gathered.len()), x, g)
+    }
+
+    /// [`launch_grad`](Self::launch_grad) on the columns `cols` (within this rank's slice) only,
+    /// `cols.len()` logits and gradient entries per row, with the gathered partials at device
+    /// address `gathered.0` (`gathered.1` f32, held by the caller while this runs): the tiled
+    /// fused linear path's vocabulary blocks, whose partials stand for ranks.
+    pub(in crate::cuda) fn launch_grad_of<L: Logit, G: Logit>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        rows: Range<usize>,
+        cols: VocabSlice,
+        gathered: (u64, usize),
+        x: u64,
+        g: u64,
+    ) -> Result<()> {
         self.check_range(&rows)?;
+        self.check_cols(cols)?;
         let (n, words) = (rows.len(), self.words_per_row());
         if n == 0 {
             return Ok(());
         }
         self.loss.same_context(stream)?;
-        let ranks = gathered.len() / (n * words);
-        if ranks == 0 || ranks * n * words != gathered.len() || ranks > i32::MAX as usize {
+        let ranks = gathered.1 / (n * words);
+        if ranks == 0 || ranks * n * words != gathered.1 || ranks > i32::MAX as usize {
             let expected = n * words * ranks.max(1);
-            return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.len() });
+            return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.1 });
         }
         let func = self.loss.module.split.grad_fn(L::DTYPE, G::DTYPE)?;
         let Planned { targets, coef, row_loss, row_z, opts, .. } = &mut self.planned;
         let z_on = opts.z_loss != 0.0;
-        let (q, _g1) = gathered.device_ptr(stream);
+        let q = gathered.0;
         let (t, _g2) = targets.device_ptr(stream);
         let (c, _g3) = coef.device_ptr(stream);
         let (rl, _g4) = row_loss.device_ptr_mut(stream);
@@ -322,8 +365,8 @@ impl CudaSharded {
             rows: n as i64,
             row0: rows.start as i64,
             seq: self.shape.seq() as i64,
-            len: self.slice.len() as i64,
-            v0: self.slice.start() as i64,
+            len: cols.len() as i64,
+            v0: cols.start() as i64,
             vocab: self.shape.vocab() as i64,
             ranks: ranks as i32,
             words: words as i32,

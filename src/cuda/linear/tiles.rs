@@ -1,0 +1,633 @@
+//! The tiled schedule of the fused linear path on CUDA ([`LinearSchedule::Tiles`]), an
+//! alternative to the chunk loop of [`sweep`](super::sweep) for large vocabularies.
+//!
+//! The chunk loop holds a chunk's gradient rows for the whole vocabulary, so its chunks are a
+//! few hundred rows at most and every chunk streams all of `W` through its products. Here a
+//! chunk of `R` rows is cut again into vocabulary blocks of `V_b` columns, and only one block's
+//! logits exist at a time:
+//!
+//! 1. per block, `z = h_c·W_bᵀ (+ b_b)` (f32) and the split's statistics kernel on it, each
+//!    block's statistics of a row merged into the previous blocks' (`fold`: the operations, in
+//!    the order, of the gradient kernel's merge of ranks, so reruns are bit-identical);
+//! 2. per block again, the same product, the split's gradient kernel (the merged statistics as
+//!    one rank's) writing `G_b`, then `d h_c (+)= G_b·W_b` into an f32 accumulator (the caller's `d hidden` when it
+//!    is f32), `d W_b (+)= G_bᵀ·h_c` and `d b_b (+)= Σ G_b`;
+//! 3. a 16-bit `d hidden` gets the accumulator's rows rounded once (`fwl_narrow_*`).
+//!
+//! Four products instead of three (the logits twice), but each has `R` rows (thousands) against
+//! `V_b` columns, so `W` is read three times per chunk (and `d W` read and written once) rather
+//! than once per `C/4` rows. A call that wants no gradient stops after step 1, with one
+//! gradient-kernel launch per chunk that writes the rows' losses only.
+//!
+//! **Memory** beyond inputs and gradients (`V_b` = `min(cols, V)`): `R·V_b` f32 logits, `R·V_b`
+//! 16-bit gradients (16-bit inputs), `4·R·H` bytes of `d hidden` accumulator (16-bit
+//! `d hidden` only), the merged statistics (`4·R·words`), `R` ones with a bias (not counted by
+//! the budget), and the split's `O(B·T)` plan.
+
+use super::blas::{blas_type, Bound, Operand, Product};
+use super::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs, DeviceLinearOutput, DEFAULT_BUDGET};
+use crate::cuda::split::CudaSharded;
+use crate::cuda::{drv, output, DeviceInputs};
+use crate::dtype::{DType, Logit, TokenId};
+use crate::error::{Error, Result};
+use crate::linear::{Chunking, LinearShape};
+use crate::parallel::VocabSlice;
+use crate::spec::LossSpec;
+use cudarc::cublas::sys::cudaDataType_t;
+use cudarc::driver::{CudaStream, DevicePtrMut};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// How a fused linear call on CUDA orders its work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearSchedule {
+    /// Chunks of rows over the whole vocabulary (the [module docs](super)).
+    #[default]
+    Chunks,
+    /// Chunks of rows cut into vocabulary blocks of this many columns (at least 1), each block's
+    /// logits computed twice: per block the logits and their statistics (merged into the
+    /// previous blocks'), then per block the logits again, the gradient and the products of
+    /// `d hidden` (summed in f32), `d weight` and `d bias`. Memory `R·(4·V_b + s·V_b + 4·H +
+    /// 4·words)` bytes, `V_b = min(cols, V)`, `R` from the budget (`s`: 2 for 16-bit inputs,
+    /// else 0; `4·H` for a 16-bit `d hidden` only; `words`: 3, 5 with label smoothing), plus `R`
+    /// ones with a bias. Not yet timed on a GPU.
+    Tiles {
+        /// Columns per vocabulary block (`V_b`).
+        cols: usize,
+    },
+}
+
+impl LinearSchedule {
+    /// From `FWL_CUDA_LINEAR_TILES`: a column count selects [`Tiles`](Self::Tiles) with it;
+    /// unset, empty or 0 [`Chunks`](Self::Chunks). Anything else is an error.
+    pub fn from_env() -> Result<LinearSchedule> {
+        match std::env::var("FWL_CUDA_LINEAR_TILES") {
+            Ok(s) => Self::parse(Some(&s)),
+            Err(std::env::VarError::NotPresent) => Self::parse(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(Error::InvalidChunking("FWL_CUDA_LINEAR_TILES: not a column count (not UTF-8)".into()))
+            }
+        }
+    }
+
+    fn parse(var: Option<&str>) -> Result<LinearSchedule> {
+        match var.map(str::trim) {
+            None | Some("") => Ok(LinearSchedule::Chunks),
+            Some(s) => match s.parse::<usize>() {
+                Ok(0) => Ok(LinearSchedule::Chunks),
+                Ok(cols) => Ok(LinearSchedule::Tiles { cols }),
+                Err(_) => Err(Error::InvalidChunking(format!("FWL_CUDA_LINEAR_TILES={s:?}: not a column count"))),
+            },
+        }
+    }
+}
+
+/// A tiled call's cut: `r` rows per chunk, `vb` vocabulary columns per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::cuda) struct TileCut {
+    pub r: usize,
+    pub vb: usize,
+}
+
+impl TileCut {
+    /// The cut of `shape` for blocks of `cols` columns, rows from `chunking` counting the
+    /// per-row buffers: logits, 16-bit gradients, the `d hidden` accumulator when `acc`, the
+    /// merged statistics (`words` floats).
+    pub(in crate::cuda) fn new(
+        dtype: DType,
+        chunking: Chunking,
+        shape: LinearShape,
+        cols: usize,
+        acc: bool,
+        words: usize,
+    ) -> Result<TileCut> {
+        if cols == 0 {
+            return Err(Error::InvalidChunking("0 columns per vocabulary block".into()));
+        }
+        let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
+        let vb = cols.min(v).max(1);
+        let wide = dtype == DType::F32;
+        let row_bytes = 4 * vb + if wide { 0 } else { dtype.size() * vb } + if acc { 4 * h } else { 0 } + 4 * words;
+        let mut r = chunking.rows_for(DEFAULT_BUDGET, row_bytes, n)?;
+        if r > 64 && !matches!(chunking, Chunking::Rows(_)) {
+            r -= r % 64;
+        }
+        Ok(TileCut { r, vb })
+    }
+
+    /// Vocabulary blocks of a call of `v` columns.
+    #[cfg(test)]
+    fn blocks(&self, v: usize) -> usize {
+        v.div_ceil(self.vb)
+    }
+}
+
+/// Device addresses of a tiled call's operands and buffers (`z`: `r · vb` f32; `g16`: `r · vb`
+/// of the inputs' dtype, unused for f32 inputs; `ones`: `r` ones of the inputs' dtype, used with
+/// a bias; `partials`: `r · words` f32; `acc`: `r · H` f32, present when `d hidden` is
+/// 16-bit), and of the gradients it writes (address, cuBLAS type, element size).
+pub(in crate::cuda) struct TileOperands {
+    pub hidden: u64,
+    pub weight: u64,
+    pub bias: Option<u64>,
+    pub z: u64,
+    pub g16: u64,
+    pub ones: u64,
+    pub partials: u64,
+    pub acc: Option<u64>,
+    pub d_hidden: Option<(u64, cudaDataType_t, usize)>,
+    pub d_weight: Option<(u64, cudaDataType_t, usize)>,
+    pub d_bias: Option<(u64, cudaDataType_t, usize)>,
+    /// Whether `d weight` and `d bias` are added to (else the first chunk overwrites them).
+    pub accumulate: bool,
+}
+
+/// The work a tiled call queues, apart from its order (the device's in the crate, host stand-ins
+/// in the tests).
+pub(in crate::cuda) trait TileSteps {
+    /// One product.
+    fn gemm(&mut self, p: Product) -> Result<()>;
+    /// The statistics of rows `rows`' columns `cols` (f32 logits at `z`, `cols.len()` per row)
+    /// into `words` f32 per row at `out`, merged into what `out` holds when `fold`.
+    fn stats(&mut self, rows: Range<usize>, cols: Range<usize>, z: u64, out: u64, fold: bool) -> Result<()>;
+    /// The rows' losses and the gradient of their columns `cols` at `g` (over `z` for f32
+    /// inputs), from the rows' merged statistics at `merged` (`rows.len() · words` f32); with
+    /// `g` 0 the losses only (`cols` the whole vocabulary, `z` not read).
+    fn grad(&mut self, rows: Range<usize>, cols: Range<usize>, z: u64, g: u64, merged: u64) -> Result<()>;
+    /// `n` f32 at `src` rounded into the 16-bit `d hidden` at `dst`.
+    fn narrow(&mut self, src: u64, dst: u64, n: usize) -> Result<()>;
+}
+
+/// Queues a tiled call's work (see the [module docs](self)) in order; returns the chunks.
+pub(in crate::cuda) fn queue_tiles(
+    dtype: DType,
+    shape: LinearShape,
+    cut: TileCut,
+    ops: &TileOperands,
+    steps: &mut dyn TileSteps,
+) -> Result<usize> {
+    let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
+    let TileCut { r, vb } = cut;
+    let wide = dtype == DType::F32;
+    let ty = blas_type(dtype);
+    let es = dtype.size() as u64;
+    let f32_ = cudaDataType_t::CUDA_R_32F;
+    let gp = if wide { ops.z } else { ops.g16 };
+    // where d h_c adds up: the accumulator, else the caller's (f32) rows
+    let dh_sum = ops.d_hidden.map(|(p, t, s)| match ops.acc {
+        Some(a) => (a, f32_, 4, 0usize),
+        None => (p, t, s, 1),
+    });
+    let mut chunks = 0;
+    for r0 in (0..n).step_by(r) {
+        let m = r.min(n - r0);
+        let rows = r0..r0 + m;
+        let hrows = Operand { ptr: ops.hidden + (r0 * h) as u64 * es, ty, ld: h };
+        let logits = |steps: &mut dyn TileSteps, c0: usize, w: usize| -> Result<()> {
+            let z = Operand { ptr: ops.z, ty: f32_, ld: w };
+            if let Some(bp) = ops.bias {
+                // z (m x w, row-major) = 1 · b_b: column-major (w x m) = (b_b as w x 1) · (ones as 1 x m)
+                let b = Operand { ptr: bp + c0 as u64 * es, ty, ld: w };
+                let o = Operand { ptr: ops.ones, ty, ld: 1 };
+                steps.gemm(Product { ta: false, tb: false, m: w, n: m, k: 1, a: b, b: o, c: z, accumulate: false })?;
+            }
+            // z (+)= h_c · W_bᵀ: column-major (w x m) = op_T(W_b as H x w) · (h_c as H x m)
+            let wb = Operand { ptr: ops.weight + (c0 * h) as u64 * es, ty, ld: h };
+            let p = Product {
+                ta: true,
+                tb: false,
+                m: w,
+                n: m,
+                k: h,
+                a: wb,
+                b: hrows,
+                c: z,
+                accumulate: ops.bias.is_some(),
+            };
+            steps.gemm(p)
+        };
+        for c0 in (0..v).step_by(vb) {
+            let w = vb.min(v - c0);
+            logits(steps, c0, w)?;
+            steps.stats(rows.clone(), c0..c0 + w, ops.z, ops.partials, c0 > 0)?;
+        }
+        if ops.d_hidden.is_none() && ops.d_weight.is_none() && ops.d_bias.is_none() {
+            // the loss only: the merged statistics give the rows' losses, no second pass
+            steps.grad(rows.clone(), 0..v, ops.z, 0, ops.partials)?;
+            chunks += 1;
+            continue;
+        }
+        for (k, c0) in (0..v).step_by(vb).enumerate() {
+            let w = vb.min(v - c0);
+            logits(steps, c0, w)?;
+            steps.grad(rows.clone(), c0..c0 + w, ops.z, gp, ops.partials)?;
+            let g = Operand { ptr: gp, ty, ld: w };
+            if let Some((dp, dty, des, caller)) = dh_sum {
+                // d h_c (m x H) (+)= G_b · W_b: column-major (H x m) = (W_b as H x w) · (G_b as w x m)
+                let c = Operand { ptr: dp + (caller * r0 * h * des) as u64, ty: dty, ld: h };
+                let wb = Operand { ptr: ops.weight + (c0 * h) as u64 * es, ty, ld: h };
+                steps.gemm(Product { ta: false, tb: false, m: h, n: m, k: w, a: wb, b: g, c, accumulate: k > 0 })?;
+            }
+            let acc = ops.accumulate || r0 > 0;
+            if let Some((dp, dty, des)) = ops.d_weight {
+                // d W_b (w x H) (+)= G_bᵀ · h_c: column-major (H x w) = (h_c as H x m) · op_T(G_b as w x m)
+                let c = Operand { ptr: dp + (c0 * h * des) as u64, ty: dty, ld: h };
+                steps.gemm(Product { ta: false, tb: true, m: h, n: w, k: m, a: hrows, b: g, c, accumulate: acc })?;
+            }
+            if let Some((dp, dty, des)) = ops.d_bias {
+                // d b_b (w) (+)= Σ_rows G_b: column-major (w x 1) = (G_b as w x m) · (ones as m x 1)
+                let c = Operand { ptr: dp + (c0 * des) as u64, ty: dty, ld: w };
+                let o = Operand { ptr: ops.ones, ty, ld: m };
+                steps.gemm(Product { ta: false, tb: false, m: w, n: 1, k: m, a: g, b: o, c, accumulate: acc })?;
+            }
+        }
+        if let (Some(a), Some((dp, _, des))) = (ops.acc, ops.d_hidden) {
+            steps.narrow(a, dp + (r0 * h * des) as u64, m * h)?;
+        }
+        chunks += 1;
+    }
+    Ok(chunks)
+}
+
+/// The device's [`TileSteps`]: cuBLAS and the split's kernels over the whole vocabulary.
+struct DeviceTiles<'a> {
+    blas: &'a Bound<'a>,
+    loss: &'a crate::cuda::CudaLoss,
+    st: &'a mut CudaSharded,
+    stream: &'a Arc<CudaStream>,
+    dtype: DType,
+    vocab: usize,
+    words: usize,
+    /// The partials buffer's length in f32.
+    partials_len: usize,
+}
+
+impl DeviceTiles<'_> {
+    fn cols(&self, cols: Range<usize>) -> Result<VocabSlice> {
+        VocabSlice::new(cols.start, cols.len(), self.vocab)
+    }
+}
+
+impl TileSteps for DeviceTiles<'_> {
+    fn gemm(&mut self, p: Product) -> Result<()> {
+        self.blas.gemm(p)
+    }
+
+    fn stats(&mut self, rows: Range<usize>, cols: Range<usize>, z: u64, out: u64, fold: bool) -> Result<()> {
+        let (cols, n) = (self.cols(cols)?, rows.len() * self.words);
+        if n > self.partials_len {
+            return Err(Error::ExchangeLength { what: "tile partials", expected: n, got: self.partials_len });
+        }
+        self.st.launch_stats_of::<f32>(self.stream, rows, cols, z, (out, n), fold)
+    }
+
+    fn grad(&mut self, rows: Range<usize>, cols: Range<usize>, z: u64, g: u64, merged: u64) -> Result<()> {
+        let cols = self.cols(cols)?;
+        let len = rows.len() * self.words;
+        if len > self.partials_len {
+            return Err(Error::ExchangeLength { what: "tile partials", expected: len, got: self.partials_len });
+        }
+        let (s, q) = (self.stream, (merged, len));
+        match self.dtype {
+            DType::F32 => self.st.launch_grad_of::<f32, f32>(s, rows, cols, q, z, g),
+            DType::F16 => self.st.launch_grad_of::<f32, half::f16>(s, rows, cols, q, z, g),
+            DType::BF16 => self.st.launch_grad_of::<f32, half::bf16>(s, rows, cols, q, z, g),
+        }
+    }
+
+    fn narrow(&mut self, src: u64, dst: u64, n: usize) -> Result<()> {
+        self.loss.launch_narrow(self.stream, self.dtype, src, dst, n)
+    }
+}
+
+impl CudaLinearLoss {
+    /// [`loss_and_grad`](Self::loss_and_grad) under [`LinearSchedule::Tiles`]: the caller has
+    /// checked the buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::cuda) fn tiled<L: Logit, I: TokenId>(
+        &self,
+        cols: usize,
+        spec: &LossSpec,
+        shape: LinearShape,
+        stream: &Arc<CudaStream>,
+        inputs: &DeviceLinearInputs<'_, L>,
+        tokens: &DeviceInputs<'_, I>,
+        grads: &mut DeviceLinearGrads<'_, '_, L>,
+        chunking: Chunking,
+    ) -> Result<DeviceLinearOutput> {
+        let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
+        let whole = VocabSlice::new(0, v, v)?;
+        let mut st = CudaSharded::new(&self.loss, spec, shape.tokens(), whole, stream, tokens)?;
+        let words = st.words_per_row();
+        let acc_needed = matches!(grads.hidden, DeviceGrad::Into(_)) && L::DTYPE != DType::F32;
+        let cut = TileCut::new(L::DTYPE, chunking, shape, cols, acc_needed, words)?;
+        let TileCut { r, vb } = cut;
+        let wide = L::DTYPE == DType::F32;
+        let partials_len = r.min(n) * words;
+        // (no allocation is empty: the driver refuses size 0)
+        let mut z = output::<f32>(stream, r * vb)?;
+        let mut g16 = output::<L>(stream, if wide { 1 } else { r * vb })?;
+        let mut ones = output::<L>(stream, if inputs.bias.is_some() { r } else { 1 })?;
+        let mut partials = output::<f32>(stream, partials_len.max(1))?;
+        let mut acc = output::<f32>(stream, if acc_needed { r * h } else { 1 })?;
+        let scratch_bytes = 4 * (z.len() + partials.len() + if acc_needed { acc.len() } else { 0 })
+            + L::DTYPE.size() * (if wide { 0 } else { g16.len() } + if inputs.bias.is_some() { r } else { 0 });
+
+        stream.context().bind_to_thread().map_err(drv("binding the context"))?;
+        let blas = Bound::new(self.blas.lock().unwrap_or_else(|e| e.into_inner()), stream)?;
+        let (zp, _g1) = z.device_ptr_mut(stream);
+        let (gp16, _g2) = g16.device_ptr_mut(stream);
+        let (op, _g3) = ones.device_ptr_mut(stream);
+        let (pp, _g4) = partials.device_ptr_mut(stream);
+        let (ap, _g5) = acc.device_ptr_mut(stream);
+        if inputs.bias.is_some() {
+            super::sweep::fill_ones(L::DTYPE, stream, op, r)?;
+        }
+        let held = super::sweep::hold(inputs, grads, stream);
+        let ops = TileOperands {
+            hidden: held.hidden,
+            weight: held.weight,
+            bias: held.bias,
+            z: zp,
+            g16: gp16,
+            ones: op,
+            partials: pp,
+            acc: acc_needed.then_some(ap),
+            d_hidden: held.d_hidden,
+            d_weight: held.d_weight,
+            d_bias: held.d_bias,
+            accumulate: held.accumulate,
+        };
+        let mut steps = DeviceTiles {
+            blas: &blas,
+            loss: &self.loss,
+            st: &mut st,
+            stream,
+            dtype: L::DTYPE,
+            vocab: v,
+            words,
+            partials_len,
+        };
+        let chunks = queue_tiles(L::DTYPE, shape, cut, &ops, &mut steps)?;
+        drop(held);
+        Ok(DeviceLinearOutput {
+            loss: st.finish(stream)?,
+            chunk_rows: r,
+            logits_rows: r,
+            chunks,
+            scratch_bytes,
+            tile_cols: vb,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! [`queue_tiles`] with the host product of `host_product` in place of cuBLAS and host
+    //! stand-ins for the split's kernels: the statistics step writes a code of (row, block,
+    //! word), folding only onto the previous block's code of the same rows, and the gradient
+    //! step must find the last block's (every block folded, in order, before a gradient), the
+    //! gradient step writes given gradient rows, and the products' results are compared with
+    //! float64.
+    use super::super::host_product::*;
+    use super::*;
+    use crate::synthetic::Rng;
+    use std::cell::RefCell;
+
+    /// The statistics' stand-in: word `q` of row `row`'s partials of block `k`.
+    fn code(row: usize, k: usize, q: usize) -> f64 {
+        (row * 4096 + k * 8 + q) as f64
+    }
+
+    struct HostTiles<'a> {
+        mem: &'a RefCell<Memory>,
+        pb: &'a Problem,
+        cut: TileCut,
+        words: usize,
+        /// Buffer indices: z, g16, partials, acc, d hidden.
+        z: usize,
+        g16: usize,
+        partials: usize,
+        acc: Option<usize>,
+        d_hidden: usize,
+        stats_done: Vec<(Range<usize>, Range<usize>)>,
+        grads_done: Vec<(Range<usize>, Range<usize>)>,
+        narrowed: Vec<usize>,
+    }
+
+    impl HostTiles<'_> {
+        fn check_logits(&self, mem: &Memory, rows: &Range<usize>, cols: &Range<usize>, z: u64) {
+            assert_eq!(mem.find(z, F32), (self.z, 0), "the logits at the start of z");
+            let w = cols.len();
+            for (i, r) in rows.clone().enumerate() {
+                let got: Vec<f64> = (0..w).map(|j| mem.0[self.z].get(i * w + j)).collect();
+                let model: Vec<f64> = cols.clone().map(|c| round(F32, self.pb.logit(r, c).0)).collect();
+                let mag: Vec<f64> = cols.clone().map(|c| self.pb.logit(r, c).1).collect();
+                assert_rounded(F32, &got, &model, &mag, &format!("logits of row {r}, columns {cols:?}"));
+            }
+        }
+        fn block(&self, cols: &Range<usize>) -> usize {
+            assert_eq!(cols.start % self.cut.vb, 0, "a block starting off the cut");
+            assert_eq!(cols.len(), self.cut.vb.min(self.pb.shape.vocab() - cols.start), "a block's width");
+            cols.start / self.cut.vb
+        }
+    }
+
+    impl TileSteps for HostTiles<'_> {
+        fn gemm(&mut self, p: Product) -> Result<()> {
+            self.mem.borrow_mut().gemm(p);
+            Ok(())
+        }
+
+        fn stats(&mut self, rows: Range<usize>, cols: Range<usize>, z: u64, out: u64, fold: bool) -> Result<()> {
+            let mut mem = self.mem.borrow_mut();
+            self.check_logits(&mem, &rows, &cols, z);
+            let k = self.block(&cols);
+            assert_eq!(fold, k > 0, "folding block {k}");
+            let (buf, o) = mem.find(out, F32);
+            assert_eq!((buf, o), (self.partials, 0), "block {k}'s partials");
+            for (i, r) in rows.clone().enumerate() {
+                for q in 0..self.words {
+                    let at = o + i * self.words + q;
+                    if fold {
+                        assert_eq!(mem.0[buf].get(at), code(r, k - 1, q), "row {r}: block {k} folded onto another");
+                    }
+                    mem.0[buf].set(at, code(r, k, q));
+                }
+            }
+            self.stats_done.push((rows, cols));
+            Ok(())
+        }
+
+        fn grad(&mut self, rows: Range<usize>, cols: Range<usize>, z: u64, g: u64, merged: u64) -> Result<()> {
+            let mut mem = self.mem.borrow_mut();
+            let v = self.pb.shape.vocab();
+            assert_eq!(mem.find(merged, F32), (self.partials, 0), "the merged partials");
+            let (last, words) = (self.cut.blocks(v) - 1, self.words);
+            for (i, r) in rows.clone().enumerate() {
+                for q in 0..words {
+                    let got = mem.0[self.partials].get(i * words + q);
+                    assert_eq!(got, code(r, last, q), "row {r}'s statistics (word {q}): not every block's");
+                }
+            }
+            let pb = self.pb;
+            if g == 0 {
+                let none = pb.dh_ty.is_none() && pb.dw_ty.is_none() && pb.db_ty.is_none();
+                assert!(none, "a loss-only step with gradients wanted");
+                assert_eq!(cols, 0..v, "a loss-only step over less than the vocabulary");
+                self.grads_done.push((rows, cols));
+                return Ok(());
+            }
+            self.check_logits(&mem, &rows, &cols, z);
+            let (ty, wide) = (self.pb.ty, self.pb.dtype == DType::F32);
+            let gb = if wide { self.z } else { self.g16 };
+            assert_eq!(mem.find(g, if wide { F32 } else { ty }), (gb, 0), "the gradient of {rows:?} x {cols:?}");
+            let w = cols.len();
+            for (i, r) in rows.clone().enumerate() {
+                for (j, c) in cols.clone().enumerate() {
+                    mem.0[gb].set(i * w + j, self.pb.grad[r * v + c]);
+                }
+            }
+            self.grads_done.push((rows, cols));
+            Ok(())
+        }
+
+        fn narrow(&mut self, src: u64, dst: u64, n: usize) -> Result<()> {
+            let mut mem = self.mem.borrow_mut();
+            let acc = self.acc.expect("narrowing without an accumulator");
+            assert_eq!(mem.find(src, F32), (acc, 0), "narrowing from the accumulator");
+            let (buf, d0) = mem.find(dst, self.pb.ty);
+            assert_eq!(buf, self.d_hidden, "narrowing into d hidden");
+            let h = self.pb.shape.hidden();
+            assert_eq!(d0 % h, 0, "narrowing into whole rows");
+            assert_eq!(d0 / h, self.narrowed.iter().sum::<usize>() / h, "narrowing the next rows");
+            for i in 0..n {
+                let x = mem.0[acc].get(i);
+                mem.0[buf].set(d0 + i, x);
+            }
+            self.narrowed.push(n);
+            Ok(())
+        }
+    }
+
+    /// One random tiled call against float64; returns its chunks and blocks.
+    fn one_call(rng: &mut Rng) -> (usize, usize) {
+        let pb = Problem::random(rng);
+        let (dtype, shape) = (pb.dtype, pb.shape);
+        let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
+        let cut = TileCut { r: 1 + rng.below(n as u64) as usize, vb: 1 + rng.below(v as u64) as usize };
+        let words = [3, 5][rng.below(2) as usize];
+        let blocks = cut.blocks(v);
+        let acc_on = pb.dh_ty.is_some_and(|d| d != F32);
+
+        let mut bufs = pb.input_buffers();
+        bufs.extend(pb.work_buffers(cut.r * cut.vb, cut.r * cut.vb, cut.r));
+        bufs.push(Buf::new("partials", F32, cut.r * words));
+        bufs.push(Buf::new("acc", F32, if acc_on { cut.r * h } else { 1 }));
+        bufs.extend(pb.grad_buffers());
+        let addr: Vec<u64> = bufs.iter().map(Buf::addr).collect();
+        let with = |d: Option<cudaDataType_t>, k: usize| d.map(|d| (addr[k], d, size_of(d)));
+        let ops = TileOperands {
+            hidden: addr[0],
+            weight: addr[1],
+            bias: pb.with_bias.then_some(addr[2]),
+            z: addr[3],
+            g16: addr[4],
+            ones: addr[5],
+            partials: addr[6],
+            acc: acc_on.then_some(addr[7]),
+            d_hidden: with(pb.dh_ty, 8),
+            d_weight: with(pb.dw_ty, 9),
+            d_bias: with(pb.db_ty, 10),
+            accumulate: pb.accumulate,
+        };
+        let memory = RefCell::new(Memory(bufs));
+        let mut steps = HostTiles {
+            mem: &memory,
+            pb: &pb,
+            cut,
+            words,
+            z: 3,
+            g16: 4,
+            partials: 6,
+            acc: acc_on.then_some(7),
+            d_hidden: 8,
+            stats_done: Vec::new(),
+            grads_done: Vec::new(),
+            narrowed: Vec::new(),
+        };
+        let chunks = queue_tiles(dtype, shape, cut, &ops, &mut steps).unwrap();
+        assert_eq!(chunks, n.div_ceil(cut.r));
+        // every (chunk, block) once per pass, in order
+        let tiles: Vec<(Range<usize>, Range<usize>)> = (0..n)
+            .step_by(cut.r)
+            .flat_map(|r0| (0..v).step_by(cut.vb).map(move |c0| (r0..n.min(r0 + cut.r), c0..v.min(c0 + cut.vb))))
+            .collect();
+        let loss_only = pb.dh_ty.is_none() && pb.dw_ty.is_none() && pb.db_ty.is_none();
+        let chunk_rows = (0..n).step_by(cut.r).map(|r0| (r0..n.min(r0 + cut.r), 0..v));
+        let grads_want: Vec<_> = if loss_only { chunk_rows.collect() } else { tiles.clone() };
+        assert_eq!(steps.grads_done, grads_want, "the gradient steps");
+        assert_eq!(steps.stats_done, tiles, "the statistics steps");
+        let narrowed: usize = steps.narrowed.iter().sum();
+        assert_eq!(narrowed, if acc_on { n * h } else { 0 }, "d hidden narrowed once");
+
+        let mem = memory.into_inner();
+        let what = format!("{dtype:?} N {n} H {h} V {v} {cut:?} bias {} accumulate {}", pb.with_bias, pb.accumulate);
+        // d hidden: block by block into its sum (f32, or the caller's f32), then rounded once
+        if let Some(d) = pb.dh_ty {
+            let (mut model, mut mag) = (vec![0f64; n * h], vec![0f64; n * h]);
+            for i in 0..n * h {
+                let (r, q) = (i / h, i % h);
+                for c0 in (0..v).step_by(cut.vb) {
+                    let cols = c0..v.min(c0 + cut.vb);
+                    let term = |c: usize| pb.grad[r * v + c] * pb.weight[c * h + q];
+                    model[i] = round(F32, model[i] + cols.clone().map(term).sum::<f64>());
+                    mag[i] += cols.map(|c| term(c).abs()).sum::<f64>();
+                }
+                model[i] = round(d, model[i]);
+            }
+            assert_rounded(d, &mem.0[8].values(), &model, &mag, &format!("d hidden ({what})"));
+        }
+        pb.check_weight_and_bias(&mem.0[9], &mem.0[10], cut.r, &what);
+        (chunks, blocks)
+    }
+
+    #[test]
+    fn the_tiles_products_and_steps_match_float64_with_a_host_product() {
+        let mut rng = Rng::new(0x74696c6573);
+        let cases = test_cases(300);
+        let (mut multi_chunk, mut multi_block) = (0, 0);
+        for _ in 0..cases {
+            let (chunks, blocks) = one_call(&mut rng);
+            multi_chunk += (chunks > 1) as usize;
+            multi_block += (blocks > 1) as usize;
+        }
+        // (a handful of calls could all be of one chunk or one block)
+        assert!(cases < 20 || (multi_chunk > 0 && multi_block > 0), "calls of several chunks and several blocks");
+    }
+
+    #[test]
+    fn the_schedule_from_its_variable() {
+        assert_eq!(LinearSchedule::parse(None).unwrap(), LinearSchedule::Chunks);
+        assert_eq!(LinearSchedule::parse(Some(" ")).unwrap(), LinearSchedule::Chunks);
+        assert_eq!(LinearSchedule::parse(Some("0")).unwrap(), LinearSchedule::Chunks);
+        assert_eq!(LinearSchedule::parse(Some(" 2048")).unwrap(), LinearSchedule::Tiles { cols: 2048 });
+        for bad in ["x", "-3", "2k", "1.5"] {
+            assert!(LinearSchedule::parse(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_cut_counts_every_per_row_buffer() {
+        let shape = LinearShape::new(8, 1024, 4096, 128_256).unwrap();
+        // bf16, a 16-bit d hidden: 2048 x (4 + 2) + 4 x 4096 + 4 x 3 bytes per row
+        let cut = TileCut::new(DType::BF16, Chunking::Budget(28_684 * 1000), shape, 2048, true, 3).unwrap();
+        assert_eq!(cut, TileCut { r: 960, vb: 2048 });
+        let cut = TileCut::new(DType::F32, Chunking::Rows(100), shape, 1 << 20, false, 5).unwrap();
+        assert_eq!(cut, TileCut { r: 100, vb: 128_256 });
+        assert!(TileCut::new(DType::F32, Chunking::Auto, shape, 0, false, 3).is_err());
+        let cut = TileCut::new(DType::F16, Chunking::Auto, shape, 4096, false, 3).unwrap();
+        assert_eq!(cut.r % 64, 0);
+        assert!(cut.r * (4096 * 6 + 12) <= DEFAULT_BUDGET && (cut.r + 64) * (4096 * 6 + 12) > DEFAULT_BUDGET);
+    }
+}
