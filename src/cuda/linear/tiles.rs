@@ -318,6 +318,8 @@ impl CudaLinearLoss {
         let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
         let whole = VocabSlice::new(0, v, v)?;
         let mut st = CudaSharded::new(&self.loss, spec, shape.tokens(), whole, stream, tokens)?;
+        // blocks of threads as wide as a vocabulary block's f32 vectors (see `block_threads`)
+        st.fit_blocks();
         let words = st.words_per_row();
         let acc_needed = matches!(grads.hidden, DeviceGrad::Into(_)) && L::DTYPE != DType::F32;
         let cut = TileCut::new(L::DTYPE, chunking, shape, cols, acc_needed, words)?;

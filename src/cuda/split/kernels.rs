@@ -46,14 +46,23 @@ impl SplitFns {
     }
 }
 
-/// A grid-stride launch over `rows` rows, as many resident blocks as fit.
-pub(super) fn rows_config(loss: &CudaLoss, func: &CudaFunction, rows: usize) -> Result<LaunchConfig> {
+/// A grid-stride launch over `rows` rows of blocks of `threads` threads (a multiple of 32, at
+/// most `THREADS`), as many resident blocks as fit.
+pub(super) fn rows_config(loss: &CudaLoss, func: &CudaFunction, rows: usize, threads: u32) -> Result<LaunchConfig> {
     let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
         .map_err(drv("querying occupancy"))?
         .max(1) as usize;
     let grid = (loss.module.num_sms as usize * per_sm).min(rows).max(1) as u32;
-    Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 })
+    Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// Threads per block of the statistics and gradient kernels for rows of `len` logits: one per
+/// 16-byte vector of f32 (rounded up to a warp), from 128 to `THREADS` (so the vocabulary
+/// blocks of the tiled fused linear path, a few thousand wide, leave no thread idle; a rank's
+/// slice of a large vocabulary gets `THREADS`).
+pub(in crate::cuda) fn block_threads(len: usize) -> u32 {
+    (len.div_ceil(4).div_ceil(32) * 32).clamp(128, THREADS as usize) as u32
 }
 
 /// One block of the batch kernel.
@@ -72,6 +81,7 @@ pub(super) fn batch(loss: &CudaLoss, stream: &Arc<CudaStream>, p: FwlSplitBatchP
 
 #[cfg(test)]
 mod tests {
+    use super::block_threads;
     use crate::cuda::module::fatbin_has_kernel as contains;
 
     #[test]
@@ -86,5 +96,14 @@ mod tests {
             assert!(contains(n), "{n} is missing from the embedded kernels");
         }
         assert!(!contains("fwl_split_grad_f16_bf16"), "the search must be able to fail");
+    }
+
+    #[test]
+    fn fitted_blocks_hold_a_row_of_f32_vectors() {
+        for (len, threads) in
+            [(1, 128), (512, 128), (1024, 256), (2048, 512), (2050, 544), (4096, 1024), (128_256, 1024)]
+        {
+            assert_eq!(block_threads(len), threads, "{len} logits per row");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! [`CudaSharded`]: the split's steps as kernels queued on the caller's stream.
 
-use super::kernels::{batch, rows_config};
+use super::kernels::{batch, block_threads, rows_config};
 use crate::cuda::launch::{Planned, Ptrs};
 use crate::cuda::params::{self, FwlSplitBatchParams, FwlSplitGradParams, FwlSplitStatsParams};
 use crate::cuda::{drv, CudaLoss, DeviceInputs, DeviceLossOutput, FwlStatus};
@@ -29,6 +29,9 @@ pub struct CudaSharded {
     finished: Vec<bool>,
     missing: usize,
     grad_written: bool,
+    /// Whether the statistics and gradient kernels get blocks sized to their rows
+    /// ([`block_threads`]) rather than `THREADS` (the tiled fused linear path's blocks).
+    fitted_blocks: bool,
 }
 
 impl std::fmt::Debug for CudaSharded {
@@ -74,6 +77,7 @@ impl CudaSharded {
             finished: vec![false; shape.rows()],
             missing: shape.rows(),
             grad_written: false,
+            fitted_blocks: false,
         })
     }
 
@@ -107,6 +111,20 @@ impl CudaSharded {
             return Err(Error::RowRange { start: rows.start, end: rows.end, rows: self.rows() });
         }
         Ok(())
+    }
+
+    /// Launches the statistics and gradient kernels with blocks sized to their rows' width
+    /// ([`block_threads`]) instead of the crate's `THREADS`.
+    pub(in crate::cuda) fn fit_blocks(&mut self) {
+        self.fitted_blocks = true;
+    }
+
+    fn threads(&self, cols: VocabSlice) -> u32 {
+        if self.fitted_blocks {
+            block_threads(cols.len())
+        } else {
+            crate::cuda::THREADS
+        }
     }
 
     fn check_cols(&self, cols: VocabSlice) -> Result<()> {
@@ -251,7 +269,7 @@ impl CudaSharded {
             softcap: self.spec.softcap.map_or(0.0, |c| c as f32),
             fold: fold as i32,
         };
-        let cfg = rows_config(&self.loss, func, rows.len())?;
+        let cfg = rows_config(&self.loss, func, rows.len(), self.threads(cols))?;
         // SAFETY: the parameters match fwl_split_stats_<L>'s; logits hold rows * len elements of
         // L (checked, or sized so by the caller), partials rows * words f32 (checked), targets the plan's B * T rows, of
         // which rows row0..row0 + rows are read (range checked).
@@ -345,6 +363,7 @@ impl CudaSharded {
             return Err(Error::ExchangeLength { what: "gathered partials", expected, got: gathered.1 });
         }
         let func = self.loss.module.split.grad_fn(L::DTYPE, G::DTYPE)?;
+        let threads = self.threads(cols);
         let Planned { targets, coef, row_loss, row_z, opts, .. } = &mut self.planned;
         let z_on = opts.z_loss != 0.0;
         let q = gathered.0;
@@ -375,7 +394,7 @@ impl CudaSharded {
             z_loss: self.spec.z_loss,
             smoothing: self.spec.label_smoothing,
         };
-        let cfg = rows_config(&self.loss, func, n)?;
+        let cfg = rows_config(&self.loss, func, n, threads)?;
         // SAFETY: the parameters match fwl_split_grad_<L>_<G>'s; logits and grad (when not 0)
         // hold rows * len elements of L and G (checked, or sized so, by the callers), gathered ranks * rows *
         // words f32 (checked), targets, row_loss, row_z (when not NULL) and token_weights (when
