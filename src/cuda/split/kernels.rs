@@ -57,10 +57,10 @@ pub(super) fn rows_config(loss: &CudaLoss, func: &CudaFunction, rows: usize, thr
     Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
 }
 
-/// Threads per block of the statistics and gradient kernels for rows of `len` logits: one per
-/// 16-byte vector of f32 (rounded up to a warp), from 128 to `THREADS` (so the vocabulary
-/// blocks of the tiled fused linear path, a few thousand wide, leave no thread idle; a rank's
-/// slice of a large vocabulary gets `THREADS`).
+/// Threads per block of the statistics and gradient kernels for rows of `len` logits under the
+/// tiled fused linear path (`CudaSharded::fit_blocks`; the vocabulary split always uses
+/// `THREADS`): one per 16-byte vector of f32, rounded up to a warp, from 128 to `THREADS`, so
+/// that blocks of 512 to 4096 columns leave at most a warp's worth of threads idle.
 pub(in crate::cuda) fn block_threads(len: usize) -> u32 {
     (len.div_ceil(4).div_ceil(32) * 32).clamp(128, THREADS as usize) as u32
 }
