@@ -249,6 +249,25 @@ impl Problem {
         [dh, dw, db]
     }
 
+    /// The chunk loop's operands at `addr`, of buffers laid out as [`input_buffers`](Self::input_buffers)
+    /// then [`work_buffers`](Self::work_buffers) (0–5), with the gradient buffers at `grads`,
+    /// `grads + 1`, `grads + 2`; each gradient present when wanted.
+    pub(super) fn operands(&self, addr: &[u64], grads: usize) -> super::sweep::Operands {
+        let at = |d: Option<cudaDataType_t>, k: usize| d.map(|d| (addr[grads + k], d, size_of(d)));
+        super::sweep::Operands {
+            hidden: addr[0],
+            weight: addr[1],
+            bias: self.with_bias.then_some(addr[2]),
+            z: addr[3],
+            g16: addr[4],
+            ones: addr[5],
+            d_hidden: at(self.dh_ty, 0),
+            d_weight: at(self.dw_ty, 1),
+            d_bias: at(self.db_ty, 2),
+            accumulate: self.accumulate,
+        }
+    }
+
     /// A logit in float64 and the sum of its terms' magnitudes.
     pub(super) fn logit(&self, r: usize, j: usize) -> (f64, f64) {
         let h = self.shape.hidden();

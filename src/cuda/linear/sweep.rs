@@ -130,18 +130,7 @@ impl CudaLinearLoss {
         if inputs.bias.is_some() {
             fill_ones(L::DTYPE, stream, op, c)?;
         }
-        let operands = Operands {
-            hidden: held.hidden,
-            weight: held.weight,
-            bias: held.bias,
-            z: zp,
-            g16: gp16,
-            ones: op,
-            d_hidden: held.d_hidden,
-            d_weight: held.d_weight.map(|(p, ty, _)| (p, ty)),
-            d_bias: held.d_bias.map(|(p, ty, _)| (p, ty)),
-            accumulate: held.accumulate,
-        };
+        let operands = held.operands(zp, gp16, op);
         let chunks = queue_chunks(L::DTYPE, shape, cut, &operands, &mut |p| blas.gemm(p), step)?;
         Ok(Swept { chunks, scratch_bytes })
     }
@@ -160,6 +149,24 @@ pub(super) struct Held<'s> {
     /// Whether `d weight` and `d bias` are added to.
     pub accumulate: bool,
     _guards: Vec<SyncOnDrop<'s>>,
+}
+
+impl Held<'_> {
+    /// The chunk loop's operands: these inputs and gradients with the buffers `z`, `g16`, `ones`.
+    pub(super) fn operands(&self, z: u64, g16: u64, ones: u64) -> Operands {
+        Operands {
+            hidden: self.hidden,
+            weight: self.weight,
+            bias: self.bias,
+            z,
+            g16,
+            ones,
+            d_hidden: self.d_hidden,
+            d_weight: self.d_weight,
+            d_bias: self.d_bias,
+            accumulate: self.accumulate,
+        }
+    }
 }
 
 /// [`Held`] for `inputs` and `grads` on `stream`.
@@ -206,8 +213,8 @@ pub(super) fn fill_ones(dtype: DType, stream: &Arc<CudaStream>, ptr: u64, n: usi
 
 /// Device addresses of a sweep's operands and chunk buffers (`z`: `cl · V` f32; `g16`: `c · V`
 /// of the inputs' dtype, unused for f32 inputs; `ones`: `c` ones of the inputs' dtype, used with
-/// a bias), and of the gradients it writes (address, cuBLAS type, and for `d hidden` the element
-/// size), each present when wanted.
+/// a bias), and of the gradients it writes (address, cuBLAS type, element size), each present
+/// when wanted.
 pub(in crate::cuda) struct Operands {
     pub hidden: u64,
     pub weight: u64,
@@ -216,8 +223,8 @@ pub(in crate::cuda) struct Operands {
     pub g16: u64,
     pub ones: u64,
     pub d_hidden: Option<(u64, cudaDataType_t, usize)>,
-    pub d_weight: Option<(u64, cudaDataType_t)>,
-    pub d_bias: Option<(u64, cudaDataType_t)>,
+    pub d_weight: Option<(u64, cudaDataType_t, usize)>,
+    pub d_bias: Option<(u64, cudaDataType_t, usize)>,
     /// Whether `d weight` and `d bias` are added to (else the first chunk overwrites them).
     pub accumulate: bool,
 }
@@ -279,12 +286,12 @@ pub(in crate::cuda) fn queue_chunks(
             let w = Operand { ptr: wp, ty, ld: h };
             gemm(Product { ta: false, tb: false, m: h, n: m, k: v, a: w, b: g, c: c_, accumulate: false })?;
         }
-        if let Some((dp, dty)) = ops.d_weight {
+        if let Some((dp, dty, _)) = ops.d_weight {
             // d W (V x H) += Gᵀ · h: column-major (H x V) = (h as H x rows) · op_T(G as V x rows)
             let c_ = Operand { ptr: dp, ty: dty, ld: h };
             gemm(Product { ta: false, tb: true, m: h, n: v, k: m, a: hrows, b: g, c: c_, accumulate: acc })?;
         }
-        if let Some((dp, dty)) = ops.d_bias {
+        if let Some((dp, dty, _)) = ops.d_bias {
             // d b (V) += Σ_rows G: column-major (V x 1) = (G as V x rows) · (ones as rows x 1)
             let c_ = Operand { ptr: dp, ty: dty, ld: v };
             let o = Operand { ptr: op, ty, ld: m };
@@ -318,18 +325,7 @@ mod tests {
         bufs.extend(pb.work_buffers(cut.cl * v, c * v, c));
         bufs.extend(pb.grad_buffers());
         let addr: Vec<u64> = bufs.iter().map(Buf::addr).collect();
-        let ops = Operands {
-            hidden: addr[0],
-            weight: addr[1],
-            bias: pb.with_bias.then_some(addr[2]),
-            z: addr[3],
-            g16: addr[4],
-            ones: addr[5],
-            d_hidden: pb.dh_ty.map(|d| (addr[6], d, size_of(d))),
-            d_weight: pb.dw_ty.map(|d| (addr[7], d)),
-            d_bias: pb.db_ty.map(|d| (addr[8], d)),
-            accumulate: pb.accumulate,
-        };
+        let ops = pb.operands(&addr, 6);
 
         let memory = RefCell::new(Memory(bufs));
         let mut stepped = Vec::new();

@@ -25,6 +25,7 @@
 //! the budget), and the split's `O(B·T)` plan.
 
 use super::blas::{blas_type, Bound, Operand, Product};
+use super::sweep::Operands;
 use super::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs, DeviceLinearOutput, DEFAULT_BUDGET};
 use crate::cuda::split::CudaSharded;
 use crate::cuda::{drv, output, DeviceInputs};
@@ -122,24 +123,13 @@ impl TileCut {
     }
 }
 
-/// Device addresses of a tiled call's operands and buffers (`z`: `r · vb` f32; `g16`: `r · vb`
-/// of the inputs' dtype, unused for f32 inputs; `ones`: `r` ones of the inputs' dtype, used with
-/// a bias; `partials`: `r · words` f32; `acc`: `r · H` f32, present when `d hidden` is
-/// 16-bit), and of the gradients it writes (address, cuBLAS type, element size).
+/// A tiled call's operands: the chunk loop's ([`Operands`]: `z` holds `r · vb` f32, `g16`
+/// `r · vb` of the inputs' dtype, `ones` `r`), the merged statistics (`r · words` f32) and, when
+/// `d hidden` is 16-bit, its f32 sum (`r · H`).
 pub(in crate::cuda) struct TileOperands {
-    pub hidden: u64,
-    pub weight: u64,
-    pub bias: Option<u64>,
-    pub z: u64,
-    pub g16: u64,
-    pub ones: u64,
+    pub base: Operands,
     pub partials: u64,
     pub acc: Option<u64>,
-    pub d_hidden: Option<(u64, cudaDataType_t, usize)>,
-    pub d_weight: Option<(u64, cudaDataType_t, usize)>,
-    pub d_bias: Option<(u64, cudaDataType_t, usize)>,
-    /// Whether `d weight` and `d bias` are added to (else the first chunk overwrites them).
-    pub accumulate: bool,
 }
 
 /// The work a tiled call queues, apart from its order (the device's in the crate, host stand-ins
@@ -172,9 +162,9 @@ pub(in crate::cuda) fn queue_tiles(
     let ty = blas_type(dtype);
     let es = dtype.size() as u64;
     let f32_ = cudaDataType_t::CUDA_R_32F;
-    let gp = if wide { ops.z } else { ops.g16 };
+    let gp = if wide { ops.base.z } else { ops.base.g16 };
     // where d h_c adds up: the accumulator, else the caller's (f32) rows
-    let dh_sum = ops.d_hidden.map(|(p, t, s)| match ops.acc {
+    let dh_sum = ops.base.d_hidden.map(|(p, t, s)| match ops.acc {
         Some(a) => (a, f32_, 4, 0usize),
         None => (p, t, s, 1),
     });
@@ -182,17 +172,17 @@ pub(in crate::cuda) fn queue_tiles(
     for r0 in (0..n).step_by(r) {
         let m = r.min(n - r0);
         let rows = r0..r0 + m;
-        let hrows = Operand { ptr: ops.hidden + (r0 * h) as u64 * es, ty, ld: h };
+        let hrows = Operand { ptr: ops.base.hidden + (r0 * h) as u64 * es, ty, ld: h };
         let logits = |steps: &mut dyn TileSteps, c0: usize, w: usize| -> Result<()> {
-            let z = Operand { ptr: ops.z, ty: f32_, ld: w };
-            if let Some(bp) = ops.bias {
+            let z = Operand { ptr: ops.base.z, ty: f32_, ld: w };
+            if let Some(bp) = ops.base.bias {
                 // z (m x w, row-major) = 1 · b_b: column-major (w x m) = (b_b as w x 1) · (ones as 1 x m)
                 let b = Operand { ptr: bp + c0 as u64 * es, ty, ld: w };
-                let o = Operand { ptr: ops.ones, ty, ld: 1 };
+                let o = Operand { ptr: ops.base.ones, ty, ld: 1 };
                 steps.gemm(Product { ta: false, tb: false, m: w, n: m, k: 1, a: b, b: o, c: z, accumulate: false })?;
             }
             // z (+)= h_c · W_bᵀ: column-major (w x m) = op_T(W_b as H x w) · (h_c as H x m)
-            let wb = Operand { ptr: ops.weight + (c0 * h) as u64 * es, ty, ld: h };
+            let wb = Operand { ptr: ops.base.weight + (c0 * h) as u64 * es, ty, ld: h };
             let p = Product {
                 ta: true,
                 tb: false,
@@ -202,46 +192,46 @@ pub(in crate::cuda) fn queue_tiles(
                 a: wb,
                 b: hrows,
                 c: z,
-                accumulate: ops.bias.is_some(),
+                accumulate: ops.base.bias.is_some(),
             };
             steps.gemm(p)
         };
         for c0 in (0..v).step_by(vb) {
             let w = vb.min(v - c0);
             logits(steps, c0, w)?;
-            steps.stats(rows.clone(), c0..c0 + w, ops.z, ops.partials, c0 > 0)?;
+            steps.stats(rows.clone(), c0..c0 + w, ops.base.z, ops.partials, c0 > 0)?;
         }
-        if ops.d_hidden.is_none() && ops.d_weight.is_none() && ops.d_bias.is_none() {
+        if ops.base.d_hidden.is_none() && ops.base.d_weight.is_none() && ops.base.d_bias.is_none() {
             // the loss only: the merged statistics give the rows' losses, no second pass
-            steps.grad(rows.clone(), 0..v, ops.z, 0, ops.partials)?;
+            steps.grad(rows.clone(), 0..v, ops.base.z, 0, ops.partials)?;
             chunks += 1;
             continue;
         }
         for (k, c0) in (0..v).step_by(vb).enumerate() {
             let w = vb.min(v - c0);
             logits(steps, c0, w)?;
-            steps.grad(rows.clone(), c0..c0 + w, ops.z, gp, ops.partials)?;
+            steps.grad(rows.clone(), c0..c0 + w, ops.base.z, gp, ops.partials)?;
             let g = Operand { ptr: gp, ty, ld: w };
             if let Some((dp, dty, des, caller)) = dh_sum {
                 // d h_c (m x H) (+)= G_b · W_b: column-major (H x m) = (W_b as H x w) · (G_b as w x m)
                 let c = Operand { ptr: dp + (caller * r0 * h * des) as u64, ty: dty, ld: h };
-                let wb = Operand { ptr: ops.weight + (c0 * h) as u64 * es, ty, ld: h };
+                let wb = Operand { ptr: ops.base.weight + (c0 * h) as u64 * es, ty, ld: h };
                 steps.gemm(Product { ta: false, tb: false, m: h, n: m, k: w, a: wb, b: g, c, accumulate: k > 0 })?;
             }
-            let acc = ops.accumulate || r0 > 0;
-            if let Some((dp, dty, des)) = ops.d_weight {
+            let acc = ops.base.accumulate || r0 > 0;
+            if let Some((dp, dty, des)) = ops.base.d_weight {
                 // d W_b (w x H) (+)= G_bᵀ · h_c: column-major (H x w) = (h_c as H x m) · op_T(G_b as w x m)
                 let c = Operand { ptr: dp + (c0 * h * des) as u64, ty: dty, ld: h };
                 steps.gemm(Product { ta: false, tb: true, m: h, n: w, k: m, a: hrows, b: g, c, accumulate: acc })?;
             }
-            if let Some((dp, dty, des)) = ops.d_bias {
+            if let Some((dp, dty, des)) = ops.base.d_bias {
                 // d b_b (w) (+)= Σ_rows G_b: column-major (w x 1) = (G_b as w x m) · (ones as m x 1)
                 let c = Operand { ptr: dp + (c0 * des) as u64, ty: dty, ld: w };
-                let o = Operand { ptr: ops.ones, ty, ld: m };
+                let o = Operand { ptr: ops.base.ones, ty, ld: m };
                 steps.gemm(Product { ta: false, tb: false, m: w, n: 1, k: m, a: g, b: o, c, accumulate: acc })?;
             }
         }
-        if let (Some(a), Some((dp, _, des))) = (ops.acc, ops.d_hidden) {
+        if let (Some(a), Some((dp, _, des))) = (ops.acc, ops.base.d_hidden) {
             steps.narrow(a, dp + (r0 * h * des) as u64, m * h)?;
         }
         chunks += 1;
@@ -266,6 +256,15 @@ impl DeviceTiles<'_> {
     fn cols(&self, cols: Range<usize>) -> Result<VocabSlice> {
         VocabSlice::new(cols.start, cols.len(), self.vocab)
     }
+
+    /// The merged statistics' length for `rows`, within the buffer.
+    fn merged_len(&self, rows: &Range<usize>) -> Result<usize> {
+        let n = rows.len() * self.words;
+        if n > self.partials_len {
+            return Err(Error::ExchangeLength { what: "tile partials", expected: n, got: self.partials_len });
+        }
+        Ok(n)
+    }
 }
 
 impl TileSteps for DeviceTiles<'_> {
@@ -274,19 +273,12 @@ impl TileSteps for DeviceTiles<'_> {
     }
 
     fn stats(&mut self, rows: Range<usize>, cols: Range<usize>, z: u64, out: u64, fold: bool) -> Result<()> {
-        let (cols, n) = (self.cols(cols)?, rows.len() * self.words);
-        if n > self.partials_len {
-            return Err(Error::ExchangeLength { what: "tile partials", expected: n, got: self.partials_len });
-        }
+        let (cols, n) = (self.cols(cols)?, self.merged_len(&rows)?);
         self.st.launch_stats_of::<f32>(self.stream, rows, cols, z, (out, n), fold)
     }
 
     fn grad(&mut self, rows: Range<usize>, cols: Range<usize>, z: u64, g: u64, merged: u64) -> Result<()> {
-        let cols = self.cols(cols)?;
-        let len = rows.len() * self.words;
-        if len > self.partials_len {
-            return Err(Error::ExchangeLength { what: "tile partials", expected: len, got: self.partials_len });
-        }
+        let (cols, len) = (self.cols(cols)?, self.merged_len(&rows)?);
         let (s, q) = (self.stream, (merged, len));
         match self.dtype {
             DType::F32 => self.st.launch_grad_of::<f32, f32>(s, rows, cols, q, z, g),
@@ -346,20 +338,7 @@ impl CudaLinearLoss {
             super::sweep::fill_ones(L::DTYPE, stream, op, r)?;
         }
         let held = super::sweep::hold(inputs, grads, stream);
-        let ops = TileOperands {
-            hidden: held.hidden,
-            weight: held.weight,
-            bias: held.bias,
-            z: zp,
-            g16: gp16,
-            ones: op,
-            partials: pp,
-            acc: acc_needed.then_some(ap),
-            d_hidden: held.d_hidden,
-            d_weight: held.d_weight,
-            d_bias: held.d_bias,
-            accumulate: held.accumulate,
-        };
+        let ops = TileOperands { base: held.operands(zp, gp16, op), partials: pp, acc: acc_needed.then_some(ap) };
         let mut steps = DeviceTiles {
             blas: &blas,
             loss: &self.loss,

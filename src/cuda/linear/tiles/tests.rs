@@ -142,21 +142,7 @@ fn one_call(rng: &mut Rng) -> (usize, usize) {
     bufs.push(Buf::new("acc", F32, if acc_on { cut.r * h } else { 1 }));
     bufs.extend(pb.grad_buffers());
     let addr: Vec<u64> = bufs.iter().map(Buf::addr).collect();
-    let with = |d: Option<cudaDataType_t>, k: usize| d.map(|d| (addr[k], d, size_of(d)));
-    let ops = TileOperands {
-        hidden: addr[0],
-        weight: addr[1],
-        bias: pb.with_bias.then_some(addr[2]),
-        z: addr[3],
-        g16: addr[4],
-        ones: addr[5],
-        partials: addr[6],
-        acc: acc_on.then_some(addr[7]),
-        d_hidden: with(pb.dh_ty, 8),
-        d_weight: with(pb.dw_ty, 9),
-        d_bias: with(pb.db_ty, 10),
-        accumulate: pb.accumulate,
-    };
+    let ops = TileOperands { base: pb.operands(&addr, 8), partials: addr[6], acc: acc_on.then_some(addr[7]) };
     let memory = RefCell::new(Memory(bufs));
     let mut steps = HostTiles {
         mem: &memory,
