@@ -325,6 +325,12 @@ fn random_split_call(rng: &mut Rng) -> Call {
         whole_rows: vocab == 1 && rng.below(2) == 0,
     });
     c.chunk = 1 + rng.below(rows as u64 + 2) as i64;
+    // one call in three on a block as the tiled schedule fits one (`block_threads`: one thread
+    // per four columns of a vocabulary block, 128 to 1024), most of them an odd count of 9 to 31
+    // warps that `random_call` never draws
+    if rng.below(3) == 0 {
+        c.threads = 32 * (4 + rng.below(29) as u32);
+    }
     c
 }
 
