@@ -219,15 +219,20 @@ run() {
           "${small[@]}" --dtype "$dt" --z-loss 1e-4 --label-smoothing 0.1 $cap_opt --token-weights || fail=1
       done
     done
-    step "compute-sanitizer --tool memcheck, fused linear path (cuBLAS + rows kernel), bf16 and f32"
-    for dt in bf16 f32; do
+    # (--bias: the bias's products and d bias; --f32-grads with bf16: the f32 d hidden that the
+    # tiled schedule accumulates into directly, no narrowing kernel)
+    local lin
+    step "compute-sanitizer --tool memcheck, fused linear path (cuBLAS + rows kernel), bf16, f32 with a bias"
+    for lin in "bf16" "f32 --bias"; do
+      # shellcheck disable=SC2086 # (the dtype and its flags, split on purpose)
       within 40 "$cs" --tool memcheck --error-exitcode 3 "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda \
-        --tokens 2x9 --hidden 40 --vocab 5003 --dtype "$dt" --chunk-rows 5 --iters 1 --warmup 0 || fail=1
+        --tokens 2x9 --hidden 40 --vocab 5003 --dtype $lin --chunk-rows 5 --iters 1 --warmup 0 || fail=1
     done
-    step "compute-sanitizer --tool memcheck, fused linear path, tiled schedule (blocks of 1000 columns), bf16 and f32"
-    for dt in bf16 f32; do
+    step "compute-sanitizer --tool memcheck, fused linear path, tiled schedule (blocks of 1000 columns): bf16, bf16 with a bias and f32 gradients, f32 with a bias"
+    for lin in "bf16" "bf16 --bias --f32-grads" "f32 --bias"; do
+      # shellcheck disable=SC2086
       within 40 env FWL_CUDA_LINEAR_TILES=1000 "$cs" --tool memcheck --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
-        bench-linear --backend cuda --tokens 2x9 --hidden 40 --vocab 5003 --dtype "$dt" --chunk-rows 5 --iters 1 \
+        bench-linear --backend cuda --tokens 2x9 --hidden 40 --vocab 5003 --dtype $lin --chunk-rows 5 --iters 1 \
         --warmup 0 || fail=1
     done
   else

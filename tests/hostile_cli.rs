@@ -603,6 +603,30 @@ fn bench_linear_runs_tiny_vocabularies() {
 }
 
 #[test]
+fn bench_linear_runs_a_bias_and_f32_gradients() {
+    let d = fresh_dir("bench-linear-extras");
+    let (n, h, v) = (2 * 5, 8, 37);
+    for dtype in ["f32", "bf16"] {
+        let base = ["bench-linear", "--tokens", "2x5", "--hidden", "8", "--vocab", "37", "--iters", "1", "--json"];
+        let run = |extra: &[&str]| ok_json(&d, &[&base[..], &["--dtype", dtype], extra].concat());
+        let plain = run(&[]);
+        let size = if dtype == "f32" { 4 } else { 2 };
+        assert_eq!(plain["inputs_and_grads_bytes"], (n * h + v * h) * 2 * size, "{plain}");
+        let f32_grads = run(&["--f32-grads"]);
+        assert_eq!(f32_grads["f32_grads"], true, "{f32_grads}");
+        assert_eq!(f32_grads["inputs_and_grads_bytes"], (n * h + v * h) * (size + 4), "{f32_grads}");
+        // the gradients' dtype does not touch the loss
+        assert_eq!(f32_grads["loss"], plain["loss"], "{dtype}");
+        let bias = run(&["--bias", "--f32-grads"]);
+        assert_eq!(bias["bias"], true, "{bias}");
+        assert_eq!(bias["inputs_and_grads_bytes"], (n * h + v * h + v) * (size + 4), "{bias}");
+        // the bias is in the logits (random values of scale 0.5: the loss moves)
+        let (with, without) = (bias["loss"].as_f64().unwrap(), plain["loss"].as_f64().unwrap());
+        assert!(with.is_finite() && (with - without).abs() > 1e-4 * without.abs(), "{with} vs {without}");
+    }
+}
+
+#[test]
 fn json_keeps_finite_losses_numbers_and_names_the_others() {
     let d = fixtures("json");
     // finite logits whose per-token losses exceed f32::MAX: the loss is a finite number

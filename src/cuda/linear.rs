@@ -62,7 +62,7 @@ mod host_product;
 mod sweep;
 mod tiles;
 pub(crate) use host::run_host;
-pub use host::{bench_device, DeviceLinearBench};
+pub use host::{bench_device, DeviceLinearBench, LinearBenchExtras};
 pub(crate) use sweep::linear_shape_fits;
 pub(in crate::cuda) use sweep::{check_buffers, Cut};
 pub use tiles::LinearSchedule;

@@ -39,6 +39,12 @@ pub struct BenchLinearArgs {
     /// Untimed runs first, at most a million.
     #[arg(long, default_value_t = 1, value_parser = super::bench::run_count)]
     warmup: usize,
+    /// A bias `[V]` in the inputs, and its gradient `d bias` timed with the others.
+    #[arg(long)]
+    bias: bool,
+    /// Every gradient in f32 whatever --dtype (16-bit inputs: f32 accumulation kept to the end).
+    #[arg(long)]
+    f32_grads: bool,
     /// CPU threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -75,16 +81,18 @@ fn chunking(a: &BenchLinearArgs) -> CliResult<Chunking> {
 
 /// Refuses a CPU run whose inputs, gradient buffers and chunk buffers need more memory than is
 /// available (as `bench` does), before anything is allocated: an allocation failure aborts.
-fn check_cpu_memory(shape: LinearShape, dtype: DType, chunking: Chunking) -> CliResult<()> {
+fn check_cpu_memory(a: &BenchLinearArgs, shape: LinearShape, dtype: DType, chunking: Chunking) -> CliResult<()> {
     let (n, h, v) = (shape.rows() as u128, shape.hidden() as u128, shape.vocab() as u128);
-    let s = dtype.size() as u128;
-    // hidden, weight and their gradients; ids; the f32 panels of W (16-bit) and the chunks
+    let (s, gs) = (dtype.size() as u128, if a.f32_grads { 4 } else { dtype.size() as u128 });
+    // hidden, weight (and bias) and their gradients; ids; the f32 panels of W (16-bit) and the
+    // chunks
     let chunk_rows = match chunking {
         Chunking::Rows(c) => (c as u128).min(n),
         Chunking::Budget(b) => (b as u128 / (4 * v + 8 * h).max(1)).clamp(1, n.max(1)),
         Chunking::Auto => (fused_weighted_loss::linear::CPU_BUDGET as u128 / (4 * v + 8 * h).max(1)).clamp(1, n.max(1)),
     };
-    let need = 2 * (n * h + v * h) * s + 8 * n + 8 * (4 << 20) + chunk_rows * (4 * v + 8 * h);
+    let inputs = n * h + v * h + if a.bias { v } else { 0 };
+    let need = inputs * (s + gs) + 8 * n + 8 * (4 << 20) + chunk_rows * (4 * v + 8 * h);
     check_host(shape, dtype, need)
 }
 
@@ -108,17 +116,48 @@ fn check_cuda_host_memory(shape: LinearShape, dtype: DType) -> CliResult<()> {
     check_host(shape, dtype, (n * h).max(v * h) * dtype.size() as u128 + 8 * n)
 }
 
+/// A host gradient buffer in `L` or in f32 (written once so that it is resident before the
+/// memory baseline); empty: not wanted.
+enum GradBuf<L: Logit> {
+    Same(Vec<L>),
+    F32(Vec<f32>),
+}
+
+impl<L: Logit> GradBuf<L> {
+    fn new(len: usize, f32: bool) -> Self {
+        match f32 {
+            true => GradBuf::F32(vec![1.0; len]),
+            false => GradBuf::Same(vec![L::from_f32(1.0); len]),
+        }
+    }
+
+    fn grad(&mut self) -> Grad<'_, L> {
+        match self {
+            GradBuf::Same(v) if v.is_empty() => Grad::Skip,
+            GradBuf::F32(v) if v.is_empty() => Grad::Skip,
+            GradBuf::Same(v) => Grad::Into(v),
+            GradBuf::F32(v) => Grad::IntoF32(v),
+        }
+    }
+}
+
 fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
     let chunking = chunking(a)?;
-    check_cpu_memory(shape, L::DTYPE, chunking)?;
+    check_cpu_memory(a, shape, L::DTYPE, chunking)?;
     let hidden = synthetic::logits::<L>(1, shape.hidden_len(), 1.0);
     let weight = synthetic::logits::<L>(2, shape.weight_len(), 3.0 / (shape.hidden() as f32).sqrt());
+    let bias = a.bias.then(|| synthetic::logits::<L>(4, shape.vocab(), 0.5));
     let ids = synthetic::ids::<i64>(3, shape.rows(), shape.vocab());
-    let mut dh = vec![L::from_f32(1.0); shape.hidden_len()];
-    let mut dw = vec![L::from_f32(1.0); shape.weight_len()];
+    let mut dh = GradBuf::<L>::new(shape.hidden_len(), a.f32_grads);
+    let mut dw = GradBuf::<L>::new(shape.weight_len(), a.f32_grads);
+    let mut db = GradBuf::<L>::new(if a.bias { shape.vocab() } else { 0 }, a.f32_grads);
     let mut call = || {
-        let grads = LinearGrads::new().hidden(Grad::Into(&mut dh)).weight(Grad::Into(&mut dw));
-        spec.linear_loss_and_grad(shape, LinearInputs::new(&hidden, &weight), Tokens::new(&ids), grads, chunking)
+        let grads = LinearGrads::new().hidden(dh.grad()).weight(dw.grad()).bias(db.grad());
+        let mut inputs = LinearInputs::new(&hidden, &weight);
+        if let Some(b) = &bias {
+            inputs = inputs.with_bias(b);
+        }
+        spec.linear_loss_and_grad(shape, inputs, Tokens::new(&ids), grads, chunking)
     };
     // inputs and gradient buffers are resident now (written once): the calls' peak on top of
     // them is what they need (measured from the first call: freed heap memory stays resident)
@@ -144,14 +183,15 @@ fn run_cpu<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -
         "chunks": out.chunks,
         "scratch_bytes": out.scratch_bytes,
         "peak_extra_bytes": peak_extra,
-        "inputs_and_grads_bytes": 2 * (shape.hidden_len() + shape.weight_len()) * L::DTYPE.size(),
+        "inputs_and_grads_bytes": inputs_and_grads_bytes(a, shape, L::DTYPE),
     }))
 }
 
 #[cfg(feature = "cuda")]
 fn run_cuda<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
     check_cuda_host_memory(shape, L::DTYPE)?;
-    let r = fused_weighted_loss::cuda::linear::bench_device::<L>(spec, shape, chunking(a)?, a.warmup, a.iters)?;
+    let extras = fused_weighted_loss::cuda::linear::LinearBenchExtras { bias: a.bias, f32_grads: a.f32_grads };
+    let r = fused_weighted_loss::cuda::linear::bench_device::<L>(spec, shape, chunking(a)?, extras, a.warmup, a.iters)?;
     Ok(json!({
         "backend": "cuda",
         "device": r.device,
@@ -164,8 +204,14 @@ fn run_cuda<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) 
         "chunks": r.chunks,
         "scratch_bytes": r.scratch_bytes,
         "peak_bytes": r.peak_bytes,
-        "inputs_and_grads_bytes": 2 * (shape.hidden_len() + shape.weight_len()) * L::DTYPE.size(),
+        "inputs_and_grads_bytes": inputs_and_grads_bytes(a, shape, L::DTYPE),
     }))
+}
+
+/// Bytes of the inputs (hidden, weight, the bias if any) and of their gradients.
+fn inputs_and_grads_bytes(a: &BenchLinearArgs, shape: LinearShape, dtype: DType) -> usize {
+    let len = shape.hidden_len() + shape.weight_len() + if a.bias { shape.vocab() } else { 0 };
+    len * (dtype.size() + if a.f32_grads { 4 } else { dtype.size() })
 }
 
 fn run_typed<L: Logit>(a: &BenchLinearArgs, shape: LinearShape, spec: &LossSpec) -> CliResult<serde_json::Value> {
@@ -200,6 +246,8 @@ pub fn bench_linear(a: BenchLinearArgs) -> CliResult<String> {
         j["hidden"] = json!(a.hidden);
         j["vocab"] = json!(a.vocab);
         j["dtype"] = json!(a.dtype.name());
+        j["bias"] = json!(a.bias);
+        j["f32_grads"] = json!(a.f32_grads);
         j["iters"] = json!(a.iters);
         if a.json {
             return Ok(j.to_string());
@@ -216,8 +264,14 @@ pub fn bench_linear(a: BenchLinearArgs) -> CliResult<String> {
             Some(c) if c > 0 => format!(" in blocks of {c} columns"),
             _ => String::new(),
         };
+        let extras = match (a.bias, a.f32_grads) {
+            (false, false) => "",
+            (true, false) => " with bias",
+            (false, true) => " (f32 gradients)",
+            (true, true) => " with bias (f32 gradients)",
+        };
         Ok(format!(
-            "fused linear {shape} {}: median {:.2} ms (min {:.2}), C = {} rows x {} chunks{tiles}, scratch {}, {peak}",
+            "fused linear {shape} {}{extras}: median {:.2} ms (min {:.2}), C = {} rows x {} chunks{tiles}, scratch {}, {peak}",
             a.dtype,
             j["median_ms"].as_f64().unwrap_or(f64::NAN),
             j["min_ms"].as_f64().unwrap_or(f64::NAN),

@@ -32,6 +32,21 @@ impl<L: Logit> DevGrad<L> {
         })
     }
 
+    /// A new device buffer of `len` elements in `L`, or in f32 when `f32`, or none when `len`
+    /// is `None` (values unset: the bench's calls overwrite them).
+    fn fresh(stream: &Arc<CudaStream>, len: Option<usize>, f32: bool) -> Result<Self> {
+        Ok(match len {
+            None => DevGrad { l: None, f: None },
+            Some(n) if f32 => DevGrad { l: None, f: Some(crate::cuda::output::<f32>(stream, n)?) },
+            Some(n) => DevGrad { l: Some(crate::cuda::output::<L>(stream, n)?), f: None },
+        })
+    }
+
+    /// Views of whichever buffer is present, for [`device_grad`].
+    fn views(&mut self) -> (Option<CudaViewMut<'_, L>>, Option<CudaViewMut<'_, f32>>) {
+        (self.l.as_mut().map(|s| s.as_view_mut()), self.f.as_mut().map(|s| s.as_view_mut()))
+    }
+
     /// Copies the device values back into `g`.
     fn download(&self, stream: &Arc<CudaStream>, g: &mut Grad<'_, L>) -> Result<()> {
         let down = drv("copying a gradient to the host");
@@ -78,9 +93,7 @@ pub(crate) fn run_host<L: Logit, I: TokenId>(
         if let Some(b) = b.as_ref() {
             inp = inp.with_bias(b);
         }
-        let (mut hl, mut hf) = (dh.l.as_mut().map(|s| s.as_view_mut()), dh.f.as_mut().map(|s| s.as_view_mut()));
-        let (mut wl, mut wf) = (dw.l.as_mut().map(|s| s.as_view_mut()), dw.f.as_mut().map(|s| s.as_view_mut()));
-        let (mut bl, mut bf) = (db.l.as_mut().map(|s| s.as_view_mut()), db.f.as_mut().map(|s| s.as_view_mut()));
+        let ((mut hl, mut hf), (mut wl, mut wf), (mut bl, mut bf)) = (dh.views(), dw.views(), db.views());
         let g = DeviceLinearGrads::new()
             .hidden(device_grad(&mut hl, &mut hf))
             .weight(device_grad(&mut wl, &mut wf))
@@ -146,13 +159,23 @@ fn pool_attr(pool: CUmemoryPool, attr: CUmemPool_attribute, set: Option<u64>) ->
     r.result().ok().map(|_| v)
 }
 
-/// Times loss + `d hidden` + `d weight` (in the inputs' dtype) on random device data, after
-/// `warmup` untimed calls; the memory pool keeps freed memory (as frameworks' caching allocators
-/// do) and its high-water mark is the peak.
+/// What [`bench_device`] runs besides the loss, `d hidden` and `d weight` in the inputs' dtype.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinearBenchExtras {
+    /// A bias `[V]` in the inputs and its gradient `d bias`.
+    pub bias: bool,
+    /// Every gradient in f32 ([`DeviceGrad::IntoF32`]) whatever the inputs' dtype.
+    pub f32_grads: bool,
+}
+
+/// Times loss + `d hidden` + `d weight` (in the inputs' dtype, or as `extras` asks, with a bias
+/// and `d bias`) on random device data, after `warmup` untimed calls; the memory pool keeps
+/// freed memory (as frameworks' caching allocators do) and its high-water mark is the peak.
 pub fn bench_device<L: Logit>(
     spec: &LossSpec,
     shape: LinearShape,
     chunking: Chunking,
+    extras: LinearBenchExtras,
     warmup: usize,
     iters: usize,
 ) -> Result<DeviceLinearBench> {
@@ -170,16 +193,29 @@ pub fn bench_device<L: Logit>(
     let w_scale = 3.0 / (shape.hidden() as f32).sqrt();
     let weight = stream.clone_htod(&crate::synthetic::logits::<L>(2, shape.weight_len(), w_scale)).map_err(copy())?;
     let ids = stream.clone_htod(&crate::synthetic::ids::<i64>(3, shape.rows(), shape.vocab())).map_err(copy())?;
-    let mut dh = crate::cuda::output::<L>(&stream, shape.hidden_len())?;
-    let mut dw = crate::cuda::output::<L>(&stream, shape.weight_len())?;
+    let bias = match extras.bias {
+        true => Some(stream.clone_htod(&crate::synthetic::logits::<L>(4, shape.vocab(), 0.5)).map_err(copy())?),
+        false => None,
+    };
+    let f32_grads = extras.f32_grads;
+    let mut dh = DevGrad::<L>::fresh(&stream, Some(shape.hidden_len()), f32_grads)?;
+    let mut dw = DevGrad::<L>::fresh(&stream, Some(shape.weight_len()), f32_grads)?;
+    let mut db = DevGrad::<L>::fresh(&stream, extras.bias.then_some(shape.vocab()), f32_grads)?;
     let (h, w, i) = (hidden.as_view(), weight.as_view(), ids.as_view());
-    let inputs = DeviceLinearInputs::new(&h, &w);
+    let b = bias.as_ref().map(|b| b.as_view());
+    let mut inputs = DeviceLinearInputs::new(&h, &w);
+    if let Some(b) = b.as_ref() {
+        inputs = inputs.with_bias(b);
+    }
     let tokens = crate::cuda::DeviceInputs::new(&i);
     let event = || stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(drv("recording an event"));
     let (mut ms, mut last) = (Vec::new(), None);
     for k in 0..warmup.saturating_add(iters) {
-        let (mut dhv, mut dwv) = (dh.as_view_mut(), dw.as_view_mut());
-        let grads = DeviceLinearGrads::new().hidden(DeviceGrad::Into(&mut dhv)).weight(DeviceGrad::Into(&mut dwv));
+        let ((mut hl, mut hf), (mut wl, mut wf), (mut bl, mut bf)) = (dh.views(), dw.views(), db.views());
+        let grads = DeviceLinearGrads::new()
+            .hidden(device_grad(&mut hl, &mut hf))
+            .weight(device_grad(&mut wl, &mut wf))
+            .bias(device_grad(&mut bl, &mut bf));
         let a = event()?;
         let out = linear.loss_and_grad(spec, shape, &stream, &inputs, &tokens, grads, chunking)?;
         let b = event()?;
