@@ -8,6 +8,9 @@
 #                                       # gpu-bundle.tar.xz (both git-ignored): the folder is about
 #                                       # 90 MB (each binary embeds the kernels' 6 MB fatbin), the
 #                                       # archive about 16 MiB, under the device's 64 MiB for what travels
+#   bash scripts/gpu-check.sh current   # here: exit 0 if gpu-bundle.tar.xz was built from the
+#                                       # code of this work tree (its commit, no change since but
+#                                       # to *.md files), else 1 and what changed: prepare again
 #   bash scripts/gpu-check.sh run       # on the GPU machine, from the repo root, with
 #                                       # gpu-bundle.tar.xz carried (unpacked there by python3):
 #                                       # GPU parity with FWL_REQUIRE_CUDA=1 (the logits path, the fused
@@ -72,6 +75,13 @@ prepare() {
   # (an archive of an earlier prepare must not outlive a failed build of this one)
   rm -f "$bundle.tar.xz" "$bundle.tar.xz.tmp"
   rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/wheels"
+  # what it is built from (for `current` here and `run` there): the commit, and the code files
+  # that differed from it (the build takes the work tree as it is)
+  {
+    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "prepared $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    code_changes HEAD | sed 's/^/changed /'
+  } >"$bundle/SOURCE"
   # (the executable cargo names, wherever CARGO_TARGET_DIR or a config puts it)
   cargo build --release --features cli,cuda --bin fused-weighted-loss --message-format=json | keep bin ""
   [ -x "$bundle/bin/fused-weighted-loss" ]
@@ -102,6 +112,41 @@ prepare() {
     echo "$bundle.tar.xz is over 56 MiB: with the working tree it would not fit the device's 64 MiB" >&2
     exit 1
   fi
+}
+
+# The code files (not *.md) of the work tree that differ from commit $1, tracked or not ignored.
+code_changes() {
+  { git diff --name-only "$1" -- && git ls-files --others --exclude-standard; } | { grep -v '\.md$' || true; } | sort -u
+}
+
+# Whether the archive holds binaries of this work tree's code (see the usage at the top).
+current() {
+  if [ ! -f "$bundle.tar.xz" ]; then
+    echo "no $bundle.tar.xz: run prepare"
+    return 1
+  fi
+  local src commit built changed
+  src=$(tar -xJOf "$bundle.tar.xz" "$bundle/SOURCE" 2>/dev/null) || {
+    echo "$bundle.tar.xz has no SOURCE record (packed before the record existed): run prepare"
+    return 1
+  }
+  echo "$src" | sed 's/^/  /'
+  commit=$(echo "$src" | sed -n 's/^commit //p')
+  built=$(echo "$src" | sed -n 's/^changed //p')
+  if [ -n "$built" ]; then
+    echo "stale: built from a work tree with changes beside commit $commit (not reproducible): run prepare"
+    return 1
+  fi
+  if ! changed=$(code_changes "$commit" 2>/dev/null); then
+    echo "stale: commit $commit is not in this repository: run prepare"
+    return 1
+  fi
+  if [ -n "$changed" ]; then
+    echo "stale: code changed since $commit:"
+    echo "$changed" | sed 's/^/  /'
+    return 1
+  fi
+  echo "current: built from $commit, no code change since (only *.md files may differ)"
 }
 
 # gpu-bundle/ from the carried archive, replacing any left there by an earlier call (a warm
@@ -151,6 +196,8 @@ run() {
     echo "no $bundle/ and no $bundle.tar.xz to unpack: run 'prepare' here and carry $bundle.tar.xz" >&2
     return 1
   fi
+  step "bundle"
+  cat "$bundle/SOURCE" 2>/dev/null || echo "(no SOURCE record in $bundle)"
   # the CUDA libraries PyTorch's wheels ship (cuBLAS, NCCL), after LD_LIBRARY_PATH's own folders
   # (the system's default folders still come after both)
   local libs
@@ -368,5 +415,6 @@ run() {
 case "${1:-}" in
   prepare) prepare ;;
   run) run ;;
-  *) echo "usage: $0 prepare|run" >&2; exit 2 ;;
+  current) current ;;
+  *) echo "usage: $0 prepare|current|run" >&2; exit 2 ;;
 esac
