@@ -565,6 +565,29 @@ fn an_output_path_ending_in_a_separator_is_refused_before_any_work() {
     );
     // refused before the spec's own check (keyword 99 is out of range): the outputs come first
     assert!(!r.stderr.contains("keyword"), "{:?}", r.stderr);
+    // as reported: `nodir/.` (Path drops the trailing `.`) ran the whole computation, printed
+    // the report, replaced an existing --grad-out, and only then failed its own rename
+    std::fs::write(d.join("G.npy"), b"kept").unwrap();
+    // (`.` and `..` exist: "is a directory")
+    for bad in ["nodir/.", "nodir/..", ".", ".."] {
+        let args = ["eval", "--logits", "L.npy", "--inputs", "I.npy", "--grad-out", "G.npy", "--token-loss-out", bad];
+        assert_refused(&d, &args, "directory");
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_stderr_that_cannot_be_written_is_no_panic() {
+    // as reported: eprintln! panicked on a full device (exit 101, a status the README does not list)
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_fused-weighted-loss"))
+        .args(["eval", "--no-such-flag"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(full)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
 }
 
 #[test]

@@ -154,7 +154,7 @@ fn main() -> ExitCode {
     // (only before `--`, where flags end)
     let end = args.iter().position(|a| a == "--").unwrap_or(args.len());
     if let Some(msg) = missing_value(&args[..end]) {
-        eprintln!("{msg}");
+        say(&msg);
         return ExitCode::from(2);
     }
     let cli = match Cli::try_parse_from(&args) {
@@ -177,7 +177,7 @@ fn main() -> ExitCode {
                 .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
                 .filter(|l| !l.is_empty())
                 .collect();
-            eprintln!("{}", line.join(" "));
+            say(&line.join(" "));
             return ExitCode::from(2);
         }
     };
@@ -204,8 +204,14 @@ fn main() -> ExitCode {
         },
         Err(Failure(msg)) => msg,
     };
-    eprintln!("error: {}", failed.replace('\n', " "));
+    say(&format!("error: {}", failed.replace('\n', " ")));
     ExitCode::from(2)
+}
+
+/// A line on stderr; a stderr that cannot take it (`2>/dev/full`, a closed pipe) changes
+/// nothing (`eprintln!` would panic and exit 101, a status the README does not list).
+fn say(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
 }
 
 enum LogitsData {

@@ -84,8 +84,14 @@ impl PendingOutput {
         }
         // `new/` names a directory, which the file would not become: refused now, not after the
         // computation (Path::file_name drops the trailing separator)
-        if path.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR) {
+        let raw = path.as_os_str().to_string_lossy();
+        if raw.ends_with(std::path::is_separator) {
             return Err(say(&"names a directory (ends with a path separator)"));
+        }
+        // `x/.` and `x/..` name directories too, but Path drops a trailing `.` (file_name of
+        // `nodir/.` is `nodir`, whose temporary file would go in `.` and fail only at the rename)
+        if matches!(raw.rsplit(std::path::is_separator).next(), Some("." | "..")) {
+            return Err(say(&"names a directory (ends with . or ..)"));
         }
         let name = dest.file_name().ok_or_else(|| say(&"not a file name"))?.to_string_lossy().into_owned();
         let dir = match dest.parent() {
