@@ -330,6 +330,15 @@ pub enum Error {
     /// A fused linear call's chunking cannot be used (0 rows per chunk).
     #[error("invalid chunking: {0}")]
     InvalidChunking(String),
+    /// A working buffer could not be allocated (a chunk of `Chunking::Rows` too large for this
+    /// machine's memory, say): an error, before anything is written, not an abort.
+    #[error("cannot allocate {} GB for {what}", *bytes as f64 * 1e-9)]
+    OutOfMemory {
+        /// The buffer.
+        what: &'static str,
+        /// Its size in bytes.
+        bytes: u128,
+    },
     /// A CUDA stream of another context (another device, or another context on the same device)
     /// than the one the kernels were loaded on (or an NCCL communicator was made on): launching
     /// there would read buffers the kernels cannot address.

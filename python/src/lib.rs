@@ -10,7 +10,7 @@
 //! crate's own validation and maps the crate's errors to Python exceptions.
 
 use fused_weighted_loss::{Backend, DType, Error, LossSpec, Reduction, RowMean, Shape};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 /// Calls `$f::<L, I>(args)` for the runtime (logits dtype, id dtype) pair.
@@ -155,6 +155,7 @@ pub(crate) fn to_py(e: Error) -> PyErr {
         | Error::Cuda { .. }
         | Error::Collective(_)
         | Error::ContextMismatch { .. } => PyRuntimeError::new_err(msg),
+        Error::OutOfMemory { .. } => PyMemoryError::new_err(msg),
         _ => PyValueError::new_err(msg),
     }
 }

@@ -29,13 +29,17 @@ pub(crate) struct MatMut<'a> {
     cs: usize,
 }
 
-/// Elements from the first to one past the last that a strided matrix reaches.
+/// Elements from the first to one past the last that a strided matrix reaches (`usize::MAX`
+/// where that overflows, which no slice holds: the views' bound checks stand on this).
 fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     if rows == 0 || cols == 0 {
-        0
-    } else {
-        (rows - 1) * rs + (cols - 1) * cs + 1
+        return 0;
     }
+    (rows - 1)
+        .checked_mul(rs)
+        .zip((cols - 1).checked_mul(cs))
+        .and_then(|(a, b)| a.checked_add(b)?.checked_add(1))
+        .unwrap_or(usize::MAX)
 }
 
 impl<'a> MatRef<'a> {
@@ -126,6 +130,17 @@ fn matmul_here(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_span_that_overflows_is_past_every_slice() {
+        assert_eq!(span(3, 4, 4, 1), 12);
+        assert_eq!(span(0, 4, 4, 1), 0);
+        assert_eq!(span(usize::MAX / 2, 2, 3, 1), usize::MAX);
+        assert_eq!(span(2, 2, usize::MAX, 1), usize::MAX);
+        let data = [0f32; 4];
+        let wrap = std::panic::catch_unwind(|| MatRef::strided(&data, 2, 2, usize::MAX, 1));
+        assert!(wrap.is_err(), "a view whose span wraps must be refused");
+    }
 
     #[test]
     fn strided_products_match_a_plain_loop() {

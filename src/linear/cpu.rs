@@ -192,6 +192,16 @@ pub(crate) fn active_rows(plan: &Plan) -> Result<Vec<u32>> {
     Ok((0..rows).filter(|&r| plan.targets[r] != NO_TARGET).map(|r| r as u32).collect())
 }
 
+/// `n` zeros, or [`Error::OutOfMemory`] naming `what` where the allocator refuses `n`
+/// elements (a size past the address space, or past what the system lets this process map).
+/// The test reservation is given back and the zeros come from `vec!`, which asks the allocator
+/// for zeroed memory instead of writing every element.
+fn zeroed<T: Default + Clone>(n: usize, what: &'static str) -> Result<Vec<T>> {
+    let bytes = n as u128 * std::mem::size_of::<T>() as u128;
+    Vec::<T>::new().try_reserve_exact(n).map_err(|_| Error::OutOfMemory { what, bytes })?;
+    Ok(vec![T::default(); n])
+}
+
 /// Runs every chunk; returns each plan row's loss (0 for rows without a target).
 pub(crate) fn run<L: Logit>(
     k: &Kernels,
@@ -226,14 +236,19 @@ pub(crate) fn run_with<L: Logit>(
     let panel_rows = panel_rows(h, v);
     let c = chunking.rows_for(default_budget, 4 * v + 8 * h + 4 * panel_rows, active.len())?;
 
-    zero(&mut g.hidden);
-    if !g.accumulate {
-        zero(&mut g.weight);
-        zero(&mut g.bias);
-    }
+    // the gradients start from zero (or, accumulating, from what they hold): after every
+    // check and allocation that can fail, so that a failed call writes nothing
+    let start = |g: &mut LinearGrads<'_, L>| {
+        zero(&mut g.hidden);
+        if !g.accumulate {
+            zero(&mut g.weight);
+            zero(&mut g.bias);
+        }
+    };
     if active.is_empty() {
         // no row has a target: no chunk and no buffer (it reported chunks of 1 row, and their
         // buffers, for none run)
+        start(&mut g);
         let row_loss = RowLosses { loss: vec![0f64; n], z: vec![0f64; n] };
         return Ok((row_loss, Chunks { rows: 0, count: 0, scratch_bytes: 0 }));
     }
@@ -246,15 +261,17 @@ pub(crate) fn run_with<L: Logit>(
         widen(k, b, &mut x);
         x
     });
-    let mut hc = vec![0f32; c * h];
-    let mut z = vec![0f32; c * v];
+    // (allocated fallibly: `Chunking::Rows` can ask for more than the machine has)
+    let mut hc = zeroed::<f32>(c * h, "the chunk's hidden rows")?;
+    let mut z = zeroed::<f32>(c * v, "the chunk's logits")?;
     // one panel of a chunk's logits, column-major, before it goes into `z`
-    let mut zp = vec![0f32; c * panels.rows];
-    let mut dhc = vec![0f32; if want_dh { c * h } else { 0 }];
-    let mut dwp = vec![0f32; if dw_scratch { panels.rows * h } else { 0 }];
+    let mut zp = zeroed::<f32>(c * panels.rows, "a panel of the chunk's logits")?;
+    let mut dhc = zeroed::<f32>(if want_dh { c * h } else { 0 }, "the chunk's d hidden")?;
+    let mut dwp = zeroed::<f32>(if dw_scratch { panels.rows * h } else { 0 }, "a panel of d weight")?;
     let mut dbc = vec![0f32; if want_db { v } else { 0 }];
-    let (mut chunk_loss, mut chunk_z) = (vec![0f64; c], vec![0f64; c]);
+    let (mut chunk_loss, mut chunk_z) = (zeroed::<f64>(c, "the chunk's losses")?, zeroed::<f64>(c, "the chunk's z")?);
     let mut row_loss = RowLosses { loss: vec![0f64; n], z: vec![0f64; n] };
+    start(&mut g);
     let scratch_bytes = 4
         * (hc.len()
             + z.len()
@@ -328,4 +345,24 @@ pub(crate) fn run_with<L: Logit>(
         }
     }
     Ok((row_loss, Chunks { rows: c, count: active.len().div_ceil(c), scratch_bytes }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::zeroed;
+    use crate::error::Error;
+
+    #[test]
+    fn a_buffer_past_the_address_space_is_an_error() {
+        let n = usize::MAX / 4 + 1;
+        match zeroed::<f32>(n, "the chunk's logits") {
+            Err(Error::OutOfMemory { what, bytes }) => {
+                assert_eq!((what, bytes), ("the chunk's logits", n as u128 * 4));
+            }
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+        let e = Error::OutOfMemory { what: "x", bytes: 3_000_000_000 };
+        assert_eq!(e.to_string(), "cannot allocate 3 GB for x");
+        assert_eq!(zeroed::<f64>(5, "y").unwrap(), vec![0.0; 5]);
+    }
 }

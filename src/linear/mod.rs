@@ -365,7 +365,11 @@ pub enum Chunking {
     Auto,
     /// At most this many bytes of chunk buffers, the per-row part of the memory (at least one
     /// row is always used); the fixed parts (on the CPU, 16-bit inputs' f32 panel copies of
-    /// ~4 MiB and an f32 bias's buffers) come on top, and `scratch_bytes` reports both.
+    /// ~4 MiB and an f32 bias's buffers) come on top, and `scratch_bytes` reports both. Not
+    /// in either: the CPU rows pass's working row of `4V` bytes per running task (README,
+    /// "Memory"). Under a vocabulary split each rank's chunk rows come from the even share
+    /// `ceil(V / ranks)`: a rank holding a larger slice uses more than the budget, in
+    /// proportion.
     Budget(usize),
     /// Exactly this many token rows per chunk (at least 1; more than `N` means one chunk).
     Rows(usize),
@@ -420,7 +424,10 @@ impl LossSpec {
     /// in chunks of token rows (see the [module docs](crate::linear)); the logits never exist.
     ///
     /// Every input is validated before any work starts; on error nothing has been written
-    /// (except for [`Error::NonFinite`] with `check_finite`, found after the gradients).
+    /// (except for [`Error::NonFinite`] with `check_finite`, found after the gradients). The
+    /// CPU backend takes at most `u32::MAX` token rows ([`Error::Unsupported`] beyond) and
+    /// allocates its chunk buffers fallibly ([`Error::OutOfMemory`] for a [`Chunking::Rows`]
+    /// this machine cannot hold).
     pub fn linear_loss_and_grad<L: Logit, I: TokenId>(
         &self,
         shape: LinearShape,

@@ -86,13 +86,19 @@ fn check_cpu_memory(a: &BenchLinearArgs, shape: LinearShape, dtype: DType, chunk
     let (s, gs) = (dtype.size() as u128, if a.f32_grads { 4 } else { dtype.size() as u128 });
     // hidden, weight (and bias) and their gradients; ids; the f32 panels of W (16-bit) and the
     // chunks
+    // per chunk row: its f32 logits, hidden rows and d hidden, and its part of one logits panel
+    // (`P` rows of W per ~4 MiB panel), as the library counts a chunk row
+    let p = ((4u128 << 20) / (4 * h).max(1)).clamp(1, v.max(1));
+    let row = 4 * v + 8 * h + 4 * p;
     let chunk_rows = match chunking {
         Chunking::Rows(c) => (c as u128).min(n),
-        Chunking::Budget(b) => (b as u128 / (4 * v + 8 * h).max(1)).clamp(1, n.max(1)),
-        Chunking::Auto => (fused_weighted_loss::linear::CPU_BUDGET as u128 / (4 * v + 8 * h).max(1)).clamp(1, n.max(1)),
+        Chunking::Budget(b) => (b as u128 / row).clamp(1, n.max(1)),
+        Chunking::Auto => (fused_weighted_loss::linear::CPU_BUDGET as u128 / row).clamp(1, n.max(1)),
     };
     let inputs = n * h + v * h + if a.bias { v } else { 0 };
-    let need = inputs * (s + gs) + 8 * n + 8 * (4 << 20) + chunk_rows * (4 * v + 8 * h);
+    // and beside the chunks: the rows pass's working row per running task
+    let tasks = (a.threads.unwrap_or_else(rayon::current_num_threads) as u128).min(chunk_rows);
+    let need = inputs * (s + gs) + 8 * n + 8 * (4 << 20) + chunk_rows * row + tasks * 4 * v;
     check_host(shape, dtype, need)
 }
 
