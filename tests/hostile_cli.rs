@@ -575,6 +575,33 @@ fn an_output_path_ending_in_a_separator_is_refused_before_any_work() {
     }
 }
 
+#[test]
+fn eval_checks_shapes_and_memory_from_the_headers_before_reading() {
+    // as reported: eval read (and allocated) all of a large logits file before it compared the
+    // ids' shape, and never compared its buffers with the memory available. A sparse file of
+    // 1 TiB of float32 logits [1, 1024, 2^28] (no disk blocks) stands for the large file.
+    let d = fresh_dir("eval-memory");
+    // (the large file beside the directory the checks snapshot, which reads every file)
+    let big = fresh_dir("eval-memory-logits");
+    let logits = big.join("L.npy");
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1024, 268435456), }";
+    let head = npy_raw(header, &[]);
+    let file = std::fs::File::create(&logits).unwrap();
+    std::io::Write::write_all(&mut &file, &head).unwrap();
+    file.set_len(head.len() as u64 + (1u64 << 40)).expect("a sparse file of 1 TiB");
+    drop(file);
+    std::fs::write(d.join("I.npy"), npy(&[1, 1024], &vec![0i64; 1024])).unwrap();
+    std::fs::write(d.join("bad.npy"), npy(&[1, 3], &[0i64; 3])).unwrap();
+    std::fs::write(d.join("G.npy"), b"kept").unwrap();
+    let logits = logits.to_str().unwrap();
+    let eval = |ids| ["eval", "--logits", logits, "--inputs", ids, "--grad-out", "G.npy"];
+    let t = Instant::now();
+    assert_refused(&d, &eval("bad.npy"), "shape");
+    assert_refused(&d, &eval("I.npy"), "more than the memory available");
+    // (a read of the data would take minutes: both came from the headers)
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
+
 #[cfg(target_os = "linux")]
 #[test]
 fn a_stderr_that_cannot_be_written_is_no_panic() {

@@ -21,7 +21,7 @@ use fused_weighted_loss::{
     bf16, f16, Backend, CpuSimd, DType, Grad, Logit, LossOutput, LossSpec, LossSpecBuilder, Reduction, RowMean, Shape,
     Tokens,
 };
-use npy::{read_npy, Elem, NpyData};
+use npy::{peek_npy, read_npy, Elem, NpyData};
 use output::{write_f32_npy, PendingOutput};
 use serde_json::json;
 use std::io::Write;
@@ -329,6 +329,53 @@ fn read_token_weights(path: &Path, shape: Shape) -> CliResult<Vec<f32>> {
     }
 }
 
+/// The shape `eval` runs, from the inputs' headers (every shape checked), after checking that
+/// its buffers fit in the memory available: the logits as read and in `--dtype`, the gradient
+/// and per-token losses asked for, the ids, labels and token weights (the library's per-row
+/// plan and the process beside them).
+fn check_inputs(a: &EvalArgs, files: &Outputs) -> CliResult<Shape> {
+    let peek = |path: &Path, what: &str, accept: &[Elem]| {
+        peek_npy(path, accept).map_err(|e| Failure(format!("{what} {}: {e}", path.display())))
+    };
+    let logits = peek(&a.logits, "logits", &[Elem::F32, Elem::F16])?;
+    let ids = peek(&a.inputs, "inputs", &[Elem::I64, Elem::I32])?;
+    let shape = Shape::from_dims(&logits.dims, &ids.dims)?;
+    let mut need = logits.bytes() as u128 + bench::PROCESS_BYTES;
+    let (n, rows) = (shape.logits_len() as u128, shape.rows() as u128);
+    let file_dtype = if logits.elem == Elem::F32 { DType::F32 } else { DType::F16 };
+    let dtype = a.dtype.unwrap_or(file_dtype);
+    if dtype != file_dtype {
+        need += n * dtype.size() as u128;
+    }
+    if files.grad.is_some() {
+        need += 4 * n;
+    }
+    if files.token_loss.is_some() {
+        need += 4 * rows;
+    }
+    // ids and labels as int64 (an int32 file read first), token weights, the plan's rows
+    need += (8 + 4 * (ids.elem == Elem::I32) as u128) * rows + 24 * rows;
+    if let Some(p) = &a.labels {
+        let labels = peek(p, "labels", &[Elem::I64, Elem::I32])?;
+        shape.check_token_dims("labels", &labels.dims)?;
+        need += (8 + 4 * (labels.elem == Elem::I32) as u128) * rows;
+    }
+    if let Some(p) = &a.token_weights {
+        shape.check_token_dims("token_weights", &peek(p, "token weights", &[Elem::F32])?.dims)?;
+        need += 4 * rows;
+    }
+    let need = u64::try_from(need).unwrap_or(u64::MAX);
+    let limit = bench::available_memory();
+    if bench::fits(need, limit) {
+        return Ok(shape);
+    }
+    let gb = |x: u64| format!("{:.2} GB", x as f64 * 1e-9);
+    Err(Failure(match limit {
+        Some(l) => format!("eval of {shape} {dtype} needs {}, more than the memory available ({})", gb(need), gb(l)),
+        None => format!("eval of {shape} {dtype} needs {}, more than can be reserved", gb(need)),
+    }))
+}
+
 /// The report of `eval` and its outputs, flushed but not yet in place.
 fn eval(a: EvalArgs) -> CliResult<(String, Vec<PendingOutput>)> {
     let spec = LossSpec::builder()
@@ -360,15 +407,12 @@ fn eval(a: EvalArgs) -> CliResult<(String, Vec<PendingOutput>)> {
         }
     }
     let mut files = Outputs { grad, token_loss };
-    let (ldims, logits) = read_logits(&a.logits)?;
-    let (idims, ids) = read_ids(&a.inputs, "inputs")?;
-    let shape = Shape::from_dims(&ldims, &idims)?;
+    // then the headers: shapes, and the memory the run needs, before any data is read
+    let shape = check_inputs(&a, &files)?;
+    let (_, logits) = read_logits(&a.logits)?;
+    let (_, ids) = read_ids(&a.inputs, "inputs")?;
     let labels = match &a.labels {
-        Some(p) => {
-            let (d, y) = read_ids(p, "labels")?;
-            shape.check_token_dims("labels", &d)?;
-            Some(y)
-        }
+        Some(p) => Some(read_ids(p, "labels")?.1),
         None => None,
     };
     let token_weights = a.token_weights.as_deref().map(|p| read_token_weights(p, shape)).transpose()?;

@@ -351,7 +351,7 @@ fn cuda_host_bytes(shape: Shape, dtype: DType) -> u64 {
 }
 
 /// The process before any buffer: code, runtime, thread stacks in use (a few MB; with margin).
-const PROCESS_BYTES: u128 = 32 << 20;
+pub const PROCESS_BYTES: u128 = 32 << 20;
 
 /// Refuses a run needing more than `--max-memory`, or than the memory available (Linux), or
 /// than can be reserved (elsewhere), saying how much it needs.
@@ -391,9 +391,61 @@ pub fn fits(need: u64, limit: Option<u64>) -> bool {
     }
 }
 
-/// Memory the kernel says can be had without swapping (Linux), if known.
+/// Memory the kernel says can be had without swapping (Linux), if known: `MemAvailable`, or
+/// less where this process's control group has a nearer memory limit (a container's).
 pub fn available_memory() -> Option<u64> {
-    proc_kb("/proc/meminfo", "MemAvailable:")
+    let host = proc_kb("/proc/meminfo", "MemAvailable:");
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok();
+    let group = cgroup.and_then(|text| cgroup_room(std::path::Path::new("/sys/fs/cgroup"), &text));
+    match (host, group) {
+        (Some(h), Some(g)) => Some(h.min(g)),
+        (h, g) => h.or(g),
+    }
+}
+
+/// The least room under the memory limits of the control groups that `cgroups` (the text of
+/// /proc/self/cgroup) names, and of their ancestors, as files under `root` (/sys/fs/cgroup)
+/// say: v2 (`0::/path`: memory.max, memory.current) and v1's memory controller
+/// (`N:memory:/path` under `root/memory`: memory.limit_in_bytes, memory.usage_in_bytes).
+/// The room is the limit minus the usage, the inactive file cache counted as free (the kernel
+/// reclaims it before it kills). `None` where no group has a limit this can read.
+fn cgroup_room(root: &std::path::Path, cgroups: &str) -> Option<u64> {
+    let mut least: Option<u64> = None;
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (base, files) = if controllers.is_empty() {
+            (root.to_path_buf(), ["memory.max", "memory.current", "inactive_file"])
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), ["memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"])
+        } else {
+            continue;
+        };
+        // the group and each ancestor up to the hierarchy's root (a limit anywhere above binds)
+        let mut dir = base.join(path.trim_start_matches('/'));
+        while dir.starts_with(&base) {
+            if let Some(room) = room_in(&dir, files) {
+                least = Some(least.map_or(room, |l| l.min(room)));
+            }
+            if !dir.pop() {
+                break;
+            }
+        }
+    }
+    least
+}
+
+/// Limit minus usage (plus inactive file cache) from one group's files `[limit, usage, the
+/// memory.stat key]`; `None` without a numeric limit ("max": none).
+fn room_in(dir: &std::path::Path, [limit, usage, inactive]: [&str; 3]) -> Option<u64> {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok()?.trim().parse::<u64>().ok();
+    let (limit, usage) = (read(limit)?, read(usage)?);
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+    let inactive =
+        stat.lines().find_map(|l| l.strip_prefix(inactive)?.strip_prefix(' ')?.trim().parse::<u64>().ok()).unwrap_or(0);
+    Some(limit.saturating_sub(usage.saturating_sub(inactive)))
 }
 
 /// The process's peak resident memory so far (Linux), if known.
@@ -403,7 +455,51 @@ fn peak_rss_bytes() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{run_count, timed_count};
+    use super::{cgroup_room, run_count, timed_count};
+    use std::path::Path;
+
+    fn write(dir: &Path, files: &[(&str, &str)]) {
+        std::fs::create_dir_all(dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+    }
+
+    #[test]
+    fn memory_room_under_cgroup_limits() {
+        let root = std::env::temp_dir().join(format!("fwl-cgroup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // v2: a limit of 1000 on the parent, 600 on the group (500 used, 200 of it inactive cache)
+        write(&root.join("a"), &[("memory.max", "1000\n"), ("memory.current", "700\n")]);
+        write(
+            &root.join("a/b"),
+            &[
+                ("memory.max", "600\n"),
+                ("memory.current", "500\n"),
+                ("memory.stat", "active_file 9\ninactive_file 200\n"),
+            ],
+        );
+        assert_eq!(cgroup_room(&root, "0::/a/b\n"), Some(300));
+        // the parent binds when its room is less
+        write(&root.join("a"), &[("memory.current", "950\n")]);
+        assert_eq!(cgroup_room(&root, "0::/a/b\n"), Some(50));
+        // no limit ("max") anywhere, or no such group: none
+        write(&root.join("c"), &[("memory.max", "max\n"), ("memory.current", "5\n")]);
+        assert_eq!(cgroup_room(&root, "0::/c\n"), None);
+        assert_eq!(cgroup_room(&root, "0::/nowhere\n"), None);
+        // v1: the memory controller's own hierarchy; other controllers' lines ignored
+        write(
+            &root.join("memory/d"),
+            &[
+                ("memory.limit_in_bytes", "4000\n"),
+                ("memory.usage_in_bytes", "3000\n"),
+                ("memory.stat", "inactive_file 7\ntotal_inactive_file 1000\n"),
+            ],
+        );
+        assert_eq!(cgroup_room(&root, "5:cpu:/d\n4:cpuacct,memory:/d\n1:name=systemd:/\n"), Some(2000));
+        assert_eq!(cgroup_room(&root, "garbage\n3:cpu:/d\n"), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn run_counts_go_up_to_a_million() {

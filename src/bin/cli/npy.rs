@@ -160,6 +160,47 @@ struct Header {
 /// a header past the limits or outside the plain-array subset, Fortran order, another dtype, and a
 /// data section whose size disagrees with the shape.
 pub fn read_npy(path: &Path, accept: &[Elem]) -> Result<Npy, NpyError> {
+    let (mut r, info, big_endian) = open_npy(path, accept)?;
+    let n = info.len();
+    let data = match info.elem {
+        Elem::F32 => NpyData::F32(read_body(&mut r, n, big_endian, f32::from_le_bytes, f32::from_be_bytes)?),
+        Elem::F16 => NpyData::F16(read_body(&mut r, n, big_endian, f16::from_le_bytes, f16::from_be_bytes)?),
+        Elem::I64 => NpyData::I64(read_body(&mut r, n, big_endian, i64::from_le_bytes, i64::from_be_bytes)?),
+        Elem::I32 => NpyData::I32(read_body(&mut r, n, big_endian, i32::from_le_bytes, i32::from_be_bytes)?),
+    };
+    Ok(Npy { dims: info.dims, data })
+}
+
+/// What a file holds, from its header: the shape and element type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NpyInfo {
+    /// The shape as stored.
+    pub dims: Vec<usize>,
+    /// The element type.
+    pub elem: Elem,
+}
+
+impl NpyInfo {
+    /// Elements (the shape's product, checked when the header was read).
+    pub fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Bytes of the elements in memory.
+    pub fn bytes(&self) -> u64 {
+        self.len() as u64 * self.elem.size() as u64
+    }
+}
+
+/// The header of `path`, with every check of [`read_npy`] but no data read: what a caller needs
+/// to check shapes and memory before reading.
+pub fn peek_npy(path: &Path, accept: &[Elem]) -> Result<NpyInfo, NpyError> {
+    open_npy(path, accept).map(|(_, info, _)| info)
+}
+
+/// Opens `path`, reads and checks its header: the reader at the data, what it holds, and
+/// whether the data is big-endian.
+fn open_npy(path: &Path, accept: &[Elem]) -> Result<(BufReader<File>, NpyInfo, bool), NpyError> {
     // a FIFO or a device would block or never end: look before opening
     if !std::fs::metadata(path)?.is_file() {
         return Err(NpyError::NotAFile);
@@ -184,14 +225,9 @@ pub fn read_npy(path: &Path, accept: &[Elem]) -> Result<Npy, NpyError> {
     }
     let dims =
         header.shape.iter().map(|&d| usize::try_from(d)).collect::<Result<Vec<_>, _>>().map_err(|_| overflow())?;
-    let n = usize::try_from(count).map_err(|_| overflow())?;
-    let data = match elem {
-        Elem::F32 => NpyData::F32(read_body(&mut r, n, big_endian, f32::from_le_bytes, f32::from_be_bytes)?),
-        Elem::F16 => NpyData::F16(read_body(&mut r, n, big_endian, f16::from_le_bytes, f16::from_be_bytes)?),
-        Elem::I64 => NpyData::I64(read_body(&mut r, n, big_endian, i64::from_le_bytes, i64::from_be_bytes)?),
-        Elem::I32 => NpyData::I32(read_body(&mut r, n, big_endian, i32::from_le_bytes, i32::from_be_bytes)?),
-    };
-    Ok(Npy { dims, data })
+    // (the element count fits a usize: NpyInfo::len multiplies the dims unchecked)
+    usize::try_from(count).map_err(|_| overflow())?;
+    Ok((r, NpyInfo { dims, elem }, big_endian))
 }
 
 /// The element type and byte order of a `descr` such as `<f4`, if it is one of `accept`.
