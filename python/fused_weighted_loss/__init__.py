@@ -34,7 +34,7 @@ from torch import Tensor
 from . import _cpu_pool, _native
 from ._linear import _check_devices as _check_linear_devices
 from ._linear import _linear_op, linear_mode_string
-from ._ops import _check_devices, _check_kinds, _loss_op, mode_string
+from ._ops import _check_devices, _check_kinds, _loss_op, mode_string, refuse_transforms
 
 __version__ = _native.__version__
 
@@ -248,7 +248,8 @@ def weighted_loss(
     to its data group 24 bytes then 16 on CPU, 16 twice on CUDA. This path is an eager autograd function (``torch.compile`` breaks the
     graph around it).
     """
-    sharded = process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None
+    refuse_transforms()
+    sharded = process_group is not None or data_group is not None
     # (a split: this rank's errors here fail its groups, not only this rank: see _fails_together)
     with _fails_together(sharded, process_group, data_group, logits):
         if not isinstance(logits, Tensor) or not isinstance(ids, Tensor):
@@ -260,6 +261,8 @@ def weighted_loss(
         # dense CPU/CUDA tensors first: `.contiguous()` of a sparse or nested tensor raises torch's
         # own error, not the ValueError promised
         _check_kinds({"logits": logits, "ids": ids, "labels": labels, "token_weights": token_weights})
+        if not sharded:
+            _whole_vocabulary(logits.shape[-1] if logits.dim() == 3 else None, vocab_start, vocab_size)
         kw, kww = _keyword_lists(keywords, keyword_weights)
         ignore_index = _index("ignore_index", ignore_index)
         _check_alpha(alpha)
@@ -293,6 +296,34 @@ def weighted_loss(
     if outputs:
         return LossOutput(loss, per, weights, z, token_loss if return_token_loss else None)
     return loss
+
+
+def _whole_vocabulary(vocab: Optional[int], vocab_start, vocab_size) -> None:
+    """Without a group (no split) ``vocab_start`` and ``vocab_size`` may only describe the whole
+    vocabulary ``vocab`` (the logits' last dimension or the weight's rows; None where the
+    tensor's rank is wrong, which the native call reports): code that always passes them still
+    gets the registered op, which ``torch.compile`` traces."""
+    if vocab is not None and (vocab_start is not None or vocab_size is not None):
+        from . import _dist
+
+        _dist.slice_of(vocab, None, vocab_start, vocab_size)
+
+
+# what autocast casts (float64 it leaves as it is)
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs a linear layer in on ``device``'s type, or None outside
+    an autocast region (torch >= 2.4's per-device-type functions; the older per-device ones
+    where those are missing)."""
+    kind = device.type
+    try:
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    except (AttributeError, TypeError):
+        if kind == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
 def _grad_f32(logits: Tensor, kept_grad_dtype) -> bool:
@@ -407,7 +438,9 @@ def weighted_linear_loss(
     """:func:`weighted_loss` of the logits ``hidden @ weight.T + bias``, computed without ever
     holding them: the last hidden states ``hidden`` ([B, T, H] or [B*T, H]), the output weight
     ``weight`` ([V, H]: an ``nn.Linear(H, V)`` head's weight, or a tied input embedding) and an
-    optional ``bias`` [V], all float32, float16 or bfloat16 alike; ``ids`` (and ``labels``,
+    optional ``bias`` [V], all float32, float16 or bfloat16 alike (inside ``torch.autocast``
+    they are cast to autocast's dtype first, as the head's ``F.linear`` would be, so float32
+    parameters with autocast's 16-bit hidden states work); ``ids`` (and ``labels``,
     ``token_weights``) [B, T] as for :func:`weighted_loss`, whose options this takes too.
 
     The forward cuts the B*T token rows into chunks, and per chunk computes the chunk's logits
@@ -446,7 +479,8 @@ def weighted_linear_loss(
     row (20) on CUDA tensors, one all-gather per chunk of rows (CUDA: per logits product, a
     quarter of a chunk for 16-bit inputs). This path is an eager ``torch.autograd.Function``.
     """
-    sharded = process_group is not None or data_group is not None or vocab_start is not None or vocab_size is not None
+    refuse_transforms()
+    sharded = process_group is not None or data_group is not None
     # (a split: this rank's errors here fail its groups, not only this rank: see _fails_together)
     with _fails_together(sharded, process_group, data_group, hidden):
         named = dict(weight=weight, ids=ids)
@@ -460,6 +494,15 @@ def weighted_linear_loss(
                 raise TypeError(f"{name} must be a torch tensor or None")
         _check_linear_devices(hidden, dict(named, bias=bias, labels=labels, token_weights=token_weights))
         _check_kinds(dict(named, hidden=hidden, bias=bias, labels=labels, token_weights=token_weights))
+        if not sharded:
+            _whole_vocabulary(weight.shape[0] if weight.dim() == 2 else None, vocab_start, vocab_size)
+        # inside torch.autocast the head runs in autocast's dtype, as nn.Linear's F.linear would
+        # (float32 parameters with 16-bit hidden states are then no dtype mismatch); autograd
+        # carries the casts' gradients back to the parameters' dtype
+        cast = _autocast_dtype(hidden.device)
+        if cast is not None:
+            hidden, weight, bias = (t.to(cast) if t is not None and t.dtype in _AUTOCAST_FROM and t.dtype != cast else t
+                                    for t in (hidden, weight, bias))
         kw, kww = _keyword_lists(keywords, keyword_weights)
         ignore_index = _index("ignore_index", ignore_index)
         _check_alpha(alpha)

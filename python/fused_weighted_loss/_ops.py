@@ -427,6 +427,24 @@ class _EagerLoss(torch.autograd.Function):
         return _backward(ctx, g_loss, *g_non_differentiable)
 
 
+# (torch's query of whether a torch.func transform is running; absent: never taken as running)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+_TRANSFORMS = (
+    "fused_weighted_loss does not run under torch.func transforms (grad, vjp, vmap, jacrev, ...): "
+    "its gradient comes from the forward, with no graph a transform could differentiate or batch; "
+    "use loss.backward() or torch.autograd.grad"
+)
+
+
+def refuse_transforms() -> None:
+    """A clear error under a ``torch.func`` transform, where the autograd functions would fail
+    with torch's message about their own structure, or a nested transform would silently get
+    no second derivative."""
+    if not torch.compiler.is_compiling() and _transforms_active():
+        raise RuntimeError(_TRANSFORMS)
+
+
 def _loss_op(logits, ids, labels, token_weights, keywords, keyword_weights, mode):
     """The fused loss: the registered op while ``torch.compile`` traces, the eager autograd
     function otherwise (the same computation)."""

@@ -181,3 +181,24 @@ def test_a_double_backward_raises():
     # (before: a gradient without a graph, and no error)
     with pytest.raises(RuntimeError, match="create_graph=True"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_torch_func_transforms_are_refused_with_a_clear_error():
+    """torch.func.grad/vjp/vmap over the loss (whose gradient comes from the forward, with no
+    graph to transform) raise this package's RuntimeError naming the alternative, for both
+    entries; plain autograd still works after."""
+    import torch.func
+
+    logits, ids, keys = random_case(4, "cpu", dtype=torch.float32)[:3]
+    hidden, weight = torch.randn(2, 5, 8), torch.randn(11, 8)
+    hid_ids = torch.randint(0, 11, (2, 5))
+    f = lambda x: fwl.weighted_loss(x, ids, keywords=keys)
+    g = lambda h: fwl.weighted_linear_loss(h, weight, hid_ids)
+    for transform in (torch.func.grad, lambda fn: (lambda x: torch.func.vjp(fn, x)), torch.func.vmap):
+        with pytest.raises(RuntimeError, match="torch.func transforms"):
+            transform(f)(logits.unsqueeze(0) if transform is torch.func.vmap else logits)
+        with pytest.raises(RuntimeError, match="torch.func transforms"):
+            transform(g)(hidden.unsqueeze(0) if transform is torch.func.vmap else hidden)
+    x = logits.clone().requires_grad_()
+    f(x).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

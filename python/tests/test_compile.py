@@ -177,3 +177,18 @@ def test_changing_alpha_compiles_the_linear_entry_at_most_twice(device):
         for name, eager, traced in zip(("loss", "hidden", "weight", "bias"), *results):
             assert rel_err(traced, eager) <= 1e-6, (a, name)
     assert counter.frame_count <= 2
+
+
+def test_the_whole_vocabulary_named_without_a_group_compiles_fullgraph():
+    """vocab_start=0 and vocab_size=V without a process group (code that always passes them) is
+    no split: the registered op, which torch.compile(fullgraph=True) traces; any other slice
+    without a group is a ValueError."""
+    logits, ids, keys = random_case(3, "cpu")[:3]
+    v = logits.shape[-1]
+    eager = fwl.weighted_loss(logits, ids, keywords=keys)
+    f = torch.compile(lambda x, i: fwl.weighted_loss(x, i, keywords=keys, vocab_start=0, vocab_size=v),
+                      fullgraph=True)
+    assert rel_err(f(logits, ids), eager) <= 1e-6
+    for start, size in ((1, v), (0, v + 1)):
+        with pytest.raises(ValueError, match="process_group"):
+            fwl.weighted_loss(logits, ids, keywords=keys, vocab_start=start, vocab_size=size)

@@ -112,6 +112,16 @@ def test_smaller_shapes_reuse_a_block_larger_ones_do_not():
     assert g.data_ptr() == big and g.shape == small_logits.shape
     _, _, _, ref = reference(small_logits, small_ids, keys)
     assert rel_err(g, ref) <= 1e-5
+    # a larger shape than any free block: a new block, not the small one's (nor an overrun of it)
+    y.grad = None
+    del g
+    large_logits = torch.cat([logits, logits], dim=1)
+    large_ids = torch.cat([ids, ids], dim=1)
+    z = large_logits.clone().requires_grad_()
+    h = step(z, large_ids, keys)
+    assert h.data_ptr() != big and h.shape == large_logits.shape
+    _, _, _, ref = reference(large_logits, large_ids, keys)
+    assert rel_err(h, ref) <= 1e-5
 
 
 def test_the_pool_can_be_turned_off():

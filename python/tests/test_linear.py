@@ -307,3 +307,27 @@ def test_bf16_weight_gradient_summed_in_float32_over_many_chunks():
         if accumulate_f32:
             check_against(case, ref, torch.bfloat16)
     assert errors[True] <= TOL[torch.bfloat16]["grad"] < errors[False]
+
+
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_autocast_runs_the_head_in_autocasts_dtype(device, cast):
+    """Inside torch.autocast, 16-bit hidden states (what autocast's layers give) with float32
+    head parameters: the head runs in autocast's dtype, as F.linear would; the loss and the
+    gradients (float32, the parameters' dtype) match float64 on the inputs rounded to it.
+    Outside autocast the same dtypes are a TypeError."""
+    case = linear_case(11, device, torch.float32, bias=True)
+    hidden16 = case["hidden"].detach().to(cast).requires_grad_()
+    args = dict(bias=case["bias"], keywords=case["keywords"])
+    with pytest.raises(TypeError):
+        fwl.weighted_linear_loss(hidden16, case["weight"], case["ids"], **args)
+    with torch.autocast(device_type=torch.device(device).type, dtype=cast):
+        loss = fwl.weighted_linear_loss(hidden16, case["weight"], case["ids"], **args)
+    loss.backward()
+    rounded = lambda t: t.detach().to(cast)
+    ref = linear_reference(hidden16, rounded(case["weight"]), case["ids"], rounded(case["bias"]), case["keywords"])
+    assert loss.dtype == torch.float32 and rel_err(loss, ref.loss) <= TOL[cast]["loss"]
+    for name, g, want in (("hidden", hidden16.grad, ref.d_hidden), ("weight", case["weight"].grad, ref.d_weight),
+                          ("bias", case["bias"].grad, ref.d_bias)):
+        leaf = hidden16 if name == "hidden" else case[name]
+        assert g is not None and g.dtype == leaf.dtype, name
+        assert rel_err(g, want) <= TOL[cast]["grad"], (name, rel_err(g, want))
