@@ -219,17 +219,17 @@ enum LogitsData {
     F16(Vec<f16>),
 }
 
-fn read_logits(path: &Path) -> CliResult<(Vec<usize>, LogitsData)> {
+fn read_logits(path: &Path) -> CliResult<LogitsData> {
     let a = read_npy(path, &[Elem::F32, Elem::F16]).map_err(|e| format!("logits {}: {e}", path.display()))?;
     let data = match a.data {
         NpyData::F32(v) => LogitsData::F32(v),
         NpyData::F16(v) => LogitsData::F16(v),
         _ => unreachable!("read_npy returns the element types asked for"),
     };
-    Ok((a.dims, data))
+    Ok(data)
 }
 
-fn read_ids(path: &Path, what: &str) -> CliResult<(Vec<usize>, Vec<i64>)> {
+fn read_ids(path: &Path, what: &str) -> CliResult<Vec<i64>> {
     let a = read_npy(path, &[Elem::I64, Elem::I32]).map_err(|e| format!("{what} {}: {e}", path.display()))?;
     let data = match a.data {
         NpyData::I64(v) => v,
@@ -240,7 +240,7 @@ fn read_ids(path: &Path, what: &str) -> CliResult<(Vec<usize>, Vec<i64>)> {
         }
         _ => unreachable!("read_npy returns the element types asked for"),
     };
-    Ok((a.dims, data))
+    Ok(data)
 }
 
 /// A float in the JSON output: a number when finite; else, since JSON has no such numbers, the
@@ -319,21 +319,21 @@ fn eval_typed<L: Logit>(
     Ok(out)
 }
 
-/// Reads per-token weights: float32 `[B, T]`.
-fn read_token_weights(path: &Path, shape: Shape) -> CliResult<Vec<f32>> {
+/// Reads per-token weights: float32 `[B, T]` (the shape checked from the header, in
+/// [`check_inputs`]).
+fn read_token_weights(path: &Path) -> CliResult<Vec<f32>> {
     let a = read_npy(path, &[Elem::F32]).map_err(|e| format!("token weights {}: {e}", path.display()))?;
-    shape.check_token_dims("token_weights", &a.dims)?;
     match a.data {
         NpyData::F32(v) => Ok(v),
         _ => unreachable!("read_npy returns the element types asked for"),
     }
 }
 
-/// The shape `eval` runs, from the inputs' headers (every shape checked), after checking that
+/// The shape and dtype `eval` runs, from the inputs' headers (every shape checked), after checking that
 /// its buffers fit in the memory available: the logits as read and in `--dtype`, the gradient
 /// and per-token losses asked for, the ids, labels and token weights (the library's per-row
 /// plan and the process beside them).
-fn check_inputs(a: &EvalArgs, files: &Outputs) -> CliResult<Shape> {
+fn check_inputs(a: &EvalArgs, files: &Outputs) -> CliResult<(Shape, DType)> {
     let peek = |path: &Path, what: &str, accept: &[Elem]| {
         peek_npy(path, accept).map_err(|e| Failure(format!("{what} {}: {e}", path.display())))
     };
@@ -367,7 +367,7 @@ fn check_inputs(a: &EvalArgs, files: &Outputs) -> CliResult<Shape> {
     let need = u64::try_from(need).unwrap_or(u64::MAX);
     let limit = bench::available_memory();
     if bench::fits(need, limit) {
-        return Ok(shape);
+        return Ok((shape, dtype));
     }
     let gb = |x: u64| format!("{:.2} GB", x as f64 * 1e-9);
     Err(Failure(match limit {
@@ -408,14 +408,11 @@ fn eval(a: EvalArgs) -> CliResult<(String, Vec<PendingOutput>)> {
     }
     let mut files = Outputs { grad, token_loss };
     // then the headers: shapes, and the memory the run needs, before any data is read
-    let shape = check_inputs(&a, &files)?;
-    let (_, logits) = read_logits(&a.logits)?;
-    let (_, ids) = read_ids(&a.inputs, "inputs")?;
-    let labels = match &a.labels {
-        Some(p) => Some(read_ids(p, "labels")?.1),
-        None => None,
-    };
-    let token_weights = a.token_weights.as_deref().map(|p| read_token_weights(p, shape)).transpose()?;
+    let (shape, dtype) = check_inputs(&a, &files)?;
+    let logits = read_logits(&a.logits)?;
+    let ids = read_ids(&a.inputs, "inputs")?;
+    let labels = a.labels.as_deref().map(|p| read_ids(p, "labels")).transpose()?;
+    let token_weights = a.token_weights.as_deref().map(read_token_weights).transpose()?;
     let mut tokens = match &labels {
         Some(y) => Tokens::new(&ids).with_labels(y),
         None => Tokens::new(&ids),
@@ -423,11 +420,6 @@ fn eval(a: EvalArgs) -> CliResult<(String, Vec<PendingOutput>)> {
     if let Some(w) = &token_weights {
         tokens = tokens.with_token_weights(w);
     }
-    let file_dtype = match logits {
-        LogitsData::F32(_) => DType::F32,
-        LogitsData::F16(_) => DType::F16,
-    };
-    let dtype = a.dtype.unwrap_or(file_dtype);
     let g = &mut files;
     let out = bench::with_threads(a.threads, || {
         Ok(match (&logits, dtype) {

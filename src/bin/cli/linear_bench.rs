@@ -84,8 +84,6 @@ fn chunking(a: &BenchLinearArgs) -> CliResult<Chunking> {
 fn check_cpu_memory(a: &BenchLinearArgs, shape: LinearShape, dtype: DType, chunking: Chunking) -> CliResult<()> {
     let (n, h, v) = (shape.rows() as u128, shape.hidden() as u128, shape.vocab() as u128);
     let (s, gs) = (dtype.size() as u128, if a.f32_grads { 4 } else { dtype.size() as u128 });
-    // hidden, weight (and bias) and their gradients; ids; the f32 panels of W (16-bit) and the
-    // chunks
     // per chunk row: its f32 logits, hidden rows and d hidden, and its part of one logits panel
     // (`P` rows of W per ~4 MiB panel), as the library counts a chunk row
     let p = ((4u128 << 20) / (4 * h).max(1)).clamp(1, v.max(1));
@@ -96,7 +94,8 @@ fn check_cpu_memory(a: &BenchLinearArgs, shape: LinearShape, dtype: DType, chunk
         Chunking::Auto => (fused_weighted_loss::linear::CPU_BUDGET as u128 / row).clamp(1, n.max(1)),
     };
     let inputs = n * h + v * h + if a.bias { v } else { 0 };
-    // and beside the chunks: the rows pass's working row per running task
+    // hidden, weight (and bias) and their gradients; ids; the f32 panels of W (16-bit); the
+    // chunks; and beside them the rows pass's working row per running task
     let tasks = (a.threads.unwrap_or_else(rayon::current_num_threads) as u128).min(chunk_rows);
     let need = inputs * (s + gs) + 8 * n + 8 * (4 << 20) + chunk_rows * row + tasks * 4 * v;
     check_host(shape, dtype, need)
