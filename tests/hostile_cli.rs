@@ -736,7 +736,7 @@ fn the_per_token_output_follows_the_same_rules() {
     assert_eq!(p.shape(), &[2, 3]);
 }
 
-/// A run ended by a signal (Ctrl-C, `kill`) while its outputs are pending removes their
+/// A run ended by a signal (Ctrl-C, `kill`, `kill -USR1`, an alarm) while its outputs are pending removes their
 /// temporary files and leaves the destinations as they were; its exit status is the signal's
 /// (it left a `.g.npy.<pid>.0.tmp` as large as the gradient before).
 #[cfg(unix)]
@@ -758,7 +758,14 @@ fn an_interrupted_eval_leaves_no_temporary_file() {
             .filter(|n| n.ends_with(".tmp"))
             .collect()
     };
-    for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT"), (libc::SIGQUIT, "QUIT")] {
+    let signals = [
+        (libc::SIGTERM, "TERM"),
+        (libc::SIGINT, "INT"),
+        (libc::SIGQUIT, "QUIT"),
+        (libc::SIGUSR1, "USR1"),
+        (libc::SIGALRM, "ALRM"),
+    ];
+    for (sig, name) in signals {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fused-weighted-loss"));
         // the signal's default disposition in the child: a test run started in the background
         // by a non-interactive shell (`cmd &`) ignores SIGINT, which the child inherits and the

@@ -47,7 +47,11 @@ struct Call {
 }
 
 impl Call {
-    fn new((ordinal, stream): (usize, usize)) -> PyResult<Call> {
+    /// The device's state is made on a process's first call for it (the primary context
+    /// retained, the kernels loaded, which the driver compiles from PTX on a GPU newer than the
+    /// embedded binaries: seconds), with the GIL released, so that other Python threads run
+    /// meanwhile; later calls find it made.
+    fn new(py: Python<'_>, (ordinal, stream): (usize, usize)) -> PyResult<Call> {
         // the driver must be known to load before any driver call
         fused_weighted_loss::cuda_status()
             .map_err(|reason| to_py(Error::BackendUnavailable { backend: Backend::Cuda, reason }))?;
@@ -56,7 +60,7 @@ impl Call {
         // call's scratch and results, on that call's stream) and torch's, borrowed on torch's
         // current stream, and cuBLAS's workspace, which the crate orders across streams with its own
         // event: none is used on a second stream unordered.
-        let dev = unsafe { ExternalDevice::primary(ordinal) }.map_err(to_py)?;
+        let dev = py.detach(|| unsafe { ExternalDevice::primary(ordinal) }).map_err(to_py)?;
         dev.loss()
             .context()
             .bind_to_thread()
@@ -103,7 +107,7 @@ fn typed<L: Logit, I: TokenId>(
     split: Split,
 ) -> PyResult<()> {
     let (spec, shape, out) = (&req.spec, req.shape, req.out);
-    let call = Call::new(device)?;
+    let call = Call::new(py, device)?;
     let (n, rows, b) = (shape.logits_len(), shape.rows(), shape.batch());
     // SAFETY: the data pointers of live, contiguous tensors on this device with these dtypes and
     // shapes (dtypes and shapes checked in `Inputs::request`, device and contiguity in _ops.py),
@@ -250,8 +254,10 @@ fn linear_typed<L: Logit, I: TokenId>(
     check: bool,
 ) -> PyResult<()> {
     let (shape, out) = (req.shape, req.out);
-    let call = Call::new(device)?;
-    let linear = CudaLinearLoss::shared(call.dev.loss().context()).map_err(to_py)?;
+    let call = Call::new(py, device)?;
+    // the first call on a device creates its cuBLAS handle (and workspace): without the GIL, as
+    // the device's state in `Call::new`
+    let linear = py.detach(|| CudaLinearLoss::shared(call.dev.loss().context())).map_err(to_py)?;
     let (rows, b) = (shape.rows(), shape.batch());
     let lens = [shape.hidden_len(), shape.weight_len(), shape.vocab()];
     // SAFETY: the data pointers of live, contiguous tensors on this device with these dtypes and
@@ -339,16 +345,22 @@ fn linear_typed<L: Logit, I: TokenId>(
 }
 
 /// See `crate::scale_grad`.
-pub(crate) fn scale_grad(l: DType, grad: &TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
+pub(crate) fn scale_grad(
+    py: Python<'_>,
+    l: DType,
+    grad: &TensorArg,
+    scale: u64,
+    device: (usize, usize),
+) -> PyResult<()> {
     match l {
-        DType::F32 => scale_typed::<f32>(grad, scale, device),
-        DType::F16 => scale_typed::<fused_weighted_loss::f16>(grad, scale, device),
-        DType::BF16 => scale_typed::<fused_weighted_loss::bf16>(grad, scale, device),
+        DType::F32 => scale_typed::<f32>(py, grad, scale, device),
+        DType::F16 => scale_typed::<fused_weighted_loss::f16>(py, grad, scale, device),
+        DType::BF16 => scale_typed::<fused_weighted_loss::bf16>(py, grad, scale, device),
     }
 }
 
-fn scale_typed<G: Logit>(grad: &TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
-    let call = Call::new(device)?;
+fn scale_typed<G: Logit>(py: Python<'_>, grad: &TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
+    let call = Call::new(py, device)?;
     let n = grad.dims().iter().product();
     // SAFETY: `grad` is the contiguous gradient tensor the forward wrote (on this device, of
     // dtype G and these dims) and `scale` a one-element f32 tensor on the same device, both held
@@ -389,7 +401,7 @@ fn time_typed<L: Logit, I: TokenId>(
     warmup: usize,
     iters: usize,
 ) -> PyResult<(f64, Vec<f64>)> {
-    let call = Call::new(device)?;
+    let call = Call::new(py, device)?;
     let (shape, n, rows) = (req.shape, req.shape.logits_len(), req.shape.rows());
     // SAFETY: as in `typed`: live contiguous tensors on this device that Python holds for the
     // call; the gradient buffer is one Python allocated for this measurement alone.

@@ -298,13 +298,13 @@ fn forward(
 /// `grad *= scale[0]` on the device, in place, queued on `stream` (no work when the scale is
 /// exactly 1, and no host read of it): the backward of the loss on CUDA tensors.
 #[pyfunction]
-fn scale_grad(grad: TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
+fn scale_grad(py: Python<'_>, grad: TensorArg, scale: u64, device: (usize, usize)) -> PyResult<()> {
     let l = logit_dtype(grad.dtype())?;
     #[cfg(feature = "cuda")]
-    return cuda::scale_grad(l, &grad, scale, device);
+    return cuda::scale_grad(py, l, &grad, scale, device);
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (l, scale, device);
+        let _ = (py, l, scale, device);
         Err(PyRuntimeError::new_err("this build of fused_weighted_loss has no CUDA support"))
     }
 }

@@ -1,15 +1,20 @@
-//! Temporary output files removed when the run is interrupted or aborted (unix: SIGINT, SIGTERM,
-//! SIGHUP, SIGQUIT, SIGABRT, SIGXCPU, SIGXFSZ).
+//! Temporary output files removed when the run is interrupted or aborted (unix: every signal
+//! whose default action ends the process and that the standard library leaves alone: SIGINT,
+//! SIGTERM, SIGHUP, SIGQUIT, SIGABRT, SIGXCPU, SIGXFSZ, SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM,
+//! SIGPROF, and on Linux SIGIO, SIGPWR and SIGSTKFLT; not SIGKILL, which no process can catch,
+//! nor SIGSEGV and SIGBUS, whose handler reports a stack overflow, nor SIGPIPE, which Rust
+//! programs ignore, nor the real-time signals).
 //!
 //! A pending output (see [`output`](super::output)) removes its temporary file when it is
 //! dropped, but a signal ends the process without running any destructor: a Ctrl-C during a
 //! long `eval` left a `.<name>.<pid>.<n>.tmp` file as large as the gradient beside the
 //! destination, and so did an allocation the allocator refused inside the library (Rust's
-//! allocation failure aborts, by SIGABRT), a CPU-time limit and a file-size limit. [`track`] registers a temporary file's path; the first call installs handlers
-//! that remove every registered path (`unlink`, which is async-signal-safe) and then end the
-//! process by the same signal with its default action, so the exit status is what it would have
-//! been. [`untrack`] forgets a path once it is renamed or removed. The destination is never
-//! touched: it changes only by the rename of a complete file.
+//! allocation failure aborts, by SIGABRT), a CPU-time limit, a file-size limit, and until
+//! 2026-12-04 a `kill -USR1` or a `timeout -s ALRM`. [`track`] registers a temporary file's
+//! path; the first call installs handlers that remove every registered path (`unlink`, which is
+//! async-signal-safe) and then end the process by the same signal with its default action, so
+//! the exit status is what it would have been. [`untrack`] forgets a path once it is renamed or
+//! removed. The destination is never touched: it changes only by the rename of a complete file.
 //!
 //! Paths are kept as leaked C strings in a fixed table of atomic pointers, so that the handler
 //! reads nothing that another thread may free. Elsewhere (not unix) both calls do nothing.
@@ -28,8 +33,28 @@ mod imp {
     static PENDING: [AtomicPtr<libc::c_char>; SLOTS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
     static INSTALL: Once = Once::new();
 
-    const SIGNALS: [libc::c_int; 7] =
-        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGABRT, libc::SIGXCPU, libc::SIGXFSZ];
+    /// The signals whose default action ends the process (see the module docs for those left
+    /// out).
+    const SIGNALS: &[libc::c_int] = &[
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGABRT,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+        libc::SIGALRM,
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        libc::SIGIO,
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        libc::SIGPWR,
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        libc::SIGSTKFLT,
+    ];
 
     extern "C" fn on_signal(sig: libc::c_int) {
         for slot in &PENDING {
@@ -48,7 +73,7 @@ mod imp {
     }
 
     fn install() {
-        for sig in SIGNALS {
+        for &sig in SIGNALS {
             // SAFETY: a zeroed sigaction with the handler set and an empty mask is valid;
             // signals that were ignored when the process started (e.g. SIGHUP under nohup)
             // stay ignored.

@@ -106,8 +106,9 @@ impl PendingOutput {
     }
 
     /// Whether two outputs would replace the same file: the destinations are one existing file
-    /// (by identity), or their directories are one and their names are equal (on macOS and
-    /// Windows, whose file systems usually ignore case, equal but for ASCII case).
+    /// (by identity), or their directories are one and their names are equal, or equal but for
+    /// case where that directory ignores case ([`folds_case`]: macOS and Windows usually, FAT or
+    /// ext4 with `casefold` on Linux).
     pub fn same_destination(&self, other: &PendingOutput) -> bool {
         let dir = |p: &Path| match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -118,13 +119,15 @@ impl PendingOutput {
                 return true;
             }
         }
-        let names = match (self.dest.file_name(), other.dest.file_name()) {
-            (Some(a), Some(b)) if cfg!(any(target_os = "macos", windows)) => {
-                a.to_string_lossy().eq_ignore_ascii_case(&b.to_string_lossy())
-            }
-            (a, b) => a == b,
-        };
-        names && file_id(&dir(&self.dest)) == file_id(&dir(&other.dest))
+        if file_id(&dir(&self.dest)) != file_id(&dir(&other.dest)) {
+            return false;
+        }
+        match (self.dest.file_name(), other.dest.file_name()) {
+            (Some(a), Some(b)) if a == b => true,
+            // only then the probe: it looks a file up, the names' comparison does not
+            (Some(a), Some(b)) => folds_case(&self.tmp) && names_fold_equal(a, b),
+            _ => false,
+        }
     }
 
     /// A message naming this output.
@@ -212,6 +215,30 @@ fn keep_owner_and_mode(file: &File, old: &fs::Metadata) {
         }
     }
     let _ = file.set_permissions(old.permissions());
+}
+
+/// Whether the directory of `file` (a file that exists) ignores case in names: the name with
+/// the case of its ASCII letters swapped finds the same file. A temporary file's name always has
+/// letters (`.tmp`). A probe, not a guess from the platform: macOS and Windows volumes can be
+/// case-sensitive, and Linux mounts FAT, SMB shares and ext4 directories with `casefold` that
+/// are not.
+fn folds_case(file: &Path) -> bool {
+    let Some(name) = file.file_name().and_then(|n| n.to_str()) else { return false };
+    let swapped: String = name
+        .chars()
+        .map(|c| if c.is_ascii_lowercase() { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
+        .collect();
+    if swapped == name {
+        return false;
+    }
+    matches!((file_id(file), file_id(&file.with_file_name(swapped))), (Some(a), Some(b)) if a == b)
+}
+
+/// Whether two names are one in a directory that ignores case: equal once lowercased (Unicode's
+/// simple lowercase mapping; file systems fold a little differently in rare letters, and a
+/// pair this calls equal that the directory keeps apart is refused, never overwritten).
+fn names_fold_equal(a: &std::ffi::OsStr, b: &std::ffi::OsStr) -> bool {
+    a.to_string_lossy().to_lowercase() == b.to_string_lossy().to_lowercase()
 }
 
 /// The most bytes of the destination's name a temporary file's name keeps: with the dot, the
@@ -370,6 +397,40 @@ mod tests {
         assert!(e.ends_with(&format!("(already replaced: --a {})", a.display())), "{e}");
         assert_eq!(fs::read_to_string(&a).unwrap(), "new a");
         assert_eq!(fs::read_to_string(&b).unwrap(), "old b");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two new outputs whose names differ only in case are one where the directory ignores case,
+    /// two where it does not, whatever the platform: the CLI asks the directory. A case-folding
+    /// file system cannot be mounted here, so a hard link under the swapped name of the first
+    /// output's temporary file makes the probe find one file, as such a directory would.
+    #[test]
+    fn names_differing_in_case_are_one_destination_where_the_directory_ignores_case() {
+        let dir = scratch("fold");
+        let first = pending("--a", &dir.join("G.npy"), "a");
+        let upper = pending("--b", &dir.join("g.NPY"), "b");
+        let other = pending("--c", &dir.join("h.npy"), "c");
+        let same = pending("--d", &dir.join("G.npy"), "d");
+        assert!(!folds_case(&first.tmp), "this directory tells case apart");
+        assert!(!first.same_destination(&upper));
+        assert!(first.same_destination(&same), "equal names are one destination anywhere");
+        let name = first.tmp.file_name().unwrap().to_str().unwrap();
+        let swapped: String = name
+            .chars()
+            .map(|c| if c.is_ascii_lowercase() { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
+            .collect();
+        fs::hard_link(&first.tmp, dir.join(&swapped)).unwrap();
+        assert!(folds_case(&first.tmp));
+        assert!(first.same_destination(&upper), "G.npy and g.NPY in a case-folding directory");
+        assert!(!first.same_destination(&other), "folding case does not make other names equal");
+        // Unicode letters fold too
+        assert!(names_fold_equal("É.npy".as_ref(), "é.NPY".as_ref()));
+        assert!(!names_fold_equal("e.npy".as_ref(), "é.npy".as_ref()));
+        // a file that does not exist is no evidence
+        assert!(!folds_case(&dir.join("missing.tmp")));
+        fs::remove_file(dir.join(&swapped)).unwrap();
+        drop((first, upper, other, same));
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "no temporary file left");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
