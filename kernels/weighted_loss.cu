@@ -29,6 +29,14 @@
 
 #include "params.h"
 
+// `p` is aligned to `n` bytes, as the vector access after it needs: checked in the host
+// emulation of the tests (tests/kernel_host/emu.h), where a misaligned access would not fault.
+#ifdef FWL_HOST_EMULATION
+#define FWL_ALIGNED(p, n) emu_check_aligned((p), (n), __FILE__, __LINE__)
+#else
+#define FWL_ALIGNED(p, n) ((void)0)
+#endif
+
 // ---- element types -------------------------------------------------------------------------
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -49,9 +57,11 @@ template <typename G> __device__ __forceinline__ void from_f32x2(G *o, float a, 
     o[1] = from_f32<G>(b);
 }
 template <> __device__ __forceinline__ void from_f32x2<__half>(__half *o, float a, float b) {
+    FWL_ALIGNED(o, 4);
     *reinterpret_cast<__half2 *>(o) = __floats2half2_rn(a, b);
 }
 template <> __device__ __forceinline__ void from_f32x2<__nv_bfloat16>(__nv_bfloat16 *o, float a, float b) {
+    FWL_ALIGNED(o, 4);
     *reinterpret_cast<__nv_bfloat162 *>(o) = __floats2bfloat162_rn(a, b);
 }
 
@@ -63,11 +73,13 @@ template <typename T> struct __align__(16) Vec16 {
 
 template <typename T> __device__ __forceinline__ Vec16<T> load16(const T *p) {
     Vec16<T> r;
+    FWL_ALIGNED(p, 16);
     *reinterpret_cast<uint4 *>(r.v) = *reinterpret_cast<const uint4 *>(p);
     return r;
 }
 
 template <typename T> __device__ __forceinline__ void store16(T *p, const Vec16<T> &r) {
+    FWL_ALIGNED(p, 16);
     *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(r.v);
 }
 

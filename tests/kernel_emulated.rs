@@ -283,10 +283,18 @@ fn check(c: &Call, o: &Outputs) -> f64 {
     // the row's coefficient: at most 10 here)
     let floor = if c.pair.1 == DType::F16 { 3e-8 * (v as f64).sqrt() } else { 0.0 } + v as f64 * 1.2e-37;
     for (row, (a, b)) in o.grad.chunks(v).zip(r.grad.chunks(v)).enumerate() {
-        let norm = b.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let diff = a.iter().zip(b).map(|(&x, y)| (f64::from(x) - y).powi(2)).sum::<f64>().sqrt();
-        let ok = if norm == 0.0 { diff == 0.0 } else { diff <= grad_tol * norm + floor };
-        assert!(ok, "{what}: the gradient of row {row}: {diff:e} off a norm of {norm:e}");
+        // the whole row, then the row without its largest entry (the target's, mostly): in a
+        // near-uniform row of 16-bit gradients that entry is nearly all of the norm, and every
+        // other entry could be 0 within the first bound (by 1/√V)
+        let big = (0..v).max_by(|&i, &j| b[i].abs().total_cmp(&b[j].abs())).unwrap_or(0);
+        for skip in [None, Some(big)] {
+            let kept = |i: &usize| Some(*i) != skip;
+            let norm = (0..v).filter(kept).map(|i| b[i] * b[i]).sum::<f64>().sqrt();
+            let diff = (0..v).filter(kept).map(|i| (f64::from(a[i]) - b[i]).powi(2)).sum::<f64>().sqrt();
+            let ok = if norm == 0.0 { diff == 0.0 } else { diff <= grad_tol * norm + floor };
+            let part = if skip.is_some() { ", without its largest entry" } else { "" };
+            assert!(ok, "{what}: the gradient of row {row}{part}: {diff:e} off a norm of {norm:e}");
+        }
     }
     e
 }

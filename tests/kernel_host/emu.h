@@ -56,6 +56,7 @@ using std::min;
 struct EmuDim3 {
     unsigned x = 1, y = 1, z = 1;
 };
+// (indices: .y and .z are 0, as on a GPU; the dimensions' are 1)
 // (external linkage: a fiber switch is an opaque call, after which the compiler reloads them)
 EmuDim3 threadIdx, blockIdx, blockDim, gridDim;
 
@@ -153,7 +154,8 @@ inline void arrive(Barrier &b, const char *file = "", int line = 0) {
         b.file = file;
         b.line = line;
     } else if (b.line != line || std::strcmp(b.file, file) != 0) {
-        die("__syncthreads at different places in one block (undefined on a GPU)");
+        die("a barrier (__syncthreads, or a warp's shuffle) reached at different places by one block's or "
+            "warp's threads (undefined on a GPU)");
     }
     if (++b.count == b.need) {
         b.count = 0;
@@ -213,8 +215,14 @@ template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&k
     using K = std::remove_reference_t<F>;
     entry_fn = [](void *k) { (*static_cast<K *>(k))(); };
     entry_arg = &kernel;
-    for (unsigned b = 0; b < grid; ++b) {
-        blockIdx = EmuDim3{b, 1, 1};
+    // blocks in a random order too: a GPU runs them in any order (and side by side), so a block
+    // that writes into the next block's part of a buffer (past its own row) is overwritten by it
+    // only when it runs first; in ascending order every such write was hidden
+    std::vector<unsigned> blocks(grid);
+    for (unsigned b = 0; b < grid; ++b) blocks[b] = b;
+    shuffle_order(blocks);
+    for (unsigned b : blocks) {
+        blockIdx = EmuDim3{b, 0, 0};
         fill_shared(smem);
         for (unsigned t = 0; t < block; ++t) {
             Fiber &f = fibers[t];
@@ -246,7 +254,7 @@ template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&k
                         if (f.done) continue;
                         warp_live = live = true;
                         current = static_cast<int>(t);
-                        threadIdx = EmuDim3{t, 1, 1};
+                        threadIdx = EmuDim3{t, 0, 0};
                         resume(f);
                     }
                     if (!progress) break;  // every lane waits for other warps (or is done)
@@ -263,16 +271,17 @@ template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&k
     current = -1;
 }
 
-template <class T> T shuffle(T v, unsigned mask, unsigned src_lane) {
+// (`file`, `line`: the shuffle's place in the kernel, which every lane of the warp must reach)
+template <class T> T shuffle(T v, unsigned mask, unsigned src_lane, const char *file, int line) {
     static_assert(sizeof(T) <= 8, "shuffles of up to 8 bytes");
     if (mask != 0xffffffffu) die("shuffle masks other than the full warp");
     const unsigned t = threadIdx.x, w = t / 32;
     uint64_t bits = 0;
     std::memcpy(&bits, &v, sizeof(T));
     slots[t] = bits;
-    arrive(warp_bars[w]);  // every lane's value is in
+    arrive(warp_bars[w], file, line);  // every lane's value is in
     const uint64_t o = slots[w * 32 + (src_lane & 31)];
-    arrive(warp_bars[w]);  // every lane has read before the slots are reused
+    arrive(warp_bars[w], file, line);  // every lane has read before the slots are reused
     T r;
     std::memcpy(&r, &o, sizeof(T));
     return r;
@@ -282,11 +291,22 @@ template <class T> T shuffle(T v, unsigned mask, unsigned src_lane) {
 
 inline void emu_syncthreads(const char *file, int line) { emu::arrive(emu::block_bar, file, line); }
 #define __syncthreads() emu_syncthreads(__FILE__, __LINE__)
-template <class T> T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
-    return emu::shuffle(v, mask, (threadIdx.x & 31) ^ static_cast<unsigned>(lane_mask));
+template <class T> T emu_shfl_xor_sync(unsigned mask, T v, int lane_mask, const char *file, int line) {
+    return emu::shuffle(v, mask, (threadIdx.x & 31) ^ static_cast<unsigned>(lane_mask), file, line);
 }
-template <class T> T __shfl_sync(unsigned mask, T v, int src_lane) {
-    return emu::shuffle(v, mask, static_cast<unsigned>(src_lane));
+template <class T> T emu_shfl_sync(unsigned mask, T v, int src_lane, const char *file, int line) {
+    return emu::shuffle(v, mask, static_cast<unsigned>(src_lane), file, line);
+}
+#define __shfl_xor_sync(mask, v, lane_mask) emu_shfl_xor_sync(mask, v, lane_mask, __FILE__, __LINE__)
+#define __shfl_sync(mask, v, src_lane) emu_shfl_sync(mask, v, src_lane, __FILE__, __LINE__)
+
+// A vector access's alignment (FWL_ALIGNED in the kernels): misaligned, it faults on a GPU,
+// where the host would mostly take it without a word.
+inline void emu_check_aligned(const void *p, size_t align, const char *file, int line) {
+    if (reinterpret_cast<uintptr_t>(p) % align) {
+        std::fprintf(stderr, "%s:%d: ", file, line);
+        emu::die("a vector access at an address not aligned to its size (a fault on a GPU)");
+    }
 }
 
 // ---- intrinsics --------------------------------------------------------------------------------

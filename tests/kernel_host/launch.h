@@ -16,13 +16,29 @@ namespace {
 // A 64-byte aligned buffer of `n` elements of `size` bytes at `offset` elements past the
 // alignment, filled with 0xff bytes (NaN for every float type) as a fresh device allocation could
 // hold anything: an element no kernel writes shows.
+// The bytes before and after the elements stay 0xff unless a kernel writes outside them:
+// `check_guards` says so.
 struct Buffer {
     unsigned char *base = nullptr, *at = nullptr;
+    size_t bytes = 0, used = 0;
     Buffer(size_t n, size_t size, size_t offset) {
-        const size_t bytes = ((n + offset) * size + 64 + 63) / 64 * 64;
+        bytes = ((n + offset) * size + 64 + 63) / 64 * 64;
+        used = n * size;
         base = static_cast<unsigned char *>(std::aligned_alloc(64, bytes));
         std::memset(base, 0xff, bytes);
         at = base + offset * size;
+    }
+    // Ends the run (exit 3) if a byte before or after the elements changed (a write outside the
+    // buffer on a GPU, into another allocation).
+    void check_guards(const char *what) const {
+        for (const unsigned char *p = base; p < base + bytes; ++p) {
+            if (p == at) p += used;
+            if (p < base + bytes && *p != 0xff) {
+                std::fprintf(stderr, "calls (call %ld): a write %td bytes from the start of the %s's elements, outside them\n",
+                             emu::call_index, p - at, what);
+                std::exit(3);
+            }
+        }
     }
     ~Buffer() { std::free(base); }
     Buffer(const Buffer &) = delete;

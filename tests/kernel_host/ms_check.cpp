@@ -29,7 +29,8 @@ static const MS EMPTY{-INFINITY, 0.f, 0.f, 0.f};
 
 // The larger of a running worst error and a new one, NaN kept (std::max(worst, NaN) keeps worst:
 // a NaN error never reached the bound's check)
-static double worse(double worst, double e) { return e <= worst ? worst : e; }
+// (a NaN, once in, stays: the bounds' `<=` then fails)
+static double worse(double worst, double e) { return std::isnan(worst) || e <= worst ? worst : e; }
 
 // What one block computes for a row: thread k folds elements k*8.., k*8+T*8.. in pushes of up to
 // 8 (as a 16-byte vector of f16/bf16), then the butterfly of each warp and of the warps' results.

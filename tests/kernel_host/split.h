@@ -192,6 +192,10 @@ void split(const Call &c, SplitRun &run) {
                 emu::launch(c.grid, c.threads, 0, [&] { pair.split_grad(gp); });
             }
         }
+        for (size_t r = 0; r < R; ++r) {
+            xs[r]->check_guards("logits");
+            gs[r]->check_guards("gradient");
+        }
         // each rank's gradient of its columns into the whole
         for (size_t r = 0; r < R && c.grad_mode; ++r) {
             const size_t v0 = static_cast<size_t>(c.column_cuts[r]), len = static_cast<size_t>(c.column_cuts[r + 1]) - v0;
