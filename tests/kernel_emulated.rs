@@ -231,6 +231,7 @@ fn check(c: &Call, o: &Outputs) -> f64 {
     let (grad_tol, loss_tol) =
         (if c.pair.1 == DType::F32 { 1e-5 } else { 1.5e-2 }, if c.pair.0 == DType::F32 { 1e-5 } else { 1e-4 });
     assert_eq!(o.status, [0, -1, 0, -1, 0, -1, -1], "{what}: status");
+    assert_eq!(o.status_values, [0.0, 0.0], "{what}: status values");
     let e = rel(o.loss, r.loss);
     assert!(e <= loss_tol, "{what}: loss {} vs {} ({e:e})", o.loss, r.loss);
     assert!(rel(o.loss_f32, r.loss) <= loss_tol.max(1e-6), "{what}: the f32 loss {} vs {}", o.loss_f32, r.loss);
@@ -579,8 +580,9 @@ fn plain_call(b: usize, t: usize, v: usize) -> Call {
 
 /// What the plan and finish kernels report of bad tokens, sample weights beyond f64 and
 /// non-finite rows (the host turns the report into the typed errors): the first (smallest flat
-/// index) of each kind, across the warps of the block, for every id type. Status: flags, bad id index and value, bad label index and value,
-/// non-finite row, bad token weight index.
+/// index) of each kind, across the warps of the block, for every id type. Status: flags, bad id
+/// index and value, bad label index and value, non-finite row, bad token weight index; then the
+/// bad token weight's value and the bad sample weight (what the host's errors name).
 #[test]
 fn emulated_kernels_report_bad_inputs() {
     let Some(exe) = calls_exe() else { return };
@@ -597,7 +599,7 @@ fn emulated_kernels_report_bad_inputs() {
         calls.push(c);
         // (u32 ids: the same 4 bytes, read as 2^32 - 3)
         let bad = if id_type == 2 { (1i64 << 32) - 3 } else { -3 };
-        want.push([1 | 2, 5, bad, 5, bad, -1, -1]);
+        want.push(([1 | 2, 5, bad, 5, bad, -1, -1], [0.0, 0.0]));
     }
     // separate labels: a label out of range, the ids fine; -100 (ignored) is not out of range
     let mut c = plain_call(b, t, v);
@@ -608,7 +610,7 @@ fn emulated_kernels_report_bad_inputs() {
     c.labels = Some(labels);
     c.spec = LossSpec::builder().ignore_index(-100).build().unwrap();
     calls.push(c);
-    want.push([2, -1, 0, 6, 50, -1, -1]);
+    want.push(([2, -1, 0, 6, 50, -1, -1], [0.0, 0.0]));
     // a token weight that is not finite
     let mut c = plain_call(b, t, v);
     let mut w = vec![1f32; b * t];
@@ -616,34 +618,42 @@ fn emulated_kernels_report_bad_inputs() {
     w[3] = f32::NAN;
     c.token_weights = Some(w);
     calls.push(c);
-    want.push([8, -1, 0, -1, 0, -1, 3]);
+    // (the first of them: the NaN at 3)
+    want.push(([8, -1, 0, -1, 0, -1, 3], [f64::NAN, 0.0]));
     // non-finite logits in rows 6 and 1 (both with a target): row 1 is reported
     let mut c = plain_call(b, t, v);
     c.logits[6 * v + 4] = f32::NAN;
     c.logits[v + 7] = f32::INFINITY;
     calls.push(c);
-    want.push([4, -1, 0, -1, 0, 1, -1]);
+    want.push(([4, -1, 0, -1, 0, 1, -1], [0.0, 0.0]));
     // a sample weight beyond f64 (alpha 1e308 times 1 + 1 keyword hit), and, under the
     // weighted mean, finite weights whose sum is not
     let mut c = plain_call(b, t, v);
     c.ids[6] = 7;
     c.spec = LossSpec::builder().alpha(1e308).keywords([7i64]).build().unwrap();
     calls.push(c);
-    want.push([16, -1, 0, -1, 0, -1, -1]);
+    want.push(([16, -1, 0, -1, 0, -1, -1], [0.0, f64::INFINITY]));
     let mut c = plain_call(b, t, v);
     c.spec = LossSpec::builder().alpha(1e308).reduction(Reduction::WeightedMean).build().unwrap();
     calls.push(c);
-    want.push([16, -1, 0, -1, 0, -1, -1]);
+    want.push(([16, -1, 0, -1, 0, -1, -1], [0.0, f64::INFINITY]));
     // the split: every data rank's weight and sum finite, the group's sum not (fwl_split_batch's
     // own report)
     let mut c = plain_call(b, t, v);
     c.spec = LossSpec::builder().alpha(1e308).reduction(Reduction::WeightedMean).build().unwrap();
     c.split = Some(Split { sample_cuts: vec![0, 1, 2, 3], column_cuts: vec![0, 20, v as i64], whole_rows: false });
     calls.push(c);
-    want.push([16, -1, 0, -1, 0, -1, -1]);
+    want.push(([16, -1, 0, -1, 0, -1, -1], [0.0, f64::INFINITY]));
     let outs = run(exe, &calls, "bad");
-    for (i, (o, w)) in outs.iter().zip(&want).enumerate() {
+    for (i, (o, (w, values))) in outs.iter().zip(&want).enumerate() {
         assert_eq!(&o.status, w, "case {i}: status");
+        // the values the host puts in its errors (NaN equal to NaN here)
+        let same = |a: f64, b: f64| a == b || (a.is_nan() && b.is_nan());
+        assert!(
+            o.status_values.iter().zip(values).all(|(&a, &b)| same(a, b)),
+            "case {i}: status values {:?}, want {values:?}",
+            o.status_values
+        );
     }
 }
 

@@ -164,7 +164,8 @@ impl Call {
 }
 
 /// What `calls.cpp` writes per call: loss, z-loss and the f32 loss (f64), the status (flags, bad
-/// id index and value, bad label index and value, non-finite row, bad token weight index; i64),
+/// id index and value, bad label index and value, non-finite row, bad token weight index; i64;
+/// then the bad token weight's value and the bad sample weight, f64),
 /// weights, per-sample losses and z-losses (f64 [B]), valid targets (i64 [B]), each row's loss
 /// (f64 [B·T]), then the gradient as f32 [B·T·V] when the call asks for one.
 #[derive(Debug)]
@@ -173,6 +174,9 @@ pub struct Outputs {
     pub z_loss: f64,
     pub loss_f32: f64,
     pub status: [i64; 7],
+    /// The status's values: the first bad token weight, the bad sample weight (or sum); 0 when
+    /// there is none.
+    pub status_values: [f64; 2],
     pub weights: Vec<f64>,
     pub per_sample: Vec<f64>,
     pub per_sample_z: Vec<f64>,
@@ -233,6 +237,7 @@ pub fn run(exe: &Path, calls: &[Call], tag: &str) -> Vec<Outputs> {
                 z_loss: s[1],
                 loss_f32: s[2],
                 status: r.i64s(7).try_into().unwrap(),
+                status_values: r.f64s(2).try_into().unwrap(),
                 weights: r.f64s(b),
                 per_sample: r.f64s(b),
                 per_sample_z: r.f64s(b),

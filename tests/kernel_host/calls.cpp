@@ -104,6 +104,8 @@ void write_outputs(FILE *out, const std::vector<const Planned *> &parts, const s
     const int64_t s[7] = {static_cast<int64_t>(st->flags), st->bad_id_index, st->bad_id_value, st->bad_label_index,
                           st->bad_label_value,                st->non_finite_row, st->bad_weight_index};
     std::fwrite(s, sizeof(int64_t), 7, out);
+    const double values[2] = {st->bad_weight_value, st->bad_sample_weight};
+    std::fwrite(values, sizeof(double), 2, out);
     for (auto field : {&Planned::weights, &Planned::per_sample, &Planned::per_sample_z})
         for (const Planned *p : parts) write_vec(out, p->*field);
     for (const Planned *p : parts) write_vec(out, std::vector<int64_t>(p->valid.begin(), p->valid.end()));
