@@ -197,11 +197,8 @@ impl CudaLoss {
             let smem_vectors = if p.grad != 0 { row_vectors.min(row_fn.smem / 16) } else { 0 };
             let smem = smem_vectors * 16;
             let block = (m.launch.threads, 1, 1);
-            let per_sm = func
-                .occupancy_max_active_blocks_per_multiprocessor(m.launch.threads, smem, None)
-                .map_err(drv("querying occupancy"))?
-                .max(1);
-            let grid = (m.num_sms as usize * per_sm as usize).min(rows).max(1) as u32;
+            let per_sm = m.blocks_per_sm(func, m.launch.threads, smem)?;
+            let grid = (m.num_sms as usize * per_sm).min(rows).max(1) as u32;
             let (t, _g1) = targets.device_ptr(stream);
             let (c, _g2) = coef.device_ptr(stream);
             let (rl, _g3) = row_loss.device_ptr_mut(stream);

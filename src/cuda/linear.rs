@@ -1,6 +1,8 @@
 //! The fused linear + weighted loss on CUDA: cuBLAS (`cublasGemmEx`, f32 compute, opened at run
 //! time like the driver) for the products, this crate's plan, rows and finish kernels for the
-//! loss, all queued on the caller's stream; nothing synchronises with the host.
+//! loss, all queued on the caller's stream; nothing synchronises with the host (on a device with
+//! stream-ordered memory pools, as every GPU of the last decade has; where the driver has none,
+//! cudarc frees each scratch buffer after waiting for its stream).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,7 +41,9 @@
 //! of `W`'s size per chunk, runs over `C` rows at a time while the f32 logits stay small.
 //!
 //! **Memory** beyond inputs and gradients: f32 inputs `4·C·V`; 16-bit inputs `2·C·V + 4·C'·V`;
-//! plus `8·N` (targets, row losses), `C` elements of ones when a bias is given, and the cuBLAS
+//! plus `12·N` (the plan's targets, i32, and row losses, f64; `20·N` with z-loss, and the tiled
+//! schedule's copy of the token weights `4·N` more), `C` elements of ones when a bias is given,
+//! and the cuBLAS
 //! workspace ([`WORKSPACE_BYTES`], allocated once per [`CudaLinearLoss`]). `C` comes from
 //! [`Chunking`]: [`DEFAULT_BUDGET`] bytes of chunk buffers unless set, rounded down to a multiple
 //! of 64 rows when it is larger than 64.
@@ -169,7 +173,10 @@ impl<'a, 'b, L: Logit> DeviceLinearGrads<'a, 'b, L> {
     pub fn bias(self, g: DeviceGrad<'a, 'b, L>) -> Self {
         DeviceLinearGrads { bias: g, ..self }
     }
-    /// Add into `d weight` and `d bias` instead of overwriting them.
+    /// Add into `d weight` and `d bias` instead of overwriting them. A call that fails after
+    /// queuing its first products (a launch or driver error, not a refused input: those are
+    /// found before any work) may have added part of its sums already: treat both buffers as
+    /// undefined then.
     pub fn accumulate(self, on: bool) -> Self {
         DeviceLinearGrads { accumulate: on, ..self }
     }

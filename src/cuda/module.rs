@@ -148,6 +148,10 @@ pub(super) struct Module {
     pub(super) launch: RowLaunch,
     /// The vocabulary- and data-parallel split's kernels.
     pub(super) split: super::split::SplitFns,
+    /// Resident blocks per multiprocessor by (kernel, threads, dynamic shared memory), asked of
+    /// the driver once each: the tiled fused linear path launches the split's kernels some 400
+    /// times a call.
+    occupancy: Mutex<Vec<(usize, u32, usize, usize)>>,
 }
 
 impl Module {
@@ -211,7 +215,24 @@ impl Module {
             num_sms: num_sms.max(1) as u32,
             launch,
             split: super::split::SplitFns::load(f)?,
+            occupancy: Mutex::new(Vec::new()),
         })
+    }
+
+    /// How many blocks of `threads` threads with `smem` bytes of dynamic shared memory `func` (a
+    /// kernel of this module) keeps resident on a multiprocessor: at least 1.
+    pub(super) fn blocks_per_sm(&self, func: &CudaFunction, threads: u32, smem: usize) -> Result<usize> {
+        let key = (func.cu_function() as usize, threads, smem);
+        let mut known = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&(.., n)) = known.iter().find(|&&(f, t, m, _)| (f, t, m) == key) {
+            return Ok(n);
+        }
+        let n = func
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+            .map_err(drv("querying occupancy"))?
+            .max(1) as usize;
+        known.push((key.0, key.1, key.2, n));
+        Ok(n)
     }
 
     /// The module of `ctx`, loaded once per context and shared while anyone holds it (loaded

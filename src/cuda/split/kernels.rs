@@ -49,10 +49,7 @@ impl SplitFns {
 /// A grid-stride launch over `rows` rows of blocks of `threads` threads (a multiple of 32, at
 /// most `THREADS`), as many resident blocks as fit.
 pub(super) fn rows_config(loss: &CudaLoss, func: &CudaFunction, rows: usize, threads: u32) -> Result<LaunchConfig> {
-    let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
-        .map_err(drv("querying occupancy"))?
-        .max(1) as usize;
+    let per_sm = loss.module.blocks_per_sm(func, threads, 0)?;
     let grid = (loss.module.num_sms as usize * per_sm).min(rows).max(1) as u32;
     Ok(LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
 }

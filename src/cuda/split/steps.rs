@@ -395,8 +395,11 @@ impl CudaSharded {
             smoothing: self.spec.label_smoothing,
         };
         let cfg = rows_config(&self.loss, func, n, threads)?;
-        // SAFETY: the parameters match fwl_split_grad_<L>_<G>'s; logits and grad (when not 0)
-        // hold rows * len elements of L and G (checked, or sized so, by the callers), gathered ranks * rows *
+        // SAFETY: the parameters match fwl_split_grad_<L>_<G>'s; with a gradient (g not 0),
+        // logits and grad hold rows * len elements of L and G (checked, or sized so, by the
+        // callers); without one the kernel reads no logit (split_grad_impl stops after the row's
+        // loss), so the tiled schedule's loss-only call may pass the whole vocabulary's columns
+        // with a buffer of one block's; gathered ranks * rows *
         // words f32 (checked), targets, row_loss, row_z (when not NULL) and token_weights (when
         // not 0) the plan's B * T rows (row0 + rows <= B * T, checked), coef B.
         unsafe { stream.launch_builder(func).arg(&p).launch(cfg) }.map_err(drv("launching the split's gradient"))?;
