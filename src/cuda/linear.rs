@@ -63,10 +63,12 @@ use blas::{blas_type, Blas};
 mod host;
 #[cfg(test)]
 mod host_product;
+mod scale;
 mod sweep;
 mod tiles;
 pub(crate) use host::run_host;
 pub use host::{bench_device, DeviceLinearBench, LinearBenchExtras};
+pub(in crate::cuda) use scale::{gradient_rows_scale, scaled};
 pub(crate) use sweep::linear_shape_fits;
 pub(in crate::cuda) use sweep::{check_buffers, Cut};
 pub use tiles::LinearSchedule;
@@ -273,10 +275,14 @@ impl CudaLinearLoss {
         }
         let cut = Cut::new::<L>(chunking, shape.vocab(), shape.rows())?;
         let loss = &self.loss;
+        // float16 gradient rows scaled by a power of two (the plan's gradient scale), their
+        // products by its inverse (`scale.rs`)
+        let s = gradient_rows_scale(spec, t, L::DTYPE, tokens.token_weights.is_some(), tokens.grad_scale.is_some());
+        let (scaled_spec, unscale) = scaled(spec, s);
         // the token inputs stay borrowed until the finish is queued: the rows and finish kernels
         // read the token weights through the plan
         loss.with_inputs(stream, tokens, 0, 0, |stream, token_ptrs| {
-            let mut planned = loss.launch_plan::<I>(spec, t, stream, token_ptrs)?;
+            let mut planned = loss.launch_plan::<I>(&scaled_spec, t, stream, token_ptrs)?;
             let mut rows_kernel = |rows: Range<usize>, z: u64, g: u64| -> Result<()> {
                 let p = Ptrs { logits: z, grad: g, ids: 0, labels: 0, token_weights: 0, scale: 0 };
                 let (first, m) = (rows.start, rows.len());
@@ -286,7 +292,7 @@ impl CudaLinearLoss {
                     DType::BF16 => loss.launch_rows::<f32, half::bf16>(t, stream, &p, first, m, &mut planned),
                 }
             };
-            let swept = self.sweep(shape, stream, inputs, &mut grads, cut, &mut rows_kernel)?;
+            let swept = self.sweep(shape, stream, inputs, &mut grads, cut, unscale, &mut rows_kernel)?;
             Ok(DeviceLinearOutput {
                 loss: loss.launch_finish(spec, t, stream, planned)?,
                 chunk_rows: cut.c,

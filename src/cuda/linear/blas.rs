@@ -71,8 +71,10 @@ pub(super) struct Operand {
     pub(super) ld: usize,
 }
 
-/// A column-major product `c = op(a)·op(b) (+ c)` for cuBLAS: `m x n`, inner size `k`.
+/// A column-major product `c = alpha·op(a)·op(b) (+ c)` for cuBLAS: `m x n`, inner size `k`.
 pub(super) struct Product {
+    /// 1, or `1/S` for the products of float16 gradient rows scaled by `S` (`scale.rs`).
+    pub(super) alpha: f32,
     pub(super) ta: bool,
     pub(super) tb: bool,
     pub(super) m: usize,
@@ -106,7 +108,7 @@ impl Blas {
     pub(super) fn gemm(&self, p: Product) -> Result<()> {
         let dim = |x: usize| i32::try_from(x).map_err(|_| Error::Unsupported("matrix too large for cuBLAS".into()));
         let op = |t| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        let (alpha, beta) = (1f32, if p.accumulate { 1f32 } else { 0f32 });
+        let (alpha, beta) = (p.alpha, if p.accumulate { 1f32 } else { 0f32 });
         // SAFETY: every caller passes device addresses of live buffers (held by the caller for
         // the call) large enough for the shape and leading dimensions given, of the types given;
         // the handle is bound to the stream the buffers are used on; alpha and beta are host f32

@@ -108,7 +108,7 @@ impl Memory {
                     let bi = if p.tb { j + q * p.b.ld } else { q + j * p.b.ld };
                     s += elem(ab, a0 + ai) * elem(bb, b0 + bi);
                 }
-                out[i + j * m] = s;
+                out[i + j * m] = f64::from(p.alpha) * s;
             }
         }
         for j in 0..n {
@@ -173,6 +173,9 @@ pub(super) struct Problem {
     pub weight: Vec<f64>,
     pub bias: Vec<f64>,
     pub grad: Vec<f64>,
+    /// The power of two the steps write the gradient rows scaled by (as the float16 rows are,
+    /// `scale.rs`): the products' `alpha` must take it out again.
+    pub scale: f64,
     pub dw_prior: Vec<f64>,
     pub db_prior: Vec<f64>,
 }
@@ -209,6 +212,7 @@ impl Problem {
             weight: random_values(rng, ty, v * h),
             bias: random_values(rng, ty, v),
             grad: random_values(rng, ty, n * v),
+            scale: 2f64.powi(rng.below(13) as i32),
             dw_prior: random_values(rng, dw_ty.unwrap_or(F32), v * h),
             db_prior: random_values(rng, db_ty.unwrap_or(F32), v),
         }
@@ -265,6 +269,7 @@ impl Problem {
             d_weight: at(self.dw_ty, 1),
             d_bias: at(self.db_ty, 2),
             accumulate: self.accumulate,
+            unscale: (1.0 / self.scale) as f32,
         }
     }
 

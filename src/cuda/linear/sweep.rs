@@ -98,8 +98,11 @@ pub(in crate::cuda) struct Swept {
 
 impl CudaLinearLoss {
     /// Queues the products of every chunk of `cut` on `stream` and `step` between them (see the
-    /// [module docs](super)); `shape` as for [`check_buffers`], which the caller has run. The
-    /// cuBLAS handle stays locked for the whole sweep, `step`'s exchanges included.
+    /// [module docs](super)); `shape` as for [`check_buffers`], which the caller has run;
+    /// `unscale` the `alpha` of the gradient rows' products (1, or `1/S` when `step` writes them
+    /// scaled by `S`, `scale.rs`). The cuBLAS handle stays locked for the whole sweep, `step`'s
+    /// exchanges included.
+    #[allow(clippy::too_many_arguments)]
     pub(in crate::cuda) fn sweep<L: Logit>(
         &self,
         shape: LinearShape,
@@ -107,6 +110,7 @@ impl CudaLinearLoss {
         inputs: &DeviceLinearInputs<'_, L>,
         grads: &mut DeviceLinearGrads<'_, '_, L>,
         cut: Cut,
+        unscale: f32,
         step: &mut RowsStep<'_>,
     ) -> Result<Swept> {
         let v = shape.vocab();
@@ -130,7 +134,7 @@ impl CudaLinearLoss {
         if inputs.bias.is_some() {
             fill_ones(L::DTYPE, stream, op, c)?;
         }
-        let operands = held.operands(zp, gp16, op);
+        let operands = held.operands(zp, gp16, op, unscale);
         let chunks = queue_chunks(L::DTYPE, shape, cut, &operands, &mut |p| blas.gemm(p), step)?;
         Ok(Swept { chunks, scratch_bytes })
     }
@@ -153,8 +157,10 @@ pub(super) struct Held<'s> {
 
 impl Held<'_> {
     /// The chunk loop's operands: these inputs and gradients with the buffers `z`, `g16`, `ones`.
-    pub(super) fn operands(&self, z: u64, g16: u64, ones: u64) -> Operands {
+    /// The operands, the gradient rows' products multiplied by `unscale` (`1/S`, see `scale.rs`).
+    pub(super) fn operands(&self, z: u64, g16: u64, ones: u64, unscale: f32) -> Operands {
         Operands {
+            unscale,
             hidden: self.hidden,
             weight: self.weight,
             bias: self.bias,
@@ -227,6 +233,9 @@ pub(in crate::cuda) struct Operands {
     pub d_bias: Option<(u64, cudaDataType_t, usize)>,
     /// Whether `d weight` and `d bias` are added to (else the first chunk overwrites them).
     pub accumulate: bool,
+    /// The `alpha` of the products of the gradient rows (`d hidden`, `d weight`, `d bias`): 1, or
+    /// `1/S` when the rows step wrote them scaled by `S` (`scale.rs`).
+    pub unscale: f32,
 }
 
 /// The sweep's work in the order it is queued: per chunk of `cut.c` rows, per `cut.cl` of them
@@ -259,11 +268,23 @@ pub(in crate::cuda) fn queue_chunks(
             if let Some(bp) = ops.bias {
                 let b = Operand { ptr: bp, ty, ld: v };
                 let o = Operand { ptr: op, ty, ld: 1 };
-                gemm(Product { ta: false, tb: false, m: v, n: ms, k: 1, a: b, b: o, c: zc, accumulate: false })?;
+                gemm(Product {
+                    alpha: 1.0,
+                    ta: false,
+                    tb: false,
+                    m: v,
+                    n: ms,
+                    k: 1,
+                    a: b,
+                    b: o,
+                    c: zc,
+                    accumulate: false,
+                })?;
             }
             // z (rows x V, row-major) = h · Wᵀ: column-major (V x rows) = op_T(W as H x V) · (h as H x rows)
             let w = Operand { ptr: wp, ty, ld: h };
             gemm(Product {
+                alpha: 1.0,
                 ta: true,
                 tb: false,
                 m: v,
@@ -284,18 +305,51 @@ pub(in crate::cuda) fn queue_chunks(
             // d h (rows x H) = G · W: column-major (H x rows) = (W as H x V) · (G as V x rows)
             let c_ = Operand { ptr: dp + (r0 * h * des) as u64, ty: dty, ld: h };
             let w = Operand { ptr: wp, ty, ld: h };
-            gemm(Product { ta: false, tb: false, m: h, n: m, k: v, a: w, b: g, c: c_, accumulate: false })?;
+            gemm(Product {
+                alpha: ops.unscale,
+                ta: false,
+                tb: false,
+                m: h,
+                n: m,
+                k: v,
+                a: w,
+                b: g,
+                c: c_,
+                accumulate: false,
+            })?;
         }
         if let Some((dp, dty, _)) = ops.d_weight {
             // d W (V x H) += Gᵀ · h: column-major (H x V) = (h as H x rows) · op_T(G as V x rows)
             let c_ = Operand { ptr: dp, ty: dty, ld: h };
-            gemm(Product { ta: false, tb: true, m: h, n: v, k: m, a: hrows, b: g, c: c_, accumulate: acc })?;
+            gemm(Product {
+                alpha: ops.unscale,
+                ta: false,
+                tb: true,
+                m: h,
+                n: v,
+                k: m,
+                a: hrows,
+                b: g,
+                c: c_,
+                accumulate: acc,
+            })?;
         }
         if let Some((dp, dty, _)) = ops.d_bias {
             // d b (V) += Σ_rows G: column-major (V x 1) = (G as V x rows) · (ones as rows x 1)
             let c_ = Operand { ptr: dp, ty: dty, ld: v };
             let o = Operand { ptr: op, ty, ld: m };
-            gemm(Product { ta: false, tb: false, m: v, n: 1, k: m, a: g, b: o, c: c_, accumulate: acc })?;
+            gemm(Product {
+                alpha: ops.unscale,
+                ta: false,
+                tb: false,
+                m: v,
+                n: 1,
+                k: m,
+                a: g,
+                b: o,
+                c: c_,
+                accumulate: acc,
+            })?;
         }
         chunks += 1;
     }
@@ -345,7 +399,7 @@ mod tests {
             assert_eq!((buf, g0), (gb, want0), "the gradient rows of {rows:?}");
             for (i, r) in rows.clone().enumerate() {
                 for j in 0..v {
-                    mem.0[gb].set(g0 + i * v + j, pb.grad[r * v + j]);
+                    mem.0[gb].set(g0 + i * v + j, pb.grad[r * v + j] * pb.scale);
                 }
             }
             stepped.push(rows);

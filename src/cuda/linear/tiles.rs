@@ -25,6 +25,7 @@
 //! the budget), and the split's `O(B·T)` plan.
 
 use super::blas::{blas_type, Bound, Operand, Product};
+use super::scale::{gradient_rows_scale, scaled};
 use super::sweep::Operands;
 use super::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs, DeviceLinearOutput, DEFAULT_BUDGET};
 use crate::cuda::split::CudaSharded;
@@ -179,11 +180,23 @@ pub(in crate::cuda) fn queue_tiles(
                 // z (m x w, row-major) = 1 · b_b: column-major (w x m) = (b_b as w x 1) · (ones as 1 x m)
                 let b = Operand { ptr: bp + c0 as u64 * es, ty, ld: w };
                 let o = Operand { ptr: ops.base.ones, ty, ld: 1 };
-                steps.gemm(Product { ta: false, tb: false, m: w, n: m, k: 1, a: b, b: o, c: z, accumulate: false })?;
+                steps.gemm(Product {
+                    alpha: 1.0,
+                    ta: false,
+                    tb: false,
+                    m: w,
+                    n: m,
+                    k: 1,
+                    a: b,
+                    b: o,
+                    c: z,
+                    accumulate: false,
+                })?;
             }
             // z (+)= h_c · W_bᵀ: column-major (w x m) = op_T(W_b as H x w) · (h_c as H x m)
             let wb = Operand { ptr: ops.base.weight + (c0 * h) as u64 * es, ty, ld: h };
             let p = Product {
+                alpha: 1.0,
                 ta: true,
                 tb: false,
                 m: w,
@@ -211,24 +224,57 @@ pub(in crate::cuda) fn queue_tiles(
             let w = vb.min(v - c0);
             logits(steps, c0, w)?;
             steps.grad(rows.clone(), c0..c0 + w, ops.base.z, gp, ops.partials)?;
-            let g = Operand { ptr: gp, ty, ld: w };
+            let (g, u) = (Operand { ptr: gp, ty, ld: w }, ops.base.unscale);
             if let Some((dp, dty, des, caller)) = dh_sum {
                 // d h_c (m x H) (+)= G_b · W_b: column-major (H x m) = (W_b as H x w) · (G_b as w x m)
                 let c = Operand { ptr: dp + (caller * r0 * h * des) as u64, ty: dty, ld: h };
                 let wb = Operand { ptr: ops.base.weight + (c0 * h) as u64 * es, ty, ld: h };
-                steps.gemm(Product { ta: false, tb: false, m: h, n: m, k: w, a: wb, b: g, c, accumulate: k > 0 })?;
+                steps.gemm(Product {
+                    alpha: u,
+                    ta: false,
+                    tb: false,
+                    m: h,
+                    n: m,
+                    k: w,
+                    a: wb,
+                    b: g,
+                    c,
+                    accumulate: k > 0,
+                })?;
             }
             let acc = ops.base.accumulate || r0 > 0;
             if let Some((dp, dty, des)) = ops.base.d_weight {
                 // d W_b (w x H) (+)= G_bᵀ · h_c: column-major (H x w) = (h_c as H x m) · op_T(G_b as w x m)
                 let c = Operand { ptr: dp + (c0 * h * des) as u64, ty: dty, ld: h };
-                steps.gemm(Product { ta: false, tb: true, m: h, n: w, k: m, a: hrows, b: g, c, accumulate: acc })?;
+                steps.gemm(Product {
+                    alpha: u,
+                    ta: false,
+                    tb: true,
+                    m: h,
+                    n: w,
+                    k: m,
+                    a: hrows,
+                    b: g,
+                    c,
+                    accumulate: acc,
+                })?;
             }
             if let Some((dp, dty, des)) = ops.base.d_bias {
                 // d b_b (w) (+)= Σ_rows G_b: column-major (w x 1) = (G_b as w x m) · (ones as m x 1)
                 let c = Operand { ptr: dp + (c0 * des) as u64, ty: dty, ld: w };
                 let o = Operand { ptr: ops.base.ones, ty, ld: m };
-                steps.gemm(Product { ta: false, tb: false, m: w, n: 1, k: m, a: g, b: o, c, accumulate: acc })?;
+                steps.gemm(Product {
+                    alpha: u,
+                    ta: false,
+                    tb: false,
+                    m: w,
+                    n: 1,
+                    k: m,
+                    a: g,
+                    b: o,
+                    c,
+                    accumulate: acc,
+                })?;
             }
         }
         if let (Some(a), Some((dp, _, des))) = (ops.acc, ops.base.d_hidden) {
@@ -309,7 +355,16 @@ impl CudaLinearLoss {
     ) -> Result<DeviceLinearOutput> {
         let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
         let whole = VocabSlice::new(0, v, v)?;
-        let mut st = CudaSharded::new(&self.loss, spec, shape.tokens(), whole, stream, tokens)?;
+        // float16 gradient rows scaled by a power of two, their products by its inverse
+        let s = gradient_rows_scale(
+            spec,
+            shape.tokens(),
+            L::DTYPE,
+            tokens.token_weights.is_some(),
+            tokens.grad_scale.is_some(),
+        );
+        let (spec, unscale) = scaled(spec, s);
+        let mut st = CudaSharded::new(&self.loss, &spec, shape.tokens(), whole, stream, tokens)?;
         // blocks of threads as wide as a vocabulary block's f32 vectors (see `block_threads`)
         st.fit_blocks();
         let words = st.words_per_row();
@@ -338,7 +393,8 @@ impl CudaLinearLoss {
             super::sweep::fill_ones(L::DTYPE, stream, op, r)?;
         }
         let held = super::sweep::hold(inputs, grads, stream);
-        let ops = TileOperands { base: held.operands(zp, gp16, op), partials: pp, acc: acc_needed.then_some(ap) };
+        let ops =
+            TileOperands { base: held.operands(zp, gp16, op, unscale), partials: pp, acc: acc_needed.then_some(ap) };
         let mut steps = DeviceTiles {
             blas: &blas,
             loss: &self.loss,

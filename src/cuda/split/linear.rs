@@ -7,7 +7,8 @@
 
 use super::DeviceSharded;
 use crate::cuda::linear::{
-    check_buffers, CudaLinearLoss, Cut, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs, DeviceLinearOutput,
+    check_buffers, gradient_rows_scale, scaled, CudaLinearLoss, Cut, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs,
+    DeviceLinearOutput,
 };
 use crate::cuda::{drv, output, DeviceInputs};
 use crate::dtype::{DType, Logit, TokenId};
@@ -112,7 +113,17 @@ impl DeviceSharded<'_> {
                 tile_cols: 0,
             });
         }
-        let mut st = self.begin(loss, spec, shape.tokens(), stream, tokens)?;
+        // float16 gradient rows scaled by a power of two, their products by its inverse (each
+        // rank its own: its products add nothing of another's before they are unscaled)
+        let s = gradient_rows_scale(
+            spec,
+            shape.tokens(),
+            L::DTYPE,
+            tokens.token_weights.is_some(),
+            tokens.grad_scale.is_some(),
+        );
+        let (spec, unscale) = scaled(spec, s);
+        let mut st = self.begin(loss, &spec, shape.tokens(), stream, tokens)?;
         let ranks = vg.size();
         let most = st.partials_len(cut.cl);
         let mut send = output::<f32>(stream, most.max(1))?;
@@ -133,7 +144,7 @@ impl DeviceSharded<'_> {
                 DType::BF16 => st.launch_grad::<f32, half::bf16>(stream, rows, &gathered, z, g),
             }
         };
-        let swept = fused.sweep(local, stream, inputs, &mut grads, cut, &mut rows_step)?;
+        let swept = fused.sweep(local, stream, inputs, &mut grads, cut, unscale, &mut rows_step)?;
         let out = self.end(loss, st, stream)?;
         Ok(DeviceLinearOutput {
             loss: out,

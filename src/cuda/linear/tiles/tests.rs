@@ -101,7 +101,7 @@ impl TileSteps for HostTiles<'_> {
         let w = cols.len();
         for (i, r) in rows.clone().enumerate() {
             for (j, c) in cols.clone().enumerate() {
-                mem.0[gb].set(i * w + j, self.pb.grad[r * v + c]);
+                mem.0[gb].set(i * w + j, self.pb.grad[r * v + c] * self.pb.scale);
             }
         }
         self.grads_done.push((rows, cols));
