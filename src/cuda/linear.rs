@@ -68,7 +68,7 @@ mod sweep;
 mod tiles;
 pub(crate) use host::run_host;
 pub use host::{bench_device, DeviceLinearBench, LinearBenchExtras};
-pub(in crate::cuda) use scale::{gradient_rows_scale, scaled};
+pub(in crate::cuda) use scale::scaled_for;
 pub(crate) use sweep::linear_shape_fits;
 pub(in crate::cuda) use sweep::{check_buffers, Cut};
 pub use tiles::LinearSchedule;
@@ -277,8 +277,7 @@ impl CudaLinearLoss {
         let loss = &self.loss;
         // float16 gradient rows scaled by a power of two (the plan's gradient scale), their
         // products by its inverse (`scale.rs`)
-        let s = gradient_rows_scale(spec, t, L::DTYPE, tokens.token_weights.is_some(), tokens.grad_scale.is_some());
-        let (scaled_spec, unscale) = scaled(spec, s);
+        let (scaled_spec, unscale) = scaled_for::<L, I>(spec, t, tokens);
         // the token inputs stay borrowed until the finish is queued: the rows and finish kernels
         // read the token weights through the plan
         loss.with_inputs(stream, tokens, 0, 0, |stream, token_ptrs| {

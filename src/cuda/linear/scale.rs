@@ -11,7 +11,8 @@
 //! no entry and put `d weight` and `d hidden` 4.4e-5 off, where unscaled rows lost 99.5% of
 //! their entries and were 4.8e-2 / 9.3e-2 off.
 
-use crate::dtype::DType;
+use crate::cuda::DeviceInputs;
+use crate::dtype::{DType, Logit, TokenId};
 use crate::spec::{LossSpec, Reduction, RowMean, Shape};
 
 /// What the largest `|S · coef|` may be: `2^10`, so that an entry `S · coef · x` with `|x|` up
@@ -51,9 +52,15 @@ pub(in crate::cuda) fn gradient_rows_scale(
     s
 }
 
-/// `spec` with its gradient scale multiplied by `s` (for the plan of rows scaled by `s`), and
-/// the products' `alpha`, `1/s`.
-pub(in crate::cuda) fn scaled(spec: &LossSpec, s: f64) -> (LossSpec, f32) {
+/// For a call on inputs of `L` and `tokens` (`B`, `T`: `shape`): `spec` with its gradient scale
+/// multiplied by [`gradient_rows_scale`]'s `S` (for the plan, so that the rows come out scaled),
+/// and the `alpha` of the rows' products, `1/S`.
+pub(in crate::cuda) fn scaled_for<L: Logit, I: TokenId>(
+    spec: &LossSpec,
+    shape: Shape,
+    tokens: &DeviceInputs<'_, I>,
+) -> (LossSpec, f32) {
+    let s = gradient_rows_scale(spec, shape, L::DTYPE, tokens.token_weights.is_some(), tokens.grad_scale.is_some());
     (LossSpec { grad_scale: spec.grad_scale * s, ..spec.clone() }, (1.0 / s) as f32)
 }
 

@@ -25,7 +25,7 @@
 //! the budget), and the split's `O(B·T)` plan.
 
 use super::blas::{blas_type, Bound, Operand, Product};
-use super::scale::{gradient_rows_scale, scaled};
+use super::scale::scaled_for;
 use super::sweep::Operands;
 use super::{CudaLinearLoss, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs, DeviceLinearOutput, DEFAULT_BUDGET};
 use crate::cuda::split::CudaSharded;
@@ -356,14 +356,7 @@ impl CudaLinearLoss {
         let (n, h, v) = (shape.rows(), shape.hidden(), shape.vocab());
         let whole = VocabSlice::new(0, v, v)?;
         // float16 gradient rows scaled by a power of two, their products by its inverse
-        let s = gradient_rows_scale(
-            spec,
-            shape.tokens(),
-            L::DTYPE,
-            tokens.token_weights.is_some(),
-            tokens.grad_scale.is_some(),
-        );
-        let (spec, unscale) = scaled(spec, s);
+        let (spec, unscale) = scaled_for::<L, I>(spec, shape.tokens(), tokens);
         let mut st = CudaSharded::new(&self.loss, &spec, shape.tokens(), whole, stream, tokens)?;
         // blocks of threads as wide as a vocabulary block's f32 vectors (see `block_threads`)
         st.fit_blocks();

@@ -7,7 +7,7 @@
 
 use super::DeviceSharded;
 use crate::cuda::linear::{
-    check_buffers, gradient_rows_scale, scaled, CudaLinearLoss, Cut, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs,
+    check_buffers, scaled_for, CudaLinearLoss, Cut, DeviceGrad, DeviceLinearGrads, DeviceLinearInputs,
     DeviceLinearOutput,
 };
 use crate::cuda::{drv, output, DeviceInputs};
@@ -115,14 +115,7 @@ impl DeviceSharded<'_> {
         }
         // float16 gradient rows scaled by a power of two, their products by its inverse (each
         // rank its own: its products add nothing of another's before they are unscaled)
-        let s = gradient_rows_scale(
-            spec,
-            shape.tokens(),
-            L::DTYPE,
-            tokens.token_weights.is_some(),
-            tokens.grad_scale.is_some(),
-        );
-        let (spec, unscale) = scaled(spec, s);
+        let (spec, unscale) = scaled_for::<L, I>(spec, shape.tokens(), tokens);
         let mut st = self.begin(loss, &spec, shape.tokens(), stream, tokens)?;
         let ranks = vg.size();
         let most = st.partials_len(cut.cl);
