@@ -254,6 +254,16 @@ fn sixteen_bit_gradients_accumulate<L: Logit>(seed: u64) {
         let outs = vocab_ranks(&ctx, &c, &spec, &sl, chunking, false, None);
         check_ranks(&format!("{dtype} inputs, f32 gradients, {chunking:?}"), &outs, &e, 0.0, tolerances(dtype));
     }
+    // no token weights, no z-loss: float16 gradient rows scaled by a power of two on each rank
+    // (src/cuda/linear/scale.rs), their products by its inverse
+    let mut c = c;
+    c.token_weights = None;
+    let spec = LossSpec::builder().keywords([c.ids[3]]).reduction(Reduction::WeightedMean).build().unwrap();
+    let e = expected(&spec, &c);
+    let outs = vocab_ranks(&ctx, &c, &spec, &sl, Chunking::Rows(9), true, Some(prior as f32));
+    check_ranks(&format!("{dtype} gradients, no token weights, accumulated"), &outs, &e, prior, tolerances(dtype));
+    let outs = vocab_ranks(&ctx, &c, &spec, &sl, Chunking::Rows(9), false, None);
+    check_ranks(&format!("{dtype} inputs, no token weights, f32 gradients"), &outs, &e, 0.0, tolerances(dtype));
 }
 
 #[test]
