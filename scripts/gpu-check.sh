@@ -412,7 +412,9 @@ run() {
     ${liger:+--liger-wheel "$liger"} --json "${OUT:-/tmp}/gpu-bench.json"
   case $? in
     0) ;;
-    # stopped by the budget: the table is incomplete, which is not a failed check
+    # stopped by the budget: the table is incomplete, which is not a failed check (the bench has
+    # the rest of the budget, so a hang in it also ends here and reads as INCOMPLETE, not FAIL:
+    # its log, which prints each shape as it ends, tells the two apart)
     124) echo "cut short by the time budget (${final_left} s): the final bench" >&2; cut=$((cut + 1)) ;;
     *) fail=1 ;;
   esac

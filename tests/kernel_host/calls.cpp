@@ -15,6 +15,8 @@
 // failure (emu.h), 3 when ranks disagree.
 #include "emu.h"
 
+#include <initializer_list>
+
 #include "../../kernels/weighted_loss.cu"
 
 #include "launch.h"
@@ -138,6 +140,14 @@ void split_call(const Call &c, FILE *out) {
     write_outputs(out, run.parts, run.grad, run.loss);
 }
 
+// A call's own scheduling orders come from a hash of what it holds (so that it replays alone),
+// different from call to call: with one seed for all, every call of a size drew the same orders.
+uint64_t order_hash(std::initializer_list<uint64_t> vs) {
+    uint64_t h = 0x9e3779b97f4a7c15ull;
+    for (uint64_t v : vs) h = (h ^ v) * 0x100000001b3ull;
+    return h | 1;
+}
+
 // An elementwise call's header (after its magic): 5 i64 (dtype, elements n, grid, threads,
 // offset of its buffer past its alignment), dtypes from `lowest` to 2; and its buffer of n
 // elements with `offset` elements before them and 8 after, all 0x5a bytes (a finite number of
@@ -150,18 +160,22 @@ struct Elementwise {
     Elementwise(const std::vector<int64_t> &h, int64_t lowest, const char *what)
         : d(h[0]), n(h[1]), off(h[4]), grid(static_cast<unsigned>(h[2])), threads(static_cast<unsigned>(h[3])),
           es(dsize(checked(h, lowest, what))), g(static_cast<size_t>(n + 8), es, static_cast<size_t>(off)) {
-        std::memset(g.base, 0x5a, total() * es);
+        std::memset(start(), 0x5a, total() * es);
     }
+    // the window's first byte: `off` elements before the call's
+    unsigned char *start() const { return g.at - static_cast<size_t>(off) * es; }
     static int64_t checked(const std::vector<int64_t> &h, int64_t lowest, const char *what) {
         if (h[0] < lowest || h[0] > 2 || h[1] < 0 || h[2] < 1 || h[3] < 1 || h[4] < 0 || h[4] > 64) fail(1, what);
         return h[0];
     }
     size_t total() const { return static_cast<size_t>(off + n + 8); }
+    // this call's own thread orders, from what it holds (as a loss call's, in main)
+    static void seed(std::initializer_list<uint64_t> vs) { emu::order_seed ^= order_hash(vs); }
     // The buffer's bits (u32 each, zero-extended) from `offset` elements before the call's
     // elements to 8 after them: what the kernel left, and that it wrote nothing around them.
     void write_window(FILE *out) const {
         std::vector<uint32_t> bits(total(), 0);
-        for (size_t i = 0; i < total(); ++i) std::memcpy(&bits[i], g.base + i * es, es);
+        for (size_t i = 0; i < total(); ++i) std::memcpy(&bits[i], start() + i * es, es);
         write_vec(out, bits);
     }
 };
@@ -174,6 +188,8 @@ void scale_call(FILE *out) {
     const auto bits_in = read_vec<uint32_t>(static_cast<size_t>(e.n));
     for (size_t i = 0; i < bits_in.size(); ++i) std::memcpy(e.g.at + i * e.es, &bits_in[i], e.es);
     float scale = s[0];
+    uint32_t first = bits_in.empty() ? 0 : bits_in[0];
+    e.seed({uint64_t(e.d), uint64_t(e.n), e.grid, e.threads, uint64_t(first)});
     FwlScaleParams sp{};
     sp.grad = e.g.at;
     sp.scale = &scale;
@@ -188,6 +204,9 @@ void scale_call(FILE *out) {
 void narrow_call(FILE *out) {
     Elementwise e(read_vec<int64_t>(5), 1, "a narrow call out of range");
     const auto src = read_vec<float>(static_cast<size_t>(e.n));
+    uint32_t first = 0;
+    if (!src.empty()) std::memcpy(&first, src.data(), 4);
+    e.seed({uint64_t(e.d), uint64_t(e.n), e.grid, e.threads, uint64_t(first)});
     FwlNarrowParams np{};
     np.src = src.data();
     np.dst = e.g.at;
@@ -217,15 +236,11 @@ int main(int argc, char **argv) {
         }
         Call c;
         read_call(c, magic);
-        // orders of the call's own (from what it holds, so that it replays alone), different
-        // from call to call: with one seed for all, every call of a size drew the same orders
-        uint64_t h = 0x9e3779b97f4a7c15ull;
+        // this call's own orders (order_hash)
         uint32_t first = 0;
         if (!c.logits.empty()) std::memcpy(&first, c.logits.data(), 4);
-        for (uint64_t v : {uint64_t(c.B), uint64_t(c.T), uint64_t(c.V), uint64_t(c.threads), uint64_t(c.chunk),
-                           uint64_t(c.grid), uint64_t(first)})
-            h = (h ^ v) * 0x100000001b3ull;
-        emu::order_seed ^= h | 1;
+        emu::order_seed ^= order_hash({uint64_t(c.B), uint64_t(c.T), uint64_t(c.V), uint64_t(c.threads),
+                                       uint64_t(c.chunk), uint64_t(c.grid), uint64_t(first)});
         if (c.magic == MAGIC_SPLIT) split_call(c, out);
         else one_device(c, out);
     }

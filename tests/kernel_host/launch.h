@@ -13,20 +13,21 @@ namespace {
     std::exit(code);
 }
 
-// A 64-byte aligned buffer of `n` elements of `size` bytes at `offset` elements past the
-// alignment, filled with 0xff bytes (NaN for every float type) as a fresh device allocation could
-// hold anything: an element no kernel writes shows.
-// The bytes before and after the elements stay 0xff unless a kernel writes outside them:
+// A buffer of `n` elements of `size` bytes at `offset` elements past a 64-byte alignment, filled
+// with 0xff bytes (NaN for every float type) as a fresh device allocation could hold anything: an
+// element no kernel writes shows. At least 64 guard bytes lie before the elements (whatever the
+// offset) and after them; they stay 0xff unless a kernel writes outside the elements:
 // `check_guards` says so.
 struct Buffer {
+    static constexpr size_t kGuard = 64;
     unsigned char *base = nullptr, *at = nullptr;
     size_t bytes = 0, used = 0;
     Buffer(size_t n, size_t size, size_t offset) {
-        bytes = ((n + offset) * size + 64 + 63) / 64 * 64;
+        bytes = (kGuard + (n + offset) * size + kGuard + 63) / 64 * 64;
         used = n * size;
         base = static_cast<unsigned char *>(std::aligned_alloc(64, bytes));
         std::memset(base, 0xff, bytes);
-        at = base + offset * size;
+        at = base + kGuard + offset * size;
     }
     // Ends the run (exit 3) if a byte before or after the elements changed (a write outside the
     // buffer on a GPU, into another allocation).

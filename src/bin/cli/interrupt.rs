@@ -3,7 +3,11 @@
 //! SIGTERM, SIGHUP, SIGQUIT, SIGABRT, SIGXCPU, SIGXFSZ, SIGUSR1, SIGUSR2, SIGALRM, SIGVTALRM,
 //! SIGPROF, and on Linux SIGIO, SIGPWR and SIGSTKFLT; not SIGKILL, which no process can catch,
 //! nor SIGSEGV and SIGBUS, whose handler reports a stack overflow, nor SIGPIPE, which Rust
-//! programs ignore, nor the real-time signals).
+//! programs ignore, nor SIGILL, SIGFPE, SIGTRAP and SIGSYS, which report a fault of the process
+//! itself (returning from a handler would run the faulting instruction again), nor the
+//! real-time signals). A signal that already has a handler when the first path is registered
+//! (a profiler's SIGPROF, an embedding program's SIGUSR1) or that is ignored (SIGHUP under
+//! `nohup`) keeps it: only signals still at their default action get this one.
 //!
 //! A pending output (see [`output`](super::output)) removes its temporary file when it is
 //! dropped, but a signal ends the process without running any destructor: a Ctrl-C during a
@@ -74,12 +78,12 @@ mod imp {
 
     fn install() {
         for &sig in SIGNALS {
-            // SAFETY: a zeroed sigaction with the handler set and an empty mask is valid;
-            // signals that were ignored when the process started (e.g. SIGHUP under nohup)
-            // stay ignored.
+            // SAFETY: a zeroed sigaction with the handler set and an empty mask is valid.
+            // Only signals at their default action are taken: an ignored one (SIGHUP under
+            // nohup) stays ignored and one with a handler (a profiler's SIGPROF) keeps it.
             unsafe {
                 let mut old: libc::sigaction = std::mem::zeroed();
-                if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 || old.sa_sigaction == libc::SIG_IGN {
+                if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 || old.sa_sigaction != libc::SIG_DFL {
                     continue;
                 }
                 let mut act: libc::sigaction = std::mem::zeroed();
