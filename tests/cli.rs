@@ -7,17 +7,17 @@ use common::rel;
 use fused_weighted_loss::reference::{reference, rel_err};
 use fused_weighted_loss::{f16, LossSpec, RowMean, Shape, Tokens};
 use npyz::WriterBuilder;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fused-weighted-loss"))
 }
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fwl-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A folder of this test's own under the temporary one, removed when dropped (also when the
+/// test fails: a failed run leaves nothing behind).
+fn tmpdir(name: &str) -> common::host_cxx::TempDir {
+    common::host_cxx::TempDir::new(&format!("cli-{name}"))
 }
 
 fn write_npy<T: npyz::AutoSerialize + Copy>(path: &Path, dims: &[u64], data: &[T]) {
@@ -138,7 +138,6 @@ fn eval_options_token_weights_and_per_token_losses_match_reference() {
     let (dims, per_token) = read_f32_npy(&p);
     assert_eq!(dims, vec![2, 4]);
     assert!(rel_err(&per_token, &r.token_loss) <= 1e-5);
-    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]

@@ -44,9 +44,20 @@ pub fn compile(test: &str, source: &str, dir: &Path, extra: &[&str]) -> Option<P
 pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(what: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("fwl-{what}-{}", std::process::id()));
+        Self::new_in(&std::env::temp_dir(), what)
+    }
+
+    /// A folder of this process's own under `base`.
+    pub fn new_in(base: &Path, what: &str) -> Self {
+        let dir = base.join(format!("fwl-{what}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
+    }
+}
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
     }
 }
 impl Drop for TempDir {

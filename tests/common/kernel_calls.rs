@@ -9,21 +9,29 @@ use std::sync::OnceLock;
 use super::host_cxx::{compile, TempDir};
 use fused_weighted_loss::{DType, LossSpec, Reduction, RowMean, Shape};
 
-/// The emulated kernels' program, compiled once per test binary (`None`: no C++ compiler).
+/// The emulated kernels' program, compiled once per test binary (`None`: no C++ compiler):
+/// built in a folder of this process's own, then renamed to one name in cargo's temporary
+/// folder for tests (a static is never dropped: a folder held by it was left in /tmp by every
+/// run). Processes that build it at once rename the same program over each other, and one that
+/// runs it meanwhile keeps the file it started.
 pub fn calls_exe() -> Option<&'static Path> {
-    static EXE: OnceLock<Option<(TempDir, PathBuf)>> = OnceLock::new();
+    static EXE: OnceLock<Option<PathBuf>> = OnceLock::new();
     EXE.get_or_init(|| {
-        let dir = TempDir::new("kernel-calls");
-        let exe = compile(
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        // (in the same folder as the program's name: the rename never crosses file systems)
+        let dir = TempDir::new_in(tmp, "kernel-calls");
+        let built = compile(
             "kernels_emulated_on_the_host",
             "calls.cpp",
             &dir.0,
             &["-Wno-unknown-pragmas", "-fno-extern-tls-init"],
         )?;
-        Some((dir, exe))
+        let exe = tmp.join("fwl-kernel-calls");
+        std::fs::rename(&built, &exe)
+            .unwrap_or_else(|e| panic!("moving {} to {}: {e}", built.display(), exe.display()));
+        Some(exe)
     })
-    .as_ref()
-    .map(|(_, exe)| exe.as_path())
+    .as_deref()
 }
 
 /// The rows kernel families, in `calls.cpp`'s order: `fwl_rows_*`, `fwl_rows2_*`, `fwl_rows4_*`,

@@ -8,18 +8,35 @@ use std::time::{Duration, Instant};
 mod npy_raw;
 use npy_raw::npy_raw as npy_bytes;
 
-fn dir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("fwl-npy-unit-{}", std::process::id()));
+/// A folder of one test's (or one case's) own under the temporary one, removed when dropped.
+struct Dir(std::path::PathBuf);
+
+impl std::ops::Deref for Dir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dir() -> Dir {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("fwl-npy-unit-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Dir(d)
 }
 
 fn read_bytes(name: &str, bytes: &[u8], accept: &[Elem]) -> Result<Npy, NpyError> {
-    let p = dir().join(name);
+    let d = dir();
+    let p = d.join(name);
     std::fs::write(&p, bytes).unwrap();
-    let r = read_npy(&p, accept);
-    std::fs::remove_file(&p).unwrap();
-    r
+    read_npy(&p, accept)
 }
 
 const ALL: [Elem; 4] = [Elem::F32, Elem::F16, Elem::I64, Elem::I32];
@@ -27,7 +44,8 @@ const ALL: [Elem; 4] = [Elem::F32, Elem::F16, Elem::I64, Elem::I32];
 #[test]
 fn reads_what_npyz_writes_in_both_byte_orders() {
     use npyz::WriterBuilder;
-    let p = dir().join("w.npy");
+    let d = dir();
+    let p = d.join("w.npy");
     let data: Vec<f32> = (0..30).map(|i| i as f32 * 0.5 - 3.0).collect();
     let f = File::create(&p).unwrap();
     let mut w = npyz::WriteOptions::new().default_dtype().shape(&[2, 3, 5]).writer(f).begin_nd().unwrap();
@@ -81,8 +99,9 @@ fn refuses_with_typed_errors() {
             Ok(a) => panic!("case {i}: read {a:?}"),
         }
     }
-    assert!(matches!(read_npy(&dir(), &ALL), Err(NpyError::NotAFile)));
-    assert!(matches!(read_npy(&dir().join("missing.npy"), &ALL), Err(NpyError::Io(_))));
+    let d = dir();
+    assert!(matches!(read_npy(&d, &ALL), Err(NpyError::NotAFile)));
+    assert!(matches!(read_npy(&d.join("missing.npy"), &ALL), Err(NpyError::Io(_))));
 }
 
 /// Random bytes, random headers over the header's alphabet, mutations of valid files, and
@@ -148,12 +167,13 @@ proptest! {
     })]
     #[test]
     fn any_file_is_read_or_refused_quickly((bytes, valid) in hostile_file()) {
-        let p = dir().join(format!("fuzz-{:?}.npy", std::thread::current().id()));
+        let d = dir();
+        let p = d.join("fuzz.npy");
         std::fs::write(&p, &bytes).unwrap();
         let t = Instant::now();
         let r = read_npy(&p, &ALL);
         let took = t.elapsed();
-        std::fs::remove_file(&p).unwrap();
+        drop(d);
         prop_assert!(r.is_ok() || !valid, "a valid file was refused: {:?}", r.err());
         // a watchdog, not a speed target (those live in the benches): a 26-deep header once
         // took over a minute
