@@ -362,24 +362,39 @@ impl<'a, G: Logit> Pending<'a, G> {
         let hi = lo + q.len();
         let f = m.grad_factor(&self.st, self.scale, shift);
         let off = m.smoothing_offset(self.coef);
-        let stream = self.streams(lo..hi, stream);
         // a finite row sum bounds every kept exponential: with finite factors, every product is
         let finite = self.finite_sum && f.is_finite() && off.is_finite();
-        if off != 0.0 && !chain.is_empty() {
+        let (f, off) = if off != 0.0 && !chain.is_empty() {
             // with soft-capping the offset is scaled by each element's chain factor first
             k.affine(q, f, off, chain);
-            store_products(k, q, 1.0, 0.0, &mut self.out[lo..hi], stream, finite);
+            (1.0, 0.0)
         } else {
             // `q · f − off` in the store itself: the same bits as `affine` and then the store
-            store_products(k, q, f, off, &mut self.out[lo..hi], stream, finite);
+            (f, off)
+        };
+        // streamed but for the target's line, which goes through the cache because its target
+        // entry is rewritten just after (`write_target`): the parts before and after it stream
+        let cached = if stream { self.cached_line(lo..hi) } else { hi..hi };
+        for (r, stream) in [(lo..cached.start, stream), (cached.clone(), false), (cached.end..hi, stream)] {
+            if !r.is_empty() {
+                store_products(k, &q[r.start - lo..r.end - lo], f, off, &mut self.out[r], stream, finite);
+            }
         }
         self.write_target(k, m, lo..hi);
     }
 
-    /// Whether the store of elements `r` streams: not the target's chunk, which goes through the
-    /// cache because its target entry is rewritten just after ([`write_target`](Self::write_target)).
-    fn streams(&self, r: Range<usize>, stream: bool) -> bool {
-        stream && !r.contains(&self.target)
+    /// The elements of `r` in the target's 64-byte line of the gradient (`r.end..r.end` when
+    /// the target is not in `r`): a streamed line is not rewritten, and the target entry is.
+    fn cached_line(&self, r: Range<usize>) -> Range<usize> {
+        if !r.contains(&self.target) {
+            return r.end..r.end;
+        }
+        let size = std::mem::size_of::<G>();
+        // elements of the target's line before it (the gradient's elements are `size`-aligned)
+        let before = (self.out[self.target..].as_ptr() as usize % 64) / size;
+        // (the line may begin before the row's first element)
+        let start = self.target.saturating_sub(before).max(r.start);
+        start..(self.target + (64 / size - before)).min(r.end)
     }
 
     /// The target entry, `coef · (softmax − 1)`, when it lies in `r` (after that range's store).
@@ -401,7 +416,8 @@ impl<'a, G: Logit> Pending<'a, G> {
             return None;
         }
         let f = m.grad_factor(&self.st, self.scale, e.shifts[c]);
-        let stream = self.streams(lo..hi, stream);
+        // all streamed but the target's line (`Side::cached`)
+        let cached = (lo..hi).contains(&self.target).then(|| self.target - lo);
         let out = &mut self.out[lo..hi];
         let dst = match G::DTYPE {
             DType::F32 => SideDst::F32(G::as_f32_mut(out)?),
@@ -410,7 +426,7 @@ impl<'a, G: Logit> Pending<'a, G> {
         };
         // as in `store`: a finite row sum bounds every kept exponential
         let finite = self.finite_sum && f.is_finite();
-        Some(Side { src: &e.exps[lo..hi], f, dst, stream, finite })
+        Some(Side { src: &e.exps[lo..hi], f, dst, stream, finite, cached })
     }
 
     /// The target entry of chunk `c`, after a [`side`](Self::side) store.

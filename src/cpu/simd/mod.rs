@@ -181,6 +181,9 @@ pub(crate) struct Side<'a> {
     /// Every product is finite (a bf16 store may then skip the NaN handling where the level
     /// emulates the conversion; the bits are the same).
     pub finite: bool,
+    /// An element whose 64-byte line is stored through the cache even when streaming (the
+    /// row's target, which its writer rewrites just after: a streamed line is not rewritten).
+    pub cached: Option<usize>,
 }
 
 /// Where a [`Side`] store writes: f32, or the bits of bf16 or f16.

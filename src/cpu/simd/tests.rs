@@ -404,7 +404,13 @@ fn the_store_inside_the_statistics_loop_gives_the_two_calls_bits() {
                         SideDst::F16(&mut h2[off..off + side_n])
                     }
                 };
-                let r2 = k.exp_sum_side(input, 1.5, &mut out2, Ahead::NONE, Side { src, f, dst, stream, finite });
+                let r2 = k.exp_sum_side(
+                    input,
+                    1.5,
+                    &mut out2,
+                    Ahead::NONE,
+                    Side { src, f, dst, stream, finite, cached: None },
+                );
                 k.fence();
                 let what = format!("{:?} n {n} side {side_n} store {store} off {off} stream {stream}", k.level);
                 assert!(same(r1, r2), "{what}: {r1:?} vs {r2:?}");

@@ -25,6 +25,13 @@ pub(super) enum SideKind {
 pub(super) struct SideLines<'a> {
     src: &'a [f32],
     stream: bool,
+    /// The steps the statistics loop writes: the body's, or when streaming with a
+    /// [`cached`](super::Side::cached) element in the body, those before its line (the rest,
+    /// that line through the cache, is [`finish`](Self::finish)'s: a check per line inside the
+    /// loop cost the AVX2 loops 2–12%).
+    loop_steps: usize,
+    /// The first step of the line stored through the cache (`usize::MAX`: none).
+    cached_step: usize,
     finite: bool,
     kind: SideKind,
     /// The store's memory (`len` elements of the `kind`'s type, borrowed for `'a`).
@@ -43,7 +50,7 @@ impl<'a> SideLines<'a> {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn new(side: super::Side<'a>) -> Self {
         use super::SideDst;
-        let (src, f, stream, finite) = (side.src, side.f, side.stream, side.finite);
+        let (src, f, stream, finite, cached) = (side.src, side.f, side.stream, side.finite, side.cached);
         let (kind, dst, len, head, body) = match side.dst {
             SideDst::F32(d) => {
                 let len = src.len().min(d.len());
@@ -64,7 +71,28 @@ impl<'a> SideLines<'a> {
                 (SideKind::F16, d.as_mut_ptr().cast::<u8>(), len, head, body)
             }
         };
-        SideLines { src, stream, finite, kind, dst, len, f, head, steps: body / 16, _dst: std::marker::PhantomData }
+        let steps = body / 16;
+        // the body's line holding `cached` (one in the head or the tail is stored through the
+        // cache anyway): lines of 64 bytes, one step of 16 f32 or two of 16 16-bit elements
+        let per_line = if kind == SideKind::F32 { 16 } else { 32 };
+        let cached_step = match cached {
+            Some(t) if stream && t >= head && t < head + body => (t - head) / per_line * per_line / 16,
+            _ => usize::MAX,
+        };
+        SideLines {
+            src,
+            stream,
+            loop_steps: steps.min(cached_step),
+            cached_step,
+            finite,
+            kind,
+            dst,
+            len,
+            f,
+            head,
+            steps,
+            _dst: std::marker::PhantomData,
+        }
     }
 
     /// The destination's dtype, and for bf16 whether every product is finite.
@@ -101,7 +129,7 @@ impl<'a> SideLines<'a> {
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub(super) fn line512(&mut self, j: usize) {
-        if j < self.steps {
+        if j < self.loop_steps {
             let s = self.head + 16 * j;
             let v = _mm512_castps_si512(self.product16(s));
             self.put512(s, v);
@@ -113,7 +141,7 @@ impl<'a> SideLines<'a> {
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
     pub(super) fn line512_bf16<const FINITE: bool>(&mut self, j: usize) {
-        if j % 2 == 1 && j < self.steps {
+        if j % 2 == 1 && j < self.loop_steps {
             let s = self.head + 16 * (j - 1);
             self.put512(s, bf16x32::<FINITE>(self.product16(s), self.product16(s + 16)));
         }
@@ -124,7 +152,7 @@ impl<'a> SideLines<'a> {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
     pub(super) fn line512_bf16bf<const _FINITE: bool>(&mut self, j: usize) {
-        if j % 2 == 1 && j < self.steps {
+        if j % 2 == 1 && j < self.loop_steps {
             let s = self.head + 16 * (j - 1);
             let (lo, hi) = (self.product16(s), self.product16(s + 16));
             // SAFETY: a vector of 32 bf16 is 64 bytes, as __m512i.
@@ -137,7 +165,7 @@ impl<'a> SideLines<'a> {
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub(super) fn line512_f16(&mut self, j: usize) {
-        if j % 2 == 1 && j < self.steps {
+        if j % 2 == 1 && j < self.loop_steps {
             let s = self.head + 16 * (j - 1);
             let lo = _mm512_cvtps_ph::<NEAREST>(self.product16(s));
             let hi = _mm512_cvtps_ph::<NEAREST>(self.product16(s + 16));
@@ -175,7 +203,7 @@ impl<'a> SideLines<'a> {
     #[target_feature(enable = "avx2")]
     #[inline]
     pub(super) fn line256_bf16<const FINITE: bool>(&mut self, j: usize) {
-        if j % 2 == 1 && j < self.steps {
+        if j % 2 == 1 && j < self.loop_steps {
             for h in 0..2 {
                 let s = self.head + 16 * (j - 1) + 16 * h;
                 let (lo, hi) = (self.product8(s), self.product8(s + 8));
@@ -188,7 +216,7 @@ impl<'a> SideLines<'a> {
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
     pub(super) fn line256_f16(&mut self, j: usize) {
-        if j % 2 == 1 && j < self.steps {
+        if j % 2 == 1 && j < self.loop_steps {
             for h in 0..2 {
                 let s = self.head + 16 * (j - 1) + 16 * h;
                 let lo = _mm256_cvtps_ph::<NEAREST>(self.product8(s));
@@ -202,7 +230,7 @@ impl<'a> SideLines<'a> {
     #[target_feature(enable = "avx2")]
     #[inline]
     pub(super) fn line256(&mut self, j: usize) {
-        if j >= self.steps {
+        if j >= self.loop_steps {
             return;
         }
         let fv = _mm256_set1_ps(self.f);
@@ -222,12 +250,20 @@ impl<'a> SideLines<'a> {
         }
     }
 
-    /// Steps `from..` of the body through `line`, then the tail.
+    /// The steps of the body the statistics loop (of `from` steps) did not write through `line`,
+    /// the cached line through the cache, then the tail.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn finish(mut self, from: usize, mut line: impl FnMut(&mut Self, usize)) {
-        for j in from..self.steps {
+        let start = from.min(self.loop_steps);
+        self.loop_steps = self.steps;
+        let stream = self.stream;
+        // the step that writes the cached line (a 16-bit line is written at its second step)
+        let cached = if self.kind == SideKind::F32 { self.cached_step } else { self.cached_step.saturating_add(1) };
+        for j in start..self.steps {
+            self.stream = stream && j != cached;
             line(&mut self, j);
         }
+        self.stream = stream;
         let done = self.head + 16 * self.steps;
         let (src, f, n) = (&self.src[done..self.len], self.f, self.len - done);
         // SAFETY: done..len lies within the store's memory, of the kind's type, borrowed by
