@@ -183,6 +183,8 @@ pub(crate) struct Side<'a> {
     pub finite: bool,
     /// An element whose 64-byte line is stored through the cache even when streaming (the
     /// row's target, which its writer rewrites just after: a streamed line is not rewritten).
+    /// Read by the x86 levels' fused loops only (elsewhere no loop streams).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub cached: Option<usize>,
 }
 
