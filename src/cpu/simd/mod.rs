@@ -161,6 +161,9 @@ type ExpOpts = unsafe fn(&[f32], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -
 /// The same over 16-bit input.
 type ExpOpts16 = unsafe fn(&[u16], f32, ElemOpts, &mut [f32], &mut [f32], Ahead) -> (f32, f32);
 
+/// A copy of f32 into f32 (equal lengths).
+type CopyInto = unsafe fn(&[f32], &mut [f32]);
+
 /// A scaled store into one output dtype: `out = narrow(x * f - k)` (the product and the
 /// difference rounded once where the level has FMA, as [`Kernels::affine`]; exactly
 /// `narrow(x * f)` when `k` is +0), streaming when asked and the level can.
@@ -231,6 +234,8 @@ pub(crate) struct Kernels {
     widen_bf16: unsafe fn(&[u16], &mut [f32]),
     widen_f16: unsafe fn(&[u16], &mut [f32]),
     scale_f32: ScaleInto<f32>,
+    /// A streaming copy that prefetches its source line by line (x86 levels; the copy floor's).
+    copy_ahead: Option<CopyInto>,
     scale_bf16: ScaleInto<u16>,
     scale_bf16_finite: ScaleInto<u16>,
     scale_f16: ScaleInto<u16>,
@@ -281,6 +286,7 @@ impl Kernels {
             widen_bf16: portable::widen_bf16,
             widen_f16: portable_store::widen_f16,
             scale_f32: portable_store::scale_f32,
+            copy_ahead: None,
             scale_bf16: portable_store::scale_bf16,
             scale_bf16_finite: portable_store::scale_bf16,
             scale_f16: portable_store::scale_f16,
@@ -308,6 +314,7 @@ impl Kernels {
                 widen_bf16: avx2::widen_bf16,
                 widen_f16: x86::widen_f16_256,
                 scale_f32: x86::scale_f32_256,
+                copy_ahead: Some(x86::copy_ahead_256),
                 scale_bf16: x86::scale_bf16_256,
                 scale_bf16_finite: x86::scale_bf16_finite_256,
                 scale_f16: x86::scale_f16_256,
@@ -333,6 +340,7 @@ impl Kernels {
                 widen_bf16: avx512::widen_bf16,
                 widen_f16: x86::widen_f16_512,
                 scale_f32: x86::scale_f32_512,
+                copy_ahead: Some(x86::copy_ahead_512),
                 scale_bf16: if is_x86_feature_detected!("avx512bf16") {
                     x86::scale_bf16_512bf
                 } else {
@@ -451,6 +459,24 @@ impl Kernels {
     pub fn widen_f16(&self, src: &[u16], dst: &mut [f32]) {
         // SAFETY: as above.
         unsafe { (self.widen_f16)(src, dst) }
+    }
+    /// Whether [`Kernels::copy_ahead`] copies at this level.
+    pub fn has_copy_ahead(&self) -> bool {
+        self.copy_ahead.is_some()
+    }
+    /// `out = x` with streaming stores and the source prefetched ahead, line by line, where the
+    /// level has such a copy (`false`, and nothing written, elsewhere); call [`Kernels::fence`]
+    /// after, as for any streaming store.
+    #[inline]
+    pub fn copy_ahead(&self, x: &[f32], out: &mut [f32]) -> bool {
+        match self.copy_ahead {
+            // SAFETY: the level's features were checked when the kernels were selected.
+            Some(copy) => {
+                unsafe { copy(x, out) };
+                true
+            }
+            None => false,
+        }
     }
     /// `out = x * f`; with `stream`, streaming stores where the level has them (call
     /// [`Kernels::fence`] before the memory is handed to another thread).

@@ -247,6 +247,45 @@ pub(super) unsafe fn scale_f32_512(x: &[f32], f: f32, k: f32, out: &mut [f32], s
     scale_body::<true>(&x[head + body..n], f, k, &mut out[head + body..n]);
 }
 
+/// How far ahead of the copy [`copy_ahead_512`] and [`copy_ahead_256`] prefetch (32 KiB, as the
+/// statistics pass prefetches its logits).
+const COPY_AHEAD: usize = 8192;
+
+/// `out = x` with streaming stores, the source prefetched into L2 [`COPY_AHEAD`] floats ahead,
+/// one line per step: the copy floor's prefetching candidate (`measure::CopyBuffers`).
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn copy_ahead_512(x: &[f32], out: &mut [f32]) {
+    let n = x.len().min(out.len());
+    let (head, body) = split(out, n, 64, 16, true);
+    out[..head].copy_from_slice(&x[..head]);
+    for i in (head..head + body).step_by(16) {
+        // SAFETY: a prefetch never faults; i + 16 <= head + body <= n, within both slices, and
+        // out + i is 64-byte aligned (split).
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(x.as_ptr().wrapping_add(i + COPY_AHEAD).cast());
+            _mm512_stream_ps(out.as_mut_ptr().add(i), _mm512_loadu_ps(x.as_ptr().add(i)));
+        }
+    }
+    out[head + body..n].copy_from_slice(&x[head + body..n]);
+}
+
+/// [`copy_ahead_512`] with AVX2 (two 32-byte halves per line).
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn copy_ahead_256(x: &[f32], out: &mut [f32]) {
+    let n = x.len().min(out.len());
+    let (head, body) = split(out, n, 64, 16, true);
+    out[..head].copy_from_slice(&x[..head]);
+    for i in (head..head + body).step_by(16) {
+        // SAFETY: as in copy_ahead_512; out + i and out + i + 8 are 32-byte aligned.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(x.as_ptr().wrapping_add(i + COPY_AHEAD).cast());
+            _mm256_stream_ps(out.as_mut_ptr().add(i), _mm256_loadu_ps(x.as_ptr().add(i)));
+            _mm256_stream_ps(out.as_mut_ptr().add(i + 8), _mm256_loadu_ps(x.as_ptr().add(i + 8)));
+        }
+    }
+    out[head + body..n].copy_from_slice(&x[head + body..n]);
+}
+
 /// `out = bf16(x * f - k)` with AVX-512 and the rounding emulated ([`bf16x32`]), streaming
 /// when asked.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
