@@ -6,9 +6,9 @@
 //                 (16-byte vector loads) for its max / sum-exp (online softmax, f32), keeping as
 //                 much of the row as fits in shared memory; pass 2 writes the gradient from shared
 //                 memory (and, for the part of a long row that did not fit, from L2).
-//                 Tuning variants (FWL_CUDA_ROW_UNROLL): 2 or 4 loads in flight per thread (the
-//                 same bits); the lean kernels (FWL_CUDA_ROW_LEAN), fwl_rowsl* for the plain
-//                 loss and fwl_rowslo* with the options (rows.cuh)
+//                 The lean kernels (FWL_CUDA_ROW_LEAN, the default on sm_90), fwl_rowsl* for
+//                 the plain loss (1 or 2 loads in flight per thread, FWL_CUDA_ROW_UNROLL: the
+//                 same bits) and fwl_rowslo* with the options (rows.cuh)
 //   fwl_finish    one block: per-sample means and the batch loss in a fixed order
 //
 // The options ride on the same passes, as uniform branches: soft-capping maps each logit to

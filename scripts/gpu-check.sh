@@ -220,18 +220,21 @@ run() {
   within 90 "$bundle/bin/test-gpu_parallel_linear" --test-threads=1 || fail=1
 
   # the rows kernel's tuning variants (see README, "CUDA tuning knobs"): the same parity tests,
-  # right after the default's (they have not run on a GPU before either)
+  # right after the default's (on sm_90 the lean kernels with two blocks per SM: the lean plain
+  # kernels, 32 registers, run two with half the shared memory each; the lean options kernels
+  # fit one and keep the whole of it)
   local variant
-  # (the first asks for two blocks per SM: the lean plain kernels, 32 registers, run two with
-  # half the shared memory each; the lean options kernels fit one and keep the whole of it)
-  for variant in "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_BLOCKS_PER_SM=2" "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_UNROLL=2" \
-                 "FWL_CUDA_BLOCKS_PER_SM=1 FWL_CUDA_ROW_UNROLL=4"; do
+  # (the earlier default, fwl_rows_* with one block per SM, which other architectures keep; the
+  # lean plain kernels with two loads in flight; the lean kernels with one block per SM)
+  for variant in "FWL_CUDA_ROW_LEAN=0 FWL_CUDA_BLOCKS_PER_SM=1" "FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_BLOCKS_PER_SM=1" \
+                 "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_BLOCKS_PER_SM=1"; do
     step "GPU parity with $variant"
     within 60 env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
   done
-  # (f32 chunk logits into 16-bit gradients: the lean statistics with the default gradient loop)
-  step "GPU parity of the fused linear path with the lean kernels"
-  within 60 env FWL_CUDA_ROW_LEAN=1 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
+  # (f32 chunk logits into 16-bit gradients: the lean statistics with the default gradient loop;
+  # the lean kernels are sm_90's default, which the first run of these tests took)
+  step "GPU parity of the fused linear path with the fwl_rows_* kernels"
+  within 60 env FWL_CUDA_ROW_LEAN=0 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
   # (the tiled schedule, LinearSchedule::Tiles: the split's kernels on vocabulary blocks of 37
   # columns, so that the small shapes have several blocks too, and the narrowing kernel)
   step "GPU parity of the fused linear path, tiled schedule (FWL_CUDA_LINEAR_TILES=37)"
@@ -251,9 +254,9 @@ run() {
   if [ -n "$cs" ]; then
     for tool in memcheck racecheck; do
       for dt in bf16 f32; do
-        step "compute-sanitizer --tool $tool, $dt"
-        within 30 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" "${small[@]}" --dtype "$dt" ||
-          fail=1
+        step "compute-sanitizer --tool $tool, $dt, the fwl_rows_* kernels (FWL_CUDA_ROW_LEAN=0)"
+        within 30 env FWL_CUDA_ROW_LEAN=0 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
+          "${small[@]}" --dtype "$dt" || fail=1
       done
       # (the options' lean kernel with soft-capping for bf16, without it for f32: both of its
       # instantiations under each tool)

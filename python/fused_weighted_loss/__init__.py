@@ -447,7 +447,7 @@ def weighted_linear_loss(
     (float32), turns them into their gradient in place, and adds the chunk's part of the
     gradients of hidden, weight and bias, for those of them that require a gradient; the
     backward only scales those gradients by the upstream gradient. Memory beyond inputs and
-    gradients: the chunk buffers (a fixed budget: 24 MiB on CPU whatever the thread count, 96 MiB on CUDA) instead
+    gradients: the chunk buffers (a fixed budget: 24 MiB on CPU whatever the thread count, 160 MiB on CUDA) instead
     of the B*T*V logits and their gradient. ``chunk_rows`` (rows per chunk) or ``chunk_budget``
     (bytes of chunk buffers) sets the chunking instead; the results do not depend on it beyond
     rounding. With 16-bit inputs the gradients of weight and bias are summed over the chunks in

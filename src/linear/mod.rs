@@ -360,7 +360,7 @@ impl<'a, L: Logit> LinearGrads<'a, L> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Chunking {
     /// The backend's default budget: [`CPU_BUDGET`] (24 MiB) on the CPU, whatever the thread count,
-    /// `cuda::linear::DEFAULT_BUDGET` (96 MiB) on CUDA.
+    /// `cuda::linear::DEFAULT_BUDGET` (160 MiB) on CUDA.
     #[default]
     Auto,
     /// At most this many bytes of chunk buffers, the per-row part of the memory (at least one

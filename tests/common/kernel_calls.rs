@@ -34,10 +34,10 @@ pub fn calls_exe() -> Option<&'static Path> {
     .as_deref()
 }
 
-/// The rows kernel families, in `calls.cpp`'s order: `fwl_rows_*`, `fwl_rows2_*`, `fwl_rows4_*`,
-/// the lean `fwl_rowsl_*`, `fwl_rowsl2_*` (the plain loss only, as the crate launches them) and
-/// `fwl_rowslo_*` (the options').
-pub const FAMILIES: [&str; 6] = ["rows", "rows2", "rows4", "rowsl", "rowsl2", "rowslo"];
+/// The rows kernel families, in `calls.cpp`'s order: `fwl_rows_*`, the lean `fwl_rowsl_*`,
+/// `fwl_rowsl2_*` (the plain loss only, as the crate launches them) and `fwl_rowslo_*` (the
+/// options').
+pub const FAMILIES: [&str; 4] = ["rows", "rowsl", "rowsl2", "rowslo"];
 
 /// The (logits, gradient) pairs that have kernels.
 pub const PAIRS: [(DType, DType); 7] = [

@@ -397,14 +397,25 @@ fn gpu_data_parallel_one_call_matches_the_concatenated_batch() {
 /// same bits as its peers, and no per-sample outputs; its peers the gradient of the
 /// concatenated batch. (Its device buffers are empty views of one-element allocations: CUDA
 /// allocates no zero bytes.)
-/// A rank's logits and ids on the device, each one element longer than the part (CUDA allocates
-/// no zero bytes: a rank without samples still gets buffers, of which it passes empty views).
-fn upload_padded(stream: &Arc<CudaStream>, part: &Case<f32>) -> (CudaSlice<f32>, CudaSlice<i64>) {
-    let mut padded = part.logits.clone();
-    padded.push(0.5);
-    let mut ids = part.ids.clone();
-    ids.push(0);
-    (stream.clone_htod(&padded).unwrap(), stream.clone_htod(&ids).unwrap())
+/// A rank's logits, ids, labels and token weights on the device, each one element longer than
+/// the part (CUDA allocates no zero bytes: a rank without samples still gets buffers, of which
+/// it passes empty views).
+struct Padded {
+    logits: CudaSlice<f32>,
+    ids: CudaSlice<i64>,
+    labels: CudaSlice<i64>,
+    weights: CudaSlice<f32>,
+}
+
+fn upload_padded(stream: &Arc<CudaStream>, part: &Case<f32>) -> Padded {
+    let pad = |v: &[f32]| [v, &[0.5]].concat();
+    let pad_ids = |v: &[i64]| [v, &[0]].concat();
+    Padded {
+        logits: stream.clone_htod(&pad(&part.logits)).unwrap(),
+        ids: stream.clone_htod(&pad_ids(&part.ids)).unwrap(),
+        labels: stream.clone_htod(&pad_ids(&part.labels)).unwrap(),
+        weights: stream.clone_htod(&pad(part.weights.as_deref().unwrap())).unwrap(),
+    }
 }
 
 #[test]
@@ -424,15 +435,24 @@ fn gpu_data_parallel_rank_without_samples() {
             let part = c.samples(splits[d], splits[d + 1]);
             let stream = ctx.new_stream().unwrap();
             let n = part.shape.logits_len();
-            let (d_l, d_ids) = upload_padded(&stream, &part);
+            let d = upload_padded(&stream, &part);
             let rows = part.ids.len();
             let mut grad = stream.alloc_zeros::<f32>(n + 1).unwrap();
             let group = ThroughHost(g);
-            let ids_view = d_ids.slice(..rows);
-            let inputs = DeviceInputs::new(&ids_view);
+            // (the reference's tokens: ids, labels with ignored targets, token weights)
+            let (ids, labels, weights) = (d.ids.slice(..rows), d.labels.slice(..rows), d.weights.slice(..rows));
+            let inputs = DeviceInputs::new(&ids).with_labels(&labels).with_token_weights(&weights);
             let call = DeviceSharded::data_parallel(v, &group).unwrap();
             let out = call
-                .loss_and_grad(&loss, &c.spec, part.shape, &stream, &d_l.slice(..n), &inputs, &mut grad.slice_mut(..n))
+                .loss_and_grad(
+                    &loss,
+                    &c.spec,
+                    part.shape,
+                    &stream,
+                    &d.logits.slice(..n),
+                    &inputs,
+                    &mut grad.slice_mut(..n),
+                )
                 .unwrap();
             let host = out.to_host(&stream).unwrap();
             let mut g = stream.clone_dtoh(&grad).unwrap();
@@ -471,11 +491,12 @@ fn gpu_data_parallel_rank_without_samples() {
         let part = two.samples(splits[d], splits[d + 1]);
         let stream = ctx.new_stream().unwrap();
         let n = part.shape.logits_len();
-        let (d_l, d_ids) = upload_padded(&stream, &part);
-        let ids_view = d_ids.slice(..part.ids.len());
+        let d = upload_padded(&stream, &part);
+        let ids_view = d.ids.slice(..part.ids.len());
         let group = ThroughHost(g);
         let call = DeviceSharded::data_parallel(v, &group).unwrap();
-        let out = call.loss(&loss, &big, part.shape, &stream, &d_l.slice(..n), &DeviceInputs::new(&ids_view)).unwrap();
+        let out =
+            call.loss(&loss, &big, part.shape, &stream, &d.logits.slice(..n), &DeviceInputs::new(&ids_view)).unwrap();
         out.check(&stream)
     });
     for (d, got) in checks.iter().enumerate() {

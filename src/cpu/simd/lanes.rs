@@ -225,7 +225,9 @@ pub(super) fn f16_round(x: f32) -> u16 {
     let nan = 0x7E00 | ((a >> 13) & 0x3FF);
     // |x| in [2^-14, 2^16): the exponent rebased from 127 to 15, the 13 dropped bits rounded to
     // nearest even (a carry into the exponent is right, up to 65520 and above giving infinity)
-    let normal = (a.wrapping_sub(112 << 23) + 0xFFF + ((a >> 13) & 1)) >> 13;
+    // (wrapping: below 2^-15 the rebased value wraps around, and is not taken then; a checked
+    // add panicked there in debug builds)
+    let normal = a.wrapping_sub(112 << 23).wrapping_add(0xFFF + ((a >> 13) & 1)) >> 13;
     // |x| below 2^-14: adding 0.5, whose ulp is the f16 subnormal step 2^-24, rounds at that
     // step (to nearest even); the low bits are then the f16 bits
     let small = (f32::from_bits(a) + 0.5).to_bits().wrapping_sub(0.5f32.to_bits());
