@@ -114,8 +114,9 @@ template <int CAP, bool OPTS> __device__ __forceinline__ float lean_entry(float 
 // (lean_entry), 16-bit ones converted in pairs, then the target's entry `tval` again by the
 // thread whose vector holds it (vector `ky`, entry `y`). 32-bit vector indices (a row's vectors
 // number under 2^31) and pointers at the row's first whole vector keep the loop's integer work
-// small.
-template <typename L, typename G, int U, bool FROM_CACHE, int CAP = CAP_OFF, bool OPTS = false>
+// small. HINTS: the logits read from global memory for the last time (load16_first), the
+// gradient stored streaming (store16_stream).
+template <typename L, typename G, int U, bool FROM_CACHE, int CAP = CAP_OFF, bool OPTS = false, bool HINTS = false>
 __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<L> *cache, int from, int to, int ky,
                                                 G *gy, float tval, const RowGrad &rg) {
     constexpr int N = Vec16<L>::N;
@@ -125,7 +126,7 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
 #pragma unroll
         for (int u = 0; u < U; ++u) {  // all U reads before any write (in place: own vectors only)
             const int k = k0 + u * static_cast<int>(blockDim.x);
-            if (k < to) r[u] = FROM_CACHE ? cache[k] : load16(xh + k * N);
+            if (k < to) r[u] = FROM_CACHE ? cache[k] : HINTS ? load16_first(xh + k * N) : load16(xh + k * N);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -139,7 +140,10 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
             } else {
                 for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(lean_entry<CAP, OPTS>(to_f32(r[u].v[i]), rg));
             }
-            store16(gh + k * N, o);
+            if constexpr (HINTS)
+                store16_stream(gh + k * N, o);
+            else
+                store16(gh + k * N, o);
             if (k == ky) *gy = from_f32<G>(tval);
         }
     }
@@ -155,10 +159,14 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
 // same thread from the target logit read in pass 1 (lean_grad_sweep); otherwise the default
 // gradient loop. LEAN with OPTS (the fwl_rowslo* kernels, any options): the same loops with the
 // default kernel's statistics (logit sum, __expf, soft-capped values when CAP_ON) and the
-// options' gradient entries (lean_entry).
-template <typename L, typename G, int U, int CAP, bool LEAN = false, bool OPTS = false>
+// options' gradient entries (lean_entry). HINTS (the fwl_rowslh* kernels, plain lean loops, one
+// load in flight): L2 eviction hints on the vector accesses (see load16_first): in pass 1 the
+// cached vectors read evict-first and the others evict-last, in pass 2 the others read
+// evict-first and the gradient stored streaming. The same bits as without.
+template <typename L, typename G, int U, int CAP, bool LEAN = false, bool OPTS = false, bool HINTS = false>
 __device__ void rows_body(const FwlRowParams &p) {
     static_assert(!OPTS || LEAN, "OPTS: the lean loops with the options");
+    static_assert(!HINTS || (LEAN && !OPTS && U == 1), "HINTS: the plain lean loops, one load in flight");
     static_assert(!LEAN || OPTS || CAP == CAP_OFF, "the plain lean loops: no soft-capping");
     // the lean statistics (fwl_exp_ftz, no logit sum) where the loss is plain
     constexpr bool FTZ_STATS = LEAN && !OPTS;
@@ -168,6 +176,7 @@ __device__ void rows_body(const FwlRowParams &p) {
     __shared__ MS red[32];
     __shared__ float target_logit;
     const int64_t V = p.vocab;
+    const uint64_t keep = HINTS ? fwl_evict_last() : 0;  // (the L2 policy of the re-read vectors)
 
     for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const L *x = static_cast<const L *>(p.logits) + row * V;
@@ -211,7 +220,12 @@ __device__ void rows_body(const FwlRowParams &p) {
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int k = k0 + u * static_cast<int>(blockDim.x);
-                    if (k < kn) r[u] = load16(xh + k * N);
+                    if (k < kn) {
+                        if constexpr (HINTS)
+                            r[u] = k < kc ? load16_first(xh + k * N) : load16_last(xh + k * N, keep);
+                        else
+                            r[u] = load16(xh + k * N);
+                    }
                 }
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
@@ -281,8 +295,9 @@ __device__ void rows_body(const FwlRowParams &p) {
                 // chain factor; CAP is CAP_OFF in the plain lean kernels)
                 const float tval = elem_grad<CAP>(target_logit, true, rg);
                 const int kc = static_cast<int>(cached), kn = static_cast<int>(nvec), kt = static_cast<int>(ky);
-                lean_grad_sweep<L, G, U, true, CAP, OPTS>(g + head, x + head, cache, 0, kc, kt, g + y, tval, rg);
-                lean_grad_sweep<L, G, U, false, CAP, OPTS>(g + head, x + head, cache, kc, kn, kt, g + y, tval, rg);
+                lean_grad_sweep<L, G, U, true, CAP, OPTS, HINTS>(g + head, x + head, cache, 0, kc, kt, g + y, tval, rg);
+                lean_grad_sweep<L, G, U, false, CAP, OPTS, HINTS>(g + head, x + head, cache, kc, kn, kt, g + y, tval,
+                                                                  rg);
                 swept = true;
             }
         }
@@ -362,8 +377,15 @@ template <typename L, typename G, int U> __device__ void rows_impl(const FwlRowP
         else                                                                                    \
             rows_body<L, G, 1, CAP_OFF, true, true>(p);                                         \
     }
+// The lean plain kernels with L2 eviction hints, fwl_rowslh_* (FWL_CUDA_ROW_HINTS; one load in
+// flight, the register bound of fwl_rowsl_*).
+#define FWL_ROWS_LEAN_HINTS(name, L, G)                                                         \
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS, FWL_LEAN_MIN_BLOCKS(1)) name(FwlRowParams p) { \
+        rows_body<L, G, 1, CAP_OFF, true, false, true>(p);                                      \
+    }
 #define FWL_ROWS(suffix, L, G)                                                                  \
     FWL_ROWS_LEAN(fwl_rowsl_##suffix, L, G, 1)                                                  \
+    FWL_ROWS_LEAN_HINTS(fwl_rowslh_##suffix, L, G)                                              \
     FWL_ROWS_LEAN_OPTS(fwl_rowslo_##suffix, L, G)                                               \
     FWL_ROWS_LEAN(fwl_rowsl2_##suffix, L, G, 2)                                                 \
     FWL_ROWS_ONE(fwl_rows_##suffix, L, G, 1)

@@ -83,6 +83,54 @@ template <typename T> __device__ __forceinline__ void store16(T *p, const Vec16<
     *reinterpret_cast<uint4 *>(p) = *reinterpret_cast<const uint4 *>(r.v);
 }
 
+// The same accesses with L2 eviction hints (the lean plain kernels with hints, fwl_rowslh_*,
+// rows.cuh): load16_first for what is read once (evict first: a row's part that its block keeps
+// in shared memory, and the rest at its second, last read), load16_last for the rest at its first
+// read (the evict-last policy of fwl_evict_last: kept in L2 for the gradient pass), store16_stream
+// for the gradient (evict first), so that the gradient and the cached parts passing through L2
+// do not push out the parts still to be read again. Plain accesses in the host emulation.
+__device__ __forceinline__ uint64_t fwl_evict_last() {
+#ifdef FWL_HOST_EMULATION
+    return 0;
+#else
+    uint64_t policy;
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+    return policy;
+#endif
+}
+
+template <typename T> __device__ __forceinline__ Vec16<T> load16_first(const T *p) {
+#ifdef FWL_HOST_EMULATION
+    return load16(p);
+#else
+    Vec16<T> r;
+    *reinterpret_cast<uint4 *>(r.v) = __ldcs(reinterpret_cast<const uint4 *>(p));
+    return r;
+#endif
+}
+
+template <typename T> __device__ __forceinline__ Vec16<T> load16_last(const T *p, uint64_t policy) {
+#ifdef FWL_HOST_EMULATION
+    (void)policy;
+    return load16(p);
+#else
+    Vec16<T> r;
+    uint4 &u = *reinterpret_cast<uint4 *>(r.v);
+    asm volatile("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(u.x), "=r"(u.y), "=r"(u.z), "=r"(u.w)
+                 : "l"(p), "l"(policy));
+    return r;
+#endif
+}
+
+template <typename T> __device__ __forceinline__ void store16_stream(T *p, const Vec16<T> &r) {
+#ifdef FWL_HOST_EMULATION
+    store16(p, r);
+#else
+    __stcs(reinterpret_cast<uint4 *>(p), *reinterpret_cast<const uint4 *>(r.v));
+#endif
+}
+
 // ---- online softmax statistics -------------------------------------------------------------
 
 // exp(x) as `ex2.approx.ftz` of x·log2(e): `__expf` without its subnormal handling (a compare

@@ -20,23 +20,24 @@
 #                                       # the candle ops on CUDA tensors, compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
-#                                       # (benches/sweep_cuda.py; the lean kernels right after the
-#                                       # default, then Nsight Compute on the lean kernel where ncu is
+#                                       # (benches/sweep_cuda.py, at most 80 s; the L2 hints right after
+#                                       # the default, then Nsight Compute on them where ncu is
 #                                       # there), the Python package's CUDA tests
 #                                       # (FWL_REQUIRE_CUDA=1), its per-call overhead and its fused linear
 #                                       # entry against F.linear + the course function, the fused
 #                                       # linear table (benches/compare_linear.py: N=8192 H=4096 V=128256
 #                                       # bf16 against torch eager on hidden@W^T and Liger-Kernel's fused
 #                                       # linear cross-entropy + the weighting, time and peak memory), the
-#                                       # crate's fused linear time at chunk budgets of 96, 160 and 256 MiB
-#                                       # and under the tiled schedule (blocks of 1024-4096 columns),
+#                                       # crate's fused linear time at chunk budgets of 160 and 256 MiB
+#                                       # and under the tiled schedule (blocks of 4096 columns),
 #                                       # then one bench table (printed last): this crate (CLI and, in process on
 #                                       # the same tensors, the Python package, checked against float64),
 #                                       # the course function in torch eager and under torch.compile,
 #                                       # Liger-Kernel's cross-entropy + the weighting, and the device copy
 #                                       # bandwidth, all in the same call. At most FWL_GPU_CHECK_S
 #                                       # seconds (default 450, so 8 min with the machine's start):
-#                                       # checks first, benches after, the sweep in what is left.
+#                                       # checks first, benches after (the sweep before the Python
+#                                       # package's), the final table in the budget's last 110 s.
 #
 # The run step needs nvidia-smi, python3 with torch and pytest (and triton for Liger and
 # torch.compile); compute-sanitizer is used when present. No Rust there: the package comes as a
@@ -166,12 +167,13 @@ run() {
   local fail=0 skipped=0 cut=0 start=$SECONDS
   # The whole run fits in FWL_GPU_CHECK_S seconds (default 450): the steps come in order of
   # importance, each under its own timeout cut to what is left, and the final bench table keeps
-  # FWL_GPU_CHECK_FINAL_S of it (default 170) for itself. A step with under 15 s left is skipped
+  # FWL_GPU_CHECK_FINAL_S of it (default 110: the table took 43 s on the H200 of 2026-12-04, its
+  # torch.compile included, while the checks before it ran out of time) for itself. A step with under 15 s left is skipped
   # and said so; a step that runs past its own limit counts as failed, one stopped by what was
   # left of the budget is counted apart ("cut short") and the summary says the checks are
   # incomplete. Its messages go to stderr: a step whose stdout is a file (the benches' JSON) gets
   # nothing but the command's own output there (the log, 2>&1, still shows them).
-  local total=${FWL_GPU_CHECK_S:-450} final_s=${FWL_GPU_CHECK_FINAL_S:-170}
+  local total=${FWL_GPU_CHECK_S:-450} final_s=${FWL_GPU_CHECK_FINAL_S:-110}
   step() { echo; echo "== $* ($((SECONDS - start)) s)"; }
   within() {
     local want=$1 left rc
@@ -224,10 +226,11 @@ run() {
   # kernels, 32 registers, run two with half the shared memory each; the lean options kernels
   # fit one and keep the whole of it)
   local variant
-  # (the earlier default, fwl_rows_* with one block per SM, which other architectures keep; the
-  # lean plain kernels with two loads in flight; the lean kernels with one block per SM)
-  for variant in "FWL_CUDA_ROW_LEAN=0 FWL_CUDA_BLOCKS_PER_SM=1" "FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_BLOCKS_PER_SM=1" \
-                 "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_BLOCKS_PER_SM=1"; do
+  # (the lean plain kernels with L2 eviction hints, not yet run on a GPU; the earlier default,
+  # fwl_rows_* with one block per SM, which other architectures keep; the lean plain kernels
+  # with two loads in flight)
+  for variant in "FWL_CUDA_ROW_HINTS=1" "FWL_CUDA_ROW_LEAN=0 FWL_CUDA_BLOCKS_PER_SM=1" \
+                 "FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_BLOCKS_PER_SM=1"; do
     step "GPU parity with $variant"
     within 60 env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
   done
@@ -268,6 +271,9 @@ run() {
           "${small[@]}" --dtype "$dt" || fail=1
         within 30 env FWL_CUDA_ROW_LEAN=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
           "${small[@]}" --dtype "$dt" --z-loss 1e-4 --label-smoothing 0.1 $cap_opt --token-weights || fail=1
+        step "compute-sanitizer --tool $tool, $dt, the lean loops with L2 hints (FWL_CUDA_ROW_HINTS=1)"
+        within 30 env FWL_CUDA_ROW_HINTS=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
+          "${small[@]}" --dtype "$dt" || fail=1
       done
     done
     # (--bias: the bias's products and d bias; --f32-grads with bf16: the f32 d hidden that the
@@ -316,7 +322,8 @@ run() {
 
   step "fused linear, chunk budget (the logits product's rows are a quarter of the chunk's): time and scratch"
   local mib
-  for mib in 96 160 256; do
+  # (96 MiB, the default until 2026-12-04, took 79.0 ms there; 160 MiB 58.5, 256 MiB 48.2)
+  for mib in 160 256; do
     : >/tmp/fwl-linear-budget.json
     within 30 "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda --tokens 8x1024 --hidden 4096 \
       --vocab 128256 --dtype bf16 --iters 5 --budget-mib "$mib" --json >/tmp/fwl-linear-budget.json || fail=1
@@ -325,10 +332,12 @@ run() {
       /tmp/fwl-linear-budget.json "$mib" || fail=1
   done
 
-  step "fused linear, tiled schedule (FWL_CUDA_LINEAR_TILES: vocabulary blocks of that many columns; not timed before)"
+  step "fused linear, tiled schedule (FWL_CUDA_LINEAR_TILES: vocabulary blocks of that many columns)"
   local cols
-  for cols in 1024 2048 4096; do
-    for mib in 96 160; do
+  # (on 2026-12-04 blocks of 1024 and 2048 columns were slower than 4096, all slower than the
+  # chunks at 160 MiB: the one left, at the default budget)
+  for cols in 4096; do
+    for mib in 160; do
       : >/tmp/fwl-linear-tiles.json
       within 30 env FWL_CUDA_LINEAR_TILES=$cols "$bundle/bin/fused-weighted-loss" bench-linear --backend cuda \
         --tokens 8x1024 --hidden 4096 --vocab 128256 --dtype bf16 --iters 5 --budget-mib "$mib" --json \
@@ -354,6 +363,39 @@ run() {
     done
   done
 
+  step "rows kernel launch sweep (tuning knobs; each configuration in its own process), at most 80 s"
+  # (before the Python package's benches, which get what is left: the sweep picks the defaults;
+  # Nsight Compute, after it, keeps 45 s of the checks' time where ncu is there)
+  local ncu_bin ncu_s=0
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
+  [ -n "$ncu_bin" ] && ncu_s=45
+  local sweep_s=$((total - final_s - (SECONDS - start) - 5 - ncu_s))
+  ((sweep_s > 80)) && sweep_s=80
+  if ((sweep_s >= 20)); then
+    python3 benches/sweep_cuda.py --bin "$bundle/bin/fused-weighted-loss" --budget-s "$sweep_s" \
+      --json "${OUT:-/tmp}/gpu-sweep.json" || fail=1
+  else
+    echo "skipped, out of time: the sweep"; skipped=$((skipped + 1))
+  fi
+
+  # what the L2 hints change (the lean kernel, sm_90's default, was profiled on 2026-12-04: its
+  # gradient pass read the rows' uncached parts again from DRAM, 1.17 GB): one launch, a
+  # profile and not a check (a failure is not counted)
+  if [ -n "$ncu_bin" ] && ((total - final_s - (SECONDS - start) < ncu_s)); then
+    # (the final bench's time is its own: a profile does not take it)
+    step "Nsight Compute: out of time, skipped (a profile, not a check: not counted)"
+  elif [ -n "$ncu_bin" ]; then
+    step "Nsight Compute: the lean rows kernel with L2 hints (FWL_CUDA_ROW_HINTS=1), 8x1024x128256 bf16, one launch"
+    timeout 45 env FWL_CUDA_ROW_HINTS=1 "$ncu_bin" --clock-control none --kernel-name regex:fwl_rows --launch-count 1 \
+      --section SpeedOfLight \
+      --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum,smsp__inst_executed.sum \
+      "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape 8x1024x128256 --dtype bf16 --iters 1 --warmup 0 \
+      --reference-iters 0 || echo "(ncu failed or timed out: a profile, not a check; not counted)"
+  else
+    step "Nsight Compute: not found, skipped"
+  fi
+
+
   if [ $have_pkg = 1 ]; then
     step "Python package: per-call overhead over the Rust call, same tensors (benches/python_overhead.py)"
     for dt in bf16 f32; do
@@ -366,35 +408,6 @@ run() {
     step "Python package: weighted_linear_loss vs F.linear + the course function, same tensors (benches/python_linear.py)"
     within 60 python3 benches/python_linear.py --device cuda --tokens 8x1024 --hidden 4096 --vocab 128256 \
       --dtype bf16 --iters 10 --rounds 2 --json "${OUT:-/tmp}/gpu-python-linear.json" || fail=1
-  fi
-
-  step "rows kernel launch sweep (tuning knobs; each configuration in its own process), in what is left"
-  # (Nsight Compute, after it, keeps 45 s of the checks' time where ncu is there)
-  local ncu_bin ncu_s=0
-  ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
-  [ -n "$ncu_bin" ] && ncu_s=45
-  local sweep_s=$((total - final_s - (SECONDS - start) - 5 - ncu_s))
-  if ((sweep_s >= 20)); then
-    python3 benches/sweep_cuda.py --bin "$bundle/bin/fused-weighted-loss" --budget-s "$sweep_s" \
-      --json "${OUT:-/tmp}/gpu-sweep.json" || fail=1
-  else
-    echo "skipped, out of time: the sweep"; skipped=$((skipped + 1))
-  fi
-
-  # what bounds the lean kernel (the default one was profiled on 2026-11-30: bound by its
-  # instructions): one launch, a profile and not a check (a failure is not counted)
-  if [ -n "$ncu_bin" ] && ((total - final_s - (SECONDS - start) < ncu_s)); then
-    # (the final bench's time is its own: a profile does not take it)
-    step "Nsight Compute: out of time, skipped (a profile, not a check: not counted)"
-  elif [ -n "$ncu_bin" ]; then
-    step "Nsight Compute: the lean rows kernel (FWL_CUDA_ROW_LEAN=1), 8x1024x128256 bf16, one launch"
-    timeout 45 env FWL_CUDA_ROW_LEAN=1 "$ncu_bin" --kernel-name regex:fwl_rows --launch-count 1 \
-      --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --metrics smsp__inst_executed.sum,sm__inst_executed_pipe_alu.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed \
-      "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape 8x1024x128256 --dtype bf16 --iters 1 --warmup 0 \
-      --reference-iters 0 || echo "(ncu failed or timed out: a profile, not a check; not counted)"
-  else
-    step "Nsight Compute: not found, skipped"
   fi
 
   echo

@@ -14,9 +14,10 @@ pub struct DeviceBench {
     /// The loss of the last call (a sanity value).
     pub loss: f64,
     /// The rows kernel's launch: threads per block, resident blocks per multiprocessor, loads in
-    /// flight per thread (the lean kernels of the loss options take one whatever it says), and 1
-    /// where the lean kernels are on (0 off; see the `FWL_CUDA_*` tuning knobs in the README).
-    pub row_launch: [u32; 4],
+    /// flight per thread (the lean kernels of the loss options take one whatever it says), 1
+    /// where the lean kernels are on (0 off), and 1 where the lean plain kernels take L2 eviction
+    /// hints (0 off; see the `FWL_CUDA_*` tuning knobs in the README).
+    pub row_launch: [u32; 5],
 }
 
 /// Times loss + gradient (into the logits' dtype) on random device data of `shape`, alternating
@@ -71,6 +72,6 @@ pub fn bench_device<L: Logit>(
         fused_ms,
         copy_ms,
         loss: host.loss,
-        row_launch: [l.threads, l.blocks_per_sm, l.unroll, l.lean as u32],
+        row_launch: [l.threads, l.blocks_per_sm, l.unroll, l.lean as u32, l.hints as u32],
     })
 }

@@ -48,6 +48,9 @@ pub(super) struct RowLaunch {
     /// The lean kernels: `fwl_rowsl*` for the plain loss (no soft-capping, label smoothing or
     /// z-loss), `fwl_rowslo_*` (one load in flight) for a loss with any of them.
     pub(super) lean: bool,
+    /// The lean plain kernels with L2 eviction hints, `fwl_rowslh_*` (with `lean` and an unroll
+    /// of 1 only, else off).
+    pub(super) hints: bool,
 }
 
 /// Which family of rows kernels.
@@ -55,7 +58,7 @@ pub(super) struct RowLaunch {
 pub(super) enum RowKernel {
     /// `fwl_rows_*`: every loss.
     Default,
-    /// `fwl_rowsl<U>_*`: the plain loss's lean loops.
+    /// `fwl_rowsl<U>_*` (`fwl_rowslh_*` with [`RowLaunch::hints`]): the plain loss's lean loops.
     Lean,
     /// `fwl_rowslo_*`: the lean loops with the loss options (one load in flight whatever `U`).
     LeanOptions,
@@ -69,8 +72,8 @@ impl RowLaunch {
     /// earlier default: the `fwl_rows_*` kernels, 1024 threads, one block per multiprocessor.
     pub(super) fn default_for(major: i32) -> RowLaunch {
         match major {
-            9 => RowLaunch { threads: THREADS, blocks_per_sm: 2, unroll: 1, lean: true },
-            _ => RowLaunch { threads: THREADS, blocks_per_sm: 1, unroll: 1, lean: false },
+            9 => RowLaunch { threads: THREADS, blocks_per_sm: 2, unroll: 1, lean: true, hints: false },
+            _ => RowLaunch { threads: THREADS, blocks_per_sm: 1, unroll: 1, lean: false, hints: false },
         }
     }
 
@@ -79,7 +82,9 @@ impl RowLaunch {
     /// (1 to 8, at most 2048 threads per multiprocessor), `FWL_CUDA_ROW_LEAN` (0 or 1: the lean
     /// kernels, whose loops compute less per element (for the plain loss, none of the options'
     /// arithmetic) and flush exponentials below 2^-126 to 0), `FWL_CUDA_ROW_UNROLL` (1 or 2:
-    /// loads in flight in the lean plain kernels; ignored without them). A value outside those
+    /// loads in flight in the lean plain kernels; ignored without them), `FWL_CUDA_ROW_HINTS` (0
+    /// or 1: the lean plain kernels with L2 eviction hints, `fwl_rowslh_*`, with the lean kernels
+    /// and one load in flight only; not yet run on a GPU, hence off). A value outside those
     /// sets is ignored; a changed thread count without a block count takes one block per
     /// multiprocessor where the default's count would not fit 2048 threads. Read when a context
     /// loads the kernels.
@@ -98,14 +103,18 @@ impl RowLaunch {
         });
         let lean = var("FWL_CUDA_ROW_LEAN").filter(|l| *l <= 1).map_or(default.lean, |l| l == 1);
         let unroll = var("FWL_CUDA_ROW_UNROLL").filter(|u| [1, 2].contains(u)).unwrap_or(default.unroll);
-        RowLaunch { threads, blocks_per_sm, unroll: if lean { unroll } else { 1 }, lean }
+        let unroll = if lean { unroll } else { 1 };
+        let hints = var("FWL_CUDA_ROW_HINTS").filter(|h| *h <= 1).map_or(default.hints, |h| h == 1);
+        RowLaunch { threads, blocks_per_sm, unroll, lean, hints: hints && lean && unroll == 1 }
     }
 
     /// The rows kernel of family `k` for `l` logits and a `g` gradient in this configuration:
-    /// `fwl_rows_*`, `fwl_rowsl<U>_*` or `fwl_rowslo_*` (`U` the unroll, left out when 1).
+    /// `fwl_rows_*`, `fwl_rowsl<U>_*` (`fwl_rowslh_*` with hints) or `fwl_rowslo_*` (`U` the
+    /// unroll, left out when 1).
     pub(super) fn kernel_name(&self, k: RowKernel, l: DType, g: DType) -> String {
         let (pre, unroll) = match k {
             RowKernel::Default => ("", String::new()),
+            RowKernel::Lean if self.hints => ("lh", String::new()),
             RowKernel::Lean if self.unroll > 1 => ("l", self.unroll.to_string()),
             RowKernel::Lean => ("l", String::new()),
             RowKernel::LeanOptions => ("lo", String::new()),
@@ -331,10 +340,10 @@ mod tests {
     #[test]
     pub(super) fn row_launch_defaults_and_knobs() {
         // sm_90: the lean kernels, two blocks of 1024 threads per multiprocessor
-        let default = RowLaunch { threads: 1024, blocks_per_sm: 2, unroll: 1, lean: true };
+        let default = RowLaunch { threads: 1024, blocks_per_sm: 2, unroll: 1, lean: true, hints: false };
         assert_eq!(launch(&[]), default);
         // elsewhere (not measured): the earlier default
-        let other = RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, lean: false };
+        let other = RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, lean: false, hints: false };
         for major in [7, 8, 10, 12] {
             assert_eq!(launch_on(major, &[]), other, "compute capability {major}.x");
         }
@@ -368,12 +377,21 @@ mod tests {
         assert_eq!(launch(&[("FWL_CUDA_ROW_THREADS", "256"), ("FWL_CUDA_BLOCKS_PER_SM", "8")]).blocks_per_sm, 8);
         // other thread counts keep the default's two blocks where they fit
         assert_eq!(launch(&[("FWL_CUDA_ROW_THREADS", "512")]).blocks_per_sm, 2);
+        // the L2 hints: off by default, on with the lean kernels and one load in flight only
+        assert_eq!(launch(&[("FWL_CUDA_ROW_HINTS", "1")]), RowLaunch { hints: true, ..default });
+        assert_eq!(launch(&[("FWL_CUDA_ROW_HINTS", "2")]), default);
+        assert!(!launch(&[("FWL_CUDA_ROW_HINTS", "1"), ("FWL_CUDA_ROW_UNROLL", "2")]).hints);
+        assert!(!launch(&[("FWL_CUDA_ROW_HINTS", "1"), ("FWL_CUDA_ROW_LEAN", "0")]).hints);
+        assert!(!launch_on(8, &[("FWL_CUDA_ROW_HINTS", "1")]).hints);
+        assert!(launch_on(8, &[("FWL_CUDA_ROW_HINTS", "1"), ("FWL_CUDA_ROW_LEAN", "1")]).hints);
     }
 
     #[test]
     pub(super) fn every_configured_rows_kernel_is_in_the_fatbin() {
         let contains = fatbin_has_kernel;
-        for vars in [&[][..], &[("FWL_CUDA_ROW_UNROLL", "2")], &[("FWL_CUDA_ROW_LEAN", "0")]] {
+        let configs =
+            [&[][..], &[("FWL_CUDA_ROW_UNROLL", "2")], &[("FWL_CUDA_ROW_LEAN", "0")], &[("FWL_CUDA_ROW_HINTS", "1")]];
+        for vars in configs {
             let l = launch(vars);
             for (a, b) in ROW_PAIRS {
                 let name = l.kernel_name(RowKernel::Default, a, b);
@@ -402,5 +420,8 @@ mod tests {
         assert_eq!(launch(&[]).kernel_name(RowKernel::Lean, DType::F16, DType::F16), "fwl_rowsl_f16_f16");
         assert_eq!(two.kernel_name(RowKernel::Lean, DType::F16, DType::F16), "fwl_rowsl2_f16_f16");
         assert_eq!(two.kernel_name(RowKernel::LeanOptions, DType::F16, DType::F16), "fwl_rowslo_f16_f16");
+        let hints = launch(&[("FWL_CUDA_ROW_HINTS", "1")]);
+        assert_eq!(hints.kernel_name(RowKernel::Lean, DType::BF16, DType::BF16), "fwl_rowslh_bf16_bf16");
+        assert_eq!(hints.kernel_name(RowKernel::LeanOptions, DType::BF16, DType::BF16), "fwl_rowslo_bf16_bf16");
     }
 }
