@@ -149,8 +149,8 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
     }
 }
 
-// U: 16-byte loads each thread keeps in flight (1, 2 or 4). For a given block size the
-// statistics, loss and gradient are the same bits for every U.
+// U: 16-byte loads each thread keeps in flight (1 or 2). For a given block size the statistics,
+// loss and gradient are the same bits for every U.
 // CAP: CAP_OFF or CAP_ON (see rows_impl). LEAN (the fwl_rowsl* kernels, plain loss, CAP_OFF):
 // loops with the options' arithmetic left out: the statistics without the logit sum,
 // exponentials from fwl_exp_ftz, 32-bit vector indices; where G has L's size and the two share
@@ -162,7 +162,8 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
 // options' gradient entries (lean_entry). HINTS (the fwl_rowslh* kernels, plain lean loops, one
 // load in flight): L2 eviction hints on the vector accesses (see load16_first): in pass 1 the
 // cached vectors read evict-first and the others evict-last, in pass 2 the others read
-// evict-first and the gradient stored streaming. The same bits as without.
+// evict-first and the gradient stored streaming (plain accesses where the row has no gradient or
+// the gradient loop is not lean_grad_sweep). The same bits as without.
 template <typename L, typename G, int U, int CAP, bool LEAN = false, bool OPTS = false, bool HINTS = false>
 __device__ void rows_body(const FwlRowParams &p) {
     static_assert(!OPTS || LEAN, "OPTS: the lean loops with the options");
@@ -213,6 +214,9 @@ __device__ void rows_body(const FwlRowParams &p) {
         if constexpr (LEAN) {
             // 32-bit vector indices, as in lean_grad_sweep
             const L *xh = x + head;
+            // (HINTS: the vectors past `cached` are read again by lean_grad_sweep, as below; a
+            // call without a gradient or without vector stores keeps plain accesses)
+            const bool rereads = HINTS && g && sizeof(G) == sizeof(L) && p.vector_stores;
             const int kn = static_cast<int>(nvec), kc = static_cast<int>(cached), kt = static_cast<int>(ky);
             const int stride = U * static_cast<int>(blockDim.x);
             for (int k0 = static_cast<int>(threadIdx.x); k0 < kn; k0 += stride) {
@@ -222,7 +226,9 @@ __device__ void rows_body(const FwlRowParams &p) {
                     const int k = k0 + u * static_cast<int>(blockDim.x);
                     if (k < kn) {
                         if constexpr (HINTS)
-                            r[u] = k < kc ? load16_first(xh + k * N) : load16_last(xh + k * N, keep);
+                            r[u] = !rereads ? load16(xh + k * N)
+                                   : k < kc ? load16_first(xh + k * N)
+                                            : load16_last(xh + k * N, keep);
                         else
                             r[u] = load16(xh + k * N);
                     }
