@@ -229,8 +229,9 @@ run() {
   # (the lean plain kernels with L2 eviction hints, not yet run on a GPU; the earlier default,
   # fwl_rows_* with one block per SM, which other architectures keep; the lean plain kernels
   # with two loads in flight)
-  for variant in "FWL_CUDA_ROW_HINTS=1" "FWL_CUDA_ROW_LEAN=0 FWL_CUDA_BLOCKS_PER_SM=1" \
-                 "FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_BLOCKS_PER_SM=1"; do
+  # (FWL_CUDA_ROW_LEAN=1 where a knob needs the lean kernels: only sm_90 has them by default)
+  for variant in "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_HINTS=1" "FWL_CUDA_ROW_LEAN=0 FWL_CUDA_BLOCKS_PER_SM=1" \
+                 "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_BLOCKS_PER_SM=1"; do
     step "GPU parity with $variant"
     within 60 env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
   done
@@ -272,7 +273,7 @@ run() {
         within 30 env FWL_CUDA_ROW_LEAN=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
           "${small[@]}" --dtype "$dt" --z-loss 1e-4 --label-smoothing 0.1 $cap_opt --token-weights || fail=1
         step "compute-sanitizer --tool $tool, $dt, the lean loops with L2 hints (FWL_CUDA_ROW_HINTS=1)"
-        within 30 env FWL_CUDA_ROW_HINTS=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
+        within 30 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_HINTS=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
           "${small[@]}" --dtype "$dt" || fail=1
       done
     done
@@ -386,7 +387,7 @@ run() {
     step "Nsight Compute: out of time, skipped (a profile, not a check: not counted)"
   elif [ -n "$ncu_bin" ]; then
     step "Nsight Compute: the lean rows kernel with L2 hints (FWL_CUDA_ROW_HINTS=1), 8x1024x128256 bf16, one launch"
-    timeout 45 env FWL_CUDA_ROW_HINTS=1 "$ncu_bin" --clock-control none --kernel-name regex:fwl_rows --launch-count 1 \
+    timeout 45 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_HINTS=1 "$ncu_bin" --clock-control none --kernel-name regex:fwl_rows --launch-count 1 \
       --section SpeedOfLight \
       --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum,smsp__inst_executed.sum \
       "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape 8x1024x128256 --dtype bf16 --iters 1 --warmup 0 \

@@ -104,11 +104,14 @@ def _mixed(got: torch.Tensor, scaled_ref: torch.Tensor) -> float:
 def _rounded_rows_bound(hidden, weight, ids, keywords):
     """Entry-wise bounds on ``d hidden`` and ``d weight`` (times ``SCALE``) of a backend whose
     products take the gradient rows ``G = d loss / d logits`` rounded to float16 (CUDA: cuBLAS
-    takes float16 operands; the rows are written times a power of two ``S`` with
-    ``S * max|G| <= 2**14``, so each entry is rounded relative to itself, 2**-11, or at worst
-    absolutely by 2**-25 / S): those roundings through the products, with float32 sums and the
-    final rounding to float16 (2**-11 of the entry each, 2**-10 together), and float16's
-    smallest subnormal."""
+    takes float16 operands; the rows are written times a power of two ``S``, ``S`` times a host
+    bound of ``max|G|`` at most 2**14, so each entry is rounded relative to itself, 2**-11, or
+    absolutely by 2**-25 / S where it falls below float16's normal range): those roundings
+    through the products, with float32 sums and the final rounding to float16 (2**-11 of the
+    entry each, 2**-10 together), and float16's smallest subnormal. The absolute term,
+    ``2**-37 * max|G|`` per entry, assumes the host bound within 2x of ``max|G|`` (``S`` is the
+    largest power of two with ``S * bound <= 2**14``); a looser bound grows it in proportion,
+    which stays far under the relative term here."""
     h = hidden.detach().double().reshape(-1, hidden.shape[-1]).cpu()
     w = weight.detach().double().cpu()
     logits = (h @ w.T).requires_grad_()
@@ -155,3 +158,46 @@ def test_the_fused_linear_loss_keeps_float16_gradients_under_a_loss_scale(device
         elif not accumulate_f32:
             # float16 from the forward on, at scale 1: the documented loss
             assert worst[1] > 1e-2, worst
+
+
+def _other_layout(t: torch.Tensor) -> torch.Tensor:
+    """The same values in another memory layout (the last two dimensions' strides swapped)."""
+    if t.dim() < 2:
+        return t
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("kept", [None, torch.float16])
+def test_a_saved_tensor_hook_may_return_the_kept_gradient_in_another_layout(kept):
+    """An unpack hook may hand the kept gradient back as any tensor of the same values: in
+    another layout, or (all zeros) as an expanded scalar. The backward reads it as torch
+    describes it (it once read a float32 one as contiguous memory: a wrong gradient, or a
+    crash)."""
+    logits, ids, keywords = _case("cpu", b=2, t=9, v=301)
+    _, _, _, ref_grad = reference(logits, ids, keywords)
+    x = logits.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _other_layout):
+        loss = fwl.weighted_loss(x, ids, keywords=keywords, kept_grad_dtype=kept)
+    (loss * SCALE).backward()
+    assert x.grad.dtype == torch.float16
+    assert rel_err(x.grad, ref_grad * SCALE) <= TOL[torch.float16]["grad"]
+
+    # every target ignored: a zero gradient, handed back as an expanded zero
+    labels = torch.full_like(ids, -100)
+    y = logits.clone().requires_grad_()
+    zero = lambda t: torch.zeros((), dtype=t.dtype).expand(t.shape) if not bool(t.any()) else t
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, zero):
+        loss = fwl.weighted_loss(y, ids, labels=labels, kept_grad_dtype=kept)
+    (loss * SCALE).backward()
+    assert y.grad.dtype == torch.float16 and not bool(y.grad.any())
+
+    # the fused linear loss
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 9, 8, generator=g).to(torch.float16).requires_grad_()
+    weight = torch.randn(301, 8, generator=g).to(torch.float16).requires_grad_()
+    ref = linear_reference(hidden, weight, ids, keywords=keywords)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _other_layout):
+        loss = fwl.weighted_linear_loss(hidden, weight, ids, keywords=keywords, accumulate_f32=kept is None)
+    (loss * SCALE).backward()
+    assert rel_err(hidden.grad, ref.d_hidden * SCALE) <= TOL[torch.float16]["grad"]
+    assert rel_err(weight.grad, ref.d_weight * SCALE) <= TOL[torch.float16]["grad"]

@@ -393,10 +393,6 @@ fn gpu_data_parallel_one_call_matches_the_concatenated_batch() {
     }
 }
 
-/// A data rank without samples (`Shape::without_samples`): it gets the whole batch's loss, the
-/// same bits as its peers, and no per-sample outputs; its peers the gradient of the
-/// concatenated batch. (Its device buffers are empty views of one-element allocations: CUDA
-/// allocates no zero bytes.)
 /// A rank's logits, ids, labels and token weights on the device, each one element longer than
 /// the part (CUDA allocates no zero bytes: a rank without samples still gets buffers, of which
 /// it passes empty views).
@@ -418,6 +414,10 @@ fn upload_padded(stream: &Arc<CudaStream>, part: &Case<f32>) -> Padded {
     }
 }
 
+/// A data rank without samples (`Shape::without_samples`): it gets the whole batch's loss, the
+/// same bits as its peers, and no per-sample outputs; its peers the gradient of the
+/// concatenated batch. (Its device buffers are empty views of one-element allocations: CUDA
+/// allocates no zero bytes.)
 #[test]
 fn gpu_data_parallel_rank_without_samples() {
     if !gpu_or_skip("gpu_data_parallel_rank_without_samples") {
