@@ -132,13 +132,14 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
         for (int u = 0; u < U; ++u) {
             const int k = k0 + u * static_cast<int>(blockDim.x);
             if (k >= to) continue;
+            float z[N];
+            vec_f32(r[u], z);
             Vec16<G> o;
             if constexpr (sizeof(G) == 2) {
                 for (int i = 0; i < N; i += 2)
-                    from_f32x2<G>(&o.v[i], lean_entry<CAP, OPTS>(to_f32(r[u].v[i]), rg),
-                                  lean_entry<CAP, OPTS>(to_f32(r[u].v[i + 1]), rg));
+                    from_f32x2<G>(&o.v[i], lean_entry<CAP, OPTS>(z[i], rg), lean_entry<CAP, OPTS>(z[i + 1], rg));
             } else {
-                for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(lean_entry<CAP, OPTS>(to_f32(r[u].v[i]), rg));
+                for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(lean_entry<CAP, OPTS>(z[i], rg));
             }
             if constexpr (HINTS)
                 store16_stream(gh + k * N, o);
@@ -218,32 +219,51 @@ __device__ void rows_body(const FwlRowParams &p) {
             // call without a gradient or without vector stores keeps plain accesses)
             const bool rereads = HINTS && g && sizeof(G) == sizeof(L) && p.vector_stores;
             const int kn = static_cast<int>(nvec), kc = static_cast<int>(cached), kt = static_cast<int>(ky);
-            const int stride = U * static_cast<int>(blockDim.x);
-            for (int k0 = static_cast<int>(threadIdx.x); k0 < kn; k0 += stride) {
-                Vec16<L> r[U];
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const int k = k0 + u * static_cast<int>(blockDim.x);
-                    if (k < kn) {
-                        if constexpr (HINTS)
-                            r[u] = !rereads ? load16(xh + k * N)
-                                   : k < kc ? load16_first(xh + k * N)
-                                            : load16_last(xh + k * N, keep);
-                        else
-                            r[u] = load16(xh + k * N);
+            // a vector's values into the statistics (the target's slot, when it is this one, left
+            // out of the sum)
+            auto fold = [&](const Vec16<L> &r, int k) {
+                float v[N];
+                vec_f32(r, v);
+                for (int i = 0; i < N; ++i) v[i] = capped<CAP>(v[i], cap, inv_cap);
+                if (k != kt)
+                    ms_push<FTZ_STATS>(acc, v, N);
+                else
+                    ms_push<FTZ_STATS>(acc, v, N, static_cast<int>(yo) - k * N);
+            };
+            if constexpr (U == 1) {
+                // the cached vectors, then the others, each thread in its order k, k + blockDim.x, ...
+                // (the loads as arguments: one loop per kind of access, no choice per vector)
+                const int bd = static_cast<int>(blockDim.x);
+                auto sweep = [&](auto first, auto rest) {
+                    int k = static_cast<int>(threadIdx.x);
+                    for (; k < kc; k += bd) {
+                        const Vec16<L> r = first(xh + k * N);
+                        cache[k] = r;
+                        fold(r, k);
                     }
-                }
+                    for (; k < kn; k += bd) fold(rest(xh + k * N), k);
+                };
+                auto plain = [](const L *a) { return load16(a); };
+                if (HINTS && rereads)
+                    sweep([](const L *a) { return load16_first(a); }, [&](const L *a) { return load16_last(a, keep); });
+                else
+                    sweep(plain, plain);
+            } else {
+                const int stride = U * static_cast<int>(blockDim.x);
+                for (int k0 = static_cast<int>(threadIdx.x); k0 < kn; k0 += stride) {
+                    Vec16<L> r[U];
 #pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const int k = k0 + u * static_cast<int>(blockDim.x);
-                    if (k < kn) {
-                        if (k < kc) cache[k] = r[u];
-                        float v[N];
-                        for (int i = 0; i < N; ++i) v[i] = capped<CAP>(to_f32(r[u].v[i]), cap, inv_cap);
-                        if (k != kt)
-                            ms_push<FTZ_STATS>(acc, v, N);
-                        else
-                            ms_push<FTZ_STATS>(acc, v, N, static_cast<int>(yo) - k * N);
+                    for (int u = 0; u < U; ++u) {
+                        const int k = k0 + u * static_cast<int>(blockDim.x);
+                        if (k < kn) r[u] = load16(xh + k * N);
+                    }
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const int k = k0 + u * static_cast<int>(blockDim.x);
+                        if (k < kn) {
+                            if (k < kc) cache[k] = r[u];
+                            fold(r[u], k);
+                        }
                     }
                 }
             }
@@ -346,6 +366,202 @@ __device__ void rows_body(const FwlRowParams &p) {
     }
 }
 
+// Where a row's 16-byte vectors lie (rows_body's split): `head` unaligned elements, vectors
+// [0, nvec) from element `head`, the tail from `tail0`; the vectors below `cached` kept in
+// shared memory.
+struct RowSplit {
+    int64_t head, nvec, tail0, cached;
+};
+
+template <typename L> __device__ __forceinline__ RowSplit row_split(const L *x, int64_t V, int64_t cache_vectors) {
+    constexpr int N = Vec16<L>::N;
+    const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) / sizeof(L);
+    const int64_t head = min(V, mis ? N - mis : 0);
+    const int64_t nvec = (V - head) / N;
+    return RowSplit{head, nvec, head + nvec * N, min(nvec, cache_vectors)};
+}
+
+// The next row's cached vectors, copied into shared memory by each thread for its own vectors
+// (k = threadIdx.x + i · blockDim.x, the order both passes visit them) while this row is still
+// being worked on: `mine` of them, the i-th issued only once this row is done with the i-th
+// (`issue(i)`, in order), in at most 8 groups of `per` (the pass that reads them waits for the
+// groups one after the other).
+template <typename L> struct RowPrefetch {
+    const L *x;  // the next row's first whole vector
+    int mine, per;
+    int left;  // copies until the current group closes
+    uint64_t policy;
+
+    __device__ __forceinline__ static int own(int64_t cached) {
+        const int t = static_cast<int>(threadIdx.x), c = static_cast<int>(cached), b = static_cast<int>(blockDim.x);
+        return c > t ? (c - 1 - t) / b + 1 : 0;
+    }
+    __device__ __forceinline__ static int group_size(int mine) { return mine > 8 ? (mine + 7) / 8 : 1; }
+    __device__ __forceinline__ void issue(Vec16<L> *cache, int i) {
+        const int k = static_cast<int>(threadIdx.x) + i * static_cast<int>(blockDim.x);
+        cp_async16(cache + k, x + k * Vec16<L>::N, policy);
+        if (--left == 0 || i + 1 == mine) {
+            cp_async_commit();
+            left = per;
+        }
+    }
+};
+
+// The prefetching lean kernels (fwl_rowslp_*, the plain loss): rows_body's lean loops with
+// HINTS, the same bits, but a row's cached part comes into shared memory by asynchronous copies
+// (cp_async16) issued while the block works on its previous row, each vector's copy as soon as
+// the gradient pass is done with that slot: the block's next row is on its way while this one's
+// gradient is written, and no thread waits for a load it could have issued earlier. The part of
+// a row beyond the cache is read as the hints kernels read it (evict-last, then evict-first).
+// Meant for one block per multiprocessor with the whole shared memory (227 KiB on sm_90: all of
+// a 50000-entry f32 row, 93% of a 128256-entry bf16 one).
+template <typename L, typename G> __device__ void rows_prefetch_body(const FwlRowParams &p) {
+    constexpr int N = Vec16<L>::N;
+    extern __shared__ __align__(16) unsigned char fwl_smem[];
+    Vec16<L> *cache = reinterpret_cast<Vec16<L> *>(fwl_smem);
+    __shared__ MS red[32];
+    __shared__ float target_logit;
+    const int64_t V = p.vocab;
+    const L *logits = static_cast<const L *>(p.logits);
+    const uint64_t keep = fwl_evict_last(), once = fwl_evict_first();
+    const int t = static_cast<int>(threadIdx.x), bd = static_cast<int>(blockDim.x);
+    // without a gradient nothing is kept (the pass reads each vector once)
+    const int64_t cache_vectors = p.grad ? p.smem_vectors : 0;
+    // the next row's copies (none past the last row)
+    auto next_of = [&](int64_t row) {
+        RowPrefetch<L> n{nullptr, 0, 1, 1, once};
+        if (row < p.rows) {
+            const L *x = logits + row * V;
+            const RowSplit s = row_split(x, V, cache_vectors);
+            n.x = x + s.head;
+            n.mine = RowPrefetch<L>::own(s.cached);
+            n.per = n.left = RowPrefetch<L>::group_size(n.mine);
+        }
+        return n;
+    };
+    {
+        RowPrefetch<L> first = next_of(blockIdx.x);
+        for (int i = 0; i < first.mine; ++i) first.issue(cache, i);
+    }
+
+    for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+        const L *x = logits + row * V;
+        G *g = p.grad ? static_cast<G *>(p.grad) + row * V : nullptr;
+        const int64_t grow = p.row_offset + row;
+        const int32_t y = p.targets[grow];
+        const RowSplit sp = row_split(x, V, cache_vectors);
+        const int my = RowPrefetch<L>::own(sp.cached), per = RowPrefetch<L>::group_size(my);
+        const int groups = (my + per - 1) / per;
+        RowPrefetch<L> next = next_of(row + gridDim.x);
+        if (y < 0) {
+            cp_async_wait(0);  // (this row's copies read what ignored_row overwrites in place)
+            for (int i = 0; i < next.mine; ++i) next.issue(cache, i);
+            ignored_row(p, g, V, grow);
+            continue;
+        }
+        if (threadIdx.x == 0) target_logit = to_f32(x[y]);
+        const int64_t head = sp.head, tail0 = sp.tail0;
+        const int64_t yo = y - head;
+        const int64_t ky = yo >= 0 && yo < sp.nvec * N ? yo / N : -1;
+        MS acc{-INFINITY, 0.f, 0.f, 0.f};
+        if (threadIdx.x < head) {
+            const float v = to_f32(x[threadIdx.x]);
+            ms_push<true>(acc, &v, 1, static_cast<int64_t>(threadIdx.x) == y ? 0 : -1);
+        }
+        const L *xh = x + head;
+        const bool vec = sizeof(G) == sizeof(L) && p.vector_stores;
+        const bool rereads = g && vec;  // (as rows_body's HINTS)
+        const int kn = static_cast<int>(sp.nvec), kc = static_cast<int>(sp.cached), kt = static_cast<int>(ky);
+        // pass 1: the cached vectors as their copies' groups complete, the rest from global memory
+        {
+            auto fold = [&](const Vec16<L> &r, int k) {
+                float v[N];
+                vec_f32(r, v);
+                if (k != kt)
+                    ms_push<true>(acc, v, N);
+                else
+                    ms_push<true>(acc, v, N, static_cast<int>(yo) - k * N);
+            };
+            // (group by group: before the first vector of each, wait until the later ones alone
+            // may be pending)
+            int k = t, pending = groups;
+            for (int i = 0; k < kc; k += bd) {
+                if (i-- == 0) {
+                    cp_async_wait(--pending);
+                    i = per - 1;
+                }
+                fold(cache[k], k);
+            }
+            if (rereads)
+                for (; k < kn; k += bd) fold(load16_last(xh + k * N, keep), k);
+            else
+                for (; k < kn; k += bd) fold(load16(xh + k * N), k);
+        }
+        if (tail0 + threadIdx.x < V) {
+            const float v = to_f32(x[tail0 + threadIdx.x]);
+            ms_push<true>(acc, &v, 1, tail0 + threadIdx.x == y ? 0 : -1);
+        }
+        const MS st = block_merge(acc, red);  // its barriers also publish target_logit
+        const float coef = p.coef[grow / p.seq] * (p.token_weights ? p.token_weights[grow + 1] : 1.f);
+        const bool writer = threadIdx.x == 0;
+        const RowGrad rg =
+            row_finish(p, st, writer || g ? target_logit : 0.f, coef, 0.f, 0.f, V, grow, writer);
+        if (!g) {
+            // (no cache: nothing of the next row was waiting for a slot)
+            for (int i = 0; i < next.mine; ++i) next.issue(cache, i);
+            continue;
+        }
+
+        // pass 2: the gradient, each thread writing what it read; each cached slot, once done
+        // with, receives the next row's vector
+        if (threadIdx.x < head) {
+            const float v = to_f32(x[threadIdx.x]);
+            grad_scalar<CAP_OFF>(g + threadIdx.x, &v, 1, threadIdx.x, y, rg);
+        }
+        const float tval = elem_grad<CAP_OFF>(target_logit, true, rg);
+        G *gh = g + head;
+        // a vector's gradient entries, written (the target's again after its vector)
+        auto write = [&](const Vec16<L> &r, int k) {
+            if (vec) {
+                float z[N];
+                vec_f32(r, z);
+                Vec16<G> o;
+                if constexpr (sizeof(G) == 2) {
+                    for (int j = 0; j < N; j += 2)
+                        from_f32x2<G>(&o.v[j], lean_entry<CAP_OFF, false>(z[j], rg), lean_entry<CAP_OFF, false>(z[j + 1], rg));
+                } else {
+                    for (int j = 0; j < N; ++j) o.v[j] = from_f32<G>(lean_entry<CAP_OFF, false>(z[j], rg));
+                }
+                store16_stream(gh + k * N, o);
+                if (k == kt) g[y] = from_f32<G>(tval);
+            } else {
+                float v[N];
+                for (int j = 0; j < N; ++j) v[j] = to_f32(r.v[j]);
+                const int64_t j0 = head + static_cast<int64_t>(k) * N;
+                grad_scalar<CAP_OFF>(g + j0, v, N, j0, y, rg);
+            }
+        };
+        // the cached vectors, each slot then taking the next row's; then the others
+        int k = t;
+        for (int i = 0; k < kc; k += bd, ++i) {
+            write(cache[k], k);
+            if (i < next.mine) next.issue(cache, i);
+        }
+        if (rereads)
+            for (; k < kn; k += bd) write(load16_first(xh + k * N), k);
+        else
+            for (; k < kn; k += bd) write(load16(xh + k * N), k);
+        for (int j = my; j < next.mine; ++j) next.issue(cache, j);  // slots this row did not cache
+        if (tail0 + threadIdx.x < V) {
+            const int64_t j = tail0 + threadIdx.x;
+            const float v = to_f32(x[j]);
+            grad_scalar<CAP_OFF>(g + j, &v, 1, j, y, rg);
+        }
+        // target_logit and red are rewritten by the next row (the cache slots are each thread's own)
+        __syncthreads();
+    }
+}
+
 // The rows kernel: the soft-cap decided once per launch (uniform), so that the loops of each
 // instantiation carry only their own arithmetic.
 template <typename L, typename G, int U> __device__ void rows_impl(const FwlRowParams &p) {
@@ -389,9 +605,16 @@ template <typename L, typename G, int U> __device__ void rows_impl(const FwlRowP
     extern "C" __global__ void __launch_bounds__(FWL_THREADS, FWL_LEAN_MIN_BLOCKS(1)) name(FwlRowParams p) { \
         rows_body<L, G, 1, CAP_OFF, true, false, true>(p);                                      \
     }
+// The prefetching lean plain kernels, fwl_rowslp_* (FWL_CUDA_ROW_PREFETCH): one block per
+// multiprocessor and the whole shared memory (see rows_prefetch_body).
+#define FWL_ROWS_LEAN_PREFETCH(name, L, G)                                                      \
+    extern "C" __global__ void __launch_bounds__(FWL_THREADS, 1) name(FwlRowParams p) {         \
+        rows_prefetch_body<L, G>(p);                                                            \
+    }
 #define FWL_ROWS(suffix, L, G)                                                                  \
     FWL_ROWS_LEAN(fwl_rowsl_##suffix, L, G, 1)                                                  \
     FWL_ROWS_LEAN_HINTS(fwl_rowslh_##suffix, L, G)                                              \
+    FWL_ROWS_LEAN_PREFETCH(fwl_rowslp_##suffix, L, G)                                           \
     FWL_ROWS_LEAN_OPTS(fwl_rowslo_##suffix, L, G)                                               \
     FWL_ROWS_LEAN(fwl_rowsl2_##suffix, L, G, 2)                                                 \
     FWL_ROWS_ONE(fwl_rows_##suffix, L, G, 1)

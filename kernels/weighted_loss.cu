@@ -71,6 +71,21 @@ template <typename T> struct __align__(16) Vec16 {
     T v[N];
 };
 
+// The values of a vector in f32, as to_f32 gives them: a bfloat16 pair taken apart by two bit
+// operations on its 32-bit word (a bfloat16 is the high half of the f32 it stands for; the
+// lower address holds the low half), where converting each element would unpack the pair
+// first.
+template <typename T> __device__ __forceinline__ void vec_f32(const Vec16<T> &r, float *v) {
+    for (int i = 0; i < Vec16<T>::N; ++i) v[i] = to_f32(r.v[i]);
+}
+template <> __device__ __forceinline__ void vec_f32<__nv_bfloat16>(const Vec16<__nv_bfloat16> &r, float *v) {
+    const uint32_t *w = reinterpret_cast<const uint32_t *>(r.v);
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
 template <typename T> __device__ __forceinline__ Vec16<T> load16(const T *p) {
     Vec16<T> r;
     FWL_ALIGNED(p, 16);
@@ -89,15 +104,21 @@ template <typename T> __device__ __forceinline__ void store16(T *p, const Vec16<
 // read (the evict-last policy of fwl_evict_last: kept in L2 for the gradient pass), store16_stream
 // for the gradient (evict first), so that the gradient and the cached parts passing through L2
 // do not push out the parts still to be read again. Plain accesses in the host emulation.
-__device__ __forceinline__ uint64_t fwl_evict_last() {
+// (fwl_l2_policy: evict-last where `last`, else evict-first, for all of an access's lines)
+__device__ __forceinline__ uint64_t fwl_l2_policy(bool last) {
 #ifdef FWL_HOST_EMULATION
+    (void)last;
     return 0;
 #else
     uint64_t policy;
-    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+    if (last)
+        asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+    else
+        asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
     return policy;
 #endif
 }
+__device__ __forceinline__ uint64_t fwl_evict_last() { return fwl_l2_policy(true); }
 
 template <typename T> __device__ __forceinline__ Vec16<T> load16_first(const T *p) {
 #ifdef FWL_HOST_EMULATION
@@ -128,6 +149,51 @@ template <typename T> __device__ __forceinline__ void store16_stream(T *p, const
     store16(p, r);
 #else
     __stcs(reinterpret_cast<uint4 *>(p), *reinterpret_cast<const uint4 *>(r.v));
+#endif
+}
+
+// Asynchronous copies into shared memory (the prefetching lean kernels, fwl_rowslp_*, rows.cuh):
+// cp_async16 moves 16 bytes from global to shared memory without passing through registers
+// (cp.async.cg, sm_80 and later, read with the L2 policy `policy`), so that a thread can have a
+// whole row's share in flight at once; cp_async_commit closes the calling thread's current
+// group of copies, cp_async_wait(n) waits until at most n of its groups are still pending (n
+// above 7 waits as for 7), after which the thread sees what its completed copies wrote (another
+// thread only after a barrier). fwl_evict_first: the L2 policy of what is read once. On the
+// host: the copy made at once, the rest nothing.
+__device__ __forceinline__ uint64_t fwl_evict_first() { return fwl_l2_policy(false); }
+
+template <typename T> __device__ __forceinline__ void cp_async16(Vec16<T> *dst, const T *src, uint64_t policy) {
+#ifdef FWL_HOST_EMULATION
+    (void)policy;
+    FWL_ALIGNED(dst, 16);
+    *dst = load16(src);
+#else
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "l"(policy)
+                 : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef FWL_HOST_EMULATION
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait(int n) {
+#ifndef FWL_HOST_EMULATION
+    switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
+    }
+#else
+    (void)n;
 #endif
 }
 

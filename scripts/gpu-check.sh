@@ -20,7 +20,7 @@
 #                                       # the candle ops on CUDA tensors, compute-sanitizer memcheck
 #                                       # and racecheck on a small case, the same for the rows kernel's
 #                                       # tuning variants, a sweep of its launch configurations
-#                                       # (benches/sweep_cuda.py, at most 80 s; the L2 hints right after
+#                                       # (benches/sweep_cuda.py, at most 80 s; the prefetching kernels right after
 #                                       # the default, then Nsight Compute on them where ncu is
 #                                       # there), the Python package's CUDA tests
 #                                       # (FWL_REQUIRE_CUDA=1), its per-call overhead and its fused linear
@@ -226,11 +226,13 @@ run() {
   # kernels, 32 registers, run two with half the shared memory each; the lean options kernels
   # fit one and keep the whole of it)
   local variant
-  # (the lean plain kernels with L2 eviction hints, not yet run on a GPU; the earlier default,
+  # (the prefetching lean plain kernels; the lean plain kernels without the L2 hints of sm_90's
+  # default; the earlier default,
   # fwl_rows_* with one block per SM, which other architectures keep; the lean plain kernels
   # with two loads in flight)
   # (FWL_CUDA_ROW_LEAN=1 where a knob needs the lean kernels: only sm_90 has them by default)
-  for variant in "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_HINTS=1" "FWL_CUDA_ROW_LEAN=0 FWL_CUDA_BLOCKS_PER_SM=1" \
+  for variant in "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_PREFETCH=1" "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_HINTS=0" \
+                 "FWL_CUDA_ROW_LEAN=0 FWL_CUDA_BLOCKS_PER_SM=1" \
                  "FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_UNROLL=2 FWL_CUDA_BLOCKS_PER_SM=1"; do
     step "GPU parity with $variant"
     within 60 env $variant "$bundle/bin/test-gpu" --test-threads=1 || fail=1
@@ -239,6 +241,8 @@ run() {
   # the lean kernels are sm_90's default, which the first run of these tests took)
   step "GPU parity of the fused linear path with the fwl_rows_* kernels"
   within 60 env FWL_CUDA_ROW_LEAN=0 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
+  step "GPU parity of the fused linear path with the prefetching kernels (FWL_CUDA_ROW_PREFETCH=1)"
+  within 60 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_PREFETCH=1 "$bundle/bin/test-gpu_linear" --test-threads=1 || fail=1
   # (the tiled schedule, LinearSchedule::Tiles: the split's kernels on vocabulary blocks of 37
   # columns, so that the small shapes have several blocks too, and the narrowing kernel)
   step "GPU parity of the fused linear path, tiled schedule (FWL_CUDA_LINEAR_TILES=37)"
@@ -272,8 +276,11 @@ run() {
           "${small[@]}" --dtype "$dt" || fail=1
         within 30 env FWL_CUDA_ROW_LEAN=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
           "${small[@]}" --dtype "$dt" --z-loss 1e-4 --label-smoothing 0.1 $cap_opt --token-weights || fail=1
-        step "compute-sanitizer --tool $tool, $dt, the lean loops with L2 hints (FWL_CUDA_ROW_HINTS=1)"
-        within 30 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_HINTS=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
+        step "compute-sanitizer --tool $tool, $dt, the lean loops without L2 hints (FWL_CUDA_ROW_HINTS=0)"
+        within 30 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_HINTS=0 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
+          "${small[@]}" --dtype "$dt" || fail=1
+        step "compute-sanitizer --tool $tool, $dt, the prefetching lean loops (FWL_CUDA_ROW_PREFETCH=1)"
+        within 30 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_PREFETCH=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
           "${small[@]}" --dtype "$dt" || fail=1
       done
     done
@@ -379,15 +386,16 @@ run() {
     echo "skipped, out of time: the sweep"; skipped=$((skipped + 1))
   fi
 
-  # what the L2 hints change (the lean kernel, sm_90's default, was profiled on 2026-12-04: its
-  # gradient pass read the rows' uncached parts again from DRAM, 1.17 GB): one launch, a
-  # profile and not a check (a failure is not counted)
+  # what prefetching changes (the lean kernel, sm_90's default, was profiled on 2026-12-04: its
+  # gradient pass read the rows' uncached parts again from DRAM, 1.17 GB; with the L2 hints 0.51
+  # GB, and still 62% of the copy): one launch, a profile and not a check (a failure is not
+  # counted)
   if [ -n "$ncu_bin" ] && ((total - final_s - (SECONDS - start) < ncu_s)); then
     # (the final bench's time is its own: a profile does not take it)
     step "Nsight Compute: out of time, skipped (a profile, not a check: not counted)"
   elif [ -n "$ncu_bin" ]; then
-    step "Nsight Compute: the lean rows kernel with L2 hints (FWL_CUDA_ROW_HINTS=1), 8x1024x128256 bf16, one launch"
-    timeout 45 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_HINTS=1 "$ncu_bin" --clock-control none --kernel-name regex:fwl_rows --launch-count 1 \
+    step "Nsight Compute: the prefetching lean rows kernel (FWL_CUDA_ROW_PREFETCH=1), 8x1024x128256 bf16, one launch"
+    timeout 45 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_PREFETCH=1 "$ncu_bin" --clock-control none --kernel-name regex:fwl_rows --launch-count 1 \
       --section SpeedOfLight \
       --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum,smsp__inst_executed.sum \
       "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape 8x1024x128256 --dtype bf16 --iters 1 --warmup 0 \

@@ -112,6 +112,35 @@ fn gpu_per_token_loss_beyond_f32_range_stays_finite() {
     }
 }
 
+/// More rows than the grid has blocks, so that each block strides over several (the shapes
+/// above have at most 132 rows, one per block on an H100/H200): rows of 4097 entries, whose
+/// 16-byte split moves from row to row for 16-bit and f32 logits alike, with ignored targets
+/// among them, and rows of 50000 bf16 entries, several vectors per thread in shared memory.
+/// What the prefetching kernels' copies of a block's next row (`FWL_CUDA_ROW_PREFETCH`) must
+/// get right, checked in every gradient mode.
+#[test]
+fn gpu_many_rows_per_block() {
+    if !gpu_or_skip("gpu_many_rows_per_block") {
+        return;
+    }
+    let shape = Shape::new(8, 257, 4097).unwrap();
+    let spec = |ids: &[i64]| LossSpec::builder().keywords([ids[3]]).build().unwrap();
+    let ignore = |ids: &mut Vec<i64>| {
+        for i in (0..ids.len()).step_by(7) {
+            ids[i] = -100;
+        }
+    };
+    let (l, mut ids) = random_inputs::<bf16>(41, shape, 4.0);
+    ignore(&mut ids);
+    check_cuda(&spec(&ids), shape, &l, Tokens::new(&ids));
+    let (l, mut ids) = random_inputs::<f32>(42, shape, 4.0);
+    ignore(&mut ids);
+    check_cuda(&spec(&ids), shape, &l, Tokens::new(&ids));
+    let shape = Shape::new(4, 129, 50_000).unwrap();
+    let (l, ids) = random_inputs::<bf16>(43, shape, 4.0);
+    check_cuda(&spec(&ids), shape, &l, Tokens::new(&ids));
+}
+
 #[test]
 fn gpu_agrees_with_cpu_and_is_deterministic() {
     if !gpu_or_skip("gpu_agrees_with_cpu_and_is_deterministic") {

@@ -84,7 +84,7 @@ fn random_call(rng: &mut Rng, kernel: Option<(usize, usize)>) -> Call {
         .alpha([1.0, 0.5, 2.5][rng.below(3) as usize])
         .grad_scale([1.0, 0.25, 3.0][rng.below(3) as usize]);
     // plain loss one call in three (the lean kernels' case), else random options
-    let lean_plain = matches!(kernel, Some((_, 1 | 2 | 4)));
+    let lean_plain = matches!(kernel, Some((_, 1 | 2 | 4 | 5)));
     let (mut cap, plain) = (None, rng.below(3) == 0 || lean_plain);
     if !plain {
         let (bld, c) = common::random_options(rng, builder);
@@ -167,7 +167,7 @@ fn random_call(rng: &mut Rng, kernel: Option<(usize, usize)>) -> Call {
     }
     let family = match kernel {
         Some((_, f)) => f,
-        None if plain => rng.below(5) as usize,
+        None if plain => rng.below(FAMILIES.len() as u64) as usize,
         None => [0, 3][rng.below(2) as usize],
     };
     let grad = match rng.below(5) {
@@ -363,7 +363,7 @@ fn kernels_emulated_on_the_host_match_the_reference() {
     let Some(exe) = calls_exe() else { return };
     let n = cases(60);
     let mut rng = Rng::new(0x6b65726e);
-    // the first 35 calls take every (dtype pair, rows kernel) once, the rest at random
+    // the first 42 calls take every (dtype pair, rows kernel) once, the rest at random
     let kernels = PAIRS.len() * FAMILIES.len();
     let calls: Vec<Call> = (0..n as usize)
         .map(|i| random_call(&mut rng, (i < kernels).then(|| (i % PAIRS.len(), i / PAIRS.len()))))
@@ -657,8 +657,8 @@ fn emulated_kernels_report_bad_inputs() {
     }
 }
 
-/// The rows kernels promise the same bits for any loads in flight and L2 hints (the lean
-/// `fwl_rowsl`, `fwl_rowsl2`, `fwl_rowslh`) at one block size, and any grid (a row is one
+/// The rows kernels promise the same bits for any loads in flight, L2 hints and prefetching
+/// (the lean `fwl_rowsl`, `fwl_rowsl2`, `fwl_rowslh`, `fwl_rowslp`) at one block size, and any grid (a row is one
 /// block's): the same call through each (`fwl_rows` and `fwl_rowslo` on two grids), compared
 /// bit for bit.
 #[test]
@@ -671,10 +671,10 @@ fn emulated_rows_kernels_give_the_same_bits_for_any_loads_in_flight_and_grid() {
         // one or two warps: most rows then hold more vectors than a block reads at once, and
         // every thread keeps 2 or 4 in flight
         let c = Call { threads: 32 * (1 + rng.below(2) as u32), ..random_call(&mut rng, None) };
-        let lean = matches!(c.family, 1 | 2 | 4);
-        let group: &[usize] = if lean { &[1, 2, 4] } else { &[c.family, c.family] };
+        let lean = matches!(c.family, 1 | 2 | 4 | 5);
+        let group: &[usize] = if lean { &[1, 2, 4, 5] } else { &[c.family, c.family] };
         groups.push(calls.len()..calls.len() + group.len());
-        for (&family, grid) in group.iter().zip([1, 3, 2]) {
+        for (&family, grid) in group.iter().zip([1, 3, 2, 4]) {
             calls.push(Call { family, grid, ..c.clone() });
         }
     }

@@ -15,9 +15,10 @@ pub struct DeviceBench {
     pub loss: f64,
     /// The rows kernel's launch: threads per block, resident blocks per multiprocessor, loads in
     /// flight per thread (the lean kernels of the loss options take one whatever it says), 1
-    /// where the lean kernels are on (0 off), and 1 where the lean plain kernels take L2 eviction
-    /// hints (0 off; see the `FWL_CUDA_*` tuning knobs in the README).
-    pub row_launch: [u32; 5],
+    /// where the lean kernels are on (0 off), 1 where the lean plain kernels take L2 eviction
+    /// hints (0 off) and 1 where they prefetch (0 off; see the `FWL_CUDA_*` tuning knobs in the
+    /// README).
+    pub row_launch: [u32; 6],
 }
 
 /// Times loss + gradient (into the logits' dtype) on random device data of `shape`, alternating
@@ -72,6 +73,6 @@ pub fn bench_device<L: Logit>(
         fused_ms,
         copy_ms,
         loss: host.loss,
-        row_launch: [l.threads, l.blocks_per_sm, l.unroll, l.lean as u32, l.hints as u32],
+        row_launch: [l.threads, l.blocks_per_sm, l.unroll, l.lean as u32, l.hints as u32, l.prefetch as u32],
     })
 }

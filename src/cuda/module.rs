@@ -51,6 +51,11 @@ pub(super) struct RowLaunch {
     /// The lean plain kernels with L2 eviction hints, `fwl_rowslh_*` (with `lean` and an unroll
     /// of 1 only, else off).
     pub(super) hints: bool,
+    /// The prefetching lean plain kernels, `fwl_rowslp_*`: a block's next row copied into shared
+    /// memory asynchronously while it writes this row's gradient (with `lean` and an unroll of 1
+    /// only, else off; takes the place of `hints`, whose accesses it keeps for the part of a row
+    /// beyond the cache).
+    pub(super) prefetch: bool,
 }
 
 /// Which family of rows kernels.
@@ -58,7 +63,8 @@ pub(super) struct RowLaunch {
 pub(super) enum RowKernel {
     /// `fwl_rows_*`: every loss.
     Default,
-    /// `fwl_rowsl<U>_*` (`fwl_rowslh_*` with [`RowLaunch::hints`]): the plain loss's lean loops.
+    /// `fwl_rowsl<U>_*` (`fwl_rowslh_*` with [`RowLaunch::hints`], `fwl_rowslp_*` with
+    /// [`RowLaunch::prefetch`]): the plain loss's lean loops.
     Lean,
     /// `fwl_rowslo_*`: the lean loops with the loss options (one load in flight whatever `U`).
     LeanOptions,
@@ -66,14 +72,17 @@ pub(super) enum RowKernel {
 
 impl RowLaunch {
     /// The fastest configuration measured on a device of compute capability `major`.`x`:
-    /// on 9.x (H200, 2026-12-04 sweep) the lean kernels with 1024 threads, two resident blocks
-    /// per multiprocessor and one load in flight (bf16 8x1024x128256 1.63 ms against 2.17 ms for
-    /// the earlier default, f32 32x128x50000 0.633 against 0.723); elsewhere, not measured, the
-    /// earlier default: the `fwl_rows_*` kernels, 1024 threads, one block per multiprocessor.
+    /// on 9.x (H200, 2026-12-04 sweeps) the lean kernels with 1024 threads, two resident blocks
+    /// per multiprocessor, one load in flight and the L2 hints (bf16 8x1024x128256 1.48 ms
+    /// against 1.61 ms without the hints and 2.20 ms for the earlier default, f32 32x128x50000
+    /// 0.589 against 0.638 and 0.742); elsewhere, not measured, the earlier default: the
+    /// `fwl_rows_*` kernels, 1024 threads, one block per multiprocessor.
     pub(super) fn default_for(major: i32) -> RowLaunch {
         match major {
-            9 => RowLaunch { threads: THREADS, blocks_per_sm: 2, unroll: 1, lean: true, hints: false },
-            _ => RowLaunch { threads: THREADS, blocks_per_sm: 1, unroll: 1, lean: false, hints: false },
+            9 => RowLaunch { threads: THREADS, blocks_per_sm: 2, unroll: 1, lean: true, hints: true, prefetch: false },
+            _ => {
+                RowLaunch { threads: THREADS, blocks_per_sm: 1, unroll: 1, lean: false, hints: false, prefetch: false }
+            }
         }
     }
 
@@ -84,7 +93,9 @@ impl RowLaunch {
     /// arithmetic) and flush exponentials below 2^-126 to 0), `FWL_CUDA_ROW_UNROLL` (1 or 2:
     /// loads in flight in the lean plain kernels; ignored without them), `FWL_CUDA_ROW_HINTS` (0
     /// or 1: the lean plain kernels with L2 eviction hints, `fwl_rowslh_*`, with the lean kernels
-    /// and one load in flight only; not yet run on a GPU, hence off). A value outside those
+    /// and one load in flight only; on by default on 9.x),
+    /// `FWL_CUDA_ROW_PREFETCH` (0 or 1: the prefetching lean plain kernels, `fwl_rowslp_*`, under
+    /// the same conditions; not yet run on a GPU, hence off). A value outside those
     /// sets is ignored; a changed thread count without a block count takes one block per
     /// multiprocessor where the default's count would not fit 2048 threads. Read when a context
     /// loads the kernels.
@@ -105,15 +116,19 @@ impl RowLaunch {
         let unroll = var("FWL_CUDA_ROW_UNROLL").filter(|u| [1, 2].contains(u)).unwrap_or(default.unroll);
         let unroll = if lean { unroll } else { 1 };
         let hints = var("FWL_CUDA_ROW_HINTS").filter(|h| *h <= 1).map_or(default.hints, |h| h == 1);
-        RowLaunch { threads, blocks_per_sm, unroll, lean, hints: hints && lean && unroll == 1 }
+        let prefetch = var("FWL_CUDA_ROW_PREFETCH").filter(|h| *h <= 1).map_or(default.prefetch, |h| h == 1);
+        let (hints, prefetch) = (hints && lean && unroll == 1, prefetch && lean && unroll == 1);
+        RowLaunch { threads, blocks_per_sm, unroll, lean, hints: hints && !prefetch, prefetch }
     }
 
     /// The rows kernel of family `k` for `l` logits and a `g` gradient in this configuration:
-    /// `fwl_rows_*`, `fwl_rowsl<U>_*` (`fwl_rowslh_*` with hints) or `fwl_rowslo_*` (`U` the
+    /// `fwl_rows_*`, `fwl_rowsl<U>_*` (`fwl_rowslh_*` with hints, `fwl_rowslp_*` with prefetching)
+    /// or `fwl_rowslo_*` (`U` the
     /// unroll, left out when 1).
     pub(super) fn kernel_name(&self, k: RowKernel, l: DType, g: DType) -> String {
         let (pre, unroll) = match k {
             RowKernel::Default => ("", String::new()),
+            RowKernel::Lean if self.prefetch => ("lp", String::new()),
             RowKernel::Lean if self.hints => ("lh", String::new()),
             RowKernel::Lean if self.unroll > 1 => ("l", self.unroll.to_string()),
             RowKernel::Lean => ("l", String::new()),
@@ -339,19 +354,21 @@ mod tests {
 
     #[test]
     pub(super) fn row_launch_defaults_and_knobs() {
-        // sm_90: the lean kernels, two blocks of 1024 threads per multiprocessor
-        let default = RowLaunch { threads: 1024, blocks_per_sm: 2, unroll: 1, lean: true, hints: false };
+        // sm_90: the lean kernels with L2 hints, two blocks of 1024 threads per multiprocessor
+        let default =
+            RowLaunch { threads: 1024, blocks_per_sm: 2, unroll: 1, lean: true, hints: true, prefetch: false };
         assert_eq!(launch(&[]), default);
         // elsewhere (not measured): the earlier default
-        let other = RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, lean: false, hints: false };
+        let other =
+            RowLaunch { threads: 1024, blocks_per_sm: 1, unroll: 1, lean: false, hints: false, prefetch: false };
         for major in [7, 8, 10, 12] {
             assert_eq!(launch_on(major, &[]), other, "compute capability {major}.x");
         }
         assert_eq!(launch_on(8, &[("FWL_CUDA_ROW_LEAN", "1")]), RowLaunch { lean: true, ..other });
         let tuned =
             launch(&[("FWL_CUDA_ROW_THREADS", "512"), ("FWL_CUDA_BLOCKS_PER_SM", "3"), ("FWL_CUDA_ROW_UNROLL", "2")]);
-        assert_eq!(tuned, RowLaunch { threads: 512, blocks_per_sm: 3, unroll: 2, ..default });
-        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "0")]), RowLaunch { lean: false, ..default });
+        assert_eq!(tuned, RowLaunch { threads: 512, blocks_per_sm: 3, unroll: 2, hints: false, ..default });
+        assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "0")]), RowLaunch { lean: false, hints: false, ..default });
         assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "1")]), default);
         assert_eq!(launch(&[("FWL_CUDA_ROW_LEAN", "2")]), default);
         // the earlier default, by its knobs
@@ -377,20 +394,34 @@ mod tests {
         assert_eq!(launch(&[("FWL_CUDA_ROW_THREADS", "256"), ("FWL_CUDA_BLOCKS_PER_SM", "8")]).blocks_per_sm, 8);
         // other thread counts keep the default's two blocks where they fit
         assert_eq!(launch(&[("FWL_CUDA_ROW_THREADS", "512")]).blocks_per_sm, 2);
-        // the L2 hints: off by default, on with the lean kernels and one load in flight only
-        assert_eq!(launch(&[("FWL_CUDA_ROW_HINTS", "1")]), RowLaunch { hints: true, ..default });
+        // the L2 hints: on by default on sm_90, with the lean kernels and one load in flight only
+        assert_eq!(launch(&[("FWL_CUDA_ROW_HINTS", "1")]), default);
+        assert_eq!(launch(&[("FWL_CUDA_ROW_HINTS", "0")]), RowLaunch { hints: false, ..default });
         assert_eq!(launch(&[("FWL_CUDA_ROW_HINTS", "2")]), default);
         assert!(!launch(&[("FWL_CUDA_ROW_HINTS", "1"), ("FWL_CUDA_ROW_UNROLL", "2")]).hints);
         assert!(!launch(&[("FWL_CUDA_ROW_HINTS", "1"), ("FWL_CUDA_ROW_LEAN", "0")]).hints);
         assert!(!launch_on(8, &[("FWL_CUDA_ROW_HINTS", "1")]).hints);
         assert!(launch_on(8, &[("FWL_CUDA_ROW_HINTS", "1"), ("FWL_CUDA_ROW_LEAN", "1")]).hints);
+        // prefetching: the same conditions, and it takes the hints' place
+        let prefetching = RowLaunch { prefetch: true, hints: false, ..default };
+        assert_eq!(launch(&[("FWL_CUDA_ROW_PREFETCH", "1")]), prefetching);
+        assert_eq!(launch(&[("FWL_CUDA_ROW_PREFETCH", "1"), ("FWL_CUDA_ROW_HINTS", "1")]), prefetching);
+        assert_eq!(launch(&[("FWL_CUDA_ROW_PREFETCH", "0")]), default);
+        assert!(!launch(&[("FWL_CUDA_ROW_PREFETCH", "1"), ("FWL_CUDA_ROW_UNROLL", "2")]).prefetch);
+        assert!(!launch(&[("FWL_CUDA_ROW_PREFETCH", "1"), ("FWL_CUDA_ROW_LEAN", "0")]).prefetch);
+        assert!(!launch(&[("FWL_CUDA_ROW_PREFETCH", "2")]).prefetch);
     }
 
     #[test]
     pub(super) fn every_configured_rows_kernel_is_in_the_fatbin() {
         let contains = fatbin_has_kernel;
-        let configs =
-            [&[][..], &[("FWL_CUDA_ROW_UNROLL", "2")], &[("FWL_CUDA_ROW_LEAN", "0")], &[("FWL_CUDA_ROW_HINTS", "1")]];
+        let configs = [
+            &[][..],
+            &[("FWL_CUDA_ROW_UNROLL", "2")],
+            &[("FWL_CUDA_ROW_LEAN", "0")],
+            &[("FWL_CUDA_ROW_HINTS", "0")],
+            &[("FWL_CUDA_ROW_PREFETCH", "1")],
+        ];
         for vars in configs {
             let l = launch(vars);
             for (a, b) in ROW_PAIRS {
@@ -417,11 +448,16 @@ mod tests {
         let two = launch(&[("FWL_CUDA_ROW_UNROLL", "2")]);
         assert_eq!(launch(&[]).kernel_name(RowKernel::Default, DType::BF16, DType::F32), "fwl_rows_bf16_f32");
         assert_eq!(two.kernel_name(RowKernel::Default, DType::BF16, DType::F32), "fwl_rows_bf16_f32");
-        assert_eq!(launch(&[]).kernel_name(RowKernel::Lean, DType::F16, DType::F16), "fwl_rowsl_f16_f16");
+        assert_eq!(launch(&[]).kernel_name(RowKernel::Lean, DType::F16, DType::F16), "fwl_rowslh_f16_f16");
+        let plain = launch(&[("FWL_CUDA_ROW_HINTS", "0")]);
+        assert_eq!(plain.kernel_name(RowKernel::Lean, DType::F16, DType::F16), "fwl_rowsl_f16_f16");
         assert_eq!(two.kernel_name(RowKernel::Lean, DType::F16, DType::F16), "fwl_rowsl2_f16_f16");
         assert_eq!(two.kernel_name(RowKernel::LeanOptions, DType::F16, DType::F16), "fwl_rowslo_f16_f16");
         let hints = launch(&[("FWL_CUDA_ROW_HINTS", "1")]);
         assert_eq!(hints.kernel_name(RowKernel::Lean, DType::BF16, DType::BF16), "fwl_rowslh_bf16_bf16");
         assert_eq!(hints.kernel_name(RowKernel::LeanOptions, DType::BF16, DType::BF16), "fwl_rowslo_bf16_bf16");
+        let prefetch = launch(&[("FWL_CUDA_ROW_PREFETCH", "1")]);
+        assert_eq!(prefetch.kernel_name(RowKernel::Lean, DType::F32, DType::F32), "fwl_rowslp_f32_f32");
+        assert_eq!(prefetch.kernel_name(RowKernel::LeanOptions, DType::F32, DType::F32), "fwl_rowslo_f32_f32");
     }
 }

@@ -36,8 +36,10 @@ pub fn calls_exe() -> Option<&'static Path> {
 
 /// The rows kernel families, in `calls.cpp`'s order: `fwl_rows_*`, the lean `fwl_rowsl_*`,
 /// `fwl_rowsl2_*` (the plain loss only, as the crate launches them), `fwl_rowslo_*` (the
-/// options') and `fwl_rowslh_*` (the plain loss, with L2 hints: plain accesses on the host).
-pub const FAMILIES: [&str; 5] = ["rows", "rowsl", "rowsl2", "rowslo", "rowslh"];
+/// options'), `fwl_rowslh_*` (the plain loss, with L2 hints: plain accesses on the host) and
+/// `fwl_rowslp_*` (the plain loss, the cache filled by asynchronous copies: copies made at once
+/// on the host).
+pub const FAMILIES: [&str; 6] = ["rows", "rowsl", "rowsl2", "rowslo", "rowslh", "rowslp"];
 
 /// The (logits, gradient) pairs that have kernels.
 pub const PAIRS: [(DType, DType); 7] = [

@@ -61,7 +61,7 @@ void read_call(Call &c, int64_t magic) {
     c.has_labels = h[18], c.has_tw = h[19], c.scale_on_device = h[20], c.chunk = h[21];
     const auto f = read_vec<double>(5);
     c.alpha = f[0], c.grad_scale = f[1], c.softcap = f[2], c.z_loss = f[3], c.smoothing = f[4];
-    if (nk < 0 || nk > FWL_MAX_KEYWORDS || c.B < 1 || c.T < 2 || c.V < 1 || c.family < 0 || c.family > 4 || c.chunk < 1 ||
+    if (nk < 0 || nk > FWL_MAX_KEYWORDS || c.B < 1 || c.T < 2 || c.V < 1 || c.family < 0 || c.family > 5 || c.chunk < 1 ||
         c.ldt < 0 || c.ldt > 2 || c.gdt < 0 || c.gdt > 2 || c.idt < 0 || c.idt > 2 || c.grad_mode < 0 || c.grad_mode > 2 ||
         (c.grad_mode == 2 && c.ldt != c.gdt))
         fail(1, "a call out of range");

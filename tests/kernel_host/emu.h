@@ -326,6 +326,12 @@ struct __attribute__((aligned(16))) uint4 {
     unsigned x, y, z, w;
 };
 
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 // ---- 16-bit floats -----------------------------------------------------------------------------
 
 struct __half {

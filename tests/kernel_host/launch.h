@@ -177,11 +177,11 @@ void finish(const Call &c, Planned &p) {
 }
 
 using RowsFn = void (*)(FwlRowParams);
-// by (logits, gradient) dtypes, then family: rows, rowsl, rowsl2, rowslo, rowslh
-#define FWL_FAMILY(s) {fwl_rows_##s, fwl_rowsl_##s, fwl_rowsl2_##s, fwl_rowslo_##s, fwl_rowslh_##s}
+// by (logits, gradient) dtypes, then family: rows, rowsl, rowsl2, rowslo, rowslh, rowslp
+#define FWL_FAMILY(s) {fwl_rows_##s, fwl_rowsl_##s, fwl_rowsl2_##s, fwl_rowslo_##s, fwl_rowslh_##s, fwl_rowslp_##s}
 struct Pair {
     int64_t l, g;
-    RowsFn rows[5];
+    RowsFn rows[6];
     void (*split_grad)(FwlSplitGradParams);
 };
 const Pair PAIRS[] = {
