@@ -366,6 +366,11 @@ __device__ void rows_body(const FwlRowParams &p) {
     }
 }
 
+// A compile-time flag as a value (a generic lambda's argument picks its instantiation).
+template <bool B> struct Flag {
+    static constexpr bool value = B;
+};
+
 // Where a row's 16-byte vectors lie (rows_body's split): `head` unaligned elements, vectors
 // [0, nvec) from element `head`, the tail from `tail0`; the vectors below `cached` kept in
 // shared memory.
@@ -520,37 +525,47 @@ template <typename L, typename G> __device__ void rows_prefetch_body(const FwlRo
         }
         const float tval = elem_grad<CAP_OFF>(target_logit, true, rg);
         G *gh = g + head;
-        // a vector's gradient entries, written (the target's again after its vector)
-        auto write = [&](const Vec16<L> &r, int k) {
-            if (vec) {
-                float z[N];
-                vec_f32(r, z);
-                Vec16<G> o;
-                if constexpr (sizeof(G) == 2) {
-                    for (int j = 0; j < N; j += 2)
-                        from_f32x2<G>(&o.v[j], lean_entry<CAP_OFF, false>(z[j], rg), lean_entry<CAP_OFF, false>(z[j + 1], rg));
+        // the loops once with vector stores (VEC) and once without, so that no vector chooses
+        auto sweep = [&](auto vector) {
+            constexpr bool VEC = decltype(vector)::value && sizeof(G) == sizeof(L);
+            // a vector's gradient entries, written (with vector stores the target's again after
+            // its vector)
+            auto write = [&](const Vec16<L> &r, int k) {
+                if constexpr (VEC) {
+                    float z[N];
+                    vec_f32(r, z);
+                    Vec16<G> o;
+                    if constexpr (sizeof(G) == 2) {
+                        for (int j = 0; j < N; j += 2)
+                            from_f32x2<G>(&o.v[j], lean_entry<CAP_OFF, false>(z[j], rg),
+                                          lean_entry<CAP_OFF, false>(z[j + 1], rg));
+                    } else {
+                        for (int j = 0; j < N; ++j) o.v[j] = from_f32<G>(lean_entry<CAP_OFF, false>(z[j], rg));
+                    }
+                    store16_stream(gh + k * N, o);
+                    if (k == kt) g[y] = from_f32<G>(tval);
                 } else {
-                    for (int j = 0; j < N; ++j) o.v[j] = from_f32<G>(lean_entry<CAP_OFF, false>(z[j], rg));
+                    float v[N];
+                    for (int j = 0; j < N; ++j) v[j] = to_f32(r.v[j]);
+                    const int64_t j0 = head + static_cast<int64_t>(k) * N;
+                    grad_scalar<CAP_OFF>(g + j0, v, N, j0, y, rg);
                 }
-                store16_stream(gh + k * N, o);
-                if (k == kt) g[y] = from_f32<G>(tval);
-            } else {
-                float v[N];
-                for (int j = 0; j < N; ++j) v[j] = to_f32(r.v[j]);
-                const int64_t j0 = head + static_cast<int64_t>(k) * N;
-                grad_scalar<CAP_OFF>(g + j0, v, N, j0, y, rg);
+            };
+            // the cached vectors, each slot then taking the next row's; then the others
+            int k = t;
+            for (int i = 0; k < kc; k += bd, ++i) {
+                write(cache[k], k);
+                if (i < next.mine) next.issue(cache, i);
             }
+            if (rereads)
+                for (; k < kn; k += bd) write(load16_first(xh + k * N), k);
+            else
+                for (; k < kn; k += bd) write(load16(xh + k * N), k);
         };
-        // the cached vectors, each slot then taking the next row's; then the others
-        int k = t;
-        for (int i = 0; k < kc; k += bd, ++i) {
-            write(cache[k], k);
-            if (i < next.mine) next.issue(cache, i);
-        }
-        if (rereads)
-            for (; k < kn; k += bd) write(load16_first(xh + k * N), k);
+        if (vec)
+            sweep(Flag<true>{});
         else
-            for (; k < kn; k += bd) write(load16(xh + k * N), k);
+            sweep(Flag<false>{});
         for (int j = my; j < next.mine; ++j) next.issue(cache, j);  // slots this row did not cache
         if (tail0 + threadIdx.x < V) {
             const int64_t j = tail0 + threadIdx.x;
