@@ -419,7 +419,7 @@ template <typename L> struct RowPrefetch {
 // gradient is written, and no thread waits for a load it could have issued earlier. The part of
 // a row beyond the cache is read as the hints kernels read it (evict-last, then evict-first).
 // Meant for one block per multiprocessor with the whole shared memory (227 KiB on sm_90: all of
-// a 50000-entry f32 row, 93% of a 128256-entry bf16 one).
+// a 50000-entry f32 row, 90% of a 128256-entry bf16 one).
 template <typename L, typename G> __device__ void rows_prefetch_body(const FwlRowParams &p) {
     constexpr int N = Vec16<L>::N;
     extern __shared__ __align__(16) unsigned char fwl_smem[];
@@ -432,10 +432,11 @@ template <typename L, typename G> __device__ void rows_prefetch_body(const FwlRo
     const int t = static_cast<int>(threadIdx.x), bd = static_cast<int>(blockDim.x);
     // without a gradient nothing is kept (the pass reads each vector once)
     const int64_t cache_vectors = p.grad ? p.smem_vectors : 0;
-    // the next row's copies (none past the last row)
+    // the next row's copies (none past the last row, none for a row whose target is ignored:
+    // its gradient is zeros and its logits are not read)
     auto next_of = [&](int64_t row) {
         RowPrefetch<L> n{nullptr, 0, 1, 1, once};
-        if (row < p.rows) {
+        if (row < p.rows && p.targets[p.row_offset + row] >= 0) {
             const L *x = logits + row * V;
             const RowSplit s = row_split(x, V, cache_vectors);
             n.x = x + s.head;
@@ -459,7 +460,7 @@ template <typename L, typename G> __device__ void rows_prefetch_body(const FwlRo
         const int groups = (my + per - 1) / per;
         RowPrefetch<L> next = next_of(row + gridDim.x);
         if (y < 0) {
-            cp_async_wait(0);  // (this row's copies read what ignored_row overwrites in place)
+            // (no copy of this row was issued: next_of; the earlier rows' were all waited for)
             for (int i = 0; i < next.mine; ++i) next.issue(cache, i);
             ignored_row(p, g, V, grow);
             continue;

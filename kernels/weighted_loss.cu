@@ -159,14 +159,15 @@ template <typename T> __device__ __forceinline__ void store16_stream(T *p, const
 // group of copies, cp_async_wait(n) waits until at most n of its groups are still pending (n
 // above 7 waits as for 7), after which the thread sees what its completed copies wrote (another
 // thread only after a barrier). fwl_evict_first: the L2 policy of what is read once. On the
-// host: the copy made at once, the rest nothing.
+// host: tests/kernel_host/emu.h's model, each copy made at the latest wait that may complete it.
 __device__ __forceinline__ uint64_t fwl_evict_first() { return fwl_l2_policy(false); }
 
 template <typename T> __device__ __forceinline__ void cp_async16(Vec16<T> *dst, const T *src, uint64_t policy) {
 #ifdef FWL_HOST_EMULATION
     (void)policy;
     FWL_ALIGNED(dst, 16);
-    *dst = load16(src);
+    FWL_ALIGNED(src, 16);
+    emu::async_copy16(dst, src);
 #else
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
     asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "l"(policy)
@@ -175,7 +176,9 @@ template <typename T> __device__ __forceinline__ void cp_async16(Vec16<T> *dst, 
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef FWL_HOST_EMULATION
+#ifdef FWL_HOST_EMULATION
+    emu::async_commit();
+#else
     asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
@@ -193,7 +196,7 @@ __device__ __forceinline__ void cp_async_wait(int n) {
     default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
     }
 #else
-    (void)n;
+    emu::async_wait(n < 7 ? n : 7);
 #endif
 }
 

@@ -279,9 +279,10 @@ run() {
         step "compute-sanitizer --tool $tool, $dt, the lean loops without L2 hints (FWL_CUDA_ROW_HINTS=0)"
         within 30 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_HINTS=0 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
           "${small[@]}" --dtype "$dt" || fail=1
-        step "compute-sanitizer --tool $tool, $dt, the prefetching lean loops (FWL_CUDA_ROW_PREFETCH=1)"
+        # (400 rows: each block takes several, so the next row's copies run)
+        step "compute-sanitizer --tool $tool, $dt, the prefetching lean loops (FWL_CUDA_ROW_PREFETCH=1), 2x200x5003"
         within 30 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_PREFETCH=1 "$cs" --tool "$tool" --error-exitcode 3 "$bundle/bin/fused-weighted-loss" \
-          "${small[@]}" --dtype "$dt" || fail=1
+          bench --backend cuda --shape 2x200x5003 --iters 1 --warmup 0 --reference-iters 0 --dtype "$dt" || fail=1
       done
     done
     # (--bias: the bias's products and d bias; --f32-grads with bf16: the f32 d hidden that the

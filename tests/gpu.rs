@@ -115,7 +115,8 @@ fn gpu_per_token_loss_beyond_f32_range_stays_finite() {
 /// More rows than the grid has blocks, so that each block strides over several (the shapes
 /// above have at most 132 rows, one per block on an H100/H200): rows of 4097 entries, whose
 /// 16-byte split moves from row to row for 16-bit and f32 logits alike, with ignored targets
-/// among them, and rows of 50000 bf16 entries, several vectors per thread in shared memory.
+/// among them, and rows of 50000 bf16 and f32 entries, several vectors per thread in shared
+/// memory.
 /// What the prefetching kernels' copies of a block's next row (`FWL_CUDA_ROW_PREFETCH`) must
 /// get right, checked in every gradient mode.
 #[test]
@@ -138,6 +139,9 @@ fn gpu_many_rows_per_block() {
     check_cuda(&spec(&ids), shape, &l, Tokens::new(&ids));
     let shape = Shape::new(4, 129, 50_000).unwrap();
     let (l, ids) = random_inputs::<bf16>(43, shape, 4.0);
+    check_cuda(&spec(&ids), shape, &l, Tokens::new(&ids));
+    // f32: 13 cached vectors per thread, the prefetching kernels' copies in groups of two
+    let (l, ids) = random_inputs::<f32>(44, shape, 4.0);
     check_cuda(&spec(&ids), shape, &l, Tokens::new(&ids));
 }
 

@@ -657,6 +657,36 @@ fn emulated_kernels_report_bad_inputs() {
     }
 }
 
+/// The prefetching kernels (`fwl_rowslp_*`) over many rows per block: grids of one or two
+/// blocks, gradients in place where the dtypes allow (the next row's copies are in flight while
+/// this row's gradient is written over its logits), rows whose target is ignored among them
+/// (every sample's last position, and more), shared memory for part of a row or all of it. The
+/// host's cp.async (emu.h) completes each copy only at the wait that covers it, poisons its slot
+/// until then and fails a run whose copy source changes while it is pending.
+#[test]
+fn emulated_prefetching_kernel_over_many_rows_per_block() {
+    let Some(exe) = calls_exe() else { return };
+    let n = cases(24);
+    let mut rng = Rng::new(0x70726566);
+    let calls: Vec<Call> = (0..n as usize)
+        .map(|i| {
+            let c = random_call(&mut rng, Some((i % PAIRS.len(), 5)));
+            let row_vectors = (c.shape.vocab() * c.pair.0.size()).div_ceil(16) as i64;
+            Call {
+                grid: 1 + rng.below(2) as u32,
+                grad: if c.pair.0 == c.pair.1 && i % 3 != 2 { GradMode::InPlace } else { GradMode::Separate },
+                smem_cap: if i % 2 == 0 { 1 << 20 } else { 1 + rng.below(row_vectors as u64) as i64 },
+                ..c
+            }
+        })
+        .collect();
+    let outs = run(exe, &calls, "prefetch");
+    for (c, o) in calls.iter().zip(&outs) {
+        keep(c);
+        check(c, o);
+    }
+}
+
 /// The rows kernels promise the same bits for any loads in flight, L2 hints and prefetching
 /// (the lean `fwl_rowsl`, `fwl_rowsl2`, `fwl_rowslh`, `fwl_rowslp`) at one block size, and any grid (a row is one
 /// block's): the same call through each (`fwl_rows` and `fwl_rowslo` on two grids), compared

@@ -202,6 +202,52 @@ __attribute__((noinline)) inline void resume(Fiber &f) {
 
 // Runs `kernel()` as a grid of `grid` blocks of `block` threads (a multiple of 32, at most
 // 1024) with `smem` bytes of dynamic shared memory.
+// cp.async (the prefetching rows kernels' copies into shared memory), as late as a GPU may
+// complete it: a copy takes effect at the calling thread's wait that covers its group, not at
+// issue; its destination is poisoned (0xff) at issue, so that a read before that wait shows;
+// its source must not change in between, no destination takes a second copy while one is
+// pending, and a block must end with none pending (each a failure of the run).
+struct AsyncCopy {
+    unsigned char *dst;
+    const unsigned char *src;
+    unsigned char snap[16];
+    long group;  // -1 until committed
+};
+inline std::vector<std::vector<AsyncCopy>> async_copies;  // by thread of the block
+inline std::vector<long> async_groups;                     // groups committed, by thread
+
+inline void async_copy16(void *dst, const void *src) {
+    auto &mine = async_copies.at(threadIdx.x);
+    for (const AsyncCopy &c : mine)
+        if (c.dst == dst) die("cp.async: a second copy into a slot whose copy is still pending");
+    AsyncCopy c{static_cast<unsigned char *>(dst), static_cast<const unsigned char *>(src), {}, -1};
+    std::memcpy(c.snap, src, 16);
+    std::memset(dst, 0xff, 16);
+    mine.push_back(c);
+}
+
+inline void async_commit() {
+    const unsigned t = threadIdx.x;
+    for (AsyncCopy &c : async_copies.at(t))
+        if (c.group < 0) c.group = async_groups[t];
+    ++async_groups[t];
+}
+
+// completes the calling thread's copies of every group but the `n` last committed
+inline void async_wait(int n) {
+    const unsigned t = threadIdx.x;
+    std::vector<AsyncCopy> pending;
+    for (const AsyncCopy &c : async_copies.at(t)) {
+        if (c.group >= 0 && c.group < async_groups[t] - n) {
+            if (std::memcmp(c.snap, c.src, 16)) die("cp.async: its source changed before the copy was waited for");
+            std::memcpy(c.dst, c.src, 16);
+        } else {
+            pending.push_back(c);
+        }
+    }
+    async_copies[t].swap(pending);
+}
+
 template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&kernel) {
     if (block == 0 || block % 32 || block > 1024) die("block size: a multiple of 32 up to 1024");
     if (smem > EMU_SMEM_BYTES) die("dynamic shared memory beyond the emulator's");
@@ -224,6 +270,8 @@ template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&k
     for (unsigned b : blocks) {
         blockIdx = EmuDim3{b, 0, 0};
         fill_shared(smem);
+        async_copies.assign(block, {});
+        async_groups.assign(block, 0);
         for (unsigned t = 0; t < block; ++t) {
             Fiber &f = fibers[t];
             f.started = f.done = false;
@@ -267,6 +315,8 @@ template <class F> void launch(unsigned grid, unsigned block, size_t smem, F &&k
             die("a block ended with threads still counted at a barrier");
         for (size_t i = smem; i < std::min(EMU_SMEM_BYTES, smem + GUARD_BYTES); ++i)
             if (fwl_smem[i] != GUARD) die("a block wrote dynamic shared memory beyond what its launch asked for");
+        for (const auto &mine : async_copies)
+            if (!mine.empty()) die("cp.async: a block ended with copies still pending");
     }
     current = -1;
 }
