@@ -377,7 +377,7 @@ run() {
   # Nsight Compute, after it, keeps 45 s of the checks' time where ncu is there)
   local ncu_bin ncu_s=0
   ncu_bin=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
-  [ -n "$ncu_bin" ] && ncu_s=45
+  [ -n "$ncu_bin" ] && ncu_s=75
   local sweep_s=$((total - final_s - (SECONDS - start) - 5 - ncu_s))
   ((sweep_s > 80)) && sweep_s=80
   if ((sweep_s >= 20)); then
@@ -387,20 +387,34 @@ run() {
     echo "skipped, out of time: the sweep"; skipped=$((skipped + 1))
   fi
 
-  # what prefetching changes (the lean kernel, sm_90's default, was profiled on 2026-12-04: its
-  # gradient pass read the rows' uncached parts again from DRAM, 1.17 GB; with the L2 hints 0.51
-  # GB, and still 62% of the copy): one launch, a profile and not a check (a failure is not
-  # counted)
+  # where the rows kernels' time goes (2026-12-04: the lean kernel's gradient pass read the rows'
+  # uncached parts again from DRAM, 1.17 GB; with the L2 hints 0.51 GB; the prefetching kernel
+  # reads exactly the logits' bytes, but neither got past ~60% of the SM's issue slots or of
+  # DRAM): profiles and not checks (a failure is not counted)
   if [ -n "$ncu_bin" ] && ((total - final_s - (SECONDS - start) < ncu_s)); then
     # (the final bench's time is its own: a profile does not take it)
     step "Nsight Compute: out of time, skipped (a profile, not a check: not counted)"
   elif [ -n "$ncu_bin" ]; then
+    # (the prefetching kernels and sm_90's default, each one launch, then the default's stall
+    # reasons: where its warps wait, which the summary sections do not say)
+    local ncu_metrics=dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum,smsp__inst_executed.sum
+    local ncu_bench=(bench --backend cuda --shape 8x1024x128256 --dtype bf16 --iters 1 --warmup 0 --reference-iters 0)
     step "Nsight Compute: the prefetching lean rows kernel (FWL_CUDA_ROW_PREFETCH=1), 8x1024x128256 bf16, one launch"
-    timeout 45 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_PREFETCH=1 "$ncu_bin" --clock-control none --kernel-name regex:fwl_rows --launch-count 1 \
-      --section SpeedOfLight \
-      --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum,smsp__inst_executed.sum \
-      "$bundle/bin/fused-weighted-loss" bench --backend cuda --shape 8x1024x128256 --dtype bf16 --iters 1 --warmup 0 \
-      --reference-iters 0 || echo "(ncu failed or timed out: a profile, not a check; not counted)"
+    timeout 25 env FWL_CUDA_ROW_LEAN=1 FWL_CUDA_ROW_PREFETCH=1 "$ncu_bin" --clock-control none --kernel-name regex:fwl_rows \
+      --launch-count 1 --section SpeedOfLight --section WarpStateStats --metrics "$ncu_metrics" \
+      "$bundle/bin/fused-weighted-loss" "${ncu_bench[@]}" || echo "(ncu failed or timed out: a profile, not a check; not counted)"
+    step "Nsight Compute: sm_90's default rows kernel (lean, L2 hints), the same launch, and its stall reasons"
+    timeout 25 "$ncu_bin" --clock-control none --kernel-name regex:fwl_rows --launch-count 1 --section SpeedOfLight \
+      --section WarpStateStats --metrics "$ncu_metrics" \
+      "$bundle/bin/fused-weighted-loss" "${ncu_bench[@]}" || echo "(ncu failed or timed out: a profile, not a check; not counted)"
+    # (warps stalled on each reason per issued instruction)
+    local stalls="" reason
+    for reason in long_scoreboard short_scoreboard barrier mio_throttle lg_throttle wait math_pipe_throttle \
+      not_selected no_instruction; do
+      stalls+="${stalls:+,}smsp__average_warps_issue_stalled_${reason}_per_issue_active.ratio"
+    done
+    timeout 25 "$ncu_bin" --clock-control none --kernel-name regex:fwl_rows --launch-count 1 --metrics "$stalls" \
+      "$bundle/bin/fused-weighted-loss" "${ncu_bench[@]}" || echo "(ncu failed or timed out: a profile, not a check; not counted)"
   else
     step "Nsight Compute: not found, skipped"
   fi
