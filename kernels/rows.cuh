@@ -109,6 +109,39 @@ template <int CAP, bool OPTS> __device__ __forceinline__ float lean_entry(float 
     }
 }
 
+// Where a row's 16-byte vectors lie (rows_body's split): `head` unaligned elements, vectors
+// [0, nvec) from element `head`, the tail from `tail0`; the vectors below `cached` kept in
+// shared memory.
+struct RowSplit {
+    int64_t head, nvec, tail0, cached;
+};
+
+template <typename L> __device__ __forceinline__ RowSplit row_split(const L *x, int64_t V, int64_t cache_vectors) {
+    constexpr int N = Vec16<L>::N;
+    const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) / sizeof(L);
+    const int64_t head = min(V, mis ? N - mis : 0);
+    const int64_t nvec = (V - head) / N;
+    return RowSplit{head, nvec, head + nvec * N, min(nvec, cache_vectors)};
+}
+
+// A vector's gradient entries in the lean loops, every one as a non-target entry (lean_entry),
+// 16-bit ones converted in pairs: what lean_grad_sweep and the prefetching kernels store.
+template <typename G, int CAP, bool OPTS, typename L>
+__device__ __forceinline__ Vec16<G> lean_vector(const Vec16<L> &r, const RowGrad &rg) {
+    static_assert(sizeof(G) == sizeof(L), "one vector of gradient per vector of logits");
+    constexpr int N = Vec16<L>::N;
+    float z[N];
+    vec_f32(r, z);
+    Vec16<G> o;
+    if constexpr (sizeof(G) == 2) {
+        for (int i = 0; i < N; i += 2)
+            from_f32x2<G>(&o.v[i], lean_entry<CAP, OPTS>(z[i], rg), lean_entry<CAP, OPTS>(z[i + 1], rg));
+    } else {
+        for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(lean_entry<CAP, OPTS>(z[i], rg));
+    }
+    return o;
+}
+
 // The lean gradient pass over vectors [from, to) of a row (see rows_body's LEAN), read from
 // shared memory (FROM_CACHE) or from the logits: every entry written as a non-target one
 // (lean_entry), 16-bit ones converted in pairs, then the target's entry `tval` again by the
@@ -132,15 +165,7 @@ __device__ __forceinline__ void lean_grad_sweep(G *gh, const L *xh, const Vec16<
         for (int u = 0; u < U; ++u) {
             const int k = k0 + u * static_cast<int>(blockDim.x);
             if (k >= to) continue;
-            float z[N];
-            vec_f32(r[u], z);
-            Vec16<G> o;
-            if constexpr (sizeof(G) == 2) {
-                for (int i = 0; i < N; i += 2)
-                    from_f32x2<G>(&o.v[i], lean_entry<CAP, OPTS>(z[i], rg), lean_entry<CAP, OPTS>(z[i + 1], rg));
-            } else {
-                for (int i = 0; i < N; ++i) o.v[i] = from_f32<G>(lean_entry<CAP, OPTS>(z[i], rg));
-            }
+            const Vec16<G> o = lean_vector<G, CAP, OPTS>(r[u], rg);
             if constexpr (HINTS)
                 store16_stream(gh + k * N, o);
             else
@@ -192,12 +217,9 @@ __device__ void rows_body(const FwlRowParams &p) {
         // read before any write (in place)
         if (threadIdx.x == 0) target_logit = to_f32(x[y]);
 
-        // split: unaligned head, 16-byte vectors [0, nvec), tail
-        const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) / sizeof(L);
-        const int64_t head = min(V, mis ? N - mis : 0);
-        const int64_t nvec = (V - head) / N;
-        const int64_t tail0 = head + nvec * N;
-        const int64_t cached = min(nvec, p.smem_vectors);  // vectors below this are cached
+        // split: unaligned head, 16-byte vectors [0, nvec), tail; vectors below `cached` cached
+        const RowSplit sp = row_split(x, V, p.smem_vectors);
+        const int64_t head = sp.head, nvec = sp.nvec, tail0 = sp.tail0, cached = sp.cached;
 
         // pass 1: statistics, keeping the vectors below `cached` in shared memory. U loads in
         // flight per thread; each thread still folds its vectors in the order k, k + blockDim.x,
@@ -244,7 +266,7 @@ __device__ void rows_body(const FwlRowParams &p) {
                     for (; k < kn; k += bd) fold(rest(xh + k * N), k);
                 };
                 auto plain = [](const L *a) { return load16(a); };
-                if (HINTS && rereads)
+                if (rereads)
                     sweep([](const L *a) { return load16_first(a); }, [&](const L *a) { return load16_last(a, keep); });
                 else
                     sweep(plain, plain);
@@ -370,21 +392,6 @@ __device__ void rows_body(const FwlRowParams &p) {
 template <bool B> struct Flag {
     static constexpr bool value = B;
 };
-
-// Where a row's 16-byte vectors lie (rows_body's split): `head` unaligned elements, vectors
-// [0, nvec) from element `head`, the tail from `tail0`; the vectors below `cached` kept in
-// shared memory.
-struct RowSplit {
-    int64_t head, nvec, tail0, cached;
-};
-
-template <typename L> __device__ __forceinline__ RowSplit row_split(const L *x, int64_t V, int64_t cache_vectors) {
-    constexpr int N = Vec16<L>::N;
-    const int64_t mis = static_cast<int64_t>(reinterpret_cast<uintptr_t>(x) & 15) / sizeof(L);
-    const int64_t head = min(V, mis ? N - mis : 0);
-    const int64_t nvec = (V - head) / N;
-    return RowSplit{head, nvec, head + nvec * N, min(nvec, cache_vectors)};
-}
 
 // The next row's cached vectors, copied into shared memory by each thread for its own vectors
 // (k = threadIdx.x + i · blockDim.x, the order both passes visit them) while this row is still
@@ -512,11 +519,7 @@ template <typename L, typename G> __device__ void rows_prefetch_body(const FwlRo
         const bool writer = threadIdx.x == 0;
         const RowGrad rg =
             row_finish(p, st, writer || g ? target_logit : 0.f, coef, 0.f, 0.f, V, grow, writer);
-        if (!g) {
-            // (no cache: nothing of the next row was waiting for a slot)
-            for (int i = 0; i < next.mine; ++i) next.issue(cache, i);
-            continue;
-        }
+        if (!g) continue;  // (no cache without a gradient: nothing of the next row to copy)
 
         // pass 2: the gradient, each thread writing what it read; each cached slot, once done
         // with, receives the next row's vector
@@ -533,17 +536,7 @@ template <typename L, typename G> __device__ void rows_prefetch_body(const FwlRo
             // its vector)
             auto write = [&](const Vec16<L> &r, int k) {
                 if constexpr (VEC) {
-                    float z[N];
-                    vec_f32(r, z);
-                    Vec16<G> o;
-                    if constexpr (sizeof(G) == 2) {
-                        for (int j = 0; j < N; j += 2)
-                            from_f32x2<G>(&o.v[j], lean_entry<CAP_OFF, false>(z[j], rg),
-                                          lean_entry<CAP_OFF, false>(z[j + 1], rg));
-                    } else {
-                        for (int j = 0; j < N; ++j) o.v[j] = from_f32<G>(lean_entry<CAP_OFF, false>(z[j], rg));
-                    }
-                    store16_stream(gh + k * N, o);
+                    store16_stream(gh + k * N, lean_vector<G, CAP_OFF, false>(r, rg));
                     if (k == kt) g[y] = from_f32<G>(tval);
                 } else {
                     float v[N];
