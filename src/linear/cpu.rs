@@ -138,20 +138,23 @@ fn weight_grad<L: Logit>(
     }
 }
 
-/// Rows of [`transpose_into`]'s blocks (and columns of their tiles).
-const TILE: usize = 32;
+/// Rows of [`transpose_into`]'s tasks (the rows of [`Kernels::transpose16`]).
+const TILE: usize = 16;
 
 /// `dst[i * ld + j] = src[i + j * m] (+ bias[j])` for `i < m`, `j < n`: a column-major `m x n`
 /// panel of logits (as the GEMM writes it fastest) into its place in the row-major logits,
-/// with the bias added. Tiles of `TILE x TILE`, each row of a tile written contiguously.
-fn transpose_into(src: &[f32], m: usize, n: usize, dst: &mut [f32], ld: usize, bias: Option<&[f32]>) {
+/// with the bias added. A task per 16 rows: in registers where the level can, the rest (the
+/// last rows, the last columns, or all at the portable level) element by element in tiles of
+/// 16 x 16, each row of a tile written contiguously; the same bits either way.
+fn transpose_into(k: &Kernels, src: &[f32], m: usize, n: usize, dst: &mut [f32], ld: usize, bias: Option<&[f32]>) {
     assert!(src.len() >= m * n && bias.is_none_or(|b| b.len() >= n) && n <= ld);
     let tiles = dst.par_chunks_mut(ld * TILE).take(m.div_ceil(TILE)).enumerate();
     crate::pool::install(|| {
         tiles.for_each(|(bi, out)| {
             let i0 = bi * TILE;
             let rows = (m - i0).min(TILE);
-            for j0 in (0..n).step_by(TILE) {
+            let done = if rows == TILE { k.transpose16(&src[i0..], m, out, ld, n, bias) } else { 0 };
+            for j0 in (done..n).step_by(TILE) {
                 let cols = (n - j0).min(TILE);
                 for i in 0..rows {
                     let o = &mut out[i * ld + j0..i * ld + j0 + cols];
@@ -301,7 +304,7 @@ pub(crate) fn run_with<L: Logit>(
             let w = panels.get(k, p.clone());
             let zc = &mut zp[..m * p.len()];
             matmul(MatMut::rows(zc, p.len(), m, m).t(), hm, MatRef::rows(w, p.len(), h, h).t(), false);
-            transpose_into(zc, m, p.len(), &mut z[p.start..], v, bias32.as_ref().map(|b| &b[p.clone()]));
+            transpose_into(k, zc, m, p.len(), &mut z[p.start..], v, bias32.as_ref().map(|b| &b[p.clone()]));
         }
 
         // the rows pass: logits -> coef * (softmax - onehot), and each row's loss
@@ -349,8 +352,39 @@ pub(crate) fn run_with<L: Logit>(
 
 #[cfg(test)]
 mod tests {
-    use super::zeroed;
+    use super::{transpose_into, zeroed};
+    use crate::cpu::simd::Kernels;
     use crate::error::Error;
+    use crate::spec::CpuSimd;
+
+    #[test]
+    fn a_panel_lands_transposed_at_every_level() {
+        let levels: Vec<Kernels> =
+            [CpuSimd::Portable, CpuSimd::Avx2, CpuSimd::Avx512].into_iter().filter_map(Kernels::select).collect();
+        // rows and columns below, at and past the 16-element blocks, and a destination wider
+        // than the panel (the logits row of which the panel is a slice)
+        for (m, n, ld) in
+            [(1, 1, 1), (15, 17, 20), (16, 16, 16), (16, 33, 40), (35, 48, 48), (179, 70, 101), (64, 5, 9)]
+        {
+            let src: Vec<f32> = (0..m * n).map(|i| ((i * 7919) % 1009) as f32 * 0.37 - 150.0).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.011 - 0.2).collect();
+            for b in [None, Some(&bias[..])] {
+                // NaN where nothing may be written: a write past the panel's columns shows
+                let mut want = vec![f32::NAN; m * ld];
+                for i in 0..m {
+                    for j in 0..n {
+                        want[i * ld + j] = src[i + j * m] + b.map_or(0.0, |b| b[j]);
+                    }
+                }
+                for k in &levels {
+                    let mut got = vec![f32::NAN; m * ld];
+                    transpose_into(k, &src, m, n, &mut got, ld, b);
+                    let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "{:?}, {m} x {n} into rows of {ld}, bias {}", k.level, b.is_some());
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_buffer_past_the_address_space_is_an_error() {

@@ -32,6 +32,8 @@ mod x86_avx2;
 mod x86_opts;
 #[cfg(target_arch = "x86_64")]
 mod x86_side;
+#[cfg(target_arch = "x86_64")]
+mod x86_transpose;
 
 use crate::spec::CpuSimd;
 use lanes::*;
@@ -164,6 +166,9 @@ type ExpOpts16 = unsafe fn(&[u16], f32, ElemOpts, &mut [f32], &mut [f32], Ahead)
 /// A copy of f32 into f32 (equal lengths).
 type CopyInto = unsafe fn(&[f32], &mut [f32]);
 
+/// A transposition of 16 rows in registers (see [`Kernels::transpose16`]).
+type Transpose16 = unsafe fn(&[f32], usize, &mut [f32], usize, usize, Option<&[f32]>) -> usize;
+
 /// A scaled store into one output dtype: `out = narrow(x * f - k)` (the product and the
 /// difference rounded once where the level has FMA, as [`Kernels::affine`]; exactly
 /// `narrow(x * f)` when `k` is +0), streaming when asked and the level can.
@@ -236,6 +241,8 @@ pub(crate) struct Kernels {
     scale_f32: ScaleInto<f32>,
     /// A streaming copy that prefetches its source line by line (x86 levels; the copy floor's).
     copy_ahead: Option<CopyInto>,
+    /// The in-register transposition of 16 rows (x86 levels).
+    transpose16: Option<Transpose16>,
     scale_bf16: ScaleInto<u16>,
     scale_bf16_finite: ScaleInto<u16>,
     scale_f16: ScaleInto<u16>,
@@ -287,6 +294,7 @@ impl Kernels {
             widen_f16: portable_store::widen_f16,
             scale_f32: portable_store::scale_f32,
             copy_ahead: None,
+            transpose16: None,
             scale_bf16: portable_store::scale_bf16,
             scale_bf16_finite: portable_store::scale_bf16,
             scale_f16: portable_store::scale_f16,
@@ -315,6 +323,7 @@ impl Kernels {
                 widen_f16: x86::widen_f16_256,
                 scale_f32: x86::scale_f32_256,
                 copy_ahead: Some(x86::copy_ahead_256),
+                transpose16: Some(x86_transpose::transpose16_256),
                 scale_bf16: x86::scale_bf16_256,
                 scale_bf16_finite: x86::scale_bf16_finite_256,
                 scale_f16: x86::scale_f16_256,
@@ -341,6 +350,7 @@ impl Kernels {
                 widen_f16: x86::widen_f16_512,
                 scale_f32: x86::scale_f32_512,
                 copy_ahead: Some(x86::copy_ahead_512),
+                transpose16: Some(x86_transpose::transpose16_512),
                 scale_bf16: if is_x86_feature_detected!("avx512bf16") {
                     x86::scale_bf16_512bf
                 } else {
@@ -476,6 +486,34 @@ impl Kernels {
                 true
             }
             None => false,
+        }
+    }
+    /// Sixteen rows of a column-major matrix into row-major rows, in registers where the level
+    /// can: `dst[i * ld + j] = src[i + j * m] (+ bias[j])` for `i < 16` and `j` below the
+    /// returned count of columns (a multiple of 16, at most `n`; 0 at the portable level, or
+    /// where `m < 16` or a slice is too short for 16 rows), which the caller finishes.
+    #[inline]
+    pub fn transpose16(
+        &self,
+        src: &[f32],
+        m: usize,
+        dst: &mut [f32],
+        ld: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> usize {
+        const R: usize = 16;
+        let fits = n > 0
+            && m >= R
+            && ld >= n
+            && (n - 1).checked_mul(m).and_then(|x| x.checked_add(R)).is_some_and(|x| x <= src.len())
+            && (R - 1).checked_mul(ld).and_then(|x| x.checked_add(n)).is_some_and(|x| x <= dst.len())
+            && bias.is_none_or(|b| b.len() >= n);
+        match self.transpose16 {
+            // SAFETY: the level's features were detected; the bounds the kernel reads and writes
+            // within were checked just above.
+            Some(t) if fits => unsafe { t(src, m, dst, ld, n, bias) },
+            _ => 0,
         }
     }
     /// `out = x * f`; with `stream`, streaming stores where the level has them (call
