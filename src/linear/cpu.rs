@@ -51,6 +51,13 @@ fn add_into<G: Logit>(k: &Kernels, acc: &[f32], out: &mut [G]) {
     })
 }
 
+/// `out = acc` in `out`'s dtype (rounded once per element), in parallel.
+fn narrow_into<G: Logit>(k: &Kernels, acc: &[f32], out: &mut [G]) {
+    crate::pool::install(|| {
+        out.par_chunks_mut(BLOCK).zip(acc.par_chunks(BLOCK)).for_each(|(o, a)| store_scaled(k, a, 1.0, o, false))
+    })
+}
+
 /// Zeros a gradient buffer.
 fn zero<L: Logit>(g: &mut Grad<'_, L>) {
     crate::pool::install(|| match g {
@@ -107,8 +114,9 @@ impl<'a, L: Logit> Panels<'a, L> {
     }
 }
 
-/// `d W[p] += G[:, p]ᵀ · h_c` for one panel `p` of `W`'s rows; `scratch` (`p.len() x H`) is
-/// used when `d W` is 16-bit.
+/// `d W[p] += G[:, p]ᵀ · h_c` for one panel `p` of `W`'s rows (`d W[p] = …` when `fresh`: the
+/// first chunk of a call that does not accumulate, instead of zeroing `d W` first); `scratch`
+/// (`p.len() x H`) is used when `d W` is 16-bit.
 #[allow(clippy::too_many_arguments)]
 fn weight_grad<L: Logit>(
     k: &Kernels,
@@ -118,6 +126,7 @@ fn weight_grad<L: Logit>(
     p: &Range<usize>,
     h: usize,
     scratch: &mut [f32],
+    fresh: bool,
 ) {
     let f32_out = match dw {
         Grad::Skip => return,
@@ -127,12 +136,17 @@ fn weight_grad<L: Logit>(
     // as `d Wᵀ += h_cᵀ · G`: the same sums, 10-15% faster from the GEMM crate at these shapes
     // (it packs the small `h_c` rather than the wide `G`)
     match f32_out {
-        Some(out) => matmul(MatMut::rows(out, p.len(), h, h).t(), hc.t(), g, true),
+        Some(out) => matmul(MatMut::rows(out, p.len(), h, h).t(), hc.t(), g, !fresh),
         None => {
             let s = &mut scratch[..p.len() * h];
             matmul(MatMut::rows(s, p.len(), h, h).t(), hc.t(), g, false);
             if let Grad::Into(x) = dw {
-                add_into(k, s, &mut x[p.start * h..p.end * h]);
+                let x = &mut x[p.start * h..p.end * h];
+                if fresh {
+                    narrow_into(k, s, x);
+                } else {
+                    add_into(k, s, x);
+                }
             }
         }
     }
@@ -240,18 +254,21 @@ pub(crate) fn run_with<L: Logit>(
     let c = chunking.rows_for(default_budget, 4 * v + 8 * h + 4 * panel_rows, active.len())?;
 
     // the gradients start from zero (or, accumulating, from what they hold): after every
-    // check and allocation that can fail, so that a failed call writes nothing
-    let start = |g: &mut LinearGrads<'_, L>| {
+    // check and allocation that can fail, so that a failed call writes nothing. `d W` is not
+    // zeroed where a first chunk writes every panel of it (`fresh`) instead of adding
+    let start = |g: &mut LinearGrads<'_, L>, weight: bool| {
         zero(&mut g.hidden);
         if !g.accumulate {
-            zero(&mut g.weight);
+            if weight {
+                zero(&mut g.weight);
+            }
             zero(&mut g.bias);
         }
     };
     if active.is_empty() {
         // no row has a target: no chunk and no buffer (it reported chunks of 1 row, and their
         // buffers, for none run)
-        start(&mut g);
+        start(&mut g, true);
         let row_loss = RowLosses { loss: vec![0f64; n], z: vec![0f64; n] };
         return Ok((row_loss, Chunks { rows: 0, count: 0, scratch_bytes: 0 }));
     }
@@ -274,7 +291,7 @@ pub(crate) fn run_with<L: Logit>(
     let mut dbc = vec![0f32; if want_db { v } else { 0 }];
     let (mut chunk_loss, mut chunk_z) = (zeroed::<f64>(c, "the chunk's losses")?, zeroed::<f64>(c, "the chunk's z")?);
     let mut row_loss = RowLosses { loss: vec![0f64; n], z: vec![0f64; n] };
-    start(&mut g);
+    start(&mut g, false);
     let scratch_bytes = 4
         * (hc.len()
             + z.len()
@@ -285,7 +302,7 @@ pub(crate) fn run_with<L: Logit>(
             + panels.buf.len()
             + bias32.as_ref().map_or(0, |b| b.len()));
 
-    for rows in active.chunks(c) {
+    for (ci, rows) in active.chunks(c).enumerate() {
         let m = rows.len();
         let z = &mut z[..m * v];
         let widen_rows = hc[..m * h].par_chunks_mut(h).zip(rows.par_iter());
@@ -321,7 +338,7 @@ pub(crate) fn run_with<L: Logit>(
                 let w = panels.get(k, p.clone());
                 matmul(MatMut::rows(&mut dhc, m, h, h), gp, MatRef::rows(w, p.len(), h, h), i > 0);
             }
-            weight_grad(k, &mut g.weight, gp, hm, &p, h, &mut dwp);
+            weight_grad(k, &mut g.weight, gp, hm, &p, h, &mut dwp, ci == 0 && !g.accumulate);
         }
         match &mut g.hidden {
             Grad::Into(dh) => scatter(k, &dhc, rows, h, dh),

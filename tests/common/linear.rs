@@ -168,5 +168,11 @@ pub fn check<L: Logit>(
     if has_bias {
         check("d bias accumulated", &widen(&db_l), &plus(&prior_b, &e.db), grad_tol);
     }
+
+    // d weight in the inputs' dtype, not accumulated: every entry written over what it held
+    let mut dw_fresh = vec![L::from_f32(f32::NAN); s.weight_len()];
+    let grads = LinearGrads::new().weight(Grad::Into(&mut dw_fresh));
+    spec.linear_loss_and_grad(s, c.inputs(), c.tokens(), grads, chunking).expect("d weight in L");
+    check("d weight", &widen(&dw_fresh), &e.dw, grad_tol);
     (out32, dh, dw, db)
 }
