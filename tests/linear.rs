@@ -147,6 +147,46 @@ fn auto_chunking_gives_the_same_bits_on_any_thread_count() {
 }
 
 #[test]
+fn products_as_tasks_or_on_the_whole_pool_give_the_same_bits() {
+    // pools of one or two threads run each product on one thread, as tasks beside each other;
+    // larger pools run each product on all of them: the bits must not tell. H odd and V odd
+    // make three panels of W of odd lengths (two halves that differ by one row)
+    fn case<L: Logit>(with_bias: bool) {
+        let c = Case::<L>::random(31, 3, 40, 513, 4999, with_bias);
+        let spec = LossSpec::builder().keywords([2i64, 7]).build().unwrap();
+        for ch in [Chunking::Rows(17), Chunking::Rows(64), Chunking::Auto] {
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                pool.install(|| {
+                    let s = c.shape;
+                    let (mut dh, mut dw, mut db) = (
+                        vec![L::from_f32(f32::NAN); s.hidden_len()],
+                        vec![L::from_f32(f32::NAN); s.weight_len()],
+                        vec![L::from_f32(f32::NAN); s.vocab()],
+                    );
+                    let mut grads = LinearGrads::new().hidden(Grad::Into(&mut dh)).weight(Grad::Into(&mut dw));
+                    if with_bias {
+                        grads = grads.bias(Grad::Into(&mut db));
+                    }
+                    let out = spec.linear_loss_and_grad(s, c.inputs(), c.tokens(), grads, ch).unwrap();
+                    let bits = |x: &[L]| x.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+                    (out.loss.loss.to_bits(), bits(&dh), bits(&dw), bits(&db))
+                })
+            };
+            let pooled = run(3);
+            assert!(pooled.2.iter().all(|&b| !f32::from_bits(b).is_nan()), "every entry of d W written");
+            for threads in [1, 2, 4] {
+                assert!(run(threads) == pooled, "{} {ch:?} bias {with_bias}: {threads} threads differ", L::DTYPE);
+            }
+        }
+    }
+    for with_bias in [false, true] {
+        case::<f32>(with_bias);
+        case::<bf16>(with_bias);
+    }
+}
+
+#[test]
 fn reruns_are_bit_identical() {
     fn twice<L: Logit>(c: &Case<L>) {
         let spec = LossSpec::builder().keywords([2i64]).build().unwrap();

@@ -76,11 +76,17 @@ impl<'a> MatMut<'a> {
 /// `c = a · b`, or `c += a · b` when `accumulate`, in f32 on the rayon pool. The summation order
 /// depends only on the shapes and the machine's cache sizes, so reruns give the same bits.
 pub(crate) fn matmul(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
-    crate::pool::install(|| matmul_here(c, a, b, accumulate))
+    crate::pool::install(|| matmul_on(c, a, b, accumulate, rayon::current_num_threads()))
 }
 
-/// [`matmul`] on the pool this thread reaches (see [`crate::pool`]).
-fn matmul_here(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+/// [`matmul`] on the calling thread alone (a task among others on the pool): the same bits,
+/// as the crate's summation order does not depend on its threads.
+pub(crate) fn matmul_single(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
+    matmul_on(c, a, b, accumulate, 1)
+}
+
+/// [`matmul`] on `threads` threads of the pool this thread reaches (see [`crate::pool`]).
+fn matmul_on(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool, threads: usize) {
     assert!(a.rows == c.rows && b.cols == c.cols && a.cols == b.rows, "matmul shapes disagree");
     let (m, n, k) = (c.rows, c.cols, a.cols);
     if m == 0 || n == 0 {
@@ -96,7 +102,7 @@ fn matmul_here(c: MatMut<'_>, a: MatRef<'_>, b: MatRef<'_>, accumulate: bool) {
         }
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = threads.max(1);
     // SAFETY: `a`, `b` and `c` were checked at construction to reach only elements inside their
     // slices for their shapes and strides, and a transpose reaches the same elements (strides fit
     // in isize: they index a slice); the shapes agree (checked above); `c` is an exclusive

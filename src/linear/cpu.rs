@@ -5,9 +5,15 @@
 //! the logits, and for `d hidden`): f32 panels where they lie (the panel bounds the GEMM
 //! crate's packing buffer), f16/bf16 panels widened to f32 into one buffer; a chunk's hidden
 //! rows are widened when they are gathered.
+//!
+//! On pools of two to [`TASKS_MAX_THREADS`] threads the products run as tasks of one thread
+//! each (the logits by half panels, `d hidden` over all panels beside the panels of `d W`),
+//! one fork and join per step of a chunk; on larger pools each product runs on every thread.
+//! The GEMM crate's sums do not depend on how many threads compute them, so the bits are the
+//! same either way (tested).
 
 use super::{Chunking, Chunks, LinearGrads, LinearInputs, LinearShape, CPU_BUDGET, CPU_PANEL_BYTES};
-use crate::cpu::gemm::{matmul, MatMut, MatRef};
+use crate::cpu::gemm::{matmul, matmul_single, MatMut, MatRef};
 use crate::cpu::simd::Kernels;
 use crate::cpu::{load, run_rows_in_place, store_scaled, RowSel};
 use crate::dtype::Logit;
@@ -19,6 +25,12 @@ use std::ops::Range;
 
 /// Elements per parallel task of the element-wise helpers.
 const BLOCK: usize = 4096;
+
+/// Pools of two to this many threads run a chunk's products as tasks of one thread each
+/// (the logits in two halves of each panel, and `d hidden` beside the panels of `d W`) instead
+/// of each product on every thread: on two cores the products' own fork and join, over a
+/// hundred per chunk, cost 12% of a step (BENCHMARKS.md, 2026-12-04). The same bits either way.
+const TASKS_MAX_THREADS: usize = 2;
 
 /// `dst = src` as f32 (equal lengths).
 fn widen<L: Logit>(k: &Kernels, src: &[L], dst: &mut [f32]) {
@@ -67,10 +79,16 @@ fn zero<L: Logit>(g: &mut Grad<'_, L>) {
     })
 }
 
-/// Rows of `W` per panel (of `v` rows of `h`): also the rows of a chunk's logits panel, so that
-/// each chunk row costs `4 · panel_rows` bytes beside its logits.
+/// Rows of `W` per panel (of `v` rows of `h`): also the columns of a chunk's logits panel.
 pub(crate) fn panel_rows(h: usize, v: usize) -> usize {
     (CPU_PANEL_BYTES / (4 * h.max(1))).clamp(1, v.max(1))
+}
+
+/// Columns of the buffer of a chunk's logits panel: the panel's rows rounded up to even, so
+/// that its two halves, either of which may take the larger half of a panel, fit side by side
+/// (each chunk row costs `4 · panel_slots` bytes beside its logits).
+pub(crate) fn panel_slots(panel_rows: usize) -> usize {
+    panel_rows.div_ceil(2) * 2
 }
 
 /// The vocabulary panels of `W` as f32, `rows` rows each: borrowed from `W` when it is f32,
@@ -127,7 +145,9 @@ fn weight_grad<L: Logit>(
     h: usize,
     scratch: &mut [f32],
     fresh: bool,
+    single: bool,
 ) {
+    let matmul = if single { matmul_single } else { matmul };
     let f32_out = match dw {
         Grad::Skip => return,
         Grad::IntoF32(x) => Some(&mut x[p.start * h..p.end * h]),
@@ -152,36 +172,81 @@ fn weight_grad<L: Logit>(
     }
 }
 
-/// Rows of [`transpose_into`]'s tasks (the rows of [`Kernels::transpose16`]).
+/// Rows of [`transpose_into`]'s blocks (the rows of [`Kernels::transpose16`]).
 const TILE: usize = 16;
 
-/// `dst[i * ld + j] = src[i + j * m] (+ bias[j])` for `i < m`, `j < n`: a column-major `m x n`
-/// panel of logits (as the GEMM writes it fastest) into its place in the row-major logits,
-/// with the bias added. A task per 16 rows: in registers where the level can, the rest (the
-/// last rows, the last columns, or all at the portable level) element by element in tiles of
-/// 16 x 16, each row of a tile written contiguously; the same bits either way.
-fn transpose_into(k: &Kernels, src: &[f32], m: usize, n: usize, dst: &mut [f32], ld: usize, bias: Option<&[f32]>) {
-    assert!(src.len() >= m * n && bias.is_none_or(|b| b.len() >= n) && n <= ld);
-    let tiles = dst.par_chunks_mut(ld * TILE).take(m.div_ceil(TILE)).enumerate();
-    crate::pool::install(|| {
-        tiles.for_each(|(bi, out)| {
-            let i0 = bi * TILE;
-            let rows = (m - i0).min(TILE);
-            let done = if rows == TILE { k.transpose16(&src[i0..], m, out, ld, n, bias) } else { 0 };
-            for j0 in (done..n).step_by(TILE) {
-                let cols = (n - j0).min(TILE);
-                for i in 0..rows {
-                    let o = &mut out[i * ld + j0..i * ld + j0 + cols];
-                    for (j, y) in o.iter_mut().enumerate() {
-                        *y = src[(j0 + j) * m + i0 + i];
-                    }
-                    if let Some(b) = bias {
-                        o.iter_mut().zip(&b[j0..j0 + cols]).for_each(|(y, b)| *y += b);
-                    }
+/// `rows[i][j] = src[i + j * m] (+ bias[j])` for the `m = rows.len()` rows and `j < n`: a
+/// column-major `m x n` panel of logits (as the GEMM writes it fastest) into its place in the
+/// row-major logits, with the bias added. Sixteen rows at a time in registers where the level
+/// can; the rest (the last rows, the last columns, or all at the portable level) element by
+/// element in tiles of 16 x 16, each row of a tile written contiguously; the same bits either
+/// way. With `parallel`, a task per 16 rows.
+fn transpose_into(k: &Kernels, src: &[f32], n: usize, rows: &mut [&mut [f32]], bias: Option<&[f32]>, parallel: bool) {
+    let m = rows.len();
+    assert!(src.len() >= m * n && bias.is_none_or(|b| b.len() >= n) && rows.iter().all(|r| r.len() >= n));
+    let block = |(bi, out): (usize, &mut [&mut [f32]])| {
+        let i0 = bi * TILE;
+        let done = k.transpose16(&src[i0..], m, out, n, bias);
+        for j0 in (done..n).step_by(TILE) {
+            let cols = (n - j0).min(TILE);
+            for (i, o) in out.iter_mut().enumerate() {
+                let o = &mut o[j0..j0 + cols];
+                for (j, y) in o.iter_mut().enumerate() {
+                    *y = src[(j0 + j) * m + i0 + i];
+                }
+                if let Some(b) = bias {
+                    o.iter_mut().zip(&b[j0..j0 + cols]).for_each(|(y, b)| *y += b);
                 }
             }
-        })
-    });
+        }
+    };
+    if parallel {
+        crate::pool::install(|| rows.par_chunks_mut(TILE).enumerate().for_each(block));
+    } else {
+        rows.chunks_mut(TILE).enumerate().for_each(block);
+    }
+}
+
+/// The pieces of the logits rows `z` (rows of `v`) that the column ranges `cuts` (in order,
+/// disjoint) hold: per range, its piece of every row, so that each range can be written apart.
+fn column_blocks<'a>(z: &'a mut [f32], v: usize, cuts: &[Range<usize>]) -> Vec<Vec<&'a mut [f32]>> {
+    let mut blocks: Vec<Vec<&mut [f32]>> = cuts.iter().map(|_| Vec::with_capacity(z.len() / v.max(1))).collect();
+    for row in z.chunks_exact_mut(v) {
+        let (mut rest, mut at) = (row, 0);
+        for (b, r) in blocks.iter_mut().zip(cuts) {
+            let (piece, tail) = std::mem::take(&mut rest)[r.start - at..].split_at_mut(r.len());
+            b.push(piece);
+            (rest, at) = (tail, r.end);
+        }
+    }
+    blocks
+}
+
+/// One panel's logits: `h_c · W[cols]ᵀ` into `buf` (column-major, `m x cols.len()`), then
+/// into the rows `out` with the bias; `w` holds `W`'s rows `cols` (f32, `H` each). `single`:
+/// on this thread alone (a task), else on the pool.
+#[allow(clippy::too_many_arguments)]
+fn logits_panel(
+    k: &Kernels,
+    hm: MatRef<'_>,
+    w: &[f32],
+    h: usize,
+    cols: Range<usize>,
+    buf: &mut [f32],
+    out: &mut [&mut [f32]],
+    bias: Option<&[f32]>,
+    single: bool,
+) {
+    let (m, n) = (out.len(), cols.len());
+    let zc = &mut buf[..m * n];
+    let product = MatMut::rows(zc, n, m, m).t();
+    let wt = MatRef::rows(w, n, h, h).t();
+    if single {
+        matmul_single(product, hm, wt, false);
+    } else {
+        matmul(product, hm, wt, false);
+    }
+    transpose_into(k, zc, n, out, bias.map(|b| &b[cols]), !single);
 }
 
 /// Writes row `i` of `dhc` (f32) to row `rows[i]` of `dh`.
@@ -251,7 +316,8 @@ pub(crate) fn run_with<L: Logit>(
     let active = active_rows(plan)?;
     let default_budget = CPU_BUDGET;
     let panel_rows = panel_rows(h, v);
-    let c = chunking.rows_for(default_budget, 4 * v + 8 * h + 4 * panel_rows, active.len())?;
+    let slots = panel_slots(panel_rows);
+    let c = chunking.rows_for(default_budget, 4 * v + 8 * h + 4 * slots, active.len())?;
 
     // the gradients start from zero (or, accumulating, from what they hold): after every
     // check and allocation that can fail, so that a failed call writes nothing. `d W` is not
@@ -285,7 +351,7 @@ pub(crate) fn run_with<L: Logit>(
     let mut hc = zeroed::<f32>(c * h, "the chunk's hidden rows")?;
     let mut z = zeroed::<f32>(c * v, "the chunk's logits")?;
     // one panel of a chunk's logits, column-major, before it goes into `z`
-    let mut zp = zeroed::<f32>(c * panels.rows, "a panel of the chunk's logits")?;
+    let mut zp = zeroed::<f32>(c * slots, "a panel of the chunk's logits")?;
     let mut dhc = zeroed::<f32>(if want_dh { c * h } else { 0 }, "the chunk's d hidden")?;
     let mut dwp = zeroed::<f32>(if dw_scratch { panels.rows * h } else { 0 }, "a panel of d weight")?;
     let mut dbc = vec![0f32; if want_db { v } else { 0 }];
@@ -302,6 +368,7 @@ pub(crate) fn run_with<L: Logit>(
             + panels.buf.len()
             + bias32.as_ref().map_or(0, |b| b.len()));
 
+    let tasks = (2..=TASKS_MAX_THREADS).contains(&crate::pool::install(rayon::current_num_threads));
     for (ci, rows) in active.chunks(c).enumerate() {
         let m = rows.len();
         let z = &mut z[..m * v];
@@ -317,11 +384,56 @@ pub(crate) fn run_with<L: Logit>(
         // logits of the chunk, panel by panel: h_c · Wᵀ into a column-major panel (the GEMM
         // crate then uses `W`'s rows as they lie instead of packing them, ~1.5x faster at
         // these shapes), transposed into place with the bias added
-        for p in panels.ranges() {
+        let bias = bias32.as_deref();
+        let w32 = L::as_f32(inp.weight).filter(|_| tasks);
+        if let Some(w) = w32 {
+            // f32 `W` as it lies: every half panel a task, each into a free half of the panel buffer
+            let halves: Vec<Range<usize>> = panels
+                .ranges()
+                .flat_map(|p| {
+                    let mid = p.start + p.len().div_ceil(2);
+                    [p.start..mid, mid..p.end]
+                })
+                .collect();
+            let blocks = column_blocks(z, v, &halves);
+            let bufs = std::sync::Mutex::new(zp.chunks_mut(m * slots / 2).take(2).collect::<Vec<_>>());
+            let take = || bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            crate::pool::install(|| {
+                halves.into_par_iter().zip(blocks).for_each(|(r, mut rows)| {
+                    let wr = &w[r.start * h..r.end * h];
+                    match take() {
+                        Some(b) => {
+                            logits_panel(k, hm, wr, h, r, b, &mut rows, bias, true);
+                            bufs.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+                        }
+                        None => {
+                            logits_panel(k, hm, wr, h, r.clone(), &mut vec![0.0; m * r.len()], &mut rows, bias, true)
+                        }
+                    }
+                })
+            });
+        }
+        for p in panels.ranges().filter(|_| w32.is_none()) {
             let w = panels.get(k, p.clone());
-            let zc = &mut zp[..m * p.len()];
-            matmul(MatMut::rows(zc, p.len(), m, m).t(), hm, MatRef::rows(w, p.len(), h, h).t(), false);
-            transpose_into(k, zc, m, p.len(), &mut z[p.start..], v, bias32.as_ref().map(|b| &b[p.clone()]));
+            if tasks {
+                // two halves of the panel at once, each into its half of the panel buffer
+                let mid = p.start + p.len().div_ceil(2);
+                let halves = [p.start..mid, mid..p.end];
+                let mut blocks = column_blocks(z, v, &halves).into_iter();
+                let (mut ba, mut bb) = (blocks.next().unwrap(), blocks.next().unwrap());
+                let (za, zb) = zp.split_at_mut(m * halves[0].len());
+                let (wa, wb) = w.split_at(halves[0].len() * h);
+                let [ha, hb] = halves;
+                crate::pool::install(|| {
+                    rayon::join(
+                        || logits_panel(k, hm, wa, h, ha, za, &mut ba, bias, true),
+                        || logits_panel(k, hm, wb, h, hb, zb, &mut bb, bias, true),
+                    )
+                });
+            } else {
+                let mut rows = column_blocks(z, v, std::slice::from_ref(&p)).pop().unwrap();
+                logits_panel(k, hm, w, h, p, &mut zp, &mut rows, bias, false);
+            }
         }
 
         // the rows pass: logits -> coef * (softmax - onehot), and each row's loss
@@ -332,13 +444,45 @@ pub(crate) fn run_with<L: Logit>(
         }
 
         // d hidden = G · W and d W += Gᵀ · h_c, panel by panel
-        for (i, p) in panels.ranges().enumerate() {
-            let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
-            if want_dh {
-                let w = panels.get(k, p.clone());
-                matmul(MatMut::rows(&mut dhc, m, h, h), gp, MatRef::rows(w, p.len(), h, h), i > 0);
+        let fresh = ci == 0 && !g.accumulate;
+        let z = &*z;
+        if tasks && want_dh && g.weight.len().is_some() {
+            // `d hidden` panel after panel on one thread, the panels of `d W` on the others
+            let ranges: Vec<Range<usize>> = panels.ranges().collect();
+            let dh_chain = || {
+                for (i, p) in ranges.iter().enumerate() {
+                    let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
+                    let w = panels.get(k, p.clone());
+                    matmul_single(MatMut::rows(&mut dhc, m, h, h), gp, MatRef::rows(w, p.len(), h, h), i > 0);
+                }
+            };
+            let dw_panels = || {
+                let f32_out = match &mut g.weight {
+                    Grad::IntoF32(x) => Some(&mut x[..]),
+                    Grad::Into(x) => L::as_f32_mut(x),
+                    Grad::Skip => None,
+                };
+                match f32_out {
+                    Some(out) => out.par_chunks_mut(panel_rows * h).zip(&ranges).for_each(|(out, p)| {
+                        let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
+                        matmul_single(MatMut::rows(out, p.len(), h, h).t(), hm.t(), gp, !fresh);
+                    }),
+                    None => ranges.iter().for_each(|p| {
+                        let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
+                        weight_grad(k, &mut g.weight, gp, hm, p, h, &mut dwp, fresh, true);
+                    }),
+                }
+            };
+            crate::pool::install(|| rayon::join(dh_chain, dw_panels));
+        } else {
+            for (i, p) in panels.ranges().enumerate() {
+                let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
+                if want_dh {
+                    let w = panels.get(k, p.clone());
+                    matmul(MatMut::rows(&mut dhc, m, h, h), gp, MatRef::rows(w, p.len(), h, h), i > 0);
+                }
+                weight_grad(k, &mut g.weight, gp, hm, &p, h, &mut dwp, fresh, false);
             }
-            weight_grad(k, &mut g.weight, gp, hm, &p, h, &mut dwp, ci == 0 && !g.accumulate);
         }
         match &mut g.hidden {
             Grad::Into(dh) => scatter(k, &dhc, rows, h, dh),
@@ -348,7 +492,6 @@ pub(crate) fn run_with<L: Logit>(
 
         // d b += column sums of G (rows summed in order)
         if want_db {
-            let z = &*z;
             crate::pool::install(|| {
                 dbc.par_chunks_mut(BLOCK).enumerate().for_each(|(bi, d)| {
                     d.fill(0.0);
@@ -369,7 +512,7 @@ pub(crate) fn run_with<L: Logit>(
 
 #[cfg(test)]
 mod tests {
-    use super::{transpose_into, zeroed};
+    use super::{column_blocks, transpose_into, zeroed};
     use crate::cpu::simd::Kernels;
     use crate::error::Error;
     use crate::spec::CpuSimd;
@@ -393,12 +536,33 @@ mod tests {
                         want[i * ld + j] = src[i + j * m] + b.map_or(0.0, |b| b[j]);
                     }
                 }
-                for k in &levels {
+                for (k, parallel) in levels.iter().flat_map(|k| [(k, false), (k, true)]) {
                     let mut got = vec![f32::NAN; m * ld];
-                    transpose_into(k, &src, m, n, &mut got, ld, b);
+                    {
+                        // the rows' pieces as the chunk loop cuts them (a row's first n entries)
+                        let mut rows: Vec<&mut [f32]> = got.chunks_mut(ld).map(|r| &mut r[..n]).collect();
+                        transpose_into(k, &src, n, &mut rows, b, parallel);
+                    }
                     let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
-                    assert!(same, "{:?}, {m} x {n} into rows of {ld}, bias {}", k.level, b.is_some());
+                    let level = k.level;
+                    assert!(same, "{level:?} (parallel {parallel}), {m} x {n} into rows of {ld}, bias {}", b.is_some());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn column_blocks_cut_every_row_at_the_ranges() {
+        let (v, rows) = (10, 3);
+        let mut z: Vec<f32> = (0..v * rows).map(|i| i as f32).collect();
+        let cuts = [1..4, 4..4, 6..10];
+        let blocks = column_blocks(&mut z, v, &cuts);
+        assert_eq!(blocks.len(), 3);
+        for (b, r) in blocks.iter().zip(&cuts) {
+            assert_eq!(b.len(), rows);
+            for (i, piece) in b.iter().enumerate() {
+                let want: Vec<f32> = r.clone().map(|j| (i * v + j) as f32).collect();
+                assert_eq!(&piece[..], &want[..]);
             }
         }
     }

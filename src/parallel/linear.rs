@@ -13,7 +13,7 @@ use crate::cpu::split::{merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::{RowSel, RowStats};
 use crate::dtype::{Logit, TokenId};
 use crate::error::Result;
-use crate::linear::cpu::{active_rows, panel_rows, run_with};
+use crate::linear::cpu::{active_rows, panel_rows, panel_slots, run_with};
 use crate::linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearShape, CPU_BUDGET};
 use crate::spec::{LossSpec, Tokens};
 use crate::{Backend, Grad};
@@ -111,7 +111,7 @@ impl Sharded<'_> {
             // (each row's logits, its hidden states and d hidden, and its part of the logits panel,
             // as the unsplit path counts them)
             let share = shape.vocab().div_ceil(vg.size());
-            let row_bytes = 4 * share + 8 * shape.hidden() + 4 * panel_rows(shape.hidden(), share);
+            let row_bytes = 4 * share + 8 * shape.hidden() + 4 * panel_slots(panel_rows(shape.hidden(), share));
             let c = chunking.rows_for(LINEAR_BUDGET, row_bytes, active)?;
             Ok((local, plan, k, c))
         });

@@ -167,7 +167,7 @@ type ExpOpts16 = unsafe fn(&[u16], f32, ElemOpts, &mut [f32], &mut [f32], Ahead)
 type CopyInto = unsafe fn(&[f32], &mut [f32]);
 
 /// A transposition of 16 rows in registers (see [`Kernels::transpose16`]).
-type Transpose16 = unsafe fn(&[f32], usize, &mut [f32], usize, usize, Option<&[f32]>) -> usize;
+type Transpose16 = unsafe fn(&[f32], usize, &mut [&mut [f32]], usize, Option<&[f32]>) -> usize;
 
 /// A scaled store into one output dtype: `out = narrow(x * f - k)` (the product and the
 /// difference rounded once where the level has FMA, as [`Kernels::affine`]; exactly
@@ -488,31 +488,23 @@ impl Kernels {
             None => false,
         }
     }
-    /// Sixteen rows of a column-major matrix into row-major rows, in registers where the level
-    /// can: `dst[i * ld + j] = src[i + j * m] (+ bias[j])` for `i < 16` and `j` below the
-    /// returned count of columns (a multiple of 16, at most `n`; 0 at the portable level, or
-    /// where `m < 16` or a slice is too short for 16 rows), which the caller finishes.
+    /// Sixteen rows of a column-major matrix into rows, in registers where the level can:
+    /// `rows[i][j] = src[i + j * m] (+ bias[j])` for `i < 16` and `j` below the returned count
+    /// of columns (a multiple of 16, at most `n`; 0 at the portable level, or where `m < 16`,
+    /// there are not 16 rows or a slice is too short), which the caller finishes.
     #[inline]
-    pub fn transpose16(
-        &self,
-        src: &[f32],
-        m: usize,
-        dst: &mut [f32],
-        ld: usize,
-        n: usize,
-        bias: Option<&[f32]>,
-    ) -> usize {
+    pub fn transpose16(&self, src: &[f32], m: usize, rows: &mut [&mut [f32]], n: usize, bias: Option<&[f32]>) -> usize {
         const R: usize = 16;
         let fits = n > 0
             && m >= R
-            && ld >= n
+            && rows.len() == R
+            && rows.iter().all(|r| r.len() >= n)
             && (n - 1).checked_mul(m).and_then(|x| x.checked_add(R)).is_some_and(|x| x <= src.len())
-            && (R - 1).checked_mul(ld).and_then(|x| x.checked_add(n)).is_some_and(|x| x <= dst.len())
             && bias.is_none_or(|b| b.len() >= n);
         match self.transpose16 {
             // SAFETY: the level's features were detected; the bounds the kernel reads and writes
             // within were checked just above.
-            Some(t) if fits => unsafe { t(src, m, dst, ld, n, bias) },
+            Some(t) if fits => unsafe { t(src, m, rows, n, bias) },
             _ => 0,
         }
     }

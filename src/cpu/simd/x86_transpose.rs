@@ -6,18 +6,17 @@
 
 use std::arch::x86_64::*;
 
-/// `dst[i * ld + j] = src[i + j * m] (+ bias[j])` for `i < 16`, `j < n / 16 * 16`; returns the
+/// `rows[i][j] = src[i + j * m] (+ bias[j])` for `i < 16`, `j < n / 16 * 16`; returns the
 /// columns done. AVX-512.
 ///
 /// # Safety
-/// The CPU has AVX-512F; `src` holds `(n − 1) · m + 16` elements, `dst` `15 · ld + n`, `bias`
-/// (when given) `n`; `m ≥ 16` and `ld ≥ n` (checked by the caller, `Kernels::transpose16`).
+/// The CPU has AVX-512F; `src` holds `(n − 1) · m + 16` elements, `rows` 16 rows of at least
+/// `n`, `bias` (when given) `n`, and `m ≥ 16` (checked by the caller, `Kernels::transpose16`).
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn transpose16_512(
     src: &[f32],
     m: usize,
-    dst: &mut [f32],
-    ld: usize,
+    rows: &mut [&mut [f32]],
     n: usize,
     bias: Option<&[f32]>,
 ) -> usize {
@@ -50,19 +49,19 @@ pub(super) unsafe fn transpose16_512(
             let v2 = _mm512_shuffle_f32x4::<0x44>(c, d);
             let v3 = _mm512_shuffle_f32x4::<0xEE>(c, d);
             // output rows e, 4 + e, 8 + e, 12 + e
-            let rows = [
+            let out = [
                 _mm512_shuffle_f32x4::<0x88>(v0, v2),
                 _mm512_shuffle_f32x4::<0xDD>(v0, v2),
                 _mm512_shuffle_f32x4::<0x88>(v1, v3),
                 _mm512_shuffle_f32x4::<0xDD>(v1, v3),
             ];
-            for (l, row) in rows.into_iter().enumerate() {
+            for (l, row) in out.into_iter().enumerate() {
                 let row = match b {
                     Some(b) => _mm512_add_ps(row, b),
                     None => row,
                 };
-                // SAFETY: row 4l + e < 16, columns j0 .. j0 + 16 ≤ n: within 15 · ld + n.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((4 * l + e) * ld + j0), row) };
+                // SAFETY: row 4l + e < 16, columns j0 .. j0 + 16 ≤ n: within the row.
+                unsafe { _mm512_storeu_ps(rows[4 * l + e].as_mut_ptr().add(j0), row) };
             }
         }
     }
@@ -77,8 +76,7 @@ pub(super) unsafe fn transpose16_512(
 pub(super) unsafe fn transpose16_256(
     src: &[f32],
     m: usize,
-    dst: &mut [f32],
-    ld: usize,
+    rows: &mut [&mut [f32]],
     n: usize,
     bias: Option<&[f32]>,
 ) -> usize {
@@ -104,15 +102,15 @@ pub(super) unsafe fn transpose16_256(
                 _mm256_castpd_ps(if e % 2 == 0 { _mm256_unpacklo_pd(a, b) } else { _mm256_unpackhi_pd(a, b) })
             });
             for e in 0..4 {
-                let rows =
+                let out =
                     [_mm256_permute2f128_ps::<0x20>(u[e], u[4 + e]), _mm256_permute2f128_ps::<0x31>(u[e], u[4 + e])];
-                for (l, row) in rows.into_iter().enumerate() {
+                for (l, row) in out.into_iter().enumerate() {
                     let row = match b {
                         Some(b) => _mm256_add_ps(row, b),
                         None => row,
                     };
-                    // SAFETY: row i0 + 4l + e < 16, columns j0 .. j0 + 8 ≤ n.
-                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add((i0 + 4 * l + e) * ld + j0), row) };
+                    // SAFETY: row i0 + 4l + e < 16, columns j0 .. j0 + 8 ≤ n: within the row.
+                    unsafe { _mm256_storeu_ps(rows[i0 + 4 * l + e].as_mut_ptr().add(j0), row) };
                 }
             }
         }
