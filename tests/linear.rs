@@ -112,11 +112,13 @@ fn chunk_size_is_reported() {
     assert_eq!((out.chunk_rows, out.chunks), (5, 6));
     let out = run(Chunking::Rows(1000));
     assert_eq!((out.chunk_rows, out.chunks), (28, 1));
-    // per row: 4 V bytes of logits + 8 H of hidden and its gradient + 4 per row of W's panel
-    // (here all 300 rows) for the column-major panel of logits = 2528; 10 rows fit in 25_280
-    let out = run(Chunking::Budget(25_280));
+    // per row: 4 V bytes of logits + 12 H of hidden (gathered, column-major) and its gradient
+    // + 4 per row of W's panel (here all 300 rows) for the column-major panel of logits = 2592;
+    // 10 rows fit in 25_920. Held: the hidden rows and the logits for 10 rows, the column-major
+    // hidden rows and logits panel for 16 (the chunk rounded up to 16), no d hidden
+    let out = run(Chunking::Budget(25_920));
     assert_eq!((out.chunk_rows, out.chunks), (10, 3));
-    assert_eq!(out.scratch_bytes, 10 * (4 * 300 + 4 * 16 + 4 * 300));
+    assert_eq!(out.scratch_bytes, 10 * (4 * 16 + 4 * 300) + 16 * (4 * 16 + 4 * 300));
     assert_eq!(run(Chunking::Budget(1)).chunk_rows, 1, "at least one row");
 }
 

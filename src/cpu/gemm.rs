@@ -57,6 +57,11 @@ impl<'a> MatRef<'a> {
     pub(crate) fn t(self) -> Self {
         MatRef { rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs, ..self }
     }
+
+    /// Rows of the matrix.
+    pub(crate) fn nrows(&self) -> usize {
+        self.rows
+    }
 }
 
 impl<'a> MatMut<'a> {

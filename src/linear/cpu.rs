@@ -7,10 +7,15 @@
 //! rows are widened when they are gathered.
 //!
 //! On pools of two to [`TASKS_MAX_THREADS`] threads the products run as tasks of one thread
-//! each (the logits by half panels, `d hidden` over all panels beside the panels of `d W`),
-//! one fork and join per step of a chunk; on larger pools each product runs on every thread.
-//! The GEMM crate's sums do not depend on how many threads compute them, so the bits are the
-//! same either way (tested).
+//! each (the logits by half panels, `d hidden` over all panels beside the half panels of
+//! `d W`), one fork and join per step of a chunk; on larger pools each product runs on every
+//! thread. The tasks give the GEMM its operands laid out as it reads them (the chunk's hidden
+//! rows column-major, padded to 16 rows; each half panel of the gradient turned column-major
+//! into a free half of the logits panel buffer), so that it allocates no packing buffer per
+//! call: a pool thread's allocations stay in its own allocator arena, and those transient
+//! buffers, freed and reallocated a hundred times a step, had raised the process's resident
+//! peak by 10-20 MiB. The GEMM crate's sums do not depend on how many threads compute them or
+//! on how its operands lie, so the bits are the same either way (tested).
 
 use super::{Chunking, Chunks, LinearGrads, LinearInputs, LinearShape, CPU_BUDGET, CPU_PANEL_BYTES};
 use crate::cpu::gemm::{matmul, matmul_single, MatMut, MatRef};
@@ -175,24 +180,36 @@ fn weight_grad<L: Logit>(
 /// Rows of [`transpose_into`]'s blocks (the rows of [`Kernels::transpose16`]).
 const TILE: usize = 16;
 
-/// `rows[i][j] = src[i + j * m] (+ bias[j])` for the `m = rows.len()` rows and `j < n`: a
-/// column-major `m x n` panel of logits (as the GEMM writes it fastest) into its place in the
-/// row-major logits, with the bias added. Sixteen rows at a time in registers where the level
-/// can; the rest (the last rows, the last columns, or all at the portable level) element by
-/// element in tiles of 16 x 16, each row of a tile written contiguously; the same bits either
-/// way. With `parallel`, a task per 16 rows.
-fn transpose_into(k: &Kernels, src: &[f32], n: usize, rows: &mut [&mut [f32]], bias: Option<&[f32]>, parallel: bool) {
+/// `rows[i][j] = src[i + j * ld] (+ bias[j])` for the `m = rows.len()` rows and `j < n`: a
+/// column-major `m x n` matrix whose columns are `ld` apart into rows, with the bias added (a
+/// panel of logits as the GEMM writes it fastest into its place in the row-major logits, or a
+/// panel of row-major gradient, its rows `ld` apart, into the columns the GEMM reads without
+/// packing). Sixteen rows at a time in registers where the level can; the rest (the last rows,
+/// the last columns, or all at the portable level) element by element in tiles of 16 x 16,
+/// each row of a tile written contiguously; the same bits either way. With `parallel`, a task
+/// per 16 rows.
+#[allow(clippy::too_many_arguments)]
+fn transpose_into(
+    k: &Kernels,
+    src: &[f32],
+    ld: usize,
+    n: usize,
+    rows: &mut [&mut [f32]],
+    bias: Option<&[f32]>,
+    parallel: bool,
+) {
     let m = rows.len();
-    assert!(src.len() >= m * n && bias.is_none_or(|b| b.len() >= n) && rows.iter().all(|r| r.len() >= n));
+    let reach = if n == 0 || m == 0 { 0 } else { (n - 1) * ld + m };
+    assert!(ld >= m && src.len() >= reach && bias.is_none_or(|b| b.len() >= n) && rows.iter().all(|r| r.len() >= n));
     let block = |(bi, out): (usize, &mut [&mut [f32]])| {
         let i0 = bi * TILE;
-        let done = k.transpose16(&src[i0..], m, out, n, bias);
+        let done = k.transpose16(&src[i0..], ld, out, n, bias);
         for j0 in (done..n).step_by(TILE) {
             let cols = (n - j0).min(TILE);
             for (i, o) in out.iter_mut().enumerate() {
                 let o = &mut o[j0..j0 + cols];
                 for (j, y) in o.iter_mut().enumerate() {
-                    *y = src[(j0 + j) * m + i0 + i];
+                    *y = src[(j0 + j) * ld + i0 + i];
                 }
                 if let Some(b) = bias {
                     o.iter_mut().zip(&b[j0..j0 + cols]).for_each(|(y, b)| *y += b);
@@ -222,9 +239,10 @@ fn column_blocks<'a>(z: &'a mut [f32], v: usize, cuts: &[Range<usize>]) -> Vec<V
     blocks
 }
 
-/// One panel's logits: `h_c · W[cols]ᵀ` into `buf` (column-major, `m x cols.len()`), then
-/// into the rows `out` with the bias; `w` holds `W`'s rows `cols` (f32, `H` each). `single`:
-/// on this thread alone (a task), else on the pool.
+/// One panel's logits: `h_c · W[cols]ᵀ` into `buf` (column-major, `hm`'s rows by
+/// `cols.len()`), then its first `out.len()` rows (those past them pad `hm` to a multiple of
+/// 16) into the rows `out` with the bias; `w` holds `W`'s rows `cols` (f32, `H` each).
+/// `single`: on this thread alone (a task), else on the pool.
 #[allow(clippy::too_many_arguments)]
 fn logits_panel(
     k: &Kernels,
@@ -237,7 +255,7 @@ fn logits_panel(
     bias: Option<&[f32]>,
     single: bool,
 ) {
-    let (m, n) = (out.len(), cols.len());
+    let (m, n) = (hm.nrows(), cols.len());
     let zc = &mut buf[..m * n];
     let product = MatMut::rows(zc, n, m, m).t();
     let wt = MatRef::rows(w, n, h, h).t();
@@ -246,7 +264,7 @@ fn logits_panel(
     } else {
         matmul(product, hm, wt, false);
     }
-    transpose_into(k, zc, n, out, bias.map(|b| &b[cols]), !single);
+    transpose_into(k, zc, m, n, out, bias.map(|b| &b[cols]), !single);
 }
 
 /// Writes row `i` of `dhc` (f32) to row `rows[i]` of `dh`.
@@ -317,7 +335,8 @@ pub(crate) fn run_with<L: Logit>(
     let default_budget = CPU_BUDGET;
     let panel_rows = panel_rows(h, v);
     let slots = panel_slots(panel_rows);
-    let c = chunking.rows_for(default_budget, 4 * v + 8 * h + 4 * slots, active.len())?;
+    let c = chunking.rows_for(default_budget, 4 * v + 12 * h + 4 * slots, active.len())?;
+    let tasks = (2..=TASKS_MAX_THREADS).contains(&crate::pool::install(rayon::current_num_threads));
 
     // the gradients start from zero (or, accumulating, from what they hold): after every
     // check and allocation that can fail, so that a failed call writes nothing. `d W` is not
@@ -350,8 +369,14 @@ pub(crate) fn run_with<L: Logit>(
     // (allocated fallibly: `Chunking::Rows` can ask for more than the machine has)
     let mut hc = zeroed::<f32>(c * h, "the chunk's hidden rows")?;
     let mut z = zeroed::<f32>(c * v, "the chunk's logits")?;
-    // one panel of a chunk's logits, column-major, before it goes into `z`
-    let mut zp = zeroed::<f32>(c * slots, "a panel of the chunk's logits")?;
+    // one panel of a chunk's logits, column-major, before it goes into `z` (rows rounded up
+    // to 16, as tasks compute them)
+    let c16 = c.next_multiple_of(16);
+    let mut zp = zeroed::<f32>(c16 * slots, "a panel of the chunk's logits")?;
+    // for the products as tasks, the chunk's hidden rows column-major, padded with zero rows to
+    // a multiple of 16: the GEMM reads them as they lie (no packing buffer of its own per call);
+    // held whatever the pool, so that the memory a call reports does not depend on it
+    let mut hct = zeroed::<f32>(c16 * h, "the chunk's hidden rows, column-major")?;
     let mut dhc = zeroed::<f32>(if want_dh { c * h } else { 0 }, "the chunk's d hidden")?;
     let mut dwp = zeroed::<f32>(if dw_scratch { panels.rows * h } else { 0 }, "a panel of d weight")?;
     let mut dbc = vec![0f32; if want_db { v } else { 0 }];
@@ -360,6 +385,7 @@ pub(crate) fn run_with<L: Logit>(
     start(&mut g, false);
     let scratch_bytes = 4
         * (hc.len()
+            + hct.len()
             + z.len()
             + zp.len()
             + dhc.len()
@@ -368,7 +394,6 @@ pub(crate) fn run_with<L: Logit>(
             + panels.buf.len()
             + bias32.as_ref().map_or(0, |b| b.len()));
 
-    let tasks = (2..=TASKS_MAX_THREADS).contains(&crate::pool::install(rayon::current_num_threads));
     for (ci, rows) in active.chunks(c).enumerate() {
         let m = rows.len();
         let z = &mut z[..m * v];
@@ -380,6 +405,13 @@ pub(crate) fn run_with<L: Logit>(
             })
         });
         let hm = MatRef::rows(&hc, m, h, h);
+        let m16 = m.next_multiple_of(16);
+        if tasks {
+            let mut cols: Vec<&mut [f32]> = hct[..h * m16].chunks_mut(m16).collect();
+            transpose_into(k, &hc[..m * h], h, m, &mut cols, None, true);
+            cols.iter_mut().for_each(|c| c[m..].fill(0.0));
+        }
+        let hmc = MatRef::rows(&hct, h, m16, m16).t();
 
         // logits of the chunk, panel by panel: h_c · Wᵀ into a column-major panel (the GEMM
         // crate then uses `W`'s rows as they lie instead of packing them, ~1.5x faster at
@@ -396,18 +428,18 @@ pub(crate) fn run_with<L: Logit>(
                 })
                 .collect();
             let blocks = column_blocks(z, v, &halves);
-            let bufs = std::sync::Mutex::new(zp.chunks_mut(m * slots / 2).take(2).collect::<Vec<_>>());
+            let bufs = std::sync::Mutex::new(zp.chunks_mut(m16 * slots / 2).take(2).collect::<Vec<_>>());
             let take = || bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
             crate::pool::install(|| {
                 halves.into_par_iter().zip(blocks).for_each(|(r, mut rows)| {
                     let wr = &w[r.start * h..r.end * h];
                     match take() {
                         Some(b) => {
-                            logits_panel(k, hm, wr, h, r, b, &mut rows, bias, true);
+                            logits_panel(k, hmc, wr, h, r, b, &mut rows, bias, true);
                             bufs.lock().unwrap_or_else(|e| e.into_inner()).push(b);
                         }
                         None => {
-                            logits_panel(k, hm, wr, h, r.clone(), &mut vec![0.0; m * r.len()], &mut rows, bias, true)
+                            logits_panel(k, hmc, wr, h, r.clone(), &mut vec![0.0; m16 * r.len()], &mut rows, bias, true)
                         }
                     }
                 })
@@ -421,13 +453,13 @@ pub(crate) fn run_with<L: Logit>(
                 let halves = [p.start..mid, mid..p.end];
                 let mut blocks = column_blocks(z, v, &halves).into_iter();
                 let (mut ba, mut bb) = (blocks.next().unwrap(), blocks.next().unwrap());
-                let (za, zb) = zp.split_at_mut(m * halves[0].len());
+                let (za, zb) = zp.split_at_mut(m16 * halves[0].len());
                 let (wa, wb) = w.split_at(halves[0].len() * h);
                 let [ha, hb] = halves;
                 crate::pool::install(|| {
                     rayon::join(
-                        || logits_panel(k, hm, wa, h, ha, za, &mut ba, bias, true),
-                        || logits_panel(k, hm, wb, h, hb, zb, &mut bb, bias, true),
+                        || logits_panel(k, hmc, wa, h, ha, za, &mut ba, bias, true),
+                        || logits_panel(k, hmc, wb, h, hb, zb, &mut bb, bias, true),
                     )
                 });
             } else {
@@ -463,10 +495,38 @@ pub(crate) fn run_with<L: Logit>(
                     Grad::Skip => None,
                 };
                 match f32_out {
-                    Some(out) => out.par_chunks_mut(panel_rows * h).zip(&ranges).for_each(|(out, p)| {
-                        let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
-                        matmul_single(MatMut::rows(out, p.len(), h, h).t(), hm.t(), gp, !fresh);
-                    }),
+                    Some(mut out) => {
+                        // by half panels, each panel of `G` first turned column-major into a free
+                        // half of the logits panel buffer: the GEMM then reads it as it lies
+                        // (no packing buffer of its own per call)
+                        let mut pieces = Vec::new();
+                        for p in &ranges {
+                            let mid = p.start + p.len().div_ceil(2);
+                            for r in [p.start..mid, mid..p.end] {
+                                let (piece, rest) = std::mem::take(&mut out).split_at_mut(r.len() * h);
+                                pieces.push((r, piece));
+                                out = rest;
+                            }
+                        }
+                        let bufs = std::sync::Mutex::new(zp.chunks_mut(m * slots / 2).take(2).collect::<Vec<_>>());
+                        let take = || bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                        pieces.into_par_iter().for_each(|(r, out)| {
+                            let mut work = |buf: &mut [f32]| {
+                                let gc = &mut buf[..m * r.len()];
+                                let mut cols: Vec<&mut [f32]> = gc.chunks_mut(m).collect();
+                                transpose_into(k, &z[r.start..], v, m, &mut cols, None, false);
+                                let gp = MatRef::rows(gc, r.len(), m, m).t();
+                                matmul_single(MatMut::rows(out, r.len(), h, h).t(), hm.t(), gp, !fresh);
+                            };
+                            match take() {
+                                Some(b) => {
+                                    work(&mut *b);
+                                    bufs.lock().unwrap_or_else(|e| e.into_inner()).push(b);
+                                }
+                                None => work(&mut vec![0.0; m * r.len()]),
+                            }
+                        });
+                    }
                     None => ranges.iter().for_each(|p| {
                         let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
                         weight_grad(k, &mut g.weight, gp, hm, p, h, &mut dwp, fresh, true);
@@ -541,7 +601,7 @@ mod tests {
                     {
                         // the rows' pieces as the chunk loop cuts them (a row's first n entries)
                         let mut rows: Vec<&mut [f32]> = got.chunks_mut(ld).map(|r| &mut r[..n]).collect();
-                        transpose_into(k, &src, n, &mut rows, b, parallel);
+                        transpose_into(k, &src, m, n, &mut rows, b, parallel);
                     }
                     let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
                     let level = k.level;

@@ -53,12 +53,14 @@
 //! **Memory.** Beyond the inputs and the caller's gradient buffers, a call holds the plan
 //! (`O(B·T)`) and the chunk buffers; [`LinearOutput::scratch_bytes`] reports them:
 //!
-//! - CPU: `C·(4V + 8H + 4P)` bytes (the f32 logits of a chunk, its gathered hidden rows and
-//!   their gradient, `C·(4V + 4H + 4P)` without `d hidden`, whose budget still counts `8H`,
-//!   and one column-major panel of its logits as the GEMM writes them fastest;
-//!   `P` rows of `W` per panel, about 4 MiB of them, rounded up to even here), plus for f16/bf16 inputs an f32 copy of
-//!   one vocabulary panel of `W` (`P·H·4`) and, when `d W` is 16-bit, as much again; `4V` each
-//!   for an f32 copy of the bias and for the chunk's bias gradient when a bias is given.
+//! - CPU: `C·(4V + 12H + 4P)` bytes (the f32 logits of a chunk, its gathered hidden rows, once
+//!   as they are and once column-major for the products, and their gradient, `C·(4V + 8H + 4P)`
+//!   without `d hidden`, whose budget still counts `12H`, and one column-major panel of its
+//!   logits as the GEMM writes them fastest; `P` rows of `W` per panel, about 4 MiB of them,
+//!   rounded up to even here; the column-major buffers take `C` rounded up to 16), plus for
+//!   f16/bf16 inputs an f32 copy of one vocabulary panel of `W` (`P·H·4`) and, when `d W` is
+//!   16-bit, as much again; `4V` each for an f32 copy of the bias and for the chunk's bias
+//!   gradient when a bias is given.
 //! - CUDA: see the `cuda::linear` module (feature `cuda`).
 //!
 //! `C` comes from [`Chunking`]: a byte budget for the chunk buffers (default

@@ -84,10 +84,11 @@ fn chunking(a: &BenchLinearArgs) -> CliResult<Chunking> {
 fn check_cpu_memory(a: &BenchLinearArgs, shape: LinearShape, dtype: DType, chunking: Chunking) -> CliResult<()> {
     let (n, h, v) = (shape.rows() as u128, shape.hidden() as u128, shape.vocab() as u128);
     let (s, gs) = (dtype.size() as u128, if a.f32_grads { 4 } else { dtype.size() as u128 });
-    // per chunk row: its f32 logits, hidden rows and d hidden, and its part of one logits panel
-    // (`P` rows of W per ~4 MiB panel), as the library counts a chunk row
-    let p = ((4u128 << 20) / (4 * h).max(1)).clamp(1, v.max(1));
-    let row = 4 * v + 8 * h + 4 * p;
+    // per chunk row: its f32 logits, hidden rows (twice) and d hidden, and its part of one
+    // logits panel (`P` rows of W per ~4 MiB panel, rounded up to even), as the library counts
+    // a chunk row
+    let p = ((4u128 << 20) / (4 * h).max(1)).clamp(1, v.max(1)).div_ceil(2) * 2;
+    let row = 4 * v + 12 * h + 4 * p;
     let chunk_rows = match chunking {
         Chunking::Rows(c) => (c as u128).min(n),
         Chunking::Budget(b) => (b as u128 / row).clamp(1, n.max(1)),
