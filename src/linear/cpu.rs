@@ -488,34 +488,42 @@ pub(crate) fn run_with<L: Logit>(
                     matmul_single(MatMut::rows(&mut dhc, m, h, h), gp, MatRef::rows(w, p.len(), h, h), i > 0);
                 }
             };
+            // `d W` by half panels, each panel of `G` first turned column-major into a free half
+            // of the logits panel buffer: the GEMM then reads it as it lies (no packing buffer
+            // of its own per call)
+            let halves: Vec<Range<usize>> = ranges
+                .iter()
+                .flat_map(|p| {
+                    let mid = p.start + p.len().div_ceil(2);
+                    [p.start..mid, mid..p.end]
+                })
+                .collect();
+            let g_cols = |r: &Range<usize>, buf: &'_ mut [f32]| {
+                let gc = &mut buf[..m * r.len()];
+                let mut cols: Vec<&mut [f32]> = gc.chunks_mut(m).collect();
+                transpose_into(k, &z[r.start..], v, m, &mut cols, None, false);
+            };
             let dw_panels = || {
                 let f32_out = match &mut g.weight {
                     Grad::IntoF32(x) => Some(&mut x[..]),
                     Grad::Into(x) => L::as_f32_mut(x),
                     Grad::Skip => None,
                 };
+                let half = m * slots / 2;
                 match f32_out {
                     Some(mut out) => {
-                        // by half panels, each panel of `G` first turned column-major into a free
-                        // half of the logits panel buffer: the GEMM then reads it as it lies
-                        // (no packing buffer of its own per call)
                         let mut pieces = Vec::new();
-                        for p in &ranges {
-                            let mid = p.start + p.len().div_ceil(2);
-                            for r in [p.start..mid, mid..p.end] {
-                                let (piece, rest) = std::mem::take(&mut out).split_at_mut(r.len() * h);
-                                pieces.push((r, piece));
-                                out = rest;
-                            }
+                        for r in halves {
+                            let (piece, rest) = std::mem::take(&mut out).split_at_mut(r.len() * h);
+                            pieces.push((r, piece));
+                            out = rest;
                         }
-                        let bufs = std::sync::Mutex::new(zp.chunks_mut(m * slots / 2).take(2).collect::<Vec<_>>());
+                        let bufs = std::sync::Mutex::new(zp.chunks_mut(half).take(2).collect::<Vec<_>>());
                         let take = || bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
                         pieces.into_par_iter().for_each(|(r, out)| {
                             let mut work = |buf: &mut [f32]| {
-                                let gc = &mut buf[..m * r.len()];
-                                let mut cols: Vec<&mut [f32]> = gc.chunks_mut(m).collect();
-                                transpose_into(k, &z[r.start..], v, m, &mut cols, None, false);
-                                let gp = MatRef::rows(gc, r.len(), m, m).t();
+                                g_cols(&r, buf);
+                                let gp = MatRef::rows(buf, r.len(), m, m).t();
                                 matmul_single(MatMut::rows(out, r.len(), h, h).t(), hm.t(), gp, !fresh);
                             };
                             match take() {
@@ -527,9 +535,12 @@ pub(crate) fn run_with<L: Logit>(
                             }
                         });
                     }
-                    None => ranges.iter().for_each(|p| {
-                        let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
-                        weight_grad(k, &mut g.weight, gp, hm, p, h, &mut dwp, fresh, true);
+                    // 16-bit `d W`: through its f32 panel scratch, one half panel after another
+                    None => halves.iter().for_each(|r| {
+                        let buf = &mut zp[..half];
+                        g_cols(r, buf);
+                        let gp = MatRef::rows(buf, r.len(), m, m).t();
+                        weight_grad(k, &mut g.weight, gp, hm, r, h, &mut dwp, fresh, true);
                     }),
                 }
             };
