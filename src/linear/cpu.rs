@@ -224,6 +224,12 @@ fn transpose_into(
     }
 }
 
+/// A panel's two halves (the first one longer by one row when the panel's rows are odd).
+fn halve(p: Range<usize>) -> [Range<usize>; 2] {
+    let mid = p.start + p.len().div_ceil(2);
+    [p.start..mid, mid..p.end]
+}
+
 /// The pieces of the logits rows `z` (rows of `v`) that the column ranges `cuts` (in order,
 /// disjoint) hold: per range, its piece of every row, so that each range can be written apart.
 fn column_blocks<'a>(z: &'a mut [f32], v: usize, cuts: &[Range<usize>]) -> Vec<Vec<&'a mut [f32]>> {
@@ -420,13 +426,7 @@ pub(crate) fn run_with<L: Logit>(
         let w32 = L::as_f32(inp.weight).filter(|_| tasks);
         if let Some(w) = w32 {
             // f32 `W` as it lies: every half panel a task, each into a free half of the panel buffer
-            let halves: Vec<Range<usize>> = panels
-                .ranges()
-                .flat_map(|p| {
-                    let mid = p.start + p.len().div_ceil(2);
-                    [p.start..mid, mid..p.end]
-                })
-                .collect();
+            let halves: Vec<Range<usize>> = panels.ranges().flat_map(halve).collect();
             let blocks = column_blocks(z, v, &halves);
             let bufs = std::sync::Mutex::new(zp.chunks_mut(m16 * slots / 2).take(2).collect::<Vec<_>>());
             let take = || bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -449,8 +449,7 @@ pub(crate) fn run_with<L: Logit>(
             let w = panels.get(k, p.clone());
             if tasks {
                 // two halves of the panel at once, each into its half of the panel buffer
-                let mid = p.start + p.len().div_ceil(2);
-                let halves = [p.start..mid, mid..p.end];
+                let halves = halve(p.clone());
                 let mut blocks = column_blocks(z, v, &halves).into_iter();
                 let (mut ba, mut bb) = (blocks.next().unwrap(), blocks.next().unwrap());
                 let (za, zb) = zp.split_at_mut(m16 * halves[0].len());
@@ -491,13 +490,7 @@ pub(crate) fn run_with<L: Logit>(
             // `d W` by half panels, each panel of `G` first turned column-major into a free half
             // of the logits panel buffer: the GEMM then reads it as it lies (no packing buffer
             // of its own per call)
-            let halves: Vec<Range<usize>> = ranges
-                .iter()
-                .flat_map(|p| {
-                    let mid = p.start + p.len().div_ceil(2);
-                    [p.start..mid, mid..p.end]
-                })
-                .collect();
+            let halves: Vec<Range<usize>> = ranges.iter().cloned().flat_map(halve).collect();
             let g_cols = |r: &Range<usize>, buf: &'_ mut [f32]| {
                 let gc = &mut buf[..m * r.len()];
                 let mut cols: Vec<&mut [f32]> = gc.chunks_mut(m).collect();
