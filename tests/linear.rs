@@ -150,13 +150,16 @@ fn auto_chunking_gives_the_same_bits_on_any_thread_count() {
 
 #[test]
 fn products_as_tasks_or_on_the_whole_pool_give_the_same_bits() {
-    // pools of one or two threads run each product on one thread, as tasks beside each other;
-    // larger pools run each product on all of them: the bits must not tell. H odd and V odd
-    // make three panels of W of odd lengths (two halves that differ by one row)
-    fn case<L: Logit>(with_bias: bool) {
-        let c = Case::<L>::random(31, 3, 40, 513, 4999, with_bias);
-        let spec = LossSpec::builder().keywords([2i64, 7]).build().unwrap();
-        for ch in [Chunking::Rows(17), Chunking::Rows(64), Chunking::Auto] {
+    // pools of two threads run each product on one thread, as tasks beside each other; pools of
+    // one or of three and more run each product on all of them: the bits must not tell. Shapes
+    // where the GEMM crate changes its method: odd panels (H = 513, V = 4999), a panel of one
+    // row (V = 2049 at H = 512: its second half is empty), chunks of one row (a product of one
+    // row is a matrix-vector product there), products of at most 64 x 64 (other blocks of the
+    // inner sum), half panels of one row (V = 2), V = 1
+    fn case<L: Logit>(h: usize, v: usize, chunkings: &[Chunking], with_bias: bool) {
+        let c = Case::<L>::random(31, 3, 40, h, v, with_bias);
+        let spec = LossSpec::builder().keywords([0i64]).build().unwrap();
+        for &ch in chunkings {
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 pool.install(|| {
@@ -178,14 +181,22 @@ fn products_as_tasks_or_on_the_whole_pool_give_the_same_bits() {
             let pooled = run(3);
             assert!(pooled.2.iter().all(|&b| !f32::from_bits(b).is_nan()), "every entry of d W written");
             for threads in [1, 2, 4] {
-                assert!(run(threads) == pooled, "{} {ch:?} bias {with_bias}: {threads} threads differ", L::DTYPE);
+                let what = format!("{} H {h} V {v} {ch:?} bias {with_bias}", L::DTYPE);
+                assert!(run(threads) == pooled, "{what}: {threads} threads differ from 3");
             }
         }
     }
+    let odd = [Chunking::Rows(17), Chunking::Rows(64), Chunking::Auto];
     for with_bias in [false, true] {
-        case::<f32>(with_bias);
-        case::<bf16>(with_bias);
+        case::<f32>(513, 4999, &odd, with_bias);
+        case::<bf16>(513, 4999, &odd, with_bias);
     }
+    case::<f32>(512, 2049, &[Chunking::Rows(1), Chunking::Rows(40)], true);
+    case::<bf16>(512, 2049, &[Chunking::Rows(40)], false);
+    case::<f32>(1000, 100, &[Chunking::Rows(20), Chunking::Rows(119)], false);
+    case::<f32>(32, 100, &[Chunking::Rows(1000), Chunking::Rows(3)], false);
+    case::<f32>(16, 2, &[Chunking::Rows(5), Chunking::Rows(1)], true);
+    case::<f32>(8, 1, &[Chunking::Rows(7)], false);
 }
 
 #[test]

@@ -6,16 +6,18 @@
 //! crate's packing buffer), f16/bf16 panels widened to f32 into one buffer; a chunk's hidden
 //! rows are widened when they are gathered.
 //!
-//! On pools of two to [`TASKS_MAX_THREADS`] threads the products run as tasks of one thread
-//! each (the logits by half panels, `d hidden` over all panels beside the half panels of
-//! `d W`), one fork and join per step of a chunk; on larger pools each product runs on every
-//! thread. The tasks give the GEMM its operands laid out as it reads them (the chunk's hidden
-//! rows column-major, padded to 16 rows; each half panel of the gradient turned column-major
-//! into a free half of the logits panel buffer), so that it allocates no packing buffer per
-//! call: a pool thread's allocations stay in its own allocator arena, and those transient
-//! buffers, freed and reallocated a hundred times a step, had raised the process's resident
-//! peak by 10-20 MiB. The GEMM crate's sums do not depend on how many threads compute them or
-//! on how its operands lie, so the bits are the same either way (tested).
+//! Every schedule makes the same products, of the same shapes and layouts: the logits by half
+//! panels of `W`, from the chunk's hidden rows column-major (padded with zero rows to a
+//! multiple of 16); `d hidden` panel after panel; `d W` by half panels, each half panel of the
+//! gradient first turned column-major into a free half of the logits panel buffer. Laid out so,
+//! the operands are read by the GEMM as they lie and it allocates no packing buffer per call
+//! (from a pool thread such buffers, freed and reallocated a hundred times a step, stay in that
+//! thread's allocator arena: they had raised the resident peak by 10-20 MiB). On pools of two to
+//! [`TASKS_MAX_THREADS`] threads the products run as tasks of one thread each (two half panels
+//! of logits at a time; `d hidden` beside the half panels of `d W`), one fork and join per
+//! step of a chunk; on other pools each product runs on every thread. The GEMM crate's sums
+//! depend on the shapes and layouts of its operands, not on its threads, so the bits are the
+//! same on every pool (tested, at shapes where the crate changes its method).
 
 mod layout;
 
@@ -27,7 +29,7 @@ use crate::dtype::Logit;
 use crate::error::{Error, Result};
 use crate::plan::{Plan, RowLosses, NO_TARGET};
 use crate::Grad;
-use layout::{column_blocks, halve, transpose_into};
+use layout::{column_blocks, columns_into, halve, transpose_into};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -35,9 +37,10 @@ use std::ops::Range;
 const BLOCK: usize = 4096;
 
 /// Pools of two to this many threads run a chunk's products as tasks of one thread each
-/// (the logits in two halves of each panel, and `d hidden` beside the panels of `d W`) instead
-/// of each product on every thread: on two cores the products' own fork and join, over a
-/// hundred per chunk, cost 12% of a step (BENCHMARKS.md, 2026-12-04). The same bits either way.
+/// (two half panels of logits at a time, and `d hidden` beside the half panels of `d W`)
+/// instead of each product on every thread: on two cores the products' own fork and join,
+/// over a hundred per chunk, cost 12% of a step (BENCHMARKS.md, 2026-12-04). Larger pools are
+/// not measured yet. The same bits either way.
 const TASKS_MAX_THREADS: usize = 2;
 
 /// `dst = src` as f32 (equal lengths).
@@ -85,6 +88,33 @@ fn zero<L: Logit>(g: &mut Grad<'_, L>) {
         Grad::Into(x) => x.par_chunks_mut(BLOCK).for_each(|x| x.fill(L::default())),
         Grad::IntoF32(x) => x.par_chunks_mut(BLOCK).for_each(|x| x.fill(0.0)),
     })
+}
+
+/// Buffers that tasks take one at a time: at most as many run at once as the pool has threads,
+/// and a task that finds none left (or none long enough) works in one of its own.
+struct BufPool<'a>(std::sync::Mutex<Vec<&'a mut [f32]>>);
+
+impl<'a> BufPool<'a> {
+    fn new(bufs: Vec<&'a mut [f32]>) -> Self {
+        BufPool(std::sync::Mutex::new(bufs))
+    }
+
+    /// `f` of a free buffer of at least `len` elements.
+    fn with<R>(&self, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        let lock = || self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = lock().pop();
+        match taken {
+            Some(b) if b.len() >= len => {
+                let r = f(&mut *b);
+                lock().push(b);
+                r
+            }
+            other => {
+                lock().extend(other);
+                f(&mut vec![0.0; len])
+            }
+        }
+    }
 }
 
 /// Rows of `W` per panel (of `v` rows of `h`): also the columns of a chunk's logits panel.
@@ -346,59 +376,55 @@ pub(crate) fn run_with<L: Logit>(
             })
         });
         let hm = MatRef::rows(&hc, m, h, h);
+        // the same rows column-major, padded with zero rows to a multiple of 16
         let m16 = m.next_multiple_of(16);
-        if tasks {
+        {
             let mut cols: Vec<&mut [f32]> = hct[..h * m16].chunks_mut(m16).collect();
             transpose_into(k, &hc[..m * h], h, m, &mut cols, None, true);
             cols.iter_mut().for_each(|c| c[m..].fill(0.0));
         }
         let hmc = MatRef::rows(&hct, h, m16, m16).t();
 
-        // logits of the chunk, panel by panel: h_c · Wᵀ into a column-major panel (the GEMM
-        // crate then uses `W`'s rows as they lie instead of packing them, ~1.5x faster at
-        // these shapes), transposed into place with the bias added
+        // logits of the chunk by half panels of `W`: h_c · W[r]ᵀ into a column-major buffer
+        // (the GEMM crate then reads `W`'s rows as they lie, ~1.5x faster at these shapes than
+        // into rows), then into the rows with the bias added. The same products, of the same
+        // shapes, whatever the schedule: as tasks, or each on the whole pool
         let bias = bias32.as_deref();
-        let w32 = L::as_f32(inp.weight).filter(|_| tasks);
-        if let Some(w) = w32 {
-            // f32 `W` as it lies: every half panel a task, each into a free half of the panel buffer
-            let halves: Vec<Range<usize>> = panels.ranges().flat_map(halve).collect();
-            let blocks = column_blocks(z, v, &halves);
-            let bufs = std::sync::Mutex::new(zp.chunks_mut(m16 * slots / 2).take(2).collect::<Vec<_>>());
-            let take = || bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            crate::pool::install(|| {
-                halves.into_par_iter().zip(blocks).for_each(|(r, mut rows)| {
-                    let wr = &w[r.start * h..r.end * h];
-                    match take() {
-                        Some(b) => {
-                            logits_panel(k, hmc, wr, h, r, b, &mut rows, bias, true);
-                            bufs.lock().unwrap_or_else(|e| e.into_inner()).push(b);
-                        }
-                        None => {
-                            logits_panel(k, hmc, wr, h, r.clone(), &mut vec![0.0; m16 * r.len()], &mut rows, bias, true)
-                        }
-                    }
-                })
-            });
-        }
-        for p in panels.ranges().filter(|_| w32.is_none()) {
-            let w = panels.get(k, p.clone());
-            if tasks {
-                // two halves of the panel at once, each into its half of the panel buffer
-                let halves = halve(p.clone());
-                let mut blocks = column_blocks(z, v, &halves).into_iter();
-                let (mut ba, mut bb) = (blocks.next().unwrap(), blocks.next().unwrap());
-                let (za, zb) = zp.split_at_mut(m16 * halves[0].len());
-                let (wa, wb) = w.split_at(halves[0].len() * h);
-                let [ha, hb] = halves;
+        let half_cap = m16 * slots / 2;
+        match L::as_f32(inp.weight).filter(|_| tasks) {
+            // f32 `W` as it lies: every half panel a task, each into a free half of the buffer
+            Some(w) => {
+                let halves: Vec<Range<usize>> = panels.ranges().flat_map(halve).collect();
+                let blocks = column_blocks(z, v, &halves);
+                let bufs = BufPool::new(zp.chunks_mut(half_cap).take(2).collect());
                 crate::pool::install(|| {
-                    rayon::join(
-                        || logits_panel(k, hmc, wa, h, ha, za, &mut ba, bias, true),
-                        || logits_panel(k, hmc, wb, h, hb, zb, &mut bb, bias, true),
-                    )
+                    halves.into_par_iter().zip(blocks).for_each(|(r, mut rows)| {
+                        let wr = &w[r.start * h..r.end * h];
+                        bufs.with(m16 * r.len(), |b| logits_panel(k, hmc, wr, h, r, b, &mut rows, bias, true));
+                    })
                 });
-            } else {
-                let mut rows = column_blocks(z, v, std::slice::from_ref(&p)).pop().unwrap();
-                logits_panel(k, hm, w, h, p, &mut zp, &mut rows, bias, false);
+            }
+            None => {
+                for p in panels.ranges() {
+                    let w = panels.get(k, p.clone());
+                    let halves: Vec<Range<usize>> = halve(p.clone()).into_iter().collect();
+                    let mut blocks = column_blocks(z, v, &halves).into_iter();
+                    let (mut ba, mut bb) = (blocks.next().unwrap_or_default(), blocks.next().unwrap_or_default());
+                    let (za, zb) = zp.split_at_mut(half_cap);
+                    let (wa, wb) = w.split_at(halves[0].len() * h);
+                    let [ha, hb] = [halves[0].clone(), halves[1].clone()];
+                    if tasks {
+                        crate::pool::install(|| {
+                            rayon::join(
+                                || logits_panel(k, hmc, wa, h, ha, za, &mut ba, bias, true),
+                                || logits_panel(k, hmc, wb, h, hb, zb, &mut bb, bias, true),
+                            )
+                        });
+                    } else {
+                        logits_panel(k, hmc, wa, h, ha, za, &mut ba, bias, false);
+                        logits_panel(k, hmc, wb, h, hb, za, &mut bb, bias, false);
+                    }
+                }
             }
         }
 
@@ -409,79 +435,66 @@ pub(crate) fn run_with<L: Logit>(
             row_loss.z[r as usize] = zl;
         }
 
-        // d hidden = G · W and d W += Gᵀ · h_c, panel by panel
+        // d hidden = G · W panel after panel, and d W += Gᵀ · h_c by half panels, each half
+        // panel of `G` first turned column-major into a free half of the panel buffer (the
+        // GEMM then reads it as it lies, and allocates no packing buffer of its own). As
+        // tasks: `d hidden` on one thread, the half panels of `d W` on the others
         let fresh = ci == 0 && !g.accumulate;
         let z = &*z;
-        if tasks && want_dh && g.weight.len().is_some() {
-            // `d hidden` panel after panel on one thread, the panels of `d W` on the others
-            let ranges: Vec<Range<usize>> = panels.ranges().collect();
-            let dh_chain = || {
-                for (i, p) in ranges.iter().enumerate() {
-                    let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
-                    let w = panels.get(k, p.clone());
-                    matmul_single(MatMut::rows(&mut dhc, m, h, h), gp, MatRef::rows(w, p.len(), h, h), i > 0);
+        let ranges: Vec<Range<usize>> = panels.ranges().collect();
+        let halves: Vec<Range<usize>> = ranges.iter().cloned().flat_map(halve).collect();
+        let single = tasks && want_dh && g.weight.len().is_some();
+        let mut dh_chain = || {
+            if !want_dh {
+                return;
+            }
+            for (i, p) in ranges.iter().enumerate() {
+                let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
+                let w = panels.get(k, p.clone());
+                let (dst, wp) = (MatMut::rows(&mut dhc, m, h, h), MatRef::rows(w, p.len(), h, h));
+                if single {
+                    matmul_single(dst, gp, wp, i > 0);
+                } else {
+                    matmul(dst, gp, wp, i > 0);
                 }
+            }
+        };
+        let half = m * slots / 2;
+        let mut dw_panels = || {
+            let f32_out = match &mut g.weight {
+                Grad::IntoF32(x) => Some(&mut x[..]),
+                Grad::Into(x) => L::as_f32_mut(x),
+                Grad::Skip => return,
             };
-            // `d W` by half panels, each panel of `G` first turned column-major into a free half
-            // of the logits panel buffer: the GEMM then reads it as it lies (no packing buffer
-            // of its own per call)
-            let halves: Vec<Range<usize>> = ranges.iter().cloned().flat_map(halve).collect();
-            let g_cols = |r: &Range<usize>, buf: &'_ mut [f32]| {
-                let gc = &mut buf[..m * r.len()];
-                let mut cols: Vec<&mut [f32]> = gc.chunks_mut(m).collect();
-                transpose_into(k, &z[r.start..], v, m, &mut cols, None, false);
-            };
-            let dw_panels = || {
-                let f32_out = match &mut g.weight {
-                    Grad::IntoF32(x) => Some(&mut x[..]),
-                    Grad::Into(x) => L::as_f32_mut(x),
-                    Grad::Skip => None,
-                };
-                let half = m * slots / 2;
-                match f32_out {
-                    Some(mut out) => {
-                        let mut pieces = Vec::new();
-                        for r in halves {
-                            let (piece, rest) = std::mem::take(&mut out).split_at_mut(r.len() * h);
-                            pieces.push((r, piece));
-                            out = rest;
-                        }
-                        let bufs = std::sync::Mutex::new(zp.chunks_mut(half).take(2).collect::<Vec<_>>());
-                        let take = || bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                        pieces.into_par_iter().for_each(|(r, out)| {
-                            let mut work = |buf: &mut [f32]| {
-                                g_cols(&r, buf);
-                                let gp = MatRef::rows(buf, r.len(), m, m).t();
-                                matmul_single(MatMut::rows(out, r.len(), h, h).t(), hm.t(), gp, !fresh);
-                            };
-                            match take() {
-                                Some(b) => {
-                                    work(&mut *b);
-                                    bufs.lock().unwrap_or_else(|e| e.into_inner()).push(b);
-                                }
-                                None => work(&mut vec![0.0; m * r.len()]),
-                            }
-                        });
+            match f32_out {
+                Some(mut out) if single => {
+                    let mut pieces = Vec::new();
+                    for r in &halves {
+                        let (piece, rest) = std::mem::take(&mut out).split_at_mut(r.len() * h);
+                        pieces.push((r.clone(), piece));
+                        out = rest;
                     }
-                    // 16-bit `d W`: through its f32 panel scratch, one half panel after another
-                    None => halves.iter().for_each(|r| {
-                        let buf = &mut zp[..half];
-                        g_cols(r, buf);
-                        let gp = MatRef::rows(buf, r.len(), m, m).t();
-                        weight_grad(k, &mut g.weight, gp, hm, r, h, &mut dwp, fresh, true);
-                    }),
+                    let bufs = BufPool::new(zp.chunks_mut(half).take(2).collect());
+                    pieces.into_par_iter().for_each(|(r, out)| {
+                        bufs.with(m * r.len(), |buf| {
+                            let gp = columns_into(k, z, v, m, &r, buf, false);
+                            matmul_single(MatMut::rows(out, r.len(), h, h).t(), hm.t(), gp, !fresh);
+                        })
+                    });
                 }
-            };
+                // one half panel after another (a 16-bit `d W` through its f32 panel scratch)
+                _ => halves.iter().for_each(|r| {
+                    let buf = &mut zp[..half];
+                    let gp = columns_into(k, z, v, m, r, buf, !single);
+                    weight_grad(k, &mut g.weight, gp, hm, r, h, &mut dwp, fresh, single);
+                }),
+            }
+        };
+        if single {
             crate::pool::install(|| rayon::join(dh_chain, dw_panels));
         } else {
-            for (i, p) in panels.ranges().enumerate() {
-                let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
-                if want_dh {
-                    let w = panels.get(k, p.clone());
-                    matmul(MatMut::rows(&mut dhc, m, h, h), gp, MatRef::rows(w, p.len(), h, h), i > 0);
-                }
-                weight_grad(k, &mut g.weight, gp, hm, &p, h, &mut dwp, fresh, false);
-            }
+            dh_chain();
+            dw_panels();
         }
         match &mut g.hidden {
             Grad::Into(dh) => scatter(k, &dhc, rows, h, dh),

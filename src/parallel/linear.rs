@@ -108,8 +108,8 @@ impl Sharded<'_> {
             let active = active_rows(&plan)?.len();
             // the same chunks on every rank: from the shared V / ranks, H and tokens only (the
             // first exchange compares them, with H)
-            // (each row's logits, its hidden states (gathered and column-major) and d hidden, and its part of the logits panel,
-            // as the unsplit path counts them)
+            // (each row's logits, its hidden states twice (gathered, and column-major) and
+            // d hidden, and its part of the logits panel, as the unsplit path counts them)
             let share = shape.vocab().div_ceil(vg.size());
             let row_bytes = 4 * share + 12 * shape.hidden() + 4 * panel_slots(panel_rows(shape.hidden(), share));
             let c = chunking.rows_for(LINEAR_BUDGET, row_bytes, active)?;

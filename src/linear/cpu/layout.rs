@@ -2,6 +2,7 @@
 //! major panels into rows and back (in registers where the level can), the logits rows cut
 //! into column blocks that tasks write apart, and a panel's halves.
 
+use crate::cpu::gemm::MatRef;
 use crate::cpu::simd::Kernels;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -30,6 +31,9 @@ pub(super) fn transpose_into(
     let m = rows.len();
     let reach = if n == 0 || m == 0 { 0 } else { (n - 1) * ld + m };
     assert!(ld >= m && src.len() >= reach && bias.is_none_or(|b| b.len() >= n) && rows.iter().all(|r| r.len() >= n));
+    if reach == 0 {
+        return;
+    }
     let block = |(bi, out): (usize, &mut [&mut [f32]])| {
         let i0 = bi * TILE;
         let done = k.transpose16(&src[i0..], ld, out, n, bias);
@@ -51,6 +55,23 @@ pub(super) fn transpose_into(
     } else {
         rows.chunks_mut(TILE).enumerate().for_each(block);
     }
+}
+
+/// Columns `r` of the row-major matrix `z` (`m` rows of `v`) column-major in `buf`: the view
+/// `m x r.len()` of them there (each column contiguous, as the GEMM reads it without packing).
+pub(super) fn columns_into<'b>(
+    k: &Kernels,
+    z: &[f32],
+    v: usize,
+    m: usize,
+    r: &Range<usize>,
+    buf: &'b mut [f32],
+    parallel: bool,
+) -> MatRef<'b> {
+    let buf = &mut buf[..m * r.len()];
+    let mut cols: Vec<&mut [f32]> = buf.chunks_mut(m.max(1)).collect();
+    transpose_into(k, &z[r.start..], v, m, &mut cols, None, parallel);
+    MatRef::rows(buf, r.len(), m, m).t()
 }
 
 /// A panel's two halves (the first one longer by one row when the panel's rows are odd).
@@ -76,7 +97,7 @@ pub(super) fn column_blocks<'a>(z: &'a mut [f32], v: usize, cuts: &[Range<usize>
 
 #[cfg(test)]
 mod tests {
-    use super::{column_blocks, transpose_into};
+    use super::{column_blocks, columns_into, transpose_into};
     use crate::cpu::simd::Kernels;
     use crate::spec::CpuSimd;
 
@@ -86,9 +107,17 @@ mod tests {
             [CpuSimd::Portable, CpuSimd::Avx2, CpuSimd::Avx512].into_iter().filter_map(Kernels::select).collect();
         // rows and columns below, at and past the 16-element blocks, and a destination wider
         // than the panel (the logits row of which the panel is a slice)
-        for (m, n, ld) in
-            [(1, 1, 1), (15, 17, 20), (16, 16, 16), (16, 33, 40), (35, 48, 48), (179, 70, 101), (64, 5, 9)]
-        {
+        for (m, n, ld) in [
+            (1, 1, 1),
+            (15, 17, 20),
+            (16, 16, 16),
+            (16, 33, 40),
+            (35, 48, 48),
+            (179, 70, 101),
+            (64, 5, 9),
+            (20, 0, 4),
+            (0, 5, 5),
+        ] {
             let src: Vec<f32> = (0..m * n).map(|i| ((i * 7919) % 1009) as f32 * 0.37 - 150.0).collect();
             let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.011 - 0.2).collect();
             for b in [None, Some(&bias[..])] {
@@ -111,6 +140,24 @@ mod tests {
                     assert!(same, "{level:?} (parallel {parallel}), {m} x {n} into rows of {ld}, bias {}", b.is_some());
                 }
             }
+        }
+    }
+
+    #[test]
+    fn columns_come_out_column_major() {
+        let k = Kernels::select(CpuSimd::Auto).unwrap();
+        let (m, v) = (37, 41);
+        let z: Vec<f32> = (0..m * v).map(|i| i as f32 * 0.5).collect();
+        for (r, parallel) in [(3..37, false), (0..41, true), (40..41, false), (5..5, true)] {
+            let mut buf = vec![f32::NAN; m * 41 + 3];
+            let g = columns_into(&k, &z, v, m, &r, &mut buf, parallel);
+            assert_eq!(g.nrows(), m);
+            for (j, col) in r.clone().enumerate() {
+                for i in 0..m {
+                    assert_eq!(buf[j * m + i], z[i * v + col], "{r:?}: row {i} of column {col}");
+                }
+            }
+            assert!(buf[m * r.len()..].iter().all(|x| x.is_nan()), "nothing past the columns");
         }
     }
 
