@@ -407,12 +407,12 @@ pub(crate) fn run_with<L: Logit>(
             None => {
                 for p in panels.ranges() {
                     let w = panels.get(k, p.clone());
-                    let halves: Vec<Range<usize>> = halve(p.clone()).into_iter().collect();
-                    let mut blocks = column_blocks(z, v, &halves).into_iter();
-                    let (mut ba, mut bb) = (blocks.next().unwrap_or_default(), blocks.next().unwrap_or_default());
+                    let halves = halve(p.clone());
+                    let [mut ba, mut bb]: [Vec<&mut [f32]>; 2] =
+                        column_blocks(z, v, &halves).try_into().expect("a block per half");
                     let (za, zb) = zp.split_at_mut(half_cap);
                     let (wa, wb) = w.split_at(halves[0].len() * h);
-                    let [ha, hb] = [halves[0].clone(), halves[1].clone()];
+                    let [ha, hb] = halves;
                     if tasks {
                         crate::pool::install(|| {
                             rayon::join(
