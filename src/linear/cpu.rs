@@ -118,15 +118,21 @@ impl<'a> BufPool<'a> {
 }
 
 /// Rows of `W` per panel (of `v` rows of `h`): also the columns of a chunk's logits panel.
-pub(crate) fn panel_rows(h: usize, v: usize) -> usize {
+fn panel_rows(h: usize, v: usize) -> usize {
     (CPU_PANEL_BYTES / (4 * h.max(1))).clamp(1, v.max(1))
 }
 
 /// Columns of the buffer of a chunk's logits panel: the panel's rows rounded up to even, so
-/// that its two halves, either of which may take the larger half of a panel, fit side by side
-/// (each chunk row costs `4 · panel_slots` bytes beside its logits).
-pub(crate) fn panel_slots(panel_rows: usize) -> usize {
+/// that its two halves, either of which may take the larger half of a panel, fit side by side.
+fn panel_slots(panel_rows: usize) -> usize {
     panel_rows.div_ceil(2) * 2
+}
+
+/// What a chunk row costs in the budget, for logits `v` wide from hidden rows of `h`: its f32
+/// logits, its hidden rows twice (gathered, and column-major for the products) and `d hidden`,
+/// and its part of the logits panel buffer.
+pub(crate) fn chunk_row_bytes(h: usize, v: usize) -> usize {
+    4 * v + 12 * h + 4 * panel_slots(panel_rows(h, v))
 }
 
 /// The vocabulary panels of `W` as f32, `rows` rows each: borrowed from `W` when it is f32,
@@ -228,13 +234,8 @@ fn logits_panel(
 ) {
     let (m, n) = (hm.nrows(), cols.len());
     let zc = &mut buf[..m * n];
-    let product = MatMut::rows(zc, n, m, m).t();
-    let wt = MatRef::rows(w, n, h, h).t();
-    if single {
-        matmul_single(product, hm, wt, false);
-    } else {
-        matmul(product, hm, wt, false);
-    }
+    let matmul = if single { matmul_single } else { matmul };
+    matmul(MatMut::rows(zc, n, m, m).t(), hm, MatRef::rows(w, n, h, h).t(), false);
     transpose_into(k, zc, m, n, out, bias.map(|b| &b[cols]), !single);
 }
 
@@ -304,9 +305,8 @@ pub(crate) fn run_with<L: Logit>(
     // rows without a target have no loss and a zero gradient: they are left out of the chunks
     let active = active_rows(plan)?;
     let default_budget = CPU_BUDGET;
-    let panel_rows = panel_rows(h, v);
-    let slots = panel_slots(panel_rows);
-    let c = chunking.rows_for(default_budget, 4 * v + 12 * h + 4 * slots, active.len())?;
+    let slots = panel_slots(panel_rows(h, v));
+    let c = chunking.rows_for(default_budget, chunk_row_bytes(h, v), active.len())?;
     let tasks = (2..=TASKS_MAX_THREADS).contains(&crate::pool::install(rayon::current_num_threads));
 
     // the gradients start from zero (or, accumulating, from what they hold): after every
@@ -341,12 +341,11 @@ pub(crate) fn run_with<L: Logit>(
     let mut hc = zeroed::<f32>(c * h, "the chunk's hidden rows")?;
     let mut z = zeroed::<f32>(c * v, "the chunk's logits")?;
     // one panel of a chunk's logits, column-major, before it goes into `z` (rows rounded up
-    // to 16, as tasks compute them)
+    // to 16, as the products compute them)
     let c16 = c.next_multiple_of(16);
     let mut zp = zeroed::<f32>(c16 * slots, "a panel of the chunk's logits")?;
-    // for the products as tasks, the chunk's hidden rows column-major, padded with zero rows to
-    // a multiple of 16: the GEMM reads them as they lie (no packing buffer of its own per call);
-    // held whatever the pool, so that the memory a call reports does not depend on it
+    // the chunk's hidden rows column-major, padded with zero rows to a multiple of 16: the GEMM
+    // reads them as they lie (no packing buffer of its own per call)
     let mut hct = zeroed::<f32>(c16 * h, "the chunk's hidden rows, column-major")?;
     let mut dhc = zeroed::<f32>(if want_dh { c * h } else { 0 }, "the chunk's d hidden")?;
     let mut dwp = zeroed::<f32>(if dw_scratch { panels.rows * h } else { 0 }, "a panel of d weight")?;
@@ -365,6 +364,9 @@ pub(crate) fn run_with<L: Logit>(
             + panels.buf.len()
             + bias32.as_ref().map_or(0, |b| b.len()));
 
+    // the panels of `W`, and their halves, which the products take
+    let ranges: Vec<Range<usize>> = panels.ranges().collect();
+    let halves: Vec<Range<usize>> = ranges.iter().cloned().flat_map(halve).collect();
     for (ci, rows) in active.chunks(c).enumerate() {
         let m = rows.len();
         let z = &mut z[..m * v];
@@ -394,18 +396,17 @@ pub(crate) fn run_with<L: Logit>(
         match L::as_f32(inp.weight).filter(|_| tasks) {
             // f32 `W` as it lies: every half panel a task, each into a free half of the buffer
             Some(w) => {
-                let halves: Vec<Range<usize>> = panels.ranges().flat_map(halve).collect();
                 let blocks = column_blocks(z, v, &halves);
                 let bufs = BufPool::new(zp.chunks_mut(half_cap).take(2).collect());
                 crate::pool::install(|| {
-                    halves.into_par_iter().zip(blocks).for_each(|(r, mut rows)| {
+                    halves.par_iter().cloned().zip(blocks).for_each(|(r, mut rows)| {
                         let wr = &w[r.start * h..r.end * h];
                         bufs.with(m16 * r.len(), |b| logits_panel(k, hmc, wr, h, r, b, &mut rows, bias, true));
                     })
                 });
             }
             None => {
-                for p in panels.ranges() {
+                for p in &ranges {
                     let w = panels.get(k, p.clone());
                     let halves = halve(p.clone());
                     let [mut ba, mut bb]: [Vec<&mut [f32]>; 2] =
@@ -441,22 +442,16 @@ pub(crate) fn run_with<L: Logit>(
         // tasks: `d hidden` on one thread, the half panels of `d W` on the others
         let fresh = ci == 0 && !g.accumulate;
         let z = &*z;
-        let ranges: Vec<Range<usize>> = panels.ranges().collect();
-        let halves: Vec<Range<usize>> = ranges.iter().cloned().flat_map(halve).collect();
         let single = tasks && want_dh && g.weight.len().is_some();
         let mut dh_chain = || {
             if !want_dh {
                 return;
             }
+            let matmul = if single { matmul_single } else { matmul };
             for (i, p) in ranges.iter().enumerate() {
                 let gp = MatRef::rows(&z[p.start..], m, p.len(), v);
                 let w = panels.get(k, p.clone());
-                let (dst, wp) = (MatMut::rows(&mut dhc, m, h, h), MatRef::rows(w, p.len(), h, h));
-                if single {
-                    matmul_single(dst, gp, wp, i > 0);
-                } else {
-                    matmul(dst, gp, wp, i > 0);
-                }
+                matmul(MatMut::rows(&mut dhc, m, h, h), gp, MatRef::rows(w, p.len(), h, h), i > 0);
             }
         };
         let half = m * slots / 2;

@@ -13,7 +13,7 @@ use crate::cpu::split::{merge_rows, words, Dest, Rows, SplitCpu};
 use crate::cpu::{RowSel, RowStats};
 use crate::dtype::{Logit, TokenId};
 use crate::error::Result;
-use crate::linear::cpu::{active_rows, panel_rows, panel_slots, run_with};
+use crate::linear::cpu::{active_rows, chunk_row_bytes, run_with};
 use crate::linear::{Chunking, LinearGrads, LinearInputs, LinearOutput, LinearShape, CPU_BUDGET};
 use crate::spec::{LossSpec, Tokens};
 use crate::{Backend, Grad};
@@ -108,11 +108,9 @@ impl Sharded<'_> {
             let active = active_rows(&plan)?.len();
             // the same chunks on every rank: from the shared V / ranks, H and tokens only (the
             // first exchange compares them, with H)
-            // (each row's logits, its hidden states twice (gathered, and column-major) and
-            // d hidden, and its part of the logits panel, as the unsplit path counts them)
+            // (a row of the slice costs what a row of the unsplit path does)
             let share = shape.vocab().div_ceil(vg.size());
-            let row_bytes = 4 * share + 12 * shape.hidden() + 4 * panel_slots(panel_rows(shape.hidden(), share));
-            let c = chunking.rows_for(LINEAR_BUDGET, row_bytes, active)?;
+            let c = chunking.rows_for(LINEAR_BUDGET, chunk_row_bytes(shape.hidden(), share), active)?;
             Ok((local, plan, k, c))
         });
         let agree = agree(planned.as_ref().map_or(0, |p| p.3));
