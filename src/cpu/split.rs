@@ -21,7 +21,8 @@
 use super::row::{RowMath, RowStats};
 use super::simd::Kernels;
 use super::{
-    rows_per_task, stats_pass, target_of, zero, Pending, RowExps, RowSel, Scratch, CHUNK, SCRATCH_MAX, STREAM_MIN_BYTES,
+    rows_per_task, stats_pass, target_of, zero, Pending, PrevRow, RowExps, RowSel, Scratch, CHUNK, SCRATCH_MAX,
+    STREAM_MIN_BYTES,
 };
 use crate::dtype::Logit;
 use crate::plan::{Plan, RowOptions};
@@ -293,7 +294,9 @@ impl SplitCpu {
     }
 
     /// One parallel pass of a pipelined driver, on buffers it owns: the gradient of `grad`'s
-    /// rows from their kept exponentials, beside the statistics of `stats`' rows into theirs.
+    /// rows from their kept exponentials and the statistics of `stats`' rows into theirs; when
+    /// both have as many rows, each gradient row is written inside the statistics loop of its
+    /// partner row ([`fused`](Self::fused)), else the two run beside each other.
     pub fn pass<L: Logit, G: Logit>(
         &self,
         plan: &Plan,
@@ -309,11 +312,72 @@ impl SplitCpu {
             self.stats_into(plan, &s.rows, s.logits, s.out, Some(&mut s.exps.0[..n]));
         };
         crate::pool::install(|| match (grad, stats) {
+            // rows paired one to one: each task's gradient rows written inside its statistics
+            // loops, as the single-device pass writes the previous row's
+            (Some(g), Some(s)) if g.rows.len() == s.rows.len() => self.fused(plan, g, s),
             (Some(g), Some(s)) => drop(rayon::join(|| write(g), || read(s))),
             (Some(g), None) => write(g),
             (None, Some(s)) => read(s),
             (None, None) => {}
         })
+    }
+
+    /// One chunk's gradient and another chunk's statistics, as many rows each: row `i` of `g`
+    /// is written chunk by chunk inside the statistics loops of row `i` of `s` ([`PrevRow`]), so
+    /// the gradient's stores overlap the reads and the arithmetic of the statistics (the same
+    /// bits as [`write_from`](Self::write_from) and then [`stats_into`](Self::stats_into)).
+    fn fused<L: Logit, G: Logit>(&self, plan: &Plan, g: GradPart<'_, L, G>, s: StatsPart<'_, L>) {
+        let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
+        let n = s.rows.len();
+        let stream = self.rows * len * G::DTYPE.size() >= STREAM_MIN_BYTES;
+        let rpt = rows_per_task(n, len);
+        let (out, logits): (&mut [G], Option<&[L]>) = match g.dest {
+            Dest::Into(l, o) => (o, Some(l)),
+            Dest::InPlace(o) => (o, None),
+        };
+        let grad_logits: Vec<Option<&[L]>> = match logits {
+            Some(l) => l.chunks(rpt * len).map(Some).collect(),
+            None => (0..n.div_ceil(rpt)).map(|_| None).collect(),
+        };
+        let (gx, sx) = (&mut g.exps.0[..n], &mut s.exps.0[..n]);
+        let (g_rows, s_rows, merged) = (&g.rows, &s.rows, g.merged);
+        let tasks = s.out.par_chunks_mut(rpt).zip(s.logits.par_chunks(rpt * len)).zip(sx.par_chunks_mut(rpt));
+        let tasks = tasks.zip(gx.par_chunks_mut(rpt)).zip(out.par_chunks_mut(rpt * len)).zip(grad_logits);
+        tasks.enumerate().for_each_init(
+            || Scratch::new(m),
+            |sc, (task, (((((so, src), se), ge), go), gl))| {
+                let rows = so.iter_mut().zip(src.chunks_exact(len)).zip(se).zip(ge).zip(go.chunks_exact_mut(len));
+                for (i, ((((o, row), se), ge), gout)) in rows.enumerate() {
+                    let j = task * rpt + i;
+                    let rg = g_rows.sel.global(j);
+                    let mut pending = match target_of(plan, rg) {
+                        Some(y) => {
+                            let target = y.checked_sub(v0).filter(|&t| t < len).unwrap_or(usize::MAX);
+                            Some(Pending::new(m, gout, merged[j], target, plan.row_coef(rg)))
+                        }
+                        None => {
+                            zero(k, gout, stream);
+                            None
+                        }
+                    };
+                    let Some(y) = target_of(plan, s_rows.sel.global(j)) else {
+                        *o = RowStats::EMPTY;
+                        if let Some(p) = pending {
+                            p.write(k, m, ge, gl.map(|l| &l[i * len..(i + 1) * len]), sc, stream);
+                        }
+                        continue;
+                    };
+                    let own = y.checked_sub(v0).filter(|&t| t < len);
+                    let mut inter = PrevRow { k, m, p: &mut pending, e: ge, stream, fused: None };
+                    let mut st = stats_pass(k, m, row, &src[i * len..], own, Some(se), sc, &mut inter);
+                    if own.is_none() {
+                        (st.target_logit, st.target_chain) = (0.0, 0.0);
+                    }
+                    *o = st;
+                }
+                k.fence();
+            },
+        );
     }
 
     /// The statistics pass over `rows`, exponentials into `exps` when given (one per row).
