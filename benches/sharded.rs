@@ -15,7 +15,7 @@
 //! 3. `FWL_BENCH_RANK=8x128x50000:4`: section 1 for one shape, and the exchange alone (the
 //!    ranks as threads all-gathering the statistics words of every row, no kernel).
 //!
-//! Medians of paired runs (wall time, and on-CPU time of all threads where Linux reports it);
+//! Medians of paired runs (15, or `FWL_BENCH_ITERS`) (wall time, and on-CPU time of all threads where Linux reports it);
 //! figures on a shared machine are provisional.
 
 #[path = "../tests/common/shards.rs"]
@@ -27,7 +27,11 @@ use fused_weighted_loss::{bf16, synthetic, Grad, Logit, LossSpec, Shape, Tokens}
 use std::time::Instant;
 
 const WARMUP: usize = 2;
-const ITERS: usize = 15;
+
+/// Timed runs per measurement: 15, or `FWL_BENCH_ITERS`.
+fn iters() -> usize {
+    std::env::var("FWL_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(15)
+}
 
 /// On-CPU time of every thread of this process so far, in seconds (Linux schedstat), or NaN:
 /// unlike wall time it does not count time other tenants of a shared machine took.
@@ -46,7 +50,7 @@ fn cpu_seconds() -> f64 {
 /// `a` and `b` alternately: medians of (wall, on-CPU) seconds of each.
 fn paired(mut a: impl FnMut(), mut b: impl FnMut()) -> [(f64, f64); 2] {
     let mut t = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
-    for i in 0..WARMUP + ITERS {
+    for i in 0..WARMUP + iters() {
         for (k, f) in [&mut a as &mut dyn FnMut(), &mut b].into_iter().enumerate() {
             let (w, c) = (Instant::now(), cpu_seconds());
             f();
@@ -139,7 +143,7 @@ fn threads_as_ranks<L: Logit>(b: usize, t: usize, vocab: usize, ranks: usize) {
     let mut whole_grad = L::zeroed(shape.logits_len());
     let mut single = Vec::new();
     let mut sharded = Vec::new();
-    for i in 0..WARMUP + ITERS {
+    for i in 0..WARMUP + iters() {
         let t0 = Instant::now();
         spec.loss_and_grad(shape, &logits, Tokens::new(&ids), Grad::Into(&mut whole_grad)).unwrap();
         let t1 = Instant::now();
@@ -166,7 +170,7 @@ fn exchange_only(b: usize, t: usize, vocab: usize, ranks: usize) -> f64 {
     use fused_weighted_loss::parallel::Collective;
     let (rows, chunk) = (b * t, fused_weighted_loss::parallel::default_chunk_rows(vocab, ranks));
     let mut times = Vec::new();
-    for i in 0..WARMUP + ITERS {
+    for i in 0..WARMUP + iters() {
         let t0 = Instant::now();
         shards::run_ranks(ranks, |r, g| {
             let mut sum = 0.0;
@@ -217,9 +221,10 @@ fn main() {
     }
     let run = |dtype: &str| filter.is_empty() || filter.iter().any(|f| f == dtype);
     println!(
-        "CPU: {} threads ({}); medians of {ITERS} paired runs (ms)\n",
+        "CPU: {} threads ({}); medians of {} paired runs (ms)\n",
         rayon::current_num_threads(),
-        fused_weighted_loss::cpu_simd_level()
+        fused_weighted_loss::cpu_simd_level(),
+        iters()
     );
     println!(
         "Per-rank kernel time: one rank's slice through the split (group of one) vs the single-device call on it\n"

@@ -234,7 +234,9 @@ def weighted_loss(
       its ranks, then needs the loss scaled by the data-parallel size. A rank may hold no
       samples (``[0, T, V]`` logits): it returns the others' loss and an empty gradient.
     - both: a 2-D grid of ranks. ``chunk_rows``: rows per exchange of the vocabulary group (the
-      same on every rank; at least 1; None, the default: what keeps a chunk in cache).
+      same on every rank; at least 1; None, the default: on CPU tensors, chunks of 8 MiB of kept
+      exponentials, few exchanges since each costs a collective's latency; on CUDA tensors, the
+      device split's default).
 
     Every rank of a group makes the same call: on CPU tensors, ranks of a vocabulary group with
     other loss options, ``chunk_rows``, ids, or labels or token weights past each sample's first

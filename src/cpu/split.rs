@@ -12,7 +12,9 @@
 //!   recomputed from the logits instead: the same values to rounding (a kept row scales its
 //!   exponentials to the merged shift, a recomputed one takes them at it), one more read;
 //! - [`SplitCpu::grad_and_stats`] runs one chunk's gradient beside the next chunk's statistics
-//!   in one parallel pass, for drivers that pipeline.
+//!   in one parallel pass, for drivers that pipeline; [`SplitCpu::pass_rows`] runs one thread's
+//!   share of such a pass, each gradient row written inside the statistics loop of a row of the
+//!   later chunk (the pipeline of [`Sharded`](crate::parallel::Sharded)).
 //!
 //! The row buffers of the kept exponentials outlive a call (up to 64 MiB, process-wide) and
 //! serve the next call whose slice has the same length: no allocation, zeroing or page faults
@@ -122,6 +124,16 @@ pub(crate) enum Dest<'a, L, G> {
     Into(&'a [L], &'a mut [G]),
     /// Over the logits (then `L` is `G`).
     InPlace(&'a mut [G]),
+}
+
+impl<'a, L: Logit, G: Logit> Dest<'a, L, G> {
+    /// The gradient and the logits beside it (`None`: in place, the logits are the gradient).
+    fn into_parts(self) -> (&'a mut [G], Option<&'a [L]>) {
+        match self {
+            Dest::Into(l, o) => (o, Some(l)),
+            Dest::InPlace(o) => (o, None),
+        }
+    }
 }
 
 /// Row buffers of the last call that ended, for the next call whose rows have the same length
@@ -293,94 +305,168 @@ impl SplitCpu {
         self.pool.append(&mut b.0);
     }
 
-    /// One parallel pass of a pipelined driver, on buffers it owns: the gradient of `grad`'s
-    /// rows from their kept exponentials and the statistics of `stats`' rows into theirs; when
-    /// both have as many rows, each gradient row is written inside the statistics loop of its
-    /// partner row ([`fused`](Self::fused)), else the two run beside each other.
-    pub fn pass<L: Logit, G: Logit>(
+    /// One worker's part of a pipelined pass, on this thread: the gradient of `grad`'s rows
+    /// from their kept exponentials and the statistics of `stats`' rows into theirs. Row `i` of
+    /// each is paired: the gradient row is written chunk by chunk inside the statistics loop of
+    /// its partner ([`PrevRow`]), as the single-device pass writes the previous row, so that the
+    /// gradient's stores overlap the reads and the arithmetic of the statistics; the rows one
+    /// part has beyond the other run alone. The same bits as either step alone.
+    pub fn pass_rows<L: Logit, G: Logit>(
         &self,
         plan: &Plan,
         grad: Option<GradPart<'_, L, G>>,
         stats: Option<StatsPart<'_, L>>,
+        sc: &mut WorkerScratch,
     ) {
-        let write = |g: GradPart<'_, L, G>| {
-            let n = g.rows.len();
-            self.write_from(plan, &g.rows, g.merged, g.dest, Some(&mut g.exps.0[..n]));
-        };
-        let read = |s: StatsPart<'_, L>| {
-            let n = s.rows.len();
-            self.stats_into(plan, &s.rows, s.logits, s.out, Some(&mut s.exps.0[..n]));
-        };
-        crate::pool::install(|| match (grad, stats) {
-            // rows paired one to one: each task's gradient rows written inside its statistics
-            // loops, as the single-device pass writes the previous row's
-            (Some(g), Some(s)) if g.rows.len() == s.rows.len() => self.fused(plan, g, s),
-            (Some(g), Some(s)) => drop(rayon::join(|| write(g), || read(s))),
-            (Some(g), None) => write(g),
-            (None, Some(s)) => read(s),
-            (None, None) => {}
-        })
+        let (sc, len) = (&mut sc.0, self.len);
+        let gn = grad.as_ref().map_or(0, |g| g.rows.len());
+        let sn = stats.as_ref().map_or(0, |s| s.rows.len());
+        let n = gn.min(sn);
+        let mut g = grad.map(|g| {
+            let (out, logits) = g.dest.into_parts();
+            (Rows::range(g.rows), g.merged, out, logits, &mut g.exps.0[..gn])
+        });
+        let mut s = stats.map(|s| (Rows::range(s.rows), s.logits, s.out, &mut s.exps.0[..sn]));
+        if let (Some((gr, gm, gout, gl, gx)), Some((sr, sl, so, sx))) = (g.as_mut(), s.as_mut()) {
+            let gl = gl.map(|l| &l[..n * len]);
+            let grad = (&*gr, &gm[..n], &mut gout[..n * len], gl, &mut gx[..n]);
+            self.fused_rows(plan, grad, (&*sr, &sl[..n * len], &mut so[..n], &mut sx[..n]), sc);
+        }
+        if let Some((gr, gm, gout, gl, gx)) = g.as_mut().filter(|_| gn > n) {
+            let gl = gl.map(|l| &l[n * len..]);
+            self.grad_rows(plan, gr, n, &gm[n..], &mut gout[n * len..], gl, Some(&mut gx[n..]), sc);
+        }
+        if let Some((sr, sl, so, sx)) = s.as_mut().filter(|_| sn > n) {
+            self.stats_rows(plan, sr, n, &sl[n * len..], &mut so[n..], Some(&mut sx[n..]), sc);
+        }
     }
 
-    /// One chunk's gradient and another chunk's statistics, as many rows each: row `i` of `g`
-    /// is written chunk by chunk inside the statistics loops of row `i` of `s` ([`PrevRow`]), so
-    /// the gradient's stores overlap the reads and the arithmetic of the statistics (the same
-    /// bits as [`write_from`](Self::write_from) and then [`stats_into`](Self::stats_into)).
-    fn fused<L: Logit, G: Logit>(&self, plan: &Plan, g: GradPart<'_, L, G>, s: StatsPart<'_, L>) {
+    /// A scratch for [`pass_rows`](Self::pass_rows) on one thread.
+    pub fn scratch(&self) -> WorkerScratch {
+        WorkerScratch(Scratch::new(&self.m))
+    }
+
+    /// Whether the gradient's stores stream (that depends on the whole gradient).
+    fn streams<G: Logit>(&self) -> bool {
+        self.rows * self.len * G::DTYPE.size() >= STREAM_MIN_BYTES
+    }
+
+    /// Rows `j0..` of `rows` (`out.len()` of them): their statistics into `out` and their
+    /// exponentials into `exps` when given (one per row), from `src` (their logits).
+    #[allow(clippy::too_many_arguments)]
+    fn stats_rows<L: Logit>(
+        &self,
+        plan: &Plan,
+        rows: &Rows<'_>,
+        j0: usize,
+        src: &[L],
+        out: &mut [RowStats],
+        mut exps: Option<&mut [RowExps]>,
+        sc: &mut Scratch,
+    ) {
         let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
-        let n = s.rows.len();
-        let stream = self.rows * len * G::DTYPE.size() >= STREAM_MIN_BYTES;
-        let rpt = rows_per_task(n, len);
-        let (out, logits): (&mut [G], Option<&[L]>) = match g.dest {
-            Dest::Into(l, o) => (o, Some(l)),
-            Dest::InPlace(o) => (o, None),
-        };
-        let grad_logits: Vec<Option<&[L]>> = match logits {
-            Some(l) => l.chunks(rpt * len).map(Some).collect(),
-            None => (0..n.div_ceil(rpt)).map(|_| None).collect(),
-        };
-        let (gx, sx) = (&mut g.exps.0[..n], &mut s.exps.0[..n]);
-        let (g_rows, s_rows, merged) = (&g.rows, &s.rows, g.merged);
-        let tasks = s.out.par_chunks_mut(rpt).zip(s.logits.par_chunks(rpt * len)).zip(sx.par_chunks_mut(rpt));
-        let tasks = tasks.zip(gx.par_chunks_mut(rpt)).zip(out.par_chunks_mut(rpt * len)).zip(grad_logits);
-        tasks.enumerate().for_each_init(
-            || Scratch::new(m),
-            |sc, (task, (((((so, src), se), ge), go), gl))| {
-                let rows = so.iter_mut().zip(src.chunks_exact(len)).zip(se).zip(ge).zip(go.chunks_exact_mut(len));
-                for (i, ((((o, row), se), ge), gout)) in rows.enumerate() {
-                    let j = task * rpt + i;
-                    let rg = g_rows.sel.global(j);
-                    let mut pending = match target_of(plan, rg) {
-                        Some(y) => {
-                            let target = y.checked_sub(v0).filter(|&t| t < len).unwrap_or(usize::MAX);
-                            Some(Pending::new(m, gout, merged[j], target, plan.row_coef(rg)))
-                        }
-                        None => {
-                            zero(k, gout, stream);
-                            None
-                        }
-                    };
-                    let Some(y) = target_of(plan, s_rows.sel.global(j)) else {
-                        *o = RowStats::EMPTY;
-                        if let Some(p) = pending {
-                            p.write(k, m, ge, gl.map(|l| &l[i * len..(i + 1) * len]), sc, stream);
-                        }
-                        continue;
-                    };
-                    let own = y.checked_sub(v0).filter(|&t| t < len);
-                    let mut inter = PrevRow { k, m, p: &mut pending, e: ge, stream, fused: None };
-                    let mut st = stats_pass(k, m, row, &src[i * len..], own, Some(se), sc, &mut inter);
-                    if own.is_none() {
-                        (st.target_logit, st.target_chain) = (0.0, 0.0);
-                    }
-                    *o = st;
-                }
-                k.fence();
-            },
-        );
+        for (i, (o, row)) in out.iter_mut().zip(src.chunks_exact(len)).enumerate() {
+            let Some(y) = target_of(plan, rows.sel.global(j0 + i)) else {
+                *o = RowStats::EMPTY;
+                continue;
+            };
+            let e = exps.as_deref_mut().map(|e| &mut e[i]);
+            // the target, when it lies in this slice, is capped as this slice's loop caps it,
+            // with the loop's chain factor, and summed apart; outside the slice both are 0 (the
+            // merge adds them)
+            let own = y.checked_sub(v0).filter(|&j| j < len);
+            let mut st = stats_pass(k, m, row, &src[i * len..], own, e, sc, &mut ());
+            if own.is_none() {
+                (st.target_logit, st.target_chain) = (0.0, 0.0);
+            }
+            *o = st;
+        }
     }
 
-    /// The statistics pass over `rows`, exponentials into `exps` when given (one per row).
+    /// The gradient of rows `j0..` of `rows` (`out.len() / len` of them; `merged[i]` the merged
+    /// statistics of the `i`-th), from `exps` when given (one per row), else recomputing the
+    /// exponentials from the logits (`logits`; `None`: they are `out` itself).
+    #[allow(clippy::too_many_arguments)]
+    fn grad_rows<L: Logit, G: Logit>(
+        &self,
+        plan: &Plan,
+        rows: &Rows<'_>,
+        j0: usize,
+        merged: &[RowStats],
+        out: &mut [G],
+        logits: Option<&[L]>,
+        mut exps: Option<&mut [RowExps]>,
+        sc: &mut Scratch,
+    ) {
+        let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
+        let stream = self.streams::<G>();
+        // rows whose exponentials were not kept recompute them (an empty `RowExps` says so)
+        let mut none = RowExps { exps: Vec::new(), chain: Vec::new(), shifts: Vec::new() };
+        for (i, o) in out.chunks_exact_mut(len).enumerate() {
+            let r = rows.sel.global(j0 + i);
+            let Some(y) = target_of(plan, r) else {
+                zero(k, o, stream);
+                continue;
+            };
+            let target = y.checked_sub(v0).filter(|&j| j < len).unwrap_or(usize::MAX);
+            let p = Pending::new(m, o, merged[i], target, plan.row_coef(r));
+            let e = match exps.as_deref_mut() {
+                Some(e) => &mut e[i],
+                None => &mut none,
+            };
+            p.write(k, m, e, logits.map(|l| &l[i * len..(i + 1) * len]), sc, stream);
+        }
+        // the streaming stores of these rows, on the thread that made them
+        k.fence();
+    }
+
+    /// Two parts as many rows long, paired one to one: the `i`-th gradient row of
+    /// `g` (rows, merged statistics, gradient, its logits or `None` in place, kept
+    /// exponentials) written chunk by chunk inside the statistics loop of the `i`-th row of `s`
+    /// (rows, logits, statistics out, exponentials kept).
+    #[allow(clippy::type_complexity)]
+    fn fused_rows<L: Logit, G: Logit>(
+        &self,
+        plan: &Plan,
+        (g_rows, merged, out, logits, ge): (&Rows<'_>, &[RowStats], &mut [G], Option<&[L]>, &mut [RowExps]),
+        (s_rows, src, so, se): (&Rows<'_>, &[L], &mut [RowStats], &mut [RowExps]),
+        sc: &mut Scratch,
+    ) {
+        let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
+        let stream = self.streams::<G>();
+        let rows = so.iter_mut().zip(src.chunks_exact(len)).zip(se).zip(ge).zip(out.chunks_exact_mut(len));
+        for (i, ((((o, row), se), ge), gout)) in rows.enumerate() {
+            let rg = g_rows.sel.global(i);
+            let mut pending = match target_of(plan, rg) {
+                Some(y) => {
+                    let target = y.checked_sub(v0).filter(|&t| t < len).unwrap_or(usize::MAX);
+                    Some(Pending::new(m, gout, merged[i], target, plan.row_coef(rg)))
+                }
+                None => {
+                    zero(k, gout, stream);
+                    None
+                }
+            };
+            let Some(y) = target_of(plan, s_rows.sel.global(i)) else {
+                *o = RowStats::EMPTY;
+                if let Some(p) = pending {
+                    p.write(k, m, ge, logits.map(|l| &l[i * len..(i + 1) * len]), sc, stream);
+                }
+                continue;
+            };
+            let own = y.checked_sub(v0).filter(|&t| t < len);
+            let mut inter = PrevRow { k, m, p: &mut pending, e: ge, stream, fused: None };
+            let mut st = stats_pass(k, m, row, &src[i * len..], own, Some(se), sc, &mut inter);
+            if own.is_none() {
+                (st.target_logit, st.target_chain) = (0.0, 0.0);
+            }
+            *o = st;
+        }
+        k.fence();
+    }
+
+    /// The statistics pass over `rows`, exponentials into `exps` when given (one per row), on
+    /// the pool.
     fn stats_into<L: Logit>(
         &self,
         plan: &Plan,
@@ -389,35 +475,18 @@ impl SplitCpu {
         out: &mut [RowStats],
         exps: Option<&mut [RowExps]>,
     ) {
-        let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
+        let (m, len) = (&self.m, self.len);
         let rpt = rows_per_task(rows.len(), len);
         let mut parts = task_parts(exps, rows.len(), rpt);
         let tasks = out.par_chunks_mut(rpt).zip(logits.par_chunks(rpt * len)).zip(parts.par_iter_mut()).enumerate();
         tasks.for_each_init(
             || Scratch::new(m),
-            |s, (task, ((out, src), ex))| {
-                for (i, (o, row)) in out.iter_mut().zip(src.chunks_exact(len)).enumerate() {
-                    let Some(y) = target_of(plan, rows.sel.global(task * rpt + i)) else {
-                        *o = RowStats::EMPTY;
-                        continue;
-                    };
-                    let e = ex.as_deref_mut().map(|e| &mut e[i]);
-                    // the target, when it lies in this slice, is capped as this slice's loop
-                    // caps it, with the loop's chain factor, and summed apart; outside the
-                    // slice both are 0 (the merge adds them)
-                    let own = y.checked_sub(v0).filter(|&j| j < len);
-                    let mut st = stats_pass(k, m, row, &src[i * len..], own, e, s, &mut ());
-                    if own.is_none() {
-                        (st.target_logit, st.target_chain) = (0.0, 0.0);
-                    }
-                    *o = st;
-                }
-            },
+            |s, (task, ((out, src), ex))| self.stats_rows(plan, rows, task * rpt, src, out, ex.as_deref_mut(), s),
         );
     }
 
     /// The gradient pass over `rows`, from `exps` when given (one per row), else recomputing
-    /// the exponentials from the logits.
+    /// the exponentials from the logits, on the pool.
     fn write_from<L: Logit, G: Logit>(
         &self,
         plan: &Plan,
@@ -426,45 +495,22 @@ impl SplitCpu {
         dest: Dest<'_, L, G>,
         exps: Option<&mut [RowExps]>,
     ) {
-        let (k, m, v0, len) = (&self.k, &self.m, self.v0, self.len);
-        let stream = self.rows * len * G::DTYPE.size() >= STREAM_MIN_BYTES;
+        let (m, len) = (&self.m, self.len);
         let rpt = rows_per_task(rows.len(), len);
         let mut parts = task_parts(exps, rows.len(), rpt);
-        let row_task =
-            |task: usize, out: &mut [G], src: Option<&[L]>, ex: &mut Option<&mut [RowExps]>, s: &mut Scratch| {
-                // rows whose exponentials were not kept recompute them (an empty `RowExps` says so)
-                let mut none = RowExps { exps: Vec::new(), chain: Vec::new(), shifts: Vec::new() };
-                for (i, o) in out.chunks_exact_mut(len).enumerate() {
-                    let r = rows.sel.global(task * rpt + i);
-                    let Some(y) = target_of(plan, r) else {
-                        zero(k, o, stream);
-                        continue;
-                    };
-                    let target = y.checked_sub(v0).filter(|&j| j < len).unwrap_or(usize::MAX);
-                    let p = Pending::new(m, o, merged[task * rpt + i], target, plan.row_coef(r));
-                    let e = match ex.as_deref_mut() {
-                        Some(e) => &mut e[i],
-                        None => &mut none,
-                    };
-                    // in place (`src` None), the logits are `out` itself
-                    p.write(k, m, e, src.map(|s| &s[i * len..(i + 1) * len]), s, stream);
-                }
-                // the streaming stores of this task, on the thread that made them
-                k.fence();
-            };
-        match dest {
-            Dest::Into(logits, out) => {
-                let tasks = out.par_chunks_mut(rpt * len).zip(logits.par_chunks(rpt * len)).zip(parts.par_iter_mut());
-                tasks.enumerate().for_each_init(
-                    || Scratch::new(m),
-                    |s, (task, ((out, src), ex))| row_task(task, out, Some(src), ex, s),
-                );
-            }
-            Dest::InPlace(logits) => {
-                let tasks = logits.par_chunks_mut(rpt * len).zip(parts.par_iter_mut()).enumerate();
-                tasks.for_each_init(|| Scratch::new(m), |s, (task, (out, ex))| row_task(task, out, None, ex, s));
-            }
-        }
+        let (out, logits) = dest.into_parts();
+        let logits: Vec<Option<&[L]>> = match logits {
+            Some(l) => l.chunks(rpt * len).map(Some).collect(),
+            None => (0..rows.len().div_ceil(rpt)).map(|_| None).collect(),
+        };
+        let tasks = out.par_chunks_mut(rpt * len).zip(logits).zip(parts.par_iter_mut()).enumerate();
+        tasks.for_each_init(
+            || Scratch::new(m),
+            |s, (task, ((out, src), ex))| {
+                let j0 = task * rpt;
+                self.grad_rows(plan, rows, j0, &merged[j0..], out, src, ex.as_deref_mut(), s)
+            },
+        );
     }
 }
 
@@ -486,23 +532,26 @@ impl Drop for SplitCpu {
 /// row; a shorter chunk uses the first ones).
 pub(crate) struct ChunkExps(Vec<RowExps>);
 
-/// The gradient half of a [`SplitCpu::pass`]: rows, their merged statistics, where the gradient
-/// goes and their kept exponentials.
+/// The gradient half of a [`SplitCpu::pass_rows`]: rows (consecutive), their merged statistics,
+/// where the gradient goes and their kept exponentials (the first rows of the buffers).
 pub(crate) struct GradPart<'a, L, G> {
-    pub rows: Rows<'static>,
+    pub rows: Range<usize>,
     pub merged: &'a [RowStats],
     pub dest: Dest<'a, L, G>,
     pub exps: &'a mut ChunkExps,
 }
 
-/// The statistics half of a [`SplitCpu::pass`]: rows, their logits, the statistics out and the
-/// buffers that keep their exponentials.
+/// The statistics half of a [`SplitCpu::pass_rows`]: rows (consecutive), their logits, the
+/// statistics out and the buffers that keep their exponentials (the first rows of them).
 pub(crate) struct StatsPart<'a, L> {
-    pub rows: Rows<'static>,
+    pub rows: Range<usize>,
     pub logits: &'a [L],
     pub out: &'a mut [RowStats],
     pub exps: &'a mut ChunkExps,
 }
+
+/// A [`SplitCpu::pass_rows`] worker's scratch.
+pub(crate) struct WorkerScratch(Scratch);
 
 /// Each task's part of the row buffers (`None` for every task when nothing is kept).
 fn task_parts(exps: Option<&mut [RowExps]>, n: usize, rpt: usize) -> Vec<Option<&mut [RowExps]>> {

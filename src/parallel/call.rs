@@ -13,30 +13,45 @@ use crate::spec::{check_len, LossOutput, LossSpec, Shape, Tokens};
 use crate::Grad;
 use std::ops::Range;
 
-/// Bytes of `f32` exponentials a chunk of rows keeps between its statistics and gradient steps:
-/// small enough to stay in the last-level cache of a CPU (several MiB) while the exchange runs.
-const CHUNK_BYTES: usize = 2 << 20;
+/// Bytes of `f32` exponentials a chunk of rows keeps between its statistics and gradient steps
+/// by default: each thread's share of the chunks in flight (three) then stays in its core's L2
+/// while the exchange runs (see [`Sharded::with_chunk_bytes`] for slow collectives).
+pub const DEFAULT_CHUNK_BYTES: usize = 512 << 10;
 
 /// Fewest rows per chunk (an exchange costs a round trip; very long rows get more than the
 /// byte budget rather than one exchange per row).
 const MIN_CHUNK_ROWS: usize = 4;
 
-/// Rows per chunk for slices of `len` logits.
-pub(crate) fn chunk_rows_for_len(len: usize) -> usize {
-    (CHUNK_BYTES / (4 * len.max(1))).max(MIN_CHUNK_ROWS)
+/// Rows per chunk for slices of `len` logits and `bytes` of kept exponentials per chunk.
+pub(crate) fn chunk_rows_for_len(len: usize, bytes: usize) -> usize {
+    (bytes / (4 * len.max(1))).max(MIN_CHUNK_ROWS)
+}
+
+/// The rows [`Sharded`] exchanges at once when `ranks` ranks split a vocabulary of `vocab` and
+/// a chunk may keep `bytes` of `f32` exponentials (at least 4 rows; [`DEFAULT_CHUNK_BYTES`] by
+/// default). It depends only on numbers every rank of a vocabulary group shares, so every rank
+/// cuts the same chunks.
+///
+/// ```
+/// use fused_weighted_loss::parallel::{chunk_rows_for, DEFAULT_CHUNK_BYTES};
+/// // 16032 logits per rank, 62.6 KiB per row
+/// assert_eq!(chunk_rows_for(128_256, 8, DEFAULT_CHUNK_BYTES), 8);
+/// assert_eq!(chunk_rows_for(50_000, 4, DEFAULT_CHUNK_BYTES), 10);
+/// assert_eq!(chunk_rows_for(50_000, 4, 8 << 20), 167);
+/// ```
+pub fn chunk_rows_for(vocab: usize, ranks: usize, bytes: usize) -> usize {
+    chunk_rows_for_len(vocab.div_ceil(ranks.max(1)), bytes)
 }
 
 /// The rows [`Sharded`] exchanges at once by default when `ranks` ranks split a vocabulary of
-/// `vocab`: about 2 MiB of kept `f32` exponentials per chunk (at least 4 rows). It depends only
-/// on numbers every rank of a vocabulary group shares, so every rank cuts the same chunks.
+/// `vocab`: [`chunk_rows_for`] with [`DEFAULT_CHUNK_BYTES`].
 ///
 /// ```
 /// use fused_weighted_loss::parallel::default_chunk_rows;
-/// assert_eq!(default_chunk_rows(128_256, 8), 32); // 16032 logits per rank, 62.6 KiB per row
-/// assert_eq!(default_chunk_rows(50_000, 1), 10);
+/// assert_eq!(default_chunk_rows(50_000, 4), 10);
 /// ```
 pub fn default_chunk_rows(vocab: usize, ranks: usize) -> usize {
-    chunk_rows_for_len(vocab.div_ceil(ranks.max(1)))
+    chunk_rows_for(vocab, ranks, DEFAULT_CHUNK_BYTES)
 }
 
 /// One sharded call on host buffers: this rank's place in the vocabulary group (its slice) and
@@ -73,6 +88,7 @@ pub struct Sharded<'a> {
     pub(super) vocab_group: &'a dyn Collective,
     pub(super) data_group: &'a dyn Collective,
     chunk_rows: Option<usize>,
+    chunk_bytes: Option<usize>,
     split_steps: bool,
 }
 
@@ -83,6 +99,7 @@ impl std::fmt::Debug for Sharded<'_> {
             .field("vocab_group", &(self.vocab_group.rank(), self.vocab_group.size()))
             .field("data_group", &(self.data_group.rank(), self.data_group.size()))
             .field("chunk_rows", &self.chunk_rows)
+            .field("chunk_bytes", &self.chunk_bytes)
             .field("split_steps", &self.split_steps)
             .finish()
     }
@@ -94,7 +111,14 @@ impl<'a> Sharded<'a> {
     /// Vocabulary-parallel: this rank's logits hold `slice` of the vocabulary; `group` reaches
     /// the ranks holding the other slices (of the same samples).
     pub fn vocab_parallel(slice: VocabSlice, group: &'a dyn Collective) -> Self {
-        Sharded { slice, vocab_group: group, data_group: &SOLO, chunk_rows: None, split_steps: false }
+        Sharded {
+            slice,
+            vocab_group: group,
+            data_group: &SOLO,
+            chunk_rows: None,
+            chunk_bytes: None,
+            split_steps: false,
+        }
     }
 
     /// Data-parallel: this rank holds some samples with every logit of a vocabulary of `vocab`;
@@ -102,7 +126,14 @@ impl<'a> Sharded<'a> {
     pub fn data_parallel(vocab: usize, group: &'a dyn Collective) -> Self {
         // a zero vocabulary is reported by the call, as the plain API does
         let slice = VocabSlice { start: 0, len: vocab, vocab };
-        Sharded { slice, vocab_group: &SOLO, data_group: group, chunk_rows: None, split_steps: false }
+        Sharded {
+            slice,
+            vocab_group: &SOLO,
+            data_group: group,
+            chunk_rows: None,
+            chunk_bytes: None,
+            split_steps: false,
+        }
     }
 
     /// Adds a data group to a vocabulary-parallel call (a 2-D grid of ranks).
@@ -111,15 +142,26 @@ impl<'a> Sharded<'a> {
     }
 
     /// Rows per exchange of the vocabulary group (default [`default_chunk_rows`]); the same on
-    /// every rank of the group. At least 1.
+    /// every rank of the group. At least 1. Takes precedence over
+    /// [`with_chunk_bytes`](Self::with_chunk_bytes).
     ///
-    /// On CPU, up to four chunks of kept `f32` exponentials are in flight (`16 × rows × slice
+    /// On CPU, the kept `f32` exponentials of three chunks are in flight (`12 × rows × slice
     /// width` bytes); they are kept for the next call only up to 64 MiB in all. Chunks much
     /// larger than the default cost an allocation and its page faults on every call, and leave
-    /// the last-level cache: in a benchmark, chunks of 2048 rows of a 12 500-wide slice (100 MB
-    /// of exponentials each) took 8–11× the single-device time of the slice.
+    /// the caches: in a benchmark, chunks of 2048 rows of a 12 500-wide slice (100 MB of
+    /// exponentials each) took 8–11× the single-device time of the slice.
     pub fn with_chunk_rows(self, rows: usize) -> Self {
         Sharded { chunk_rows: Some(rows.max(1)), ..self }
+    }
+
+    /// Rows per exchange from a budget of kept exponentials per chunk ([`chunk_rows_for`];
+    /// default [`DEFAULT_CHUNK_BYTES`]), the same on every rank of the group. The default keeps
+    /// each thread's share of the chunks in flight in its core's L2, which needs one exchange
+    /// per few rows; a collective with a long latency per call (`torch.distributed` over gloo:
+    /// 0.3–0.7 ms on a 2-core machine) costs less with fewer, larger chunks, as the Python
+    /// package's 8 MiB.
+    pub fn with_chunk_bytes(self, bytes: usize) -> Self {
+        Sharded { chunk_bytes: Some(bytes), ..self }
     }
 
     /// Runs the split's steps chunk by chunk even when the vocabulary group is this rank alone
@@ -296,7 +338,8 @@ impl<'a> Sharded<'a> {
         // this rank's own errors (here and in the plan) wait for the first exchanges, which
         // carry them to every rank of both groups (see `first_exchanges`)
         let checked = self.check_call(shape, &src, &dest, token_loss.as_deref());
-        let chunk = self.chunk_rows.unwrap_or_else(|| default_chunk_rows(shape.vocab(), vg.size()));
+        let bytes = self.chunk_bytes.unwrap_or(DEFAULT_CHUNK_BYTES);
+        let chunk = self.chunk_rows.unwrap_or_else(|| chunk_rows_for(shape.vocab(), vg.size(), bytes));
         let agree =
             || Agreement::new(spec, shape.vocab(), shape.seq(), call_digest(LOGITS_CALL, chunk as u64, 0), &tokens);
         if shape.batch() == 0 {
@@ -338,15 +381,15 @@ impl<'a> Sharded<'a> {
             let step = chunk.max(1) * len;
             match (&mut src, &mut dest) {
                 (Src::Write(l), _) => {
-                    pipeline::run(&mut steps, &mut ex, &chunks, l.chunks_mut(step).map(InPlace).collect())
+                    pipeline::run(&mut steps, &mut ex, &chunks, len, l.chunks_mut(step).map(InPlace).collect())
                 }
                 (Src::Read(l), Dest::Into(g)) => {
                     let mems = l.chunks(step).zip(g.chunks_mut(step)).map(|(logits, grad)| ReadInto { logits, grad });
-                    pipeline::run(&mut steps, &mut ex, &chunks, mems.collect())
+                    pipeline::run(&mut steps, &mut ex, &chunks, len, mems.collect())
                 }
                 (Src::Read(l), Dest::IntoF32(g)) => {
                     let mems = l.chunks(step).zip(g.chunks_mut(step)).map(|(logits, grad)| ReadInto { logits, grad });
-                    pipeline::run(&mut steps, &mut ex, &chunks, mems.collect())
+                    pipeline::run(&mut steps, &mut ex, &chunks, len, mems.collect())
                 }
                 (Src::Read(_), Dest::Skip) => unreachable!("a loss-only call writes no gradient"),
             }?;

@@ -88,12 +88,15 @@
 //! steps therefore work on **chunks of rows**: the statistics step keeps the exponentials of its
 //! rows (as the single-device pass keeps a row's between its two passes), the exchange runs, and
 //! the gradient step turns the kept exponentials into the gradient while they are still in
-//! cache. [`Sharded`] exchanges once per chunk ([`default_chunk_rows`]) and keeps two passes in
-//! flight: while the pool writes one chunk's gradient and takes a later chunk's statistics, the
-//! calling thread exchanges and merges the chunk in between (four chunks kept at once); so the
-//! pool waits neither for the exchange nor for a hand-off per chunk. A driver of the steps with
-//! an asynchronous exchange can likewise compute the statistics of chunk `k + 1` while chunk
-//! `k`'s are in flight (two chunks kept at once, within the default budget).
+//! cache. [`Sharded`] exchanges once per chunk ([`default_chunk_rows`]: 512 KiB of kept
+//! exponentials) and runs one worker per thread of the pool, the calling thread being one: each
+//! takes the same share of the rows of every chunk, writing the gradient of its share of chunk
+//! `k` inside the statistics loops of its share of chunk `k + 2` (as the single-device pass
+//! writes a row's gradient inside the next row's loop), so its three chunks in flight stay in
+//! its core's L2; the calling thread also exchanges and merges each chunk, and hands it to the
+//! others with a few atomic operations (no fork-join of the pool per chunk). A driver of the
+//! steps with an asynchronous exchange can likewise compute the statistics of chunk `k + 1`
+//! while chunk `k`'s are in flight (two chunks kept at once, within the default budget).
 
 mod agree;
 mod call;
@@ -103,7 +106,7 @@ mod pipeline;
 mod steps;
 mod wire;
 
-pub use call::{default_chunk_rows, Sharded};
+pub use call::{chunk_rows_for, default_chunk_rows, Sharded, DEFAULT_CHUNK_BYTES};
 pub use steps::ShardedLoss;
 
 use crate::error::{Error, Result};

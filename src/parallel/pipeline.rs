@@ -1,41 +1,63 @@
-//! The chunk loop of a [`Sharded`](super::Sharded) call that writes a gradient, with two passes
-//! in flight.
+//! The chunk loop of a [`Sharded`](super::Sharded) call that writes a gradient: one worker per
+//! thread of the pool, each owning a share of the rows of every chunk, with the caller's thread
+//! as one of them and the only one that exchanges.
 //!
-//! Pass `q` takes the statistics of chunk `q` and writes the gradient of chunk `q − 2`. The
-//! caller's thread submits the passes to the rayon pool and runs every exchange itself: it waits
-//! for pass `q`, exchanges and merges chunk `q`'s statistics, and submits pass `q + 2`, while pass
-//! `q + 1` keeps the pool busy. So the pool never waits for the exchange, nor for the caller's
-//! thread to wake up and hand it the next chunk (a fork-join from outside the pool costs tens of
-//! microseconds per chunk, and more once the pool's threads have gone to sleep). The exchange
-//! stays on the caller's thread, as a collective such as `torch.distributed` needs.
+//! Pass `q` of a worker takes the statistics of its share of chunk `q` and writes the gradient
+//! of its share of chunk `q − AHEAD`, each gradient row inside the statistics loop of a row of
+//! chunk `q` (`SplitCpu::pass_rows`). Before its pass `q`, the caller's thread exchanges and
+//! merges every chunk up to `q − AHEAD` whose statistics all workers have taken; the other
+//! workers wait only for the merge of the chunk their pass writes. So:
 //!
-//! Four chunks' exponentials are kept at once (the two passes in flight each read one and write
-//! one), in buffers that rotate. Every row is computed as in the loop of one pass at a time: the
-//! same bits.
+//! - a worker's share of the chunks in flight (`AHEAD + 1` of them) stays in its own core's
+//!   caches between its statistics and its gradient: the rows of a share are always the same
+//!   thread's;
+//! - handing a chunk from a worker to the exchange and back costs a few atomic operations,
+//!   not a fork-join of the pool per chunk (tens of microseconds, more once its threads sleep);
+//! - the exchange stays on the caller's thread, as a collective such as `torch.distributed`
+//!   needs, and the other workers run up to `AHEAD` passes ahead of it.
+//!
+//! Each worker of the pool is started by two jobs, the second a spare that takes the worker only
+//! if the first has not started yet: Linux tends to wake a thread on the waker's core, here the
+//! caller's, which is busy with its own share; the job that starts first is on another core.
+//! (Measured on 2 cores: with one job, the worker ran on the caller's core in about half of the
+//! calls, which then took up to twice as long.)
+//!
+//! A worker that would wait for a merge longer than a moment hands its thread back to the pool
+//! and is started again by the caller's thread after its next merge: no pool thread is ever held
+//! waiting for an exchange. (Ranks run as threads of one process share the pool: one rank's
+//! workers waiting for its exchange, which waits for a rank whose workers cannot start, would
+//! otherwise hang them all.)
+//!
+//! Every row is computed as in the loop of one pass at a time: the same bits whatever the number
+//! of workers.
 
 use super::exchange::Exchange;
 use super::wire::SLICE_WORDS;
 use super::ShardedLoss;
-use crate::cpu::split::{ChunkExps, Dest, GradPart, Rows, StatsPart};
+use crate::cpu::split::{ChunkExps, Dest, GradPart, SplitCpu, StatsPart, WorkerScratch};
 use crate::cpu::RowStats;
 use crate::dtype::Logit;
 use crate::error::{Error, Result};
-use std::collections::VecDeque;
+use crate::plan::Plan;
 use std::ops::Range;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Chunks between a chunk's statistics and its gradient: pass `q` takes the statistics of chunk
 /// `q` and writes the gradient of chunk `q − AHEAD`.
 const AHEAD: usize = 2;
 
-/// Chunk buffers in rotation: chunk `c`'s exponentials live in buffer `c % RING` from pass `c`
-/// to pass `c + AHEAD`.
-const RING: usize = 2 * AHEAD;
+/// Row buffers per worker: its share of chunk `c`'s exponentials lives in slot `c % SLOTS` from
+/// pass `c` to pass `c + AHEAD`.
+const SLOTS: usize = AHEAD + 1;
 
 /// One chunk's memory: the logits its statistics read, and where its gradient goes.
-pub(super) trait ChunkMem<L, G>: Send {
+pub(super) trait ChunkMem<L, G>: Send + Sized {
     fn logits(&self) -> &[L];
     fn dest(&mut self) -> Dest<'_, L, G>;
+    /// The first `at` elements and the rest.
+    fn split_at(self, at: usize) -> (Self, Self);
 }
 
 /// Logits read, gradient into another buffer.
@@ -51,6 +73,11 @@ impl<L: Logit, G: Logit> ChunkMem<L, G> for ReadInto<'_, L, G> {
     fn dest(&mut self) -> Dest<'_, L, G> {
         Dest::Into(self.logits, self.grad)
     }
+    fn split_at(self, at: usize) -> (Self, Self) {
+        let (l0, l1) = self.logits.split_at(at);
+        let (g0, g1) = self.grad.split_at_mut(at);
+        (ReadInto { logits: l0, grad: g0 }, ReadInto { logits: l1, grad: g1 })
+    }
 }
 
 /// The gradient written over the logits.
@@ -63,94 +90,306 @@ impl<L: Logit> ChunkMem<L, L> for InPlace<'_, L> {
     fn dest(&mut self) -> Dest<'_, L, L> {
         Dest::InPlace(self.0)
     }
+    fn split_at(self, at: usize) -> (Self, Self) {
+        let (a, b) = self.0.split_at_mut(at);
+        (InPlace(a), InPlace(b))
+    }
 }
 
-/// What a pass hands back: the memory and buffers it borrowed, and the statistics it took.
-struct Done<M> {
-    stats: Option<(M, ChunkExps, Vec<RowStats>)>,
-    grad: Option<(M, ChunkExps)>,
+/// How long a worker of the pool waits for a merge before it hands its thread back (about the
+/// time of a pass over a share of a default chunk).
+const BRIEF: Duration = Duration::from_micros(300);
+
+/// A worker of the pool between its runs: the worker, and whether a job of the pool runs it.
+struct Slot<'r, M> {
+    worker: Mutex<Worker<'r, M>>,
+    running: AtomicBool,
 }
 
-/// Runs the chunks (`mems[c]` is chunk `c`'s memory) through the pipeline. The caller checked
-/// that the slice's exponentials can be kept.
+impl<M> Slot<'_, M> {
+    /// Runs the worker's passes while the merges they need are there; returns (the thread back
+    /// to the pool) when one is not there after a moment, after the last pass, or when the call
+    /// was given up. A `spare` job returns at once when another job has the worker (see the
+    /// module docs); the job the caller counts on (`running`) waits for it instead, so that
+    /// no start is lost.
+    fn drive<L: Logit, G: Logit>(&self, chunks: &[Range<usize>], cpu: &SplitCpu, plan: &Plan, sh: &Shared, spare: bool)
+    where
+        M: ChunkMem<L, G>,
+    {
+        let _guard = StopOnPanic(&sh.stop);
+        let mut wk = match spare {
+            true => match self.worker.try_lock() {
+                Ok(wk) => wk,
+                Err(_) => return,
+            },
+            false => self.worker.lock().unwrap_or_else(|e| e.into_inner()),
+        };
+        let n = chunks.len();
+        loop {
+            let q = sh.progress[wk.w].load(Ordering::Acquire);
+            let ready = || q < AHEAD || sh.merged[q - AHEAD].get().is_some();
+            if q >= n + AHEAD || sh.stop.load(Ordering::Acquire) {
+                self.running.store(false, Ordering::Release);
+                return;
+            }
+            if !sh.wait(ready, Some(BRIEF)) {
+                self.running.store(false, Ordering::SeqCst);
+                // (the caller sets a merge, then looks at `running`: one of the two sees the
+                // other's write)
+                std::sync::atomic::fence(Ordering::SeqCst);
+                let again = ready() && !sh.stop.load(Ordering::Acquire);
+                if !(again && self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok()) {
+                    return;
+                }
+            }
+            wk.pass(q, chunks, cpu, plan, sh);
+        }
+    }
+}
+
+/// What the workers share: how far each got, the statistics of their shares, the merged
+/// statistics of each chunk and whether the call was given up.
+struct Shared {
+    workers: usize,
+    /// Passes each worker has finished (its share of chunk `q`'s statistics is in `stats` once
+    /// this is past `q`).
+    progress: Vec<AtomicUsize>,
+    /// Worker `w`'s statistics of chunk `q` at `q * workers + w`.
+    stats: Vec<Mutex<Vec<RowStats>>>,
+    /// Each chunk's merged statistics, set by the caller's thread.
+    merged: Vec<OnceLock<Vec<RowStats>>>,
+    /// Set when a worker or the exchange failed: every wait gives up.
+    stop: AtomicBool,
+}
+
+impl Shared {
+    /// Waits until `ready` (true) or until the call is given up (false): spins briefly, then
+    /// yields the core; gives up after `patience` if any, else sleeps in short steps after a
+    /// while (a peer that is slow to exchange does not keep a core busy).
+    fn wait(&self, ready: impl Fn() -> bool, patience: Option<Duration>) -> bool {
+        let t0 = Instant::now();
+        let mut tries = 0u32;
+        while !ready() {
+            if self.stop.load(Ordering::Acquire) || patience.is_some_and(|p| t0.elapsed() > p) {
+                return false;
+            }
+            tries = tries.saturating_add(1);
+            if tries < 64 {
+                std::hint::spin_loop();
+            } else if tries < 20_000 || patience.is_some() {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        true
+    }
+
+    /// Whether every worker has the statistics of chunk `c`.
+    fn taken(&self, c: usize) -> bool {
+        self.progress.iter().all(|p| p.load(Ordering::Acquire) > c)
+    }
+}
+
+/// Gives the call up when dropped while panicking (a worker's or the caller's panic), so that
+/// the others stop waiting for it.
+struct StopOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// One worker: its index, its share of every chunk (memory, rows), its row buffers and scratch.
+struct Worker<'r, M> {
+    w: usize,
+    mems: Vec<Option<M>>,
+    rows: Vec<Range<usize>>,
+    ring: &'r mut [ChunkExps],
+    scratch: WorkerScratch,
+}
+
+impl<M> Worker<'_, M> {
+    /// Pass `q`: the statistics of this worker's share of chunk `q` and the gradient of its
+    /// share of chunk `q − AHEAD` (merged before), then its progress.
+    fn pass<L: Logit, G: Logit>(&mut self, q: usize, chunks: &[Range<usize>], cpu: &SplitCpu, plan: &Plan, sh: &Shared)
+    where
+        M: ChunkMem<L, G>,
+    {
+        let n = chunks.len();
+        // this pass's gradient chunk is done after it: its memory is taken out for good
+        let mut done =
+            q.checked_sub(AHEAD).map(|c| (c, self.mems[c].take().expect("a chunk's memory is written once")));
+        let (ring_s, ring_g) = two_slots(self.ring, q % SLOTS, q.checked_sub(AHEAD).map(|c| c % SLOTS));
+        let grad = match (done.as_mut(), ring_g) {
+            (Some((c, m)), Some(exps)) => {
+                let merged = sh.merged[*c].get().expect("merged before its gradient");
+                let r = self.rows[*c].clone();
+                let at = r.start - chunks[*c].start;
+                Some(GradPart { merged: &merged[at..at + r.len()], rows: r, dest: m.dest(), exps })
+            }
+            _ => None,
+        };
+        let mut out = Vec::new();
+        let stats = match (q < n).then(|| self.mems[q].as_ref()).flatten() {
+            Some(m) => {
+                out = vec![RowStats::EMPTY; self.rows[q].len()];
+                Some(StatsPart { rows: self.rows[q].clone(), logits: m.logits(), out: &mut out, exps: ring_s })
+            }
+            None => None,
+        };
+        cpu.pass_rows(plan, grad, stats, &mut self.scratch);
+        if q < n {
+            *sh.stats[q * sh.workers + self.w].lock().unwrap_or_else(|e| e.into_inner()) = out;
+        }
+        sh.progress[self.w].store(q + 1, Ordering::Release);
+    }
+}
+
+/// Slot `s` (the statistics' buffers) and, when given, slot `g` (the gradient's; another slot).
+fn two_slots(ring: &mut [ChunkExps], s: usize, g: Option<usize>) -> (&mut ChunkExps, Option<&mut ChunkExps>) {
+    match g {
+        Some(g) if g < s => {
+            let (lo, hi) = ring.split_at_mut(s);
+            (&mut hi[0], Some(&mut lo[g]))
+        }
+        Some(g) => {
+            let (lo, hi) = ring.split_at_mut(g);
+            (&mut lo[s], Some(&mut hi[0]))
+        }
+        None => (&mut ring[s], None),
+    }
+}
+
+/// Worker `w`'s rows of `r` among `workers` (consecutive, the same split for every chunk).
+fn share(r: &Range<usize>, w: usize, workers: usize) -> Range<usize> {
+    let n = r.len();
+    r.start + n * w / workers..r.start + n * (w + 1) / workers
+}
+
+/// Runs the chunks (`mems[c]` is chunk `c`'s memory, `chunks[c]` its rows, `len` logits each)
+/// through the pipeline. The caller checked that the slice's exponentials can be kept and that
+/// this thread is not one of the pool's.
 pub(super) fn run<L: Logit, G: Logit, M: ChunkMem<L, G>>(
     steps: &mut ShardedLoss,
     ex: &mut Exchange<'_>,
     chunks: &[Range<usize>],
+    len: usize,
     mems: Vec<M>,
 ) -> Result<()> {
     let n = chunks.len();
-    let max_rows = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
-    let mut bufs: Vec<Option<ChunkExps>> = (0..RING.min(n)).map(|_| steps.cpu_mut().chunk_buffers(max_rows)).collect();
-    if bufs.iter().any(Option::is_none) {
-        return Err(Error::StepOrder("a pipelined call on a slice whose exponentials cannot be kept"));
+    let workers = crate::pool::install(rayon::current_num_threads)
+        .clamp(1, chunks.iter().map(|c| c.len()).max().unwrap_or(1).max(1));
+    let max_share = chunks.iter().map(|c| c.len().div_ceil(workers)).max().unwrap_or(0);
+    let mut rings: Vec<Vec<ChunkExps>> = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let ring: Option<Vec<ChunkExps>> = (0..SLOTS).map(|_| steps.cpu_mut().chunk_buffers(max_share)).collect();
+        match ring {
+            Some(r) => rings.push(r),
+            None => {
+                rings.into_iter().flatten().for_each(|b| steps.cpu_mut().recycle(b));
+                return Err(Error::StepOrder("a pipelined call on a slice whose exponentials cannot be kept"));
+            }
+        }
     }
+    // each chunk's memory cut into the workers' shares
+    let mut parts: Vec<Vec<Option<M>>> = (0..workers).map(|_| Vec::with_capacity(n)).collect();
+    for (m, r) in mems.into_iter().zip(chunks) {
+        let mut rest = m;
+        for (w, part) in parts.iter_mut().enumerate() {
+            let (mine, after) = rest.split_at(share(r, w, workers).len() * len);
+            part.push(Some(mine));
+            rest = after;
+        }
+    }
+    let sh = Shared {
+        workers,
+        progress: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+        stats: (0..n * workers).map(|_| Mutex::new(Vec::new())).collect(),
+        merged: (0..n).map(|_| OnceLock::new()).collect(),
+        stop: AtomicBool::new(false),
+    };
     let words = steps.words_per_row();
-    let mut mems: Vec<Option<M>> = mems.into_iter().map(Some).collect();
-    let mut merged: Vec<Option<Vec<RowStats>>> = (0..n).map(|_| None).collect();
     let (plan, cpu, mut merge) = steps.pipeline_parts();
+    let mut list: Vec<Worker<'_, M>> = parts
+        .into_iter()
+        .zip(rings.iter_mut())
+        .enumerate()
+        .map(|(w, (mems, ring))| Worker {
+            w,
+            mems,
+            rows: chunks.iter().map(|r| share(r, w, workers)).collect(),
+            ring,
+            scratch: cpu.scratch(),
+        })
+        .collect();
+    let mut me = list.remove(0);
+    let slots: Vec<Slot<'_, M>> =
+        list.into_iter().map(|wk| Slot { worker: Mutex::new(wk), running: AtomicBool::new(false) }).collect();
     let result = crate::pool::in_place_scope(|s| -> Result<()> {
-        // the passes in flight, in the order they were submitted
-        let mut in_flight: VecDeque<(usize, mpsc::Receiver<Done<M>>)> = VecDeque::new();
-        // pass q: the statistics of chunk q (q < n) and the gradient of chunk q - AHEAD
-        let submit =
-            |q: usize, mems: &mut [Option<M>], bufs: &mut [Option<ChunkExps>], merged: &mut [Option<Vec<RowStats>>]| {
-                let stats = (q < n).then(|| {
-                    let m = mems[q].take().expect("chunk memory in hand");
-                    (m, bufs[q % RING].take().expect("buffer in hand"), vec![RowStats::EMPTY; chunks[q].len()])
-                });
-                let grad = q.checked_sub(AHEAD).map(|c| {
-                    let m = mems[c].take().expect("chunk memory in hand");
-                    let b = bufs[c % RING].take().expect("buffer in hand");
-                    (m, b, merged[c].take().expect("merged before its gradient"), chunks[c].clone())
-                });
-                let stats_rows = chunks.get(q).cloned();
-                let (tx, rx) = mpsc::channel();
-                s.spawn(move |_| {
-                    let mut stats = stats;
-                    let mut grad = grad;
-                    let g = grad.as_mut().map(|(m, b, merged, r)| GradPart {
-                        rows: Rows::range(r.clone()),
-                        merged: &merged[..],
-                        dest: m.dest(),
-                        exps: b,
-                    });
-                    let st = stats.as_mut().zip(stats_rows).map(|((m, b, out), r)| StatsPart {
-                        rows: Rows::range(r),
-                        logits: m.logits(),
-                        out: &mut out[..],
-                        exps: b,
-                    });
-                    cpu.pass(plan, g, st);
-                    // the receiver is gone only when the caller gave up on an error
-                    let _ = tx.send(Done { stats, grad: grad.map(|(m, b, _, _)| (m, b)) });
-                });
-                rx
-            };
-        for q in 0..AHEAD.min(n) {
-            in_flight.push_back((q, submit(q, &mut mems, &mut bufs, &mut merged)));
+        let _guard = StopOnPanic(&sh.stop);
+        // starts the pool's workers that are not running (after a merge they may be waiting
+        // for), the first time with a spare job each
+        let start = |spares: bool| {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            for slot in &slots {
+                if slot.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                    let sh = &sh;
+                    s.spawn(move |_| slot.drive(chunks, cpu, plan, sh, false));
+                    if spares {
+                        s.spawn(move |_| slot.drive(chunks, cpu, plan, sh, true));
+                    }
+                }
+            }
+        };
+        start(true);
+        // chunk `c`'s exchange and merge, once every worker has its statistics
+        let mut merge_chunk = |c: usize| -> Result<()> {
+            if !sh.wait(|| sh.taken(c), None) {
+                return Err(Error::StepOrder("a worker of the pipeline stopped"));
+            }
+            let mut st = Vec::with_capacity(chunks[c].len());
+            for w in 0..workers {
+                st.append(&mut sh.stats[c * workers + w].lock().unwrap_or_else(|e| e.into_inner()));
+            }
+            let wds = words * st.len() + SLICE_WORDS;
+            merge.encode(&st, ex.buffer(wds));
+            let (gathered, stride) = ex.gather(wds)?;
+            let merged = merge.merge(&chunks[c], gathered, Some(stride))?;
+            let _ = sh.merged[c].set(merged);
+            start(false);
+            Ok(())
+        };
+        let mut run = || -> Result<()> {
+            let mut next = 0;
+            for q in 0..n + AHEAD {
+                if let Some(c) = q.checked_sub(AHEAD) {
+                    while next <= c {
+                        merge_chunk(next)?;
+                        next += 1;
+                    }
+                }
+                me.pass(q, chunks, cpu, plan, &sh);
+                // the chunks every worker has taken, merged now rather than when needed
+                while next < n.min(q + 1) && sh.taken(next) {
+                    merge_chunk(next)?;
+                    next += 1;
+                }
+            }
+            Ok(())
+        };
+        let r = run();
+        if r.is_err() {
+            sh.stop.store(true, Ordering::Release);
         }
-        while let Some((q, rx)) = in_flight.pop_front() {
-            let done = rx.recv().map_err(|_| Error::StepOrder("a pass of the pipeline stopped"))?;
-            if let Some((_, b)) = done.grad {
-                // chunk q - AHEAD is finished: its buffer serves chunk q + AHEAD
-                bufs[(q - AHEAD) % RING] = Some(b);
-            }
-            if let Some((m, b, st)) = done.stats {
-                mems[q] = Some(m);
-                bufs[q % RING] = Some(b);
-                let w = words * st.len() + SLICE_WORDS;
-                merge.encode(&st, ex.buffer(w));
-                let (gathered, stride) = ex.gather(w)?;
-                merged[q] = Some(merge.merge(&chunks[q], gathered, Some(stride))?);
-            }
-            if q < n {
-                in_flight.push_back((q + AHEAD, submit(q + AHEAD, &mut mems, &mut bufs, &mut merged)));
-            }
-        }
-        Ok(())
+        r
     });
-    for b in bufs.into_iter().flatten() {
+    drop(me);
+    drop(slots);
+    for b in rings.into_iter().flatten() {
         steps.cpu_mut().recycle(b);
     }
     result

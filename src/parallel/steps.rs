@@ -11,6 +11,10 @@ use crate::spec::{check_len, LossOutput, LossSpec, Shape, Tokens};
 use crate::Backend;
 use std::ops::Range;
 
+/// Bytes of exponentials [`ShardedLoss`] keeps by default between its steps: two chunks of
+/// 2 MiB (a driver may take a chunk's statistics while the previous chunk's are exchanged).
+const KEEP_BYTES: usize = 4 << 20;
+
 /// One sharded call on host buffers, as steps (see the [module](super) docs): the statistics of
 /// a range of rows, the caller's all-gather, the merge and the gradient of this rank's slice of
 /// those rows, then the per-sample and batch loss.
@@ -131,7 +135,7 @@ impl ShardedLoss {
         let plan = spec.plan_of_rank(shape, &tokens)?;
         let k = crate::cpu_kernels(spec.cpu_simd)?;
         let rows = shape.rows();
-        let keep = 2 * super::call::chunk_rows_for_len(slice.len());
+        let keep = super::call::chunk_rows_for_len(slice.len(), KEEP_BYTES);
         let cpu = SplitCpu::new(k, &plan.opts, shape.vocab(), (slice.start(), slice.len()), rows, keep);
         Ok(ShardedLoss {
             spec: spec.clone(),
@@ -188,11 +192,9 @@ impl ShardedLoss {
 
     /// Rows whose exponentials are kept at once between [`partials`](Self::partials) and
     /// [`finish_rows_grad`](Self::finish_rows_grad), `slice.len() × 4` bytes each (twice that with
-    /// soft-capping and label smoothing together). Default: twice the chunk
-    /// [`Sharded`](super::Sharded) takes for a slice of this length (about 2 MiB of kept
-    /// exponentials per chunk, at least 4 rows); a driver whose chunks are larger, e.g. of
-    /// [`default_chunk_rows`](super::default_chunk_rows) for a long slice, sets it to what it
-    /// keeps in flight. Rows beyond it are recomputed from the logits in the gradient step (one
+    /// soft-capping and label smoothing together). Default: 4 MiB of kept exponentials (at
+    /// least 4 rows), twice [`DEFAULT_CHUNK_BYTES`](super::DEFAULT_CHUNK_BYTES) and more; a driver
+    /// whose chunks in flight are larger sets it to what it keeps. Rows beyond it are recomputed from the logits in the gradient step (one
     /// more read); 0 keeps nothing (for loss-only calls). The row buffers kept by the last call
     /// of the same slice length serve this one.
     pub fn with_keep_rows(mut self, rows: usize) -> Self {
