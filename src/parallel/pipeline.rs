@@ -1,5 +1,5 @@
 //! The chunk loop of a [`Sharded`](super::Sharded) call that writes a gradient: one worker per
-//! thread of the pool, each owning a share of the rows of every chunk, with the caller's thread
+//! thread of the pool, each taking a piece of the rows of every chunk, with the caller's thread
 //! as one of them and the only one that exchanges.
 //!
 //! Pass `q` of a worker takes the statistics of its share of chunk `q` and writes the gradient
@@ -9,8 +9,9 @@
 //! workers wait only for the merge of the chunk their pass writes. So:
 //!
 //! - a worker's share of the chunks in flight (`AHEAD + 1` of them) stays in its own core's
-//!   caches between its statistics and its gradient: the rows of a share are always the same
-//!   thread's;
+//!   caches between its statistics and its gradient: a chunk's rows are the same thread's in
+//!   both (which piece of a chunk a worker takes turns from chunk to chunk, so that uneven
+//!   pieces even out);
 //! - handing a chunk from a worker to the exchange and back costs a few atomic operations,
 //!   not a fork-join of the pool per chunk (tens of microseconds, more once its threads sleep);
 //! - the exchange stays on the caller's thread, as a collective such as `torch.distributed`
@@ -264,10 +265,18 @@ fn two_slots(ring: &mut [ChunkExps], s: usize, g: Option<usize>) -> (&mut ChunkE
     }
 }
 
-/// Worker `w`'s rows of `r` among `workers` (consecutive, the same split for every chunk).
-fn share(r: &Range<usize>, w: usize, workers: usize) -> Range<usize> {
+/// Piece `p` of chunk `r`'s rows cut in `workers` consecutive pieces (their lengths differ by
+/// one at most).
+fn piece(r: &Range<usize>, p: usize, workers: usize) -> Range<usize> {
     let n = r.len();
-    r.start + n * w / workers..r.start + n * (w + 1) / workers
+    r.start + n * p / workers..r.start + n * (p + 1) / workers
+}
+
+/// The worker that takes piece `p` of chunk `q`: the pieces turn by one worker per chunk, so that
+/// no worker takes the longer pieces of every chunk (with 2 workers and chunks of 5 rows, one
+/// would take 3 rows of every 5). A chunk's statistics and gradient are the same worker's.
+fn worker_of(p: usize, q: usize, workers: usize) -> usize {
+    (p + q) % workers
 }
 
 /// Runs the chunks (`mems[c]` is chunk `c`'s memory, `chunks[c]` its rows, `len` logits each)
@@ -295,14 +304,19 @@ pub(super) fn run<L: Logit, G: Logit, M: ChunkMem<L, G>>(
             }
         }
     }
-    // each chunk's memory cut into the workers' shares
+    // each chunk's memory cut into the workers' shares (`rows[w][q]` worker `w`'s rows of chunk
+    // `q`, `parts[w][q]` their memory)
     let mut parts: Vec<Vec<Option<M>>> = (0..workers).map(|_| Vec::with_capacity(n)).collect();
-    for (m, r) in mems.into_iter().zip(chunks) {
-        let mut rest = m;
-        for (w, part) in parts.iter_mut().enumerate() {
-            let (mine, after) = rest.split_at(share(r, w, workers).len() * len);
-            part.push(Some(mine));
-            rest = after;
+    let mut rows: Vec<Vec<Range<usize>>> = (0..workers).map(|_| Vec::with_capacity(n)).collect();
+    for (q, (m, r)) in mems.into_iter().zip(chunks).enumerate() {
+        let mut rest = Some(m);
+        for p in 0..workers {
+            let w = worker_of(p, q, workers);
+            let mine = piece(r, p, workers);
+            let (part, after) = rest.take().expect("the rest of the chunk").split_at(mine.len() * len);
+            parts[w].push(Some(part));
+            rows[w].push(mine);
+            rest = Some(after);
         }
     }
     let sh = Shared {
@@ -318,13 +332,7 @@ pub(super) fn run<L: Logit, G: Logit, M: ChunkMem<L, G>>(
         .into_iter()
         .zip(rings.iter_mut())
         .enumerate()
-        .map(|(w, (mems, ring))| Worker {
-            w,
-            mems,
-            rows: chunks.iter().map(|r| share(r, w, workers)).collect(),
-            ring,
-            scratch: cpu.scratch(),
-        })
+        .map(|(w, (mems, ring))| Worker { w, mems, rows: std::mem::take(&mut rows[w]), ring, scratch: cpu.scratch() })
         .collect();
     let mut me = list.remove(0);
     let slots: Vec<Slot<'_, M>> =
@@ -352,7 +360,8 @@ pub(super) fn run<L: Logit, G: Logit, M: ChunkMem<L, G>>(
                 return Err(Error::StepOrder("a worker of the pipeline stopped"));
             }
             let mut st = Vec::with_capacity(chunks[c].len());
-            for w in 0..workers {
+            for p in 0..workers {
+                let w = worker_of(p, c, workers);
                 st.append(&mut sh.stats[c * workers + w].lock().unwrap_or_else(|e| e.into_inner()));
             }
             let wds = words * st.len() + SLICE_WORDS;
