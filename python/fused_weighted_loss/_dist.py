@@ -162,8 +162,8 @@ def sharded_forward(logits: Tensor, ids: Tensor, labels: Optional[Tensor], token
                     check: bool = False, grad_f32: bool = False):
     """Runs the split as the crate's one call (``parallel::Sharded`` for CPU tensors,
     ``cuda::split::DeviceSharded`` for CUDA tensors) with the GIL released, its exchanges calling
-    back into ``torch.distributed`` from the calling thread: on the CPU the pool keeps two passes
-    in flight meanwhile; on CUDA the crate's numbers go through torch tensors on torch's current
+    back into ``torch.distributed`` from the calling thread: on the CPU the pool's threads run up
+    to two chunks ahead meanwhile; on CUDA the crate's numbers go through torch tensors on torch's current
     stream (``_DeviceExchange``). ``check`` (CUDA): wait for the kernels and report bad ids.
     ``grad_f32``: the gradient in float32 whatever the logits' dtype. Returns (loss f32,
     per_sample, weights, z_loss f64, token_loss, grad)."""

@@ -375,9 +375,9 @@ impl<'a> Sharded<'a> {
         // parallel pass); every exchange also carries each rank's slice, checked to tile
         let chunks: Vec<Range<usize>> = (0..rows).step_by(chunk.max(1)).map(|r0| r0..(r0 + chunk).min(rows)).collect();
         let mut ex = Exchange::new(vg, slice);
-        // (not from a thread of the pool itself: it would wait on passes that may need it)
+        // (not from a thread of the pool itself: it would wait for workers that may need its thread)
         if wants_grad && chunks.len() > 1 && steps.cpu_mut().can_keep() && rayon::current_thread_index().is_none() {
-            // two passes in flight, the exchanges on this thread between them
+            // one worker per thread of the pool, this one too, the exchanges on this thread
             let step = chunk.max(1) * len;
             match (&mut src, &mut dest) {
                 (Src::Write(l), _) => {
