@@ -29,7 +29,8 @@
 #                                       # bf16 against torch eager on hidden@W^T and Liger-Kernel's fused
 #                                       # linear cross-entropy + the weighting, time and peak memory), the
 #                                       # crate's fused linear time at chunk budgets of 160 and 256 MiB
-#                                       # and under the tiled schedule (blocks of 4096 columns),
+#                                       # and under the tiled schedule (blocks of 4096 columns), one
+#                                       # rank's split against the one-device pass (bench-split),
 #                                       # then one bench table (printed last): this crate (CLI and, in process on
 #                                       # the same tensors, the Python package, checked against float64),
 #                                       # the course function in torch eager and under torch.compile,
@@ -356,6 +357,14 @@ run() {
       python3 -c 'import json, sys; j = json.load(open(sys.argv[1])); print("tiles of %d columns, budget %s MiB: %d rows, %d chunks, median %.2f ms, min %.2f ms, scratch %.1f MiB, peak %.2f GiB" % (j["tile_cols"], sys.argv[2], j["chunk_rows"], j["chunks"], j["median_ms"], j["min_ms"], j["scratch_bytes"] / 2**20, (j["peak_bytes"] or 0) / 2**30))' \
         /tmp/fwl-linear-tiles.json "$mib" || fail=1
     done
+  done
+
+  step "the split per rank: one rank's slice through the split's kernels vs the one-device pass (issue 13: <= 1.1x)"
+  local sp
+  # (not yet run on a GPU; the CPU's figures are in BENCHMARKS.md, 2026-12-05)
+  for sp in 8x256x50000:4:f32 8x256x50000:8:f32 8x1024x128256:8:bf16; do
+    within 30 "$bundle/bin/fused-weighted-loss" bench-split --backend cuda --shape "${sp%%:*}" \
+      --ranks "$(cut -d: -f2 <<<"$sp")" --dtype "${sp##*:}" --iters 20 || fail=1
   done
 
   step "loss options: plain vs z-loss + label smoothing + soft-cap + token weights, default and lean kernels"

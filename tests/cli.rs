@@ -255,6 +255,43 @@ fn bench_json_contract() {
 }
 
 #[test]
+fn bench_split_json_contract() {
+    // one rank of 3 holds ⌈3001 / 3⌉ = 1001 columns, chunked as a rank of that group would be
+    let args = ["bench-split", "--shape", "2x8x3001", "--ranks", "3", "--json", "--iters", "3", "--warmup", "1"];
+    let j = json(&run(&[&args[..], &["--backend", "cpu"]].concat()));
+    for key in ["single_ms", "split_ms", "ratio", "paired_ratio", "loss"] {
+        let x = j[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {j}"));
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+    }
+    assert_eq!(j["backend"], "cpu");
+    assert_eq!(j["shape"], serde_json::json!([2, 8, 3001]));
+    assert_eq!(j["slice"], 1001);
+    assert_eq!(j["chunk_rows"], fused_weighted_loss::parallel::default_chunk_rows(3001, 3));
+    let r = run(&[
+        "bench-split",
+        "--shape",
+        "2x5x700",
+        "--ranks",
+        "2",
+        "--chunk-rows",
+        "3",
+        "--iters",
+        "2",
+        "--dtype",
+        "bf16",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("one rank of 2") && r.stdout.contains("chunks of 3 rows"), "{}", r.stdout);
+    assert_usage_error(&["bench-split", "--shape", "2x4x10", "--ranks", "0"], "ranks");
+    assert_usage_error(&["bench-split", "--shape", "2x4x10", "--ranks", "11"], "ranks");
+    assert_usage_error(&["bench-split", "--shape", "2x4x10", "--chunk-rows", "0"], "chunk-rows");
+    assert_usage_error(&["bench-split", "--shape", "2x4"], "bxtxv");
+    if fused_weighted_loss::cuda_status().is_err() {
+        assert_usage_error(&["bench-split", "--shape", "2x4x10", "--ranks", "2", "--backend", "cuda"], "not available");
+    }
+}
+
+#[test]
 fn eval_pins_the_simd_level_and_threads_with_the_same_bits() {
     // a level gives the same bits whatever the thread count; every level agrees with the
     // reference; a level this CPU lacks and --threads 0 are one-line errors

@@ -15,6 +15,8 @@ mod linear_bench;
 mod npy;
 #[path = "cli/output.rs"]
 mod output;
+#[path = "cli/split_bench.rs"]
+mod split_bench;
 
 use clap::{Args, Parser, Subcommand};
 use fused_weighted_loss::{
@@ -43,6 +45,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Time the fused linear + weighted loss (hidden states and output weight, no logits).
     BenchLinear(linear_bench::BenchLinearArgs),
+    /// Time one rank's kernels of a vocabulary-parallel split against the single-device pass on
+    /// its slice (the exchange apart).
+    BenchSplit(split_bench::BenchSplitArgs),
 }
 
 #[derive(Args)]
@@ -185,6 +190,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => eval(a),
         Command::Bench(a) => bench::bench(a).map(|text| (text, Vec::new())),
         Command::BenchLinear(a) => linear_bench::bench_linear(a).map(|text| (text, Vec::new())),
+        Command::BenchSplit(a) => split_bench::bench_split(a).map(|text| (text, Vec::new())),
     };
     // the report goes out after the output files are flushed and before they replace their
     // destinations: a report that cannot be written (a full device, a closed pipe) fails the

@@ -99,7 +99,7 @@ mod probe;
 pub(crate) use api::cuda_shape_fits as shape_fits;
 pub(crate) use api::grad_buffer;
 pub use api::{CudaLoss, DeviceInputs, DeviceLossOutput};
-pub use bench::{bench_device, DeviceBench};
+pub use bench::{bench_device, bench_device_split, DeviceBench, DeviceSplitBench};
 use host::{host_device, Uploaded};
 pub(crate) use host::{run_host, run_host_in_place};
 use launch::Ptrs;

@@ -239,6 +239,20 @@ fn gpu_one_call_group_of_one_matches_the_unsharded_kernels() {
             let lo = split.loss(&loss, &c.spec, shape, &stream, &d_l.as_view(), inputs).unwrap();
             assert_eq!(ip.to_host(&stream).unwrap().loss.to_bits(), b.loss.to_bits());
             assert_eq!(lo.to_host(&stream).unwrap().loss.to_bits(), b.loss.to_bits());
+            // the split's kernels chunk by chunk all the same (what `bench-split` times): the
+            // same loss and gradient to rounding
+            let steps = split.with_split_steps();
+            let s = steps
+                .loss_and_grad(&loss, &c.spec, shape, &stream, &d_l.as_view(), inputs, &mut g2.as_view_mut())
+                .unwrap()
+                .to_host(&stream)
+                .unwrap();
+            let close = (s.loss - a.loss).abs() <= 1e-5 * a.loss.abs();
+            assert!(s.loss.is_finite() && close, "{:?}: split steps' loss {} vs {}", c.spec, s.loss, a.loss);
+            let h3 = stream.clone_dtoh(&g2).unwrap();
+            stream.synchronize().unwrap();
+            let e = rel_err(&h3, &h1);
+            assert!(e <= 1e-5, "{:?}: split steps' gradient rel err {e:e}", c.spec);
         });
     }
 }

@@ -68,7 +68,7 @@ pub fn timed_count(s: &str) -> Result<usize, String> {
     }
 }
 
-fn parse_shape(s: &str) -> CliResult<Shape> {
+pub fn parse_shape(s: &str) -> CliResult<Shape> {
     let parts: Vec<&str> = s.split(['x', 'X', ',']).collect();
     let nums: Result<Vec<usize>, _> = parts.iter().map(|p| p.trim().parse::<usize>()).collect();
     match nums.as_deref() {

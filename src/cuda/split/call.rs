@@ -47,6 +47,7 @@ pub struct DeviceSharded<'c> {
     pub(super) vocab_group: &'c dyn DeviceCollective,
     pub(super) data_group: &'c dyn DeviceCollective,
     chunk_rows: Option<usize>,
+    split_steps: bool,
 }
 
 impl std::fmt::Debug for DeviceSharded<'_> {
@@ -56,6 +57,7 @@ impl std::fmt::Debug for DeviceSharded<'_> {
             .field("vocab_group", &(self.vocab_group.rank(), self.vocab_group.size()))
             .field("data_group", &(self.data_group.rank(), self.data_group.size()))
             .field("chunk_rows", &self.chunk_rows)
+            .field("split_steps", &self.split_steps)
             .finish()
     }
 }
@@ -72,14 +74,15 @@ enum Io<'v, 'a, 'b, L, G> {
 impl<'c> DeviceSharded<'c> {
     /// Vocabulary-parallel: this rank's logits hold `slice`; `group` reaches the other slices.
     pub fn vocab_parallel(slice: VocabSlice, group: &'c dyn DeviceCollective) -> Self {
-        DeviceSharded { slice, vocab_group: group, data_group: &SOLO, chunk_rows: None }
+        DeviceSharded { slice, vocab_group: group, data_group: &SOLO, chunk_rows: None, split_steps: false }
     }
 
     /// Data-parallel: this rank holds some samples with every logit of a vocabulary of `vocab`.
     /// The logits call runs the one-device rows kernel with the data group's denominators (one
     /// read of the logits, no chunks); the fused linear call runs the split's chunk loop.
     pub fn data_parallel(vocab: usize, group: &'c dyn DeviceCollective) -> Result<Self> {
-        Ok(DeviceSharded { slice: VocabSlice::full(vocab)?, vocab_group: &SOLO, data_group: group, chunk_rows: None })
+        let slice = VocabSlice::full(vocab)?;
+        Ok(DeviceSharded { slice, vocab_group: &SOLO, data_group: group, chunk_rows: None, split_steps: false })
     }
 
     /// Adds a data group to a vocabulary-parallel call (a 2-D grid of ranks).
@@ -92,6 +95,14 @@ impl<'c> DeviceSharded<'c> {
     /// vocabulary (it exchanges no rows).
     pub fn with_chunk_rows(self, rows: usize) -> Self {
         DeviceSharded { chunk_rows: Some(rows.max(1)), ..self }
+    }
+
+    /// Runs the split's kernels chunk by chunk even when the vocabulary group is this rank alone
+    /// (which otherwise runs the one-device pass): what `bench-split` uses to time one rank's
+    /// kernels of a larger group without its exchange.
+    #[doc(hidden)]
+    pub fn with_split_steps(self) -> Self {
+        DeviceSharded { split_steps: true, ..self }
     }
 
     /// Checks that the slices of the vocabulary group tile the vocabulary, in any order, without
@@ -186,7 +197,7 @@ impl<'c> DeviceSharded<'c> {
         let vg = self.vocab_group;
         let (rows, len) = (shape.rows(), self.slice.len());
         // the whole vocabulary here (a data group alone, or no group): the one-device pass
-        let whole = vg.size() == 1 && len == shape.vocab();
+        let whole = vg.size() == 1 && len == shape.vocab() && !self.split_steps;
         let logits_len = match &io {
             Io::Loss(l) | Io::Grad(l, _) => l.len(),
             Io::InPlace(l) => l.len(),
