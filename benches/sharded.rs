@@ -15,7 +15,8 @@
 //! 3. `FWL_BENCH_RANK=8x128x50000:4`: section 1 for one shape, and the exchange alone (the
 //!    ranks as threads all-gathering the statistics words of every row, no kernel).
 //!
-//! Medians of paired runs (15, or `FWL_BENCH_ITERS`) (wall time, and on-CPU time of all threads where Linux reports it);
+//! Medians of paired runs (15, or `FWL_BENCH_ITERS`): wall time, and the on-CPU time of all
+//! threads (the process CPU clock);
 //! figures on a shared machine are provisional.
 
 #[path = "../tests/common/shards.rs"]
@@ -33,18 +34,21 @@ fn iters() -> usize {
     std::env::var("FWL_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(15)
 }
 
-/// On-CPU time of every thread of this process so far, in seconds (Linux schedstat), or NaN:
-/// unlike wall time it does not count time other tenants of a shared machine took.
+/// On-CPU time of every thread of this process so far, in seconds, or NaN where the platform
+/// has no process CPU clock: unlike wall time it does not count time other tenants of a shared
+/// machine took. (`CLOCK_PROCESS_CPUTIME_ID` counts a running thread up to now; the per-thread
+/// schedstat files this read before lag by up to a scheduler tick for a thread that runs a whole
+/// call without a break.)
 fn cpu_seconds() -> f64 {
-    let read = || -> Option<f64> {
-        let mut ns = 0u64;
-        for e in std::fs::read_dir("/proc/self/task").ok()? {
-            let s = std::fs::read_to_string(e.ok()?.path().join("schedstat")).ok()?;
-            ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid timespec for the call to write.
+        if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
         }
-        Some(ns as f64 * 1e-9)
-    };
-    read().unwrap_or(f64::NAN)
+    }
+    f64::NAN
 }
 
 /// `a` and `b` alternately: medians of (wall, on-CPU) seconds of each.
