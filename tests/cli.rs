@@ -282,6 +282,9 @@ fn bench_split_json_contract() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("one rank of 2") && r.stdout.contains("chunks of 3 rows"), "{}", r.stdout);
+    let p = run(&["bench-split", "--shape", "2x5x700", "--ranks", "2", "--iters", "2", "--simd", "portable"]);
+    assert_eq!(p.code, 0, "{}", p.stderr);
+    assert!(p.stdout.contains("simd portable"), "{}", p.stdout);
     assert_usage_error(&["bench-split", "--shape", "2x4x10", "--ranks", "0"], "ranks");
     assert_usage_error(&["bench-split", "--shape", "2x4x10", "--ranks", "11"], "ranks");
     assert_usage_error(&["bench-split", "--shape", "2x4x10", "--chunk-rows", "0"], "chunk-rows");

@@ -8,7 +8,7 @@ use crate::{CliResult, Failure};
 use clap::Args;
 use fused_weighted_loss::measure::{median, time_paired};
 use fused_weighted_loss::parallel::{default_chunk_rows, Sharded, Solo, VocabSlice};
-use fused_weighted_loss::{bf16, f16, synthetic, Backend, DType, Grad, Logit, LossSpec, Shape, Tokens};
+use fused_weighted_loss::{bf16, f16, synthetic, Backend, CpuSimd, DType, Grad, Logit, LossSpec, Shape, Tokens};
 use serde_json::json;
 
 #[derive(Args)]
@@ -28,6 +28,9 @@ pub struct BenchSplitArgs {
     /// Rows per exchange (default: the split's own for this slice and backend).
     #[arg(long)]
     chunk_rows: Option<usize>,
+    /// CPU instruction set: auto, avx512, avx2 or portable.
+    #[arg(long, default_value = "auto")]
+    simd: CpuSimd,
     /// Timed pairs of runs, 1 to a million.
     #[arg(long, default_value_t = 15, value_parser = timed_count)]
     iters: usize,
@@ -79,7 +82,7 @@ pub fn bench_split(a: BenchSplitArgs) -> CliResult<String> {
         )));
     }
     let keywords = (0..3).filter(|&k| k < len as i64);
-    let spec = LossSpec::builder().keywords(keywords).backend(a.backend).build()?;
+    let spec = LossSpec::builder().keywords(keywords).backend(a.backend).cpu_simd(a.simd).build()?;
     let t = match a.dtype {
         DType::F32 => timed::<f32>(&a, whole, shape, &spec)?,
         DType::F16 => timed::<f16>(&a, whole, shape, &spec)?,
@@ -127,7 +130,13 @@ fn timed<L: Logit>(a: &BenchSplitArgs, whole: Shape, shape: Shape, spec: &LossSp
     Ok(Timed {
         about: vec![
             ("backend", json!("cpu")),
-            ("simd", json!(fused_weighted_loss::cpu_simd_level().to_string())),
+            (
+                "simd",
+                json!(match a.simd {
+                    CpuSimd::Auto => fused_weighted_loss::cpu_simd_level().to_string(),
+                    level => level.to_string(),
+                }),
+            ),
             ("threads", json!(rayon::current_num_threads())),
         ],
         single_ms: ms(single),
