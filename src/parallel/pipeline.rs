@@ -17,9 +17,9 @@
 //! - the exchange stays on the caller's thread, as a collective such as `torch.distributed`
 //!   needs, and the other workers run up to `AHEAD` passes ahead of it.
 //!
-//! Each worker of the pool is started by two jobs, the second a spare that takes the worker only
-//! if the first has not started yet: Linux tends to wake a thread on the waker's core, here the
-//! caller's, which is busy with its own share; the job that starts first is on another core.
+//! Each worker of the pool is started by two jobs, of which the first to start takes the worker
+//! and the other returns: Linux tends to wake a thread on the waker's core, here the caller's,
+//! which is busy with its own share; the job that starts first is on another core.
 //! (Measured on 2 cores: with one job, the worker ran on the caller's core in about half of the
 //! calls, which then took up to twice as long.)
 //!
@@ -110,40 +110,43 @@ struct Slot<'r, M> {
 impl<M> Slot<'_, M> {
     /// Runs the worker's passes while the merges they need are there; returns (the thread back
     /// to the pool) when one is not there after a moment, after the last pass, or when the call
-    /// was given up. A `spare` job returns at once when another job has the worker (see the
-    /// module docs); the job the caller counts on (`running`) waits for it instead, so that
-    /// no start is lost.
-    fn drive<L: Logit, G: Logit>(&self, chunks: &[Range<usize>], cpu: &SplitCpu, plan: &Plan, sh: &Shared, spare: bool)
+    /// was given up. A job that finds the worker taken returns at once: the job that has it is
+    /// running, and looks for work again after it lets the worker go (below), so no start is
+    /// lost and no job waits for another.
+    fn drive<L: Logit, G: Logit>(&self, chunks: &[Range<usize>], cpu: &SplitCpu, plan: &Plan, sh: &Shared)
     where
         M: ChunkMem<L, G>,
     {
-        let _guard = StopOnPanic(&sh.stop);
-        let mut wk = match spare {
-            true => match self.worker.try_lock() {
-                Ok(wk) => wk,
-                Err(_) => return,
-            },
-            false => self.worker.lock().unwrap_or_else(|e| e.into_inner()),
-        };
         let n = chunks.len();
         loop {
-            let q = sh.progress[wk.w].load(Ordering::Acquire);
-            let ready = || q < AHEAD || sh.merged[q - AHEAD].get().is_some();
-            if q >= n + AHEAD || sh.stop.load(Ordering::Acquire) {
-                self.running.store(false, Ordering::Release);
-                return;
-            }
-            if !sh.wait(ready, Some(BRIEF)) {
-                self.running.store(false, Ordering::SeqCst);
-                // (the caller sets a merge, then looks at `running`: one of the two sees the
-                // other's write)
-                std::sync::atomic::fence(Ordering::SeqCst);
-                let again = ready() && !sh.stop.load(Ordering::Acquire);
-                if !(again && self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok()) {
+            let Ok(mut wk) = self.worker.try_lock() else { return };
+            // (after the lock: on a panic it drops first, and the call is given up before any
+            // other job can take the worker)
+            let _guard = StopOnPanic(&sh.stop);
+            // pass `q` needs chunk `q − AHEAD` merged
+            let ready = |q: usize| q < AHEAD || sh.merged[q - AHEAD].get().is_some();
+            let q = loop {
+                let q = sh.progress[wk.w].load(Ordering::Acquire);
+                if q >= n + AHEAD || sh.stop.load(Ordering::Acquire) {
+                    self.running.store(false, Ordering::Release);
                     return;
                 }
+                if !sh.wait(|| ready(q), Some(BRIEF)) {
+                    break q;
+                }
+                wk.pass(q, chunks, cpu, plan, sh);
+            };
+            // the worker is let go first, then the flag: a job the caller starts from now on
+            // finds the worker free
+            drop(wk);
+            self.running.store(false, Ordering::SeqCst);
+            // (the caller sets a merge, then looks at `running`: one of the two sees the other's
+            // write)
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let again = ready(q) && !sh.stop.load(Ordering::Acquire);
+            if !(again && self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok()) {
+                return;
             }
-            wk.pass(q, chunks, cpu, plan, sh);
         }
     }
 }
@@ -346,9 +349,9 @@ pub(super) fn run<L: Logit, G: Logit, M: ChunkMem<L, G>>(
             for slot in &slots {
                 if slot.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                     let sh = &sh;
-                    s.spawn(move |_| slot.drive(chunks, cpu, plan, sh, false));
+                    s.spawn(move |_| slot.drive(chunks, cpu, plan, sh));
                     if spares {
-                        s.spawn(move |_| slot.drive(chunks, cpu, plan, sh, true));
+                        s.spawn(move |_| slot.drive(chunks, cpu, plan, sh));
                     }
                 }
             }
