@@ -156,6 +156,21 @@ impl Ahead {
     }
 }
 
+/// Asks for the 64-byte line holding `p` in every cache level ahead of a store through the
+/// cache to it (the partial lines at the ends of a streamed store, the target's line): such a
+/// store to a line not in cache waits for the line's read, and every later store, streaming ones
+/// too, waits behind it. Prefetching never faults, whatever the address.
+#[inline(always)]
+pub(crate) fn line_for_store<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching has no architectural effect; SSE is part of the x86-64 baseline.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// `v * f - k`, as [`affine_body`] computes it (one rounding where the level has FMA), and
 /// exactly `v * f` when `k` is +0 (no FMA call outside the level's own functions then; -0 takes
 /// the general form, as the vector stores do, turning a product of -0 into +0).

@@ -37,7 +37,7 @@ mod x86_transpose;
 
 use crate::spec::CpuSimd;
 use lanes::*;
-pub(crate) use lanes::{Ahead, ElemOpts};
+pub(crate) use lanes::{line_for_store, Ahead, ElemOpts};
 
 /// Lanes per step: 16 f32 (one AVX-512 register, two AVX2 registers, four NEON registers).
 pub(crate) const LANES: usize = 16;
