@@ -14,7 +14,8 @@
 // BENCHMARKS.md (2026-12-04, thirty-fifth session) has what it showed on a Xeon.
 //
 //   gcc -O2 -fopenmp -mavx512f -mfma benches/exp_stream_probe.c -o /tmp/probe512   (or -mavx2 -mfma)
-//   OMP_NUM_THREADS=2 /tmp/probe512 [iterations, default 15]
+//   OMP_WAIT_POLICY=passive OMP_NUM_THREADS=2 /tmp/probe512 [iterations, default 15]
+// (passive: OpenMP's idle threads otherwise spin after each call and slow whatever runs next)
 #include <immintrin.h>
 #ifdef _OPENMP
 #include <omp.h>
