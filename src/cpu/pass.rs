@@ -285,7 +285,7 @@ pub(super) fn stats_pass<L: Logit>(
         };
         if st.shift == f32::NEG_INFINITY {
             // no finite reference yet: take this chunk's maximum first
-            st.raise(cap_one(k, m, Input::F32(&[k.max(load(k, chunk, &mut s.buf))])));
+            st.raise(cap_one(k, m, Input::F32(&[k.max_of(input_of(chunk))])));
         }
         // the plain loop takes the previous row's store of this chunk into its own loop
         let x = if m.elem.is_none() { Some(input_of(chunk)) } else { None };
@@ -301,7 +301,7 @@ pub(super) fn stats_pass<L: Logit>(
         if all > CHECK_SUM || all.is_nan() {
             // a large sum (or +inf, NaN) may come from a much larger maximum: if the chunk has
             // one (or +inf), move the reference and redo the chunk
-            let top = cap_one(k, m, Input::F32(&[k.max(load(k, chunk, &mut s.buf))]));
+            let top = cap_one(k, m, Input::F32(&[k.max_of(input_of(chunk))]));
             if top > st.shift + MARGIN {
                 st.raise(top);
                 used = st.exp_shift();

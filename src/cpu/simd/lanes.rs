@@ -9,14 +9,24 @@ use super::LANES;
 /// Maximum of `x`, NaN entries skipped (`-inf` for an empty slice).
 #[inline(always)]
 pub(super) fn max_body(x: &[f32]) -> f32 {
+    max_lanes(x, |v| v)
+}
+
+/// [`max_body`] of 16-bit values widened by `widen` (exactly) in registers: the same lanes and
+/// so the same result as widening the slice into a buffer first, without the buffer's writes
+/// and reads.
+#[inline(always)]
+pub(super) fn max_lanes<T: Copy>(x: &[T], widen: impl Fn(T) -> f32) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let mut it = x.chunks_exact(LANES);
     for c in &mut it {
         for i in 0..LANES {
-            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+            let v = widen(c[i]);
+            acc[i] = if v > acc[i] { v } else { acc[i] };
         }
     }
-    for &v in it.remainder() {
+    for &b in it.remainder() {
+        let v = widen(b);
         acc[0] = if v > acc[0] { v } else { acc[0] };
     }
     acc.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })

@@ -57,6 +57,14 @@ macro_rules! level {
                 max_body(x)
             }
             $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn max_bf16(x: &[u16]) -> f32 {
+                max_lanes(x, |b| f32::from_bits((b as u32) << 16))
+            }
+            $(#[target_feature(enable = $feat)])?
+            pub(super) unsafe fn max_f16(x: &[u16]) -> f32 {
+                max_lanes(x, f16_widen)
+            }
+            $(#[target_feature(enable = $feat)])?
             pub(super) unsafe fn widen_bf16(src: &[u16], dst: &mut [f32]) {
                 widen_bf16_body(src, dst)
             }
@@ -229,6 +237,8 @@ impl Input<'_> {
 pub(crate) struct Kernels {
     pub level: CpuSimd,
     max: unsafe fn(&[f32]) -> f32,
+    max_bf16: unsafe fn(&[u16]) -> f32,
+    max_f16: unsafe fn(&[u16]) -> f32,
     exp_sum: ExpSum,
     /// The fused form of `exp_sum` then the side's store, where the level has one: f32 input
     /// and store only, unless `side_16`.
@@ -285,6 +295,8 @@ impl Kernels {
         let portable = Kernels {
             level: CpuSimd::Portable,
             max: portable::max,
+            max_bf16: portable::max_bf16,
+            max_f16: portable::max_f16,
             exp_sum: portable_exp::exp_sum,
             exp_sum_side: None,
             side_16: false,
@@ -314,6 +326,8 @@ impl Kernels {
             CpuSimd::Avx2 => Some(Kernels {
                 level,
                 max: avx2::max,
+                max_bf16: avx2::max_bf16,
+                max_f16: avx2::max_f16,
                 exp_sum: x86_avx2::exp_sum_256,
                 exp_sum_side: Some(x86_avx2::exp_sum_side_256),
                 side_16: true,
@@ -337,6 +351,8 @@ impl Kernels {
             CpuSimd::Avx512 => Some(Kernels {
                 level,
                 max: avx512::max,
+                max_bf16: avx512::max_bf16,
+                max_f16: avx512::max_f16,
                 exp_sum: x86::exp_sum_512,
                 exp_sum_side: Some(if is_x86_feature_detected!("avx512bf16") {
                     x86_side::exp_sum_side_512bf
@@ -373,11 +389,18 @@ impl Kernels {
         }
     }
 
-    /// Maximum, NaN skipped.
+    /// The maximum of a chunk as the loops take it (NaN skipped, `-inf` when empty), 16-bit
+    /// input widened in registers (the same result as widening it into a buffer first).
     #[inline]
-    pub fn max(&self, x: &[f32]) -> f32 {
+    pub fn max_of(&self, x: Input<'_>) -> f32 {
         // SAFETY: see the struct docs: the level's features were detected.
-        unsafe { (self.max)(x) }
+        unsafe {
+            match x {
+                Input::F32(v) => (self.max)(v),
+                Input::Bf16(b) => (self.max_bf16)(b),
+                Input::F16(b) => (self.max_f16)(b),
+            }
+        }
     }
     /// `out[..x.len()] = exp(x - shift)`, returning the sum of what was written, while
     /// prefetching `ahead`.

@@ -228,8 +228,47 @@ fn max_skips_nan() {
     let mut x = vec![1f32; 37];
     x[3] = f32::NAN;
     x[36] = 2.0;
-    assert_eq!(k.max(&x), 2.0);
-    assert_eq!(k.max(&[]), f32::NEG_INFINITY);
+    assert_eq!(k.max_of(Input::F32(&x)), 2.0);
+    assert_eq!(k.max_of(Input::F32(&[])), f32::NEG_INFINITY);
+}
+
+#[test]
+fn the_maximum_of_16_bit_input_is_that_of_its_widened_values() {
+    // every 16-bit pattern (NaN, infinities, zeros of both signs, subnormals) in a scrambled
+    // order, cut at lengths around the lanes and the chunk, at every level and both dtypes:
+    // the maximum taken in registers has the bits of the one over the widened buffer
+    let mut all: Vec<u16> = (0..=u16::MAX).collect();
+    let mut state = 0x9E37_79B9u32;
+    for i in (1..all.len()).rev() {
+        state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        all.swap(i, state as usize % (i + 1));
+    }
+    for k in levels() {
+        for bf16 in [true, false] {
+            let mut wide = vec![0f32; all.len()];
+            if bf16 {
+                k.widen_bf16(&all, &mut wide);
+            } else {
+                k.widen_f16(&all, &mut wide);
+            }
+            for (start, len) in [(0, 0), (5, 1), (9, 15), (100, 16), (7, 17), (1000, 2048), (0, all.len())] {
+                let bits = &all[start..start + len];
+                let got = if bf16 { k.max_of(Input::Bf16(bits)) } else { k.max_of(Input::F16(bits)) };
+                let want = k.max_of(Input::F32(&wide[start..start + len]));
+                assert_eq!(got.to_bits(), want.to_bits(), "{:?} bf16={bf16} {start}+{len}", k.level);
+            }
+            // only NaN and -inf below the finite maximum: all patterns give the largest finite
+            let top = if bf16 { f32::from_bits(0x7F7F << 16) } else { 65504.0 };
+            assert_eq!(if bf16 { k.max_of(Input::Bf16(&all)) } else { k.max_of(Input::F16(&all)) }, f32::INFINITY);
+            let finite: Vec<u16> = all
+                .iter()
+                .copied()
+                .filter(|&b| if bf16 { b & 0x7F80 != 0x7F80 } else { b & 0x7C00 != 0x7C00 })
+                .collect();
+            let got = if bf16 { k.max_of(Input::Bf16(&finite)) } else { k.max_of(Input::F16(&finite)) };
+            assert_eq!(got, top, "{:?} bf16={bf16}", k.level);
+        }
+    }
 }
 
 #[test]
