@@ -49,7 +49,7 @@ pub(crate) mod split;
 use crate::dtype::Logit;
 use crate::plan::{Plan, RowLosses, NO_TARGET};
 pub(crate) use pass::{load, store_scaled};
-use pass::{stats_pass, zero, Pending, PrevRow};
+use pass::{stats_pass, zero, ChunkEdges, Pending, PrevRow};
 use rayon::prelude::*;
 use row::RowMath;
 pub(crate) use row::RowStats;
@@ -168,14 +168,11 @@ fn grad_task<L: Logit, G: Logit>(
 pub(crate) fn scale_into<G: Logit>(k: &Kernels, src: &[f32], f: f32, dst: &mut [G]) {
     crate::pool::install(|| {
         src.par_chunks(SCALE_TASK).zip(dst.par_chunks_mut(SCALE_TASK)).for_each(|(s, d)| {
-            // the line each chunk ends on, asked for a chunk ahead (see `pass::zero`)
-            let (len, base) = (d.len(), d.as_ptr());
-            let last = |c: usize| base.wrapping_add(((c + 1) * CHUNK).min(len) - 1);
-            simd::line_for_store(last(0));
+            // the partial lines the streaming stores write through the cache, a chunk ahead
+            let edges = ChunkEdges::of(d);
+            edges.ask(0);
             for (c, (s, d)) in s.chunks(CHUNK).zip(d.chunks_mut(CHUNK)).enumerate() {
-                if (c + 1) * CHUNK < len {
-                    simd::line_for_store(last(c + 1));
-                }
+                edges.ask(c + 1);
                 store_scaled(k, s, f, d, true);
             }
             k.fence();

@@ -408,16 +408,12 @@ impl<'a, G: Logit> Pending<'a, G> {
     /// An element of each line [`prefetch_cached_lines`](Self::prefetch_cached_lines) asks for.
     fn cached_line_elements(&self, c: usize, stream: bool) -> [Option<usize>; 3] {
         let lo = c * CHUNK;
-        let hi = (lo + CHUNK).min(self.out.len());
-        if !stream || lo >= hi {
+        if !stream || lo >= self.out.len() {
             return [None; 3];
         }
-        let on_line = |i: usize| (self.out[i..].as_ptr() as usize).is_multiple_of(64);
-        [
-            (!on_line(hi)).then_some(hi - 1),
-            (lo == 0 && !on_line(0)).then_some(0),
-            (lo..hi).contains(&self.target).then_some(self.target),
-        ]
+        let [end, first] = ChunkEdges::of(self.out).elements(c);
+        let hi = (lo + CHUNK).min(self.out.len());
+        [end, first, (lo..hi).contains(&self.target).then_some(self.target)]
     }
 
     /// The elements of `r` in the target's 64-byte line of the gradient (`r.end..r.end` when
@@ -519,19 +515,49 @@ impl<'a, G: Logit> Pending<'a, G> {
     }
 }
 
+/// The partial lines at the ends of the chunks of a buffer stored chunk by chunk with streaming
+/// stores, which such a store writes through the cache: to ask for a chunk ahead, as
+/// [`Pending::prefetch_cached_lines`] does. Keeps the buffer's address only (never read
+/// through), so the buffer can be borrowed mutably for the stores meanwhile.
+pub(super) struct ChunkEdges<G> {
+    base: *const G,
+    len: usize,
+}
+
+impl<G> ChunkEdges<G> {
+    pub(super) fn of(buf: &[G]) -> Self {
+        ChunkEdges { base: buf.as_ptr(), len: buf.len() }
+    }
+
+    /// An element of chunk `c`'s partial last line, and of the buffer's partial first line when
+    /// `c` is 0 (none past the end).
+    fn elements(&self, c: usize) -> [Option<usize>; 2] {
+        let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(self.len));
+        if lo >= hi {
+            return [None; 2];
+        }
+        let on_line = |i: usize| (self.base.wrapping_add(i) as usize).is_multiple_of(64);
+        [(!on_line(hi)).then_some(hi - 1), (lo == 0 && !on_line(0)).then_some(0)]
+    }
+
+    /// Prefetches the lines of [`elements`](Self::elements) for stores to them.
+    pub(super) fn ask(&self, c: usize) {
+        for i in self.elements(c).into_iter().flatten() {
+            line_for_store(self.base.wrapping_add(i));
+        }
+    }
+}
+
 /// Zeros a row's gradient (positions without a target).
 pub(super) fn zero<G: Logit>(k: &Kernels, out: &mut [G], stream: bool) {
     static ZEROS: [f32; CHUNK] = [0.0; CHUNK];
-    // the line each chunk ends on (written through the cache when it is a partial one) asked
-    // for a chunk ahead, as `Pending::prefetch_cached_lines` does (never read through `base`)
-    let (len, base) = (out.len(), out.as_ptr());
-    let last = |c: usize| base.wrapping_add(((c + 1) * CHUNK).min(len) - 1);
-    if stream && len > 0 {
-        line_for_store(last(0));
+    let edges = ChunkEdges::of(out);
+    if stream {
+        edges.ask(0);
     }
     for (c, o) in out.chunks_mut(CHUNK).enumerate() {
-        if stream && (c + 1) * CHUNK < len {
-            line_for_store(last(c + 1));
+        if stream {
+            edges.ask(c + 1);
         }
         store_products(k, &ZEROS[..o.len()], 0.0, 0.0, o, stream, true);
     }
@@ -543,42 +569,61 @@ mod tests {
     use crate::plan::RowOptions;
 
     /// Every element a streaming store of a chunk writes through the cache (the head before the
-    /// first 64-byte line, the tail after the last whole one, the target's line) lies on a line
+    /// first aligned block, the tail after the last whole one, the target's line) lies on a line
     /// asked for ahead: at this chunk or, for its head, at the chunk before (whose tail line it
-    /// shares).
+    /// shares). Both cuts the stores make: 64-byte lines (AVX-512, and every fused store) and
+    /// 32-byte halves (the AVX2 stores); for a row's gradient (`Pending`, with its target) and
+    /// for a buffer zeroed or scaled chunk by chunk (`ChunkEdges`).
     fn check_prefetched_lines<G: Logit>(per_line: usize) {
         let m = RowMath::new(&RowOptions::default(), 8);
         let mut buf = [G::default(); 3 * CHUNK + 200];
         let base = buf.as_ptr().align_offset(64);
+        let size = std::mem::size_of::<G>();
         for skew in 0..per_line {
-            for len in [5, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 37, 3 * CHUNK] {
+            for len in [1, 5, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 37, 3 * CHUNK] {
                 for target in [0, len / 2, len - 1] {
                     let out = &mut buf[base + skew..base + skew + len];
-                    let line = |p: &Pending<'_, G>, i: usize| p.out[i..].as_ptr() as usize / 64;
+                    let start = out.as_ptr() as usize;
+                    let line = |i: usize| (start + i * size) / 64;
+                    let edges = ChunkEdges::of(out);
                     let p = Pending::new(&m, out, RowStats::EMPTY, target, 1.0);
-                    let asked = |c: usize| -> Vec<usize> {
-                        p.cached_line_elements(c, true).into_iter().flatten().map(|i| line(&p, i)).collect()
+                    let asked = |c: usize, with_target: bool| -> Vec<usize> {
+                        let row = p.cached_line_elements(c, true).into_iter().flatten();
+                        let bare = edges.elements(c).into_iter().flatten();
+                        if with_target {
+                            row.map(line).collect()
+                        } else {
+                            bare.map(line).collect()
+                        }
                     };
-                    for c in 0..len.div_ceil(CHUNK) {
-                        let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(len));
-                        let head = p.out[lo..].as_ptr().align_offset(64).min(hi - lo);
-                        let body = (hi - lo - head) / per_line * per_line;
-                        let mut cached: Vec<usize> = (lo..lo + head).chain(lo + head + body..hi).collect();
-                        if (lo..hi).contains(&target) {
-                            cached.push(target);
+                    for (align, block) in [(64, per_line), (32, per_line / 2)] {
+                        for c in 0..len.div_ceil(CHUNK) {
+                            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(len));
+                            let head = (start + lo * size).wrapping_neg() % align / size;
+                            let head = head.min(hi - lo);
+                            let body = (hi - lo - head) / block * block;
+                            let edge: Vec<usize> = (lo..lo + head).chain(lo + head + body..hi).collect();
+                            for with_target in [true, false] {
+                                let mut cached = edge.clone();
+                                if with_target && (lo..hi).contains(&target) {
+                                    cached.push(target);
+                                }
+                                let mut ahead = asked(c, with_target);
+                                if c > 0 {
+                                    ahead.extend(asked(c - 1, with_target));
+                                }
+                                for i in cached {
+                                    assert!(
+                                        ahead.contains(&line(i)),
+                                        "skew {skew}, len {len}, target {target}, cut {align}: element {i} of chunk {c} not asked for (target: {with_target})"
+                                    );
+                                }
+                            }
+                            assert!(p.cached_line_elements(c, false).iter().all(Option::is_none));
                         }
-                        let mut ahead = asked(c);
-                        if c > 0 {
-                            ahead.extend(asked(c - 1));
-                        }
-                        for i in cached {
-                            assert!(
-                                ahead.contains(&line(&p, i)),
-                                "skew {skew}, len {len}, target {target}: element {i} of chunk {c} not asked for"
-                            );
-                        }
-                        assert!(p.cached_line_elements(c, false).iter().all(Option::is_none));
                     }
+                    // nothing asked for past the end
+                    assert!(edges.elements(len.div_ceil(CHUNK)).iter().all(Option::is_none));
                 }
             }
         }

@@ -257,6 +257,32 @@ fn the_maximum_of_16_bit_input_is_that_of_its_widened_values() {
                 let want = k.max_of(Input::F32(&wide[start..start + len]));
                 assert_eq!(got.to_bits(), want.to_bits(), "{:?} bf16={bf16} {start}+{len}", k.level);
             }
+            // edge cases against a plain scalar maximum (NaN skipped, `-inf` when none): zeros
+            // of both signs in either order, all NaN, subnormals only, a NaN and the maximum in
+            // the elements past the last whole group of 16
+            let (nan, pos_sub, neg_sub) = if bf16 { (0x7FC1, 0x0001, 0x8005) } else { (0x7E01, 0x0001, 0x8005) };
+            let widen = |b: u16| if bf16 { f32::from_bits((b as u32) << 16) } else { half::f16::from_bits(b).to_f32() };
+            let mut tail = vec![0x8000u16; 17];
+            tail[16] = nan;
+            tail[15] = pos_sub;
+            for case in [
+                vec![0x8000, 0x0000],
+                vec![0x0000, 0x8000],
+                vec![0x8000; 16],
+                vec![0x8000; 17],
+                vec![nan; 1],
+                vec![nan; 16],
+                vec![nan; 17],
+                vec![neg_sub, pos_sub, neg_sub],
+                vec![neg_sub; 33],
+                tail,
+            ] {
+                let got = if bf16 { k.max_of(Input::Bf16(&case)) } else { k.max_of(Input::F16(&case)) };
+                let want = case.iter().map(|&b| widen(b)).filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!(got, want, "{:?} bf16={bf16} {case:x?}", k.level);
+                let wide: Vec<f32> = case.iter().map(|&b| widen(b)).collect();
+                assert_eq!(got.to_bits(), k.max_of(Input::F32(&wide)).to_bits(), "{:?} bf16={bf16} {case:x?}", k.level);
+            }
             // only NaN and -inf below the finite maximum: all patterns give the largest finite
             let top = if bf16 { f32::from_bits(0x7F7F << 16) } else { 65504.0 };
             assert_eq!(if bf16 { k.max_of(Input::Bf16(&all)) } else { k.max_of(Input::F16(&all)) }, f32::INFINITY);
