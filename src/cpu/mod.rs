@@ -48,6 +48,7 @@ pub(crate) mod split;
 
 use crate::dtype::Logit;
 use crate::plan::{Plan, RowLosses, NO_TARGET};
+use pass::store_scaled_ahead;
 pub(crate) use pass::{load, store_scaled};
 use pass::{stats_pass, zero, ChunkEdges, Pending, PrevRow};
 use rayon::prelude::*;
@@ -173,7 +174,7 @@ pub(crate) fn scale_into<G: Logit>(k: &Kernels, src: &[f32], f: f32, dst: &mut [
             edges.ask(0);
             for (c, (s, d)) in s.chunks(CHUNK).zip(d.chunks_mut(CHUNK)).enumerate() {
                 edges.ask(c + 1);
-                store_scaled(k, s, f, d, true);
+                store_scaled_ahead(k, s, f, d);
             }
             k.fence();
         })

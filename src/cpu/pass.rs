@@ -5,7 +5,7 @@
 
 use super::row::{RowMath, RowStats};
 use super::scratch::{RowExps, Scratch};
-use super::simd::{line_for_store, Ahead, ElemOpts, Input, Kernels, Side, SideDst};
+use super::simd::{line_for_store, Ahead, ElemOpts, Input, Kernels, ScaleOut, Side, SideDst};
 use super::{CHECK_SUM, CHUNK, MARGIN};
 use crate::dtype::{DType, Logit};
 use std::ops::Range;
@@ -31,6 +31,21 @@ pub(crate) fn load<'a, L: Logit>(k: &Kernels, src: &'a [L], buf: &'a mut [f32]) 
 #[inline]
 pub(crate) fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G], stream: bool) {
     store_products(k, x, f, 0.0, out, stream, false)
+}
+
+/// [`store_scaled`], streamed, with the source prefetched ahead ([`Kernels::scale_sub_ahead`]:
+/// for a long source read once from memory, not for a scratch row in L2).
+#[inline]
+pub(super) fn store_scaled_ahead<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G]) {
+    if let Some(o) = G::as_f32_mut(out) {
+        return k.scale_sub_ahead(x, f, ScaleOut::F32(o));
+    }
+    if let Some(bits) = G::as_bits_mut(out) {
+        match G::DTYPE {
+            DType::BF16 => k.scale_sub_ahead(x, f, ScaleOut::Bf16(bits)),
+            _ => k.scale_sub_ahead(x, f, ScaleOut::F16(bits)),
+        }
+    }
 }
 
 /// `out = x * f - off` ([`Kernels::scale_sub_f32`]) in the output's dtype, told whether every

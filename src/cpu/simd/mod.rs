@@ -182,6 +182,14 @@ type Transpose16 = unsafe fn(&[f32], usize, &mut [&mut [f32]], usize, Option<&[f
 /// `narrow(x * f)` when `k` is +0), streaming when asked and the level can.
 type ScaleInto<T> = unsafe fn(&[f32], f32, f32, &mut [T], bool);
 
+/// A level's scaled stores that also prefetch their source (x86; the portable ones do not).
+#[derive(Clone, Copy)]
+struct ScaleAhead {
+    f32: ScaleInto<f32>,
+    bf16: ScaleInto<u16>,
+    f16: ScaleInto<u16>,
+}
+
 /// `out = exp(x - shift)` and, step by step in the same loop, another row's scaled store
 /// ([`Side`]); returns the sum.
 type ExpSumSide = unsafe fn(Input<'_>, f32, &mut [f32], Ahead, Side<'_>) -> f32;
@@ -202,6 +210,13 @@ pub(crate) struct Side<'a> {
     /// Read by the x86 levels' fused loops only (elsewhere no loop streams).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub cached: Option<usize>,
+}
+
+/// Where [`Kernels::scale_sub_ahead`] writes: f32, or the bits of bf16 or f16.
+pub(crate) enum ScaleOut<'a> {
+    F32(&'a mut [f32]),
+    Bf16(&'a mut [u16]),
+    F16(&'a mut [u16]),
 }
 
 /// Where a [`Side`] store writes: f32, or the bits of bf16 or f16.
@@ -256,6 +271,8 @@ pub(crate) struct Kernels {
     scale_bf16: ScaleInto<u16>,
     scale_bf16_finite: ScaleInto<u16>,
     scale_f16: ScaleInto<u16>,
+    /// The streaming stores again, prefetching a long source ahead ([`Kernels::scale_sub_ahead`]).
+    scale_ahead: ScaleAhead,
     exp_opts: ExpOpts,
     exp_opts_bf16: ExpOpts16,
     exp_opts_f16: ExpOpts16,
@@ -310,6 +327,11 @@ impl Kernels {
             scale_bf16: portable_store::scale_bf16,
             scale_bf16_finite: portable_store::scale_bf16,
             scale_f16: portable_store::scale_f16,
+            scale_ahead: ScaleAhead {
+                f32: portable_store::scale_f32,
+                bf16: portable_store::scale_bf16,
+                f16: portable_store::scale_f16,
+            },
             exp_opts: portable_opts::exp_opts,
             exp_opts_bf16: portable_opts::exp_opts_bf16,
             exp_opts_f16: portable_opts::exp_opts_f16,
@@ -335,12 +357,17 @@ impl Kernels {
                 exp_sum_f16: x86_avx2::exp_sum_f16_256,
                 widen_bf16: avx2::widen_bf16,
                 widen_f16: x86::widen_f16_256,
-                scale_f32: x86::scale_f32_256,
+                scale_f32: x86::scale_f32_256::<false>,
+                scale_ahead: ScaleAhead {
+                    f32: x86::scale_f32_256::<true>,
+                    bf16: x86::scale_bf16_256::<true>,
+                    f16: x86::scale_f16_256::<true>,
+                },
                 copy_ahead: Some(x86::copy_ahead_256),
                 transpose16: Some(x86_transpose::transpose16_256),
-                scale_bf16: x86::scale_bf16_256,
+                scale_bf16: x86::scale_bf16_256::<false>,
                 scale_bf16_finite: x86::scale_bf16_finite_256,
-                scale_f16: x86::scale_f16_256,
+                scale_f16: x86::scale_f16_256::<false>,
                 exp_opts: x86_avx2::exp_opts_256,
                 exp_opts_bf16: x86_avx2::exp_opts_bf16_256,
                 exp_opts_f16: x86_avx2::exp_opts_f16_256,
@@ -364,20 +391,29 @@ impl Kernels {
                 exp_sum_f16: x86::exp_sum_f16_512,
                 widen_bf16: avx512::widen_bf16,
                 widen_f16: x86::widen_f16_512,
-                scale_f32: x86::scale_f32_512,
+                scale_f32: x86::scale_f32_512::<false>,
                 copy_ahead: Some(x86::copy_ahead_512),
                 transpose16: Some(x86_transpose::transpose16_512),
                 scale_bf16: if is_x86_feature_detected!("avx512bf16") {
-                    x86::scale_bf16_512bf
+                    x86::scale_bf16_512bf::<false>
                 } else {
-                    x86::scale_bf16_512
+                    x86::scale_bf16_512::<false>
+                },
+                scale_ahead: ScaleAhead {
+                    f32: x86::scale_f32_512::<true>,
+                    bf16: if is_x86_feature_detected!("avx512bf16") {
+                        x86::scale_bf16_512bf::<true>
+                    } else {
+                        x86::scale_bf16_512::<true>
+                    },
+                    f16: x86::scale_f16_512::<true>,
                 },
                 scale_bf16_finite: if is_x86_feature_detected!("avx512bf16") {
-                    x86::scale_bf16_512bf
+                    x86::scale_bf16_512bf::<false>
                 } else {
                     x86::scale_bf16_finite_512
                 },
-                scale_f16: x86::scale_f16_512,
+                scale_f16: x86::scale_f16_512::<false>,
                 exp_opts: x86_opts::exp_opts_512,
                 exp_opts_bf16: x86_opts::exp_opts_bf16_512,
                 exp_opts_f16: x86_opts::exp_opts_f16_512,
@@ -563,6 +599,21 @@ impl Kernels {
     pub fn scale_sub_f16(&self, x: &[f32], f: f32, k: f32, out: &mut [u16], stream: bool) {
         // SAFETY: as above.
         unsafe { (self.scale_f16)(x, f, k, out, stream) }
+    }
+    /// `out = x * f` in the output's dtype, streamed, with the source prefetched ahead: for a
+    /// long source read once from memory (`scale_into`), not for the pass's stores from its
+    /// scratch rows, which are in L2 already. The same bits as [`Kernels::scale_f32`] and the
+    /// 16-bit stores with an offset of +0.
+    #[inline]
+    pub fn scale_sub_ahead(&self, x: &[f32], f: f32, out: ScaleOut<'_>) {
+        // SAFETY: as above.
+        unsafe {
+            match out {
+                ScaleOut::F32(o) => (self.scale_ahead.f32)(x, f, 0.0, o, true),
+                ScaleOut::Bf16(o) => (self.scale_ahead.bf16)(x, f, 0.0, o, true),
+                ScaleOut::F16(o) => (self.scale_ahead.f16)(x, f, 0.0, o, true),
+            }
+        }
     }
     /// Orders this thread's streaming stores before what follows (a no-op where none are used).
     #[inline]

@@ -65,7 +65,8 @@ fn levels_and_emulations() -> Vec<Kernels> {
     #[cfg(target_arch = "x86_64")]
     if let Some(mut k) = Kernels::select(CpuSimd::Avx512) {
         k.exp_sum_side = Some(x86_side::exp_sum_side_512);
-        k.scale_bf16 = x86::scale_bf16_512;
+        k.scale_bf16 = x86::scale_bf16_512::<false>;
+        k.scale_ahead.bf16 = x86::scale_bf16_512::<true>;
         k.scale_bf16_finite = x86::scale_bf16_finite_512;
         kernels.push(k);
     }
@@ -219,6 +220,46 @@ fn exp_of_16_bit_input_within_the_short_bound() {
                 assert!(((sum as f64 - want_sum) / want_sum).abs() <= 1e-5, "{:?}: sum {sum} vs {want_sum}", k.level);
             }
         }
+    }
+}
+
+#[test]
+fn the_stores_that_prefetch_their_source_give_the_plain_stores_bits() {
+    // every level (and AVX-512 with the bf16 rounding emulated), every output dtype, outputs at
+    // every offset within a line and lengths around the vector steps, NaN and inf included
+    let vals = test_floats();
+    for k in levels_and_emulations() {
+        for (len, skew) in [(0, 0), (1, 3), (31, 1), (64, 0), (1000, 5), (4099, 15), (vals.len() - 16, 7)] {
+            let x = &vals[..len];
+            let mut want = vec![0f32; len + 32];
+            let mut got = vec![1f32; len + 32];
+            let off = want.as_ptr().align_offset(64) + skew;
+            let off_got = got.as_ptr().align_offset(64) + skew;
+            k.scale_f32(x, 0.75, &mut want[off..off + len], true);
+            k.scale_sub_ahead(x, 0.75, ScaleOut::F32(&mut got[off_got..off_got + len]));
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&want[off..off + len]),
+                bits(&got[off_got..off_got + len]),
+                "{:?} f32 {len}+{skew}",
+                k.level
+            );
+            for bf16 in [true, false] {
+                let mut want = vec![0u16; len + 64];
+                let mut got = vec![1u16; len + 64];
+                let (ow, og) = (want.as_ptr().align_offset(64) + skew, got.as_ptr().align_offset(64) + skew);
+                let (w, g) = (&mut want[ow..ow + len], &mut got[og..og + len]);
+                if bf16 {
+                    k.scale_sub_bf16(x, 0.75, 0.0, w, true);
+                    k.scale_sub_ahead(x, 0.75, ScaleOut::Bf16(g));
+                } else {
+                    k.scale_sub_f16(x, 0.75, 0.0, w, true);
+                    k.scale_sub_ahead(x, 0.75, ScaleOut::F16(g));
+                }
+                assert_eq!(w, g, "{:?} bf16={bf16} {len}+{skew}", k.level);
+            }
+        }
+        k.fence();
     }
 }
 
