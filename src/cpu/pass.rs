@@ -5,7 +5,7 @@
 
 use super::row::{RowMath, RowStats};
 use super::scratch::{RowExps, Scratch};
-use super::simd::{line_for_store, Ahead, ElemOpts, Input, Kernels, ScaleOut, Side, SideDst};
+use super::simd::{line_for_store, Ahead, ElemOpts, Input, Kernels, Side, SideDst};
 use super::{CHECK_SUM, CHUNK, MARGIN};
 use crate::dtype::{DType, Logit};
 use std::ops::Range;
@@ -37,15 +37,19 @@ pub(crate) fn store_scaled<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [
 /// for a long source read once from memory, not for a scratch row in L2).
 #[inline]
 pub(super) fn store_scaled_ahead<G: Logit>(k: &Kernels, x: &[f32], f: f32, out: &mut [G]) {
-    if let Some(o) = G::as_f32_mut(out) {
-        return k.scale_sub_ahead(x, f, ScaleOut::F32(o));
+    if let Some(dst) = dst_of(out) {
+        k.scale_sub_ahead(x, f, dst);
     }
-    if let Some(bits) = G::as_bits_mut(out) {
-        match G::DTYPE {
-            DType::BF16 => k.scale_sub_ahead(x, f, ScaleOut::Bf16(bits)),
-            _ => k.scale_sub_ahead(x, f, ScaleOut::F16(bits)),
-        }
-    }
+}
+
+/// `out` as the kernels' stores take it (`None` never happens: every `Logit` is f32 or 16-bit).
+#[inline]
+fn dst_of<G: Logit>(out: &mut [G]) -> Option<SideDst<'_>> {
+    Some(match G::DTYPE {
+        DType::F32 => SideDst::F32(G::as_f32_mut(out)?),
+        DType::BF16 => SideDst::Bf16(G::as_bits_mut(out)?),
+        _ => SideDst::F16(G::as_bits_mut(out)?),
+    })
 }
 
 /// `out = x * f - off` ([`Kernels::scale_sub_f32`]) in the output's dtype, told whether every
@@ -466,12 +470,7 @@ impl<'a, G: Logit> Pending<'a, G> {
         let f = m.grad_factor(&self.st, self.scale, e.shifts[c]);
         // all streamed but the target's line (`Side::cached`)
         let cached = (lo..hi).contains(&self.target).then(|| self.target - lo);
-        let out = &mut self.out[lo..hi];
-        let dst = match G::DTYPE {
-            DType::F32 => SideDst::F32(G::as_f32_mut(out)?),
-            DType::BF16 => SideDst::Bf16(G::as_bits_mut(out)?),
-            _ => SideDst::F16(G::as_bits_mut(out)?),
-        };
+        let dst = dst_of(&mut self.out[lo..hi])?;
         // as in `store`: a finite row sum bounds every kept exponential
         let finite = self.finite_sum && f.is_finite();
         Some(Side { src: &e.exps[lo..hi], f, dst, stream, finite, cached })

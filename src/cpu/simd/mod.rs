@@ -212,14 +212,8 @@ pub(crate) struct Side<'a> {
     pub cached: Option<usize>,
 }
 
-/// Where [`Kernels::scale_sub_ahead`] writes: f32, or the bits of bf16 or f16.
-pub(crate) enum ScaleOut<'a> {
-    F32(&'a mut [f32]),
-    Bf16(&'a mut [u16]),
-    F16(&'a mut [u16]),
-}
-
-/// Where a [`Side`] store writes: f32, or the bits of bf16 or f16.
+/// Where a [`Side`] store (or [`Kernels::scale_sub_ahead`]) writes: f32, or the bits of bf16 or
+/// f16.
 pub(crate) enum SideDst<'a> {
     F32(&'a mut [f32]),
     Bf16(&'a mut [u16]),
@@ -605,13 +599,13 @@ impl Kernels {
     /// scratch rows, which are in L2 already. The same bits as [`Kernels::scale_f32`] and the
     /// 16-bit stores with an offset of +0.
     #[inline]
-    pub fn scale_sub_ahead(&self, x: &[f32], f: f32, out: ScaleOut<'_>) {
+    pub fn scale_sub_ahead(&self, x: &[f32], f: f32, out: SideDst<'_>) {
         // SAFETY: as above.
         unsafe {
             match out {
-                ScaleOut::F32(o) => (self.scale_ahead.f32)(x, f, 0.0, o, true),
-                ScaleOut::Bf16(o) => (self.scale_ahead.bf16)(x, f, 0.0, o, true),
-                ScaleOut::F16(o) => (self.scale_ahead.f16)(x, f, 0.0, o, true),
+                SideDst::F32(o) => (self.scale_ahead.f32)(x, f, 0.0, o, true),
+                SideDst::Bf16(o) => (self.scale_ahead.bf16)(x, f, 0.0, o, true),
+                SideDst::F16(o) => (self.scale_ahead.f16)(x, f, 0.0, o, true),
             }
         }
     }

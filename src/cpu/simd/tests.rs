@@ -236,7 +236,7 @@ fn the_stores_that_prefetch_their_source_give_the_plain_stores_bits() {
             let off = want.as_ptr().align_offset(64) + skew;
             let off_got = got.as_ptr().align_offset(64) + skew;
             k.scale_f32(x, 0.75, &mut want[off..off + len], true);
-            k.scale_sub_ahead(x, 0.75, ScaleOut::F32(&mut got[off_got..off_got + len]));
+            k.scale_sub_ahead(x, 0.75, SideDst::F32(&mut got[off_got..off_got + len]));
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(
                 bits(&want[off..off + len]),
@@ -251,10 +251,10 @@ fn the_stores_that_prefetch_their_source_give_the_plain_stores_bits() {
                 let (w, g) = (&mut want[ow..ow + len], &mut got[og..og + len]);
                 if bf16 {
                     k.scale_sub_bf16(x, 0.75, 0.0, w, true);
-                    k.scale_sub_ahead(x, 0.75, ScaleOut::Bf16(g));
+                    k.scale_sub_ahead(x, 0.75, SideDst::Bf16(g));
                 } else {
                     k.scale_sub_f16(x, 0.75, 0.0, w, true);
-                    k.scale_sub_ahead(x, 0.75, ScaleOut::F16(g));
+                    k.scale_sub_ahead(x, 0.75, SideDst::F16(g));
                 }
                 assert_eq!(w, g, "{:?} bf16={bf16} {len}+{skew}", k.level);
             }
